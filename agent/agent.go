@@ -1,0 +1,262 @@
+// Package agent is the doing side of Stowage: one agent runs on every
+// hypervisor host (a systemd service). It registers with the controller,
+// heartbeats with its capabilities and the stores it can reach, and serves
+// AgentService, which runs host-side steps (store layout, probes, image
+// creation) on the local machine through a journal keyed by task id, so a
+// step the controller retries runs once.
+//
+// The agent decides nothing about placement; it owns host state and reports it.
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+
+	"connectrpc.com/connect"
+	"github.com/coreos/go-systemd/v22/daemon"
+	"github.com/google/uuid"
+
+	"github.com/stowage/stowage/drivers"
+	"github.com/stowage/stowage/errdefs"
+	"github.com/stowage/stowage/errdefs/errconnect"
+	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
+	"github.com/stowage/stowage/proto/gen/stowage/v1/stowagev1connect"
+)
+
+// Config is how an agent is set up; cmd/stowage fills it from flags.
+type Config struct {
+	ControllerURL string
+	HostID        string
+	Hostname      string
+	Listen        string // AgentService address, e.g. ":8471"
+	AdvertiseURL  string // how the controller reaches AgentService; derived from Listen if empty
+	NBDAddress    string
+	IQN           string
+	Zone          string
+	Cluster       string
+	StateDir      string
+	Version       string
+}
+
+// Agent is one running agent.
+type Agent struct {
+	cfg     Config
+	log     *slog.Logger
+	local   drivers.Endpoint
+	svc     *service
+	control stowagev1connect.AgentControlServiceClient
+	session string
+
+	mu       sync.Mutex
+	stores   []*stowagev1.StoreAssignment
+	interval time.Duration
+	ready    chan struct{}
+	readyOne sync.Once
+}
+
+// New builds an agent that runs steps on local.
+func New(cfg Config, local drivers.Endpoint, log *slog.Logger) (*Agent, error) {
+	if cfg.ControllerURL == "" {
+		return nil, fmt.Errorf("agent: --controller URL is required: %w", errdefs.ErrInvalid)
+	}
+	if cfg.HostID == "" {
+		return nil, fmt.Errorf("agent: --host-id is required: %w", errdefs.ErrInvalid)
+	}
+	if cfg.StateDir == "" {
+		return nil, fmt.Errorf("agent: --state-dir is required: %w", errdefs.ErrInvalid)
+	}
+	j, err := openJournal(cfg.StateDir+"/tasks", 24*time.Hour)
+	if err != nil {
+		return nil, err
+	}
+	return &Agent{
+		cfg:      cfg,
+		log:      log.With("host", cfg.HostID),
+		local:    local,
+		svc:      &service{local: local, journal: j},
+		control:  stowagev1connect.NewAgentControlServiceClient(http.DefaultClient, cfg.ControllerURL),
+		session:  uuid.NewString(),
+		interval: 3 * time.Second,
+		ready:    make(chan struct{}),
+	}, nil
+}
+
+// Ready is closed once the agent has registered.
+func (a *Agent) Ready() <-chan struct{} { return a.ready }
+
+// Run serves AgentService on cfg.Listen, registers, and heartbeats until ctx ends.
+func (a *Agent) Run(ctx context.Context) error {
+	ln, err := net.Listen("tcp", a.cfg.Listen)
+	if err != nil {
+		return fmt.Errorf("agent: listen %s: %w", a.cfg.Listen, err)
+	}
+	if a.cfg.AdvertiseURL == "" {
+		a.cfg.AdvertiseURL = advertiseURL(ln.Addr())
+	}
+	mux := http.NewServeMux()
+	mux.Handle(stowagev1connect.NewAgentServiceHandler(a.svc, connect.WithInterceptors(errconnect.Interceptor())))
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
+	var protocols http.Protocols
+	protocols.SetHTTP1(true)
+	protocols.SetUnencryptedHTTP2(true)
+	srv := &http.Server{Handler: mux, Protocols: &protocols, ReadHeaderTimeout: 10 * time.Second}
+	serveErr := make(chan error, 1)
+	go func() { serveErr <- srv.Serve(ln) }()
+	a.log.Info("agent service listening", "addr", ln.Addr().String(), "advertise", a.cfg.AdvertiseURL)
+
+	loopErr := make(chan error, 1)
+	go func() { loopErr <- a.loop(ctx) }()
+
+	select {
+	case err = <-serveErr:
+	case err = <-loopErr:
+	case <-ctx.Done():
+	}
+	shutdown, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	_ = srv.Shutdown(shutdown)
+	if err != nil && !errors.Is(err, http.ErrServerClosed) && !errors.Is(err, context.Canceled) {
+		return err
+	}
+	return nil
+}
+
+func advertiseURL(addr net.Addr) string {
+	tcp, ok := addr.(*net.TCPAddr)
+	if !ok {
+		return "http://" + addr.String()
+	}
+	host := tcp.IP.String()
+	if tcp.IP.IsUnspecified() {
+		host = "127.0.0.1"
+		if h, err := outboundIP(); err == nil {
+			host = h
+		}
+	}
+	return "http://" + net.JoinHostPort(host, fmt.Sprint(tcp.Port))
+}
+
+// outboundIP is the first non-loopback address of the host; the controller
+// reaches the agent there when it listens on all interfaces.
+func outboundIP() (string, error) {
+	addrs, err := net.InterfaceAddrs()
+	if err != nil {
+		return "", err
+	}
+	for _, a := range addrs {
+		if n, ok := a.(*net.IPNet); ok && !n.IP.IsLoopback() && n.IP.To4() != nil {
+			return n.IP.String(), nil
+		}
+	}
+	return "", errors.New("no non-loopback address")
+}
+
+// loop registers (retrying with backoff) and then heartbeats; a controller
+// that no longer knows this session asks for a new registration.
+func (a *Agent) loop(ctx context.Context) error {
+	backoff := 250 * time.Millisecond
+	registered := false
+	for {
+		if !registered {
+			if err := a.register(ctx); err != nil {
+				if ctx.Err() != nil {
+					return nil
+				}
+				a.log.Warn("registration failed; retrying", "err", err, "in", backoff)
+				if !sleep(ctx, backoff) {
+					return nil
+				}
+				backoff = min(backoff*2, 10*time.Second)
+				continue
+			}
+			registered, backoff = true, 250*time.Millisecond
+		}
+		a.mu.Lock()
+		interval := a.interval
+		a.mu.Unlock()
+		if !sleep(ctx, interval) {
+			return nil
+		}
+		again, err := a.heartbeat(ctx)
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			a.log.Warn("heartbeat failed", "err", err)
+			continue
+		}
+		if again {
+			a.log.Info("controller asked for a new registration")
+			registered = false
+		}
+	}
+}
+
+func sleep(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+		return true
+	}
+}
+
+func (a *Agent) register(ctx context.Context) error {
+	caps := a.capabilities(ctx)
+	resp, err := a.control.Register(ctx, connect.NewRequest(&stowagev1.RegisterRequest{
+		HostId:       a.cfg.HostID,
+		Hostname:     a.cfg.Hostname,
+		AgentUrl:     a.cfg.AdvertiseURL,
+		NbdAddress:   a.cfg.NBDAddress,
+		Iqn:          a.cfg.IQN,
+		Zone:         a.cfg.Zone,
+		Cluster:      a.cfg.Cluster,
+		Capabilities: caps,
+		SessionId:    a.session,
+	}))
+	if err != nil {
+		return errconnect.FromConnect(err)
+	}
+	a.mu.Lock()
+	a.stores = resp.Msg.GetStores()
+	if ms := resp.Msg.GetHeartbeatIntervalMs(); ms > 0 {
+		a.interval = time.Duration(ms) * time.Millisecond
+	}
+	a.mu.Unlock()
+	a.log.Info("registered with controller", "controller", a.cfg.ControllerURL, "state", resp.Msg.GetHost().GetState().String(), "stores", len(resp.Msg.GetStores()))
+	a.readyOne.Do(func() {
+		close(a.ready)
+		if ok, err := daemon.SdNotify(false, daemon.SdNotifyReady+"\nSTATUS=registered as host "+a.cfg.HostID); err != nil {
+			a.log.Warn("sd_notify failed", "err", err)
+		} else if ok {
+			a.log.Debug("notified systemd: READY")
+		}
+	})
+	return nil
+}
+
+func (a *Agent) heartbeat(ctx context.Context) (reregister bool, err error) {
+	caps := a.capabilities(ctx)
+	resp, err := a.control.Heartbeat(ctx, connect.NewRequest(&stowagev1.HeartbeatRequest{
+		HostId:        a.cfg.HostID,
+		SessionId:     a.session,
+		Capabilities:  caps,
+		InFlightTasks: a.svc.inFlight.Load(),
+	}))
+	if err != nil {
+		return false, errconnect.FromConnect(err)
+	}
+	a.mu.Lock()
+	a.stores = resp.Msg.GetStores()
+	a.mu.Unlock()
+	_, _ = daemon.SdNotify(false, daemon.SdNotifyWatchdog)
+	return resp.Msg.GetReregister(), nil
+}

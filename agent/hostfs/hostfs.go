@@ -1,0 +1,232 @@
+// Package hostfs is the agent's implementation of drivers.Endpoint on the
+// local kernel: it lays out and probes store directories, creates disk
+// images through qemu-img, and lists, stats and deletes files. The agent
+// serves it over RPC to the controller's drivers; tests and the driver
+// conformance suite (drivers/driverstest) call it directly. It is the real
+// implementation, not a fake: every call does the host work.
+//
+// Contract, on top of drivers.Endpoint's:
+//
+//   - Every path is absolute and clean (filepath.Clean(p) == p, so no "..",
+//     "//" or trailing "/"), and is not "/". Anything else is
+//     errdefs.ErrInvalid, before any work is done.
+//   - A store directory carries a marker file, MarkerFile, naming the store
+//     that owns it ({"store_id": ..., "created_at": ...}). PrepareStore
+//     writes it, ProbeStore requires it, ReleaseStore removes it last.
+//   - Nothing half-written is ever visible under its final name: markers and
+//     images are written under a TempPrefix name in the same directory,
+//     fsynced, renamed into place without replacing anything
+//     (renameat2 RENAME_NOREPLACE, or link+unlink where the filesystem lacks
+//     it, as on NFS), and the directory is fsynced. ListDir hides TempPrefix
+//     names; ReleaseStore removes stale ones left by a crash.
+//   - Every call is idempotent: preparing a prepared store, creating an
+//     identical image or deleting a missing file succeeds.
+//   - Errors wrap an errdefs class and keep the OS error (errors.Is finds
+//     fs.ErrNotExist as well as errdefs.ErrNotFound).
+//   - A cancelled context stops a call before it starts blocking work;
+//     ProbeStore returns at once when the context ends even if the kernel is
+//     stuck in statfs on a dead NFS server.
+package hostfs
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/stowage/stowage/datapath/qemuimg"
+	"github.com/stowage/stowage/drivers"
+	"github.com/stowage/stowage/errdefs"
+)
+
+// MarkerFile is the name of the marker at the root of a store directory.
+const MarkerFile = ".stowage-store"
+
+// TempPrefix starts the names of files being written; they are not objects.
+const TempPrefix = ".stowage-tmp-"
+
+// Local runs endpoint steps on this machine.
+type Local struct {
+	hostID string
+	root   string
+	qemu   *qemuimg.Tool
+
+	mu      sync.Mutex
+	reflink map[reflinkKey]bool // per store directory and filesystem, for the process
+}
+
+var _ drivers.Endpoint = (*Local)(nil)
+
+// Option configures a Local.
+type Option func(*Local)
+
+// WithQemuImg makes Local create and inspect images with q instead of the
+// qemu-img found in $PATH.
+func WithQemuImg(q *qemuimg.Tool) Option { return func(l *Local) { l.qemu = q } }
+
+// WithRoot resolves every path under dir, so that several Locals on one
+// machine each see their own tree, as separate hosts would (stowage dev with
+// several hosts, tests of a store that one host cannot reach). Paths in
+// results stay as the caller gave them. It is not a security boundary:
+// symbolic links inside dir may point out of it.
+func WithRoot(dir string) Option { return func(l *Local) { l.root = filepath.Clean(dir) } }
+
+// New returns the endpoint of host hostID on this machine.
+func New(hostID string, opts ...Option) *Local {
+	l := &Local{hostID: hostID, reflink: map[reflinkKey]bool{}}
+	for _, o := range opts {
+		o(l)
+	}
+	if l.qemu == nil {
+		l.qemu = qemuimg.New()
+	}
+	if l.root == "/" {
+		l.root = ""
+	}
+	return l
+}
+
+// HostID is the id of the host this endpoint runs steps on.
+func (l *Local) HostID() string { return l.hostID }
+
+// onHost maps a caller's path to the path on this machine.
+func (l *Local) onHost(path string) string {
+	if l.root == "" {
+		return path
+	}
+	return l.root + path
+}
+
+// checkPath enforces the path contract of the package doc.
+func checkPath(path string) error {
+	switch {
+	case path == "":
+		return fmt.Errorf("empty path: %w", errdefs.ErrInvalid)
+	case strings.IndexByte(path, 0) >= 0:
+		return fmt.Errorf("path %q contains a NUL byte: %w", path, errdefs.ErrInvalid)
+	case !filepath.IsAbs(path):
+		return fmt.Errorf("path %q is not absolute: %w", path, errdefs.ErrInvalid)
+	case filepath.Clean(path) != path:
+		return fmt.Errorf("path %q is not clean (want %q): %w", path, filepath.Clean(path), errdefs.ErrInvalid)
+	case path == "/":
+		return fmt.Errorf("path / is the root of the host, never a store or an object: %w", errdefs.ErrInvalid)
+	}
+	return nil
+}
+
+// checkStoreID rejects an empty or unprintable store id.
+func checkStoreID(id string) error {
+	if id == "" {
+		return fmt.Errorf("empty store id: %w", errdefs.ErrInvalid)
+	}
+	if len(id) > 256 || strings.ContainsFunc(id, func(r rune) bool { return r < 0x20 || r == 0x7f }) {
+		return fmt.Errorf("store id %q is longer than 256 bytes or has control characters: %w", id, errdefs.ErrInvalid)
+	}
+	return nil
+}
+
+// tempName returns a fresh TempPrefix name in dir for a file that will become base.
+func tempName(dir, base string) string {
+	var b [8]byte
+	_, _ = rand.Read(b[:]) // never fails (crypto/rand)
+	name := TempPrefix + hex.EncodeToString(b[:])
+	if len(name)+1+len(base) <= 255 {
+		name += "." + base
+	}
+	return filepath.Join(dir, name)
+}
+
+// syncDir fsyncs a directory so that entries created, renamed or removed in
+// it survive a crash.
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	err = d.Sync()
+	if cerr := d.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+// syncFile fsyncs a file written by another process (qemu-img).
+func syncFile(path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	err = f.Sync()
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+// hostError keeps an OS error's text and chain and adds an errdefs class.
+type hostError struct {
+	err   error
+	class error
+}
+
+func (e *hostError) Error() string   { return e.err.Error() }
+func (e *hostError) Unwrap() []error { return []error{e.err, e.class} }
+
+// classed adds an errdefs class to an OS error that has none.
+func classed(err error) error {
+	if err == nil || errdefs.Class(err) != nil {
+		return err
+	}
+	return &hostError{err: err, class: classOf(err)}
+}
+
+func classOf(err error) error {
+	var errno syscall.Errno
+	if !errors.As(err, &errno) {
+		if errors.Is(err, fs.ErrNotExist) {
+			return errdefs.ErrNotFound
+		}
+		return errdefs.ErrInternal
+	}
+	switch errno {
+	case syscall.ENOENT:
+		return errdefs.ErrNotFound
+	case syscall.EEXIST:
+		return errdefs.ErrAlreadyExists
+	case syscall.EACCES, syscall.EPERM:
+		return errdefs.ErrPermissionDenied
+	case syscall.ENOSPC, syscall.EDQUOT:
+		return errdefs.ErrResourceExhausted
+	case syscall.EROFS, syscall.ENOTEMPTY, syscall.EBUSY, syscall.ENOTDIR, syscall.EISDIR:
+		return errdefs.ErrFailedPrecondition
+	case syscall.ENAMETOOLONG, syscall.EINVAL:
+		return errdefs.ErrInvalid
+	case syscall.EIO, syscall.ESTALE, syscall.ETIMEDOUT, syscall.EHOSTDOWN, syscall.EHOSTUNREACH, syscall.ENOTCONN:
+		return errdefs.ErrUnavailable
+	}
+	return errdefs.ErrInternal
+}
+
+// fileInfo converts an lstat result of the real path p, named path for the caller.
+func fileInfo(path string, fi fs.FileInfo) drivers.FileInfo {
+	out := drivers.FileInfo{
+		Path:       path,
+		Size:       fi.Size(),
+		IsDir:      fi.IsDir(),
+		ModifiedAt: fi.ModTime(),
+	}
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+		out.AllocatedBytes = st.Blocks * 512 // st_blocks is in 512-byte units whatever the block size
+	}
+	return out
+}
+
+// nowUTC is the marker's creation time, to the second.
+func nowUTC() time.Time { return time.Now().UTC().Truncate(time.Second) }

@@ -1,0 +1,62 @@
+package main
+
+import (
+	"context"
+	"log/slog"
+	"os"
+
+	"github.com/spf13/cobra"
+
+	"github.com/stowage/stowage/agent"
+	"github.com/stowage/stowage/agent/hostfs"
+)
+
+func agentFlags(cmd *cobra.Command, cfg *agent.Config, defaultStateDir string) {
+	hostname, _ := os.Hostname()
+	f := cmd.Flags()
+	f.StringVar(&cfg.ControllerURL, "controller", "http://127.0.0.1:8470", "controller URL")
+	f.StringVar(&cfg.HostID, "host-id", hostname, "this host's id (stable across restarts)")
+	f.StringVar(&cfg.Listen, "listen", ":8471", "address of the agent's RPC service")
+	f.StringVar(&cfg.AdvertiseURL, "advertise-url", "", "URL the controller uses to reach this agent (default: derived from --listen)")
+	f.StringVar(&cfg.NBDAddress, "nbd-address", "", "address of this host's NBD exports, reported to the controller")
+	f.StringVar(&cfg.Zone, "zone", "default", "zone of this host")
+	f.StringVar(&cfg.Cluster, "cluster", "default", "cluster of this host")
+	f.StringVar(&cfg.StateDir, "state-dir", defaultStateDir, "directory for the agent's journal and state")
+}
+
+func newAgentCmd() *cobra.Command {
+	var cfg agent.Config
+	cmd := &cobra.Command{
+		Use:   "agent",
+		Short: "Run the per-host agent: registers with the controller and runs host-side work",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			log, err := newLogger(cmd)
+			if err != nil {
+				return err
+			}
+			go watchdog(cmd.Context())
+			return runAgent(cmd.Context(), cfg, log)
+		},
+	}
+	agentFlags(cmd, &cfg, "/var/lib/stowage/agent")
+	return cmd
+}
+
+// runAgent assembles an agent on the local host and runs it until ctx ends.
+func runAgent(ctx context.Context, cfg agent.Config, log *slog.Logger) error {
+	a, err := newAgent(cfg, log)
+	if err != nil {
+		return err
+	}
+	return a.Run(ctx)
+}
+
+func newAgent(cfg agent.Config, log *slog.Logger) (*agent.Agent, error) {
+	cfg.Hostname, _ = os.Hostname()
+	cfg.Version = version
+	if cfg.IQN == "" {
+		cfg.IQN = agent.ReadIQN()
+	}
+	return agent.New(cfg, hostfs.New(cfg.HostID), log)
+}

@@ -1,0 +1,73 @@
+package main
+
+import (
+	"os/exec"
+	"strings"
+	"testing"
+)
+
+// goList runs `go list` over the module with a template, one line per package.
+func goList(t *testing.T, format string) []string {
+	t.Helper()
+	out, err := exec.Command("go", "list", "-f", format, "github.com/stowage/stowage/...").Output()
+	if err != nil {
+		t.Fatalf("go list: %v", err)
+	}
+	return strings.Split(strings.TrimSpace(string(out)), "\n")
+}
+
+// TestArchitecture enforces the layering of docs/architecture.md.
+func TestArchitecture(t *testing.T) {
+	const mod = "github.com/stowage/stowage/"
+	for _, line := range goList(t, `{{.ImportPath}} {{join .Deps " "}}`) {
+		fields := strings.Fields(line)
+		pkg, deps := fields[0], fields[1:]
+		for _, d := range deps {
+			if strings.HasPrefix(pkg, mod+"datapath") && (strings.HasPrefix(d, mod+"controller") || strings.HasPrefix(d, "github.com/dgraph-io/badger")) {
+				t.Errorf("%s imports %s: datapath must not know the controller or Badger", pkg, d)
+			}
+			if strings.HasPrefix(d, "github.com/dgraph-io/badger") && !strings.HasPrefix(pkg, mod+"controller/meta") && !importsMeta(deps) {
+				t.Errorf("%s imports Badger outside controller/meta", pkg)
+			}
+			if strings.HasPrefix(pkg, mod+"drivers") && strings.HasPrefix(d, mod+"controller") {
+				t.Errorf("%s imports %s: drivers must not know the controller", pkg, d)
+			}
+		}
+	}
+	// Production code never imports "testing", except the conformance suites
+	// that exist to be imported by tests.
+	for _, line := range goList(t, `{{.ImportPath}} {{join .Imports " "}}`) {
+		fields := strings.Fields(line)
+		if strings.HasSuffix(fields[0], "test") {
+			continue
+		}
+		for _, imp := range fields[1:] {
+			if imp == "testing" {
+				t.Errorf("%s imports testing in production code", fields[0])
+			}
+		}
+	}
+}
+
+// importsMeta reports whether Badger arrives through controller/meta.
+func importsMeta(deps []string) bool {
+	for _, d := range deps {
+		if d == "github.com/stowage/stowage/controller/meta" {
+			return true
+		}
+	}
+	return false
+}
+
+// TestPackageDocs: every package has a doc comment.
+func TestPackageDocs(t *testing.T) {
+	for _, line := range goList(t, `{{.ImportPath}}|{{.Doc}}`) {
+		pkg, doc, _ := strings.Cut(line, "|")
+		if strings.Contains(pkg, "/proto/gen/") {
+			continue
+		}
+		if strings.TrimSpace(doc) == "" {
+			t.Errorf("package %s has no package doc comment", pkg)
+		}
+	}
+}

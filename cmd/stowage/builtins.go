@@ -1,0 +1,22 @@
+package main
+
+import (
+	"github.com/stowage/stowage/drivers"
+	"github.com/stowage/stowage/drivers/filesystem"
+)
+
+// builtinProviders is the one place where storage providers are wired into
+// the controller. Add a provider here (behind a build tag if it is optional).
+func builtinProviders(deps drivers.Deps) (*drivers.Registry, error) {
+	reg := drivers.NewRegistry()
+	for _, factory := range []drivers.Factory{
+		filesystem.Factory,
+	} {
+		p, err := factory(deps)
+		if err != nil {
+			return nil, err
+		}
+		reg.Register(p)
+	}
+	return reg, nil
+}

@@ -1,0 +1,78 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+	"unicode"
+
+	"connectrpc.com/connect"
+	"github.com/spf13/cobra"
+	"google.golang.org/protobuf/reflect/protoreflect"
+
+	"github.com/stowage/stowage/errdefs"
+	"github.com/stowage/stowage/errdefs/errconnect"
+	"github.com/stowage/stowage/proto/gen/stowage/v1/stowagev1connect"
+)
+
+// clients are the controller's API clients for one command invocation.
+type clients struct {
+	url    string
+	stores stowagev1connect.StoreServiceClient
+	hosts  stowagev1connect.HostServiceClient
+}
+
+func newClients(cmd *cobra.Command) (*clients, error) {
+	url, err := serverURL(cmd)
+	if err != nil {
+		return nil, err
+	}
+	return &clients{
+		url:    url,
+		stores: stowagev1connect.NewStoreServiceClient(httpClient, url),
+		hosts:  stowagev1connect.NewHostServiceClient(httpClient, url),
+	}, nil
+}
+
+// rpcErr turns an RPC error into a classed error with a hint on what to do.
+func (c *clients) rpcErr(err error) error {
+	if err == nil {
+		return nil
+	}
+	var ce *connect.Error
+	if errors.As(err, &ce) && ce.Code() == connect.CodeUnavailable && strings.Contains(ce.Message(), "dial") {
+		return fmt.Errorf("cannot reach the controller at %s (%s); is `stowage controller` or `stowage dev` running? Set --server or STOWAGE_SERVER: %w",
+			c.url, ce.Message(), errdefs.ErrUnavailable)
+	}
+	return errconnect.FromConnect(err)
+}
+
+// stateName renders an enum value the way CloudStack users know it:
+// STORE_STATE_PREPARE_FOR_MAINTENANCE -> PrepareForMaintenance.
+func stateName(e protoreflect.Enum) string {
+	desc := e.Descriptor()
+	name := string(desc.Values().ByNumber(e.Number()).Name())
+	prefix := upperSnake(string(desc.Name())) + "_"
+	name = strings.TrimPrefix(name, prefix)
+	var b strings.Builder
+	for _, word := range strings.Split(strings.ToLower(name), "_") {
+		if word == "" {
+			continue
+		}
+		r := []rune(word)
+		r[0] = unicode.ToUpper(r[0])
+		b.WriteString(string(r))
+	}
+	return b.String()
+}
+
+func upperSnake(camel string) string {
+	var b strings.Builder
+	for i, r := range camel {
+		if unicode.IsUpper(r) && i > 0 {
+			b.WriteByte('_')
+		}
+		b.WriteRune(unicode.ToUpper(r))
+	}
+	return b.String()
+}

@@ -1,0 +1,144 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/coreos/go-systemd/v22/daemon"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/spf13/cobra"
+
+	"github.com/stowage/stowage/controller/api"
+	"github.com/stowage/stowage/controller/datastore"
+	"github.com/stowage/stowage/controller/endpoint"
+	"github.com/stowage/stowage/controller/hosts"
+	"github.com/stowage/stowage/controller/meta"
+	"github.com/stowage/stowage/drivers"
+)
+
+type controllerConfig struct {
+	listen            string
+	dataDir           string
+	heartbeatInterval time.Duration
+	hostTimeout       time.Duration
+}
+
+func (c *controllerConfig) flags(cmd *cobra.Command, defaultDataDir string) {
+	f := cmd.Flags()
+	f.StringVar(&c.listen, "listen", "127.0.0.1:8470", "address of the API (Connect, gRPC, gRPC-Web), /metrics and /healthz")
+	f.StringVar(&c.dataDir, "data-dir", defaultDataDir, "directory of the metadata database")
+	f.DurationVar(&c.heartbeatInterval, "heartbeat-interval", 3*time.Second, "how often agents heartbeat")
+	f.DurationVar(&c.hostTimeout, "host-timeout", 12*time.Second, "a host without a heartbeat for this long is Disconnected")
+}
+
+func newControllerCmd() *cobra.Command {
+	var cfg controllerConfig
+	cmd := &cobra.Command{
+		Use:   "controller",
+		Short: "Run the controller: metadata and the API",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			log, err := newLogger(cmd)
+			if err != nil {
+				return err
+			}
+			return runController(cmd.Context(), cfg, log, func(addr string) {
+				notifySystemd("serving on " + addr)
+			})
+		},
+	}
+	cfg.flags(cmd, "/var/lib/stowage/controller")
+	return cmd
+}
+
+// runController assembles the controller and serves until ctx ends; ready
+// is called with the listening address once it serves.
+func runController(ctx context.Context, cfg controllerConfig, log *slog.Logger, ready func(addr string)) error {
+	db, err := meta.Open(cfg.dataDir, meta.WithLogger(log))
+	if err != nil {
+		return err
+	}
+	defer db.Close()
+
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+
+	hostSvc := hosts.New(db, nil, hosts.Config{HeartbeatInterval: cfg.heartbeatInterval, Timeout: cfg.hostTimeout}, log)
+	selector := endpoint.New(hostSvc, nil)
+	providers, err := builtinProviders(drivers.Deps{Endpoints: selector})
+	if err != nil {
+		return err
+	}
+	storeSvc := datastore.New(db, providers, log)
+	hostSvc.SetStoreWatcher(storeSvc)
+	reg.MustRegister(newStateCollector(db))
+
+	handler := api.NewHandler(api.Services{
+		Stores: storeSvc,
+		Hosts:  hostSvc,
+		Health: func(ctx context.Context) error { _, err := db.SchemaVersion(ctx); return err },
+	}, reg)
+
+	ln, err := net.Listen("tcp", cfg.listen)
+	if err != nil {
+		return fmt.Errorf("controller: listen %s: %w", cfg.listen, err)
+	}
+	srv := &http.Server{Handler: handler, Protocols: api.Protocols(), ReadHeaderTimeout: 10 * time.Second}
+	serveErr := make(chan error, 1)
+	go func() { serveErr <- srv.Serve(ln) }()
+
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	if err := storeSvc.Recover(ctx); err != nil {
+		log.Warn("recovery of stores left half done", "err", err)
+	}
+	go hostSvc.Monitor(ctx)
+	go storeSvc.Reconcile(ctx, 10*time.Second)
+	go watchdog(ctx)
+
+	log.Info("controller serving", "addr", ln.Addr().String(), "data", cfg.dataDir)
+	if ready != nil {
+		ready(ln.Addr().String())
+	}
+	select {
+	case err = <-serveErr:
+	case <-ctx.Done():
+	}
+	shutdown, stop := context.WithTimeout(context.Background(), 10*time.Second)
+	defer stop()
+	_ = srv.Shutdown(shutdown)
+	if err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	log.Info("controller stopped")
+	return nil
+}
+
+// notifySystemd tells systemd the service is ready (a no-op outside systemd).
+func notifySystemd(status string) {
+	_, _ = daemon.SdNotify(false, daemon.SdNotifyReady+"\nSTATUS="+status)
+}
+
+// watchdog pings systemd's watchdog at half its interval while ctx lives.
+func watchdog(ctx context.Context) {
+	every, err := daemon.SdWatchdogEnabled(false)
+	if err != nil || every <= 0 {
+		return
+	}
+	t := time.NewTicker(every / 2)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			_, _ = daemon.SdNotify(false, daemon.SdNotifyWatchdog)
+		}
+	}
+}

@@ -1,0 +1,136 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"connectrpc.com/connect"
+	"github.com/spf13/cobra"
+
+	"github.com/stowage/stowage/agent"
+	"github.com/stowage/stowage/errdefs"
+	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
+	"github.com/stowage/stowage/proto/gen/stowage/v1/stowagev1connect"
+)
+
+func newDevCmd() *cobra.Command {
+	var data string
+	var ctl controllerConfig
+	var ag agent.Config
+	cmd := &cobra.Command{
+		Use:   "dev",
+		Short: "Run a controller and one agent in one process, with a primary and an image store",
+		Long: `dev runs a complete single-host Stowage: the controller, one agent talking to it
+over loopback, a directory primary store and a directory image store, all under
+--data. Stop it with Ctrl-C; run it again and it picks up where it stopped.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			log, err := newLogger(cmd)
+			if err != nil {
+				return err
+			}
+			data, err = filepath.Abs(data)
+			if err != nil {
+				return err
+			}
+			if ctl.dataDir == "" {
+				ctl.dataDir = filepath.Join(data, "controller")
+			}
+			if ag.StateDir == "" {
+				ag.StateDir = filepath.Join(data, "agent")
+			}
+			ctx, cancel := context.WithCancel(cmd.Context())
+			defer cancel()
+
+			ready := make(chan string, 1)
+			errs := make(chan error, 2)
+			go func() { errs <- runController(ctx, ctl, log.With("component", "controller"), func(a string) { ready <- a }) }()
+			var addr string
+			select {
+			case addr = <-ready:
+			case err := <-errs:
+				return err
+			}
+			server := "http://" + addr
+			ag.ControllerURL = server
+			a, err := newAgent(ag, log.With("component", "agent"))
+			if err != nil {
+				return err
+			}
+			go func() { errs <- a.Run(ctx) }()
+			select {
+			case <-a.Ready():
+			case err := <-errs:
+				return err
+			case <-time.After(30 * time.Second):
+				return fmt.Errorf("the agent did not register within 30s: %w", errdefs.ErrUnavailable)
+			}
+			stores := stowagev1connect.NewStoreServiceClient(httpClient, server)
+			primary, err := ensureStore(ctx, stores, "primary", stowagev1.StoreRole_STORE_ROLE_PRIMARY, filepath.Join(data, "primary"))
+			if err != nil {
+				return err
+			}
+			images, err := ensureStore(ctx, stores, "images", stowagev1.StoreRole_STORE_ROLE_IMAGE, filepath.Join(data, "images"))
+			if err != nil {
+				return err
+			}
+			notifySystemd("dev serving on " + addr)
+			fmt.Fprintf(cmd.OutOrStdout(), `Stowage dev is running.
+
+  API (Connect, gRPC, gRPC-Web)   %[1]s
+  metrics, health                 %[1]s/metrics  %[1]s/healthz
+  agent (host %[2]s)         %[3]s
+  metadata                        %[4]s
+  primary store "primary"         %[5]s
+  image store "images"            %[6]s
+
+Try:
+  stowage store list
+  stowage host get %[2]s
+  curl -s -H 'Content-Type: application/json' -d '{}' %[1]s/stowage.v1.StoreService/ListStores
+
+Stop with Ctrl-C.
+`, server, ag.HostID, ag.Listen, ctl.dataDir, primary.GetDetails()["path"], images.GetDetails()["path"])
+			select {
+			case <-ctx.Done():
+				return nil
+			case err := <-errs:
+				return err
+			}
+		},
+	}
+	def := filepath.Join(os.TempDir(), "stowage-dev")
+	if home, err := os.UserHomeDir(); err == nil {
+		def = filepath.Join(home, ".local", "share", "stowage-dev")
+	}
+	cmd.Flags().StringVar(&data, "data", def, "directory for all dev state")
+	ctl.flags(cmd, "")
+	cmd.Flags().Lookup("data-dir").Usage = "directory of the metadata database (default DATA/controller)"
+	cmd.Flags().StringVar(&ag.Listen, "agent-listen", "127.0.0.1:8471", "address of the agent's RPC service")
+	cmd.Flags().StringVar(&ag.HostID, "host-id", "dev-host", "the agent's host id")
+	cmd.Flags().StringVar(&ag.Zone, "zone", "default", "zone of the host and the stores")
+	cmd.Flags().StringVar(&ag.Cluster, "cluster", "default", "cluster of the host")
+	return cmd
+}
+
+// ensureStore adds the store called name unless it already exists.
+func ensureStore(ctx context.Context, c stowagev1connect.StoreServiceClient, name string, role stowagev1.StoreRole, dir string) (*stowagev1.DataStore, error) {
+	got, err := c.GetStore(ctx, connect.NewRequest(&stowagev1.GetStoreRequest{Id: name}))
+	if err == nil {
+		return got.Msg.GetStore(), nil
+	}
+	if connect.CodeOf(err) != connect.CodeNotFound {
+		return nil, err
+	}
+	added, err := c.AddStore(ctx, connect.NewRequest(&stowagev1.AddStoreRequest{
+		Name: name, Role: role, Provider: "filesystem", Url: "file://" + dir,
+	}))
+	if err != nil {
+		return nil, errors.Join(fmt.Errorf("dev: add store %s", name), err)
+	}
+	return added.Msg.GetStore(), nil
+}

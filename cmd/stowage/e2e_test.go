@@ -1,0 +1,409 @@
+package main
+
+// End-to-end tests of the foundation: the controller and two agents run as
+// separate processes of the real binary on loopback; the test drives them
+// through the CLI, curl (Connect JSON), and Go clients speaking Connect,
+// gRPC and gRPC-Web.
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"connectrpc.com/connect"
+
+	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
+	"github.com/stowage/stowage/proto/gen/stowage/v1/stowagev1connect"
+)
+
+var stowageBin string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "stowage-bin-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	stowageBin = filepath.Join(dir, "stowage")
+	out, err := exec.Command("go", "build", "-o", stowageBin, ".").CombinedOutput()
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "build stowage: %v\n%s", err, out)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+func freePort(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+// proc is a stowage process started by a test; only it is ever killed.
+type proc struct {
+	name string
+	cmd  *exec.Cmd
+	log  *bytes.Buffer
+	done chan struct{}
+}
+
+func startProc(t *testing.T, name string, args ...string) *proc {
+	t.Helper()
+	p := &proc{name: name, log: &bytes.Buffer{}, done: make(chan struct{})}
+	p.cmd = exec.Command(stowageBin, args...)
+	p.cmd.Stdout = p.log
+	p.cmd.Stderr = p.log
+	if err := p.cmd.Start(); err != nil {
+		t.Fatalf("start %s: %v", name, err)
+	}
+	go func() { _ = p.cmd.Wait(); close(p.done) }()
+	t.Cleanup(func() {
+		p.kill(syscall.SIGKILL)
+		if t.Failed() {
+			t.Logf("--- log of %s:\n%s", name, p.log.String())
+		}
+	})
+	return p
+}
+
+func (p *proc) kill(sig syscall.Signal) {
+	select {
+	case <-p.done:
+		return
+	default:
+	}
+	_ = p.cmd.Process.Signal(sig)
+	select {
+	case <-p.done:
+	case <-time.After(15 * time.Second):
+		_ = p.cmd.Process.Kill()
+		<-p.done
+	}
+}
+
+// cli runs a client command against server and returns stdout, stderr and the exit code.
+func cli(t *testing.T, server string, args ...string) (string, string, int) {
+	t.Helper()
+	cmd := exec.Command(stowageBin, append(args, "--server", server)...)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err := cmd.Run()
+	code := 0
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		code = ee.ExitCode()
+	} else if err != nil {
+		t.Fatalf("run stowage %v: %v", args, err)
+	}
+	return stdout.String(), stderr.String(), code
+}
+
+func cliJSON(t *testing.T, server string, v any, args ...string) {
+	t.Helper()
+	out, errOut, code := cli(t, server, append(args, "-o", "json")...)
+	if code != 0 {
+		t.Fatalf("stowage %v: exit %d: %s", args, code, errOut)
+	}
+	if err := json.Unmarshal([]byte(out), v); err != nil {
+		t.Fatalf("stowage %v: bad json %v: %s", args, err, out)
+	}
+}
+
+func waitFor(t *testing.T, what string, timeout time.Duration, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for time.Now().Before(deadline) {
+		if cond() {
+			return
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Fatalf("timed out after %s waiting for %s", timeout, what)
+}
+
+type jsonStore struct {
+	ID      string            `json:"id"`
+	Name    string            `json:"name"`
+	State   string            `json:"state"`
+	HostIDs []string          `json:"hostIds"`
+	Details map[string]string `json:"details"`
+}
+
+type jsonHost struct {
+	ID    string `json:"id"`
+	State string `json:"state"`
+	Caps  struct {
+		QemuImgVersion string `json:"qemuImgVersion"`
+		Stores         []struct {
+			StoreID string `json:"storeId"`
+			Error   string `json:"error"`
+		} `json:"stores"`
+	} `json:"capabilities"`
+}
+
+func listStores(t *testing.T, server string) []jsonStore {
+	var resp struct {
+		Stores []jsonStore `json:"stores"`
+	}
+	cliJSON(t, server, &resp, "store", "list")
+	return resp.Stores
+}
+
+func hostState(t *testing.T, server, id string) string {
+	var h jsonHost
+	cliJSON(t, server, &h, "host", "get", id)
+	return h.State
+}
+
+// controllerProc starts the controller on addr with dataDir.
+func controllerProc(t *testing.T, addr, dataDir string) *proc {
+	p := startProc(t, "controller", "controller", "--listen", addr, "--data-dir", dataDir,
+		"--heartbeat-interval", "200ms", "--host-timeout", "1500ms", "--log-level", "debug")
+	waitFor(t, "controller /healthz", 20*time.Second, func() bool {
+		resp, err := http.Get("http://" + addr + "/healthz")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == 200
+	})
+	return p
+}
+
+func agentProc(t *testing.T, server, id, zone, cluster, stateDir string) *proc {
+	return startProc(t, "agent "+id, "agent", "--controller", server, "--host-id", id,
+		"--listen", freePort(t), "--zone", zone, "--cluster", cluster, "--state-dir", stateDir, "--log-level", "debug")
+}
+
+func curlJSON(t *testing.T, url, body string) (int, string) {
+	t.Helper()
+	out, err := exec.Command("curl", "-s", "-o", "-", "-w", "\n%{http_code}", "-H", "Content-Type: application/json", "-d", body, url).Output()
+	if err != nil {
+		t.Fatalf("curl %s: %v", url, err)
+	}
+	s := strings.TrimRight(string(out), "\n")
+	i := strings.LastIndex(s, "\n")
+	var code int
+	fmt.Sscan(s[i+1:], &code)
+	return code, s[:i]
+}
+
+func TestFoundationEndToEnd(t *testing.T) {
+	if testing.Short() {
+		t.Skip("end-to-end test starts processes")
+	}
+	if _, err := exec.LookPath("curl"); err != nil {
+		t.Fatal("curl is required (scripts/test.sh installs it)")
+	}
+	root := t.TempDir()
+	addr := freePort(t)
+	server := "http://" + addr
+	ctl := controllerProc(t, addr, filepath.Join(root, "controller"))
+	agent1 := agentProc(t, server, "h1", "z1", "c1", filepath.Join(root, "a1"))
+	agent2 := agentProc(t, server, "h2", "z1", "c2", filepath.Join(root, "a2"))
+	_ = agent1
+
+	waitFor(t, "both hosts Up", 20*time.Second, func() bool {
+		return hostState(t, server, "h1") == "HOST_STATE_UP" && hostState(t, server, "h2") == "HOST_STATE_UP"
+	})
+	var h1 jsonHost
+	cliJSON(t, server, &h1, "host", "get", "h1")
+	if _, err := exec.LookPath("qemu-img"); err == nil && !strings.Contains(h1.Caps.QemuImgVersion, ".") {
+		t.Errorf("host h1 reports no qemu-img version: %+v", h1.Caps)
+	}
+
+	// A zone-wide primary store through the CLI: both hosts reach it.
+	p1Dir := filepath.Join(root, "stores", "p1")
+	var p1 jsonStore
+	cliJSON(t, server, &p1, "store", "add", "--name", "p1", "--role", "primary", "--provider", "filesystem", "--url", "file://"+p1Dir, "--scope", "z1")
+	if p1.State != "STORE_STATE_UP" || strings.Join(p1.HostIDs, ",") != "h1,h2" {
+		t.Fatalf("p1 after add: %+v", p1)
+	}
+	for _, sub := range []string{"volumes", "snapshots", "templates", ".stowage-store"} {
+		if _, err := os.Stat(filepath.Join(p1Dir, sub)); err != nil {
+			t.Errorf("store layout: %v", err)
+		}
+	}
+	// A cluster-scoped image store through curl with Connect JSON: only h2 is in c2.
+	imgDir := filepath.Join(root, "stores", "img")
+	code, body := curlJSON(t, server+"/stowage.v1.StoreService/AddStore",
+		`{"name":"img1","role":"STORE_ROLE_IMAGE","provider":"filesystem","url":"file://`+imgDir+`","scope":{"zone":"z1","cluster":"c2"}}`)
+	if code != 200 {
+		t.Fatalf("curl AddStore: HTTP %d: %s", code, body)
+	}
+	var added struct{ Store jsonStore }
+	if err := json.Unmarshal([]byte(body), &added); err != nil || added.Store.State != "STORE_STATE_UP" || strings.Join(added.Store.HostIDs, ",") != "h2" {
+		t.Fatalf("curl AddStore: %v %s", err, body)
+	}
+
+	// The same port speaks gRPC (h2c) and gRPC-Web.
+	h2c := &http.Client{Transport: &http.Transport{Protocols: h2cProtocols(),
+		DialTLSContext: func(ctx context.Context, n, a string, _ *tls.Config) (net.Conn, error) {
+			return (&net.Dialer{}).DialContext(ctx, n, a)
+		}}}
+	for name, c := range map[string]stowagev1connect.StoreServiceClient{
+		"grpc":     stowagev1connect.NewStoreServiceClient(h2c, server, connect.WithGRPC()),
+		"grpc-web": stowagev1connect.NewStoreServiceClient(http.DefaultClient, server, connect.WithGRPCWeb()),
+	} {
+		resp, err := c.ListStores(context.Background(), connect.NewRequest(&stowagev1.ListStoresRequest{}))
+		if err != nil || len(resp.Msg.GetStores()) != 2 {
+			t.Fatalf("%s ListStores: %v (%d stores)", name, err, len(resp.Msg.GetStores()))
+		}
+		_, err = c.GetStore(context.Background(), connect.NewRequest(&stowagev1.GetStoreRequest{Id: "nope"}))
+		if connect.CodeOf(err) != connect.CodeNotFound {
+			t.Fatalf("%s GetStore(nope): %v, want NotFound", name, err)
+		}
+	}
+
+	// Bad input: a clear message, the right exit code, nothing written.
+	before := listStores(t, server)
+	badDir := filepath.Join(root, "stores", "bad")
+	for _, tc := range []struct {
+		args []string
+		exit int
+		want string
+	}{
+		{[]string{"store", "add", "--name", "x1", "--role", "primary", "--provider", "ceph", "--url", "file://" + badDir}, 2, "unknown storage provider"},
+		{[]string{"store", "add", "--name", "x2", "--role", "primary", "--provider", "filesystem", "--url", "file://relative/path"}, 2, "file:///"},
+		{[]string{"store", "add", "--name", "x3", "--role", "primary", "--provider", "filesystem", "--url", "file://"}, 2, "path"},
+		{[]string{"store", "add", "--name", "x4", "--role", "primary", "--provider", "filesystem", "--url", "/no/scheme"}, 2, "file://"},
+		{[]string{"store", "add", "--name", "p1", "--role", "primary", "--provider", "filesystem", "--url", "file://" + badDir}, 4, "already taken"},
+		{[]string{"store", "add", "--name", "../etc", "--role", "primary", "--provider", "filesystem", "--url", "file://" + badDir}, 2, "store name"},
+		{[]string{"store", "add", "--name", "x5", "--role", "primary", "--provider", "filesystem", "--url", "file://" + p1Dir}, 5, "belongs to store"},
+		{[]string{"store", "add", "--name", "x6", "--role", "primary", "--provider", "filesystem", "--url", "file://" + badDir, "--scope", "nozone"}, 6, "no agent"},
+		{[]string{"store", "get", "no-such-store"}, 3, "no store has that id or name"},
+		{[]string{"store", "delete", "no-such-store"}, 3, "no store"},
+		{[]string{"host", "get", "no-such-host"}, 3, "no host"},
+		{[]string{"store", "cancel-maintain", "p1"}, 5, "not in maintenance"},
+		{[]string{"store", "add", "--name", "x7", "--role", "sideways", "--url", "file://" + badDir}, 2, "--role"},
+	} {
+		_, errOut, code := cli(t, server, tc.args...)
+		if code != tc.exit || !strings.Contains(errOut, tc.want) {
+			t.Errorf("stowage %v: exit %d (want %d), stderr %q (want %q)", tc.args, code, tc.exit, errOut, tc.want)
+		}
+	}
+	if after := listStores(t, server); len(after) != len(before) {
+		t.Fatalf("bad input changed the stores: %d before, %d after", len(before), len(after))
+	}
+	if _, err := os.Stat(badDir); !os.IsNotExist(err) {
+		t.Errorf("a refused add left %s behind (%v)", badDir, err)
+	}
+	// curl gets the Connect error code in JSON.
+	code, body = curlJSON(t, server+"/stowage.v1.StoreService/AddStore", `{"name":"x","role":"STORE_ROLE_PRIMARY","provider":"filesystem","url":"file://rel"}`)
+	if code != 400 || !strings.Contains(body, `"invalid_argument"`) {
+		t.Errorf("curl bad AddStore: HTTP %d %s", code, body)
+	}
+
+	// Maintenance: Up -> Maintenance; maintaining again is refused; cancel -> Up.
+	var st jsonStore
+	cliJSON(t, server, &st, "store", "maintain", "p1")
+	if st.State != "STORE_STATE_MAINTENANCE" {
+		t.Fatalf("after maintain: %s", st.State)
+	}
+	if _, errOut, code := cli(t, server, "store", "maintain", "p1"); code != 5 || !strings.Contains(errOut, "Maintenance") {
+		t.Errorf("maintain twice: exit %d %q", code, errOut)
+	}
+	cliJSON(t, server, &st, "store", "cancel-maintain", "p1")
+	if st.State != "STORE_STATE_UP" {
+		t.Fatalf("after cancel-maintain: %s", st.State)
+	}
+
+	// A store that holds an object cannot be deleted, and stays intact.
+	obj := filepath.Join(p1Dir, "volumes", "v1.raw")
+	if err := os.WriteFile(obj, []byte("data"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, errOut, code := cli(t, server, "store", "delete", "p1"); code != 5 || !strings.Contains(errOut, "still holds") {
+		t.Errorf("delete non-empty store: exit %d %q", code, errOut)
+	}
+	cliJSON(t, server, &st, "store", "get", "p1")
+	if st.State != "STORE_STATE_UP" {
+		t.Fatalf("refused delete changed the store: %+v", st)
+	}
+
+	// kill -9 the controller: nothing is lost, agents carry on.
+	ctl.kill(syscall.SIGKILL)
+	ctl = controllerProc(t, addr, filepath.Join(root, "controller"))
+	after := listStores(t, server)
+	if len(after) != 2 {
+		t.Fatalf("after controller kill -9: %d stores, want 2", len(after))
+	}
+	for _, s := range after {
+		if s.State != "STORE_STATE_UP" {
+			t.Errorf("after restart store %s is %s", s.Name, s.State)
+		}
+	}
+	waitFor(t, "hosts Up after controller restart", 10*time.Second, func() bool {
+		return hostState(t, server, "h1") == "HOST_STATE_UP" && hostState(t, server, "h2") == "HOST_STATE_UP"
+	})
+
+	// Stop agent 2: it goes Disconnected; start it again: Up.
+	agent2.kill(syscall.SIGKILL)
+	waitFor(t, "h2 Disconnected", 15*time.Second, func() bool { return hostState(t, server, "h2") == "HOST_STATE_DISCONNECTED" })
+	if hostState(t, server, "h1") != "HOST_STATE_UP" {
+		t.Errorf("h1 should stay Up while h2 is down")
+	}
+	agent2 = agentProc(t, server, "h2", "z1", "c2", filepath.Join(root, "a2"))
+	waitFor(t, "h2 Up again", 15*time.Second, func() bool { return hostState(t, server, "h2") == "HOST_STATE_UP" })
+
+	// Empty the store, delete it: gone from the list, marker released, data dir kept.
+	if err := os.Remove(obj); err != nil {
+		t.Fatal(err)
+	}
+	if out, errOut, code := cli(t, server, "store", "delete", "p1"); code != 0 {
+		t.Fatalf("delete p1: exit %d %s %s", code, out, errOut)
+	}
+	if _, _, code := cli(t, server, "store", "get", "p1"); code != 3 {
+		t.Errorf("deleted store still found (exit %d)", code)
+	}
+	if _, err := os.Stat(filepath.Join(p1Dir, ".stowage-store")); !os.IsNotExist(err) {
+		t.Errorf("marker still present after delete: %v", err)
+	}
+	// The name is free again, and so is the directory.
+	cliJSON(t, server, &st, "store", "add", "--name", "p1", "--role", "primary", "--url", "file://"+p1Dir, "--scope", "z1")
+	if st.State != "STORE_STATE_UP" {
+		t.Fatalf("re-add p1: %+v", st)
+	}
+
+	// Human output and metrics.
+	out, _, code := cli(t, server, "store", "list")
+	if code != 0 || !strings.Contains(out, "p1") || !strings.Contains(out, "Up") || !strings.Contains(out, "NAME") {
+		t.Errorf("store list table:\n%s", out)
+	}
+	resp, err := http.Get(server + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	metrics, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	for _, want := range []string{`stowage_rpc_requests_total{code="not_found"`, `stowage_hosts{state="Up"} 2`, `stowage_stores{role="Primary",state="Up"} 1`} {
+		if !bytes.Contains(metrics, []byte(want)) {
+			t.Errorf("/metrics lacks %s", want)
+		}
+	}
+}
+
+func h2cProtocols() *http.Protocols {
+	var p http.Protocols
+	p.SetUnencryptedHTTP2(true)
+	return &p
+}

@@ -1,0 +1,102 @@
+// Command stowage is Stowage's one binary: the controller (`stowage
+// controller`), the per-host agent (`stowage agent`), both in one process for
+// a laptop (`stowage dev`), the copy engine (`stowage copy`, `stowage
+// verify`) and the client commands (`stowage store ...`, `stowage host ...`).
+//
+// Exit codes, for scripts: 0 success, 1 internal error, 2 invalid input or
+// usage, 3 not found, 4 already exists, 5 failed precondition (wrong state,
+// conflict, busy), 6 unavailable (controller or agent unreachable; retry),
+// 7 data loss (checksum mismatch), 130 interrupted.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/spf13/cobra"
+
+	"github.com/stowage/stowage/errdefs"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	err := newRootCmd().ExecuteContext(ctx)
+	stop()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "stowage:", err)
+		os.Exit(exitCode(err))
+	}
+}
+
+func newRootCmd() *cobra.Command {
+	root := &cobra.Command{
+		Use:           "stowage",
+		Short:         "Stowage keeps and moves the disks of virtual machines",
+		Long:          "Stowage is a storage subsystem for hypervisor clouds: a controller that decides,\nand an agent on every host that moves the bytes.",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		Version:       version,
+	}
+	def := os.Getenv("STOWAGE_SERVER")
+	if def == "" {
+		def = "http://127.0.0.1:8470"
+	}
+	root.PersistentFlags().String("server", def, "controller URL (env STOWAGE_SERVER)")
+	root.PersistentFlags().StringP("output", "o", "table", "output format: table or json")
+	root.PersistentFlags().String("log-level", "info", "log level: debug, info, warn, error")
+	root.PersistentFlags().String("log-format", "text", "log format: text or json")
+	root.AddCommand(
+		newControllerCmd(),
+		newAgentCmd(),
+		newDevCmd(),
+		newStoreCmd(),
+		newHostCmd(),
+		newCopyCmd(),
+		newVerifyCmd(),
+	)
+	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error {
+		return usageError{fmt.Errorf("%w (see '%s --help')", err, c.CommandPath())}
+	})
+	return root
+}
+
+// usageError marks a command-line mistake (exit code 2).
+type usageError struct{ error }
+
+func (u usageError) Unwrap() error { return u.error }
+
+func exitCode(err error) int {
+	var u usageError
+	if errors.As(err, &u) {
+		return 2
+	}
+	switch errdefs.Class(err) {
+	case nil:
+		if errors.Is(err, context.Canceled) {
+			return 130
+		}
+		return 1
+	case errdefs.ErrInvalid:
+		return 2
+	case errdefs.ErrNotFound:
+		return 3
+	case errdefs.ErrAlreadyExists:
+		return 4
+	case errdefs.ErrFailedPrecondition, errdefs.ErrConflict, errdefs.ErrAborted:
+		return 5
+	case errdefs.ErrUnavailable, context.DeadlineExceeded:
+		return 6
+	case errdefs.ErrDataLoss:
+		return 7
+	case context.Canceled:
+		return 130
+	}
+	return 1
+}

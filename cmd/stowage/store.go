@@ -1,0 +1,285 @@
+package main
+
+import (
+	"fmt"
+	"sort"
+	"strings"
+
+	"connectrpc.com/connect"
+	"github.com/spf13/cobra"
+
+	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
+)
+
+func newStoreCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "store",
+		Short: "Add, inspect, maintain and remove primary and image stores",
+	}
+	cmd.AddCommand(newStoreAddCmd(), newStoreListCmd(), newStoreGetCmd(),
+		newStoreMaintainCmd(), newStoreCancelMaintainCmd(), newStoreDeleteCmd())
+	return cmd
+}
+
+func parseRole(s string) (stowagev1.StoreRole, error) {
+	switch strings.ToLower(s) {
+	case "primary":
+		return stowagev1.StoreRole_STORE_ROLE_PRIMARY, nil
+	case "image":
+		return stowagev1.StoreRole_STORE_ROLE_IMAGE, nil
+	case "image-cache":
+		return stowagev1.StoreRole_STORE_ROLE_IMAGE_CACHE, nil
+	case "":
+		return stowagev1.StoreRole_STORE_ROLE_UNSPECIFIED, nil
+	}
+	return 0, usageError{fmt.Errorf("--role %q: want primary, image or image-cache", s)}
+}
+
+// parseScope reads zone[/cluster[/host]].
+func parseScope(s string) (*stowagev1.Scope, error) {
+	parts := strings.Split(s, "/")
+	if s == "" || len(parts) > 3 || parts[0] == "" {
+		return nil, usageError{fmt.Errorf("--scope %q: want zone, zone/cluster or zone/cluster/host-id", s)}
+	}
+	sc := &stowagev1.Scope{Zone: parts[0]}
+	if len(parts) > 1 {
+		sc.Cluster = parts[1]
+	}
+	if len(parts) > 2 {
+		sc.HostId = parts[2]
+	}
+	return sc, nil
+}
+
+func scopeString(s *stowagev1.Scope) string {
+	out := s.GetZone()
+	if s.GetCluster() != "" || s.GetHostId() != "" {
+		out += "/" + s.GetCluster()
+	}
+	if s.GetHostId() != "" {
+		out += "/" + s.GetHostId()
+	}
+	return out
+}
+
+func newStoreAddCmd() *cobra.Command {
+	var name, role, provider, url, scope string
+	var tags []string
+	cmd := &cobra.Command{
+		Use:   "add --name N --role primary|image --provider filesystem --url file:///path [--scope zone/cluster/host]",
+		Short: "Add a data store",
+		Example: `  stowage store add --name primary1 --role primary --provider filesystem --url file:///srv/stowage/primary1
+  stowage store add --name images --role image --provider filesystem --url file:///mnt/nfs/images --scope zone1`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			asJSON, err := outputJSON(cmd)
+			if err != nil {
+				return err
+			}
+			r, err := parseRole(role)
+			if err != nil {
+				return err
+			}
+			sc, err := parseScope(scope)
+			if err != nil {
+				return err
+			}
+			c, err := newClients(cmd)
+			if err != nil {
+				return err
+			}
+			resp, err := c.stores.AddStore(cmd.Context(), connect.NewRequest(&stowagev1.AddStoreRequest{
+				Name: name, Role: r, Provider: provider, Url: url, Scope: sc, Tags: tags,
+			}))
+			if err != nil {
+				return c.rpcErr(err)
+			}
+			return printStore(cmd, asJSON, resp.Msg.GetStore())
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&name, "name", "", "store name, unique (letters, digits, . _ -)")
+	f.StringVar(&role, "role", "", "primary or image")
+	f.StringVar(&provider, "provider", "filesystem", "storage provider")
+	f.StringVar(&url, "url", "", "where the store is, e.g. file:///srv/stowage/primary1")
+	f.StringVar(&scope, "scope", "default", "zone, zone/cluster or zone/cluster/host-id")
+	f.StringSliceVar(&tags, "tag", nil, "tag (repeatable)")
+	_ = cmd.MarkFlagRequired("name")
+	_ = cmd.MarkFlagRequired("role")
+	_ = cmd.MarkFlagRequired("url")
+	return cmd
+}
+
+func newStoreListCmd() *cobra.Command {
+	var role, zone string
+	cmd := &cobra.Command{
+		Use:   "list",
+		Short: "List data stores",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			asJSON, err := outputJSON(cmd)
+			if err != nil {
+				return err
+			}
+			r, err := parseRole(role)
+			if err != nil {
+				return err
+			}
+			c, err := newClients(cmd)
+			if err != nil {
+				return err
+			}
+			resp, err := c.stores.ListStores(cmd.Context(), connect.NewRequest(&stowagev1.ListStoresRequest{Role: r, Zone: zone}))
+			if err != nil {
+				return c.rpcErr(err)
+			}
+			if asJSON {
+				return printProto(cmd.OutOrStdout(), resp.Msg)
+			}
+			rows := [][]string{}
+			for _, s := range resp.Msg.GetStores() {
+				rows = append(rows, []string{s.GetId(), s.GetName(), stateName(s.GetRole()), s.GetProvider(), stateName(s.GetState()),
+					scopeString(s.GetScope()), humanBytes(s.GetAvailableBytes()) + " / " + humanBytes(s.GetCapacityBytes()), s.GetUrl()})
+			}
+			table(cmd.OutOrStdout(), []string{"ID", "NAME", "ROLE", "PROVIDER", "STATE", "SCOPE", "FREE / CAPACITY", "URL"}, rows)
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&role, "role", "", "only stores of this role")
+	cmd.Flags().StringVar(&zone, "zone", "", "only stores in this zone")
+	return cmd
+}
+
+func newStoreGetCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "get ID|NAME",
+		Short: "Show one data store",
+		Args:  exactArgs(1, "a store id or name"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			asJSON, err := outputJSON(cmd)
+			if err != nil {
+				return err
+			}
+			c, err := newClients(cmd)
+			if err != nil {
+				return err
+			}
+			resp, err := c.stores.GetStore(cmd.Context(), connect.NewRequest(&stowagev1.GetStoreRequest{Id: args[0]}))
+			if err != nil {
+				return c.rpcErr(err)
+			}
+			return printStore(cmd, asJSON, resp.Msg.GetStore())
+		},
+	}
+}
+
+func newStoreMaintainCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "maintain ID|NAME",
+		Short: "Put an Up store into maintenance",
+		Args:  exactArgs(1, "a store id or name"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			asJSON, err := outputJSON(cmd)
+			if err != nil {
+				return err
+			}
+			c, err := newClients(cmd)
+			if err != nil {
+				return err
+			}
+			resp, err := c.stores.EnableMaintenance(cmd.Context(), connect.NewRequest(&stowagev1.EnableMaintenanceRequest{Id: args[0]}))
+			if err != nil {
+				return c.rpcErr(err)
+			}
+			return printStore(cmd, asJSON, resp.Msg.GetStore())
+		},
+	}
+}
+
+func newStoreCancelMaintainCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "cancel-maintain ID|NAME",
+		Short: "Bring a store in maintenance back Up",
+		Args:  exactArgs(1, "a store id or name"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			asJSON, err := outputJSON(cmd)
+			if err != nil {
+				return err
+			}
+			c, err := newClients(cmd)
+			if err != nil {
+				return err
+			}
+			resp, err := c.stores.CancelMaintenance(cmd.Context(), connect.NewRequest(&stowagev1.CancelMaintenanceRequest{Id: args[0]}))
+			if err != nil {
+				return c.rpcErr(err)
+			}
+			return printStore(cmd, asJSON, resp.Msg.GetStore())
+		},
+	}
+}
+
+func newStoreDeleteCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "delete ID|NAME",
+		Short: "Remove a store that holds no objects (the directory and its data stay)",
+		Args:  exactArgs(1, "a store id or name"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			asJSON, err := outputJSON(cmd)
+			if err != nil {
+				return err
+			}
+			c, err := newClients(cmd)
+			if err != nil {
+				return err
+			}
+			if _, err := c.stores.DeleteStore(cmd.Context(), connect.NewRequest(&stowagev1.DeleteStoreRequest{Id: args[0]})); err != nil {
+				return c.rpcErr(err)
+			}
+			if asJSON {
+				fmt.Fprintf(cmd.OutOrStdout(), "{\"deleted\": %q}\n", args[0])
+				return nil
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "store %s deleted\n", args[0])
+			return nil
+		},
+	}
+}
+
+func printStore(cmd *cobra.Command, asJSON bool, s *stowagev1.DataStore) error {
+	if asJSON {
+		return printProto(cmd.OutOrStdout(), s)
+	}
+	hosts := append([]string(nil), s.GetHostIds()...)
+	sort.Strings(hosts)
+	kv := [][2]string{
+		{"ID", s.GetId()},
+		{"Name", s.GetName()},
+		{"Role", stateName(s.GetRole())},
+		{"Provider", s.GetProvider()},
+		{"URL", s.GetUrl()},
+		{"Scope", scopeString(s.GetScope())},
+		{"State", stateName(s.GetState())},
+		{"Capacity", humanBytes(s.GetCapacityBytes())},
+		{"Available", humanBytes(s.GetAvailableBytes())},
+		{"Hosts", orDash(strings.Join(hosts, ", "))},
+	}
+	if s.GetStateReason() != "" {
+		kv = append(kv, [2]string{"Reason", s.GetStateReason()})
+	}
+	if len(s.GetTags()) > 0 {
+		kv = append(kv, [2]string{"Tags", strings.Join(s.GetTags(), ", ")})
+	}
+	keyValues(cmd.OutOrStdout(), kv)
+	return nil
+}
+
+// exactArgs is cobra.ExactArgs with a message that says what is missing.
+func exactArgs(n int, what string) cobra.PositionalArgs {
+	return func(cmd *cobra.Command, args []string) error {
+		if len(args) != n {
+			return usageError{fmt.Errorf("%s takes %s (got %d arguments)", cmd.CommandPath(), what, len(args))}
+		}
+		return nil
+	}
+}

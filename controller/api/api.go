@@ -1,0 +1,171 @@
+// Package api is the controller's Connect edge: thin handlers that turn
+// protobuf requests into calls on the domain services and back. Errors are
+// mapped from their errdefs class to a Connect code in exactly one place, the
+// errconnect interceptor installed on every handler. The same port serves
+// Connect (curl with JSON works), gRPC and gRPC-Web, plus /metrics and /healthz.
+package api
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"time"
+
+	"connectrpc.com/connect"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/stowage/stowage/errdefs/errconnect"
+	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
+	"github.com/stowage/stowage/proto/gen/stowage/v1/stowagev1connect"
+)
+
+// StoreService is what the store handlers need from the domain.
+type StoreService interface {
+	Add(ctx context.Context, req *stowagev1.AddStoreRequest) (*stowagev1.DataStore, error)
+	Get(ctx context.Context, idOrName string) (*stowagev1.DataStore, error)
+	List(ctx context.Context, role stowagev1.StoreRole, zone string) ([]*stowagev1.DataStore, error)
+	EnableMaintenance(ctx context.Context, idOrName string) (*stowagev1.DataStore, error)
+	CancelMaintenance(ctx context.Context, idOrName string) (*stowagev1.DataStore, error)
+	Delete(ctx context.Context, idOrName string) error
+}
+
+// HostService is what the host and agent-control handlers need.
+type HostService interface {
+	List(ctx context.Context, zone string, state stowagev1.HostState) ([]*stowagev1.Host, error)
+	Get(ctx context.Context, idOrName string) (*stowagev1.Host, error)
+	Register(ctx context.Context, req *stowagev1.RegisterRequest) (*stowagev1.RegisterResponse, error)
+	Heartbeat(ctx context.Context, req *stowagev1.HeartbeatRequest) (*stowagev1.HeartbeatResponse, error)
+}
+
+// Services are the domain services the API exposes.
+type Services struct {
+	Stores StoreService
+	Hosts  HostService
+	// Health returns nil when the controller can serve (metadata readable).
+	Health func(ctx context.Context) error
+}
+
+// NewHandler returns the controller's HTTP handler: every Connect service,
+// /metrics from reg and /healthz.
+func NewHandler(s Services, reg *prometheus.Registry) http.Handler {
+	metrics := newRPCMetrics(reg)
+	opts := connect.WithInterceptors(metrics, errconnect.Interceptor())
+	mux := http.NewServeMux()
+	mux.Handle(stowagev1connect.NewStoreServiceHandler(&storeHandler{s.Stores}, opts))
+	mux.Handle(stowagev1connect.NewHostServiceHandler(&hostHandler{s.Hosts}, opts))
+	mux.Handle(stowagev1connect.NewAgentControlServiceHandler(&agentControlHandler{s.Hosts}, opts))
+	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
+		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
+		defer cancel()
+		if s.Health != nil {
+			if err := s.Health(ctx); err != nil {
+				http.Error(w, "unhealthy: "+err.Error(), http.StatusServiceUnavailable)
+				return
+			}
+		}
+		fmt.Fprintln(w, "ok")
+	})
+	return mux
+}
+
+// Protocols is what the controller's http.Server speaks: HTTP/1.1 for
+// Connect and gRPC-Web, cleartext HTTP/2 for gRPC.
+func Protocols() *http.Protocols {
+	var p http.Protocols
+	p.SetHTTP1(true)
+	p.SetUnencryptedHTTP2(true)
+	return &p
+}
+
+type storeHandler struct{ svc StoreService }
+
+var _ stowagev1connect.StoreServiceHandler = (*storeHandler)(nil)
+
+func (h *storeHandler) AddStore(ctx context.Context, req *connect.Request[stowagev1.AddStoreRequest]) (*connect.Response[stowagev1.AddStoreResponse], error) {
+	s, err := h.svc.Add(ctx, req.Msg)
+	if err != nil {
+		return nil, err
+	}
+	return connect.NewResponse(&stowagev1.AddStoreResponse{Store: s}), nil
+}
+
+func (h *storeHandler) GetStore(ctx context.Context, req *connect.Request[stowagev1.GetStoreRequest]) (*connect.Response[stowagev1.GetStoreResponse], error) {
+	s, err := h.svc.Get(ctx, req.Msg.GetId())
+	if err != nil {
+		return nil, err
+	}
+	return connect.NewResponse(&stowagev1.GetStoreResponse{Store: s}), nil
+}
+
+func (h *storeHandler) ListStores(ctx context.Context, req *connect.Request[stowagev1.ListStoresRequest]) (*connect.Response[stowagev1.ListStoresResponse], error) {
+	ss, err := h.svc.List(ctx, req.Msg.GetRole(), req.Msg.GetZone())
+	if err != nil {
+		return nil, err
+	}
+	return connect.NewResponse(&stowagev1.ListStoresResponse{Stores: ss}), nil
+}
+
+func (h *storeHandler) EnableMaintenance(ctx context.Context, req *connect.Request[stowagev1.EnableMaintenanceRequest]) (*connect.Response[stowagev1.EnableMaintenanceResponse], error) {
+	s, err := h.svc.EnableMaintenance(ctx, req.Msg.GetId())
+	if err != nil {
+		return nil, err
+	}
+	return connect.NewResponse(&stowagev1.EnableMaintenanceResponse{Store: s}), nil
+}
+
+func (h *storeHandler) CancelMaintenance(ctx context.Context, req *connect.Request[stowagev1.CancelMaintenanceRequest]) (*connect.Response[stowagev1.CancelMaintenanceResponse], error) {
+	s, err := h.svc.CancelMaintenance(ctx, req.Msg.GetId())
+	if err != nil {
+		return nil, err
+	}
+	return connect.NewResponse(&stowagev1.CancelMaintenanceResponse{Store: s}), nil
+}
+
+func (h *storeHandler) DeleteStore(ctx context.Context, req *connect.Request[stowagev1.DeleteStoreRequest]) (*connect.Response[stowagev1.DeleteStoreResponse], error) {
+	if err := h.svc.Delete(ctx, req.Msg.GetId()); err != nil {
+		return nil, err
+	}
+	return connect.NewResponse(&stowagev1.DeleteStoreResponse{}), nil
+}
+
+type hostHandler struct{ svc HostService }
+
+var _ stowagev1connect.HostServiceHandler = (*hostHandler)(nil)
+
+func (h *hostHandler) ListHosts(ctx context.Context, req *connect.Request[stowagev1.ListHostsRequest]) (*connect.Response[stowagev1.ListHostsResponse], error) {
+	hs, err := h.svc.List(ctx, req.Msg.GetZone(), req.Msg.GetState())
+	if err != nil {
+		return nil, err
+	}
+	return connect.NewResponse(&stowagev1.ListHostsResponse{Hosts: hs}), nil
+}
+
+func (h *hostHandler) GetHost(ctx context.Context, req *connect.Request[stowagev1.GetHostRequest]) (*connect.Response[stowagev1.GetHostResponse], error) {
+	host, err := h.svc.Get(ctx, req.Msg.GetId())
+	if err != nil {
+		return nil, err
+	}
+	return connect.NewResponse(&stowagev1.GetHostResponse{Host: host}), nil
+}
+
+type agentControlHandler struct{ svc HostService }
+
+var _ stowagev1connect.AgentControlServiceHandler = (*agentControlHandler)(nil)
+
+func (h *agentControlHandler) Register(ctx context.Context, req *connect.Request[stowagev1.RegisterRequest]) (*connect.Response[stowagev1.RegisterResponse], error) {
+	resp, err := h.svc.Register(ctx, req.Msg)
+	if err != nil {
+		return nil, err
+	}
+	return connect.NewResponse(resp), nil
+}
+
+func (h *agentControlHandler) Heartbeat(ctx context.Context, req *connect.Request[stowagev1.HeartbeatRequest]) (*connect.Response[stowagev1.HeartbeatResponse], error) {
+	resp, err := h.svc.Heartbeat(ctx, req.Msg)
+	if err != nil {
+		return nil, err
+	}
+	return connect.NewResponse(resp), nil
+}

@@ -1,0 +1,142 @@
+package meta
+
+// This is the only file of Stowage that imports Badger. Everything above the
+// kvStore seam (kv.go) is engine-neutral.
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+
+	badger "github.com/dgraph-io/badger/v4"
+)
+
+// badgerStore is the embedded kvStore: Badger with synchronous writes, sized
+// for metadata (thousands to millions of small records, not bulk data).
+type badgerStore struct {
+	db *badger.DB
+}
+
+var _ kvStore = (*badgerStore)(nil)
+
+// openBadger opens (or creates) the Badger database in dir. log may be nil,
+// which silences Badger.
+func openBadger(dir string, log *slog.Logger) (*badgerStore, error) {
+	opts := badger.DefaultOptions(dir).
+		WithSyncWrites(true).             // a committed transition survives a power cut
+		WithMemTableSize(16 << 20).       // default 64 MiB, times NumMemtables
+		WithNumMemtables(2).              // default 5
+		WithValueLogFileSize(64 << 20).   // default 1 GiB
+		WithBlockCacheSize(16 << 20).     // default 256 MiB
+		WithNumCompactors(2).             // the minimum Badger accepts
+		WithNumLevelZeroTables(2).        // flush small, compact early
+		WithNumLevelZeroTablesStall(8).   //
+		WithMetricsEnabled(false).        // no process-global expvars
+		WithDetectConflicts(true).        // the CAS guarantees rest on this
+		WithLogger(nil)
+	if log != nil {
+		opts = opts.WithLogger(slogAdapter{log: log})
+	}
+	db, err := badger.Open(opts)
+	if err != nil {
+		return nil, err
+	}
+	return &badgerStore{db: db}, nil
+}
+
+func (s *badgerStore) update(fn func(kvTxn) error) error {
+	txn := s.db.NewTransaction(true)
+	defer txn.Discard()
+	if err := fn(badgerTxn{txn: txn}); err != nil {
+		return err
+	}
+	if err := txn.Commit(); err != nil {
+		if errors.Is(err, badger.ErrConflict) {
+			return errTxnConflict
+		}
+		return fmt.Errorf("meta: commit: %w", err)
+	}
+	return nil
+}
+
+func (s *badgerStore) view(fn func(kvTxn) error) error {
+	txn := s.db.NewTransaction(false)
+	defer txn.Discard()
+	return fn(badgerTxn{txn: txn})
+}
+
+func (s *badgerStore) close() error { return s.db.Close() }
+
+// badgerTxn adapts *badger.Txn to kvTxn.
+type badgerTxn struct {
+	txn *badger.Txn
+}
+
+func (t badgerTxn) get(key []byte) ([]byte, error) {
+	item, err := t.txn.Get(key)
+	if errors.Is(err, badger.ErrKeyNotFound) {
+		return nil, errKeyNotFound
+	}
+	if err != nil {
+		return nil, err
+	}
+	return item.ValueCopy(nil)
+}
+
+func (t badgerTxn) set(key, val []byte) error { return t.txn.Set(key, val) }
+
+func (t badgerTxn) delete(key []byte) error { return t.txn.Delete(key) }
+
+func (t badgerTxn) scan(prefix, seek []byte, keysOnly bool, fn func(key, val []byte) error) error {
+	o := badger.DefaultIteratorOptions
+	o.Prefix = prefix
+	o.PrefetchValues = !keysOnly
+	if !keysOnly {
+		o.PrefetchSize = 64
+	}
+	it := t.txn.NewIterator(o)
+	defer it.Close()
+	start := prefix
+	if bytes.Compare(seek, prefix) > 0 {
+		start = seek
+	}
+	for it.Seek(start); it.ValidForPrefix(prefix); it.Next() {
+		item := it.Item()
+		var val []byte
+		if !keysOnly {
+			v, err := item.ValueCopy(nil)
+			if err != nil {
+				return err
+			}
+			val = v
+		}
+		if err := fn(item.Key(), val); err != nil {
+			if errors.Is(err, errStopScan) {
+				return nil
+			}
+			return err
+		}
+	}
+	return nil
+}
+
+// slogAdapter sends Badger's log lines to a slog.Logger. Badger's Info lines
+// are engine chatter (tables opened, compactions), so they go out at Debug.
+type slogAdapter struct {
+	log *slog.Logger
+}
+
+func (a slogAdapter) logf(level slog.Level, format string, args ...any) {
+	if !a.log.Enabled(context.Background(), level) {
+		return
+	}
+	a.log.Log(context.Background(), level, strings.TrimSpace(fmt.Sprintf(format, args...)), "component", "badger")
+}
+
+func (a slogAdapter) Errorf(f string, v ...any)   { a.logf(slog.LevelError, f, v...) }
+func (a slogAdapter) Warningf(f string, v ...any) { a.logf(slog.LevelWarn, f, v...) }
+func (a slogAdapter) Infof(f string, v ...any)    { a.logf(slog.LevelDebug, f, v...) }
+func (a slogAdapter) Debugf(f string, v ...any)   { a.logf(slog.LevelDebug, f, v...) }

@@ -1,0 +1,101 @@
+// Package meta is the controller's metadata repository: typed records
+// (the protobuf messages of stowage/v1), their secondary indexes and their
+// state machines, on an embedded Badger database.
+//
+// # Records and operations
+//
+// Each record kind (Stores, Hosts, Templates, TemplatesOnStore, Volumes,
+// Snapshots, SnapshotsOnStore, Jobs) is described by a Kind: key prefix,
+// indexes, and for all but Templates a state Machine. A DB hands out one
+// repository per kind (db.Stores(), db.Volumes(), ...) whose methods each
+// run in their own transaction:
+//
+//	st, err := db.Stores().Create(ctx, &stowagev1.DataStore{Id: meta.NewID(), Name: "p1"})
+//	st, err = db.Stores().Transition(ctx, st.Id, meta.StoreAttachSucceeded, nil)   // Initialized -> Up
+//	st, err = db.Stores().Update(ctx, st.Id, st.Revision, func(s *stowagev1.DataStore) error {
+//		s.UsedBytes = used // anything but id, revision and state
+//		return nil
+//	})
+//	ups, err := db.Stores().ListInState(ctx, stowagev1.StoreState_STORE_STATE_UP)
+//
+// Several records change atomically through DB.Txn and the kinds' ...Tx
+// methods:
+//
+//	err := db.Txn(ctx, func(tx *meta.Tx) error {
+//		if _, err := meta.Volumes.CreateTx(tx, vol); err != nil {
+//			return err
+//		}
+//		_, err := meta.Jobs.CreateTx(tx, job)
+//		return err
+//	})
+//
+// Every write is a compare-and-set on the record's revision, which starts
+// at 1 and grows by one per write: Update, TransitionIf and Delete take the
+// revision the caller read (0 means "whatever is stored") and fail with
+// errdefs.ErrConflict when it moved on. States change only through
+// Transition, which asks the kind's Machine for the next state in the same
+// transaction that writes it; an event the machine does not allow in the
+// current state fails with errdefs.ErrFailedPrecondition and writes
+// nothing. Transactions that lose a race inside the engine are re-run a
+// bounded number of times, so of concurrent writers with the same expected
+// revision (or the same event) exactly one succeeds. Errors wrap the
+// errdefs classes and name the kind and the id.
+//
+// # Key layout
+//
+// Keys are plain text; values are deterministic protobuf encodings. Ids are
+// 1-128 characters of [A-Za-z0-9._:-]. Indexed values are percent-encoded
+// (url.PathEscape) so that "/" in a value cannot reach into the next
+// segment. Empty values are not indexed. Enum values are indexed by their
+// CloudStack-style names (EnumName: "Up", "PrepareForMaintenance").
+//
+//	meta/schema-version                          "1" (decimal): the layout version, see migrations.go
+//	<kind>/<id>                                  the record (protobuf)
+//	idx/<kind>/<field>/<value>/<id>              secondary index entry (empty value)
+//	uniq/<kind>/<field>/<value>                  unique index entry -> owner id
+//
+//	store/<id>                                   DataStore
+//	  idx/store/role/<Primary|Image|ImageCache>/<id>
+//	  idx/store/state/<StoreState>/<id>
+//	  uniq/store/name/<name>                     names are unique
+//	host/<id>                                    Host
+//	  idx/host/state/<HostState>/<id>
+//	  idx/host/zone/<zone>/<id>
+//	  idx/host/hostname/<hostname>/<id>          not unique: a re-installed host gets a new id
+//	template/<id>                                Template (no state, no index)
+//	template_on_store/<id>                       TemplateOnStore
+//	  idx/template_on_store/template_id/<template id>/<id>
+//	  idx/template_on_store/store_id/<store id>/<id>
+//	  idx/template_on_store/state/<ObjectState>/<id>
+//	  uniq/template_on_store/template_store/<TemplateStoreKey(template id, store id)>
+//	volume/<id>                                  Volume
+//	  idx/volume/store_id/<store id>/<id>
+//	  idx/volume/template_id/<template id>/<id>
+//	  idx/volume/state/<VolumeState>/<id>
+//	  idx/volume/name/<name>/<id>                not unique, as in CloudStack
+//	snapshot/<id>                                Snapshot
+//	  idx/snapshot/volume_id/<volume id>/<id>
+//	  idx/snapshot/parent_id/<parent snapshot id>/<id>
+//	  idx/snapshot/state/<SnapshotState>/<id>
+//	snapshot_on_store/<id>                       SnapshotOnStore
+//	  idx/snapshot_on_store/snapshot_id/<snapshot id>/<id>
+//	  idx/snapshot_on_store/store_id/<store id>/<id>
+//	  idx/snapshot_on_store/state/<ObjectState>/<id>
+//	job/<id>                                     Job
+//	  idx/job/state/<JobState>/<id>
+//	  idx/job/target_id/<target id>/<id>
+//	  uniq/job/idempotency_key/<key>             only when the key is set
+//
+// Listings come out ordered by id; ids from NewID are UUIDv7, so that is
+// also creation order. Changing the layout means a new entry in the
+// migrations slice (migrations.go), applied by Open, with its own test.
+//
+// # Storage engine
+//
+// Badger is confined to badger.go, behind the small kvStore interface of
+// kv.go (get, set, delete and prefix scan inside one serializable
+// transaction). Nothing outside this package imports Badger, and the keys
+// and compare-and-set rules are chosen so that an etcd backend can
+// implement the same interface (a software transactional memory over etcd
+// transactions) when several controllers share one store.
+package meta

@@ -1,0 +1,43 @@
+package meta
+
+import "errors"
+
+// kvStore is the seam between the typed repository and the storage engine.
+// Badger implements it in badger.go; an etcd backend would implement it with
+// a software transactional memory over etcd's compare-and-swap transactions
+// (clientv3/concurrency.STM does exactly this: it records the revision of
+// every key it read and commits only if none changed).
+//
+// Everything the repository needs is here: point reads, writes and deletes,
+// and ordered prefix scans, all inside one serializable transaction.
+type kvStore interface {
+	// update runs fn in a read-write transaction and commits it when fn
+	// returns nil. It returns errTxnConflict when another transaction
+	// committed a write to a key this one read; the caller may retry.
+	update(fn func(kvTxn) error) error
+	// view runs fn in a read-only snapshot.
+	view(fn func(kvTxn) error) error
+	// close releases the store. It is called once.
+	close() error
+}
+
+// kvTxn is one transaction of a kvStore. It is not safe for concurrent use.
+type kvTxn interface {
+	// get returns a copy of the value under key, or errKeyNotFound.
+	get(key []byte) ([]byte, error)
+	// set writes val under key.
+	set(key, val []byte) error
+	// delete removes key; deleting a missing key is not an error.
+	delete(key []byte) error
+	// scan calls fn for every key that starts with prefix, in ascending key
+	// order, starting at the first key >= seek (seek may be nil). With
+	// keysOnly, fn gets a nil val. key and val are only valid during the
+	// call. fn returns errStopScan to end the scan early without error.
+	scan(prefix, seek []byte, keysOnly bool, fn func(key, val []byte) error) error
+}
+
+var (
+	errKeyNotFound = errors.New("meta: key not found")
+	errTxnConflict = errors.New("meta: transaction conflict")
+	errStopScan    = errors.New("meta: stop scan")
+)

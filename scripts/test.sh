@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The project's test command (the README's second command, and what CI runs).
+# On a fresh Debian/Ubuntu machine it installs what the tests need (apt
+# packages, pinned Go tools), then checks formatting, vet, generated code,
+# systemd units, and runs every Go test, including the integration tests that
+# start the controller and agents as separate processes.
+#
+#   scripts/test.sh            everything
+#   scripts/test.sh -short     skip the slow integration tests
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(qemu-utils qemu-block-extra libnbd-bin nbdkit fuse3 xfsprogs btrfs-progs
+  e2fsprogs util-linux curl jq tgt libiscsi-bin)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing apt packages: ${missing[*]}" >&2
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+echo "== gofmt" >&2
+unformatted=$(gofmt -l $(git ls-files '*.go' | grep -v '^proto/gen/') 2>/dev/null || true)
+if [ -n "$unformatted" ]; then echo "gofmt needed on:" >&2; echo "$unformatted" >&2; exit 1; fi
+
+echo "== go vet" >&2
+go vet ./...
+
+echo "== generated code" >&2
+scripts/proto.sh --check
+
+echo "== systemd units" >&2
+go build -o /tmp/stowage-verify-bin ./cmd/stowage
+if [ -w /usr/local/bin ] && { [ ! -e /usr/local/bin/stowage ] || [ -n "${CI:-}" ]; }; then
+  install -m 0755 /tmp/stowage-verify-bin /usr/local/bin/stowage
+fi
+if [ -x /usr/local/bin/stowage ]; then
+  scripts/verify-units.sh
+else
+  echo "skipping systemd unit check: /usr/local/bin/stowage is not installed (run as root)" >&2
+fi
+
+echo "== go test" >&2
+go test -race -count=1 -timeout 20m "$@" ./...
+echo "all tests passed" >&2
