@@ -8,7 +8,6 @@ package main
 import (
 	"bytes"
 	"context"
-	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -168,16 +167,24 @@ func listStores(t *testing.T, server string) []jsonStore {
 	return resp.Stores
 }
 
+// hostState returns the state of host id, or "" while it is unknown.
 func hostState(t *testing.T, server, id string) string {
+	t.Helper()
+	out, _, code := cli(t, server, "host", "get", id, "-o", "json")
+	if code != 0 {
+		return ""
+	}
 	var h jsonHost
-	cliJSON(t, server, &h, "host", "get", id)
+	if err := json.Unmarshal([]byte(out), &h); err != nil {
+		t.Fatalf("host get %s: %v", id, err)
+	}
 	return h.State
 }
 
 // controllerProc starts the controller on addr with dataDir.
 func controllerProc(t *testing.T, addr, dataDir string) *proc {
 	p := startProc(t, "controller", "controller", "--listen", addr, "--data-dir", dataDir,
-		"--heartbeat-interval", "200ms", "--host-timeout", "1500ms", "--log-level", "debug")
+		"--heartbeat-interval", "200ms", "--host-timeout", "1500ms", "--log-level", "info")
 	waitFor(t, "controller /healthz", 20*time.Second, func() bool {
 		resp, err := http.Get("http://" + addr + "/healthz")
 		if err != nil {
@@ -191,7 +198,7 @@ func controllerProc(t *testing.T, addr, dataDir string) *proc {
 
 func agentProc(t *testing.T, server, id, zone, cluster, stateDir string) *proc {
 	return startProc(t, "agent "+id, "agent", "--controller", server, "--host-id", id,
-		"--listen", freePort(t), "--zone", zone, "--cluster", cluster, "--state-dir", stateDir, "--log-level", "debug")
+		"--listen", freePort(t), "--zone", zone, "--cluster", cluster, "--state-dir", stateDir, "--log-level", "info")
 }
 
 func curlJSON(t *testing.T, url, body string) (int, string) {
@@ -256,10 +263,7 @@ func TestFoundationEndToEnd(t *testing.T) {
 	}
 
 	// The same port speaks gRPC (h2c) and gRPC-Web.
-	h2c := &http.Client{Transport: &http.Transport{Protocols: h2cProtocols(),
-		DialTLSContext: func(ctx context.Context, n, a string, _ *tls.Config) (net.Conn, error) {
-			return (&net.Dialer{}).DialContext(ctx, n, a)
-		}}}
+	h2c := &http.Client{Transport: &http.Transport{Protocols: h2cProtocols()}}
 	for name, c := range map[string]stowagev1connect.StoreServiceClient{
 		"grpc":     stowagev1connect.NewStoreServiceClient(h2c, server, connect.WithGRPC()),
 		"grpc-web": stowagev1connect.NewStoreServiceClient(http.DefaultClient, server, connect.WithGRPCWeb()),
@@ -288,7 +292,7 @@ func TestFoundationEndToEnd(t *testing.T) {
 		{[]string{"store", "add", "--name", "x4", "--role", "primary", "--provider", "filesystem", "--url", "/no/scheme"}, 2, "file://"},
 		{[]string{"store", "add", "--name", "p1", "--role", "primary", "--provider", "filesystem", "--url", "file://" + badDir}, 4, "already taken"},
 		{[]string{"store", "add", "--name", "../etc", "--role", "primary", "--provider", "filesystem", "--url", "file://" + badDir}, 2, "store name"},
-		{[]string{"store", "add", "--name", "x5", "--role", "primary", "--provider", "filesystem", "--url", "file://" + p1Dir}, 5, "belongs to store"},
+		{[]string{"store", "add", "--name", "x5", "--role", "primary", "--provider", "filesystem", "--url", "file://" + p1Dir, "--scope", "z1"}, 5, "belongs to store"},
 		{[]string{"store", "add", "--name", "x6", "--role", "primary", "--provider", "filesystem", "--url", "file://" + badDir, "--scope", "nozone"}, 6, "no agent"},
 		{[]string{"store", "get", "no-such-store"}, 3, "no store has that id or name"},
 		{[]string{"store", "delete", "no-such-store"}, 3, "no store"},

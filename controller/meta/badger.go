@@ -26,16 +26,16 @@ var _ kvStore = (*badgerStore)(nil)
 // which silences Badger.
 func openBadger(dir string, log *slog.Logger) (*badgerStore, error) {
 	opts := badger.DefaultOptions(dir).
-		WithSyncWrites(true).             // a committed transition survives a power cut
-		WithMemTableSize(16 << 20).       // default 64 MiB, times NumMemtables
-		WithNumMemtables(2).              // default 5
-		WithValueLogFileSize(64 << 20).   // default 1 GiB
-		WithBlockCacheSize(16 << 20).     // default 256 MiB
-		WithNumCompactors(2).             // the minimum Badger accepts
-		WithNumLevelZeroTables(2).        // flush small, compact early
-		WithNumLevelZeroTablesStall(8).   //
-		WithMetricsEnabled(false).        // no process-global expvars
-		WithDetectConflicts(true).        // the CAS guarantees rest on this
+		WithSyncWrites(true).           // a committed transition survives a power cut
+		WithMemTableSize(16 << 20).     // default 64 MiB, times NumMemtables
+		WithNumMemtables(2).            // default 5
+		WithValueLogFileSize(64 << 20). // default 1 GiB
+		WithBlockCacheSize(16 << 20).   // default 256 MiB
+		WithNumCompactors(2).           // the minimum Badger accepts
+		WithNumLevelZeroTables(2).      // flush small, compact early
+		WithNumLevelZeroTablesStall(8). // stall writers only when far behind
+		WithMetricsEnabled(false).      // no process-global expvars
+		WithDetectConflicts(true).      // the CAS guarantees rest on this
 		WithLogger(nil)
 	if log != nil {
 		opts = opts.WithLogger(slogAdapter{log: log})

@@ -198,8 +198,10 @@ func (tx *Tx) check(write bool) error {
 // When another transaction committed a write to a record fn read, the
 // commit fails and Txn runs fn again on fresh data, up to a bounded number
 // of attempts (then errdefs.ErrAborted). fn must therefore have no effects
-// outside tx. Every ...Tx method writes nothing when it fails, so fn may
-// handle an error (say ErrAlreadyExists) and still commit the rest.
+// outside tx, and must not start another transaction on db (that one
+// would commit on its own, and could deadlock against Close). Every ...Tx
+// method writes nothing when it fails, so fn may handle an error (say
+// ErrAlreadyExists) and still commit the rest.
 func (db *DB) Txn(ctx context.Context, fn func(tx *Tx) error) error {
 	if err := ctx.Err(); err != nil {
 		return fmt.Errorf("meta: %w", err)

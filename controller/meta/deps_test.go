@@ -58,3 +58,56 @@ func TestBadgerConfined(t *testing.T) {
 		t.Fatal("no Go files checked")
 	}
 }
+
+// TestDocListsEveryIndex keeps the key layout in doc.go true: every index
+// of every kind is listed there, and nothing else is.
+func TestDocListsEveryIndex(t *testing.T) {
+	src, err := os.ReadFile("doc.go")
+	if err != nil {
+		t.Fatal(err)
+	}
+	documented := map[string]bool{}
+	for _, f := range strings.Fields(string(src)) {
+		for _, p := range []string{indexPrefix, uniquePrefix} {
+			if strings.HasPrefix(f, p) && strings.Count(f, "/") >= 3 && !strings.Contains(f, "<kind>") {
+				parts := strings.SplitN(f, "/", 4)
+				documented[strings.Join(parts[:3], "/")] = true
+			}
+		}
+	}
+	kinds := []struct {
+		name    string
+		indexes []IndexInfo
+	}{
+		{Stores.Name(), Stores.Indexes()},
+		{Hosts.Name(), Hosts.Indexes()},
+		{Templates.Name(), Templates.Indexes()},
+		{TemplatesOnStore.Name(), TemplatesOnStore.Indexes()},
+		{Volumes.Name(), Volumes.Indexes()},
+		{Snapshots.Name(), Snapshots.Indexes()},
+		{SnapshotsOnStore.Name(), SnapshotsOnStore.Indexes()},
+		{Jobs.Name(), Jobs.Indexes()},
+	}
+	if len(kinds) != len(allKinds) {
+		t.Fatalf("test knows %d kinds, the package %d", len(kinds), len(allKinds))
+	}
+	for _, k := range kinds {
+		if !strings.Contains(string(src), "//\t"+k.name+"/<id>") {
+			t.Errorf("doc.go does not list records %s/<id>", k.name)
+		}
+		for _, ix := range k.indexes {
+			p := indexPrefix
+			if ix.Unique {
+				p = uniquePrefix
+			}
+			key := p + k.name + "/" + ix.Field
+			if !documented[key] {
+				t.Errorf("doc.go does not list %s", key)
+			}
+			delete(documented, key)
+		}
+	}
+	for key := range documented {
+		t.Errorf("doc.go lists %s, which no kind has", key)
+	}
+}

@@ -68,15 +68,17 @@ type Filter[T Record] struct {
 // Name is the kind's key prefix ("store", "template_on_store").
 func (k *Kind[T]) Name() string { return k.name }
 
-// IndexNames lists the kind's indexes, unique ones marked with a "!" suffix.
-func (k *Kind[T]) IndexNames() []string {
-	out := make([]string, 0, len(k.indexes))
+// IndexInfo describes one secondary index of a kind.
+type IndexInfo struct {
+	Field  string // the name ListBy and GetBy take (IndexName, IndexState, ...)
+	Unique bool   // at most one record per value; GetBy works on it
+}
+
+// Indexes lists the kind's secondary indexes.
+func (k *Kind[T]) Indexes() []IndexInfo {
+	out := make([]IndexInfo, 0, len(k.indexes))
 	for _, ix := range k.indexes {
-		if ix.unique {
-			out = append(out, ix.field+"!")
-		} else {
-			out = append(out, ix.field)
-		}
+		out = append(out, IndexInfo{Field: ix.field, Unique: ix.unique})
 	}
 	return out
 }
@@ -87,7 +89,11 @@ func (k *Kind[T]) findIndex(field string) (index[T], error) {
 			return ix, nil
 		}
 	}
-	return index[T]{}, fmt.Errorf("%s: no index %q (have %v): %w", k.noun, field, k.IndexNames(), errdefs.ErrInvalid)
+	var have []string
+	for _, ix := range k.indexes {
+		have = append(have, ix.field)
+	}
+	return index[T]{}, fmt.Errorf("%s: no index %q (have %v): %w", k.noun, field, have, errdefs.ErrInvalid)
 }
 
 // CreateTx stores a new record. It sets revision 1, created_at (if unset)
@@ -181,11 +187,11 @@ func (k *Kind[T]) ListTx(tx *Tx, f Filter[T]) ([]T, error) {
 		return nil, fmt.Errorf("%s: negative list limit %d: %w", k.noun, f.Limit, errdefs.ErrInvalid)
 	}
 	var out []T
+	// keep collects rec if it passes Where and reports whether to go on.
 	keep := func(rec T) bool {
-		if f.Where != nil && !f.Where(rec) {
-			return false
+		if f.Where == nil || f.Where(rec) {
+			out = append(out, rec)
 		}
-		out = append(out, rec)
 		return f.Limit == 0 || len(out) < f.Limit
 	}
 	if f.Index == "" {
@@ -326,9 +332,6 @@ func (k *Kind[T]) mutated(old T, mutate func(T) error, op string) (T, error) {
 	}
 	if err := mutate(next); err != nil {
 		return zero, err
-	}
-	if !next.ProtoReflect().IsValid() {
-		return zero, fmt.Errorf("%s %s: %s: mutate left a nil record: %w", k.noun, old.GetId(), op, errdefs.ErrInvalid)
 	}
 	if next.GetId() != old.GetId() {
 		return zero, fmt.Errorf("%s %s: %s must not change the id (to %q): %w",

@@ -184,7 +184,6 @@ var (
 
 // reindexer is the untyped face of a kind, for migrations and Check.
 type reindexer interface {
-	Name() string
 	reindex(kt kvTxn) error
 	verify(kt kvTxn) error
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"slices"
 	"strings"
 	"sync"
@@ -699,3 +700,70 @@ func TestCheckFindsCorruption(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// A transaction that loses the race is re-run on fresh data: a Transition
+// whose event the winner's state no longer allows then fails cleanly.
+func TestTxnRetriesLostRace(t *testing.T) {
+	db := openTest(t)
+	repo := db.TemplatesOnStore()
+	if _, err := repo.Create(ctx, &stowagev1.TemplateOnStore{Id: "r1", TemplateId: "t1", StoreId: "s1"}); err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range []ObjectEvent{ObjectCreateRequested, ObjectOperationSucceeded} {
+		if _, err := repo.Transition(ctx, "r1", e, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	attempts := 0
+	err := db.Txn(ctx, func(tx *Tx) error {
+		attempts++
+		_, err := TemplatesOnStore.TransitionTx(tx, "r1", 0, ObjectCopyRequested, nil)
+		if attempts == 1 {
+			// A rival commits the same transition before this one does.
+			if _, rerr := repo.Transition(ctx, "r1", ObjectCopyRequested, nil); rerr != nil {
+				return rerr
+			}
+		}
+		return err
+	})
+	if attempts != 2 || !errdefs.IsFailedPrecondition(err) {
+		t.Fatalf("after %d attempts: %v; want 2 attempts and ErrFailedPrecondition", attempts, err)
+	}
+
+	// A transaction that loses every time gives up with ErrAborted.
+	attempts = 0
+	err = db.Txn(ctx, func(tx *Tx) error {
+		attempts++
+		if _, err := TemplatesOnStore.UpdateTx(tx, "r1", 0, nil); err != nil {
+			return err
+		}
+		_, err := repo.Update(ctx, "r1", 0, nil)
+		return err
+	})
+	if attempts != maxAttempts || !errors.Is(err, errdefs.ErrAborted) {
+		t.Fatalf("after %d attempts: %v; want %d and ErrAborted", attempts, err, maxAttempts)
+	}
+}
+
+func TestLoggerAdapter(t *testing.T) {
+	var buf strings.Builder
+	var mu sync.Mutex
+	log := slog.New(slog.NewTextHandler(writerFunc(func(p []byte) (int, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		return buf.Write(p)
+	}), &slog.HandlerOptions{Level: slog.LevelDebug}))
+	db := openTest(t, WithLogger(log))
+	if err := db.Close(); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if !strings.Contains(buf.String(), "component=badger") {
+		t.Fatalf("no badger lines in the log: %q", buf.String())
+	}
+}
+
+type writerFunc func([]byte) (int, error)
+
+func (f writerFunc) Write(p []byte) (int, error) { return f(p) }

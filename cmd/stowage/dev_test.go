@@ -1,0 +1,94 @@
+package main
+
+import (
+	"bufio"
+	"net"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// TestDevCommand runs `stowage dev` as a newcomer would and checks that it
+// comes up with one Up host and two Up stores, says where things are, and
+// picks up its state again after a restart.
+func TestDevCommand(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts processes")
+	}
+	data := t.TempDir()
+	addr := freePort(t)
+	server := "http://" + addr
+	start := func() *proc {
+		p := startProc(t, "dev", "dev", "--data", data, "--listen", addr, "--agent-listen", freePort(t))
+		waitFor(t, "dev banner", 30*time.Second, func() bool { return strings.Contains(p.log.String(), "Stowage dev is running") })
+		return p
+	}
+	p := start()
+	for _, want := range []string{server, filepath.Join(data, "primary"), filepath.Join(data, "images"), "stowage store list"} {
+		if !strings.Contains(p.log.String(), want) {
+			t.Errorf("dev banner lacks %q:\n%s", want, p.log.String())
+		}
+	}
+	stores := listStores(t, server)
+	if len(stores) != 2 {
+		t.Fatalf("dev: %d stores, want 2", len(stores))
+	}
+	for _, s := range stores {
+		if s.State != "STORE_STATE_UP" || len(s.HostIDs) != 1 || s.HostIDs[0] != "dev-host" {
+			t.Errorf("dev store %+v", s)
+		}
+	}
+	if st := hostState(t, server, "dev-host"); st != "HOST_STATE_UP" {
+		t.Errorf("dev host is %s", st)
+	}
+	p.kill(syscall.SIGTERM)
+	start()
+	if again := listStores(t, server); len(again) != 2 || again[0].ID != stores[0].ID && again[0].ID != stores[1].ID {
+		t.Fatalf("dev restart: stores %+v, want the same two", again)
+	}
+}
+
+// TestAgentNotifiesSystemd checks READY=1 reaches NOTIFY_SOCKET once the
+// agent has registered (Type=notify units depend on it).
+func TestAgentNotifiesSystemd(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts processes")
+	}
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "notify.sock")
+	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sock, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	addr := freePort(t)
+	server := "http://" + addr
+	controllerProc(t, addr, filepath.Join(dir, "ctl"))
+	cmd := exec.Command(stowageBin, "agent", "--controller", server, "--host-id", "n1", "--listen", freePort(t), "--state-dir", filepath.Join(dir, "a"))
+	cmd.Env = append(cmd.Environ(), "NOTIFY_SOCKET="+sock)
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = cmd.Process.Kill(); _ = cmd.Wait() }()
+	_ = conn.SetReadDeadline(time.Now().Add(20 * time.Second))
+	buf := make([]byte, 4096)
+	n, _, err := conn.ReadFromUnix(buf)
+	if err != nil {
+		t.Fatalf("no sd_notify datagram: %v", err)
+	}
+	msg := string(buf[:n])
+	sc := bufio.NewScanner(strings.NewReader(msg))
+	ready := false
+	for sc.Scan() {
+		ready = ready || sc.Text() == "READY=1"
+	}
+	if !ready || !strings.Contains(msg, "registered as host n1") {
+		t.Fatalf("sd_notify message %q", msg)
+	}
+	if st := hostState(t, server, "n1"); st != "HOST_STATE_UP" {
+		t.Fatalf("READY sent but host is %s", st)
+	}
+}
