@@ -48,7 +48,9 @@ over loopback, a directory primary store and a directory image store, all under
 
 			ready := make(chan string, 1)
 			errs := make(chan error, 2)
-			go func() { errs <- runController(ctx, ctl, log.With("component", "controller"), func(a string) { ready <- a }) }()
+			go func() {
+				errs <- runController(ctx, ctl, log.With("component", "controller"), func(a string) { ready <- a })
+			}()
 			var addr string
 			select {
 			case addr = <-ready:
