@@ -45,6 +45,10 @@ type FileInfo struct {
 	AllocatedBytes int64
 	IsDir          bool
 	ModifiedAt     time.Time
+	// Format is FormatQCOW2 for a file with a qcow2 header, "" otherwise.
+	Format Format
+	// VirtualSize is what a guest sees: the qcow2 header's size, else Size.
+	VirtualSize int64
 }
 
 // Endpoints gives drivers the agents that can do host work for a store.

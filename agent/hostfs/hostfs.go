@@ -23,6 +23,9 @@
 //     identical image or deleting a missing file succeeds.
 //   - Errors wrap an errdefs class and keep the OS error (errors.Is finds
 //     fs.ErrNotExist as well as errdefs.ErrNotFound).
+//   - ProbeStore answers whether the store's filesystem shares extents
+//     (reflink) by cloning a small file with FICLONE, in the store's tmp/
+//     when it has one, once per directory and filesystem for the process.
 //   - A cancelled context stops a call before it starts blocking work;
 //     ProbeStore returns at once when the context ends even if the kernel is
 //     stuck in statfs on a dead NFS server.
@@ -30,9 +33,11 @@ package hostfs
 
 import (
 	"crypto/rand"
+	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -52,7 +57,8 @@ const MarkerFile = ".stowage-store"
 // TempPrefix starts the names of files being written; they are not objects.
 const TempPrefix = ".stowage-tmp-"
 
-// Local runs endpoint steps on this machine.
+// Local runs endpoint steps on this machine. It is safe for concurrent use;
+// concurrent steps on the same path are safe too (no-replace renames).
 type Local struct {
 	hostID string
 	root   string
@@ -214,7 +220,7 @@ func classOf(err error) error {
 	return errdefs.ErrInternal
 }
 
-// fileInfo converts an lstat result of the real path p, named path for the caller.
+// fileInfo converts an lstat result into the FileInfo of path, as the caller named it.
 func fileInfo(path string, fi fs.FileInfo) drivers.FileInfo {
 	out := drivers.FileInfo{
 		Path:       path,
@@ -225,7 +231,31 @@ func fileInfo(path string, fi fs.FileInfo) drivers.FileInfo {
 	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
 		out.AllocatedBytes = st.Blocks * 512 // st_blocks is in 512-byte units whatever the block size
 	}
+	if fi.Mode().IsRegular() {
+		out.VirtualSize = out.Size
+		if size, ok := qcow2VirtualSize(path); ok {
+			out.Format, out.VirtualSize = drivers.FormatQCOW2, size
+		}
+	}
 	return out
+}
+
+// qcow2VirtualSize reads the virtual size from a qcow2 header (magic
+// "QFI\xfb", size as a big-endian uint64 at byte 24), without running qemu-img.
+func qcow2VirtualSize(path string) (int64, bool) {
+	f, err := os.Open(path)
+	if err != nil {
+		return 0, false
+	}
+	defer f.Close()
+	var hdr [32]byte
+	if _, err := io.ReadFull(f, hdr[:]); err != nil {
+		return 0, false
+	}
+	if string(hdr[:4]) != "QFI\xfb" {
+		return 0, false
+	}
+	return int64(binary.BigEndian.Uint64(hdr[24:32])), true
 }
 
 // nowUTC is the marker's creation time, to the second.

@@ -23,7 +23,8 @@ func ProbeFromProto(p *stowagev1.StoreProbe) drivers.StoreProbe {
 
 // FileToProto converts file facts for the wire.
 func FileToProto(f drivers.FileInfo) *stowagev1.FileInfo {
-	out := &stowagev1.FileInfo{Path: f.Path, Size: f.Size, AllocatedBytes: f.AllocatedBytes, IsDir: f.IsDir}
+	out := &stowagev1.FileInfo{Path: f.Path, Size: f.Size, AllocatedBytes: f.AllocatedBytes, IsDir: f.IsDir,
+		Format: FormatToProto(f.Format), VirtualSize: f.VirtualSize}
 	if !f.ModifiedAt.IsZero() {
 		out.ModifiedAt = timestamppb.New(f.ModifiedAt)
 	}
@@ -32,7 +33,8 @@ func FileToProto(f drivers.FileInfo) *stowagev1.FileInfo {
 
 // FileFromProto converts file facts from the wire.
 func FileFromProto(f *stowagev1.FileInfo) drivers.FileInfo {
-	out := drivers.FileInfo{Path: f.GetPath(), Size: f.GetSize(), AllocatedBytes: f.GetAllocatedBytes(), IsDir: f.GetIsDir()}
+	out := drivers.FileInfo{Path: f.GetPath(), Size: f.GetSize(), AllocatedBytes: f.GetAllocatedBytes(), IsDir: f.GetIsDir(),
+		Format: FormatFromProto(f.GetFormat()), VirtualSize: f.GetVirtualSize()}
 	if f.GetModifiedAt() != nil {
 		out.ModifiedAt = f.GetModifiedAt().AsTime()
 	}

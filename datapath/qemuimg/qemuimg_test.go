@@ -33,6 +33,9 @@ func TestVersion(t *testing.T) {
 	if !regexp.MustCompile(`^[0-9]+\.[0-9]+(\.[0-9]+)*$`).MatchString(v) {
 		t.Fatalf("Version = %q, want a dotted version", v)
 	}
+	if pv, err := Version(t.Context()); err != nil || pv != v {
+		t.Fatalf("package Version = %q, %v; want %q", pv, err, v)
+	}
 }
 
 func TestMissingBinaryIsUnavailable(t *testing.T) {

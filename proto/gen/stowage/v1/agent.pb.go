@@ -1122,8 +1122,12 @@ type FileInfo struct {
 	AllocatedBytes int64                  `protobuf:"varint,3,opt,name=allocated_bytes,json=allocatedBytes,proto3" json:"allocated_bytes,omitempty"`
 	IsDir          bool                   `protobuf:"varint,4,opt,name=is_dir,json=isDir,proto3" json:"is_dir,omitempty"`
 	ModifiedAt     *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=modified_at,json=modifiedAt,proto3" json:"modified_at,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// IMAGE_FORMAT_QCOW2 for a file with a qcow2 header, else unspecified.
+	Format ImageFormat `protobuf:"varint,6,opt,name=format,proto3,enum=stowage.v1.ImageFormat" json:"format,omitempty"`
+	// What a guest sees: the qcow2 header's size, else the file size.
+	VirtualSize   int64 `protobuf:"varint,7,opt,name=virtual_size,json=virtualSize,proto3" json:"virtual_size,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *FileInfo) Reset() {
@@ -1189,6 +1193,20 @@ func (x *FileInfo) GetModifiedAt() *timestamppb.Timestamp {
 		return x.ModifiedAt
 	}
 	return nil
+}
+
+func (x *FileInfo) GetFormat() ImageFormat {
+	if x != nil {
+		return x.Format
+	}
+	return ImageFormat_IMAGE_FORMAT_UNSPECIFIED
+}
+
+func (x *FileInfo) GetVirtualSize() int64 {
+	if x != nil {
+		return x.VirtualSize
+	}
+	return 0
 }
 
 // StoreProbe is what a host sees of a store directory.
@@ -1518,14 +1536,16 @@ const file_stowage_v1_agent_proto_rawDesc = "" +
 	"\vListDirStep\x12\x12\n" +
 	"\x04path\x18\x01 \x01(\tR\x04path\"\"\n" +
 	"\fStatPathStep\x12\x12\n" +
-	"\x04path\x18\x01 \x01(\tR\x04path\"\xaf\x01\n" +
+	"\x04path\x18\x01 \x01(\tR\x04path\"\x83\x02\n" +
 	"\bFileInfo\x12\x12\n" +
 	"\x04path\x18\x01 \x01(\tR\x04path\x12\x12\n" +
 	"\x04size\x18\x02 \x01(\x03R\x04size\x12'\n" +
 	"\x0fallocated_bytes\x18\x03 \x01(\x03R\x0eallocatedBytes\x12\x15\n" +
 	"\x06is_dir\x18\x04 \x01(\bR\x05isDir\x12;\n" +
 	"\vmodified_at\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
-	"modifiedAt\"\x8f\x01\n" +
+	"modifiedAt\x12/\n" +
+	"\x06format\x18\x06 \x01(\x0e2\x17.stowage.v1.ImageFormatR\x06format\x12!\n" +
+	"\fvirtual_size\x18\a \x01(\x03R\vvirtualSize\"\x8f\x01\n" +
 	"\n" +
 	"StoreProbe\x12%\n" +
 	"\x0ecapacity_bytes\x18\x01 \x01(\x03R\rcapacityBytes\x12'\n" +
@@ -1617,23 +1637,24 @@ var file_stowage_v1_agent_proto_depIdxs = []int32{
 	16, // 15: stowage.v1.Task.stat_path:type_name -> stowage.v1.StatPathStep
 	24, // 16: stowage.v1.CreateImageStep.format:type_name -> stowage.v1.ImageFormat
 	25, // 17: stowage.v1.FileInfo.modified_at:type_name -> google.protobuf.Timestamp
-	18, // 18: stowage.v1.TaskResult.probe:type_name -> stowage.v1.StoreProbe
-	17, // 19: stowage.v1.TaskResult.file:type_name -> stowage.v1.FileInfo
-	20, // 20: stowage.v1.TaskResult.files:type_name -> stowage.v1.FileList
-	17, // 21: stowage.v1.FileList.files:type_name -> stowage.v1.FileInfo
-	0,  // 22: stowage.v1.AgentControlService.Register:input_type -> stowage.v1.RegisterRequest
-	3,  // 23: stowage.v1.AgentControlService.Heartbeat:input_type -> stowage.v1.HeartbeatRequest
-	5,  // 24: stowage.v1.AgentService.RunTask:input_type -> stowage.v1.RunTaskRequest
-	7,  // 25: stowage.v1.AgentService.GetTask:input_type -> stowage.v1.GetTaskRequest
-	1,  // 26: stowage.v1.AgentControlService.Register:output_type -> stowage.v1.RegisterResponse
-	4,  // 27: stowage.v1.AgentControlService.Heartbeat:output_type -> stowage.v1.HeartbeatResponse
-	6,  // 28: stowage.v1.AgentService.RunTask:output_type -> stowage.v1.RunTaskResponse
-	8,  // 29: stowage.v1.AgentService.GetTask:output_type -> stowage.v1.GetTaskResponse
-	26, // [26:30] is the sub-list for method output_type
-	22, // [22:26] is the sub-list for method input_type
-	22, // [22:22] is the sub-list for extension type_name
-	22, // [22:22] is the sub-list for extension extendee
-	0,  // [0:22] is the sub-list for field type_name
+	24, // 18: stowage.v1.FileInfo.format:type_name -> stowage.v1.ImageFormat
+	18, // 19: stowage.v1.TaskResult.probe:type_name -> stowage.v1.StoreProbe
+	17, // 20: stowage.v1.TaskResult.file:type_name -> stowage.v1.FileInfo
+	20, // 21: stowage.v1.TaskResult.files:type_name -> stowage.v1.FileList
+	17, // 22: stowage.v1.FileList.files:type_name -> stowage.v1.FileInfo
+	0,  // 23: stowage.v1.AgentControlService.Register:input_type -> stowage.v1.RegisterRequest
+	3,  // 24: stowage.v1.AgentControlService.Heartbeat:input_type -> stowage.v1.HeartbeatRequest
+	5,  // 25: stowage.v1.AgentService.RunTask:input_type -> stowage.v1.RunTaskRequest
+	7,  // 26: stowage.v1.AgentService.GetTask:input_type -> stowage.v1.GetTaskRequest
+	1,  // 27: stowage.v1.AgentControlService.Register:output_type -> stowage.v1.RegisterResponse
+	4,  // 28: stowage.v1.AgentControlService.Heartbeat:output_type -> stowage.v1.HeartbeatResponse
+	6,  // 29: stowage.v1.AgentService.RunTask:output_type -> stowage.v1.RunTaskResponse
+	8,  // 30: stowage.v1.AgentService.GetTask:output_type -> stowage.v1.GetTaskResponse
+	27, // [27:31] is the sub-list for method output_type
+	23, // [23:27] is the sub-list for method input_type
+	23, // [23:23] is the sub-list for extension type_name
+	23, // [23:23] is the sub-list for extension extendee
+	0,  // [0:23] is the sub-list for field type_name
 }
 
 func init() { file_stowage_v1_agent_proto_init() }
