@@ -34,6 +34,19 @@ func newClients(cmd *cobra.Command) (*clients, error) {
 	}, nil
 }
 
+// withClients validates --output, builds the clients and runs fn.
+func withClients(cmd *cobra.Command, fn func(c *clients, asJSON bool) error) error {
+	asJSON, err := outputJSON(cmd)
+	if err != nil {
+		return err
+	}
+	c, err := newClients(cmd)
+	if err != nil {
+		return err
+	}
+	return fn(c, asJSON)
+}
+
 // rpcErr turns an RPC error into a classed error with a hint on what to do.
 func (c *clients) rpcErr(err error) error {
 	if err == nil {

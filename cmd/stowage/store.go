@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"sort"
 	"strings"
@@ -151,70 +152,50 @@ func newStoreListCmd() *cobra.Command {
 }
 
 func newStoreGetCmd() *cobra.Command {
-	return &cobra.Command{
-		Use:   "get ID|NAME",
-		Short: "Show one data store",
-		Args:  exactArgs(1, "a store id or name"),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			asJSON, err := outputJSON(cmd)
-			if err != nil {
-				return err
-			}
-			c, err := newClients(cmd)
-			if err != nil {
-				return err
-			}
-			resp, err := c.stores.GetStore(cmd.Context(), connect.NewRequest(&stowagev1.GetStoreRequest{Id: args[0]}))
-			if err != nil {
-				return c.rpcErr(err)
-			}
-			return printStore(cmd, asJSON, resp.Msg.GetStore())
-		},
-	}
+	return storeCmd("get ID|NAME", "Show one data store", func(ctx context.Context, c *clients, id string) (*stowagev1.DataStore, error) {
+		resp, err := c.stores.GetStore(ctx, connect.NewRequest(&stowagev1.GetStoreRequest{Id: id}))
+		if err != nil {
+			return nil, err
+		}
+		return resp.Msg.GetStore(), nil
+	})
 }
 
 func newStoreMaintainCmd() *cobra.Command {
-	return &cobra.Command{
-		Use:   "maintain ID|NAME",
-		Short: "Put an Up store into maintenance",
-		Args:  exactArgs(1, "a store id or name"),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			asJSON, err := outputJSON(cmd)
-			if err != nil {
-				return err
-			}
-			c, err := newClients(cmd)
-			if err != nil {
-				return err
-			}
-			resp, err := c.stores.EnableMaintenance(cmd.Context(), connect.NewRequest(&stowagev1.EnableMaintenanceRequest{Id: args[0]}))
-			if err != nil {
-				return c.rpcErr(err)
-			}
-			return printStore(cmd, asJSON, resp.Msg.GetStore())
-		},
-	}
+	return storeCmd("maintain ID|NAME", "Put an Up store into maintenance", func(ctx context.Context, c *clients, id string) (*stowagev1.DataStore, error) {
+		resp, err := c.stores.EnableMaintenance(ctx, connect.NewRequest(&stowagev1.EnableMaintenanceRequest{Id: id}))
+		if err != nil {
+			return nil, err
+		}
+		return resp.Msg.GetStore(), nil
+	})
 }
 
 func newStoreCancelMaintainCmd() *cobra.Command {
+	return storeCmd("cancel-maintain ID|NAME", "Bring a store in maintenance back Up", func(ctx context.Context, c *clients, id string) (*stowagev1.DataStore, error) {
+		resp, err := c.stores.CancelMaintenance(ctx, connect.NewRequest(&stowagev1.CancelMaintenanceRequest{Id: id}))
+		if err != nil {
+			return nil, err
+		}
+		return resp.Msg.GetStore(), nil
+	})
+}
+
+// storeCmd is a command that takes one store id or name, calls the
+// controller and prints the store it returns.
+func storeCmd(use, short string, call func(ctx context.Context, c *clients, id string) (*stowagev1.DataStore, error)) *cobra.Command {
 	return &cobra.Command{
-		Use:   "cancel-maintain ID|NAME",
-		Short: "Bring a store in maintenance back Up",
+		Use:   use,
+		Short: short,
 		Args:  exactArgs(1, "a store id or name"),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			asJSON, err := outputJSON(cmd)
-			if err != nil {
-				return err
-			}
-			c, err := newClients(cmd)
-			if err != nil {
-				return err
-			}
-			resp, err := c.stores.CancelMaintenance(cmd.Context(), connect.NewRequest(&stowagev1.CancelMaintenanceRequest{Id: args[0]}))
-			if err != nil {
-				return c.rpcErr(err)
-			}
-			return printStore(cmd, asJSON, resp.Msg.GetStore())
+			return withClients(cmd, func(c *clients, asJSON bool) error {
+				st, err := call(cmd.Context(), c, args[0])
+				if err != nil {
+					return c.rpcErr(err)
+				}
+				return printStore(cmd, asJSON, st)
+			})
 		},
 	}
 }
