@@ -83,9 +83,13 @@ type KnownZeroer interface {
 // the engine stores its checkpoint at CheckpointPath and, with
 // Options.Resume, continues a copy whose checkpoint matches. Resumed
 // reports whether the sink reopened partial work instead of starting empty.
+// Suspend ends the sink like Abort but keeps the partial work and the
+// checkpoint; the engine calls it when a copy fails in a way a retry can
+// fix (cancelled, source unavailable).
 type Resumable interface {
 	CheckpointPath() string
 	Resumed() bool
+	Suspend() error
 }
 
 // FileBacked is implemented by sources and sinks that are a local file: it
@@ -217,6 +221,9 @@ type Options struct {
 	// NoZeroDetect to write data extents as they are.
 	ZeroBlock    int
 	NoZeroDetect bool
+	// Dense writes every byte, holes and zero blocks included, so that the
+	// destination ends fully allocated (thick provisioning). No reflink.
+	Dense bool
 	// Mode selects reflink, copy_file_range or read/write.
 	Mode CopyMode
 	// SHA256 computes the SHA-256 of the whole object (Result.SHA256).

@@ -1,0 +1,858 @@
+package stream
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding"
+	"encoding/binary"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"hash"
+	"io"
+	"log/slog"
+	"math/bits"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/zeebo/xxh3"
+	"golang.org/x/sync/errgroup"
+	"golang.org/x/sys/unix"
+
+	"github.com/stowage/stowage/errdefs"
+)
+
+// Copy copies src to dst and ends dst: on success it is committed (durable
+// and visible under its final name); on failure it is aborted, or suspended
+// with its checkpoint when the failure is one a later Resume can get past
+// (cancellation, an unavailable source, an I/O error). A checksum mismatch
+// always aborts, and its error wraps errdefs.ErrDataLoss.
+//
+// Copy does not close src.
+func Copy(ctx context.Context, src Source, dst Sink, opts Options) (res Result, err error) {
+	start := time.Now()
+	o, err := opts.normalize()
+	if err != nil {
+		_ = dst.Abort()
+		return res, err
+	}
+	e := &engine{src: src, dst: dst, o: o, log: o.Logger, start: start, size: src.Size()}
+	res, err = e.run(ctx)
+	res.Seconds = time.Since(start).Seconds()
+	if res.Seconds > 0 {
+		res.MiBPerS = float64(res.Size) / (1 << 20) / res.Seconds
+	}
+	result := "ok"
+	switch {
+	case err == nil:
+		if cerr := dst.Commit(ctx); cerr != nil {
+			err = fmt.Errorf("commit destination: %w", cerr)
+			result = "error"
+		}
+	case errors.Is(err, errdefs.ErrDataLoss):
+		_ = dst.Abort()
+		result = "checksum_mismatch"
+	default:
+		result = "error"
+		if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+			result = "canceled"
+		}
+		if r, ok := dst.(Resumable); ok && e.ckptPath != "" && resumableFailure(err) {
+			_ = r.Suspend()
+		} else {
+			_ = dst.Abort()
+		}
+	}
+	metricCopies.WithLabelValues(res.Method, result).Inc()
+	metricSeconds.Observe(res.Seconds)
+	metricBytes.WithLabelValues("read").Add(float64(res.BytesRead))
+	metricBytes.WithLabelValues("written").Add(float64(res.BytesWritten))
+	metricBytes.WithLabelValues("hole").Add(float64(res.BytesHoles))
+	metricBytes.WithLabelValues("zero").Add(float64(res.BytesZero))
+	metricBytes.WithLabelValues("reflink").Add(float64(res.BytesReflink))
+	metricBytes.WithLabelValues("resumed").Add(float64(res.BytesResumed))
+	return res, err
+}
+
+// resumableFailure reports whether partial work should be kept for Resume.
+func resumableFailure(err error) bool {
+	switch errdefs.Class(err) {
+	case errdefs.ErrInvalid, errdefs.ErrNotFound, errdefs.ErrDataLoss, errdefs.ErrAborted, errdefs.ErrNotImplemented:
+		return false
+	}
+	return true
+}
+
+func (o Options) normalize() (Options, error) {
+	if o.Workers <= 0 {
+		o.Workers = DefaultWorkers
+	}
+	if o.Workers > 64 {
+		return o, fmt.Errorf("workers %d: at most 64: %w", o.Workers, errdefs.ErrInvalid)
+	}
+	if o.ChunkSize == 0 {
+		o.ChunkSize = DefaultChunkSize
+	}
+	if o.ChunkSize < 64<<10 || o.ChunkSize > 256<<20 || bits.OnesCount(uint(o.ChunkSize)) != 1 {
+		return o, fmt.Errorf("chunk size %d: want a power of two from 64 KiB to 256 MiB: %w", o.ChunkSize, errdefs.ErrInvalid)
+	}
+	if o.ZeroBlock == 0 {
+		o.ZeroBlock = DefaultZeroBlock
+	}
+	if o.ZeroBlock < 512 || o.ZeroBlock > o.ChunkSize || bits.OnesCount(uint(o.ZeroBlock)) != 1 {
+		return o, fmt.Errorf("zero block %d: want a power of two from 512 to the chunk size: %w", o.ZeroBlock, errdefs.ErrInvalid)
+	}
+	if o.ExpectSHA256 != "" {
+		h := strings.ToLower(strings.TrimPrefix(o.ExpectSHA256, "sha256:"))
+		if b, err := hex.DecodeString(h); err != nil || len(b) != sha256.Size {
+			return o, fmt.Errorf("expected checksum %q: want sha256:<64 hex digits>: %w", o.ExpectSHA256, errdefs.ErrInvalid)
+		}
+		o.ExpectSHA256 = h
+	}
+	if o.Dense {
+		o.NoZeroDetect = true
+		if o.Mode == CopyAuto {
+			o.Mode = CopyReadWrite
+		}
+	}
+	if o.CheckpointInterval == 0 {
+		o.CheckpointInterval = DefaultCheckpointInterval
+	}
+	if o.ProgressInterval <= 0 {
+		o.ProgressInterval = DefaultProgressInterval
+	}
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	return o, nil
+}
+
+// engine is the state of one Copy.
+type engine struct {
+	src   Source
+	dst   Sink
+	o     Options
+	log   *slog.Logger
+	start time.Time
+	size  int64
+
+	nchunks   int64
+	zeroKnown bool
+	wantSHA   bool
+	srcSum    string
+	ckptPath  string
+	limiter   *rateLimiter
+	cfr       bool
+	srcFD     int
+	dstFD     int
+
+	mu     sync.Mutex // guards done, hashes
+	done   []byte
+	hashes []byte
+
+	shaMu     sync.Mutex // guards sha, shaOffset
+	sha       hash.Hash
+	shaOffset int64
+
+	read, written, holes, zeros, resumed, doneBytes atomic.Int64
+	redone                                          atomic.Int64
+}
+
+// item is one chunk of work: the extents of chunk idx.
+type item struct {
+	idx      int64
+	off, n   int64
+	ext      []Extent
+	hashOnly bool // already copied (resumed); read only to feed the SHA-256
+}
+
+func (e *engine) run(ctx context.Context) (Result, error) {
+	o := e.o
+	res := Result{Size: e.size, Workers: o.Workers, ChunkSize: o.ChunkSize, Method: "read-write"}
+	if fs, ok := e.dst.(*FileSink); ok {
+		res.WriteMode = fs.mode.String()
+	}
+	if c, ok := e.src.(Checksummed); ok && !o.IgnoreSourceChecksum {
+		if sum, ok := c.SourceChecksum(); ok {
+			e.srcSum = strings.ToLower(sum)
+		}
+	}
+	e.wantSHA = o.SHA256 || o.ExpectSHA256 != "" || e.srcSum != ""
+	if s, ok := e.src.(Sequential); ok && s.Sequential() {
+		o.Workers = 1
+		e.o.Workers = 1
+		res.Workers = 1
+	}
+	if e.size == 0 {
+		return e.finish(res)
+	}
+
+	// Reflink: the whole object in one ioctl when both ends allow it.
+	if o.Mode == CopyAuto || o.Mode == CopyReflink {
+		ok, err := e.tryReflink()
+		if err != nil {
+			return res, err
+		}
+		if ok {
+			res.Method = "reflink"
+			e.doneBytes.Store(e.size)
+			res.BytesReflink = e.size
+			if e.wantSHA {
+				if err := e.hashSource(ctx); err != nil {
+					return res, err
+				}
+			}
+			return e.finish(res)
+		}
+		if o.Mode == CopyReflink {
+			return res, fmt.Errorf("reflink: the filesystem cannot share extents between these files: %w", errdefs.ErrNotImplemented)
+		}
+	}
+	if o.Mode == CopyCFR {
+		sf, ok1 := e.src.(FileBacked)
+		df, ok2 := e.dst.(FileBacked)
+		if !ok1 || !ok2 {
+			return res, fmt.Errorf("copy_file_range needs two local files: %w", errdefs.ErrInvalid)
+		}
+		e.cfr, e.srcFD, e.dstFD = true, int(sf.File().Fd()), int(df.File().Fd())
+		res.Method = "copy_file_range"
+	}
+
+	e.nchunks = (e.size + int64(o.ChunkSize) - 1) / int64(o.ChunkSize)
+	e.done = make([]byte, (e.nchunks+7)/8)
+	e.hashes = make([]byte, 8*e.nchunks)
+	if kz, ok := e.dst.(KnownZeroer); ok {
+		e.zeroKnown = kz.KnownZero()
+	}
+	if r, ok := e.dst.(Resumable); ok && o.CheckpointInterval > 0 {
+		e.ckptPath = r.CheckpointPath()
+		if e.ckptPath != "" && o.Resume && r.Resumed() {
+			if err := e.loadResume(ctx); err != nil {
+				e.log.Warn("stream: not resuming: checkpoint unusable", "checkpoint", e.ckptPath, "err", err)
+			}
+		}
+	}
+	res.Resumed = e.resumed.Load() > 0
+	if e.wantSHA && e.sha == nil {
+		e.sha = sha256.New()
+	}
+	e.limiter = newRateLimiter(o.RateLimit)
+
+	err := e.copyChunks(ctx)
+	res.BytesRead, res.BytesWritten = e.read.Load(), e.written.Load()
+	res.BytesHoles, res.BytesZero, res.BytesResumed = e.holes.Load(), e.zeros.Load(), e.resumed.Load()
+	res.ChunksRedone = e.redone.Load()
+	if rc, ok := e.src.(interface{ Retries() int64 }); ok {
+		res.ReadRetries = rc.Retries()
+	}
+	if err != nil {
+		if e.ckptPath != "" && resumableFailure(err) {
+			if serr := e.saveCheckpoint(); serr != nil {
+				e.log.Warn("stream: saving checkpoint after failure", "err", serr)
+			}
+		}
+		return res, err
+	}
+	return e.finish(res)
+}
+
+// finish checks the SHA-256 against what was expected.
+func (e *engine) finish(res Result) (Result, error) {
+	if !e.wantSHA {
+		return res, nil
+	}
+	if e.sha == nil { // empty object or reflink without hashing
+		e.sha = sha256.New()
+	}
+	e.shaMu.Lock()
+	sum := hex.EncodeToString(e.sha.Sum(nil))
+	e.shaMu.Unlock()
+	res.SHA256 = sum
+	if e.o.ExpectSHA256 != "" && sum != e.o.ExpectSHA256 {
+		return res, fmt.Errorf("checksum mismatch: got sha256:%s, expected sha256:%s: %w", sum, e.o.ExpectSHA256, errdefs.ErrDataLoss)
+	}
+	if e.srcSum != "" {
+		if sum != e.srcSum {
+			return res, fmt.Errorf("checksum mismatch: got sha256:%s, the source announced sha256:%s: %w", sum, e.srcSum, errdefs.ErrDataLoss)
+		}
+		res.SourceChecked = true
+	}
+	return res, nil
+}
+
+// loadResume marks the chunks of a matching checkpoint done, after
+// checking each against its recorded hash when the sink can be read back.
+func (e *engine) loadResume(ctx context.Context) error {
+	c, err := loadCheckpoint(e.ckptPath)
+	if err != nil {
+		return err
+	}
+	switch {
+	case c.Identity != e.src.Identity():
+		return fmt.Errorf("source changed: checkpoint is for %q, source is %q", c.Identity, e.src.Identity())
+	case c.Size != e.size, c.ChunkSize != e.o.ChunkSize:
+		return fmt.Errorf("checkpoint is for size %d chunk %d, copy has size %d chunk %d", c.Size, c.ChunkSize, e.size, e.o.ChunkSize)
+	case int64(len(c.Done)) != int64(len(e.done)), int64(len(c.Hashes)) != int64(len(e.hashes)):
+		return fmt.Errorf("checkpoint bitmap has the wrong length")
+	}
+	if e.wantSHA && len(c.SHAState) > 0 {
+		h := sha256.New()
+		if err := h.(encoding.BinaryUnmarshaler).UnmarshalBinary(c.SHAState); err == nil && c.SHAOffset%int64(e.o.ChunkSize) == 0 {
+			e.sha, e.shaOffset = h, c.SHAOffset
+		}
+	}
+	copy(e.done, c.Done)
+	copy(e.hashes, c.Hashes)
+	ra, canVerify := e.dst.(io.ReaderAt)
+	var buf []byte
+	if canVerify && !e.o.NoResumeVerify {
+		if buf, err = buffers.get(e.o.ChunkSize); err != nil {
+			return err
+		}
+		defer buffers.put(buf)
+	}
+	for i := int64(0); i < e.nchunks; i++ {
+		if !bitGet(e.done, i) {
+			continue
+		}
+		off, n := e.chunkRange(i)
+		if buf != nil {
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+			k, err := ra.ReadAt(buf[:n], off)
+			if (err != nil && err != io.EOF) || int64(k) != n || xxh3.Hash(buf[:n]) != binary.LittleEndian.Uint64(e.hashes[8*i:]) {
+				bitClear(e.done, i)
+				e.redone.Add(1)
+				continue
+			}
+		}
+		e.resumed.Add(n)
+		e.doneBytes.Add(n)
+	}
+	if e.sha == nil && e.wantSHA {
+		e.sha = sha256.New()
+		e.shaOffset = 0
+	}
+	e.log.Debug("stream: resuming", "checkpoint", e.ckptPath, "bytes_done", e.resumed.Load(), "chunks_redone", e.redone.Load())
+	return nil
+}
+
+func (e *engine) chunkRange(i int64) (off, n int64) {
+	off = i * int64(e.o.ChunkSize)
+	return off, min(int64(e.o.ChunkSize), e.size-off)
+}
+
+// copyChunks runs the producer, the workers, the in-order hasher, the
+// checkpointer and the progress reporter until every chunk is done.
+func (e *engine) copyChunks(ctx context.Context) error {
+	o := e.o
+	g, gctx := errgroup.WithContext(ctx)
+	items := make(chan item)
+	nbuf := o.Workers
+	if e.wantSHA {
+		nbuf = 2*o.Workers + 1
+	}
+	free := make(chan []byte, nbuf)
+	var all [][]byte
+	defer func() {
+		for _, b := range all {
+			buffers.put(b)
+		}
+	}()
+	for range nbuf {
+		b, err := buffers.get(o.ChunkSize)
+		if err != nil {
+			return fmt.Errorf("allocate buffers: %w", err)
+		}
+		all = append(all, b)
+		free <- b
+	}
+
+	// the in-order SHA-256
+	type hashed struct {
+		idx int64
+		buf []byte // nil: n zero bytes
+		n   int64
+	}
+	var hashCh chan hashed
+	shaStartIdx := e.nchunks
+	if e.wantSHA {
+		hashCh = make(chan hashed, nbuf)
+		shaStartIdx = e.shaOffset / int64(o.ChunkSize)
+		g.Go(func() error {
+			pending := map[int64]hashed{}
+			next := shaStartIdx
+			for next < e.nchunks {
+				var h hashed
+				select {
+				case h = <-hashCh:
+				case <-gctx.Done():
+					return gctx.Err()
+				}
+				pending[h.idx] = h
+				for {
+					p, ok := pending[next]
+					if !ok {
+						break
+					}
+					delete(pending, next)
+					e.shaMu.Lock()
+					if p.buf != nil {
+						e.sha.Write(p.buf[:p.n])
+					} else {
+						for left := p.n; left > 0; {
+							k := min(left, int64(len(zeroPage)))
+							e.sha.Write(zeroPage[:k])
+							left -= k
+						}
+					}
+					e.shaOffset += p.n
+					e.shaMu.Unlock()
+					if p.buf != nil {
+						free <- p.buf
+					}
+					next++
+				}
+			}
+			return nil
+		})
+	}
+
+	// producer: chunks in order, with their extents
+	g.Go(func() error {
+		defer close(items)
+		const window = 64 // chunks per Extents call
+		shaStart := int64(-1)
+		if e.wantSHA {
+			shaStart = e.shaOffset / int64(o.ChunkSize)
+		}
+		for first := int64(0); first < e.nchunks; first += window {
+			last := min(first+window, e.nchunks)
+			// skip windows that are entirely done and need no hashing
+			need := false
+			for i := first; i < last && !need; i++ {
+				need = !e.isDone(i) || (shaStart >= 0 && i >= shaStart)
+			}
+			if !need {
+				continue
+			}
+			off := first * int64(o.ChunkSize)
+			end := min(last*int64(o.ChunkSize), e.size)
+			exts, err := e.src.Extents(gctx, off, end-off)
+			if err != nil {
+				return fmt.Errorf("source extents at %d: %w", off, err)
+			}
+			if err := checkExtents(exts, off, end); err != nil {
+				return err
+			}
+			for i := first; i < last; i++ {
+				done := e.isDone(i)
+				if done && !(shaStart >= 0 && i >= shaStart) {
+					continue
+				}
+				co, cn := e.chunkRange(i)
+				it := item{idx: i, off: co, n: cn, hashOnly: done}
+				for len(exts) > 0 && exts[0].End() <= co {
+					exts = exts[1:]
+				}
+				for _, x := range exts {
+					if x.Off >= co+cn {
+						break
+					}
+					s, t := max(x.Off, co), min(x.End(), co+cn)
+					it.ext = append(it.ext, Extent{Off: s, Len: t - s, Hole: x.Hole})
+				}
+				select {
+				case items <- it:
+				case <-gctx.Done():
+					return gctx.Err()
+				}
+			}
+		}
+		return nil
+	})
+
+	// workers
+	var wg sync.WaitGroup
+	for range o.Workers {
+		wg.Add(1)
+		g.Go(func() error {
+			defer wg.Done()
+			for {
+				var buf []byte
+				select {
+				case buf = <-free:
+				case <-gctx.Done():
+					return gctx.Err()
+				}
+				var it item
+				var ok bool
+				select {
+				case it, ok = <-items:
+				case <-gctx.Done():
+					return gctx.Err()
+				}
+				if !ok {
+					free <- buf
+					return nil
+				}
+				allHole, err := e.doChunk(gctx, it, buf)
+				if err != nil {
+					return err
+				}
+				if hashCh != nil && it.idx >= shaStartIdx {
+					h := hashed{idx: it.idx, n: it.n}
+					if !allHole {
+						h.buf = buf
+					} else {
+						free <- buf
+					}
+					select {
+					case hashCh <- h:
+					case <-gctx.Done():
+						return gctx.Err()
+					}
+				} else {
+					free <- buf
+				}
+			}
+		})
+	}
+
+	// checkpointer and progress reporter
+	stop := make(chan struct{})
+	var bg sync.WaitGroup
+	if e.ckptPath != "" {
+		bg.Add(1)
+		go func() {
+			defer bg.Done()
+			t := time.NewTicker(o.CheckpointInterval)
+			defer t.Stop()
+			for {
+				select {
+				case <-stop:
+					return
+				case <-t.C:
+					if err := e.saveCheckpoint(); err != nil {
+						e.log.Warn("stream: checkpoint", "path", e.ckptPath, "err", err)
+					}
+				}
+			}
+		}()
+	}
+	if o.Progress != nil {
+		bg.Add(1)
+		go func() {
+			defer bg.Done()
+			t := time.NewTicker(o.ProgressInterval)
+			defer t.Stop()
+			last, lastT := e.doneBytes.Load(), time.Now()
+			for {
+				select {
+				case <-stop:
+					return
+				case now := <-t.C:
+					d := e.doneBytes.Load()
+					p := e.progress()
+					if dt := now.Sub(lastT).Seconds(); dt > 0 {
+						p.BytesPerS = float64(d-last) / dt
+					}
+					last, lastT = d, now
+					o.Progress(p)
+				}
+			}
+		}()
+	}
+	err := g.Wait()
+	close(stop)
+	bg.Wait()
+	if o.Progress != nil {
+		p := e.progress()
+		p.Final = true
+		if s := p.Elapsed.Seconds(); s > 0 {
+			p.BytesPerS = float64(p.Done) / s
+		}
+		o.Progress(p)
+	}
+	if err != nil {
+		if ctx.Err() != nil {
+			return fmt.Errorf("copy interrupted: %w", ctx.Err())
+		}
+		return err
+	}
+	return nil
+}
+
+func (e *engine) progress() Progress {
+	return Progress{Total: e.size, Done: e.doneBytes.Load(), Read: e.read.Load(), Written: e.written.Load(), Elapsed: time.Since(e.start)}
+}
+
+func (e *engine) isDone(i int64) bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return bitGet(e.done, i)
+}
+
+func checkExtents(exts []Extent, off, end int64) error {
+	pos := off
+	for _, x := range exts {
+		if x.Off > pos || x.Len <= 0 {
+			return fmt.Errorf("source extents leave a gap at %d: %w", pos, errdefs.ErrInternal)
+		}
+		pos = max(pos, x.End())
+	}
+	if pos < end {
+		return fmt.Errorf("source extents end at %d before %d: %w", pos, end, errdefs.ErrInternal)
+	}
+	return nil
+}
+
+// doChunk copies one chunk; buf is a ChunkSize buffer that afterwards holds
+// the chunk's bytes (holes zeroed) unless the chunk is all holes.
+func (e *engine) doChunk(ctx context.Context, it item, buf []byte) (allHole bool, err error) {
+	allHole = true
+	needBytes := !e.cfr || e.wantSHA
+	for _, x := range it.ext {
+		b := buf[x.Off-it.off : x.End()-it.off]
+		if x.Hole {
+			if !it.hashOnly {
+				if e.o.Dense {
+					if err := e.writeZeros(x.Off, x.Len); err != nil {
+						return false, err
+					}
+				} else if !e.zeroKnown {
+					if err := e.dst.Zero(x.Off, x.Len); err != nil {
+						return false, fmt.Errorf("zero destination at %d: %w", x.Off, err)
+					}
+				}
+				e.holes.Add(x.Len)
+			}
+			continue
+		}
+		allHole = false
+		if e.cfr && !it.hashOnly {
+			if err := e.copyRange(ctx, x); err != nil {
+				return false, err
+			}
+			e.written.Add(x.Len)
+			if !e.wantSHA {
+				continue
+			}
+		}
+		if err := e.limiter.wait(ctx, len(b)); err != nil {
+			return false, err
+		}
+		if err := e.readFull(ctx, b, x.Off); err != nil {
+			return false, err
+		}
+		e.read.Add(x.Len)
+		if it.hashOnly || e.cfr {
+			continue
+		}
+		if e.o.NoZeroDetect {
+			if _, err := e.dst.WriteAt(b, x.Off); err != nil {
+				return false, fmt.Errorf("write destination at %d: %w", x.Off, err)
+			}
+			e.written.Add(x.Len)
+			continue
+		}
+		err := zeroRuns(b, x.Off, e.o.ZeroBlock, func(s, t int, zero bool) error {
+			off := x.Off + int64(s)
+			if zero {
+				e.zeros.Add(int64(t - s))
+				if !e.zeroKnown {
+					if err := e.dst.Zero(off, int64(t-s)); err != nil {
+						return fmt.Errorf("zero destination at %d: %w", off, err)
+					}
+				}
+				return nil
+			}
+			if _, err := e.dst.WriteAt(b[s:t], off); err != nil {
+				return fmt.Errorf("write destination at %d: %w", off, err)
+			}
+			e.written.Add(int64(t - s))
+			return nil
+		})
+		if err != nil {
+			return false, err
+		}
+	}
+	if !allHole && needBytes {
+		// holes read as zeros in the bytes that are hashed
+		for _, x := range it.ext {
+			if x.Hole {
+				clear(buf[x.Off-it.off : x.End()-it.off])
+			}
+		}
+	}
+	if it.hashOnly {
+		return allHole, nil
+	}
+	var h uint64
+	switch {
+	case allHole:
+		h = zeroHash(it.n)
+	case needBytes:
+		h = xxh3.Hash(buf[:it.n])
+	}
+	e.mu.Lock()
+	bitSet(e.done, it.idx)
+	binary.LittleEndian.PutUint64(e.hashes[8*it.idx:], h)
+	e.mu.Unlock()
+	e.doneBytes.Add(it.n)
+	return allHole, nil
+}
+
+// writeZeros writes n zero bytes at off (Dense copies).
+func (e *engine) writeZeros(off, n int64) error {
+	for n > 0 {
+		k := min(n, int64(len(zeroPage)))
+		if _, err := e.dst.WriteAt(zeroPage[:k], off); err != nil {
+			return fmt.Errorf("write destination at %d: %w", off, err)
+		}
+		e.written.Add(k)
+		off += k
+		n -= k
+	}
+	return nil
+}
+
+// readFull fills b from the source at off.
+func (e *engine) readFull(ctx context.Context, b []byte, off int64) error {
+	var n int
+	var err error
+	if cr, ok := e.src.(ContextReaderAt); ok {
+		n, err = cr.ReadAtContext(ctx, b, off)
+	} else {
+		n, err = e.src.ReadAt(b, off)
+	}
+	if n == len(b) && (err == nil || err == io.EOF) {
+		return nil
+	}
+	if err == nil || err == io.EOF {
+		err = io.ErrUnexpectedEOF
+	}
+	return fmt.Errorf("read source at %d: %w", off, err)
+}
+
+func (e *engine) copyRange(ctx context.Context, x Extent) error {
+	roff, woff := x.Off, x.Off
+	for left := x.Len; left > 0; {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		n, err := unix.CopyFileRange(e.srcFD, &roff, e.dstFD, &woff, int(min(left, 1<<30)), 0)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("copy_file_range at %d: %w", roff, err)
+		}
+		if n == 0 {
+			return fmt.Errorf("copy_file_range at %d: %w", roff, io.ErrUnexpectedEOF)
+		}
+		left -= int64(n)
+	}
+	return nil
+}
+
+var zeroHashes sync.Map // int64 length -> uint64
+
+// zeroHash is the xxh3 of n zero bytes, cached per length.
+func zeroHash(n int64) uint64 {
+	if v, ok := zeroHashes.Load(n); ok {
+		return v.(uint64)
+	}
+	h := xxh3.New()
+	for left := n; left > 0; {
+		k := min(left, int64(len(zeroPage)))
+		h.Write(zeroPage[:k])
+		left -= k
+	}
+	v := h.Sum64()
+	zeroHashes.Store(n, v)
+	return v
+}
+
+// saveCheckpoint syncs the sink and records the chunks done so far.
+func (e *engine) saveCheckpoint() error {
+	c := &checkpoint{Version: checkpointVersion, Identity: e.src.Identity(), Size: e.size, ChunkSize: e.o.ChunkSize}
+	if e.wantSHA {
+		e.shaMu.Lock()
+		if m, ok := e.sha.(encoding.BinaryMarshaler); ok {
+			if st, err := m.MarshalBinary(); err == nil {
+				c.SHAState, c.SHAOffset = st, e.shaOffset
+			}
+		}
+		e.shaMu.Unlock()
+	}
+	e.mu.Lock()
+	c.Done = append([]byte(nil), e.done...)
+	c.Hashes = append([]byte(nil), e.hashes...)
+	e.mu.Unlock()
+	if err := e.dst.Sync(); err != nil {
+		return err
+	}
+	return c.save(e.ckptPath)
+}
+
+// tryReflink clones the whole source into the sink when both are regular
+// files on one filesystem that supports FICLONE.
+func (e *engine) tryReflink() (bool, error) {
+	ss, ok1 := e.src.(*FileSource)
+	ds, ok2 := e.dst.(*FileSink)
+	if !ok1 || !ok2 || ss.block || ds.block {
+		return false, nil
+	}
+	var a, b unix.Stat_t
+	if unix.Fstat(int(ss.f.Fd()), &a) != nil || unix.Fstat(int(ds.f.Fd()), &b) != nil || a.Dev != b.Dev {
+		return false, nil
+	}
+	err := unix.IoctlFileClone(int(ds.f.Fd()), int(ss.f.Fd()))
+	if err == nil {
+		return true, nil
+	}
+	if errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.EXDEV) || errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOTTY) {
+		e.log.Debug("stream: reflink not possible, copying", "err", err)
+		return false, nil
+	}
+	return false, fmt.Errorf("reflink %s: %w", ds.tmp, err)
+}
+
+// hashSource computes the SHA-256 of the source by reading its data
+// extents in order (used after a reflink).
+func (e *engine) hashSource(ctx context.Context) error {
+	buf, err := buffers.get(e.o.ChunkSize)
+	if err != nil {
+		return err
+	}
+	defer buffers.put(buf)
+	e.sha = sha256.New()
+	exts, err := e.src.Extents(ctx, 0, e.size)
+	if err != nil {
+		return fmt.Errorf("source extents: %w", err)
+	}
+	for _, x := range exts {
+		for off := x.Off; off < x.End(); {
+			n := min(int64(len(buf)), x.End()-off)
+			if x.Hole {
+				for left := n; left > 0; {
+					k := min(left, int64(len(zeroPage)))
+					e.sha.Write(zeroPage[:k])
+					left -= k
+				}
+			} else {
+				if err := e.readFull(ctx, buf[:n], off); err != nil {
+					return err
+				}
+				e.read.Add(n)
+				e.sha.Write(buf[:n])
+			}
+			off += n
+		}
+	}
+	return nil
+}
