@@ -1188,11 +1188,16 @@ type Template struct {
 	Format ImageFormat            `protobuf:"varint,3,opt,name=format,proto3,enum=stowage.v1.ImageFormat" json:"format,omitempty"`
 	Url    string                 `protobuf:"bytes,4,opt,name=url,proto3" json:"url,omitempty"`
 	// "sha256:HEX", "sha512:HEX" or "md5:HEX"; empty when none was given.
-	Checksum      string                 `protobuf:"bytes,5,opt,name=checksum,proto3" json:"checksum,omitempty"`
-	VirtualSize   int64                  `protobuf:"varint,6,opt,name=virtual_size,json=virtualSize,proto3" json:"virtual_size,omitempty"`
-	IsIso         bool                   `protobuf:"varint,7,opt,name=is_iso,json=isIso,proto3" json:"is_iso,omitempty"`
-	CreatedAt     *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
-	Revision      uint64                 `protobuf:"varint,9,opt,name=revision,proto3" json:"revision,omitempty"`
+	Checksum    string                 `protobuf:"bytes,5,opt,name=checksum,proto3" json:"checksum,omitempty"`
+	VirtualSize int64                  `protobuf:"varint,6,opt,name=virtual_size,json=virtualSize,proto3" json:"virtual_size,omitempty"`
+	IsIso       bool                   `protobuf:"varint,7,opt,name=is_iso,json=isIso,proto3" json:"is_iso,omitempty"`
+	CreatedAt   *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	Revision    uint64                 `protobuf:"varint,9,opt,name=revision,proto3" json:"revision,omitempty"`
+	// The volume or snapshot a template was created from, if any.
+	SourceVolumeId   string `protobuf:"bytes,10,opt,name=source_volume_id,json=sourceVolumeId,proto3" json:"source_volume_id,omitempty"`
+	SourceSnapshotId string `protobuf:"bytes,11,opt,name=source_snapshot_id,json=sourceSnapshotId,proto3" json:"source_snapshot_id,omitempty"`
+	// The sha256 the image store copy was measured to have.
+	Sha256        string `protobuf:"bytes,12,opt,name=sha256,proto3" json:"sha256,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1288,6 +1293,27 @@ func (x *Template) GetRevision() uint64 {
 		return x.Revision
 	}
 	return 0
+}
+
+func (x *Template) GetSourceVolumeId() string {
+	if x != nil {
+		return x.SourceVolumeId
+	}
+	return ""
+}
+
+func (x *Template) GetSourceSnapshotId() string {
+	if x != nil {
+		return x.SourceSnapshotId
+	}
+	return ""
+}
+
+func (x *Template) GetSha256() string {
+	if x != nil {
+		return x.Sha256
+	}
+	return ""
 }
 
 // TemplateOnStore is a template on one store (template_store_ref, template_spool_ref).
@@ -1439,8 +1465,14 @@ type Volume struct {
 	Error          string                 `protobuf:"bytes,11,opt,name=error,proto3" json:"error,omitempty"`
 	CreatedAt      *timestamppb.Timestamp `protobuf:"bytes,12,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
 	Revision       uint64                 `protobuf:"varint,13,opt,name=revision,proto3" json:"revision,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// How the volume was made: "blank", "reflink", "linked", "full", "restore".
+	InstallMethod string `protobuf:"bytes,14,opt,name=install_method,json=installMethod,proto3" json:"install_method,omitempty"`
+	// For a linked clone: the TemplateOnStore (spool ref) it is backed by.
+	BaseRefId string `protobuf:"bytes,15,opt,name=base_ref_id,json=baseRefId,proto3" json:"base_ref_id,omitempty"`
+	// The job currently changing the volume, if any.
+	BusyJobId     string `protobuf:"bytes,16,opt,name=busy_job_id,json=busyJobId,proto3" json:"busy_job_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Volume) Reset() {
@@ -1564,17 +1596,42 @@ func (x *Volume) GetRevision() uint64 {
 	return 0
 }
 
+func (x *Volume) GetInstallMethod() string {
+	if x != nil {
+		return x.InstallMethod
+	}
+	return ""
+}
+
+func (x *Volume) GetBaseRefId() string {
+	if x != nil {
+		return x.BaseRefId
+	}
+	return ""
+}
+
+func (x *Volume) GetBusyJobId() string {
+	if x != nil {
+		return x.BusyJobId
+	}
+	return ""
+}
+
 // Snapshot is a point-in-time copy of a volume.
 type Snapshot struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
-	VolumeId      string                 `protobuf:"bytes,2,opt,name=volume_id,json=volumeId,proto3" json:"volume_id,omitempty"`
-	State         SnapshotState          `protobuf:"varint,3,opt,name=state,proto3,enum=stowage.v1.SnapshotState" json:"state,omitempty"`
-	ParentId      string                 `protobuf:"bytes,4,opt,name=parent_id,json=parentId,proto3" json:"parent_id,omitempty"`
-	Kind          SnapshotKind           `protobuf:"varint,5,opt,name=kind,proto3,enum=stowage.v1.SnapshotKind" json:"kind,omitempty"`
-	Size          int64                  `protobuf:"varint,6,opt,name=size,proto3" json:"size,omitempty"`
-	CreatedAt     *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
-	Revision      uint64                 `protobuf:"varint,8,opt,name=revision,proto3" json:"revision,omitempty"`
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Id        string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	VolumeId  string                 `protobuf:"bytes,2,opt,name=volume_id,json=volumeId,proto3" json:"volume_id,omitempty"`
+	State     SnapshotState          `protobuf:"varint,3,opt,name=state,proto3,enum=stowage.v1.SnapshotState" json:"state,omitempty"`
+	ParentId  string                 `protobuf:"bytes,4,opt,name=parent_id,json=parentId,proto3" json:"parent_id,omitempty"`
+	Kind      SnapshotKind           `protobuf:"varint,5,opt,name=kind,proto3,enum=stowage.v1.SnapshotKind" json:"kind,omitempty"`
+	Size      int64                  `protobuf:"varint,6,opt,name=size,proto3" json:"size,omitempty"`
+	CreatedAt *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	Revision  uint64                 `protobuf:"varint,8,opt,name=revision,proto3" json:"revision,omitempty"`
+	Name      string                 `protobuf:"bytes,9,opt,name=name,proto3" json:"name,omitempty"`
+	// How it was taken on primary: "qcow2-external", "reflink" or "copy".
+	Method        string `protobuf:"bytes,10,opt,name=method,proto3" json:"method,omitempty"`
+	Error         string `protobuf:"bytes,11,opt,name=error,proto3" json:"error,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1665,19 +1722,46 @@ func (x *Snapshot) GetRevision() uint64 {
 	return 0
 }
 
+func (x *Snapshot) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Snapshot) GetMethod() string {
+	if x != nil {
+		return x.Method
+	}
+	return ""
+}
+
+func (x *Snapshot) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
 // SnapshotOnStore is a snapshot on one store (snapshot_store_ref).
 type SnapshotOnStore struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
-	SnapshotId    string                 `protobuf:"bytes,2,opt,name=snapshot_id,json=snapshotId,proto3" json:"snapshot_id,omitempty"`
-	StoreId       string                 `protobuf:"bytes,3,opt,name=store_id,json=storeId,proto3" json:"store_id,omitempty"`
-	Role          StoreRole              `protobuf:"varint,4,opt,name=role,proto3,enum=stowage.v1.StoreRole" json:"role,omitempty"`
-	State         ObjectState            `protobuf:"varint,5,opt,name=state,proto3,enum=stowage.v1.ObjectState" json:"state,omitempty"`
-	InstallPath   string                 `protobuf:"bytes,6,opt,name=install_path,json=installPath,proto3" json:"install_path,omitempty"`
-	ParentRefId   string                 `protobuf:"bytes,7,opt,name=parent_ref_id,json=parentRefId,proto3" json:"parent_ref_id,omitempty"`
-	Size          int64                  `protobuf:"varint,8,opt,name=size,proto3" json:"size,omitempty"`
-	PhysicalSize  int64                  `protobuf:"varint,9,opt,name=physical_size,json=physicalSize,proto3" json:"physical_size,omitempty"`
-	Revision      uint64                 `protobuf:"varint,10,opt,name=revision,proto3" json:"revision,omitempty"`
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	Id           string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	SnapshotId   string                 `protobuf:"bytes,2,opt,name=snapshot_id,json=snapshotId,proto3" json:"snapshot_id,omitempty"`
+	StoreId      string                 `protobuf:"bytes,3,opt,name=store_id,json=storeId,proto3" json:"store_id,omitempty"`
+	Role         StoreRole              `protobuf:"varint,4,opt,name=role,proto3,enum=stowage.v1.StoreRole" json:"role,omitempty"`
+	State        ObjectState            `protobuf:"varint,5,opt,name=state,proto3,enum=stowage.v1.ObjectState" json:"state,omitempty"`
+	InstallPath  string                 `protobuf:"bytes,6,opt,name=install_path,json=installPath,proto3" json:"install_path,omitempty"`
+	ParentRefId  string                 `protobuf:"bytes,7,opt,name=parent_ref_id,json=parentRefId,proto3" json:"parent_ref_id,omitempty"`
+	Size         int64                  `protobuf:"varint,8,opt,name=size,proto3" json:"size,omitempty"`
+	PhysicalSize int64                  `protobuf:"varint,9,opt,name=physical_size,json=physicalSize,proto3" json:"physical_size,omitempty"`
+	Revision     uint64                 `protobuf:"varint,10,opt,name=revision,proto3" json:"revision,omitempty"`
+	// For a backup: what this backup stored and what it reused.
+	NewBytes      int64  `protobuf:"varint,11,opt,name=new_bytes,json=newBytes,proto3" json:"new_bytes,omitempty"`
+	ReusedBytes   int64  `protobuf:"varint,12,opt,name=reused_bytes,json=reusedBytes,proto3" json:"reused_bytes,omitempty"`
+	Chunks        int64  `protobuf:"varint,13,opt,name=chunks,proto3" json:"chunks,omitempty"`
+	ZeroChunks    int64  `protobuf:"varint,14,opt,name=zero_chunks,json=zeroChunks,proto3" json:"zero_chunks,omitempty"`
+	Error         string `protobuf:"bytes,15,opt,name=error,proto3" json:"error,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1782,6 +1866,41 @@ func (x *SnapshotOnStore) GetRevision() uint64 {
 	return 0
 }
 
+func (x *SnapshotOnStore) GetNewBytes() int64 {
+	if x != nil {
+		return x.NewBytes
+	}
+	return 0
+}
+
+func (x *SnapshotOnStore) GetReusedBytes() int64 {
+	if x != nil {
+		return x.ReusedBytes
+	}
+	return 0
+}
+
+func (x *SnapshotOnStore) GetChunks() int64 {
+	if x != nil {
+		return x.Chunks
+	}
+	return 0
+}
+
+func (x *SnapshotOnStore) GetZeroChunks() int64 {
+	if x != nil {
+		return x.ZeroChunks
+	}
+	return 0
+}
+
+func (x *SnapshotOnStore) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
 // PlanStep is one step of a job's persisted plan.
 type PlanStep struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -1790,6 +1909,7 @@ type PlanStep struct {
 	Reason        string                 `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
 	State         JobState               `protobuf:"varint,4,opt,name=state,proto3,enum=stowage.v1.JobState" json:"state,omitempty"`
 	TaskId        string                 `protobuf:"bytes,5,opt,name=task_id,json=taskId,proto3" json:"task_id,omitempty"`
+	Error         string                 `protobuf:"bytes,6,opt,name=error,proto3" json:"error,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1859,6 +1979,85 @@ func (x *PlanStep) GetTaskId() string {
 	return ""
 }
 
+func (x *PlanStep) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
+// Plan is what the controller decided for a request, and why.
+type Plan struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The strategy that won (e.g. "linked-clone", "agent-to-agent"), with the
+	// priority it claimed.
+	Strategy string      `protobuf:"bytes,1,opt,name=strategy,proto3" json:"strategy,omitempty"`
+	Priority string      `protobuf:"bytes,2,opt,name=priority,proto3" json:"priority,omitempty"`
+	Steps    []*PlanStep `protobuf:"bytes,3,rep,name=steps,proto3" json:"steps,omitempty"`
+	// Why this store, this host, this strategy; and the candidates refused.
+	Reasons       []string `protobuf:"bytes,4,rep,name=reasons,proto3" json:"reasons,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Plan) Reset() {
+	*x = Plan{}
+	mi := &file_stowage_v1_types_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Plan) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Plan) ProtoMessage() {}
+
+func (x *Plan) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_types_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Plan.ProtoReflect.Descriptor instead.
+func (*Plan) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_types_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *Plan) GetStrategy() string {
+	if x != nil {
+		return x.Strategy
+	}
+	return ""
+}
+
+func (x *Plan) GetPriority() string {
+	if x != nil {
+		return x.Priority
+	}
+	return ""
+}
+
+func (x *Plan) GetSteps() []*PlanStep {
+	if x != nil {
+		return x.Steps
+	}
+	return nil
+}
+
+func (x *Plan) GetReasons() []string {
+	if x != nil {
+		return x.Reasons
+	}
+	return nil
+}
+
 // JobProgress is how far a job has come.
 type JobProgress struct {
 	state          protoimpl.MessageState `protogen:"open.v1"`
@@ -1872,7 +2071,7 @@ type JobProgress struct {
 
 func (x *JobProgress) Reset() {
 	*x = JobProgress{}
-	mi := &file_stowage_v1_types_proto_msgTypes[11]
+	mi := &file_stowage_v1_types_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1884,7 +2083,7 @@ func (x *JobProgress) String() string {
 func (*JobProgress) ProtoMessage() {}
 
 func (x *JobProgress) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_types_proto_msgTypes[11]
+	mi := &file_stowage_v1_types_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1897,7 +2096,7 @@ func (x *JobProgress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JobProgress.ProtoReflect.Descriptor instead.
 func (*JobProgress) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_types_proto_rawDescGZIP(), []int{11}
+	return file_stowage_v1_types_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *JobProgress) GetPhase() string {
@@ -1935,20 +2134,24 @@ type Job struct {
 	Kind           string                 `protobuf:"bytes,2,opt,name=kind,proto3" json:"kind,omitempty"`
 	TargetId       string                 `protobuf:"bytes,3,opt,name=target_id,json=targetId,proto3" json:"target_id,omitempty"`
 	State          JobState               `protobuf:"varint,4,opt,name=state,proto3,enum=stowage.v1.JobState" json:"state,omitempty"`
-	Plan           []*PlanStep            `protobuf:"bytes,5,rep,name=plan,proto3" json:"plan,omitempty"`
+	Plan           *Plan                  `protobuf:"bytes,5,opt,name=plan,proto3" json:"plan,omitempty"`
 	Progress       *JobProgress           `protobuf:"bytes,6,opt,name=progress,proto3" json:"progress,omitempty"`
 	Error          string                 `protobuf:"bytes,7,opt,name=error,proto3" json:"error,omitempty"`
 	IdempotencyKey string                 `protobuf:"bytes,8,opt,name=idempotency_key,json=idempotencyKey,proto3" json:"idempotency_key,omitempty"`
 	CreatedAt      *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
 	UpdatedAt      *timestamppb.Timestamp `protobuf:"bytes,10,opt,name=updated_at,json=updatedAt,proto3" json:"updated_at,omitempty"`
 	Revision       uint64                 `protobuf:"varint,11,opt,name=revision,proto3" json:"revision,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// What the job needs to run again after a controller restart.
+	Params map[string]string `protobuf:"bytes,12,rep,name=params,proto3" json:"params,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// A short human summary of the result, e.g. "copied 2.0 GiB in 3.1 s".
+	Result        string `protobuf:"bytes,13,opt,name=result,proto3" json:"result,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Job) Reset() {
 	*x = Job{}
-	mi := &file_stowage_v1_types_proto_msgTypes[12]
+	mi := &file_stowage_v1_types_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1960,7 +2163,7 @@ func (x *Job) String() string {
 func (*Job) ProtoMessage() {}
 
 func (x *Job) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_types_proto_msgTypes[12]
+	mi := &file_stowage_v1_types_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1973,7 +2176,7 @@ func (x *Job) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Job.ProtoReflect.Descriptor instead.
 func (*Job) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_types_proto_rawDescGZIP(), []int{12}
+	return file_stowage_v1_types_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *Job) GetId() string {
@@ -2004,7 +2207,7 @@ func (x *Job) GetState() JobState {
 	return JobState_JOB_STATE_UNSPECIFIED
 }
 
-func (x *Job) GetPlan() []*PlanStep {
+func (x *Job) GetPlan() *Plan {
 	if x != nil {
 		return x.Plan
 	}
@@ -2051,6 +2254,20 @@ func (x *Job) GetRevision() uint64 {
 		return x.Revision
 	}
 	return 0
+}
+
+func (x *Job) GetParams() map[string]string {
+	if x != nil {
+		return x.Params
+	}
+	return nil
+}
+
+func (x *Job) GetResult() string {
+	if x != nil {
+		return x.Result
+	}
+	return ""
 }
 
 var File_stowage_v1_types_proto protoreflect.FileDescriptor
@@ -2124,7 +2341,7 @@ const file_stowage_v1_types_proto_rawDesc = "" +
 	"\fstate_reason\x18\r \x01(\tR\vstateReason\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x0e \x01(\tR\tsessionId\x12\x1a\n" +
-	"\brevision\x18\x0f \x01(\x04R\brevision\"\x9e\x02\n" +
+	"\brevision\x18\x0f \x01(\x04R\brevision\"\x8e\x03\n" +
 	"\bTemplate\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12/\n" +
@@ -2135,7 +2352,11 @@ const file_stowage_v1_types_proto_rawDesc = "" +
 	"\x06is_iso\x18\a \x01(\bR\x05isIso\x129\n" +
 	"\n" +
 	"created_at\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x12\x1a\n" +
-	"\brevision\x18\t \x01(\x04R\brevision\"\x8f\x03\n" +
+	"\brevision\x18\t \x01(\x04R\brevision\x12(\n" +
+	"\x10source_volume_id\x18\n" +
+	" \x01(\tR\x0esourceVolumeId\x12,\n" +
+	"\x12source_snapshot_id\x18\v \x01(\tR\x10sourceSnapshotId\x12\x16\n" +
+	"\x06sha256\x18\f \x01(\tR\x06sha256\"\x8f\x03\n" +
 	"\x0fTemplateOnStore\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1f\n" +
 	"\vtemplate_id\x18\x02 \x01(\tR\n" +
@@ -2151,7 +2372,7 @@ const file_stowage_v1_types_proto_rawDesc = "" +
 	"\x05error\x18\n" +
 	" \x01(\tR\x05error\x127\n" +
 	"\tlast_used\x18\v \x01(\v2\x1a.google.protobuf.TimestampR\blastUsed\x12\x1a\n" +
-	"\brevision\x18\f \x01(\x04R\brevision\"\xb7\x03\n" +
+	"\brevision\x18\f \x01(\x04R\brevision\"\x9e\x04\n" +
 	"\x06Volume\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x12\n" +
@@ -2169,7 +2390,10 @@ const file_stowage_v1_types_proto_rawDesc = "" +
 	"\x05error\x18\v \x01(\tR\x05error\x129\n" +
 	"\n" +
 	"created_at\x18\f \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x12\x1a\n" +
-	"\brevision\x18\r \x01(\x04R\brevision\"\x9e\x02\n" +
+	"\brevision\x18\r \x01(\x04R\brevision\x12%\n" +
+	"\x0einstall_method\x18\x0e \x01(\tR\rinstallMethod\x12\x1e\n" +
+	"\vbase_ref_id\x18\x0f \x01(\tR\tbaseRefId\x12\x1e\n" +
+	"\vbusy_job_id\x18\x10 \x01(\tR\tbusyJobId\"\xe0\x02\n" +
 	"\bSnapshot\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1b\n" +
 	"\tvolume_id\x18\x02 \x01(\tR\bvolumeId\x12/\n" +
@@ -2179,7 +2403,11 @@ const file_stowage_v1_types_proto_rawDesc = "" +
 	"\x04size\x18\x06 \x01(\x03R\x04size\x129\n" +
 	"\n" +
 	"created_at\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x12\x1a\n" +
-	"\brevision\x18\b \x01(\x04R\brevision\"\xd3\x02\n" +
+	"\brevision\x18\b \x01(\x04R\brevision\x12\x12\n" +
+	"\x04name\x18\t \x01(\tR\x04name\x12\x16\n" +
+	"\x06method\x18\n" +
+	" \x01(\tR\x06method\x12\x14\n" +
+	"\x05error\x18\v \x01(\tR\x05error\"\xe2\x03\n" +
 	"\x0fSnapshotOnStore\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1f\n" +
 	"\vsnapshot_id\x18\x02 \x01(\tR\n" +
@@ -2192,26 +2420,38 @@ const file_stowage_v1_types_proto_rawDesc = "" +
 	"\x04size\x18\b \x01(\x03R\x04size\x12#\n" +
 	"\rphysical_size\x18\t \x01(\x03R\fphysicalSize\x12\x1a\n" +
 	"\brevision\x18\n" +
-	" \x01(\x04R\brevision\"\x94\x01\n" +
+	" \x01(\x04R\brevision\x12\x1b\n" +
+	"\tnew_bytes\x18\v \x01(\x03R\bnewBytes\x12!\n" +
+	"\freused_bytes\x18\f \x01(\x03R\vreusedBytes\x12\x16\n" +
+	"\x06chunks\x18\r \x01(\x03R\x06chunks\x12\x1f\n" +
+	"\vzero_chunks\x18\x0e \x01(\x03R\n" +
+	"zeroChunks\x12\x14\n" +
+	"\x05error\x18\x0f \x01(\tR\x05error\"\xaa\x01\n" +
 	"\bPlanStep\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x17\n" +
 	"\ahost_id\x18\x02 \x01(\tR\x06hostId\x12\x16\n" +
 	"\x06reason\x18\x03 \x01(\tR\x06reason\x12*\n" +
 	"\x05state\x18\x04 \x01(\x0e2\x14.stowage.v1.JobStateR\x05state\x12\x17\n" +
-	"\atask_id\x18\x05 \x01(\tR\x06taskId\"\x8d\x01\n" +
+	"\atask_id\x18\x05 \x01(\tR\x06taskId\x12\x14\n" +
+	"\x05error\x18\x06 \x01(\tR\x05error\"\x84\x01\n" +
+	"\x04Plan\x12\x1a\n" +
+	"\bstrategy\x18\x01 \x01(\tR\bstrategy\x12\x1a\n" +
+	"\bpriority\x18\x02 \x01(\tR\bpriority\x12*\n" +
+	"\x05steps\x18\x03 \x03(\v2\x14.stowage.v1.PlanStepR\x05steps\x12\x18\n" +
+	"\areasons\x18\x04 \x03(\tR\areasons\"\x8d\x01\n" +
 	"\vJobProgress\x12\x14\n" +
 	"\x05phase\x18\x01 \x01(\tR\x05phase\x12\x1d\n" +
 	"\n" +
 	"bytes_done\x18\x02 \x01(\x03R\tbytesDone\x12\x1f\n" +
 	"\vbytes_total\x18\x03 \x01(\x03R\n" +
 	"bytesTotal\x12(\n" +
-	"\x10bytes_per_second\x18\x04 \x01(\x01R\x0ebytesPerSecond\"\xa2\x03\n" +
+	"\x10bytes_per_second\x18\x04 \x01(\x01R\x0ebytesPerSecond\"\xa6\x04\n" +
 	"\x03Job\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04kind\x18\x02 \x01(\tR\x04kind\x12\x1b\n" +
 	"\ttarget_id\x18\x03 \x01(\tR\btargetId\x12*\n" +
-	"\x05state\x18\x04 \x01(\x0e2\x14.stowage.v1.JobStateR\x05state\x12(\n" +
-	"\x04plan\x18\x05 \x03(\v2\x14.stowage.v1.PlanStepR\x04plan\x123\n" +
+	"\x05state\x18\x04 \x01(\x0e2\x14.stowage.v1.JobStateR\x05state\x12$\n" +
+	"\x04plan\x18\x05 \x01(\v2\x10.stowage.v1.PlanR\x04plan\x123\n" +
 	"\bprogress\x18\x06 \x01(\v2\x17.stowage.v1.JobProgressR\bprogress\x12\x14\n" +
 	"\x05error\x18\a \x01(\tR\x05error\x12'\n" +
 	"\x0fidempotency_key\x18\b \x01(\tR\x0eidempotencyKey\x129\n" +
@@ -2220,7 +2460,12 @@ const file_stowage_v1_types_proto_rawDesc = "" +
 	"\n" +
 	"updated_at\x18\n" +
 	" \x01(\v2\x1a.google.protobuf.TimestampR\tupdatedAt\x12\x1a\n" +
-	"\brevision\x18\v \x01(\x04R\brevision*q\n" +
+	"\brevision\x18\v \x01(\x04R\brevision\x123\n" +
+	"\x06params\x18\f \x03(\v2\x1b.stowage.v1.Job.ParamsEntryR\x06params\x12\x16\n" +
+	"\x06result\x18\r \x01(\tR\x06result\x1a9\n" +
+	"\vParamsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01*q\n" +
 	"\tStoreRole\x12\x1a\n" +
 	"\x16STORE_ROLE_UNSPECIFIED\x10\x00\x12\x16\n" +
 	"\x12STORE_ROLE_PRIMARY\x10\x01\x12\x14\n" +
@@ -2315,7 +2560,7 @@ func file_stowage_v1_types_proto_rawDescGZIP() []byte {
 }
 
 var file_stowage_v1_types_proto_enumTypes = make([]protoimpl.EnumInfo, 9)
-var file_stowage_v1_types_proto_msgTypes = make([]protoimpl.MessageInfo, 14)
+var file_stowage_v1_types_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
 var file_stowage_v1_types_proto_goTypes = []any{
 	(StoreRole)(0),                // 0: stowage.v1.StoreRole
 	(StoreState)(0),               // 1: stowage.v1.StoreState
@@ -2337,46 +2582,50 @@ var file_stowage_v1_types_proto_goTypes = []any{
 	(*Snapshot)(nil),              // 17: stowage.v1.Snapshot
 	(*SnapshotOnStore)(nil),       // 18: stowage.v1.SnapshotOnStore
 	(*PlanStep)(nil),              // 19: stowage.v1.PlanStep
-	(*JobProgress)(nil),           // 20: stowage.v1.JobProgress
-	(*Job)(nil),                   // 21: stowage.v1.Job
-	nil,                           // 22: stowage.v1.DataStore.DetailsEntry
-	(*timestamppb.Timestamp)(nil), // 23: google.protobuf.Timestamp
+	(*Plan)(nil),                  // 20: stowage.v1.Plan
+	(*JobProgress)(nil),           // 21: stowage.v1.JobProgress
+	(*Job)(nil),                   // 22: stowage.v1.Job
+	nil,                           // 23: stowage.v1.DataStore.DetailsEntry
+	nil,                           // 24: stowage.v1.Job.ParamsEntry
+	(*timestamppb.Timestamp)(nil), // 25: google.protobuf.Timestamp
 }
 var file_stowage_v1_types_proto_depIdxs = []int32{
 	0,  // 0: stowage.v1.DataStore.role:type_name -> stowage.v1.StoreRole
 	9,  // 1: stowage.v1.DataStore.scope:type_name -> stowage.v1.Scope
 	1,  // 2: stowage.v1.DataStore.state:type_name -> stowage.v1.StoreState
-	22, // 3: stowage.v1.DataStore.details:type_name -> stowage.v1.DataStore.DetailsEntry
-	23, // 4: stowage.v1.DataStore.created_at:type_name -> google.protobuf.Timestamp
-	23, // 5: stowage.v1.DataStore.updated_at:type_name -> google.protobuf.Timestamp
+	23, // 3: stowage.v1.DataStore.details:type_name -> stowage.v1.DataStore.DetailsEntry
+	25, // 4: stowage.v1.DataStore.created_at:type_name -> google.protobuf.Timestamp
+	25, // 5: stowage.v1.DataStore.updated_at:type_name -> google.protobuf.Timestamp
 	11, // 6: stowage.v1.HostCapabilities.stores:type_name -> stowage.v1.StoreOnHost
 	2,  // 7: stowage.v1.Host.state:type_name -> stowage.v1.HostState
 	12, // 8: stowage.v1.Host.capabilities:type_name -> stowage.v1.HostCapabilities
-	23, // 9: stowage.v1.Host.last_heartbeat:type_name -> google.protobuf.Timestamp
-	23, // 10: stowage.v1.Host.registered_at:type_name -> google.protobuf.Timestamp
+	25, // 9: stowage.v1.Host.last_heartbeat:type_name -> google.protobuf.Timestamp
+	25, // 10: stowage.v1.Host.registered_at:type_name -> google.protobuf.Timestamp
 	7,  // 11: stowage.v1.Template.format:type_name -> stowage.v1.ImageFormat
-	23, // 12: stowage.v1.Template.created_at:type_name -> google.protobuf.Timestamp
+	25, // 12: stowage.v1.Template.created_at:type_name -> google.protobuf.Timestamp
 	3,  // 13: stowage.v1.TemplateOnStore.state:type_name -> stowage.v1.ObjectState
-	23, // 14: stowage.v1.TemplateOnStore.last_used:type_name -> google.protobuf.Timestamp
+	25, // 14: stowage.v1.TemplateOnStore.last_used:type_name -> google.protobuf.Timestamp
 	7,  // 15: stowage.v1.Volume.format:type_name -> stowage.v1.ImageFormat
 	4,  // 16: stowage.v1.Volume.state:type_name -> stowage.v1.VolumeState
-	23, // 17: stowage.v1.Volume.created_at:type_name -> google.protobuf.Timestamp
+	25, // 17: stowage.v1.Volume.created_at:type_name -> google.protobuf.Timestamp
 	5,  // 18: stowage.v1.Snapshot.state:type_name -> stowage.v1.SnapshotState
 	8,  // 19: stowage.v1.Snapshot.kind:type_name -> stowage.v1.SnapshotKind
-	23, // 20: stowage.v1.Snapshot.created_at:type_name -> google.protobuf.Timestamp
+	25, // 20: stowage.v1.Snapshot.created_at:type_name -> google.protobuf.Timestamp
 	0,  // 21: stowage.v1.SnapshotOnStore.role:type_name -> stowage.v1.StoreRole
 	3,  // 22: stowage.v1.SnapshotOnStore.state:type_name -> stowage.v1.ObjectState
 	6,  // 23: stowage.v1.PlanStep.state:type_name -> stowage.v1.JobState
-	6,  // 24: stowage.v1.Job.state:type_name -> stowage.v1.JobState
-	19, // 25: stowage.v1.Job.plan:type_name -> stowage.v1.PlanStep
-	20, // 26: stowage.v1.Job.progress:type_name -> stowage.v1.JobProgress
-	23, // 27: stowage.v1.Job.created_at:type_name -> google.protobuf.Timestamp
-	23, // 28: stowage.v1.Job.updated_at:type_name -> google.protobuf.Timestamp
-	29, // [29:29] is the sub-list for method output_type
-	29, // [29:29] is the sub-list for method input_type
-	29, // [29:29] is the sub-list for extension type_name
-	29, // [29:29] is the sub-list for extension extendee
-	0,  // [0:29] is the sub-list for field type_name
+	19, // 24: stowage.v1.Plan.steps:type_name -> stowage.v1.PlanStep
+	6,  // 25: stowage.v1.Job.state:type_name -> stowage.v1.JobState
+	20, // 26: stowage.v1.Job.plan:type_name -> stowage.v1.Plan
+	21, // 27: stowage.v1.Job.progress:type_name -> stowage.v1.JobProgress
+	25, // 28: stowage.v1.Job.created_at:type_name -> google.protobuf.Timestamp
+	25, // 29: stowage.v1.Job.updated_at:type_name -> google.protobuf.Timestamp
+	24, // 30: stowage.v1.Job.params:type_name -> stowage.v1.Job.ParamsEntry
+	31, // [31:31] is the sub-list for method output_type
+	31, // [31:31] is the sub-list for method input_type
+	31, // [31:31] is the sub-list for extension type_name
+	31, // [31:31] is the sub-list for extension extendee
+	0,  // [0:31] is the sub-list for field type_name
 }
 
 func init() { file_stowage_v1_types_proto_init() }
@@ -2390,7 +2639,7 @@ func file_stowage_v1_types_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_stowage_v1_types_proto_rawDesc), len(file_stowage_v1_types_proto_rawDesc)),
 			NumEnums:      9,
-			NumMessages:   14,
+			NumMessages:   16,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
