@@ -17,9 +17,13 @@ import (
 
 // clients are the controller's API clients for one command invocation.
 type clients struct {
-	url    string
-	stores stowagev1connect.StoreServiceClient
-	hosts  stowagev1connect.HostServiceClient
+	url       string
+	stores    stowagev1connect.StoreServiceClient
+	hosts     stowagev1connect.HostServiceClient
+	images    stowagev1connect.ImageServiceClient
+	volumes   stowagev1connect.VolumeServiceClient
+	snapshots stowagev1connect.SnapshotServiceClient
+	jobs      stowagev1connect.JobServiceClient
 }
 
 func newClients(cmd *cobra.Command) (*clients, error) {
@@ -28,9 +32,13 @@ func newClients(cmd *cobra.Command) (*clients, error) {
 		return nil, err
 	}
 	return &clients{
-		url:    url,
-		stores: stowagev1connect.NewStoreServiceClient(httpClient, url),
-		hosts:  stowagev1connect.NewHostServiceClient(httpClient, url),
+		url:       url,
+		stores:    stowagev1connect.NewStoreServiceClient(httpClient, url),
+		hosts:     stowagev1connect.NewHostServiceClient(httpClient, url),
+		images:    stowagev1connect.NewImageServiceClient(httpClient, url),
+		volumes:   stowagev1connect.NewVolumeServiceClient(httpClient, url),
+		snapshots: stowagev1connect.NewSnapshotServiceClient(httpClient, url),
+		jobs:      stowagev1connect.NewJobServiceClient(httpClient, url),
 	}, nil
 }
 

@@ -18,7 +18,11 @@ import (
 	"github.com/stowage/stowage/controller/datastore"
 	"github.com/stowage/stowage/controller/endpoint"
 	"github.com/stowage/stowage/controller/hosts"
+	"github.com/stowage/stowage/controller/image"
+	"github.com/stowage/stowage/controller/jobs"
 	"github.com/stowage/stowage/controller/meta"
+	"github.com/stowage/stowage/controller/snapshot"
+	"github.com/stowage/stowage/controller/volume"
 	"github.com/stowage/stowage/drivers"
 )
 
@@ -79,10 +83,19 @@ func runController(ctx context.Context, cfg controllerConfig, log *slog.Logger, 
 	hostSvc.SetStoreWatcher(storeSvc)
 	reg.MustRegister(newStateCollector(db))
 
+	runner := jobs.New(db, log.With("component", "jobs"))
+	imageSvc := image.New(db, storeSvc, selector, runner, log)
+	volumeSvc := volume.New(db, storeSvc, imageSvc, selector, runner, providers, log)
+	snapshotSvc := snapshot.New(db, storeSvc, volumeSvc, selector, runner, log)
+
 	handler := api.NewHandler(api.Services{
-		Stores: storeSvc,
-		Hosts:  hostSvc,
-		Health: func(ctx context.Context) error { _, err := db.SchemaVersion(ctx); return err },
+		Stores:    storeSvc,
+		Hosts:     hostSvc,
+		Images:    imageSvc,
+		Volumes:   volumeSvc,
+		Snapshots: snapshotSvc,
+		Jobs:      runner,
+		Health:    func(ctx context.Context) error { _, err := db.SchemaVersion(ctx); return err },
 	}, reg)
 
 	ln, err := net.Listen("tcp", cfg.listen)
@@ -98,6 +111,19 @@ func runController(ctx context.Context, cfg controllerConfig, log *slog.Logger, 
 	if err := storeSvc.Recover(ctx); err != nil {
 		log.Warn("recovery of stores left half done", "err", err)
 	}
+	runner.Start(ctx)
+	defer func() { cancel(); runner.Wait() }() // jobs stop where they are, they do not fail
+	// Unfinished jobs resume once agents have had a heartbeat to come back.
+	go func() {
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(cfg.heartbeatInterval * 2):
+		}
+		if err := runner.Resume(ctx); err != nil {
+			log.Error("resuming jobs", "err", err)
+		}
+	}()
 	go hostSvc.Monitor(ctx)
 	go storeSvc.Reconcile(ctx, 10*time.Second)
 	go watchdog(ctx)

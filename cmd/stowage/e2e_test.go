@@ -216,8 +216,10 @@ func controllerProc(t *testing.T, addr, dataDir string) *proc {
 }
 
 func agentProc(t *testing.T, server, id, zone, cluster, stateDir string) *proc {
-	return startProc(t, "agent "+id, "agent", "--controller", server, "--host-id", id,
+	p := startProc(t, "agent "+id, "agent", "--controller", server, "--host-id", id,
 		"--listen", freePort(t), "--zone", zone, "--cluster", cluster, "--state-dir", stateDir, "--log-level", "info")
+	agentProcs.Store(id, p)
+	return p
 }
 
 func curlJSON(t *testing.T, url, body string) (int, string) {

@@ -58,6 +58,10 @@ func newRootCmd() *cobra.Command {
 		newDevCmd(),
 		newStoreCmd(),
 		newHostCmd(),
+		newTemplateCmd(),
+		newVolumeCmd(),
+		newSnapshotCmd(),
+		newJobCmd(),
 		newCopyCmd(),
 		newVerifyCmd(),
 	)

@@ -40,8 +40,12 @@ type HostService interface {
 
 // Services are the domain services the API exposes.
 type Services struct {
-	Stores StoreService
-	Hosts  HostService
+	Stores    StoreService
+	Hosts     HostService
+	Images    ImageService
+	Volumes   VolumeService
+	Snapshots SnapshotService
+	Jobs      JobService
 	// Health returns nil when the controller can serve (metadata readable).
 	Health func(ctx context.Context) error
 }
@@ -55,6 +59,12 @@ func NewHandler(s Services, reg *prometheus.Registry) http.Handler {
 	mux.Handle(stowagev1connect.NewStoreServiceHandler(&storeHandler{s.Stores}, opts))
 	mux.Handle(stowagev1connect.NewHostServiceHandler(&hostHandler{s.Hosts}, opts))
 	mux.Handle(stowagev1connect.NewAgentControlServiceHandler(&agentControlHandler{s.Hosts}, opts))
+	if s.Images != nil {
+		mux.Handle(stowagev1connect.NewImageServiceHandler(&imageHandler{s.Images}, opts))
+		mux.Handle(stowagev1connect.NewVolumeServiceHandler(&volumeHandler{s.Volumes}, opts))
+		mux.Handle(stowagev1connect.NewSnapshotServiceHandler(&snapshotHandler{s.Snapshots}, opts))
+		mux.Handle(stowagev1connect.NewJobServiceHandler(&jobHandler{s.Jobs}, opts))
+	}
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
 		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)

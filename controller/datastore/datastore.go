@@ -452,3 +452,61 @@ func scopeFromProto(s *stowagev1.Scope) drivers.Scope {
 func scopeToProto(s drivers.Scope) *stowagev1.Scope {
 	return &stowagev1.Scope{Zone: s.Zone, Cluster: s.Cluster, HostId: s.HostID}
 }
+
+// UpStore returns the store idOrName, which must hold role and be Up.
+func (s *Service) UpStore(ctx context.Context, idOrName string, role stowagev1.StoreRole) (*stowagev1.DataStore, error) {
+	st, err := s.Get(ctx, idOrName)
+	if err != nil {
+		return nil, err
+	}
+	if st.GetRole() != role {
+		return nil, fmt.Errorf("store %s is a %s store, a %s store is needed: %w", st.GetName(), meta.StoreRoleName(st.GetRole()), meta.StoreRoleName(role), errdefs.ErrInvalid)
+	}
+	if st.GetState() != stowagev1.StoreState_STORE_STATE_UP {
+		return nil, fmt.Errorf("store %s is %s; only an Up store takes new objects (reason: %s): %w", st.GetName(), meta.StoreStateName(st.GetState()), orNone(st.GetStateReason()), errdefs.ErrFailedPrecondition)
+	}
+	return st, nil
+}
+
+func orNone(s string) string {
+	if s == "" {
+		return "none given"
+	}
+	return s
+}
+
+// PickStore chooses the Up store of role in zone ("" = any) with the most
+// free space that can hold need bytes, and says why.
+func (s *Service) PickStore(ctx context.Context, role stowagev1.StoreRole, zone string, need int64) (*stowagev1.DataStore, []string, error) {
+	all, err := s.List(ctx, role, zone)
+	if err != nil {
+		return nil, nil, err
+	}
+	var best *stowagev1.DataStore
+	var reasons []string
+	for _, st := range all {
+		switch {
+		case st.GetState() != stowagev1.StoreState_STORE_STATE_UP:
+			reasons = append(reasons, fmt.Sprintf("store %s skipped: %s", st.GetName(), meta.StoreStateName(st.GetState())))
+		case len(st.GetHostIds()) == 0:
+			reasons = append(reasons, fmt.Sprintf("store %s skipped: no Up host reaches it", st.GetName()))
+		case need > 0 && st.GetAvailableBytes() > 0 && st.GetAvailableBytes() < need:
+			reasons = append(reasons, fmt.Sprintf("store %s skipped: %d bytes free, %d needed", st.GetName(), st.GetAvailableBytes(), need))
+		case best == nil || st.GetAvailableBytes() > best.GetAvailableBytes():
+			best = st
+		}
+	}
+	if best == nil {
+		return nil, reasons, fmt.Errorf("no Up %s store can take it (%s): %w", meta.StoreRoleName(role), strings.Join(reasons, "; "), errdefs.ErrFailedPrecondition)
+	}
+	reasons = append([]string{fmt.Sprintf("store %s: Up, most free space (%d bytes) of %d %s stores", best.GetName(), best.GetAvailableBytes(), len(all), meta.StoreRoleName(role))}, reasons...)
+	return best, reasons, nil
+}
+
+// Path returns the absolute path on hosts of rel inside store st.
+func Path(st *stowagev1.DataStore, rel string) string {
+	return strings.TrimRight(st.GetDetails()["path"], "/") + "/" + rel
+}
+
+// Scope returns the scope of st for endpoint selection.
+func Scope(st *stowagev1.DataStore) drivers.Scope { return scopeFromProto(st.GetScope()) }

@@ -100,6 +100,8 @@ Creating OperationFailed Error
 CreatedOnPrimary BackupRequested BackingUp
 BackingUp OperationSucceeded BackedUp
 BackingUp OperationFailed Error
+BackingUp BackupFailed CreatedOnPrimary
+BackingUp BackupFailedKeep BackedUp
 BackedUp BackupRequested BackingUp
 BackedUp CopyRequested Copying
 Copying OperationSucceeded BackedUp
@@ -206,7 +208,8 @@ func TestTransitionsEveryKind(t *testing.T) {
 		runFSMSuite(t, fsmSuite[*stowagev1.Snapshot, stowagev1.SnapshotState, SnapshotEvent]{
 			kind: Snapshots, repo: (*DB).Snapshots, enum: stowagev1.SnapshotState(0).Descriptor(), initial: "Allocated",
 			events: []SnapshotEvent{SnapshotCreateRequested, SnapshotOperationSucceeded, SnapshotOperationFailed,
-				SnapshotBackupRequested, SnapshotCopyRequested, SnapshotDestroyRequested, SnapshotHide},
+				SnapshotBackupRequested, SnapshotCopyRequested, SnapshotDestroyRequested, SnapshotHide,
+				SnapshotBackupFailed, SnapshotBackupFailedKeep},
 			newRec: func(id string) *stowagev1.Snapshot {
 				return &stowagev1.Snapshot{Id: id, VolumeId: "v1", ParentId: "p1"}
 			},

@@ -140,6 +140,13 @@ const (
 	SnapshotBackupRequested    SnapshotEvent = "BackupRequested"
 	SnapshotCopyRequested      SnapshotEvent = "CopyRequested"
 	SnapshotDestroyRequested   SnapshotEvent = "DestroyRequested"
+	// SnapshotBackupFailed ends a failed first backup: the copy on primary
+	// is intact, so the snapshot is CreatedOnPrimary again (CloudStack's
+	// Error here is one of its users' complaints).
+	SnapshotBackupFailed SnapshotEvent = "BackupFailed"
+	// SnapshotBackupFailedKeep ends a failed backup of a snapshot that
+	// already has one: it stays BackedUp.
+	SnapshotBackupFailedKeep SnapshotEvent = "BackupFailedKeep"
 	// SnapshotHide hides a snapshot the user deleted while a child in its
 	// delta chain still needs it.
 	SnapshotHide SnapshotEvent = "Hide"
@@ -302,6 +309,8 @@ var snapshotMachine = func() *Machine[stowagev1.SnapshotState, SnapshotEvent] {
 		snapshotEdge{From: []S{onPrimary, backedUp}, Event: SnapshotBackupRequested, To: backingUp},
 		snapshotEdge{From: []S{backingUp}, Event: SnapshotOperationSucceeded, To: backedUp},
 		snapshotEdge{From: []S{backingUp}, Event: SnapshotOperationFailed, To: errored},
+		snapshotEdge{From: []S{backingUp}, Event: SnapshotBackupFailed, To: onPrimary},
+		snapshotEdge{From: []S{backingUp}, Event: SnapshotBackupFailedKeep, To: backedUp},
 		snapshotEdge{From: []S{backedUp}, Event: SnapshotCopyRequested, To: copying},
 		snapshotEdge{From: []S{copying}, Event: SnapshotOperationSucceeded, To: backedUp},
 		snapshotEdge{From: []S{copying}, Event: SnapshotOperationFailed, To: backedUp},

@@ -1318,19 +1318,21 @@ func (x *Template) GetSha256() string {
 
 // TemplateOnStore is a template on one store (template_store_ref, template_spool_ref).
 type TemplateOnStore struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
-	TemplateId    string                 `protobuf:"bytes,2,opt,name=template_id,json=templateId,proto3" json:"template_id,omitempty"`
-	StoreId       string                 `protobuf:"bytes,3,opt,name=store_id,json=storeId,proto3" json:"store_id,omitempty"`
-	State         ObjectState            `protobuf:"varint,4,opt,name=state,proto3,enum=stowage.v1.ObjectState" json:"state,omitempty"`
-	InstallPath   string                 `protobuf:"bytes,5,opt,name=install_path,json=installPath,proto3" json:"install_path,omitempty"`
-	BytesDone     int64                  `protobuf:"varint,6,opt,name=bytes_done,json=bytesDone,proto3" json:"bytes_done,omitempty"`
-	Size          int64                  `protobuf:"varint,7,opt,name=size,proto3" json:"size,omitempty"`
-	PhysicalSize  int64                  `protobuf:"varint,8,opt,name=physical_size,json=physicalSize,proto3" json:"physical_size,omitempty"`
-	RefCount      int32                  `protobuf:"varint,9,opt,name=ref_count,json=refCount,proto3" json:"ref_count,omitempty"`
-	Error         string                 `protobuf:"bytes,10,opt,name=error,proto3" json:"error,omitempty"`
-	LastUsed      *timestamppb.Timestamp `protobuf:"bytes,11,opt,name=last_used,json=lastUsed,proto3" json:"last_used,omitempty"`
-	Revision      uint64                 `protobuf:"varint,12,opt,name=revision,proto3" json:"revision,omitempty"`
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	Id           string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	TemplateId   string                 `protobuf:"bytes,2,opt,name=template_id,json=templateId,proto3" json:"template_id,omitempty"`
+	StoreId      string                 `protobuf:"bytes,3,opt,name=store_id,json=storeId,proto3" json:"store_id,omitempty"`
+	State        ObjectState            `protobuf:"varint,4,opt,name=state,proto3,enum=stowage.v1.ObjectState" json:"state,omitempty"`
+	InstallPath  string                 `protobuf:"bytes,5,opt,name=install_path,json=installPath,proto3" json:"install_path,omitempty"`
+	BytesDone    int64                  `protobuf:"varint,6,opt,name=bytes_done,json=bytesDone,proto3" json:"bytes_done,omitempty"`
+	Size         int64                  `protobuf:"varint,7,opt,name=size,proto3" json:"size,omitempty"`
+	PhysicalSize int64                  `protobuf:"varint,8,opt,name=physical_size,json=physicalSize,proto3" json:"physical_size,omitempty"`
+	RefCount     int32                  `protobuf:"varint,9,opt,name=ref_count,json=refCount,proto3" json:"ref_count,omitempty"`
+	Error        string                 `protobuf:"bytes,10,opt,name=error,proto3" json:"error,omitempty"`
+	LastUsed     *timestamppb.Timestamp `protobuf:"bytes,11,opt,name=last_used,json=lastUsed,proto3" json:"last_used,omitempty"`
+	Revision     uint64                 `protobuf:"varint,12,opt,name=revision,proto3" json:"revision,omitempty"`
+	// The job that is creating this copy (so a resumed job knows it is its own).
+	OwnerJobId    string `protobuf:"bytes,13,opt,name=owner_job_id,json=ownerJobId,proto3" json:"owner_job_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1449,6 +1451,13 @@ func (x *TemplateOnStore) GetRevision() uint64 {
 	return 0
 }
 
+func (x *TemplateOnStore) GetOwnerJobId() string {
+	if x != nil {
+		return x.OwnerJobId
+	}
+	return ""
+}
+
 // Volume is a virtual disk on a primary store.
 type Volume struct {
 	state          protoimpl.MessageState `protogen:"open.v1"`
@@ -1470,9 +1479,12 @@ type Volume struct {
 	// For a linked clone: the TemplateOnStore (spool ref) it is backed by.
 	BaseRefId string `protobuf:"bytes,15,opt,name=base_ref_id,json=baseRefId,proto3" json:"base_ref_id,omitempty"`
 	// The job currently changing the volume, if any.
-	BusyJobId     string `protobuf:"bytes,16,opt,name=busy_job_id,json=busyJobId,proto3" json:"busy_job_id,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	BusyJobId string `protobuf:"bytes,16,opt,name=busy_job_id,json=busyJobId,proto3" json:"busy_job_id,omitempty"`
+	// For a qcow2 volume with external snapshots: the SnapshotOnStore whose
+	// file backs the volume's overlay (the head of its chain).
+	HeadSnapshotRefId string `protobuf:"bytes,17,opt,name=head_snapshot_ref_id,json=headSnapshotRefId,proto3" json:"head_snapshot_ref_id,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *Volume) Reset() {
@@ -1613,6 +1625,13 @@ func (x *Volume) GetBaseRefId() string {
 func (x *Volume) GetBusyJobId() string {
 	if x != nil {
 		return x.BusyJobId
+	}
+	return ""
+}
+
+func (x *Volume) GetHeadSnapshotRefId() string {
+	if x != nil {
+		return x.HeadSnapshotRefId
 	}
 	return ""
 }
@@ -2356,7 +2375,7 @@ const file_stowage_v1_types_proto_rawDesc = "" +
 	"\x10source_volume_id\x18\n" +
 	" \x01(\tR\x0esourceVolumeId\x12,\n" +
 	"\x12source_snapshot_id\x18\v \x01(\tR\x10sourceSnapshotId\x12\x16\n" +
-	"\x06sha256\x18\f \x01(\tR\x06sha256\"\x8f\x03\n" +
+	"\x06sha256\x18\f \x01(\tR\x06sha256\"\xb1\x03\n" +
 	"\x0fTemplateOnStore\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1f\n" +
 	"\vtemplate_id\x18\x02 \x01(\tR\n" +
@@ -2372,7 +2391,9 @@ const file_stowage_v1_types_proto_rawDesc = "" +
 	"\x05error\x18\n" +
 	" \x01(\tR\x05error\x127\n" +
 	"\tlast_used\x18\v \x01(\v2\x1a.google.protobuf.TimestampR\blastUsed\x12\x1a\n" +
-	"\brevision\x18\f \x01(\x04R\brevision\"\x9e\x04\n" +
+	"\brevision\x18\f \x01(\x04R\brevision\x12 \n" +
+	"\fowner_job_id\x18\r \x01(\tR\n" +
+	"ownerJobId\"\xcf\x04\n" +
 	"\x06Volume\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x12\n" +
@@ -2393,7 +2414,8 @@ const file_stowage_v1_types_proto_rawDesc = "" +
 	"\brevision\x18\r \x01(\x04R\brevision\x12%\n" +
 	"\x0einstall_method\x18\x0e \x01(\tR\rinstallMethod\x12\x1e\n" +
 	"\vbase_ref_id\x18\x0f \x01(\tR\tbaseRefId\x12\x1e\n" +
-	"\vbusy_job_id\x18\x10 \x01(\tR\tbusyJobId\"\xe0\x02\n" +
+	"\vbusy_job_id\x18\x10 \x01(\tR\tbusyJobId\x12/\n" +
+	"\x14head_snapshot_ref_id\x18\x11 \x01(\tR\x11headSnapshotRefId\"\xe0\x02\n" +
 	"\bSnapshot\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1b\n" +
 	"\tvolume_id\x18\x02 \x01(\tR\bvolumeId\x12/\n" +

@@ -1,0 +1,177 @@
+package api
+
+import (
+	"context"
+
+	"connectrpc.com/connect"
+
+	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
+	"github.com/stowage/stowage/proto/gen/stowage/v1/stowagev1connect"
+)
+
+// ImageService is what the image handlers need from the domain.
+type ImageService interface {
+	Register(ctx context.Context, req *stowagev1.RegisterTemplateRequest) (*stowagev1.RegisterTemplateResponse, error)
+	Create(ctx context.Context, req *stowagev1.CreateTemplateRequest) (*stowagev1.CreateTemplateResponse, error)
+	Get(ctx context.Context, idOrName string) (*stowagev1.Template, []*stowagev1.TemplateOnStore, error)
+	List(ctx context.Context) ([]*stowagev1.Template, error)
+	Delete(ctx context.Context, idOrName string, force, dryRun bool) (*stowagev1.DeleteTemplateResponse, error)
+}
+
+// VolumeService is what the volume handlers need from the domain.
+type VolumeService interface {
+	Create(ctx context.Context, req *stowagev1.CreateVolumeRequest) (*stowagev1.CreateVolumeResponse, error)
+	Get(ctx context.Context, idOrName string) (*stowagev1.Volume, error)
+	List(ctx context.Context, storeID string) ([]*stowagev1.Volume, error)
+	Delete(ctx context.Context, idOrName string, dryRun bool) (*stowagev1.DeleteVolumeResponse, error)
+	Resize(ctx context.Context, idOrName string, size int64, dryRun bool) (*stowagev1.ResizeVolumeResponse, error)
+	GrantAccess(ctx context.Context, idOrName, hostID string) (string, error)
+	RevokeAccess(ctx context.Context, idOrName, hostID string) error
+	Migrate(ctx context.Context, idOrName, storeID string, dryRun bool) (*stowagev1.MigrateVolumeResponse, error)
+}
+
+// SnapshotService is what the snapshot handlers need from the domain.
+type SnapshotService interface {
+	Take(ctx context.Context, req *stowagev1.TakeSnapshotRequest) (*stowagev1.TakeSnapshotResponse, error)
+	Get(ctx context.Context, id string) (*stowagev1.Snapshot, []*stowagev1.SnapshotOnStore, error)
+	List(ctx context.Context, volumeID string) ([]*stowagev1.Snapshot, error)
+	Revert(ctx context.Context, id string, dryRun bool) (*stowagev1.RevertSnapshotResponse, error)
+	Delete(ctx context.Context, id string, dryRun bool) (*stowagev1.DeleteSnapshotResponse, error)
+	Backup(ctx context.Context, req *stowagev1.BackupSnapshotRequest) (*stowagev1.BackupSnapshotResponse, error)
+}
+
+// JobService is what the job handlers need from the job runner.
+type JobService interface {
+	Get(ctx context.Context, id string) (*stowagev1.Job, error)
+	List(ctx context.Context, state stowagev1.JobState, target string, limit int) ([]*stowagev1.Job, error)
+	Cancel(ctx context.Context, id string) (*stowagev1.Job, error)
+	Watch(ctx context.Context, id string, send func(*stowagev1.Job) error) error
+}
+
+// reply wraps a domain result in a Connect response.
+func reply[T any](msg *T, err error) (*connect.Response[T], error) {
+	if err != nil {
+		return nil, err
+	}
+	return connect.NewResponse(msg), nil
+}
+
+type imageHandler struct{ svc ImageService }
+
+var _ stowagev1connect.ImageServiceHandler = (*imageHandler)(nil)
+
+func (h *imageHandler) RegisterTemplate(ctx context.Context, req *connect.Request[stowagev1.RegisterTemplateRequest]) (*connect.Response[stowagev1.RegisterTemplateResponse], error) {
+	return reply(h.svc.Register(ctx, req.Msg))
+}
+
+func (h *imageHandler) CreateTemplate(ctx context.Context, req *connect.Request[stowagev1.CreateTemplateRequest]) (*connect.Response[stowagev1.CreateTemplateResponse], error) {
+	return reply(h.svc.Create(ctx, req.Msg))
+}
+
+func (h *imageHandler) GetTemplate(ctx context.Context, req *connect.Request[stowagev1.GetTemplateRequest]) (*connect.Response[stowagev1.GetTemplateResponse], error) {
+	t, refs, err := h.svc.Get(ctx, req.Msg.GetId())
+	return reply(&stowagev1.GetTemplateResponse{Template: t, Stores: refs}, err)
+}
+
+func (h *imageHandler) ListTemplates(ctx context.Context, _ *connect.Request[stowagev1.ListTemplatesRequest]) (*connect.Response[stowagev1.ListTemplatesResponse], error) {
+	ts, err := h.svc.List(ctx)
+	return reply(&stowagev1.ListTemplatesResponse{Templates: ts}, err)
+}
+
+func (h *imageHandler) DeleteTemplate(ctx context.Context, req *connect.Request[stowagev1.DeleteTemplateRequest]) (*connect.Response[stowagev1.DeleteTemplateResponse], error) {
+	return reply(h.svc.Delete(ctx, req.Msg.GetId(), req.Msg.GetForce(), req.Msg.GetDryRun()))
+}
+
+type volumeHandler struct{ svc VolumeService }
+
+var _ stowagev1connect.VolumeServiceHandler = (*volumeHandler)(nil)
+
+func (h *volumeHandler) CreateVolume(ctx context.Context, req *connect.Request[stowagev1.CreateVolumeRequest]) (*connect.Response[stowagev1.CreateVolumeResponse], error) {
+	return reply(h.svc.Create(ctx, req.Msg))
+}
+
+func (h *volumeHandler) GetVolume(ctx context.Context, req *connect.Request[stowagev1.GetVolumeRequest]) (*connect.Response[stowagev1.GetVolumeResponse], error) {
+	v, err := h.svc.Get(ctx, req.Msg.GetId())
+	return reply(&stowagev1.GetVolumeResponse{Volume: v}, err)
+}
+
+func (h *volumeHandler) ListVolumes(ctx context.Context, req *connect.Request[stowagev1.ListVolumesRequest]) (*connect.Response[stowagev1.ListVolumesResponse], error) {
+	vs, err := h.svc.List(ctx, req.Msg.GetStoreId())
+	return reply(&stowagev1.ListVolumesResponse{Volumes: vs}, err)
+}
+
+func (h *volumeHandler) DeleteVolume(ctx context.Context, req *connect.Request[stowagev1.DeleteVolumeRequest]) (*connect.Response[stowagev1.DeleteVolumeResponse], error) {
+	return reply(h.svc.Delete(ctx, req.Msg.GetId(), req.Msg.GetDryRun()))
+}
+
+func (h *volumeHandler) ResizeVolume(ctx context.Context, req *connect.Request[stowagev1.ResizeVolumeRequest]) (*connect.Response[stowagev1.ResizeVolumeResponse], error) {
+	return reply(h.svc.Resize(ctx, req.Msg.GetId(), req.Msg.GetSize(), req.Msg.GetDryRun()))
+}
+
+func (h *volumeHandler) GrantAccess(ctx context.Context, req *connect.Request[stowagev1.GrantAccessRequest]) (*connect.Response[stowagev1.GrantAccessResponse], error) {
+	uri, err := h.svc.GrantAccess(ctx, req.Msg.GetId(), req.Msg.GetHostId())
+	return reply(&stowagev1.GrantAccessResponse{Uri: uri}, err)
+}
+
+func (h *volumeHandler) RevokeAccess(ctx context.Context, req *connect.Request[stowagev1.RevokeAccessRequest]) (*connect.Response[stowagev1.RevokeAccessResponse], error) {
+	return reply(&stowagev1.RevokeAccessResponse{}, h.svc.RevokeAccess(ctx, req.Msg.GetId(), req.Msg.GetHostId()))
+}
+
+func (h *volumeHandler) MigrateVolume(ctx context.Context, req *connect.Request[stowagev1.MigrateVolumeRequest]) (*connect.Response[stowagev1.MigrateVolumeResponse], error) {
+	return reply(h.svc.Migrate(ctx, req.Msg.GetId(), req.Msg.GetStoreId(), req.Msg.GetDryRun()))
+}
+
+type snapshotHandler struct{ svc SnapshotService }
+
+var _ stowagev1connect.SnapshotServiceHandler = (*snapshotHandler)(nil)
+
+func (h *snapshotHandler) TakeSnapshot(ctx context.Context, req *connect.Request[stowagev1.TakeSnapshotRequest]) (*connect.Response[stowagev1.TakeSnapshotResponse], error) {
+	return reply(h.svc.Take(ctx, req.Msg))
+}
+
+func (h *snapshotHandler) GetSnapshot(ctx context.Context, req *connect.Request[stowagev1.GetSnapshotRequest]) (*connect.Response[stowagev1.GetSnapshotResponse], error) {
+	sn, refs, err := h.svc.Get(ctx, req.Msg.GetId())
+	return reply(&stowagev1.GetSnapshotResponse{Snapshot: sn, Stores: refs}, err)
+}
+
+func (h *snapshotHandler) ListSnapshots(ctx context.Context, req *connect.Request[stowagev1.ListSnapshotsRequest]) (*connect.Response[stowagev1.ListSnapshotsResponse], error) {
+	ss, err := h.svc.List(ctx, req.Msg.GetVolumeId())
+	return reply(&stowagev1.ListSnapshotsResponse{Snapshots: ss}, err)
+}
+
+func (h *snapshotHandler) RevertSnapshot(ctx context.Context, req *connect.Request[stowagev1.RevertSnapshotRequest]) (*connect.Response[stowagev1.RevertSnapshotResponse], error) {
+	return reply(h.svc.Revert(ctx, req.Msg.GetId(), req.Msg.GetDryRun()))
+}
+
+func (h *snapshotHandler) DeleteSnapshot(ctx context.Context, req *connect.Request[stowagev1.DeleteSnapshotRequest]) (*connect.Response[stowagev1.DeleteSnapshotResponse], error) {
+	return reply(h.svc.Delete(ctx, req.Msg.GetId(), req.Msg.GetDryRun()))
+}
+
+func (h *snapshotHandler) BackupSnapshot(ctx context.Context, req *connect.Request[stowagev1.BackupSnapshotRequest]) (*connect.Response[stowagev1.BackupSnapshotResponse], error) {
+	return reply(h.svc.Backup(ctx, req.Msg))
+}
+
+type jobHandler struct{ svc JobService }
+
+var _ stowagev1connect.JobServiceHandler = (*jobHandler)(nil)
+
+func (h *jobHandler) GetJob(ctx context.Context, req *connect.Request[stowagev1.GetJobRequest]) (*connect.Response[stowagev1.GetJobResponse], error) {
+	j, err := h.svc.Get(ctx, req.Msg.GetId())
+	return reply(&stowagev1.GetJobResponse{Job: j}, err)
+}
+
+func (h *jobHandler) ListJobs(ctx context.Context, req *connect.Request[stowagev1.ListJobsRequest]) (*connect.Response[stowagev1.ListJobsResponse], error) {
+	js, err := h.svc.List(ctx, req.Msg.GetState(), req.Msg.GetTargetId(), int(req.Msg.GetLimit()))
+	return reply(&stowagev1.ListJobsResponse{Jobs: js}, err)
+}
+
+func (h *jobHandler) CancelJob(ctx context.Context, req *connect.Request[stowagev1.CancelJobRequest]) (*connect.Response[stowagev1.CancelJobResponse], error) {
+	j, err := h.svc.Cancel(ctx, req.Msg.GetId())
+	return reply(&stowagev1.CancelJobResponse{Job: j}, err)
+}
+
+func (h *jobHandler) WatchJob(ctx context.Context, req *connect.Request[stowagev1.WatchJobRequest], stream *connect.ServerStream[stowagev1.WatchJobResponse]) error {
+	return h.svc.Watch(ctx, req.Msg.GetId(), func(j *stowagev1.Job) error {
+		return stream.Send(&stowagev1.WatchJobResponse{Job: j})
+	})
+}

@@ -1,0 +1,262 @@
+package image
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/stowage/stowage/controller/datastore"
+	"github.com/stowage/stowage/controller/jobs"
+	"github.com/stowage/stowage/controller/meta"
+	"github.com/stowage/stowage/drivers"
+	"github.com/stowage/stowage/errdefs"
+	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
+)
+
+// planHost returns the host the plan chose for step, "" if none.
+func planHost(job *stowagev1.Job, step string) string {
+	for _, s := range job.GetPlan().GetSteps() {
+		if s.GetName() == step {
+			return s.GetHostId()
+		}
+	}
+	return ""
+}
+
+// registerHandler downloads a template into each of its image stores.
+type registerHandler struct{ s *Service }
+
+func (h registerHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Reporter) error {
+	s := h.s
+	t, err := s.db.Templates().Get(ctx, job.GetTargetId())
+	if err != nil {
+		return err
+	}
+	format, err := FormatFromProto(t.GetFormat())
+	if err != nil {
+		return err
+	}
+	refs, err := s.db.TemplatesOnStore().ListBy(ctx, meta.IndexTemplateID, t.GetId())
+	if err != nil {
+		return err
+	}
+	for _, ref := range refs {
+		if ref.GetState() == stowagev1.ObjectState_OBJECT_STATE_READY {
+			continue // done before a restart
+		}
+		st, err := s.db.Stores().Get(ctx, ref.GetStoreId())
+		if err != nil {
+			return err
+		}
+		if st.GetRole() != stowagev1.StoreRole_STORE_ROLE_IMAGE {
+			continue
+		}
+		if ref.GetState() == stowagev1.ObjectState_OBJECT_STATE_ALLOCATED {
+			if ref, err = s.db.TemplatesOnStore().Transition(ctx, ref.GetId(), meta.ObjectCreateRequested, nil); err != nil {
+				return err
+			}
+		}
+		step := "download-" + st.GetName()
+		var info drivers.ImageInfo
+		err = jobs.RunStep(ctx, job, rep, step, func(ctx context.Context) error {
+			ch, err := s.sel.Select(ctx, planHost(job, step), datastore.Scope(st))
+			if err != nil {
+				return err
+			}
+			info, err = ch.Ops().FetchImage(ctx, drivers.FetchRequest{
+				Source: t.GetUrl(), Dest: datastore.Path(st, ref.GetInstallPath()), Format: format, Checksum: t.GetChecksum(),
+			}, func(done, total int64) {
+				rep.Bytes(done, total)
+				_, _ = s.db.TemplatesOnStore().Update(context.WithoutCancel(ctx), ref.GetId(), 0, func(r *stowagev1.TemplateOnStore) error {
+					r.BytesDone = done
+					return nil
+				})
+			})
+			return err
+		})
+		if err != nil {
+			return err
+		}
+		if _, err := s.db.TemplatesOnStore().Transition(ctx, ref.GetId(), meta.ObjectOperationSucceeded, func(r *stowagev1.TemplateOnStore) error {
+			r.Size, r.PhysicalSize, r.BytesDone, r.Error = info.VirtualSize, info.PhysicalSize, info.VirtualSize, ""
+			r.LastUsed = timestamppb.Now()
+			return nil
+		}); err != nil {
+			return err
+		}
+		if _, err := s.db.Templates().Update(ctx, t.GetId(), 0, func(tt *stowagev1.Template) error {
+			tt.VirtualSize = info.VirtualSize
+			if info.SHA256 != "" {
+				tt.Sha256 = info.SHA256
+			}
+			return nil
+		}); err != nil {
+			return err
+		}
+		rep.Result("template %s on store %s: %d bytes virtual, %d on disk", t.GetName(), st.GetName(), info.VirtualSize, info.PhysicalSize)
+	}
+	return nil
+}
+
+// Fail marks every copy that did not finish Failed with the cause.
+func (h registerHandler) Fail(ctx context.Context, job *stowagev1.Job, cause error) error {
+	return failRefs(ctx, h.s.db, job.GetTargetId(), cause)
+}
+
+func failRefs(ctx context.Context, db *meta.DB, templateID string, cause error) error {
+	refs, err := db.TemplatesOnStore().ListBy(ctx, meta.IndexTemplateID, templateID)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, r := range refs {
+		switch r.GetState() {
+		case stowagev1.ObjectState_OBJECT_STATE_ALLOCATED, stowagev1.ObjectState_OBJECT_STATE_CREATING:
+			_, err := db.TemplatesOnStore().Transition(ctx, r.GetId(), meta.ObjectOperationFailed, func(r *stowagev1.TemplateOnStore) error {
+				r.Error = cause.Error()
+				return nil
+			})
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// deleteHandler removes a template's unreferenced copies, and the template
+// once no copy remains.
+type deleteHandler struct{ s *Service }
+
+func (h deleteHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Reporter) error {
+	s := h.s
+	refs, err := s.db.TemplatesOnStore().ListBy(ctx, meta.IndexTemplateID, job.GetTargetId())
+	if err != nil {
+		return err
+	}
+	kept := 0
+	for _, r := range refs {
+		if r.GetRefCount() > 0 {
+			kept++
+			continue
+		}
+		if err := s.DeleteCopy(ctx, job, rep, r); err != nil {
+			return err
+		}
+	}
+	if kept == 0 {
+		if err := s.db.Templates().Delete(ctx, job.GetTargetId(), 0); err != nil && !errdefs.IsNotFound(err) {
+			return err
+		}
+		rep.Result("template %s deleted", job.GetTargetId())
+	} else {
+		rep.Result("template %s: %d copies kept for the volumes that depend on them", job.GetTargetId(), kept)
+	}
+	return nil
+}
+
+func (h deleteHandler) Fail(context.Context, *stowagev1.Job, error) error {
+	// A copy whose delete failed stays Destroying; deleting the template
+	// again retries it.
+	return nil
+}
+
+// DeleteCopy removes one copy of a template (image store or primary cache):
+// Destroying, the file removed on a host that reaches the store, then the
+// record. It is idempotent.
+func (s *Service) DeleteCopy(ctx context.Context, job *stowagev1.Job, rep *jobs.Reporter, r *stowagev1.TemplateOnStore) error {
+	if r.GetState() != stowagev1.ObjectState_OBJECT_STATE_DESTROYING && r.GetState() != stowagev1.ObjectState_OBJECT_STATE_DESTROYED {
+		var err error
+		if r, err = s.db.TemplatesOnStore().Transition(ctx, r.GetId(), meta.ObjectDestroyRequested, nil); err != nil {
+			return err
+		}
+	}
+	st, err := s.db.Stores().Get(ctx, r.GetStoreId())
+	if err == nil && r.GetState() == stowagev1.ObjectState_OBJECT_STATE_DESTROYING {
+		err = jobs.RunStep(ctx, job, rep, "delete-"+r.GetId(), func(ctx context.Context) error {
+			ch, err := s.sel.Select(ctx, "", datastore.Scope(st))
+			if err != nil {
+				return err
+			}
+			return ch.Endpoint.DeletePath(ctx, datastore.Path(st, r.GetInstallPath()))
+		})
+		if err != nil {
+			return err
+		}
+		if _, err := s.db.TemplatesOnStore().Transition(ctx, r.GetId(), meta.ObjectOperationSucceeded, nil); err != nil {
+			return err
+		}
+	} else if err != nil && !errdefs.IsNotFound(err) {
+		return err
+	}
+	if err := s.db.TemplatesOnStore().Delete(ctx, r.GetId(), 0); err != nil && !errdefs.IsNotFound(err) {
+		return fmt.Errorf("template copy %s: %w", r.GetId(), err)
+	}
+	return nil
+}
+
+// createHandler makes a template from a volume or snapshot on primary.
+type createHandler struct{ s *Service }
+
+func (h createHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Reporter) error {
+	s := h.s
+	t, err := s.db.Templates().Get(ctx, job.GetTargetId())
+	if err != nil {
+		return err
+	}
+	refs, err := s.db.TemplatesOnStore().ListBy(ctx, meta.IndexTemplateID, t.GetId())
+	if err != nil || len(refs) != 1 {
+		return fmt.Errorf("template %s: expected one store copy (%v): %w", t.GetId(), err, errdefs.ErrInternal)
+	}
+	ref := refs[0]
+	if ref.GetState() == stowagev1.ObjectState_OBJECT_STATE_READY {
+		return nil
+	}
+	dst, err := s.db.Stores().Get(ctx, ref.GetStoreId())
+	if err != nil {
+		return err
+	}
+	src, err := s.db.Stores().Get(ctx, job.GetParams()["source_store"])
+	if err != nil {
+		return err
+	}
+	if ref.GetState() == stowagev1.ObjectState_OBJECT_STATE_ALLOCATED {
+		if ref, err = s.db.TemplatesOnStore().Transition(ctx, ref.GetId(), meta.ObjectCreateRequested, nil); err != nil {
+			return err
+		}
+	}
+	format, err := FormatFromProto(t.GetFormat())
+	if err != nil {
+		return err
+	}
+	var info drivers.ImageInfo
+	if err := jobs.RunStep(ctx, job, rep, "copy", func(ctx context.Context) error {
+		ch, err := s.sel.Select(ctx, planHost(job, "copy"), datastore.Scope(src), datastore.Scope(dst))
+		if err != nil {
+			return err
+		}
+		info, err = ch.Ops().CopyImage(ctx, drivers.CopyRequest{
+			Source: datastore.Path(src, job.GetParams()["source_path"]), Dest: datastore.Path(dst, ref.GetInstallPath()),
+			Format: format, Flatten: true,
+		}, rep.Bytes)
+		return err
+	}); err != nil {
+		return err
+	}
+	if _, err := s.db.TemplatesOnStore().Transition(ctx, ref.GetId(), meta.ObjectOperationSucceeded, func(r *stowagev1.TemplateOnStore) error {
+		r.Size, r.PhysicalSize, r.BytesDone = info.VirtualSize, info.PhysicalSize, info.VirtualSize
+		return nil
+	}); err != nil {
+		return err
+	}
+	_, err = s.db.Templates().Update(ctx, t.GetId(), 0, func(tt *stowagev1.Template) error {
+		tt.VirtualSize, tt.Sha256 = info.VirtualSize, info.SHA256
+		return nil
+	})
+	rep.Result("template %s made from %s: %d bytes written", t.GetName(), job.GetParams()["source_path"], info.BytesWritten)
+	return err
+}
+
+func (h createHandler) Fail(ctx context.Context, job *stowagev1.Job, cause error) error {
+	return failRefs(ctx, h.s.db, job.GetTargetId(), cause)
+}

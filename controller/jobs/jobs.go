@@ -1,0 +1,506 @@
+// Package jobs runs the controller's asynchronous jobs (CloudStack's
+// async_job). Every long operation is a persisted Job with a Plan; a Handler
+// per job kind does the work by dispatching plan steps to agents. The runner
+// moves the job through its state machine (Pending, Running, Cancelling,
+// Succeeded, Failed, Cancelled), streams progress to watchers, and, after a
+// controller restart, runs every unfinished job again: steps carry
+// deterministic task ids (StepTaskID), so an agent returns the journalled
+// result of a step it already ran instead of running it twice. A job that
+// cannot finish fails cleanly: its handler's Fail puts every object it
+// touched into a stable state, so nothing stays Creating or Copying forever.
+package jobs
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"google.golang.org/protobuf/proto"
+
+	"github.com/stowage/stowage/controller/meta"
+	"github.com/stowage/stowage/drivers"
+	"github.com/stowage/stowage/errdefs"
+	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
+)
+
+// Handler runs one kind of job.
+type Handler interface {
+	// Run does the job's work. It may be called again for a job a previous
+	// controller left unfinished, so it must pick up where that one stopped:
+	// steps are idempotent and use StepContext for their task ids.
+	Run(ctx context.Context, job *stowagev1.Job, r *Reporter) error
+	// Fail puts the objects of a job that failed or was cancelled into a
+	// stable state (Failed, Ready again, or removed). It runs with a fresh
+	// context and must be idempotent too.
+	Fail(ctx context.Context, job *stowagev1.Job, cause error) error
+}
+
+// Runner runs jobs.
+type Runner struct {
+	db       *meta.DB
+	log      *slog.Logger
+	handlers map[string]Handler
+
+	mu      sync.Mutex
+	base    context.Context
+	running map[string]context.CancelFunc
+	latest  map[string]*stowagev1.Job // in-memory view with fresh progress
+	subs    map[string]map[chan *stowagev1.Job]struct{}
+	wg      sync.WaitGroup
+}
+
+// New returns a runner over db. Register handlers, then Start it.
+func New(db *meta.DB, log *slog.Logger) *Runner {
+	return &Runner{
+		db: db, log: log, handlers: map[string]Handler{},
+		running: map[string]context.CancelFunc{},
+		latest:  map[string]*stowagev1.Job{},
+		subs:    map[string]map[chan *stowagev1.Job]struct{}{},
+	}
+}
+
+// Register adds the handler of job kind; registering a kind twice panics.
+func (r *Runner) Register(kind string, h Handler) {
+	if _, dup := r.handlers[kind]; dup {
+		panic("jobs: kind " + kind + " registered twice")
+	}
+	r.handlers[kind] = h
+}
+
+// Start sets the context jobs run under; when it ends, running jobs stop
+// where they are (they are not failed) and resume at the next start.
+func (r *Runner) Start(ctx context.Context) {
+	r.mu.Lock()
+	r.base = ctx
+	r.mu.Unlock()
+}
+
+// Resume runs again the jobs a previous controller left unfinished.
+func (r *Runner) Resume(ctx context.Context) error {
+	unfinished, err := r.db.Jobs().List(ctx, meta.Filter[*stowagev1.Job]{Where: func(j *stowagev1.Job) bool {
+		return !terminal(j.GetState())
+	}})
+	if err != nil {
+		return fmt.Errorf("resume jobs: %w", err)
+	}
+	for _, j := range unfinished {
+		r.log.Info("resuming job left by a previous controller", "job", j.GetId(), "kind", j.GetKind(), "state", meta.JobStateName(j.GetState()))
+		r.launch(j)
+	}
+	return nil
+}
+
+// Wait blocks until every running job goroutine has returned (after the
+// Start context ends).
+func (r *Runner) Wait() { r.wg.Wait() }
+
+func terminal(s stowagev1.JobState) bool {
+	return s == stowagev1.JobState_JOB_STATE_SUCCEEDED || s == stowagev1.JobState_JOB_STATE_FAILED || s == stowagev1.JobState_JOB_STATE_CANCELLED
+}
+
+// NewJob returns a Pending job record for kind on target with plan and params.
+func NewJob(kind, target, idempotencyKey string, plan *stowagev1.Plan, params map[string]string) *stowagev1.Job {
+	return &stowagev1.Job{
+		Id: meta.NewID(), Kind: kind, TargetId: target, State: stowagev1.JobState_JOB_STATE_PENDING,
+		Plan: plan, Params: params, IdempotencyKey: idempotencyKey, Progress: &stowagev1.JobProgress{Phase: "queued"},
+	}
+}
+
+// ByIdempotencyKey returns the job created earlier with key, or ErrNotFound.
+func (r *Runner) ByIdempotencyKey(ctx context.Context, key string) (*stowagev1.Job, error) {
+	if key == "" {
+		return nil, fmt.Errorf("empty idempotency key: %w", errdefs.ErrNotFound)
+	}
+	return r.db.Jobs().GetBy(ctx, meta.IndexIdempotencyKey, key)
+}
+
+// Launch starts a job whose record the caller has created (state Pending).
+func (r *Runner) Launch(job *stowagev1.Job) { r.launch(job) }
+
+func (r *Runner) launch(job *stowagev1.Job) {
+	h, ok := r.handlers[job.GetKind()]
+	r.mu.Lock()
+	if _, running := r.running[job.GetId()]; running {
+		r.mu.Unlock()
+		return
+	}
+	base := r.base
+	if base == nil {
+		base = context.Background()
+	}
+	ctx, cancel := context.WithCancel(base)
+	r.running[job.GetId()] = cancel
+	r.latest[job.GetId()] = proto.Clone(job).(*stowagev1.Job)
+	r.mu.Unlock()
+	r.wg.Add(1)
+	go func() {
+		defer r.wg.Done()
+		defer func() {
+			cancel()
+			r.mu.Lock()
+			delete(r.running, job.GetId())
+			delete(r.latest, job.GetId())
+			r.mu.Unlock()
+		}()
+		if !ok {
+			r.finish(ctx, job, nil, fmt.Errorf("no handler for job kind %q: %w", job.GetKind(), errdefs.ErrNotImplemented))
+			return
+		}
+		r.run(ctx, h, job)
+	}()
+}
+
+func (r *Runner) run(ctx context.Context, h Handler, job *stowagev1.Job) {
+	var err error
+	switch job.GetState() {
+	case stowagev1.JobState_JOB_STATE_PENDING:
+		job, err = r.db.Jobs().Transition(ctx, job.GetId(), meta.JobStart, func(j *stowagev1.Job) error {
+			j.Progress = &stowagev1.JobProgress{Phase: "running"}
+			return nil
+		})
+		if err != nil {
+			r.log.Warn("job could not start", "job", job.GetId(), "err", err)
+			return
+		}
+	case stowagev1.JobState_JOB_STATE_CANCELLING:
+		r.finish(ctx, job, h, fmt.Errorf("job %s was cancelled: %w", job.GetId(), context.Canceled))
+		return
+	}
+	r.publish(job)
+	rep := &Reporter{runner: r, job: proto.Clone(job).(*stowagev1.Job)}
+	runErr := h.Run(ctx, job, rep)
+	rep.flush(context.WithoutCancel(ctx))
+	r.mu.Lock()
+	base := r.base
+	r.mu.Unlock()
+	if runErr != nil && base != nil && base.Err() != nil {
+		r.log.Info("job interrupted by shutdown; it resumes at the next start", "job", job.GetId())
+		return
+	}
+	r.finish(ctx, rep.snapshot(), h, runErr)
+}
+
+// finish records the end of a job: Succeeded, or (after the handler's Fail)
+// Failed or Cancelled.
+func (r *Runner) finish(ctx context.Context, job *stowagev1.Job, h Handler, runErr error) {
+	ctx = context.WithoutCancel(ctx)
+	var final *stowagev1.Job
+	var err error
+	if runErr == nil {
+		final, err = r.db.Jobs().Transition(ctx, job.GetId(), meta.JobSucceed, func(j *stowagev1.Job) error {
+			j.Progress = job.GetProgress()
+			j.Progress.Phase = "done"
+			j.Plan = job.GetPlan()
+			j.Result = job.GetResult()
+			return nil
+		})
+	} else {
+		if h != nil {
+			fctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+			if ferr := h.Fail(fctx, job, runErr); ferr != nil {
+				r.log.Error("job cleanup failed; objects may need the next recovery", "job", job.GetId(), "err", ferr)
+			}
+			cancel()
+		}
+		event := meta.JobFail
+		cur, gerr := r.db.Jobs().Get(ctx, job.GetId())
+		if gerr == nil && cur.GetState() == stowagev1.JobState_JOB_STATE_CANCELLING {
+			event = meta.JobCancelled
+		}
+		final, err = r.db.Jobs().Transition(ctx, job.GetId(), event, func(j *stowagev1.Job) error {
+			j.Error = runErr.Error()
+			if j.Progress == nil {
+				j.Progress = &stowagev1.JobProgress{}
+			}
+			j.Progress.Phase = "failed"
+			if event == meta.JobCancelled {
+				j.Progress.Phase = "cancelled"
+			}
+			j.Plan = job.GetPlan()
+			return nil
+		})
+		r.log.Warn("job failed", "job", job.GetId(), "kind", job.GetKind(), "err", runErr)
+	}
+	if err != nil {
+		r.log.Error("job end could not be recorded", "job", job.GetId(), "err", err)
+		return
+	}
+	r.publish(final)
+}
+
+// Get returns a job, with live progress while it runs.
+func (r *Runner) Get(ctx context.Context, id string) (*stowagev1.Job, error) {
+	r.mu.Lock()
+	live, ok := r.latest[id]
+	if ok {
+		live = proto.Clone(live).(*stowagev1.Job)
+	}
+	r.mu.Unlock()
+	if ok {
+		return live, nil
+	}
+	j, err := r.db.Jobs().Get(ctx, id)
+	if errdefs.IsNotFound(err) {
+		return nil, fmt.Errorf("job %q: no such job; see `stowage job list`: %w", id, errdefs.ErrNotFound)
+	}
+	return j, err
+}
+
+// List returns jobs, newest first, optionally one state's or one target's.
+func (r *Runner) List(ctx context.Context, state stowagev1.JobState, target string, limit int) ([]*stowagev1.Job, error) {
+	js, err := r.db.Jobs().List(ctx, meta.Filter[*stowagev1.Job]{Where: func(j *stowagev1.Job) bool {
+		return (state == stowagev1.JobState_JOB_STATE_UNSPECIFIED || j.GetState() == state) && (target == "" || j.GetTargetId() == target)
+	}})
+	if err != nil {
+		return nil, err
+	}
+	// Ids are time-ordered: newest first is the reverse.
+	for i, k := 0, len(js)-1; i < k; i, k = i+1, k-1 {
+		js[i], js[k] = js[k], js[i]
+	}
+	if limit > 0 && len(js) > limit {
+		js = js[:limit]
+	}
+	r.mu.Lock()
+	for i, j := range js {
+		if live, ok := r.latest[j.GetId()]; ok {
+			js[i] = proto.Clone(live).(*stowagev1.Job)
+		}
+	}
+	r.mu.Unlock()
+	return js, nil
+}
+
+// Cancel asks a job to stop. A job that already ended is returned as is
+// with ErrFailedPrecondition.
+func (r *Runner) Cancel(ctx context.Context, id string) (*stowagev1.Job, error) {
+	j, err := r.db.Jobs().Transition(ctx, id, meta.JobCancelRequested, nil)
+	if err != nil {
+		if errdefs.IsNotFound(err) {
+			return nil, fmt.Errorf("job %q: no such job: %w", id, errdefs.ErrNotFound)
+		}
+		return nil, fmt.Errorf("job %s cannot be cancelled: %w", id, err)
+	}
+	r.mu.Lock()
+	cancel, running := r.running[id]
+	r.mu.Unlock()
+	if running {
+		cancel()
+	}
+	r.publish(j)
+	return j, nil
+}
+
+// Watch calls send with the job now and after every change until it ends
+// or ctx does.
+func (r *Runner) Watch(ctx context.Context, id string, send func(*stowagev1.Job) error) error {
+	ch := make(chan *stowagev1.Job, 16)
+	r.mu.Lock()
+	if r.subs[id] == nil {
+		r.subs[id] = map[chan *stowagev1.Job]struct{}{}
+	}
+	r.subs[id][ch] = struct{}{}
+	r.mu.Unlock()
+	defer func() {
+		r.mu.Lock()
+		delete(r.subs[id], ch)
+		if len(r.subs[id]) == 0 {
+			delete(r.subs, id)
+		}
+		r.mu.Unlock()
+	}()
+	j, err := r.Get(ctx, id)
+	if err != nil {
+		return err
+	}
+	if err := send(j); err != nil || terminal(j.GetState()) {
+		return err
+	}
+	// Poll as a backstop: a job resumed by another path still ends the watch.
+	tick := time.NewTicker(2 * time.Second)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case j = <-ch:
+		case <-tick.C:
+			if j, err = r.Get(ctx, id); err != nil {
+				return err
+			}
+		}
+		if err := send(j); err != nil {
+			return err
+		}
+		if terminal(j.GetState()) {
+			return nil
+		}
+	}
+}
+
+func (r *Runner) publish(j *stowagev1.Job) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if _, ok := r.latest[j.GetId()]; ok && !terminal(j.GetState()) {
+		r.latest[j.GetId()] = proto.Clone(j).(*stowagev1.Job)
+	}
+	for ch := range r.subs[j.GetId()] {
+		select {
+		case ch <- proto.Clone(j).(*stowagev1.Job):
+		default: // a slow watcher misses an update, never the end (polling)
+		}
+	}
+}
+
+// StepTaskID is the deterministic task id of step of job.
+func StepTaskID(job *stowagev1.Job, step string) string {
+	return job.GetId() + "." + step
+}
+
+// StepContext returns ctx carrying the task id of step of job.
+func StepContext(ctx context.Context, job *stowagev1.Job, step string) context.Context {
+	return drivers.WithTaskID(ctx, StepTaskID(job, step))
+}
+
+// Reporter is how a handler reports progress and step outcomes.
+type Reporter struct {
+	runner *Runner
+	mu     sync.Mutex
+	job    *stowagev1.Job
+	saved  time.Time
+	start  time.Time
+	doneAt int64
+}
+
+func (rep *Reporter) snapshot() *stowagev1.Job {
+	rep.mu.Lock()
+	defer rep.mu.Unlock()
+	return proto.Clone(rep.job).(*stowagev1.Job)
+}
+
+// Phase names what the job is doing now and resets the byte counters.
+func (rep *Reporter) Phase(name string) {
+	rep.mu.Lock()
+	rep.job.Progress = &stowagev1.JobProgress{Phase: name}
+	rep.start, rep.doneAt = time.Now(), 0
+	j := proto.Clone(rep.job).(*stowagev1.Job)
+	rep.mu.Unlock()
+	rep.runner.publish(j)
+}
+
+// Bytes is a drivers.Progress: bytes done of total in the current phase.
+func (rep *Reporter) Bytes(done, total int64) {
+	rep.mu.Lock()
+	p := rep.job.GetProgress()
+	if p == nil {
+		p = &stowagev1.JobProgress{}
+		rep.job.Progress = p
+	}
+	if rep.start.IsZero() {
+		rep.start = time.Now()
+	}
+	p.BytesDone, p.BytesTotal = done, total
+	if el := time.Since(rep.start).Seconds(); el > 0 {
+		p.BytesPerSecond = float64(done) / el
+	}
+	save := time.Since(rep.saved) > time.Second
+	j := proto.Clone(rep.job).(*stowagev1.Job)
+	rep.mu.Unlock()
+	rep.runner.publish(j)
+	if save {
+		rep.flush(context.Background())
+	}
+}
+
+// Step records the state of a plan step (by name) and its error, if any.
+func (rep *Reporter) Step(name string, state stowagev1.JobState, err error) {
+	rep.mu.Lock()
+	for _, s := range rep.job.GetPlan().GetSteps() {
+		if s.GetName() == name {
+			s.State = state
+			s.TaskId = StepTaskID(rep.job, name)
+			if err != nil {
+				s.Error = err.Error()
+			}
+		}
+	}
+	j := proto.Clone(rep.job).(*stowagev1.Job)
+	rep.mu.Unlock()
+	rep.runner.publish(j)
+	rep.flush(context.Background())
+}
+
+// Result sets the job's one-line result summary.
+func (rep *Reporter) Result(format string, args ...any) {
+	rep.mu.Lock()
+	rep.job.Result = fmt.Sprintf(format, args...)
+	rep.mu.Unlock()
+}
+
+// flush persists progress and steps (not the state: that is the runner's).
+func (rep *Reporter) flush(ctx context.Context) {
+	rep.mu.Lock()
+	prog := proto.Clone(rep.job.GetProgress()).(*stowagev1.JobProgress)
+	plan := proto.Clone(rep.job.GetPlan()).(*stowagev1.Plan)
+	rep.saved = time.Now()
+	id := rep.job.GetId()
+	rep.mu.Unlock()
+	_, err := rep.runner.db.Jobs().Update(ctx, id, 0, func(j *stowagev1.Job) error {
+		j.Progress, j.Plan = prog, plan
+		return nil
+	})
+	if err != nil && !errors.Is(err, context.Canceled) {
+		rep.runner.log.Debug("job progress not saved", "job", id, "err", err)
+	}
+}
+
+// RunStep runs fn as the plan step name: it marks the step Running, then
+// Succeeded or Failed with the error, and gives fn a context carrying the
+// step's task id.
+func RunStep(ctx context.Context, job *stowagev1.Job, rep *Reporter, name string, fn func(ctx context.Context) error) error {
+	rep.Step(name, stowagev1.JobState_JOB_STATE_RUNNING, nil)
+	rep.Phase(name)
+	err := fn(StepContext(ctx, job, name))
+	if err != nil {
+		rep.Step(name, stowagev1.JobState_JOB_STATE_FAILED, err)
+		return fmt.Errorf("%s: %w", name, err)
+	}
+	rep.Step(name, stowagev1.JobState_JOB_STATE_SUCCEEDED, nil)
+	return nil
+}
+
+// Submit creates job and, in the same transaction, whatever create writes
+// (the objects the job will work on), then launches it. With an idempotency
+// key already used, nothing is written and the earlier job is returned with
+// existing set.
+func (r *Runner) Submit(ctx context.Context, job *stowagev1.Job, create func(tx *meta.Tx) error) (_ *stowagev1.Job, existing bool, err error) {
+	if key := job.GetIdempotencyKey(); key != "" {
+		if prev, err := r.ByIdempotencyKey(ctx, key); err == nil {
+			return prev, true, nil
+		}
+	}
+	var created *stowagev1.Job
+	err = r.db.Txn(ctx, func(tx *meta.Tx) error {
+		if create != nil {
+			if err := create(tx); err != nil {
+				return err
+			}
+		}
+		var err error
+		created, err = meta.Jobs.CreateTx(tx, job)
+		return err
+	})
+	if err != nil {
+		if key := job.GetIdempotencyKey(); key != "" && errdefs.IsAlreadyExists(err) {
+			if prev, perr := r.ByIdempotencyKey(ctx, key); perr == nil {
+				return prev, true, nil
+			}
+		}
+		return nil, false, err
+	}
+	r.launch(created)
+	return created, false, nil
+}

@@ -1,0 +1,141 @@
+// Package motion is Stowage's DataMotionService and TemplateInstallStrategy
+// registry: strategies answer "can you handle this, and how well" with a
+// priority (CantHandle < Default < Hypervisor < Highest, as in CloudStack),
+// the strictly highest wins (the first registered on a tie), and every
+// answer carries a reason, so a plan can say why it chose what it chose and
+// what it refused.
+package motion
+
+import (
+	"fmt"
+
+	"github.com/stowage/stowage/drivers"
+	"github.com/stowage/stowage/errdefs"
+)
+
+// Priority is how well a strategy can handle a request.
+type Priority int
+
+// The priorities, in CloudStack's order.
+const (
+	CantHandle Priority = iota
+	Default
+	Hypervisor
+	Highest
+)
+
+func (p Priority) String() string {
+	switch p {
+	case CantHandle:
+		return "CANT_HANDLE"
+	case Default:
+		return "DEFAULT"
+	case Hypervisor:
+		return "HYPERVISOR"
+	case Highest:
+		return "HIGHEST"
+	}
+	return fmt.Sprintf("Priority(%d)", int(p))
+}
+
+// InstallRequest describes a volume to be made from a template that is (or
+// will be) cached on the volume's primary store.
+type InstallRequest struct {
+	TemplateFormat drivers.Format
+	// VolumeFormat is what the caller asked for; "" lets the strategy choose.
+	VolumeFormat drivers.Format
+	// StoreReflink says the primary store's filesystem can clone extents.
+	StoreReflink bool
+	// Grow says the volume is larger than the template.
+	Grow bool
+}
+
+// InstallStrategy is a TemplateInstallStrategy: one way of turning a cached
+// template into a volume on the same store.
+type InstallStrategy interface {
+	Name() string
+	Mode() drivers.CloneMode
+	// CanHandle says how well the strategy fits req, why, and the volume
+	// format it would produce.
+	CanHandle(req InstallRequest) (Priority, string, drivers.Format)
+}
+
+// InstallStrategies are the built-in strategies, best first on a tie.
+var InstallStrategies = []InstallStrategy{reflinkInstall{}, linkedInstall{}, fullInstall{}}
+
+type reflinkInstall struct{}
+
+func (reflinkInstall) Name() string            { return "reflink" }
+func (reflinkInstall) Mode() drivers.CloneMode { return drivers.CloneReflink }
+func (reflinkInstall) CanHandle(r InstallRequest) (Priority, string, drivers.Format) {
+	switch {
+	case !r.StoreReflink:
+		return CantHandle, "the store's filesystem cannot clone extents", ""
+	case r.VolumeFormat != "" && r.VolumeFormat != r.TemplateFormat:
+		return CantHandle, fmt.Sprintf("a reflink keeps the template's format (%s), %s was asked", r.TemplateFormat, r.VolumeFormat), ""
+	}
+	return Highest, "O(1) extent clone, independent of the template afterwards", r.TemplateFormat
+}
+
+type linkedInstall struct{}
+
+func (linkedInstall) Name() string            { return "linked" }
+func (linkedInstall) Mode() drivers.CloneMode { return drivers.CloneLinked }
+func (linkedInstall) CanHandle(r InstallRequest) (Priority, string, drivers.Format) {
+	if r.VolumeFormat != "" && r.VolumeFormat != drivers.FormatQCOW2 {
+		return CantHandle, "a linked clone is a qcow2 overlay, " + string(r.VolumeFormat) + " was asked", ""
+	}
+	if r.TemplateFormat == drivers.FormatISO {
+		return CantHandle, "an ISO is not a disk", ""
+	}
+	return Hypervisor, "O(1) qcow2 overlay backed by the cached template (kept while referenced)", drivers.FormatQCOW2
+}
+
+type fullInstall struct{}
+
+func (fullInstall) Name() string            { return "full" }
+func (fullInstall) Mode() drivers.CloneMode { return drivers.CloneFull }
+func (fullInstall) CanHandle(r InstallRequest) (Priority, string, drivers.Format) {
+	if r.TemplateFormat == drivers.FormatISO {
+		return CantHandle, "an ISO is not a disk", ""
+	}
+	f := r.VolumeFormat
+	if f == "" {
+		f = r.TemplateFormat
+	}
+	return Default, "a full sparse copy, independent of the template", f
+}
+
+// Decision is the strategy that won, with what every candidate said.
+type Decision struct {
+	Strategy InstallStrategy
+	Priority Priority
+	Format   drivers.Format
+	Reasons  []string
+}
+
+// PickInstall asks every strategy (only the one named by want, unless want
+// is "" or "auto") and returns the strictly best; none able is ErrInvalid
+// with every refusal.
+func PickInstall(req InstallRequest, want string) (Decision, error) {
+	var d Decision
+	known := false
+	for _, s := range InstallStrategies {
+		if want != "" && want != "auto" && want != s.Name() {
+			continue
+		}
+		known = true
+		p, why, f := s.CanHandle(req)
+		d.Reasons = append(d.Reasons, fmt.Sprintf("install strategy %s: %s (%s)", s.Name(), p, why))
+		if p > d.Priority {
+			d.Strategy, d.Priority, d.Format = s, p, f
+		}
+	}
+	if !known {
+		return d, fmt.Errorf("strategy %q: want auto, reflink, linked or full: %w", want, errdefs.ErrInvalid)
+	}
+	if d.Strategy == nil {
+		return d, fmt.Errorf("no install strategy can make this volume: %v: %w", d.Reasons, errdefs.ErrInvalid)
+	}
+	return d, nil
+}

@@ -1,0 +1,514 @@
+package volume
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/stowage/stowage/controller/datastore"
+	"github.com/stowage/stowage/controller/jobs"
+	"github.com/stowage/stowage/controller/meta"
+	"github.com/stowage/stowage/drivers"
+	"github.com/stowage/stowage/errdefs"
+	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
+)
+
+type createHandler struct{ s *Service }
+
+func (h createHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Reporter) error {
+	s := h.s
+	v, err := s.db.Volumes().Get(ctx, job.GetTargetId())
+	if err != nil {
+		return err
+	}
+	if v.GetState() == stowagev1.VolumeState_VOLUME_STATE_READY {
+		return nil
+	}
+	if v.GetState() == stowagev1.VolumeState_VOLUME_STATE_ALLOCATED {
+		if v, err = s.db.Volumes().Transition(ctx, v.GetId(), meta.VolumeCreateRequested, nil); err != nil {
+			return err
+		}
+	}
+	st, err := s.db.Stores().Get(ctx, v.GetStoreId())
+	if err != nil {
+		return err
+	}
+	format := drivers.Format(job.GetParams()["format"])
+	dest := datastore.Path(st, v.GetInstallPath())
+	var info drivers.ImageInfo
+	var spool *stowagev1.TemplateOnStore
+	switch {
+	case v.GetTemplateId() != "":
+		if spool, err = s.ensureCached(ctx, job, rep, v, st); err != nil {
+			return err
+		}
+		err = jobs.RunStep(ctx, job, rep, "install", func(ctx context.Context) error {
+			ch, err := s.sel.Select(ctx, planHost(job, "install"), datastore.Scope(st))
+			if err != nil {
+				return err
+			}
+			info, err = ch.Ops().CloneImage(ctx, drivers.CloneRequest{
+				Base: datastore.Path(st, spool.GetInstallPath()), Dest: dest, Mode: drivers.CloneMode(job.GetParams()["mode"]),
+				Format: format, Size: v.GetSize(),
+			}, rep.Bytes)
+			return err
+		})
+	case v.GetSnapshotId() != "":
+		err = s.createFromSnapshot(ctx, job, rep, v, st, format, &info)
+	default:
+		err = jobs.RunStep(ctx, job, rep, "create", func(ctx context.Context) error {
+			ch, err := s.sel.Select(ctx, planHost(job, "create"), datastore.Scope(st))
+			if err != nil {
+				return err
+			}
+			fi, err := ch.Endpoint.CreateImage(ctx, dest, format, v.GetSize())
+			info = drivers.ImageInfo{Path: dest, Format: format, VirtualSize: v.GetSize(), PhysicalSize: fi.AllocatedBytes}
+			return err
+		})
+	}
+	if err != nil {
+		return err
+	}
+	linked := drivers.CloneMode(job.GetParams()["mode"]) == drivers.CloneLinked
+	err = s.db.Txn(ctx, func(tx *meta.Tx) error {
+		if linked && spool != nil {
+			if _, err := meta.TemplatesOnStore.UpdateTx(tx, spool.GetId(), 0, func(r *stowagev1.TemplateOnStore) error {
+				r.RefCount++
+				r.LastUsed = timestamppb.Now()
+				return nil
+			}); err != nil {
+				return err
+			}
+		}
+		_, err := meta.Volumes.TransitionTx(tx, v.GetId(), 0, meta.VolumeOperationSucceeded, func(v *stowagev1.Volume) error {
+			if info.VirtualSize > 0 {
+				v.Size = info.VirtualSize
+			}
+			v.Format = formatToProto(format)
+			v.BusyJobId, v.Error = "", ""
+			if linked && spool != nil {
+				v.BaseRefId = spool.GetId()
+			}
+			return nil
+		})
+		return err
+	})
+	if err == nil {
+		rep.Result("volume %s ready on store %s (%s, %d bytes, %s)", v.GetName(), st.GetName(), format, info.VirtualSize, orDefault(info.Method, v.GetInstallMethod()))
+	}
+	return err
+}
+
+func orDefault(a, b string) string {
+	if a != "" {
+		return a
+	}
+	return b
+}
+
+// ensureCached makes sure the volume's template is Ready on its primary
+// store, copying it there once: the job that moves the spool ref to
+// Creating copies; every other job waits for that one copy.
+func (s *Service) ensureCached(ctx context.Context, job *stowagev1.Job, rep *jobs.Reporter, v *stowagev1.Volume, st *stowagev1.DataStore) (*stowagev1.TemplateOnStore, error) {
+	tmpl, err := s.db.Templates().Get(ctx, v.GetTemplateId())
+	if err != nil {
+		return nil, err
+	}
+	for attempt := 0; attempt < 3; attempt++ {
+		ref, err := s.SpoolRef(ctx, tmpl.GetId(), st.GetId())
+		if errdefs.IsNotFound(err) {
+			ref, err = s.db.TemplatesOnStore().Create(ctx, &stowagev1.TemplateOnStore{Id: meta.NewID(), TemplateId: tmpl.GetId(), StoreId: st.GetId(), InstallPath: "templates/" + tmpl.GetId() + "." + tmplExt(tmpl)})
+			if errdefs.IsAlreadyExists(err) {
+				continue
+			}
+		}
+		if err != nil {
+			return nil, err
+		}
+		switch ref.GetState() {
+		case stowagev1.ObjectState_OBJECT_STATE_READY:
+			return ref, nil
+		case stowagev1.ObjectState_OBJECT_STATE_FAILED, stowagev1.ObjectState_OBJECT_STATE_DESTROYING:
+			// A failed earlier copy: clear it and try once more.
+			if err := s.images.DeleteCopy(ctx, job, rep, ref); err != nil {
+				return nil, err
+			}
+			continue
+		case stowagev1.ObjectState_OBJECT_STATE_ALLOCATED:
+			ref, err = s.db.TemplatesOnStore().TransitionIf(ctx, ref.GetId(), ref.GetRevision(), meta.ObjectCreateRequested, nil)
+			if errdefs.IsConflict(err) || errdefs.IsFailedPrecondition(err) {
+				continue // another job claimed the copy
+			}
+			if err != nil {
+				return nil, err
+			}
+			return ref, s.copyTemplate(ctx, job, rep, tmpl, ref, st)
+		case stowagev1.ObjectState_OBJECT_STATE_CREATING:
+			if ref.GetOwnerJobId() == job.GetId() {
+				// This job owned the copy before a controller restart.
+				return ref, s.copyTemplate(ctx, job, rep, tmpl, ref, st)
+			}
+			rep.Phase("waiting for the template copy to store " + st.GetName())
+			if ref, err = s.waitRef(ctx, ref.GetId()); err != nil {
+				return nil, err
+			}
+			if ref.GetState() == stowagev1.ObjectState_OBJECT_STATE_READY {
+				return ref, nil
+			}
+			return nil, fmt.Errorf("the copy of template %s to store %s failed: %s: %w", tmpl.GetName(), st.GetName(), ref.GetError(), errdefs.ErrFailedPrecondition)
+		default:
+			return nil, fmt.Errorf("cached template %s on store %s is %s: %w", tmpl.GetName(), st.GetName(), meta.ObjectStateName(ref.GetState()), errdefs.ErrFailedPrecondition)
+		}
+	}
+	return nil, fmt.Errorf("template %s on store %s: too many concurrent changes: %w", tmpl.GetName(), st.GetName(), errdefs.ErrAborted)
+}
+
+func tmplExt(t *stowagev1.Template) string {
+	if t.GetFormat() == stowagev1.ImageFormat_IMAGE_FORMAT_QCOW2 {
+		return "qcow2"
+	}
+	return "raw"
+}
+
+// copyTemplate copies the template from an image store into the spool ref.
+func (s *Service) copyTemplate(ctx context.Context, job *stowagev1.Job, rep *jobs.Reporter, tmpl *stowagev1.Template, ref *stowagev1.TemplateOnStore, st *stowagev1.DataStore) error {
+	// Mark the owner so a resumed job knows the copy is its own.
+	if _, err := s.db.TemplatesOnStore().Update(ctx, ref.GetId(), 0, func(r *stowagev1.TemplateOnStore) error {
+		r.OwnerJobId = job.GetId()
+		return nil
+	}); err != nil {
+		return err
+	}
+	imgRef, imgStore, err := s.images.ReadyOn(ctx, tmpl.GetId(), stowagev1.StoreRole_STORE_ROLE_IMAGE)
+	if err == nil {
+		err = s.evictCache(ctx, job, rep, st, tmpl.GetVirtualSize())
+	}
+	var info drivers.ImageInfo
+	if err == nil {
+		err = jobs.RunStep(ctx, job, rep, "cache-template", func(ctx context.Context) error {
+			info, err = s.copyBetween(ctx, imgStore, imgRef.GetInstallPath(), st, ref.GetInstallPath(), drivers.CopyRequest{}, rep.Bytes)
+			return err
+		})
+	}
+	if err != nil {
+		_, terr := s.db.TemplatesOnStore().Transition(context.WithoutCancel(ctx), ref.GetId(), meta.ObjectOperationFailed, func(r *stowagev1.TemplateOnStore) error {
+			r.Error = err.Error()
+			return nil
+		})
+		return errors.Join(err, terr)
+	}
+	_, err = s.db.TemplatesOnStore().Transition(ctx, ref.GetId(), meta.ObjectOperationSucceeded, func(r *stowagev1.TemplateOnStore) error {
+		r.Size, r.PhysicalSize, r.BytesDone, r.Error, r.OwnerJobId = info.VirtualSize, info.PhysicalSize, info.VirtualSize, "", ""
+		r.LastUsed = timestamppb.Now()
+		return nil
+	})
+	return err
+}
+
+func planHost(job *stowagev1.Job, step string) string {
+	for _, s := range job.GetPlan().GetSteps() {
+		if s.GetName() == step {
+			return s.GetHostId()
+		}
+	}
+	return ""
+}
+
+func (s *Service) createFromSnapshot(ctx context.Context, job *stowagev1.Job, rep *jobs.Reporter, v *stowagev1.Volume, st *stowagev1.DataStore, format drivers.Format, info *drivers.ImageInfo) error {
+	ref, err := s.db.SnapshotsOnStore().Get(ctx, job.GetParams()["source_ref"])
+	if err != nil {
+		return err
+	}
+	src, err := s.db.Stores().Get(ctx, ref.GetStoreId())
+	if err != nil {
+		return err
+	}
+	if ref.GetRole() == stowagev1.StoreRole_STORE_ROLE_PRIMARY {
+		return jobs.RunStep(ctx, job, rep, "copy", func(ctx context.Context) error {
+			*info, err = s.copyBetween(ctx, src, ref.GetInstallPath(), st, v.GetInstallPath(), drivers.CopyRequest{Format: format, Flatten: true}, rep.Bytes)
+			return err
+		})
+	}
+	return jobs.RunStep(ctx, job, rep, "restore", func(ctx context.Context) error {
+		ch, err := s.sel.Select(ctx, planHost(job, "restore"), datastore.Scope(src), datastore.Scope(st))
+		if err != nil {
+			return err
+		}
+		*info, err = ch.Ops().RestoreImage(ctx, drivers.RestoreRequest{
+			Manifest: datastore.Path(src, ref.GetInstallPath()), ChunkDir: datastore.Path(src, ChunkDir),
+			Dest: datastore.Path(st, v.GetInstallPath()), Format: format,
+		}, rep.Bytes)
+		return err
+	})
+}
+
+// ChunkDir is where an image store keeps backup chunks.
+const ChunkDir = "snapshots/chunks"
+
+// Fail marks a volume that could not be created Failed, with the reason.
+func (h createHandler) Fail(ctx context.Context, job *stowagev1.Job, cause error) error {
+	v, err := h.s.db.Volumes().Get(ctx, job.GetTargetId())
+	if err != nil {
+		return err
+	}
+	switch v.GetState() {
+	case stowagev1.VolumeState_VOLUME_STATE_ALLOCATED, stowagev1.VolumeState_VOLUME_STATE_CREATING:
+		_, err = h.s.db.Volumes().Transition(ctx, v.GetId(), meta.VolumeOperationFailed, func(v *stowagev1.Volume) error {
+			v.Error, v.BusyJobId = cause.Error(), ""
+			return nil
+		})
+	}
+	return err
+}
+
+type deleteHandler struct{ s *Service }
+
+func (h deleteHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Reporter) error {
+	s := h.s
+	v, err := s.db.Volumes().Get(ctx, job.GetTargetId())
+	if err != nil {
+		return err
+	}
+	if v.GetState() == stowagev1.VolumeState_VOLUME_STATE_DESTROY {
+		if v, err = s.db.Volumes().Transition(ctx, v.GetId(), meta.VolumeExpungeRequested, nil); err != nil {
+			return err
+		}
+	}
+	st, err := s.db.Stores().Get(ctx, v.GetStoreId())
+	if err != nil {
+		return err
+	}
+	refs, err := s.primarySnapshots(ctx, v)
+	if err != nil {
+		return err
+	}
+	err = jobs.RunStep(ctx, job, rep, "expunge", func(ctx context.Context) error {
+		ch, err := s.sel.Select(ctx, planHost(job, "expunge"), datastore.Scope(st))
+		if err != nil {
+			return err
+		}
+		if err := ch.Endpoint.DeletePath(ctx, datastore.Path(st, v.GetInstallPath())); err != nil {
+			return err
+		}
+		for _, r := range refs {
+			if err := ch.Endpoint.DeletePath(ctx, datastore.Path(st, r.GetInstallPath())); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	return s.db.Txn(ctx, func(tx *meta.Tx) error {
+		for _, r := range refs {
+			if err := meta.SnapshotsOnStore.DeleteTx(tx, r.GetId(), 0); err != nil && !errdefs.IsNotFound(err) {
+				return err
+			}
+			if err := retireSnapshotTx(tx, r.GetSnapshotId()); err != nil {
+				return err
+			}
+		}
+		if v.GetBaseRefId() != "" {
+			if _, err := meta.TemplatesOnStore.UpdateTx(tx, v.GetBaseRefId(), 0, func(r *stowagev1.TemplateOnStore) error {
+				if r.RefCount > 0 {
+					r.RefCount--
+				}
+				r.LastUsed = timestamppb.Now()
+				return nil
+			}); err != nil && !errdefs.IsNotFound(err) {
+				return err
+			}
+		}
+		_, err := meta.Volumes.TransitionTx(tx, v.GetId(), 0, meta.VolumeOperationSucceeded, func(v *stowagev1.Volume) error {
+			v.BusyJobId, v.BaseRefId, v.HeadSnapshotRefId = "", "", ""
+			return nil
+		})
+		return err
+	})
+}
+
+// retireSnapshotTx ends a snapshot whose primary copy is gone: with a
+// backup it stays (it can still make volumes), without one its record goes.
+func retireSnapshotTx(tx *meta.Tx, snapID string) error {
+	sn, err := meta.Snapshots.GetTx(tx, snapID)
+	if errdefs.IsNotFound(err) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	refs, err := meta.SnapshotsOnStore.ListTx(tx, meta.Filter[*stowagev1.SnapshotOnStore]{Index: meta.IndexSnapshotID, Value: snapID})
+	if err != nil {
+		return err
+	}
+	for _, r := range refs {
+		if r.GetRole() != stowagev1.StoreRole_STORE_ROLE_PRIMARY {
+			return nil // a backup remains: the snapshot can still make volumes
+		}
+	}
+	return meta.Snapshots.DeleteTx(tx, sn.GetId(), 0)
+}
+
+func (h deleteHandler) Fail(ctx context.Context, job *stowagev1.Job, cause error) error {
+	// Expunging -> Destroy: the volume is still deleted to its user and a
+	// second delete retries the expunge (CloudStack leaves it to a cleanup
+	// thread).
+	v, err := h.s.db.Volumes().Get(ctx, job.GetTargetId())
+	if err != nil || v.GetState() != stowagev1.VolumeState_VOLUME_STATE_EXPUNGING {
+		return err
+	}
+	_, err = h.s.db.Volumes().Transition(ctx, v.GetId(), meta.VolumeOperationFailed, func(v *stowagev1.Volume) error {
+		v.Error, v.BusyJobId = "expunge failed: "+cause.Error(), ""
+		return nil
+	})
+	return err
+}
+
+type resizeHandler struct{ s *Service }
+
+func (h resizeHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Reporter) error {
+	s := h.s
+	v, err := s.db.Volumes().Get(ctx, job.GetTargetId())
+	if err != nil {
+		return err
+	}
+	size, _ := strconv.ParseInt(job.GetParams()["size"], 10, 64)
+	st, err := s.db.Stores().Get(ctx, v.GetStoreId())
+	if err != nil {
+		return err
+	}
+	var info drivers.ImageInfo
+	if err := jobs.RunStep(ctx, job, rep, "resize", func(ctx context.Context) error {
+		ch, err := s.sel.Select(ctx, planHost(job, "resize"), datastore.Scope(st))
+		if err != nil {
+			return err
+		}
+		info, err = ch.Ops().ResizeImage(ctx, datastore.Path(st, v.GetInstallPath()), size)
+		return err
+	}); err != nil {
+		return err
+	}
+	_, err = s.db.Volumes().Transition(ctx, v.GetId(), meta.VolumeOperationSucceeded, func(v *stowagev1.Volume) error {
+		v.Size, v.BusyJobId = info.VirtualSize, ""
+		return nil
+	})
+	rep.Result("volume %s is now %d bytes", v.GetName(), info.VirtualSize)
+	return err
+}
+
+func (h resizeHandler) Fail(ctx context.Context, job *stowagev1.Job, cause error) error {
+	return backToReady(ctx, h.s.db, job.GetTargetId(), cause)
+}
+
+// backToReady ends a failed Resizing/Migrating/Snapshotting/Reverting:
+// the volume is as it was, Ready, with the error noted.
+func backToReady(ctx context.Context, db *meta.DB, id string, cause error) error {
+	v, err := db.Volumes().Get(ctx, id)
+	if err != nil {
+		return err
+	}
+	if v.GetState() == stowagev1.VolumeState_VOLUME_STATE_READY {
+		return nil
+	}
+	_, err = db.Volumes().Transition(ctx, id, meta.VolumeOperationFailed, func(v *stowagev1.Volume) error {
+		v.Error, v.BusyJobId = cause.Error(), ""
+		return nil
+	})
+	return err
+}
+
+type migrateHandler struct{ s *Service }
+
+func (h migrateHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Reporter) error {
+	s := h.s
+	v, err := s.db.Volumes().Get(ctx, job.GetTargetId())
+	if err != nil {
+		return err
+	}
+	src, err := s.db.Stores().Get(ctx, job.GetParams()["src"])
+	if err != nil {
+		return err
+	}
+	dst, err := s.db.Stores().Get(ctx, job.GetParams()["dst"])
+	if err != nil {
+		return err
+	}
+	srcPath := job.GetParams()["src_path"]
+	format, _ := formatOf(v)
+	if v.GetState() == stowagev1.VolumeState_VOLUME_STATE_MIGRATING {
+		var info drivers.ImageInfo
+		if err := jobs.RunStep(ctx, job, rep, "copy", func(ctx context.Context) error {
+			info, err = s.copyBetween(ctx, src, srcPath, dst, v.GetInstallPath(), drivers.CopyRequest{Format: format, Flatten: true}, rep.Bytes)
+			return err
+		}); err != nil {
+			return err
+		}
+		err = s.db.Txn(ctx, func(tx *meta.Tx) error {
+			if v.GetBaseRefId() != "" {
+				if _, err := meta.TemplatesOnStore.UpdateTx(tx, v.GetBaseRefId(), 0, func(r *stowagev1.TemplateOnStore) error {
+					if r.RefCount > 0 {
+						r.RefCount--
+					}
+					return nil
+				}); err != nil && !errdefs.IsNotFound(err) {
+					return err
+				}
+			}
+			_, err := meta.Volumes.TransitionTx(tx, v.GetId(), 0, meta.VolumeOperationSucceeded, func(v *stowagev1.Volume) error {
+				v.StoreId, v.BaseRefId, v.BusyJobId, v.Error = dst.GetId(), "", "", ""
+				if info.VirtualSize > 0 {
+					v.Size = info.VirtualSize
+				}
+				return nil
+			})
+			return err
+		})
+		if err != nil {
+			return err
+		}
+	}
+	// The volume now lives on dst; removing the source is cleanup.
+	if err := jobs.RunStep(ctx, job, rep, "cleanup-source", func(ctx context.Context) error {
+		ch, err := s.sel.Select(ctx, "", datastore.Scope(src))
+		if err != nil {
+			return err
+		}
+		return ch.Endpoint.DeletePath(ctx, datastore.Path(src, srcPath))
+	}); err != nil {
+		s.log.Warn("migrated volume's source copy not removed", "volume", v.GetId(), "store", src.GetName(), "err", err)
+	}
+	rep.Result("volume %s moved from store %s to %s", v.GetName(), src.GetName(), dst.GetName())
+	return nil
+}
+
+func formatOf(v *stowagev1.Volume) (drivers.Format, error) {
+	switch v.GetFormat() {
+	case stowagev1.ImageFormat_IMAGE_FORMAT_QCOW2:
+		return drivers.FormatQCOW2, nil
+	case stowagev1.ImageFormat_IMAGE_FORMAT_RAW:
+		return drivers.FormatRaw, nil
+	}
+	return "", fmt.Errorf("volume %s has no format: %w", v.GetId(), errdefs.ErrInternal)
+}
+
+func (h migrateHandler) Fail(ctx context.Context, job *stowagev1.Job, cause error) error {
+	// The copy is written to a temporary name and renamed only when whole,
+	// so a failed copy leaves nothing on dst; remove a complete one that
+	// was not switched to, then stay on the source.
+	v, err := h.s.db.Volumes().Get(ctx, job.GetTargetId())
+	if err != nil {
+		return err
+	}
+	if v.GetState() == stowagev1.VolumeState_VOLUME_STATE_MIGRATING {
+		if dst, err := h.s.db.Stores().Get(ctx, job.GetParams()["dst"]); err == nil {
+			if ch, err := h.s.sel.Select(ctx, "", datastore.Scope(dst)); err == nil {
+				_ = ch.Endpoint.DeletePath(ctx, datastore.Path(dst, v.GetInstallPath()))
+			}
+		}
+	}
+	return backToReady(ctx, h.s.db, job.GetTargetId(), cause)
+}

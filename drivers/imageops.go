@@ -1,0 +1,177 @@
+package drivers
+
+import "context"
+
+// Progress reports how far a long step has come: bytes done of total
+// (total is 0 while unknown). Implementations call it from one goroutine at a
+// time, at most a few times a second; it must not block.
+type Progress func(done, total int64)
+
+// ImageOps are the host-side steps on disk images. Paths are absolute on the
+// host; every step writes to a temporary name and renames into place only
+// when it succeeded, so a failed or killed step leaves no partial object
+// visible. Steps are idempotent: a step whose destination already exists
+// with the expected content returns its info without doing the work again.
+type ImageOps interface {
+	// FetchImage streams req.Source (http://, https://, file:// or a path)
+	// into req.Dest, verifying req.Checksum in-stream, then inspects the
+	// result: the detected format must be req.Format (an ISO is raw data
+	// with an ISO 9660 signature), and a qcow2 with a backing file is refused
+	// (ErrInvalid). Checksum mismatch is ErrDataLoss; an unreachable or 404
+	// source is ErrNotFound/ErrUnavailable.
+	FetchImage(ctx context.Context, req FetchRequest, progress Progress) (ImageInfo, error)
+	// CopyImage copies req.Source (a path on this host, or a URI another
+	// agent granted: http(s)://, nbd://) to req.Dest through the stream
+	// engine (extent-aware, sparse, reflink when both ends allow). When
+	// req.Format differs from the source's, or req.Flatten is set for a
+	// qcow2 with a backing chain, qemu-img converts to a standalone image.
+	CopyImage(ctx context.Context, req CopyRequest, progress Progress) (ImageInfo, error)
+	// CloneImage creates req.Dest from req.Base by req.Mode: CloneReflink
+	// (FICLONE; ErrNotImplemented where the filesystem cannot), CloneLinked
+	// (a qcow2 whose backing file is Base, of Base's or a larger size), or
+	// CloneFull (a full sparse copy in req.Format).
+	CloneImage(ctx context.Context, req CloneRequest, progress Progress) (ImageInfo, error)
+	// InspectImage reads an image's format, sizes and backing file (qemu-img info).
+	InspectImage(ctx context.Context, path string) (ImageInfo, error)
+	// ResizeImage grows an image to size bytes; shrinking is ErrInvalid.
+	ResizeImage(ctx context.Context, path string, size int64) (ImageInfo, error)
+	// SnapshotImage takes a point-in-time snapshot of the volume at req.Volume
+	// into req.Snapshot. A qcow2 volume gets an O(1) external snapshot: the
+	// volume's current file becomes the (read-only) snapshot and a new empty
+	// overlay backed by it takes the volume's path. A raw volume is reflinked
+	// where the filesystem allows and copied sparsely otherwise
+	// (SnapshotInfo.Method says which).
+	SnapshotImage(ctx context.Context, req SnapshotRequest) (SnapshotInfo, error)
+	// RevertImage makes the volume at req.Volume read what req.Snapshot
+	// holds: a qcow2 volume gets a new empty overlay on the snapshot; a raw
+	// volume gets a reflink or sparse copy of it. Other snapshots stay valid.
+	RevertImage(ctx context.Context, req SnapshotRequest) (ImageInfo, error)
+	// RebaseImage rewrites the qcow2 at path onto newBacking ("" makes it
+	// standalone), merging in the data of the backing files it leaves out
+	// (qemu-img rebase, safe mode). Used to drop a snapshot from a chain.
+	RebaseImage(ctx context.Context, path, newBacking string) (ImageInfo, error)
+	// BackupImage reads the image at req.Source as a flat disk (a qcow2 chain
+	// is read through its backing files) and stores it into the chunk store
+	// under req.ChunkDir as content-addressed chunks (sha256 of the chunk,
+	// req.ChunkSize bytes): all-zero chunks are not stored, a chunk already
+	// present is not written again. The manifest (JSON: size, chunk size,
+	// per chunk its sha256 or "zero") goes to req.Manifest. With
+	// req.ParentManifest, chunks whose extents are unallocated in the top
+	// layer of a qcow2 source are taken from the parent without reading.
+	BackupImage(ctx context.Context, req BackupRequest, progress Progress) (BackupInfo, error)
+	// RestoreImage rebuilds an image at req.Dest (req.Format) from a
+	// manifest and its chunks, verifying every chunk's sha256 (ErrDataLoss on
+	// a bad chunk); zero chunks become holes.
+	RestoreImage(ctx context.Context, req RestoreRequest, progress Progress) (ImageInfo, error)
+	// DeleteBackup removes a manifest and the chunks that no other manifest
+	// next to it (same directory) refers to.
+	DeleteBackup(ctx context.Context, req DeleteBackupRequest) (BackupInfo, error)
+	// Export serves the file at path read-only over HTTP (Range) from the
+	// agent under an unguessable token, until Unexport; it returns the URL.
+	// Other agents copy from it directly (volume migration between hosts).
+	Export(ctx context.Context, path string) (URI, error)
+	// Unexport ends an export; an unknown one is not an error.
+	Unexport(ctx context.Context, uri URI) error
+}
+
+// ImageInfo is what qemu-img says of an image, plus what the step measured.
+type ImageInfo struct {
+	Path         string
+	Format       Format
+	VirtualSize  int64
+	PhysicalSize int64  // bytes allocated on disk
+	BackingFile  string // "" when standalone
+	// SHA256 of the image's bytes as stored, when the step computed it.
+	SHA256 string
+	// BytesWritten, BytesSkipped (holes and zeros) and Method ("reflink",
+	// "copy_file_range", "read-write", "qemu-img convert", "linked") describe
+	// the work a copying step did.
+	BytesWritten int64
+	BytesSkipped int64
+	Method       string
+}
+
+// FetchRequest asks an agent to download an image.
+type FetchRequest struct {
+	Source   string
+	Dest     string
+	Format   Format
+	Checksum string // "sha256:HEX", "sha512:HEX", "md5:HEX" or ""
+}
+
+// CopyRequest asks an agent to copy an image.
+type CopyRequest struct {
+	Source  string
+	Dest    string
+	Format  Format // "" keeps the source's format
+	Flatten bool
+}
+
+// CloneMode is how a volume is made from a template already on its store.
+type CloneMode string
+
+// The clone modes (TemplateInstallStrategy implementations on the host).
+const (
+	CloneReflink CloneMode = "reflink"
+	CloneLinked  CloneMode = "linked"
+	CloneFull    CloneMode = "full"
+)
+
+// CloneRequest asks an agent to create a volume from a base image.
+type CloneRequest struct {
+	Base   string
+	Dest   string
+	Mode   CloneMode
+	Format Format // format of Dest (CloneLinked is always qcow2)
+	Size   int64  // 0 keeps Base's virtual size; larger grows the volume
+}
+
+// SnapshotRequest names a volume and one of its snapshots on the host.
+type SnapshotRequest struct {
+	Volume   string
+	Snapshot string
+}
+
+// SnapshotInfo is the result of SnapshotImage.
+type SnapshotInfo struct {
+	Snapshot ImageInfo
+	Volume   ImageInfo
+	// Method is "qcow2-external", "reflink" or "copy".
+	Method string
+}
+
+// BackupRequest asks an agent to back an image up into a chunk store.
+type BackupRequest struct {
+	Source         string
+	ChunkDir       string
+	Manifest       string
+	ParentManifest string
+	ChunkSize      int64
+}
+
+// BackupInfo reports what a backup stored.
+type BackupInfo struct {
+	Manifest    string
+	Size        int64 // virtual size of the image
+	Chunks      int64
+	ZeroChunks  int64
+	NewChunks   int64 // chunks written by this backup
+	NewBytes    int64 // bytes written by this backup
+	ReusedBytes int64 // bytes of chunks that were already stored
+	ReadBytes   int64 // bytes read from the source
+}
+
+// RestoreRequest asks an agent to rebuild an image from a backup.
+type RestoreRequest struct {
+	Manifest string
+	ChunkDir string
+	Dest     string
+	Format   Format
+}
+
+// DeleteBackupRequest asks an agent to drop a backup's manifest and its
+// unshared chunks.
+type DeleteBackupRequest struct {
+	Manifest string
+	ChunkDir string
+}
