@@ -432,3 +432,21 @@ func h2cProtocols() *http.Protocols {
 	p.SetUnencryptedHTTP2(true)
 	return &p
 }
+
+var agentProcs sync.Map // host id -> *proc, for the kill tests
+
+func killAgent(t *testing.T, host string) {
+	t.Helper()
+	p, ok := agentProcs.Load(host)
+	if !ok {
+		t.Fatalf("no agent process for %s", host)
+	}
+	p.(*proc).kill(syscall.SIGKILL)
+}
+
+func restartAgent(t *testing.T, server, host, root string) {
+	t.Helper()
+	p := agentProc(t, server, host, "z1", "c1", filepath.Join(root, map[string]string{"h1": "a1", "h2": "a2"}[host]))
+	agentProcs.Store(host, p)
+	waitFor(t, host+" Up again", 20*time.Second, func() bool { return hostState(t, server, host) == "HOST_STATE_UP" })
+}
