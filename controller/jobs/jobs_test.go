@@ -1,0 +1,188 @@
+package jobs
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stowage/stowage/controller/meta"
+	"github.com/stowage/stowage/drivers"
+	"github.com/stowage/stowage/errdefs"
+	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
+)
+
+// scripted is a test handler whose Run does what the test says.
+type scripted struct {
+	run   func(ctx context.Context, job *stowagev1.Job, r *Reporter) error
+	fails atomic.Int32
+}
+
+func (h *scripted) Run(ctx context.Context, job *stowagev1.Job, r *Reporter) error { return h.run(ctx, job, r) }
+func (h *scripted) Fail(context.Context, *stowagev1.Job, error) error {
+	h.fails.Add(1)
+	return nil
+}
+
+func newRunner(t *testing.T, db *meta.DB) *Runner {
+	r := New(db, slog.New(slog.DiscardHandler))
+	return r
+}
+
+func openDB(t *testing.T, dir string) *meta.DB {
+	db, err := meta.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return db
+}
+
+func wait(t *testing.T, r *Runner, id string) *stowagev1.Job {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	var last *stowagev1.Job
+	if err := r.Watch(ctx, id, func(j *stowagev1.Job) error { last = j; return nil }); err != nil {
+		t.Fatalf("watch %s: %v", id, err)
+	}
+	return last
+}
+
+func TestSucceedFailIdempotency(t *testing.T) {
+	db := openDB(t, t.TempDir())
+	defer db.Close()
+	r := newRunner(t, db)
+	r.Start(context.Background())
+	ok := &scripted{run: func(ctx context.Context, job *stowagev1.Job, rep *Reporter) error {
+		return RunStep(ctx, job, rep, "copy", func(ctx context.Context) error {
+			if id, _ := drivers.TaskIDFrom(ctx); id != job.GetId()+".copy" {
+				return fmt.Errorf("task id %q", id)
+			}
+			rep.Bytes(50, 100)
+			rep.Bytes(100, 100)
+			rep.Result("copied 100 bytes")
+			return nil
+		})
+	}}
+	bad := &scripted{run: func(context.Context, *stowagev1.Job, *Reporter) error {
+		return fmt.Errorf("agent h1: %w", errdefs.ErrDataLoss)
+	}}
+	r.Register("ok", ok)
+	r.Register("bad", bad)
+	plan := &stowagev1.Plan{Steps: []*stowagev1.PlanStep{{Name: "copy"}}}
+	j, existing, err := r.Submit(context.Background(), NewJob("ok", "t1", "key-1", plan, nil), nil)
+	if err != nil || existing {
+		t.Fatal(err, existing)
+	}
+	again, existing, err := r.Submit(context.Background(), NewJob("ok", "t1", "key-1", plan, nil), nil)
+	if err != nil || !existing || again.GetId() != j.GetId() {
+		t.Fatalf("same idempotency key: %v %v %v", again.GetId(), existing, err)
+	}
+	end := wait(t, r, j.GetId())
+	if end.GetState() != stowagev1.JobState_JOB_STATE_SUCCEEDED || end.GetResult() != "copied 100 bytes" ||
+		end.GetPlan().GetSteps()[0].GetState() != stowagev1.JobState_JOB_STATE_SUCCEEDED || end.GetProgress().GetBytesDone() != 100 {
+		t.Fatalf("ok job: %v", end)
+	}
+	jb, _, _ := r.Submit(context.Background(), NewJob("bad", "t2", "", nil, nil), nil)
+	end = wait(t, r, jb.GetId())
+	if end.GetState() != stowagev1.JobState_JOB_STATE_FAILED || end.GetError() == "" || bad.fails.Load() != 1 {
+		t.Fatalf("bad job: %v (fail calls %d)", end, bad.fails.Load())
+	}
+	// A create func that fails writes neither its objects nor the job.
+	_, _, err = r.Submit(context.Background(), NewJob("ok", "t3", "key-3", nil, nil), func(tx *meta.Tx) error {
+		return fmt.Errorf("volume busy: %w", errdefs.ErrAborted)
+	})
+	if !errors.Is(err, errdefs.ErrAborted) {
+		t.Fatal(err)
+	}
+	if _, err := r.ByIdempotencyKey(context.Background(), "key-3"); !errdefs.IsNotFound(err) {
+		t.Fatalf("a refused submit left its job: %v", err)
+	}
+}
+
+func TestCancel(t *testing.T) {
+	db := openDB(t, t.TempDir())
+	defer db.Close()
+	r := newRunner(t, db)
+	r.Start(context.Background())
+	started := make(chan struct{})
+	h := &scripted{run: func(ctx context.Context, _ *stowagev1.Job, _ *Reporter) error {
+		close(started)
+		<-ctx.Done()
+		return ctx.Err()
+	}}
+	r.Register("slow", h)
+	j, _, _ := r.Submit(context.Background(), NewJob("slow", "t", "", nil, nil), nil)
+	<-started
+	if _, err := r.Cancel(context.Background(), j.GetId()); err != nil {
+		t.Fatal(err)
+	}
+	end := wait(t, r, j.GetId())
+	if end.GetState() != stowagev1.JobState_JOB_STATE_CANCELLED || h.fails.Load() != 1 {
+		t.Fatalf("cancelled job: %v", end)
+	}
+	if _, err := r.Cancel(context.Background(), j.GetId()); !errdefs.IsFailedPrecondition(err) {
+		t.Fatalf("cancel an ended job: %v", err)
+	}
+}
+
+// TestResumeAfterRestart: a controller that stops mid-job leaves it
+// Running; the next one runs it again with the same step task ids.
+func TestResumeAfterRestart(t *testing.T) {
+	dir := t.TempDir()
+	db := openDB(t, dir)
+	r := newRunner(t, db)
+	base, stop := context.WithCancel(context.Background())
+	r.Start(base)
+	var mu sync.Mutex
+	var taskIDs []string
+	started := make(chan struct{}, 2)
+	run := func(ctx context.Context, job *stowagev1.Job, rep *Reporter) error {
+		return RunStep(ctx, job, rep, "copy", func(ctx context.Context) error {
+			id, _ := drivers.TaskIDFrom(ctx)
+			mu.Lock()
+			taskIDs = append(taskIDs, id)
+			first := len(taskIDs) == 1
+			mu.Unlock()
+			started <- struct{}{}
+			if first {
+				<-ctx.Done() // the controller goes away mid-step
+				return ctx.Err()
+			}
+			return nil
+		})
+	}
+	h := &scripted{run: run}
+	r.Register("copy", h)
+	j, _, _ := r.Submit(context.Background(), NewJob("copy", "t", "", &stowagev1.Plan{Steps: []*stowagev1.PlanStep{{Name: "copy"}}}, nil), nil)
+	<-started
+	stop()
+	r.Wait()
+	db.Close()
+	if h.fails.Load() != 0 {
+		t.Fatal("a job interrupted by shutdown must not be failed")
+	}
+
+	db = openDB(t, dir)
+	defer db.Close()
+	r2 := newRunner(t, db)
+	r2.Start(context.Background())
+	h2 := &scripted{run: run}
+	r2.Register("copy", h2)
+	if err := r2.Resume(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	end := wait(t, r2, j.GetId())
+	if end.GetState() != stowagev1.JobState_JOB_STATE_SUCCEEDED {
+		t.Fatalf("resumed job: %v", end)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(taskIDs) != 2 || taskIDs[0] != taskIDs[1] {
+		t.Fatalf("step task ids across the restart: %v (want the same id twice)", taskIDs)
+	}
+}
