@@ -1,7 +1,8 @@
 // Command stowage is Stowage's one binary: the controller (`stowage
 // controller`), the per-host agent (`stowage agent`), both in one process for
 // a laptop (`stowage dev`), the copy engine (`stowage copy`, `stowage
-// verify`) and the client commands (`stowage store ...`, `stowage host ...`).
+// verify`) and the client commands (`stowage store|host|template|volume|
+// snapshot|job ...`).
 //
 // Exit codes, for scripts: 0 success, 1 internal error, 2 invalid input or
 // usage, 3 not found, 4 already exists, 5 failed precondition (wrong state,
@@ -15,6 +16,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 
 	"github.com/spf13/cobra"
@@ -80,6 +82,12 @@ func exitCode(err error) int {
 	var u usageError
 	if errors.As(err, &u) {
 		return 2
+	}
+	// Cobra's own command-line checks return plain errors.
+	for _, usage := range []string{"required flag(s)", "unknown command", "unknown flag", "accepts ", "invalid argument"} {
+		if strings.Contains(err.Error(), usage) && errdefs.Class(err) == nil {
+			return 2
+		}
 	}
 	switch errdefs.Class(err) {
 	case nil:
