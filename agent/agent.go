@@ -2,8 +2,11 @@
 // hypervisor host (a systemd service). It registers with the controller,
 // heartbeats with its capabilities and the stores it can reach, and serves
 // AgentService, which runs host-side steps (store layout, probes, image
-// creation) on the local machine through a journal keyed by task id, so a
-// step the controller retries runs once.
+// downloads, copies, clones, snapshots, backups) on the local machine
+// through a journal keyed by task id, so a step the controller retries
+// runs once. Long steps report progress through GetTask while RunTask
+// blocks. The same listener serves the read-only file exports other agents
+// copy from (agent/exports, under /exports/).
 //
 // The agent decides nothing about placement; it owns host state and reports it.
 package agent
@@ -22,6 +25,7 @@ import (
 	"github.com/coreos/go-systemd/v22/daemon"
 	"github.com/google/uuid"
 
+	"github.com/stowage/stowage/agent/exports"
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
 	"github.com/stowage/stowage/errdefs/errconnect"
@@ -50,8 +54,10 @@ type Agent struct {
 	log     *slog.Logger
 	local   drivers.Endpoint
 	svc     *service
+	exports *exports.Server
 	control stowagev1connect.AgentControlServiceClient
 	session string
+	stop    context.CancelFunc // cancels every running task
 
 	mu       sync.Mutex
 	stores   []*stowagev1.StoreAssignment
@@ -60,8 +66,27 @@ type Agent struct {
 	readyOne sync.Once
 }
 
+// Option configures an Agent.
+type Option func(*Agent)
+
+// WithExports serves x's exports under exports.Prefix on the agent's
+// listener and announces them under the agent's advertise URL. Give the
+// same x to the local endpoint (hostfs.WithExporter) that makes them.
+func WithExports(x *exports.Server) Option { return func(a *Agent) { a.exports = x } }
+
+// WithTaskGrace sets how long a task keeps running after its last caller
+// went away (default 2 minutes): long enough for a controller restart to
+// send the same task id again and wait for it.
+func WithTaskGrace(d time.Duration) Option {
+	return func(a *Agent) {
+		if d > 0 {
+			a.svc.journal.grace = d
+		}
+	}
+}
+
 // New builds an agent that runs steps on local.
-func New(cfg Config, local drivers.Endpoint, log *slog.Logger) (*Agent, error) {
+func New(cfg Config, local drivers.Endpoint, log *slog.Logger, opts ...Option) (*Agent, error) {
 	if cfg.ControllerURL == "" {
 		return nil, fmt.Errorf("agent: --controller URL is required: %w", errdefs.ErrInvalid)
 	}
@@ -75,17 +100,43 @@ func New(cfg Config, local drivers.Endpoint, log *slog.Logger) (*Agent, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Agent{
+	// Tasks outlive the RPC that started them, not the agent.
+	base, stop := context.WithCancel(context.Background())
+	j.base = base
+	a := &Agent{
 		cfg:      cfg,
 		log:      log.With("host", cfg.HostID),
 		local:    local,
 		svc:      &service{local: local, journal: j},
 		control:  stowagev1connect.NewAgentControlServiceClient(http.DefaultClient, cfg.ControllerURL),
 		session:  uuid.NewString(),
+		stop:     stop,
 		interval: 3 * time.Second,
 		ready:    make(chan struct{}),
-	}, nil
+	}
+	for _, o := range opts {
+		o(a)
+	}
+	if a.exports != nil && cfg.AdvertiseURL != "" {
+		a.exports.SetBaseURL(cfg.AdvertiseURL)
+	}
+	return a, nil
 }
+
+// Handler serves AgentService, the exports (with WithExports) and /healthz;
+// Run serves it on the agent's listener, tests on their own.
+func (a *Agent) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle(stowagev1connect.NewAgentServiceHandler(a.svc, connect.WithInterceptors(errconnect.Interceptor())))
+	if a.exports != nil {
+		mux.Handle(exports.Prefix, a.exports)
+	}
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
+	return mux
+}
+
+// Close cancels the tasks still running; Run does it when it returns.
+func (a *Agent) Close() { a.stop() }
 
 // Ready is closed once the agent has registered.
 func (a *Agent) Ready() <-chan struct{} { return a.ready }
@@ -96,16 +147,17 @@ func (a *Agent) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("agent: listen %s: %w", a.cfg.Listen, err)
 	}
+	defer a.Close()
 	if a.cfg.AdvertiseURL == "" {
 		a.cfg.AdvertiseURL = advertiseURL(ln.Addr())
 	}
-	mux := http.NewServeMux()
-	mux.Handle(stowagev1connect.NewAgentServiceHandler(a.svc, connect.WithInterceptors(errconnect.Interceptor())))
-	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
+	if a.exports != nil {
+		a.exports.SetBaseURL(a.cfg.AdvertiseURL)
+	}
 	var protocols http.Protocols
 	protocols.SetHTTP1(true)
 	protocols.SetUnencryptedHTTP2(true)
-	srv := &http.Server{Handler: mux, Protocols: &protocols, ReadHeaderTimeout: 10 * time.Second}
+	srv := &http.Server{Handler: a.Handler(), Protocols: &protocols, ReadHeaderTimeout: 10 * time.Second}
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(ln) }()
 	a.log.Info("agent service listening", "addr", ln.Addr().String(), "advertise", a.cfg.AdvertiseURL)
@@ -249,7 +301,7 @@ func (a *Agent) heartbeat(ctx context.Context) (reregister bool, err error) {
 		HostId:        a.cfg.HostID,
 		SessionId:     a.session,
 		Capabilities:  caps,
-		InFlightTasks: a.svc.inFlight.Load(),
+		InFlightTasks: a.svc.journal.inFlight(),
 	}))
 	if err != nil {
 		return false, errconnect.FromConnect(err)

@@ -7,10 +7,12 @@ import (
 	"path/filepath"
 	"regexp"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/protobuf/proto"
 
+	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 )
@@ -19,13 +21,38 @@ import (
 // that a task retried by the controller (after a lost reply or a controller
 // restart) returns its first result instead of running twice. Entries are
 // written temp+fsync+rename and expire after retain.
+//
+// A task runs under the journal's base context, not its caller's: when the
+// caller goes away (a controller restart drops the RunTask call) the task
+// goes on, and the same id sent again waits for it. A task nobody waits for
+// or asks about (GetTask) for grace is cancelled, so an abandoned job does
+// not run forever; cancelled and unavailable outcomes are not journalled,
+// so the next attempt runs the task again (and a download resumes).
 type journal struct {
 	dir    string
 	retain time.Duration
+	grace  time.Duration
+	base   context.Context
 
 	mu      sync.Mutex
-	running map[string]chan struct{} // task id -> closed when it finishes
+	running map[string]*task
 }
+
+// task is a running task.
+type task struct {
+	done   chan struct{} // closed when res and err are set
+	res    *stowagev1.TaskResult
+	err    error
+	cancel context.CancelFunc
+
+	bytesDone, bytesTotal atomic.Int64
+
+	waiters int         // RunTask calls waiting (under journal.mu)
+	orphan  *time.Timer // cancels the task when nobody waits (under journal.mu)
+}
+
+// defaultGrace is how long a task with no caller keeps running.
+const defaultGrace = 2 * time.Minute
 
 var taskIDPattern = regexp.MustCompile(`^[A-Za-z0-9._-]{1,128}$`)
 
@@ -33,7 +60,7 @@ func openJournal(dir string, retain time.Duration) (*journal, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("task journal %s: %w", dir, err)
 	}
-	j := &journal{dir: dir, retain: retain, running: map[string]chan struct{}{}}
+	j := &journal{dir: dir, retain: retain, grace: defaultGrace, base: context.Background(), running: map[string]*task{}}
 	j.expire()
 	return j, nil
 }
@@ -59,54 +86,132 @@ func (j *journal) get(id string) (*stowagev1.TaskResult, error) {
 	return res, nil
 }
 
-// run executes fn once per task id: a concurrent duplicate waits for the
-// first, a later duplicate gets the journalled result. Transient failures
-// (unreachable, cancelled) are not journalled, so a retry runs again.
-func (j *journal) run(ctx context.Context, id string, fn func(context.Context) (*stowagev1.TaskResult, error)) (*stowagev1.TaskResult, error) {
+// status returns the journalled result of id, or the progress of the
+// running task (Done false), or ErrNotFound. Asking keeps a task whose
+// caller went away alive for another grace period.
+func (j *journal) status(id string) (*stowagev1.TaskResult, error) {
+	if res, err := j.get(id); err == nil || !errdefs.IsNotFound(err) {
+		return res, err
+	}
+	j.mu.Lock()
+	t := j.running[id]
+	if t != nil && t.orphan != nil {
+		t.orphan.Reset(j.grace)
+	}
+	j.mu.Unlock()
+	if t != nil {
+		return &stowagev1.TaskResult{TaskId: id, BytesDone: t.bytesDone.Load(), BytesTotal: t.bytesTotal.Load()}, nil
+	}
+	return j.get(id) // it may have finished in between
+}
+
+// inFlight is the number of running tasks.
+func (j *journal) inFlight() int32 {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return int32(len(j.running))
+}
+
+// run executes fn once per task id: a duplicate of a running task waits for
+// it, a later duplicate gets the journalled result. Definite failures are
+// journalled with their class; transient ones (unavailable, cancelled) are
+// returned and not journalled, so a retry runs again. fn gets the task's
+// context and a progress callback whose latest values status reports.
+func (j *journal) run(ctx context.Context, id string, fn func(context.Context, drivers.Progress) (*stowagev1.TaskResult, error)) (*stowagev1.TaskResult, error) {
 	if !taskIDPattern.MatchString(id) {
 		return nil, fmt.Errorf("task id %q: must be 1-128 of [A-Za-z0-9._-]: %w", id, errdefs.ErrInvalid)
 	}
-	for {
+	if res, err := j.get(id); err == nil {
+		return res, nil
+	}
+	j.mu.Lock()
+	t := j.running[id]
+	if t == nil {
+		// Checked again under the lock: a task finishing meanwhile is
+		// journalled before it leaves running.
 		if res, err := j.get(id); err == nil {
+			j.mu.Unlock()
 			return res, nil
 		}
-		j.mu.Lock()
-		wait, busy := j.running[id]
-		if !busy {
-			done := make(chan struct{})
-			j.running[id] = done
-			j.mu.Unlock()
-			defer func() {
-				j.mu.Lock()
-				delete(j.running, id)
-				j.mu.Unlock()
-				close(done)
-			}()
-			break
-		}
-		j.mu.Unlock()
-		select {
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		case <-wait:
-		}
+		tctx, cancel := context.WithCancel(j.base) // the agent stops: the task is cancelled
+		t = &task{done: make(chan struct{}), cancel: cancel}
+		j.running[id] = t
+		go j.execute(tctx, id, t, fn)
 	}
-	res, err := fn(ctx)
+	t.waiters++
+	if t.orphan != nil {
+		t.orphan.Stop()
+		t.orphan = nil
+	}
+	j.mu.Unlock()
+
+	select {
+	case <-t.done:
+		j.leave(t)
+		return t.res, t.err
+	case <-ctx.Done():
+		j.leave(t)
+		return nil, fmt.Errorf("task %s: %w", id, ctx.Err())
+	}
+}
+
+// leave ends one wait on t; the last waiter of a running task arms its
+// orphan timer.
+func (j *journal) leave(t *task) {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	t.waiters--
+	select {
+	case <-t.done:
+		return
+	default:
+	}
+	if t.waiters == 0 && t.orphan == nil {
+		t.orphan = time.AfterFunc(j.grace, func() {
+			j.mu.Lock()
+			abandoned := t.waiters == 0
+			j.mu.Unlock()
+			if abandoned {
+				t.cancel()
+			}
+		})
+	}
+}
+
+// execute runs fn for t and journals its outcome.
+func (j *journal) execute(ctx context.Context, id string, t *task, fn func(context.Context, drivers.Progress) (*stowagev1.TaskResult, error)) {
+	res, err := fn(ctx, func(done, total int64) {
+		t.bytesDone.Store(done)
+		t.bytesTotal.Store(total)
+	})
 	if err != nil {
 		if errdefs.IsUnavailable(err) || ctx.Err() != nil {
-			return nil, err
-		}
-		res = &stowagev1.TaskResult{ErrorClass: errdefs.ClassName(err), Error: err.Error()}
-		if res.ErrorClass == "" {
-			res.ErrorClass = errdefs.ErrInternal.Error()
+			res = nil
+		} else {
+			res = &stowagev1.TaskResult{ErrorClass: errdefs.ClassName(err), Error: err.Error()}
+			if res.ErrorClass == "" {
+				res.ErrorClass = errdefs.ErrInternal.Error()
+			}
+			err = nil
 		}
 	}
-	res.TaskId = id
-	res.Done = true
-	if err := j.put(res); err != nil {
-		return nil, err
+	if res != nil {
+		res.TaskId, res.Done = id, true
+		res.BytesDone, res.BytesTotal = t.bytesDone.Load(), t.bytesTotal.Load()
+		if perr := j.put(res); perr != nil {
+			res, err = nil, perr
+		}
 	}
-	return res, nil
+	t.res, t.err = res, err
+	j.mu.Lock()
+	delete(j.running, id)
+	if t.orphan != nil {
+		t.orphan.Stop()
+		t.orphan = nil
+	}
+	j.mu.Unlock()
+	t.cancel()
+	close(t.done)
 }
 
 func (j *journal) put(res *stowagev1.TaskResult) error {

@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 )
@@ -20,7 +21,7 @@ func TestJournalRunsEachTaskOnce(t *testing.T) {
 	}
 	var runs atomic.Int32
 	release := make(chan struct{})
-	fn := func(ctx context.Context) (*stowagev1.TaskResult, error) {
+	fn := func(ctx context.Context, _ drivers.Progress) (*stowagev1.TaskResult, error) {
 		runs.Add(1)
 		<-release
 		return &stowagev1.TaskResult{Result: &stowagev1.TaskResult_File{File: &stowagev1.FileInfo{Path: "/x", Size: 42}}}, nil
@@ -70,7 +71,7 @@ func TestJournalErrors(t *testing.T) {
 	ctx := context.Background()
 	// A definite failure is journalled with its class.
 	var runs int
-	failing := func(context.Context) (*stowagev1.TaskResult, error) {
+	failing := func(context.Context, drivers.Progress) (*stowagev1.TaskResult, error) {
 		runs++
 		return nil, fmt.Errorf("directory /x: %w", errdefs.ErrFailedPrecondition)
 	}
@@ -85,7 +86,7 @@ func TestJournalErrors(t *testing.T) {
 	}
 	// A transient failure is not journalled: the retry runs again.
 	runs = 0
-	flaky := func(context.Context) (*stowagev1.TaskResult, error) {
+	flaky := func(context.Context, drivers.Progress) (*stowagev1.TaskResult, error) {
 		runs++
 		if runs == 1 {
 			return nil, fmt.Errorf("nfs server: %w", errdefs.ErrUnavailable)
@@ -106,6 +107,100 @@ func TestJournalErrors(t *testing.T) {
 	}
 	if _, err := j.get("never-ran"); !errors.Is(err, errdefs.ErrNotFound) {
 		t.Errorf("get unknown: %v", err)
+	}
+}
+
+func TestJournalProgressAndDetachedTasks(t *testing.T) {
+	j, err := openJournal(t.TempDir(), time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var runs atomic.Int32
+	step := make(chan struct{})
+	release := make(chan struct{})
+	fn := func(ctx context.Context, progress drivers.Progress) (*stowagev1.TaskResult, error) {
+		runs.Add(1)
+		progress(10, 100)
+		close(step)
+		select {
+		case <-release:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+		progress(100, 100)
+		return &stowagev1.TaskResult{Result: &stowagev1.TaskResult_Uri{Uri: "done"}}, nil
+	}
+	// The first caller goes away while the task runs (a controller restart).
+	ctx, cancel := context.WithCancel(context.Background())
+	first := make(chan error, 1)
+	go func() {
+		_, err := j.run(ctx, "t1", fn)
+		first <- err
+	}()
+	<-step
+	res, err := j.status("t1")
+	if err != nil || res.GetDone() || res.GetBytesDone() != 10 || res.GetBytesTotal() != 100 {
+		t.Fatalf("status of a running task: %v %v", res, err)
+	}
+	cancel()
+	if err := <-first; !errors.Is(err, context.Canceled) {
+		t.Fatalf("first caller: %v", err)
+	}
+	// The task goes on; the same id sent again waits for it.
+	second := make(chan *stowagev1.TaskResult, 1)
+	go func() {
+		res, err := j.run(context.Background(), "t1", fn)
+		if err != nil {
+			t.Error(err)
+		}
+		second <- res
+	}()
+	time.Sleep(20 * time.Millisecond)
+	close(release)
+	res = <-second
+	if res.GetUri() != "done" || !res.GetDone() || res.GetBytesDone() != 100 || runs.Load() != 1 {
+		t.Fatalf("second caller: %v, runs %d", res, runs.Load())
+	}
+	if res, err := j.status("t1"); err != nil || !res.GetDone() || res.GetUri() != "done" {
+		t.Fatalf("status of a finished task: %v %v", res, err)
+	}
+	if _, err := j.status("t-unknown"); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Fatalf("status of an unknown task: %v", err)
+	}
+}
+
+func TestJournalCancelsAbandonedTasks(t *testing.T) {
+	j, err := openJournal(t.TempDir(), time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	j.grace = 50 * time.Millisecond
+	var runs atomic.Int32
+	cancelled := make(chan struct{})
+	fn := func(ctx context.Context, _ drivers.Progress) (*stowagev1.TaskResult, error) {
+		if runs.Add(1) > 1 {
+			return &stowagev1.TaskResult{}, nil
+		}
+		<-ctx.Done()
+		close(cancelled)
+		return nil, ctx.Err()
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Millisecond)
+	defer cancel()
+	if _, err := j.run(ctx, "t2", fn); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("caller: %v", err)
+	}
+	select {
+	case <-cancelled:
+	case <-time.After(5 * time.Second):
+		t.Fatal("an abandoned task was not cancelled")
+	}
+	// Cancelled is not journalled: the next attempt runs it again.
+	for j.inFlight() > 0 {
+		time.Sleep(time.Millisecond)
+	}
+	if res, err := j.run(context.Background(), "t2", fn); err != nil || !res.GetDone() || runs.Load() != 2 {
+		t.Fatalf("retry after cancel: %v %v runs=%d", res, err, runs.Load())
 	}
 }
 

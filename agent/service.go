@@ -2,7 +2,6 @@ package agent
 
 import (
 	"context"
-	"sync/atomic"
 
 	"connectrpc.com/connect"
 
@@ -15,19 +14,18 @@ import (
 // service is the agent's AgentService: it runs the controller's tasks on the
 // local endpoint through the journal.
 type service struct {
-	local    drivers.Endpoint
-	journal  *journal
-	inFlight atomic.Int32
+	local   drivers.Endpoint
+	journal *journal
 }
 
 var _ stowagev1connect.AgentServiceHandler = (*service)(nil)
 
+// RunTask runs a task (or waits for the running task of the same id) and
+// returns its result.
 func (s *service) RunTask(ctx context.Context, req *connect.Request[stowagev1.RunTaskRequest]) (*connect.Response[stowagev1.RunTaskResponse], error) {
 	task := req.Msg.GetTask()
-	s.inFlight.Add(1)
-	defer s.inFlight.Add(-1)
-	res, err := s.journal.run(ctx, task.GetId(), func(ctx context.Context) (*stowagev1.TaskResult, error) {
-		return proxy.Execute(ctx, s.local, task)
+	res, err := s.journal.run(ctx, task.GetId(), func(ctx context.Context, progress drivers.Progress) (*stowagev1.TaskResult, error) {
+		return proxy.Execute(ctx, s.local, task, progress)
 	})
 	if err != nil {
 		return nil, err
@@ -35,8 +33,9 @@ func (s *service) RunTask(ctx context.Context, req *connect.Request[stowagev1.Ru
 	return connect.NewResponse(&stowagev1.RunTaskResponse{Result: res}), nil
 }
 
+// GetTask returns a finished task's result or a running task's progress.
 func (s *service) GetTask(ctx context.Context, req *connect.Request[stowagev1.GetTaskRequest]) (*connect.Response[stowagev1.GetTaskResponse], error) {
-	res, err := s.journal.get(req.Msg.GetTaskId())
+	res, err := s.journal.status(req.Msg.GetTaskId())
 	if err != nil {
 		return nil, err
 	}

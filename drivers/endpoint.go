@@ -7,8 +7,13 @@ import (
 
 // Endpoint is a handle on one agent that runs host-side steps for a driver.
 // Every call is idempotent: retrying a step that already ran has the same
-// result and does the work once.
+// result and does the work once. A context carrying a task id (WithTaskID)
+// makes a remote call's id deterministic, so that a step re-run after a
+// controller restart gets the agent's journalled result.
 type Endpoint interface {
+	// ImageOps are the steps on disk images (imageops.go).
+	ImageOps
+
 	// HostID is the id of the host the steps run on.
 	HostID() string
 	// PrepareStore creates the store layout under path (subdirectories and a

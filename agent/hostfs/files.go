@@ -7,7 +7,6 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
-	"strings"
 
 	"github.com/stowage/stowage/datapath/qemuimg"
 	"github.com/stowage/stowage/drivers"
@@ -44,7 +43,7 @@ func (l *Local) createImage(ctx context.Context, path string, format drivers.For
 	if size <= 0 || size%qemuimg.SectorSize != 0 {
 		return drivers.FileInfo{}, fmt.Errorf("size %d is not a positive multiple of %d bytes: %w", size, qemuimg.SectorSize, errdefs.ErrInvalid)
 	}
-	if strings.HasPrefix(filepath.Base(path), TempPrefix) || filepath.Base(path) == MarkerFile {
+	if isTemp(filepath.Base(path)) || filepath.Base(path) == MarkerFile {
 		return drivers.FileInfo{}, fmt.Errorf("name %s is reserved by Stowage: %w", filepath.Base(path), errdefs.ErrInvalid)
 	}
 	if err := ctx.Err(); err != nil {
@@ -121,8 +120,9 @@ func (l *Local) existingImage(ctx context.Context, path, final string, format dr
 	return fileInfo(path, fi), nil
 }
 
-// DeletePath removes the file (or empty directory) at path; a missing one is
-// not an error. A non-empty directory is errdefs.ErrFailedPrecondition. The
+// DeletePath removes the file (or empty directory) at path, and what an
+// interrupted image step left in staging for it; a missing one is not an
+// error. A non-empty directory is errdefs.ErrFailedPrecondition. The
 // store marker is not removed this way: ReleaseStore does that.
 func (l *Local) DeletePath(ctx context.Context, path string) error {
 	if err := l.deletePath(ctx, path); err != nil {
@@ -142,6 +142,8 @@ func (l *Local) deletePath(ctx context.Context, path string) error {
 		return err
 	}
 	p := l.onHost(path)
+	// What an interrupted image step left for this object goes with it.
+	l.removeStaged(p)
 	if err := os.Remove(p); err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
 			return nil
@@ -151,8 +153,8 @@ func (l *Local) deletePath(ctx context.Context, path string) error {
 	return classed(syncDir(filepath.Dir(p)))
 }
 
-// ListDir lists the directory path, sorted by name, without the TempPrefix
-// files being written in it. A missing directory is errdefs.ErrNotFound.
+// ListDir lists the directory path, sorted by name, without the temporary
+// files (isTemp) being written in it. A missing directory is errdefs.ErrNotFound.
 // Entries are not followed: a symbolic link is reported as itself.
 func (l *Local) ListDir(ctx context.Context, path string) ([]drivers.FileInfo, error) {
 	out, err := l.listDir(ctx, path)
@@ -176,7 +178,7 @@ func (l *Local) listDir(ctx context.Context, path string) ([]drivers.FileInfo, e
 	}
 	out := make([]drivers.FileInfo, 0, len(entries))
 	for i, e := range entries {
-		if strings.HasPrefix(e.Name(), TempPrefix) {
+		if isTemp(e.Name()) {
 			continue
 		}
 		if i%256 == 255 {

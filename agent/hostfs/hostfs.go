@@ -1,7 +1,8 @@
 // Package hostfs is the agent's implementation of drivers.Endpoint on the
-// local kernel: it lays out and probes store directories, creates disk
-// images through qemu-img, and lists, stats and deletes files. The agent
-// serves it over RPC to the controller's drivers; tests and the driver
+// local kernel: it lays out and probes store directories, creates, fetches,
+// copies, clones, snapshots, backs up and exports disk images, and lists,
+// stats and deletes files. The agent serves it over RPC to the
+// controller's drivers; tests and the driver
 // conformance suite (drivers/driverstest) call it directly. It is the real
 // implementation, not a fake: every call does the host work.
 //
@@ -26,6 +27,14 @@
 //   - ProbeStore answers whether the store's filesystem shares extents
 //     (reflink) by cloning a small file with FICLONE, in the store's tmp/
 //     when it has one, once per directory and filesystem for the process.
+//   - Local also implements drivers.ImageOps (images.go, snapshot.go,
+//     backup.go, export.go): downloads and copies through the copy engine
+//     (datapath/stream), clones, snapshots, rebases and conversions through
+//     qemu-img, backups into a content-addressed chunk store
+//     (datapath/chunkstore), and read-only HTTP exports through an
+//     Exporter (WithExporter). Image steps stage their output under
+//     deterministic temporary names so an interrupted download resumes,
+//     and lock the object paths they touch (per path, honouring ctx).
 //   - A cancelled context stops a call before it starts blocking work;
 //     ProbeStore returns at once when the context ends even if the kernel is
 //     stuck in statfs on a dead NFS server.
@@ -55,7 +64,16 @@ import (
 const MarkerFile = ".stowage-store"
 
 // TempPrefix starts the names of files being written; they are not objects.
+// The copy engine's own work files for such a name ("." + name + suffix)
+// start with "." + TempPrefix and are temporary too (isTemp).
 const TempPrefix = ".stowage-tmp-"
+
+// isTemp reports whether a directory entry is a temporary file of a step
+// in progress (or left by a crash): hidden from ListDir, removed by
+// ReleaseStore and by DeletePath of the object it was becoming.
+func isTemp(name string) bool {
+	return strings.HasPrefix(name, TempPrefix) || strings.HasPrefix(name, "."+TempPrefix)
+}
 
 // Local runs endpoint steps on this machine. It is safe for concurrent use;
 // concurrent steps on the same path are safe too (no-replace renames).
@@ -66,9 +84,15 @@ type Local struct {
 
 	mu      sync.Mutex
 	reflink map[reflinkKey]bool // per store directory and filesystem, for the process
+
+	locks    keyedLocks // per object path, for the image steps
+	exporter Exporter
 }
 
-var _ drivers.Endpoint = (*Local)(nil)
+var (
+	_ drivers.Endpoint = (*Local)(nil)
+	_ drivers.ImageOps = (*Local)(nil)
+)
 
 // Option configures a Local.
 type Option func(*Local)

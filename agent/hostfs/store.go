@@ -133,7 +133,7 @@ func checkSubdirs(subdirs []string) error {
 		if sd == "." || !filepath.IsLocal(sd) || filepath.Clean(sd) != sd || strings.IndexByte(sd, 0) >= 0 {
 			return fmt.Errorf("store subdirectory %q is not a clean relative path inside the store: %w", sd, errdefs.ErrInvalid)
 		}
-		if b := filepath.Base(sd); b == MarkerFile || strings.HasPrefix(b, TempPrefix) {
+		if b := filepath.Base(sd); b == MarkerFile || isTemp(b) {
 			return fmt.Errorf("store subdirectory %q uses a name reserved by Stowage: %w", sd, errdefs.ErrInvalid)
 		}
 	}
@@ -348,7 +348,7 @@ func (l *Local) releaseStore(ctx context.Context, path, storeID string, subdirs 
 			switch {
 			case layout[filepath.Join(sd, e.Name())]:
 				// a nested layout directory, released below
-			case strings.HasPrefix(e.Name(), TempPrefix) && e.Type().IsRegular():
+			case isTemp(e.Name()) && e.Type().IsRegular():
 				if err := os.Remove(filepath.Join(dir, sd, e.Name())); err != nil && !errors.Is(err, fs.ErrNotExist) {
 					return classed(err)
 				}

@@ -67,10 +67,95 @@ func FormatFromProto(f stowagev1.ImageFormat) drivers.Format {
 	return ""
 }
 
+// ImageInfoToProto converts image facts for the wire.
+func ImageInfoToProto(i drivers.ImageInfo) *stowagev1.ImageInfo {
+	out := &stowagev1.ImageInfo{Path: i.Path, Format: FormatToProto(i.Format), VirtualSize: i.VirtualSize,
+		PhysicalSize: i.PhysicalSize, BackingFile: i.BackingFile, Sha256: i.SHA256,
+		BytesWritten: i.BytesWritten, BytesSkipped: i.BytesSkipped, Method: i.Method}
+	if out.Format == stowagev1.ImageFormat_IMAGE_FORMAT_UNSPECIFIED {
+		out.FormatName = string(i.Format)
+	}
+	return out
+}
+
+// ImageInfoFromProto converts image facts from the wire.
+func ImageInfoFromProto(i *stowagev1.ImageInfo) drivers.ImageInfo {
+	out := drivers.ImageInfo{Path: i.GetPath(), Format: FormatFromProto(i.GetFormat()), VirtualSize: i.GetVirtualSize(),
+		PhysicalSize: i.GetPhysicalSize(), BackingFile: i.GetBackingFile(), SHA256: i.GetSha256(),
+		BytesWritten: i.GetBytesWritten(), BytesSkipped: i.GetBytesSkipped(), Method: i.GetMethod()}
+	if out.Format == "" {
+		out.Format = drivers.Format(i.GetFormatName())
+	}
+	return out
+}
+
+// SnapshotInfoToProto converts a snapshot result for the wire.
+func SnapshotInfoToProto(s drivers.SnapshotInfo) *stowagev1.SnapshotInfo {
+	return &stowagev1.SnapshotInfo{Snapshot: ImageInfoToProto(s.Snapshot), Volume: ImageInfoToProto(s.Volume), Method: s.Method}
+}
+
+// SnapshotInfoFromProto converts a snapshot result from the wire.
+func SnapshotInfoFromProto(s *stowagev1.SnapshotInfo) drivers.SnapshotInfo {
+	return drivers.SnapshotInfo{Snapshot: ImageInfoFromProto(s.GetSnapshot()), Volume: ImageInfoFromProto(s.GetVolume()), Method: s.GetMethod()}
+}
+
+// BackupInfoToProto converts a backup result for the wire.
+func BackupInfoToProto(b drivers.BackupInfo) *stowagev1.BackupInfo {
+	return &stowagev1.BackupInfo{Manifest: b.Manifest, Size: b.Size, Chunks: b.Chunks, ZeroChunks: b.ZeroChunks,
+		NewChunks: b.NewChunks, NewBytes: b.NewBytes, ReusedBytes: b.ReusedBytes, ReadBytes: b.ReadBytes}
+}
+
+// BackupInfoFromProto converts a backup result from the wire.
+func BackupInfoFromProto(b *stowagev1.BackupInfo) drivers.BackupInfo {
+	return drivers.BackupInfo{Manifest: b.GetManifest(), Size: b.GetSize(), Chunks: b.GetChunks(), ZeroChunks: b.GetZeroChunks(),
+		NewChunks: b.GetNewChunks(), NewBytes: b.GetNewBytes(), ReusedBytes: b.GetReusedBytes(), ReadBytes: b.GetReadBytes()}
+}
+
+// CloneModeToProto converts a clone mode for the wire.
+func CloneModeToProto(m drivers.CloneMode) stowagev1.CloneMode {
+	switch m {
+	case drivers.CloneReflink:
+		return stowagev1.CloneMode_CLONE_MODE_REFLINK
+	case drivers.CloneLinked:
+		return stowagev1.CloneMode_CLONE_MODE_LINKED
+	case drivers.CloneFull:
+		return stowagev1.CloneMode_CLONE_MODE_FULL
+	}
+	return stowagev1.CloneMode_CLONE_MODE_UNSPECIFIED
+}
+
+// CloneModeFromProto converts a clone mode from the wire.
+func CloneModeFromProto(m stowagev1.CloneMode) drivers.CloneMode {
+	switch m {
+	case stowagev1.CloneMode_CLONE_MODE_REFLINK:
+		return drivers.CloneReflink
+	case stowagev1.CloneMode_CLONE_MODE_LINKED:
+		return drivers.CloneLinked
+	case stowagev1.CloneMode_CLONE_MODE_FULL:
+		return drivers.CloneFull
+	}
+	return ""
+}
+
 // Execute runs one wire task on a local endpoint and returns its result
-// (without task id or error fields, which the caller fills in).
-func Execute(ctx context.Context, ep drivers.Endpoint, task *stowagev1.Task) (*stowagev1.TaskResult, error) {
+// (without task id or error fields, which the caller fills in). progress,
+// which may be nil, receives the progress of long steps.
+func Execute(ctx context.Context, ep drivers.Endpoint, task *stowagev1.Task, progress drivers.Progress) (*stowagev1.TaskResult, error) {
 	res := &stowagev1.TaskResult{TaskId: task.GetId()}
+	image := func(i drivers.ImageInfo, err error) (*stowagev1.TaskResult, error) {
+		if err != nil {
+			return nil, err
+		}
+		res.Result = &stowagev1.TaskResult_Image{Image: ImageInfoToProto(i)}
+		return res, nil
+	}
+	backup := func(b drivers.BackupInfo, err error) (*stowagev1.TaskResult, error) {
+		if err != nil {
+			return nil, err
+		}
+		res.Result = &stowagev1.TaskResult_Backup{Backup: BackupInfoToProto(b)}
+		return res, nil
+	}
 	switch s := task.GetStep().(type) {
 	case *stowagev1.Task_PrepareStore:
 		p, err := ep.PrepareStore(ctx, s.PrepareStore.GetPath(), s.PrepareStore.GetStoreId(), s.PrepareStore.GetSubdirs())
@@ -114,6 +199,52 @@ func Execute(ctx context.Context, ep drivers.Endpoint, task *stowagev1.Task) (*s
 			return nil, err
 		}
 		res.Result = &stowagev1.TaskResult_File{File: FileToProto(f)}
+	case *stowagev1.Task_FetchImage:
+		r := s.FetchImage
+		return image(ep.FetchImage(ctx, drivers.FetchRequest{Source: r.GetSource(), Dest: r.GetDest(),
+			Format: FormatFromProto(r.GetFormat()), Checksum: r.GetChecksum()}, progress))
+	case *stowagev1.Task_CopyImage:
+		r := s.CopyImage
+		return image(ep.CopyImage(ctx, drivers.CopyRequest{Source: r.GetSource(), Dest: r.GetDest(),
+			Format: FormatFromProto(r.GetFormat()), Flatten: r.GetFlatten()}, progress))
+	case *stowagev1.Task_CloneImage:
+		r := s.CloneImage
+		return image(ep.CloneImage(ctx, drivers.CloneRequest{Base: r.GetBase(), Dest: r.GetDest(),
+			Mode: CloneModeFromProto(r.GetMode()), Format: FormatFromProto(r.GetFormat()), Size: r.GetSizeBytes()}, progress))
+	case *stowagev1.Task_InspectImage:
+		return image(ep.InspectImage(ctx, s.InspectImage.GetPath()))
+	case *stowagev1.Task_ResizeImage:
+		return image(ep.ResizeImage(ctx, s.ResizeImage.GetPath(), s.ResizeImage.GetSizeBytes()))
+	case *stowagev1.Task_SnapshotImage:
+		si, err := ep.SnapshotImage(ctx, drivers.SnapshotRequest{Volume: s.SnapshotImage.GetVolume(), Snapshot: s.SnapshotImage.GetSnapshot()})
+		if err != nil {
+			return nil, err
+		}
+		res.Result = &stowagev1.TaskResult_Snapshot{Snapshot: SnapshotInfoToProto(si)}
+	case *stowagev1.Task_RevertImage:
+		return image(ep.RevertImage(ctx, drivers.SnapshotRequest{Volume: s.RevertImage.GetVolume(), Snapshot: s.RevertImage.GetSnapshot()}))
+	case *stowagev1.Task_RebaseImage:
+		return image(ep.RebaseImage(ctx, s.RebaseImage.GetPath(), s.RebaseImage.GetNewBacking()))
+	case *stowagev1.Task_BackupImage:
+		r := s.BackupImage
+		return backup(ep.BackupImage(ctx, drivers.BackupRequest{Source: r.GetSource(), ChunkDir: r.GetChunkDir(),
+			Manifest: r.GetManifest(), ParentManifest: r.GetParentManifest(), ChunkSize: r.GetChunkSize()}, progress))
+	case *stowagev1.Task_RestoreImage:
+		r := s.RestoreImage
+		return image(ep.RestoreImage(ctx, drivers.RestoreRequest{Manifest: r.GetManifest(), ChunkDir: r.GetChunkDir(),
+			Dest: r.GetDest(), Format: FormatFromProto(r.GetFormat())}, progress))
+	case *stowagev1.Task_DeleteBackup:
+		return backup(ep.DeleteBackup(ctx, drivers.DeleteBackupRequest{Manifest: s.DeleteBackup.GetManifest(), ChunkDir: s.DeleteBackup.GetChunkDir()}))
+	case *stowagev1.Task_Export:
+		u, err := ep.Export(ctx, s.Export.GetPath())
+		if err != nil {
+			return nil, err
+		}
+		res.Result = &stowagev1.TaskResult_Uri{Uri: string(u)}
+	case *stowagev1.Task_Unexport:
+		if err := ep.Unexport(ctx, drivers.URI(s.Unexport.GetUri())); err != nil {
+			return nil, err
+		}
 	default:
 		return nil, fmt.Errorf("task %s: unknown step %T: %w", task.GetId(), s, errdefs.ErrNotImplemented)
 	}

@@ -8,6 +8,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/stowage/stowage/agent"
+	"github.com/stowage/stowage/agent/exports"
 	"github.com/stowage/stowage/agent/hostfs"
 )
 
@@ -58,5 +59,8 @@ func newAgent(cfg agent.Config, log *slog.Logger) (*agent.Agent, error) {
 	if cfg.IQN == "" {
 		cfg.IQN = agent.ReadIQN()
 	}
-	return agent.New(cfg, hostfs.New(cfg.HostID), log)
+	// One exporter serves the agent's read-only file exports (agent-to-agent
+	// copies) on its listener; the local endpoint creates them.
+	x := exports.New()
+	return agent.New(cfg, hostfs.New(cfg.HostID, hostfs.WithExporter(x)), log, agent.WithExports(x))
 }

@@ -65,7 +65,7 @@ func (h registerHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.
 			if err != nil {
 				return err
 			}
-			info, err = ch.Ops().FetchImage(ctx, drivers.FetchRequest{
+			info, err = ch.Endpoint.FetchImage(ctx, drivers.FetchRequest{
 				Source: t.GetUrl(), Dest: datastore.Path(st, ref.GetInstallPath()), Format: format, Checksum: t.GetChecksum(),
 			}, func(done, total int64) {
 				rep.Bytes(done, total)
@@ -235,7 +235,7 @@ func (h createHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 		if err != nil {
 			return err
 		}
-		info, err = ch.Ops().CopyImage(ctx, drivers.CopyRequest{
+		info, err = ch.Endpoint.CopyImage(ctx, drivers.CopyRequest{
 			Source: datastore.Path(src, job.GetParams()["source_path"]), Dest: datastore.Path(dst, ref.GetInstallPath()),
 			Format: format, Flatten: true,
 		}, rep.Bytes)

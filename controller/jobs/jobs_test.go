@@ -22,7 +22,9 @@ type scripted struct {
 	fails atomic.Int32
 }
 
-func (h *scripted) Run(ctx context.Context, job *stowagev1.Job, r *Reporter) error { return h.run(ctx, job, r) }
+func (h *scripted) Run(ctx context.Context, job *stowagev1.Job, r *Reporter) error {
+	return h.run(ctx, job, r)
+}
 func (h *scripted) Fail(context.Context, *stowagev1.Job, error) error {
 	h.fails.Add(1)
 	return nil

@@ -62,7 +62,7 @@ func (h takeHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Repo
 		if err != nil {
 			return err
 		}
-		info, err = ch.Ops().SnapshotImage(ctx, drivers.SnapshotRequest{Volume: datastore.Path(st, v.GetInstallPath()), Snapshot: datastore.Path(st, ref.GetInstallPath())})
+		info, err = ch.Endpoint.SnapshotImage(ctx, drivers.SnapshotRequest{Volume: datastore.Path(st, v.GetInstallPath()), Snapshot: datastore.Path(st, ref.GetInstallPath())})
 		return err
 	}); err != nil {
 		return err
@@ -159,7 +159,7 @@ func (h revertHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 		if err != nil {
 			return err
 		}
-		_, err = ch.Ops().RevertImage(ctx, drivers.SnapshotRequest{Volume: datastore.Path(st, v.GetInstallPath()), Snapshot: datastore.Path(st, ref.GetInstallPath())})
+		_, err = ch.Endpoint.RevertImage(ctx, drivers.SnapshotRequest{Volume: datastore.Path(st, v.GetInstallPath()), Snapshot: datastore.Path(st, ref.GetInstallPath())})
 		return err
 	}); err != nil {
 		return err
@@ -224,7 +224,7 @@ func (h backupHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 		if err != nil {
 			return err
 		}
-		info, err = ch.Ops().BackupImage(ctx, drivers.BackupRequest{
+		info, err = ch.Endpoint.BackupImage(ctx, drivers.BackupRequest{
 			Source: datastore.Path(primary, src.GetInstallPath()), ChunkDir: datastore.Path(img, volume.ChunkDir),
 			Manifest: datastore.Path(img, ref.GetInstallPath()), ParentManifest: parentManifest, ChunkSize: ChunkSize,
 		}, rep.Bytes)
@@ -396,7 +396,7 @@ func (s *Service) deleteRef(ctx context.Context, job *stowagev1.Job, rep *jobs.R
 		if r.GetRole() == stowagev1.StoreRole_STORE_ROLE_PRIMARY {
 			return ch.Endpoint.DeletePath(ctx, datastore.Path(st, r.GetInstallPath()))
 		}
-		_, err = ch.Ops().DeleteBackup(ctx, drivers.DeleteBackupRequest{Manifest: datastore.Path(st, r.GetInstallPath()), ChunkDir: datastore.Path(st, volume.ChunkDir)})
+		_, err = ch.Endpoint.DeleteBackup(ctx, drivers.DeleteBackupRequest{Manifest: datastore.Path(st, r.GetInstallPath()), ChunkDir: datastore.Path(st, volume.ChunkDir)})
 		return err
 	})
 	if err != nil {

@@ -50,7 +50,7 @@ func (h createHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 			if err != nil {
 				return err
 			}
-			info, err = ch.Ops().CloneImage(ctx, drivers.CloneRequest{
+			info, err = ch.Endpoint.CloneImage(ctx, drivers.CloneRequest{
 				Base: datastore.Path(st, spool.GetInstallPath()), Dest: dest, Mode: drivers.CloneMode(job.GetParams()["mode"]),
 				Format: format, Size: v.GetSize(),
 			}, rep.Bytes)
@@ -237,7 +237,7 @@ func (s *Service) createFromSnapshot(ctx context.Context, job *stowagev1.Job, re
 		if err != nil {
 			return err
 		}
-		*info, err = ch.Ops().RestoreImage(ctx, drivers.RestoreRequest{
+		*info, err = ch.Endpoint.RestoreImage(ctx, drivers.RestoreRequest{
 			Manifest: datastore.Path(src, ref.GetInstallPath()), ChunkDir: datastore.Path(src, ChunkDir),
 			Dest: datastore.Path(st, v.GetInstallPath()), Format: format,
 		}, rep.Bytes)
@@ -387,7 +387,7 @@ func (h resizeHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 		if err != nil {
 			return err
 		}
-		info, err = ch.Ops().ResizeImage(ctx, datastore.Path(st, v.GetInstallPath()), size)
+		info, err = ch.Endpoint.ResizeImage(ctx, datastore.Path(st, v.GetInstallPath()), size)
 		return err
 	}); err != nil {
 		return err

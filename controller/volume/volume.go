@@ -346,7 +346,7 @@ func (s *Service) copyBetween(ctx context.Context, a *stowagev1.DataStore, srcRe
 	req.Dest = datastore.Path(b, dstRel)
 	if ch, err := s.sel.Select(ctx, "", datastore.Scope(a), datastore.Scope(b)); err == nil {
 		req.Source = datastore.Path(a, srcRel)
-		return ch.Ops().CopyImage(ctx, req, progress)
+		return ch.Endpoint.CopyImage(ctx, req, progress)
 	}
 	src, err := s.sel.Select(ctx, "", datastore.Scope(a))
 	if err != nil {
@@ -356,13 +356,13 @@ func (s *Service) copyBetween(ctx context.Context, a *stowagev1.DataStore, srcRe
 	if err != nil {
 		return drivers.ImageInfo{}, err
 	}
-	uri, err := src.Ops().Export(ctx, datastore.Path(a, srcRel))
+	uri, err := src.Endpoint.Export(ctx, datastore.Path(a, srcRel))
 	if err != nil {
 		return drivers.ImageInfo{}, err
 	}
-	defer func() { _ = src.Ops().Unexport(context.WithoutCancel(ctx), uri) }()
+	defer func() { _ = src.Endpoint.Unexport(context.WithoutCancel(ctx), uri) }()
 	req.Source = string(uri)
-	return dst.Ops().CopyImage(ctx, req, progress)
+	return dst.Endpoint.CopyImage(ctx, req, progress)
 }
 
 func (p *planner) fromSnapshot(ctx context.Context, req *stowagev1.CreateVolumeRequest, vol *stowagev1.Volume, want drivers.Format) error {

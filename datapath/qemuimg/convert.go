@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"strconv"
+	"strings"
 
 	"github.com/stowage/stowage/errdefs"
 )
@@ -19,6 +20,7 @@ type convertConfig struct {
 	noCreate   bool
 	cache      string
 	options    string
+	progress   func(percent float64)
 }
 
 // SourceFormat asserts the source's format (-f) instead of probing it.
@@ -48,6 +50,12 @@ func CacheMode(mode string) ConvertOption { return func(c *convertConfig) { c.ca
 
 // FormatOptions passes -o to the output format ("compat=1.1,cluster_size=65536").
 func FormatOptions(opts string) ConvertOption { return func(c *convertConfig) { c.options = opts } }
+
+// ConvertProgress runs qemu-img convert with -p and calls fn with the
+// percentage done (0 to 100) as qemu-img reports it, from one goroutine.
+func ConvertProgress(fn func(percent float64)) ConvertOption {
+	return func(c *convertConfig) { c.progress = fn }
+}
 
 // Convert copies the image at src into a new image at dst in format
 // (qemu-img convert). dst is overwritten if it exists; write to a temporary
@@ -85,7 +93,37 @@ func (t *Tool) Convert(ctx context.Context, src, dst, format string, opts ...Con
 	if c.options != "" {
 		args = append(args, "-o", c.options)
 	}
+	if c.progress != nil {
+		args = append(args, "-p")
+	}
 	args = append(args, fileArg(src), fileArg(dst))
-	_, err := t.run(ctx, "convert", src, args...)
-	return err
+	if c.progress == nil {
+		_, err := t.run(ctx, "convert", src, args...)
+		return err
+	}
+	return t.runTo(ctx, "convert", src, &percentWriter{fn: c.progress}, nil, args...)
+}
+
+// percentWriter parses qemu-img's -p output, "    (12.34/100%)\r".
+type percentWriter struct {
+	fn   func(float64)
+	line []byte
+}
+
+func (w *percentWriter) Write(p []byte) (int, error) {
+	for _, b := range p {
+		if b != '\r' && b != '\n' {
+			if len(w.line) < 64 {
+				w.line = append(w.line, b)
+			}
+			continue
+		}
+		s := strings.TrimSpace(string(w.line))
+		w.line = w.line[:0]
+		s = strings.TrimSuffix(strings.TrimPrefix(s, "("), "/100%)")
+		if v, err := strconv.ParseFloat(s, 64); err == nil {
+			w.fn(v)
+		}
+	}
+	return len(p), nil
 }

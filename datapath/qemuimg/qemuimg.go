@@ -1,4 +1,5 @@
-// Package qemuimg runs the qemu-img binary: it creates disk images, reads
+// Package qemuimg runs the qemu-img binary: it creates, converts, resizes,
+// rebases, checks and compares disk images, maps their allocation, reads
 // their metadata and reports the tool's version. It is a thin wrapper: each
 // call is one qemu-img process started with exec.CommandContext, so a
 // cancelled context kills the process, and the wrapper adds only argument
@@ -37,6 +38,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -160,6 +162,7 @@ type createConfig struct {
 	backing, backingFormat string
 	prealloc               string
 	clusterSize            int64
+	noBackingCheck         bool
 }
 
 // BackingFile makes the new image a qcow2 overlay of backing, whose format
@@ -169,6 +172,13 @@ type createConfig struct {
 // backing file, size may be 0 to take the backing image's size.
 func BackingFile(backing, format string) CreateOption {
 	return func(c *createConfig) { c.backing, c.backingFormat = backing, format }
+}
+
+// SkipBackingCheck records the backing file without opening it (qemu-img
+// create -u), so that an overlay can be made before its backing file is in
+// place (an external snapshot made crash-safely). size must then be given.
+func SkipBackingCheck() CreateOption {
+	return func(c *createConfig) { c.noBackingCheck = true }
 }
 
 // Preallocation sets qemu-img's preallocation mode: "off" (the default:
@@ -212,6 +222,9 @@ func (t *Tool) Create(ctx context.Context, path, format string, size int64, opts
 		if c.backingFormat == "" {
 			return fmt.Errorf("qemu-img create %s: backing file %s without its format: %w", path, c.backing, errdefs.ErrInvalid)
 		}
+		if c.noBackingCheck && size == 0 {
+			return fmt.Errorf("qemu-img create %s: an unchecked backing file needs an explicit size: %w", path, errdefs.ErrInvalid)
+		}
 	}
 	if c.clusterSize < 0 {
 		return fmt.Errorf("qemu-img create %s: negative cluster size %d: %w", path, c.clusterSize, errdefs.ErrInvalid)
@@ -236,6 +249,9 @@ func (t *Tool) Create(ctx context.Context, path, format string, size int64, opts
 	}
 	if c.backing != "" {
 		// Recorded in the image as given: a protocol (nbd://...) is allowed here.
+		if c.noBackingCheck {
+			args = append(args, "-u")
+		}
 		args = append(args, "-b", c.backing, "-F", c.backingFormat)
 	}
 	args = append(args, fileArg(path))
@@ -266,6 +282,10 @@ type Info struct {
 	Encrypted bool `json:"encrypted,omitempty"`
 	// Corrupt is qcow2's corrupt bit (format-specific data).
 	Corrupt bool `json:"-"`
+	// DataFile is the external data file of a qcow2 image (format-specific
+	// data), "" when the image holds its own data. An image from an
+	// untrusted source must not have one: it can name any file or device.
+	DataFile string `json:"-"`
 }
 
 // InfoOption tunes Info.
@@ -315,7 +335,8 @@ func (t *Tool) Info(ctx context.Context, path string, opts ...InfoOption) (Info,
 		Info
 		FormatSpecific struct {
 			Data struct {
-				Corrupt bool `json:"corrupt"`
+				Corrupt  bool   `json:"corrupt"`
+				DataFile string `json:"data-file"`
 			} `json:"data"`
 		} `json:"format-specific"`
 	}
@@ -324,6 +345,7 @@ func (t *Tool) Info(ctx context.Context, path string, opts ...InfoOption) (Info,
 	}
 	info := raw.Info
 	info.Corrupt = raw.FormatSpecific.Data.Corrupt
+	info.DataFile = raw.FormatSpecific.Data.DataFile
 	return info, nil
 }
 
@@ -337,33 +359,54 @@ func fileArg(path string) string {
 
 // run starts qemu-img with args and returns its stdout.
 func (t *Tool) run(ctx context.Context, op, path string, args ...string) ([]byte, error) {
+	var stdout bytes.Buffer
+	if err := t.runTo(ctx, op, path, &stdout, nil, args...); err != nil {
+		return nil, err
+	}
+	return stdout.Bytes(), nil
+}
+
+// runTo starts qemu-img with args, its stdout going to stdout. A non-zero
+// exit status for which okExit returns true is not an error (qemu-img check
+// and compare report their findings that way).
+func (t *Tool) runTo(ctx context.Context, op, path string, stdout io.Writer, okExit func(code int) bool, args ...string) error {
 	if err := ctx.Err(); err != nil {
-		return nil, &Error{Op: op, Path: path, Err: err}
+		return &Error{Op: op, Path: path, Err: err}
 	}
 	cmd := exec.CommandContext(ctx, t.binary, args...)
 	cmd.Env = append(os.Environ(), "LC_ALL=C")
 	// After a kill, do not wait forever for a grandchild holding the pipes.
 	cmd.WaitDelay = 5 * time.Second
-	var stdout bytes.Buffer
 	stderr := &capWriter{max: maxStderr}
-	cmd.Stdout = &stdout
+	cmd.Stdout = stdout
 	cmd.Stderr = stderr
 	err := cmd.Run()
 	if err == nil {
-		return stdout.Bytes(), nil
+		return nil
 	}
 	if cerr := ctx.Err(); cerr != nil {
-		return nil, &Error{Op: op, Path: path, Stderr: cleanStderr(stderr.String()), Err: cerr}
+		return &Error{Op: op, Path: path, Stderr: cleanStderr(stderr.String()), Err: cerr}
 	}
 	var exit *exec.ExitError
 	if !errors.As(err, &exit) {
 		// The process did not start: no binary, not executable, ...
-		return nil, &Error{Op: op, Path: path, Class: errdefs.ErrUnavailable,
+		return &Error{Op: op, Path: path, Class: errdefs.ErrUnavailable,
 			Err: fmt.Errorf("%w (is qemu-img installed? Debian/Ubuntu package qemu-utils)", err)}
 	}
+	if okExit != nil && exit.ExitCode() > 0 && okExit(exit.ExitCode()) {
+		return &exitStatus{code: exit.ExitCode(), stderr: cleanStderr(stderr.String())}
+	}
 	msg := cleanStderr(stderr.String())
-	return nil, &Error{Op: op, Path: path, Stderr: msg, Class: classify(msg), Err: err}
+	return &Error{Op: op, Path: path, Stderr: msg, Class: classify(msg), Err: err}
 }
+
+// exitStatus is a non-zero exit status the caller said it expects.
+type exitStatus struct {
+	code   int
+	stderr string
+}
+
+func (e *exitStatus) Error() string { return fmt.Sprintf("exit status %d: %s", e.code, e.stderr) }
 
 // cleanStderr trims qemu-img's "qemu-img: " prefixes and joins the lines.
 func cleanStderr(s string) string {

@@ -22,6 +22,59 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+// CloneMode is how a volume is made from a base image (drivers.CloneMode).
+type CloneMode int32
+
+const (
+	CloneMode_CLONE_MODE_UNSPECIFIED CloneMode = 0
+	CloneMode_CLONE_MODE_REFLINK     CloneMode = 1
+	CloneMode_CLONE_MODE_LINKED      CloneMode = 2
+	CloneMode_CLONE_MODE_FULL        CloneMode = 3
+)
+
+// Enum value maps for CloneMode.
+var (
+	CloneMode_name = map[int32]string{
+		0: "CLONE_MODE_UNSPECIFIED",
+		1: "CLONE_MODE_REFLINK",
+		2: "CLONE_MODE_LINKED",
+		3: "CLONE_MODE_FULL",
+	}
+	CloneMode_value = map[string]int32{
+		"CLONE_MODE_UNSPECIFIED": 0,
+		"CLONE_MODE_REFLINK":     1,
+		"CLONE_MODE_LINKED":      2,
+		"CLONE_MODE_FULL":        3,
+	}
+)
+
+func (x CloneMode) Enum() *CloneMode {
+	p := new(CloneMode)
+	*p = x
+	return p
+}
+
+func (x CloneMode) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (CloneMode) Descriptor() protoreflect.EnumDescriptor {
+	return file_stowage_v1_agent_proto_enumTypes[0].Descriptor()
+}
+
+func (CloneMode) Type() protoreflect.EnumType {
+	return &file_stowage_v1_agent_proto_enumTypes[0]
+}
+
+func (x CloneMode) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use CloneMode.Descriptor instead.
+func (CloneMode) EnumDescriptor() ([]byte, []int) {
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{0}
+}
+
 type RegisterRequest struct {
 	state        protoimpl.MessageState `protogen:"open.v1"`
 	HostId       string                 `protobuf:"bytes,1,opt,name=host_id,json=hostId,proto3" json:"host_id,omitempty"`
@@ -579,6 +632,19 @@ type Task struct {
 	//	*Task_DeletePath
 	//	*Task_ListDir
 	//	*Task_StatPath
+	//	*Task_FetchImage
+	//	*Task_CopyImage
+	//	*Task_CloneImage
+	//	*Task_InspectImage
+	//	*Task_ResizeImage
+	//	*Task_SnapshotImage
+	//	*Task_RevertImage
+	//	*Task_RebaseImage
+	//	*Task_BackupImage
+	//	*Task_RestoreImage
+	//	*Task_DeleteBackup
+	//	*Task_Export
+	//	*Task_Unexport
 	Step          isTask_Step `protobuf_oneof:"step"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -691,6 +757,123 @@ func (x *Task) GetStatPath() *StatPathStep {
 	return nil
 }
 
+func (x *Task) GetFetchImage() *FetchImageStep {
+	if x != nil {
+		if x, ok := x.Step.(*Task_FetchImage); ok {
+			return x.FetchImage
+		}
+	}
+	return nil
+}
+
+func (x *Task) GetCopyImage() *CopyImageStep {
+	if x != nil {
+		if x, ok := x.Step.(*Task_CopyImage); ok {
+			return x.CopyImage
+		}
+	}
+	return nil
+}
+
+func (x *Task) GetCloneImage() *CloneImageStep {
+	if x != nil {
+		if x, ok := x.Step.(*Task_CloneImage); ok {
+			return x.CloneImage
+		}
+	}
+	return nil
+}
+
+func (x *Task) GetInspectImage() *InspectImageStep {
+	if x != nil {
+		if x, ok := x.Step.(*Task_InspectImage); ok {
+			return x.InspectImage
+		}
+	}
+	return nil
+}
+
+func (x *Task) GetResizeImage() *ResizeImageStep {
+	if x != nil {
+		if x, ok := x.Step.(*Task_ResizeImage); ok {
+			return x.ResizeImage
+		}
+	}
+	return nil
+}
+
+func (x *Task) GetSnapshotImage() *SnapshotImageStep {
+	if x != nil {
+		if x, ok := x.Step.(*Task_SnapshotImage); ok {
+			return x.SnapshotImage
+		}
+	}
+	return nil
+}
+
+func (x *Task) GetRevertImage() *RevertImageStep {
+	if x != nil {
+		if x, ok := x.Step.(*Task_RevertImage); ok {
+			return x.RevertImage
+		}
+	}
+	return nil
+}
+
+func (x *Task) GetRebaseImage() *RebaseImageStep {
+	if x != nil {
+		if x, ok := x.Step.(*Task_RebaseImage); ok {
+			return x.RebaseImage
+		}
+	}
+	return nil
+}
+
+func (x *Task) GetBackupImage() *BackupImageStep {
+	if x != nil {
+		if x, ok := x.Step.(*Task_BackupImage); ok {
+			return x.BackupImage
+		}
+	}
+	return nil
+}
+
+func (x *Task) GetRestoreImage() *RestoreImageStep {
+	if x != nil {
+		if x, ok := x.Step.(*Task_RestoreImage); ok {
+			return x.RestoreImage
+		}
+	}
+	return nil
+}
+
+func (x *Task) GetDeleteBackup() *DeleteBackupStep {
+	if x != nil {
+		if x, ok := x.Step.(*Task_DeleteBackup); ok {
+			return x.DeleteBackup
+		}
+	}
+	return nil
+}
+
+func (x *Task) GetExport() *ExportStep {
+	if x != nil {
+		if x, ok := x.Step.(*Task_Export); ok {
+			return x.Export
+		}
+	}
+	return nil
+}
+
+func (x *Task) GetUnexport() *UnexportStep {
+	if x != nil {
+		if x, ok := x.Step.(*Task_Unexport); ok {
+			return x.Unexport
+		}
+	}
+	return nil
+}
+
 type isTask_Step interface {
 	isTask_Step()
 }
@@ -723,6 +906,58 @@ type Task_StatPath struct {
 	StatPath *StatPathStep `protobuf:"bytes,16,opt,name=stat_path,json=statPath,proto3,oneof"`
 }
 
+type Task_FetchImage struct {
+	FetchImage *FetchImageStep `protobuf:"bytes,17,opt,name=fetch_image,json=fetchImage,proto3,oneof"`
+}
+
+type Task_CopyImage struct {
+	CopyImage *CopyImageStep `protobuf:"bytes,18,opt,name=copy_image,json=copyImage,proto3,oneof"`
+}
+
+type Task_CloneImage struct {
+	CloneImage *CloneImageStep `protobuf:"bytes,19,opt,name=clone_image,json=cloneImage,proto3,oneof"`
+}
+
+type Task_InspectImage struct {
+	InspectImage *InspectImageStep `protobuf:"bytes,20,opt,name=inspect_image,json=inspectImage,proto3,oneof"`
+}
+
+type Task_ResizeImage struct {
+	ResizeImage *ResizeImageStep `protobuf:"bytes,21,opt,name=resize_image,json=resizeImage,proto3,oneof"`
+}
+
+type Task_SnapshotImage struct {
+	SnapshotImage *SnapshotImageStep `protobuf:"bytes,22,opt,name=snapshot_image,json=snapshotImage,proto3,oneof"`
+}
+
+type Task_RevertImage struct {
+	RevertImage *RevertImageStep `protobuf:"bytes,23,opt,name=revert_image,json=revertImage,proto3,oneof"`
+}
+
+type Task_RebaseImage struct {
+	RebaseImage *RebaseImageStep `protobuf:"bytes,24,opt,name=rebase_image,json=rebaseImage,proto3,oneof"`
+}
+
+type Task_BackupImage struct {
+	BackupImage *BackupImageStep `protobuf:"bytes,25,opt,name=backup_image,json=backupImage,proto3,oneof"`
+}
+
+type Task_RestoreImage struct {
+	RestoreImage *RestoreImageStep `protobuf:"bytes,26,opt,name=restore_image,json=restoreImage,proto3,oneof"`
+}
+
+type Task_DeleteBackup struct {
+	DeleteBackup *DeleteBackupStep `protobuf:"bytes,27,opt,name=delete_backup,json=deleteBackup,proto3,oneof"`
+}
+
+type Task_Export struct {
+	Export *ExportStep `protobuf:"bytes,28,opt,name=export,proto3,oneof"`
+}
+
+type Task_Unexport struct {
+	Unexport *UnexportStep `protobuf:"bytes,29,opt,name=unexport,proto3,oneof"`
+}
+
 func (*Task_PrepareStore) isTask_Step() {}
 
 func (*Task_ProbeStore) isTask_Step() {}
@@ -736,6 +971,32 @@ func (*Task_DeletePath) isTask_Step() {}
 func (*Task_ListDir) isTask_Step() {}
 
 func (*Task_StatPath) isTask_Step() {}
+
+func (*Task_FetchImage) isTask_Step() {}
+
+func (*Task_CopyImage) isTask_Step() {}
+
+func (*Task_CloneImage) isTask_Step() {}
+
+func (*Task_InspectImage) isTask_Step() {}
+
+func (*Task_ResizeImage) isTask_Step() {}
+
+func (*Task_SnapshotImage) isTask_Step() {}
+
+func (*Task_RevertImage) isTask_Step() {}
+
+func (*Task_RebaseImage) isTask_Step() {}
+
+func (*Task_BackupImage) isTask_Step() {}
+
+func (*Task_RestoreImage) isTask_Step() {}
+
+func (*Task_DeleteBackup) isTask_Step() {}
+
+func (*Task_Export) isTask_Step() {}
+
+func (*Task_Unexport) isTask_Step() {}
 
 // PrepareStoreStep creates a store's layout under path and writes its marker.
 type PrepareStoreStep struct {
@@ -1114,6 +1375,1052 @@ func (x *StatPathStep) GetPath() string {
 	return ""
 }
 
+// FetchImageStep downloads an image (drivers.FetchRequest).
+type FetchImageStep struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// http://, https://, file:// or a path on the host.
+	Source string      `protobuf:"bytes,1,opt,name=source,proto3" json:"source,omitempty"`
+	Dest   string      `protobuf:"bytes,2,opt,name=dest,proto3" json:"dest,omitempty"`
+	Format ImageFormat `protobuf:"varint,3,opt,name=format,proto3,enum=stowage.v1.ImageFormat" json:"format,omitempty"`
+	// "sha256:HEX", "sha512:HEX", "md5:HEX" or empty.
+	Checksum      string `protobuf:"bytes,4,opt,name=checksum,proto3" json:"checksum,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FetchImageStep) Reset() {
+	*x = FetchImageStep{}
+	mi := &file_stowage_v1_agent_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FetchImageStep) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FetchImageStep) ProtoMessage() {}
+
+func (x *FetchImageStep) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_agent_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FetchImageStep.ProtoReflect.Descriptor instead.
+func (*FetchImageStep) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *FetchImageStep) GetSource() string {
+	if x != nil {
+		return x.Source
+	}
+	return ""
+}
+
+func (x *FetchImageStep) GetDest() string {
+	if x != nil {
+		return x.Dest
+	}
+	return ""
+}
+
+func (x *FetchImageStep) GetFormat() ImageFormat {
+	if x != nil {
+		return x.Format
+	}
+	return ImageFormat_IMAGE_FORMAT_UNSPECIFIED
+}
+
+func (x *FetchImageStep) GetChecksum() string {
+	if x != nil {
+		return x.Checksum
+	}
+	return ""
+}
+
+// CopyImageStep copies an image (drivers.CopyRequest).
+type CopyImageStep struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// A path on the host or a URI another agent granted (http(s)://, nbd://).
+	Source string `protobuf:"bytes,1,opt,name=source,proto3" json:"source,omitempty"`
+	Dest   string `protobuf:"bytes,2,opt,name=dest,proto3" json:"dest,omitempty"`
+	// Unspecified keeps the source's format.
+	Format        ImageFormat `protobuf:"varint,3,opt,name=format,proto3,enum=stowage.v1.ImageFormat" json:"format,omitempty"`
+	Flatten       bool        `protobuf:"varint,4,opt,name=flatten,proto3" json:"flatten,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CopyImageStep) Reset() {
+	*x = CopyImageStep{}
+	mi := &file_stowage_v1_agent_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CopyImageStep) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CopyImageStep) ProtoMessage() {}
+
+func (x *CopyImageStep) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_agent_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CopyImageStep.ProtoReflect.Descriptor instead.
+func (*CopyImageStep) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *CopyImageStep) GetSource() string {
+	if x != nil {
+		return x.Source
+	}
+	return ""
+}
+
+func (x *CopyImageStep) GetDest() string {
+	if x != nil {
+		return x.Dest
+	}
+	return ""
+}
+
+func (x *CopyImageStep) GetFormat() ImageFormat {
+	if x != nil {
+		return x.Format
+	}
+	return ImageFormat_IMAGE_FORMAT_UNSPECIFIED
+}
+
+func (x *CopyImageStep) GetFlatten() bool {
+	if x != nil {
+		return x.Flatten
+	}
+	return false
+}
+
+// CloneImageStep creates a volume from a base image (drivers.CloneRequest).
+type CloneImageStep struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Base   string                 `protobuf:"bytes,1,opt,name=base,proto3" json:"base,omitempty"`
+	Dest   string                 `protobuf:"bytes,2,opt,name=dest,proto3" json:"dest,omitempty"`
+	Mode   CloneMode              `protobuf:"varint,3,opt,name=mode,proto3,enum=stowage.v1.CloneMode" json:"mode,omitempty"`
+	Format ImageFormat            `protobuf:"varint,4,opt,name=format,proto3,enum=stowage.v1.ImageFormat" json:"format,omitempty"`
+	// 0 keeps the base's virtual size.
+	SizeBytes     int64 `protobuf:"varint,5,opt,name=size_bytes,json=sizeBytes,proto3" json:"size_bytes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CloneImageStep) Reset() {
+	*x = CloneImageStep{}
+	mi := &file_stowage_v1_agent_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CloneImageStep) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CloneImageStep) ProtoMessage() {}
+
+func (x *CloneImageStep) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_agent_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CloneImageStep.ProtoReflect.Descriptor instead.
+func (*CloneImageStep) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *CloneImageStep) GetBase() string {
+	if x != nil {
+		return x.Base
+	}
+	return ""
+}
+
+func (x *CloneImageStep) GetDest() string {
+	if x != nil {
+		return x.Dest
+	}
+	return ""
+}
+
+func (x *CloneImageStep) GetMode() CloneMode {
+	if x != nil {
+		return x.Mode
+	}
+	return CloneMode_CLONE_MODE_UNSPECIFIED
+}
+
+func (x *CloneImageStep) GetFormat() ImageFormat {
+	if x != nil {
+		return x.Format
+	}
+	return ImageFormat_IMAGE_FORMAT_UNSPECIFIED
+}
+
+func (x *CloneImageStep) GetSizeBytes() int64 {
+	if x != nil {
+		return x.SizeBytes
+	}
+	return 0
+}
+
+// InspectImageStep reads an image's metadata.
+type InspectImageStep struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Path          string                 `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *InspectImageStep) Reset() {
+	*x = InspectImageStep{}
+	mi := &file_stowage_v1_agent_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *InspectImageStep) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*InspectImageStep) ProtoMessage() {}
+
+func (x *InspectImageStep) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_agent_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use InspectImageStep.ProtoReflect.Descriptor instead.
+func (*InspectImageStep) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *InspectImageStep) GetPath() string {
+	if x != nil {
+		return x.Path
+	}
+	return ""
+}
+
+// ResizeImageStep grows an image.
+type ResizeImageStep struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Path          string                 `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
+	SizeBytes     int64                  `protobuf:"varint,2,opt,name=size_bytes,json=sizeBytes,proto3" json:"size_bytes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ResizeImageStep) Reset() {
+	*x = ResizeImageStep{}
+	mi := &file_stowage_v1_agent_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ResizeImageStep) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ResizeImageStep) ProtoMessage() {}
+
+func (x *ResizeImageStep) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_agent_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ResizeImageStep.ProtoReflect.Descriptor instead.
+func (*ResizeImageStep) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *ResizeImageStep) GetPath() string {
+	if x != nil {
+		return x.Path
+	}
+	return ""
+}
+
+func (x *ResizeImageStep) GetSizeBytes() int64 {
+	if x != nil {
+		return x.SizeBytes
+	}
+	return 0
+}
+
+// SnapshotImageStep takes a snapshot of a volume (drivers.SnapshotRequest).
+type SnapshotImageStep struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Volume        string                 `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	Snapshot      string                 `protobuf:"bytes,2,opt,name=snapshot,proto3" json:"snapshot,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SnapshotImageStep) Reset() {
+	*x = SnapshotImageStep{}
+	mi := &file_stowage_v1_agent_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SnapshotImageStep) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SnapshotImageStep) ProtoMessage() {}
+
+func (x *SnapshotImageStep) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_agent_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SnapshotImageStep.ProtoReflect.Descriptor instead.
+func (*SnapshotImageStep) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *SnapshotImageStep) GetVolume() string {
+	if x != nil {
+		return x.Volume
+	}
+	return ""
+}
+
+func (x *SnapshotImageStep) GetSnapshot() string {
+	if x != nil {
+		return x.Snapshot
+	}
+	return ""
+}
+
+// RevertImageStep reverts a volume to a snapshot (drivers.SnapshotRequest).
+type RevertImageStep struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Volume        string                 `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	Snapshot      string                 `protobuf:"bytes,2,opt,name=snapshot,proto3" json:"snapshot,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RevertImageStep) Reset() {
+	*x = RevertImageStep{}
+	mi := &file_stowage_v1_agent_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RevertImageStep) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RevertImageStep) ProtoMessage() {}
+
+func (x *RevertImageStep) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_agent_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RevertImageStep.ProtoReflect.Descriptor instead.
+func (*RevertImageStep) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *RevertImageStep) GetVolume() string {
+	if x != nil {
+		return x.Volume
+	}
+	return ""
+}
+
+func (x *RevertImageStep) GetSnapshot() string {
+	if x != nil {
+		return x.Snapshot
+	}
+	return ""
+}
+
+// RebaseImageStep moves a qcow2 onto another backing file ("" standalone).
+type RebaseImageStep struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Path          string                 `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
+	NewBacking    string                 `protobuf:"bytes,2,opt,name=new_backing,json=newBacking,proto3" json:"new_backing,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RebaseImageStep) Reset() {
+	*x = RebaseImageStep{}
+	mi := &file_stowage_v1_agent_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RebaseImageStep) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RebaseImageStep) ProtoMessage() {}
+
+func (x *RebaseImageStep) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_agent_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RebaseImageStep.ProtoReflect.Descriptor instead.
+func (*RebaseImageStep) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *RebaseImageStep) GetPath() string {
+	if x != nil {
+		return x.Path
+	}
+	return ""
+}
+
+func (x *RebaseImageStep) GetNewBacking() string {
+	if x != nil {
+		return x.NewBacking
+	}
+	return ""
+}
+
+// BackupImageStep stores an image into a chunk store (drivers.BackupRequest).
+type BackupImageStep struct {
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	Source         string                 `protobuf:"bytes,1,opt,name=source,proto3" json:"source,omitempty"`
+	ChunkDir       string                 `protobuf:"bytes,2,opt,name=chunk_dir,json=chunkDir,proto3" json:"chunk_dir,omitempty"`
+	Manifest       string                 `protobuf:"bytes,3,opt,name=manifest,proto3" json:"manifest,omitempty"`
+	ParentManifest string                 `protobuf:"bytes,4,opt,name=parent_manifest,json=parentManifest,proto3" json:"parent_manifest,omitempty"`
+	ChunkSize      int64                  `protobuf:"varint,5,opt,name=chunk_size,json=chunkSize,proto3" json:"chunk_size,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *BackupImageStep) Reset() {
+	*x = BackupImageStep{}
+	mi := &file_stowage_v1_agent_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BackupImageStep) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BackupImageStep) ProtoMessage() {}
+
+func (x *BackupImageStep) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_agent_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BackupImageStep.ProtoReflect.Descriptor instead.
+func (*BackupImageStep) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *BackupImageStep) GetSource() string {
+	if x != nil {
+		return x.Source
+	}
+	return ""
+}
+
+func (x *BackupImageStep) GetChunkDir() string {
+	if x != nil {
+		return x.ChunkDir
+	}
+	return ""
+}
+
+func (x *BackupImageStep) GetManifest() string {
+	if x != nil {
+		return x.Manifest
+	}
+	return ""
+}
+
+func (x *BackupImageStep) GetParentManifest() string {
+	if x != nil {
+		return x.ParentManifest
+	}
+	return ""
+}
+
+func (x *BackupImageStep) GetChunkSize() int64 {
+	if x != nil {
+		return x.ChunkSize
+	}
+	return 0
+}
+
+// RestoreImageStep rebuilds an image from a backup (drivers.RestoreRequest).
+type RestoreImageStep struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Manifest      string                 `protobuf:"bytes,1,opt,name=manifest,proto3" json:"manifest,omitempty"`
+	ChunkDir      string                 `protobuf:"bytes,2,opt,name=chunk_dir,json=chunkDir,proto3" json:"chunk_dir,omitempty"`
+	Dest          string                 `protobuf:"bytes,3,opt,name=dest,proto3" json:"dest,omitempty"`
+	Format        ImageFormat            `protobuf:"varint,4,opt,name=format,proto3,enum=stowage.v1.ImageFormat" json:"format,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RestoreImageStep) Reset() {
+	*x = RestoreImageStep{}
+	mi := &file_stowage_v1_agent_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RestoreImageStep) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RestoreImageStep) ProtoMessage() {}
+
+func (x *RestoreImageStep) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_agent_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RestoreImageStep.ProtoReflect.Descriptor instead.
+func (*RestoreImageStep) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *RestoreImageStep) GetManifest() string {
+	if x != nil {
+		return x.Manifest
+	}
+	return ""
+}
+
+func (x *RestoreImageStep) GetChunkDir() string {
+	if x != nil {
+		return x.ChunkDir
+	}
+	return ""
+}
+
+func (x *RestoreImageStep) GetDest() string {
+	if x != nil {
+		return x.Dest
+	}
+	return ""
+}
+
+func (x *RestoreImageStep) GetFormat() ImageFormat {
+	if x != nil {
+		return x.Format
+	}
+	return ImageFormat_IMAGE_FORMAT_UNSPECIFIED
+}
+
+// DeleteBackupStep drops a backup and its unshared chunks.
+type DeleteBackupStep struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Manifest      string                 `protobuf:"bytes,1,opt,name=manifest,proto3" json:"manifest,omitempty"`
+	ChunkDir      string                 `protobuf:"bytes,2,opt,name=chunk_dir,json=chunkDir,proto3" json:"chunk_dir,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteBackupStep) Reset() {
+	*x = DeleteBackupStep{}
+	mi := &file_stowage_v1_agent_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteBackupStep) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteBackupStep) ProtoMessage() {}
+
+func (x *DeleteBackupStep) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_agent_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteBackupStep.ProtoReflect.Descriptor instead.
+func (*DeleteBackupStep) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *DeleteBackupStep) GetManifest() string {
+	if x != nil {
+		return x.Manifest
+	}
+	return ""
+}
+
+func (x *DeleteBackupStep) GetChunkDir() string {
+	if x != nil {
+		return x.ChunkDir
+	}
+	return ""
+}
+
+// ExportStep serves a file read-only over HTTP from the agent.
+type ExportStep struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Path          string                 `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExportStep) Reset() {
+	*x = ExportStep{}
+	mi := &file_stowage_v1_agent_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExportStep) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExportStep) ProtoMessage() {}
+
+func (x *ExportStep) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_agent_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExportStep.ProtoReflect.Descriptor instead.
+func (*ExportStep) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *ExportStep) GetPath() string {
+	if x != nil {
+		return x.Path
+	}
+	return ""
+}
+
+// UnexportStep ends an export.
+type UnexportStep struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Uri           string                 `protobuf:"bytes,1,opt,name=uri,proto3" json:"uri,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UnexportStep) Reset() {
+	*x = UnexportStep{}
+	mi := &file_stowage_v1_agent_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UnexportStep) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UnexportStep) ProtoMessage() {}
+
+func (x *UnexportStep) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_agent_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UnexportStep.ProtoReflect.Descriptor instead.
+func (*UnexportStep) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *UnexportStep) GetUri() string {
+	if x != nil {
+		return x.Uri
+	}
+	return ""
+}
+
+// ImageInfo describes an image and the work a step did on it (drivers.ImageInfo).
+type ImageInfo struct {
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	Path         string                 `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
+	Format       ImageFormat            `protobuf:"varint,2,opt,name=format,proto3,enum=stowage.v1.ImageFormat" json:"format,omitempty"`
+	VirtualSize  int64                  `protobuf:"varint,3,opt,name=virtual_size,json=virtualSize,proto3" json:"virtual_size,omitempty"`
+	PhysicalSize int64                  `protobuf:"varint,4,opt,name=physical_size,json=physicalSize,proto3" json:"physical_size,omitempty"`
+	BackingFile  string                 `protobuf:"bytes,5,opt,name=backing_file,json=backingFile,proto3" json:"backing_file,omitempty"`
+	Sha256       string                 `protobuf:"bytes,6,opt,name=sha256,proto3" json:"sha256,omitempty"`
+	BytesWritten int64                  `protobuf:"varint,7,opt,name=bytes_written,json=bytesWritten,proto3" json:"bytes_written,omitempty"`
+	BytesSkipped int64                  `protobuf:"varint,8,opt,name=bytes_skipped,json=bytesSkipped,proto3" json:"bytes_skipped,omitempty"`
+	Method       string                 `protobuf:"bytes,9,opt,name=method,proto3" json:"method,omitempty"`
+	// The format name when it is none of ImageFormat's (e.g. "vmdk").
+	FormatName    string `protobuf:"bytes,10,opt,name=format_name,json=formatName,proto3" json:"format_name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ImageInfo) Reset() {
+	*x = ImageInfo{}
+	mi := &file_stowage_v1_agent_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ImageInfo) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ImageInfo) ProtoMessage() {}
+
+func (x *ImageInfo) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_agent_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ImageInfo.ProtoReflect.Descriptor instead.
+func (*ImageInfo) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{30}
+}
+
+func (x *ImageInfo) GetPath() string {
+	if x != nil {
+		return x.Path
+	}
+	return ""
+}
+
+func (x *ImageInfo) GetFormat() ImageFormat {
+	if x != nil {
+		return x.Format
+	}
+	return ImageFormat_IMAGE_FORMAT_UNSPECIFIED
+}
+
+func (x *ImageInfo) GetVirtualSize() int64 {
+	if x != nil {
+		return x.VirtualSize
+	}
+	return 0
+}
+
+func (x *ImageInfo) GetPhysicalSize() int64 {
+	if x != nil {
+		return x.PhysicalSize
+	}
+	return 0
+}
+
+func (x *ImageInfo) GetBackingFile() string {
+	if x != nil {
+		return x.BackingFile
+	}
+	return ""
+}
+
+func (x *ImageInfo) GetSha256() string {
+	if x != nil {
+		return x.Sha256
+	}
+	return ""
+}
+
+func (x *ImageInfo) GetBytesWritten() int64 {
+	if x != nil {
+		return x.BytesWritten
+	}
+	return 0
+}
+
+func (x *ImageInfo) GetBytesSkipped() int64 {
+	if x != nil {
+		return x.BytesSkipped
+	}
+	return 0
+}
+
+func (x *ImageInfo) GetMethod() string {
+	if x != nil {
+		return x.Method
+	}
+	return ""
+}
+
+func (x *ImageInfo) GetFormatName() string {
+	if x != nil {
+		return x.FormatName
+	}
+	return ""
+}
+
+// SnapshotInfo is the result of a snapshot step (drivers.SnapshotInfo).
+type SnapshotInfo struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Snapshot      *ImageInfo             `protobuf:"bytes,1,opt,name=snapshot,proto3" json:"snapshot,omitempty"`
+	Volume        *ImageInfo             `protobuf:"bytes,2,opt,name=volume,proto3" json:"volume,omitempty"`
+	Method        string                 `protobuf:"bytes,3,opt,name=method,proto3" json:"method,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SnapshotInfo) Reset() {
+	*x = SnapshotInfo{}
+	mi := &file_stowage_v1_agent_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SnapshotInfo) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SnapshotInfo) ProtoMessage() {}
+
+func (x *SnapshotInfo) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_agent_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SnapshotInfo.ProtoReflect.Descriptor instead.
+func (*SnapshotInfo) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{31}
+}
+
+func (x *SnapshotInfo) GetSnapshot() *ImageInfo {
+	if x != nil {
+		return x.Snapshot
+	}
+	return nil
+}
+
+func (x *SnapshotInfo) GetVolume() *ImageInfo {
+	if x != nil {
+		return x.Volume
+	}
+	return nil
+}
+
+func (x *SnapshotInfo) GetMethod() string {
+	if x != nil {
+		return x.Method
+	}
+	return ""
+}
+
+// BackupInfo reports what a backup step stored (drivers.BackupInfo).
+type BackupInfo struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Manifest      string                 `protobuf:"bytes,1,opt,name=manifest,proto3" json:"manifest,omitempty"`
+	Size          int64                  `protobuf:"varint,2,opt,name=size,proto3" json:"size,omitempty"`
+	Chunks        int64                  `protobuf:"varint,3,opt,name=chunks,proto3" json:"chunks,omitempty"`
+	ZeroChunks    int64                  `protobuf:"varint,4,opt,name=zero_chunks,json=zeroChunks,proto3" json:"zero_chunks,omitempty"`
+	NewChunks     int64                  `protobuf:"varint,5,opt,name=new_chunks,json=newChunks,proto3" json:"new_chunks,omitempty"`
+	NewBytes      int64                  `protobuf:"varint,6,opt,name=new_bytes,json=newBytes,proto3" json:"new_bytes,omitempty"`
+	ReusedBytes   int64                  `protobuf:"varint,7,opt,name=reused_bytes,json=reusedBytes,proto3" json:"reused_bytes,omitempty"`
+	ReadBytes     int64                  `protobuf:"varint,8,opt,name=read_bytes,json=readBytes,proto3" json:"read_bytes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BackupInfo) Reset() {
+	*x = BackupInfo{}
+	mi := &file_stowage_v1_agent_proto_msgTypes[32]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BackupInfo) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BackupInfo) ProtoMessage() {}
+
+func (x *BackupInfo) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_agent_proto_msgTypes[32]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BackupInfo.ProtoReflect.Descriptor instead.
+func (*BackupInfo) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{32}
+}
+
+func (x *BackupInfo) GetManifest() string {
+	if x != nil {
+		return x.Manifest
+	}
+	return ""
+}
+
+func (x *BackupInfo) GetSize() int64 {
+	if x != nil {
+		return x.Size
+	}
+	return 0
+}
+
+func (x *BackupInfo) GetChunks() int64 {
+	if x != nil {
+		return x.Chunks
+	}
+	return 0
+}
+
+func (x *BackupInfo) GetZeroChunks() int64 {
+	if x != nil {
+		return x.ZeroChunks
+	}
+	return 0
+}
+
+func (x *BackupInfo) GetNewChunks() int64 {
+	if x != nil {
+		return x.NewChunks
+	}
+	return 0
+}
+
+func (x *BackupInfo) GetNewBytes() int64 {
+	if x != nil {
+		return x.NewBytes
+	}
+	return 0
+}
+
+func (x *BackupInfo) GetReusedBytes() int64 {
+	if x != nil {
+		return x.ReusedBytes
+	}
+	return 0
+}
+
+func (x *BackupInfo) GetReadBytes() int64 {
+	if x != nil {
+		return x.ReadBytes
+	}
+	return 0
+}
+
 // FileInfo describes one file on a host.
 type FileInfo struct {
 	state          protoimpl.MessageState `protogen:"open.v1"`
@@ -1132,7 +2439,7 @@ type FileInfo struct {
 
 func (x *FileInfo) Reset() {
 	*x = FileInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[17]
+	mi := &file_stowage_v1_agent_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1144,7 +2451,7 @@ func (x *FileInfo) String() string {
 func (*FileInfo) ProtoMessage() {}
 
 func (x *FileInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[17]
+	mi := &file_stowage_v1_agent_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1157,7 +2464,7 @@ func (x *FileInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileInfo.ProtoReflect.Descriptor instead.
 func (*FileInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{17}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *FileInfo) GetPath() string {
@@ -1222,7 +2529,7 @@ type StoreProbe struct {
 
 func (x *StoreProbe) Reset() {
 	*x = StoreProbe{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[18]
+	mi := &file_stowage_v1_agent_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1234,7 +2541,7 @@ func (x *StoreProbe) String() string {
 func (*StoreProbe) ProtoMessage() {}
 
 func (x *StoreProbe) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[18]
+	mi := &file_stowage_v1_agent_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1247,7 +2554,7 @@ func (x *StoreProbe) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StoreProbe.ProtoReflect.Descriptor instead.
 func (*StoreProbe) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{18}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *StoreProbe) GetCapacityBytes() int64 {
@@ -1278,7 +2585,8 @@ func (x *StoreProbe) GetFsType() string {
 	return ""
 }
 
-// TaskResult is the journalled outcome of a task.
+// TaskResult is the journalled outcome of a task, or (done false, from
+// GetTask) the progress of a running one.
 type TaskResult struct {
 	state  protoimpl.MessageState `protogen:"open.v1"`
 	TaskId string                 `protobuf:"bytes,1,opt,name=task_id,json=taskId,proto3" json:"task_id,omitempty"`
@@ -1286,11 +2594,18 @@ type TaskResult struct {
 	// Error class (errdefs name, e.g. "not found") and message when the task failed.
 	ErrorClass string `protobuf:"bytes,3,opt,name=error_class,json=errorClass,proto3" json:"error_class,omitempty"`
 	Error      string `protobuf:"bytes,4,opt,name=error,proto3" json:"error,omitempty"`
+	// Progress of a long step: bytes handled so far and in all (0 while unknown).
+	BytesDone  int64 `protobuf:"varint,5,opt,name=bytes_done,json=bytesDone,proto3" json:"bytes_done,omitempty"`
+	BytesTotal int64 `protobuf:"varint,6,opt,name=bytes_total,json=bytesTotal,proto3" json:"bytes_total,omitempty"`
 	// Types that are valid to be assigned to Result:
 	//
 	//	*TaskResult_Probe
 	//	*TaskResult_File
 	//	*TaskResult_Files
+	//	*TaskResult_Image
+	//	*TaskResult_Snapshot
+	//	*TaskResult_Backup
+	//	*TaskResult_Uri
 	Result        isTaskResult_Result `protobuf_oneof:"result"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1298,7 +2613,7 @@ type TaskResult struct {
 
 func (x *TaskResult) Reset() {
 	*x = TaskResult{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[19]
+	mi := &file_stowage_v1_agent_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1310,7 +2625,7 @@ func (x *TaskResult) String() string {
 func (*TaskResult) ProtoMessage() {}
 
 func (x *TaskResult) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[19]
+	mi := &file_stowage_v1_agent_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1323,7 +2638,7 @@ func (x *TaskResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TaskResult.ProtoReflect.Descriptor instead.
 func (*TaskResult) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{19}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *TaskResult) GetTaskId() string {
@@ -1352,6 +2667,20 @@ func (x *TaskResult) GetError() string {
 		return x.Error
 	}
 	return ""
+}
+
+func (x *TaskResult) GetBytesDone() int64 {
+	if x != nil {
+		return x.BytesDone
+	}
+	return 0
+}
+
+func (x *TaskResult) GetBytesTotal() int64 {
+	if x != nil {
+		return x.BytesTotal
+	}
+	return 0
 }
 
 func (x *TaskResult) GetResult() isTaskResult_Result {
@@ -1388,6 +2717,42 @@ func (x *TaskResult) GetFiles() *FileList {
 	return nil
 }
 
+func (x *TaskResult) GetImage() *ImageInfo {
+	if x != nil {
+		if x, ok := x.Result.(*TaskResult_Image); ok {
+			return x.Image
+		}
+	}
+	return nil
+}
+
+func (x *TaskResult) GetSnapshot() *SnapshotInfo {
+	if x != nil {
+		if x, ok := x.Result.(*TaskResult_Snapshot); ok {
+			return x.Snapshot
+		}
+	}
+	return nil
+}
+
+func (x *TaskResult) GetBackup() *BackupInfo {
+	if x != nil {
+		if x, ok := x.Result.(*TaskResult_Backup); ok {
+			return x.Backup
+		}
+	}
+	return nil
+}
+
+func (x *TaskResult) GetUri() string {
+	if x != nil {
+		if x, ok := x.Result.(*TaskResult_Uri); ok {
+			return x.Uri
+		}
+	}
+	return ""
+}
+
 type isTaskResult_Result interface {
 	isTaskResult_Result()
 }
@@ -1404,11 +2769,36 @@ type TaskResult_Files struct {
 	Files *FileList `protobuf:"bytes,12,opt,name=files,proto3,oneof"`
 }
 
+type TaskResult_Image struct {
+	Image *ImageInfo `protobuf:"bytes,13,opt,name=image,proto3,oneof"`
+}
+
+type TaskResult_Snapshot struct {
+	Snapshot *SnapshotInfo `protobuf:"bytes,14,opt,name=snapshot,proto3,oneof"`
+}
+
+type TaskResult_Backup struct {
+	Backup *BackupInfo `protobuf:"bytes,15,opt,name=backup,proto3,oneof"`
+}
+
+type TaskResult_Uri struct {
+	// The URL of an export.
+	Uri string `protobuf:"bytes,16,opt,name=uri,proto3,oneof"`
+}
+
 func (*TaskResult_Probe) isTaskResult_Result() {}
 
 func (*TaskResult_File) isTaskResult_Result() {}
 
 func (*TaskResult_Files) isTaskResult_Result() {}
+
+func (*TaskResult_Image) isTaskResult_Result() {}
+
+func (*TaskResult_Snapshot) isTaskResult_Result() {}
+
+func (*TaskResult_Backup) isTaskResult_Result() {}
+
+func (*TaskResult_Uri) isTaskResult_Result() {}
 
 type FileList struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -1419,7 +2809,7 @@ type FileList struct {
 
 func (x *FileList) Reset() {
 	*x = FileList{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[20]
+	mi := &file_stowage_v1_agent_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1431,7 +2821,7 @@ func (x *FileList) String() string {
 func (*FileList) ProtoMessage() {}
 
 func (x *FileList) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[20]
+	mi := &file_stowage_v1_agent_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1444,7 +2834,7 @@ func (x *FileList) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileList.ProtoReflect.Descriptor instead.
 func (*FileList) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{20}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *FileList) GetFiles() []*FileInfo {
@@ -1500,7 +2890,8 @@ const file_stowage_v1_agent_proto_rawDesc = "" +
 	"\x0eGetTaskRequest\x12\x17\n" +
 	"\atask_id\x18\x01 \x01(\tR\x06taskId\"A\n" +
 	"\x0fGetTaskResponse\x12.\n" +
-	"\x06result\x18\x01 \x01(\v2\x16.stowage.v1.TaskResultR\x06result\"\xd7\x03\n" +
+	"\x06result\x18\x01 \x01(\v2\x16.stowage.v1.TaskResultR\x06result\"\x9a\n" +
+	"\n" +
 	"\x04Task\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12C\n" +
 	"\rprepare_store\x18\n" +
@@ -1512,7 +2903,23 @@ const file_stowage_v1_agent_proto_rawDesc = "" +
 	"\vdelete_path\x18\x0e \x01(\v2\x1a.stowage.v1.DeletePathStepH\x00R\n" +
 	"deletePath\x124\n" +
 	"\blist_dir\x18\x0f \x01(\v2\x17.stowage.v1.ListDirStepH\x00R\alistDir\x127\n" +
-	"\tstat_path\x18\x10 \x01(\v2\x18.stowage.v1.StatPathStepH\x00R\bstatPathB\x06\n" +
+	"\tstat_path\x18\x10 \x01(\v2\x18.stowage.v1.StatPathStepH\x00R\bstatPath\x12=\n" +
+	"\vfetch_image\x18\x11 \x01(\v2\x1a.stowage.v1.FetchImageStepH\x00R\n" +
+	"fetchImage\x12:\n" +
+	"\n" +
+	"copy_image\x18\x12 \x01(\v2\x19.stowage.v1.CopyImageStepH\x00R\tcopyImage\x12=\n" +
+	"\vclone_image\x18\x13 \x01(\v2\x1a.stowage.v1.CloneImageStepH\x00R\n" +
+	"cloneImage\x12C\n" +
+	"\rinspect_image\x18\x14 \x01(\v2\x1c.stowage.v1.InspectImageStepH\x00R\finspectImage\x12@\n" +
+	"\fresize_image\x18\x15 \x01(\v2\x1b.stowage.v1.ResizeImageStepH\x00R\vresizeImage\x12F\n" +
+	"\x0esnapshot_image\x18\x16 \x01(\v2\x1d.stowage.v1.SnapshotImageStepH\x00R\rsnapshotImage\x12@\n" +
+	"\frevert_image\x18\x17 \x01(\v2\x1b.stowage.v1.RevertImageStepH\x00R\vrevertImage\x12@\n" +
+	"\frebase_image\x18\x18 \x01(\v2\x1b.stowage.v1.RebaseImageStepH\x00R\vrebaseImage\x12@\n" +
+	"\fbackup_image\x18\x19 \x01(\v2\x1b.stowage.v1.BackupImageStepH\x00R\vbackupImage\x12C\n" +
+	"\rrestore_image\x18\x1a \x01(\v2\x1c.stowage.v1.RestoreImageStepH\x00R\frestoreImage\x12C\n" +
+	"\rdelete_backup\x18\x1b \x01(\v2\x1c.stowage.v1.DeleteBackupStepH\x00R\fdeleteBackup\x120\n" +
+	"\x06export\x18\x1c \x01(\v2\x16.stowage.v1.ExportStepH\x00R\x06export\x126\n" +
+	"\bunexport\x18\x1d \x01(\v2\x18.stowage.v1.UnexportStepH\x00R\bunexportB\x06\n" +
 	"\x04step\"q\n" +
 	"\x10PrepareStoreStep\x12\x12\n" +
 	"\x04path\x18\x01 \x01(\tR\x04path\x12\x19\n" +
@@ -1536,7 +2943,90 @@ const file_stowage_v1_agent_proto_rawDesc = "" +
 	"\vListDirStep\x12\x12\n" +
 	"\x04path\x18\x01 \x01(\tR\x04path\"\"\n" +
 	"\fStatPathStep\x12\x12\n" +
-	"\x04path\x18\x01 \x01(\tR\x04path\"\x83\x02\n" +
+	"\x04path\x18\x01 \x01(\tR\x04path\"\x89\x01\n" +
+	"\x0eFetchImageStep\x12\x16\n" +
+	"\x06source\x18\x01 \x01(\tR\x06source\x12\x12\n" +
+	"\x04dest\x18\x02 \x01(\tR\x04dest\x12/\n" +
+	"\x06format\x18\x03 \x01(\x0e2\x17.stowage.v1.ImageFormatR\x06format\x12\x1a\n" +
+	"\bchecksum\x18\x04 \x01(\tR\bchecksum\"\x86\x01\n" +
+	"\rCopyImageStep\x12\x16\n" +
+	"\x06source\x18\x01 \x01(\tR\x06source\x12\x12\n" +
+	"\x04dest\x18\x02 \x01(\tR\x04dest\x12/\n" +
+	"\x06format\x18\x03 \x01(\x0e2\x17.stowage.v1.ImageFormatR\x06format\x12\x18\n" +
+	"\aflatten\x18\x04 \x01(\bR\aflatten\"\xb3\x01\n" +
+	"\x0eCloneImageStep\x12\x12\n" +
+	"\x04base\x18\x01 \x01(\tR\x04base\x12\x12\n" +
+	"\x04dest\x18\x02 \x01(\tR\x04dest\x12)\n" +
+	"\x04mode\x18\x03 \x01(\x0e2\x15.stowage.v1.CloneModeR\x04mode\x12/\n" +
+	"\x06format\x18\x04 \x01(\x0e2\x17.stowage.v1.ImageFormatR\x06format\x12\x1d\n" +
+	"\n" +
+	"size_bytes\x18\x05 \x01(\x03R\tsizeBytes\"&\n" +
+	"\x10InspectImageStep\x12\x12\n" +
+	"\x04path\x18\x01 \x01(\tR\x04path\"D\n" +
+	"\x0fResizeImageStep\x12\x12\n" +
+	"\x04path\x18\x01 \x01(\tR\x04path\x12\x1d\n" +
+	"\n" +
+	"size_bytes\x18\x02 \x01(\x03R\tsizeBytes\"G\n" +
+	"\x11SnapshotImageStep\x12\x16\n" +
+	"\x06volume\x18\x01 \x01(\tR\x06volume\x12\x1a\n" +
+	"\bsnapshot\x18\x02 \x01(\tR\bsnapshot\"E\n" +
+	"\x0fRevertImageStep\x12\x16\n" +
+	"\x06volume\x18\x01 \x01(\tR\x06volume\x12\x1a\n" +
+	"\bsnapshot\x18\x02 \x01(\tR\bsnapshot\"F\n" +
+	"\x0fRebaseImageStep\x12\x12\n" +
+	"\x04path\x18\x01 \x01(\tR\x04path\x12\x1f\n" +
+	"\vnew_backing\x18\x02 \x01(\tR\n" +
+	"newBacking\"\xaa\x01\n" +
+	"\x0fBackupImageStep\x12\x16\n" +
+	"\x06source\x18\x01 \x01(\tR\x06source\x12\x1b\n" +
+	"\tchunk_dir\x18\x02 \x01(\tR\bchunkDir\x12\x1a\n" +
+	"\bmanifest\x18\x03 \x01(\tR\bmanifest\x12'\n" +
+	"\x0fparent_manifest\x18\x04 \x01(\tR\x0eparentManifest\x12\x1d\n" +
+	"\n" +
+	"chunk_size\x18\x05 \x01(\x03R\tchunkSize\"\x90\x01\n" +
+	"\x10RestoreImageStep\x12\x1a\n" +
+	"\bmanifest\x18\x01 \x01(\tR\bmanifest\x12\x1b\n" +
+	"\tchunk_dir\x18\x02 \x01(\tR\bchunkDir\x12\x12\n" +
+	"\x04dest\x18\x03 \x01(\tR\x04dest\x12/\n" +
+	"\x06format\x18\x04 \x01(\x0e2\x17.stowage.v1.ImageFormatR\x06format\"K\n" +
+	"\x10DeleteBackupStep\x12\x1a\n" +
+	"\bmanifest\x18\x01 \x01(\tR\bmanifest\x12\x1b\n" +
+	"\tchunk_dir\x18\x02 \x01(\tR\bchunkDir\" \n" +
+	"\n" +
+	"ExportStep\x12\x12\n" +
+	"\x04path\x18\x01 \x01(\tR\x04path\" \n" +
+	"\fUnexportStep\x12\x10\n" +
+	"\x03uri\x18\x01 \x01(\tR\x03uri\"\xd6\x02\n" +
+	"\tImageInfo\x12\x12\n" +
+	"\x04path\x18\x01 \x01(\tR\x04path\x12/\n" +
+	"\x06format\x18\x02 \x01(\x0e2\x17.stowage.v1.ImageFormatR\x06format\x12!\n" +
+	"\fvirtual_size\x18\x03 \x01(\x03R\vvirtualSize\x12#\n" +
+	"\rphysical_size\x18\x04 \x01(\x03R\fphysicalSize\x12!\n" +
+	"\fbacking_file\x18\x05 \x01(\tR\vbackingFile\x12\x16\n" +
+	"\x06sha256\x18\x06 \x01(\tR\x06sha256\x12#\n" +
+	"\rbytes_written\x18\a \x01(\x03R\fbytesWritten\x12#\n" +
+	"\rbytes_skipped\x18\b \x01(\x03R\fbytesSkipped\x12\x16\n" +
+	"\x06method\x18\t \x01(\tR\x06method\x12\x1f\n" +
+	"\vformat_name\x18\n" +
+	" \x01(\tR\n" +
+	"formatName\"\x88\x01\n" +
+	"\fSnapshotInfo\x121\n" +
+	"\bsnapshot\x18\x01 \x01(\v2\x15.stowage.v1.ImageInfoR\bsnapshot\x12-\n" +
+	"\x06volume\x18\x02 \x01(\v2\x15.stowage.v1.ImageInfoR\x06volume\x12\x16\n" +
+	"\x06method\x18\x03 \x01(\tR\x06method\"\xf3\x01\n" +
+	"\n" +
+	"BackupInfo\x12\x1a\n" +
+	"\bmanifest\x18\x01 \x01(\tR\bmanifest\x12\x12\n" +
+	"\x04size\x18\x02 \x01(\x03R\x04size\x12\x16\n" +
+	"\x06chunks\x18\x03 \x01(\x03R\x06chunks\x12\x1f\n" +
+	"\vzero_chunks\x18\x04 \x01(\x03R\n" +
+	"zeroChunks\x12\x1d\n" +
+	"\n" +
+	"new_chunks\x18\x05 \x01(\x03R\tnewChunks\x12\x1b\n" +
+	"\tnew_bytes\x18\x06 \x01(\x03R\bnewBytes\x12!\n" +
+	"\freused_bytes\x18\a \x01(\x03R\vreusedBytes\x12\x1d\n" +
+	"\n" +
+	"read_bytes\x18\b \x01(\x03R\treadBytes\"\x83\x02\n" +
 	"\bFileInfo\x12\x12\n" +
 	"\x04path\x18\x01 \x01(\tR\x04path\x12\x12\n" +
 	"\x04size\x18\x02 \x01(\x03R\x04size\x12'\n" +
@@ -1551,21 +3041,34 @@ const file_stowage_v1_agent_proto_rawDesc = "" +
 	"\x0ecapacity_bytes\x18\x01 \x01(\x03R\rcapacityBytes\x12'\n" +
 	"\x0favailable_bytes\x18\x02 \x01(\x03R\x0eavailableBytes\x12\x18\n" +
 	"\areflink\x18\x03 \x01(\bR\areflink\x12\x17\n" +
-	"\afs_type\x18\x04 \x01(\tR\x06fsType\"\x84\x02\n" +
+	"\afs_type\x18\x04 \x01(\tR\x06fsType\"\xf1\x03\n" +
 	"\n" +
 	"TaskResult\x12\x17\n" +
 	"\atask_id\x18\x01 \x01(\tR\x06taskId\x12\x12\n" +
 	"\x04done\x18\x02 \x01(\bR\x04done\x12\x1f\n" +
 	"\verror_class\x18\x03 \x01(\tR\n" +
 	"errorClass\x12\x14\n" +
-	"\x05error\x18\x04 \x01(\tR\x05error\x12.\n" +
+	"\x05error\x18\x04 \x01(\tR\x05error\x12\x1d\n" +
+	"\n" +
+	"bytes_done\x18\x05 \x01(\x03R\tbytesDone\x12\x1f\n" +
+	"\vbytes_total\x18\x06 \x01(\x03R\n" +
+	"bytesTotal\x12.\n" +
 	"\x05probe\x18\n" +
 	" \x01(\v2\x16.stowage.v1.StoreProbeH\x00R\x05probe\x12*\n" +
 	"\x04file\x18\v \x01(\v2\x14.stowage.v1.FileInfoH\x00R\x04file\x12,\n" +
-	"\x05files\x18\f \x01(\v2\x14.stowage.v1.FileListH\x00R\x05filesB\b\n" +
+	"\x05files\x18\f \x01(\v2\x14.stowage.v1.FileListH\x00R\x05files\x12-\n" +
+	"\x05image\x18\r \x01(\v2\x15.stowage.v1.ImageInfoH\x00R\x05image\x126\n" +
+	"\bsnapshot\x18\x0e \x01(\v2\x18.stowage.v1.SnapshotInfoH\x00R\bsnapshot\x120\n" +
+	"\x06backup\x18\x0f \x01(\v2\x16.stowage.v1.BackupInfoH\x00R\x06backup\x12\x12\n" +
+	"\x03uri\x18\x10 \x01(\tH\x00R\x03uriB\b\n" +
 	"\x06result\"6\n" +
 	"\bFileList\x12*\n" +
-	"\x05files\x18\x01 \x03(\v2\x14.stowage.v1.FileInfoR\x05files2\xa6\x01\n" +
+	"\x05files\x18\x01 \x03(\v2\x14.stowage.v1.FileInfoR\x05files*k\n" +
+	"\tCloneMode\x12\x1a\n" +
+	"\x16CLONE_MODE_UNSPECIFIED\x10\x00\x12\x16\n" +
+	"\x12CLONE_MODE_REFLINK\x10\x01\x12\x15\n" +
+	"\x11CLONE_MODE_LINKED\x10\x02\x12\x13\n" +
+	"\x0fCLONE_MODE_FULL\x10\x032\xa6\x01\n" +
 	"\x13AgentControlService\x12E\n" +
 	"\bRegister\x12\x1b.stowage.v1.RegisterRequest\x1a\x1c.stowage.v1.RegisterResponse\x12H\n" +
 	"\tHeartbeat\x12\x1c.stowage.v1.HeartbeatRequest\x1a\x1d.stowage.v1.HeartbeatResponse2\x96\x01\n" +
@@ -1589,72 +3092,114 @@ func file_stowage_v1_agent_proto_rawDescGZIP() []byte {
 	return file_stowage_v1_agent_proto_rawDescData
 }
 
-var file_stowage_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
+var file_stowage_v1_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
+var file_stowage_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 37)
 var file_stowage_v1_agent_proto_goTypes = []any{
-	(*RegisterRequest)(nil),       // 0: stowage.v1.RegisterRequest
-	(*RegisterResponse)(nil),      // 1: stowage.v1.RegisterResponse
-	(*StoreAssignment)(nil),       // 2: stowage.v1.StoreAssignment
-	(*HeartbeatRequest)(nil),      // 3: stowage.v1.HeartbeatRequest
-	(*HeartbeatResponse)(nil),     // 4: stowage.v1.HeartbeatResponse
-	(*RunTaskRequest)(nil),        // 5: stowage.v1.RunTaskRequest
-	(*RunTaskResponse)(nil),       // 6: stowage.v1.RunTaskResponse
-	(*GetTaskRequest)(nil),        // 7: stowage.v1.GetTaskRequest
-	(*GetTaskResponse)(nil),       // 8: stowage.v1.GetTaskResponse
-	(*Task)(nil),                  // 9: stowage.v1.Task
-	(*PrepareStoreStep)(nil),      // 10: stowage.v1.PrepareStoreStep
-	(*ProbeStoreStep)(nil),        // 11: stowage.v1.ProbeStoreStep
-	(*ReleaseStoreStep)(nil),      // 12: stowage.v1.ReleaseStoreStep
-	(*CreateImageStep)(nil),       // 13: stowage.v1.CreateImageStep
-	(*DeletePathStep)(nil),        // 14: stowage.v1.DeletePathStep
-	(*ListDirStep)(nil),           // 15: stowage.v1.ListDirStep
-	(*StatPathStep)(nil),          // 16: stowage.v1.StatPathStep
-	(*FileInfo)(nil),              // 17: stowage.v1.FileInfo
-	(*StoreProbe)(nil),            // 18: stowage.v1.StoreProbe
-	(*TaskResult)(nil),            // 19: stowage.v1.TaskResult
-	(*FileList)(nil),              // 20: stowage.v1.FileList
-	(*HostCapabilities)(nil),      // 21: stowage.v1.HostCapabilities
-	(*Host)(nil),                  // 22: stowage.v1.Host
-	(HostState)(0),                // 23: stowage.v1.HostState
-	(ImageFormat)(0),              // 24: stowage.v1.ImageFormat
-	(*timestamppb.Timestamp)(nil), // 25: google.protobuf.Timestamp
+	(CloneMode)(0),                // 0: stowage.v1.CloneMode
+	(*RegisterRequest)(nil),       // 1: stowage.v1.RegisterRequest
+	(*RegisterResponse)(nil),      // 2: stowage.v1.RegisterResponse
+	(*StoreAssignment)(nil),       // 3: stowage.v1.StoreAssignment
+	(*HeartbeatRequest)(nil),      // 4: stowage.v1.HeartbeatRequest
+	(*HeartbeatResponse)(nil),     // 5: stowage.v1.HeartbeatResponse
+	(*RunTaskRequest)(nil),        // 6: stowage.v1.RunTaskRequest
+	(*RunTaskResponse)(nil),       // 7: stowage.v1.RunTaskResponse
+	(*GetTaskRequest)(nil),        // 8: stowage.v1.GetTaskRequest
+	(*GetTaskResponse)(nil),       // 9: stowage.v1.GetTaskResponse
+	(*Task)(nil),                  // 10: stowage.v1.Task
+	(*PrepareStoreStep)(nil),      // 11: stowage.v1.PrepareStoreStep
+	(*ProbeStoreStep)(nil),        // 12: stowage.v1.ProbeStoreStep
+	(*ReleaseStoreStep)(nil),      // 13: stowage.v1.ReleaseStoreStep
+	(*CreateImageStep)(nil),       // 14: stowage.v1.CreateImageStep
+	(*DeletePathStep)(nil),        // 15: stowage.v1.DeletePathStep
+	(*ListDirStep)(nil),           // 16: stowage.v1.ListDirStep
+	(*StatPathStep)(nil),          // 17: stowage.v1.StatPathStep
+	(*FetchImageStep)(nil),        // 18: stowage.v1.FetchImageStep
+	(*CopyImageStep)(nil),         // 19: stowage.v1.CopyImageStep
+	(*CloneImageStep)(nil),        // 20: stowage.v1.CloneImageStep
+	(*InspectImageStep)(nil),      // 21: stowage.v1.InspectImageStep
+	(*ResizeImageStep)(nil),       // 22: stowage.v1.ResizeImageStep
+	(*SnapshotImageStep)(nil),     // 23: stowage.v1.SnapshotImageStep
+	(*RevertImageStep)(nil),       // 24: stowage.v1.RevertImageStep
+	(*RebaseImageStep)(nil),       // 25: stowage.v1.RebaseImageStep
+	(*BackupImageStep)(nil),       // 26: stowage.v1.BackupImageStep
+	(*RestoreImageStep)(nil),      // 27: stowage.v1.RestoreImageStep
+	(*DeleteBackupStep)(nil),      // 28: stowage.v1.DeleteBackupStep
+	(*ExportStep)(nil),            // 29: stowage.v1.ExportStep
+	(*UnexportStep)(nil),          // 30: stowage.v1.UnexportStep
+	(*ImageInfo)(nil),             // 31: stowage.v1.ImageInfo
+	(*SnapshotInfo)(nil),          // 32: stowage.v1.SnapshotInfo
+	(*BackupInfo)(nil),            // 33: stowage.v1.BackupInfo
+	(*FileInfo)(nil),              // 34: stowage.v1.FileInfo
+	(*StoreProbe)(nil),            // 35: stowage.v1.StoreProbe
+	(*TaskResult)(nil),            // 36: stowage.v1.TaskResult
+	(*FileList)(nil),              // 37: stowage.v1.FileList
+	(*HostCapabilities)(nil),      // 38: stowage.v1.HostCapabilities
+	(*Host)(nil),                  // 39: stowage.v1.Host
+	(HostState)(0),                // 40: stowage.v1.HostState
+	(ImageFormat)(0),              // 41: stowage.v1.ImageFormat
+	(*timestamppb.Timestamp)(nil), // 42: google.protobuf.Timestamp
 }
 var file_stowage_v1_agent_proto_depIdxs = []int32{
-	21, // 0: stowage.v1.RegisterRequest.capabilities:type_name -> stowage.v1.HostCapabilities
-	22, // 1: stowage.v1.RegisterResponse.host:type_name -> stowage.v1.Host
-	2,  // 2: stowage.v1.RegisterResponse.stores:type_name -> stowage.v1.StoreAssignment
-	21, // 3: stowage.v1.HeartbeatRequest.capabilities:type_name -> stowage.v1.HostCapabilities
-	23, // 4: stowage.v1.HeartbeatResponse.state:type_name -> stowage.v1.HostState
-	2,  // 5: stowage.v1.HeartbeatResponse.stores:type_name -> stowage.v1.StoreAssignment
-	9,  // 6: stowage.v1.RunTaskRequest.task:type_name -> stowage.v1.Task
-	19, // 7: stowage.v1.RunTaskResponse.result:type_name -> stowage.v1.TaskResult
-	19, // 8: stowage.v1.GetTaskResponse.result:type_name -> stowage.v1.TaskResult
-	10, // 9: stowage.v1.Task.prepare_store:type_name -> stowage.v1.PrepareStoreStep
-	11, // 10: stowage.v1.Task.probe_store:type_name -> stowage.v1.ProbeStoreStep
-	12, // 11: stowage.v1.Task.release_store:type_name -> stowage.v1.ReleaseStoreStep
-	13, // 12: stowage.v1.Task.create_image:type_name -> stowage.v1.CreateImageStep
-	14, // 13: stowage.v1.Task.delete_path:type_name -> stowage.v1.DeletePathStep
-	15, // 14: stowage.v1.Task.list_dir:type_name -> stowage.v1.ListDirStep
-	16, // 15: stowage.v1.Task.stat_path:type_name -> stowage.v1.StatPathStep
-	24, // 16: stowage.v1.CreateImageStep.format:type_name -> stowage.v1.ImageFormat
-	25, // 17: stowage.v1.FileInfo.modified_at:type_name -> google.protobuf.Timestamp
-	24, // 18: stowage.v1.FileInfo.format:type_name -> stowage.v1.ImageFormat
-	18, // 19: stowage.v1.TaskResult.probe:type_name -> stowage.v1.StoreProbe
-	17, // 20: stowage.v1.TaskResult.file:type_name -> stowage.v1.FileInfo
-	20, // 21: stowage.v1.TaskResult.files:type_name -> stowage.v1.FileList
-	17, // 22: stowage.v1.FileList.files:type_name -> stowage.v1.FileInfo
-	0,  // 23: stowage.v1.AgentControlService.Register:input_type -> stowage.v1.RegisterRequest
-	3,  // 24: stowage.v1.AgentControlService.Heartbeat:input_type -> stowage.v1.HeartbeatRequest
-	5,  // 25: stowage.v1.AgentService.RunTask:input_type -> stowage.v1.RunTaskRequest
-	7,  // 26: stowage.v1.AgentService.GetTask:input_type -> stowage.v1.GetTaskRequest
-	1,  // 27: stowage.v1.AgentControlService.Register:output_type -> stowage.v1.RegisterResponse
-	4,  // 28: stowage.v1.AgentControlService.Heartbeat:output_type -> stowage.v1.HeartbeatResponse
-	6,  // 29: stowage.v1.AgentService.RunTask:output_type -> stowage.v1.RunTaskResponse
-	8,  // 30: stowage.v1.AgentService.GetTask:output_type -> stowage.v1.GetTaskResponse
-	27, // [27:31] is the sub-list for method output_type
-	23, // [23:27] is the sub-list for method input_type
-	23, // [23:23] is the sub-list for extension type_name
-	23, // [23:23] is the sub-list for extension extendee
-	0,  // [0:23] is the sub-list for field type_name
+	38, // 0: stowage.v1.RegisterRequest.capabilities:type_name -> stowage.v1.HostCapabilities
+	39, // 1: stowage.v1.RegisterResponse.host:type_name -> stowage.v1.Host
+	3,  // 2: stowage.v1.RegisterResponse.stores:type_name -> stowage.v1.StoreAssignment
+	38, // 3: stowage.v1.HeartbeatRequest.capabilities:type_name -> stowage.v1.HostCapabilities
+	40, // 4: stowage.v1.HeartbeatResponse.state:type_name -> stowage.v1.HostState
+	3,  // 5: stowage.v1.HeartbeatResponse.stores:type_name -> stowage.v1.StoreAssignment
+	10, // 6: stowage.v1.RunTaskRequest.task:type_name -> stowage.v1.Task
+	36, // 7: stowage.v1.RunTaskResponse.result:type_name -> stowage.v1.TaskResult
+	36, // 8: stowage.v1.GetTaskResponse.result:type_name -> stowage.v1.TaskResult
+	11, // 9: stowage.v1.Task.prepare_store:type_name -> stowage.v1.PrepareStoreStep
+	12, // 10: stowage.v1.Task.probe_store:type_name -> stowage.v1.ProbeStoreStep
+	13, // 11: stowage.v1.Task.release_store:type_name -> stowage.v1.ReleaseStoreStep
+	14, // 12: stowage.v1.Task.create_image:type_name -> stowage.v1.CreateImageStep
+	15, // 13: stowage.v1.Task.delete_path:type_name -> stowage.v1.DeletePathStep
+	16, // 14: stowage.v1.Task.list_dir:type_name -> stowage.v1.ListDirStep
+	17, // 15: stowage.v1.Task.stat_path:type_name -> stowage.v1.StatPathStep
+	18, // 16: stowage.v1.Task.fetch_image:type_name -> stowage.v1.FetchImageStep
+	19, // 17: stowage.v1.Task.copy_image:type_name -> stowage.v1.CopyImageStep
+	20, // 18: stowage.v1.Task.clone_image:type_name -> stowage.v1.CloneImageStep
+	21, // 19: stowage.v1.Task.inspect_image:type_name -> stowage.v1.InspectImageStep
+	22, // 20: stowage.v1.Task.resize_image:type_name -> stowage.v1.ResizeImageStep
+	23, // 21: stowage.v1.Task.snapshot_image:type_name -> stowage.v1.SnapshotImageStep
+	24, // 22: stowage.v1.Task.revert_image:type_name -> stowage.v1.RevertImageStep
+	25, // 23: stowage.v1.Task.rebase_image:type_name -> stowage.v1.RebaseImageStep
+	26, // 24: stowage.v1.Task.backup_image:type_name -> stowage.v1.BackupImageStep
+	27, // 25: stowage.v1.Task.restore_image:type_name -> stowage.v1.RestoreImageStep
+	28, // 26: stowage.v1.Task.delete_backup:type_name -> stowage.v1.DeleteBackupStep
+	29, // 27: stowage.v1.Task.export:type_name -> stowage.v1.ExportStep
+	30, // 28: stowage.v1.Task.unexport:type_name -> stowage.v1.UnexportStep
+	41, // 29: stowage.v1.CreateImageStep.format:type_name -> stowage.v1.ImageFormat
+	41, // 30: stowage.v1.FetchImageStep.format:type_name -> stowage.v1.ImageFormat
+	41, // 31: stowage.v1.CopyImageStep.format:type_name -> stowage.v1.ImageFormat
+	0,  // 32: stowage.v1.CloneImageStep.mode:type_name -> stowage.v1.CloneMode
+	41, // 33: stowage.v1.CloneImageStep.format:type_name -> stowage.v1.ImageFormat
+	41, // 34: stowage.v1.RestoreImageStep.format:type_name -> stowage.v1.ImageFormat
+	41, // 35: stowage.v1.ImageInfo.format:type_name -> stowage.v1.ImageFormat
+	31, // 36: stowage.v1.SnapshotInfo.snapshot:type_name -> stowage.v1.ImageInfo
+	31, // 37: stowage.v1.SnapshotInfo.volume:type_name -> stowage.v1.ImageInfo
+	42, // 38: stowage.v1.FileInfo.modified_at:type_name -> google.protobuf.Timestamp
+	41, // 39: stowage.v1.FileInfo.format:type_name -> stowage.v1.ImageFormat
+	35, // 40: stowage.v1.TaskResult.probe:type_name -> stowage.v1.StoreProbe
+	34, // 41: stowage.v1.TaskResult.file:type_name -> stowage.v1.FileInfo
+	37, // 42: stowage.v1.TaskResult.files:type_name -> stowage.v1.FileList
+	31, // 43: stowage.v1.TaskResult.image:type_name -> stowage.v1.ImageInfo
+	32, // 44: stowage.v1.TaskResult.snapshot:type_name -> stowage.v1.SnapshotInfo
+	33, // 45: stowage.v1.TaskResult.backup:type_name -> stowage.v1.BackupInfo
+	34, // 46: stowage.v1.FileList.files:type_name -> stowage.v1.FileInfo
+	1,  // 47: stowage.v1.AgentControlService.Register:input_type -> stowage.v1.RegisterRequest
+	4,  // 48: stowage.v1.AgentControlService.Heartbeat:input_type -> stowage.v1.HeartbeatRequest
+	6,  // 49: stowage.v1.AgentService.RunTask:input_type -> stowage.v1.RunTaskRequest
+	8,  // 50: stowage.v1.AgentService.GetTask:input_type -> stowage.v1.GetTaskRequest
+	2,  // 51: stowage.v1.AgentControlService.Register:output_type -> stowage.v1.RegisterResponse
+	5,  // 52: stowage.v1.AgentControlService.Heartbeat:output_type -> stowage.v1.HeartbeatResponse
+	7,  // 53: stowage.v1.AgentService.RunTask:output_type -> stowage.v1.RunTaskResponse
+	9,  // 54: stowage.v1.AgentService.GetTask:output_type -> stowage.v1.GetTaskResponse
+	51, // [51:55] is the sub-list for method output_type
+	47, // [47:51] is the sub-list for method input_type
+	47, // [47:47] is the sub-list for extension type_name
+	47, // [47:47] is the sub-list for extension extendee
+	0,  // [0:47] is the sub-list for field type_name
 }
 
 func init() { file_stowage_v1_agent_proto_init() }
@@ -1671,24 +3216,42 @@ func file_stowage_v1_agent_proto_init() {
 		(*Task_DeletePath)(nil),
 		(*Task_ListDir)(nil),
 		(*Task_StatPath)(nil),
+		(*Task_FetchImage)(nil),
+		(*Task_CopyImage)(nil),
+		(*Task_CloneImage)(nil),
+		(*Task_InspectImage)(nil),
+		(*Task_ResizeImage)(nil),
+		(*Task_SnapshotImage)(nil),
+		(*Task_RevertImage)(nil),
+		(*Task_RebaseImage)(nil),
+		(*Task_BackupImage)(nil),
+		(*Task_RestoreImage)(nil),
+		(*Task_DeleteBackup)(nil),
+		(*Task_Export)(nil),
+		(*Task_Unexport)(nil),
 	}
-	file_stowage_v1_agent_proto_msgTypes[19].OneofWrappers = []any{
+	file_stowage_v1_agent_proto_msgTypes[35].OneofWrappers = []any{
 		(*TaskResult_Probe)(nil),
 		(*TaskResult_File)(nil),
 		(*TaskResult_Files)(nil),
+		(*TaskResult_Image)(nil),
+		(*TaskResult_Snapshot)(nil),
+		(*TaskResult_Backup)(nil),
+		(*TaskResult_Uri)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_stowage_v1_agent_proto_rawDesc), len(file_stowage_v1_agent_proto_rawDesc)),
-			NumEnums:      0,
-			NumMessages:   21,
+			NumEnums:      1,
+			NumMessages:   37,
 			NumExtensions: 0,
 			NumServices:   2,
 		},
 		GoTypes:           file_stowage_v1_agent_proto_goTypes,
 		DependencyIndexes: file_stowage_v1_agent_proto_depIdxs,
+		EnumInfos:         file_stowage_v1_agent_proto_enumTypes,
 		MessageInfos:      file_stowage_v1_agent_proto_msgTypes,
 	}.Build()
 	File_stowage_v1_agent_proto = out.File

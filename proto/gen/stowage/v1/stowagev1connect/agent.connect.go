@@ -145,8 +145,14 @@ func (UnimplementedAgentControlServiceHandler) Heartbeat(context.Context, *conne
 
 // AgentServiceClient is a client for the stowage.v1.AgentService service.
 type AgentServiceClient interface {
+	// RunTask runs a task and blocks until it is done. A task whose id is
+	// running already is not started again: the call waits for it. A task
+	// keeps running when its caller goes away (a controller restart); the
+	// agent cancels it only when no caller has waited for it (RunTask) or
+	// asked about it (GetTask) for a grace period.
 	RunTask(context.Context, *connect.Request[v1.RunTaskRequest]) (*connect.Response[v1.RunTaskResponse], error)
-	// GetTask returns the journalled result of a task, or NotFound.
+	// GetTask returns the journalled result of a finished task, the progress
+	// of a running one (done false, bytes_done, bytes_total), or NotFound.
 	GetTask(context.Context, *connect.Request[v1.GetTaskRequest]) (*connect.Response[v1.GetTaskResponse], error)
 }
 
@@ -194,8 +200,14 @@ func (c *agentServiceClient) GetTask(ctx context.Context, req *connect.Request[v
 
 // AgentServiceHandler is an implementation of the stowage.v1.AgentService service.
 type AgentServiceHandler interface {
+	// RunTask runs a task and blocks until it is done. A task whose id is
+	// running already is not started again: the call waits for it. A task
+	// keeps running when its caller goes away (a controller restart); the
+	// agent cancels it only when no caller has waited for it (RunTask) or
+	// asked about it (GetTask) for a grace period.
 	RunTask(context.Context, *connect.Request[v1.RunTaskRequest]) (*connect.Response[v1.RunTaskResponse], error)
-	// GetTask returns the journalled result of a task, or NotFound.
+	// GetTask returns the journalled result of a finished task, the progress
+	// of a running one (done false, bytes_done, bytes_total), or NotFound.
 	GetTask(context.Context, *connect.Request[v1.GetTaskRequest]) (*connect.Response[v1.GetTaskResponse], error)
 }
 

@@ -1,0 +1,309 @@
+package hostfs
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"path/filepath"
+	"sort"
+
+	"github.com/stowage/stowage/datapath/chunkstore"
+	"github.com/stowage/stowage/datapath/qemuimg"
+	"github.com/stowage/stowage/datapath/stream"
+	"github.com/stowage/stowage/drivers"
+	"github.com/stowage/stowage/errdefs"
+)
+
+// BackupImage stores what the guest of the image at req.Source sees into
+// the chunk store req.ChunkDir (datapath/chunkstore) and writes the
+// manifest req.Manifest. A qcow2 chain is read as a flat disk by the copy
+// engine's qcow2 reader (go-qcow2reader, through the backing files); an
+// image that reader cannot read is converted to a raw staging file with
+// qemu-img first. Holes and unallocated clusters are never read.
+//
+// With req.ParentManifest (the backup of the source's backing file, for a
+// qcow2 snapshot in a chain), chunks that the source's top layer does not
+// touch (qemu-img map: nothing allocated at depth 0) are taken from the
+// parent manifest without reading. The manifest records the path it backed
+// up (Manifest.Source), and the parent is trusted that way only when it
+// names the source's backing file; any other parent saves writes (its
+// chunks are in the store) but not reads. An existing manifest at req.Manifest is
+// returned as it is (a retried step).
+func (l *Local) BackupImage(ctx context.Context, req drivers.BackupRequest, progress drivers.Progress) (drivers.BackupInfo, error) {
+	info, err := l.backupImage(ctx, req, progress)
+	if err != nil {
+		return drivers.BackupInfo{}, fmt.Errorf("back up %s to %s on host %s: %w", req.Source, req.Manifest, l.hostID, err)
+	}
+	return info, nil
+}
+
+func (l *Local) backupImage(ctx context.Context, req drivers.BackupRequest, progress drivers.Progress) (drivers.BackupInfo, error) {
+	src, err := l.existingPath(req.Source)
+	if err != nil {
+		return drivers.BackupInfo{}, err
+	}
+	chunks, err := l.existingPath(req.ChunkDir)
+	if err != nil {
+		return drivers.BackupInfo{}, err
+	}
+	manifest, err := l.objectPath(req.Manifest)
+	if err != nil {
+		return drivers.BackupInfo{}, err
+	}
+	var parent *chunkstore.Manifest
+	if req.ParentManifest != "" {
+		pp, err := l.existingPath(req.ParentManifest)
+		if err != nil {
+			return drivers.BackupInfo{}, err
+		}
+		if parent, err = chunkstore.LoadManifest(pp); err != nil {
+			return drivers.BackupInfo{}, fmt.Errorf("parent: %w", err)
+		}
+	}
+	if err := l.makeDir(manifest, req.Manifest); err != nil {
+		return drivers.BackupInfo{}, err
+	}
+	if err := l.makeDir(filepath.Join(chunks, "x"), filepath.Join(req.ChunkDir, "x")); err != nil {
+		return drivers.BackupInfo{}, err
+	}
+	unlock, err := l.locks.lock(ctx, manifest)
+	if err != nil {
+		return drivers.BackupInfo{}, err
+	}
+	defer unlock()
+	if ok, err := exists(manifest); err != nil {
+		return drivers.BackupInfo{}, err
+	} else if ok {
+		m, err := chunkstore.LoadManifest(manifest)
+		if err != nil {
+			return drivers.BackupInfo{}, fmt.Errorf("%s exists and is not a manifest (%v): %w", req.Manifest, err, errdefs.ErrAlreadyExists)
+		}
+		return manifestInfo(req.Manifest, m), nil
+	}
+	store, err := chunkstore.Open(chunks)
+	if err != nil {
+		return drivers.BackupInfo{}, err
+	}
+	si, err := l.qemu.Info(ctx, src, qemuimg.ForceShare())
+	if err != nil {
+		return drivers.BackupInfo{}, err
+	}
+	opts := chunkstore.BackupOptions{ChunkSize: req.ChunkSize, Parent: parent, Progress: progress, Source: req.Source}
+	// The parent's chunks stand in for unread ranges only when the parent
+	// is the backup of this image's backing file: anything else would put
+	// another image's data into this backup. Otherwise it still saves
+	// writing (chunks already stored), not reading.
+	if parent != nil && si.Format == qemuimg.FormatQCOW2 && si.BackingFilename != "" &&
+		parent.Source != "" && parent.Source == l.callerPath(backingOf(si)) {
+		unchanged, err := l.unchangedSinceBacking(ctx, src)
+		if err != nil {
+			return drivers.BackupInfo{}, err
+		}
+		opts.ParentUnchanged = unchanged
+	}
+
+	var source stream.Source
+	err = nil
+	if si.Format == qemuimg.FormatRaw || si.Format == qemuimg.FormatQCOW2 {
+		source, err = stream.OpenSource(ctx, src, stream.SourceOptions{Format: si.Format})
+	}
+	if source == nil && (err == nil || errors.Is(err, errdefs.ErrNotImplemented)) {
+		// The Go qcow2 reader cannot read this image (or it is another
+		// format): flatten it with qemu-img next to the manifest.
+		flat := stagePath(manifest, "convert")
+		removeStage(flat)
+		defer removeStage(flat)
+		if err := l.qemu.Convert(ctx, src, flat, qemuimg.FormatRaw, qemuimg.SourceFormat(si.Format), qemuimg.MinSparse("4k")); err != nil {
+			return drivers.BackupInfo{}, err
+		}
+		source, err = stream.OpenSource(ctx, flat, stream.SourceOptions{Format: qemuimg.FormatRaw})
+	}
+	if err != nil {
+		return drivers.BackupInfo{}, err
+	}
+	defer source.Close()
+	m, st, err := store.Backup(ctx, source, manifest, opts)
+	if err != nil {
+		return drivers.BackupInfo{}, err
+	}
+	info := manifestInfo(req.Manifest, m)
+	info.NewChunks, info.NewBytes, info.ReusedBytes, info.ReadBytes = st.NewChunks, st.NewBytes, st.ReusedBytes, st.ReadBytes
+	return info, nil
+}
+
+// unchangedSinceBacking returns a function telling whether a range of the
+// qcow2 at host is untouched by its top layer (reads as its backing file).
+func (l *Local) unchangedSinceBacking(ctx context.Context, host string) (func(off, n int64) bool, error) {
+	m, err := l.qemu.Map(ctx, host, qemuimg.FormatQCOW2)
+	if err != nil {
+		return nil, err
+	}
+	var changed [][2]int64 // sorted, [start, end)
+	for _, e := range m {
+		if e.Depth == 0 && e.Present {
+			changed = append(changed, [2]int64{e.Start, e.Start + e.Length})
+		}
+	}
+	return func(off, n int64) bool {
+		// the first changed range ending after off
+		i := sort.Search(len(changed), func(i int) bool { return changed[i][1] > off })
+		return i == len(changed) || changed[i][0] >= off+n
+	}, nil
+}
+
+func manifestInfo(path string, m *chunkstore.Manifest) drivers.BackupInfo {
+	info := drivers.BackupInfo{Manifest: path, Size: m.Size, Chunks: int64(len(m.Chunks))}
+	for _, c := range m.Chunks {
+		if c == chunkstore.ZeroChunk {
+			info.ZeroChunks++
+		}
+	}
+	return info
+}
+
+// RestoreImage rebuilds the image of a backup at req.Dest in req.Format
+// (raw when empty): the chunks are verified and written into a fresh sparse
+// staging file (zero chunks and zero blocks stay holes); a qcow2 is then
+// converted from it with qemu-img. A bad chunk is errdefs.ErrDataLoss and
+// leaves nothing behind. An image of that format and size already at
+// req.Dest is returned as it is.
+func (l *Local) RestoreImage(ctx context.Context, req drivers.RestoreRequest, progress drivers.Progress) (drivers.ImageInfo, error) {
+	info, err := l.restoreImage(ctx, req, progress)
+	if err != nil {
+		return drivers.ImageInfo{}, fmt.Errorf("restore %s to %s on host %s: %w", req.Manifest, req.Dest, l.hostID, err)
+	}
+	return info, nil
+}
+
+func (l *Local) restoreImage(ctx context.Context, req drivers.RestoreRequest, progress drivers.Progress) (drivers.ImageInfo, error) {
+	manifest, err := l.existingPath(req.Manifest)
+	if err != nil {
+		return drivers.ImageInfo{}, err
+	}
+	chunks, err := l.existingPath(req.ChunkDir)
+	if err != nil {
+		return drivers.ImageInfo{}, err
+	}
+	final, err := l.objectPath(req.Dest)
+	if err != nil {
+		return drivers.ImageInfo{}, err
+	}
+	format := req.Format
+	switch format {
+	case "":
+		format = drivers.FormatRaw
+	case drivers.FormatRaw, drivers.FormatQCOW2:
+	default:
+		return drivers.ImageInfo{}, fmt.Errorf("format %q is not raw or qcow2: %w", format, errdefs.ErrInvalid)
+	}
+	m, err := chunkstore.LoadManifest(manifest)
+	if err != nil {
+		return drivers.ImageInfo{}, err
+	}
+	if format == drivers.FormatQCOW2 && m.Size%qemuimg.SectorSize != 0 {
+		return drivers.ImageInfo{}, fmt.Errorf("size %d is not a multiple of %d, as a qcow2 needs: %w", m.Size, qemuimg.SectorSize, errdefs.ErrInvalid)
+	}
+	if err := l.makeDir(final, req.Dest); err != nil {
+		return drivers.ImageInfo{}, err
+	}
+	unlock, err := l.locks.lock(ctx, final)
+	if err != nil {
+		return drivers.ImageInfo{}, err
+	}
+	defer unlock()
+	if ok, err := exists(final); err != nil {
+		return drivers.ImageInfo{}, err
+	} else if ok {
+		info, qi, err := l.imageInfo(ctx, req.Dest, final, qemuimg.ForceShare())
+		if err != nil || qi.Format != string(format) || qi.VirtualSize != m.Size || qi.BackingFilename != "" {
+			return drivers.ImageInfo{}, fmt.Errorf("%s exists and is not this backup's image: %w", req.Dest, errdefs.ErrAlreadyExists)
+		}
+		info.Method = "existing"
+		return info, nil
+	}
+	store, err := chunkstore.Open(chunks)
+	if err != nil {
+		return drivers.ImageInfo{}, err
+	}
+
+	raw := stagePath(final, "restore-raw")
+	if format == drivers.FormatRaw {
+		raw = stagePath(final, "restore")
+	}
+	removeStage(raw)
+	defer removeStage(raw)
+	sink, err := stream.OpenSink(ctx, raw, m.Size, stream.SinkOptions{})
+	if err != nil {
+		return drivers.ImageInfo{}, err
+	}
+	if err := store.Restore(ctx, m, sink, chunkstore.RestoreOptions{Progress: progress}); err != nil {
+		sink.Abort()
+		return drivers.ImageInfo{}, err
+	}
+	if err := sink.Commit(ctx); err != nil {
+		return drivers.ImageInfo{}, err
+	}
+	stage, method := raw, "chunks"
+	if format == drivers.FormatQCOW2 {
+		stage = stagePath(final, "restore")
+		removeStage(stage)
+		defer removeStage(stage)
+		if err := l.qemu.Convert(ctx, raw, stage, qemuimg.FormatQCOW2, qemuimg.SourceFormat(qemuimg.FormatRaw), qemuimg.MinSparse("4k")); err != nil {
+			return drivers.ImageInfo{}, err
+		}
+		method = "chunks+qemu-img convert"
+	}
+	if err := ctx.Err(); err != nil {
+		return drivers.ImageInfo{}, err
+	}
+	if err := publish(stage, final); err != nil {
+		return drivers.ImageInfo{}, err
+	}
+	info, _, err := l.imageInfo(ctx, req.Dest, final, qemuimg.AssumeFormat(string(format)))
+	if err != nil {
+		return drivers.ImageInfo{}, err
+	}
+	info.Method = method
+	return info, nil
+}
+
+// DeleteBackup removes the manifest req.Manifest and the chunks of
+// req.ChunkDir that no other manifest in its directory uses. A missing
+// manifest is not an error. The result describes the deleted backup
+// (Manifest, Size, Chunks, ZeroChunks); BackupInfo has no field for what
+// was freed.
+func (l *Local) DeleteBackup(ctx context.Context, req drivers.DeleteBackupRequest) (drivers.BackupInfo, error) {
+	info, err := l.deleteBackup(ctx, req)
+	if err != nil {
+		return drivers.BackupInfo{}, fmt.Errorf("delete backup %s on host %s: %w", req.Manifest, l.hostID, err)
+	}
+	return info, nil
+}
+
+func (l *Local) deleteBackup(ctx context.Context, req drivers.DeleteBackupRequest) (drivers.BackupInfo, error) {
+	manifest, err := l.objectPath(req.Manifest)
+	if err != nil {
+		return drivers.BackupInfo{}, err
+	}
+	chunks, err := l.existingPath(req.ChunkDir)
+	if err != nil {
+		return drivers.BackupInfo{}, err
+	}
+	unlock, err := l.locks.lock(ctx, manifest)
+	if err != nil {
+		return drivers.BackupInfo{}, err
+	}
+	defer unlock()
+	if ok, err := exists(manifest); err != nil || !ok {
+		return drivers.BackupInfo{Manifest: req.Manifest}, err
+	}
+	store, err := chunkstore.Open(chunks)
+	if err != nil {
+		return drivers.BackupInfo{}, err
+	}
+	st, err := store.Delete(ctx, manifest)
+	if err != nil {
+		return drivers.BackupInfo{}, err
+	}
+	return drivers.BackupInfo{Manifest: req.Manifest, Size: st.Size, Chunks: st.Chunks, ZeroChunks: st.ZeroChunks}, nil
+}

@@ -1,0 +1,315 @@
+package hostfs
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/stowage/stowage/datapath/qemuimg"
+	"github.com/stowage/stowage/datapath/stream"
+	"github.com/stowage/stowage/drivers"
+	"github.com/stowage/stowage/errdefs"
+)
+
+// SnapshotImage takes a snapshot of the volume at req.Volume into
+// req.Snapshot. The volume must not be in use (qemu-img's lock; a running
+// VM's disk is snapshotted through the hypervisor instead):
+//
+//   - qcow2: an external snapshot in O(1). A new empty overlay is made
+//     first (staged, backed by the snapshot path that does not exist yet),
+//     then the volume file is renamed to the snapshot path and made
+//     read-only (0444), then the overlay is renamed to the volume path with
+//     the volume's owner and mode. A crash between the two renames leaves
+//     the snapshot and no volume; running the step again finishes it.
+//     A relative backing file name of the volume is made absolute first,
+//     so the snapshot still finds it from its own directory. Volume and
+//     snapshot must be on one filesystem (errdefs.ErrFailedPrecondition).
+//   - raw: a reflink of the volume where the filesystem can share extents,
+//     a sparse copy otherwise (Method "reflink" or "copy"), read-only.
+//
+// A snapshot already taken (the volume is an overlay on req.Snapshot, or
+// for raw a raw snapshot of the volume's size exists) is returned as it is.
+func (l *Local) SnapshotImage(ctx context.Context, req drivers.SnapshotRequest) (drivers.SnapshotInfo, error) {
+	info, err := l.snapshotImage(ctx, req)
+	if err != nil {
+		return drivers.SnapshotInfo{}, fmt.Errorf("snapshot %s to %s on host %s: %w", req.Volume, req.Snapshot, l.hostID, err)
+	}
+	return info, nil
+}
+
+func (l *Local) snapshotImage(ctx context.Context, req drivers.SnapshotRequest) (drivers.SnapshotInfo, error) {
+	vol, snap, unlock, err := l.lockPair(ctx, req)
+	if err != nil {
+		return drivers.SnapshotInfo{}, err
+	}
+	defer unlock()
+	volOK, err := exists(vol)
+	if err != nil {
+		return drivers.SnapshotInfo{}, err
+	}
+	snapOK, err := exists(snap)
+	if err != nil {
+		return drivers.SnapshotInfo{}, err
+	}
+	if !volOK && !snapOK {
+		return drivers.SnapshotInfo{}, fmt.Errorf("volume %s does not exist: %w", req.Volume, errdefs.ErrNotFound)
+	}
+	if snapOK {
+		si, err := l.qemu.Info(ctx, snap, qemuimg.ForceShare())
+		if err != nil {
+			return drivers.SnapshotInfo{}, err
+		}
+		if !volOK {
+			if si.Format != qemuimg.FormatQCOW2 {
+				return drivers.SnapshotInfo{}, fmt.Errorf("volume %s does not exist: %w", req.Volume, errdefs.ErrNotFound)
+			}
+			// A crash between the two renames: finish the snapshot.
+			removeStage(stagePath(vol, "snap"))
+			if err := l.newOverlay(ctx, snap, si.VirtualSize, vol, ""); err != nil {
+				return drivers.SnapshotInfo{}, err
+			}
+			return l.snapshotResult(ctx, req, vol, snap, "qcow2-external")
+		}
+		vi, err := l.qemu.Info(ctx, vol, qemuimg.ForceShare())
+		if err != nil {
+			return drivers.SnapshotInfo{}, err
+		}
+		switch {
+		case vi.Format == qemuimg.FormatQCOW2 && backingOf(vi) == snap:
+			return l.snapshotResult(ctx, req, vol, snap, "qcow2-external")
+		case vi.Format == qemuimg.FormatRaw && si.Format == qemuimg.FormatRaw && vi.VirtualSize == si.VirtualSize:
+			return l.snapshotResult(ctx, req, vol, snap, "existing")
+		}
+		return drivers.SnapshotInfo{}, fmt.Errorf("%s exists and is not a snapshot of %s: %w", req.Snapshot, req.Volume, errdefs.ErrAlreadyExists)
+	}
+
+	// Without -U: a volume a VM holds open fails here (FailedPrecondition).
+	vi, err := l.qemu.Info(ctx, vol)
+	if err != nil {
+		return drivers.SnapshotInfo{}, err
+	}
+	switch vi.Format {
+	case qemuimg.FormatQCOW2:
+		if vi.BackingFilename != "" && !filepath.IsAbs(vi.BackingFilename) && filepath.Dir(vol) != filepath.Dir(snap) {
+			if err := l.absoluteBacking(ctx, vol, vi); err != nil {
+				return drivers.SnapshotInfo{}, err
+			}
+		}
+		stage := stagePath(vol, "snap")
+		removeStage(stage)
+		defer removeStage(stage)
+		if err := l.qemu.Create(ctx, stage, qemuimg.FormatQCOW2, vi.VirtualSize,
+			qemuimg.BackingFile(snap, qemuimg.FormatQCOW2), qemuimg.SkipBackingCheck()); err != nil {
+			return drivers.SnapshotInfo{}, err
+		}
+		if err := sameOwner(vol, stage); err != nil {
+			return drivers.SnapshotInfo{}, err
+		}
+		if err := syncFile(stage); err != nil {
+			return drivers.SnapshotInfo{}, classed(err)
+		}
+		if err := ctx.Err(); err != nil {
+			return drivers.SnapshotInfo{}, err
+		}
+		if err := renameNoReplace(vol, snap); err != nil {
+			if errors.Is(err, unix.EXDEV) {
+				return drivers.SnapshotInfo{}, fmt.Errorf("volume and snapshot are on different filesystems; a qcow2 snapshot renames the volume: %w", errdefs.ErrFailedPrecondition)
+			}
+			return drivers.SnapshotInfo{}, classed(err)
+		}
+		if err := os.Chmod(snap, 0o444); err != nil {
+			return drivers.SnapshotInfo{}, classed(err)
+		}
+		if err := syncDir(filepath.Dir(snap)); err != nil {
+			return drivers.SnapshotInfo{}, classed(err)
+		}
+		// From here the step is committed: finish it even if ctx ended.
+		if err := renameNoReplace(stage, vol); err != nil {
+			return drivers.SnapshotInfo{}, classed(err)
+		}
+		if err := syncDir(filepath.Dir(vol)); err != nil {
+			return drivers.SnapshotInfo{}, classed(err)
+		}
+		return l.snapshotResult(ctx, req, vol, snap, "qcow2-external")
+	case qemuimg.FormatRaw:
+		stage := stagePath(snap, "snap")
+		defer removeStage(stage)
+		res, err := streamCopy(ctx, vol, stream.SourceOptions{Format: qemuimg.FormatRaw}, stage, stream.Options{})
+		if err != nil {
+			return drivers.SnapshotInfo{}, err
+		}
+		if err := os.Chmod(stage, 0o444); err != nil {
+			return drivers.SnapshotInfo{}, classed(err)
+		}
+		if err := publish(stage, snap); err != nil {
+			return drivers.SnapshotInfo{}, err
+		}
+		method := "copy"
+		if res.Method == "reflink" {
+			method = "reflink"
+		}
+		return l.snapshotResult(ctx, req, vol, snap, method)
+	}
+	return drivers.SnapshotInfo{}, fmt.Errorf("volume %s is %s; snapshots are made of raw and qcow2 volumes: %w", req.Volume, vi.Format, errdefs.ErrInvalid)
+}
+
+// lockPair checks the paths of req and locks both objects.
+func (l *Local) lockPair(ctx context.Context, req drivers.SnapshotRequest) (vol, snap string, unlock func(), err error) {
+	if vol, err = l.objectPath(req.Volume); err != nil {
+		return "", "", nil, err
+	}
+	if snap, err = l.objectPath(req.Snapshot); err != nil {
+		return "", "", nil, err
+	}
+	if vol == snap {
+		return "", "", nil, fmt.Errorf("volume and snapshot are the same path: %w", errdefs.ErrInvalid)
+	}
+	if err := l.makeDir(snap, req.Snapshot); err != nil {
+		return "", "", nil, err
+	}
+	if err := needDir(vol, req.Volume); err != nil {
+		return "", "", nil, err
+	}
+	unlock, err = l.locks.lock(ctx, vol, snap)
+	return vol, snap, unlock, err
+}
+
+// newOverlay makes an empty qcow2 overlay backed by backing (a qcow2) of
+// size bytes at final, replacing what is there, with the owner and mode of
+// like ("" leaves the defaults).
+func (l *Local) newOverlay(ctx context.Context, backing string, size int64, final, like string) error {
+	stage := stagePath(final, "revert")
+	removeStage(stage)
+	defer removeStage(stage)
+	if err := l.qemu.Create(ctx, stage, qemuimg.FormatQCOW2, size, qemuimg.BackingFile(backing, qemuimg.FormatQCOW2)); err != nil {
+		return err
+	}
+	if like != "" {
+		if err := sameOwner(like, stage); err != nil {
+			return err
+		}
+	}
+	return replace(stage, final)
+}
+
+func (l *Local) snapshotResult(ctx context.Context, req drivers.SnapshotRequest, vol, snap, method string) (drivers.SnapshotInfo, error) {
+	si, _, err := l.imageInfo(ctx, req.Snapshot, snap, qemuimg.ForceShare())
+	if err != nil {
+		return drivers.SnapshotInfo{}, err
+	}
+	vi, _, err := l.imageInfo(ctx, req.Volume, vol, qemuimg.ForceShare())
+	if err != nil {
+		return drivers.SnapshotInfo{}, err
+	}
+	si.Method, vi.Method = method, method
+	return drivers.SnapshotInfo{Snapshot: si, Volume: vi, Method: method}, nil
+}
+
+// RevertImage makes the volume at req.Volume read what req.Snapshot holds.
+// The volume must not be in use. For a qcow2 snapshot the volume becomes a
+// new empty overlay on it (the volume's current overlay is discarded; the
+// snapshot and every other snapshot stay as they are); for a raw snapshot
+// it becomes a reflink or sparse copy of it. Either way the new volume is
+// staged and renamed over the old one, with its owner and mode. A volume
+// that already is an empty overlay on the snapshot is left alone.
+func (l *Local) RevertImage(ctx context.Context, req drivers.SnapshotRequest) (drivers.ImageInfo, error) {
+	info, err := l.revertImage(ctx, req)
+	if err != nil {
+		return drivers.ImageInfo{}, fmt.Errorf("revert %s to %s on host %s: %w", req.Volume, req.Snapshot, l.hostID, err)
+	}
+	return info, nil
+}
+
+func (l *Local) revertImage(ctx context.Context, req drivers.SnapshotRequest) (drivers.ImageInfo, error) {
+	vol, snap, unlock, err := l.lockPair(ctx, req)
+	if err != nil {
+		return drivers.ImageInfo{}, err
+	}
+	defer unlock()
+	si, err := l.qemu.Info(ctx, snap, qemuimg.ForceShare())
+	if err != nil {
+		return drivers.ImageInfo{}, err
+	}
+	volOK, err := exists(vol)
+	if err != nil {
+		return drivers.ImageInfo{}, err
+	}
+	like := ""
+	var vi qemuimg.Info
+	if volOK {
+		like = vol
+		// Without -U: a volume a VM holds open fails here (FailedPrecondition).
+		if vi, err = l.qemu.Info(ctx, vol); err != nil {
+			return drivers.ImageInfo{}, err
+		}
+	}
+	var method string
+	switch si.Format {
+	case qemuimg.FormatQCOW2:
+		method = "qcow2-external"
+		if volOK && vi.Format == qemuimg.FormatQCOW2 && backingOf(vi) == snap {
+			empty, err := l.emptyOverlay(ctx, vol)
+			if err != nil {
+				return drivers.ImageInfo{}, err
+			}
+			if empty && vi.VirtualSize == si.VirtualSize {
+				info, _, err := l.imageInfo(ctx, req.Volume, vol, qemuimg.AssumeFormat(qemuimg.FormatQCOW2))
+				info.Method = "existing"
+				return info, err
+			}
+		}
+		if err := ctx.Err(); err != nil {
+			return drivers.ImageInfo{}, err
+		}
+		if err := l.newOverlay(ctx, snap, si.VirtualSize, vol, like); err != nil {
+			return drivers.ImageInfo{}, err
+		}
+	case qemuimg.FormatRaw:
+		stage := stagePath(vol, "revert")
+		defer removeStage(stage)
+		res, err := streamCopy(ctx, snap, stream.SourceOptions{Format: qemuimg.FormatRaw}, stage, stream.Options{})
+		if err != nil {
+			return drivers.ImageInfo{}, err
+		}
+		if like != "" {
+			if err := sameOwner(like, stage); err != nil {
+				return drivers.ImageInfo{}, err
+			}
+		} else if err := os.Chmod(stage, 0o644); err != nil {
+			return drivers.ImageInfo{}, classed(err)
+		}
+		if err := replace(stage, vol); err != nil {
+			return drivers.ImageInfo{}, err
+		}
+		method = "copy"
+		if res.Method == "reflink" {
+			method = "reflink"
+		}
+	default:
+		return drivers.ImageInfo{}, fmt.Errorf("snapshot %s is %s, not raw or qcow2: %w", req.Snapshot, si.Format, errdefs.ErrInvalid)
+	}
+	info, _, err := l.imageInfo(ctx, req.Volume, vol, qemuimg.AssumeFormat(si.Format))
+	if err != nil {
+		return drivers.ImageInfo{}, err
+	}
+	info.Method = method
+	return info, nil
+}
+
+// emptyOverlay reports whether the qcow2 at host holds no data of its own.
+func (l *Local) emptyOverlay(ctx context.Context, host string) (bool, error) {
+	m, err := l.qemu.Map(ctx, host, qemuimg.FormatQCOW2)
+	if err != nil {
+		return false, err
+	}
+	for _, e := range m {
+		if e.Depth == 0 && e.Present {
+			return false, nil
+		}
+	}
+	return true, nil
+}
