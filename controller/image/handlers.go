@@ -15,16 +15,6 @@ import (
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 )
 
-// planHost returns the host the plan chose for step, "" if none.
-func planHost(job *stowagev1.Job, step string) string {
-	for _, s := range job.GetPlan().GetSteps() {
-		if s.GetName() == step {
-			return s.GetHostId()
-		}
-	}
-	return ""
-}
-
 // registerHandler downloads a template into each of its image stores.
 type registerHandler struct{ s *Service }
 
@@ -61,7 +51,7 @@ func (h registerHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.
 		step := "download-" + st.GetName()
 		var info drivers.ImageInfo
 		err = jobs.RunStep(ctx, job, rep, step, func(ctx context.Context) error {
-			ch, err := s.sel.Select(ctx, planHost(job, step), datastore.Scope(st))
+			ch, err := s.sel.Select(ctx, jobs.PlanHost(job, step), datastore.Scope(st))
 			if err != nil {
 				return err
 			}
@@ -231,7 +221,7 @@ func (h createHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 	}
 	var info drivers.ImageInfo
 	if err := jobs.RunStep(ctx, job, rep, "copy", func(ctx context.Context) error {
-		ch, err := s.sel.Select(ctx, planHost(job, "copy"), datastore.Scope(src), datastore.Scope(dst))
+		ch, err := s.sel.Select(ctx, jobs.PlanHost(job, "copy"), datastore.Scope(src), datastore.Scope(dst))
 		if err != nil {
 			return err
 		}

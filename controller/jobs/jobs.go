@@ -504,3 +504,13 @@ func (r *Runner) Submit(ctx context.Context, job *stowagev1.Job, create func(tx 
 	r.launch(created)
 	return created, false, nil
 }
+
+// PlanHost returns the host the plan chose for step, "" if none.
+func PlanHost(job *stowagev1.Job, step string) string {
+	for _, s := range job.GetPlan().GetSteps() {
+		if s.GetName() == step {
+			return s.GetHostId()
+		}
+	}
+	return ""
+}

@@ -14,15 +14,6 @@ import (
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 )
 
-func planHost(job *stowagev1.Job, step string) string {
-	for _, s := range job.GetPlan().GetSteps() {
-		if s.GetName() == step {
-			return s.GetHostId()
-		}
-	}
-	return ""
-}
-
 type takeHandler struct{ s *Service }
 
 func (h takeHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Reporter) error {
@@ -58,7 +49,7 @@ func (h takeHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Repo
 	}
 	var info drivers.SnapshotInfo
 	if err := jobs.RunStep(ctx, job, rep, "snapshot", func(ctx context.Context) error {
-		ch, err := s.sel.Select(ctx, planHost(job, "snapshot"), datastore.Scope(st))
+		ch, err := s.sel.Select(ctx, jobs.PlanHost(job, "snapshot"), datastore.Scope(st))
 		if err != nil {
 			return err
 		}
@@ -115,23 +106,8 @@ func (h takeHandler) Fail(ctx context.Context, job *stowagev1.Job, cause error) 
 		})
 		errs = append(errs, err)
 	}
-	errs = append(errs, backToReady(ctx, s.db, sn.GetVolumeId(), cause))
+	errs = append(errs, volume.BackToReady(ctx, s.db, sn.GetVolumeId(), cause))
 	return errors.Join(errs...)
-}
-
-func backToReady(ctx context.Context, db *meta.DB, volumeID string, cause error) error {
-	v, err := db.Volumes().Get(ctx, volumeID)
-	if err != nil {
-		return err
-	}
-	if v.GetState() == stowagev1.VolumeState_VOLUME_STATE_READY {
-		return nil
-	}
-	_, err = db.Volumes().Transition(ctx, volumeID, meta.VolumeOperationFailed, func(v *stowagev1.Volume) error {
-		v.Error, v.BusyJobId = cause.Error(), ""
-		return nil
-	})
-	return err
 }
 
 type revertHandler struct{ s *Service }
@@ -155,7 +131,7 @@ func (h revertHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 		return err
 	}
 	if err := jobs.RunStep(ctx, job, rep, "revert", func(ctx context.Context) error {
-		ch, err := s.sel.Select(ctx, planHost(job, "revert"), datastore.Scope(st))
+		ch, err := s.sel.Select(ctx, jobs.PlanHost(job, "revert"), datastore.Scope(st))
 		if err != nil {
 			return err
 		}
@@ -180,7 +156,7 @@ func (h revertHandler) Fail(ctx context.Context, job *stowagev1.Job, cause error
 	if err != nil {
 		return err
 	}
-	return backToReady(ctx, h.s.db, sn.GetVolumeId(), cause)
+	return volume.BackToReady(ctx, h.s.db, sn.GetVolumeId(), cause)
 }
 
 type backupHandler struct{ s *Service }
@@ -220,7 +196,7 @@ func (h backupHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 	}
 	var info drivers.BackupInfo
 	if err := jobs.RunStep(ctx, job, rep, "backup", func(ctx context.Context) error {
-		ch, err := s.sel.Select(ctx, planHost(job, "backup"), datastore.Scope(primary), datastore.Scope(img))
+		ch, err := s.sel.Select(ctx, jobs.PlanHost(job, "backup"), datastore.Scope(primary), datastore.Scope(img))
 		if err != nil {
 			return err
 		}

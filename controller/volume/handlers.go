@@ -46,7 +46,7 @@ func (h createHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 			return err
 		}
 		err = jobs.RunStep(ctx, job, rep, "install", func(ctx context.Context) error {
-			ch, err := s.sel.Select(ctx, planHost(job, "install"), datastore.Scope(st))
+			ch, err := s.sel.Select(ctx, jobs.PlanHost(job, "install"), datastore.Scope(st))
 			if err != nil {
 				return err
 			}
@@ -60,7 +60,7 @@ func (h createHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 		err = s.createFromSnapshot(ctx, job, rep, v, st, format, &info)
 	default:
 		err = jobs.RunStep(ctx, job, rep, "create", func(ctx context.Context) error {
-			ch, err := s.sel.Select(ctx, planHost(job, "create"), datastore.Scope(st))
+			ch, err := s.sel.Select(ctx, jobs.PlanHost(job, "create"), datastore.Scope(st))
 			if err != nil {
 				return err
 			}
@@ -208,15 +208,6 @@ func (s *Service) copyTemplate(ctx context.Context, job *stowagev1.Job, rep *job
 	return err
 }
 
-func planHost(job *stowagev1.Job, step string) string {
-	for _, s := range job.GetPlan().GetSteps() {
-		if s.GetName() == step {
-			return s.GetHostId()
-		}
-	}
-	return ""
-}
-
 func (s *Service) createFromSnapshot(ctx context.Context, job *stowagev1.Job, rep *jobs.Reporter, v *stowagev1.Volume, st *stowagev1.DataStore, format drivers.Format, info *drivers.ImageInfo) error {
 	ref, err := s.db.SnapshotsOnStore().Get(ctx, job.GetParams()["source_ref"])
 	if err != nil {
@@ -233,7 +224,7 @@ func (s *Service) createFromSnapshot(ctx context.Context, job *stowagev1.Job, re
 		})
 	}
 	return jobs.RunStep(ctx, job, rep, "restore", func(ctx context.Context) error {
-		ch, err := s.sel.Select(ctx, planHost(job, "restore"), datastore.Scope(src), datastore.Scope(st))
+		ch, err := s.sel.Select(ctx, jobs.PlanHost(job, "restore"), datastore.Scope(src), datastore.Scope(st))
 		if err != nil {
 			return err
 		}
@@ -286,7 +277,7 @@ func (h deleteHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 		return err
 	}
 	err = jobs.RunStep(ctx, job, rep, "expunge", func(ctx context.Context) error {
-		ch, err := s.sel.Select(ctx, planHost(job, "expunge"), datastore.Scope(st))
+		ch, err := s.sel.Select(ctx, jobs.PlanHost(job, "expunge"), datastore.Scope(st))
 		if err != nil {
 			return err
 		}
@@ -383,7 +374,7 @@ func (h resizeHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 	}
 	var info drivers.ImageInfo
 	if err := jobs.RunStep(ctx, job, rep, "resize", func(ctx context.Context) error {
-		ch, err := s.sel.Select(ctx, planHost(job, "resize"), datastore.Scope(st))
+		ch, err := s.sel.Select(ctx, jobs.PlanHost(job, "resize"), datastore.Scope(st))
 		if err != nil {
 			return err
 		}
@@ -401,12 +392,12 @@ func (h resizeHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 }
 
 func (h resizeHandler) Fail(ctx context.Context, job *stowagev1.Job, cause error) error {
-	return backToReady(ctx, h.s.db, job.GetTargetId(), cause)
+	return BackToReady(ctx, h.s.db, job.GetTargetId(), cause)
 }
 
-// backToReady ends a failed Resizing/Migrating/Snapshotting/Reverting:
+// BackToReady ends a failed Resizing/Migrating/Snapshotting/Reverting:
 // the volume is as it was, Ready, with the error noted.
-func backToReady(ctx context.Context, db *meta.DB, id string, cause error) error {
+func BackToReady(ctx context.Context, db *meta.DB, id string, cause error) error {
 	v, err := db.Volumes().Get(ctx, id)
 	if err != nil {
 		return err
@@ -510,5 +501,5 @@ func (h migrateHandler) Fail(ctx context.Context, job *stowagev1.Job, cause erro
 			}
 		}
 	}
-	return backToReady(ctx, h.s.db, job.GetTargetId(), cause)
+	return BackToReady(ctx, h.s.db, job.GetTargetId(), cause)
 }
