@@ -231,7 +231,7 @@ func runJob(cmd *cobra.Command, f *jobFlags, v view, id string, call func(contex
 		}
 		fmt.Fprintf(out, "job %s succeeded%s\n", final.GetId(), prefixed(": ", final.GetResult()))
 		if obj == nil {
-			if v.get == nil {
+			if v.get == nil && final.GetResult() == "" {
 				fmt.Fprintf(out, "%s %s deleted\n", v.kind, id)
 			}
 			return nil

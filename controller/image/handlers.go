@@ -243,7 +243,7 @@ func (h createHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 		tt.VirtualSize, tt.Sha256 = info.VirtualSize, info.SHA256
 		return nil
 	})
-	rep.Result("template %s made from %s: %d bytes written", t.GetName(), job.GetParams()["source_path"], info.BytesWritten)
+	rep.Result("template %s made from %s: %d bytes virtual, %d on disk", t.GetName(), job.GetParams()["source_path"], info.VirtualSize, info.PhysicalSize)
 	return err
 }
 

@@ -320,7 +320,12 @@ func (s *Service) Create(ctx context.Context, req *stowagev1.CreateTemplateReque
 	case req.GetVolumeId() != "":
 		v, err := s.db.Volumes().Get(ctx, req.GetVolumeId())
 		if err != nil {
-			return nil, fmt.Errorf("volume %q: %w", req.GetVolumeId(), err)
+			if byName, lerr := s.db.Volumes().ListBy(ctx, meta.IndexName, req.GetVolumeId()); lerr == nil && len(byName) == 1 {
+				v, err = byName[0], nil
+			}
+		}
+		if err != nil {
+			return nil, fmt.Errorf("volume %q: no volume has that id or name: %w", req.GetVolumeId(), errdefs.ErrNotFound)
 		}
 		if v.GetState() != stowagev1.VolumeState_VOLUME_STATE_READY {
 			return nil, fmt.Errorf("volume %s is %s; a template is made from a Ready volume: %w", v.GetName(), meta.VolumeStateName(v.GetState()), errdefs.ErrFailedPrecondition)

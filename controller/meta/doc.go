@@ -49,7 +49,7 @@
 // segment. Empty values are not indexed. Enum values are indexed by their
 // CloudStack-style names (EnumName: "Up", "PrepareForMaintenance").
 //
-//	meta/schema-version                          "1" (decimal): the layout version, see migrations.go
+//	meta/schema-version                          "2" (decimal): the layout version, see migrations.go
 //	<kind>/<id>                                  the record (protobuf)
 //	idx/<kind>/<field>/<value>/<id>              secondary index entry (empty value)
 //	uniq/<kind>/<field>/<value>                  unique index entry -> owner id
@@ -62,7 +62,8 @@
 //	  idx/host/state/<HostState>/<id>
 //	  idx/host/zone/<zone>/<id>
 //	  idx/host/hostname/<hostname>/<id>          not unique: a re-installed host gets a new id
-//	template/<id>                                Template (no state, no index)
+//	template/<id>                                Template (no state)
+//	  idx/template/name/<name>/<id>
 //	template_on_store/<id>                       TemplateOnStore
 //	  idx/template_on_store/template_id/<template id>/<id>
 //	  idx/template_on_store/store_id/<store id>/<id>

@@ -87,6 +87,9 @@ var (
 				r.CreatedAt = now
 			}
 		},
+		indexes: []index[templateRec]{
+			{field: IndexName, value: templateRec.GetName},
+		},
 	}
 
 	// TemplatesOnStore are templates on one store each (template_store_ref,

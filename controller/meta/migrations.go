@@ -25,6 +25,7 @@ type migration struct {
 // kinds it touches (or all of allKinds).
 var migrations = []migration{
 	{version: 1, name: "initial layout", apply: func(kvTxn) error { return nil }},
+	{version: 2, name: "index templates by name", apply: func(kt kvTxn) error { return reindexKinds(kt, Templates) }},
 }
 
 // latestSchemaVersion is the version this binary writes.

@@ -3,6 +3,7 @@ package meta
 import (
 	"errors"
 	"slices"
+	"strconv"
 	"testing"
 
 	"github.com/stowage/stowage/errdefs"
@@ -17,8 +18,8 @@ func TestMigrationsAreOrdered(t *testing.T) {
 	}
 }
 
-// Migration 1 ("initial layout") leaves a new database with its version key
-// and nothing else.
+// A new database gets its version key and nothing else (migration 1,
+// "initial layout"; migration 2 only reindexes templates).
 func TestMigration1InitialLayout(t *testing.T) {
 	db := openTest(t)
 	var keys []string
@@ -33,8 +34,35 @@ func TestMigration1InitialLayout(t *testing.T) {
 	if !slices.Equal(keys, []string{schemaVersionKey}) {
 		t.Fatalf("keys of a new database: %v", keys)
 	}
-	if got := string(rawGet(t, db, []byte(schemaVersionKey))); got != "1" {
-		t.Fatalf("schema version %q, want \"1\"", got)
+	if got := string(rawGet(t, db, []byte(schemaVersionKey))); got != strconv.Itoa(latestSchemaVersion()) {
+		t.Fatalf("schema version %q, want %d", got, latestSchemaVersion())
+	}
+}
+
+// Migration 2 indexes the templates a version-1 database holds by name.
+func TestMigration2TemplateNames(t *testing.T) {
+	db := openTest(t)
+	if _, err := db.Templates().Create(ctx, &stowagev1.Template{Id: "t1", Name: "debian"}); err != nil {
+		t.Fatal(err)
+	}
+	// Make it a version-1 database: no name index entry, version 1.
+	if err := db.kv.update(func(kt kvTxn) error {
+		if err := kt.delete(indexKey("template", IndexName, "debian", "t1")); err != nil {
+			return err
+		}
+		return kt.set([]byte(schemaVersionKey), []byte("1"))
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := db.Templates().ListBy(ctx, IndexName, "debian"); len(got) != 0 {
+		t.Fatalf("setup: index entry still there")
+	}
+	if err := migrate(db.kv, migrations); err != nil {
+		t.Fatal(err)
+	}
+	got, err := db.Templates().ListBy(ctx, IndexName, "debian")
+	if err != nil || len(got) != 1 || got[0].GetId() != "t1" {
+		t.Fatalf("after migration 2: %v %v", got, err)
 	}
 }
 
@@ -55,37 +83,38 @@ func TestMigratePendingSteps(t *testing.T) {
 	}
 
 	runs := 0
+	n := latestSchemaVersion()
 	steps := append(slices.Clone(migrations),
-		migration{version: 2, name: "index volumes by store", apply: func(kt kvTxn) error {
+		migration{version: n + 1, name: "index volumes by store", apply: func(kt kvTxn) error {
 			runs++
 			return reindexKinds(kt, allKinds...)
 		}},
-		migration{version: 3, name: "broken", apply: func(kvTxn) error { return errdefs.ErrInternal }},
+		migration{version: n + 2, name: "broken", apply: func(kvTxn) error { return errdefs.ErrInternal }},
 	)
 	err := migrate(db.kv, steps)
 	if !errors.Is(err, errdefs.ErrInternal) {
 		t.Fatalf("migrate with a broken step: %v", err)
 	}
-	if v, _ := db.SchemaVersion(ctx); v != 2 || runs != 1 {
-		t.Fatalf("version %d after %d runs, want 2 after 1", v, runs)
+	if v, _ := db.SchemaVersion(ctx); v != n+1 || runs != 1 {
+		t.Fatalf("version %d after %d runs, want %d after 1", v, runs, n+1)
 	}
 	if err := db.Check(ctx); err != nil {
 		t.Fatalf("Check after the reindex: %v", err)
 	}
 	// Applied steps are not applied again.
-	if err := migrate(db.kv, steps[:2]); err != nil || runs != 1 {
+	if err := migrate(db.kv, steps[:n+1]); err != nil || runs != 1 {
 		t.Fatalf("second migrate: %v, %d runs", err, runs)
 	}
 	// A database newer than the steps is refused.
-	if err := migrate(db.kv, steps[:1]); !errdefs.IsFailedPrecondition(err) {
+	if err := migrate(db.kv, steps[:n]); !errdefs.IsFailedPrecondition(err) {
 		t.Fatalf("migrate down: %v", err)
 	}
 	// Gaps in the list are a programming error.
-	if err := migrate(db.kv, []migration{{version: 2, name: "gap", apply: func(kvTxn) error { return nil }}}); !errors.Is(err, errdefs.ErrInternal) {
+	if err := migrate(db.kv, []migration{{version: n + 1, name: "gap", apply: func(kvTxn) error { return nil }}}); !errors.Is(err, errdefs.ErrInternal) {
 		t.Fatalf("gap: %v", err)
 	}
 	// Put the version back so the cleanup's Check sees this binary's layout.
-	if err := db.kv.update(func(kt kvTxn) error { return kt.set([]byte(schemaVersionKey), []byte("1")) }); err != nil {
+	if err := db.kv.update(func(kt kvTxn) error { return kt.set([]byte(schemaVersionKey), []byte(strconv.Itoa(n))) }); err != nil {
 		t.Fatal(err)
 	}
 }
