@@ -1,9 +1,11 @@
 package motion
 
 import (
+	"context"
 	"errors"
 	"testing"
 
+	"github.com/stowage/stowage/controller/endpoint"
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
 )
@@ -36,5 +38,41 @@ func TestPickInstall(t *testing.T) {
 		if err != nil || d.Strategy.Name() != tc.strat || d.Format != tc.format || len(d.Reasons) == 0 {
 			t.Errorf("%s: %+v %v", tc.name, d, err)
 		}
+	}
+}
+
+// hostsIn is a test HostPicker over a fixed map of host -> the scopes it reaches.
+type hostsIn map[string][]drivers.Scope
+
+func (h hostsIn) Select(_ context.Context, _ string, scopes ...drivers.Scope) (endpoint.Choice, error) {
+	for id, reach := range h {
+		ok := true
+		for _, want := range scopes {
+			found := false
+			for _, r := range reach {
+				found = found || r == want
+			}
+			ok = ok && found
+		}
+		if ok {
+			return endpoint.Choice{HostID: id, Reason: "host " + id}, nil
+		}
+	}
+	return endpoint.Choice{}, errdefs.ErrUnavailable
+}
+
+func TestPickMotion(t *testing.T) {
+	a, b := drivers.Scope{Zone: "z", HostID: "h1"}, drivers.Scope{Zone: "z", HostID: "h2"}
+	ctx := context.Background()
+	d, err := PickMotion(ctx, MotionRequest{From: a, To: b, Standalone: true}, hostsIn{"h1": {a, b}})
+	if err != nil || d.Strategy.Name() != SameHost || d.Priority != Highest {
+		t.Fatalf("one host reaches both: %+v %v", d, err)
+	}
+	d, err = PickMotion(ctx, MotionRequest{From: a, To: b, Standalone: true}, hostsIn{"h1": {a}, "h2": {b}})
+	if err != nil || d.Strategy.Name() != AgentToAgent || len(d.Reasons) != 2 {
+		t.Fatalf("two hosts: %+v %v", d, err)
+	}
+	if _, err := PickMotion(ctx, MotionRequest{From: a, To: b}, hostsIn{"h1": {a}, "h2": {b}}); !errors.Is(err, errdefs.ErrFailedPrecondition) {
+		t.Fatalf("a backing chain across hosts: %v", err)
 	}
 }
