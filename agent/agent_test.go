@@ -169,7 +169,7 @@ func TestFetchAndBackupThroughProxyWithProgress(t *testing.T) {
 	var bp progressLog
 	chunks := filepath.Join(dir, "chunks")
 	os.Mkdir(chunks, 0o755) // outside a store, the agent makes no directories
-	b, err := r.ep.BackupImage(t.Context(), drivers.BackupRequest{Source: dest, ChunkDir: chunks, Manifest: filepath.Join(dir, "b1.json")}, bp.fn)
+	b, err := r.ep.BackupImage(t.Context(), drivers.BackupRequest{Source: dest, SourceFormat: drivers.FormatRaw, ChunkDir: chunks, Manifest: filepath.Join(dir, "b1.json")}, bp.fn)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -179,7 +179,7 @@ func TestFetchAndBackupThroughProxyWithProgress(t *testing.T) {
 	if calls := bp.get(); len(calls) == 0 || calls[len(calls)-1] != [2]int64{size, size} {
 		t.Fatalf("backup progress calls %v", calls)
 	}
-	b2, err := r.ep.BackupImage(t.Context(), drivers.BackupRequest{Source: dest, ChunkDir: chunks, Manifest: filepath.Join(dir, "b2.json")}, nil)
+	b2, err := r.ep.BackupImage(t.Context(), drivers.BackupRequest{Source: dest, SourceFormat: drivers.FormatRaw, ChunkDir: chunks, Manifest: filepath.Join(dir, "b2.json")}, nil)
 	if err != nil || b2.NewChunks != 0 || b2.ReusedBytes != size {
 		t.Fatalf("second backup: %+v %v", b2, err)
 	}
@@ -243,7 +243,7 @@ func TestSameTaskIDDoesTheWorkOnce(t *testing.T) {
 	}
 	// Two different calls in one step do not share an id.
 	ctx := drivers.WithTaskID(t.Context(), "job-3.step")
-	if _, err := r.ep.InspectImage(ctx, dest); err != nil {
+	if _, err := r.ep.InspectImage(ctx, dest, drivers.FormatRaw); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := r.ep.StatPath(ctx, dest); err != nil {
@@ -308,7 +308,7 @@ func TestExportThroughProxy(t *testing.T) {
 		t.Fatalf("export: %q %v", uri, err)
 	}
 	copyPath := filepath.Join(dir, "copy.raw")
-	if _, err := r.ep.CopyImage(t.Context(), drivers.CopyRequest{Source: string(uri), Dest: copyPath}, nil); err != nil {
+	if _, err := r.ep.CopyImage(t.Context(), drivers.CopyRequest{Source: string(uri), SourceFormat: drivers.FormatRaw, Dest: copyPath}, nil); err != nil {
 		t.Fatal(err)
 	}
 	if got, _ := os.ReadFile(copyPath); !bytes.Equal(got, src.data) {

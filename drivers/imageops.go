@@ -12,6 +12,29 @@ type Progress func(done, total int64)
 // when it succeeded, so a failed or killed step leaves no partial object
 // visible. Steps are idempotent: a step whose destination already exists
 // with the expected content returns its info without doing the work again.
+//
+// Declared formats. The agent never probes the format of an existing image:
+// a raw volume is guest-writable, and a guest that writes a qcow2 header
+// naming a backing file (/etc/shadow, another tenant's disk) into it would
+// otherwise have a later copy, clone, snapshot, backup or template read
+// that file into something the guest or another user can read (the
+// CVE-2008-2004 family). So every step that opens an existing image takes
+// its format from the request (CopyRequest.SourceFormat,
+// CloneRequest.BaseFormat, SnapshotRequest.Format,
+// BackupRequest.SourceFormat, the format arguments of InspectImage,
+// ResizeImage and RebaseImage) and opens the image as that format only
+// (qemu-img -f / -F, the copy engine's Format option); an image that is not
+// in the declared format fails, and an empty declared format is
+// errdefs.ErrInvalid. A raw image is read as bytes, whatever they look
+// like. A declared qcow2 may have a backing chain only inside its own store
+// (the directory carrying the store marker): linked clones back onto the
+// store's templates/, external snapshots onto its snapshots/. Every layer
+// of the chain must record its backing file's format (raw or qcow2; never
+// probed), be a plain file of that store (no qemu protocol, no symbolic
+// link out of it) and have no external data file; anything else is refused
+// with errdefs.ErrInvalid naming the offending backing path. FetchImage,
+// whose source is not yet an image of the store, keeps its own checks
+// (declared format against the content, no backing file at all).
 type ImageOps interface {
 	// FetchImage streams req.Source (http://, https://, file:// or a path)
 	// into req.Dest, verifying req.Checksum in-stream, then inspects the
@@ -22,36 +45,44 @@ type ImageOps interface {
 	FetchImage(ctx context.Context, req FetchRequest, progress Progress) (ImageInfo, error)
 	// CopyImage copies req.Source (a path on this host, or a URI another
 	// agent granted: http(s)://, nbd://) to req.Dest through the stream
-	// engine (extent-aware, sparse, reflink when both ends allow). When
-	// req.Format differs from the source's, or req.Flatten is set for a
-	// qcow2 with a backing chain, qemu-img converts to a standalone image.
+	// engine (extent-aware, sparse, reflink when both ends allow). The source
+	// is req.SourceFormat (required). When req.Format differs from it, or
+	// req.Flatten is set for a qcow2 with a backing chain, qemu-img converts
+	// (-f req.SourceFormat) to a standalone image.
 	CopyImage(ctx context.Context, req CopyRequest, progress Progress) (ImageInfo, error)
 	// CloneImage creates req.Dest from req.Base by req.Mode: CloneReflink
 	// (FICLONE; ErrNotImplemented where the filesystem cannot), CloneLinked
-	// (a qcow2 whose backing file is Base, of Base's or a larger size), or
-	// CloneFull (a full sparse copy in req.Format).
+	// (a qcow2 whose backing file is Base, recorded as req.BaseFormat, of
+	// Base's or a larger size; Base must be in Dest's store), or CloneFull (a
+	// full sparse copy in req.Format). Base is opened as req.BaseFormat.
 	CloneImage(ctx context.Context, req CloneRequest, progress Progress) (ImageInfo, error)
-	// InspectImage reads an image's format, sizes and backing file (qemu-img info).
-	InspectImage(ctx context.Context, path string) (ImageInfo, error)
-	// ResizeImage grows an image to size bytes; shrinking is ErrInvalid.
-	ResizeImage(ctx context.Context, path string, size int64) (ImageInfo, error)
+	// InspectImage reads the sizes and backing file of the image at path,
+	// opened as format (qemu-img info -f). It reads metadata only, never the
+	// backing chain, so it reports a backing file outside the store rather
+	// than refusing it.
+	InspectImage(ctx context.Context, path string, format Format) (ImageInfo, error)
+	// ResizeImage grows the image at path, opened as format, to size bytes;
+	// shrinking is ErrInvalid.
+	ResizeImage(ctx context.Context, path string, format Format, size int64) (ImageInfo, error)
 	// SnapshotImage takes a point-in-time snapshot of the volume at req.Volume
-	// into req.Snapshot. A qcow2 volume gets an O(1) external snapshot: the
+	// (opened as req.Format) into req.Snapshot. A qcow2 volume gets an O(1) external snapshot: the
 	// volume's current file becomes the (read-only) snapshot and a new empty
 	// overlay backed by it takes the volume's path. A raw volume is reflinked
 	// where the filesystem allows and copied sparsely otherwise
 	// (SnapshotInfo.Method says which).
 	SnapshotImage(ctx context.Context, req SnapshotRequest) (SnapshotInfo, error)
 	// RevertImage makes the volume at req.Volume read what req.Snapshot
-	// holds: a qcow2 volume gets a new empty overlay on the snapshot; a raw
+	// holds (both of req.Format, the volume's format): a qcow2 volume gets a new empty overlay on the snapshot; a raw
 	// volume gets a reflink or sparse copy of it. Other snapshots stay valid.
 	RevertImage(ctx context.Context, req SnapshotRequest) (ImageInfo, error)
-	// RebaseImage rewrites the qcow2 at path onto newBacking ("" makes it
-	// standalone), merging in the data of the backing files it leaves out
+	// RebaseImage rewrites the qcow2 at path onto newBacking, an image of
+	// backingFormat in the same store ("" makes it standalone; the format is
+	// then unused), merging in the data of the backing files it leaves out
 	// (qemu-img rebase, safe mode). Used to drop a snapshot from a chain.
-	RebaseImage(ctx context.Context, path, newBacking string) (ImageInfo, error)
-	// BackupImage reads the image at req.Source as a flat disk (a qcow2 chain
-	// is read through its backing files) and stores it into the chunk store
+	RebaseImage(ctx context.Context, path, newBacking string, backingFormat Format) (ImageInfo, error)
+	// BackupImage reads the image at req.Source, opened as
+	// req.SourceFormat, as a flat disk (a qcow2 chain is read through its
+	// backing files) and stores it into the chunk store
 	// under req.ChunkDir as content-addressed chunks (sha256 of the chunk,
 	// req.ChunkSize bytes): all-zero chunks are not stored, a chunk already
 	// present is not written again. The manifest (JSON: size, chunk size,
@@ -101,10 +132,13 @@ type FetchRequest struct {
 
 // CopyRequest asks an agent to copy an image.
 type CopyRequest struct {
-	Source  string
-	Dest    string
-	Format  Format // "" keeps the source's format
-	Flatten bool
+	Source string
+	// SourceFormat is the format of Source as the records say (required):
+	// the source is opened as it, never probed.
+	SourceFormat Format
+	Dest         string
+	Format       Format // "" keeps the source's format
+	Flatten      bool
 }
 
 // CloneMode is how a volume is made from a template already on its store.
@@ -119,17 +153,22 @@ const (
 
 // CloneRequest asks an agent to create a volume from a base image.
 type CloneRequest struct {
-	Base   string
-	Dest   string
-	Mode   CloneMode
-	Format Format // format of Dest (CloneLinked is always qcow2)
-	Size   int64  // 0 keeps Base's virtual size; larger grows the volume
+	Base string
+	// BaseFormat is the format of Base as the records say (required).
+	BaseFormat Format
+	Dest       string
+	Mode       CloneMode
+	Format     Format // format of Dest (CloneLinked is always qcow2)
+	Size       int64  // 0 keeps Base's virtual size; larger grows the volume
 }
 
 // SnapshotRequest names a volume and one of its snapshots on the host.
 type SnapshotRequest struct {
 	Volume   string
 	Snapshot string
+	// Format is the volume's format as the records say (required); a
+	// volume's snapshots have its format.
+	Format Format
 }
 
 // SnapshotInfo is the result of SnapshotImage.
@@ -142,7 +181,9 @@ type SnapshotInfo struct {
 
 // BackupRequest asks an agent to back an image up into a chunk store.
 type BackupRequest struct {
-	Source         string
+	Source string
+	// SourceFormat is the format of Source as the records say (required).
+	SourceFormat   Format
 	ChunkDir       string
 	Manifest       string
 	ParentManifest string

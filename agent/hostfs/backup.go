@@ -14,10 +14,12 @@ import (
 	"github.com/stowage/stowage/errdefs"
 )
 
-// BackupImage stores what the guest of the image at req.Source sees into
-// the chunk store req.ChunkDir (datapath/chunkstore) and writes the
-// manifest req.Manifest. A qcow2 chain is read as a flat disk by the copy
-// engine's qcow2 reader (go-qcow2reader, through the backing files); an
+// BackupImage stores what the guest of the image at req.Source (opened as
+// req.SourceFormat, never probed) sees into the chunk store req.ChunkDir
+// (datapath/chunkstore) and writes the manifest req.Manifest. A raw source
+// is read as its bytes, whatever they look like. A qcow2 chain, which must
+// pass checkChain, is read as a flat disk by the copy engine's qcow2 reader
+// (go-qcow2reader, through the backing files as recorded); an
 // image that reader cannot read is converted to a raw staging file with
 // qemu-img first. Holes and unallocated clusters are never read.
 //
@@ -39,6 +41,10 @@ func (l *Local) BackupImage(ctx context.Context, req drivers.BackupRequest, prog
 
 func (l *Local) backupImage(ctx context.Context, req drivers.BackupRequest, progress drivers.Progress) (drivers.BackupInfo, error) {
 	src, err := l.existingPath(req.Source)
+	if err != nil {
+		return drivers.BackupInfo{}, err
+	}
+	srcFormat, err := declared("source", req.SourceFormat)
 	if err != nil {
 		return drivers.BackupInfo{}, err
 	}
@@ -84,7 +90,7 @@ func (l *Local) backupImage(ctx context.Context, req drivers.BackupRequest, prog
 	if err != nil {
 		return drivers.BackupInfo{}, err
 	}
-	si, err := l.qemu.Info(ctx, src, qemuimg.ForceShare())
+	si, err := l.openDeclared(ctx, src, srcFormat, false)
 	if err != nil {
 		return drivers.BackupInfo{}, err
 	}
@@ -93,7 +99,7 @@ func (l *Local) backupImage(ctx context.Context, req drivers.BackupRequest, prog
 	// is the backup of this image's backing file: anything else would put
 	// another image's data into this backup. Otherwise it still saves
 	// writing (chunks already stored), not reading.
-	if parent != nil && si.Format == qemuimg.FormatQCOW2 && si.BackingFilename != "" &&
+	if parent != nil && srcFormat == qemuimg.FormatQCOW2 && si.BackingFilename != "" &&
 		parent.Source != "" && parent.Source == l.callerPath(backingOf(si)) {
 		unchanged, err := l.unchangedSinceBacking(ctx, src)
 		if err != nil {
@@ -102,18 +108,14 @@ func (l *Local) backupImage(ctx context.Context, req drivers.BackupRequest, prog
 		opts.ParentUnchanged = unchanged
 	}
 
-	var source stream.Source
-	err = nil
-	if si.Format == qemuimg.FormatRaw || si.Format == qemuimg.FormatQCOW2 {
-		source, err = stream.OpenSource(ctx, src, stream.SourceOptions{Format: si.Format})
-	}
-	if source == nil && (err == nil || errors.Is(err, errdefs.ErrNotImplemented)) {
-		// The Go qcow2 reader cannot read this image (or it is another
-		// format): flatten it with qemu-img next to the manifest.
+	source, err := stream.OpenSource(ctx, src, stream.SourceOptions{Format: srcFormat})
+	if errors.Is(err, errdefs.ErrNotImplemented) {
+		// The Go qcow2 reader cannot read this image: flatten it with
+		// qemu-img (-f as declared) next to the manifest.
 		flat := stagePath(manifest, "convert")
 		removeStage(flat)
 		defer removeStage(flat)
-		if err := l.qemu.Convert(ctx, src, flat, qemuimg.FormatRaw, qemuimg.SourceFormat(si.Format), qemuimg.MinSparse("4k")); err != nil {
+		if err := l.qemu.Convert(ctx, src, flat, qemuimg.FormatRaw, qemuimg.SourceFormat(srcFormat), qemuimg.MinSparse("4k")); err != nil {
 			return drivers.BackupInfo{}, err
 		}
 		source, err = stream.OpenSource(ctx, flat, stream.SourceOptions{Format: qemuimg.FormatRaw})
@@ -214,8 +216,8 @@ func (l *Local) restoreImage(ctx context.Context, req drivers.RestoreRequest, pr
 	if ok, err := exists(final); err != nil {
 		return drivers.ImageInfo{}, err
 	} else if ok {
-		info, qi, err := l.imageInfo(ctx, req.Dest, final, qemuimg.ForceShare())
-		if err != nil || qi.Format != string(format) || qi.VirtualSize != m.Size || qi.BackingFilename != "" {
+		info, qi, err := l.imageInfo(ctx, req.Dest, final, string(format), qemuimg.ForceShare())
+		if err != nil || qi.VirtualSize != m.Size || qi.BackingFilename != "" {
 			return drivers.ImageInfo{}, fmt.Errorf("%s exists and is not this backup's image: %w", req.Dest, errdefs.ErrAlreadyExists)
 		}
 		info.Method = "existing"
@@ -259,7 +261,7 @@ func (l *Local) restoreImage(ctx context.Context, req drivers.RestoreRequest, pr
 	if err := publish(stage, final); err != nil {
 		return drivers.ImageInfo{}, err
 	}
-	info, _, err := l.imageInfo(ctx, req.Dest, final, qemuimg.AssumeFormat(string(format)))
+	info, _, err := l.imageInfo(ctx, req.Dest, final, string(format))
 	if err != nil {
 		return drivers.ImageInfo{}, err
 	}

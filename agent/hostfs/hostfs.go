@@ -35,6 +35,11 @@
 //     Exporter (WithExporter). Image steps stage their output under
 //     deterministic temporary names so an interrupted download resumes,
 //     and lock the object paths they touch (per path, honouring ctx).
+//   - Image steps never probe the format of an existing image: they open it
+//     as the format the request declares (qemu-img -f/-F, the copy engine's
+//     Format), and a declared qcow2's backing chain must stay inside its
+//     store, each layer's backing format recorded (chain.go, checkChain).
+//     A raw volume's guest cannot make a step read a file of its choosing.
 //   - A cancelled context stops a call before it starts blocking work;
 //     ProbeStore returns at once when the context ends even if the kernel is
 //     stuck in statfs on a dead NFS server.

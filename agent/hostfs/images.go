@@ -226,9 +226,13 @@ func diskFormat(f drivers.Format) string {
 	return string(f)
 }
 
-// imageInfo describes the image at host (path as the caller named it).
-func (l *Local) imageInfo(ctx context.Context, path, host string, opts ...qemuimg.InfoOption) (drivers.ImageInfo, qemuimg.Info, error) {
-	qi, err := l.qemu.Info(ctx, host, opts...)
+// imageInfo describes the image at host (path as the caller named it),
+// opened as format (a qemu-img format; never probed).
+func (l *Local) imageInfo(ctx context.Context, path, host, format string, opts ...qemuimg.InfoOption) (drivers.ImageInfo, qemuimg.Info, error) {
+	if format == "" {
+		return drivers.ImageInfo{}, qemuimg.Info{}, fmt.Errorf("image info of %s without a format: %w", path, errdefs.ErrInternal)
+	}
+	qi, err := l.qemu.Info(ctx, host, append([]qemuimg.InfoOption{qemuimg.AssumeFormat(format)}, opts...)...)
 	if err != nil {
 		return drivers.ImageInfo{}, qi, err
 	}
@@ -553,7 +557,7 @@ func (l *Local) fetchImage(ctx context.Context, req drivers.FetchRequest, progre
 	if err := publish(stage, final); err != nil {
 		return drivers.ImageInfo{}, err
 	}
-	info, _, err := l.imageInfo(ctx, req.Dest, final, qemuimg.AssumeFormat(diskFormat(req.Format)))
+	info, _, err := l.imageInfo(ctx, req.Dest, final, diskFormat(req.Format))
 	if err != nil {
 		return drivers.ImageInfo{}, err
 	}
@@ -581,7 +585,7 @@ func (l *Local) existingFetch(ctx context.Context, req drivers.FetchRequest, fin
 			sha = sum.hex
 		}
 	}
-	info, _, err := l.imageInfo(ctx, req.Dest, final, qemuimg.AssumeFormat(diskFormat(req.Format)))
+	info, _, err := l.imageInfo(ctx, req.Dest, final, diskFormat(req.Format))
 	if err != nil {
 		return drivers.ImageInfo{}, err
 	}
@@ -590,12 +594,15 @@ func (l *Local) existingFetch(ctx context.Context, req drivers.FetchRequest, fin
 }
 
 // CopyImage copies req.Source (a path on this host, file://, or a URI such
-// as another agent's export) to req.Dest. Without a format change (and,
-// for a qcow2 with a backing file, without req.Flatten) the image's bytes
-// are copied as they are by the copy engine: sparse, reflinked when both
-// ends share a filesystem that can. Otherwise qemu-img converts the source
-// (its detected format) into a standalone image of req.Format. A remote
-// source is first copied as it is, then converted when needed.
+// as another agent's export), an image of req.SourceFormat, to req.Dest.
+// Without a format change (and, for a qcow2 with a backing file, without
+// req.Flatten) the image's bytes are copied as they are by the copy engine:
+// sparse, reflinked when both ends share a filesystem that can. Otherwise
+// qemu-img converts the source (-f req.SourceFormat) into a standalone
+// image of req.Format. A remote source is first copied as it is, then
+// opened as req.SourceFormat and converted when needed. The source is never
+// probed, and a qcow2 source's backing chain must pass checkChain (a local
+// source in its store; a downloaded one in the destination's store).
 func (l *Local) CopyImage(ctx context.Context, req drivers.CopyRequest, progress drivers.Progress) (drivers.ImageInfo, error) {
 	info, err := l.copyImage(ctx, req, progress)
 	if err != nil {
@@ -614,6 +621,15 @@ func (l *Local) copyImage(ctx context.Context, req drivers.CopyRequest, progress
 	default:
 		return drivers.ImageInfo{}, fmt.Errorf("format %q is not raw, qcow2 or iso: %w", req.Format, errdefs.ErrInvalid)
 	}
+	srcFormat, err := declared("source", req.SourceFormat)
+	if err != nil {
+		return drivers.ImageInfo{}, err
+	}
+	// The copy's format: req.Format, or the source's.
+	outFormat := req.Format
+	if outFormat == "" {
+		outFormat = req.SourceFormat
+	}
 	target, local, err := l.resolveSource(req.Source)
 	if err != nil {
 		return drivers.ImageInfo{}, err
@@ -629,20 +645,19 @@ func (l *Local) copyImage(ctx context.Context, req drivers.CopyRequest, progress
 
 	var src qemuimg.Info
 	if local {
-		if src, err = l.qemu.Info(ctx, target, qemuimg.ForceShare()); err != nil {
+		if src, err = l.openDeclared(ctx, target, srcFormat, false); err != nil {
 			return drivers.ImageInfo{}, err
 		}
 	}
 	if ok, err := exists(final); err != nil {
 		return drivers.ImageInfo{}, err
 	} else if ok {
-		return l.existingCopy(ctx, req, final, src)
+		return l.existingCopy(ctx, req, final, outFormat, src)
 	}
 
 	stage := stagePath(final, "copy")
 	var res stream.Result
-	srcFormat := src.Format
-	if !local || !l.needsConvert(req, src) {
+	if !local || !needsConvert(req, srcFormat, src) {
 		res, err = streamCopy(ctx, target, stream.SourceOptions{Format: qemuimg.FormatRaw}, stage, stream.Options{Progress: copyProgress(progress)})
 		if err != nil {
 			return drivers.ImageInfo{}, err
@@ -656,23 +671,19 @@ func (l *Local) copyImage(ctx context.Context, req drivers.CopyRequest, progress
 			}
 		}
 		if !local {
-			got, err := l.qemu.Info(ctx, stage)
-			if err != nil {
+			// The download is the source's file as it was: open it as the
+			// declared format only, its chain checked in this store.
+			if src, err = l.openDeclared(ctx, stage, srcFormat, false); err != nil {
 				return drivers.ImageInfo{}, err
 			}
-			srcFormat, src = got.Format, got
 			target = stage
 		}
 	}
-	if l.needsConvert(req, src) {
+	if needsConvert(req, srcFormat, src) {
 		conv := stagePath(final, "convert")
 		defer removeStage(conv)
 		removeStage(conv)
-		dstFormat := diskFormat(req.Format)
-		if dstFormat == "" {
-			dstFormat = srcFormat
-		}
-		if err := l.qemu.Convert(ctx, target, conv, dstFormat, qemuimg.SourceFormat(srcFormat),
+		if err := l.qemu.Convert(ctx, target, conv, diskFormat(outFormat), qemuimg.SourceFormat(srcFormat),
 			qemuimg.MinSparse("4k"), percentProgress(progress, src.VirtualSize)); err != nil {
 			return drivers.ImageInfo{}, err
 		}
@@ -688,56 +699,55 @@ func (l *Local) copyImage(ctx context.Context, req drivers.CopyRequest, progress
 	if err := publish(stage, final); err != nil {
 		return drivers.ImageInfo{}, err
 	}
-	info, _, err := l.imageInfo(ctx, req.Dest, final, qemuimg.ForceShare())
+	info, _, err := l.imageInfo(ctx, req.Dest, final, diskFormat(outFormat), qemuimg.ForceShare())
 	if err != nil {
 		return drivers.ImageInfo{}, err
 	}
-	if req.Format == drivers.FormatISO {
+	if outFormat == drivers.FormatISO {
 		info.Format = drivers.FormatISO
 	}
 	info.BytesWritten, info.BytesSkipped, info.Method = res.BytesWritten, res.BytesHoles+res.BytesZero, res.Method
 	return info, nil
 }
 
-// needsConvert reports whether copying src for req needs qemu-img convert.
-func (l *Local) needsConvert(req drivers.CopyRequest, src qemuimg.Info) bool {
-	if src.Format == "" {
-		return false // not inspected (a remote source before its download)
-	}
-	if req.Format != "" && diskFormat(req.Format) != src.Format {
+// needsConvert reports whether copying src (of the qemu-img format
+// srcFormat, src its info; zero for a remote source not downloaded yet) for
+// req needs qemu-img convert.
+func needsConvert(req drivers.CopyRequest, srcFormat string, src qemuimg.Info) bool {
+	if req.Format != "" && diskFormat(req.Format) != srcFormat {
 		return true
 	}
 	return req.Flatten && src.BackingFilename != ""
 }
 
-// existingCopy accepts an image at final that is what the copy would make.
-func (l *Local) existingCopy(ctx context.Context, req drivers.CopyRequest, final string, src qemuimg.Info) (drivers.ImageInfo, error) {
-	info, qi, err := l.imageInfo(ctx, req.Dest, final, qemuimg.ForceShare())
+// existingCopy accepts an image at final that is what the copy would make:
+// an image of outFormat (opened as that, never probed) of the source's size.
+func (l *Local) existingCopy(ctx context.Context, req drivers.CopyRequest, final string, outFormat drivers.Format, src qemuimg.Info) (drivers.ImageInfo, error) {
+	info, qi, err := l.imageInfo(ctx, req.Dest, final, diskFormat(outFormat), qemuimg.ForceShare())
 	if err != nil {
-		return drivers.ImageInfo{}, fmt.Errorf("%s exists and is not an image (%v): %w", req.Dest, err, errdefs.ErrAlreadyExists)
-	}
-	want := diskFormat(req.Format)
-	if want == "" {
-		want = src.Format
+		return drivers.ImageInfo{}, fmt.Errorf("%s exists and is not a %s image (%v): %w", req.Dest, outFormat, err, errdefs.ErrAlreadyExists)
 	}
 	switch {
-	case want != "" && qi.Format != want,
-		src.Format != "" && qi.VirtualSize != src.VirtualSize,
+	case src.Format != "" && qi.VirtualSize != src.VirtualSize,
 		req.Flatten && qi.BackingFilename != "":
 		return drivers.ImageInfo{}, fmt.Errorf("%s exists as a %s image of %d bytes: %w", req.Dest, qi.Format, qi.VirtualSize, errdefs.ErrAlreadyExists)
 	}
-	if req.Format == drivers.FormatISO {
+	if outFormat == drivers.FormatISO {
 		info.Format = drivers.FormatISO
 	}
 	info.Method = "existing"
 	return info, nil
 }
 
-// CloneImage creates the volume req.Dest from the image req.Base:
+// CloneImage creates the volume req.Dest from the image req.Base, opened
+// as req.BaseFormat (never probed; a qcow2 base's chain must pass
+// checkChain):
 //
 //   - CloneReflink clones Base's file with FICLONE (the same format;
 //     errdefs.ErrNotImplemented where the filesystem cannot share extents);
-//   - CloneLinked creates a qcow2 whose backing file is Base;
+//   - CloneLinked creates a qcow2 whose backing file is Base, recorded with
+//     req.BaseFormat; Base must be in Dest's store (checkChain of the new
+//     image);
 //   - CloneFull copies what Base's guest sees into a standalone image of
 //     req.Format: the copy engine for raw, qemu-img convert for qcow2.
 //
@@ -760,6 +770,10 @@ func (l *Local) cloneImage(ctx context.Context, req drivers.CloneRequest, progre
 	if err != nil {
 		return drivers.ImageInfo{}, err
 	}
+	baseFormat, err := declared("base", req.BaseFormat)
+	if err != nil {
+		return drivers.ImageInfo{}, err
+	}
 	switch req.Format {
 	case "", drivers.FormatRaw, drivers.FormatQCOW2:
 	default:
@@ -777,7 +791,7 @@ func (l *Local) cloneImage(ctx context.Context, req drivers.CloneRequest, progre
 	}
 	defer unlock()
 	// The base may be the backing file of running VMs: read it shared.
-	bi, err := l.qemu.Info(ctx, base, qemuimg.ForceShare())
+	bi, err := l.openDeclared(ctx, base, baseFormat, false)
 	if err != nil {
 		return drivers.ImageInfo{}, err
 	}
@@ -798,14 +812,18 @@ func (l *Local) cloneImage(ctx context.Context, req drivers.CloneRequest, progre
 			return drivers.ImageInfo{}, fmt.Errorf("a linked clone is qcow2, not %s: %w", format, errdefs.ErrInvalid)
 		}
 		format = drivers.FormatQCOW2
-	case drivers.CloneReflink:
-		if format != "" && string(format) != bi.Format {
-			return drivers.ImageInfo{}, fmt.Errorf("a reflink clone keeps the base's format %s, not %s: %w", bi.Format, format, errdefs.ErrInvalid)
+		// The clone's chain is the base's, from the clone's store.
+		if err := l.checkChain(ctx, final, qemuimg.Info{BackingFilename: base, BackingFormat: baseFormat}); err != nil {
+			return drivers.ImageInfo{}, err
 		}
-		format = formatOf(bi.Format)
+	case drivers.CloneReflink:
+		if format != "" && string(format) != baseFormat {
+			return drivers.ImageInfo{}, fmt.Errorf("a reflink clone keeps the base's format %s, not %s: %w", baseFormat, format, errdefs.ErrInvalid)
+		}
+		format = formatOf(baseFormat)
 	case drivers.CloneFull:
 		if format == "" {
-			format = formatOf(bi.Format)
+			format = formatOf(baseFormat)
 		}
 	default:
 		return drivers.ImageInfo{}, fmt.Errorf("clone mode %q is not reflink, linked or full: %w", req.Mode, errdefs.ErrInvalid)
@@ -814,8 +832,8 @@ func (l *Local) cloneImage(ctx context.Context, req drivers.CloneRequest, progre
 	if ok, err := exists(final); err != nil {
 		return drivers.ImageInfo{}, err
 	} else if ok {
-		info, qi, err := l.imageInfo(ctx, req.Dest, final, qemuimg.ForceShare())
-		if err != nil || qi.Format != string(format) || qi.VirtualSize != size ||
+		info, qi, err := l.imageInfo(ctx, req.Dest, final, string(format), qemuimg.ForceShare())
+		if err != nil || qi.VirtualSize != size ||
 			(req.Mode == drivers.CloneLinked) != (backingOf(qi) == base) {
 			return drivers.ImageInfo{}, fmt.Errorf("%s exists and is not this clone: %w", req.Dest, errdefs.ErrAlreadyExists)
 		}
@@ -838,7 +856,7 @@ func (l *Local) cloneImage(ctx context.Context, req drivers.CloneRequest, progre
 		if sz == bi.VirtualSize {
 			sz = 0
 		}
-		if err := l.qemu.Create(ctx, stage, qemuimg.FormatQCOW2, sz, qemuimg.BackingFile(base, bi.Format)); err != nil {
+		if err := l.qemu.Create(ctx, stage, qemuimg.FormatQCOW2, sz, qemuimg.BackingFile(base, baseFormat)); err != nil {
 			return drivers.ImageInfo{}, err
 		}
 		res.Method = "linked"
@@ -858,7 +876,7 @@ func (l *Local) cloneImage(ctx context.Context, req drivers.CloneRequest, progre
 	if err := publish(stage, final); err != nil {
 		return drivers.ImageInfo{}, err
 	}
-	info, _, err := l.imageInfo(ctx, req.Dest, final, qemuimg.AssumeFormat(string(format)))
+	info, _, err := l.imageInfo(ctx, req.Dest, final, string(format))
 	if err != nil {
 		return drivers.ImageInfo{}, err
 	}
@@ -867,7 +885,8 @@ func (l *Local) cloneImage(ctx context.Context, req drivers.CloneRequest, progre
 }
 
 // fullCopy writes what the guest of the image at src sees into a new
-// standalone image of format at stage.
+// standalone image of format at stage. si is src's info, read with its
+// declared format asserted (si.Format is that format), its chain checked.
 func (l *Local) fullCopy(ctx context.Context, src string, si qemuimg.Info, stage string, format drivers.Format, progress drivers.Progress) (stream.Result, error) {
 	if format == drivers.FormatRaw {
 		res, err := streamCopy(ctx, src, stream.SourceOptions{Format: si.Format}, stage, stream.Options{Progress: copyProgress(progress)})
@@ -910,34 +929,55 @@ func reflinkFile(src, dst string) error {
 	return nil
 }
 
-// InspectImage describes the image at path with qemu-img info (its format
-// probed; read shared, so an image in use by a VM can be inspected).
-func (l *Local) InspectImage(ctx context.Context, path string) (drivers.ImageInfo, error) {
-	host, err := l.existingPath(path)
-	if err != nil {
-		return drivers.ImageInfo{}, fmt.Errorf("inspect %s on host %s: %w", path, l.hostID, err)
-	}
-	info, _, err := l.imageInfo(ctx, path, host, qemuimg.ForceShare())
+// InspectImage describes the image at path, opened as format (qemu-img
+// info -f; read shared, so an image in use by a VM can be inspected). It
+// reads the image's metadata only, never its backing chain.
+func (l *Local) InspectImage(ctx context.Context, path string, format drivers.Format) (drivers.ImageInfo, error) {
+	info, err := l.inspectImage(ctx, path, format)
 	if err != nil {
 		return drivers.ImageInfo{}, fmt.Errorf("inspect %s on host %s: %w", path, l.hostID, err)
 	}
 	return info, nil
 }
 
-// ResizeImage grows the image at path to size bytes in place (qemu-img
-// resize: a metadata change for qcow2, a truncate for raw). The same size
-// is a no-op; shrinking is errdefs.ErrInvalid. An image a VM holds open is
+func (l *Local) inspectImage(ctx context.Context, path string, format drivers.Format) (drivers.ImageInfo, error) {
+	host, err := l.existingPath(path)
+	if err != nil {
+		return drivers.ImageInfo{}, err
+	}
+	f, err := declared("image", format)
+	if err != nil {
+		return drivers.ImageInfo{}, err
+	}
+	info, _, err := l.imageInfo(ctx, path, host, f, qemuimg.ForceShare())
+	if err != nil {
+		return drivers.ImageInfo{}, err
+	}
+	if format == drivers.FormatISO {
+		info.Format = drivers.FormatISO
+	}
+	return info, nil
+}
+
+// ResizeImage grows the image at path, opened as format (a qcow2's chain
+// must pass checkChain), to size bytes in place (qemu-img resize: a
+// metadata change for qcow2, a truncate for raw). The same size is a
+// no-op; shrinking is errdefs.ErrInvalid. An image a VM holds open is
 // errdefs.ErrFailedPrecondition (qemu-img's lock).
-func (l *Local) ResizeImage(ctx context.Context, path string, size int64) (drivers.ImageInfo, error) {
-	info, err := l.resizeImage(ctx, path, size)
+func (l *Local) ResizeImage(ctx context.Context, path string, format drivers.Format, size int64) (drivers.ImageInfo, error) {
+	info, err := l.resizeImage(ctx, path, format, size)
 	if err != nil {
 		return drivers.ImageInfo{}, fmt.Errorf("resize %s to %d bytes on host %s: %w", path, size, l.hostID, err)
 	}
 	return info, nil
 }
 
-func (l *Local) resizeImage(ctx context.Context, path string, size int64) (drivers.ImageInfo, error) {
+func (l *Local) resizeImage(ctx context.Context, path string, format drivers.Format, size int64) (drivers.ImageInfo, error) {
 	host, err := l.objectPath(path)
+	if err != nil {
+		return drivers.ImageInfo{}, err
+	}
+	f, err := declared("image", format)
 	if err != nil {
 		return drivers.ImageInfo{}, err
 	}
@@ -949,7 +989,7 @@ func (l *Local) resizeImage(ctx context.Context, path string, size int64) (drive
 		return drivers.ImageInfo{}, err
 	}
 	defer unlock()
-	qi, err := l.qemu.Info(ctx, host)
+	qi, err := l.openDeclared(ctx, host, f, true)
 	if err != nil {
 		return drivers.ImageInfo{}, err
 	}
@@ -957,39 +997,47 @@ func (l *Local) resizeImage(ctx context.Context, path string, size int64) (drive
 		return drivers.ImageInfo{}, fmt.Errorf("the image has %d bytes; shrinking is refused: %w", qi.VirtualSize, errdefs.ErrInvalid)
 	}
 	if size > qi.VirtualSize {
-		if err := l.qemu.Resize(ctx, host, qi.Format, size); err != nil {
+		if err := l.qemu.Resize(ctx, host, f, size); err != nil {
 			return drivers.ImageInfo{}, err
 		}
 		if err := syncFile(host); err != nil {
 			return drivers.ImageInfo{}, classed(err)
 		}
 	}
-	info, _, err := l.imageInfo(ctx, path, host, qemuimg.AssumeFormat(qi.Format))
+	info, _, err := l.imageInfo(ctx, path, host, f)
+	if err == nil && format == drivers.FormatISO {
+		info.Format = drivers.FormatISO
+	}
 	return info, err
 }
 
-// RebaseImage moves the qcow2 at path onto newBacking ("" makes it
-// standalone) with qemu-img rebase in safe mode, which copies into the
-// image whatever the new chain would read differently. When the new
-// backing reads exactly as the old one (qemu-img compare says so, and it
-// stops at the first difference) only the name is rewritten (rebase -u).
-// An image already on newBacking is left alone.
-func (l *Local) RebaseImage(ctx context.Context, path, newBacking string) (drivers.ImageInfo, error) {
-	info, err := l.rebaseImage(ctx, path, newBacking)
+// RebaseImage moves the qcow2 at path onto newBacking, an image of
+// backingFormat ("" makes it standalone), with qemu-img rebase in safe
+// mode, which copies into the image whatever the new chain would read
+// differently. Both the old chain and the new one must pass checkChain
+// (inside the image's store, formats recorded). When the new backing reads
+// exactly as the old one (qemu-img compare says so, and it stops at the
+// first difference) only the name is rewritten (rebase -u). An image
+// already on newBacking is left alone.
+func (l *Local) RebaseImage(ctx context.Context, path, newBacking string, backingFormat drivers.Format) (drivers.ImageInfo, error) {
+	info, err := l.rebaseImage(ctx, path, newBacking, backingFormat)
 	if err != nil {
 		return drivers.ImageInfo{}, fmt.Errorf("rebase %s onto %q on host %s: %w", path, newBacking, l.hostID, err)
 	}
 	return info, nil
 }
 
-func (l *Local) rebaseImage(ctx context.Context, path, newBacking string) (drivers.ImageInfo, error) {
+func (l *Local) rebaseImage(ctx context.Context, path, newBacking string, backingFormat drivers.Format) (drivers.ImageInfo, error) {
 	host, err := l.objectPath(path)
 	if err != nil {
 		return drivers.ImageInfo{}, err
 	}
-	var nb string
+	var nb, nbFormat string
 	if newBacking != "" {
 		if nb, err = l.existingPath(newBacking); err != nil {
+			return drivers.ImageInfo{}, err
+		}
+		if nbFormat, err = declared("new backing file", backingFormat); err != nil {
 			return drivers.ImageInfo{}, err
 		}
 	}
@@ -998,22 +1046,20 @@ func (l *Local) rebaseImage(ctx context.Context, path, newBacking string) (drive
 		return drivers.ImageInfo{}, err
 	}
 	defer unlock()
-	qi, err := l.qemu.Info(ctx, host, qemuimg.AssumeFormat(qemuimg.FormatQCOW2))
+	qi, err := l.openDeclared(ctx, host, qemuimg.FormatQCOW2, true)
 	if err != nil {
 		return drivers.ImageInfo{}, err
 	}
 	old := backingOf(qi)
 	method := "unchanged"
 	if old != nb {
-		var nbFormat string
 		var opts []qemuimg.RebaseOption
 		method = "rebase"
 		if nb != "" {
-			ni, err := l.qemu.Info(ctx, nb, qemuimg.ForceShare())
-			if err != nil {
+			// The chain the image will have must pass the same rule.
+			if err := l.checkChain(ctx, host, qemuimg.Info{BackingFilename: nb, BackingFormat: nbFormat}); err != nil {
 				return drivers.ImageInfo{}, err
 			}
-			nbFormat = ni.Format
 			if old != "" {
 				same, err := l.qemu.Compare(ctx, old, qi.BackingFormat, nb, nbFormat)
 				if err == nil && same {
@@ -1029,7 +1075,7 @@ func (l *Local) rebaseImage(ctx context.Context, path, newBacking string) (drive
 			return drivers.ImageInfo{}, classed(err)
 		}
 	}
-	info, _, err := l.imageInfo(ctx, path, host, qemuimg.AssumeFormat(qemuimg.FormatQCOW2))
+	info, _, err := l.imageInfo(ctx, path, host, qemuimg.FormatQCOW2)
 	if err != nil {
 		return drivers.ImageInfo{}, err
 	}
@@ -1038,17 +1084,13 @@ func (l *Local) rebaseImage(ctx context.Context, path, newBacking string) (drive
 }
 
 // absoluteBacking records the backing file of the qcow2 at host (whose
-// info is qi) by its absolute name: the same file, so rebase -u is exact.
+// info is qi, its chain checked) by its absolute name: the same file, so
+// rebase -u is exact. The backing format stays as recorded (never probed).
 func (l *Local) absoluteBacking(ctx context.Context, host string, qi qemuimg.Info) error {
-	bf := qi.BackingFormat
-	if bf == "" {
-		bi, err := l.qemu.Info(ctx, backingOf(qi), qemuimg.ForceShare())
-		if err != nil {
-			return err
-		}
-		bf = bi.Format
+	if qi.BackingFormat == "" {
+		return fmt.Errorf("backing file %s of %s is recorded without its format: %w", qi.BackingFilename, l.callerPath(host), errdefs.ErrInvalid)
 	}
-	return l.qemu.Rebase(ctx, host, backingOf(qi), bf, qemuimg.UnsafeRebase())
+	return l.qemu.Rebase(ctx, host, backingOf(qi), qi.BackingFormat, qemuimg.UnsafeRebase())
 }
 
 // sameOwner gives dst the owner and mode of src (a new overlay replacing a

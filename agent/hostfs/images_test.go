@@ -62,6 +62,16 @@ func qemuCompare(t *testing.T, a, fa, b, fb string) bool {
 	return true
 }
 
+// storeDir makes dir a store directory (its marker), so that backing
+// chains inside it pass the agent's checks; it returns dir.
+func storeDir(t *testing.T, dir string) string {
+	t.Helper()
+	if err := os.WriteFile(filepath.Join(dir, MarkerFile), []byte(`{"store_id":"test"}`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return dir
+}
+
 func qcreate(t *testing.T, path, format string, size int64, opts ...qemuimg.CreateOption) {
 	t.Helper()
 	if err := qemuimg.New().Create(t.Context(), path, format, size, opts...); err != nil {
@@ -88,7 +98,9 @@ func onlyEntries(t *testing.T, dir string, names ...string) {
 	}
 	var got []string
 	for _, e := range entries {
-		got = append(got, e.Name())
+		if e.Name() != MarkerFile {
+			got = append(got, e.Name())
+		}
 	}
 	if strings.Join(got, " ") != strings.Join(names, " ") {
 		t.Fatalf("%s holds %q, want %q", dir, got, names)
@@ -286,7 +298,7 @@ func TestFetchResumesAfterCancel(t *testing.T) {
 func TestCopyImage(t *testing.T) {
 	needQemuIO(t)
 	ctx := t.Context()
-	dir := t.TempDir()
+	dir := storeDir(t, t.TempDir())
 	l := New("h1")
 	base := filepath.Join(dir, "base.qcow2")
 	qcreate(t, base, "qcow2", 8<<20)
@@ -297,14 +309,14 @@ func TestCopyImage(t *testing.T) {
 
 	out := t.TempDir()
 	// Same format: the file's bytes, backing file kept.
-	info, err := l.CopyImage(ctx, drivers.CopyRequest{Source: top, Dest: filepath.Join(out, "same.qcow2")}, nil)
+	info, err := l.CopyImage(ctx, drivers.CopyRequest{Source: top, SourceFormat: drivers.FormatQCOW2, Dest: filepath.Join(out, "same.qcow2")}, nil)
 	if err != nil || info.Format != drivers.FormatQCOW2 || info.BackingFile != base {
 		t.Fatalf("copy as is: %+v %v", info, err)
 	}
 	// Flatten: standalone, reads the same.
 	var p progressRecorder
 	p.t = t
-	info, err = l.CopyImage(ctx, drivers.CopyRequest{Source: top, Dest: filepath.Join(out, "flat.qcow2"), Flatten: true}, p.fn)
+	info, err = l.CopyImage(ctx, drivers.CopyRequest{Source: top, SourceFormat: drivers.FormatQCOW2, Dest: filepath.Join(out, "flat.qcow2"), Flatten: true}, p.fn)
 	if err != nil || info.BackingFile != "" || info.Method != "qemu-img convert" {
 		t.Fatalf("flatten: %+v %v", info, err)
 	}
@@ -315,7 +327,7 @@ func TestCopyImage(t *testing.T) {
 		t.Error("no progress from qemu-img convert")
 	}
 	// Format change.
-	info, err = l.CopyImage(ctx, drivers.CopyRequest{Source: "file://" + top, Dest: filepath.Join(out, "flat.raw"), Format: drivers.FormatRaw}, nil)
+	info, err = l.CopyImage(ctx, drivers.CopyRequest{Source: "file://" + top, SourceFormat: drivers.FormatQCOW2, Dest: filepath.Join(out, "flat.raw"), Format: drivers.FormatRaw}, nil)
 	if err != nil || info.Format != drivers.FormatRaw || info.VirtualSize != 8<<20 {
 		t.Fatalf("to raw: %+v %v", info, err)
 	}
@@ -323,13 +335,13 @@ func TestCopyImage(t *testing.T) {
 		t.Fatal("raw copy reads differently")
 	}
 	// Retry and conflict.
-	if _, err := l.CopyImage(ctx, drivers.CopyRequest{Source: top, Dest: filepath.Join(out, "flat.raw"), Format: drivers.FormatRaw}, nil); err != nil {
+	if _, err := l.CopyImage(ctx, drivers.CopyRequest{Source: top, SourceFormat: drivers.FormatQCOW2, Dest: filepath.Join(out, "flat.raw"), Format: drivers.FormatRaw}, nil); err != nil {
 		t.Fatalf("copy again: %v", err)
 	}
-	if _, err := l.CopyImage(ctx, drivers.CopyRequest{Source: top, Dest: filepath.Join(out, "flat.raw"), Format: drivers.FormatQCOW2}, nil); !errors.Is(err, errdefs.ErrAlreadyExists) {
+	if _, err := l.CopyImage(ctx, drivers.CopyRequest{Source: top, SourceFormat: drivers.FormatQCOW2, Dest: filepath.Join(out, "flat.raw"), Format: drivers.FormatQCOW2}, nil); !errors.Is(err, errdefs.ErrAlreadyExists) {
 		t.Fatalf("copy over another image: %v", err)
 	}
-	if _, err := l.CopyImage(ctx, drivers.CopyRequest{Source: filepath.Join(dir, "missing"), Dest: filepath.Join(out, "m.raw")}, nil); !errors.Is(err, errdefs.ErrNotFound) {
+	if _, err := l.CopyImage(ctx, drivers.CopyRequest{Source: filepath.Join(dir, "missing"), SourceFormat: drivers.FormatRaw, Dest: filepath.Join(out, "m.raw")}, nil); !errors.Is(err, errdefs.ErrNotFound) {
 		t.Fatalf("copy of a missing image: %v", err)
 	}
 	onlyEntries(t, out, "flat.qcow2", "flat.raw", "same.qcow2")
@@ -338,35 +350,35 @@ func TestCopyImage(t *testing.T) {
 func TestCloneImage(t *testing.T) {
 	needQemuIO(t)
 	ctx := t.Context()
-	dir := t.TempDir()
+	dir := storeDir(t, t.TempDir())
 	l := New("h1")
 	base := filepath.Join(dir, "tmpl.qcow2")
 	qcreate(t, base, "qcow2", 4<<20)
 	qio(t, base, "qcow2", "write -P 0x33 0 512k", "write -P 0x44 2M 64k")
 
 	linked := filepath.Join(dir, "linked.qcow2")
-	info, err := l.CloneImage(ctx, drivers.CloneRequest{Base: base, Dest: linked, Mode: drivers.CloneLinked}, nil)
+	info, err := l.CloneImage(ctx, drivers.CloneRequest{Base: base, BaseFormat: drivers.FormatQCOW2, Dest: linked, Mode: drivers.CloneLinked}, nil)
 	if err != nil || info.BackingFile != base || info.Format != drivers.FormatQCOW2 || info.Method != "linked" {
 		t.Fatalf("linked clone: %+v %v", info, err)
 	}
 	if !qemuCompare(t, base, "qcow2", linked, "qcow2") {
 		t.Fatal("linked clone does not read the base's bytes")
 	}
-	if _, err := l.CloneImage(ctx, drivers.CloneRequest{Base: base, Dest: linked, Mode: drivers.CloneLinked}, nil); err != nil {
+	if _, err := l.CloneImage(ctx, drivers.CloneRequest{Base: base, BaseFormat: drivers.FormatQCOW2, Dest: linked, Mode: drivers.CloneLinked}, nil); err != nil {
 		t.Fatalf("linked clone again: %v", err)
 	}
 	big := filepath.Join(dir, "big.qcow2")
-	info, err = l.CloneImage(ctx, drivers.CloneRequest{Base: base, Dest: big, Mode: drivers.CloneLinked, Size: 8 << 20}, nil)
+	info, err = l.CloneImage(ctx, drivers.CloneRequest{Base: base, BaseFormat: drivers.FormatQCOW2, Dest: big, Mode: drivers.CloneLinked, Size: 8 << 20}, nil)
 	if err != nil || info.VirtualSize != 8<<20 {
 		t.Fatalf("larger linked clone: %+v %v", info, err)
 	}
-	if _, err := l.CloneImage(ctx, drivers.CloneRequest{Base: base, Dest: filepath.Join(dir, "small.qcow2"), Mode: drivers.CloneLinked, Size: 1 << 20}, nil); !errors.Is(err, errdefs.ErrInvalid) {
+	if _, err := l.CloneImage(ctx, drivers.CloneRequest{Base: base, BaseFormat: drivers.FormatQCOW2, Dest: filepath.Join(dir, "small.qcow2"), Mode: drivers.CloneLinked, Size: 1 << 20}, nil); !errors.Is(err, errdefs.ErrInvalid) {
 		t.Fatalf("smaller clone: %v", err)
 	}
 
 	for _, f := range []drivers.Format{drivers.FormatRaw, drivers.FormatQCOW2} {
 		dest := filepath.Join(dir, "full."+string(f))
-		info, err := l.CloneImage(ctx, drivers.CloneRequest{Base: linked, Dest: dest, Mode: drivers.CloneFull, Format: f, Size: 6 << 20}, nil)
+		info, err := l.CloneImage(ctx, drivers.CloneRequest{Base: linked, BaseFormat: drivers.FormatQCOW2, Dest: dest, Mode: drivers.CloneFull, Format: f, Size: 6 << 20}, nil)
 		if err != nil || info.Format != f || info.BackingFile != "" || info.VirtualSize != 6<<20 {
 			t.Fatalf("full %s clone: %+v %v", f, info, err)
 		}
@@ -378,7 +390,7 @@ func TestCloneImage(t *testing.T) {
 	if p, _ := l.ProbeStore(ctx, dir, "x"); p.Reflink {
 		t.Skip("the test directory supports reflink")
 	}
-	if _, err := l.CloneImage(ctx, drivers.CloneRequest{Base: base, Dest: filepath.Join(dir, "rl.qcow2"), Mode: drivers.CloneReflink}, nil); !errors.Is(err, errdefs.ErrNotImplemented) {
+	if _, err := l.CloneImage(ctx, drivers.CloneRequest{Base: base, BaseFormat: drivers.FormatQCOW2, Dest: filepath.Join(dir, "rl.qcow2"), Mode: drivers.CloneReflink}, nil); !errors.Is(err, errdefs.ErrNotImplemented) {
 		t.Fatalf("reflink clone on a filesystem without reflink: %v", err)
 	}
 	onlyEntries(t, dir, "big.qcow2", "full.qcow2", "full.raw", "linked.qcow2", "tmpl.qcow2")
@@ -393,7 +405,7 @@ func TestReflinkCloneAndRawSnapshotOnXFS(t *testing.T) {
 	qcreate(t, base, "raw", 4<<20)
 	qio(t, base, "raw", "write -P 0x33 0 1M")
 	vol := filepath.Join(mnt, "vol.raw")
-	info, err := l.CloneImage(ctx, drivers.CloneRequest{Base: base, Dest: vol, Mode: drivers.CloneReflink, Size: 8 << 20}, nil)
+	info, err := l.CloneImage(ctx, drivers.CloneRequest{Base: base, BaseFormat: drivers.FormatRaw, Dest: vol, Mode: drivers.CloneReflink, Size: 8 << 20}, nil)
 	if err != nil || info.Method != "reflink" || info.VirtualSize != 8<<20 || info.Format != drivers.FormatRaw {
 		t.Fatalf("reflink clone: %+v %v", info, err)
 	}
@@ -401,12 +413,12 @@ func TestReflinkCloneAndRawSnapshotOnXFS(t *testing.T) {
 		t.Fatal("reflink clone reads differently")
 	}
 	snap := filepath.Join(mnt, "snap.raw")
-	si, err := l.SnapshotImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: snap})
+	si, err := l.SnapshotImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: snap, Format: drivers.FormatRaw})
 	if err != nil || si.Method != "reflink" {
 		t.Fatalf("raw snapshot on xfs: %+v %v", si, err)
 	}
 	qio(t, vol, "raw", "write -P 0xab 0 64k")
-	ri, err := l.RevertImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: snap})
+	ri, err := l.RevertImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: snap, Format: drivers.FormatRaw})
 	if err != nil || ri.Method != "reflink" {
 		t.Fatalf("raw revert on xfs: %+v %v", ri, err)
 	}
@@ -416,7 +428,7 @@ func TestReflinkCloneAndRawSnapshotOnXFS(t *testing.T) {
 func TestSnapshotRevertQcow2(t *testing.T) {
 	needQemuIO(t)
 	ctx := t.Context()
-	store := t.TempDir()
+	store := storeDir(t, t.TempDir())
 	vols, snaps := filepath.Join(store, "volumes"), filepath.Join(store, "snapshots")
 	os.Mkdir(vols, 0o755)
 	os.Mkdir(snaps, 0o755)
@@ -425,14 +437,14 @@ func TestSnapshotRevertQcow2(t *testing.T) {
 	qcreate(t, tmpl, "qcow2", 4<<20)
 	qio(t, tmpl, "qcow2", "write -P 0x11 0 1M")
 	vol := filepath.Join(vols, "v1.qcow2")
-	if _, err := l.CloneImage(ctx, drivers.CloneRequest{Base: tmpl, Dest: vol, Mode: drivers.CloneLinked}, nil); err != nil {
+	if _, err := l.CloneImage(ctx, drivers.CloneRequest{Base: tmpl, BaseFormat: drivers.FormatQCOW2, Dest: vol, Mode: drivers.CloneLinked}, nil); err != nil {
 		t.Fatal(err)
 	}
 	qio(t, vol, "qcow2", "write -P 0x22 1M 64k")
 	os.Chmod(vol, 0o600)
 
 	s1 := filepath.Join(snaps, "s1.qcow2")
-	si, err := l.SnapshotImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: s1})
+	si, err := l.SnapshotImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: s1, Format: drivers.FormatQCOW2})
 	if err != nil || si.Method != "qcow2-external" || si.Volume.BackingFile != s1 || si.Snapshot.BackingFile != tmpl {
 		t.Fatalf("snapshot: %+v %v", si, err)
 	}
@@ -442,13 +454,13 @@ func TestSnapshotRevertQcow2(t *testing.T) {
 	if fi, _ := os.Stat(vol); fi.Mode().Perm()&0o077 != 0 {
 		t.Errorf("new overlay mode %v, want the volume's 0600", fi.Mode().Perm())
 	}
-	if again, err := l.SnapshotImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: s1}); err != nil || again.Volume.BackingFile != s1 {
+	if again, err := l.SnapshotImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: s1, Format: drivers.FormatQCOW2}); err != nil || again.Volume.BackingFile != s1 {
 		t.Fatalf("snapshot again: %+v %v", again, err)
 	}
 	// The guest writes after the snapshot, then reverts.
 	qio(t, vol, "qcow2", "write -P 0xab 0 64k")
 	s2 := filepath.Join(snaps, "s2.qcow2")
-	if _, err := l.SnapshotImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: s2}); err != nil {
+	if _, err := l.SnapshotImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: s2, Format: drivers.FormatQCOW2}); err != nil {
 		t.Fatal(err)
 	}
 	frozen := filepath.Join(store, "s2-flat.raw")
@@ -456,7 +468,7 @@ func TestSnapshotRevertQcow2(t *testing.T) {
 		t.Fatal(err)
 	}
 	qio(t, vol, "qcow2", "write -P 0xcd 2M 64k")
-	ri, err := l.RevertImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: s1})
+	ri, err := l.RevertImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: s1, Format: drivers.FormatQCOW2})
 	if err != nil || ri.BackingFile != s1 || ri.Method != "qcow2-external" {
 		t.Fatalf("revert: %+v %v", ri, err)
 	}
@@ -467,7 +479,7 @@ func TestSnapshotRevertQcow2(t *testing.T) {
 	if !qemuCompare(t, s2, "qcow2", frozen, "raw") {
 		t.Fatal("the later snapshot changed with the revert")
 	}
-	if again, err := l.RevertImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: s1}); err != nil || again.Method != "existing" {
+	if again, err := l.RevertImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: s1, Format: drivers.FormatQCOW2}); err != nil || again.Method != "existing" {
 		t.Fatalf("revert again: %+v %v", again, err)
 	}
 
@@ -477,16 +489,16 @@ func TestSnapshotRevertQcow2(t *testing.T) {
 	if err := os.Rename(vol, s3); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := l.SnapshotImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: s3}); err != nil {
+	if _, err := l.SnapshotImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: s3, Format: drivers.FormatQCOW2}); err != nil {
 		t.Fatalf("finish an interrupted snapshot: %v", err)
 	}
 	if !qemuCompare(t, vol, "qcow2", s3, "qcow2") {
 		t.Fatal("finished snapshot reads differently")
 	}
-	if _, err := l.SnapshotImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: s2}); !errors.Is(err, errdefs.ErrAlreadyExists) {
+	if _, err := l.SnapshotImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: s2, Format: drivers.FormatQCOW2}); !errors.Is(err, errdefs.ErrAlreadyExists) {
 		t.Fatalf("snapshot onto another snapshot's path: %v", err)
 	}
-	if _, err := l.SnapshotImage(ctx, drivers.SnapshotRequest{Volume: filepath.Join(vols, "none"), Snapshot: filepath.Join(snaps, "x")}); !errors.Is(err, errdefs.ErrNotFound) {
+	if _, err := l.SnapshotImage(ctx, drivers.SnapshotRequest{Volume: filepath.Join(vols, "none"), Snapshot: filepath.Join(snaps, "x"), Format: drivers.FormatQCOW2}); !errors.Is(err, errdefs.ErrNotFound) {
 		t.Fatalf("snapshot of a missing volume: %v", err)
 	}
 	onlyEntries(t, vols, "v1.qcow2")
@@ -501,7 +513,7 @@ func TestSnapshotRevertRaw(t *testing.T) {
 	qcreate(t, vol, "raw", 4<<20)
 	qio(t, vol, "raw", "write -P 0x11 0 1M")
 	snap := filepath.Join(dir, "s.raw")
-	si, err := l.SnapshotImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: snap})
+	si, err := l.SnapshotImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: snap, Format: drivers.FormatRaw})
 	if err != nil || (si.Method != "copy" && si.Method != "reflink") || si.Snapshot.Format != drivers.FormatRaw {
 		t.Fatalf("raw snapshot: %+v %v", si, err)
 	}
@@ -509,7 +521,7 @@ func TestSnapshotRevertRaw(t *testing.T) {
 		t.Errorf("raw snapshot allocates %d bytes; want a sparse copy", si.Snapshot.PhysicalSize)
 	}
 	qio(t, vol, "raw", "write -P 0xab 0 64k")
-	if _, err := l.RevertImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: snap}); err != nil {
+	if _, err := l.RevertImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: snap, Format: drivers.FormatRaw}); err != nil {
 		t.Fatal(err)
 	}
 	qio(t, vol, "raw", "read -P 0x11 0 1M")
@@ -522,7 +534,7 @@ func TestSnapshotRevertRaw(t *testing.T) {
 func TestRebaseAndResize(t *testing.T) {
 	needQemuIO(t)
 	ctx := t.Context()
-	dir := t.TempDir()
+	dir := storeDir(t, t.TempDir())
 	l := New("h1")
 	base := filepath.Join(dir, "base.qcow2")
 	qcreate(t, base, "qcow2", 4<<20)
@@ -539,7 +551,7 @@ func TestRebaseAndResize(t *testing.T) {
 	}
 
 	// Drop mid from the chain: data merged, same bytes.
-	info, err := l.RebaseImage(ctx, top, base)
+	info, err := l.RebaseImage(ctx, top, base, drivers.FormatQCOW2)
 	if err != nil || info.BackingFile != base || info.Method != "rebase" {
 		t.Fatalf("rebase: %+v %v", info, err)
 	}
@@ -550,36 +562,36 @@ func TestRebaseAndResize(t *testing.T) {
 	twin := filepath.Join(dir, "twin.qcow2")
 	b, _ := os.ReadFile(base)
 	os.WriteFile(twin, b, 0o644)
-	if info, err = l.RebaseImage(ctx, top, twin); err != nil || info.Method != "rebase -u" || info.BackingFile != twin {
+	if info, err = l.RebaseImage(ctx, top, twin, drivers.FormatQCOW2); err != nil || info.Method != "rebase -u" || info.BackingFile != twin {
 		t.Fatalf("rebase onto an identical base: %+v %v", info, err)
 	}
-	if info, err = l.RebaseImage(ctx, top, twin); err != nil || info.Method != "unchanged" {
+	if info, err = l.RebaseImage(ctx, top, twin, drivers.FormatQCOW2); err != nil || info.Method != "unchanged" {
 		t.Fatalf("rebase again: %+v %v", info, err)
 	}
-	if info, err = l.RebaseImage(ctx, top, ""); err != nil || info.BackingFile != "" {
+	if info, err = l.RebaseImage(ctx, top, "", ""); err != nil || info.BackingFile != "" {
 		t.Fatalf("standalone: %+v %v", info, err)
 	}
 	if !qemuCompare(t, top, "qcow2", flat, "raw") {
 		t.Fatal("standalone image reads differently")
 	}
-	if _, err := l.RebaseImage(ctx, flat, base); !errors.Is(err, errdefs.ErrInvalid) {
+	if _, err := l.RebaseImage(ctx, flat, base, drivers.FormatQCOW2); !errors.Is(err, errdefs.ErrInvalid) {
 		t.Fatalf("rebase of a raw image: %v", err)
 	}
 
 	// Resize.
-	if info, err = l.ResizeImage(ctx, top, 8<<20); err != nil || info.VirtualSize != 8<<20 {
+	if info, err = l.ResizeImage(ctx, top, drivers.FormatQCOW2, 8<<20); err != nil || info.VirtualSize != 8<<20 {
 		t.Fatalf("grow qcow2: %+v %v", info, err)
 	}
-	if info, err = l.ResizeImage(ctx, flat, 6<<20); err != nil || info.VirtualSize != 6<<20 || info.Format != drivers.FormatRaw {
+	if info, err = l.ResizeImage(ctx, flat, drivers.FormatRaw, 6<<20); err != nil || info.VirtualSize != 6<<20 || info.Format != drivers.FormatRaw {
 		t.Fatalf("grow raw: %+v %v", info, err)
 	}
-	if _, err = l.ResizeImage(ctx, flat, 6<<20); err != nil {
+	if _, err = l.ResizeImage(ctx, flat, drivers.FormatRaw, 6<<20); err != nil {
 		t.Fatalf("same size: %v", err)
 	}
-	if _, err = l.ResizeImage(ctx, top, 4<<20); !errors.Is(err, errdefs.ErrInvalid) {
+	if _, err = l.ResizeImage(ctx, top, drivers.FormatQCOW2, 4<<20); !errors.Is(err, errdefs.ErrInvalid) {
 		t.Fatalf("shrink: %v", err)
 	}
-	if info, err = l.InspectImage(ctx, top); err != nil || info.VirtualSize != 8<<20 || info.Format != drivers.FormatQCOW2 {
+	if info, err = l.InspectImage(ctx, top, drivers.FormatQCOW2); err != nil || info.VirtualSize != 8<<20 || info.Format != drivers.FormatQCOW2 {
 		t.Fatalf("inspect: %+v %v", info, err)
 	}
 }
@@ -587,7 +599,7 @@ func TestRebaseAndResize(t *testing.T) {
 func TestBackupRestoreSnapshotChain(t *testing.T) {
 	needQemuIO(t)
 	ctx := t.Context()
-	store := t.TempDir()
+	store := storeDir(t, t.TempDir())
 	l := New("h1")
 	img := t.TempDir() // the image store
 	chunks := filepath.Join(img, "chunks")
@@ -611,12 +623,12 @@ func TestBackupRestoreSnapshotChain(t *testing.T) {
 		t.Fatal(err)
 	}
 	s1 := filepath.Join(store, "s1.qcow2")
-	if _, err := l.SnapshotImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: s1}); err != nil {
+	if _, err := l.SnapshotImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: s1, Format: drivers.FormatQCOW2}); err != nil {
 		t.Fatal(err)
 	}
 	var p progressRecorder
 	p.t = t
-	b1, err := l.BackupImage(ctx, drivers.BackupRequest{Source: s1, ChunkDir: chunks, Manifest: filepath.Join(mdir, "s1.json"), ChunkSize: cs}, p.fn)
+	b1, err := l.BackupImage(ctx, drivers.BackupRequest{Source: s1, SourceFormat: drivers.FormatQCOW2, ChunkDir: chunks, Manifest: filepath.Join(mdir, "s1.json"), ChunkSize: cs}, p.fn)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -630,10 +642,10 @@ func TestBackupRestoreSnapshotChain(t *testing.T) {
 	// A small change, a second snapshot, an incremental backup from the first.
 	qio(t, vol, "qcow2", "write -P 0x33 1M 4k")
 	s2 := filepath.Join(store, "s2.qcow2")
-	if _, err := l.SnapshotImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: s2}); err != nil {
+	if _, err := l.SnapshotImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: s2, Format: drivers.FormatQCOW2}); err != nil {
 		t.Fatal(err)
 	}
-	b2, err := l.BackupImage(ctx, drivers.BackupRequest{Source: s2, ChunkDir: chunks, Manifest: filepath.Join(mdir, "s2.json"), ParentManifest: filepath.Join(mdir, "s1.json")}, nil)
+	b2, err := l.BackupImage(ctx, drivers.BackupRequest{Source: s2, SourceFormat: drivers.FormatQCOW2, ChunkDir: chunks, Manifest: filepath.Join(mdir, "s2.json"), ParentManifest: filepath.Join(mdir, "s1.json")}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -645,10 +657,10 @@ func TestBackupRestoreSnapshotChain(t *testing.T) {
 	wrong := filepath.Join(store, "other.raw")
 	qcreate(t, wrong, "raw", 4<<20)
 	qio(t, wrong, "raw", "write -P 0x99 0 4M")
-	if _, err := l.BackupImage(ctx, drivers.BackupRequest{Source: wrong, ChunkDir: chunks, Manifest: filepath.Join(img, "other.json"), ChunkSize: cs}, nil); err != nil {
+	if _, err := l.BackupImage(ctx, drivers.BackupRequest{Source: wrong, SourceFormat: drivers.FormatRaw, ChunkDir: chunks, Manifest: filepath.Join(img, "other.json"), ChunkSize: cs}, nil); err != nil {
 		t.Fatal(err)
 	}
-	b3, err := l.BackupImage(ctx, drivers.BackupRequest{Source: s2, ChunkDir: chunks, Manifest: filepath.Join(img, "s2-wrong-parent.json"), ParentManifest: filepath.Join(img, "other.json")}, nil)
+	b3, err := l.BackupImage(ctx, drivers.BackupRequest{Source: s2, SourceFormat: drivers.FormatQCOW2, ChunkDir: chunks, Manifest: filepath.Join(img, "s2-wrong-parent.json"), ParentManifest: filepath.Join(img, "other.json")}, nil)
 	if err != nil || b3.ReadBytes != 21*cs || b3.NewChunks != 0 {
 		t.Fatalf("backup with a foreign parent: %+v %v; want every data chunk read, none new", b3, err)
 	}
@@ -658,7 +670,7 @@ func TestBackupRestoreSnapshotChain(t *testing.T) {
 	if !qemuCompare(t, s2, "qcow2", filepath.Join(img, "w.raw"), "raw") {
 		t.Fatal("backup with a foreign parent restores differently")
 	}
-	if again, err := l.BackupImage(ctx, drivers.BackupRequest{Source: s2, ChunkDir: chunks, Manifest: filepath.Join(mdir, "s2.json")}, nil); err != nil || again.Chunks != 64 {
+	if again, err := l.BackupImage(ctx, drivers.BackupRequest{Source: s2, SourceFormat: drivers.FormatQCOW2, ChunkDir: chunks, Manifest: filepath.Join(mdir, "s2.json")}, nil); err != nil || again.Chunks != 64 {
 		t.Fatalf("backup again: %+v %v", again, err)
 	}
 
@@ -738,7 +750,7 @@ func TestExportCopiedByAnotherHost(t *testing.T) {
 	}
 	var p progressRecorder
 	p.t = t
-	info, err := h2.CopyImage(ctx, drivers.CopyRequest{Source: string(uri), Dest: vol}, p.fn)
+	info, err := h2.CopyImage(ctx, drivers.CopyRequest{Source: string(uri), SourceFormat: drivers.FormatQCOW2, Dest: vol}, p.fn)
 	if err != nil || info.Format != drivers.FormatQCOW2 || info.Path != vol {
 		t.Fatalf("copy from the export: %+v %v", info, err)
 	}
@@ -751,7 +763,7 @@ func TestExportCopiedByAnotherHost(t *testing.T) {
 		t.Error("no progress")
 	}
 	// Converted on the way.
-	if _, err := h2.CopyImage(ctx, drivers.CopyRequest{Source: string(uri), Dest: "/srv/primary/v.raw", Format: drivers.FormatRaw}, nil); err != nil {
+	if _, err := h2.CopyImage(ctx, drivers.CopyRequest{Source: string(uri), SourceFormat: drivers.FormatQCOW2, Dest: "/srv/primary/v.raw", Format: drivers.FormatRaw}, nil); err != nil {
 		t.Fatal(err)
 	}
 	if !qemuCompare(t, h1.onHost(vol), "qcow2", h2.onHost("/srv/primary/v.raw"), "raw") {
@@ -760,7 +772,7 @@ func TestExportCopiedByAnotherHost(t *testing.T) {
 	if err := h1.Unexport(ctx, uri); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := h2.CopyImage(ctx, drivers.CopyRequest{Source: string(uri), Dest: "/srv/primary/w.qcow2"}, nil); !errors.Is(err, errdefs.ErrNotFound) {
+	if _, err := h2.CopyImage(ctx, drivers.CopyRequest{Source: string(uri), SourceFormat: drivers.FormatQCOW2, Dest: "/srv/primary/w.qcow2"}, nil); !errors.Is(err, errdefs.ErrNotFound) {
 		t.Fatalf("copy after unexport: %v", err)
 	}
 	if _, err := h2.Export(ctx, vol); !errors.Is(err, errdefs.ErrNotImplemented) {
@@ -775,15 +787,15 @@ func TestImageOpsRefuseBadPaths(t *testing.T) {
 	for _, p := range []string{"", "rel/x", good + "/../y", good + "/", "/"} {
 		errs := map[string]error{}
 		_, errs["fetch"] = l.FetchImage(ctx, drivers.FetchRequest{Source: good, Dest: p, Format: drivers.FormatRaw}, nil)
-		_, errs["copy"] = l.CopyImage(ctx, drivers.CopyRequest{Source: good, Dest: p}, nil)
-		_, errs["copy-src"] = l.CopyImage(ctx, drivers.CopyRequest{Source: p, Dest: good}, nil)
-		_, errs["clone"] = l.CloneImage(ctx, drivers.CloneRequest{Base: good, Dest: p, Mode: drivers.CloneLinked}, nil)
-		_, errs["inspect"] = l.InspectImage(ctx, p)
-		_, errs["resize"] = l.ResizeImage(ctx, p, 1<<20)
-		_, errs["snapshot"] = l.SnapshotImage(ctx, drivers.SnapshotRequest{Volume: p, Snapshot: good})
-		_, errs["revert"] = l.RevertImage(ctx, drivers.SnapshotRequest{Volume: good, Snapshot: p})
-		_, errs["rebase"] = l.RebaseImage(ctx, p, "")
-		_, errs["backup"] = l.BackupImage(ctx, drivers.BackupRequest{Source: p, ChunkDir: good, Manifest: good}, nil)
+		_, errs["copy"] = l.CopyImage(ctx, drivers.CopyRequest{Source: good, SourceFormat: drivers.FormatRaw, Dest: p}, nil)
+		_, errs["copy-src"] = l.CopyImage(ctx, drivers.CopyRequest{Source: p, SourceFormat: drivers.FormatRaw, Dest: good}, nil)
+		_, errs["clone"] = l.CloneImage(ctx, drivers.CloneRequest{Base: good, BaseFormat: drivers.FormatRaw, Dest: p, Mode: drivers.CloneLinked}, nil)
+		_, errs["inspect"] = l.InspectImage(ctx, p, drivers.FormatRaw)
+		_, errs["resize"] = l.ResizeImage(ctx, p, drivers.FormatRaw, 1<<20)
+		_, errs["snapshot"] = l.SnapshotImage(ctx, drivers.SnapshotRequest{Volume: p, Snapshot: good, Format: drivers.FormatRaw})
+		_, errs["revert"] = l.RevertImage(ctx, drivers.SnapshotRequest{Volume: good, Snapshot: p, Format: drivers.FormatRaw})
+		_, errs["rebase"] = l.RebaseImage(ctx, p, "", "")
+		_, errs["backup"] = l.BackupImage(ctx, drivers.BackupRequest{Source: p, SourceFormat: drivers.FormatRaw, ChunkDir: good, Manifest: good}, nil)
 		_, errs["restore"] = l.RestoreImage(ctx, drivers.RestoreRequest{Manifest: good, ChunkDir: good, Dest: p}, nil)
 		_, errs["delete-backup"] = l.DeleteBackup(ctx, drivers.DeleteBackupRequest{Manifest: p, ChunkDir: good})
 		_, errs["export"] = l.Export(ctx, p)
@@ -835,14 +847,14 @@ func TestStepsCreateDirectoriesOnlyInsideStores(t *testing.T) {
 		t.Fatal(err)
 	}
 	vol := filepath.Join(store, "volumes", "v.qcow2")
-	if _, err := l.CloneImage(ctx, drivers.CloneRequest{Base: filepath.Join(srcDir, "t.qcow2"), Dest: vol, Mode: drivers.CloneFull}, nil); err != nil {
+	if _, err := l.CloneImage(ctx, drivers.CloneRequest{Base: filepath.Join(srcDir, "t.qcow2"), BaseFormat: drivers.FormatQCOW2, Dest: vol, Mode: drivers.CloneFull}, nil); err != nil {
 		t.Fatal(err)
 	}
 	snap := filepath.Join(store, "snapshots", "v", "s1.qcow2")
-	if _, err := l.SnapshotImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: snap}); err != nil {
+	if _, err := l.SnapshotImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: snap, Format: drivers.FormatQCOW2}); err != nil {
 		t.Fatalf("snapshot into a new per-volume directory: %v", err)
 	}
-	if _, err := l.BackupImage(ctx, drivers.BackupRequest{Source: snap, ChunkDir: filepath.Join(store, "snapshots", "chunks"), Manifest: filepath.Join(store, "snapshots", "manifests", "s1.json")}, nil); err != nil {
+	if _, err := l.BackupImage(ctx, drivers.BackupRequest{Source: snap, SourceFormat: drivers.FormatQCOW2, ChunkDir: filepath.Join(store, "snapshots", "chunks"), Manifest: filepath.Join(store, "snapshots", "manifests", "s1.json")}, nil); err != nil {
 		t.Fatalf("backup into new directories: %v", err)
 	}
 	outside := filepath.Join(t.TempDir(), "no", "such", "dir", "x.raw")

@@ -15,8 +15,9 @@ import (
 	"github.com/stowage/stowage/errdefs"
 )
 
-// SnapshotImage takes a snapshot of the volume at req.Volume into
-// req.Snapshot. The volume must not be in use (qemu-img's lock; a running
+// SnapshotImage takes a snapshot of the volume at req.Volume, an image of
+// req.Format (opened as that, never probed), into req.Snapshot. The volume
+// must not be in use (qemu-img's lock; a running
 // VM's disk is snapshotted through the hypervisor instead):
 //
 //   - qcow2: an external snapshot in O(1). A new empty overlay is made
@@ -27,7 +28,9 @@ import (
 //     the snapshot and no volume; running the step again finishes it.
 //     A relative backing file name of the volume is made absolute first,
 //     so the snapshot still finds it from its own directory. Volume and
-//     snapshot must be on one filesystem (errdefs.ErrFailedPrecondition).
+//     snapshot must be on one filesystem (errdefs.ErrFailedPrecondition)
+//     and in one store (errdefs.ErrInvalid). The volume's backing chain
+//     must pass checkChain.
 //   - raw: a reflink of the volume where the filesystem can share extents,
 //     a sparse copy otherwise (Method "reflink" or "copy"), read-only.
 //
@@ -42,6 +45,10 @@ func (l *Local) SnapshotImage(ctx context.Context, req drivers.SnapshotRequest) 
 }
 
 func (l *Local) snapshotImage(ctx context.Context, req drivers.SnapshotRequest) (drivers.SnapshotInfo, error) {
+	format, err := snapshotFormat(req)
+	if err != nil {
+		return drivers.SnapshotInfo{}, err
+	}
 	vol, snap, unlock, err := l.lockPair(ctx, req)
 	if err != nil {
 		return drivers.SnapshotInfo{}, err
@@ -59,41 +66,50 @@ func (l *Local) snapshotImage(ctx context.Context, req drivers.SnapshotRequest) 
 		return drivers.SnapshotInfo{}, fmt.Errorf("volume %s does not exist: %w", req.Volume, errdefs.ErrNotFound)
 	}
 	if snapOK {
-		si, err := l.qemu.Info(ctx, snap, qemuimg.ForceShare())
-		if err != nil {
-			return drivers.SnapshotInfo{}, err
-		}
 		if !volOK {
-			if si.Format != qemuimg.FormatQCOW2 {
+			if format != qemuimg.FormatQCOW2 {
 				return drivers.SnapshotInfo{}, fmt.Errorf("volume %s does not exist: %w", req.Volume, errdefs.ErrNotFound)
 			}
 			// A crash between the two renames: finish the snapshot.
+			si, err := l.openDeclared(ctx, snap, format, false)
+			if err != nil {
+				return drivers.SnapshotInfo{}, err
+			}
 			removeStage(stagePath(vol, "snap"))
 			if err := l.newOverlay(ctx, snap, si.VirtualSize, vol, ""); err != nil {
 				return drivers.SnapshotInfo{}, err
 			}
-			return l.snapshotResult(ctx, req, vol, snap, "qcow2-external")
+			return l.snapshotResult(ctx, req, vol, snap, format, "qcow2-external")
 		}
-		vi, err := l.qemu.Info(ctx, vol, qemuimg.ForceShare())
+		si, err := l.qemu.Info(ctx, snap, qemuimg.AssumeFormat(format), qemuimg.ForceShare())
+		if err != nil {
+			return drivers.SnapshotInfo{}, fmt.Errorf("%s exists and is not a %s snapshot (%v): %w", req.Snapshot, format, err, errdefs.ErrAlreadyExists)
+		}
+		vi, err := l.qemu.Info(ctx, vol, qemuimg.AssumeFormat(format), qemuimg.ForceShare())
 		if err != nil {
 			return drivers.SnapshotInfo{}, err
 		}
 		switch {
-		case vi.Format == qemuimg.FormatQCOW2 && backingOf(vi) == snap:
-			return l.snapshotResult(ctx, req, vol, snap, "qcow2-external")
-		case vi.Format == qemuimg.FormatRaw && si.Format == qemuimg.FormatRaw && vi.VirtualSize == si.VirtualSize:
-			return l.snapshotResult(ctx, req, vol, snap, "existing")
+		case format == qemuimg.FormatQCOW2 && backingOf(vi) == snap:
+			return l.snapshotResult(ctx, req, vol, snap, format, "qcow2-external")
+		case format == qemuimg.FormatRaw && vi.VirtualSize == si.VirtualSize:
+			return l.snapshotResult(ctx, req, vol, snap, format, "existing")
 		}
 		return drivers.SnapshotInfo{}, fmt.Errorf("%s exists and is not a snapshot of %s: %w", req.Snapshot, req.Volume, errdefs.ErrAlreadyExists)
 	}
 
-	// Without -U: a volume a VM holds open fails here (FailedPrecondition).
-	vi, err := l.qemu.Info(ctx, vol)
+	// Exclusive: a volume a VM holds open fails here (FailedPrecondition).
+	vi, err := l.openDeclared(ctx, vol, format, true)
 	if err != nil {
 		return drivers.SnapshotInfo{}, err
 	}
-	switch vi.Format {
+	switch format {
 	case qemuimg.FormatQCOW2:
+		// The volume will be backed by the snapshot: it must be in the
+		// volume's store, or every later step on the volume is refused.
+		if st, ok := l.storeOf(vol); !ok || !within(snap, st) {
+			return drivers.SnapshotInfo{}, fmt.Errorf("snapshot %s of qcow2 volume %s must be inside the volume's store (the volume becomes an overlay on it): %w", req.Snapshot, req.Volume, errdefs.ErrInvalid)
+		}
 		if vi.BackingFilename != "" && !filepath.IsAbs(vi.BackingFilename) && filepath.Dir(vol) != filepath.Dir(snap) {
 			if err := l.absoluteBacking(ctx, vol, vi); err != nil {
 				return drivers.SnapshotInfo{}, err
@@ -134,8 +150,8 @@ func (l *Local) snapshotImage(ctx context.Context, req drivers.SnapshotRequest) 
 		if err := syncDir(filepath.Dir(vol)); err != nil {
 			return drivers.SnapshotInfo{}, classed(err)
 		}
-		return l.snapshotResult(ctx, req, vol, snap, "qcow2-external")
-	case qemuimg.FormatRaw:
+		return l.snapshotResult(ctx, req, vol, snap, format, "qcow2-external")
+	default: // raw: its bytes, whatever they look like
 		stage := stagePath(snap, "snap")
 		defer removeStage(stage)
 		res, err := streamCopy(ctx, vol, stream.SourceOptions{Format: qemuimg.FormatRaw}, stage, stream.Options{})
@@ -152,9 +168,21 @@ func (l *Local) snapshotImage(ctx context.Context, req drivers.SnapshotRequest) 
 		if res.Method == "reflink" {
 			method = "reflink"
 		}
-		return l.snapshotResult(ctx, req, vol, snap, method)
+		return l.snapshotResult(ctx, req, vol, snap, format, method)
 	}
-	return drivers.SnapshotInfo{}, fmt.Errorf("volume %s is %s; snapshots are made of raw and qcow2 volumes: %w", req.Volume, vi.Format, errdefs.ErrInvalid)
+}
+
+// snapshotFormat is the qemu-img format of req's volume and snapshots:
+// raw or qcow2, as declared.
+func snapshotFormat(req drivers.SnapshotRequest) (string, error) {
+	format, err := declared("volume", req.Format)
+	if err != nil {
+		return "", err
+	}
+	if format != qemuimg.FormatRaw && format != qemuimg.FormatQCOW2 {
+		return "", fmt.Errorf("volume %s is %s; snapshots are made of raw and qcow2 volumes: %w", req.Volume, req.Format, errdefs.ErrInvalid)
+	}
+	return format, nil
 }
 
 // lockPair checks the paths of req and locks both objects.
@@ -196,12 +224,12 @@ func (l *Local) newOverlay(ctx context.Context, backing string, size int64, fina
 	return replace(stage, final)
 }
 
-func (l *Local) snapshotResult(ctx context.Context, req drivers.SnapshotRequest, vol, snap, method string) (drivers.SnapshotInfo, error) {
-	si, _, err := l.imageInfo(ctx, req.Snapshot, snap, qemuimg.ForceShare())
+func (l *Local) snapshotResult(ctx context.Context, req drivers.SnapshotRequest, vol, snap, format, method string) (drivers.SnapshotInfo, error) {
+	si, _, err := l.imageInfo(ctx, req.Snapshot, snap, format, qemuimg.ForceShare())
 	if err != nil {
 		return drivers.SnapshotInfo{}, err
 	}
-	vi, _, err := l.imageInfo(ctx, req.Volume, vol, qemuimg.ForceShare())
+	vi, _, err := l.imageInfo(ctx, req.Volume, vol, format, qemuimg.ForceShare())
 	if err != nil {
 		return drivers.SnapshotInfo{}, err
 	}
@@ -209,8 +237,9 @@ func (l *Local) snapshotResult(ctx context.Context, req drivers.SnapshotRequest,
 	return drivers.SnapshotInfo{Snapshot: si, Volume: vi, Method: method}, nil
 }
 
-// RevertImage makes the volume at req.Volume read what req.Snapshot holds.
-// The volume must not be in use. For a qcow2 snapshot the volume becomes a
+// RevertImage makes the volume at req.Volume read what req.Snapshot holds;
+// both are of req.Format (opened as that, never probed; a qcow2 snapshot's
+// chain must pass checkChain). The volume must not be in use. For a qcow2 snapshot the volume becomes a
 // new empty overlay on it (the volume's current overlay is discarded; the
 // snapshot and every other snapshot stay as they are); for a raw snapshot
 // it becomes a reflink or sparse copy of it. Either way the new volume is
@@ -225,12 +254,16 @@ func (l *Local) RevertImage(ctx context.Context, req drivers.SnapshotRequest) (d
 }
 
 func (l *Local) revertImage(ctx context.Context, req drivers.SnapshotRequest) (drivers.ImageInfo, error) {
+	format, err := snapshotFormat(req)
+	if err != nil {
+		return drivers.ImageInfo{}, err
+	}
 	vol, snap, unlock, err := l.lockPair(ctx, req)
 	if err != nil {
 		return drivers.ImageInfo{}, err
 	}
 	defer unlock()
-	si, err := l.qemu.Info(ctx, snap, qemuimg.ForceShare())
+	si, err := l.openDeclared(ctx, snap, format, false)
 	if err != nil {
 		return drivers.ImageInfo{}, err
 	}
@@ -242,22 +275,26 @@ func (l *Local) revertImage(ctx context.Context, req drivers.SnapshotRequest) (d
 	var vi qemuimg.Info
 	if volOK {
 		like = vol
-		// Without -U: a volume a VM holds open fails here (FailedPrecondition).
-		if vi, err = l.qemu.Info(ctx, vol); err != nil {
+		// Exclusive: a volume a VM holds open fails here (FailedPrecondition).
+		if vi, err = l.qemu.Info(ctx, vol, qemuimg.AssumeFormat(format)); err != nil {
 			return drivers.ImageInfo{}, err
 		}
 	}
 	var method string
-	switch si.Format {
+	switch format {
 	case qemuimg.FormatQCOW2:
 		method = "qcow2-external"
-		if volOK && vi.Format == qemuimg.FormatQCOW2 && backingOf(vi) == snap {
+		if volOK && backingOf(vi) == snap {
+			// qemu-img map reads the volume's chain: check it first.
+			if err := l.checkChain(ctx, vol, vi); err != nil {
+				return drivers.ImageInfo{}, err
+			}
 			empty, err := l.emptyOverlay(ctx, vol)
 			if err != nil {
 				return drivers.ImageInfo{}, err
 			}
 			if empty && vi.VirtualSize == si.VirtualSize {
-				info, _, err := l.imageInfo(ctx, req.Volume, vol, qemuimg.AssumeFormat(qemuimg.FormatQCOW2))
+				info, _, err := l.imageInfo(ctx, req.Volume, vol, format)
 				info.Method = "existing"
 				return info, err
 			}
@@ -268,7 +305,7 @@ func (l *Local) revertImage(ctx context.Context, req drivers.SnapshotRequest) (d
 		if err := l.newOverlay(ctx, snap, si.VirtualSize, vol, like); err != nil {
 			return drivers.ImageInfo{}, err
 		}
-	case qemuimg.FormatRaw:
+	default: // raw: the snapshot's bytes, whatever they look like
 		stage := stagePath(vol, "revert")
 		defer removeStage(stage)
 		res, err := streamCopy(ctx, snap, stream.SourceOptions{Format: qemuimg.FormatRaw}, stage, stream.Options{})
@@ -289,10 +326,8 @@ func (l *Local) revertImage(ctx context.Context, req drivers.SnapshotRequest) (d
 		if res.Method == "reflink" {
 			method = "reflink"
 		}
-	default:
-		return drivers.ImageInfo{}, fmt.Errorf("snapshot %s is %s, not raw or qcow2: %w", req.Snapshot, si.Format, errdefs.ErrInvalid)
 	}
-	info, _, err := l.imageInfo(ctx, req.Volume, vol, qemuimg.AssumeFormat(si.Format))
+	info, _, err := l.imageInfo(ctx, req.Volume, vol, format)
 	if err != nil {
 		return drivers.ImageInfo{}, err
 	}

@@ -205,29 +205,33 @@ func Execute(ctx context.Context, ep drivers.Endpoint, task *stowagev1.Task, pro
 			Format: FormatFromProto(r.GetFormat()), Checksum: r.GetChecksum()}, progress))
 	case *stowagev1.Task_CopyImage:
 		r := s.CopyImage
-		return image(ep.CopyImage(ctx, drivers.CopyRequest{Source: r.GetSource(), Dest: r.GetDest(),
-			Format: FormatFromProto(r.GetFormat()), Flatten: r.GetFlatten()}, progress))
+		return image(ep.CopyImage(ctx, drivers.CopyRequest{Source: r.GetSource(), SourceFormat: FormatFromProto(r.GetSourceFormat()),
+			Dest: r.GetDest(), Format: FormatFromProto(r.GetFormat()), Flatten: r.GetFlatten()}, progress))
 	case *stowagev1.Task_CloneImage:
 		r := s.CloneImage
-		return image(ep.CloneImage(ctx, drivers.CloneRequest{Base: r.GetBase(), Dest: r.GetDest(),
+		return image(ep.CloneImage(ctx, drivers.CloneRequest{Base: r.GetBase(), BaseFormat: FormatFromProto(r.GetBaseFormat()), Dest: r.GetDest(),
 			Mode: CloneModeFromProto(r.GetMode()), Format: FormatFromProto(r.GetFormat()), Size: r.GetSizeBytes()}, progress))
 	case *stowagev1.Task_InspectImage:
-		return image(ep.InspectImage(ctx, s.InspectImage.GetPath()))
+		return image(ep.InspectImage(ctx, s.InspectImage.GetPath(), FormatFromProto(s.InspectImage.GetFormat())))
 	case *stowagev1.Task_ResizeImage:
-		return image(ep.ResizeImage(ctx, s.ResizeImage.GetPath(), s.ResizeImage.GetSizeBytes()))
+		r := s.ResizeImage
+		return image(ep.ResizeImage(ctx, r.GetPath(), FormatFromProto(r.GetFormat()), r.GetSizeBytes()))
 	case *stowagev1.Task_SnapshotImage:
-		si, err := ep.SnapshotImage(ctx, drivers.SnapshotRequest{Volume: s.SnapshotImage.GetVolume(), Snapshot: s.SnapshotImage.GetSnapshot()})
+		r := s.SnapshotImage
+		si, err := ep.SnapshotImage(ctx, drivers.SnapshotRequest{Volume: r.GetVolume(), Snapshot: r.GetSnapshot(), Format: FormatFromProto(r.GetFormat())})
 		if err != nil {
 			return nil, err
 		}
 		res.Result = &stowagev1.TaskResult_Snapshot{Snapshot: SnapshotInfoToProto(si)}
 	case *stowagev1.Task_RevertImage:
-		return image(ep.RevertImage(ctx, drivers.SnapshotRequest{Volume: s.RevertImage.GetVolume(), Snapshot: s.RevertImage.GetSnapshot()}))
+		r := s.RevertImage
+		return image(ep.RevertImage(ctx, drivers.SnapshotRequest{Volume: r.GetVolume(), Snapshot: r.GetSnapshot(), Format: FormatFromProto(r.GetFormat())}))
 	case *stowagev1.Task_RebaseImage:
-		return image(ep.RebaseImage(ctx, s.RebaseImage.GetPath(), s.RebaseImage.GetNewBacking()))
+		r := s.RebaseImage
+		return image(ep.RebaseImage(ctx, r.GetPath(), r.GetNewBacking(), FormatFromProto(r.GetBackingFormat())))
 	case *stowagev1.Task_BackupImage:
 		r := s.BackupImage
-		return backup(ep.BackupImage(ctx, drivers.BackupRequest{Source: r.GetSource(), ChunkDir: r.GetChunkDir(),
+		return backup(ep.BackupImage(ctx, drivers.BackupRequest{Source: r.GetSource(), SourceFormat: FormatFromProto(r.GetSourceFormat()), ChunkDir: r.GetChunkDir(),
 			Manifest: r.GetManifest(), ParentManifest: r.GetParentManifest(), ChunkSize: r.GetChunkSize()}, progress))
 	case *stowagev1.Task_RestoreImage:
 		r := s.RestoreImage

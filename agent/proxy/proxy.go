@@ -298,31 +298,36 @@ func (e *Endpoint) FetchImage(ctx context.Context, req drivers.FetchRequest, pro
 // CopyImage implements drivers.ImageOps.
 func (e *Endpoint) CopyImage(ctx context.Context, req drivers.CopyRequest, progress drivers.Progress) (drivers.ImageInfo, error) {
 	return e.image(ctx, &stowagev1.Task{Step: &stowagev1.Task_CopyImage{CopyImage: &stowagev1.CopyImageStep{
-		Source: req.Source, Dest: req.Dest, Format: FormatToProto(req.Format), Flatten: req.Flatten,
+		Source: req.Source, SourceFormat: FormatToProto(req.SourceFormat), Dest: req.Dest, Format: FormatToProto(req.Format), Flatten: req.Flatten,
 	}}}, progress)
 }
 
 // CloneImage implements drivers.ImageOps.
 func (e *Endpoint) CloneImage(ctx context.Context, req drivers.CloneRequest, progress drivers.Progress) (drivers.ImageInfo, error) {
 	return e.image(ctx, &stowagev1.Task{Step: &stowagev1.Task_CloneImage{CloneImage: &stowagev1.CloneImageStep{
-		Base: req.Base, Dest: req.Dest, Mode: CloneModeToProto(req.Mode), Format: FormatToProto(req.Format), SizeBytes: req.Size,
+		Base: req.Base, BaseFormat: FormatToProto(req.BaseFormat), Dest: req.Dest, Mode: CloneModeToProto(req.Mode),
+		Format: FormatToProto(req.Format), SizeBytes: req.Size,
 	}}}, progress)
 }
 
 // InspectImage implements drivers.ImageOps.
-func (e *Endpoint) InspectImage(ctx context.Context, path string) (drivers.ImageInfo, error) {
-	return e.image(ctx, &stowagev1.Task{Step: &stowagev1.Task_InspectImage{InspectImage: &stowagev1.InspectImageStep{Path: path}}}, nil)
+func (e *Endpoint) InspectImage(ctx context.Context, path string, format drivers.Format) (drivers.ImageInfo, error) {
+	return e.image(ctx, &stowagev1.Task{Step: &stowagev1.Task_InspectImage{InspectImage: &stowagev1.InspectImageStep{
+		Path: path, Format: FormatToProto(format),
+	}}}, nil)
 }
 
 // ResizeImage implements drivers.ImageOps.
-func (e *Endpoint) ResizeImage(ctx context.Context, path string, size int64) (drivers.ImageInfo, error) {
-	return e.image(ctx, &stowagev1.Task{Step: &stowagev1.Task_ResizeImage{ResizeImage: &stowagev1.ResizeImageStep{Path: path, SizeBytes: size}}}, nil)
+func (e *Endpoint) ResizeImage(ctx context.Context, path string, format drivers.Format, size int64) (drivers.ImageInfo, error) {
+	return e.image(ctx, &stowagev1.Task{Step: &stowagev1.Task_ResizeImage{ResizeImage: &stowagev1.ResizeImageStep{
+		Path: path, Format: FormatToProto(format), SizeBytes: size,
+	}}}, nil)
 }
 
 // SnapshotImage implements drivers.ImageOps.
 func (e *Endpoint) SnapshotImage(ctx context.Context, req drivers.SnapshotRequest) (drivers.SnapshotInfo, error) {
 	res, err := e.run(ctx, &stowagev1.Task{Step: &stowagev1.Task_SnapshotImage{SnapshotImage: &stowagev1.SnapshotImageStep{
-		Volume: req.Volume, Snapshot: req.Snapshot,
+		Volume: req.Volume, Snapshot: req.Snapshot, Format: FormatToProto(req.Format),
 	}}}, nil)
 	if err != nil {
 		return drivers.SnapshotInfo{}, err
@@ -333,21 +338,22 @@ func (e *Endpoint) SnapshotImage(ctx context.Context, req drivers.SnapshotReques
 // RevertImage implements drivers.ImageOps.
 func (e *Endpoint) RevertImage(ctx context.Context, req drivers.SnapshotRequest) (drivers.ImageInfo, error) {
 	return e.image(ctx, &stowagev1.Task{Step: &stowagev1.Task_RevertImage{RevertImage: &stowagev1.RevertImageStep{
-		Volume: req.Volume, Snapshot: req.Snapshot,
+		Volume: req.Volume, Snapshot: req.Snapshot, Format: FormatToProto(req.Format),
 	}}}, nil)
 }
 
 // RebaseImage implements drivers.ImageOps.
-func (e *Endpoint) RebaseImage(ctx context.Context, path, newBacking string) (drivers.ImageInfo, error) {
+func (e *Endpoint) RebaseImage(ctx context.Context, path, newBacking string, backingFormat drivers.Format) (drivers.ImageInfo, error) {
 	return e.image(ctx, &stowagev1.Task{Step: &stowagev1.Task_RebaseImage{RebaseImage: &stowagev1.RebaseImageStep{
-		Path: path, NewBacking: newBacking,
+		Path: path, NewBacking: newBacking, BackingFormat: FormatToProto(backingFormat),
 	}}}, nil)
 }
 
 // BackupImage implements drivers.ImageOps.
 func (e *Endpoint) BackupImage(ctx context.Context, req drivers.BackupRequest, progress drivers.Progress) (drivers.BackupInfo, error) {
 	return e.backup(ctx, &stowagev1.Task{Step: &stowagev1.Task_BackupImage{BackupImage: &stowagev1.BackupImageStep{
-		Source: req.Source, ChunkDir: req.ChunkDir, Manifest: req.Manifest, ParentManifest: req.ParentManifest, ChunkSize: req.ChunkSize,
+		Source: req.Source, SourceFormat: FormatToProto(req.SourceFormat), ChunkDir: req.ChunkDir, Manifest: req.Manifest,
+		ParentManifest: req.ParentManifest, ChunkSize: req.ChunkSize,
 	}}}, progress)
 }
 

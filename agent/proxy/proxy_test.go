@@ -2,11 +2,17 @@ package proxy
 
 import (
 	"context"
+	"net/http"
+	"net/http/httptest"
+	"reflect"
 	"regexp"
 	"testing"
 
+	"connectrpc.com/connect"
+
 	"github.com/stowage/stowage/drivers"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
+	"github.com/stowage/stowage/proto/gen/stowage/v1/stowagev1connect"
 )
 
 func fetchTask(src string) *stowagev1.Task {
@@ -68,5 +74,112 @@ func TestImageInfoRoundTrip(t *testing.T) {
 		if CloneModeFromProto(CloneModeToProto(m)) != m {
 			t.Errorf("clone mode %s", m)
 		}
+	}
+}
+
+// recorder is an endpoint that records the image requests it gets.
+type recorder struct {
+	drivers.Endpoint // nil: only the methods below are called
+	got              []any
+}
+
+func (r *recorder) CopyImage(_ context.Context, req drivers.CopyRequest, _ drivers.Progress) (drivers.ImageInfo, error) {
+	r.got = append(r.got, req)
+	return drivers.ImageInfo{}, nil
+}
+
+func (r *recorder) CloneImage(_ context.Context, req drivers.CloneRequest, _ drivers.Progress) (drivers.ImageInfo, error) {
+	r.got = append(r.got, req)
+	return drivers.ImageInfo{}, nil
+}
+
+func (r *recorder) InspectImage(_ context.Context, path string, format drivers.Format) (drivers.ImageInfo, error) {
+	r.got = append(r.got, []any{"inspect", path, format})
+	return drivers.ImageInfo{}, nil
+}
+
+func (r *recorder) ResizeImage(_ context.Context, path string, format drivers.Format, size int64) (drivers.ImageInfo, error) {
+	r.got = append(r.got, []any{"resize", path, format, size})
+	return drivers.ImageInfo{}, nil
+}
+
+func (r *recorder) SnapshotImage(_ context.Context, req drivers.SnapshotRequest) (drivers.SnapshotInfo, error) {
+	r.got = append(r.got, []any{"snapshot", req})
+	return drivers.SnapshotInfo{}, nil
+}
+
+func (r *recorder) RevertImage(_ context.Context, req drivers.SnapshotRequest) (drivers.ImageInfo, error) {
+	r.got = append(r.got, []any{"revert", req})
+	return drivers.ImageInfo{}, nil
+}
+
+func (r *recorder) RebaseImage(_ context.Context, path, newBacking string, format drivers.Format) (drivers.ImageInfo, error) {
+	r.got = append(r.got, []any{"rebase", path, newBacking, format})
+	return drivers.ImageInfo{}, nil
+}
+
+func (r *recorder) BackupImage(_ context.Context, req drivers.BackupRequest, _ drivers.Progress) (drivers.BackupInfo, error) {
+	r.got = append(r.got, req)
+	return drivers.BackupInfo{}, nil
+}
+
+// agentService runs tasks on an endpoint through Execute, as the agent does.
+type agentService struct {
+	stowagev1connect.UnimplementedAgentServiceHandler
+	ep drivers.Endpoint
+}
+
+func (s agentService) RunTask(ctx context.Context, req *connect.Request[stowagev1.RunTaskRequest]) (*connect.Response[stowagev1.RunTaskResponse], error) {
+	res, err := Execute(ctx, s.ep, req.Msg.GetTask(), nil)
+	if err != nil {
+		return nil, err
+	}
+	return connect.NewResponse(&stowagev1.RunTaskResponse{Result: res}), nil
+}
+
+// The declared formats of existing images cross the wire both ways: the
+// agent must never be left to probe because a field was dropped.
+func TestDeclaredFormatsRoundTrip(t *testing.T) {
+	rec := &recorder{}
+	mux := http.NewServeMux()
+	mux.Handle(stowagev1connect.NewAgentServiceHandler(agentService{ep: rec}))
+	srv := httptest.NewServer(mux)
+	defer srv.Close()
+	ep := New("h1", srv.URL, srv.Client())
+	ctx := t.Context()
+	raw, q, iso := drivers.FormatRaw, drivers.FormatQCOW2, drivers.FormatISO
+	want := []any{
+		drivers.CopyRequest{Source: "/s/a", SourceFormat: iso, Dest: "/s/b", Format: q, Flatten: true},
+		drivers.CloneRequest{Base: "/s/t", BaseFormat: raw, Dest: "/s/v", Mode: drivers.CloneLinked, Format: q, Size: 4096},
+		[]any{"inspect", "/s/v", q},
+		[]any{"resize", "/s/v", raw, int64(8192)},
+		[]any{"snapshot", drivers.SnapshotRequest{Volume: "/s/v", Snapshot: "/s/s", Format: q}},
+		[]any{"revert", drivers.SnapshotRequest{Volume: "/s/v", Snapshot: "/s/s", Format: raw}},
+		[]any{"rebase", "/s/v", "/s/s", q},
+		drivers.BackupRequest{Source: "/s/s", SourceFormat: q, ChunkDir: "/i/c", Manifest: "/i/m", ParentManifest: "/i/p", ChunkSize: 1 << 20},
+	}
+	calls := []error{
+		func() error { _, err := ep.CopyImage(ctx, want[0].(drivers.CopyRequest), nil); return err }(),
+		func() error { _, err := ep.CloneImage(ctx, want[1].(drivers.CloneRequest), nil); return err }(),
+		func() error { _, err := ep.InspectImage(ctx, "/s/v", q); return err }(),
+		func() error { _, err := ep.ResizeImage(ctx, "/s/v", raw, 8192); return err }(),
+		func() error {
+			_, err := ep.SnapshotImage(ctx, drivers.SnapshotRequest{Volume: "/s/v", Snapshot: "/s/s", Format: q})
+			return err
+		}(),
+		func() error {
+			_, err := ep.RevertImage(ctx, drivers.SnapshotRequest{Volume: "/s/v", Snapshot: "/s/s", Format: raw})
+			return err
+		}(),
+		func() error { _, err := ep.RebaseImage(ctx, "/s/v", "/s/s", q); return err }(),
+		func() error { _, err := ep.BackupImage(ctx, want[7].(drivers.BackupRequest), nil); return err }(),
+	}
+	for i, err := range calls {
+		if err != nil {
+			t.Fatalf("call %d: %v", i, err)
+		}
+	}
+	if !reflect.DeepEqual(rec.got, want) {
+		t.Fatalf("the agent got\n%#v\nwant\n%#v", rec.got, want)
 	}
 }

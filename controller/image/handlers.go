@@ -225,8 +225,12 @@ func (h createHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 		if err != nil {
 			return err
 		}
+		srcFormat, err := s.sourceFormat(ctx, t)
+		if err != nil {
+			return err
+		}
 		info, err = ch.Endpoint.CopyImage(ctx, drivers.CopyRequest{
-			Source: datastore.Path(src, job.GetParams()["source_path"]), Dest: datastore.Path(dst, ref.GetInstallPath()),
+			Source: datastore.Path(src, job.GetParams()["source_path"]), SourceFormat: srcFormat, Dest: datastore.Path(dst, ref.GetInstallPath()),
 			Format: format, Flatten: true,
 		}, rep.Bytes)
 		return err
@@ -249,4 +253,27 @@ func (h createHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 
 func (h createHandler) Fail(ctx context.Context, job *stowagev1.Job, cause error) error {
 	return failRefs(ctx, h.s.db, job.GetTargetId(), cause)
+}
+
+// sourceFormat is the format of the volume template t is made from, as its
+// record says (a snapshot has its volume's format): the agent opens the
+// source as that and never probes it.
+func (s *Service) sourceFormat(ctx context.Context, t *stowagev1.Template) (drivers.Format, error) {
+	volID := t.GetSourceVolumeId()
+	if volID == "" {
+		sn, err := s.db.Snapshots().Get(ctx, t.GetSourceSnapshotId())
+		if err != nil {
+			return "", fmt.Errorf("source snapshot of template %s: %w", t.GetId(), err)
+		}
+		volID = sn.GetVolumeId()
+	}
+	v, err := s.db.Volumes().Get(ctx, volID)
+	if err != nil {
+		return "", fmt.Errorf("source volume of template %s: %w", t.GetId(), err)
+	}
+	f, err := FormatFromProto(v.GetFormat())
+	if err != nil {
+		return "", fmt.Errorf("source volume %s of template %s: %w", volID, t.GetId(), err)
+	}
+	return f, nil
 }

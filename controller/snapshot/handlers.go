@@ -6,6 +6,7 @@ import (
 	"fmt"
 
 	"github.com/stowage/stowage/controller/datastore"
+	"github.com/stowage/stowage/controller/image"
 	"github.com/stowage/stowage/controller/jobs"
 	"github.com/stowage/stowage/controller/meta"
 	"github.com/stowage/stowage/controller/volume"
@@ -53,7 +54,11 @@ func (h takeHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Repo
 		if err != nil {
 			return err
 		}
-		info, err = ch.Endpoint.SnapshotImage(ctx, drivers.SnapshotRequest{Volume: datastore.Path(st, v.GetInstallPath()), Snapshot: datastore.Path(st, ref.GetInstallPath())})
+		vf, err := image.FormatFromProto(v.GetFormat())
+		if err != nil {
+			return err
+		}
+		info, err = ch.Endpoint.SnapshotImage(ctx, drivers.SnapshotRequest{Volume: datastore.Path(st, v.GetInstallPath()), Snapshot: datastore.Path(st, ref.GetInstallPath()), Format: vf})
 		return err
 	}); err != nil {
 		return err
@@ -135,7 +140,11 @@ func (h revertHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 		if err != nil {
 			return err
 		}
-		_, err = ch.Endpoint.RevertImage(ctx, drivers.SnapshotRequest{Volume: datastore.Path(st, v.GetInstallPath()), Snapshot: datastore.Path(st, ref.GetInstallPath())})
+		vf, err := image.FormatFromProto(v.GetFormat())
+		if err != nil {
+			return err
+		}
+		_, err = ch.Endpoint.RevertImage(ctx, drivers.SnapshotRequest{Volume: datastore.Path(st, v.GetInstallPath()), Snapshot: datastore.Path(st, ref.GetInstallPath()), Format: vf})
 		return err
 	}); err != nil {
 		return err
@@ -200,8 +209,17 @@ func (h backupHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 		if err != nil {
 			return err
 		}
+		// The snapshot's file on primary has its volume's format.
+		v, err := s.db.Volumes().Get(ctx, sn.GetVolumeId())
+		if err != nil {
+			return err
+		}
+		vf, err := image.FormatFromProto(v.GetFormat())
+		if err != nil {
+			return err
+		}
 		info, err = ch.Endpoint.BackupImage(ctx, drivers.BackupRequest{
-			Source: datastore.Path(primary, src.GetInstallPath()), ChunkDir: datastore.Path(img, volume.ChunkDir),
+			Source: datastore.Path(primary, src.GetInstallPath()), SourceFormat: vf, ChunkDir: datastore.Path(img, volume.ChunkDir),
 			Manifest: datastore.Path(img, ref.GetInstallPath()), ParentManifest: parentManifest, ChunkSize: ChunkSize,
 		}, rep.Bytes)
 		return err

@@ -9,6 +9,7 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/stowage/stowage/controller/datastore"
+	"github.com/stowage/stowage/controller/image"
 	"github.com/stowage/stowage/controller/jobs"
 	"github.com/stowage/stowage/controller/meta"
 	"github.com/stowage/stowage/drivers"
@@ -50,8 +51,12 @@ func (h createHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 			if err != nil {
 				return err
 			}
+			baseFormat, err := s.templateFormat(ctx, v.GetTemplateId())
+			if err != nil {
+				return err
+			}
 			info, err = ch.Endpoint.CloneImage(ctx, drivers.CloneRequest{
-				Base: datastore.Path(st, spool.GetInstallPath()), Dest: dest, Mode: drivers.CloneMode(job.GetParams()["mode"]),
+				Base: datastore.Path(st, spool.GetInstallPath()), BaseFormat: baseFormat, Dest: dest, Mode: drivers.CloneMode(job.GetParams()["mode"]),
 				Format: format, Size: v.GetSize(),
 			}, rep.Bytes)
 			return err
@@ -189,7 +194,11 @@ func (s *Service) copyTemplate(ctx context.Context, job *stowagev1.Job, rep *job
 	var info drivers.ImageInfo
 	if err == nil {
 		err = jobs.RunStep(ctx, job, rep, "cache-template", func(ctx context.Context) error {
-			info, err = s.copyBetween(ctx, imgStore, imgRef.GetInstallPath(), st, ref.GetInstallPath(), drivers.CopyRequest{}, rep.Bytes)
+			tfmt, err := image.FormatFromProto(tmpl.GetFormat())
+			if err != nil {
+				return err
+			}
+			info, err = s.copyBetween(ctx, imgStore, imgRef.GetInstallPath(), st, ref.GetInstallPath(), drivers.CopyRequest{SourceFormat: tfmt}, rep.Bytes)
 			return err
 		})
 	}
@@ -219,7 +228,11 @@ func (s *Service) createFromSnapshot(ctx context.Context, job *stowagev1.Job, re
 	}
 	if ref.GetRole() == stowagev1.StoreRole_STORE_ROLE_PRIMARY {
 		return jobs.RunStep(ctx, job, rep, "copy", func(ctx context.Context) error {
-			*info, err = s.copyBetween(ctx, src, ref.GetInstallPath(), st, v.GetInstallPath(), drivers.CopyRequest{Format: format, Flatten: true}, rep.Bytes)
+			srcFormat, err := s.snapshotFormat(ctx, ref.GetSnapshotId())
+			if err != nil {
+				return err
+			}
+			*info, err = s.copyBetween(ctx, src, ref.GetInstallPath(), st, v.GetInstallPath(), drivers.CopyRequest{SourceFormat: srcFormat, Format: format, Flatten: true}, rep.Bytes)
 			return err
 		})
 	}
@@ -378,7 +391,11 @@ func (h resizeHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 		if err != nil {
 			return err
 		}
-		info, err = ch.Endpoint.ResizeImage(ctx, datastore.Path(st, v.GetInstallPath()), size)
+		vf, err := formatOf(v)
+		if err != nil {
+			return err
+		}
+		info, err = ch.Endpoint.ResizeImage(ctx, datastore.Path(st, v.GetInstallPath()), vf, size)
 		return err
 	}); err != nil {
 		return err
@@ -433,7 +450,7 @@ func (h migrateHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.R
 	if v.GetState() == stowagev1.VolumeState_VOLUME_STATE_MIGRATING {
 		var info drivers.ImageInfo
 		if err := jobs.RunStep(ctx, job, rep, "copy", func(ctx context.Context) error {
-			info, err = s.copyBetween(ctx, src, srcPath, dst, v.GetInstallPath(), drivers.CopyRequest{Format: format, Flatten: true}, rep.Bytes)
+			info, err = s.copyBetween(ctx, src, srcPath, dst, v.GetInstallPath(), drivers.CopyRequest{SourceFormat: format, Format: format, Flatten: true}, rep.Bytes)
 			return err
 		}); err != nil {
 			return err
@@ -484,6 +501,30 @@ func formatOf(v *stowagev1.Volume) (drivers.Format, error) {
 		return drivers.FormatRaw, nil
 	}
 	return "", fmt.Errorf("volume %s has no format: %w", v.GetId(), errdefs.ErrInternal)
+}
+
+// templateFormat is the format of template id as its record says; its
+// copies on stores (the cached one on primary too) have it.
+func (s *Service) templateFormat(ctx context.Context, id string) (drivers.Format, error) {
+	t, err := s.db.Templates().Get(ctx, id)
+	if err != nil {
+		return "", err
+	}
+	return image.FormatFromProto(t.GetFormat())
+}
+
+// snapshotFormat is the format of snapshot id's files on primary: its
+// volume's format, as the volume's record says.
+func (s *Service) snapshotFormat(ctx context.Context, id string) (drivers.Format, error) {
+	sn, err := s.db.Snapshots().Get(ctx, id)
+	if err != nil {
+		return "", err
+	}
+	sv, err := s.db.Volumes().Get(ctx, sn.GetVolumeId())
+	if err != nil {
+		return "", fmt.Errorf("volume of snapshot %s: %w", id, err)
+	}
+	return formatOf(sv)
 }
 
 func (h migrateHandler) Fail(ctx context.Context, job *stowagev1.Job, cause error) error {

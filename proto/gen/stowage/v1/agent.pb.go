@@ -1453,8 +1453,12 @@ type CopyImageStep struct {
 	Source string `protobuf:"bytes,1,opt,name=source,proto3" json:"source,omitempty"`
 	Dest   string `protobuf:"bytes,2,opt,name=dest,proto3" json:"dest,omitempty"`
 	// Unspecified keeps the source's format.
-	Format        ImageFormat `protobuf:"varint,3,opt,name=format,proto3,enum=stowage.v1.ImageFormat" json:"format,omitempty"`
-	Flatten       bool        `protobuf:"varint,4,opt,name=flatten,proto3" json:"flatten,omitempty"`
+	Format  ImageFormat `protobuf:"varint,3,opt,name=format,proto3,enum=stowage.v1.ImageFormat" json:"format,omitempty"`
+	Flatten bool        `protobuf:"varint,4,opt,name=flatten,proto3" json:"flatten,omitempty"`
+	// The source's format as the records say (required): the agent opens the
+	// source as it and never probes (a raw volume's guest could have written
+	// any header into it).
+	SourceFormat  ImageFormat `protobuf:"varint,5,opt,name=source_format,json=sourceFormat,proto3,enum=stowage.v1.ImageFormat" json:"source_format,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1517,6 +1521,13 @@ func (x *CopyImageStep) GetFlatten() bool {
 	return false
 }
 
+func (x *CopyImageStep) GetSourceFormat() ImageFormat {
+	if x != nil {
+		return x.SourceFormat
+	}
+	return ImageFormat_IMAGE_FORMAT_UNSPECIFIED
+}
+
 // CloneImageStep creates a volume from a base image (drivers.CloneRequest).
 type CloneImageStep struct {
 	state  protoimpl.MessageState `protogen:"open.v1"`
@@ -1525,7 +1536,9 @@ type CloneImageStep struct {
 	Mode   CloneMode              `protobuf:"varint,3,opt,name=mode,proto3,enum=stowage.v1.CloneMode" json:"mode,omitempty"`
 	Format ImageFormat            `protobuf:"varint,4,opt,name=format,proto3,enum=stowage.v1.ImageFormat" json:"format,omitempty"`
 	// 0 keeps the base's virtual size.
-	SizeBytes     int64 `protobuf:"varint,5,opt,name=size_bytes,json=sizeBytes,proto3" json:"size_bytes,omitempty"`
+	SizeBytes int64 `protobuf:"varint,5,opt,name=size_bytes,json=sizeBytes,proto3" json:"size_bytes,omitempty"`
+	// The base's format as the records say (required, never probed).
+	BaseFormat    ImageFormat `protobuf:"varint,6,opt,name=base_format,json=baseFormat,proto3,enum=stowage.v1.ImageFormat" json:"base_format,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1595,10 +1608,19 @@ func (x *CloneImageStep) GetSizeBytes() int64 {
 	return 0
 }
 
+func (x *CloneImageStep) GetBaseFormat() ImageFormat {
+	if x != nil {
+		return x.BaseFormat
+	}
+	return ImageFormat_IMAGE_FORMAT_UNSPECIFIED
+}
+
 // InspectImageStep reads an image's metadata.
 type InspectImageStep struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Path          string                 `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Path  string                 `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
+	// The image's format as the records say (required, never probed).
+	Format        ImageFormat `protobuf:"varint,2,opt,name=format,proto3,enum=stowage.v1.ImageFormat" json:"format,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1640,11 +1662,20 @@ func (x *InspectImageStep) GetPath() string {
 	return ""
 }
 
+func (x *InspectImageStep) GetFormat() ImageFormat {
+	if x != nil {
+		return x.Format
+	}
+	return ImageFormat_IMAGE_FORMAT_UNSPECIFIED
+}
+
 // ResizeImageStep grows an image.
 type ResizeImageStep struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Path          string                 `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
-	SizeBytes     int64                  `protobuf:"varint,2,opt,name=size_bytes,json=sizeBytes,proto3" json:"size_bytes,omitempty"`
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Path      string                 `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
+	SizeBytes int64                  `protobuf:"varint,2,opt,name=size_bytes,json=sizeBytes,proto3" json:"size_bytes,omitempty"`
+	// The image's format as the records say (required, never probed).
+	Format        ImageFormat `protobuf:"varint,3,opt,name=format,proto3,enum=stowage.v1.ImageFormat" json:"format,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1693,11 +1724,20 @@ func (x *ResizeImageStep) GetSizeBytes() int64 {
 	return 0
 }
 
+func (x *ResizeImageStep) GetFormat() ImageFormat {
+	if x != nil {
+		return x.Format
+	}
+	return ImageFormat_IMAGE_FORMAT_UNSPECIFIED
+}
+
 // SnapshotImageStep takes a snapshot of a volume (drivers.SnapshotRequest).
 type SnapshotImageStep struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Volume        string                 `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
-	Snapshot      string                 `protobuf:"bytes,2,opt,name=snapshot,proto3" json:"snapshot,omitempty"`
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Volume   string                 `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	Snapshot string                 `protobuf:"bytes,2,opt,name=snapshot,proto3" json:"snapshot,omitempty"`
+	// The volume's format as the records say (required, never probed).
+	Format        ImageFormat `protobuf:"varint,3,opt,name=format,proto3,enum=stowage.v1.ImageFormat" json:"format,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1746,11 +1786,20 @@ func (x *SnapshotImageStep) GetSnapshot() string {
 	return ""
 }
 
+func (x *SnapshotImageStep) GetFormat() ImageFormat {
+	if x != nil {
+		return x.Format
+	}
+	return ImageFormat_IMAGE_FORMAT_UNSPECIFIED
+}
+
 // RevertImageStep reverts a volume to a snapshot (drivers.SnapshotRequest).
 type RevertImageStep struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Volume        string                 `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
-	Snapshot      string                 `protobuf:"bytes,2,opt,name=snapshot,proto3" json:"snapshot,omitempty"`
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Volume   string                 `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	Snapshot string                 `protobuf:"bytes,2,opt,name=snapshot,proto3" json:"snapshot,omitempty"`
+	// The volume's (and so the snapshot's) format (required, never probed).
+	Format        ImageFormat `protobuf:"varint,3,opt,name=format,proto3,enum=stowage.v1.ImageFormat" json:"format,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1799,11 +1848,20 @@ func (x *RevertImageStep) GetSnapshot() string {
 	return ""
 }
 
+func (x *RevertImageStep) GetFormat() ImageFormat {
+	if x != nil {
+		return x.Format
+	}
+	return ImageFormat_IMAGE_FORMAT_UNSPECIFIED
+}
+
 // RebaseImageStep moves a qcow2 onto another backing file ("" standalone).
 type RebaseImageStep struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Path          string                 `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
-	NewBacking    string                 `protobuf:"bytes,2,opt,name=new_backing,json=newBacking,proto3" json:"new_backing,omitempty"`
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	Path       string                 `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
+	NewBacking string                 `protobuf:"bytes,2,opt,name=new_backing,json=newBacking,proto3" json:"new_backing,omitempty"`
+	// The format of new_backing (required with it, never probed).
+	BackingFormat ImageFormat `protobuf:"varint,3,opt,name=backing_format,json=backingFormat,proto3,enum=stowage.v1.ImageFormat" json:"backing_format,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1852,6 +1910,13 @@ func (x *RebaseImageStep) GetNewBacking() string {
 	return ""
 }
 
+func (x *RebaseImageStep) GetBackingFormat() ImageFormat {
+	if x != nil {
+		return x.BackingFormat
+	}
+	return ImageFormat_IMAGE_FORMAT_UNSPECIFIED
+}
+
 // BackupImageStep stores an image into a chunk store (drivers.BackupRequest).
 type BackupImageStep struct {
 	state          protoimpl.MessageState `protogen:"open.v1"`
@@ -1860,8 +1925,10 @@ type BackupImageStep struct {
 	Manifest       string                 `protobuf:"bytes,3,opt,name=manifest,proto3" json:"manifest,omitempty"`
 	ParentManifest string                 `protobuf:"bytes,4,opt,name=parent_manifest,json=parentManifest,proto3" json:"parent_manifest,omitempty"`
 	ChunkSize      int64                  `protobuf:"varint,5,opt,name=chunk_size,json=chunkSize,proto3" json:"chunk_size,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// The source's format as the records say (required, never probed).
+	SourceFormat  ImageFormat `protobuf:"varint,6,opt,name=source_format,json=sourceFormat,proto3,enum=stowage.v1.ImageFormat" json:"source_format,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *BackupImageStep) Reset() {
@@ -1927,6 +1994,13 @@ func (x *BackupImageStep) GetChunkSize() int64 {
 		return x.ChunkSize
 	}
 	return 0
+}
+
+func (x *BackupImageStep) GetSourceFormat() ImageFormat {
+	if x != nil {
+		return x.SourceFormat
+	}
+	return ImageFormat_IMAGE_FORMAT_UNSPECIFIED
 }
 
 // RestoreImageStep rebuilds an image from a backup (drivers.RestoreRequest).
@@ -2948,42 +3022,51 @@ const file_stowage_v1_agent_proto_rawDesc = "" +
 	"\x06source\x18\x01 \x01(\tR\x06source\x12\x12\n" +
 	"\x04dest\x18\x02 \x01(\tR\x04dest\x12/\n" +
 	"\x06format\x18\x03 \x01(\x0e2\x17.stowage.v1.ImageFormatR\x06format\x12\x1a\n" +
-	"\bchecksum\x18\x04 \x01(\tR\bchecksum\"\x86\x01\n" +
+	"\bchecksum\x18\x04 \x01(\tR\bchecksum\"\xc4\x01\n" +
 	"\rCopyImageStep\x12\x16\n" +
 	"\x06source\x18\x01 \x01(\tR\x06source\x12\x12\n" +
 	"\x04dest\x18\x02 \x01(\tR\x04dest\x12/\n" +
 	"\x06format\x18\x03 \x01(\x0e2\x17.stowage.v1.ImageFormatR\x06format\x12\x18\n" +
-	"\aflatten\x18\x04 \x01(\bR\aflatten\"\xb3\x01\n" +
+	"\aflatten\x18\x04 \x01(\bR\aflatten\x12<\n" +
+	"\rsource_format\x18\x05 \x01(\x0e2\x17.stowage.v1.ImageFormatR\fsourceFormat\"\xed\x01\n" +
 	"\x0eCloneImageStep\x12\x12\n" +
 	"\x04base\x18\x01 \x01(\tR\x04base\x12\x12\n" +
 	"\x04dest\x18\x02 \x01(\tR\x04dest\x12)\n" +
 	"\x04mode\x18\x03 \x01(\x0e2\x15.stowage.v1.CloneModeR\x04mode\x12/\n" +
 	"\x06format\x18\x04 \x01(\x0e2\x17.stowage.v1.ImageFormatR\x06format\x12\x1d\n" +
 	"\n" +
-	"size_bytes\x18\x05 \x01(\x03R\tsizeBytes\"&\n" +
+	"size_bytes\x18\x05 \x01(\x03R\tsizeBytes\x128\n" +
+	"\vbase_format\x18\x06 \x01(\x0e2\x17.stowage.v1.ImageFormatR\n" +
+	"baseFormat\"W\n" +
 	"\x10InspectImageStep\x12\x12\n" +
-	"\x04path\x18\x01 \x01(\tR\x04path\"D\n" +
+	"\x04path\x18\x01 \x01(\tR\x04path\x12/\n" +
+	"\x06format\x18\x02 \x01(\x0e2\x17.stowage.v1.ImageFormatR\x06format\"u\n" +
 	"\x0fResizeImageStep\x12\x12\n" +
 	"\x04path\x18\x01 \x01(\tR\x04path\x12\x1d\n" +
 	"\n" +
-	"size_bytes\x18\x02 \x01(\x03R\tsizeBytes\"G\n" +
+	"size_bytes\x18\x02 \x01(\x03R\tsizeBytes\x12/\n" +
+	"\x06format\x18\x03 \x01(\x0e2\x17.stowage.v1.ImageFormatR\x06format\"x\n" +
 	"\x11SnapshotImageStep\x12\x16\n" +
 	"\x06volume\x18\x01 \x01(\tR\x06volume\x12\x1a\n" +
-	"\bsnapshot\x18\x02 \x01(\tR\bsnapshot\"E\n" +
+	"\bsnapshot\x18\x02 \x01(\tR\bsnapshot\x12/\n" +
+	"\x06format\x18\x03 \x01(\x0e2\x17.stowage.v1.ImageFormatR\x06format\"v\n" +
 	"\x0fRevertImageStep\x12\x16\n" +
 	"\x06volume\x18\x01 \x01(\tR\x06volume\x12\x1a\n" +
-	"\bsnapshot\x18\x02 \x01(\tR\bsnapshot\"F\n" +
+	"\bsnapshot\x18\x02 \x01(\tR\bsnapshot\x12/\n" +
+	"\x06format\x18\x03 \x01(\x0e2\x17.stowage.v1.ImageFormatR\x06format\"\x86\x01\n" +
 	"\x0fRebaseImageStep\x12\x12\n" +
 	"\x04path\x18\x01 \x01(\tR\x04path\x12\x1f\n" +
 	"\vnew_backing\x18\x02 \x01(\tR\n" +
-	"newBacking\"\xaa\x01\n" +
+	"newBacking\x12>\n" +
+	"\x0ebacking_format\x18\x03 \x01(\x0e2\x17.stowage.v1.ImageFormatR\rbackingFormat\"\xe8\x01\n" +
 	"\x0fBackupImageStep\x12\x16\n" +
 	"\x06source\x18\x01 \x01(\tR\x06source\x12\x1b\n" +
 	"\tchunk_dir\x18\x02 \x01(\tR\bchunkDir\x12\x1a\n" +
 	"\bmanifest\x18\x03 \x01(\tR\bmanifest\x12'\n" +
 	"\x0fparent_manifest\x18\x04 \x01(\tR\x0eparentManifest\x12\x1d\n" +
 	"\n" +
-	"chunk_size\x18\x05 \x01(\x03R\tchunkSize\"\x90\x01\n" +
+	"chunk_size\x18\x05 \x01(\x03R\tchunkSize\x12<\n" +
+	"\rsource_format\x18\x06 \x01(\x0e2\x17.stowage.v1.ImageFormatR\fsourceFormat\"\x90\x01\n" +
 	"\x10RestoreImageStep\x12\x1a\n" +
 	"\bmanifest\x18\x01 \x01(\tR\bmanifest\x12\x1b\n" +
 	"\tchunk_dir\x18\x02 \x01(\tR\bchunkDir\x12\x12\n" +
@@ -3172,34 +3255,42 @@ var file_stowage_v1_agent_proto_depIdxs = []int32{
 	41, // 29: stowage.v1.CreateImageStep.format:type_name -> stowage.v1.ImageFormat
 	41, // 30: stowage.v1.FetchImageStep.format:type_name -> stowage.v1.ImageFormat
 	41, // 31: stowage.v1.CopyImageStep.format:type_name -> stowage.v1.ImageFormat
-	0,  // 32: stowage.v1.CloneImageStep.mode:type_name -> stowage.v1.CloneMode
-	41, // 33: stowage.v1.CloneImageStep.format:type_name -> stowage.v1.ImageFormat
-	41, // 34: stowage.v1.RestoreImageStep.format:type_name -> stowage.v1.ImageFormat
-	41, // 35: stowage.v1.ImageInfo.format:type_name -> stowage.v1.ImageFormat
-	31, // 36: stowage.v1.SnapshotInfo.snapshot:type_name -> stowage.v1.ImageInfo
-	31, // 37: stowage.v1.SnapshotInfo.volume:type_name -> stowage.v1.ImageInfo
-	42, // 38: stowage.v1.FileInfo.modified_at:type_name -> google.protobuf.Timestamp
-	41, // 39: stowage.v1.FileInfo.format:type_name -> stowage.v1.ImageFormat
-	35, // 40: stowage.v1.TaskResult.probe:type_name -> stowage.v1.StoreProbe
-	34, // 41: stowage.v1.TaskResult.file:type_name -> stowage.v1.FileInfo
-	37, // 42: stowage.v1.TaskResult.files:type_name -> stowage.v1.FileList
-	31, // 43: stowage.v1.TaskResult.image:type_name -> stowage.v1.ImageInfo
-	32, // 44: stowage.v1.TaskResult.snapshot:type_name -> stowage.v1.SnapshotInfo
-	33, // 45: stowage.v1.TaskResult.backup:type_name -> stowage.v1.BackupInfo
-	34, // 46: stowage.v1.FileList.files:type_name -> stowage.v1.FileInfo
-	1,  // 47: stowage.v1.AgentControlService.Register:input_type -> stowage.v1.RegisterRequest
-	4,  // 48: stowage.v1.AgentControlService.Heartbeat:input_type -> stowage.v1.HeartbeatRequest
-	6,  // 49: stowage.v1.AgentService.RunTask:input_type -> stowage.v1.RunTaskRequest
-	8,  // 50: stowage.v1.AgentService.GetTask:input_type -> stowage.v1.GetTaskRequest
-	2,  // 51: stowage.v1.AgentControlService.Register:output_type -> stowage.v1.RegisterResponse
-	5,  // 52: stowage.v1.AgentControlService.Heartbeat:output_type -> stowage.v1.HeartbeatResponse
-	7,  // 53: stowage.v1.AgentService.RunTask:output_type -> stowage.v1.RunTaskResponse
-	9,  // 54: stowage.v1.AgentService.GetTask:output_type -> stowage.v1.GetTaskResponse
-	51, // [51:55] is the sub-list for method output_type
-	47, // [47:51] is the sub-list for method input_type
-	47, // [47:47] is the sub-list for extension type_name
-	47, // [47:47] is the sub-list for extension extendee
-	0,  // [0:47] is the sub-list for field type_name
+	41, // 32: stowage.v1.CopyImageStep.source_format:type_name -> stowage.v1.ImageFormat
+	0,  // 33: stowage.v1.CloneImageStep.mode:type_name -> stowage.v1.CloneMode
+	41, // 34: stowage.v1.CloneImageStep.format:type_name -> stowage.v1.ImageFormat
+	41, // 35: stowage.v1.CloneImageStep.base_format:type_name -> stowage.v1.ImageFormat
+	41, // 36: stowage.v1.InspectImageStep.format:type_name -> stowage.v1.ImageFormat
+	41, // 37: stowage.v1.ResizeImageStep.format:type_name -> stowage.v1.ImageFormat
+	41, // 38: stowage.v1.SnapshotImageStep.format:type_name -> stowage.v1.ImageFormat
+	41, // 39: stowage.v1.RevertImageStep.format:type_name -> stowage.v1.ImageFormat
+	41, // 40: stowage.v1.RebaseImageStep.backing_format:type_name -> stowage.v1.ImageFormat
+	41, // 41: stowage.v1.BackupImageStep.source_format:type_name -> stowage.v1.ImageFormat
+	41, // 42: stowage.v1.RestoreImageStep.format:type_name -> stowage.v1.ImageFormat
+	41, // 43: stowage.v1.ImageInfo.format:type_name -> stowage.v1.ImageFormat
+	31, // 44: stowage.v1.SnapshotInfo.snapshot:type_name -> stowage.v1.ImageInfo
+	31, // 45: stowage.v1.SnapshotInfo.volume:type_name -> stowage.v1.ImageInfo
+	42, // 46: stowage.v1.FileInfo.modified_at:type_name -> google.protobuf.Timestamp
+	41, // 47: stowage.v1.FileInfo.format:type_name -> stowage.v1.ImageFormat
+	35, // 48: stowage.v1.TaskResult.probe:type_name -> stowage.v1.StoreProbe
+	34, // 49: stowage.v1.TaskResult.file:type_name -> stowage.v1.FileInfo
+	37, // 50: stowage.v1.TaskResult.files:type_name -> stowage.v1.FileList
+	31, // 51: stowage.v1.TaskResult.image:type_name -> stowage.v1.ImageInfo
+	32, // 52: stowage.v1.TaskResult.snapshot:type_name -> stowage.v1.SnapshotInfo
+	33, // 53: stowage.v1.TaskResult.backup:type_name -> stowage.v1.BackupInfo
+	34, // 54: stowage.v1.FileList.files:type_name -> stowage.v1.FileInfo
+	1,  // 55: stowage.v1.AgentControlService.Register:input_type -> stowage.v1.RegisterRequest
+	4,  // 56: stowage.v1.AgentControlService.Heartbeat:input_type -> stowage.v1.HeartbeatRequest
+	6,  // 57: stowage.v1.AgentService.RunTask:input_type -> stowage.v1.RunTaskRequest
+	8,  // 58: stowage.v1.AgentService.GetTask:input_type -> stowage.v1.GetTaskRequest
+	2,  // 59: stowage.v1.AgentControlService.Register:output_type -> stowage.v1.RegisterResponse
+	5,  // 60: stowage.v1.AgentControlService.Heartbeat:output_type -> stowage.v1.HeartbeatResponse
+	7,  // 61: stowage.v1.AgentService.RunTask:output_type -> stowage.v1.RunTaskResponse
+	9,  // 62: stowage.v1.AgentService.GetTask:output_type -> stowage.v1.GetTaskResponse
+	59, // [59:63] is the sub-list for method output_type
+	55, // [55:59] is the sub-list for method input_type
+	55, // [55:55] is the sub-list for extension type_name
+	55, // [55:55] is the sub-list for extension extendee
+	0,  // [0:55] is the sub-list for field type_name
 }
 
 func init() { file_stowage_v1_agent_proto_init() }
