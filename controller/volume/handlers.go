@@ -198,7 +198,7 @@ func (s *Service) copyTemplate(ctx context.Context, job *stowagev1.Job, rep *job
 			if err != nil {
 				return err
 			}
-			info, err = s.copyBetween(ctx, imgStore, imgRef.GetInstallPath(), st, ref.GetInstallPath(), drivers.CopyRequest{SourceFormat: tfmt}, rep.Bytes)
+			info, err = s.copyBetween(ctx, imgStore, imgRef.GetInstallPath(), st, ref.GetInstallPath(), true, drivers.CopyRequest{SourceFormat: tfmt}, rep.Bytes)
 			return err
 		})
 	}
@@ -232,7 +232,7 @@ func (s *Service) createFromSnapshot(ctx context.Context, job *stowagev1.Job, re
 			if err != nil {
 				return err
 			}
-			*info, err = s.copyBetween(ctx, src, ref.GetInstallPath(), st, v.GetInstallPath(), drivers.CopyRequest{SourceFormat: srcFormat, Format: format, Flatten: true}, rep.Bytes)
+			*info, err = s.copyBetween(ctx, src, ref.GetInstallPath(), st, v.GetInstallPath(), false, drivers.CopyRequest{SourceFormat: srcFormat, Format: format, Flatten: true}, rep.Bytes)
 			return err
 		})
 	}
@@ -450,7 +450,7 @@ func (h migrateHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.R
 	if v.GetState() == stowagev1.VolumeState_VOLUME_STATE_MIGRATING {
 		var info drivers.ImageInfo
 		if err := jobs.RunStep(ctx, job, rep, "copy", func(ctx context.Context) error {
-			info, err = s.copyBetween(ctx, src, srcPath, dst, v.GetInstallPath(), drivers.CopyRequest{SourceFormat: format, Format: format, Flatten: true}, rep.Bytes)
+			info, err = s.copyBetween(ctx, src, srcPath, dst, v.GetInstallPath(), standalone(v), drivers.CopyRequest{SourceFormat: format, Format: format, Flatten: true}, rep.Bytes)
 			return err
 		}); err != nil {
 			return err

@@ -133,6 +133,16 @@ func busy(v *stowagev1.Volume, err error) error {
 	return err
 }
 
+// allows refuses, before any planning, an event the volume's state does not
+// allow: ErrAborted while another job works on it, ErrFailedPrecondition
+// otherwise.
+func (s *Service) allows(v *stowagev1.Volume, event meta.VolumeEvent) error {
+	if _, ok := s.db.Volumes().Machine().Next(v.GetState(), event); ok {
+		return nil
+	}
+	return busy(v, fmt.Errorf("volume %s is %s; %s is not possible now: %w", v.GetName(), meta.VolumeStateName(v.GetState()), event, errdefs.ErrFailedPrecondition))
+}
+
 func checkSize(size int64, what string) error {
 	if size <= 0 {
 		return fmt.Errorf("%s size %d: a volume needs a positive size, e.g. --size 10G: %w", what, size, errdefs.ErrInvalid)
@@ -295,11 +305,12 @@ func (p *planner) fromTemplate(ctx context.Context, req *stowagev1.CreateVolumeR
 		p.step("cache-template", "", "wait for the copy already under way, or redo it if it failed")
 	case errdefs.IsNotFound(err):
 		p.newRef = &stowagev1.TemplateOnStore{Id: meta.NewID(), TemplateId: tmpl.GetId(), StoreId: st.GetId(), InstallPath: image.InstallPath(tmpl)}
-		reason, host, err := p.s.copyPlan(ctx, imgStore, st)
+		reasons, host, err := p.s.copyPlan(ctx, imgStore, st, true)
 		if err != nil {
 			return err
 		}
-		p.step("cache-template", host, fmt.Sprintf("copy template %s once from image store %s to primary store %s (template_spool_ref); %s", tmpl.GetName(), imgStore.GetName(), st.GetName(), reason))
+		p.plan.Reasons = append(p.plan.Reasons, reasons...)
+		p.step("cache-template", host, fmt.Sprintf("copy template %s once from image store %s to primary store %s (template_spool_ref); %s", tmpl.GetName(), imgStore.GetName(), st.GetName(), reasons[0]))
 	default:
 		return err
 	}
@@ -323,28 +334,39 @@ func (p *planner) fromTemplate(ctx context.Context, req *stowagev1.CreateVolumeR
 	return nil
 }
 
-// copyPlan says how bytes go from store a to store b: one host that reaches
-// both (HIGHEST), or agent to agent (DEFAULT).
-func (s *Service) copyPlan(ctx context.Context, a, b *stowagev1.DataStore) (reason, host string, err error) {
-	if ch, err := s.sel.Select(ctx, "", datastore.Scope(a), datastore.Scope(b)); err == nil {
-		return "data motion same-host (HIGHEST): " + ch.Reason + " reaches both stores", ch.HostID, nil
-	}
-	src, err := s.sel.Select(ctx, "", datastore.Scope(a))
+// copyPlan asks the data motion strategies how bytes go from store a to
+// store b, and returns the winner's reasons and the host that writes.
+func (s *Service) copyPlan(ctx context.Context, a, b *stowagev1.DataStore, standalone bool) (reasons []string, host string, err error) {
+	d, err := motion.PickMotion(ctx, motion.MotionRequest{From: datastore.Scope(a), To: datastore.Scope(b), Standalone: standalone}, s.sel)
 	if err != nil {
-		return "", "", err
+		return d.Reasons, "", err
 	}
-	dst, err := s.sel.Select(ctx, "", datastore.Scope(b))
+	scopes := []drivers.Scope{datastore.Scope(b)}
+	if d.Strategy.Name() == motion.SameHost {
+		scopes = append(scopes, datastore.Scope(a))
+	}
+	ch, err := s.sel.Select(ctx, "", scopes...)
 	if err != nil {
-		return "", "", err
+		return d.Reasons, "", err
 	}
-	return fmt.Sprintf("data motion agent-to-agent (DEFAULT): no host reaches both; %s exports, %s pulls", src.HostID, dst.HostID), dst.HostID, nil
+	return append([]string{fmt.Sprintf("data motion %s (%s) wins", d.Strategy.Name(), d.Priority)}, d.Reasons...), ch.HostID, nil
 }
 
-// copyBetween copies srcRel on store a to dstRel on store b, on one host
-// that reaches both, or agent to agent through an export of the source.
-func (s *Service) copyBetween(ctx context.Context, a *stowagev1.DataStore, srcRel string, b *stowagev1.DataStore, dstRel string, req drivers.CopyRequest, progress drivers.Progress) (drivers.ImageInfo, error) {
+// copyBetween copies srcRel on store a to dstRel on store b by the data
+// motion strategy that wins now: on one host that reaches both, or agent to
+// agent through a read-only export of the source.
+// standalone says the source is one self-contained file (see MotionRequest).
+func (s *Service) copyBetween(ctx context.Context, a *stowagev1.DataStore, srcRel string, b *stowagev1.DataStore, dstRel string, standalone bool, req drivers.CopyRequest, progress drivers.Progress) (drivers.ImageInfo, error) {
 	req.Dest = datastore.Path(b, dstRel)
-	if ch, err := s.sel.Select(ctx, "", datastore.Scope(a), datastore.Scope(b)); err == nil {
+	d, err := motion.PickMotion(ctx, motion.MotionRequest{From: datastore.Scope(a), To: datastore.Scope(b), Standalone: standalone}, s.sel)
+	if err != nil {
+		return drivers.ImageInfo{}, err
+	}
+	if d.Strategy.Name() == motion.SameHost {
+		ch, err := s.sel.Select(ctx, "", datastore.Scope(a), datastore.Scope(b))
+		if err != nil {
+			return drivers.ImageInfo{}, err
+		}
 		req.Source = datastore.Path(a, srcRel)
 		return ch.Endpoint.CopyImage(ctx, req, progress)
 	}
@@ -405,15 +427,16 @@ func (p *planner) fromSnapshot(ctx context.Context, req *stowagev1.CreateVolumeR
 		if err != nil {
 			return err
 		}
-		reason, host, err := p.s.copyPlan(ctx, src, st)
+		reasons, host, err := p.s.copyPlan(ctx, src, st, false)
 		if err != nil {
 			return err
 		}
+		p.plan.Reasons = append(p.plan.Reasons, reasons...)
 		p.plan.Strategy, p.plan.Priority = "copy-from-primary-snapshot", motion.Hypervisor.String()
 		p.params["source_ref"] = onPrimary.GetId()
 		vol.InstallMethod = "full"
 		p.plan.Reasons = append(p.plan.Reasons, "the snapshot is on primary store "+src.GetName()+": no need to read the backup")
-		p.step("copy", host, "flatten the snapshot's chain into a standalone volume; "+reason)
+		p.step("copy", host, "flatten the snapshot's chain into a standalone volume; "+reasons[0])
 		return nil
 	}
 	img, err := p.s.db.Stores().Get(ctx, backup.GetStoreId())
@@ -458,6 +481,11 @@ func (s *Service) Delete(ctx context.Context, idOrName string, dryRun bool) (*st
 	if err != nil {
 		return nil, err
 	}
+	if v.GetState() != stowagev1.VolumeState_VOLUME_STATE_DESTROY {
+		if err := s.allows(v, meta.VolumeDestroyRequested); err != nil {
+			return nil, err
+		}
+	}
 	st, err := s.db.Stores().Get(ctx, v.GetStoreId())
 	if err != nil {
 		return nil, err
@@ -468,9 +496,6 @@ func (s *Service) Delete(ctx context.Context, idOrName string, dryRun bool) (*st
 		return nil, err
 	}
 	plan.Steps = append(plan.Steps, &stowagev1.PlanStep{Name: "expunge", HostId: ch.HostID, Reason: "remove " + v.GetInstallPath() + " and the volume's snapshots on primary; " + ch.Reason})
-	if _, ok := s.db.Volumes().Machine().Next(v.GetState(), meta.VolumeDestroyRequested); !ok && v.GetState() != stowagev1.VolumeState_VOLUME_STATE_DESTROY {
-		return nil, busy(v, fmt.Errorf("volume %s is %s: %w", v.GetName(), meta.VolumeStateName(v.GetState()), errdefs.ErrFailedPrecondition))
-	}
 	if dryRun {
 		return &stowagev1.DeleteVolumeResponse{Plan: plan}, nil
 	}
@@ -498,6 +523,9 @@ func (s *Service) Resize(ctx context.Context, idOrName string, size int64, dryRu
 		return nil, err
 	}
 	if err := checkSize(size, "new"); err != nil {
+		return nil, err
+	}
+	if err := s.allows(v, meta.VolumeResizeRequested); err != nil {
 		return nil, err
 	}
 	if size < v.GetSize() {
@@ -537,6 +565,9 @@ func (s *Service) Migrate(ctx context.Context, idOrName, storeID string, dryRun 
 	if err != nil {
 		return nil, err
 	}
+	if err := s.allows(v, meta.VolumeMigrationRequested); err != nil {
+		return nil, err
+	}
 	src, err := s.db.Stores().Get(ctx, v.GetStoreId())
 	if err != nil {
 		return nil, err
@@ -556,20 +587,20 @@ func (s *Service) Migrate(ctx context.Context, idOrName, storeID string, dryRun 
 		return nil, fmt.Errorf("volume %s has %d snapshots on primary store %s; back them up and delete them first (their backups stay usable): %w",
 			v.GetName(), len(snaps), src.GetName(), errdefs.ErrFailedPrecondition)
 	}
-	reason, host, err := s.copyPlan(ctx, src, dst)
+	reasons, host, err := s.copyPlan(ctx, src, dst, standalone(v))
 	if err != nil {
-		return nil, err
-	}
-	plan := &stowagev1.Plan{Strategy: "migrate", Priority: motion.Default.String(), Reasons: []string{
-		"a direct copy between primary stores, never through an image store", reason}}
-	if strings.Contains(reason, "same-host") {
-		plan.Strategy, plan.Priority = "migrate-same-host", motion.Highest.String()
-	} else {
-		plan.Strategy = "migrate-agent-to-agent"
 		if v.GetBaseRefId() != "" {
 			return nil, fmt.Errorf("volume %s is a linked clone and no host reaches both stores; an HTTP export carries the overlay without its backing file (flattening across hosts needs the NBD export): %w",
 				v.GetName(), errdefs.ErrFailedPrecondition)
 		}
+		return nil, err
+	}
+	plan := &stowagev1.Plan{Strategy: "migrate", Priority: motion.Default.String(), Reasons: append([]string{
+		"a direct copy between primary stores, never through an image store"}, reasons...)}
+	if strings.Contains(reasons[0], motion.SameHost) {
+		plan.Strategy, plan.Priority = "migrate-same-host", motion.Highest.String()
+	} else {
+		plan.Strategy = "migrate-agent-to-agent"
 	}
 	plan.Steps = []*stowagev1.PlanStep{
 		{Name: "copy", HostId: host, Reason: "copy (flattened) " + v.GetInstallPath() + " to store " + dst.GetName()},
@@ -591,6 +622,12 @@ func (s *Service) Migrate(ctx context.Context, idOrName, storeID string, dryRun 
 	}
 	v, _ = s.db.Volumes().Get(ctx, v.GetId())
 	return &stowagev1.MigrateVolumeResponse{Volume: v, Job: job, Plan: plan}, nil
+}
+
+// standalone says v is one self-contained file: no template or snapshot
+// file under it.
+func standalone(v *stowagev1.Volume) bool {
+	return v.GetBaseRefId() == "" && v.GetHeadSnapshotRefId() == ""
 }
 
 func (s *Service) primarySnapshots(ctx context.Context, v *stowagev1.Volume) ([]*stowagev1.SnapshotOnStore, error) {
