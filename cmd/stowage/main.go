@@ -28,6 +28,7 @@ import (
 var version = "dev"
 
 func main() {
+	registerDataSchemes()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	err := newRootCmd().ExecuteContext(ctx)
 	stop()
@@ -66,6 +67,7 @@ func newRootCmd() *cobra.Command {
 		newJobCmd(),
 		newCopyCmd(),
 		newVerifyCmd(),
+		newNBDCmd(),
 	)
 	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error {
 		return usageError{fmt.Errorf("%w (see '%s --help')", err, c.CommandPath())}
