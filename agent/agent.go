@@ -6,7 +6,11 @@
 // through a journal keyed by task id, so a step the controller retries
 // runs once. Long steps report progress through GetTask while RunTask
 // blocks. The same listener serves the read-only file exports other agents
-// copy from (agent/exports, under /exports/).
+// copy from (agent/exports, under /exports/). With WithNBD it serves NBD
+// on its own listener (Config.NBDListen, :10809 by default in cmd/stowage):
+// images exported under unguessable names (agent/nbdexports) for hosts
+// that cannot open a volume's file directly. Exports of both kinds live in
+// memory; an agent restart ends them and the controller grants again.
 //
 // The agent decides nothing about placement; it owns host state and reports it.
 package agent
@@ -18,6 +22,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/url"
 	"sync"
 	"time"
 
@@ -26,6 +31,7 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/stowage/stowage/agent/exports"
+	"github.com/stowage/stowage/agent/nbdexports"
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
 	"github.com/stowage/stowage/errdefs/errconnect"
@@ -40,12 +46,17 @@ type Config struct {
 	Hostname      string
 	Listen        string // AgentService address, e.g. ":8471"
 	AdvertiseURL  string // how the controller reaches AgentService; derived from Listen if empty
-	NBDAddress    string
-	IQN           string
-	Zone          string
-	Cluster       string
-	StateDir      string
-	Version       string
+	// NBDListen is the address of the NBD server ("" serves no NBD).
+	NBDListen string
+	// NBDAddress is the host:port other hosts reach the NBD server at,
+	// reported to the controller and used in nbd:// URIs; derived from
+	// NBDListen's port and the advertise URL's host if empty.
+	NBDAddress string
+	IQN        string
+	Zone       string
+	Cluster    string
+	StateDir   string
+	Version    string
 }
 
 // Agent is one running agent.
@@ -55,6 +66,7 @@ type Agent struct {
 	local   drivers.Endpoint
 	svc     *service
 	exports *exports.Server
+	nbd     *nbdexports.Server
 	control stowagev1connect.AgentControlServiceClient
 	session string
 	stop    context.CancelFunc // cancels every running task
@@ -73,6 +85,11 @@ type Option func(*Agent)
 // listener and announces them under the agent's advertise URL. Give the
 // same x to the local endpoint (hostfs.WithExporter) that makes them.
 func WithExports(x *exports.Server) Option { return func(a *Agent) { a.exports = x } }
+
+// WithNBD serves x's exports on Config.NBDListen while Run runs and
+// announces them under Config.NBDAddress (or the address derived from the
+// listener). Give the same x to the local endpoint (hostfs.WithNBDExporter).
+func WithNBD(x *nbdexports.Server) Option { return func(a *Agent) { a.nbd = x } }
 
 // WithTaskGrace sets how long a task keeps running after its last caller
 // went away (default 2 minutes): long enough for a controller restart to
@@ -154,6 +171,27 @@ func (a *Agent) Run(ctx context.Context) error {
 	if a.exports != nil {
 		a.exports.SetBaseURL(a.cfg.AdvertiseURL)
 	}
+	nbdErr := make(chan error, 1)
+	if a.nbd != nil && a.cfg.NBDListen != "" {
+		nl, err := net.Listen("tcp", a.cfg.NBDListen)
+		if err != nil {
+			ln.Close()
+			return fmt.Errorf("agent: NBD listen %s (--nbd-listen; \"\" serves no NBD): %w", a.cfg.NBDListen, err)
+		}
+		a.mu.Lock()
+		if a.cfg.NBDAddress == "" {
+			a.cfg.NBDAddress = nbdAddress(a.cfg.AdvertiseURL, nl.Addr())
+		}
+		a.mu.Unlock()
+		a.nbd.SetAddress(a.NBDAddress())
+		nbdCtx, stopNBD := context.WithCancel(ctx)
+		defer func() {
+			stopNBD()
+			_ = a.nbd.Close()
+		}()
+		go func() { nbdErr <- a.nbd.Serve(nbdCtx, nl) }()
+		a.log.Info("NBD server listening", "addr", nl.Addr().String(), "advertise", a.NBDAddress())
+	}
 	var protocols http.Protocols
 	protocols.SetHTTP1(true)
 	protocols.SetUnencryptedHTTP2(true)
@@ -168,6 +206,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	select {
 	case err = <-serveErr:
 	case err = <-loopErr:
+	case err = <-nbdErr:
 	case <-ctx.Done():
 	}
 	shutdown, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -177,6 +216,27 @@ func (a *Agent) Run(ctx context.Context) error {
 		return err
 	}
 	return nil
+}
+
+// NBDAddress is the host:port of the agent's NBD server as reported to the
+// controller ("" when it serves none or Run has not started it yet).
+func (a *Agent) NBDAddress() string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.cfg.NBDAddress
+}
+
+// nbdAddress is the host of the advertise URL (how other hosts reach this
+// agent) with the NBD listener's port.
+func nbdAddress(advertise string, addr net.Addr) string {
+	_, port, err := net.SplitHostPort(addr.String())
+	if err != nil {
+		return addr.String()
+	}
+	if u, err := url.Parse(advertise); err == nil && u.Hostname() != "" {
+		return net.JoinHostPort(u.Hostname(), port)
+	}
+	return net.JoinHostPort("127.0.0.1", port)
 }
 
 func advertiseURL(addr net.Addr) string {
@@ -267,7 +327,7 @@ func (a *Agent) register(ctx context.Context) error {
 		HostId:       a.cfg.HostID,
 		Hostname:     a.cfg.Hostname,
 		AgentUrl:     a.cfg.AdvertiseURL,
-		NbdAddress:   a.cfg.NBDAddress,
+		NbdAddress:   a.NBDAddress(),
 		Iqn:          a.cfg.IQN,
 		Zone:         a.cfg.Zone,
 		Cluster:      a.cfg.Cluster,

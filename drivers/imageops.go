@@ -103,6 +103,26 @@ type ImageOps interface {
 	Export(ctx context.Context, path string) (URI, error)
 	// Unexport ends an export; an unknown one is not an error.
 	Unexport(ctx context.Context, uri URI) error
+	// ExportNBD serves the image at req.Path (a file of a store on this
+	// host) over NBD from the agent under an unguessable export name (128
+	// random bits, hex) and returns its nbd://host:port/name URI, until
+	// UnexportNBD. Only raw images are served for now; a qcow2 is
+	// errdefs.ErrNotImplemented (it needs a qcow2 backend). A hypervisor
+	// that cannot open the file directly attaches the volume through it.
+	ExportNBD(ctx context.Context, req NBDExportRequest) (URI, error)
+	// UnexportNBD removes the export at uri and closes its connections; an
+	// unknown export is not an error.
+	UnexportNBD(ctx context.Context, uri URI) error
+}
+
+// NBDExportRequest asks an agent to serve an image over NBD.
+type NBDExportRequest struct {
+	Path string
+	// Format is the image's format as the records say (required; only
+	// FormatRaw is served for now).
+	Format Format
+	// ReadOnly refuses writes, trims and zeroes.
+	ReadOnly bool
 }
 
 // ImageInfo is what qemu-img says of an image, plus what the step measured.

@@ -2,7 +2,10 @@ package hostfs
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
@@ -52,6 +55,93 @@ func (l *Local) Unexport(ctx context.Context, uri drivers.URI) error {
 	}
 	if err := l.exporter.Unexport(string(uri)); err != nil {
 		return fmt.Errorf("unexport %s on host %s: %w", uri, l.hostID, err)
+	}
+	return nil
+}
+
+// NBDExporter serves files of this host over NBD under unguessable names;
+// agent/nbdexports.Server is the agent's.
+type NBDExporter interface {
+	// Export serves the file at path (on this machine) under a new name and
+	// returns its nbd:// URI.
+	Export(path string, readOnly bool) (string, error)
+	// Unexport removes an export and closes its connections; an unknown one
+	// is not an error.
+	Unexport(uri string) error
+}
+
+// WithNBDExporter makes ExportNBD and UnexportNBD work through x; without
+// it they are errdefs.ErrNotImplemented.
+func WithNBDExporter(x NBDExporter) Option { return func(l *Local) { l.nbd = x } }
+
+// ExportNBD serves the raw image at req.Path over NBD until UnexportNBD and
+// returns its nbd:// URI. The path must be a regular file (not a symbolic
+// link) inside a store of this host, and not its marker; every call makes a
+// new export name.
+func (l *Local) ExportNBD(ctx context.Context, req drivers.NBDExportRequest) (drivers.URI, error) {
+	fail := func(err error) (drivers.URI, error) {
+		return "", fmt.Errorf("nbd export %s on host %s: %w", req.Path, l.hostID, err)
+	}
+	if l.nbd == nil {
+		return fail(fmt.Errorf("this agent serves no NBD exports: %w", errdefs.ErrNotImplemented))
+	}
+	switch req.Format {
+	case drivers.FormatRaw:
+	case drivers.FormatQCOW2:
+		return fail(fmt.Errorf("qcow2 images are not served over NBD yet (needs the qcow2 backend): %w", errdefs.ErrNotImplemented))
+	case "":
+		return fail(fmt.Errorf("no declared format: %w", errdefs.ErrInvalid))
+	default:
+		return fail(fmt.Errorf("format %q is not served over NBD: %w", req.Format, errdefs.ErrInvalid))
+	}
+	host, err := l.existingPath(req.Path)
+	if err == nil {
+		err = ctx.Err()
+	}
+	if err != nil {
+		return fail(err)
+	}
+	if filepath.Base(host) == MarkerFile || isTemp(filepath.Base(host)) {
+		return fail(fmt.Errorf("not an image: %w", errdefs.ErrInvalid))
+	}
+	store, ok := l.storeOf(host)
+	if !ok {
+		return fail(fmt.Errorf("not inside a store (no %s above it): %w", MarkerFile, errdefs.ErrInvalid))
+	}
+	fi, err := os.Lstat(host)
+	if err != nil {
+		return fail(classed(err))
+	}
+	if !fi.Mode().IsRegular() {
+		return fail(fmt.Errorf("not a regular file: %w", errdefs.ErrInvalid))
+	}
+	// No symbolic link on the way may lead out of the store.
+	realStore, err1 := filepath.EvalSymlinks(store)
+	realPath, err2 := filepath.EvalSymlinks(host)
+	if err := errors.Join(err1, err2); err != nil {
+		return fail(classed(err))
+	}
+	if !within(realPath, realStore) {
+		return fail(fmt.Errorf("resolves to %s, outside its store: %w", l.callerPath(realPath), errdefs.ErrInvalid))
+	}
+	u, err := l.nbd.Export(realPath, req.ReadOnly)
+	if err != nil {
+		return fail(err)
+	}
+	return drivers.URI(u), nil
+}
+
+// UnexportNBD removes the NBD export at uri and closes its connections; an
+// unknown export is not an error.
+func (l *Local) UnexportNBD(ctx context.Context, uri drivers.URI) error {
+	if l.nbd == nil {
+		return fmt.Errorf("nbd unexport %s on host %s: this agent serves no NBD exports: %w", uri, l.hostID, errdefs.ErrNotImplemented)
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if err := l.nbd.Unexport(string(uri)); err != nil {
+		return fmt.Errorf("nbd unexport %s on host %s: %w", uri, l.hostID, err)
 	}
 	return nil
 }

@@ -92,6 +92,7 @@ type Local struct {
 
 	locks    keyedLocks // per object path, for the image steps
 	exporter Exporter
+	nbd      NBDExporter
 }
 
 var (

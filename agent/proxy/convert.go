@@ -249,6 +249,17 @@ func Execute(ctx context.Context, ep drivers.Endpoint, task *stowagev1.Task, pro
 		if err := ep.Unexport(ctx, drivers.URI(s.Unexport.GetUri())); err != nil {
 			return nil, err
 		}
+	case *stowagev1.Task_ExportNbd:
+		r := s.ExportNbd
+		u, err := ep.ExportNBD(ctx, drivers.NBDExportRequest{Path: r.GetPath(), Format: FormatFromProto(r.GetFormat()), ReadOnly: r.GetReadOnly()})
+		if err != nil {
+			return nil, err
+		}
+		res.Result = &stowagev1.TaskResult_Uri{Uri: string(u)}
+	case *stowagev1.Task_UnexportNbd:
+		if err := ep.UnexportNBD(ctx, drivers.URI(s.UnexportNbd.GetUri())); err != nil {
+			return nil, err
+		}
 	default:
 		return nil, fmt.Errorf("task %s: unknown step %T: %w", task.GetId(), s, errdefs.ErrNotImplemented)
 	}

@@ -385,3 +385,20 @@ func (e *Endpoint) Unexport(ctx context.Context, uri drivers.URI) error {
 	_, err := e.run(ctx, &stowagev1.Task{Step: &stowagev1.Task_Unexport{Unexport: &stowagev1.UnexportStep{Uri: string(uri)}}}, nil)
 	return err
 }
+
+// ExportNBD implements drivers.ImageOps.
+func (e *Endpoint) ExportNBD(ctx context.Context, req drivers.NBDExportRequest) (drivers.URI, error) {
+	res, err := e.run(ctx, &stowagev1.Task{Step: &stowagev1.Task_ExportNbd{ExportNbd: &stowagev1.ExportNbdStep{
+		Path: req.Path, Format: FormatToProto(req.Format), ReadOnly: req.ReadOnly,
+	}}}, nil)
+	if err != nil {
+		return "", err
+	}
+	return drivers.URI(res.GetUri()), nil
+}
+
+// UnexportNBD implements drivers.ImageOps.
+func (e *Endpoint) UnexportNBD(ctx context.Context, uri drivers.URI) error {
+	_, err := e.run(ctx, &stowagev1.Task{Step: &stowagev1.Task_UnexportNbd{UnexportNbd: &stowagev1.UnexportNbdStep{Uri: string(uri)}}}, nil)
+	return err
+}

@@ -10,6 +10,7 @@ import (
 	"github.com/stowage/stowage/agent"
 	"github.com/stowage/stowage/agent/exports"
 	"github.com/stowage/stowage/agent/hostfs"
+	"github.com/stowage/stowage/agent/nbdexports"
 )
 
 func agentFlags(cmd *cobra.Command, cfg *agent.Config, defaultStateDir string) {
@@ -19,7 +20,8 @@ func agentFlags(cmd *cobra.Command, cfg *agent.Config, defaultStateDir string) {
 	f.StringVar(&cfg.HostID, "host-id", hostname, "this host's id (stable across restarts)")
 	f.StringVar(&cfg.Listen, "listen", ":8471", "address of the agent's RPC service")
 	f.StringVar(&cfg.AdvertiseURL, "advertise-url", "", "URL the controller uses to reach this agent (default: derived from --listen)")
-	f.StringVar(&cfg.NBDAddress, "nbd-address", "", "address of this host's NBD exports, reported to the controller")
+	f.StringVar(&cfg.NBDListen, "nbd-listen", ":10809", `address of the agent's NBD server for volumes granted to hosts outside their store's scope ("" serves no NBD)`)
+	f.StringVar(&cfg.NBDAddress, "nbd-address", "", "host:port other hosts reach the NBD server at, reported to the controller (default: the advertise URL's host and --nbd-listen's port)")
 	f.StringVar(&cfg.Zone, "zone", "default", "zone of this host")
 	f.StringVar(&cfg.Cluster, "cluster", "default", "cluster of this host")
 	f.StringVar(&cfg.StateDir, "state-dir", defaultStateDir, "directory for the agent's journal and state")
@@ -62,5 +64,9 @@ func newAgent(cfg agent.Config, log *slog.Logger) (*agent.Agent, error) {
 	// One exporter serves the agent's read-only file exports (agent-to-agent
 	// copies) on its listener; the local endpoint creates them.
 	x := exports.New()
-	return agent.New(cfg, hostfs.New(cfg.HostID, hostfs.WithExporter(x)), log, agent.WithExports(x))
+	// One NBD server serves the images granted to hosts that cannot open
+	// their files (outside the store's scope) on --nbd-listen.
+	n := nbdexports.New(log.With("component", "nbd"))
+	return agent.New(cfg, hostfs.New(cfg.HostID, hostfs.WithExporter(x), hostfs.WithNBDExporter(n)), log,
+		agent.WithExports(x), agent.WithNBD(n))
 }

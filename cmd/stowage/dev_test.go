@@ -22,7 +22,7 @@ func TestDevCommand(t *testing.T) {
 	addr := freePort(t)
 	server := "http://" + addr
 	start := func() *proc {
-		p := startProc(t, "dev", "dev", "--data", data, "--listen", addr, "--agent-listen", freePort(t))
+		p := startProc(t, "dev", "dev", "--data", data, "--listen", addr, "--agent-listen", freePort(t), "--nbd-listen", "127.0.0.1:0")
 		waitFor(t, "dev banner", 30*time.Second, func() bool { return strings.Contains(p.log.String(), "Stowage dev is running") })
 		return p
 	}
@@ -67,7 +67,7 @@ func TestAgentNotifiesSystemd(t *testing.T) {
 	addr := freePort(t)
 	server := "http://" + addr
 	controllerProc(t, addr, filepath.Join(dir, "ctl"))
-	cmd := exec.Command(stowageBin, "agent", "--controller", server, "--host-id", "n1", "--listen", freePort(t), "--state-dir", filepath.Join(dir, "a"))
+	cmd := exec.Command(stowageBin, "agent", "--controller", server, "--host-id", "n1", "--listen", freePort(t), "--nbd-listen", "127.0.0.1:0", "--state-dir", filepath.Join(dir, "a"))
 	cmd.Env = append(cmd.Environ(), "NOTIFY_SOCKET="+sock)
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)

@@ -217,7 +217,7 @@ func controllerProc(t *testing.T, addr, dataDir string) *proc {
 
 func agentProc(t *testing.T, server, id, zone, cluster, stateDir string) *proc {
 	p := startProc(t, "agent "+id, "agent", "--controller", server, "--host-id", id,
-		"--listen", freePort(t), "--zone", zone, "--cluster", cluster, "--state-dir", stateDir, "--log-level", "info")
+		"--listen", freePort(t), "--nbd-listen", "127.0.0.1:0", "--zone", zone, "--cluster", cluster, "--state-dir", stateDir, "--log-level", "info")
 	agentProcs.Store(id, p)
 	return p
 }

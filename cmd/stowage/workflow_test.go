@@ -348,6 +348,38 @@ func TestWorkflowsEndToEnd(t *testing.T) {
 		t.Fatal(err)
 	}
 	mustSucceed(t, a, rv1.Msg.GetJob())
+	// Granted to h2, outside p1's scope, the volume is served over NBD by
+	// h1's agent; to h1 it is its file. Revoking ends the export.
+	grant := func(host string) string {
+		t.Helper()
+		g, err := a.volumes.GrantAccess(ctx, connect.NewRequest(&stowagev1.GrantAccessRequest{Id: rv1.Msg.GetVolume().GetId(), HostId: host}))
+		if err != nil {
+			t.Fatalf("grant %s: %v", host, err)
+		}
+		return g.Msg.GetUri()
+	}
+	nbdURI := grant("h2")
+	if !strings.HasPrefix(nbdURI, "nbd://127.0.0.1:") {
+		t.Fatalf("grant to h2: %q, want nbd://", nbdURI)
+	}
+	run(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", rawT, nbdURI)
+	if u := grant("h1"); !strings.HasPrefix(u, "file://") {
+		t.Errorf("grant to h1: %q, want file://", u)
+	}
+	gv, _ := a.volumes.GetVolume(ctx, connect.NewRequest(&stowagev1.GetVolumeRequest{Id: rv1.Msg.GetVolume().GetId()}))
+	if gv.Msg.GetVolume().GetNbdExportUri() != nbdURI || gv.Msg.GetVolume().GetAttachedHostId() != "h2" {
+		t.Errorf("volume after grants: attached %q, nbd %q", gv.Msg.GetVolume().GetAttachedHostId(), gv.Msg.GetVolume().GetNbdExportUri())
+	}
+	if _, err := a.volumes.RevokeAccess(ctx, connect.NewRequest(&stowagev1.RevokeAccessRequest{Id: rv1.Msg.GetVolume().GetId(), HostId: "h2"})); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("qemu-img", "info", "-f", "raw", nbdURI).CombinedOutput(); err == nil {
+		t.Errorf("the NBD export outlived its revocation: %s", out)
+	}
+	gv, _ = a.volumes.GetVolume(ctx, connect.NewRequest(&stowagev1.GetVolumeRequest{Id: rv1.Msg.GetVolume().GetId()}))
+	if gv.Msg.GetVolume().GetNbdExportUri() != "" {
+		t.Errorf("revoked volume still records %q", gv.Msg.GetVolume().GetNbdExportUri())
+	}
 	mg, err := a.volumes.MigrateVolume(ctx, connect.NewRequest(&stowagev1.MigrateVolumeRequest{Id: rv1.Msg.GetVolume().GetId(), StoreId: p2.GetId()}))
 	if err != nil {
 		t.Fatal(err)

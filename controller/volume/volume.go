@@ -650,7 +650,10 @@ func (s *Service) primarySnapshots(ctx context.Context, v *stowagev1.Volume) ([]
 	return out, nil
 }
 
-// GrantAccess returns a URI host can open the volume with.
+// GrantAccess returns a URI host can open the volume with: the store
+// provider's (file://) when the host is in the store's scope and the
+// provider grants it, else an nbd:// export served by an agent that
+// reaches the store (access.go).
 func (s *Service) GrantAccess(ctx context.Context, idOrName, hostID string) (string, error) {
 	v, obj, p, err := s.object(ctx, idOrName)
 	if err != nil {
@@ -659,18 +662,37 @@ func (s *Service) GrantAccess(ctx context.Context, idOrName, hostID string) (str
 	if v.GetState() != stowagev1.VolumeState_VOLUME_STATE_READY {
 		return "", busy(v, fmt.Errorf("volume %s is %s: %w", v.GetName(), meta.VolumeStateName(v.GetState()), errdefs.ErrFailedPrecondition))
 	}
-	uri, err := p.Driver().GrantAccess(ctx, obj, drivers.Client{HostID: hostID})
+	if hostID == "" {
+		return "", fmt.Errorf("grant access to volume %s: no host: %w", v.GetName(), errdefs.ErrInvalid)
+	}
+	in, err := s.hostInScope(ctx, obj, hostID)
 	if err != nil {
 		return "", fmt.Errorf("grant host %s access to volume %s: %w", hostID, v.GetName(), err)
 	}
-	_, _ = s.db.Volumes().Update(ctx, v.GetId(), 0, func(v *stowagev1.Volume) error {
-		v.AttachedHostId = hostID
-		return nil
-	})
-	return string(uri), nil
+	if in {
+		uri, err := p.Driver().GrantAccess(ctx, obj, drivers.Client{HostID: hostID})
+		if err == nil {
+			_, _ = s.db.Volumes().Update(ctx, v.GetId(), 0, func(v *stowagev1.Volume) error {
+				if v.NbdExportUri == "" || v.AttachedHostId == hostID { // an NBD grant stays recorded for its host
+					v.AttachedHostId = hostID
+				}
+				return nil
+			})
+			return string(uri), nil
+		}
+		if !errors.Is(err, errdefs.ErrFailedPrecondition) { // "not reachable from host" falls back to NBD
+			return "", fmt.Errorf("grant host %s access to volume %s: %w", hostID, v.GetName(), err)
+		}
+	}
+	uri, err := s.grantNBD(ctx, v, obj, hostID)
+	if err != nil {
+		return "", fmt.Errorf("grant host %s access to volume %s: %w", hostID, v.GetName(), err)
+	}
+	return uri, nil
 }
 
-// RevokeAccess withdraws a host's access.
+// RevokeAccess withdraws a host's access; an NBD export granted to it is
+// removed (its connections closed) before the record forgets it.
 func (s *Service) RevokeAccess(ctx context.Context, idOrName, hostID string) error {
 	v, obj, p, err := s.object(ctx, idOrName)
 	if err != nil {
@@ -679,9 +701,18 @@ func (s *Service) RevokeAccess(ctx context.Context, idOrName, hostID string) err
 	if err := p.Driver().RevokeAccess(ctx, obj, drivers.Client{HostID: hostID}); err != nil {
 		return err
 	}
+	uri := v.GetNbdExportUri()
+	if uri != "" && v.GetAttachedHostId() == hostID {
+		if err := s.unexportNBD(ctx, uri); err != nil && !errors.Is(err, errdefs.ErrNotFound) {
+			return fmt.Errorf("revoke host %s access to volume %s: %w", hostID, v.GetName(), err)
+		}
+	}
 	_, err = s.db.Volumes().Update(ctx, v.GetId(), 0, func(v *stowagev1.Volume) error {
 		if v.AttachedHostId == hostID {
 			v.AttachedHostId = ""
+			if v.NbdExportUri == uri {
+				v.NbdExportUri = ""
+			}
 		}
 		return nil
 	})

@@ -99,6 +99,10 @@ func (c *conn) option(opt uint32, data []byte) (*export, error) {
 		c.optReply(opt, repAck, nil)
 		return nil, errAbort
 	case optList:
+		if c.s.opts.SecretNames {
+			c.optError(opt, repErrPolicy, "export names are not listed on this server")
+			return nil, nil
+		}
 		if len(data) != 0 {
 			c.optError(opt, repErrInvalid, "NBD_OPT_LIST takes no data")
 			return nil, nil

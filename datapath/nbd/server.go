@@ -44,6 +44,11 @@ type ServerOptions struct {
 	// ShutdownGrace is how long requests in flight may take to finish when
 	// their export is removed or Serve stops (DefaultShutdownGrace).
 	ShutdownGrace time.Duration
+	// SecretNames makes export names capabilities: NBD_OPT_LIST is refused
+	// (NBD_REP_ERR_POLICY) and the empty name never falls back to the only
+	// export, so a client must know a name to open it. The agent's grants
+	// use it; `stowage nbd serve` does not.
+	SecretNames bool
 }
 
 // ExportOptions describe one export.
@@ -236,7 +241,7 @@ func (s *Server) lookup(name string) *export {
 	if e := s.exports[name]; e != nil || name != "" {
 		return e
 	}
-	if len(s.exports) == 1 {
+	if len(s.exports) == 1 && !s.opts.SecretNames {
 		for _, e := range s.exports {
 			return e
 		}

@@ -645,6 +645,8 @@ type Task struct {
 	//	*Task_DeleteBackup
 	//	*Task_Export
 	//	*Task_Unexport
+	//	*Task_ExportNbd
+	//	*Task_UnexportNbd
 	Step          isTask_Step `protobuf_oneof:"step"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -874,6 +876,24 @@ func (x *Task) GetUnexport() *UnexportStep {
 	return nil
 }
 
+func (x *Task) GetExportNbd() *ExportNbdStep {
+	if x != nil {
+		if x, ok := x.Step.(*Task_ExportNbd); ok {
+			return x.ExportNbd
+		}
+	}
+	return nil
+}
+
+func (x *Task) GetUnexportNbd() *UnexportNbdStep {
+	if x != nil {
+		if x, ok := x.Step.(*Task_UnexportNbd); ok {
+			return x.UnexportNbd
+		}
+	}
+	return nil
+}
+
 type isTask_Step interface {
 	isTask_Step()
 }
@@ -958,6 +978,14 @@ type Task_Unexport struct {
 	Unexport *UnexportStep `protobuf:"bytes,29,opt,name=unexport,proto3,oneof"`
 }
 
+type Task_ExportNbd struct {
+	ExportNbd *ExportNbdStep `protobuf:"bytes,30,opt,name=export_nbd,json=exportNbd,proto3,oneof"`
+}
+
+type Task_UnexportNbd struct {
+	UnexportNbd *UnexportNbdStep `protobuf:"bytes,31,opt,name=unexport_nbd,json=unexportNbd,proto3,oneof"`
+}
+
 func (*Task_PrepareStore) isTask_Step() {}
 
 func (*Task_ProbeStore) isTask_Step() {}
@@ -997,6 +1025,10 @@ func (*Task_DeleteBackup) isTask_Step() {}
 func (*Task_Export) isTask_Step() {}
 
 func (*Task_Unexport) isTask_Step() {}
+
+func (*Task_ExportNbd) isTask_Step() {}
+
+func (*Task_UnexportNbd) isTask_Step() {}
 
 // PrepareStoreStep creates a store's layout under path and writes its marker.
 type PrepareStoreStep struct {
@@ -2215,6 +2247,114 @@ func (x *UnexportStep) GetUri() string {
 	return ""
 }
 
+// ExportNbdStep serves an image over NBD from the agent under an
+// unguessable export name (drivers.NBDExportRequest); the result is its
+// nbd:// URI.
+type ExportNbdStep struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Path          string                 `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
+	Format        ImageFormat            `protobuf:"varint,2,opt,name=format,proto3,enum=stowage.v1.ImageFormat" json:"format,omitempty"`
+	ReadOnly      bool                   `protobuf:"varint,3,opt,name=read_only,json=readOnly,proto3" json:"read_only,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExportNbdStep) Reset() {
+	*x = ExportNbdStep{}
+	mi := &file_stowage_v1_agent_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExportNbdStep) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExportNbdStep) ProtoMessage() {}
+
+func (x *ExportNbdStep) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_agent_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExportNbdStep.ProtoReflect.Descriptor instead.
+func (*ExportNbdStep) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{30}
+}
+
+func (x *ExportNbdStep) GetPath() string {
+	if x != nil {
+		return x.Path
+	}
+	return ""
+}
+
+func (x *ExportNbdStep) GetFormat() ImageFormat {
+	if x != nil {
+		return x.Format
+	}
+	return ImageFormat_IMAGE_FORMAT_UNSPECIFIED
+}
+
+func (x *ExportNbdStep) GetReadOnly() bool {
+	if x != nil {
+		return x.ReadOnly
+	}
+	return false
+}
+
+// UnexportNbdStep removes an NBD export and closes its connections.
+type UnexportNbdStep struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Uri           string                 `protobuf:"bytes,1,opt,name=uri,proto3" json:"uri,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UnexportNbdStep) Reset() {
+	*x = UnexportNbdStep{}
+	mi := &file_stowage_v1_agent_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UnexportNbdStep) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UnexportNbdStep) ProtoMessage() {}
+
+func (x *UnexportNbdStep) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_agent_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UnexportNbdStep.ProtoReflect.Descriptor instead.
+func (*UnexportNbdStep) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{31}
+}
+
+func (x *UnexportNbdStep) GetUri() string {
+	if x != nil {
+		return x.Uri
+	}
+	return ""
+}
+
 // ImageInfo describes an image and the work a step did on it (drivers.ImageInfo).
 type ImageInfo struct {
 	state        protoimpl.MessageState `protogen:"open.v1"`
@@ -2235,7 +2375,7 @@ type ImageInfo struct {
 
 func (x *ImageInfo) Reset() {
 	*x = ImageInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[30]
+	mi := &file_stowage_v1_agent_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2247,7 +2387,7 @@ func (x *ImageInfo) String() string {
 func (*ImageInfo) ProtoMessage() {}
 
 func (x *ImageInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[30]
+	mi := &file_stowage_v1_agent_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2260,7 +2400,7 @@ func (x *ImageInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImageInfo.ProtoReflect.Descriptor instead.
 func (*ImageInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{30}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *ImageInfo) GetPath() string {
@@ -2345,7 +2485,7 @@ type SnapshotInfo struct {
 
 func (x *SnapshotInfo) Reset() {
 	*x = SnapshotInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[31]
+	mi := &file_stowage_v1_agent_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2357,7 +2497,7 @@ func (x *SnapshotInfo) String() string {
 func (*SnapshotInfo) ProtoMessage() {}
 
 func (x *SnapshotInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[31]
+	mi := &file_stowage_v1_agent_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2370,7 +2510,7 @@ func (x *SnapshotInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotInfo.ProtoReflect.Descriptor instead.
 func (*SnapshotInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{31}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *SnapshotInfo) GetSnapshot() *ImageInfo {
@@ -2411,7 +2551,7 @@ type BackupInfo struct {
 
 func (x *BackupInfo) Reset() {
 	*x = BackupInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[32]
+	mi := &file_stowage_v1_agent_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2423,7 +2563,7 @@ func (x *BackupInfo) String() string {
 func (*BackupInfo) ProtoMessage() {}
 
 func (x *BackupInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[32]
+	mi := &file_stowage_v1_agent_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2436,7 +2576,7 @@ func (x *BackupInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BackupInfo.ProtoReflect.Descriptor instead.
 func (*BackupInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{32}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *BackupInfo) GetManifest() string {
@@ -2513,7 +2653,7 @@ type FileInfo struct {
 
 func (x *FileInfo) Reset() {
 	*x = FileInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[33]
+	mi := &file_stowage_v1_agent_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2525,7 +2665,7 @@ func (x *FileInfo) String() string {
 func (*FileInfo) ProtoMessage() {}
 
 func (x *FileInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[33]
+	mi := &file_stowage_v1_agent_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2538,7 +2678,7 @@ func (x *FileInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileInfo.ProtoReflect.Descriptor instead.
 func (*FileInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{33}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *FileInfo) GetPath() string {
@@ -2603,7 +2743,7 @@ type StoreProbe struct {
 
 func (x *StoreProbe) Reset() {
 	*x = StoreProbe{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[34]
+	mi := &file_stowage_v1_agent_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2615,7 +2755,7 @@ func (x *StoreProbe) String() string {
 func (*StoreProbe) ProtoMessage() {}
 
 func (x *StoreProbe) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[34]
+	mi := &file_stowage_v1_agent_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2628,7 +2768,7 @@ func (x *StoreProbe) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StoreProbe.ProtoReflect.Descriptor instead.
 func (*StoreProbe) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{34}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *StoreProbe) GetCapacityBytes() int64 {
@@ -2687,7 +2827,7 @@ type TaskResult struct {
 
 func (x *TaskResult) Reset() {
 	*x = TaskResult{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[35]
+	mi := &file_stowage_v1_agent_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2699,7 +2839,7 @@ func (x *TaskResult) String() string {
 func (*TaskResult) ProtoMessage() {}
 
 func (x *TaskResult) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[35]
+	mi := &file_stowage_v1_agent_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2712,7 +2852,7 @@ func (x *TaskResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TaskResult.ProtoReflect.Descriptor instead.
 func (*TaskResult) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{35}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *TaskResult) GetTaskId() string {
@@ -2856,7 +2996,7 @@ type TaskResult_Backup struct {
 }
 
 type TaskResult_Uri struct {
-	// The URL of an export.
+	// The URL of an export (http:// or nbd://).
 	Uri string `protobuf:"bytes,16,opt,name=uri,proto3,oneof"`
 }
 
@@ -2883,7 +3023,7 @@ type FileList struct {
 
 func (x *FileList) Reset() {
 	*x = FileList{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[36]
+	mi := &file_stowage_v1_agent_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2895,7 +3035,7 @@ func (x *FileList) String() string {
 func (*FileList) ProtoMessage() {}
 
 func (x *FileList) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[36]
+	mi := &file_stowage_v1_agent_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2908,7 +3048,7 @@ func (x *FileList) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileList.ProtoReflect.Descriptor instead.
 func (*FileList) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{36}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *FileList) GetFiles() []*FileInfo {
@@ -2964,8 +3104,7 @@ const file_stowage_v1_agent_proto_rawDesc = "" +
 	"\x0eGetTaskRequest\x12\x17\n" +
 	"\atask_id\x18\x01 \x01(\tR\x06taskId\"A\n" +
 	"\x0fGetTaskResponse\x12.\n" +
-	"\x06result\x18\x01 \x01(\v2\x16.stowage.v1.TaskResultR\x06result\"\x9a\n" +
-	"\n" +
+	"\x06result\x18\x01 \x01(\v2\x16.stowage.v1.TaskResultR\x06result\"\x98\v\n" +
 	"\x04Task\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12C\n" +
 	"\rprepare_store\x18\n" +
@@ -2993,7 +3132,10 @@ const file_stowage_v1_agent_proto_rawDesc = "" +
 	"\rrestore_image\x18\x1a \x01(\v2\x1c.stowage.v1.RestoreImageStepH\x00R\frestoreImage\x12C\n" +
 	"\rdelete_backup\x18\x1b \x01(\v2\x1c.stowage.v1.DeleteBackupStepH\x00R\fdeleteBackup\x120\n" +
 	"\x06export\x18\x1c \x01(\v2\x16.stowage.v1.ExportStepH\x00R\x06export\x126\n" +
-	"\bunexport\x18\x1d \x01(\v2\x18.stowage.v1.UnexportStepH\x00R\bunexportB\x06\n" +
+	"\bunexport\x18\x1d \x01(\v2\x18.stowage.v1.UnexportStepH\x00R\bunexport\x12:\n" +
+	"\n" +
+	"export_nbd\x18\x1e \x01(\v2\x19.stowage.v1.ExportNbdStepH\x00R\texportNbd\x12@\n" +
+	"\funexport_nbd\x18\x1f \x01(\v2\x1b.stowage.v1.UnexportNbdStepH\x00R\vunexportNbdB\x06\n" +
 	"\x04step\"q\n" +
 	"\x10PrepareStoreStep\x12\x12\n" +
 	"\x04path\x18\x01 \x01(\tR\x04path\x12\x19\n" +
@@ -3079,6 +3221,12 @@ const file_stowage_v1_agent_proto_rawDesc = "" +
 	"ExportStep\x12\x12\n" +
 	"\x04path\x18\x01 \x01(\tR\x04path\" \n" +
 	"\fUnexportStep\x12\x10\n" +
+	"\x03uri\x18\x01 \x01(\tR\x03uri\"q\n" +
+	"\rExportNbdStep\x12\x12\n" +
+	"\x04path\x18\x01 \x01(\tR\x04path\x12/\n" +
+	"\x06format\x18\x02 \x01(\x0e2\x17.stowage.v1.ImageFormatR\x06format\x12\x1b\n" +
+	"\tread_only\x18\x03 \x01(\bR\breadOnly\"#\n" +
+	"\x0fUnexportNbdStep\x12\x10\n" +
 	"\x03uri\x18\x01 \x01(\tR\x03uri\"\xd6\x02\n" +
 	"\tImageInfo\x12\x12\n" +
 	"\x04path\x18\x01 \x01(\tR\x04path\x12/\n" +
@@ -3176,7 +3324,7 @@ func file_stowage_v1_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_stowage_v1_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_stowage_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 37)
+var file_stowage_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 39)
 var file_stowage_v1_agent_proto_goTypes = []any{
 	(CloneMode)(0),                // 0: stowage.v1.CloneMode
 	(*RegisterRequest)(nil),       // 1: stowage.v1.RegisterRequest
@@ -3209,29 +3357,31 @@ var file_stowage_v1_agent_proto_goTypes = []any{
 	(*DeleteBackupStep)(nil),      // 28: stowage.v1.DeleteBackupStep
 	(*ExportStep)(nil),            // 29: stowage.v1.ExportStep
 	(*UnexportStep)(nil),          // 30: stowage.v1.UnexportStep
-	(*ImageInfo)(nil),             // 31: stowage.v1.ImageInfo
-	(*SnapshotInfo)(nil),          // 32: stowage.v1.SnapshotInfo
-	(*BackupInfo)(nil),            // 33: stowage.v1.BackupInfo
-	(*FileInfo)(nil),              // 34: stowage.v1.FileInfo
-	(*StoreProbe)(nil),            // 35: stowage.v1.StoreProbe
-	(*TaskResult)(nil),            // 36: stowage.v1.TaskResult
-	(*FileList)(nil),              // 37: stowage.v1.FileList
-	(*HostCapabilities)(nil),      // 38: stowage.v1.HostCapabilities
-	(*Host)(nil),                  // 39: stowage.v1.Host
-	(HostState)(0),                // 40: stowage.v1.HostState
-	(ImageFormat)(0),              // 41: stowage.v1.ImageFormat
-	(*timestamppb.Timestamp)(nil), // 42: google.protobuf.Timestamp
+	(*ExportNbdStep)(nil),         // 31: stowage.v1.ExportNbdStep
+	(*UnexportNbdStep)(nil),       // 32: stowage.v1.UnexportNbdStep
+	(*ImageInfo)(nil),             // 33: stowage.v1.ImageInfo
+	(*SnapshotInfo)(nil),          // 34: stowage.v1.SnapshotInfo
+	(*BackupInfo)(nil),            // 35: stowage.v1.BackupInfo
+	(*FileInfo)(nil),              // 36: stowage.v1.FileInfo
+	(*StoreProbe)(nil),            // 37: stowage.v1.StoreProbe
+	(*TaskResult)(nil),            // 38: stowage.v1.TaskResult
+	(*FileList)(nil),              // 39: stowage.v1.FileList
+	(*HostCapabilities)(nil),      // 40: stowage.v1.HostCapabilities
+	(*Host)(nil),                  // 41: stowage.v1.Host
+	(HostState)(0),                // 42: stowage.v1.HostState
+	(ImageFormat)(0),              // 43: stowage.v1.ImageFormat
+	(*timestamppb.Timestamp)(nil), // 44: google.protobuf.Timestamp
 }
 var file_stowage_v1_agent_proto_depIdxs = []int32{
-	38, // 0: stowage.v1.RegisterRequest.capabilities:type_name -> stowage.v1.HostCapabilities
-	39, // 1: stowage.v1.RegisterResponse.host:type_name -> stowage.v1.Host
+	40, // 0: stowage.v1.RegisterRequest.capabilities:type_name -> stowage.v1.HostCapabilities
+	41, // 1: stowage.v1.RegisterResponse.host:type_name -> stowage.v1.Host
 	3,  // 2: stowage.v1.RegisterResponse.stores:type_name -> stowage.v1.StoreAssignment
-	38, // 3: stowage.v1.HeartbeatRequest.capabilities:type_name -> stowage.v1.HostCapabilities
-	40, // 4: stowage.v1.HeartbeatResponse.state:type_name -> stowage.v1.HostState
+	40, // 3: stowage.v1.HeartbeatRequest.capabilities:type_name -> stowage.v1.HostCapabilities
+	42, // 4: stowage.v1.HeartbeatResponse.state:type_name -> stowage.v1.HostState
 	3,  // 5: stowage.v1.HeartbeatResponse.stores:type_name -> stowage.v1.StoreAssignment
 	10, // 6: stowage.v1.RunTaskRequest.task:type_name -> stowage.v1.Task
-	36, // 7: stowage.v1.RunTaskResponse.result:type_name -> stowage.v1.TaskResult
-	36, // 8: stowage.v1.GetTaskResponse.result:type_name -> stowage.v1.TaskResult
+	38, // 7: stowage.v1.RunTaskResponse.result:type_name -> stowage.v1.TaskResult
+	38, // 8: stowage.v1.GetTaskResponse.result:type_name -> stowage.v1.TaskResult
 	11, // 9: stowage.v1.Task.prepare_store:type_name -> stowage.v1.PrepareStoreStep
 	12, // 10: stowage.v1.Task.probe_store:type_name -> stowage.v1.ProbeStoreStep
 	13, // 11: stowage.v1.Task.release_store:type_name -> stowage.v1.ReleaseStoreStep
@@ -3252,45 +3402,48 @@ var file_stowage_v1_agent_proto_depIdxs = []int32{
 	28, // 26: stowage.v1.Task.delete_backup:type_name -> stowage.v1.DeleteBackupStep
 	29, // 27: stowage.v1.Task.export:type_name -> stowage.v1.ExportStep
 	30, // 28: stowage.v1.Task.unexport:type_name -> stowage.v1.UnexportStep
-	41, // 29: stowage.v1.CreateImageStep.format:type_name -> stowage.v1.ImageFormat
-	41, // 30: stowage.v1.FetchImageStep.format:type_name -> stowage.v1.ImageFormat
-	41, // 31: stowage.v1.CopyImageStep.format:type_name -> stowage.v1.ImageFormat
-	41, // 32: stowage.v1.CopyImageStep.source_format:type_name -> stowage.v1.ImageFormat
-	0,  // 33: stowage.v1.CloneImageStep.mode:type_name -> stowage.v1.CloneMode
-	41, // 34: stowage.v1.CloneImageStep.format:type_name -> stowage.v1.ImageFormat
-	41, // 35: stowage.v1.CloneImageStep.base_format:type_name -> stowage.v1.ImageFormat
-	41, // 36: stowage.v1.InspectImageStep.format:type_name -> stowage.v1.ImageFormat
-	41, // 37: stowage.v1.ResizeImageStep.format:type_name -> stowage.v1.ImageFormat
-	41, // 38: stowage.v1.SnapshotImageStep.format:type_name -> stowage.v1.ImageFormat
-	41, // 39: stowage.v1.RevertImageStep.format:type_name -> stowage.v1.ImageFormat
-	41, // 40: stowage.v1.RebaseImageStep.backing_format:type_name -> stowage.v1.ImageFormat
-	41, // 41: stowage.v1.BackupImageStep.source_format:type_name -> stowage.v1.ImageFormat
-	41, // 42: stowage.v1.RestoreImageStep.format:type_name -> stowage.v1.ImageFormat
-	41, // 43: stowage.v1.ImageInfo.format:type_name -> stowage.v1.ImageFormat
-	31, // 44: stowage.v1.SnapshotInfo.snapshot:type_name -> stowage.v1.ImageInfo
-	31, // 45: stowage.v1.SnapshotInfo.volume:type_name -> stowage.v1.ImageInfo
-	42, // 46: stowage.v1.FileInfo.modified_at:type_name -> google.protobuf.Timestamp
-	41, // 47: stowage.v1.FileInfo.format:type_name -> stowage.v1.ImageFormat
-	35, // 48: stowage.v1.TaskResult.probe:type_name -> stowage.v1.StoreProbe
-	34, // 49: stowage.v1.TaskResult.file:type_name -> stowage.v1.FileInfo
-	37, // 50: stowage.v1.TaskResult.files:type_name -> stowage.v1.FileList
-	31, // 51: stowage.v1.TaskResult.image:type_name -> stowage.v1.ImageInfo
-	32, // 52: stowage.v1.TaskResult.snapshot:type_name -> stowage.v1.SnapshotInfo
-	33, // 53: stowage.v1.TaskResult.backup:type_name -> stowage.v1.BackupInfo
-	34, // 54: stowage.v1.FileList.files:type_name -> stowage.v1.FileInfo
-	1,  // 55: stowage.v1.AgentControlService.Register:input_type -> stowage.v1.RegisterRequest
-	4,  // 56: stowage.v1.AgentControlService.Heartbeat:input_type -> stowage.v1.HeartbeatRequest
-	6,  // 57: stowage.v1.AgentService.RunTask:input_type -> stowage.v1.RunTaskRequest
-	8,  // 58: stowage.v1.AgentService.GetTask:input_type -> stowage.v1.GetTaskRequest
-	2,  // 59: stowage.v1.AgentControlService.Register:output_type -> stowage.v1.RegisterResponse
-	5,  // 60: stowage.v1.AgentControlService.Heartbeat:output_type -> stowage.v1.HeartbeatResponse
-	7,  // 61: stowage.v1.AgentService.RunTask:output_type -> stowage.v1.RunTaskResponse
-	9,  // 62: stowage.v1.AgentService.GetTask:output_type -> stowage.v1.GetTaskResponse
-	59, // [59:63] is the sub-list for method output_type
-	55, // [55:59] is the sub-list for method input_type
-	55, // [55:55] is the sub-list for extension type_name
-	55, // [55:55] is the sub-list for extension extendee
-	0,  // [0:55] is the sub-list for field type_name
+	31, // 29: stowage.v1.Task.export_nbd:type_name -> stowage.v1.ExportNbdStep
+	32, // 30: stowage.v1.Task.unexport_nbd:type_name -> stowage.v1.UnexportNbdStep
+	43, // 31: stowage.v1.CreateImageStep.format:type_name -> stowage.v1.ImageFormat
+	43, // 32: stowage.v1.FetchImageStep.format:type_name -> stowage.v1.ImageFormat
+	43, // 33: stowage.v1.CopyImageStep.format:type_name -> stowage.v1.ImageFormat
+	43, // 34: stowage.v1.CopyImageStep.source_format:type_name -> stowage.v1.ImageFormat
+	0,  // 35: stowage.v1.CloneImageStep.mode:type_name -> stowage.v1.CloneMode
+	43, // 36: stowage.v1.CloneImageStep.format:type_name -> stowage.v1.ImageFormat
+	43, // 37: stowage.v1.CloneImageStep.base_format:type_name -> stowage.v1.ImageFormat
+	43, // 38: stowage.v1.InspectImageStep.format:type_name -> stowage.v1.ImageFormat
+	43, // 39: stowage.v1.ResizeImageStep.format:type_name -> stowage.v1.ImageFormat
+	43, // 40: stowage.v1.SnapshotImageStep.format:type_name -> stowage.v1.ImageFormat
+	43, // 41: stowage.v1.RevertImageStep.format:type_name -> stowage.v1.ImageFormat
+	43, // 42: stowage.v1.RebaseImageStep.backing_format:type_name -> stowage.v1.ImageFormat
+	43, // 43: stowage.v1.BackupImageStep.source_format:type_name -> stowage.v1.ImageFormat
+	43, // 44: stowage.v1.RestoreImageStep.format:type_name -> stowage.v1.ImageFormat
+	43, // 45: stowage.v1.ExportNbdStep.format:type_name -> stowage.v1.ImageFormat
+	43, // 46: stowage.v1.ImageInfo.format:type_name -> stowage.v1.ImageFormat
+	33, // 47: stowage.v1.SnapshotInfo.snapshot:type_name -> stowage.v1.ImageInfo
+	33, // 48: stowage.v1.SnapshotInfo.volume:type_name -> stowage.v1.ImageInfo
+	44, // 49: stowage.v1.FileInfo.modified_at:type_name -> google.protobuf.Timestamp
+	43, // 50: stowage.v1.FileInfo.format:type_name -> stowage.v1.ImageFormat
+	37, // 51: stowage.v1.TaskResult.probe:type_name -> stowage.v1.StoreProbe
+	36, // 52: stowage.v1.TaskResult.file:type_name -> stowage.v1.FileInfo
+	39, // 53: stowage.v1.TaskResult.files:type_name -> stowage.v1.FileList
+	33, // 54: stowage.v1.TaskResult.image:type_name -> stowage.v1.ImageInfo
+	34, // 55: stowage.v1.TaskResult.snapshot:type_name -> stowage.v1.SnapshotInfo
+	35, // 56: stowage.v1.TaskResult.backup:type_name -> stowage.v1.BackupInfo
+	36, // 57: stowage.v1.FileList.files:type_name -> stowage.v1.FileInfo
+	1,  // 58: stowage.v1.AgentControlService.Register:input_type -> stowage.v1.RegisterRequest
+	4,  // 59: stowage.v1.AgentControlService.Heartbeat:input_type -> stowage.v1.HeartbeatRequest
+	6,  // 60: stowage.v1.AgentService.RunTask:input_type -> stowage.v1.RunTaskRequest
+	8,  // 61: stowage.v1.AgentService.GetTask:input_type -> stowage.v1.GetTaskRequest
+	2,  // 62: stowage.v1.AgentControlService.Register:output_type -> stowage.v1.RegisterResponse
+	5,  // 63: stowage.v1.AgentControlService.Heartbeat:output_type -> stowage.v1.HeartbeatResponse
+	7,  // 64: stowage.v1.AgentService.RunTask:output_type -> stowage.v1.RunTaskResponse
+	9,  // 65: stowage.v1.AgentService.GetTask:output_type -> stowage.v1.GetTaskResponse
+	62, // [62:66] is the sub-list for method output_type
+	58, // [58:62] is the sub-list for method input_type
+	58, // [58:58] is the sub-list for extension type_name
+	58, // [58:58] is the sub-list for extension extendee
+	0,  // [0:58] is the sub-list for field type_name
 }
 
 func init() { file_stowage_v1_agent_proto_init() }
@@ -3320,8 +3473,10 @@ func file_stowage_v1_agent_proto_init() {
 		(*Task_DeleteBackup)(nil),
 		(*Task_Export)(nil),
 		(*Task_Unexport)(nil),
+		(*Task_ExportNbd)(nil),
+		(*Task_UnexportNbd)(nil),
 	}
-	file_stowage_v1_agent_proto_msgTypes[35].OneofWrappers = []any{
+	file_stowage_v1_agent_proto_msgTypes[37].OneofWrappers = []any{
 		(*TaskResult_Probe)(nil),
 		(*TaskResult_File)(nil),
 		(*TaskResult_Files)(nil),
@@ -3336,7 +3491,7 @@ func file_stowage_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_stowage_v1_agent_proto_rawDesc), len(file_stowage_v1_agent_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   37,
+			NumMessages:   39,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

@@ -1483,8 +1483,13 @@ type Volume struct {
 	// For a qcow2 volume with external snapshots: the SnapshotOnStore whose
 	// file backs the volume's overlay (the head of its chain).
 	HeadSnapshotRefId string `protobuf:"bytes,17,opt,name=head_snapshot_ref_id,json=headSnapshotRefId,proto3" json:"head_snapshot_ref_id,omitempty"`
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// The nbd://host:port/name URI an agent serves the volume under for
+	// attached_host_id, when that host is outside the store's scope
+	// (GrantAccess); the exporting agent is the host whose nbd_address is
+	// host:port. Empty when the grant is a file:// URI or there is none.
+	NbdExportUri  string `protobuf:"bytes,18,opt,name=nbd_export_uri,json=nbdExportUri,proto3" json:"nbd_export_uri,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Volume) Reset() {
@@ -1632,6 +1637,13 @@ func (x *Volume) GetBusyJobId() string {
 func (x *Volume) GetHeadSnapshotRefId() string {
 	if x != nil {
 		return x.HeadSnapshotRefId
+	}
+	return ""
+}
+
+func (x *Volume) GetNbdExportUri() string {
+	if x != nil {
+		return x.NbdExportUri
 	}
 	return ""
 }
@@ -2393,7 +2405,7 @@ const file_stowage_v1_types_proto_rawDesc = "" +
 	"\tlast_used\x18\v \x01(\v2\x1a.google.protobuf.TimestampR\blastUsed\x12\x1a\n" +
 	"\brevision\x18\f \x01(\x04R\brevision\x12 \n" +
 	"\fowner_job_id\x18\r \x01(\tR\n" +
-	"ownerJobId\"\xcf\x04\n" +
+	"ownerJobId\"\xf5\x04\n" +
 	"\x06Volume\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x12\n" +
@@ -2415,7 +2427,8 @@ const file_stowage_v1_types_proto_rawDesc = "" +
 	"\x0einstall_method\x18\x0e \x01(\tR\rinstallMethod\x12\x1e\n" +
 	"\vbase_ref_id\x18\x0f \x01(\tR\tbaseRefId\x12\x1e\n" +
 	"\vbusy_job_id\x18\x10 \x01(\tR\tbusyJobId\x12/\n" +
-	"\x14head_snapshot_ref_id\x18\x11 \x01(\tR\x11headSnapshotRefId\"\xe0\x02\n" +
+	"\x14head_snapshot_ref_id\x18\x11 \x01(\tR\x11headSnapshotRefId\x12$\n" +
+	"\x0enbd_export_uri\x18\x12 \x01(\tR\fnbdExportUri\"\xe0\x02\n" +
 	"\bSnapshot\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1b\n" +
 	"\tvolume_id\x18\x02 \x01(\tR\bvolumeId\x12/\n" +

@@ -1,0 +1,205 @@
+package agent_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"errors"
+	"io"
+	"log/slog"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stowage/stowage/agent"
+	"github.com/stowage/stowage/agent/hostfs"
+	"github.com/stowage/stowage/agent/nbdexports"
+	"github.com/stowage/stowage/agent/proxy"
+	"github.com/stowage/stowage/drivers"
+	"github.com/stowage/stowage/errdefs"
+)
+
+// nbdRig runs an agent (Run, so its NBD listener is the real one) and a
+// proxy Endpoint to its AgentService.
+func nbdRig(t *testing.T) *proxy.Endpoint {
+	t.Helper()
+	for _, tool := range []string{"nbdinfo", "nbdcopy", "qemu-io"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("%s is not installed: %v", tool, err)
+		}
+	}
+	n := nbdexports.New(slog.New(slog.NewTextHandler(io.Discard, nil)))
+	local := hostfs.New("h1", hostfs.WithNBDExporter(n))
+	a, err := agent.New(agent.Config{ControllerURL: "http://127.0.0.1:1", HostID: "h1", StateDir: t.TempDir(),
+		Listen: "127.0.0.1:0", NBDListen: "127.0.0.1:0"},
+		local, slog.New(slog.NewTextHandler(io.Discard, nil)), agent.WithNBD(n))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- a.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("agent Run: %v", err)
+		}
+	})
+	srv := httptest.NewServer(a.Handler())
+	t.Cleanup(srv.Close)
+	deadline := time.Now().Add(10 * time.Second)
+	for a.NBDAddress() == "" {
+		if time.Now().After(deadline) {
+			t.Fatal("the agent's NBD server did not start")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if !strings.HasPrefix(a.NBDAddress(), "127.0.0.1:") || strings.HasSuffix(a.NBDAddress(), ":0") {
+		t.Fatalf("NBD address %q", a.NBDAddress())
+	}
+	return proxy.New("h1", srv.URL, srv.Client())
+}
+
+func run(t *testing.T, name string, args ...string) (string, error) {
+	t.Helper()
+	out, err := exec.Command(name, args...).CombinedOutput()
+	return string(out), err
+}
+
+func TestExportNBDThroughProxy(t *testing.T) {
+	ep := nbdRig(t)
+	ctx := t.Context()
+	store := t.TempDir()
+	if _, err := ep.PrepareStore(ctx, store, "s1", []string{"volumes"}); err != nil {
+		t.Fatal(err)
+	}
+	// 8 MiB raw: 1 MiB of data, a 6 MiB hole, 1 MiB of data.
+	vol := filepath.Join(store, "volumes", "v1.raw")
+	data := make([]byte, 1<<20)
+	_, _ = rand.Read(data)
+	f, err := os.Create(vol)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt(data, 0); err == nil {
+		_, err = f.WriteAt(data, 7<<20)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+
+	uri, err := ep.ExportNBD(ctx, drivers.NBDExportRequest{Path: vol, Format: drivers.FormatRaw, ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	name, err := nbdexports.NameOf(string(uri))
+	if err != nil || len(name) != 32 || !strings.HasPrefix(string(uri), "nbd://127.0.0.1:") {
+		t.Fatalf("export URI %q: %v", uri, err)
+	}
+	if out, err := run(t, "nbdinfo", "--size", string(uri)); err != nil || strings.TrimSpace(out) != "8388608" {
+		t.Fatalf("nbdinfo --size: %q %v", out, err)
+	}
+	out, err := run(t, "nbdinfo", "--map", string(uri))
+	if err != nil || !strings.Contains(out, "hole,zero") || !strings.Contains(strings.Join(strings.Fields(out), " "), "1048576 6291456 3 hole,zero") {
+		t.Fatalf("nbdinfo --map shows no 6 MiB hole at 1 MiB:\n%s %v", out, err)
+	}
+	// Names are capabilities: the default name opens nothing and the
+	// export list is refused, so a grant's name cannot be discovered.
+	host := strings.TrimSuffix(string(uri), "/"+name)
+	if out, err := run(t, "nbdinfo", "--size", host); err == nil {
+		t.Fatalf("the default export opened something: %q", out)
+	}
+	if out, err := run(t, "nbdinfo", "--list", host); err == nil || strings.Contains(out, name) {
+		t.Fatalf("nbdinfo --list revealed the export: %q %v", out, err)
+	}
+
+	copyPath := filepath.Join(t.TempDir(), "copy.raw")
+	if out, err := run(t, "nbdcopy", string(uri), copyPath); err != nil {
+		t.Fatalf("nbdcopy: %s %v", out, err)
+	}
+	if out, err := run(t, "cmp", vol, copyPath); err != nil {
+		t.Fatalf("cmp: %s %v", out, err)
+	}
+	if out, err := run(t, "qemu-io", "-f", "raw", "-c", "write 0 4k", string(uri)); err == nil && !strings.Contains(out, "failed") {
+		t.Fatalf("write to a read-only export succeeded: %s", out)
+	}
+	if got, _ := os.ReadFile(vol); !bytes.Equal(got[:1<<20], data) {
+		t.Fatal("the read-only export changed the volume")
+	}
+
+	// A writable export takes writes.
+	rw, err := ep.ExportNBD(ctx, drivers.NBDExportRequest{Path: vol, Format: drivers.FormatRaw})
+	if err != nil || rw == uri {
+		t.Fatalf("second export: %q %v", rw, err)
+	}
+	if out, err := run(t, "qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 4k", "-c", "flush", string(rw)); err != nil || strings.Contains(out, "failed") {
+		t.Fatalf("write to a writable export: %s %v", out, err)
+	}
+	if got, _ := os.ReadFile(vol); got[0] != 0x5a || got[4095] != 0x5a {
+		t.Fatal("the write did not reach the volume")
+	}
+
+	// Unexport ends the export (twice is fine); the other keeps serving.
+	for range 2 {
+		if err := ep.UnexportNBD(ctx, uri); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if out, err := run(t, "nbdinfo", "--size", string(uri)); err == nil {
+		t.Fatalf("nbdinfo after unexport succeeded: %s", out)
+	}
+	if out, err := run(t, "nbdinfo", "--size", string(rw)); err != nil {
+		t.Fatalf("the other export stopped: %s %v", out, err)
+	}
+	if err := ep.UnexportNBD(ctx, rw); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestExportNBDRefuses(t *testing.T) {
+	ep := nbdRig(t)
+	ctx := t.Context()
+	store := t.TempDir()
+	if _, err := ep.PrepareStore(ctx, store, "s1", []string{"volumes"}); err != nil {
+		t.Fatal(err)
+	}
+	vol := filepath.Join(store, "volumes", "v.raw")
+	if err := os.WriteFile(vol, make([]byte, 4096), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	outside := filepath.Join(t.TempDir(), "secret.raw")
+	if err := os.WriteFile(outside, make([]byte, 4096), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	link := filepath.Join(store, "volumes", "link.raw")
+	if err := os.Symlink(outside, link); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		req  drivers.NBDExportRequest
+		want error
+	}{
+		{drivers.NBDExportRequest{Path: vol, Format: drivers.FormatQCOW2}, errdefs.ErrNotImplemented},
+		{drivers.NBDExportRequest{Path: vol}, errdefs.ErrInvalid},
+		{drivers.NBDExportRequest{Path: "volumes/v.raw", Format: drivers.FormatRaw}, errdefs.ErrInvalid},
+		{drivers.NBDExportRequest{Path: outside, Format: drivers.FormatRaw}, errdefs.ErrInvalid},
+		{drivers.NBDExportRequest{Path: link, Format: drivers.FormatRaw}, errdefs.ErrInvalid},
+		{drivers.NBDExportRequest{Path: filepath.Join(store, hostfs.MarkerFile), Format: drivers.FormatRaw}, errdefs.ErrInvalid},
+		{drivers.NBDExportRequest{Path: filepath.Join(store, "volumes", "missing.raw"), Format: drivers.FormatRaw}, errdefs.ErrNotFound},
+	} {
+		if uri, err := ep.ExportNBD(ctx, c.req); !errors.Is(err, c.want) {
+			t.Errorf("ExportNBD(%+v) = %q, %v; want %v", c.req, uri, err, c.want)
+		}
+	}
+	if err := ep.UnexportNBD(ctx, "http://x/exports/00"); !errors.Is(err, errdefs.ErrInvalid) {
+		t.Errorf("UnexportNBD of a non-NBD URI: %v", err)
+	}
+	if err := ep.UnexportNBD(ctx, "nbd://127.0.0.1:1/00112233445566778899aabbccddeeff"); err != nil {
+		t.Errorf("UnexportNBD of an unknown export: %v", err)
+	}
+}
