@@ -113,6 +113,7 @@ Stop with Ctrl-C.
 	ctl.flags(cmd, "")
 	cmd.Flags().Lookup("data-dir").Usage = "directory of the metadata database (default DATA/controller)"
 	cmd.Flags().StringVar(&ag.Listen, "agent-listen", "127.0.0.1:8471", "address of the agent's RPC service")
+	cmd.Flags().StringVar(&ag.NBDListen, "nbd-listen", "127.0.0.1:10809", `address of the agent's NBD server ("" serves no NBD)`)
 	cmd.Flags().StringVar(&ag.HostID, "host-id", "dev-host", "the agent's host id")
 	cmd.Flags().StringVar(&ag.Zone, "zone", "default", "zone of the host and the stores")
 	cmd.Flags().StringVar(&ag.Cluster, "cluster", "default", "cluster of the host")
