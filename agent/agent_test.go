@@ -138,7 +138,7 @@ func (p *progressLog) get() [][2]int64 {
 func TestFetchAndBackupThroughProxyWithProgress(t *testing.T) {
 	r := newRig(t)
 	const size = 8 << 20
-	src, url := newSource(t, size, 40*time.Millisecond) // about 0.7 s per 4 MiB chunk
+	src, url := newSource(t, size, 160*time.Millisecond) // about 1.3 s per 2 MiB range, several ranges in parallel
 	dir := t.TempDir()
 	dest := filepath.Join(dir, "t.raw")
 

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"strconv"
 	"strings"
@@ -66,7 +67,7 @@ Output formats: --format qcow2 has qemu-img write a qcow2 image.`,
 	fl.BoolVar(&f.sparse, "sparse", true, "skip holes and zero blocks (--sparse=false writes every byte: a fully allocated destination)")
 	fl.BoolVar(&f.direct, "direct", false, "O_DIRECT reads and writes (same as --read-mode direct --write-mode direct)")
 	fl.IntVar(&f.workers, "workers", stream.DefaultWorkers, "chunks in flight")
-	fl.StringVar(&f.chunkSize, "chunk-size", "4MiB", "unit of reads, writes and checkpoints (power of two, 64KiB-256MiB)")
+	fl.StringVar(&f.chunkSize, "chunk-size", "2MiB", "unit of reads, writes and checkpoints (power of two, 64KiB-256MiB)")
 	fl.StringVar(&f.checksum, "checksum", "", "expected checksum, sha256:HEX; on mismatch nothing is left at DST (exit 7)")
 	fl.BoolVar(&f.sha256, "sha256", false, "compute the SHA-256 of the copied object and report it")
 	fl.BoolVar(&f.resume, "resume", false, "continue an interrupted copy to DST from its checkpoint")
@@ -96,13 +97,13 @@ func runCopy(cmd *cobra.Command, f copyFlags, srcArg, dstArg string) error {
 	if err != nil {
 		return err
 	}
-	chunk, err := parseSize(f.chunkSize)
+	chunk, err := parseCopySize(f.chunkSize)
 	if err != nil {
 		return usageError{fmt.Errorf("--chunk-size: %w", err)}
 	}
 	var rate int64
 	if f.rateLimit != "" {
-		if rate, err = parseSize(f.rateLimit); err != nil {
+		if rate, err = parseCopySize(f.rateLimit); err != nil {
 			return usageError{fmt.Errorf("--rate-limit: %w", err)}
 		}
 	}
@@ -142,7 +143,12 @@ func runCopy(cmd *cobra.Command, f copyFlags, srcArg, dstArg string) error {
 		return err
 	}
 	defer dst.Abort() // no-op after Copy, which always ends the sink
+	logger, err := copyLogger(cmd)
+	if err != nil {
+		return err
+	}
 	opts := stream.Options{
+		Logger:               logger,
 		Workers:              f.workers,
 		ChunkSize:            int(chunk),
 		Mode:                 mode,
@@ -201,6 +207,15 @@ func runCopy(cmd *cobra.Command, f copyFlags, srcArg, dstArg string) error {
 	}
 	keyValues(out, kv)
 	return nil
+}
+
+// copyLogger is the process logger from the root's --log-level and
+// --log-format, or slog's default when the command runs without them.
+func copyLogger(cmd *cobra.Command) (*slog.Logger, error) {
+	if cmd.Flags().Lookup("log-level") == nil || cmd.Flags().Lookup("log-format") == nil {
+		return slog.Default(), nil
+	}
+	return newLogger(cmd)
 }
 
 // resumableErr reports whether a copy that failed with err left a
@@ -356,8 +371,8 @@ func (r *progressReporter) close() {
 	}
 }
 
-// parseSize parses "4194304", "4M", "4MiB", "512k", "1G" (binary units).
-func parseSize(s string) (int64, error) {
+// parseCopySize parses "4194304", "4M", "4MiB", "512k", "1G" (binary units).
+func parseCopySize(s string) (int64, error) {
 	t := strings.TrimSpace(strings.ToLower(s))
 	t = strings.TrimSuffix(strings.TrimSuffix(t, "ib"), "b")
 	mult := int64(1)

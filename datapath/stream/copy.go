@@ -12,6 +12,7 @@ import (
 	"io"
 	"log/slog"
 	"math/bits"
+	"runtime/debug"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -147,6 +148,8 @@ type engine struct {
 	cfr       bool
 	srcFD     int
 	dstFD     int
+	mapper    Mapper       // the source lends views of cached data
+	direct    DirectWriter // the sink writes them without a copy
 
 	mu     sync.Mutex // guards done, hashes
 	done   []byte
@@ -239,6 +242,10 @@ func (e *engine) run(ctx context.Context) (Result, error) {
 		e.sha = sha256.New()
 	}
 	e.limiter = newRateLimiter(o.RateLimit)
+	if m, ok := e.src.(Mapper); ok && !e.cfr {
+		e.mapper = m
+		e.direct, _ = e.dst.(DirectWriter)
+	}
 
 	err := e.copyChunks(ctx)
 	res.BytesRead, res.BytesWritten = e.read.Load(), e.written.Load()
@@ -373,9 +380,9 @@ func (e *engine) copyChunks(ctx context.Context) error {
 
 	// the in-order SHA-256
 	type hashed struct {
-		idx int64
-		buf []byte // nil: n zero bytes
-		n   int64
+		idx  int64
+		buf  []byte // the worker's buffer, returned to free once hashed
+		segs []seg
 	}
 	var hashCh chan hashed
 	shaStartIdx := e.nchunks
@@ -399,21 +406,10 @@ func (e *engine) copyChunks(ctx context.Context) error {
 						break
 					}
 					delete(pending, next)
-					e.shaMu.Lock()
-					if p.buf != nil {
-						e.sha.Write(p.buf[:p.n])
-					} else {
-						for left := p.n; left > 0; {
-							k := min(left, int64(len(zeroPage)))
-							e.sha.Write(zeroPage[:k])
-							left -= k
-						}
+					if err := e.hashInOrder(p.segs); err != nil {
+						return err
 					}
-					e.shaOffset += p.n
-					e.shaMu.Unlock()
-					if p.buf != nil {
-						free <- p.buf
-					}
+					free <- p.buf
 					next++
 				}
 			}
@@ -499,17 +495,12 @@ func (e *engine) copyChunks(ctx context.Context) error {
 					free <- buf
 					return nil
 				}
-				allHole, err := e.doChunk(gctx, it, buf)
+				segs, err := e.doChunk(gctx, it, buf)
 				if err != nil {
 					return err
 				}
 				if hashCh != nil && it.idx >= shaStartIdx {
-					h := hashed{idx: it.idx, n: it.n}
-					if !allHole {
-						h.buf = buf
-					} else {
-						free <- buf
-					}
+					h := hashed{idx: it.idx, buf: buf, segs: segs}
 					select {
 					case hashCh <- h:
 					case <-gctx.Done():
@@ -610,51 +601,82 @@ func checkExtents(exts []Extent, off, end int64) error {
 	return nil
 }
 
-// doChunk copies one chunk; buf is a ChunkSize buffer that afterwards holds
-// the chunk's bytes (holes zeroed) unless the chunk is all holes.
-func (e *engine) doChunk(ctx context.Context, it item, buf []byte) (allHole bool, err error) {
-	allHole = true
+// seg is a piece of a chunk's content, in order: data bytes (in the
+// worker's buffer, or lent by a Mapper) or a run of zeros.
+type seg struct {
+	data  []byte
+	zeros int64
+}
+
+// doChunk copies one chunk and returns its content as segments (for the
+// hashes); data segments point into buf or into the source's mapping.
+func (e *engine) doChunk(ctx context.Context, it item, buf []byte) (segs []seg, err error) {
+	if e.mapper != nil {
+		// a mapped source file truncated under us faults: make it an error
+		defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+		defer func() {
+			if r := recover(); r != nil {
+				if _, ok := r.(interface{ Addr() uintptr }); !ok {
+					panic(r)
+				}
+				err = fmt.Errorf("source changed during the copy (mapped read faulted): %v: %w", r, errdefs.ErrAborted)
+			}
+		}()
+	}
 	needBytes := !e.cfr || e.wantSHA
 	for _, x := range it.ext {
-		b := buf[x.Off-it.off : x.End()-it.off]
 		if x.Hole {
+			segs = append(segs, seg{zeros: x.Len})
 			if !it.hashOnly {
 				if e.o.Dense {
 					if err := e.writeZeros(x.Off, x.Len); err != nil {
-						return false, err
+						return nil, err
 					}
 				} else if !e.zeroKnown {
 					if err := e.dst.Zero(x.Off, x.Len); err != nil {
-						return false, fmt.Errorf("zero destination at %d: %w", x.Off, err)
+						return nil, fmt.Errorf("zero destination at %d: %w", x.Off, err)
 					}
 				}
 				e.holes.Add(x.Len)
 			}
 			continue
 		}
-		allHole = false
 		if e.cfr && !it.hashOnly {
 			if err := e.copyRange(ctx, x); err != nil {
-				return false, err
+				return nil, err
 			}
 			e.written.Add(x.Len)
 			if !e.wantSHA {
+				segs = append(segs, seg{}) // data whose bytes were not seen
 				continue
 			}
 		}
-		if err := e.limiter.wait(ctx, len(b)); err != nil {
-			return false, err
+		if err := e.limiter.wait(ctx, int(x.Len)); err != nil {
+			return nil, err
 		}
-		if err := e.readFull(ctx, b, x.Off); err != nil {
-			return false, err
+		var b []byte
+		mapped := false
+		if e.mapper != nil && !e.cfr {
+			b, mapped = e.mapper.MapRange(x.Off, x.Len)
+		}
+		if !mapped {
+			b = buf[x.Off-it.off : x.End()-it.off]
+			if err := e.readFull(ctx, b, x.Off); err != nil {
+				return nil, err
+			}
 		}
 		e.read.Add(x.Len)
+		segs = append(segs, seg{data: b})
 		if it.hashOnly || e.cfr {
 			continue
 		}
+		write := e.dst.WriteAt
+		if mapped && e.direct != nil {
+			write = e.direct.WriteAtDirect
+		}
 		if e.o.NoZeroDetect {
-			if _, err := e.dst.WriteAt(b, x.Off); err != nil {
-				return false, fmt.Errorf("write destination at %d: %w", x.Off, err)
+			if _, err := write(b, x.Off); err != nil {
+				return nil, fmt.Errorf("write destination at %d: %w", x.Off, err)
 			}
 			e.written.Add(x.Len)
 			continue
@@ -670,40 +692,86 @@ func (e *engine) doChunk(ctx context.Context, it item, buf []byte) (allHole bool
 				}
 				return nil
 			}
-			if _, err := e.dst.WriteAt(b[s:t], off); err != nil {
+			if _, err := write(b[s:t], off); err != nil {
 				return fmt.Errorf("write destination at %d: %w", off, err)
 			}
 			e.written.Add(int64(t - s))
 			return nil
 		})
 		if err != nil {
-			return false, err
-		}
-	}
-	if !allHole && needBytes {
-		// holes read as zeros in the bytes that are hashed
-		for _, x := range it.ext {
-			if x.Hole {
-				clear(buf[x.Off-it.off : x.End()-it.off])
-			}
+			return nil, err
 		}
 	}
 	if it.hashOnly {
-		return allHole, nil
+		return segs, nil
 	}
 	var h uint64
 	switch {
-	case allHole:
+	case allZeros(segs):
 		h = zeroHash(it.n)
-	case needBytes:
-		h = xxh3.Hash(buf[:it.n])
+	case !needBytes:
+		h = 0 // bytes not seen (copy_file_range): resume cannot verify this chunk
+	case len(segs) == 1:
+		h = xxh3.Hash(segs[0].data)
+	default:
+		hs := xxh3.New()
+		writeSegs(hs, segs)
+		h = hs.Sum64()
 	}
 	e.mu.Lock()
 	bitSet(e.done, it.idx)
 	binary.LittleEndian.PutUint64(e.hashes[8*it.idx:], h)
 	e.mu.Unlock()
 	e.doneBytes.Add(it.n)
-	return allHole, nil
+	return segs, nil
+}
+
+func allZeros(segs []seg) bool {
+	for _, s := range segs {
+		if s.zeros == 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// writeSegs feeds the content of segs to w.
+func writeSegs(w io.Writer, segs []seg) {
+	for _, s := range segs {
+		if s.data != nil {
+			w.Write(s.data)
+			continue
+		}
+		for left := s.zeros; left > 0; {
+			k := min(left, int64(len(zeroPage)))
+			w.Write(zeroPage[:k])
+			left -= k
+		}
+	}
+}
+
+// hashInOrder feeds the next chunk's content to the SHA-256.
+func (e *engine) hashInOrder(segs []seg) (err error) {
+	if e.mapper != nil {
+		defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+		defer func() {
+			if r := recover(); r != nil {
+				if _, ok := r.(interface{ Addr() uintptr }); !ok {
+					panic(r)
+				}
+				err = fmt.Errorf("source changed during the copy (mapped read faulted): %v: %w", r, errdefs.ErrAborted)
+			}
+		}()
+	}
+	var n int64
+	for _, s := range segs {
+		n += int64(len(s.data)) + s.zeros
+	}
+	e.shaMu.Lock()
+	defer e.shaMu.Unlock()
+	writeSegs(e.sha, segs)
+	e.shaOffset += n
+	return nil
 }
 
 // writeZeros writes n zero bytes at off (Dense copies).

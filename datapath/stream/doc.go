@@ -28,9 +28,11 @@
 //     one window later, as nbdcopy does. Fresh page-cache pages are the
 //     expensive resource on the hypervisor hosts we measured (bench/README.md),
 //     and this mode recycles a small set of pages instead of filling the cache.
-//     Reads of a source that is not in the page cache are evicted after use
-//     for the same reason, while a cached source is read from the cache and
-//     left there. WriteDirect (O_DIRECT) and WriteBuffered are available.
+//     Reads of a dense source that is not in the page cache are dropped after
+//     use for the same reason. A source range that is already cached is not
+//     read at all: it is mapped and written with O_DIRECT straight from the
+//     page cache (no copy, and the cache is left as it was). WriteDirect
+//     (O_DIRECT) and WriteBuffered are available.
 //   - When both ends are files on one filesystem that can share extents
 //     (xfs, btrfs), the whole copy is a reflink (FICLONE). copy_file_range is
 //     used only on request (CopyModeCFR), per data extent, because on ext4 it

@@ -320,10 +320,15 @@ func (s *HTTPSource) backoff(ctx context.Context, attempt int) error {
 	}
 }
 
+// resetRetriesAfter is how much an attempt must transfer before a later
+// failure gets a fresh retry budget: a long read over a flaky link keeps
+// going, a server that trickles a few bytes per connection does not.
+const resetRetriesAfter = 1 << 20
+
 // attempts runs fn until it succeeds, fails permanently, or the retries are
-// used up; fn reports progress so that an attempt that moved forward does
-// not count against the budget.
-func (s *HTTPSource) attempts(ctx context.Context, what string, fn func() (progressed bool, err error)) error {
+// used up; fn reports how many bytes it transferred, and an attempt that
+// moved at least resetRetriesAfter bytes resets the budget.
+func (s *HTTPSource) attempts(ctx context.Context, what string, fn func() (progressed int, err error)) error {
 	failures := 0
 	for {
 		progressed, err := fn()
@@ -336,7 +341,7 @@ func (s *HTTPSource) attempts(ctx context.Context, what string, fn func() (progr
 		if !retryable(err) {
 			return err
 		}
-		if progressed {
+		if progressed >= resetRetriesAfter {
 			failures = 0
 		}
 		failures++
@@ -353,10 +358,10 @@ func (s *HTTPSource) attempts(ctx context.Context, what string, fn func() (progr
 
 func (s *HTTPSource) readRanged(ctx context.Context, p []byte, off int64) (int, error) {
 	got := 0
-	err := s.attempts(ctx, fmt.Sprintf("read %s at %d", s.url, off), func() (bool, error) {
+	err := s.attempts(ctx, fmt.Sprintf("read %s at %d", s.url, off), func() (int, error) {
 		start := got
 		err := s.rangeOnce(ctx, p, off, &got)
-		return got > start, err
+		return got - start, err
 	})
 	return got, err
 }
@@ -435,13 +440,13 @@ func (s *HTTPSource) readSequential(ctx context.Context, p []byte, off int64) (i
 		s.closeSeq()
 	}
 	got := 0
-	err := s.attempts(ctx, fmt.Sprintf("read %s at %d", s.url, off), func() (bool, error) {
+	err := s.attempts(ctx, fmt.Sprintf("read %s at %d", s.url, off), func() (int, error) {
 		start := got
 		err := s.seqOnce(ctx, p, off, &got)
 		if err != nil {
 			s.closeSeq()
 		}
-		return got > start, err
+		return got - start, err
 	})
 	return got, err
 }

@@ -3,6 +3,7 @@ package stream
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -47,6 +48,12 @@ func OpenQcow2Source(path string) (*Qcow2Source, error) {
 		}
 		return nil, fmt.Errorf("open source %s: %w", path, err)
 	}
+	var hdr [32]byte
+	if n, _ := f.ReadAt(hdr[:], 0); n == len(hdr) && bytes.Equal(hdr[:4], qcow2Magic) && binary.BigEndian.Uint64(hdr[24:]) == 0 {
+		// an empty image has no L1 table, which the reader refuses
+		st, _ := f.Stat()
+		return &Qcow2Source{f: f, path: path, identity: fmt.Sprintf("qcow2:%s:size=0:file-size=%d:mtime=%d", path, st.Size(), st.ModTime().UnixNano())}, nil
+	}
 	img, err := qcow2reader.OpenWithType(f, "qcow2")
 	if err != nil {
 		f.Close()
@@ -63,14 +70,19 @@ func OpenQcow2Source(path string) (*Qcow2Source, error) {
 }
 
 // Size is the virtual size.
-func (s *Qcow2Source) Size() int64 { return s.img.Size() }
+func (s *Qcow2Source) Size() int64 {
+	if s.img == nil {
+		return 0
+	}
+	return s.img.Size()
+}
 
 // Identity names path, sizes and mtime.
 func (s *Qcow2Source) Identity() string { return s.identity }
 
 // ReadAt reads guest-visible bytes.
 func (s *Qcow2Source) ReadAt(p []byte, off int64) (int, error) {
-	size := s.img.Size()
+	size := s.Size()
 	if off >= size {
 		if len(p) == 0 {
 			return 0, nil
@@ -93,7 +105,7 @@ func (s *Qcow2Source) ReadAt(p []byte, off int64) (int, error) {
 
 // Extents maps zero and unallocated clusters to holes.
 func (s *Qcow2Source) Extents(ctx context.Context, off, length int64) ([]Extent, error) {
-	end := min(off+length, s.img.Size())
+	end := min(off+length, s.Size())
 	var out []Extent
 	for pos := off; pos < end; {
 		if err := ctx.Err(); err != nil {
@@ -115,7 +127,9 @@ func (s *Qcow2Source) Extents(ctx context.Context, off, length int64) ([]Extent,
 
 // Close closes the image and the file.
 func (s *Qcow2Source) Close() error {
-	s.img.Close()
+	if s.img != nil {
+		s.img.Close()
+	}
 	return s.f.Close()
 }
 

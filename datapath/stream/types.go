@@ -59,6 +59,23 @@ type Sequential interface {
 	Sequential() bool
 }
 
+// Mapper is implemented by sources that can lend a read-only view of a
+// range that is already in memory (a file range in the page cache), which
+// saves copying it. ok is false when a read is the better way. A view stays
+// valid until Close; reading it may fault if the source shrinks meanwhile,
+// which the engine turns into an error.
+type Mapper interface {
+	MapRange(off, n int64) (view []byte, ok bool)
+}
+
+// DirectWriter is implemented by sinks that can write without a copy
+// through the page cache (O_DIRECT where offsets allow it). The engine uses
+// it for data lent by a Mapper: the kernel then moves the bytes from the
+// source's page cache to the device with no copy at all.
+type DirectWriter interface {
+	WriteAtDirect(p []byte, off int64) (int, error)
+}
+
 // Sink is something to copy to. WriteAt must be safe for concurrent use at
 // different offsets. Zero makes a range read as zeros, punching a hole where
 // it can. Commit makes the written object durable and visible at its final
@@ -202,8 +219,8 @@ func ParseCopyMode(s string) (CopyMode, bool) {
 
 // Defaults of Options.
 const (
-	DefaultWorkers            = 4
-	DefaultChunkSize          = 4 << 20
+	DefaultWorkers            = 8
+	DefaultChunkSize          = 2 << 20
 	DefaultZeroBlock          = 4 << 10
 	DefaultCheckpointInterval = time.Second
 	DefaultProgressInterval   = 500 * time.Millisecond
