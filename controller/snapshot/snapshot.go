@@ -10,7 +10,6 @@ package snapshot
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"sort"
@@ -22,7 +21,6 @@ import (
 	"github.com/stowage/stowage/controller/meta"
 	"github.com/stowage/stowage/controller/motion"
 	"github.com/stowage/stowage/controller/volume"
-	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 )
@@ -388,5 +386,3 @@ func (s *Service) needed(ctx context.Context, r *stowagev1.SnapshotOnStore) (boo
 	return false, "", nil
 }
 
-var _ = errors.Join
-var _ drivers.Progress

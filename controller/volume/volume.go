@@ -16,10 +16,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"strings"
 	"time"
-
-	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/stowage/stowage/controller/datastore"
 	"github.com/stowage/stowage/controller/endpoint"
@@ -287,7 +286,7 @@ func (p *planner) fromTemplate(ctx context.Context, req *stowagev1.CreateVolumeR
 	if req.GetSize() != 0 && req.GetSize() < tmpl.GetVirtualSize() {
 		return fmt.Errorf("size %d is smaller than template %s (%d bytes): %w", req.GetSize(), tmpl.GetName(), tmpl.GetVirtualSize(), errdefs.ErrInvalid)
 	}
-	imgRef, imgStore, err := p.s.images.ReadyOn(ctx, tmpl.GetId(), stowagev1.StoreRole_STORE_ROLE_IMAGE)
+	_, imgStore, err := p.s.images.ReadyOn(ctx, tmpl.GetId(), stowagev1.StoreRole_STORE_ROLE_IMAGE)
 	if err != nil {
 		return err
 	}
@@ -314,7 +313,6 @@ func (p *planner) fromTemplate(ctx context.Context, req *stowagev1.CreateVolumeR
 	default:
 		return err
 	}
-	_ = imgRef
 	d, err := motion.PickInstall(motion.InstallRequest{
 		TemplateFormat: tfmt, VolumeFormat: want, StoreReflink: st.GetDetails()["reflink"] == "true",
 		Grow: req.GetSize() > tmpl.GetVirtualSize(),
@@ -757,7 +755,9 @@ func (s *Service) evictCache(ctx context.Context, job *stowagev1.Job, rep *jobs.
 			lru = append(lru, r)
 		}
 	}
-	slicesSortByLastUsed(lru)
+	slices.SortFunc(lru, func(a, b *stowagev1.TemplateOnStore) int {
+		return a.GetLastUsed().AsTime().Compare(b.GetLastUsed().AsTime())
+	})
 	for _, r := range lru {
 		if free >= floor {
 			break
@@ -770,14 +770,3 @@ func (s *Service) evictCache(ctx context.Context, job *stowagev1.Job, rep *jobs.
 	}
 	return nil
 }
-
-func slicesSortByLastUsed(refs []*stowagev1.TemplateOnStore) {
-	for i := 1; i < len(refs); i++ {
-		for j := i; j > 0 && refs[j].GetLastUsed().AsTime().Before(refs[j-1].GetLastUsed().AsTime()); j-- {
-			refs[j], refs[j-1] = refs[j-1], refs[j]
-		}
-	}
-}
-
-var _ = errors.Join
-var _ = timestamppb.Now
