@@ -385,4 +385,3 @@ func (s *Service) needed(ctx context.Context, r *stowagev1.SnapshotOnStore) (boo
 	}
 	return false, "", nil
 }
-

@@ -24,7 +24,7 @@ func TestFioNBDEngine(t *testing.T) {
 	}
 	out, err := exec.Command(fio, "--name=nbd", "--ioengine=nbd", "--uri="+ts.uri("fio"),
 		"--rw=randwrite", "--bs=4k", "--size=32m", "--iodepth=16", "--io_size=8m",
-		"--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--randrepeat=1").CombinedOutput()
+		"--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--randrepeat=1", "--verify_state_save=0").CombinedOutput()
 	if err != nil {
 		t.Fatalf("fio: %v\n%s", err, out)
 	}
