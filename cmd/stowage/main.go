@@ -68,6 +68,7 @@ func newRootCmd() *cobra.Command {
 		newCopyCmd(),
 		newVerifyCmd(),
 		newNBDCmd(),
+		newCacheCmd(),
 	)
 	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error {
 		return usageError{fmt.Errorf("%w (see '%s --help')", err, c.CommandPath())}

@@ -1,0 +1,237 @@
+package imagecache
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"math/rand/v2"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stowage/stowage/datapath/stream"
+	"github.com/stowage/stowage/errdefs"
+)
+
+// origin is a loopback HTTP server of files with Range support, a request
+// counter and a switch that makes it answer 500.
+type origin struct {
+	t      *testing.T
+	srv    *httptest.Server
+	mu     sync.Mutex
+	files  map[string][]byte
+	ranged atomic.Int64 // range requests, the one-byte probes excluded
+	fail   atomic.Bool
+}
+
+func newOrigin(t *testing.T) *origin {
+	o := &origin{t: t, files: map[string][]byte{}}
+	o.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if o.fail.Load() {
+			http.Error(w, "injected failure", http.StatusInternalServerError)
+			return
+		}
+		o.mu.Lock()
+		b, ok := o.files[strings.TrimPrefix(r.URL.Path, "/")]
+		o.mu.Unlock()
+		if !ok {
+			http.NotFound(w, r)
+			return
+		}
+		if rg := r.Header.Get("Range"); rg != "" && rg != "bytes=0-0" {
+			o.ranged.Add(1)
+		}
+		http.ServeContent(w, r, "", time.Unix(1700000000, 0), bytes.NewReader(b))
+	}))
+	t.Cleanup(o.srv.Close)
+	return o
+}
+
+func (o *origin) put(name string, b []byte) string {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.files[name] = b
+	return o.srv.URL + "/" + name
+}
+
+func randBytes(n int, seed uint64) []byte {
+	r := rand.New(rand.NewPCG(seed, seed))
+	b := make([]byte, n)
+	for i := 0; i < n; i += 8 {
+		v := r.Uint64()
+		for k := 0; k < 8 && i+k < n; k++ {
+			b[i+k] = byte(v >> (8 * k))
+		}
+	}
+	// A zero region, stored as a hole.
+	clear(b[n/2 : n/2+n/8])
+	return b
+}
+
+func testOptions(dir string) Options {
+	return Options{
+		Dir: dir, ChunkSize: 64 << 10, PrefetchRate: -1, MaxMerge: 256 << 10,
+		CommitInterval: 50 * time.Millisecond,
+		Open:           OpenStream(stream.HTTPOptions{MaxRetries: -1}),
+	}
+}
+
+func TestCacheReadsMergeDedupAndRestart(t *testing.T) {
+	ctx := context.Background()
+	o := newOrigin(t)
+	data := randBytes(3<<20+12345, 1)
+	url := o.put("a.raw", data)
+	dir := t.TempDir()
+	c, err := New(testOptions(dir))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tm, err := c.Add(ctx, "a.raw", url, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if tm.Size() != int64(len(data)) {
+		t.Fatalf("size %d, want %d", tm.Size(), len(data))
+	}
+
+	// Four missing adjacent chunks: one ranged request.
+	buf := make([]byte, 4*64<<10)
+	if _, err := tm.ReadAt(ctx, buf, 0); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(buf, data[:len(buf)]) {
+		t.Fatal("bytes differ")
+	}
+	if n := o.ranged.Load(); n != 1 {
+		t.Fatalf("%d range requests for 4 adjacent chunks, want 1", n)
+	}
+
+	// Many readers missing the same chunk: one fetch.
+	before := o.ranged.Load()
+	var wg sync.WaitGroup
+	for range 16 {
+		wg.Go(func() {
+			p := make([]byte, 100)
+			if _, err := tm.ReadAt(ctx, p, 1<<20+17); err != nil {
+				t.Error(err)
+			}
+			if !bytes.Equal(p, data[1<<20+17:1<<20+117]) {
+				t.Error("bytes differ")
+			}
+		})
+	}
+	wg.Wait()
+	if n := o.ranged.Load() - before; n != 1 {
+		t.Fatalf("%d fetches for one chunk read by 16 readers, want 1", n)
+	}
+
+	// Random reads, including the tail.
+	r := rand.New(rand.NewPCG(2, 2))
+	for range 50 {
+		off := r.Int64N(int64(len(data)))
+		p := make([]byte, r.IntN(200<<10)+1)
+		n, err := tm.ReadAt(ctx, p, off)
+		if err != nil && !(errors.Is(err, io.EOF) && off+int64(n) == int64(len(data))) {
+			t.Fatalf("read %d at %d: %v", len(p), off, err)
+		}
+		if !bytes.Equal(p[:n], data[off:off+int64(n)]) {
+			t.Fatalf("bytes differ at %d", off)
+		}
+	}
+	st := tm.Stats()
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	// Restart: what was fetched is not fetched again.
+	c2, err := New(testOptions(dir))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c2.Close()
+	tm2, err := c2.Add(ctx, "a.raw", url, int64(len(data)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := tm2.Stats().CachedChunks; got != st.CachedChunks {
+		t.Fatalf("after restart %d chunks cached, want %d", got, st.CachedChunks)
+	}
+	before = o.ranged.Load()
+	if _, err := tm2.ReadAt(ctx, buf, 0); err != nil {
+		t.Fatal(err)
+	}
+	if n := o.ranged.Load() - before; n != 0 {
+		t.Fatalf("%d fetches of cached chunks after restart, want 0", n)
+	}
+	if !bytes.Equal(buf, data[:len(buf)]) {
+		t.Fatal("bytes differ after restart")
+	}
+}
+
+func TestCacheSourceFailureAndPrefetch(t *testing.T) {
+	ctx := context.Background()
+	o := newOrigin(t)
+	data := randBytes(2<<20, 3)
+	url := o.put("b.raw", data)
+	c, err := New(testOptions(t.TempDir()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	tm, err := c.Add(ctx, "b.raw", url, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	o.fail.Store(true)
+	p := make([]byte, 4096)
+	if _, err := tm.ReadAt(ctx, p, 8192); !errors.Is(err, errdefs.ErrUnavailable) {
+		t.Fatalf("read from failing source: %v, want unavailable", err)
+	}
+	o.fail.Store(false)
+	if _, err := tm.ReadAt(ctx, p, 8192); err != nil || !bytes.Equal(p, data[8192:8192+4096]) {
+		t.Fatalf("read after recovery: %v", err)
+	}
+
+	if _, err := c.Add(ctx, "bad/id", url, 0); !errors.Is(err, errdefs.ErrInvalid) {
+		t.Fatalf("bad id: %v", err)
+	}
+	if _, err := c.Add(ctx, "c.raw", url, 5); !errors.Is(err, errdefs.ErrFailedPrecondition) {
+		t.Fatalf("wrong size: %v", err)
+	}
+
+	// Prefetch completes a template.
+	o2 := testOptions(t.TempDir())
+	o2.PrefetchRate = 0
+	c2, err := New(o2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c2.Close()
+	tm2, err := c2.Add(ctx, "b.raw", url, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitComplete(t, tm2)
+	got, err := os.ReadFile(filepath.Join(o2.Dir, "b.raw", "data"))
+	if err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("complete data file differs: %v", err)
+	}
+}
+
+func waitComplete(t *testing.T, tm *Template) {
+	t.Helper()
+	deadline := time.Now().Add(60 * time.Second)
+	for !tm.Complete() {
+		if time.Now().After(deadline) {
+			t.Fatalf("template %s not complete: %+v", tm.ID(), tm.Stats())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}

@@ -1,0 +1,33 @@
+// Package imagecache serves VM templates from a persistent, lazily filled
+// local chunk cache, and exposes them read-only over FUSE so that a VM can
+// boot before its template has fully arrived.
+//
+// A [Cache] owns one directory. Each template (identified by an id that is
+// also its file name in the mount) lives in its own subdirectory:
+//
+//	DIR/
+//	  <id>/
+//	    data     sparse file of the template's full size; a chunk's bytes
+//	             are valid only when the index says the chunk is present
+//	    index    JSON: source URL, size, chunk size, per-chunk sha256 of
+//	             every verified chunk (the bitmap), whole-file digest
+//
+// Reads are chunk-aligned (default 1 MiB). Present chunks are read from the
+// data file; missing ones are fetched with one ranged request per run of
+// adjacent missing chunks, each chunk fetched at most once however many
+// readers miss it at the same time (a per-chunk single flight), with the
+// number of concurrent fetches bounded by a semaphore. A fetched chunk is
+// written at its offset in the data file (the work-in-progress copy, which
+// no reader looks at yet), hashed, and only then marked present. The index
+// is committed by fdatasync of the data file followed by temp+fsync+rename
+// of the index, so after a crash every chunk the index names is on disk and
+// chunks written after the last commit are simply fetched again.
+//
+// A background prefetcher fills the remaining chunks in order at a bounded
+// rate. A template whose chunks are all present is complete: the FUSE layer
+// then hands new opens to the kernel with FUSE passthrough, so reads no
+// longer reach this process at all.
+//
+// The package knows nothing of the controller: it is given source URLs and
+// sizes, and its FUSE mount is driven by Add and Remove.
+package imagecache

@@ -1,0 +1,259 @@
+package imagecache
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/hanwen/go-fuse/v2/fs"
+	"github.com/hanwen/go-fuse/v2/fuse"
+	"golang.org/x/sys/unix"
+
+	"github.com/stowage/stowage/errdefs"
+)
+
+// MountOptions tune a FUSE mount of a Cache.
+type MountOptions struct {
+	// AllowOther lets users other than the mounting one (QEMU running as
+	// another user) read the templates.
+	AllowOther bool
+	// NoPassthrough serves complete templates through this process even
+	// when the kernel supports FUSE passthrough (for measurements).
+	NoPassthrough bool
+	// Debug logs every FUSE request.
+	Debug bool
+	// Logger receives read failures (default the cache's logger).
+	Logger *slog.Logger
+}
+
+// Mount is a read-only FUSE filesystem showing a Cache's templates as
+// files named by id, at their real size. Reads of missing chunks fetch
+// them; once a template is complete, new opens are served by the kernel
+// from the cached data file (FUSE passthrough) without reaching this
+// process, or, on a kernel without passthrough, with the page cache kept
+// across opens.
+type Mount struct {
+	c     *Cache
+	dir   string
+	srv   *fuse.Server
+	root  *rootNode
+	log   *slog.Logger
+	pt    bool
+	reads atomic.Int64
+}
+
+// MountCache mounts c at dir (DirectMountStrict: no fusermount). A stale
+// mount left at dir by a crashed daemon is detached first. ctx bounds
+// only the mounting itself.
+func MountCache(ctx context.Context, c *Cache, dir string, o MountOptions) (*Mount, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	if err := CleanStaleMount(dir); err != nil {
+		return nil, err
+	}
+	m := &Mount{c: c, dir: dir, log: o.Logger}
+	if m.log == nil {
+		m.log = c.log
+	}
+	m.root = &rootNode{m: m}
+	ttl := 10 * time.Second
+	var neg time.Duration
+	srv, err := fs.Mount(dir, m.root, &fs.Options{
+		EntryTimeout: &ttl, AttrTimeout: &ttl, NegativeTimeout: &neg,
+		MountOptions: fuse.MountOptions{
+			DirectMountStrict: true,
+			AllowOther:        o.AllowOther,
+			FsName:            "stowage-imagecache",
+			Name:              "stowage",
+			Options:           []string{"ro"},
+			Debug:             o.Debug,
+		},
+	})
+	if err != nil {
+		return nil, fmt.Errorf("mount image cache at %s: %w", dir, errors.Join(err, errdefs.ErrUnavailable))
+	}
+	m.srv = srv
+	m.pt = !o.NoPassthrough && srv.KernelSettings().Flags64()&fuse.CAP_PASSTHROUGH != 0
+	c.Watch(func(id string) {
+		// The listing is computed on demand; only the kernel's cached
+		// entry (positive or negative) needs to go.
+		if errno := m.root.NotifyEntry(id); errno != 0 && errno != syscall.ENOENT {
+			m.log.Debug("image cache: entry invalidation failed", "template", id, "errno", errno)
+		}
+	})
+	return m, nil
+}
+
+// CleanStaleMount detaches a dead FUSE mount at dir (stat fails with
+// ENOTCONN when its daemon is gone).
+func CleanStaleMount(dir string) error {
+	_, err := os.Stat(dir)
+	if !errors.Is(err, syscall.ENOTCONN) {
+		return nil
+	}
+	if err := unix.Unmount(dir, unix.MNT_DETACH); err != nil {
+		return fmt.Errorf("detach stale mount %s: %w", dir, errors.Join(err, errdefs.ErrFailedPrecondition))
+	}
+	return nil
+}
+
+// Dir is the mount point.
+func (m *Mount) Dir() string { return m.dir }
+
+// Passthrough reports whether complete templates are served with FUSE
+// passthrough.
+func (m *Mount) Passthrough() bool { return m.pt }
+
+// Reads is the number of READ requests this process has served.
+func (m *Mount) Reads() int64 { return m.reads.Load() }
+
+// Wait returns when the filesystem is unmounted.
+func (m *Mount) Wait() { m.srv.Wait() }
+
+// Unmount unmounts, retrying while files are busy for up to timeout, then
+// detaching lazily.
+func (m *Mount) Unmount(timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	var err error
+	for {
+		if err = m.srv.Unmount(); err == nil {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if derr := unix.Unmount(m.dir, unix.MNT_DETACH); derr != nil {
+		return fmt.Errorf("unmount %s: %w", m.dir, errors.Join(err, derr, errdefs.ErrUnavailable))
+	}
+	return nil
+}
+
+type rootNode struct {
+	fs.Inode
+	m *Mount
+}
+
+var (
+	_ fs.NodeLookuper  = (*rootNode)(nil)
+	_ fs.NodeReaddirer = (*rootNode)(nil)
+	_ fs.NodeGetattrer = (*rootNode)(nil)
+)
+
+func (r *rootNode) Getattr(ctx context.Context, fh fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+	out.Mode = syscall.S_IFDIR | 0o555
+	return 0
+}
+
+func (r *rootNode) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
+	t, ok := r.m.c.Get(name)
+	if !ok {
+		return nil, syscall.ENOENT
+	}
+	n := &fileNode{t: t, m: r.m}
+	n.fill(&out.Attr)
+	return r.NewInode(ctx, n, fs.StableAttr{Mode: syscall.S_IFREG, Ino: t.gen}), 0
+}
+
+func (r *rootNode) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) {
+	ts := r.m.c.List()
+	es := make([]fuse.DirEntry, 0, len(ts))
+	for _, t := range ts {
+		es = append(es, fuse.DirEntry{Name: t.id, Mode: syscall.S_IFREG, Ino: t.gen})
+	}
+	return fs.NewListDirStream(es), 0
+}
+
+// fileNode is one template.
+type fileNode struct {
+	fs.Inode
+	t *Template
+	m *Mount
+}
+
+var (
+	_ fs.NodeGetattrer = (*fileNode)(nil)
+	_ fs.NodeOpener    = (*fileNode)(nil)
+	_ fs.NodeReader    = (*fileNode)(nil)
+)
+
+func (n *fileNode) fill(a *fuse.Attr) {
+	a.Mode = syscall.S_IFREG | 0o444
+	a.Size = uint64(n.t.size)
+	a.Blocks = (a.Size + 511) / 512
+	a.Blksize = uint32(min(n.t.cs, 1<<20))
+	a.Nlink = 1
+}
+
+func (n *fileNode) Getattr(ctx context.Context, fh fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+	n.fill(&out.Attr)
+	return 0
+}
+
+func (n *fileNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
+	if flags&syscall.O_ACCMODE != syscall.O_RDONLY {
+		return nil, 0, syscall.EROFS
+	}
+	// The bytes of a template never change, so the page cache stays valid
+	// across opens.
+	if !n.t.Complete() {
+		return nil, fuse.FOPEN_KEEP_CACHE, 0
+	}
+	f, err := os.Open(n.t.DataPath())
+	if err != nil {
+		n.m.log.Error("image cache: open cached template", "template", n.t.id, "err", err)
+		return nil, 0, syscall.EIO
+	}
+	return &completeFile{f: f, m: n.m}, fuse.FOPEN_KEEP_CACHE, 0
+}
+
+func (n *fileNode) Read(ctx context.Context, fh fs.FileHandle, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
+	if cf, ok := fh.(*completeFile); ok {
+		return cf.Read(ctx, dest, off)
+	}
+	n.m.reads.Add(1)
+	got, err := n.t.ReadAt(ctx, dest, off)
+	if err != nil && got < len(dest) && !errors.Is(err, io.EOF) {
+		n.m.log.Error("image cache: read failed", "template", n.t.id, "offset", off, "length", len(dest), "err", err)
+		return nil, syscall.EIO
+	}
+	return fuse.ReadResultData(dest[:got]), 0
+}
+
+// completeFile is an open complete template: the kernel reads its data
+// file directly (passthrough), or this process does with splice.
+type completeFile struct {
+	f *os.File
+	m *Mount
+}
+
+var (
+	_ fs.FilePassthroughFder = (*completeFile)(nil)
+	_ fs.FileReader          = (*completeFile)(nil)
+	_ fs.FileReleaser        = (*completeFile)(nil)
+)
+
+func (f *completeFile) PassthroughFd() (int, bool) {
+	if !f.m.pt {
+		return -1, false
+	}
+	return int(f.f.Fd()), true
+}
+
+func (f *completeFile) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
+	f.m.reads.Add(1)
+	return fuse.ReadResultFd(f.f.Fd(), off, len(dest)), 0
+}
+
+func (f *completeFile) Release(ctx context.Context) syscall.Errno {
+	f.f.Close()
+	return 0
+}

@@ -1,0 +1,254 @@
+package imagecache
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// requireFUSE skips unless the test can mount FUSE (root and /dev/fuse).
+func requireFUSE(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root for FUSE mounts")
+	}
+	if _, err := os.Stat("/dev/fuse"); err != nil {
+		t.Skip("no /dev/fuse")
+	}
+}
+
+func requireTool(t *testing.T, name string) {
+	t.Helper()
+	if _, err := exec.LookPath(name); err != nil {
+		t.Skipf("%s not installed", name)
+	}
+}
+
+func run(t *testing.T, name string, args ...string) string {
+	t.Helper()
+	out, err := exec.Command(name, args...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s %v: %v\n%s", name, args, err, out)
+	}
+	return string(out)
+}
+
+// mount mounts c in a temporary directory, unmounted at cleanup.
+func mount(t *testing.T, c *Cache) *Mount {
+	t.Helper()
+	mnt := t.TempDir()
+	m, err := MountCache(context.Background(), c, mnt, MountOptions{AllowOther: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := m.Unmount(5 * time.Second); err != nil {
+			t.Error(err)
+		}
+		m.Wait()
+	})
+	return m
+}
+
+// images makes a raw and a qcow2 image with known data written by qemu-io.
+func images(t *testing.T) (raw, qcow []byte) {
+	requireTool(t, "qemu-img")
+	requireTool(t, "qemu-io")
+	dir := t.TempDir()
+	rp, qp := filepath.Join(dir, "t.raw"), filepath.Join(dir, "t.qcow2")
+	run(t, "qemu-img", "create", "-q", "-f", "raw", rp, "6M")
+	run(t, "qemu-img", "create", "-q", "-f", "qcow2", qp, "16M")
+	for _, w := range [][3]string{{"0xa1", "0", "1M"}, {"0x5c", "3M", "700k"}, {"0xee", "5M", "1M"}} {
+		run(t, "qemu-io", "-f", "raw", "-c", "write -P "+w[0]+" "+w[1]+" "+w[2], rp)
+		run(t, "qemu-io", "-f", "qcow2", "-c", "write -P "+w[0]+" "+w[1]+" "+w[2], qp)
+	}
+	raw, err := os.ReadFile(rp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Random bytes too, so that misplaced chunks cannot look right.
+	copy(raw[1<<20+4096:], randBytes(1<<20, 7))
+	qcow, err = os.ReadFile(qp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return raw, qcow
+}
+
+func TestMountLazyPrefetchPassthroughClone(t *testing.T) {
+	requireFUSE(t)
+	raw, qcow := images(t)
+	o := newOrigin(t)
+	rawURL, qcowURL := o.put("t.raw", raw), o.put("t.qcow2", qcow)
+	opts := testOptions(t.TempDir())
+	opts.PrefetchRate = 4 << 20 // slow enough to read during the prefetch
+	c, err := New(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	m := mount(t, c)
+	ctx := context.Background()
+	rt, err := c.Add(ctx, "t.raw", rawURL, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	qt, err := c.Add(ctx, "t.qcow2", qcowURL, int64(len(qcow)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	names := func() []string {
+		es, err := os.ReadDir(m.Dir())
+		if err != nil {
+			t.Fatal(err)
+		}
+		var ns []string
+		for _, e := range es {
+			ns = append(ns, e.Name())
+		}
+		return ns
+	}
+	if got := names(); !slices.Equal(got, []string{"t.qcow2", "t.raw"}) {
+		t.Fatalf("listing %v", got)
+	}
+	st, err := os.Stat(filepath.Join(m.Dir(), "t.raw"))
+	if err != nil || st.Size() != int64(len(raw)) {
+		t.Fatalf("stat: %v %v", st, err)
+	}
+
+	// Random reads while the prefetch is running.
+	f, err := os.Open(filepath.Join(m.Dir(), "t.raw"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := rand.New(rand.NewPCG(9, 9))
+	for range 40 {
+		off := r.Int64N(int64(len(raw)))
+		p := make([]byte, r.IntN(300<<10)+1)
+		n, err := f.ReadAt(p, off)
+		if err != nil && off+int64(n) != int64(len(raw)) {
+			t.Fatalf("read at %d: %v", off, err)
+		}
+		if !bytes.Equal(p[:n], raw[off:off+int64(n)]) {
+			t.Fatalf("bytes differ at %d", off)
+		}
+	}
+	if rt.Complete() {
+		t.Log("template completed before the random reads ended; prefetch faster than expected")
+	}
+	f.Close()
+	if w := writeErr(filepath.Join(m.Dir(), "t.raw")); w == nil {
+		t.Fatal("write open succeeded on a read-only mount")
+	}
+
+	// qemu-img on the mounted qcow2, during the prefetch.
+	mq := filepath.Join(m.Dir(), "t.qcow2")
+	if out := run(t, "qemu-img", "info", mq); !bytes.Contains([]byte(out), []byte("file format: qcow2")) {
+		t.Fatalf("qemu-img info: %s", out)
+	}
+	src := filepath.Join(t.TempDir(), "src.qcow2")
+	if err := os.WriteFile(src, qcow, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	run(t, "qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", src, mq)
+	run(t, "cmp", filepath.Join(m.Dir(), "t.qcow2"), src)
+
+	// Linked clone backed by the mounted template.
+	clone := filepath.Join(t.TempDir(), "clone.qcow2")
+	run(t, "qemu-img", "create", "-q", "-f", "qcow2", "-b", mq, "-F", "qcow2", clone)
+	run(t, "qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", clone, src)
+
+	// Complete: new opens go through passthrough and reach us no more.
+	waitComplete(t, rt)
+	waitComplete(t, qt)
+	before := m.Reads()
+	rawSrc := filepath.Join(t.TempDir(), "src.raw")
+	if err := os.WriteFile(rawSrc, raw, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// Drop the page cache of the mounted file so reads must go somewhere.
+	_ = os.WriteFile("/proc/sys/vm/drop_caches", []byte("1"), 0)
+	run(t, "cmp", filepath.Join(m.Dir(), "t.raw"), rawSrc)
+	if m.Passthrough() {
+		if n := m.Reads() - before; n != 0 {
+			t.Fatalf("%d READ requests reached the daemon for a complete template with passthrough", n)
+		}
+		t.Logf("passthrough active: 0 READ requests for a cold cmp of the complete template (%d before completion)", before)
+	} else {
+		t.Log("kernel without FUSE passthrough: complete templates are read through the daemon")
+	}
+
+	// Remove changes the listing without a remount.
+	if err := c.Remove(ctx, "t.qcow2"); err != nil {
+		t.Fatal(err)
+	}
+	if got := names(); !slices.Equal(got, []string{"t.raw"}) {
+		t.Fatalf("listing after remove %v", got)
+	}
+	if _, err := os.Stat(mq); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("stat of removed template: %v", err)
+	}
+	if _, err := c.Add(ctx, "t.qcow2", qcowURL, 0); err != nil {
+		t.Fatal(err)
+	}
+	run(t, "cmp", mq, src)
+}
+
+func writeErr(p string) error {
+	f, err := os.OpenFile(p, os.O_WRONLY, 0)
+	if err == nil {
+		f.Close()
+	}
+	return err
+}
+
+func TestMountSourceFailureGivesEIOThenRecovers(t *testing.T) {
+	requireFUSE(t)
+	o := newOrigin(t)
+	data := randBytes(1<<20, 11)
+	url := o.put("f.raw", data)
+	c, err := New(testOptions(t.TempDir())) // no prefetch
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	m := mount(t, c)
+	if _, err := c.Add(context.Background(), "f.raw", url, 0); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(filepath.Join(m.Dir(), "f.raw"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	p := make([]byte, 4096)
+	if _, err := f.ReadAt(p, 0); err != nil {
+		t.Fatal(err)
+	}
+	o.fail.Store(true)
+	if _, err := f.ReadAt(p, 512<<10); !errors.Is(err, syscall.EIO) {
+		t.Fatalf("read from failing source: %v, want EIO", err)
+	}
+	// Other (cached) ranges still read.
+	if _, err := f.ReadAt(p, 0); err != nil || !bytes.Equal(p, data[:4096]) {
+		t.Fatalf("cached read during failure: %v", err)
+	}
+	o.fail.Store(false)
+	if _, err := f.ReadAt(p, 512<<10); err != nil || !bytes.Equal(p, data[512<<10:512<<10+4096]) {
+		t.Fatalf("read after recovery: %v", err)
+	}
+}
+
+func TestCleanStaleMountNoop(t *testing.T) {
+	if err := CleanStaleMount(t.TempDir()); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -1,0 +1,93 @@
+package imagecache
+
+import (
+	"context"
+	"sync"
+	"time"
+)
+
+// prefetch fetches the missing chunks in order, MaxMerge bytes at a time,
+// at the cache's PrefetchRate, retrying failures with backoff.
+func (t *Template) prefetch() {
+	defer t.wg.Done()
+	ctx := t.ctx
+	log := t.c.log.With("template", t.id)
+	maxRun := int(t.c.o.MaxMerge / t.cs)
+	backoff := time.Second
+	for i := 0; i < t.nchunks; {
+		t.mu.Lock()
+		for i < t.nchunks && t.sums[i] != nil {
+			i++
+		}
+		j := i
+		for j < t.nchunks && t.sums[j] == nil && j-i < maxRun {
+			j++
+		}
+		failed := t.failed
+		t.mu.Unlock()
+		if i >= t.nchunks || failed != nil {
+			return
+		}
+		off := int64(i) * t.cs
+		n := min(int64(j)*t.cs, t.size) - off
+		if err := t.c.rate.wait(ctx, n); err != nil {
+			return
+		}
+		if _, err := t.Ensure(ctx, off, n); err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			log.Warn("image cache: prefetch failed; retrying", "offset", off, "err", err, "retry_in", backoff)
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(backoff):
+			}
+			backoff = min(2*backoff, 30*time.Second)
+			continue
+		}
+		backoff = time.Second
+		i = j
+	}
+}
+
+// limiter paces byte transfers to a rate shared by its callers.
+type limiter struct {
+	rate int64
+	mu   sync.Mutex
+	next time.Time
+}
+
+func newLimiter(bytesPerSecond int64) *limiter {
+	if bytesPerSecond <= 0 {
+		return nil
+	}
+	return &limiter{rate: bytesPerSecond}
+}
+
+// wait returns when n more bytes fit the rate, or when ctx ends.
+func (l *limiter) wait(ctx context.Context, n int64) error {
+	if l == nil {
+		return ctx.Err()
+	}
+	l.mu.Lock()
+	now := time.Now()
+	if l.next.Before(now) {
+		l.next = now
+	}
+	at := l.next
+	l.next = l.next.Add(time.Duration(float64(n) / float64(l.rate) * float64(time.Second)))
+	l.mu.Unlock()
+	d := time.Until(at)
+	if d <= 0 {
+		return ctx.Err()
+	}
+	tm := time.NewTimer(d)
+	defer tm.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-tm.C:
+		return nil
+	}
+}
