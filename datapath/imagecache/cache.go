@@ -16,6 +16,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"golang.org/x/sync/errgroup"
@@ -47,6 +48,14 @@ type Options struct {
 	// index (default 1s). Chunks fetched since the last commit are fetched
 	// again after a crash.
 	CommitInterval time.Duration
+	// CapacityBytes bounds the bytes the cache allocates on disk (the data
+	// files' allocated blocks); 0 means unlimited. Past it, whole templates
+	// are evicted, least recently read first, skipping pinned templates
+	// (see Cache.Pin), templates open through the mount and templates
+	// with fetches in flight. An evicted template stays listed and is
+	// fetched again on demand. The limit is soft: when nothing can be
+	// evicted the cache grows past it.
+	CapacityBytes int64
 	// Open opens a template's source (default OpenStream with default HTTP
 	// options: retries of dropped connections and 5xx answers).
 	Open OpenFunc
@@ -96,8 +105,12 @@ type Cache struct {
 	bufs   sync.Pool // *[]byte of MaxMerge bytes
 	wg     sync.WaitGroup
 
+	clock   atomic.Uint64 // LRU clock: bumped by every read
+	evictMu sync.Mutex    // one eviction pass at a time
+
 	mu       sync.Mutex
 	tmpls    map[string]*Template
+	pins     map[string]int
 	gen      uint64
 	watchers []func(id string)
 	closed   bool
@@ -119,6 +132,7 @@ func New(o Options) (*Cache, error) {
 		sem:   semaphore.NewWeighted(int64(o.MaxFetches)),
 		rate:  newLimiter(o.PrefetchRate),
 		tmpls: map[string]*Template{},
+		pins:  map[string]int{},
 		gen:   1, // FUSE inode 1 is the root
 	}
 	c.bufs.New = func() any { b := make([]byte, o.MaxMerge); return &b }
@@ -204,6 +218,7 @@ func (c *Cache) Add(ctx context.Context, id, url string, size int64) (*Template,
 	}
 	c.tmpls[id] = t
 	c.mu.Unlock()
+	t.touch()
 	t.start()
 	c.notify(id)
 	return t, nil
@@ -226,6 +241,86 @@ func (c *Cache) Remove(ctx context.Context, id string) error {
 		return fmt.Errorf("template %s: remove cache: %w", id, errors.Join(err, errdefs.ErrUnavailable))
 	}
 	return ctx.Err()
+}
+
+// Pin keeps template id from being evicted until a matching Unpin; pins
+// nest and may be taken before the template is added. The agent pins the
+// template of every running volume, and the template a linked-clone volume
+// uses as its backing file for as long as the volume exists, unless that
+// template is also complete elsewhere on the host (then losing the cached
+// copy costs a refetch, not the volume). Pin before the volume is started:
+// an eviction pass already under way may still evict the template, which is
+// then fetched again on demand.
+func (c *Cache) Pin(id string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.pins[id]++
+}
+
+// Unpin releases one Pin of id.
+func (c *Cache) Unpin(id string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.pins[id] <= 1 {
+		delete(c.pins, id)
+	} else {
+		c.pins[id]--
+	}
+}
+
+func (c *Cache) pinned(id string) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.pins[id] > 0
+}
+
+// enforceCapacity evicts least recently used templates, never except, until
+// the allocated bytes fit CapacityBytes.
+func (c *Cache) enforceCapacity(except *Template) {
+	if c.o.CapacityBytes <= 0 || !c.evictMu.TryLock() {
+		return
+	}
+	defer c.evictMu.Unlock()
+	ts := c.List()
+	var total int64
+	alloc := make(map[*Template]int64, len(ts))
+	for _, t := range ts {
+		a := t.allocated()
+		alloc[t] = a
+		total += a
+	}
+	if total <= c.o.CapacityBytes {
+		return
+	}
+	slices.SortFunc(ts, func(a, b *Template) int { return cmpU64(a.lastUse.Load(), b.lastUse.Load()) })
+	for _, t := range ts {
+		if total <= c.o.CapacityBytes {
+			return
+		}
+		if t == except || alloc[t] == 0 {
+			continue
+		}
+		if t.evict() {
+			c.log.Info("image cache: evicted template", "template", t.id, "bytes", alloc[t],
+				"cache_bytes", total, "capacity", c.o.CapacityBytes)
+			total -= alloc[t]
+		}
+	}
+	if total <= c.o.CapacityBytes {
+		return
+	}
+	c.log.Warn("image cache: over capacity; every remaining template is pinned, open or busy",
+		"cache_bytes", total, "capacity", c.o.CapacityBytes)
+}
+
+func cmpU64(a, b uint64) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
 }
 
 // Get returns template id.
@@ -310,24 +405,38 @@ type Template struct {
 	data    *os.File
 	wantSHA string
 
+	lastUse atomic.Uint64 // Cache.clock at the last read
+	opens   atomic.Int64  // files open through the mount
+	// readMu is held shared from Ensure to the read of the data file, and
+	// exclusively by eviction, which truncates the data file.
+	readMu sync.RWMutex
+
 	fetches atomic.Int64 // ranged requests sent to the source
 	fetched atomic.Int64 // bytes received from the source
+	corrupt atomic.Int64 // cached chunks that failed verification and were dropped
 
 	ctx      context.Context // ends at close
 	cancel   context.CancelFunc
 	wg       sync.WaitGroup
 	commitMu sync.Mutex
 
-	mu        sync.Mutex
-	sums      [][]byte // sha256 of each present chunk, nil when missing
-	npresent  int
-	inflight  map[int]*call
-	dirty     bool
-	finishing bool
-	verified  bool
-	failed    error // whole-file digest mismatch: the template is unusable
-	complete  atomic.Bool
-	closed    bool
+	mu       sync.Mutex
+	sums     [][]byte // sha256 of each present chunk, nil when missing
+	npresent int
+	// checked marks present chunks whose bytes in the data file were
+	// hashed by this process (fetched here, or verified on first read);
+	// chunks from an earlier life are verified before they are served.
+	checked     []bool
+	nchecked    int
+	inflight    map[int]*call
+	dirty       bool
+	finishing   bool
+	verified    bool
+	prefetching bool
+	evicted     bool  // dropped by eviction; no prefetch until read again
+	failed      error // whole-file digest mismatch: the template is unusable
+	complete    atomic.Bool
+	closed      bool
 }
 
 const indexVersion = 1
@@ -353,6 +462,7 @@ func openTemplate(c *Cache, id, url string, size int64, gen uint64, src Source) 
 		inflight: map[int]*call{},
 	}
 	t.sums = make([][]byte, t.nchunks)
+	t.checked = make([]bool, t.nchunks)
 	fail := func(err error) (*Template, error) {
 		if t.data != nil {
 			t.data.Close()
@@ -384,9 +494,9 @@ func openTemplate(c *Cache, id, url string, size int64, gen uint64, src Source) 
 			return fail(err)
 		}
 	}
-	if t.npresent == t.nchunks && (t.verified || t.wantSHA == "") {
-		t.complete.Store(true)
-	}
+	// A template cached in full in an earlier life is not complete (served
+	// by passthrough, out of our sight) until the background pass has
+	// verified every chunk; see start.
 	t.ctx, t.cancel = context.WithCancel(c.ctx)
 	c.log.Info("image cache: template added", "template", id, "source", url, "size", size,
 		"chunks", t.nchunks, "cached_chunks", t.npresent, "complete", t.complete.Load())
@@ -420,13 +530,22 @@ func (t *Template) load() bool {
 	return true
 }
 
-// start launches the background prefetch.
+// start launches the background prefetch. With prefetching disabled, a
+// template whose chunks are all cached still gets a local verification
+// pass, so that it can become complete.
 func (t *Template) start() {
-	if t.c.o.PrefetchRate < 0 || t.complete.Load() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.complete.Load() || t.closed || t.prefetching {
 		return
 	}
+	verifyOnly := t.c.o.PrefetchRate < 0
+	if verifyOnly && t.npresent != t.nchunks {
+		return
+	}
+	t.prefetching = true
 	t.wg.Add(1)
-	go t.prefetch()
+	go t.prefetch(verifyOnly)
 }
 
 // ID is the template's id, its file name in the mount.
@@ -448,18 +567,93 @@ type Stats struct {
 	Chunks, CachedChunks int
 	Fetches              int64 // ranged requests sent to the source
 	FetchedBytes         int64
+	// CorruptChunks counts cached chunks whose bytes did not match their
+	// recorded sha256 when first read in this process; each was dropped
+	// and fetched again.
+	CorruptChunks int64
 }
 
 // Stats returns the template's progress.
 func (t *Template) Stats() Stats {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	return Stats{Chunks: t.nchunks, CachedChunks: t.npresent, Fetches: t.fetches.Load(), FetchedBytes: t.fetched.Load()}
+	return Stats{Chunks: t.nchunks, CachedChunks: t.npresent, Fetches: t.fetches.Load(), FetchedBytes: t.fetched.Load(),
+		CorruptChunks: t.corrupt.Load()}
+}
+
+// touch marks the template as just used, for LRU eviction.
+func (t *Template) touch() { t.lastUse.Store(t.c.clock.Add(1)) }
+
+// allocated is the number of bytes the data file occupies on disk.
+func (t *Template) allocated() int64 {
+	st, err := t.data.Stat()
+	if err != nil {
+		return 0
+	}
+	if sys, ok := st.Sys().(*syscall.Stat_t); ok {
+		return sys.Blocks * 512
+	}
+	return st.Size()
+}
+
+// evict drops every cached chunk of the template and frees its blocks,
+// unless it is pinned, open, being read or fetched, or being finished. The
+// template stays listed; reads fetch its chunks again and restart its
+// prefetch. A crash between the truncation and the index commit is caught
+// by the verification of chunks on their first read.
+func (t *Template) evict() bool {
+	if !t.readMu.TryLock() {
+		return false
+	}
+	defer t.readMu.Unlock()
+	t.mu.Lock()
+	wasComplete := t.complete.Load()
+	if t.closed || len(t.inflight) > 0 || t.npresent == 0 || (t.finishing && !wasComplete) {
+		t.mu.Unlock()
+		return false
+	}
+	// Store before checking opens; Open increments opens before it loads
+	// complete, so one of the two sees the other.
+	t.complete.Store(false)
+	if t.opens.Load() > 0 || t.c.pinned(t.id) {
+		t.complete.Store(wasComplete)
+		t.mu.Unlock()
+		return false
+	}
+	for i := range t.sums {
+		t.sums[i] = nil
+		t.checked[i] = false
+	}
+	t.npresent, t.nchecked = 0, 0
+	t.finishing, t.verified = false, false
+	t.evicted, t.dirty = true, true
+	err := t.data.Truncate(0)
+	if err == nil {
+		err = t.data.Truncate(t.size)
+	}
+	t.mu.Unlock()
+	if err != nil {
+		t.c.log.Error("image cache: evict: truncate data file", "template", t.id, "err", err)
+	}
+	if err := t.commit(); err != nil {
+		t.c.log.Warn("image cache: commit failed", "template", t.id, "err", err)
+	}
+	return true
 }
 
 // ReadAt reads len(p) bytes at off, fetching missing chunks first. It
 // returns io.EOF at the end of the template like os.File.
 func (t *Template) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
+	t.readMu.RLock()
+	defer t.readMu.RUnlock()
+	t.touch()
+	t.mu.Lock()
+	restart := t.evicted
+	t.evicted = false
+	t.mu.Unlock()
+	if restart {
+		t.start()
+	}
 	n, err := t.Ensure(ctx, off, int64(len(p)))
 	if err != nil {
 		return 0, err
@@ -504,15 +698,23 @@ func (t *Template) Ensure(ctx context.Context, off, n int64) (int64, error) {
 			cl           *call
 		}
 		var runs []run
+		var checks []run
 		maxRun := int(t.c.o.MaxMerge / t.cs)
 		for i := first; i <= last; i++ {
-			if t.sums[i] != nil {
+			if t.sums[i] != nil && t.checked[i] {
 				continue
 			}
 			if cl := t.inflight[i]; cl != nil {
 				if len(waits) == 0 || waits[len(waits)-1] != cl {
 					waits = append(waits, cl)
 				}
+				continue
+			}
+			if t.sums[i] != nil {
+				// Cached in an earlier life: verify before serving.
+				cl := &call{done: make(chan struct{})}
+				checks = append(checks, run{first: i, count: 1, cl: cl})
+				t.inflight[i] = cl
 				continue
 			}
 			if k := len(runs) - 1; k >= 0 && runs[k].first+runs[k].count == i && runs[k].count < maxRun {
@@ -523,12 +725,15 @@ func (t *Template) Ensure(ctx context.Context, off, n int64) (int64, error) {
 			t.inflight[i] = runs[len(runs)-1].cl
 		}
 		t.mu.Unlock()
-		if len(runs) == 0 && len(waits) == 0 {
+		if len(runs) == 0 && len(waits) == 0 && len(checks) == 0 {
 			return n, nil
 		}
 		g := new(errgroup.Group)
 		for _, r := range runs {
 			g.Go(func() error { return t.fetch(ctx, r.first, r.count, r.cl) })
+		}
+		for _, r := range checks {
+			g.Go(func() error { return t.check(r.first, r.cl) })
 		}
 		err := g.Wait()
 		for _, cl := range waits {
@@ -556,6 +761,66 @@ func isCtxErr(err error) bool {
 	return errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded)
 }
 
+// readyLocked reports whether every chunk is present and checked and, if
+// so, claims the finishing of the template; the caller then runs
+// go t.finish().
+func (t *Template) readyLocked() bool {
+	if t.npresent != t.nchunks || t.nchecked != t.nchunks || t.finishing || t.closed || t.complete.Load() {
+		return false
+	}
+	t.finishing = true
+	t.wg.Add(1)
+	return true
+}
+
+// check verifies chunk i, cached in an earlier life, against its recorded
+// sha256 and completes cl. A mismatching chunk is dropped, so that the
+// caller's next pass fetches it again.
+func (t *Template) check(i int, cl *call) (err error) {
+	ok := false
+	defer func() {
+		t.mu.Lock()
+		delete(t.inflight, i)
+		finish := false
+		if err == nil && t.sums[i] != nil && !t.checked[i] {
+			if ok {
+				t.checked[i] = true
+				t.nchecked++
+				finish = t.readyLocked()
+			} else {
+				t.sums[i] = nil
+				t.npresent--
+				t.dirty = true
+			}
+		}
+		t.mu.Unlock()
+		cl.err = err
+		close(cl.done)
+		if finish {
+			go t.finish()
+		}
+	}()
+	off := int64(i) * t.cs
+	n := min(t.cs, t.size-off)
+	bp := t.c.bufs.Get().(*[]byte)
+	defer t.c.bufs.Put(bp)
+	buf := (*bp)[:n]
+	if _, err := t.data.ReadAt(buf, off); err != nil && !errors.Is(err, io.EOF) {
+		return fmt.Errorf("template %s: verify chunk %d: %w", t.id, i, errors.Join(err, errdefs.ErrUnavailable))
+	}
+	s := sha256.Sum256(buf)
+	t.mu.Lock()
+	want := t.sums[i]
+	t.mu.Unlock()
+	ok = want != nil && bytes.Equal(s[:], want)
+	if !ok && want != nil {
+		t.corrupt.Add(1)
+		t.c.log.Warn("image cache: cached chunk does not match its sha256; fetching it again",
+			"template", t.id, "chunk", i, "offset", off)
+	}
+	return nil
+}
+
 // fetch reads count chunks from first with one ranged request, stores and
 // hashes them, marks them present and completes cl.
 func (t *Template) fetch(ctx context.Context, first, count int, cl *call) (err error) {
@@ -568,18 +833,19 @@ func (t *Template) fetch(ctx context.Context, first, count int, cl *call) (err e
 				t.sums[i] = sums[i-first]
 				t.npresent++
 				t.dirty = true
+				t.checked[i] = true
+				t.nchecked++
 			}
 		}
-		finish := err == nil && t.npresent == t.nchunks && !t.finishing && !t.closed
-		if finish {
-			t.finishing = true
-			t.wg.Add(1)
-		}
+		finish := err == nil && t.readyLocked()
 		t.mu.Unlock()
 		cl.err = err
 		close(cl.done)
 		if finish {
 			go t.finish()
+		}
+		if err == nil {
+			t.c.enforceCapacity(t)
 		}
 	}()
 	off := int64(first) * t.cs
@@ -720,8 +986,9 @@ func (t *Template) finish() {
 			t.failed = fmt.Errorf("template %s: sha256 %s, source announced %s: %w", t.id, got, t.wantSHA, errdefs.ErrDataLoss)
 			for i := range t.sums {
 				t.sums[i] = nil
+				t.checked[i] = false
 			}
-			t.npresent = 0
+			t.npresent, t.nchecked = 0, 0
 			t.dirty = true
 			t.mu.Unlock()
 			log.Error("image cache: template does not match its digest; discarded", "err", t.failed)

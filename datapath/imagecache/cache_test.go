@@ -235,3 +235,139 @@ func waitComplete(t *testing.T, tm *Template) {
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
+func TestCacheCorruptChunkRefetchedAfterRestart(t *testing.T) {
+	ctx := context.Background()
+	o := newOrigin(t)
+	data := randBytes(1<<20, 5)
+	url := o.put("v.raw", data)
+	dir := t.TempDir()
+	c, err := New(testOptions(dir)) // no prefetch
+	if err != nil {
+		t.Fatal(err)
+	}
+	tm, err := c.Add(ctx, "v.raw", url, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	all := make([]byte, len(data))
+	if _, err := tm.ReadAt(ctx, all, 0); err != nil || !bytes.Equal(all, data) {
+		t.Fatalf("first read: %v", err)
+	}
+	waitComplete(t, tm)
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	// Flip one byte of chunk 1 behind the cache's back.
+	const bad = 64<<10 + 1234
+	f, err := os.OpenFile(filepath.Join(dir, "v.raw", "data"), os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt([]byte{data[bad] ^ 0xff}, bad); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+
+	c2, err := New(testOptions(dir))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c2.Close()
+	tm2, err := c2.Add(ctx, "v.raw", url, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if tm2.Complete() {
+		t.Fatal("a template cached in an earlier life is complete before it was verified")
+	}
+	before := o.ranged.Load()
+	p := make([]byte, 4096)
+	if _, err := tm2.ReadAt(ctx, p, bad-100); err != nil || !bytes.Equal(p, data[bad-100:bad-100+4096]) {
+		t.Fatalf("read of the corrupted range: %v, bytes equal %v", err, bytes.Equal(p, data[bad-100:bad-100+4096]))
+	}
+	if _, err := tm2.ReadAt(ctx, all, 0); err != nil || !bytes.Equal(all, data) {
+		t.Fatalf("full read after restart: %v", err)
+	}
+	waitComplete(t, tm2) // the verification pass completes it
+	if n := o.ranged.Load() - before; n != 1 {
+		t.Fatalf("%d fetches after restart, want 1 (the corrupt chunk)", n)
+	}
+	if st := tm2.Stats(); st.CorruptChunks != 1 || st.Fetches != 1 {
+		t.Fatalf("stats %+v, want 1 corrupt chunk and 1 fetch", st)
+	}
+	got, err := os.ReadFile(filepath.Join(dir, "v.raw", "data"))
+	if err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("data file not repaired: %v", err)
+	}
+}
+
+func TestCacheEvictsLeastRecentlyUsedUnpinned(t *testing.T) {
+	ctx := context.Background()
+	o := newOrigin(t)
+	opts := testOptions(t.TempDir())
+	// Each template is 512 KiB with one 64 KiB zero chunk (a hole): 448
+	// KiB allocated. Two fit, three do not.
+	opts.CapacityBytes = 1 << 20
+	c, err := New(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	datas := map[string][]byte{}
+	tms := map[string]*Template{}
+	for i, id := range []string{"a", "b", "c"} {
+		datas[id] = randBytes(512<<10, uint64(20+i))
+		tm, err := c.Add(ctx, id, o.put(id, datas[id]), 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tms[id] = tm
+	}
+	readAll := func(id string) {
+		t.Helper()
+		p := make([]byte, len(datas[id]))
+		if _, err := tms[id].ReadAt(ctx, p, 0); err != nil || !bytes.Equal(p, datas[id]) {
+			t.Fatalf("read %s: %v", id, err)
+		}
+	}
+	cached := func(id string) int { return tms[id].Stats().CachedChunks }
+
+	c.Pin("a")
+	readAll("a")
+	readAll("b")
+	readAll("c") // over capacity: b is the LRU unpinned template
+	if cached("a") != 8 || cached("b") != 0 || cached("c") != 8 {
+		t.Fatalf("after reading c: cached a=%d b=%d c=%d, want 8 0 8", cached("a"), cached("b"), cached("c"))
+	}
+	// The evicted template is still listed and reads back by refetching.
+	if _, ok := c.Get("b"); !ok {
+		t.Fatal("evicted template no longer listed")
+	}
+	before := o.ranged.Load()
+	readAll("b") // evicts c, never the pinned a
+	if o.ranged.Load() == before {
+		t.Fatal("evicted template read without a fetch")
+	}
+	if cached("a") != 8 || cached("b") != 8 || cached("c") != 0 {
+		t.Fatalf("after rereading b: cached a=%d b=%d c=%d, want 8 8 0", cached("a"), cached("b"), cached("c"))
+	}
+	readAll("a")
+
+	// Unpinned, a is the least recently used once b and c are read.
+	c.Unpin("a")
+	readAll("b")
+	readAll("c")
+	if cached("a") != 0 || cached("b") != 8 || cached("c") != 8 {
+		t.Fatalf("after unpin: cached a=%d b=%d c=%d, want 0 8 8", cached("a"), cached("b"), cached("c"))
+	}
+	readAll("a")
+	var total int64
+	for _, tm := range c.List() {
+		total += tm.allocated()
+	}
+	if total > opts.CapacityBytes {
+		t.Fatalf("%d bytes allocated, capacity %d", total, opts.CapacityBytes)
+	}
+}

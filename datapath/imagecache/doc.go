@@ -23,10 +23,25 @@
 // of the index, so after a crash every chunk the index names is on disk and
 // chunks written after the last commit are simply fetched again.
 //
+// Chunks named by the index of an earlier life are not trusted blindly: the
+// first read of such a chunk in this process hashes it against its recorded
+// sha256 (a per-process "checked" bit keeps later reads free of hashing),
+// and a mismatching chunk is dropped and fetched again, never served. A
+// template cached in full before a restart becomes complete (passthrough)
+// only after a background pass has checked every chunk.
+//
 // A background prefetcher fills the remaining chunks in order at a bounded
 // rate. A template whose chunks are all present is complete: the FUSE layer
 // then hands new opens to the kernel with FUSE passthrough, so reads no
 // longer reach this process at all.
+//
+// With Options.CapacityBytes, the cache evicts whole templates, least
+// recently read first, when the data files' allocated blocks exceed it. A
+// template is never evicted while it is pinned (Cache.Pin: the agent pins
+// the template of a running volume and the backing template of a linked
+// clone, unless that template is complete elsewhere on the host), open
+// through the mount, or being read or fetched. An evicted template stays
+// listed and is fetched again on demand.
 //
 // The package knows nothing of the controller: it is given source URLs and
 // sizes, and its FUSE mount is driven by Add and Remove.

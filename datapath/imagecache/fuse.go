@@ -91,12 +91,16 @@ func MountCache(ctx context.Context, c *Cache, dir string, o MountOptions) (*Mou
 	return m, nil
 }
 
-// CleanStaleMount detaches a dead FUSE mount at dir (stat fails with
-// ENOTCONN when its daemon is gone).
+// CleanStaleMount detaches a dead FUSE mount at dir (statfs fails with
+// ENOTCONN when its daemon is gone; stat alone may be answered from the
+// kernel's attribute cache for a while).
 func CleanStaleMount(dir string) error {
-	_, err := os.Stat(dir)
+	var sfs unix.Statfs_t
+	err := unix.Statfs(dir, &sfs)
 	if !errors.Is(err, syscall.ENOTCONN) {
-		return nil
+		if _, serr := os.Stat(dir); !errors.Is(serr, syscall.ENOTCONN) {
+			return nil
+		}
 	}
 	if err := unix.Unmount(dir, unix.MNT_DETACH); err != nil {
 		return fmt.Errorf("detach stale mount %s: %w", dir, errors.Join(err, errdefs.ErrFailedPrecondition))
@@ -183,6 +187,7 @@ var (
 	_ fs.NodeGetattrer = (*fileNode)(nil)
 	_ fs.NodeOpener    = (*fileNode)(nil)
 	_ fs.NodeReader    = (*fileNode)(nil)
+	_ fs.NodeReleaser  = (*fileNode)(nil)
 )
 
 func (n *fileNode) fill(a *fuse.Attr) {
@@ -202,13 +207,18 @@ func (n *fileNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint3
 	if flags&syscall.O_ACCMODE != syscall.O_RDONLY {
 		return nil, 0, syscall.EROFS
 	}
+	// An open template is never evicted: count the open before looking at
+	// Complete (see Template.evict), and until Release.
+	n.t.opens.Add(1)
+	n.t.touch()
 	// The bytes of a template never change, so the page cache stays valid
 	// across opens.
 	if !n.t.Complete() {
-		return nil, fuse.FOPEN_KEEP_CACHE, 0
+		return lazyFile{}, fuse.FOPEN_KEEP_CACHE, 0
 	}
 	f, err := os.Open(n.t.DataPath())
 	if err != nil {
+		n.t.opens.Add(-1)
 		n.m.log.Error("image cache: open cached template", "template", n.t.id, "err", err)
 		return nil, 0, syscall.EIO
 	}
@@ -228,6 +238,19 @@ func (n *fileNode) Read(ctx context.Context, fh fs.FileHandle, dest []byte, off 
 	return fuse.ReadResultData(dest[:got]), 0
 }
 
+// lazyFile is an open incomplete template, read through Template.ReadAt.
+// It is a handle at all so that its Release reaches us.
+type lazyFile struct{}
+
+// Release ends an open (of either kind).
+func (n *fileNode) Release(ctx context.Context, fh fs.FileHandle) syscall.Errno {
+	if cf, ok := fh.(*completeFile); ok {
+		cf.f.Close()
+	}
+	n.t.opens.Add(-1)
+	return 0
+}
+
 // completeFile is an open complete template: the kernel reads its data
 // file directly (passthrough), or this process does with splice.
 type completeFile struct {
@@ -238,7 +261,6 @@ type completeFile struct {
 var (
 	_ fs.FilePassthroughFder = (*completeFile)(nil)
 	_ fs.FileReader          = (*completeFile)(nil)
-	_ fs.FileReleaser        = (*completeFile)(nil)
 )
 
 func (f *completeFile) PassthroughFd() (int, bool) {
@@ -251,9 +273,4 @@ func (f *completeFile) PassthroughFd() (int, bool) {
 func (f *completeFile) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
 	f.m.reads.Add(1)
 	return fuse.ReadResultFd(f.f.Fd(), off, len(dest)), 0
-}
-
-func (f *completeFile) Release(ctx context.Context) syscall.Errno {
-	f.f.Close()
-	return 0
 }

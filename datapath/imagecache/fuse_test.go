@@ -9,9 +9,12 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // requireFUSE skips unless the test can mount FUSE (root and /dev/fuse).
@@ -250,5 +253,81 @@ func TestMountSourceFailureGivesEIOThenRecovers(t *testing.T) {
 func TestCleanStaleMountNoop(t *testing.T) {
 	if err := CleanStaleMount(t.TempDir()); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// abortFUSE kills the FUSE connection behind mnt the way a crashed daemon
+// leaves it: through fusectl's abort, without unmounting.
+func abortFUSE(t *testing.T, mnt string) {
+	t.Helper()
+	const ctl = "/sys/fs/fuse/connections"
+	if es, _ := os.ReadDir(ctl); len(es) == 0 {
+		if err := syscall.Mount("none", ctl, "fusectl", 0, ""); err != nil && !errors.Is(err, syscall.EBUSY) {
+			t.Skipf("no fusectl: %v", err)
+		}
+	}
+	var st syscall.Stat_t
+	if err := syscall.Stat(mnt, &st); err != nil {
+		t.Fatal(err)
+	}
+	abort := filepath.Join(ctl, strconv.FormatUint(uint64(unix.Minor(st.Dev)), 10), "abort")
+	if err := os.WriteFile(abort, []byte("1"), 0); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestMountRecoversStaleMount(t *testing.T) {
+	requireFUSE(t)
+	o := newOrigin(t)
+	data := randBytes(1<<20, 13)
+	url := o.put("s.raw", data)
+	c, err := New(testOptions(t.TempDir()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	if _, err := c.Add(context.Background(), "s.raw", url, 0); err != nil {
+		t.Fatal(err)
+	}
+	mnt := t.TempDir()
+	m, err := MountCache(context.Background(), c, mnt, MountOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := make([]byte, 4096)
+	f, err := os.Open(filepath.Join(mnt, "s.raw"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.ReadAt(p, 0); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+
+	// Crash: the connection dies, the mount stays.
+	abortFUSE(t, mnt)
+	m.Wait()
+	var sfs syscall.Statfs_t
+	if err := syscall.Statfs(mnt, &sfs); !errors.Is(err, syscall.ENOTCONN) {
+		t.Fatalf("statfs of a dead mount: %v, want ENOTCONN", err)
+	}
+
+	// The next start detaches it and mounts again at the same path.
+	m2, err := MountCache(context.Background(), c, mnt, MountOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := m2.Unmount(5 * time.Second); err != nil {
+			t.Error(err)
+		}
+		m2.Wait()
+	})
+	got, err := os.ReadFile(filepath.Join(mnt, "s.raw"))
+	if err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("read through the new mount: %v", err)
+	}
+	if out := run(t, "grep", "-c", " "+mnt+" ", "/proc/self/mountinfo"); out != "1\n" {
+		t.Fatalf("%s mounted %s times, want once", mnt, out)
 	}
 }

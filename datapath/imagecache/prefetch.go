@@ -7,31 +7,56 @@ import (
 )
 
 // prefetch fetches the missing chunks in order, MaxMerge bytes at a time,
-// at the cache's PrefetchRate, retrying failures with backoff.
-func (t *Template) prefetch() {
+// at the cache's PrefetchRate, retrying failures with backoff. It also
+// verifies chunks cached in an earlier life (a local read, not paced), so
+// that a fully cached template becomes complete. With verifyOnly it only
+// verifies; missing chunks are left to demand reads.
+func (t *Template) prefetch(verifyOnly bool) {
 	defer t.wg.Done()
+	// Every exit clears prefetching in the critical section that decided
+	// it, so that start after an eviction never sees a stale true.
+	exited := false
+	defer func() {
+		if !exited {
+			t.mu.Lock()
+			t.prefetching = false
+			t.mu.Unlock()
+		}
+	}()
 	ctx := t.ctx
 	log := t.c.log.With("template", t.id)
 	maxRun := int(t.c.o.MaxMerge / t.cs)
 	backoff := time.Second
+	todo := func(i int) bool {
+		if t.sums[i] == nil {
+			return !verifyOnly
+		}
+		return !t.checked[i]
+	}
 	for i := 0; i < t.nchunks; {
 		t.mu.Lock()
-		for i < t.nchunks && t.sums[i] != nil {
+		for i < t.nchunks && !todo(i) {
 			i++
 		}
 		j := i
-		for j < t.nchunks && t.sums[j] == nil && j-i < maxRun {
+		local := true // every chunk of the run is cached: verify only
+		for j < t.nchunks && todo(j) && j-i < maxRun {
+			local = local && t.sums[j] != nil
 			j++
 		}
-		failed := t.failed
-		t.mu.Unlock()
-		if i >= t.nchunks || failed != nil {
+		if i >= t.nchunks || t.failed != nil || t.evicted {
+			t.prefetching = false
+			exited = true
+			t.mu.Unlock()
 			return
 		}
+		t.mu.Unlock()
 		off := int64(i) * t.cs
 		n := min(int64(j)*t.cs, t.size) - off
-		if err := t.c.rate.wait(ctx, n); err != nil {
-			return
+		if !local {
+			if err := t.c.rate.wait(ctx, n); err != nil {
+				return
+			}
 		}
 		if _, err := t.Ensure(ctx, off, n); err != nil {
 			if ctx.Err() != nil {
