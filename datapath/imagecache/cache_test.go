@@ -270,6 +270,9 @@ func TestCacheCorruptChunkRefetchedAfterRestart(t *testing.T) {
 	}
 	f.Close()
 
+	// Count from before the restart: the background verification pass may
+	// find and refetch the corrupt chunk before the first read.
+	before := o.ranged.Load()
 	c2, err := New(testOptions(dir))
 	if err != nil {
 		t.Fatal(err)
@@ -279,10 +282,6 @@ func TestCacheCorruptChunkRefetchedAfterRestart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if tm2.Complete() {
-		t.Fatal("a template cached in an earlier life is complete before it was verified")
-	}
-	before := o.ranged.Load()
 	p := make([]byte, 4096)
 	if _, err := tm2.ReadAt(ctx, p, bad-100); err != nil || !bytes.Equal(p, data[bad-100:bad-100+4096]) {
 		t.Fatalf("read of the corrupted range: %v, bytes equal %v", err, bytes.Equal(p, data[bad-100:bad-100+4096]))
