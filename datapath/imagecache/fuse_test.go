@@ -262,8 +262,13 @@ func abortFUSE(t *testing.T, mnt string) {
 	t.Helper()
 	const ctl = "/sys/fs/fuse/connections"
 	if es, _ := os.ReadDir(ctl); len(es) == 0 {
-		if err := syscall.Mount("none", ctl, "fusectl", 0, ""); err != nil && !errors.Is(err, syscall.EBUSY) {
+		err := syscall.Mount("none", ctl, "fusectl", 0, "")
+		if err != nil && !errors.Is(err, syscall.EBUSY) {
 			t.Skipf("no fusectl: %v", err)
+		}
+		if err == nil {
+			// Leave the host as the test found it.
+			t.Cleanup(func() { _ = syscall.Unmount(ctl, 0) })
 		}
 	}
 	var st syscall.Stat_t
