@@ -86,6 +86,7 @@ over loopback, a directory primary store and a directory image store, all under
   API (Connect, gRPC, gRPC-Web)   %[1]s
   metrics, health                 %[1]s/metrics  %[1]s/healthz
   %-31[7]s %[3]s
+  NBD exports (volume grants)     %[8]s
   metadata                        %[4]s
   primary store "primary"         %[5]s
   image store "images"            %[6]s
@@ -96,7 +97,7 @@ Try:
   curl -s -H 'Content-Type: application/json' -d '{}' %[1]s/stowage.v1.StoreService/ListStores
 
 Stop with Ctrl-C.
-`, server, ag.HostID, ag.Listen, ctl.dataDir, primary.GetDetails()["path"], images.GetDetails()["path"], "agent (host "+ag.HostID+")")
+`, server, ag.HostID, ag.Listen, ctl.dataDir, primary.GetDetails()["path"], images.GetDetails()["path"], "agent (host "+ag.HostID+")", orDash(a.NBDAddress()))
 			select {
 			case <-ctx.Done():
 				return nil
