@@ -44,6 +44,12 @@ type Options struct {
 	// MaxMerge bounds how many bytes of adjacent missing chunks one ranged
 	// fetch covers (default 8 MiB, at least one chunk).
 	MaxMerge int64
+	// ReadAhead bounds the window fetched ahead of a sequential reader
+	// (default 32 MiB; negative disables). The window starts at 4 MiB (at
+	// least one chunk) and doubles on each sequential step up to ReadAhead;
+	// a random access resets it. Read-ahead fetches run in the background,
+	// MaxMerge bytes per ranged request, under the MaxFetches bound.
+	ReadAhead int64
 	// CommitInterval is how often fetched chunks are made durable in the
 	// index (default 1s). Chunks fetched since the last commit are fetched
 	// again after a crash.
@@ -81,6 +87,9 @@ func (o Options) withDefaults() (Options, error) {
 		o.MaxMerge = 8 << 20
 	}
 	o.MaxMerge = max(o.MaxMerge/o.ChunkSize, 1) * o.ChunkSize
+	if o.ReadAhead == 0 {
+		o.ReadAhead = 32 << 20
+	}
 	if o.CommitInterval <= 0 {
 		o.CommitInterval = time.Second
 	}
@@ -389,6 +398,9 @@ func (c *Cache) committer() {
 type call struct {
 	done chan struct{}
 	err  error
+	// ahead marks a read-ahead fetch: its failure is not the waiters'
+	// failure, they claim the chunks again and fetch them themselves.
+	ahead bool
 }
 
 // Template is one cached template.
@@ -406,6 +418,7 @@ type Template struct {
 	wantSHA string
 
 	lastUse atomic.Uint64 // Cache.clock at the last read
+	ra      readahead     // sequential detection for ReadAt callers without a handle
 	opens   atomic.Int64  // files open through the mount
 	// readMu is held shared from Ensure to the read of the data file, and
 	// exclusively by eviction, which truncates the data file.
@@ -644,6 +657,12 @@ func (t *Template) evict() bool {
 // ReadAt reads len(p) bytes at off, fetching missing chunks first. It
 // returns io.EOF at the end of the template like os.File.
 func (t *Template) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
+	return t.readAt(ctx, p, off, &t.ra)
+}
+
+// readAt is ReadAt with the read-ahead state of one reader (an open file
+// of the mount, or the template's own for ReadAt).
+func (t *Template) readAt(ctx context.Context, p []byte, off int64, ra *readahead) (int, error) {
 	t.readMu.RLock()
 	defer t.readMu.RUnlock()
 	t.touch()
@@ -653,6 +672,9 @@ func (t *Template) ReadAt(ctx context.Context, p []byte, off int64) (int, error)
 	t.mu.Unlock()
 	if restart {
 		t.start()
+	}
+	if !t.complete.Load() {
+		t.readAhead(ra, off, int64(len(p)))
 	}
 	n, err := t.Ensure(ctx, off, int64(len(p)))
 	if err != nil {
@@ -739,7 +761,7 @@ func (t *Template) Ensure(ctx context.Context, off, n int64) (int64, error) {
 		for _, cl := range waits {
 			select {
 			case <-cl.done:
-				if cl.err != nil && err == nil && ctx.Err() == nil && !isCtxErr(cl.err) {
+				if cl.err != nil && !cl.ahead && err == nil && ctx.Err() == nil && !isCtxErr(cl.err) {
 					err = cl.err
 				}
 			case <-ctx.Done():

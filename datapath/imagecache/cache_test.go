@@ -370,3 +370,55 @@ func TestCacheEvictsLeastRecentlyUsedUnpinned(t *testing.T) {
 		t.Fatalf("%d bytes allocated, capacity %d", total, opts.CapacityBytes)
 	}
 }
+
+func TestCacheSequentialReadAhead(t *testing.T) {
+	ctx := context.Background()
+	o := newOrigin(t)
+	const size = 32 << 20
+	data := randBytes(size, 7)
+	url := o.put("s.raw", data)
+	opts := testOptions(t.TempDir())
+	opts.ChunkSize, opts.MaxMerge = 1<<20, 8<<20 // the defaults
+	c, err := New(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+
+	// Sequential 128 KiB reads of a cold 32 MiB template: a growing window
+	// of merged read-ahead fetches, not one fetch per 1 MiB chunk.
+	tm, err := c.Add(ctx, "s.raw", url, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := make([]byte, 128<<10)
+	for off := int64(0); off < size; off += int64(len(p)) {
+		if _, err := tm.ReadAt(ctx, p, off); err != nil {
+			t.Fatalf("read at %d: %v", off, err)
+		}
+		if !bytes.Equal(p, data[off:off+int64(len(p))]) {
+			t.Fatalf("bytes differ at %d", off)
+		}
+	}
+	if n := o.ranged.Load(); n > 8 {
+		t.Fatalf("%d range requests for a sequential read of 32 chunks, want <= 8", n)
+	}
+	if st := tm.Stats(); st.CachedChunks != 32 || st.FetchedBytes != size {
+		t.Fatalf("after sequential read: %+v, want 32 chunks fetched once", st)
+	}
+
+	// Backwards reads are not sequential: no read-ahead, one fetch per chunk.
+	before := o.ranged.Load()
+	tm2, err := c.Add(ctx, "r.raw", o.put("r.raw", data), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for off := int64(size) - int64(len(p)); off >= 0; off -= 8 * int64(len(p)) {
+		if _, err := tm2.ReadAt(ctx, p, off); err != nil || !bytes.Equal(p, data[off:off+int64(len(p))]) {
+			t.Fatalf("read at %d: %v", off, err)
+		}
+	}
+	if n := o.ranged.Load() - before; n != 32 {
+		t.Fatalf("%d range requests for 32 backward chunk reads, want 32 (no read-ahead)", n)
+	}
+}

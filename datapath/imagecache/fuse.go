@@ -18,6 +18,10 @@ import (
 	"github.com/stowage/stowage/errdefs"
 )
 
+// fuseMaxIO is the largest READ the kernel sends and its read-ahead
+// window (go-fuse clamps it to the kernel's max_pages_limit).
+const fuseMaxIO = 1 << 20
+
 // MountOptions tune a FUSE mount of a Cache.
 type MountOptions struct {
 	// AllowOther lets users other than the mounting one (QEMU running as
@@ -74,6 +78,13 @@ func MountCache(ctx context.Context, c *Cache, dir string, o MountOptions) (*Mou
 			Name:              "stowage",
 			Options:           []string{"ro"},
 			Debug:             o.Debug,
+			// READs of up to 1 MiB (max_read, MaxPages) and a 1 MiB
+			// kernel read-ahead window instead of 128 KiB: a cold
+			// sequential reader costs a quarter as many round trips
+			// through this process. Passthrough opens are read by the
+			// kernel from the data file and are not affected.
+			MaxWrite:     fuseMaxIO,
+			MaxReadAhead: fuseMaxIO,
 		},
 	})
 	if err != nil {
@@ -214,7 +225,7 @@ func (n *fileNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint3
 	// The bytes of a template never change, so the page cache stays valid
 	// across opens.
 	if !n.t.Complete() {
-		return lazyFile{}, fuse.FOPEN_KEEP_CACHE, 0
+		return &lazyFile{}, fuse.FOPEN_KEEP_CACHE, 0
 	}
 	f, err := os.Open(n.t.DataPath())
 	if err != nil {
@@ -230,7 +241,11 @@ func (n *fileNode) Read(ctx context.Context, fh fs.FileHandle, dest []byte, off 
 		return cf.Read(ctx, dest, off)
 	}
 	n.m.reads.Add(1)
-	got, err := n.t.ReadAt(ctx, dest, off)
+	ra := &n.t.ra
+	if lf, ok := fh.(*lazyFile); ok {
+		ra = &lf.ra
+	}
+	got, err := n.t.readAt(ctx, dest, off, ra)
 	if err != nil && got < len(dest) && !errors.Is(err, io.EOF) {
 		n.m.log.Error("image cache: read failed", "template", n.t.id, "offset", off, "length", len(dest), "err", err)
 		return nil, syscall.EIO
@@ -239,8 +254,9 @@ func (n *fileNode) Read(ctx context.Context, fh fs.FileHandle, dest []byte, off 
 }
 
 // lazyFile is an open incomplete template, read through Template.ReadAt.
-// It is a handle at all so that its Release reaches us.
-type lazyFile struct{}
+// It is a handle at all so that its Release reaches us, and it carries the
+// open's own sequential read-ahead state.
+type lazyFile struct{ ra readahead }
 
 // Release ends an open (of either kind).
 func (n *fileNode) Release(ctx context.Context, fh fs.FileHandle) syscall.Errno {
