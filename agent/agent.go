@@ -57,6 +57,9 @@ type Config struct {
 	Cluster    string
 	StateDir   string
 	Version    string
+	// ImageCacheSocket is the unix socket of the host's template mount
+	// process ("" for none); cmd/stowage wires it with WithImageCache.
+	ImageCacheSocket string
 }
 
 // Agent is one running agent.
@@ -71,11 +74,17 @@ type Agent struct {
 	session string
 	stop    context.CancelFunc // cancels every running task
 
-	mu       sync.Mutex
-	stores   []*stowagev1.StoreAssignment
-	interval time.Duration
-	ready    chan struct{}
-	readyOne sync.Once
+	cache      ImageCache
+	trustMount func(mount string)
+
+	mu          sync.Mutex
+	cacheSpec   *stowagev1.TemplateCacheSpec // last desired set sent to the cache
+	cacheSynced time.Time
+	cacheWarned time.Time
+	stores      []*stowagev1.StoreAssignment
+	interval    time.Duration
+	ready       chan struct{}
+	readyOne    sync.Once
 }
 
 // Option configures an Agent.
@@ -369,6 +378,7 @@ func (a *Agent) heartbeat(ctx context.Context) (reregister bool, err error) {
 	a.mu.Lock()
 	a.stores = resp.Msg.GetStores()
 	a.mu.Unlock()
+	a.syncCache(ctx, resp.Msg.GetTemplateCache())
 	_, _ = daemon.SdNotify(false, daemon.SdNotifyWatchdog)
 	return resp.Msg.GetReregister(), nil
 }

@@ -32,6 +32,7 @@ func (a *Agent) capabilities(ctx context.Context) *stowagev1.HostCapabilities {
 		IscsiInitiator:  staticCaps.IscsiInitiator,
 		Kernel:          staticCaps.Kernel,
 		AgentVersion:    a.cfg.Version,
+		TemplateCache:   a.cacheStatus(ctx),
 	}
 	a.mu.Lock()
 	stores := a.stores

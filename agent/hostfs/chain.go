@@ -77,8 +77,10 @@ func hasProtocol(name string) bool {
 //   - have no external data file;
 //   - name its backing file as a plain file (no qemu protocol) that lies,
 //     by name and after resolving symbolic links, inside the store
-//     directory holding host (the nearest ancestor with MarkerFile), and is
-//     a regular file;
+//     directory holding host (the nearest ancestor with MarkerFile) or,
+//     from there on to the end of the chain, inside one backing root (the
+//     host's read-only template mount, SetBackingRoots), and is a regular
+//     file;
 //   - record the backing file's format, raw or qcow2: qemu-img and the copy
 //     engine open each layer as recorded, never probing;
 //
@@ -91,7 +93,7 @@ func hasProtocol(name string) bool {
 // created on a base, an image about to be rebased): its BackingFilename
 // and BackingFormat are what the new image will record.
 func (l *Local) checkChain(ctx context.Context, host string, qi qemuimg.Info) error {
-	var store, storeReal string
+	var store, storeReal, inRoot string
 	seen := map[string]bool{}
 	if r, err := filepath.EvalSymlinks(host); err == nil {
 		seen[r] = true
@@ -128,8 +130,15 @@ func (l *Local) checkChain(ctx context.Context, host string, qi qemuimg.Info) er
 			b = filepath.Join(filepath.Dir(cur), b)
 		}
 		b = filepath.Clean(b)
-		if !within(b, store) {
-			return fmt.Errorf("backing file %s of %s is outside its store %s; refusing to read it: %w", l.callerPath(b), l.callerPath(cur), l.callerPath(store), errdefs.ErrInvalid)
+		// A chain stays inside its store, or ends in the host's template
+		// mount (a lazy volume's template); it never leaves the mount again.
+		dir, dirReal := store, storeReal
+		if inRoot != "" || !within(b, store) {
+			r, rr, ok := l.backingRoot(b)
+			if !ok || (inRoot != "" && r != inRoot) {
+				return fmt.Errorf("backing file %s of %s is outside its store %s; refusing to read it: %w", l.callerPath(b), l.callerPath(cur), l.callerPath(store), errdefs.ErrInvalid)
+			}
+			dir, dirReal, inRoot = r, rr, r
 		}
 		real, err := filepath.EvalSymlinks(b)
 		if err != nil {
@@ -138,8 +147,8 @@ func (l *Local) checkChain(ctx context.Context, host string, qi qemuimg.Info) er
 			}
 			return classed(err)
 		}
-		if !within(real, storeReal) {
-			return fmt.Errorf("backing file %s of %s resolves to %s, outside its store %s; refusing to read it: %w", l.callerPath(b), l.callerPath(cur), real, l.callerPath(store), errdefs.ErrInvalid)
+		if !within(real, dirReal) {
+			return fmt.Errorf("backing file %s of %s resolves to %s, outside %s; refusing to read it: %w", l.callerPath(b), l.callerPath(cur), real, l.callerPath(dir), errdefs.ErrInvalid)
 		}
 		if fi, err := os.Stat(real); err != nil {
 			return classed(err)

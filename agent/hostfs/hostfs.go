@@ -93,6 +93,44 @@ type Local struct {
 	locks    keyedLocks // per object path, for the image steps
 	exporter Exporter
 	nbd      NBDExporter
+
+	// backingRoots are read-only directories outside any store that a
+	// volume's backing chain may end in: the host's FUSE template mount,
+	// whose files are templates the controller's records describe (lazy
+	// volumes). Set when the agent learns the mount (SetBackingRoots).
+	backingRoots []string
+}
+
+// SetBackingRoots replaces the directories outside stores that backing
+// chains may enter (see checkChain): the host's template mount.
+func (l *Local) SetBackingRoots(dirs ...string) {
+	var clean []string
+	for _, d := range dirs {
+		if d != "" {
+			clean = append(clean, filepath.Clean(l.onHost(d)))
+		}
+	}
+	l.mu.Lock()
+	l.backingRoots = clean
+	l.mu.Unlock()
+}
+
+// backingRoot returns the backing root holding p (a path on this machine)
+// and its resolved form, if any.
+func (l *Local) backingRoot(p string) (root, real string, ok bool) {
+	l.mu.Lock()
+	roots := l.backingRoots
+	l.mu.Unlock()
+	for _, r := range roots {
+		if within(p, r) {
+			real, err := filepath.EvalSymlinks(r)
+			if err != nil {
+				return "", "", false
+			}
+			return r, real, true
+		}
+	}
+	return "", "", false
 }
 
 var (

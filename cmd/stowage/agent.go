@@ -8,6 +8,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/stowage/stowage/agent"
+	"github.com/stowage/stowage/agent/cachemount"
 	"github.com/stowage/stowage/agent/exports"
 	"github.com/stowage/stowage/agent/hostfs"
 	"github.com/stowage/stowage/agent/nbdexports"
@@ -25,6 +26,7 @@ func agentFlags(cmd *cobra.Command, cfg *agent.Config, defaultStateDir string) {
 	f.StringVar(&cfg.Zone, "zone", "default", "zone of this host")
 	f.StringVar(&cfg.Cluster, "cluster", "default", "cluster of this host")
 	f.StringVar(&cfg.StateDir, "state-dir", defaultStateDir, "directory for the agent's journal and state")
+	f.StringVar(&cfg.ImageCacheSocket, "image-cache-socket", "", "unix socket of the host's template mount (`stowage cache serve --socket`, e.g. "+defaultCacheSocket+"); empty: this host has no template mount and gets no lazy volumes")
 }
 
 func newAgentCmd() *cobra.Command {
@@ -67,6 +69,12 @@ func newAgent(cfg agent.Config, log *slog.Logger) (*agent.Agent, error) {
 	// One NBD server serves the images granted to hosts that cannot open
 	// their files (outside the store's scope) on --nbd-listen.
 	n := nbdexports.New(log.With("component", "nbd"))
-	return agent.New(cfg, hostfs.New(cfg.HostID, hostfs.WithExporter(x), hostfs.WithNBDExporter(n)), log,
-		agent.WithExports(x), agent.WithNBD(n))
+	local := hostfs.New(cfg.HostID, hostfs.WithExporter(x), hostfs.WithNBDExporter(n))
+	opts := []agent.Option{agent.WithExports(x), agent.WithNBD(n)}
+	if cfg.ImageCacheSocket != "" {
+		// The template mount is its own process (stowage cache serve); lazy
+		// volumes' backing chains may end in it.
+		opts = append(opts, agent.WithImageCache(cachemount.NewClient(cfg.ImageCacheSocket), func(mount string) { local.SetBackingRoots(mount) }))
+	}
+	return agent.New(cfg, local, log, opts...)
 }

@@ -1,8 +1,10 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/url"
 	"os"
 	"path"
@@ -12,6 +14,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/stowage/stowage/agent/cachemount"
 	"github.com/stowage/stowage/datapath/imagecache"
 	"github.com/stowage/stowage/errdefs"
 )
@@ -22,8 +25,117 @@ func newCacheCmd() *cobra.Command {
 		Use:   "cache",
 		Short: "Serve templates from a lazily fetched local chunk cache over FUSE",
 	}
-	cmd.AddCommand(newCacheMountCmd())
+	cmd.AddCommand(newCacheMountCmd(), newCacheServeCmd())
 	return cmd
+}
+
+// Defaults of the host's template mount, shared by `cache serve`, the
+// agent's --image-cache-socket and the systemd units.
+const (
+	defaultTemplateMount = "/run/stowage/templates"
+	defaultCacheSocket   = "/run/stowage/imagecache.sock"
+)
+
+// cacheServeConfig is `stowage cache serve`'s setup (also used by dev).
+type cacheServeConfig struct {
+	mount, dir, socket        string
+	capacity, chunk, rate     string
+	noPassthrough, allowOther bool
+}
+
+func (c *cacheServeConfig) flags(cmd *cobra.Command, dirDefault string) {
+	f := cmd.Flags()
+	f.StringVar(&c.mount, "mount", defaultTemplateMount, "mount point: one read-only file per template, named by template id")
+	f.StringVar(&c.dir, "cache-dir", dirDefault, "persistent chunk cache and state file")
+	f.StringVar(&c.socket, "socket", defaultCacheSocket, "unix socket of ImageCacheService (the local agent's --image-cache-socket)")
+	f.StringVar(&c.capacity, "capacity", "0", "disk space the cache may use, e.g. 200G (0: unlimited); least recently read unpinned templates are evicted past it")
+	f.StringVar(&c.chunk, "chunk-size", "1M", "fetch and bitmap unit")
+	f.StringVar(&c.rate, "prefetch-rate", "100M", "background prefetch rate in bytes/s over all templates (0: unlimited, off: none)")
+	f.BoolVar(&c.noPassthrough, "no-passthrough", false, "serve complete templates through this process, not FUSE passthrough")
+	f.BoolVar(&c.allowOther, "allow-other", true, "let other users (QEMU) read the mount")
+}
+
+// config turns the flags into a cachemount.Config.
+func (c *cacheServeConfig) config(log *slog.Logger) (cachemount.Config, error) {
+	chunk, err := parseSizeFlag("--chunk-size", c.chunk)
+	if err != nil {
+		return cachemount.Config{}, err
+	}
+	capacity, err := parseSizeFlag("--capacity", c.capacity)
+	if err != nil {
+		return cachemount.Config{}, err
+	}
+	rate := int64(-1)
+	if c.rate != "off" {
+		if rate, err = parseSizeFlag("--prefetch-rate", c.rate); err != nil {
+			return cachemount.Config{}, err
+		}
+	}
+	return cachemount.Config{
+		Mount: c.mount,
+		Cache: imagecache.Options{Dir: c.dir, ChunkSize: chunk, PrefetchRate: rate, CapacityBytes: capacity,
+			Open: imagecache.OpenStream(cachemount.DefaultHTTP())},
+		MountOptions: imagecache.MountOptions{AllowOther: c.allowOther, NoPassthrough: c.noPassthrough},
+		Logger:       log,
+	}, nil
+}
+
+func newCacheServeCmd() *cobra.Command {
+	var c cacheServeConfig
+	cmd := &cobra.Command{
+		Use:   "serve [--mount DIR] [--cache-dir DIR] [--socket PATH] [--capacity SIZE]",
+		Short: "Run the host's template mount (a long-lived process the agent drives)",
+		Long: `serve mounts the host's templates read-only at --mount, one file per template
+named by its id, fetched lazily by chunk from wherever the controller says the
+template is (an agent's HTTP or NBD export, or a local path) into a persistent
+cache, and serves ImageCacheService on --socket for the local agent, which
+passes on the controller's desired templates. It runs as its own systemd
+service so that the mount, and every VM whose disk is backed by a file in it,
+outlives agent restarts. After a crash, the next start detaches the stale
+mount and mounts the templates of its state file again, keeping their cached
+chunks. SIGTERM unmounts (waiting up to 5 s for open files, then detaching).`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			log, err := newLogger(cmd)
+			if err != nil {
+				return err
+			}
+			cfg, err := c.config(log)
+			if err != nil {
+				return err
+			}
+			return serveCache(cmd.Context(), cfg, c.socket, log, true)
+		},
+	}
+	c.flags(cmd, "/var/lib/stowage/imagecache")
+	return cmd
+}
+
+// serveCache mounts and serves the control socket until ctx ends.
+func serveCache(ctx context.Context, cfg cachemount.Config, socket string, log *slog.Logger, notify bool) error {
+	srv, err := cachemount.Open(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	errs := make(chan error, 1)
+	go func() { errs <- srv.Serve(ctx, socket) }()
+	unmounted := make(chan struct{})
+	go func() { srv.Mount().Wait(); close(unmounted) }()
+	if notify {
+		notifySystemd("template mount at " + cfg.Mount)
+	}
+	log.Info("template mount serving", "mount", cfg.Mount, "socket", socket)
+	select {
+	case <-ctx.Done():
+		err = nil
+	case err = <-errs:
+	case <-unmounted:
+		err = fmt.Errorf("template mount %s was unmounted from outside: %w", cfg.Mount, errdefs.ErrUnavailable)
+	}
+	cancel()
+	return errors.Join(err, srv.Close(5*time.Second))
 }
 
 func newCacheMountCmd() *cobra.Command {

@@ -24,6 +24,7 @@ import (
 	"github.com/stowage/stowage/controller/snapshot"
 	"github.com/stowage/stowage/controller/volume"
 	"github.com/stowage/stowage/drivers"
+	"github.com/stowage/stowage/errdefs"
 )
 
 type controllerConfig struct {
@@ -31,6 +32,7 @@ type controllerConfig struct {
 	dataDir           string
 	heartbeatInterval time.Duration
 	hostTimeout       time.Duration
+	mountTransport    string
 }
 
 func (c *controllerConfig) flags(cmd *cobra.Command, defaultDataDir string) {
@@ -39,6 +41,7 @@ func (c *controllerConfig) flags(cmd *cobra.Command, defaultDataDir string) {
 	f.StringVar(&c.dataDir, "data-dir", defaultDataDir, "directory of the metadata database")
 	f.DurationVar(&c.heartbeatInterval, "heartbeat-interval", 3*time.Second, "how often agents heartbeat")
 	f.DurationVar(&c.hostTimeout, "host-timeout", 12*time.Second, "a host without a heartbeat for this long is Disconnected")
+	f.StringVar(&c.mountTransport, "template-mount-transport", image.MountTransportHTTP, "how hosts' template mounts read a template from an agent holding its image store: http (read-only HTTP export) or nbd (read-only NBD export)")
 }
 
 func newControllerCmd() *cobra.Command {
@@ -86,6 +89,12 @@ func runController(ctx context.Context, cfg controllerConfig, log *slog.Logger, 
 	runner := jobs.New(db, log.With("component", "jobs"))
 	imageSvc := image.New(db, storeSvc, selector, runner, log)
 	volumeSvc := volume.New(db, storeSvc, imageSvc, selector, runner, providers, log)
+	// What every host's FUSE template mount shows, handed out in heartbeats.
+	mounts, err := image.NewMounts(db, selector, hostSvc, cfg.mountTransport, cfg.heartbeatInterval, log.With("component", "mounts"))
+	if err != nil {
+		return fmt.Errorf("--template-mount-transport: %w", errors.Join(err, errdefs.ErrInvalid))
+	}
+	hostSvc.SetMountSpecs(mounts)
 	snapshotSvc := snapshot.New(db, storeSvc, volumeSvc, selector, runner, log)
 
 	handler := api.NewHandler(api.Services{
@@ -125,6 +134,7 @@ func runController(ctx context.Context, cfg controllerConfig, log *slog.Logger, 
 		}
 	}()
 	go hostSvc.Monitor(ctx)
+	go mounts.Run(ctx)
 	go storeSvc.Reconcile(ctx, 10*time.Second)
 	go watchdog(ctx)
 

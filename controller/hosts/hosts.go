@@ -33,6 +33,12 @@ type StoreWatcher interface {
 	ObserveHost(ctx context.Context, host *stowagev1.Host, reports []*stowagev1.StoreOnHost) error
 }
 
+// MountSpecs is what the host service needs from the template mount
+// planner (controller/image.Mounts): the desired content of a host's mount.
+type MountSpecs interface {
+	Spec(hostID string) *stowagev1.TemplateCacheSpec
+}
+
 // Config tunes liveness.
 type Config struct {
 	// HeartbeatInterval is what agents are told to use.
@@ -51,6 +57,7 @@ type Service struct {
 	log    *slog.Logger
 	cfg    Config
 	stores StoreWatcher
+	mounts MountSpecs
 	now    func() time.Time
 	start  time.Time
 
@@ -88,6 +95,10 @@ func New(db *meta.DB, stores StoreWatcher, cfg Config, log *slog.Logger) *Servic
 // SetStoreWatcher wires the store service after construction (the two
 // services refer to each other).
 func (s *Service) SetStoreWatcher(w StoreWatcher) { s.stores = w }
+
+// SetMountSpecs wires the template mount planner: each heartbeat response
+// then carries the desired content of the host's template mount.
+func (s *Service) SetMountSpecs(m MountSpecs) { s.mounts = m }
 
 // Get returns a host by id, or by hostname when no id matches.
 func (s *Service) Get(ctx context.Context, idOrName string) (*stowagev1.Host, error) {
@@ -279,15 +290,25 @@ func (s *Service) Heartbeat(ctx context.Context, req *stowagev1.HeartbeatRequest
 			return nil, err
 		}
 	}
+	if s.mounts != nil && req.GetCapabilities().GetTemplateCache().GetMount() != "" {
+		resp.TemplateCache = s.mounts.Spec(host.GetId())
+	}
 	return resp, nil
 }
 
-// sameCaps compares capabilities ignoring free space, which moves all the time.
+// sameCaps compares capabilities ignoring free space and the progress of
+// template mounts, which move all the time.
 func sameCaps(a, b *stowagev1.HostCapabilities) bool {
 	strip := func(c *stowagev1.HostCapabilities) *stowagev1.HostCapabilities {
 		c = proto.Clone(c).(*stowagev1.HostCapabilities)
 		for _, st := range c.GetStores() {
 			st.AvailableBytes = 0
+		}
+		if tc := c.GetTemplateCache(); tc != nil {
+			tc.CachedBytes = 0
+			for _, t := range tc.GetTemplates() {
+				t.CachedBytes = 0
+			}
 		}
 		return c
 	}

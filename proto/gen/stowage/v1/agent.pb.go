@@ -386,8 +386,12 @@ type HeartbeatResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	State HostState              `protobuf:"varint,1,opt,name=state,proto3,enum=stowage.v1.HostState" json:"state,omitempty"`
 	// True when the controller does not know this session and wants a Register.
-	Reregister    bool               `protobuf:"varint,2,opt,name=reregister,proto3" json:"reregister,omitempty"`
-	Stores        []*StoreAssignment `protobuf:"bytes,3,rep,name=stores,proto3" json:"stores,omitempty"`
+	Reregister bool               `protobuf:"varint,2,opt,name=reregister,proto3" json:"reregister,omitempty"`
+	Stores     []*StoreAssignment `protobuf:"bytes,3,rep,name=stores,proto3" json:"stores,omitempty"`
+	// The templates the host's FUSE template mount should show, when the
+	// host reported a mount (capabilities.template_cache); the agent passes
+	// them on to its cache process (ImageCacheService.SyncCache).
+	TemplateCache *TemplateCacheSpec `protobuf:"bytes,4,opt,name=template_cache,json=templateCache,proto3" json:"template_cache,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -443,6 +447,58 @@ func (x *HeartbeatResponse) GetStores() []*StoreAssignment {
 	return nil
 }
 
+func (x *HeartbeatResponse) GetTemplateCache() *TemplateCacheSpec {
+	if x != nil {
+		return x.TemplateCache
+	}
+	return nil
+}
+
+// TemplateCacheSpec is the full desired content of a host's template mount.
+type TemplateCacheSpec struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Templates     []*CacheSpec           `protobuf:"bytes,1,rep,name=templates,proto3" json:"templates,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TemplateCacheSpec) Reset() {
+	*x = TemplateCacheSpec{}
+	mi := &file_stowage_v1_agent_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TemplateCacheSpec) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TemplateCacheSpec) ProtoMessage() {}
+
+func (x *TemplateCacheSpec) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_agent_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TemplateCacheSpec.ProtoReflect.Descriptor instead.
+func (*TemplateCacheSpec) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *TemplateCacheSpec) GetTemplates() []*CacheSpec {
+	if x != nil {
+		return x.Templates
+	}
+	return nil
+}
+
 type RunTaskRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Task          *Task                  `protobuf:"bytes,1,opt,name=task,proto3" json:"task,omitempty"`
@@ -452,7 +508,7 @@ type RunTaskRequest struct {
 
 func (x *RunTaskRequest) Reset() {
 	*x = RunTaskRequest{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[5]
+	mi := &file_stowage_v1_agent_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -464,7 +520,7 @@ func (x *RunTaskRequest) String() string {
 func (*RunTaskRequest) ProtoMessage() {}
 
 func (x *RunTaskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[5]
+	mi := &file_stowage_v1_agent_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -477,7 +533,7 @@ func (x *RunTaskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RunTaskRequest.ProtoReflect.Descriptor instead.
 func (*RunTaskRequest) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{5}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *RunTaskRequest) GetTask() *Task {
@@ -496,7 +552,7 @@ type RunTaskResponse struct {
 
 func (x *RunTaskResponse) Reset() {
 	*x = RunTaskResponse{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[6]
+	mi := &file_stowage_v1_agent_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -508,7 +564,7 @@ func (x *RunTaskResponse) String() string {
 func (*RunTaskResponse) ProtoMessage() {}
 
 func (x *RunTaskResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[6]
+	mi := &file_stowage_v1_agent_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -521,7 +577,7 @@ func (x *RunTaskResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RunTaskResponse.ProtoReflect.Descriptor instead.
 func (*RunTaskResponse) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{6}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *RunTaskResponse) GetResult() *TaskResult {
@@ -540,7 +596,7 @@ type GetTaskRequest struct {
 
 func (x *GetTaskRequest) Reset() {
 	*x = GetTaskRequest{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[7]
+	mi := &file_stowage_v1_agent_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -552,7 +608,7 @@ func (x *GetTaskRequest) String() string {
 func (*GetTaskRequest) ProtoMessage() {}
 
 func (x *GetTaskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[7]
+	mi := &file_stowage_v1_agent_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -565,7 +621,7 @@ func (x *GetTaskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetTaskRequest.ProtoReflect.Descriptor instead.
 func (*GetTaskRequest) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{7}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *GetTaskRequest) GetTaskId() string {
@@ -584,7 +640,7 @@ type GetTaskResponse struct {
 
 func (x *GetTaskResponse) Reset() {
 	*x = GetTaskResponse{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[8]
+	mi := &file_stowage_v1_agent_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -596,7 +652,7 @@ func (x *GetTaskResponse) String() string {
 func (*GetTaskResponse) ProtoMessage() {}
 
 func (x *GetTaskResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[8]
+	mi := &file_stowage_v1_agent_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -609,7 +665,7 @@ func (x *GetTaskResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetTaskResponse.ProtoReflect.Descriptor instead.
 func (*GetTaskResponse) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{8}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *GetTaskResponse) GetResult() *TaskResult {
@@ -654,7 +710,7 @@ type Task struct {
 
 func (x *Task) Reset() {
 	*x = Task{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[9]
+	mi := &file_stowage_v1_agent_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -666,7 +722,7 @@ func (x *Task) String() string {
 func (*Task) ProtoMessage() {}
 
 func (x *Task) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[9]
+	mi := &file_stowage_v1_agent_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -679,7 +735,7 @@ func (x *Task) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Task.ProtoReflect.Descriptor instead.
 func (*Task) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{9}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *Task) GetId() string {
@@ -1044,7 +1100,7 @@ type PrepareStoreStep struct {
 
 func (x *PrepareStoreStep) Reset() {
 	*x = PrepareStoreStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[10]
+	mi := &file_stowage_v1_agent_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1056,7 +1112,7 @@ func (x *PrepareStoreStep) String() string {
 func (*PrepareStoreStep) ProtoMessage() {}
 
 func (x *PrepareStoreStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[10]
+	mi := &file_stowage_v1_agent_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1069,7 +1125,7 @@ func (x *PrepareStoreStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PrepareStoreStep.ProtoReflect.Descriptor instead.
 func (*PrepareStoreStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{10}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *PrepareStoreStep) GetPath() string {
@@ -1111,7 +1167,7 @@ type ProbeStoreStep struct {
 
 func (x *ProbeStoreStep) Reset() {
 	*x = ProbeStoreStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[11]
+	mi := &file_stowage_v1_agent_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1123,7 +1179,7 @@ func (x *ProbeStoreStep) String() string {
 func (*ProbeStoreStep) ProtoMessage() {}
 
 func (x *ProbeStoreStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[11]
+	mi := &file_stowage_v1_agent_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1136,7 +1192,7 @@ func (x *ProbeStoreStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProbeStoreStep.ProtoReflect.Descriptor instead.
 func (*ProbeStoreStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{11}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *ProbeStoreStep) GetPath() string {
@@ -1165,7 +1221,7 @@ type ReleaseStoreStep struct {
 
 func (x *ReleaseStoreStep) Reset() {
 	*x = ReleaseStoreStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[12]
+	mi := &file_stowage_v1_agent_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1177,7 +1233,7 @@ func (x *ReleaseStoreStep) String() string {
 func (*ReleaseStoreStep) ProtoMessage() {}
 
 func (x *ReleaseStoreStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[12]
+	mi := &file_stowage_v1_agent_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1190,7 +1246,7 @@ func (x *ReleaseStoreStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReleaseStoreStep.ProtoReflect.Descriptor instead.
 func (*ReleaseStoreStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{12}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ReleaseStoreStep) GetPath() string {
@@ -1226,7 +1282,7 @@ type CreateImageStep struct {
 
 func (x *CreateImageStep) Reset() {
 	*x = CreateImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[13]
+	mi := &file_stowage_v1_agent_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1238,7 +1294,7 @@ func (x *CreateImageStep) String() string {
 func (*CreateImageStep) ProtoMessage() {}
 
 func (x *CreateImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[13]
+	mi := &file_stowage_v1_agent_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1251,7 +1307,7 @@ func (x *CreateImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateImageStep.ProtoReflect.Descriptor instead.
 func (*CreateImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{13}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *CreateImageStep) GetPath() string {
@@ -1284,7 +1340,7 @@ type DeletePathStep struct {
 
 func (x *DeletePathStep) Reset() {
 	*x = DeletePathStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[14]
+	mi := &file_stowage_v1_agent_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1296,7 +1352,7 @@ func (x *DeletePathStep) String() string {
 func (*DeletePathStep) ProtoMessage() {}
 
 func (x *DeletePathStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[14]
+	mi := &file_stowage_v1_agent_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1309,7 +1365,7 @@ func (x *DeletePathStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeletePathStep.ProtoReflect.Descriptor instead.
 func (*DeletePathStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{14}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *DeletePathStep) GetPath() string {
@@ -1328,7 +1384,7 @@ type ListDirStep struct {
 
 func (x *ListDirStep) Reset() {
 	*x = ListDirStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[15]
+	mi := &file_stowage_v1_agent_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1340,7 +1396,7 @@ func (x *ListDirStep) String() string {
 func (*ListDirStep) ProtoMessage() {}
 
 func (x *ListDirStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[15]
+	mi := &file_stowage_v1_agent_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1353,7 +1409,7 @@ func (x *ListDirStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDirStep.ProtoReflect.Descriptor instead.
 func (*ListDirStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{15}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ListDirStep) GetPath() string {
@@ -1372,7 +1428,7 @@ type StatPathStep struct {
 
 func (x *StatPathStep) Reset() {
 	*x = StatPathStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[16]
+	mi := &file_stowage_v1_agent_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1384,7 +1440,7 @@ func (x *StatPathStep) String() string {
 func (*StatPathStep) ProtoMessage() {}
 
 func (x *StatPathStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[16]
+	mi := &file_stowage_v1_agent_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1397,7 +1453,7 @@ func (x *StatPathStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatPathStep.ProtoReflect.Descriptor instead.
 func (*StatPathStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{16}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *StatPathStep) GetPath() string {
@@ -1422,7 +1478,7 @@ type FetchImageStep struct {
 
 func (x *FetchImageStep) Reset() {
 	*x = FetchImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[17]
+	mi := &file_stowage_v1_agent_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1434,7 +1490,7 @@ func (x *FetchImageStep) String() string {
 func (*FetchImageStep) ProtoMessage() {}
 
 func (x *FetchImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[17]
+	mi := &file_stowage_v1_agent_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1447,7 +1503,7 @@ func (x *FetchImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FetchImageStep.ProtoReflect.Descriptor instead.
 func (*FetchImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{17}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *FetchImageStep) GetSource() string {
@@ -1497,7 +1553,7 @@ type CopyImageStep struct {
 
 func (x *CopyImageStep) Reset() {
 	*x = CopyImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[18]
+	mi := &file_stowage_v1_agent_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1509,7 +1565,7 @@ func (x *CopyImageStep) String() string {
 func (*CopyImageStep) ProtoMessage() {}
 
 func (x *CopyImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[18]
+	mi := &file_stowage_v1_agent_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1522,7 +1578,7 @@ func (x *CopyImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CopyImageStep.ProtoReflect.Descriptor instead.
 func (*CopyImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{18}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *CopyImageStep) GetSource() string {
@@ -1577,7 +1633,7 @@ type CloneImageStep struct {
 
 func (x *CloneImageStep) Reset() {
 	*x = CloneImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[19]
+	mi := &file_stowage_v1_agent_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1589,7 +1645,7 @@ func (x *CloneImageStep) String() string {
 func (*CloneImageStep) ProtoMessage() {}
 
 func (x *CloneImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[19]
+	mi := &file_stowage_v1_agent_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1602,7 +1658,7 @@ func (x *CloneImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloneImageStep.ProtoReflect.Descriptor instead.
 func (*CloneImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{19}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *CloneImageStep) GetBase() string {
@@ -1659,7 +1715,7 @@ type InspectImageStep struct {
 
 func (x *InspectImageStep) Reset() {
 	*x = InspectImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[20]
+	mi := &file_stowage_v1_agent_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1671,7 +1727,7 @@ func (x *InspectImageStep) String() string {
 func (*InspectImageStep) ProtoMessage() {}
 
 func (x *InspectImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[20]
+	mi := &file_stowage_v1_agent_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1684,7 +1740,7 @@ func (x *InspectImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InspectImageStep.ProtoReflect.Descriptor instead.
 func (*InspectImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{20}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *InspectImageStep) GetPath() string {
@@ -1714,7 +1770,7 @@ type ResizeImageStep struct {
 
 func (x *ResizeImageStep) Reset() {
 	*x = ResizeImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[21]
+	mi := &file_stowage_v1_agent_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1726,7 +1782,7 @@ func (x *ResizeImageStep) String() string {
 func (*ResizeImageStep) ProtoMessage() {}
 
 func (x *ResizeImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[21]
+	mi := &file_stowage_v1_agent_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1739,7 +1795,7 @@ func (x *ResizeImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResizeImageStep.ProtoReflect.Descriptor instead.
 func (*ResizeImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{21}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *ResizeImageStep) GetPath() string {
@@ -1776,7 +1832,7 @@ type SnapshotImageStep struct {
 
 func (x *SnapshotImageStep) Reset() {
 	*x = SnapshotImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[22]
+	mi := &file_stowage_v1_agent_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1788,7 +1844,7 @@ func (x *SnapshotImageStep) String() string {
 func (*SnapshotImageStep) ProtoMessage() {}
 
 func (x *SnapshotImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[22]
+	mi := &file_stowage_v1_agent_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1801,7 +1857,7 @@ func (x *SnapshotImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotImageStep.ProtoReflect.Descriptor instead.
 func (*SnapshotImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{22}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *SnapshotImageStep) GetVolume() string {
@@ -1838,7 +1894,7 @@ type RevertImageStep struct {
 
 func (x *RevertImageStep) Reset() {
 	*x = RevertImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[23]
+	mi := &file_stowage_v1_agent_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1850,7 +1906,7 @@ func (x *RevertImageStep) String() string {
 func (*RevertImageStep) ProtoMessage() {}
 
 func (x *RevertImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[23]
+	mi := &file_stowage_v1_agent_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1863,7 +1919,7 @@ func (x *RevertImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevertImageStep.ProtoReflect.Descriptor instead.
 func (*RevertImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{23}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *RevertImageStep) GetVolume() string {
@@ -1900,7 +1956,7 @@ type RebaseImageStep struct {
 
 func (x *RebaseImageStep) Reset() {
 	*x = RebaseImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[24]
+	mi := &file_stowage_v1_agent_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1912,7 +1968,7 @@ func (x *RebaseImageStep) String() string {
 func (*RebaseImageStep) ProtoMessage() {}
 
 func (x *RebaseImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[24]
+	mi := &file_stowage_v1_agent_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1925,7 +1981,7 @@ func (x *RebaseImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RebaseImageStep.ProtoReflect.Descriptor instead.
 func (*RebaseImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{24}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *RebaseImageStep) GetPath() string {
@@ -1965,7 +2021,7 @@ type BackupImageStep struct {
 
 func (x *BackupImageStep) Reset() {
 	*x = BackupImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[25]
+	mi := &file_stowage_v1_agent_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1977,7 +2033,7 @@ func (x *BackupImageStep) String() string {
 func (*BackupImageStep) ProtoMessage() {}
 
 func (x *BackupImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[25]
+	mi := &file_stowage_v1_agent_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1990,7 +2046,7 @@ func (x *BackupImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BackupImageStep.ProtoReflect.Descriptor instead.
 func (*BackupImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{25}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *BackupImageStep) GetSource() string {
@@ -2048,7 +2104,7 @@ type RestoreImageStep struct {
 
 func (x *RestoreImageStep) Reset() {
 	*x = RestoreImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[26]
+	mi := &file_stowage_v1_agent_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2060,7 +2116,7 @@ func (x *RestoreImageStep) String() string {
 func (*RestoreImageStep) ProtoMessage() {}
 
 func (x *RestoreImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[26]
+	mi := &file_stowage_v1_agent_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2073,7 +2129,7 @@ func (x *RestoreImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RestoreImageStep.ProtoReflect.Descriptor instead.
 func (*RestoreImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{26}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *RestoreImageStep) GetManifest() string {
@@ -2115,7 +2171,7 @@ type DeleteBackupStep struct {
 
 func (x *DeleteBackupStep) Reset() {
 	*x = DeleteBackupStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[27]
+	mi := &file_stowage_v1_agent_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2127,7 +2183,7 @@ func (x *DeleteBackupStep) String() string {
 func (*DeleteBackupStep) ProtoMessage() {}
 
 func (x *DeleteBackupStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[27]
+	mi := &file_stowage_v1_agent_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2140,7 +2196,7 @@ func (x *DeleteBackupStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteBackupStep.ProtoReflect.Descriptor instead.
 func (*DeleteBackupStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{27}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *DeleteBackupStep) GetManifest() string {
@@ -2167,7 +2223,7 @@ type ExportStep struct {
 
 func (x *ExportStep) Reset() {
 	*x = ExportStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[28]
+	mi := &file_stowage_v1_agent_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2179,7 +2235,7 @@ func (x *ExportStep) String() string {
 func (*ExportStep) ProtoMessage() {}
 
 func (x *ExportStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[28]
+	mi := &file_stowage_v1_agent_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2192,7 +2248,7 @@ func (x *ExportStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExportStep.ProtoReflect.Descriptor instead.
 func (*ExportStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{28}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *ExportStep) GetPath() string {
@@ -2212,7 +2268,7 @@ type UnexportStep struct {
 
 func (x *UnexportStep) Reset() {
 	*x = UnexportStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[29]
+	mi := &file_stowage_v1_agent_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2224,7 +2280,7 @@ func (x *UnexportStep) String() string {
 func (*UnexportStep) ProtoMessage() {}
 
 func (x *UnexportStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[29]
+	mi := &file_stowage_v1_agent_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2237,7 +2293,7 @@ func (x *UnexportStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnexportStep.ProtoReflect.Descriptor instead.
 func (*UnexportStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{29}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *UnexportStep) GetUri() string {
@@ -2261,7 +2317,7 @@ type ExportNbdStep struct {
 
 func (x *ExportNbdStep) Reset() {
 	*x = ExportNbdStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[30]
+	mi := &file_stowage_v1_agent_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2273,7 +2329,7 @@ func (x *ExportNbdStep) String() string {
 func (*ExportNbdStep) ProtoMessage() {}
 
 func (x *ExportNbdStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[30]
+	mi := &file_stowage_v1_agent_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2286,7 +2342,7 @@ func (x *ExportNbdStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExportNbdStep.ProtoReflect.Descriptor instead.
 func (*ExportNbdStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{30}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *ExportNbdStep) GetPath() string {
@@ -2320,7 +2376,7 @@ type UnexportNbdStep struct {
 
 func (x *UnexportNbdStep) Reset() {
 	*x = UnexportNbdStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[31]
+	mi := &file_stowage_v1_agent_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2332,7 +2388,7 @@ func (x *UnexportNbdStep) String() string {
 func (*UnexportNbdStep) ProtoMessage() {}
 
 func (x *UnexportNbdStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[31]
+	mi := &file_stowage_v1_agent_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2345,7 +2401,7 @@ func (x *UnexportNbdStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnexportNbdStep.ProtoReflect.Descriptor instead.
 func (*UnexportNbdStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{31}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *UnexportNbdStep) GetUri() string {
@@ -2375,7 +2431,7 @@ type ImageInfo struct {
 
 func (x *ImageInfo) Reset() {
 	*x = ImageInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[32]
+	mi := &file_stowage_v1_agent_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2387,7 +2443,7 @@ func (x *ImageInfo) String() string {
 func (*ImageInfo) ProtoMessage() {}
 
 func (x *ImageInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[32]
+	mi := &file_stowage_v1_agent_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2400,7 +2456,7 @@ func (x *ImageInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImageInfo.ProtoReflect.Descriptor instead.
 func (*ImageInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{32}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *ImageInfo) GetPath() string {
@@ -2485,7 +2541,7 @@ type SnapshotInfo struct {
 
 func (x *SnapshotInfo) Reset() {
 	*x = SnapshotInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[33]
+	mi := &file_stowage_v1_agent_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2497,7 +2553,7 @@ func (x *SnapshotInfo) String() string {
 func (*SnapshotInfo) ProtoMessage() {}
 
 func (x *SnapshotInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[33]
+	mi := &file_stowage_v1_agent_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2510,7 +2566,7 @@ func (x *SnapshotInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotInfo.ProtoReflect.Descriptor instead.
 func (*SnapshotInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{33}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *SnapshotInfo) GetSnapshot() *ImageInfo {
@@ -2551,7 +2607,7 @@ type BackupInfo struct {
 
 func (x *BackupInfo) Reset() {
 	*x = BackupInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[34]
+	mi := &file_stowage_v1_agent_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2563,7 +2619,7 @@ func (x *BackupInfo) String() string {
 func (*BackupInfo) ProtoMessage() {}
 
 func (x *BackupInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[34]
+	mi := &file_stowage_v1_agent_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2576,7 +2632,7 @@ func (x *BackupInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BackupInfo.ProtoReflect.Descriptor instead.
 func (*BackupInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{34}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *BackupInfo) GetManifest() string {
@@ -2653,7 +2709,7 @@ type FileInfo struct {
 
 func (x *FileInfo) Reset() {
 	*x = FileInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[35]
+	mi := &file_stowage_v1_agent_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2665,7 +2721,7 @@ func (x *FileInfo) String() string {
 func (*FileInfo) ProtoMessage() {}
 
 func (x *FileInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[35]
+	mi := &file_stowage_v1_agent_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2678,7 +2734,7 @@ func (x *FileInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileInfo.ProtoReflect.Descriptor instead.
 func (*FileInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{35}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *FileInfo) GetPath() string {
@@ -2743,7 +2799,7 @@ type StoreProbe struct {
 
 func (x *StoreProbe) Reset() {
 	*x = StoreProbe{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[36]
+	mi := &file_stowage_v1_agent_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2755,7 +2811,7 @@ func (x *StoreProbe) String() string {
 func (*StoreProbe) ProtoMessage() {}
 
 func (x *StoreProbe) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[36]
+	mi := &file_stowage_v1_agent_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2768,7 +2824,7 @@ func (x *StoreProbe) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StoreProbe.ProtoReflect.Descriptor instead.
 func (*StoreProbe) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{36}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *StoreProbe) GetCapacityBytes() int64 {
@@ -2827,7 +2883,7 @@ type TaskResult struct {
 
 func (x *TaskResult) Reset() {
 	*x = TaskResult{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[37]
+	mi := &file_stowage_v1_agent_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2839,7 +2895,7 @@ func (x *TaskResult) String() string {
 func (*TaskResult) ProtoMessage() {}
 
 func (x *TaskResult) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[37]
+	mi := &file_stowage_v1_agent_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2852,7 +2908,7 @@ func (x *TaskResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TaskResult.ProtoReflect.Descriptor instead.
 func (*TaskResult) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{37}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *TaskResult) GetTaskId() string {
@@ -3023,7 +3079,7 @@ type FileList struct {
 
 func (x *FileList) Reset() {
 	*x = FileList{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[38]
+	mi := &file_stowage_v1_agent_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3035,7 +3091,7 @@ func (x *FileList) String() string {
 func (*FileList) ProtoMessage() {}
 
 func (x *FileList) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[38]
+	mi := &file_stowage_v1_agent_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3048,7 +3104,7 @@ func (x *FileList) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileList.ProtoReflect.Descriptor instead.
 func (*FileList) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{38}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *FileList) GetFiles() []*FileInfo {
@@ -3063,7 +3119,7 @@ var File_stowage_v1_agent_proto protoreflect.FileDescriptor
 const file_stowage_v1_agent_proto_rawDesc = "" +
 	"\n" +
 	"\x16stowage/v1/agent.proto\x12\n" +
-	"stowage.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16stowage/v1/types.proto\"\xa5\x02\n" +
+	"stowage.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bstowage/v1/imagecache.proto\x1a\x16stowage/v1/types.proto\"\xa5\x02\n" +
 	"\x0fRegisterRequest\x12\x17\n" +
 	"\ahost_id\x18\x01 \x01(\tR\x06hostId\x12\x1a\n" +
 	"\bhostname\x18\x02 \x01(\tR\bhostname\x12\x1b\n" +
@@ -3090,13 +3146,16 @@ const file_stowage_v1_agent_proto_rawDesc = "" +
 	"\n" +
 	"session_id\x18\x02 \x01(\tR\tsessionId\x12@\n" +
 	"\fcapabilities\x18\x03 \x01(\v2\x1c.stowage.v1.HostCapabilitiesR\fcapabilities\x12&\n" +
-	"\x0fin_flight_tasks\x18\x04 \x01(\x05R\rinFlightTasks\"\x95\x01\n" +
+	"\x0fin_flight_tasks\x18\x04 \x01(\x05R\rinFlightTasks\"\xdb\x01\n" +
 	"\x11HeartbeatResponse\x12+\n" +
 	"\x05state\x18\x01 \x01(\x0e2\x15.stowage.v1.HostStateR\x05state\x12\x1e\n" +
 	"\n" +
 	"reregister\x18\x02 \x01(\bR\n" +
 	"reregister\x123\n" +
-	"\x06stores\x18\x03 \x03(\v2\x1b.stowage.v1.StoreAssignmentR\x06stores\"6\n" +
+	"\x06stores\x18\x03 \x03(\v2\x1b.stowage.v1.StoreAssignmentR\x06stores\x12D\n" +
+	"\x0etemplate_cache\x18\x04 \x01(\v2\x1d.stowage.v1.TemplateCacheSpecR\rtemplateCache\"H\n" +
+	"\x11TemplateCacheSpec\x123\n" +
+	"\ttemplates\x18\x01 \x03(\v2\x15.stowage.v1.CacheSpecR\ttemplates\"6\n" +
 	"\x0eRunTaskRequest\x12$\n" +
 	"\x04task\x18\x01 \x01(\v2\x10.stowage.v1.TaskR\x04task\"A\n" +
 	"\x0fRunTaskResponse\x12.\n" +
@@ -3324,7 +3383,7 @@ func file_stowage_v1_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_stowage_v1_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_stowage_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 39)
+var file_stowage_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 40)
 var file_stowage_v1_agent_proto_goTypes = []any{
 	(CloneMode)(0),                // 0: stowage.v1.CloneMode
 	(*RegisterRequest)(nil),       // 1: stowage.v1.RegisterRequest
@@ -3332,118 +3391,122 @@ var file_stowage_v1_agent_proto_goTypes = []any{
 	(*StoreAssignment)(nil),       // 3: stowage.v1.StoreAssignment
 	(*HeartbeatRequest)(nil),      // 4: stowage.v1.HeartbeatRequest
 	(*HeartbeatResponse)(nil),     // 5: stowage.v1.HeartbeatResponse
-	(*RunTaskRequest)(nil),        // 6: stowage.v1.RunTaskRequest
-	(*RunTaskResponse)(nil),       // 7: stowage.v1.RunTaskResponse
-	(*GetTaskRequest)(nil),        // 8: stowage.v1.GetTaskRequest
-	(*GetTaskResponse)(nil),       // 9: stowage.v1.GetTaskResponse
-	(*Task)(nil),                  // 10: stowage.v1.Task
-	(*PrepareStoreStep)(nil),      // 11: stowage.v1.PrepareStoreStep
-	(*ProbeStoreStep)(nil),        // 12: stowage.v1.ProbeStoreStep
-	(*ReleaseStoreStep)(nil),      // 13: stowage.v1.ReleaseStoreStep
-	(*CreateImageStep)(nil),       // 14: stowage.v1.CreateImageStep
-	(*DeletePathStep)(nil),        // 15: stowage.v1.DeletePathStep
-	(*ListDirStep)(nil),           // 16: stowage.v1.ListDirStep
-	(*StatPathStep)(nil),          // 17: stowage.v1.StatPathStep
-	(*FetchImageStep)(nil),        // 18: stowage.v1.FetchImageStep
-	(*CopyImageStep)(nil),         // 19: stowage.v1.CopyImageStep
-	(*CloneImageStep)(nil),        // 20: stowage.v1.CloneImageStep
-	(*InspectImageStep)(nil),      // 21: stowage.v1.InspectImageStep
-	(*ResizeImageStep)(nil),       // 22: stowage.v1.ResizeImageStep
-	(*SnapshotImageStep)(nil),     // 23: stowage.v1.SnapshotImageStep
-	(*RevertImageStep)(nil),       // 24: stowage.v1.RevertImageStep
-	(*RebaseImageStep)(nil),       // 25: stowage.v1.RebaseImageStep
-	(*BackupImageStep)(nil),       // 26: stowage.v1.BackupImageStep
-	(*RestoreImageStep)(nil),      // 27: stowage.v1.RestoreImageStep
-	(*DeleteBackupStep)(nil),      // 28: stowage.v1.DeleteBackupStep
-	(*ExportStep)(nil),            // 29: stowage.v1.ExportStep
-	(*UnexportStep)(nil),          // 30: stowage.v1.UnexportStep
-	(*ExportNbdStep)(nil),         // 31: stowage.v1.ExportNbdStep
-	(*UnexportNbdStep)(nil),       // 32: stowage.v1.UnexportNbdStep
-	(*ImageInfo)(nil),             // 33: stowage.v1.ImageInfo
-	(*SnapshotInfo)(nil),          // 34: stowage.v1.SnapshotInfo
-	(*BackupInfo)(nil),            // 35: stowage.v1.BackupInfo
-	(*FileInfo)(nil),              // 36: stowage.v1.FileInfo
-	(*StoreProbe)(nil),            // 37: stowage.v1.StoreProbe
-	(*TaskResult)(nil),            // 38: stowage.v1.TaskResult
-	(*FileList)(nil),              // 39: stowage.v1.FileList
-	(*HostCapabilities)(nil),      // 40: stowage.v1.HostCapabilities
-	(*Host)(nil),                  // 41: stowage.v1.Host
-	(HostState)(0),                // 42: stowage.v1.HostState
-	(ImageFormat)(0),              // 43: stowage.v1.ImageFormat
-	(*timestamppb.Timestamp)(nil), // 44: google.protobuf.Timestamp
+	(*TemplateCacheSpec)(nil),     // 6: stowage.v1.TemplateCacheSpec
+	(*RunTaskRequest)(nil),        // 7: stowage.v1.RunTaskRequest
+	(*RunTaskResponse)(nil),       // 8: stowage.v1.RunTaskResponse
+	(*GetTaskRequest)(nil),        // 9: stowage.v1.GetTaskRequest
+	(*GetTaskResponse)(nil),       // 10: stowage.v1.GetTaskResponse
+	(*Task)(nil),                  // 11: stowage.v1.Task
+	(*PrepareStoreStep)(nil),      // 12: stowage.v1.PrepareStoreStep
+	(*ProbeStoreStep)(nil),        // 13: stowage.v1.ProbeStoreStep
+	(*ReleaseStoreStep)(nil),      // 14: stowage.v1.ReleaseStoreStep
+	(*CreateImageStep)(nil),       // 15: stowage.v1.CreateImageStep
+	(*DeletePathStep)(nil),        // 16: stowage.v1.DeletePathStep
+	(*ListDirStep)(nil),           // 17: stowage.v1.ListDirStep
+	(*StatPathStep)(nil),          // 18: stowage.v1.StatPathStep
+	(*FetchImageStep)(nil),        // 19: stowage.v1.FetchImageStep
+	(*CopyImageStep)(nil),         // 20: stowage.v1.CopyImageStep
+	(*CloneImageStep)(nil),        // 21: stowage.v1.CloneImageStep
+	(*InspectImageStep)(nil),      // 22: stowage.v1.InspectImageStep
+	(*ResizeImageStep)(nil),       // 23: stowage.v1.ResizeImageStep
+	(*SnapshotImageStep)(nil),     // 24: stowage.v1.SnapshotImageStep
+	(*RevertImageStep)(nil),       // 25: stowage.v1.RevertImageStep
+	(*RebaseImageStep)(nil),       // 26: stowage.v1.RebaseImageStep
+	(*BackupImageStep)(nil),       // 27: stowage.v1.BackupImageStep
+	(*RestoreImageStep)(nil),      // 28: stowage.v1.RestoreImageStep
+	(*DeleteBackupStep)(nil),      // 29: stowage.v1.DeleteBackupStep
+	(*ExportStep)(nil),            // 30: stowage.v1.ExportStep
+	(*UnexportStep)(nil),          // 31: stowage.v1.UnexportStep
+	(*ExportNbdStep)(nil),         // 32: stowage.v1.ExportNbdStep
+	(*UnexportNbdStep)(nil),       // 33: stowage.v1.UnexportNbdStep
+	(*ImageInfo)(nil),             // 34: stowage.v1.ImageInfo
+	(*SnapshotInfo)(nil),          // 35: stowage.v1.SnapshotInfo
+	(*BackupInfo)(nil),            // 36: stowage.v1.BackupInfo
+	(*FileInfo)(nil),              // 37: stowage.v1.FileInfo
+	(*StoreProbe)(nil),            // 38: stowage.v1.StoreProbe
+	(*TaskResult)(nil),            // 39: stowage.v1.TaskResult
+	(*FileList)(nil),              // 40: stowage.v1.FileList
+	(*HostCapabilities)(nil),      // 41: stowage.v1.HostCapabilities
+	(*Host)(nil),                  // 42: stowage.v1.Host
+	(HostState)(0),                // 43: stowage.v1.HostState
+	(*CacheSpec)(nil),             // 44: stowage.v1.CacheSpec
+	(ImageFormat)(0),              // 45: stowage.v1.ImageFormat
+	(*timestamppb.Timestamp)(nil), // 46: google.protobuf.Timestamp
 }
 var file_stowage_v1_agent_proto_depIdxs = []int32{
-	40, // 0: stowage.v1.RegisterRequest.capabilities:type_name -> stowage.v1.HostCapabilities
-	41, // 1: stowage.v1.RegisterResponse.host:type_name -> stowage.v1.Host
+	41, // 0: stowage.v1.RegisterRequest.capabilities:type_name -> stowage.v1.HostCapabilities
+	42, // 1: stowage.v1.RegisterResponse.host:type_name -> stowage.v1.Host
 	3,  // 2: stowage.v1.RegisterResponse.stores:type_name -> stowage.v1.StoreAssignment
-	40, // 3: stowage.v1.HeartbeatRequest.capabilities:type_name -> stowage.v1.HostCapabilities
-	42, // 4: stowage.v1.HeartbeatResponse.state:type_name -> stowage.v1.HostState
+	41, // 3: stowage.v1.HeartbeatRequest.capabilities:type_name -> stowage.v1.HostCapabilities
+	43, // 4: stowage.v1.HeartbeatResponse.state:type_name -> stowage.v1.HostState
 	3,  // 5: stowage.v1.HeartbeatResponse.stores:type_name -> stowage.v1.StoreAssignment
-	10, // 6: stowage.v1.RunTaskRequest.task:type_name -> stowage.v1.Task
-	38, // 7: stowage.v1.RunTaskResponse.result:type_name -> stowage.v1.TaskResult
-	38, // 8: stowage.v1.GetTaskResponse.result:type_name -> stowage.v1.TaskResult
-	11, // 9: stowage.v1.Task.prepare_store:type_name -> stowage.v1.PrepareStoreStep
-	12, // 10: stowage.v1.Task.probe_store:type_name -> stowage.v1.ProbeStoreStep
-	13, // 11: stowage.v1.Task.release_store:type_name -> stowage.v1.ReleaseStoreStep
-	14, // 12: stowage.v1.Task.create_image:type_name -> stowage.v1.CreateImageStep
-	15, // 13: stowage.v1.Task.delete_path:type_name -> stowage.v1.DeletePathStep
-	16, // 14: stowage.v1.Task.list_dir:type_name -> stowage.v1.ListDirStep
-	17, // 15: stowage.v1.Task.stat_path:type_name -> stowage.v1.StatPathStep
-	18, // 16: stowage.v1.Task.fetch_image:type_name -> stowage.v1.FetchImageStep
-	19, // 17: stowage.v1.Task.copy_image:type_name -> stowage.v1.CopyImageStep
-	20, // 18: stowage.v1.Task.clone_image:type_name -> stowage.v1.CloneImageStep
-	21, // 19: stowage.v1.Task.inspect_image:type_name -> stowage.v1.InspectImageStep
-	22, // 20: stowage.v1.Task.resize_image:type_name -> stowage.v1.ResizeImageStep
-	23, // 21: stowage.v1.Task.snapshot_image:type_name -> stowage.v1.SnapshotImageStep
-	24, // 22: stowage.v1.Task.revert_image:type_name -> stowage.v1.RevertImageStep
-	25, // 23: stowage.v1.Task.rebase_image:type_name -> stowage.v1.RebaseImageStep
-	26, // 24: stowage.v1.Task.backup_image:type_name -> stowage.v1.BackupImageStep
-	27, // 25: stowage.v1.Task.restore_image:type_name -> stowage.v1.RestoreImageStep
-	28, // 26: stowage.v1.Task.delete_backup:type_name -> stowage.v1.DeleteBackupStep
-	29, // 27: stowage.v1.Task.export:type_name -> stowage.v1.ExportStep
-	30, // 28: stowage.v1.Task.unexport:type_name -> stowage.v1.UnexportStep
-	31, // 29: stowage.v1.Task.export_nbd:type_name -> stowage.v1.ExportNbdStep
-	32, // 30: stowage.v1.Task.unexport_nbd:type_name -> stowage.v1.UnexportNbdStep
-	43, // 31: stowage.v1.CreateImageStep.format:type_name -> stowage.v1.ImageFormat
-	43, // 32: stowage.v1.FetchImageStep.format:type_name -> stowage.v1.ImageFormat
-	43, // 33: stowage.v1.CopyImageStep.format:type_name -> stowage.v1.ImageFormat
-	43, // 34: stowage.v1.CopyImageStep.source_format:type_name -> stowage.v1.ImageFormat
-	0,  // 35: stowage.v1.CloneImageStep.mode:type_name -> stowage.v1.CloneMode
-	43, // 36: stowage.v1.CloneImageStep.format:type_name -> stowage.v1.ImageFormat
-	43, // 37: stowage.v1.CloneImageStep.base_format:type_name -> stowage.v1.ImageFormat
-	43, // 38: stowage.v1.InspectImageStep.format:type_name -> stowage.v1.ImageFormat
-	43, // 39: stowage.v1.ResizeImageStep.format:type_name -> stowage.v1.ImageFormat
-	43, // 40: stowage.v1.SnapshotImageStep.format:type_name -> stowage.v1.ImageFormat
-	43, // 41: stowage.v1.RevertImageStep.format:type_name -> stowage.v1.ImageFormat
-	43, // 42: stowage.v1.RebaseImageStep.backing_format:type_name -> stowage.v1.ImageFormat
-	43, // 43: stowage.v1.BackupImageStep.source_format:type_name -> stowage.v1.ImageFormat
-	43, // 44: stowage.v1.RestoreImageStep.format:type_name -> stowage.v1.ImageFormat
-	43, // 45: stowage.v1.ExportNbdStep.format:type_name -> stowage.v1.ImageFormat
-	43, // 46: stowage.v1.ImageInfo.format:type_name -> stowage.v1.ImageFormat
-	33, // 47: stowage.v1.SnapshotInfo.snapshot:type_name -> stowage.v1.ImageInfo
-	33, // 48: stowage.v1.SnapshotInfo.volume:type_name -> stowage.v1.ImageInfo
-	44, // 49: stowage.v1.FileInfo.modified_at:type_name -> google.protobuf.Timestamp
-	43, // 50: stowage.v1.FileInfo.format:type_name -> stowage.v1.ImageFormat
-	37, // 51: stowage.v1.TaskResult.probe:type_name -> stowage.v1.StoreProbe
-	36, // 52: stowage.v1.TaskResult.file:type_name -> stowage.v1.FileInfo
-	39, // 53: stowage.v1.TaskResult.files:type_name -> stowage.v1.FileList
-	33, // 54: stowage.v1.TaskResult.image:type_name -> stowage.v1.ImageInfo
-	34, // 55: stowage.v1.TaskResult.snapshot:type_name -> stowage.v1.SnapshotInfo
-	35, // 56: stowage.v1.TaskResult.backup:type_name -> stowage.v1.BackupInfo
-	36, // 57: stowage.v1.FileList.files:type_name -> stowage.v1.FileInfo
-	1,  // 58: stowage.v1.AgentControlService.Register:input_type -> stowage.v1.RegisterRequest
-	4,  // 59: stowage.v1.AgentControlService.Heartbeat:input_type -> stowage.v1.HeartbeatRequest
-	6,  // 60: stowage.v1.AgentService.RunTask:input_type -> stowage.v1.RunTaskRequest
-	8,  // 61: stowage.v1.AgentService.GetTask:input_type -> stowage.v1.GetTaskRequest
-	2,  // 62: stowage.v1.AgentControlService.Register:output_type -> stowage.v1.RegisterResponse
-	5,  // 63: stowage.v1.AgentControlService.Heartbeat:output_type -> stowage.v1.HeartbeatResponse
-	7,  // 64: stowage.v1.AgentService.RunTask:output_type -> stowage.v1.RunTaskResponse
-	9,  // 65: stowage.v1.AgentService.GetTask:output_type -> stowage.v1.GetTaskResponse
-	62, // [62:66] is the sub-list for method output_type
-	58, // [58:62] is the sub-list for method input_type
-	58, // [58:58] is the sub-list for extension type_name
-	58, // [58:58] is the sub-list for extension extendee
-	0,  // [0:58] is the sub-list for field type_name
+	6,  // 6: stowage.v1.HeartbeatResponse.template_cache:type_name -> stowage.v1.TemplateCacheSpec
+	44, // 7: stowage.v1.TemplateCacheSpec.templates:type_name -> stowage.v1.CacheSpec
+	11, // 8: stowage.v1.RunTaskRequest.task:type_name -> stowage.v1.Task
+	39, // 9: stowage.v1.RunTaskResponse.result:type_name -> stowage.v1.TaskResult
+	39, // 10: stowage.v1.GetTaskResponse.result:type_name -> stowage.v1.TaskResult
+	12, // 11: stowage.v1.Task.prepare_store:type_name -> stowage.v1.PrepareStoreStep
+	13, // 12: stowage.v1.Task.probe_store:type_name -> stowage.v1.ProbeStoreStep
+	14, // 13: stowage.v1.Task.release_store:type_name -> stowage.v1.ReleaseStoreStep
+	15, // 14: stowage.v1.Task.create_image:type_name -> stowage.v1.CreateImageStep
+	16, // 15: stowage.v1.Task.delete_path:type_name -> stowage.v1.DeletePathStep
+	17, // 16: stowage.v1.Task.list_dir:type_name -> stowage.v1.ListDirStep
+	18, // 17: stowage.v1.Task.stat_path:type_name -> stowage.v1.StatPathStep
+	19, // 18: stowage.v1.Task.fetch_image:type_name -> stowage.v1.FetchImageStep
+	20, // 19: stowage.v1.Task.copy_image:type_name -> stowage.v1.CopyImageStep
+	21, // 20: stowage.v1.Task.clone_image:type_name -> stowage.v1.CloneImageStep
+	22, // 21: stowage.v1.Task.inspect_image:type_name -> stowage.v1.InspectImageStep
+	23, // 22: stowage.v1.Task.resize_image:type_name -> stowage.v1.ResizeImageStep
+	24, // 23: stowage.v1.Task.snapshot_image:type_name -> stowage.v1.SnapshotImageStep
+	25, // 24: stowage.v1.Task.revert_image:type_name -> stowage.v1.RevertImageStep
+	26, // 25: stowage.v1.Task.rebase_image:type_name -> stowage.v1.RebaseImageStep
+	27, // 26: stowage.v1.Task.backup_image:type_name -> stowage.v1.BackupImageStep
+	28, // 27: stowage.v1.Task.restore_image:type_name -> stowage.v1.RestoreImageStep
+	29, // 28: stowage.v1.Task.delete_backup:type_name -> stowage.v1.DeleteBackupStep
+	30, // 29: stowage.v1.Task.export:type_name -> stowage.v1.ExportStep
+	31, // 30: stowage.v1.Task.unexport:type_name -> stowage.v1.UnexportStep
+	32, // 31: stowage.v1.Task.export_nbd:type_name -> stowage.v1.ExportNbdStep
+	33, // 32: stowage.v1.Task.unexport_nbd:type_name -> stowage.v1.UnexportNbdStep
+	45, // 33: stowage.v1.CreateImageStep.format:type_name -> stowage.v1.ImageFormat
+	45, // 34: stowage.v1.FetchImageStep.format:type_name -> stowage.v1.ImageFormat
+	45, // 35: stowage.v1.CopyImageStep.format:type_name -> stowage.v1.ImageFormat
+	45, // 36: stowage.v1.CopyImageStep.source_format:type_name -> stowage.v1.ImageFormat
+	0,  // 37: stowage.v1.CloneImageStep.mode:type_name -> stowage.v1.CloneMode
+	45, // 38: stowage.v1.CloneImageStep.format:type_name -> stowage.v1.ImageFormat
+	45, // 39: stowage.v1.CloneImageStep.base_format:type_name -> stowage.v1.ImageFormat
+	45, // 40: stowage.v1.InspectImageStep.format:type_name -> stowage.v1.ImageFormat
+	45, // 41: stowage.v1.ResizeImageStep.format:type_name -> stowage.v1.ImageFormat
+	45, // 42: stowage.v1.SnapshotImageStep.format:type_name -> stowage.v1.ImageFormat
+	45, // 43: stowage.v1.RevertImageStep.format:type_name -> stowage.v1.ImageFormat
+	45, // 44: stowage.v1.RebaseImageStep.backing_format:type_name -> stowage.v1.ImageFormat
+	45, // 45: stowage.v1.BackupImageStep.source_format:type_name -> stowage.v1.ImageFormat
+	45, // 46: stowage.v1.RestoreImageStep.format:type_name -> stowage.v1.ImageFormat
+	45, // 47: stowage.v1.ExportNbdStep.format:type_name -> stowage.v1.ImageFormat
+	45, // 48: stowage.v1.ImageInfo.format:type_name -> stowage.v1.ImageFormat
+	34, // 49: stowage.v1.SnapshotInfo.snapshot:type_name -> stowage.v1.ImageInfo
+	34, // 50: stowage.v1.SnapshotInfo.volume:type_name -> stowage.v1.ImageInfo
+	46, // 51: stowage.v1.FileInfo.modified_at:type_name -> google.protobuf.Timestamp
+	45, // 52: stowage.v1.FileInfo.format:type_name -> stowage.v1.ImageFormat
+	38, // 53: stowage.v1.TaskResult.probe:type_name -> stowage.v1.StoreProbe
+	37, // 54: stowage.v1.TaskResult.file:type_name -> stowage.v1.FileInfo
+	40, // 55: stowage.v1.TaskResult.files:type_name -> stowage.v1.FileList
+	34, // 56: stowage.v1.TaskResult.image:type_name -> stowage.v1.ImageInfo
+	35, // 57: stowage.v1.TaskResult.snapshot:type_name -> stowage.v1.SnapshotInfo
+	36, // 58: stowage.v1.TaskResult.backup:type_name -> stowage.v1.BackupInfo
+	37, // 59: stowage.v1.FileList.files:type_name -> stowage.v1.FileInfo
+	1,  // 60: stowage.v1.AgentControlService.Register:input_type -> stowage.v1.RegisterRequest
+	4,  // 61: stowage.v1.AgentControlService.Heartbeat:input_type -> stowage.v1.HeartbeatRequest
+	7,  // 62: stowage.v1.AgentService.RunTask:input_type -> stowage.v1.RunTaskRequest
+	9,  // 63: stowage.v1.AgentService.GetTask:input_type -> stowage.v1.GetTaskRequest
+	2,  // 64: stowage.v1.AgentControlService.Register:output_type -> stowage.v1.RegisterResponse
+	5,  // 65: stowage.v1.AgentControlService.Heartbeat:output_type -> stowage.v1.HeartbeatResponse
+	8,  // 66: stowage.v1.AgentService.RunTask:output_type -> stowage.v1.RunTaskResponse
+	10, // 67: stowage.v1.AgentService.GetTask:output_type -> stowage.v1.GetTaskResponse
+	64, // [64:68] is the sub-list for method output_type
+	60, // [60:64] is the sub-list for method input_type
+	60, // [60:60] is the sub-list for extension type_name
+	60, // [60:60] is the sub-list for extension extendee
+	0,  // [0:60] is the sub-list for field type_name
 }
 
 func init() { file_stowage_v1_agent_proto_init() }
@@ -3451,8 +3514,9 @@ func file_stowage_v1_agent_proto_init() {
 	if File_stowage_v1_agent_proto != nil {
 		return
 	}
+	file_stowage_v1_imagecache_proto_init()
 	file_stowage_v1_types_proto_init()
-	file_stowage_v1_agent_proto_msgTypes[9].OneofWrappers = []any{
+	file_stowage_v1_agent_proto_msgTypes[10].OneofWrappers = []any{
 		(*Task_PrepareStore)(nil),
 		(*Task_ProbeStore)(nil),
 		(*Task_ReleaseStore)(nil),
@@ -3476,7 +3540,7 @@ func file_stowage_v1_agent_proto_init() {
 		(*Task_ExportNbd)(nil),
 		(*Task_UnexportNbd)(nil),
 	}
-	file_stowage_v1_agent_proto_msgTypes[37].OneofWrappers = []any{
+	file_stowage_v1_agent_proto_msgTypes[38].OneofWrappers = []any{
 		(*TaskResult_Probe)(nil),
 		(*TaskResult_File)(nil),
 		(*TaskResult_Files)(nil),
@@ -3491,7 +3555,7 @@ func file_stowage_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_stowage_v1_agent_proto_rawDesc), len(file_stowage_v1_agent_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   39,
+			NumMessages:   40,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

@@ -931,8 +931,11 @@ type HostCapabilities struct {
 	Kernel          string                 `protobuf:"bytes,6,opt,name=kernel,proto3" json:"kernel,omitempty"`
 	AgentVersion    string                 `protobuf:"bytes,7,opt,name=agent_version,json=agentVersion,proto3" json:"agent_version,omitempty"`
 	Stores          []*StoreOnHost         `protobuf:"bytes,8,rep,name=stores,proto3" json:"stores,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// The host's FUSE template mount (stowage cache serve), when it has one
+	// and the agent can reach it; lazy volumes are placed only on such hosts.
+	TemplateCache *CacheStatus `protobuf:"bytes,9,opt,name=template_cache,json=templateCache,proto3" json:"template_cache,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *HostCapabilities) Reset() {
@@ -1017,6 +1020,13 @@ func (x *HostCapabilities) GetAgentVersion() string {
 func (x *HostCapabilities) GetStores() []*StoreOnHost {
 	if x != nil {
 		return x.Stores
+	}
+	return nil
+}
+
+func (x *HostCapabilities) GetTemplateCache() *CacheStatus {
+	if x != nil {
+		return x.TemplateCache
 	}
 	return nil
 }
@@ -2301,6 +2311,179 @@ func (x *Job) GetResult() string {
 	return ""
 }
 
+// CacheStatus is a host's template mount as its cache process sees it.
+type CacheStatus struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Mount point, e.g. /run/stowage/templates.
+	Mount         string            `protobuf:"bytes,1,opt,name=mount,proto3" json:"mount,omitempty"`
+	Passthrough   bool              `protobuf:"varint,2,opt,name=passthrough,proto3" json:"passthrough,omitempty"`
+	CapacityBytes int64             `protobuf:"varint,3,opt,name=capacity_bytes,json=capacityBytes,proto3" json:"capacity_bytes,omitempty"`
+	CachedBytes   int64             `protobuf:"varint,4,opt,name=cached_bytes,json=cachedBytes,proto3" json:"cached_bytes,omitempty"`
+	Templates     []*CachedTemplate `protobuf:"bytes,5,rep,name=templates,proto3" json:"templates,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CacheStatus) Reset() {
+	*x = CacheStatus{}
+	mi := &file_stowage_v1_types_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CacheStatus) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CacheStatus) ProtoMessage() {}
+
+func (x *CacheStatus) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_types_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CacheStatus.ProtoReflect.Descriptor instead.
+func (*CacheStatus) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_types_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *CacheStatus) GetMount() string {
+	if x != nil {
+		return x.Mount
+	}
+	return ""
+}
+
+func (x *CacheStatus) GetPassthrough() bool {
+	if x != nil {
+		return x.Passthrough
+	}
+	return false
+}
+
+func (x *CacheStatus) GetCapacityBytes() int64 {
+	if x != nil {
+		return x.CapacityBytes
+	}
+	return 0
+}
+
+func (x *CacheStatus) GetCachedBytes() int64 {
+	if x != nil {
+		return x.CachedBytes
+	}
+	return 0
+}
+
+func (x *CacheStatus) GetTemplates() []*CachedTemplate {
+	if x != nil {
+		return x.Templates
+	}
+	return nil
+}
+
+// CachedTemplate is one file of the mount.
+type CachedTemplate struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Id     string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Size   int64                  `protobuf:"varint,2,opt,name=size,proto3" json:"size,omitempty"`
+	Format ImageFormat            `protobuf:"varint,3,opt,name=format,proto3,enum=stowage.v1.ImageFormat" json:"format,omitempty"`
+	// Bytes of the template cached on this host.
+	CachedBytes int64 `protobuf:"varint,4,opt,name=cached_bytes,json=cachedBytes,proto3" json:"cached_bytes,omitempty"`
+	Complete    bool  `protobuf:"varint,5,opt,name=complete,proto3" json:"complete,omitempty"`
+	Pinned      bool  `protobuf:"varint,6,opt,name=pinned,proto3" json:"pinned,omitempty"`
+	// Set when the last sync could not add or switch it.
+	Error         string `protobuf:"bytes,7,opt,name=error,proto3" json:"error,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CachedTemplate) Reset() {
+	*x = CachedTemplate{}
+	mi := &file_stowage_v1_types_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CachedTemplate) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CachedTemplate) ProtoMessage() {}
+
+func (x *CachedTemplate) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_types_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CachedTemplate.ProtoReflect.Descriptor instead.
+func (*CachedTemplate) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_types_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *CachedTemplate) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *CachedTemplate) GetSize() int64 {
+	if x != nil {
+		return x.Size
+	}
+	return 0
+}
+
+func (x *CachedTemplate) GetFormat() ImageFormat {
+	if x != nil {
+		return x.Format
+	}
+	return ImageFormat_IMAGE_FORMAT_UNSPECIFIED
+}
+
+func (x *CachedTemplate) GetCachedBytes() int64 {
+	if x != nil {
+		return x.CachedBytes
+	}
+	return 0
+}
+
+func (x *CachedTemplate) GetComplete() bool {
+	if x != nil {
+		return x.Complete
+	}
+	return false
+}
+
+func (x *CachedTemplate) GetPinned() bool {
+	if x != nil {
+		return x.Pinned
+	}
+	return false
+}
+
+func (x *CachedTemplate) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
 var File_stowage_v1_types_proto protoreflect.FileDescriptor
 
 const file_stowage_v1_types_proto_rawDesc = "" +
@@ -2343,7 +2526,7 @@ const file_stowage_v1_types_proto_rawDesc = "" +
 	"\x0ecapacity_bytes\x18\x04 \x01(\x03R\rcapacityBytes\x12'\n" +
 	"\x0favailable_bytes\x18\x05 \x01(\x03R\x0eavailableBytes\x12\x17\n" +
 	"\afs_type\x18\x06 \x01(\tR\x06fsType\x12\x14\n" +
-	"\x05error\x18\a \x01(\tR\x05error\"\xb1\x02\n" +
+	"\x05error\x18\a \x01(\tR\x05error\"\xf1\x02\n" +
 	"\x10HostCapabilities\x12(\n" +
 	"\x10qemu_img_version\x18\x01 \x01(\tR\x0eqemuImgVersion\x12\x12\n" +
 	"\x04fuse\x18\x02 \x01(\bR\x04fuse\x12)\n" +
@@ -2353,7 +2536,8 @@ const file_stowage_v1_types_proto_rawDesc = "" +
 	"\x0fiscsi_initiator\x18\x05 \x01(\bR\x0eiscsiInitiator\x12\x16\n" +
 	"\x06kernel\x18\x06 \x01(\tR\x06kernel\x12#\n" +
 	"\ragent_version\x18\a \x01(\tR\fagentVersion\x12/\n" +
-	"\x06stores\x18\b \x03(\v2\x17.stowage.v1.StoreOnHostR\x06stores\"\xa9\x04\n" +
+	"\x06stores\x18\b \x03(\v2\x17.stowage.v1.StoreOnHostR\x06stores\x12>\n" +
+	"\x0etemplate_cache\x18\t \x01(\v2\x17.stowage.v1.CacheStatusR\rtemplateCache\"\xa9\x04\n" +
 	"\x04Host\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1a\n" +
 	"\bhostname\x18\x02 \x01(\tR\bhostname\x12\x1b\n" +
@@ -2500,7 +2684,21 @@ const file_stowage_v1_types_proto_rawDesc = "" +
 	"\x06result\x18\r \x01(\tR\x06result\x1a9\n" +
 	"\vParamsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01*q\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xc9\x01\n" +
+	"\vCacheStatus\x12\x14\n" +
+	"\x05mount\x18\x01 \x01(\tR\x05mount\x12 \n" +
+	"\vpassthrough\x18\x02 \x01(\bR\vpassthrough\x12%\n" +
+	"\x0ecapacity_bytes\x18\x03 \x01(\x03R\rcapacityBytes\x12!\n" +
+	"\fcached_bytes\x18\x04 \x01(\x03R\vcachedBytes\x128\n" +
+	"\ttemplates\x18\x05 \x03(\v2\x1a.stowage.v1.CachedTemplateR\ttemplates\"\xd2\x01\n" +
+	"\x0eCachedTemplate\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
+	"\x04size\x18\x02 \x01(\x03R\x04size\x12/\n" +
+	"\x06format\x18\x03 \x01(\x0e2\x17.stowage.v1.ImageFormatR\x06format\x12!\n" +
+	"\fcached_bytes\x18\x04 \x01(\x03R\vcachedBytes\x12\x1a\n" +
+	"\bcomplete\x18\x05 \x01(\bR\bcomplete\x12\x16\n" +
+	"\x06pinned\x18\x06 \x01(\bR\x06pinned\x12\x14\n" +
+	"\x05error\x18\a \x01(\tR\x05error*q\n" +
 	"\tStoreRole\x12\x1a\n" +
 	"\x16STORE_ROLE_UNSPECIFIED\x10\x00\x12\x16\n" +
 	"\x12STORE_ROLE_PRIMARY\x10\x01\x12\x14\n" +
@@ -2595,7 +2793,7 @@ func file_stowage_v1_types_proto_rawDescGZIP() []byte {
 }
 
 var file_stowage_v1_types_proto_enumTypes = make([]protoimpl.EnumInfo, 9)
-var file_stowage_v1_types_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
+var file_stowage_v1_types_proto_msgTypes = make([]protoimpl.MessageInfo, 18)
 var file_stowage_v1_types_proto_goTypes = []any{
 	(StoreRole)(0),                // 0: stowage.v1.StoreRole
 	(StoreState)(0),               // 1: stowage.v1.StoreState
@@ -2620,47 +2818,52 @@ var file_stowage_v1_types_proto_goTypes = []any{
 	(*Plan)(nil),                  // 20: stowage.v1.Plan
 	(*JobProgress)(nil),           // 21: stowage.v1.JobProgress
 	(*Job)(nil),                   // 22: stowage.v1.Job
-	nil,                           // 23: stowage.v1.DataStore.DetailsEntry
-	nil,                           // 24: stowage.v1.Job.ParamsEntry
-	(*timestamppb.Timestamp)(nil), // 25: google.protobuf.Timestamp
+	(*CacheStatus)(nil),           // 23: stowage.v1.CacheStatus
+	(*CachedTemplate)(nil),        // 24: stowage.v1.CachedTemplate
+	nil,                           // 25: stowage.v1.DataStore.DetailsEntry
+	nil,                           // 26: stowage.v1.Job.ParamsEntry
+	(*timestamppb.Timestamp)(nil), // 27: google.protobuf.Timestamp
 }
 var file_stowage_v1_types_proto_depIdxs = []int32{
 	0,  // 0: stowage.v1.DataStore.role:type_name -> stowage.v1.StoreRole
 	9,  // 1: stowage.v1.DataStore.scope:type_name -> stowage.v1.Scope
 	1,  // 2: stowage.v1.DataStore.state:type_name -> stowage.v1.StoreState
-	23, // 3: stowage.v1.DataStore.details:type_name -> stowage.v1.DataStore.DetailsEntry
-	25, // 4: stowage.v1.DataStore.created_at:type_name -> google.protobuf.Timestamp
-	25, // 5: stowage.v1.DataStore.updated_at:type_name -> google.protobuf.Timestamp
+	25, // 3: stowage.v1.DataStore.details:type_name -> stowage.v1.DataStore.DetailsEntry
+	27, // 4: stowage.v1.DataStore.created_at:type_name -> google.protobuf.Timestamp
+	27, // 5: stowage.v1.DataStore.updated_at:type_name -> google.protobuf.Timestamp
 	11, // 6: stowage.v1.HostCapabilities.stores:type_name -> stowage.v1.StoreOnHost
-	2,  // 7: stowage.v1.Host.state:type_name -> stowage.v1.HostState
-	12, // 8: stowage.v1.Host.capabilities:type_name -> stowage.v1.HostCapabilities
-	25, // 9: stowage.v1.Host.last_heartbeat:type_name -> google.protobuf.Timestamp
-	25, // 10: stowage.v1.Host.registered_at:type_name -> google.protobuf.Timestamp
-	7,  // 11: stowage.v1.Template.format:type_name -> stowage.v1.ImageFormat
-	25, // 12: stowage.v1.Template.created_at:type_name -> google.protobuf.Timestamp
-	3,  // 13: stowage.v1.TemplateOnStore.state:type_name -> stowage.v1.ObjectState
-	25, // 14: stowage.v1.TemplateOnStore.last_used:type_name -> google.protobuf.Timestamp
-	7,  // 15: stowage.v1.Volume.format:type_name -> stowage.v1.ImageFormat
-	4,  // 16: stowage.v1.Volume.state:type_name -> stowage.v1.VolumeState
-	25, // 17: stowage.v1.Volume.created_at:type_name -> google.protobuf.Timestamp
-	5,  // 18: stowage.v1.Snapshot.state:type_name -> stowage.v1.SnapshotState
-	8,  // 19: stowage.v1.Snapshot.kind:type_name -> stowage.v1.SnapshotKind
-	25, // 20: stowage.v1.Snapshot.created_at:type_name -> google.protobuf.Timestamp
-	0,  // 21: stowage.v1.SnapshotOnStore.role:type_name -> stowage.v1.StoreRole
-	3,  // 22: stowage.v1.SnapshotOnStore.state:type_name -> stowage.v1.ObjectState
-	6,  // 23: stowage.v1.PlanStep.state:type_name -> stowage.v1.JobState
-	19, // 24: stowage.v1.Plan.steps:type_name -> stowage.v1.PlanStep
-	6,  // 25: stowage.v1.Job.state:type_name -> stowage.v1.JobState
-	20, // 26: stowage.v1.Job.plan:type_name -> stowage.v1.Plan
-	21, // 27: stowage.v1.Job.progress:type_name -> stowage.v1.JobProgress
-	25, // 28: stowage.v1.Job.created_at:type_name -> google.protobuf.Timestamp
-	25, // 29: stowage.v1.Job.updated_at:type_name -> google.protobuf.Timestamp
-	24, // 30: stowage.v1.Job.params:type_name -> stowage.v1.Job.ParamsEntry
-	31, // [31:31] is the sub-list for method output_type
-	31, // [31:31] is the sub-list for method input_type
-	31, // [31:31] is the sub-list for extension type_name
-	31, // [31:31] is the sub-list for extension extendee
-	0,  // [0:31] is the sub-list for field type_name
+	23, // 7: stowage.v1.HostCapabilities.template_cache:type_name -> stowage.v1.CacheStatus
+	2,  // 8: stowage.v1.Host.state:type_name -> stowage.v1.HostState
+	12, // 9: stowage.v1.Host.capabilities:type_name -> stowage.v1.HostCapabilities
+	27, // 10: stowage.v1.Host.last_heartbeat:type_name -> google.protobuf.Timestamp
+	27, // 11: stowage.v1.Host.registered_at:type_name -> google.protobuf.Timestamp
+	7,  // 12: stowage.v1.Template.format:type_name -> stowage.v1.ImageFormat
+	27, // 13: stowage.v1.Template.created_at:type_name -> google.protobuf.Timestamp
+	3,  // 14: stowage.v1.TemplateOnStore.state:type_name -> stowage.v1.ObjectState
+	27, // 15: stowage.v1.TemplateOnStore.last_used:type_name -> google.protobuf.Timestamp
+	7,  // 16: stowage.v1.Volume.format:type_name -> stowage.v1.ImageFormat
+	4,  // 17: stowage.v1.Volume.state:type_name -> stowage.v1.VolumeState
+	27, // 18: stowage.v1.Volume.created_at:type_name -> google.protobuf.Timestamp
+	5,  // 19: stowage.v1.Snapshot.state:type_name -> stowage.v1.SnapshotState
+	8,  // 20: stowage.v1.Snapshot.kind:type_name -> stowage.v1.SnapshotKind
+	27, // 21: stowage.v1.Snapshot.created_at:type_name -> google.protobuf.Timestamp
+	0,  // 22: stowage.v1.SnapshotOnStore.role:type_name -> stowage.v1.StoreRole
+	3,  // 23: stowage.v1.SnapshotOnStore.state:type_name -> stowage.v1.ObjectState
+	6,  // 24: stowage.v1.PlanStep.state:type_name -> stowage.v1.JobState
+	19, // 25: stowage.v1.Plan.steps:type_name -> stowage.v1.PlanStep
+	6,  // 26: stowage.v1.Job.state:type_name -> stowage.v1.JobState
+	20, // 27: stowage.v1.Job.plan:type_name -> stowage.v1.Plan
+	21, // 28: stowage.v1.Job.progress:type_name -> stowage.v1.JobProgress
+	27, // 29: stowage.v1.Job.created_at:type_name -> google.protobuf.Timestamp
+	27, // 30: stowage.v1.Job.updated_at:type_name -> google.protobuf.Timestamp
+	26, // 31: stowage.v1.Job.params:type_name -> stowage.v1.Job.ParamsEntry
+	24, // 32: stowage.v1.CacheStatus.templates:type_name -> stowage.v1.CachedTemplate
+	7,  // 33: stowage.v1.CachedTemplate.format:type_name -> stowage.v1.ImageFormat
+	34, // [34:34] is the sub-list for method output_type
+	34, // [34:34] is the sub-list for method input_type
+	34, // [34:34] is the sub-list for extension type_name
+	34, // [34:34] is the sub-list for extension extendee
+	0,  // [0:34] is the sub-list for field type_name
 }
 
 func init() { file_stowage_v1_types_proto_init() }
@@ -2674,7 +2877,7 @@ func file_stowage_v1_types_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_stowage_v1_types_proto_rawDesc), len(file_stowage_v1_types_proto_rawDesc)),
 			NumEnums:      9,
-			NumMessages:   16,
+			NumMessages:   18,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -1,0 +1,163 @@
+package cachemount
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+
+	"github.com/stowage/stowage/datapath/imagecache"
+	"github.com/stowage/stowage/errdefs"
+)
+
+// scheme names a template's source by template id in the cache's index,
+// so that where the bytes come from (which agent exports them, over HTTP or
+// NBD) can change without dropping the chunks cached so far.
+const scheme = "stowage-template:"
+
+// resolver maps template ids to where their bytes are now. The cache opens
+// "stowage-template:<id>"; each read goes to the template's current URL.
+type resolver struct {
+	open imagecache.OpenFunc // opens a concrete URL (http, nbd, file)
+
+	mu    sync.Mutex
+	where map[string]location
+}
+
+type location struct {
+	url      string
+	size     int64
+	identity string
+}
+
+func newResolver(open imagecache.OpenFunc) *resolver {
+	return &resolver{open: open, where: map[string]location{}}
+}
+
+func (r *resolver) set(id string, l location) {
+	r.mu.Lock()
+	r.where[id] = l
+	r.mu.Unlock()
+}
+
+func (r *resolver) forget(id string) {
+	r.mu.Lock()
+	delete(r.where, id)
+	r.mu.Unlock()
+}
+
+func (r *resolver) get(id string) (location, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	l, ok := r.where[id]
+	return l, ok
+}
+
+// Open is the cache's imagecache.OpenFunc. It does no I/O: the template's
+// location may be unreachable right now (the serving agent restarts), and
+// the mount must still show the file; reads fail until it is back.
+func (r *resolver) Open(ctx context.Context, url string) (imagecache.Source, error) {
+	id, ok := strings.CutPrefix(url, scheme)
+	if !ok {
+		return nil, fmt.Errorf("source %q: the template mount opens %s<id> only: %w", url, scheme, errdefs.ErrInvalid)
+	}
+	l, ok := r.get(id)
+	if !ok {
+		return nil, fmt.Errorf("template %s: no location known: %w", id, errdefs.ErrNotFound)
+	}
+	return &source{r: r, id: id, size: l.size, identity: l.identity}, nil
+}
+
+// source reads a template from wherever the resolver says it is now,
+// reopening the concrete source when the location changes or after a
+// failed read.
+type source struct {
+	r        *resolver
+	id       string
+	size     int64
+	identity string
+
+	mu     sync.Mutex
+	cur    imagecache.Source
+	curURL string
+	old    []imagecache.Source // replaced; closed with the source (readers may still use them)
+}
+
+var _ imagecache.Source = (*source)(nil)
+
+func (s *source) concrete(ctx context.Context) (imagecache.Source, error) {
+	l, ok := s.r.get(s.id)
+	if !ok {
+		return nil, fmt.Errorf("template %s: removed from the mount: %w", s.id, errdefs.ErrNotFound)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.cur != nil && s.curURL == l.url {
+		return s.cur, nil
+	}
+	src, err := s.r.open(ctx, l.url)
+	if err != nil {
+		return nil, fmt.Errorf("template %s: %w", s.id, err)
+	}
+	if src.Size() != s.size {
+		src.Close()
+		return nil, fmt.Errorf("template %s: %s has %d bytes, the records say %d: %w", s.id, redact(l.url), src.Size(), s.size, errdefs.ErrDataLoss)
+	}
+	if s.cur != nil {
+		s.old = append(s.old, s.cur)
+	}
+	s.cur, s.curURL = src, l.url
+	return src, nil
+}
+
+// drop forgets src after a failed read, so the next read opens the
+// location afresh (it may have moved).
+func (s *source) drop(src imagecache.Source) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.cur == src {
+		s.old = append(s.old, s.cur)
+		s.cur, s.curURL = nil, ""
+	}
+}
+
+func (s *source) ReadAtContext(ctx context.Context, p []byte, off int64) (int, error) {
+	src, err := s.concrete(ctx)
+	if err != nil {
+		return 0, err
+	}
+	n, err := src.ReadAtContext(ctx, p, off)
+	if err != nil && ctx.Err() == nil && n < len(p) && off+int64(n) < s.size {
+		s.drop(src)
+	}
+	return n, err
+}
+
+func (s *source) Size() int64 { return s.size }
+
+// Identity is the template's content identity from the controller, not a
+// URL: chunks stay valid when the template is served from elsewhere.
+func (s *source) Identity() string { return scheme + s.id + "@" + s.identity }
+
+func (s *source) Close() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var errs []error
+	for _, o := range append(s.old, s.cur) {
+		if o != nil {
+			errs = append(errs, o.Close())
+		}
+	}
+	s.old, s.cur = nil, nil
+	return errors.Join(errs...)
+}
+
+// redact hides an export's secret part (the token in an HTTP export URL,
+// the name of an NBD export) in messages.
+func redact(u string) string {
+	if i := strings.LastIndexByte(u, '/'); i >= 0 && (strings.HasPrefix(u, "http") || strings.HasPrefix(u, "nbd")) {
+		return u[:i+1] + "…"
+	}
+	return u
+}

@@ -1,0 +1,93 @@
+package agent
+
+import (
+	"context"
+	"time"
+
+	"google.golang.org/protobuf/proto"
+
+	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
+)
+
+// ImageCache is the host's template mount as the agent needs it: a separate
+// long-lived process (agent/cachemount, `stowage cache serve`) reached over
+// a unix socket, so that the mount outlives agent restarts.
+type ImageCache interface {
+	SyncCache(ctx context.Context, specs []*stowagev1.CacheSpec) (*stowagev1.CacheStatus, error)
+	GetCache(ctx context.Context) (*stowagev1.CacheStatus, error)
+}
+
+// WithImageCache makes the agent report the host's template mount in its
+// heartbeats and pass the controller's desired templates on to it. trust,
+// if not nil, is told the mount point each time the agent learns it (the
+// local endpoint lets lazy volumes' backing chains end there).
+func WithImageCache(c ImageCache, trust func(mount string)) Option {
+	return func(a *Agent) { a.cache, a.trustMount = c, trust }
+}
+
+// resyncEvery bounds how long an unchanged desired set goes without being
+// sent again (a cache process that restarted from an older state file).
+const resyncEvery = 30 * time.Second
+
+// cacheStatus asks the cache process for its status (nil when there is no
+// cache, or it does not answer: the controller then plans no lazy volume on
+// this host and sends it no templates).
+func (a *Agent) cacheStatus(ctx context.Context) *stowagev1.CacheStatus {
+	if a.cache == nil {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	st, err := a.cache.GetCache(ctx)
+	if err != nil {
+		a.cacheWarn("template mount does not answer; reporting no mount", err)
+		return nil
+	}
+	a.learnMount(st)
+	return st
+}
+
+func (a *Agent) learnMount(st *stowagev1.CacheStatus) {
+	if a.trustMount != nil && st.GetMount() != "" {
+		a.trustMount(st.GetMount())
+	}
+}
+
+// cacheWarn logs a cache problem once per minute at most.
+func (a *Agent) cacheWarn(msg string, err error) {
+	a.mu.Lock()
+	quiet := time.Since(a.cacheWarned) < time.Minute
+	if !quiet {
+		a.cacheWarned = time.Now()
+	}
+	a.mu.Unlock()
+	if !quiet {
+		a.log.Warn(msg, "err", err)
+	}
+}
+
+// syncCache passes the controller's desired templates on to the cache
+// process when they changed, or every resyncEvery.
+func (a *Agent) syncCache(ctx context.Context, spec *stowagev1.TemplateCacheSpec) {
+	if a.cache == nil || spec == nil {
+		return
+	}
+	a.mu.Lock()
+	same := proto.Equal(spec, a.cacheSpec) && time.Since(a.cacheSynced) < resyncEvery
+	a.mu.Unlock()
+	if same {
+		return
+	}
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	st, err := a.cache.SyncCache(ctx, spec.GetTemplates())
+	if err != nil {
+		a.cacheWarn("template mount sync failed; retrying at the next heartbeat", err)
+		return
+	}
+	a.learnMount(st)
+	a.mu.Lock()
+	a.cacheSpec, a.cacheSynced = spec, time.Now()
+	a.mu.Unlock()
+	a.log.Debug("template mount synced", "templates", len(spec.GetTemplates()))
+}
