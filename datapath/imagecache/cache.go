@@ -432,6 +432,11 @@ type Template struct {
 	cancel   context.CancelFunc
 	wg       sync.WaitGroup
 	commitMu sync.Mutex
+	// writeMu serialises writes to the data file: concurrent pwrites of
+	// one file contend on its inode lock in the kernel, where the waiter
+	// spins on a CPU (measured 8% of a cold read's CPU time on 2 vCPUs);
+	// a Go mutex parks it and lets the other fetches receive meanwhile.
+	writeMu sync.Mutex
 
 	mu       sync.Mutex
 	sums     [][]byte // sha256 of each present chunk, nil when missing
@@ -918,6 +923,8 @@ func allZero(b []byte) bool {
 
 // store writes one chunk at off; a zero chunk becomes a hole.
 func (t *Template) store(b []byte, off int64) error {
+	t.writeMu.Lock()
+	defer t.writeMu.Unlock()
 	if allZero(b) {
 		err := unix.Fallocate(int(t.data.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, int64(len(b)))
 		if err == nil {
