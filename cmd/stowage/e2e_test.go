@@ -201,9 +201,9 @@ func hostState(t *testing.T, server, id string) string {
 }
 
 // controllerProc starts the controller on addr with dataDir.
-func controllerProc(t *testing.T, addr, dataDir string) *proc {
-	p := startProc(t, "controller", "controller", "--listen", addr, "--data-dir", dataDir,
-		"--heartbeat-interval", "200ms", "--host-timeout", "1500ms", "--log-level", "info")
+func controllerProc(t *testing.T, addr, dataDir string, extra ...string) *proc {
+	p := startProc(t, "controller", append([]string{"controller", "--listen", addr, "--data-dir", dataDir,
+		"--heartbeat-interval", "200ms", "--host-timeout", "1500ms", "--log-level", "info"}, extra...)...)
 	waitFor(t, "controller /healthz", 20*time.Second, func() bool {
 		resp, err := http.Get("http://" + addr + "/healthz")
 		if err != nil {
@@ -215,9 +215,9 @@ func controllerProc(t *testing.T, addr, dataDir string) *proc {
 	return p
 }
 
-func agentProc(t *testing.T, server, id, zone, cluster, stateDir string) *proc {
-	p := startProc(t, "agent "+id, "agent", "--controller", server, "--host-id", id,
-		"--listen", freePort(t), "--nbd-listen", "127.0.0.1:0", "--zone", zone, "--cluster", cluster, "--state-dir", stateDir, "--log-level", "info")
+func agentProc(t *testing.T, server, id, zone, cluster, stateDir string, extra ...string) *proc {
+	p := startProc(t, "agent "+id, append([]string{"agent", "--controller", server, "--host-id", id,
+		"--listen", freePort(t), "--nbd-listen", "127.0.0.1:0", "--zone", zone, "--cluster", cluster, "--state-dir", stateDir, "--log-level", "info"}, extra...)...)
 	agentProcs.Store(id, p)
 	return p
 }

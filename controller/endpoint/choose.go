@@ -15,25 +15,49 @@ type Choice struct {
 	Endpoint drivers.Endpoint
 	HostID   string
 	Reason   string
+	// Host is the picked host's record (its capabilities, e.g. its template mount).
+	Host *stowagev1.Host
+}
+
+// Need is a condition a host must meet beyond scope, named for messages.
+type Need struct {
+	What string // e.g. "shows template t1 in its template mount"
+	OK   func(*stowagev1.Host) bool
+}
+
+// SelectWhere is Select among the hosts that also meet need.
+func (s *Selector) SelectWhere(ctx context.Context, prefer string, need Need, scopes ...drivers.Scope) (Choice, error) {
+	return s.sel(ctx, prefer, &need, scopes)
 }
 
 // Select picks an Up host that is in every one of scopes (it can reach every
 // store the step touches). It prefers prefer (the host that already holds
 // the data, or the one an earlier step used), then the least busy.
 func (s *Selector) Select(ctx context.Context, prefer string, scopes ...drivers.Scope) (Choice, error) {
+	return s.sel(ctx, prefer, nil, scopes)
+}
+
+func (s *Selector) sel(ctx context.Context, prefer string, need *Need, scopes []drivers.Scope) (Choice, error) {
 	up, err := s.hosts.UpHosts(ctx) // least busy first
 	if err != nil {
 		return Choice{}, err
 	}
 	var fit []*stowagev1.Host
+	inAll := 0
 	for _, h := range up {
 		ok := true
 		for _, sc := range scopes {
 			ok = ok && inScope(h, sc)
 		}
 		if ok {
+			inAll++
+		}
+		if ok && (need == nil || need.OK(h)) {
 			fit = append(fit, h)
 		}
+	}
+	if len(fit) == 0 && inAll > 0 {
+		return Choice{}, fmt.Errorf("none of the %d Up agents in scope %s %s: %w", inAll, scopeNames(scopes), need.What, errdefs.ErrUnavailable)
 	}
 	if len(fit) == 0 {
 		names := make([]string, len(scopes))
@@ -52,5 +76,16 @@ func (s *Selector) Select(ctx context.Context, prefer string, scopes ...drivers.
 			break
 		}
 	}
-	return Choice{Endpoint: s.endpoint(pick), HostID: pick.GetId(), Reason: fmt.Sprintf("host %s: %s", pick.GetId(), why)}, nil
+	if need != nil {
+		why += "; " + need.What
+	}
+	return Choice{Endpoint: s.endpoint(pick), HostID: pick.GetId(), Host: pick, Reason: fmt.Sprintf("host %s: %s", pick.GetId(), why)}, nil
+}
+
+func scopeNames(scopes []drivers.Scope) string {
+	names := make([]string, len(scopes))
+	for i, sc := range scopes {
+		names[i] = sc.String()
+	}
+	return strings.Join(names, " and ")
 }

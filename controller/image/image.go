@@ -267,11 +267,22 @@ func (s *Service) Delete(ctx context.Context, idOrName string, force, dryRun boo
 	if err != nil {
 		return nil, err
 	}
-	var deps []string
+	var deps, lazy []string
 	for _, v := range vols {
-		if v.GetState() != stowagev1.VolumeState_VOLUME_STATE_EXPUNGED && v.GetBaseRefId() != "" {
+		if v.GetState() == stowagev1.VolumeState_VOLUME_STATE_EXPUNGED {
+			continue
+		}
+		if v.GetInstallMethod() == LazyMethod {
+			lazy = append(lazy, v.GetName())
+		} else if v.GetBaseRefId() != "" {
 			deps = append(deps, v.GetName())
 		}
+	}
+	if len(lazy) > 0 {
+		// No --force: a lazy volume reads the template from its image store
+		// copy through the hosts' template mounts; there is no other copy.
+		return nil, fmt.Errorf("template %s backs lazy volumes %s through the hosts' template mounts (the image store copy is the only one); delete those volumes first: %w",
+			t.GetName(), strings.Join(lazy, ", "), errdefs.ErrFailedPrecondition)
 	}
 	if len(deps) > 0 && !force {
 		return nil, fmt.Errorf("template %s backs volumes %s (linked clones); delete them first or pass --force (the cached copies they need are kept): %w",

@@ -48,6 +48,9 @@ type InstallRequest struct {
 	StoreReflink bool
 	// Grow says the volume is larger than the template.
 	Grow bool
+	// Mounted says an Up host reaching the primary store shows the
+	// template in its FUSE template mount (lazy volumes).
+	Mounted bool
 }
 
 // InstallStrategy is a TemplateInstallStrategy: one way of turning a cached
@@ -61,7 +64,9 @@ type InstallStrategy interface {
 }
 
 // InstallStrategies are the built-in strategies, best first on a tie.
-var InstallStrategies = []InstallStrategy{reflinkInstall{}, linkedInstall{}, fullInstall{}}
+// Lazy ties with linked on priority and comes after it: it is chosen when
+// asked for (--strategy lazy), or when linked cannot handle the request.
+var InstallStrategies = []InstallStrategy{reflinkInstall{}, linkedInstall{}, lazyInstall{}, fullInstall{}}
 
 type reflinkInstall struct{}
 
@@ -89,6 +94,26 @@ func (linkedInstall) CanHandle(r InstallRequest) (Priority, string, drivers.Form
 		return CantHandle, "an ISO is not a disk", ""
 	}
 	return Hypervisor, "O(1) qcow2 overlay backed by the cached template (kept while referenced)", drivers.FormatQCOW2
+}
+
+// lazyInstall makes a qcow2 overlay whose backing file is the template's
+// file in the host's FUSE template mount (datapath/imagecache): no copy to
+// the primary store at all; the volume is usable at once and the
+// template's bytes arrive as the guest reads them (and by prefetch).
+type lazyInstall struct{}
+
+func (lazyInstall) Name() string            { return "lazy" }
+func (lazyInstall) Mode() drivers.CloneMode { return drivers.CloneLinked }
+func (lazyInstall) CanHandle(r InstallRequest) (Priority, string, drivers.Format) {
+	switch {
+	case r.VolumeFormat != "" && r.VolumeFormat != drivers.FormatQCOW2:
+		return CantHandle, "a lazy volume is a qcow2 overlay, " + string(r.VolumeFormat) + " was asked", ""
+	case r.TemplateFormat == drivers.FormatISO:
+		return CantHandle, "an ISO is not a disk", ""
+	case !r.Mounted:
+		return CantHandle, "no Up host reaching the store shows the template in its template mount (stowage cache serve)", ""
+	}
+	return Hypervisor, "O(1) qcow2 overlay backed by the template in the host's FUSE template mount: usable at once, no copy to primary, bytes fetched as read", drivers.FormatQCOW2
 }
 
 type fullInstall struct{}
@@ -132,7 +157,7 @@ func PickInstall(req InstallRequest, want string) (Decision, error) {
 		}
 	}
 	if !known {
-		return d, fmt.Errorf("strategy %q: want auto, reflink, linked or full: %w", want, errdefs.ErrInvalid)
+		return d, fmt.Errorf("strategy %q: want auto, reflink, linked, lazy or full: %w", want, errdefs.ErrInvalid)
 	}
 	if d.Strategy == nil {
 		return d, fmt.Errorf("no install strategy can make this volume: %v: %w", d.Reasons, errdefs.ErrInvalid)

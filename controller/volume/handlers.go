@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"path"
 	"strconv"
 
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -42,6 +43,22 @@ func (h createHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 	var info drivers.ImageInfo
 	var spool *stowagev1.TemplateOnStore
 	switch {
+	case v.GetTemplateId() != "" && v.GetInstallMethod() == image.LazyMethod:
+		err = jobs.RunStep(ctx, job, rep, "install", func(ctx context.Context) error {
+			ch, err := s.sel.SelectWhere(ctx, jobs.PlanHost(job, "install"), MountShows(v.GetTemplateId()), datastore.Scope(st))
+			if err != nil {
+				return err
+			}
+			baseFormat, err := s.templateFormat(ctx, v.GetTemplateId())
+			if err != nil {
+				return err
+			}
+			base := path.Join(ch.Host.GetCapabilities().GetTemplateCache().GetMount(), v.GetTemplateId())
+			info, err = ch.Endpoint.CloneImage(ctx, drivers.CloneRequest{
+				Base: base, BaseFormat: baseFormat, Dest: dest, Mode: drivers.CloneLinked, Format: drivers.FormatQCOW2, Size: v.GetSize(),
+			}, rep.Bytes)
+			return err
+		})
 	case v.GetTemplateId() != "":
 		if spool, err = s.ensureCached(ctx, job, rep, v, st); err != nil {
 			return err
@@ -468,6 +485,9 @@ func (h migrateHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.R
 			}
 			_, err := meta.Volumes.TransitionTx(tx, v.GetId(), 0, meta.VolumeOperationSucceeded, func(v *stowagev1.Volume) error {
 				v.StoreId, v.BaseRefId, v.BusyJobId, v.Error = dst.GetId(), "", "", ""
+				if v.InstallMethod == image.LazyMethod {
+					v.InstallMethod = "full" // flattened: no longer reads the template mount
+				}
 				if info.VirtualSize > 0 {
 					v.Size = info.VirtualSize
 				}

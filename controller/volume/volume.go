@@ -295,6 +295,35 @@ func (p *planner) fromTemplate(ctx context.Context, req *stowagev1.CreateVolumeR
 		return err
 	}
 	vol.StoreId = st.GetId()
+	need := MountShows(tmpl.GetId())
+	_, mountErr := p.s.sel.SelectWhere(ctx, "", need, datastore.Scope(st))
+	d, err := motion.PickInstall(motion.InstallRequest{
+		TemplateFormat: tfmt, VolumeFormat: want, StoreReflink: st.GetDetails()["reflink"] == "true",
+		Grow: req.GetSize() > tmpl.GetVirtualSize(), Mounted: mountErr == nil,
+	}, req.GetStrategy())
+	if mountErr != nil && req.GetStrategy() == image.LazyMethod {
+		p.plan.Reasons = append(p.plan.Reasons, mountErr.Error())
+	}
+	if err != nil {
+		p.plan.Reasons = append(p.plan.Reasons, d.Reasons...)
+		if mountErr != nil && req.GetStrategy() == image.LazyMethod {
+			return fmt.Errorf("%w (%v)", err, mountErr)
+		}
+		return err
+	}
+	p.plan.Strategy, p.plan.Priority = d.Strategy.Name(), d.Priority.String()
+	p.params["format"], p.params["mode"], p.params["image_store"] = string(d.Format), string(d.Strategy.Mode()), imgStore.GetId()
+	vol.InstallMethod = d.Strategy.Name()
+	if d.Strategy.Name() == image.LazyMethod {
+		ch, err := p.s.sel.SelectWhere(ctx, "", need, datastore.Scope(st))
+		if err != nil {
+			return err
+		}
+		p.plan.Reasons = append(p.plan.Reasons, fmt.Sprintf("template %s is read through the template mount of the volume's host: nothing is copied to store %s", tmpl.GetName(), st.GetName()))
+		p.plan.Reasons = append(p.plan.Reasons, d.Reasons...)
+		p.step("install", ch.HostID, fmt.Sprintf("lazy clone: a qcow2 overlay backed by %s/%s; %s", ch.Host.GetCapabilities().GetTemplateCache().GetMount(), tmpl.GetId(), ch.Reason))
+		return nil
+	}
 	spool, err := p.s.SpoolRef(ctx, tmpl.GetId(), st.GetId())
 	switch {
 	case err == nil && spool.GetState() == stowagev1.ObjectState_OBJECT_STATE_READY:
@@ -313,23 +342,33 @@ func (p *planner) fromTemplate(ctx context.Context, req *stowagev1.CreateVolumeR
 	default:
 		return err
 	}
-	d, err := motion.PickInstall(motion.InstallRequest{
-		TemplateFormat: tfmt, VolumeFormat: want, StoreReflink: st.GetDetails()["reflink"] == "true",
-		Grow: req.GetSize() > tmpl.GetVirtualSize(),
-	}, req.GetStrategy())
 	p.plan.Reasons = append(p.plan.Reasons, d.Reasons...)
-	if err != nil {
-		return err
-	}
 	ch, err := p.s.sel.Select(ctx, "", datastore.Scope(st))
 	if err != nil {
 		return err
 	}
-	p.plan.Strategy, p.plan.Priority = d.Strategy.Name(), d.Priority.String()
-	p.params["format"], p.params["mode"], p.params["image_store"] = string(d.Format), string(d.Strategy.Mode()), imgStore.GetId()
-	vol.InstallMethod = d.Strategy.Name()
 	p.step("install", ch.HostID, fmt.Sprintf("%s clone of the cached template into a %s volume; %s", d.Strategy.Name(), d.Format, ch.Reason))
 	return nil
+}
+
+// MountShows is the need of a lazy volume's host: its template mount shows
+// the template.
+func MountShows(templateID string) endpoint.Need {
+	return endpoint.Need{
+		What: "shows template " + templateID + " in its template mount",
+		OK: func(h *stowagev1.Host) bool {
+			tc := h.GetCapabilities().GetTemplateCache()
+			if tc.GetMount() == "" {
+				return false
+			}
+			for _, t := range tc.GetTemplates() {
+				if t.GetId() == templateID && t.GetError() == "" {
+					return true
+				}
+			}
+			return false
+		},
+	}
 }
 
 // copyPlan asks the data motion strategies how bytes go from store a to
@@ -587,7 +626,7 @@ func (s *Service) Migrate(ctx context.Context, idOrName, storeID string, dryRun 
 	}
 	reasons, host, err := s.copyPlan(ctx, src, dst, standalone(v))
 	if err != nil {
-		if v.GetBaseRefId() != "" {
+		if !standalone(v) {
 			return nil, fmt.Errorf("volume %s is a linked clone and no host reaches both stores; an HTTP export carries the overlay without its backing file (flattening across hosts needs the NBD export): %w",
 				v.GetName(), errdefs.ErrFailedPrecondition)
 		}
@@ -625,7 +664,7 @@ func (s *Service) Migrate(ctx context.Context, idOrName, storeID string, dryRun 
 // standalone says v is one self-contained file: no template or snapshot
 // file under it.
 func standalone(v *stowagev1.Volume) bool {
-	return v.GetBaseRefId() == "" && v.GetHeadSnapshotRefId() == ""
+	return v.GetBaseRefId() == "" && v.GetHeadSnapshotRefId() == "" && v.GetInstallMethod() != image.LazyMethod
 }
 
 func (s *Service) primarySnapshots(ctx context.Context, v *stowagev1.Volume) ([]*stowagev1.SnapshotOnStore, error) {
