@@ -12,6 +12,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/stowage/stowage/agent"
+	"github.com/stowage/stowage/agent/cachemount"
 	"github.com/stowage/stowage/errdefs"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 	"github.com/stowage/stowage/proto/gen/stowage/v1/stowagev1connect"
@@ -59,6 +60,25 @@ over loopback, a directory primary store and a directory image store, all under
 			}
 			server := "http://" + addr
 			ag.ControllerURL = server
+			// The host's template mount, in this process for dev (its own
+			// process in production), when FUSE can be mounted here.
+			mountLine := "off (needs root and /dev/fuse)"
+			if canMountFUSE() {
+				cc := cacheServeConfig{mount: filepath.Join(data, "templates"), dir: filepath.Join(data, "imagecache"),
+					socket: filepath.Join(data, "imagecache.sock"), capacity: "0", chunk: "1M", rate: "100M", allowOther: true}
+				ccfg, err := cc.config(log.With("component", "imagecache"))
+				if err != nil {
+					return err
+				}
+				mounted := make(chan error, 1)
+				go func() { mounted <- serveCache(ctx, ccfg, cc.socket, log.With("component", "imagecache"), false) }()
+				if err := waitSocket(ctx, cc.socket, mounted); err != nil {
+					log.Warn("template mount unavailable; lazy volumes are off", "err", err)
+				} else {
+					ag.ImageCacheSocket, mountLine = cc.socket, cc.mount
+					defer func() { cancel(); <-mounted }() // unmount before returning
+				}
+			}
 			a, err := newAgent(ag, log.With("component", "agent"))
 			if err != nil {
 				return err
@@ -87,6 +107,7 @@ over loopback, a directory primary store and a directory image store, all under
   metrics, health                 %[1]s/metrics  %[1]s/healthz
   %-31[7]s %[3]s
   NBD exports (volume grants)     %[8]s
+  template mount (lazy volumes)   %[9]s
   metadata                        %[4]s
   primary store "primary"         %[5]s
   image store "images"            %[6]s
@@ -97,7 +118,7 @@ Try:
   curl -s -H 'Content-Type: application/json' -d '{}' %[1]s/stowage.v1.StoreService/ListStores
 
 Stop with Ctrl-C.
-`, server, ag.HostID, ag.Listen, ctl.dataDir, primary.GetDetails()["path"], images.GetDetails()["path"], "agent (host "+ag.HostID+")", orDash(a.NBDAddress()))
+`, server, ag.HostID, ag.Listen, ctl.dataDir, primary.GetDetails()["path"], images.GetDetails()["path"], "agent (host "+ag.HostID+")", orDash(a.NBDAddress()), mountLine)
 			select {
 			case <-ctx.Done():
 				return nil
@@ -137,4 +158,35 @@ func ensureStore(ctx context.Context, c stowagev1connect.StoreServiceClient, nam
 		return nil, errors.Join(fmt.Errorf("dev: add store %s", name), err)
 	}
 	return added.Msg.GetStore(), nil
+}
+
+// canMountFUSE says whether this process can mount FUSE filesystems.
+func canMountFUSE() bool {
+	if os.Geteuid() != 0 {
+		return false
+	}
+	_, err := os.Stat("/dev/fuse")
+	return err == nil
+}
+
+// waitSocket waits until the template mount's socket answers, or the
+// mount failed (done), for up to 20 s.
+func waitSocket(ctx context.Context, socket string, done <-chan error) error {
+	cl := cachemount.NewClient(socket)
+	deadline := time.Now().Add(20 * time.Second)
+	for time.Now().Before(deadline) {
+		select {
+		case err := <-done:
+			return fmt.Errorf("template mount: %w", err)
+		default:
+		}
+		cctx, cancel := context.WithTimeout(ctx, time.Second)
+		_, err := cl.GetCache(cctx)
+		cancel()
+		if err == nil {
+			return nil
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return fmt.Errorf("template mount socket %s did not answer within 20s: %w", socket, errdefs.ErrUnavailable)
 }

@@ -9,6 +9,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // TestDevCommand runs `stowage dev` as a newcomer would and checks that it
@@ -19,6 +21,8 @@ func TestDevCommand(t *testing.T) {
 		t.Skip("starts processes")
 	}
 	data := t.TempDir()
+	// Runs last: a killed dev leaves its template mount behind.
+	t.Cleanup(func() { _ = unix.Unmount(filepath.Join(data, "templates"), unix.MNT_DETACH) })
 	addr := freePort(t)
 	server := "http://" + addr
 	start := func() *proc {
@@ -31,6 +35,14 @@ func TestDevCommand(t *testing.T) {
 		if !strings.Contains(p.log.String(), want) {
 			t.Errorf("dev banner lacks %q:\n%s", want, p.log.String())
 		}
+	}
+	if canMountFUSE() {
+		if !strings.Contains(p.log.String(), "template mount (lazy volumes)   "+filepath.Join(data, "templates")) {
+			t.Errorf("dev banner lacks the template mount:\n%s", p.log.String())
+		}
+		waitFor(t, "dev host reports its template mount", 10*time.Second, func() bool {
+			return hostCaps(t, server, "dev-host").GetTemplateCache().GetMount() == filepath.Join(data, "templates")
+		})
 	}
 	stores := listStores(t, server)
 	if len(stores) != 2 {
