@@ -494,3 +494,57 @@ func TestRawGuestHeaderReflinkOnXFS(t *testing.T) {
 		}
 	}
 }
+
+// A backing root (the host's template mount) may end a chain that starts
+// in a store, and only when set: a lazy volume's overlay on a template in
+// it, and snapshots on top, pass; a template there whose own backing file
+// leaves the root is refused; nothing outside stores and roots is read.
+func TestChainsEndingInABackingRoot(t *testing.T) {
+	needQemuImg(t)
+	ctx := t.Context()
+	l := New("h1")
+	store := primaryStore(t)
+	mount := t.TempDir() // stands in for the FUSE mount: a directory outside every store
+	tmpl := filepath.Join(mount, "t1")
+	noise := make([]byte, 256<<10)
+	rand.Read(noise)
+	writeRaw(t, tmpl, noise, 1<<20)
+	vol := filepath.Join(store, "volumes", "lazy.qcow2")
+	req := drivers.CloneRequest{Base: tmpl, BaseFormat: drivers.FormatRaw, Dest: vol, Mode: drivers.CloneLinked}
+	if _, err := l.CloneImage(ctx, req, nil); !errors.Is(err, errdefs.ErrInvalid) {
+		t.Fatalf("a clone on a file outside the store with no backing root set: %v", err)
+	}
+	l.SetBackingRoots(mount)
+	if _, err := l.CloneImage(ctx, req, nil); err != nil {
+		t.Fatalf("lazy clone on the backing root: %v", err)
+	}
+	q := drivers.FormatQCOW2
+	snap := filepath.Join(store, "snapshots", "lazy", "s1.qcow2")
+	if _, err := l.SnapshotImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: snap, Format: q}); err != nil {
+		t.Fatalf("snapshot of a lazy volume: %v", err)
+	}
+	flat := filepath.Join(store, "volumes", "flat.raw")
+	if _, err := l.CopyImage(ctx, drivers.CopyRequest{Source: vol, SourceFormat: q, Dest: flat, Format: drivers.FormatRaw, Flatten: true}, nil); err != nil {
+		t.Fatalf("flatten a lazy volume: %v", err)
+	}
+	if !bytes.Equal(readFile(t, flat), readFile(t, tmpl)) {
+		t.Fatal("the flattened lazy volume differs from its template")
+	}
+	// A qcow2 "template" in the root whose backing file points out of it
+	// (at a file no store or root holds) is refused.
+	secret := filepath.Join(t.TempDir(), "secret.raw")
+	writeRaw(t, secret, []byte("secret"), 1<<20)
+	evil := filepath.Join(mount, "evil")
+	if out, err := exec.Command("qemu-img", "create", "-q", "-f", "qcow2", "-b", secret, "-F", "raw", evil).CombinedOutput(); err != nil {
+		t.Fatalf("qemu-img create: %v %s", err, out)
+	}
+	_, err := l.CloneImage(ctx, drivers.CloneRequest{Base: evil, BaseFormat: q, Dest: filepath.Join(store, "volumes", "evil.qcow2"), Mode: drivers.CloneLinked}, nil)
+	if !errors.Is(err, errdefs.ErrInvalid) || !strings.Contains(err.Error(), secret) {
+		t.Fatalf("a chain leaving the backing root: %v", err)
+	}
+	// Unset, the lazy volume's chain is refused again.
+	l.SetBackingRoots()
+	if _, err := l.CopyImage(ctx, drivers.CopyRequest{Source: vol, SourceFormat: q, Dest: filepath.Join(store, "volumes", "flat2.raw"), Format: drivers.FormatRaw, Flatten: true}, nil); !errors.Is(err, errdefs.ErrInvalid) {
+		t.Fatalf("flatten with no backing root set: %v", err)
+	}
+}
