@@ -11,6 +11,9 @@
 // images exported under unguessable names (agent/nbdexports) for hosts
 // that cannot open a volume's file directly. Exports of both kinds live in
 // memory; an agent restart ends them and the controller grants again.
+// With WithImageCache it reports the host's template mount (a separate
+// long-lived process, agent/cachemount) in its heartbeats and passes the
+// controller's desired templates on to it.
 //
 // The agent decides nothing about placement; it owns host state and reports it.
 package agent
