@@ -215,6 +215,9 @@ func (s *Server) applyLocked(ctx context.Context, specs []*stowagev1.CacheSpec) 
 			delete(s.specs, id)
 			old = nil
 		}
+		if old != nil && old.GetUrl() != sp.GetUrl() {
+			s.log.Info("template mount: template source moved; cached chunks kept", "template", id, "source", redact(sp.GetUrl()))
+		}
 		s.res.set(id, location{url: sp.GetUrl(), size: sp.GetSize(), identity: identity(sp)})
 		if _, ok := s.cache.Get(id); !ok {
 			if _, err := s.cache.Add(ctx, id, scheme+id, sp.GetSize()); err != nil {
