@@ -192,3 +192,44 @@ func TestSyncPinsBadInputAndState(t *testing.T) {
 		t.Fatalf("b after a restart: %v", err)
 	}
 }
+
+// A read whose source dies waits for the template's location to move and
+// then succeeds from the new one, instead of failing the VM's read.
+func TestReadWaitsForSourceMove(t *testing.T) {
+	needRoot(t)
+	data := bytes.Repeat([]byte("stowage!"), 64<<10) // 512 KiB
+	o1, o2 := newOrigin(t, data), newOrigin(t, data)
+	s := openServer(t, t.TempDir())
+	ctx := context.Background()
+	spec := &stowagev1.CacheSpec{Id: "t1", Url: o1.URL, Size: int64(len(data)), Identity: "sha256:x"}
+	if _, err := s.Sync(ctx, []*stowagev1.CacheSpec{spec}); err != nil {
+		t.Fatal(err)
+	}
+	o1.down.Store(true)
+	done := make(chan error, 1)
+	go func() {
+		b, err := readAt(t, filepath.Join(s.cfg.Mount, "t1"), 64<<10, 128<<10)
+		if err == nil && !bytes.Equal(b, data[128<<10:192<<10]) {
+			err = errors.New("wrong bytes")
+		}
+		done <- err
+	}()
+	// The read is waiting (its source answers 503); move the template.
+	select {
+	case err := <-done:
+		t.Fatalf("the read ended before the source moved: %v", err)
+	case <-time.After(300 * time.Millisecond):
+	}
+	spec.Url = o2.URL
+	if _, err := s.Sync(ctx, []*stowagev1.CacheSpec{spec}); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("read after the move: %v", err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("the read did not finish after the move")
+	}
+}

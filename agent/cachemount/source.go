@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/stowage/stowage/datapath/imagecache"
 	"github.com/stowage/stowage/errdefs"
@@ -20,9 +21,14 @@ const scheme = "stowage-template:"
 // "stowage-template:<id>"; each read goes to the template's current URL.
 type resolver struct {
 	open imagecache.OpenFunc // opens a concrete URL (http, nbd, file)
+	// moveWait is how long a read whose source failed waits for the
+	// template's location to move (the serving agent restarted and the
+	// controller exported it again) before it fails with EIO.
+	moveWait time.Duration
 
 	mu    sync.Mutex
 	where map[string]location
+	moved chan struct{} // closed and replaced when any location's URL changes
 }
 
 type location struct {
@@ -32,13 +38,43 @@ type location struct {
 }
 
 func newResolver(open imagecache.OpenFunc) *resolver {
-	return &resolver{open: open, where: map[string]location{}}
+	return &resolver{open: open, moveWait: 15 * time.Second, where: map[string]location{}, moved: make(chan struct{})}
 }
 
 func (r *resolver) set(id string, l location) {
 	r.mu.Lock()
+	defer r.mu.Unlock()
+	if old, ok := r.where[id]; ok && old.url != l.url {
+		close(r.moved)
+		r.moved = make(chan struct{})
+	}
 	r.where[id] = l
-	r.mu.Unlock()
+}
+
+// waitMove waits until template id's URL is no longer url, for at most
+// r.moveWait; it reports whether it moved.
+func (r *resolver) waitMove(ctx context.Context, id, url string) bool {
+	deadline := time.NewTimer(r.moveWait)
+	defer deadline.Stop()
+	for {
+		r.mu.Lock()
+		l, ok := r.where[id]
+		moved := r.moved
+		r.mu.Unlock()
+		if !ok {
+			return false
+		}
+		if l.url != url {
+			return true
+		}
+		select {
+		case <-moved:
+		case <-deadline.C:
+			return false
+		case <-ctx.Done():
+			return false
+		}
+	}
 }
 
 func (r *resolver) forget(id string) {
@@ -86,29 +122,31 @@ type source struct {
 
 var _ imagecache.Source = (*source)(nil)
 
-func (s *source) concrete(ctx context.Context) (imagecache.Source, error) {
+// concrete returns the source at the template's current location, and
+// that location's URL ("" when the template is gone).
+func (s *source) concrete(ctx context.Context) (imagecache.Source, string, error) {
 	l, ok := s.r.get(s.id)
 	if !ok {
-		return nil, fmt.Errorf("template %s: removed from the mount: %w", s.id, errdefs.ErrNotFound)
+		return nil, "", fmt.Errorf("template %s: removed from the mount: %w", s.id, errdefs.ErrNotFound)
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.cur != nil && s.curURL == l.url {
-		return s.cur, nil
+		return s.cur, l.url, nil
 	}
 	src, err := s.r.open(ctx, l.url)
 	if err != nil {
-		return nil, fmt.Errorf("template %s: %w", s.id, err)
+		return nil, l.url, fmt.Errorf("template %s: %w", s.id, err)
 	}
 	if src.Size() != s.size {
 		src.Close()
-		return nil, fmt.Errorf("template %s: %s has %d bytes, the records say %d: %w", s.id, redact(l.url), src.Size(), s.size, errdefs.ErrDataLoss)
+		return nil, "", fmt.Errorf("template %s: %s has %d bytes, the records say %d: %w", s.id, redact(l.url), src.Size(), s.size, errdefs.ErrDataLoss)
 	}
 	if s.cur != nil {
 		s.old = append(s.old, s.cur)
 	}
 	s.cur, s.curURL = src, l.url
-	return src, nil
+	return src, l.url, nil
 }
 
 // drop forgets src after a failed read, so the next read opens the
@@ -122,16 +160,29 @@ func (s *source) drop(src imagecache.Source) {
 	}
 }
 
+// ReadAtContext reads from the current location. When that fails (the
+// serving agent went away), it waits a bounded time for the location to
+// move (the controller exports the template again elsewhere or after the
+// agent's restart) and reads once more from there.
 func (s *source) ReadAtContext(ctx context.Context, p []byte, off int64) (int, error) {
-	src, err := s.concrete(ctx)
+	n, url, err := s.readOnce(ctx, p, off)
+	if err == nil || ctx.Err() != nil || url == "" || !s.r.waitMove(ctx, s.id, url) {
+		return n, err
+	}
+	n, _, err = s.readOnce(ctx, p, off)
+	return n, err
+}
+
+func (s *source) readOnce(ctx context.Context, p []byte, off int64) (int, string, error) {
+	src, url, err := s.concrete(ctx)
 	if err != nil {
-		return 0, err
+		return 0, url, err
 	}
 	n, err := src.ReadAtContext(ctx, p, off)
 	if err != nil && ctx.Err() == nil && n < len(p) && off+int64(n) < s.size {
 		s.drop(src)
 	}
-	return n, err
+	return n, url, err
 }
 
 func (s *source) Size() int64 { return s.size }
