@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -201,18 +202,8 @@ func (m *Mounts) mountables(ctx context.Context) ([]mountable, error) {
 		seen[r.GetTemplateId()] = true
 		out = append(out, mountable{t: t, ref: r, store: st})
 	}
-	slices.SortFunc(out, func(a, b mountable) int { return cmpStr(a.t.GetId(), b.t.GetId()) })
+	slices.SortFunc(out, func(a, b mountable) int { return strings.Compare(a.t.GetId(), b.t.GetId()) })
 	return out, nil
-}
-
-func cmpStr(a, b string) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }
 
 // lazyTemplates returns zone/template of every template a live lazy volume
