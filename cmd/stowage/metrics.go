@@ -16,6 +16,7 @@ type stateCollector struct {
 	db     *meta.DB
 	stores *prometheus.Desc
 	hosts  *prometheus.Desc
+	mounts *prometheus.Desc
 }
 
 func newStateCollector(db *meta.DB) *stateCollector {
@@ -23,12 +24,14 @@ func newStateCollector(db *meta.DB) *stateCollector {
 		db:     db,
 		stores: prometheus.NewDesc("stowage_stores", "Data stores by role and state.", []string{"role", "state"}, nil),
 		hosts:  prometheus.NewDesc("stowage_hosts", "Hosts by state.", []string{"state"}, nil),
+		mounts: prometheus.NewDesc("stowage_template_mount_templates", "Templates in each host's template mount, by state (complete, partial, pinned, error), as last persisted from heartbeats.", []string{"host", "state"}, nil),
 	}
 }
 
 func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- c.stores
 	ch <- c.hosts
+	ch <- c.mounts
 }
 
 func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
@@ -52,6 +55,29 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 		}
 		for k, n := range counts {
 			ch <- prometheus.MustNewConstMetric(c.hosts, prometheus.GaugeValue, float64(n), k)
+		}
+		for _, h := range hosts {
+			tc := h.GetCapabilities().GetTemplateCache()
+			if tc == nil {
+				continue
+			}
+			n := map[string]int{"complete": 0, "partial": 0, "pinned": 0, "error": 0}
+			for _, t := range tc.GetTemplates() {
+				switch {
+				case t.GetError() != "":
+					n["error"]++
+				case t.GetComplete():
+					n["complete"]++
+				default:
+					n["partial"]++
+				}
+				if t.GetPinned() {
+					n["pinned"]++
+				}
+			}
+			for st, v := range n {
+				ch <- prometheus.MustNewConstMetric(c.mounts, prometheus.GaugeValue, float64(v), h.GetId(), st)
+			}
 		}
 	}
 }

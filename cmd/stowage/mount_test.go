@@ -318,6 +318,16 @@ func testTemplateMount(t *testing.T, transport string, full bool) {
 		ct := cachedTemplate(hostCaps(t, server, "h2"), tq.GetId())
 		return ct != nil && ct.GetPinned() && ct.GetComplete()
 	})
+	resp2, err := http.Get(server + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp2.Body.Close()
+	var mb bytes.Buffer
+	mb.ReadFrom(resp2.Body)
+	if !strings.Contains(mb.String(), `stowage_template_mount_templates{host="h2",state="pinned"} 1`) {
+		t.Fatalf("metrics lack h2's pinned template:\n%s", mb.String())
+	}
 	t.Logf("done")
 }
 
