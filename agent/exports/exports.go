@@ -53,6 +53,7 @@ type export struct {
 	path  string
 	f     *os.File
 	refs  int  // requests being served (under Server.mu)
+	users int  // Export calls not yet matched by Unexport (under Server.mu)
 	gone  bool // unexported: close f when refs drops to 0
 }
 
@@ -82,17 +83,25 @@ func (s *Server) SetBaseURL(u string) {
 
 // Export serves the regular file at path (a path on this machine) and
 // returns its URL. Exporting a path that is already exported returns the
-// same URL while the path still names the same file; once the path names
-// another file (the old one renamed or replaced), a new export is made and
-// the old one keeps serving the old file until it is unexported. Before
-// SetBaseURL it is errdefs.ErrUnavailable.
+// same URL while the path still names the same file, and the export then
+// lasts until every Export of it is matched by an Unexport (a migration's
+// short-lived export of a template must not end the template mount's); once
+// the path names another file (the old one renamed or replaced), a new
+// export is made and the old one keeps serving the old file until it is
+// unexported. Before SetBaseURL it is errdefs.ErrUnavailable.
 func (s *Server) Export(path string) (string, error) {
 	s.mu.Lock()
 	base := s.base
 	old := s.byPath[path]
 	s.mu.Unlock()
 	if old != nil && samePath(path, old.f) {
-		return base + Prefix + old.token, nil
+		s.mu.Lock()
+		if !old.gone {
+			old.users++
+			s.mu.Unlock()
+			return base + Prefix + old.token, nil
+		}
+		s.mu.Unlock()
 	}
 	if base == "" {
 		return "", fmt.Errorf("export %s: the agent's URL is not known yet: %w", path, errdefs.ErrUnavailable)
@@ -111,9 +120,10 @@ func (s *Server) Export(path string) (string, error) {
 	}
 	var b [16]byte
 	_, _ = rand.Read(b[:]) // never fails (crypto/rand)
-	x := &export{token: hex.EncodeToString(b[:]), path: path, f: f}
+	x := &export{token: hex.EncodeToString(b[:]), path: path, f: f, users: 1}
 	s.mu.Lock()
-	if cur := s.byPath[path]; cur != nil && cur != old && samePath(path, cur.f) { // a concurrent Export won
+	if cur := s.byPath[path]; cur != nil && cur != old && !cur.gone && samePath(path, cur.f) { // a concurrent Export won
+		cur.users++
 		s.mu.Unlock()
 		f.Close()
 		return base + Prefix + cur.token, nil
@@ -134,9 +144,10 @@ func samePath(path string, f *os.File) bool {
 	return err == nil && os.SameFile(a, b)
 }
 
-// Unexport ends the export at rawURL (or named by its bare token). An
-// unknown export is not an error; a URL that is not an export URL is
-// errdefs.ErrInvalid. Requests already being served finish.
+// Unexport releases one Export of rawURL (or of its bare token) and ends
+// the export when none is left. An unknown export is not an error; a URL
+// that is not an export URL is errdefs.ErrInvalid. Requests already being
+// served finish.
 func (s *Server) Unexport(rawURL string) error {
 	tok, err := TokenOf(rawURL)
 	if err != nil {
@@ -144,6 +155,11 @@ func (s *Server) Unexport(rawURL string) error {
 	}
 	s.mu.Lock()
 	x, ok := s.byTok[tok]
+	if ok && x.users > 1 {
+		x.users--
+		s.mu.Unlock()
+		return nil
+	}
 	closeNow := false
 	if ok {
 		delete(s.byTok, tok)

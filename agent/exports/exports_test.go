@@ -90,14 +90,22 @@ func TestExportServesRangesUntilUnexport(t *testing.T) {
 	if resp, _ := http.Get(srv.URL + Prefix + strings.Repeat("0", 32)); resp.StatusCode != http.StatusNotFound {
 		t.Fatalf("unknown token: %s", resp.Status)
 	}
+	// u was exported twice (two users, e.g. the template mount and a
+	// migration's copy): the first Unexport leaves it serving.
 	if err := x.Unexport(u); err != nil {
 		t.Fatal(err)
+	}
+	if resp, _ := http.Get(u); resp.StatusCode != http.StatusOK {
+		t.Fatalf("after one of two unexports: %s", resp.Status)
 	}
 	if err := x.Unexport(u); err != nil {
 		t.Fatalf("second unexport: %v", err)
 	}
 	if resp, _ := http.Get(u); resp.StatusCode != http.StatusNotFound {
 		t.Fatalf("after unexport: %s", resp.Status)
+	}
+	if err := x.Unexport(u); err != nil {
+		t.Fatalf("third unexport: %v", err)
 	}
 	if err := x.Unexport("http://h/not-an-export"); !errors.Is(err, errdefs.ErrInvalid) {
 		t.Fatalf("unexport of a bad URL: %v", err)

@@ -27,6 +27,10 @@ const (
 // its template's file in the host's template mount.
 const LazyMethod = "lazy"
 
+// stepTimeout bounds each agent call of a reconcile pass, so that one
+// unresponsive agent does not hold up every host's mount.
+const stepTimeout = 15 * time.Second
+
 // UpHoster lists the Up hosts (controller/hosts).
 type UpHoster interface {
 	UpHosts(ctx context.Context) ([]*stowagev1.Host, error)
@@ -273,6 +277,8 @@ func (m *Mounts) source(ctx context.Context, h *stowagev1.Host, it mountable, up
 		return "", 0, err
 	}
 	var uri drivers.URI
+	ctx, cancel := context.WithTimeout(ctx, stepTimeout)
+	defer cancel()
 	if m.transport == MountTransportNBD {
 		// The mount reads the template file's bytes as they are (a qcow2
 		// template stays qcow2 in the mount): export the file as raw bytes.
@@ -304,6 +310,8 @@ func (m *Mounts) fileSize(ctx context.Context, it mountable, path string) (int64
 	if err != nil {
 		return 0, err
 	}
+	ctx, cancel := context.WithTimeout(ctx, stepTimeout)
+	defer cancel()
 	fi, err := ch.Endpoint.StatPath(ctx, path)
 	if err != nil {
 		return 0, err
@@ -330,11 +338,13 @@ func (m *Mounts) unexport(ctx context.Context, keys []exportKey, up []*stowagev1
 		if err != nil {
 			continue
 		}
+		uctx, cancel := context.WithTimeout(ctx, stepTimeout)
 		if k.transport == MountTransportNBD {
-			err = ep.UnexportNBD(ctx, drivers.URI(url))
+			err = ep.UnexportNBD(uctx, drivers.URI(url))
 		} else {
-			err = ep.Unexport(ctx, drivers.URI(url))
+			err = ep.Unexport(uctx, drivers.URI(url))
 		}
+		cancel()
 		if err != nil {
 			m.log.Warn("template mounts: unexport failed", "host", k.host, "err", err)
 		}
