@@ -336,6 +336,18 @@ func TestCacheEvictsLeastRecentlyUsedUnpinned(t *testing.T) {
 	c.Pin("a")
 	readAll("a")
 	readAll("b")
+	// A template is not evicted while it is being finished (digest,
+	// commit): wait until a and b are complete, so that the pass c's
+	// fetch triggers has a deterministic choice.
+	for _, id := range []string{"a", "b"} {
+		deadline := time.Now().Add(10 * time.Second)
+		for !tms[id].Complete() {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s not complete after reading it all", id)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
 	readAll("c") // over capacity: b is the LRU unpinned template
 	if cached("a") != 8 || cached("b") != 0 || cached("c") != 8 {
 		t.Fatalf("after reading c: cached a=%d b=%d c=%d, want 8 0 8", cached("a"), cached("b"), cached("c"))
