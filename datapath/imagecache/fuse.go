@@ -87,6 +87,10 @@ func MountCache(ctx context.Context, c *Cache, dir string, o MountOptions) (*Mou
 			// file and are not affected.
 			MaxWrite:     fuseMaxIO,
 			MaxReadAhead: fuseMaxIO,
+			// A 1 MiB READ plus its header does not fit the 1 MiB pipe
+			// limit: go-fuse's splice attempt failed (and logged) on every
+			// READ before falling back to a copy. Copy straight away.
+			DisableSplice: true,
 		},
 	})
 	if err != nil {
