@@ -4,10 +4,12 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash/crc32"
 	"io"
 	"log/slog"
 	"os"
@@ -439,7 +441,7 @@ type Template struct {
 	writeMu sync.Mutex
 
 	mu       sync.Mutex
-	sums     [][]byte // sha256 of each present chunk, nil when missing
+	sums     [][]byte // crc32c of each present chunk (4 bytes), nil when missing
 	npresent int
 	// checked marks present chunks whose bytes in the data file were
 	// hashed by this process (fetched here, or verified on first read);
@@ -457,7 +459,22 @@ type Template struct {
 	closed      bool
 }
 
-const indexVersion = 1
+// indexVersion 2: per-chunk crc32c (version 1 had sha256; such an index is
+// discarded and its chunks fetched again).
+const indexVersion = 2
+
+// castagnoli is the CRC-32C table (hardware-accelerated on amd64 and arm64).
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+// chunkSum is a chunk's checksum: CRC-32C, as Ceph BlueStore uses for its
+// data blocks. It guards the cached copy against the local disk (bit rot,
+// a torn write, a crash), not against a malicious writer: at ~27 GB/s a
+// core against ~1.8 GB/s for sha256 it takes a third less CPU off a cold
+// read on a two-vCPU host. An announced whole-file digest is still checked
+// with sha256 (finish).
+func chunkSum(b []byte) []byte {
+	return binary.BigEndian.AppendUint32(nil, crc32.Checksum(b, castagnoli))
+}
 
 // index is the persistent form of a template's presence bitmap.
 type index struct {
@@ -468,7 +485,7 @@ type index struct {
 	ChunkSize int64    `json:"chunk_size"`
 	SHA256    string   `json:"sha256,omitempty"`   // announced by the source
 	Verified  bool     `json:"verified,omitempty"` // SHA256 checked over all chunks
-	Chunks    []string `json:"chunks"`             // hex sha256 per chunk, "" when missing
+	Chunks    []string `json:"chunks"`             // hex crc32c per chunk, "" when missing
 }
 
 func openTemplate(c *Cache, id, url string, size int64, gen uint64, src Source) (*Template, error) {
@@ -538,7 +555,7 @@ func (t *Template) load() bool {
 			continue
 		}
 		sum, err := hex.DecodeString(h)
-		if err != nil || len(sum) != sha256.Size {
+		if err != nil || len(sum) != crc32.Size {
 			return false
 		}
 		t.sums[i] = sum
@@ -587,7 +604,7 @@ type Stats struct {
 	Fetches              int64 // ranged requests sent to the source
 	FetchedBytes         int64
 	// CorruptChunks counts cached chunks whose bytes did not match their
-	// recorded sha256 when first read in this process; each was dropped
+	// recorded checksum when first read in this process; each was dropped
 	// and fetched again.
 	CorruptChunks int64
 }
@@ -802,7 +819,7 @@ func (t *Template) readyLocked() bool {
 }
 
 // check verifies chunk i, cached in an earlier life, against its recorded
-// sha256 and completes cl. A mismatching chunk is dropped, so that the
+// checksum and completes cl. A mismatching chunk is dropped, so that the
 // caller's next pass fetches it again.
 func (t *Template) check(i int, cl *call) (err error) {
 	ok := false
@@ -836,14 +853,14 @@ func (t *Template) check(i int, cl *call) (err error) {
 	if _, err := t.data.ReadAt(buf, off); err != nil && !errors.Is(err, io.EOF) {
 		return fmt.Errorf("template %s: verify chunk %d: %w", t.id, i, errors.Join(err, errdefs.ErrUnavailable))
 	}
-	s := sha256.Sum256(buf)
+	s := chunkSum(buf)
 	t.mu.Lock()
 	want := t.sums[i]
 	t.mu.Unlock()
-	ok = want != nil && bytes.Equal(s[:], want)
+	ok = want != nil && bytes.Equal(s, want)
 	if !ok && want != nil {
 		t.corrupt.Add(1)
-		t.c.log.Warn("image cache: cached chunk does not match its sha256; fetching it again",
+		t.c.log.Warn("image cache: cached chunk does not match its checksum; fetching it again",
 			"template", t.id, "chunk", i, "offset", off)
 	}
 	return nil
@@ -900,8 +917,7 @@ func (t *Template) fetch(ctx context.Context, first, count int, cl *call) (err e
 	sums = make([][]byte, count)
 	for i := range count {
 		b := buf[int64(i)*t.cs : min(int64(i+1)*t.cs, n)]
-		s := sha256.Sum256(b)
-		sums[i] = s[:]
+		sums[i] = chunkSum(b)
 		if err := t.store(b, off+int64(i)*t.cs); err != nil {
 			return fmt.Errorf("template %s: store chunk %d: %w", t.id, first+i, errors.Join(err, errdefs.ErrUnavailable))
 		}
@@ -932,8 +948,15 @@ func (t *Template) store(b []byte, off int64) error {
 			return nil
 		}
 	}
-	_, err := t.data.WriteAt(b, off)
-	return err
+	if _, err := t.data.WriteAt(b, off); err != nil {
+		return err
+	}
+	// Start the writeback of these bytes now (asynchronously), so that
+	// dirty pages never pile up: the commit's fdatasync then has little
+	// left to write, and a template that just became complete is not read
+	// by passthrough while a second of fetched data is being flushed.
+	_ = unix.SyncFileRange(int(t.data.Fd()), off, int64(len(b)), unix.SYNC_FILE_RANGE_WRITE)
+	return nil
 }
 
 // commit makes the chunks marked present durable: data first, then the

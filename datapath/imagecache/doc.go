@@ -9,7 +9,7 @@
 //	  <id>/
 //	    data     sparse file of the template's full size; a chunk's bytes
 //	             are valid only when the index says the chunk is present
-//	    index    JSON: source URL, size, chunk size, per-chunk sha256 of
+//	    index    JSON: source URL, size, chunk size, per-chunk CRC-32C of
 //	             every verified chunk (the bitmap), whole-file digest
 //
 // Reads are chunk-aligned (default 1 MiB). Present chunks are read from the
@@ -24,8 +24,10 @@
 // chunks written after the last commit are simply fetched again.
 //
 // Chunks named by the index of an earlier life are not trusted blindly: the
-// first read of such a chunk in this process hashes it against its recorded
-// sha256 (a per-process "checked" bit keeps later reads free of hashing),
+// first read of such a chunk in this process checks it against its recorded
+// CRC-32C (a per-process "checked" bit keeps later reads free of it; the
+// checksum guards against the local disk, as in Ceph BlueStore; a digest
+// the source announces for the whole file is checked with sha256),
 // and a mismatching chunk is dropped and fetched again, never served. A
 // template cached in full before a restart becomes complete (passthrough)
 // only after a background pass has checked every chunk.
