@@ -250,8 +250,10 @@ func (n *fileNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint3
 	// The bytes of a template never change, so the page cache stays valid
 	// across opens.
 	if !n.t.Complete() {
+		n.m.log.Debug("image cache: open (lazy)", "template", n.t.id)
 		return &lazyFile{}, fuse.FOPEN_KEEP_CACHE, 0
 	}
+	n.m.log.Debug("image cache: open (complete)", "template", n.t.id, "passthrough", n.m.pt)
 	f, err := os.Open(n.t.DataPath())
 	if err != nil {
 		n.t.opens.Add(-1)
