@@ -36,11 +36,42 @@ const (
 	defaultCacheSocket   = "/run/stowage/imagecache.sock"
 )
 
+// fetchTuning are the fetch knobs both cache commands take.
+type fetchTuning struct {
+	maxFetches int
+	readAhead  string
+}
+
+func (ft *fetchTuning) flags(cmd *cobra.Command) {
+	f := cmd.Flags()
+	f.IntVar(&ft.maxFetches, "max-fetches", 8, "ranged fetches in flight at most, over all templates")
+	f.StringVar(&ft.readAhead, "read-ahead", "32M", "how far ahead of a sequential reader chunks are fetched (off: none)")
+}
+
+// apply sets the knobs on o.
+func (ft *fetchTuning) apply(o *imagecache.Options) error {
+	if ft.maxFetches < 1 {
+		return usageError{fmt.Errorf("--max-fetches %d: want at least 1", ft.maxFetches)}
+	}
+	o.MaxFetches = ft.maxFetches
+	if ft.readAhead == "off" {
+		o.ReadAhead = -1
+		return nil
+	}
+	ra, err := parseSizeFlag("--read-ahead", ft.readAhead)
+	if err != nil {
+		return err
+	}
+	o.ReadAhead = ra
+	return nil
+}
+
 // cacheServeConfig is `stowage cache serve`'s setup (also used by dev).
 type cacheServeConfig struct {
 	mount, dir, socket        string
 	capacity, chunk, rate     string
 	noPassthrough, allowOther bool
+	tuning                    fetchTuning
 }
 
 func (c *cacheServeConfig) flags(cmd *cobra.Command, dirDefault string) {
@@ -53,6 +84,7 @@ func (c *cacheServeConfig) flags(cmd *cobra.Command, dirDefault string) {
 	f.StringVar(&c.rate, "prefetch-rate", "100M", "background prefetch rate in bytes/s over all templates (0: unlimited, off: none)")
 	f.BoolVar(&c.noPassthrough, "no-passthrough", false, "serve complete templates through this process, not FUSE passthrough")
 	f.BoolVar(&c.allowOther, "allow-other", true, "let other users (QEMU) read the mount")
+	c.tuning.flags(cmd)
 }
 
 // config turns the flags into a cachemount.Config.
@@ -71,10 +103,17 @@ func (c *cacheServeConfig) config(log *slog.Logger) (cachemount.Config, error) {
 			return cachemount.Config{}, err
 		}
 	}
+	co := imagecache.Options{Dir: c.dir, ChunkSize: chunk, PrefetchRate: rate, CapacityBytes: capacity,
+		Open: imagecache.OpenStream(cachemount.DefaultHTTP())}
+	if c.tuning.maxFetches == 0 { // dev builds the config without flags
+		c.tuning = fetchTuning{maxFetches: 8, readAhead: "32M"}
+	}
+	if err := c.tuning.apply(&co); err != nil {
+		return cachemount.Config{}, err
+	}
 	return cachemount.Config{
-		Mount: c.mount,
-		Cache: imagecache.Options{Dir: c.dir, ChunkSize: chunk, PrefetchRate: rate, CapacityBytes: capacity,
-			Open: imagecache.OpenStream(cachemount.DefaultHTTP())},
+		Mount:        c.mount,
+		Cache:        co,
 		MountOptions: imagecache.MountOptions{AllowOther: c.allowOther, NoPassthrough: c.noPassthrough},
 		Logger:       log,
 	}, nil
@@ -139,6 +178,7 @@ func serveCache(ctx context.Context, cfg cachemount.Config, socket string, log *
 }
 
 func newCacheMountCmd() *cobra.Command {
+	var tuning fetchTuning
 	cmd := &cobra.Command{
 		Use:   "mount [--cache-dir DIR] [--chunk-size 1M] [--prefetch-rate 100M] SRC MNT",
 		Short: "Mount SRC read-only at MNT, fetching its bytes on demand into the cache",
@@ -150,7 +190,7 @@ Runs in the foreground until SIGTERM or SIGINT, then unmounts. Prints
 "MOUNTED passthrough_cap=..." once mounted and "READS=n" (READ requests this
 process served) at exit. A stale mount at MNT is detached first.`,
 		Args: cobra.ExactArgs(2),
-		RunE: runCacheMount,
+		RunE: func(cmd *cobra.Command, args []string) error { return runCacheMount(cmd, args, tuning) },
 	}
 	f := cmd.Flags()
 	f.String("cache-dir", "", "cache directory (default: a temporary directory removed at exit)")
@@ -159,10 +199,11 @@ process served) at exit. A stale mount at MNT is detached first.`,
 	f.Bool("no-passthrough", false, "serve complete templates through this process, not FUSE passthrough")
 	f.Bool("allow-other", true, "let other users (QEMU) read the mount")
 	f.Bool("debug-fuse", false, "log every FUSE request")
+	tuning.flags(cmd)
 	return cmd
 }
 
-func runCacheMount(cmd *cobra.Command, args []string) error {
+func runCacheMount(cmd *cobra.Command, args []string, tuning fetchTuning) error {
 	ctx := cmd.Context()
 	log, err := newLogger(cmd)
 	if err != nil {
@@ -193,7 +234,11 @@ func runCacheMount(cmd *cobra.Command, args []string) error {
 	if err != nil {
 		return err
 	}
-	c, err := imagecache.New(imagecache.Options{Dir: dir, ChunkSize: chunk, PrefetchRate: rate, Logger: log})
+	co := imagecache.Options{Dir: dir, ChunkSize: chunk, PrefetchRate: rate, Logger: log}
+	if err := tuning.apply(&co); err != nil {
+		return err
+	}
+	c, err := imagecache.New(co)
 	if err != nil {
 		return err
 	}
