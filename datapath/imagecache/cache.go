@@ -124,6 +124,7 @@ type Cache struct {
 	pins     map[string]int
 	gen      uint64
 	watchers []func(id string)
+	onDone   []func(t *Template) // told when a template becomes complete
 	closed   bool
 }
 
@@ -161,6 +162,23 @@ func (c *Cache) Watch(fn func(id string)) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.watchers = append(c.watchers, fn)
+}
+
+// watchComplete registers fn to be called (from the finishing goroutine)
+// each time a template becomes complete.
+func (c *Cache) watchComplete(fn func(t *Template)) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.onDone = append(c.onDone, fn)
+}
+
+func (c *Cache) notifyComplete(t *Template) {
+	c.mu.Lock()
+	fns := slices.Clone(c.onDone)
+	c.mu.Unlock()
+	for _, fn := range fns {
+		fn(t)
+	}
 }
 
 func (c *Cache) notify(id string) {
@@ -1065,6 +1083,7 @@ func (t *Template) finish() {
 	// the FUSE page cache at a third of the direct read's speed.
 	t.complete.Store(true)
 	log.Info("image cache: template complete", "fetches", t.fetches.Load(), "fetched_bytes", t.fetched.Load())
+	t.c.notifyComplete(t)
 	if err := t.commit(); err != nil {
 		// The next commit tick retries.
 		log.Warn("image cache: commit failed", "err", err)
