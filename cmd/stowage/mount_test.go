@@ -123,18 +123,10 @@ func TestTemplateMountEndToEnd(t *testing.T) {
 }
 
 func testTemplateMount(t *testing.T, transport string, full bool) {
-	for _, bin := range []string{"qemu-img", "qemu-io", "cmp"} {
-		if _, err := exec.LookPath(bin); err != nil {
-			t.Fatalf("%s is required (scripts/test.sh installs it)", bin)
-		}
-	}
+	needTools(t, "qemu-img", "qemu-io", "cmp")
 	root := t.TempDir()
 	ctx := context.Background()
-	web := filepath.Join(root, "web")
-	os.MkdirAll(web, 0o755)
-	qcow := filepath.Join(web, "base.qcow2")
-	run(t, "qemu-img", "create", "-q", "-f", "qcow2", qcow, "64M")
-	run(t, "qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 1M", "-c", "write -P 0x33 10M 3M", "-c", "write -P 0x77 63M 1M", qcow)
+	web, qcow := patternedQcow2(t, root, "write -P 0x33 10M 3M")
 	rawT := filepath.Join(web, "base.raw")
 	buf := make([]byte, 12<<20+4096) // not a multiple of the chunk size
 	rand.Read(buf)

@@ -108,6 +108,31 @@ func addStore(t *testing.T, a *clientAPI, name string, role stowagev1.StoreRole,
 
 func code(err error) connect.Code { return connect.CodeOf(err) }
 
+// needTools fails the test unless every bin is on PATH.
+func needTools(t *testing.T, bins ...string) {
+	t.Helper()
+	for _, bin := range bins {
+		if _, err := exec.LookPath(bin); err != nil {
+			t.Fatalf("%s is required (scripts/test.sh installs it)", bin)
+		}
+	}
+}
+
+// patternedQcow2 writes ROOT/web/base.qcow2, 64 MiB virtual with 0x5a at
+// 0 (1 MiB), 0x77 at 63M (1 MiB) and the qemu-io write middle, and returns
+// the web directory and the file.
+func patternedQcow2(t *testing.T, root, middle string) (web, qcow string) {
+	t.Helper()
+	web = filepath.Join(root, "web")
+	if err := os.MkdirAll(web, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	qcow = filepath.Join(web, "base.qcow2")
+	run(t, "qemu-img", "create", "-q", "-f", "qcow2", qcow, "64M")
+	run(t, "qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 1M", "-c", middle, "-c", "write -P 0x77 63M 1M", qcow)
+	return web, qcow
+}
+
 // slowHandler serves a file slowly, so a test can kill a process mid-copy.
 func slowHandler(path string) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -140,21 +165,13 @@ func TestWorkflowsEndToEnd(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts processes")
 	}
-	for _, bin := range []string{"qemu-img", "qemu-io"} {
-		if _, err := exec.LookPath(bin); err != nil {
-			t.Fatalf("%s is required (scripts/test.sh installs qemu-utils)", bin)
-		}
-	}
+	needTools(t, "qemu-img", "qemu-io")
 	root := t.TempDir()
 	ctx := context.Background()
 
 	// Templates: a qcow2 with known data written by qemu-io, a raw one, and
 	// a big slow one for the kill tests.
-	web := filepath.Join(root, "web")
-	os.MkdirAll(web, 0o755)
-	qcow := filepath.Join(web, "base.qcow2")
-	run(t, "qemu-img", "create", "-q", "-f", "qcow2", qcow, "64M")
-	run(t, "qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 1M", "-c", "write -P 0x33 10M 2M", "-c", "write -P 0x77 63M 1M", qcow)
+	web, qcow := patternedQcow2(t, root, "write -P 0x33 10M 2M")
 	rawT := filepath.Join(web, "base.raw")
 	run(t, "qemu-img", "convert", "-f", "qcow2", "-O", "raw", qcow, rawT)
 	bigT := filepath.Join(web, "big.raw")
