@@ -459,7 +459,8 @@ type Template struct {
 	writeMu sync.Mutex
 
 	mu       sync.Mutex
-	sums     [][]byte // crc32c of each present chunk (4 bytes), nil when missing
+	sums     [][]byte  // crc32c of each present chunk (4 bytes), nil when missing
+	added    time.Time // when this process added it: the file's times in the mount
 	npresent int
 	// checked marks present chunks whose bytes in the data file were
 	// hashed by this process (fetched here, or verified on first read);
@@ -512,7 +513,7 @@ func openTemplate(c *Cache, id, url string, size int64, gen uint64, src Source) 
 		c: c, id: id, url: url, ident: src.Identity(), size: size, cs: cs,
 		nchunks: int((size + cs - 1) / cs), gen: gen,
 		dir: filepath.Join(c.o.Dir, id), src: src, wantSHA: checksum(src),
-		inflight: map[int]*call{},
+		inflight: map[int]*call{}, added: time.Now(),
 	}
 	t.sums = make([][]byte, t.nchunks)
 	t.checked = make([]bool, t.nchunks)

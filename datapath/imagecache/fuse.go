@@ -247,6 +247,9 @@ func (n *fileNode) fill(a *fuse.Attr) {
 	a.Blocks = (a.Size + 511) / 512
 	a.Blksize = uint32(min(n.t.cs, 1<<20))
 	a.Nlink = 1
+	sec, nsec := uint64(n.t.added.Unix()), uint32(n.t.added.Nanosecond())
+	a.Mtime, a.Ctime, a.Atime = sec, sec, sec
+	a.Mtimensec, a.Ctimensec, a.Atimensec = nsec, nsec, nsec
 }
 
 func (n *fileNode) Getattr(ctx context.Context, fh fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
