@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/url"
 	"os"
@@ -17,6 +18,7 @@ import (
 	"github.com/stowage/stowage/agent/cachemount"
 	"github.com/stowage/stowage/datapath/imagecache"
 	"github.com/stowage/stowage/errdefs"
+	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 )
 
 // newCacheCmd is `stowage cache`: the lazily fetched template cache.
@@ -25,8 +27,68 @@ func newCacheCmd() *cobra.Command {
 		Use:   "cache",
 		Short: "Serve templates from a lazily fetched local chunk cache over FUSE",
 	}
-	cmd.AddCommand(newCacheMountCmd(), newCacheServeCmd())
+	cmd.AddCommand(newCacheMountCmd(), newCacheServeCmd(), newCacheStatusCmd())
 	return cmd
+}
+
+// newCacheStatusCmd is `stowage cache status`: the local template mount as
+// its process sees it, without the controller.
+func newCacheStatusCmd() *cobra.Command {
+	var socket string
+	cmd := &cobra.Command{
+		Use:   "status [--socket PATH]",
+		Short: "Show this host's template mount and its templates (asks the cache process, not the controller)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			asJSON, err := outputJSON(cmd)
+			if err != nil {
+				return err
+			}
+			st, err := cachemount.NewClient(socket).GetCache(cmd.Context())
+			if err != nil {
+				return err
+			}
+			return emit(cmd, asJSON, st, func(w io.Writer) {
+				keyValues(w, [][2]string{{"Template mount", mountSummary(st)}})
+				if len(st.GetTemplates()) > 0 {
+					fmt.Fprintln(w)
+					mountTable(w, st)
+				}
+			})
+		},
+	}
+	cmd.Flags().StringVar(&socket, "socket", defaultCacheSocket, "unix socket of the template mount (stowage cache serve --socket)")
+	return cmd
+}
+
+// mountSummary is one line about a template mount ("-" when there is none).
+func mountSummary(tc *stowagev1.CacheStatus) string {
+	if tc == nil {
+		return "- (no lazy volumes on this host)"
+	}
+	capacity := "unlimited"
+	if tc.GetCapacityBytes() > 0 {
+		capacity = humanBytes(tc.GetCapacityBytes())
+	}
+	return fmt.Sprintf("%s (%d templates, %s cached, capacity %s, passthrough %v)",
+		tc.GetMount(), len(tc.GetTemplates()), humanBytes(tc.GetCachedBytes()), capacity, tc.GetPassthrough())
+}
+
+// mountTable lists a template mount's templates.
+func mountTable(w io.Writer, tc *stowagev1.CacheStatus) {
+	rows := [][]string{}
+	for _, t := range tc.GetTemplates() {
+		status := "ok"
+		switch {
+		case t.GetError() != "":
+			status = t.GetError()
+		case t.GetComplete():
+			status = "complete"
+		}
+		rows = append(rows, []string{t.GetId(), strings.TrimPrefix(t.GetFormat().String(), "IMAGE_FORMAT_"), humanBytes(t.GetSize()),
+			humanBytes(t.GetCachedBytes()), fmt.Sprint(t.GetPinned()), status})
+	}
+	table(w, []string{"TEMPLATE", "FORMAT", "SIZE", "CACHED", "PINNED", "STATUS"}, rows)
 }
 
 // Defaults of the host's template mount, shared by `cache serve`, the

@@ -82,35 +82,14 @@ func newHostCmd() *cobra.Command {
 				{"NBD kernel module", fmt.Sprint(caps.GetNbdKernel())},
 				{"iSCSI initiator", fmt.Sprint(caps.GetIscsiInitiator())},
 			}
-			if tc := caps.GetTemplateCache(); tc != nil {
-				capacity := "unlimited"
-				if tc.GetCapacityBytes() > 0 {
-					capacity = humanBytes(tc.GetCapacityBytes())
-				}
-				kv = append(kv, [2]string{"Template mount", fmt.Sprintf("%s (%d templates, %s cached, capacity %s, passthrough %v)",
-					tc.GetMount(), len(tc.GetTemplates()), humanBytes(tc.GetCachedBytes()), capacity, tc.GetPassthrough())})
-			} else {
-				kv = append(kv, [2]string{"Template mount", "- (no lazy volumes on this host)"})
-			}
+			kv = append(kv, [2]string{"Template mount", mountSummary(caps.GetTemplateCache())})
 			if h.GetStateReason() != "" {
 				kv = append(kv, [2]string{"Reason", h.GetStateReason()})
 			}
 			keyValues(cmd.OutOrStdout(), kv)
 			if tc := caps.GetTemplateCache(); len(tc.GetTemplates()) > 0 {
 				fmt.Fprintln(cmd.OutOrStdout())
-				rows := [][]string{}
-				for _, t := range tc.GetTemplates() {
-					status := "ok"
-					switch {
-					case t.GetError() != "":
-						status = t.GetError()
-					case t.GetComplete():
-						status = "complete"
-					}
-					rows = append(rows, []string{t.GetId(), strings.TrimPrefix(t.GetFormat().String(), "IMAGE_FORMAT_"), humanBytes(t.GetSize()),
-						humanBytes(t.GetCachedBytes()), fmt.Sprint(t.GetPinned()), status})
-				}
-				table(cmd.OutOrStdout(), []string{"TEMPLATE", "FORMAT", "SIZE", "CACHED", "PINNED", "STATUS"}, rows)
+				mountTable(cmd.OutOrStdout(), tc)
 			}
 			if len(caps.GetStores()) > 0 {
 				fmt.Fprintln(cmd.OutOrStdout())

@@ -466,4 +466,9 @@ func TestCacheServeKillMidFetch(t *testing.T) {
 		t.Fatalf("status after restart: %v %v", st, err)
 	}
 	t.Logf("ranged fetches below 8 MiB: %d before the kill, 0 after", before)
+	// The operator's local view, without a controller.
+	out, errOut, rc := cli(t, "http://127.0.0.1:1", "cache", "status", "--socket", c.socket)
+	if rc != 0 || !strings.Contains(out, c.mount) || !strings.Contains(out, "t1") || !strings.Contains(out, "complete") {
+		t.Fatalf("stowage cache status (exit %d): %s %s", rc, out, errOut)
+	}
 }
