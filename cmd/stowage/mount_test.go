@@ -250,6 +250,28 @@ func testTemplateMount(t *testing.T, transport string, full bool) {
 	mustSucceed(t, a, sresp.Msg.GetJob())
 	run(t, "qemu-io", "-f", "qcow2", "-c", "read -P 0xc3 10M 64k", volFile)
 
+	// Migrating a lazy volume flattens it: a standalone volume with the
+	// template's bytes, no longer reading the mount.
+	pz := addStore(t, a, "pz", stowagev1.StoreRole_STORE_ROLE_PRIMARY, filepath.Join(root, "pz"), &stowagev1.Scope{Zone: "z1"})
+	cr, err := a.volumes.CreateVolume(ctx, connect.NewRequest(&stowagev1.CreateVolumeRequest{
+		Name: "lazy3", TemplateId: tq.GetId(), StoreId: p2.GetId(), Strategy: "lazy"}))
+	if err != nil {
+		t.Fatalf("create lazy3: %v", err)
+	}
+	mustSucceed(t, a, cr.Msg.GetJob())
+	mr, err := a.volumes.MigrateVolume(ctx, connect.NewRequest(&stowagev1.MigrateVolumeRequest{Id: cr.Msg.GetVolume().GetId(), StoreId: pz.GetId()}))
+	if err != nil {
+		t.Fatalf("migrate lazy3: %v", err)
+	}
+	mustSucceed(t, a, mr.Msg.GetJob())
+	gv, _ := a.volumes.GetVolume(ctx, connect.NewRequest(&stowagev1.GetVolumeRequest{Id: cr.Msg.GetVolume().GetId()}))
+	moved := gv.Msg.GetVolume()
+	movedFile := path(pz, moved.GetInstallPath())
+	if moved.GetInstallMethod() != "full" || moved.GetStoreId() != pz.GetId() || strings.Contains(run(t, "qemu-img", "info", "-U", "-f", "qcow2", "--output", "json", movedFile), "backing-filename") {
+		t.Fatalf("migrated lazy volume: %v", moved)
+	}
+	run(t, "qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", movedFile, qcow)
+
 	t.Logf("step 3")
 	// 3. The mount belongs to the cache process: killing the agent changes
 	// nothing for readers; the restarted agent finds the same mount.
