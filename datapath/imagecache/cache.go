@@ -458,9 +458,12 @@ type Template struct {
 	// a Go mutex parks it and lets the other fetches receive meanwhile.
 	writeMu sync.Mutex
 
-	mu       sync.Mutex
-	sums     [][]byte  // crc32c of each present chunk (4 bytes), nil when missing
-	added    time.Time // when this process added it: the file's times in the mount
+	mu    sync.Mutex
+	sums  [][]byte  // crc32c of each present chunk (4 bytes), nil when missing
+	added time.Time // when this process added it: the file's times in the mount
+	// lastRead is the chunk after the most recent demand read, or -1: the
+	// prefetcher continues from there.
+	lastRead atomic.Int64
 	npresent int
 	// checked marks present chunks whose bytes in the data file were
 	// hashed by this process (fetched here, or verified on first read);
@@ -515,6 +518,7 @@ func openTemplate(c *Cache, id, url string, size int64, gen uint64, src Source) 
 		dir: filepath.Join(c.o.Dir, id), src: src, wantSHA: checksum(src),
 		inflight: map[int]*call{}, added: time.Now(),
 	}
+	t.lastRead.Store(-1)
 	t.sums = make([][]byte, t.nchunks)
 	t.checked = make([]bool, t.nchunks)
 	fail := func(err error) (*Template, error) {
@@ -721,6 +725,9 @@ func (t *Template) readAt(ctx context.Context, p []byte, off int64, ra *readahea
 	n, err := t.Ensure(ctx, off, int64(len(p)))
 	if err != nil {
 		return 0, err
+	}
+	if !t.complete.Load() {
+		t.lastRead.Store((off + n + t.cs - 1) / t.cs)
 	}
 	got, err := t.data.ReadAt(p[:n], off)
 	if err != nil && !(errors.Is(err, io.EOF) && got == int(n)) {

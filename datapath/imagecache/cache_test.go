@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"math/rand/v2"
 	"net/http"
@@ -23,6 +24,7 @@ import (
 // origin is a loopback HTTP server of files with Range support, a request
 // counter and a switch that makes it answer 500.
 type origin struct {
+	ranges []string // Range headers of ranged GETs, in arrival order (under mu)
 	t      *testing.T
 	srv    *httptest.Server
 	mu     sync.Mutex
@@ -47,6 +49,9 @@ func newOrigin(t *testing.T) *origin {
 		}
 		if rg := r.Header.Get("Range"); rg != "" && rg != "bytes=0-0" {
 			o.ranged.Add(1)
+			o.mu.Lock()
+			o.ranges = append(o.ranges, rg)
+			o.mu.Unlock()
 		}
 		http.ServeContent(w, r, "", time.Unix(1700000000, 0), bytes.NewReader(b))
 	}))
@@ -432,5 +437,74 @@ func TestCacheSequentialReadAhead(t *testing.T) {
 	}
 	if n := o.ranged.Load() - before; n != 32 {
 		t.Fatalf("%d range requests for 32 backward chunk reads, want 32 (no read-ahead)", n)
+	}
+}
+
+// The prefetcher follows the reader: after a demand read in the middle of
+// a template, its next fetch starts right after that read, not at the
+// lowest missing chunk; and it still fills every chunk.
+func TestPrefetchFollowsTheReader(t *testing.T) {
+	ctx := context.Background()
+	o := newOrigin(t)
+	data := randBytes(4<<20, 9)
+	opts := testOptions(t.TempDir())
+	opts.PrefetchRate = 1 << 20 // one 256 KiB run per 250 ms
+	opts.ReadAhead = -1
+	c, err := New(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	tm, err := c.Add(ctx, "t", o.put("t", data), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The first prefetch run (chunks 0-3) goes out at once; the next one
+	// waits for the rate when the demand read comes.
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		o.mu.Lock()
+		n := len(o.ranges)
+		o.mu.Unlock()
+		if n > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("no prefetch request")
+		}
+	}
+	const at = 40 << 16 // chunk 40 of 64
+	p := make([]byte, 64<<10)
+	if _, err := tm.ReadAt(ctx, p, at); err != nil || !bytes.Equal(p, data[at:at+len(p)]) {
+		t.Fatalf("demand read: %v", err)
+	}
+	o.mu.Lock()
+	demand := len(o.ranges) // the demand read's request is in the log
+	o.mu.Unlock()
+	deadline := time.Now().Add(10 * time.Second)
+	var next string
+	for next == "" && time.Now().Before(deadline) {
+		o.mu.Lock()
+		for _, rg := range o.ranges[demand:] {
+			if !strings.HasPrefix(rg, fmt.Sprintf("bytes=%d-", at)) {
+				next = rg
+				break
+			}
+		}
+		o.mu.Unlock()
+		time.Sleep(10 * time.Millisecond)
+	}
+	if want := fmt.Sprintf("bytes=%d-", at+64<<10); !strings.HasPrefix(next, want) {
+		o.mu.Lock()
+		t.Fatalf("first prefetch after the demand read asked %q, want %s...; all: %v", next, want, o.ranges)
+	}
+	for !tm.Complete() {
+		if time.Now().After(deadline.Add(20 * time.Second)) {
+			t.Fatalf("prefetch did not complete the template: %+v", tm.Stats())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	got := make([]byte, len(data))
+	if _, err := tm.ReadAt(ctx, got, 0); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("whole template after prefetch: %v", err)
 	}
 }

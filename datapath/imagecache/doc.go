@@ -32,8 +32,10 @@
 // template cached in full before a restart becomes complete (passthrough)
 // only after a background pass has checked every chunk.
 //
-// A background prefetcher fills the remaining chunks in order at a bounded
-// rate. A template whose chunks are all present is complete: the FUSE layer
+// A background prefetcher fills the remaining chunks at a bounded rate,
+// following the readers: each run starts after the most recent demand read
+// (where a booting guest is likely to read next), wrapping around until
+// nothing is missing. A template whose chunks are all present is complete: the FUSE layer
 // then hands new opens to the kernel with FUSE passthrough, so reads no
 // longer reach this process at all.
 //

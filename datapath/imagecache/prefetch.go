@@ -6,10 +6,13 @@ import (
 	"time"
 )
 
-// prefetch fetches the missing chunks in order, MaxMerge bytes at a time,
-// at the cache's PrefetchRate, retrying failures with backoff. It also
-// verifies chunks cached in an earlier life (a local read, not paced), so
-// that a fully cached template becomes complete. With verifyOnly it only
+// prefetch fetches the missing chunks, MaxMerge bytes at a time, at the
+// cache's PrefetchRate, retrying failures with backoff. It follows the
+// readers: each run starts at the first missing chunk after the most recent
+// demand read (a booting guest reads near where it just read), and it
+// wraps around to the start until no chunk is missing. It also verifies
+// chunks cached in an earlier life (a local read, not paced), so that a
+// fully cached template becomes complete. With verifyOnly it only
 // verifies; missing chunks are left to demand reads.
 func (t *Template) prefetch(verifyOnly bool) {
 	defer t.wg.Done()
@@ -33,10 +36,19 @@ func (t *Template) prefetch(verifyOnly bool) {
 		}
 		return !t.checked[i]
 	}
-	for i := 0; i < t.nchunks; {
+	paid := false // the rate was paid for a run that a reader's move superseded
+	for i := 0; ; {
+		if h := t.lastRead.Swap(-1); h >= 0 && h < int64(t.nchunks) {
+			i = int(h) // follow the most recent reader
+		}
 		t.mu.Lock()
 		for i < t.nchunks && !todo(i) {
 			i++
+		}
+		if i >= t.nchunks {
+			// Past the end: anything left before where we started?
+			for i = 0; i < t.nchunks && !todo(i); i++ {
+			}
 		}
 		j := i
 		local := true // every chunk of the run is cached: verify only
@@ -53,11 +65,18 @@ func (t *Template) prefetch(verifyOnly bool) {
 		t.mu.Unlock()
 		off := int64(i) * t.cs
 		n := min(int64(j)*t.cs, t.size) - off
-		if !local {
+		if !local && !paid {
 			if err := t.c.rate.wait(ctx, n); err != nil {
 				return
 			}
+			if t.lastRead.Load() >= 0 {
+				// A reader moved while we waited: fetch near it instead,
+				// with the rate already paid.
+				paid = true
+				continue
+			}
 		}
+		paid = false
 		if _, err := t.Ensure(ctx, off, n); err != nil {
 			if ctx.Err() != nil {
 				return
