@@ -35,9 +35,9 @@
 // A background prefetcher fills the remaining chunks at a bounded rate,
 // following the readers: each run starts after the most recent demand read
 // (where a booting guest is likely to read next), wrapping around until
-// nothing is missing. A template whose chunks are all present is complete: the FUSE layer
-// then hands new opens to the kernel with FUSE passthrough, so reads no
-// longer reach this process at all.
+// nothing is missing. A template whose chunks are all present is
+// complete: the FUSE layer then hands new opens to the kernel with FUSE
+// passthrough, so reads no longer reach this process at all.
 //
 // With Options.CapacityBytes, the cache evicts whole templates, least
 // recently read first, when the data files' allocated blocks exceed it. A
