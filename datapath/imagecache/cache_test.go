@@ -485,7 +485,9 @@ func TestPrefetchFollowsTheReader(t *testing.T) {
 	for next == "" && time.Now().Before(deadline) {
 		o.mu.Lock()
 		for _, rg := range o.ranges[demand:] {
-			if !strings.HasPrefix(rg, fmt.Sprintf("bytes=%d-", at)) {
+			// Skip the demand read itself, and the second run (chunks
+			// 4-7) in case a slow machine let it out before the read.
+			if !strings.HasPrefix(rg, fmt.Sprintf("bytes=%d-", at)) && !strings.HasPrefix(rg, fmt.Sprintf("bytes=%d-", 4<<16)) {
 				next = rg
 				break
 			}
