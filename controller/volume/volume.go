@@ -1,7 +1,8 @@
 // Package volume is the controller's VolumeService: blank volumes, volumes
 // from templates (the template is cached on the primary store once, then
 // installed by the best TemplateInstallStrategy: reflink, qcow2 linked
-// clone or full copy), volumes from snapshots (on primary or from a backup),
+// clone or full copy; or, lazy, a qcow2 overlay on the template's file in
+// the host's FUSE template mount, with no copy at all), volumes from snapshots (on primary or from a backup),
 // delete, resize, access grants and migration between primary stores
 // (directly between agents, never through an image store).
 //
