@@ -119,28 +119,71 @@ type DataObject struct {
 	Format Format
 	// Size is the virtual size in bytes.
 	Size int64
-	// Path is the object's install path relative to the store, once created.
-	Path string
+	// Key is where the object lives on its store: opaque to everyone but
+	// the store's driver, which chose it (Driver.Locate) and records it on
+	// the object's record (install_path). "" until located.
+	Key string
 }
 
-// ObjectInfo is what a driver reports about an object it holds.
+// ObjectInfo is what a driver reports about an object it holds or made.
 type ObjectInfo struct {
 	ID           string
 	Type         ObjectType
-	Path         string // relative to the store
+	Key          string // the object's key on its store
 	Format       Format
 	Size         int64 // virtual size
 	PhysicalSize int64 // bytes allocated
 	ModifiedAt   time.Time
+	// SHA256 of the object's bytes as stored, when the step computed it.
+	SHA256 string
+	// Method says how a copying, cloning or snapshot step did its work
+	// ("reflink", "linked", "qcow2-external", "server-side-copy", ...), and
+	// BytesWritten / BytesSkipped how much it wrote and skipped (holes).
+	Method       string
+	BytesWritten int64
+	BytesSkipped int64
 }
 
-// Client is who is granted access to an object: a host.
+// Purpose is what a client wants an object's access for.
+type Purpose string
+
+// The access purposes.
+const (
+	// PurposeAttach: a hypervisor on the client host opens the object as a
+	// VM disk (file:///…, nbd://…, later iscsi://, rbd:).
+	PurposeAttach Purpose = "attach"
+	// PurposeRead: the client host's agent reads the object's bytes with
+	// its stream engine or template cache (store://…, http(s)://…, nbd://…).
+	PurposeRead Purpose = "read"
+	// PurposeWrite: the client host's agent writes the object (store://…):
+	// the destination of a copy, restore or download.
+	PurposeWrite Purpose = "write"
+)
+
+// Client is who is granted access to an object, and for what.
 type Client struct {
-	HostID string
+	HostID  string
+	Purpose Purpose
+	// Transport, when set, asks for one kind of URI ("nbd", "http") where
+	// the driver can give several for the purpose.
+	Transport string
 }
 
-// URI names data: file:///..., nbd://host:port/export, http(s)://..., s3://b/k, iscsi://p/t/l.
+// URI names data: store://<store id>/<key> (an object of a store the agent
+// resolves beneath the store's root), file:///..., nbd://host:port/export,
+// http(s)://..., s3://bucket/prefix.
 type URI string
+
+// Access is what GrantAccess hands out.
+type Access struct {
+	URI      URI
+	ReadOnly bool
+	// Expires is when the URI stops working (presigned URLs); zero: never.
+	Expires time.Time
+	// Revocable says RevokeAccess must be called with this Access to end
+	// it (an export made for the client); false: nothing to take back.
+	Revocable bool
+}
 
 // SnapshotObject is a snapshot of a volume on a primary store.
 type SnapshotObject struct {
@@ -148,6 +191,11 @@ type SnapshotObject struct {
 	Volume DataObject
 	Parent string // id of the parent snapshot, "" for the first
 }
+
+// Progress reports how far a long step has come: bytes done of total
+// (total is 0 while unknown). Implementations call it from one goroutine at a
+// time, at most a few times a second; it must not block.
+type Progress func(done, total int64)
 
 // Provider is the entry point of a storage plug-in; registered once at start.
 type Provider interface {
@@ -172,25 +220,139 @@ type LifeCycle interface {
 	Delete(ctx context.Context, store StoreInfo) error
 }
 
-// Driver moves and shapes data objects on the stores of one provider.
+// Driver moves and shapes data objects on the stores of one provider. Every
+// method is idempotent: calling it again after a crash or a retry has the
+// same result and does the work once.
 type Driver interface {
-	GrantAccess(ctx context.Context, obj DataObject, client Client) (URI, error)
-	RevokeAccess(ctx context.Context, obj DataObject, client Client) error
-	ListObjects(ctx context.Context, store StoreInfo) ([]ObjectInfo, error)
+	// Locate returns the key obj has, or will have once it is made, on its
+	// store. It does no I/O; the controller records the key before any
+	// work starts, so that a crashed step is found again on restart.
+	Locate(obj DataObject) (string, error)
+	// Create makes a blank volume of obj.Size bytes in obj.Format.
 	Create(ctx context.Context, obj DataObject) (ObjectInfo, error)
+	// Delete removes the object; a missing object is not an error.
 	Delete(ctx context.Context, obj DataObject) error
+	// ListObjects lists the objects a store holds.
+	ListObjects(ctx context.Context, store StoreInfo) ([]ObjectInfo, error)
+	// Stat describes one object (errdefs.ErrNotFound when it is missing).
+	Stat(ctx context.Context, obj DataObject) (ObjectInfo, error)
+	// GrantAccess returns a URI through which client can use the object
+	// for client.Purpose. A client that cannot be served is
+	// errdefs.ErrFailedPrecondition with the reason.
+	GrantAccess(ctx context.Context, obj DataObject, client Client) (Access, error)
+	// RevokeAccess ends an Access GrantAccess returned (a no-op when it is
+	// not Revocable); ending one already ended is not an error.
+	RevokeAccess(ctx context.Context, obj DataObject, client Client, access Access) error
+	// CanCopy reports whether Copy can copy src (on this provider's or any
+	// store) to dst (on this provider's store) natively, without the
+	// generic stream motion: reflink inside one filesystem, server-side
+	// copy inside one bucket, an array clone.
 	CanCopy(src, dst DataObject) bool
-	Copy(ctx context.Context, src, dst DataObject) (ObjectInfo, error)
+	// Copy copies src to dst natively (see CanCopy; otherwise
+	// errdefs.ErrNotImplemented); dst.Format is the wanted format.
+	Copy(ctx context.Context, src, dst DataObject, progress Progress) (ObjectInfo, error)
 }
 
 // PrimaryDriver adds the two snapshot operations of a primary store.
 type PrimaryDriver interface {
 	Driver
+	// TakeSnapshot makes snap a point-in-time copy of snap.Volume
+	// (ObjectInfo.Method says how: "qcow2-external", "reflink", "copy").
 	TakeSnapshot(ctx context.Context, snap SnapshotObject) (ObjectInfo, error)
+	// RevertSnapshot makes snap.Volume read what snap holds.
 	RevertSnapshot(ctx context.Context, snap SnapshotObject) error
 }
 
-// Resizer is an optional Driver capability.
+// The optional capabilities, one method each, found by type assertion; a
+// driver without one makes the workflow route around it or refuse with a
+// reason (errdefs.ErrNotImplemented).
+
+// Resizer grows an object.
 type Resizer interface {
 	Resize(ctx context.Context, obj DataObject, newSize int64) (ObjectInfo, error)
+}
+
+// CloneMode is how a volume is made from a base image on its store.
+type CloneMode string
+
+// The clone modes (TemplateInstallStrategy implementations).
+const (
+	CloneReflink CloneMode = "reflink"
+	CloneLinked  CloneMode = "linked"
+	CloneFull    CloneMode = "full"
+)
+
+// CloneSpec asks for dst to be made from base.
+type CloneSpec struct {
+	// Base is a template on dst's store, or, with BaseInMount, the template
+	// Base.ID as the host that runs the step shows it in its template mount
+	// (a lazy volume: an overlay on the mount's file).
+	Base        DataObject
+	BaseInMount bool
+	Dst         DataObject
+	Mode        CloneMode
+}
+
+// Cloner makes a volume from a base image on the same store (or the host's
+// template mount) without the generic copy.
+type Cloner interface {
+	Clone(ctx context.Context, spec CloneSpec, progress Progress) (ObjectInfo, error)
+}
+
+// ImportSource is data outside any store that an image store takes in.
+type ImportSource struct {
+	// URL is http:// or https:// (file:// where the agent may read it).
+	URL string
+	// Checksum is "sha256:HEX", "sha512:HEX", "md5:HEX" or "".
+	Checksum string
+}
+
+// Importer takes a template or ISO in from a URL: streamed, the checksum
+// verified in-stream and the real format checked against dst.Format (a
+// qcow2 with a backing file is refused); nothing is left on the store when
+// it fails (errdefs.ErrDataLoss for a checksum mismatch).
+type Importer interface {
+	Import(ctx context.Context, dst DataObject, src ImportSource, progress Progress) (ObjectInfo, error)
+}
+
+// Rebaser rewrites a qcow2 object onto another backing object of its store
+// (newBase nil: standalone), merging in the data of the layers it leaves
+// out: how a snapshot is dropped from a chain.
+type Rebaser interface {
+	Rebase(ctx context.Context, obj DataObject, newBase *DataObject) (ObjectInfo, error)
+}
+
+// BackupAccess is where a host reads and writes the chunks and manifest of
+// one backup: a chunk store URI the agent opens (store://<id>/<dir> or
+// s3://bucket/prefix?endpoint=…&region=…), the manifest's name in it, and
+// the credentials the agent needs for it (never logged nor returned by the
+// API).
+type BackupAccess struct {
+	Chunks   URI
+	Manifest string
+	Secret   map[string]string
+}
+
+// BackupStats is what deleting a backup freed.
+type BackupStats struct {
+	Chunks       int64 // chunks removed
+	FreedBytes   int64
+	KeptShared   int64 // chunks kept because another backup uses them
+	ManifestGone bool
+}
+
+// ChunkTarget is an image store that keeps snapshot backups as
+// content-addressed chunks plus one manifest per backup.
+type ChunkTarget interface {
+	// BackupAccess returns where client writes (or reads) backup obj.
+	BackupAccess(ctx context.Context, obj DataObject, client Client) (BackupAccess, error)
+	// DeleteBackup removes obj's manifest and the chunks no other backup
+	// of the store refers to.
+	DeleteBackup(ctx context.Context, obj DataObject) (BackupStats, error)
+}
+
+// HostRooted is a provider whose stores are directories the hosts in scope
+// see: HostRoot tells an agent the directory of a store it should serve.
+type HostRooted interface {
+	HostRoot(store StoreInfo) string
 }

@@ -2,11 +2,6 @@ package drivers
 
 import "context"
 
-// Progress reports how far a long step has come: bytes done of total
-// (total is 0 while unknown). Implementations call it from one goroutine at a
-// time, at most a few times a second; it must not block.
-type Progress func(done, total int64)
-
 // ImageOps are the host-side steps on disk images. Paths are absolute on the
 // host; every step writes to a temporary name and renames into place only
 // when it succeeded, so a failed or killed step leaves no partial object
@@ -160,16 +155,6 @@ type CopyRequest struct {
 	Format       Format // "" keeps the source's format
 	Flatten      bool
 }
-
-// CloneMode is how a volume is made from a template already on its store.
-type CloneMode string
-
-// The clone modes (TemplateInstallStrategy implementations on the host).
-const (
-	CloneReflink CloneMode = "reflink"
-	CloneLinked  CloneMode = "linked"
-	CloneFull    CloneMode = "full"
-)
 
 // CloneRequest asks an agent to create a volume from a base image.
 type CloneRequest struct {

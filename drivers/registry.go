@@ -8,14 +8,6 @@ import (
 	"github.com/stowage/stowage/errdefs"
 )
 
-// Deps is what the framework hands a provider factory.
-type Deps struct {
-	Endpoints Endpoints
-}
-
-// Factory builds a provider from the framework's dependencies.
-type Factory func(Deps) (Provider, error)
-
 // Registry maps provider names to providers. Fill it explicitly at start
 // (cmd/stowage/builtins.go); registering a name twice panics.
 type Registry struct {

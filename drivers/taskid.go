@@ -72,3 +72,24 @@ func StepTaskID(ctx context.Context, key string) (string, bool) {
 	}
 	return id, true
 }
+
+// hostKey is the context key of a step's host.
+type hostKey struct{}
+
+// WithHost returns a context naming the host the plan chose for a step.
+// An Endpoints implementation (the controller's EndPointSelector) returns
+// that host from ForScope while it is Up and in scope, so that a driver's
+// host work runs where the plan (and its dry run) said, and a step re-run
+// after a restart reaches the agent that journalled it.
+func WithHost(ctx context.Context, hostID string) context.Context {
+	if hostID == "" {
+		return ctx
+	}
+	return context.WithValue(ctx, hostKey{}, hostID)
+}
+
+// HostFrom returns the host WithHost put in ctx.
+func HostFrom(ctx context.Context) (string, bool) {
+	h, ok := ctx.Value(hostKey{}).(string)
+	return h, ok && h != ""
+}

@@ -247,11 +247,14 @@ func (x *RegisterResponse) GetStores() []*StoreAssignment {
 
 // StoreAssignment tells an agent about a store in its scope.
 type StoreAssignment struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	StoreId       string                 `protobuf:"bytes,1,opt,name=store_id,json=storeId,proto3" json:"store_id,omitempty"`
-	Provider      string                 `protobuf:"bytes,2,opt,name=provider,proto3" json:"provider,omitempty"`
-	Url           string                 `protobuf:"bytes,3,opt,name=url,proto3" json:"url,omitempty"`
-	Path          string                 `protobuf:"bytes,4,opt,name=path,proto3" json:"path,omitempty"`
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	StoreId  string                 `protobuf:"bytes,1,opt,name=store_id,json=storeId,proto3" json:"store_id,omitempty"`
+	Provider string                 `protobuf:"bytes,2,opt,name=provider,proto3" json:"provider,omitempty"`
+	Url      string                 `protobuf:"bytes,3,opt,name=url,proto3" json:"url,omitempty"`
+	// The directory of the store on the host, for providers whose stores
+	// are directories (drivers.HostRooted); the agent serves it only if it
+	// carries the store's marker and lies under an allowed store root.
+	Path          string `protobuf:"bytes,4,opt,name=path,proto3" json:"path,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -685,9 +688,9 @@ type Task struct {
 	//	*Task_ProbeStore
 	//	*Task_ReleaseStore
 	//	*Task_CreateImage
-	//	*Task_DeletePath
-	//	*Task_ListDir
-	//	*Task_StatPath
+	//	*Task_DeleteObject
+	//	*Task_ListObjects
+	//	*Task_StatObject
 	//	*Task_FetchImage
 	//	*Task_CopyImage
 	//	*Task_CloneImage
@@ -788,28 +791,28 @@ func (x *Task) GetCreateImage() *CreateImageStep {
 	return nil
 }
 
-func (x *Task) GetDeletePath() *DeletePathStep {
+func (x *Task) GetDeleteObject() *DeleteObjectStep {
 	if x != nil {
-		if x, ok := x.Step.(*Task_DeletePath); ok {
-			return x.DeletePath
+		if x, ok := x.Step.(*Task_DeleteObject); ok {
+			return x.DeleteObject
 		}
 	}
 	return nil
 }
 
-func (x *Task) GetListDir() *ListDirStep {
+func (x *Task) GetListObjects() *ListObjectsStep {
 	if x != nil {
-		if x, ok := x.Step.(*Task_ListDir); ok {
-			return x.ListDir
+		if x, ok := x.Step.(*Task_ListObjects); ok {
+			return x.ListObjects
 		}
 	}
 	return nil
 }
 
-func (x *Task) GetStatPath() *StatPathStep {
+func (x *Task) GetStatObject() *StatObjectStep {
 	if x != nil {
-		if x, ok := x.Step.(*Task_StatPath); ok {
-			return x.StatPath
+		if x, ok := x.Step.(*Task_StatObject); ok {
+			return x.StatObject
 		}
 	}
 	return nil
@@ -970,16 +973,16 @@ type Task_CreateImage struct {
 	CreateImage *CreateImageStep `protobuf:"bytes,13,opt,name=create_image,json=createImage,proto3,oneof"`
 }
 
-type Task_DeletePath struct {
-	DeletePath *DeletePathStep `protobuf:"bytes,14,opt,name=delete_path,json=deletePath,proto3,oneof"`
+type Task_DeleteObject struct {
+	DeleteObject *DeleteObjectStep `protobuf:"bytes,14,opt,name=delete_object,json=deleteObject,proto3,oneof"`
 }
 
-type Task_ListDir struct {
-	ListDir *ListDirStep `protobuf:"bytes,15,opt,name=list_dir,json=listDir,proto3,oneof"`
+type Task_ListObjects struct {
+	ListObjects *ListObjectsStep `protobuf:"bytes,15,opt,name=list_objects,json=listObjects,proto3,oneof"`
 }
 
-type Task_StatPath struct {
-	StatPath *StatPathStep `protobuf:"bytes,16,opt,name=stat_path,json=statPath,proto3,oneof"`
+type Task_StatObject struct {
+	StatObject *StatObjectStep `protobuf:"bytes,16,opt,name=stat_object,json=statObject,proto3,oneof"`
 }
 
 type Task_FetchImage struct {
@@ -1050,11 +1053,11 @@ func (*Task_ReleaseStore) isTask_Step() {}
 
 func (*Task_CreateImage) isTask_Step() {}
 
-func (*Task_DeletePath) isTask_Step() {}
+func (*Task_DeleteObject) isTask_Step() {}
 
-func (*Task_ListDir) isTask_Step() {}
+func (*Task_ListObjects) isTask_Step() {}
 
-func (*Task_StatPath) isTask_Step() {}
+func (*Task_StatObject) isTask_Step() {}
 
 func (*Task_FetchImage) isTask_Step() {}
 
@@ -1270,10 +1273,122 @@ func (x *ReleaseStoreStep) GetSubdirs() []string {
 	return nil
 }
 
+// ObjectRef names an object of a store the agent serves: the agent
+// resolves key beneath the store's root (no "..", no absolute path, no
+// symbolic link out of it) and refuses anything else. The store id
+// "template-mount" names the host's template mount (key: a template id).
+type ObjectRef struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	StoreId       string                 `protobuf:"bytes,1,opt,name=store_id,json=storeId,proto3" json:"store_id,omitempty"`
+	Key           string                 `protobuf:"bytes,2,opt,name=key,proto3" json:"key,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ObjectRef) Reset() {
+	*x = ObjectRef{}
+	mi := &file_stowage_v1_agent_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ObjectRef) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ObjectRef) ProtoMessage() {}
+
+func (x *ObjectRef) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_agent_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ObjectRef.ProtoReflect.Descriptor instead.
+func (*ObjectRef) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *ObjectRef) GetStoreId() string {
+	if x != nil {
+		return x.StoreId
+	}
+	return ""
+}
+
+func (x *ObjectRef) GetKey() string {
+	if x != nil {
+		return x.Key
+	}
+	return ""
+}
+
+// ChunkStoreRef names where backups keep their chunks and manifests:
+// store://<store id>/<dir> (a directory of a store the agent serves) or
+// s3://bucket/prefix?endpoint=URL&region=R with the credentials in secret.
+type ChunkStoreRef struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Uri   string                 `protobuf:"bytes,1,opt,name=uri,proto3" json:"uri,omitempty"`
+	// Credentials (access_key, secret_key). Never journalled nor logged.
+	Secret        map[string]string `protobuf:"bytes,2,rep,name=secret,proto3" json:"secret,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ChunkStoreRef) Reset() {
+	*x = ChunkStoreRef{}
+	mi := &file_stowage_v1_agent_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ChunkStoreRef) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ChunkStoreRef) ProtoMessage() {}
+
+func (x *ChunkStoreRef) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_agent_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ChunkStoreRef.ProtoReflect.Descriptor instead.
+func (*ChunkStoreRef) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *ChunkStoreRef) GetUri() string {
+	if x != nil {
+		return x.Uri
+	}
+	return ""
+}
+
+func (x *ChunkStoreRef) GetSecret() map[string]string {
+	if x != nil {
+		return x.Secret
+	}
+	return nil
+}
+
 // CreateImageStep creates an empty disk image.
 type CreateImageStep struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	Path          string                 `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
+	Ref           *ObjectRef             `protobuf:"bytes,1,opt,name=ref,proto3" json:"ref,omitempty"`
 	Format        ImageFormat            `protobuf:"varint,2,opt,name=format,proto3,enum=stowage.v1.ImageFormat" json:"format,omitempty"`
 	SizeBytes     int64                  `protobuf:"varint,3,opt,name=size_bytes,json=sizeBytes,proto3" json:"size_bytes,omitempty"`
 	unknownFields protoimpl.UnknownFields
@@ -1282,7 +1397,7 @@ type CreateImageStep struct {
 
 func (x *CreateImageStep) Reset() {
 	*x = CreateImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[14]
+	mi := &file_stowage_v1_agent_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1294,7 +1409,7 @@ func (x *CreateImageStep) String() string {
 func (*CreateImageStep) ProtoMessage() {}
 
 func (x *CreateImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[14]
+	mi := &file_stowage_v1_agent_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1307,14 +1422,14 @@ func (x *CreateImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateImageStep.ProtoReflect.Descriptor instead.
 func (*CreateImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{14}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{16}
 }
 
-func (x *CreateImageStep) GetPath() string {
+func (x *CreateImageStep) GetRef() *ObjectRef {
 	if x != nil {
-		return x.Path
+		return x.Ref
 	}
-	return ""
+	return nil
 }
 
 func (x *CreateImageStep) GetFormat() ImageFormat {
@@ -1331,115 +1446,27 @@ func (x *CreateImageStep) GetSizeBytes() int64 {
 	return 0
 }
 
-type DeletePathStep struct {
+type DeleteObjectStep struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	Path          string                 `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
+	Ref           *ObjectRef             `protobuf:"bytes,1,opt,name=ref,proto3" json:"ref,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
-func (x *DeletePathStep) Reset() {
-	*x = DeletePathStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[15]
-	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-	ms.StoreMessageInfo(mi)
-}
-
-func (x *DeletePathStep) String() string {
-	return protoimpl.X.MessageStringOf(x)
-}
-
-func (*DeletePathStep) ProtoMessage() {}
-
-func (x *DeletePathStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[15]
-	if x != nil {
-		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-		if ms.LoadMessageInfo() == nil {
-			ms.StoreMessageInfo(mi)
-		}
-		return ms
-	}
-	return mi.MessageOf(x)
-}
-
-// Deprecated: Use DeletePathStep.ProtoReflect.Descriptor instead.
-func (*DeletePathStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{15}
-}
-
-func (x *DeletePathStep) GetPath() string {
-	if x != nil {
-		return x.Path
-	}
-	return ""
-}
-
-type ListDirStep struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Path          string                 `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
-}
-
-func (x *ListDirStep) Reset() {
-	*x = ListDirStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[16]
-	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-	ms.StoreMessageInfo(mi)
-}
-
-func (x *ListDirStep) String() string {
-	return protoimpl.X.MessageStringOf(x)
-}
-
-func (*ListDirStep) ProtoMessage() {}
-
-func (x *ListDirStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[16]
-	if x != nil {
-		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-		if ms.LoadMessageInfo() == nil {
-			ms.StoreMessageInfo(mi)
-		}
-		return ms
-	}
-	return mi.MessageOf(x)
-}
-
-// Deprecated: Use ListDirStep.ProtoReflect.Descriptor instead.
-func (*ListDirStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{16}
-}
-
-func (x *ListDirStep) GetPath() string {
-	if x != nil {
-		return x.Path
-	}
-	return ""
-}
-
-type StatPathStep struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Path          string                 `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
-}
-
-func (x *StatPathStep) Reset() {
-	*x = StatPathStep{}
+func (x *DeleteObjectStep) Reset() {
+	*x = DeleteObjectStep{}
 	mi := &file_stowage_v1_agent_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
 
-func (x *StatPathStep) String() string {
+func (x *DeleteObjectStep) String() string {
 	return protoimpl.X.MessageStringOf(x)
 }
 
-func (*StatPathStep) ProtoMessage() {}
+func (*DeleteObjectStep) ProtoMessage() {}
 
-func (x *StatPathStep) ProtoReflect() protoreflect.Message {
+func (x *DeleteObjectStep) ProtoReflect() protoreflect.Message {
 	mi := &file_stowage_v1_agent_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
@@ -1451,24 +1478,113 @@ func (x *StatPathStep) ProtoReflect() protoreflect.Message {
 	return mi.MessageOf(x)
 }
 
-// Deprecated: Use StatPathStep.ProtoReflect.Descriptor instead.
-func (*StatPathStep) Descriptor() ([]byte, []int) {
+// Deprecated: Use DeleteObjectStep.ProtoReflect.Descriptor instead.
+func (*DeleteObjectStep) Descriptor() ([]byte, []int) {
 	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{17}
 }
 
-func (x *StatPathStep) GetPath() string {
+func (x *DeleteObjectStep) GetRef() *ObjectRef {
 	if x != nil {
-		return x.Path
+		return x.Ref
 	}
-	return ""
+	return nil
 }
 
-// FetchImageStep downloads an image (drivers.FetchRequest).
+// ListObjectsStep lists the files of a directory of a store (ref.key).
+type ListObjectsStep struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Dir           *ObjectRef             `protobuf:"bytes,1,opt,name=dir,proto3" json:"dir,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListObjectsStep) Reset() {
+	*x = ListObjectsStep{}
+	mi := &file_stowage_v1_agent_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListObjectsStep) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListObjectsStep) ProtoMessage() {}
+
+func (x *ListObjectsStep) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_agent_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListObjectsStep.ProtoReflect.Descriptor instead.
+func (*ListObjectsStep) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *ListObjectsStep) GetDir() *ObjectRef {
+	if x != nil {
+		return x.Dir
+	}
+	return nil
+}
+
+type StatObjectStep struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Ref           *ObjectRef             `protobuf:"bytes,1,opt,name=ref,proto3" json:"ref,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StatObjectStep) Reset() {
+	*x = StatObjectStep{}
+	mi := &file_stowage_v1_agent_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StatObjectStep) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StatObjectStep) ProtoMessage() {}
+
+func (x *StatObjectStep) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_agent_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StatObjectStep.ProtoReflect.Descriptor instead.
+func (*StatObjectStep) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *StatObjectStep) GetRef() *ObjectRef {
+	if x != nil {
+		return x.Ref
+	}
+	return nil
+}
+
+// FetchImageStep downloads an image (hostops.FetchRequest).
 type FetchImageStep struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// http://, https://, file:// or a path on the host.
+	// http:// or https:// (file:// of a path on the host, for now).
 	Source string      `protobuf:"bytes,1,opt,name=source,proto3" json:"source,omitempty"`
-	Dest   string      `protobuf:"bytes,2,opt,name=dest,proto3" json:"dest,omitempty"`
+	Dest   *ObjectRef  `protobuf:"bytes,2,opt,name=dest,proto3" json:"dest,omitempty"`
 	Format ImageFormat `protobuf:"varint,3,opt,name=format,proto3,enum=stowage.v1.ImageFormat" json:"format,omitempty"`
 	// "sha256:HEX", "sha512:HEX", "md5:HEX" or empty.
 	Checksum      string `protobuf:"bytes,4,opt,name=checksum,proto3" json:"checksum,omitempty"`
@@ -1478,7 +1594,7 @@ type FetchImageStep struct {
 
 func (x *FetchImageStep) Reset() {
 	*x = FetchImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[18]
+	mi := &file_stowage_v1_agent_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1490,7 +1606,7 @@ func (x *FetchImageStep) String() string {
 func (*FetchImageStep) ProtoMessage() {}
 
 func (x *FetchImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[18]
+	mi := &file_stowage_v1_agent_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1503,7 +1619,7 @@ func (x *FetchImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FetchImageStep.ProtoReflect.Descriptor instead.
 func (*FetchImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{18}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *FetchImageStep) GetSource() string {
@@ -1513,11 +1629,11 @@ func (x *FetchImageStep) GetSource() string {
 	return ""
 }
 
-func (x *FetchImageStep) GetDest() string {
+func (x *FetchImageStep) GetDest() *ObjectRef {
 	if x != nil {
 		return x.Dest
 	}
-	return ""
+	return nil
 }
 
 func (x *FetchImageStep) GetFormat() ImageFormat {
@@ -1534,12 +1650,13 @@ func (x *FetchImageStep) GetChecksum() string {
 	return ""
 }
 
-// CopyImageStep copies an image (drivers.CopyRequest).
+// CopyImageStep copies an image (hostops.CopyRequest).
 type CopyImageStep struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// A path on the host or a URI another agent granted (http(s)://, nbd://).
-	Source string `protobuf:"bytes,1,opt,name=source,proto3" json:"source,omitempty"`
-	Dest   string `protobuf:"bytes,2,opt,name=dest,proto3" json:"dest,omitempty"`
+	// store://<store id>/<key> or a URI another agent or a driver granted
+	// (http(s)://, nbd://).
+	Source string     `protobuf:"bytes,1,opt,name=source,proto3" json:"source,omitempty"`
+	Dest   *ObjectRef `protobuf:"bytes,2,opt,name=dest,proto3" json:"dest,omitempty"`
 	// Unspecified keeps the source's format.
 	Format  ImageFormat `protobuf:"varint,3,opt,name=format,proto3,enum=stowage.v1.ImageFormat" json:"format,omitempty"`
 	Flatten bool        `protobuf:"varint,4,opt,name=flatten,proto3" json:"flatten,omitempty"`
@@ -1553,7 +1670,7 @@ type CopyImageStep struct {
 
 func (x *CopyImageStep) Reset() {
 	*x = CopyImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[19]
+	mi := &file_stowage_v1_agent_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1565,7 +1682,7 @@ func (x *CopyImageStep) String() string {
 func (*CopyImageStep) ProtoMessage() {}
 
 func (x *CopyImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[19]
+	mi := &file_stowage_v1_agent_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1578,7 +1695,7 @@ func (x *CopyImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CopyImageStep.ProtoReflect.Descriptor instead.
 func (*CopyImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{19}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *CopyImageStep) GetSource() string {
@@ -1588,11 +1705,11 @@ func (x *CopyImageStep) GetSource() string {
 	return ""
 }
 
-func (x *CopyImageStep) GetDest() string {
+func (x *CopyImageStep) GetDest() *ObjectRef {
 	if x != nil {
 		return x.Dest
 	}
-	return ""
+	return nil
 }
 
 func (x *CopyImageStep) GetFormat() ImageFormat {
@@ -1616,11 +1733,11 @@ func (x *CopyImageStep) GetSourceFormat() ImageFormat {
 	return ImageFormat_IMAGE_FORMAT_UNSPECIFIED
 }
 
-// CloneImageStep creates a volume from a base image (drivers.CloneRequest).
+// CloneImageStep creates a volume from a base image (hostops.CloneRequest).
 type CloneImageStep struct {
 	state  protoimpl.MessageState `protogen:"open.v1"`
-	Base   string                 `protobuf:"bytes,1,opt,name=base,proto3" json:"base,omitempty"`
-	Dest   string                 `protobuf:"bytes,2,opt,name=dest,proto3" json:"dest,omitempty"`
+	Base   *ObjectRef             `protobuf:"bytes,1,opt,name=base,proto3" json:"base,omitempty"`
+	Dest   *ObjectRef             `protobuf:"bytes,2,opt,name=dest,proto3" json:"dest,omitempty"`
 	Mode   CloneMode              `protobuf:"varint,3,opt,name=mode,proto3,enum=stowage.v1.CloneMode" json:"mode,omitempty"`
 	Format ImageFormat            `protobuf:"varint,4,opt,name=format,proto3,enum=stowage.v1.ImageFormat" json:"format,omitempty"`
 	// 0 keeps the base's virtual size.
@@ -1633,7 +1750,7 @@ type CloneImageStep struct {
 
 func (x *CloneImageStep) Reset() {
 	*x = CloneImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[20]
+	mi := &file_stowage_v1_agent_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1645,7 +1762,7 @@ func (x *CloneImageStep) String() string {
 func (*CloneImageStep) ProtoMessage() {}
 
 func (x *CloneImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[20]
+	mi := &file_stowage_v1_agent_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1658,21 +1775,21 @@ func (x *CloneImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloneImageStep.ProtoReflect.Descriptor instead.
 func (*CloneImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{20}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{22}
 }
 
-func (x *CloneImageStep) GetBase() string {
+func (x *CloneImageStep) GetBase() *ObjectRef {
 	if x != nil {
 		return x.Base
 	}
-	return ""
+	return nil
 }
 
-func (x *CloneImageStep) GetDest() string {
+func (x *CloneImageStep) GetDest() *ObjectRef {
 	if x != nil {
 		return x.Dest
 	}
-	return ""
+	return nil
 }
 
 func (x *CloneImageStep) GetMode() CloneMode {
@@ -1706,7 +1823,7 @@ func (x *CloneImageStep) GetBaseFormat() ImageFormat {
 // InspectImageStep reads an image's metadata.
 type InspectImageStep struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	Path  string                 `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
+	Ref   *ObjectRef             `protobuf:"bytes,1,opt,name=ref,proto3" json:"ref,omitempty"`
 	// The image's format as the records say (required, never probed).
 	Format        ImageFormat `protobuf:"varint,2,opt,name=format,proto3,enum=stowage.v1.ImageFormat" json:"format,omitempty"`
 	unknownFields protoimpl.UnknownFields
@@ -1715,7 +1832,7 @@ type InspectImageStep struct {
 
 func (x *InspectImageStep) Reset() {
 	*x = InspectImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[21]
+	mi := &file_stowage_v1_agent_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1727,7 +1844,7 @@ func (x *InspectImageStep) String() string {
 func (*InspectImageStep) ProtoMessage() {}
 
 func (x *InspectImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[21]
+	mi := &file_stowage_v1_agent_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1740,14 +1857,14 @@ func (x *InspectImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InspectImageStep.ProtoReflect.Descriptor instead.
 func (*InspectImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{21}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{23}
 }
 
-func (x *InspectImageStep) GetPath() string {
+func (x *InspectImageStep) GetRef() *ObjectRef {
 	if x != nil {
-		return x.Path
+		return x.Ref
 	}
-	return ""
+	return nil
 }
 
 func (x *InspectImageStep) GetFormat() ImageFormat {
@@ -1760,7 +1877,7 @@ func (x *InspectImageStep) GetFormat() ImageFormat {
 // ResizeImageStep grows an image.
 type ResizeImageStep struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
-	Path      string                 `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
+	Ref       *ObjectRef             `protobuf:"bytes,1,opt,name=ref,proto3" json:"ref,omitempty"`
 	SizeBytes int64                  `protobuf:"varint,2,opt,name=size_bytes,json=sizeBytes,proto3" json:"size_bytes,omitempty"`
 	// The image's format as the records say (required, never probed).
 	Format        ImageFormat `protobuf:"varint,3,opt,name=format,proto3,enum=stowage.v1.ImageFormat" json:"format,omitempty"`
@@ -1770,7 +1887,7 @@ type ResizeImageStep struct {
 
 func (x *ResizeImageStep) Reset() {
 	*x = ResizeImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[22]
+	mi := &file_stowage_v1_agent_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1782,7 +1899,7 @@ func (x *ResizeImageStep) String() string {
 func (*ResizeImageStep) ProtoMessage() {}
 
 func (x *ResizeImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[22]
+	mi := &file_stowage_v1_agent_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1795,14 +1912,14 @@ func (x *ResizeImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResizeImageStep.ProtoReflect.Descriptor instead.
 func (*ResizeImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{22}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{24}
 }
 
-func (x *ResizeImageStep) GetPath() string {
+func (x *ResizeImageStep) GetRef() *ObjectRef {
 	if x != nil {
-		return x.Path
+		return x.Ref
 	}
-	return ""
+	return nil
 }
 
 func (x *ResizeImageStep) GetSizeBytes() int64 {
@@ -1819,11 +1936,11 @@ func (x *ResizeImageStep) GetFormat() ImageFormat {
 	return ImageFormat_IMAGE_FORMAT_UNSPECIFIED
 }
 
-// SnapshotImageStep takes a snapshot of a volume (drivers.SnapshotRequest).
+// SnapshotImageStep takes a snapshot of a volume (hostops.SnapshotRequest).
 type SnapshotImageStep struct {
 	state    protoimpl.MessageState `protogen:"open.v1"`
-	Volume   string                 `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
-	Snapshot string                 `protobuf:"bytes,2,opt,name=snapshot,proto3" json:"snapshot,omitempty"`
+	Volume   *ObjectRef             `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	Snapshot *ObjectRef             `protobuf:"bytes,2,opt,name=snapshot,proto3" json:"snapshot,omitempty"`
 	// The volume's format as the records say (required, never probed).
 	Format        ImageFormat `protobuf:"varint,3,opt,name=format,proto3,enum=stowage.v1.ImageFormat" json:"format,omitempty"`
 	unknownFields protoimpl.UnknownFields
@@ -1832,7 +1949,7 @@ type SnapshotImageStep struct {
 
 func (x *SnapshotImageStep) Reset() {
 	*x = SnapshotImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[23]
+	mi := &file_stowage_v1_agent_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1844,7 +1961,7 @@ func (x *SnapshotImageStep) String() string {
 func (*SnapshotImageStep) ProtoMessage() {}
 
 func (x *SnapshotImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[23]
+	mi := &file_stowage_v1_agent_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1857,21 +1974,21 @@ func (x *SnapshotImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotImageStep.ProtoReflect.Descriptor instead.
 func (*SnapshotImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{23}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{25}
 }
 
-func (x *SnapshotImageStep) GetVolume() string {
+func (x *SnapshotImageStep) GetVolume() *ObjectRef {
 	if x != nil {
 		return x.Volume
 	}
-	return ""
+	return nil
 }
 
-func (x *SnapshotImageStep) GetSnapshot() string {
+func (x *SnapshotImageStep) GetSnapshot() *ObjectRef {
 	if x != nil {
 		return x.Snapshot
 	}
-	return ""
+	return nil
 }
 
 func (x *SnapshotImageStep) GetFormat() ImageFormat {
@@ -1881,11 +1998,11 @@ func (x *SnapshotImageStep) GetFormat() ImageFormat {
 	return ImageFormat_IMAGE_FORMAT_UNSPECIFIED
 }
 
-// RevertImageStep reverts a volume to a snapshot (drivers.SnapshotRequest).
+// RevertImageStep reverts a volume to a snapshot (hostops.SnapshotRequest).
 type RevertImageStep struct {
 	state    protoimpl.MessageState `protogen:"open.v1"`
-	Volume   string                 `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
-	Snapshot string                 `protobuf:"bytes,2,opt,name=snapshot,proto3" json:"snapshot,omitempty"`
+	Volume   *ObjectRef             `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	Snapshot *ObjectRef             `protobuf:"bytes,2,opt,name=snapshot,proto3" json:"snapshot,omitempty"`
 	// The volume's (and so the snapshot's) format (required, never probed).
 	Format        ImageFormat `protobuf:"varint,3,opt,name=format,proto3,enum=stowage.v1.ImageFormat" json:"format,omitempty"`
 	unknownFields protoimpl.UnknownFields
@@ -1894,7 +2011,7 @@ type RevertImageStep struct {
 
 func (x *RevertImageStep) Reset() {
 	*x = RevertImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[24]
+	mi := &file_stowage_v1_agent_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1906,7 +2023,7 @@ func (x *RevertImageStep) String() string {
 func (*RevertImageStep) ProtoMessage() {}
 
 func (x *RevertImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[24]
+	mi := &file_stowage_v1_agent_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1919,21 +2036,21 @@ func (x *RevertImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevertImageStep.ProtoReflect.Descriptor instead.
 func (*RevertImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{24}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{26}
 }
 
-func (x *RevertImageStep) GetVolume() string {
+func (x *RevertImageStep) GetVolume() *ObjectRef {
 	if x != nil {
 		return x.Volume
 	}
-	return ""
+	return nil
 }
 
-func (x *RevertImageStep) GetSnapshot() string {
+func (x *RevertImageStep) GetSnapshot() *ObjectRef {
 	if x != nil {
 		return x.Snapshot
 	}
-	return ""
+	return nil
 }
 
 func (x *RevertImageStep) GetFormat() ImageFormat {
@@ -1943,11 +2060,12 @@ func (x *RevertImageStep) GetFormat() ImageFormat {
 	return ImageFormat_IMAGE_FORMAT_UNSPECIFIED
 }
 
-// RebaseImageStep moves a qcow2 onto another backing file ("" standalone).
+// RebaseImageStep moves a qcow2 onto another backing file of its store
+// (new_backing unset: standalone).
 type RebaseImageStep struct {
 	state      protoimpl.MessageState `protogen:"open.v1"`
-	Path       string                 `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
-	NewBacking string                 `protobuf:"bytes,2,opt,name=new_backing,json=newBacking,proto3" json:"new_backing,omitempty"`
+	Ref        *ObjectRef             `protobuf:"bytes,1,opt,name=ref,proto3" json:"ref,omitempty"`
+	NewBacking *ObjectRef             `protobuf:"bytes,2,opt,name=new_backing,json=newBacking,proto3" json:"new_backing,omitempty"`
 	// The format of new_backing (required with it, never probed).
 	BackingFormat ImageFormat `protobuf:"varint,3,opt,name=backing_format,json=backingFormat,proto3,enum=stowage.v1.ImageFormat" json:"backing_format,omitempty"`
 	unknownFields protoimpl.UnknownFields
@@ -1956,7 +2074,7 @@ type RebaseImageStep struct {
 
 func (x *RebaseImageStep) Reset() {
 	*x = RebaseImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[25]
+	mi := &file_stowage_v1_agent_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1968,7 +2086,7 @@ func (x *RebaseImageStep) String() string {
 func (*RebaseImageStep) ProtoMessage() {}
 
 func (x *RebaseImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[25]
+	mi := &file_stowage_v1_agent_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1981,21 +2099,21 @@ func (x *RebaseImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RebaseImageStep.ProtoReflect.Descriptor instead.
 func (*RebaseImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{25}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{27}
 }
 
-func (x *RebaseImageStep) GetPath() string {
+func (x *RebaseImageStep) GetRef() *ObjectRef {
 	if x != nil {
-		return x.Path
+		return x.Ref
 	}
-	return ""
+	return nil
 }
 
-func (x *RebaseImageStep) GetNewBacking() string {
+func (x *RebaseImageStep) GetNewBacking() *ObjectRef {
 	if x != nil {
 		return x.NewBacking
 	}
-	return ""
+	return nil
 }
 
 func (x *RebaseImageStep) GetBackingFormat() ImageFormat {
@@ -2005,14 +2123,15 @@ func (x *RebaseImageStep) GetBackingFormat() ImageFormat {
 	return ImageFormat_IMAGE_FORMAT_UNSPECIFIED
 }
 
-// BackupImageStep stores an image into a chunk store (drivers.BackupRequest).
+// BackupImageStep stores an image into a chunk store (hostops.BackupRequest).
 type BackupImageStep struct {
-	state          protoimpl.MessageState `protogen:"open.v1"`
-	Source         string                 `protobuf:"bytes,1,opt,name=source,proto3" json:"source,omitempty"`
-	ChunkDir       string                 `protobuf:"bytes,2,opt,name=chunk_dir,json=chunkDir,proto3" json:"chunk_dir,omitempty"`
-	Manifest       string                 `protobuf:"bytes,3,opt,name=manifest,proto3" json:"manifest,omitempty"`
-	ParentManifest string                 `protobuf:"bytes,4,opt,name=parent_manifest,json=parentManifest,proto3" json:"parent_manifest,omitempty"`
-	ChunkSize      int64                  `protobuf:"varint,5,opt,name=chunk_size,json=chunkSize,proto3" json:"chunk_size,omitempty"`
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Source *ObjectRef             `protobuf:"bytes,1,opt,name=source,proto3" json:"source,omitempty"`
+	Chunks *ChunkStoreRef         `protobuf:"bytes,2,opt,name=chunks,proto3" json:"chunks,omitempty"`
+	// Names of the manifest (and of the parent's) in the chunk store.
+	Manifest       string `protobuf:"bytes,3,opt,name=manifest,proto3" json:"manifest,omitempty"`
+	ParentManifest string `protobuf:"bytes,4,opt,name=parent_manifest,json=parentManifest,proto3" json:"parent_manifest,omitempty"`
+	ChunkSize      int64  `protobuf:"varint,5,opt,name=chunk_size,json=chunkSize,proto3" json:"chunk_size,omitempty"`
 	// The source's format as the records say (required, never probed).
 	SourceFormat  ImageFormat `protobuf:"varint,6,opt,name=source_format,json=sourceFormat,proto3,enum=stowage.v1.ImageFormat" json:"source_format,omitempty"`
 	unknownFields protoimpl.UnknownFields
@@ -2021,7 +2140,7 @@ type BackupImageStep struct {
 
 func (x *BackupImageStep) Reset() {
 	*x = BackupImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[26]
+	mi := &file_stowage_v1_agent_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2033,7 +2152,7 @@ func (x *BackupImageStep) String() string {
 func (*BackupImageStep) ProtoMessage() {}
 
 func (x *BackupImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[26]
+	mi := &file_stowage_v1_agent_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2046,21 +2165,21 @@ func (x *BackupImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BackupImageStep.ProtoReflect.Descriptor instead.
 func (*BackupImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{26}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{28}
 }
 
-func (x *BackupImageStep) GetSource() string {
+func (x *BackupImageStep) GetSource() *ObjectRef {
 	if x != nil {
 		return x.Source
 	}
-	return ""
+	return nil
 }
 
-func (x *BackupImageStep) GetChunkDir() string {
+func (x *BackupImageStep) GetChunks() *ChunkStoreRef {
 	if x != nil {
-		return x.ChunkDir
+		return x.Chunks
 	}
-	return ""
+	return nil
 }
 
 func (x *BackupImageStep) GetManifest() string {
@@ -2091,12 +2210,12 @@ func (x *BackupImageStep) GetSourceFormat() ImageFormat {
 	return ImageFormat_IMAGE_FORMAT_UNSPECIFIED
 }
 
-// RestoreImageStep rebuilds an image from a backup (drivers.RestoreRequest).
+// RestoreImageStep rebuilds an image from a backup (hostops.RestoreRequest).
 type RestoreImageStep struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	Manifest      string                 `protobuf:"bytes,1,opt,name=manifest,proto3" json:"manifest,omitempty"`
-	ChunkDir      string                 `protobuf:"bytes,2,opt,name=chunk_dir,json=chunkDir,proto3" json:"chunk_dir,omitempty"`
-	Dest          string                 `protobuf:"bytes,3,opt,name=dest,proto3" json:"dest,omitempty"`
+	Chunks        *ChunkStoreRef         `protobuf:"bytes,1,opt,name=chunks,proto3" json:"chunks,omitempty"`
+	Manifest      string                 `protobuf:"bytes,2,opt,name=manifest,proto3" json:"manifest,omitempty"`
+	Dest          *ObjectRef             `protobuf:"bytes,3,opt,name=dest,proto3" json:"dest,omitempty"`
 	Format        ImageFormat            `protobuf:"varint,4,opt,name=format,proto3,enum=stowage.v1.ImageFormat" json:"format,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -2104,7 +2223,7 @@ type RestoreImageStep struct {
 
 func (x *RestoreImageStep) Reset() {
 	*x = RestoreImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[27]
+	mi := &file_stowage_v1_agent_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2116,7 +2235,7 @@ func (x *RestoreImageStep) String() string {
 func (*RestoreImageStep) ProtoMessage() {}
 
 func (x *RestoreImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[27]
+	mi := &file_stowage_v1_agent_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2129,7 +2248,14 @@ func (x *RestoreImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RestoreImageStep.ProtoReflect.Descriptor instead.
 func (*RestoreImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{27}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *RestoreImageStep) GetChunks() *ChunkStoreRef {
+	if x != nil {
+		return x.Chunks
+	}
+	return nil
 }
 
 func (x *RestoreImageStep) GetManifest() string {
@@ -2139,18 +2265,11 @@ func (x *RestoreImageStep) GetManifest() string {
 	return ""
 }
 
-func (x *RestoreImageStep) GetChunkDir() string {
-	if x != nil {
-		return x.ChunkDir
-	}
-	return ""
-}
-
-func (x *RestoreImageStep) GetDest() string {
+func (x *RestoreImageStep) GetDest() *ObjectRef {
 	if x != nil {
 		return x.Dest
 	}
-	return ""
+	return nil
 }
 
 func (x *RestoreImageStep) GetFormat() ImageFormat {
@@ -2163,15 +2282,15 @@ func (x *RestoreImageStep) GetFormat() ImageFormat {
 // DeleteBackupStep drops a backup and its unshared chunks.
 type DeleteBackupStep struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	Manifest      string                 `protobuf:"bytes,1,opt,name=manifest,proto3" json:"manifest,omitempty"`
-	ChunkDir      string                 `protobuf:"bytes,2,opt,name=chunk_dir,json=chunkDir,proto3" json:"chunk_dir,omitempty"`
+	Chunks        *ChunkStoreRef         `protobuf:"bytes,1,opt,name=chunks,proto3" json:"chunks,omitempty"`
+	Manifest      string                 `protobuf:"bytes,2,opt,name=manifest,proto3" json:"manifest,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *DeleteBackupStep) Reset() {
 	*x = DeleteBackupStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[28]
+	mi := &file_stowage_v1_agent_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2183,7 +2302,7 @@ func (x *DeleteBackupStep) String() string {
 func (*DeleteBackupStep) ProtoMessage() {}
 
 func (x *DeleteBackupStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[28]
+	mi := &file_stowage_v1_agent_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2196,7 +2315,14 @@ func (x *DeleteBackupStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteBackupStep.ProtoReflect.Descriptor instead.
 func (*DeleteBackupStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{28}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{30}
+}
+
+func (x *DeleteBackupStep) GetChunks() *ChunkStoreRef {
+	if x != nil {
+		return x.Chunks
+	}
+	return nil
 }
 
 func (x *DeleteBackupStep) GetManifest() string {
@@ -2206,24 +2332,17 @@ func (x *DeleteBackupStep) GetManifest() string {
 	return ""
 }
 
-func (x *DeleteBackupStep) GetChunkDir() string {
-	if x != nil {
-		return x.ChunkDir
-	}
-	return ""
-}
-
-// ExportStep serves a file read-only over HTTP from the agent.
+// ExportStep serves an object read-only over HTTP from the agent.
 type ExportStep struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	Path          string                 `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
+	Ref           *ObjectRef             `protobuf:"bytes,1,opt,name=ref,proto3" json:"ref,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ExportStep) Reset() {
 	*x = ExportStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[29]
+	mi := &file_stowage_v1_agent_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2235,7 +2354,7 @@ func (x *ExportStep) String() string {
 func (*ExportStep) ProtoMessage() {}
 
 func (x *ExportStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[29]
+	mi := &file_stowage_v1_agent_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2248,14 +2367,14 @@ func (x *ExportStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExportStep.ProtoReflect.Descriptor instead.
 func (*ExportStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{29}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{31}
 }
 
-func (x *ExportStep) GetPath() string {
+func (x *ExportStep) GetRef() *ObjectRef {
 	if x != nil {
-		return x.Path
+		return x.Ref
 	}
-	return ""
+	return nil
 }
 
 // UnexportStep ends an export.
@@ -2268,7 +2387,7 @@ type UnexportStep struct {
 
 func (x *UnexportStep) Reset() {
 	*x = UnexportStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[30]
+	mi := &file_stowage_v1_agent_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2280,7 +2399,7 @@ func (x *UnexportStep) String() string {
 func (*UnexportStep) ProtoMessage() {}
 
 func (x *UnexportStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[30]
+	mi := &file_stowage_v1_agent_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2293,7 +2412,7 @@ func (x *UnexportStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnexportStep.ProtoReflect.Descriptor instead.
 func (*UnexportStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{30}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *UnexportStep) GetUri() string {
@@ -2304,11 +2423,11 @@ func (x *UnexportStep) GetUri() string {
 }
 
 // ExportNbdStep serves an image over NBD from the agent under an
-// unguessable export name (drivers.NBDExportRequest); the result is its
+// unguessable export name (hostops.NBDExportRequest); the result is its
 // nbd:// URI.
 type ExportNbdStep struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	Path          string                 `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
+	Ref           *ObjectRef             `protobuf:"bytes,1,opt,name=ref,proto3" json:"ref,omitempty"`
 	Format        ImageFormat            `protobuf:"varint,2,opt,name=format,proto3,enum=stowage.v1.ImageFormat" json:"format,omitempty"`
 	ReadOnly      bool                   `protobuf:"varint,3,opt,name=read_only,json=readOnly,proto3" json:"read_only,omitempty"`
 	unknownFields protoimpl.UnknownFields
@@ -2317,7 +2436,7 @@ type ExportNbdStep struct {
 
 func (x *ExportNbdStep) Reset() {
 	*x = ExportNbdStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[31]
+	mi := &file_stowage_v1_agent_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2329,7 +2448,7 @@ func (x *ExportNbdStep) String() string {
 func (*ExportNbdStep) ProtoMessage() {}
 
 func (x *ExportNbdStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[31]
+	mi := &file_stowage_v1_agent_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2342,14 +2461,14 @@ func (x *ExportNbdStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExportNbdStep.ProtoReflect.Descriptor instead.
 func (*ExportNbdStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{31}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{33}
 }
 
-func (x *ExportNbdStep) GetPath() string {
+func (x *ExportNbdStep) GetRef() *ObjectRef {
 	if x != nil {
-		return x.Path
+		return x.Ref
 	}
-	return ""
+	return nil
 }
 
 func (x *ExportNbdStep) GetFormat() ImageFormat {
@@ -2376,7 +2495,7 @@ type UnexportNbdStep struct {
 
 func (x *UnexportNbdStep) Reset() {
 	*x = UnexportNbdStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[32]
+	mi := &file_stowage_v1_agent_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2388,7 +2507,7 @@ func (x *UnexportNbdStep) String() string {
 func (*UnexportNbdStep) ProtoMessage() {}
 
 func (x *UnexportNbdStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[32]
+	mi := &file_stowage_v1_agent_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2401,7 +2520,7 @@ func (x *UnexportNbdStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnexportNbdStep.ProtoReflect.Descriptor instead.
 func (*UnexportNbdStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{32}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *UnexportNbdStep) GetUri() string {
@@ -2413,16 +2532,17 @@ func (x *UnexportNbdStep) GetUri() string {
 
 // ImageInfo describes an image and the work a step did on it (drivers.ImageInfo).
 type ImageInfo struct {
-	state        protoimpl.MessageState `protogen:"open.v1"`
-	Path         string                 `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
-	Format       ImageFormat            `protobuf:"varint,2,opt,name=format,proto3,enum=stowage.v1.ImageFormat" json:"format,omitempty"`
-	VirtualSize  int64                  `protobuf:"varint,3,opt,name=virtual_size,json=virtualSize,proto3" json:"virtual_size,omitempty"`
-	PhysicalSize int64                  `protobuf:"varint,4,opt,name=physical_size,json=physicalSize,proto3" json:"physical_size,omitempty"`
-	BackingFile  string                 `protobuf:"bytes,5,opt,name=backing_file,json=backingFile,proto3" json:"backing_file,omitempty"`
-	Sha256       string                 `protobuf:"bytes,6,opt,name=sha256,proto3" json:"sha256,omitempty"`
-	BytesWritten int64                  `protobuf:"varint,7,opt,name=bytes_written,json=bytesWritten,proto3" json:"bytes_written,omitempty"`
-	BytesSkipped int64                  `protobuf:"varint,8,opt,name=bytes_skipped,json=bytesSkipped,proto3" json:"bytes_skipped,omitempty"`
-	Method       string                 `protobuf:"bytes,9,opt,name=method,proto3" json:"method,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The image's key in its store.
+	Key          string      `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
+	Format       ImageFormat `protobuf:"varint,2,opt,name=format,proto3,enum=stowage.v1.ImageFormat" json:"format,omitempty"`
+	VirtualSize  int64       `protobuf:"varint,3,opt,name=virtual_size,json=virtualSize,proto3" json:"virtual_size,omitempty"`
+	PhysicalSize int64       `protobuf:"varint,4,opt,name=physical_size,json=physicalSize,proto3" json:"physical_size,omitempty"`
+	BackingFile  string      `protobuf:"bytes,5,opt,name=backing_file,json=backingFile,proto3" json:"backing_file,omitempty"`
+	Sha256       string      `protobuf:"bytes,6,opt,name=sha256,proto3" json:"sha256,omitempty"`
+	BytesWritten int64       `protobuf:"varint,7,opt,name=bytes_written,json=bytesWritten,proto3" json:"bytes_written,omitempty"`
+	BytesSkipped int64       `protobuf:"varint,8,opt,name=bytes_skipped,json=bytesSkipped,proto3" json:"bytes_skipped,omitempty"`
+	Method       string      `protobuf:"bytes,9,opt,name=method,proto3" json:"method,omitempty"`
 	// The format name when it is none of ImageFormat's (e.g. "vmdk").
 	FormatName    string `protobuf:"bytes,10,opt,name=format_name,json=formatName,proto3" json:"format_name,omitempty"`
 	unknownFields protoimpl.UnknownFields
@@ -2431,7 +2551,7 @@ type ImageInfo struct {
 
 func (x *ImageInfo) Reset() {
 	*x = ImageInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[33]
+	mi := &file_stowage_v1_agent_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2443,7 +2563,7 @@ func (x *ImageInfo) String() string {
 func (*ImageInfo) ProtoMessage() {}
 
 func (x *ImageInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[33]
+	mi := &file_stowage_v1_agent_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2456,12 +2576,12 @@ func (x *ImageInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImageInfo.ProtoReflect.Descriptor instead.
 func (*ImageInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{33}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{35}
 }
 
-func (x *ImageInfo) GetPath() string {
+func (x *ImageInfo) GetKey() string {
 	if x != nil {
-		return x.Path
+		return x.Key
 	}
 	return ""
 }
@@ -2541,7 +2661,7 @@ type SnapshotInfo struct {
 
 func (x *SnapshotInfo) Reset() {
 	*x = SnapshotInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[34]
+	mi := &file_stowage_v1_agent_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2553,7 +2673,7 @@ func (x *SnapshotInfo) String() string {
 func (*SnapshotInfo) ProtoMessage() {}
 
 func (x *SnapshotInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[34]
+	mi := &file_stowage_v1_agent_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2566,7 +2686,7 @@ func (x *SnapshotInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotInfo.ProtoReflect.Descriptor instead.
 func (*SnapshotInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{34}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *SnapshotInfo) GetSnapshot() *ImageInfo {
@@ -2607,7 +2727,7 @@ type BackupInfo struct {
 
 func (x *BackupInfo) Reset() {
 	*x = BackupInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[35]
+	mi := &file_stowage_v1_agent_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2619,7 +2739,7 @@ func (x *BackupInfo) String() string {
 func (*BackupInfo) ProtoMessage() {}
 
 func (x *BackupInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[35]
+	mi := &file_stowage_v1_agent_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2632,7 +2752,7 @@ func (x *BackupInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BackupInfo.ProtoReflect.Descriptor instead.
 func (*BackupInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{35}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *BackupInfo) GetManifest() string {
@@ -2693,8 +2813,9 @@ func (x *BackupInfo) GetReadBytes() int64 {
 
 // FileInfo describes one file on a host.
 type FileInfo struct {
-	state          protoimpl.MessageState `protogen:"open.v1"`
-	Path           string                 `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The file's key in its store.
+	Key            string                 `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
 	Size           int64                  `protobuf:"varint,2,opt,name=size,proto3" json:"size,omitempty"`
 	AllocatedBytes int64                  `protobuf:"varint,3,opt,name=allocated_bytes,json=allocatedBytes,proto3" json:"allocated_bytes,omitempty"`
 	IsDir          bool                   `protobuf:"varint,4,opt,name=is_dir,json=isDir,proto3" json:"is_dir,omitempty"`
@@ -2709,7 +2830,7 @@ type FileInfo struct {
 
 func (x *FileInfo) Reset() {
 	*x = FileInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[36]
+	mi := &file_stowage_v1_agent_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2721,7 +2842,7 @@ func (x *FileInfo) String() string {
 func (*FileInfo) ProtoMessage() {}
 
 func (x *FileInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[36]
+	mi := &file_stowage_v1_agent_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2734,12 +2855,12 @@ func (x *FileInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileInfo.ProtoReflect.Descriptor instead.
 func (*FileInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{36}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{38}
 }
 
-func (x *FileInfo) GetPath() string {
+func (x *FileInfo) GetKey() string {
 	if x != nil {
-		return x.Path
+		return x.Key
 	}
 	return ""
 }
@@ -2799,7 +2920,7 @@ type StoreProbe struct {
 
 func (x *StoreProbe) Reset() {
 	*x = StoreProbe{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[37]
+	mi := &file_stowage_v1_agent_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2811,7 +2932,7 @@ func (x *StoreProbe) String() string {
 func (*StoreProbe) ProtoMessage() {}
 
 func (x *StoreProbe) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[37]
+	mi := &file_stowage_v1_agent_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2824,7 +2945,7 @@ func (x *StoreProbe) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StoreProbe.ProtoReflect.Descriptor instead.
 func (*StoreProbe) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{37}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *StoreProbe) GetCapacityBytes() int64 {
@@ -2883,7 +3004,7 @@ type TaskResult struct {
 
 func (x *TaskResult) Reset() {
 	*x = TaskResult{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[38]
+	mi := &file_stowage_v1_agent_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2895,7 +3016,7 @@ func (x *TaskResult) String() string {
 func (*TaskResult) ProtoMessage() {}
 
 func (x *TaskResult) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[38]
+	mi := &file_stowage_v1_agent_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2908,7 +3029,7 @@ func (x *TaskResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TaskResult.ProtoReflect.Descriptor instead.
 func (*TaskResult) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{38}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *TaskResult) GetTaskId() string {
@@ -3079,7 +3200,7 @@ type FileList struct {
 
 func (x *FileList) Reset() {
 	*x = FileList{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[39]
+	mi := &file_stowage_v1_agent_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3091,7 +3212,7 @@ func (x *FileList) String() string {
 func (*FileList) ProtoMessage() {}
 
 func (x *FileList) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[39]
+	mi := &file_stowage_v1_agent_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3104,7 +3225,7 @@ func (x *FileList) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileList.ProtoReflect.Descriptor instead.
 func (*FileList) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{39}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *FileList) GetFiles() []*FileInfo {
@@ -3163,7 +3284,7 @@ const file_stowage_v1_agent_proto_rawDesc = "" +
 	"\x0eGetTaskRequest\x12\x17\n" +
 	"\atask_id\x18\x01 \x01(\tR\x06taskId\"A\n" +
 	"\x0fGetTaskResponse\x12.\n" +
-	"\x06result\x18\x01 \x01(\v2\x16.stowage.v1.TaskResultR\x06result\"\x98\v\n" +
+	"\x06result\x18\x01 \x01(\v2\x16.stowage.v1.TaskResultR\x06result\"\xb0\v\n" +
 	"\x04Task\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12C\n" +
 	"\rprepare_store\x18\n" +
@@ -3171,11 +3292,11 @@ const file_stowage_v1_agent_proto_rawDesc = "" +
 	"\vprobe_store\x18\v \x01(\v2\x1a.stowage.v1.ProbeStoreStepH\x00R\n" +
 	"probeStore\x12C\n" +
 	"\rrelease_store\x18\f \x01(\v2\x1c.stowage.v1.ReleaseStoreStepH\x00R\freleaseStore\x12@\n" +
-	"\fcreate_image\x18\r \x01(\v2\x1b.stowage.v1.CreateImageStepH\x00R\vcreateImage\x12=\n" +
-	"\vdelete_path\x18\x0e \x01(\v2\x1a.stowage.v1.DeletePathStepH\x00R\n" +
-	"deletePath\x124\n" +
-	"\blist_dir\x18\x0f \x01(\v2\x17.stowage.v1.ListDirStepH\x00R\alistDir\x127\n" +
-	"\tstat_path\x18\x10 \x01(\v2\x18.stowage.v1.StatPathStepH\x00R\bstatPath\x12=\n" +
+	"\fcreate_image\x18\r \x01(\v2\x1b.stowage.v1.CreateImageStepH\x00R\vcreateImage\x12C\n" +
+	"\rdelete_object\x18\x0e \x01(\v2\x1c.stowage.v1.DeleteObjectStepH\x00R\fdeleteObject\x12@\n" +
+	"\flist_objects\x18\x0f \x01(\v2\x1b.stowage.v1.ListObjectsStepH\x00R\vlistObjects\x12=\n" +
+	"\vstat_object\x18\x10 \x01(\v2\x1a.stowage.v1.StatObjectStepH\x00R\n" +
+	"statObject\x12=\n" +
 	"\vfetch_image\x18\x11 \x01(\v2\x1a.stowage.v1.FetchImageStepH\x00R\n" +
 	"fetchImage\x12:\n" +
 	"\n" +
@@ -3207,88 +3328,97 @@ const file_stowage_v1_agent_proto_rawDesc = "" +
 	"\x10ReleaseStoreStep\x12\x12\n" +
 	"\x04path\x18\x01 \x01(\tR\x04path\x12\x19\n" +
 	"\bstore_id\x18\x02 \x01(\tR\astoreId\x12\x18\n" +
-	"\asubdirs\x18\x03 \x03(\tR\asubdirs\"u\n" +
-	"\x0fCreateImageStep\x12\x12\n" +
-	"\x04path\x18\x01 \x01(\tR\x04path\x12/\n" +
+	"\asubdirs\x18\x03 \x03(\tR\asubdirs\"8\n" +
+	"\tObjectRef\x12\x19\n" +
+	"\bstore_id\x18\x01 \x01(\tR\astoreId\x12\x10\n" +
+	"\x03key\x18\x02 \x01(\tR\x03key\"\x9b\x01\n" +
+	"\rChunkStoreRef\x12\x10\n" +
+	"\x03uri\x18\x01 \x01(\tR\x03uri\x12=\n" +
+	"\x06secret\x18\x02 \x03(\v2%.stowage.v1.ChunkStoreRef.SecretEntryR\x06secret\x1a9\n" +
+	"\vSecretEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x8a\x01\n" +
+	"\x0fCreateImageStep\x12'\n" +
+	"\x03ref\x18\x01 \x01(\v2\x15.stowage.v1.ObjectRefR\x03ref\x12/\n" +
 	"\x06format\x18\x02 \x01(\x0e2\x17.stowage.v1.ImageFormatR\x06format\x12\x1d\n" +
 	"\n" +
-	"size_bytes\x18\x03 \x01(\x03R\tsizeBytes\"$\n" +
-	"\x0eDeletePathStep\x12\x12\n" +
-	"\x04path\x18\x01 \x01(\tR\x04path\"!\n" +
-	"\vListDirStep\x12\x12\n" +
-	"\x04path\x18\x01 \x01(\tR\x04path\"\"\n" +
-	"\fStatPathStep\x12\x12\n" +
-	"\x04path\x18\x01 \x01(\tR\x04path\"\x89\x01\n" +
+	"size_bytes\x18\x03 \x01(\x03R\tsizeBytes\";\n" +
+	"\x10DeleteObjectStep\x12'\n" +
+	"\x03ref\x18\x01 \x01(\v2\x15.stowage.v1.ObjectRefR\x03ref\":\n" +
+	"\x0fListObjectsStep\x12'\n" +
+	"\x03dir\x18\x01 \x01(\v2\x15.stowage.v1.ObjectRefR\x03dir\"9\n" +
+	"\x0eStatObjectStep\x12'\n" +
+	"\x03ref\x18\x01 \x01(\v2\x15.stowage.v1.ObjectRefR\x03ref\"\xa0\x01\n" +
 	"\x0eFetchImageStep\x12\x16\n" +
-	"\x06source\x18\x01 \x01(\tR\x06source\x12\x12\n" +
-	"\x04dest\x18\x02 \x01(\tR\x04dest\x12/\n" +
+	"\x06source\x18\x01 \x01(\tR\x06source\x12)\n" +
+	"\x04dest\x18\x02 \x01(\v2\x15.stowage.v1.ObjectRefR\x04dest\x12/\n" +
 	"\x06format\x18\x03 \x01(\x0e2\x17.stowage.v1.ImageFormatR\x06format\x12\x1a\n" +
-	"\bchecksum\x18\x04 \x01(\tR\bchecksum\"\xc4\x01\n" +
+	"\bchecksum\x18\x04 \x01(\tR\bchecksum\"\xdb\x01\n" +
 	"\rCopyImageStep\x12\x16\n" +
-	"\x06source\x18\x01 \x01(\tR\x06source\x12\x12\n" +
-	"\x04dest\x18\x02 \x01(\tR\x04dest\x12/\n" +
+	"\x06source\x18\x01 \x01(\tR\x06source\x12)\n" +
+	"\x04dest\x18\x02 \x01(\v2\x15.stowage.v1.ObjectRefR\x04dest\x12/\n" +
 	"\x06format\x18\x03 \x01(\x0e2\x17.stowage.v1.ImageFormatR\x06format\x12\x18\n" +
 	"\aflatten\x18\x04 \x01(\bR\aflatten\x12<\n" +
-	"\rsource_format\x18\x05 \x01(\x0e2\x17.stowage.v1.ImageFormatR\fsourceFormat\"\xed\x01\n" +
-	"\x0eCloneImageStep\x12\x12\n" +
-	"\x04base\x18\x01 \x01(\tR\x04base\x12\x12\n" +
-	"\x04dest\x18\x02 \x01(\tR\x04dest\x12)\n" +
+	"\rsource_format\x18\x05 \x01(\x0e2\x17.stowage.v1.ImageFormatR\fsourceFormat\"\x9b\x02\n" +
+	"\x0eCloneImageStep\x12)\n" +
+	"\x04base\x18\x01 \x01(\v2\x15.stowage.v1.ObjectRefR\x04base\x12)\n" +
+	"\x04dest\x18\x02 \x01(\v2\x15.stowage.v1.ObjectRefR\x04dest\x12)\n" +
 	"\x04mode\x18\x03 \x01(\x0e2\x15.stowage.v1.CloneModeR\x04mode\x12/\n" +
 	"\x06format\x18\x04 \x01(\x0e2\x17.stowage.v1.ImageFormatR\x06format\x12\x1d\n" +
 	"\n" +
 	"size_bytes\x18\x05 \x01(\x03R\tsizeBytes\x128\n" +
 	"\vbase_format\x18\x06 \x01(\x0e2\x17.stowage.v1.ImageFormatR\n" +
-	"baseFormat\"W\n" +
-	"\x10InspectImageStep\x12\x12\n" +
-	"\x04path\x18\x01 \x01(\tR\x04path\x12/\n" +
-	"\x06format\x18\x02 \x01(\x0e2\x17.stowage.v1.ImageFormatR\x06format\"u\n" +
-	"\x0fResizeImageStep\x12\x12\n" +
-	"\x04path\x18\x01 \x01(\tR\x04path\x12\x1d\n" +
+	"baseFormat\"l\n" +
+	"\x10InspectImageStep\x12'\n" +
+	"\x03ref\x18\x01 \x01(\v2\x15.stowage.v1.ObjectRefR\x03ref\x12/\n" +
+	"\x06format\x18\x02 \x01(\x0e2\x17.stowage.v1.ImageFormatR\x06format\"\x8a\x01\n" +
+	"\x0fResizeImageStep\x12'\n" +
+	"\x03ref\x18\x01 \x01(\v2\x15.stowage.v1.ObjectRefR\x03ref\x12\x1d\n" +
 	"\n" +
 	"size_bytes\x18\x02 \x01(\x03R\tsizeBytes\x12/\n" +
-	"\x06format\x18\x03 \x01(\x0e2\x17.stowage.v1.ImageFormatR\x06format\"x\n" +
-	"\x11SnapshotImageStep\x12\x16\n" +
-	"\x06volume\x18\x01 \x01(\tR\x06volume\x12\x1a\n" +
-	"\bsnapshot\x18\x02 \x01(\tR\bsnapshot\x12/\n" +
-	"\x06format\x18\x03 \x01(\x0e2\x17.stowage.v1.ImageFormatR\x06format\"v\n" +
-	"\x0fRevertImageStep\x12\x16\n" +
-	"\x06volume\x18\x01 \x01(\tR\x06volume\x12\x1a\n" +
-	"\bsnapshot\x18\x02 \x01(\tR\bsnapshot\x12/\n" +
-	"\x06format\x18\x03 \x01(\x0e2\x17.stowage.v1.ImageFormatR\x06format\"\x86\x01\n" +
-	"\x0fRebaseImageStep\x12\x12\n" +
-	"\x04path\x18\x01 \x01(\tR\x04path\x12\x1f\n" +
-	"\vnew_backing\x18\x02 \x01(\tR\n" +
+	"\x06format\x18\x03 \x01(\x0e2\x17.stowage.v1.ImageFormatR\x06format\"\xa6\x01\n" +
+	"\x11SnapshotImageStep\x12-\n" +
+	"\x06volume\x18\x01 \x01(\v2\x15.stowage.v1.ObjectRefR\x06volume\x121\n" +
+	"\bsnapshot\x18\x02 \x01(\v2\x15.stowage.v1.ObjectRefR\bsnapshot\x12/\n" +
+	"\x06format\x18\x03 \x01(\x0e2\x17.stowage.v1.ImageFormatR\x06format\"\xa4\x01\n" +
+	"\x0fRevertImageStep\x12-\n" +
+	"\x06volume\x18\x01 \x01(\v2\x15.stowage.v1.ObjectRefR\x06volume\x121\n" +
+	"\bsnapshot\x18\x02 \x01(\v2\x15.stowage.v1.ObjectRefR\bsnapshot\x12/\n" +
+	"\x06format\x18\x03 \x01(\x0e2\x17.stowage.v1.ImageFormatR\x06format\"\xb2\x01\n" +
+	"\x0fRebaseImageStep\x12'\n" +
+	"\x03ref\x18\x01 \x01(\v2\x15.stowage.v1.ObjectRefR\x03ref\x126\n" +
+	"\vnew_backing\x18\x02 \x01(\v2\x15.stowage.v1.ObjectRefR\n" +
 	"newBacking\x12>\n" +
-	"\x0ebacking_format\x18\x03 \x01(\x0e2\x17.stowage.v1.ImageFormatR\rbackingFormat\"\xe8\x01\n" +
-	"\x0fBackupImageStep\x12\x16\n" +
-	"\x06source\x18\x01 \x01(\tR\x06source\x12\x1b\n" +
-	"\tchunk_dir\x18\x02 \x01(\tR\bchunkDir\x12\x1a\n" +
+	"\x0ebacking_format\x18\x03 \x01(\x0e2\x17.stowage.v1.ImageFormatR\rbackingFormat\"\x95\x02\n" +
+	"\x0fBackupImageStep\x12-\n" +
+	"\x06source\x18\x01 \x01(\v2\x15.stowage.v1.ObjectRefR\x06source\x121\n" +
+	"\x06chunks\x18\x02 \x01(\v2\x19.stowage.v1.ChunkStoreRefR\x06chunks\x12\x1a\n" +
 	"\bmanifest\x18\x03 \x01(\tR\bmanifest\x12'\n" +
 	"\x0fparent_manifest\x18\x04 \x01(\tR\x0eparentManifest\x12\x1d\n" +
 	"\n" +
 	"chunk_size\x18\x05 \x01(\x03R\tchunkSize\x12<\n" +
-	"\rsource_format\x18\x06 \x01(\x0e2\x17.stowage.v1.ImageFormatR\fsourceFormat\"\x90\x01\n" +
-	"\x10RestoreImageStep\x12\x1a\n" +
-	"\bmanifest\x18\x01 \x01(\tR\bmanifest\x12\x1b\n" +
-	"\tchunk_dir\x18\x02 \x01(\tR\bchunkDir\x12\x12\n" +
-	"\x04dest\x18\x03 \x01(\tR\x04dest\x12/\n" +
-	"\x06format\x18\x04 \x01(\x0e2\x17.stowage.v1.ImageFormatR\x06format\"K\n" +
-	"\x10DeleteBackupStep\x12\x1a\n" +
-	"\bmanifest\x18\x01 \x01(\tR\bmanifest\x12\x1b\n" +
-	"\tchunk_dir\x18\x02 \x01(\tR\bchunkDir\" \n" +
+	"\rsource_format\x18\x06 \x01(\x0e2\x17.stowage.v1.ImageFormatR\fsourceFormat\"\xbd\x01\n" +
+	"\x10RestoreImageStep\x121\n" +
+	"\x06chunks\x18\x01 \x01(\v2\x19.stowage.v1.ChunkStoreRefR\x06chunks\x12\x1a\n" +
+	"\bmanifest\x18\x02 \x01(\tR\bmanifest\x12)\n" +
+	"\x04dest\x18\x03 \x01(\v2\x15.stowage.v1.ObjectRefR\x04dest\x12/\n" +
+	"\x06format\x18\x04 \x01(\x0e2\x17.stowage.v1.ImageFormatR\x06format\"a\n" +
+	"\x10DeleteBackupStep\x121\n" +
+	"\x06chunks\x18\x01 \x01(\v2\x19.stowage.v1.ChunkStoreRefR\x06chunks\x12\x1a\n" +
+	"\bmanifest\x18\x02 \x01(\tR\bmanifest\"5\n" +
 	"\n" +
-	"ExportStep\x12\x12\n" +
-	"\x04path\x18\x01 \x01(\tR\x04path\" \n" +
+	"ExportStep\x12'\n" +
+	"\x03ref\x18\x01 \x01(\v2\x15.stowage.v1.ObjectRefR\x03ref\" \n" +
 	"\fUnexportStep\x12\x10\n" +
-	"\x03uri\x18\x01 \x01(\tR\x03uri\"q\n" +
-	"\rExportNbdStep\x12\x12\n" +
-	"\x04path\x18\x01 \x01(\tR\x04path\x12/\n" +
+	"\x03uri\x18\x01 \x01(\tR\x03uri\"\x86\x01\n" +
+	"\rExportNbdStep\x12'\n" +
+	"\x03ref\x18\x01 \x01(\v2\x15.stowage.v1.ObjectRefR\x03ref\x12/\n" +
 	"\x06format\x18\x02 \x01(\x0e2\x17.stowage.v1.ImageFormatR\x06format\x12\x1b\n" +
 	"\tread_only\x18\x03 \x01(\bR\breadOnly\"#\n" +
 	"\x0fUnexportNbdStep\x12\x10\n" +
-	"\x03uri\x18\x01 \x01(\tR\x03uri\"\xd6\x02\n" +
-	"\tImageInfo\x12\x12\n" +
-	"\x04path\x18\x01 \x01(\tR\x04path\x12/\n" +
+	"\x03uri\x18\x01 \x01(\tR\x03uri\"\xd4\x02\n" +
+	"\tImageInfo\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12/\n" +
 	"\x06format\x18\x02 \x01(\x0e2\x17.stowage.v1.ImageFormatR\x06format\x12!\n" +
 	"\fvirtual_size\x18\x03 \x01(\x03R\vvirtualSize\x12#\n" +
 	"\rphysical_size\x18\x04 \x01(\x03R\fphysicalSize\x12!\n" +
@@ -3316,9 +3446,9 @@ const file_stowage_v1_agent_proto_rawDesc = "" +
 	"\tnew_bytes\x18\x06 \x01(\x03R\bnewBytes\x12!\n" +
 	"\freused_bytes\x18\a \x01(\x03R\vreusedBytes\x12\x1d\n" +
 	"\n" +
-	"read_bytes\x18\b \x01(\x03R\treadBytes\"\x83\x02\n" +
-	"\bFileInfo\x12\x12\n" +
-	"\x04path\x18\x01 \x01(\tR\x04path\x12\x12\n" +
+	"read_bytes\x18\b \x01(\x03R\treadBytes\"\x81\x02\n" +
+	"\bFileInfo\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x12\n" +
 	"\x04size\x18\x02 \x01(\x03R\x04size\x12'\n" +
 	"\x0fallocated_bytes\x18\x03 \x01(\x03R\x0eallocatedBytes\x12\x15\n" +
 	"\x06is_dir\x18\x04 \x01(\bR\x05isDir\x12;\n" +
@@ -3383,7 +3513,7 @@ func file_stowage_v1_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_stowage_v1_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_stowage_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 40)
+var file_stowage_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 43)
 var file_stowage_v1_agent_proto_goTypes = []any{
 	(CloneMode)(0),                // 0: stowage.v1.CloneMode
 	(*RegisterRequest)(nil),       // 1: stowage.v1.RegisterRequest
@@ -3400,113 +3530,140 @@ var file_stowage_v1_agent_proto_goTypes = []any{
 	(*PrepareStoreStep)(nil),      // 12: stowage.v1.PrepareStoreStep
 	(*ProbeStoreStep)(nil),        // 13: stowage.v1.ProbeStoreStep
 	(*ReleaseStoreStep)(nil),      // 14: stowage.v1.ReleaseStoreStep
-	(*CreateImageStep)(nil),       // 15: stowage.v1.CreateImageStep
-	(*DeletePathStep)(nil),        // 16: stowage.v1.DeletePathStep
-	(*ListDirStep)(nil),           // 17: stowage.v1.ListDirStep
-	(*StatPathStep)(nil),          // 18: stowage.v1.StatPathStep
-	(*FetchImageStep)(nil),        // 19: stowage.v1.FetchImageStep
-	(*CopyImageStep)(nil),         // 20: stowage.v1.CopyImageStep
-	(*CloneImageStep)(nil),        // 21: stowage.v1.CloneImageStep
-	(*InspectImageStep)(nil),      // 22: stowage.v1.InspectImageStep
-	(*ResizeImageStep)(nil),       // 23: stowage.v1.ResizeImageStep
-	(*SnapshotImageStep)(nil),     // 24: stowage.v1.SnapshotImageStep
-	(*RevertImageStep)(nil),       // 25: stowage.v1.RevertImageStep
-	(*RebaseImageStep)(nil),       // 26: stowage.v1.RebaseImageStep
-	(*BackupImageStep)(nil),       // 27: stowage.v1.BackupImageStep
-	(*RestoreImageStep)(nil),      // 28: stowage.v1.RestoreImageStep
-	(*DeleteBackupStep)(nil),      // 29: stowage.v1.DeleteBackupStep
-	(*ExportStep)(nil),            // 30: stowage.v1.ExportStep
-	(*UnexportStep)(nil),          // 31: stowage.v1.UnexportStep
-	(*ExportNbdStep)(nil),         // 32: stowage.v1.ExportNbdStep
-	(*UnexportNbdStep)(nil),       // 33: stowage.v1.UnexportNbdStep
-	(*ImageInfo)(nil),             // 34: stowage.v1.ImageInfo
-	(*SnapshotInfo)(nil),          // 35: stowage.v1.SnapshotInfo
-	(*BackupInfo)(nil),            // 36: stowage.v1.BackupInfo
-	(*FileInfo)(nil),              // 37: stowage.v1.FileInfo
-	(*StoreProbe)(nil),            // 38: stowage.v1.StoreProbe
-	(*TaskResult)(nil),            // 39: stowage.v1.TaskResult
-	(*FileList)(nil),              // 40: stowage.v1.FileList
-	(*HostCapabilities)(nil),      // 41: stowage.v1.HostCapabilities
-	(*Host)(nil),                  // 42: stowage.v1.Host
-	(HostState)(0),                // 43: stowage.v1.HostState
-	(*CacheSpec)(nil),             // 44: stowage.v1.CacheSpec
-	(ImageFormat)(0),              // 45: stowage.v1.ImageFormat
-	(*timestamppb.Timestamp)(nil), // 46: google.protobuf.Timestamp
+	(*ObjectRef)(nil),             // 15: stowage.v1.ObjectRef
+	(*ChunkStoreRef)(nil),         // 16: stowage.v1.ChunkStoreRef
+	(*CreateImageStep)(nil),       // 17: stowage.v1.CreateImageStep
+	(*DeleteObjectStep)(nil),      // 18: stowage.v1.DeleteObjectStep
+	(*ListObjectsStep)(nil),       // 19: stowage.v1.ListObjectsStep
+	(*StatObjectStep)(nil),        // 20: stowage.v1.StatObjectStep
+	(*FetchImageStep)(nil),        // 21: stowage.v1.FetchImageStep
+	(*CopyImageStep)(nil),         // 22: stowage.v1.CopyImageStep
+	(*CloneImageStep)(nil),        // 23: stowage.v1.CloneImageStep
+	(*InspectImageStep)(nil),      // 24: stowage.v1.InspectImageStep
+	(*ResizeImageStep)(nil),       // 25: stowage.v1.ResizeImageStep
+	(*SnapshotImageStep)(nil),     // 26: stowage.v1.SnapshotImageStep
+	(*RevertImageStep)(nil),       // 27: stowage.v1.RevertImageStep
+	(*RebaseImageStep)(nil),       // 28: stowage.v1.RebaseImageStep
+	(*BackupImageStep)(nil),       // 29: stowage.v1.BackupImageStep
+	(*RestoreImageStep)(nil),      // 30: stowage.v1.RestoreImageStep
+	(*DeleteBackupStep)(nil),      // 31: stowage.v1.DeleteBackupStep
+	(*ExportStep)(nil),            // 32: stowage.v1.ExportStep
+	(*UnexportStep)(nil),          // 33: stowage.v1.UnexportStep
+	(*ExportNbdStep)(nil),         // 34: stowage.v1.ExportNbdStep
+	(*UnexportNbdStep)(nil),       // 35: stowage.v1.UnexportNbdStep
+	(*ImageInfo)(nil),             // 36: stowage.v1.ImageInfo
+	(*SnapshotInfo)(nil),          // 37: stowage.v1.SnapshotInfo
+	(*BackupInfo)(nil),            // 38: stowage.v1.BackupInfo
+	(*FileInfo)(nil),              // 39: stowage.v1.FileInfo
+	(*StoreProbe)(nil),            // 40: stowage.v1.StoreProbe
+	(*TaskResult)(nil),            // 41: stowage.v1.TaskResult
+	(*FileList)(nil),              // 42: stowage.v1.FileList
+	nil,                           // 43: stowage.v1.ChunkStoreRef.SecretEntry
+	(*HostCapabilities)(nil),      // 44: stowage.v1.HostCapabilities
+	(*Host)(nil),                  // 45: stowage.v1.Host
+	(HostState)(0),                // 46: stowage.v1.HostState
+	(*CacheSpec)(nil),             // 47: stowage.v1.CacheSpec
+	(ImageFormat)(0),              // 48: stowage.v1.ImageFormat
+	(*timestamppb.Timestamp)(nil), // 49: google.protobuf.Timestamp
 }
 var file_stowage_v1_agent_proto_depIdxs = []int32{
-	41, // 0: stowage.v1.RegisterRequest.capabilities:type_name -> stowage.v1.HostCapabilities
-	42, // 1: stowage.v1.RegisterResponse.host:type_name -> stowage.v1.Host
+	44, // 0: stowage.v1.RegisterRequest.capabilities:type_name -> stowage.v1.HostCapabilities
+	45, // 1: stowage.v1.RegisterResponse.host:type_name -> stowage.v1.Host
 	3,  // 2: stowage.v1.RegisterResponse.stores:type_name -> stowage.v1.StoreAssignment
-	41, // 3: stowage.v1.HeartbeatRequest.capabilities:type_name -> stowage.v1.HostCapabilities
-	43, // 4: stowage.v1.HeartbeatResponse.state:type_name -> stowage.v1.HostState
+	44, // 3: stowage.v1.HeartbeatRequest.capabilities:type_name -> stowage.v1.HostCapabilities
+	46, // 4: stowage.v1.HeartbeatResponse.state:type_name -> stowage.v1.HostState
 	3,  // 5: stowage.v1.HeartbeatResponse.stores:type_name -> stowage.v1.StoreAssignment
 	6,  // 6: stowage.v1.HeartbeatResponse.template_cache:type_name -> stowage.v1.TemplateCacheSpec
-	44, // 7: stowage.v1.TemplateCacheSpec.templates:type_name -> stowage.v1.CacheSpec
+	47, // 7: stowage.v1.TemplateCacheSpec.templates:type_name -> stowage.v1.CacheSpec
 	11, // 8: stowage.v1.RunTaskRequest.task:type_name -> stowage.v1.Task
-	39, // 9: stowage.v1.RunTaskResponse.result:type_name -> stowage.v1.TaskResult
-	39, // 10: stowage.v1.GetTaskResponse.result:type_name -> stowage.v1.TaskResult
+	41, // 9: stowage.v1.RunTaskResponse.result:type_name -> stowage.v1.TaskResult
+	41, // 10: stowage.v1.GetTaskResponse.result:type_name -> stowage.v1.TaskResult
 	12, // 11: stowage.v1.Task.prepare_store:type_name -> stowage.v1.PrepareStoreStep
 	13, // 12: stowage.v1.Task.probe_store:type_name -> stowage.v1.ProbeStoreStep
 	14, // 13: stowage.v1.Task.release_store:type_name -> stowage.v1.ReleaseStoreStep
-	15, // 14: stowage.v1.Task.create_image:type_name -> stowage.v1.CreateImageStep
-	16, // 15: stowage.v1.Task.delete_path:type_name -> stowage.v1.DeletePathStep
-	17, // 16: stowage.v1.Task.list_dir:type_name -> stowage.v1.ListDirStep
-	18, // 17: stowage.v1.Task.stat_path:type_name -> stowage.v1.StatPathStep
-	19, // 18: stowage.v1.Task.fetch_image:type_name -> stowage.v1.FetchImageStep
-	20, // 19: stowage.v1.Task.copy_image:type_name -> stowage.v1.CopyImageStep
-	21, // 20: stowage.v1.Task.clone_image:type_name -> stowage.v1.CloneImageStep
-	22, // 21: stowage.v1.Task.inspect_image:type_name -> stowage.v1.InspectImageStep
-	23, // 22: stowage.v1.Task.resize_image:type_name -> stowage.v1.ResizeImageStep
-	24, // 23: stowage.v1.Task.snapshot_image:type_name -> stowage.v1.SnapshotImageStep
-	25, // 24: stowage.v1.Task.revert_image:type_name -> stowage.v1.RevertImageStep
-	26, // 25: stowage.v1.Task.rebase_image:type_name -> stowage.v1.RebaseImageStep
-	27, // 26: stowage.v1.Task.backup_image:type_name -> stowage.v1.BackupImageStep
-	28, // 27: stowage.v1.Task.restore_image:type_name -> stowage.v1.RestoreImageStep
-	29, // 28: stowage.v1.Task.delete_backup:type_name -> stowage.v1.DeleteBackupStep
-	30, // 29: stowage.v1.Task.export:type_name -> stowage.v1.ExportStep
-	31, // 30: stowage.v1.Task.unexport:type_name -> stowage.v1.UnexportStep
-	32, // 31: stowage.v1.Task.export_nbd:type_name -> stowage.v1.ExportNbdStep
-	33, // 32: stowage.v1.Task.unexport_nbd:type_name -> stowage.v1.UnexportNbdStep
-	45, // 33: stowage.v1.CreateImageStep.format:type_name -> stowage.v1.ImageFormat
-	45, // 34: stowage.v1.FetchImageStep.format:type_name -> stowage.v1.ImageFormat
-	45, // 35: stowage.v1.CopyImageStep.format:type_name -> stowage.v1.ImageFormat
-	45, // 36: stowage.v1.CopyImageStep.source_format:type_name -> stowage.v1.ImageFormat
-	0,  // 37: stowage.v1.CloneImageStep.mode:type_name -> stowage.v1.CloneMode
-	45, // 38: stowage.v1.CloneImageStep.format:type_name -> stowage.v1.ImageFormat
-	45, // 39: stowage.v1.CloneImageStep.base_format:type_name -> stowage.v1.ImageFormat
-	45, // 40: stowage.v1.InspectImageStep.format:type_name -> stowage.v1.ImageFormat
-	45, // 41: stowage.v1.ResizeImageStep.format:type_name -> stowage.v1.ImageFormat
-	45, // 42: stowage.v1.SnapshotImageStep.format:type_name -> stowage.v1.ImageFormat
-	45, // 43: stowage.v1.RevertImageStep.format:type_name -> stowage.v1.ImageFormat
-	45, // 44: stowage.v1.RebaseImageStep.backing_format:type_name -> stowage.v1.ImageFormat
-	45, // 45: stowage.v1.BackupImageStep.source_format:type_name -> stowage.v1.ImageFormat
-	45, // 46: stowage.v1.RestoreImageStep.format:type_name -> stowage.v1.ImageFormat
-	45, // 47: stowage.v1.ExportNbdStep.format:type_name -> stowage.v1.ImageFormat
-	45, // 48: stowage.v1.ImageInfo.format:type_name -> stowage.v1.ImageFormat
-	34, // 49: stowage.v1.SnapshotInfo.snapshot:type_name -> stowage.v1.ImageInfo
-	34, // 50: stowage.v1.SnapshotInfo.volume:type_name -> stowage.v1.ImageInfo
-	46, // 51: stowage.v1.FileInfo.modified_at:type_name -> google.protobuf.Timestamp
-	45, // 52: stowage.v1.FileInfo.format:type_name -> stowage.v1.ImageFormat
-	38, // 53: stowage.v1.TaskResult.probe:type_name -> stowage.v1.StoreProbe
-	37, // 54: stowage.v1.TaskResult.file:type_name -> stowage.v1.FileInfo
-	40, // 55: stowage.v1.TaskResult.files:type_name -> stowage.v1.FileList
-	34, // 56: stowage.v1.TaskResult.image:type_name -> stowage.v1.ImageInfo
-	35, // 57: stowage.v1.TaskResult.snapshot:type_name -> stowage.v1.SnapshotInfo
-	36, // 58: stowage.v1.TaskResult.backup:type_name -> stowage.v1.BackupInfo
-	37, // 59: stowage.v1.FileList.files:type_name -> stowage.v1.FileInfo
-	1,  // 60: stowage.v1.AgentControlService.Register:input_type -> stowage.v1.RegisterRequest
-	4,  // 61: stowage.v1.AgentControlService.Heartbeat:input_type -> stowage.v1.HeartbeatRequest
-	7,  // 62: stowage.v1.AgentService.RunTask:input_type -> stowage.v1.RunTaskRequest
-	9,  // 63: stowage.v1.AgentService.GetTask:input_type -> stowage.v1.GetTaskRequest
-	2,  // 64: stowage.v1.AgentControlService.Register:output_type -> stowage.v1.RegisterResponse
-	5,  // 65: stowage.v1.AgentControlService.Heartbeat:output_type -> stowage.v1.HeartbeatResponse
-	8,  // 66: stowage.v1.AgentService.RunTask:output_type -> stowage.v1.RunTaskResponse
-	10, // 67: stowage.v1.AgentService.GetTask:output_type -> stowage.v1.GetTaskResponse
-	64, // [64:68] is the sub-list for method output_type
-	60, // [60:64] is the sub-list for method input_type
-	60, // [60:60] is the sub-list for extension type_name
-	60, // [60:60] is the sub-list for extension extendee
-	0,  // [0:60] is the sub-list for field type_name
+	17, // 14: stowage.v1.Task.create_image:type_name -> stowage.v1.CreateImageStep
+	18, // 15: stowage.v1.Task.delete_object:type_name -> stowage.v1.DeleteObjectStep
+	19, // 16: stowage.v1.Task.list_objects:type_name -> stowage.v1.ListObjectsStep
+	20, // 17: stowage.v1.Task.stat_object:type_name -> stowage.v1.StatObjectStep
+	21, // 18: stowage.v1.Task.fetch_image:type_name -> stowage.v1.FetchImageStep
+	22, // 19: stowage.v1.Task.copy_image:type_name -> stowage.v1.CopyImageStep
+	23, // 20: stowage.v1.Task.clone_image:type_name -> stowage.v1.CloneImageStep
+	24, // 21: stowage.v1.Task.inspect_image:type_name -> stowage.v1.InspectImageStep
+	25, // 22: stowage.v1.Task.resize_image:type_name -> stowage.v1.ResizeImageStep
+	26, // 23: stowage.v1.Task.snapshot_image:type_name -> stowage.v1.SnapshotImageStep
+	27, // 24: stowage.v1.Task.revert_image:type_name -> stowage.v1.RevertImageStep
+	28, // 25: stowage.v1.Task.rebase_image:type_name -> stowage.v1.RebaseImageStep
+	29, // 26: stowage.v1.Task.backup_image:type_name -> stowage.v1.BackupImageStep
+	30, // 27: stowage.v1.Task.restore_image:type_name -> stowage.v1.RestoreImageStep
+	31, // 28: stowage.v1.Task.delete_backup:type_name -> stowage.v1.DeleteBackupStep
+	32, // 29: stowage.v1.Task.export:type_name -> stowage.v1.ExportStep
+	33, // 30: stowage.v1.Task.unexport:type_name -> stowage.v1.UnexportStep
+	34, // 31: stowage.v1.Task.export_nbd:type_name -> stowage.v1.ExportNbdStep
+	35, // 32: stowage.v1.Task.unexport_nbd:type_name -> stowage.v1.UnexportNbdStep
+	43, // 33: stowage.v1.ChunkStoreRef.secret:type_name -> stowage.v1.ChunkStoreRef.SecretEntry
+	15, // 34: stowage.v1.CreateImageStep.ref:type_name -> stowage.v1.ObjectRef
+	48, // 35: stowage.v1.CreateImageStep.format:type_name -> stowage.v1.ImageFormat
+	15, // 36: stowage.v1.DeleteObjectStep.ref:type_name -> stowage.v1.ObjectRef
+	15, // 37: stowage.v1.ListObjectsStep.dir:type_name -> stowage.v1.ObjectRef
+	15, // 38: stowage.v1.StatObjectStep.ref:type_name -> stowage.v1.ObjectRef
+	15, // 39: stowage.v1.FetchImageStep.dest:type_name -> stowage.v1.ObjectRef
+	48, // 40: stowage.v1.FetchImageStep.format:type_name -> stowage.v1.ImageFormat
+	15, // 41: stowage.v1.CopyImageStep.dest:type_name -> stowage.v1.ObjectRef
+	48, // 42: stowage.v1.CopyImageStep.format:type_name -> stowage.v1.ImageFormat
+	48, // 43: stowage.v1.CopyImageStep.source_format:type_name -> stowage.v1.ImageFormat
+	15, // 44: stowage.v1.CloneImageStep.base:type_name -> stowage.v1.ObjectRef
+	15, // 45: stowage.v1.CloneImageStep.dest:type_name -> stowage.v1.ObjectRef
+	0,  // 46: stowage.v1.CloneImageStep.mode:type_name -> stowage.v1.CloneMode
+	48, // 47: stowage.v1.CloneImageStep.format:type_name -> stowage.v1.ImageFormat
+	48, // 48: stowage.v1.CloneImageStep.base_format:type_name -> stowage.v1.ImageFormat
+	15, // 49: stowage.v1.InspectImageStep.ref:type_name -> stowage.v1.ObjectRef
+	48, // 50: stowage.v1.InspectImageStep.format:type_name -> stowage.v1.ImageFormat
+	15, // 51: stowage.v1.ResizeImageStep.ref:type_name -> stowage.v1.ObjectRef
+	48, // 52: stowage.v1.ResizeImageStep.format:type_name -> stowage.v1.ImageFormat
+	15, // 53: stowage.v1.SnapshotImageStep.volume:type_name -> stowage.v1.ObjectRef
+	15, // 54: stowage.v1.SnapshotImageStep.snapshot:type_name -> stowage.v1.ObjectRef
+	48, // 55: stowage.v1.SnapshotImageStep.format:type_name -> stowage.v1.ImageFormat
+	15, // 56: stowage.v1.RevertImageStep.volume:type_name -> stowage.v1.ObjectRef
+	15, // 57: stowage.v1.RevertImageStep.snapshot:type_name -> stowage.v1.ObjectRef
+	48, // 58: stowage.v1.RevertImageStep.format:type_name -> stowage.v1.ImageFormat
+	15, // 59: stowage.v1.RebaseImageStep.ref:type_name -> stowage.v1.ObjectRef
+	15, // 60: stowage.v1.RebaseImageStep.new_backing:type_name -> stowage.v1.ObjectRef
+	48, // 61: stowage.v1.RebaseImageStep.backing_format:type_name -> stowage.v1.ImageFormat
+	15, // 62: stowage.v1.BackupImageStep.source:type_name -> stowage.v1.ObjectRef
+	16, // 63: stowage.v1.BackupImageStep.chunks:type_name -> stowage.v1.ChunkStoreRef
+	48, // 64: stowage.v1.BackupImageStep.source_format:type_name -> stowage.v1.ImageFormat
+	16, // 65: stowage.v1.RestoreImageStep.chunks:type_name -> stowage.v1.ChunkStoreRef
+	15, // 66: stowage.v1.RestoreImageStep.dest:type_name -> stowage.v1.ObjectRef
+	48, // 67: stowage.v1.RestoreImageStep.format:type_name -> stowage.v1.ImageFormat
+	16, // 68: stowage.v1.DeleteBackupStep.chunks:type_name -> stowage.v1.ChunkStoreRef
+	15, // 69: stowage.v1.ExportStep.ref:type_name -> stowage.v1.ObjectRef
+	15, // 70: stowage.v1.ExportNbdStep.ref:type_name -> stowage.v1.ObjectRef
+	48, // 71: stowage.v1.ExportNbdStep.format:type_name -> stowage.v1.ImageFormat
+	48, // 72: stowage.v1.ImageInfo.format:type_name -> stowage.v1.ImageFormat
+	36, // 73: stowage.v1.SnapshotInfo.snapshot:type_name -> stowage.v1.ImageInfo
+	36, // 74: stowage.v1.SnapshotInfo.volume:type_name -> stowage.v1.ImageInfo
+	49, // 75: stowage.v1.FileInfo.modified_at:type_name -> google.protobuf.Timestamp
+	48, // 76: stowage.v1.FileInfo.format:type_name -> stowage.v1.ImageFormat
+	40, // 77: stowage.v1.TaskResult.probe:type_name -> stowage.v1.StoreProbe
+	39, // 78: stowage.v1.TaskResult.file:type_name -> stowage.v1.FileInfo
+	42, // 79: stowage.v1.TaskResult.files:type_name -> stowage.v1.FileList
+	36, // 80: stowage.v1.TaskResult.image:type_name -> stowage.v1.ImageInfo
+	37, // 81: stowage.v1.TaskResult.snapshot:type_name -> stowage.v1.SnapshotInfo
+	38, // 82: stowage.v1.TaskResult.backup:type_name -> stowage.v1.BackupInfo
+	39, // 83: stowage.v1.FileList.files:type_name -> stowage.v1.FileInfo
+	1,  // 84: stowage.v1.AgentControlService.Register:input_type -> stowage.v1.RegisterRequest
+	4,  // 85: stowage.v1.AgentControlService.Heartbeat:input_type -> stowage.v1.HeartbeatRequest
+	7,  // 86: stowage.v1.AgentService.RunTask:input_type -> stowage.v1.RunTaskRequest
+	9,  // 87: stowage.v1.AgentService.GetTask:input_type -> stowage.v1.GetTaskRequest
+	2,  // 88: stowage.v1.AgentControlService.Register:output_type -> stowage.v1.RegisterResponse
+	5,  // 89: stowage.v1.AgentControlService.Heartbeat:output_type -> stowage.v1.HeartbeatResponse
+	8,  // 90: stowage.v1.AgentService.RunTask:output_type -> stowage.v1.RunTaskResponse
+	10, // 91: stowage.v1.AgentService.GetTask:output_type -> stowage.v1.GetTaskResponse
+	88, // [88:92] is the sub-list for method output_type
+	84, // [84:88] is the sub-list for method input_type
+	84, // [84:84] is the sub-list for extension type_name
+	84, // [84:84] is the sub-list for extension extendee
+	0,  // [0:84] is the sub-list for field type_name
 }
 
 func init() { file_stowage_v1_agent_proto_init() }
@@ -3521,9 +3678,9 @@ func file_stowage_v1_agent_proto_init() {
 		(*Task_ProbeStore)(nil),
 		(*Task_ReleaseStore)(nil),
 		(*Task_CreateImage)(nil),
-		(*Task_DeletePath)(nil),
-		(*Task_ListDir)(nil),
-		(*Task_StatPath)(nil),
+		(*Task_DeleteObject)(nil),
+		(*Task_ListObjects)(nil),
+		(*Task_StatObject)(nil),
 		(*Task_FetchImage)(nil),
 		(*Task_CopyImage)(nil),
 		(*Task_CloneImage)(nil),
@@ -3540,7 +3697,7 @@ func file_stowage_v1_agent_proto_init() {
 		(*Task_ExportNbd)(nil),
 		(*Task_UnexportNbd)(nil),
 	}
-	file_stowage_v1_agent_proto_msgTypes[38].OneofWrappers = []any{
+	file_stowage_v1_agent_proto_msgTypes[40].OneofWrappers = []any{
 		(*TaskResult_Probe)(nil),
 		(*TaskResult_File)(nil),
 		(*TaskResult_Files)(nil),
@@ -3555,7 +3712,7 @@ func file_stowage_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_stowage_v1_agent_proto_rawDesc), len(file_stowage_v1_agent_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   40,
+			NumMessages:   43,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

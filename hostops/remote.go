@@ -1,0 +1,218 @@
+// Task ids. When the context carries a task id (drivers.WithTaskID, set by
+// the controller's job runner per plan step), each call's id is derived from
+// it with drivers.StepTaskID, keyed by the step kind and a digest of the
+// step's arguments: "<step id>.<kind>-<digest>" (".<n>" for the n-th
+// identical call). A step re-run after a controller restart thus sends the
+// same ids and gets the agent's journalled results, or waits for a task
+// still running, instead of doing the work twice; a call the first run did
+// not make gets a fresh id, never another call's result. Without a task id
+// every call gets a random one. A call that fails because the agent could
+// not be reached is retried with the same id, so the agent does the work at
+// most once.
+//
+// Progress. RunTask blocks until the task is done; a method that takes a
+// drivers.Progress polls GetTask meanwhile (every 500 ms, WithPollInterval)
+// and reports the bytes done, then once more with the final count. The
+// callback is never called concurrently nor after the method returned.
+package hostops
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"net/http"
+	"sync"
+	"time"
+
+	"connectrpc.com/connect"
+	"github.com/google/uuid"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/stowage/stowage/drivers"
+	"github.com/stowage/stowage/errdefs"
+	"github.com/stowage/stowage/errdefs/errconnect"
+	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
+	"github.com/stowage/stowage/proto/gen/stowage/v1/stowagev1connect"
+)
+
+// Remote is a Host whose steps run on one agent over Connect: each call is
+// one AgentService.RunTask task (the agent turns it back into a call on its
+// local implementation, agent/dispatch.go).
+//
+// Task ids. When the context carries a task id (drivers.WithTaskID, set by
+// the controller's job runner per plan step), each call's id is derived from
+// it with drivers.StepTaskID, keyed by the step kind and a digest of the
+// step's arguments: "<step id>.<kind>-<digest>" (".<n>" for the n-th
+// identical call). A step re-run after a controller restart thus sends the
+// same ids and gets the agent's journalled results, or waits for a task
+// still running, instead of doing the work twice; a call the first run did
+// not make gets a fresh id, never another call's result. Without a task id
+// every call gets a random one. A call that fails because the agent could
+// not be reached is retried with the same id, so the agent does the work at
+// most once.
+//
+// Progress. RunTask blocks until the task is done; a method that takes a
+// drivers.Progress polls GetTask meanwhile (every 500 ms, WithPollInterval)
+// and reports the bytes done, then once more with the final count. The
+// callback is never called concurrently nor after the method returned.
+type Remote struct {
+	hostID   string
+	client   stowagev1connect.AgentServiceClient
+	attempts int
+	backoff  time.Duration
+	poll     time.Duration
+}
+
+var _ Host = (*Remote)(nil)
+
+// Option configures a Remote.
+type Option func(*Remote)
+
+// WithRetry sets how many times a call is attempted while the agent is
+// unreachable, and the first pause between attempts (doubled each time).
+func WithRetry(attempts int, backoff time.Duration) Option {
+	return func(e *Remote) { e.attempts, e.backoff = attempts, backoff }
+}
+
+// WithPollInterval sets how often a call with a progress callback asks the
+// agent how far its task has come (default 500 ms).
+func WithPollInterval(d time.Duration) Option {
+	return func(e *Remote) {
+		if d > 0 {
+			e.poll = d
+		}
+	}
+}
+
+// NewRemote returns a Remote for the agent of hostID serving at baseURL.
+func NewRemote(hostID, baseURL string, hc connect.HTTPClient, opts ...Option) *Remote {
+	if hc == nil {
+		hc = http.DefaultClient
+	}
+	e := &Remote{
+		hostID:   hostID,
+		client:   stowagev1connect.NewAgentServiceClient(hc, baseURL),
+		attempts: 3,
+		backoff:  200 * time.Millisecond,
+		poll:     500 * time.Millisecond,
+	}
+	for _, o := range opts {
+		o(e)
+	}
+	return e
+}
+
+// HostID implements Host.
+func (e *Remote) HostID() string { return e.hostID }
+
+// taskID is the id of task: derived from the context's task id, else random.
+func taskID(ctx context.Context, task *stowagev1.Task) string {
+	if _, ok := drivers.TaskIDFrom(ctx); !ok {
+		return uuid.NewString()
+	}
+	kind := "step"
+	m := task.ProtoReflect()
+	if fd := m.WhichOneof(m.Descriptor().Oneofs().ByName("step")); fd != nil {
+		kind = string(fd.Name())
+	}
+	step := proto.Clone(task).(*stowagev1.Task)
+	step.Id = ""
+	b, _ := proto.MarshalOptions{Deterministic: true}.Marshal(step)
+	sum := sha256.Sum256(b)
+	id, _ := drivers.StepTaskID(ctx, kind+"-"+hex.EncodeToString(sum[:6]))
+	return id
+}
+
+// run sends task and returns its result, retrying unreachable agents with
+// the same task id; a task's own failure comes back as a classed error.
+// With progress, GetTask is polled while the task runs.
+func (e *Remote) run(ctx context.Context, task *stowagev1.Task, progress drivers.Progress) (*stowagev1.TaskResult, error) {
+	task.Id = taskID(ctx, task)
+	wait := e.backoff
+	var lastErr error
+	for attempt := 0; attempt < e.attempts; attempt++ {
+		if attempt > 0 {
+			select {
+			case <-ctx.Done():
+				return nil, fmt.Errorf("host %s: %w", e.hostID, ctx.Err())
+			case <-time.After(wait):
+			}
+			wait *= 2
+		}
+		res, err := e.runOnce(ctx, task, progress)
+		if err != nil {
+			lastErr = errconnect.FromConnect(err)
+			if errdefs.IsUnavailable(lastErr) && ctx.Err() == nil {
+				continue
+			}
+			if ctx.Err() != nil {
+				return nil, fmt.Errorf("host %s: task %s: %w", e.hostID, task.Id, ctx.Err())
+			}
+			return nil, fmt.Errorf("host %s: %w", e.hostID, lastErr)
+		}
+		if res.GetErrorClass() != "" || res.GetError() != "" {
+			return nil, fmt.Errorf("host %s: %w", e.hostID, errdefs.New(errdefs.FromClassName(res.GetErrorClass()), res.GetError()))
+		}
+		return res, nil
+	}
+	return nil, fmt.Errorf("host %s unreachable after %d attempts: %w", e.hostID, e.attempts, lastErr)
+}
+
+// runOnce makes one RunTask call, polling GetTask for progress meanwhile.
+func (e *Remote) runOnce(ctx context.Context, task *stowagev1.Task, progress drivers.Progress) (*stowagev1.TaskResult, error) {
+	if progress == nil {
+		resp, err := e.client.RunTask(ctx, connect.NewRequest(&stowagev1.RunTaskRequest{Task: task}))
+		if err != nil {
+			return nil, err
+		}
+		return resp.Msg.GetResult(), nil
+	}
+	pctx, stop := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	var last [2]int64
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		last = e.pollProgress(pctx, task.GetId(), progress)
+	}()
+	resp, err := e.client.RunTask(ctx, connect.NewRequest(&stowagev1.RunTaskRequest{Task: task}))
+	stop()
+	wg.Wait()
+	if err != nil {
+		return nil, err
+	}
+	res := resp.Msg.GetResult()
+	if res.GetErrorClass() == "" && res.GetBytesTotal() > 0 && [2]int64{res.GetBytesDone(), res.GetBytesTotal()} != last {
+		progress(res.GetBytesDone(), res.GetBytesTotal())
+	}
+	return res, nil
+}
+
+// pollProgress asks for the progress of task id until ctx ends and reports
+// changes; it returns the last values reported.
+func (e *Remote) pollProgress(ctx context.Context, id string, progress drivers.Progress) [2]int64 {
+	last := [2]int64{-1, -1}
+	t := time.NewTicker(e.poll)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return last
+		case <-t.C:
+		}
+		resp, err := e.client.GetTask(ctx, connect.NewRequest(&stowagev1.GetTaskRequest{TaskId: id}))
+		if err != nil {
+			continue // not started yet, or a transient failure: RunTask decides
+		}
+		r := resp.Msg.GetResult()
+		if r.GetDone() {
+			return last
+		}
+		if cur := [2]int64{r.GetBytesDone(), r.GetBytesTotal()}; cur != last && ctx.Err() == nil {
+			progress(cur[0], cur[1])
+			last = cur
+		}
+	}
+}
+

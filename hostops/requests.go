@@ -1,0 +1,114 @@
+package hostops
+
+import "github.com/stowage/stowage/drivers"
+
+// FetchRequest asks an agent to download an image into a store.
+type FetchRequest struct {
+	Source   string // http:// or https://
+	Dest     Ref
+	Format   drivers.Format
+	Checksum string // "sha256:HEX", "sha512:HEX", "md5:HEX" or ""
+}
+
+// CopyRequest asks an agent to copy an image into a store.
+type CopyRequest struct {
+	// Source is store://<store>/<key> or a URI granted to the host
+	// (http(s)://, nbd://).
+	Source drivers.URI
+	// SourceFormat is the format of Source as the records say (required).
+	SourceFormat drivers.Format
+	Dest         Ref
+	Format       drivers.Format // "" keeps the source's format
+	Flatten      bool
+}
+
+// CloneRequest asks an agent to create a volume from a base image of the
+// same store (or of the host's template mount).
+type CloneRequest struct {
+	Base       Ref
+	BaseFormat drivers.Format
+	Dest       Ref
+	Mode       drivers.CloneMode
+	Format     drivers.Format // of Dest (CloneLinked is always qcow2)
+	Size       int64          // 0 keeps Base's virtual size
+}
+
+// SnapshotRequest names a volume and one of its snapshots.
+type SnapshotRequest struct {
+	Volume   Ref
+	Snapshot Ref
+	Format   drivers.Format // the volume's
+}
+
+// ChunkStore is where backups keep chunks and manifests: a store directory
+// (store://<store id>/<dir>) or an S3 prefix (s3://bucket/prefix?endpoint=…)
+// with its credentials in Secret.
+type ChunkStore struct {
+	URI    drivers.URI
+	Secret map[string]string
+}
+
+// BackupRequest asks an agent to back an image up into a chunk store.
+type BackupRequest struct {
+	Source         Ref
+	SourceFormat   drivers.Format
+	Chunks         ChunkStore
+	Manifest       string
+	ParentManifest string
+	ChunkSize      int64
+}
+
+// RestoreRequest asks an agent to rebuild an image from a backup.
+type RestoreRequest struct {
+	Chunks   ChunkStore
+	Manifest string
+	Dest     Ref
+	Format   drivers.Format
+}
+
+// DeleteBackupRequest asks an agent to drop a backup's manifest and the
+// chunks no other manifest refers to.
+type DeleteBackupRequest struct {
+	Chunks   ChunkStore
+	Manifest string
+}
+
+// NBDExportRequest asks an agent to serve an image over NBD.
+type NBDExportRequest struct {
+	Ref      Ref
+	Format   drivers.Format
+	ReadOnly bool
+}
+
+// ImageInfo is what qemu-img says of an image, plus what the step measured.
+type ImageInfo struct {
+	Key          string
+	Format       drivers.Format
+	VirtualSize  int64
+	PhysicalSize int64
+	// HasBacking says the image has a backing file.
+	HasBacking   bool
+	SHA256       string
+	BytesWritten int64
+	BytesSkipped int64
+	Method       string
+}
+
+// SnapshotInfo is the result of SnapshotImage.
+type SnapshotInfo struct {
+	Snapshot ImageInfo
+	Volume   ImageInfo
+	Method   string // "qcow2-external", "reflink" or "copy"
+}
+
+// BackupInfo reports what a backup stored (or a delete freed).
+type BackupInfo struct {
+	Manifest    string
+	Size        int64
+	Chunks      int64
+	ZeroChunks  int64
+	NewChunks   int64
+	NewBytes    int64
+	ReusedBytes int64
+	ReadBytes   int64
+}

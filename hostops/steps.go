@@ -1,0 +1,216 @@
+package hostops
+
+import (
+	"context"
+
+	"github.com/stowage/stowage/drivers"
+	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
+)
+
+// The methods of Remote: one task each (remote.go runs them).
+
+func (e *Remote) probe(ctx context.Context, task *stowagev1.Task) (StoreProbe, error) {
+	res, err := e.run(ctx, task, nil)
+	if err != nil {
+		return StoreProbe{}, err
+	}
+	return ProbeFromProto(res.GetProbe()), nil
+}
+
+// PrepareStore implements Stores.
+func (e *Remote) PrepareStore(ctx context.Context, root StoreRoot) (StoreProbe, error) {
+	return e.probe(ctx, &stowagev1.Task{Step: &stowagev1.Task_PrepareStore{PrepareStore: &stowagev1.PrepareStoreStep{
+		Path: root.Path, StoreId: root.ID, Subdirs: root.Subdirs, Claim: true,
+	}}})
+}
+
+// ProbeStore implements Stores.
+func (e *Remote) ProbeStore(ctx context.Context, root StoreRoot) (StoreProbe, error) {
+	return e.probe(ctx, &stowagev1.Task{Step: &stowagev1.Task_ProbeStore{ProbeStore: &stowagev1.ProbeStoreStep{
+		Path: root.Path, StoreId: root.ID,
+	}}})
+}
+
+// ReleaseStore implements Stores.
+func (e *Remote) ReleaseStore(ctx context.Context, root StoreRoot) error {
+	_, err := e.run(ctx, &stowagev1.Task{Step: &stowagev1.Task_ReleaseStore{ReleaseStore: &stowagev1.ReleaseStoreStep{
+		Path: root.Path, StoreId: root.ID, Subdirs: root.Subdirs,
+	}}}, nil)
+	return err
+}
+
+// CreateImage implements Objects.
+func (e *Remote) CreateImage(ctx context.Context, ref Ref, format drivers.Format, size int64) (FileInfo, error) {
+	res, err := e.run(ctx, &stowagev1.Task{Step: &stowagev1.Task_CreateImage{CreateImage: &stowagev1.CreateImageStep{
+		Ref: RefToProto(ref), Format: FormatToProto(format), SizeBytes: size,
+	}}}, nil)
+	if err != nil {
+		return FileInfo{}, err
+	}
+	return FileFromProto(res.GetFile()), nil
+}
+
+// DeleteObject implements Objects.
+func (e *Remote) DeleteObject(ctx context.Context, ref Ref) error {
+	_, err := e.run(ctx, &stowagev1.Task{Step: &stowagev1.Task_DeleteObject{DeleteObject: &stowagev1.DeleteObjectStep{Ref: RefToProto(ref)}}}, nil)
+	return err
+}
+
+// ListObjects implements Objects.
+func (e *Remote) ListObjects(ctx context.Context, dir Ref) ([]FileInfo, error) {
+	res, err := e.run(ctx, &stowagev1.Task{Step: &stowagev1.Task_ListObjects{ListObjects: &stowagev1.ListObjectsStep{Dir: RefToProto(dir)}}}, nil)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]FileInfo, 0, len(res.GetFiles().GetFiles()))
+	for _, f := range res.GetFiles().GetFiles() {
+		out = append(out, FileFromProto(f))
+	}
+	return out, nil
+}
+
+// StatObject implements Objects.
+func (e *Remote) StatObject(ctx context.Context, ref Ref) (FileInfo, error) {
+	res, err := e.run(ctx, &stowagev1.Task{Step: &stowagev1.Task_StatObject{StatObject: &stowagev1.StatObjectStep{Ref: RefToProto(ref)}}}, nil)
+	if err != nil {
+		return FileInfo{}, err
+	}
+	return FileFromProto(res.GetFile()), nil
+}
+
+// image runs a step whose result is an image.
+func (e *Remote) image(ctx context.Context, task *stowagev1.Task, progress drivers.Progress) (ImageInfo, error) {
+	res, err := e.run(ctx, task, progress)
+	if err != nil {
+		return ImageInfo{}, err
+	}
+	return ImageInfoFromProto(res.GetImage()), nil
+}
+
+// backup runs a step whose result is a backup.
+func (e *Remote) backup(ctx context.Context, task *stowagev1.Task, progress drivers.Progress) (BackupInfo, error) {
+	res, err := e.run(ctx, task, progress)
+	if err != nil {
+		return BackupInfo{}, err
+	}
+	return BackupInfoFromProto(res.GetBackup()), nil
+}
+
+// uri runs a step whose result is a URI.
+func (e *Remote) uri(ctx context.Context, task *stowagev1.Task) (drivers.URI, error) {
+	res, err := e.run(ctx, task, nil)
+	if err != nil {
+		return "", err
+	}
+	return drivers.URI(res.GetUri()), nil
+}
+
+// FetchImage implements Images.
+func (e *Remote) FetchImage(ctx context.Context, req FetchRequest, progress drivers.Progress) (ImageInfo, error) {
+	return e.image(ctx, &stowagev1.Task{Step: &stowagev1.Task_FetchImage{FetchImage: &stowagev1.FetchImageStep{
+		Source: req.Source, Dest: RefToProto(req.Dest), Format: FormatToProto(req.Format), Checksum: req.Checksum,
+	}}}, progress)
+}
+
+// CopyImage implements Images.
+func (e *Remote) CopyImage(ctx context.Context, req CopyRequest, progress drivers.Progress) (ImageInfo, error) {
+	return e.image(ctx, &stowagev1.Task{Step: &stowagev1.Task_CopyImage{CopyImage: &stowagev1.CopyImageStep{
+		Source: string(req.Source), SourceFormat: FormatToProto(req.SourceFormat), Dest: RefToProto(req.Dest),
+		Format: FormatToProto(req.Format), Flatten: req.Flatten,
+	}}}, progress)
+}
+
+// CloneImage implements Images.
+func (e *Remote) CloneImage(ctx context.Context, req CloneRequest, progress drivers.Progress) (ImageInfo, error) {
+	return e.image(ctx, &stowagev1.Task{Step: &stowagev1.Task_CloneImage{CloneImage: &stowagev1.CloneImageStep{
+		Base: RefToProto(req.Base), BaseFormat: FormatToProto(req.BaseFormat), Dest: RefToProto(req.Dest), Mode: CloneModeToProto(req.Mode),
+		Format: FormatToProto(req.Format), SizeBytes: req.Size,
+	}}}, progress)
+}
+
+// InspectImage implements Images.
+func (e *Remote) InspectImage(ctx context.Context, ref Ref, format drivers.Format) (ImageInfo, error) {
+	return e.image(ctx, &stowagev1.Task{Step: &stowagev1.Task_InspectImage{InspectImage: &stowagev1.InspectImageStep{
+		Ref: RefToProto(ref), Format: FormatToProto(format),
+	}}}, nil)
+}
+
+// ResizeImage implements Images.
+func (e *Remote) ResizeImage(ctx context.Context, ref Ref, format drivers.Format, size int64) (ImageInfo, error) {
+	return e.image(ctx, &stowagev1.Task{Step: &stowagev1.Task_ResizeImage{ResizeImage: &stowagev1.ResizeImageStep{
+		Ref: RefToProto(ref), Format: FormatToProto(format), SizeBytes: size,
+	}}}, nil)
+}
+
+// SnapshotImage implements Images.
+func (e *Remote) SnapshotImage(ctx context.Context, req SnapshotRequest) (SnapshotInfo, error) {
+	res, err := e.run(ctx, &stowagev1.Task{Step: &stowagev1.Task_SnapshotImage{SnapshotImage: &stowagev1.SnapshotImageStep{
+		Volume: RefToProto(req.Volume), Snapshot: RefToProto(req.Snapshot), Format: FormatToProto(req.Format),
+	}}}, nil)
+	if err != nil {
+		return SnapshotInfo{}, err
+	}
+	return SnapshotInfoFromProto(res.GetSnapshot()), nil
+}
+
+// RevertImage implements Images.
+func (e *Remote) RevertImage(ctx context.Context, req SnapshotRequest) (ImageInfo, error) {
+	return e.image(ctx, &stowagev1.Task{Step: &stowagev1.Task_RevertImage{RevertImage: &stowagev1.RevertImageStep{
+		Volume: RefToProto(req.Volume), Snapshot: RefToProto(req.Snapshot), Format: FormatToProto(req.Format),
+	}}}, nil)
+}
+
+// RebaseImage implements Images.
+func (e *Remote) RebaseImage(ctx context.Context, ref, newBacking Ref, backingFormat drivers.Format) (ImageInfo, error) {
+	step := &stowagev1.RebaseImageStep{Ref: RefToProto(ref), BackingFormat: FormatToProto(backingFormat)}
+	if !newBacking.IsZero() {
+		step.NewBacking = RefToProto(newBacking)
+	}
+	return e.image(ctx, &stowagev1.Task{Step: &stowagev1.Task_RebaseImage{RebaseImage: step}}, nil)
+}
+
+// BackupImage implements Backups.
+func (e *Remote) BackupImage(ctx context.Context, req BackupRequest, progress drivers.Progress) (BackupInfo, error) {
+	return e.backup(ctx, &stowagev1.Task{Step: &stowagev1.Task_BackupImage{BackupImage: &stowagev1.BackupImageStep{
+		Source: RefToProto(req.Source), SourceFormat: FormatToProto(req.SourceFormat), Chunks: ChunkStoreToProto(req.Chunks),
+		Manifest: req.Manifest, ParentManifest: req.ParentManifest, ChunkSize: req.ChunkSize,
+	}}}, progress)
+}
+
+// RestoreImage implements Backups.
+func (e *Remote) RestoreImage(ctx context.Context, req RestoreRequest, progress drivers.Progress) (ImageInfo, error) {
+	return e.image(ctx, &stowagev1.Task{Step: &stowagev1.Task_RestoreImage{RestoreImage: &stowagev1.RestoreImageStep{
+		Chunks: ChunkStoreToProto(req.Chunks), Manifest: req.Manifest, Dest: RefToProto(req.Dest), Format: FormatToProto(req.Format),
+	}}}, progress)
+}
+
+// DeleteBackup implements Backups.
+func (e *Remote) DeleteBackup(ctx context.Context, req DeleteBackupRequest) (BackupInfo, error) {
+	return e.backup(ctx, &stowagev1.Task{Step: &stowagev1.Task_DeleteBackup{DeleteBackup: &stowagev1.DeleteBackupStep{
+		Chunks: ChunkStoreToProto(req.Chunks), Manifest: req.Manifest,
+	}}}, nil)
+}
+
+// Export implements Exports.
+func (e *Remote) Export(ctx context.Context, ref Ref) (drivers.URI, error) {
+	return e.uri(ctx, &stowagev1.Task{Step: &stowagev1.Task_Export{Export: &stowagev1.ExportStep{Ref: RefToProto(ref)}}})
+}
+
+// Unexport implements Exports.
+func (e *Remote) Unexport(ctx context.Context, uri drivers.URI) error {
+	_, err := e.run(ctx, &stowagev1.Task{Step: &stowagev1.Task_Unexport{Unexport: &stowagev1.UnexportStep{Uri: string(uri)}}}, nil)
+	return err
+}
+
+// ExportNBD implements Exports.
+func (e *Remote) ExportNBD(ctx context.Context, req NBDExportRequest) (drivers.URI, error) {
+	return e.uri(ctx, &stowagev1.Task{Step: &stowagev1.Task_ExportNbd{ExportNbd: &stowagev1.ExportNbdStep{
+		Ref: RefToProto(req.Ref), Format: FormatToProto(req.Format), ReadOnly: req.ReadOnly,
+	}}})
+}
+
+// UnexportNBD implements Exports.
+func (e *Remote) UnexportNBD(ctx context.Context, uri drivers.URI) error {
+	_, err := e.run(ctx, &stowagev1.Task{Step: &stowagev1.Task_UnexportNbd{UnexportNbd: &stowagev1.UnexportNbdStep{Uri: string(uri)}}}, nil)
+	return err
+}
