@@ -215,4 +215,3 @@ func (e *Remote) pollProgress(ctx context.Context, id string, progress drivers.P
 		}
 	}
 }
-
