@@ -183,6 +183,9 @@ type Access struct {
 	// Revocable says RevokeAccess must be called with this Access to end
 	// it (an export made for the client); false: nothing to take back.
 	Revocable bool
+	// HostID is the host that serves the URI when it is an export made on
+	// an agent (for RevokeAccess and for callers that record who serves).
+	HostID string
 }
 
 // SnapshotObject is a snapshot of a volume on a primary store.

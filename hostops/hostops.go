@@ -143,4 +143,7 @@ type Selector interface {
 	AllInScope(ctx context.Context, scope drivers.Scope) ([]Host, error)
 	// ForHost returns one host (ErrUnavailable if it is not Up).
 	ForHost(ctx context.Context, hostID string) (Host, error)
+	// InScope reports whether host hostID is registered in scope (whatever
+	// its state; ErrNotFound for an unknown host).
+	InScope(ctx context.Context, hostID string, scope drivers.Scope) (bool, error)
 }
