@@ -94,6 +94,14 @@ type ImageInfo struct {
 	Method       string
 }
 
+// Object is what a driver reports of obj after a host step made it i.
+func (i ImageInfo) Object(obj drivers.DataObject) drivers.ObjectInfo {
+	return drivers.ObjectInfo{
+		ID: obj.ID, Type: obj.Type, Key: obj.Key, Format: i.Format, Size: i.VirtualSize, PhysicalSize: i.PhysicalSize,
+		SHA256: i.SHA256, Method: i.Method, BytesWritten: i.BytesWritten, BytesSkipped: i.BytesSkipped,
+	}
+}
+
 // SnapshotInfo is the result of SnapshotImage.
 type SnapshotInfo struct {
 	Snapshot ImageInfo

@@ -369,7 +369,13 @@ func (s *Service) Assignments(ctx context.Context, host *stowagev1.Host) ([]*sto
 	}
 	out := make([]*stowagev1.StoreAssignment, 0, len(recs))
 	for _, r := range recs {
-		out = append(out, &stowagev1.StoreAssignment{StoreId: r.GetId(), Provider: r.GetProvider(), Url: r.GetUrl(), Path: r.GetDetails()["path"]})
+		a := &stowagev1.StoreAssignment{StoreId: r.GetId(), Provider: r.GetProvider(), Url: r.GetUrl()}
+		if p, err := s.providers.Get(r.GetProvider()); err == nil {
+			if hr, ok := p.Driver().(drivers.HostRooted); ok {
+				a.Path = hr.HostRoot(InfoFromRecord(r))
+			}
+		}
+		out = append(out, a)
 	}
 	return out, nil
 }
@@ -503,10 +509,5 @@ func (s *Service) PickStore(ctx context.Context, role stowagev1.StoreRole, zone 
 	return best, reasons, nil
 }
 
-// Path returns the absolute path on hosts of rel inside store st.
-func Path(st *stowagev1.DataStore, rel string) string {
-	return strings.TrimRight(st.GetDetails()["path"], "/") + "/" + rel
-}
-
-// Scope returns the scope of st for endpoint selection.
+// Scope returns the scope of store st.
 func Scope(st *stowagev1.DataStore) drivers.Scope { return scopeFromProto(st.GetScope()) }

@@ -7,12 +7,13 @@ import (
 
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
+	"github.com/stowage/stowage/hostops"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 )
 
 // Choice is the host picked for a step, and why.
 type Choice struct {
-	Endpoint drivers.Endpoint
+	Endpoint hostops.Host
 	HostID   string
 	Reason   string
 	// Host is the picked host's record (its capabilities, e.g. its template mount).

@@ -1,6 +1,8 @@
 // Package endpoint is Stowage's EndPointSelector: it picks the agent that
-// runs a host-side step. It gives drivers their drivers.Endpoints: an Up host
-// in a store's scope, the least busy first, reached through the agent proxy.
+// runs a host-side step. It gives drivers and the data motion their
+// hostops.Selector: an Up host in a store's scope (the step's planned host,
+// drivers.WithHost, when it qualifies; else the least busy), reached
+// through hostops.Remote.
 package endpoint
 
 import (
@@ -11,9 +13,9 @@ import (
 	"strings"
 	"time"
 
-	"github.com/stowage/stowage/agent/proxy"
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
+	"github.com/stowage/stowage/hostops"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 )
 
@@ -24,13 +26,13 @@ type Hosts interface {
 	List(ctx context.Context, zone string, state stowagev1.HostState) ([]*stowagev1.Host, error)
 }
 
-// Selector implements drivers.Endpoints over the host registry.
+// Selector implements hostops.Selector over the host registry.
 type Selector struct {
 	hosts Hosts
 	hc    *http.Client
 }
 
-var _ drivers.Endpoints = (*Selector)(nil)
+var _ hostops.Selector = (*Selector)(nil)
 
 // New returns a selector; hc carries the calls to agents.
 func New(hosts Hosts, hc *http.Client) *Selector {
@@ -44,26 +46,48 @@ func inScope(h *stowagev1.Host, sc drivers.Scope) bool {
 	return sc.Contains(h.GetZone(), h.GetCluster(), h.GetId())
 }
 
-func (s *Selector) endpoint(h *stowagev1.Host) drivers.Endpoint {
-	return proxy.New(h.GetId(), h.GetAgentUrl(), s.hc)
+func (s *Selector) endpoint(h *stowagev1.Host) hostops.Host {
+	return hostops.NewRemote(h.GetId(), h.GetAgentUrl(), s.hc)
 }
 
-// ForScope implements drivers.Endpoints.
-func (s *Selector) ForScope(ctx context.Context, sc drivers.Scope) (drivers.Endpoint, error) {
+// ForScope implements hostops.Selector: the step's host (drivers.WithHost)
+// when it is Up and in scope, else the least busy Up host in scope.
+func (s *Selector) ForScope(ctx context.Context, sc drivers.Scope) (hostops.Host, error) {
 	all, err := s.AllInScope(ctx, sc)
 	if err != nil {
 		return nil, err
 	}
+	if want, ok := drivers.HostFrom(ctx); ok {
+		for _, h := range all {
+			if h.HostID() == want {
+				return h, nil
+			}
+		}
+	}
 	return all[0], nil
 }
 
-// AllInScope implements drivers.Endpoints; the least busy host comes first.
-func (s *Selector) AllInScope(ctx context.Context, sc drivers.Scope) ([]drivers.Endpoint, error) {
+// InScope implements hostops.Selector.
+func (s *Selector) InScope(ctx context.Context, hostID string, sc drivers.Scope) (bool, error) {
+	all, err := s.hosts.List(ctx, "", stowagev1.HostState_HOST_STATE_UNSPECIFIED)
+	if err != nil {
+		return false, err
+	}
+	for _, h := range all {
+		if h.GetId() == hostID {
+			return inScope(h, sc), nil
+		}
+	}
+	return false, fmt.Errorf("host %s: %w", hostID, errdefs.ErrNotFound)
+}
+
+// AllInScope implements hostops.Selector; the least busy host comes first.
+func (s *Selector) AllInScope(ctx context.Context, sc drivers.Scope) ([]hostops.Host, error) {
 	up, err := s.hosts.UpHosts(ctx)
 	if err != nil {
 		return nil, err
 	}
-	var out []drivers.Endpoint
+	var out []hostops.Host
 	for _, h := range up {
 		if inScope(h, sc) {
 			out = append(out, s.endpoint(h))
@@ -94,8 +118,8 @@ func (s *Selector) noneInScope(ctx context.Context, sc drivers.Scope) error {
 	return fmt.Errorf("no Up agent in scope %s (%s): %w", sc, strings.Join(seen, ", "), errdefs.ErrUnavailable)
 }
 
-// ForHost implements drivers.Endpoints.
-func (s *Selector) ForHost(ctx context.Context, hostID string) (drivers.Endpoint, error) {
+// ForHost implements hostops.Selector.
+func (s *Selector) ForHost(ctx context.Context, hostID string) (hostops.Host, error) {
 	up, err := s.hosts.UpHosts(ctx)
 	if err != nil {
 		return nil, err
