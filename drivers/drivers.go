@@ -133,7 +133,10 @@ type ObjectInfo struct {
 	Format       Format
 	Size         int64 // virtual size
 	PhysicalSize int64 // bytes allocated
-	ModifiedAt   time.Time
+	// StoredSize is the length of the object as stored (a qcow2 file's
+	// length, not its virtual size): what a reader of its bytes sees.
+	StoredSize int64
+	ModifiedAt time.Time
 	// SHA256 of the object's bytes as stored, when the step computed it.
 	SHA256 string
 	// Method says how a copying, cloning or snapshot step did its work

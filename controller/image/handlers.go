@@ -10,6 +10,7 @@ import (
 	"github.com/stowage/stowage/controller/datastore"
 	"github.com/stowage/stowage/controller/jobs"
 	"github.com/stowage/stowage/controller/meta"
+	"github.com/stowage/stowage/controller/motion"
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
@@ -49,35 +50,35 @@ func (h registerHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.
 			}
 		}
 		step := "download-" + st.GetName()
-		var info drivers.ImageInfo
+		var info drivers.ObjectInfo
 		err = jobs.RunStep(ctx, job, rep, step, func(ctx context.Context) error {
-			ch, err := s.sel.Select(ctx, jobs.PlanHost(job, step), datastore.Scope(st))
+			imp, err := datastore.Capability[drivers.Importer](s.stores, st, "take a template in from a URL")
 			if err != nil {
 				return err
 			}
-			info, err = ch.Endpoint.FetchImage(ctx, drivers.FetchRequest{
-				Source: t.GetUrl(), Dest: datastore.Path(st, ref.GetInstallPath()), Format: format, Checksum: t.GetChecksum(),
-			}, func(done, total int64) {
-				rep.Bytes(done, total)
-				_, _ = s.db.TemplatesOnStore().Update(context.WithoutCancel(ctx), ref.GetId(), 0, func(r *stowagev1.TemplateOnStore) error {
-					r.BytesDone = done
-					return nil
+			obj := datastore.Object(st, drivers.ObjectTemplate, t.GetId(), format, 0, ref.GetInstallPath())
+			info, err = imp.Import(drivers.WithHost(ctx, jobs.PlanHost(job, step)), obj, drivers.ImportSource{URL: t.GetUrl(), Checksum: t.GetChecksum()},
+				func(done, total int64) {
+					rep.Bytes(done, total)
+					_, _ = s.db.TemplatesOnStore().Update(context.WithoutCancel(ctx), ref.GetId(), 0, func(r *stowagev1.TemplateOnStore) error {
+						r.BytesDone = done
+						return nil
+					})
 				})
-			})
 			return err
 		})
 		if err != nil {
 			return err
 		}
 		if _, err := s.db.TemplatesOnStore().Transition(ctx, ref.GetId(), meta.ObjectOperationSucceeded, func(r *stowagev1.TemplateOnStore) error {
-			r.Size, r.PhysicalSize, r.BytesDone, r.Error = info.VirtualSize, info.PhysicalSize, info.VirtualSize, ""
+			r.Size, r.PhysicalSize, r.BytesDone, r.Error = info.Size, info.PhysicalSize, info.Size, ""
 			r.LastUsed = timestamppb.Now()
 			return nil
 		}); err != nil {
 			return err
 		}
 		if _, err := s.db.Templates().Update(ctx, t.GetId(), 0, func(tt *stowagev1.Template) error {
-			tt.VirtualSize = info.VirtualSize
+			tt.VirtualSize = info.Size
 			if info.SHA256 != "" {
 				tt.Sha256 = info.SHA256
 			}
@@ -85,7 +86,7 @@ func (h registerHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.
 		}); err != nil {
 			return err
 		}
-		rep.Result("template %s on store %s: %d bytes virtual, %d on disk", t.GetName(), st.GetName(), info.VirtualSize, info.PhysicalSize)
+		rep.Result("template %s on store %s: %d bytes virtual, %d on disk", t.GetName(), st.GetName(), info.Size, info.PhysicalSize)
 	}
 	return nil
 }
@@ -164,11 +165,16 @@ func (s *Service) DeleteCopy(ctx context.Context, job *stowagev1.Job, rep *jobs.
 	st, err := s.db.Stores().Get(ctx, r.GetStoreId())
 	if err == nil && r.GetState() == stowagev1.ObjectState_OBJECT_STATE_DESTROYING {
 		err = jobs.RunStep(ctx, job, rep, "delete-"+r.GetId(), func(ctx context.Context) error {
-			ch, err := s.sel.Select(ctx, "", datastore.Scope(st))
+			d, err := s.stores.Driver(st)
 			if err != nil {
 				return err
 			}
-			return ch.Endpoint.DeletePath(ctx, datastore.Path(st, r.GetInstallPath()))
+			t, err := s.db.Templates().Get(ctx, r.GetTemplateId())
+			if err != nil && !errdefs.IsNotFound(err) {
+				return err
+			}
+			f, _ := FormatFromProto(t.GetFormat())
+			return d.Delete(ctx, datastore.Object(st, drivers.ObjectTemplate, r.GetTemplateId(), f, r.GetSize(), r.GetInstallPath()))
 		})
 		if err != nil {
 			return err
@@ -219,35 +225,31 @@ func (h createHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 	if err != nil {
 		return err
 	}
-	var info drivers.ImageInfo
+	var info drivers.ObjectInfo
 	if err := jobs.RunStep(ctx, job, rep, "copy", func(ctx context.Context) error {
-		ch, err := s.sel.Select(ctx, jobs.PlanHost(job, "copy"), datastore.Scope(src), datastore.Scope(dst))
-		if err != nil {
-			return err
-		}
 		srcFormat, err := s.sourceFormat(ctx, t)
 		if err != nil {
 			return err
 		}
-		info, err = ch.Endpoint.CopyImage(ctx, drivers.CopyRequest{
-			Source: datastore.Path(src, job.GetParams()["source_path"]), SourceFormat: srcFormat, Dest: datastore.Path(dst, ref.GetInstallPath()),
-			Format: format, Flatten: true,
-		}, rep.Bytes)
+		p := job.GetParams()
+		srcObj := datastore.Object(src, drivers.ObjectType(p["source_type"]), p["source_id"], srcFormat, t.GetVirtualSize(), p["source_key"])
+		dstObj := datastore.Object(dst, drivers.ObjectTemplate, t.GetId(), format, t.GetVirtualSize(), ref.GetInstallPath())
+		info, err = s.mover.Copy(ctx, motion.Move{Src: srcObj, Dst: dstObj, Flatten: true, Prefer: jobs.PlanHost(job, "copy")}, rep.Bytes)
 		return err
 	}); err != nil {
 		return err
 	}
 	if _, err := s.db.TemplatesOnStore().Transition(ctx, ref.GetId(), meta.ObjectOperationSucceeded, func(r *stowagev1.TemplateOnStore) error {
-		r.Size, r.PhysicalSize, r.BytesDone = info.VirtualSize, info.PhysicalSize, info.VirtualSize
+		r.Size, r.PhysicalSize, r.BytesDone = info.Size, info.PhysicalSize, info.Size
 		return nil
 	}); err != nil {
 		return err
 	}
 	_, err = s.db.Templates().Update(ctx, t.GetId(), 0, func(tt *stowagev1.Template) error {
-		tt.VirtualSize, tt.Sha256 = info.VirtualSize, info.SHA256
+		tt.VirtualSize, tt.Sha256 = info.Size, info.SHA256
 		return nil
 	})
-	rep.Result("template %s made from %s: %d bytes virtual, %d on disk", t.GetName(), job.GetParams()["source_path"], info.VirtualSize, info.PhysicalSize)
+	rep.Result("template %s made from %s %s: %d bytes virtual, %d on disk", t.GetName(), job.GetParams()["source_type"], job.GetParams()["source_id"], info.Size, info.PhysicalSize)
 	return err
 }
 

@@ -24,6 +24,8 @@ import (
 	"github.com/stowage/stowage/controller/endpoint"
 	"github.com/stowage/stowage/controller/jobs"
 	"github.com/stowage/stowage/controller/meta"
+	"github.com/stowage/stowage/controller/motion"
+	"github.com/stowage/stowage/hostops"
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
@@ -41,13 +43,14 @@ type Service struct {
 	db     *meta.DB
 	stores *datastore.Service
 	sel    *endpoint.Selector
+	mover  *motion.Mover
 	jobs   *jobs.Runner
 	log    *slog.Logger
 }
 
 // New returns the image service and registers its job handlers on runner.
-func New(db *meta.DB, stores *datastore.Service, sel *endpoint.Selector, runner *jobs.Runner, log *slog.Logger) *Service {
-	s := &Service{db: db, stores: stores, sel: sel, jobs: runner, log: log}
+func New(db *meta.DB, stores *datastore.Service, sel *endpoint.Selector, mover *motion.Mover, runner *jobs.Runner, log *slog.Logger) *Service {
+	s := &Service{db: db, stores: stores, sel: sel, mover: mover, jobs: runner, log: log}
 	runner.Register(KindRegister, registerHandler{s})
 	runner.Register(KindDelete, deleteHandler{s})
 	runner.Register(KindCreate, createHandler{s})
@@ -77,19 +80,14 @@ func FormatFromProto(f stowagev1.ImageFormat) (drivers.Format, error) {
 	return "", fmt.Errorf("format is required: raw, qcow2 or iso: %w", errdefs.ErrInvalid)
 }
 
-func ext(f stowagev1.ImageFormat) string {
-	switch f {
-	case stowagev1.ImageFormat_IMAGE_FORMAT_QCOW2:
-		return "qcow2"
-	case stowagev1.ImageFormat_IMAGE_FORMAT_ISO:
-		return "iso"
+// Locate returns the key template t has on store st (its driver's choice).
+func (s *Service) Locate(st *stowagev1.DataStore, t *stowagev1.Template) (string, error) {
+	f, err := FormatFromProto(t.GetFormat())
+	if err != nil {
+		return "", err
 	}
-	return "raw"
-}
-
-// InstallPath is where a template lives inside a store.
-func InstallPath(t *stowagev1.Template) string {
-	return "templates/" + t.GetId() + "." + ext(t.GetFormat())
+	obj, err := s.stores.Locate(st, datastore.Object(st, drivers.ObjectTemplate, t.GetId(), f, t.GetVirtualSize(), ""))
+	return obj.Key, err
 }
 
 var checksumLen = map[string]int{"sha256": 64, "sha512": 128, "md5": 32}
@@ -178,10 +176,14 @@ func (s *Service) Register(ctx context.Context, req *stowagev1.RegisterTemplateR
 		if err != nil {
 			return nil, err
 		}
+		key, err := s.Locate(st, tmpl)
+		if err != nil {
+			return nil, err
+		}
 		step := "download-" + st.GetName()
 		plan.Steps = append(plan.Steps, &stowagev1.PlanStep{Name: step, HostId: ch.HostID,
-			Reason: fmt.Sprintf("stream %s into store %s at %s, verify checksum and format; %s", req.GetUrl(), st.GetName(), InstallPath(tmpl), ch.Reason)})
-		refs = append(refs, &stowagev1.TemplateOnStore{Id: meta.NewID(), TemplateId: tmpl.GetId(), StoreId: st.GetId(), InstallPath: InstallPath(tmpl)})
+			Reason: fmt.Sprintf("stream %s into store %s (%s provider) as %s, verify checksum and format; %s", req.GetUrl(), st.GetName(), st.GetProvider(), key, ch.Reason)})
+		refs = append(refs, &stowagev1.TemplateOnStore{Id: meta.NewID(), TemplateId: tmpl.GetId(), StoreId: st.GetId(), InstallPath: key})
 	}
 	if req.GetDryRun() {
 		return &stowagev1.RegisterTemplateResponse{Template: tmpl, Plan: plan}, nil
@@ -297,7 +299,7 @@ func (s *Service) Delete(ctx context.Context, idOrName string, force, dryRun boo
 			plan.Reasons = append(plan.Reasons, fmt.Sprintf("copy on store %s kept: %d volumes depend on it", r.GetStoreId(), r.GetRefCount()))
 			continue
 		}
-		plan.Steps = append(plan.Steps, &stowagev1.PlanStep{Name: "delete-" + r.GetId(), Reason: "remove " + r.GetInstallPath() + " from store " + r.GetStoreId()})
+		plan.Steps = append(plan.Steps, &stowagev1.PlanStep{Name: "delete-" + r.GetId(), Reason: "remove the copy on store " + r.GetStoreId() + " through its driver"})
 	}
 	if dryRun {
 		return &stowagev1.DeleteTemplateResponse{Plan: plan}, nil
@@ -326,7 +328,7 @@ func (s *Service) Create(ctx context.Context, req *stowagev1.CreateTemplateReque
 		return nil, fmt.Errorf("a template made from a disk is raw or qcow2: %w", errdefs.ErrInvalid)
 	}
 	tmpl := &stowagev1.Template{Id: meta.NewID(), Name: req.GetName(), Format: format}
-	var srcStoreID, srcPath string
+	var srcStoreID, srcKey, srcType, srcID string
 	switch {
 	case req.GetVolumeId() != "":
 		v, err := s.db.Volumes().Get(ctx, req.GetVolumeId())
@@ -341,7 +343,8 @@ func (s *Service) Create(ctx context.Context, req *stowagev1.CreateTemplateReque
 		if v.GetState() != stowagev1.VolumeState_VOLUME_STATE_READY {
 			return nil, fmt.Errorf("volume %s is %s; a template is made from a Ready volume: %w", v.GetName(), meta.VolumeStateName(v.GetState()), errdefs.ErrFailedPrecondition)
 		}
-		srcStoreID, srcPath, tmpl.SourceVolumeId, tmpl.VirtualSize = v.GetStoreId(), v.GetInstallPath(), v.GetId(), v.GetSize()
+		srcStoreID, srcKey, tmpl.SourceVolumeId, tmpl.VirtualSize = v.GetStoreId(), v.GetInstallPath(), v.GetId(), v.GetSize()
+		srcType, srcID = string(drivers.ObjectVolume), v.GetId()
 	case req.GetSnapshotId() != "":
 		refs, err := s.db.SnapshotsOnStore().ListBy(ctx, meta.IndexSnapshotID, req.GetSnapshotId())
 		if err != nil {
@@ -349,10 +352,11 @@ func (s *Service) Create(ctx context.Context, req *stowagev1.CreateTemplateReque
 		}
 		for _, r := range refs {
 			if r.GetRole() == stowagev1.StoreRole_STORE_ROLE_PRIMARY && r.GetState() == stowagev1.ObjectState_OBJECT_STATE_READY {
-				srcStoreID, srcPath, tmpl.VirtualSize = r.GetStoreId(), r.GetInstallPath(), r.GetSize()
+				srcStoreID, srcKey, tmpl.VirtualSize = r.GetStoreId(), r.GetInstallPath(), r.GetSize()
+				srcType, srcID = string(drivers.ObjectSnapshot), r.GetSnapshotId()
 			}
 		}
-		if srcPath == "" {
+		if srcKey == "" {
 			return nil, fmt.Errorf("snapshot %q has no Ready copy on primary (restore a volume from its backup, then make the template from that volume): %w", req.GetSnapshotId(), errdefs.ErrFailedPrecondition)
 		}
 		tmpl.SourceSnapshotId = req.GetSnapshotId()
@@ -380,13 +384,17 @@ func (s *Service) Create(ctx context.Context, req *stowagev1.CreateTemplateReque
 	if err != nil {
 		return nil, fmt.Errorf("making a template needs a host that reaches primary store %s and image store %s: %w", src.GetName(), dst.GetName(), err)
 	}
-	ref := &stowagev1.TemplateOnStore{Id: meta.NewID(), TemplateId: tmpl.GetId(), StoreId: dst.GetId(), InstallPath: InstallPath(tmpl)}
-	plan.Steps = []*stowagev1.PlanStep{{Name: "copy", HostId: ch.HostID, Reason: fmt.Sprintf("flatten %s into a standalone %s at %s on store %s; %s",
-		srcPath, ext(format), ref.GetInstallPath(), dst.GetName(), ch.Reason)}}
+	key, err := s.Locate(dst, tmpl)
+	if err != nil {
+		return nil, err
+	}
+	ref := &stowagev1.TemplateOnStore{Id: meta.NewID(), TemplateId: tmpl.GetId(), StoreId: dst.GetId(), InstallPath: key}
+	plan.Steps = []*stowagev1.PlanStep{{Name: "copy", HostId: ch.HostID, Reason: fmt.Sprintf("flatten %s %s into a standalone %s template on store %s; %s",
+		srcType, srcID, hostops.FormatFromProto(format), dst.GetName(), ch.Reason)}}
 	if req.GetDryRun() {
 		return &stowagev1.CreateTemplateResponse{Template: tmpl, Plan: plan}, nil
 	}
-	job := jobs.NewJob(KindCreate, tmpl.GetId(), req.GetIdempotencyKey(), plan, map[string]string{"source_store": src.GetId(), "source_path": srcPath})
+	job := jobs.NewJob(KindCreate, tmpl.GetId(), req.GetIdempotencyKey(), plan, map[string]string{"source_store": src.GetId(), "source_key": srcKey, "source_type": srcType, "source_id": srcID})
 	job, existing, err := s.jobs.Submit(ctx, job, func(tx *meta.Tx) error {
 		if _, err := meta.Templates.CreateTx(tx, tmpl); err != nil {
 			return err

@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"github.com/stowage/stowage/controller/datastore"
-	"github.com/stowage/stowage/controller/endpoint"
 	"github.com/stowage/stowage/controller/meta"
 	"github.com/stowage/stowage/drivers"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
@@ -38,8 +37,10 @@ type UpHoster interface {
 
 // Mounts decides what each host's FUSE template mount shows: every Ready
 // template of an Up image store of the host's zone, with where its bytes
-// are (a local path when the host reaches the image store, otherwise a
-// read-only export on an agent that does, made and kept by Mounts), and
+// are (what the image store's driver grants the host for reading: store://
+// of a store the host's agent serves, which the agent turns into the local
+// file for its cache process; a presigned https:// URL; or a read-only
+// export on an agent that reaches the store, kept by Mounts), and
 // pinned while a lazy volume of the zone uses it. It recomputes the
 // desired sets in the background (Run); the host service hands each host
 // its set in the heartbeat response (Spec), so a template appears in and
@@ -52,7 +53,7 @@ type UpHoster interface {
 // content identity, not by URL).
 type Mounts struct {
 	db        *meta.DB
-	sel       *endpoint.Selector
+	stores    *datastore.Service
 	hosts     UpHoster
 	transport string
 	every     time.Duration
@@ -60,17 +61,13 @@ type Mounts struct {
 
 	mu      sync.Mutex
 	desired map[string]*stowagev1.TemplateCacheSpec // by host id
-	exports map[exportKey]string                    // URL of each live export
-	sizes   map[string]int64                        // template file size, by ref id (immutable)
-}
-
-type exportKey struct {
-	host, session, path, transport string
+	grants  map[grantKey]grant                      // live read grants
+	sizes   map[string]int64                        // stored size, by ref id (immutable)
 }
 
 // NewMounts returns the planner; transport is MountTransportHTTP or
 // MountTransportNBD; every is how often it recomputes.
-func NewMounts(db *meta.DB, sel *endpoint.Selector, hosts UpHoster, transport string, every time.Duration, log *slog.Logger) (*Mounts, error) {
+func NewMounts(db *meta.DB, stores *datastore.Service, hosts UpHoster, transport string, every time.Duration, log *slog.Logger) (*Mounts, error) {
 	switch transport {
 	case MountTransportHTTP, MountTransportNBD:
 	default:
@@ -79,8 +76,8 @@ func NewMounts(db *meta.DB, sel *endpoint.Selector, hosts UpHoster, transport st
 	if every <= 0 {
 		every = 2 * time.Second
 	}
-	return &Mounts{db: db, sel: sel, hosts: hosts, transport: transport, every: every, log: log,
-		desired: map[string]*stowagev1.TemplateCacheSpec{}, exports: map[exportKey]string{}, sizes: map[string]int64{}}, nil
+	return &Mounts{db: db, stores: stores, hosts: hosts, transport: transport, every: every, log: log,
+		desired: map[string]*stowagev1.TemplateCacheSpec{}, grants: map[grantKey]grant{}, sizes: map[string]int64{}}, nil
 }
 
 // Spec returns the desired content of host's mount, or nil when the host
@@ -140,7 +137,7 @@ func (m *Mounts) Reconcile(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	used := map[exportKey]bool{}
+	used := map[grantKey]bool{}
 	desired := map[string]*stowagev1.TemplateCacheSpec{}
 	for _, h := range mounting {
 		spec := &stowagev1.TemplateCacheSpec{}
@@ -163,14 +160,17 @@ func (m *Mounts) Reconcile(ctx context.Context) error {
 	}
 	m.mu.Lock()
 	m.desired = desired
-	var stale []exportKey
-	for k := range m.exports {
+	var stale []grant
+	for k, g := range m.grants {
 		if !used[k] {
-			stale = append(stale, k)
+			stale = append(stale, g)
+			delete(m.grants, k)
 		}
 	}
 	m.mu.Unlock()
-	m.unexport(ctx, stale, up)
+	for _, g := range stale {
+		m.revoke(ctx, g)
+	}
 	return nil
 }
 
@@ -230,123 +230,125 @@ func (m *Mounts) lazyTemplates(ctx context.Context) (map[string]bool, error) {
 	return out, nil
 }
 
-// source returns where host h reads template it from, and the template
-// file's size.
-func (m *Mounts) source(ctx context.Context, h *stowagev1.Host, it mountable, up []*stowagev1.Host, used map[exportKey]bool) (string, int64, error) {
-	sc := datastore.Scope(it.store)
-	path := datastore.Path(it.store, it.ref.GetInstallPath())
-	size, err := m.fileSize(ctx, it, path)
-	if err != nil {
-		return "", 0, err
-	}
-	if sc.Contains(h.GetZone(), h.GetCluster(), h.GetId()) {
-		return path, size, nil
-	}
-	// An agent that reaches the image store exports the file; prefer one
-	// that already does.
-	var holder *stowagev1.Host
-	for _, o := range up {
-		if !sc.Contains(o.GetZone(), o.GetCluster(), o.GetId()) {
-			continue
-		}
-		k := exportKey{o.GetId(), o.GetSessionId(), path, m.transport}
-		m.mu.Lock()
-		_, ok := m.exports[k]
-		m.mu.Unlock()
-		if ok {
-			holder = o
-			break
-		}
-		if holder == nil {
-			holder = o
-		}
-	}
-	if holder == nil {
-		return "", 0, fmt.Errorf("no Up agent reaches image store %s", it.store.GetName())
-	}
-	k := exportKey{holder.GetId(), holder.GetSessionId(), path, m.transport}
-	used[k] = true
-	m.mu.Lock()
-	url, ok := m.exports[k]
-	m.mu.Unlock()
-	if ok {
-		return url, size, nil
-	}
-	ep, err := m.sel.ForHost(ctx, holder.GetId())
-	if err != nil {
-		return "", 0, err
-	}
-	var uri drivers.URI
-	ctx, cancel := context.WithTimeout(ctx, stepTimeout)
-	defer cancel()
-	if m.transport == MountTransportNBD {
-		// The mount reads the template file's bytes as they are (a qcow2
-		// template stays qcow2 in the mount): export the file as raw bytes.
-		uri, err = ep.ExportNBD(ctx, drivers.NBDExportRequest{Path: path, Format: drivers.FormatRaw, ReadOnly: true})
-	} else {
-		uri, err = ep.Export(ctx, path)
-	}
-	if err != nil {
-		return "", 0, fmt.Errorf("export template %s on host %s: %w", it.t.GetId(), holder.GetId(), err)
-	}
-	m.mu.Lock()
-	m.exports[k] = string(uri)
-	m.mu.Unlock()
-	m.log.Info("template mounts: exporting a template", "template", it.t.GetId(), "host", holder.GetId(), "transport", m.transport)
-	return string(uri), size, nil
+// grantKey names one granted source of a template copy: for the hosts in
+// its store's scope, or for the hosts outside it (an export).
+type grantKey struct {
+	ref       string
+	inScope   bool
+	transport string
 }
 
-// fileSize returns the size of the template's file on its image store
-// (not its virtual size: the mount shows the file as it is), asked once
-// per template copy of a controller's life (copies never change).
-func (m *Mounts) fileSize(ctx context.Context, it mountable, path string) (int64, error) {
+// grant is a live Access and the session of the host serving it.
+type grant struct {
+	obj     drivers.DataObject
+	access  drivers.Access
+	client  drivers.Client
+	session string
+	at      time.Time
+}
+
+// source returns where host h reads template it from (the access its image
+// store's driver grants: store:// for a host that reaches the store, a
+// presigned URL, or an export made on an agent that reaches it), and the
+// template's length as stored. Grants are shared by the hosts of one kind
+// and reused until they expire (half their lifetime) or their serving
+// agent restarts.
+func (m *Mounts) source(ctx context.Context, h *stowagev1.Host, it mountable, up []*stowagev1.Host, used map[grantKey]bool) (string, int64, error) {
+	d, err := m.stores.Driver(it.store)
+	if err != nil {
+		return "", 0, err
+	}
+	f, err := FormatFromProto(it.t.GetFormat())
+	if err != nil {
+		return "", 0, err
+	}
+	obj := datastore.Object(it.store, drivers.ObjectTemplate, it.t.GetId(), f, it.ref.GetSize(), it.ref.GetInstallPath())
+	size, err := m.storedSize(ctx, d, it, obj)
+	if err != nil {
+		return "", 0, err
+	}
+	k := grantKey{ref: it.ref.GetId(), inScope: datastore.Scope(it.store).Contains(h.GetZone(), h.GetCluster(), h.GetId()), transport: m.transport}
+	used[k] = true
+	m.mu.Lock()
+	g, ok := m.grants[k]
+	m.mu.Unlock()
+	if ok && g.fresh(up) {
+		return string(g.access.URI), size, nil
+	}
+	client := drivers.Client{HostID: h.GetId(), Purpose: drivers.PurposeRead, Transport: m.transport}
+	gctx, cancel := context.WithTimeout(ctx, stepTimeout)
+	defer cancel()
+	acc, err := d.GrantAccess(gctx, obj, client)
+	if err != nil {
+		return "", 0, fmt.Errorf("read access to template %s for host %s: %w", it.t.GetId(), h.GetId(), err)
+	}
+	ng := grant{obj: obj, access: acc, client: client, at: time.Now()}
+	for _, o := range up {
+		if o.GetId() == acc.HostID {
+			ng.session = o.GetSessionId()
+		}
+	}
+	m.mu.Lock()
+	m.grants[k] = ng
+	m.mu.Unlock()
+	if ok {
+		m.revoke(ctx, g)
+	}
+	if acc.Revocable {
+		m.log.Info("template mounts: exporting a template", "template", it.t.GetId(), "host", acc.HostID, "transport", m.transport)
+	}
+	return string(acc.URI), size, nil
+}
+
+// fresh reports whether g can still be handed out: not past half its
+// lifetime, and its serving agent (if any) has not restarted.
+func (g grant) fresh(up []*stowagev1.Host) bool {
+	if !g.access.Expires.IsZero() && time.Now().After(g.at.Add(g.access.Expires.Sub(g.at)/2)) {
+		return false
+	}
+	if g.access.HostID == "" {
+		return true
+	}
+	return slices.ContainsFunc(up, func(h *stowagev1.Host) bool {
+		return h.GetId() == g.access.HostID && h.GetSessionId() == g.session
+	})
+}
+
+// storedSize returns the length of the template's copy as stored (not its
+// virtual size: the mount shows the object as it is), asked once per
+// template copy of a controller's life (copies never change).
+func (m *Mounts) storedSize(ctx context.Context, d drivers.Driver, it mountable, obj drivers.DataObject) (int64, error) {
 	m.mu.Lock()
 	size, ok := m.sizes[it.ref.GetId()]
 	m.mu.Unlock()
 	if ok {
 		return size, nil
 	}
-	ch, err := m.sel.Select(ctx, "", datastore.Scope(it.store))
-	if err != nil {
-		return 0, err
-	}
 	ctx, cancel := context.WithTimeout(ctx, stepTimeout)
 	defer cancel()
-	fi, err := ch.Endpoint.StatPath(ctx, path)
+	oi, err := d.Stat(ctx, obj)
 	if err != nil {
 		return 0, err
 	}
 	m.mu.Lock()
-	m.sizes[it.ref.GetId()] = fi.Size
+	m.sizes[it.ref.GetId()] = oi.StoredSize
 	m.mu.Unlock()
-	return fi.Size, nil
+	return oi.StoredSize, nil
 }
 
-// unexport ends exports no host's mount uses any more (best effort; an
+// revoke ends a grant no host's mount uses any more (best effort; an
 // export of an agent that restarted is gone already).
-func (m *Mounts) unexport(ctx context.Context, keys []exportKey, up []*stowagev1.Host) {
-	for _, k := range keys {
-		m.mu.Lock()
-		url := m.exports[k]
-		delete(m.exports, k)
-		m.mu.Unlock()
-		live := slices.ContainsFunc(up, func(h *stowagev1.Host) bool { return h.GetId() == k.host && h.GetSessionId() == k.session })
-		if !live {
-			continue
-		}
-		ep, err := m.sel.ForHost(ctx, k.host)
-		if err != nil {
-			continue
-		}
-		uctx, cancel := context.WithTimeout(ctx, stepTimeout)
-		if k.transport == MountTransportNBD {
-			err = ep.UnexportNBD(uctx, drivers.URI(url))
-		} else {
-			err = ep.Unexport(uctx, drivers.URI(url))
-		}
-		cancel()
-		if err != nil {
-			m.log.Warn("template mounts: unexport failed", "host", k.host, "err", err)
-		}
+func (m *Mounts) revoke(ctx context.Context, g grant) {
+	if !g.access.Revocable {
+		return
+	}
+	d, err := m.stores.Driver(&stowagev1.DataStore{Provider: g.obj.Store.Provider, Name: g.obj.Store.Name})
+	if err != nil {
+		return
+	}
+	rctx, cancel := context.WithTimeout(ctx, stepTimeout)
+	defer cancel()
+	if err := d.RevokeAccess(rctx, g.obj, g.client, g.access); err != nil {
+		m.log.Warn("template mounts: ending an export failed", "host", g.access.HostID, "err", err)
 	}
 }
