@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"net/url"
-	"strings"
 
 	"github.com/stowage/stowage/controller/meta"
 	"github.com/stowage/stowage/drivers"
@@ -12,89 +11,128 @@ import (
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 )
 
-// Access through NBD. A host outside the scope of a volume's store cannot
-// open its file; GrantAccess then has an Up agent that reaches the store
-// export the volume over NBD under an unguessable name and records the
-// nbd:// URI on the volume (Volume.nbd_export_uri, for attached_host_id).
-// The exporting agent is the host whose nbd_address is the URI's host:port.
-// A grant again to the same host replaces the export (so one lost by an
-// agent restart comes back); a grant to another host while one is recorded
-// is refused. RevokeAccess unexports it and clears both fields.
+// Access. GrantAccess asks the volume's store driver for what a hypervisor
+// on the host opens (drivers.PurposeAttach): a file:// path for a host
+// that reaches a filesystem store, an nbd:// export served by an agent
+// that does for one that does not, whatever another provider hands out.
+// A revocable grant (an export) is recorded on the volume
+// (Volume.nbd_export_uri, for attached_host_id); the serving agent is the
+// host whose nbd_address is the URI's host:port. A grant again to the same
+// host replaces it (so one lost by an agent restart comes back); a grant
+// to another host while one is recorded is refused. RevokeAccess ends it
+// through the driver and clears both fields.
 
-// hostInScope reports whether hostID is known and in the scope of obj's store.
-func (s *Service) hostInScope(ctx context.Context, obj drivers.DataObject, hostID string) (bool, error) {
-	h, err := s.db.Hosts().Get(ctx, hostID)
+// GrantAccess returns a URI host can open the volume with.
+func (s *Service) GrantAccess(ctx context.Context, idOrName, hostID string) (string, error) {
+	v, obj, d, err := s.object(ctx, idOrName)
 	if err != nil {
-		return false, fmt.Errorf("host %s: %w", hostID, err)
+		return "", err
 	}
-	return obj.Store.Scope.Contains(h.GetZone(), h.GetCluster(), h.GetId()), nil
-}
-
-// grantNBD exports the volume from an agent that reaches its store and
-// records the URI for hostID.
-func (s *Service) grantNBD(ctx context.Context, v *stowagev1.Volume, obj drivers.DataObject, hostID string) (string, error) {
+	if v.GetState() != stowagev1.VolumeState_VOLUME_STATE_READY {
+		return "", busy(v, fmt.Errorf("volume %s is %s: %w", v.GetName(), meta.VolumeStateName(v.GetState()), errdefs.ErrFailedPrecondition))
+	}
+	if hostID == "" {
+		return "", fmt.Errorf("grant access to volume %s: no host: %w", v.GetName(), errdefs.ErrInvalid)
+	}
+	if _, err := s.db.Hosts().Get(ctx, hostID); err != nil {
+		return "", fmt.Errorf("grant host %s access to volume %s: host %s: %w", hostID, v.GetName(), hostID, err)
+	}
 	if old := v.GetNbdExportUri(); old != "" && v.GetAttachedHostId() != hostID {
-		return "", fmt.Errorf("volume %s is attached to host %s through NBD; revoke that first: %w", v.GetName(), v.GetAttachedHostId(), errdefs.ErrFailedPrecondition)
+		return "", fmt.Errorf("volume %s is attached to host %s through an export; revoke that first: %w", v.GetName(), v.GetAttachedHostId(), errdefs.ErrFailedPrecondition)
 	}
-	ch, err := s.sel.Select(ctx, "", obj.Store.Scope)
+	client := drivers.Client{HostID: hostID, Purpose: drivers.PurposeAttach}
+	acc, err := d.GrantAccess(ctx, obj, client)
 	if err != nil {
-		return "", fmt.Errorf("no agent can serve volume %s to host %s over NBD: %w", v.GetName(), hostID, err)
-	}
-	h, err := s.db.Hosts().Get(ctx, ch.HostID)
-	if err != nil {
-		return "", err
-	}
-	if h.GetNbdAddress() == "" {
-		return "", fmt.Errorf("host %s (which reaches store %s) serves no NBD (agent --nbd-listen): %w", ch.HostID, obj.Store.Name, errdefs.ErrUnavailable)
-	}
-	path := strings.TrimRight(obj.Store.Details["path"], "/") + "/" + v.GetInstallPath()
-	uri, err := ch.Endpoint.ExportNBD(ctx, drivers.NBDExportRequest{Path: path, Format: obj.Format})
-	if err != nil {
-		return "", err
+		return "", fmt.Errorf("grant host %s access to volume %s: %w", hostID, v.GetName(), err)
 	}
 	var old string
 	_, err = s.db.Volumes().Update(ctx, v.GetId(), 0, func(v *stowagev1.Volume) error {
 		if v.NbdExportUri != "" && v.AttachedHostId != hostID {
 			return fmt.Errorf("volume %s was attached to host %s meanwhile: %w", v.GetName(), v.AttachedHostId, errdefs.ErrConflict)
 		}
-		old = v.NbdExportUri
-		v.AttachedHostId, v.NbdExportUri = hostID, string(uri)
+		v.AttachedHostId = hostID
+		if acc.Revocable {
+			old, v.NbdExportUri = v.NbdExportUri, string(acc.URI)
+		}
 		return nil
 	})
 	if err != nil {
-		_ = ch.Endpoint.UnexportNBD(context.WithoutCancel(ctx), uri)
+		if acc.Revocable {
+			_ = d.RevokeAccess(context.WithoutCancel(ctx), obj, client, acc)
+		}
 		return "", err
 	}
-	if old != "" && old != string(uri) {
-		if err := s.unexportNBD(ctx, old); err != nil {
-			s.log.Warn("could not end the previous NBD export", "volume", v.GetId(), "uri", old, "err", err)
+	if old != "" && old != string(acc.URI) {
+		if err := s.revokeExport(ctx, d, obj, client, old); err != nil {
+			s.log.Warn("could not end the previous export", "volume", v.GetId(), "err", err)
 		}
 	}
-	return string(uri), nil
+	return string(acc.URI), nil
 }
 
-// unexportNBD ends the export at uri through the host serving it (the one
-// whose nbd_address is the URI's host:port). No such host is
-// errdefs.ErrNotFound (its exports ended with it); a host that is not Up is
-// errdefs.ErrUnavailable, since a partitioned agent may still serve it.
-func (s *Service) unexportNBD(ctx context.Context, uri string) error {
+// RevokeAccess withdraws a host's access; an export granted to it is
+// removed (its connections closed) before the record forgets it.
+func (s *Service) RevokeAccess(ctx context.Context, idOrName, hostID string) error {
+	v, obj, d, err := s.object(ctx, idOrName)
+	if err != nil {
+		return err
+	}
+	client := drivers.Client{HostID: hostID, Purpose: drivers.PurposeAttach}
+	uri := v.GetNbdExportUri()
+	if uri != "" && v.GetAttachedHostId() == hostID {
+		if err := s.revokeExport(ctx, d, obj, client, uri); err != nil {
+			return fmt.Errorf("revoke host %s access to volume %s: %w", hostID, v.GetName(), err)
+		}
+	} else if err := d.RevokeAccess(ctx, obj, client, drivers.Access{}); err != nil {
+		return err
+	}
+	_, err = s.db.Volumes().Update(ctx, v.GetId(), 0, func(v *stowagev1.Volume) error {
+		if v.AttachedHostId == hostID {
+			v.AttachedHostId = ""
+			if v.NbdExportUri == uri {
+				v.NbdExportUri = ""
+			}
+		}
+		return nil
+	})
+	return err
+}
+
+// revokeExport ends the recorded export at uri through the driver; the
+// serving host is the one whose nbd_address is the URI's host:port (no such
+// host: its exports ended with it).
+func (s *Service) revokeExport(ctx context.Context, d drivers.Driver, obj drivers.DataObject, client drivers.Client, uri string) error {
 	u, err := url.Parse(uri)
-	if err != nil || u.Scheme != "nbd" || u.Host == "" {
-		return fmt.Errorf("%q is not an nbd:// URI: %w", uri, errdefs.ErrInvalid)
+	if err != nil || u.Host == "" {
+		return fmt.Errorf("%q is not an export URI: %w", uri, errdefs.ErrInvalid)
 	}
 	hosts, err := s.db.Hosts().List(ctx, meta.Filter[*stowagev1.Host]{})
 	if err != nil {
 		return err
 	}
 	for _, h := range hosts {
-		if h.GetNbdAddress() != u.Host {
-			continue
+		if h.GetNbdAddress() == u.Host {
+			return d.RevokeAccess(ctx, obj, client, drivers.Access{URI: drivers.URI(uri), Revocable: true, HostID: h.GetId()})
 		}
-		ep, err := s.sel.ForHost(ctx, h.GetId())
-		if err != nil {
-			return err
-		}
-		return ep.UnexportNBD(ctx, drivers.URI(uri))
 	}
-	return fmt.Errorf("no host serves NBD at %s: %w", u.Host, errdefs.ErrNotFound)
+	return nil
 }
+
+// object returns volume idOrName, its data object and its store's driver.
+func (s *Service) object(ctx context.Context, idOrName string) (*stowagev1.Volume, drivers.DataObject, drivers.Driver, error) {
+	v, err := s.Get(ctx, idOrName)
+	if err != nil {
+		return nil, drivers.DataObject{}, nil, err
+	}
+	st, err := s.db.Stores().Get(ctx, v.GetStoreId())
+	if err != nil {
+		return nil, drivers.DataObject{}, nil, err
+	}
+	d, err := s.stores.Driver(st)
+	if err != nil {
+		return nil, drivers.DataObject{}, nil, err
+	}
+	obj, err := volumeObject(st, v)
+	return v, obj, d, err
+}
+

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"path"
 	"strconv"
 
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -13,8 +12,10 @@ import (
 	"github.com/stowage/stowage/controller/image"
 	"github.com/stowage/stowage/controller/jobs"
 	"github.com/stowage/stowage/controller/meta"
+	"github.com/stowage/stowage/controller/motion"
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
+	"github.com/stowage/stowage/hostops"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 )
 
@@ -39,8 +40,8 @@ func (h createHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 		return err
 	}
 	format := drivers.Format(job.GetParams()["format"])
-	dest := datastore.Path(st, v.GetInstallPath())
-	var info drivers.ImageInfo
+	dst := datastore.Object(st, drivers.ObjectVolume, v.GetId(), format, v.GetSize(), v.GetInstallPath())
+	var info drivers.ObjectInfo
 	var spool *stowagev1.TemplateOnStore
 	switch {
 	case v.GetTemplateId() != "" && v.GetInstallMethod() == image.LazyMethod:
@@ -53,10 +54,13 @@ func (h createHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 			if err != nil {
 				return err
 			}
-			base := path.Join(ch.Host.GetCapabilities().GetTemplateCache().GetMount(), v.GetTemplateId())
-			info, err = ch.Endpoint.CloneImage(ctx, drivers.CloneRequest{
-				Base: base, BaseFormat: baseFormat, Dest: dest, Mode: drivers.CloneLinked, Format: drivers.FormatQCOW2, Size: v.GetSize(),
-			}, rep.Bytes)
+			cl, err := datastore.Capability[drivers.Cloner](s.stores, st, "make a lazy volume (an overlay on the host's template mount)")
+			if err != nil {
+				return err
+			}
+			dst.Format = drivers.FormatQCOW2
+			base := drivers.DataObject{ID: v.GetTemplateId(), Type: drivers.ObjectTemplate, Format: baseFormat}
+			info, err = cl.Clone(drivers.WithHost(ctx, ch.HostID), drivers.CloneSpec{Base: base, BaseInMount: true, Dst: dst, Mode: drivers.CloneLinked}, rep.Bytes)
 			return err
 		})
 	case v.GetTemplateId() != "":
@@ -64,30 +68,26 @@ func (h createHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 			return err
 		}
 		err = jobs.RunStep(ctx, job, rep, "install", func(ctx context.Context) error {
-			ch, err := s.sel.Select(ctx, jobs.PlanHost(job, "install"), datastore.Scope(st))
+			base, err := s.templateObject(ctx, st, spool)
 			if err != nil {
 				return err
 			}
-			baseFormat, err := s.templateFormat(ctx, v.GetTemplateId())
+			cl, err := datastore.Capability[drivers.Cloner](s.stores, st, "install a volume from a cached template")
 			if err != nil {
 				return err
 			}
-			info, err = ch.Endpoint.CloneImage(ctx, drivers.CloneRequest{
-				Base: datastore.Path(st, spool.GetInstallPath()), BaseFormat: baseFormat, Dest: dest, Mode: drivers.CloneMode(job.GetParams()["mode"]),
-				Format: format, Size: v.GetSize(),
-			}, rep.Bytes)
+			info, err = cl.Clone(drivers.WithHost(ctx, jobs.PlanHost(job, "install")), drivers.CloneSpec{Base: base, Dst: dst, Mode: drivers.CloneMode(job.GetParams()["mode"])}, rep.Bytes)
 			return err
 		})
 	case v.GetSnapshotId() != "":
-		err = s.createFromSnapshot(ctx, job, rep, v, st, format, &info)
+		err = s.createFromSnapshot(ctx, job, rep, v, st, dst, &info)
 	default:
 		err = jobs.RunStep(ctx, job, rep, "create", func(ctx context.Context) error {
-			ch, err := s.sel.Select(ctx, jobs.PlanHost(job, "create"), datastore.Scope(st))
+			d, err := s.stores.Driver(st)
 			if err != nil {
 				return err
 			}
-			fi, err := ch.Endpoint.CreateImage(ctx, dest, format, v.GetSize())
-			info = drivers.ImageInfo{Path: dest, Format: format, VirtualSize: v.GetSize(), PhysicalSize: fi.AllocatedBytes}
+			info, err = d.Create(drivers.WithHost(ctx, jobs.PlanHost(job, "create")), dst)
 			return err
 		})
 	}
@@ -106,8 +106,8 @@ func (h createHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 			}
 		}
 		_, err := meta.Volumes.TransitionTx(tx, v.GetId(), 0, meta.VolumeOperationSucceeded, func(v *stowagev1.Volume) error {
-			if info.VirtualSize > 0 {
-				v.Size = info.VirtualSize
+			if info.Size > 0 {
+				v.Size = info.Size
 			}
 			v.Format = formatToProto(format)
 			v.BusyJobId, v.Error = "", ""
@@ -119,7 +119,7 @@ func (h createHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 		return err
 	})
 	if err == nil {
-		rep.Result("volume %s ready on store %s (%s, %d bytes, %s)", v.GetName(), st.GetName(), format, info.VirtualSize, orDefault(info.Method, v.GetInstallMethod()))
+		rep.Result("volume %s ready on store %s (%s, %d bytes, %s)", v.GetName(), st.GetName(), format, info.Size, orDefault(info.Method, v.GetInstallMethod()))
 	}
 	return err
 }
@@ -142,7 +142,11 @@ func (s *Service) ensureCached(ctx context.Context, job *stowagev1.Job, rep *job
 	for attempt := 0; attempt < 3; attempt++ {
 		ref, err := s.SpoolRef(ctx, tmpl.GetId(), st.GetId())
 		if errdefs.IsNotFound(err) {
-			ref, err = s.db.TemplatesOnStore().Create(ctx, &stowagev1.TemplateOnStore{Id: meta.NewID(), TemplateId: tmpl.GetId(), StoreId: st.GetId(), InstallPath: "templates/" + tmpl.GetId() + "." + tmplExt(tmpl)})
+			key, lerr := s.locateTemplate(st, tmpl)
+			if lerr != nil {
+				return nil, lerr
+			}
+			ref, err = s.db.TemplatesOnStore().Create(ctx, &stowagev1.TemplateOnStore{Id: meta.NewID(), TemplateId: tmpl.GetId(), StoreId: st.GetId(), InstallPath: key})
 			if errdefs.IsAlreadyExists(err) {
 				continue
 			}
@@ -188,13 +192,6 @@ func (s *Service) ensureCached(ctx context.Context, job *stowagev1.Job, rep *job
 	return nil, fmt.Errorf("template %s on store %s: too many concurrent changes: %w", tmpl.GetName(), st.GetName(), errdefs.ErrAborted)
 }
 
-func tmplExt(t *stowagev1.Template) string {
-	if t.GetFormat() == stowagev1.ImageFormat_IMAGE_FORMAT_QCOW2 {
-		return "qcow2"
-	}
-	return "raw"
-}
-
 // copyTemplate copies the template from an image store into the spool ref.
 func (s *Service) copyTemplate(ctx context.Context, job *stowagev1.Job, rep *jobs.Reporter, tmpl *stowagev1.Template, ref *stowagev1.TemplateOnStore, st *stowagev1.DataStore) error {
 	// Mark the owner so a resumed job knows the copy is its own.
@@ -208,14 +205,18 @@ func (s *Service) copyTemplate(ctx context.Context, job *stowagev1.Job, rep *job
 	if err == nil {
 		err = s.evictCache(ctx, job, rep, st, tmpl.GetVirtualSize())
 	}
-	var info drivers.ImageInfo
+	var info drivers.ObjectInfo
 	if err == nil {
 		err = jobs.RunStep(ctx, job, rep, "cache-template", func(ctx context.Context) error {
-			tfmt, err := image.FormatFromProto(tmpl.GetFormat())
+			src, err := s.templateObject(ctx, imgStore, imgRef)
 			if err != nil {
 				return err
 			}
-			info, err = s.copyBetween(ctx, imgStore, imgRef.GetInstallPath(), st, ref.GetInstallPath(), true, drivers.CopyRequest{SourceFormat: tfmt}, rep.Bytes)
+			dst, err := s.templateObject(ctx, st, ref)
+			if err != nil {
+				return err
+			}
+			info, err = s.mover.Copy(ctx, motion.Move{Src: src, Dst: dst, Standalone: true, Prefer: jobs.PlanHost(job, "cache-template")}, rep.Bytes)
 			return err
 		})
 	}
@@ -227,14 +228,14 @@ func (s *Service) copyTemplate(ctx context.Context, job *stowagev1.Job, rep *job
 		return errors.Join(err, terr)
 	}
 	_, err = s.db.TemplatesOnStore().Transition(ctx, ref.GetId(), meta.ObjectOperationSucceeded, func(r *stowagev1.TemplateOnStore) error {
-		r.Size, r.PhysicalSize, r.BytesDone, r.Error, r.OwnerJobId = info.VirtualSize, info.PhysicalSize, info.VirtualSize, "", ""
+		r.Size, r.PhysicalSize, r.BytesDone, r.Error, r.OwnerJobId = info.Size, info.PhysicalSize, info.Size, "", ""
 		r.LastUsed = timestamppb.Now()
 		return nil
 	})
 	return err
 }
 
-func (s *Service) createFromSnapshot(ctx context.Context, job *stowagev1.Job, rep *jobs.Reporter, v *stowagev1.Volume, st *stowagev1.DataStore, format drivers.Format, info *drivers.ImageInfo) error {
+func (s *Service) createFromSnapshot(ctx context.Context, job *stowagev1.Job, rep *jobs.Reporter, v *stowagev1.Volume, st *stowagev1.DataStore, dst drivers.DataObject, info *drivers.ObjectInfo) error {
 	ref, err := s.db.SnapshotsOnStore().Get(ctx, job.GetParams()["source_ref"])
 	if err != nil {
 		return err
@@ -243,31 +244,62 @@ func (s *Service) createFromSnapshot(ctx context.Context, job *stowagev1.Job, re
 	if err != nil {
 		return err
 	}
+	obj, err := s.snapshotObject(ctx, src, ref)
+	if err != nil {
+		return err
+	}
 	if ref.GetRole() == stowagev1.StoreRole_STORE_ROLE_PRIMARY {
 		return jobs.RunStep(ctx, job, rep, "copy", func(ctx context.Context) error {
-			srcFormat, err := s.snapshotFormat(ctx, ref.GetSnapshotId())
-			if err != nil {
-				return err
-			}
-			*info, err = s.copyBetween(ctx, src, ref.GetInstallPath(), st, v.GetInstallPath(), false, drivers.CopyRequest{SourceFormat: srcFormat, Format: format, Flatten: true}, rep.Bytes)
+			*info, err = s.mover.Copy(ctx, motion.Move{Src: obj, Dst: dst, Flatten: true, Prefer: jobs.PlanHost(job, "copy")}, rep.Bytes)
 			return err
 		})
 	}
 	return jobs.RunStep(ctx, job, rep, "restore", func(ctx context.Context) error {
-		ch, err := s.sel.Select(ctx, jobs.PlanHost(job, "restore"), datastore.Scope(src), datastore.Scope(st))
-		if err != nil {
-			return err
-		}
-		*info, err = ch.Endpoint.RestoreImage(ctx, drivers.RestoreRequest{
-			Manifest: datastore.Path(src, ref.GetInstallPath()), ChunkDir: datastore.Path(src, ChunkDir),
-			Dest: datastore.Path(st, v.GetInstallPath()), Format: format,
-		}, rep.Bytes)
+		*info, err = s.restore(ctx, jobs.PlanHost(job, "restore"), src, obj, st, dst, rep.Bytes)
 		return err
 	})
 }
 
-// ChunkDir is where an image store keeps backup chunks.
-const ChunkDir = "snapshots/chunks"
+// restore rebuilds dst (on primary store st) from backup obj (on image
+// store src) on a host that reaches st and that src's driver gives the
+// backup's chunks to.
+func (s *Service) restore(ctx context.Context, prefer string, src *stowagev1.DataStore, obj drivers.DataObject, st *stowagev1.DataStore, dst drivers.DataObject, progress drivers.Progress) (drivers.ObjectInfo, error) {
+	ct, err := datastore.Capability[drivers.ChunkTarget](s.stores, src, "keep backups")
+	if err != nil {
+		return drivers.ObjectInfo{}, err
+	}
+	d, err := s.stores.Driver(st)
+	if err != nil {
+		return drivers.ObjectInfo{}, err
+	}
+	ch, err := s.sel.Select(ctx, prefer, datastore.Scope(src), datastore.Scope(st))
+	if err != nil {
+		if ch, err = s.sel.Select(ctx, prefer, datastore.Scope(st)); err != nil {
+			return drivers.ObjectInfo{}, err
+		}
+	}
+	ctx = drivers.WithHost(ctx, ch.HostID)
+	ba, err := ct.BackupAccess(ctx, obj, drivers.Client{HostID: ch.HostID, Purpose: drivers.PurposeRead})
+	if err != nil {
+		return drivers.ObjectInfo{}, err
+	}
+	writer := drivers.Client{HostID: ch.HostID, Purpose: drivers.PurposeWrite}
+	acc, err := d.GrantAccess(ctx, dst, writer)
+	if err != nil {
+		return drivers.ObjectInfo{}, err
+	}
+	ref, ok, err := hostops.ParseRef(acc.URI)
+	if err != nil || !ok {
+		return drivers.ObjectInfo{}, fmt.Errorf("store %s gives host %s no store object to restore into (%v): %w", st.GetName(), ch.HostID, err, errdefs.ErrNotImplemented)
+	}
+	ii, err := ch.Endpoint.RestoreImage(ctx, hostops.RestoreRequest{
+		Chunks: hostops.ChunkStore{URI: ba.Chunks, Secret: ba.Secret}, Manifest: ba.Manifest, Dest: ref, Format: dst.Format,
+	}, progress)
+	if err != nil {
+		return drivers.ObjectInfo{}, err
+	}
+	return ii.Object(dst), nil
+}
 
 // Fail marks a volume that could not be created Failed, with the reason.
 func (h createHandler) Fail(ctx context.Context, job *stowagev1.Job, cause error) error {
@@ -307,15 +339,24 @@ func (h deleteHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 		return err
 	}
 	err = jobs.RunStep(ctx, job, rep, "expunge", func(ctx context.Context) error {
-		ch, err := s.sel.Select(ctx, jobs.PlanHost(job, "expunge"), datastore.Scope(st))
+		ctx = drivers.WithHost(ctx, jobs.PlanHost(job, "expunge"))
+		d, err := s.stores.Driver(st)
 		if err != nil {
 			return err
 		}
-		if err := ch.Endpoint.DeletePath(ctx, datastore.Path(st, v.GetInstallPath())); err != nil {
+		obj, err := volumeObject(st, v)
+		if err != nil {
+			return err
+		}
+		if err := d.Delete(ctx, obj); err != nil {
 			return err
 		}
 		for _, r := range refs {
-			if err := ch.Endpoint.DeletePath(ctx, datastore.Path(st, r.GetInstallPath())); err != nil {
+			so, err := s.snapshotObject(ctx, st, r)
+			if err != nil {
+				return err
+			}
+			if err := d.Delete(ctx, so); err != nil {
 				return err
 			}
 		}
@@ -402,26 +443,26 @@ func (h resizeHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 	if err != nil {
 		return err
 	}
-	var info drivers.ImageInfo
+	var info drivers.ObjectInfo
 	if err := jobs.RunStep(ctx, job, rep, "resize", func(ctx context.Context) error {
-		ch, err := s.sel.Select(ctx, jobs.PlanHost(job, "resize"), datastore.Scope(st))
+		rz, err := datastore.Capability[drivers.Resizer](s.stores, st, "resize volumes")
 		if err != nil {
 			return err
 		}
-		vf, err := formatOf(v)
+		obj, err := volumeObject(st, v)
 		if err != nil {
 			return err
 		}
-		info, err = ch.Endpoint.ResizeImage(ctx, datastore.Path(st, v.GetInstallPath()), vf, size)
+		info, err = rz.Resize(drivers.WithHost(ctx, jobs.PlanHost(job, "resize")), obj, size)
 		return err
 	}); err != nil {
 		return err
 	}
 	_, err = s.db.Volumes().Transition(ctx, v.GetId(), meta.VolumeOperationSucceeded, func(v *stowagev1.Volume) error {
-		v.Size, v.BusyJobId = info.VirtualSize, ""
+		v.Size, v.BusyJobId = info.Size, ""
 		return nil
 	})
-	rep.Result("volume %s is now %d bytes", v.GetName(), info.VirtualSize)
+	rep.Result("volume %s is now %d bytes", v.GetName(), info.Size)
 	return err
 }
 
@@ -462,12 +503,21 @@ func (h migrateHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.R
 	if err != nil {
 		return err
 	}
-	srcPath := job.GetParams()["src_path"]
-	format, _ := formatOf(v)
+	srcKey := job.GetParams()["src_key"]
+	format, err := formatOf(v)
+	if err != nil {
+		return err
+	}
+	srcObj := datastore.Object(src, drivers.ObjectVolume, v.GetId(), format, v.GetSize(), srcKey)
 	if v.GetState() == stowagev1.VolumeState_VOLUME_STATE_MIGRATING {
-		var info drivers.ImageInfo
+		dstKey, err := s.locateVolume(dst, v.GetId(), format, v.GetSize())
+		if err != nil {
+			return err
+		}
+		dstObj := datastore.Object(dst, drivers.ObjectVolume, v.GetId(), format, v.GetSize(), dstKey)
+		var info drivers.ObjectInfo
 		if err := jobs.RunStep(ctx, job, rep, "copy", func(ctx context.Context) error {
-			info, err = s.copyBetween(ctx, src, srcPath, dst, v.GetInstallPath(), standalone(v), drivers.CopyRequest{SourceFormat: format, Format: format, Flatten: true}, rep.Bytes)
+			info, err = s.mover.Copy(ctx, motion.Move{Src: srcObj, Dst: dstObj, Flatten: true, Standalone: standalone(v), Prefer: jobs.PlanHost(job, "copy")}, rep.Bytes)
 			return err
 		}); err != nil {
 			return err
@@ -484,12 +534,12 @@ func (h migrateHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.R
 				}
 			}
 			_, err := meta.Volumes.TransitionTx(tx, v.GetId(), 0, meta.VolumeOperationSucceeded, func(v *stowagev1.Volume) error {
-				v.StoreId, v.BaseRefId, v.BusyJobId, v.Error = dst.GetId(), "", "", ""
+				v.StoreId, v.InstallPath, v.BaseRefId, v.BusyJobId, v.Error = dst.GetId(), dstKey, "", "", ""
 				if v.InstallMethod == image.LazyMethod {
 					v.InstallMethod = "full" // flattened: no longer reads the template mount
 				}
-				if info.VirtualSize > 0 {
-					v.Size = info.VirtualSize
+				if info.Size > 0 {
+					v.Size = info.Size
 				}
 				return nil
 			})
@@ -501,26 +551,16 @@ func (h migrateHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.R
 	}
 	// The volume now lives on dst; removing the source is cleanup.
 	if err := jobs.RunStep(ctx, job, rep, "cleanup-source", func(ctx context.Context) error {
-		ch, err := s.sel.Select(ctx, "", datastore.Scope(src))
+		d, err := s.stores.Driver(src)
 		if err != nil {
 			return err
 		}
-		return ch.Endpoint.DeletePath(ctx, datastore.Path(src, srcPath))
+		return d.Delete(ctx, srcObj)
 	}); err != nil {
 		s.log.Warn("migrated volume's source copy not removed", "volume", v.GetId(), "store", src.GetName(), "err", err)
 	}
 	rep.Result("volume %s moved from store %s to %s", v.GetName(), src.GetName(), dst.GetName())
 	return nil
-}
-
-func formatOf(v *stowagev1.Volume) (drivers.Format, error) {
-	switch v.GetFormat() {
-	case stowagev1.ImageFormat_IMAGE_FORMAT_QCOW2:
-		return drivers.FormatQCOW2, nil
-	case stowagev1.ImageFormat_IMAGE_FORMAT_RAW:
-		return drivers.FormatRaw, nil
-	}
-	return "", fmt.Errorf("volume %s has no format: %w", v.GetId(), errdefs.ErrInternal)
 }
 
 // templateFormat is the format of template id as its record says; its
@@ -557,8 +597,12 @@ func (h migrateHandler) Fail(ctx context.Context, job *stowagev1.Job, cause erro
 	}
 	if v.GetState() == stowagev1.VolumeState_VOLUME_STATE_MIGRATING {
 		if dst, err := h.s.db.Stores().Get(ctx, job.GetParams()["dst"]); err == nil {
-			if ch, err := h.s.sel.Select(ctx, "", datastore.Scope(dst)); err == nil {
-				_ = ch.Endpoint.DeletePath(ctx, datastore.Path(dst, v.GetInstallPath()))
+			if f, err := formatOf(v); err == nil {
+				if key, err := h.s.locateVolume(dst, v.GetId(), f, v.GetSize()); err == nil {
+					if d, err := h.s.stores.Driver(dst); err == nil {
+						_ = d.Delete(ctx, datastore.Object(dst, drivers.ObjectVolume, v.GetId(), f, v.GetSize(), key))
+					}
+				}
 			}
 		}
 	}

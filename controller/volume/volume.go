@@ -14,7 +14,6 @@ package volume
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"slices"
@@ -46,6 +45,7 @@ type Service struct {
 	stores    *datastore.Service
 	images    *image.Service
 	sel       *endpoint.Selector
+	mover     *motion.Mover
 	jobs      *jobs.Runner
 	providers *drivers.Registry
 	log       *slog.Logger
@@ -56,20 +56,13 @@ type Service struct {
 }
 
 // New returns the volume service and registers its job handlers.
-func New(db *meta.DB, stores *datastore.Service, images *image.Service, sel *endpoint.Selector, runner *jobs.Runner, providers *drivers.Registry, log *slog.Logger) *Service {
-	s := &Service{db: db, stores: stores, images: images, sel: sel, jobs: runner, providers: providers, log: log, CacheLowWater: 0.10}
+func New(db *meta.DB, stores *datastore.Service, images *image.Service, sel *endpoint.Selector, mover *motion.Mover, runner *jobs.Runner, providers *drivers.Registry, log *slog.Logger) *Service {
+	s := &Service{db: db, stores: stores, images: images, sel: sel, mover: mover, jobs: runner, providers: providers, log: log, CacheLowWater: 0.10}
 	runner.Register(KindCreate, createHandler{s})
 	runner.Register(KindDelete, deleteHandler{s})
 	runner.Register(KindResize, resizeHandler{s})
 	runner.Register(KindMigrate, migrateHandler{s})
 	return s
-}
-
-func ext(f drivers.Format) string {
-	if f == drivers.FormatQCOW2 {
-		return "qcow2"
-	}
-	return "raw"
 }
 
 func formatToProto(f drivers.Format) stowagev1.ImageFormat {
@@ -196,7 +189,13 @@ func (s *Service) Create(ctx context.Context, req *stowagev1.CreateVolumeRequest
 	if err != nil {
 		return nil, err
 	}
-	vol.InstallPath = "volumes/" + vol.GetId() + "." + ext(drivers.Format(p.params["format"]))
+	st, err := s.db.Stores().Get(ctx, vol.GetStoreId())
+	if err != nil {
+		return nil, err
+	}
+	if vol.InstallPath, err = s.locateVolume(st, vol.GetId(), drivers.Format(p.params["format"]), vol.GetSize()); err != nil {
+		return nil, err
+	}
 	vol.Format = formatToProto(drivers.Format(p.params["format"]))
 	if req.GetDryRun() {
 		return &stowagev1.CreateVolumeResponse{Volume: vol, Plan: p.plan}, nil
@@ -333,7 +332,11 @@ func (p *planner) fromTemplate(ctx context.Context, req *stowagev1.CreateVolumeR
 		p.plan.Reasons = append(p.plan.Reasons, fmt.Sprintf("template %s is being cached on store %s (%s): wait for that one copy", tmpl.GetName(), st.GetName(), meta.ObjectStateName(spool.GetState())))
 		p.step("cache-template", "", "wait for the copy already under way, or redo it if it failed")
 	case errdefs.IsNotFound(err):
-		p.newRef = &stowagev1.TemplateOnStore{Id: meta.NewID(), TemplateId: tmpl.GetId(), StoreId: st.GetId(), InstallPath: image.InstallPath(tmpl)}
+		key, err := p.s.locateTemplate(st, tmpl)
+		if err != nil {
+			return err
+		}
+		p.newRef = &stowagev1.TemplateOnStore{Id: meta.NewID(), TemplateId: tmpl.GetId(), StoreId: st.GetId(), InstallPath: key}
 		reasons, host, err := p.s.copyPlan(ctx, imgStore, st, true)
 		if err != nil {
 			return err
@@ -388,41 +391,6 @@ func (s *Service) copyPlan(ctx context.Context, a, b *stowagev1.DataStore, stand
 		return d.Reasons, "", err
 	}
 	return append([]string{fmt.Sprintf("data motion %s (%s) wins", d.Strategy.Name(), d.Priority)}, d.Reasons...), ch.HostID, nil
-}
-
-// copyBetween copies srcRel on store a to dstRel on store b by the data
-// motion strategy that wins now: on one host that reaches both, or agent to
-// agent through a read-only export of the source.
-// standalone says the source is one self-contained file (see MotionRequest).
-func (s *Service) copyBetween(ctx context.Context, a *stowagev1.DataStore, srcRel string, b *stowagev1.DataStore, dstRel string, standalone bool, req drivers.CopyRequest, progress drivers.Progress) (drivers.ImageInfo, error) {
-	req.Dest = datastore.Path(b, dstRel)
-	d, err := motion.PickMotion(ctx, motion.MotionRequest{From: datastore.Scope(a), To: datastore.Scope(b), Standalone: standalone}, s.sel)
-	if err != nil {
-		return drivers.ImageInfo{}, err
-	}
-	if d.Strategy.Name() == motion.SameHost {
-		ch, err := s.sel.Select(ctx, "", datastore.Scope(a), datastore.Scope(b))
-		if err != nil {
-			return drivers.ImageInfo{}, err
-		}
-		req.Source = datastore.Path(a, srcRel)
-		return ch.Endpoint.CopyImage(ctx, req, progress)
-	}
-	src, err := s.sel.Select(ctx, "", datastore.Scope(a))
-	if err != nil {
-		return drivers.ImageInfo{}, err
-	}
-	dst, err := s.sel.Select(ctx, "", datastore.Scope(b))
-	if err != nil {
-		return drivers.ImageInfo{}, err
-	}
-	uri, err := src.Endpoint.Export(ctx, datastore.Path(a, srcRel))
-	if err != nil {
-		return drivers.ImageInfo{}, err
-	}
-	defer func() { _ = src.Endpoint.Unexport(context.WithoutCancel(ctx), uri) }()
-	req.Source = string(uri)
-	return dst.Endpoint.CopyImage(ctx, req, progress)
 }
 
 func (p *planner) fromSnapshot(ctx context.Context, req *stowagev1.CreateVolumeRequest, vol *stowagev1.Volume, want drivers.Format) error {
@@ -641,13 +609,13 @@ func (s *Service) Migrate(ctx context.Context, idOrName, storeID string, dryRun 
 		plan.Strategy = "migrate-agent-to-agent"
 	}
 	plan.Steps = []*stowagev1.PlanStep{
-		{Name: "copy", HostId: host, Reason: "copy (flattened) " + v.GetInstallPath() + " to store " + dst.GetName()},
+		{Name: "copy", HostId: host, Reason: "copy (flattened) volume " + v.GetName() + " to store " + dst.GetName()},
 		{Name: "cleanup-source", Reason: "remove the source file once the volume points at the copy"},
 	}
 	if dryRun {
 		return &stowagev1.MigrateVolumeResponse{Volume: v, Plan: plan}, nil
 	}
-	job := jobs.NewJob(KindMigrate, v.GetId(), "", plan, map[string]string{"dst": dst.GetId(), "src": src.GetId(), "src_path": v.GetInstallPath()})
+	job := jobs.NewJob(KindMigrate, v.GetId(), "", plan, map[string]string{"dst": dst.GetId(), "src": src.GetId(), "src_key": v.GetInstallPath()})
 	job, _, err = s.jobs.Submit(ctx, job, func(tx *meta.Tx) error {
 		_, err := meta.Volumes.TransitionTx(tx, v.GetId(), v.GetRevision(), meta.VolumeMigrationRequested, func(v *stowagev1.Volume) error {
 			v.BusyJobId = job.GetId()
@@ -686,92 +654,6 @@ func (s *Service) primarySnapshots(ctx context.Context, v *stowagev1.Volume) ([]
 		}
 	}
 	return out, nil
-}
-
-// GrantAccess returns a URI host can open the volume with: the store
-// provider's (file://) when the host is in the store's scope and the
-// provider grants it, else an nbd:// export served by an agent that
-// reaches the store (access.go).
-func (s *Service) GrantAccess(ctx context.Context, idOrName, hostID string) (string, error) {
-	v, obj, p, err := s.object(ctx, idOrName)
-	if err != nil {
-		return "", err
-	}
-	if v.GetState() != stowagev1.VolumeState_VOLUME_STATE_READY {
-		return "", busy(v, fmt.Errorf("volume %s is %s: %w", v.GetName(), meta.VolumeStateName(v.GetState()), errdefs.ErrFailedPrecondition))
-	}
-	if hostID == "" {
-		return "", fmt.Errorf("grant access to volume %s: no host: %w", v.GetName(), errdefs.ErrInvalid)
-	}
-	in, err := s.hostInScope(ctx, obj, hostID)
-	if err != nil {
-		return "", fmt.Errorf("grant host %s access to volume %s: %w", hostID, v.GetName(), err)
-	}
-	if in {
-		uri, err := p.Driver().GrantAccess(ctx, obj, drivers.Client{HostID: hostID})
-		if err == nil {
-			_, _ = s.db.Volumes().Update(ctx, v.GetId(), 0, func(v *stowagev1.Volume) error {
-				if v.NbdExportUri == "" || v.AttachedHostId == hostID { // an NBD grant stays recorded for its host
-					v.AttachedHostId = hostID
-				}
-				return nil
-			})
-			return string(uri), nil
-		}
-		if !errors.Is(err, errdefs.ErrFailedPrecondition) { // "not reachable from host" falls back to NBD
-			return "", fmt.Errorf("grant host %s access to volume %s: %w", hostID, v.GetName(), err)
-		}
-	}
-	uri, err := s.grantNBD(ctx, v, obj, hostID)
-	if err != nil {
-		return "", fmt.Errorf("grant host %s access to volume %s: %w", hostID, v.GetName(), err)
-	}
-	return uri, nil
-}
-
-// RevokeAccess withdraws a host's access; an NBD export granted to it is
-// removed (its connections closed) before the record forgets it.
-func (s *Service) RevokeAccess(ctx context.Context, idOrName, hostID string) error {
-	v, obj, p, err := s.object(ctx, idOrName)
-	if err != nil {
-		return err
-	}
-	if err := p.Driver().RevokeAccess(ctx, obj, drivers.Client{HostID: hostID}); err != nil {
-		return err
-	}
-	uri := v.GetNbdExportUri()
-	if uri != "" && v.GetAttachedHostId() == hostID {
-		if err := s.unexportNBD(ctx, uri); err != nil && !errors.Is(err, errdefs.ErrNotFound) {
-			return fmt.Errorf("revoke host %s access to volume %s: %w", hostID, v.GetName(), err)
-		}
-	}
-	_, err = s.db.Volumes().Update(ctx, v.GetId(), 0, func(v *stowagev1.Volume) error {
-		if v.AttachedHostId == hostID {
-			v.AttachedHostId = ""
-			if v.NbdExportUri == uri {
-				v.NbdExportUri = ""
-			}
-		}
-		return nil
-	})
-	return err
-}
-
-func (s *Service) object(ctx context.Context, idOrName string) (*stowagev1.Volume, drivers.DataObject, drivers.Provider, error) {
-	v, err := s.Get(ctx, idOrName)
-	if err != nil {
-		return nil, drivers.DataObject{}, nil, err
-	}
-	st, err := s.db.Stores().Get(ctx, v.GetStoreId())
-	if err != nil {
-		return nil, drivers.DataObject{}, nil, err
-	}
-	p, err := s.providers.Get(st.GetProvider())
-	if err != nil {
-		return nil, drivers.DataObject{}, nil, err
-	}
-	f, _ := image.FormatFromProto(v.GetFormat())
-	return v, drivers.DataObject{ID: v.GetId(), Type: drivers.ObjectVolume, Store: datastore.InfoFromRecord(st), Format: f, Size: v.GetSize(), Path: v.GetInstallPath()}, p, nil
 }
 
 // evictCache removes unreferenced cached templates on st, least recently

@@ -1,0 +1,61 @@
+package volume
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/stowage/stowage/controller/datastore"
+	"github.com/stowage/stowage/controller/image"
+	"github.com/stowage/stowage/drivers"
+	"github.com/stowage/stowage/errdefs"
+	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
+)
+
+// The data objects the volume workflows hand to drivers, from the records.
+
+// volumeObject is volume v on store st, at its recorded key.
+func volumeObject(st *stowagev1.DataStore, v *stowagev1.Volume) (drivers.DataObject, error) {
+	f, err := formatOf(v)
+	if err != nil {
+		return drivers.DataObject{}, err
+	}
+	return datastore.Object(st, drivers.ObjectVolume, v.GetId(), f, v.GetSize(), v.GetInstallPath()), nil
+}
+
+// templateObject is the copy ref of template id on store st.
+func (s *Service) templateObject(ctx context.Context, st *stowagev1.DataStore, ref *stowagev1.TemplateOnStore) (drivers.DataObject, error) {
+	f, err := s.templateFormat(ctx, ref.GetTemplateId())
+	if err != nil {
+		return drivers.DataObject{}, err
+	}
+	return datastore.Object(st, drivers.ObjectTemplate, ref.GetTemplateId(), f, ref.GetSize(), ref.GetInstallPath()), nil
+}
+
+// snapshotObject is the copy ref of a snapshot on store st, in its
+// volume's format.
+func (s *Service) snapshotObject(ctx context.Context, st *stowagev1.DataStore, ref *stowagev1.SnapshotOnStore) (drivers.DataObject, error) {
+	f, err := s.snapshotFormat(ctx, ref.GetSnapshotId())
+	if err != nil {
+		return drivers.DataObject{}, err
+	}
+	return datastore.Object(st, drivers.ObjectSnapshot, ref.GetSnapshotId(), f, ref.GetSize(), ref.GetInstallPath()), nil
+}
+
+// locateVolume returns the key volume v (of format f) gets on store st.
+func (s *Service) locateVolume(st *stowagev1.DataStore, id string, f drivers.Format, size int64) (string, error) {
+	obj, err := s.stores.Locate(st, datastore.Object(st, drivers.ObjectVolume, id, f, size, ""))
+	return obj.Key, err
+}
+
+// locateTemplate returns the key template t's cached copy gets on store st.
+func (s *Service) locateTemplate(st *stowagev1.DataStore, t *stowagev1.Template) (string, error) {
+	return s.images.Locate(st, t)
+}
+
+func formatOf(v *stowagev1.Volume) (drivers.Format, error) {
+	f, err := image.FormatFromProto(v.GetFormat())
+	if err != nil || f == drivers.FormatISO {
+		return "", fmt.Errorf("volume %s has no disk format: %w", v.GetId(), errdefs.ErrInternal)
+	}
+	return f, nil
+}
