@@ -6,12 +6,12 @@ import (
 	"fmt"
 
 	"github.com/stowage/stowage/controller/datastore"
-	"github.com/stowage/stowage/controller/image"
 	"github.com/stowage/stowage/controller/jobs"
 	"github.com/stowage/stowage/controller/meta"
 	"github.com/stowage/stowage/controller/volume"
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
+	"github.com/stowage/stowage/hostops"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 )
 
@@ -48,30 +48,26 @@ func (h takeHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Repo
 			return err
 		}
 	}
-	var info drivers.SnapshotInfo
+	var info drivers.ObjectInfo
 	if err := jobs.RunStep(ctx, job, rep, "snapshot", func(ctx context.Context) error {
-		ch, err := s.sel.Select(ctx, jobs.PlanHost(job, "snapshot"), datastore.Scope(st))
+		snap, pd, err := s.snapshotOf(ctx, st, v, ref)
 		if err != nil {
 			return err
 		}
-		vf, err := image.FormatFromProto(v.GetFormat())
-		if err != nil {
-			return err
-		}
-		info, err = ch.Endpoint.SnapshotImage(ctx, drivers.SnapshotRequest{Volume: datastore.Path(st, v.GetInstallPath()), Snapshot: datastore.Path(st, ref.GetInstallPath()), Format: vf})
+		info, err = pd.TakeSnapshot(drivers.WithHost(ctx, jobs.PlanHost(job, "snapshot")), snap)
 		return err
 	}); err != nil {
 		return err
 	}
 	return s.db.Txn(ctx, func(tx *meta.Tx) error {
 		if _, err := meta.SnapshotsOnStore.TransitionTx(tx, ref.GetId(), 0, meta.ObjectOperationSucceeded, func(r *stowagev1.SnapshotOnStore) error {
-			r.Size, r.PhysicalSize = info.Snapshot.VirtualSize, info.Snapshot.PhysicalSize
+			r.Size, r.PhysicalSize = info.Size, info.PhysicalSize
 			return nil
 		}); err != nil {
 			return err
 		}
 		if _, err := meta.Snapshots.TransitionTx(tx, sn.GetId(), 0, meta.SnapshotOperationSucceeded, func(s *stowagev1.Snapshot) error {
-			s.Method, s.Size = info.Method, info.Snapshot.VirtualSize
+			s.Method, s.Size = info.Method, info.Size
 			return nil
 		}); err != nil {
 			return err
@@ -136,16 +132,11 @@ func (h revertHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 		return err
 	}
 	if err := jobs.RunStep(ctx, job, rep, "revert", func(ctx context.Context) error {
-		ch, err := s.sel.Select(ctx, jobs.PlanHost(job, "revert"), datastore.Scope(st))
+		snap, pd, err := s.snapshotOf(ctx, st, v, ref)
 		if err != nil {
 			return err
 		}
-		vf, err := image.FormatFromProto(v.GetFormat())
-		if err != nil {
-			return err
-		}
-		_, err = ch.Endpoint.RevertImage(ctx, drivers.SnapshotRequest{Volume: datastore.Path(st, v.GetInstallPath()), Snapshot: datastore.Path(st, ref.GetInstallPath()), Format: vf})
-		return err
+		return pd.RevertSnapshot(drivers.WithHost(ctx, jobs.PlanHost(job, "revert")), snap)
 	}); err != nil {
 		return err
 	}
@@ -192,36 +183,21 @@ func (h backupHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 	if err != nil {
 		return err
 	}
-	parentManifest := ""
+	var parent *stowagev1.SnapshotOnStore
 	if ref.GetParentRefId() != "" {
 		if p, err := s.db.SnapshotsOnStore().Get(ctx, ref.GetParentRefId()); err == nil && p.GetState() == stowagev1.ObjectState_OBJECT_STATE_READY {
-			parentManifest = datastore.Path(img, p.GetInstallPath())
+			parent = p
 		}
 	}
+	parentManifest := ""
 	if ref.GetState() == stowagev1.ObjectState_OBJECT_STATE_ALLOCATED {
 		if ref, err = s.db.SnapshotsOnStore().Transition(ctx, ref.GetId(), meta.ObjectCreateRequested, nil); err != nil {
 			return err
 		}
 	}
-	var info drivers.BackupInfo
+	var info hostops.BackupInfo
 	if err := jobs.RunStep(ctx, job, rep, "backup", func(ctx context.Context) error {
-		ch, err := s.sel.Select(ctx, jobs.PlanHost(job, "backup"), datastore.Scope(primary), datastore.Scope(img))
-		if err != nil {
-			return err
-		}
-		// The snapshot's file on primary has its volume's format.
-		v, err := s.db.Volumes().Get(ctx, sn.GetVolumeId())
-		if err != nil {
-			return err
-		}
-		vf, err := image.FormatFromProto(v.GetFormat())
-		if err != nil {
-			return err
-		}
-		info, err = ch.Endpoint.BackupImage(ctx, drivers.BackupRequest{
-			Source: datastore.Path(primary, src.GetInstallPath()), SourceFormat: vf, ChunkDir: datastore.Path(img, volume.ChunkDir),
-			Manifest: datastore.Path(img, ref.GetInstallPath()), ParentManifest: parentManifest, ChunkSize: ChunkSize,
-		}, rep.Bytes)
+		info, parentManifest, err = s.backup(ctx, jobs.PlanHost(job, "backup"), primary, src, img, ref, parent, rep.Bytes)
 		return err
 	}); err != nil {
 		return err
@@ -383,14 +359,25 @@ func (s *Service) deleteRef(ctx context.Context, job *stowagev1.Job, rep *jobs.R
 		return err
 	}
 	err = jobs.RunStep(ctx, job, rep, "delete-"+r.GetId(), func(ctx context.Context) error {
-		ch, err := s.sel.Select(ctx, "", datastore.Scope(st))
+		obj, err := s.volumes.SnapshotObject(ctx, st, r)
 		if err != nil {
 			return err
 		}
 		if r.GetRole() == stowagev1.StoreRole_STORE_ROLE_PRIMARY {
-			return ch.Endpoint.DeletePath(ctx, datastore.Path(st, r.GetInstallPath()))
+			d, err := s.stores.Driver(st)
+			if err != nil {
+				return err
+			}
+			return d.Delete(ctx, obj)
 		}
-		_, err = ch.Endpoint.DeleteBackup(ctx, drivers.DeleteBackupRequest{Manifest: datastore.Path(st, r.GetInstallPath()), ChunkDir: datastore.Path(st, volume.ChunkDir)})
+		ct, err := datastore.Capability[drivers.ChunkTarget](s.stores, st, "keep backups")
+		if err != nil {
+			return err
+		}
+		stats, err := ct.DeleteBackup(ctx, obj)
+		if err == nil {
+			rep.Result("backup %s on store %s removed: %d chunks freed (%d bytes), %d shared chunks kept", r.GetId(), st.GetName(), stats.Chunks, stats.FreedBytes, stats.KeptShared)
+		}
 		return err
 	})
 	if err != nil {
@@ -408,4 +395,91 @@ func (s *Service) deleteRef(ctx context.Context, job *stowagev1.Job, rep *jobs.R
 func (h deleteHandler) Fail(context.Context, *stowagev1.Job, error) error {
 	// Copies not yet removed keep their records; deleting again retries.
 	return nil
+}
+
+// snapshotOf returns snapshot copy ref of volume v (on primary store st)
+// as its driver sees it, and that driver.
+func (s *Service) snapshotOf(ctx context.Context, st *stowagev1.DataStore, v *stowagev1.Volume, ref *stowagev1.SnapshotOnStore) (drivers.SnapshotObject, drivers.PrimaryDriver, error) {
+	pd, err := s.stores.Primary(st)
+	if err != nil {
+		return drivers.SnapshotObject{}, nil, err
+	}
+	vol, err := volume.VolumeObject(st, v)
+	if err != nil {
+		return drivers.SnapshotObject{}, nil, err
+	}
+	obj := datastore.Object(st, drivers.ObjectSnapshot, ref.GetSnapshotId(), vol.Format, v.GetSize(), ref.GetInstallPath())
+	parent := ""
+	if p, err := s.db.SnapshotsOnStore().Get(ctx, ref.GetParentRefId()); err == nil {
+		parent = p.GetSnapshotId()
+	}
+	return drivers.SnapshotObject{DataObject: obj, Volume: vol, Parent: parent}, pd, nil
+}
+
+// backup stores snapshot copy src (on primary store primary) as backup ref
+// on image store img, incrementally on parent's backup when there is one,
+// on a host that reaches the primary store and that img's driver gives the
+// chunk store to. It returns what was stored and the parent's manifest
+// name ("" for a full backup).
+func (s *Service) backup(ctx context.Context, prefer string, primary *stowagev1.DataStore, src *stowagev1.SnapshotOnStore, img *stowagev1.DataStore,
+	ref, parent *stowagev1.SnapshotOnStore, progress drivers.Progress) (hostops.BackupInfo, string, error) {
+	ct, err := datastore.Capability[drivers.ChunkTarget](s.stores, img, "keep backups")
+	if err != nil {
+		return hostops.BackupInfo{}, "", err
+	}
+	pd, err := s.stores.Driver(primary)
+	if err != nil {
+		return hostops.BackupInfo{}, "", err
+	}
+	ch, err := s.sel.Select(ctx, prefer, datastore.Scope(primary), datastore.Scope(img))
+	if err != nil {
+		if ch, err = s.sel.Select(ctx, prefer, datastore.Scope(primary)); err != nil {
+			return hostops.BackupInfo{}, "", err
+		}
+	}
+	ctx = drivers.WithHost(ctx, ch.HostID)
+	snap, err := s.volumes.SnapshotObject(ctx, primary, src)
+	if err != nil {
+		return hostops.BackupInfo{}, "", err
+	}
+	reader := drivers.Client{HostID: ch.HostID, Purpose: drivers.PurposeRead}
+	acc, err := pd.GrantAccess(ctx, snap, reader)
+	if err != nil {
+		return hostops.BackupInfo{}, "", err
+	}
+	if acc.Revocable {
+		defer func() { _ = pd.RevokeAccess(context.WithoutCancel(ctx), snap, reader, acc) }()
+	}
+	srcRef, ok, err := hostops.ParseRef(acc.URI)
+	if err != nil || !ok {
+		return hostops.BackupInfo{}, "", fmt.Errorf("store %s gives host %s no store object to back up from (%v): %w", primary.GetName(), ch.HostID, err, errdefs.ErrNotImplemented)
+	}
+	writer := drivers.Client{HostID: ch.HostID, Purpose: drivers.PurposeWrite}
+	obj, err := s.volumes.SnapshotObject(ctx, img, ref)
+	if err != nil {
+		return hostops.BackupInfo{}, "", err
+	}
+	ba, err := ct.BackupAccess(ctx, obj, writer)
+	if err != nil {
+		return hostops.BackupInfo{}, "", err
+	}
+	parentManifest := ""
+	if parent != nil {
+		po, err := s.volumes.SnapshotObject(ctx, img, parent)
+		if err != nil {
+			return hostops.BackupInfo{}, "", err
+		}
+		pa, err := ct.BackupAccess(ctx, po, writer)
+		if err != nil {
+			return hostops.BackupInfo{}, "", err
+		}
+		if pa.Chunks == ba.Chunks {
+			parentManifest = pa.Manifest
+		}
+	}
+	info, err := ch.Endpoint.BackupImage(ctx, hostops.BackupRequest{
+		Source: srcRef, SourceFormat: snap.Format, Chunks: hostops.ChunkStore{URI: ba.Chunks, Secret: ba.Secret},
+		Manifest: ba.Manifest, ParentManifest: parentManifest, ChunkSize: ChunkSize,
+	}, progress)
+	return info, parentManifest, err
 }

@@ -21,6 +21,7 @@ import (
 	"github.com/stowage/stowage/controller/meta"
 	"github.com/stowage/stowage/controller/motion"
 	"github.com/stowage/stowage/controller/volume"
+	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 )
@@ -32,10 +33,6 @@ const (
 	KindDelete = "snapshot.delete"
 	KindBackup = "snapshot.backup"
 )
-
-// ManifestDir holds every backup manifest of an image store, next to each
-// other, so that deleting a backup keeps the chunks any other one shares.
-const ManifestDir = "snapshots/manifests"
 
 // ChunkSize is the backup chunk size.
 const ChunkSize = 4 << 20
@@ -143,10 +140,14 @@ func (s *Service) Take(ctx context.Context, req *stowagev1.TakeSnapshotRequest) 
 		}
 	}
 	snap := &stowagev1.Snapshot{Id: meta.NewID(), VolumeId: v.GetId(), Name: name, ParentId: parent, Size: v.GetSize(), Method: method}
+	key, err := s.locate(st, snap.GetId(), v)
+	if err != nil {
+		return nil, err
+	}
 	ref := &stowagev1.SnapshotOnStore{Id: meta.NewID(), SnapshotId: snap.GetId(), StoreId: st.GetId(), Role: stowagev1.StoreRole_STORE_ROLE_PRIMARY,
-		InstallPath: fmt.Sprintf("snapshots/%s/%s.%s", v.GetId(), snap.GetId(), extOf(v)), ParentRefId: v.GetHeadSnapshotRefId(), Size: v.GetSize()}
+		InstallPath: key, ParentRefId: v.GetHeadSnapshotRefId(), Size: v.GetSize()}
 	plan := &stowagev1.Plan{Strategy: method, Priority: motion.Default.String(), Reasons: []string{why}, Steps: []*stowagev1.PlanStep{
-		{Name: "snapshot", HostId: ch.HostID, Reason: fmt.Sprintf("snapshot %s of %s on store %s; %s", ref.GetInstallPath(), v.GetInstallPath(), st.GetName(), ch.Reason)}}}
+		{Name: "snapshot", HostId: ch.HostID, Reason: fmt.Sprintf("snapshot %s of volume %s on store %s; %s", snap.GetId(), v.GetName(), st.GetName(), ch.Reason)}}}
 	if method != "copy" {
 		plan.Priority = motion.Highest.String()
 	}
@@ -176,11 +177,15 @@ func (s *Service) Take(ctx context.Context, req *stowagev1.TakeSnapshotRequest) 
 	return &stowagev1.TakeSnapshotResponse{Snapshot: snap, Job: job, Plan: job.GetPlan()}, nil
 }
 
-func extOf(v *stowagev1.Volume) string {
-	if v.GetFormat() == stowagev1.ImageFormat_IMAGE_FORMAT_QCOW2 {
-		return "qcow2"
+// locate returns the key snapshot id of volume v gets on store st (its
+// driver's choice).
+func (s *Service) locate(st *stowagev1.DataStore, id string, v *stowagev1.Volume) (string, error) {
+	vol, err := volume.VolumeObject(st, v)
+	if err != nil {
+		return "", err
 	}
-	return "raw"
+	obj, err := s.stores.Locate(st, datastore.Object(st, drivers.ObjectSnapshot, id, vol.Format, v.GetSize(), ""))
+	return obj.Key, err
 }
 
 // Revert plans and starts reverting a volume to a snapshot on primary.
@@ -281,13 +286,21 @@ func (s *Service) Backup(ctx context.Context, req *stowagev1.BackupSnapshotReque
 	if err != nil {
 		return nil, fmt.Errorf("a backup needs a host that reaches primary store %s and image store %s: %w", primary.GetName(), img.GetName(), err)
 	}
+	sv, err := s.db.Volumes().Get(ctx, sn.GetVolumeId())
+	if err != nil {
+		return nil, fmt.Errorf("volume of snapshot %s: %w", sn.GetId(), err)
+	}
+	key, err := s.locate(img, sn.GetId(), sv)
+	if err != nil {
+		return nil, err
+	}
 	ref := &stowagev1.SnapshotOnStore{Id: meta.NewID(), SnapshotId: sn.GetId(), StoreId: img.GetId(), Role: stowagev1.StoreRole_STORE_ROLE_IMAGE,
-		InstallPath: ManifestDir + "/" + sn.GetId() + ".manifest.json", Size: sn.GetSize()}
+		InstallPath: key, Size: sn.GetSize()}
 	if parent != nil {
 		ref.ParentRefId = parent.GetId()
 	}
-	plan.Steps = []*stowagev1.PlanStep{{Name: "backup", HostId: ch.HostID, Reason: fmt.Sprintf("chunk %s into %s on store %s (4 MiB sha256 chunks, zero chunks skipped); %s",
-		src.GetInstallPath(), ref.GetInstallPath(), img.GetName(), ch.Reason)}}
+	plan.Steps = []*stowagev1.PlanStep{{Name: "backup", HostId: ch.HostID, Reason: fmt.Sprintf("chunk snapshot %s into the backups of store %s (%s provider; 4 MiB sha256 chunks, zero chunks skipped); %s",
+		sn.GetId(), img.GetName(), img.GetProvider(), ch.Reason)}}
 	if req.GetDryRun() {
 		return &stowagev1.BackupSnapshotResponse{Plan: plan}, nil
 	}

@@ -132,7 +132,7 @@ func (s *Service) object(ctx context.Context, idOrName string) (*stowagev1.Volum
 	if err != nil {
 		return nil, drivers.DataObject{}, nil, err
 	}
-	obj, err := volumeObject(st, v)
+	obj, err := VolumeObject(st, v)
 	return v, obj, d, err
 }
 

@@ -244,7 +244,7 @@ func (s *Service) createFromSnapshot(ctx context.Context, job *stowagev1.Job, re
 	if err != nil {
 		return err
 	}
-	obj, err := s.snapshotObject(ctx, src, ref)
+	obj, err := s.SnapshotObject(ctx, src, ref)
 	if err != nil {
 		return err
 	}
@@ -344,7 +344,7 @@ func (h deleteHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 		if err != nil {
 			return err
 		}
-		obj, err := volumeObject(st, v)
+		obj, err := VolumeObject(st, v)
 		if err != nil {
 			return err
 		}
@@ -352,7 +352,7 @@ func (h deleteHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 			return err
 		}
 		for _, r := range refs {
-			so, err := s.snapshotObject(ctx, st, r)
+			so, err := s.SnapshotObject(ctx, st, r)
 			if err != nil {
 				return err
 			}
@@ -449,7 +449,7 @@ func (h resizeHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 		if err != nil {
 			return err
 		}
-		obj, err := volumeObject(st, v)
+		obj, err := VolumeObject(st, v)
 		if err != nil {
 			return err
 		}

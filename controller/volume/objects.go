@@ -13,8 +13,8 @@ import (
 
 // The data objects the volume workflows hand to drivers, from the records.
 
-// volumeObject is volume v on store st, at its recorded key.
-func volumeObject(st *stowagev1.DataStore, v *stowagev1.Volume) (drivers.DataObject, error) {
+// VolumeObject is volume v on store st, at its recorded key.
+func VolumeObject(st *stowagev1.DataStore, v *stowagev1.Volume) (drivers.DataObject, error) {
 	f, err := formatOf(v)
 	if err != nil {
 		return drivers.DataObject{}, err
@@ -31,9 +31,9 @@ func (s *Service) templateObject(ctx context.Context, st *stowagev1.DataStore, r
 	return datastore.Object(st, drivers.ObjectTemplate, ref.GetTemplateId(), f, ref.GetSize(), ref.GetInstallPath()), nil
 }
 
-// snapshotObject is the copy ref of a snapshot on store st, in its
+// SnapshotObject is the copy ref of a snapshot on store st, in its
 // volume's format.
-func (s *Service) snapshotObject(ctx context.Context, st *stowagev1.DataStore, ref *stowagev1.SnapshotOnStore) (drivers.DataObject, error) {
+func (s *Service) SnapshotObject(ctx context.Context, st *stowagev1.DataStore, ref *stowagev1.SnapshotOnStore) (drivers.DataObject, error) {
 	f, err := s.snapshotFormat(ctx, ref.GetSnapshotId())
 	if err != nil {
 		return drivers.DataObject{}, err
