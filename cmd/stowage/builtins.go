@@ -4,6 +4,7 @@ import (
 	"github.com/stowage/stowage/datapath/nbd"
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/drivers/filesystem"
+	"github.com/stowage/stowage/hostops"
 )
 
 // registerDataSchemes wires the URL schemes the copy engine reads and
@@ -11,17 +12,10 @@ import (
 func registerDataSchemes() { nbd.Register() }
 
 // builtinProviders is the one place where storage providers are wired into
-// the controller. Add a provider here (behind a build tag if it is optional).
-func builtinProviders(deps drivers.Deps) (*drivers.Registry, error) {
+// the controller, each constructed explicitly with what it needs. Add a
+// provider here (behind a build tag if it is optional).
+func builtinProviders(hosts hostops.Selector) *drivers.Registry {
 	reg := drivers.NewRegistry()
-	for _, factory := range []drivers.Factory{
-		filesystem.Factory,
-	} {
-		p, err := factory(deps)
-		if err != nil {
-			return nil, err
-		}
-		reg.Register(p)
-	}
-	return reg, nil
+	reg.Register(filesystem.New(hosts))
+	return reg
 }

@@ -21,6 +21,7 @@ import (
 	"github.com/stowage/stowage/controller/image"
 	"github.com/stowage/stowage/controller/jobs"
 	"github.com/stowage/stowage/controller/meta"
+	"github.com/stowage/stowage/controller/motion"
 	"github.com/stowage/stowage/controller/snapshot"
 	"github.com/stowage/stowage/controller/volume"
 	"github.com/stowage/stowage/drivers"
@@ -78,19 +79,17 @@ func runController(ctx context.Context, cfg controllerConfig, log *slog.Logger, 
 
 	hostSvc := hosts.New(db, nil, hosts.Config{HeartbeatInterval: cfg.heartbeatInterval, Timeout: cfg.hostTimeout}, log)
 	selector := endpoint.New(hostSvc, nil)
-	providers, err := builtinProviders(drivers.Deps{Endpoints: selector})
-	if err != nil {
-		return err
-	}
+	providers := builtinProviders(selector)
+	mover := motion.NewMover(providers, selector)
 	storeSvc := datastore.New(db, providers, log)
 	hostSvc.SetStoreWatcher(storeSvc)
 	reg.MustRegister(newStateCollector(db))
 
 	runner := jobs.New(db, log.With("component", "jobs"))
-	imageSvc := image.New(db, storeSvc, selector, runner, log)
-	volumeSvc := volume.New(db, storeSvc, imageSvc, selector, runner, providers, log)
+	imageSvc := image.New(db, storeSvc, selector, mover, runner, log)
+	volumeSvc := volume.New(db, storeSvc, imageSvc, selector, mover, runner, providers, log)
 	// What every host's FUSE template mount shows, handed out in heartbeats.
-	mounts, err := image.NewMounts(db, selector, hostSvc, cfg.mountTransport, cfg.heartbeatInterval, log.With("component", "mounts"))
+	mounts, err := image.NewMounts(db, storeSvc, hostSvc, cfg.mountTransport, cfg.heartbeatInterval, log.With("component", "mounts"))
 	if err != nil {
 		return fmt.Errorf("--template-mount-transport: %w", errors.Join(err, errdefs.ErrInvalid))
 	}
