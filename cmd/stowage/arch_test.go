@@ -1,7 +1,11 @@
 package main
 
 import (
+	"io/fs"
+	"os"
 	"os/exec"
+	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 )
@@ -29,8 +33,18 @@ func TestArchitecture(t *testing.T) {
 			if strings.HasPrefix(d, "github.com/dgraph-io/badger") && !strings.HasPrefix(pkg, mod+"controller/meta") && !importsMeta(deps) {
 				t.Errorf("%s imports Badger outside controller/meta", pkg)
 			}
-			if strings.HasPrefix(pkg, mod+"drivers") && strings.HasPrefix(d, mod+"controller") {
-				t.Errorf("%s imports %s: drivers must not know the controller", pkg, d)
+			if strings.HasPrefix(pkg, mod+"drivers") && (strings.HasPrefix(d, mod+"controller") || strings.HasPrefix(d, mod+"agent")) {
+				t.Errorf("%s imports %s: drivers must know neither the controller nor the agent", pkg, d)
+			}
+			if strings.HasPrefix(pkg, mod+"datapath") && (strings.HasPrefix(d, mod+"agent") || strings.HasPrefix(d, mod+"drivers") ||
+				strings.HasPrefix(d, mod+"hostops") || strings.HasPrefix(d, mod+"proto") || strings.HasPrefix(d, "connectrpc.com/")) {
+				t.Errorf("%s imports %s: datapath knows no agent, driver, RPC or API", pkg, d)
+			}
+			if strings.HasPrefix(pkg, mod+"controller") && strings.HasPrefix(d, mod+"agent") {
+				t.Errorf("%s imports %s: the controller reaches agents only through hostops", pkg, d)
+			}
+			if strings.HasPrefix(pkg, mod+"hostops") && (strings.HasPrefix(d, mod+"agent") || strings.HasPrefix(d, mod+"controller")) {
+				t.Errorf("%s imports %s: hostops is neither the agent nor the controller", pkg, d)
 			}
 		}
 	}
@@ -69,5 +83,37 @@ func TestPackageDocs(t *testing.T) {
 		if strings.TrimSpace(doc) == "" {
 			t.Errorf("package %s has no package doc comment", pkg)
 		}
+	}
+}
+
+// hostPathInController matches what building a host path or a store layout
+// in controller/ looks like: a store's "path" detail, the old
+// datastore.Path, path joins, and the filesystem provider's layout
+// directories as string literals.
+var hostPathInController = regexp.MustCompile(`Details\(\)\["path"\]|Details\["path"\]|datastore\.Path\(|filepath\.Join|path\.Join|"(volumes|templates|snapshots)/`)
+
+// TestControllerSpeaksObjects fails the build when controller/ builds a
+// host path or a store layout string: where an object lives on its store is
+// its driver's business (drivers.Driver.Locate), the controller only
+// records the key.
+func TestControllerSpeaksObjects(t *testing.T) {
+	root := filepath.Join("..", "..", "controller")
+	err := filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
+		if err != nil || d.IsDir() || !strings.HasSuffix(p, ".go") || strings.HasSuffix(p, "_test.go") {
+			return err
+		}
+		b, err := os.ReadFile(p)
+		if err != nil {
+			return err
+		}
+		for i, line := range strings.Split(string(b), "\n") {
+			if m := hostPathInController.FindString(line); m != "" {
+				t.Errorf("%s:%d builds a host path or store layout (%s): ask the store's driver instead", p, i+1, m)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
 	}
 }
