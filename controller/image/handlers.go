@@ -212,7 +212,8 @@ func (h createHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 	if err != nil {
 		return err
 	}
-	src, err := s.db.Stores().Get(ctx, job.GetParams()["source_store"])
+	params := job.GetJobParams().GetTemplateCreate()
+	src, err := s.db.Stores().Get(ctx, params.GetSourceStoreId())
 	if err != nil {
 		return err
 	}
@@ -231,8 +232,7 @@ func (h createHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 		if err != nil {
 			return err
 		}
-		p := job.GetParams()
-		srcObj := datastore.Object(src, drivers.ObjectType(p["source_type"]), p["source_id"], srcFormat, t.GetVirtualSize(), p["source_key"])
+		srcObj := datastore.Object(src, drivers.ObjectType(params.GetSourceType()), params.GetSourceId(), srcFormat, t.GetVirtualSize(), params.GetSourceKey())
 		dstObj := datastore.Object(dst, drivers.ObjectTemplate, t.GetId(), format, t.GetVirtualSize(), ref.GetInstallPath())
 		info, err = s.mover.Copy(ctx, motion.Move{Src: srcObj, Dst: dstObj, Flatten: true, Prefer: jobs.PlanHost(job, "copy")}, rep.Bytes)
 		return err
@@ -249,7 +249,7 @@ func (h createHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 		tt.VirtualSize, tt.Sha256 = info.Size, info.SHA256
 		return nil
 	})
-	rep.Result("template %s made from %s %s: %d bytes virtual, %d on disk", t.GetName(), job.GetParams()["source_type"], job.GetParams()["source_id"], info.Size, info.PhysicalSize)
+	rep.Result("template %s made from %s %s: %d bytes virtual, %d on disk", t.GetName(), params.GetSourceType(), params.GetSourceId(), info.Size, info.PhysicalSize)
 	return err
 }
 

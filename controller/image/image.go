@@ -69,13 +69,8 @@ func CheckName(kind, name string) error {
 
 // FormatFromProto converts a format, refusing unspecified ones.
 func FormatFromProto(f stowagev1.ImageFormat) (drivers.Format, error) {
-	switch f {
-	case stowagev1.ImageFormat_IMAGE_FORMAT_RAW:
-		return drivers.FormatRaw, nil
-	case stowagev1.ImageFormat_IMAGE_FORMAT_QCOW2:
-		return drivers.FormatQCOW2, nil
-	case stowagev1.ImageFormat_IMAGE_FORMAT_ISO:
-		return drivers.FormatISO, nil
+	if df := hostops.FormatFromProto(f); df != "" {
+		return df, nil
 	}
 	return "", fmt.Errorf("format is required: raw, qcow2 or iso: %w", errdefs.ErrInvalid)
 }
@@ -304,7 +299,7 @@ func (s *Service) Delete(ctx context.Context, idOrName string, force, dryRun boo
 	if dryRun {
 		return &stowagev1.DeleteTemplateResponse{Plan: plan}, nil
 	}
-	job, _, err := s.jobs.Submit(ctx, jobs.NewJob(KindDelete, t.GetId(), "", plan, map[string]string{"force": fmt.Sprint(force)}), nil)
+	job, _, err := s.jobs.Submit(ctx, jobs.NewJob(KindDelete, t.GetId(), "", plan, &stowagev1.JobParams{Kind: &stowagev1.JobParams_TemplateDelete{TemplateDelete: &stowagev1.TemplateDeleteParams{Force: force}}}), nil)
 	if err != nil {
 		return nil, err
 	}
@@ -394,7 +389,8 @@ func (s *Service) Create(ctx context.Context, req *stowagev1.CreateTemplateReque
 	if req.GetDryRun() {
 		return &stowagev1.CreateTemplateResponse{Template: tmpl, Plan: plan}, nil
 	}
-	job := jobs.NewJob(KindCreate, tmpl.GetId(), req.GetIdempotencyKey(), plan, map[string]string{"source_store": src.GetId(), "source_key": srcKey, "source_type": srcType, "source_id": srcID})
+	job := jobs.NewJob(KindCreate, tmpl.GetId(), req.GetIdempotencyKey(), plan, &stowagev1.JobParams{Kind: &stowagev1.JobParams_TemplateCreate{TemplateCreate: &stowagev1.TemplateCreateParams{
+		SourceStoreId: src.GetId(), SourceKey: srcKey, SourceType: srcType, SourceId: srcID}}})
 	job, existing, err := s.jobs.Submit(ctx, job, func(tx *meta.Tx) error {
 		if _, err := meta.Templates.CreateTx(tx, tmpl); err != nil {
 			return err

@@ -102,10 +102,10 @@ func terminal(s stowagev1.JobState) bool {
 }
 
 // NewJob returns a Pending job record for kind on target with plan and params.
-func NewJob(kind, target, idempotencyKey string, plan *stowagev1.Plan, params map[string]string) *stowagev1.Job {
+func NewJob(kind, target, idempotencyKey string, plan *stowagev1.Plan, params *stowagev1.JobParams) *stowagev1.Job {
 	return &stowagev1.Job{
 		Id: meta.NewID(), Kind: kind, TargetId: target, State: stowagev1.JobState_JOB_STATE_PENDING,
-		Plan: plan, Params: params, IdempotencyKey: idempotencyKey, Progress: &stowagev1.JobProgress{Phase: "queued"},
+		Plan: plan, JobParams: params, IdempotencyKey: idempotencyKey, Progress: &stowagev1.JobProgress{Phase: "queued"},
 	}
 }
 

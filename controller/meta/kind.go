@@ -525,6 +525,33 @@ func (k *Kind[T]) reindex(kt kvTxn) error {
 	return nil
 }
 
+// rewrite applies fix to every record of the kind and writes back those it
+// changed (it reports true), indexes moved along. Migrations use it.
+func (k *Kind[T]) rewrite(kt kvTxn, fix func(T) bool) error {
+	type pair struct{ old, next T }
+	var changed []pair
+	prefix := recordPrefix(k.name)
+	if err := kt.scan(prefix, nil, false, func(key, val []byte) error {
+		old, err := k.decode(string(key[len(prefix):]), val)
+		if err != nil {
+			return err
+		}
+		next := proto.Clone(old).(T)
+		if fix(next) {
+			changed = append(changed, pair{old, next})
+		}
+		return nil
+	}); err != nil {
+		return fmt.Errorf("%s: rewrite: %w", k.noun, err)
+	}
+	for _, c := range changed {
+		if err := k.write(kt, c.old, true, c.next); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // verify checks that the kind's index entries are exactly those its
 // records own: no entry missing, none dangling, every unique entry naming
 // its owner. Problems are errdefs.ErrDataLoss.

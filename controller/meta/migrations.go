@@ -26,6 +26,7 @@ type migration struct {
 var migrations = []migration{
 	{version: 1, name: "initial layout", apply: func(kvTxn) error { return nil }},
 	{version: 2, name: "index templates by name", apply: func(kt kvTxn) error { return reindexKinds(kt, Templates) }},
+	{version: 3, name: "typed job parameters", apply: migrateJobParams},
 }
 
 // latestSchemaVersion is the version this binary writes.

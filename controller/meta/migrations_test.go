@@ -66,6 +66,49 @@ func TestMigration2TemplateNames(t *testing.T) {
 	}
 }
 
+func TestMigration3TypedJobParams(t *testing.T) {
+	db := openTest(t)
+	old := []*stowagev1.Job{
+		{Id: "j1", Kind: "volume.create", Params: map[string]string{"format": "qcow2", "mode": "linked", "image_store": "img"}},
+		{Id: "j2", Kind: "volume.migrate", Params: map[string]string{"src": "p1", "dst": "p2", "src_path": "volumes/v.raw"}},
+		{Id: "j3", Kind: "snapshot.backup", Params: map[string]string{"ref": "r", "src": "s", "kind": "SNAPSHOT_KIND_INCREMENTAL"}},
+		{Id: "j4", Kind: "volume.resize", Params: map[string]string{"size": "2048"}},
+	}
+	for _, j := range old {
+		if _, err := db.Jobs().Create(ctx, j); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := db.kv.update(func(kt kvTxn) error { return kt.set([]byte(schemaVersionKey), []byte("2")) }); err != nil {
+		t.Fatal(err)
+	}
+	if err := migrate(db.kv, migrations); err != nil {
+		t.Fatal(err)
+	}
+	get := func(id string) *stowagev1.Job {
+		j, err := db.Jobs().Get(ctx, id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(j.GetParams()) != 0 {
+			t.Errorf("job %s keeps string params %v", id, j.GetParams())
+		}
+		return j
+	}
+	if p := get("j1").GetJobParams().GetVolumeCreate(); p.GetFormat() != stowagev1.ImageFormat_IMAGE_FORMAT_QCOW2 || p.GetCloneMode() != "linked" || p.GetImageStoreId() != "img" {
+		t.Errorf("volume.create: %v", p)
+	}
+	if p := get("j2").GetJobParams().GetVolumeMigrate(); p.GetSrcStoreId() != "p1" || p.GetDstStoreId() != "p2" || p.GetSrcKey() != "volumes/v.raw" {
+		t.Errorf("volume.migrate: %v", p)
+	}
+	if p := get("j3").GetJobParams().GetSnapshotBackup(); p.GetRefId() != "r" || p.GetSrcRefId() != "s" || p.GetKind() != stowagev1.SnapshotKind_SNAPSHOT_KIND_INCREMENTAL {
+		t.Errorf("snapshot.backup: %v", p)
+	}
+	if p := get("j4").GetJobParams().GetVolumeResize(); p.GetSizeBytes() != 2048 {
+		t.Errorf("volume.resize: %v", p)
+	}
+}
+
 // The migration machinery: pending steps run once, in order, each with the
 // version bump in its transaction; a failing step leaves the old version.
 func TestMigratePendingSteps(t *testing.T) {

@@ -119,7 +119,7 @@ func (h revertHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 	if err != nil {
 		return err
 	}
-	ref, err := s.db.SnapshotsOnStore().Get(ctx, job.GetParams()["ref"])
+	ref, err := s.db.SnapshotsOnStore().Get(ctx, job.GetJobParams().GetSnapshotRevert().GetRefId())
 	if err != nil {
 		return err
 	}
@@ -167,11 +167,12 @@ func (h backupHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 	if err != nil {
 		return err
 	}
-	ref, err := s.db.SnapshotsOnStore().Get(ctx, job.GetParams()["ref"])
+	p := job.GetJobParams().GetSnapshotBackup()
+	ref, err := s.db.SnapshotsOnStore().Get(ctx, p.GetRefId())
 	if err != nil {
 		return err
 	}
-	src, err := s.db.SnapshotsOnStore().Get(ctx, job.GetParams()["src"])
+	src, err := s.db.SnapshotsOnStore().Get(ctx, p.GetSrcRefId())
 	if err != nil {
 		return err
 	}
@@ -228,7 +229,7 @@ func (h backupHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 func (h backupHandler) Fail(ctx context.Context, job *stowagev1.Job, cause error) error {
 	s := h.s
 	var errs []error
-	if ref, err := s.db.SnapshotsOnStore().Get(ctx, job.GetParams()["ref"]); err == nil && ref.GetState() != stowagev1.ObjectState_OBJECT_STATE_READY {
+	if ref, err := s.db.SnapshotsOnStore().Get(ctx, job.GetJobParams().GetSnapshotBackup().GetRefId()); err == nil && ref.GetState() != stowagev1.ObjectState_OBJECT_STATE_READY {
 		errs = append(errs, s.db.SnapshotsOnStore().Delete(ctx, ref.GetId(), 0))
 	}
 	sn, refs, err := s.Get(ctx, job.GetTargetId())

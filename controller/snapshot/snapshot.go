@@ -218,7 +218,7 @@ func (s *Service) Revert(ctx context.Context, id string, dryRun bool) (*stowagev
 	if dryRun {
 		return &stowagev1.RevertSnapshotResponse{Plan: plan}, nil
 	}
-	job := jobs.NewJob(KindRevert, sn.GetId(), "", plan, map[string]string{"ref": ref.GetId()})
+	job := jobs.NewJob(KindRevert, sn.GetId(), "", plan, &stowagev1.JobParams{Kind: &stowagev1.JobParams_SnapshotRevert{SnapshotRevert: &stowagev1.SnapshotRevertParams{RefId: ref.GetId()}}})
 	job, _, err = s.jobs.Submit(ctx, job, func(tx *meta.Tx) error {
 		_, err := meta.Volumes.TransitionTx(tx, v.GetId(), v.GetRevision(), meta.VolumeRevertSnapshotRequested, func(v *stowagev1.Volume) error {
 			v.BusyJobId = job.GetId()
@@ -304,7 +304,8 @@ func (s *Service) Backup(ctx context.Context, req *stowagev1.BackupSnapshotReque
 	if req.GetDryRun() {
 		return &stowagev1.BackupSnapshotResponse{Plan: plan}, nil
 	}
-	job := jobs.NewJob(KindBackup, sn.GetId(), req.GetIdempotencyKey(), plan, map[string]string{"ref": ref.GetId(), "src": src.GetId(), "kind": kind.String()})
+	job := jobs.NewJob(KindBackup, sn.GetId(), req.GetIdempotencyKey(), plan, &stowagev1.JobParams{Kind: &stowagev1.JobParams_SnapshotBackup{SnapshotBackup: &stowagev1.SnapshotBackupParams{
+		RefId: ref.GetId(), SrcRefId: src.GetId(), Kind: kind}}})
 	job, _, err = s.jobs.Submit(ctx, job, func(tx *meta.Tx) error {
 		if _, err := meta.Snapshots.TransitionTx(tx, sn.GetId(), sn.GetRevision(), meta.SnapshotBackupRequested, nil); err != nil {
 			return err

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"strconv"
 
 	"google.golang.org/protobuf/types/known/timestamppb"
 
@@ -39,7 +38,8 @@ func (h createHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 	if err != nil {
 		return err
 	}
-	format := drivers.Format(job.GetParams()["format"])
+	params := job.GetJobParams().GetVolumeCreate()
+	format := hostops.FormatFromProto(params.GetFormat())
 	dst := datastore.Object(st, drivers.ObjectVolume, v.GetId(), format, v.GetSize(), v.GetInstallPath())
 	var info drivers.ObjectInfo
 	var spool *stowagev1.TemplateOnStore
@@ -76,7 +76,7 @@ func (h createHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 			if err != nil {
 				return err
 			}
-			info, err = cl.Clone(drivers.WithHost(ctx, jobs.PlanHost(job, "install")), drivers.CloneSpec{Base: base, Dst: dst, Mode: drivers.CloneMode(job.GetParams()["mode"])}, rep.Bytes)
+			info, err = cl.Clone(drivers.WithHost(ctx, jobs.PlanHost(job, "install")), drivers.CloneSpec{Base: base, Dst: dst, Mode: drivers.CloneMode(params.GetCloneMode())}, rep.Bytes)
 			return err
 		})
 	case v.GetSnapshotId() != "":
@@ -94,7 +94,7 @@ func (h createHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 	if err != nil {
 		return err
 	}
-	linked := drivers.CloneMode(job.GetParams()["mode"]) == drivers.CloneLinked
+	linked := drivers.CloneMode(params.GetCloneMode()) == drivers.CloneLinked
 	err = s.db.Txn(ctx, func(tx *meta.Tx) error {
 		if linked && spool != nil {
 			if _, err := meta.TemplatesOnStore.UpdateTx(tx, spool.GetId(), 0, func(r *stowagev1.TemplateOnStore) error {
@@ -109,7 +109,7 @@ func (h createHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 			if info.Size > 0 {
 				v.Size = info.Size
 			}
-			v.Format = formatToProto(format)
+			v.Format = hostops.FormatToProto(format)
 			v.BusyJobId, v.Error = "", ""
 			if linked && spool != nil {
 				v.BaseRefId = spool.GetId()
@@ -236,7 +236,7 @@ func (s *Service) copyTemplate(ctx context.Context, job *stowagev1.Job, rep *job
 }
 
 func (s *Service) createFromSnapshot(ctx context.Context, job *stowagev1.Job, rep *jobs.Reporter, v *stowagev1.Volume, st *stowagev1.DataStore, dst drivers.DataObject, info *drivers.ObjectInfo) error {
-	ref, err := s.db.SnapshotsOnStore().Get(ctx, job.GetParams()["source_ref"])
+	ref, err := s.db.SnapshotsOnStore().Get(ctx, job.GetJobParams().GetVolumeCreate().GetSourceRefId())
 	if err != nil {
 		return err
 	}
@@ -438,7 +438,7 @@ func (h resizeHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 	if err != nil {
 		return err
 	}
-	size, _ := strconv.ParseInt(job.GetParams()["size"], 10, 64)
+	size := job.GetJobParams().GetVolumeResize().GetSizeBytes()
 	st, err := s.db.Stores().Get(ctx, v.GetStoreId())
 	if err != nil {
 		return err
@@ -495,15 +495,16 @@ func (h migrateHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.R
 	if err != nil {
 		return err
 	}
-	src, err := s.db.Stores().Get(ctx, job.GetParams()["src"])
+	params := job.GetJobParams().GetVolumeMigrate()
+	src, err := s.db.Stores().Get(ctx, params.GetSrcStoreId())
 	if err != nil {
 		return err
 	}
-	dst, err := s.db.Stores().Get(ctx, job.GetParams()["dst"])
+	dst, err := s.db.Stores().Get(ctx, params.GetDstStoreId())
 	if err != nil {
 		return err
 	}
-	srcKey := job.GetParams()["src_key"]
+	srcKey := params.GetSrcKey()
 	format, err := formatOf(v)
 	if err != nil {
 		return err
@@ -596,7 +597,7 @@ func (h migrateHandler) Fail(ctx context.Context, job *stowagev1.Job, cause erro
 		return err
 	}
 	if v.GetState() == stowagev1.VolumeState_VOLUME_STATE_MIGRATING {
-		if dst, err := h.s.db.Stores().Get(ctx, job.GetParams()["dst"]); err == nil {
+		if dst, err := h.s.db.Stores().Get(ctx, job.GetJobParams().GetVolumeMigrate().GetDstStoreId()); err == nil {
 			if f, err := formatOf(v); err == nil {
 				if key, err := h.s.locateVolume(dst, v.GetId(), f, v.GetSize()); err == nil {
 					if d, err := h.s.stores.Driver(dst); err == nil {

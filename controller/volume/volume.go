@@ -28,6 +28,7 @@ import (
 	"github.com/stowage/stowage/controller/motion"
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
+	"github.com/stowage/stowage/hostops"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 )
 
@@ -65,15 +66,6 @@ func New(db *meta.DB, stores *datastore.Service, images *image.Service, sel *end
 	return s
 }
 
-func formatToProto(f drivers.Format) stowagev1.ImageFormat {
-	switch f {
-	case drivers.FormatQCOW2:
-		return stowagev1.ImageFormat_IMAGE_FORMAT_QCOW2
-	case drivers.FormatRaw:
-		return stowagev1.ImageFormat_IMAGE_FORMAT_RAW
-	}
-	return stowagev1.ImageFormat_IMAGE_FORMAT_UNSPECIFIED
-}
 
 // Get returns a volume by id, or by name when exactly one has it.
 func (s *Service) Get(ctx context.Context, idOrName string) (*stowagev1.Volume, error) {
@@ -175,7 +167,7 @@ func (s *Service) Create(ctx context.Context, req *stowagev1.CreateVolumeRequest
 			return nil, err
 		}
 	}
-	p := &planner{s: s, plan: &stowagev1.Plan{}, params: map[string]string{}}
+	p := &planner{s: s, plan: &stowagev1.Plan{}, params: &stowagev1.VolumeCreateParams{}}
 	vol := &stowagev1.Volume{Id: meta.NewID(), Name: req.GetName(), Size: req.GetSize(), TemplateId: req.GetTemplateId(), SnapshotId: req.GetSnapshotId()}
 	var err error
 	switch {
@@ -193,14 +185,14 @@ func (s *Service) Create(ctx context.Context, req *stowagev1.CreateVolumeRequest
 	if err != nil {
 		return nil, err
 	}
-	if vol.InstallPath, err = s.locateVolume(st, vol.GetId(), drivers.Format(p.params["format"]), vol.GetSize()); err != nil {
+	if vol.InstallPath, err = s.locateVolume(st, vol.GetId(), hostops.FormatFromProto(p.params.GetFormat()), vol.GetSize()); err != nil {
 		return nil, err
 	}
-	vol.Format = formatToProto(drivers.Format(p.params["format"]))
+	vol.Format = p.params.GetFormat()
 	if req.GetDryRun() {
 		return &stowagev1.CreateVolumeResponse{Volume: vol, Plan: p.plan}, nil
 	}
-	job := jobs.NewJob(KindCreate, vol.GetId(), req.GetIdempotencyKey(), p.plan, p.params)
+	job := jobs.NewJob(KindCreate, vol.GetId(), req.GetIdempotencyKey(), p.plan, &stowagev1.JobParams{Kind: &stowagev1.JobParams_VolumeCreate{VolumeCreate: p.params}})
 	vol.BusyJobId = job.GetId()
 	job, existing, err := s.jobs.Submit(ctx, job, func(tx *meta.Tx) error {
 		if p.newRef != nil {
@@ -224,7 +216,7 @@ func (s *Service) Create(ctx context.Context, req *stowagev1.CreateVolumeRequest
 type planner struct {
 	s      *Service
 	plan   *stowagev1.Plan
-	params map[string]string
+	params *stowagev1.VolumeCreateParams
 	newRef *stowagev1.TemplateOnStore
 }
 
@@ -260,7 +252,7 @@ func (p *planner) blank(ctx context.Context, req *stowagev1.CreateVolumeRequest,
 	}
 	vol.StoreId, vol.InstallMethod = st.GetId(), "blank"
 	p.plan.Strategy, p.plan.Priority = "blank", motion.Default.String()
-	p.params["format"] = string(want)
+	p.params.Format = hostops.FormatToProto(want)
 	p.step("create", ch.HostID, fmt.Sprintf("create an empty %s image of %d bytes; %s", want, req.GetSize(), ch.Reason))
 	return nil
 }
@@ -312,7 +304,7 @@ func (p *planner) fromTemplate(ctx context.Context, req *stowagev1.CreateVolumeR
 		return err
 	}
 	p.plan.Strategy, p.plan.Priority = d.Strategy.Name(), d.Priority.String()
-	p.params["format"], p.params["mode"], p.params["image_store"] = string(d.Format), string(d.Strategy.Mode()), imgStore.GetId()
+	p.params.Format, p.params.CloneMode, p.params.ImageStoreId = hostops.FormatToProto(d.Format), string(d.Strategy.Mode()), imgStore.GetId()
 	vol.InstallMethod = d.Strategy.Name()
 	if d.Strategy.Name() == image.LazyMethod {
 		ch, err := p.s.sel.SelectWhere(ctx, "", need, datastore.Scope(st))
@@ -427,7 +419,7 @@ func (p *planner) fromSnapshot(ctx context.Context, req *stowagev1.CreateVolumeR
 	if want == "" {
 		want = drivers.FormatQCOW2
 	}
-	p.params["format"] = string(want)
+	p.params.Format = hostops.FormatToProto(want)
 	if onPrimary != nil {
 		src, err := p.s.db.Stores().Get(ctx, onPrimary.GetStoreId())
 		if err != nil {
@@ -439,7 +431,7 @@ func (p *planner) fromSnapshot(ctx context.Context, req *stowagev1.CreateVolumeR
 		}
 		p.plan.Reasons = append(p.plan.Reasons, reasons...)
 		p.plan.Strategy, p.plan.Priority = "copy-from-primary-snapshot", motion.Hypervisor.String()
-		p.params["source_ref"] = onPrimary.GetId()
+		p.params.SourceRefId = onPrimary.GetId()
 		vol.InstallMethod = "full"
 		p.plan.Reasons = append(p.plan.Reasons, "the snapshot is on primary store "+src.GetName()+": no need to read the backup")
 		p.step("copy", host, "flatten the snapshot's chain into a standalone volume; "+reasons[0])
@@ -454,7 +446,7 @@ func (p *planner) fromSnapshot(ctx context.Context, req *stowagev1.CreateVolumeR
 		return fmt.Errorf("restore from backup needs a host that reaches image store %s and primary store %s: %w", img.GetName(), st.GetName(), err)
 	}
 	p.plan.Strategy, p.plan.Priority = "restore-from-backup", motion.Default.String()
-	p.params["source_ref"] = backup.GetId()
+	p.params.SourceRefId = backup.GetId()
 	vol.InstallMethod = "restore"
 	p.step("restore", ch.HostID, fmt.Sprintf("rebuild the volume from backup manifest %s (chunks verified); %s", backup.GetInstallPath(), ch.Reason))
 	return nil
@@ -550,7 +542,7 @@ func (s *Service) Resize(ctx context.Context, idOrName string, size int64, dryRu
 	if dryRun {
 		return &stowagev1.ResizeVolumeResponse{Volume: v, Plan: plan}, nil
 	}
-	job := jobs.NewJob(KindResize, v.GetId(), "", plan, map[string]string{"size": fmt.Sprint(size)})
+	job := jobs.NewJob(KindResize, v.GetId(), "", plan, &stowagev1.JobParams{Kind: &stowagev1.JobParams_VolumeResize{VolumeResize: &stowagev1.VolumeResizeParams{SizeBytes: size}}})
 	job, _, err = s.jobs.Submit(ctx, job, func(tx *meta.Tx) error {
 		_, err := meta.Volumes.TransitionTx(tx, v.GetId(), v.GetRevision(), meta.VolumeResizeRequested, func(v *stowagev1.Volume) error {
 			v.BusyJobId = job.GetId()
@@ -615,7 +607,8 @@ func (s *Service) Migrate(ctx context.Context, idOrName, storeID string, dryRun 
 	if dryRun {
 		return &stowagev1.MigrateVolumeResponse{Volume: v, Plan: plan}, nil
 	}
-	job := jobs.NewJob(KindMigrate, v.GetId(), "", plan, map[string]string{"dst": dst.GetId(), "src": src.GetId(), "src_key": v.GetInstallPath()})
+	job := jobs.NewJob(KindMigrate, v.GetId(), "", plan, &stowagev1.JobParams{Kind: &stowagev1.JobParams_VolumeMigrate{VolumeMigrate: &stowagev1.VolumeMigrateParams{
+		SrcStoreId: src.GetId(), DstStoreId: dst.GetId(), SrcKey: v.GetInstallPath()}}})
 	job, _, err = s.jobs.Submit(ctx, job, func(tx *meta.Tx) error {
 		_, err := meta.Volumes.TransitionTx(tx, v.GetId(), v.GetRevision(), meta.VolumeMigrationRequested, func(v *stowagev1.Volume) error {
 			v.BusyJobId = job.GetId()

@@ -2182,10 +2182,15 @@ type Job struct {
 	CreatedAt      *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
 	UpdatedAt      *timestamppb.Timestamp `protobuf:"bytes,10,opt,name=updated_at,json=updatedAt,proto3" json:"updated_at,omitempty"`
 	Revision       uint64                 `protobuf:"varint,11,opt,name=revision,proto3" json:"revision,omitempty"`
-	// What the job needs to run again after a controller restart.
+	// What jobs recorded before schema version 4 needed to run again
+	// (string parameters); migrated into job_params and then unused.
+	//
+	// Deprecated: Marked as deprecated in stowage/v1/types.proto.
 	Params map[string]string `protobuf:"bytes,12,rep,name=params,proto3" json:"params,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	// A short human summary of the result, e.g. "copied 2.0 GiB in 3.1 s".
-	Result        string `protobuf:"bytes,13,opt,name=result,proto3" json:"result,omitempty"`
+	Result string `protobuf:"bytes,13,opt,name=result,proto3" json:"result,omitempty"`
+	// What the job needs to run again after a controller restart.
+	JobParams     *JobParams `protobuf:"bytes,14,opt,name=job_params,json=jobParams,proto3" json:"job_params,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2297,6 +2302,7 @@ func (x *Job) GetRevision() uint64 {
 	return 0
 }
 
+// Deprecated: Marked as deprecated in stowage/v1/types.proto.
 func (x *Job) GetParams() map[string]string {
 	if x != nil {
 		return x.Params
@@ -2309,6 +2315,570 @@ func (x *Job) GetResult() string {
 		return x.Result
 	}
 	return ""
+}
+
+func (x *Job) GetJobParams() *JobParams {
+	if x != nil {
+		return x.JobParams
+	}
+	return nil
+}
+
+// JobParams are a job's parameters, typed per kind of job.
+type JobParams struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Types that are valid to be assigned to Kind:
+	//
+	//	*JobParams_VolumeCreate
+	//	*JobParams_VolumeResize
+	//	*JobParams_VolumeMigrate
+	//	*JobParams_TemplateCreate
+	//	*JobParams_TemplateDelete
+	//	*JobParams_SnapshotRevert
+	//	*JobParams_SnapshotBackup
+	Kind          isJobParams_Kind `protobuf_oneof:"kind"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *JobParams) Reset() {
+	*x = JobParams{}
+	mi := &file_stowage_v1_types_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *JobParams) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*JobParams) ProtoMessage() {}
+
+func (x *JobParams) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_types_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use JobParams.ProtoReflect.Descriptor instead.
+func (*JobParams) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_types_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *JobParams) GetKind() isJobParams_Kind {
+	if x != nil {
+		return x.Kind
+	}
+	return nil
+}
+
+func (x *JobParams) GetVolumeCreate() *VolumeCreateParams {
+	if x != nil {
+		if x, ok := x.Kind.(*JobParams_VolumeCreate); ok {
+			return x.VolumeCreate
+		}
+	}
+	return nil
+}
+
+func (x *JobParams) GetVolumeResize() *VolumeResizeParams {
+	if x != nil {
+		if x, ok := x.Kind.(*JobParams_VolumeResize); ok {
+			return x.VolumeResize
+		}
+	}
+	return nil
+}
+
+func (x *JobParams) GetVolumeMigrate() *VolumeMigrateParams {
+	if x != nil {
+		if x, ok := x.Kind.(*JobParams_VolumeMigrate); ok {
+			return x.VolumeMigrate
+		}
+	}
+	return nil
+}
+
+func (x *JobParams) GetTemplateCreate() *TemplateCreateParams {
+	if x != nil {
+		if x, ok := x.Kind.(*JobParams_TemplateCreate); ok {
+			return x.TemplateCreate
+		}
+	}
+	return nil
+}
+
+func (x *JobParams) GetTemplateDelete() *TemplateDeleteParams {
+	if x != nil {
+		if x, ok := x.Kind.(*JobParams_TemplateDelete); ok {
+			return x.TemplateDelete
+		}
+	}
+	return nil
+}
+
+func (x *JobParams) GetSnapshotRevert() *SnapshotRevertParams {
+	if x != nil {
+		if x, ok := x.Kind.(*JobParams_SnapshotRevert); ok {
+			return x.SnapshotRevert
+		}
+	}
+	return nil
+}
+
+func (x *JobParams) GetSnapshotBackup() *SnapshotBackupParams {
+	if x != nil {
+		if x, ok := x.Kind.(*JobParams_SnapshotBackup); ok {
+			return x.SnapshotBackup
+		}
+	}
+	return nil
+}
+
+type isJobParams_Kind interface {
+	isJobParams_Kind()
+}
+
+type JobParams_VolumeCreate struct {
+	VolumeCreate *VolumeCreateParams `protobuf:"bytes,1,opt,name=volume_create,json=volumeCreate,proto3,oneof"`
+}
+
+type JobParams_VolumeResize struct {
+	VolumeResize *VolumeResizeParams `protobuf:"bytes,2,opt,name=volume_resize,json=volumeResize,proto3,oneof"`
+}
+
+type JobParams_VolumeMigrate struct {
+	VolumeMigrate *VolumeMigrateParams `protobuf:"bytes,3,opt,name=volume_migrate,json=volumeMigrate,proto3,oneof"`
+}
+
+type JobParams_TemplateCreate struct {
+	TemplateCreate *TemplateCreateParams `protobuf:"bytes,4,opt,name=template_create,json=templateCreate,proto3,oneof"`
+}
+
+type JobParams_TemplateDelete struct {
+	TemplateDelete *TemplateDeleteParams `protobuf:"bytes,5,opt,name=template_delete,json=templateDelete,proto3,oneof"`
+}
+
+type JobParams_SnapshotRevert struct {
+	SnapshotRevert *SnapshotRevertParams `protobuf:"bytes,6,opt,name=snapshot_revert,json=snapshotRevert,proto3,oneof"`
+}
+
+type JobParams_SnapshotBackup struct {
+	SnapshotBackup *SnapshotBackupParams `protobuf:"bytes,7,opt,name=snapshot_backup,json=snapshotBackup,proto3,oneof"`
+}
+
+func (*JobParams_VolumeCreate) isJobParams_Kind() {}
+
+func (*JobParams_VolumeResize) isJobParams_Kind() {}
+
+func (*JobParams_VolumeMigrate) isJobParams_Kind() {}
+
+func (*JobParams_TemplateCreate) isJobParams_Kind() {}
+
+func (*JobParams_TemplateDelete) isJobParams_Kind() {}
+
+func (*JobParams_SnapshotRevert) isJobParams_Kind() {}
+
+func (*JobParams_SnapshotBackup) isJobParams_Kind() {}
+
+type VolumeCreateParams struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Format ImageFormat            `protobuf:"varint,1,opt,name=format,proto3,enum=stowage.v1.ImageFormat" json:"format,omitempty"`
+	// The TemplateInstallStrategy's clone mode: reflink, linked or full.
+	CloneMode string `protobuf:"bytes,2,opt,name=clone_mode,json=cloneMode,proto3" json:"clone_mode,omitempty"`
+	// The snapshot copy (on primary, or a backup) a volume is made from.
+	SourceRefId   string `protobuf:"bytes,3,opt,name=source_ref_id,json=sourceRefId,proto3" json:"source_ref_id,omitempty"`
+	ImageStoreId  string `protobuf:"bytes,4,opt,name=image_store_id,json=imageStoreId,proto3" json:"image_store_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VolumeCreateParams) Reset() {
+	*x = VolumeCreateParams{}
+	mi := &file_stowage_v1_types_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VolumeCreateParams) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VolumeCreateParams) ProtoMessage() {}
+
+func (x *VolumeCreateParams) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_types_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VolumeCreateParams.ProtoReflect.Descriptor instead.
+func (*VolumeCreateParams) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_types_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *VolumeCreateParams) GetFormat() ImageFormat {
+	if x != nil {
+		return x.Format
+	}
+	return ImageFormat_IMAGE_FORMAT_UNSPECIFIED
+}
+
+func (x *VolumeCreateParams) GetCloneMode() string {
+	if x != nil {
+		return x.CloneMode
+	}
+	return ""
+}
+
+func (x *VolumeCreateParams) GetSourceRefId() string {
+	if x != nil {
+		return x.SourceRefId
+	}
+	return ""
+}
+
+func (x *VolumeCreateParams) GetImageStoreId() string {
+	if x != nil {
+		return x.ImageStoreId
+	}
+	return ""
+}
+
+type VolumeResizeParams struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	SizeBytes     int64                  `protobuf:"varint,1,opt,name=size_bytes,json=sizeBytes,proto3" json:"size_bytes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VolumeResizeParams) Reset() {
+	*x = VolumeResizeParams{}
+	mi := &file_stowage_v1_types_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VolumeResizeParams) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VolumeResizeParams) ProtoMessage() {}
+
+func (x *VolumeResizeParams) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_types_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VolumeResizeParams.ProtoReflect.Descriptor instead.
+func (*VolumeResizeParams) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_types_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *VolumeResizeParams) GetSizeBytes() int64 {
+	if x != nil {
+		return x.SizeBytes
+	}
+	return 0
+}
+
+type VolumeMigrateParams struct {
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	SrcStoreId string                 `protobuf:"bytes,1,opt,name=src_store_id,json=srcStoreId,proto3" json:"src_store_id,omitempty"`
+	DstStoreId string                 `protobuf:"bytes,2,opt,name=dst_store_id,json=dstStoreId,proto3" json:"dst_store_id,omitempty"`
+	// The volume's key on the source store.
+	SrcKey        string `protobuf:"bytes,3,opt,name=src_key,json=srcKey,proto3" json:"src_key,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VolumeMigrateParams) Reset() {
+	*x = VolumeMigrateParams{}
+	mi := &file_stowage_v1_types_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VolumeMigrateParams) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VolumeMigrateParams) ProtoMessage() {}
+
+func (x *VolumeMigrateParams) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_types_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VolumeMigrateParams.ProtoReflect.Descriptor instead.
+func (*VolumeMigrateParams) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_types_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *VolumeMigrateParams) GetSrcStoreId() string {
+	if x != nil {
+		return x.SrcStoreId
+	}
+	return ""
+}
+
+func (x *VolumeMigrateParams) GetDstStoreId() string {
+	if x != nil {
+		return x.DstStoreId
+	}
+	return ""
+}
+
+func (x *VolumeMigrateParams) GetSrcKey() string {
+	if x != nil {
+		return x.SrcKey
+	}
+	return ""
+}
+
+type TemplateCreateParams struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	SourceStoreId string                 `protobuf:"bytes,1,opt,name=source_store_id,json=sourceStoreId,proto3" json:"source_store_id,omitempty"`
+	SourceKey     string                 `protobuf:"bytes,2,opt,name=source_key,json=sourceKey,proto3" json:"source_key,omitempty"`
+	// "volume" or "snapshot", and its id.
+	SourceType    string `protobuf:"bytes,3,opt,name=source_type,json=sourceType,proto3" json:"source_type,omitempty"`
+	SourceId      string `protobuf:"bytes,4,opt,name=source_id,json=sourceId,proto3" json:"source_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TemplateCreateParams) Reset() {
+	*x = TemplateCreateParams{}
+	mi := &file_stowage_v1_types_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TemplateCreateParams) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TemplateCreateParams) ProtoMessage() {}
+
+func (x *TemplateCreateParams) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_types_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TemplateCreateParams.ProtoReflect.Descriptor instead.
+func (*TemplateCreateParams) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_types_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *TemplateCreateParams) GetSourceStoreId() string {
+	if x != nil {
+		return x.SourceStoreId
+	}
+	return ""
+}
+
+func (x *TemplateCreateParams) GetSourceKey() string {
+	if x != nil {
+		return x.SourceKey
+	}
+	return ""
+}
+
+func (x *TemplateCreateParams) GetSourceType() string {
+	if x != nil {
+		return x.SourceType
+	}
+	return ""
+}
+
+func (x *TemplateCreateParams) GetSourceId() string {
+	if x != nil {
+		return x.SourceId
+	}
+	return ""
+}
+
+type TemplateDeleteParams struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Force         bool                   `protobuf:"varint,1,opt,name=force,proto3" json:"force,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TemplateDeleteParams) Reset() {
+	*x = TemplateDeleteParams{}
+	mi := &file_stowage_v1_types_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TemplateDeleteParams) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TemplateDeleteParams) ProtoMessage() {}
+
+func (x *TemplateDeleteParams) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_types_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TemplateDeleteParams.ProtoReflect.Descriptor instead.
+func (*TemplateDeleteParams) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_types_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *TemplateDeleteParams) GetForce() bool {
+	if x != nil {
+		return x.Force
+	}
+	return false
+}
+
+type SnapshotRevertParams struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The snapshot copy on primary to revert to.
+	RefId         string `protobuf:"bytes,1,opt,name=ref_id,json=refId,proto3" json:"ref_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SnapshotRevertParams) Reset() {
+	*x = SnapshotRevertParams{}
+	mi := &file_stowage_v1_types_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SnapshotRevertParams) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SnapshotRevertParams) ProtoMessage() {}
+
+func (x *SnapshotRevertParams) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_types_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SnapshotRevertParams.ProtoReflect.Descriptor instead.
+func (*SnapshotRevertParams) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_types_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *SnapshotRevertParams) GetRefId() string {
+	if x != nil {
+		return x.RefId
+	}
+	return ""
+}
+
+type SnapshotBackupParams struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The backup being made, and the primary copy it is made from.
+	RefId         string       `protobuf:"bytes,1,opt,name=ref_id,json=refId,proto3" json:"ref_id,omitempty"`
+	SrcRefId      string       `protobuf:"bytes,2,opt,name=src_ref_id,json=srcRefId,proto3" json:"src_ref_id,omitempty"`
+	Kind          SnapshotKind `protobuf:"varint,3,opt,name=kind,proto3,enum=stowage.v1.SnapshotKind" json:"kind,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SnapshotBackupParams) Reset() {
+	*x = SnapshotBackupParams{}
+	mi := &file_stowage_v1_types_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SnapshotBackupParams) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SnapshotBackupParams) ProtoMessage() {}
+
+func (x *SnapshotBackupParams) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_types_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SnapshotBackupParams.ProtoReflect.Descriptor instead.
+func (*SnapshotBackupParams) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_types_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *SnapshotBackupParams) GetRefId() string {
+	if x != nil {
+		return x.RefId
+	}
+	return ""
+}
+
+func (x *SnapshotBackupParams) GetSrcRefId() string {
+	if x != nil {
+		return x.SrcRefId
+	}
+	return ""
+}
+
+func (x *SnapshotBackupParams) GetKind() SnapshotKind {
+	if x != nil {
+		return x.Kind
+	}
+	return SnapshotKind_SNAPSHOT_KIND_UNSPECIFIED
 }
 
 // CacheStatus is a host's template mount as its cache process sees it.
@@ -2326,7 +2896,7 @@ type CacheStatus struct {
 
 func (x *CacheStatus) Reset() {
 	*x = CacheStatus{}
-	mi := &file_stowage_v1_types_proto_msgTypes[14]
+	mi := &file_stowage_v1_types_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2338,7 +2908,7 @@ func (x *CacheStatus) String() string {
 func (*CacheStatus) ProtoMessage() {}
 
 func (x *CacheStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_types_proto_msgTypes[14]
+	mi := &file_stowage_v1_types_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2351,7 +2921,7 @@ func (x *CacheStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CacheStatus.ProtoReflect.Descriptor instead.
 func (*CacheStatus) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_types_proto_rawDescGZIP(), []int{14}
+	return file_stowage_v1_types_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *CacheStatus) GetMount() string {
@@ -2407,7 +2977,7 @@ type CachedTemplate struct {
 
 func (x *CachedTemplate) Reset() {
 	*x = CachedTemplate{}
-	mi := &file_stowage_v1_types_proto_msgTypes[15]
+	mi := &file_stowage_v1_types_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2419,7 +2989,7 @@ func (x *CachedTemplate) String() string {
 func (*CachedTemplate) ProtoMessage() {}
 
 func (x *CachedTemplate) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_types_proto_msgTypes[15]
+	mi := &file_stowage_v1_types_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2432,7 +3002,7 @@ func (x *CachedTemplate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CachedTemplate.ProtoReflect.Descriptor instead.
 func (*CachedTemplate) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_types_proto_rawDescGZIP(), []int{15}
+	return file_stowage_v1_types_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *CachedTemplate) GetId() string {
@@ -2664,7 +3234,7 @@ const file_stowage_v1_types_proto_rawDesc = "" +
 	"bytes_done\x18\x02 \x01(\x03R\tbytesDone\x12\x1f\n" +
 	"\vbytes_total\x18\x03 \x01(\x03R\n" +
 	"bytesTotal\x12(\n" +
-	"\x10bytes_per_second\x18\x04 \x01(\x01R\x0ebytesPerSecond\"\xa6\x04\n" +
+	"\x10bytes_per_second\x18\x04 \x01(\x01R\x0ebytesPerSecond\"\xe0\x04\n" +
 	"\x03Job\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04kind\x18\x02 \x01(\tR\x04kind\x12\x1b\n" +
@@ -2679,12 +3249,54 @@ const file_stowage_v1_types_proto_rawDesc = "" +
 	"\n" +
 	"updated_at\x18\n" +
 	" \x01(\v2\x1a.google.protobuf.TimestampR\tupdatedAt\x12\x1a\n" +
-	"\brevision\x18\v \x01(\x04R\brevision\x123\n" +
-	"\x06params\x18\f \x03(\v2\x1b.stowage.v1.Job.ParamsEntryR\x06params\x12\x16\n" +
-	"\x06result\x18\r \x01(\tR\x06result\x1a9\n" +
+	"\brevision\x18\v \x01(\x04R\brevision\x127\n" +
+	"\x06params\x18\f \x03(\v2\x1b.stowage.v1.Job.ParamsEntryB\x02\x18\x01R\x06params\x12\x16\n" +
+	"\x06result\x18\r \x01(\tR\x06result\x124\n" +
+	"\n" +
+	"job_params\x18\x0e \x01(\v2\x15.stowage.v1.JobParamsR\tjobParams\x1a9\n" +
 	"\vParamsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xc9\x01\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x9f\x04\n" +
+	"\tJobParams\x12E\n" +
+	"\rvolume_create\x18\x01 \x01(\v2\x1e.stowage.v1.VolumeCreateParamsH\x00R\fvolumeCreate\x12E\n" +
+	"\rvolume_resize\x18\x02 \x01(\v2\x1e.stowage.v1.VolumeResizeParamsH\x00R\fvolumeResize\x12H\n" +
+	"\x0evolume_migrate\x18\x03 \x01(\v2\x1f.stowage.v1.VolumeMigrateParamsH\x00R\rvolumeMigrate\x12K\n" +
+	"\x0ftemplate_create\x18\x04 \x01(\v2 .stowage.v1.TemplateCreateParamsH\x00R\x0etemplateCreate\x12K\n" +
+	"\x0ftemplate_delete\x18\x05 \x01(\v2 .stowage.v1.TemplateDeleteParamsH\x00R\x0etemplateDelete\x12K\n" +
+	"\x0fsnapshot_revert\x18\x06 \x01(\v2 .stowage.v1.SnapshotRevertParamsH\x00R\x0esnapshotRevert\x12K\n" +
+	"\x0fsnapshot_backup\x18\a \x01(\v2 .stowage.v1.SnapshotBackupParamsH\x00R\x0esnapshotBackupB\x06\n" +
+	"\x04kind\"\xae\x01\n" +
+	"\x12VolumeCreateParams\x12/\n" +
+	"\x06format\x18\x01 \x01(\x0e2\x17.stowage.v1.ImageFormatR\x06format\x12\x1d\n" +
+	"\n" +
+	"clone_mode\x18\x02 \x01(\tR\tcloneMode\x12\"\n" +
+	"\rsource_ref_id\x18\x03 \x01(\tR\vsourceRefId\x12$\n" +
+	"\x0eimage_store_id\x18\x04 \x01(\tR\fimageStoreId\"3\n" +
+	"\x12VolumeResizeParams\x12\x1d\n" +
+	"\n" +
+	"size_bytes\x18\x01 \x01(\x03R\tsizeBytes\"r\n" +
+	"\x13VolumeMigrateParams\x12 \n" +
+	"\fsrc_store_id\x18\x01 \x01(\tR\n" +
+	"srcStoreId\x12 \n" +
+	"\fdst_store_id\x18\x02 \x01(\tR\n" +
+	"dstStoreId\x12\x17\n" +
+	"\asrc_key\x18\x03 \x01(\tR\x06srcKey\"\x9b\x01\n" +
+	"\x14TemplateCreateParams\x12&\n" +
+	"\x0fsource_store_id\x18\x01 \x01(\tR\rsourceStoreId\x12\x1d\n" +
+	"\n" +
+	"source_key\x18\x02 \x01(\tR\tsourceKey\x12\x1f\n" +
+	"\vsource_type\x18\x03 \x01(\tR\n" +
+	"sourceType\x12\x1b\n" +
+	"\tsource_id\x18\x04 \x01(\tR\bsourceId\",\n" +
+	"\x14TemplateDeleteParams\x12\x14\n" +
+	"\x05force\x18\x01 \x01(\bR\x05force\"-\n" +
+	"\x14SnapshotRevertParams\x12\x15\n" +
+	"\x06ref_id\x18\x01 \x01(\tR\x05refId\"y\n" +
+	"\x14SnapshotBackupParams\x12\x15\n" +
+	"\x06ref_id\x18\x01 \x01(\tR\x05refId\x12\x1c\n" +
+	"\n" +
+	"src_ref_id\x18\x02 \x01(\tR\bsrcRefId\x12,\n" +
+	"\x04kind\x18\x03 \x01(\x0e2\x18.stowage.v1.SnapshotKindR\x04kind\"\xc9\x01\n" +
 	"\vCacheStatus\x12\x14\n" +
 	"\x05mount\x18\x01 \x01(\tR\x05mount\x12 \n" +
 	"\vpassthrough\x18\x02 \x01(\bR\vpassthrough\x12%\n" +
@@ -2793,7 +3405,7 @@ func file_stowage_v1_types_proto_rawDescGZIP() []byte {
 }
 
 var file_stowage_v1_types_proto_enumTypes = make([]protoimpl.EnumInfo, 9)
-var file_stowage_v1_types_proto_msgTypes = make([]protoimpl.MessageInfo, 18)
+var file_stowage_v1_types_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
 var file_stowage_v1_types_proto_goTypes = []any{
 	(StoreRole)(0),                // 0: stowage.v1.StoreRole
 	(StoreState)(0),               // 1: stowage.v1.StoreState
@@ -2818,35 +3430,43 @@ var file_stowage_v1_types_proto_goTypes = []any{
 	(*Plan)(nil),                  // 20: stowage.v1.Plan
 	(*JobProgress)(nil),           // 21: stowage.v1.JobProgress
 	(*Job)(nil),                   // 22: stowage.v1.Job
-	(*CacheStatus)(nil),           // 23: stowage.v1.CacheStatus
-	(*CachedTemplate)(nil),        // 24: stowage.v1.CachedTemplate
-	nil,                           // 25: stowage.v1.DataStore.DetailsEntry
-	nil,                           // 26: stowage.v1.Job.ParamsEntry
-	(*timestamppb.Timestamp)(nil), // 27: google.protobuf.Timestamp
+	(*JobParams)(nil),             // 23: stowage.v1.JobParams
+	(*VolumeCreateParams)(nil),    // 24: stowage.v1.VolumeCreateParams
+	(*VolumeResizeParams)(nil),    // 25: stowage.v1.VolumeResizeParams
+	(*VolumeMigrateParams)(nil),   // 26: stowage.v1.VolumeMigrateParams
+	(*TemplateCreateParams)(nil),  // 27: stowage.v1.TemplateCreateParams
+	(*TemplateDeleteParams)(nil),  // 28: stowage.v1.TemplateDeleteParams
+	(*SnapshotRevertParams)(nil),  // 29: stowage.v1.SnapshotRevertParams
+	(*SnapshotBackupParams)(nil),  // 30: stowage.v1.SnapshotBackupParams
+	(*CacheStatus)(nil),           // 31: stowage.v1.CacheStatus
+	(*CachedTemplate)(nil),        // 32: stowage.v1.CachedTemplate
+	nil,                           // 33: stowage.v1.DataStore.DetailsEntry
+	nil,                           // 34: stowage.v1.Job.ParamsEntry
+	(*timestamppb.Timestamp)(nil), // 35: google.protobuf.Timestamp
 }
 var file_stowage_v1_types_proto_depIdxs = []int32{
 	0,  // 0: stowage.v1.DataStore.role:type_name -> stowage.v1.StoreRole
 	9,  // 1: stowage.v1.DataStore.scope:type_name -> stowage.v1.Scope
 	1,  // 2: stowage.v1.DataStore.state:type_name -> stowage.v1.StoreState
-	25, // 3: stowage.v1.DataStore.details:type_name -> stowage.v1.DataStore.DetailsEntry
-	27, // 4: stowage.v1.DataStore.created_at:type_name -> google.protobuf.Timestamp
-	27, // 5: stowage.v1.DataStore.updated_at:type_name -> google.protobuf.Timestamp
+	33, // 3: stowage.v1.DataStore.details:type_name -> stowage.v1.DataStore.DetailsEntry
+	35, // 4: stowage.v1.DataStore.created_at:type_name -> google.protobuf.Timestamp
+	35, // 5: stowage.v1.DataStore.updated_at:type_name -> google.protobuf.Timestamp
 	11, // 6: stowage.v1.HostCapabilities.stores:type_name -> stowage.v1.StoreOnHost
-	23, // 7: stowage.v1.HostCapabilities.template_cache:type_name -> stowage.v1.CacheStatus
+	31, // 7: stowage.v1.HostCapabilities.template_cache:type_name -> stowage.v1.CacheStatus
 	2,  // 8: stowage.v1.Host.state:type_name -> stowage.v1.HostState
 	12, // 9: stowage.v1.Host.capabilities:type_name -> stowage.v1.HostCapabilities
-	27, // 10: stowage.v1.Host.last_heartbeat:type_name -> google.protobuf.Timestamp
-	27, // 11: stowage.v1.Host.registered_at:type_name -> google.protobuf.Timestamp
+	35, // 10: stowage.v1.Host.last_heartbeat:type_name -> google.protobuf.Timestamp
+	35, // 11: stowage.v1.Host.registered_at:type_name -> google.protobuf.Timestamp
 	7,  // 12: stowage.v1.Template.format:type_name -> stowage.v1.ImageFormat
-	27, // 13: stowage.v1.Template.created_at:type_name -> google.protobuf.Timestamp
+	35, // 13: stowage.v1.Template.created_at:type_name -> google.protobuf.Timestamp
 	3,  // 14: stowage.v1.TemplateOnStore.state:type_name -> stowage.v1.ObjectState
-	27, // 15: stowage.v1.TemplateOnStore.last_used:type_name -> google.protobuf.Timestamp
+	35, // 15: stowage.v1.TemplateOnStore.last_used:type_name -> google.protobuf.Timestamp
 	7,  // 16: stowage.v1.Volume.format:type_name -> stowage.v1.ImageFormat
 	4,  // 17: stowage.v1.Volume.state:type_name -> stowage.v1.VolumeState
-	27, // 18: stowage.v1.Volume.created_at:type_name -> google.protobuf.Timestamp
+	35, // 18: stowage.v1.Volume.created_at:type_name -> google.protobuf.Timestamp
 	5,  // 19: stowage.v1.Snapshot.state:type_name -> stowage.v1.SnapshotState
 	8,  // 20: stowage.v1.Snapshot.kind:type_name -> stowage.v1.SnapshotKind
-	27, // 21: stowage.v1.Snapshot.created_at:type_name -> google.protobuf.Timestamp
+	35, // 21: stowage.v1.Snapshot.created_at:type_name -> google.protobuf.Timestamp
 	0,  // 22: stowage.v1.SnapshotOnStore.role:type_name -> stowage.v1.StoreRole
 	3,  // 23: stowage.v1.SnapshotOnStore.state:type_name -> stowage.v1.ObjectState
 	6,  // 24: stowage.v1.PlanStep.state:type_name -> stowage.v1.JobState
@@ -2854,16 +3474,26 @@ var file_stowage_v1_types_proto_depIdxs = []int32{
 	6,  // 26: stowage.v1.Job.state:type_name -> stowage.v1.JobState
 	20, // 27: stowage.v1.Job.plan:type_name -> stowage.v1.Plan
 	21, // 28: stowage.v1.Job.progress:type_name -> stowage.v1.JobProgress
-	27, // 29: stowage.v1.Job.created_at:type_name -> google.protobuf.Timestamp
-	27, // 30: stowage.v1.Job.updated_at:type_name -> google.protobuf.Timestamp
-	26, // 31: stowage.v1.Job.params:type_name -> stowage.v1.Job.ParamsEntry
-	24, // 32: stowage.v1.CacheStatus.templates:type_name -> stowage.v1.CachedTemplate
-	7,  // 33: stowage.v1.CachedTemplate.format:type_name -> stowage.v1.ImageFormat
-	34, // [34:34] is the sub-list for method output_type
-	34, // [34:34] is the sub-list for method input_type
-	34, // [34:34] is the sub-list for extension type_name
-	34, // [34:34] is the sub-list for extension extendee
-	0,  // [0:34] is the sub-list for field type_name
+	35, // 29: stowage.v1.Job.created_at:type_name -> google.protobuf.Timestamp
+	35, // 30: stowage.v1.Job.updated_at:type_name -> google.protobuf.Timestamp
+	34, // 31: stowage.v1.Job.params:type_name -> stowage.v1.Job.ParamsEntry
+	23, // 32: stowage.v1.Job.job_params:type_name -> stowage.v1.JobParams
+	24, // 33: stowage.v1.JobParams.volume_create:type_name -> stowage.v1.VolumeCreateParams
+	25, // 34: stowage.v1.JobParams.volume_resize:type_name -> stowage.v1.VolumeResizeParams
+	26, // 35: stowage.v1.JobParams.volume_migrate:type_name -> stowage.v1.VolumeMigrateParams
+	27, // 36: stowage.v1.JobParams.template_create:type_name -> stowage.v1.TemplateCreateParams
+	28, // 37: stowage.v1.JobParams.template_delete:type_name -> stowage.v1.TemplateDeleteParams
+	29, // 38: stowage.v1.JobParams.snapshot_revert:type_name -> stowage.v1.SnapshotRevertParams
+	30, // 39: stowage.v1.JobParams.snapshot_backup:type_name -> stowage.v1.SnapshotBackupParams
+	7,  // 40: stowage.v1.VolumeCreateParams.format:type_name -> stowage.v1.ImageFormat
+	8,  // 41: stowage.v1.SnapshotBackupParams.kind:type_name -> stowage.v1.SnapshotKind
+	32, // 42: stowage.v1.CacheStatus.templates:type_name -> stowage.v1.CachedTemplate
+	7,  // 43: stowage.v1.CachedTemplate.format:type_name -> stowage.v1.ImageFormat
+	44, // [44:44] is the sub-list for method output_type
+	44, // [44:44] is the sub-list for method input_type
+	44, // [44:44] is the sub-list for extension type_name
+	44, // [44:44] is the sub-list for extension extendee
+	0,  // [0:44] is the sub-list for field type_name
 }
 
 func init() { file_stowage_v1_types_proto_init() }
@@ -2871,13 +3501,22 @@ func file_stowage_v1_types_proto_init() {
 	if File_stowage_v1_types_proto != nil {
 		return
 	}
+	file_stowage_v1_types_proto_msgTypes[14].OneofWrappers = []any{
+		(*JobParams_VolumeCreate)(nil),
+		(*JobParams_VolumeResize)(nil),
+		(*JobParams_VolumeMigrate)(nil),
+		(*JobParams_TemplateCreate)(nil),
+		(*JobParams_TemplateDelete)(nil),
+		(*JobParams_SnapshotRevert)(nil),
+		(*JobParams_SnapshotBackup)(nil),
+	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_stowage_v1_types_proto_rawDesc), len(file_stowage_v1_types_proto_rawDesc)),
 			NumEnums:      9,
-			NumMessages:   18,
+			NumMessages:   26,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
