@@ -13,19 +13,20 @@
 //   - a directory (Open): chunks are <dir>/<first two hex digits>/<hash>;
 //     a manifest is named by its absolute file path, anywhere, and the
 //     manifests that share chunks are the files of one directory.
+//
 //   - an S3 bucket and prefix (OpenS3): chunks are PREFIX/chunks/<hh>/<hash>,
 //     manifests PREFIX/manifests/<name>.json named by a relative name
 //     ("vol1/snap2"); every manifest under the prefix shares the chunks.
 //
-//	s, err := chunkstore.Open("/srv/image/backups/chunks")
-//	m, stats, err := s.Backup(ctx, src, "/srv/image/backups/vol1/snap2.json",
-//		chunkstore.BackupOptions{Parent: snap1Manifest, ParentUnchanged: unchanged})
-//	err = s.Restore(ctx, m, dst, chunkstore.RestoreOptions{})
-//	stats, err := s.Delete(ctx, "/srv/image/backups/vol1/snap1.json")
+//     s, err := chunkstore.Open("/srv/image/backups/chunks")
+//     m, stats, err := s.Backup(ctx, src, "/srv/image/backups/vol1/snap2.json",
+//     chunkstore.BackupOptions{Parent: snap1Manifest, ParentUnchanged: unchanged})
+//     err = s.Restore(ctx, m, dst, chunkstore.RestoreOptions{})
+//     stats, err := s.Delete(ctx, "/srv/image/backups/vol1/snap1.json")
 //
-//	s3s, err := chunkstore.OpenS3(ctx, chunkstore.S3Config{Endpoint: "http://127.0.0.1:9000",
-//		Bucket: "backups", Prefix: "zone1", AccessKey: ak, SecretKey: sk})
-//	m, stats, err := s3s.Backup(ctx, src, "vol1/snap2", chunkstore.BackupOptions{})
+//     s3s, err := chunkstore.OpenS3(ctx, chunkstore.S3Config{Endpoint: "http://127.0.0.1:9000",
+//     Bucket: "backups", Prefix: "zone1", AccessKey: ak, SecretKey: sk})
+//     m, stats, err := s3s.Backup(ctx, src, "vol1/snap2", chunkstore.BackupOptions{})
 //
 // Rules the package keeps:
 //
