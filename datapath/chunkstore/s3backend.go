@@ -20,11 +20,12 @@ import (
 // reach it. Its String and LogValue leave the keys out.
 type S3Config = s3conn.Config
 
-// Lease timing of the S3 backend's locks (see OpenS3).
-const (
-	// LeaseTTL is how old a lock object may get before others treat it
-	// as left behind by a crashed holder.
-	LeaseTTL = 10 * time.Minute
+// LeaseTTL is how old a lock object of the S3 backend may get before
+// others treat it as left behind by a crashed holder (see OpenS3).
+const LeaseTTL = 10 * time.Minute
+
+// Lease renewal; variables for the tests.
+var (
 	// leaseRenew is how often a holder rewrites its lock object.
 	leaseRenew = LeaseTTL / 10
 	// leaseGiveUp is how long a holder goes on without a successful
@@ -276,7 +277,10 @@ func (b *s3Backend) Lock(ctx context.Context, mode LockMode) (context.Context, f
 				return
 			case <-t.C:
 			}
-			if _, err := b.putLease(lctx, key); err == nil {
+			rctx, rcancel := context.WithTimeout(lctx, leaseRenew)
+			_, err := b.putLease(rctx, key)
+			rcancel()
+			if err == nil {
 				last = time.Now()
 			} else if time.Since(last) > leaseGiveUp {
 				cancel(fmt.Errorf("%s: %s lock lease not renewed for %s (%v): %w", b, mode, time.Since(last).Round(time.Second), err, errdefs.ErrAborted))

@@ -379,3 +379,24 @@ func TestS3DeleteRacingBackup(t *testing.T) {
 		}
 	}
 }
+
+// A holder that cannot renew its lease cancels its own work.
+func TestS3LostLeaseCancelsWork(t *testing.T) {
+	s, srv := openS3(t)
+	defer func(r, g time.Duration) { leaseRenew, leaseGiveUp = r, g }(leaseRenew, leaseGiveUp)
+	leaseRenew, leaseGiveUp = 50*time.Millisecond, 300*time.Millisecond
+	ctx, unlock, err := s.Backend().(Locker).Lock(t.Context(), LockShared)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unlock()
+	srv.Stop()
+	select {
+	case <-ctx.Done():
+		if err := context.Cause(ctx); !errors.Is(err, errdefs.ErrAborted) {
+			t.Errorf("cause %v, want aborted", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the lock's context outlived a lease it could not renew")
+	}
+}

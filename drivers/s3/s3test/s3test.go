@@ -32,6 +32,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -56,6 +57,7 @@ type Server struct {
 
 	accessLog string
 	cmd       *exec.Cmd
+	stop      func()
 }
 
 // FindBinary returns the path of versitygw: on PATH, else in
@@ -145,10 +147,10 @@ func (s *Server) start(t testing.TB, bin, dir string) error {
 	}
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }()
-	kill := func() {
+	kill := sync.OnceFunc(func() {
 		_ = cmd.Process.Kill() // by PID, this process only
 		<-exited
-	}
+	})
 
 	endpoint := "http://" + addr
 	deadline := time.Now().Add(20 * time.Second)
@@ -173,7 +175,7 @@ func (s *Server) start(t testing.TB, bin, dir string) error {
 			return errors.New("versitygw did not answer within 20s")
 		}
 	}
-	s.Endpoint, s.cmd = endpoint, cmd
+	s.Endpoint, s.cmd, s.stop = endpoint, cmd, kill
 	t.Cleanup(kill)
 	return nil
 }
@@ -193,6 +195,10 @@ func (s *Server) Client() *minio.Client {
 	}
 	return c
 }
+
+// Stop kills the server now (tests of a server that goes away); the
+// cleanup then has nothing left to do.
+func (s *Server) Stop() { s.stop() }
 
 // PID is the versitygw process id.
 func (s *Server) PID() int { return s.cmd.Process.Pid }
