@@ -24,6 +24,15 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
+# Pinned Go tools the tests run as separate processes, installed into
+# $(go env GOPATH)/bin when missing or at another version.
+VERSITYGW_VERSION=v1.8.0 # S3 server for drivers/s3 and datapath/chunkstore tests (drivers/s3/s3test)
+gobin="$(go env GOPATH)/bin"
+if ! go version -m "$gobin/versitygw" 2>/dev/null | grep -q "mod[[:space:]]*github.com/versity/versitygw[[:space:]]*$VERSITYGW_VERSION"; then
+  echo "installing github.com/versity/versitygw@$VERSITYGW_VERSION" >&2
+  GOBIN="$gobin" go install "github.com/versity/versitygw/cmd/versitygw@$VERSITYGW_VERSION"
+fi
+
 echo "== gofmt" >&2
 unformatted=$(gofmt -l $(git ls-files '*.go' | grep -v '^proto/gen/') 2>/dev/null || true)
 if [ -n "$unformatted" ]; then echo "gofmt needed on:" >&2; echo "$unformatted" >&2; exit 1; fi

@@ -7,9 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"io/fs"
-	"os"
-	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -70,9 +67,10 @@ type Stats struct {
 }
 
 // Backup cuts src into chunks, stores the new ones and writes the manifest
-// at manifestPath (its directory must exist; an existing manifest is
-// errdefs.ErrAlreadyExists). It returns the manifest and what it cost.
-func (s *Store) Backup(ctx context.Context, src Source, manifestPath string, opts BackupOptions) (*Manifest, Stats, error) {
+// name (a directory store: an absolute path whose directory exists; S3: a
+// relative name). An existing manifest is errdefs.ErrAlreadyExists. It
+// returns the manifest and what it cost.
+func (s *Store) Backup(ctx context.Context, src Source, name string, opts BackupOptions) (*Manifest, Stats, error) {
 	size := src.Size()
 	chunk := opts.ChunkSize
 	if chunk == 0 {
@@ -99,11 +97,13 @@ func (s *Store) Backup(ctx context.Context, src Source, manifestPath string, opt
 	if workers <= 0 {
 		workers = DefaultWorkers
 	}
-	if _, err := os.Stat(manifestPath); err == nil {
-		return nil, Stats{}, fmt.Errorf("manifest %s: %w", manifestPath, errdefs.ErrAlreadyExists)
+	if _, err := s.b.ReadManifest(ctx, name); err == nil {
+		return nil, Stats{}, fmt.Errorf("manifest %s: %w", name, errdefs.ErrAlreadyExists)
+	} else if !errors.Is(err, errdefs.ErrNotFound) {
+		return nil, Stats{}, err
 	}
 
-	unlock, err := s.lock(ctx, false)
+	ctx, unlock, err := s.lock(ctx, LockShared)
 	if err != nil {
 		return nil, Stats{}, err
 	}
@@ -123,10 +123,14 @@ func (s *Store) Backup(ctx context.Context, src Source, manifestPath string, opt
 	if err != nil {
 		return nil, st, err
 	}
-	if err := b.dirs.sync(); err != nil {
+	if err := s.syncChunks(ctx); err != nil {
 		return nil, st, err
 	}
-	if err := WriteManifest(manifestPath, m); err != nil {
+	enc, err := encodeManifest(name, m)
+	if err != nil {
+		return nil, st, err
+	}
+	if err := s.b.CreateManifest(ctx, name, enc); err != nil {
 		return nil, st, err
 	}
 	return m, st, nil
@@ -139,7 +143,6 @@ type backup struct {
 	ext  Extenter
 	m    *Manifest
 	opts BackupOptions
-	dirs dirSyncer
 
 	mu      sync.Mutex
 	claimed map[string]bool // hashes this backup stored or is storing
@@ -181,7 +184,7 @@ func (b *backup) run(ctx context.Context, workers int) error {
 	}
 	if err := g.Wait(); err != nil {
 		if ctx.Err() != nil {
-			return fmt.Errorf("backup interrupted: %w", ctx.Err())
+			return fmt.Errorf("backup interrupted: %w", interruption(ctx))
 		}
 		return err
 	}
@@ -206,7 +209,11 @@ func (b *backup) chunk(ctx context.Context, i int, buf []byte) error {
 			b.parent.Add(1)
 			return nil
 		}
-		if b.s.has(h, n) {
+		has, err := b.s.has(ctx, h, n)
+		if err != nil {
+			return err
+		}
+		if has {
 			b.m.Chunks[i] = h
 			b.parent.Add(1)
 			b.reused.Add(1)
@@ -262,12 +269,19 @@ func (b *backup) chunk(ctx context.Context, i int, buf []byte) error {
 	mine := !b.claimed[h]
 	b.claimed[h] = true
 	b.mu.Unlock()
-	if !mine || b.s.has(h, n) {
+	if mine {
+		has, err := b.s.has(ctx, h, n)
+		if err != nil {
+			return err
+		}
+		mine = !has
+	}
+	if !mine {
 		b.reused.Add(1)
 		b.reusedBytes.Add(n)
 		return nil
 	}
-	if err := b.s.put(h, data, &b.dirs); err != nil {
+	if err := b.s.b.PutChunk(ctx, h, data); err != nil {
 		return err
 	}
 	b.newChunks.Add(1)
@@ -346,7 +360,7 @@ func (s *Store) Restore(ctx context.Context, m *Manifest, dst io.WriterAt, opts 
 	}
 	z, canZero := dst.(zeroer)
 
-	unlock, err := s.lock(ctx, false)
+	ctx, unlock, err := s.lock(ctx, LockShared)
 	if err != nil {
 		return err
 	}
@@ -388,7 +402,7 @@ func (s *Store) Restore(ctx context.Context, m *Manifest, dst io.WriterAt, opts 
 					continue
 				}
 				data := buf[:n]
-				if err := s.readChunk(m.Chunks[i], data); err != nil {
+				if err := s.readChunk(gctx, m.Chunks[i], data); err != nil {
 					return fmt.Errorf("chunk %d (offset %d): %w", i, off, err)
 				}
 				if err := writeChunk(dst, data, off, knownZero); err != nil {
@@ -401,7 +415,7 @@ func (s *Store) Restore(ctx context.Context, m *Manifest, dst io.WriterAt, opts 
 	}
 	if err := g.Wait(); err != nil {
 		if ctx.Err() != nil {
-			return fmt.Errorf("restore interrupted: %w", ctx.Err())
+			return fmt.Errorf("restore interrupted: %w", interruption(ctx))
 		}
 		return err
 	}
@@ -468,35 +482,44 @@ type DeleteStats struct {
 	KeptChunks    int64 // distinct chunks other manifests still use
 }
 
-// Delete removes the manifest at manifestPath and the chunks that no other
-// manifest in its directory refers to. A missing manifest is not an error
-// (nothing to do). Chunks go first and the manifest last, so a Delete
-// interrupted by a crash is finished by running it again.
-func (s *Store) Delete(ctx context.Context, manifestPath string) (DeleteStats, error) {
-	unlock, err := s.lock(ctx, true)
+// Delete removes the manifest name and the chunks that no other manifest
+// that may share them (ListManifests) refers to. A missing manifest is not
+// an error (nothing to do). Chunks go first and the manifest last, so a
+// Delete interrupted by a crash is finished by running it again.
+func (s *Store) Delete(ctx context.Context, name string) (DeleteStats, error) {
+	ctx, unlock, err := s.lock(ctx, LockExclusive)
 	if err != nil {
 		return DeleteStats{}, err
 	}
 	defer unlock()
-	m, err := LoadManifest(manifestPath)
+	m, err := s.Manifest(ctx, name)
 	if errors.Is(err, errdefs.ErrNotFound) {
 		return DeleteStats{}, nil
 	}
 	if err != nil {
 		return DeleteStats{}, err
 	}
-	others, err := loadOthers(filepath.Dir(manifestPath), filepath.Base(manifestPath))
+	names, err := s.b.ListManifests(ctx, name)
 	if err != nil {
 		return DeleteStats{}, err
 	}
 	used := map[string]bool{}
-	for _, o := range others {
+	for _, n := range names {
+		if n == name {
+			continue
+		}
+		o, err := s.Manifest(ctx, n)
+		if errors.Is(err, errdefs.ErrNotFound) {
+			continue // removed meanwhile
+		}
+		if err != nil {
+			return DeleteStats{}, fmt.Errorf("%v (every manifest that shares the chunks must be readable; refusing to delete chunks it may use): %w", err, errdefs.ErrFailedPrecondition)
+		}
 		for _, h := range o.Chunks {
 			used[h] = true
 		}
 	}
 	st := DeleteStats{Size: m.Size, Chunks: int64(len(m.Chunks))}
-	var dirs dirSyncer
 	seen := map[string]bool{}
 	for i, h := range m.Chunks {
 		if h == ZeroChunk {
@@ -513,32 +536,32 @@ func (s *Store) Delete(ctx context.Context, manifestPath string) (DeleteStats, e
 		}
 		if i%64 == 0 {
 			if err := ctx.Err(); err != nil {
-				return st, err
+				return st, interruption(ctx)
 			}
 		}
-		p := s.ChunkPath(h)
-		fi, err := os.Stat(p)
-		if errors.Is(err, fs.ErrNotExist) {
+		n, err := s.b.RemoveChunk(ctx, h)
+		if errors.Is(err, errdefs.ErrNotFound) {
 			continue
 		}
 		if err != nil {
-			return st, fmt.Errorf("chunk %s: %w", h, classOf(err))
+			return st, err
 		}
-		if err := os.Remove(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			return st, fmt.Errorf("remove chunk %s: %w", h, classOf(err))
-		}
-		dirs.add(filepath.Dir(p))
 		st.RemovedChunks++
-		st.RemovedBytes += fi.Size()
+		st.RemovedBytes += n
 	}
-	if err := dirs.sync(); err != nil {
+	if err := s.syncChunks(ctx); err != nil {
 		return st, err
 	}
-	if err := os.Remove(manifestPath); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return st, fmt.Errorf("remove manifest %s: %w", manifestPath, classOf(err))
-	}
-	if err := syncDir(filepath.Dir(manifestPath)); err != nil {
-		return st, fmt.Errorf("sync %s: %w", filepath.Dir(manifestPath), classOf(err))
+	if err := s.b.RemoveManifest(ctx, name); err != nil {
+		return st, err
 	}
 	return st, nil
+}
+
+// interruption is why ctx ended: its cause (a lost lease) or its error.
+func interruption(ctx context.Context) error {
+	if c := context.Cause(ctx); c != nil {
+		return c
+	}
+	return ctx.Err()
 }

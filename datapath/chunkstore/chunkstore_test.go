@@ -313,14 +313,14 @@ func TestDeleteRefusesUnknownFiles(t *testing.T) {
 
 func TestLockHonoursContext(t *testing.T) {
 	s, _ := Open(t.TempDir())
-	unlock, err := s.lock(t.Context(), true)
+	_, unlock, err := s.lock(t.Context(), LockExclusive)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer unlock()
 	ctx, cancel := context.WithCancel(t.Context())
 	cancel()
-	if _, err := s.lock(ctx, false); !errors.Is(err, context.Canceled) {
+	if _, _, err := s.lock(ctx, LockShared); !errors.Is(err, context.Canceled) {
 		t.Fatalf("shared lock while exclusively held, cancelled: %v", err)
 	}
 }

@@ -10,11 +10,7 @@ import (
 	"io/fs"
 	"math/bits"
 	"os"
-	"path/filepath"
-	"strings"
 	"time"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/stowage/stowage/errdefs"
 )
@@ -106,8 +102,10 @@ func isHash(s string) bool {
 	return true
 }
 
-// LoadManifest reads and validates the manifest at path. A missing file is
-// errdefs.ErrNotFound; an unreadable or invalid one errdefs.ErrDataLoss.
+// LoadManifest reads and validates the manifest file at path (a manifest
+// of a directory store, Open). A missing file is errdefs.ErrNotFound; an
+// unreadable or invalid one errdefs.ErrDataLoss. Store.Manifest reads one
+// from any store.
 func LoadManifest(path string) (*Manifest, error) {
 	b, err := os.ReadFile(path)
 	if err != nil {
@@ -119,121 +117,40 @@ func LoadManifest(path string) (*Manifest, error) {
 	return parseManifest(path, b)
 }
 
-func parseManifest(path string, b []byte) (*Manifest, error) {
+func parseManifest(name string, b []byte) (*Manifest, error) {
 	var m Manifest
 	dec := json.NewDecoder(bytes.NewReader(b))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&m); err != nil {
-		return nil, fmt.Errorf("manifest %s is not a manifest: %v: %w", path, err, errdefs.ErrDataLoss)
+		return nil, fmt.Errorf("manifest %s is not a manifest: %v: %w", name, err, errdefs.ErrDataLoss)
 	}
 	if err := m.Validate(); err != nil {
-		return nil, fmt.Errorf("manifest %s: %v: %w", path, err, errdefs.ErrDataLoss)
+		return nil, fmt.Errorf("manifest %s: %v: %w", name, err, errdefs.ErrDataLoss)
 	}
 	return &m, nil
 }
 
-// WriteManifest writes m to path atomically: a temporary file in the same
-// directory, fsync, a rename that never replaces an existing manifest
-// (errdefs.ErrAlreadyExists), and a directory fsync.
-func WriteManifest(path string, m *Manifest) error {
+// encodeManifest validates and encodes m.
+func encodeManifest(name string, m *Manifest) ([]byte, error) {
 	if err := m.Validate(); err != nil {
-		return fmt.Errorf("manifest %s: %v: %w", path, err, errdefs.ErrInvalid)
+		return nil, fmt.Errorf("manifest %s: %v: %w", name, err, errdefs.ErrInvalid)
 	}
 	b, err := json.Marshal(m)
 	if err != nil {
-		return fmt.Errorf("manifest %s: encode: %w", path, err)
+		return nil, fmt.Errorf("manifest %s: encode: %w", name, err)
 	}
-	dir := filepath.Dir(path)
-	tmp := filepath.Join(dir, "."+filepath.Base(path)+".tmp-"+randomHex(8))
-	if err := writeFileSync(tmp, b, 0o644); err != nil {
-		return fmt.Errorf("manifest %s: %w", path, err)
-	}
-	if err := renameNoReplace(tmp, path); err != nil {
-		os.Remove(tmp)
-		if errors.Is(err, fs.ErrExist) {
-			return fmt.Errorf("manifest %s: %w", path, errors.Join(err, errdefs.ErrAlreadyExists))
-		}
-		return fmt.Errorf("manifest %s: %w", path, err)
-	}
-	if err := syncDir(dir); err != nil {
-		return fmt.Errorf("manifest %s: %w", path, err)
-	}
-	return nil
+	return b, nil
 }
 
-// loadOthers reads every manifest in dir except the one named skip. Every
-// regular file in dir whose name does not start with "." must be a
-// manifest: a file that is not one stops the caller (a delete must never
-// drop chunks a manifest it could not read still refers to).
-func loadOthers(dir, skip string) ([]*Manifest, error) {
-	entries, err := os.ReadDir(dir)
-	if err != nil {
-		return nil, fmt.Errorf("manifests directory %s: %w", dir, err)
-	}
-	var out []*Manifest
-	for _, e := range entries {
-		name := e.Name()
-		if name == skip || strings.HasPrefix(name, ".") || !e.Type().IsRegular() {
-			continue
-		}
-		m, err := LoadManifest(filepath.Join(dir, name))
-		if errors.Is(err, errdefs.ErrNotFound) {
-			continue // removed meanwhile
-		}
-		if err != nil {
-			return nil, fmt.Errorf("%w (every file in a manifests directory must be a manifest; refusing to delete chunks it may use): %w", err, errdefs.ErrFailedPrecondition)
-		}
-		out = append(out, m)
-	}
-	return out, nil
-}
-
-// writeFileSync creates path with b, fsynced.
-func writeFileSync(path string, b []byte, perm os.FileMode) error {
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, perm)
+// WriteManifest writes m to the file path atomically: a temporary file in
+// the same directory, fsync, a rename that never replaces an existing
+// manifest (errdefs.ErrAlreadyExists), and a directory fsync.
+func WriteManifest(path string, m *Manifest) error {
+	b, err := encodeManifest(path, m)
 	if err != nil {
 		return err
 	}
-	_, err = f.Write(b)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		os.Remove(path)
-	}
-	return err
-}
-
-// renameNoReplace renames oldpath to newpath unless newpath exists
-// (fs.ErrExist); link+unlink where RENAME_NOREPLACE is missing (NFS).
-func renameNoReplace(oldpath, newpath string) error {
-	err := unix.Renameat2(unix.AT_FDCWD, oldpath, unix.AT_FDCWD, newpath, unix.RENAME_NOREPLACE)
-	if err == nil {
-		return nil
-	}
-	if !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOSYS) && !errors.Is(err, unix.EOPNOTSUPP) {
-		return &os.LinkError{Op: "rename", Old: oldpath, New: newpath, Err: err}
-	}
-	if err := os.Link(oldpath, newpath); err != nil {
-		return err
-	}
-	return os.Remove(oldpath)
-}
-
-// syncDir fsyncs a directory so that entries made in it survive a crash.
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	err = d.Sync()
-	if cerr := d.Close(); err == nil {
-		err = cerr
-	}
-	return err
+	return createFile(path, b)
 }
 
 func randomHex(n int) string {
