@@ -4,6 +4,7 @@ import (
 	"github.com/stowage/stowage/datapath/nbd"
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/drivers/filesystem"
+	"github.com/stowage/stowage/drivers/s3"
 	"github.com/stowage/stowage/hostops"
 )
 
@@ -17,5 +18,6 @@ func registerDataSchemes() { nbd.Register() }
 func builtinProviders(hosts hostops.Selector) *drivers.Registry {
 	reg := drivers.NewRegistry()
 	reg.Register(filesystem.New(hosts))
+	reg.Register(s3.New(hosts))
 	return reg
 }

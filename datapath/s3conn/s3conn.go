@@ -260,3 +260,46 @@ func Ping(ctx context.Context, c *minio.Client, cfg Config) error {
 	}
 	return nil
 }
+
+// URI renders c without its keys as s3://bucket/prefix?endpoint=…&region=…
+// (&insecure=1), the form a chunk store travels in to an agent; the keys
+// travel beside it, as a secret (Secret).
+func (c Config) URI() string {
+	q := url.Values{}
+	q.Set("endpoint", c.Endpoint)
+	if c.Region != "" {
+		q.Set("region", c.Region)
+	}
+	if c.InsecureSkipVerify {
+		q.Set("insecure", "1")
+	}
+	return "s3://" + c.Bucket + "/" + strings.Trim(c.Prefix, "/") + "?" + q.Encode()
+}
+
+// Secret returns c's keys as the map that travels beside its URI.
+func (c Config) Secret() map[string]string {
+	return map[string]string{"access_key": c.AccessKey, "secret_key": c.SecretKey}
+}
+
+// ParseURI is the inverse of URI and Secret.
+func ParseURI(uri string, secret map[string]string) (Config, error) {
+	u, err := url.Parse(uri)
+	if err != nil || u.Scheme != "s3" || u.Host == "" {
+		return Config{}, fmt.Errorf("chunk store %q: want s3://bucket/prefix?endpoint=URL: %w", redactQuery(uri), errdefs.ErrInvalid)
+	}
+	q := u.Query()
+	c := Config{Endpoint: q.Get("endpoint"), Region: q.Get("region"), Bucket: u.Host, Prefix: strings.Trim(u.Path, "/"),
+		AccessKey: secret["access_key"], SecretKey: secret["secret_key"], InsecureSkipVerify: q.Get("insecure") == "1"}
+	if err := c.Validate(); err != nil {
+		return Config{}, err
+	}
+	return c, nil
+}
+
+// redactQuery drops the query of a URI for messages.
+func redactQuery(s string) string {
+	if i := strings.IndexByte(s, '?'); i >= 0 {
+		return s[:i]
+	}
+	return s
+}

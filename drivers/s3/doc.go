@@ -1,7 +1,23 @@
-// Package s3 holds the pieces of an S3 image store (issue 11): objects in a
-// bucket under a prefix, reached with minio-go. The Provider, LifeCycle and
-// Driver that make it a Stowage driver are not here yet; this package is
-// what they will be built from.
+// Package s3 is the "s3" storage provider: image stores on an S3 bucket
+// under a prefix, reached with minio-go. Templates and ISOs are objects
+// (templates/<id>.<raw|qcow2|iso>), snapshot backups are content-addressed
+// chunk objects and one manifest object each (backups/chunks/<hh>/<sha256>,
+// backups/manifests/<id>.json, datapath/chunkstore's S3 backend), and the
+// prefix carries a marker object naming the store that owns it.
+//
+//   - Import (drivers.Importer) streams a template from its URL into the
+//     bucket in this process: multipart, checksum and format checked
+//     in-stream, nothing left on failure; no local copy anywhere.
+//   - GrantAccess hands hosts presigned GET URLs (read, attach): a volume is
+//     made from an S3 template by an agent reading that URL, and a host's
+//     template mount fetches it by presigned Range GETs; no host holds the
+//     bucket's keys for that. Writing through a host is refused.
+//   - CanCopy/Copy: a server-side copy inside one store.
+//   - ChunkTarget: backups are written and read by the agent of the host
+//     that reads the snapshot, which gets the chunk store's URI and keys
+//     for that task (see BackupAccess); DeleteBackup runs here.
+//
+// The pieces it is built from:
 //
 //   - Config: a store URL "s3://bucket/prefix" and a details map (endpoint,
 //     region, credentials_file or credentials_env) become an s3conn.Config
