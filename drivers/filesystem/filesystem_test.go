@@ -653,3 +653,96 @@ func TestLocalHostStaysInStores(t *testing.T) {
 		}
 	}
 }
+
+// TestConformanceReflink runs the suite on a primary store on XFS with
+// reflink, where CanCopy is true and Copy and reflink clones share extents.
+// It needs root (losetup, mount).
+func TestConformanceReflink(t *testing.T) {
+	needQemuImg(t)
+	mnt := mountXFS(t)
+	driverstest.Run(t, "xfs", func(t *testing.T) driverstest.Env {
+		dir, err := os.MkdirTemp(mnt, "store-")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { os.RemoveAll(dir) })
+		hosts := driverstest.NewHosts(newLocalHost(t, "h1"), newLocalHost(t, "h2", hostfs.WithRoot(t.TempDir())))
+		hosts.Place("h1", "z1", "")
+		hosts.Place("h2", "z2", "")
+		return driverstest.Env{
+			Provider: New(hosts),
+			Spec:     drivers.StoreSpec{ID: "store-x", Role: drivers.RolePrimary, Scope: zone1, URL: "file://" + dir + "/primary"},
+			Client:   "h1", Remote: "h2", Hosts: hosts,
+		}
+	})
+	// The copy the suite made went through CanCopy true.
+	hosts := driverstest.NewHosts(newLocalHost(t, "h1"))
+	p := New(hosts)
+	info, err := p.LifeCycle().Initialize(t.Context(), drivers.StoreSpec{ID: "s-x", Role: drivers.RolePrimary, Scope: zone1, URL: "file://" + mnt + "/direct"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.Details["reflink"] != "true" {
+		t.Fatalf("Details = %v, want reflink true on XFS", info.Details)
+	}
+	src, err := p.drv.Create(t.Context(), drivers.DataObject{ID: "a", Type: drivers.ObjectVolume, Store: info, Format: drivers.FormatRaw, Size: 1 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := drivers.DataObject{ID: "a", Type: drivers.ObjectVolume, Store: info, Format: drivers.FormatRaw, Key: src.Key}
+	b := drivers.DataObject{ID: "b", Type: drivers.ObjectVolume, Store: info, Format: drivers.FormatRaw}
+	if !p.drv.CanCopy(a, b) {
+		t.Fatal("CanCopy inside an XFS store with reflink is false")
+	}
+	got, err := p.drv.Copy(t.Context(), a, b, nil)
+	if err != nil || got.Key != "volumes/b.raw" || got.Size != 1<<20 || got.Method != "reflink" {
+		t.Errorf("Copy = %+v, %v; want volumes/b.raw by reflink", got, err)
+	}
+}
+
+func mountXFS(t *testing.T) string {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root for losetup and mount")
+	}
+	for _, tool := range []string{"losetup", "mkfs.xfs", "mount", "umount"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("%s is not installed: %v", tool, err)
+		}
+	}
+	dir := t.TempDir()
+	img := filepath.Join(dir, "xfs.img")
+	if err := os.WriteFile(img, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	// mkfs.xfs wants at least 300 MiB; the file is sparse.
+	if err := os.Truncate(img, 512<<20); err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command("losetup", "--find", "--show", img).CombinedOutput()
+	if err != nil {
+		t.Skipf("cannot attach a loop device here: %v: %s", err, out)
+	}
+	loop := strings.TrimSpace(string(out))
+	t.Cleanup(func() {
+		if out, err := exec.Command("losetup", "--detach", loop).CombinedOutput(); err != nil {
+			t.Errorf("losetup --detach %s: %v: %s", loop, err, out)
+		}
+	})
+	if out, err := exec.Command("mkfs.xfs", "-q", "-f", "-m", "reflink=1", loop).CombinedOutput(); err != nil {
+		t.Fatalf("mkfs.xfs: %v: %s", err, out)
+	}
+	mnt := filepath.Join(dir, "mnt")
+	if err := os.Mkdir(mnt, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("mount", "-t", "xfs", loop, mnt).CombinedOutput(); err != nil {
+		t.Fatalf("mount %s: %v: %s", loop, err, out)
+	}
+	t.Cleanup(func() {
+		if out, err := exec.Command("umount", mnt).CombinedOutput(); err != nil {
+			t.Errorf("umount %s: %v: %s", mnt, err, out)
+		}
+	})
+	return mnt
+}
