@@ -1,30 +1,54 @@
 // Package driverstest is the conformance suite for storage providers
-// (drivers.Provider): any provider's test calls Run with a setup that
-// returns the provider and the spec of a fresh store, and the suite checks
-// the behaviour the controller relies on — idempotent Initialize, Attach,
-// refusal to initialise a directory another store owns, bad URLs refused
-// before anything is written, objects created at their exact size and
-// listed, deletes idempotent, a store with objects not deletable.
+// (drivers.Provider): a provider's test calls Run with a setup that returns
+// an Env — the provider, the spec of a fresh store and the hosts around it
+// — and the suite checks, against real host work, the behaviour the
+// controller's workflows rely on:
 //
-// The suite drives real host work: providers reach hosts through
-// LocalEndpoints, a drivers.Endpoints over agent/hostfs on this machine.
+//   - the store life cycle: idempotent Initialize, Attach, refusal of a
+//     location another store owns, bad URLs refused before anything is
+//     written, Maintain / CancelMaintain, Delete refused while objects
+//     remain, a cancelled context honoured;
+//   - objects: Locate pure and deterministic, Create at the exact size and
+//     idempotent, Stat, ListObjects, Delete idempotent;
+//   - Copy and CanCopy both ways (CanCopy false makes Copy
+//     errdefs.ErrNotImplemented and leaves nothing; true makes it work);
+//   - GrantAccess / RevokeAccess for each purpose, from a host in the
+//     store's scope and (Env.Remote) from one outside it, reading the
+//     bytes of http(s) URIs;
+//   - snapshot take and revert (drivers.PrimaryDriver), and the optional
+//     capabilities Resizer, Cloner, Importer (from an HTTP server the suite
+//     starts on loopback, serving raw and qcow2 images made with qemu-img;
+//     a wrong checksum is errdefs.ErrDataLoss and leaves no object),
+//     Rebaser and ChunkTarget (the shape of BackupAccess, a backup made on
+//     a host through it when Env.Hosts is set, DeleteBackup).
+//
+// A capability the provider lacks is skipped with t.Skip naming the
+// interface; the controller then routes around it or refuses with a reason.
 //
 //	func TestConformance(t *testing.T) {
-//		driverstest.Run(t, "filesystem", func(t *testing.T) (drivers.Provider, drivers.StoreSpec) {
-//			p := filesystem.New(drivers.Deps{Endpoints: driverstest.LocalEndpoints("h1")})
-//			return p, drivers.StoreSpec{ID: "s1", Role: drivers.RolePrimary,
-//				URL: "file://" + t.TempDir() + "/primary", Scope: drivers.Scope{Zone: "z1"}}
+//		driverstest.Run(t, "filesystem", func(t *testing.T) driverstest.Env {
+//			hosts := driverstest.NewHosts(myLocalHost(t, "h1"), myLocalHost(t, "h2"))
+//			hosts.Place("h1", "z1", "")
+//			hosts.Place("h2", "z2", "")
+//			return driverstest.Env{
+//				Provider: filesystem.New(hosts),
+//				Spec: drivers.StoreSpec{ID: "s1", Role: drivers.RolePrimary,
+//					URL: "file://" + t.TempDir() + "/primary", Scope: drivers.Scope{Zone: "z1"}},
+//				Client: "h1", Remote: "h2", Hosts: hosts,
+//			}
 //		})
 //	}
 //
 // setup is called once per subtest and must return a store nobody has
-// initialised yet. When spec.URL is a file:// URL, the suite also checks on
-// this machine that refused calls write nothing next to it; that holds when
-// the provider's hosts see this machine's filesystem (LocalEndpoints without
-// hostfs.WithRoot). Volume tests run only for a primary store spec.
+// initialised yet. When Spec.URL is a file:// URL, the suite also checks on
+// this machine that refused calls write nothing next to it. Volume,
+// snapshot, resize, clone and rebase tests run for a primary store spec,
+// chunk target tests for an image store spec.
 //
 // This is a non-test package so that every provider's tests can import it;
-// it imports "testing" on purpose and must not be linked into binaries.
+// it imports "testing" on purpose and must not be linked into binaries. It
+// imports nothing under agent/: hosts come from the caller (Hosts wraps any
+// hostops.Host).
 package driverstest
 
 import (
@@ -40,6 +64,7 @@ import (
 
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
+	"github.com/stowage/stowage/hostops"
 )
 
 // OddSize is the virtual size of the suite's volumes: an odd number of
@@ -47,18 +72,43 @@ import (
 // provider that rounds sizes is caught.
 const OddSize = 5<<20 + 3*512
 
-// Run runs the conformance suite against the provider setup returns, as
+// Env is what one subtest runs against.
+type Env struct {
+	Provider drivers.Provider
+	Spec     drivers.StoreSpec
+	// Client is an Up host in Spec.Scope that can reach the store once it
+	// is attached (required).
+	Client string
+	// Remote is an Up host outside Spec.Scope, "" when there is none: the
+	// suite then skips the checks of access from outside the scope.
+	Remote string
+	// Hosts is the selector the provider was built with, nil for a
+	// provider that needs no hosts; with it the suite runs host steps
+	// itself where a workflow would (a backup through BackupAccess).
+	Hosts hostops.Selector
+}
+
+// Run runs the conformance suite against the Env setup returns, as
 // subtests of a test called name.
-func Run(t *testing.T, name string, setup func(t *testing.T) (drivers.Provider, drivers.StoreSpec)) {
+func Run(t *testing.T, name string, setup func(t *testing.T) Env) {
 	t.Helper()
 	cases := []struct {
 		name string
-		fn   func(t *testing.T, p drivers.Provider, spec drivers.StoreSpec)
+		fn   func(t *testing.T, e Env)
 	}{
 		{"Provider", testProvider},
 		{"InitializeAttach", testInitializeAttach},
 		{"ListObjectsEmpty", testListObjectsEmpty},
+		{"Locate", testLocate},
 		{"VolumeLifecycle", testVolumeLifecycle},
+		{"Copy", testCopy},
+		{"Access", testAccess},
+		{"Snapshot", testSnapshot},
+		{"Resize", testResize},
+		{"Import", testImport},
+		{"Clone", testClone},
+		{"Rebase", testRebase},
+		{"ChunkTarget", testChunkTarget},
 		{"DeleteEmptyStore", testDeleteEmptyStore},
 		{"BadURLs", testBadURLs},
 		{"Reinitialize", testReinitialize},
@@ -69,14 +119,18 @@ func Run(t *testing.T, name string, setup func(t *testing.T) (drivers.Provider, 
 	t.Run(name, func(t *testing.T) {
 		for _, c := range cases {
 			t.Run(c.name, func(t *testing.T) {
-				p, spec := setup(t)
-				c.fn(t, p, spec)
+				e := setup(t)
+				if e.Provider == nil || e.Client == "" {
+					t.Fatal("setup returned an Env without a Provider or a Client host")
+				}
+				c.fn(t, e)
 			})
 		}
 	})
 }
 
-func testProvider(t *testing.T, p drivers.Provider, spec drivers.StoreSpec) {
+func testProvider(t *testing.T, e Env) {
+	p, spec := e.Provider, e.Spec
 	if p.Name() == "" {
 		t.Error("Name is empty")
 	}
@@ -91,6 +145,30 @@ func testProvider(t *testing.T, p drivers.Provider, spec drivers.StoreSpec) {
 			t.Errorf("%T serves primary stores but is not a drivers.PrimaryDriver", p.Driver())
 		}
 	}
+	var has []string
+	d := p.Driver()
+	for name, ok := range map[string]bool{
+		"Resizer": is[drivers.Resizer](d), "Cloner": is[drivers.Cloner](d), "Importer": is[drivers.Importer](d),
+		"Rebaser": is[drivers.Rebaser](d), "ChunkTarget": is[drivers.ChunkTarget](d), "HostRooted": is[drivers.HostRooted](p),
+	} {
+		if ok {
+			has = append(has, name)
+		}
+	}
+	slices.Sort(has)
+	t.Logf("%s implements %v", p.Name(), has)
+}
+
+func is[T any](v any) bool { _, ok := v.(T); return ok }
+
+// capability returns the driver of e as T, or skips the test naming T.
+func capability[T any](t *testing.T, e Env, name string) T {
+	t.Helper()
+	c, ok := e.Provider.Driver().(T)
+	if !ok {
+		t.Skipf("%s: the driver %T does not implement drivers.%s (the workflows route around it)", e.Provider.Name(), e.Provider.Driver(), name)
+	}
+	return c
 }
 
 // initialize initialises spec or fails the test.
@@ -103,7 +181,22 @@ func initialize(t *testing.T, p drivers.Provider, spec drivers.StoreSpec) driver
 	return info
 }
 
-func testInitializeAttach(t *testing.T, p drivers.Provider, spec drivers.StoreSpec) {
+// attached initialises and attaches e's store.
+func attached(t *testing.T, e Env) drivers.StoreInfo {
+	t.Helper()
+	info := initialize(t, e.Provider, e.Spec)
+	hosts, err := e.Provider.LifeCycle().Attach(t.Context(), info, e.Spec.Scope)
+	if err != nil {
+		t.Fatalf("Attach: %v", err)
+	}
+	if !slices.Contains(hosts, e.Client) {
+		t.Fatalf("Attach = %q, does not hold the client host %s", hosts, e.Client)
+	}
+	return info
+}
+
+func testInitializeAttach(t *testing.T, e Env) {
+	p, spec := e.Provider, e.Spec
 	info := initialize(t, p, spec)
 	if info.ID != spec.ID || info.Role != spec.Role || info.URL != spec.URL || info.Scope != spec.Scope || info.Name != spec.Name {
 		t.Errorf("StoreInfo %+v does not carry the spec %+v", info, spec)
@@ -126,11 +219,14 @@ func testInitializeAttach(t *testing.T, p drivers.Provider, spec drivers.StoreSp
 			t.Errorf("Attach returned an empty host id in %q", hosts)
 		}
 	}
+	if e.Remote != "" && slices.Contains(hosts, e.Remote) {
+		t.Errorf("Attach = %q holds %s, a host outside the store's scope", hosts, e.Remote)
+	}
 }
 
-func testListObjectsEmpty(t *testing.T, p drivers.Provider, spec drivers.StoreSpec) {
-	info := initialize(t, p, spec)
-	objs, err := p.Driver().ListObjects(t.Context(), info)
+func testListObjectsEmpty(t *testing.T, e Env) {
+	info := initialize(t, e.Provider, e.Spec)
+	objs, err := e.Provider.Driver().ListObjects(t.Context(), info)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -150,89 +246,75 @@ func needPrimary(t *testing.T, spec drivers.StoreSpec) {
 	}
 }
 
-func testVolumeLifecycle(t *testing.T, p drivers.Provider, spec drivers.StoreSpec) {
-	needPrimary(t, spec)
-	ctx := t.Context()
-	lc, drv := p.LifeCycle(), p.Driver()
-	info := initialize(t, p, spec)
-	hosts, err := lc.Attach(ctx, info, spec.Scope)
+// located returns obj with the key its driver gives it, as the controller
+// records it before any work starts.
+func located(t *testing.T, d drivers.Driver, obj drivers.DataObject) drivers.DataObject {
+	t.Helper()
+	key, err := d.Locate(obj)
 	if err != nil {
-		t.Fatalf("Attach: %v", err)
+		t.Fatalf("Locate(%s %s): %v", obj.Type, obj.ID, err)
 	}
+	if key == "" {
+		t.Fatalf("Locate(%s %s) returned an empty key", obj.Type, obj.ID)
+	}
+	obj.Key = key
+	return obj
+}
 
-	vol := blankVolume(info, "vol-1", OddSize)
-	got, err := drv.Create(ctx, vol)
+// create creates a blank volume with its key recorded, or fails the test.
+func create(t *testing.T, d drivers.Driver, obj drivers.DataObject) drivers.DataObject {
+	t.Helper()
+	obj = located(t, d, obj)
+	got, err := d.Create(t.Context(), obj)
 	if err != nil {
-		t.Fatalf("Create: %v", err)
+		t.Fatalf("Create(%s %s): %v", obj.Type, obj.ID, err)
 	}
-	if got.ID != vol.ID || got.Type != drivers.ObjectVolume || got.Format != drivers.FormatRaw || got.Size != OddSize || got.Path == "" {
-		t.Errorf("Create = %+v, want volume vol-1, raw, %d bytes, with a path", got, OddSize)
+	if got.Key != obj.Key {
+		t.Errorf("Create(%s) = key %q, Locate said %q", obj.ID, got.Key, obj.Key)
 	}
-	vol.Path = got.Path
+	return obj
+}
 
-	again, err := drv.Create(ctx, vol)
+// wantSize checks that obj exists with virtual size want.
+func wantSize(t *testing.T, d drivers.Driver, obj drivers.DataObject, want int64, what string) drivers.ObjectInfo {
+	t.Helper()
+	info, err := d.Stat(t.Context(), obj)
 	if err != nil {
-		t.Errorf("Create of the same volume again: %v, want success (idempotent)", err)
-	} else if again.Path != got.Path || again.Size != got.Size {
-		t.Errorf("Create again = %+v, want %+v", again, got)
+		t.Fatalf("%s: Stat(%s %s): %v", what, obj.Type, obj.ID, err)
 	}
-	bigger := blankVolume(info, "vol-1", 2*OddSize)
-	if _, err := drv.Create(ctx, bigger); !errors.Is(err, errdefs.ErrAlreadyExists) {
-		t.Errorf("Create vol-1 with another size: err = %v, want ErrAlreadyExists", err)
+	if info.Size != want {
+		t.Errorf("%s: Stat(%s %s).Size = %d, want %d", what, obj.Type, obj.ID, info.Size, want)
 	}
+	return info
+}
 
-	objs, err := drv.ListObjects(ctx, info)
+// wantGone checks that obj is not on its store.
+func wantGone(t *testing.T, d drivers.Driver, obj drivers.DataObject, what string) {
+	t.Helper()
+	if info, err := d.Stat(t.Context(), obj); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Errorf("%s: Stat(%s %s) = %+v, %v; want ErrNotFound", what, obj.Type, obj.ID, info, err)
+	}
+	objs, err := d.ListObjects(t.Context(), obj.Store)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(objs) != 1 {
-		t.Fatalf("ListObjects = %+v, want vol-1 alone", objs)
-	}
-	if o := objs[0]; o.ID != "vol-1" || o.Type != drivers.ObjectVolume || o.Path != got.Path || o.Format != drivers.FormatRaw || o.Size != OddSize {
-		t.Errorf("ListObjects shows %+v, want %+v", o, got)
-	}
-
-	uri, err := drv.GrantAccess(ctx, vol, drivers.Client{HostID: hosts[0]})
-	if err != nil {
-		t.Fatalf("GrantAccess to %s: %v", hosts[0], err)
-	}
-	if u, err := url.Parse(string(uri)); err != nil || u.Scheme == "" {
-		t.Errorf("GrantAccess URI %q does not parse as a URL with a scheme: %v", uri, err)
-	}
-	if err := drv.RevokeAccess(ctx, vol, drivers.Client{HostID: hosts[0]}); err != nil {
-		t.Errorf("RevokeAccess: %v", err)
-	}
-
-	err = lc.Delete(ctx, info)
-	if !errors.Is(err, errdefs.ErrFailedPrecondition) {
-		t.Fatalf("Delete of a store holding vol-1: err = %v, want ErrFailedPrecondition", err)
-	}
-	objs, err = drv.ListObjects(ctx, info)
-	if err != nil || len(objs) != 1 {
-		t.Fatalf("after a refused Delete, ListObjects = %+v, %v; want the store intact with vol-1", objs, err)
-	}
-	if _, err := lc.Attach(ctx, info, spec.Scope); err != nil {
-		t.Fatalf("after a refused Delete, Attach: %v", err)
-	}
-
-	for i := range 2 {
-		if err := drv.Delete(ctx, vol); err != nil {
-			t.Fatalf("Delete vol-1 (%d): %v", i+1, err)
+	for _, o := range objs {
+		if o.Key == obj.Key {
+			t.Errorf("%s: ListObjects shows %+v", what, o)
 		}
-	}
-	objs, err = drv.ListObjects(ctx, info)
-	if err != nil || len(objs) != 0 {
-		t.Fatalf("after Delete, ListObjects = %+v, %v; want nothing", objs, err)
-	}
-	if err := lc.Delete(ctx, info); err != nil {
-		t.Fatalf("Delete of the empty store: %v", err)
-	}
-	if err := lc.Delete(ctx, info); err != nil {
-		t.Errorf("Delete of the store again: %v, want success (idempotent)", err)
 	}
 }
 
-func testDeleteEmptyStore(t *testing.T, p drivers.Provider, spec drivers.StoreSpec) {
+// remove deletes obj, failing the test on an error.
+func remove(t *testing.T, d drivers.Driver, obj drivers.DataObject) {
+	t.Helper()
+	if err := d.Delete(t.Context(), obj); err != nil {
+		t.Errorf("Delete(%s %s): %v", obj.Type, obj.ID, err)
+	}
+}
+
+func testDeleteEmptyStore(t *testing.T, e Env) {
+	p, spec := e.Provider, e.Spec
 	info := initialize(t, p, spec)
 	if err := p.LifeCycle().Delete(t.Context(), info); err != nil {
 		t.Fatalf("Delete: %v", err)
@@ -311,7 +393,8 @@ func unchanged(t *testing.T, what, dir string, before []string) {
 	}
 }
 
-func testBadURLs(t *testing.T, p drivers.Provider, spec drivers.StoreSpec) {
+func testBadURLs(t *testing.T, e Env) {
+	p, spec := e.Provider, e.Spec
 	dir := watchDir(spec.URL)
 	before := snapshot(t, dir)
 	for _, bad := range badURLs(spec.URL) {
@@ -332,7 +415,8 @@ func testBadURLs(t *testing.T, p drivers.Provider, spec drivers.StoreSpec) {
 	initialize(t, p, spec)
 }
 
-func testReinitialize(t *testing.T, p drivers.Provider, spec drivers.StoreSpec) {
+func testReinitialize(t *testing.T, e Env) {
+	p, spec := e.Provider, e.Spec
 	first := initialize(t, p, spec)
 	var vol drivers.DataObject
 	if spec.Role == drivers.RolePrimary {
@@ -341,7 +425,7 @@ func testReinitialize(t *testing.T, p drivers.Provider, spec drivers.StoreSpec) 
 			t.Fatalf("Create: %v", err)
 		}
 		vol = blankVolume(first, obj.ID, obj.Size)
-		vol.Path = obj.Path
+		vol.Key = obj.Key
 	}
 	second := initialize(t, p, spec)
 	if second.ID != first.ID || second.URL != first.URL || second.Provider != first.Provider {
@@ -364,7 +448,8 @@ func testReinitialize(t *testing.T, p drivers.Provider, spec drivers.StoreSpec) 
 	}
 }
 
-func testOwnedByAnotherStore(t *testing.T, p drivers.Provider, spec drivers.StoreSpec) {
+func testOwnedByAnotherStore(t *testing.T, e Env) {
+	p, spec := e.Provider, e.Spec
 	info := initialize(t, p, spec)
 	other := spec
 	other.ID = spec.ID + "-other"
@@ -394,7 +479,8 @@ func testOwnedByAnotherStore(t *testing.T, p drivers.Provider, spec drivers.Stor
 	}
 }
 
-func testMaintenance(t *testing.T, p drivers.Provider, spec drivers.StoreSpec) {
+func testMaintenance(t *testing.T, e Env) {
+	p, spec := e.Provider, e.Spec
 	info := initialize(t, p, spec)
 	if err := p.LifeCycle().Maintain(t.Context(), info); err != nil {
 		t.Fatalf("Maintain: %v", err)
@@ -410,7 +496,8 @@ func testMaintenance(t *testing.T, p drivers.Provider, spec drivers.StoreSpec) {
 	}
 }
 
-func testCanceledContext(t *testing.T, p drivers.Provider, spec drivers.StoreSpec) {
+func testCanceledContext(t *testing.T, e Env) {
+	p, spec := e.Provider, e.Spec
 	ctx, cancel := context.WithCancel(t.Context())
 	cancel()
 	dir := watchDir(spec.URL)

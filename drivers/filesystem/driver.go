@@ -9,97 +9,98 @@ import (
 
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
+	"github.com/stowage/stowage/hostops"
 )
 
-// Driver creates, lists, deletes and grants access to the objects of
-// filesystem stores. It is a drivers.PrimaryDriver whose snapshot
-// operations are not implemented yet.
+// Driver creates, describes, copies, snapshots and grants access to the
+// objects of filesystem stores, through hosts in each store's scope.
 type Driver struct {
-	eps drivers.Endpoints
+	hosts hostops.Selector
 }
 
-// ListObjects lists the files of the store's object directories (volumes/,
-// templates/, snapshots/; not tmp/), skipping directories and dot files.
-// ID is the file name without its extension, Format follows the extension
-// ("" when unknown), PhysicalSize is the bytes allocated.
-//
-// Size is the virtual size: the file size for raw and ISO files, the
-// header's size for qcow2 (read on the host).
-func (d *Driver) ListObjects(ctx context.Context, store drivers.StoreInfo) ([]drivers.ObjectInfo, error) {
-	objs, err := d.list(ctx, store)
-	if err != nil {
-		return nil, fmt.Errorf("list objects of filesystem store %s: %w", store.ID, err)
+var (
+	_ drivers.PrimaryDriver = (*Driver)(nil)
+	_ drivers.Resizer       = (*Driver)(nil)
+	_ drivers.Cloner        = (*Driver)(nil)
+	_ drivers.Importer      = (*Driver)(nil)
+	_ drivers.Rebaser       = (*Driver)(nil)
+	_ drivers.ChunkTarget   = (*Driver)(nil)
+)
+
+// objectRef returns the hostops reference of obj: its store and key.
+func objectRef(obj drivers.DataObject) (hostops.Ref, error) {
+	if err := checkStore(obj.Store); err != nil {
+		return hostops.Ref{}, err
 	}
-	return objs, nil
+	key, err := keyOf(obj)
+	if err != nil {
+		return hostops.Ref{}, err
+	}
+	return hostops.Ref{Store: obj.Store.ID, Key: key}, nil
 }
 
-func (d *Driver) list(ctx context.Context, store drivers.StoreInfo) ([]drivers.ObjectInfo, error) {
+// host returns an Up host in the scope of store (the step's host when the
+// context names one, see drivers.WithHost).
+func (d *Driver) host(ctx context.Context, store drivers.StoreInfo) (hostops.Host, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	root, err := storePath(store)
+	h, err := d.hosts.ForScope(ctx, store.Scope)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("no Up host in scope %s: %w", scopeName(store.Scope), err)
 	}
-	ep, err := d.eps.ForScope(ctx, store.Scope)
-	if err != nil {
-		return nil, err
-	}
-	return d.listObjects(ctx, ep, store, root)
+	return h, nil
 }
 
-// listObjects lists the objects of store at root through ep.
-func (d *Driver) listObjects(ctx context.Context, ep drivers.Endpoint, store drivers.StoreInfo, root string) ([]drivers.ObjectInfo, error) {
-	dirs, err := objectDirs(store.Role)
-	if err != nil {
-		return nil, err
+// imageObject turns a host's ImageInfo on obj into an ObjectInfo.
+func imageObject(obj drivers.DataObject, key string, ii hostops.ImageInfo) drivers.ObjectInfo {
+	f := ii.Format
+	if f == "" {
+		f = obj.Format
 	}
-	objs := []drivers.ObjectInfo{}
-	for _, dir := range dirs {
-		files, err := ep.ListDir(ctx, path.Join(root, dir))
-		if err != nil {
-			return nil, err
-		}
-		for _, f := range files {
-			name := path.Base(f.Path)
-			if f.IsDir || strings.HasPrefix(name, ".") {
-				continue
-			}
-			ext := path.Ext(name)
-			o := drivers.ObjectInfo{
-				ID:           strings.TrimSuffix(name, ext),
-				Type:         dirType(dir),
-				Path:         dir + "/" + name,
-				Format:       formatOf(ext),
-				PhysicalSize: f.AllocatedBytes,
-				ModifiedAt:   f.ModifiedAt,
-			}
-			o.Size = f.VirtualSize
-			if f.Format == drivers.FormatQCOW2 {
-				o.Format = drivers.FormatQCOW2
-			}
-			objs = append(objs, o)
-		}
+	return drivers.ObjectInfo{
+		ID: obj.ID, Type: obj.Type, Key: key, Format: f,
+		Size: ii.VirtualSize, PhysicalSize: ii.PhysicalSize, SHA256: ii.SHA256,
+		Method: ii.Method, BytesWritten: ii.BytesWritten, BytesSkipped: ii.BytesSkipped,
 	}
-	sort.Slice(objs, func(i, j int) bool { return objs[i].Path < objs[j].Path })
-	return objs, nil
 }
 
-func dirType(dir string) drivers.ObjectType {
-	for t, d := range typeDirs {
-		if d == dir {
-			return t
-		}
+// fileObject turns a host's FileInfo of the file key into an ObjectInfo.
+// The format is the one the key declares, never the file's content: a
+// guest can write a qcow2 header into its raw volume.
+func fileObject(id string, typ drivers.ObjectType, key string, fi hostops.FileInfo) drivers.ObjectInfo {
+	o := drivers.ObjectInfo{
+		ID: id, Type: typ, Key: key, Format: formatOf(key),
+		Size: fi.Size, PhysicalSize: fi.AllocatedBytes, ModifiedAt: fi.ModifiedAt,
 	}
-	return ""
+	if o.Format == drivers.FormatQCOW2 && fi.Format == drivers.FormatQCOW2 {
+		o.Size = fi.VirtualSize
+	}
+	if strings.HasSuffix(key, manifestSuffix) {
+		o.Format = ""
+	}
+	return o
+}
+
+// Locate returns the key obj has, or will have, on its store (see the
+// package doc): volumes/<id>.<ext>, templates/<id>.<ext>,
+// snapshots/<id>.<ext> on a primary store and
+// snapshots/manifests/<id>.manifest.json (a backup) on an image store. It
+// does no I/O; an object the layout has no place for is errdefs.ErrInvalid.
+func (d *Driver) Locate(obj drivers.DataObject) (string, error) {
+	key, err := locate(obj)
+	if err != nil {
+		return "", fmt.Errorf("locate %s %s on filesystem store %s: %w", obj.Type, obj.ID, obj.Store.ID, err)
+	}
+	return key, nil
 }
 
 // Create makes a blank volume: a sparse raw file or an empty qcow2 of
-// obj.Size bytes (a positive multiple of 512) at volumes/<id>.<raw|qcow2>
-// on a primary store. Creating the same volume again returns it; a volume
-// of that id with another size or format is errdefs.ErrAlreadyExists.
-// Templates and snapshots are not created this way
-// (errdefs.ErrNotImplemented): they arrive by download, copy or snapshot.
+// obj.Size bytes (a positive multiple of 512) at its key on a primary
+// store. Creating the same volume again returns it; a volume of that id with
+// another size or format is errdefs.ErrAlreadyExists. Templates and
+// snapshots are not created this way (errdefs.ErrNotImplemented): they
+// arrive by import, copy, clone or snapshot.
 func (d *Driver) Create(ctx context.Context, obj drivers.DataObject) (drivers.ObjectInfo, error) {
 	info, err := d.create(ctx, obj)
 	if err != nil {
@@ -113,64 +114,48 @@ func (d *Driver) create(ctx context.Context, obj drivers.DataObject) (drivers.Ob
 		return drivers.ObjectInfo{}, err
 	}
 	if obj.Type != drivers.ObjectVolume {
-		return drivers.ObjectInfo{}, fmt.Errorf("the filesystem provider creates only blank volumes; a %s arrives by download, copy or snapshot: %w",
+		return drivers.ObjectInfo{}, fmt.Errorf("the filesystem provider creates only blank volumes; a %s arrives by import, copy, clone or snapshot: %w",
 			obj.Type, errdefs.ErrNotImplemented)
-	}
-	if obj.Store.Role != drivers.RolePrimary {
-		return drivers.ObjectInfo{}, fmt.Errorf("store %s is a %s store; volumes live on primary stores: %w", obj.Store.ID, obj.Store.Role, errdefs.ErrInvalid)
-	}
-	if err := checkObjectID(obj.ID); err != nil {
-		return drivers.ObjectInfo{}, err
-	}
-	if obj.Format != drivers.FormatRaw && obj.Format != drivers.FormatQCOW2 {
-		return drivers.ObjectInfo{}, fmt.Errorf("format %q: a blank volume is %s or %s: %w", obj.Format, drivers.FormatRaw, drivers.FormatQCOW2, errdefs.ErrInvalid)
 	}
 	if obj.Size <= 0 || obj.Size%512 != 0 {
 		return drivers.ObjectInfo{}, fmt.Errorf("size %d is not a positive multiple of 512 bytes: %w", obj.Size, errdefs.ErrInvalid)
 	}
-	rel := dirVolumes + "/" + obj.ID + extensions[obj.Format]
-	if obj.Path != "" && obj.Path != rel {
-		return drivers.ObjectInfo{}, fmt.Errorf("path %q given; a filesystem volume %s lives at %q: %w", obj.Path, obj.ID, rel, errdefs.ErrInvalid)
-	}
-	root, err := storePath(obj.Store)
+	ref, err := objectRef(obj)
 	if err != nil {
 		return drivers.ObjectInfo{}, err
 	}
-	ep, err := d.eps.ForScope(ctx, obj.Store.Scope)
+	if want, _ := locate(obj); obj.Key != "" && obj.Key != want {
+		return drivers.ObjectInfo{}, fmt.Errorf("key %q given; a new filesystem volume %s lives at %q: %w", obj.Key, obj.ID, want, errdefs.ErrInvalid)
+	}
+	h, err := d.host(ctx, obj.Store)
 	if err != nil {
 		return drivers.ObjectInfo{}, err
 	}
 	// One id, one volume: refuse a second file under the other format's name.
-	for f, ext := range extensions {
+	for _, f := range []drivers.Format{drivers.FormatRaw, drivers.FormatQCOW2} {
 		if f == obj.Format {
 			continue
 		}
-		other := dirVolumes + "/" + obj.ID + ext
-		_, err := ep.StatPath(ctx, path.Join(root, other))
+		other := hostops.Ref{Store: ref.Store, Key: dirVolumes + "/" + obj.ID + extensions[f]}
+		_, err := h.StatObject(ctx, other)
 		if err == nil {
-			return drivers.ObjectInfo{}, fmt.Errorf("volume %s already exists as %s: %w", obj.ID, other, errdefs.ErrAlreadyExists)
+			return drivers.ObjectInfo{}, fmt.Errorf("volume %s already exists as %s: %w", obj.ID, other.Key, errdefs.ErrAlreadyExists)
 		}
 		if !errdefs.IsNotFound(err) {
-			return drivers.ObjectInfo{}, err
+			return drivers.ObjectInfo{}, fmt.Errorf("host %s: %w", h.HostID(), err)
 		}
 	}
-	fi, err := ep.CreateImage(ctx, path.Join(root, rel), obj.Format, obj.Size)
+	fi, err := h.CreateImage(ctx, ref, obj.Format, obj.Size)
 	if err != nil {
-		return drivers.ObjectInfo{}, err
+		return drivers.ObjectInfo{}, fmt.Errorf("host %s: %w", h.HostID(), err)
 	}
-	return drivers.ObjectInfo{
-		ID:           obj.ID,
-		Type:         drivers.ObjectVolume,
-		Path:         rel,
-		Format:       obj.Format,
-		Size:         obj.Size,
-		PhysicalSize: fi.AllocatedBytes,
-		ModifiedAt:   fi.ModifiedAt,
-	}, nil
+	o := fileObject(obj.ID, obj.Type, ref.Key, fi)
+	o.Format, o.Size = obj.Format, obj.Size
+	return o, nil
 }
 
-// Delete removes the object's file (obj.Path, or the path its type, id and
-// format give); a missing file is not an error.
+// Delete removes the object's file (a backup's manifest and unshared
+// chunks go through DeleteBackup instead); a missing file is not an error.
 func (d *Driver) Delete(ctx context.Context, obj drivers.DataObject) error {
 	if err := d.delete(ctx, obj); err != nil {
 		return fmt.Errorf("delete %s %s on filesystem store %s: %w", obj.Type, obj.ID, obj.Store.ID, err)
@@ -179,96 +164,163 @@ func (d *Driver) Delete(ctx context.Context, obj drivers.DataObject) error {
 }
 
 func (d *Driver) delete(ctx context.Context, obj drivers.DataObject) error {
-	if err := ctx.Err(); err != nil {
-		return err
-	}
-	rel, err := objectPath(obj)
+	ref, err := objectRef(obj)
 	if err != nil {
 		return err
 	}
-	root, err := storePath(obj.Store)
+	h, err := d.host(ctx, obj.Store)
 	if err != nil {
 		return err
 	}
-	ep, err := d.eps.ForScope(ctx, obj.Store.Scope)
-	if err != nil {
-		return err
+	if err := h.DeleteObject(ctx, ref); err != nil {
+		return fmt.Errorf("host %s: %w", h.HostID(), err)
 	}
-	return ep.DeletePath(ctx, path.Join(root, rel))
+	return nil
 }
 
-// GrantAccess returns the object's file:// URI for host client.HostID,
-// which must be Up and reach the store: the Endpoints interface knows no
-// zones, so whether the host is in the store's scope is checked by probing
-// the store's marker from that host. A host that does not reach it is
-// errdefs.ErrFailedPrecondition; a missing object errdefs.ErrNotFound.
-func (d *Driver) GrantAccess(ctx context.Context, obj drivers.DataObject, client drivers.Client) (drivers.URI, error) {
-	uri, err := d.grantAccess(ctx, obj, client)
+// Stat describes the object's file: Format is the one its key declares,
+// Size the virtual size (a qcow2's header size, else the file size; a
+// backup manifest's file size), PhysicalSize the bytes allocated. A
+// missing object is errdefs.ErrNotFound.
+func (d *Driver) Stat(ctx context.Context, obj drivers.DataObject) (drivers.ObjectInfo, error) {
+	info, err := d.stat(ctx, obj)
 	if err != nil {
-		return "", fmt.Errorf("grant host %s access to %s %s on filesystem store %s: %w", client.HostID, obj.Type, obj.ID, obj.Store.ID, err)
+		return drivers.ObjectInfo{}, fmt.Errorf("stat %s %s on filesystem store %s: %w", obj.Type, obj.ID, obj.Store.ID, err)
 	}
-	return uri, nil
+	return info, nil
 }
 
-func (d *Driver) grantAccess(ctx context.Context, obj drivers.DataObject, client drivers.Client) (drivers.URI, error) {
-	if err := ctx.Err(); err != nil {
-		return "", err
-	}
-	if client.HostID == "" {
-		return "", fmt.Errorf("no host to grant access to: %w", errdefs.ErrInvalid)
-	}
-	rel, err := objectPath(obj)
+func (d *Driver) stat(ctx context.Context, obj drivers.DataObject) (drivers.ObjectInfo, error) {
+	ref, err := objectRef(obj)
 	if err != nil {
-		return "", err
+		return drivers.ObjectInfo{}, err
 	}
-	root, err := storePath(obj.Store)
+	h, err := d.host(ctx, obj.Store)
 	if err != nil {
-		return "", err
+		return drivers.ObjectInfo{}, err
 	}
-	ep, err := d.eps.ForHost(ctx, client.HostID)
+	fi, err := h.StatObject(ctx, ref)
 	if err != nil {
-		return "", err
+		return drivers.ObjectInfo{}, fmt.Errorf("host %s: %w", h.HostID(), err)
 	}
-	if _, err := ep.ProbeStore(ctx, root, obj.Store.ID); err != nil {
-		if cerr := ctx.Err(); cerr != nil {
-			return "", cerr
+	if fi.IsDir {
+		return drivers.ObjectInfo{}, fmt.Errorf("%s is a directory: %w", ref, errdefs.ErrNotFound)
+	}
+	return fileObject(obj.ID, obj.Type, ref.Key, fi), nil
+}
+
+// ListObjects lists the files of the store's object directories
+// (volumes/, templates/ and snapshots/ with the per-volume directories of
+// older snapshots on a primary store; templates/, snapshots/ and
+// snapshots/manifests/ on an image store), skipping dot files and the
+// files of steps in progress. ID is the file name without its extension
+// (or ".manifest.json"), Format follows the extension ("" when unknown),
+// Size and PhysicalSize are as Stat's.
+func (d *Driver) ListObjects(ctx context.Context, store drivers.StoreInfo) ([]drivers.ObjectInfo, error) {
+	objs, err := d.list(ctx, store)
+	if err != nil {
+		return nil, fmt.Errorf("list objects of filesystem store %s: %w", store.ID, err)
+	}
+	return objs, nil
+}
+
+func (d *Driver) list(ctx context.Context, store drivers.StoreInfo) ([]drivers.ObjectInfo, error) {
+	if err := checkStore(store); err != nil {
+		return nil, err
+	}
+	h, err := d.host(ctx, store)
+	if err != nil {
+		return nil, err
+	}
+	return d.listObjects(ctx, h, store)
+}
+
+// listObjects lists the objects of store through h.
+func (d *Driver) listObjects(ctx context.Context, h hostops.Host, store drivers.StoreInfo) ([]drivers.ObjectInfo, error) {
+	objs := []drivers.ObjectInfo{}
+	var walk func(dir string, typ drivers.ObjectType, depth int, optional bool) error
+	walk = func(dir string, typ drivers.ObjectType, depth int, optional bool) error {
+		files, err := h.ListObjects(ctx, hostops.Ref{Store: store.ID, Key: dir})
+		if err != nil {
+			if optional && errdefs.IsNotFound(err) && ctx.Err() == nil {
+				return nil
+			}
+			return fmt.Errorf("host %s: %w", h.HostID(), err)
 		}
-		return "", fmt.Errorf("store %s is not reachable from host %s (%v): %w", obj.Store.ID, client.HostID, err, errdefs.ErrFailedPrecondition)
+		for _, f := range files {
+			name := path.Base(f.Key)
+			key := dir + "/" + name
+			switch {
+			case strings.HasPrefix(name, "."):
+			case f.IsDir:
+				// Older snapshots: snapshots/<volume id>/<snapshot id>.<ext>.
+				if depth == 0 && store.Role == drivers.RolePrimary && dir == dirSnapshots {
+					if err := walk(key, typ, 1, true); err != nil {
+						return err
+					}
+				}
+			default:
+				objs = append(objs, fileObject(idOf(name), typ, key, f))
+			}
+		}
+		return nil
 	}
-	full := path.Join(root, rel)
-	if _, err := ep.StatPath(ctx, full); err != nil {
-		return "", err
+	for _, od := range objectDirs(store.Role) {
+		if err := walk(od.dir, od.typ, 0, od.dir == dirManifests); err != nil {
+			return nil, err
+		}
 	}
-	return fileURI(full), nil
+	sort.Slice(objs, func(i, j int) bool { return objs[i].Key < objs[j].Key })
+	return objs, nil
 }
 
-// RevokeAccess does nothing: access to a file is not gated per host — any
-// host that mounts the directory can open the file — so there is nothing to
-// take back. Fencing a host off shared storage is the job of a provider
-// with per-host exports (NFS export rules, iSCSI ACLs).
-func (d *Driver) RevokeAccess(ctx context.Context, obj drivers.DataObject, client drivers.Client) error {
-	return ctx.Err()
+// CanCopy reports whether Copy can copy src to dst natively: both on the
+// same filesystem store, whose filesystem shares extents
+// (Details["reflink"] == "true"), in the same format. It does no I/O.
+func (d *Driver) CanCopy(src, dst drivers.DataObject) bool {
+	return src.Store.ID != "" && src.Store.ID == dst.Store.ID &&
+		src.Store.Provider == Name && dst.Store.Provider == Name &&
+		dst.Store.Details["reflink"] == "true" &&
+		src.Format != "" && src.Format == dst.Format
 }
 
-// CanCopy is false: copies between filesystem stores arrive with the
-// stream engine, and the motion service picks another strategy meanwhile.
-func (d *Driver) CanCopy(src, dst drivers.DataObject) bool { return false }
-
-// Copy is not implemented yet (see CanCopy).
-func (d *Driver) Copy(ctx context.Context, src, dst drivers.DataObject) (drivers.ObjectInfo, error) {
-	return drivers.ObjectInfo{}, fmt.Errorf("copy %s %s to filesystem store %s: copies arrive with the stream engine: %w",
-		src.Type, src.ID, dst.Store.ID, errdefs.ErrNotImplemented)
+// Copy reflinks src to dst inside one store on a host in its scope (see
+// CanCopy; any other pair is errdefs.ErrNotImplemented, for the
+// controller's generic data motion).
+func (d *Driver) Copy(ctx context.Context, src, dst drivers.DataObject, progress drivers.Progress) (drivers.ObjectInfo, error) {
+	info, err := d.copy(ctx, src, dst, progress)
+	if err != nil {
+		return drivers.ObjectInfo{}, fmt.Errorf("copy %s %s of store %s to %s %s on filesystem store %s: %w",
+			src.Type, src.ID, src.Store.ID, dst.Type, dst.ID, dst.Store.ID, err)
+	}
+	return info, nil
 }
 
-// TakeSnapshot is not implemented yet: qcow2 internal/external snapshots
-// and reflink snapshots come with the snapshot service.
-func (d *Driver) TakeSnapshot(ctx context.Context, snap drivers.SnapshotObject) (drivers.ObjectInfo, error) {
-	return drivers.ObjectInfo{}, fmt.Errorf("snapshot %s of volume %s on filesystem store %s: %w",
-		snap.ID, snap.Volume.ID, snap.Store.ID, errdefs.ErrNotImplemented)
-}
-
-// RevertSnapshot is not implemented yet (see TakeSnapshot).
-func (d *Driver) RevertSnapshot(ctx context.Context, snap drivers.SnapshotObject) error {
-	return fmt.Errorf("revert volume %s to snapshot %s on filesystem store %s: %w",
-		snap.Volume.ID, snap.ID, snap.Store.ID, errdefs.ErrNotImplemented)
+func (d *Driver) copy(ctx context.Context, src, dst drivers.DataObject, progress drivers.Progress) (drivers.ObjectInfo, error) {
+	if err := ctx.Err(); err != nil {
+		return drivers.ObjectInfo{}, err
+	}
+	if !d.CanCopy(src, dst) {
+		return drivers.ObjectInfo{}, fmt.Errorf("only a reflink inside one store that shares extents, keeping the format, is a native copy; use the generic data motion: %w",
+			errdefs.ErrNotImplemented)
+	}
+	from, err := objectRef(src)
+	if err != nil {
+		return drivers.ObjectInfo{}, err
+	}
+	to, err := objectRef(dst)
+	if err != nil {
+		return drivers.ObjectInfo{}, err
+	}
+	h, err := d.host(ctx, dst.Store)
+	if err != nil {
+		return drivers.ObjectInfo{}, err
+	}
+	ii, err := h.CloneImage(ctx, hostops.CloneRequest{
+		Base: from, BaseFormat: src.Format, Dest: to, Mode: drivers.CloneReflink, Format: dst.Format,
+	}, progress)
+	if err != nil {
+		return drivers.ObjectInfo{}, fmt.Errorf("host %s: %w", h.HostID(), err)
+	}
+	return imageObject(dst, to.Key, ii), nil
 }

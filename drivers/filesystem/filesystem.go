@@ -1,39 +1,15 @@
-// Package filesystem is the "filesystem" storage provider: primary and
-// image stores on a directory that the hosts in the store's scope see at
-// the same path — a local disk for a host-scoped store, or an NFS (or any
-// shared) export that the operator already mounted on every host.
-//
-// The store URL is file:///absolute/path. The provider never touches a host
-// itself: it asks an agent's drivers.Endpoint to lay out, probe, create,
-// list and delete. A store directory holds:
-//
-//	.stowage-store   marker naming the store id (agent/hostfs)
-//	volumes/         <volume id>.<raw|qcow2>                      primary only
-//	templates/       <template id>.<raw|qcow2|iso>  (primary: the template_spool cache)
-//	snapshots/       <snapshot id>.qcow2  (image: snapshot backups)
-//	tmp/             files being written; never listed as objects
-//
-// An object's id is its file name without the extension; its path, as
-// ObjectInfo.Path and DataObject.Path carry it, is relative to the store
-// ("volumes/v1.qcow2"), and GrantAccess returns it as file:///<store>/<path>.
-//
-// What this provider does not do yet: Copy (the stream engine comes later;
-// CanCopy is false so the motion service picks another strategy) and
-// snapshots (TakeSnapshot and RevertSnapshot return errdefs.ErrNotImplemented).
-// Only blank volumes are created through Create; templates arrive by
-// download or copy.
 package filesystem
 
 import (
 	"fmt"
 	"net/url"
 	"path/filepath"
-	"slices"
 	"strings"
 	"time"
 
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
+	"github.com/stowage/stowage/hostops"
 )
 
 // Name is the provider's registered name.
@@ -45,27 +21,6 @@ const DefaultProbeTimeout = 30 * time.Second
 // exampleURL is shown in every URL error.
 const exampleURL = "file:///var/lib/stowage/primary"
 
-// The layout directories of a store.
-const (
-	dirVolumes   = "volumes"
-	dirTemplates = "templates"
-	dirSnapshots = "snapshots"
-	dirTmp       = "tmp"
-)
-
-// layouts lists each role's subdirectories, tmp last.
-var layouts = map[drivers.Role][]string{
-	drivers.RolePrimary: {dirVolumes, dirSnapshots, dirTemplates, dirTmp},
-	drivers.RoleImage:   {dirTemplates, dirSnapshots, dirTmp},
-}
-
-// typeDirs maps an object type to its directory.
-var typeDirs = map[drivers.ObjectType]string{
-	drivers.ObjectVolume:   dirVolumes,
-	drivers.ObjectTemplate: dirTemplates,
-	drivers.ObjectSnapshot: dirSnapshots,
-}
-
 // Provider is the filesystem storage provider.
 type Provider struct {
 	lc  *LifeCycle
@@ -73,10 +28,8 @@ type Provider struct {
 }
 
 var (
-	_ drivers.Provider      = (*Provider)(nil)
-	_ drivers.LifeCycle     = (*LifeCycle)(nil)
-	_ drivers.PrimaryDriver = (*Driver)(nil)
-	_ drivers.Factory       = Factory
+	_ drivers.Provider   = (*Provider)(nil)
+	_ drivers.HostRooted = (*Provider)(nil)
 )
 
 // Option configures a Provider.
@@ -88,28 +41,30 @@ type config struct {
 
 // WithProbeTimeout bounds each host's probe in Attach, so that one host
 // stuck on a dead NFS server does not hold up the others (default
-// DefaultProbeTimeout).
-func WithProbeTimeout(d time.Duration) Option { return func(c *config) { c.probeTimeout = d } }
+// DefaultProbeTimeout; zero or less keeps the default).
+func WithProbeTimeout(d time.Duration) Option {
+	return func(c *config) {
+		if d > 0 {
+			c.probeTimeout = d
+		}
+	}
+}
 
-// New returns the provider; deps.Endpoints must not be nil (Factory checks).
-func New(deps drivers.Deps, opts ...Option) *Provider {
+// New returns the provider; it gets host work done on the hosts hosts
+// selects (the controller's EndPointSelector), which must not be nil.
+func New(hosts hostops.Selector, opts ...Option) *Provider {
+	if hosts == nil {
+		panic("filesystem.New: nil hostops.Selector")
+	}
 	c := config{probeTimeout: DefaultProbeTimeout}
 	for _, o := range opts {
 		o(&c)
 	}
-	drv := &Driver{eps: deps.Endpoints}
+	drv := &Driver{hosts: hosts}
 	return &Provider{
-		lc:  &LifeCycle{eps: deps.Endpoints, drv: drv, probeTimeout: c.probeTimeout},
+		lc:  &LifeCycle{hosts: hosts, drv: drv, probeTimeout: c.probeTimeout},
 		drv: drv,
 	}
-}
-
-// Factory builds the provider for the registry.
-func Factory(deps drivers.Deps) (drivers.Provider, error) {
-	if deps.Endpoints == nil {
-		return nil, fmt.Errorf("filesystem provider: no Endpoints in Deps: %w", errdefs.ErrInvalid)
-	}
-	return New(deps), nil
 }
 
 // Name returns "filesystem".
@@ -123,8 +78,19 @@ func (p *Provider) Roles() []drivers.Role {
 // LifeCycle returns the provider's *LifeCycle.
 func (p *Provider) LifeCycle() drivers.LifeCycle { return p.lc }
 
-// Driver returns the provider's *Driver, a drivers.PrimaryDriver.
+// Driver returns the provider's *Driver: a drivers.PrimaryDriver with every
+// optional capability.
 func (p *Provider) Driver() drivers.Driver { return p.drv }
+
+// HostRoot returns the store's directory on the hosts of its scope
+// (Details["path"], else the path of its URL); "" when neither names one.
+func (p *Provider) HostRoot(store drivers.StoreInfo) string {
+	dir, err := storeDir(store)
+	if err != nil {
+		return ""
+	}
+	return dir
+}
 
 // parseURL returns the directory a store URL names, or errdefs.ErrInvalid
 // saying what is wrong with it.
@@ -172,8 +138,15 @@ func parseURL(raw string) (string, error) {
 	return p, nil
 }
 
-// storePath is the directory of store.
-func storePath(store drivers.StoreInfo) (string, error) {
+// storeDir is the directory of store: Details["path"] when Initialize
+// recorded it, else the path of the store's URL.
+func storeDir(store drivers.StoreInfo) (string, error) {
+	if p := store.Details["path"]; p != "" {
+		if !filepath.IsAbs(p) || filepath.Clean(p) != p || p == "/" {
+			return "", fmt.Errorf("store %s: Details[\"path\"] %q is not a clean absolute directory: %w", store.ID, p, errdefs.ErrInvalid)
+		}
+		return p, nil
+	}
 	p, err := parseURL(store.URL)
 	if err != nil {
 		return "", fmt.Errorf("store %s: %w", store.ID, err)
@@ -181,92 +154,34 @@ func storePath(store drivers.StoreInfo) (string, error) {
 	return p, nil
 }
 
-// layout returns the subdirectories of a store of role.
-func layout(role drivers.Role) ([]string, error) {
-	l, ok := layouts[role]
-	if !ok {
-		return nil, fmt.Errorf("role %q: the filesystem provider serves %s and %s stores: %w",
-			role, drivers.RolePrimary, drivers.RoleImage, errdefs.ErrInvalid)
-	}
-	return l, nil
-}
-
-// objectDirs returns the directories of role that hold objects (not tmp/).
-func objectDirs(role drivers.Role) ([]string, error) {
-	l, err := layout(role)
-	if err != nil {
-		return nil, err
-	}
-	return l[:len(l)-1], nil
-}
-
-// extensions maps formats to file extensions and back.
-var extensions = map[drivers.Format]string{
-	drivers.FormatRaw:   ".raw",
-	drivers.FormatQCOW2: ".qcow2",
-	drivers.FormatISO:   ".iso",
-}
-
-func formatOf(ext string) drivers.Format {
-	for f, e := range extensions {
-		if e == ext {
-			return f
-		}
-	}
-	return ""
-}
-
-// checkObjectID requires an id that is a plain file name without a leading dot.
-func checkObjectID(id string) error {
-	switch {
-	case id == "":
-		return fmt.Errorf("empty object id: %w", errdefs.ErrInvalid)
-	case len(id) > 200:
-		return fmt.Errorf("object id %.20q... is longer than 200 bytes: %w", id, errdefs.ErrInvalid)
-	case strings.HasPrefix(id, "."):
-		return fmt.Errorf("object id %q starts with a dot: %w", id, errdefs.ErrInvalid)
-	case strings.ContainsFunc(id, func(r rune) bool { return r == '/' || r == '\\' || r < 0x20 || r == 0x7f }):
-		return fmt.Errorf("object id %q contains a slash or a control character: %w", id, errdefs.ErrInvalid)
-	}
-	return nil
-}
-
-// objectPath returns obj's path relative to its store: obj.Path when set
-// (checked to be an object file of the store's layout), else derived from
-// its type, id and format.
-func objectPath(obj drivers.DataObject) (string, error) {
-	if obj.Path != "" {
-		return checkObjectPath(obj.Store.Role, obj.Path)
-	}
-	if err := checkObjectID(obj.ID); err != nil {
-		return "", err
-	}
-	dir, ok := typeDirs[obj.Type]
-	if !ok {
-		return "", fmt.Errorf("object %s has type %q, not volume, template or snapshot: %w", obj.ID, obj.Type, errdefs.ErrInvalid)
-	}
-	ext, ok := extensions[obj.Format]
-	if !ok {
-		return "", fmt.Errorf("object %s has format %q, not raw, qcow2 or iso: %w", obj.ID, obj.Format, errdefs.ErrInvalid)
-	}
-	return dir + "/" + obj.ID + ext, nil
-}
-
-// checkObjectPath requires rel to be <layout dir>/<file> of a store of role.
-func checkObjectPath(role drivers.Role, rel string) (string, error) {
-	dirs, err := objectDirs(role)
-	if err != nil {
-		return "", err
-	}
-	dir, name, ok := strings.Cut(rel, "/")
-	if !ok || filepath.Clean(rel) != rel || !filepath.IsLocal(rel) || strings.Contains(name, "/") ||
-		strings.HasPrefix(name, ".") || name == "" || !slices.Contains(dirs, dir) {
-		return "", fmt.Errorf("object path %q is not <%s>/<file> inside the store: %w", rel, strings.Join(dirs, "|"), errdefs.ErrInvalid)
-	}
-	return rel, nil
-}
-
 // fileURI names an absolute path as a file:// URI.
 func fileURI(path string) drivers.URI {
 	return drivers.URI((&url.URL{Scheme: "file", Path: path}).String())
+}
+
+// scopeName renders a scope for messages, naming the empty one.
+func scopeName(s drivers.Scope) string {
+	if s == (drivers.Scope{}) {
+		return "(any)"
+	}
+	return fmt.Sprintf("%q", s.String())
+}
+
+// within reports whether scope inner lies inside outer.
+func within(inner, outer drivers.Scope) bool {
+	return inner.Zone == outer.Zone &&
+		(outer.Cluster == "" || inner.Cluster == outer.Cluster) &&
+		(outer.HostID == "" || inner.HostID == outer.HostID)
+}
+
+// checkStore requires a store of this provider with an id.
+func checkStore(store drivers.StoreInfo) error {
+	switch {
+	case store.ID == "":
+		return fmt.Errorf("the store has no id: %w", errdefs.ErrInvalid)
+	case store.Provider != "" && store.Provider != Name:
+		return fmt.Errorf("store %s belongs to provider %q, not %q: %w", store.ID, store.Provider, Name, errdefs.ErrInvalid)
+	}
+	_, err := layout(store.Role)
+	return err
 }

@@ -12,21 +12,38 @@ import (
 
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
+	"github.com/stowage/stowage/hostops"
 )
 
 // LifeCycle manages filesystem stores.
 type LifeCycle struct {
-	eps          drivers.Endpoints
+	hosts        hostops.Selector
 	drv          *Driver
 	probeTimeout time.Duration
 }
 
-// Initialize validates spec (id, role, URL), has one Up agent in the
-// store's scope create the layout and marker (refused if another store owns
-// the directory) and returns the store with its capacity. Details["path"]
-// is the directory; Details["fs_type"] and Details["reflink"] are what that
-// host saw. Initializing the same spec again is harmless. When it fails,
-// the agent has removed whatever it created.
+var _ drivers.LifeCycle = (*LifeCycle)(nil)
+
+// root is the hostops view of store: its id, directory and layout.
+func root(store drivers.StoreInfo) (hostops.StoreRoot, error) {
+	if err := checkStore(store); err != nil {
+		return hostops.StoreRoot{}, err
+	}
+	dir, err := storeDir(store)
+	if err != nil {
+		return hostops.StoreRoot{}, err
+	}
+	subdirs, _ := layout(store.Role)
+	return hostops.StoreRoot{ID: store.ID, Path: dir, Subdirs: subdirs}, nil
+}
+
+// Initialize validates spec (id, role, URL), has one Up host in the
+// store's scope (Selector.ForScope) create the layout and marker (refused
+// with errdefs.ErrFailedPrecondition if another store owns the directory)
+// and returns the store with its capacity. Details["path"] is the
+// directory; Details["fs_type"] and Details["reflink"] are what that host
+// saw. Initializing the same spec again is harmless. When it fails, the
+// host has removed whatever it created.
 func (lc *LifeCycle) Initialize(ctx context.Context, spec drivers.StoreSpec) (drivers.StoreInfo, error) {
 	info, err := lc.initialize(ctx, spec)
 	if err != nil {
@@ -46,23 +63,23 @@ func (lc *LifeCycle) initialize(ctx context.Context, spec drivers.StoreSpec) (dr
 	if err != nil {
 		return drivers.StoreInfo{}, err
 	}
-	path, err := parseURL(spec.URL)
+	dir, err := parseURL(spec.URL)
 	if err != nil {
 		return drivers.StoreInfo{}, err
 	}
-	ep, err := lc.eps.ForScope(ctx, spec.Scope)
+	h, err := lc.hosts.ForScope(ctx, spec.Scope)
 	if err != nil {
-		return drivers.StoreInfo{}, fmt.Errorf("no Up agent in scope %s can initialise the store: %w", scopeName(spec.Scope), err)
+		return drivers.StoreInfo{}, fmt.Errorf("no Up host in scope %s can initialise the store: %w", scopeName(spec.Scope), err)
 	}
-	probe, err := ep.PrepareStore(ctx, path, spec.ID, subdirs)
+	probe, err := h.PrepareStore(ctx, hostops.StoreRoot{ID: spec.ID, Path: dir, Subdirs: subdirs})
 	if err != nil {
-		return drivers.StoreInfo{}, err
+		return drivers.StoreInfo{}, fmt.Errorf("host %s: %w", h.HostID(), err)
 	}
 	details := maps.Clone(spec.Details)
 	if details == nil {
 		details = map[string]string{}
 	}
-	details["path"] = path
+	details["path"] = dir
 	details["fs_type"] = probe.FSType
 	details["reflink"] = strconv.FormatBool(probe.Reflink)
 	return drivers.StoreInfo{
@@ -92,49 +109,52 @@ func (lc *LifeCycle) Attach(ctx context.Context, store drivers.StoreInfo, scope 
 }
 
 func (lc *LifeCycle) attach(ctx context.Context, store drivers.StoreInfo, scope drivers.Scope) ([]string, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
 	if scope == (drivers.Scope{}) {
 		scope = store.Scope
 	}
 	if !within(scope, store.Scope) {
 		return nil, fmt.Errorf("scope %s is outside the store's scope %s: %w", scopeName(scope), scopeName(store.Scope), errdefs.ErrInvalid)
 	}
-	path, err := storePath(store)
+	r, err := root(store)
 	if err != nil {
 		return nil, err
 	}
-	eps, err := lc.eps.AllInScope(ctx, scope)
+	hosts, err := lc.hosts.AllInScope(ctx, scope)
 	if err != nil {
 		return nil, err
 	}
-	if len(eps) == 0 {
+	if len(hosts) == 0 {
 		return nil, fmt.Errorf("no Up host in scope %s: %w", scopeName(scope), errdefs.ErrUnavailable)
 	}
-	errs := make([]error, len(eps))
+	errs := make([]error, len(hosts))
 	var wg sync.WaitGroup
-	for i, ep := range eps {
+	for i, h := range hosts {
 		wg.Go(func() {
 			pctx, cancel := context.WithTimeout(ctx, lc.probeTimeout)
 			defer cancel()
-			_, errs[i] = ep.ProbeStore(pctx, path, store.ID)
+			_, errs[i] = h.ProbeStore(pctx, r)
 		})
 	}
 	wg.Wait()
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	var hosts, reasons []string
-	for i, ep := range eps {
+	var ids, reasons []string
+	for i, h := range hosts {
 		if errs[i] == nil {
-			hosts = append(hosts, ep.HostID())
+			ids = append(ids, h.HostID())
 		} else {
-			reasons = append(reasons, fmt.Sprintf("%s: %v", ep.HostID(), errs[i]))
+			reasons = append(reasons, fmt.Sprintf("%s: %v", h.HostID(), errs[i]))
 		}
 	}
-	if len(hosts) == 0 {
-		return nil, fmt.Errorf("no host in scope %s reaches %s (%s): %w", scopeName(scope), path, strings.Join(reasons, "; "), errdefs.ErrUnavailable)
+	if len(ids) == 0 {
+		return nil, fmt.Errorf("no host in scope %s reaches %s (%s): %w", scopeName(scope), r.Path, strings.Join(reasons, "; "), errdefs.ErrUnavailable)
 	}
-	slices.Sort(hosts)
-	return hosts, nil
+	slices.Sort(ids)
+	return ids, nil
 }
 
 // Maintain always succeeds: putting a store in maintenance is how an
@@ -145,7 +165,8 @@ func (lc *LifeCycle) Maintain(ctx context.Context, store drivers.StoreInfo) erro
 }
 
 // CancelMaintain returns the store to service only if an Up host in its
-// scope reaches it.
+// scope reaches it (errdefs.ErrUnavailable with no Up host, the host's
+// errdefs.ErrNotFound when the marker is gone).
 func (lc *LifeCycle) CancelMaintain(ctx context.Context, store drivers.StoreInfo) error {
 	if err := lc.probe(ctx, store); err != nil {
 		return fmt.Errorf("cancel maintenance of filesystem store %s: %w", store.ID, err)
@@ -154,24 +175,29 @@ func (lc *LifeCycle) CancelMaintain(ctx context.Context, store drivers.StoreInfo
 }
 
 func (lc *LifeCycle) probe(ctx context.Context, store drivers.StoreInfo) error {
-	path, err := storePath(store)
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	r, err := root(store)
 	if err != nil {
 		return err
 	}
-	ep, err := lc.eps.ForScope(ctx, store.Scope)
+	h, err := lc.hosts.ForScope(ctx, store.Scope)
 	if err != nil {
 		return err
 	}
-	_, err = ep.ProbeStore(ctx, path, store.ID)
-	return err
+	if _, err := h.ProbeStore(ctx, r); err != nil {
+		return fmt.Errorf("host %s: %w", h.HostID(), err)
+	}
+	return nil
 }
 
 // Delete releases the store: it refuses (errdefs.ErrFailedPrecondition)
-// while the store holds objects, then has an agent remove the layout and
-// the marker; data is never removed, nor the store directory itself. When
-// no Up host in scope sees the store's marker, the store is taken as already
-// released and Delete succeeds (an export mounted on none of them looks the
-// same: its layout then stays on the export).
+// while ListObjects finds objects on it, then has a host remove the layout
+// and the marker (ReleaseStore); data is never removed, nor the store
+// directory itself. When no Up host in scope sees the store's marker, the
+// store is taken as already released and Delete succeeds (an export
+// mounted on none of them looks the same: its layout then stays on it).
 func (lc *LifeCycle) Delete(ctx context.Context, store drivers.StoreInfo) error {
 	if err := lc.delete(ctx, store); err != nil {
 		return fmt.Errorf("delete filesystem store %s: %w", store.ID, err)
@@ -183,74 +209,58 @@ func (lc *LifeCycle) delete(ctx context.Context, store drivers.StoreInfo) error 
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	subdirs, err := layout(store.Role)
+	r, err := root(store)
 	if err != nil {
 		return err
 	}
-	path, err := storePath(store)
+	h, err := lc.hosts.ForScope(ctx, store.Scope)
 	if err != nil {
 		return err
 	}
-	ep, err := lc.eps.ForScope(ctx, store.Scope)
-	if err != nil {
-		return err
-	}
-	if _, err := ep.ProbeStore(ctx, path, store.ID); err != nil {
+	if _, err := h.ProbeStore(ctx, r); err != nil {
 		if !errdefs.IsNotFound(err) || ctx.Err() != nil {
-			return err
+			return fmt.Errorf("host %s: %w", h.HostID(), err)
 		}
 		// This host sees no marker. Before calling the store released, ask
 		// the other hosts in scope: one without the export mounted must not
 		// make Delete forget a store that still exists.
-		if ep, err = lc.hostWithMarker(ctx, store, path, ep.HostID()); err != nil || ep == nil {
+		if h, err = lc.hostWithMarker(ctx, store.Scope, r, h.HostID()); err != nil || h == nil {
 			return err
 		}
 	}
-	objs, err := lc.drv.listObjects(ctx, ep, store, path)
+	objs, err := lc.drv.listObjects(ctx, h, store)
 	if err != nil {
 		return err
 	}
 	if len(objs) > 0 {
 		return fmt.Errorf("store %s still holds %d objects (e.g. %s); delete them first: %w",
-			store.ID, len(objs), objs[0].Path, errdefs.ErrFailedPrecondition)
+			store.ID, len(objs), objs[0].Key, errdefs.ErrFailedPrecondition)
 	}
-	return ep.ReleaseStore(ctx, path, store.ID, subdirs)
+	if err := h.ReleaseStore(ctx, r); err != nil {
+		return fmt.Errorf("host %s: %w", h.HostID(), err)
+	}
+	return nil
 }
 
-// hostWithMarker returns an Up host in the store's scope, other than
-// skip, that sees the store's marker; nil when every one answers
-// errdefs.ErrNotFound. Any other answer is returned as the error.
-func (lc *LifeCycle) hostWithMarker(ctx context.Context, store drivers.StoreInfo, path, skip string) (drivers.Endpoint, error) {
-	eps, err := lc.eps.AllInScope(ctx, store.Scope)
+// hostWithMarker returns an Up host in scope, other than skip, that sees
+// the store's marker; nil when every one answers errdefs.ErrNotFound. Any
+// other answer is returned as the error.
+func (lc *LifeCycle) hostWithMarker(ctx context.Context, scope drivers.Scope, r hostops.StoreRoot, skip string) (hostops.Host, error) {
+	hosts, err := lc.hosts.AllInScope(ctx, scope)
 	if err != nil {
 		return nil, err
 	}
-	for _, ep := range eps {
-		if ep.HostID() == skip {
+	for _, h := range hosts {
+		if h.HostID() == skip {
 			continue
 		}
-		_, err := ep.ProbeStore(ctx, path, store.ID)
+		_, err := h.ProbeStore(ctx, r)
 		if err == nil {
-			return ep, nil
+			return h, nil
 		}
 		if !errdefs.IsNotFound(err) || ctx.Err() != nil {
-			return nil, err
+			return nil, fmt.Errorf("host %s: %w", h.HostID(), err)
 		}
 	}
 	return nil, nil
-}
-
-// within reports whether scope inner lies inside outer.
-func within(inner, outer drivers.Scope) bool {
-	return inner.Zone == outer.Zone &&
-		(outer.Cluster == "" || inner.Cluster == outer.Cluster) &&
-		(outer.HostID == "" || inner.HostID == outer.HostID)
-}
-
-// scopeName renders a scope for messages, naming the empty one.
-func scopeName(s drivers.Scope) string {
-	if s == (drivers.Scope{}) {
-		return "(any)"
-	}
-	return fmt.Sprintf("%q", s.String())
 }
