@@ -15,7 +15,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net/url"
-	"path"
 	"regexp"
 	"slices"
 	"strings"
