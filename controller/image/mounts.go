@@ -12,6 +12,7 @@ import (
 	"github.com/stowage/stowage/controller/datastore"
 	"github.com/stowage/stowage/controller/meta"
 	"github.com/stowage/stowage/drivers"
+	"github.com/stowage/stowage/errdefs"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 )
 
@@ -279,6 +280,12 @@ func (m *Mounts) source(ctx context.Context, h *stowagev1.Host, it mountable, up
 	gctx, cancel := context.WithTimeout(ctx, stepTimeout)
 	defer cancel()
 	acc, err := d.GrantAccess(gctx, obj, client)
+	if errdefs.IsFailedPrecondition(err) && client.Transport != "" {
+		// The store hands out no URI of that transport (an object store's
+		// presigned URLs): take what it gives.
+		client.Transport = ""
+		acc, err = d.GrantAccess(gctx, obj, client)
+	}
 	if err != nil {
 		return "", 0, fmt.Errorf("read access to template %s for host %s: %w", it.t.GetId(), h.GetId(), err)
 	}

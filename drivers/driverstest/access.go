@@ -88,7 +88,9 @@ func testAccess(t *testing.T, e Env) {
 	grants := []grant{
 		{e.Client, drivers.PurposeAttach, "", info.Role == drivers.RolePrimary},
 		{e.Client, drivers.PurposeRead, "", true},
-		{e.Client, drivers.PurposeWrite, "", true},
+		// A store that takes objects only by import (an object store) may
+		// refuse host writes; a primary or host-rooted store must not.
+		{e.Client, drivers.PurposeWrite, "", writable(e)},
 	}
 	if e.Remote != "" {
 		grants = append(grants,
@@ -141,4 +143,11 @@ func testAccess(t *testing.T, e Env) {
 		t.Errorf("GrantAccess for an unknown purpose: err = %v, want ErrInvalid", err)
 	}
 	remove(t, d, obj)
+}
+
+// writable reports whether hosts in scope must be able to write e's
+// store's objects: primary stores and stores that are host directories.
+func writable(e Env) bool {
+	_, rooted := e.Provider.Driver().(drivers.HostRooted)
+	return e.Spec.Role == drivers.RolePrimary || rooted
 }

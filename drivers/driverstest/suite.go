@@ -204,8 +204,10 @@ func testInitializeAttach(t *testing.T, e Env) {
 	if info.Provider != p.Name() {
 		t.Errorf("StoreInfo.Provider = %q, want %q", info.Provider, p.Name())
 	}
-	if info.CapacityBytes <= 0 || info.AvailableBytes < 0 || info.AvailableBytes > info.CapacityBytes {
-		t.Errorf("capacity %d, available %d: want capacity > 0 and 0 <= available <= capacity", info.CapacityBytes, info.AvailableBytes)
+	// 0/0 is "unknown" (an object store has no capacity to report).
+	if info.CapacityBytes < 0 || info.AvailableBytes < 0 || info.AvailableBytes > info.CapacityBytes ||
+		info.CapacityBytes == 0 && info.AvailableBytes != 0 {
+		t.Errorf("capacity %d, available %d: want 0 <= available <= capacity (0/0: unknown)", info.CapacityBytes, info.AvailableBytes)
 	}
 	hosts, err := p.LifeCycle().Attach(t.Context(), info, spec.Scope)
 	if err != nil {

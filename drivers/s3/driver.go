@@ -21,6 +21,9 @@ import (
 // (chunks are backups/chunks/<hh>/<sha256>, shared by every backup of the
 // store). Volumes do not live on image stores.
 func (d *Driver) Locate(obj drivers.DataObject) (string, error) {
+	if obj.ID == "" || strings.ContainsAny(obj.ID, "/\\") || obj.ID == "." || obj.ID == ".." {
+		return "", fmt.Errorf("object id %q: want a non-empty name without slashes: %w", obj.ID, errdefs.ErrInvalid)
+	}
 	switch obj.Type {
 	case drivers.ObjectTemplate:
 		e, err := ext(obj.Format)
@@ -123,6 +126,14 @@ func (d *Driver) Stat(ctx context.Context, obj drivers.DataObject) (drivers.Obje
 // opens https:// read-only, as for an ISO): the host never holds the
 // bucket's keys. Writing is refused: an s3 store takes templates by import.
 func (d *Driver) GrantAccess(ctx context.Context, obj drivers.DataObject, client drivers.Client) (drivers.Access, error) {
+	switch client.Purpose {
+	case drivers.PurposeRead, drivers.PurposeAttach, drivers.PurposeWrite:
+	default:
+		return drivers.Access{}, fmt.Errorf("grant access to %s %s: purpose %q: want attach, read or write: %w", obj.Type, obj.ID, client.Purpose, errdefs.ErrInvalid)
+	}
+	if client.Transport != "" && client.Transport != "https" && client.Transport != "http" {
+		return drivers.Access{}, fmt.Errorf("grant access to %s %s: an s3 store hands out presigned URLs, not %s: %w", obj.Type, obj.ID, client.Transport, errdefs.ErrFailedPrecondition)
+	}
 	if client.Purpose == drivers.PurposeWrite {
 		return drivers.Access{}, fmt.Errorf("host %s cannot write %s %s on s3 store %s: an s3 store takes templates by import only: %w",
 			client.HostID, obj.Type, obj.ID, obj.Store.Name, errdefs.ErrFailedPrecondition)
@@ -259,5 +270,5 @@ func (d *Driver) DeleteBackup(ctx context.Context, obj drivers.DataObject) (driv
 	if err != nil {
 		return drivers.BackupStats{}, fmt.Errorf("delete backup %s on s3 store %s: %w", obj.ID, obj.Store.Name, err)
 	}
-	return drivers.BackupStats{Chunks: ds.RemovedChunks, FreedBytes: ds.RemovedBytes, KeptShared: ds.KeptChunks, ManifestGone: true}, nil
+	return drivers.BackupStats{Chunks: ds.RemovedChunks, FreedBytes: ds.RemovedBytes, KeptShared: ds.KeptChunks, ManifestGone: ds.Chunks > 0 || ds.Size > 0}, nil
 }
