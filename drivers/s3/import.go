@@ -121,11 +121,23 @@ func (s *Store) importObject(ctx context.Context, req ImportRequest) (ImportResu
 		return ImportResult{}, fmt.Errorf("part size %d: S3 wants at least 5 MiB: %w", partSize, errdefs.ErrInvalid)
 	}
 
-	if have, err := s.Stat(ctx, req.Key); err == nil {
+	key := s.cfg.Key(req.Key)
+	have, err := s.Stat(ctx, req.Key)
+	switch {
+	case err == nil && have.SHA256 == "" && have.Size <= maxCopyObject:
+		// Under the store's prefix only Import writes templates: an object
+		// without its record is one whose import crashed between the
+		// upload and the metadata copy. Import it again.
+		if err := s.Delete(ctx, req.Key); err != nil {
+			return ImportResult{}, err
+		}
+	case err == nil:
 		return s.existingImport(have, req, sum)
-	} else if !errors.Is(err, errdefs.ErrNotFound) {
+	case !errors.Is(err, errdefs.ErrNotFound):
 		return ImportResult{}, err
 	}
+	// An upload a crashed attempt left incomplete is dropped first.
+	s.abandon(ctx, key)
 
 	body, total, err := fetch(ctx, req.HTTPClient, u)
 	if err != nil {
@@ -133,7 +145,6 @@ func (s *Store) importObject(ctx context.Context, req ImportRequest) (ImportResu
 	}
 	defer body.Close()
 	v := newVerifier(body, req.Format, sum, total, req.Progress)
-	key := s.cfg.Key(req.Key)
 	// Length -1: minio-go reads to the end (where the verifier gives its
 	// verdict) before it completes the upload.
 	info, err := s.c.PutObject(ctx, s.cfg.Bucket, key, v, -1, minio.PutObjectOptions{
