@@ -217,33 +217,6 @@ func tempName(dir, base string) string {
 	return filepath.Join(dir, name)
 }
 
-// syncDir fsyncs a directory so that entries created, renamed or removed in
-// it survive a crash.
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	err = d.Sync()
-	if cerr := d.Close(); err == nil {
-		err = cerr
-	}
-	return err
-}
-
-// syncFile fsyncs a file written by another process (qemu-img).
-func syncFile(path string) error {
-	f, err := os.Open(path)
-	if err != nil {
-		return err
-	}
-	err = f.Sync()
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	return err
-}
-
 // hostError keeps an OS error's text and chain and adds an errdefs class.
 type hostError struct {
 	err   error

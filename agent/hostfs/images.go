@@ -20,6 +20,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/stowage/stowage/datapath/durable"
 	"github.com/stowage/stowage/datapath/qemuimg"
 	"github.com/stowage/stowage/datapath/stream"
 	"github.com/stowage/stowage/drivers"
@@ -146,7 +147,7 @@ func (l *Local) makeDir(final, callerPath string) error {
 		return classed(err)
 	}
 	for _, d := range created {
-		if err := syncDir(filepath.Dir(d)); err != nil {
+		if err := durable.SyncDir(filepath.Dir(d)); err != nil {
 			return classed(err)
 		}
 	}
@@ -184,27 +185,27 @@ func exists(p string) (bool, error) {
 // publish makes the staged file tmp visible as final: fsync, a rename that
 // never replaces, a directory fsync. An existing final is fs.ErrExist.
 func publish(tmp, final string) error {
-	if err := syncFile(tmp); err != nil {
+	if err := durable.SyncFile(tmp); err != nil {
 		return classed(err)
 	}
-	if err := renameNoReplace(tmp, final); err != nil {
+	if err := durable.RenameNoReplace(tmp, final); err != nil {
 		if errors.Is(err, fs.ErrExist) {
 			return fmt.Errorf("%s appeared meanwhile: %w", final, errors.Join(err, errdefs.ErrAlreadyExists))
 		}
 		return classed(err)
 	}
-	return classed(syncDir(filepath.Dir(final)))
+	return classed(durable.SyncDir(filepath.Dir(final)))
 }
 
 // replace makes tmp visible as final, replacing what is there.
 func replace(tmp, final string) error {
-	if err := syncFile(tmp); err != nil {
+	if err := durable.SyncFile(tmp); err != nil {
 		return classed(err)
 	}
 	if err := os.Rename(tmp, final); err != nil {
 		return classed(err)
 	}
-	return classed(syncDir(filepath.Dir(final)))
+	return classed(durable.SyncDir(filepath.Dir(final)))
 }
 
 // formatOf maps a qemu-img format name to drivers.Format (others as they are).
@@ -1000,7 +1001,7 @@ func (l *Local) resizeImage(ctx context.Context, path string, format drivers.For
 		if err := l.qemu.Resize(ctx, host, f, size); err != nil {
 			return drivers.ImageInfo{}, err
 		}
-		if err := syncFile(host); err != nil {
+		if err := durable.SyncFile(host); err != nil {
 			return drivers.ImageInfo{}, classed(err)
 		}
 	}
@@ -1071,7 +1072,7 @@ func (l *Local) rebaseImage(ctx context.Context, path, newBacking string, backin
 		if err := l.qemu.Rebase(ctx, host, nb, nbFormat, opts...); err != nil {
 			return drivers.ImageInfo{}, err
 		}
-		if err := syncFile(host); err != nil {
+		if err := durable.SyncFile(host); err != nil {
 			return drivers.ImageInfo{}, classed(err)
 		}
 	}
