@@ -4,8 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
+	"syscall"
 
 	"golang.org/x/sys/unix"
 
@@ -348,4 +350,21 @@ func (l *Local) emptyOverlay(ctx context.Context, host string) (bool, error) {
 		}
 	}
 	return true, nil
+}
+
+// sameOwner gives dst the owner and mode of src (a new overlay replacing a
+// volume must stay usable by the VM's user).
+func sameOwner(src, dst string) error {
+	fi, err := os.Stat(src)
+	if err != nil {
+		return classed(err)
+	}
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok {
+		return nil
+	}
+	if err := os.Chown(dst, int(st.Uid), int(st.Gid)); err != nil && !errors.Is(err, fs.ErrPermission) {
+		return classed(err)
+	}
+	return classed(os.Chmod(dst, fi.Mode().Perm()|0o200))
 }
