@@ -14,6 +14,7 @@ import (
 
 	"golang.org/x/sync/semaphore"
 
+	"github.com/stowage/stowage/datapath/internal/pace"
 	"github.com/stowage/stowage/datapath/stream"
 	"github.com/stowage/stowage/errdefs"
 )
@@ -101,7 +102,7 @@ type Cache struct {
 	ctx    context.Context // ends at Close; bounds prefetching and commits
 	cancel context.CancelFunc
 	sem    *semaphore.Weighted
-	rate   *limiter
+	rate   *pace.Limiter
 	bufs   sync.Pool // *[]byte of MaxMerge bytes
 	wg     sync.WaitGroup
 
@@ -131,7 +132,7 @@ func New(o Options) (*Cache, error) {
 	c := &Cache{
 		o: o, log: o.Logger, ctx: ctx, cancel: cancel,
 		sem:   semaphore.NewWeighted(int64(o.MaxFetches)),
-		rate:  newLimiter(o.PrefetchRate),
+		rate:  pace.NewLimiter(o.PrefetchRate),
 		tmpls: map[string]*Template{},
 		pins:  map[string]int{},
 		gen:   1, // FUSE inode 1 is the root
