@@ -13,6 +13,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/stowage/stowage/datapath/durable"
 	"github.com/stowage/stowage/errdefs"
 )
 
@@ -120,6 +121,8 @@ func (t *Template) commit() error {
 	return nil
 }
 
+// writeIndex makes the data file durable, then replaces the index with ix
+// (durable.WriteFile).
 func (t *Template) writeIndex(ix *index) error {
 	if err := unix.Fdatasync(int(t.data.Fd())); err != nil {
 		return err
@@ -128,29 +131,5 @@ func (t *Template) writeIndex(ix *index) error {
 	if err != nil {
 		return err
 	}
-	tmp, err := os.CreateTemp(t.dir, "index.wip-*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name())
-	if _, err := tmp.Write(b); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp.Name(), filepath.Join(t.dir, "index")); err != nil {
-		return err
-	}
-	d, err := os.Open(t.dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
+	return durable.WriteFile(filepath.Join(t.dir, "index"), b, 0o600)
 }
