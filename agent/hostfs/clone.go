@@ -57,10 +57,7 @@ func (l *Local) cloneImage(ctx context.Context, req drivers.CloneRequest, progre
 	if req.Size < 0 || req.Size%qemuimg.SectorSize != 0 {
 		return drivers.ImageInfo{}, fmt.Errorf("size %d is not a multiple of %d bytes: %w", req.Size, qemuimg.SectorSize, errdefs.ErrInvalid)
 	}
-	if err := l.makeDir(final, req.Dest); err != nil {
-		return drivers.ImageInfo{}, err
-	}
-	unlock, err := l.locks.lock(ctx, final)
+	unlock, err := l.lockDest(ctx, final, req.Dest)
 	if err != nil {
 		return drivers.ImageInfo{}, err
 	}
@@ -145,13 +142,7 @@ func (l *Local) cloneImage(ctx context.Context, req drivers.CloneRequest, progre
 			return drivers.ImageInfo{}, err
 		}
 	}
-	if err := ctx.Err(); err != nil {
-		return drivers.ImageInfo{}, err
-	}
-	if err := publish(stage, final); err != nil {
-		return drivers.ImageInfo{}, err
-	}
-	info, _, err := l.imageInfo(ctx, req.Dest, final, string(format))
+	info, err := l.publishImage(ctx, stage, final, req.Dest, string(format))
 	if err != nil {
 		return drivers.ImageInfo{}, err
 	}

@@ -55,10 +55,7 @@ func (l *Local) copyImage(ctx context.Context, req drivers.CopyRequest, progress
 	if err != nil {
 		return drivers.ImageInfo{}, err
 	}
-	if err := l.makeDir(final, req.Dest); err != nil {
-		return drivers.ImageInfo{}, err
-	}
-	unlock, err := l.locks.lock(ctx, final)
+	unlock, err := l.lockDest(ctx, final, req.Dest)
 	if err != nil {
 		return drivers.ImageInfo{}, err
 	}
@@ -114,13 +111,7 @@ func (l *Local) copyImage(ctx context.Context, req drivers.CopyRequest, progress
 		res.Method = "qemu-img convert"
 		stage = conv
 	}
-	if err := ctx.Err(); err != nil {
-		return drivers.ImageInfo{}, err
-	}
-	if err := publish(stage, final); err != nil {
-		return drivers.ImageInfo{}, err
-	}
-	info, _, err := l.imageInfo(ctx, req.Dest, final, diskFormat(outFormat), qemuimg.ForceShare())
+	info, err := l.publishImage(ctx, stage, final, req.Dest, diskFormat(outFormat), qemuimg.ForceShare())
 	if err != nil {
 		return drivers.ImageInfo{}, err
 	}

@@ -56,10 +56,7 @@ func (l *Local) fetchImage(ctx context.Context, req drivers.FetchRequest, progre
 	if err != nil {
 		return drivers.ImageInfo{}, err
 	}
-	if err := l.makeDir(final, req.Dest); err != nil {
-		return drivers.ImageInfo{}, err
-	}
-	unlock, err := l.locks.lock(ctx, final)
+	unlock, err := l.lockDest(ctx, final, req.Dest)
 	if err != nil {
 		return drivers.ImageInfo{}, err
 	}
@@ -89,13 +86,7 @@ func (l *Local) fetchImage(ctx context.Context, req drivers.FetchRequest, progre
 	if _, err := l.validateImage(ctx, stage, req.Format); err != nil {
 		return drivers.ImageInfo{}, err
 	}
-	if err := ctx.Err(); err != nil {
-		return drivers.ImageInfo{}, err
-	}
-	if err := publish(stage, final); err != nil {
-		return drivers.ImageInfo{}, err
-	}
-	info, _, err := l.imageInfo(ctx, req.Dest, final, diskFormat(req.Format))
+	info, err := l.publishImage(ctx, stage, final, req.Dest, diskFormat(req.Format))
 	if err != nil {
 		return drivers.ImageInfo{}, err
 	}

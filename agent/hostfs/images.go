@@ -1,6 +1,7 @@
 package hostfs
 
 import (
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
@@ -11,6 +12,8 @@ import (
 	"strings"
 
 	"github.com/stowage/stowage/datapath/durable"
+	"github.com/stowage/stowage/datapath/qemuimg"
+	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
 )
 
@@ -182,6 +185,33 @@ func publish(tmp, final string) error {
 		return classed(err)
 	}
 	return classed(durable.SyncDir(filepath.Dir(final)))
+}
+
+// lockDest prepares the destination of an image step: it makes sure the
+// directory of final (dest as the caller named it) exists, as makeDir does,
+// and locks final. The caller defers unlock.
+func (l *Local) lockDest(ctx context.Context, final, dest string) (unlock func(), err error) {
+	if err := l.makeDir(final, dest); err != nil {
+		return nil, err
+	}
+	return l.locks.lock(ctx, final)
+}
+
+// publishImage ends an image step: unless ctx ended, it publishes the
+// staged image stage as final and describes it (dest as the caller named
+// it), opened as format.
+func (l *Local) publishImage(ctx context.Context, stage, final, dest, format string, opts ...qemuimg.InfoOption) (drivers.ImageInfo, error) {
+	if err := ctx.Err(); err != nil {
+		return drivers.ImageInfo{}, err
+	}
+	if err := publish(stage, final); err != nil {
+		return drivers.ImageInfo{}, err
+	}
+	info, _, err := l.imageInfo(ctx, dest, final, format, opts...)
+	if err != nil {
+		return drivers.ImageInfo{}, err
+	}
+	return info, nil
 }
 
 // replace makes tmp visible as final, replacing what is there.
