@@ -34,6 +34,7 @@ import (
 
 	"google.golang.org/protobuf/encoding/protojson"
 
+	"github.com/stowage/stowage/datapath/durable"
 	"github.com/stowage/stowage/datapath/imagecache"
 	"github.com/stowage/stowage/errdefs"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
@@ -312,6 +313,8 @@ func (s *Server) loadState() ([]*stowagev1.CacheSpec, error) {
 	return out, nil
 }
 
+// saveState writes the desired templates to the state file crash-safely
+// (durable.WriteFile); a failure is errdefs.ErrUnavailable.
 func (s *Server) saveState() error {
 	var st state
 	ids := make([]string, 0, len(s.specs))
@@ -330,41 +333,9 @@ func (s *Server) saveState() error {
 	if err != nil {
 		return fmt.Errorf("template mount state: %w", err)
 	}
-	return writeFileAtomic(filepath.Join(s.cfg.Cache.Dir, stateFile), b)
-}
-
-// writeFileAtomic writes b to path by temp file, fsync, rename and
-// directory fsync.
-func writeFileAtomic(path string, b []byte) error {
-	fail := func(err error) error {
+	path := filepath.Join(s.cfg.Cache.Dir, stateFile)
+	if err := durable.WriteFile(path, b, 0o600); err != nil {
 		return fmt.Errorf("write %s: %w", path, errors.Join(err, errdefs.ErrUnavailable))
-	}
-	tmp, err := os.CreateTemp(filepath.Dir(path), ".tmp-"+filepath.Base(path)+"-*")
-	if err != nil {
-		return fail(err)
-	}
-	defer os.Remove(tmp.Name())
-	if _, err := tmp.Write(b); err != nil {
-		tmp.Close()
-		return fail(err)
-	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return fail(err)
-	}
-	if err := tmp.Close(); err != nil {
-		return fail(err)
-	}
-	if err := os.Rename(tmp.Name(), path); err != nil {
-		return fail(err)
-	}
-	d, err := os.Open(filepath.Dir(path))
-	if err != nil {
-		return fail(err)
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fail(err)
 	}
 	return nil
 }

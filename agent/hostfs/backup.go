@@ -205,10 +205,7 @@ func (l *Local) restoreImage(ctx context.Context, req drivers.RestoreRequest, pr
 	if format == drivers.FormatQCOW2 && m.Size%qemuimg.SectorSize != 0 {
 		return drivers.ImageInfo{}, fmt.Errorf("size %d is not a multiple of %d, as a qcow2 needs: %w", m.Size, qemuimg.SectorSize, errdefs.ErrInvalid)
 	}
-	if err := l.makeDir(final, req.Dest); err != nil {
-		return drivers.ImageInfo{}, err
-	}
-	unlock, err := l.locks.lock(ctx, final)
+	unlock, err := l.lockDest(ctx, final, req.Dest)
 	if err != nil {
 		return drivers.ImageInfo{}, err
 	}
@@ -255,13 +252,7 @@ func (l *Local) restoreImage(ctx context.Context, req drivers.RestoreRequest, pr
 		}
 		method = "chunks+qemu-img convert"
 	}
-	if err := ctx.Err(); err != nil {
-		return drivers.ImageInfo{}, err
-	}
-	if err := publish(stage, final); err != nil {
-		return drivers.ImageInfo{}, err
-	}
-	info, _, err := l.imageInfo(ctx, req.Dest, final, string(format))
+	info, err := l.publishImage(ctx, stage, final, req.Dest, string(format))
 	if err != nil {
 		return drivers.ImageInfo{}, err
 	}

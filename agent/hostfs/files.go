@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 
+	"github.com/stowage/stowage/datapath/durable"
 	"github.com/stowage/stowage/datapath/qemuimg"
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
@@ -70,20 +71,20 @@ func (l *Local) createImage(ctx context.Context, path string, format drivers.For
 	if err := l.qemu.Create(ctx, tmp, string(format), size); err != nil {
 		return drivers.FileInfo{}, err
 	}
-	if err := syncFile(tmp); err != nil {
+	if err := durable.SyncFile(tmp); err != nil {
 		return drivers.FileInfo{}, classed(err)
 	}
 	if err := ctx.Err(); err != nil {
 		return drivers.FileInfo{}, err
 	}
-	if err := renameNoReplace(tmp, final); err != nil {
+	if err := durable.RenameNoReplace(tmp, final); err != nil {
 		if errors.Is(err, fs.ErrExist) {
 			// A concurrent CreateImage of the same path won.
 			return l.existingImage(ctx, path, final, format, size)
 		}
 		return drivers.FileInfo{}, classed(err)
 	}
-	if err := syncDir(dir); err != nil {
+	if err := durable.SyncDir(dir); err != nil {
 		return drivers.FileInfo{}, classed(err)
 	}
 	fi, err := os.Lstat(final)
@@ -150,7 +151,7 @@ func (l *Local) deletePath(ctx context.Context, path string) error {
 		}
 		return classed(err)
 	}
-	return classed(syncDir(filepath.Dir(p)))
+	return classed(durable.SyncDir(filepath.Dir(p)))
 }
 
 // ListDir lists the directory path, sorted by name, without the temporary

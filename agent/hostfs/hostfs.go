@@ -27,14 +27,16 @@
 //   - ProbeStore answers whether the store's filesystem shares extents
 //     (reflink) by cloning a small file with FICLONE, in the store's tmp/
 //     when it has one, once per directory and filesystem for the process.
-//   - Local also implements drivers.ImageOps (images.go, snapshot.go,
-//     backup.go, export.go): downloads and copies through the copy engine
-//     (datapath/stream), clones, snapshots, rebases and conversions through
-//     qemu-img, backups into a content-addressed chunk store
-//     (datapath/chunkstore), and read-only HTTP exports through an
-//     Exporter (WithExporter). Image steps stage their output under
-//     deterministic temporary names so an interrupted download resumes,
-//     and lock the object paths they touch (per path, honouring ctx).
+//   - Local also implements drivers.ImageOps (the rules shared by the image
+//     steps in images.go; one file per step: fetch.go, copy.go, clone.go,
+//     inspect.go, resize.go, rebase.go, snapshot.go, backup.go, export.go):
+//     downloads and copies through the copy engine (datapath/stream),
+//     clones, snapshots, rebases and conversions through qemu-img, backups
+//     into a content-addressed chunk store (datapath/chunkstore), and
+//     read-only HTTP exports through an Exporter (WithExporter). Image
+//     steps stage their output under deterministic temporary names so an
+//     interrupted download resumes, and lock the object paths they touch
+//     (per path, honouring ctx).
 //   - Image steps never probe the format of an existing image: they open it
 //     as the format the request declares (qemu-img -f/-F, the copy engine's
 //     Format), and a declared qcow2's backing chain must stay inside its
@@ -215,33 +217,6 @@ func tempName(dir, base string) string {
 		name += "." + base
 	}
 	return filepath.Join(dir, name)
-}
-
-// syncDir fsyncs a directory so that entries created, renamed or removed in
-// it survive a crash.
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	err = d.Sync()
-	if cerr := d.Close(); err == nil {
-		err = cerr
-	}
-	return err
-}
-
-// syncFile fsyncs a file written by another process (qemu-img).
-func syncFile(path string) error {
-	f, err := os.Open(path)
-	if err != nil {
-		return err
-	}
-	err = f.Sync()
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	return err
 }
 
 // hostError keeps an OS error's text and chain and adds an errdefs class.

@@ -145,20 +145,3 @@ func FSTypeName(magic uint32) string {
 	}
 	return fmt.Sprintf("%#x", magic)
 }
-
-// renameNoReplace renames oldpath to newpath unless newpath exists
-// (fs.ErrExist). Where the filesystem lacks RENAME_NOREPLACE (NFS, older
-// kernels) it links and unlinks instead, which is as atomic.
-func renameNoReplace(oldpath, newpath string) error {
-	err := unix.Renameat2(unix.AT_FDCWD, oldpath, unix.AT_FDCWD, newpath, unix.RENAME_NOREPLACE)
-	if err == nil {
-		return nil
-	}
-	if !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOSYS) && !errors.Is(err, unix.EOPNOTSUPP) {
-		return &os.LinkError{Op: "rename", Old: oldpath, New: newpath, Err: err}
-	}
-	if err := os.Link(oldpath, newpath); err != nil {
-		return err
-	}
-	return os.Remove(oldpath)
-}

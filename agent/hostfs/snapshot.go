@@ -4,11 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
+	"syscall"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/stowage/stowage/datapath/durable"
 	"github.com/stowage/stowage/datapath/qemuimg"
 	"github.com/stowage/stowage/datapath/stream"
 	"github.com/stowage/stowage/drivers"
@@ -125,13 +128,13 @@ func (l *Local) snapshotImage(ctx context.Context, req drivers.SnapshotRequest) 
 		if err := sameOwner(vol, stage); err != nil {
 			return drivers.SnapshotInfo{}, err
 		}
-		if err := syncFile(stage); err != nil {
+		if err := durable.SyncFile(stage); err != nil {
 			return drivers.SnapshotInfo{}, classed(err)
 		}
 		if err := ctx.Err(); err != nil {
 			return drivers.SnapshotInfo{}, err
 		}
-		if err := renameNoReplace(vol, snap); err != nil {
+		if err := durable.RenameNoReplace(vol, snap); err != nil {
 			if errors.Is(err, unix.EXDEV) {
 				return drivers.SnapshotInfo{}, fmt.Errorf("volume and snapshot are on different filesystems; a qcow2 snapshot renames the volume: %w", errdefs.ErrFailedPrecondition)
 			}
@@ -140,14 +143,14 @@ func (l *Local) snapshotImage(ctx context.Context, req drivers.SnapshotRequest) 
 		if err := os.Chmod(snap, 0o444); err != nil {
 			return drivers.SnapshotInfo{}, classed(err)
 		}
-		if err := syncDir(filepath.Dir(snap)); err != nil {
+		if err := durable.SyncDir(filepath.Dir(snap)); err != nil {
 			return drivers.SnapshotInfo{}, classed(err)
 		}
 		// From here the step is committed: finish it even if ctx ended.
-		if err := renameNoReplace(stage, vol); err != nil {
+		if err := durable.RenameNoReplace(stage, vol); err != nil {
 			return drivers.SnapshotInfo{}, classed(err)
 		}
-		if err := syncDir(filepath.Dir(vol)); err != nil {
+		if err := durable.SyncDir(filepath.Dir(vol)); err != nil {
 			return drivers.SnapshotInfo{}, classed(err)
 		}
 		return l.snapshotResult(ctx, req, vol, snap, format, "qcow2-external")
@@ -347,4 +350,21 @@ func (l *Local) emptyOverlay(ctx context.Context, host string) (bool, error) {
 		}
 	}
 	return true, nil
+}
+
+// sameOwner gives dst the owner and mode of src (a new overlay replacing a
+// volume must stay usable by the VM's user).
+func sameOwner(src, dst string) error {
+	fi, err := os.Stat(src)
+	if err != nil {
+		return classed(err)
+	}
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok {
+		return nil
+	}
+	if err := os.Chown(dst, int(st.Uid), int(st.Gid)); err != nil && !errors.Is(err, fs.ErrPermission) {
+		return classed(err)
+	}
+	return classed(os.Chmod(dst, fi.Mode().Perm()|0o200))
 }

@@ -13,6 +13,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/stowage/stowage/datapath/durable"
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
 )
@@ -114,7 +115,7 @@ func (l *Local) prepareStore(ctx context.Context, path, storeID string, subdirs 
 	}
 	// Make the new directory entries durable: each created directory's parent.
 	for _, d := range createdDirs {
-		if err := syncDir(filepath.Dir(d)); err != nil {
+		if err := durable.SyncDir(filepath.Dir(d)); err != nil {
 			return drivers.StoreProbe{}, classed(err)
 		}
 	}
@@ -201,28 +202,17 @@ func writeMarker(dir string, m marker) (bool, error) {
 	}
 	b = append(b, '\n')
 	tmp := tempName(dir, MarkerFile)
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
-	if err != nil {
+	if err := durable.WriteNew(tmp, b, 0o644); err != nil {
 		return false, err
 	}
 	defer os.Remove(tmp) // a no-op once renamed
-	_, err = f.Write(b)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return false, err
-	}
-	if err := renameNoReplace(tmp, filepath.Join(dir, MarkerFile)); err != nil {
+	if err := durable.RenameNoReplace(tmp, filepath.Join(dir, MarkerFile)); err != nil {
 		if errors.Is(err, fs.ErrExist) {
 			return false, nil
 		}
 		return false, err
 	}
-	return true, syncDir(dir)
+	return true, durable.SyncDir(dir)
 }
 
 // ProbeStore reads the capacity, filesystem type and reflink support of the
@@ -380,5 +370,5 @@ func (l *Local) releaseStore(ctx context.Context, path, storeID string, subdirs 
 	if err := os.Remove(filepath.Join(dir, MarkerFile)); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return classed(err)
 	}
-	return classed(syncDir(dir))
+	return classed(durable.SyncDir(dir))
 }

@@ -11,10 +11,14 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"golang.org/x/term"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protoreflect"
+	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/stowage/stowage/errdefs"
+	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 )
 
 // outputJSON reports whether --output json was asked for, and validates the flag.
@@ -118,3 +122,68 @@ func serverURL(cmd *cobra.Command) (string, error) {
 
 // httpClient is the client for talking to the controller.
 var httpClient = &http.Client{Timeout: 5 * time.Minute}
+
+// printPlan prints what the controller decided: strategy and priority, the
+// steps with host, state and reason, then why.
+func printPlan(w io.Writer, p *stowagev1.Plan) {
+	if p == nil {
+		fmt.Fprintln(w, "(the controller returned no plan)")
+		return
+	}
+	keyValues(w, [][2]string{{"Strategy", orDash(p.GetStrategy())}, {"Priority", orDash(p.GetPriority())}})
+	if len(p.GetSteps()) > 0 {
+		fmt.Fprintln(w)
+		withErr := false
+		for _, s := range p.GetSteps() {
+			withErr = withErr || s.GetError() != ""
+		}
+		header := []string{"#", "STEP", "HOST", "STATE", "REASON"}
+		if withErr {
+			header = append(header, "ERROR")
+		}
+		rows := [][]string{}
+		for i, s := range p.GetSteps() {
+			r := []string{fmt.Sprint(i + 1), s.GetName(), orDash(s.GetHostId()), enumName(s.GetState()), orDash(s.GetReason())}
+			if withErr {
+				r = append(r, orDash(s.GetError()))
+			}
+			rows = append(rows, r)
+		}
+		table(w, header, rows)
+	}
+	if len(p.GetReasons()) > 0 {
+		fmt.Fprintln(w, "\nReasons:")
+		for _, r := range p.GetReasons() {
+			fmt.Fprintf(w, "  - %s\n", r)
+		}
+	}
+}
+
+// enumName is stateName, or "-" for the unspecified zero value.
+func enumName(e protoreflect.Enum) string {
+	if e.Number() == 0 {
+		return "-"
+	}
+	return stateName(e)
+}
+
+// tsAgo is ago for a timestamp that may be unset.
+func tsAgo(ts *timestamppb.Timestamp) string {
+	if ts == nil {
+		return "-"
+	}
+	return ago(ts.AsTime())
+}
+
+// prefixed is pre+s+post, or "" when s is empty.
+func prefixed(pre, s string, post ...string) string {
+	if s == "" {
+		return ""
+	}
+	return pre + s + strings.Join(post, "")
+}
+
+func isTerminal(w io.Writer) bool {
+	f, ok := w.(*os.File)
+	return ok && term.IsTerminal(int(f.Fd()))
+}

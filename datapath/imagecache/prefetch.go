@@ -1,8 +1,6 @@
 package imagecache
 
 import (
-	"context"
-	"sync"
 	"time"
 )
 
@@ -66,7 +64,8 @@ func (t *Template) prefetch(verifyOnly bool) {
 		off := int64(i) * t.cs
 		n := min(int64(j)*t.cs, t.size) - off
 		if !local && !paid {
-			if err := t.c.rate.wait(ctx, n); err != nil {
+			// An unlimited rate returns at once, even after ctx ended.
+			if err := t.c.rate.Wait(ctx, n); err != nil || ctx.Err() != nil {
 				return
 			}
 			if t.lastRead.Load() >= 0 {
@@ -92,46 +91,5 @@ func (t *Template) prefetch(verifyOnly bool) {
 		}
 		backoff = time.Second
 		i = j
-	}
-}
-
-// limiter paces byte transfers to a rate shared by its callers.
-type limiter struct {
-	rate int64
-	mu   sync.Mutex
-	next time.Time
-}
-
-func newLimiter(bytesPerSecond int64) *limiter {
-	if bytesPerSecond <= 0 {
-		return nil
-	}
-	return &limiter{rate: bytesPerSecond}
-}
-
-// wait returns when n more bytes fit the rate, or when ctx ends.
-func (l *limiter) wait(ctx context.Context, n int64) error {
-	if l == nil {
-		return ctx.Err()
-	}
-	l.mu.Lock()
-	now := time.Now()
-	if l.next.Before(now) {
-		l.next = now
-	}
-	at := l.next
-	l.next = l.next.Add(time.Duration(float64(n) / float64(l.rate) * float64(time.Second)))
-	l.mu.Unlock()
-	d := time.Until(at)
-	if d <= 0 {
-		return ctx.Err()
-	}
-	tm := time.NewTimer(d)
-	defer tm.Stop()
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-tm.C:
-		return nil
 	}
 }

@@ -121,12 +121,7 @@ func TestClientNbdkitMemory(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var data int64
-	for _, x := range exts {
-		if !x.Hole {
-			data += x.Len
-		}
-	}
+	data := dataBytes(exts)
 	if data == 0 || data == c.Size() || exts[len(exts)-1].End() != c.Size() {
 		t.Fatalf("block status of a sparse memory disk: %+v", exts)
 	}
@@ -315,12 +310,7 @@ func TestClientQemuNbd(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var data int64
-	for _, x := range exts {
-		if !x.Hole {
-			data += x.Len
-		}
-	}
+	data := dataBytes(exts)
 	if data < mib+65536 || data > 4*mib {
 		t.Fatalf("qemu-nbd extents: %+v", exts)
 	}
@@ -330,4 +320,15 @@ func TestClientQemuNbd(t *testing.T) {
 	if _, err := c.ReadAt(got[:4096], 0); err != nil || !bytes.Equal(got[:4096], make([]byte, 4096)) {
 		t.Fatalf("read after zero: %v", err)
 	}
+}
+
+// dataBytes is how many bytes of exts are data (not holes).
+func dataBytes(exts []stream.Extent) int64 {
+	var n int64
+	for _, x := range exts {
+		if !x.Hole {
+			n += x.Len
+		}
+	}
+	return n
 }

@@ -22,6 +22,7 @@ import (
 	"golang.org/x/sync/errgroup"
 	"golang.org/x/sys/unix"
 
+	"github.com/stowage/stowage/datapath/internal/pace"
 	"github.com/stowage/stowage/errdefs"
 )
 
@@ -144,7 +145,7 @@ type engine struct {
 	wantSHA   bool
 	srcSum    string
 	ckptPath  string
-	limiter   *rateLimiter
+	limiter   *pace.Limiter
 	cfr       bool
 	srcFD     int
 	dstFD     int
@@ -241,7 +242,7 @@ func (e *engine) run(ctx context.Context) (Result, error) {
 	if e.wantSHA && e.sha == nil {
 		e.sha = sha256.New()
 	}
-	e.limiter = newRateLimiter(o.RateLimit)
+	e.limiter = pace.NewLimiter(o.RateLimit)
 	if m, ok := e.src.(Mapper); ok && !e.cfr {
 		e.mapper = m
 		e.direct, _ = e.dst.(DirectWriter)
@@ -538,23 +539,7 @@ func (e *engine) copyChunks(ctx context.Context) error {
 		bg.Add(1)
 		go func() {
 			defer bg.Done()
-			t := time.NewTicker(o.ProgressInterval)
-			defer t.Stop()
-			last, lastT := e.doneBytes.Load(), time.Now()
-			for {
-				select {
-				case <-stop:
-					return
-				case now := <-t.C:
-					d := e.doneBytes.Load()
-					p := e.progress()
-					if dt := now.Sub(lastT).Seconds(); dt > 0 {
-						p.BytesPerS = float64(d-last) / dt
-					}
-					last, lastT = d, now
-					o.Progress(p)
-				}
-			}
+			reportProgress(o.ProgressInterval, stop, e.doneBytes.Load(), func(time.Time) Progress { return e.progress() }, o.Progress)
 		}()
 	}
 	err := g.Wait()
@@ -575,6 +560,28 @@ func (e *engine) copyChunks(ctx context.Context) error {
 		return err
 	}
 	return nil
+}
+
+// reportProgress calls report every interval until stop is closed, with
+// the progress snap returns at that tick and BytesPerS, the rate of Done
+// since the previous tick (from Done = last at the start).
+func reportProgress(interval time.Duration, stop <-chan struct{}, last int64, snap func(now time.Time) Progress, report func(Progress)) {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	lastT := time.Now()
+	for {
+		select {
+		case <-stop:
+			return
+		case now := <-t.C:
+			p := snap(now)
+			if dt := now.Sub(lastT).Seconds(); dt > 0 {
+				p.BytesPerS = float64(p.Done-last) / dt
+			}
+			last, lastT = p.Done, now
+			report(p)
+		}
+	}
 }
 
 func (e *engine) progress() Progress {
@@ -608,20 +615,25 @@ type seg struct {
 	zeros int64
 }
 
+// mappedFault, deferred after debug.SetPanicOnFault(true), turns the
+// fault of a read from a mapped source file that was truncated under us
+// into an errdefs.ErrAborted error in *err; any other panic goes on.
+func mappedFault(err *error) {
+	if r := recover(); r != nil {
+		if _, ok := r.(interface{ Addr() uintptr }); !ok {
+			panic(r)
+		}
+		*err = fmt.Errorf("source changed during the copy (mapped read faulted): %v: %w", r, errdefs.ErrAborted)
+	}
+}
+
 // doChunk copies one chunk and returns its content as segments (for the
 // hashes); data segments point into buf or into the source's mapping.
 func (e *engine) doChunk(ctx context.Context, it item, buf []byte) (segs []seg, err error) {
 	if e.mapper != nil {
 		// a mapped source file truncated under us faults: make it an error
 		defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
-		defer func() {
-			if r := recover(); r != nil {
-				if _, ok := r.(interface{ Addr() uintptr }); !ok {
-					panic(r)
-				}
-				err = fmt.Errorf("source changed during the copy (mapped read faulted): %v: %w", r, errdefs.ErrAborted)
-			}
-		}()
+		defer mappedFault(&err)
 	}
 	needBytes := !e.cfr || e.wantSHA
 	for _, x := range it.ext {
@@ -651,7 +663,7 @@ func (e *engine) doChunk(ctx context.Context, it item, buf []byte) (segs []seg, 
 				continue
 			}
 		}
-		if err := e.limiter.wait(ctx, int(x.Len)); err != nil {
+		if err := e.limiter.Wait(ctx, x.Len); err != nil {
 			return nil, err
 		}
 		var b []byte
@@ -754,14 +766,7 @@ func writeSegs(w io.Writer, segs []seg) {
 func (e *engine) hashInOrder(segs []seg) (err error) {
 	if e.mapper != nil {
 		defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
-		defer func() {
-			if r := recover(); r != nil {
-				if _, ok := r.(interface{ Addr() uintptr }); !ok {
-					panic(r)
-				}
-				err = fmt.Errorf("source changed during the copy (mapped read faulted): %v: %w", r, errdefs.ErrAborted)
-			}
-		}()
+		defer mappedFault(&err)
 	}
 	var n int64
 	for _, s := range segs {

@@ -13,6 +13,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/stowage/stowage/datapath/durable"
 	"github.com/stowage/stowage/errdefs"
 )
 
@@ -664,8 +665,8 @@ func (s *FileSink) Commit(ctx context.Context) error {
 		if err := os.Rename(s.tmp, s.final); err != nil {
 			return fmt.Errorf("rename %s to %s: %w", s.tmp, s.final, err)
 		}
-		if err := syncDir(filepath.Dir(s.final)); err != nil {
-			return err
+		if err := durable.SyncDir(filepath.Dir(s.final)); err != nil {
+			return fmt.Errorf("sync directory %s: %w", filepath.Dir(s.final), err)
 		}
 	}
 	if s.ckpt != "" {
@@ -697,16 +698,4 @@ func (s *FileSink) Suspend() error {
 		return nil
 	}
 	return s.closeFiles()
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("open directory %s: %w", dir, err)
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("sync directory %s: %w", dir, err)
-	}
-	return nil
 }

@@ -15,6 +15,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/stowage/stowage/datapath/internal/pace"
 	"github.com/stowage/stowage/errdefs"
 )
 
@@ -310,14 +311,7 @@ func (s *HTTPSource) backoff(ctx context.Context, attempt int) error {
 	if d > s.o.RetryMax || d <= 0 {
 		d = s.o.RetryMax
 	}
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-t.C:
-		return nil
-	}
+	return pace.Sleep(ctx, d)
 }
 
 // resetRetriesAfter is how much an attempt must transfer before a later

@@ -13,6 +13,7 @@ import (
 	"github.com/lima-vm/go-qcow2reader"
 	"github.com/lima-vm/go-qcow2reader/image"
 
+	"github.com/stowage/stowage/datapath/durable"
 	"github.com/stowage/stowage/datapath/qemuimg"
 	"github.com/stowage/stowage/errdefs"
 )
@@ -173,12 +174,7 @@ func (s *Qcow2Sink) Commit(ctx context.Context) error {
 		os.Remove(tmp)
 		return fmt.Errorf("write qcow2 %s: %w", s.final, err)
 	}
-	f, err := os.Open(tmp)
-	if err == nil {
-		err = f.Sync()
-		f.Close()
-	}
-	if err != nil {
+	if err := durable.SyncFile(tmp); err != nil {
 		os.Remove(tmp)
 		return fmt.Errorf("sync %s: %w", tmp, err)
 	}
@@ -186,7 +182,10 @@ func (s *Qcow2Sink) Commit(ctx context.Context) error {
 		os.Remove(tmp)
 		return fmt.Errorf("rename %s to %s: %w", tmp, s.final, err)
 	}
-	return syncDir(filepath.Dir(s.final))
+	if err := durable.SyncDir(filepath.Dir(s.final)); err != nil {
+		return fmt.Errorf("sync directory %s: %w", filepath.Dir(s.final), err)
+	}
+	return nil
 }
 
 // Abort removes the staging file and the checkpoint.

@@ -150,23 +150,9 @@ func Verify(ctx context.Context, a, b Source, opts VerifyOptions) (VerifyResult,
 		bg.Add(1)
 		go func() {
 			defer bg.Done()
-			t := time.NewTicker(opts.ProgressInterval)
-			defer t.Stop()
-			last, lastT := int64(0), time.Now()
-			for {
-				select {
-				case <-stop:
-					return
-				case now := <-t.C:
-					d := done.Load()
-					p := Progress{Total: size, Done: d, Read: 2 * compared.Load(), Elapsed: now.Sub(start)}
-					if dt := now.Sub(lastT).Seconds(); dt > 0 {
-						p.BytesPerS = float64(d-last) / dt
-					}
-					last, lastT = d, now
-					opts.Progress(p)
-				}
-			}
+			reportProgress(opts.ProgressInterval, stop, 0, func(now time.Time) Progress {
+				return Progress{Total: size, Done: done.Load(), Read: 2 * compared.Load(), Elapsed: now.Sub(start)}
+			}, opts.Progress)
 		}()
 	}
 	err := g.Wait()

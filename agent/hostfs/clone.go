@@ -1,0 +1,196 @@
+package hostfs
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/stowage/stowage/datapath/qemuimg"
+	"github.com/stowage/stowage/datapath/stream"
+	"github.com/stowage/stowage/drivers"
+	"github.com/stowage/stowage/errdefs"
+)
+
+// CloneImage creates the volume req.Dest from the image req.Base, opened
+// as req.BaseFormat (never probed; a qcow2 base's chain must pass
+// checkChain):
+//
+//   - CloneReflink clones Base's file with FICLONE (the same format;
+//     errdefs.ErrNotImplemented where the filesystem cannot share extents);
+//   - CloneLinked creates a qcow2 whose backing file is Base, recorded with
+//     req.BaseFormat; Base must be in Dest's store (checkChain of the new
+//     image);
+//   - CloneFull copies what Base's guest sees into a standalone image of
+//     req.Format: the copy engine for raw, qemu-img convert for qcow2.
+//
+// req.Size 0 keeps Base's virtual size, a larger one grows the volume, a
+// smaller one is errdefs.ErrInvalid.
+func (l *Local) CloneImage(ctx context.Context, req drivers.CloneRequest, progress drivers.Progress) (drivers.ImageInfo, error) {
+	info, err := l.cloneImage(ctx, req, progress)
+	if err != nil {
+		return drivers.ImageInfo{}, fmt.Errorf("%s clone of %s to %s on host %s: %w", req.Mode, req.Base, req.Dest, l.hostID, err)
+	}
+	return info, nil
+}
+
+func (l *Local) cloneImage(ctx context.Context, req drivers.CloneRequest, progress drivers.Progress) (drivers.ImageInfo, error) {
+	final, err := l.objectPath(req.Dest)
+	if err != nil {
+		return drivers.ImageInfo{}, err
+	}
+	base, err := l.existingPath(req.Base)
+	if err != nil {
+		return drivers.ImageInfo{}, err
+	}
+	baseFormat, err := declared("base", req.BaseFormat)
+	if err != nil {
+		return drivers.ImageInfo{}, err
+	}
+	switch req.Format {
+	case "", drivers.FormatRaw, drivers.FormatQCOW2:
+	default:
+		return drivers.ImageInfo{}, fmt.Errorf("format %q is not raw or qcow2: %w", req.Format, errdefs.ErrInvalid)
+	}
+	if req.Size < 0 || req.Size%qemuimg.SectorSize != 0 {
+		return drivers.ImageInfo{}, fmt.Errorf("size %d is not a multiple of %d bytes: %w", req.Size, qemuimg.SectorSize, errdefs.ErrInvalid)
+	}
+	unlock, err := l.lockDest(ctx, final, req.Dest)
+	if err != nil {
+		return drivers.ImageInfo{}, err
+	}
+	defer unlock()
+	// The base may be the backing file of running VMs: read it shared.
+	bi, err := l.openDeclared(ctx, base, baseFormat, false)
+	if err != nil {
+		return drivers.ImageInfo{}, err
+	}
+	if bi.DataFile != "" {
+		return drivers.ImageInfo{}, fmt.Errorf("base %s has an external data file (%s): %w", req.Base, bi.DataFile, errdefs.ErrInvalid)
+	}
+	size := req.Size
+	if size == 0 {
+		size = bi.VirtualSize
+	}
+	if size < bi.VirtualSize {
+		return drivers.ImageInfo{}, fmt.Errorf("size %d is smaller than the base's %d: %w", size, bi.VirtualSize, errdefs.ErrInvalid)
+	}
+	format := req.Format
+	switch req.Mode {
+	case drivers.CloneLinked:
+		if format != "" && format != drivers.FormatQCOW2 {
+			return drivers.ImageInfo{}, fmt.Errorf("a linked clone is qcow2, not %s: %w", format, errdefs.ErrInvalid)
+		}
+		format = drivers.FormatQCOW2
+		// The clone's chain is the base's, from the clone's store.
+		if err := l.checkChain(ctx, final, qemuimg.Info{BackingFilename: base, BackingFormat: baseFormat}); err != nil {
+			return drivers.ImageInfo{}, err
+		}
+	case drivers.CloneReflink:
+		if format != "" && string(format) != baseFormat {
+			return drivers.ImageInfo{}, fmt.Errorf("a reflink clone keeps the base's format %s, not %s: %w", baseFormat, format, errdefs.ErrInvalid)
+		}
+		format = formatOf(baseFormat)
+	case drivers.CloneFull:
+		if format == "" {
+			format = formatOf(baseFormat)
+		}
+	default:
+		return drivers.ImageInfo{}, fmt.Errorf("clone mode %q is not reflink, linked or full: %w", req.Mode, errdefs.ErrInvalid)
+	}
+
+	if ok, err := exists(final); err != nil {
+		return drivers.ImageInfo{}, err
+	} else if ok {
+		info, qi, err := l.imageInfo(ctx, req.Dest, final, string(format), qemuimg.ForceShare())
+		if err != nil || qi.VirtualSize != size ||
+			(req.Mode == drivers.CloneLinked) != (backingOf(qi) == base) {
+			return drivers.ImageInfo{}, fmt.Errorf("%s exists and is not this clone: %w", req.Dest, errdefs.ErrAlreadyExists)
+		}
+		info.Method = "existing"
+		return info, nil
+	}
+
+	stage := stagePath(final, "clone")
+	removeStage(stage)
+	defer removeStage(stage)
+	var res stream.Result
+	switch req.Mode {
+	case drivers.CloneReflink:
+		if err := reflinkFile(base, stage); err != nil {
+			return drivers.ImageInfo{}, err
+		}
+		res.Method = "reflink"
+	case drivers.CloneLinked:
+		sz := size
+		if sz == bi.VirtualSize {
+			sz = 0
+		}
+		if err := l.qemu.Create(ctx, stage, qemuimg.FormatQCOW2, sz, qemuimg.BackingFile(base, baseFormat)); err != nil {
+			return drivers.ImageInfo{}, err
+		}
+		res.Method = "linked"
+	case drivers.CloneFull:
+		if res, err = l.fullCopy(ctx, base, bi, stage, format, progress); err != nil {
+			return drivers.ImageInfo{}, err
+		}
+	}
+	if req.Mode != drivers.CloneLinked && size > bi.VirtualSize {
+		if err := l.qemu.Resize(ctx, stage, string(format), size); err != nil {
+			return drivers.ImageInfo{}, err
+		}
+	}
+	info, err := l.publishImage(ctx, stage, final, req.Dest, string(format))
+	if err != nil {
+		return drivers.ImageInfo{}, err
+	}
+	info.BytesWritten, info.BytesSkipped, info.Method = res.BytesWritten, res.BytesHoles+res.BytesZero, res.Method
+	return info, nil
+}
+
+// fullCopy writes what the guest of the image at src sees into a new
+// standalone image of format at stage. si is src's info, read with its
+// declared format asserted (si.Format is that format), its chain checked.
+func (l *Local) fullCopy(ctx context.Context, src string, si qemuimg.Info, stage string, format drivers.Format, progress drivers.Progress) (stream.Result, error) {
+	if format == drivers.FormatRaw {
+		res, err := streamCopy(ctx, src, stream.SourceOptions{Format: si.Format}, stage, stream.Options{Progress: copyProgress(progress)})
+		if err == nil || !errors.Is(err, errdefs.ErrNotImplemented) {
+			return res, err
+		}
+		// The Go qcow2 reader cannot read this image: qemu-img can.
+	}
+	err := l.qemu.Convert(ctx, src, stage, string(format), qemuimg.SourceFormat(si.Format),
+		qemuimg.MinSparse("4k"), percentProgress(progress, si.VirtualSize))
+	return stream.Result{Method: "qemu-img convert"}, err
+}
+
+// reflinkFile makes dst (new) share src's extents (FICLONE).
+func reflinkFile(src, dst string) error {
+	in, err := os.Open(src)
+	if err != nil {
+		return classed(err)
+	}
+	defer in.Close()
+	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
+	if err != nil {
+		return classed(err)
+	}
+	err = unix.IoctlFileClone(int(out.Fd()), int(in.Fd()))
+	if err == nil {
+		err = out.Sync()
+	}
+	if cerr := out.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		os.Remove(dst)
+		if errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.EXDEV) || errors.Is(err, unix.EINVAL) ||
+			errors.Is(err, unix.ENOTTY) || errors.Is(err, unix.ENOSYS) || errors.Is(err, unix.EBADF) {
+			return fmt.Errorf("reflink %s: the filesystem cannot share extents between these files (%v): %w", src, err, errdefs.ErrNotImplemented)
+		}
+		return fmt.Errorf("reflink %s: %w", src, classed(err))
+	}
+	return nil
+}

@@ -1,0 +1,186 @@
+package hostfs
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/url"
+	"os"
+
+	"github.com/stowage/stowage/datapath/qemuimg"
+	"github.com/stowage/stowage/datapath/stream"
+	"github.com/stowage/stowage/drivers"
+	"github.com/stowage/stowage/errdefs"
+)
+
+// FetchImage downloads req.Source (http://, https://, file:// or a path on
+// this host) into req.Dest through the copy engine: ranged, parallel,
+// retried, resumable (see the staging rule above). The SHA-256 is always
+// computed in-stream and checked there when req.Checksum is a sha256; a
+// sha512 or md5 checksum is checked by reading the downloaded file once
+// more before it is published. The result must then pass validateImage for
+// req.Format. On any failure nothing is left at req.Dest; a checksum or
+// format failure also removes the partial download, a transient one keeps
+// it (hidden) for the retry.
+func (l *Local) FetchImage(ctx context.Context, req drivers.FetchRequest, progress drivers.Progress) (drivers.ImageInfo, error) {
+	info, err := l.fetchImage(ctx, req, progress)
+	if err != nil {
+		return drivers.ImageInfo{}, fmt.Errorf("fetch %s into %s on host %s: %w", redact(req.Source), req.Dest, l.hostID, err)
+	}
+	return info, nil
+}
+
+// redact drops the user information of a URL for messages.
+func redact(s string) string {
+	if u, err := url.Parse(s); err == nil && u.User != nil {
+		return u.Redacted()
+	}
+	return s
+}
+
+func (l *Local) fetchImage(ctx context.Context, req drivers.FetchRequest, progress drivers.Progress) (drivers.ImageInfo, error) {
+	final, err := l.objectPath(req.Dest)
+	if err != nil {
+		return drivers.ImageInfo{}, err
+	}
+	switch req.Format {
+	case drivers.FormatRaw, drivers.FormatQCOW2, drivers.FormatISO:
+	default:
+		return drivers.ImageInfo{}, fmt.Errorf("format %q is not raw, qcow2 or iso: %w", req.Format, errdefs.ErrInvalid)
+	}
+	sum, err := parseChecksum(req.Checksum)
+	if err != nil {
+		return drivers.ImageInfo{}, err
+	}
+	target, _, err := l.resolveSource(req.Source)
+	if err != nil {
+		return drivers.ImageInfo{}, err
+	}
+	unlock, err := l.lockDest(ctx, final, req.Dest)
+	if err != nil {
+		return drivers.ImageInfo{}, err
+	}
+	defer unlock()
+	if ok, err := exists(final); err != nil {
+		return drivers.ImageInfo{}, err
+	} else if ok {
+		return l.existingFetch(ctx, req, final, sum)
+	}
+
+	stage := stagePath(final, "fetch")
+	opts := stream.Options{SHA256: true, Progress: copyProgress(progress)}
+	if sum.algo == "sha256" {
+		opts.ExpectSHA256 = sum.hex
+	}
+	res, err := streamCopy(ctx, target, stream.SourceOptions{Format: qemuimg.FormatRaw}, stage, opts)
+	if err != nil {
+		return drivers.ImageInfo{}, err
+	}
+	// The download is complete at stage; from here a failure discards it.
+	defer removeStage(stage)
+	if sum.algo == "sha512" || sum.algo == "md5" {
+		if err := verifyChecksum(ctx, stage, sum); err != nil {
+			return drivers.ImageInfo{}, err
+		}
+	}
+	if _, err := l.validateImage(ctx, stage, req.Format); err != nil {
+		return drivers.ImageInfo{}, err
+	}
+	info, err := l.publishImage(ctx, stage, final, req.Dest, diskFormat(req.Format))
+	if err != nil {
+		return drivers.ImageInfo{}, err
+	}
+	info.Format = req.Format
+	info.SHA256 = res.SHA256
+	info.BytesWritten, info.BytesSkipped, info.Method = res.BytesWritten, res.BytesHoles+res.BytesZero, res.Method
+	return info, nil
+}
+
+// existingFetch accepts an image already at final when it is a valid image
+// of the declared format with the expected checksum (a retried step).
+func (l *Local) existingFetch(ctx context.Context, req drivers.FetchRequest, final string, sum checksum) (drivers.ImageInfo, error) {
+	if _, err := l.validateImage(ctx, final, req.Format); err != nil {
+		return drivers.ImageInfo{}, fmt.Errorf("%s exists and is not the image asked for (%v): %w", req.Dest, err, errdefs.ErrAlreadyExists)
+	}
+	var sha string
+	if sum.algo != "" {
+		if err := verifyChecksum(ctx, final, sum); err != nil {
+			if errors.Is(err, errdefs.ErrDataLoss) {
+				return drivers.ImageInfo{}, fmt.Errorf("%s exists with other content (%v): %w", req.Dest, err, errdefs.ErrAlreadyExists)
+			}
+			return drivers.ImageInfo{}, err
+		}
+		if sum.algo == "sha256" {
+			sha = sum.hex
+		}
+	}
+	info, _, err := l.imageInfo(ctx, req.Dest, final, diskFormat(req.Format))
+	if err != nil {
+		return drivers.ImageInfo{}, err
+	}
+	info.Format, info.SHA256, info.Method = req.Format, sha, "existing"
+	return info, nil
+}
+
+// isoMagic is the ISO 9660 primary volume descriptor's standard identifier,
+// at byte 1 of sector 16 (2048-byte sectors).
+const (
+	isoMagic       = "CD001"
+	isoMagicOffset = 16*2048 + 1
+)
+
+// validateImage checks that the file at host is an acceptable image of the
+// declared format: what qemu-img detects when it probes must be that format
+// (a raw image must not carry a qcow2 header a guest could have written),
+// an ISO must carry the ISO 9660 signature, and a qcow2 must be standalone
+// (no backing file, no external data file), unencrypted and pass qemu-img
+// check. Failures are errdefs.ErrInvalid.
+func (l *Local) validateImage(ctx context.Context, host string, format drivers.Format) (qemuimg.Info, error) {
+	probed, err := l.qemu.Info(ctx, host)
+	if err != nil {
+		return probed, err
+	}
+	want := diskFormat(format)
+	if probed.Format != want {
+		if format == drivers.FormatRaw || format == drivers.FormatISO {
+			return probed, fmt.Errorf("declared %s, but the content is a %s image; refusing it (a raw image must not start with another format's header): %w", format, probed.Format, errdefs.ErrInvalid)
+		}
+		return probed, fmt.Errorf("declared %s, but the content is %s: %w", format, probed.Format, errdefs.ErrInvalid)
+	}
+	switch format {
+	case drivers.FormatISO:
+		f, err := os.Open(host)
+		if err != nil {
+			return probed, classed(err)
+		}
+		defer f.Close()
+		var b [len(isoMagic)]byte
+		if n, _ := f.ReadAt(b[:], isoMagicOffset); n != len(b) || string(b[:]) != isoMagic {
+			return probed, fmt.Errorf("declared iso, but there is no ISO 9660 signature %q at byte %d: %w", isoMagic, isoMagicOffset, errdefs.ErrInvalid)
+		}
+	case drivers.FormatQCOW2:
+		qi, err := l.qemu.Info(ctx, host, qemuimg.AssumeFormat(qemuimg.FormatQCOW2))
+		if err != nil {
+			return probed, err
+		}
+		switch {
+		case qi.BackingFilename != "":
+			return qi, fmt.Errorf("qcow2 template has a backing file (%s); templates must be standalone: %w", qi.BackingFilename, errdefs.ErrInvalid)
+		case qi.DataFile != "":
+			return qi, fmt.Errorf("qcow2 image has an external data file (%s); images must hold their own data: %w", qi.DataFile, errdefs.ErrInvalid)
+		case qi.Encrypted:
+			return qi, fmt.Errorf("qcow2 image is encrypted: %w", errdefs.ErrInvalid)
+		case qi.Corrupt:
+			return qi, fmt.Errorf("qcow2 image is marked corrupt: %w", errdefs.ErrInvalid)
+		}
+		r, err := l.qemu.Check(ctx, host, qemuimg.FormatQCOW2)
+		if err != nil {
+			return qi, err
+		}
+		if !r.OK() {
+			return qi, fmt.Errorf("qcow2 image fails qemu-img check (%d corruptions, %d errors): %w", r.Corruptions, r.CheckErrors, errdefs.ErrInvalid)
+		}
+		return qi, nil
+	}
+	return probed, nil
+}
