@@ -14,6 +14,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/stowage/stowage/datapath/durable"
 	"github.com/stowage/stowage/errdefs"
 )
 
@@ -58,7 +59,7 @@ func (d *dirBackend) PutChunk(_ context.Context, hash string, data []byte) error
 		d.dirs.add(d.dir)
 	}
 	tmp := filepath.Join(dir, ".tmp-"+randomHex(8))
-	if err := writeFileSync(tmp, data, 0o444); err != nil {
+	if err := durable.WriteNew(tmp, data, 0o444); err != nil {
 		return fmt.Errorf("write chunk %s: %w", hash, classOf(err))
 	}
 	// Replacing is fine: the name is the content (and heals a damaged chunk).
@@ -139,17 +140,17 @@ func (d *dirBackend) CreateManifest(_ context.Context, name string, b []byte) er
 func createFile(path string, b []byte) error {
 	dir := filepath.Dir(path)
 	tmp := filepath.Join(dir, "."+filepath.Base(path)+".tmp-"+randomHex(8))
-	if err := writeFileSync(tmp, b, 0o644); err != nil {
+	if err := durable.WriteNew(tmp, b, 0o644); err != nil {
 		return fmt.Errorf("manifest %s: %w", path, classOf(err))
 	}
-	if err := renameNoReplace(tmp, path); err != nil {
+	if err := durable.RenameNoReplace(tmp, path); err != nil {
 		os.Remove(tmp)
 		if errors.Is(err, fs.ErrExist) {
 			return fmt.Errorf("manifest %s: %w", path, errors.Join(err, errdefs.ErrAlreadyExists))
 		}
 		return fmt.Errorf("manifest %s: %w", path, classOf(err))
 	}
-	if err := syncDir(dir); err != nil {
+	if err := durable.SyncDir(dir); err != nil {
 		return fmt.Errorf("manifest %s: %w", path, classOf(err))
 	}
 	return nil
@@ -163,7 +164,7 @@ func (d *dirBackend) RemoveManifest(_ context.Context, name string) error {
 	if err := os.Remove(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("remove manifest %s: %w", p, classOf(err))
 	}
-	if err := syncDir(filepath.Dir(p)); err != nil {
+	if err := durable.SyncDir(filepath.Dir(p)); err != nil {
 		return fmt.Errorf("sync %s: %w", filepath.Dir(p), classOf(err))
 	}
 	return nil
@@ -244,58 +245,10 @@ func (d *dirSyncer) sync() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	for dir := range d.dirs {
-		if err := syncDir(dir); err != nil {
+		if err := durable.SyncDir(dir); err != nil {
 			return fmt.Errorf("sync %s: %w", dir, classOf(err))
 		}
 		delete(d.dirs, dir)
 	}
 	return nil
-}
-
-// writeFileSync creates path with b, fsynced.
-func writeFileSync(path string, b []byte, perm os.FileMode) error {
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, perm)
-	if err != nil {
-		return err
-	}
-	_, err = f.Write(b)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		os.Remove(path)
-	}
-	return err
-}
-
-// renameNoReplace renames oldpath to newpath unless newpath exists
-// (fs.ErrExist); link+unlink where RENAME_NOREPLACE is missing (NFS).
-func renameNoReplace(oldpath, newpath string) error {
-	err := unix.Renameat2(unix.AT_FDCWD, oldpath, unix.AT_FDCWD, newpath, unix.RENAME_NOREPLACE)
-	if err == nil {
-		return nil
-	}
-	if !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOSYS) && !errors.Is(err, unix.EOPNOTSUPP) {
-		return &os.LinkError{Op: "rename", Old: oldpath, New: newpath, Err: err}
-	}
-	if err := os.Link(oldpath, newpath); err != nil {
-		return err
-	}
-	return os.Remove(oldpath)
-}
-
-// syncDir fsyncs a directory so that entries made in it survive a crash.
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	err = d.Sync()
-	if cerr := d.Close(); err == nil {
-		err = cerr
-	}
-	return err
 }
