@@ -34,8 +34,8 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/stowage/stowage/agent/exports"
+	"github.com/stowage/stowage/agent/hostfs"
 	"github.com/stowage/stowage/agent/nbdexports"
-	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
 	"github.com/stowage/stowage/errdefs/errconnect"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
@@ -63,13 +63,20 @@ type Config struct {
 	// ImageCacheSocket is the unix socket of the host's template mount
 	// process ("" for none); cmd/stowage wires it with WithImageCache.
 	ImageCacheSocket string
+	// StoreRoots are the directories store roots may be or lie beneath
+	// (--store-roots; empty: DefaultStoreRoots). System directories are
+	// refused whatever it says (RootPolicy).
+	StoreRoots []string
+	// ReservedDirs are directories no store root may contain or lie in,
+	// besides StateDir (stowage dev: the controller's database).
+	ReservedDirs []string
 }
 
 // Agent is one running agent.
 type Agent struct {
 	cfg     Config
 	log     *slog.Logger
-	local   drivers.Endpoint
+	host    *LocalHost
 	svc     *service
 	exports *exports.Server
 	nbd     *nbdexports.Server
@@ -77,8 +84,7 @@ type Agent struct {
 	session string
 	stop    context.CancelFunc // cancels every running task
 
-	cache      ImageCache
-	trustMount func(mount string)
+	cache ImageCache
 
 	mu          sync.Mutex
 	cacheSpec   *stowagev1.TemplateCacheSpec // last desired set sent to the cache
@@ -95,12 +101,12 @@ type Option func(*Agent)
 
 // WithExports serves x's exports under exports.Prefix on the agent's
 // listener and announces them under the agent's advertise URL. Give the
-// same x to the local endpoint (hostfs.WithExporter) that makes them.
+// same x to the hostfs.Local (hostfs.WithExporter) that makes them.
 func WithExports(x *exports.Server) Option { return func(a *Agent) { a.exports = x } }
 
 // WithNBD serves x's exports on Config.NBDListen while Run runs and
 // announces them under Config.NBDAddress (or the address derived from the
-// listener). Give the same x to the local endpoint (hostfs.WithNBDExporter).
+// listener). Give the same x to the hostfs.Local (hostfs.WithNBDExporter).
 func WithNBD(x *nbdexports.Server) Option { return func(a *Agent) { a.nbd = x } }
 
 // WithTaskGrace sets how long a task keeps running after its last caller
@@ -114,8 +120,9 @@ func WithTaskGrace(d time.Duration) Option {
 	}
 }
 
-// New builds an agent that runs steps on local.
-func New(cfg Config, local drivers.Endpoint, log *slog.Logger, opts ...Option) (*Agent, error) {
+// New builds an agent that runs steps on fs, within the stores it serves
+// (LocalHost, with the RootPolicy of cfg.StoreRoots).
+func New(cfg Config, fs *hostfs.Local, log *slog.Logger, opts ...Option) (*Agent, error) {
 	if cfg.ControllerURL == "" {
 		return nil, fmt.Errorf("agent: --controller URL is required: %w", errdefs.ErrInvalid)
 	}
@@ -125,6 +132,15 @@ func New(cfg Config, local drivers.Endpoint, log *slog.Logger, opts ...Option) (
 	if cfg.StateDir == "" {
 		return nil, fmt.Errorf("agent: --state-dir is required: %w", errdefs.ErrInvalid)
 	}
+	roots := cfg.StoreRoots
+	if len(roots) == 0 {
+		roots = DefaultStoreRoots
+	}
+	policy, err := NewRootPolicy(roots, append([]string{cfg.StateDir}, cfg.ReservedDirs...)...)
+	if err != nil {
+		return nil, fmt.Errorf("agent: --store-roots: %w", err)
+	}
+	host := NewLocalHost(fs, policy)
 	j, err := openJournal(cfg.StateDir+"/tasks", 24*time.Hour)
 	if err != nil {
 		return nil, err
@@ -135,8 +151,8 @@ func New(cfg Config, local drivers.Endpoint, log *slog.Logger, opts ...Option) (
 	a := &Agent{
 		cfg:      cfg,
 		log:      log.With("host", cfg.HostID),
-		local:    local,
-		svc:      &service{local: local, journal: j},
+		host:     host,
+		svc:      &service{host: host, journal: j},
 		control:  stowagev1connect.NewAgentControlServiceClient(http.DefaultClient, cfg.ControllerURL),
 		session:  uuid.NewString(),
 		stop:     stop,
@@ -163,6 +179,9 @@ func (a *Agent) Handler() http.Handler {
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
 	return mux
 }
+
+// Host is the agent's local host: the stores it serves and their resolver.
+func (a *Agent) Host() *LocalHost { return a.host }
 
 // Close cancels the tasks still running; Run does it when it returns.
 func (a *Agent) Close() { a.stop() }
@@ -355,6 +374,9 @@ func (a *Agent) register(ctx context.Context) error {
 		a.interval = time.Duration(ms) * time.Millisecond
 	}
 	a.mu.Unlock()
+	// Serve the assigned stores at once (a restarted agent knows none),
+	// not only from the first heartbeat on.
+	a.probeStores(ctx, resp.Msg.GetStores())
 	a.log.Info("registered with controller", "controller", a.cfg.ControllerURL, "state", resp.Msg.GetHost().GetState().String(), "stores", len(resp.Msg.GetStores()))
 	a.readyOne.Do(func() {
 		close(a.ready)
