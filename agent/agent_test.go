@@ -23,7 +23,7 @@ import (
 	"github.com/stowage/stowage/agent"
 	"github.com/stowage/stowage/agent/exports"
 	"github.com/stowage/stowage/agent/hostfs"
-		"github.com/stowage/stowage/drivers"
+	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
 	"github.com/stowage/stowage/hostops"
 )
