@@ -185,7 +185,7 @@ func fetchSource(src string) error {
 func (h *LocalHost) copySource(src drivers.URI) (string, error) {
 	ref, isRef, err := hostops.ParseRef(src)
 	if err != nil {
-		return "", fmt.Errorf("copy source: %w", err)
+		return "", fmt.Errorf("copy source %q is not store://<store id>/<key> (%v): %w", redact(string(src)), err, errdefs.ErrPermissionDenied)
 	}
 	if isRef {
 		return h.source(ref)
@@ -239,12 +239,16 @@ func (h *LocalHost) CopyImage(ctx context.Context, req hostops.CopyRequest, prog
 // cloneBase resolves the base of a clone: an object of dest's store, or a
 // template of the host's template mount.
 func (h *LocalHost) cloneBase(base, dest hostops.Ref) (string, error) {
+	p, err := h.source(base)
+	if err != nil {
+		return "", err
+	}
 	if base.Store != hostops.TemplateMount {
 		if err := sameStore("clone base", dest, base); err != nil {
 			return "", err
 		}
 	}
-	return h.source(base)
+	return p, nil
 }
 
 // CloneImage implements hostops.Images.
@@ -283,13 +287,13 @@ func (h *LocalHost) ResizeImage(ctx context.Context, ref hostops.Ref, format dri
 
 // snapshotPair resolves a volume and its snapshot, of one store.
 func (h *LocalHost) snapshotPair(req hostops.SnapshotRequest) (vol, snap string, err error) {
-	if err := sameStore("snapshot", req.Volume, req.Snapshot); err != nil {
-		return "", "", err
-	}
 	if vol, err = h.object(req.Volume); err != nil {
 		return "", "", err
 	}
 	if snap, err = h.object(req.Snapshot); err != nil {
+		return "", "", err
+	}
+	if err := sameStore("snapshot", req.Volume, req.Snapshot); err != nil {
 		return "", "", err
 	}
 	return vol, snap, nil
@@ -329,10 +333,10 @@ func (h *LocalHost) rebasePair(ref, newBacking hostops.Ref) (p, backing string, 
 	if newBacking.IsZero() {
 		return p, "", nil
 	}
-	if err := sameStore("new backing image", ref, newBacking); err != nil {
+	if backing, err = h.object(newBacking); err != nil {
 		return "", "", err
 	}
-	if backing, err = h.object(newBacking); err != nil {
+	if err := sameStore("new backing image", ref, newBacking); err != nil {
 		return "", "", err
 	}
 	return p, backing, nil
@@ -359,7 +363,7 @@ type chunkPaths struct {
 func (h *LocalHost) chunkStore(cs hostops.ChunkStore) (chunkPaths, error) {
 	ref, isRef, err := hostops.ParseRef(cs.URI)
 	if err != nil {
-		return chunkPaths{}, fmt.Errorf("chunk store: %w", err)
+		return chunkPaths{}, fmt.Errorf("chunk store %q is not store://<store id>/<dir> (%v): %w", redact(string(cs.URI)), err, errdefs.ErrPermissionDenied)
 	}
 	if !isRef {
 		if u, err := url.Parse(string(cs.URI)); err == nil && strings.EqualFold(u.Scheme, "s3") {
@@ -368,6 +372,9 @@ func (h *LocalHost) chunkStore(cs hostops.ChunkStore) (chunkPaths, error) {
 			return chunkPaths{}, fmt.Errorf("chunk store %s: S3 chunk stores are not served by the agent yet: %w", u.Redacted(), errdefs.ErrNotImplemented)
 		}
 		return chunkPaths{}, fmt.Errorf("chunk store %q: want store://<store id>/<dir> or s3://: %w", redact(string(cs.URI)), errdefs.ErrPermissionDenied)
+	}
+	if err := CheckKey(ref.Key); err != nil {
+		return chunkPaths{}, fmt.Errorf("chunk store %s: %w", ref, err)
 	}
 	chunks, err := h.object(hostops.Ref{Store: ref.Store, Key: path.Join(ref.Key, "chunks")})
 	if err != nil {
