@@ -123,11 +123,21 @@ func TestAgentRefusesPathsOutsideItsStores(t *testing.T) {
 	if err := os.WriteFile(secret, []byte(strings.Repeat("secret", 1000)), 0o644); err != nil {
 		t.Fatal(err)
 	}
+	// A decoy of /etc/hostname for the steps that would write or delete:
+	// were the agent broken, this test must not break the host it runs on.
+	victim := t.TempDir()
+	decoy := filepath.Join(victim, "etc", "hostname")
+	os.Mkdir(filepath.Dir(decoy), 0o755)
+	if err := os.WriteFile(decoy, []byte("decoy\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	for link, target := range map[string]string{
-		"volumes/etc":        "/etc",
-		"volumes/out":        secretDir,
-		"volumes/secret.raw": secret,
-		"templates/host.raw": "/etc/hostname",
+		"volumes/etc":         "/etc",
+		"volumes/vetc":        filepath.Dir(decoy),
+		"volumes/out":         secretDir,
+		"volumes/secret.raw":  secret,
+		"templates/host.raw":  "/etc/hostname",
+		"templates/vhost.raw": decoy,
 	} {
 		if err := os.Symlink(target, filepath.Join(store, link)); err != nil {
 			t.Fatal(err)
@@ -136,8 +146,10 @@ func TestAgentRefusesPathsOutsideItsStores(t *testing.T) {
 	// An access time older than the modification time: on a relatime
 	// mount any read of the file moves it (checked below on a probe file).
 	old := time.Date(2001, 1, 1, 0, 0, 0, 0, time.UTC)
-	if err := os.Chtimes(secret, old, time.Now()); err != nil {
-		t.Fatal(err)
+	for _, p := range []string{secret, decoy} {
+		if err := os.Chtimes(p, old, time.Now()); err != nil {
+			t.Fatal(err)
+		}
 	}
 	probe := filepath.Join(t.TempDir(), "probe")
 	os.WriteFile(probe, []byte("x"), 0o644)
@@ -163,40 +175,59 @@ func TestAgentRefusesPathsOutsideItsStores(t *testing.T) {
 	etcNames := strings.Join(etcEntries(), "\n")
 	secretBefore := stateOf(t, secret) // reads it: its atime moves once, now
 	os.Chtimes(secret, old, secretBefore.mtime)
-	treeBefore := tree(t, base)
+	decoyBefore := stateOf(t, decoy)
+	os.Chtimes(decoy, old, decoyBefore.mtime)
+	treeBefore, victimBefore := tree(t, base), tree(t, victim)
 
 	up := strings.Repeat("../", 16)
 	rel, _ := filepath.Rel(store, secret)
 	s1 := func(key string) *stowagev1.ObjectRef { return &stowagev1.ObjectRef{StoreId: "s1", Key: key} }
 	good := s1("volumes/new.raw")
 	// Refs that name something outside the store, for every kind of step.
-	bad := map[string]*stowagev1.ObjectRef{
-		"absolute /etc/hostname":           s1(hostname),
-		"absolute secret":                  s1(secret),
-		"../../etc/hostname":               s1(up + "etc/hostname"),
-		"../ to the secret":                s1(rel),
-		"dir link to /etc":                 s1("volumes/etc/hostname"),
-		"dir link to the secret's dir":     s1("volumes/out/secret.raw"),
-		"leaf link to the secret":          s1("volumes/secret.raw"),
-		"leaf link to /etc/hostname":       s1("templates/host.raw"),
-		"unknown store":                    {StoreId: "s9", Key: "etc/hostname"},
-		"store id with a path":             {StoreId: "/etc", Key: "hostname"},
-		"the template mount":               {StoreId: hostops.TemplateMount, Key: "hostname"},
-		"the marker":                       s1(hostfs.MarkerFile),
-		"a NUL byte":                       s1("volumes/v.raw\x00/etc/hostname"),
-		"not clean (volumes/../../..)":     s1("volumes/../../etc/hostname"),
-		"empty key (the store root)":       s1(""),
-		"a temporary name in the store":    s1("volumes/" + hostfs.TempPrefix + "x"),
-		"link dir as a directory to list":  s1("volumes/etc"),
-		"link to the secret's dir to list": s1("volumes/out"),
+	relDecoy, _ := filepath.Rel(store, decoy)
+	// Refs that name something outside the store. host: it is a file of
+	// the host itself, named only in steps that merely read (so that a
+	// broken agent could not damage the machine running the test); the
+	// decoys stand in for it in the steps that write or delete.
+	type badRef struct {
+		ref  *stowagev1.ObjectRef
+		host bool
 	}
+	bad := map[string]badRef{
+		"absolute /etc/hostname":            {s1(hostname), false}, // would stay in the store if CheckKey broke
+		"absolute secret":                   {s1(secret), false},
+		"../../etc/hostname":                {s1(up + "etc/hostname"), true},
+		"../ to the decoy hostname":         {s1(relDecoy), false},
+		"../ to the secret":                 {s1(rel), false},
+		"dir link to /etc":                  {s1("volumes/etc/hostname"), true},
+		"dir link to the decoy /etc":        {s1("volumes/vetc/hostname"), false},
+		"dir link to the secret's dir":      {s1("volumes/out/secret.raw"), false},
+		"leaf link to the secret":           {s1("volumes/secret.raw"), false},
+		"leaf link to /etc/hostname":        {s1("templates/host.raw"), true},
+		"leaf link to the decoy hostname":   {s1("templates/vhost.raw"), false},
+		"unknown store":                     {&stowagev1.ObjectRef{StoreId: "s9", Key: "etc/hostname"}, false},
+		"store id with a path":              {&stowagev1.ObjectRef{StoreId: "/etc", Key: "hostname"}, false},
+		"the template mount":                {&stowagev1.ObjectRef{StoreId: hostops.TemplateMount, Key: "hostname"}, false},
+		"the marker":                        {s1(hostfs.MarkerFile), false},
+		"a NUL byte":                        {s1("volumes/v.raw\x00/etc/hostname"), false},
+		"not clean (volumes/../../..)":      {s1("volumes/../../etc/hostname"), true},
+		"empty key (the store root)":        {s1(""), false},
+		"a temporary name in the store":     {s1("volumes/" + hostfs.TempPrefix + "x"), false},
+		"link to /etc as a directory":       {s1("volumes/etc"), true},
+		"link to the decoy /etc as a dir":   {s1("volumes/vetc"), false},
+		"link to the secret's dir as a dir": {s1("volumes/out"), false},
+	}
+	// The steps that only read what the Ref names.
+	reads := map[string]bool{"Export": true, "ExportNBD": true, "CopyImage source": true, "StatObject": true,
+		"ListObjects": true, "InspectImage": true, "CloneImage base": true, "BackupImage source": true}
 	raw := stowagev1.ImageFormat_IMAGE_FORMAT_RAW
 	type attempt struct {
 		name string
 		task *stowagev1.Task
 	}
 	var attempts []attempt
-	for what, r := range bad {
+	for what, b := range bad {
+		r := b.ref
 		uri := "store://" + r.GetStoreId() + "/" + r.GetKey()
 		for kind, task := range map[string]*stowagev1.Task{
 			"Export":             {Step: &stowagev1.Task_Export{Export: &stowagev1.ExportStep{Ref: r}}},
@@ -219,6 +250,9 @@ func TestAgentRefusesPathsOutsideItsStores(t *testing.T) {
 			if what == "the template mount" && (kind == "CopyImage source" || kind == "StatObject" || kind == "InspectImage" || kind == "CloneImage base") {
 				continue // reads of the template mount are allowed (none is known here: failed precondition)
 			}
+			if b.host && !reads[kind] {
+				continue
+			}
 			attempts = append(attempts, attempt{kind + " of " + what, task})
 		}
 	}
@@ -227,9 +261,15 @@ func TestAgentRefusesPathsOutsideItsStores(t *testing.T) {
 			attempt{"CopyImage from " + src, &stowagev1.Task{Step: &stowagev1.Task_CopyImage{CopyImage: &stowagev1.CopyImageStep{Source: src, SourceFormat: raw, Dest: good}}}},
 			attempt{"FetchImage from " + src, &stowagev1.Task{Step: &stowagev1.Task_FetchImage{FetchImage: &stowagev1.FetchImageStep{Source: src, Dest: good, Format: raw}}}})
 	}
-	for _, p := range []string{"/etc", "/etc/stowage", "/", "/proc/self", "/usr/lib/s", "/lib64/s", secretDir, filepath.Join(store, "volumes", "etc"), filepath.Join(base, "..", "x"), base, state, filepath.Join(state, "tasks")} {
+	// Store roots: system directories only in the steps that write nothing
+	// without a marker naming the store (probe, release); the policy itself
+	// is unit-tested (TestRootPolicy).
+	decoyRoots := []string{secretDir, filepath.Dir(decoy), filepath.Join(store, "volumes", "vetc"), filepath.Join(base, "..", "x"), base, state, filepath.Join(state, "tasks")}
+	for _, p := range decoyRoots {
+		attempts = append(attempts, attempt{"PrepareStore " + p, &stowagev1.Task{Step: &stowagev1.Task_PrepareStore{PrepareStore: &stowagev1.PrepareStoreStep{Path: p, StoreId: "s2", Subdirs: []string{"volumes"}, Claim: true}}}})
+	}
+	for _, p := range append([]string{"/etc", "/etc/stowage", "/", "/proc/self", "/usr/lib/s", "/lib64/s", filepath.Join(store, "volumes", "etc")}, decoyRoots...) {
 		attempts = append(attempts,
-			attempt{"PrepareStore " + p, &stowagev1.Task{Step: &stowagev1.Task_PrepareStore{PrepareStore: &stowagev1.PrepareStoreStep{Path: p, StoreId: "s2", Subdirs: []string{"volumes"}, Claim: true}}}},
 			attempt{"ProbeStore " + p, &stowagev1.Task{Step: &stowagev1.Task_ProbeStore{ProbeStore: &stowagev1.ProbeStoreStep{Path: p, StoreId: "s2"}}}},
 			attempt{"ReleaseStore " + p, &stowagev1.Task{Step: &stowagev1.Task_ReleaseStore{ReleaseStore: &stowagev1.ReleaseStoreStep{Path: p, StoreId: "s2"}}}})
 	}
@@ -257,6 +297,15 @@ func TestAgentRefusesPathsOutsideItsStores(t *testing.T) {
 	}
 	if after := stateOf(t, secret); after.data != secretBefore.data || !after.mtime.Equal(secretBefore.mtime) {
 		t.Error("the secret outside the store changed")
+	}
+	if at := atime(t, decoy); atimeMoves && !at.Equal(old) {
+		t.Errorf("the decoy /etc/hostname was read (atime %v)", at)
+	}
+	if after := stateOf(t, decoy); after.data != decoyBefore.data || !after.mtime.Equal(decoyBefore.mtime) {
+		t.Error("the decoy /etc/hostname changed")
+	}
+	if got := tree(t, victim); fmt.Sprint(got) != fmt.Sprint(victimBefore) {
+		t.Errorf("the decoy /etc changed: %v -> %v", victimBefore, got)
 	}
 	treeAfter := tree(t, base)
 	for p, v := range treeAfter {
@@ -292,7 +341,7 @@ func TestAgentRefusesPathsOutsideItsStores(t *testing.T) {
 	for _, f := range res.GetFiles().GetFiles() {
 		keys = append(keys, f.GetKey())
 	}
-	if strings.Join(keys, ",") != "volumes/etc,volumes/out,volumes/secret.raw,volumes/v.raw" {
+	if strings.Join(keys, ",") != "volumes/etc,volumes/out,volumes/secret.raw,volumes/v.raw,volumes/vetc" {
 		t.Errorf("list of volumes/: %v (links are listed as themselves, never followed)", keys)
 	}
 	if res, err := run(&stowagev1.Task{Id: "ok-export", Step: &stowagev1.Task_Export{Export: &stowagev1.ExportStep{Ref: s1("volumes/v.raw")}}}); err != nil || !strings.HasPrefix(res.GetUri(), srv.URL) {
