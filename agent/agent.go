@@ -2,14 +2,35 @@
 // hypervisor host (a systemd service). It registers with the controller,
 // heartbeats with its capabilities and the stores it can reach, and serves
 // AgentService, which runs host-side steps (store layout, probes, image
-// downloads, copies, clones, snapshots, backups) on the local machine
-// through a journal keyed by task id, so a step the controller retries
-// runs once. Long steps report progress through GetTask while RunTask
-// blocks. The same listener serves the read-only file exports other agents
-// copy from (agent/exports, under /exports/). With WithNBD it serves NBD
-// on its own listener (Config.NBDListen, :10809 by default in cmd/stowage):
-// images exported under unguessable names (agent/nbdexports) for hosts
-// that cannot open a volume's file directly. Exports of both kinds live in
+// downloads, copies, clones, snapshots, backups, exports) on the local
+// machine through a journal keyed by task id, so a step the controller
+// retries runs once. Long steps report progress through GetTask while
+// RunTask blocks.
+//
+// Objects, not paths. Every step names objects as (store id, key)
+// (hostops.Ref); LocalHost, the agent's hostops.Host, resolves them with
+// its Resolver beneath the root of a store the agent serves and runs the
+// step on agent/hostfs. The agent serves a store once hostfs found the
+// store's marker in its directory: after PrepareStore or ProbeStore, or a
+// StoreAssignment from the controller (probed at registration and every
+// heartbeat). A key is relative and clean (no "..", no NUL, not the marker
+// nor a temporary name), and openat2(RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS)
+// from the root's descriptor proves it stays beneath the root without
+// following a symbolic link. Store roots themselves must pass the
+// RootPolicy (--store-roots; never /, /etc, /proc, /sys, /dev, /boot, /usr,
+// /bin, /sbin, /lib*, nor the agent's state). The store id
+// hostops.TemplateMount names the host's read-only template mount (key: a
+// template id), for clone bases and reads only. Sources are store://,
+// http(s):// and nbd:// (downloads: http(s):// only); never a file:// URL
+// or a path. A task naming anything else is refused before it is
+// journalled, with permission_denied as the RPC's code (dispatch.go:
+// admit, then Execute, which turns a wire Task into a call on the host).
+//
+// The same listener serves the read-only file exports other agents copy
+// from (agent/exports, under /exports/). With WithNBD it serves NBD on its
+// own listener (Config.NBDListen, :10809 by default in cmd/stowage): images
+// exported under unguessable names (agent/nbdexports) for hosts that
+// cannot open a volume's file directly. Exports of both kinds live in
 // memory; an agent restart ends them and the controller grants again.
 // With WithImageCache it reports the host's template mount (a separate
 // long-lived process, agent/cachemount) in its heartbeats and passes the
