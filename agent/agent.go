@@ -2,14 +2,35 @@
 // hypervisor host (a systemd service). It registers with the controller,
 // heartbeats with its capabilities and the stores it can reach, and serves
 // AgentService, which runs host-side steps (store layout, probes, image
-// downloads, copies, clones, snapshots, backups) on the local machine
-// through a journal keyed by task id, so a step the controller retries
-// runs once. Long steps report progress through GetTask while RunTask
-// blocks. The same listener serves the read-only file exports other agents
-// copy from (agent/exports, under /exports/). With WithNBD it serves NBD
-// on its own listener (Config.NBDListen, :10809 by default in cmd/stowage):
-// images exported under unguessable names (agent/nbdexports) for hosts
-// that cannot open a volume's file directly. Exports of both kinds live in
+// downloads, copies, clones, snapshots, backups, exports) on the local
+// machine through a journal keyed by task id, so a step the controller
+// retries runs once. Long steps report progress through GetTask while
+// RunTask blocks.
+//
+// Objects, not paths. Every step names objects as (store id, key)
+// (hostops.Ref); LocalHost, the agent's hostops.Host, resolves them with
+// its Resolver beneath the root of a store the agent serves and runs the
+// step on agent/hostfs. The agent serves a store once hostfs found the
+// store's marker in its directory: after PrepareStore or ProbeStore, or a
+// StoreAssignment from the controller (probed at registration and every
+// heartbeat). A key is relative and clean (no "..", no NUL, not the marker
+// nor a temporary name), and openat2(RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS)
+// from the root's descriptor proves it stays beneath the root without
+// following a symbolic link. Store roots themselves must pass the
+// RootPolicy (--store-roots; never /, /etc, /proc, /sys, /dev, /boot, /usr,
+// /bin, /sbin, /lib*, nor the agent's state). The store id
+// hostops.TemplateMount names the host's read-only template mount (key: a
+// template id), for clone bases and reads only. Sources are store://,
+// http(s):// and nbd:// (downloads: http(s):// only); never a file:// URL
+// or a path. A task naming anything else is refused before it is
+// journalled, with permission_denied as the RPC's code (dispatch.go:
+// admit, then Execute, which turns a wire Task into a call on the host).
+//
+// The same listener serves the read-only file exports other agents copy
+// from (agent/exports, under /exports/). With WithNBD it serves NBD on its
+// own listener (Config.NBDListen, :10809 by default in cmd/stowage): images
+// exported under unguessable names (agent/nbdexports) for hosts that
+// cannot open a volume's file directly. Exports of both kinds live in
 // memory; an agent restart ends them and the controller grants again.
 // With WithImageCache it reports the host's template mount (a separate
 // long-lived process, agent/cachemount) in its heartbeats and passes the
@@ -34,8 +55,8 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/stowage/stowage/agent/exports"
+	"github.com/stowage/stowage/agent/hostfs"
 	"github.com/stowage/stowage/agent/nbdexports"
-	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
 	"github.com/stowage/stowage/errdefs/errconnect"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
@@ -63,13 +84,20 @@ type Config struct {
 	// ImageCacheSocket is the unix socket of the host's template mount
 	// process ("" for none); cmd/stowage wires it with WithImageCache.
 	ImageCacheSocket string
+	// StoreRoots are the directories store roots may be or lie beneath
+	// (--store-roots; empty: DefaultStoreRoots). System directories are
+	// refused whatever it says (RootPolicy).
+	StoreRoots []string
+	// ReservedDirs are directories no store root may contain or lie in,
+	// besides StateDir (stowage dev: the controller's database).
+	ReservedDirs []string
 }
 
 // Agent is one running agent.
 type Agent struct {
 	cfg     Config
 	log     *slog.Logger
-	local   drivers.Endpoint
+	host    *LocalHost
 	svc     *service
 	exports *exports.Server
 	nbd     *nbdexports.Server
@@ -77,8 +105,7 @@ type Agent struct {
 	session string
 	stop    context.CancelFunc // cancels every running task
 
-	cache      ImageCache
-	trustMount func(mount string)
+	cache ImageCache
 
 	mu          sync.Mutex
 	cacheSpec   *stowagev1.TemplateCacheSpec // last desired set sent to the cache
@@ -95,12 +122,12 @@ type Option func(*Agent)
 
 // WithExports serves x's exports under exports.Prefix on the agent's
 // listener and announces them under the agent's advertise URL. Give the
-// same x to the local endpoint (hostfs.WithExporter) that makes them.
+// same x to the hostfs.Local (hostfs.WithExporter) that makes them.
 func WithExports(x *exports.Server) Option { return func(a *Agent) { a.exports = x } }
 
 // WithNBD serves x's exports on Config.NBDListen while Run runs and
 // announces them under Config.NBDAddress (or the address derived from the
-// listener). Give the same x to the local endpoint (hostfs.WithNBDExporter).
+// listener). Give the same x to the hostfs.Local (hostfs.WithNBDExporter).
 func WithNBD(x *nbdexports.Server) Option { return func(a *Agent) { a.nbd = x } }
 
 // WithTaskGrace sets how long a task keeps running after its last caller
@@ -114,8 +141,9 @@ func WithTaskGrace(d time.Duration) Option {
 	}
 }
 
-// New builds an agent that runs steps on local.
-func New(cfg Config, local drivers.Endpoint, log *slog.Logger, opts ...Option) (*Agent, error) {
+// New builds an agent that runs steps on fs, within the stores it serves
+// (LocalHost, with the RootPolicy of cfg.StoreRoots).
+func New(cfg Config, fs *hostfs.Local, log *slog.Logger, opts ...Option) (*Agent, error) {
 	if cfg.ControllerURL == "" {
 		return nil, fmt.Errorf("agent: --controller URL is required: %w", errdefs.ErrInvalid)
 	}
@@ -125,6 +153,15 @@ func New(cfg Config, local drivers.Endpoint, log *slog.Logger, opts ...Option) (
 	if cfg.StateDir == "" {
 		return nil, fmt.Errorf("agent: --state-dir is required: %w", errdefs.ErrInvalid)
 	}
+	roots := cfg.StoreRoots
+	if len(roots) == 0 {
+		roots = DefaultStoreRoots
+	}
+	policy, err := NewRootPolicy(roots, append([]string{cfg.StateDir}, cfg.ReservedDirs...)...)
+	if err != nil {
+		return nil, fmt.Errorf("agent: --store-roots: %w", err)
+	}
+	host := NewLocalHost(fs, policy)
 	j, err := openJournal(cfg.StateDir+"/tasks", 24*time.Hour)
 	if err != nil {
 		return nil, err
@@ -135,8 +172,8 @@ func New(cfg Config, local drivers.Endpoint, log *slog.Logger, opts ...Option) (
 	a := &Agent{
 		cfg:      cfg,
 		log:      log.With("host", cfg.HostID),
-		local:    local,
-		svc:      &service{local: local, journal: j},
+		host:     host,
+		svc:      &service{host: host, journal: j},
 		control:  stowagev1connect.NewAgentControlServiceClient(http.DefaultClient, cfg.ControllerURL),
 		session:  uuid.NewString(),
 		stop:     stop,
@@ -163,6 +200,9 @@ func (a *Agent) Handler() http.Handler {
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
 	return mux
 }
+
+// Host is the agent's local host: the stores it serves and their resolver.
+func (a *Agent) Host() *LocalHost { return a.host }
 
 // Close cancels the tasks still running; Run does it when it returns.
 func (a *Agent) Close() { a.stop() }
@@ -355,6 +395,9 @@ func (a *Agent) register(ctx context.Context) error {
 		a.interval = time.Duration(ms) * time.Millisecond
 	}
 	a.mu.Unlock()
+	// Serve the assigned stores at once (a restarted agent knows none),
+	// not only from the first heartbeat on.
+	a.probeStores(ctx, resp.Msg.GetStores())
 	a.log.Info("registered with controller", "controller", a.cfg.ControllerURL, "state", resp.Msg.GetHost().GetState().String(), "stores", len(resp.Msg.GetStores()))
 	a.readyOne.Do(func() {
 		close(a.ready)

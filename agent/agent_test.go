@@ -23,15 +23,17 @@ import (
 	"github.com/stowage/stowage/agent"
 	"github.com/stowage/stowage/agent/exports"
 	"github.com/stowage/stowage/agent/hostfs"
-	"github.com/stowage/stowage/agent/proxy"
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
+	"github.com/stowage/stowage/hostops"
 )
 
-// rig is an agent serving on loopback and a proxy Endpoint talking to it.
+// rig is an agent serving on loopback, a hostops.Remote talking to it,
+// and a store it serves (id "s1" at dir).
 type rig struct {
-	ep  *proxy.Endpoint
+	ep  *hostops.Remote
 	url string
+	dir string
 }
 
 func newRig(t *testing.T, opts ...agent.Option) rig {
@@ -40,8 +42,9 @@ func newRig(t *testing.T, opts ...agent.Option) rig {
 		t.Skipf("qemu-img is not installed: %v", err)
 	}
 	x := exports.New()
+	base := t.TempDir()
 	local := hostfs.New("h1", hostfs.WithExporter(x))
-	a, err := agent.New(agent.Config{ControllerURL: "http://127.0.0.1:1", HostID: "h1", StateDir: t.TempDir()},
+	a, err := agent.New(agent.Config{ControllerURL: "http://127.0.0.1:1", HostID: "h1", StateDir: t.TempDir(), StoreRoots: []string{base}},
 		local, slog.New(slog.NewTextHandler(io.Discard, nil)), append(opts, agent.WithExports(x))...)
 	if err != nil {
 		t.Fatal(err)
@@ -50,8 +53,15 @@ func newRig(t *testing.T, opts ...agent.Option) rig {
 	t.Cleanup(srv.Close)
 	t.Cleanup(a.Close)
 	x.SetBaseURL(srv.URL)
-	return rig{ep: proxy.New("h1", srv.URL, srv.Client(), proxy.WithPollInterval(20*time.Millisecond)), url: srv.URL}
+	r := rig{ep: hostops.NewRemote("h1", srv.URL, srv.Client(), hostops.WithPollInterval(20*time.Millisecond)), url: srv.URL, dir: filepath.Join(base, "s1")}
+	if _, err := r.ep.PrepareStore(t.Context(), hostops.StoreRoot{ID: "s1", Path: r.dir, Subdirs: []string{"templates", "volumes", "snapshots"}}); err != nil {
+		t.Fatal(err)
+	}
+	return r
 }
+
+// ref names key in the rig's store.
+func ref(key string) hostops.Ref { return hostops.Ref{Store: "s1", Key: key} }
 
 // source serves one file of random data; every response body is written
 // slowly (delay per 256 KiB) and waits for gate when it is set.
@@ -135,19 +145,18 @@ func (p *progressLog) get() [][2]int64 {
 	return append([][2]int64(nil), p.calls...)
 }
 
-func TestFetchAndBackupThroughProxyWithProgress(t *testing.T) {
+func TestFetchAndBackupThroughRemoteWithProgress(t *testing.T) {
 	r := newRig(t)
 	const size = 8 << 20
 	src, url := newSource(t, size, 160*time.Millisecond) // about 1.3 s per 2 MiB range, several ranges in parallel
-	dir := t.TempDir()
-	dest := filepath.Join(dir, "t.raw")
+	dest := ref("templates/t.raw")
 
 	var p progressLog
-	info, err := r.ep.FetchImage(t.Context(), drivers.FetchRequest{Source: url, Dest: dest, Format: drivers.FormatRaw, Checksum: "sha256:" + src.sha}, p.fn)
+	info, err := r.ep.FetchImage(t.Context(), hostops.FetchRequest{Source: url, Dest: dest, Format: drivers.FormatRaw, Checksum: "sha256:" + src.sha}, p.fn)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if info.SHA256 != src.sha || info.VirtualSize != size || info.Format != drivers.FormatRaw || info.Path != dest {
+	if info.SHA256 != src.sha || info.VirtualSize != size || info.Format != drivers.FormatRaw || info.Key != dest.Key || info.HasBacking {
 		t.Fatalf("fetch: %+v", info)
 	}
 	calls := p.get()
@@ -165,39 +174,58 @@ func TestFetchAndBackupThroughProxyWithProgress(t *testing.T) {
 		t.Errorf("last progress call %v, want %d of %d", last, size, size)
 	}
 
-	// Backup of the fetched image, with progress.
+	// Backup of the fetched image into the store's chunk store, with progress.
 	var bp progressLog
-	chunks := filepath.Join(dir, "chunks")
-	os.Mkdir(chunks, 0o755) // outside a store, the agent makes no directories
-	b, err := r.ep.BackupImage(t.Context(), drivers.BackupRequest{Source: dest, SourceFormat: drivers.FormatRaw, ChunkDir: chunks, Manifest: filepath.Join(dir, "b1.json")}, bp.fn)
+	chunks := hostops.ChunkStore{URI: "store://s1/snapshots"}
+	b, err := r.ep.BackupImage(t.Context(), hostops.BackupRequest{Source: dest, SourceFormat: drivers.FormatRaw, Chunks: chunks, Manifest: "b1.json"}, bp.fn)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if b.Size != size || b.Chunks != 2 || b.NewChunks != 2 || b.NewBytes != size || b.ReadBytes != size {
+	if b.Size != size || b.Chunks != 2 || b.NewChunks != 2 || b.NewBytes != size || b.ReadBytes != size || b.Manifest != "b1.json" {
 		t.Fatalf("backup: %+v", b)
 	}
 	if calls := bp.get(); len(calls) == 0 || calls[len(calls)-1] != [2]int64{size, size} {
 		t.Fatalf("backup progress calls %v", calls)
 	}
-	b2, err := r.ep.BackupImage(t.Context(), drivers.BackupRequest{Source: dest, SourceFormat: drivers.FormatRaw, ChunkDir: chunks, Manifest: filepath.Join(dir, "b2.json")}, nil)
+	for _, p := range []string{"snapshots/manifests/b1.json", "snapshots/chunks"} {
+		if _, err := os.Stat(filepath.Join(r.dir, p)); err != nil {
+			t.Fatalf("chunk store layout: %v", err)
+		}
+	}
+	b2, err := r.ep.BackupImage(t.Context(), hostops.BackupRequest{Source: dest, SourceFormat: drivers.FormatRaw, Chunks: chunks, Manifest: "b2.json", ParentManifest: "b1.json"}, nil)
 	if err != nil || b2.NewChunks != 0 || b2.ReusedBytes != size {
 		t.Fatalf("second backup: %+v %v", b2, err)
 	}
-	// Restore through the proxy, byte-equal.
-	out := filepath.Join(dir, "restored.raw")
-	if _, err := r.ep.RestoreImage(t.Context(), drivers.RestoreRequest{Manifest: filepath.Join(dir, "b2.json"), ChunkDir: chunks, Dest: out}, nil); err != nil {
+	// Restore through the Remote, byte-equal.
+	out := ref("volumes/restored.raw")
+	if info, err := r.ep.RestoreImage(t.Context(), hostops.RestoreRequest{Chunks: chunks, Manifest: "b2.json", Dest: out}, nil); err != nil || info.Key != out.Key {
+		t.Fatal(info, err)
+	}
+	if got, _ := os.ReadFile(filepath.Join(r.dir, out.Key)); !bytes.Equal(got, src.data) {
+		t.Fatal("restored image differs")
+	}
+	// Deleting a backup keeps the chunks the other one uses.
+	if d, err := r.ep.DeleteBackup(t.Context(), hostops.DeleteBackupRequest{Chunks: chunks, Manifest: "b1.json"}); err != nil || d.Manifest != "b1.json" {
+		t.Fatalf("delete backup: %+v %v", d, err)
+	}
+	if _, err := r.ep.RestoreImage(t.Context(), hostops.RestoreRequest{Chunks: chunks, Manifest: "b2.json", Dest: ref("volumes/again.raw")}, nil); err != nil {
 		t.Fatal(err)
 	}
-	if got, _ := os.ReadFile(out); !bytes.Equal(got, src.data) {
-		t.Fatal("restored image differs")
+	// A manifest name is a file name; S3 chunk stores are not served yet.
+	if _, err := r.ep.DeleteBackup(t.Context(), hostops.DeleteBackupRequest{Chunks: chunks, Manifest: "../manifests/b2.json"}); !errors.Is(err, errdefs.ErrPermissionDenied) {
+		t.Fatalf("manifest with a slash: %v", err)
+	}
+	s3 := hostops.ChunkStore{URI: "s3://bucket/prefix?endpoint=http://127.0.0.1:1", Secret: map[string]string{"secret_key": "hunter2"}}
+	if _, err := r.ep.DeleteBackup(t.Context(), hostops.DeleteBackupRequest{Chunks: s3, Manifest: "b2.json"}); !errors.Is(err, errdefs.ErrNotImplemented) || strings.Contains(err.Error(), "hunter2") {
+		t.Fatalf("s3 chunk store: %v", err)
 	}
 
 	// Classed errors cross the wire.
-	_, err = r.ep.FetchImage(t.Context(), drivers.FetchRequest{Source: url, Dest: filepath.Join(dir, "bad.raw"), Format: drivers.FormatRaw, Checksum: "md5:" + strings.Repeat("0", 32)}, nil)
+	_, err = r.ep.FetchImage(t.Context(), hostops.FetchRequest{Source: url, Dest: ref("templates/bad.raw"), Format: drivers.FormatRaw, Checksum: "md5:" + strings.Repeat("0", 32)}, nil)
 	if !errors.Is(err, errdefs.ErrDataLoss) {
-		t.Fatalf("bad checksum through the proxy: %v", err)
+		t.Fatalf("bad checksum through the Remote: %v", err)
 	}
-	if _, err := os.Stat(filepath.Join(dir, "bad.raw")); !os.IsNotExist(err) {
+	if _, err := os.Stat(filepath.Join(r.dir, "templates", "bad.raw")); !os.IsNotExist(err) {
 		t.Fatal("a failed fetch left its destination")
 	}
 }
@@ -205,9 +233,8 @@ func TestFetchAndBackupThroughProxyWithProgress(t *testing.T) {
 func TestSameTaskIDDoesTheWorkOnce(t *testing.T) {
 	r := newRig(t)
 	src, url := newSource(t, 1<<20, 0)
-	dir := t.TempDir()
-	dest := filepath.Join(dir, "t.raw")
-	req := drivers.FetchRequest{Source: url, Dest: dest, Format: drivers.FormatRaw}
+	dest := filepath.Join(r.dir, "templates", "t.raw")
+	req := hostops.FetchRequest{Source: url, Dest: ref("templates/t.raw"), Format: drivers.FormatRaw}
 
 	first, err := r.ep.FetchImage(drivers.WithTaskID(t.Context(), "job-1.fetch"), req, nil)
 	if err != nil {
@@ -243,11 +270,11 @@ func TestSameTaskIDDoesTheWorkOnce(t *testing.T) {
 	}
 	// Two different calls in one step do not share an id.
 	ctx := drivers.WithTaskID(t.Context(), "job-3.step")
-	if _, err := r.ep.InspectImage(ctx, dest, drivers.FormatRaw); err != nil {
+	if _, err := r.ep.InspectImage(ctx, req.Dest, drivers.FormatRaw); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := r.ep.StatPath(ctx, dest); err != nil {
-		t.Fatalf("second call of one step: %v", err)
+	if fi, err := r.ep.StatObject(ctx, req.Dest); err != nil || fi.Key != req.Dest.Key {
+		t.Fatalf("second call of one step: %+v %v", fi, err)
 	}
 }
 
@@ -255,8 +282,7 @@ func TestReissuedTaskWaitsForTheRunningOne(t *testing.T) {
 	r := newRig(t)
 	src, url := newSource(t, 2<<20, 0)
 	src.gate = make(chan struct{})
-	dest := filepath.Join(t.TempDir(), "t.raw")
-	req := drivers.FetchRequest{Source: url, Dest: dest, Format: drivers.FormatRaw, Checksum: src.sha}
+	req := hostops.FetchRequest{Source: url, Dest: ref("templates/t.raw"), Format: drivers.FormatRaw, Checksum: src.sha}
 
 	// The controller starts the step and dies while the download runs.
 	ctx, cancel := context.WithCancel(drivers.WithTaskID(t.Context(), "job-9.fetch"))
@@ -295,24 +321,31 @@ func TestReissuedTaskWaitsForTheRunningOne(t *testing.T) {
 	}
 }
 
-func TestExportThroughProxy(t *testing.T) {
+func TestExportThroughRemote(t *testing.T) {
 	r := newRig(t)
 	src, url := newSource(t, 1<<20, 0)
-	dir := t.TempDir()
-	vol := filepath.Join(dir, "v.raw")
-	if _, err := r.ep.FetchImage(t.Context(), drivers.FetchRequest{Source: url, Dest: vol, Format: drivers.FormatRaw}, nil); err != nil {
+	vol := ref("volumes/v.raw")
+	if _, err := r.ep.FetchImage(t.Context(), hostops.FetchRequest{Source: url, Dest: vol, Format: drivers.FormatRaw}, nil); err != nil {
 		t.Fatal(err)
 	}
 	uri, err := r.ep.Export(t.Context(), vol)
 	if err != nil || !strings.HasPrefix(string(uri), r.url+exports.Prefix) {
 		t.Fatalf("export: %q %v", uri, err)
 	}
-	copyPath := filepath.Join(dir, "copy.raw")
-	if _, err := r.ep.CopyImage(t.Context(), drivers.CopyRequest{Source: string(uri), SourceFormat: drivers.FormatRaw, Dest: copyPath}, nil); err != nil {
+	cp := ref("volumes/copy.raw")
+	if _, err := r.ep.CopyImage(t.Context(), hostops.CopyRequest{Source: uri, SourceFormat: drivers.FormatRaw, Dest: cp}, nil); err != nil {
 		t.Fatal(err)
 	}
-	if got, _ := os.ReadFile(copyPath); !bytes.Equal(got, src.data) {
+	if got, _ := os.ReadFile(filepath.Join(r.dir, cp.Key)); !bytes.Equal(got, src.data) {
 		t.Fatal("copy from the export differs")
+	}
+	// A copy from an object of a store the agent serves: store://.
+	local := ref("volumes/local.raw")
+	if info, err := r.ep.CopyImage(t.Context(), hostops.CopyRequest{Source: vol.URI(), SourceFormat: drivers.FormatRaw, Dest: local}, nil); err != nil || info.Key != local.Key {
+		t.Fatalf("copy from store://: %+v %v", info, err)
+	}
+	if got, _ := os.ReadFile(filepath.Join(r.dir, local.Key)); !bytes.Equal(got, src.data) {
+		t.Fatal("copy from store:// differs")
 	}
 	if err := r.ep.Unexport(t.Context(), uri); err != nil {
 		t.Fatal(err)

@@ -11,6 +11,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/stowage/stowage/datapath/qemuimg"
+	"github.com/stowage/stowage/hostops"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 )
 
@@ -37,17 +38,32 @@ func (a *Agent) capabilities(ctx context.Context) *stowagev1.HostCapabilities {
 	a.mu.Lock()
 	stores := a.stores
 	a.mu.Unlock()
+	caps.Stores = a.probeStores(ctx, stores)
+	return caps
+}
+
+// probeStores probes the stores the controller assigned to this host and
+// reports what it sees. A store whose directory passes the RootPolicy and
+// carries the store's marker is served from then on (LocalHost.ProbeStore);
+// any other is reported with its error and not served. Stores without a
+// directory on the host (providers that are not drivers.HostRooted, such as
+// S3) are not probed here: their drivers know how they are reached.
+func (a *Agent) probeStores(ctx context.Context, stores []*stowagev1.StoreAssignment) []*stowagev1.StoreOnHost {
+	var out []*stowagev1.StoreOnHost
 	for _, s := range stores {
+		if s.GetPath() == "" {
+			continue
+		}
 		st := &stowagev1.StoreOnHost{StoreId: s.GetStoreId(), Path: s.GetPath()}
-		p, err := a.local.ProbeStore(ctx, s.GetPath(), s.GetStoreId())
+		p, err := a.host.ProbeStore(ctx, hostops.StoreRoot{ID: s.GetStoreId(), Path: s.GetPath()})
 		if err != nil {
 			st.Error = err.Error()
 		} else {
 			st.Reflink, st.CapacityBytes, st.AvailableBytes, st.FsType = p.Reflink, p.CapacityBytes, p.AvailableBytes, p.FSType
 		}
-		caps.Stores = append(caps.Stores, st)
+		out = append(out, st)
 	}
-	return caps
+	return out
 }
 
 func probeStatic(ctx context.Context) *stowagev1.HostCapabilities {

@@ -24,7 +24,7 @@ func TestJournalRunsEachTaskOnce(t *testing.T) {
 	fn := func(ctx context.Context, _ drivers.Progress) (*stowagev1.TaskResult, error) {
 		runs.Add(1)
 		<-release
-		return &stowagev1.TaskResult{Result: &stowagev1.TaskResult_File{File: &stowagev1.FileInfo{Path: "/x", Size: 42}}}, nil
+		return &stowagev1.TaskResult{Result: &stowagev1.TaskResult_File{File: &stowagev1.FileInfo{Key: "x", Size: 42}}}, nil
 	}
 	// Concurrent duplicates wait for the first run.
 	var wg sync.WaitGroup

@@ -18,14 +18,15 @@ import (
 	"github.com/stowage/stowage/agent"
 	"github.com/stowage/stowage/agent/hostfs"
 	"github.com/stowage/stowage/agent/nbdexports"
-	"github.com/stowage/stowage/agent/proxy"
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
+	"github.com/stowage/stowage/hostops"
 )
 
 // nbdRig runs an agent (Run, so its NBD listener is the real one) and a
-// proxy Endpoint to its AgentService.
-func nbdRig(t *testing.T) *proxy.Endpoint {
+// hostops.Remote to its AgentService, and returns it with a directory the
+// agent accepts store roots in.
+func nbdRig(t *testing.T) (*hostops.Remote, string) {
 	t.Helper()
 	for _, tool := range []string{"nbdinfo", "nbdcopy", "qemu-io"} {
 		if _, err := exec.LookPath(tool); err != nil {
@@ -34,8 +35,9 @@ func nbdRig(t *testing.T) *proxy.Endpoint {
 	}
 	n := nbdexports.New(slog.New(slog.NewTextHandler(io.Discard, nil)))
 	local := hostfs.New("h1", hostfs.WithNBDExporter(n))
+	base := t.TempDir()
 	a, err := agent.New(agent.Config{ControllerURL: "http://127.0.0.1:1", HostID: "h1", StateDir: t.TempDir(),
-		Listen: "127.0.0.1:0", NBDListen: "127.0.0.1:0"},
+		Listen: "127.0.0.1:0", NBDListen: "127.0.0.1:0", StoreRoots: []string{base}},
 		local, slog.New(slog.NewTextHandler(io.Discard, nil)), agent.WithNBD(n))
 	if err != nil {
 		t.Fatal(err)
@@ -61,7 +63,7 @@ func nbdRig(t *testing.T) *proxy.Endpoint {
 	if !strings.HasPrefix(a.NBDAddress(), "127.0.0.1:") || strings.HasSuffix(a.NBDAddress(), ":0") {
 		t.Fatalf("NBD address %q", a.NBDAddress())
 	}
-	return proxy.New("h1", srv.URL, srv.Client())
+	return hostops.NewRemote("h1", srv.URL, srv.Client()), base
 }
 
 func run(t *testing.T, name string, args ...string) (string, error) {
@@ -70,11 +72,11 @@ func run(t *testing.T, name string, args ...string) (string, error) {
 	return string(out), err
 }
 
-func TestExportNBDThroughProxy(t *testing.T) {
-	ep := nbdRig(t)
+func TestExportNBDThroughRemote(t *testing.T) {
+	ep, base := nbdRig(t)
 	ctx := t.Context()
-	store := t.TempDir()
-	if _, err := ep.PrepareStore(ctx, store, "s1", []string{"volumes"}); err != nil {
+	store := filepath.Join(base, "s1")
+	if _, err := ep.PrepareStore(ctx, hostops.StoreRoot{ID: "s1", Path: store, Subdirs: []string{"volumes"}}); err != nil {
 		t.Fatal(err)
 	}
 	// 8 MiB raw: 1 MiB of data, a 6 MiB hole, 1 MiB of data.
@@ -93,7 +95,8 @@ func TestExportNBDThroughProxy(t *testing.T) {
 	}
 	f.Close()
 
-	uri, err := ep.ExportNBD(ctx, drivers.NBDExportRequest{Path: vol, Format: drivers.FormatRaw, ReadOnly: true})
+	volRef := hostops.Ref{Store: "s1", Key: "volumes/v1.raw"}
+	uri, err := ep.ExportNBD(ctx, hostops.NBDExportRequest{Ref: volRef, Format: drivers.FormatRaw, ReadOnly: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -133,7 +136,7 @@ func TestExportNBDThroughProxy(t *testing.T) {
 	}
 
 	// A writable export takes writes.
-	rw, err := ep.ExportNBD(ctx, drivers.NBDExportRequest{Path: vol, Format: drivers.FormatRaw})
+	rw, err := ep.ExportNBD(ctx, hostops.NBDExportRequest{Ref: volRef, Format: drivers.FormatRaw})
 	if err != nil || rw == uri {
 		t.Fatalf("second export: %q %v", rw, err)
 	}
@@ -162,10 +165,10 @@ func TestExportNBDThroughProxy(t *testing.T) {
 }
 
 func TestExportNBDRefuses(t *testing.T) {
-	ep := nbdRig(t)
+	ep, base := nbdRig(t)
 	ctx := t.Context()
-	store := t.TempDir()
-	if _, err := ep.PrepareStore(ctx, store, "s1", []string{"volumes"}); err != nil {
+	store := filepath.Join(base, "s1")
+	if _, err := ep.PrepareStore(ctx, hostops.StoreRoot{ID: "s1", Path: store, Subdirs: []string{"volumes"}}); err != nil {
 		t.Fatal(err)
 	}
 	vol := filepath.Join(store, "volumes", "v.raw")
@@ -176,21 +179,22 @@ func TestExportNBDRefuses(t *testing.T) {
 	if err := os.WriteFile(outside, make([]byte, 4096), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	link := filepath.Join(store, "volumes", "link.raw")
-	if err := os.Symlink(outside, link); err != nil {
+	if err := os.Symlink(outside, filepath.Join(store, "volumes", "link.raw")); err != nil {
 		t.Fatal(err)
 	}
+	s1 := func(key string) hostops.Ref { return hostops.Ref{Store: "s1", Key: key} }
 	for _, c := range []struct {
-		req  drivers.NBDExportRequest
+		req  hostops.NBDExportRequest
 		want error
 	}{
-		{drivers.NBDExportRequest{Path: vol, Format: drivers.FormatQCOW2}, errdefs.ErrNotImplemented},
-		{drivers.NBDExportRequest{Path: vol}, errdefs.ErrInvalid},
-		{drivers.NBDExportRequest{Path: "volumes/v.raw", Format: drivers.FormatRaw}, errdefs.ErrInvalid},
-		{drivers.NBDExportRequest{Path: outside, Format: drivers.FormatRaw}, errdefs.ErrInvalid},
-		{drivers.NBDExportRequest{Path: link, Format: drivers.FormatRaw}, errdefs.ErrInvalid},
-		{drivers.NBDExportRequest{Path: filepath.Join(store, hostfs.MarkerFile), Format: drivers.FormatRaw}, errdefs.ErrInvalid},
-		{drivers.NBDExportRequest{Path: filepath.Join(store, "volumes", "missing.raw"), Format: drivers.FormatRaw}, errdefs.ErrNotFound},
+		{hostops.NBDExportRequest{Ref: s1("volumes/v.raw"), Format: drivers.FormatQCOW2}, errdefs.ErrNotImplemented},
+		{hostops.NBDExportRequest{Ref: s1("volumes/v.raw")}, errdefs.ErrInvalid},
+		{hostops.NBDExportRequest{Ref: s1(vol), Format: drivers.FormatRaw}, errdefs.ErrPermissionDenied},
+		{hostops.NBDExportRequest{Ref: s1("../" + filepath.Base(filepath.Dir(outside)) + "/secret.raw"), Format: drivers.FormatRaw}, errdefs.ErrPermissionDenied},
+		{hostops.NBDExportRequest{Ref: s1("volumes/link.raw"), Format: drivers.FormatRaw}, errdefs.ErrPermissionDenied},
+		{hostops.NBDExportRequest{Ref: s1(hostfs.MarkerFile), Format: drivers.FormatRaw}, errdefs.ErrPermissionDenied},
+		{hostops.NBDExportRequest{Ref: hostops.Ref{Store: "s2", Key: "volumes/v.raw"}, Format: drivers.FormatRaw}, errdefs.ErrPermissionDenied},
+		{hostops.NBDExportRequest{Ref: s1("volumes/missing.raw"), Format: drivers.FormatRaw}, errdefs.ErrNotFound},
 	} {
 		if uri, err := ep.ExportNBD(ctx, c.req); !errors.Is(err, c.want) {
 			t.Errorf("ExportNBD(%+v) = %q, %v; want %v", c.req, uri, err, c.want)

@@ -5,27 +5,31 @@ import (
 
 	"connectrpc.com/connect"
 
-	"github.com/stowage/stowage/agent/proxy"
 	"github.com/stowage/stowage/drivers"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 	"github.com/stowage/stowage/proto/gen/stowage/v1/stowagev1connect"
 )
 
-// service is the agent's AgentService: it runs the controller's tasks on the
-// local endpoint through the journal.
+// service is the agent's AgentService: it admits the controller's tasks
+// (LocalHost.admit: nothing outside the stores the agent serves) and runs
+// them on the local host through the journal.
 type service struct {
-	local   drivers.Endpoint
+	host    *LocalHost
 	journal *journal
 }
 
 var _ stowagev1connect.AgentServiceHandler = (*service)(nil)
 
 // RunTask runs a task (or waits for the running task of the same id) and
-// returns its result.
+// returns its result. A task naming anything outside the stores the agent
+// serves is refused with permission_denied before it is journalled.
 func (s *service) RunTask(ctx context.Context, req *connect.Request[stowagev1.RunTaskRequest]) (*connect.Response[stowagev1.RunTaskResponse], error) {
 	task := req.Msg.GetTask()
+	if err := s.host.admit(task); err != nil {
+		return nil, err
+	}
 	res, err := s.journal.run(ctx, task.GetId(), func(ctx context.Context, progress drivers.Progress) (*stowagev1.TaskResult, error) {
-		return proxy.Execute(ctx, s.local, task, progress)
+		return Execute(ctx, s.host, task, progress)
 	})
 	if err != nil {
 		return nil, err

@@ -18,11 +18,12 @@ type ImageCache interface {
 }
 
 // WithImageCache makes the agent report the host's template mount in its
-// heartbeats and pass the controller's desired templates on to it. trust,
-// if not nil, is told the mount point each time the agent learns it (the
-// local endpoint lets lazy volumes' backing chains end there).
-func WithImageCache(c ImageCache, trust func(mount string)) Option {
-	return func(a *Agent) { a.cache, a.trustMount = c, trust }
+// heartbeats and pass the controller's desired templates on to it. Each
+// time the agent learns the mount point it tells its LocalHost
+// (SetTemplateMount): Ref{Store: hostops.TemplateMount, Key: template id}
+// names a file there, and lazy volumes' backing chains may end there.
+func WithImageCache(c ImageCache) Option {
+	return func(a *Agent) { a.cache = c }
 }
 
 // resyncEvery bounds how long an unchanged desired set goes without being
@@ -48,8 +49,8 @@ func (a *Agent) cacheStatus(ctx context.Context) *stowagev1.CacheStatus {
 }
 
 func (a *Agent) learnMount(st *stowagev1.CacheStatus) {
-	if a.trustMount != nil && st.GetMount() != "" {
-		a.trustMount(st.GetMount())
+	if st.GetMount() != "" {
+		a.host.SetTemplateMount(st.GetMount())
 	}
 }
 

@@ -26,6 +26,7 @@ func agentFlags(cmd *cobra.Command, cfg *agent.Config, defaultStateDir string) {
 	f.StringVar(&cfg.Zone, "zone", "default", "zone of this host")
 	f.StringVar(&cfg.Cluster, "cluster", "default", "cluster of this host")
 	f.StringVar(&cfg.StateDir, "state-dir", defaultStateDir, "directory for the agent's journal and state")
+	f.StringSliceVar(&cfg.StoreRoots, "store-roots", agent.DefaultStoreRoots, "comma list of directories store roots may be or lie beneath; the agent refuses any other (/, /etc, /proc, /sys, /dev, /boot, /usr, /bin, /sbin and /lib* always)")
 	f.StringVar(&cfg.ImageCacheSocket, "image-cache-socket", "", "unix socket of the host's template mount (`stowage cache serve --socket`, e.g. "+defaultCacheSocket+"); empty: this host has no template mount and gets no lazy volumes")
 }
 
@@ -64,7 +65,7 @@ func newAgent(cfg agent.Config, log *slog.Logger) (*agent.Agent, error) {
 		cfg.IQN = agent.ReadIQN()
 	}
 	// One exporter serves the agent's read-only file exports (agent-to-agent
-	// copies) on its listener; the local endpoint creates them.
+	// copies) on its listener; the local host creates them.
 	x := exports.New()
 	// One NBD server serves the images granted to hosts that cannot open
 	// their files (outside the store's scope) on --nbd-listen.
@@ -72,9 +73,10 @@ func newAgent(cfg agent.Config, log *slog.Logger) (*agent.Agent, error) {
 	local := hostfs.New(cfg.HostID, hostfs.WithExporter(x), hostfs.WithNBDExporter(n))
 	opts := []agent.Option{agent.WithExports(x), agent.WithNBD(n)}
 	if cfg.ImageCacheSocket != "" {
-		// The template mount is its own process (stowage cache serve); lazy
-		// volumes' backing chains may end in it.
-		opts = append(opts, agent.WithImageCache(cachemount.NewClient(cfg.ImageCacheSocket), func(mount string) { local.SetBackingRoots(mount) }))
+		// The template mount is its own process (stowage cache serve); the
+		// agent serves its templates read-only (hostops.TemplateMount) and
+		// lazy volumes' backing chains may end in it.
+		opts = append(opts, agent.WithImageCache(cachemount.NewClient(cfg.ImageCacheSocket)))
 	}
 	return agent.New(cfg, local, log, opts...)
 }

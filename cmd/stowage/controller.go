@@ -24,7 +24,6 @@ import (
 	"github.com/stowage/stowage/controller/motion"
 	"github.com/stowage/stowage/controller/snapshot"
 	"github.com/stowage/stowage/controller/volume"
-	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
 )
 

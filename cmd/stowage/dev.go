@@ -44,6 +44,11 @@ over loopback, a directory primary store and a directory image store, all under
 			if ag.StateDir == "" {
 				ag.StateDir = filepath.Join(data, "agent")
 			}
+			// The dev stores live under --data: the agent accepts store
+			// roots there, never in its own state or the controller's
+			// database.
+			ag.StoreRoots = append(append([]string(nil), agent.DefaultStoreRoots...), data)
+			ag.ReservedDirs = append(ag.ReservedDirs, ctl.dataDir, filepath.Join(data, "imagecache"), filepath.Join(data, "templates"))
 			ctx, cancel := context.WithCancel(cmd.Context())
 			defer cancel()
 

@@ -215,9 +215,12 @@ func controllerProc(t *testing.T, addr, dataDir string, extra ...string) *proc {
 	return p
 }
 
+// agentProc starts an agent with stateDir; it accepts store roots in the
+// test's directory, stateDir's parent.
 func agentProc(t *testing.T, server, id, zone, cluster, stateDir string, extra ...string) *proc {
 	p := startProc(t, "agent "+id, append([]string{"agent", "--controller", server, "--host-id", id,
-		"--listen", freePort(t), "--nbd-listen", "127.0.0.1:0", "--zone", zone, "--cluster", cluster, "--state-dir", stateDir, "--log-level", "info"}, extra...)...)
+		"--listen", freePort(t), "--nbd-listen", "127.0.0.1:0", "--zone", zone, "--cluster", cluster, "--state-dir", stateDir,
+		"--store-roots", filepath.Dir(stateDir), "--log-level", "info"}, extra...)...)
 	agentProcs.Store(id, p)
 	return p
 }

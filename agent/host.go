@@ -1,0 +1,511 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"net/url"
+	"path"
+	"path/filepath"
+	"strings"
+
+	"github.com/stowage/stowage/agent/hostfs"
+	"github.com/stowage/stowage/drivers"
+	"github.com/stowage/stowage/errdefs"
+	"github.com/stowage/stowage/hostops"
+)
+
+// LocalHost is the agent's hostops.Host: the host work of this machine,
+// addressed by (store, key). It resolves every Ref with its Resolver and
+// runs the step on agent/hostfs, which works on host paths. Results carry
+// keys, never host paths (ImageInfo.HasBacking instead of a backing path).
+//
+// Stores it serves: a successful PrepareStore or ProbeStore (hostfs found
+// the store's marker at root.Path) makes it serve the store at that root; a
+// successful ReleaseStore ends that. The controller's store assignments
+// come in as ProbeStore (Agent.capabilities). Store roots must pass the
+// RootPolicy (the agent's --store-roots).
+//
+// Sources. FetchImage reads http:// and https:// only. CopyImage reads
+// store://<store>/<key> (resolved like any Ref; the template mount allowed),
+// http://, https:// and nbd://; a file:// URL, a plain path or any other
+// scheme is errdefs.ErrPermissionDenied. Chunk stores are
+// store://<store>/<dir> (chunks in <dir>/chunks, manifests in
+// <dir>/manifests/<name>); s3:// is errdefs.ErrNotImplemented for now.
+type LocalHost struct {
+	fs  *hostfs.Local
+	res *Resolver
+}
+
+var _ hostops.Host = (*LocalHost)(nil)
+
+// NewLocalHost returns the host of fs whose store roots follow policy.
+func NewLocalHost(fs *hostfs.Local, policy *RootPolicy) *LocalHost {
+	return &LocalHost{fs: fs, res: NewResolver(policy, fs.OnHost)}
+}
+
+// Resolver is how h turns Refs into paths.
+func (h *LocalHost) Resolver() *Resolver { return h.res }
+
+// SetTemplateMount records the host's template mount: Ref{Store:
+// hostops.TemplateMount, Key: template id} names <dir>/<id>, and backing
+// chains of lazy volumes may end there.
+func (h *LocalHost) SetTemplateMount(dir string) {
+	h.res.SetTemplateMount(dir)
+	h.fs.SetBackingRoots(dir)
+}
+
+// HostID implements hostops.Host.
+func (h *LocalHost) HostID() string { return h.fs.HostID() }
+
+// PrepareStore implements hostops.Stores.
+func (h *LocalHost) PrepareStore(ctx context.Context, root hostops.StoreRoot) (hostops.StoreProbe, error) {
+	if err := h.res.CheckRoot(root.ID, root.Path); err != nil {
+		return hostops.StoreProbe{}, fmt.Errorf("prepare store %s on host %s: %w", root.ID, h.HostID(), err)
+	}
+	p, err := h.fs.PrepareStore(ctx, root.Path, root.ID, root.Subdirs)
+	if err != nil {
+		return hostops.StoreProbe{}, err
+	}
+	h.res.Serve(root.ID, root.Path)
+	return probeOf(p), nil
+}
+
+// ProbeStore implements hostops.Stores.
+func (h *LocalHost) ProbeStore(ctx context.Context, root hostops.StoreRoot) (hostops.StoreProbe, error) {
+	if err := h.res.CheckRoot(root.ID, root.Path); err != nil {
+		return hostops.StoreProbe{}, fmt.Errorf("probe store %s on host %s: %w", root.ID, h.HostID(), err)
+	}
+	p, err := h.fs.ProbeStore(ctx, root.Path, root.ID)
+	if err != nil {
+		return hostops.StoreProbe{}, err
+	}
+	h.res.Serve(root.ID, root.Path)
+	return probeOf(p), nil
+}
+
+// ReleaseStore implements hostops.Stores.
+func (h *LocalHost) ReleaseStore(ctx context.Context, root hostops.StoreRoot) error {
+	if err := h.res.CheckRoot(root.ID, root.Path); err != nil {
+		return fmt.Errorf("release store %s on host %s: %w", root.ID, h.HostID(), err)
+	}
+	if err := h.fs.ReleaseStore(ctx, root.Path, root.ID, root.Subdirs); err != nil {
+		return err
+	}
+	h.res.Forget(root.ID, root.Path)
+	return nil
+}
+
+// object resolves a Ref of a store the host serves (no template mount).
+func (h *LocalHost) object(ref hostops.Ref) (string, error) {
+	return h.res.Resolve(ref, UseObject)
+}
+
+// source resolves a Ref that is only read (the template mount allowed).
+func (h *LocalHost) source(ref hostops.Ref) (string, error) {
+	return h.res.Resolve(ref, UseSource)
+}
+
+// sameStore requires b to be of a's store.
+func sameStore(what string, a, b hostops.Ref) error {
+	if a.Store != b.Store {
+		return fmt.Errorf("%s %s is not in store %s: %w", what, b, a.Store, errdefs.ErrInvalid)
+	}
+	return nil
+}
+
+// CreateImage implements hostops.Objects.
+func (h *LocalHost) CreateImage(ctx context.Context, ref hostops.Ref, format drivers.Format, size int64) (hostops.FileInfo, error) {
+	p, err := h.object(ref)
+	if err != nil {
+		return hostops.FileInfo{}, err
+	}
+	fi, err := h.fs.CreateImage(ctx, p, format, size)
+	if err != nil {
+		return hostops.FileInfo{}, err
+	}
+	return fileOf(ref.Key, fi), nil
+}
+
+// DeleteObject implements hostops.Objects.
+func (h *LocalHost) DeleteObject(ctx context.Context, ref hostops.Ref) error {
+	p, err := h.object(ref)
+	if err != nil {
+		return err
+	}
+	return h.fs.DeletePath(ctx, p)
+}
+
+// ListObjects implements hostops.Objects.
+func (h *LocalHost) ListObjects(ctx context.Context, dir hostops.Ref) ([]hostops.FileInfo, error) {
+	p, err := h.object(dir)
+	if err != nil {
+		return nil, err
+	}
+	files, err := h.fs.ListDir(ctx, p)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]hostops.FileInfo, 0, len(files))
+	for _, f := range files {
+		name := filepath.Base(f.Path)
+		if name == hostfs.MarkerFile {
+			continue // a nested store's marker is not an object either
+		}
+		out = append(out, fileOf(path.Join(dir.Key, name), f))
+	}
+	return out, nil
+}
+
+// StatObject implements hostops.Objects.
+func (h *LocalHost) StatObject(ctx context.Context, ref hostops.Ref) (hostops.FileInfo, error) {
+	p, err := h.source(ref)
+	if err != nil {
+		return hostops.FileInfo{}, err
+	}
+	fi, err := h.fs.StatPath(ctx, p)
+	if err != nil {
+		return hostops.FileInfo{}, err
+	}
+	return fileOf(ref.Key, fi), nil
+}
+
+// fetchSource admits the source of a download: http:// or https:// only.
+func fetchSource(src string) error {
+	u, err := url.Parse(src)
+	if err != nil || u.Host == "" || (!strings.EqualFold(u.Scheme, "http") && !strings.EqualFold(u.Scheme, "https")) {
+		return fmt.Errorf("fetch source %q: the agent downloads http:// and https:// URLs only, never a path of this host: %w",
+			redact(src), errdefs.ErrPermissionDenied)
+	}
+	return nil
+}
+
+// copySource turns the source of a copy into what hostfs opens: the path
+// of a store object (store://), or a URI another host or a driver granted
+// (http://, https://, nbd://).
+func (h *LocalHost) copySource(src drivers.URI) (string, error) {
+	ref, isRef, err := hostops.ParseRef(src)
+	if err != nil {
+		return "", fmt.Errorf("copy source %q is not store://<store id>/<key> (%v): %w", redact(string(src)), err, errdefs.ErrPermissionDenied)
+	}
+	if isRef {
+		return h.source(ref)
+	}
+	u, err := url.Parse(string(src))
+	if err == nil && u.Host != "" {
+		switch strings.ToLower(u.Scheme) {
+		case "http", "https", "nbd":
+			return string(src), nil
+		}
+	}
+	return "", fmt.Errorf("copy source %q: the agent reads store://, http(s):// and nbd:// sources only, never a path of this host: %w",
+		redact(string(src)), errdefs.ErrPermissionDenied)
+}
+
+// redact drops the user information of a URL for messages.
+func redact(s string) string {
+	if u, err := url.Parse(s); err == nil && u.User != nil {
+		return u.Redacted()
+	}
+	return s
+}
+
+// FetchImage implements hostops.Images.
+func (h *LocalHost) FetchImage(ctx context.Context, req hostops.FetchRequest, progress drivers.Progress) (hostops.ImageInfo, error) {
+	if err := fetchSource(req.Source); err != nil {
+		return hostops.ImageInfo{}, err
+	}
+	dest, err := h.object(req.Dest)
+	if err != nil {
+		return hostops.ImageInfo{}, err
+	}
+	info, err := h.fs.FetchImage(ctx, drivers.FetchRequest{Source: req.Source, Dest: dest, Format: req.Format, Checksum: req.Checksum}, progress)
+	return imageOf(req.Dest.Key, info, err)
+}
+
+// CopyImage implements hostops.Images.
+func (h *LocalHost) CopyImage(ctx context.Context, req hostops.CopyRequest, progress drivers.Progress) (hostops.ImageInfo, error) {
+	src, err := h.copySource(req.Source)
+	if err != nil {
+		return hostops.ImageInfo{}, err
+	}
+	dest, err := h.object(req.Dest)
+	if err != nil {
+		return hostops.ImageInfo{}, err
+	}
+	info, err := h.fs.CopyImage(ctx, drivers.CopyRequest{Source: src, SourceFormat: req.SourceFormat, Dest: dest, Format: req.Format, Flatten: req.Flatten}, progress)
+	return imageOf(req.Dest.Key, info, err)
+}
+
+// cloneBase resolves the base of a clone: an object of dest's store, or a
+// template of the host's template mount.
+func (h *LocalHost) cloneBase(base, dest hostops.Ref) (string, error) {
+	p, err := h.source(base)
+	if err != nil {
+		return "", err
+	}
+	if base.Store != hostops.TemplateMount {
+		if err := sameStore("clone base", dest, base); err != nil {
+			return "", err
+		}
+	}
+	return p, nil
+}
+
+// CloneImage implements hostops.Images.
+func (h *LocalHost) CloneImage(ctx context.Context, req hostops.CloneRequest, progress drivers.Progress) (hostops.ImageInfo, error) {
+	base, err := h.cloneBase(req.Base, req.Dest)
+	if err != nil {
+		return hostops.ImageInfo{}, err
+	}
+	dest, err := h.object(req.Dest)
+	if err != nil {
+		return hostops.ImageInfo{}, err
+	}
+	info, err := h.fs.CloneImage(ctx, drivers.CloneRequest{Base: base, BaseFormat: req.BaseFormat, Dest: dest, Mode: req.Mode, Format: req.Format, Size: req.Size}, progress)
+	return imageOf(req.Dest.Key, info, err)
+}
+
+// InspectImage implements hostops.Images.
+func (h *LocalHost) InspectImage(ctx context.Context, ref hostops.Ref, format drivers.Format) (hostops.ImageInfo, error) {
+	p, err := h.source(ref)
+	if err != nil {
+		return hostops.ImageInfo{}, err
+	}
+	info, err := h.fs.InspectImage(ctx, p, format)
+	return imageOf(ref.Key, info, err)
+}
+
+// ResizeImage implements hostops.Images.
+func (h *LocalHost) ResizeImage(ctx context.Context, ref hostops.Ref, format drivers.Format, size int64) (hostops.ImageInfo, error) {
+	p, err := h.object(ref)
+	if err != nil {
+		return hostops.ImageInfo{}, err
+	}
+	info, err := h.fs.ResizeImage(ctx, p, format, size)
+	return imageOf(ref.Key, info, err)
+}
+
+// snapshotPair resolves a volume and its snapshot, of one store.
+func (h *LocalHost) snapshotPair(req hostops.SnapshotRequest) (vol, snap string, err error) {
+	if vol, err = h.object(req.Volume); err != nil {
+		return "", "", err
+	}
+	if snap, err = h.object(req.Snapshot); err != nil {
+		return "", "", err
+	}
+	if err := sameStore("snapshot", req.Volume, req.Snapshot); err != nil {
+		return "", "", err
+	}
+	return vol, snap, nil
+}
+
+// SnapshotImage implements hostops.Images.
+func (h *LocalHost) SnapshotImage(ctx context.Context, req hostops.SnapshotRequest) (hostops.SnapshotInfo, error) {
+	vol, snap, err := h.snapshotPair(req)
+	if err != nil {
+		return hostops.SnapshotInfo{}, err
+	}
+	si, err := h.fs.SnapshotImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: snap, Format: req.Format})
+	if err != nil {
+		return hostops.SnapshotInfo{}, err
+	}
+	s, _ := imageOf(req.Snapshot.Key, si.Snapshot, nil)
+	v, _ := imageOf(req.Volume.Key, si.Volume, nil)
+	return hostops.SnapshotInfo{Snapshot: s, Volume: v, Method: si.Method}, nil
+}
+
+// RevertImage implements hostops.Images.
+func (h *LocalHost) RevertImage(ctx context.Context, req hostops.SnapshotRequest) (hostops.ImageInfo, error) {
+	vol, snap, err := h.snapshotPair(req)
+	if err != nil {
+		return hostops.ImageInfo{}, err
+	}
+	info, err := h.fs.RevertImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: snap, Format: req.Format})
+	return imageOf(req.Volume.Key, info, err)
+}
+
+// rebasePair resolves an image and its new backing image (of its store;
+// zero: none).
+func (h *LocalHost) rebasePair(ref, newBacking hostops.Ref) (p, backing string, err error) {
+	if p, err = h.object(ref); err != nil {
+		return "", "", err
+	}
+	if newBacking.IsZero() {
+		return p, "", nil
+	}
+	if backing, err = h.object(newBacking); err != nil {
+		return "", "", err
+	}
+	if err := sameStore("new backing image", ref, newBacking); err != nil {
+		return "", "", err
+	}
+	return p, backing, nil
+}
+
+// RebaseImage implements hostops.Images.
+func (h *LocalHost) RebaseImage(ctx context.Context, ref, newBacking hostops.Ref, backingFormat drivers.Format) (hostops.ImageInfo, error) {
+	p, backing, err := h.rebasePair(ref, newBacking)
+	if err != nil {
+		return hostops.ImageInfo{}, err
+	}
+	info, err := h.fs.RebaseImage(ctx, p, backing, backingFormat)
+	return imageOf(ref.Key, info, err)
+}
+
+// chunkPaths are a chunk store's directories on this host.
+type chunkPaths struct {
+	chunks    string // <dir>/chunks
+	manifests hostops.Ref
+}
+
+// chunkStore resolves a chunk store: store://<store>/<dir> of a store the
+// host serves. The secret is never looked at here (S3 only), nor logged.
+func (h *LocalHost) chunkStore(cs hostops.ChunkStore) (chunkPaths, error) {
+	ref, isRef, err := hostops.ParseRef(cs.URI)
+	if err != nil {
+		return chunkPaths{}, fmt.Errorf("chunk store %q is not store://<store id>/<dir> (%v): %w", redact(string(cs.URI)), err, errdefs.ErrPermissionDenied)
+	}
+	if !isRef {
+		if u, err := url.Parse(string(cs.URI)); err == nil && strings.EqualFold(u.Scheme, "s3") {
+			// TODO(s3 chunk backend): open datapath/chunkstore's S3 backend
+			// with cs.Secret once it exists.
+			return chunkPaths{}, fmt.Errorf("chunk store %s: S3 chunk stores are not served by the agent yet: %w", u.Redacted(), errdefs.ErrNotImplemented)
+		}
+		return chunkPaths{}, fmt.Errorf("chunk store %q: want store://<store id>/<dir> or s3://: %w", redact(string(cs.URI)), errdefs.ErrPermissionDenied)
+	}
+	if err := CheckKey(ref.Key); err != nil {
+		return chunkPaths{}, fmt.Errorf("chunk store %s: %w", ref, err)
+	}
+	chunks, err := h.object(hostops.Ref{Store: ref.Store, Key: path.Join(ref.Key, "chunks")})
+	if err != nil {
+		return chunkPaths{}, err
+	}
+	return chunkPaths{chunks: chunks, manifests: hostops.Ref{Store: ref.Store, Key: path.Join(ref.Key, "manifests")}}, nil
+}
+
+// manifest resolves a manifest's name (a plain file name) in the chunk store.
+func (h *LocalHost) manifest(cp chunkPaths, name string) (string, error) {
+	if name == "" || strings.ContainsAny(name, "/\x00") || name == "." || name == ".." {
+		return "", fmt.Errorf("manifest name %q is not a plain file name: %w", name, errdefs.ErrPermissionDenied)
+	}
+	return h.object(hostops.Ref{Store: cp.manifests.Store, Key: cp.manifests.Key + "/" + name})
+}
+
+// backupPaths resolves what a backup step reads and writes.
+func (h *LocalHost) backupPaths(cs hostops.ChunkStore, names ...string) (chunkPaths, []string, error) {
+	cp, err := h.chunkStore(cs)
+	if err != nil {
+		return chunkPaths{}, nil, err
+	}
+	out := make([]string, len(names))
+	for i, n := range names {
+		if out[i], err = h.manifest(cp, n); err != nil {
+			return chunkPaths{}, nil, err
+		}
+	}
+	return cp, out, nil
+}
+
+// BackupImage implements hostops.Backups.
+func (h *LocalHost) BackupImage(ctx context.Context, req hostops.BackupRequest, progress drivers.Progress) (hostops.BackupInfo, error) {
+	src, err := h.object(req.Source)
+	if err != nil {
+		return hostops.BackupInfo{}, err
+	}
+	names := []string{req.Manifest}
+	if req.ParentManifest != "" {
+		names = append(names, req.ParentManifest)
+	}
+	cp, manifests, err := h.backupPaths(req.Chunks, names...)
+	if err != nil {
+		return hostops.BackupInfo{}, err
+	}
+	r := drivers.BackupRequest{Source: src, SourceFormat: req.SourceFormat, ChunkDir: cp.chunks, Manifest: manifests[0], ChunkSize: req.ChunkSize}
+	if len(manifests) > 1 {
+		r.ParentManifest = manifests[1]
+	}
+	b, err := h.fs.BackupImage(ctx, r, progress)
+	if err != nil {
+		return hostops.BackupInfo{}, err
+	}
+	return backupOf(req.Manifest, b), nil
+}
+
+// RestoreImage implements hostops.Backups.
+func (h *LocalHost) RestoreImage(ctx context.Context, req hostops.RestoreRequest, progress drivers.Progress) (hostops.ImageInfo, error) {
+	cp, manifests, err := h.backupPaths(req.Chunks, req.Manifest)
+	if err != nil {
+		return hostops.ImageInfo{}, err
+	}
+	dest, err := h.object(req.Dest)
+	if err != nil {
+		return hostops.ImageInfo{}, err
+	}
+	info, err := h.fs.RestoreImage(ctx, drivers.RestoreRequest{Manifest: manifests[0], ChunkDir: cp.chunks, Dest: dest, Format: req.Format}, progress)
+	return imageOf(req.Dest.Key, info, err)
+}
+
+// DeleteBackup implements hostops.Backups.
+func (h *LocalHost) DeleteBackup(ctx context.Context, req hostops.DeleteBackupRequest) (hostops.BackupInfo, error) {
+	cp, manifests, err := h.backupPaths(req.Chunks, req.Manifest)
+	if err != nil {
+		return hostops.BackupInfo{}, err
+	}
+	b, err := h.fs.DeleteBackup(ctx, drivers.DeleteBackupRequest{Manifest: manifests[0], ChunkDir: cp.chunks})
+	if err != nil {
+		return hostops.BackupInfo{}, err
+	}
+	return backupOf(req.Manifest, b), nil
+}
+
+// Export implements hostops.Exports.
+func (h *LocalHost) Export(ctx context.Context, ref hostops.Ref) (drivers.URI, error) {
+	p, err := h.object(ref)
+	if err != nil {
+		return "", err
+	}
+	return h.fs.Export(ctx, p)
+}
+
+// Unexport implements hostops.Exports.
+func (h *LocalHost) Unexport(ctx context.Context, uri drivers.URI) error {
+	return h.fs.Unexport(ctx, uri)
+}
+
+// ExportNBD implements hostops.Exports.
+func (h *LocalHost) ExportNBD(ctx context.Context, req hostops.NBDExportRequest) (drivers.URI, error) {
+	p, err := h.object(req.Ref)
+	if err != nil {
+		return "", err
+	}
+	return h.fs.ExportNBD(ctx, drivers.NBDExportRequest{Path: p, Format: req.Format, ReadOnly: req.ReadOnly})
+}
+
+// UnexportNBD implements hostops.Exports.
+func (h *LocalHost) UnexportNBD(ctx context.Context, uri drivers.URI) error {
+	return h.fs.UnexportNBD(ctx, uri)
+}
+
+// Conversions from hostfs's path-based results: keys, never host paths.
+
+func probeOf(p drivers.StoreProbe) hostops.StoreProbe {
+	return hostops.StoreProbe{CapacityBytes: p.CapacityBytes, AvailableBytes: p.AvailableBytes, Reflink: p.Reflink, FSType: p.FSType}
+}
+
+func fileOf(key string, f drivers.FileInfo) hostops.FileInfo {
+	return hostops.FileInfo{Key: key, Size: f.Size, AllocatedBytes: f.AllocatedBytes, IsDir: f.IsDir, ModifiedAt: f.ModifiedAt,
+		Format: f.Format, VirtualSize: f.VirtualSize}
+}
+
+func imageOf(key string, i drivers.ImageInfo, err error) (hostops.ImageInfo, error) {
+	if err != nil {
+		return hostops.ImageInfo{}, err
+	}
+	return hostops.ImageInfo{Key: key, Format: i.Format, VirtualSize: i.VirtualSize, PhysicalSize: i.PhysicalSize,
+		HasBacking: i.BackingFile != "", SHA256: i.SHA256, BytesWritten: i.BytesWritten, BytesSkipped: i.BytesSkipped, Method: i.Method}, nil
+}
+
+func backupOf(manifest string, b drivers.BackupInfo) hostops.BackupInfo {
+	return hostops.BackupInfo{Manifest: manifest, Size: b.Size, Chunks: b.Chunks, ZeroChunks: b.ZeroChunks, NewChunks: b.NewChunks,
+		NewBytes: b.NewBytes, ReusedBytes: b.ReusedBytes, ReadBytes: b.ReadBytes}
+}
