@@ -9,6 +9,8 @@ import (
 	"strings"
 
 	"github.com/stowage/stowage/agent/hostfs"
+	"github.com/stowage/stowage/datapath/chunkstore"
+	"github.com/stowage/stowage/datapath/s3conn"
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
 	"github.com/stowage/stowage/hostops"
@@ -352,10 +354,12 @@ func (h *LocalHost) RebaseImage(ctx context.Context, ref, newBacking hostops.Ref
 	return imageOf(ref.Key, info, err)
 }
 
-// chunkPaths are a chunk store's directories on this host.
+// chunkPaths are a chunk store's directories on this host, or (s3 set)
+// the S3 prefix it lives under.
 type chunkPaths struct {
 	chunks    string // <dir>/chunks
 	manifests hostops.Ref
+	s3        *s3conn.Config
 }
 
 // chunkStore resolves a chunk store: store://<store>/<dir> of a store the
@@ -367,9 +371,11 @@ func (h *LocalHost) chunkStore(cs hostops.ChunkStore) (chunkPaths, error) {
 	}
 	if !isRef {
 		if u, err := url.Parse(string(cs.URI)); err == nil && strings.EqualFold(u.Scheme, "s3") {
-			// TODO(s3 chunk backend): open datapath/chunkstore's S3 backend
-			// with cs.Secret once it exists.
-			return chunkPaths{}, fmt.Errorf("chunk store %s: S3 chunk stores are not served by the agent yet: %w", u.Redacted(), errdefs.ErrNotImplemented)
+			cfg, err := s3conn.ParseURI(string(cs.URI), cs.Secret)
+			if err != nil {
+				return chunkPaths{}, err
+			}
+			return chunkPaths{s3: &cfg}, nil
 		}
 		return chunkPaths{}, fmt.Errorf("chunk store %q: want store://<store id>/<dir> or s3://: %w", redact(string(cs.URI)), errdefs.ErrPermissionDenied)
 	}
@@ -387,6 +393,9 @@ func (h *LocalHost) chunkStore(cs hostops.ChunkStore) (chunkPaths, error) {
 func (h *LocalHost) manifest(cp chunkPaths, name string) (string, error) {
 	if name == "" || strings.ContainsAny(name, "/\x00") || name == "." || name == ".." {
 		return "", fmt.Errorf("manifest name %q is not a plain file name: %w", name, errdefs.ErrPermissionDenied)
+	}
+	if cp.s3 != nil {
+		return name, nil
 	}
 	return h.object(hostops.Ref{Store: cp.manifests.Store, Key: cp.manifests.Key + "/" + name})
 }
@@ -420,6 +429,18 @@ func (h *LocalHost) BackupImage(ctx context.Context, req hostops.BackupRequest, 
 	if err != nil {
 		return hostops.BackupInfo{}, err
 	}
+	if cp.s3 != nil {
+		store, err := chunkstore.OpenS3(ctx, *cp.s3)
+		if err != nil {
+			return hostops.BackupInfo{}, err
+		}
+		t := hostfs.ChunkTarget{Store: store, Manifest: req.Manifest, Parent: req.ParentManifest}
+		b, err := h.fs.BackupInto(ctx, t, src, req.SourceFormat, req.ChunkSize, progress)
+		if err != nil {
+			return hostops.BackupInfo{}, err
+		}
+		return backupOf(req.Manifest, b), nil
+	}
 	r := drivers.BackupRequest{Source: src, SourceFormat: req.SourceFormat, ChunkDir: cp.chunks, Manifest: manifests[0], ChunkSize: req.ChunkSize}
 	if len(manifests) > 1 {
 		r.ParentManifest = manifests[1]
@@ -441,6 +462,14 @@ func (h *LocalHost) RestoreImage(ctx context.Context, req hostops.RestoreRequest
 	if err != nil {
 		return hostops.ImageInfo{}, err
 	}
+	if cp.s3 != nil {
+		store, err := chunkstore.OpenS3(ctx, *cp.s3)
+		if err != nil {
+			return hostops.ImageInfo{}, err
+		}
+		info, err := h.fs.RestoreFrom(ctx, hostfs.ChunkTarget{Store: store, Manifest: req.Manifest}, dest, req.Format, progress)
+		return imageOf(req.Dest.Key, info, err)
+	}
 	info, err := h.fs.RestoreImage(ctx, drivers.RestoreRequest{Manifest: manifests[0], ChunkDir: cp.chunks, Dest: dest, Format: req.Format}, progress)
 	return imageOf(req.Dest.Key, info, err)
 }
@@ -450,6 +479,17 @@ func (h *LocalHost) DeleteBackup(ctx context.Context, req hostops.DeleteBackupRe
 	cp, manifests, err := h.backupPaths(req.Chunks, req.Manifest)
 	if err != nil {
 		return hostops.BackupInfo{}, err
+	}
+	if cp.s3 != nil {
+		store, err := chunkstore.OpenS3(ctx, *cp.s3)
+		if err != nil {
+			return hostops.BackupInfo{}, err
+		}
+		st, err := store.Delete(ctx, req.Manifest)
+		if err != nil {
+			return hostops.BackupInfo{}, err
+		}
+		return hostops.BackupInfo{Manifest: req.Manifest, Size: st.Size, Chunks: st.Chunks, ZeroChunks: st.ZeroChunks}, nil
 	}
 	b, err := h.fs.DeleteBackup(ctx, drivers.DeleteBackupRequest{Manifest: manifests[0], ChunkDir: cp.chunks})
 	if err != nil {

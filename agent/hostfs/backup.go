@@ -40,14 +40,6 @@ func (l *Local) BackupImage(ctx context.Context, req drivers.BackupRequest, prog
 }
 
 func (l *Local) backupImage(ctx context.Context, req drivers.BackupRequest, progress drivers.Progress) (drivers.BackupInfo, error) {
-	src, err := l.existingPath(req.Source)
-	if err != nil {
-		return drivers.BackupInfo{}, err
-	}
-	srcFormat, err := declared("source", req.SourceFormat)
-	if err != nil {
-		return drivers.BackupInfo{}, err
-	}
 	chunks, err := l.existingPath(req.ChunkDir)
 	if err != nil {
 		return drivers.BackupInfo{}, err
@@ -56,14 +48,10 @@ func (l *Local) backupImage(ctx context.Context, req drivers.BackupRequest, prog
 	if err != nil {
 		return drivers.BackupInfo{}, err
 	}
-	var parent *chunkstore.Manifest
+	parent := ""
 	if req.ParentManifest != "" {
-		pp, err := l.existingPath(req.ParentManifest)
-		if err != nil {
+		if parent, err = l.existingPath(req.ParentManifest); err != nil {
 			return drivers.BackupInfo{}, err
-		}
-		if parent, err = chunkstore.LoadManifest(pp); err != nil {
-			return drivers.BackupInfo{}, fmt.Errorf("parent: %w", err)
 		}
 	}
 	if err := l.makeDir(manifest, req.Manifest); err != nil {
@@ -72,29 +60,60 @@ func (l *Local) backupImage(ctx context.Context, req drivers.BackupRequest, prog
 	if err := l.makeDir(filepath.Join(chunks, "x"), filepath.Join(req.ChunkDir, "x")); err != nil {
 		return drivers.BackupInfo{}, err
 	}
-	unlock, err := l.locks.lock(ctx, manifest)
+	store, err := chunkstore.Open(chunks)
+	if err != nil {
+		return drivers.BackupInfo{}, err
+	}
+	info, err := l.BackupInto(ctx, ChunkTarget{Store: store, Manifest: manifest, Parent: parent, StageNear: manifest},
+		req.Source, req.SourceFormat, req.ChunkSize, progress)
+	info.Manifest = req.Manifest
+	return info, err
+}
+
+// ChunkTarget is where a backup goes or comes from: an open chunk store
+// (a directory's or an S3 prefix's), the backup's manifest name in it (a
+// path for a directory store) and its parent's, and a local file next to
+// which staging files go (a flattened qcow2, on a filesystem with room).
+type ChunkTarget struct {
+	Store     *chunkstore.Store
+	Manifest  string
+	Parent    string
+	StageNear string
+}
+
+// BackupInto backs the image at source (a path on this host, opened as
+// sourceFormat) up into t (see BackupImage). A manifest already at
+// t.Manifest is returned as it is (a retried step).
+func (l *Local) BackupInto(ctx context.Context, t ChunkTarget, source string, sourceFormat drivers.Format, chunkSize int64, progress drivers.Progress) (drivers.BackupInfo, error) {
+	src, err := l.existingPath(source)
+	if err != nil {
+		return drivers.BackupInfo{}, err
+	}
+	srcFormat, err := declared("source", sourceFormat)
+	if err != nil {
+		return drivers.BackupInfo{}, err
+	}
+	var parent *chunkstore.Manifest
+	if t.Parent != "" {
+		if parent, err = t.Store.Manifest(ctx, t.Parent); err != nil {
+			return drivers.BackupInfo{}, fmt.Errorf("parent: %w", err)
+		}
+	}
+	unlock, err := l.locks.lock(ctx, t.Manifest)
 	if err != nil {
 		return drivers.BackupInfo{}, err
 	}
 	defer unlock()
-	if ok, err := exists(manifest); err != nil {
-		return drivers.BackupInfo{}, err
-	} else if ok {
-		m, err := chunkstore.LoadManifest(manifest)
-		if err != nil {
-			return drivers.BackupInfo{}, fmt.Errorf("%s exists and is not a manifest (%v): %w", req.Manifest, err, errdefs.ErrAlreadyExists)
-		}
-		return manifestInfo(req.Manifest, m), nil
-	}
-	store, err := chunkstore.Open(chunks)
-	if err != nil {
-		return drivers.BackupInfo{}, err
+	if m, err := t.Store.Manifest(ctx, t.Manifest); err == nil {
+		return manifestInfo(t.Manifest, m), nil
+	} else if !errors.Is(err, errdefs.ErrNotFound) {
+		return drivers.BackupInfo{}, fmt.Errorf("%s exists and is not a manifest (%v): %w", t.Manifest, err, errdefs.ErrAlreadyExists)
 	}
 	si, err := l.openDeclared(ctx, src, srcFormat, false)
 	if err != nil {
 		return drivers.BackupInfo{}, err
 	}
-	opts := chunkstore.BackupOptions{ChunkSize: req.ChunkSize, Parent: parent, Progress: progress, Source: req.Source}
+	opts := chunkstore.BackupOptions{ChunkSize: chunkSize, Parent: parent, Progress: progress, Source: source}
 	// The parent's chunks stand in for unread ranges only when the parent
 	// is the backup of this image's backing file: anything else would put
 	// another image's data into this backup. Otherwise it still saves
@@ -108,27 +127,31 @@ func (l *Local) backupImage(ctx context.Context, req drivers.BackupRequest, prog
 		opts.ParentUnchanged = unchanged
 	}
 
-	source, err := stream.OpenSource(ctx, src, stream.SourceOptions{Format: srcFormat})
+	stageNear := t.StageNear
+	if stageNear == "" {
+		stageNear = src
+	}
+	srcStream, err := stream.OpenSource(ctx, src, stream.SourceOptions{Format: srcFormat})
 	if errors.Is(err, errdefs.ErrNotImplemented) {
 		// The Go qcow2 reader cannot read this image: flatten it with
 		// qemu-img (-f as declared) next to the manifest.
-		flat := stagePath(manifest, "convert")
+		flat := stagePath(stageNear, "convert")
 		removeStage(flat)
 		defer removeStage(flat)
 		if err := l.qemu.Convert(ctx, src, flat, qemuimg.FormatRaw, qemuimg.SourceFormat(srcFormat), qemuimg.MinSparse("4k")); err != nil {
 			return drivers.BackupInfo{}, err
 		}
-		source, err = stream.OpenSource(ctx, flat, stream.SourceOptions{Format: qemuimg.FormatRaw})
+		srcStream, err = stream.OpenSource(ctx, flat, stream.SourceOptions{Format: qemuimg.FormatRaw})
 	}
 	if err != nil {
 		return drivers.BackupInfo{}, err
 	}
-	defer source.Close()
-	m, st, err := store.Backup(ctx, source, manifest, opts)
+	defer srcStream.Close()
+	m, st, err := t.Store.Backup(ctx, srcStream, t.Manifest, opts)
 	if err != nil {
 		return drivers.BackupInfo{}, err
 	}
-	info := manifestInfo(req.Manifest, m)
+	info := manifestInfo(t.Manifest, m)
 	info.NewChunks, info.NewBytes, info.ReusedBytes, info.ReadBytes = st.NewChunks, st.NewBytes, st.ReusedBytes, st.ReadBytes
 	return info, nil
 }
@@ -186,11 +209,20 @@ func (l *Local) restoreImage(ctx context.Context, req drivers.RestoreRequest, pr
 	if err != nil {
 		return drivers.ImageInfo{}, err
 	}
-	final, err := l.objectPath(req.Dest)
+	store, err := chunkstore.Open(chunks)
 	if err != nil {
 		return drivers.ImageInfo{}, err
 	}
-	format := req.Format
+	return l.RestoreFrom(ctx, ChunkTarget{Store: store, Manifest: manifest}, req.Dest, req.Format, progress)
+}
+
+// RestoreFrom rebuilds the image of backup t.Manifest of t.Store at dest
+// (a path on this host) in format (see RestoreImage).
+func (l *Local) RestoreFrom(ctx context.Context, t ChunkTarget, dest string, format drivers.Format, progress drivers.Progress) (drivers.ImageInfo, error) {
+	final, err := l.objectPath(dest)
+	if err != nil {
+		return drivers.ImageInfo{}, err
+	}
 	switch format {
 	case "":
 		format = drivers.FormatRaw
@@ -198,14 +230,14 @@ func (l *Local) restoreImage(ctx context.Context, req drivers.RestoreRequest, pr
 	default:
 		return drivers.ImageInfo{}, fmt.Errorf("format %q is not raw or qcow2: %w", format, errdefs.ErrInvalid)
 	}
-	m, err := chunkstore.LoadManifest(manifest)
+	m, err := t.Store.Manifest(ctx, t.Manifest)
 	if err != nil {
 		return drivers.ImageInfo{}, err
 	}
 	if format == drivers.FormatQCOW2 && m.Size%qemuimg.SectorSize != 0 {
 		return drivers.ImageInfo{}, fmt.Errorf("size %d is not a multiple of %d, as a qcow2 needs: %w", m.Size, qemuimg.SectorSize, errdefs.ErrInvalid)
 	}
-	unlock, err := l.lockDest(ctx, final, req.Dest)
+	unlock, err := l.lockDest(ctx, final, dest)
 	if err != nil {
 		return drivers.ImageInfo{}, err
 	}
@@ -213,17 +245,14 @@ func (l *Local) restoreImage(ctx context.Context, req drivers.RestoreRequest, pr
 	if ok, err := exists(final); err != nil {
 		return drivers.ImageInfo{}, err
 	} else if ok {
-		info, qi, err := l.imageInfo(ctx, req.Dest, final, string(format), qemuimg.ForceShare())
+		info, qi, err := l.imageInfo(ctx, dest, final, string(format), qemuimg.ForceShare())
 		if err != nil || qi.VirtualSize != m.Size || qi.BackingFilename != "" {
-			return drivers.ImageInfo{}, fmt.Errorf("%s exists and is not this backup's image: %w", req.Dest, errdefs.ErrAlreadyExists)
+			return drivers.ImageInfo{}, fmt.Errorf("%s exists and is not this backup's image: %w", dest, errdefs.ErrAlreadyExists)
 		}
 		info.Method = "existing"
 		return info, nil
 	}
-	store, err := chunkstore.Open(chunks)
-	if err != nil {
-		return drivers.ImageInfo{}, err
-	}
+	store := t.Store
 
 	raw := stagePath(final, "restore-raw")
 	if format == drivers.FormatRaw {
@@ -252,7 +281,7 @@ func (l *Local) restoreImage(ctx context.Context, req drivers.RestoreRequest, pr
 		}
 		method = "chunks+qemu-img convert"
 	}
-	info, err := l.publishImage(ctx, stage, final, req.Dest, string(format))
+	info, err := l.publishImage(ctx, stage, final, dest, string(format))
 	if err != nil {
 		return drivers.ImageInfo{}, err
 	}

@@ -9,31 +9,42 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/stowage/stowage/agent"
 	"github.com/stowage/stowage/agent/hostfs"
 	"github.com/stowage/stowage/controller/meta"
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/drivers/driverstest"
 	"github.com/stowage/stowage/drivers/filesystem"
 	"github.com/stowage/stowage/errdefs"
+	"github.com/stowage/stowage/hostops"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 )
 
+// localHost is the agent's real host implementation on this machine
+// (optionally seeing its own tree under root, as a separate host would),
+// allowed to serve stores anywhere under the test's temporary directories.
+func localHost(t *testing.T, id string, opts ...hostfs.Option) hostops.Host {
+	t.Helper()
+	policy, err := agent.NewRootPolicy([]string{os.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return agent.NewLocalHost(hostfs.New(id, opts...), policy)
+}
+
 // newService wires the store service to the real filesystem provider over
-// local hosts (host work runs on this machine through agent/hostfs).
-func newService(t *testing.T) (*Service, *driverstest.LocalHosts) {
+// one local host (host work runs on this machine through the agent's own
+// host implementation).
+func newService(t *testing.T) (*Service, *driverstest.Hosts) {
 	t.Helper()
 	db, err := meta.Open(t.TempDir())
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { db.Close() })
-	hosts := driverstest.LocalEndpoints("h1")
+	hosts := driverstest.NewHosts(localHost(t, "h1"))
 	reg := drivers.NewRegistry()
-	p, err := filesystem.Factory(drivers.Deps{Endpoints: hosts})
-	if err != nil {
-		t.Fatal(err)
-	}
-	reg.Register(p)
+	reg.Register(filesystem.New(hosts))
 	return New(db, reg, slog.New(slog.DiscardHandler)), hosts
 }
 
@@ -66,12 +77,12 @@ func TestAddWithNoUpHostWritesNothing(t *testing.T) {
 // host, but Attach only sees a host whose root is elsewhere, so it cannot
 // reach the store (as when an NFS export is not mounted on the cluster's hosts).
 type blindAttach struct {
-	*driverstest.LocalHosts
-	blind drivers.Endpoint
+	*driverstest.Hosts
+	blind hostops.Host
 }
 
-func (b blindAttach) AllInScope(context.Context, drivers.Scope) ([]drivers.Endpoint, error) {
-	return []drivers.Endpoint{b.blind}, nil
+func (b blindAttach) AllInScope(context.Context, drivers.Scope) ([]hostops.Host, error) {
+	return []hostops.Host{b.blind}, nil
 }
 
 func TestAddRollsBackWhenAttachFails(t *testing.T) {
@@ -81,13 +92,9 @@ func TestAddRollsBackWhenAttachFails(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer db.Close()
-	eps := blindAttach{LocalHosts: driverstest.LocalEndpoints("h1"), blind: hostfs.New("h2", hostfs.WithRoot(t.TempDir()))}
-	p, err := filesystem.Factory(drivers.Deps{Endpoints: eps})
-	if err != nil {
-		t.Fatal(err)
-	}
+	eps := blindAttach{Hosts: driverstest.NewHosts(localHost(t, "h1")), blind: localHost(t, "h2", hostfs.WithRoot(t.TempDir()))}
 	reg := drivers.NewRegistry()
-	reg.Register(p)
+	reg.Register(filesystem.New(eps))
 	s := New(db, reg, slog.New(slog.DiscardHandler))
 	dir := filepath.Join(t.TempDir(), "p1")
 	if _, err := s.Add(ctx, addReq("p1", dir)); err == nil || !strings.Contains(err.Error(), "attach") {
@@ -117,7 +124,7 @@ func TestRecoverAfterCrash(t *testing.T) {
 	dir2 := filepath.Join(t.TempDir(), "p2")
 	ep, _ := hosts.ForHost(ctx, "h1")
 	id2 := meta.NewID()
-	if _, err := ep.PrepareStore(ctx, dir2, id2, []string{"volumes", "snapshots", "templates", "tmp"}); err != nil {
+	if _, err := ep.PrepareStore(ctx, hostops.StoreRoot{ID: id2, Path: dir2, Subdirs: []string{"volumes", "snapshots", "templates", "tmp"}}); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := s.db.Stores().Create(ctx, &stowagev1.DataStore{Id: id2, Name: "p2", Role: stowagev1.StoreRole_STORE_ROLE_PRIMARY,
