@@ -24,9 +24,9 @@ import (
 	"github.com/stowage/stowage/controller/jobs"
 	"github.com/stowage/stowage/controller/meta"
 	"github.com/stowage/stowage/controller/motion"
-	"github.com/stowage/stowage/hostops"
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
+	"github.com/stowage/stowage/hostops"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 )
 

@@ -113,4 +113,3 @@ func (m *Mover) Copy(ctx context.Context, mv Move, progress drivers.Progress) (d
 	}
 	return info.Object(mv.Dst), nil
 }
-

@@ -135,4 +135,3 @@ func (s *Service) object(ctx context.Context, idOrName string) (*stowagev1.Volum
 	obj, err := VolumeObject(st, v)
 	return v, obj, d, err
 }
-

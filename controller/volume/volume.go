@@ -66,7 +66,6 @@ func New(db *meta.DB, stores *datastore.Service, images *image.Service, sel *end
 	return s
 }
 
-
 // Get returns a volume by id, or by name when exactly one has it.
 func (s *Service) Get(ctx context.Context, idOrName string) (*stowagev1.Volume, error) {
 	if idOrName == "" {

@@ -54,4 +54,3 @@ func TestConformance(t *testing.T) {
 		}
 	})
 }
-
