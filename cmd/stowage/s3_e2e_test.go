@@ -159,7 +159,7 @@ func TestS3ImageStoreEndToEnd(t *testing.T) {
 	if first == 0 || len(list("backups/chunks/")) != first {
 		t.Fatalf("first backup: %d chunk uploads, %d chunks in the bucket", first, len(list("backups/chunks/")))
 	}
-	run(t, "qemu-io", "-f", "qcow2", "-c", "write -P 0xef 20M 4k", v0)
+	run(t, "qemu-io", "-f", "qcow2", "-c", "write -P 0xef 10M 4k", v0) // inside a chunk the first backup stored
 	s2 := snapshot("s2")
 	backup(s2)
 	if second := chunkPuts() - first; second != 1 {
