@@ -102,6 +102,17 @@ func (h *LocalHost) object(ref hostops.Ref) (string, error) {
 	return h.res.Resolve(ref, UseObject)
 }
 
+// LocalPath resolves ref, an object that is only read, to its file on
+// this machine (for a process of the host that opens it, such as the
+// template cache).
+func (h *LocalHost) LocalPath(ref hostops.Ref) (string, error) {
+	p, err := h.res.Resolve(ref, UseSource)
+	if err != nil {
+		return "", err
+	}
+	return h.fs.OnHost(p), nil
+}
+
 // source resolves a Ref that is only read (the template mount allowed).
 func (h *LocalHost) source(ref hostops.Ref) (string, error) {
 	return h.res.Resolve(ref, UseSource)

@@ -83,7 +83,10 @@ func (r *Resolver) CheckRoot(id, root string) error {
 	r.mu.RLock()
 	defer r.mu.RUnlock()
 	for other, dir := range r.stores {
-		if other != id && (dir == root || within(dir, root) || within(root, dir)) {
+		if other != id && dir == root {
+			return fmt.Errorf("directory %s belongs to store %s: %w", root, other, errdefs.ErrFailedPrecondition)
+		}
+		if other != id && (within(dir, root) || within(root, dir)) {
 			return fmt.Errorf("store root %s overlaps %s, the root of store %s: %w", root, dir, other, errdefs.ErrFailedPrecondition)
 		}
 	}

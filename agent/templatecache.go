@@ -6,6 +6,8 @@ import (
 
 	"google.golang.org/protobuf/proto"
 
+	"github.com/stowage/stowage/drivers"
+	"github.com/stowage/stowage/hostops"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 )
 
@@ -81,7 +83,7 @@ func (a *Agent) syncCache(ctx context.Context, spec *stowagev1.TemplateCacheSpec
 	}
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	st, err := a.cache.SyncCache(ctx, spec.GetTemplates())
+	st, err := a.cache.SyncCache(ctx, a.localSources(spec.GetTemplates()))
 	if err != nil {
 		a.cacheWarn("template mount sync failed; retrying at the next heartbeat", err)
 		return
@@ -91,4 +93,32 @@ func (a *Agent) syncCache(ctx context.Context, spec *stowagev1.TemplateCacheSpec
 	a.cacheSpec, a.cacheSynced = spec, time.Now()
 	a.mu.Unlock()
 	a.log.Debug("template mount synced", "templates", len(spec.GetTemplates()))
+}
+
+// localSources returns specs with every store://<store>/<key> source (a
+// template on a store this host serves, as its driver granted it) turned
+// into the file on this host, resolved beneath the store's root like any
+// other Ref; a template whose source does not resolve is left out (and
+// logged), never passed on as a path the cache process would open blindly.
+func (a *Agent) localSources(specs []*stowagev1.CacheSpec) []*stowagev1.CacheSpec {
+	out := make([]*stowagev1.CacheSpec, 0, len(specs))
+	for _, sp := range specs {
+		ref, ok, err := hostops.ParseRef(drivers.URI(sp.GetUrl()))
+		if !ok {
+			out = append(out, sp)
+			continue
+		}
+		var p string
+		if err == nil {
+			p, err = a.host.LocalPath(ref)
+		}
+		if err != nil {
+			a.cacheWarn("a template's source does not resolve on this host; leaving it out of the mount", err)
+			continue
+		}
+		c := proto.Clone(sp).(*stowagev1.CacheSpec)
+		c.Url = p
+		out = append(out, c)
+	}
+	return out
 }

@@ -40,6 +40,12 @@ func (l *Local) BackupImage(ctx context.Context, req drivers.BackupRequest, prog
 }
 
 func (l *Local) backupImage(ctx context.Context, req drivers.BackupRequest, progress drivers.Progress) (drivers.BackupInfo, error) {
+	if _, err := l.existingPath(req.Source); err != nil {
+		return drivers.BackupInfo{}, err
+	}
+	if _, err := declared("source", req.SourceFormat); err != nil {
+		return drivers.BackupInfo{}, err
+	}
 	chunks, err := l.existingPath(req.ChunkDir)
 	if err != nil {
 		return drivers.BackupInfo{}, err

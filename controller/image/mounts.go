@@ -276,7 +276,12 @@ func (m *Mounts) source(ctx context.Context, h *stowagev1.Host, it mountable, up
 	if ok && g.fresh(up) {
 		return string(g.access.URI), size, nil
 	}
-	client := drivers.Client{HostID: h.GetId(), Purpose: drivers.PurposeRead, Transport: m.transport}
+	client := drivers.Client{HostID: h.GetId(), Purpose: drivers.PurposeRead}
+	if !k.inScope {
+		// The transport is how a host reads a template it cannot reach
+		// itself (an export's kind); one that reaches it reads it there.
+		client.Transport = m.transport
+	}
 	gctx, cancel := context.WithTimeout(ctx, stepTimeout)
 	defer cancel()
 	acc, err := d.GrantAccess(gctx, obj, client)

@@ -37,9 +37,6 @@ func (s *Service) GrantAccess(ctx context.Context, idOrName, hostID string) (str
 	if _, err := s.db.Hosts().Get(ctx, hostID); err != nil {
 		return "", fmt.Errorf("grant host %s access to volume %s: host %s: %w", hostID, v.GetName(), hostID, err)
 	}
-	if old := v.GetNbdExportUri(); old != "" && v.GetAttachedHostId() != hostID {
-		return "", fmt.Errorf("volume %s is attached to host %s through an export; revoke that first: %w", v.GetName(), v.GetAttachedHostId(), errdefs.ErrFailedPrecondition)
-	}
 	client := drivers.Client{HostID: hostID, Purpose: drivers.PurposeAttach}
 	acc, err := d.GrantAccess(ctx, obj, client)
 	if err != nil {
@@ -47,12 +44,18 @@ func (s *Service) GrantAccess(ctx context.Context, idOrName, hostID string) (str
 	}
 	var old string
 	_, err = s.db.Volumes().Update(ctx, v.GetId(), 0, func(v *stowagev1.Volume) error {
-		if v.NbdExportUri != "" && v.AttachedHostId != hostID {
-			return fmt.Errorf("volume %s was attached to host %s meanwhile: %w", v.GetName(), v.AttachedHostId, errdefs.ErrConflict)
-		}
-		v.AttachedHostId = hostID
-		if acc.Revocable {
-			old, v.NbdExportUri = v.NbdExportUri, string(acc.URI)
+		held := v.NbdExportUri != "" && v.AttachedHostId != hostID
+		switch {
+		case held && acc.Revocable:
+			// One export per volume: another host holds it.
+			return fmt.Errorf("volume %s is attached to host %s through an export; revoke that first: %w", v.GetName(), v.AttachedHostId, errdefs.ErrFailedPrecondition)
+		case held:
+			// A direct grant (file://) to another host: the export stays
+			// recorded for its host.
+		case acc.Revocable:
+			old, v.NbdExportUri, v.AttachedHostId = v.NbdExportUri, string(acc.URI), hostID
+		default:
+			v.AttachedHostId = hostID
 		}
 		return nil
 	})

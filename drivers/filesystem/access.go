@@ -68,9 +68,9 @@ func (d *Driver) grantAccess(ctx context.Context, obj drivers.DataObject, client
 			if client.Transport == transportFile {
 				return refuse(outside + "; it cannot open the file")
 			}
-			return d.exportNBD(ctx, obj, ref, readOnly)
+			return d.exportNBD(ctx, obj, ref, formatOf(ref.Key), readOnly)
 		case transportNBD:
-			return d.exportNBD(ctx, obj, ref, readOnly)
+			return d.exportNBD(ctx, obj, ref, formatOf(ref.Key), readOnly)
 		}
 	case drivers.PurposeRead:
 		switch client.Transport {
@@ -85,7 +85,9 @@ func (d *Driver) grantAccess(ctx context.Context, obj drivers.DataObject, client
 		case transportHTTP:
 			return d.exportHTTP(ctx, obj, ref)
 		case transportNBD:
-			return d.exportNBD(ctx, obj, ref, true)
+			// A reader reads the object's bytes as stored (a qcow2
+			// template stays qcow2 to the template mount), as over HTTP.
+			return d.exportNBD(ctx, obj, ref, drivers.FormatRaw, true)
 		}
 	case drivers.PurposeWrite:
 		switch client.Transport {
@@ -116,13 +118,14 @@ func (d *Driver) exportHTTP(ctx context.Context, obj drivers.DataObject, ref hos
 	return drivers.Access{URI: uri, ReadOnly: true, Revocable: true, HostID: h.HostID()}, nil
 }
 
-// exportNBD exports the object over NBD from an Up host in scope.
-func (d *Driver) exportNBD(ctx context.Context, obj drivers.DataObject, ref hostops.Ref, readOnly bool) (drivers.Access, error) {
+// exportNBD exports the object over NBD from an Up host in scope, served
+// as format (the image's own to attach it, raw for its bytes as stored).
+func (d *Driver) exportNBD(ctx context.Context, obj drivers.DataObject, ref hostops.Ref, format drivers.Format, readOnly bool) (drivers.Access, error) {
 	h, err := d.host(ctx, obj.Store)
 	if err != nil {
 		return drivers.Access{}, err
 	}
-	uri, err := h.ExportNBD(ctx, hostops.NBDExportRequest{Ref: ref, Format: formatOf(ref.Key), ReadOnly: readOnly})
+	uri, err := h.ExportNBD(ctx, hostops.NBDExportRequest{Ref: ref, Format: format, ReadOnly: readOnly})
 	if err != nil {
 		return drivers.Access{}, fmt.Errorf("host %s: %w", h.HostID(), err)
 	}

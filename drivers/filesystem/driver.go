@@ -54,15 +54,12 @@ func (d *Driver) host(ctx context.Context, store drivers.StoreInfo) (hostops.Hos
 
 // imageObject turns a host's ImageInfo on obj into an ObjectInfo.
 func imageObject(obj drivers.DataObject, key string, ii hostops.ImageInfo) drivers.ObjectInfo {
-	f := ii.Format
-	if f == "" {
-		f = obj.Format
+	o := ii.Object(obj)
+	o.Key = key
+	if o.Format == "" {
+		o.Format = obj.Format
 	}
-	return drivers.ObjectInfo{
-		ID: obj.ID, Type: obj.Type, Key: key, Format: f,
-		Size: ii.VirtualSize, PhysicalSize: ii.PhysicalSize, SHA256: ii.SHA256,
-		Method: ii.Method, BytesWritten: ii.BytesWritten, BytesSkipped: ii.BytesSkipped,
-	}
+	return o
 }
 
 // fileObject turns a host's FileInfo of the file key into an ObjectInfo.
@@ -71,7 +68,7 @@ func imageObject(obj drivers.DataObject, key string, ii hostops.ImageInfo) drive
 func fileObject(id string, typ drivers.ObjectType, key string, fi hostops.FileInfo) drivers.ObjectInfo {
 	o := drivers.ObjectInfo{
 		ID: id, Type: typ, Key: key, Format: formatOf(key),
-		Size: fi.Size, PhysicalSize: fi.AllocatedBytes, ModifiedAt: fi.ModifiedAt,
+		Size: fi.Size, PhysicalSize: fi.AllocatedBytes, StoredSize: fi.Size, ModifiedAt: fi.ModifiedAt,
 	}
 	if o.Format == drivers.FormatQCOW2 && fi.Format == drivers.FormatQCOW2 {
 		o.Size = fi.VirtualSize
