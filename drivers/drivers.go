@@ -357,8 +357,9 @@ type ChunkTarget interface {
 	DeleteBackup(ctx context.Context, obj DataObject) (BackupStats, error)
 }
 
-// HostRooted is a provider whose stores are directories the hosts in scope
-// see: HostRoot tells an agent the directory of a store it should serve.
+// HostRooted is implemented by a Provider whose stores are directories the
+// hosts in scope see: HostRoot tells an agent the directory of a store it
+// should serve (its assignment at registration and in heartbeats).
 type HostRooted interface {
 	HostRoot(store StoreInfo) string
 }

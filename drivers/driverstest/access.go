@@ -148,6 +148,6 @@ func testAccess(t *testing.T, e Env) {
 // writable reports whether hosts in scope must be able to write e's
 // store's objects: primary stores and stores that are host directories.
 func writable(e Env) bool {
-	_, rooted := e.Provider.Driver().(drivers.HostRooted)
+	_, rooted := e.Provider.(drivers.HostRooted)
 	return e.Spec.Role == drivers.RolePrimary || rooted
 }
