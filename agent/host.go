@@ -231,7 +231,7 @@ func (h *LocalHost) FetchImage(ctx context.Context, req hostops.FetchRequest, pr
 	if err != nil {
 		return hostops.ImageInfo{}, err
 	}
-	info, err := h.fs.FetchImage(ctx, drivers.FetchRequest{Source: req.Source, Dest: dest, Format: req.Format, Checksum: req.Checksum}, progress)
+	info, err := h.fs.FetchImage(ctx, hostfs.FetchRequest{Source: req.Source, Dest: dest, Format: req.Format, Checksum: req.Checksum}, progress)
 	return imageOf(req.Dest.Key, info, err)
 }
 
@@ -245,7 +245,7 @@ func (h *LocalHost) CopyImage(ctx context.Context, req hostops.CopyRequest, prog
 	if err != nil {
 		return hostops.ImageInfo{}, err
 	}
-	info, err := h.fs.CopyImage(ctx, drivers.CopyRequest{Source: src, SourceFormat: req.SourceFormat, Dest: dest, Format: req.Format, Flatten: req.Flatten}, progress)
+	info, err := h.fs.CopyImage(ctx, hostfs.CopyRequest{Source: src, SourceFormat: req.SourceFormat, Dest: dest, Format: req.Format, Flatten: req.Flatten}, progress)
 	return imageOf(req.Dest.Key, info, err)
 }
 
@@ -274,7 +274,7 @@ func (h *LocalHost) CloneImage(ctx context.Context, req hostops.CloneRequest, pr
 	if err != nil {
 		return hostops.ImageInfo{}, err
 	}
-	info, err := h.fs.CloneImage(ctx, drivers.CloneRequest{Base: base, BaseFormat: req.BaseFormat, Dest: dest, Mode: req.Mode, Format: req.Format, Size: req.Size}, progress)
+	info, err := h.fs.CloneImage(ctx, hostfs.CloneRequest{Base: base, BaseFormat: req.BaseFormat, Dest: dest, Mode: req.Mode, Format: req.Format, Size: req.Size}, progress)
 	return imageOf(req.Dest.Key, info, err)
 }
 
@@ -318,7 +318,7 @@ func (h *LocalHost) SnapshotImage(ctx context.Context, req hostops.SnapshotReque
 	if err != nil {
 		return hostops.SnapshotInfo{}, err
 	}
-	si, err := h.fs.SnapshotImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: snap, Format: req.Format})
+	si, err := h.fs.SnapshotImage(ctx, hostfs.SnapshotRequest{Volume: vol, Snapshot: snap, Format: req.Format})
 	if err != nil {
 		return hostops.SnapshotInfo{}, err
 	}
@@ -333,7 +333,7 @@ func (h *LocalHost) RevertImage(ctx context.Context, req hostops.SnapshotRequest
 	if err != nil {
 		return hostops.ImageInfo{}, err
 	}
-	info, err := h.fs.RevertImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: snap, Format: req.Format})
+	info, err := h.fs.RevertImage(ctx, hostfs.SnapshotRequest{Volume: vol, Snapshot: snap, Format: req.Format})
 	return imageOf(req.Volume.Key, info, err)
 }
 
@@ -452,7 +452,7 @@ func (h *LocalHost) BackupImage(ctx context.Context, req hostops.BackupRequest, 
 		}
 		return backupOf(req.Manifest, b), nil
 	}
-	r := drivers.BackupRequest{Source: src, SourceFormat: req.SourceFormat, ChunkDir: cp.chunks, Manifest: manifests[0], ChunkSize: req.ChunkSize}
+	r := hostfs.BackupRequest{Source: src, SourceFormat: req.SourceFormat, ChunkDir: cp.chunks, Manifest: manifests[0], ChunkSize: req.ChunkSize}
 	if len(manifests) > 1 {
 		r.ParentManifest = manifests[1]
 	}
@@ -481,7 +481,7 @@ func (h *LocalHost) RestoreImage(ctx context.Context, req hostops.RestoreRequest
 		info, err := h.fs.RestoreFrom(ctx, hostfs.ChunkTarget{Store: store, Manifest: req.Manifest}, dest, req.Format, progress)
 		return imageOf(req.Dest.Key, info, err)
 	}
-	info, err := h.fs.RestoreImage(ctx, drivers.RestoreRequest{Manifest: manifests[0], ChunkDir: cp.chunks, Dest: dest, Format: req.Format}, progress)
+	info, err := h.fs.RestoreImage(ctx, hostfs.RestoreRequest{Manifest: manifests[0], ChunkDir: cp.chunks, Dest: dest, Format: req.Format}, progress)
 	return imageOf(req.Dest.Key, info, err)
 }
 
@@ -502,7 +502,7 @@ func (h *LocalHost) DeleteBackup(ctx context.Context, req hostops.DeleteBackupRe
 		}
 		return hostops.BackupInfo{Manifest: req.Manifest, Size: st.Size, Chunks: st.Chunks, ZeroChunks: st.ZeroChunks}, nil
 	}
-	b, err := h.fs.DeleteBackup(ctx, drivers.DeleteBackupRequest{Manifest: manifests[0], ChunkDir: cp.chunks})
+	b, err := h.fs.DeleteBackup(ctx, hostfs.DeleteBackupRequest{Manifest: manifests[0], ChunkDir: cp.chunks})
 	if err != nil {
 		return hostops.BackupInfo{}, err
 	}
@@ -529,7 +529,7 @@ func (h *LocalHost) ExportNBD(ctx context.Context, req hostops.NBDExportRequest)
 	if err != nil {
 		return "", err
 	}
-	return h.fs.ExportNBD(ctx, drivers.NBDExportRequest{Path: p, Format: req.Format, ReadOnly: req.ReadOnly})
+	return h.fs.ExportNBD(ctx, hostfs.NBDExportRequest{Path: p, Format: req.Format, ReadOnly: req.ReadOnly})
 }
 
 // UnexportNBD implements hostops.Exports.
@@ -539,16 +539,16 @@ func (h *LocalHost) UnexportNBD(ctx context.Context, uri drivers.URI) error {
 
 // Conversions from hostfs's path-based results: keys, never host paths.
 
-func probeOf(p drivers.StoreProbe) hostops.StoreProbe {
+func probeOf(p hostfs.StoreProbe) hostops.StoreProbe {
 	return hostops.StoreProbe{CapacityBytes: p.CapacityBytes, AvailableBytes: p.AvailableBytes, Reflink: p.Reflink, FSType: p.FSType}
 }
 
-func fileOf(key string, f drivers.FileInfo) hostops.FileInfo {
+func fileOf(key string, f hostfs.FileInfo) hostops.FileInfo {
 	return hostops.FileInfo{Key: key, Size: f.Size, AllocatedBytes: f.AllocatedBytes, IsDir: f.IsDir, ModifiedAt: f.ModifiedAt,
 		Format: f.Format, VirtualSize: f.VirtualSize}
 }
 
-func imageOf(key string, i drivers.ImageInfo, err error) (hostops.ImageInfo, error) {
+func imageOf(key string, i hostfs.ImageInfo, err error) (hostops.ImageInfo, error) {
 	if err != nil {
 		return hostops.ImageInfo{}, err
 	}
@@ -556,7 +556,7 @@ func imageOf(key string, i drivers.ImageInfo, err error) (hostops.ImageInfo, err
 		HasBacking: i.BackingFile != "", SHA256: i.SHA256, BytesWritten: i.BytesWritten, BytesSkipped: i.BytesSkipped, Method: i.Method}, nil
 }
 
-func backupOf(manifest string, b drivers.BackupInfo) hostops.BackupInfo {
+func backupOf(manifest string, b hostfs.BackupInfo) hostops.BackupInfo {
 	return hostops.BackupInfo{Manifest: manifest, Size: b.Size, Chunks: b.Chunks, ZeroChunks: b.ZeroChunks, NewChunks: b.NewChunks,
 		NewBytes: b.NewBytes, ReusedBytes: b.ReusedBytes, ReadBytes: b.ReadBytes}
 }

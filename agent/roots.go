@@ -6,6 +6,7 @@ import (
 	"io/fs"
 	"path/filepath"
 	"strings"
+	"syscall"
 
 	"github.com/stowage/stowage/errdefs"
 )
@@ -87,6 +88,9 @@ func (p *RootPolicy) Check(path, onHost string) error {
 		return nil
 	}
 	real, err := resolveExisting(path)
+	if errors.Is(err, syscall.ENOTDIR) {
+		return fmt.Errorf("store root %s: a file is in the way: %w", path, errors.Join(err, errdefs.ErrFailedPrecondition))
+	}
 	if err != nil {
 		return fmt.Errorf("store root %s: %w", path, errors.Join(err, errdefs.ErrPermissionDenied))
 	}

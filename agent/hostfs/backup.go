@@ -31,44 +31,44 @@ import (
 // names the source's backing file; any other parent saves writes (its
 // chunks are in the store) but not reads. An existing manifest at req.Manifest is
 // returned as it is (a retried step).
-func (l *Local) BackupImage(ctx context.Context, req drivers.BackupRequest, progress drivers.Progress) (drivers.BackupInfo, error) {
+func (l *Local) BackupImage(ctx context.Context, req BackupRequest, progress drivers.Progress) (BackupInfo, error) {
 	info, err := l.backupImage(ctx, req, progress)
 	if err != nil {
-		return drivers.BackupInfo{}, fmt.Errorf("back up %s to %s on host %s: %w", req.Source, req.Manifest, l.hostID, err)
+		return BackupInfo{}, fmt.Errorf("back up %s to %s on host %s: %w", req.Source, req.Manifest, l.hostID, err)
 	}
 	return info, nil
 }
 
-func (l *Local) backupImage(ctx context.Context, req drivers.BackupRequest, progress drivers.Progress) (drivers.BackupInfo, error) {
+func (l *Local) backupImage(ctx context.Context, req BackupRequest, progress drivers.Progress) (BackupInfo, error) {
 	if _, err := l.existingPath(req.Source); err != nil {
-		return drivers.BackupInfo{}, err
+		return BackupInfo{}, err
 	}
 	if _, err := declared("source", req.SourceFormat); err != nil {
-		return drivers.BackupInfo{}, err
+		return BackupInfo{}, err
 	}
 	chunks, err := l.existingPath(req.ChunkDir)
 	if err != nil {
-		return drivers.BackupInfo{}, err
+		return BackupInfo{}, err
 	}
 	manifest, err := l.objectPath(req.Manifest)
 	if err != nil {
-		return drivers.BackupInfo{}, err
+		return BackupInfo{}, err
 	}
 	parent := ""
 	if req.ParentManifest != "" {
 		if parent, err = l.existingPath(req.ParentManifest); err != nil {
-			return drivers.BackupInfo{}, err
+			return BackupInfo{}, err
 		}
 	}
 	if err := l.makeDir(manifest, req.Manifest); err != nil {
-		return drivers.BackupInfo{}, err
+		return BackupInfo{}, err
 	}
 	if err := l.makeDir(filepath.Join(chunks, "x"), filepath.Join(req.ChunkDir, "x")); err != nil {
-		return drivers.BackupInfo{}, err
+		return BackupInfo{}, err
 	}
 	store, err := chunkstore.Open(chunks)
 	if err != nil {
-		return drivers.BackupInfo{}, err
+		return BackupInfo{}, err
 	}
 	info, err := l.BackupInto(ctx, ChunkTarget{Store: store, Manifest: manifest, Parent: parent, StageNear: manifest},
 		req.Source, req.SourceFormat, req.ChunkSize, progress)
@@ -90,34 +90,34 @@ type ChunkTarget struct {
 // BackupInto backs the image at source (a path on this host, opened as
 // sourceFormat) up into t (see BackupImage). A manifest already at
 // t.Manifest is returned as it is (a retried step).
-func (l *Local) BackupInto(ctx context.Context, t ChunkTarget, source string, sourceFormat drivers.Format, chunkSize int64, progress drivers.Progress) (drivers.BackupInfo, error) {
+func (l *Local) BackupInto(ctx context.Context, t ChunkTarget, source string, sourceFormat drivers.Format, chunkSize int64, progress drivers.Progress) (BackupInfo, error) {
 	src, err := l.existingPath(source)
 	if err != nil {
-		return drivers.BackupInfo{}, err
+		return BackupInfo{}, err
 	}
 	srcFormat, err := declared("source", sourceFormat)
 	if err != nil {
-		return drivers.BackupInfo{}, err
+		return BackupInfo{}, err
 	}
 	var parent *chunkstore.Manifest
 	if t.Parent != "" {
 		if parent, err = t.Store.Manifest(ctx, t.Parent); err != nil {
-			return drivers.BackupInfo{}, fmt.Errorf("parent: %w", err)
+			return BackupInfo{}, fmt.Errorf("parent: %w", err)
 		}
 	}
 	unlock, err := l.locks.lock(ctx, t.Manifest)
 	if err != nil {
-		return drivers.BackupInfo{}, err
+		return BackupInfo{}, err
 	}
 	defer unlock()
 	if m, err := t.Store.Manifest(ctx, t.Manifest); err == nil {
 		return manifestInfo(t.Manifest, m), nil
 	} else if !errors.Is(err, errdefs.ErrNotFound) {
-		return drivers.BackupInfo{}, fmt.Errorf("%s exists and is not a manifest (%v): %w", t.Manifest, err, errdefs.ErrAlreadyExists)
+		return BackupInfo{}, fmt.Errorf("%s exists and is not a manifest (%v): %w", t.Manifest, err, errdefs.ErrAlreadyExists)
 	}
 	si, err := l.openDeclared(ctx, src, srcFormat, false)
 	if err != nil {
-		return drivers.BackupInfo{}, err
+		return BackupInfo{}, err
 	}
 	opts := chunkstore.BackupOptions{ChunkSize: chunkSize, Parent: parent, Progress: progress, Source: source}
 	// The parent's chunks stand in for unread ranges only when the parent
@@ -128,7 +128,7 @@ func (l *Local) BackupInto(ctx context.Context, t ChunkTarget, source string, so
 		parent.Source != "" && parent.Source == l.callerPath(backingOf(si)) {
 		unchanged, err := l.unchangedSinceBacking(ctx, src)
 		if err != nil {
-			return drivers.BackupInfo{}, err
+			return BackupInfo{}, err
 		}
 		opts.ParentUnchanged = unchanged
 	}
@@ -145,17 +145,17 @@ func (l *Local) BackupInto(ctx context.Context, t ChunkTarget, source string, so
 		removeStage(flat)
 		defer removeStage(flat)
 		if err := l.qemu.Convert(ctx, src, flat, qemuimg.FormatRaw, qemuimg.SourceFormat(srcFormat), qemuimg.MinSparse("4k")); err != nil {
-			return drivers.BackupInfo{}, err
+			return BackupInfo{}, err
 		}
 		srcStream, err = stream.OpenSource(ctx, flat, stream.SourceOptions{Format: qemuimg.FormatRaw})
 	}
 	if err != nil {
-		return drivers.BackupInfo{}, err
+		return BackupInfo{}, err
 	}
 	defer srcStream.Close()
 	m, st, err := t.Store.Backup(ctx, srcStream, t.Manifest, opts)
 	if err != nil {
-		return drivers.BackupInfo{}, err
+		return BackupInfo{}, err
 	}
 	info := manifestInfo(t.Manifest, m)
 	info.NewChunks, info.NewBytes, info.ReusedBytes, info.ReadBytes = st.NewChunks, st.NewBytes, st.ReusedBytes, st.ReadBytes
@@ -182,8 +182,8 @@ func (l *Local) unchangedSinceBacking(ctx context.Context, host string) (func(of
 	}, nil
 }
 
-func manifestInfo(path string, m *chunkstore.Manifest) drivers.BackupInfo {
-	info := drivers.BackupInfo{Manifest: path, Size: m.Size, Chunks: int64(len(m.Chunks))}
+func manifestInfo(path string, m *chunkstore.Manifest) BackupInfo {
+	info := BackupInfo{Manifest: path, Size: m.Size, Chunks: int64(len(m.Chunks))}
 	for _, c := range m.Chunks {
 		if c == chunkstore.ZeroChunk {
 			info.ZeroChunks++
@@ -198,62 +198,62 @@ func manifestInfo(path string, m *chunkstore.Manifest) drivers.BackupInfo {
 // converted from it with qemu-img. A bad chunk is errdefs.ErrDataLoss and
 // leaves nothing behind. An image of that format and size already at
 // req.Dest is returned as it is.
-func (l *Local) RestoreImage(ctx context.Context, req drivers.RestoreRequest, progress drivers.Progress) (drivers.ImageInfo, error) {
+func (l *Local) RestoreImage(ctx context.Context, req RestoreRequest, progress drivers.Progress) (ImageInfo, error) {
 	info, err := l.restoreImage(ctx, req, progress)
 	if err != nil {
-		return drivers.ImageInfo{}, fmt.Errorf("restore %s to %s on host %s: %w", req.Manifest, req.Dest, l.hostID, err)
+		return ImageInfo{}, fmt.Errorf("restore %s to %s on host %s: %w", req.Manifest, req.Dest, l.hostID, err)
 	}
 	return info, nil
 }
 
-func (l *Local) restoreImage(ctx context.Context, req drivers.RestoreRequest, progress drivers.Progress) (drivers.ImageInfo, error) {
+func (l *Local) restoreImage(ctx context.Context, req RestoreRequest, progress drivers.Progress) (ImageInfo, error) {
 	manifest, err := l.existingPath(req.Manifest)
 	if err != nil {
-		return drivers.ImageInfo{}, err
+		return ImageInfo{}, err
 	}
 	chunks, err := l.existingPath(req.ChunkDir)
 	if err != nil {
-		return drivers.ImageInfo{}, err
+		return ImageInfo{}, err
 	}
 	store, err := chunkstore.Open(chunks)
 	if err != nil {
-		return drivers.ImageInfo{}, err
+		return ImageInfo{}, err
 	}
 	return l.RestoreFrom(ctx, ChunkTarget{Store: store, Manifest: manifest}, req.Dest, req.Format, progress)
 }
 
 // RestoreFrom rebuilds the image of backup t.Manifest of t.Store at dest
 // (a path on this host) in format (see RestoreImage).
-func (l *Local) RestoreFrom(ctx context.Context, t ChunkTarget, dest string, format drivers.Format, progress drivers.Progress) (drivers.ImageInfo, error) {
+func (l *Local) RestoreFrom(ctx context.Context, t ChunkTarget, dest string, format drivers.Format, progress drivers.Progress) (ImageInfo, error) {
 	final, err := l.objectPath(dest)
 	if err != nil {
-		return drivers.ImageInfo{}, err
+		return ImageInfo{}, err
 	}
 	switch format {
 	case "":
 		format = drivers.FormatRaw
 	case drivers.FormatRaw, drivers.FormatQCOW2:
 	default:
-		return drivers.ImageInfo{}, fmt.Errorf("format %q is not raw or qcow2: %w", format, errdefs.ErrInvalid)
+		return ImageInfo{}, fmt.Errorf("format %q is not raw or qcow2: %w", format, errdefs.ErrInvalid)
 	}
 	m, err := t.Store.Manifest(ctx, t.Manifest)
 	if err != nil {
-		return drivers.ImageInfo{}, err
+		return ImageInfo{}, err
 	}
 	if format == drivers.FormatQCOW2 && m.Size%qemuimg.SectorSize != 0 {
-		return drivers.ImageInfo{}, fmt.Errorf("size %d is not a multiple of %d, as a qcow2 needs: %w", m.Size, qemuimg.SectorSize, errdefs.ErrInvalid)
+		return ImageInfo{}, fmt.Errorf("size %d is not a multiple of %d, as a qcow2 needs: %w", m.Size, qemuimg.SectorSize, errdefs.ErrInvalid)
 	}
 	unlock, err := l.lockDest(ctx, final, dest)
 	if err != nil {
-		return drivers.ImageInfo{}, err
+		return ImageInfo{}, err
 	}
 	defer unlock()
 	if ok, err := exists(final); err != nil {
-		return drivers.ImageInfo{}, err
+		return ImageInfo{}, err
 	} else if ok {
 		info, qi, err := l.imageInfo(ctx, dest, final, string(format), qemuimg.ForceShare())
 		if err != nil || qi.VirtualSize != m.Size || qi.BackingFilename != "" {
-			return drivers.ImageInfo{}, fmt.Errorf("%s exists and is not this backup's image: %w", dest, errdefs.ErrAlreadyExists)
+			return ImageInfo{}, fmt.Errorf("%s exists and is not this backup's image: %w", dest, errdefs.ErrAlreadyExists)
 		}
 		info.Method = "existing"
 		return info, nil
@@ -268,14 +268,14 @@ func (l *Local) RestoreFrom(ctx context.Context, t ChunkTarget, dest string, for
 	defer removeStage(raw)
 	sink, err := stream.OpenSink(ctx, raw, m.Size, stream.SinkOptions{})
 	if err != nil {
-		return drivers.ImageInfo{}, err
+		return ImageInfo{}, err
 	}
 	if err := store.Restore(ctx, m, sink, chunkstore.RestoreOptions{Progress: progress}); err != nil {
 		sink.Abort()
-		return drivers.ImageInfo{}, err
+		return ImageInfo{}, err
 	}
 	if err := sink.Commit(ctx); err != nil {
-		return drivers.ImageInfo{}, err
+		return ImageInfo{}, err
 	}
 	stage, method := raw, "chunks"
 	if format == drivers.FormatQCOW2 {
@@ -283,13 +283,13 @@ func (l *Local) RestoreFrom(ctx context.Context, t ChunkTarget, dest string, for
 		removeStage(stage)
 		defer removeStage(stage)
 		if err := l.qemu.Convert(ctx, raw, stage, qemuimg.FormatQCOW2, qemuimg.SourceFormat(qemuimg.FormatRaw), qemuimg.MinSparse("4k")); err != nil {
-			return drivers.ImageInfo{}, err
+			return ImageInfo{}, err
 		}
 		method = "chunks+qemu-img convert"
 	}
 	info, err := l.publishImage(ctx, stage, final, dest, string(format))
 	if err != nil {
-		return drivers.ImageInfo{}, err
+		return ImageInfo{}, err
 	}
 	info.Method = method
 	return info, nil
@@ -300,38 +300,38 @@ func (l *Local) RestoreFrom(ctx context.Context, t ChunkTarget, dest string, for
 // manifest is not an error. The result describes the deleted backup
 // (Manifest, Size, Chunks, ZeroChunks); BackupInfo has no field for what
 // was freed.
-func (l *Local) DeleteBackup(ctx context.Context, req drivers.DeleteBackupRequest) (drivers.BackupInfo, error) {
+func (l *Local) DeleteBackup(ctx context.Context, req DeleteBackupRequest) (BackupInfo, error) {
 	info, err := l.deleteBackup(ctx, req)
 	if err != nil {
-		return drivers.BackupInfo{}, fmt.Errorf("delete backup %s on host %s: %w", req.Manifest, l.hostID, err)
+		return BackupInfo{}, fmt.Errorf("delete backup %s on host %s: %w", req.Manifest, l.hostID, err)
 	}
 	return info, nil
 }
 
-func (l *Local) deleteBackup(ctx context.Context, req drivers.DeleteBackupRequest) (drivers.BackupInfo, error) {
+func (l *Local) deleteBackup(ctx context.Context, req DeleteBackupRequest) (BackupInfo, error) {
 	manifest, err := l.objectPath(req.Manifest)
 	if err != nil {
-		return drivers.BackupInfo{}, err
+		return BackupInfo{}, err
 	}
 	chunks, err := l.existingPath(req.ChunkDir)
 	if err != nil {
-		return drivers.BackupInfo{}, err
+		return BackupInfo{}, err
 	}
 	unlock, err := l.locks.lock(ctx, manifest)
 	if err != nil {
-		return drivers.BackupInfo{}, err
+		return BackupInfo{}, err
 	}
 	defer unlock()
 	if ok, err := exists(manifest); err != nil || !ok {
-		return drivers.BackupInfo{Manifest: req.Manifest}, err
+		return BackupInfo{Manifest: req.Manifest}, err
 	}
 	store, err := chunkstore.Open(chunks)
 	if err != nil {
-		return drivers.BackupInfo{}, err
+		return BackupInfo{}, err
 	}
 	st, err := store.Delete(ctx, manifest)
 	if err != nil {
-		return drivers.BackupInfo{}, err
+		return BackupInfo{}, err
 	}
-	return drivers.BackupInfo{Manifest: req.Manifest, Size: st.Size, Chunks: st.Chunks, ZeroChunks: st.ZeroChunks}, nil
+	return BackupInfo{Manifest: req.Manifest, Size: st.Size, Chunks: st.Chunks, ZeroChunks: st.ZeroChunks}, nil
 }

@@ -14,7 +14,7 @@ import (
 	"github.com/stowage/stowage/errdefs"
 )
 
-// Declared formats and backing chains (drivers.ImageOps, "Declared
+// Declared formats and backing chains (imageOps in requests.go, "Declared
 // formats"). No step probes the format of an existing image: a raw volume
 // is guest-writable, and a qcow2 header its guest wrote would otherwise
 // make qemu-img (or the copy engine's qcow2 reader) follow a backing file

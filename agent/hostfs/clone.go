@@ -28,69 +28,69 @@ import (
 //
 // req.Size 0 keeps Base's virtual size, a larger one grows the volume, a
 // smaller one is errdefs.ErrInvalid.
-func (l *Local) CloneImage(ctx context.Context, req drivers.CloneRequest, progress drivers.Progress) (drivers.ImageInfo, error) {
+func (l *Local) CloneImage(ctx context.Context, req CloneRequest, progress drivers.Progress) (ImageInfo, error) {
 	info, err := l.cloneImage(ctx, req, progress)
 	if err != nil {
-		return drivers.ImageInfo{}, fmt.Errorf("%s clone of %s to %s on host %s: %w", req.Mode, req.Base, req.Dest, l.hostID, err)
+		return ImageInfo{}, fmt.Errorf("%s clone of %s to %s on host %s: %w", req.Mode, req.Base, req.Dest, l.hostID, err)
 	}
 	return info, nil
 }
 
-func (l *Local) cloneImage(ctx context.Context, req drivers.CloneRequest, progress drivers.Progress) (drivers.ImageInfo, error) {
+func (l *Local) cloneImage(ctx context.Context, req CloneRequest, progress drivers.Progress) (ImageInfo, error) {
 	final, err := l.objectPath(req.Dest)
 	if err != nil {
-		return drivers.ImageInfo{}, err
+		return ImageInfo{}, err
 	}
 	base, err := l.existingPath(req.Base)
 	if err != nil {
-		return drivers.ImageInfo{}, err
+		return ImageInfo{}, err
 	}
 	baseFormat, err := declared("base", req.BaseFormat)
 	if err != nil {
-		return drivers.ImageInfo{}, err
+		return ImageInfo{}, err
 	}
 	switch req.Format {
 	case "", drivers.FormatRaw, drivers.FormatQCOW2:
 	default:
-		return drivers.ImageInfo{}, fmt.Errorf("format %q is not raw or qcow2: %w", req.Format, errdefs.ErrInvalid)
+		return ImageInfo{}, fmt.Errorf("format %q is not raw or qcow2: %w", req.Format, errdefs.ErrInvalid)
 	}
 	if req.Size < 0 || req.Size%qemuimg.SectorSize != 0 {
-		return drivers.ImageInfo{}, fmt.Errorf("size %d is not a multiple of %d bytes: %w", req.Size, qemuimg.SectorSize, errdefs.ErrInvalid)
+		return ImageInfo{}, fmt.Errorf("size %d is not a multiple of %d bytes: %w", req.Size, qemuimg.SectorSize, errdefs.ErrInvalid)
 	}
 	unlock, err := l.lockDest(ctx, final, req.Dest)
 	if err != nil {
-		return drivers.ImageInfo{}, err
+		return ImageInfo{}, err
 	}
 	defer unlock()
 	// The base may be the backing file of running VMs: read it shared.
 	bi, err := l.openDeclared(ctx, base, baseFormat, false)
 	if err != nil {
-		return drivers.ImageInfo{}, err
+		return ImageInfo{}, err
 	}
 	if bi.DataFile != "" {
-		return drivers.ImageInfo{}, fmt.Errorf("base %s has an external data file (%s): %w", req.Base, bi.DataFile, errdefs.ErrInvalid)
+		return ImageInfo{}, fmt.Errorf("base %s has an external data file (%s): %w", req.Base, bi.DataFile, errdefs.ErrInvalid)
 	}
 	size := req.Size
 	if size == 0 {
 		size = bi.VirtualSize
 	}
 	if size < bi.VirtualSize {
-		return drivers.ImageInfo{}, fmt.Errorf("size %d is smaller than the base's %d: %w", size, bi.VirtualSize, errdefs.ErrInvalid)
+		return ImageInfo{}, fmt.Errorf("size %d is smaller than the base's %d: %w", size, bi.VirtualSize, errdefs.ErrInvalid)
 	}
 	format := req.Format
 	switch req.Mode {
 	case drivers.CloneLinked:
 		if format != "" && format != drivers.FormatQCOW2 {
-			return drivers.ImageInfo{}, fmt.Errorf("a linked clone is qcow2, not %s: %w", format, errdefs.ErrInvalid)
+			return ImageInfo{}, fmt.Errorf("a linked clone is qcow2, not %s: %w", format, errdefs.ErrInvalid)
 		}
 		format = drivers.FormatQCOW2
 		// The clone's chain is the base's, from the clone's store.
 		if err := l.checkChain(ctx, final, qemuimg.Info{BackingFilename: base, BackingFormat: baseFormat}); err != nil {
-			return drivers.ImageInfo{}, err
+			return ImageInfo{}, err
 		}
 	case drivers.CloneReflink:
 		if format != "" && string(format) != baseFormat {
-			return drivers.ImageInfo{}, fmt.Errorf("a reflink clone keeps the base's format %s, not %s: %w", baseFormat, format, errdefs.ErrInvalid)
+			return ImageInfo{}, fmt.Errorf("a reflink clone keeps the base's format %s, not %s: %w", baseFormat, format, errdefs.ErrInvalid)
 		}
 		format = formatOf(baseFormat)
 	case drivers.CloneFull:
@@ -98,16 +98,16 @@ func (l *Local) cloneImage(ctx context.Context, req drivers.CloneRequest, progre
 			format = formatOf(baseFormat)
 		}
 	default:
-		return drivers.ImageInfo{}, fmt.Errorf("clone mode %q is not reflink, linked or full: %w", req.Mode, errdefs.ErrInvalid)
+		return ImageInfo{}, fmt.Errorf("clone mode %q is not reflink, linked or full: %w", req.Mode, errdefs.ErrInvalid)
 	}
 
 	if ok, err := exists(final); err != nil {
-		return drivers.ImageInfo{}, err
+		return ImageInfo{}, err
 	} else if ok {
 		info, qi, err := l.imageInfo(ctx, req.Dest, final, string(format), qemuimg.ForceShare())
 		if err != nil || qi.VirtualSize != size ||
 			(req.Mode == drivers.CloneLinked) != (backingOf(qi) == base) {
-			return drivers.ImageInfo{}, fmt.Errorf("%s exists and is not this clone: %w", req.Dest, errdefs.ErrAlreadyExists)
+			return ImageInfo{}, fmt.Errorf("%s exists and is not this clone: %w", req.Dest, errdefs.ErrAlreadyExists)
 		}
 		info.Method = "existing"
 		return info, nil
@@ -120,7 +120,7 @@ func (l *Local) cloneImage(ctx context.Context, req drivers.CloneRequest, progre
 	switch req.Mode {
 	case drivers.CloneReflink:
 		if err := reflinkFile(base, stage); err != nil {
-			return drivers.ImageInfo{}, err
+			return ImageInfo{}, err
 		}
 		res.Method = "reflink"
 	case drivers.CloneLinked:
@@ -129,22 +129,22 @@ func (l *Local) cloneImage(ctx context.Context, req drivers.CloneRequest, progre
 			sz = 0
 		}
 		if err := l.qemu.Create(ctx, stage, qemuimg.FormatQCOW2, sz, qemuimg.BackingFile(base, baseFormat)); err != nil {
-			return drivers.ImageInfo{}, err
+			return ImageInfo{}, err
 		}
 		res.Method = "linked"
 	case drivers.CloneFull:
 		if res, err = l.fullCopy(ctx, base, bi, stage, format, progress); err != nil {
-			return drivers.ImageInfo{}, err
+			return ImageInfo{}, err
 		}
 	}
 	if req.Mode != drivers.CloneLinked && size > bi.VirtualSize {
 		if err := l.qemu.Resize(ctx, stage, string(format), size); err != nil {
-			return drivers.ImageInfo{}, err
+			return ImageInfo{}, err
 		}
 	}
 	info, err := l.publishImage(ctx, stage, final, req.Dest, string(format))
 	if err != nil {
-		return drivers.ImageInfo{}, err
+		return ImageInfo{}, err
 	}
 	info.BytesWritten, info.BytesSkipped, info.Method = res.BytesWritten, res.BytesHoles+res.BytesZero, res.Method
 	return info, nil

@@ -24,27 +24,27 @@ import (
 // opened as req.SourceFormat and converted when needed. The source is never
 // probed, and a qcow2 source's backing chain must pass checkChain (a local
 // source in its store; a downloaded one in the destination's store).
-func (l *Local) CopyImage(ctx context.Context, req drivers.CopyRequest, progress drivers.Progress) (drivers.ImageInfo, error) {
+func (l *Local) CopyImage(ctx context.Context, req CopyRequest, progress drivers.Progress) (ImageInfo, error) {
 	info, err := l.copyImage(ctx, req, progress)
 	if err != nil {
-		return drivers.ImageInfo{}, fmt.Errorf("copy %s to %s on host %s: %w", redact(req.Source), req.Dest, l.hostID, err)
+		return ImageInfo{}, fmt.Errorf("copy %s to %s on host %s: %w", redact(req.Source), req.Dest, l.hostID, err)
 	}
 	return info, nil
 }
 
-func (l *Local) copyImage(ctx context.Context, req drivers.CopyRequest, progress drivers.Progress) (drivers.ImageInfo, error) {
+func (l *Local) copyImage(ctx context.Context, req CopyRequest, progress drivers.Progress) (ImageInfo, error) {
 	final, err := l.objectPath(req.Dest)
 	if err != nil {
-		return drivers.ImageInfo{}, err
+		return ImageInfo{}, err
 	}
 	switch req.Format {
 	case "", drivers.FormatRaw, drivers.FormatQCOW2, drivers.FormatISO:
 	default:
-		return drivers.ImageInfo{}, fmt.Errorf("format %q is not raw, qcow2 or iso: %w", req.Format, errdefs.ErrInvalid)
+		return ImageInfo{}, fmt.Errorf("format %q is not raw, qcow2 or iso: %w", req.Format, errdefs.ErrInvalid)
 	}
 	srcFormat, err := declared("source", req.SourceFormat)
 	if err != nil {
-		return drivers.ImageInfo{}, err
+		return ImageInfo{}, err
 	}
 	// The copy's format: req.Format, or the source's.
 	outFormat := req.Format
@@ -53,22 +53,22 @@ func (l *Local) copyImage(ctx context.Context, req drivers.CopyRequest, progress
 	}
 	target, local, err := l.resolveSource(req.Source)
 	if err != nil {
-		return drivers.ImageInfo{}, err
+		return ImageInfo{}, err
 	}
 	unlock, err := l.lockDest(ctx, final, req.Dest)
 	if err != nil {
-		return drivers.ImageInfo{}, err
+		return ImageInfo{}, err
 	}
 	defer unlock()
 
 	var src qemuimg.Info
 	if local {
 		if src, err = l.openDeclared(ctx, target, srcFormat, false); err != nil {
-			return drivers.ImageInfo{}, err
+			return ImageInfo{}, err
 		}
 	}
 	if ok, err := exists(final); err != nil {
-		return drivers.ImageInfo{}, err
+		return ImageInfo{}, err
 	} else if ok {
 		return l.existingCopy(ctx, req, final, outFormat, src)
 	}
@@ -78,21 +78,21 @@ func (l *Local) copyImage(ctx context.Context, req drivers.CopyRequest, progress
 	if !local || !needsConvert(req, srcFormat, src) {
 		res, err = streamCopy(ctx, target, stream.SourceOptions{Format: qemuimg.FormatRaw}, stage, stream.Options{Progress: copyProgress(progress)})
 		if err != nil {
-			return drivers.ImageInfo{}, err
+			return ImageInfo{}, err
 		}
 		defer removeStage(stage)
 		if local && src.BackingFilename != "" && !filepath.IsAbs(src.BackingFilename) && filepath.Dir(target) != filepath.Dir(final) {
 			// A relative backing file name would point elsewhere from the
 			// new directory: record the same file by its absolute name.
 			if err := l.absoluteBacking(ctx, stage, src); err != nil {
-				return drivers.ImageInfo{}, err
+				return ImageInfo{}, err
 			}
 		}
 		if !local {
 			// The download is the source's file as it was: open it as the
 			// declared format only, its chain checked in this store.
 			if src, err = l.openDeclared(ctx, stage, srcFormat, false); err != nil {
-				return drivers.ImageInfo{}, err
+				return ImageInfo{}, err
 			}
 			target = stage
 		}
@@ -103,7 +103,7 @@ func (l *Local) copyImage(ctx context.Context, req drivers.CopyRequest, progress
 		removeStage(conv)
 		if err := l.qemu.Convert(ctx, target, conv, diskFormat(outFormat), qemuimg.SourceFormat(srcFormat),
 			qemuimg.MinSparse("4k"), percentProgress(progress, src.VirtualSize)); err != nil {
-			return drivers.ImageInfo{}, err
+			return ImageInfo{}, err
 		}
 		if local {
 			res = stream.Result{}
@@ -113,7 +113,7 @@ func (l *Local) copyImage(ctx context.Context, req drivers.CopyRequest, progress
 	}
 	info, err := l.publishImage(ctx, stage, final, req.Dest, diskFormat(outFormat), qemuimg.ForceShare())
 	if err != nil {
-		return drivers.ImageInfo{}, err
+		return ImageInfo{}, err
 	}
 	if outFormat == drivers.FormatISO {
 		info.Format = drivers.FormatISO
@@ -125,7 +125,7 @@ func (l *Local) copyImage(ctx context.Context, req drivers.CopyRequest, progress
 // needsConvert reports whether copying src (of the qemu-img format
 // srcFormat, src its info; zero for a remote source not downloaded yet) for
 // req needs qemu-img convert.
-func needsConvert(req drivers.CopyRequest, srcFormat string, src qemuimg.Info) bool {
+func needsConvert(req CopyRequest, srcFormat string, src qemuimg.Info) bool {
 	if req.Format != "" && diskFormat(req.Format) != srcFormat {
 		return true
 	}
@@ -134,15 +134,15 @@ func needsConvert(req drivers.CopyRequest, srcFormat string, src qemuimg.Info) b
 
 // existingCopy accepts an image at final that is what the copy would make:
 // an image of outFormat (opened as that, never probed) of the source's size.
-func (l *Local) existingCopy(ctx context.Context, req drivers.CopyRequest, final string, outFormat drivers.Format, src qemuimg.Info) (drivers.ImageInfo, error) {
+func (l *Local) existingCopy(ctx context.Context, req CopyRequest, final string, outFormat drivers.Format, src qemuimg.Info) (ImageInfo, error) {
 	info, qi, err := l.imageInfo(ctx, req.Dest, final, diskFormat(outFormat), qemuimg.ForceShare())
 	if err != nil {
-		return drivers.ImageInfo{}, fmt.Errorf("%s exists and is not a %s image (%v): %w", req.Dest, outFormat, err, errdefs.ErrAlreadyExists)
+		return ImageInfo{}, fmt.Errorf("%s exists and is not a %s image (%v): %w", req.Dest, outFormat, err, errdefs.ErrAlreadyExists)
 	}
 	switch {
 	case src.Format != "" && qi.VirtualSize != src.VirtualSize,
 		req.Flatten && qi.BackingFilename != "":
-		return drivers.ImageInfo{}, fmt.Errorf("%s exists as a %s image of %d bytes: %w", req.Dest, qi.Format, qi.VirtualSize, errdefs.ErrAlreadyExists)
+		return ImageInfo{}, fmt.Errorf("%s exists as a %s image of %d bytes: %w", req.Dest, qi.Format, qi.VirtualSize, errdefs.ErrAlreadyExists)
 	}
 	if outFormat == drivers.FormatISO {
 		info.Format = drivers.FormatISO

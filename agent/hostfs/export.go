@@ -78,7 +78,7 @@ func WithNBDExporter(x NBDExporter) Option { return func(l *Local) { l.nbd = x }
 // returns its nbd:// URI. The path must be a regular file (not a symbolic
 // link) inside a store of this host, and not its marker; every call makes a
 // new export name.
-func (l *Local) ExportNBD(ctx context.Context, req drivers.NBDExportRequest) (drivers.URI, error) {
+func (l *Local) ExportNBD(ctx context.Context, req NBDExportRequest) (drivers.URI, error) {
 	fail := func(err error) (drivers.URI, error) {
 		return "", fmt.Errorf("nbd export %s on host %s: %w", req.Path, l.hostID, err)
 	}

@@ -22,10 +22,10 @@ import (
 // req.Format. On any failure nothing is left at req.Dest; a checksum or
 // format failure also removes the partial download, a transient one keeps
 // it (hidden) for the retry.
-func (l *Local) FetchImage(ctx context.Context, req drivers.FetchRequest, progress drivers.Progress) (drivers.ImageInfo, error) {
+func (l *Local) FetchImage(ctx context.Context, req FetchRequest, progress drivers.Progress) (ImageInfo, error) {
 	info, err := l.fetchImage(ctx, req, progress)
 	if err != nil {
-		return drivers.ImageInfo{}, fmt.Errorf("fetch %s into %s on host %s: %w", redact(req.Source), req.Dest, l.hostID, err)
+		return ImageInfo{}, fmt.Errorf("fetch %s into %s on host %s: %w", redact(req.Source), req.Dest, l.hostID, err)
 	}
 	return info, nil
 }
@@ -38,31 +38,31 @@ func redact(s string) string {
 	return s
 }
 
-func (l *Local) fetchImage(ctx context.Context, req drivers.FetchRequest, progress drivers.Progress) (drivers.ImageInfo, error) {
+func (l *Local) fetchImage(ctx context.Context, req FetchRequest, progress drivers.Progress) (ImageInfo, error) {
 	final, err := l.objectPath(req.Dest)
 	if err != nil {
-		return drivers.ImageInfo{}, err
+		return ImageInfo{}, err
 	}
 	switch req.Format {
 	case drivers.FormatRaw, drivers.FormatQCOW2, drivers.FormatISO:
 	default:
-		return drivers.ImageInfo{}, fmt.Errorf("format %q is not raw, qcow2 or iso: %w", req.Format, errdefs.ErrInvalid)
+		return ImageInfo{}, fmt.Errorf("format %q is not raw, qcow2 or iso: %w", req.Format, errdefs.ErrInvalid)
 	}
 	sum, err := parseChecksum(req.Checksum)
 	if err != nil {
-		return drivers.ImageInfo{}, err
+		return ImageInfo{}, err
 	}
 	target, _, err := l.resolveSource(req.Source)
 	if err != nil {
-		return drivers.ImageInfo{}, err
+		return ImageInfo{}, err
 	}
 	unlock, err := l.lockDest(ctx, final, req.Dest)
 	if err != nil {
-		return drivers.ImageInfo{}, err
+		return ImageInfo{}, err
 	}
 	defer unlock()
 	if ok, err := exists(final); err != nil {
-		return drivers.ImageInfo{}, err
+		return ImageInfo{}, err
 	} else if ok {
 		return l.existingFetch(ctx, req, final, sum)
 	}
@@ -74,21 +74,21 @@ func (l *Local) fetchImage(ctx context.Context, req drivers.FetchRequest, progre
 	}
 	res, err := streamCopy(ctx, target, stream.SourceOptions{Format: qemuimg.FormatRaw}, stage, opts)
 	if err != nil {
-		return drivers.ImageInfo{}, err
+		return ImageInfo{}, err
 	}
 	// The download is complete at stage; from here a failure discards it.
 	defer removeStage(stage)
 	if sum.algo == "sha512" || sum.algo == "md5" {
 		if err := verifyChecksum(ctx, stage, sum); err != nil {
-			return drivers.ImageInfo{}, err
+			return ImageInfo{}, err
 		}
 	}
 	if _, err := l.validateImage(ctx, stage, req.Format); err != nil {
-		return drivers.ImageInfo{}, err
+		return ImageInfo{}, err
 	}
 	info, err := l.publishImage(ctx, stage, final, req.Dest, diskFormat(req.Format))
 	if err != nil {
-		return drivers.ImageInfo{}, err
+		return ImageInfo{}, err
 	}
 	info.Format = req.Format
 	info.SHA256 = res.SHA256
@@ -98,17 +98,17 @@ func (l *Local) fetchImage(ctx context.Context, req drivers.FetchRequest, progre
 
 // existingFetch accepts an image already at final when it is a valid image
 // of the declared format with the expected checksum (a retried step).
-func (l *Local) existingFetch(ctx context.Context, req drivers.FetchRequest, final string, sum checksum) (drivers.ImageInfo, error) {
+func (l *Local) existingFetch(ctx context.Context, req FetchRequest, final string, sum checksum) (ImageInfo, error) {
 	if _, err := l.validateImage(ctx, final, req.Format); err != nil {
-		return drivers.ImageInfo{}, fmt.Errorf("%s exists and is not the image asked for (%v): %w", req.Dest, err, errdefs.ErrAlreadyExists)
+		return ImageInfo{}, fmt.Errorf("%s exists and is not the image asked for (%v): %w", req.Dest, err, errdefs.ErrAlreadyExists)
 	}
 	var sha string
 	if sum.algo != "" {
 		if err := verifyChecksum(ctx, final, sum); err != nil {
 			if errors.Is(err, errdefs.ErrDataLoss) {
-				return drivers.ImageInfo{}, fmt.Errorf("%s exists with other content (%v): %w", req.Dest, err, errdefs.ErrAlreadyExists)
+				return ImageInfo{}, fmt.Errorf("%s exists with other content (%v): %w", req.Dest, err, errdefs.ErrAlreadyExists)
 			}
-			return drivers.ImageInfo{}, err
+			return ImageInfo{}, err
 		}
 		if sum.algo == "sha256" {
 			sha = sum.hex
@@ -116,7 +116,7 @@ func (l *Local) existingFetch(ctx context.Context, req drivers.FetchRequest, fin
 	}
 	info, _, err := l.imageInfo(ctx, req.Dest, final, diskFormat(req.Format))
 	if err != nil {
-		return drivers.ImageInfo{}, err
+		return ImageInfo{}, err
 	}
 	info.Format, info.SHA256, info.Method = req.Format, sha, "existing"
 	return info, nil

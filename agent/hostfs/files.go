@@ -22,101 +22,101 @@ import (
 // format and size (a retried step) and fails with errdefs.ErrAlreadyExists
 // otherwise. An ISO cannot be created empty (errdefs.ErrInvalid); sizes must
 // be positive multiples of qemuimg.SectorSize.
-func (l *Local) CreateImage(ctx context.Context, path string, format drivers.Format, size int64) (drivers.FileInfo, error) {
+func (l *Local) CreateImage(ctx context.Context, path string, format drivers.Format, size int64) (FileInfo, error) {
 	fi, err := l.createImage(ctx, path, format, size)
 	if err != nil {
-		return drivers.FileInfo{}, fmt.Errorf("create %s image %s of %d bytes on host %s: %w", format, path, size, l.hostID, err)
+		return FileInfo{}, fmt.Errorf("create %s image %s of %d bytes on host %s: %w", format, path, size, l.hostID, err)
 	}
 	return fi, nil
 }
 
-func (l *Local) createImage(ctx context.Context, path string, format drivers.Format, size int64) (drivers.FileInfo, error) {
+func (l *Local) createImage(ctx context.Context, path string, format drivers.Format, size int64) (FileInfo, error) {
 	if err := checkPath(path); err != nil {
-		return drivers.FileInfo{}, err
+		return FileInfo{}, err
 	}
 	switch format {
 	case drivers.FormatRaw, drivers.FormatQCOW2:
 	case drivers.FormatISO:
-		return drivers.FileInfo{}, fmt.Errorf("an ISO cannot be created empty; ISOs are registered from a URL: %w", errdefs.ErrInvalid)
+		return FileInfo{}, fmt.Errorf("an ISO cannot be created empty; ISOs are registered from a URL: %w", errdefs.ErrInvalid)
 	default:
-		return drivers.FileInfo{}, fmt.Errorf("format %q is not %s or %s: %w", format, drivers.FormatRaw, drivers.FormatQCOW2, errdefs.ErrInvalid)
+		return FileInfo{}, fmt.Errorf("format %q is not %s or %s: %w", format, drivers.FormatRaw, drivers.FormatQCOW2, errdefs.ErrInvalid)
 	}
 	if size <= 0 || size%qemuimg.SectorSize != 0 {
-		return drivers.FileInfo{}, fmt.Errorf("size %d is not a positive multiple of %d bytes: %w", size, qemuimg.SectorSize, errdefs.ErrInvalid)
+		return FileInfo{}, fmt.Errorf("size %d is not a positive multiple of %d bytes: %w", size, qemuimg.SectorSize, errdefs.ErrInvalid)
 	}
 	if isTemp(filepath.Base(path)) || filepath.Base(path) == MarkerFile {
-		return drivers.FileInfo{}, fmt.Errorf("name %s is reserved by Stowage: %w", filepath.Base(path), errdefs.ErrInvalid)
+		return FileInfo{}, fmt.Errorf("name %s is reserved by Stowage: %w", filepath.Base(path), errdefs.ErrInvalid)
 	}
 	if err := ctx.Err(); err != nil {
-		return drivers.FileInfo{}, err
+		return FileInfo{}, err
 	}
 	final := l.onHost(path)
 	dir := filepath.Dir(final)
 	if fi, err := os.Stat(dir); err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
-			return drivers.FileInfo{}, fmt.Errorf("directory %s does not exist: %w", filepath.Dir(path), errdefs.ErrNotFound)
+			return FileInfo{}, fmt.Errorf("directory %s does not exist: %w", filepath.Dir(path), errdefs.ErrNotFound)
 		}
-		return drivers.FileInfo{}, classed(err)
+		return FileInfo{}, classed(err)
 	} else if !fi.IsDir() {
-		return drivers.FileInfo{}, fmt.Errorf("%s is not a directory: %w", filepath.Dir(path), errdefs.ErrFailedPrecondition)
+		return FileInfo{}, fmt.Errorf("%s is not a directory: %w", filepath.Dir(path), errdefs.ErrFailedPrecondition)
 	}
 	if _, err := os.Lstat(final); err == nil {
 		return l.existingImage(ctx, path, final, format, size)
 	} else if !errors.Is(err, fs.ErrNotExist) {
-		return drivers.FileInfo{}, classed(err)
+		return FileInfo{}, classed(err)
 	}
 
 	tmp := tempName(dir, filepath.Base(final))
 	defer os.Remove(tmp) // a no-op once renamed
 	if err := l.qemu.Create(ctx, tmp, string(format), size); err != nil {
-		return drivers.FileInfo{}, err
+		return FileInfo{}, err
 	}
 	if err := durable.SyncFile(tmp); err != nil {
-		return drivers.FileInfo{}, classed(err)
+		return FileInfo{}, classed(err)
 	}
 	if err := ctx.Err(); err != nil {
-		return drivers.FileInfo{}, err
+		return FileInfo{}, err
 	}
 	if err := durable.RenameNoReplace(tmp, final); err != nil {
 		if errors.Is(err, fs.ErrExist) {
 			// A concurrent CreateImage of the same path won.
 			return l.existingImage(ctx, path, final, format, size)
 		}
-		return drivers.FileInfo{}, classed(err)
+		return FileInfo{}, classed(err)
 	}
 	if err := durable.SyncDir(dir); err != nil {
-		return drivers.FileInfo{}, classed(err)
+		return FileInfo{}, classed(err)
 	}
 	fi, err := os.Lstat(final)
 	if err != nil {
-		return drivers.FileInfo{}, classed(err)
+		return FileInfo{}, classed(err)
 	}
 	return fileInfo(path, fi), nil
 }
 
 // existingImage accepts the file at final if it is a blank image of format
 // and size, the result of an earlier identical CreateImage.
-func (l *Local) existingImage(ctx context.Context, path, final string, format drivers.Format, size int64) (drivers.FileInfo, error) {
+func (l *Local) existingImage(ctx context.Context, path, final string, format drivers.Format, size int64) (FileInfo, error) {
 	fi, err := os.Lstat(final)
 	if err != nil {
-		return drivers.FileInfo{}, classed(err)
+		return FileInfo{}, classed(err)
 	}
 	if !fi.Mode().IsRegular() {
-		return drivers.FileInfo{}, fmt.Errorf("%s exists and is not a regular file: %w", path, errdefs.ErrAlreadyExists)
+		return FileInfo{}, fmt.Errorf("%s exists and is not a regular file: %w", path, errdefs.ErrAlreadyExists)
 	}
 	info, err := l.qemu.Info(ctx, final, qemuimg.AssumeFormat(string(format)), qemuimg.ForceShare())
 	if errors.Is(err, errdefs.ErrInvalid) {
-		return drivers.FileInfo{}, fmt.Errorf("%s exists and is not a %s image: %w", path, format, errdefs.ErrAlreadyExists)
+		return FileInfo{}, fmt.Errorf("%s exists and is not a %s image: %w", path, format, errdefs.ErrAlreadyExists)
 	}
 	if err != nil {
-		return drivers.FileInfo{}, err
+		return FileInfo{}, err
 	}
 	if info.VirtualSize != size || info.BackingFilename != "" {
 		what := fmt.Sprintf("a %s image of %d bytes", info.Format, info.VirtualSize)
 		if info.BackingFilename != "" {
 			what += " backed by " + info.BackingFilename
 		}
-		return drivers.FileInfo{}, fmt.Errorf("%s exists as %s: %w", path, what, errdefs.ErrAlreadyExists)
+		return FileInfo{}, fmt.Errorf("%s exists as %s: %w", path, what, errdefs.ErrAlreadyExists)
 	}
 	return fileInfo(path, fi), nil
 }
@@ -157,7 +157,7 @@ func (l *Local) deletePath(ctx context.Context, path string) error {
 // ListDir lists the directory path, sorted by name, without the temporary
 // files (isTemp) being written in it. A missing directory is errdefs.ErrNotFound.
 // Entries are not followed: a symbolic link is reported as itself.
-func (l *Local) ListDir(ctx context.Context, path string) ([]drivers.FileInfo, error) {
+func (l *Local) ListDir(ctx context.Context, path string) ([]FileInfo, error) {
 	out, err := l.listDir(ctx, path)
 	if err != nil {
 		return nil, fmt.Errorf("list %s on host %s: %w", path, l.hostID, err)
@@ -165,7 +165,7 @@ func (l *Local) ListDir(ctx context.Context, path string) ([]drivers.FileInfo, e
 	return out, nil
 }
 
-func (l *Local) listDir(ctx context.Context, path string) ([]drivers.FileInfo, error) {
+func (l *Local) listDir(ctx context.Context, path string) ([]FileInfo, error) {
 	if err := checkPath(path); err != nil {
 		return nil, err
 	}
@@ -177,7 +177,7 @@ func (l *Local) listDir(ctx context.Context, path string) ([]drivers.FileInfo, e
 	if err != nil {
 		return nil, classed(err)
 	}
-	out := make([]drivers.FileInfo, 0, len(entries))
+	out := make([]FileInfo, 0, len(entries))
 	for i, e := range entries {
 		if isTemp(e.Name()) {
 			continue
@@ -201,16 +201,16 @@ func (l *Local) listDir(ctx context.Context, path string) ([]drivers.FileInfo, e
 
 // StatPath describes the file at path without following a final symbolic
 // link. A missing file is errdefs.ErrNotFound.
-func (l *Local) StatPath(ctx context.Context, path string) (drivers.FileInfo, error) {
+func (l *Local) StatPath(ctx context.Context, path string) (FileInfo, error) {
 	if err := checkPath(path); err != nil {
-		return drivers.FileInfo{}, fmt.Errorf("stat %s on host %s: %w", path, l.hostID, err)
+		return FileInfo{}, fmt.Errorf("stat %s on host %s: %w", path, l.hostID, err)
 	}
 	if err := ctx.Err(); err != nil {
-		return drivers.FileInfo{}, fmt.Errorf("stat %s on host %s: %w", path, l.hostID, err)
+		return FileInfo{}, fmt.Errorf("stat %s on host %s: %w", path, l.hostID, err)
 	}
 	fi, err := os.Lstat(l.onHost(path))
 	if err != nil {
-		return drivers.FileInfo{}, fmt.Errorf("stat %s on host %s: %w", path, l.hostID, classed(err))
+		return FileInfo{}, fmt.Errorf("stat %s on host %s: %w", path, l.hostID, classed(err))
 	}
 	return fileInfo(path, fi), nil
 }

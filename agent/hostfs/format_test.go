@@ -150,7 +150,7 @@ func testGuestHeader(t *testing.T, target string) {
 
 	// Copy: as it is, flattened to raw (template from volume, migration),
 	// converted to qcow2, and from a file:// URL.
-	for i, req := range []drivers.CopyRequest{
+	for i, req := range []CopyRequest{
 		{Source: vol, Dest: filepath.Join(store, "volumes", "copy.raw")},
 		{Source: vol, Dest: filepath.Join(images, "t-raw.raw"), Format: drivers.FormatRaw, Flatten: true},
 		{Source: "file://" + vol, Dest: filepath.Join(store, "volumes", "copy2.raw"), Flatten: true},
@@ -163,7 +163,7 @@ func testGuestHeader(t *testing.T, target string) {
 		check("copy", req.Dest)
 	}
 	conv := filepath.Join(images, "t.qcow2")
-	info, err = l.CopyImage(ctx, drivers.CopyRequest{Source: vol, SourceFormat: drivers.FormatRaw, Dest: conv, Format: drivers.FormatQCOW2, Flatten: true}, nil)
+	info, err = l.CopyImage(ctx, CopyRequest{Source: vol, SourceFormat: drivers.FormatRaw, Dest: conv, Format: drivers.FormatQCOW2, Flatten: true}, nil)
 	if err != nil || info.Format != drivers.FormatQCOW2 || info.BackingFile != "" || info.VirtualSize != size {
 		t.Fatalf("copy to qcow2: %+v %v", info, err)
 	}
@@ -171,18 +171,18 @@ func testGuestHeader(t *testing.T, target string) {
 
 	// Clone: full (raw and qcow2) and linked, the volume serving as a base.
 	full := filepath.Join(store, "volumes", "full.raw")
-	info, err = l.CloneImage(ctx, drivers.CloneRequest{Base: vol, BaseFormat: drivers.FormatRaw, Dest: full, Mode: drivers.CloneFull, Format: drivers.FormatRaw}, nil)
+	info, err = l.CloneImage(ctx, CloneRequest{Base: vol, BaseFormat: drivers.FormatRaw, Dest: full, Mode: drivers.CloneFull, Format: drivers.FormatRaw}, nil)
 	if err != nil || info.Format != drivers.FormatRaw || info.VirtualSize != size {
 		t.Fatalf("full clone: %+v %v", info, err)
 	}
 	check("full clone", full)
 	fullQ := filepath.Join(store, "volumes", "full.qcow2")
-	if _, err := l.CloneImage(ctx, drivers.CloneRequest{Base: vol, BaseFormat: drivers.FormatRaw, Dest: fullQ, Mode: drivers.CloneFull, Format: drivers.FormatQCOW2}, nil); err != nil {
+	if _, err := l.CloneImage(ctx, CloneRequest{Base: vol, BaseFormat: drivers.FormatRaw, Dest: fullQ, Mode: drivers.CloneFull, Format: drivers.FormatQCOW2}, nil); err != nil {
 		t.Fatalf("full qcow2 clone: %v", err)
 	}
 	checkGuest("full qcow2 clone", fullQ, "qcow2")
 	linked := filepath.Join(store, "volumes", "linked.qcow2")
-	info, err = l.CloneImage(ctx, drivers.CloneRequest{Base: vol, BaseFormat: drivers.FormatRaw, Dest: linked, Mode: drivers.CloneLinked}, nil)
+	info, err = l.CloneImage(ctx, CloneRequest{Base: vol, BaseFormat: drivers.FormatRaw, Dest: linked, Mode: drivers.CloneLinked}, nil)
 	if err != nil || info.BackingFile != vol {
 		t.Fatalf("linked clone: %+v %v", info, err)
 	}
@@ -193,18 +193,18 @@ func testGuestHeader(t *testing.T, target string) {
 
 	// Snapshot (reflink or copy), then the guest changes its disk, then revert.
 	snap := filepath.Join(store, "snapshots", "evil", "s1.raw")
-	si, err := l.SnapshotImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: snap, Format: drivers.FormatRaw})
+	si, err := l.SnapshotImage(ctx, SnapshotRequest{Volume: vol, Snapshot: snap, Format: drivers.FormatRaw})
 	if err != nil || (si.Method != "copy" && si.Method != "reflink") || si.Snapshot.Format != drivers.FormatRaw || si.Snapshot.BackingFile != "" {
 		t.Fatalf("snapshot: %+v %v", si, err)
 	}
 	check("snapshot", snap)
-	if again, err := l.SnapshotImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: snap, Format: drivers.FormatRaw}); err != nil || again.Method != "existing" {
+	if again, err := l.SnapshotImage(ctx, SnapshotRequest{Volume: vol, Snapshot: snap, Format: drivers.FormatRaw}); err != nil || again.Method != "existing" {
 		t.Fatalf("snapshot again: %+v %v", again, err)
 	}
 	f, _ := os.OpenFile(vol, os.O_WRONLY, 0)
 	f.WriteAt(bytes.Repeat([]byte{0xab}, 4096), 64<<10)
 	f.Close()
-	if ri, err := l.RevertImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: snap, Format: drivers.FormatRaw}); err != nil || ri.Format != drivers.FormatRaw || ri.BackingFile != "" {
+	if ri, err := l.RevertImage(ctx, SnapshotRequest{Volume: vol, Snapshot: snap, Format: drivers.FormatRaw}); err != nil || ri.Format != drivers.FormatRaw || ri.BackingFile != "" {
 		t.Fatalf("revert: %+v %v", ri, err)
 	}
 	check("revert", vol)
@@ -213,17 +213,17 @@ func testGuestHeader(t *testing.T, target string) {
 	chunks := filepath.Join(images, "snapshots", "chunks")
 	for _, src := range []string{snap, vol} {
 		manifest := filepath.Join(images, "snapshots", "manifests", filepath.Base(src)+".json")
-		b, err := l.BackupImage(ctx, drivers.BackupRequest{Source: src, SourceFormat: drivers.FormatRaw, ChunkDir: chunks, Manifest: manifest, ChunkSize: chunkstore.MinChunkSize}, nil)
+		b, err := l.BackupImage(ctx, BackupRequest{Source: src, SourceFormat: drivers.FormatRaw, ChunkDir: chunks, Manifest: manifest, ChunkSize: chunkstore.MinChunkSize}, nil)
 		if err != nil || b.Size != size {
 			t.Fatalf("backup of %s: %+v %v", src, b, err)
 		}
 		restored := filepath.Join(store, "volumes", "restored-"+filepath.Base(src))
-		if _, err := l.RestoreImage(ctx, drivers.RestoreRequest{Manifest: manifest, ChunkDir: chunks, Dest: restored, Format: drivers.FormatRaw}, nil); err != nil {
+		if _, err := l.RestoreImage(ctx, RestoreRequest{Manifest: manifest, ChunkDir: chunks, Dest: restored, Format: drivers.FormatRaw}, nil); err != nil {
 			t.Fatalf("restore: %v", err)
 		}
 		check("backup and restore", restored)
 		restoredQ := restored + ".qcow2"
-		if _, err := l.RestoreImage(ctx, drivers.RestoreRequest{Manifest: manifest, ChunkDir: chunks, Dest: restoredQ, Format: drivers.FormatQCOW2}, nil); err != nil {
+		if _, err := l.RestoreImage(ctx, RestoreRequest{Manifest: manifest, ChunkDir: chunks, Dest: restoredQ, Format: drivers.FormatQCOW2}, nil); err != nil {
 			t.Fatalf("restore as qcow2: %v", err)
 		}
 		checkGuest("backup and restore as qcow2", restoredQ, "qcow2")
@@ -259,15 +259,15 @@ func TestStepsWithoutDeclaredFormatAreRefused(t *testing.T) {
 	other := filepath.Join(store, "volumes", "w.raw")
 	snap := filepath.Join(store, "snapshots", "s.raw")
 	errs := map[string]error{}
-	_, errs["copy"] = l.CopyImage(ctx, drivers.CopyRequest{Source: vol, Dest: other, Format: drivers.FormatRaw}, nil)
-	_, errs["clone"] = l.CloneImage(ctx, drivers.CloneRequest{Base: vol, Dest: other, Mode: drivers.CloneFull}, nil)
+	_, errs["copy"] = l.CopyImage(ctx, CopyRequest{Source: vol, Dest: other, Format: drivers.FormatRaw}, nil)
+	_, errs["clone"] = l.CloneImage(ctx, CloneRequest{Base: vol, Dest: other, Mode: drivers.CloneFull}, nil)
 	_, errs["inspect"] = l.InspectImage(ctx, vol, "")
 	_, errs["resize"] = l.ResizeImage(ctx, vol, "", 2<<20)
-	_, errs["snapshot"] = l.SnapshotImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: snap})
-	_, errs["revert"] = l.RevertImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: snap})
+	_, errs["snapshot"] = l.SnapshotImage(ctx, SnapshotRequest{Volume: vol, Snapshot: snap})
+	_, errs["revert"] = l.RevertImage(ctx, SnapshotRequest{Volume: vol, Snapshot: snap})
 	_, errs["rebase"] = l.RebaseImage(ctx, other, vol, "")
-	_, errs["backup"] = l.BackupImage(ctx, drivers.BackupRequest{Source: vol, ChunkDir: filepath.Join(store, "snapshots", "chunks"), Manifest: filepath.Join(store, "snapshots", "m.json")}, nil)
-	_, errs["copy-vmdk"] = l.CopyImage(ctx, drivers.CopyRequest{Source: vol, SourceFormat: "vmdk", Dest: other}, nil)
+	_, errs["backup"] = l.BackupImage(ctx, BackupRequest{Source: vol, ChunkDir: filepath.Join(store, "snapshots", "chunks"), Manifest: filepath.Join(store, "snapshots", "m.json")}, nil)
+	_, errs["copy-vmdk"] = l.CopyImage(ctx, CopyRequest{Source: vol, SourceFormat: "vmdk", Dest: other}, nil)
 	for op, err := range errs {
 		if !errors.Is(err, errdefs.ErrInvalid) {
 			t.Errorf("%s without a declared format: %v, want ErrInvalid", op, err)
@@ -372,23 +372,23 @@ func TestQcow2BackingOutsideStoreIsRefused(t *testing.T) {
 				}
 			}
 			q := drivers.FormatQCOW2
-			_, err := l.CopyImage(ctx, drivers.CopyRequest{Source: vol, SourceFormat: q, Dest: filepath.Join(store, "templates", "flat.raw"), Format: drivers.FormatRaw, Flatten: true}, nil)
+			_, err := l.CopyImage(ctx, CopyRequest{Source: vol, SourceFormat: q, Dest: filepath.Join(store, "templates", "flat.raw"), Format: drivers.FormatRaw, Flatten: true}, nil)
 			refused("copy (flatten)", err)
-			_, err = l.CopyImage(ctx, drivers.CopyRequest{Source: vol, SourceFormat: q, Dest: filepath.Join(store, "volumes", "same.qcow2")}, nil)
+			_, err = l.CopyImage(ctx, CopyRequest{Source: vol, SourceFormat: q, Dest: filepath.Join(store, "volumes", "same.qcow2")}, nil)
 			refused("copy (as is)", err)
-			_, err = l.SnapshotImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: filepath.Join(store, "snapshots", "v", "s.qcow2"), Format: q})
+			_, err = l.SnapshotImage(ctx, SnapshotRequest{Volume: vol, Snapshot: filepath.Join(store, "snapshots", "v", "s.qcow2"), Format: q})
 			refused("snapshot", err)
-			_, err = l.BackupImage(ctx, drivers.BackupRequest{Source: vol, SourceFormat: q, ChunkDir: filepath.Join(store, "snapshots", "chunks"), Manifest: filepath.Join(store, "snapshots", "m.json")}, nil)
+			_, err = l.BackupImage(ctx, BackupRequest{Source: vol, SourceFormat: q, ChunkDir: filepath.Join(store, "snapshots", "chunks"), Manifest: filepath.Join(store, "snapshots", "m.json")}, nil)
 			refused("backup", err)
-			_, err = l.CloneImage(ctx, drivers.CloneRequest{Base: vol, BaseFormat: q, Dest: filepath.Join(store, "volumes", "full.raw"), Mode: drivers.CloneFull, Format: drivers.FormatRaw}, nil)
+			_, err = l.CloneImage(ctx, CloneRequest{Base: vol, BaseFormat: q, Dest: filepath.Join(store, "volumes", "full.raw"), Mode: drivers.CloneFull, Format: drivers.FormatRaw}, nil)
 			refused("full clone", err)
-			_, err = l.CloneImage(ctx, drivers.CloneRequest{Base: vol, BaseFormat: q, Dest: filepath.Join(store, "volumes", "linked.qcow2"), Mode: drivers.CloneLinked}, nil)
+			_, err = l.CloneImage(ctx, CloneRequest{Base: vol, BaseFormat: q, Dest: filepath.Join(store, "volumes", "linked.qcow2"), Mode: drivers.CloneLinked}, nil)
 			refused("linked clone", err)
 			_, err = l.ResizeImage(ctx, vol, q, 2<<20)
 			refused("resize", err)
 			_, err = l.RebaseImage(ctx, vol, "", "")
 			refused("rebase", err)
-			_, err = l.RevertImage(ctx, drivers.SnapshotRequest{Volume: filepath.Join(store, "volumes", "w.qcow2"), Snapshot: vol, Format: q})
+			_, err = l.RevertImage(ctx, SnapshotRequest{Volume: filepath.Join(store, "volumes", "w.qcow2"), Snapshot: vol, Format: q})
 			refused("revert onto it", err)
 
 			if !bytes.Equal(readFile(t, vol), before) {
@@ -422,23 +422,23 @@ func TestQcow2ChainsInsideTheStorePass(t *testing.T) {
 	writeRaw(t, tmpl, noise, 1<<20)
 	vol := filepath.Join(store, "volumes", "v.qcow2")
 	q := drivers.FormatQCOW2
-	if _, err := l.CloneImage(ctx, drivers.CloneRequest{Base: tmpl, BaseFormat: drivers.FormatRaw, Dest: vol, Mode: drivers.CloneLinked}, nil); err != nil {
+	if _, err := l.CloneImage(ctx, CloneRequest{Base: tmpl, BaseFormat: drivers.FormatRaw, Dest: vol, Mode: drivers.CloneLinked}, nil); err != nil {
 		t.Fatal(err)
 	}
 	s1 := filepath.Join(store, "snapshots", "v", "s1.qcow2")
 	s2 := filepath.Join(store, "snapshots", "v", "s2.qcow2")
 	for _, s := range []string{s1, s2} {
-		if _, err := l.SnapshotImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: s, Format: q}); err != nil {
+		if _, err := l.SnapshotImage(ctx, SnapshotRequest{Volume: vol, Snapshot: s, Format: q}); err != nil {
 			t.Fatal(err)
 		}
 	}
 	m := filepath.Join(store, "snapshots", "manifests", "s2.json")
 	chunks := filepath.Join(store, "snapshots", "chunks")
-	if _, err := l.BackupImage(ctx, drivers.BackupRequest{Source: s2, SourceFormat: q, ChunkDir: chunks, Manifest: m}, nil); err != nil {
+	if _, err := l.BackupImage(ctx, BackupRequest{Source: s2, SourceFormat: q, ChunkDir: chunks, Manifest: m}, nil); err != nil {
 		t.Fatal(err)
 	}
 	out := filepath.Join(store, "volumes", "r.raw")
-	if _, err := l.RestoreImage(ctx, drivers.RestoreRequest{Manifest: m, ChunkDir: chunks, Dest: out, Format: drivers.FormatRaw}, nil); err != nil {
+	if _, err := l.RestoreImage(ctx, RestoreRequest{Manifest: m, ChunkDir: chunks, Dest: out, Format: drivers.FormatRaw}, nil); err != nil {
 		t.Fatal(err)
 	}
 	if !bytes.Equal(readFile(t, out), readFile(t, tmpl)) {
@@ -447,7 +447,7 @@ func TestQcow2ChainsInsideTheStorePass(t *testing.T) {
 	if info, err := l.RebaseImage(ctx, vol, s1, q); err != nil || info.BackingFile != s1 {
 		t.Fatalf("rebase onto s1: %+v %v", info, err)
 	}
-	if _, err := l.CopyImage(ctx, drivers.CopyRequest{Source: vol, SourceFormat: q, Dest: filepath.Join(store, "volumes", "flat.raw"), Format: drivers.FormatRaw, Flatten: true}, nil); err != nil {
+	if _, err := l.CopyImage(ctx, CopyRequest{Source: vol, SourceFormat: q, Dest: filepath.Join(store, "volumes", "flat.raw"), Format: drivers.FormatRaw, Flatten: true}, nil); err != nil {
 		t.Fatal(err)
 	}
 	// Rebasing onto an image outside the store is refused.
@@ -458,7 +458,7 @@ func TestQcow2ChainsInsideTheStorePass(t *testing.T) {
 	}
 	// A linked clone of a base in another store is refused.
 	other := storeDir(t, t.TempDir())
-	if _, err := l.CloneImage(ctx, drivers.CloneRequest{Base: tmpl, BaseFormat: drivers.FormatRaw, Dest: filepath.Join(other, "v.qcow2"), Mode: drivers.CloneLinked}, nil); !errors.Is(err, errdefs.ErrInvalid) {
+	if _, err := l.CloneImage(ctx, CloneRequest{Base: tmpl, BaseFormat: drivers.FormatRaw, Dest: filepath.Join(other, "v.qcow2"), Mode: drivers.CloneLinked}, nil); !errors.Is(err, errdefs.ErrInvalid) {
 		t.Fatalf("linked clone across stores: %v", err)
 	}
 }
@@ -476,15 +476,15 @@ func TestRawGuestHeaderReflinkOnXFS(t *testing.T) {
 	want := readFile(t, vol)
 	secret := readFile(t, "/etc/hostname")
 	snap := filepath.Join(store, "s.raw")
-	si, err := l.SnapshotImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: snap, Format: drivers.FormatRaw})
+	si, err := l.SnapshotImage(ctx, SnapshotRequest{Volume: vol, Snapshot: snap, Format: drivers.FormatRaw})
 	if err != nil || si.Method != "reflink" || si.Snapshot.BackingFile != "" {
 		t.Fatalf("reflink snapshot: %+v %v", si, err)
 	}
 	clone := filepath.Join(store, "c.raw")
-	if info, err := l.CloneImage(ctx, drivers.CloneRequest{Base: vol, BaseFormat: drivers.FormatRaw, Dest: clone, Mode: drivers.CloneReflink}, nil); err != nil || info.Method != "reflink" {
+	if info, err := l.CloneImage(ctx, CloneRequest{Base: vol, BaseFormat: drivers.FormatRaw, Dest: clone, Mode: drivers.CloneReflink}, nil); err != nil || info.Method != "reflink" {
 		t.Fatalf("reflink clone: %+v %v", info, err)
 	}
-	if _, err := l.RevertImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: snap, Format: drivers.FormatRaw}); err != nil {
+	if _, err := l.RevertImage(ctx, SnapshotRequest{Volume: vol, Snapshot: snap, Format: drivers.FormatRaw}); err != nil {
 		t.Fatal(err)
 	}
 	for _, p := range []string{snap, clone, vol} {
@@ -510,7 +510,7 @@ func TestChainsEndingInABackingRoot(t *testing.T) {
 	rand.Read(noise)
 	writeRaw(t, tmpl, noise, 1<<20)
 	vol := filepath.Join(store, "volumes", "lazy.qcow2")
-	req := drivers.CloneRequest{Base: tmpl, BaseFormat: drivers.FormatRaw, Dest: vol, Mode: drivers.CloneLinked}
+	req := CloneRequest{Base: tmpl, BaseFormat: drivers.FormatRaw, Dest: vol, Mode: drivers.CloneLinked}
 	if _, err := l.CloneImage(ctx, req, nil); !errors.Is(err, errdefs.ErrInvalid) {
 		t.Fatalf("a clone on a file outside the store with no backing root set: %v", err)
 	}
@@ -520,11 +520,11 @@ func TestChainsEndingInABackingRoot(t *testing.T) {
 	}
 	q := drivers.FormatQCOW2
 	snap := filepath.Join(store, "snapshots", "lazy", "s1.qcow2")
-	if _, err := l.SnapshotImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: snap, Format: q}); err != nil {
+	if _, err := l.SnapshotImage(ctx, SnapshotRequest{Volume: vol, Snapshot: snap, Format: q}); err != nil {
 		t.Fatalf("snapshot of a lazy volume: %v", err)
 	}
 	flat := filepath.Join(store, "volumes", "flat.raw")
-	if _, err := l.CopyImage(ctx, drivers.CopyRequest{Source: vol, SourceFormat: q, Dest: flat, Format: drivers.FormatRaw, Flatten: true}, nil); err != nil {
+	if _, err := l.CopyImage(ctx, CopyRequest{Source: vol, SourceFormat: q, Dest: flat, Format: drivers.FormatRaw, Flatten: true}, nil); err != nil {
 		t.Fatalf("flatten a lazy volume: %v", err)
 	}
 	if !bytes.Equal(readFile(t, flat), readFile(t, tmpl)) {
@@ -538,13 +538,13 @@ func TestChainsEndingInABackingRoot(t *testing.T) {
 	if out, err := exec.Command("qemu-img", "create", "-q", "-f", "qcow2", "-b", secret, "-F", "raw", evil).CombinedOutput(); err != nil {
 		t.Fatalf("qemu-img create: %v %s", err, out)
 	}
-	_, err := l.CloneImage(ctx, drivers.CloneRequest{Base: evil, BaseFormat: q, Dest: filepath.Join(store, "volumes", "evil.qcow2"), Mode: drivers.CloneLinked}, nil)
+	_, err := l.CloneImage(ctx, CloneRequest{Base: evil, BaseFormat: q, Dest: filepath.Join(store, "volumes", "evil.qcow2"), Mode: drivers.CloneLinked}, nil)
 	if !errors.Is(err, errdefs.ErrInvalid) || !strings.Contains(err.Error(), secret) {
 		t.Fatalf("a chain leaving the backing root: %v", err)
 	}
 	// Unset, the lazy volume's chain is refused again.
 	l.SetBackingRoots()
-	if _, err := l.CopyImage(ctx, drivers.CopyRequest{Source: vol, SourceFormat: q, Dest: filepath.Join(store, "volumes", "flat2.raw"), Format: drivers.FormatRaw, Flatten: true}, nil); !errors.Is(err, errdefs.ErrInvalid) {
+	if _, err := l.CopyImage(ctx, CopyRequest{Source: vol, SourceFormat: q, Dest: filepath.Join(store, "volumes", "flat2.raw"), Format: drivers.FormatRaw, Flatten: true}, nil); !errors.Is(err, errdefs.ErrInvalid) {
 		t.Fatalf("flatten with no backing root set: %v", err)
 	}
 }

@@ -1,12 +1,12 @@
-// Package hostfs is the agent's implementation of drivers.Endpoint on the
-// local kernel: it lays out and probes store directories, creates, fetches,
+// Package hostfs does the agent's host work on the local kernel, on host
+// paths: it lays out and probes store directories, creates, fetches,
 // copies, clones, snapshots, backs up and exports disk images, and lists,
-// stats and deletes files. The agent serves it over RPC to the
-// controller's drivers; tests and the driver
-// conformance suite (drivers/driverstest) call it directly. It is the real
-// implementation, not a fake: every call does the host work.
+// stats and deletes files. It never sees the wire: the agent's LocalHost
+// (package agent) resolves every (store, key) of a hostops request beneath
+// a store root it serves and calls Local with the resulting paths. It is
+// the real implementation, not a fake: every call does the host work.
 //
-// Contract, on top of drivers.Endpoint's:
+// Contract:
 //
 //   - Every path is absolute and clean (filepath.Clean(p) == p, so no "..",
 //     "//" or trailing "/"), and is not "/". Anything else is
@@ -27,8 +27,8 @@
 //   - ProbeStore answers whether the store's filesystem shares extents
 //     (reflink) by cloning a small file with FICLONE, in the store's tmp/
 //     when it has one, once per directory and filesystem for the process.
-//   - Local also implements drivers.ImageOps (the rules shared by the image
-//     steps in images.go; one file per step: fetch.go, copy.go, clone.go,
+//   - Local implements the image steps (imageOps, requests.go; the rules
+//     shared by the image steps in images.go; one file per step: fetch.go, copy.go, clone.go,
 //     inspect.go, resize.go, rebase.go, snapshot.go, backup.go, export.go):
 //     downloads and copies through the copy engine (datapath/stream),
 //     clones, snapshots, rebases and conversions through qemu-img, backups
@@ -135,10 +135,7 @@ func (l *Local) backingRoot(p string) (root, real string, ok bool) {
 	return "", "", false
 }
 
-var (
-	_ drivers.Endpoint = (*Local)(nil)
-	_ drivers.ImageOps = (*Local)(nil)
-)
+var _ imageOps = (*Local)(nil)
 
 // Option configures a Local.
 type Option func(*Local)
@@ -264,8 +261,8 @@ func classOf(err error) error {
 }
 
 // fileInfo converts an lstat result into the FileInfo of path, as the caller named it.
-func fileInfo(path string, fi fs.FileInfo) drivers.FileInfo {
-	out := drivers.FileInfo{
+func fileInfo(path string, fi fs.FileInfo) FileInfo {
+	out := FileInfo{
 		Path:       path,
 		Size:       fi.Size(),
 		IsDir:      fi.IsDir(),

@@ -13,11 +13,10 @@ import (
 
 	"github.com/stowage/stowage/datapath/durable"
 	"github.com/stowage/stowage/datapath/qemuimg"
-	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
 )
 
-// The image steps (drivers.ImageOps) share these rules, on top of the
+// The image steps (imageOps, requests.go) share these rules, on top of the
 // package's path contract:
 //
 //   - A step that makes an object writes it under a staging name in the
@@ -200,16 +199,16 @@ func (l *Local) lockDest(ctx context.Context, final, dest string) (unlock func()
 // publishImage ends an image step: unless ctx ended, it publishes the
 // staged image stage as final and describes it (dest as the caller named
 // it), opened as format.
-func (l *Local) publishImage(ctx context.Context, stage, final, dest, format string, opts ...qemuimg.InfoOption) (drivers.ImageInfo, error) {
+func (l *Local) publishImage(ctx context.Context, stage, final, dest, format string, opts ...qemuimg.InfoOption) (ImageInfo, error) {
 	if err := ctx.Err(); err != nil {
-		return drivers.ImageInfo{}, err
+		return ImageInfo{}, err
 	}
 	if err := publish(stage, final); err != nil {
-		return drivers.ImageInfo{}, err
+		return ImageInfo{}, err
 	}
 	info, _, err := l.imageInfo(ctx, dest, final, format, opts...)
 	if err != nil {
-		return drivers.ImageInfo{}, err
+		return ImageInfo{}, err
 	}
 	return info, nil
 }

@@ -165,7 +165,7 @@ func TestFetchImage(t *testing.T) {
 		dest := filepath.Join(dst, "r"+string(rune('0'+i))+".raw")
 		var p progressRecorder
 		p.t = t
-		info, err := l.FetchImage(ctx, drivers.FetchRequest{Source: c.src, Dest: dest, Format: drivers.FormatRaw, Checksum: c.sum}, p.fn)
+		info, err := l.FetchImage(ctx, FetchRequest{Source: c.src, Dest: dest, Format: drivers.FormatRaw, Checksum: c.sum}, p.fn)
 		if err != nil {
 			t.Fatalf("fetch %s with %s: %v", c.src, c.sum, err)
 		}
@@ -185,11 +185,11 @@ func TestFetchImage(t *testing.T) {
 	onlyEntries(t, dst, "r0.raw", "r1.raw", "r2.raw", "r3.raw", "r4.raw")
 
 	// A retried fetch returns the image; another image at the path is refused.
-	again, err := l.FetchImage(ctx, drivers.FetchRequest{Source: srv.URL + "/t.raw", Dest: filepath.Join(dst, "r0.raw"), Format: drivers.FormatRaw, Checksum: "sha256:" + sha}, nil)
+	again, err := l.FetchImage(ctx, FetchRequest{Source: srv.URL + "/t.raw", Dest: filepath.Join(dst, "r0.raw"), Format: drivers.FormatRaw, Checksum: "sha256:" + sha}, nil)
 	if err != nil || again.SHA256 != sha {
 		t.Fatalf("fetch again: %+v %v", again, err)
 	}
-	if _, err := l.FetchImage(ctx, drivers.FetchRequest{Source: srv.URL + "/t.raw", Dest: filepath.Join(dst, "r0.raw"), Format: drivers.FormatRaw, Checksum: "md5:" + strings.Repeat("0", 32)}, nil); !errors.Is(err, errdefs.ErrAlreadyExists) {
+	if _, err := l.FetchImage(ctx, FetchRequest{Source: srv.URL + "/t.raw", Dest: filepath.Join(dst, "r0.raw"), Format: drivers.FormatRaw, Checksum: "md5:" + strings.Repeat("0", 32)}, nil); !errors.Is(err, errdefs.ErrAlreadyExists) {
 		t.Fatalf("fetch over another image: %v", err)
 	}
 
@@ -197,21 +197,21 @@ func TestFetchImage(t *testing.T) {
 	bad := t.TempDir()
 	for _, c := range []struct {
 		name   string
-		req    drivers.FetchRequest
+		req    FetchRequest
 		class  error
 		inText string
 	}{
-		{"bad sha256", drivers.FetchRequest{Source: srv.URL + "/t.raw", Format: drivers.FormatRaw, Checksum: "sha256:" + strings.Repeat("0", 64)}, errdefs.ErrDataLoss, "checksum"},
-		{"bad sha512", drivers.FetchRequest{Source: srv.URL + "/t.raw", Format: drivers.FormatRaw, Checksum: "sha512:" + strings.Repeat("0", 128)}, errdefs.ErrDataLoss, "checksum"},
-		{"bad md5", drivers.FetchRequest{Source: srv.URL + "/t.raw", Format: drivers.FormatRaw, Checksum: "md5:" + strings.Repeat("0", 32)}, errdefs.ErrDataLoss, "checksum"},
-		{"404", drivers.FetchRequest{Source: srv.URL + "/missing.raw", Format: drivers.FormatRaw}, errdefs.ErrNotFound, "404"},
-		{"qcow2 declared raw", drivers.FetchRequest{Source: srv.URL + "/t.qcow2", Format: drivers.FormatRaw}, errdefs.ErrInvalid, "qcow2"},
-		{"raw declared qcow2", drivers.FetchRequest{Source: srv.URL + "/t.raw", Format: drivers.FormatQCOW2}, errdefs.ErrInvalid, "raw"},
-		{"backing file", drivers.FetchRequest{Source: srv.URL + "/backed.qcow2", Format: drivers.FormatQCOW2}, errdefs.ErrInvalid, "qcow2 template has a backing file"},
-		{"iso without signature", drivers.FetchRequest{Source: srv.URL + "/fake.iso", Format: drivers.FormatISO}, errdefs.ErrInvalid, "ISO 9660"},
-		{"qcow2 declared iso", drivers.FetchRequest{Source: srv.URL + "/t.qcow2", Format: drivers.FormatISO}, errdefs.ErrInvalid, "qcow2"},
-		{"bad checksum syntax", drivers.FetchRequest{Source: srv.URL + "/t.raw", Format: drivers.FormatRaw, Checksum: "crc32:1234"}, errdefs.ErrInvalid, "checksum"},
-		{"unknown format", drivers.FetchRequest{Source: srv.URL + "/t.raw", Format: "vmdk"}, errdefs.ErrInvalid, "format"},
+		{"bad sha256", FetchRequest{Source: srv.URL + "/t.raw", Format: drivers.FormatRaw, Checksum: "sha256:" + strings.Repeat("0", 64)}, errdefs.ErrDataLoss, "checksum"},
+		{"bad sha512", FetchRequest{Source: srv.URL + "/t.raw", Format: drivers.FormatRaw, Checksum: "sha512:" + strings.Repeat("0", 128)}, errdefs.ErrDataLoss, "checksum"},
+		{"bad md5", FetchRequest{Source: srv.URL + "/t.raw", Format: drivers.FormatRaw, Checksum: "md5:" + strings.Repeat("0", 32)}, errdefs.ErrDataLoss, "checksum"},
+		{"404", FetchRequest{Source: srv.URL + "/missing.raw", Format: drivers.FormatRaw}, errdefs.ErrNotFound, "404"},
+		{"qcow2 declared raw", FetchRequest{Source: srv.URL + "/t.qcow2", Format: drivers.FormatRaw}, errdefs.ErrInvalid, "qcow2"},
+		{"raw declared qcow2", FetchRequest{Source: srv.URL + "/t.raw", Format: drivers.FormatQCOW2}, errdefs.ErrInvalid, "raw"},
+		{"backing file", FetchRequest{Source: srv.URL + "/backed.qcow2", Format: drivers.FormatQCOW2}, errdefs.ErrInvalid, "qcow2 template has a backing file"},
+		{"iso without signature", FetchRequest{Source: srv.URL + "/fake.iso", Format: drivers.FormatISO}, errdefs.ErrInvalid, "ISO 9660"},
+		{"qcow2 declared iso", FetchRequest{Source: srv.URL + "/t.qcow2", Format: drivers.FormatISO}, errdefs.ErrInvalid, "qcow2"},
+		{"bad checksum syntax", FetchRequest{Source: srv.URL + "/t.raw", Format: drivers.FormatRaw, Checksum: "crc32:1234"}, errdefs.ErrInvalid, "checksum"},
+		{"unknown format", FetchRequest{Source: srv.URL + "/t.raw", Format: "vmdk"}, errdefs.ErrInvalid, "format"},
 	} {
 		c.req.Dest = filepath.Join(bad, "x.img")
 		_, err := l.FetchImage(ctx, c.req, nil)
@@ -222,11 +222,11 @@ func TestFetchImage(t *testing.T) {
 	}
 
 	// Good qcow2 and iso.
-	info, err := l.FetchImage(ctx, drivers.FetchRequest{Source: srv.URL + "/t.qcow2", Dest: filepath.Join(dst, "t.qcow2"), Format: drivers.FormatQCOW2}, nil)
+	info, err := l.FetchImage(ctx, FetchRequest{Source: srv.URL + "/t.qcow2", Dest: filepath.Join(dst, "t.qcow2"), Format: drivers.FormatQCOW2}, nil)
 	if err != nil || info.Format != drivers.FormatQCOW2 || info.VirtualSize != 4<<20 || info.BackingFile != "" {
 		t.Fatalf("fetch qcow2: %+v %v", info, err)
 	}
-	info, err = l.FetchImage(ctx, drivers.FetchRequest{Source: srv.URL + "/t.iso", Dest: filepath.Join(dst, "t.iso"), Format: drivers.FormatISO}, nil)
+	info, err = l.FetchImage(ctx, FetchRequest{Source: srv.URL + "/t.iso", Dest: filepath.Join(dst, "t.iso"), Format: drivers.FormatISO}, nil)
 	if err != nil || info.Format != drivers.FormatISO || info.VirtualSize != 64<<10 {
 		t.Fatalf("fetch iso: %+v %v", info, err)
 	}
@@ -256,7 +256,7 @@ func TestFetchResumesAfterCancel(t *testing.T) {
 	defer srv.Close()
 	l := New("h1")
 	dst := t.TempDir()
-	req := drivers.FetchRequest{Source: srv.URL + "/big.raw", Dest: filepath.Join(dst, "big.raw"), Format: drivers.FormatRaw, Checksum: "sha256:" + hex.EncodeToString(sum[:])}
+	req := FetchRequest{Source: srv.URL + "/big.raw", Dest: filepath.Join(dst, "big.raw"), Format: drivers.FormatRaw, Checksum: "sha256:" + hex.EncodeToString(sum[:])}
 	ctx, cancel := context.WithCancel(t.Context())
 	go func() {
 		for served.Load() < 3 {
@@ -309,14 +309,14 @@ func TestCopyImage(t *testing.T) {
 
 	out := t.TempDir()
 	// Same format: the file's bytes, backing file kept.
-	info, err := l.CopyImage(ctx, drivers.CopyRequest{Source: top, SourceFormat: drivers.FormatQCOW2, Dest: filepath.Join(out, "same.qcow2")}, nil)
+	info, err := l.CopyImage(ctx, CopyRequest{Source: top, SourceFormat: drivers.FormatQCOW2, Dest: filepath.Join(out, "same.qcow2")}, nil)
 	if err != nil || info.Format != drivers.FormatQCOW2 || info.BackingFile != base {
 		t.Fatalf("copy as is: %+v %v", info, err)
 	}
 	// Flatten: standalone, reads the same.
 	var p progressRecorder
 	p.t = t
-	info, err = l.CopyImage(ctx, drivers.CopyRequest{Source: top, SourceFormat: drivers.FormatQCOW2, Dest: filepath.Join(out, "flat.qcow2"), Flatten: true}, p.fn)
+	info, err = l.CopyImage(ctx, CopyRequest{Source: top, SourceFormat: drivers.FormatQCOW2, Dest: filepath.Join(out, "flat.qcow2"), Flatten: true}, p.fn)
 	if err != nil || info.BackingFile != "" || info.Method != "qemu-img convert" {
 		t.Fatalf("flatten: %+v %v", info, err)
 	}
@@ -327,7 +327,7 @@ func TestCopyImage(t *testing.T) {
 		t.Error("no progress from qemu-img convert")
 	}
 	// Format change.
-	info, err = l.CopyImage(ctx, drivers.CopyRequest{Source: "file://" + top, SourceFormat: drivers.FormatQCOW2, Dest: filepath.Join(out, "flat.raw"), Format: drivers.FormatRaw}, nil)
+	info, err = l.CopyImage(ctx, CopyRequest{Source: "file://" + top, SourceFormat: drivers.FormatQCOW2, Dest: filepath.Join(out, "flat.raw"), Format: drivers.FormatRaw}, nil)
 	if err != nil || info.Format != drivers.FormatRaw || info.VirtualSize != 8<<20 {
 		t.Fatalf("to raw: %+v %v", info, err)
 	}
@@ -335,13 +335,13 @@ func TestCopyImage(t *testing.T) {
 		t.Fatal("raw copy reads differently")
 	}
 	// Retry and conflict.
-	if _, err := l.CopyImage(ctx, drivers.CopyRequest{Source: top, SourceFormat: drivers.FormatQCOW2, Dest: filepath.Join(out, "flat.raw"), Format: drivers.FormatRaw}, nil); err != nil {
+	if _, err := l.CopyImage(ctx, CopyRequest{Source: top, SourceFormat: drivers.FormatQCOW2, Dest: filepath.Join(out, "flat.raw"), Format: drivers.FormatRaw}, nil); err != nil {
 		t.Fatalf("copy again: %v", err)
 	}
-	if _, err := l.CopyImage(ctx, drivers.CopyRequest{Source: top, SourceFormat: drivers.FormatQCOW2, Dest: filepath.Join(out, "flat.raw"), Format: drivers.FormatQCOW2}, nil); !errors.Is(err, errdefs.ErrAlreadyExists) {
+	if _, err := l.CopyImage(ctx, CopyRequest{Source: top, SourceFormat: drivers.FormatQCOW2, Dest: filepath.Join(out, "flat.raw"), Format: drivers.FormatQCOW2}, nil); !errors.Is(err, errdefs.ErrAlreadyExists) {
 		t.Fatalf("copy over another image: %v", err)
 	}
-	if _, err := l.CopyImage(ctx, drivers.CopyRequest{Source: filepath.Join(dir, "missing"), SourceFormat: drivers.FormatRaw, Dest: filepath.Join(out, "m.raw")}, nil); !errors.Is(err, errdefs.ErrNotFound) {
+	if _, err := l.CopyImage(ctx, CopyRequest{Source: filepath.Join(dir, "missing"), SourceFormat: drivers.FormatRaw, Dest: filepath.Join(out, "m.raw")}, nil); !errors.Is(err, errdefs.ErrNotFound) {
 		t.Fatalf("copy of a missing image: %v", err)
 	}
 	onlyEntries(t, out, "flat.qcow2", "flat.raw", "same.qcow2")
@@ -357,28 +357,28 @@ func TestCloneImage(t *testing.T) {
 	qio(t, base, "qcow2", "write -P 0x33 0 512k", "write -P 0x44 2M 64k")
 
 	linked := filepath.Join(dir, "linked.qcow2")
-	info, err := l.CloneImage(ctx, drivers.CloneRequest{Base: base, BaseFormat: drivers.FormatQCOW2, Dest: linked, Mode: drivers.CloneLinked}, nil)
+	info, err := l.CloneImage(ctx, CloneRequest{Base: base, BaseFormat: drivers.FormatQCOW2, Dest: linked, Mode: drivers.CloneLinked}, nil)
 	if err != nil || info.BackingFile != base || info.Format != drivers.FormatQCOW2 || info.Method != "linked" {
 		t.Fatalf("linked clone: %+v %v", info, err)
 	}
 	if !qemuCompare(t, base, "qcow2", linked, "qcow2") {
 		t.Fatal("linked clone does not read the base's bytes")
 	}
-	if _, err := l.CloneImage(ctx, drivers.CloneRequest{Base: base, BaseFormat: drivers.FormatQCOW2, Dest: linked, Mode: drivers.CloneLinked}, nil); err != nil {
+	if _, err := l.CloneImage(ctx, CloneRequest{Base: base, BaseFormat: drivers.FormatQCOW2, Dest: linked, Mode: drivers.CloneLinked}, nil); err != nil {
 		t.Fatalf("linked clone again: %v", err)
 	}
 	big := filepath.Join(dir, "big.qcow2")
-	info, err = l.CloneImage(ctx, drivers.CloneRequest{Base: base, BaseFormat: drivers.FormatQCOW2, Dest: big, Mode: drivers.CloneLinked, Size: 8 << 20}, nil)
+	info, err = l.CloneImage(ctx, CloneRequest{Base: base, BaseFormat: drivers.FormatQCOW2, Dest: big, Mode: drivers.CloneLinked, Size: 8 << 20}, nil)
 	if err != nil || info.VirtualSize != 8<<20 {
 		t.Fatalf("larger linked clone: %+v %v", info, err)
 	}
-	if _, err := l.CloneImage(ctx, drivers.CloneRequest{Base: base, BaseFormat: drivers.FormatQCOW2, Dest: filepath.Join(dir, "small.qcow2"), Mode: drivers.CloneLinked, Size: 1 << 20}, nil); !errors.Is(err, errdefs.ErrInvalid) {
+	if _, err := l.CloneImage(ctx, CloneRequest{Base: base, BaseFormat: drivers.FormatQCOW2, Dest: filepath.Join(dir, "small.qcow2"), Mode: drivers.CloneLinked, Size: 1 << 20}, nil); !errors.Is(err, errdefs.ErrInvalid) {
 		t.Fatalf("smaller clone: %v", err)
 	}
 
 	for _, f := range []drivers.Format{drivers.FormatRaw, drivers.FormatQCOW2} {
 		dest := filepath.Join(dir, "full."+string(f))
-		info, err := l.CloneImage(ctx, drivers.CloneRequest{Base: linked, BaseFormat: drivers.FormatQCOW2, Dest: dest, Mode: drivers.CloneFull, Format: f, Size: 6 << 20}, nil)
+		info, err := l.CloneImage(ctx, CloneRequest{Base: linked, BaseFormat: drivers.FormatQCOW2, Dest: dest, Mode: drivers.CloneFull, Format: f, Size: 6 << 20}, nil)
 		if err != nil || info.Format != f || info.BackingFile != "" || info.VirtualSize != 6<<20 {
 			t.Fatalf("full %s clone: %+v %v", f, info, err)
 		}
@@ -390,7 +390,7 @@ func TestCloneImage(t *testing.T) {
 	if p, _ := l.ProbeStore(ctx, dir, "x"); p.Reflink {
 		t.Skip("the test directory supports reflink")
 	}
-	if _, err := l.CloneImage(ctx, drivers.CloneRequest{Base: base, BaseFormat: drivers.FormatQCOW2, Dest: filepath.Join(dir, "rl.qcow2"), Mode: drivers.CloneReflink}, nil); !errors.Is(err, errdefs.ErrNotImplemented) {
+	if _, err := l.CloneImage(ctx, CloneRequest{Base: base, BaseFormat: drivers.FormatQCOW2, Dest: filepath.Join(dir, "rl.qcow2"), Mode: drivers.CloneReflink}, nil); !errors.Is(err, errdefs.ErrNotImplemented) {
 		t.Fatalf("reflink clone on a filesystem without reflink: %v", err)
 	}
 	onlyEntries(t, dir, "big.qcow2", "full.qcow2", "full.raw", "linked.qcow2", "tmpl.qcow2")
@@ -405,7 +405,7 @@ func TestReflinkCloneAndRawSnapshotOnXFS(t *testing.T) {
 	qcreate(t, base, "raw", 4<<20)
 	qio(t, base, "raw", "write -P 0x33 0 1M")
 	vol := filepath.Join(mnt, "vol.raw")
-	info, err := l.CloneImage(ctx, drivers.CloneRequest{Base: base, BaseFormat: drivers.FormatRaw, Dest: vol, Mode: drivers.CloneReflink, Size: 8 << 20}, nil)
+	info, err := l.CloneImage(ctx, CloneRequest{Base: base, BaseFormat: drivers.FormatRaw, Dest: vol, Mode: drivers.CloneReflink, Size: 8 << 20}, nil)
 	if err != nil || info.Method != "reflink" || info.VirtualSize != 8<<20 || info.Format != drivers.FormatRaw {
 		t.Fatalf("reflink clone: %+v %v", info, err)
 	}
@@ -413,12 +413,12 @@ func TestReflinkCloneAndRawSnapshotOnXFS(t *testing.T) {
 		t.Fatal("reflink clone reads differently")
 	}
 	snap := filepath.Join(mnt, "snap.raw")
-	si, err := l.SnapshotImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: snap, Format: drivers.FormatRaw})
+	si, err := l.SnapshotImage(ctx, SnapshotRequest{Volume: vol, Snapshot: snap, Format: drivers.FormatRaw})
 	if err != nil || si.Method != "reflink" {
 		t.Fatalf("raw snapshot on xfs: %+v %v", si, err)
 	}
 	qio(t, vol, "raw", "write -P 0xab 0 64k")
-	ri, err := l.RevertImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: snap, Format: drivers.FormatRaw})
+	ri, err := l.RevertImage(ctx, SnapshotRequest{Volume: vol, Snapshot: snap, Format: drivers.FormatRaw})
 	if err != nil || ri.Method != "reflink" {
 		t.Fatalf("raw revert on xfs: %+v %v", ri, err)
 	}
@@ -437,14 +437,14 @@ func TestSnapshotRevertQcow2(t *testing.T) {
 	qcreate(t, tmpl, "qcow2", 4<<20)
 	qio(t, tmpl, "qcow2", "write -P 0x11 0 1M")
 	vol := filepath.Join(vols, "v1.qcow2")
-	if _, err := l.CloneImage(ctx, drivers.CloneRequest{Base: tmpl, BaseFormat: drivers.FormatQCOW2, Dest: vol, Mode: drivers.CloneLinked}, nil); err != nil {
+	if _, err := l.CloneImage(ctx, CloneRequest{Base: tmpl, BaseFormat: drivers.FormatQCOW2, Dest: vol, Mode: drivers.CloneLinked}, nil); err != nil {
 		t.Fatal(err)
 	}
 	qio(t, vol, "qcow2", "write -P 0x22 1M 64k")
 	os.Chmod(vol, 0o600)
 
 	s1 := filepath.Join(snaps, "s1.qcow2")
-	si, err := l.SnapshotImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: s1, Format: drivers.FormatQCOW2})
+	si, err := l.SnapshotImage(ctx, SnapshotRequest{Volume: vol, Snapshot: s1, Format: drivers.FormatQCOW2})
 	if err != nil || si.Method != "qcow2-external" || si.Volume.BackingFile != s1 || si.Snapshot.BackingFile != tmpl {
 		t.Fatalf("snapshot: %+v %v", si, err)
 	}
@@ -454,13 +454,13 @@ func TestSnapshotRevertQcow2(t *testing.T) {
 	if fi, _ := os.Stat(vol); fi.Mode().Perm()&0o077 != 0 {
 		t.Errorf("new overlay mode %v, want the volume's 0600", fi.Mode().Perm())
 	}
-	if again, err := l.SnapshotImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: s1, Format: drivers.FormatQCOW2}); err != nil || again.Volume.BackingFile != s1 {
+	if again, err := l.SnapshotImage(ctx, SnapshotRequest{Volume: vol, Snapshot: s1, Format: drivers.FormatQCOW2}); err != nil || again.Volume.BackingFile != s1 {
 		t.Fatalf("snapshot again: %+v %v", again, err)
 	}
 	// The guest writes after the snapshot, then reverts.
 	qio(t, vol, "qcow2", "write -P 0xab 0 64k")
 	s2 := filepath.Join(snaps, "s2.qcow2")
-	if _, err := l.SnapshotImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: s2, Format: drivers.FormatQCOW2}); err != nil {
+	if _, err := l.SnapshotImage(ctx, SnapshotRequest{Volume: vol, Snapshot: s2, Format: drivers.FormatQCOW2}); err != nil {
 		t.Fatal(err)
 	}
 	frozen := filepath.Join(store, "s2-flat.raw")
@@ -468,7 +468,7 @@ func TestSnapshotRevertQcow2(t *testing.T) {
 		t.Fatal(err)
 	}
 	qio(t, vol, "qcow2", "write -P 0xcd 2M 64k")
-	ri, err := l.RevertImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: s1, Format: drivers.FormatQCOW2})
+	ri, err := l.RevertImage(ctx, SnapshotRequest{Volume: vol, Snapshot: s1, Format: drivers.FormatQCOW2})
 	if err != nil || ri.BackingFile != s1 || ri.Method != "qcow2-external" {
 		t.Fatalf("revert: %+v %v", ri, err)
 	}
@@ -479,7 +479,7 @@ func TestSnapshotRevertQcow2(t *testing.T) {
 	if !qemuCompare(t, s2, "qcow2", frozen, "raw") {
 		t.Fatal("the later snapshot changed with the revert")
 	}
-	if again, err := l.RevertImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: s1, Format: drivers.FormatQCOW2}); err != nil || again.Method != "existing" {
+	if again, err := l.RevertImage(ctx, SnapshotRequest{Volume: vol, Snapshot: s1, Format: drivers.FormatQCOW2}); err != nil || again.Method != "existing" {
 		t.Fatalf("revert again: %+v %v", again, err)
 	}
 
@@ -489,16 +489,16 @@ func TestSnapshotRevertQcow2(t *testing.T) {
 	if err := os.Rename(vol, s3); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := l.SnapshotImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: s3, Format: drivers.FormatQCOW2}); err != nil {
+	if _, err := l.SnapshotImage(ctx, SnapshotRequest{Volume: vol, Snapshot: s3, Format: drivers.FormatQCOW2}); err != nil {
 		t.Fatalf("finish an interrupted snapshot: %v", err)
 	}
 	if !qemuCompare(t, vol, "qcow2", s3, "qcow2") {
 		t.Fatal("finished snapshot reads differently")
 	}
-	if _, err := l.SnapshotImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: s2, Format: drivers.FormatQCOW2}); !errors.Is(err, errdefs.ErrAlreadyExists) {
+	if _, err := l.SnapshotImage(ctx, SnapshotRequest{Volume: vol, Snapshot: s2, Format: drivers.FormatQCOW2}); !errors.Is(err, errdefs.ErrAlreadyExists) {
 		t.Fatalf("snapshot onto another snapshot's path: %v", err)
 	}
-	if _, err := l.SnapshotImage(ctx, drivers.SnapshotRequest{Volume: filepath.Join(vols, "none"), Snapshot: filepath.Join(snaps, "x"), Format: drivers.FormatQCOW2}); !errors.Is(err, errdefs.ErrNotFound) {
+	if _, err := l.SnapshotImage(ctx, SnapshotRequest{Volume: filepath.Join(vols, "none"), Snapshot: filepath.Join(snaps, "x"), Format: drivers.FormatQCOW2}); !errors.Is(err, errdefs.ErrNotFound) {
 		t.Fatalf("snapshot of a missing volume: %v", err)
 	}
 	onlyEntries(t, vols, "v1.qcow2")
@@ -513,7 +513,7 @@ func TestSnapshotRevertRaw(t *testing.T) {
 	qcreate(t, vol, "raw", 4<<20)
 	qio(t, vol, "raw", "write -P 0x11 0 1M")
 	snap := filepath.Join(dir, "s.raw")
-	si, err := l.SnapshotImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: snap, Format: drivers.FormatRaw})
+	si, err := l.SnapshotImage(ctx, SnapshotRequest{Volume: vol, Snapshot: snap, Format: drivers.FormatRaw})
 	if err != nil || (si.Method != "copy" && si.Method != "reflink") || si.Snapshot.Format != drivers.FormatRaw {
 		t.Fatalf("raw snapshot: %+v %v", si, err)
 	}
@@ -521,7 +521,7 @@ func TestSnapshotRevertRaw(t *testing.T) {
 		t.Errorf("raw snapshot allocates %d bytes; want a sparse copy", si.Snapshot.PhysicalSize)
 	}
 	qio(t, vol, "raw", "write -P 0xab 0 64k")
-	if _, err := l.RevertImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: snap, Format: drivers.FormatRaw}); err != nil {
+	if _, err := l.RevertImage(ctx, SnapshotRequest{Volume: vol, Snapshot: snap, Format: drivers.FormatRaw}); err != nil {
 		t.Fatal(err)
 	}
 	qio(t, vol, "raw", "read -P 0x11 0 1M")
@@ -623,12 +623,12 @@ func TestBackupRestoreSnapshotChain(t *testing.T) {
 		t.Fatal(err)
 	}
 	s1 := filepath.Join(store, "s1.qcow2")
-	if _, err := l.SnapshotImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: s1, Format: drivers.FormatQCOW2}); err != nil {
+	if _, err := l.SnapshotImage(ctx, SnapshotRequest{Volume: vol, Snapshot: s1, Format: drivers.FormatQCOW2}); err != nil {
 		t.Fatal(err)
 	}
 	var p progressRecorder
 	p.t = t
-	b1, err := l.BackupImage(ctx, drivers.BackupRequest{Source: s1, SourceFormat: drivers.FormatQCOW2, ChunkDir: chunks, Manifest: filepath.Join(mdir, "s1.json"), ChunkSize: cs}, p.fn)
+	b1, err := l.BackupImage(ctx, BackupRequest{Source: s1, SourceFormat: drivers.FormatQCOW2, ChunkDir: chunks, Manifest: filepath.Join(mdir, "s1.json"), ChunkSize: cs}, p.fn)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -642,10 +642,10 @@ func TestBackupRestoreSnapshotChain(t *testing.T) {
 	// A small change, a second snapshot, an incremental backup from the first.
 	qio(t, vol, "qcow2", "write -P 0x33 1M 4k")
 	s2 := filepath.Join(store, "s2.qcow2")
-	if _, err := l.SnapshotImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: s2, Format: drivers.FormatQCOW2}); err != nil {
+	if _, err := l.SnapshotImage(ctx, SnapshotRequest{Volume: vol, Snapshot: s2, Format: drivers.FormatQCOW2}); err != nil {
 		t.Fatal(err)
 	}
-	b2, err := l.BackupImage(ctx, drivers.BackupRequest{Source: s2, SourceFormat: drivers.FormatQCOW2, ChunkDir: chunks, Manifest: filepath.Join(mdir, "s2.json"), ParentManifest: filepath.Join(mdir, "s1.json")}, nil)
+	b2, err := l.BackupImage(ctx, BackupRequest{Source: s2, SourceFormat: drivers.FormatQCOW2, ChunkDir: chunks, Manifest: filepath.Join(mdir, "s2.json"), ParentManifest: filepath.Join(mdir, "s1.json")}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -657,20 +657,20 @@ func TestBackupRestoreSnapshotChain(t *testing.T) {
 	wrong := filepath.Join(store, "other.raw")
 	qcreate(t, wrong, "raw", 4<<20)
 	qio(t, wrong, "raw", "write -P 0x99 0 4M")
-	if _, err := l.BackupImage(ctx, drivers.BackupRequest{Source: wrong, SourceFormat: drivers.FormatRaw, ChunkDir: chunks, Manifest: filepath.Join(img, "other.json"), ChunkSize: cs}, nil); err != nil {
+	if _, err := l.BackupImage(ctx, BackupRequest{Source: wrong, SourceFormat: drivers.FormatRaw, ChunkDir: chunks, Manifest: filepath.Join(img, "other.json"), ChunkSize: cs}, nil); err != nil {
 		t.Fatal(err)
 	}
-	b3, err := l.BackupImage(ctx, drivers.BackupRequest{Source: s2, SourceFormat: drivers.FormatQCOW2, ChunkDir: chunks, Manifest: filepath.Join(img, "s2-wrong-parent.json"), ParentManifest: filepath.Join(img, "other.json")}, nil)
+	b3, err := l.BackupImage(ctx, BackupRequest{Source: s2, SourceFormat: drivers.FormatQCOW2, ChunkDir: chunks, Manifest: filepath.Join(img, "s2-wrong-parent.json"), ParentManifest: filepath.Join(img, "other.json")}, nil)
 	if err != nil || b3.ReadBytes != 21*cs || b3.NewChunks != 0 {
 		t.Fatalf("backup with a foreign parent: %+v %v; want every data chunk read, none new", b3, err)
 	}
-	if _, err := l.RestoreImage(ctx, drivers.RestoreRequest{Manifest: filepath.Join(img, "s2-wrong-parent.json"), ChunkDir: chunks, Dest: filepath.Join(img, "w.raw")}, nil); err != nil {
+	if _, err := l.RestoreImage(ctx, RestoreRequest{Manifest: filepath.Join(img, "s2-wrong-parent.json"), ChunkDir: chunks, Dest: filepath.Join(img, "w.raw")}, nil); err != nil {
 		t.Fatal(err)
 	}
 	if !qemuCompare(t, s2, "qcow2", filepath.Join(img, "w.raw"), "raw") {
 		t.Fatal("backup with a foreign parent restores differently")
 	}
-	if again, err := l.BackupImage(ctx, drivers.BackupRequest{Source: s2, SourceFormat: drivers.FormatQCOW2, ChunkDir: chunks, Manifest: filepath.Join(mdir, "s2.json")}, nil); err != nil || again.Chunks != 64 {
+	if again, err := l.BackupImage(ctx, BackupRequest{Source: s2, SourceFormat: drivers.FormatQCOW2, ChunkDir: chunks, Manifest: filepath.Join(mdir, "s2.json")}, nil); err != nil || again.Chunks != 64 {
 		t.Fatalf("backup again: %+v %v", again, err)
 	}
 
@@ -681,7 +681,7 @@ func TestBackupRestoreSnapshotChain(t *testing.T) {
 		format         drivers.Format
 	}{{s1, "s1.json", drivers.FormatRaw}, {s2, "s2.json", drivers.FormatQCOW2}, {s2, "s2.json", drivers.FormatRaw}} {
 		dest := filepath.Join(out, strings.TrimSuffix(c.manifest, ".json")+"."+string(c.format))
-		info, err := l.RestoreImage(ctx, drivers.RestoreRequest{Manifest: filepath.Join(mdir, c.manifest), ChunkDir: chunks, Dest: dest, Format: c.format}, nil)
+		info, err := l.RestoreImage(ctx, RestoreRequest{Manifest: filepath.Join(mdir, c.manifest), ChunkDir: chunks, Dest: dest, Format: c.format}, nil)
 		if err != nil || info.Format != c.format || info.VirtualSize != 4<<20 {
 			t.Fatalf("restore %s as %s: %+v %v", c.manifest, c.format, info, err)
 		}
@@ -691,13 +691,13 @@ func TestBackupRestoreSnapshotChain(t *testing.T) {
 	}
 
 	// Delete the first backup: the second still restores.
-	if _, err := l.DeleteBackup(ctx, drivers.DeleteBackupRequest{Manifest: filepath.Join(mdir, "s1.json"), ChunkDir: chunks}); err != nil {
+	if _, err := l.DeleteBackup(ctx, DeleteBackupRequest{Manifest: filepath.Join(mdir, "s1.json"), ChunkDir: chunks}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := l.DeleteBackup(ctx, drivers.DeleteBackupRequest{Manifest: filepath.Join(mdir, "s1.json"), ChunkDir: chunks}); err != nil {
+	if _, err := l.DeleteBackup(ctx, DeleteBackupRequest{Manifest: filepath.Join(mdir, "s1.json"), ChunkDir: chunks}); err != nil {
 		t.Fatalf("delete again: %v", err)
 	}
-	if _, err := l.RestoreImage(ctx, drivers.RestoreRequest{Manifest: filepath.Join(mdir, "s2.json"), ChunkDir: chunks, Dest: filepath.Join(out, "after.raw")}, nil); err != nil {
+	if _, err := l.RestoreImage(ctx, RestoreRequest{Manifest: filepath.Join(mdir, "s2.json"), ChunkDir: chunks, Dest: filepath.Join(out, "after.raw")}, nil); err != nil {
 		t.Fatal(err)
 	}
 	if !qemuCompare(t, s2, "qcow2", filepath.Join(out, "after.raw"), "raw") {
@@ -718,7 +718,7 @@ func TestBackupRestoreSnapshotChain(t *testing.T) {
 		}
 	}
 	bad := t.TempDir()
-	if _, err := l.RestoreImage(ctx, drivers.RestoreRequest{Manifest: filepath.Join(mdir, "s2.json"), ChunkDir: chunks, Dest: filepath.Join(bad, "x.raw")}, nil); !errors.Is(err, errdefs.ErrDataLoss) {
+	if _, err := l.RestoreImage(ctx, RestoreRequest{Manifest: filepath.Join(mdir, "s2.json"), ChunkDir: chunks, Dest: filepath.Join(bad, "x.raw")}, nil); !errors.Is(err, errdefs.ErrDataLoss) {
 		t.Fatalf("restore with a corrupt chunk: %v", err)
 	}
 	onlyEntries(t, bad)
@@ -750,7 +750,7 @@ func TestExportCopiedByAnotherHost(t *testing.T) {
 	}
 	var p progressRecorder
 	p.t = t
-	info, err := h2.CopyImage(ctx, drivers.CopyRequest{Source: string(uri), SourceFormat: drivers.FormatQCOW2, Dest: vol}, p.fn)
+	info, err := h2.CopyImage(ctx, CopyRequest{Source: string(uri), SourceFormat: drivers.FormatQCOW2, Dest: vol}, p.fn)
 	if err != nil || info.Format != drivers.FormatQCOW2 || info.Path != vol {
 		t.Fatalf("copy from the export: %+v %v", info, err)
 	}
@@ -763,7 +763,7 @@ func TestExportCopiedByAnotherHost(t *testing.T) {
 		t.Error("no progress")
 	}
 	// Converted on the way.
-	if _, err := h2.CopyImage(ctx, drivers.CopyRequest{Source: string(uri), SourceFormat: drivers.FormatQCOW2, Dest: "/srv/primary/v.raw", Format: drivers.FormatRaw}, nil); err != nil {
+	if _, err := h2.CopyImage(ctx, CopyRequest{Source: string(uri), SourceFormat: drivers.FormatQCOW2, Dest: "/srv/primary/v.raw", Format: drivers.FormatRaw}, nil); err != nil {
 		t.Fatal(err)
 	}
 	if !qemuCompare(t, h1.onHost(vol), "qcow2", h2.onHost("/srv/primary/v.raw"), "raw") {
@@ -772,7 +772,7 @@ func TestExportCopiedByAnotherHost(t *testing.T) {
 	if err := h1.Unexport(ctx, uri); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := h2.CopyImage(ctx, drivers.CopyRequest{Source: string(uri), SourceFormat: drivers.FormatQCOW2, Dest: "/srv/primary/w.qcow2"}, nil); !errors.Is(err, errdefs.ErrNotFound) {
+	if _, err := h2.CopyImage(ctx, CopyRequest{Source: string(uri), SourceFormat: drivers.FormatQCOW2, Dest: "/srv/primary/w.qcow2"}, nil); !errors.Is(err, errdefs.ErrNotFound) {
 		t.Fatalf("copy after unexport: %v", err)
 	}
 	if _, err := h2.Export(ctx, vol); !errors.Is(err, errdefs.ErrNotImplemented) {
@@ -786,18 +786,18 @@ func TestImageOpsRefuseBadPaths(t *testing.T) {
 	good := filepath.Join(t.TempDir(), "x")
 	for _, p := range []string{"", "rel/x", good + "/../y", good + "/", "/"} {
 		errs := map[string]error{}
-		_, errs["fetch"] = l.FetchImage(ctx, drivers.FetchRequest{Source: good, Dest: p, Format: drivers.FormatRaw}, nil)
-		_, errs["copy"] = l.CopyImage(ctx, drivers.CopyRequest{Source: good, SourceFormat: drivers.FormatRaw, Dest: p}, nil)
-		_, errs["copy-src"] = l.CopyImage(ctx, drivers.CopyRequest{Source: p, SourceFormat: drivers.FormatRaw, Dest: good}, nil)
-		_, errs["clone"] = l.CloneImage(ctx, drivers.CloneRequest{Base: good, BaseFormat: drivers.FormatRaw, Dest: p, Mode: drivers.CloneLinked}, nil)
+		_, errs["fetch"] = l.FetchImage(ctx, FetchRequest{Source: good, Dest: p, Format: drivers.FormatRaw}, nil)
+		_, errs["copy"] = l.CopyImage(ctx, CopyRequest{Source: good, SourceFormat: drivers.FormatRaw, Dest: p}, nil)
+		_, errs["copy-src"] = l.CopyImage(ctx, CopyRequest{Source: p, SourceFormat: drivers.FormatRaw, Dest: good}, nil)
+		_, errs["clone"] = l.CloneImage(ctx, CloneRequest{Base: good, BaseFormat: drivers.FormatRaw, Dest: p, Mode: drivers.CloneLinked}, nil)
 		_, errs["inspect"] = l.InspectImage(ctx, p, drivers.FormatRaw)
 		_, errs["resize"] = l.ResizeImage(ctx, p, drivers.FormatRaw, 1<<20)
-		_, errs["snapshot"] = l.SnapshotImage(ctx, drivers.SnapshotRequest{Volume: p, Snapshot: good, Format: drivers.FormatRaw})
-		_, errs["revert"] = l.RevertImage(ctx, drivers.SnapshotRequest{Volume: good, Snapshot: p, Format: drivers.FormatRaw})
+		_, errs["snapshot"] = l.SnapshotImage(ctx, SnapshotRequest{Volume: p, Snapshot: good, Format: drivers.FormatRaw})
+		_, errs["revert"] = l.RevertImage(ctx, SnapshotRequest{Volume: good, Snapshot: p, Format: drivers.FormatRaw})
 		_, errs["rebase"] = l.RebaseImage(ctx, p, "", "")
-		_, errs["backup"] = l.BackupImage(ctx, drivers.BackupRequest{Source: p, SourceFormat: drivers.FormatRaw, ChunkDir: good, Manifest: good}, nil)
-		_, errs["restore"] = l.RestoreImage(ctx, drivers.RestoreRequest{Manifest: good, ChunkDir: good, Dest: p}, nil)
-		_, errs["delete-backup"] = l.DeleteBackup(ctx, drivers.DeleteBackupRequest{Manifest: p, ChunkDir: good})
+		_, errs["backup"] = l.BackupImage(ctx, BackupRequest{Source: p, SourceFormat: drivers.FormatRaw, ChunkDir: good, Manifest: good}, nil)
+		_, errs["restore"] = l.RestoreImage(ctx, RestoreRequest{Manifest: good, ChunkDir: good, Dest: p}, nil)
+		_, errs["delete-backup"] = l.DeleteBackup(ctx, DeleteBackupRequest{Manifest: p, ChunkDir: good})
 		_, errs["export"] = l.Export(ctx, p)
 		for op, err := range errs {
 			if !errors.Is(err, errdefs.ErrInvalid) {
@@ -805,7 +805,7 @@ func TestImageOpsRefuseBadPaths(t *testing.T) {
 			}
 		}
 	}
-	if _, err := l.FetchImage(ctx, drivers.FetchRequest{Source: good, Dest: filepath.Join(filepath.Dir(good), TempPrefix+"x"), Format: drivers.FormatRaw}, nil); !errors.Is(err, errdefs.ErrInvalid) {
+	if _, err := l.FetchImage(ctx, FetchRequest{Source: good, Dest: filepath.Join(filepath.Dir(good), TempPrefix+"x"), Format: drivers.FormatRaw}, nil); !errors.Is(err, errdefs.ErrInvalid) {
 		t.Errorf("fetch to a reserved name: %v", err)
 	}
 }
@@ -824,7 +824,7 @@ func TestImageOpsConcurrentFetchesOfOneDest(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			_, errs[i] = l.FetchImage(t.Context(), drivers.FetchRequest{Source: srv.URL + "/t.raw", Dest: dest, Format: drivers.FormatRaw}, nil)
+			_, errs[i] = l.FetchImage(t.Context(), FetchRequest{Source: srv.URL + "/t.raw", Dest: dest, Format: drivers.FormatRaw}, nil)
 		}()
 	}
 	wg.Wait()
@@ -847,18 +847,18 @@ func TestStepsCreateDirectoriesOnlyInsideStores(t *testing.T) {
 		t.Fatal(err)
 	}
 	vol := filepath.Join(store, "volumes", "v.qcow2")
-	if _, err := l.CloneImage(ctx, drivers.CloneRequest{Base: filepath.Join(srcDir, "t.qcow2"), BaseFormat: drivers.FormatQCOW2, Dest: vol, Mode: drivers.CloneFull}, nil); err != nil {
+	if _, err := l.CloneImage(ctx, CloneRequest{Base: filepath.Join(srcDir, "t.qcow2"), BaseFormat: drivers.FormatQCOW2, Dest: vol, Mode: drivers.CloneFull}, nil); err != nil {
 		t.Fatal(err)
 	}
 	snap := filepath.Join(store, "snapshots", "v", "s1.qcow2")
-	if _, err := l.SnapshotImage(ctx, drivers.SnapshotRequest{Volume: vol, Snapshot: snap, Format: drivers.FormatQCOW2}); err != nil {
+	if _, err := l.SnapshotImage(ctx, SnapshotRequest{Volume: vol, Snapshot: snap, Format: drivers.FormatQCOW2}); err != nil {
 		t.Fatalf("snapshot into a new per-volume directory: %v", err)
 	}
-	if _, err := l.BackupImage(ctx, drivers.BackupRequest{Source: snap, SourceFormat: drivers.FormatQCOW2, ChunkDir: filepath.Join(store, "snapshots", "chunks"), Manifest: filepath.Join(store, "snapshots", "manifests", "s1.json")}, nil); err != nil {
+	if _, err := l.BackupImage(ctx, BackupRequest{Source: snap, SourceFormat: drivers.FormatQCOW2, ChunkDir: filepath.Join(store, "snapshots", "chunks"), Manifest: filepath.Join(store, "snapshots", "manifests", "s1.json")}, nil); err != nil {
 		t.Fatalf("backup into new directories: %v", err)
 	}
 	outside := filepath.Join(t.TempDir(), "no", "such", "dir", "x.raw")
-	if _, err := l.FetchImage(ctx, drivers.FetchRequest{Source: filepath.Join(srcDir, "t.raw"), Dest: outside, Format: drivers.FormatRaw}, nil); !errors.Is(err, errdefs.ErrNotFound) {
+	if _, err := l.FetchImage(ctx, FetchRequest{Source: filepath.Join(srcDir, "t.raw"), Dest: outside, Format: drivers.FormatRaw}, nil); !errors.Is(err, errdefs.ErrNotFound) {
 		t.Fatalf("fetch into a missing directory outside any store: %v", err)
 	}
 	if _, err := os.Stat(filepath.Join(filepath.Dir(outside), "..")); !os.IsNotExist(err) {

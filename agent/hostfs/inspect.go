@@ -14,26 +14,26 @@ import (
 // InspectImage describes the image at path, opened as format (qemu-img
 // info -f; read shared, so an image in use by a VM can be inspected). It
 // reads the image's metadata only, never its backing chain.
-func (l *Local) InspectImage(ctx context.Context, path string, format drivers.Format) (drivers.ImageInfo, error) {
+func (l *Local) InspectImage(ctx context.Context, path string, format drivers.Format) (ImageInfo, error) {
 	info, err := l.inspectImage(ctx, path, format)
 	if err != nil {
-		return drivers.ImageInfo{}, fmt.Errorf("inspect %s on host %s: %w", path, l.hostID, err)
+		return ImageInfo{}, fmt.Errorf("inspect %s on host %s: %w", path, l.hostID, err)
 	}
 	return info, nil
 }
 
-func (l *Local) inspectImage(ctx context.Context, path string, format drivers.Format) (drivers.ImageInfo, error) {
+func (l *Local) inspectImage(ctx context.Context, path string, format drivers.Format) (ImageInfo, error) {
 	host, err := l.existingPath(path)
 	if err != nil {
-		return drivers.ImageInfo{}, err
+		return ImageInfo{}, err
 	}
 	f, err := declared("image", format)
 	if err != nil {
-		return drivers.ImageInfo{}, err
+		return ImageInfo{}, err
 	}
 	info, _, err := l.imageInfo(ctx, path, host, f, qemuimg.ForceShare())
 	if err != nil {
-		return drivers.ImageInfo{}, err
+		return ImageInfo{}, err
 	}
 	if format == drivers.FormatISO {
 		info.Format = drivers.FormatISO
@@ -43,15 +43,15 @@ func (l *Local) inspectImage(ctx context.Context, path string, format drivers.Fo
 
 // imageInfo describes the image at host (path as the caller named it),
 // opened as format (a qemu-img format; never probed).
-func (l *Local) imageInfo(ctx context.Context, path, host, format string, opts ...qemuimg.InfoOption) (drivers.ImageInfo, qemuimg.Info, error) {
+func (l *Local) imageInfo(ctx context.Context, path, host, format string, opts ...qemuimg.InfoOption) (ImageInfo, qemuimg.Info, error) {
 	if format == "" {
-		return drivers.ImageInfo{}, qemuimg.Info{}, fmt.Errorf("image info of %s without a format: %w", path, errdefs.ErrInternal)
+		return ImageInfo{}, qemuimg.Info{}, fmt.Errorf("image info of %s without a format: %w", path, errdefs.ErrInternal)
 	}
 	qi, err := l.qemu.Info(ctx, host, append([]qemuimg.InfoOption{qemuimg.AssumeFormat(format)}, opts...)...)
 	if err != nil {
-		return drivers.ImageInfo{}, qi, err
+		return ImageInfo{}, qi, err
 	}
-	out := drivers.ImageInfo{Path: path, Format: formatOf(qi.Format), VirtualSize: qi.VirtualSize, PhysicalSize: qi.ActualSize}
+	out := ImageInfo{Path: path, Format: formatOf(qi.Format), VirtualSize: qi.VirtualSize, PhysicalSize: qi.ActualSize}
 	if qi.BackingFilename != "" {
 		out.BackingFile = qi.FullBackingFilename
 		if out.BackingFile == "" {

@@ -9,8 +9,6 @@ import (
 	"path/filepath"
 
 	"golang.org/x/sys/unix"
-
-	"github.com/stowage/stowage/drivers"
 )
 
 // reflinkKey names one store directory on one mounted filesystem, so that a
@@ -22,13 +20,13 @@ type reflinkKey struct {
 }
 
 // probe reads what the host sees of the store directory dir (a path on this machine).
-func (l *Local) probe(ctx context.Context, dir string) (drivers.StoreProbe, error) {
+func (l *Local) probe(ctx context.Context, dir string) (StoreProbe, error) {
 	if err := ctx.Err(); err != nil {
-		return drivers.StoreProbe{}, err
+		return StoreProbe{}, err
 	}
 	var st unix.Statfs_t
 	if err := unix.Statfs(dir, &st); err != nil {
-		return drivers.StoreProbe{}, classed(&fs.PathError{Op: "statfs", Path: dir, Err: err})
+		return StoreProbe{}, classed(&fs.PathError{Op: "statfs", Path: dir, Err: err})
 	}
 	// f_blocks and f_bavail count fragments of f_frsize bytes; Linux fills
 	// f_frsize (equal to f_bsize on all common filesystems) since 2.6.
@@ -37,13 +35,13 @@ func (l *Local) probe(ctx context.Context, dir string) (drivers.StoreProbe, erro
 		unit = st.Bsize
 	}
 	magic := uint32(st.Type)
-	p := drivers.StoreProbe{
+	p := StoreProbe{
 		CapacityBytes:  int64(st.Blocks) * unit,
 		AvailableBytes: int64(st.Bavail) * unit,
 		FSType:         FSTypeName(magic),
 	}
 	if err := ctx.Err(); err != nil {
-		return drivers.StoreProbe{}, err
+		return StoreProbe{}, err
 	}
 	p.Reflink = l.reflinkSupported(dir, magic)
 	return p, nil

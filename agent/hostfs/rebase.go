@@ -18,36 +18,36 @@ import (
 // exactly as the old one (qemu-img compare says so, and it stops at the
 // first difference) only the name is rewritten (rebase -u). An image
 // already on newBacking is left alone.
-func (l *Local) RebaseImage(ctx context.Context, path, newBacking string, backingFormat drivers.Format) (drivers.ImageInfo, error) {
+func (l *Local) RebaseImage(ctx context.Context, path, newBacking string, backingFormat drivers.Format) (ImageInfo, error) {
 	info, err := l.rebaseImage(ctx, path, newBacking, backingFormat)
 	if err != nil {
-		return drivers.ImageInfo{}, fmt.Errorf("rebase %s onto %q on host %s: %w", path, newBacking, l.hostID, err)
+		return ImageInfo{}, fmt.Errorf("rebase %s onto %q on host %s: %w", path, newBacking, l.hostID, err)
 	}
 	return info, nil
 }
 
-func (l *Local) rebaseImage(ctx context.Context, path, newBacking string, backingFormat drivers.Format) (drivers.ImageInfo, error) {
+func (l *Local) rebaseImage(ctx context.Context, path, newBacking string, backingFormat drivers.Format) (ImageInfo, error) {
 	host, err := l.objectPath(path)
 	if err != nil {
-		return drivers.ImageInfo{}, err
+		return ImageInfo{}, err
 	}
 	var nb, nbFormat string
 	if newBacking != "" {
 		if nb, err = l.existingPath(newBacking); err != nil {
-			return drivers.ImageInfo{}, err
+			return ImageInfo{}, err
 		}
 		if nbFormat, err = declared("new backing file", backingFormat); err != nil {
-			return drivers.ImageInfo{}, err
+			return ImageInfo{}, err
 		}
 	}
 	unlock, err := l.locks.lock(ctx, host)
 	if err != nil {
-		return drivers.ImageInfo{}, err
+		return ImageInfo{}, err
 	}
 	defer unlock()
 	qi, err := l.openDeclared(ctx, host, qemuimg.FormatQCOW2, true)
 	if err != nil {
-		return drivers.ImageInfo{}, err
+		return ImageInfo{}, err
 	}
 	old := backingOf(qi)
 	method := "unchanged"
@@ -57,7 +57,7 @@ func (l *Local) rebaseImage(ctx context.Context, path, newBacking string, backin
 		if nb != "" {
 			// The chain the image will have must pass the same rule.
 			if err := l.checkChain(ctx, host, qemuimg.Info{BackingFilename: nb, BackingFormat: nbFormat}); err != nil {
-				return drivers.ImageInfo{}, err
+				return ImageInfo{}, err
 			}
 			if old != "" {
 				same, err := l.qemu.Compare(ctx, old, qi.BackingFormat, nb, nbFormat)
@@ -68,15 +68,15 @@ func (l *Local) rebaseImage(ctx context.Context, path, newBacking string, backin
 			}
 		}
 		if err := l.qemu.Rebase(ctx, host, nb, nbFormat, opts...); err != nil {
-			return drivers.ImageInfo{}, err
+			return ImageInfo{}, err
 		}
 		if err := durable.SyncFile(host); err != nil {
-			return drivers.ImageInfo{}, classed(err)
+			return ImageInfo{}, classed(err)
 		}
 	}
 	info, _, err := l.imageInfo(ctx, path, host, qemuimg.FormatQCOW2)
 	if err != nil {
-		return drivers.ImageInfo{}, err
+		return ImageInfo{}, err
 	}
 	info.Method = method
 	return info, nil

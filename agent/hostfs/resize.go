@@ -15,44 +15,44 @@ import (
 // metadata change for qcow2, a truncate for raw). The same size is a
 // no-op; shrinking is errdefs.ErrInvalid. An image a VM holds open is
 // errdefs.ErrFailedPrecondition (qemu-img's lock).
-func (l *Local) ResizeImage(ctx context.Context, path string, format drivers.Format, size int64) (drivers.ImageInfo, error) {
+func (l *Local) ResizeImage(ctx context.Context, path string, format drivers.Format, size int64) (ImageInfo, error) {
 	info, err := l.resizeImage(ctx, path, format, size)
 	if err != nil {
-		return drivers.ImageInfo{}, fmt.Errorf("resize %s to %d bytes on host %s: %w", path, size, l.hostID, err)
+		return ImageInfo{}, fmt.Errorf("resize %s to %d bytes on host %s: %w", path, size, l.hostID, err)
 	}
 	return info, nil
 }
 
-func (l *Local) resizeImage(ctx context.Context, path string, format drivers.Format, size int64) (drivers.ImageInfo, error) {
+func (l *Local) resizeImage(ctx context.Context, path string, format drivers.Format, size int64) (ImageInfo, error) {
 	host, err := l.objectPath(path)
 	if err != nil {
-		return drivers.ImageInfo{}, err
+		return ImageInfo{}, err
 	}
 	f, err := declared("image", format)
 	if err != nil {
-		return drivers.ImageInfo{}, err
+		return ImageInfo{}, err
 	}
 	if size <= 0 || size%qemuimg.SectorSize != 0 {
-		return drivers.ImageInfo{}, fmt.Errorf("size %d is not a positive multiple of %d bytes: %w", size, qemuimg.SectorSize, errdefs.ErrInvalid)
+		return ImageInfo{}, fmt.Errorf("size %d is not a positive multiple of %d bytes: %w", size, qemuimg.SectorSize, errdefs.ErrInvalid)
 	}
 	unlock, err := l.locks.lock(ctx, host)
 	if err != nil {
-		return drivers.ImageInfo{}, err
+		return ImageInfo{}, err
 	}
 	defer unlock()
 	qi, err := l.openDeclared(ctx, host, f, true)
 	if err != nil {
-		return drivers.ImageInfo{}, err
+		return ImageInfo{}, err
 	}
 	if size < qi.VirtualSize {
-		return drivers.ImageInfo{}, fmt.Errorf("the image has %d bytes; shrinking is refused: %w", qi.VirtualSize, errdefs.ErrInvalid)
+		return ImageInfo{}, fmt.Errorf("the image has %d bytes; shrinking is refused: %w", qi.VirtualSize, errdefs.ErrInvalid)
 	}
 	if size > qi.VirtualSize {
 		if err := l.qemu.Resize(ctx, host, f, size); err != nil {
-			return drivers.ImageInfo{}, err
+			return ImageInfo{}, err
 		}
 		if err := durable.SyncFile(host); err != nil {
-			return drivers.ImageInfo{}, classed(err)
+			return ImageInfo{}, classed(err)
 		}
 	}
 	info, _, err := l.imageInfo(ctx, path, host, f)

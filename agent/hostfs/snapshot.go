@@ -14,7 +14,6 @@ import (
 	"github.com/stowage/stowage/datapath/durable"
 	"github.com/stowage/stowage/datapath/qemuimg"
 	"github.com/stowage/stowage/datapath/stream"
-	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
 )
 
@@ -39,58 +38,58 @@ import (
 //
 // A snapshot already taken (the volume is an overlay on req.Snapshot, or
 // for raw a raw snapshot of the volume's size exists) is returned as it is.
-func (l *Local) SnapshotImage(ctx context.Context, req drivers.SnapshotRequest) (drivers.SnapshotInfo, error) {
+func (l *Local) SnapshotImage(ctx context.Context, req SnapshotRequest) (SnapshotInfo, error) {
 	info, err := l.snapshotImage(ctx, req)
 	if err != nil {
-		return drivers.SnapshotInfo{}, fmt.Errorf("snapshot %s to %s on host %s: %w", req.Volume, req.Snapshot, l.hostID, err)
+		return SnapshotInfo{}, fmt.Errorf("snapshot %s to %s on host %s: %w", req.Volume, req.Snapshot, l.hostID, err)
 	}
 	return info, nil
 }
 
-func (l *Local) snapshotImage(ctx context.Context, req drivers.SnapshotRequest) (drivers.SnapshotInfo, error) {
+func (l *Local) snapshotImage(ctx context.Context, req SnapshotRequest) (SnapshotInfo, error) {
 	format, err := snapshotFormat(req)
 	if err != nil {
-		return drivers.SnapshotInfo{}, err
+		return SnapshotInfo{}, err
 	}
 	vol, snap, unlock, err := l.lockPair(ctx, req)
 	if err != nil {
-		return drivers.SnapshotInfo{}, err
+		return SnapshotInfo{}, err
 	}
 	defer unlock()
 	volOK, err := exists(vol)
 	if err != nil {
-		return drivers.SnapshotInfo{}, err
+		return SnapshotInfo{}, err
 	}
 	snapOK, err := exists(snap)
 	if err != nil {
-		return drivers.SnapshotInfo{}, err
+		return SnapshotInfo{}, err
 	}
 	if !volOK && !snapOK {
-		return drivers.SnapshotInfo{}, fmt.Errorf("volume %s does not exist: %w", req.Volume, errdefs.ErrNotFound)
+		return SnapshotInfo{}, fmt.Errorf("volume %s does not exist: %w", req.Volume, errdefs.ErrNotFound)
 	}
 	if snapOK {
 		if !volOK {
 			if format != qemuimg.FormatQCOW2 {
-				return drivers.SnapshotInfo{}, fmt.Errorf("volume %s does not exist: %w", req.Volume, errdefs.ErrNotFound)
+				return SnapshotInfo{}, fmt.Errorf("volume %s does not exist: %w", req.Volume, errdefs.ErrNotFound)
 			}
 			// A crash between the two renames: finish the snapshot.
 			si, err := l.openDeclared(ctx, snap, format, false)
 			if err != nil {
-				return drivers.SnapshotInfo{}, err
+				return SnapshotInfo{}, err
 			}
 			removeStage(stagePath(vol, "snap"))
 			if err := l.newOverlay(ctx, snap, si.VirtualSize, vol, ""); err != nil {
-				return drivers.SnapshotInfo{}, err
+				return SnapshotInfo{}, err
 			}
 			return l.snapshotResult(ctx, req, vol, snap, format, "qcow2-external")
 		}
 		si, err := l.qemu.Info(ctx, snap, qemuimg.AssumeFormat(format), qemuimg.ForceShare())
 		if err != nil {
-			return drivers.SnapshotInfo{}, fmt.Errorf("%s exists and is not a %s snapshot (%v): %w", req.Snapshot, format, err, errdefs.ErrAlreadyExists)
+			return SnapshotInfo{}, fmt.Errorf("%s exists and is not a %s snapshot (%v): %w", req.Snapshot, format, err, errdefs.ErrAlreadyExists)
 		}
 		vi, err := l.qemu.Info(ctx, vol, qemuimg.AssumeFormat(format), qemuimg.ForceShare())
 		if err != nil {
-			return drivers.SnapshotInfo{}, err
+			return SnapshotInfo{}, err
 		}
 		switch {
 		case format == qemuimg.FormatQCOW2 && backingOf(vi) == snap:
@@ -98,24 +97,24 @@ func (l *Local) snapshotImage(ctx context.Context, req drivers.SnapshotRequest) 
 		case format == qemuimg.FormatRaw && vi.VirtualSize == si.VirtualSize:
 			return l.snapshotResult(ctx, req, vol, snap, format, "existing")
 		}
-		return drivers.SnapshotInfo{}, fmt.Errorf("%s exists and is not a snapshot of %s: %w", req.Snapshot, req.Volume, errdefs.ErrAlreadyExists)
+		return SnapshotInfo{}, fmt.Errorf("%s exists and is not a snapshot of %s: %w", req.Snapshot, req.Volume, errdefs.ErrAlreadyExists)
 	}
 
 	// Exclusive: a volume a VM holds open fails here (FailedPrecondition).
 	vi, err := l.openDeclared(ctx, vol, format, true)
 	if err != nil {
-		return drivers.SnapshotInfo{}, err
+		return SnapshotInfo{}, err
 	}
 	switch format {
 	case qemuimg.FormatQCOW2:
 		// The volume will be backed by the snapshot: it must be in the
 		// volume's store, or every later step on the volume is refused.
 		if st, ok := l.storeOf(vol); !ok || !within(snap, st) {
-			return drivers.SnapshotInfo{}, fmt.Errorf("snapshot %s of qcow2 volume %s must be inside the volume's store (the volume becomes an overlay on it): %w", req.Snapshot, req.Volume, errdefs.ErrInvalid)
+			return SnapshotInfo{}, fmt.Errorf("snapshot %s of qcow2 volume %s must be inside the volume's store (the volume becomes an overlay on it): %w", req.Snapshot, req.Volume, errdefs.ErrInvalid)
 		}
 		if vi.BackingFilename != "" && !filepath.IsAbs(vi.BackingFilename) && filepath.Dir(vol) != filepath.Dir(snap) {
 			if err := l.absoluteBacking(ctx, vol, vi); err != nil {
-				return drivers.SnapshotInfo{}, err
+				return SnapshotInfo{}, err
 			}
 		}
 		stage := stagePath(vol, "snap")
@@ -123,35 +122,35 @@ func (l *Local) snapshotImage(ctx context.Context, req drivers.SnapshotRequest) 
 		defer removeStage(stage)
 		if err := l.qemu.Create(ctx, stage, qemuimg.FormatQCOW2, vi.VirtualSize,
 			qemuimg.BackingFile(snap, qemuimg.FormatQCOW2), qemuimg.SkipBackingCheck()); err != nil {
-			return drivers.SnapshotInfo{}, err
+			return SnapshotInfo{}, err
 		}
 		if err := sameOwner(vol, stage); err != nil {
-			return drivers.SnapshotInfo{}, err
+			return SnapshotInfo{}, err
 		}
 		if err := durable.SyncFile(stage); err != nil {
-			return drivers.SnapshotInfo{}, classed(err)
+			return SnapshotInfo{}, classed(err)
 		}
 		if err := ctx.Err(); err != nil {
-			return drivers.SnapshotInfo{}, err
+			return SnapshotInfo{}, err
 		}
 		if err := durable.RenameNoReplace(vol, snap); err != nil {
 			if errors.Is(err, unix.EXDEV) {
-				return drivers.SnapshotInfo{}, fmt.Errorf("volume and snapshot are on different filesystems; a qcow2 snapshot renames the volume: %w", errdefs.ErrFailedPrecondition)
+				return SnapshotInfo{}, fmt.Errorf("volume and snapshot are on different filesystems; a qcow2 snapshot renames the volume: %w", errdefs.ErrFailedPrecondition)
 			}
-			return drivers.SnapshotInfo{}, classed(err)
+			return SnapshotInfo{}, classed(err)
 		}
 		if err := os.Chmod(snap, 0o444); err != nil {
-			return drivers.SnapshotInfo{}, classed(err)
+			return SnapshotInfo{}, classed(err)
 		}
 		if err := durable.SyncDir(filepath.Dir(snap)); err != nil {
-			return drivers.SnapshotInfo{}, classed(err)
+			return SnapshotInfo{}, classed(err)
 		}
 		// From here the step is committed: finish it even if ctx ended.
 		if err := durable.RenameNoReplace(stage, vol); err != nil {
-			return drivers.SnapshotInfo{}, classed(err)
+			return SnapshotInfo{}, classed(err)
 		}
 		if err := durable.SyncDir(filepath.Dir(vol)); err != nil {
-			return drivers.SnapshotInfo{}, classed(err)
+			return SnapshotInfo{}, classed(err)
 		}
 		return l.snapshotResult(ctx, req, vol, snap, format, "qcow2-external")
 	default: // raw: its bytes, whatever they look like
@@ -159,13 +158,13 @@ func (l *Local) snapshotImage(ctx context.Context, req drivers.SnapshotRequest) 
 		defer removeStage(stage)
 		res, err := streamCopy(ctx, vol, stream.SourceOptions{Format: qemuimg.FormatRaw}, stage, stream.Options{})
 		if err != nil {
-			return drivers.SnapshotInfo{}, err
+			return SnapshotInfo{}, err
 		}
 		if err := os.Chmod(stage, 0o444); err != nil {
-			return drivers.SnapshotInfo{}, classed(err)
+			return SnapshotInfo{}, classed(err)
 		}
 		if err := publish(stage, snap); err != nil {
-			return drivers.SnapshotInfo{}, err
+			return SnapshotInfo{}, err
 		}
 		method := "copy"
 		if res.Method == "reflink" {
@@ -177,7 +176,7 @@ func (l *Local) snapshotImage(ctx context.Context, req drivers.SnapshotRequest) 
 
 // snapshotFormat is the qemu-img format of req's volume and snapshots:
 // raw or qcow2, as declared.
-func snapshotFormat(req drivers.SnapshotRequest) (string, error) {
+func snapshotFormat(req SnapshotRequest) (string, error) {
 	format, err := declared("volume", req.Format)
 	if err != nil {
 		return "", err
@@ -189,7 +188,7 @@ func snapshotFormat(req drivers.SnapshotRequest) (string, error) {
 }
 
 // lockPair checks the paths of req and locks both objects.
-func (l *Local) lockPair(ctx context.Context, req drivers.SnapshotRequest) (vol, snap string, unlock func(), err error) {
+func (l *Local) lockPair(ctx context.Context, req SnapshotRequest) (vol, snap string, unlock func(), err error) {
 	if vol, err = l.objectPath(req.Volume); err != nil {
 		return "", "", nil, err
 	}
@@ -227,17 +226,17 @@ func (l *Local) newOverlay(ctx context.Context, backing string, size int64, fina
 	return replace(stage, final)
 }
 
-func (l *Local) snapshotResult(ctx context.Context, req drivers.SnapshotRequest, vol, snap, format, method string) (drivers.SnapshotInfo, error) {
+func (l *Local) snapshotResult(ctx context.Context, req SnapshotRequest, vol, snap, format, method string) (SnapshotInfo, error) {
 	si, _, err := l.imageInfo(ctx, req.Snapshot, snap, format, qemuimg.ForceShare())
 	if err != nil {
-		return drivers.SnapshotInfo{}, err
+		return SnapshotInfo{}, err
 	}
 	vi, _, err := l.imageInfo(ctx, req.Volume, vol, format, qemuimg.ForceShare())
 	if err != nil {
-		return drivers.SnapshotInfo{}, err
+		return SnapshotInfo{}, err
 	}
 	si.Method, vi.Method = method, method
-	return drivers.SnapshotInfo{Snapshot: si, Volume: vi, Method: method}, nil
+	return SnapshotInfo{Snapshot: si, Volume: vi, Method: method}, nil
 }
 
 // RevertImage makes the volume at req.Volume read what req.Snapshot holds;
@@ -248,31 +247,31 @@ func (l *Local) snapshotResult(ctx context.Context, req drivers.SnapshotRequest,
 // it becomes a reflink or sparse copy of it. Either way the new volume is
 // staged and renamed over the old one, with its owner and mode. A volume
 // that already is an empty overlay on the snapshot is left alone.
-func (l *Local) RevertImage(ctx context.Context, req drivers.SnapshotRequest) (drivers.ImageInfo, error) {
+func (l *Local) RevertImage(ctx context.Context, req SnapshotRequest) (ImageInfo, error) {
 	info, err := l.revertImage(ctx, req)
 	if err != nil {
-		return drivers.ImageInfo{}, fmt.Errorf("revert %s to %s on host %s: %w", req.Volume, req.Snapshot, l.hostID, err)
+		return ImageInfo{}, fmt.Errorf("revert %s to %s on host %s: %w", req.Volume, req.Snapshot, l.hostID, err)
 	}
 	return info, nil
 }
 
-func (l *Local) revertImage(ctx context.Context, req drivers.SnapshotRequest) (drivers.ImageInfo, error) {
+func (l *Local) revertImage(ctx context.Context, req SnapshotRequest) (ImageInfo, error) {
 	format, err := snapshotFormat(req)
 	if err != nil {
-		return drivers.ImageInfo{}, err
+		return ImageInfo{}, err
 	}
 	vol, snap, unlock, err := l.lockPair(ctx, req)
 	if err != nil {
-		return drivers.ImageInfo{}, err
+		return ImageInfo{}, err
 	}
 	defer unlock()
 	si, err := l.openDeclared(ctx, snap, format, false)
 	if err != nil {
-		return drivers.ImageInfo{}, err
+		return ImageInfo{}, err
 	}
 	volOK, err := exists(vol)
 	if err != nil {
-		return drivers.ImageInfo{}, err
+		return ImageInfo{}, err
 	}
 	like := ""
 	var vi qemuimg.Info
@@ -280,7 +279,7 @@ func (l *Local) revertImage(ctx context.Context, req drivers.SnapshotRequest) (d
 		like = vol
 		// Exclusive: a volume a VM holds open fails here (FailedPrecondition).
 		if vi, err = l.qemu.Info(ctx, vol, qemuimg.AssumeFormat(format)); err != nil {
-			return drivers.ImageInfo{}, err
+			return ImageInfo{}, err
 		}
 	}
 	var method string
@@ -290,11 +289,11 @@ func (l *Local) revertImage(ctx context.Context, req drivers.SnapshotRequest) (d
 		if volOK && backingOf(vi) == snap {
 			// qemu-img map reads the volume's chain: check it first.
 			if err := l.checkChain(ctx, vol, vi); err != nil {
-				return drivers.ImageInfo{}, err
+				return ImageInfo{}, err
 			}
 			empty, err := l.emptyOverlay(ctx, vol)
 			if err != nil {
-				return drivers.ImageInfo{}, err
+				return ImageInfo{}, err
 			}
 			if empty && vi.VirtualSize == si.VirtualSize {
 				info, _, err := l.imageInfo(ctx, req.Volume, vol, format)
@@ -303,27 +302,27 @@ func (l *Local) revertImage(ctx context.Context, req drivers.SnapshotRequest) (d
 			}
 		}
 		if err := ctx.Err(); err != nil {
-			return drivers.ImageInfo{}, err
+			return ImageInfo{}, err
 		}
 		if err := l.newOverlay(ctx, snap, si.VirtualSize, vol, like); err != nil {
-			return drivers.ImageInfo{}, err
+			return ImageInfo{}, err
 		}
 	default: // raw: the snapshot's bytes, whatever they look like
 		stage := stagePath(vol, "revert")
 		defer removeStage(stage)
 		res, err := streamCopy(ctx, snap, stream.SourceOptions{Format: qemuimg.FormatRaw}, stage, stream.Options{})
 		if err != nil {
-			return drivers.ImageInfo{}, err
+			return ImageInfo{}, err
 		}
 		if like != "" {
 			if err := sameOwner(like, stage); err != nil {
-				return drivers.ImageInfo{}, err
+				return ImageInfo{}, err
 			}
 		} else if err := os.Chmod(stage, 0o644); err != nil {
-			return drivers.ImageInfo{}, classed(err)
+			return ImageInfo{}, classed(err)
 		}
 		if err := replace(stage, vol); err != nil {
-			return drivers.ImageInfo{}, err
+			return ImageInfo{}, err
 		}
 		method = "copy"
 		if res.Method == "reflink" {
@@ -332,7 +331,7 @@ func (l *Local) revertImage(ctx context.Context, req drivers.SnapshotRequest) (d
 	}
 	info, _, err := l.imageInfo(ctx, req.Volume, vol, format)
 	if err != nil {
-		return drivers.ImageInfo{}, err
+		return ImageInfo{}, err
 	}
 	info.Method = method
 	return info, nil

@@ -14,7 +14,6 @@ import (
 	"time"
 
 	"github.com/stowage/stowage/datapath/durable"
-	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
 )
 
@@ -31,37 +30,37 @@ type marker struct {
 // one that already carries storeID's marker is completed (missing subdirs
 // are created again) and probed. When PrepareStore fails, it removes every
 // directory and file it created.
-func (l *Local) PrepareStore(ctx context.Context, path, storeID string, subdirs []string) (drivers.StoreProbe, error) {
+func (l *Local) PrepareStore(ctx context.Context, path, storeID string, subdirs []string) (StoreProbe, error) {
 	probe, err := l.prepareStore(ctx, path, storeID, subdirs)
 	if err != nil {
-		return drivers.StoreProbe{}, fmt.Errorf("prepare store %s at %s on host %s: %w", storeID, path, l.hostID, err)
+		return StoreProbe{}, fmt.Errorf("prepare store %s at %s on host %s: %w", storeID, path, l.hostID, err)
 	}
 	return probe, nil
 }
 
-func (l *Local) prepareStore(ctx context.Context, path, storeID string, subdirs []string) (_ drivers.StoreProbe, err error) {
+func (l *Local) prepareStore(ctx context.Context, path, storeID string, subdirs []string) (_ StoreProbe, err error) {
 	if err := checkPath(path); err != nil {
-		return drivers.StoreProbe{}, err
+		return StoreProbe{}, err
 	}
 	if err := checkStoreID(storeID); err != nil {
-		return drivers.StoreProbe{}, err
+		return StoreProbe{}, err
 	}
 	if err := checkSubdirs(subdirs); err != nil {
-		return drivers.StoreProbe{}, err
+		return StoreProbe{}, err
 	}
 	if err := ctx.Err(); err != nil {
-		return drivers.StoreProbe{}, err
+		return StoreProbe{}, err
 	}
 	dir := l.onHost(path)
 	if fi, err := os.Stat(dir); err == nil && !fi.IsDir() {
-		return drivers.StoreProbe{}, fmt.Errorf("%s exists and is not a directory: %w", path, errdefs.ErrFailedPrecondition)
+		return StoreProbe{}, fmt.Errorf("%s exists and is not a directory: %w", path, errdefs.ErrFailedPrecondition)
 	}
 	m, hasMarker, err := readMarker(dir, path)
 	if err != nil {
-		return drivers.StoreProbe{}, err
+		return StoreProbe{}, err
 	}
 	if hasMarker && m.StoreID != storeID {
-		return drivers.StoreProbe{}, ownedError(path, m.StoreID)
+		return StoreProbe{}, ownedError(path, m.StoreID)
 	}
 
 	// Undo on failure: what this call created, newest first. Only empty
@@ -84,39 +83,39 @@ func (l *Local) prepareStore(ctx context.Context, path, storeID string, subdirs 
 	created, err := mkdirAll(dir)
 	createdDirs = append(createdDirs, created...)
 	if err != nil {
-		return drivers.StoreProbe{}, classed(err)
+		return StoreProbe{}, classed(err)
 	}
 	for _, sd := range subdirs {
 		created, err := mkdirAll(filepath.Join(dir, sd))
 		createdDirs = append(createdDirs, created...)
 		if err != nil {
-			return drivers.StoreProbe{}, classed(err)
+			return StoreProbe{}, classed(err)
 		}
 	}
 	if err := ctx.Err(); err != nil {
-		return drivers.StoreProbe{}, err
+		return StoreProbe{}, err
 	}
 	if !hasMarker {
 		wroteMarker, err = writeMarker(dir, marker{StoreID: storeID, CreatedAt: nowUTC()})
 		if err != nil {
-			return drivers.StoreProbe{}, classed(err)
+			return StoreProbe{}, classed(err)
 		}
 		if !wroteMarker {
 			// A concurrent PrepareStore wrote a marker first.
 			m, _, err := readMarker(dir, path)
 			if err != nil {
-				return drivers.StoreProbe{}, err
+				return StoreProbe{}, err
 			}
 			if m.StoreID != storeID {
 				keep = true // the directories are the other store's layout now
-				return drivers.StoreProbe{}, ownedError(path, m.StoreID)
+				return StoreProbe{}, ownedError(path, m.StoreID)
 			}
 		}
 	}
 	// Make the new directory entries durable: each created directory's parent.
 	for _, d := range createdDirs {
 		if err := durable.SyncDir(filepath.Dir(d)); err != nil {
-			return drivers.StoreProbe{}, classed(err)
+			return StoreProbe{}, classed(err)
 		}
 	}
 	return l.probe(ctx, dir)
@@ -221,9 +220,9 @@ func writeMarker(dir string, m marker) (bool, error) {
 // errdefs.ErrFailedPrecondition. It returns when ctx ends even if the kernel
 // is stuck (a hard NFS mount of a dead server); the stuck goroutine then
 // finishes when the kernel lets it.
-func (l *Local) ProbeStore(ctx context.Context, path, storeID string) (drivers.StoreProbe, error) {
-	fail := func(err error) (drivers.StoreProbe, error) {
-		return drivers.StoreProbe{}, fmt.Errorf("probe store %s at %s on host %s: %w", storeID, path, l.hostID, err)
+func (l *Local) ProbeStore(ctx context.Context, path, storeID string) (StoreProbe, error) {
+	fail := func(err error) (StoreProbe, error) {
+		return StoreProbe{}, fmt.Errorf("probe store %s at %s on host %s: %w", storeID, path, l.hostID, err)
 	}
 	if err := checkPath(path); err != nil {
 		return fail(err)
@@ -235,7 +234,7 @@ func (l *Local) ProbeStore(ctx context.Context, path, storeID string) (drivers.S
 		return fail(err)
 	}
 	type result struct {
-		probe drivers.StoreProbe
+		probe StoreProbe
 		err   error
 	}
 	done := make(chan result, 1)
@@ -254,28 +253,28 @@ func (l *Local) ProbeStore(ctx context.Context, path, storeID string) (drivers.S
 	}
 }
 
-func (l *Local) probeStore(ctx context.Context, path, storeID string) (drivers.StoreProbe, error) {
+func (l *Local) probeStore(ctx context.Context, path, storeID string) (StoreProbe, error) {
 	dir := l.onHost(path)
 	fi, err := os.Stat(dir)
 	if errors.Is(err, fs.ErrNotExist) {
-		return drivers.StoreProbe{}, fmt.Errorf("store directory %s does not exist: %w", path, errdefs.ErrNotFound)
+		return StoreProbe{}, fmt.Errorf("store directory %s does not exist: %w", path, errdefs.ErrNotFound)
 	}
 	if err != nil {
-		return drivers.StoreProbe{}, classed(err)
+		return StoreProbe{}, classed(err)
 	}
 	if !fi.IsDir() {
-		return drivers.StoreProbe{}, fmt.Errorf("%s is not a directory: %w", path, errdefs.ErrFailedPrecondition)
+		return StoreProbe{}, fmt.Errorf("%s is not a directory: %w", path, errdefs.ErrFailedPrecondition)
 	}
 	m, ok, err := readMarker(dir, path)
 	if err != nil {
-		return drivers.StoreProbe{}, err
+		return StoreProbe{}, err
 	}
 	if !ok {
-		return drivers.StoreProbe{}, fmt.Errorf("%s has no store marker (never prepared, already released, or the export is not mounted on this host): %w",
+		return StoreProbe{}, fmt.Errorf("%s has no store marker (never prepared, already released, or the export is not mounted on this host): %w",
 			path, errdefs.ErrNotFound)
 	}
 	if m.StoreID != storeID {
-		return drivers.StoreProbe{}, fmt.Errorf("directory %s belongs to store %s, not %s: %w", path, m.StoreID, storeID, errdefs.ErrFailedPrecondition)
+		return StoreProbe{}, fmt.Errorf("directory %s belongs to store %s, not %s: %w", path, m.StoreID, storeID, errdefs.ErrFailedPrecondition)
 	}
 	return l.probe(ctx, dir)
 }

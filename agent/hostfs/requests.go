@@ -1,8 +1,17 @@
-package drivers
+package hostfs
 
-import "context"
+import (
+	"context"
+	"time"
 
-// ImageOps are the host-side steps on disk images. Paths are absolute on the
+	"github.com/stowage/stowage/drivers"
+)
+
+// The requests and results of Local's steps, on host paths. They are
+// Local's own vocabulary: the agent's LocalHost resolves every (store, key)
+// of a hostops request beneath a store root and calls Local with them.
+
+// imageOps are the host-side steps on disk images. Paths are absolute on the
 // host; every step writes to a temporary name and renames into place only
 // when it succeeded, so a failed or killed step leaves no partial object
 // visible. Steps are idempotent: a step whose destination already exists
@@ -30,35 +39,35 @@ import "context"
 // with errdefs.ErrInvalid naming the offending backing path. FetchImage,
 // whose source is not yet an image of the store, keeps its own checks
 // (declared format against the content, no backing file at all).
-type ImageOps interface {
+type imageOps interface {
 	// FetchImage streams req.Source (http://, https://, file:// or a path)
 	// into req.Dest, verifying req.Checksum in-stream, then inspects the
 	// result: the detected format must be req.Format (an ISO is raw data
 	// with an ISO 9660 signature), and a qcow2 with a backing file is refused
 	// (ErrInvalid). Checksum mismatch is ErrDataLoss; an unreachable or 404
 	// source is ErrNotFound/ErrUnavailable.
-	FetchImage(ctx context.Context, req FetchRequest, progress Progress) (ImageInfo, error)
+	FetchImage(ctx context.Context, req FetchRequest, progress drivers.Progress) (ImageInfo, error)
 	// CopyImage copies req.Source (a path on this host, or a URI another
 	// agent granted: http(s)://, nbd://) to req.Dest through the stream
 	// engine (extent-aware, sparse, reflink when both ends allow). The source
 	// is req.SourceFormat (required). When req.Format differs from it, or
 	// req.Flatten is set for a qcow2 with a backing chain, qemu-img converts
 	// (-f req.SourceFormat) to a standalone image.
-	CopyImage(ctx context.Context, req CopyRequest, progress Progress) (ImageInfo, error)
+	CopyImage(ctx context.Context, req CopyRequest, progress drivers.Progress) (ImageInfo, error)
 	// CloneImage creates req.Dest from req.Base by req.Mode: CloneReflink
 	// (FICLONE; ErrNotImplemented where the filesystem cannot), CloneLinked
 	// (a qcow2 whose backing file is Base, recorded as req.BaseFormat, of
 	// Base's or a larger size; Base must be in Dest's store), or CloneFull (a
 	// full sparse copy in req.Format). Base is opened as req.BaseFormat.
-	CloneImage(ctx context.Context, req CloneRequest, progress Progress) (ImageInfo, error)
+	CloneImage(ctx context.Context, req CloneRequest, progress drivers.Progress) (ImageInfo, error)
 	// InspectImage reads the sizes and backing file of the image at path,
 	// opened as format (qemu-img info -f). It reads metadata only, never the
 	// backing chain, so it reports a backing file outside the store rather
 	// than refusing it.
-	InspectImage(ctx context.Context, path string, format Format) (ImageInfo, error)
+	InspectImage(ctx context.Context, path string, format drivers.Format) (ImageInfo, error)
 	// ResizeImage grows the image at path, opened as format, to size bytes;
 	// shrinking is ErrInvalid.
-	ResizeImage(ctx context.Context, path string, format Format, size int64) (ImageInfo, error)
+	ResizeImage(ctx context.Context, path string, format drivers.Format, size int64) (ImageInfo, error)
 	// SnapshotImage takes a point-in-time snapshot of the volume at req.Volume
 	// (opened as req.Format) into req.Snapshot. A qcow2 volume gets an O(1) external snapshot: the
 	// volume's current file becomes the (read-only) snapshot and a new empty
@@ -74,7 +83,7 @@ type ImageOps interface {
 	// backingFormat in the same store ("" makes it standalone; the format is
 	// then unused), merging in the data of the backing files it leaves out
 	// (qemu-img rebase, safe mode). Used to drop a snapshot from a chain.
-	RebaseImage(ctx context.Context, path, newBacking string, backingFormat Format) (ImageInfo, error)
+	RebaseImage(ctx context.Context, path, newBacking string, backingFormat drivers.Format) (ImageInfo, error)
 	// BackupImage reads the image at req.Source, opened as
 	// req.SourceFormat, as a flat disk (a qcow2 chain is read through its
 	// backing files) and stores it into the chunk store
@@ -84,30 +93,30 @@ type ImageOps interface {
 	// per chunk its sha256 or "zero") goes to req.Manifest. With
 	// req.ParentManifest, chunks whose extents are unallocated in the top
 	// layer of a qcow2 source are taken from the parent without reading.
-	BackupImage(ctx context.Context, req BackupRequest, progress Progress) (BackupInfo, error)
+	BackupImage(ctx context.Context, req BackupRequest, progress drivers.Progress) (BackupInfo, error)
 	// RestoreImage rebuilds an image at req.Dest (req.Format) from a
 	// manifest and its chunks, verifying every chunk's sha256 (ErrDataLoss on
 	// a bad chunk); zero chunks become holes.
-	RestoreImage(ctx context.Context, req RestoreRequest, progress Progress) (ImageInfo, error)
+	RestoreImage(ctx context.Context, req RestoreRequest, progress drivers.Progress) (ImageInfo, error)
 	// DeleteBackup removes a manifest and the chunks that no other manifest
 	// next to it (same directory) refers to.
 	DeleteBackup(ctx context.Context, req DeleteBackupRequest) (BackupInfo, error)
 	// Export serves the file at path read-only over HTTP (Range) from the
 	// agent under an unguessable token, until Unexport; it returns the URL.
 	// Other agents copy from it directly (volume migration between hosts).
-	Export(ctx context.Context, path string) (URI, error)
+	Export(ctx context.Context, path string) (drivers.URI, error)
 	// Unexport ends an export; an unknown one is not an error.
-	Unexport(ctx context.Context, uri URI) error
+	Unexport(ctx context.Context, uri drivers.URI) error
 	// ExportNBD serves the image at req.Path (a file of a store on this
 	// host) over NBD from the agent under an unguessable export name (128
 	// random bits, hex) and returns its nbd://host:port/name URI, until
 	// UnexportNBD. Only raw images are served for now; a qcow2 is
 	// errdefs.ErrNotImplemented (it needs a qcow2 backend). A hypervisor
 	// that cannot open the file directly attaches the volume through it.
-	ExportNBD(ctx context.Context, req NBDExportRequest) (URI, error)
+	ExportNBD(ctx context.Context, req NBDExportRequest) (drivers.URI, error)
 	// UnexportNBD removes the export at uri and closes its connections; an
 	// unknown export is not an error.
-	UnexportNBD(ctx context.Context, uri URI) error
+	UnexportNBD(ctx context.Context, uri drivers.URI) error
 }
 
 // NBDExportRequest asks an agent to serve an image over NBD.
@@ -115,7 +124,7 @@ type NBDExportRequest struct {
 	Path string
 	// Format is the image's format as the records say (required; only
 	// FormatRaw is served for now).
-	Format Format
+	Format drivers.Format
 	// ReadOnly refuses writes, trims and zeroes.
 	ReadOnly bool
 }
@@ -123,7 +132,7 @@ type NBDExportRequest struct {
 // ImageInfo is what qemu-img says of an image, plus what the step measured.
 type ImageInfo struct {
 	Path         string
-	Format       Format
+	Format       drivers.Format
 	VirtualSize  int64
 	PhysicalSize int64  // bytes allocated on disk
 	BackingFile  string // "" when standalone
@@ -141,7 +150,7 @@ type ImageInfo struct {
 type FetchRequest struct {
 	Source   string
 	Dest     string
-	Format   Format
+	Format   drivers.Format
 	Checksum string // "sha256:HEX", "sha512:HEX", "md5:HEX" or ""
 }
 
@@ -150,9 +159,9 @@ type CopyRequest struct {
 	Source string
 	// SourceFormat is the format of Source as the records say (required):
 	// the source is opened as it, never probed.
-	SourceFormat Format
+	SourceFormat drivers.Format
 	Dest         string
-	Format       Format // "" keeps the source's format
+	Format       drivers.Format // "" keeps the source's format
 	Flatten      bool
 }
 
@@ -160,11 +169,11 @@ type CopyRequest struct {
 type CloneRequest struct {
 	Base string
 	// BaseFormat is the format of Base as the records say (required).
-	BaseFormat Format
+	BaseFormat drivers.Format
 	Dest       string
-	Mode       CloneMode
-	Format     Format // format of Dest (CloneLinked is always qcow2)
-	Size       int64  // 0 keeps Base's virtual size; larger grows the volume
+	Mode       drivers.CloneMode
+	Format     drivers.Format // format of Dest (CloneLinked is always qcow2)
+	Size       int64          // 0 keeps Base's virtual size; larger grows the volume
 }
 
 // SnapshotRequest names a volume and one of its snapshots on the host.
@@ -173,7 +182,7 @@ type SnapshotRequest struct {
 	Snapshot string
 	// Format is the volume's format as the records say (required); a
 	// volume's snapshots have its format.
-	Format Format
+	Format drivers.Format
 }
 
 // SnapshotInfo is the result of SnapshotImage.
@@ -188,7 +197,7 @@ type SnapshotInfo struct {
 type BackupRequest struct {
 	Source string
 	// SourceFormat is the format of Source as the records say (required).
-	SourceFormat   Format
+	SourceFormat   drivers.Format
 	ChunkDir       string
 	Manifest       string
 	ParentManifest string
@@ -212,7 +221,7 @@ type RestoreRequest struct {
 	Manifest string
 	ChunkDir string
 	Dest     string
-	Format   Format
+	Format   drivers.Format
 }
 
 // DeleteBackupRequest asks an agent to drop a backup's manifest and its
@@ -220,4 +229,25 @@ type RestoreRequest struct {
 type DeleteBackupRequest struct {
 	Manifest string
 	ChunkDir string
+}
+
+// StoreProbe is what a host sees of a store directory.
+type StoreProbe struct {
+	CapacityBytes  int64
+	AvailableBytes int64
+	Reflink        bool
+	FSType         string
+}
+
+// FileInfo describes a file on a host.
+type FileInfo struct {
+	Path           string
+	Size           int64
+	AllocatedBytes int64
+	IsDir          bool
+	ModifiedAt     time.Time
+	// Format is FormatQCOW2 for a file with a qcow2 header, "" otherwise.
+	Format drivers.Format
+	// VirtualSize is what a guest sees: the qcow2 header's size, else Size.
+	VirtualSize int64
 }
