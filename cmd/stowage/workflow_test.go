@@ -23,7 +23,9 @@ import (
 	"time"
 
 	"connectrpc.com/connect"
+	"github.com/minio/minio-go/v7"
 
+	"github.com/stowage/stowage/drivers/s3/s3test"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 	"github.com/stowage/stowage/proto/gen/stowage/v1/stowagev1connect"
 )
@@ -161,11 +163,83 @@ func slowHandler(path string) http.Handler {
 	})
 }
 
+// TestWorkflowsEndToEnd runs every workflow twice: with a directory image
+// store and with an S3 image store (versitygw on loopback); the primary
+// stores are directories in both.
 func TestWorkflowsEndToEnd(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts processes")
 	}
 	needTools(t, "qemu-img", "qemu-io")
+	for _, kind := range []string{"directory", "s3"} {
+		t.Run(kind, func(t *testing.T) { workflows(t, kind) })
+	}
+}
+
+// imageStore is the image store of a workflow run, as the test looks at it
+// from outside Stowage.
+type imageStore struct {
+	rec *stowagev1.DataStore
+	// templates lists the template objects it holds.
+	templates func(t *testing.T) []string
+	// file returns a local file holding the bytes of the object at key.
+	file func(t *testing.T, key string) string
+}
+
+// addImageStore adds the image store of kind ("directory" or "s3").
+func addImageStore(t *testing.T, a *clientAPI, kind, root string) imageStore {
+	t.Helper()
+	scope := &stowagev1.Scope{Zone: "z1"}
+	if kind == "directory" {
+		st := addStore(t, a, "img", stowagev1.StoreRole_STORE_ROLE_IMAGE, filepath.Join(root, "img"), scope)
+		dir := st.GetDetails()["path"]
+		return imageStore{rec: st,
+			templates: func(t *testing.T) []string {
+				entries, _ := os.ReadDir(filepath.Join(dir, "templates"))
+				var names []string
+				for _, e := range entries {
+					names = append(names, e.Name())
+				}
+				return names
+			},
+			file: func(t *testing.T, key string) string { return filepath.Join(dir, key) },
+		}
+	}
+	srv := s3test.Start(t)
+	cred := filepath.Join(root, "s3.cred")
+	if err := os.WriteFile(cred, fmt.Appendf(nil, "access_key=%s\nsecret_key=%s\n", srv.AccessKey, srv.SecretKey), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	const prefix = "img"
+	resp, err := a.stores.AddStore(context.Background(), connect.NewRequest(&stowagev1.AddStoreRequest{
+		Name: "img", Role: stowagev1.StoreRole_STORE_ROLE_IMAGE, Provider: "s3", Url: "s3://" + srv.Bucket + "/" + prefix, Scope: scope,
+		Details: map[string]string{"endpoint": srv.Endpoint, "region": srv.Region, "credentials_file": cred}}))
+	if err != nil {
+		t.Fatalf("add the s3 image store: %v", err)
+	}
+	mc := srv.Client()
+	return imageStore{rec: resp.Msg.GetStore(),
+		templates: func(t *testing.T) []string {
+			var names []string
+			for o := range mc.ListObjects(context.Background(), srv.Bucket, minio.ListObjectsOptions{Prefix: prefix + "/templates/", Recursive: true}) {
+				if o.Err != nil {
+					t.Fatal(o.Err)
+				}
+				names = append(names, filepath.Base(o.Key))
+			}
+			return names
+		},
+		file: func(t *testing.T, key string) string {
+			f := filepath.Join(t.TempDir(), filepath.Base(key))
+			if err := mc.FGetObject(context.Background(), srv.Bucket, prefix+"/"+key, f, minio.GetObjectOptions{}); err != nil {
+				t.Fatalf("get %s: %v", key, err)
+			}
+			return f
+		},
+	}
+}
+
+func workflows(t *testing.T, imageKind string) {
 	root := t.TempDir()
 	ctx := context.Background()
 
@@ -193,7 +267,7 @@ func TestWorkflowsEndToEnd(t *testing.T) {
 		return hostState(t, server, "h1") == "HOST_STATE_UP" && hostState(t, server, "h2") == "HOST_STATE_UP"
 	})
 	a := newAPI(server)
-	img := addStore(t, a, "img", stowagev1.StoreRole_STORE_ROLE_IMAGE, filepath.Join(root, "img"), &stowagev1.Scope{Zone: "z1"})
+	images := addImageStore(t, a, imageKind, root)
 	pz := addStore(t, a, "pz", stowagev1.StoreRole_STORE_ROLE_PRIMARY, filepath.Join(root, "pz"), &stowagev1.Scope{Zone: "z1"})
 	p1 := addStore(t, a, "p1", stowagev1.StoreRole_STORE_ROLE_PRIMARY, filepath.Join(root, "p1"), &stowagev1.Scope{Zone: "z1", Cluster: "c1", HostId: "h1"})
 	p2 := addStore(t, a, "p2", stowagev1.StoreRole_STORE_ROLE_PRIMARY, filepath.Join(root, "p2"), &stowagev1.Scope{Zone: "z1", Cluster: "c1", HostId: "h2"})
@@ -221,18 +295,14 @@ func TestWorkflowsEndToEnd(t *testing.T) {
 	if err != nil || len(got.Msg.GetStores()) != 1 || got.Msg.GetStores()[0].GetState() != stowagev1.ObjectState_OBJECT_STATE_FAILED || got.Msg.GetStores()[0].GetError() == "" {
 		t.Fatalf("bad template record: %v %v", got, err)
 	}
-	if entries, _ := os.ReadDir(path(img, "templates")); len(entries) != 2 {
-		names := []string{}
-		for _, e := range entries {
-			names = append(names, e.Name())
-		}
+	if names := images.templates(t); len(names) != 2 {
 		t.Fatalf("image store templates/ holds %v, want just the two good templates", names)
 	}
 	gq, _ := a.images.GetTemplate(ctx, connect.NewRequest(&stowagev1.GetTemplateRequest{Id: tq.GetId()}))
 	if gq.Msg.GetTemplate().GetVirtualSize() != 64<<20 || gq.Msg.GetStores()[0].GetState() != stowagev1.ObjectState_OBJECT_STATE_READY {
 		t.Fatalf("qcow2 template: %v", gq.Msg)
 	}
-	run(t, "qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", qcow, path(img, gq.Msg.GetStores()[0].GetInstallPath()))
+	run(t, "qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", qcow, images.file(t, gq.Msg.GetStores()[0].GetInstallPath()))
 
 	// 2. Two volumes from the qcow2 template on one primary store, at once:
 	// the template is copied there once; both read the template's bytes.
