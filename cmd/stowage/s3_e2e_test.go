@@ -48,7 +48,8 @@ func TestS3ImageStoreEndToEnd(t *testing.T) {
 	addr := freePort(t)
 	server := "http://" + addr
 	controllerProc(t, addr, filepath.Join(root, "controller"))
-	agentProc(t, server, "h1", "z1", "c1", filepath.Join(root, "a1"), "--store-roots", root)
+	cache := startCache(t, "cache h1", filepath.Join(root, "c1"))
+	agentProc(t, server, "h1", "z1", "c1", filepath.Join(root, "a1"), "--store-roots", root, "--image-cache-socket", cache.socket)
 	waitFor(t, "h1 Up", 20*time.Second, func() bool { return hostState(t, server, "h1") == "HOST_STATE_UP" })
 	a := newAPI(server)
 	pz := addStore(t, a, "pz", stowagev1.StoreRole_STORE_ROLE_PRIMARY, filepath.Join(root, "pz"), &stowagev1.Scope{Zone: "z1"})
@@ -117,6 +118,29 @@ func TestS3ImageStoreEndToEnd(t *testing.T) {
 	if sha256File(t, stored) != sha256File(t, qcow) {
 		t.Fatal("the template in the bucket is not the one served")
 	}
+
+	// The host's template mount shows the S3 template, fetched by presigned
+	// Range GETs (the cache process never holds the bucket's keys), and a
+	// lazy volume is an overlay on it.
+	mounted := filepath.Join(cache.mount, tq.GetId())
+	waitFor(t, "the S3 template in the host's template mount", 20*time.Second, func() bool {
+		fi, err := os.Stat(mounted)
+		return err == nil && fi.Size() > 0
+	})
+	mustEqualFiles(t, mounted, qcow)
+	if !strings.Contains(cache.log.String(), "source="+srv.Endpoint+"/"+srv.Bucket+"/"+prefix+"/templates/") {
+		t.Errorf("the template mount did not read the object's (presigned) URL; log:\n%s", cache.log.String())
+	}
+	waitFor(t, "h1 reports the template in its mount", 10*time.Second, func() bool {
+		return cachedTemplate(hostCaps(t, server, "h1"), tq.GetId()) != nil
+	})
+	lz, err := a.volumes.CreateVolume(ctx, connect.NewRequest(&stowagev1.CreateVolumeRequest{Name: "lazy", TemplateId: tq.GetId(), StoreId: pz.GetId(), Strategy: "lazy"}))
+	if err != nil {
+		t.Fatalf("lazy volume: %v", err)
+	}
+	mustSucceed(t, a, lz.Msg.GetJob())
+	lzv, _ := a.volumes.GetVolume(ctx, connect.NewRequest(&stowagev1.GetVolumeRequest{Id: lz.Msg.GetVolume().GetId()}))
+	run(t, "qemu-img", "compare", "-F", "qcow2", qcow, filepath.Join(root, "pz", lzv.Msg.GetVolume().GetInstallPath()))
 
 	// Two volumes from the S3 template: the agent reads a presigned URL.
 	var vols []*stowagev1.Volume
