@@ -7,6 +7,7 @@ import (
 	"net/url"
 	"os"
 
+	"github.com/stowage/stowage/datapath/checksum"
 	"github.com/stowage/stowage/datapath/qemuimg"
 	"github.com/stowage/stowage/datapath/stream"
 	"github.com/stowage/stowage/drivers"
@@ -48,7 +49,7 @@ func (l *Local) fetchImage(ctx context.Context, req FetchRequest, progress drive
 	default:
 		return ImageInfo{}, fmt.Errorf("format %q is not raw, qcow2 or iso: %w", req.Format, errdefs.ErrInvalid)
 	}
-	sum, err := parseChecksum(req.Checksum)
+	sum, err := checksum.Parse(req.Checksum)
 	if err != nil {
 		return ImageInfo{}, err
 	}
@@ -69,8 +70,8 @@ func (l *Local) fetchImage(ctx context.Context, req FetchRequest, progress drive
 
 	stage := stagePath(final, "fetch")
 	opts := stream.Options{SHA256: true, Progress: copyProgress(progress)}
-	if sum.algo == "sha256" {
-		opts.ExpectSHA256 = sum.hex
+	if sum.Algo == "sha256" {
+		opts.ExpectSHA256 = sum.Hex
 	}
 	res, err := streamCopy(ctx, target, stream.SourceOptions{Format: qemuimg.FormatRaw}, stage, opts)
 	if err != nil {
@@ -78,7 +79,7 @@ func (l *Local) fetchImage(ctx context.Context, req FetchRequest, progress drive
 	}
 	// The download is complete at stage; from here a failure discards it.
 	defer removeStage(stage)
-	if sum.algo == "sha512" || sum.algo == "md5" {
+	if sum.Algo == "sha512" || sum.Algo == "md5" {
 		if err := verifyChecksum(ctx, stage, sum); err != nil {
 			return ImageInfo{}, err
 		}
@@ -98,20 +99,20 @@ func (l *Local) fetchImage(ctx context.Context, req FetchRequest, progress drive
 
 // existingFetch accepts an image already at final when it is a valid image
 // of the declared format with the expected checksum (a retried step).
-func (l *Local) existingFetch(ctx context.Context, req FetchRequest, final string, sum checksum) (ImageInfo, error) {
+func (l *Local) existingFetch(ctx context.Context, req FetchRequest, final string, sum checksum.Sum) (ImageInfo, error) {
 	if _, err := l.validateImage(ctx, final, req.Format); err != nil {
 		return ImageInfo{}, fmt.Errorf("%s exists and is not the image asked for (%v): %w", req.Dest, err, errdefs.ErrAlreadyExists)
 	}
 	var sha string
-	if sum.algo != "" {
+	if sum.Algo != "" {
 		if err := verifyChecksum(ctx, final, sum); err != nil {
 			if errors.Is(err, errdefs.ErrDataLoss) {
 				return ImageInfo{}, fmt.Errorf("%s exists with other content (%v): %w", req.Dest, err, errdefs.ErrAlreadyExists)
 			}
 			return ImageInfo{}, err
 		}
-		if sum.algo == "sha256" {
-			sha = sum.hex
+		if sum.Algo == "sha256" {
+			sha = sum.Hex
 		}
 	}
 	info, _, err := l.imageInfo(ctx, req.Dest, final, diskFormat(req.Format))

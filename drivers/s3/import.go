@@ -2,9 +2,7 @@ package s3
 
 import (
 	"context"
-	"crypto/md5"
 	"crypto/sha256"
-	"crypto/sha512"
 	"crypto/subtle"
 	"encoding/binary"
 	"encoding/hex"
@@ -14,10 +12,10 @@ import (
 	"io"
 	"net/http"
 	"net/url"
-	"strings"
 
 	"github.com/minio/minio-go/v7"
 
+	"github.com/stowage/stowage/datapath/checksum"
 	"github.com/stowage/stowage/errdefs"
 )
 
@@ -105,7 +103,7 @@ func (s *Store) importObject(ctx context.Context, req ImportRequest) (ImportResu
 	default:
 		return ImportResult{}, fmt.Errorf("format %q is not raw, qcow2 or iso: %w", req.Format, errdefs.ErrInvalid)
 	}
-	sum, err := parseChecksum(req.Checksum)
+	sum, err := checksum.Parse(req.Checksum)
 	if err != nil {
 		return ImportResult{}, err
 	}
@@ -178,9 +176,9 @@ func (s *Store) importObject(ctx context.Context, req ImportRequest) (ImportResu
 }
 
 // existingImport decides about an object already at the key.
-func (s *Store) existingImport(have ObjectInfo, req ImportRequest, sum checksum) (ImportResult, error) {
-	same := have.SHA256 != "" && have.Format == req.Format && (sum.algo != "sha256" || subtle.ConstantTimeCompare([]byte(have.SHA256), []byte(sum.hex)) == 1)
-	if !same || sum.algo == "sha512" || sum.algo == "md5" {
+func (s *Store) existingImport(have ObjectInfo, req ImportRequest, sum checksum.Sum) (ImportResult, error) {
+	same := have.SHA256 != "" && have.Format == req.Format && (sum.Algo != "sha256" || subtle.ConstantTimeCompare([]byte(have.SHA256), []byte(sum.Hex)) == 1)
+	if !same || sum.Algo == "sha512" || sum.Algo == "md5" {
 		// A sha512 or md5 cannot be checked against the recorded SHA-256
 		// without reading the object: refuse rather than guess.
 		return ImportResult{}, fmt.Errorf("%s exists (sha256 %q, format %q) and is not known to be this import: %w", req.Key, have.SHA256, have.Format, errdefs.ErrAlreadyExists)
@@ -239,55 +237,6 @@ func fetch(ctx context.Context, client *http.Client, u *url.URL) (io.ReadCloser,
 	return nil, 0, fmt.Errorf("source answered %s: %w", resp.Status, class)
 }
 
-// checksum is an expected digest.
-type checksum struct {
-	algo string // "sha256", "sha512", "md5"; "" for none
-	hex  string
-}
-
-func (c checksum) String() string { return c.algo + ":" + c.hex }
-
-// parseChecksum reads "sha256:HEX", "sha512:HEX", "md5:HEX", CloudStack's
-// "{SHA-256}HEX" and a bare HEX (md5, sha256 or sha512 by its length),
-// as agent/hostfs does for FetchImage.
-func parseChecksum(s string) (checksum, error) {
-	s = strings.TrimSpace(s)
-	if s == "" {
-		return checksum{}, nil
-	}
-	var algo, val string
-	switch {
-	case strings.HasPrefix(s, "{"):
-		i := strings.IndexByte(s, '}')
-		if i < 0 {
-			return checksum{}, fmt.Errorf("checksum %q: unclosed {: %w", s, errdefs.ErrInvalid)
-		}
-		algo, val = s[1:i], s[i+1:]
-	case strings.Contains(s, ":"):
-		algo, val, _ = strings.Cut(s, ":")
-	default:
-		val = s
-		switch len(s) {
-		case 2 * md5.Size:
-			algo = "md5"
-		case 2 * sha256.Size:
-			algo = "sha256"
-		case 2 * sha512.Size:
-			algo = "sha512"
-		}
-	}
-	algo = strings.ReplaceAll(strings.ToLower(algo), "-", "")
-	val = strings.ToLower(val)
-	want := map[string]int{"md5": md5.Size, "sha256": sha256.Size, "sha512": sha512.Size}[algo]
-	if want == 0 {
-		return checksum{}, fmt.Errorf("checksum %q: want sha256:, sha512: or md5: and hex digits: %w", s, errdefs.ErrInvalid)
-	}
-	if b, err := hex.DecodeString(val); err != nil || len(b) != want {
-		return checksum{}, fmt.Errorf("checksum %q: want %d hex digits for %s: %w", s, 2*want, algo, errdefs.ErrInvalid)
-	}
-	return checksum{algo: algo, hex: val}, nil
-}
-
 // Where the sniffer looks.
 const (
 	isoMagic       = "CD001"
@@ -304,7 +253,7 @@ const (
 type verifier struct {
 	r        io.Reader
 	format   Format
-	want     checksum
+	want     checksum.Sum
 	total    int64
 	progress func(done, total int64)
 
@@ -317,13 +266,10 @@ type verifier struct {
 	err      error // the verdict, once failed
 }
 
-func newVerifier(r io.Reader, format Format, want checksum, total int64, progress func(done, total int64)) *verifier {
+func newVerifier(r io.Reader, format Format, want checksum.Sum, total int64, progress func(done, total int64)) *verifier {
 	v := &verifier{r: r, format: format, want: want, total: total, progress: progress, sha: sha256.New()}
-	switch want.algo {
-	case "sha512":
-		v.other = sha512.New()
-	case "md5":
-		v.other = md5.New()
+	if want.Algo != "" && want.Algo != "sha256" {
+		v.other = checksum.New(want.Algo)
 	}
 	return v
 }
@@ -376,7 +322,7 @@ func (v *verifier) Read(p []byte) (int, error) {
 // check compares the digest with the expected checksum.
 func (v *verifier) check() error {
 	var got string
-	switch v.want.algo {
+	switch v.want.Algo {
 	case "":
 		return nil
 	case "sha256":
@@ -384,10 +330,7 @@ func (v *verifier) check() error {
 	default:
 		got = hex.EncodeToString(v.other.Sum(nil))
 	}
-	if subtle.ConstantTimeCompare([]byte(got), []byte(v.want.hex)) != 1 {
-		return fmt.Errorf("checksum mismatch: got %s:%s, expected %s: %w", v.want.algo, got, v.want, errdefs.ErrDataLoss)
-	}
-	return nil
+	return v.want.Check(got)
 }
 
 // sniff checks the head of an image (its first sniffLen bytes, fewer when
