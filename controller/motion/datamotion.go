@@ -13,6 +13,10 @@ import (
 // MotionRequest asks how to move an object's bytes from one store to another.
 type MotionRequest struct {
 	From, To drivers.Scope
+	// Native says the destination store's driver copies the object itself
+	// (Driver.CanCopy: reflink inside one filesystem store, server-side
+	// copy inside one bucket).
+	Native bool
 	// Standalone says the source is one self-contained file (no backing
 	// chain on its store), so it can travel as a plain file between hosts.
 	Standalone bool
@@ -32,13 +36,24 @@ type DataMotionStrategy interface {
 }
 
 // MotionStrategies are the built-in data motion strategies, best first on a tie.
-var MotionStrategies = []DataMotionStrategy{sameHost{}, agentToAgent{}}
+var MotionStrategies = []DataMotionStrategy{driverNative{}, sameHost{}, agentToAgent{}}
 
 // Strategy names, for executors.
 const (
+	DriverNative = "driver-native"
 	SameHost     = "same-host"
 	AgentToAgent = "agent-to-agent"
 )
+
+type driverNative struct{}
+
+func (driverNative) Name() string { return DriverNative }
+func (driverNative) CanHandle(ctx context.Context, req MotionRequest, hosts HostPicker) (Priority, string) {
+	if !req.Native {
+		return CantHandle, "the destination store's driver cannot copy it itself (CanCopy is false)"
+	}
+	return Highest, "the destination store's driver copies it itself (reflink or server-side copy): no byte through a host's stream"
+}
 
 type sameHost struct{}
 

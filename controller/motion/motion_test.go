@@ -69,8 +69,12 @@ func TestPickMotion(t *testing.T) {
 		t.Fatalf("one host reaches both: %+v %v", d, err)
 	}
 	d, err = PickMotion(ctx, MotionRequest{From: a, To: b, Standalone: true}, hostsIn{"h1": {a}, "h2": {b}})
-	if err != nil || d.Strategy.Name() != AgentToAgent || len(d.Reasons) != 2 {
+	if err != nil || d.Strategy.Name() != AgentToAgent || len(d.Reasons) != 3 {
 		t.Fatalf("two hosts: %+v %v", d, err)
+	}
+	d, err = PickMotion(ctx, MotionRequest{From: a, To: b, Native: true}, hostsIn{"h1": {a}, "h2": {b}})
+	if err != nil || d.Strategy.Name() != DriverNative || d.Priority != Highest {
+		t.Fatalf("the destination's driver copies natively: %+v %v", d, err)
 	}
 	if _, err := PickMotion(ctx, MotionRequest{From: a, To: b}, hostsIn{"h1": {a}, "h2": {b}}); !errors.Is(err, errdefs.ErrFailedPrecondition) {
 		t.Fatalf("a backing chain across hosts: %v", err)
