@@ -373,6 +373,15 @@ type chunkPaths struct {
 	s3        *s3conn.Config
 }
 
+// openS3 opens the S3 chunk store cp names, with the task's keys.
+func (cp chunkPaths) openS3(ctx context.Context) (*chunkstore.Store, error) {
+	store, err := chunkstore.OpenS3(ctx, *cp.s3)
+	if err != nil {
+		return nil, fmt.Errorf("chunk store %s: %w", cp.s3, err)
+	}
+	return store, nil
+}
+
 // chunkStore resolves a chunk store: store://<store>/<dir> of a store the
 // host serves. The secret is never looked at here (S3 only), nor logged.
 func (h *LocalHost) chunkStore(cs hostops.ChunkStore) (chunkPaths, error) {
@@ -441,7 +450,7 @@ func (h *LocalHost) BackupImage(ctx context.Context, req hostops.BackupRequest, 
 		return hostops.BackupInfo{}, err
 	}
 	if cp.s3 != nil {
-		store, err := chunkstore.OpenS3(ctx, *cp.s3)
+		store, err := cp.openS3(ctx)
 		if err != nil {
 			return hostops.BackupInfo{}, err
 		}
@@ -474,7 +483,7 @@ func (h *LocalHost) RestoreImage(ctx context.Context, req hostops.RestoreRequest
 		return hostops.ImageInfo{}, err
 	}
 	if cp.s3 != nil {
-		store, err := chunkstore.OpenS3(ctx, *cp.s3)
+		store, err := cp.openS3(ctx)
 		if err != nil {
 			return hostops.ImageInfo{}, err
 		}
@@ -492,7 +501,7 @@ func (h *LocalHost) DeleteBackup(ctx context.Context, req hostops.DeleteBackupRe
 		return hostops.BackupInfo{}, err
 	}
 	if cp.s3 != nil {
-		store, err := chunkstore.OpenS3(ctx, *cp.s3)
+		store, err := cp.openS3(ctx)
 		if err != nil {
 			return hostops.BackupInfo{}, err
 		}
