@@ -59,3 +59,27 @@ func formatOf(v *stowagev1.Volume) (drivers.Format, error) {
 	}
 	return f, nil
 }
+
+// templateFormat is the format of template id as its record says; its
+// copies on stores (the cached one on primary too) have it.
+func (s *Service) templateFormat(ctx context.Context, id string) (drivers.Format, error) {
+	t, err := s.db.Templates().Get(ctx, id)
+	if err != nil {
+		return "", err
+	}
+	return image.FormatFromProto(t.GetFormat())
+}
+
+// snapshotFormat is the format of snapshot id's files on primary: its
+// volume's format, as the volume's record says.
+func (s *Service) snapshotFormat(ctx context.Context, id string) (drivers.Format, error) {
+	sn, err := s.db.Snapshots().Get(ctx, id)
+	if err != nil {
+		return "", err
+	}
+	sv, err := s.db.Volumes().Get(ctx, sn.GetVolumeId())
+	if err != nil {
+		return "", fmt.Errorf("volume of snapshot %s: %w", id, err)
+	}
+	return formatOf(sv)
+}

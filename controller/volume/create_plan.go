@@ -1,0 +1,326 @@
+package volume
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/stowage/stowage/controller/datastore"
+	"github.com/stowage/stowage/controller/endpoint"
+	"github.com/stowage/stowage/controller/image"
+	"github.com/stowage/stowage/controller/jobs"
+	"github.com/stowage/stowage/controller/meta"
+	"github.com/stowage/stowage/controller/motion"
+	"github.com/stowage/stowage/drivers"
+	"github.com/stowage/stowage/errdefs"
+	"github.com/stowage/stowage/hostops"
+	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
+)
+
+// Create validates and plans a new volume and, unless it is a dry run,
+// records it with its job.
+func (s *Service) Create(ctx context.Context, req *stowagev1.CreateVolumeRequest) (*stowagev1.CreateVolumeResponse, error) {
+	if err := image.CheckName("volume", req.GetName()); err != nil {
+		return nil, err
+	}
+	if req.GetSize() < 0 {
+		return nil, fmt.Errorf("volume size %d is negative: %w", req.GetSize(), errdefs.ErrInvalid)
+	}
+	if req.GetTemplateId() != "" && req.GetSnapshotId() != "" {
+		return nil, fmt.Errorf("a volume comes from a template or a snapshot, not both: %w", errdefs.ErrInvalid)
+	}
+	var want drivers.Format
+	if req.GetFormat() != stowagev1.ImageFormat_IMAGE_FORMAT_UNSPECIFIED {
+		f, err := image.FormatFromProto(req.GetFormat())
+		if err != nil || f == drivers.FormatISO {
+			return nil, fmt.Errorf("volume format must be raw or qcow2: %w", errdefs.ErrInvalid)
+		}
+		want = f
+	}
+	if req.GetTemplateId() == "" && req.GetSnapshotId() == "" {
+		if err := checkSize(req.GetSize(), "blank volume"); err != nil {
+			return nil, err
+		}
+	} else if req.GetSize() != 0 {
+		if err := checkSize(req.GetSize(), "volume"); err != nil {
+			return nil, err
+		}
+	}
+	p := &planner{s: s, plan: &stowagev1.Plan{}, params: &stowagev1.VolumeCreateParams{}}
+	vol := &stowagev1.Volume{Id: meta.NewID(), Name: req.GetName(), Size: req.GetSize(), TemplateId: req.GetTemplateId(), SnapshotId: req.GetSnapshotId()}
+	var err error
+	switch {
+	case req.GetTemplateId() != "":
+		err = p.fromTemplate(ctx, req, vol, want)
+	case req.GetSnapshotId() != "":
+		err = p.fromSnapshot(ctx, req, vol, want)
+	default:
+		err = p.blank(ctx, req, vol, want)
+	}
+	if err != nil {
+		return nil, err
+	}
+	st, err := s.db.Stores().Get(ctx, vol.GetStoreId())
+	if err != nil {
+		return nil, err
+	}
+	if vol.InstallPath, err = s.locateVolume(st, vol.GetId(), hostops.FormatFromProto(p.params.GetFormat()), vol.GetSize()); err != nil {
+		return nil, err
+	}
+	vol.Format = p.params.GetFormat()
+	if req.GetDryRun() {
+		return &stowagev1.CreateVolumeResponse{Volume: vol, Plan: p.plan}, nil
+	}
+	job := jobs.NewJob(KindCreate, vol.GetId(), req.GetIdempotencyKey(), p.plan, &stowagev1.JobParams{Kind: &stowagev1.JobParams_VolumeCreate{VolumeCreate: p.params}})
+	vol.BusyJobId = job.GetId()
+	job, existing, err := s.jobs.Submit(ctx, job, func(tx *meta.Tx) error {
+		if p.newRef != nil {
+			if _, err := meta.TemplatesOnStore.CreateTx(tx, p.newRef); err != nil && !errdefs.IsAlreadyExists(err) {
+				return err
+			}
+		}
+		_, err := meta.Volumes.CreateTx(tx, vol)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("create volume %q: %w", req.GetName(), err)
+	}
+	if existing {
+		vol, _ = s.db.Volumes().Get(ctx, job.GetTargetId())
+	}
+	return &stowagev1.CreateVolumeResponse{Volume: vol, Job: job, Plan: job.GetPlan()}, nil
+}
+
+// planner builds the plan of a volume creation.
+type planner struct {
+	s      *Service
+	plan   *stowagev1.Plan
+	params *stowagev1.VolumeCreateParams
+	newRef *stowagev1.TemplateOnStore
+}
+
+func (p *planner) step(name, host, reason string) {
+	p.plan.Steps = append(p.plan.Steps, &stowagev1.PlanStep{Name: name, HostId: host, Reason: reason})
+}
+
+func (p *planner) primary(ctx context.Context, storeID, zone string, need int64) (*stowagev1.DataStore, error) {
+	if storeID != "" {
+		st, err := p.s.stores.UpStore(ctx, storeID, stowagev1.StoreRole_STORE_ROLE_PRIMARY)
+		if err != nil {
+			return nil, err
+		}
+		p.plan.Reasons = append(p.plan.Reasons, fmt.Sprintf("store %s: asked for", st.GetName()))
+		return st, nil
+	}
+	st, reasons, err := p.s.stores.PickStore(ctx, stowagev1.StoreRole_STORE_ROLE_PRIMARY, zone, need)
+	p.plan.Reasons = append(p.plan.Reasons, reasons...)
+	return st, err
+}
+
+func (p *planner) blank(ctx context.Context, req *stowagev1.CreateVolumeRequest, vol *stowagev1.Volume, want drivers.Format) error {
+	if want == "" {
+		want = drivers.FormatQCOW2
+	}
+	st, err := p.primary(ctx, req.GetStoreId(), req.GetZone(), 0)
+	if err != nil {
+		return err
+	}
+	ch, err := p.s.sel.Select(ctx, "", datastore.Scope(st))
+	if err != nil {
+		return err
+	}
+	vol.StoreId, vol.InstallMethod = st.GetId(), "blank"
+	p.plan.Strategy, p.plan.Priority = "blank", motion.Default.String()
+	p.params.Format = hostops.FormatToProto(want)
+	p.step("create", ch.HostID, fmt.Sprintf("create an empty %s image of %d bytes; %s", want, req.GetSize(), ch.Reason))
+	return nil
+}
+
+func (p *planner) fromTemplate(ctx context.Context, req *stowagev1.CreateVolumeRequest, vol *stowagev1.Volume, want drivers.Format) error {
+	tmpl, _, err := p.s.images.Get(ctx, req.GetTemplateId())
+	if err != nil {
+		return err
+	}
+	vol.TemplateId = tmpl.GetId()
+	tfmt, err := image.FormatFromProto(tmpl.GetFormat())
+	if err != nil {
+		return err
+	}
+	if tfmt == drivers.FormatISO {
+		return fmt.Errorf("template %s is an ISO; attach it, or create a blank volume: %w", tmpl.GetName(), errdefs.ErrInvalid)
+	}
+	if req.GetSize() != 0 && req.GetSize() < tmpl.GetVirtualSize() {
+		return fmt.Errorf("size %d is smaller than template %s (%d bytes): %w", req.GetSize(), tmpl.GetName(), tmpl.GetVirtualSize(), errdefs.ErrInvalid)
+	}
+	_, imgStore, err := p.s.images.ReadyOn(ctx, tmpl.GetId(), stowagev1.StoreRole_STORE_ROLE_IMAGE)
+	if err != nil {
+		return err
+	}
+	st, err := p.primary(ctx, req.GetStoreId(), req.GetZone(), tmpl.GetVirtualSize())
+	if err != nil {
+		return err
+	}
+	vol.StoreId = st.GetId()
+	need := MountShows(tmpl.GetId())
+	_, mountErr := p.s.sel.SelectWhere(ctx, "", need, datastore.Scope(st))
+	d, err := motion.PickInstall(motion.InstallRequest{
+		TemplateFormat: tfmt, VolumeFormat: want, StoreReflink: st.GetDetails()["reflink"] == "true",
+		Grow: req.GetSize() > tmpl.GetVirtualSize(), Mounted: mountErr == nil,
+	}, req.GetStrategy())
+	if mountErr != nil && req.GetStrategy() == image.LazyMethod {
+		p.plan.Reasons = append(p.plan.Reasons, mountErr.Error())
+	}
+	if err != nil {
+		p.plan.Reasons = append(p.plan.Reasons, d.Reasons...)
+		if mountErr != nil && req.GetStrategy() == image.LazyMethod {
+			return fmt.Errorf("%w (%v)", err, mountErr)
+		}
+		return err
+	}
+	p.plan.Strategy, p.plan.Priority = d.Strategy.Name(), d.Priority.String()
+	p.params.Format, p.params.CloneMode, p.params.ImageStoreId = hostops.FormatToProto(d.Format), string(d.Strategy.Mode()), imgStore.GetId()
+	vol.InstallMethod = d.Strategy.Name()
+	if d.Strategy.Name() == image.LazyMethod {
+		ch, err := p.s.sel.SelectWhere(ctx, "", need, datastore.Scope(st))
+		if err != nil {
+			return err
+		}
+		p.plan.Reasons = append(p.plan.Reasons, fmt.Sprintf("template %s is read through the template mount of the volume's host: nothing is copied to store %s", tmpl.GetName(), st.GetName()))
+		p.plan.Reasons = append(p.plan.Reasons, d.Reasons...)
+		p.step("install", ch.HostID, fmt.Sprintf("lazy clone: a qcow2 overlay backed by %s/%s; %s", ch.Host.GetCapabilities().GetTemplateCache().GetMount(), tmpl.GetId(), ch.Reason))
+		return nil
+	}
+	spool, err := p.s.SpoolRef(ctx, tmpl.GetId(), st.GetId())
+	switch {
+	case err == nil && spool.GetState() == stowagev1.ObjectState_OBJECT_STATE_READY:
+		p.plan.Reasons = append(p.plan.Reasons, fmt.Sprintf("template %s is already cached on store %s (%s)", tmpl.GetName(), st.GetName(), spool.GetInstallPath()))
+	case err == nil:
+		p.plan.Reasons = append(p.plan.Reasons, fmt.Sprintf("template %s is being cached on store %s (%s): wait for that one copy", tmpl.GetName(), st.GetName(), meta.ObjectStateName(spool.GetState())))
+		p.step("cache-template", "", "wait for the copy already under way, or redo it if it failed")
+	case errdefs.IsNotFound(err):
+		key, err := p.s.locateTemplate(st, tmpl)
+		if err != nil {
+			return err
+		}
+		p.newRef = &stowagev1.TemplateOnStore{Id: meta.NewID(), TemplateId: tmpl.GetId(), StoreId: st.GetId(), InstallPath: key}
+		reasons, host, err := p.s.copyPlan(ctx, imgStore, st, true)
+		if err != nil {
+			return err
+		}
+		p.plan.Reasons = append(p.plan.Reasons, reasons...)
+		p.step("cache-template", host, fmt.Sprintf("copy template %s once from image store %s to primary store %s (template_spool_ref); %s", tmpl.GetName(), imgStore.GetName(), st.GetName(), reasons[0]))
+	default:
+		return err
+	}
+	p.plan.Reasons = append(p.plan.Reasons, d.Reasons...)
+	ch, err := p.s.sel.Select(ctx, "", datastore.Scope(st))
+	if err != nil {
+		return err
+	}
+	p.step("install", ch.HostID, fmt.Sprintf("%s clone of the cached template into a %s volume; %s", d.Strategy.Name(), d.Format, ch.Reason))
+	return nil
+}
+
+// MountShows is the need of a lazy volume's host: its template mount shows
+// the template.
+func MountShows(templateID string) endpoint.Need {
+	return endpoint.Need{
+		What: "shows template " + templateID + " in its template mount",
+		OK: func(h *stowagev1.Host) bool {
+			tc := h.GetCapabilities().GetTemplateCache()
+			if tc.GetMount() == "" {
+				return false
+			}
+			for _, t := range tc.GetTemplates() {
+				if t.GetId() == templateID && t.GetError() == "" {
+					return true
+				}
+			}
+			return false
+		},
+	}
+}
+
+// copyPlan asks the data motion strategies how bytes go from store a to
+// store b, and returns the winner's reasons and the host that writes.
+func (s *Service) copyPlan(ctx context.Context, a, b *stowagev1.DataStore, standalone bool) (reasons []string, host string, err error) {
+	d, err := motion.PickMotion(ctx, motion.MotionRequest{From: datastore.Scope(a), To: datastore.Scope(b), Standalone: standalone}, s.sel)
+	if err != nil {
+		return d.Reasons, "", err
+	}
+	scopes := []drivers.Scope{datastore.Scope(b)}
+	if d.Strategy.Name() == motion.SameHost {
+		scopes = append(scopes, datastore.Scope(a))
+	}
+	ch, err := s.sel.Select(ctx, "", scopes...)
+	if err != nil {
+		return d.Reasons, "", err
+	}
+	return append([]string{fmt.Sprintf("data motion %s (%s) wins", d.Strategy.Name(), d.Priority)}, d.Reasons...), ch.HostID, nil
+}
+
+func (p *planner) fromSnapshot(ctx context.Context, req *stowagev1.CreateVolumeRequest, vol *stowagev1.Volume, want drivers.Format) error {
+	snap, err := p.s.db.Snapshots().Get(ctx, req.GetSnapshotId())
+	if err != nil {
+		return fmt.Errorf("snapshot %q: %w", req.GetSnapshotId(), err)
+	}
+	refs, err := p.s.db.SnapshotsOnStore().ListBy(ctx, meta.IndexSnapshotID, snap.GetId())
+	if err != nil {
+		return err
+	}
+	var onPrimary, backup *stowagev1.SnapshotOnStore
+	for _, r := range refs {
+		if r.GetState() != stowagev1.ObjectState_OBJECT_STATE_READY {
+			continue
+		}
+		if r.GetRole() == stowagev1.StoreRole_STORE_ROLE_PRIMARY {
+			onPrimary = r
+		} else {
+			backup = r
+		}
+	}
+	if onPrimary == nil && backup == nil {
+		return fmt.Errorf("snapshot %s has no Ready copy on primary or in a backup: %w", snap.GetId(), errdefs.ErrFailedPrecondition)
+	}
+	st, err := p.primary(ctx, req.GetStoreId(), req.GetZone(), snap.GetSize())
+	if err != nil {
+		return err
+	}
+	vol.StoreId, vol.SnapshotId = st.GetId(), snap.GetId()
+	if vol.Size == 0 {
+		vol.Size = snap.GetSize()
+	}
+	if want == "" {
+		want = drivers.FormatQCOW2
+	}
+	p.params.Format = hostops.FormatToProto(want)
+	if onPrimary != nil {
+		src, err := p.s.db.Stores().Get(ctx, onPrimary.GetStoreId())
+		if err != nil {
+			return err
+		}
+		reasons, host, err := p.s.copyPlan(ctx, src, st, false)
+		if err != nil {
+			return err
+		}
+		p.plan.Reasons = append(p.plan.Reasons, reasons...)
+		p.plan.Strategy, p.plan.Priority = "copy-from-primary-snapshot", motion.Hypervisor.String()
+		p.params.SourceRefId = onPrimary.GetId()
+		vol.InstallMethod = "full"
+		p.plan.Reasons = append(p.plan.Reasons, "the snapshot is on primary store "+src.GetName()+": no need to read the backup")
+		p.step("copy", host, "flatten the snapshot's chain into a standalone volume; "+reasons[0])
+		return nil
+	}
+	img, err := p.s.db.Stores().Get(ctx, backup.GetStoreId())
+	if err != nil {
+		return err
+	}
+	ch, err := p.s.sel.Select(ctx, "", datastore.Scope(img), datastore.Scope(st))
+	if err != nil {
+		return fmt.Errorf("restore from backup needs a host that reaches image store %s and primary store %s: %w", img.GetName(), st.GetName(), err)
+	}
+	p.plan.Strategy, p.plan.Priority = "restore-from-backup", motion.Default.String()
+	p.params.SourceRefId = backup.GetId()
+	vol.InstallMethod = "restore"
+	p.step("restore", ch.HostID, fmt.Sprintf("rebuild the volume from backup manifest %s (chunks verified); %s", backup.GetInstallPath(), ch.Reason))
+	return nil
+}

@@ -1,0 +1,187 @@
+package volume
+
+import (
+	"context"
+	"fmt"
+	"strings"
+
+	"github.com/stowage/stowage/controller/datastore"
+	"github.com/stowage/stowage/controller/image"
+	"github.com/stowage/stowage/controller/jobs"
+	"github.com/stowage/stowage/controller/meta"
+	"github.com/stowage/stowage/controller/motion"
+	"github.com/stowage/stowage/drivers"
+	"github.com/stowage/stowage/errdefs"
+	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
+)
+
+type migrateHandler struct{ s *Service }
+
+func (h migrateHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Reporter) error {
+	s := h.s
+	v, err := s.db.Volumes().Get(ctx, job.GetTargetId())
+	if err != nil {
+		return err
+	}
+	params := job.GetJobParams().GetVolumeMigrate()
+	src, err := s.db.Stores().Get(ctx, params.GetSrcStoreId())
+	if err != nil {
+		return err
+	}
+	dst, err := s.db.Stores().Get(ctx, params.GetDstStoreId())
+	if err != nil {
+		return err
+	}
+	srcKey := params.GetSrcKey()
+	format, err := formatOf(v)
+	if err != nil {
+		return err
+	}
+	srcObj := datastore.Object(src, drivers.ObjectVolume, v.GetId(), format, v.GetSize(), srcKey)
+	if v.GetState() == stowagev1.VolumeState_VOLUME_STATE_MIGRATING {
+		dstKey, err := s.locateVolume(dst, v.GetId(), format, v.GetSize())
+		if err != nil {
+			return err
+		}
+		dstObj := datastore.Object(dst, drivers.ObjectVolume, v.GetId(), format, v.GetSize(), dstKey)
+		var info drivers.ObjectInfo
+		if err := jobs.RunStep(ctx, job, rep, "copy", func(ctx context.Context) error {
+			info, err = s.mover.Copy(ctx, motion.Move{Src: srcObj, Dst: dstObj, Flatten: true, Standalone: standalone(v), Prefer: jobs.PlanHost(job, "copy")}, rep.Bytes)
+			return err
+		}); err != nil {
+			return err
+		}
+		err = s.db.Txn(ctx, func(tx *meta.Tx) error {
+			if v.GetBaseRefId() != "" {
+				if _, err := meta.TemplatesOnStore.UpdateTx(tx, v.GetBaseRefId(), 0, func(r *stowagev1.TemplateOnStore) error {
+					if r.RefCount > 0 {
+						r.RefCount--
+					}
+					return nil
+				}); err != nil && !errdefs.IsNotFound(err) {
+					return err
+				}
+			}
+			_, err := meta.Volumes.TransitionTx(tx, v.GetId(), 0, meta.VolumeOperationSucceeded, func(v *stowagev1.Volume) error {
+				v.StoreId, v.InstallPath, v.BaseRefId, v.BusyJobId, v.Error = dst.GetId(), dstKey, "", "", ""
+				if v.InstallMethod == image.LazyMethod {
+					v.InstallMethod = "full" // flattened: no longer reads the template mount
+				}
+				if info.Size > 0 {
+					v.Size = info.Size
+				}
+				return nil
+			})
+			return err
+		})
+		if err != nil {
+			return err
+		}
+	}
+	// The volume now lives on dst; removing the source is cleanup.
+	if err := jobs.RunStep(ctx, job, rep, "cleanup-source", func(ctx context.Context) error {
+		d, err := s.stores.Driver(src)
+		if err != nil {
+			return err
+		}
+		return d.Delete(ctx, srcObj)
+	}); err != nil {
+		s.log.Warn("migrated volume's source copy not removed", "volume", v.GetId(), "store", src.GetName(), "err", err)
+	}
+	rep.Result("volume %s moved from store %s to %s", v.GetName(), src.GetName(), dst.GetName())
+	return nil
+}
+
+func (h migrateHandler) Fail(ctx context.Context, job *stowagev1.Job, cause error) error {
+	// The copy is written to a temporary name and renamed only when whole,
+	// so a failed copy leaves nothing on dst; remove a complete one that
+	// was not switched to, then stay on the source.
+	v, err := h.s.db.Volumes().Get(ctx, job.GetTargetId())
+	if err != nil {
+		return err
+	}
+	if v.GetState() == stowagev1.VolumeState_VOLUME_STATE_MIGRATING {
+		if dst, err := h.s.db.Stores().Get(ctx, job.GetJobParams().GetVolumeMigrate().GetDstStoreId()); err == nil {
+			if f, err := formatOf(v); err == nil {
+				if key, err := h.s.locateVolume(dst, v.GetId(), f, v.GetSize()); err == nil {
+					if d, err := h.s.stores.Driver(dst); err == nil {
+						_ = d.Delete(ctx, datastore.Object(dst, drivers.ObjectVolume, v.GetId(), f, v.GetSize(), key))
+					}
+				}
+			}
+		}
+	}
+	return BackToReady(ctx, h.s.db, job.GetTargetId(), cause)
+}
+
+// Migrate moves a volume to another primary store.
+func (s *Service) Migrate(ctx context.Context, idOrName, storeID string, dryRun bool) (*stowagev1.MigrateVolumeResponse, error) {
+	v, err := s.Get(ctx, idOrName)
+	if err != nil {
+		return nil, err
+	}
+	if err := s.allows(v, meta.VolumeMigrationRequested); err != nil {
+		return nil, err
+	}
+	src, err := s.db.Stores().Get(ctx, v.GetStoreId())
+	if err != nil {
+		return nil, err
+	}
+	dst, err := s.stores.UpStore(ctx, storeID, stowagev1.StoreRole_STORE_ROLE_PRIMARY)
+	if err != nil {
+		return nil, err
+	}
+	if dst.GetId() == src.GetId() {
+		return nil, fmt.Errorf("volume %s is already on store %s: %w", v.GetName(), dst.GetName(), errdefs.ErrInvalid)
+	}
+	snaps, err := s.primarySnapshots(ctx, v)
+	if err != nil {
+		return nil, err
+	}
+	if len(snaps) > 0 {
+		return nil, fmt.Errorf("volume %s has %d snapshots on primary store %s; back them up and delete them first (their backups stay usable): %w",
+			v.GetName(), len(snaps), src.GetName(), errdefs.ErrFailedPrecondition)
+	}
+	reasons, host, err := s.copyPlan(ctx, src, dst, standalone(v))
+	if err != nil {
+		if !standalone(v) {
+			return nil, fmt.Errorf("volume %s is a linked clone and no host reaches both stores; an HTTP export carries the overlay without its backing file (flattening across hosts needs the NBD export): %w",
+				v.GetName(), errdefs.ErrFailedPrecondition)
+		}
+		return nil, err
+	}
+	plan := &stowagev1.Plan{Strategy: "migrate", Priority: motion.Default.String(), Reasons: append([]string{
+		"a direct copy between primary stores, never through an image store"}, reasons...)}
+	if strings.Contains(reasons[0], motion.SameHost) {
+		plan.Strategy, plan.Priority = "migrate-same-host", motion.Highest.String()
+	} else {
+		plan.Strategy = "migrate-agent-to-agent"
+	}
+	plan.Steps = []*stowagev1.PlanStep{
+		{Name: "copy", HostId: host, Reason: "copy (flattened) volume " + v.GetName() + " to store " + dst.GetName()},
+		{Name: "cleanup-source", Reason: "remove the source file once the volume points at the copy"},
+	}
+	if dryRun {
+		return &stowagev1.MigrateVolumeResponse{Volume: v, Plan: plan}, nil
+	}
+	job := jobs.NewJob(KindMigrate, v.GetId(), "", plan, &stowagev1.JobParams{Kind: &stowagev1.JobParams_VolumeMigrate{VolumeMigrate: &stowagev1.VolumeMigrateParams{
+		SrcStoreId: src.GetId(), DstStoreId: dst.GetId(), SrcKey: v.GetInstallPath()}}})
+	job, _, err = s.jobs.Submit(ctx, job, func(tx *meta.Tx) error {
+		_, err := meta.Volumes.TransitionTx(tx, v.GetId(), v.GetRevision(), meta.VolumeMigrationRequested, func(v *stowagev1.Volume) error {
+			v.BusyJobId = job.GetId()
+			return nil
+		})
+		return busy(v, err)
+	})
+	if err != nil {
+		return nil, err
+	}
+	v, _ = s.db.Volumes().Get(ctx, v.GetId())
+	return &stowagev1.MigrateVolumeResponse{Volume: v, Job: job, Plan: plan}, nil
+}
+
+// standalone says v is one self-contained file: no template or snapshot
+// file under it.
+func standalone(v *stowagev1.Volume) bool {
+	return v.GetBaseRefId() == "" && v.GetHeadSnapshotRefId() == "" && v.GetInstallMethod() != image.LazyMethod
+}
