@@ -202,7 +202,11 @@ func (p *planner) fromTemplate(ctx context.Context, req *stowagev1.CreateVolumeR
 			return err
 		}
 		p.newRef = &stowagev1.TemplateOnStore{Id: meta.NewID(), TemplateId: tmpl.GetId(), StoreId: st.GetId(), InstallPath: key}
-		reasons, host, err := p.s.copyPlan(ctx, imgStore, st, true)
+		tf, err := image.FormatFromProto(tmpl.GetFormat())
+		if err != nil {
+			return err
+		}
+		reasons, host, err := p.s.copyPlan(ctx, imgStore, st, &copied{drivers.ObjectTemplate, tmpl.GetId(), tf}, true)
 		if err != nil {
 			return err
 		}
@@ -240,10 +244,24 @@ func MountShows(templateID string) endpoint.Need {
 	}
 }
 
+// copied names what a planned copy moves, for the destination driver's
+// CanCopy; nil for a copy that flattens (never a driver-native copy, as
+// motion.Mover runs it).
+type copied struct {
+	typ    drivers.ObjectType
+	id     string
+	format drivers.Format
+}
+
 // copyPlan asks the data motion strategies how bytes go from store a to
 // store b, and returns the winner's reasons and the host that writes.
-func (s *Service) copyPlan(ctx context.Context, a, b *stowagev1.DataStore, standalone bool) (reasons []string, host string, err error) {
-	d, err := motion.PickMotion(ctx, motion.MotionRequest{From: datastore.Scope(a), To: datastore.Scope(b), Standalone: standalone}, s.sel)
+func (s *Service) copyPlan(ctx context.Context, a, b *stowagev1.DataStore, obj *copied, standalone bool) (reasons []string, host string, err error) {
+	native := false
+	if d, err := s.stores.Driver(b); err == nil && obj != nil {
+		src := datastore.Object(a, obj.typ, obj.id, obj.format, 0, "")
+		native = d.CanCopy(src, datastore.Object(b, obj.typ, obj.id, obj.format, 0, ""))
+	}
+	d, err := motion.PickMotion(ctx, motion.MotionRequest{From: datastore.Scope(a), To: datastore.Scope(b), Native: native, Standalone: standalone}, s.sel)
 	if err != nil {
 		return d.Reasons, "", err
 	}
@@ -298,7 +316,7 @@ func (p *planner) fromSnapshot(ctx context.Context, req *stowagev1.CreateVolumeR
 		if err != nil {
 			return err
 		}
-		reasons, host, err := p.s.copyPlan(ctx, src, st, false)
+		reasons, host, err := p.s.copyPlan(ctx, src, st, nil, false)
 		if err != nil {
 			return err
 		}

@@ -142,7 +142,7 @@ func (s *Service) Migrate(ctx context.Context, idOrName, storeID string, dryRun 
 		return nil, fmt.Errorf("volume %s has %d snapshots on primary store %s; back them up and delete them first (their backups stay usable): %w",
 			v.GetName(), len(snaps), src.GetName(), errdefs.ErrFailedPrecondition)
 	}
-	reasons, host, err := s.copyPlan(ctx, src, dst, standalone(v))
+	reasons, host, err := s.copyPlan(ctx, src, dst, nil, standalone(v))
 	if err != nil {
 		if !standalone(v) {
 			return nil, fmt.Errorf("volume %s is a linked clone and no host reaches both stores; an HTTP export carries the overlay without its backing file (flattening across hosts needs the NBD export): %w",
@@ -152,9 +152,10 @@ func (s *Service) Migrate(ctx context.Context, idOrName, storeID string, dryRun 
 	}
 	plan := &stowagev1.Plan{Strategy: "migrate", Priority: motion.Default.String(), Reasons: append([]string{
 		"a direct copy between primary stores, never through an image store"}, reasons...)}
-	if strings.Contains(reasons[0], motion.SameHost) {
+	switch {
+	case strings.Contains(reasons[0], motion.SameHost):
 		plan.Strategy, plan.Priority = "migrate-same-host", motion.Highest.String()
-	} else {
+	default:
 		plan.Strategy = "migrate-agent-to-agent"
 	}
 	plan.Steps = []*stowagev1.PlanStep{
