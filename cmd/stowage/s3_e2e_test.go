@@ -155,6 +155,28 @@ func TestS3ImageStoreEndToEnd(t *testing.T) {
 		run(t, "qemu-img", "compare", "-F", "qcow2", qcow, filepath.Join(root, "pz", g.Msg.GetVolume().GetInstallPath()))
 	}
 
+	// A template made from a volume (a linked clone: flattened on the host
+	// that serves its store, exported, and imported into the bucket by the
+	// s3 driver, since no host writes to an object store).
+	run(t, "qemu-io", "-f", "qcow2", "-c", "write -P 0x42 1M 64k", filepath.Join(root, "pz", vols[1].GetInstallPath()))
+	ct, err := a.images.CreateTemplate(ctx, connect.NewRequest(&stowagev1.CreateTemplateRequest{Name: "golden", Source: &stowagev1.CreateTemplateRequest_VolumeId{VolumeId: vols[1].GetId()}, StoreId: img.GetId()}))
+	if err != nil {
+		t.Fatalf("template from a volume onto the s3 store: %v", err)
+	}
+	mustSucceed(t, a, ct.Msg.GetJob())
+	gt, _ := a.images.GetTemplate(ctx, connect.NewRequest(&stowagev1.GetTemplateRequest{Id: ct.Msg.GetTemplate().GetId()}))
+	golden := filepath.Join(root, "golden.qcow2")
+	if err := mc.FGetObject(ctx, srv.Bucket, prefix+"/"+gt.Msg.GetStores()[0].GetInstallPath(), golden, minio.GetObjectOptions{}); err != nil {
+		t.Fatalf("the template made from a volume is not in the bucket: %v", err)
+	}
+	if info := run(t, "qemu-img", "info", "-f", "qcow2", "--output", "json", golden); strings.Contains(info, "backing-filename") {
+		t.Errorf("the template made from a linked clone still has a backing file: %s", info)
+	}
+	run(t, "qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", golden, filepath.Join(root, "pz", vols[1].GetInstallPath()))
+	if left, _ := os.ReadDir(filepath.Join(root, "pz", "templates")); len(left) != 1 {
+		t.Errorf("the staging copy stayed on the primary store: %v", left)
+	}
+
 	// Back a snapshot up twice with a small change between: the second
 	// backup uploads one chunk, counted from the server's side.
 	v0 := filepath.Join(root, "pz", vols[0].GetInstallPath())

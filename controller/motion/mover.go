@@ -2,6 +2,7 @@ package motion
 
 import (
 	"context"
+	"errors"
 	"fmt"
 
 	"github.com/stowage/stowage/drivers"
@@ -89,6 +90,10 @@ func (m *Mover) Copy(ctx context.Context, mv Move, progress drivers.Progress) (d
 	}
 	writer := drivers.Client{HostID: ch.HostID, Purpose: drivers.PurposeWrite}
 	dst, err := dd.GrantAccess(ctx, mv.Dst, writer)
+	if _, isImporter := dd.(drivers.Importer); isImporter && (errdefs.IsFailedPrecondition(err) || errors.Is(err, errdefs.ErrNotImplemented)) {
+		// A store that takes objects only by import (an object store).
+		return m.importInto(ctx, ch.HostID, ch.Endpoint, sd, dd.(drivers.Importer), mv, src, progress)
+	}
 	if err != nil {
 		return drivers.ObjectInfo{}, fmt.Errorf("write access to %s %s for host %s: %w", mv.Dst.Type, mv.Dst.ID, ch.HostID, err)
 	}
@@ -112,4 +117,49 @@ func (m *Mover) Copy(ctx context.Context, mv Move, progress drivers.Progress) (d
 		return drivers.ObjectInfo{}, err
 	}
 	return info.Object(mv.Dst), nil
+}
+
+// importInto moves mv.Src into a destination whose driver takes objects
+// only by import (an object store that no host writes to): the driver
+// imports from an http(s) URL of the source's bytes as the destination
+// wants them. A source already readable so (a presigned URL, or an export
+// of a standalone image in the wanted format) is imported from directly.
+// Otherwise host h, which serves the source's store, first writes a
+// standalone copy in the wanted format to a staging object of that store
+// (a key its driver gives), exports it read-only over HTTP, and removes it
+// when the import ends.
+func (m *Mover) importInto(ctx context.Context, hostID string, h hostops.Host, sd drivers.Driver, imp drivers.Importer, mv Move, src drivers.Access, progress drivers.Progress) (drivers.ObjectInfo, error) {
+	_, local, _ := hostops.ParseRef(src.URI)
+	direct := !local && (mv.Standalone || !mv.Flatten) && mv.Src.Format == mv.Dst.Format
+	url := string(src.URI)
+	if !direct {
+		if !local {
+			return drivers.ObjectInfo{}, fmt.Errorf("%s %s must be flattened or converted before store %s imports it, and host %s does not serve its store: %w",
+				mv.Src.Type, mv.Src.ID, mv.Dst.Store.Name, hostID, errdefs.ErrFailedPrecondition)
+		}
+		stage := drivers.DataObject{ID: "motion-" + mv.Dst.ID, Type: drivers.ObjectTemplate, Store: mv.Src.Store, Format: mv.Dst.Format}
+		key, err := sd.Locate(stage)
+		if err != nil {
+			return drivers.ObjectInfo{}, fmt.Errorf("stage %s %s for store %s: %w", mv.Src.Type, mv.Src.ID, mv.Dst.Store.Name, err)
+		}
+		ref := hostops.Ref{Store: mv.Src.Store.ID, Key: key}
+		defer func() { _ = h.DeleteObject(context.WithoutCancel(ctx), ref) }()
+		if _, err := h.CopyImage(ctx, hostops.CopyRequest{Source: src.URI, SourceFormat: mv.Src.Format, Dest: ref, Format: mv.Dst.Format, Flatten: true}, nil); err != nil {
+			return drivers.ObjectInfo{}, err
+		}
+		u, err := h.Export(ctx, ref)
+		if err != nil {
+			return drivers.ObjectInfo{}, err
+		}
+		defer func() { _ = h.Unexport(context.WithoutCancel(ctx), u) }()
+		url = string(u)
+	}
+	info, err := imp.Import(ctx, mv.Dst, drivers.ImportSource{URL: url}, progress)
+	if err != nil {
+		return drivers.ObjectInfo{}, err
+	}
+	if info.Method == "" {
+		info.Method = "import"
+	}
+	return info, nil
 }
