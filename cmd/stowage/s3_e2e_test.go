@@ -208,9 +208,11 @@ func TestS3ImageStoreEndToEnd(t *testing.T) {
 	run(t, "qemu-io", "-f", "qcow2", "-c", "write -P 0xef 10M 4k", v0) // inside a chunk the first backup stored
 	s2 := snapshot("s2")
 	backup(s2)
-	if second := chunkPuts() - first; second != 1 {
+	second := chunkPuts() - first
+	if second != 1 {
 		t.Fatalf("second backup uploaded %d chunks, want the one that changed", second)
 	}
+	t.Logf("chunk uploads counted by the S3 server: first backup %d, second backup %d", first, second)
 	manifest := func(s *stowagev1.Snapshot) []string {
 		t.Helper()
 		o, err := mc.GetObject(ctx, srv.Bucket, prefix+"/backups/manifests/"+s.GetId()+".json", minio.GetObjectOptions{})
@@ -256,12 +258,14 @@ func TestS3ImageStoreEndToEnd(t *testing.T) {
 	if len(unshared) == 0 {
 		t.Fatal("setup: the two backups share every chunk")
 	}
+	before := len(list("backups/chunks/"))
 	ds, err := a.snapshots.DeleteSnapshot(ctx, connect.NewRequest(&stowagev1.DeleteSnapshotRequest{Id: s1.GetId()}))
 	if err != nil {
 		t.Fatal(err)
 	}
 	mustSucceed(t, a, ds.Msg.GetJob())
 	left := list("backups/chunks/")
+	t.Logf("chunks in the bucket: %d before deleting the first backup, %d after (%d only it used)", before, len(left), len(unshared))
 	for _, c := range unshared {
 		if slices.ContainsFunc(left, func(k string) bool { return strings.HasSuffix(k, "/"+c) }) {
 			t.Errorf("chunk %s only the deleted backup used is still in the bucket", c)
