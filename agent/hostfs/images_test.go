@@ -448,8 +448,8 @@ func TestSnapshotRevertQcow2(t *testing.T) {
 	if err != nil || si.Method != "qcow2-external" || si.Volume.BackingFile != s1 || si.Snapshot.BackingFile != tmpl {
 		t.Fatalf("snapshot: %+v %v", si, err)
 	}
-	if fi, _ := os.Stat(s1); fi.Mode().Perm() != 0o444 {
-		t.Errorf("snapshot mode %v, want 0444", fi.Mode().Perm())
+	if fi, _ := os.Stat(s1); fi.Mode().Perm() != 0o440 {
+		t.Errorf("snapshot mode %v, want 0440 (read-only, not world-readable)", fi.Mode().Perm())
 	}
 	if fi, _ := os.Stat(vol); fi.Mode().Perm()&0o077 != 0 {
 		t.Errorf("new overlay mode %v, want the volume's 0600", fi.Mode().Perm())

@@ -139,7 +139,7 @@ func (l *Local) snapshotImage(ctx context.Context, req SnapshotRequest) (Snapsho
 			}
 			return SnapshotInfo{}, classed(err)
 		}
-		if err := os.Chmod(snap, 0o444); err != nil {
+		if err := os.Chmod(snap, 0o440); err != nil {
 			return SnapshotInfo{}, classed(err)
 		}
 		if err := durable.SyncDir(filepath.Dir(snap)); err != nil {
@@ -160,7 +160,7 @@ func (l *Local) snapshotImage(ctx context.Context, req SnapshotRequest) (Snapsho
 		if err != nil {
 			return SnapshotInfo{}, err
 		}
-		if err := os.Chmod(stage, 0o444); err != nil {
+		if err := os.Chmod(stage, 0o440); err != nil {
 			return SnapshotInfo{}, classed(err)
 		}
 		if err := publish(stage, snap); err != nil {
@@ -318,7 +318,7 @@ func (l *Local) revertImage(ctx context.Context, req SnapshotRequest) (ImageInfo
 			if err := sameOwner(like, stage); err != nil {
 				return ImageInfo{}, err
 			}
-		} else if err := os.Chmod(stage, 0o644); err != nil {
+		} else if err := os.Chmod(stage, 0o640); err != nil {
 			return ImageInfo{}, classed(err)
 		}
 		if err := replace(stage, vol); err != nil {

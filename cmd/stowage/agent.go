@@ -51,6 +51,7 @@ func newAgentCmd() *cobra.Command {
 
 // runAgent assembles an agent on the local host and runs it until ctx ends.
 func runAgent(ctx context.Context, cfg agent.Config, log *slog.Logger) error {
+	privateFiles()
 	a, err := newAgent(cfg, log)
 	if err != nil {
 		return err

@@ -133,6 +133,7 @@ type cacheServeConfig struct {
 	mount, dir, socket        string
 	capacity, chunk, rate     string
 	noPassthrough, allowOther bool
+	owner, group              string
 	tuning                    fetchTuning
 }
 
@@ -145,7 +146,9 @@ func (c *cacheServeConfig) flags(cmd *cobra.Command, dirDefault string) {
 	f.StringVar(&c.chunk, "chunk-size", "1M", "fetch and bitmap unit")
 	f.StringVar(&c.rate, "prefetch-rate", "100M", "background prefetch rate in bytes/s over all templates (0: unlimited, off: none)")
 	f.BoolVar(&c.noPassthrough, "no-passthrough", false, "serve complete templates through this process, not FUSE passthrough")
-	f.BoolVar(&c.allowOther, "allow-other", true, "let other users (QEMU) read the mount")
+	f.BoolVar(&c.allowOther, "allow-other", true, "let users other than root reach the mount (reading still needs --owner or --group)")
+	f.StringVar(&c.owner, "owner", "root", "user owning the mount's files (mode 0440, never world-readable)")
+	f.StringVar(&c.group, "group", "root", "group owning the mount's files: the hypervisor's (QEMU's) group, e.g. kvm")
 	c.tuning.flags(cmd)
 }
 
@@ -173,10 +176,14 @@ func (c *cacheServeConfig) config(log *slog.Logger) (cachemount.Config, error) {
 	if err := c.tuning.apply(&co); err != nil {
 		return cachemount.Config{}, err
 	}
+	uid, gid, err := lookupOwner(c.owner, c.group)
+	if err != nil {
+		return cachemount.Config{}, err
+	}
 	return cachemount.Config{
 		Mount:        c.mount,
 		Cache:        co,
-		MountOptions: imagecache.MountOptions{AllowOther: c.allowOther, NoPassthrough: c.noPassthrough},
+		MountOptions: imagecache.MountOptions{AllowOther: c.allowOther, NoPassthrough: c.noPassthrough, Owner: uid, Group: gid},
 		Logger:       log,
 	}, nil
 }
@@ -197,6 +204,7 @@ mount and mounts the templates of its state file again, keeping their cached
 chunks. SIGTERM unmounts (waiting up to 5 s for open files, then detaching).`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			privateFiles()
 			log, err := newLogger(cmd)
 			if err != nil {
 				return err

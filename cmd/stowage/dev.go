@@ -30,6 +30,7 @@ over loopback, a directory primary store and a directory image store, all under
 --data. Stop it with Ctrl-C; run it again and it picks up where it stopped.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			privateFiles()
 			log, err := newLogger(cmd)
 			if err != nil {
 				return err

@@ -177,8 +177,8 @@ func testTemplateMount(t *testing.T, transport string, full bool) {
 		b, err2 := os.Stat(m2q)
 		return err1 == nil && err2 == nil && a.Size() == st.Size() && b.Size() == st.Size()
 	})
-	if fi, _ := os.Stat(m2q); fi.Mode().Perm()&0o222 != 0 || time.Since(fi.ModTime()) > time.Hour {
-		t.Fatalf("mounted template: mode %v, mtime %v (want read-only, the time it was added)", fi.Mode(), fi.ModTime())
+	if fi, _ := os.Stat(m2q); fi.Mode().Perm() != 0o440 || time.Since(fi.ModTime()) > time.Hour {
+		t.Fatalf("mounted template: mode %v, mtime %v (want 0440: read-only, never world-readable; the time it was added)", fi.Mode(), fi.ModTime())
 	}
 	if err := os.WriteFile(m2q, []byte("x"), 0o644); err == nil {
 		t.Fatal("writing into the template mount succeeded")

@@ -406,6 +406,19 @@ func workflows(t *testing.T, imageKind string) {
 		t.Fatalf("incremental backup: first stored %d new bytes, second %d new / %d reused; want the second to store one 4 MiB chunk",
 			b1.GetNewBytes(), b2.GetNewBytes(), b2.GetReusedBytes())
 	}
+	// Tenant data is private: nothing the agent (or the qemu-img it ran)
+	// wrote into the stores is world-readable (umask 027).
+	for _, dir := range []string{filepath.Join(root, "pz"), filepath.Join(root, "img")} {
+		_ = filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {
+			if err != nil || d.Type()&os.ModeSymlink != 0 {
+				return nil
+			}
+			if fi, err := d.Info(); err == nil && fi.Mode().Perm()&0o007 != 0 {
+				t.Errorf("%s is mode %v: others may access tenant data", p, fi.Mode().Perm())
+			}
+			return nil
+		})
+	}
 	want := filepath.Join(root, "want.raw")
 	run(t, "qemu-img", "convert", "-O", "raw", v0path, want)
 	dv, err := a.volumes.DeleteVolume(ctx, connect.NewRequest(&stowagev1.DeleteVolumeRequest{Id: v0.GetId()}))

@@ -24,9 +24,14 @@ const fuseMaxIO = 1 << 20
 
 // MountOptions tune a FUSE mount of a Cache.
 type MountOptions struct {
-	// AllowOther lets users other than the mounting one (QEMU running as
-	// another user) read the templates.
+	// AllowOther lets users other than the mounting one reach the mount;
+	// with default_permissions the kernel then grants reading to the
+	// files' Owner and Group only (mode 0440, directory 0550): set Group
+	// to the hypervisor's (QEMU's) group. Templates are never
+	// world-readable.
 	AllowOther bool
+	// Owner and Group own the mount's files (uid and gid; 0: root).
+	Owner, Group uint32
 	// NoPassthrough serves complete templates through this process even
 	// when the kernel supports FUSE passthrough (for measurements).
 	NoPassthrough bool
@@ -50,6 +55,8 @@ type Mount struct {
 	log   *slog.Logger
 	pt    bool
 	reads atomic.Int64
+	// owner and group own every file of the mount (MountOptions).
+	owner, group uint32
 }
 
 // MountCache mounts c at dir (DirectMountStrict: no fusermount). A stale
@@ -62,7 +69,7 @@ func MountCache(ctx context.Context, c *Cache, dir string, o MountOptions) (*Mou
 	if err := CleanStaleMount(dir); err != nil {
 		return nil, err
 	}
-	m := &Mount{c: c, dir: dir, log: o.Logger}
+	m := &Mount{c: c, dir: dir, log: o.Logger, owner: o.Owner, group: o.Group}
 	if m.log == nil {
 		m.log = c.log
 	}
@@ -76,8 +83,11 @@ func MountCache(ctx context.Context, c *Cache, dir string, o MountOptions) (*Mou
 			AllowOther:        o.AllowOther,
 			FsName:            "stowage-imagecache",
 			Name:              "stowage",
-			Options:           []string{"ro"},
-			Debug:             o.Debug,
+			// default_permissions: the kernel checks the files' owner,
+			// group and mode (0440) for every open, so allow_other does
+			// not make the templates world-readable.
+			Options: []string{"ro", "default_permissions"},
+			Debug:   o.Debug,
 			// READs of up to 1 MiB (max_read, MaxPages) and a 1 MiB
 			// kernel read-ahead window instead of 128 KiB (MaxReadAhead
 			// and setReadAhead below: the kernel only lowers its default
@@ -204,7 +214,8 @@ var (
 )
 
 func (r *rootNode) Getattr(ctx context.Context, fh fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
-	out.Mode = syscall.S_IFDIR | 0o555
+	out.Mode = syscall.S_IFDIR | 0o550
+	out.Uid, out.Gid = r.m.owner, r.m.group
 	return 0
 }
 
@@ -242,7 +253,8 @@ var (
 )
 
 func (n *fileNode) fill(a *fuse.Attr) {
-	a.Mode = syscall.S_IFREG | 0o444
+	a.Mode = syscall.S_IFREG | 0o440
+	a.Uid, a.Gid = n.m.owner, n.m.group
 	a.Size = uint64(n.t.size)
 	a.Blocks = (a.Size + 511) / 512
 	a.Blksize = uint32(min(n.t.cs, 1<<20))
