@@ -2,7 +2,9 @@
 // line, an error, a job record or an API reply: the user information
 // (user:password@, or a bare token@), every query value (presigned
 // signatures such as X-Amz-Signature, token=, sig=, access_token=), the
-// fragment, and the token of a Stowage export URL (…/exports/<token>).
+// fragment, and the capability of a Stowage export: the token of an HTTP
+// export (…/exports/<token>) and the name of an NBD export
+// (nbd://host:port/<name>).
 // The rest of the URL (scheme, host, port, path) is kept so a message
 // still says what was fetched from where.
 //
@@ -45,17 +47,20 @@ var plain = map[string]bool{"endpoint": true, "region": true, "socket": true, "i
 // URL returns s with its secrets replaced by Marker: the user information
 // (user:Marker@ when there is a password, Marker@ when the user alone may
 // be a token), each query value (key=Marker; a bare item becomes Marker),
-// a non-empty fragment, and an export token. A string without any of them
-// is returned unchanged.
+// a non-empty fragment, an HTTP export token and an NBD export name. A
+// string without any of them is returned unchanged.
 func URL(s string) string {
-	if !strings.ContainsAny(s, "@?#") && !strings.Contains(s, exportsPrefix) {
+	nbdURL := len(s) > 3 && strings.EqualFold(s[:3], "nbd")
+	if !nbdURL && !strings.ContainsAny(s, "@?#") && !strings.Contains(s, exportsPrefix) {
 		return s // fast path: nothing to hide
 	}
 	var b strings.Builder
 	b.Grow(len(s) + len(Marker))
 	rest := s
 	// Scheme and user information.
-	if i := strings.Index(rest, "://"); i >= 0 {
+	i := strings.Index(rest, "://")
+	nbdURL = nbdURL && i >= 0
+	if i >= 0 {
 		b.WriteString(rest[:i+3])
 		rest = rest[i+3:]
 		// The user information ends at the last '@' before the path; an
@@ -82,7 +87,11 @@ func URL(s string) string {
 	if i := strings.IndexByte(path, '?'); i >= 0 {
 		path, query, hasQuery = path[:i], path[i+1:], true
 	}
-	b.WriteString(redactPath(path))
+	if nbdURL {
+		b.WriteString(redactExportName(path))
+	} else {
+		b.WriteString(redactPath(path))
+	}
 	if hasQuery {
 		b.WriteByte('?')
 		b.WriteString(redactQuery(query))
@@ -107,6 +116,15 @@ func redactPath(p string) string {
 		return p[:i+len(exportsPrefix)] + Marker + tail[j:]
 	}
 	return p[:i+len(exportsPrefix)] + Marker
+}
+
+// redactExportName hides the export name of an nbd:// URL: what follows
+// the authority's "/" (host:port stays).
+func redactExportName(p string) string {
+	if i := strings.IndexByte(p, '/'); i >= 0 && i+1 < len(p) {
+		return p[:i+1] + Marker
+	}
+	return p
 }
 
 // redactQuery replaces every value but those of plain keys.

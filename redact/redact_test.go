@@ -30,7 +30,7 @@ func TestURL(t *testing.T) {
 		// Stowage's own plain parameters stay, unless they hide a secret.
 		{"s3://bucket/pre?endpoint=http://10.0.0.1:9000&region=us&token=x", "s3://bucket/pre?endpoint=http://10.0.0.1:9000&region=us&token=REDACTED"},
 		{"s3://b?endpoint=http%3A%2F%2Fu%3Ap%40h", "s3://b?endpoint=REDACTED"},
-		{"nbd+unix:///vol?socket=/run/n.sock", "nbd+unix:///vol?socket=/run/n.sock"},
+		{"nbd+unix:///vol?socket=/run/n.sock", "nbd+unix:///REDACTED?socket=/run/n.sock"},
 		// Fragments and export tokens.
 		{"https://h/cb#access_token=x", "https://h/cb#REDACTED"},
 		{"https://h/p#", "https://h/p#"},
@@ -39,7 +39,9 @@ func TestURL(t *testing.T) {
 		// Nothing to hide: unchanged, ports and paths kept byte for byte.
 		{"http://127.0.0.1:8470/a%20b/c.qcow2", "http://127.0.0.1:8470/a%20b/c.qcow2"},
 		{"store://s1/templates/t.qcow2", "store://s1/templates/t.qcow2"},
-		{"nbd://10.0.0.5:10809/vol-1", "nbd://10.0.0.5:10809/vol-1"},
+		{"nbd://10.0.0.5:10809/3f2a9c", "nbd://10.0.0.5:10809/REDACTED"},
+		{"NBD://10.0.0.5:10809", "NBD://10.0.0.5:10809"},
+		{"nbd://10.0.0.5:10809/", "nbd://10.0.0.5:10809/"},
 		{"/var/lib/stowage/t.qcow2", "/var/lib/stowage/t.qcow2"},
 		{"", ""},
 		// Unparsable URLs are still redacted.
@@ -58,7 +60,7 @@ func TestText(t *testing.T) {
 		{`Get "https://u:p@h/x?token=SECRETTOK": dial tcp 10.0.0.1:443: connection refused`,
 			`Get "https://u:REDACTED@h/x?token=REDACTED": dial tcp 10.0.0.1:443: connection refused`},
 		{`copy source 'http://h/a?sig=1', then (s3://b/p?token=2) and <nbd://h/e?x=3>`,
-			`copy source 'http://h/a?sig=REDACTED', then (s3://b/p?token=REDACTED) and <nbd://h/e?x=REDACTED>`},
+			`copy source 'http://h/a?sig=REDACTED', then (s3://b/p?token=REDACTED) and <nbd://h/REDACTED?x=REDACTED>`},
 		{`{"url":"http://h/a?sig=1\"x"}`, `{"url":"http://h/a?sig=REDACTED\"x"}`},
 		{"two: http://a:1@h1/ and https://h2/p?k=v.", "two: http://a:REDACTED@h1/ and https://h2/p?k=REDACTED."},
 		// Non-URLs untouched.
