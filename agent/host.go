@@ -14,6 +14,7 @@ import (
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
 	"github.com/stowage/stowage/hostops"
+	"github.com/stowage/stowage/redact"
 )
 
 // LocalHost is the agent's hostops.Host: the host work of this machine,
@@ -187,7 +188,7 @@ func fetchSource(src string) error {
 	u, err := url.Parse(src)
 	if err != nil || u.Host == "" || (!strings.EqualFold(u.Scheme, "http") && !strings.EqualFold(u.Scheme, "https")) {
 		return fmt.Errorf("fetch source %q: the agent downloads http:// and https:// URLs only, never a path of this host: %w",
-			redact(src), errdefs.ErrPermissionDenied)
+			redact.URL(src), errdefs.ErrPermissionDenied)
 	}
 	return nil
 }
@@ -198,7 +199,7 @@ func fetchSource(src string) error {
 func (h *LocalHost) copySource(src drivers.URI) (string, error) {
 	ref, isRef, err := hostops.ParseRef(src)
 	if err != nil {
-		return "", fmt.Errorf("copy source %q is not store://<store id>/<key> (%v): %w", redact(string(src)), err, errdefs.ErrPermissionDenied)
+		return "", fmt.Errorf("copy source %q is not store://<store id>/<key> (%v): %w", redact.URL(string(src)), err, errdefs.ErrPermissionDenied)
 	}
 	if isRef {
 		return h.source(ref)
@@ -211,15 +212,7 @@ func (h *LocalHost) copySource(src drivers.URI) (string, error) {
 		}
 	}
 	return "", fmt.Errorf("copy source %q: the agent reads store://, http(s):// and nbd:// sources only, never a path of this host: %w",
-		redact(string(src)), errdefs.ErrPermissionDenied)
-}
-
-// redact drops the user information of a URL for messages.
-func redact(s string) string {
-	if u, err := url.Parse(s); err == nil && u.User != nil {
-		return u.Redacted()
-	}
-	return s
+		redact.URL(string(src)), errdefs.ErrPermissionDenied)
 }
 
 // FetchImage implements hostops.Images.
@@ -387,7 +380,7 @@ func (cp chunkPaths) openS3(ctx context.Context) (*chunkstore.Store, error) {
 func (h *LocalHost) chunkStore(cs hostops.ChunkStore) (chunkPaths, error) {
 	ref, isRef, err := hostops.ParseRef(cs.URI)
 	if err != nil {
-		return chunkPaths{}, fmt.Errorf("chunk store %q is not store://<store id>/<dir> (%v): %w", redact(string(cs.URI)), err, errdefs.ErrPermissionDenied)
+		return chunkPaths{}, fmt.Errorf("chunk store %q is not store://<store id>/<dir> (%v): %w", redact.URL(string(cs.URI)), err, errdefs.ErrPermissionDenied)
 	}
 	if !isRef {
 		if u, err := url.Parse(string(cs.URI)); err == nil && strings.EqualFold(u.Scheme, "s3") {
@@ -397,7 +390,7 @@ func (h *LocalHost) chunkStore(cs hostops.ChunkStore) (chunkPaths, error) {
 			}
 			return chunkPaths{s3: &cfg}, nil
 		}
-		return chunkPaths{}, fmt.Errorf("chunk store %q: want store://<store id>/<dir> or s3://: %w", redact(string(cs.URI)), errdefs.ErrPermissionDenied)
+		return chunkPaths{}, fmt.Errorf("chunk store %q: want store://<store id>/<dir> or s3://: %w", redact.URL(string(cs.URI)), errdefs.ErrPermissionDenied)
 	}
 	if err := CheckKey(ref.Key); err != nil {
 		return chunkPaths{}, fmt.Errorf("chunk store %s: %w", ref, err)

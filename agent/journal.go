@@ -15,6 +15,7 @@ import (
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
+	"github.com/stowage/stowage/redact"
 )
 
 // journal keeps the result of every finished task under dir/<task-id>.pb so
@@ -188,7 +189,9 @@ func (j *journal) execute(ctx context.Context, id string, t *task, fn func(conte
 		if errdefs.IsUnavailable(err) || ctx.Err() != nil {
 			res = nil
 		} else {
-			res = &stowagev1.TaskResult{ErrorClass: errdefs.ClassName(err), Error: err.Error()}
+			// The message is journalled and read by the controller: a URL
+			// in it (the task's source) loses its secrets.
+			res = &stowagev1.TaskResult{ErrorClass: errdefs.ClassName(err), Error: redact.Text(err.Error())}
 			if res.ErrorClass == "" {
 				res.ErrorClass = errdefs.ErrInternal.Error()
 			}

@@ -38,6 +38,7 @@ import (
 	"github.com/stowage/stowage/datapath/imagecache"
 	"github.com/stowage/stowage/errdefs"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
+	"github.com/stowage/stowage/redact"
 )
 
 // Config sets up a Server.
@@ -217,7 +218,7 @@ func (s *Server) applyLocked(ctx context.Context, specs []*stowagev1.CacheSpec) 
 			old = nil
 		}
 		if old != nil && old.GetUrl() != sp.GetUrl() {
-			s.log.Info("template mount: template source moved; cached chunks kept", "template", id, "source", redact(sp.GetUrl()))
+			s.log.Info("template mount: template source moved; cached chunks kept", "template", id, "source", redact.URL(sp.GetUrl()))
 		}
 		s.res.set(id, location{url: sp.GetUrl(), size: sp.GetSize(), identity: identity(sp)})
 		if _, ok := s.cache.Get(id); !ok {
@@ -226,7 +227,7 @@ func (s *Server) applyLocked(ctx context.Context, specs []*stowagev1.CacheSpec) 
 				s.log.Warn("template mount: add failed", "template", id, "err", err)
 				continue
 			}
-			s.log.Info("template mount: template added", "template", id, "size", sp.GetSize(), "source", redact(sp.GetUrl()))
+			s.log.Info("template mount: template added", "template", id, "size", sp.GetSize(), "source", redact.URL(sp.GetUrl()))
 		}
 		delete(s.errs, id)
 		switch {

@@ -10,6 +10,7 @@ import (
 
 	"github.com/stowage/stowage/datapath/imagecache"
 	"github.com/stowage/stowage/errdefs"
+	"github.com/stowage/stowage/redact"
 )
 
 // scheme names a template's source by template id in the cache's index,
@@ -140,7 +141,7 @@ func (s *source) concrete(ctx context.Context) (imagecache.Source, string, error
 	}
 	if src.Size() != s.size {
 		src.Close()
-		return nil, "", fmt.Errorf("template %s: %s has %d bytes, the records say %d: %w", s.id, redact(l.url), src.Size(), s.size, errdefs.ErrDataLoss)
+		return nil, "", fmt.Errorf("template %s: %s has %d bytes, the records say %d: %w", s.id, redact.URL(l.url), src.Size(), s.size, errdefs.ErrDataLoss)
 	}
 	if s.cur != nil {
 		s.old = append(s.old, s.cur)
@@ -202,13 +203,4 @@ func (s *source) Close() error {
 	}
 	s.old, s.cur = nil, nil
 	return errors.Join(errs...)
-}
-
-// redact hides an export's secret part (the token in an HTTP export URL,
-// the name of an NBD export) in messages.
-func redact(u string) string {
-	if i := strings.LastIndexByte(u, '/'); i >= 0 && (strings.HasPrefix(u, "http") || strings.HasPrefix(u, "nbd")) {
-		return u[:i+1] + "…"
-	}
-	return u
 }

@@ -12,6 +12,7 @@ import (
 	"github.com/stowage/stowage/datapath/stream"
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
+	"github.com/stowage/stowage/redact"
 )
 
 // CopyImage copies req.Source (a path on this host, file://, or a URI such
@@ -27,7 +28,7 @@ import (
 func (l *Local) CopyImage(ctx context.Context, req CopyRequest, progress drivers.Progress) (ImageInfo, error) {
 	info, err := l.copyImage(ctx, req, progress)
 	if err != nil {
-		return ImageInfo{}, fmt.Errorf("copy %s to %s on host %s: %w", redact(req.Source), req.Dest, l.hostID, err)
+		return ImageInfo{}, fmt.Errorf("copy %s to %s on host %s: %w", redact.URL(req.Source), req.Dest, l.hostID, err)
 	}
 	return info, nil
 }

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net/url"
 	"os"
 
 	"github.com/stowage/stowage/datapath/checksum"
@@ -12,6 +11,7 @@ import (
 	"github.com/stowage/stowage/datapath/stream"
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
+	"github.com/stowage/stowage/redact"
 )
 
 // FetchImage downloads req.Source (http://, https://, file:// or a path on
@@ -26,17 +26,9 @@ import (
 func (l *Local) FetchImage(ctx context.Context, req FetchRequest, progress drivers.Progress) (ImageInfo, error) {
 	info, err := l.fetchImage(ctx, req, progress)
 	if err != nil {
-		return ImageInfo{}, fmt.Errorf("fetch %s into %s on host %s: %w", redact(req.Source), req.Dest, l.hostID, err)
+		return ImageInfo{}, fmt.Errorf("fetch %s into %s on host %s: %w", redact.URL(req.Source), req.Dest, l.hostID, err)
 	}
 	return info, nil
-}
-
-// redact drops the user information of a URL for messages.
-func redact(s string) string {
-	if u, err := url.Parse(s); err == nil && u.User != nil {
-		return u.Redacted()
-	}
-	return s
 }
 
 func (l *Local) fetchImage(ctx context.Context, req FetchRequest, progress drivers.Progress) (ImageInfo, error) {

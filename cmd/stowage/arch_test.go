@@ -43,6 +43,9 @@ func TestArchitecture(t *testing.T) {
 			if strings.HasPrefix(pkg, mod+"controller") && strings.HasPrefix(d, mod+"agent") {
 				t.Errorf("%s imports %s: the controller reaches agents only through hostops", pkg, d)
 			}
+			if pkg == mod+"redact" && strings.Contains(strings.SplitN(d, "/", 2)[0], ".") {
+				t.Errorf("%s imports %s: redact is a leaf every layer imports, standard library only", pkg, d)
+			}
 			if strings.HasPrefix(pkg, mod+"hostops") && (strings.HasPrefix(d, mod+"agent") || strings.HasPrefix(d, mod+"controller")) {
 				t.Errorf("%s imports %s: hostops is neither the agent nor the controller", pkg, d)
 			}

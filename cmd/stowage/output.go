@@ -19,6 +19,7 @@ import (
 
 	"github.com/stowage/stowage/errdefs"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
+	"github.com/stowage/stowage/redact"
 )
 
 // outputJSON reports whether --output json was asked for, and validates the flag.
@@ -93,7 +94,8 @@ func orDash(s string) string {
 	return s
 }
 
-// newLogger builds the process logger from --log-level and --log-format.
+// newLogger builds the process logger from --log-level and --log-format;
+// it redacts URL secrets (package redact) and becomes slog's default.
 func newLogger(cmd *cobra.Command) (*slog.Logger, error) {
 	lvl, _ := cmd.Flags().GetString("log-level")
 	format, _ := cmd.Flags().GetString("log-format")
@@ -102,11 +104,21 @@ func newLogger(cmd *cobra.Command) (*slog.Logger, error) {
 		return nil, usageError{fmt.Errorf("--log-level %q: want debug, info, warn or error", lvl)}
 	}
 	opts := &slog.HandlerOptions{Level: level}
+	// Every process logs through redact.Handler: a URL in a message or an
+	// attribute (a template's source, an error) loses its secrets. The
+	// logger also becomes slog's default, so a component built without a
+	// logger (falling back to slog.Default) is redacted too.
+	var h slog.Handler
 	switch format {
 	case "text":
-		return slog.New(slog.NewTextHandler(os.Stderr, opts)), nil
+		h = slog.NewTextHandler(os.Stderr, opts)
 	case "json":
-		return slog.New(slog.NewJSONHandler(os.Stderr, opts)), nil
+		h = slog.NewJSONHandler(os.Stderr, opts)
+	}
+	if h != nil {
+		log := slog.New(redact.Handler(h))
+		slog.SetDefault(log)
+		return log, nil
 	}
 	return nil, usageError{fmt.Errorf("--log-format %q: want text or json", format)}
 }

@@ -98,7 +98,7 @@ func (h *storeHandler) AddStore(ctx context.Context, req *connect.Request[stowag
 	if err != nil {
 		return nil, err
 	}
-	return connect.NewResponse(&stowagev1.AddStoreResponse{Store: s}), nil
+	return connect.NewResponse(redactReply(&stowagev1.AddStoreResponse{Store: s})), nil
 }
 
 func (h *storeHandler) GetStore(ctx context.Context, req *connect.Request[stowagev1.GetStoreRequest]) (*connect.Response[stowagev1.GetStoreResponse], error) {
@@ -106,7 +106,7 @@ func (h *storeHandler) GetStore(ctx context.Context, req *connect.Request[stowag
 	if err != nil {
 		return nil, err
 	}
-	return connect.NewResponse(&stowagev1.GetStoreResponse{Store: s}), nil
+	return connect.NewResponse(redactReply(&stowagev1.GetStoreResponse{Store: s})), nil
 }
 
 func (h *storeHandler) ListStores(ctx context.Context, req *connect.Request[stowagev1.ListStoresRequest]) (*connect.Response[stowagev1.ListStoresResponse], error) {
@@ -114,7 +114,7 @@ func (h *storeHandler) ListStores(ctx context.Context, req *connect.Request[stow
 	if err != nil {
 		return nil, err
 	}
-	return connect.NewResponse(&stowagev1.ListStoresResponse{Stores: ss}), nil
+	return connect.NewResponse(redactReply(&stowagev1.ListStoresResponse{Stores: ss})), nil
 }
 
 func (h *storeHandler) EnableMaintenance(ctx context.Context, req *connect.Request[stowagev1.EnableMaintenanceRequest]) (*connect.Response[stowagev1.EnableMaintenanceResponse], error) {
@@ -122,7 +122,7 @@ func (h *storeHandler) EnableMaintenance(ctx context.Context, req *connect.Reque
 	if err != nil {
 		return nil, err
 	}
-	return connect.NewResponse(&stowagev1.EnableMaintenanceResponse{Store: s}), nil
+	return connect.NewResponse(redactReply(&stowagev1.EnableMaintenanceResponse{Store: s})), nil
 }
 
 func (h *storeHandler) CancelMaintenance(ctx context.Context, req *connect.Request[stowagev1.CancelMaintenanceRequest]) (*connect.Response[stowagev1.CancelMaintenanceResponse], error) {
@@ -130,7 +130,7 @@ func (h *storeHandler) CancelMaintenance(ctx context.Context, req *connect.Reque
 	if err != nil {
 		return nil, err
 	}
-	return connect.NewResponse(&stowagev1.CancelMaintenanceResponse{Store: s}), nil
+	return connect.NewResponse(redactReply(&stowagev1.CancelMaintenanceResponse{Store: s})), nil
 }
 
 func (h *storeHandler) DeleteStore(ctx context.Context, req *connect.Request[stowagev1.DeleteStoreRequest]) (*connect.Response[stowagev1.DeleteStoreResponse], error) {
@@ -149,7 +149,7 @@ func (h *hostHandler) ListHosts(ctx context.Context, req *connect.Request[stowag
 	if err != nil {
 		return nil, err
 	}
-	return connect.NewResponse(&stowagev1.ListHostsResponse{Hosts: hs}), nil
+	return connect.NewResponse(redactReply(&stowagev1.ListHostsResponse{Hosts: hs})), nil
 }
 
 func (h *hostHandler) GetHost(ctx context.Context, req *connect.Request[stowagev1.GetHostRequest]) (*connect.Response[stowagev1.GetHostResponse], error) {
@@ -157,7 +157,7 @@ func (h *hostHandler) GetHost(ctx context.Context, req *connect.Request[stowagev
 	if err != nil {
 		return nil, err
 	}
-	return connect.NewResponse(&stowagev1.GetHostResponse{Host: host}), nil
+	return connect.NewResponse(redactReply(&stowagev1.GetHostResponse{Host: host})), nil
 }
 
 type agentControlHandler struct{ svc HostService }

@@ -4,6 +4,7 @@ import (
 	"context"
 
 	"connectrpc.com/connect"
+	"google.golang.org/protobuf/proto"
 
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 	"github.com/stowage/stowage/proto/gen/stowage/v1/stowagev1connect"
@@ -48,12 +49,16 @@ type JobService interface {
 	Watch(ctx context.Context, id string, send func(*stowagev1.Job) error) error
 }
 
-// reply wraps a domain result in a Connect response.
-func reply[T any](msg *T, err error) (*connect.Response[T], error) {
+// reply wraps a domain result in a Connect response, its errors, reasons
+// and template URLs redacted (redactReply).
+func reply[T any, PT interface {
+	*T
+	proto.Message
+}](msg PT, err error) (*connect.Response[T], error) {
 	if err != nil {
 		return nil, err
 	}
-	return connect.NewResponse(msg), nil
+	return connect.NewResponse((*T)(redactReply(msg))), nil
 }
 
 type imageHandler struct{ svc ImageService }
@@ -172,6 +177,6 @@ func (h *jobHandler) CancelJob(ctx context.Context, req *connect.Request[stowage
 
 func (h *jobHandler) WatchJob(ctx context.Context, req *connect.Request[stowagev1.WatchJobRequest], stream *connect.ServerStream[stowagev1.WatchJobResponse]) error {
 	return h.svc.Watch(ctx, req.Msg.GetId(), func(j *stowagev1.Job) error {
-		return stream.Send(&stowagev1.WatchJobResponse{Job: j})
+		return stream.Send(redactReply(&stowagev1.WatchJobResponse{Job: j}))
 	})
 }

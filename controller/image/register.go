@@ -13,6 +13,7 @@ import (
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
+	"github.com/stowage/stowage/redact"
 )
 
 // registerHandler downloads a template into each of its image stores.
@@ -168,10 +169,11 @@ func (s *Service) Register(ctx context.Context, req *stowagev1.RegisterTemplateR
 		}
 		step := "download-" + st.GetName()
 		plan.Steps = append(plan.Steps, &stowagev1.PlanStep{Name: step, HostId: ch.HostID,
-			Reason: fmt.Sprintf("stream %s into store %s (%s provider) as %s, verify checksum and format; %s", req.GetUrl(), st.GetName(), st.GetProvider(), key, ch.Reason)})
+			Reason: fmt.Sprintf("stream %s into store %s (%s provider) as %s, verify checksum and format; %s", redact.URL(req.GetUrl()), st.GetName(), st.GetProvider(), key, ch.Reason)})
 		refs = append(refs, &stowagev1.TemplateOnStore{Id: meta.NewID(), TemplateId: tmpl.GetId(), StoreId: st.GetId(), InstallPath: key})
 	}
 	if req.GetDryRun() {
+		jobs.RedactPlan(plan)
 		return &stowagev1.RegisterTemplateResponse{Template: tmpl, Plan: plan}, nil
 	}
 	job := jobs.NewJob(KindRegister, tmpl.GetId(), req.GetIdempotencyKey(), plan, nil)

@@ -24,6 +24,7 @@ import (
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
+	"github.com/stowage/stowage/redact"
 )
 
 // Handler runs one kind of job.
@@ -102,10 +103,27 @@ func terminal(s stowagev1.JobState) bool {
 }
 
 // NewJob returns a Pending job record for kind on target with plan and params.
+// The plan's reasons are redacted (RedactPlan): a job record never keeps a
+// URL's secrets.
 func NewJob(kind, target, idempotencyKey string, plan *stowagev1.Plan, params *stowagev1.JobParams) *stowagev1.Job {
+	RedactPlan(plan)
 	return &stowagev1.Job{
 		Id: meta.NewID(), Kind: kind, TargetId: target, State: stowagev1.JobState_JOB_STATE_PENDING,
 		Plan: plan, JobParams: params, IdempotencyKey: idempotencyKey, Progress: &stowagev1.JobProgress{Phase: "queued"},
+	}
+}
+
+// RedactPlan redacts, in place, the URLs quoted in plan's reasons and its
+// steps' reasons and errors (redact.Text).
+func RedactPlan(plan *stowagev1.Plan) {
+	if plan == nil {
+		return
+	}
+	for i, r := range plan.Reasons {
+		plan.Reasons[i] = redact.Text(r)
+	}
+	for _, s := range plan.GetSteps() {
+		s.Reason, s.Error = redact.Text(s.GetReason()), redact.Text(s.GetError())
 	}
 }
 
@@ -184,9 +202,12 @@ func (r *Runner) run(ctx context.Context, h Handler, job *stowagev1.Job) {
 }
 
 // finish records the end of a job: Succeeded, or (after the handler's Fail)
-// Failed or Cancelled.
+// Failed or Cancelled. The error is redacted (redact.Error) before anything
+// sees it: the handler's Fail (which records it on objects), the job record
+// and the log.
 func (r *Runner) finish(ctx context.Context, job *stowagev1.Job, h Handler, runErr error) {
 	ctx = context.WithoutCancel(ctx)
+	runErr = redact.Error(runErr)
 	var final *stowagev1.Job
 	var err error
 	if runErr == nil {
@@ -423,7 +444,7 @@ func (rep *Reporter) Step(name string, state stowagev1.JobState, err error) {
 			s.State = state
 			s.TaskId = StepTaskID(rep.job, name)
 			if err != nil {
-				s.Error = err.Error()
+				s.Error = redact.Text(err.Error())
 			}
 		}
 	}
@@ -436,7 +457,7 @@ func (rep *Reporter) Step(name string, state stowagev1.JobState, err error) {
 // Result sets the job's one-line result summary.
 func (rep *Reporter) Result(format string, args ...any) {
 	rep.mu.Lock()
-	rep.job.Result = fmt.Sprintf(format, args...)
+	rep.job.Result = redact.Text(fmt.Sprintf(format, args...))
 	rep.mu.Unlock()
 }
 

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -187,4 +188,59 @@ func TestResumeAfterRestart(t *testing.T) {
 	if len(taskIDs) != 2 || taskIDs[0] != taskIDs[1] {
 		t.Fatalf("step task ids across the restart: %v (want the same id twice)", taskIDs)
 	}
+}
+
+// TestSecretsRedacted: a URL's secrets in a step error, the job error, a
+// plan reason or the result reach neither the record nor the handler's
+// Fail, while the error class still does.
+func TestSecretsRedacted(t *testing.T) {
+	db := openDB(t, t.TempDir())
+	defer db.Close()
+	r := newRunner(t, db)
+	r.Start(context.Background())
+	const src = "http://user:S3cr3tPw@127.0.0.1:1/t.qcow2?X-Amz-Signature=SECRETSIG"
+	var failCause error
+	h := &failWith{cause: &failCause, run: func(ctx context.Context, job *stowagev1.Job, rep *Reporter) error {
+		rep.Result("from %s", src)
+		return RunStep(ctx, job, rep, "download", func(context.Context) error {
+			return fmt.Errorf("fetch %s: %w", src, errdefs.ErrDataLoss)
+		})
+	}}
+	r.Register("leaky", h)
+	plan := &stowagev1.Plan{Reasons: []string{"from " + src}, Steps: []*stowagev1.PlanStep{{Name: "download", Reason: "stream " + src}}}
+	j, _, err := r.Submit(context.Background(), NewJob("leaky", "t1", "", plan, nil), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	j = wait(t, r, j.GetId())
+	stored, err := db.Jobs().Get(context.Background(), j.GetId())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, got := range []*stowagev1.Job{j, stored} {
+		text := fmt.Sprint(got.GetError(), got.GetResult(), got.GetPlan().GetReasons(), got.GetPlan().GetSteps()[0].GetReason(), got.GetPlan().GetSteps()[0].GetError())
+		if strings.Contains(text, "S3cr3tPw") || strings.Contains(text, "SECRETSIG") {
+			t.Errorf("job keeps a secret: %s", text)
+		}
+		if !strings.Contains(got.GetError(), "http://user:REDACTED@127.0.0.1:1/t.qcow2") {
+			t.Errorf("job error lost the redacted URL: %s", got.GetError())
+		}
+	}
+	if failCause == nil || strings.Contains(failCause.Error(), "S3cr3tPw") || !errors.Is(failCause, errdefs.ErrDataLoss) {
+		t.Errorf("Fail got %v", failCause)
+	}
+}
+
+// failWith is a handler that records the cause its Fail gets.
+type failWith struct {
+	run   func(ctx context.Context, job *stowagev1.Job, r *Reporter) error
+	cause *error
+}
+
+func (h *failWith) Run(ctx context.Context, job *stowagev1.Job, r *Reporter) error {
+	return h.run(ctx, job, r)
+}
+func (h *failWith) Fail(_ context.Context, _ *stowagev1.Job, cause error) error {
+	*h.cause = cause
+	return nil
 }

@@ -15,6 +15,7 @@ import (
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
+	"github.com/stowage/stowage/redact"
 )
 
 // ensureCached makes sure the volume's template is Ready on its primary
@@ -108,7 +109,7 @@ func (s *Service) copyTemplate(ctx context.Context, job *stowagev1.Job, rep *job
 	}
 	if err != nil {
 		_, terr := s.db.TemplatesOnStore().Transition(context.WithoutCancel(ctx), ref.GetId(), meta.ObjectOperationFailed, func(r *stowagev1.TemplateOnStore) error {
-			r.Error = err.Error()
+			r.Error = redact.Text(err.Error())
 			return nil
 		})
 		return errors.Join(err, terr)

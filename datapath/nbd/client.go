@@ -16,6 +16,7 @@ import (
 
 	"github.com/stowage/stowage/datapath/stream"
 	"github.com/stowage/stowage/errdefs"
+	"github.com/stowage/stowage/redact"
 )
 
 // ClientOptions tune Dial. The zero value is a good default.
@@ -83,7 +84,7 @@ func endpointOf(u *url.URL) (endpoint, error) {
 		ep.network = "tcp"
 		host := u.Host
 		if host == "" {
-			return ep, fmt.Errorf("NBD URL %s: no host: %w", u.Redacted(), errdefs.ErrInvalid)
+			return ep, fmt.Errorf("NBD URL %s: no host: %w", redact.URL(u.String()), errdefs.ErrInvalid)
 		}
 		if u.Port() == "" {
 			host = net.JoinHostPort(u.Hostname(), "10809")
@@ -93,12 +94,12 @@ func endpointOf(u *url.URL) (endpoint, error) {
 		ep.network = "unix"
 		ep.addr = u.Query().Get("socket")
 		if ep.addr == "" || u.Host != "" {
-			return ep, fmt.Errorf("NBD URL %s: want nbd+unix:///EXPORT?socket=PATH: %w", u.Redacted(), errdefs.ErrInvalid)
+			return ep, fmt.Errorf("NBD URL %s: want nbd+unix:///EXPORT?socket=PATH: %w", redact.URL(u.String()), errdefs.ErrInvalid)
 		}
 	case "nbds", "nbds+unix":
-		return ep, fmt.Errorf("NBD URL %s: TLS is not supported: %w", u.Redacted(), errdefs.ErrNotImplemented)
+		return ep, fmt.Errorf("NBD URL %s: TLS is not supported: %w", redact.URL(u.String()), errdefs.ErrNotImplemented)
 	default:
-		return ep, fmt.Errorf("URL %s: not an NBD URL (nbd:// or nbd+unix://): %w", u.Redacted(), errdefs.ErrInvalid)
+		return ep, fmt.Errorf("URL %s: not an NBD URL (nbd:// or nbd+unix://): %w", redact.URL(u.String()), errdefs.ErrInvalid)
 	}
 	return ep, nil
 }
@@ -117,7 +118,7 @@ func dial(ctx context.Context, u *url.URL, ep endpoint, opts ClientOptions) (*Cl
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
-	c := &Client{target: u.Redacted(), export: ep.export, log: opts.Logger.With("nbd", u.Redacted())}
+	c := &Client{target: redact.URL(u.String()), export: ep.export, log: opts.Logger.With("nbd", redact.URL(u.String()))}
 	first, n, err := c.connect(ctx, ep)
 	if err != nil {
 		return nil, err

@@ -8,6 +8,7 @@ import (
 
 	"github.com/stowage/stowage/datapath/stream"
 	"github.com/stowage/stowage/errdefs"
+	"github.com/stowage/stowage/redact"
 )
 
 // DefaultStreamConnections is how many connections OpenSource and OpenSink
@@ -132,7 +133,7 @@ func (s *Sink) Abort() error {
 // openStreamSource is the stream.SourceOpener of nbd:// and nbd+unix://.
 func openStreamSource(ctx context.Context, u *url.URL, o stream.SourceOptions) (stream.Source, error) {
 	if o.Format != "" && o.Format != "raw" {
-		return nil, fmt.Errorf("source %s: NBD exports are read as raw, not %s: %w", u.Redacted(), o.Format, errdefs.ErrNotImplemented)
+		return nil, fmt.Errorf("source %s: NBD exports are read as raw, not %s: %w", redact.URL(u.String()), o.Format, errdefs.ErrNotImplemented)
 	}
 	ep, err := endpointOf(u)
 	if err != nil {
@@ -148,10 +149,10 @@ func openStreamSource(ctx context.Context, u *url.URL, o stream.SourceOptions) (
 // openStreamSink is the stream.SinkOpener of nbd:// and nbd+unix://.
 func openStreamSink(ctx context.Context, u *url.URL, size int64, o stream.SinkOptions) (stream.Sink, error) {
 	if o.Format != "" && o.Format != "raw" {
-		return nil, fmt.Errorf("destination %s: NBD exports are written raw, not %s: %w", u.Redacted(), o.Format, errdefs.ErrNotImplemented)
+		return nil, fmt.Errorf("destination %s: NBD exports are written raw, not %s: %w", redact.URL(u.String()), o.Format, errdefs.ErrNotImplemented)
 	}
 	if o.Resume {
-		return nil, fmt.Errorf("destination %s: resuming into an NBD export is not supported: %w", u.Redacted(), errdefs.ErrNotImplemented)
+		return nil, fmt.Errorf("destination %s: resuming into an NBD export is not supported: %w", redact.URL(u.String()), errdefs.ErrNotImplemented)
 	}
 	return OpenSink(ctx, u.String(), size, ClientOptions{})
 }

@@ -31,6 +31,7 @@ import (
 	"github.com/minio/minio-go/v7/pkg/credentials"
 
 	"github.com/stowage/stowage/errdefs"
+	"github.com/stowage/stowage/redact"
 )
 
 // DefaultRegion is the region when Config.Region is empty.
@@ -73,13 +74,7 @@ func (c Config) LogValue() slog.Value {
 		slog.String("bucket", c.Bucket), slog.String("prefix", c.prefix()))
 }
 
-func (c Config) endpointForHumans() string {
-	u, err := url.Parse(c.Endpoint)
-	if err != nil {
-		return "(unparsable endpoint)"
-	}
-	return u.Redacted()
-}
+func (c Config) endpointForHumans() string { return redact.URL(c.Endpoint) }
 
 func (c Config) prefix() string { return strings.Trim(c.Prefix, "/") }
 
@@ -107,13 +102,13 @@ func (c Config) endpoint() (host string, secure bool, err error) {
 	}
 	switch {
 	case u.Scheme != "http" && u.Scheme != "https":
-		return "", false, fmt.Errorf("s3 endpoint %s: want an http:// or https:// URL: %w", u.Redacted(), errdefs.ErrInvalid)
+		return "", false, fmt.Errorf("s3 endpoint %s: want an http:// or https:// URL: %w", redact.URL(u.String()), errdefs.ErrInvalid)
 	case u.Host == "":
-		return "", false, fmt.Errorf("s3 endpoint %s: no host: %w", u.Redacted(), errdefs.ErrInvalid)
+		return "", false, fmt.Errorf("s3 endpoint %s: no host: %w", redact.URL(u.String()), errdefs.ErrInvalid)
 	case u.User != nil:
-		return "", false, fmt.Errorf("s3 endpoint %s: credentials do not belong in the URL: %w", u.Redacted(), errdefs.ErrInvalid)
+		return "", false, fmt.Errorf("s3 endpoint %s: credentials do not belong in the URL: %w", redact.URL(u.String()), errdefs.ErrInvalid)
 	case strings.Trim(u.Path, "/") != "" || u.RawQuery != "" || u.Fragment != "":
-		return "", false, fmt.Errorf("s3 endpoint %s: want no path or query (the bucket and prefix are separate): %w", u.Redacted(), errdefs.ErrInvalid)
+		return "", false, fmt.Errorf("s3 endpoint %s: want no path or query (the bucket and prefix are separate): %w", redact.URL(u.String()), errdefs.ErrInvalid)
 	}
 	return u.Host, u.Scheme == "https", nil
 }
@@ -285,7 +280,7 @@ func (c Config) Secret() map[string]string {
 func ParseURI(uri string, secret map[string]string) (Config, error) {
 	u, err := url.Parse(uri)
 	if err != nil || u.Scheme != "s3" || u.Host == "" {
-		return Config{}, fmt.Errorf("chunk store %q: want s3://bucket/prefix?endpoint=URL: %w", redactQuery(uri), errdefs.ErrInvalid)
+		return Config{}, fmt.Errorf("chunk store %q: want s3://bucket/prefix?endpoint=URL: %w", redact.URL(uri), errdefs.ErrInvalid)
 	}
 	q := u.Query()
 	c := Config{Endpoint: q.Get("endpoint"), Region: q.Get("region"), Bucket: u.Host, Prefix: strings.Trim(u.Path, "/"),
@@ -294,12 +289,4 @@ func ParseURI(uri string, secret map[string]string) (Config, error) {
 		return Config{}, err
 	}
 	return c, nil
-}
-
-// redactQuery drops the query of a URI for messages.
-func redactQuery(s string) string {
-	if i := strings.IndexByte(s, '?'); i >= 0 {
-		return s[:i]
-	}
-	return s
 }

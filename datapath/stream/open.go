@@ -10,6 +10,7 @@ import (
 	"sync"
 
 	"github.com/stowage/stowage/errdefs"
+	"github.com/stowage/stowage/redact"
 )
 
 // SourceOptions tune OpenSource.
@@ -71,7 +72,7 @@ func openHTTPURL(ctx context.Context, u *url.URL, o SourceOptions) (Source, erro
 	}
 	if o.Format == "qcow2" {
 		s.Close()
-		return nil, fmt.Errorf("source %s: qcow2 over HTTP is not supported yet; download it raw first: %w", u.Redacted(), errdefs.ErrNotImplemented)
+		return nil, fmt.Errorf("source %s: qcow2 over HTTP is not supported yet; download it raw first: %w", redact.URL(u.String()), errdefs.ErrNotImplemented)
 	}
 	return s, nil
 }
@@ -117,7 +118,7 @@ func OpenSource(ctx context.Context, target string, opts SourceOptions) (Source,
 	all := schemes(sourceOpeners)
 	registryMu.RUnlock()
 	if !ok {
-		return nil, fmt.Errorf("source %s: scheme %q is not supported (have %s): %w", u.Redacted(), u.Scheme, all, errdefs.ErrNotImplemented)
+		return nil, fmt.Errorf("source %s: scheme %q is not supported (have %s): %w", redact.URL(u.String()), u.Scheme, all, errdefs.ErrNotImplemented)
 	}
 	return fn(ctx, u, opts)
 }
@@ -151,7 +152,7 @@ func OpenSink(ctx context.Context, target string, size int64, opts SinkOptions) 
 	all := schemes(sinkOpeners)
 	registryMu.RUnlock()
 	if !ok {
-		return nil, fmt.Errorf("destination %s: scheme %q is not supported (have %s): %w", u.Redacted(), u.Scheme, all, errdefs.ErrNotImplemented)
+		return nil, fmt.Errorf("destination %s: scheme %q is not supported (have %s): %w", redact.URL(u.String()), u.Scheme, all, errdefs.ErrNotImplemented)
 	}
 	return fn(ctx, u, size, opts)
 }

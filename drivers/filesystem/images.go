@@ -8,6 +8,7 @@ import (
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
 	"github.com/stowage/stowage/hostops"
+	"github.com/stowage/stowage/redact"
 )
 
 // snapshotRequest checks snap (a snapshot of a volume of the same primary
@@ -212,8 +213,7 @@ func (d *Driver) importObject(ctx context.Context, dst drivers.DataObject, src d
 	}
 	u, err := url.Parse(src.URL)
 	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-		// Redacted: a URL may carry credentials.
-		return drivers.ObjectInfo{}, fmt.Errorf("source URL is not an http:// or https:// URL with a host: %w", errdefs.ErrInvalid)
+		return drivers.ObjectInfo{}, fmt.Errorf("source URL %s is not an http:// or https:// URL with a host: %w", redact.URL(src.URL), errdefs.ErrInvalid)
 	}
 	ref, err := objectRef(dst)
 	if err != nil {

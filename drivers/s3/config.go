@@ -13,6 +13,7 @@ import (
 
 	"github.com/stowage/stowage/datapath/s3conn"
 	"github.com/stowage/stowage/errdefs"
+	"github.com/stowage/stowage/redact"
 )
 
 // The details a store takes.
@@ -31,7 +32,7 @@ var knownDetails = []string{DetailEndpoint, DetailRegion, DetailCredentialsFile,
 func ParseStoreURL(storeURL string) (bucket, prefix string, err error) {
 	u, err := url.Parse(storeURL)
 	if err != nil || u.Scheme != "s3" || u.Host == "" || u.User != nil || u.RawQuery != "" || u.Fragment != "" || u.Opaque != "" {
-		return "", "", fmt.Errorf("store URL %q: want s3://bucket/prefix: %w", redactURL(storeURL), errdefs.ErrInvalid)
+		return "", "", fmt.Errorf("store URL %q: want s3://bucket/prefix: %w", redact.URL(storeURL), errdefs.ErrInvalid)
 	}
 	if err := s3conn.ValidateBucket(u.Host); err != nil {
 		return "", "", err
@@ -148,7 +149,7 @@ func readCredentialsFile(path string) (access, secret string, err error) {
 }
 
 // Redacted replaces a sensitive value in RedactDetails' result.
-const Redacted = "REDACTED"
+const Redacted = redact.Marker
 
 // sensitiveKey reports whether a detail's name says it holds a secret.
 func sensitiveKey(k string) bool {
@@ -176,27 +177,10 @@ func RedactDetails(details map[string]string) map[string]string {
 		case sensitiveKey(k):
 			out[k] = Redacted
 		case strings.Contains(v, "://"):
-			out[k] = redactURL(v)
+			out[k] = redact.URL(v)
 		default:
 			out[k] = v
 		}
 	}
 	return out
-}
-
-// redactURL drops a URL's user information and query (presigned or token
-// URLs carry secrets there) for messages.
-func redactURL(s string) string {
-	u, err := url.Parse(s)
-	if err != nil {
-		return "(unparsable URL)"
-	}
-	if u.User != nil {
-		u.User = url.User(Redacted)
-	}
-	if u.RawQuery != "" {
-		u.RawQuery = Redacted
-	}
-	u.Fragment = ""
-	return u.String()
 }

@@ -17,6 +17,7 @@ import (
 
 	"github.com/stowage/stowage/datapath/checksum"
 	"github.com/stowage/stowage/errdefs"
+	"github.com/stowage/stowage/redact"
 )
 
 // Format is an image format, spelled as drivers.Format spells it.
@@ -89,7 +90,7 @@ type ImportResult struct {
 func (s *Store) Import(ctx context.Context, req ImportRequest) (ImportResult, error) {
 	res, err := s.importObject(ctx, req)
 	if err != nil {
-		return ImportResult{}, fmt.Errorf("import %s into %s key %s: %w", redactURL(req.URL), s, req.Key, err)
+		return ImportResult{}, fmt.Errorf("import %s into %s key %s: %w", redact.URL(req.URL), s, req.Key, err)
 	}
 	return res, nil
 }

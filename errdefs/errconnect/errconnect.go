@@ -10,6 +10,7 @@ import (
 	"connectrpc.com/connect"
 
 	"github.com/stowage/stowage/errdefs"
+	"github.com/stowage/stowage/redact"
 )
 
 var classToCode = map[error]connect.Code{
@@ -55,16 +56,22 @@ func Code(err error) connect.Code {
 }
 
 // ToConnect turns a domain error into a *connect.Error carrying its class's
-// code and the full message. Errors that already are *connect.Error pass through.
+// code and the full message, its URLs redacted (package redact): what a
+// server answers never carries a password or a presigned signature. Errors
+// that already are *connect.Error pass through (with a new message when it
+// has something to hide).
 func ToConnect(err error) error {
 	if err == nil {
 		return nil
 	}
 	var ce *connect.Error
 	if errors.As(err, &ce) {
+		if msg := redact.Text(ce.Message()); msg != ce.Message() {
+			return connect.NewError(ce.Code(), errors.New(msg))
+		}
 		return err
 	}
-	return connect.NewError(Code(err), err)
+	return connect.NewError(Code(err), redact.Error(err))
 }
 
 // FromConnect turns an error returned by a Connect client into a domain

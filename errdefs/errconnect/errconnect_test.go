@@ -3,6 +3,7 @@ package errconnect
 import (
 	"errors"
 	"fmt"
+	"strings"
 	"testing"
 
 	"connectrpc.com/connect"
@@ -31,5 +32,22 @@ func TestRoundTrip(t *testing.T) {
 	}
 	if got := connect.CodeOf(ToConnect(errors.New("boom"))); got != connect.CodeInternal {
 		t.Errorf("unclassed error: %v, want internal", got)
+	}
+}
+
+func TestToConnectRedacts(t *testing.T) {
+	err := fmt.Errorf("fetch http://u:S3cr3tPw@h/t?X-Amz-Signature=SECRETSIG: %w", errdefs.ErrDataLoss)
+	ce := ToConnect(err)
+	if connect.CodeOf(ce) != connect.CodeDataLoss {
+		t.Errorf("code %v", connect.CodeOf(ce))
+	}
+	wrapped := ToConnect(connect.NewError(connect.CodeNotFound, errors.New("get http://h/t?token=SECRETTOK")))
+	for _, e := range []error{ce, wrapped} {
+		if msg := e.Error(); strings.Contains(msg, "S3cr3tPw") || strings.Contains(msg, "SECRETSIG") || strings.Contains(msg, "SECRETTOK") {
+			t.Errorf("leaks: %s", msg)
+		}
+	}
+	if connect.CodeOf(wrapped) != connect.CodeNotFound {
+		t.Errorf("code %v", connect.CodeOf(wrapped))
 	}
 }
