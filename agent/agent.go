@@ -61,6 +61,7 @@ import (
 	"github.com/stowage/stowage/errdefs/errconnect"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 	"github.com/stowage/stowage/proto/gen/stowage/v1/stowagev1connect"
+	"github.com/stowage/stowage/rpclimit"
 )
 
 // Config is how an agent is set up; cmd/stowage fills it from flags.
@@ -105,7 +106,8 @@ type Agent struct {
 	session string
 	stop    context.CancelFunc // cancels every running task
 
-	cache ImageCache
+	cache  ImageCache
+	limits rpclimit.Limits
 
 	mu          sync.Mutex
 	cacheSpec   *stowagev1.TemplateCacheSpec // last desired set sent to the cache
@@ -130,6 +132,10 @@ func WithExports(x *exports.Server) Option { return func(a *Agent) { a.exports =
 // listener). Give the same x to the hostfs.Local (hostfs.WithNBDExporter).
 func WithNBD(x *nbdexports.Server) Option { return func(a *Agent) { a.nbd = x } }
 
+// WithLimits bounds every request the agent's listener reads (AgentService
+// and the exports) by l; without it, rpclimit.Default().
+func WithLimits(l rpclimit.Limits) Option { return func(a *Agent) { a.limits = l } }
+
 // WithTaskGrace sets how long a task keeps running after its last caller
 // went away (default 2 minutes): long enough for a controller restart to
 // send the same task id again and wait for it.
@@ -140,6 +146,10 @@ func WithTaskGrace(d time.Duration) Option {
 		}
 	}
 }
+
+// journalRetention is how long a finished task's result answers a retry of
+// the same task id.
+const journalRetention = 24 * time.Hour
 
 // New builds an agent that runs steps on fs, within the stores it serves
 // (LocalHost, with the RootPolicy of cfg.StoreRoots).
@@ -162,7 +172,7 @@ func New(cfg Config, fs *hostfs.Local, log *slog.Logger, opts ...Option) (*Agent
 		return nil, fmt.Errorf("agent: --store-roots: %w", err)
 	}
 	host := NewLocalHost(fs, policy)
-	j, err := openJournal(cfg.StateDir+"/tasks", 24*time.Hour)
+	j, err := openJournal(cfg.StateDir+"/tasks", journalRetention)
 	if err != nil {
 		return nil, err
 	}
@@ -179,6 +189,7 @@ func New(cfg Config, fs *hostfs.Local, log *slog.Logger, opts ...Option) (*Agent
 		stop:     stop,
 		interval: 3 * time.Second,
 		ready:    make(chan struct{}),
+		limits:   rpclimit.Default(),
 	}
 	for _, o := range opts {
 		o(a)
@@ -189,16 +200,17 @@ func New(cfg Config, fs *hostfs.Local, log *slog.Logger, opts ...Option) (*Agent
 	return a, nil
 }
 
-// Handler serves AgentService, the exports (with WithExports) and /healthz;
-// Run serves it on the agent's listener, tests on their own.
+// Handler serves AgentService, the exports (with WithExports) and /healthz,
+// every request bounded by the agent's limits (WithLimits); Run serves it
+// on the agent's listener, tests on their own.
 func (a *Agent) Handler() http.Handler {
 	mux := http.NewServeMux()
-	mux.Handle(stowagev1connect.NewAgentServiceHandler(a.svc, connect.WithInterceptors(errconnect.Interceptor())))
+	mux.Handle(stowagev1connect.NewAgentServiceHandler(a.svc, a.limits.HandlerOptions(), connect.WithInterceptors(errconnect.Interceptor())))
 	if a.exports != nil {
 		mux.Handle(exports.Prefix, a.exports)
 	}
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
-	return mux
+	return a.limits.Wrap(mux)
 }
 
 // Host is the agent's local host: the stores it serves and their resolver.
@@ -247,10 +259,15 @@ func (a *Agent) Run(ctx context.Context) error {
 	var protocols http.Protocols
 	protocols.SetHTTP1(true)
 	protocols.SetUnencryptedHTTP2(true)
-	srv := &http.Server{Handler: a.Handler(), Protocols: &protocols, ReadHeaderTimeout: 10 * time.Second}
+	// Header and idle bounds; no ReadTimeout: RunTask answers when its task
+	// ends and exports stream whole images (bodies are bounded by Handler).
+	srv := rpclimit.NewServer(a.Handler(), &protocols)
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(ln) }()
 	a.log.Info("agent service listening", "addr", ln.Addr().String(), "advertise", a.cfg.AdvertiseURL)
+
+	// Finished tasks' results expire while the agent runs, not only at start.
+	go a.svc.journal.sweep(ctx, sweepEvery)
 
 	loopErr := make(chan error, 1)
 	go func() { loopErr <- a.loop(ctx) }()

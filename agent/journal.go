@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -21,7 +22,9 @@ import (
 // journal keeps the result of every finished task under dir/<task-id>.pb so
 // that a task retried by the controller (after a lost reply or a controller
 // restart) returns its first result instead of running twice. Entries are
-// written temp+fsync+rename and expire after retain.
+// written temp+fsync+rename and expire after retain: at open, and then
+// every sweepEvery while the agent runs (sweep), so the directory holds
+// at most retain's worth of results however long the agent lives.
 //
 // A task runs under the journal's base context, not its caller's: when the
 // caller goes away (a controller restart drops the RunTask call) the task
@@ -62,8 +65,25 @@ func openJournal(dir string, retain time.Duration) (*journal, error) {
 		return nil, fmt.Errorf("task journal %s: %w", dir, err)
 	}
 	j := &journal{dir: dir, retain: retain, grace: defaultGrace, base: context.Background(), running: map[string]*task{}}
-	j.expire()
+	j.expire(true)
 	return j, nil
+}
+
+// sweepEvery is how often a running agent expires journal entries.
+const sweepEvery = time.Minute
+
+// sweep expires entries every interval until ctx ends.
+func (j *journal) sweep(ctx context.Context, every time.Duration) {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			j.expire(false)
+		}
+	}
 }
 
 func (j *journal) path(id string) string { return filepath.Join(j.dir, id+".pb") }
@@ -242,19 +262,32 @@ func (j *journal) put(res *stowagev1.TaskResult) error {
 	return nil
 }
 
-// expire removes entries older than retain and leftover temporary files.
-func (j *journal) expire() {
+// staleTemp is the age past which a temporary file is a leftover of a
+// put that will never finish (a put takes one write and an fsync).
+const staleTemp = 10 * time.Minute
+
+// expire removes entries older than retain and leftover temporary files:
+// all of them at open (allTemps; no put runs yet), only stale ones later,
+// when a put may be writing one.
+func (j *journal) expire(allTemps bool) {
 	entries, err := os.ReadDir(j.dir)
 	if err != nil {
 		return
 	}
-	cutoff := time.Now().Add(-j.retain)
+	now := time.Now()
 	for _, e := range entries {
 		info, err := e.Info()
 		if err != nil {
 			continue
 		}
-		if info.ModTime().Before(cutoff) || (len(e.Name()) > 5 && e.Name()[:5] == ".wip-") {
+		age := now.Sub(info.ModTime())
+		if strings.HasPrefix(e.Name(), ".wip-") {
+			if allTemps || age > staleTemp {
+				os.Remove(filepath.Join(j.dir, e.Name()))
+			}
+			continue
+		}
+		if age > j.retain {
 			os.Remove(filepath.Join(j.dir, e.Name()))
 		}
 	}

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -212,5 +214,66 @@ func TestKernelAtLeast(t *testing.T) {
 		if got := kernelAtLeast(tc.rel, 6, 9); got != tc.want {
 			t.Errorf("kernelAtLeast(%q) = %v", tc.rel, got)
 		}
+	}
+}
+
+// TestJournalExpiresWhileRunning: finished results expire while the agent
+// runs (not only when it starts); a fresh one and a temporary file a put
+// may still be writing stay.
+func TestJournalExpiresWhileRunning(t *testing.T) {
+	dir := t.TempDir()
+	j, err := openJournal(dir, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ok := func(context.Context, drivers.Progress) (*stowagev1.TaskResult, error) {
+		return &stowagev1.TaskResult{}, nil
+	}
+	for _, id := range []string{"old", "fresh"} {
+		if _, err := j.run(context.Background(), id, ok); err != nil {
+			t.Fatal(err)
+		}
+	}
+	past := time.Now().Add(-2 * time.Hour)
+	if err := os.Chtimes(j.path("old"), past, past); err != nil {
+		t.Fatal(err)
+	}
+	wip := filepath.Join(dir, ".wip-123")
+	if err := os.WriteFile(wip, []byte("x"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go j.sweep(ctx, 10*time.Millisecond)
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		if _, err := j.get("old"); errors.Is(err, errdefs.ErrNotFound) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("an expired result is still journalled")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if _, err := j.get("fresh"); err != nil {
+		t.Fatalf("a fresh result expired: %v", err)
+	}
+	if _, err := os.Stat(wip); err != nil {
+		t.Fatalf("a temporary file in use was swept: %v", err)
+	}
+	// A stale temporary file goes too.
+	stale := time.Now().Add(-staleTemp - time.Minute)
+	if err := os.Chtimes(wip, stale, stale); err != nil {
+		t.Fatal(err)
+	}
+	waitGone := time.Now().Add(5 * time.Second)
+	for {
+		if _, err := os.Stat(wip); os.IsNotExist(err) {
+			break
+		}
+		if time.Now().After(waitGone) {
+			t.Fatal("a stale temporary file was not swept")
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }

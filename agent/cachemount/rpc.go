@@ -17,6 +17,7 @@ import (
 	"github.com/stowage/stowage/errdefs/errconnect"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 	"github.com/stowage/stowage/proto/gen/stowage/v1/stowagev1connect"
+	"github.com/stowage/stowage/rpclimit"
 )
 
 // defaultHTTP bounds how long one read of a VM waits on a failing source
@@ -47,8 +48,9 @@ func (h handler) GetCache(ctx context.Context, _ *connect.Request[stowagev1.GetC
 }
 
 // Serve serves ImageCacheService on the unix socket path (mode 0600,
-// replacing a socket left by an earlier life) until ctx ends.
-func (s *Server) Serve(ctx context.Context, path string) error {
+// replacing a socket left by an earlier life) until ctx ends, every request
+// bounded by lim.
+func (s *Server) Serve(ctx context.Context, path string, lim rpclimit.Limits) error {
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return fmt.Errorf("control socket %s: %w", path, errors.Join(err, errdefs.ErrUnavailable))
 	}
@@ -64,8 +66,8 @@ func (s *Server) Serve(ctx context.Context, path string) error {
 		return fmt.Errorf("control socket %s: %w", path, errors.Join(err, errdefs.ErrUnavailable))
 	}
 	mux := http.NewServeMux()
-	mux.Handle(stowagev1connect.NewImageCacheServiceHandler(handler{s}, connect.WithInterceptors(errconnect.Interceptor())))
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	mux.Handle(stowagev1connect.NewImageCacheServiceHandler(handler{s}, lim.HandlerOptions(), connect.WithInterceptors(errconnect.Interceptor())))
+	srv := rpclimit.NewServer(lim.Wrap(mux), nil)
 	go func() {
 		<-ctx.Done()
 		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"os"
 
@@ -12,9 +13,10 @@ import (
 	"github.com/stowage/stowage/agent/exports"
 	"github.com/stowage/stowage/agent/hostfs"
 	"github.com/stowage/stowage/agent/nbdexports"
+	"github.com/stowage/stowage/rpclimit"
 )
 
-func agentFlags(cmd *cobra.Command, cfg *agent.Config, defaultStateDir string) {
+func agentFlags(cmd *cobra.Command, cfg *agent.Config, limits *rpclimit.Limits, defaultStateDir string) {
 	hostname, _ := os.Hostname()
 	f := cmd.Flags()
 	f.StringVar(&cfg.ControllerURL, "controller", "http://127.0.0.1:8470", "controller URL")
@@ -27,11 +29,13 @@ func agentFlags(cmd *cobra.Command, cfg *agent.Config, defaultStateDir string) {
 	f.StringVar(&cfg.Cluster, "cluster", "default", "cluster of this host")
 	f.StringVar(&cfg.StateDir, "state-dir", defaultStateDir, "directory for the agent's journal and state")
 	f.StringSliceVar(&cfg.StoreRoots, "store-roots", agent.DefaultStoreRoots, "comma list of directories store roots may be or lie beneath; the agent refuses any other (/, /etc, /proc, /sys, /dev, /boot, /usr, /bin, /sbin and /lib* always)")
+	f.IntVar(&limits.MaxRequestBytes, "max-request-bytes", rpclimit.DefaultMaxRequestBytes, "largest request message the agent's RPC service accepts, after decompression (bigger ones: resource_exhausted)")
 	f.StringVar(&cfg.ImageCacheSocket, "image-cache-socket", "", "unix socket of the host's template mount (`stowage cache serve --socket`, e.g. "+defaultCacheSocket+"); empty: this host has no template mount and gets no lazy volumes")
 }
 
 func newAgentCmd() *cobra.Command {
 	var cfg agent.Config
+	var limits rpclimit.Limits
 	cmd := &cobra.Command{
 		Use:   "agent",
 		Short: "Run the per-host agent: registers with the controller and runs host-side work",
@@ -42,24 +46,29 @@ func newAgentCmd() *cobra.Command {
 				return err
 			}
 			go watchdog(cmd.Context())
-			return runAgent(cmd.Context(), cfg, log)
+			return runAgent(cmd.Context(), cfg, limits, log)
 		},
 	}
-	agentFlags(cmd, &cfg, "/var/lib/stowage/agent")
+	agentFlags(cmd, &cfg, &limits, "/var/lib/stowage/agent")
 	return cmd
 }
 
 // runAgent assembles an agent on the local host and runs it until ctx ends.
-func runAgent(ctx context.Context, cfg agent.Config, log *slog.Logger) error {
+func runAgent(ctx context.Context, cfg agent.Config, limits rpclimit.Limits, log *slog.Logger) error {
 	privateFiles()
-	a, err := newAgent(cfg, log)
+	a, err := newAgent(cfg, limits, log)
 	if err != nil {
 		return err
 	}
 	return a.Run(ctx)
 }
 
-func newAgent(cfg agent.Config, log *slog.Logger) (*agent.Agent, error) {
+// newAgent assembles an agent whose RPC listener (AgentService and the
+// HTTP exports) bounds every request by limits.
+func newAgent(cfg agent.Config, limits rpclimit.Limits, log *slog.Logger) (*agent.Agent, error) {
+	if err := limits.Check(); err != nil {
+		return nil, usageError{fmt.Errorf("--max-request-bytes: %w", err)}
+	}
 	cfg.Hostname, _ = os.Hostname()
 	cfg.Version = version
 	if cfg.IQN == "" {
@@ -72,7 +81,7 @@ func newAgent(cfg agent.Config, log *slog.Logger) (*agent.Agent, error) {
 	// their files (outside the store's scope) on --nbd-listen.
 	n := nbdexports.New(log.With("component", "nbd"))
 	local := hostfs.New(cfg.HostID, hostfs.WithExporter(x), hostfs.WithNBDExporter(n))
-	opts := []agent.Option{agent.WithExports(x), agent.WithNBD(n)}
+	opts := []agent.Option{agent.WithExports(x), agent.WithNBD(n), agent.WithLimits(limits)}
 	if cfg.ImageCacheSocket != "" {
 		// The template mount is its own process (stowage cache serve); the
 		// agent serves its templates read-only (hostops.TemplateMount) and

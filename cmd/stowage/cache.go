@@ -19,6 +19,7 @@ import (
 	"github.com/stowage/stowage/datapath/imagecache"
 	"github.com/stowage/stowage/errdefs"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
+	"github.com/stowage/stowage/rpclimit"
 )
 
 // newCacheCmd is `stowage cache`: the lazily fetched template cache.
@@ -229,7 +230,9 @@ func serveCache(ctx context.Context, cfg cachemount.Config, socket string, log *
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	errs := make(chan error, 1)
-	go func() { errs <- srv.Serve(ctx, socket) }()
+	// The socket is the local agent's only (mode 0600); the default bounds
+	// hold its requests all the same.
+	go func() { errs <- srv.Serve(ctx, socket, rpclimit.Default()) }()
 	unmounted := make(chan struct{})
 	go func() { srv.Mount().Wait(); close(unmounted) }()
 	if notify {

@@ -25,6 +25,7 @@ import (
 	"github.com/stowage/stowage/controller/snapshot"
 	"github.com/stowage/stowage/controller/volume"
 	"github.com/stowage/stowage/errdefs"
+	"github.com/stowage/stowage/rpclimit"
 )
 
 type controllerConfig struct {
@@ -33,6 +34,7 @@ type controllerConfig struct {
 	heartbeatInterval time.Duration
 	hostTimeout       time.Duration
 	mountTransport    string
+	maxRequestBytes   int
 }
 
 func (c *controllerConfig) flags(cmd *cobra.Command, defaultDataDir string) {
@@ -41,6 +43,7 @@ func (c *controllerConfig) flags(cmd *cobra.Command, defaultDataDir string) {
 	f.StringVar(&c.dataDir, "data-dir", defaultDataDir, "directory of the metadata database")
 	f.DurationVar(&c.heartbeatInterval, "heartbeat-interval", 3*time.Second, "how often agents heartbeat")
 	f.DurationVar(&c.hostTimeout, "host-timeout", 12*time.Second, "a host without a heartbeat for this long is Disconnected")
+	f.IntVar(&c.maxRequestBytes, "max-request-bytes", rpclimit.DefaultMaxRequestBytes, "largest request message the API accepts, after decompression (bigger ones: resource_exhausted)")
 	f.StringVar(&c.mountTransport, "template-mount-transport", image.MountTransportHTTP, "how hosts' template mounts read a template from an agent holding its image store: http (read-only HTTP export) or nbd (read-only NBD export)")
 }
 
@@ -67,6 +70,11 @@ func newControllerCmd() *cobra.Command {
 // runController assembles the controller and serves until ctx ends; ready
 // is called with the listening address once it serves.
 func runController(ctx context.Context, cfg controllerConfig, log *slog.Logger, ready func(addr string)) error {
+	// One set of request bounds for every handler on the API port.
+	limits := rpclimit.Limits{MaxRequestBytes: cfg.maxRequestBytes}
+	if err := limits.Check(); err != nil {
+		return usageError{fmt.Errorf("--max-request-bytes: %w", err)}
+	}
 	db, err := meta.Open(cfg.dataDir, meta.WithLogger(log))
 	if err != nil {
 		return err
@@ -103,13 +111,13 @@ func runController(ctx context.Context, cfg controllerConfig, log *slog.Logger, 
 		Snapshots: snapshotSvc,
 		Jobs:      runner,
 		Health:    func(ctx context.Context) error { _, err := db.SchemaVersion(ctx); return err },
-	}, reg)
+	}, reg, limits)
 
 	ln, err := net.Listen("tcp", cfg.listen)
 	if err != nil {
 		return fmt.Errorf("controller: listen %s: %w", cfg.listen, err)
 	}
-	srv := &http.Server{Handler: handler, Protocols: api.Protocols(), ReadHeaderTimeout: 10 * time.Second}
+	srv := rpclimit.NewServer(handler, api.Protocols())
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(ln) }()
 

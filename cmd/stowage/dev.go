@@ -16,6 +16,7 @@ import (
 	"github.com/stowage/stowage/errdefs"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 	"github.com/stowage/stowage/proto/gen/stowage/v1/stowagev1connect"
+	"github.com/stowage/stowage/rpclimit"
 )
 
 func newDevCmd() *cobra.Command {
@@ -85,7 +86,8 @@ over loopback, a directory primary store and a directory image store, all under
 					defer func() { cancel(); <-mounted }() // unmount before returning
 				}
 			}
-			a, err := newAgent(ag, log.With("component", "agent"))
+			// One process: the agent's listener has the API's bounds.
+			a, err := newAgent(ag, rpclimit.Limits{MaxRequestBytes: ctl.maxRequestBytes}, log.With("component", "agent"))
 			if err != nil {
 				return err
 			}

@@ -18,6 +18,7 @@ import (
 	"github.com/stowage/stowage/errdefs/errconnect"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 	"github.com/stowage/stowage/proto/gen/stowage/v1/stowagev1connect"
+	"github.com/stowage/stowage/rpclimit"
 )
 
 // StoreService is what the store handlers need from the domain.
@@ -51,10 +52,11 @@ type Services struct {
 }
 
 // NewHandler returns the controller's HTTP handler: every Connect service,
-// /metrics from reg and /healthz.
-func NewHandler(s Services, reg *prometheus.Registry) http.Handler {
+// /metrics from reg and /healthz. Every request is bounded by lim (its
+// message size, decompressed, and the time and size of its body).
+func NewHandler(s Services, reg *prometheus.Registry, lim rpclimit.Limits) http.Handler {
 	metrics := newRPCMetrics(reg)
-	opts := connect.WithInterceptors(metrics, errconnect.Interceptor())
+	opts := connect.WithHandlerOptions(lim.HandlerOptions(), connect.WithInterceptors(metrics, errconnect.Interceptor()))
 	mux := http.NewServeMux()
 	mux.Handle(stowagev1connect.NewStoreServiceHandler(&storeHandler{s.Stores}, opts))
 	mux.Handle(stowagev1connect.NewHostServiceHandler(&hostHandler{s.Hosts}, opts))
@@ -77,7 +79,7 @@ func NewHandler(s Services, reg *prometheus.Registry) http.Handler {
 		}
 		fmt.Fprintln(w, "ok")
 	})
-	return mux
+	return lim.Wrap(mux)
 }
 
 // Protocols is what the controller's http.Server speaks: HTTP/1.1 for
