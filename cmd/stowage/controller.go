@@ -35,6 +35,7 @@ type controllerConfig struct {
 	hostTimeout       time.Duration
 	mountTransport    string
 	maxRequestBytes   int
+	jobRetention      time.Duration
 }
 
 func (c *controllerConfig) flags(cmd *cobra.Command, defaultDataDir string) {
@@ -43,6 +44,7 @@ func (c *controllerConfig) flags(cmd *cobra.Command, defaultDataDir string) {
 	f.StringVar(&c.dataDir, "data-dir", defaultDataDir, "directory of the metadata database")
 	f.DurationVar(&c.heartbeatInterval, "heartbeat-interval", 3*time.Second, "how often agents heartbeat")
 	f.DurationVar(&c.hostTimeout, "host-timeout", 12*time.Second, "a host without a heartbeat for this long is Disconnected")
+	f.DurationVar(&c.jobRetention, "job-retention", 7*24*time.Hour, "how long finished jobs are kept (0: forever)")
 	f.IntVar(&c.maxRequestBytes, "max-request-bytes", rpclimit.DefaultMaxRequestBytes, "largest request message the API accepts, after decompression (bigger ones: resource_exhausted)")
 	f.StringVar(&c.mountTransport, "template-mount-transport", image.MountTransportHTTP, "how hosts' template mounts read a template from an agent holding its image store: http (read-only HTTP export) or nbd (read-only NBD export)")
 }
@@ -141,6 +143,7 @@ func runController(ctx context.Context, cfg controllerConfig, log *slog.Logger, 
 	}()
 	go hostSvc.Monitor(ctx)
 	go mounts.Run(ctx)
+	go runner.ExpireEvery(ctx, cfg.jobRetention, 10*time.Minute)
 	go storeSvc.Reconcile(ctx, 10*time.Second)
 	go watchdog(ctx)
 

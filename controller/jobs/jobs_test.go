@@ -244,3 +244,48 @@ func (h *failWith) Fail(_ context.Context, _ *stowagev1.Job, cause error) error 
 	*h.cause = cause
 	return nil
 }
+
+func TestExpireFinishedJobs(t *testing.T) {
+	db := openDB(t, t.TempDir())
+	defer db.Close()
+	r := newRunner(t, db)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	r.Start(ctx)
+	release := make(chan struct{})
+	r.Register("quick", &scripted{run: func(context.Context, *stowagev1.Job, *Reporter) error { return nil }})
+	r.Register("slow", &scripted{run: func(ctx context.Context, _ *stowagev1.Job, _ *Reporter) error {
+		select {
+		case <-release:
+		case <-ctx.Done():
+		}
+		return nil
+	}})
+	done, _, err := r.Submit(ctx, NewJob("quick", "t1", "key-q", nil, nil), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wait(t, r, done.GetId())
+	running, _, err := r.Submit(ctx, NewJob("slow", "t2", "", nil, nil), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n, err := r.Expire(ctx, time.Hour); err != nil || n != 0 {
+		t.Fatalf("expire with an hour's retention: %d %v, want nothing expired", n, err)
+	}
+	time.Sleep(20 * time.Millisecond)
+	if n, err := r.Expire(ctx, 10*time.Millisecond); err != nil || n != 1 {
+		t.Fatalf("expire: %d %v, want the finished job only", n, err)
+	}
+	if _, err := r.Get(ctx, done.GetId()); !errdefs.IsNotFound(err) {
+		t.Fatalf("the expired job is still there: %v", err)
+	}
+	if _, err := r.ByIdempotencyKey(ctx, "key-q"); !errdefs.IsNotFound(err) {
+		t.Fatalf("the expired job's idempotency key is still held: %v", err)
+	}
+	if j, err := r.Get(ctx, running.GetId()); err != nil || terminal(j.GetState()) {
+		t.Fatalf("the running job: %v %v", j, err)
+	}
+	close(release)
+	wait(t, r, running.GetId())
+}
