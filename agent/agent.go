@@ -89,6 +89,10 @@ type Config struct {
 	// (--store-roots; empty: DefaultStoreRoots). System directories are
 	// refused whatever it says (RootPolicy).
 	StoreRoots []string
+	// FetchAllowCIDRs are the otherwise refused addresses (loopback,
+	// private, link-local) template downloads may connect to
+	// (--fetch-allow-cidrs, comma list).
+	FetchAllowCIDRs string
 	// ReservedDirs are directories no store root may contain or lie in,
 	// besides StateDir (stowage dev: the controller's database).
 	ReservedDirs []string

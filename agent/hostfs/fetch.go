@@ -65,7 +65,11 @@ func (l *Local) fetchImage(ctx context.Context, req FetchRequest, progress drive
 	if sum.Algo == "sha256" {
 		opts.ExpectSHA256 = sum.Hex
 	}
-	res, err := streamCopy(ctx, target, stream.SourceOptions{Format: qemuimg.FormatRaw}, stage, opts)
+	srcOpts := stream.SourceOptions{Format: qemuimg.FormatRaw}
+	if l.fetchGuard != nil {
+		srcOpts.HTTP.Client = l.fetchGuard.Client(nil)
+	}
+	res, err := streamCopy(ctx, target, srcOpts, stage, opts)
 	if err != nil {
 		return ImageInfo{}, err
 	}

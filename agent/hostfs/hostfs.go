@@ -62,6 +62,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/stowage/stowage/datapath/netguard"
 	"github.com/stowage/stowage/datapath/qemuimg"
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
@@ -94,7 +95,10 @@ type Local struct {
 
 	locks    keyedLocks // per object path, for the image steps
 	exporter Exporter
-	nbd      NBDExporter
+	// fetchGuard checks every address a download of a user-supplied URL
+	// connects to (WithFetchGuard); nil: none.
+	fetchGuard *netguard.Guard
+	nbd        NBDExporter
 
 	// backingRoots are read-only directories outside any store that a
 	// volume's backing chain may end in: the host's FUSE template mount,
@@ -139,6 +143,11 @@ var _ imageOps = (*Local)(nil)
 
 // Option configures a Local.
 type Option func(*Local)
+
+// WithFetchGuard makes FetchImage connect only where g allows (loopback,
+// private and link-local addresses refused unless allowed): a template
+// URL is the operator's input, not trust.
+func WithFetchGuard(g *netguard.Guard) Option { return func(l *Local) { l.fetchGuard = g } }
 
 // WithQemuImg makes Local create and inspect images with q instead of the
 // qemu-img found in $PATH.

@@ -13,6 +13,7 @@ import (
 	"github.com/stowage/stowage/agent/exports"
 	"github.com/stowage/stowage/agent/hostfs"
 	"github.com/stowage/stowage/agent/nbdexports"
+	"github.com/stowage/stowage/datapath/netguard"
 	"github.com/stowage/stowage/rpclimit"
 )
 
@@ -29,6 +30,7 @@ func agentFlags(cmd *cobra.Command, cfg *agent.Config, limits *rpclimit.Limits, 
 	f.StringVar(&cfg.Cluster, "cluster", "default", "cluster of this host")
 	f.StringVar(&cfg.StateDir, "state-dir", defaultStateDir, "directory for the agent's journal and state")
 	f.StringSliceVar(&cfg.StoreRoots, "store-roots", agent.DefaultStoreRoots, "comma list of directories store roots may be or lie beneath; the agent refuses any other (/, /etc, /proc, /sys, /dev, /boot, /usr, /bin, /sbin and /lib* always)")
+	f.StringVar(&cfg.FetchAllowCIDRs, "fetch-allow-cidrs", "", "comma list of CIDRs template downloads may reach although they are loopback, private or link-local (refused otherwise)")
 	f.IntVar(&limits.MaxRequestBytes, "max-request-bytes", rpclimit.DefaultMaxRequestBytes, "largest request message the agent's RPC service accepts, after decompression (bigger ones: resource_exhausted)")
 	f.StringVar(&cfg.ImageCacheSocket, "image-cache-socket", "", "unix socket of the host's template mount (`stowage cache serve --socket`, e.g. "+defaultCacheSocket+"); empty: this host has no template mount and gets no lazy volumes")
 }
@@ -80,7 +82,11 @@ func newAgent(cfg agent.Config, limits rpclimit.Limits, log *slog.Logger) (*agen
 	// One NBD server serves the images granted to hosts that cannot open
 	// their files (outside the store's scope) on --nbd-listen.
 	n := nbdexports.New(log.With("component", "nbd"))
-	local := hostfs.New(cfg.HostID, hostfs.WithExporter(x), hostfs.WithNBDExporter(n))
+	guard, err := netguard.Parse(cfg.FetchAllowCIDRs)
+	if err != nil {
+		return nil, fmt.Errorf("--fetch-allow-cidrs: %w", err)
+	}
+	local := hostfs.New(cfg.HostID, hostfs.WithExporter(x), hostfs.WithNBDExporter(n), hostfs.WithFetchGuard(guard))
 	opts := []agent.Option{agent.WithExports(x), agent.WithNBD(n), agent.WithLimits(limits)}
 	if cfg.ImageCacheSocket != "" {
 		// The template mount is its own process (stowage cache serve); the

@@ -1,6 +1,8 @@
 package main
 
 import (
+	"net/http"
+
 	"github.com/stowage/stowage/datapath/nbd"
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/drivers/filesystem"
@@ -15,9 +17,11 @@ func registerDataSchemes() { nbd.Register() }
 // builtinProviders is the one place where storage providers are wired into
 // the controller, each constructed explicitly with what it needs. Add a
 // provider here (behind a build tag if it is optional).
-func builtinProviders(hosts hostops.Selector) *drivers.Registry {
+// fetch downloads user-supplied template URLs in this process (the s3
+// provider's import).
+func builtinProviders(hosts hostops.Selector, fetch *http.Client) *drivers.Registry {
 	reg := drivers.NewRegistry()
 	reg.Register(filesystem.New(hosts))
-	reg.Register(s3.New(hosts))
+	reg.Register(s3.New(hosts, s3.WithFetchClient(fetch)))
 	return reg
 }

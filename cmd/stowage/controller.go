@@ -24,6 +24,7 @@ import (
 	"github.com/stowage/stowage/controller/motion"
 	"github.com/stowage/stowage/controller/snapshot"
 	"github.com/stowage/stowage/controller/volume"
+	"github.com/stowage/stowage/datapath/netguard"
 	"github.com/stowage/stowage/errdefs"
 	"github.com/stowage/stowage/rpclimit"
 )
@@ -36,6 +37,7 @@ type controllerConfig struct {
 	mountTransport    string
 	maxRequestBytes   int
 	jobRetention      time.Duration
+	fetchAllowCIDRs   string
 }
 
 func (c *controllerConfig) flags(cmd *cobra.Command, defaultDataDir string) {
@@ -44,6 +46,7 @@ func (c *controllerConfig) flags(cmd *cobra.Command, defaultDataDir string) {
 	f.StringVar(&c.dataDir, "data-dir", defaultDataDir, "directory of the metadata database")
 	f.DurationVar(&c.heartbeatInterval, "heartbeat-interval", 3*time.Second, "how often agents heartbeat")
 	f.DurationVar(&c.hostTimeout, "host-timeout", 12*time.Second, "a host without a heartbeat for this long is Disconnected")
+	f.StringVar(&c.fetchAllowCIDRs, "fetch-allow-cidrs", "", "comma list of CIDRs template imports in the controller (S3 stores) may reach although they are loopback, private or link-local (refused otherwise)")
 	f.DurationVar(&c.jobRetention, "job-retention", 7*24*time.Hour, "how long finished jobs are kept (0: forever)")
 	f.IntVar(&c.maxRequestBytes, "max-request-bytes", rpclimit.DefaultMaxRequestBytes, "largest request message the API accepts, after decompression (bigger ones: resource_exhausted)")
 	f.StringVar(&c.mountTransport, "template-mount-transport", image.MountTransportHTTP, "how hosts' template mounts read a template from an agent holding its image store: http (read-only HTTP export) or nbd (read-only NBD export)")
@@ -88,7 +91,11 @@ func runController(ctx context.Context, cfg controllerConfig, log *slog.Logger, 
 
 	hostSvc := hosts.New(db, nil, hosts.Config{HeartbeatInterval: cfg.heartbeatInterval, Timeout: cfg.hostTimeout}, log)
 	selector := endpoint.New(hostSvc, nil)
-	providers := builtinProviders(selector)
+	guard, err := netguard.Parse(cfg.fetchAllowCIDRs)
+	if err != nil {
+		return fmt.Errorf("--fetch-allow-cidrs: %w", err)
+	}
+	providers := builtinProviders(selector, guard.Client(nil))
 	mover := motion.NewMover(providers, selector)
 	storeSvc := datastore.New(db, providers, log)
 	hostSvc.SetStoreWatcher(storeSvc)

@@ -19,6 +19,10 @@ import (
 	"github.com/stowage/stowage/rpclimit"
 )
 
+// devFetchAllow is what dev's template downloads may reach beyond public
+// addresses: this machine.
+const devFetchAllow = "127.0.0.0/8,::1/128"
+
 func newDevCmd() *cobra.Command {
 	var data string
 	var ctl controllerConfig
@@ -50,6 +54,7 @@ over loopback, a directory primary store and a directory image store, all under
 			// roots there, never in its own state or the controller's
 			// database.
 			ag.StoreRoots = append(append([]string(nil), agent.DefaultStoreRoots...), data)
+			ag.FetchAllowCIDRs = ctl.fetchAllowCIDRs
 			ag.ReservedDirs = append(ag.ReservedDirs, ctl.dataDir, filepath.Join(data, "imagecache"), filepath.Join(data, "templates"))
 			ctx, cancel := context.WithCancel(cmd.Context())
 			defer cancel()
@@ -142,6 +147,10 @@ Stop with Ctrl-C.
 	cmd.Flags().StringVar(&data, "data", def, "directory for all dev state")
 	ctl.flags(cmd, "")
 	cmd.Flags().Lookup("data-dir").Usage = "directory of the metadata database (default DATA/controller)"
+	// dev runs on one machine: templates served from it (a local HTTP
+	// server in the walk-through) may be downloaded.
+	_ = cmd.Flags().Set("fetch-allow-cidrs", devFetchAllow)
+	cmd.Flags().Lookup("fetch-allow-cidrs").DefValue = devFetchAllow
 	cmd.Flags().StringVar(&ag.Listen, "agent-listen", "127.0.0.1:8471", "address of the agent's RPC service")
 	cmd.Flags().StringVar(&ag.NBDListen, "nbd-listen", "127.0.0.1:10809", `address of the agent's NBD server ("" serves no NBD)`)
 	cmd.Flags().StringVar(&ag.HostID, "host-id", "dev-host", "the agent's host id")

@@ -203,7 +203,7 @@ func hostState(t *testing.T, server, id string) string {
 // controllerProc starts the controller on addr with dataDir.
 func controllerProc(t *testing.T, addr, dataDir string, extra ...string) *proc {
 	p := startProc(t, "controller", append([]string{"controller", "--listen", addr, "--data-dir", dataDir,
-		"--heartbeat-interval", "200ms", "--host-timeout", "1500ms", "--log-level", "info"}, extra...)...)
+		"--heartbeat-interval", "200ms", "--host-timeout", "1500ms", "--log-level", "info", "--fetch-allow-cidrs", "127.0.0.0/8"}, extra...)...)
 	waitFor(t, "controller /healthz", 20*time.Second, func() bool {
 		resp, err := http.Get("http://" + addr + "/healthz")
 		if err != nil {
@@ -220,7 +220,7 @@ func controllerProc(t *testing.T, addr, dataDir string, extra ...string) *proc {
 func agentProc(t *testing.T, server, id, zone, cluster, stateDir string, extra ...string) *proc {
 	p := startProc(t, "agent "+id, append([]string{"agent", "--controller", server, "--host-id", id,
 		"--listen", freePort(t), "--nbd-listen", "127.0.0.1:0", "--zone", zone, "--cluster", cluster, "--state-dir", stateDir,
-		"--store-roots", filepath.Dir(stateDir), "--log-level", "info"}, extra...)...)
+		"--store-roots", filepath.Dir(stateDir), "--log-level", "info", "--fetch-allow-cidrs", "127.0.0.0/8"}, extra...)...)
 	agentProcs.Store(id, p)
 	return p
 }

@@ -143,6 +143,10 @@ func (s *HTTPSource) probe(ctx context.Context) error {
 	req.Header.Set("Range", "bytes=0-0")
 	resp, err := s.o.Client.Do(req)
 	if err != nil {
+		if errors.Is(err, errdefs.ErrPermissionDenied) {
+			// A policy refused the connection (a guarded dialer): final.
+			return fmt.Errorf("source %s: %w", s.url, err)
+		}
 		return fmt.Errorf("source %s: %w", s.url, errors.Join(err, errTransient))
 	}
 	defer resp.Body.Close()
@@ -421,6 +425,9 @@ func (s *HTTPSource) transportError(ctx, rctx context.Context, err error) error 
 	}
 	if rctx.Err() != nil {
 		return fmt.Errorf("source %s: no data for %s: %w", s.url, s.o.StallTimeout, errTransient)
+	}
+	if errors.Is(err, errdefs.ErrPermissionDenied) {
+		return fmt.Errorf("source %s: %w", s.url, err) // a policy refused it: final
 	}
 	return fmt.Errorf("source %s: %w", s.url, errors.Join(err, errTransient))
 }

@@ -208,7 +208,7 @@ func (d *Driver) Import(ctx context.Context, dst drivers.DataObject, src drivers
 	if !strings.HasPrefix(src.URL, "http://") && !strings.HasPrefix(src.URL, "https://") {
 		return drivers.ObjectInfo{}, fmt.Errorf("import into s3 store %s: the source must be an http:// or https:// URL: %w", dst.Store.Name, errdefs.ErrInvalid)
 	}
-	res, err := st.Import(ctx, ImportRequest{URL: src.URL, Key: k, Format: Format(dst.Format), Checksum: src.Checksum, Progress: progress})
+	res, err := st.Import(ctx, ImportRequest{URL: src.URL, Key: k, Format: Format(dst.Format), Checksum: src.Checksum, Progress: progress, HTTPClient: d.fetch})
 	if err != nil {
 		return drivers.ObjectInfo{}, err
 	}

@@ -3,6 +3,7 @@ package s3
 import (
 	"context"
 	"fmt"
+	"net/http"
 	"sync"
 	"time"
 
@@ -45,6 +46,11 @@ type Option func(*Driver)
 // WithPresignExpiry sets how long presigned read URLs work (default
 // DefaultPresignExpiry; at most 7 days).
 func WithPresignExpiry(d time.Duration) Option { return func(dr *Driver) { dr.expiry = d } }
+
+// WithFetchClient sets the HTTP client Import downloads templates with
+// (one whose dialer refuses addresses a template URL may not reach, see
+// datapath/netguard); default http.DefaultClient.
+func WithFetchClient(c *http.Client) Option { return func(dr *Driver) { dr.fetch = c } }
 
 // New returns the provider. hosts gives the Up hosts of a store's scope
 // (Attach): an S3 store needs no host work, its objects are reached by
@@ -111,6 +117,7 @@ func ext(f drivers.Format) (string, error) {
 type Driver struct {
 	hosts  hostops.Selector
 	expiry time.Duration
+	fetch  *http.Client
 
 	mu     sync.Mutex
 	stores map[string]*Store // by store id
