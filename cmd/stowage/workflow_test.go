@@ -499,7 +499,7 @@ func workflows(t *testing.T, imageKind string) {
 
 	// 5a. kill -9 the agent during a template copy: the job fails with a
 	// reason and the copy ends Failed, not Creating.
-	big, jbig := register("big", web0.URL+"/slow/big.raw", stowagev1.ImageFormat_IMAGE_FORMAT_RAW, "")
+	big, jbig := register("big", web0.URL+"/slow/big.raw", stowagev1.ImageFormat_IMAGE_FORMAT_RAW, "sha256:"+sha256File(t, bigT))
 	waitFor(t, "the slow download to start", 20*time.Second, func() bool {
 		j, err := a.jobs.GetJob(ctx, connect.NewRequest(&stowagev1.GetJobRequest{Id: jbig.GetId()}))
 		return err == nil && j.Msg.GetJob().GetProgress().GetBytesDone() > 0
@@ -581,7 +581,12 @@ func workflows(t *testing.T, imageKind string) {
 	if code(err) != connect.CodeFailedPrecondition || !strings.Contains(err.Error(), "Maintenance") {
 		t.Errorf("create on a store in maintenance: %v", err)
 	}
-	r404, j404 := register("missing", web0.URL+"/t/nope.raw", stowagev1.ImageFormat_IMAGE_FORMAT_RAW, "")
+	r404, j404 := register("missing", web0.URL+"/t/nope.raw", stowagev1.ImageFormat_IMAGE_FORMAT_RAW, "sha256:"+strings.Repeat("0", 64))
+	// A plain-http template needs a checksum: refused at registration.
+	if _, err := a.images.RegisterTemplate(ctx, connect.NewRequest(&stowagev1.RegisterTemplateRequest{Name: "nosum", Url: web0.URL + "/t/base.raw",
+		Format: stowagev1.ImageFormat_IMAGE_FORMAT_RAW})); code(err) != connect.CodeInvalidArgument || !strings.Contains(err.Error(), "checksum") {
+		t.Errorf("http template without a checksum: %v, want invalid_argument naming the checksum", err)
+	}
 	if j := waitJob(t, a, j404); j.GetState() != stowagev1.JobState_JOB_STATE_FAILED || !strings.Contains(j.GetError(), "404") && !strings.Contains(strings.ToLower(j.GetError()), "not found") {
 		t.Errorf("404 template: %s %q", j.GetState(), j.GetError())
 	}

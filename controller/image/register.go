@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 
 	"google.golang.org/protobuf/types/known/timestamppb"
 
@@ -130,6 +131,9 @@ func (s *Service) Register(ctx context.Context, req *stowagev1.RegisterTemplateR
 	sum, err := checkChecksum(req.GetChecksum())
 	if err != nil {
 		return nil, err
+	}
+	if sum == "" && strings.HasPrefix(strings.ToLower(req.GetUrl()), "http://") {
+		return nil, fmt.Errorf("url %s is plain http: anyone on the path could change the template; give its --checksum or use https: %w", redact.URL(req.GetUrl()), errdefs.ErrInvalid)
 	}
 	if others, err := s.db.Templates().ListBy(ctx, meta.IndexName, req.GetName()); err == nil && len(others) > 0 {
 		return nil, fmt.Errorf("template name %q is already taken by template %s: %w", req.GetName(), others[0].GetId(), errdefs.ErrAlreadyExists)
