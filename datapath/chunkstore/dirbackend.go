@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -196,7 +197,7 @@ func (d *dirBackend) ListManifests(_ context.Context, near string) ([]string, er
 // can end the wait. The lock works across processes and, with NFSv4
 // locks, across hosts; it is never lost while held.
 func (d *dirBackend) Lock(ctx context.Context, mode LockMode) (context.Context, func(), error) {
-	f, err := os.OpenFile(filepath.Join(d.dir, ".lock"), os.O_RDWR|os.O_CREATE, 0o644)
+	f, err := os.OpenFile(filepath.Join(d.dir, ".lock"), os.O_RDWR|os.O_CREATE|syscall.O_NOFOLLOW, 0o644)
 	if err != nil {
 		return nil, nil, fmt.Errorf("chunk store %s: lock: %w", d.dir, classOf(err))
 	}

@@ -176,3 +176,22 @@ func TestSync(t *testing.T) {
 		t.Errorf("SyncDir of a missing directory: %v, want fs.ErrNotExist naming it", err)
 	}
 }
+
+// WriteNew never writes through a symbolic link planted at its path.
+func TestWriteNewRefusesSymlink(t *testing.T) {
+	dir := t.TempDir()
+	target := filepath.Join(dir, "target")
+	if err := os.WriteFile(target, []byte("keep"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	link := filepath.Join(dir, "link")
+	if err := os.Symlink(target, link); err != nil {
+		t.Fatal(err)
+	}
+	if err := WriteNew(link, []byte("evil"), 0o600); err == nil {
+		t.Fatal("WriteNew wrote through a symlink")
+	}
+	if b, _ := os.ReadFile(target); string(b) != "keep" {
+		t.Fatalf("the link's target was changed: %q", b)
+	}
+}

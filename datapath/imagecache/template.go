@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/stowage/stowage/errdefs"
@@ -94,7 +95,7 @@ func openTemplate(c *Cache, id, url string, size int64, gen uint64, src Source) 
 	if err := os.MkdirAll(t.dir, 0o700); err != nil {
 		return fail(err)
 	}
-	f, err := os.OpenFile(filepath.Join(t.dir, "data"), os.O_RDWR|os.O_CREATE, 0o600)
+	f, err := os.OpenFile(filepath.Join(t.dir, "data"), os.O_RDWR|os.O_CREATE|syscall.O_NOFOLLOW, 0o600)
 	if err != nil {
 		return fail(err)
 	}

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"syscall"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -396,7 +397,7 @@ func OpenFileSink(path string, size int64, opts SinkOptions) (*FileSink, error) 
 	}
 	if !s.resumed {
 		_ = os.Remove(s.ckpt)
-		f, err := os.OpenFile(s.tmp, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644)
+		f, err := os.OpenFile(s.tmp, os.O_RDWR|os.O_CREATE|os.O_TRUNC|syscall.O_NOFOLLOW, 0o644)
 		if err != nil {
 			return nil, fmt.Errorf("create %s: %w", s.tmp, err)
 		}
