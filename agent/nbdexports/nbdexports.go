@@ -44,12 +44,18 @@ type Server struct {
 	names map[string]string // export name -> path
 }
 
+// MaxConns bounds the NBD connections the agent serves at once, over
+// every export: one hypervisor disk attached through a grant is one or a
+// few connections, so 256 leaves room for a host's VMs while a client that
+// opens connections in a loop cannot exhaust the agent's descriptors.
+const MaxConns = 256
+
 // New returns a server with no exports.
 func New(log *slog.Logger) *Server {
 	if log == nil {
 		log = slog.Default()
 	}
-	s := &Server{srv: nbd.NewServer(nbd.ServerOptions{Logger: log, SecretNames: true}), names: map[string]string{}}
+	s := &Server{srv: nbd.NewServer(nbd.ServerOptions{Logger: log, SecretNames: true, MaxConns: MaxConns}), names: map[string]string{}}
 	return s
 }
 

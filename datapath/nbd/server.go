@@ -8,6 +8,7 @@ import (
 	"net"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -49,6 +50,10 @@ type ServerOptions struct {
 	// export, so a client must know a name to open it. The agent's grants
 	// use it; `stowage nbd serve` does not.
 	SecretNames bool
+	// MaxConns bounds the connections served at once over all listeners
+	// (0: unlimited); a connection past it is closed at once, before the
+	// handshake, and logged.
+	MaxConns int
 }
 
 // ExportOptions describe one export.
@@ -65,6 +70,8 @@ type ExportOptions struct {
 type Server struct {
 	opts ServerOptions
 	log  *slog.Logger
+	// conns counts the connections Serve is serving (MaxConns).
+	conns atomic.Int64
 
 	mu      sync.Mutex
 	exports map[string]*export
@@ -298,11 +305,34 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 			return fmt.Errorf("nbd: accept on %s: %w: %w", l.Addr(), err, errdefs.ErrUnavailable)
 		}
 		backoff = 5 * time.Millisecond
+		if !s.admit() {
+			s.log.Warn("nbd: connection refused: too many connections", "remote", nc.RemoteAddr().String(), "max", s.opts.MaxConns)
+			nc.Close()
+			continue
+		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
+			defer s.conns.Add(-1)
 			s.handle(ctx, nc)
 		}()
+	}
+}
+
+// admit counts a new connection in, unless MaxConns are served already.
+func (s *Server) admit() bool {
+	if s.opts.MaxConns <= 0 {
+		s.conns.Add(1)
+		return true
+	}
+	for {
+		n := s.conns.Load()
+		if n >= int64(s.opts.MaxConns) {
+			return false
+		}
+		if s.conns.CompareAndSwap(n, n+1) {
+			return true
+		}
 	}
 }
 

@@ -589,3 +589,57 @@ func TestServeStops(t *testing.T) {
 	}
 	wg.Wait()
 }
+
+// MaxConns: connections past the limit are closed before the handshake;
+// a freed slot is taken again.
+func TestMaxConns(t *testing.T) {
+	dir := t.TempDir()
+	srv := NewServer(ServerOptions{Logger: testLogger(t), MaxConns: 2})
+	defer srv.Close()
+	path, _ := sparseImage(t, dir, mib, 0, mib)
+	if err := srv.AddExport("", path, ExportOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() { _ = srv.Serve(ctx, l) }()
+	greeting := func() (net.Conn, string) {
+		t.Helper()
+		c, err := net.Dial("tcp", l.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		b := make([]byte, 8)
+		n, _ := io.ReadFull(c, b)
+		return c, string(b[:n])
+	}
+	a, ga := greeting()
+	defer a.Close()
+	b, gb := greeting()
+	if ga != "NBDMAGIC" || gb != "NBDMAGIC" {
+		t.Fatalf("the first two connections got %q and %q, want the NBD greeting", ga, gb)
+	}
+	c, gc := greeting()
+	c.Close()
+	if gc != "" {
+		t.Fatalf("the third connection got %q, want it closed at once", gc)
+	}
+	b.Close()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		d, gd := greeting()
+		d.Close()
+		if gd == "NBDMAGIC" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("a freed slot was not taken again")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
