@@ -45,6 +45,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/stowage/stowage/errdefs"
@@ -357,6 +358,33 @@ func fileArg(path string) string {
 	return "./" + path
 }
 
+// Resource limits of qemu-img info, which parses headers a guest or a
+// template's author wrote (a crafted image can make it loop or allocate
+// without bound: CVE-2015-5162 and kin); the values OpenStack uses.
+const (
+	InfoAddressSpace = 1 << 30 // bytes of address space
+	InfoCPUSeconds   = 30
+)
+
+// prlimit is util-linux's prlimit, when installed.
+var prlimit = sync.OnceValue(func() string {
+	p, err := exec.LookPath("prlimit")
+	if err != nil {
+		return ""
+	}
+	return p
+})
+
+// command builds the qemu-img process of op: info runs under
+// InfoAddressSpace and InfoCPUSeconds (through prlimit, when installed).
+func (t *Tool) command(ctx context.Context, op string, args []string) *exec.Cmd {
+	if op == "info" && prlimit() != "" {
+		limited := append([]string{fmt.Sprintf("--as=%d", InfoAddressSpace), fmt.Sprintf("--cpu=%d", InfoCPUSeconds), "--", t.binary}, args...)
+		return exec.CommandContext(ctx, prlimit(), limited...)
+	}
+	return exec.CommandContext(ctx, t.binary, args...)
+}
+
 // run starts qemu-img with args and returns its stdout.
 func (t *Tool) run(ctx context.Context, op, path string, args ...string) ([]byte, error) {
 	var stdout bytes.Buffer
@@ -373,7 +401,7 @@ func (t *Tool) runTo(ctx context.Context, op, path string, stdout io.Writer, okE
 	if err := ctx.Err(); err != nil {
 		return &Error{Op: op, Path: path, Err: err}
 	}
-	cmd := exec.CommandContext(ctx, t.binary, args...)
+	cmd := t.command(ctx, op, args)
 	cmd.Env = append(os.Environ(), "LC_ALL=C")
 	// After a kill, do not wait forever for a grandchild holding the pipes.
 	cmd.WaitDelay = 5 * time.Second

@@ -250,3 +250,29 @@ func TestClassify(t *testing.T) {
 		}
 	}
 }
+
+// qemu-img info runs under an address-space and CPU limit when prlimit is
+// installed, and still answers.
+func TestInfoRunsLimited(t *testing.T) {
+	if prlimit() == "" {
+		t.Skip("prlimit (util-linux) is not installed")
+	}
+	tool := New()
+	cmd := tool.command(t.Context(), "info", []string{"info", "x"})
+	if cmd.Path != prlimit() || !strings.Contains(strings.Join(cmd.Args, " "), "--as=1073741824 --cpu=30 -- ") {
+		t.Fatalf("info command: %v", cmd.Args)
+	}
+	if c := tool.command(t.Context(), "convert", []string{"convert"}); strings.Contains(c.Path, "prlimit") {
+		t.Fatalf("convert runs limited: %v", c.Args)
+	}
+	if _, err := exec.LookPath(DefaultBinary); err != nil {
+		t.Skip("no qemu-img")
+	}
+	p := filepath.Join(t.TempDir(), "a.qcow2")
+	if err := tool.Create(t.Context(), p, FormatQCOW2, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	if info, err := tool.Info(t.Context(), p, AssumeFormat(FormatQCOW2)); err != nil || info.VirtualSize != 1<<20 {
+		t.Fatalf("limited info: %+v %v", info, err)
+	}
+}
