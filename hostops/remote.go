@@ -22,6 +22,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"net/http"
+	"strings"
 	"sync"
 	"time"
 
@@ -118,6 +119,15 @@ func taskID(ctx context.Context, task *stowagev1.Task) string {
 	}
 	step := proto.Clone(task).(*stowagev1.Task)
 	step.Id = ""
+	if c := step.GetCopyImage(); c != nil {
+		// A presigned or export URL changes its query (signature, expiry)
+		// each time it is granted; the object it names does not. A step
+		// re-run after a restart must get the same id, and the agent's
+		// journalled result, not a second copy.
+		if i := strings.IndexByte(c.Source, '?'); i >= 0 && strings.HasPrefix(c.Source, "http") {
+			c.Source = c.Source[:i]
+		}
+	}
 	b, _ := proto.MarshalOptions{Deterministic: true}.Marshal(step)
 	sum := sha256.Sum256(b)
 	id, _ := drivers.StepTaskID(ctx, kind+"-"+hex.EncodeToString(sum[:6]))

@@ -51,7 +51,13 @@ func (s *Service) ensureCached(ctx context.Context, job *stowagev1.Job, rep *job
 			}
 			continue
 		case stowagev1.ObjectState_OBJECT_STATE_ALLOCATED:
-			ref, err = s.db.TemplatesOnStore().TransitionIf(ctx, ref.GetId(), ref.GetRevision(), meta.ObjectCreateRequested, nil)
+			// The claim and its owner in one transaction: a controller
+			// killed right after it resumes this job as the owner, never
+			// leaves a copy Creating that no job owns.
+			ref, err = s.db.TemplatesOnStore().TransitionIf(ctx, ref.GetId(), ref.GetRevision(), meta.ObjectCreateRequested, func(r *stowagev1.TemplateOnStore) error {
+				r.OwnerJobId = job.GetId()
+				return nil
+			})
 			if errdefs.IsConflict(err) || errdefs.IsFailedPrecondition(err) {
 				continue // another job claimed the copy
 			}
@@ -71,6 +77,9 @@ func (s *Service) ensureCached(ctx context.Context, job *stowagev1.Job, rep *job
 			if ref.GetState() == stowagev1.ObjectState_OBJECT_STATE_READY {
 				return ref, nil
 			}
+			if attempt < 2 {
+				continue // Failed: cleared and copied again (the Failed case above)
+			}
 			return nil, fmt.Errorf("the copy of template %s to store %s failed: %s: %w", tmpl.GetName(), st.GetName(), ref.GetError(), errdefs.ErrFailedPrecondition)
 		default:
 			return nil, fmt.Errorf("cached template %s on store %s is %s: %w", tmpl.GetName(), st.GetName(), meta.ObjectStateName(ref.GetState()), errdefs.ErrFailedPrecondition)
@@ -81,13 +90,6 @@ func (s *Service) ensureCached(ctx context.Context, job *stowagev1.Job, rep *job
 
 // copyTemplate copies the template from an image store into the spool ref.
 func (s *Service) copyTemplate(ctx context.Context, job *stowagev1.Job, rep *jobs.Reporter, tmpl *stowagev1.Template, ref *stowagev1.TemplateOnStore, st *stowagev1.DataStore) error {
-	// Mark the owner so a resumed job knows the copy is its own.
-	if _, err := s.db.TemplatesOnStore().Update(ctx, ref.GetId(), 0, func(r *stowagev1.TemplateOnStore) error {
-		r.OwnerJobId = job.GetId()
-		return nil
-	}); err != nil {
-		return err
-	}
 	imgRef, imgStore, err := s.images.ReadyOn(ctx, tmpl.GetId(), stowagev1.StoreRole_STORE_ROLE_IMAGE)
 	if err == nil {
 		err = s.evictCache(ctx, job, rep, st, tmpl.GetVirtualSize())
@@ -137,6 +139,17 @@ func (s *Service) waitRef(ctx context.Context, id string) (*stowagev1.TemplateOn
 		switch r.GetState() {
 		case stowagev1.ObjectState_OBJECT_STATE_READY, stowagev1.ObjectState_OBJECT_STATE_FAILED:
 			return r, nil
+		case stowagev1.ObjectState_OBJECT_STATE_CREATING:
+			if orphan, err := s.orphaned(ctx, r); err != nil {
+				return nil, err
+			} else if orphan {
+				// The job that was copying ended without finishing it:
+				// fail the copy, so that it is cleared and made again.
+				return s.db.TemplatesOnStore().Transition(ctx, r.GetId(), meta.ObjectOperationFailed, func(r *stowagev1.TemplateOnStore) error {
+					r.Error = "the job copying it ended before it was done"
+					return nil
+				})
+			}
 		}
 		select {
 		case <-ctx.Done():
@@ -144,6 +157,26 @@ func (s *Service) waitRef(ctx context.Context, id string) (*stowagev1.TemplateOn
 		case <-time.After(200 * time.Millisecond):
 		}
 	}
+}
+
+// orphaned reports whether copy r is Creating with no live job copying it:
+// no owner recorded, or an owner job that ended or is gone.
+func (s *Service) orphaned(ctx context.Context, r *stowagev1.TemplateOnStore) (bool, error) {
+	if r.GetOwnerJobId() == "" {
+		return false, nil // a copy claimed by an older controller: its job records no owner
+	}
+	j, err := s.db.Jobs().Get(ctx, r.GetOwnerJobId())
+	if errdefs.IsNotFound(err) {
+		return true, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	switch j.GetState() {
+	case stowagev1.JobState_JOB_STATE_SUCCEEDED, stowagev1.JobState_JOB_STATE_FAILED, stowagev1.JobState_JOB_STATE_CANCELLED:
+		return true, nil
+	}
+	return false, nil
 }
 
 // evictCache removes unreferenced cached templates on st, least recently
