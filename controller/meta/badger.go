@@ -8,7 +8,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
+	"os"
+	"path/filepath"
 	"strings"
 
 	badger "github.com/dgraph-io/badger/v4"
@@ -40,11 +43,41 @@ func openBadger(dir string, log *slog.Logger) (*badgerStore, error) {
 	if log != nil {
 		opts = opts.WithLogger(slogAdapter{log: log})
 	}
+	if err := dropEmptyMemtables(dir); err != nil {
+		return nil, err
+	}
 	db, err := badger.Open(opts)
 	if err != nil {
 		return nil, err
 	}
 	return &badgerStore{db: db}, nil
+}
+
+// dropEmptyMemtables removes memtable files (*.mem) of zero length: what a
+// process killed while Badger was creating one leaves behind. It holds no
+// data (a memtable gets its size before its first write), and Badger
+// refuses to open with it ("while opening memtables ... Create a new
+// file"), so without this a controller killed at that moment would not
+// start again without manual repair.
+func dropEmptyMemtables(dir string) error {
+	entries, err := os.ReadDir(dir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	for _, e := range entries {
+		if !strings.HasSuffix(e.Name(), ".mem") || !e.Type().IsRegular() {
+			continue
+		}
+		if fi, err := e.Info(); err == nil && fi.Size() == 0 {
+			if err := os.Remove(filepath.Join(dir, e.Name())); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }
 
 func (s *badgerStore) update(fn func(kvTxn) error) error {

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -767,3 +769,28 @@ func TestLoggerAdapter(t *testing.T) {
 type writerFunc func([]byte) (int, error)
 
 func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
+
+// A zero-length memtable file (a process killed while Badger created it)
+// does not keep the database from opening again.
+func TestOpenAfterKillDuringMemtableCreation(t *testing.T) {
+	dir := t.TempDir()
+	db, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db.Templates().Create(context.Background(), &stowagev1.Template{Id: "t1", Name: "kept"}); err != nil {
+		t.Fatal(err)
+	}
+	db.Close()
+	if err := os.WriteFile(filepath.Join(dir, "00042.mem"), nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	db, err = Open(dir)
+	if err != nil {
+		t.Fatalf("open with an empty memtable file: %v", err)
+	}
+	defer db.Close()
+	if _, err := db.Templates().Get(context.Background(), "t1"); err != nil {
+		t.Fatalf("data after reopening: %v", err)
+	}
+}
