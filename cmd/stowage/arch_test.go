@@ -105,6 +105,9 @@ func TestControllerSpeaksObjects(t *testing.T) {
 		if err != nil || d.IsDir() || !strings.HasSuffix(p, ".go") || strings.HasSuffix(p, "_test.go") {
 			return err
 		}
+		if strings.Contains(filepath.ToSlash(p), "controller/meta/") {
+			return nil // the controller's own database directory, not a store
+		}
 		b, err := os.ReadFile(p)
 		if err != nil {
 			return err
