@@ -311,6 +311,11 @@ type ImportSource struct {
 	URL string
 	// Checksum is "sha256:HEX", "sha512:HEX", "md5:HEX" or "".
 	Checksum string
+	// Internal says Stowage made URL itself (an agent's export, a store's
+	// presigned URL, during a data motion): it is infrastructure on the
+	// management network, not an operator's input, so the address policy
+	// for template URLs does not apply to it.
+	Internal bool
 }
 
 // Importer takes a template or ISO in from a URL: streamed, the checksum

@@ -154,7 +154,7 @@ func (m *Mover) importInto(ctx context.Context, hostID string, h hostops.Host, s
 		defer func() { _ = h.Unexport(context.WithoutCancel(ctx), u) }()
 		url = string(u)
 	}
-	info, err := imp.Import(ctx, mv.Dst, drivers.ImportSource{URL: url}, progress)
+	info, err := imp.Import(ctx, mv.Dst, drivers.ImportSource{URL: url, Internal: true}, progress)
 	if err != nil {
 		return drivers.ObjectInfo{}, err
 	}

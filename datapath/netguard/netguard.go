@@ -122,6 +122,11 @@ func (g *Guard) Client(base *http.Client) *http.Client {
 		if req.URL.Scheme != "http" && req.URL.Scheme != "https" {
 			return fmt.Errorf("redirect to a %s URL: only http and https: %w", req.URL.Scheme, errdefs.ErrPermissionDenied)
 		}
+		if req.URL.Scheme == "http" && via[0].URL.Scheme == "https" {
+			// A plain-http template needs a checksum; an https one does
+			// not, so it may not be handed over to plain http.
+			return fmt.Errorf("redirect from https to plain http (%s): %w", req.URL.Host, errdefs.ErrPermissionDenied)
+		}
 		return nil
 	}
 	return c

@@ -80,3 +80,20 @@ func TestClientDialTime(t *testing.T) {
 	}
 	resp.Body.Close()
 }
+
+// A redirect may not drop from https to plain http (a plain-http template
+// needs a checksum; an https one does not).
+func TestNoDowngradeRedirect(t *testing.T) {
+	plain := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "bytes") }))
+	defer plain.Close()
+	secure := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		http.Redirect(w, r, plain.URL, http.StatusFound)
+	}))
+	defer secure.Close()
+	g, _ := Parse("127.0.0.1")
+	c := g.Client(nil)
+	c.Transport.(*http.Transport).TLSClientConfig = secure.Client().Transport.(*http.Transport).TLSClientConfig
+	if _, err := c.Get(secure.URL); !errors.Is(err, errdefs.ErrPermissionDenied) || !strings.Contains(err.Error(), "plain http") {
+		t.Fatalf("https redirected to http: %v, want refused", err)
+	}
+}

@@ -1,16 +1,22 @@
 package s3_test
 
 import (
+	"bytes"
+	"errors"
 	"fmt"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"sync/atomic"
 	"testing"
 
+	"github.com/stowage/stowage/datapath/netguard"
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/drivers/driverstest"
 	"github.com/stowage/stowage/drivers/s3"
 	"github.com/stowage/stowage/drivers/s3/s3test"
+	"github.com/stowage/stowage/errdefs"
 	"github.com/stowage/stowage/hostops"
 )
 
@@ -53,4 +59,37 @@ func TestConformance(t *testing.T) {
 			Client: "h1",
 		}
 	})
+}
+
+// Import applies the address policy of template URLs to an operator's URL
+// but not to one Stowage made itself (an agent's export during a data
+// motion, ImportSource.Internal), which lives on the management network.
+func TestImportPolicyOnlyForOperatorURLs(t *testing.T) {
+	srv := s3test.Start(t)
+	cred := credentials(t, srv)
+	raw := bytes.Repeat([]byte{0x5a}, 1<<20)
+	web := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { w.Write(raw) }))
+	defer web.Close()
+	guard, err := netguard.Parse("") // nothing private allowed
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := s3.New(driverstest.NewHosts(hostOnly{id: "h1"}), s3.WithFetchClient(guard.Client(nil)))
+	info, err := p.LifeCycle().Initialize(t.Context(), drivers.StoreSpec{ID: "s1", Name: "img", Role: drivers.RoleImage,
+		URL: "s3://" + srv.Bucket + "/policy", Scope: drivers.Scope{Zone: "z1"},
+		Details: map[string]string{s3.DetailEndpoint: srv.Endpoint, s3.DetailRegion: srv.Region, s3.DetailCredentialsFile: cred}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	imp := p.Driver().(drivers.Importer)
+	obj := func(id string) drivers.DataObject {
+		return drivers.DataObject{ID: id, Type: drivers.ObjectTemplate, Store: info, Format: drivers.FormatRaw}
+	}
+	if _, err := imp.Import(t.Context(), obj("operator"), drivers.ImportSource{URL: web.URL}, nil); !errors.Is(err, errdefs.ErrPermissionDenied) {
+		t.Fatalf("an operator's loopback URL: %v, want permission denied", err)
+	}
+	got, err := imp.Import(t.Context(), obj("motion"), drivers.ImportSource{URL: web.URL, Internal: true}, nil)
+	if err != nil || got.StoredSize != int64(len(raw)) {
+		t.Fatalf("a URL Stowage made: %+v %v, want imported", got, err)
+	}
 }

@@ -208,7 +208,11 @@ func (d *Driver) Import(ctx context.Context, dst drivers.DataObject, src drivers
 	if !strings.HasPrefix(src.URL, "http://") && !strings.HasPrefix(src.URL, "https://") {
 		return drivers.ObjectInfo{}, fmt.Errorf("import into s3 store %s: the source must be an http:// or https:// URL: %w", dst.Store.Name, errdefs.ErrInvalid)
 	}
-	res, err := st.Import(ctx, ImportRequest{URL: src.URL, Key: k, Format: Format(dst.Format), Checksum: src.Checksum, Progress: progress, HTTPClient: d.fetch})
+	client := d.fetch // the address policy for operators' URLs
+	if src.Internal {
+		client = nil // a URL Stowage made (an agent's export): the default client
+	}
+	res, err := st.Import(ctx, ImportRequest{URL: src.URL, Key: k, Format: Format(dst.Format), Checksum: src.Checksum, Progress: progress, HTTPClient: client})
 	if err != nil {
 		return drivers.ObjectInfo{}, err
 	}

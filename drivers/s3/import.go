@@ -214,6 +214,10 @@ func fetch(ctx context.Context, client *http.Client, u *url.URL) (io.ReadCloser,
 		if ctx.Err() != nil {
 			return nil, 0, ctx.Err()
 		}
+		if errors.Is(err, errdefs.ErrPermissionDenied) {
+			// The address policy refused it (netguard): say so, final.
+			return nil, 0, fmt.Errorf("source: %w", err)
+		}
 		var uerr *url.Error
 		if errors.As(err, &uerr) {
 			err = uerr.Err // its message repeats the URL, query included
