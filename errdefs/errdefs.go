@@ -24,6 +24,7 @@ var (
 	ErrUnavailable        = errors.New("unavailable")
 	ErrNotImplemented     = errors.New("not implemented")
 	ErrPermissionDenied   = errors.New("permission denied")
+	ErrUnauthenticated    = errors.New("unauthenticated")
 	ErrDataLoss           = errors.New("data loss")
 	ErrResourceExhausted  = errors.New("resource exhausted")
 	ErrInternal           = errors.New("internal")
@@ -32,7 +33,7 @@ var (
 // classes lists every class in the order Class checks them.
 var classes = []error{
 	ErrInvalid, ErrNotFound, ErrAlreadyExists, ErrFailedPrecondition, ErrConflict,
-	ErrAborted, ErrUnavailable, ErrNotImplemented, ErrPermissionDenied, ErrDataLoss,
+	ErrAborted, ErrUnavailable, ErrNotImplemented, ErrPermissionDenied, ErrUnauthenticated, ErrDataLoss,
 	ErrResourceExhausted, ErrInternal,
 }
 
