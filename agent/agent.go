@@ -41,6 +41,7 @@ package agent
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -62,6 +63,7 @@ import (
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 	"github.com/stowage/stowage/proto/gen/stowage/v1/stowagev1connect"
 	"github.com/stowage/stowage/rpclimit"
+	"github.com/stowage/stowage/trust"
 )
 
 // Config is how an agent is set up; cmd/stowage fills it from flags.
@@ -112,6 +114,7 @@ type Agent struct {
 
 	cache  ImageCache
 	limits rpclimit.Limits
+	creds  *Credentials
 
 	mu          sync.Mutex
 	cacheSpec   *stowagev1.TemplateCacheSpec // last desired set sent to the cache
@@ -135,6 +138,16 @@ func WithExports(x *exports.Server) Option { return func(a *Agent) { a.exports =
 // announces them under Config.NBDAddress (or the address derived from the
 // listener). Give the same x to the hostfs.Local (hostfs.WithNBDExporter).
 func WithNBD(x *nbdexports.Server) Option { return func(a *Agent) { a.nbd = x } }
+
+// WithCredentials makes the agent speak mutual TLS with creds (Enrol):
+// its listener serves TLS with its certificate, AgentService answers only
+// the controller's certificate, its calls to the controller present its
+// own, and Run renews it before it expires. The exports on the same
+// listener answer any peer with a certificate of the controller's CA and
+// the export's unguessable token in its URL; a client without a
+// certificate fails the TLS handshake. cmd/stowage always gives credentials;
+// without them (package tests) the agent speaks plain HTTP.
+func WithCredentials(c *Credentials) Option { return func(a *Agent) { a.creds = c } }
 
 // WithLimits bounds every request the agent's listener reads (AgentService
 // and the exports) by l; without it, rpclimit.Default().
@@ -198,6 +211,9 @@ func New(cfg Config, fs *hostfs.Local, log *slog.Logger, opts ...Option) (*Agent
 	for _, o := range opts {
 		o(a)
 	}
+	if a.creds != nil {
+		a.control = stowagev1connect.NewAgentControlServiceClient(a.creds.HTTPClient(), cfg.ControllerURL)
+	}
 	if a.exports != nil && cfg.AdvertiseURL != "" {
 		a.exports.SetBaseURL(cfg.AdvertiseURL)
 	}
@@ -209,12 +225,16 @@ func New(cfg Config, fs *hostfs.Local, log *slog.Logger, opts ...Option) (*Agent
 // on the agent's listener, tests on their own.
 func (a *Agent) Handler() http.Handler {
 	mux := http.NewServeMux()
-	mux.Handle(stowagev1connect.NewAgentServiceHandler(a.svc, a.limits.HandlerOptions(), connect.WithInterceptors(errconnect.Interceptor())))
+	interceptors := []connect.Interceptor{errconnect.Interceptor()}
+	if a.creds != nil {
+		interceptors = append(interceptors, controllerOnly(a.log))
+	}
+	mux.Handle(stowagev1connect.NewAgentServiceHandler(a.svc, a.limits.HandlerOptions(), connect.WithInterceptors(interceptors...)))
 	if a.exports != nil {
 		mux.Handle(exports.Prefix, a.exports)
 	}
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
-	return a.limits.Wrap(mux)
+	return a.limits.Wrap(trust.WithPeer(mux))
 }
 
 // Host is the agent's local host: the stores it serves and their resolver.
@@ -233,8 +253,17 @@ func (a *Agent) Run(ctx context.Context) error {
 		return fmt.Errorf("agent: listen %s: %w", a.cfg.Listen, err)
 	}
 	defer a.Close()
+	scheme := "http"
+	if a.creds != nil {
+		scheme = "https"
+		// Every peer is enrolled: a client without a certificate of the
+		// controller's CA fails the handshake. AgentService then answers
+		// the controller only; exports any enrolled peer with the URL's
+		// token.
+		ln = tls.NewListener(ln, trust.ServerConfig(a.creds.KeyPair, a.creds.Roots(), tls.RequireAnyClientCert, nil))
+	}
 	if a.cfg.AdvertiseURL == "" {
-		a.cfg.AdvertiseURL = advertiseURL(ln.Addr())
+		a.cfg.AdvertiseURL = advertiseURL(scheme, ln.Addr())
 	}
 	if a.exports != nil {
 		a.exports.SetBaseURL(a.cfg.AdvertiseURL)
@@ -262,7 +291,8 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	var protocols http.Protocols
 	protocols.SetHTTP1(true)
-	protocols.SetUnencryptedHTTP2(true)
+	protocols.SetHTTP2(true)
+	protocols.SetUnencryptedHTTP2(a.creds == nil)
 	// Header and idle bounds; no ReadTimeout: RunTask answers when its task
 	// ends and exports stream whole images (bodies are bounded by Handler).
 	srv := rpclimit.NewServer(a.Handler(), &protocols)
@@ -275,6 +305,9 @@ func (a *Agent) Run(ctx context.Context) error {
 
 	loopErr := make(chan error, 1)
 	go func() { loopErr <- a.loop(ctx) }()
+	if a.creds != nil {
+		go a.creds.Renew(ctx, a.control, a.cfg.HostID, func() []string { return AddressesOf(a.cfg.AdvertiseURL, a.NBDAddress()) }, a.log)
+	}
 
 	select {
 	case err = <-serveErr:
@@ -312,10 +345,10 @@ func nbdAddress(advertise string, addr net.Addr) string {
 	return net.JoinHostPort("127.0.0.1", port)
 }
 
-func advertiseURL(addr net.Addr) string {
+func advertiseURL(scheme string, addr net.Addr) string {
 	tcp, ok := addr.(*net.TCPAddr)
 	if !ok {
-		return "http://" + addr.String()
+		return scheme + "://" + addr.String()
 	}
 	host := tcp.IP.String()
 	if tcp.IP.IsUnspecified() {
@@ -324,7 +357,7 @@ func advertiseURL(addr net.Addr) string {
 			host = h
 		}
 	}
-	return "http://" + net.JoinHostPort(host, fmt.Sprint(tcp.Port))
+	return scheme + "://" + net.JoinHostPort(host, fmt.Sprint(tcp.Port))
 }
 
 // outboundIP is the first non-loopback address of the host; the controller

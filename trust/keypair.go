@@ -99,6 +99,11 @@ type KeyPair struct {
 	cert  *tls.Certificate
 	leaf  *x509.Certificate
 	onSet []func(*x509.Certificate)
+
+	// Set by Follow: the directory another process renews the pair in.
+	follow  string
+	checked time.Time
+	mtime   time.Time
 }
 
 // NewKeyPair holds key and its certificate chain (DER: leaf first).
@@ -142,9 +147,54 @@ func (kp *KeyPair) Leaf() *x509.Certificate {
 
 // TLSCertificate is the current pair for a tls.Config.
 func (kp *KeyPair) TLSCertificate() *tls.Certificate {
+	kp.reload()
 	kp.mu.RLock()
 	defer kp.mu.RUnlock()
 	return kp.cert
+}
+
+// followEvery is how often a followed pair's files are looked at.
+const followEvery = 30 * time.Second
+
+// Follow loads the pair stored in dir by another process (the agent, for
+// the host's template mount process) and picks up that process's renewals:
+// the files are looked at again, at most every 30 s, when a handshake
+// needs the pair.
+func Follow(dir string) (*KeyPair, *x509.Certificate, error) {
+	kp, ca, err := LoadKeyPair(dir)
+	if err != nil {
+		return nil, nil, err
+	}
+	kp.follow, kp.checked = dir, time.Now()
+	if fi, err := os.Stat(filepath.Join(dir, CertFile)); err == nil {
+		kp.mtime = fi.ModTime()
+	}
+	return kp, ca, nil
+}
+
+func (kp *KeyPair) reload() {
+	if kp.follow == "" {
+		return
+	}
+	kp.mu.Lock()
+	if time.Since(kp.checked) < followEvery {
+		kp.mu.Unlock()
+		return
+	}
+	kp.checked = time.Now()
+	kp.mu.Unlock()
+	fi, err := os.Stat(filepath.Join(kp.follow, CertFile))
+	if err != nil || fi.ModTime().Equal(kp.mtime) {
+		return
+	}
+	next, _, err := LoadKeyPair(kp.follow)
+	if err != nil {
+		return // mid-rename or broken: keep the pair that worked
+	}
+	c := next.TLSCertificate()
+	kp.mu.Lock()
+	kp.cert, kp.leaf, kp.mtime = c, c.Leaf, fi.ModTime()
+	kp.mu.Unlock()
 }
 
 // GetCertificate is for tls.Config.GetCertificate.

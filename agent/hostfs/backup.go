@@ -137,7 +137,7 @@ func (l *Local) BackupInto(ctx context.Context, t ChunkTarget, source string, so
 	if stageNear == "" {
 		stageNear = src
 	}
-	srcStream, err := stream.OpenSource(ctx, src, stream.SourceOptions{Format: srcFormat})
+	srcStream, err := stream.OpenSource(ctx, src, l.peerSource(srcFormat))
 	if errors.Is(err, errdefs.ErrNotImplemented) {
 		// The Go qcow2 reader cannot read this image: flatten it with
 		// qemu-img (-f as declared) next to the manifest.

@@ -77,7 +77,7 @@ func (l *Local) copyImage(ctx context.Context, req CopyRequest, progress drivers
 	stage := stagePath(final, "copy")
 	var res stream.Result
 	if !local || !needsConvert(req, srcFormat, src) {
-		res, err = streamCopy(ctx, target, stream.SourceOptions{Format: qemuimg.FormatRaw}, stage, stream.Options{Progress: copyProgress(progress)})
+		res, err = streamCopy(ctx, target, l.peerSource(qemuimg.FormatRaw), stage, stream.Options{Progress: copyProgress(progress)})
 		if err != nil {
 			return ImageInfo{}, err
 		}

@@ -65,10 +65,7 @@ func (l *Local) fetchImage(ctx context.Context, req FetchRequest, progress drive
 	if sum.Algo == "sha256" {
 		opts.ExpectSHA256 = sum.Hex
 	}
-	srcOpts := stream.SourceOptions{Format: qemuimg.FormatRaw}
-	if l.fetchGuard != nil {
-		srcOpts.HTTP.Client = l.fetchGuard.Client(nil)
-	}
+	srcOpts := l.fetchSource(qemuimg.FormatRaw)
 	res, err := streamCopy(ctx, target, srcOpts, stage, opts)
 	if err != nil {
 		return ImageInfo{}, err

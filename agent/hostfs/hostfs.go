@@ -49,6 +49,7 @@ package hostfs
 
 import (
 	"crypto/rand"
+	"crypto/tls"
 	"encoding/binary"
 	"encoding/hex"
 	"errors"
@@ -98,6 +99,8 @@ type Local struct {
 	// fetchGuard checks every address a download of a user-supplied URL
 	// connects to (WithFetchGuard); nil: none.
 	fetchGuard *netguard.Guard
+	peerTLS    *tls.Config
+	webTLS     *tls.Config
 	nbd        NBDExporter
 
 	// backingRoots are read-only directories outside any store that a

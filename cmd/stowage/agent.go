@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"strings"
 
 	"github.com/spf13/cobra"
 
@@ -17,10 +18,42 @@ import (
 	"github.com/stowage/stowage/rpclimit"
 )
 
+// joinFlags are how an agent enrols (agent.EnrolConfig).
+type joinFlags struct {
+	token, tokenFile, caPin, caFile string
+}
+
+func (j *joinFlags) flags(cmd *cobra.Command) {
+	f := cmd.Flags()
+	f.StringVar(&j.token, "join-token", "", "one-time token from `stowage host token create` for the first start (or $STOWAGE_JOIN_TOKEN); later starts use the certificate kept in --state-dir/pki")
+	f.StringVar(&j.tokenFile, "join-token-file", "", "file holding the join token (instead of --join-token)")
+	f.StringVar(&j.caPin, "ca-pin", "", "sha256:<hex> pin of the controller's CA, printed with the join token: the agent sends its token only to a controller whose CA has it")
+	f.StringVar(&j.caFile, "ca-file", "", "the controller's CA certificate (instead of --ca-pin)")
+}
+
+// config resolves the token from the flag, the file or the environment.
+func (j *joinFlags) config(cfg agent.Config) (agent.EnrolConfig, error) {
+	tok := j.token
+	if tok == "" && j.tokenFile != "" {
+		b, err := os.ReadFile(j.tokenFile)
+		if err != nil {
+			return agent.EnrolConfig{}, usageError{fmt.Errorf("--join-token-file: %w", err)}
+		}
+		tok = strings.TrimSpace(string(b))
+	}
+	if tok == "" {
+		tok = os.Getenv("STOWAGE_JOIN_TOKEN")
+	}
+	return agent.EnrolConfig{
+		ControllerURL: cfg.ControllerURL, HostID: cfg.HostID, StateDir: cfg.StateDir,
+		JoinToken: tok, CAPin: j.caPin, CAFile: j.caFile, Addresses: agent.DefaultAddresses(cfg),
+	}, nil
+}
+
 func agentFlags(cmd *cobra.Command, cfg *agent.Config, limits *rpclimit.Limits, defaultStateDir string) {
 	hostname, _ := os.Hostname()
 	f := cmd.Flags()
-	f.StringVar(&cfg.ControllerURL, "controller", "http://127.0.0.1:8470", "controller URL")
+	f.StringVar(&cfg.ControllerURL, "controller", "https://127.0.0.1:8470", "controller URL")
 	f.StringVar(&cfg.HostID, "host-id", hostname, "this host's id (stable across restarts)")
 	f.StringVar(&cfg.Listen, "listen", ":8471", "address of the agent's RPC service")
 	f.StringVar(&cfg.AdvertiseURL, "advertise-url", "", "URL the controller uses to reach this agent (default: derived from --listen)")
@@ -38,6 +71,7 @@ func agentFlags(cmd *cobra.Command, cfg *agent.Config, limits *rpclimit.Limits, 
 func newAgentCmd() *cobra.Command {
 	var cfg agent.Config
 	var limits rpclimit.Limits
+	var join joinFlags
 	cmd := &cobra.Command{
 		Use:   "agent",
 		Short: "Run the per-host agent: registers with the controller and runs host-side work",
@@ -48,26 +82,36 @@ func newAgentCmd() *cobra.Command {
 				return err
 			}
 			go watchdog(cmd.Context())
-			return runAgent(cmd.Context(), cfg, limits, log)
+			ec, err := join.config(cfg)
+			if err != nil {
+				return err
+			}
+			return runAgent(cmd.Context(), cfg, ec, limits, log)
 		},
 	}
 	agentFlags(cmd, &cfg, &limits, "/var/lib/stowage/agent")
+	join.flags(cmd)
 	return cmd
 }
 
-// runAgent assembles an agent on the local host and runs it until ctx ends.
-func runAgent(ctx context.Context, cfg agent.Config, limits rpclimit.Limits, log *slog.Logger) error {
+// runAgent enrols (or loads the agent's certificate), assembles an agent on
+// the local host and runs it until ctx ends.
+func runAgent(ctx context.Context, cfg agent.Config, ec agent.EnrolConfig, limits rpclimit.Limits, log *slog.Logger) error {
 	privateFiles()
-	a, err := newAgent(cfg, limits, log)
+	creds, err := agent.Enrol(ctx, ec, log)
+	if err != nil {
+		return err
+	}
+	a, err := newAgent(cfg, creds, limits, log)
 	if err != nil {
 		return err
 	}
 	return a.Run(ctx)
 }
 
-// newAgent assembles an agent whose RPC listener (AgentService and the
-// HTTP exports) bounds every request by limits.
-func newAgent(cfg agent.Config, limits rpclimit.Limits, log *slog.Logger) (*agent.Agent, error) {
+// newAgent assembles an agent with creds whose RPC listener (AgentService
+// and the HTTP exports) bounds every request by limits.
+func newAgent(cfg agent.Config, creds *agent.Credentials, limits rpclimit.Limits, log *slog.Logger) (*agent.Agent, error) {
 	if err := limits.Check(); err != nil {
 		return nil, usageError{fmt.Errorf("--max-request-bytes: %w", err)}
 	}
@@ -86,8 +130,8 @@ func newAgent(cfg agent.Config, limits rpclimit.Limits, log *slog.Logger) (*agen
 	if err != nil {
 		return nil, fmt.Errorf("--fetch-allow-cidrs: %w", err)
 	}
-	local := hostfs.New(cfg.HostID, hostfs.WithExporter(x), hostfs.WithNBDExporter(n), hostfs.WithFetchGuard(guard))
-	opts := []agent.Option{agent.WithExports(x), agent.WithNBD(n), agent.WithLimits(limits)}
+	local := hostfs.New(cfg.HostID, hostfs.WithExporter(x), hostfs.WithNBDExporter(n), hostfs.WithFetchGuard(guard), hostfs.WithTLS(creds.PeerTLS(), creds.WebTLS()))
+	opts := []agent.Option{agent.WithExports(x), agent.WithNBD(n), agent.WithLimits(limits), agent.WithCredentials(creds)}
 	if cfg.ImageCacheSocket != "" {
 		// The template mount is its own process (stowage cache serve); the
 		// agent serves its templates read-only (hostops.TemplateMount) and

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -11,15 +12,18 @@ import (
 	"path"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/spf13/cobra"
 
 	"github.com/stowage/stowage/agent/cachemount"
 	"github.com/stowage/stowage/datapath/imagecache"
+	"github.com/stowage/stowage/datapath/stream"
 	"github.com/stowage/stowage/errdefs"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 	"github.com/stowage/stowage/rpclimit"
+	"github.com/stowage/stowage/trust"
 )
 
 // newCacheCmd is `stowage cache`: the lazily fetched template cache.
@@ -135,6 +139,7 @@ type cacheServeConfig struct {
 	capacity, chunk, rate     string
 	noPassthrough, allowOther bool
 	owner, group              string
+	pkiDir                    string
 	tuning                    fetchTuning
 }
 
@@ -150,6 +155,7 @@ func (c *cacheServeConfig) flags(cmd *cobra.Command, dirDefault string) {
 	f.BoolVar(&c.allowOther, "allow-other", true, "let users other than root reach the mount (reading still needs --owner or --group)")
 	f.StringVar(&c.owner, "owner", "root", "user owning the mount's files (mode 0440, never world-readable)")
 	f.StringVar(&c.group, "group", "root", "group owning the mount's files: the hypervisor's (QEMU's) group, e.g. kvm")
+	f.StringVar(&c.pkiDir, "pki-dir", "/var/lib/stowage/agent/pki", "the local agent's certificate directory: templates are read from agents' HTTPS exports, which need this host's certificate and trust the controller's CA (renewals by the agent are picked up)")
 	c.tuning.flags(cmd)
 }
 
@@ -169,8 +175,12 @@ func (c *cacheServeConfig) config(log *slog.Logger) (cachemount.Config, error) {
 			return cachemount.Config{}, err
 		}
 	}
-	co := imagecache.Options{Dir: c.dir, ChunkSize: chunk, PrefetchRate: rate, CapacityBytes: capacity,
-		Open: imagecache.OpenStream(cachemount.DefaultHTTP())}
+	httpOpts := cachemount.DefaultHTTP()
+	open := imagecache.OpenStream(httpOpts)
+	if c.pkiDir != "" {
+		open = (&hostTLSOpen{dir: c.pkiDir, http: httpOpts}).open
+	}
+	co := imagecache.Options{Dir: c.dir, ChunkSize: chunk, PrefetchRate: rate, CapacityBytes: capacity, Open: open}
 	if c.tuning.maxFetches == 0 { // dev builds the config without flags
 		c.tuning = fetchTuning{maxFetches: 8, readAhead: "32M"}
 	}
@@ -377,4 +387,33 @@ func cacheSources(src string) ([][2]string, error) {
 		return nil, fmt.Errorf("SRC %s: no regular files: %w", src, errdefs.ErrInvalid)
 	}
 	return out, nil
+}
+
+// hostTLSOpen opens templates with the local agent's certificate (agents
+// serve exports to enrolled peers only) and the controller's CA, both read
+// from the agent's pki directory when first needed: the mount may start
+// before its agent has enrolled.
+type hostTLSOpen struct {
+	dir  string
+	http stream.HTTPOptions
+
+	mu     sync.Mutex
+	opener imagecache.OpenFunc
+}
+
+func (h *hostTLSOpen) open(ctx context.Context, url string) (imagecache.Source, error) {
+	h.mu.Lock()
+	if h.opener == nil {
+		kp, ca, err := trust.Follow(h.dir)
+		if err != nil {
+			h.mu.Unlock()
+			return nil, fmt.Errorf("template mount: the agent's certificate in %s (--pki-dir): %w", h.dir, errors.Join(err, errdefs.ErrUnavailable))
+		}
+		o := h.http
+		o.TLS = &tls.Config{MinVersion: tls.VersionTLS12, RootCAs: withSystemRoots(ca), GetClientCertificate: kp.GetClientCertificate}
+		h.opener = imagecache.OpenStream(o)
+	}
+	opener := h.opener
+	h.mu.Unlock()
+	return opener(ctx, url)
 }

@@ -27,18 +27,19 @@ type clients struct {
 }
 
 func newClients(cmd *cobra.Command) (*clients, error) {
-	url, err := serverURL(cmd)
+	conn, err := connectionOf(cmd)
 	if err != nil {
 		return nil, err
 	}
+	url, hc := conn.url, conn.client
 	return &clients{
 		url:       url,
-		stores:    stowagev1connect.NewStoreServiceClient(httpClient, url),
-		hosts:     stowagev1connect.NewHostServiceClient(httpClient, url),
-		images:    stowagev1connect.NewImageServiceClient(httpClient, url),
-		volumes:   stowagev1connect.NewVolumeServiceClient(httpClient, url),
-		snapshots: stowagev1connect.NewSnapshotServiceClient(httpClient, url),
-		jobs:      stowagev1connect.NewJobServiceClient(httpClient, url),
+		stores:    stowagev1connect.NewStoreServiceClient(hc, url),
+		hosts:     stowagev1connect.NewHostServiceClient(hc, url),
+		images:    stowagev1connect.NewImageServiceClient(hc, url),
+		volumes:   stowagev1connect.NewVolumeServiceClient(hc, url),
+		snapshots: stowagev1connect.NewSnapshotServiceClient(hc, url),
+		jobs:      stowagev1connect.NewJobServiceClient(hc, url),
 	}, nil
 }
 

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -16,6 +17,7 @@ import (
 
 	"github.com/stowage/stowage/controller/api"
 	"github.com/stowage/stowage/controller/datastore"
+	"github.com/stowage/stowage/controller/enrol"
 	"github.com/stowage/stowage/controller/endpoint"
 	"github.com/stowage/stowage/controller/hosts"
 	"github.com/stowage/stowage/controller/image"
@@ -27,6 +29,7 @@ import (
 	"github.com/stowage/stowage/datapath/netguard"
 	"github.com/stowage/stowage/errdefs"
 	"github.com/stowage/stowage/rpclimit"
+	"github.com/stowage/stowage/trust"
 )
 
 type controllerConfig struct {
@@ -38,17 +41,21 @@ type controllerConfig struct {
 	maxRequestBytes   int
 	jobRetention      time.Duration
 	fetchAllowCIDRs   string
+	certTTL           time.Duration
+	tlsSANs           []string
 }
 
 func (c *controllerConfig) flags(cmd *cobra.Command, defaultDataDir string) {
 	f := cmd.Flags()
-	f.StringVar(&c.listen, "listen", "127.0.0.1:8470", "address of the API (Connect, gRPC, gRPC-Web), /metrics and /healthz")
+	f.StringVar(&c.listen, "listen", "127.0.0.1:8470", "address of the API (Connect, gRPC, gRPC-Web over TLS; agents call it with mutual TLS), /metrics and /healthz")
 	f.StringVar(&c.dataDir, "data-dir", defaultDataDir, "directory of the metadata database")
 	f.DurationVar(&c.heartbeatInterval, "heartbeat-interval", 3*time.Second, "how often agents heartbeat")
 	f.DurationVar(&c.hostTimeout, "host-timeout", 12*time.Second, "a host without a heartbeat for this long is Disconnected")
 	f.StringVar(&c.fetchAllowCIDRs, "fetch-allow-cidrs", "", "comma list of CIDRs template imports in the controller (S3 stores) may reach although they are loopback, private or link-local (refused otherwise)")
 	f.DurationVar(&c.jobRetention, "job-retention", 7*24*time.Hour, "how long finished jobs are kept (0: forever)")
 	f.IntVar(&c.maxRequestBytes, "max-request-bytes", rpclimit.DefaultMaxRequestBytes, "largest request message the API accepts, after decompression (bigger ones: resource_exhausted)")
+	f.DurationVar(&c.certTTL, "cert-ttl", trust.DefaultTTL, "validity of the certificates the controller's CA issues (its own and agents'); they are renewed at two thirds of it")
+	f.StringSliceVar(&c.tlsSANs, "tls-san", nil, "extra DNS names or IP addresses for the controller's certificate (besides localhost, the hostname, loopback and the --listen host)")
 	f.StringVar(&c.mountTransport, "template-mount-transport", image.MountTransportHTTP, "how hosts' template mounts read a template from an agent holding its image store: http (read-only HTTP export) or nbd (read-only NBD export)")
 }
 
@@ -89,13 +96,23 @@ func runController(ctx context.Context, cfg controllerConfig, log *slog.Logger, 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
+	// The controller's CA and certificate: every agent call is mutual TLS.
+	tr, err := newControllerTrust(cfg.dataDir, cfg.listen, cfg.tlsSANs, cfg.certTTL)
+	if err != nil {
+		return err
+	}
 	hostSvc := hosts.New(db, nil, hosts.Config{HeartbeatInterval: cfg.heartbeatInterval, Timeout: cfg.hostTimeout}, log)
-	selector := endpoint.New(hostSvc, nil)
+	selector := endpoint.New(hostSvc, tr.agentClient)
 	guard, err := netguard.Parse(cfg.fetchAllowCIDRs)
 	if err != nil {
 		return fmt.Errorf("--fetch-allow-cidrs: %w", err)
 	}
-	providers := builtinProviders(selector, guard.Client(nil))
+	fetch := guard.Client(nil)
+	if t, ok := fetch.Transport.(*http.Transport); ok {
+		// Staging exports of agents need the controller's certificate.
+		t.TLSClientConfig = &tls.Config{MinVersion: tls.VersionTLS12, RootCAs: tr.webRoots(), GetClientCertificate: tr.kp.GetClientCertificate}
+	}
+	providers := builtinProviders(selector, fetch)
 	mover := motion.NewMover(providers, selector)
 	storeSvc := datastore.New(db, providers, log)
 	hostSvc.SetStoreWatcher(storeSvc)
@@ -115,6 +132,7 @@ func runController(ctx context.Context, cfg controllerConfig, log *slog.Logger, 
 	handler := api.NewHandler(api.Services{
 		Stores:    storeSvc,
 		Hosts:     hostSvc,
+		Enrol:     enrol.New(db, tr.ca, cfg.certTTL, log.With("component", "enrol")),
 		Images:    imageSvc,
 		Volumes:   volumeSvc,
 		Snapshots: snapshotSvc,
@@ -127,8 +145,9 @@ func runController(ctx context.Context, cfg controllerConfig, log *slog.Logger, 
 		return fmt.Errorf("controller: listen %s: %w", cfg.listen, err)
 	}
 	srv := rpclimit.NewServer(handler, api.Protocols())
+	srv.TLSConfig = tr.serverTLS()
 	serveErr := make(chan error, 1)
-	go func() { serveErr <- srv.Serve(ln) }()
+	go func() { serveErr <- srv.ServeTLS(ln, "", "") }()
 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -149,12 +168,13 @@ func runController(ctx context.Context, cfg controllerConfig, log *slog.Logger, 
 		}
 	}()
 	go hostSvc.Monitor(ctx)
+	go tr.renew(ctx, log.With("component", "pki"))
 	go mounts.Run(ctx)
 	go runner.ExpireEvery(ctx, cfg.jobRetention, 10*time.Minute)
 	go storeSvc.Reconcile(ctx, 10*time.Second)
 	go watchdog(ctx)
 
-	log.Info("controller serving", "addr", ln.Addr().String(), "data", cfg.dataDir)
+	log.Info("controller serving", "addr", "https://"+ln.Addr().String(), "data", cfg.dataDir, "ca_pin", tr.ca.Pin())
 	if ready != nil {
 		ready(ln.Addr().String())
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/http"
 	"os"
 	"path/filepath"
 	"time"
@@ -17,6 +18,7 @@ import (
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 	"github.com/stowage/stowage/proto/gen/stowage/v1/stowagev1connect"
 	"github.com/stowage/stowage/rpclimit"
+	"github.com/stowage/stowage/trust"
 )
 
 // devFetchAllow is what dev's template downloads may reach beyond public
@@ -24,7 +26,7 @@ import (
 const devFetchAllow = "127.0.0.0/8,::1/128"
 
 func newDevCmd() *cobra.Command {
-	var data string
+	var data, clientConfigPath string
 	var ctl controllerConfig
 	var ag agent.Config
 	cmd := &cobra.Command{
@@ -70,14 +72,28 @@ over loopback, a directory primary store and a directory image store, all under
 			case err := <-errs:
 				return err
 			}
-			server := "http://" + addr
+			server := "https://" + addr
 			ag.ControllerURL = server
+			// One process holds the CA: the agent's certificate is issued
+			// directly (a separate agent joins with a token instead).
+			ca, err := trust.LoadOrCreateCA(pkiDir(ctl.dataDir))
+			if err != nil {
+				return err
+			}
+			if err := issueHost(ca, ctl.certTTL, ag.StateDir, ag.HostID, agent.DefaultAddresses(ag)); err != nil {
+				return err
+			}
+			creds, err := agent.Enrol(ctx, agent.EnrolConfig{ControllerURL: server, HostID: ag.HostID, StateDir: ag.StateDir}, log)
+			if err != nil {
+				return err
+			}
 			// The host's template mount, in this process for dev (its own
 			// process in production), when FUSE can be mounted here.
 			mountLine := "off (needs root and /dev/fuse)"
 			if canMountFUSE() {
 				cc := cacheServeConfig{mount: filepath.Join(data, "templates"), dir: filepath.Join(data, "imagecache"),
-					socket: filepath.Join(data, "imagecache.sock"), capacity: "0", chunk: "1M", rate: "100M", allowOther: true}
+					socket: filepath.Join(data, "imagecache.sock"), capacity: "0", chunk: "1M", rate: "100M", allowOther: true,
+					pkiDir: agent.PKIDir(ag.StateDir)}
 				ccfg, err := cc.config(log.With("component", "imagecache"))
 				if err != nil {
 					return err
@@ -92,7 +108,7 @@ over loopback, a directory primary store and a directory image store, all under
 				}
 			}
 			// One process: the agent's listener has the API's bounds.
-			a, err := newAgent(ag, rpclimit.Limits{MaxRequestBytes: ctl.maxRequestBytes}, log.With("component", "agent"))
+			a, err := newAgent(ag, creds, rpclimit.Limits{MaxRequestBytes: ctl.maxRequestBytes}, log.With("component", "agent"))
 			if err != nil {
 				return err
 			}
@@ -104,7 +120,14 @@ over loopback, a directory primary store and a directory image store, all under
 			case <-time.After(30 * time.Second):
 				return fmt.Errorf("the agent did not register within 30s: %w", errdefs.ErrUnavailable)
 			}
-			stores := stowagev1connect.NewStoreServiceClient(httpClient, server)
+			// The CLI of this user reaches this controller with no flags.
+			if clientConfigPath != "" {
+				if err := writeClientConfig(clientConfigPath, clientConfig{Server: server, CAPEM: string(ca.PEM())}); err != nil {
+					return err
+				}
+			}
+			hc := &http.Client{Timeout: time.Minute, Transport: &http.Transport{TLSClientConfig: trust.ClientConfig(nil, ca.Pool(), trust.Is(trust.Controller))}}
+			stores := stowagev1connect.NewStoreServiceClient(hc, server)
 			primary, err := ensureStore(ctx, stores, "primary", stowagev1.StoreRole_STORE_ROLE_PRIMARY, filepath.Join(data, "primary"))
 			if err != nil {
 				return err
@@ -122,16 +145,17 @@ over loopback, a directory primary store and a directory image store, all under
   NBD exports (volume grants)     %[8]s
   template mount (lazy volumes)   %[9]s
   metadata                        %[4]s
+  client configuration            %[10]s
   primary store "primary"         %[5]s
   image store "images"            %[6]s
 
 Try:
   stowage store list
   stowage host get %[2]s
-  curl -s -H 'Content-Type: application/json' -d '{}' %[1]s/stowage.v1.StoreService/ListStores
+  curl -s --cacert %[11]s -H 'Content-Type: application/json' -d '{}' %[1]s/stowage.v1.StoreService/ListStores
 
 Stop with Ctrl-C.
-`, server, ag.HostID, ag.Listen, ctl.dataDir, primary.GetDetails()["path"], images.GetDetails()["path"], "agent (host "+ag.HostID+")", orDash(a.NBDAddress()), mountLine)
+`, server, ag.HostID, ag.Listen, ctl.dataDir, primary.GetDetails()["path"], images.GetDetails()["path"], "agent (host "+ag.HostID+")", orDash(a.NBDAddress()), mountLine, orDash(clientConfigPath), filepath.Join(pkiDir(ctl.dataDir), trust.CACertFile))
 			select {
 			case <-ctx.Done():
 				return nil
@@ -145,6 +169,7 @@ Stop with Ctrl-C.
 		def = filepath.Join(home, ".local", "share", "stowage-dev")
 	}
 	cmd.Flags().StringVar(&data, "data", def, "directory for all dev state")
+	cmd.Flags().StringVar(&clientConfigPath, "client-config", defaultConfigPath(), "where to write the CLI's configuration for this controller (URL, CA, token; mode 0600); \"\" writes none")
 	ctl.flags(cmd, "")
 	cmd.Flags().Lookup("data-dir").Usage = "directory of the metadata database (default DATA/controller)"
 	// dev runs on one machine: templates served from it (a local HTTP

@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"net"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -24,9 +25,11 @@ func TestDevCommand(t *testing.T) {
 	// Runs last: a killed dev leaves its template mount behind.
 	t.Cleanup(func() { _ = unix.Unmount(filepath.Join(data, "templates"), unix.MNT_DETACH) })
 	addr := freePort(t)
-	server := "http://" + addr
+	server := "https://" + addr
+	controllers.Store(server, filepath.Join(data, "controller"))
+	clientCfg := filepath.Join(data, "client.json")
 	start := func() *proc {
-		p := startProc(t, "dev", "dev", "--data", data, "--listen", addr, "--agent-listen", freePort(t), "--nbd-listen", "127.0.0.1:0")
+		p := startProc(t, "dev", "dev", "--data", data, "--listen", addr, "--agent-listen", freePort(t), "--nbd-listen", "127.0.0.1:0", "--client-config", clientCfg)
 		waitFor(t, "dev banner", 30*time.Second, func() bool { return strings.Contains(p.log.String(), "Stowage dev is running") })
 		return p
 	}
@@ -43,6 +46,15 @@ func TestDevCommand(t *testing.T) {
 		waitFor(t, "dev host reports its template mount", 10*time.Second, func() bool {
 			return hostCaps(t, server, "dev-host").GetTemplateCache().GetMount() == filepath.Join(data, "templates")
 		})
+	}
+	// The CLI reaches dev with the configuration dev wrote: no flags.
+	if fi, err := os.Stat(clientCfg); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("dev's client configuration: %v %v", fi, err)
+	}
+	cmd := exec.Command(stowageBin, "store", "list")
+	cmd.Env = append(os.Environ(), "STOWAGE_CONFIG="+clientCfg)
+	if out, err := cmd.CombinedOutput(); err != nil || !strings.Contains(string(out), "primary") {
+		t.Fatalf("stowage store list with dev's configuration: %v\n%s", err, out)
 	}
 	stores := listStores(t, server)
 	if len(stores) != 2 {
@@ -77,9 +89,11 @@ func TestAgentNotifiesSystemd(t *testing.T) {
 	}
 	defer conn.Close()
 	addr := freePort(t)
-	server := "http://" + addr
+	server := "https://" + addr
 	controllerProc(t, addr, filepath.Join(dir, "ctl"))
-	cmd := exec.Command(stowageBin, "agent", "--controller", server, "--host-id", "n1", "--listen", freePort(t), "--nbd-listen", "127.0.0.1:0", "--state-dir", filepath.Join(dir, "a"))
+	token, pin := joinToken(t, server, "n1", time.Minute)
+	cmd := exec.Command(stowageBin, "agent", "--controller", server, "--host-id", "n1", "--listen", freePort(t), "--nbd-listen", "127.0.0.1:0", "--state-dir", filepath.Join(dir, "a"),
+		"--join-token", token, "--ca-pin", pin)
 	cmd.Env = append(cmd.Environ(), "NOTIFY_SOCKET="+sock)
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)

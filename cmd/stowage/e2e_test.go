@@ -8,6 +8,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -27,6 +28,7 @@ import (
 
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 	"github.com/stowage/stowage/proto/gen/stowage/v1/stowagev1connect"
+	"github.com/stowage/stowage/trust"
 )
 
 var stowageBin string
@@ -38,6 +40,8 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	stowageBin = filepath.Join(dir, "stowage")
+	// stowage dev writes the CLI's configuration: here, never the user's.
+	os.Setenv("STOWAGE_CONFIG", filepath.Join(dir, "config.json"))
 	out, err := exec.Command("go", "build", "-o", stowageBin, ".").CombinedOutput()
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "build stowage: %v\n%s", err, out)
@@ -118,10 +122,114 @@ func (p *proc) kill(sig syscall.Signal) {
 	}
 }
 
+// controllers maps the URL of each controller a test started to its data
+// directory (its CA in pki/, its admin client configuration).
+var controllers sync.Map
+
+// controllerDir is the data directory of the controller at server ("" if
+// no test started it).
+func controllerDir(server string) string {
+	for {
+		if d, ok := controllers.Load(strings.TrimRight(server, "/")); ok {
+			return d.(string)
+		}
+		i := strings.LastIndexByte(server, '/')
+		if i <= len("https://") {
+			return ""
+		}
+		server = server[:i]
+	}
+}
+
+// caFile is the CA certificate of the controller at server.
+func caFile(server string) string {
+	if d := controllerDir(server); d != "" {
+		return filepath.Join(d, "pki", "ca.crt")
+	}
+	return ""
+}
+
+// clientEnv is the environment of a CLI run against server: the
+// controller's admin configuration (its bootstrap token) and CA, nothing
+// from the user's own configuration.
+func clientEnv(server string) []string {
+	cfg := "/nonexistent/stowage-test-config"
+	if d := controllerDir(server); d != "" {
+		cfg = filepath.Join(d, "admin.json")
+	}
+	return append(os.Environ(), "STOWAGE_CONFIG="+cfg, "STOWAGE_CA_FILE="+caFile(server))
+}
+
+// testClient is an HTTP/1.1 and HTTP/2 client that trusts the controller
+// at server by its identity (the CLI's way), presents no certificate and
+// sends the controller's bootstrap admin token (DATA/admin.json) when
+// there is one.
+func testClient(t *testing.T, server string) *http.Client {
+	t.Helper()
+	c, err := clientFor(server)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+func clientFor(server string) (*http.Client, error) {
+	data, err := os.ReadFile(caFile(server))
+	if err != nil {
+		return nil, fmt.Errorf("CA of %s: %w", server, err)
+	}
+	ca, err := trust.ParseCertificate(data)
+	if err != nil {
+		return nil, err
+	}
+	pool := x509.NewCertPool()
+	pool.AddCert(ca)
+	var rt http.RoundTripper = &http.Transport{TLSClientConfig: trust.ClientConfig(nil, pool, trust.Is(trust.Controller)), ForceAttemptHTTP2: true}
+	if cfg, err := readClientConfig(filepath.Join(controllerDir(server), "admin.json")); err == nil && cfg.Token != "" {
+		rt = bearer{token: cfg.Token, next: rt}
+	}
+	return &http.Client{Timeout: time.Minute, Transport: rt}, nil
+}
+
+// bearer adds an API token to every request.
+type bearer struct {
+	token string
+	next  http.RoundTripper
+}
+
+func (b bearer) RoundTrip(r *http.Request) (*http.Response, error) {
+	r = r.Clone(r.Context())
+	r.Header.Set("Authorization", "Bearer "+b.token)
+	return b.next.RoundTrip(r)
+}
+
+// asController is a client presenting a certificate of the controller's
+// identity, issued from the CA of the controller at server: the test
+// calls agents as their controller would.
+func asController(t *testing.T, server string) *http.Client {
+	t.Helper()
+	ca, err := trust.LoadOrCreateCA(filepath.Join(controllerDir(server), "pki"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	kp, err := trust.NewIssued(ca, trust.Request{Identity: trust.Controller, TTL: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &http.Client{Timeout: time.Minute, Transport: &http.Transport{TLSClientConfig: trust.ClientConfig(kp, ca.Pool(), nil), ForceAttemptHTTP2: true}}
+}
+
+// httpGet GETs url of the controller at server through testClient.
+func httpGet(t *testing.T, server, url string) (*http.Response, error) {
+	t.Helper()
+	return testClient(t, server).Get(url)
+}
+
 // cli runs a client command against server and returns stdout, stderr and the exit code.
 func cli(t *testing.T, server string, args ...string) (string, string, int) {
 	t.Helper()
 	cmd := exec.Command(stowageBin, append(args, "--server", server)...)
+	cmd.Env = clientEnv(server)
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	err := cmd.Run()
@@ -200,12 +308,18 @@ func hostState(t *testing.T, server, id string) string {
 	return h.State
 }
 
-// controllerProc starts the controller on addr with dataDir.
+// controllerProc starts the controller on addr with dataDir; it serves
+// https://addr.
 func controllerProc(t *testing.T, addr, dataDir string, extra ...string) *proc {
+	server := "https://" + addr
+	controllers.Store(server, dataDir)
 	p := startProc(t, "controller", append([]string{"controller", "--listen", addr, "--data-dir", dataDir,
 		"--heartbeat-interval", "200ms", "--host-timeout", "1500ms", "--log-level", "info", "--fetch-allow-cidrs", "127.0.0.0/8"}, extra...)...)
 	waitFor(t, "controller /healthz", 20*time.Second, func() bool {
-		resp, err := http.Get("http://" + addr + "/healthz")
+		if _, err := os.Stat(caFile(server)); err != nil {
+			return false
+		}
+		resp, err := httpGet(t, server, server+"/healthz")
 		if err != nil {
 			return false
 		}
@@ -215,10 +329,32 @@ func controllerProc(t *testing.T, addr, dataDir string, extra ...string) *proc {
 	return p
 }
 
+// joinToken makes a join token for host id at the controller at server
+// and returns it with the CA's pin.
+func joinToken(t *testing.T, server, id string, ttl time.Duration) (token, pin string) {
+	t.Helper()
+	var resp struct {
+		Token string `json:"token"`
+		CaPin string `json:"caPin"`
+	}
+	args := []string{"host", "token", "create", "--ttl", ttl.String()}
+	if id != "" {
+		args = append(args, "--host", id)
+	}
+	cliJSON(t, server, &resp, args...)
+	if !strings.HasPrefix(resp.Token, "stj_") || !strings.HasPrefix(resp.CaPin, "sha256:") {
+		t.Fatalf("host token create: %+v", resp)
+	}
+	return resp.Token, resp.CaPin
+}
+
 // agentProc starts an agent with stateDir; it accepts store roots in the
-// test's directory, stateDir's parent.
+// test's directory, stateDir's parent. It joins with a token made for id
+// (an agent whose state holds its certificate already ignores it).
 func agentProc(t *testing.T, server, id, zone, cluster, stateDir string, extra ...string) *proc {
+	token, pin := joinToken(t, server, id, 10*time.Minute)
 	p := startProc(t, "agent "+id, append([]string{"agent", "--controller", server, "--host-id", id,
+		"--join-token", token, "--ca-pin", pin,
 		"--listen", freePort(t), "--nbd-listen", "127.0.0.1:0", "--zone", zone, "--cluster", cluster, "--state-dir", stateDir,
 		"--store-roots", filepath.Dir(stateDir), "--log-level", "info", "--fetch-allow-cidrs", "127.0.0.0/8"}, extra...)...)
 	agentProcs.Store(id, p)
@@ -227,7 +363,11 @@ func agentProc(t *testing.T, server, id, zone, cluster, stateDir string, extra .
 
 func curlJSON(t *testing.T, url, body string) (int, string) {
 	t.Helper()
-	out, err := exec.Command("curl", "-s", "-o", "-", "-w", "\n%{http_code}", "-H", "Content-Type: application/json", "-d", body, url).Output()
+	args := []string{"-s", "-o", "-", "-w", "\n%{http_code}", "-H", "Content-Type: application/json", "-d", body}
+	if ca := caFile(url); ca != "" {
+		args = append(args, "--cacert", ca)
+	}
+	out, err := exec.Command("curl", append(args, url)...).Output()
 	if err != nil {
 		t.Fatalf("curl %s: %v", url, err)
 	}
@@ -247,7 +387,7 @@ func TestFoundationEndToEnd(t *testing.T) {
 	}
 	root := t.TempDir()
 	addr := freePort(t)
-	server := "http://" + addr
+	server := "https://" + addr
 	ctl := controllerProc(t, addr, filepath.Join(root, "controller"))
 	agent1 := agentProc(t, server, "h1", "z1", "c1", filepath.Join(root, "a1"))
 	agent2 := agentProc(t, server, "h2", "z1", "c2", filepath.Join(root, "a2"))
@@ -287,10 +427,10 @@ func TestFoundationEndToEnd(t *testing.T) {
 	}
 
 	// The same port speaks gRPC (h2c) and gRPC-Web.
-	h2c := &http.Client{Transport: &http.Transport{Protocols: h2cProtocols()}}
+	h2c := testClient(t, server)
 	for name, c := range map[string]stowagev1connect.StoreServiceClient{
 		"grpc":     stowagev1connect.NewStoreServiceClient(h2c, server, connect.WithGRPC()),
-		"grpc-web": stowagev1connect.NewStoreServiceClient(http.DefaultClient, server, connect.WithGRPCWeb()),
+		"grpc-web": stowagev1connect.NewStoreServiceClient(testClient(t, server), server, connect.WithGRPCWeb()),
 	} {
 		resp, err := c.ListStores(context.Background(), connect.NewRequest(&stowagev1.ListStoresRequest{}))
 		if err != nil || len(resp.Msg.GetStores()) != 2 {
@@ -417,7 +557,7 @@ func TestFoundationEndToEnd(t *testing.T) {
 	if code != 0 || !strings.Contains(out, "p1") || !strings.Contains(out, "Up") || !strings.Contains(out, "NAME") {
 		t.Errorf("store list table:\n%s", out)
 	}
-	resp, err := http.Get(server + "/metrics")
+	resp, err := httpGet(t, server, server+"/metrics")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -428,12 +568,6 @@ func TestFoundationEndToEnd(t *testing.T) {
 			t.Errorf("/metrics lacks %s", want)
 		}
 	}
-}
-
-func h2cProtocols() *http.Protocols {
-	var p http.Protocols
-	p.SetUnencryptedHTTP2(true)
-	return &p
 }
 
 var agentProcs sync.Map // host id -> *proc, for the kill tests

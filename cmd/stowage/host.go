@@ -11,7 +11,7 @@ import (
 )
 
 func newHostCmd() *cobra.Command {
-	cmd := &cobra.Command{Use: "host", Short: "Show the hypervisor hosts whose agents registered"}
+	cmd := &cobra.Command{Use: "host", Short: "Show the hypervisor hosts whose agents registered; make join tokens for new ones"}
 	var zone string
 	list := &cobra.Command{
 		Use:   "list",
@@ -107,6 +107,6 @@ func newHostCmd() *cobra.Command {
 			return nil
 		},
 	}
-	cmd.AddCommand(list, get)
+	cmd.AddCommand(list, get, newHostTokenCmd())
 	return cmd
 }

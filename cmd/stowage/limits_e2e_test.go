@@ -83,7 +83,7 @@ type refusal struct {
 
 // connectCall posts body as a Connect unary JSON call; chunked hides its
 // length (no Content-Length), so that the server learns it by reading.
-func connectCall(t *testing.T, url string, body []byte, gzipped, chunked bool) refusal {
+func connectCall(t *testing.T, c *http.Client, url string, body []byte, gzipped, chunked bool) refusal {
 	t.Helper()
 	var r io.Reader = bytes.NewReader(body)
 	if chunked {
@@ -94,7 +94,7 @@ func connectCall(t *testing.T, url string, body []byte, gzipped, chunked bool) r
 	if gzipped {
 		req.Header.Set("Content-Encoding", "gzip")
 	}
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := c.Do(req)
 	if err != nil {
 		// The server may close the connection on a body over its limit
 		// while the client still writes; the answer is then lost, not the point.
@@ -113,7 +113,7 @@ func connectCall(t *testing.T, url string, body []byte, gzipped, chunked bool) r
 
 // grpcCall sends msg, gzip-compressed by the caller, as one gRPC message
 // over cleartext HTTP/2 (grpc-encoding: gzip).
-func grpcCall(t *testing.T, url string, compressed []byte) refusal {
+func grpcCall(t *testing.T, c *http.Client, url string, compressed []byte) refusal {
 	t.Helper()
 	var env bytes.Buffer
 	env.WriteByte(1) // compressed
@@ -123,7 +123,6 @@ func grpcCall(t *testing.T, url string, compressed []byte) refusal {
 	req.Header.Set("Content-Type", "application/grpc+json")
 	req.Header.Set("Grpc-Encoding", "gzip")
 	req.Header.Set("Te", "trailers")
-	c := &http.Client{Transport: &http.Transport{Protocols: h2cProtocols()}}
 	resp, err := c.Do(req)
 	if err != nil {
 		t.Fatalf("gRPC %s: %v", url, err)
@@ -141,7 +140,7 @@ func grpcCall(t *testing.T, url string, compressed []byte) refusal {
 func TestBoundedRequests(t *testing.T) {
 	root := t.TempDir()
 	addr := freePort(t)
-	server := "http://" + addr
+	server := "https://" + addr
 	ctl := controllerProc(t, addr, filepath.Join(root, "ctl"))
 	agentAddr := freePort(t)
 	ag := agentProc(t, server, "h1", "z1", "c1", filepath.Join(root, "a1"), "--listen", agentAddr)
@@ -156,28 +155,33 @@ func TestBoundedRequests(t *testing.T) {
 		prefix, suffix string
 	}{
 		{"controller", ctl, server, "/stowage.v1.VolumeService/CreateVolume", `{"name":"`, `","size":"1048576"}`},
-		{"agent", ag, "http://" + agentAddr, "/stowage.v1.AgentService/RunTask", `{"task":{"id":"`, `"}}`},
+		{"agent", ag, "https://" + agentAddr, "/stowage.v1.AgentService/RunTask", `{"task":{"id":"`, `"}}`},
 	} {
 		t.Run(target.name, func(t *testing.T) {
 			pid, url := target.p.cmd.Process.Pid, target.base+target.rpc
+			// The agent answers its controller only: call it as one.
+			c := testClient(t, server)
+			if target.name == "agent" {
+				c = asController(t, server)
+			}
 			big := append(append([]byte(target.prefix), bytes.Repeat([]byte{'a'}, tenMiB)...), target.suffix...)
 			bomb := gzipBomb(t, target.prefix, bombSize, target.suffix)
 			rss0, hwm0 := memKiB(t, pid)
 
 			for _, r := range []refusal{
-				connectCall(t, url, big, false, false), // refused by its Content-Length
-				connectCall(t, url, big, false, true),  // by connect's read limit
-				connectCall(t, url, bomb, true, false), // by the decompression limit
+				connectCall(t, c, url, big, false, false), // refused by its Content-Length
+				connectCall(t, c, url, big, false, true),  // by connect's read limit
+				connectCall(t, c, url, bomb, true, false), // by the decompression limit
 			} {
 				if r.status != http.StatusTooManyRequests || r.code != "resource_exhausted" {
 					t.Errorf("refused with HTTP %d %q, want 429 resource_exhausted", r.status, r.code)
 				}
 			}
-			if r := grpcCall(t, url, bomb); r.code != "8" {
+			if r := grpcCall(t, c, url, bomb); r.code != "8" {
 				t.Errorf("gRPC bomb: grpc-status %q, want 8 (RESOURCE_EXHAUSTED)", r.code)
 			}
 			// The process still serves.
-			resp, err := http.Get(target.base + "/healthz")
+			resp, err := c.Get(target.base + "/healthz")
 			if err != nil || resp.StatusCode != http.StatusOK {
 				t.Fatalf("%s /healthz after the refusals: %v", target.name, err)
 			}

@@ -47,11 +47,7 @@ func newRootCmd() *cobra.Command {
 		SilenceErrors: true,
 		Version:       version,
 	}
-	def := os.Getenv("STOWAGE_SERVER")
-	if def == "" {
-		def = "http://127.0.0.1:8470"
-	}
-	root.PersistentFlags().String("server", def, "controller URL (env STOWAGE_SERVER)")
+	clientFlags(root)
 	root.PersistentFlags().StringP("output", "o", "table", "output format: table or json")
 	root.PersistentFlags().String("log-level", "info", "log level: debug, info, warn, error")
 	root.PersistentFlags().String("log-format", "text", "log format: text or json")

@@ -79,7 +79,7 @@ func (c *cacheProc) start(t *testing.T, name string) {
 
 func hostCaps(t *testing.T, server, id string) *stowagev1.HostCapabilities {
 	t.Helper()
-	c := stowagev1connect.NewHostServiceClient(http.DefaultClient, server)
+	c := stowagev1connect.NewHostServiceClient(testClient(t, server), server)
 	resp, err := c.GetHost(context.Background(), connect.NewRequest(&stowagev1.GetHostRequest{Id: id}))
 	if err != nil {
 		t.Fatalf("get host %s: %v", id, err)
@@ -137,7 +137,7 @@ func testTemplateMount(t *testing.T, transport string, full bool) {
 	defer origin.Close()
 
 	addr := freePort(t)
-	server := "http://" + addr
+	server := "https://" + addr
 	controllerProc(t, addr, filepath.Join(root, "controller"), "--template-mount-transport", transport)
 	c1 := startCache(t, "cache h1", filepath.Join(root, "c1"))
 	c2 := startCache(t, "cache h2", filepath.Join(root, "c2"))
@@ -332,7 +332,7 @@ func testTemplateMount(t *testing.T, transport string, full bool) {
 		ct := cachedTemplate(hostCaps(t, server, "h2"), tq.GetId())
 		return ct != nil && ct.GetPinned() && ct.GetComplete()
 	})
-	resp2, err := http.Get(server + "/metrics")
+	resp2, err := httpGet(t, server, server+"/metrics")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net/http"
 	"os"
 	"strings"
 	"text/tabwriter"
@@ -17,7 +16,6 @@ import (
 	"google.golang.org/protobuf/reflect/protoreflect"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
-	"github.com/stowage/stowage/errdefs"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 	"github.com/stowage/stowage/redact"
 )
@@ -124,17 +122,6 @@ func newLogger(cmd *cobra.Command) (*slog.Logger, error) {
 }
 
 // serverURL returns --server, checked.
-func serverURL(cmd *cobra.Command) (string, error) {
-	s, _ := cmd.Flags().GetString("server")
-	if !strings.HasPrefix(s, "http://") && !strings.HasPrefix(s, "https://") {
-		return "", fmt.Errorf("--server %q: want an http:// or https:// URL, e.g. http://127.0.0.1:8470: %w", s, errdefs.ErrInvalid)
-	}
-	return strings.TrimRight(s, "/"), nil
-}
-
-// httpClient is the client for talking to the controller.
-var httpClient = &http.Client{Timeout: 5 * time.Minute}
-
 // printPlan prints what the controller decided: strategy and priority, the
 // steps with host, state and reason, then why.
 func printPlan(w io.Writer, p *stowagev1.Plan) {

@@ -69,7 +69,7 @@ func TestSecretsNeverLeakEndToEnd(t *testing.T) {
 	sum := "sha256:" + sha256File(t, qcow)
 
 	addr := freePort(t)
-	server := "http://" + addr
+	server := "https://" + addr
 	procs := []*proc{controllerProc(t, addr, filepath.Join(root, "controller"), "--log-level", "debug")}
 	var h1Extra []string
 	if os.Geteuid() == 0 {

@@ -46,7 +46,7 @@ func TestS3ImageStoreEndToEnd(t *testing.T) {
 	defer hs.Close()
 
 	addr := freePort(t)
-	server := "http://" + addr
+	server := "https://" + addr
 	controllerProc(t, addr, filepath.Join(root, "controller"))
 	cache := startCache(t, "cache h1", filepath.Join(root, "c1"))
 	agentProc(t, server, "h1", "z1", "c1", filepath.Join(root, "a1"), "--store-roots", root, "--image-cache-socket", cache.socket)

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -24,11 +23,11 @@ func TestTemplateURLPolicy(t *testing.T) {
 	}
 	root := t.TempDir()
 	addr := freePort(t)
-	server := "http://" + addr
+	server := "https://" + addr
 	startProc(t, "controller", "controller", "--listen", addr, "--data-dir", filepath.Join(root, "controller"),
 		"--heartbeat-interval", "200ms", "--host-timeout", "1500ms", "--log-level", "info")
 	waitFor(t, "controller /healthz", 20*time.Second, func() bool {
-		resp, err := http.Get(server + "/healthz")
+		resp, err := httpGet(t, server, server+"/healthz")
 		if err != nil {
 			return false
 		}

@@ -39,12 +39,16 @@ type clientAPI struct {
 }
 
 func newAPI(server string) *clientAPI {
+	hc, err := clientFor(server)
+	if err != nil {
+		panic(err)
+	}
 	return &clientAPI{
-		stores:    stowagev1connect.NewStoreServiceClient(http.DefaultClient, server),
-		images:    stowagev1connect.NewImageServiceClient(http.DefaultClient, server),
-		volumes:   stowagev1connect.NewVolumeServiceClient(http.DefaultClient, server),
-		snapshots: stowagev1connect.NewSnapshotServiceClient(http.DefaultClient, server),
-		jobs:      stowagev1connect.NewJobServiceClient(http.DefaultClient, server),
+		stores:    stowagev1connect.NewStoreServiceClient(hc, server),
+		images:    stowagev1connect.NewImageServiceClient(hc, server),
+		volumes:   stowagev1connect.NewVolumeServiceClient(hc, server),
+		snapshots: stowagev1connect.NewSnapshotServiceClient(hc, server),
+		jobs:      stowagev1connect.NewJobServiceClient(hc, server),
 	}
 }
 
@@ -258,7 +262,7 @@ func workflows(t *testing.T, imageKind string) {
 	defer web0.Close()
 
 	addr := freePort(t)
-	server := "http://" + addr
+	server := "https://" + addr
 	ctlDir := filepath.Join(root, "controller")
 	ctl := controllerProc(t, addr, ctlDir)
 	a1 := agentProc(t, server, "h1", "z1", "c1", filepath.Join(root, "a1"))

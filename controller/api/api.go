@@ -15,10 +15,13 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/stowage/stowage/controller/enrol"
+	"github.com/stowage/stowage/errdefs"
 	"github.com/stowage/stowage/errdefs/errconnect"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 	"github.com/stowage/stowage/proto/gen/stowage/v1/stowagev1connect"
 	"github.com/stowage/stowage/rpclimit"
+	"github.com/stowage/stowage/trust"
 )
 
 // StoreService is what the store handlers need from the domain.
@@ -39,10 +42,23 @@ type HostService interface {
 	Heartbeat(ctx context.Context, req *stowagev1.HeartbeatRequest) (*stowagev1.HeartbeatResponse, error)
 }
 
+// EnrolService admits agents (join tokens, certificates).
+type EnrolService interface {
+	CreateToken(ctx context.Context, ttl time.Duration, hostID string) (*stowagev1.CreateJoinTokenResponse, error)
+	Join(ctx context.Context, req *stowagev1.JoinRequest, peer string) (*stowagev1.JoinResponse, error)
+	Renew(ctx context.Context, req *stowagev1.RenewRequest, peer trust.Identity) (*stowagev1.RenewResponse, error)
+}
+
 // Services are the domain services the API exposes.
 type Services struct {
-	Stores    StoreService
-	Hosts     HostService
+	Stores StoreService
+	Hosts  HostService
+	// Enrol admits agents; with it, Register, Heartbeat and Renew are
+	// accepted only from the host the caller's certificate names (the
+	// handler must then be served behind trust.WithPeer on a TLS
+	// listener). Without it (tests of the API alone) agents are not
+	// authenticated and joins are refused.
+	Enrol     EnrolService
 	Images    ImageService
 	Volumes   VolumeService
 	Snapshots SnapshotService
@@ -59,8 +75,8 @@ func NewHandler(s Services, reg *prometheus.Registry, lim rpclimit.Limits) http.
 	opts := connect.WithHandlerOptions(lim.HandlerOptions(), connect.WithInterceptors(metrics, errconnect.Interceptor()))
 	mux := http.NewServeMux()
 	mux.Handle(stowagev1connect.NewStoreServiceHandler(&storeHandler{s.Stores}, opts))
-	mux.Handle(stowagev1connect.NewHostServiceHandler(&hostHandler{s.Hosts}, opts))
-	mux.Handle(stowagev1connect.NewAgentControlServiceHandler(&agentControlHandler{s.Hosts}, opts))
+	mux.Handle(stowagev1connect.NewHostServiceHandler(&hostHandler{s.Hosts, s.Enrol}, opts))
+	mux.Handle(stowagev1connect.NewAgentControlServiceHandler(&agentControlHandler{s.Hosts, s.Enrol}, opts))
 	if s.Images != nil {
 		mux.Handle(stowagev1connect.NewImageServiceHandler(&imageHandler{s.Images}, opts))
 		mux.Handle(stowagev1connect.NewVolumeServiceHandler(&volumeHandler{s.Volumes}, opts))
@@ -79,15 +95,15 @@ func NewHandler(s Services, reg *prometheus.Registry, lim rpclimit.Limits) http.
 		}
 		fmt.Fprintln(w, "ok")
 	})
-	return lim.Wrap(mux)
+	return lim.Wrap(trust.WithPeer(mux))
 }
 
 // Protocols is what the controller's http.Server speaks: HTTP/1.1 for
-// Connect and gRPC-Web, cleartext HTTP/2 for gRPC.
+// Connect and gRPC-Web, HTTP/2 for gRPC (over TLS).
 func Protocols() *http.Protocols {
 	var p http.Protocols
 	p.SetHTTP1(true)
-	p.SetUnencryptedHTTP2(true)
+	p.SetHTTP2(true)
 	return &p
 }
 
@@ -142,7 +158,10 @@ func (h *storeHandler) DeleteStore(ctx context.Context, req *connect.Request[sto
 	return connect.NewResponse(&stowagev1.DeleteStoreResponse{}), nil
 }
 
-type hostHandler struct{ svc HostService }
+type hostHandler struct {
+	svc   HostService
+	enrol EnrolService
+}
 
 var _ stowagev1connect.HostServiceHandler = (*hostHandler)(nil)
 
@@ -162,11 +181,63 @@ func (h *hostHandler) GetHost(ctx context.Context, req *connect.Request[stowagev
 	return connect.NewResponse(redactReply(&stowagev1.GetHostResponse{Host: host})), nil
 }
 
-type agentControlHandler struct{ svc HostService }
+func (h *hostHandler) CreateJoinToken(ctx context.Context, req *connect.Request[stowagev1.CreateJoinTokenRequest]) (*connect.Response[stowagev1.CreateJoinTokenResponse], error) {
+	if h.enrol == nil {
+		return nil, fmt.Errorf("this controller enrols no agents: %w", errdefs.ErrNotImplemented)
+	}
+	resp, err := h.enrol.CreateToken(ctx, time.Duration(req.Msg.GetTtlSeconds())*time.Second, req.Msg.GetHostId())
+	if err != nil {
+		return nil, err
+	}
+	return connect.NewResponse(resp), nil
+}
+
+type agentControlHandler struct {
+	svc   HostService
+	enrol EnrolService
+}
 
 var _ stowagev1connect.AgentControlServiceHandler = (*agentControlHandler)(nil)
 
+// authorize checks that a call about host comes from its certificate.
+func (h *agentControlHandler) authorize(ctx context.Context, host string) error {
+	if h.enrol == nil {
+		return nil
+	}
+	peer, ok := trust.PeerFrom(ctx)
+	return enrol.Authorize(host, peer, ok)
+}
+
+func (h *agentControlHandler) Join(ctx context.Context, req *connect.Request[stowagev1.JoinRequest]) (*connect.Response[stowagev1.JoinResponse], error) {
+	if h.enrol == nil {
+		return nil, fmt.Errorf("this controller enrols no agents: %w", errdefs.ErrNotImplemented)
+	}
+	resp, err := h.enrol.Join(ctx, req.Msg, req.Peer().Addr)
+	if err != nil {
+		return nil, err
+	}
+	return connect.NewResponse(resp), nil
+}
+
+func (h *agentControlHandler) Renew(ctx context.Context, req *connect.Request[stowagev1.RenewRequest]) (*connect.Response[stowagev1.RenewResponse], error) {
+	if h.enrol == nil {
+		return nil, fmt.Errorf("this controller enrols no agents: %w", errdefs.ErrNotImplemented)
+	}
+	peer, ok := trust.PeerFrom(ctx)
+	if !ok {
+		return nil, fmt.Errorf("renew: call with the certificate to renew: %w", errdefs.ErrUnauthenticated)
+	}
+	resp, err := h.enrol.Renew(ctx, req.Msg, peer)
+	if err != nil {
+		return nil, err
+	}
+	return connect.NewResponse(resp), nil
+}
+
 func (h *agentControlHandler) Register(ctx context.Context, req *connect.Request[stowagev1.RegisterRequest]) (*connect.Response[stowagev1.RegisterResponse], error) {
+	if err := h.authorize(ctx, req.Msg.GetHostId()); err != nil {
+		return nil, err
+	}
 	resp, err := h.svc.Register(ctx, req.Msg)
 	if err != nil {
 		return nil, err
@@ -175,6 +246,9 @@ func (h *agentControlHandler) Register(ctx context.Context, req *connect.Request
 }
 
 func (h *agentControlHandler) Heartbeat(ctx context.Context, req *connect.Request[stowagev1.HeartbeatRequest]) (*connect.Response[stowagev1.HeartbeatResponse], error) {
+	if err := h.authorize(ctx, req.Msg.GetHostId()); err != nil {
+		return nil, err
+	}
 	resp, err := h.svc.Heartbeat(ctx, req.Msg)
 	if err != nil {
 		return nil, err

@@ -28,18 +28,21 @@ type Hosts interface {
 
 // Selector implements hostops.Selector over the host registry.
 type Selector struct {
-	hosts Hosts
-	hc    *http.Client
+	hosts     Hosts
+	clientFor func(hostID string) *http.Client
 }
 
 var _ hostops.Selector = (*Selector)(nil)
 
-// New returns a selector; hc carries the calls to agents.
-func New(hosts Hosts, hc *http.Client) *Selector {
-	if hc == nil {
-		hc = &http.Client{Timeout: 10 * time.Minute}
+// New returns a selector; clientFor gives the client that carries the
+// calls to the agent of a host (one that checks the agent's certificate
+// names that host); nil: one plain client for all.
+func New(hosts Hosts, clientFor func(hostID string) *http.Client) *Selector {
+	if clientFor == nil {
+		hc := &http.Client{Timeout: 10 * time.Minute}
+		clientFor = func(string) *http.Client { return hc }
 	}
-	return &Selector{hosts: hosts, hc: hc}
+	return &Selector{hosts: hosts, clientFor: clientFor}
 }
 
 func inScope(h *stowagev1.Host, sc drivers.Scope) bool {
@@ -47,7 +50,7 @@ func inScope(h *stowagev1.Host, sc drivers.Scope) bool {
 }
 
 func (s *Selector) endpoint(h *stowagev1.Host) hostops.Host {
-	return hostops.NewRemote(h.GetId(), h.GetAgentUrl(), s.hc)
+	return hostops.NewRemote(h.GetId(), h.GetAgentUrl(), s.clientFor(h.GetId()))
 }
 
 // ForScope implements hostops.Selector: the step's host (drivers.WithHost)

@@ -215,9 +215,18 @@ func (s *Service) Register(ctx context.Context, req *stowagev1.RegisterRequest) 
 
 var hostIDPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`)
 
+// ValidateID checks a host id: 1-128 letters, digits, '.', '_' or '-',
+// starting with a letter or digit.
+func ValidateID(id string) error {
+	if !hostIDPattern.MatchString(id) {
+		return fmt.Errorf("host id %q: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit: %w", id, errdefs.ErrInvalid)
+	}
+	return nil
+}
+
 func validateRegister(req *stowagev1.RegisterRequest) error {
-	if !hostIDPattern.MatchString(req.GetHostId()) {
-		return fmt.Errorf("host id %q: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit: %w", req.GetHostId(), errdefs.ErrInvalid)
+	if err := ValidateID(req.GetHostId()); err != nil {
+		return err
 	}
 	u, err := url.Parse(req.GetAgentUrl())
 	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {

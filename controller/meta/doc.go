@@ -86,6 +86,7 @@
 //	  idx/job/state/<JobState>/<id>
 //	  idx/job/target_id/<target id>/<id>
 //	  uniq/job/idempotency_key/<key>             only when the key is set
+//	join_token/<id>                              JoinToken (hash only)
 //
 // Listings come out ordered by id; ids from NewID are UUIDv7, so that is
 // also creation order. Changing the layout means a new entry in the

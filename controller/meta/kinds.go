@@ -33,6 +33,7 @@ type (
 	snapshotRec = *stowagev1.Snapshot
 	sosRec      = *stowagev1.SnapshotOnStore
 	jobRec      = *stowagev1.Job
+	joinRec     = *stowagev1.JoinToken
 )
 
 // The record kinds. Use them for the ...Tx methods inside DB.Txn; outside a
@@ -185,6 +186,20 @@ var (
 	}, jobMachine, jobRec.GetState, func(r jobRec, s stowagev1.JobState) { r.State = s })
 )
 
+// JoinTokens are the hashes of the one-time tokens agents join with
+// (keyed by the token's id; no indexes).
+var JoinTokens = &Kind[joinRec]{
+	name:   "join_token",
+	noun:   "join token",
+	newRec: func() joinRec { return &stowagev1.JoinToken{} },
+	setRev: func(r joinRec, v uint64) { r.Revision = v },
+	touch: func(r joinRec, now *timestamppb.Timestamp, created bool) {
+		if created && r.CreatedAt == nil {
+			r.CreatedAt = now
+		}
+	},
+}
+
 // reindexer is the untyped face of a kind, for migrations and Check.
 type reindexer interface {
 	reindex(kt kvTxn) error
@@ -192,4 +207,4 @@ type reindexer interface {
 }
 
 // allKinds lists every kind, for migrations.
-var allKinds = []reindexer{Stores, Hosts, Templates, TemplatesOnStore, Volumes, Snapshots, SnapshotsOnStore, Jobs}
+var allKinds = []reindexer{Stores, Hosts, Templates, TemplatesOnStore, Volumes, Snapshots, SnapshotsOnStore, Jobs, JoinTokens}

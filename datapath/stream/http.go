@@ -2,6 +2,7 @@ package stream
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/base64"
 	"encoding/hex"
 	"errors"
@@ -35,6 +36,9 @@ type HTTPOptions struct {
 	// StallTimeout fails an attempt when no byte arrived for this long
 	// (default 30s).
 	StallTimeout time.Duration
+	// TLS is the client TLS configuration of the default Client (nil: Go's
+	// defaults): roots beyond the system's, a client certificate.
+	TLS *tls.Config
 }
 
 func (o HTTPOptions) withDefaults() HTTPOptions {
@@ -58,6 +62,9 @@ func (o HTTPOptions) withDefaults() HTTPOptions {
 		t.MaxIdleConnsPerHost = 64
 		t.ResponseHeaderTimeout = o.StallTimeout
 		t.DialContext = (&net.Dialer{Timeout: 10 * time.Second, KeepAlive: 30 * time.Second}).DialContext
+		if o.TLS != nil {
+			t.TLSClientConfig = o.TLS.Clone()
+		}
 		o.Client = &http.Client{Transport: t}
 	}
 	return o

@@ -75,6 +75,235 @@ func (CloneMode) EnumDescriptor() ([]byte, []int) {
 	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{0}
 }
 
+type JoinRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// stj_<id>.<secret>, from `stowage host token create`.
+	Token  string `protobuf:"bytes,1,opt,name=token,proto3" json:"token,omitempty"`
+	HostId string `protobuf:"bytes,2,opt,name=host_id,json=hostId,proto3" json:"host_id,omitempty"`
+	// A PKCS#10 certificate request (DER) for the agent's new key.
+	Csr []byte `protobuf:"bytes,3,opt,name=csr,proto3" json:"csr,omitempty"`
+	// Addresses the agent serves under (its advertise URL's and NBD
+	// address's hosts), put in the certificate's SANs.
+	Addresses     []string `protobuf:"bytes,4,rep,name=addresses,proto3" json:"addresses,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *JoinRequest) Reset() {
+	*x = JoinRequest{}
+	mi := &file_stowage_v1_agent_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *JoinRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*JoinRequest) ProtoMessage() {}
+
+func (x *JoinRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_agent_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use JoinRequest.ProtoReflect.Descriptor instead.
+func (*JoinRequest) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *JoinRequest) GetToken() string {
+	if x != nil {
+		return x.Token
+	}
+	return ""
+}
+
+func (x *JoinRequest) GetHostId() string {
+	if x != nil {
+		return x.HostId
+	}
+	return ""
+}
+
+func (x *JoinRequest) GetCsr() []byte {
+	if x != nil {
+		return x.Csr
+	}
+	return nil
+}
+
+func (x *JoinRequest) GetAddresses() []string {
+	if x != nil {
+		return x.Addresses
+	}
+	return nil
+}
+
+type JoinResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The certificate chain (DER, leaf first) and the CA certificate (PEM).
+	Chain         [][]byte `protobuf:"bytes,1,rep,name=chain,proto3" json:"chain,omitempty"`
+	CaPem         []byte   `protobuf:"bytes,2,opt,name=ca_pem,json=caPem,proto3" json:"ca_pem,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *JoinResponse) Reset() {
+	*x = JoinResponse{}
+	mi := &file_stowage_v1_agent_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *JoinResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*JoinResponse) ProtoMessage() {}
+
+func (x *JoinResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_agent_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use JoinResponse.ProtoReflect.Descriptor instead.
+func (*JoinResponse) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *JoinResponse) GetChain() [][]byte {
+	if x != nil {
+		return x.Chain
+	}
+	return nil
+}
+
+func (x *JoinResponse) GetCaPem() []byte {
+	if x != nil {
+		return x.CaPem
+	}
+	return nil
+}
+
+type RenewRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Csr           []byte                 `protobuf:"bytes,1,opt,name=csr,proto3" json:"csr,omitempty"`
+	Addresses     []string               `protobuf:"bytes,2,rep,name=addresses,proto3" json:"addresses,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RenewRequest) Reset() {
+	*x = RenewRequest{}
+	mi := &file_stowage_v1_agent_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RenewRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RenewRequest) ProtoMessage() {}
+
+func (x *RenewRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_agent_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RenewRequest.ProtoReflect.Descriptor instead.
+func (*RenewRequest) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *RenewRequest) GetCsr() []byte {
+	if x != nil {
+		return x.Csr
+	}
+	return nil
+}
+
+func (x *RenewRequest) GetAddresses() []string {
+	if x != nil {
+		return x.Addresses
+	}
+	return nil
+}
+
+type RenewResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Chain         [][]byte               `protobuf:"bytes,1,rep,name=chain,proto3" json:"chain,omitempty"`
+	CaPem         []byte                 `protobuf:"bytes,2,opt,name=ca_pem,json=caPem,proto3" json:"ca_pem,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RenewResponse) Reset() {
+	*x = RenewResponse{}
+	mi := &file_stowage_v1_agent_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RenewResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RenewResponse) ProtoMessage() {}
+
+func (x *RenewResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_agent_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RenewResponse.ProtoReflect.Descriptor instead.
+func (*RenewResponse) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *RenewResponse) GetChain() [][]byte {
+	if x != nil {
+		return x.Chain
+	}
+	return nil
+}
+
+func (x *RenewResponse) GetCaPem() []byte {
+	if x != nil {
+		return x.CaPem
+	}
+	return nil
+}
+
 type RegisterRequest struct {
 	state        protoimpl.MessageState `protogen:"open.v1"`
 	HostId       string                 `protobuf:"bytes,1,opt,name=host_id,json=hostId,proto3" json:"host_id,omitempty"`
@@ -93,7 +322,7 @@ type RegisterRequest struct {
 
 func (x *RegisterRequest) Reset() {
 	*x = RegisterRequest{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[0]
+	mi := &file_stowage_v1_agent_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -105,7 +334,7 @@ func (x *RegisterRequest) String() string {
 func (*RegisterRequest) ProtoMessage() {}
 
 func (x *RegisterRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[0]
+	mi := &file_stowage_v1_agent_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -118,7 +347,7 @@ func (x *RegisterRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterRequest.ProtoReflect.Descriptor instead.
 func (*RegisterRequest) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{0}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *RegisterRequest) GetHostId() string {
@@ -196,7 +425,7 @@ type RegisterResponse struct {
 
 func (x *RegisterResponse) Reset() {
 	*x = RegisterResponse{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[1]
+	mi := &file_stowage_v1_agent_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -208,7 +437,7 @@ func (x *RegisterResponse) String() string {
 func (*RegisterResponse) ProtoMessage() {}
 
 func (x *RegisterResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[1]
+	mi := &file_stowage_v1_agent_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -221,7 +450,7 @@ func (x *RegisterResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterResponse.ProtoReflect.Descriptor instead.
 func (*RegisterResponse) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{1}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *RegisterResponse) GetHost() *Host {
@@ -261,7 +490,7 @@ type StoreAssignment struct {
 
 func (x *StoreAssignment) Reset() {
 	*x = StoreAssignment{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[2]
+	mi := &file_stowage_v1_agent_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -273,7 +502,7 @@ func (x *StoreAssignment) String() string {
 func (*StoreAssignment) ProtoMessage() {}
 
 func (x *StoreAssignment) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[2]
+	mi := &file_stowage_v1_agent_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -286,7 +515,7 @@ func (x *StoreAssignment) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StoreAssignment.ProtoReflect.Descriptor instead.
 func (*StoreAssignment) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{2}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *StoreAssignment) GetStoreId() string {
@@ -329,7 +558,7 @@ type HeartbeatRequest struct {
 
 func (x *HeartbeatRequest) Reset() {
 	*x = HeartbeatRequest{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[3]
+	mi := &file_stowage_v1_agent_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -341,7 +570,7 @@ func (x *HeartbeatRequest) String() string {
 func (*HeartbeatRequest) ProtoMessage() {}
 
 func (x *HeartbeatRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[3]
+	mi := &file_stowage_v1_agent_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -354,7 +583,7 @@ func (x *HeartbeatRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HeartbeatRequest.ProtoReflect.Descriptor instead.
 func (*HeartbeatRequest) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{3}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *HeartbeatRequest) GetHostId() string {
@@ -401,7 +630,7 @@ type HeartbeatResponse struct {
 
 func (x *HeartbeatResponse) Reset() {
 	*x = HeartbeatResponse{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[4]
+	mi := &file_stowage_v1_agent_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -413,7 +642,7 @@ func (x *HeartbeatResponse) String() string {
 func (*HeartbeatResponse) ProtoMessage() {}
 
 func (x *HeartbeatResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[4]
+	mi := &file_stowage_v1_agent_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -426,7 +655,7 @@ func (x *HeartbeatResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HeartbeatResponse.ProtoReflect.Descriptor instead.
 func (*HeartbeatResponse) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{4}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *HeartbeatResponse) GetState() HostState {
@@ -467,7 +696,7 @@ type TemplateCacheSpec struct {
 
 func (x *TemplateCacheSpec) Reset() {
 	*x = TemplateCacheSpec{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[5]
+	mi := &file_stowage_v1_agent_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -479,7 +708,7 @@ func (x *TemplateCacheSpec) String() string {
 func (*TemplateCacheSpec) ProtoMessage() {}
 
 func (x *TemplateCacheSpec) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[5]
+	mi := &file_stowage_v1_agent_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -492,7 +721,7 @@ func (x *TemplateCacheSpec) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TemplateCacheSpec.ProtoReflect.Descriptor instead.
 func (*TemplateCacheSpec) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{5}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *TemplateCacheSpec) GetTemplates() []*CacheSpec {
@@ -511,7 +740,7 @@ type RunTaskRequest struct {
 
 func (x *RunTaskRequest) Reset() {
 	*x = RunTaskRequest{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[6]
+	mi := &file_stowage_v1_agent_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -523,7 +752,7 @@ func (x *RunTaskRequest) String() string {
 func (*RunTaskRequest) ProtoMessage() {}
 
 func (x *RunTaskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[6]
+	mi := &file_stowage_v1_agent_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -536,7 +765,7 @@ func (x *RunTaskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RunTaskRequest.ProtoReflect.Descriptor instead.
 func (*RunTaskRequest) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{6}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *RunTaskRequest) GetTask() *Task {
@@ -555,7 +784,7 @@ type RunTaskResponse struct {
 
 func (x *RunTaskResponse) Reset() {
 	*x = RunTaskResponse{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[7]
+	mi := &file_stowage_v1_agent_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -567,7 +796,7 @@ func (x *RunTaskResponse) String() string {
 func (*RunTaskResponse) ProtoMessage() {}
 
 func (x *RunTaskResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[7]
+	mi := &file_stowage_v1_agent_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -580,7 +809,7 @@ func (x *RunTaskResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RunTaskResponse.ProtoReflect.Descriptor instead.
 func (*RunTaskResponse) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{7}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *RunTaskResponse) GetResult() *TaskResult {
@@ -599,7 +828,7 @@ type GetTaskRequest struct {
 
 func (x *GetTaskRequest) Reset() {
 	*x = GetTaskRequest{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[8]
+	mi := &file_stowage_v1_agent_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -611,7 +840,7 @@ func (x *GetTaskRequest) String() string {
 func (*GetTaskRequest) ProtoMessage() {}
 
 func (x *GetTaskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[8]
+	mi := &file_stowage_v1_agent_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -624,7 +853,7 @@ func (x *GetTaskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetTaskRequest.ProtoReflect.Descriptor instead.
 func (*GetTaskRequest) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{8}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *GetTaskRequest) GetTaskId() string {
@@ -643,7 +872,7 @@ type GetTaskResponse struct {
 
 func (x *GetTaskResponse) Reset() {
 	*x = GetTaskResponse{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[9]
+	mi := &file_stowage_v1_agent_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -655,7 +884,7 @@ func (x *GetTaskResponse) String() string {
 func (*GetTaskResponse) ProtoMessage() {}
 
 func (x *GetTaskResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[9]
+	mi := &file_stowage_v1_agent_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -668,7 +897,7 @@ func (x *GetTaskResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetTaskResponse.ProtoReflect.Descriptor instead.
 func (*GetTaskResponse) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{9}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *GetTaskResponse) GetResult() *TaskResult {
@@ -713,7 +942,7 @@ type Task struct {
 
 func (x *Task) Reset() {
 	*x = Task{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[10]
+	mi := &file_stowage_v1_agent_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -725,7 +954,7 @@ func (x *Task) String() string {
 func (*Task) ProtoMessage() {}
 
 func (x *Task) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[10]
+	mi := &file_stowage_v1_agent_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -738,7 +967,7 @@ func (x *Task) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Task.ProtoReflect.Descriptor instead.
 func (*Task) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{10}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Task) GetId() string {
@@ -1103,7 +1332,7 @@ type PrepareStoreStep struct {
 
 func (x *PrepareStoreStep) Reset() {
 	*x = PrepareStoreStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[11]
+	mi := &file_stowage_v1_agent_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1115,7 +1344,7 @@ func (x *PrepareStoreStep) String() string {
 func (*PrepareStoreStep) ProtoMessage() {}
 
 func (x *PrepareStoreStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[11]
+	mi := &file_stowage_v1_agent_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1128,7 +1357,7 @@ func (x *PrepareStoreStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PrepareStoreStep.ProtoReflect.Descriptor instead.
 func (*PrepareStoreStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{11}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *PrepareStoreStep) GetPath() string {
@@ -1170,7 +1399,7 @@ type ProbeStoreStep struct {
 
 func (x *ProbeStoreStep) Reset() {
 	*x = ProbeStoreStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[12]
+	mi := &file_stowage_v1_agent_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1182,7 +1411,7 @@ func (x *ProbeStoreStep) String() string {
 func (*ProbeStoreStep) ProtoMessage() {}
 
 func (x *ProbeStoreStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[12]
+	mi := &file_stowage_v1_agent_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1195,7 +1424,7 @@ func (x *ProbeStoreStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProbeStoreStep.ProtoReflect.Descriptor instead.
 func (*ProbeStoreStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{12}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ProbeStoreStep) GetPath() string {
@@ -1224,7 +1453,7 @@ type ReleaseStoreStep struct {
 
 func (x *ReleaseStoreStep) Reset() {
 	*x = ReleaseStoreStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[13]
+	mi := &file_stowage_v1_agent_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1236,7 +1465,7 @@ func (x *ReleaseStoreStep) String() string {
 func (*ReleaseStoreStep) ProtoMessage() {}
 
 func (x *ReleaseStoreStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[13]
+	mi := &file_stowage_v1_agent_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1249,7 +1478,7 @@ func (x *ReleaseStoreStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReleaseStoreStep.ProtoReflect.Descriptor instead.
 func (*ReleaseStoreStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{13}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *ReleaseStoreStep) GetPath() string {
@@ -1287,7 +1516,7 @@ type ObjectRef struct {
 
 func (x *ObjectRef) Reset() {
 	*x = ObjectRef{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[14]
+	mi := &file_stowage_v1_agent_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1299,7 +1528,7 @@ func (x *ObjectRef) String() string {
 func (*ObjectRef) ProtoMessage() {}
 
 func (x *ObjectRef) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[14]
+	mi := &file_stowage_v1_agent_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1312,7 +1541,7 @@ func (x *ObjectRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ObjectRef.ProtoReflect.Descriptor instead.
 func (*ObjectRef) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{14}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ObjectRef) GetStoreId() string {
@@ -1343,7 +1572,7 @@ type ChunkStoreRef struct {
 
 func (x *ChunkStoreRef) Reset() {
 	*x = ChunkStoreRef{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[15]
+	mi := &file_stowage_v1_agent_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1355,7 +1584,7 @@ func (x *ChunkStoreRef) String() string {
 func (*ChunkStoreRef) ProtoMessage() {}
 
 func (x *ChunkStoreRef) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[15]
+	mi := &file_stowage_v1_agent_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1368,7 +1597,7 @@ func (x *ChunkStoreRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChunkStoreRef.ProtoReflect.Descriptor instead.
 func (*ChunkStoreRef) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{15}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ChunkStoreRef) GetUri() string {
@@ -1397,7 +1626,7 @@ type CreateImageStep struct {
 
 func (x *CreateImageStep) Reset() {
 	*x = CreateImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[16]
+	mi := &file_stowage_v1_agent_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1409,7 +1638,7 @@ func (x *CreateImageStep) String() string {
 func (*CreateImageStep) ProtoMessage() {}
 
 func (x *CreateImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[16]
+	mi := &file_stowage_v1_agent_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1422,7 +1651,7 @@ func (x *CreateImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateImageStep.ProtoReflect.Descriptor instead.
 func (*CreateImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{16}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *CreateImageStep) GetRef() *ObjectRef {
@@ -1455,7 +1684,7 @@ type DeleteObjectStep struct {
 
 func (x *DeleteObjectStep) Reset() {
 	*x = DeleteObjectStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[17]
+	mi := &file_stowage_v1_agent_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1467,7 +1696,7 @@ func (x *DeleteObjectStep) String() string {
 func (*DeleteObjectStep) ProtoMessage() {}
 
 func (x *DeleteObjectStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[17]
+	mi := &file_stowage_v1_agent_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1480,7 +1709,7 @@ func (x *DeleteObjectStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteObjectStep.ProtoReflect.Descriptor instead.
 func (*DeleteObjectStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{17}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *DeleteObjectStep) GetRef() *ObjectRef {
@@ -1500,7 +1729,7 @@ type ListObjectsStep struct {
 
 func (x *ListObjectsStep) Reset() {
 	*x = ListObjectsStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[18]
+	mi := &file_stowage_v1_agent_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1512,7 +1741,7 @@ func (x *ListObjectsStep) String() string {
 func (*ListObjectsStep) ProtoMessage() {}
 
 func (x *ListObjectsStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[18]
+	mi := &file_stowage_v1_agent_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1525,7 +1754,7 @@ func (x *ListObjectsStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListObjectsStep.ProtoReflect.Descriptor instead.
 func (*ListObjectsStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{18}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *ListObjectsStep) GetDir() *ObjectRef {
@@ -1544,7 +1773,7 @@ type StatObjectStep struct {
 
 func (x *StatObjectStep) Reset() {
 	*x = StatObjectStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[19]
+	mi := &file_stowage_v1_agent_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1556,7 +1785,7 @@ func (x *StatObjectStep) String() string {
 func (*StatObjectStep) ProtoMessage() {}
 
 func (x *StatObjectStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[19]
+	mi := &file_stowage_v1_agent_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1569,7 +1798,7 @@ func (x *StatObjectStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatObjectStep.ProtoReflect.Descriptor instead.
 func (*StatObjectStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{19}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *StatObjectStep) GetRef() *ObjectRef {
@@ -1594,7 +1823,7 @@ type FetchImageStep struct {
 
 func (x *FetchImageStep) Reset() {
 	*x = FetchImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[20]
+	mi := &file_stowage_v1_agent_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1606,7 +1835,7 @@ func (x *FetchImageStep) String() string {
 func (*FetchImageStep) ProtoMessage() {}
 
 func (x *FetchImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[20]
+	mi := &file_stowage_v1_agent_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1619,7 +1848,7 @@ func (x *FetchImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FetchImageStep.ProtoReflect.Descriptor instead.
 func (*FetchImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{20}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *FetchImageStep) GetSource() string {
@@ -1670,7 +1899,7 @@ type CopyImageStep struct {
 
 func (x *CopyImageStep) Reset() {
 	*x = CopyImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[21]
+	mi := &file_stowage_v1_agent_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1682,7 +1911,7 @@ func (x *CopyImageStep) String() string {
 func (*CopyImageStep) ProtoMessage() {}
 
 func (x *CopyImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[21]
+	mi := &file_stowage_v1_agent_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1695,7 +1924,7 @@ func (x *CopyImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CopyImageStep.ProtoReflect.Descriptor instead.
 func (*CopyImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{21}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *CopyImageStep) GetSource() string {
@@ -1750,7 +1979,7 @@ type CloneImageStep struct {
 
 func (x *CloneImageStep) Reset() {
 	*x = CloneImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[22]
+	mi := &file_stowage_v1_agent_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1762,7 +1991,7 @@ func (x *CloneImageStep) String() string {
 func (*CloneImageStep) ProtoMessage() {}
 
 func (x *CloneImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[22]
+	mi := &file_stowage_v1_agent_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1775,7 +2004,7 @@ func (x *CloneImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloneImageStep.ProtoReflect.Descriptor instead.
 func (*CloneImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{22}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *CloneImageStep) GetBase() *ObjectRef {
@@ -1832,7 +2061,7 @@ type InspectImageStep struct {
 
 func (x *InspectImageStep) Reset() {
 	*x = InspectImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[23]
+	mi := &file_stowage_v1_agent_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1844,7 +2073,7 @@ func (x *InspectImageStep) String() string {
 func (*InspectImageStep) ProtoMessage() {}
 
 func (x *InspectImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[23]
+	mi := &file_stowage_v1_agent_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1857,7 +2086,7 @@ func (x *InspectImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InspectImageStep.ProtoReflect.Descriptor instead.
 func (*InspectImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{23}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *InspectImageStep) GetRef() *ObjectRef {
@@ -1887,7 +2116,7 @@ type ResizeImageStep struct {
 
 func (x *ResizeImageStep) Reset() {
 	*x = ResizeImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[24]
+	mi := &file_stowage_v1_agent_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1899,7 +2128,7 @@ func (x *ResizeImageStep) String() string {
 func (*ResizeImageStep) ProtoMessage() {}
 
 func (x *ResizeImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[24]
+	mi := &file_stowage_v1_agent_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1912,7 +2141,7 @@ func (x *ResizeImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResizeImageStep.ProtoReflect.Descriptor instead.
 func (*ResizeImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{24}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *ResizeImageStep) GetRef() *ObjectRef {
@@ -1949,7 +2178,7 @@ type SnapshotImageStep struct {
 
 func (x *SnapshotImageStep) Reset() {
 	*x = SnapshotImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[25]
+	mi := &file_stowage_v1_agent_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1961,7 +2190,7 @@ func (x *SnapshotImageStep) String() string {
 func (*SnapshotImageStep) ProtoMessage() {}
 
 func (x *SnapshotImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[25]
+	mi := &file_stowage_v1_agent_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1974,7 +2203,7 @@ func (x *SnapshotImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotImageStep.ProtoReflect.Descriptor instead.
 func (*SnapshotImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{25}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *SnapshotImageStep) GetVolume() *ObjectRef {
@@ -2011,7 +2240,7 @@ type RevertImageStep struct {
 
 func (x *RevertImageStep) Reset() {
 	*x = RevertImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[26]
+	mi := &file_stowage_v1_agent_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2023,7 +2252,7 @@ func (x *RevertImageStep) String() string {
 func (*RevertImageStep) ProtoMessage() {}
 
 func (x *RevertImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[26]
+	mi := &file_stowage_v1_agent_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2036,7 +2265,7 @@ func (x *RevertImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevertImageStep.ProtoReflect.Descriptor instead.
 func (*RevertImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{26}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *RevertImageStep) GetVolume() *ObjectRef {
@@ -2074,7 +2303,7 @@ type RebaseImageStep struct {
 
 func (x *RebaseImageStep) Reset() {
 	*x = RebaseImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[27]
+	mi := &file_stowage_v1_agent_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2086,7 +2315,7 @@ func (x *RebaseImageStep) String() string {
 func (*RebaseImageStep) ProtoMessage() {}
 
 func (x *RebaseImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[27]
+	mi := &file_stowage_v1_agent_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2099,7 +2328,7 @@ func (x *RebaseImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RebaseImageStep.ProtoReflect.Descriptor instead.
 func (*RebaseImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{27}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *RebaseImageStep) GetRef() *ObjectRef {
@@ -2140,7 +2369,7 @@ type BackupImageStep struct {
 
 func (x *BackupImageStep) Reset() {
 	*x = BackupImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[28]
+	mi := &file_stowage_v1_agent_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2152,7 +2381,7 @@ func (x *BackupImageStep) String() string {
 func (*BackupImageStep) ProtoMessage() {}
 
 func (x *BackupImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[28]
+	mi := &file_stowage_v1_agent_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2165,7 +2394,7 @@ func (x *BackupImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BackupImageStep.ProtoReflect.Descriptor instead.
 func (*BackupImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{28}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *BackupImageStep) GetSource() *ObjectRef {
@@ -2223,7 +2452,7 @@ type RestoreImageStep struct {
 
 func (x *RestoreImageStep) Reset() {
 	*x = RestoreImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[29]
+	mi := &file_stowage_v1_agent_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2235,7 +2464,7 @@ func (x *RestoreImageStep) String() string {
 func (*RestoreImageStep) ProtoMessage() {}
 
 func (x *RestoreImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[29]
+	mi := &file_stowage_v1_agent_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2248,7 +2477,7 @@ func (x *RestoreImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RestoreImageStep.ProtoReflect.Descriptor instead.
 func (*RestoreImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{29}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *RestoreImageStep) GetChunks() *ChunkStoreRef {
@@ -2290,7 +2519,7 @@ type DeleteBackupStep struct {
 
 func (x *DeleteBackupStep) Reset() {
 	*x = DeleteBackupStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[30]
+	mi := &file_stowage_v1_agent_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2302,7 +2531,7 @@ func (x *DeleteBackupStep) String() string {
 func (*DeleteBackupStep) ProtoMessage() {}
 
 func (x *DeleteBackupStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[30]
+	mi := &file_stowage_v1_agent_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2315,7 +2544,7 @@ func (x *DeleteBackupStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteBackupStep.ProtoReflect.Descriptor instead.
 func (*DeleteBackupStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{30}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *DeleteBackupStep) GetChunks() *ChunkStoreRef {
@@ -2342,7 +2571,7 @@ type ExportStep struct {
 
 func (x *ExportStep) Reset() {
 	*x = ExportStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[31]
+	mi := &file_stowage_v1_agent_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2354,7 +2583,7 @@ func (x *ExportStep) String() string {
 func (*ExportStep) ProtoMessage() {}
 
 func (x *ExportStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[31]
+	mi := &file_stowage_v1_agent_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2367,7 +2596,7 @@ func (x *ExportStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExportStep.ProtoReflect.Descriptor instead.
 func (*ExportStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{31}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *ExportStep) GetRef() *ObjectRef {
@@ -2387,7 +2616,7 @@ type UnexportStep struct {
 
 func (x *UnexportStep) Reset() {
 	*x = UnexportStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[32]
+	mi := &file_stowage_v1_agent_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2399,7 +2628,7 @@ func (x *UnexportStep) String() string {
 func (*UnexportStep) ProtoMessage() {}
 
 func (x *UnexportStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[32]
+	mi := &file_stowage_v1_agent_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2412,7 +2641,7 @@ func (x *UnexportStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnexportStep.ProtoReflect.Descriptor instead.
 func (*UnexportStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{32}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *UnexportStep) GetUri() string {
@@ -2436,7 +2665,7 @@ type ExportNbdStep struct {
 
 func (x *ExportNbdStep) Reset() {
 	*x = ExportNbdStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[33]
+	mi := &file_stowage_v1_agent_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2448,7 +2677,7 @@ func (x *ExportNbdStep) String() string {
 func (*ExportNbdStep) ProtoMessage() {}
 
 func (x *ExportNbdStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[33]
+	mi := &file_stowage_v1_agent_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2461,7 +2690,7 @@ func (x *ExportNbdStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExportNbdStep.ProtoReflect.Descriptor instead.
 func (*ExportNbdStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{33}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *ExportNbdStep) GetRef() *ObjectRef {
@@ -2495,7 +2724,7 @@ type UnexportNbdStep struct {
 
 func (x *UnexportNbdStep) Reset() {
 	*x = UnexportNbdStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[34]
+	mi := &file_stowage_v1_agent_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2507,7 +2736,7 @@ func (x *UnexportNbdStep) String() string {
 func (*UnexportNbdStep) ProtoMessage() {}
 
 func (x *UnexportNbdStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[34]
+	mi := &file_stowage_v1_agent_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2520,7 +2749,7 @@ func (x *UnexportNbdStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnexportNbdStep.ProtoReflect.Descriptor instead.
 func (*UnexportNbdStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{34}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *UnexportNbdStep) GetUri() string {
@@ -2551,7 +2780,7 @@ type ImageInfo struct {
 
 func (x *ImageInfo) Reset() {
 	*x = ImageInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[35]
+	mi := &file_stowage_v1_agent_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2563,7 +2792,7 @@ func (x *ImageInfo) String() string {
 func (*ImageInfo) ProtoMessage() {}
 
 func (x *ImageInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[35]
+	mi := &file_stowage_v1_agent_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2576,7 +2805,7 @@ func (x *ImageInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImageInfo.ProtoReflect.Descriptor instead.
 func (*ImageInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{35}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *ImageInfo) GetKey() string {
@@ -2661,7 +2890,7 @@ type SnapshotInfo struct {
 
 func (x *SnapshotInfo) Reset() {
 	*x = SnapshotInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[36]
+	mi := &file_stowage_v1_agent_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2673,7 +2902,7 @@ func (x *SnapshotInfo) String() string {
 func (*SnapshotInfo) ProtoMessage() {}
 
 func (x *SnapshotInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[36]
+	mi := &file_stowage_v1_agent_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2686,7 +2915,7 @@ func (x *SnapshotInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotInfo.ProtoReflect.Descriptor instead.
 func (*SnapshotInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{36}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *SnapshotInfo) GetSnapshot() *ImageInfo {
@@ -2727,7 +2956,7 @@ type BackupInfo struct {
 
 func (x *BackupInfo) Reset() {
 	*x = BackupInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[37]
+	mi := &file_stowage_v1_agent_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2739,7 +2968,7 @@ func (x *BackupInfo) String() string {
 func (*BackupInfo) ProtoMessage() {}
 
 func (x *BackupInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[37]
+	mi := &file_stowage_v1_agent_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2752,7 +2981,7 @@ func (x *BackupInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BackupInfo.ProtoReflect.Descriptor instead.
 func (*BackupInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{37}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *BackupInfo) GetManifest() string {
@@ -2830,7 +3059,7 @@ type FileInfo struct {
 
 func (x *FileInfo) Reset() {
 	*x = FileInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[38]
+	mi := &file_stowage_v1_agent_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2842,7 +3071,7 @@ func (x *FileInfo) String() string {
 func (*FileInfo) ProtoMessage() {}
 
 func (x *FileInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[38]
+	mi := &file_stowage_v1_agent_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2855,7 +3084,7 @@ func (x *FileInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileInfo.ProtoReflect.Descriptor instead.
 func (*FileInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{38}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *FileInfo) GetKey() string {
@@ -2920,7 +3149,7 @@ type StoreProbe struct {
 
 func (x *StoreProbe) Reset() {
 	*x = StoreProbe{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[39]
+	mi := &file_stowage_v1_agent_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2932,7 +3161,7 @@ func (x *StoreProbe) String() string {
 func (*StoreProbe) ProtoMessage() {}
 
 func (x *StoreProbe) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[39]
+	mi := &file_stowage_v1_agent_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2945,7 +3174,7 @@ func (x *StoreProbe) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StoreProbe.ProtoReflect.Descriptor instead.
 func (*StoreProbe) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{39}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *StoreProbe) GetCapacityBytes() int64 {
@@ -3004,7 +3233,7 @@ type TaskResult struct {
 
 func (x *TaskResult) Reset() {
 	*x = TaskResult{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[40]
+	mi := &file_stowage_v1_agent_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3016,7 +3245,7 @@ func (x *TaskResult) String() string {
 func (*TaskResult) ProtoMessage() {}
 
 func (x *TaskResult) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[40]
+	mi := &file_stowage_v1_agent_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3029,7 +3258,7 @@ func (x *TaskResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TaskResult.ProtoReflect.Descriptor instead.
 func (*TaskResult) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{40}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *TaskResult) GetTaskId() string {
@@ -3200,7 +3429,7 @@ type FileList struct {
 
 func (x *FileList) Reset() {
 	*x = FileList{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[41]
+	mi := &file_stowage_v1_agent_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3212,7 +3441,7 @@ func (x *FileList) String() string {
 func (*FileList) ProtoMessage() {}
 
 func (x *FileList) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[41]
+	mi := &file_stowage_v1_agent_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3225,7 +3454,7 @@ func (x *FileList) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileList.ProtoReflect.Descriptor instead.
 func (*FileList) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{41}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *FileList) GetFiles() []*FileInfo {
@@ -3240,7 +3469,21 @@ var File_stowage_v1_agent_proto protoreflect.FileDescriptor
 const file_stowage_v1_agent_proto_rawDesc = "" +
 	"\n" +
 	"\x16stowage/v1/agent.proto\x12\n" +
-	"stowage.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bstowage/v1/imagecache.proto\x1a\x16stowage/v1/types.proto\"\xa5\x02\n" +
+	"stowage.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bstowage/v1/imagecache.proto\x1a\x16stowage/v1/types.proto\"l\n" +
+	"\vJoinRequest\x12\x14\n" +
+	"\x05token\x18\x01 \x01(\tR\x05token\x12\x17\n" +
+	"\ahost_id\x18\x02 \x01(\tR\x06hostId\x12\x10\n" +
+	"\x03csr\x18\x03 \x01(\fR\x03csr\x12\x1c\n" +
+	"\taddresses\x18\x04 \x03(\tR\taddresses\";\n" +
+	"\fJoinResponse\x12\x14\n" +
+	"\x05chain\x18\x01 \x03(\fR\x05chain\x12\x15\n" +
+	"\x06ca_pem\x18\x02 \x01(\fR\x05caPem\">\n" +
+	"\fRenewRequest\x12\x10\n" +
+	"\x03csr\x18\x01 \x01(\fR\x03csr\x12\x1c\n" +
+	"\taddresses\x18\x02 \x03(\tR\taddresses\"<\n" +
+	"\rRenewResponse\x12\x14\n" +
+	"\x05chain\x18\x01 \x03(\fR\x05chain\x12\x15\n" +
+	"\x06ca_pem\x18\x02 \x01(\fR\x05caPem\"\xa5\x02\n" +
 	"\x0fRegisterRequest\x12\x17\n" +
 	"\ahost_id\x18\x01 \x01(\tR\x06hostId\x12\x1a\n" +
 	"\bhostname\x18\x02 \x01(\tR\bhostname\x12\x1b\n" +
@@ -3488,10 +3731,12 @@ const file_stowage_v1_agent_proto_rawDesc = "" +
 	"\x16CLONE_MODE_UNSPECIFIED\x10\x00\x12\x16\n" +
 	"\x12CLONE_MODE_REFLINK\x10\x01\x12\x15\n" +
 	"\x11CLONE_MODE_LINKED\x10\x02\x12\x13\n" +
-	"\x0fCLONE_MODE_FULL\x10\x032\xa6\x01\n" +
-	"\x13AgentControlService\x12E\n" +
+	"\x0fCLONE_MODE_FULL\x10\x032\x9f\x02\n" +
+	"\x13AgentControlService\x129\n" +
+	"\x04Join\x12\x17.stowage.v1.JoinRequest\x1a\x18.stowage.v1.JoinResponse\x12E\n" +
 	"\bRegister\x12\x1b.stowage.v1.RegisterRequest\x1a\x1c.stowage.v1.RegisterResponse\x12H\n" +
-	"\tHeartbeat\x12\x1c.stowage.v1.HeartbeatRequest\x1a\x1d.stowage.v1.HeartbeatResponse2\x96\x01\n" +
+	"\tHeartbeat\x12\x1c.stowage.v1.HeartbeatRequest\x1a\x1d.stowage.v1.HeartbeatResponse\x12<\n" +
+	"\x05Renew\x12\x18.stowage.v1.RenewRequest\x1a\x19.stowage.v1.RenewResponse2\x96\x01\n" +
 	"\fAgentService\x12B\n" +
 	"\aRunTask\x12\x1a.stowage.v1.RunTaskRequest\x1a\x1b.stowage.v1.RunTaskResponse\x12B\n" +
 	"\aGetTask\x12\x1a.stowage.v1.GetTaskRequest\x1a\x1b.stowage.v1.GetTaskResponseB\xa0\x01\n" +
@@ -3513,154 +3758,162 @@ func file_stowage_v1_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_stowage_v1_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_stowage_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 43)
+var file_stowage_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 47)
 var file_stowage_v1_agent_proto_goTypes = []any{
 	(CloneMode)(0),                // 0: stowage.v1.CloneMode
-	(*RegisterRequest)(nil),       // 1: stowage.v1.RegisterRequest
-	(*RegisterResponse)(nil),      // 2: stowage.v1.RegisterResponse
-	(*StoreAssignment)(nil),       // 3: stowage.v1.StoreAssignment
-	(*HeartbeatRequest)(nil),      // 4: stowage.v1.HeartbeatRequest
-	(*HeartbeatResponse)(nil),     // 5: stowage.v1.HeartbeatResponse
-	(*TemplateCacheSpec)(nil),     // 6: stowage.v1.TemplateCacheSpec
-	(*RunTaskRequest)(nil),        // 7: stowage.v1.RunTaskRequest
-	(*RunTaskResponse)(nil),       // 8: stowage.v1.RunTaskResponse
-	(*GetTaskRequest)(nil),        // 9: stowage.v1.GetTaskRequest
-	(*GetTaskResponse)(nil),       // 10: stowage.v1.GetTaskResponse
-	(*Task)(nil),                  // 11: stowage.v1.Task
-	(*PrepareStoreStep)(nil),      // 12: stowage.v1.PrepareStoreStep
-	(*ProbeStoreStep)(nil),        // 13: stowage.v1.ProbeStoreStep
-	(*ReleaseStoreStep)(nil),      // 14: stowage.v1.ReleaseStoreStep
-	(*ObjectRef)(nil),             // 15: stowage.v1.ObjectRef
-	(*ChunkStoreRef)(nil),         // 16: stowage.v1.ChunkStoreRef
-	(*CreateImageStep)(nil),       // 17: stowage.v1.CreateImageStep
-	(*DeleteObjectStep)(nil),      // 18: stowage.v1.DeleteObjectStep
-	(*ListObjectsStep)(nil),       // 19: stowage.v1.ListObjectsStep
-	(*StatObjectStep)(nil),        // 20: stowage.v1.StatObjectStep
-	(*FetchImageStep)(nil),        // 21: stowage.v1.FetchImageStep
-	(*CopyImageStep)(nil),         // 22: stowage.v1.CopyImageStep
-	(*CloneImageStep)(nil),        // 23: stowage.v1.CloneImageStep
-	(*InspectImageStep)(nil),      // 24: stowage.v1.InspectImageStep
-	(*ResizeImageStep)(nil),       // 25: stowage.v1.ResizeImageStep
-	(*SnapshotImageStep)(nil),     // 26: stowage.v1.SnapshotImageStep
-	(*RevertImageStep)(nil),       // 27: stowage.v1.RevertImageStep
-	(*RebaseImageStep)(nil),       // 28: stowage.v1.RebaseImageStep
-	(*BackupImageStep)(nil),       // 29: stowage.v1.BackupImageStep
-	(*RestoreImageStep)(nil),      // 30: stowage.v1.RestoreImageStep
-	(*DeleteBackupStep)(nil),      // 31: stowage.v1.DeleteBackupStep
-	(*ExportStep)(nil),            // 32: stowage.v1.ExportStep
-	(*UnexportStep)(nil),          // 33: stowage.v1.UnexportStep
-	(*ExportNbdStep)(nil),         // 34: stowage.v1.ExportNbdStep
-	(*UnexportNbdStep)(nil),       // 35: stowage.v1.UnexportNbdStep
-	(*ImageInfo)(nil),             // 36: stowage.v1.ImageInfo
-	(*SnapshotInfo)(nil),          // 37: stowage.v1.SnapshotInfo
-	(*BackupInfo)(nil),            // 38: stowage.v1.BackupInfo
-	(*FileInfo)(nil),              // 39: stowage.v1.FileInfo
-	(*StoreProbe)(nil),            // 40: stowage.v1.StoreProbe
-	(*TaskResult)(nil),            // 41: stowage.v1.TaskResult
-	(*FileList)(nil),              // 42: stowage.v1.FileList
-	nil,                           // 43: stowage.v1.ChunkStoreRef.SecretEntry
-	(*HostCapabilities)(nil),      // 44: stowage.v1.HostCapabilities
-	(*Host)(nil),                  // 45: stowage.v1.Host
-	(HostState)(0),                // 46: stowage.v1.HostState
-	(*CacheSpec)(nil),             // 47: stowage.v1.CacheSpec
-	(ImageFormat)(0),              // 48: stowage.v1.ImageFormat
-	(*timestamppb.Timestamp)(nil), // 49: google.protobuf.Timestamp
+	(*JoinRequest)(nil),           // 1: stowage.v1.JoinRequest
+	(*JoinResponse)(nil),          // 2: stowage.v1.JoinResponse
+	(*RenewRequest)(nil),          // 3: stowage.v1.RenewRequest
+	(*RenewResponse)(nil),         // 4: stowage.v1.RenewResponse
+	(*RegisterRequest)(nil),       // 5: stowage.v1.RegisterRequest
+	(*RegisterResponse)(nil),      // 6: stowage.v1.RegisterResponse
+	(*StoreAssignment)(nil),       // 7: stowage.v1.StoreAssignment
+	(*HeartbeatRequest)(nil),      // 8: stowage.v1.HeartbeatRequest
+	(*HeartbeatResponse)(nil),     // 9: stowage.v1.HeartbeatResponse
+	(*TemplateCacheSpec)(nil),     // 10: stowage.v1.TemplateCacheSpec
+	(*RunTaskRequest)(nil),        // 11: stowage.v1.RunTaskRequest
+	(*RunTaskResponse)(nil),       // 12: stowage.v1.RunTaskResponse
+	(*GetTaskRequest)(nil),        // 13: stowage.v1.GetTaskRequest
+	(*GetTaskResponse)(nil),       // 14: stowage.v1.GetTaskResponse
+	(*Task)(nil),                  // 15: stowage.v1.Task
+	(*PrepareStoreStep)(nil),      // 16: stowage.v1.PrepareStoreStep
+	(*ProbeStoreStep)(nil),        // 17: stowage.v1.ProbeStoreStep
+	(*ReleaseStoreStep)(nil),      // 18: stowage.v1.ReleaseStoreStep
+	(*ObjectRef)(nil),             // 19: stowage.v1.ObjectRef
+	(*ChunkStoreRef)(nil),         // 20: stowage.v1.ChunkStoreRef
+	(*CreateImageStep)(nil),       // 21: stowage.v1.CreateImageStep
+	(*DeleteObjectStep)(nil),      // 22: stowage.v1.DeleteObjectStep
+	(*ListObjectsStep)(nil),       // 23: stowage.v1.ListObjectsStep
+	(*StatObjectStep)(nil),        // 24: stowage.v1.StatObjectStep
+	(*FetchImageStep)(nil),        // 25: stowage.v1.FetchImageStep
+	(*CopyImageStep)(nil),         // 26: stowage.v1.CopyImageStep
+	(*CloneImageStep)(nil),        // 27: stowage.v1.CloneImageStep
+	(*InspectImageStep)(nil),      // 28: stowage.v1.InspectImageStep
+	(*ResizeImageStep)(nil),       // 29: stowage.v1.ResizeImageStep
+	(*SnapshotImageStep)(nil),     // 30: stowage.v1.SnapshotImageStep
+	(*RevertImageStep)(nil),       // 31: stowage.v1.RevertImageStep
+	(*RebaseImageStep)(nil),       // 32: stowage.v1.RebaseImageStep
+	(*BackupImageStep)(nil),       // 33: stowage.v1.BackupImageStep
+	(*RestoreImageStep)(nil),      // 34: stowage.v1.RestoreImageStep
+	(*DeleteBackupStep)(nil),      // 35: stowage.v1.DeleteBackupStep
+	(*ExportStep)(nil),            // 36: stowage.v1.ExportStep
+	(*UnexportStep)(nil),          // 37: stowage.v1.UnexportStep
+	(*ExportNbdStep)(nil),         // 38: stowage.v1.ExportNbdStep
+	(*UnexportNbdStep)(nil),       // 39: stowage.v1.UnexportNbdStep
+	(*ImageInfo)(nil),             // 40: stowage.v1.ImageInfo
+	(*SnapshotInfo)(nil),          // 41: stowage.v1.SnapshotInfo
+	(*BackupInfo)(nil),            // 42: stowage.v1.BackupInfo
+	(*FileInfo)(nil),              // 43: stowage.v1.FileInfo
+	(*StoreProbe)(nil),            // 44: stowage.v1.StoreProbe
+	(*TaskResult)(nil),            // 45: stowage.v1.TaskResult
+	(*FileList)(nil),              // 46: stowage.v1.FileList
+	nil,                           // 47: stowage.v1.ChunkStoreRef.SecretEntry
+	(*HostCapabilities)(nil),      // 48: stowage.v1.HostCapabilities
+	(*Host)(nil),                  // 49: stowage.v1.Host
+	(HostState)(0),                // 50: stowage.v1.HostState
+	(*CacheSpec)(nil),             // 51: stowage.v1.CacheSpec
+	(ImageFormat)(0),              // 52: stowage.v1.ImageFormat
+	(*timestamppb.Timestamp)(nil), // 53: google.protobuf.Timestamp
 }
 var file_stowage_v1_agent_proto_depIdxs = []int32{
-	44, // 0: stowage.v1.RegisterRequest.capabilities:type_name -> stowage.v1.HostCapabilities
-	45, // 1: stowage.v1.RegisterResponse.host:type_name -> stowage.v1.Host
-	3,  // 2: stowage.v1.RegisterResponse.stores:type_name -> stowage.v1.StoreAssignment
-	44, // 3: stowage.v1.HeartbeatRequest.capabilities:type_name -> stowage.v1.HostCapabilities
-	46, // 4: stowage.v1.HeartbeatResponse.state:type_name -> stowage.v1.HostState
-	3,  // 5: stowage.v1.HeartbeatResponse.stores:type_name -> stowage.v1.StoreAssignment
-	6,  // 6: stowage.v1.HeartbeatResponse.template_cache:type_name -> stowage.v1.TemplateCacheSpec
-	47, // 7: stowage.v1.TemplateCacheSpec.templates:type_name -> stowage.v1.CacheSpec
-	11, // 8: stowage.v1.RunTaskRequest.task:type_name -> stowage.v1.Task
-	41, // 9: stowage.v1.RunTaskResponse.result:type_name -> stowage.v1.TaskResult
-	41, // 10: stowage.v1.GetTaskResponse.result:type_name -> stowage.v1.TaskResult
-	12, // 11: stowage.v1.Task.prepare_store:type_name -> stowage.v1.PrepareStoreStep
-	13, // 12: stowage.v1.Task.probe_store:type_name -> stowage.v1.ProbeStoreStep
-	14, // 13: stowage.v1.Task.release_store:type_name -> stowage.v1.ReleaseStoreStep
-	17, // 14: stowage.v1.Task.create_image:type_name -> stowage.v1.CreateImageStep
-	18, // 15: stowage.v1.Task.delete_object:type_name -> stowage.v1.DeleteObjectStep
-	19, // 16: stowage.v1.Task.list_objects:type_name -> stowage.v1.ListObjectsStep
-	20, // 17: stowage.v1.Task.stat_object:type_name -> stowage.v1.StatObjectStep
-	21, // 18: stowage.v1.Task.fetch_image:type_name -> stowage.v1.FetchImageStep
-	22, // 19: stowage.v1.Task.copy_image:type_name -> stowage.v1.CopyImageStep
-	23, // 20: stowage.v1.Task.clone_image:type_name -> stowage.v1.CloneImageStep
-	24, // 21: stowage.v1.Task.inspect_image:type_name -> stowage.v1.InspectImageStep
-	25, // 22: stowage.v1.Task.resize_image:type_name -> stowage.v1.ResizeImageStep
-	26, // 23: stowage.v1.Task.snapshot_image:type_name -> stowage.v1.SnapshotImageStep
-	27, // 24: stowage.v1.Task.revert_image:type_name -> stowage.v1.RevertImageStep
-	28, // 25: stowage.v1.Task.rebase_image:type_name -> stowage.v1.RebaseImageStep
-	29, // 26: stowage.v1.Task.backup_image:type_name -> stowage.v1.BackupImageStep
-	30, // 27: stowage.v1.Task.restore_image:type_name -> stowage.v1.RestoreImageStep
-	31, // 28: stowage.v1.Task.delete_backup:type_name -> stowage.v1.DeleteBackupStep
-	32, // 29: stowage.v1.Task.export:type_name -> stowage.v1.ExportStep
-	33, // 30: stowage.v1.Task.unexport:type_name -> stowage.v1.UnexportStep
-	34, // 31: stowage.v1.Task.export_nbd:type_name -> stowage.v1.ExportNbdStep
-	35, // 32: stowage.v1.Task.unexport_nbd:type_name -> stowage.v1.UnexportNbdStep
-	43, // 33: stowage.v1.ChunkStoreRef.secret:type_name -> stowage.v1.ChunkStoreRef.SecretEntry
-	15, // 34: stowage.v1.CreateImageStep.ref:type_name -> stowage.v1.ObjectRef
-	48, // 35: stowage.v1.CreateImageStep.format:type_name -> stowage.v1.ImageFormat
-	15, // 36: stowage.v1.DeleteObjectStep.ref:type_name -> stowage.v1.ObjectRef
-	15, // 37: stowage.v1.ListObjectsStep.dir:type_name -> stowage.v1.ObjectRef
-	15, // 38: stowage.v1.StatObjectStep.ref:type_name -> stowage.v1.ObjectRef
-	15, // 39: stowage.v1.FetchImageStep.dest:type_name -> stowage.v1.ObjectRef
-	48, // 40: stowage.v1.FetchImageStep.format:type_name -> stowage.v1.ImageFormat
-	15, // 41: stowage.v1.CopyImageStep.dest:type_name -> stowage.v1.ObjectRef
-	48, // 42: stowage.v1.CopyImageStep.format:type_name -> stowage.v1.ImageFormat
-	48, // 43: stowage.v1.CopyImageStep.source_format:type_name -> stowage.v1.ImageFormat
-	15, // 44: stowage.v1.CloneImageStep.base:type_name -> stowage.v1.ObjectRef
-	15, // 45: stowage.v1.CloneImageStep.dest:type_name -> stowage.v1.ObjectRef
+	48, // 0: stowage.v1.RegisterRequest.capabilities:type_name -> stowage.v1.HostCapabilities
+	49, // 1: stowage.v1.RegisterResponse.host:type_name -> stowage.v1.Host
+	7,  // 2: stowage.v1.RegisterResponse.stores:type_name -> stowage.v1.StoreAssignment
+	48, // 3: stowage.v1.HeartbeatRequest.capabilities:type_name -> stowage.v1.HostCapabilities
+	50, // 4: stowage.v1.HeartbeatResponse.state:type_name -> stowage.v1.HostState
+	7,  // 5: stowage.v1.HeartbeatResponse.stores:type_name -> stowage.v1.StoreAssignment
+	10, // 6: stowage.v1.HeartbeatResponse.template_cache:type_name -> stowage.v1.TemplateCacheSpec
+	51, // 7: stowage.v1.TemplateCacheSpec.templates:type_name -> stowage.v1.CacheSpec
+	15, // 8: stowage.v1.RunTaskRequest.task:type_name -> stowage.v1.Task
+	45, // 9: stowage.v1.RunTaskResponse.result:type_name -> stowage.v1.TaskResult
+	45, // 10: stowage.v1.GetTaskResponse.result:type_name -> stowage.v1.TaskResult
+	16, // 11: stowage.v1.Task.prepare_store:type_name -> stowage.v1.PrepareStoreStep
+	17, // 12: stowage.v1.Task.probe_store:type_name -> stowage.v1.ProbeStoreStep
+	18, // 13: stowage.v1.Task.release_store:type_name -> stowage.v1.ReleaseStoreStep
+	21, // 14: stowage.v1.Task.create_image:type_name -> stowage.v1.CreateImageStep
+	22, // 15: stowage.v1.Task.delete_object:type_name -> stowage.v1.DeleteObjectStep
+	23, // 16: stowage.v1.Task.list_objects:type_name -> stowage.v1.ListObjectsStep
+	24, // 17: stowage.v1.Task.stat_object:type_name -> stowage.v1.StatObjectStep
+	25, // 18: stowage.v1.Task.fetch_image:type_name -> stowage.v1.FetchImageStep
+	26, // 19: stowage.v1.Task.copy_image:type_name -> stowage.v1.CopyImageStep
+	27, // 20: stowage.v1.Task.clone_image:type_name -> stowage.v1.CloneImageStep
+	28, // 21: stowage.v1.Task.inspect_image:type_name -> stowage.v1.InspectImageStep
+	29, // 22: stowage.v1.Task.resize_image:type_name -> stowage.v1.ResizeImageStep
+	30, // 23: stowage.v1.Task.snapshot_image:type_name -> stowage.v1.SnapshotImageStep
+	31, // 24: stowage.v1.Task.revert_image:type_name -> stowage.v1.RevertImageStep
+	32, // 25: stowage.v1.Task.rebase_image:type_name -> stowage.v1.RebaseImageStep
+	33, // 26: stowage.v1.Task.backup_image:type_name -> stowage.v1.BackupImageStep
+	34, // 27: stowage.v1.Task.restore_image:type_name -> stowage.v1.RestoreImageStep
+	35, // 28: stowage.v1.Task.delete_backup:type_name -> stowage.v1.DeleteBackupStep
+	36, // 29: stowage.v1.Task.export:type_name -> stowage.v1.ExportStep
+	37, // 30: stowage.v1.Task.unexport:type_name -> stowage.v1.UnexportStep
+	38, // 31: stowage.v1.Task.export_nbd:type_name -> stowage.v1.ExportNbdStep
+	39, // 32: stowage.v1.Task.unexport_nbd:type_name -> stowage.v1.UnexportNbdStep
+	47, // 33: stowage.v1.ChunkStoreRef.secret:type_name -> stowage.v1.ChunkStoreRef.SecretEntry
+	19, // 34: stowage.v1.CreateImageStep.ref:type_name -> stowage.v1.ObjectRef
+	52, // 35: stowage.v1.CreateImageStep.format:type_name -> stowage.v1.ImageFormat
+	19, // 36: stowage.v1.DeleteObjectStep.ref:type_name -> stowage.v1.ObjectRef
+	19, // 37: stowage.v1.ListObjectsStep.dir:type_name -> stowage.v1.ObjectRef
+	19, // 38: stowage.v1.StatObjectStep.ref:type_name -> stowage.v1.ObjectRef
+	19, // 39: stowage.v1.FetchImageStep.dest:type_name -> stowage.v1.ObjectRef
+	52, // 40: stowage.v1.FetchImageStep.format:type_name -> stowage.v1.ImageFormat
+	19, // 41: stowage.v1.CopyImageStep.dest:type_name -> stowage.v1.ObjectRef
+	52, // 42: stowage.v1.CopyImageStep.format:type_name -> stowage.v1.ImageFormat
+	52, // 43: stowage.v1.CopyImageStep.source_format:type_name -> stowage.v1.ImageFormat
+	19, // 44: stowage.v1.CloneImageStep.base:type_name -> stowage.v1.ObjectRef
+	19, // 45: stowage.v1.CloneImageStep.dest:type_name -> stowage.v1.ObjectRef
 	0,  // 46: stowage.v1.CloneImageStep.mode:type_name -> stowage.v1.CloneMode
-	48, // 47: stowage.v1.CloneImageStep.format:type_name -> stowage.v1.ImageFormat
-	48, // 48: stowage.v1.CloneImageStep.base_format:type_name -> stowage.v1.ImageFormat
-	15, // 49: stowage.v1.InspectImageStep.ref:type_name -> stowage.v1.ObjectRef
-	48, // 50: stowage.v1.InspectImageStep.format:type_name -> stowage.v1.ImageFormat
-	15, // 51: stowage.v1.ResizeImageStep.ref:type_name -> stowage.v1.ObjectRef
-	48, // 52: stowage.v1.ResizeImageStep.format:type_name -> stowage.v1.ImageFormat
-	15, // 53: stowage.v1.SnapshotImageStep.volume:type_name -> stowage.v1.ObjectRef
-	15, // 54: stowage.v1.SnapshotImageStep.snapshot:type_name -> stowage.v1.ObjectRef
-	48, // 55: stowage.v1.SnapshotImageStep.format:type_name -> stowage.v1.ImageFormat
-	15, // 56: stowage.v1.RevertImageStep.volume:type_name -> stowage.v1.ObjectRef
-	15, // 57: stowage.v1.RevertImageStep.snapshot:type_name -> stowage.v1.ObjectRef
-	48, // 58: stowage.v1.RevertImageStep.format:type_name -> stowage.v1.ImageFormat
-	15, // 59: stowage.v1.RebaseImageStep.ref:type_name -> stowage.v1.ObjectRef
-	15, // 60: stowage.v1.RebaseImageStep.new_backing:type_name -> stowage.v1.ObjectRef
-	48, // 61: stowage.v1.RebaseImageStep.backing_format:type_name -> stowage.v1.ImageFormat
-	15, // 62: stowage.v1.BackupImageStep.source:type_name -> stowage.v1.ObjectRef
-	16, // 63: stowage.v1.BackupImageStep.chunks:type_name -> stowage.v1.ChunkStoreRef
-	48, // 64: stowage.v1.BackupImageStep.source_format:type_name -> stowage.v1.ImageFormat
-	16, // 65: stowage.v1.RestoreImageStep.chunks:type_name -> stowage.v1.ChunkStoreRef
-	15, // 66: stowage.v1.RestoreImageStep.dest:type_name -> stowage.v1.ObjectRef
-	48, // 67: stowage.v1.RestoreImageStep.format:type_name -> stowage.v1.ImageFormat
-	16, // 68: stowage.v1.DeleteBackupStep.chunks:type_name -> stowage.v1.ChunkStoreRef
-	15, // 69: stowage.v1.ExportStep.ref:type_name -> stowage.v1.ObjectRef
-	15, // 70: stowage.v1.ExportNbdStep.ref:type_name -> stowage.v1.ObjectRef
-	48, // 71: stowage.v1.ExportNbdStep.format:type_name -> stowage.v1.ImageFormat
-	48, // 72: stowage.v1.ImageInfo.format:type_name -> stowage.v1.ImageFormat
-	36, // 73: stowage.v1.SnapshotInfo.snapshot:type_name -> stowage.v1.ImageInfo
-	36, // 74: stowage.v1.SnapshotInfo.volume:type_name -> stowage.v1.ImageInfo
-	49, // 75: stowage.v1.FileInfo.modified_at:type_name -> google.protobuf.Timestamp
-	48, // 76: stowage.v1.FileInfo.format:type_name -> stowage.v1.ImageFormat
-	40, // 77: stowage.v1.TaskResult.probe:type_name -> stowage.v1.StoreProbe
-	39, // 78: stowage.v1.TaskResult.file:type_name -> stowage.v1.FileInfo
-	42, // 79: stowage.v1.TaskResult.files:type_name -> stowage.v1.FileList
-	36, // 80: stowage.v1.TaskResult.image:type_name -> stowage.v1.ImageInfo
-	37, // 81: stowage.v1.TaskResult.snapshot:type_name -> stowage.v1.SnapshotInfo
-	38, // 82: stowage.v1.TaskResult.backup:type_name -> stowage.v1.BackupInfo
-	39, // 83: stowage.v1.FileList.files:type_name -> stowage.v1.FileInfo
-	1,  // 84: stowage.v1.AgentControlService.Register:input_type -> stowage.v1.RegisterRequest
-	4,  // 85: stowage.v1.AgentControlService.Heartbeat:input_type -> stowage.v1.HeartbeatRequest
-	7,  // 86: stowage.v1.AgentService.RunTask:input_type -> stowage.v1.RunTaskRequest
-	9,  // 87: stowage.v1.AgentService.GetTask:input_type -> stowage.v1.GetTaskRequest
-	2,  // 88: stowage.v1.AgentControlService.Register:output_type -> stowage.v1.RegisterResponse
-	5,  // 89: stowage.v1.AgentControlService.Heartbeat:output_type -> stowage.v1.HeartbeatResponse
-	8,  // 90: stowage.v1.AgentService.RunTask:output_type -> stowage.v1.RunTaskResponse
-	10, // 91: stowage.v1.AgentService.GetTask:output_type -> stowage.v1.GetTaskResponse
-	88, // [88:92] is the sub-list for method output_type
-	84, // [84:88] is the sub-list for method input_type
+	52, // 47: stowage.v1.CloneImageStep.format:type_name -> stowage.v1.ImageFormat
+	52, // 48: stowage.v1.CloneImageStep.base_format:type_name -> stowage.v1.ImageFormat
+	19, // 49: stowage.v1.InspectImageStep.ref:type_name -> stowage.v1.ObjectRef
+	52, // 50: stowage.v1.InspectImageStep.format:type_name -> stowage.v1.ImageFormat
+	19, // 51: stowage.v1.ResizeImageStep.ref:type_name -> stowage.v1.ObjectRef
+	52, // 52: stowage.v1.ResizeImageStep.format:type_name -> stowage.v1.ImageFormat
+	19, // 53: stowage.v1.SnapshotImageStep.volume:type_name -> stowage.v1.ObjectRef
+	19, // 54: stowage.v1.SnapshotImageStep.snapshot:type_name -> stowage.v1.ObjectRef
+	52, // 55: stowage.v1.SnapshotImageStep.format:type_name -> stowage.v1.ImageFormat
+	19, // 56: stowage.v1.RevertImageStep.volume:type_name -> stowage.v1.ObjectRef
+	19, // 57: stowage.v1.RevertImageStep.snapshot:type_name -> stowage.v1.ObjectRef
+	52, // 58: stowage.v1.RevertImageStep.format:type_name -> stowage.v1.ImageFormat
+	19, // 59: stowage.v1.RebaseImageStep.ref:type_name -> stowage.v1.ObjectRef
+	19, // 60: stowage.v1.RebaseImageStep.new_backing:type_name -> stowage.v1.ObjectRef
+	52, // 61: stowage.v1.RebaseImageStep.backing_format:type_name -> stowage.v1.ImageFormat
+	19, // 62: stowage.v1.BackupImageStep.source:type_name -> stowage.v1.ObjectRef
+	20, // 63: stowage.v1.BackupImageStep.chunks:type_name -> stowage.v1.ChunkStoreRef
+	52, // 64: stowage.v1.BackupImageStep.source_format:type_name -> stowage.v1.ImageFormat
+	20, // 65: stowage.v1.RestoreImageStep.chunks:type_name -> stowage.v1.ChunkStoreRef
+	19, // 66: stowage.v1.RestoreImageStep.dest:type_name -> stowage.v1.ObjectRef
+	52, // 67: stowage.v1.RestoreImageStep.format:type_name -> stowage.v1.ImageFormat
+	20, // 68: stowage.v1.DeleteBackupStep.chunks:type_name -> stowage.v1.ChunkStoreRef
+	19, // 69: stowage.v1.ExportStep.ref:type_name -> stowage.v1.ObjectRef
+	19, // 70: stowage.v1.ExportNbdStep.ref:type_name -> stowage.v1.ObjectRef
+	52, // 71: stowage.v1.ExportNbdStep.format:type_name -> stowage.v1.ImageFormat
+	52, // 72: stowage.v1.ImageInfo.format:type_name -> stowage.v1.ImageFormat
+	40, // 73: stowage.v1.SnapshotInfo.snapshot:type_name -> stowage.v1.ImageInfo
+	40, // 74: stowage.v1.SnapshotInfo.volume:type_name -> stowage.v1.ImageInfo
+	53, // 75: stowage.v1.FileInfo.modified_at:type_name -> google.protobuf.Timestamp
+	52, // 76: stowage.v1.FileInfo.format:type_name -> stowage.v1.ImageFormat
+	44, // 77: stowage.v1.TaskResult.probe:type_name -> stowage.v1.StoreProbe
+	43, // 78: stowage.v1.TaskResult.file:type_name -> stowage.v1.FileInfo
+	46, // 79: stowage.v1.TaskResult.files:type_name -> stowage.v1.FileList
+	40, // 80: stowage.v1.TaskResult.image:type_name -> stowage.v1.ImageInfo
+	41, // 81: stowage.v1.TaskResult.snapshot:type_name -> stowage.v1.SnapshotInfo
+	42, // 82: stowage.v1.TaskResult.backup:type_name -> stowage.v1.BackupInfo
+	43, // 83: stowage.v1.FileList.files:type_name -> stowage.v1.FileInfo
+	1,  // 84: stowage.v1.AgentControlService.Join:input_type -> stowage.v1.JoinRequest
+	5,  // 85: stowage.v1.AgentControlService.Register:input_type -> stowage.v1.RegisterRequest
+	8,  // 86: stowage.v1.AgentControlService.Heartbeat:input_type -> stowage.v1.HeartbeatRequest
+	3,  // 87: stowage.v1.AgentControlService.Renew:input_type -> stowage.v1.RenewRequest
+	11, // 88: stowage.v1.AgentService.RunTask:input_type -> stowage.v1.RunTaskRequest
+	13, // 89: stowage.v1.AgentService.GetTask:input_type -> stowage.v1.GetTaskRequest
+	2,  // 90: stowage.v1.AgentControlService.Join:output_type -> stowage.v1.JoinResponse
+	6,  // 91: stowage.v1.AgentControlService.Register:output_type -> stowage.v1.RegisterResponse
+	9,  // 92: stowage.v1.AgentControlService.Heartbeat:output_type -> stowage.v1.HeartbeatResponse
+	4,  // 93: stowage.v1.AgentControlService.Renew:output_type -> stowage.v1.RenewResponse
+	12, // 94: stowage.v1.AgentService.RunTask:output_type -> stowage.v1.RunTaskResponse
+	14, // 95: stowage.v1.AgentService.GetTask:output_type -> stowage.v1.GetTaskResponse
+	90, // [90:96] is the sub-list for method output_type
+	84, // [84:90] is the sub-list for method input_type
 	84, // [84:84] is the sub-list for extension type_name
 	84, // [84:84] is the sub-list for extension extendee
 	0,  // [0:84] is the sub-list for field type_name
@@ -3673,7 +3926,7 @@ func file_stowage_v1_agent_proto_init() {
 	}
 	file_stowage_v1_imagecache_proto_init()
 	file_stowage_v1_types_proto_init()
-	file_stowage_v1_agent_proto_msgTypes[10].OneofWrappers = []any{
+	file_stowage_v1_agent_proto_msgTypes[14].OneofWrappers = []any{
 		(*Task_PrepareStore)(nil),
 		(*Task_ProbeStore)(nil),
 		(*Task_ReleaseStore)(nil),
@@ -3697,7 +3950,7 @@ func file_stowage_v1_agent_proto_init() {
 		(*Task_ExportNbd)(nil),
 		(*Task_UnexportNbd)(nil),
 	}
-	file_stowage_v1_agent_proto_msgTypes[40].OneofWrappers = []any{
+	file_stowage_v1_agent_proto_msgTypes[44].OneofWrappers = []any{
 		(*TaskResult_Probe)(nil),
 		(*TaskResult_File)(nil),
 		(*TaskResult_Files)(nil),
@@ -3712,7 +3965,7 @@ func file_stowage_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_stowage_v1_agent_proto_rawDesc), len(file_stowage_v1_agent_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   43,
+			NumMessages:   47,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

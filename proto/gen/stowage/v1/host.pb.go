@@ -9,6 +9,7 @@ package stowagev1
 import (
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
+	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
 	reflect "reflect"
 	sync "sync"
 	unsafe "unsafe"
@@ -21,6 +22,124 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+type CreateJoinTokenRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// How long the token admits a join; 0: one hour.
+	TtlSeconds int64 `protobuf:"varint,1,opt,name=ttl_seconds,json=ttlSeconds,proto3" json:"ttl_seconds,omitempty"`
+	// When set, only an agent joining as this host id may use the token,
+	// and it may re-enrol a host that exists already (a host that lost its
+	// certificate). Without it, the token admits a new host id only.
+	HostId        string `protobuf:"bytes,2,opt,name=host_id,json=hostId,proto3" json:"host_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateJoinTokenRequest) Reset() {
+	*x = CreateJoinTokenRequest{}
+	mi := &file_stowage_v1_host_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateJoinTokenRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateJoinTokenRequest) ProtoMessage() {}
+
+func (x *CreateJoinTokenRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_host_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateJoinTokenRequest.ProtoReflect.Descriptor instead.
+func (*CreateJoinTokenRequest) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_host_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *CreateJoinTokenRequest) GetTtlSeconds() int64 {
+	if x != nil {
+		return x.TtlSeconds
+	}
+	return 0
+}
+
+func (x *CreateJoinTokenRequest) GetHostId() string {
+	if x != nil {
+		return x.HostId
+	}
+	return ""
+}
+
+type CreateJoinTokenResponse struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Token     string                 `protobuf:"bytes,1,opt,name=token,proto3" json:"token,omitempty"`
+	ExpiresAt *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=expires_at,json=expiresAt,proto3" json:"expires_at,omitempty"`
+	// The CA's public-key pin the agent checks before sending the token
+	// (stowage agent --ca-pin).
+	CaPin         string `protobuf:"bytes,3,opt,name=ca_pin,json=caPin,proto3" json:"ca_pin,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateJoinTokenResponse) Reset() {
+	*x = CreateJoinTokenResponse{}
+	mi := &file_stowage_v1_host_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateJoinTokenResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateJoinTokenResponse) ProtoMessage() {}
+
+func (x *CreateJoinTokenResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_host_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateJoinTokenResponse.ProtoReflect.Descriptor instead.
+func (*CreateJoinTokenResponse) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_host_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *CreateJoinTokenResponse) GetToken() string {
+	if x != nil {
+		return x.Token
+	}
+	return ""
+}
+
+func (x *CreateJoinTokenResponse) GetExpiresAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ExpiresAt
+	}
+	return nil
+}
+
+func (x *CreateJoinTokenResponse) GetCaPin() string {
+	if x != nil {
+		return x.CaPin
+	}
+	return ""
+}
+
 type ListHostsRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Zone          string                 `protobuf:"bytes,1,opt,name=zone,proto3" json:"zone,omitempty"`
@@ -31,7 +150,7 @@ type ListHostsRequest struct {
 
 func (x *ListHostsRequest) Reset() {
 	*x = ListHostsRequest{}
-	mi := &file_stowage_v1_host_proto_msgTypes[0]
+	mi := &file_stowage_v1_host_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -43,7 +162,7 @@ func (x *ListHostsRequest) String() string {
 func (*ListHostsRequest) ProtoMessage() {}
 
 func (x *ListHostsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_host_proto_msgTypes[0]
+	mi := &file_stowage_v1_host_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -56,7 +175,7 @@ func (x *ListHostsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListHostsRequest.ProtoReflect.Descriptor instead.
 func (*ListHostsRequest) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_host_proto_rawDescGZIP(), []int{0}
+	return file_stowage_v1_host_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *ListHostsRequest) GetZone() string {
@@ -82,7 +201,7 @@ type ListHostsResponse struct {
 
 func (x *ListHostsResponse) Reset() {
 	*x = ListHostsResponse{}
-	mi := &file_stowage_v1_host_proto_msgTypes[1]
+	mi := &file_stowage_v1_host_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -94,7 +213,7 @@ func (x *ListHostsResponse) String() string {
 func (*ListHostsResponse) ProtoMessage() {}
 
 func (x *ListHostsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_host_proto_msgTypes[1]
+	mi := &file_stowage_v1_host_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -107,7 +226,7 @@ func (x *ListHostsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListHostsResponse.ProtoReflect.Descriptor instead.
 func (*ListHostsResponse) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_host_proto_rawDescGZIP(), []int{1}
+	return file_stowage_v1_host_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *ListHostsResponse) GetHosts() []*Host {
@@ -127,7 +246,7 @@ type GetHostRequest struct {
 
 func (x *GetHostRequest) Reset() {
 	*x = GetHostRequest{}
-	mi := &file_stowage_v1_host_proto_msgTypes[2]
+	mi := &file_stowage_v1_host_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -139,7 +258,7 @@ func (x *GetHostRequest) String() string {
 func (*GetHostRequest) ProtoMessage() {}
 
 func (x *GetHostRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_host_proto_msgTypes[2]
+	mi := &file_stowage_v1_host_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -152,7 +271,7 @@ func (x *GetHostRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetHostRequest.ProtoReflect.Descriptor instead.
 func (*GetHostRequest) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_host_proto_rawDescGZIP(), []int{2}
+	return file_stowage_v1_host_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *GetHostRequest) GetId() string {
@@ -171,7 +290,7 @@ type GetHostResponse struct {
 
 func (x *GetHostResponse) Reset() {
 	*x = GetHostResponse{}
-	mi := &file_stowage_v1_host_proto_msgTypes[3]
+	mi := &file_stowage_v1_host_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -183,7 +302,7 @@ func (x *GetHostResponse) String() string {
 func (*GetHostResponse) ProtoMessage() {}
 
 func (x *GetHostResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_host_proto_msgTypes[3]
+	mi := &file_stowage_v1_host_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -196,7 +315,7 @@ func (x *GetHostResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetHostResponse.ProtoReflect.Descriptor instead.
 func (*GetHostResponse) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_host_proto_rawDescGZIP(), []int{3}
+	return file_stowage_v1_host_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *GetHostResponse) GetHost() *Host {
@@ -211,7 +330,16 @@ var File_stowage_v1_host_proto protoreflect.FileDescriptor
 const file_stowage_v1_host_proto_rawDesc = "" +
 	"\n" +
 	"\x15stowage/v1/host.proto\x12\n" +
-	"stowage.v1\x1a\x16stowage/v1/types.proto\"S\n" +
+	"stowage.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16stowage/v1/types.proto\"R\n" +
+	"\x16CreateJoinTokenRequest\x12\x1f\n" +
+	"\vttl_seconds\x18\x01 \x01(\x03R\n" +
+	"ttlSeconds\x12\x17\n" +
+	"\ahost_id\x18\x02 \x01(\tR\x06hostId\"\x81\x01\n" +
+	"\x17CreateJoinTokenResponse\x12\x14\n" +
+	"\x05token\x18\x01 \x01(\tR\x05token\x129\n" +
+	"\n" +
+	"expires_at\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\x12\x15\n" +
+	"\x06ca_pin\x18\x03 \x01(\tR\x05caPin\"S\n" +
 	"\x10ListHostsRequest\x12\x12\n" +
 	"\x04zone\x18\x01 \x01(\tR\x04zone\x12+\n" +
 	"\x05state\x18\x02 \x01(\x0e2\x15.stowage.v1.HostStateR\x05state\";\n" +
@@ -220,10 +348,11 @@ const file_stowage_v1_host_proto_rawDesc = "" +
 	"\x0eGetHostRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\"7\n" +
 	"\x0fGetHostResponse\x12$\n" +
-	"\x04host\x18\x01 \x01(\v2\x10.stowage.v1.HostR\x04host2\x9b\x01\n" +
+	"\x04host\x18\x01 \x01(\v2\x10.stowage.v1.HostR\x04host2\xf7\x01\n" +
 	"\vHostService\x12H\n" +
 	"\tListHosts\x12\x1c.stowage.v1.ListHostsRequest\x1a\x1d.stowage.v1.ListHostsResponse\x12B\n" +
-	"\aGetHost\x12\x1a.stowage.v1.GetHostRequest\x1a\x1b.stowage.v1.GetHostResponseB\x9f\x01\n" +
+	"\aGetHost\x12\x1a.stowage.v1.GetHostRequest\x1a\x1b.stowage.v1.GetHostResponse\x12Z\n" +
+	"\x0fCreateJoinToken\x12\".stowage.v1.CreateJoinTokenRequest\x1a#.stowage.v1.CreateJoinTokenResponseB\x9f\x01\n" +
 	"\x0ecom.stowage.v1B\tHostProtoP\x01Z9github.com/stowage/stowage/proto/gen/stowage/v1;stowagev1\xa2\x02\x03SXX\xaa\x02\n" +
 	"Stowage.V1\xca\x02\n" +
 	"Stowage\\V1\xe2\x02\x16Stowage\\V1\\GPBMetadata\xea\x02\vStowage::V1b\x06proto3"
@@ -240,28 +369,34 @@ func file_stowage_v1_host_proto_rawDescGZIP() []byte {
 	return file_stowage_v1_host_proto_rawDescData
 }
 
-var file_stowage_v1_host_proto_msgTypes = make([]protoimpl.MessageInfo, 4)
+var file_stowage_v1_host_proto_msgTypes = make([]protoimpl.MessageInfo, 6)
 var file_stowage_v1_host_proto_goTypes = []any{
-	(*ListHostsRequest)(nil),  // 0: stowage.v1.ListHostsRequest
-	(*ListHostsResponse)(nil), // 1: stowage.v1.ListHostsResponse
-	(*GetHostRequest)(nil),    // 2: stowage.v1.GetHostRequest
-	(*GetHostResponse)(nil),   // 3: stowage.v1.GetHostResponse
-	(HostState)(0),            // 4: stowage.v1.HostState
-	(*Host)(nil),              // 5: stowage.v1.Host
+	(*CreateJoinTokenRequest)(nil),  // 0: stowage.v1.CreateJoinTokenRequest
+	(*CreateJoinTokenResponse)(nil), // 1: stowage.v1.CreateJoinTokenResponse
+	(*ListHostsRequest)(nil),        // 2: stowage.v1.ListHostsRequest
+	(*ListHostsResponse)(nil),       // 3: stowage.v1.ListHostsResponse
+	(*GetHostRequest)(nil),          // 4: stowage.v1.GetHostRequest
+	(*GetHostResponse)(nil),         // 5: stowage.v1.GetHostResponse
+	(*timestamppb.Timestamp)(nil),   // 6: google.protobuf.Timestamp
+	(HostState)(0),                  // 7: stowage.v1.HostState
+	(*Host)(nil),                    // 8: stowage.v1.Host
 }
 var file_stowage_v1_host_proto_depIdxs = []int32{
-	4, // 0: stowage.v1.ListHostsRequest.state:type_name -> stowage.v1.HostState
-	5, // 1: stowage.v1.ListHostsResponse.hosts:type_name -> stowage.v1.Host
-	5, // 2: stowage.v1.GetHostResponse.host:type_name -> stowage.v1.Host
-	0, // 3: stowage.v1.HostService.ListHosts:input_type -> stowage.v1.ListHostsRequest
-	2, // 4: stowage.v1.HostService.GetHost:input_type -> stowage.v1.GetHostRequest
-	1, // 5: stowage.v1.HostService.ListHosts:output_type -> stowage.v1.ListHostsResponse
-	3, // 6: stowage.v1.HostService.GetHost:output_type -> stowage.v1.GetHostResponse
-	5, // [5:7] is the sub-list for method output_type
-	3, // [3:5] is the sub-list for method input_type
-	3, // [3:3] is the sub-list for extension type_name
-	3, // [3:3] is the sub-list for extension extendee
-	0, // [0:3] is the sub-list for field type_name
+	6, // 0: stowage.v1.CreateJoinTokenResponse.expires_at:type_name -> google.protobuf.Timestamp
+	7, // 1: stowage.v1.ListHostsRequest.state:type_name -> stowage.v1.HostState
+	8, // 2: stowage.v1.ListHostsResponse.hosts:type_name -> stowage.v1.Host
+	8, // 3: stowage.v1.GetHostResponse.host:type_name -> stowage.v1.Host
+	2, // 4: stowage.v1.HostService.ListHosts:input_type -> stowage.v1.ListHostsRequest
+	4, // 5: stowage.v1.HostService.GetHost:input_type -> stowage.v1.GetHostRequest
+	0, // 6: stowage.v1.HostService.CreateJoinToken:input_type -> stowage.v1.CreateJoinTokenRequest
+	3, // 7: stowage.v1.HostService.ListHosts:output_type -> stowage.v1.ListHostsResponse
+	5, // 8: stowage.v1.HostService.GetHost:output_type -> stowage.v1.GetHostResponse
+	1, // 9: stowage.v1.HostService.CreateJoinToken:output_type -> stowage.v1.CreateJoinTokenResponse
+	7, // [7:10] is the sub-list for method output_type
+	4, // [4:7] is the sub-list for method input_type
+	4, // [4:4] is the sub-list for extension type_name
+	4, // [4:4] is the sub-list for extension extendee
+	0, // [0:4] is the sub-list for field type_name
 }
 
 func init() { file_stowage_v1_host_proto_init() }
@@ -276,7 +411,7 @@ func file_stowage_v1_host_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_stowage_v1_host_proto_rawDesc), len(file_stowage_v1_host_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   4,
+			NumMessages:   6,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

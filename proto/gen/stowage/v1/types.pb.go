@@ -1190,6 +1190,93 @@ func (x *Host) GetRevision() uint64 {
 	return 0
 }
 
+// JoinToken is the controller's record of a join token: its id and the
+// SHA-256 of its secret, never the secret.
+type JoinToken struct {
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	Id           string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	SecretSha256 string                 `protobuf:"bytes,2,opt,name=secret_sha256,json=secretSha256,proto3" json:"secret_sha256,omitempty"`
+	// The host id the token is bound to ("" for any new host).
+	HostId        string                 `protobuf:"bytes,3,opt,name=host_id,json=hostId,proto3" json:"host_id,omitempty"`
+	CreatedAt     *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	ExpiresAt     *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=expires_at,json=expiresAt,proto3" json:"expires_at,omitempty"`
+	Revision      uint64                 `protobuf:"varint,6,opt,name=revision,proto3" json:"revision,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *JoinToken) Reset() {
+	*x = JoinToken{}
+	mi := &file_stowage_v1_types_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *JoinToken) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*JoinToken) ProtoMessage() {}
+
+func (x *JoinToken) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_types_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use JoinToken.ProtoReflect.Descriptor instead.
+func (*JoinToken) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_types_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *JoinToken) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *JoinToken) GetSecretSha256() string {
+	if x != nil {
+		return x.SecretSha256
+	}
+	return ""
+}
+
+func (x *JoinToken) GetHostId() string {
+	if x != nil {
+		return x.HostId
+	}
+	return ""
+}
+
+func (x *JoinToken) GetCreatedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreatedAt
+	}
+	return nil
+}
+
+func (x *JoinToken) GetExpiresAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ExpiresAt
+	}
+	return nil
+}
+
+func (x *JoinToken) GetRevision() uint64 {
+	if x != nil {
+		return x.Revision
+	}
+	return 0
+}
+
 // Template is a registered template or ISO (CloudStack vm_template).
 type Template struct {
 	state  protoimpl.MessageState `protogen:"open.v1"`
@@ -1214,7 +1301,7 @@ type Template struct {
 
 func (x *Template) Reset() {
 	*x = Template{}
-	mi := &file_stowage_v1_types_proto_msgTypes[5]
+	mi := &file_stowage_v1_types_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1226,7 +1313,7 @@ func (x *Template) String() string {
 func (*Template) ProtoMessage() {}
 
 func (x *Template) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_types_proto_msgTypes[5]
+	mi := &file_stowage_v1_types_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1239,7 +1326,7 @@ func (x *Template) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Template.ProtoReflect.Descriptor instead.
 func (*Template) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_types_proto_rawDescGZIP(), []int{5}
+	return file_stowage_v1_types_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *Template) GetId() string {
@@ -1349,7 +1436,7 @@ type TemplateOnStore struct {
 
 func (x *TemplateOnStore) Reset() {
 	*x = TemplateOnStore{}
-	mi := &file_stowage_v1_types_proto_msgTypes[6]
+	mi := &file_stowage_v1_types_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1361,7 +1448,7 @@ func (x *TemplateOnStore) String() string {
 func (*TemplateOnStore) ProtoMessage() {}
 
 func (x *TemplateOnStore) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_types_proto_msgTypes[6]
+	mi := &file_stowage_v1_types_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1374,7 +1461,7 @@ func (x *TemplateOnStore) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TemplateOnStore.ProtoReflect.Descriptor instead.
 func (*TemplateOnStore) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_types_proto_rawDescGZIP(), []int{6}
+	return file_stowage_v1_types_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *TemplateOnStore) GetId() string {
@@ -1504,7 +1591,7 @@ type Volume struct {
 
 func (x *Volume) Reset() {
 	*x = Volume{}
-	mi := &file_stowage_v1_types_proto_msgTypes[7]
+	mi := &file_stowage_v1_types_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1516,7 +1603,7 @@ func (x *Volume) String() string {
 func (*Volume) ProtoMessage() {}
 
 func (x *Volume) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_types_proto_msgTypes[7]
+	mi := &file_stowage_v1_types_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1529,7 +1616,7 @@ func (x *Volume) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Volume.ProtoReflect.Descriptor instead.
 func (*Volume) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_types_proto_rawDescGZIP(), []int{7}
+	return file_stowage_v1_types_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *Volume) GetId() string {
@@ -1679,7 +1766,7 @@ type Snapshot struct {
 
 func (x *Snapshot) Reset() {
 	*x = Snapshot{}
-	mi := &file_stowage_v1_types_proto_msgTypes[8]
+	mi := &file_stowage_v1_types_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1691,7 +1778,7 @@ func (x *Snapshot) String() string {
 func (*Snapshot) ProtoMessage() {}
 
 func (x *Snapshot) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_types_proto_msgTypes[8]
+	mi := &file_stowage_v1_types_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1704,7 +1791,7 @@ func (x *Snapshot) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Snapshot.ProtoReflect.Descriptor instead.
 func (*Snapshot) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_types_proto_rawDescGZIP(), []int{8}
+	return file_stowage_v1_types_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *Snapshot) GetId() string {
@@ -1809,7 +1896,7 @@ type SnapshotOnStore struct {
 
 func (x *SnapshotOnStore) Reset() {
 	*x = SnapshotOnStore{}
-	mi := &file_stowage_v1_types_proto_msgTypes[9]
+	mi := &file_stowage_v1_types_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1821,7 +1908,7 @@ func (x *SnapshotOnStore) String() string {
 func (*SnapshotOnStore) ProtoMessage() {}
 
 func (x *SnapshotOnStore) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_types_proto_msgTypes[9]
+	mi := &file_stowage_v1_types_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1834,7 +1921,7 @@ func (x *SnapshotOnStore) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotOnStore.ProtoReflect.Descriptor instead.
 func (*SnapshotOnStore) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_types_proto_rawDescGZIP(), []int{9}
+	return file_stowage_v1_types_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *SnapshotOnStore) GetId() string {
@@ -1957,7 +2044,7 @@ type PlanStep struct {
 
 func (x *PlanStep) Reset() {
 	*x = PlanStep{}
-	mi := &file_stowage_v1_types_proto_msgTypes[10]
+	mi := &file_stowage_v1_types_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1969,7 +2056,7 @@ func (x *PlanStep) String() string {
 func (*PlanStep) ProtoMessage() {}
 
 func (x *PlanStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_types_proto_msgTypes[10]
+	mi := &file_stowage_v1_types_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1982,7 +2069,7 @@ func (x *PlanStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PlanStep.ProtoReflect.Descriptor instead.
 func (*PlanStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_types_proto_rawDescGZIP(), []int{10}
+	return file_stowage_v1_types_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *PlanStep) GetName() string {
@@ -2043,7 +2130,7 @@ type Plan struct {
 
 func (x *Plan) Reset() {
 	*x = Plan{}
-	mi := &file_stowage_v1_types_proto_msgTypes[11]
+	mi := &file_stowage_v1_types_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2055,7 +2142,7 @@ func (x *Plan) String() string {
 func (*Plan) ProtoMessage() {}
 
 func (x *Plan) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_types_proto_msgTypes[11]
+	mi := &file_stowage_v1_types_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2068,7 +2155,7 @@ func (x *Plan) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Plan.ProtoReflect.Descriptor instead.
 func (*Plan) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_types_proto_rawDescGZIP(), []int{11}
+	return file_stowage_v1_types_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *Plan) GetStrategy() string {
@@ -2112,7 +2199,7 @@ type JobProgress struct {
 
 func (x *JobProgress) Reset() {
 	*x = JobProgress{}
-	mi := &file_stowage_v1_types_proto_msgTypes[12]
+	mi := &file_stowage_v1_types_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2124,7 +2211,7 @@ func (x *JobProgress) String() string {
 func (*JobProgress) ProtoMessage() {}
 
 func (x *JobProgress) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_types_proto_msgTypes[12]
+	mi := &file_stowage_v1_types_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2137,7 +2224,7 @@ func (x *JobProgress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JobProgress.ProtoReflect.Descriptor instead.
 func (*JobProgress) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_types_proto_rawDescGZIP(), []int{12}
+	return file_stowage_v1_types_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *JobProgress) GetPhase() string {
@@ -2197,7 +2284,7 @@ type Job struct {
 
 func (x *Job) Reset() {
 	*x = Job{}
-	mi := &file_stowage_v1_types_proto_msgTypes[13]
+	mi := &file_stowage_v1_types_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2209,7 +2296,7 @@ func (x *Job) String() string {
 func (*Job) ProtoMessage() {}
 
 func (x *Job) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_types_proto_msgTypes[13]
+	mi := &file_stowage_v1_types_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2222,7 +2309,7 @@ func (x *Job) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Job.ProtoReflect.Descriptor instead.
 func (*Job) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_types_proto_rawDescGZIP(), []int{13}
+	return file_stowage_v1_types_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Job) GetId() string {
@@ -2343,7 +2430,7 @@ type JobParams struct {
 
 func (x *JobParams) Reset() {
 	*x = JobParams{}
-	mi := &file_stowage_v1_types_proto_msgTypes[14]
+	mi := &file_stowage_v1_types_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2355,7 +2442,7 @@ func (x *JobParams) String() string {
 func (*JobParams) ProtoMessage() {}
 
 func (x *JobParams) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_types_proto_msgTypes[14]
+	mi := &file_stowage_v1_types_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2368,7 +2455,7 @@ func (x *JobParams) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JobParams.ProtoReflect.Descriptor instead.
 func (*JobParams) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_types_proto_rawDescGZIP(), []int{14}
+	return file_stowage_v1_types_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *JobParams) GetKind() isJobParams_Kind {
@@ -2501,7 +2588,7 @@ type VolumeCreateParams struct {
 
 func (x *VolumeCreateParams) Reset() {
 	*x = VolumeCreateParams{}
-	mi := &file_stowage_v1_types_proto_msgTypes[15]
+	mi := &file_stowage_v1_types_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2513,7 +2600,7 @@ func (x *VolumeCreateParams) String() string {
 func (*VolumeCreateParams) ProtoMessage() {}
 
 func (x *VolumeCreateParams) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_types_proto_msgTypes[15]
+	mi := &file_stowage_v1_types_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2526,7 +2613,7 @@ func (x *VolumeCreateParams) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeCreateParams.ProtoReflect.Descriptor instead.
 func (*VolumeCreateParams) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_types_proto_rawDescGZIP(), []int{15}
+	return file_stowage_v1_types_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *VolumeCreateParams) GetFormat() ImageFormat {
@@ -2566,7 +2653,7 @@ type VolumeResizeParams struct {
 
 func (x *VolumeResizeParams) Reset() {
 	*x = VolumeResizeParams{}
-	mi := &file_stowage_v1_types_proto_msgTypes[16]
+	mi := &file_stowage_v1_types_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2578,7 +2665,7 @@ func (x *VolumeResizeParams) String() string {
 func (*VolumeResizeParams) ProtoMessage() {}
 
 func (x *VolumeResizeParams) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_types_proto_msgTypes[16]
+	mi := &file_stowage_v1_types_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2591,7 +2678,7 @@ func (x *VolumeResizeParams) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeResizeParams.ProtoReflect.Descriptor instead.
 func (*VolumeResizeParams) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_types_proto_rawDescGZIP(), []int{16}
+	return file_stowage_v1_types_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *VolumeResizeParams) GetSizeBytes() int64 {
@@ -2613,7 +2700,7 @@ type VolumeMigrateParams struct {
 
 func (x *VolumeMigrateParams) Reset() {
 	*x = VolumeMigrateParams{}
-	mi := &file_stowage_v1_types_proto_msgTypes[17]
+	mi := &file_stowage_v1_types_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2625,7 +2712,7 @@ func (x *VolumeMigrateParams) String() string {
 func (*VolumeMigrateParams) ProtoMessage() {}
 
 func (x *VolumeMigrateParams) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_types_proto_msgTypes[17]
+	mi := &file_stowage_v1_types_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2638,7 +2725,7 @@ func (x *VolumeMigrateParams) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeMigrateParams.ProtoReflect.Descriptor instead.
 func (*VolumeMigrateParams) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_types_proto_rawDescGZIP(), []int{17}
+	return file_stowage_v1_types_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *VolumeMigrateParams) GetSrcStoreId() string {
@@ -2675,7 +2762,7 @@ type TemplateCreateParams struct {
 
 func (x *TemplateCreateParams) Reset() {
 	*x = TemplateCreateParams{}
-	mi := &file_stowage_v1_types_proto_msgTypes[18]
+	mi := &file_stowage_v1_types_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2687,7 +2774,7 @@ func (x *TemplateCreateParams) String() string {
 func (*TemplateCreateParams) ProtoMessage() {}
 
 func (x *TemplateCreateParams) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_types_proto_msgTypes[18]
+	mi := &file_stowage_v1_types_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2700,7 +2787,7 @@ func (x *TemplateCreateParams) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TemplateCreateParams.ProtoReflect.Descriptor instead.
 func (*TemplateCreateParams) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_types_proto_rawDescGZIP(), []int{18}
+	return file_stowage_v1_types_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *TemplateCreateParams) GetSourceStoreId() string {
@@ -2740,7 +2827,7 @@ type TemplateDeleteParams struct {
 
 func (x *TemplateDeleteParams) Reset() {
 	*x = TemplateDeleteParams{}
-	mi := &file_stowage_v1_types_proto_msgTypes[19]
+	mi := &file_stowage_v1_types_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2752,7 +2839,7 @@ func (x *TemplateDeleteParams) String() string {
 func (*TemplateDeleteParams) ProtoMessage() {}
 
 func (x *TemplateDeleteParams) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_types_proto_msgTypes[19]
+	mi := &file_stowage_v1_types_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2765,7 +2852,7 @@ func (x *TemplateDeleteParams) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TemplateDeleteParams.ProtoReflect.Descriptor instead.
 func (*TemplateDeleteParams) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_types_proto_rawDescGZIP(), []int{19}
+	return file_stowage_v1_types_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *TemplateDeleteParams) GetForce() bool {
@@ -2785,7 +2872,7 @@ type SnapshotRevertParams struct {
 
 func (x *SnapshotRevertParams) Reset() {
 	*x = SnapshotRevertParams{}
-	mi := &file_stowage_v1_types_proto_msgTypes[20]
+	mi := &file_stowage_v1_types_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2797,7 +2884,7 @@ func (x *SnapshotRevertParams) String() string {
 func (*SnapshotRevertParams) ProtoMessage() {}
 
 func (x *SnapshotRevertParams) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_types_proto_msgTypes[20]
+	mi := &file_stowage_v1_types_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2810,7 +2897,7 @@ func (x *SnapshotRevertParams) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotRevertParams.ProtoReflect.Descriptor instead.
 func (*SnapshotRevertParams) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_types_proto_rawDescGZIP(), []int{20}
+	return file_stowage_v1_types_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *SnapshotRevertParams) GetRefId() string {
@@ -2832,7 +2919,7 @@ type SnapshotBackupParams struct {
 
 func (x *SnapshotBackupParams) Reset() {
 	*x = SnapshotBackupParams{}
-	mi := &file_stowage_v1_types_proto_msgTypes[21]
+	mi := &file_stowage_v1_types_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2844,7 +2931,7 @@ func (x *SnapshotBackupParams) String() string {
 func (*SnapshotBackupParams) ProtoMessage() {}
 
 func (x *SnapshotBackupParams) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_types_proto_msgTypes[21]
+	mi := &file_stowage_v1_types_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2857,7 +2944,7 @@ func (x *SnapshotBackupParams) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotBackupParams.ProtoReflect.Descriptor instead.
 func (*SnapshotBackupParams) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_types_proto_rawDescGZIP(), []int{21}
+	return file_stowage_v1_types_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *SnapshotBackupParams) GetRefId() string {
@@ -2896,7 +2983,7 @@ type CacheStatus struct {
 
 func (x *CacheStatus) Reset() {
 	*x = CacheStatus{}
-	mi := &file_stowage_v1_types_proto_msgTypes[22]
+	mi := &file_stowage_v1_types_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2908,7 +2995,7 @@ func (x *CacheStatus) String() string {
 func (*CacheStatus) ProtoMessage() {}
 
 func (x *CacheStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_types_proto_msgTypes[22]
+	mi := &file_stowage_v1_types_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2921,7 +3008,7 @@ func (x *CacheStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CacheStatus.ProtoReflect.Descriptor instead.
 func (*CacheStatus) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_types_proto_rawDescGZIP(), []int{22}
+	return file_stowage_v1_types_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *CacheStatus) GetMount() string {
@@ -2977,7 +3064,7 @@ type CachedTemplate struct {
 
 func (x *CachedTemplate) Reset() {
 	*x = CachedTemplate{}
-	mi := &file_stowage_v1_types_proto_msgTypes[23]
+	mi := &file_stowage_v1_types_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2989,7 +3076,7 @@ func (x *CachedTemplate) String() string {
 func (*CachedTemplate) ProtoMessage() {}
 
 func (x *CachedTemplate) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_types_proto_msgTypes[23]
+	mi := &file_stowage_v1_types_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3002,7 +3089,7 @@ func (x *CachedTemplate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CachedTemplate.ProtoReflect.Descriptor instead.
 func (*CachedTemplate) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_types_proto_rawDescGZIP(), []int{23}
+	return file_stowage_v1_types_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *CachedTemplate) GetId() string {
@@ -3126,7 +3213,16 @@ const file_stowage_v1_types_proto_rawDesc = "" +
 	"\fstate_reason\x18\r \x01(\tR\vstateReason\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x0e \x01(\tR\tsessionId\x12\x1a\n" +
-	"\brevision\x18\x0f \x01(\x04R\brevision\"\x8e\x03\n" +
+	"\brevision\x18\x0f \x01(\x04R\brevision\"\xeb\x01\n" +
+	"\tJoinToken\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12#\n" +
+	"\rsecret_sha256\x18\x02 \x01(\tR\fsecretSha256\x12\x17\n" +
+	"\ahost_id\x18\x03 \x01(\tR\x06hostId\x129\n" +
+	"\n" +
+	"created_at\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x129\n" +
+	"\n" +
+	"expires_at\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\x12\x1a\n" +
+	"\brevision\x18\x06 \x01(\x04R\brevision\"\x8e\x03\n" +
 	"\bTemplate\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12/\n" +
@@ -3405,7 +3501,7 @@ func file_stowage_v1_types_proto_rawDescGZIP() []byte {
 }
 
 var file_stowage_v1_types_proto_enumTypes = make([]protoimpl.EnumInfo, 9)
-var file_stowage_v1_types_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
+var file_stowage_v1_types_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
 var file_stowage_v1_types_proto_goTypes = []any{
 	(StoreRole)(0),                // 0: stowage.v1.StoreRole
 	(StoreState)(0),               // 1: stowage.v1.StoreState
@@ -3421,79 +3517,82 @@ var file_stowage_v1_types_proto_goTypes = []any{
 	(*StoreOnHost)(nil),           // 11: stowage.v1.StoreOnHost
 	(*HostCapabilities)(nil),      // 12: stowage.v1.HostCapabilities
 	(*Host)(nil),                  // 13: stowage.v1.Host
-	(*Template)(nil),              // 14: stowage.v1.Template
-	(*TemplateOnStore)(nil),       // 15: stowage.v1.TemplateOnStore
-	(*Volume)(nil),                // 16: stowage.v1.Volume
-	(*Snapshot)(nil),              // 17: stowage.v1.Snapshot
-	(*SnapshotOnStore)(nil),       // 18: stowage.v1.SnapshotOnStore
-	(*PlanStep)(nil),              // 19: stowage.v1.PlanStep
-	(*Plan)(nil),                  // 20: stowage.v1.Plan
-	(*JobProgress)(nil),           // 21: stowage.v1.JobProgress
-	(*Job)(nil),                   // 22: stowage.v1.Job
-	(*JobParams)(nil),             // 23: stowage.v1.JobParams
-	(*VolumeCreateParams)(nil),    // 24: stowage.v1.VolumeCreateParams
-	(*VolumeResizeParams)(nil),    // 25: stowage.v1.VolumeResizeParams
-	(*VolumeMigrateParams)(nil),   // 26: stowage.v1.VolumeMigrateParams
-	(*TemplateCreateParams)(nil),  // 27: stowage.v1.TemplateCreateParams
-	(*TemplateDeleteParams)(nil),  // 28: stowage.v1.TemplateDeleteParams
-	(*SnapshotRevertParams)(nil),  // 29: stowage.v1.SnapshotRevertParams
-	(*SnapshotBackupParams)(nil),  // 30: stowage.v1.SnapshotBackupParams
-	(*CacheStatus)(nil),           // 31: stowage.v1.CacheStatus
-	(*CachedTemplate)(nil),        // 32: stowage.v1.CachedTemplate
-	nil,                           // 33: stowage.v1.DataStore.DetailsEntry
-	nil,                           // 34: stowage.v1.Job.ParamsEntry
-	(*timestamppb.Timestamp)(nil), // 35: google.protobuf.Timestamp
+	(*JoinToken)(nil),             // 14: stowage.v1.JoinToken
+	(*Template)(nil),              // 15: stowage.v1.Template
+	(*TemplateOnStore)(nil),       // 16: stowage.v1.TemplateOnStore
+	(*Volume)(nil),                // 17: stowage.v1.Volume
+	(*Snapshot)(nil),              // 18: stowage.v1.Snapshot
+	(*SnapshotOnStore)(nil),       // 19: stowage.v1.SnapshotOnStore
+	(*PlanStep)(nil),              // 20: stowage.v1.PlanStep
+	(*Plan)(nil),                  // 21: stowage.v1.Plan
+	(*JobProgress)(nil),           // 22: stowage.v1.JobProgress
+	(*Job)(nil),                   // 23: stowage.v1.Job
+	(*JobParams)(nil),             // 24: stowage.v1.JobParams
+	(*VolumeCreateParams)(nil),    // 25: stowage.v1.VolumeCreateParams
+	(*VolumeResizeParams)(nil),    // 26: stowage.v1.VolumeResizeParams
+	(*VolumeMigrateParams)(nil),   // 27: stowage.v1.VolumeMigrateParams
+	(*TemplateCreateParams)(nil),  // 28: stowage.v1.TemplateCreateParams
+	(*TemplateDeleteParams)(nil),  // 29: stowage.v1.TemplateDeleteParams
+	(*SnapshotRevertParams)(nil),  // 30: stowage.v1.SnapshotRevertParams
+	(*SnapshotBackupParams)(nil),  // 31: stowage.v1.SnapshotBackupParams
+	(*CacheStatus)(nil),           // 32: stowage.v1.CacheStatus
+	(*CachedTemplate)(nil),        // 33: stowage.v1.CachedTemplate
+	nil,                           // 34: stowage.v1.DataStore.DetailsEntry
+	nil,                           // 35: stowage.v1.Job.ParamsEntry
+	(*timestamppb.Timestamp)(nil), // 36: google.protobuf.Timestamp
 }
 var file_stowage_v1_types_proto_depIdxs = []int32{
 	0,  // 0: stowage.v1.DataStore.role:type_name -> stowage.v1.StoreRole
 	9,  // 1: stowage.v1.DataStore.scope:type_name -> stowage.v1.Scope
 	1,  // 2: stowage.v1.DataStore.state:type_name -> stowage.v1.StoreState
-	33, // 3: stowage.v1.DataStore.details:type_name -> stowage.v1.DataStore.DetailsEntry
-	35, // 4: stowage.v1.DataStore.created_at:type_name -> google.protobuf.Timestamp
-	35, // 5: stowage.v1.DataStore.updated_at:type_name -> google.protobuf.Timestamp
+	34, // 3: stowage.v1.DataStore.details:type_name -> stowage.v1.DataStore.DetailsEntry
+	36, // 4: stowage.v1.DataStore.created_at:type_name -> google.protobuf.Timestamp
+	36, // 5: stowage.v1.DataStore.updated_at:type_name -> google.protobuf.Timestamp
 	11, // 6: stowage.v1.HostCapabilities.stores:type_name -> stowage.v1.StoreOnHost
-	31, // 7: stowage.v1.HostCapabilities.template_cache:type_name -> stowage.v1.CacheStatus
+	32, // 7: stowage.v1.HostCapabilities.template_cache:type_name -> stowage.v1.CacheStatus
 	2,  // 8: stowage.v1.Host.state:type_name -> stowage.v1.HostState
 	12, // 9: stowage.v1.Host.capabilities:type_name -> stowage.v1.HostCapabilities
-	35, // 10: stowage.v1.Host.last_heartbeat:type_name -> google.protobuf.Timestamp
-	35, // 11: stowage.v1.Host.registered_at:type_name -> google.protobuf.Timestamp
-	7,  // 12: stowage.v1.Template.format:type_name -> stowage.v1.ImageFormat
-	35, // 13: stowage.v1.Template.created_at:type_name -> google.protobuf.Timestamp
-	3,  // 14: stowage.v1.TemplateOnStore.state:type_name -> stowage.v1.ObjectState
-	35, // 15: stowage.v1.TemplateOnStore.last_used:type_name -> google.protobuf.Timestamp
-	7,  // 16: stowage.v1.Volume.format:type_name -> stowage.v1.ImageFormat
-	4,  // 17: stowage.v1.Volume.state:type_name -> stowage.v1.VolumeState
-	35, // 18: stowage.v1.Volume.created_at:type_name -> google.protobuf.Timestamp
-	5,  // 19: stowage.v1.Snapshot.state:type_name -> stowage.v1.SnapshotState
-	8,  // 20: stowage.v1.Snapshot.kind:type_name -> stowage.v1.SnapshotKind
-	35, // 21: stowage.v1.Snapshot.created_at:type_name -> google.protobuf.Timestamp
-	0,  // 22: stowage.v1.SnapshotOnStore.role:type_name -> stowage.v1.StoreRole
-	3,  // 23: stowage.v1.SnapshotOnStore.state:type_name -> stowage.v1.ObjectState
-	6,  // 24: stowage.v1.PlanStep.state:type_name -> stowage.v1.JobState
-	19, // 25: stowage.v1.Plan.steps:type_name -> stowage.v1.PlanStep
-	6,  // 26: stowage.v1.Job.state:type_name -> stowage.v1.JobState
-	20, // 27: stowage.v1.Job.plan:type_name -> stowage.v1.Plan
-	21, // 28: stowage.v1.Job.progress:type_name -> stowage.v1.JobProgress
-	35, // 29: stowage.v1.Job.created_at:type_name -> google.protobuf.Timestamp
-	35, // 30: stowage.v1.Job.updated_at:type_name -> google.protobuf.Timestamp
-	34, // 31: stowage.v1.Job.params:type_name -> stowage.v1.Job.ParamsEntry
-	23, // 32: stowage.v1.Job.job_params:type_name -> stowage.v1.JobParams
-	24, // 33: stowage.v1.JobParams.volume_create:type_name -> stowage.v1.VolumeCreateParams
-	25, // 34: stowage.v1.JobParams.volume_resize:type_name -> stowage.v1.VolumeResizeParams
-	26, // 35: stowage.v1.JobParams.volume_migrate:type_name -> stowage.v1.VolumeMigrateParams
-	27, // 36: stowage.v1.JobParams.template_create:type_name -> stowage.v1.TemplateCreateParams
-	28, // 37: stowage.v1.JobParams.template_delete:type_name -> stowage.v1.TemplateDeleteParams
-	29, // 38: stowage.v1.JobParams.snapshot_revert:type_name -> stowage.v1.SnapshotRevertParams
-	30, // 39: stowage.v1.JobParams.snapshot_backup:type_name -> stowage.v1.SnapshotBackupParams
-	7,  // 40: stowage.v1.VolumeCreateParams.format:type_name -> stowage.v1.ImageFormat
-	8,  // 41: stowage.v1.SnapshotBackupParams.kind:type_name -> stowage.v1.SnapshotKind
-	32, // 42: stowage.v1.CacheStatus.templates:type_name -> stowage.v1.CachedTemplate
-	7,  // 43: stowage.v1.CachedTemplate.format:type_name -> stowage.v1.ImageFormat
-	44, // [44:44] is the sub-list for method output_type
-	44, // [44:44] is the sub-list for method input_type
-	44, // [44:44] is the sub-list for extension type_name
-	44, // [44:44] is the sub-list for extension extendee
-	0,  // [0:44] is the sub-list for field type_name
+	36, // 10: stowage.v1.Host.last_heartbeat:type_name -> google.protobuf.Timestamp
+	36, // 11: stowage.v1.Host.registered_at:type_name -> google.protobuf.Timestamp
+	36, // 12: stowage.v1.JoinToken.created_at:type_name -> google.protobuf.Timestamp
+	36, // 13: stowage.v1.JoinToken.expires_at:type_name -> google.protobuf.Timestamp
+	7,  // 14: stowage.v1.Template.format:type_name -> stowage.v1.ImageFormat
+	36, // 15: stowage.v1.Template.created_at:type_name -> google.protobuf.Timestamp
+	3,  // 16: stowage.v1.TemplateOnStore.state:type_name -> stowage.v1.ObjectState
+	36, // 17: stowage.v1.TemplateOnStore.last_used:type_name -> google.protobuf.Timestamp
+	7,  // 18: stowage.v1.Volume.format:type_name -> stowage.v1.ImageFormat
+	4,  // 19: stowage.v1.Volume.state:type_name -> stowage.v1.VolumeState
+	36, // 20: stowage.v1.Volume.created_at:type_name -> google.protobuf.Timestamp
+	5,  // 21: stowage.v1.Snapshot.state:type_name -> stowage.v1.SnapshotState
+	8,  // 22: stowage.v1.Snapshot.kind:type_name -> stowage.v1.SnapshotKind
+	36, // 23: stowage.v1.Snapshot.created_at:type_name -> google.protobuf.Timestamp
+	0,  // 24: stowage.v1.SnapshotOnStore.role:type_name -> stowage.v1.StoreRole
+	3,  // 25: stowage.v1.SnapshotOnStore.state:type_name -> stowage.v1.ObjectState
+	6,  // 26: stowage.v1.PlanStep.state:type_name -> stowage.v1.JobState
+	20, // 27: stowage.v1.Plan.steps:type_name -> stowage.v1.PlanStep
+	6,  // 28: stowage.v1.Job.state:type_name -> stowage.v1.JobState
+	21, // 29: stowage.v1.Job.plan:type_name -> stowage.v1.Plan
+	22, // 30: stowage.v1.Job.progress:type_name -> stowage.v1.JobProgress
+	36, // 31: stowage.v1.Job.created_at:type_name -> google.protobuf.Timestamp
+	36, // 32: stowage.v1.Job.updated_at:type_name -> google.protobuf.Timestamp
+	35, // 33: stowage.v1.Job.params:type_name -> stowage.v1.Job.ParamsEntry
+	24, // 34: stowage.v1.Job.job_params:type_name -> stowage.v1.JobParams
+	25, // 35: stowage.v1.JobParams.volume_create:type_name -> stowage.v1.VolumeCreateParams
+	26, // 36: stowage.v1.JobParams.volume_resize:type_name -> stowage.v1.VolumeResizeParams
+	27, // 37: stowage.v1.JobParams.volume_migrate:type_name -> stowage.v1.VolumeMigrateParams
+	28, // 38: stowage.v1.JobParams.template_create:type_name -> stowage.v1.TemplateCreateParams
+	29, // 39: stowage.v1.JobParams.template_delete:type_name -> stowage.v1.TemplateDeleteParams
+	30, // 40: stowage.v1.JobParams.snapshot_revert:type_name -> stowage.v1.SnapshotRevertParams
+	31, // 41: stowage.v1.JobParams.snapshot_backup:type_name -> stowage.v1.SnapshotBackupParams
+	7,  // 42: stowage.v1.VolumeCreateParams.format:type_name -> stowage.v1.ImageFormat
+	8,  // 43: stowage.v1.SnapshotBackupParams.kind:type_name -> stowage.v1.SnapshotKind
+	33, // 44: stowage.v1.CacheStatus.templates:type_name -> stowage.v1.CachedTemplate
+	7,  // 45: stowage.v1.CachedTemplate.format:type_name -> stowage.v1.ImageFormat
+	46, // [46:46] is the sub-list for method output_type
+	46, // [46:46] is the sub-list for method input_type
+	46, // [46:46] is the sub-list for extension type_name
+	46, // [46:46] is the sub-list for extension extendee
+	0,  // [0:46] is the sub-list for field type_name
 }
 
 func init() { file_stowage_v1_types_proto_init() }
@@ -3501,7 +3600,7 @@ func file_stowage_v1_types_proto_init() {
 	if File_stowage_v1_types_proto != nil {
 		return
 	}
-	file_stowage_v1_types_proto_msgTypes[14].OneofWrappers = []any{
+	file_stowage_v1_types_proto_msgTypes[15].OneofWrappers = []any{
 		(*JobParams_VolumeCreate)(nil),
 		(*JobParams_VolumeResize)(nil),
 		(*JobParams_VolumeMigrate)(nil),
@@ -3516,7 +3615,7 @@ func file_stowage_v1_types_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_stowage_v1_types_proto_rawDesc), len(file_stowage_v1_types_proto_rawDesc)),
 			NumEnums:      9,
-			NumMessages:   26,
+			NumMessages:   27,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

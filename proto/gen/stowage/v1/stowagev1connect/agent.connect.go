@@ -35,12 +35,18 @@ const (
 // reflection-formatted method names, remove the leading slash and convert the remaining slash to a
 // period.
 const (
+	// AgentControlServiceJoinProcedure is the fully-qualified name of the AgentControlService's Join
+	// RPC.
+	AgentControlServiceJoinProcedure = "/stowage.v1.AgentControlService/Join"
 	// AgentControlServiceRegisterProcedure is the fully-qualified name of the AgentControlService's
 	// Register RPC.
 	AgentControlServiceRegisterProcedure = "/stowage.v1.AgentControlService/Register"
 	// AgentControlServiceHeartbeatProcedure is the fully-qualified name of the AgentControlService's
 	// Heartbeat RPC.
 	AgentControlServiceHeartbeatProcedure = "/stowage.v1.AgentControlService/Heartbeat"
+	// AgentControlServiceRenewProcedure is the fully-qualified name of the AgentControlService's Renew
+	// RPC.
+	AgentControlServiceRenewProcedure = "/stowage.v1.AgentControlService/Renew"
 	// AgentServiceRunTaskProcedure is the fully-qualified name of the AgentService's RunTask RPC.
 	AgentServiceRunTaskProcedure = "/stowage.v1.AgentService/RunTask"
 	// AgentServiceGetTaskProcedure is the fully-qualified name of the AgentService's GetTask RPC.
@@ -49,8 +55,10 @@ const (
 
 // AgentControlServiceClient is a client for the stowage.v1.AgentControlService service.
 type AgentControlServiceClient interface {
+	Join(context.Context, *connect.Request[v1.JoinRequest]) (*connect.Response[v1.JoinResponse], error)
 	Register(context.Context, *connect.Request[v1.RegisterRequest]) (*connect.Response[v1.RegisterResponse], error)
 	Heartbeat(context.Context, *connect.Request[v1.HeartbeatRequest]) (*connect.Response[v1.HeartbeatResponse], error)
+	Renew(context.Context, *connect.Request[v1.RenewRequest]) (*connect.Response[v1.RenewResponse], error)
 }
 
 // NewAgentControlServiceClient constructs a client for the stowage.v1.AgentControlService service.
@@ -64,6 +72,12 @@ func NewAgentControlServiceClient(httpClient connect.HTTPClient, baseURL string,
 	baseURL = strings.TrimRight(baseURL, "/")
 	agentControlServiceMethods := v1.File_stowage_v1_agent_proto.Services().ByName("AgentControlService").Methods()
 	return &agentControlServiceClient{
+		join: connect.NewClient[v1.JoinRequest, v1.JoinResponse](
+			httpClient,
+			baseURL+AgentControlServiceJoinProcedure,
+			connect.WithSchema(agentControlServiceMethods.ByName("Join")),
+			connect.WithClientOptions(opts...),
+		),
 		register: connect.NewClient[v1.RegisterRequest, v1.RegisterResponse](
 			httpClient,
 			baseURL+AgentControlServiceRegisterProcedure,
@@ -76,13 +90,26 @@ func NewAgentControlServiceClient(httpClient connect.HTTPClient, baseURL string,
 			connect.WithSchema(agentControlServiceMethods.ByName("Heartbeat")),
 			connect.WithClientOptions(opts...),
 		),
+		renew: connect.NewClient[v1.RenewRequest, v1.RenewResponse](
+			httpClient,
+			baseURL+AgentControlServiceRenewProcedure,
+			connect.WithSchema(agentControlServiceMethods.ByName("Renew")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
 // agentControlServiceClient implements AgentControlServiceClient.
 type agentControlServiceClient struct {
+	join      *connect.Client[v1.JoinRequest, v1.JoinResponse]
 	register  *connect.Client[v1.RegisterRequest, v1.RegisterResponse]
 	heartbeat *connect.Client[v1.HeartbeatRequest, v1.HeartbeatResponse]
+	renew     *connect.Client[v1.RenewRequest, v1.RenewResponse]
+}
+
+// Join calls stowage.v1.AgentControlService.Join.
+func (c *agentControlServiceClient) Join(ctx context.Context, req *connect.Request[v1.JoinRequest]) (*connect.Response[v1.JoinResponse], error) {
+	return c.join.CallUnary(ctx, req)
 }
 
 // Register calls stowage.v1.AgentControlService.Register.
@@ -95,10 +122,17 @@ func (c *agentControlServiceClient) Heartbeat(ctx context.Context, req *connect.
 	return c.heartbeat.CallUnary(ctx, req)
 }
 
+// Renew calls stowage.v1.AgentControlService.Renew.
+func (c *agentControlServiceClient) Renew(ctx context.Context, req *connect.Request[v1.RenewRequest]) (*connect.Response[v1.RenewResponse], error) {
+	return c.renew.CallUnary(ctx, req)
+}
+
 // AgentControlServiceHandler is an implementation of the stowage.v1.AgentControlService service.
 type AgentControlServiceHandler interface {
+	Join(context.Context, *connect.Request[v1.JoinRequest]) (*connect.Response[v1.JoinResponse], error)
 	Register(context.Context, *connect.Request[v1.RegisterRequest]) (*connect.Response[v1.RegisterResponse], error)
 	Heartbeat(context.Context, *connect.Request[v1.HeartbeatRequest]) (*connect.Response[v1.HeartbeatResponse], error)
+	Renew(context.Context, *connect.Request[v1.RenewRequest]) (*connect.Response[v1.RenewResponse], error)
 }
 
 // NewAgentControlServiceHandler builds an HTTP handler from the service implementation. It returns
@@ -108,6 +142,12 @@ type AgentControlServiceHandler interface {
 // and JSON codecs. They also support gzip compression.
 func NewAgentControlServiceHandler(svc AgentControlServiceHandler, opts ...connect.HandlerOption) (string, http.Handler) {
 	agentControlServiceMethods := v1.File_stowage_v1_agent_proto.Services().ByName("AgentControlService").Methods()
+	agentControlServiceJoinHandler := connect.NewUnaryHandler(
+		AgentControlServiceJoinProcedure,
+		svc.Join,
+		connect.WithSchema(agentControlServiceMethods.ByName("Join")),
+		connect.WithHandlerOptions(opts...),
+	)
 	agentControlServiceRegisterHandler := connect.NewUnaryHandler(
 		AgentControlServiceRegisterProcedure,
 		svc.Register,
@@ -120,12 +160,22 @@ func NewAgentControlServiceHandler(svc AgentControlServiceHandler, opts ...conne
 		connect.WithSchema(agentControlServiceMethods.ByName("Heartbeat")),
 		connect.WithHandlerOptions(opts...),
 	)
+	agentControlServiceRenewHandler := connect.NewUnaryHandler(
+		AgentControlServiceRenewProcedure,
+		svc.Renew,
+		connect.WithSchema(agentControlServiceMethods.ByName("Renew")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/stowage.v1.AgentControlService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
+		case AgentControlServiceJoinProcedure:
+			agentControlServiceJoinHandler.ServeHTTP(w, r)
 		case AgentControlServiceRegisterProcedure:
 			agentControlServiceRegisterHandler.ServeHTTP(w, r)
 		case AgentControlServiceHeartbeatProcedure:
 			agentControlServiceHeartbeatHandler.ServeHTTP(w, r)
+		case AgentControlServiceRenewProcedure:
+			agentControlServiceRenewHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -135,12 +185,20 @@ func NewAgentControlServiceHandler(svc AgentControlServiceHandler, opts ...conne
 // UnimplementedAgentControlServiceHandler returns CodeUnimplemented from all methods.
 type UnimplementedAgentControlServiceHandler struct{}
 
+func (UnimplementedAgentControlServiceHandler) Join(context.Context, *connect.Request[v1.JoinRequest]) (*connect.Response[v1.JoinResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("stowage.v1.AgentControlService.Join is not implemented"))
+}
+
 func (UnimplementedAgentControlServiceHandler) Register(context.Context, *connect.Request[v1.RegisterRequest]) (*connect.Response[v1.RegisterResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("stowage.v1.AgentControlService.Register is not implemented"))
 }
 
 func (UnimplementedAgentControlServiceHandler) Heartbeat(context.Context, *connect.Request[v1.HeartbeatRequest]) (*connect.Response[v1.HeartbeatResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("stowage.v1.AgentControlService.Heartbeat is not implemented"))
+}
+
+func (UnimplementedAgentControlServiceHandler) Renew(context.Context, *connect.Request[v1.RenewRequest]) (*connect.Response[v1.RenewResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("stowage.v1.AgentControlService.Renew is not implemented"))
 }
 
 // AgentServiceClient is a client for the stowage.v1.AgentService service.

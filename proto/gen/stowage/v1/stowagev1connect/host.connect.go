@@ -37,12 +37,19 @@ const (
 	HostServiceListHostsProcedure = "/stowage.v1.HostService/ListHosts"
 	// HostServiceGetHostProcedure is the fully-qualified name of the HostService's GetHost RPC.
 	HostServiceGetHostProcedure = "/stowage.v1.HostService/GetHost"
+	// HostServiceCreateJoinTokenProcedure is the fully-qualified name of the HostService's
+	// CreateJoinToken RPC.
+	HostServiceCreateJoinTokenProcedure = "/stowage.v1.HostService/CreateJoinToken"
 )
 
 // HostServiceClient is a client for the stowage.v1.HostService service.
 type HostServiceClient interface {
 	ListHosts(context.Context, *connect.Request[v1.ListHostsRequest]) (*connect.Response[v1.ListHostsResponse], error)
 	GetHost(context.Context, *connect.Request[v1.GetHostRequest]) (*connect.Response[v1.GetHostResponse], error)
+	// CreateJoinToken makes a one-time, expiring token an agent joins with
+	// (stowage agent --join-token). The token is in this reply only; the
+	// controller keeps its hash.
+	CreateJoinToken(context.Context, *connect.Request[v1.CreateJoinTokenRequest]) (*connect.Response[v1.CreateJoinTokenResponse], error)
 }
 
 // NewHostServiceClient constructs a client for the stowage.v1.HostService service. By default, it
@@ -68,13 +75,20 @@ func NewHostServiceClient(httpClient connect.HTTPClient, baseURL string, opts ..
 			connect.WithSchema(hostServiceMethods.ByName("GetHost")),
 			connect.WithClientOptions(opts...),
 		),
+		createJoinToken: connect.NewClient[v1.CreateJoinTokenRequest, v1.CreateJoinTokenResponse](
+			httpClient,
+			baseURL+HostServiceCreateJoinTokenProcedure,
+			connect.WithSchema(hostServiceMethods.ByName("CreateJoinToken")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
 // hostServiceClient implements HostServiceClient.
 type hostServiceClient struct {
-	listHosts *connect.Client[v1.ListHostsRequest, v1.ListHostsResponse]
-	getHost   *connect.Client[v1.GetHostRequest, v1.GetHostResponse]
+	listHosts       *connect.Client[v1.ListHostsRequest, v1.ListHostsResponse]
+	getHost         *connect.Client[v1.GetHostRequest, v1.GetHostResponse]
+	createJoinToken *connect.Client[v1.CreateJoinTokenRequest, v1.CreateJoinTokenResponse]
 }
 
 // ListHosts calls stowage.v1.HostService.ListHosts.
@@ -87,10 +101,19 @@ func (c *hostServiceClient) GetHost(ctx context.Context, req *connect.Request[v1
 	return c.getHost.CallUnary(ctx, req)
 }
 
+// CreateJoinToken calls stowage.v1.HostService.CreateJoinToken.
+func (c *hostServiceClient) CreateJoinToken(ctx context.Context, req *connect.Request[v1.CreateJoinTokenRequest]) (*connect.Response[v1.CreateJoinTokenResponse], error) {
+	return c.createJoinToken.CallUnary(ctx, req)
+}
+
 // HostServiceHandler is an implementation of the stowage.v1.HostService service.
 type HostServiceHandler interface {
 	ListHosts(context.Context, *connect.Request[v1.ListHostsRequest]) (*connect.Response[v1.ListHostsResponse], error)
 	GetHost(context.Context, *connect.Request[v1.GetHostRequest]) (*connect.Response[v1.GetHostResponse], error)
+	// CreateJoinToken makes a one-time, expiring token an agent joins with
+	// (stowage agent --join-token). The token is in this reply only; the
+	// controller keeps its hash.
+	CreateJoinToken(context.Context, *connect.Request[v1.CreateJoinTokenRequest]) (*connect.Response[v1.CreateJoinTokenResponse], error)
 }
 
 // NewHostServiceHandler builds an HTTP handler from the service implementation. It returns the path
@@ -112,12 +135,20 @@ func NewHostServiceHandler(svc HostServiceHandler, opts ...connect.HandlerOption
 		connect.WithSchema(hostServiceMethods.ByName("GetHost")),
 		connect.WithHandlerOptions(opts...),
 	)
+	hostServiceCreateJoinTokenHandler := connect.NewUnaryHandler(
+		HostServiceCreateJoinTokenProcedure,
+		svc.CreateJoinToken,
+		connect.WithSchema(hostServiceMethods.ByName("CreateJoinToken")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/stowage.v1.HostService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case HostServiceListHostsProcedure:
 			hostServiceListHostsHandler.ServeHTTP(w, r)
 		case HostServiceGetHostProcedure:
 			hostServiceGetHostHandler.ServeHTTP(w, r)
+		case HostServiceCreateJoinTokenProcedure:
+			hostServiceCreateJoinTokenHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -133,4 +164,8 @@ func (UnimplementedHostServiceHandler) ListHosts(context.Context, *connect.Reque
 
 func (UnimplementedHostServiceHandler) GetHost(context.Context, *connect.Request[v1.GetHostRequest]) (*connect.Response[v1.GetHostResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("stowage.v1.HostService.GetHost is not implemented"))
+}
+
+func (UnimplementedHostServiceHandler) CreateJoinToken(context.Context, *connect.Request[v1.CreateJoinTokenRequest]) (*connect.Response[v1.CreateJoinTokenResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("stowage.v1.HostService.CreateJoinToken is not implemented"))
 }

@@ -1,0 +1,131 @@
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/stowage/stowage/trust"
+)
+
+// controllerTrust is the controller's side of trust: its CA (in
+// DATA/pki), its own rotating certificate, and the clients that call
+// agents, each checking that the agent's certificate names its host.
+type controllerTrust struct {
+	ca      *trust.CA
+	kp      *trust.KeyPair
+	req     trust.Request
+	clients sync.Map // host id -> *http.Client
+}
+
+// pkiDir is where the controller keeps its CA.
+func pkiDir(dataDir string) string { return filepath.Join(dataDir, "pki") }
+
+// newControllerTrust loads or makes the CA and issues the controller's
+// certificate for the names it serves under: localhost, this host's name
+// and loopback addresses, the --listen host, and every --tls-san.
+func newControllerTrust(dataDir, listen string, sans []string, ttl time.Duration) (*controllerTrust, error) {
+	ca, err := trust.LoadOrCreateCA(pkiDir(dataDir))
+	if err != nil {
+		return nil, err
+	}
+	req := trust.Request{Identity: trust.Controller, TTL: ttl, DNSNames: []string{"localhost"}, IPs: []net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback}}
+	if h, err := os.Hostname(); err == nil && h != "" {
+		req.DNSNames = append(req.DNSNames, h)
+	}
+	names := append([]string(nil), sans...)
+	if host, _, err := net.SplitHostPort(listen); err == nil && host != "" {
+		names = append(names, host)
+	}
+	for _, n := range names {
+		if ip := net.ParseIP(n); ip != nil {
+			if !ip.IsUnspecified() {
+				req.IPs = append(req.IPs, ip)
+			}
+		} else if n != "" {
+			req.DNSNames = append(req.DNSNames, n)
+		}
+	}
+	kp, err := trust.NewIssued(ca, req)
+	if err != nil {
+		return nil, err
+	}
+	return &controllerTrust{ca: ca, kp: kp, req: req}, nil
+}
+
+// serverTLS is the API port's TLS: the controller's certificate; a client
+// certificate is checked when given (agents), API callers without one
+// authenticate with tokens.
+func (t *controllerTrust) serverTLS() *tls.Config {
+	return trust.ServerConfig(t.kp, t.ca.Pool(), tls.VerifyClientCertIfGiven, nil)
+}
+
+// agentClient is the client of calls to the agent of hostID: it presents
+// the controller's certificate and accepts only one naming hostID.
+func (t *controllerTrust) agentClient(hostID string) *http.Client {
+	if c, ok := t.clients.Load(hostID); ok {
+		return c.(*http.Client)
+	}
+	c := &http.Client{Timeout: 10 * time.Minute, Transport: &http.Transport{
+		TLSClientConfig:   trust.ClientConfig(t.kp, t.ca.Pool(), trust.Is(trust.HostIdentity(hostID))),
+		ForceAttemptHTTP2: true,
+		IdleConnTimeout:   90 * time.Second,
+	}}
+	got, _ := t.clients.LoadOrStore(hostID, c)
+	return got.(*http.Client)
+}
+
+// webRoots is the system's pool plus the CA: the controller's downloads
+// (S3 imports) reach public servers and agents' HTTPS exports.
+func (t *controllerTrust) webRoots() *x509.CertPool { return withSystemRoots(t.ca.Certificate()) }
+
+// renew keeps the controller's certificate valid while ctx lives.
+func (t *controllerTrust) renew(ctx context.Context, log *slog.Logger) {
+	trust.Renew(ctx, t.kp, trust.Controller, "", trust.SelfRenew(t.ca, t.req), 10*time.Second, log)
+}
+
+// issueHost issues and stores a certificate from ca for an agent of this
+// process (stowage dev) in stateDir, unless one for hostID from ca is
+// stored already.
+func issueHost(ca *trust.CA, ttl time.Duration, stateDir, hostID string, addresses []string) error {
+	dir := filepath.Join(stateDir, "pki")
+	if kp, stored, err := trust.LoadKeyPair(dir); err == nil && trust.PinOf(stored) == ca.Pin() {
+		if id, err := trust.IdentityOf(kp.Leaf()); err == nil && id == trust.HostIdentity(hostID) {
+			return nil
+		}
+	}
+	req := trust.Request{Identity: trust.HostIdentity(hostID), TTL: ttl}
+	for _, a := range addresses {
+		if ip := net.ParseIP(a); ip != nil {
+			req.IPs = append(req.IPs, ip)
+		} else {
+			req.DNSNames = append(req.DNSNames, a)
+		}
+	}
+	kp, err := trust.NewIssued(ca, req)
+	if err != nil {
+		return err
+	}
+	if err := kp.Store(dir, ca.PEM()); err != nil {
+		return fmt.Errorf("dev: store the agent's certificate: %w", err)
+	}
+	return nil
+}
+
+// withSystemRoots is the system's pool plus ca.
+func withSystemRoots(ca *x509.Certificate) *x509.CertPool {
+	p, err := x509.SystemCertPool()
+	if err != nil || p == nil {
+		p = x509.NewCertPool()
+	}
+	p.AddCert(ca)
+	return p
+}
