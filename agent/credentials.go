@@ -163,9 +163,12 @@ func Enrol(ctx context.Context, cfg EnrolConfig, log *slog.Logger) (*Credentials
 			log.Info("joined the controller", "host", cfg.HostID, "expires", kp.Leaf().NotAfter, "ca", trust.PinOf(ca))
 			return &Credentials{KeyPair: kp, CA: ca, Dir: dir}, nil
 		}
+		// A failed CA check (in the handshake) or a refused token is
+		// final; an unreachable controller is retried.
+		if trust.PeerError(err) {
+			return nil, fmt.Errorf("agent: join: %w", err)
+		}
 		err = errconnect.FromConnect(err)
-		// A refused token or a failed CA check is final; an unreachable
-		// controller is retried.
 		if !errors.Is(err, errdefs.ErrUnavailable) || ctx.Err() != nil {
 			return nil, fmt.Errorf("agent: %w", err)
 		}

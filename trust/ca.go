@@ -151,6 +151,10 @@ type Request struct {
 	TTL time.Duration
 }
 
+// backdate is how far before its issue a certificate is valid, for hosts
+// whose clocks run a little behind.
+const backdate = 5 * time.Minute
+
 // DefaultTTL is the validity of issued certificates: 30 days, renewed at
 // two thirds of it.
 const DefaultTTL = 30 * 24 * time.Hour
@@ -176,7 +180,7 @@ func (ca *CA) Issue(r Request) ([]byte, error) {
 	tmpl := &x509.Certificate{
 		SerialNumber: serial(),
 		Subject:      pkix.Name{CommonName: cn, Organization: []string{"stowage"}},
-		NotBefore:    now.Add(-5 * time.Minute),
+		NotBefore:    now.Add(-backdate),
 		NotAfter:     notAfter,
 		KeyUsage:     x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment,
 		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},

@@ -208,10 +208,14 @@ func (kp *KeyPair) GetClientCertificate(*tls.CertificateRequestInfo) (*tls.Certi
 }
 
 // RenewAt is when the current certificate should be renewed: at two thirds
-// of its validity.
+// of its life from its issue (NotBefore is backdated for clock skew).
 func (kp *KeyPair) RenewAt() time.Time {
 	l := kp.Leaf()
-	return l.NotBefore.Add(l.NotAfter.Sub(l.NotBefore) * 2 / 3)
+	issued := l.NotBefore.Add(backdate)
+	if issued.After(l.NotAfter) {
+		issued = l.NotBefore
+	}
+	return issued.Add(l.NotAfter.Sub(issued) * 2 / 3)
 }
 
 // Files a stored key pair lives in, beside the CA certificate that issued it.

@@ -18,10 +18,10 @@ func registerDataSchemes() { nbd.Register() }
 // the controller, each constructed explicitly with what it needs. Add a
 // provider here (behind a build tag if it is optional).
 // fetch downloads user-supplied template URLs in this process (the s3
-// provider's import).
-func builtinProviders(hosts hostops.Selector, fetch *http.Client) *drivers.Registry {
+// provider's import), peer the URLs Stowage made (agents' exports).
+func builtinProviders(hosts hostops.Selector, fetch, peer *http.Client) *drivers.Registry {
 	reg := drivers.NewRegistry()
 	reg.Register(filesystem.New(hosts))
-	reg.Register(s3.New(hosts, s3.WithFetchClient(fetch)))
+	reg.Register(s3.New(hosts, s3.WithFetchClient(fetch), s3.WithPeerClient(peer)))
 	return reg
 }

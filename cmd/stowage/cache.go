@@ -402,6 +402,9 @@ type hostTLSOpen struct {
 }
 
 func (h *hostTLSOpen) open(ctx context.Context, url string) (imagecache.Source, error) {
+	if !strings.HasPrefix(url, "https://") {
+		return imagecache.OpenStream(h.http)(ctx, url)
+	}
 	h.mu.Lock()
 	if h.opener == nil {
 		kp, ca, err := trust.Follow(h.dir)

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -17,8 +16,8 @@ import (
 
 	"github.com/stowage/stowage/controller/api"
 	"github.com/stowage/stowage/controller/datastore"
-	"github.com/stowage/stowage/controller/enrol"
 	"github.com/stowage/stowage/controller/endpoint"
+	"github.com/stowage/stowage/controller/enrol"
 	"github.com/stowage/stowage/controller/hosts"
 	"github.com/stowage/stowage/controller/image"
 	"github.com/stowage/stowage/controller/jobs"
@@ -96,6 +95,9 @@ func runController(ctx context.Context, cfg controllerConfig, log *slog.Logger, 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
+	if cfg.certTTL < 5*time.Second {
+		return usageError{fmt.Errorf("--cert-ttl %s: at least 5s: %w", cfg.certTTL, errdefs.ErrInvalid)}
+	}
 	// The controller's CA and certificate: every agent call is mutual TLS.
 	tr, err := newControllerTrust(cfg.dataDir, cfg.listen, cfg.tlsSANs, cfg.certTTL)
 	if err != nil {
@@ -107,12 +109,7 @@ func runController(ctx context.Context, cfg controllerConfig, log *slog.Logger, 
 	if err != nil {
 		return fmt.Errorf("--fetch-allow-cidrs: %w", err)
 	}
-	fetch := guard.Client(nil)
-	if t, ok := fetch.Transport.(*http.Transport); ok {
-		// Staging exports of agents need the controller's certificate.
-		t.TLSClientConfig = &tls.Config{MinVersion: tls.VersionTLS12, RootCAs: tr.webRoots(), GetClientCertificate: tr.kp.GetClientCertificate}
-	}
-	providers := builtinProviders(selector, fetch)
+	providers := builtinProviders(selector, guard.Client(nil), tr.peerClient())
 	mover := motion.NewMover(providers, selector)
 	storeSvc := datastore.New(db, providers, log)
 	hostSvc.SetStoreWatcher(storeSvc)

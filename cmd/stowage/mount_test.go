@@ -139,8 +139,8 @@ func testTemplateMount(t *testing.T, transport string, full bool) {
 	addr := freePort(t)
 	server := "https://" + addr
 	controllerProc(t, addr, filepath.Join(root, "controller"), "--template-mount-transport", transport)
-	c1 := startCache(t, "cache h1", filepath.Join(root, "c1"))
-	c2 := startCache(t, "cache h2", filepath.Join(root, "c2"))
+	c1 := startCache(t, "cache h1", filepath.Join(root, "c1"), "--pki-dir", filepath.Join(root, "a1", "pki"))
+	c2 := startCache(t, "cache h2", filepath.Join(root, "c2"), "--pki-dir", filepath.Join(root, "a2", "pki"))
 	agentProc(t, server, "h1", "z1", "c1", filepath.Join(root, "a1"), "--image-cache-socket", c1.socket)
 	agentProc(t, server, "h2", "z1", "c1", filepath.Join(root, "a2"), "--image-cache-socket", c2.socket)
 	waitFor(t, "both hosts Up", 20*time.Second, func() bool {
@@ -196,7 +196,8 @@ func testTemplateMount(t *testing.T, transport string, full bool) {
 	})
 
 	// h2 reads through h1's export, h1 from its own image store.
-	if !strings.Contains(c2.log.String(), "source="+transport+"://") || !strings.Contains(c1.log.String(), "source="+filepath.Join(root, "img")) {
+	scheme := map[string]string{"http": "https", "nbd": "nbd"}[transport]
+	if !strings.Contains(c2.log.String(), "source="+scheme+"://") || !strings.Contains(c1.log.String(), "source="+filepath.Join(root, "img")) {
 		t.Fatalf("template sources: h2 should read over %s, h1 the local file; logs:\n%s\n%s", transport, c2.log.String(), c1.log.String())
 	}
 	if !full {
@@ -409,7 +410,7 @@ func TestCacheServeKillMidFetch(t *testing.T) {
 	}))
 	defer origin.Close()
 
-	c := startCache(t, "cache", root, "--prefetch-rate", "off")
+	c := startCache(t, "cache", root, "--prefetch-rate", "off", "--pki-dir", "")
 	cl := cachemount.NewClient(c.socket)
 	ctx := context.Background()
 	spec := &stowagev1.CacheSpec{Id: "t1", Url: origin.URL + "/t1", Size: int64(len(data)), Identity: "sha256:test", Format: stowagev1.ImageFormat_IMAGE_FORMAT_RAW}

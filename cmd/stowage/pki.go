@@ -83,9 +83,15 @@ func (t *controllerTrust) agentClient(hostID string) *http.Client {
 	return got.(*http.Client)
 }
 
-// webRoots is the system's pool plus the CA: the controller's downloads
-// (S3 imports) reach public servers and agents' HTTPS exports.
-func (t *controllerTrust) webRoots() *x509.CertPool { return withSystemRoots(t.ca.Certificate()) }
+// peerClient reads agents' HTTPS exports (S3 imports from a staging
+// export): the CA's roots, verified by address, with the controller's
+// certificate.
+func (t *controllerTrust) peerClient() *http.Client {
+	return &http.Client{Transport: &http.Transport{
+		TLSClientConfig:   &tls.Config{MinVersion: tls.VersionTLS12, RootCAs: t.ca.Pool(), GetClientCertificate: t.kp.GetClientCertificate},
+		ForceAttemptHTTP2: true,
+	}}
+}
 
 // renew keeps the controller's certificate valid while ctx lives.
 func (t *controllerTrust) renew(ctx context.Context, log *slog.Logger) {

@@ -74,7 +74,7 @@ func TestSecretsNeverLeakEndToEnd(t *testing.T) {
 	var h1Extra []string
 	if os.Geteuid() == 0 {
 		if _, err := os.Stat("/dev/fuse"); err == nil {
-			c := startCache(t, "cache h1", filepath.Join(root, "c1"), "--log-level", "debug")
+			c := startCache(t, "cache h1", filepath.Join(root, "c1"), "--log-level", "debug", "--pki-dir", filepath.Join(root, "a1", "pki"))
 			procs = append(procs, c.proc)
 			h1Extra = []string{"--image-cache-socket", c.socket}
 		}

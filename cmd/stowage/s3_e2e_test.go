@@ -48,7 +48,7 @@ func TestS3ImageStoreEndToEnd(t *testing.T) {
 	addr := freePort(t)
 	server := "https://" + addr
 	controllerProc(t, addr, filepath.Join(root, "controller"))
-	cache := startCache(t, "cache h1", filepath.Join(root, "c1"))
+	cache := startCache(t, "cache h1", filepath.Join(root, "c1"), "--pki-dir", filepath.Join(root, "a1", "pki"))
 	agentProc(t, server, "h1", "z1", "c1", filepath.Join(root, "a1"), "--store-roots", root, "--image-cache-socket", cache.socket)
 	waitFor(t, "h1 Up", 20*time.Second, func() bool { return hostState(t, server, "h1") == "HOST_STATE_UP" })
 	a := newAPI(server)

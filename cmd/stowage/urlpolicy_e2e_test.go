@@ -24,9 +24,13 @@ func TestTemplateURLPolicy(t *testing.T) {
 	root := t.TempDir()
 	addr := freePort(t)
 	server := "https://" + addr
+	controllers.Store(server, filepath.Join(root, "controller"))
 	startProc(t, "controller", "controller", "--listen", addr, "--data-dir", filepath.Join(root, "controller"),
 		"--heartbeat-interval", "200ms", "--host-timeout", "1500ms", "--log-level", "info")
 	waitFor(t, "controller /healthz", 20*time.Second, func() bool {
+		if _, err := os.Stat(caFile(server)); err != nil {
+			return false
+		}
 		resp, err := httpGet(t, server, server+"/healthz")
 		if err != nil {
 			return false
@@ -34,7 +38,8 @@ func TestTemplateURLPolicy(t *testing.T) {
 		resp.Body.Close()
 		return resp.StatusCode == 200
 	})
-	startProc(t, "agent h1", "agent", "--controller", server, "--host-id", "h1", "--listen", freePort(t), "--nbd-listen", "",
+	token, pin := joinToken(t, server, "h1", time.Minute)
+	startProc(t, "agent h1", "agent", "--controller", server, "--host-id", "h1", "--join-token", token, "--ca-pin", pin, "--listen", freePort(t), "--nbd-listen", "",
 		"--zone", "z1", "--state-dir", filepath.Join(root, "a1"), "--store-roots", root, "--log-level", "info")
 	waitFor(t, "h1 Up", 20*time.Second, func() bool { return hostState(t, server, "h1") == "HOST_STATE_UP" })
 	a := newAPI(server)

@@ -210,7 +210,7 @@ func (d *Driver) Import(ctx context.Context, dst drivers.DataObject, src drivers
 	}
 	client := d.fetch // the address policy for operators' URLs
 	if src.Internal {
-		client = nil // a URL Stowage made (an agent's export): the default client
+		client = d.peer // a URL Stowage made (an agent's export)
 	}
 	res, err := st.Import(ctx, ImportRequest{URL: src.URL, Key: k, Format: Format(dst.Format), Checksum: src.Checksum, Progress: progress, HTTPClient: client})
 	if err != nil {

@@ -52,6 +52,11 @@ func WithPresignExpiry(d time.Duration) Option { return func(dr *Driver) { dr.ex
 // datapath/netguard); default http.DefaultClient.
 func WithFetchClient(c *http.Client) Option { return func(dr *Driver) { dr.fetch = c } }
 
+// WithPeerClient sets the HTTP client Import reads URLs Stowage made with
+// (ImportSource.Internal: an agent's staging export, which answers the
+// controller's certificate); default http.DefaultClient.
+func WithPeerClient(c *http.Client) Option { return func(dr *Driver) { dr.peer = c } }
+
 // New returns the provider. hosts gives the Up hosts of a store's scope
 // (Attach): an S3 store needs no host work, its objects are reached by
 // presigned URLs.
@@ -118,6 +123,7 @@ type Driver struct {
 	hosts  hostops.Selector
 	expiry time.Duration
 	fetch  *http.Client
+	peer   *http.Client
 
 	mu     sync.Mutex
 	stores map[string]*Store // by store id
