@@ -62,6 +62,7 @@ func (h *LocalHost) HostID() string { return h.fs.HostID() }
 
 // PrepareStore implements hostops.Stores.
 func (h *LocalHost) PrepareStore(ctx context.Context, root hostops.StoreRoot) (hostops.StoreProbe, error) {
+	h.forgetReleased(ctx, root.Path)
 	if err := h.res.CheckRoot(root.ID, root.Path); err != nil {
 		return hostops.StoreProbe{}, fmt.Errorf("prepare store %s on host %s: %w", root.ID, h.HostID(), err)
 	}
@@ -71,6 +72,21 @@ func (h *LocalHost) PrepareStore(ctx context.Context, root hostops.StoreRoot) (h
 	}
 	h.res.Serve(root.ID, root.Path)
 	return probeOf(p), nil
+}
+
+// forgetReleased stops serving a store at dir whose marker is no longer
+// there: another host sharing the directory released it (store delete)
+// before this agent's next heartbeat told it, and the directory may be
+// prepared for a new store at once.
+func (h *LocalHost) forgetReleased(ctx context.Context, dir string) {
+	for id, served := range h.res.Stores() {
+		if served != dir {
+			continue
+		}
+		if _, err := h.fs.ProbeStore(ctx, dir, id); err != nil {
+			h.res.Forget(id, dir)
+		}
+	}
 }
 
 // ProbeStore implements hostops.Stores.
