@@ -38,22 +38,11 @@ func PKIDir(stateDir string) string { return filepath.Join(stateDir, "pki") }
 
 // Roots is the pool of the controller's CA alone: for peers (the
 // controller, other agents).
-func (c *Credentials) Roots() *x509.CertPool {
-	p := x509.NewCertPool()
-	p.AddCert(c.CA)
-	return p
-}
+func (c *Credentials) Roots() *x509.CertPool { return trust.Pool(c.CA) }
 
 // WebRoots is the system's pool plus the controller's CA: for downloads,
 // which reach public HTTPS servers and other agents' HTTPS exports.
-func (c *Credentials) WebRoots() *x509.CertPool {
-	p, err := x509.SystemCertPool()
-	if err != nil || p == nil {
-		p = x509.NewCertPool()
-	}
-	p.AddCert(c.CA)
-	return p
-}
+func (c *Credentials) WebRoots() *x509.CertPool { return trust.WebPool(c.CA) }
 
 // PeerTLS is the TLS client of copies from other agents' HTTPS exports:
 // the controller's CA, verified by address (their certificates carry the
@@ -199,9 +188,7 @@ func firstContact(cfg EnrolConfig) (*tls.Config, **x509.Certificate, error) {
 			return nil, nil, fmt.Errorf("agent: --ca-file's pin is %s, not --ca-pin %s: %w", trust.PinOf(ca), cfg.CAPin, errdefs.ErrInvalid)
 		}
 		*learnt = ca
-		p := x509.NewCertPool()
-		p.AddCert(ca)
-		return trust.ClientConfig(nil, p, trust.Is(trust.Controller)), learnt, nil
+		return trust.ClientConfig(nil, trust.Pool(ca), trust.Is(trust.Controller)), learnt, nil
 	case cfg.CAPin != "":
 		return trust.PinnedClientConfig(cfg.CAPin, learnt), learnt, nil
 	}

@@ -124,11 +124,7 @@ func (ca *CA) Certificate() *x509.Certificate { return ca.cert }
 func (ca *CA) PEM() []byte { return append([]byte(nil), ca.pem...) }
 
 // Pool is a pool holding the CA's certificate alone.
-func (ca *CA) Pool() *x509.CertPool {
-	p := x509.NewCertPool()
-	p.AddCert(ca.cert)
-	return p
-}
+func (ca *CA) Pool() *x509.CertPool { return Pool(ca.cert) }
 
 // Pin is the CA's public-key pin: sha256:<hex> of its SubjectPublicKeyInfo.
 func (ca *CA) Pin() string { return PinOf(ca.cert) }

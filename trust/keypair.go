@@ -303,14 +303,28 @@ func LoadKeyPair(dir string) (*KeyPair, *x509.Certificate, error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	if err := verifyChain(kp.Leaf(), nil, poolOf(ca), time.Now()); err != nil {
+	if err := verifyChain(kp.Leaf(), nil, Pool(ca), time.Now()); err != nil {
 		return nil, nil, fmt.Errorf("trust: stored certificate in %s: %w", dir, err)
 	}
 	return kp, ca, nil
 }
 
-func poolOf(certs ...*x509.Certificate) *x509.CertPool {
+// Pool is a pool of exactly certs (peers: the controller's CA alone).
+func Pool(certs ...*x509.Certificate) *x509.CertPool {
 	p := x509.NewCertPool()
+	for _, c := range certs {
+		p.AddCert(c)
+	}
+	return p
+}
+
+// WebPool is the system's pool plus certs: for clients that reach public
+// HTTPS servers and Stowage's own.
+func WebPool(certs ...*x509.Certificate) *x509.CertPool {
+	p, err := x509.SystemCertPool()
+	if err != nil || p == nil {
+		p = x509.NewCertPool()
+	}
 	for _, c := range certs {
 		p.AddCert(c)
 	}

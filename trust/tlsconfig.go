@@ -124,7 +124,7 @@ func PinnedClientConfig(pin string, caOut **x509.Certificate) *tls.Config {
 				if !c.IsCA || PinOf(c) != pin {
 					continue
 				}
-				if _, err := VerifyPeer(cs.PeerCertificates, poolOf(c), Is(Controller)); err != nil {
+				if _, err := VerifyPeer(cs.PeerCertificates, Pool(c), Is(Controller)); err != nil {
 					return err
 				}
 				if caOut != nil {

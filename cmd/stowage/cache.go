@@ -413,7 +413,7 @@ func (h *hostTLSOpen) open(ctx context.Context, url string) (imagecache.Source, 
 			return nil, fmt.Errorf("template mount: the agent's certificate in %s (--pki-dir): %w", h.dir, errors.Join(err, errdefs.ErrUnavailable))
 		}
 		o := h.http
-		o.TLS = &tls.Config{MinVersion: tls.VersionTLS12, RootCAs: withSystemRoots(ca), GetClientCertificate: kp.GetClientCertificate}
+		o.TLS = &tls.Config{MinVersion: tls.VersionTLS12, RootCAs: trust.WebPool(ca), GetClientCertificate: kp.GetClientCertificate}
 		h.opener = imagecache.OpenStream(o)
 	}
 	opener := h.opener

@@ -2,7 +2,6 @@ package main
 
 import (
 	"crypto/tls"
-	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -130,8 +129,7 @@ func connectionOf(cmd *cobra.Command) (*connection, error) {
 		if err != nil {
 			return nil, fmt.Errorf("the controller's CA: %w", err)
 		}
-		pool := x509.NewCertPool()
-		pool.AddCert(ca)
+		pool := trust.Pool(ca)
 		// The controller is known by its identity in its certificate, at
 		// whatever address it is reached.
 		tlsCfg = trust.ClientConfig(nil, pool, trust.Is(trust.Controller))

@@ -8,7 +8,6 @@ package main
 import (
 	"bytes"
 	"context"
-	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -182,8 +181,7 @@ func clientFor(server string) (*http.Client, error) {
 	if err != nil {
 		return nil, err
 	}
-	pool := x509.NewCertPool()
-	pool.AddCert(ca)
+	pool := trust.Pool(ca)
 	var rt http.RoundTripper = &http.Transport{TLSClientConfig: trust.ClientConfig(nil, pool, trust.Is(trust.Controller)), ForceAttemptHTTP2: true}
 	if cfg, err := readClientConfig(filepath.Join(controllerDir(server), "admin.json")); err == nil && cfg.Token != "" {
 		rt = bearer{token: cfg.Token, next: rt}

@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"fmt"
 	"log/slog"
 	"net"
@@ -124,14 +123,4 @@ func issueHost(ca *trust.CA, ttl time.Duration, stateDir, hostID string, address
 		return fmt.Errorf("dev: store the agent's certificate: %w", err)
 	}
 	return nil
-}
-
-// withSystemRoots is the system's pool plus ca.
-func withSystemRoots(ca *x509.Certificate) *x509.CertPool {
-	p, err := x509.SystemCertPool()
-	if err != nil || p == nil {
-		p = x509.NewCertPool()
-	}
-	p.AddCert(ca)
-	return p
 }

@@ -197,7 +197,5 @@ func trustPool(t *testing.T, server string) *x509.CertPool {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := x509.NewCertPool()
-	p.AddCert(ca)
-	return p
+	return trust.Pool(ca)
 }
