@@ -48,7 +48,7 @@ func (c *controllerConfig) flags(cmd *cobra.Command, defaultDataDir string) {
 	f.StringVar(&c.dataDir, "data-dir", defaultDataDir, "directory of the metadata database")
 	f.DurationVar(&c.heartbeatInterval, "heartbeat-interval", 3*time.Second, "how often agents heartbeat")
 	f.DurationVar(&c.hostTimeout, "host-timeout", 12*time.Second, "a host without a heartbeat for this long is Disconnected")
-	f.StringVar(&c.fetchAllowCIDRs, "fetch-allow-cidrs", "", "comma list of CIDRs template imports in the controller (S3 stores) may reach although they are loopback, private or link-local (refused otherwise)")
+	f.StringVar(&c.fetchAllowCIDRs, "fetch-allow-cidrs", "", "comma list of CIDRs template imports in the controller (S3 stores) may reach although the address policy refuses them (loopback, private incl. 100.64.0.0/10 and fc00::/7, link-local, unspecified, reserved, multicast; also as embedded in ::ffff:, NAT64 and 6to4 addresses)")
 	f.StringVar(&c.importDir, "import-dir", "", "absolute directory file:// template and ISO URLs must lie beneath (read by the agent, beneath its own --import-dir); empty: file:// URLs are refused")
 	f.DurationVar(&c.jobRetention, "job-retention", 7*24*time.Hour, "how long finished jobs are kept (0: forever)")
 	f.IntVar(&c.maxRequestBytes, "max-request-bytes", rpclimit.DefaultMaxRequestBytes, "largest request message the API accepts, after decompression (bigger ones: resource_exhausted)")

@@ -133,6 +133,7 @@ over loopback, a directory primary store and a directory image store, all under
   metadata                        %[4]s
   primary store "primary"         %[5]s
   image store "images"            %[6]s
+  import directory (file:// URLs) %[10]s
 
 Try:
   stowage store list
@@ -140,7 +141,7 @@ Try:
   curl -s -H 'Content-Type: application/json' -d '{}' %[1]s/stowage.v1.StoreService/ListStores
 
 Stop with Ctrl-C.
-`, server, ag.HostID, ag.Listen, ctl.dataDir, primary.GetDetails()["path"], images.GetDetails()["path"], "agent (host "+ag.HostID+")", orDash(a.NBDAddress()), mountLine)
+`, server, ag.HostID, ag.Listen, ctl.dataDir, primary.GetDetails()["path"], images.GetDetails()["path"], "agent (host "+ag.HostID+")", orDash(a.NBDAddress()), mountLine, ctl.importDir)
 			select {
 			case <-ctx.Done():
 				return nil

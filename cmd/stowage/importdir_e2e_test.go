@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"connectrpc.com/connect"
+	"golang.org/x/sys/unix"
 
 	"github.com/stowage/stowage/hostops"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
@@ -119,5 +120,42 @@ func TestImportDirEndToEnd(t *testing.T) {
 	})
 	if len(files) != 1 || filepath.Ext(files[0]) != ".qcow2" {
 		t.Fatalf("files on the image store: %v, want the good template only", files)
+	}
+}
+
+// TestImportDirDev: stowage dev creates DATA/import (0750), names it in its
+// banner, and a raw image put there registers Ready from its file:// URL
+// with no flag given.
+func TestImportDirDev(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts processes")
+	}
+	data := t.TempDir()
+	// Runs last: a killed dev leaves its template mount behind.
+	t.Cleanup(func() { _ = unix.Unmount(filepath.Join(data, "templates"), unix.MNT_DETACH) })
+	addr := freePort(t)
+	server := "http://" + addr
+	p := startProc(t, "dev", "dev", "--data", data, "--listen", addr, "--agent-listen", freePort(t), "--nbd-listen", "127.0.0.1:0")
+	waitFor(t, "dev banner", 30*time.Second, func() bool { return strings.Contains(p.log.String(), "Stowage dev is running") })
+	importDir := filepath.Join(data, "import")
+	if !strings.Contains(p.log.String(), "import directory (file:// URLs) "+importDir) {
+		t.Errorf("dev banner lacks the import directory:\n%s", p.log.String())
+	}
+	st, err := os.Stat(importDir)
+	if err != nil || !st.IsDir() || st.Mode().Perm() != 0o750 {
+		t.Fatalf("dev import directory: %v %v, want a directory 0750", st, err)
+	}
+	raw := filepath.Join(importDir, "disk.raw")
+	if err := os.WriteFile(raw, []byte(strings.Repeat("stowage", 1<<12)), 0o640); err != nil {
+		t.Fatal(err)
+	}
+	a := newAPI(server)
+	r, err := a.images.RegisterTemplate(context.Background(), connect.NewRequest(&stowagev1.RegisterTemplateRequest{Name: "disk",
+		Url: "file://" + raw, Format: stowagev1.ImageFormat_IMAGE_FORMAT_RAW, Checksum: "sha256:" + sha256File(t, raw)}))
+	if err != nil {
+		t.Fatalf("register file://%s: %v", raw, err)
+	}
+	if j := waitJob(t, a, r.Msg.GetJob()); j.GetState() != stowagev1.JobState_JOB_STATE_SUCCEEDED {
+		t.Fatalf("dev import of %s: job %s %q", raw, j.GetState(), j.GetError())
 	}
 }
