@@ -74,6 +74,13 @@ func TestCheck(t *testing.T) {
 	if err := linkOK.Check(netip.MustParseAddr("fe80::1%lo")); !errors.Is(err, errdefs.ErrPermissionDenied) {
 		t.Errorf("zoned fe80::1 with fe80::/10 allowed: %v, want refused", err)
 	}
+	// At dial time the address comes with its zone, and is refused too.
+	if err := linkOK.control("tcp6", "[fe80::1%lo]:80", nil); !errors.Is(err, errdefs.ErrPermissionDenied) || !strings.Contains(err.Error(), "zone") {
+		t.Errorf("dialing a zoned address: %v, want refused naming the zone", err)
+	}
+	if err := linkOK.control("tcp6", "[fe80::1]:80", nil); err != nil {
+		t.Errorf("dialing an allowed link-local address: %v", err)
+	}
 	if err := allowed.Check(netip.MustParseAddr("10.0.0.6")); err == nil {
 		t.Error("10.0.0.6 passed an allow list of 10.0.0.5 only")
 	}
