@@ -21,10 +21,11 @@
 // /bin, /sbin, /lib*, nor the agent's state). The store id
 // hostops.TemplateMount names the host's read-only template mount (key: a
 // template id), for clone bases and reads only. Sources are store://,
-// http(s):// and nbd:// (downloads: http(s):// only); never a file:// URL
-// or a path. A task naming anything else is refused before it is
-// journalled, with permission_denied as the RPC's code (dispatch.go:
-// admit, then Execute, which turns a wire Task into a call on the host).
+// http(s):// and nbd://; downloads read http(s):// and, only beneath the
+// agent's --import-dir (ImportDir), file://; never a path. A task naming
+// anything else is refused before it is journalled, with permission_denied
+// as the RPC's code (dispatch.go: admit, then Execute, which turns a wire
+// Task into a call on the host).
 //
 // The same listener serves the read-only file exports other agents copy
 // from (agent/exports, under /exports/). With WithNBD it serves NBD on its
@@ -95,6 +96,10 @@ type Config struct {
 	// private, link-local) template downloads may connect to
 	// (--fetch-allow-cidrs, comma list).
 	FetchAllowCIDRs string
+	// ImportDir is the directory file:// template and ISO URLs are read
+	// from (--import-dir; "": file:// tasks are refused). It must pass the
+	// store roots' policy (StoreRoots).
+	ImportDir string
 	// ReservedDirs are directories no store root may contain or lie in,
 	// besides StateDir (stowage dev: the controller's database).
 	ReservedDirs []string
@@ -189,6 +194,11 @@ func New(cfg Config, fs *hostfs.Local, log *slog.Logger, opts ...Option) (*Agent
 		return nil, fmt.Errorf("agent: --store-roots: %w", err)
 	}
 	host := NewLocalHost(fs, policy)
+	imports, err := NewImportDir(cfg.ImportDir, policy)
+	if err != nil {
+		return nil, fmt.Errorf("agent: --import-dir: %w", err)
+	}
+	host.SetImportDir(imports)
 	j, err := openJournal(cfg.StateDir+"/tasks", journalRetention)
 	if err != nil {
 		return nil, err

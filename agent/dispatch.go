@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
@@ -211,7 +212,11 @@ func (h *LocalHost) admit(task *stowagev1.Task) error {
 		_, err = h.source(ref(s.StatObject.GetRef()))
 	case *stowagev1.Task_FetchImage:
 		r := fetchRequest(s.FetchImage)
-		if err = fetchSource(r.Source); err == nil {
+		var file *os.File
+		if file, err = h.fetchSource(r.Source); err == nil {
+			if file != nil {
+				file.Close() // opened to check it; the step opens it again
+			}
 			_, err = h.object(r.Dest)
 		}
 	case *stowagev1.Task_CopyImage:

@@ -4,12 +4,14 @@ import (
 	"context"
 	"fmt"
 	"net/url"
+	"os"
 	"path"
 	"path/filepath"
 	"strings"
 
 	"github.com/stowage/stowage/agent/hostfs"
 	"github.com/stowage/stowage/datapath/chunkstore"
+	"github.com/stowage/stowage/datapath/netguard"
 	"github.com/stowage/stowage/datapath/s3conn"
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
@@ -28,22 +30,33 @@ import (
 // come in as ProbeStore (Agent.capabilities). Store roots must pass the
 // RootPolicy (the agent's --store-roots).
 //
-// Sources. FetchImage reads http:// and https:// only. CopyImage reads
+// Sources. FetchImage reads http:// and https://, and file:// only beneath
+// the agent's import directory (ImportDir: --import-dir; none by default,
+// and then file:// is errdefs.ErrPermissionDenied). CopyImage reads
 // store://<store>/<key> (resolved like any Ref; the template mount allowed),
 // http://, https:// and nbd://; a file:// URL, a plain path or any other
 // scheme is errdefs.ErrPermissionDenied. Chunk stores are
 // store://<store>/<dir> (chunks in <dir>/chunks, manifests in
 // <dir>/manifests/<name>); s3:// is errdefs.ErrNotImplemented for now.
 type LocalHost struct {
-	fs  *hostfs.Local
-	res *Resolver
+	fs      *hostfs.Local
+	res     *Resolver
+	imports *ImportDir // never nil
 }
 
 var _ hostops.Host = (*LocalHost)(nil)
 
 // NewLocalHost returns the host of fs whose store roots follow policy.
 func NewLocalHost(fs *hostfs.Local, policy *RootPolicy) *LocalHost {
-	return &LocalHost{fs: fs, res: NewResolver(policy, fs.OnHost)}
+	return &LocalHost{fs: fs, res: NewResolver(policy, fs.OnHost), imports: &ImportDir{}}
+}
+
+// SetImportDir sets the directory file:// imports are read from (nil: none).
+func (h *LocalHost) SetImportDir(d *ImportDir) {
+	if d == nil {
+		d = &ImportDir{}
+	}
+	h.imports = d
 }
 
 // Resolver is how h turns Refs into paths.
@@ -199,14 +212,22 @@ func (h *LocalHost) StatObject(ctx context.Context, ref hostops.Ref) (hostops.Fi
 	return fileOf(ref.Key, fi), nil
 }
 
-// fetchSource admits the source of a download: http:// or https:// only.
-func fetchSource(src string) error {
+// fetchSource admits the source of a download: http:// or https://, or a
+// file:// URL beneath the import directory, which it opens (the caller
+// closes the file; nil for http).
+func (h *LocalHost) fetchSource(src string) (*os.File, error) {
 	u, err := url.Parse(src)
+	if err == nil && strings.EqualFold(u.Scheme, "file") {
+		return h.imports.Open(src)
+	}
 	if err != nil || u.Host == "" || (!strings.EqualFold(u.Scheme, "http") && !strings.EqualFold(u.Scheme, "https")) {
-		return fmt.Errorf("fetch source %q: the agent downloads http:// and https:// URLs only, never a path of this host: %w",
+		return nil, fmt.Errorf("fetch source %q: the agent downloads http:// and https:// URLs, and file:// ones beneath its --import-dir, never a path of this host: %w",
 			redact.URL(src), errdefs.ErrPermissionDenied)
 	}
-	return nil
+	if err := netguard.CheckURL(u); err != nil {
+		return nil, fmt.Errorf("fetch source %s: %w", redact.URL(src), err)
+	}
+	return nil, nil
 }
 
 // copySource turns the source of a copy into what hostfs opens: the path
@@ -233,14 +254,18 @@ func (h *LocalHost) copySource(src drivers.URI) (string, error) {
 
 // FetchImage implements hostops.Images.
 func (h *LocalHost) FetchImage(ctx context.Context, req hostops.FetchRequest, progress drivers.Progress) (hostops.ImageInfo, error) {
-	if err := fetchSource(req.Source); err != nil {
+	file, err := h.fetchSource(req.Source)
+	if err != nil {
 		return hostops.ImageInfo{}, err
 	}
 	dest, err := h.object(req.Dest)
 	if err != nil {
+		if file != nil {
+			file.Close()
+		}
 		return hostops.ImageInfo{}, err
 	}
-	info, err := h.fs.FetchImage(ctx, hostfs.FetchRequest{Source: req.Source, Dest: dest, Format: req.Format, Checksum: req.Checksum}, progress)
+	info, err := h.fs.FetchImage(ctx, hostfs.FetchRequest{Source: req.Source, SourceFile: file, Dest: dest, Format: req.Format, Checksum: req.Checksum}, progress)
 	return imageOf(req.Dest.Key, info, err)
 }
 

@@ -307,7 +307,9 @@ type Cloner interface {
 
 // ImportSource is data outside any store that an image store takes in.
 type ImportSource struct {
-	// URL is http:// or https:// (file:// where the agent may read it).
+	// URL is http:// or https://, or file:// (a filesystem image store's
+	// agent reads it beneath its --import-dir; the controller accepted it
+	// beneath its own). It reaches the agent as this URL, never as a path.
 	URL string
 	// Checksum is "sha256:HEX", "sha512:HEX", "md5:HEX" or "".
 	Checksum string

@@ -197,6 +197,12 @@ func streamCopy(ctx context.Context, target string, srcOpts stream.SourceOptions
 	if err != nil {
 		return stream.Result{}, err
 	}
+	return streamCopyFrom(ctx, src, stage, opts)
+}
+
+// streamCopyFrom copies src into the staging file stage as streamCopy
+// does, and closes src.
+func streamCopyFrom(ctx context.Context, src stream.Source, stage string, opts stream.Options) (stream.Result, error) {
 	defer src.Close()
 	sink, err := stream.OpenSink(ctx, stage, src.Size(), stream.SinkOptions{Resume: true})
 	if err != nil {

@@ -15,7 +15,7 @@ import (
 )
 
 // FetchImage downloads req.Source (http://, https://, file:// or a path on
-// this host) into req.Dest through the copy engine: ranged, parallel,
+// this host; or reads req.SourceFile, an open file Source names) into req.Dest through the copy engine: ranged, parallel,
 // retried, resumable (see the staging rule above). The SHA-256 is always
 // computed in-stream and checked there when req.Checksum is a sha256; a
 // sha512 or md5 checksum is checked by reading the downloaded file once
@@ -32,6 +32,9 @@ func (l *Local) FetchImage(ctx context.Context, req FetchRequest, progress drive
 }
 
 func (l *Local) fetchImage(ctx context.Context, req FetchRequest, progress drivers.Progress) (ImageInfo, error) {
+	if req.SourceFile != nil {
+		defer req.SourceFile.Close() // also when the source never opens it (a double Close is harmless)
+	}
 	final, err := l.objectPath(req.Dest)
 	if err != nil {
 		return ImageInfo{}, err
@@ -45,9 +48,11 @@ func (l *Local) fetchImage(ctx context.Context, req FetchRequest, progress drive
 	if err != nil {
 		return ImageInfo{}, err
 	}
-	target, _, err := l.resolveSource(req.Source)
-	if err != nil {
-		return ImageInfo{}, err
+	var target string
+	if req.SourceFile == nil {
+		if target, _, err = l.resolveSource(req.Source); err != nil {
+			return ImageInfo{}, err
+		}
 	}
 	unlock, err := l.lockDest(ctx, final, req.Dest)
 	if err != nil {
@@ -66,7 +71,18 @@ func (l *Local) fetchImage(ctx context.Context, req FetchRequest, progress drive
 		opts.ExpectSHA256 = sum.Hex
 	}
 	srcOpts := l.fetchSource(qemuimg.FormatRaw)
-	res, err := streamCopy(ctx, target, srcOpts, stage, opts)
+	var src stream.Source
+	if req.SourceFile != nil {
+		// Read as it is: the bytes are copied, never interpreted (format
+		// checks run on the staged copy below).
+		src, err = stream.NewFileSource(req.SourceFile, redact.URL(req.Source), stream.ReadAuto)
+	} else {
+		src, err = stream.OpenSource(ctx, target, srcOpts)
+	}
+	if err != nil {
+		return ImageInfo{}, err
+	}
+	res, err := streamCopyFrom(ctx, src, stage, opts)
 	if err != nil {
 		return ImageInfo{}, err
 	}

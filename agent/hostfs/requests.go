@@ -2,6 +2,7 @@ package hostfs
 
 import (
 	"context"
+	"os"
 	"time"
 
 	"github.com/stowage/stowage/drivers"
@@ -148,10 +149,14 @@ type ImageInfo struct {
 
 // FetchRequest asks an agent to download an image.
 type FetchRequest struct {
-	Source   string
-	Dest     string
-	Format   drivers.Format
-	Checksum string // "sha256:HEX", "sha512:HEX", "md5:HEX" or ""
+	Source string
+	// SourceFile, when set, is read instead of opening Source (which then
+	// only names it): a file:// import the agent opened beneath its import
+	// directory without following symbolic links. FetchImage closes it.
+	SourceFile *os.File
+	Dest       string
+	Format     drivers.Format
+	Checksum   string // "sha256:HEX", "sha512:HEX", "md5:HEX" or ""
 }
 
 // CopyRequest asks an agent to copy an image.

@@ -63,7 +63,8 @@ func agentFlags(cmd *cobra.Command, cfg *agent.Config, limits *rpclimit.Limits, 
 	f.StringVar(&cfg.Cluster, "cluster", "default", "cluster of this host")
 	f.StringVar(&cfg.StateDir, "state-dir", defaultStateDir, "directory for the agent's journal and state")
 	f.StringSliceVar(&cfg.StoreRoots, "store-roots", agent.DefaultStoreRoots, "comma list of directories store roots may be or lie beneath; the agent refuses any other (/, /etc, /proc, /sys, /dev, /boot, /usr, /bin, /sbin and /lib* always)")
-	f.StringVar(&cfg.FetchAllowCIDRs, "fetch-allow-cidrs", "", "comma list of CIDRs template downloads may reach although they are loopback, private or link-local (refused otherwise)")
+	f.StringVar(&cfg.FetchAllowCIDRs, "fetch-allow-cidrs", "", "comma list of CIDRs template downloads may reach although the address policy refuses them (loopback, private incl. 100.64.0.0/10 and fc00::/7, link-local, unspecified, reserved, multicast; also as embedded in ::ffff:, NAT64 and 6to4 addresses)")
+	f.StringVar(&cfg.ImportDir, "import-dir", "", "directory file:// template and ISO URLs are read from, opened without following symbolic links; it must lie beneath --store-roots like a store root (empty: file:// imports are refused)")
 	f.IntVar(&limits.MaxRequestBytes, "max-request-bytes", rpclimit.DefaultMaxRequestBytes, "largest request message the agent's RPC service accepts, after decompression (bigger ones: resource_exhausted)")
 	f.StringVar(&cfg.ImageCacheSocket, "image-cache-socket", "", "unix socket of the host's template mount (`stowage cache serve --socket`, e.g. "+defaultCacheSocket+"); empty: this host has no template mount and gets no lazy volumes")
 }

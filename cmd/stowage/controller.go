@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"path/filepath"
 	"time"
 
 	"github.com/coreos/go-systemd/v22/daemon"
@@ -42,6 +43,7 @@ type controllerConfig struct {
 	fetchAllowCIDRs   string
 	certTTL           time.Duration
 	tlsSANs           []string
+	importDir         string
 }
 
 func (c *controllerConfig) flags(cmd *cobra.Command, defaultDataDir string) {
@@ -50,7 +52,8 @@ func (c *controllerConfig) flags(cmd *cobra.Command, defaultDataDir string) {
 	f.StringVar(&c.dataDir, "data-dir", defaultDataDir, "directory of the metadata database")
 	f.DurationVar(&c.heartbeatInterval, "heartbeat-interval", 3*time.Second, "how often agents heartbeat")
 	f.DurationVar(&c.hostTimeout, "host-timeout", 12*time.Second, "a host without a heartbeat for this long is Disconnected")
-	f.StringVar(&c.fetchAllowCIDRs, "fetch-allow-cidrs", "", "comma list of CIDRs template imports in the controller (S3 stores) may reach although they are loopback, private or link-local (refused otherwise)")
+	f.StringVar(&c.fetchAllowCIDRs, "fetch-allow-cidrs", "", "comma list of CIDRs template imports in the controller (S3 stores) may reach although the address policy refuses them (loopback, private incl. 100.64.0.0/10 and fc00::/7, link-local, unspecified, reserved, multicast; also as embedded in ::ffff:, NAT64 and 6to4 addresses)")
+	f.StringVar(&c.importDir, "import-dir", "", "absolute directory file:// template and ISO URLs must lie beneath (read by the agent, beneath its own --import-dir); empty: file:// URLs are refused")
 	f.DurationVar(&c.jobRetention, "job-retention", 7*24*time.Hour, "how long finished jobs are kept (0: forever)")
 	f.IntVar(&c.maxRequestBytes, "max-request-bytes", rpclimit.DefaultMaxRequestBytes, "largest request message the API accepts, after decompression (bigger ones: resource_exhausted)")
 	f.DurationVar(&c.certTTL, "cert-ttl", trust.DefaultTTL, "validity of the certificates the controller's CA issues (its own and agents'); they are renewed at two thirds of it")
@@ -86,6 +89,9 @@ func runController(ctx context.Context, cfg controllerConfig, log *slog.Logger, 
 	if err := limits.Check(); err != nil {
 		return usageError{fmt.Errorf("--max-request-bytes: %w", err)}
 	}
+	if cfg.importDir != "" && (!filepath.IsAbs(cfg.importDir) || filepath.Clean(cfg.importDir) != cfg.importDir || cfg.importDir == "/") {
+		return usageError{fmt.Errorf("--import-dir %q: want an absolute clean directory other than /: %w", cfg.importDir, errdefs.ErrInvalid)}
+	}
 	db, err := meta.Open(cfg.dataDir, meta.WithLogger(log))
 	if err != nil {
 		return err
@@ -116,7 +122,7 @@ func runController(ctx context.Context, cfg controllerConfig, log *slog.Logger, 
 	reg.MustRegister(newStateCollector(db))
 
 	runner := jobs.New(db, log.With("component", "jobs"))
-	imageSvc := image.New(db, storeSvc, selector, mover, runner, log)
+	imageSvc := image.New(db, storeSvc, selector, mover, runner, log, image.WithImportDir(cfg.importDir))
 	volumeSvc := volume.New(db, storeSvc, imageSvc, selector, mover, runner, providers, log)
 	// What every host's FUSE template mount shows, handed out in heartbeats.
 	mounts, err := image.NewMounts(db, storeSvc, hostSvc, cfg.mountTransport, cfg.heartbeatInterval, log.With("component", "mounts"))

@@ -57,6 +57,15 @@ over loopback, a directory primary store and a directory image store, all under
 			// database.
 			ag.StoreRoots = append(append([]string(nil), agent.DefaultStoreRoots...), data)
 			ag.FetchAllowCIDRs = ctl.fetchAllowCIDRs
+			// file:// templates and ISOs: beneath DATA/import, for both the
+			// controller (registration) and the agent (the read).
+			if ctl.importDir == "" {
+				ctl.importDir = filepath.Join(data, "import")
+			}
+			if err := makeImportDir(ctl.importDir); err != nil {
+				return err
+			}
+			ag.ImportDir = ctl.importDir
 			ag.ReservedDirs = append(ag.ReservedDirs, ctl.dataDir, filepath.Join(data, "imagecache"), filepath.Join(data, "templates"))
 			ctx, cancel := context.WithCancel(cmd.Context())
 			defer cancel()
@@ -148,6 +157,7 @@ over loopback, a directory primary store and a directory image store, all under
   client configuration            %[10]s
   primary store "primary"         %[5]s
   image store "images"            %[6]s
+  import directory (file:// URLs) %[12]s
 
 Try:
   stowage store list
@@ -155,7 +165,7 @@ Try:
   curl -s --cacert %[11]s -H 'Content-Type: application/json' -d '{}' %[1]s/stowage.v1.StoreService/ListStores
 
 Stop with Ctrl-C.
-`, server, ag.HostID, ag.Listen, ctl.dataDir, primary.GetDetails()["path"], images.GetDetails()["path"], "agent (host "+ag.HostID+")", orDash(a.NBDAddress()), mountLine, orDash(clientConfigPath), filepath.Join(pkiDir(ctl.dataDir), trust.CACertFile))
+`, server, ag.HostID, ag.Listen, ctl.dataDir, primary.GetDetails()["path"], images.GetDetails()["path"], "agent (host "+ag.HostID+")", orDash(a.NBDAddress()), mountLine, orDash(clientConfigPath), filepath.Join(pkiDir(ctl.dataDir), trust.CACertFile), ctl.importDir)
 			select {
 			case <-ctx.Done():
 				return nil
@@ -172,6 +182,7 @@ Stop with Ctrl-C.
 	cmd.Flags().StringVar(&clientConfigPath, "client-config", defaultConfigPath(), "where to write the CLI's configuration for this controller (URL, CA, token; mode 0600); \"\" writes none")
 	ctl.flags(cmd, "")
 	cmd.Flags().Lookup("data-dir").Usage = "directory of the metadata database (default DATA/controller)"
+	cmd.Flags().Lookup("import-dir").Usage = "directory file:// template and ISO URLs must lie beneath, for the controller and the agent (default DATA/import, created 0750)"
 	// dev runs on one machine: templates served from it (a local HTTP
 	// server in the walk-through) may be downloaded.
 	_ = cmd.Flags().Set("fetch-allow-cidrs", devFetchAllow)
@@ -231,4 +242,19 @@ func waitSocket(ctx context.Context, socket string, done <-chan error) error {
 		time.Sleep(50 * time.Millisecond)
 	}
 	return fmt.Errorf("template mount socket %s did not answer within 20s: %w", socket, errdefs.ErrUnavailable)
+}
+
+// makeImportDir creates dir 0750 (the umask of privateFiles would make it
+// 0700) unless it exists.
+func makeImportDir(dir string) error {
+	if _, err := os.Stat(dir); err == nil {
+		return nil
+	}
+	if err := os.MkdirAll(dir, 0o750); err != nil {
+		return fmt.Errorf("dev: import directory: %w", err)
+	}
+	if err := os.Chmod(dir, 0o750); err != nil {
+		return fmt.Errorf("dev: import directory: %w", err)
+	}
+	return nil
 }

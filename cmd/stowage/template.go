@@ -53,7 +53,7 @@ func newTemplateRegisterCmd() *cobra.Command {
 	}
 	fl := cmd.Flags()
 	fl.StringVar(&name, "name", "", "template name, unique")
-	fl.StringVar(&url, "url", "", "where to download it from (http, https)")
+	fl.StringVar(&url, "url", "", "where to download it from: https://, http:// (with --checksum), or file:// beneath the controller's and the agent's --import-dir")
 	fl.StringVar(&format, "format", "", "raw, qcow2 or iso")
 	fl.StringVar(&checksum, "checksum", "", "expected checksum: sha256:HEX, sha512:HEX or md5:HEX")
 	fl.StringSliceVar(&stores, "store", nil, "image store id or name to hold it (repeatable; default: the one with the most free space)")

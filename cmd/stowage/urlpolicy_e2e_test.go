@@ -16,7 +16,7 @@ import (
 // TestTemplateURLPolicy: with real processes that allow no extra CIDRs, a
 // template URL pointing at loopback (the controller's own API) is refused
 // at dial time with the rule named, and a file:// URL is refused at
-// registration; nothing is written to the image store.
+// registration (no --import-dir); nothing is written to the image store.
 func TestTemplateURLPolicy(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts processes")
@@ -57,8 +57,8 @@ func TestTemplateURLPolicy(t *testing.T) {
 	}
 	_, err = a.images.RegisterTemplate(ctx, connect.NewRequest(&stowagev1.RegisterTemplateRequest{Name: "shadow",
 		Url: "file:///etc/shadow", Format: stowagev1.ImageFormat_IMAGE_FORMAT_RAW}))
-	if code(err) != connect.CodeInvalidArgument || !strings.Contains(err.Error(), "http") {
-		t.Fatalf("file:///etc/shadow: %v, want invalid_argument naming http(s)", err)
+	if code(err) != connect.CodePermissionDenied || !strings.Contains(err.Error(), "--import-dir") || !strings.Contains(err.Error(), "none is configured") {
+		t.Fatalf("file:///etc/shadow: %v, want permission_denied naming the rule (no --import-dir)", err)
 	}
 	if entries, _ := os.ReadDir(filepath.Join(img.GetDetails()["path"], "templates")); len(entries) != 0 {
 		t.Fatalf("refused templates left %d files on the image store", len(entries))

@@ -39,11 +39,25 @@ type Service struct {
 	mover  *motion.Mover
 	jobs   *jobs.Runner
 	log    *slog.Logger
+	// importDir is the directory file:// template URLs must lie beneath
+	// ("": file:// URLs are refused).
+	importDir string
 }
 
+// Option configures a Service.
+type Option func(*Service)
+
+// WithImportDir accepts file:// template and ISO URLs beneath dir (the
+// controller's --import-dir); without it they are refused. The agent that
+// reads the file checks again beneath its own --import-dir.
+func WithImportDir(dir string) Option { return func(s *Service) { s.importDir = dir } }
+
 // New returns the image service and registers its job handlers on runner.
-func New(db *meta.DB, stores *datastore.Service, sel *endpoint.Selector, mover *motion.Mover, runner *jobs.Runner, log *slog.Logger) *Service {
+func New(db *meta.DB, stores *datastore.Service, sel *endpoint.Selector, mover *motion.Mover, runner *jobs.Runner, log *slog.Logger, opts ...Option) *Service {
 	s := &Service{db: db, stores: stores, sel: sel, mover: mover, jobs: runner, log: log}
+	for _, o := range opts {
+		o(s)
+	}
 	runner.Register(KindRegister, registerHandler{s})
 	runner.Register(KindDelete, deleteHandler{s})
 	runner.Register(KindCreate, createHandler{s})

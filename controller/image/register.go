@@ -125,7 +125,7 @@ func (s *Service) Register(ctx context.Context, req *stowagev1.RegisterTemplateR
 	if _, err := FormatFromProto(req.GetFormat()); err != nil {
 		return nil, err
 	}
-	if err := checkURL(req.GetUrl()); err != nil {
+	if err := checkURL(req.GetUrl(), s.importDir); err != nil {
 		return nil, err
 	}
 	sum, err := checkChecksum(req.GetChecksum())

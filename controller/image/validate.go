@@ -4,12 +4,15 @@ import (
 	"fmt"
 	"net/url"
 	"regexp"
+	"strings"
 
 	"github.com/stowage/stowage/datapath/checksum"
+	"github.com/stowage/stowage/datapath/netguard"
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
 	"github.com/stowage/stowage/hostops"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
+	"github.com/stowage/stowage/redact"
 )
 
 var namePattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`)
@@ -40,23 +43,31 @@ func checkChecksum(c string) (string, error) {
 	return sum.String(), nil
 }
 
-// checkURL accepts the http:// and https:// URLs an image store imports
-// from. A file:// URL is refused: it would have an agent (running as root)
-// read a file of the host of its choosing into a template anyone can read.
-func checkURL(raw string) error {
+// checkURL accepts the URLs an image store imports from: http:// and
+// https:// with a host (the address policy is applied when the download
+// dials, netguard), and file:// only beneath importDir, the operator's
+// import directory (hostops.ImportPath; "" refuses every file:// URL: it
+// would have an agent, running as root, read a file of the host of its
+// choosing into a template anyone can read). A literal IPv6 zone in the
+// host is refused here already.
+func checkURL(raw, importDir string) error {
 	u, err := url.Parse(raw)
 	if err != nil || raw == "" {
-		return fmt.Errorf("url %q: want http:// or https://: %w", raw, errdefs.ErrInvalid)
+		return fmt.Errorf("url %q: want http://, https:// or file:// (beneath --import-dir): %w", redact.URL(raw), errdefs.ErrInvalid)
 	}
-	switch u.Scheme {
+	switch strings.ToLower(u.Scheme) {
 	case "http", "https":
 		if u.Host == "" {
-			return fmt.Errorf("url %q has no host: %w", raw, errdefs.ErrInvalid)
+			return fmt.Errorf("url %s has no host: %w", redact.URL(raw), errdefs.ErrInvalid)
+		}
+		if err := netguard.CheckURL(u); err != nil {
+			return fmt.Errorf("url %s: %w", redact.URL(raw), err)
 		}
 	case "file":
-		return fmt.Errorf("url %q: a template is imported from http:// or https://, not from a host's file (serve it over HTTP): %w", raw, errdefs.ErrInvalid)
+		_, err := hostops.ImportPath(raw, importDir)
+		return err
 	default:
-		return fmt.Errorf("url %q: scheme %q is not http or https: %w", raw, u.Scheme, errdefs.ErrInvalid)
+		return fmt.Errorf("url %s: scheme %q is not http, https or file: %w", redact.URL(raw), u.Scheme, errdefs.ErrInvalid)
 	}
 	return nil
 }

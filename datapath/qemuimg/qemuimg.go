@@ -358,13 +358,37 @@ func fileArg(path string) string {
 	return "./" + path
 }
 
-// Resource limits of qemu-img info, which parses headers a guest or a
-// template's author wrote (a crafted image can make it loop or allocate
-// without bound: CVE-2015-5162 and kin); the values OpenStack uses.
+// Resource limits of the qemu-img commands that parse image headers a
+// guest or a template's author wrote (a crafted image can make qemu-img
+// loop or allocate without bound: CVE-2015-5162 and kin). Info and check
+// get the values OpenStack gives qemu-img info: their work is bounded by
+// the image's metadata, not its data.
 const (
 	InfoAddressSpace = 1 << 30 // bytes of address space
 	InfoCPUSeconds   = 30
+	// CopyAddressSpace bounds convert, compare and map, which also open
+	// untrusted images. They get no CPU limit: their legitimate work grows
+	// with the image (a convert or compare of a 100 GiB image reads all of
+	// it, a map of a fragmented one prints every extent) and a CPU limit
+	// would kill a long, legitimate copy; a runaway is still cut off by the
+	// caller's context. Their address space is larger than info's: convert
+	// runs up to 16 coroutines with their buffers plus the block layer's
+	// worker threads, each with its own stack.
+	CopyAddressSpace = 4 << 30
 )
+
+// limits returns the address space (bytes) and CPU time (seconds, 0: no
+// limit) of op; as == 0 means op runs unlimited: create, resize, rebase
+// and version work on images Stowage made or validated, or none.
+func limits(op string) (as int64, cpu int) {
+	switch op {
+	case "info", "check":
+		return InfoAddressSpace, InfoCPUSeconds
+	case "convert", "compare", "map":
+		return CopyAddressSpace, 0
+	}
+	return 0, 0
+}
 
 // prlimit is util-linux's prlimit, when installed.
 var prlimit = sync.OnceValue(func() string {
@@ -375,14 +399,26 @@ var prlimit = sync.OnceValue(func() string {
 	return p
 })
 
-// command builds the qemu-img process of op: info runs under
-// InfoAddressSpace and InfoCPUSeconds (through prlimit, when installed).
+// command builds the qemu-img process of op, under op's limits (through
+// prlimit, when installed): the one place qemu-img is wrapped. A limited
+// process also gets MALLOC_ARENA_MAX=2, so that glibc's per-thread malloc
+// arenas (64 MiB of address space reserved each) do not spend the limit on
+// a host with many cores.
 func (t *Tool) command(ctx context.Context, op string, args []string) *exec.Cmd {
-	if op == "info" && prlimit() != "" {
-		limited := append([]string{fmt.Sprintf("--as=%d", InfoAddressSpace), fmt.Sprintf("--cpu=%d", InfoCPUSeconds), "--", t.binary}, args...)
-		return exec.CommandContext(ctx, prlimit(), limited...)
+	as, cpu := limits(op)
+	if as == 0 || prlimit() == "" {
+		cmd := exec.CommandContext(ctx, t.binary, args...)
+		cmd.Env = append(os.Environ(), "LC_ALL=C")
+		return cmd
 	}
-	return exec.CommandContext(ctx, t.binary, args...)
+	limited := []string{fmt.Sprintf("--as=%d", as)}
+	if cpu > 0 {
+		limited = append(limited, fmt.Sprintf("--cpu=%d", cpu))
+	}
+	limited = append(append(limited, "--", t.binary), args...)
+	cmd := exec.CommandContext(ctx, prlimit(), limited...)
+	cmd.Env = append(os.Environ(), "LC_ALL=C", "MALLOC_ARENA_MAX=2")
+	return cmd
 }
 
 // run starts qemu-img with args and returns its stdout.
@@ -402,7 +438,6 @@ func (t *Tool) runTo(ctx context.Context, op, path string, stdout io.Writer, okE
 		return &Error{Op: op, Path: path, Err: err}
 	}
 	cmd := t.command(ctx, op, args)
-	cmd.Env = append(os.Environ(), "LC_ALL=C")
 	// After a kill, do not wait forever for a grandchild holding the pipes.
 	cmd.WaitDelay = 5 * time.Second
 	stderr := &capWriter{max: maxStderr}

@@ -262,8 +262,23 @@ func TestInfoRunsLimited(t *testing.T) {
 	if cmd.Path != prlimit() || !strings.Contains(strings.Join(cmd.Args, " "), "--as=1073741824 --cpu=30 -- ") {
 		t.Fatalf("info command: %v", cmd.Args)
 	}
-	if c := tool.command(t.Context(), "convert", []string{"convert"}); strings.Contains(c.Path, "prlimit") {
-		t.Fatalf("convert runs limited: %v", c.Args)
+	for _, op := range []string{"check"} {
+		if c := tool.command(t.Context(), op, []string{op}); c.Path != prlimit() || !strings.Contains(strings.Join(c.Args, " "), "--as=1073741824 --cpu=30 -- ") {
+			t.Errorf("%s command: %v", op, c.Args)
+		}
+	}
+	// Copies are bounded in address space only: a CPU limit would kill a
+	// long legitimate convert.
+	for _, op := range []string{"convert", "compare", "map"} {
+		c := tool.command(t.Context(), op, []string{op})
+		if args := strings.Join(c.Args, " "); c.Path != prlimit() || !strings.Contains(args, "--as=4294967296 -- ") || strings.Contains(args, "--cpu") {
+			t.Errorf("%s command: %v", op, c.Args)
+		}
+	}
+	for _, op := range []string{"create", "resize", "rebase", "version"} {
+		if c := tool.command(t.Context(), op, []string{op}); strings.Contains(c.Path, "prlimit") {
+			t.Errorf("%s runs limited: %v", op, c.Args)
+		}
 	}
 	if _, err := exec.LookPath(DefaultBinary); err != nil {
 		t.Skip("no qemu-img")
@@ -274,5 +289,20 @@ func TestInfoRunsLimited(t *testing.T) {
 	}
 	if info, err := tool.Info(t.Context(), p, AssumeFormat(FormatQCOW2)); err != nil || info.VirtualSize != 1<<20 {
 		t.Fatalf("limited info: %+v %v", info, err)
+	}
+	// The limited commands still do their work: check, a parallel
+	// out-of-order convert, map and compare.
+	if r, err := tool.Check(t.Context(), p, FormatQCOW2); err != nil || !r.OK() {
+		t.Fatalf("limited check: %+v %v", r, err)
+	}
+	raw := filepath.Join(t.TempDir(), "a.raw")
+	if err := tool.Convert(t.Context(), p, raw, FormatRaw, SourceFormat(FormatQCOW2), Parallel(16, true)); err != nil {
+		t.Fatalf("limited convert: %v", err)
+	}
+	if _, err := tool.Map(t.Context(), p, FormatQCOW2); err != nil {
+		t.Fatalf("limited map: %v", err)
+	}
+	if same, err := tool.Compare(t.Context(), p, FormatQCOW2, raw, FormatRaw); err != nil || !same {
+		t.Fatalf("limited compare: %v %v", same, err)
 	}
 }

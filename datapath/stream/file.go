@@ -8,6 +8,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strconv"
 	"sync"
 	"syscall"
 	"unsafe"
@@ -26,6 +27,7 @@ const dioAlign = 4096
 type FileSource struct {
 	f        *os.File
 	path     string
+	reopen   string // what O_DIRECT reads open (path, or /proc/self/fd/N)
 	size     int64
 	block    bool
 	mode     ReadMode
@@ -59,12 +61,27 @@ func OpenFileSource(path string, mode ReadMode) (*FileSource, error) {
 		}
 		return nil, fmt.Errorf("open source %s: %w", path, err)
 	}
+	return fileSource(f, path, path, mode)
+}
+
+// NewFileSource reads f, a file opened for reading by a caller that
+// checked it (the agent's import directory: opened without following
+// symbolic links), never by its path again: O_DIRECT reads reopen it
+// through /proc/self/fd. name is what errors and the source's identity
+// call it. The source owns f and closes it.
+func NewFileSource(f *os.File, name string, mode ReadMode) (*FileSource, error) {
+	return fileSource(f, name, "/proc/self/fd/"+strconv.Itoa(int(f.Fd())), mode)
+}
+
+// fileSource makes the source of the open file f; reopen is the path that
+// names it for O_DIRECT reads.
+func fileSource(f *os.File, path, reopen string, mode ReadMode) (*FileSource, error) {
 	st, err := f.Stat()
 	if err != nil {
 		f.Close()
 		return nil, fmt.Errorf("stat source %s: %w", path, err)
 	}
-	s := &FileSource{f: f, path: path, mode: mode}
+	s := &FileSource{f: f, path: path, reopen: reopen, mode: mode}
 	switch {
 	case st.Mode().IsRegular():
 		s.size = st.Size()
@@ -158,7 +175,7 @@ func (s *FileSource) MapRange(off, n int64) ([]byte, bool) {
 
 func (s *FileSource) directFile() (*os.File, error) {
 	s.dioOnce.Do(func() {
-		s.dio, s.dioErr = os.OpenFile(s.path, os.O_RDONLY|unix.O_DIRECT, 0)
+		s.dio, s.dioErr = os.OpenFile(s.reopen, os.O_RDONLY|unix.O_DIRECT, 0)
 	})
 	return s.dio, s.dioErr
 }

@@ -211,9 +211,14 @@ func (d *Driver) importObject(ctx context.Context, dst drivers.DataObject, src d
 	if dst.Type != drivers.ObjectTemplate {
 		return drivers.ObjectInfo{}, fmt.Errorf("only templates and ISOs are imported, not a %s: %w", dst.Type, errdefs.ErrInvalid)
 	}
+	// The URL goes to the agent as it is: a file:// one stays a URL (the
+	// agent reads it only beneath its --import-dir), never a bare path.
 	u, err := url.Parse(src.URL)
-	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-		return drivers.ObjectInfo{}, fmt.Errorf("source URL %s is not an http:// or https:// URL with a host: %w", redact.URL(src.URL), errdefs.ErrInvalid)
+	switch {
+	case err == nil && (u.Scheme == "http" || u.Scheme == "https") && u.Host != "":
+	case err == nil && u.Scheme == "file" && u.Path != "":
+	default:
+		return drivers.ObjectInfo{}, fmt.Errorf("source URL %s is not an http:// or https:// URL with a host, nor a file:// URL: %w", redact.URL(src.URL), errdefs.ErrInvalid)
 	}
 	ref, err := objectRef(dst)
 	if err != nil {

@@ -206,7 +206,7 @@ func (d *Driver) Import(ctx context.Context, dst drivers.DataObject, src drivers
 		return drivers.ObjectInfo{}, err
 	}
 	if !strings.HasPrefix(src.URL, "http://") && !strings.HasPrefix(src.URL, "https://") {
-		return drivers.ObjectInfo{}, fmt.Errorf("import into s3 store %s: the source must be an http:// or https:// URL: %w", dst.Store.Name, errdefs.ErrInvalid)
+		return drivers.ObjectInfo{}, fmt.Errorf("import into s3 store %s: the source must be an http:// or https:// URL (file:// imports are read by an agent, into a filesystem image store): %w", dst.Store.Name, errdefs.ErrInvalid)
 	}
 	client := d.fetch // the address policy for operators' URLs
 	if src.Internal {
