@@ -87,6 +87,7 @@ func TestDocListsEveryIndex(t *testing.T) {
 		{Snapshots.Name(), Snapshots.Indexes()},
 		{SnapshotsOnStore.Name(), SnapshotsOnStore.Indexes()},
 		{Jobs.Name(), Jobs.Indexes()},
+		{Tokens.Name(), Tokens.Indexes()},
 	}
 	if len(kinds) != len(allKinds) {
 		t.Fatalf("test knows %d kinds, the package %d", len(kinds), len(allKinds))
