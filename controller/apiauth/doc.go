@@ -43,10 +43,16 @@
 // "bootstrap-admin" when no usable admin token exists and writes it to a
 // file (mode 0600, temporary file + fsync + rename); once an admin token
 // exists it does nothing, so the file is never rewritten or printed again.
-// To recover from a lost admin token, stop the controller (Badger locks its
-// directory) and call Tokens.ResetAdmin on the metadata directory: it
-// revokes every admin token and writes a new one to the given file. Until a
-// `stowage controller token-reset --data-dir DIR` command wraps it, the
-// equivalent by hand is: stop the controller, move the metadata directory's
-// tokens aside is not possible piecemeal, so use ResetAdmin.
+// To recover from a lost admin token, stop the controller (Badger locks
+// its directory) and run `stowage controller token-reset --data-dir DIR`
+// (Tokens.ResetAdmin): it revokes every admin token and writes a new one,
+// mode 0600, to DIR/admin-recovery.token (or --out). Nothing else needs
+// the old token: operator and reader tokens keep working.
+//
+// # Jobs in flight
+//
+// The Caller travels to the domain in the context; controller/jobs records
+// it on every job it submits (created_by) and caps the unfinished jobs per
+// caller. Work the controller starts itself carries no caller and is not
+// capped.
 package apiauth
