@@ -31,14 +31,15 @@ func newClients(cmd *cobra.Command) (*clients, error) {
 	if err != nil {
 		return nil, err
 	}
+	cred := credentialOptions(cmd)
 	return &clients{
 		url:       url,
-		stores:    stowagev1connect.NewStoreServiceClient(httpClient, url),
-		hosts:     stowagev1connect.NewHostServiceClient(httpClient, url),
-		images:    stowagev1connect.NewImageServiceClient(httpClient, url),
-		volumes:   stowagev1connect.NewVolumeServiceClient(httpClient, url),
-		snapshots: stowagev1connect.NewSnapshotServiceClient(httpClient, url),
-		jobs:      stowagev1connect.NewJobServiceClient(httpClient, url),
+		stores:    stowagev1connect.NewStoreServiceClient(httpClient, url, cred),
+		hosts:     stowagev1connect.NewHostServiceClient(httpClient, url, cred),
+		images:    stowagev1connect.NewImageServiceClient(httpClient, url, cred),
+		volumes:   stowagev1connect.NewVolumeServiceClient(httpClient, url, cred),
+		snapshots: stowagev1connect.NewSnapshotServiceClient(httpClient, url, cred),
+		jobs:      stowagev1connect.NewJobServiceClient(httpClient, url, cred),
 	}, nil
 }
 

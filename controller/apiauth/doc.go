@@ -44,7 +44,7 @@
 // file (mode 0600, temporary file + fsync + rename); once an admin token
 // exists it does nothing, so the file is never rewritten or printed again.
 // To recover from a lost admin token, stop the controller (Badger locks
-// its directory) and run `stowage controller token-reset --data-dir DIR`
+// its directory) and run `stowage token reset-admin --data-dir DIR`
 // (Tokens.ResetAdmin): it revokes every admin token and writes a new one,
 // mode 0600, to DIR/admin-recovery.token (or --out). Nothing else needs
 // the old token: operator and reader tokens keep working.
