@@ -314,6 +314,12 @@ func TestExpiredAndRevoked(t *testing.T) {
 	wantCode(t, "token without a role", err, connect.CodeInvalidArgument)
 	_, err = admin.tokens.RevokeToken(ctx, connect.NewRequest(&stowagev1.RevokeTokenRequest{Id: "000000000000"}))
 	wantCode(t, "revoke unknown token", err, connect.CodeNotFound)
+	// Given the whole token by mistake, revoke finds the id and never
+	// repeats the secret.
+	rv, err := admin.tokens.RevokeToken(ctx, connect.NewRequest(&stowagev1.RevokeTokenRequest{Id: e.bearer["reader"]}))
+	if err != nil || !rv.Msg.GetToken().GetRevoked() || strings.Contains(rv.Msg.String(), e.bearer["reader"][20:]) {
+		t.Errorf("revoke by whole token: %v, %v", rv, err)
+	}
 }
 
 func TestWatchJobIsAuthenticated(t *testing.T) {
@@ -368,7 +374,7 @@ func TestRefusalsLoggedWithoutSecrets(t *testing.T) {
 	}
 	for _, want := range []string{
 		"role too weak", "token_id=" + id, "token_name=reader-tok", "procedure=/stowage.v1.VolumeService/CreateVolume",
-		"peer=127.0.0.1:", "unauthenticated", "wrong secret", "GET /metrics",
+		"peer=127.0.0.1:", "unauthenticated", "unknown token or wrong secret", "GET /metrics",
 	} {
 		if !strings.Contains(logs, want) {
 			t.Errorf("logs lack %q:\n%s", want, logs)

@@ -149,7 +149,8 @@ func (t *Tokens) List(ctx context.Context) ([]*stowagev1.Token, error) {
 // Revoke makes the token unusable from the next call on; revoking a
 // revoked token succeeds. An unknown id is errdefs.ErrNotFound.
 func (t *Tokens) Revoke(ctx context.Context, id string) (*stowagev1.Token, error) {
-	id = strings.TrimPrefix(id, tokenPrefix)
+	// Accept the whole bearer form too, and never echo its secret.
+	id, _, _ = strings.Cut(strings.TrimPrefix(id, tokenPrefix), ".")
 	rec, err := t.db.Tokens().Update(ctx, id, 0, func(r *stowagev1.TokenRecord) error {
 		if !r.GetRevoked() {
 			r.Revoked, r.RevokedAt = true, timestamppb.New(t.now())
@@ -177,7 +178,9 @@ func (t *Tokens) Authenticate(ctx context.Context, bearer string) (Caller, error
 	}
 	rec, err := t.db.Tokens().Get(ctx, id)
 	if errdefs.IsNotFound(err) {
-		return Caller{TokenID: id}, fmt.Errorf("unknown token %s: %w", id, errdefs.ErrUnauthenticated)
+		// The same words as a wrong secret: a client learns nothing about
+		// which ids exist.
+		return Caller{TokenID: id}, fmt.Errorf("token %s: unknown token or wrong secret: %w", id, errdefs.ErrUnauthenticated)
 	}
 	if err != nil {
 		return Caller{TokenID: id}, fmt.Errorf("token %s: %w", id, err)
@@ -185,7 +188,7 @@ func (t *Tokens) Authenticate(ctx context.Context, bearer string) (Caller, error
 	c := Caller{TokenID: id, Name: rec.GetName(), Role: RoleFromProto(rec.GetRole())}
 	sum := sha256.Sum256([]byte(secret))
 	if subtle.ConstantTimeCompare(sum[:], rec.GetSecretSha256()) != 1 {
-		return c, fmt.Errorf("token %s: wrong secret: %w", id, errdefs.ErrUnauthenticated)
+		return c, fmt.Errorf("token %s: unknown token or wrong secret: %w", id, errdefs.ErrUnauthenticated)
 	}
 	if rec.GetRevoked() {
 		return c, fmt.Errorf("token %s (%s) was revoked: %w", id, rec.GetName(), errdefs.ErrUnauthenticated)
