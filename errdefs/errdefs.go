@@ -24,10 +24,13 @@ var (
 	ErrUnavailable        = errors.New("unavailable")
 	ErrNotImplemented     = errors.New("not implemented")
 	ErrPermissionDenied   = errors.New("permission denied")
-	ErrUnauthenticated    = errors.New("unauthenticated")
-	ErrDataLoss           = errors.New("data loss")
-	ErrResourceExhausted  = errors.New("resource exhausted")
-	ErrInternal           = errors.New("internal")
+	// ErrUnauthenticated: the caller could not be identified (no, malformed,
+	// unknown, expired or revoked credentials). ErrPermissionDenied is for
+	// an identified caller who may not do this.
+	ErrUnauthenticated   = errors.New("unauthenticated")
+	ErrDataLoss          = errors.New("data loss")
+	ErrResourceExhausted = errors.New("resource exhausted")
+	ErrInternal          = errors.New("internal")
 )
 
 // classes lists every class in the order Class checks them.

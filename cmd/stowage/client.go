@@ -3,6 +3,7 @@ package main
 import (
 	"errors"
 	"fmt"
+	"net/http"
 	"strings"
 	"unicode"
 
@@ -24,6 +25,10 @@ type clients struct {
 	volumes   stowagev1connect.VolumeServiceClient
 	snapshots stowagev1connect.SnapshotServiceClient
 	jobs      stowagev1connect.JobServiceClient
+	tokens    stowagev1connect.TokenServiceClient
+	// watch is JobService without an overall timeout: a watch lasts as
+	// long as its job.
+	watch stowagev1connect.JobServiceClient
 }
 
 func newClients(cmd *cobra.Command) (*clients, error) {
@@ -31,15 +36,17 @@ func newClients(cmd *cobra.Command) (*clients, error) {
 	if err != nil {
 		return nil, err
 	}
-	url, hc := conn.url, conn.client
+	url, hc, cred := conn.url, conn.client, conn.credentials(cmd)
 	return &clients{
 		url:       url,
-		stores:    stowagev1connect.NewStoreServiceClient(hc, url),
-		hosts:     stowagev1connect.NewHostServiceClient(hc, url),
-		images:    stowagev1connect.NewImageServiceClient(hc, url),
-		volumes:   stowagev1connect.NewVolumeServiceClient(hc, url),
-		snapshots: stowagev1connect.NewSnapshotServiceClient(hc, url),
-		jobs:      stowagev1connect.NewJobServiceClient(hc, url),
+		stores:    stowagev1connect.NewStoreServiceClient(hc, url, cred),
+		hosts:     stowagev1connect.NewHostServiceClient(hc, url, cred),
+		images:    stowagev1connect.NewImageServiceClient(hc, url, cred),
+		volumes:   stowagev1connect.NewVolumeServiceClient(hc, url, cred),
+		snapshots: stowagev1connect.NewSnapshotServiceClient(hc, url, cred),
+		jobs:      stowagev1connect.NewJobServiceClient(hc, url, cred),
+		tokens:    stowagev1connect.NewTokenServiceClient(hc, url, cred),
+		watch:     stowagev1connect.NewJobServiceClient(&http.Client{Transport: hc.Transport}, url, cred),
 	}, nil
 }
 

@@ -16,6 +16,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/stowage/stowage/controller/api"
+	"github.com/stowage/stowage/controller/apiauth"
 	"github.com/stowage/stowage/controller/datastore"
 	"github.com/stowage/stowage/controller/endpoint"
 	"github.com/stowage/stowage/controller/enrol"
@@ -43,6 +44,8 @@ type controllerConfig struct {
 	fetchAllowCIDRs   string
 	certTTL           time.Duration
 	tlsSANs           []string
+	maxJobsPerCaller  int
+	metricsPublic     bool
 	importDir         string
 }
 
@@ -57,6 +60,8 @@ func (c *controllerConfig) flags(cmd *cobra.Command, defaultDataDir string) {
 	f.DurationVar(&c.jobRetention, "job-retention", 7*24*time.Hour, "how long finished jobs are kept (0: forever)")
 	f.IntVar(&c.maxRequestBytes, "max-request-bytes", rpclimit.DefaultMaxRequestBytes, "largest request message the API accepts, after decompression (bigger ones: resource_exhausted)")
 	f.DurationVar(&c.certTTL, "cert-ttl", trust.DefaultTTL, "validity of the certificates the controller's CA issues (its own and agents'); they are renewed at two thirds of it")
+	f.IntVar(&c.maxJobsPerCaller, "max-jobs-per-caller", jobs.DefaultMaxJobsPerCaller, "unfinished jobs one API token may have at once (more: resource_exhausted); 0: no limit")
+	f.BoolVar(&c.metricsPublic, "metrics-public", false, "serve /metrics without a token (by default it needs a reader token, as Prometheus' bearer_token sends)")
 	f.StringSliceVar(&c.tlsSANs, "tls-san", nil, "extra DNS names or IP addresses for the controller's certificate (besides localhost, the hostname, loopback and the --listen host)")
 	f.StringVar(&c.mountTransport, "template-mount-transport", image.MountTransportHTTP, "how hosts' template mounts read a template from an agent holding its image store: http (read-only HTTP export) or nbd (read-only NBD export)")
 }
@@ -122,6 +127,21 @@ func runController(ctx context.Context, cfg controllerConfig, log *slog.Logger, 
 	reg.MustRegister(newStateCollector(db))
 
 	runner := jobs.New(db, log.With("component", "jobs"))
+	runner.SetMaxJobsPerCaller(cfg.maxJobsPerCaller)
+	// API tokens: the first start writes an admin token (DATA/admin.token)
+	// and a client configuration with it (DATA/admin.json), both 0600.
+	tokens := apiauth.NewTokens(db)
+	if err := tokens.Bootstrap(ctx, filepath.Join(cfg.dataDir, adminTokenFile)); err != nil {
+		return fmt.Errorf("bootstrap admin token: %w", err)
+	}
+	if err := writeAdminConfig(cfg.dataDir, "https://"+advertised(cfg.listen), tr.ca.PEM()); err != nil {
+		return err
+	}
+	authGuard := apiauth.NewGuard(tokens, log.With("component", "auth"))
+	metricsAuth := func(h http.Handler) http.Handler { return authGuard.RequireRole(apiauth.RoleReader, h) }
+	if cfg.metricsPublic {
+		metricsAuth = nil
+	}
 	imageSvc := image.New(db, storeSvc, selector, mover, runner, log, image.WithImportDir(cfg.importDir))
 	volumeSvc := volume.New(db, storeSvc, imageSvc, selector, mover, runner, providers, log)
 	// What every host's FUSE template mount shows, handed out in heartbeats.
@@ -133,14 +153,17 @@ func runController(ctx context.Context, cfg controllerConfig, log *slog.Logger, 
 	snapshotSvc := snapshot.New(db, storeSvc, volumeSvc, selector, runner, log)
 
 	handler := api.NewHandler(api.Services{
-		Stores:    storeSvc,
-		Hosts:     hostSvc,
-		Enrol:     enrol.New(db, tr.ca, cfg.certTTL, log.With("component", "enrol")),
-		Images:    imageSvc,
-		Volumes:   volumeSvc,
-		Snapshots: snapshotSvc,
-		Jobs:      runner,
-		Health:    func(ctx context.Context) error { _, err := db.SchemaVersion(ctx); return err },
+		Stores:      storeSvc,
+		Hosts:       hostSvc,
+		Enrol:       enrol.New(db, tr.ca, cfg.certTTL, log.With("component", "enrol")),
+		Images:      imageSvc,
+		Volumes:     volumeSvc,
+		Snapshots:   snapshotSvc,
+		Jobs:        runner,
+		Tokens:      tokens,
+		Auth:        authGuard,
+		MetricsAuth: metricsAuth,
+		Health:      func(ctx context.Context) error { _, err := db.SchemaVersion(ctx); return err },
 	}, reg, limits)
 
 	ln, err := net.Listen("tcp", cfg.listen)

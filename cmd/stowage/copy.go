@@ -222,7 +222,7 @@ func copyLogger(cmd *cobra.Command) (*slog.Logger, error) {
 // checkpoint worth resuming.
 func resumableErr(err error) bool {
 	switch errdefs.Class(err) {
-	case errdefs.ErrInvalid, errdefs.ErrNotFound, errdefs.ErrDataLoss, errdefs.ErrAborted, errdefs.ErrNotImplemented, errdefs.ErrPermissionDenied:
+	case errdefs.ErrInvalid, errdefs.ErrNotFound, errdefs.ErrDataLoss, errdefs.ErrAborted, errdefs.ErrNotImplemented, errdefs.ErrPermissionDenied, errdefs.ErrUnauthenticated:
 		return false
 	}
 	return true

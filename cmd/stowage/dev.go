@@ -130,13 +130,20 @@ over loopback, a directory primary store and a directory image store, all under
 				return fmt.Errorf("the agent did not register within 30s: %w", errdefs.ErrUnavailable)
 			}
 			// The CLI of this user reaches this controller with no flags.
+			admin, err := readClientConfig(filepath.Join(ctl.dataDir, "admin.json"))
+			if err != nil {
+				return err
+			}
+			if admin.Token == "" {
+				return fmt.Errorf("dev: no admin token in %s (removed?); recover one with `stowage token reset-admin`: %w", filepath.Join(ctl.dataDir, "admin.json"), errdefs.ErrFailedPrecondition)
+			}
 			if clientConfigPath != "" {
-				if err := writeClientConfig(clientConfigPath, clientConfig{Server: server, CAPEM: string(ca.PEM())}); err != nil {
+				if err := writeClientConfig(clientConfigPath, clientConfig{Server: server, CAPEM: string(ca.PEM()), Token: admin.Token}); err != nil {
 					return err
 				}
 			}
 			hc := &http.Client{Timeout: time.Minute, Transport: &http.Transport{TLSClientConfig: trust.ClientConfig(nil, ca.Pool(), trust.Is(trust.Controller))}}
-			stores := stowagev1connect.NewStoreServiceClient(hc, server)
+			stores := stowagev1connect.NewStoreServiceClient(hc, server, connect.WithInterceptors(bearerInterceptor(admin.Token)))
 			primary, err := ensureStore(ctx, stores, "primary", stowagev1.StoreRole_STORE_ROLE_PRIMARY, filepath.Join(data, "primary"))
 			if err != nil {
 				return err
@@ -162,10 +169,11 @@ over loopback, a directory primary store and a directory image store, all under
 Try:
   stowage store list
   stowage host get %[2]s
-  curl -s --cacert %[11]s -H 'Content-Type: application/json' -d '{}' %[1]s/stowage.v1.StoreService/ListStores
+  curl -s --cacert %[11]s -H "Authorization: Bearer $(cat %[13]s)" \
+    -H 'Content-Type: application/json' -d '{}' %[1]s/stowage.v1.StoreService/ListStores
 
 Stop with Ctrl-C.
-`, server, ag.HostID, ag.Listen, ctl.dataDir, primary.GetDetails()["path"], images.GetDetails()["path"], "agent (host "+ag.HostID+")", orDash(a.NBDAddress()), mountLine, orDash(clientConfigPath), filepath.Join(pkiDir(ctl.dataDir), trust.CACertFile), ctl.importDir)
+`, server, ag.HostID, ag.Listen, ctl.dataDir, primary.GetDetails()["path"], images.GetDetails()["path"], "agent (host "+ag.HostID+")", orDash(a.NBDAddress()), mountLine, orDash(clientConfigPath), filepath.Join(pkiDir(ctl.dataDir), trust.CACertFile), ctl.importDir, filepath.Join(ctl.dataDir, adminTokenFile))
 			select {
 			case <-ctx.Done():
 				return nil

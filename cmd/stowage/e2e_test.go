@@ -364,6 +364,9 @@ func curlJSON(t *testing.T, url, body string) (int, string) {
 	args := []string{"-s", "-o", "-", "-w", "\n%{http_code}", "-H", "Content-Type: application/json", "-d", body}
 	if ca := caFile(url); ca != "" {
 		args = append(args, "--cacert", ca)
+		if cfg, err := readClientConfig(filepath.Join(controllerDir(url), "admin.json")); err == nil && cfg.Token != "" {
+			args = append(args, "-H", "Authorization: Bearer "+cfg.Token)
+		}
 	}
 	out, err := exec.Command("curl", append(args, url)...).Output()
 	if err != nil {

@@ -105,7 +105,7 @@ func printJob(w io.Writer, j *stowagev1.Job) {
 		{"Phase", orDash(j.GetProgress().GetPhase())},
 		{"Progress", progressString(j.GetProgress(), true)},
 	}
-	for _, p := range [][2]string{{"Error", j.GetError()}, {"Result", j.GetResult()}, {"Idempotency key", j.GetIdempotencyKey()}} {
+	for _, p := range [][2]string{{"Error", j.GetError()}, {"Result", j.GetResult()}, {"Idempotency key", j.GetIdempotencyKey()}, {"Created by", j.GetCreatedBy()}} {
 		if p[1] != "" {
 			kv = append(kv, p)
 		}

@@ -51,6 +51,7 @@ func newRootCmd() *cobra.Command {
 	root.PersistentFlags().StringP("output", "o", "table", "output format: table or json")
 	root.PersistentFlags().String("log-level", "info", "log level: debug, info, warn, error")
 	root.PersistentFlags().String("log-format", "text", "log format: text or json")
+	addCredentialFlags(root)
 	root.AddCommand(
 		newControllerCmd(),
 		newAgentCmd(),
@@ -61,6 +62,7 @@ func newRootCmd() *cobra.Command {
 		newVolumeCmd(),
 		newSnapshotCmd(),
 		newJobCmd(),
+		newTokenCmd(),
 		newCopyCmd(),
 		newVerifyCmd(),
 		newNBDCmd(),

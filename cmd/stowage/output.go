@@ -121,7 +121,6 @@ func newLogger(cmd *cobra.Command) (*slog.Logger, error) {
 	return nil, usageError{fmt.Errorf("--log-format %q: want text or json", format)}
 }
 
-// serverURL returns --server, checked.
 // printPlan prints what the controller decided: strategy and priority, the
 // steps with host, state and reason, then why.
 func printPlan(w io.Writer, p *stowagev1.Plan) {

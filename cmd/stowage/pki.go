@@ -3,12 +3,15 @@ package main
 import (
 	"context"
 	"crypto/tls"
+	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"net"
 	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -123,4 +126,36 @@ func issueHost(ca *trust.CA, ttl time.Duration, stateDir, hostID string, address
 		return fmt.Errorf("dev: store the agent's certificate: %w", err)
 	}
 	return nil
+}
+
+// adminTokenFile is where the controller's first start writes its
+// bootstrap admin token (apiauth.Tokens.Bootstrap), beneath its data dir.
+const adminTokenFile = "admin.token"
+
+// writeAdminConfig writes DATA/admin.json (0600): the client configuration
+// of the bootstrap admin (server, CA, token), so that
+// `STOWAGE_CONFIG=DATA/admin.json stowage …` works on the controller's
+// host. Without a token file (removed by the operator) it writes none.
+func writeAdminConfig(dataDir, server string, caPEM []byte) error {
+	tok, err := os.ReadFile(filepath.Join(dataDir, adminTokenFile))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("admin token: %w", err)
+	}
+	return writeClientConfig(filepath.Join(dataDir, "admin.json"), clientConfig{Server: server, CAPEM: string(caPEM), Token: strings.TrimSpace(string(tok))})
+}
+
+// advertised is the host:port a listen address is reached at on this
+// host (an unspecified host: loopback).
+func advertised(listen string) string {
+	host, port, err := net.SplitHostPort(listen)
+	if err != nil {
+		return listen
+	}
+	if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
+		host = "127.0.0.1"
+	}
+	return net.JoinHostPort(host, port)
 }

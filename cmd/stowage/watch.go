@@ -5,13 +5,11 @@ package main
 import (
 	"context"
 	"fmt"
-	"net/http"
 
 	"connectrpc.com/connect"
 
 	"github.com/stowage/stowage/errdefs"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
-	"github.com/stowage/stowage/proto/gen/stowage/v1/stowagev1connect"
 )
 
 func jobEnded(j *stowagev1.Job) bool {
@@ -22,15 +20,12 @@ func jobEnded(j *stowagev1.Job) bool {
 	return false
 }
 
-// watchHTTPClient has no overall timeout: a watch lasts as long as its job.
-var watchHTTPClient = &http.Client{}
-
 // watchJob follows job id with WatchJob until it ends, reporting each update
 // to prog, and returns the job as it ended.
 func watchJob(ctx context.Context, c *clients, id string, prog *jobProgress) (*stowagev1.Job, error) {
 	defer prog.close()
 	var last *stowagev1.Job
-	st, err := stowagev1connect.NewJobServiceClient(watchHTTPClient, c.url).WatchJob(ctx, connect.NewRequest(&stowagev1.WatchJobRequest{Id: id}))
+	st, err := c.watch.WatchJob(ctx, connect.NewRequest(&stowagev1.WatchJobRequest{Id: id}))
 	if err == nil {
 		for st.Receive() {
 			last = st.Msg().GetJob()

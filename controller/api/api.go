@@ -63,8 +63,26 @@ type Services struct {
 	Volumes   VolumeService
 	Snapshots SnapshotService
 	Jobs      JobService
+	// Tokens, when set, serves TokenService (API tokens; admin only by
+	// apiauth's role table).
+	Tokens TokenService
+	// Auth, when set, authenticates and authorizes every Connect call
+	// (apiauth.Guard). It runs inside the metrics and error-mapping
+	// interceptors, so refusals are counted and its errdefs classes become
+	// Connect codes there, and before every handler.
+	Auth connect.Interceptor
+	// MetricsAuth, when set, wraps /metrics (e.g. an apiauth.Guard's
+	// RequireRole). /healthz stays open.
+	MetricsAuth func(http.Handler) http.Handler
 	// Health returns nil when the controller can serve (metadata readable).
 	Health func(ctx context.Context) error
+}
+
+// TokenService is what the token handlers need (apiauth.Tokens).
+type TokenService interface {
+	Create(ctx context.Context, req *stowagev1.CreateTokenRequest) (*stowagev1.CreateTokenResponse, error)
+	List(ctx context.Context) ([]*stowagev1.Token, error)
+	Revoke(ctx context.Context, id string) (*stowagev1.Token, error)
 }
 
 // NewHandler returns the controller's HTTP handler: every Connect service,
@@ -72,7 +90,11 @@ type Services struct {
 // message size, decompressed, and the time and size of its body).
 func NewHandler(s Services, reg *prometheus.Registry, lim rpclimit.Limits) http.Handler {
 	metrics := newRPCMetrics(reg)
-	opts := connect.WithHandlerOptions(lim.HandlerOptions(), connect.WithInterceptors(metrics, errconnect.Interceptor()))
+	interceptors := []connect.Interceptor{metrics, errconnect.Interceptor()}
+	if s.Auth != nil {
+		interceptors = append(interceptors, s.Auth)
+	}
+	opts := connect.WithHandlerOptions(lim.HandlerOptions(), connect.WithInterceptors(interceptors...))
 	mux := http.NewServeMux()
 	mux.Handle(stowagev1connect.NewStoreServiceHandler(&storeHandler{s.Stores}, opts))
 	mux.Handle(stowagev1connect.NewHostServiceHandler(&hostHandler{s.Hosts, s.Enrol}, opts))
@@ -83,7 +105,14 @@ func NewHandler(s Services, reg *prometheus.Registry, lim rpclimit.Limits) http.
 		mux.Handle(stowagev1connect.NewSnapshotServiceHandler(&snapshotHandler{s.Snapshots}, opts))
 		mux.Handle(stowagev1connect.NewJobServiceHandler(&jobHandler{s.Jobs}, opts))
 	}
-	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+	if s.Tokens != nil {
+		mux.Handle(stowagev1connect.NewTokenServiceHandler(&tokenHandler{s.Tokens}, opts))
+	}
+	var metricsHandler http.Handler = promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg})
+	if s.MetricsAuth != nil {
+		metricsHandler = s.MetricsAuth(metricsHandler)
+	}
+	mux.Handle("/metrics", metricsHandler)
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
 		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
 		defer cancel()

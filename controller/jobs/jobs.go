@@ -20,6 +20,7 @@ import (
 
 	"google.golang.org/protobuf/proto"
 
+	"github.com/stowage/stowage/controller/apiauth"
 	"github.com/stowage/stowage/controller/meta"
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
@@ -51,7 +52,16 @@ type Runner struct {
 	latest  map[string]*stowagev1.Job // in-memory view with fresh progress
 	subs    map[string]map[chan *stowagev1.Job]struct{}
 	wg      sync.WaitGroup
+
+	// maxPerCaller caps the unfinished jobs of one API caller; 0: no cap.
+	maxPerCaller int
+	// callerLocks serialise the count-and-insert of one caller's submits
+	// (a buffered channel of one per caller, so acquiring honours ctx).
+	callerLocks map[string]chan struct{}
 }
+
+// DefaultMaxJobsPerCaller is the default of SetMaxJobsPerCaller.
+const DefaultMaxJobsPerCaller = 64
 
 // New returns a runner over db. Register handlers, then Start it.
 func New(db *meta.DB, log *slog.Logger) *Runner {
@@ -60,7 +70,21 @@ func New(db *meta.DB, log *slog.Logger) *Runner {
 		running: map[string]context.CancelFunc{},
 		latest:  map[string]*stowagev1.Job{},
 		subs:    map[string]map[chan *stowagev1.Job]struct{}{},
+
+		maxPerCaller: DefaultMaxJobsPerCaller,
+		callerLocks:  map[string]chan struct{}{},
 	}
+}
+
+// SetMaxJobsPerCaller caps the jobs one API caller (the token that asked,
+// apiauth.CallerFrom) may have unfinished at once: Submit refuses one more
+// with errdefs.ErrResourceExhausted. n <= 0 removes the cap. Jobs submitted
+// without a caller (the controller's own, or with authentication off) are
+// never capped. Call it before Start.
+func (r *Runner) SetMaxJobsPerCaller(n int) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.maxPerCaller = max(n, 0)
 }
 
 // Register adds the handler of job kind; registering a kind twice panics.
@@ -497,14 +521,41 @@ func RunStep(ctx context.Context, job *stowagev1.Job, rep *Reporter, name string
 // (the objects the job will work on), then launches it. With an idempotency
 // key already used, nothing is written and the earlier job is returned with
 // existing set.
+//
+// A job submitted for an API caller (apiauth.CallerFrom(ctx)) records it in
+// created_by; when that caller already has the maximum of unfinished jobs
+// (SetMaxJobsPerCaller), Submit writes nothing and fails with
+// errdefs.ErrResourceExhausted. The count is read in the transaction that
+// inserts the job, and one caller's submits take turns on a per-caller
+// lock, so concurrent submits cannot overshoot the cap.
 func (r *Runner) Submit(ctx context.Context, job *stowagev1.Job, create func(tx *meta.Tx) error) (_ *stowagev1.Job, existing bool, err error) {
 	if key := job.GetIdempotencyKey(); key != "" {
 		if prev, err := r.ByIdempotencyKey(ctx, key); err == nil {
 			return prev, true, nil
 		}
 	}
+	if c, ok := apiauth.CallerFrom(ctx); ok && job.GetCreatedBy() == "" {
+		job = proto.Clone(job).(*stowagev1.Job)
+		job.CreatedBy = c.String()
+	}
+	r.mu.Lock()
+	limit := r.maxPerCaller
+	r.mu.Unlock()
+	by := job.GetCreatedBy()
+	if by != "" && limit > 0 {
+		unlock, err := r.lockCaller(ctx, by)
+		if err != nil {
+			return nil, false, err
+		}
+		defer unlock()
+	}
 	var created *stowagev1.Job
 	err = r.db.Txn(ctx, func(tx *meta.Tx) error {
+		if by != "" && limit > 0 {
+			if err := checkInFlight(tx, by, limit); err != nil {
+				return err
+			}
+		}
 		if create != nil {
 			if err := create(tx); err != nil {
 				return err
@@ -524,6 +575,42 @@ func (r *Runner) Submit(ctx context.Context, job *stowagev1.Job, create func(tx 
 	}
 	r.launch(created)
 	return created, false, nil
+}
+
+// checkInFlight fails with ErrResourceExhausted when caller by has limit
+// unfinished jobs.
+func checkInFlight(tx *meta.Tx, by string, limit int) error {
+	open, err := meta.Jobs.ListTx(tx, meta.Filter[*stowagev1.Job]{
+		Index: meta.IndexCreatedBy, Value: by,
+		Where: func(j *stowagev1.Job) bool { return !terminal(j.GetState()) },
+		Limit: limit,
+	})
+	if err != nil {
+		return fmt.Errorf("count the jobs of %s: %w", by, err)
+	}
+	if len(open) >= limit {
+		return fmt.Errorf("caller %s already has %d unfinished jobs, the limit of jobs in flight per caller: "+
+			"wait for some to end (`stowage job list`) or cancel them: %w", by, limit, errdefs.ErrResourceExhausted)
+	}
+	return nil
+}
+
+// lockCaller takes the submit lock of caller by, or fails when ctx ends.
+func (r *Runner) lockCaller(ctx context.Context, by string) (unlock func(), err error) {
+	r.mu.Lock()
+	ch, ok := r.callerLocks[by]
+	if !ok {
+		// One entry per caller that ever submitted: bounded by the tokens.
+		ch = make(chan struct{}, 1)
+		r.callerLocks[by] = ch
+	}
+	r.mu.Unlock()
+	select {
+	case ch <- struct{}{}:
+		return func() { <-ch }, nil
+	case <-ctx.Done():
+		return nil, fmt.Errorf("submit a job for %s: %w", by, ctx.Err())
+	}
 }
 
 // PlanHost returns the host the plan chose for step, "" if none.

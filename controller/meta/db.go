@@ -37,6 +37,7 @@ type DB struct {
 	snapshots        *SnapshotRepo
 	snapshotsOnStore *SnapshotOnStoreRepo
 	jobs             *JobRepo
+	tokens           *TokenRepo
 }
 
 // Option configures Open.
@@ -88,6 +89,7 @@ func Open(dir string, opts ...Option) (*DB, error) {
 	db.snapshots = &SnapshotRepo{Repo: Repo[snapshotRec]{db: db, kind: Snapshots.Kind}, skind: Snapshots}
 	db.snapshotsOnStore = &SnapshotOnStoreRepo{Repo: Repo[sosRec]{db: db, kind: SnapshotsOnStore.Kind}, skind: SnapshotsOnStore}
 	db.jobs = &JobRepo{Repo: Repo[jobRec]{db: db, kind: Jobs.Kind}, skind: Jobs}
+	db.tokens = &TokenRepo{db: db, kind: Tokens}
 	return db, nil
 }
 
@@ -129,6 +131,9 @@ func (db *DB) SnapshotsOnStore() *SnapshotOnStoreRepo { return db.snapshotsOnSto
 
 // Jobs is the repository of asynchronous jobs.
 func (db *DB) Jobs() *JobRepo { return db.jobs }
+
+// Tokens is the repository of API tokens (hashed; see controller/apiauth).
+func (db *DB) Tokens() *TokenRepo { return db.tokens }
 
 // SchemaVersion returns the schema version stored in the database.
 func (db *DB) SchemaVersion(ctx context.Context) (int, error) {

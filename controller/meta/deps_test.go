@@ -88,6 +88,7 @@ func TestDocListsEveryIndex(t *testing.T) {
 		{SnapshotsOnStore.Name(), SnapshotsOnStore.Indexes()},
 		{Jobs.Name(), Jobs.Indexes()},
 		{JoinTokens.Name(), JoinTokens.Indexes()},
+		{Tokens.Name(), Tokens.Indexes()},
 	}
 	if len(kinds) != len(allKinds) {
 		t.Fatalf("test knows %d kinds, the package %d", len(kinds), len(allKinds))

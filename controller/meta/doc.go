@@ -5,8 +5,8 @@
 // # Records and operations
 //
 // Each record kind (Stores, Hosts, Templates, TemplatesOnStore, Volumes,
-// Snapshots, SnapshotsOnStore, Jobs) is described by a Kind: key prefix,
-// indexes, and for all but Templates a state Machine. A DB hands out one
+// Snapshots, SnapshotsOnStore, Jobs, Tokens) is described by a Kind: key prefix,
+// indexes, and for all but Templates and Tokens a state Machine. A DB hands out one
 // repository per kind (db.Stores(), db.Volumes(), ...) whose methods each
 // run in their own transaction:
 //
@@ -49,7 +49,7 @@
 // segment. Empty values are not indexed. Enum values are indexed by their
 // CloudStack-style names (EnumName: "Up", "PrepareForMaintenance").
 //
-//	meta/schema-version                          "2" (decimal): the layout version, see migrations.go
+//	meta/schema-version                          "4" (decimal): the layout version, see migrations.go
 //	<kind>/<id>                                  the record (protobuf)
 //	idx/<kind>/<field>/<value>/<id>              secondary index entry (empty value)
 //	uniq/<kind>/<field>/<value>                  unique index entry -> owner id
@@ -86,6 +86,9 @@
 //	  idx/job/state/<JobState>/<id>
 //	  idx/job/target_id/<target id>/<id>
 //	  uniq/job/idempotency_key/<key>             only when the key is set
+//	  idx/job/created_by/<caller>/<id>           only for jobs an API caller submitted
+//	token/<id>                                   TokenRecord (API token: SHA-256 of the secret only)
+//	  idx/token/role/<Admin|Operator|Reader>/<id>
 //	join_token/<id>                              JoinToken (hash only)
 //
 // Listings come out ordered by id; ids from NewID are UUIDv7, so that is

@@ -22,6 +22,7 @@ const (
 	IndexSnapshotID     = "snapshot_id"
 	IndexTargetID       = "target_id"
 	IndexIdempotencyKey = "idempotency_key" // unique
+	IndexCreatedBy      = "created_by"
 )
 
 type (
@@ -34,6 +35,7 @@ type (
 	sosRec      = *stowagev1.SnapshotOnStore
 	jobRec      = *stowagev1.Job
 	joinRec     = *stowagev1.JoinToken
+	tokenRec    = *stowagev1.TokenRecord
 )
 
 // The record kinds. Use them for the ...Tx methods inside DB.Txn; outside a
@@ -182,8 +184,27 @@ var (
 			{field: IndexState, value: func(r jobRec) string { return JobStateName(r.GetState()) }},
 			{field: IndexTargetID, value: jobRec.GetTargetId},
 			{field: IndexIdempotencyKey, unique: true, value: jobRec.GetIdempotencyKey},
+			{field: IndexCreatedBy, value: jobRec.GetCreatedBy},
 		},
 	}, jobMachine, jobRec.GetState, func(r jobRec, s stowagev1.JobState) { r.State = s })
+
+	// Tokens are the API's bearer tokens (controller/apiauth): the SHA-256
+	// of each secret, never the secret. They have no state machine: a token
+	// is usable until it expires or is revoked.
+	Tokens = &Kind[tokenRec]{
+		name:   "token",
+		noun:   "token",
+		newRec: func() tokenRec { return &stowagev1.TokenRecord{} },
+		setRev: func(r tokenRec, v uint64) { r.Revision = v },
+		touch: func(r tokenRec, now *timestamppb.Timestamp, created bool) {
+			if created && r.CreatedAt == nil {
+				r.CreatedAt = now
+			}
+		},
+		indexes: []index[tokenRec]{
+			{field: IndexRole, value: func(r tokenRec) string { return TokenRoleName(r.GetRole()) }},
+		},
+	}
 )
 
 // JoinTokens are the hashes of the one-time tokens agents join with
@@ -207,4 +228,4 @@ type reindexer interface {
 }
 
 // allKinds lists every kind, for migrations.
-var allKinds = []reindexer{Stores, Hosts, Templates, TemplatesOnStore, Volumes, Snapshots, SnapshotsOnStore, Jobs, JoinTokens}
+var allKinds = []reindexer{Stores, Hosts, Templates, TemplatesOnStore, Volumes, Snapshots, SnapshotsOnStore, Jobs, Tokens, JoinTokens}

@@ -27,6 +27,7 @@ var migrations = []migration{
 	{version: 1, name: "initial layout", apply: func(kvTxn) error { return nil }},
 	{version: 2, name: "index templates by name", apply: func(kt kvTxn) error { return reindexKinds(kt, Templates) }},
 	{version: 3, name: "typed job parameters", apply: migrateJobParams},
+	{version: 4, name: "index jobs by creator; API tokens", apply: func(kt kvTxn) error { return reindexKinds(kt, Jobs, Tokens) }},
 }
 
 // latestSchemaVersion is the version this binary writes.

@@ -161,3 +161,33 @@ func TestMigratePendingSteps(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// Migration 4 indexes the jobs a version-3 database holds by created_by
+// (and the token kind, new in version 4, has nothing to index yet).
+func TestMigration4JobsByCreator(t *testing.T) {
+	db := openTest(t)
+	if _, err := db.Jobs().Create(ctx, &stowagev1.Job{Id: "j1", Kind: "volume.create", CreatedBy: "ci (t1)"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := db.kv.update(func(kt kvTxn) error {
+		if err := kt.delete(indexKey("job", IndexCreatedBy, "ci (t1)", "j1")); err != nil {
+			return err
+		}
+		return kt.set([]byte(schemaVersionKey), []byte("3"))
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := db.Jobs().ListBy(ctx, IndexCreatedBy, "ci (t1)"); len(got) != 0 {
+		t.Fatalf("setup: index entry still there")
+	}
+	if err := migrate(db.kv, migrations); err != nil {
+		t.Fatal(err)
+	}
+	got, err := db.Jobs().ListBy(ctx, IndexCreatedBy, "ci (t1)")
+	if err != nil || len(got) != 1 || got[0].GetId() != "j1" {
+		t.Fatalf("jobs by creator after migration 4: %v, %v", got, err)
+	}
+	if v, _ := db.SchemaVersion(ctx); v != 4 {
+		t.Fatalf("schema version %d, want 4", v)
+	}
+}

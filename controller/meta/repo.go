@@ -136,4 +136,5 @@ type (
 	SnapshotRepo        = StatefulRepo[*stowagev1.Snapshot, stowagev1.SnapshotState, SnapshotEvent]
 	SnapshotOnStoreRepo = StatefulRepo[*stowagev1.SnapshotOnStore, stowagev1.ObjectState, ObjectEvent]
 	JobRepo             = StatefulRepo[*stowagev1.Job, stowagev1.JobState, JobEvent]
+	TokenRepo           = Repo[*stowagev1.TokenRecord]
 )

@@ -59,6 +59,9 @@ func JobStateName(s stowagev1.JobState) string { return EnumName(s) }
 // StoreRoleName renders a store role ("Primary", "Image", "ImageCache").
 func StoreRoleName(r stowagev1.StoreRole) string { return EnumName(r) }
 
+// TokenRoleName is the indexed name of a token role ("Admin", "Operator", "Reader").
+func TokenRoleName(r stowagev1.TokenRole) string { return EnumName(r) }
+
 // StoreEvent is an event of the data store state machine (CloudStack's
 // StoragePoolStatus, which CloudStack sets by hand; Stowage makes it a table).
 type StoreEvent string

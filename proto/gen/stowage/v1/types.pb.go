@@ -2277,7 +2277,11 @@ type Job struct {
 	// A short human summary of the result, e.g. "copied 2.0 GiB in 3.1 s".
 	Result string `protobuf:"bytes,13,opt,name=result,proto3" json:"result,omitempty"`
 	// What the job needs to run again after a controller restart.
-	JobParams     *JobParams `protobuf:"bytes,14,opt,name=job_params,json=jobParams,proto3" json:"job_params,omitempty"`
+	JobParams *JobParams `protobuf:"bytes,14,opt,name=job_params,json=jobParams,proto3" json:"job_params,omitempty"`
+	// Who submitted the job: "<token name> (<token id>)" of the API token
+	// that asked for it; empty for jobs the controller started itself. Jobs
+	// in flight are limited per created_by (controller/jobs).
+	CreatedBy     string `protobuf:"bytes,15,opt,name=created_by,json=createdBy,proto3" json:"created_by,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2409,6 +2413,13 @@ func (x *Job) GetJobParams() *JobParams {
 		return x.JobParams
 	}
 	return nil
+}
+
+func (x *Job) GetCreatedBy() string {
+	if x != nil {
+		return x.CreatedBy
+	}
+	return ""
 }
 
 // JobParams are a job's parameters, typed per kind of job.
@@ -3330,7 +3341,7 @@ const file_stowage_v1_types_proto_rawDesc = "" +
 	"bytes_done\x18\x02 \x01(\x03R\tbytesDone\x12\x1f\n" +
 	"\vbytes_total\x18\x03 \x01(\x03R\n" +
 	"bytesTotal\x12(\n" +
-	"\x10bytes_per_second\x18\x04 \x01(\x01R\x0ebytesPerSecond\"\xe0\x04\n" +
+	"\x10bytes_per_second\x18\x04 \x01(\x01R\x0ebytesPerSecond\"\xff\x04\n" +
 	"\x03Job\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04kind\x18\x02 \x01(\tR\x04kind\x12\x1b\n" +
@@ -3349,7 +3360,9 @@ const file_stowage_v1_types_proto_rawDesc = "" +
 	"\x06params\x18\f \x03(\v2\x1b.stowage.v1.Job.ParamsEntryB\x02\x18\x01R\x06params\x12\x16\n" +
 	"\x06result\x18\r \x01(\tR\x06result\x124\n" +
 	"\n" +
-	"job_params\x18\x0e \x01(\v2\x15.stowage.v1.JobParamsR\tjobParams\x1a9\n" +
+	"job_params\x18\x0e \x01(\v2\x15.stowage.v1.JobParamsR\tjobParams\x12\x1d\n" +
+	"\n" +
+	"created_by\x18\x0f \x01(\tR\tcreatedBy\x1a9\n" +
 	"\vParamsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x9f\x04\n" +
