@@ -98,6 +98,8 @@ func exitCode(err error) int {
 		return 1
 	case errdefs.ErrInvalid:
 		return 2
+	case errdefs.ErrUnauthenticated, errdefs.ErrPermissionDenied:
+		return 8
 	case errdefs.ErrNotFound:
 		return 3
 	case errdefs.ErrAlreadyExists:
