@@ -2,6 +2,7 @@ package nbd
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -54,6 +55,16 @@ type ServerOptions struct {
 	// (0: unlimited); a connection past it is closed at once, before the
 	// handshake, and logged.
 	MaxConns int
+	// TLS, when set, lets clients upgrade with NBD_OPT_STARTTLS (nbds://
+	// URIs); the handshake runs on the same connection and option
+	// negotiation starts again inside it. The config is used as given, so
+	// a GetCertificate or GetConfigForClient that rotates certificates
+	// keeps working. Nil: STARTTLS is refused with NBD_REP_ERR_UNSUP.
+	TLS *tls.Config
+	// TLSRequired (with TLS) refuses every option but NBD_OPT_STARTTLS and
+	// NBD_OPT_ABORT with NBD_REP_ERR_TLS_REQD until TLS is up, and closes a
+	// connection that sends NBD_OPT_EXPORT_NAME in plaintext.
+	TLSRequired bool
 }
 
 // ExportOptions describe one export.
@@ -113,6 +124,9 @@ func NewServer(opts ServerOptions) *Server {
 	}
 	if opts.ShutdownGrace <= 0 {
 		opts.ShutdownGrace = DefaultShutdownGrace
+	}
+	if opts.TLS == nil {
+		opts.TLSRequired = false
 	}
 	return &Server{
 		opts:    opts,
