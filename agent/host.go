@@ -7,6 +7,7 @@ import (
 	"path"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/stowage/stowage/agent/hostfs"
 	"github.com/stowage/stowage/datapath/chunkstore"
@@ -512,12 +513,20 @@ func (h *LocalHost) DeleteBackup(ctx context.Context, req hostops.DeleteBackupRe
 }
 
 // Export implements hostops.Exports.
-func (h *LocalHost) Export(ctx context.Context, ref hostops.Ref) (drivers.URI, error) {
+func (h *LocalHost) Export(ctx context.Context, ref hostops.Ref, ttl time.Duration) (drivers.URI, error) {
 	p, err := h.object(ref)
 	if err != nil {
 		return "", err
 	}
-	return h.fs.Export(ctx, p)
+	return h.fs.Export(ctx, p, expiry(ttl))
+}
+
+// expiry is when an export made now with ttl ends (zero: never).
+func expiry(ttl time.Duration) time.Time {
+	if ttl <= 0 {
+		return time.Time{}
+	}
+	return time.Now().Add(ttl)
 }
 
 // Unexport implements hostops.Exports.
@@ -531,7 +540,7 @@ func (h *LocalHost) ExportNBD(ctx context.Context, req hostops.NBDExportRequest)
 	if err != nil {
 		return "", err
 	}
-	return h.fs.ExportNBD(ctx, hostfs.NBDExportRequest{Path: p, Format: req.Format, ReadOnly: req.ReadOnly})
+	return h.fs.ExportNBD(ctx, hostfs.NBDExportRequest{Path: p, Format: req.Format, ReadOnly: req.ReadOnly, Expires: expiry(req.TTL)})
 }
 
 // UnexportNBD implements hostops.Exports.

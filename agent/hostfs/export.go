@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"time"
 
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
@@ -14,8 +15,9 @@ import (
 // Exporter serves files of this host read-only over HTTP under
 // unguessable URLs; agent/exports.Server is the agent's.
 type Exporter interface {
-	// Export serves the file at path (on this machine) and returns its URL.
-	Export(path string) (string, error)
+	// Export serves the file at path (on this machine) until expires
+	// (zero: never) and returns its URL.
+	Export(path string, expires time.Time) (string, error)
 	// Unexport ends an export; an unknown one is not an error.
 	Unexport(url string) error
 }
@@ -25,9 +27,9 @@ type Exporter interface {
 func WithExporter(x Exporter) Option { return func(l *Local) { l.exporter = x } }
 
 // Export serves the file at path read-only over HTTP (Range, HEAD) until
-// Unexport, and returns its URL. Exporting an exported path again returns
-// the same URL.
-func (l *Local) Export(ctx context.Context, path string) (drivers.URI, error) {
+// Unexport or expires (zero: never), and returns its URL. Exporting an
+// exported path again returns the same URL.
+func (l *Local) Export(ctx context.Context, path string, expires time.Time) (drivers.URI, error) {
 	if l.exporter == nil {
 		return "", fmt.Errorf("export %s on host %s: this endpoint serves no exports: %w", path, l.hostID, errdefs.ErrNotImplemented)
 	}
@@ -38,7 +40,7 @@ func (l *Local) Export(ctx context.Context, path string) (drivers.URI, error) {
 	if err != nil {
 		return "", fmt.Errorf("export %s on host %s: %w", path, l.hostID, err)
 	}
-	u, err := l.exporter.Export(host)
+	u, err := l.exporter.Export(host, expires)
 	if err != nil {
 		return "", fmt.Errorf("export %s on host %s: %w", path, l.hostID, err)
 	}
@@ -62,9 +64,9 @@ func (l *Local) Unexport(ctx context.Context, uri drivers.URI) error {
 // NBDExporter serves files of this host over NBD under unguessable names;
 // agent/nbdexports.Server is the agent's.
 type NBDExporter interface {
-	// Export serves the file at path (on this machine) under a new name and
-	// returns its nbd:// URI.
-	Export(path string, readOnly bool) (string, error)
+	// Export serves the file at path (on this machine) under a new name
+	// until expires (zero: never) and returns its nbd:// or nbds:// URI.
+	Export(path string, readOnly bool, expires time.Time) (string, error)
 	// Unexport removes an export and closes its connections; an unknown one
 	// is not an error.
 	Unexport(uri string) error
@@ -124,7 +126,7 @@ func (l *Local) ExportNBD(ctx context.Context, req NBDExportRequest) (drivers.UR
 	if !within(realPath, realStore) {
 		return fail(fmt.Errorf("resolves to %s, outside its store: %w", l.callerPath(realPath), errdefs.ErrInvalid))
 	}
-	u, err := l.nbd.Export(realPath, req.ReadOnly)
+	u, err := l.nbd.Export(realPath, req.ReadOnly, req.Expires)
 	if err != nil {
 		return fail(err)
 	}
