@@ -238,6 +238,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	if a.exports != nil {
 		a.exports.SetBaseURL(a.cfg.AdvertiseURL)
+		go a.exports.Run(ctx) // removes expired exports
 	}
 	nbdErr := make(chan error, 1)
 	if a.nbd != nil && a.cfg.NBDListen != "" {

@@ -2,9 +2,11 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
+	"path/filepath"
 
 	"github.com/spf13/cobra"
 
@@ -78,10 +80,16 @@ func newAgent(cfg agent.Config, limits rpclimit.Limits, log *slog.Logger) (*agen
 	}
 	// One exporter serves the agent's read-only file exports (agent-to-agent
 	// copies) on its listener; the local host creates them.
-	x := exports.New()
+	x := exports.New(exports.WithLogger(log.With("component", "exports")), exports.WithStateFile(filepath.Join(cfg.StateDir, "exports.json")))
 	// One NBD server serves the images granted to hosts that cannot open
 	// their files (outside the store's scope) on --nbd-listen.
-	n := nbdexports.New(log.With("component", "nbd"))
+	n := nbdexports.New(log.With("component", "nbd"), nbdexports.WithStateFile(filepath.Join(cfg.StateDir, "nbd-exports.json")))
+	// Grants survive a restart: both serve again what their state files hold.
+	if cfg.StateDir != "" {
+		if err := errors.Join(x.Load(), n.Load()); err != nil {
+			return nil, fmt.Errorf("agent: restore exports: %w", err)
+		}
+	}
 	guard, err := netguard.Parse(cfg.FetchAllowCIDRs)
 	if err != nil {
 		return nil, fmt.Errorf("--fetch-allow-cidrs: %w", err)
