@@ -30,8 +30,8 @@
 // from (agent/exports, under /exports/). With WithNBD it serves NBD on its
 // own listener (Config.NBDListen, :10809 by default in cmd/stowage): images
 // exported under unguessable names (agent/nbdexports) for hosts that
-// cannot open a volume's file directly. Exports of both kinds live in
-// memory; an agent restart ends them and the controller grants again.
+// cannot open a volume's file directly. Exports of both kinds may expire
+// and, with their state files, survive an agent restart.
 // With WithImageCache it reports the host's template mount (a separate
 // long-lived process, agent/cachemount) in its heartbeats and passes the
 // controller's desired templates on to it.
