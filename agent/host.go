@@ -208,11 +208,11 @@ func (h *LocalHost) copySource(src drivers.URI) (string, error) {
 	u, err := url.Parse(string(src))
 	if err == nil && u.Host != "" {
 		switch strings.ToLower(u.Scheme) {
-		case "http", "https", "nbd":
+		case "http", "https", "nbd", "nbds":
 			return string(src), nil
 		}
 	}
-	return "", fmt.Errorf("copy source %q: the agent reads store://, http(s):// and nbd:// sources only, never a path of this host: %w",
+	return "", fmt.Errorf("copy source %q: the agent reads store://, http(s):// and nbd(s):// sources only, never a path of this host: %w",
 		redact.URL(string(src)), errdefs.ErrPermissionDenied)
 }
 

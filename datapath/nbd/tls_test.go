@@ -22,6 +22,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stowage/stowage/datapath/stream"
 	"github.com/stowage/stowage/errdefs"
 )
 
@@ -356,4 +357,39 @@ func TestTLSClientNbdkit(t *testing.T) {
 	if !errors.Is(err, errdefs.ErrPermissionDenied) || !strings.Contains(err.Error(), "TLS") {
 		t.Fatalf("plaintext to nbdkit --tls=require: %v", err)
 	}
+}
+
+// TestStreamCopyThroughNBDS: with RegisterTLS the copy engine reads and
+// writes nbds:// exports.
+func TestStreamCopyThroughNBDS(t *testing.T) {
+	pki := newTestPKI(t)
+	RegisterTLS(pki.clientConfig())
+	ts := startServer(t, ServerOptions{TLS: pki.serverConfig(true), TLSRequired: true}, true)
+	src, want := sparseImage(t, ts.dir, 8*mib, 0, mib, 6*mib, 4096)
+	exp, _ := sparseImage(t, ts.dir, 8*mib)
+	if err := ts.AddExport("e", exp, ExportOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	copyURL := func(from, to string) {
+		t.Helper()
+		s, err := stream.OpenSource(ctx, from, stream.SourceOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer s.Close()
+		d, err := stream.OpenSink(ctx, to, s.Size(), stream.SinkOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer d.Abort()
+		if _, err := stream.Copy(ctx, s, d, stream.Options{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	copyURL(src, ts.tlsURI("e"))
+	fileEqual(t, exp, want)
+	out := filepath.Join(ts.dir, "out.raw")
+	copyURL(ts.tlsURI("e"), out)
+	fileEqual(t, out, want)
 }
