@@ -67,7 +67,8 @@
 // answering a plaintext client is errdefs.ErrPermissionDenied) and offers ReadAt, WriteAt, Zero, Trim,
 // Flush and BlockStatus, several requests in flight per connection.
 // OpenSource and OpenSink adapt it to datapath/stream, and Register wires
-// the nbd and nbd+unix URL schemes into stream.OpenSource/OpenSink.
+// the nbd and nbd+unix URL schemes into stream.OpenSource/OpenSink
+// (RegisterTLS nbds and nbds+unix, with the binary's TLS config).
 //
 // The package imports nothing of the control plane; errors carry errdefs
 // classes.
