@@ -27,7 +27,7 @@
 // https:// once the agent's listener is.
 //
 //	x := exports.New(exports.WithBaseURL("http://10.0.0.5:8471"), exports.WithStateFile(dir+"/exports.json"))
-//	err := x.Load()
+//	err := x.Load(local.InStore)
 //	go x.Run(ctx)
 //	mux.Handle(exports.Prefix, x)
 //	url, err := x.Export("/srv/primary/volumes/v1.qcow2", time.Time{}) // http://10.0.0.5:8471/exports/3f2a…
@@ -133,12 +133,13 @@ func New(opts ...Option) *Server {
 	return s
 }
 
-// Load opens again the exports the state file lists that have not expired
-// and whose path still names the same file; the others are dropped (and
-// logged). A missing state file is no exports; one that cannot be read or
+// Load opens again the exports the state file lists that have not expired,
+// whose path still names the same file and passes check (nil: no check;
+// the agent's checks that it is still inside a store it serves); the
+// others are dropped (and logged). A missing state file is no exports; one that cannot be read or
 // parsed is an error (class errdefs.ErrDataLoss). Without WithStateFile it
 // does nothing.
-func (s *Server) Load() error {
+func (s *Server) Load(check func(path string) error) error {
 	if s.state == "" {
 		return nil
 	}
@@ -174,6 +175,13 @@ func (s *Server) Load() error {
 			f.Close()
 			s.log.Warn("exports: export dropped: its path names another file now", "path", e.Path)
 			continue
+		}
+		if check != nil {
+			if err := check(e.Path); err != nil {
+				f.Close()
+				s.log.Warn("exports: export dropped: its file may no longer be served", "path", e.Path, "err", err)
+				continue
+			}
 		}
 		x.f = f
 		s.mu.Lock()

@@ -219,7 +219,12 @@ func TestExportRestore(t *testing.T) {
 	mk("repl.raw", "OTHER")
 
 	x2 := New(WithStateFile(state))
-	if err := x2.Load(); err != nil {
+	saved, _ := os.ReadFile(state)
+	if refused := New(WithStateFile(state)); refused.Load(func(string) error { return errdefs.ErrPermissionDenied }) != nil || len(refused.Exported()) != 0 {
+		t.Fatal("a refusing check kept exports")
+	}
+	os.WriteFile(state, saved, 0o600) // that Load rewrote it without them
+	if err := x2.Load(nil); err != nil {
 		t.Fatal(err)
 	}
 	srv := httptest.NewServer(x2)
@@ -245,7 +250,7 @@ func TestExportRestore(t *testing.T) {
 	}
 
 	os.WriteFile(state, []byte("{not json"), 0o600)
-	if err := New(WithStateFile(state)).Load(); !errors.Is(err, errdefs.ErrDataLoss) {
+	if err := New(WithStateFile(state)).Load(nil); !errors.Is(err, errdefs.ErrDataLoss) {
 		t.Fatalf("corrupt state: %v", err)
 	}
 }

@@ -147,3 +147,35 @@ func (l *Local) UnexportNBD(ctx context.Context, uri drivers.URI) error {
 	}
 	return nil
 }
+
+// InStore checks that path (a path on this machine, as the exporters hold
+// it) is a regular file inside a store of this host (below a directory
+// holding MarkerFile, also after resolving symbolic links), and not the
+// marker or a temporary file: what the exporters check before serving an
+// export again after a restart (exports.Server.Load,
+// nbdexports.Server.Load), since a store may have been removed meanwhile.
+func (l *Local) InStore(path string) error {
+	fi, err := os.Lstat(path)
+	if err != nil {
+		return classed(err)
+	}
+	if !fi.Mode().IsRegular() {
+		return fmt.Errorf("%s: not a regular file: %w", l.callerPath(path), errdefs.ErrInvalid)
+	}
+	if base := filepath.Base(path); base == MarkerFile || isTemp(base) {
+		return fmt.Errorf("%s: not an object: %w", l.callerPath(path), errdefs.ErrInvalid)
+	}
+	store, ok := l.storeOf(path)
+	if !ok {
+		return fmt.Errorf("%s: not inside a store (no %s above it): %w", l.callerPath(path), MarkerFile, errdefs.ErrPermissionDenied)
+	}
+	realStore, err1 := filepath.EvalSymlinks(store)
+	realPath, err2 := filepath.EvalSymlinks(path)
+	if err := errors.Join(err1, err2); err != nil {
+		return classed(err)
+	}
+	if !within(realPath, realStore) {
+		return fmt.Errorf("%s: resolves outside its store: %w", l.callerPath(path), errdefs.ErrPermissionDenied)
+	}
+	return nil
+}

@@ -29,7 +29,7 @@
 // same --nbd-listen address). Without a state file exports live in memory.
 //
 //	x := nbdexports.New(log, nbdexports.WithStateFile(dir+"/nbd-exports.json"))
-//	err := x.Load()
+//	err := x.Load(local.InStore)
 //	go x.Serve(ctx, ln)          // ln from --nbd-listen
 //	x.SetAddress("10.0.0.5:10809")
 //	uri, err := x.Export("/srv/p1/volumes/v1.raw", false, time.Time{}) // nbd://10.0.0.5:10809/3f2a…
@@ -131,12 +131,14 @@ func New(log *slog.Logger, opts ...Option) *Server {
 	return s
 }
 
-// Load serves again the exports the state file lists that have not expired
-// and whose file is still there; the others are dropped (and logged). A
+// Load serves again the exports the state file lists that have not expired,
+// whose file is still there and passes check (nil: no check; the agent's
+// checks that it is still inside a store it serves); the others are
+// dropped (and logged). A
 // missing state file is no exports; one that cannot be read or parsed is an
 // error (class errdefs.ErrDataLoss), so that a start does not silently
 // forget the grants it holds. Without WithStateFile it does nothing.
-func (s *Server) Load() error {
+func (s *Server) Load(check func(path string) error) error {
 	if s.state == "" {
 		return nil
 	}
@@ -165,6 +167,12 @@ func (s *Server) Load() error {
 		if fi, err := os.Lstat(e.Path); err != nil || !fi.Mode().IsRegular() {
 			s.log.Warn("nbd exports: export dropped: its file is gone or not a regular file", "export", short(e.Name), "path", e.Path, "err", err)
 			continue
+		}
+		if check != nil {
+			if err := check(e.Path); err != nil {
+				s.log.Warn("nbd exports: export dropped: its file may no longer be served", "export", short(e.Name), "path", e.Path, "err", err)
+				continue
+			}
 		}
 		if err := s.srv.AddExport(e.Name, e.Path, nbd.ExportOptions{ReadOnly: e.ReadOnly, Expires: e.Expires}); err != nil {
 			s.log.Warn("nbd exports: export dropped: cannot serve it again", "export", short(e.Name), "path", e.Path, "err", err)

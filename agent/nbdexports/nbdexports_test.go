@@ -144,7 +144,7 @@ func TestRestore(t *testing.T) {
 	keep, short, gone := image(t, dir, "keep.raw", "KEEPDATA"), image(t, dir, "short.raw", "SHORTDATA"), image(t, dir, "gone.raw", "GONEDATA")
 
 	s1 := New(quiet(), WithStateFile(state))
-	if err := s1.Load(); err != nil { // no file yet: nothing
+	if err := s1.Load(nil); err != nil { // no file yet: nothing
 		t.Fatal(err)
 	}
 	addr, stop1 := serve(t, s1, "127.0.0.1:0")
@@ -175,9 +175,23 @@ func TestRestore(t *testing.T) {
 	time.Sleep(350 * time.Millisecond)
 	os.Remove(gone)
 
+	// A check that refuses (the store is no longer served) drops them.
+	refused := New(quiet())
+	refused.state = state
+	b, _ = os.ReadFile(state)
+	if err := refused.Load(func(string) error { return errdefs.ErrPermissionDenied }); err != nil || len(refused.Exported()) != 0 {
+		t.Fatalf("load with a refusing check: %v %v", err, refused.Exported())
+	}
+	refused.Close()
+	os.WriteFile(state, b, 0o600) // that Load rewrote it without them
+
 	s2 := New(quiet(), WithStateFile(state))
-	if err := s2.Load(); err != nil {
+	var checked []string
+	if err := s2.Load(func(p string) error { checked = append(checked, p); return nil }); err != nil {
 		t.Fatal(err)
+	}
+	if len(checked) != 2 {
+		t.Fatalf("checked %v, want the two exports of %s", checked, keep)
 	}
 	if got := s2.Exported(); len(got) != 2 {
 		t.Fatalf("restored %v, want the two exports of %s", got, keep)
@@ -217,7 +231,7 @@ func TestRestore(t *testing.T) {
 	}
 
 	os.WriteFile(state, []byte("{"), 0o600)
-	if err := New(quiet(), WithStateFile(state)).Load(); !errors.Is(err, errdefs.ErrDataLoss) {
+	if err := New(quiet(), WithStateFile(state)).Load(nil); !errors.Is(err, errdefs.ErrDataLoss) {
 		t.Fatalf("corrupt state file: %v", err)
 	}
 }

@@ -84,17 +84,18 @@ func newAgent(cfg agent.Config, limits rpclimit.Limits, log *slog.Logger) (*agen
 	// One NBD server serves the images granted to hosts that cannot open
 	// their files (outside the store's scope) on --nbd-listen.
 	n := nbdexports.New(log.With("component", "nbd"), nbdexports.WithStateFile(filepath.Join(cfg.StateDir, "nbd-exports.json")))
-	// Grants survive a restart: both serve again what their state files hold.
-	if cfg.StateDir != "" {
-		if err := errors.Join(x.Load(), n.Load()); err != nil {
-			return nil, fmt.Errorf("agent: restore exports: %w", err)
-		}
-	}
 	guard, err := netguard.Parse(cfg.FetchAllowCIDRs)
 	if err != nil {
 		return nil, fmt.Errorf("--fetch-allow-cidrs: %w", err)
 	}
 	local := hostfs.New(cfg.HostID, hostfs.WithExporter(x), hostfs.WithNBDExporter(n), hostfs.WithFetchGuard(guard))
+	// Grants survive a restart: both serve again what their state files
+	// hold that is still a file of a store here.
+	if cfg.StateDir != "" {
+		if err := errors.Join(x.Load(local.InStore), n.Load(local.InStore)); err != nil {
+			return nil, fmt.Errorf("agent: restore exports: %w", err)
+		}
+	}
 	opts := []agent.Option{agent.WithExports(x), agent.WithNBD(n), agent.WithLimits(limits)}
 	if cfg.ImageCacheSocket != "" {
 		// The template mount is its own process (stowage cache serve); the
