@@ -31,7 +31,8 @@ type ClientOptions struct {
 	// (NBD_OPT_STARTTLS, then a TLS handshake on the same connection):
 	// its RootCAs to verify the server, Certificates or
 	// GetClientCertificate when the server asks for a client certificate.
-	// An empty ServerName is filled in from the URL's host. Nil: nbds://
+	// An empty ServerName is filled in from the URL's host (nbds+unix://
+	// has none: set ServerName, as libnbd's tls-hostname). Nil: nbds://
 	// verifies the server against the system roots. nbd:// never uses it.
 	TLS *tls.Config
 }

@@ -607,7 +607,8 @@ type GrantAccessRequest struct {
 	HostId string                 `protobuf:"bytes,2,opt,name=host_id,json=hostId,proto3" json:"host_id,omitempty"`
 	// ttl_seconds bounds the grant: an export made for it ends this long
 	// after it is made. 0: the default, no expiry for attaching a volume (a
-	// running VM must not lose its disk).
+	// running VM must not lose its disk). A file:// grant (the host reaches
+	// the store itself) cannot expire: its reply has no expires_at.
 	TtlSeconds    int64 `protobuf:"varint,3,opt,name=ttl_seconds,json=ttlSeconds,proto3" json:"ttl_seconds,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
