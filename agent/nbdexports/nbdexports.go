@@ -161,21 +161,21 @@ func (s *Server) Load(check func(path string) error) error {
 			continue
 		}
 		if e.expired(now) {
-			s.log.Info("nbd exports: expired export dropped", "export", short(e.Name), "path", e.Path, "expired", e.Expires)
+			s.log.Info("nbd exports: expired export dropped", "path", e.Path, "expired", e.Expires)
 			continue
 		}
 		if fi, err := os.Lstat(e.Path); err != nil || !fi.Mode().IsRegular() {
-			s.log.Warn("nbd exports: export dropped: its file is gone or not a regular file", "export", short(e.Name), "path", e.Path, "err", err)
+			s.log.Warn("nbd exports: export dropped: its file is gone or not a regular file", "path", e.Path, "err", err)
 			continue
 		}
 		if check != nil {
 			if err := check(e.Path); err != nil {
-				s.log.Warn("nbd exports: export dropped: its file may no longer be served", "export", short(e.Name), "path", e.Path, "err", err)
+				s.log.Warn("nbd exports: export dropped: its file may no longer be served", "path", e.Path, "err", err)
 				continue
 			}
 		}
 		if err := s.srv.AddExport(e.Name, e.Path, nbd.ExportOptions{ReadOnly: e.ReadOnly, Expires: e.Expires}); err != nil {
-			s.log.Warn("nbd exports: export dropped: cannot serve it again", "export", short(e.Name), "path", e.Path, "err", err)
+			s.log.Warn("nbd exports: export dropped: cannot serve it again", "path", e.Path, "err", err)
 			continue
 		}
 		s.mu.Lock()
@@ -189,10 +189,6 @@ func (s *Server) Load(check func(path string) error) error {
 	}
 	return nil
 }
-
-// short is the first characters of an export name, enough to find it in
-// logs without handing out the capability.
-func short(name string) string { return name[:min(len(name), 8)] + "…" }
 
 // save rewrites the state file with the current exports.
 func (s *Server) save() error {
@@ -261,10 +257,10 @@ func (s *Server) sweepLoop(ctx context.Context) {
 // Sweep removes the exports expired at now and closes their connections.
 func (s *Server) Sweep(now time.Time) {
 	s.mu.Lock()
-	var gone []string
+	var gone []*export
 	for name, e := range s.exports {
 		if e.expired(now) {
-			gone = append(gone, name)
+			gone = append(gone, e)
 			delete(s.exports, name)
 		}
 	}
@@ -272,9 +268,9 @@ func (s *Server) Sweep(now time.Time) {
 	if len(gone) == 0 {
 		return
 	}
-	for _, name := range gone {
-		if err := s.srv.RemoveExport(name); err != nil {
-			s.log.Warn("nbd exports: remove expired export", "export", short(name), "err", err)
+	for _, e := range gone {
+		if err := s.srv.RemoveExport(e.Name); err != nil {
+			s.log.Warn("nbd exports: remove expired export", "path", e.Path, "err", err)
 		}
 	}
 	s.log.Info("nbd exports expired", "count", len(gone))
