@@ -31,8 +31,8 @@
 // from (agent/exports, under /exports/). With WithNBD it serves NBD on its
 // own listener (Config.NBDListen, :10809 by default in cmd/stowage): images
 // exported under unguessable names (agent/nbdexports) for hosts that
-// cannot open a volume's file directly. Exports of both kinds live in
-// memory; an agent restart ends them and the controller grants again.
+// cannot open a volume's file directly. Exports of both kinds may expire
+// and, with their state files, survive an agent restart.
 // With WithImageCache it reports the host's template mount (a separate
 // long-lived process, agent/cachemount) in its heartbeats and passes the
 // controller's desired templates on to it.
@@ -76,6 +76,9 @@ type Config struct {
 	AdvertiseURL  string // how the controller reaches AgentService; derived from Listen if empty
 	// NBDListen is the address of the NBD server ("" serves no NBD).
 	NBDListen string
+	// NBDTLS is "auto" (TLS offered; required unless NBDListen is a
+	// loopback address) or "require"; cmd/stowage wires it.
+	NBDTLS string
 	// NBDAddress is the host:port other hosts reach the NBD server at,
 	// reported to the controller and used in nbd:// URIs; derived from
 	// NBDListen's port and the advertise URL's host if empty.
@@ -277,6 +280,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	if a.exports != nil {
 		a.exports.SetBaseURL(a.cfg.AdvertiseURL)
+		go a.exports.Run(ctx) // removes expired exports
 	}
 	nbdErr := make(chan error, 1)
 	if a.nbd != nil && a.cfg.NBDListen != "" {

@@ -331,7 +331,7 @@ func TestExportThroughRemote(t *testing.T) {
 	if _, err := r.ep.FetchImage(t.Context(), hostops.FetchRequest{Source: url, Dest: vol, Format: drivers.FormatRaw}, nil); err != nil {
 		t.Fatal(err)
 	}
-	uri, err := r.ep.Export(t.Context(), vol)
+	uri, err := r.ep.Export(t.Context(), vol, 0)
 	if err != nil || !strings.HasPrefix(string(uri), r.url+exports.Prefix) {
 		t.Fatalf("export: %q %v", uri, err)
 	}

@@ -52,6 +52,15 @@ func (c *Credentials) PeerTLS() *tls.Config {
 	return &tls.Config{MinVersion: tls.VersionTLS12, RootCAs: c.Roots(), GetClientCertificate: c.KeyPair.GetClientCertificate}
 }
 
+// NBDServerTLS is the NBD server's TLS: the agent's certificate; a client
+// certificate is checked when one is given (qemu on a hypervisor host may
+// have none: the export's name is its ticket).
+func (c *Credentials) NBDServerTLS() *tls.Config {
+	cfg := trust.ServerConfig(c.KeyPair, c.Roots(), tls.VerifyClientCertIfGiven, nil)
+	cfg.NextProtos = nil
+	return cfg
+}
+
 // WebTLS is the TLS client of downloads from operator URLs: the system's
 // roots plus the controller's CA, no certificate.
 func (c *Credentials) WebTLS() *tls.Config {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"time"
 
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
@@ -119,12 +120,12 @@ func Execute(ctx context.Context, host hostops.Host, task *stowagev1.Task, progr
 		r := s.DeleteBackup
 		return backup(host.DeleteBackup(ctx, hostops.DeleteBackupRequest{Chunks: hostops.ChunkStoreFromProto(r.GetChunks()), Manifest: r.GetManifest()}))
 	case *stowagev1.Task_Export:
-		return uri(host.Export(ctx, ref(s.Export.GetRef())))
+		return uri(host.Export(ctx, ref(s.Export.GetRef()), ttl(s.Export.GetTtlSeconds())))
 	case *stowagev1.Task_Unexport:
 		return done(host.Unexport(ctx, drivers.URI(s.Unexport.GetUri())))
 	case *stowagev1.Task_ExportNbd:
 		r := s.ExportNbd
-		return uri(host.ExportNBD(ctx, hostops.NBDExportRequest{Ref: ref(r.GetRef()), Format: format(r.GetFormat()), ReadOnly: r.GetReadOnly()}))
+		return uri(host.ExportNBD(ctx, hostops.NBDExportRequest{Ref: ref(r.GetRef()), Format: format(r.GetFormat()), ReadOnly: r.GetReadOnly(), TTL: ttl(r.GetTtlSeconds())}))
 	case *stowagev1.Task_UnexportNbd:
 		return done(host.UnexportNBD(ctx, drivers.URI(s.UnexportNbd.GetUri())))
 	}
@@ -271,3 +272,6 @@ func (h *LocalHost) admit(task *stowagev1.Task) error {
 	}
 	return err
 }
+
+// ttl is an export's lifetime from the wire (0 or less: no expiry).
+func ttl(seconds int64) time.Duration { return time.Duration(max(seconds, 0)) * time.Second }

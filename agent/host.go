@@ -8,6 +8,7 @@ import (
 	"path"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/stowage/stowage/agent/hostfs"
 	"github.com/stowage/stowage/datapath/chunkstore"
@@ -244,11 +245,11 @@ func (h *LocalHost) copySource(src drivers.URI) (string, error) {
 	u, err := url.Parse(string(src))
 	if err == nil && u.Host != "" {
 		switch strings.ToLower(u.Scheme) {
-		case "http", "https", "nbd":
+		case "http", "https", "nbd", "nbds":
 			return string(src), nil
 		}
 	}
-	return "", fmt.Errorf("copy source %q: the agent reads store://, http(s):// and nbd:// sources only, never a path of this host: %w",
+	return "", fmt.Errorf("copy source %q: the agent reads store://, http(s):// and nbd(s):// sources only, never a path of this host: %w",
 		redact.URL(string(src)), errdefs.ErrPermissionDenied)
 }
 
@@ -553,12 +554,20 @@ func (h *LocalHost) DeleteBackup(ctx context.Context, req hostops.DeleteBackupRe
 }
 
 // Export implements hostops.Exports.
-func (h *LocalHost) Export(ctx context.Context, ref hostops.Ref) (drivers.URI, error) {
+func (h *LocalHost) Export(ctx context.Context, ref hostops.Ref, ttl time.Duration) (drivers.URI, error) {
 	p, err := h.object(ref)
 	if err != nil {
 		return "", err
 	}
-	return h.fs.Export(ctx, p)
+	return h.fs.Export(ctx, p, expiry(ttl))
+}
+
+// expiry is when an export made now with ttl ends (zero: never).
+func expiry(ttl time.Duration) time.Time {
+	if ttl <= 0 {
+		return time.Time{}
+	}
+	return time.Now().Add(ttl)
 }
 
 // Unexport implements hostops.Exports.
@@ -572,7 +581,7 @@ func (h *LocalHost) ExportNBD(ctx context.Context, req hostops.NBDExportRequest)
 	if err != nil {
 		return "", err
 	}
-	return h.fs.ExportNBD(ctx, hostfs.NBDExportRequest{Path: p, Format: req.Format, ReadOnly: req.ReadOnly})
+	return h.fs.ExportNBD(ctx, hostfs.NBDExportRequest{Path: p, Format: req.Format, ReadOnly: req.ReadOnly, Expires: expiry(req.TTL)})
 }
 
 // UnexportNBD implements hostops.Exports.

@@ -207,3 +207,28 @@ func TestExportNBDRefuses(t *testing.T) {
 		t.Errorf("UnexportNBD of an unknown export: %v", err)
 	}
 }
+
+// TestExportNBDTTLThroughRemote: the TTL travels in the task to the agent;
+// past it the export does not open.
+func TestExportNBDTTLThroughRemote(t *testing.T) {
+	ep, base := nbdRig(t)
+	ctx := t.Context()
+	store := filepath.Join(base, "s1")
+	if _, err := ep.PrepareStore(ctx, hostops.StoreRoot{ID: "s1", Path: store, Subdirs: []string{"volumes"}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(store, "volumes", "v1.raw"), make([]byte, 1<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	uri, err := ep.ExportNBD(ctx, hostops.NBDExportRequest{Ref: hostops.Ref{Store: "s1", Key: "volumes/v1.raw"}, Format: drivers.FormatRaw, ReadOnly: true, TTL: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out, err := run(t, "nbdinfo", "--size", string(uri)); err != nil {
+		t.Fatalf("nbdinfo before expiry: %v %s", err, out)
+	}
+	time.Sleep(1100 * time.Millisecond)
+	if out, err := run(t, "nbdinfo", "--size", string(uri)); err == nil {
+		t.Fatalf("nbdinfo after expiry succeeded: %s", out)
+	}
+}

@@ -170,6 +170,29 @@ type Client struct {
 	// Transport, when set, asks for one kind of URI ("nbd", "http") where
 	// the driver can give several for the purpose.
 	Transport string
+	// TTL bounds the access: an export made for it ends this long after
+	// it is made (Access.Expires says when). Zero: the purpose's default
+	// (GrantTTL).
+	TTL time.Duration
+}
+
+// DefaultGrantTTL bounds read and write access whose client asks for no
+// TTL: the exports the controller makes for data motion and template
+// serving end by themselves when nobody revokes them (a controller that
+// crashed mid-copy), and the template mounts renew theirs at half life.
+const DefaultGrantTTL = 6 * time.Hour
+
+// GrantTTL is how long c's access lasts (zero: no expiry): its own TTL,
+// else none to attach (a running VM must not lose its disk) and
+// DefaultGrantTTL to read or write.
+func (c Client) GrantTTL() time.Duration {
+	switch {
+	case c.TTL > 0:
+		return c.TTL
+	case c.Purpose == PurposeAttach:
+		return 0
+	}
+	return DefaultGrantTTL
 }
 
 // URI names data: store://<store id>/<key> (an object of a store the agent

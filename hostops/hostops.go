@@ -112,8 +112,9 @@ type Backups interface {
 // Exports serve objects to other hosts.
 type Exports interface {
 	// Export serves the object read-only over HTTP (Range) from the agent
-	// under an unguessable token, until Unexport; it returns the URL.
-	Export(ctx context.Context, ref Ref) (drivers.URI, error)
+	// under an unguessable token, until Unexport or for ttl from when the
+	// agent makes it (zero: no expiry); it returns the URL.
+	Export(ctx context.Context, ref Ref, ttl time.Duration) (drivers.URI, error)
 	// Unexport ends an export; an unknown one is not an error.
 	Unexport(ctx context.Context, uri drivers.URI) error
 	// ExportNBD serves the image over NBD under an unguessable export name.

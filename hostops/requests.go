@@ -1,6 +1,10 @@
 package hostops
 
-import "github.com/stowage/stowage/drivers"
+import (
+	"time"
+
+	"github.com/stowage/stowage/drivers"
+)
 
 // FetchRequest asks an agent to download an image into a store.
 type FetchRequest struct {
@@ -78,6 +82,10 @@ type NBDExportRequest struct {
 	Ref      Ref
 	Format   drivers.Format
 	ReadOnly bool
+	// TTL is how long the export lasts from when the agent makes it
+	// (zero: until UnexportNBD). A duration, not an instant, so that a
+	// step retried after a controller restart is the same step.
+	TTL time.Duration
 }
 
 // ImageInfo is what qemu-img says of an image, plus what the step measured.

@@ -2,6 +2,7 @@ package hostops
 
 import (
 	"context"
+	"time"
 
 	"github.com/stowage/stowage/drivers"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
@@ -192,8 +193,8 @@ func (e *Remote) DeleteBackup(ctx context.Context, req DeleteBackupRequest) (Bac
 }
 
 // Export implements Exports.
-func (e *Remote) Export(ctx context.Context, ref Ref) (drivers.URI, error) {
-	return e.uri(ctx, &stowagev1.Task{Step: &stowagev1.Task_Export{Export: &stowagev1.ExportStep{Ref: RefToProto(ref)}}})
+func (e *Remote) Export(ctx context.Context, ref Ref, ttl time.Duration) (drivers.URI, error) {
+	return e.uri(ctx, &stowagev1.Task{Step: &stowagev1.Task_Export{Export: &stowagev1.ExportStep{Ref: RefToProto(ref), TtlSeconds: TTLToProto(ttl)}}})
 }
 
 // Unexport implements Exports.
@@ -205,7 +206,7 @@ func (e *Remote) Unexport(ctx context.Context, uri drivers.URI) error {
 // ExportNBD implements Exports.
 func (e *Remote) ExportNBD(ctx context.Context, req NBDExportRequest) (drivers.URI, error) {
 	return e.uri(ctx, &stowagev1.Task{Step: &stowagev1.Task_ExportNbd{ExportNbd: &stowagev1.ExportNbdStep{
-		Ref: RefToProto(req.Ref), Format: FormatToProto(req.Format), ReadOnly: req.ReadOnly,
+		Ref: RefToProto(req.Ref), Format: FormatToProto(req.Format), ReadOnly: req.ReadOnly, TtlSeconds: TTLToProto(req.TTL),
 	}}})
 }
 

@@ -1,6 +1,8 @@
 package hostops
 
 import (
+	"time"
+
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/stowage/stowage/drivers"
@@ -166,4 +168,13 @@ func BackupInfoToProto(b BackupInfo) *stowagev1.BackupInfo {
 func BackupInfoFromProto(b *stowagev1.BackupInfo) BackupInfo {
 	return BackupInfo{Manifest: b.GetManifest(), Size: b.GetSize(), Chunks: b.GetChunks(), ZeroChunks: b.GetZeroChunks(),
 		NewChunks: b.GetNewChunks(), NewBytes: b.GetNewBytes(), ReusedBytes: b.GetReusedBytes(), ReadBytes: b.GetReadBytes()}
+}
+
+// TTLToProto converts an export's lifetime to whole seconds on the wire,
+// rounded up so that a short TTL does not become "no expiry".
+func TTLToProto(ttl time.Duration) int64 {
+	if ttl <= 0 {
+		return 0
+	}
+	return int64((ttl + time.Second - 1) / time.Second)
 }

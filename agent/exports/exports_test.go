@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/stowage/stowage/errdefs"
 )
@@ -25,11 +26,11 @@ func TestExportServesRangesUntilUnexport(t *testing.T) {
 	data := bytes.Repeat([]byte("0123456789abcdef"), 4096)
 	os.WriteFile(p, data, 0o644)
 
-	if _, err := x.Export(p); !errors.Is(err, errdefs.ErrUnavailable) {
+	if _, err := x.Export(p, time.Time{}); !errors.Is(err, errdefs.ErrUnavailable) {
 		t.Fatalf("export before the base URL is known: %v", err)
 	}
 	x.SetBaseURL(srv.URL + "/")
-	u, err := x.Export(p)
+	u, err := x.Export(p, time.Time{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -37,7 +38,7 @@ func TestExportServesRangesUntilUnexport(t *testing.T) {
 	if !strings.HasPrefix(u, srv.URL+Prefix) || len(tok) != 32 {
 		t.Fatalf("export URL %q", u)
 	}
-	if again, _ := x.Export(p); again != u {
+	if again, _ := x.Export(p, time.Time{}); again != u {
 		t.Fatalf("second export of the same path: %q, want %q", again, u)
 	}
 
@@ -66,7 +67,7 @@ func TestExportServesRangesUntilUnexport(t *testing.T) {
 	if !bytes.Equal(body, data) {
 		t.Fatalf("export followed the path instead of the file (%d bytes)", len(body))
 	}
-	u2, err := x.Export(p)
+	u2, err := x.Export(p, time.Time{})
 	if err != nil || u2 == u {
 		t.Fatalf("export of a replaced path: %q %v", u2, err)
 	}
@@ -110,10 +111,146 @@ func TestExportServesRangesUntilUnexport(t *testing.T) {
 	if err := x.Unexport("http://h/not-an-export"); !errors.Is(err, errdefs.ErrInvalid) {
 		t.Fatalf("unexport of a bad URL: %v", err)
 	}
-	if _, err := x.Export(filepath.Join(t.TempDir(), "missing")); !errors.Is(err, errdefs.ErrNotFound) {
+	if _, err := x.Export(filepath.Join(t.TempDir(), "missing"), time.Time{}); !errors.Is(err, errdefs.ErrNotFound) {
 		t.Fatalf("export of a missing file: %v", err)
 	}
-	if _, err := x.Export(t.TempDir()); !errors.Is(err, errdefs.ErrInvalid) {
+	if _, err := x.Export(t.TempDir(), time.Time{}); !errors.Is(err, errdefs.ErrInvalid) {
 		t.Fatalf("export of a directory: %v", err)
+	}
+}
+
+func get(t *testing.T, u string) (int, string) {
+	t.Helper()
+	resp, err := http.Get(u)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+// TestExportExpires: an expired token is a plain 404, Sweep removes it
+// (the state file with it), a past expiry is refused, and a second Export
+// of the path keeps the later expiry.
+func TestExportExpires(t *testing.T) {
+	dir := t.TempDir()
+	state := filepath.Join(dir, "state", "exports.json")
+	x := New(WithStateFile(state))
+	srv := httptest.NewServer(x)
+	defer srv.Close()
+	x.SetBaseURL(srv.URL)
+	p := filepath.Join(dir, "a.raw")
+	os.WriteFile(p, []byte("secret bytes"), 0o600)
+
+	if _, err := x.Export(p, time.Now().Add(-time.Second)); !errors.Is(err, errdefs.ErrInvalid) {
+		t.Fatalf("export with a past expiry: %v", err)
+	}
+	u, err := x.Export(p, time.Now().Add(200*time.Millisecond))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if code, body := get(t, u); code != http.StatusOK || body != "secret bytes" {
+		t.Fatalf("before expiry: %d %q", code, body)
+	}
+	time.Sleep(250 * time.Millisecond)
+	code, body := get(t, u)
+	_, unknown := get(t, srv.URL+Prefix+strings.Repeat("ab", 16))
+	if code != http.StatusNotFound || body != unknown {
+		t.Fatalf("expired token: %d %q (an unknown one: %q)", code, body, unknown)
+	}
+	x.Sweep(time.Now())
+	if len(x.Exported()) != 0 {
+		t.Fatalf("after sweep: %v", x.Exported())
+	}
+	b, _ := os.ReadFile(state)
+	if strings.Contains(string(b), "a.raw") {
+		t.Fatalf("state after sweep:\n%s", b)
+	}
+
+	soon := time.Now().Add(time.Minute)
+	u1, _ := x.Export(p, soon)
+	u2, _ := x.Export(p, time.Time{})
+	if u1 != u2 {
+		t.Fatalf("two exports of one path: %s %s", u1, u2)
+	}
+	x.Sweep(soon.Add(time.Second))
+	if code, _ := get(t, u1); code != http.StatusOK {
+		t.Fatalf("export with a later (no) expiry ended at the first's: %d", code)
+	}
+}
+
+// TestExportRestore: a new Server loading the same state file serves the
+// same URLs for exports still valid, and drops the expired, the missing and
+// the replaced ones. The state file holds no file content and is 0600.
+func TestExportRestore(t *testing.T) {
+	dir := t.TempDir()
+	state := filepath.Join(dir, "exports.json")
+	mk := func(name, content string) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte(content), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	keep, exp, gone, repl := mk("keep.raw", "KEEPDATA"), mk("exp.raw", "EXPDATA"), mk("gone.raw", "GONEDATA"), mk("repl.raw", "REPLDATA")
+
+	x1 := New(WithStateFile(state), WithBaseURL("http://agent:8471"))
+	uKeep, err := x1.Export(keep, time.Now().Add(time.Hour))
+	if err != nil {
+		t.Fatal(err)
+	}
+	x1.Export(keep, time.Time{}) // two users
+	uExp, _ := x1.Export(exp, time.Now().Add(300*time.Millisecond))
+	x1.Export(gone, time.Time{})
+	x1.Export(repl, time.Time{})
+	b, _ := os.ReadFile(state)
+	for _, data := range []string{"KEEPDATA", "EXPDATA", "GONEDATA", "REPLDATA"} {
+		if strings.Contains(string(b), data) {
+			t.Fatalf("state file holds file content:\n%s", b)
+		}
+	}
+	if fi, _ := os.Stat(state); fi.Mode().Perm() != 0o600 {
+		t.Fatalf("state file mode %v", fi.Mode())
+	}
+	time.Sleep(350 * time.Millisecond)
+	os.Remove(gone)
+	os.Remove(repl)
+	mk("repl.raw", "OTHER")
+
+	x2 := New(WithStateFile(state))
+	saved, _ := os.ReadFile(state)
+	if refused := New(WithStateFile(state)); refused.Load(func(string) error { return errdefs.ErrPermissionDenied }) != nil || len(refused.Exported()) != 0 {
+		t.Fatal("a refusing check kept exports")
+	}
+	os.WriteFile(state, saved, 0o600) // that Load rewrote it without them
+	if err := x2.Load(nil); err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewServer(x2)
+	defer srv.Close()
+	x2.SetBaseURL(srv.URL)
+	if got := x2.Exported(); len(got) != 1 || got[0] != keep {
+		t.Fatalf("restored %v, want only %s", got, keep)
+	}
+	tok, _ := TokenOf(uKeep)
+	if code, body := get(t, srv.URL+Prefix+tok); code != http.StatusOK || body != "KEEPDATA" {
+		t.Fatalf("restored export: %d %q", code, body)
+	}
+	tok, _ = TokenOf(uExp)
+	if code, _ := get(t, srv.URL+Prefix+tok); code != http.StatusNotFound {
+		t.Fatalf("expired export after restore: %d", code)
+	}
+	// the use count survived: one Unexport leaves it served
+	if err := x2.Unexport(uKeep); err != nil {
+		t.Fatal(err)
+	}
+	if again, _ := x2.Export(keep, time.Time{}); !strings.HasSuffix(again, Prefix+strings.TrimPrefix(uKeep, "http://agent:8471"+Prefix)) {
+		t.Fatalf("export after restore: %s, want the restored token", again)
+	}
+
+	os.WriteFile(state, []byte("{not json"), 0o600)
+	if err := New(WithStateFile(state)).Load(nil); !errors.Is(err, errdefs.ErrDataLoss) {
+		t.Fatalf("corrupt state: %v", err)
 	}
 }

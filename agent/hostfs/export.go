@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"time"
 
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
@@ -14,8 +15,9 @@ import (
 // Exporter serves files of this host read-only over HTTP under
 // unguessable URLs; agent/exports.Server is the agent's.
 type Exporter interface {
-	// Export serves the file at path (on this machine) and returns its URL.
-	Export(path string) (string, error)
+	// Export serves the file at path (on this machine) until expires
+	// (zero: never) and returns its URL.
+	Export(path string, expires time.Time) (string, error)
 	// Unexport ends an export; an unknown one is not an error.
 	Unexport(url string) error
 }
@@ -25,9 +27,9 @@ type Exporter interface {
 func WithExporter(x Exporter) Option { return func(l *Local) { l.exporter = x } }
 
 // Export serves the file at path read-only over HTTP (Range, HEAD) until
-// Unexport, and returns its URL. Exporting an exported path again returns
-// the same URL.
-func (l *Local) Export(ctx context.Context, path string) (drivers.URI, error) {
+// Unexport or expires (zero: never), and returns its URL. Exporting an
+// exported path again returns the same URL.
+func (l *Local) Export(ctx context.Context, path string, expires time.Time) (drivers.URI, error) {
 	if l.exporter == nil {
 		return "", fmt.Errorf("export %s on host %s: this endpoint serves no exports: %w", path, l.hostID, errdefs.ErrNotImplemented)
 	}
@@ -38,7 +40,7 @@ func (l *Local) Export(ctx context.Context, path string) (drivers.URI, error) {
 	if err != nil {
 		return "", fmt.Errorf("export %s on host %s: %w", path, l.hostID, err)
 	}
-	u, err := l.exporter.Export(host)
+	u, err := l.exporter.Export(host, expires)
 	if err != nil {
 		return "", fmt.Errorf("export %s on host %s: %w", path, l.hostID, err)
 	}
@@ -62,9 +64,9 @@ func (l *Local) Unexport(ctx context.Context, uri drivers.URI) error {
 // NBDExporter serves files of this host over NBD under unguessable names;
 // agent/nbdexports.Server is the agent's.
 type NBDExporter interface {
-	// Export serves the file at path (on this machine) under a new name and
-	// returns its nbd:// URI.
-	Export(path string, readOnly bool) (string, error)
+	// Export serves the file at path (on this machine) under a new name
+	// until expires (zero: never) and returns its nbd:// or nbds:// URI.
+	Export(path string, readOnly bool, expires time.Time) (string, error)
 	// Unexport removes an export and closes its connections; an unknown one
 	// is not an error.
 	Unexport(uri string) error
@@ -124,7 +126,7 @@ func (l *Local) ExportNBD(ctx context.Context, req NBDExportRequest) (drivers.UR
 	if !within(realPath, realStore) {
 		return fail(fmt.Errorf("resolves to %s, outside its store: %w", l.callerPath(realPath), errdefs.ErrInvalid))
 	}
-	u, err := l.nbd.Export(realPath, req.ReadOnly)
+	u, err := l.nbd.Export(realPath, req.ReadOnly, req.Expires)
 	if err != nil {
 		return fail(err)
 	}
@@ -142,6 +144,38 @@ func (l *Local) UnexportNBD(ctx context.Context, uri drivers.URI) error {
 	}
 	if err := l.nbd.Unexport(string(uri)); err != nil {
 		return fmt.Errorf("nbd unexport %s on host %s: %w", uri, l.hostID, err)
+	}
+	return nil
+}
+
+// InStore checks that path (a path on this machine, as the exporters hold
+// it) is a regular file inside a store of this host (below a directory
+// holding MarkerFile, also after resolving symbolic links), and not the
+// marker or a temporary file: what the exporters check before serving an
+// export again after a restart (exports.Server.Load,
+// nbdexports.Server.Load), since a store may have been removed meanwhile.
+func (l *Local) InStore(path string) error {
+	fi, err := os.Lstat(path)
+	if err != nil {
+		return classed(err)
+	}
+	if !fi.Mode().IsRegular() {
+		return fmt.Errorf("%s: not a regular file: %w", l.callerPath(path), errdefs.ErrInvalid)
+	}
+	if base := filepath.Base(path); base == MarkerFile || isTemp(base) {
+		return fmt.Errorf("%s: not an object: %w", l.callerPath(path), errdefs.ErrInvalid)
+	}
+	store, ok := l.storeOf(path)
+	if !ok {
+		return fmt.Errorf("%s: not inside a store (no %s above it): %w", l.callerPath(path), MarkerFile, errdefs.ErrPermissionDenied)
+	}
+	realStore, err1 := filepath.EvalSymlinks(store)
+	realPath, err2 := filepath.EvalSymlinks(path)
+	if err := errors.Join(err1, err2); err != nil {
+		return classed(err)
+	}
+	if !within(realPath, realStore) {
+		return fmt.Errorf("%s: resolves outside its store: %w", l.callerPath(path), errdefs.ErrPermissionDenied)
 	}
 	return nil
 }

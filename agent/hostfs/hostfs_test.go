@@ -604,3 +604,39 @@ func TestFSTypeName(t *testing.T) {
 		}
 	}
 }
+
+// TestInStore: what the exporters check before serving an export again
+// after a restart.
+func TestInStore(t *testing.T) {
+	base := t.TempDir()
+	store := filepath.Join(base, "primary")
+	l := New("h1")
+	if _, err := l.PrepareStore(t.Context(), store, "s1", []string{"volumes"}); err != nil {
+		t.Fatal(err)
+	}
+	vol := filepath.Join(store, "volumes", "v.raw")
+	outside := filepath.Join(base, "outside.raw")
+	for _, p := range []string{vol, outside} {
+		if err := os.WriteFile(p, []byte("x"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	link := filepath.Join(store, "volumes", "link.raw")
+	if err := os.Symlink(outside, link); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		path string
+		want error
+	}{
+		{vol, nil},
+		{outside, errdefs.ErrPermissionDenied},
+		{link, errdefs.ErrInvalid},
+		{filepath.Join(store, MarkerFile), errdefs.ErrInvalid},
+		{filepath.Join(store, "volumes", "gone.raw"), errdefs.ErrNotFound},
+	} {
+		if err := l.InStore(c.path); (c.want == nil && err != nil) || (c.want != nil && !errors.Is(err, c.want)) {
+			t.Errorf("InStore(%s) = %v, want %v", c.path, err, c.want)
+		}
+	}
+}

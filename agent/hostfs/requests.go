@@ -103,15 +103,16 @@ type imageOps interface {
 	// next to it (same directory) refers to.
 	DeleteBackup(ctx context.Context, req DeleteBackupRequest) (BackupInfo, error)
 	// Export serves the file at path read-only over HTTP (Range) from the
-	// agent under an unguessable token, until Unexport; it returns the URL.
-	// Other agents copy from it directly (volume migration between hosts).
-	Export(ctx context.Context, path string) (drivers.URI, error)
+	// agent under an unguessable token, until Unexport or expires (zero:
+	// never); it returns the URL. Other agents copy from it directly
+	// (volume migration between hosts).
+	Export(ctx context.Context, path string, expires time.Time) (drivers.URI, error)
 	// Unexport ends an export; an unknown one is not an error.
 	Unexport(ctx context.Context, uri drivers.URI) error
 	// ExportNBD serves the image at req.Path (a file of a store on this
 	// host) over NBD from the agent under an unguessable export name (128
-	// random bits, hex) and returns its nbd://host:port/name URI, until
-	// UnexportNBD. Only raw images are served for now; a qcow2 is
+	// random bits, hex) and returns its nbd://host:port/name URI (nbds://
+	// when the agent's NBD speaks TLS), until UnexportNBD or req.Expires. Only raw images are served for now; a qcow2 is
 	// errdefs.ErrNotImplemented (it needs a qcow2 backend). A hypervisor
 	// that cannot open the file directly attaches the volume through it.
 	ExportNBD(ctx context.Context, req NBDExportRequest) (drivers.URI, error)
@@ -128,6 +129,9 @@ type NBDExportRequest struct {
 	Format drivers.Format
 	// ReadOnly refuses writes, trims and zeroes.
 	ReadOnly bool
+	// Expires is when the export ends (zero: never); past it, the export
+	// does not open and the agent removes it.
+	Expires time.Time
 }
 
 // ImageInfo is what qemu-img says of an image, plus what the step measured.

@@ -1,35 +1,61 @@
 // Package nbdexports keeps the agent's NBD exports: files of the host's
 // stores served over NBD (datapath/nbd) under unguessable export names, so
 // that a hypervisor that cannot open a volume's file directly (its host is
-// outside the store's scope) attaches it as nbd://agent:port/<name>.
+// outside the store's scope) attaches it as nbd://agent:port/<name>, or
+// nbds://… when the server speaks TLS (WithTLS).
 //
 // An export name is 128 random bits in hex, made per export: exporting the
 // same file twice gives two names, each removed by its own Unexport, which
-// closes that export's connections. Exports live in memory: an agent
-// restart ends them all (the controller grants again on demand).
+// closes that export's connections.
 //
 // The names are capabilities: the server runs with nbd.ServerOptions
 // SecretNames, so NBD_OPT_LIST is refused and the empty (default) name
 // opens nothing; a client must be given a name to open an export.
 //
-//	x := nbdexports.New(log)
+// # Expiry
+//
+// An export may expire (the expires argument of Export; zero: never). From
+// then on it does not open, and the sweeper that runs while Serve runs
+// removes it within SweepInterval and closes its connections.
+//
+// # Persistence
+//
+// With WithStateFile every Export and Unexport rewrites a small JSON file
+// crash-safely (datapath/durable: a new 0600 file, fsync, rename, fsync of
+// the directory). It holds export names, paths, modes and expiries, never
+// data. Load, once at start, serves again the exports the file lists that
+// have not expired and whose path is still a regular file, under the same
+// names, so the URIs granted before an agent restart keep working (with the
+// same --nbd-listen address). Without a state file exports live in memory.
+//
+//	x := nbdexports.New(log, nbdexports.WithStateFile(dir+"/nbd-exports.json"))
+//	err := x.Load(local.InStore)
 //	go x.Serve(ctx, ln)          // ln from --nbd-listen
 //	x.SetAddress("10.0.0.5:10809")
-//	uri, err := x.Export("/srv/p1/volumes/v1.raw", false) // nbd://10.0.0.5:10809/3f2a…
+//	uri, err := x.Export("/srv/p1/volumes/v1.raw", false, time.Time{}) // nbd://10.0.0.5:10809/3f2a…
 //	err = x.Unexport(uri)
 package nbdexports
 
 import (
 	"context"
 	"crypto/rand"
+	"crypto/tls"
 	"encoding/hex"
+	"encoding/json"
+	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"net"
 	"net/url"
+	"os"
+	"path/filepath"
+	"sort"
 	"strings"
 	"sync"
+	"time"
 
+	"github.com/stowage/stowage/datapath/durable"
 	"github.com/stowage/stowage/datapath/nbd"
 	"github.com/stowage/stowage/errdefs"
 )
@@ -37,12 +63,36 @@ import (
 // Server is the agent's NBD server and its exports. It is safe for
 // concurrent use.
 type Server struct {
-	srv *nbd.Server
+	srv   *nbd.Server
+	log   *slog.Logger
+	state string // state file ("": none)
+	tls   *tls.Config
+	tlsOn bool // URIs are nbds://
+	reqd  bool
 
-	mu    sync.Mutex
-	addr  string            // host:port announced in URIs
-	names map[string]string // export name -> path
+	mu      sync.Mutex
+	addr    string             // host:port announced in URIs
+	exports map[string]*export // by name
+	saveMu  sync.Mutex         // orders state file writes
 }
+
+// export is what the state file records of one export.
+type export struct {
+	Name     string    `json:"name"`
+	Path     string    `json:"path"`
+	ReadOnly bool      `json:"read_only,omitempty"`
+	Expires  time.Time `json:"expires,omitzero"`
+}
+
+func (e *export) expired(now time.Time) bool { return !e.Expires.IsZero() && !now.Before(e.Expires) }
+
+// stateFile is the JSON of the state file.
+type stateFile struct {
+	Version int       `json:"version"`
+	Exports []*export `json:"exports"`
+}
+
+const stateVersion = 1
 
 // MaxConns bounds the NBD connections the agent serves at once, over
 // every export: one hypervisor disk attached through a grant is one or a
@@ -50,13 +100,123 @@ type Server struct {
 // opens connections in a loop cannot exhaust the agent's descriptors.
 const MaxConns = 256
 
-// New returns a server with no exports.
-func New(log *slog.Logger) *Server {
+// SweepInterval bounds how long an expired export keeps its connections.
+const SweepInterval = 10 * time.Second
+
+// Option configures a Server.
+type Option func(*Server)
+
+// WithTLS serves NBD over TLS (NBD_OPT_STARTTLS) with cfg, used as given
+// (a GetCertificate that rotates certificates keeps working); required
+// refuses plaintext clients, and Export then returns nbds:// URIs (without
+// it TLS is offered to clients that ask, and URIs stay nbd://).
+func WithTLS(cfg *tls.Config, required bool) Option {
+	return func(s *Server) { s.tls, s.tlsOn, s.reqd = cfg, cfg != nil, required && cfg != nil }
+}
+
+// WithStateFile keeps the exports in the file at path so that Load
+// restores them after a restart.
+func WithStateFile(path string) Option { return func(s *Server) { s.state = path } }
+
+// New returns a server with no exports (Load restores those of the state
+// file).
+func New(log *slog.Logger, opts ...Option) *Server {
 	if log == nil {
 		log = slog.Default()
 	}
-	s := &Server{srv: nbd.NewServer(nbd.ServerOptions{Logger: log, SecretNames: true, MaxConns: MaxConns}), names: map[string]string{}}
+	s := &Server{log: log, exports: map[string]*export{}}
+	for _, o := range opts {
+		o(s)
+	}
+	s.srv = nbd.NewServer(nbd.ServerOptions{Logger: log, SecretNames: true, MaxConns: MaxConns, TLS: s.tls, TLSRequired: s.reqd})
 	return s
+}
+
+// Load serves again the exports the state file lists that have not expired,
+// whose file is still there and passes check (nil: no check; the agent's
+// checks that it is still inside a store it serves); the others are
+// dropped (and logged). A
+// missing state file is no exports; one that cannot be read or parsed is an
+// error (class errdefs.ErrDataLoss), so that a start does not silently
+// forget the grants it holds. Without WithStateFile it does nothing.
+func (s *Server) Load(check func(path string) error) error {
+	if s.state == "" {
+		return nil
+	}
+	b, err := os.ReadFile(s.state)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("nbd exports: state file %s: %w", s.state, errors.Join(err, errdefs.ErrUnavailable))
+	}
+	var st stateFile
+	if err := json.Unmarshal(b, &st); err != nil || st.Version != stateVersion {
+		return fmt.Errorf("nbd exports: state file %s: not a version %d state (%v): %w", s.state, stateVersion, err, errdefs.ErrDataLoss)
+	}
+	now := time.Now()
+	kept := 0
+	for _, e := range st.Exports {
+		if e == nil || validName(e.Name) != nil || !filepath.IsAbs(e.Path) {
+			s.log.Warn("nbd exports: malformed entry in the state file dropped", "state", s.state)
+			continue
+		}
+		if e.expired(now) {
+			s.log.Info("nbd exports: expired export dropped", "path", e.Path, "expired", e.Expires)
+			continue
+		}
+		if fi, err := os.Lstat(e.Path); err != nil || !fi.Mode().IsRegular() {
+			s.log.Warn("nbd exports: export dropped: its file is gone or not a regular file", "path", e.Path, "err", err)
+			continue
+		}
+		if check != nil {
+			if err := check(e.Path); err != nil {
+				s.log.Warn("nbd exports: export dropped: its file may no longer be served", "path", e.Path, "err", err)
+				continue
+			}
+		}
+		if err := s.srv.AddExport(e.Name, e.Path, nbd.ExportOptions{ReadOnly: e.ReadOnly, Expires: e.Expires}); err != nil {
+			s.log.Warn("nbd exports: export dropped: cannot serve it again", "path", e.Path, "err", err)
+			continue
+		}
+		s.mu.Lock()
+		s.exports[e.Name] = e
+		s.mu.Unlock()
+		kept++
+	}
+	s.log.Info("nbd exports restored", "state", s.state, "kept", kept, "dropped", len(st.Exports)-kept)
+	if kept != len(st.Exports) {
+		return s.save()
+	}
+	return nil
+}
+
+// save rewrites the state file with the current exports.
+func (s *Server) save() error {
+	if s.state == "" {
+		return nil
+	}
+	s.saveMu.Lock()
+	defer s.saveMu.Unlock()
+	s.mu.Lock()
+	st := stateFile{Version: stateVersion, Exports: make([]*export, 0, len(s.exports))}
+	for _, e := range s.exports {
+		c := *e
+		st.Exports = append(st.Exports, &c)
+	}
+	s.mu.Unlock()
+	sort.Slice(st.Exports, func(i, j int) bool { return st.Exports[i].Name < st.Exports[j].Name })
+	b, err := json.MarshalIndent(st, "", "  ")
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(filepath.Dir(s.state), 0o700); err != nil {
+		return fmt.Errorf("nbd exports: state file %s: %w", s.state, errors.Join(err, errdefs.ErrUnavailable))
+	}
+	if err := durable.WriteFile(s.state, b, 0o600); err != nil {
+		return fmt.Errorf("nbd exports: state file %s: %w", s.state, errors.Join(err, errdefs.ErrUnavailable))
+	}
+	return nil
 }
 
 // SetAddress sets the host:port other hosts reach the NBD listener at.
@@ -73,73 +233,152 @@ func (s *Server) Address() string {
 	return s.addr
 }
 
-// Serve serves NBD on l until ctx ends (nbd.Server.Serve).
-func (s *Server) Serve(ctx context.Context, l net.Listener) error { return s.srv.Serve(ctx, l) }
+// Serve serves NBD on l until ctx ends (nbd.Server.Serve), and meanwhile
+// removes expired exports every SweepInterval.
+func (s *Server) Serve(ctx context.Context, l net.Listener) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go s.sweepLoop(ctx)
+	return s.srv.Serve(ctx, l)
+}
 
-// Close removes every export and closes its connections.
+func (s *Server) sweepLoop(ctx context.Context) {
+	t := time.NewTicker(SweepInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case now := <-t.C:
+			s.Sweep(now)
+		}
+	}
+}
+
+// Sweep removes the exports expired at now and closes their connections.
+func (s *Server) Sweep(now time.Time) {
+	s.mu.Lock()
+	var gone []*export
+	for name, e := range s.exports {
+		if e.expired(now) {
+			gone = append(gone, e)
+			delete(s.exports, name)
+		}
+	}
+	s.mu.Unlock()
+	if len(gone) == 0 {
+		return
+	}
+	for _, e := range gone {
+		if err := s.srv.RemoveExport(e.Name); err != nil {
+			s.log.Warn("nbd exports: remove expired export", "path", e.Path, "err", err)
+		}
+	}
+	s.log.Info("nbd exports expired", "count", len(gone))
+	if err := s.save(); err != nil {
+		s.log.Error("nbd exports: save state after expiry", "err", err)
+	}
+}
+
+// Close stops serving every export and closes its connections. The state
+// file is kept: the exports come back at the next Load.
 func (s *Server) Close() error {
 	s.mu.Lock()
-	s.names = map[string]string{}
+	s.exports = map[string]*export{}
 	s.mu.Unlock()
 	return s.srv.Close()
 }
 
-// Export serves the file at path (on this machine) under a new name and
-// returns its nbd:// URI. Before SetAddress it is errdefs.ErrUnavailable.
-func (s *Server) Export(path string, readOnly bool) (string, error) {
+// Export serves the file at path (on this machine) under a new name until
+// expires (zero: until Unexport) and returns its nbd:// (nbds:// with TLS)
+// URI. Before SetAddress it is errdefs.ErrUnavailable; an expiry already
+// past is errdefs.ErrInvalid. With a state file, the export is recorded
+// before Export returns.
+func (s *Server) Export(path string, readOnly bool, expires time.Time) (string, error) {
 	addr := s.Address()
 	if addr == "" {
 		return "", fmt.Errorf("nbd export %s: this agent serves no NBD (--nbd-listen): %w", path, errdefs.ErrUnavailable)
 	}
+	if !expires.IsZero() && !time.Now().Before(expires) {
+		return "", fmt.Errorf("nbd export %s: expiry %s is past: %w", path, expires.UTC().Format(time.RFC3339), errdefs.ErrInvalid)
+	}
 	var b [16]byte
 	_, _ = rand.Read(b[:]) // never fails (crypto/rand)
 	name := hex.EncodeToString(b[:])
-	if err := s.srv.AddExport(name, path, nbd.ExportOptions{ReadOnly: readOnly}); err != nil {
+	if err := s.srv.AddExport(name, path, nbd.ExportOptions{ReadOnly: readOnly, Expires: expires}); err != nil {
 		return "", fmt.Errorf("nbd export %s: %w", path, err)
 	}
 	s.mu.Lock()
-	s.names[name] = path
+	s.exports[name] = &export{Name: name, Path: path, ReadOnly: readOnly, Expires: expires}
 	s.mu.Unlock()
-	return (&url.URL{Scheme: "nbd", Host: addr, Path: "/" + name}).String(), nil
+	if err := s.save(); err != nil {
+		s.mu.Lock()
+		delete(s.exports, name)
+		s.mu.Unlock()
+		_ = s.srv.RemoveExport(name)
+		return "", fmt.Errorf("nbd export %s: %w", path, err)
+	}
+	return s.uri(addr, name), nil
 }
 
-// Unexport removes the export at uri (an nbd:// URI or a bare name) and
-// closes its connections; an unknown export is not an error, a URI that
-// names no export of this kind is errdefs.ErrInvalid.
+func (s *Server) uri(addr, name string) string {
+	scheme := "nbd"
+	if s.reqd {
+		scheme = "nbds"
+	}
+	return (&url.URL{Scheme: scheme, Host: addr, Path: "/" + name}).String()
+}
+
+// Unexport removes the export at uri (an nbd:// or nbds:// URI or a bare
+// name) and closes its connections; an unknown export is not an error, a
+// URI that names no export of this kind is errdefs.ErrInvalid.
 func (s *Server) Unexport(uri string) error {
 	name, err := NameOf(uri)
 	if err != nil {
 		return err
 	}
 	s.mu.Lock()
-	delete(s.names, name)
+	_, ok := s.exports[name]
+	delete(s.exports, name)
 	s.mu.Unlock()
-	return s.srv.RemoveExport(name)
+	err = s.srv.RemoveExport(name)
+	if ok {
+		err = errors.Join(err, s.save())
+	}
+	return err
 }
 
 // Exported returns the paths currently exported, one per export.
 func (s *Server) Exported() []string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	out := make([]string, 0, len(s.names))
-	for _, p := range s.names {
-		out = append(out, p)
+	out := make([]string, 0, len(s.exports))
+	for _, e := range s.exports {
+		out = append(out, e.Path)
 	}
 	return out
 }
 
-// NameOf returns the export name of an nbd:// URI or of a bare name.
+// NameOf returns the export name of an nbd:// or nbds:// URI or of a bare
+// name.
 func NameOf(uri string) (string, error) {
 	name := uri
 	if strings.Contains(uri, "/") {
 		u, err := url.Parse(uri)
-		if err != nil || u.Scheme != "nbd" {
+		if err != nil || (u.Scheme != "nbd" && u.Scheme != "nbds") {
 			return "", fmt.Errorf("%q is not an nbd:// export URI: %w", uri, errdefs.ErrInvalid)
 		}
 		name = strings.TrimPrefix(u.Path, "/")
 	}
-	if b, err := hex.DecodeString(name); err != nil || len(b) != 16 {
-		return "", fmt.Errorf("%q is not an NBD export name: %w", name, errdefs.ErrInvalid)
+	if err := validName(name); err != nil {
+		return "", err
 	}
 	return name, nil
+}
+
+func validName(name string) error {
+	if b, err := hex.DecodeString(name); err != nil || len(b) != 16 {
+		return fmt.Errorf("%q is not an NBD export name: %w", name, errdefs.ErrInvalid)
+	}
+	return nil
 }

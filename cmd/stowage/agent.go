@@ -2,9 +2,12 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
+	"path/filepath"
 	"strings"
 
 	"github.com/spf13/cobra"
@@ -14,7 +17,9 @@ import (
 	"github.com/stowage/stowage/agent/exports"
 	"github.com/stowage/stowage/agent/hostfs"
 	"github.com/stowage/stowage/agent/nbdexports"
+	"github.com/stowage/stowage/datapath/nbd"
 	"github.com/stowage/stowage/datapath/netguard"
+	"github.com/stowage/stowage/errdefs"
 	"github.com/stowage/stowage/rpclimit"
 )
 
@@ -58,6 +63,7 @@ func agentFlags(cmd *cobra.Command, cfg *agent.Config, limits *rpclimit.Limits, 
 	f.StringVar(&cfg.Listen, "listen", ":8471", "address of the agent's RPC service")
 	f.StringVar(&cfg.AdvertiseURL, "advertise-url", "", "URL the controller uses to reach this agent (default: derived from --listen)")
 	f.StringVar(&cfg.NBDListen, "nbd-listen", ":10809", `address of the agent's NBD server for volumes granted to hosts outside their store's scope ("" serves no NBD)`)
+	f.StringVar(&cfg.NBDTLS, "nbd-tls", "auto", "NBD over TLS (STARTTLS, the agent's certificate): auto (offered; required unless --nbd-listen is a loopback address) or require (grants are nbds:// URIs)")
 	f.StringVar(&cfg.NBDAddress, "nbd-address", "", "host:port other hosts reach the NBD server at, reported to the controller (default: the advertise URL's host and --nbd-listen's port)")
 	f.StringVar(&cfg.Zone, "zone", "default", "zone of this host")
 	f.StringVar(&cfg.Cluster, "cluster", "default", "cluster of this host")
@@ -123,15 +129,29 @@ func newAgent(cfg agent.Config, creds *agent.Credentials, limits rpclimit.Limits
 	}
 	// One exporter serves the agent's read-only file exports (agent-to-agent
 	// copies) on its listener; the local host creates them.
-	x := exports.New()
+	x := exports.New(exports.WithLogger(log.With("component", "exports")), exports.WithStateFile(filepath.Join(cfg.StateDir, "exports.json")))
 	// One NBD server serves the images granted to hosts that cannot open
 	// their files (outside the store's scope) on --nbd-listen.
-	n := nbdexports.New(log.With("component", "nbd"))
+	nbdTLS, err := nbdTLSRequired(cfg)
+	if err != nil {
+		return nil, err
+	}
+	n := nbdexports.New(log.With("component", "nbd"), nbdexports.WithStateFile(filepath.Join(cfg.StateDir, "nbd-exports.json")),
+		nbdexports.WithTLS(creds.NBDServerTLS(), nbdTLS))
+	// Copies from other agents' nbds:// exports present this host's certificate.
+	nbd.RegisterTLS(creds.PeerTLS())
 	guard, err := netguard.Parse(cfg.FetchAllowCIDRs)
 	if err != nil {
 		return nil, fmt.Errorf("--fetch-allow-cidrs: %w", err)
 	}
 	local := hostfs.New(cfg.HostID, hostfs.WithExporter(x), hostfs.WithNBDExporter(n), hostfs.WithFetchGuard(guard), hostfs.WithTLS(creds.PeerTLS(), creds.WebTLS()))
+	// Grants survive a restart: both serve again what their state files
+	// hold that is still a file of a store here.
+	if cfg.StateDir != "" {
+		if err := errors.Join(x.Load(local.InStore), n.Load(local.InStore)); err != nil {
+			return nil, fmt.Errorf("agent: restore exports: %w", err)
+		}
+	}
 	opts := []agent.Option{agent.WithExports(x), agent.WithNBD(n), agent.WithLimits(limits), agent.WithCredentials(creds)}
 	if cfg.ImageCacheSocket != "" {
 		// The template mount is its own process (stowage cache serve); the
@@ -140,4 +160,24 @@ func newAgent(cfg agent.Config, creds *agent.Credentials, limits rpclimit.Limits
 		opts = append(opts, agent.WithImageCache(cachemount.NewClient(cfg.ImageCacheSocket)))
 	}
 	return agent.New(cfg, local, log, opts...)
+}
+
+// nbdTLSRequired says whether the NBD server refuses plaintext: always with
+// --nbd-tls require, and with auto unless it listens on loopback only.
+func nbdTLSRequired(cfg agent.Config) (bool, error) {
+	switch cfg.NBDTLS {
+	case "require":
+		return true, nil
+	case "auto", "":
+		host, _, err := net.SplitHostPort(cfg.NBDListen)
+		if err != nil {
+			return true, nil
+		}
+		if host == "localhost" {
+			return false, nil
+		}
+		ip := net.ParseIP(host)
+		return ip == nil || !ip.IsLoopback(), nil
+	}
+	return false, usageError{fmt.Errorf("--nbd-tls %q: want auto or require: %w", cfg.NBDTLS, errdefs.ErrInvalid)}
 }

@@ -19,6 +19,7 @@ import (
 
 	"github.com/stowage/stowage/agent/cachemount"
 	"github.com/stowage/stowage/datapath/imagecache"
+	"github.com/stowage/stowage/datapath/nbd"
 	"github.com/stowage/stowage/datapath/stream"
 	"github.com/stowage/stowage/errdefs"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
@@ -389,10 +390,10 @@ func cacheSources(src string) ([][2]string, error) {
 	return out, nil
 }
 
-// hostTLSOpen opens templates with the local agent's certificate (agents
-// serve exports to enrolled peers only) and the controller's CA, both read
-// from the agent's pki directory when first needed: the mount may start
-// before its agent has enrolled.
+// hostTLSOpen opens templates from https:// and nbds:// URLs with the local
+// agent's certificate (agents serve exports to enrolled peers only) and the
+// controller's CA, both read from the agent's pki directory when first
+// needed: the mount may start before its agent has enrolled.
 type hostTLSOpen struct {
 	dir  string
 	http stream.HTTPOptions
@@ -402,7 +403,7 @@ type hostTLSOpen struct {
 }
 
 func (h *hostTLSOpen) open(ctx context.Context, url string) (imagecache.Source, error) {
-	if !strings.HasPrefix(url, "https://") {
+	if !strings.HasPrefix(url, "https://") && !strings.HasPrefix(url, "nbds://") {
 		return imagecache.OpenStream(h.http)(ctx, url)
 	}
 	h.mu.Lock()
@@ -414,6 +415,8 @@ func (h *hostTLSOpen) open(ctx context.Context, url string) (imagecache.Source, 
 		}
 		o := h.http
 		o.TLS = &tls.Config{MinVersion: tls.VersionTLS12, RootCAs: trust.WebPool(ca), GetClientCertificate: kp.GetClientCertificate}
+		// Agents' NBD exports (--template-mount-transport nbd) over TLS.
+		nbd.RegisterTLS(&tls.Config{MinVersion: tls.VersionTLS12, RootCAs: trust.Pool(ca), GetClientCertificate: kp.GetClientCertificate})
 		h.opener = imagecache.OpenStream(o)
 	}
 	opener := h.opener

@@ -83,7 +83,7 @@ func writeClientConfig(path string, c clientConfig) error {
 func clientFlags(root *cobra.Command) {
 	f := root.PersistentFlags()
 	f.String("server", "", "controller URL (env STOWAGE_SERVER; default: the client configuration's, else "+defaultServer+")")
-	f.String("config", "", "client configuration file (env STOWAGE_CONFIG; default ~/.config/stowage/config.json, written by `stowage dev`)")
+	f.String("config", "", "client configuration file (env STOWAGE_CONFIG; default ~/.config/stowage/config.json, written by stowage dev)")
 	f.String("ca-file", "", "CA certificate the controller's certificate chains to (env STOWAGE_CA_FILE; default: the client configuration's; the controller's is DATA/pki/ca.crt)")
 }
 

@@ -7,6 +7,7 @@ import (
 	"math"
 	"strconv"
 	"strings"
+	"time"
 
 	"connectrpc.com/connect"
 	"github.com/spf13/cobra"
@@ -129,8 +130,9 @@ func newVolumeMigrateCmd() *cobra.Command {
 func newVolumeAccessCmd() *cobra.Command {
 	var host string
 	var revoke bool
+	var ttl time.Duration
 	cmd := &cobra.Command{
-		Use:   "access ID --host H [--revoke]",
+		Use:   "access ID --host H [--ttl D] [--revoke]",
 		Short: "Print the URI a host opens the volume with, or revoke the host's access",
 		Args:  exactArgs(1, "a volume id"),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -145,7 +147,7 @@ func newVolumeAccessCmd() *cobra.Command {
 						fmt.Fprintf(w, "access to volume %s revoked for host %s\n", args[0], host)
 					})
 				}
-				resp, err := c.volumes.GrantAccess(ctx, connect.NewRequest(&stowagev1.GrantAccessRequest{Id: args[0], HostId: host}))
+				resp, err := c.volumes.GrantAccess(ctx, connect.NewRequest(&stowagev1.GrantAccessRequest{Id: args[0], HostId: host, TtlSeconds: ttlSeconds(ttl)}))
 				if err != nil {
 					return c.rpcErr(err)
 				}
@@ -155,8 +157,18 @@ func newVolumeAccessCmd() *cobra.Command {
 	}
 	cmd.Flags().StringVar(&host, "host", "", "host id")
 	cmd.Flags().BoolVar(&revoke, "revoke", false, "revoke the host's access instead")
+	cmd.Flags().DurationVar(&ttl, "ttl", 0, "how long the access lasts, e.g. 1h (0: no expiry); an export made for it then ends")
 	_ = cmd.MarkFlagRequired("host")
 	return cmd
+}
+
+// ttlSeconds is --ttl in whole seconds, rounded up so that a short TTL
+// does not become "no expiry".
+func ttlSeconds(d time.Duration) int64 {
+	if d < 0 {
+		return -1 // refused by the controller
+	}
+	return int64((d + time.Second - 1) / time.Second)
 }
 
 func printVolume(w io.Writer, v *stowagev1.Volume) {

@@ -2,9 +2,11 @@ package api
 
 import (
 	"context"
+	"time"
 
 	"connectrpc.com/connect"
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/timestamppb"
 
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 	"github.com/stowage/stowage/proto/gen/stowage/v1/stowagev1connect"
@@ -26,7 +28,8 @@ type VolumeService interface {
 	List(ctx context.Context, storeID string) ([]*stowagev1.Volume, error)
 	Delete(ctx context.Context, idOrName string, dryRun bool) (*stowagev1.DeleteVolumeResponse, error)
 	Resize(ctx context.Context, idOrName string, size int64, dryRun bool) (*stowagev1.ResizeVolumeResponse, error)
-	GrantAccess(ctx context.Context, idOrName, hostID string) (string, error)
+	// GrantAccess returns the URI and when it stops working (zero: never).
+	GrantAccess(ctx context.Context, idOrName, hostID string, ttl time.Duration) (string, time.Time, error)
 	RevokeAccess(ctx context.Context, idOrName, hostID string) error
 	Migrate(ctx context.Context, idOrName, storeID string, dryRun bool) (*stowagev1.MigrateVolumeResponse, error)
 }
@@ -114,8 +117,12 @@ func (h *volumeHandler) ResizeVolume(ctx context.Context, req *connect.Request[s
 }
 
 func (h *volumeHandler) GrantAccess(ctx context.Context, req *connect.Request[stowagev1.GrantAccessRequest]) (*connect.Response[stowagev1.GrantAccessResponse], error) {
-	uri, err := h.svc.GrantAccess(ctx, req.Msg.GetId(), req.Msg.GetHostId())
-	return reply(&stowagev1.GrantAccessResponse{Uri: uri}, err)
+	uri, expires, err := h.svc.GrantAccess(ctx, req.Msg.GetId(), req.Msg.GetHostId(), time.Duration(req.Msg.GetTtlSeconds())*time.Second)
+	resp := &stowagev1.GrantAccessResponse{Uri: uri}
+	if !expires.IsZero() {
+		resp.ExpiresAt = timestamppb.New(expires)
+	}
+	return reply(resp, err)
 }
 
 func (h *volumeHandler) RevokeAccess(ctx context.Context, req *connect.Request[stowagev1.RevokeAccessRequest]) (*connect.Response[stowagev1.RevokeAccessResponse], error) {

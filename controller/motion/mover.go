@@ -147,7 +147,9 @@ func (m *Mover) importInto(ctx context.Context, hostID string, h hostops.Host, s
 		if _, err := h.CopyImage(ctx, hostops.CopyRequest{Source: src.URI, SourceFormat: mv.Src.Format, Dest: ref, Format: mv.Dst.Format, Flatten: true}, nil); err != nil {
 			return drivers.ObjectInfo{}, err
 		}
-		u, err := h.Export(ctx, ref)
+		// Unexported when the import ends; the TTL ends it if this
+		// controller does not live to.
+		u, err := h.Export(ctx, ref, drivers.DefaultGrantTTL)
 		if err != nil {
 			return drivers.ObjectInfo{}, err
 		}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net/url"
+	"time"
 
 	"github.com/stowage/stowage/controller/meta"
 	"github.com/stowage/stowage/drivers"
@@ -20,27 +21,38 @@ import (
 // host whose nbd_address is the URI's host:port. A grant again to the same
 // host replaces it (so one lost by an agent restart comes back); a grant
 // to another host while one is recorded is refused. RevokeAccess ends it
-// through the driver and clears both fields.
+// through the driver and clears both fields. A grant lasts ttl (an export
+// ends by itself then); zero: no expiry, since a running VM must not lose
+// its disk.
 
-// GrantAccess returns a URI host can open the volume with.
-func (s *Service) GrantAccess(ctx context.Context, idOrName, hostID string) (string, error) {
+// GrantAccess returns a URI host can open the volume with, and when it
+// stops working (zero: never).
+func (s *Service) GrantAccess(ctx context.Context, idOrName, hostID string, ttl time.Duration) (string, time.Time, error) {
+	uri, acc, err := s.grantAccess(ctx, idOrName, hostID, ttl)
+	return uri, acc.Expires, err
+}
+
+func (s *Service) grantAccess(ctx context.Context, idOrName, hostID string, ttl time.Duration) (string, drivers.Access, error) {
+	if ttl < 0 {
+		return "", drivers.Access{}, fmt.Errorf("grant access to volume %s: negative TTL %s: %w", idOrName, ttl, errdefs.ErrInvalid)
+	}
 	v, obj, d, err := s.object(ctx, idOrName)
 	if err != nil {
-		return "", err
+		return "", drivers.Access{}, err
 	}
 	if v.GetState() != stowagev1.VolumeState_VOLUME_STATE_READY {
-		return "", busy(v, fmt.Errorf("volume %s is %s: %w", v.GetName(), meta.VolumeStateName(v.GetState()), errdefs.ErrFailedPrecondition))
+		return "", drivers.Access{}, busy(v, fmt.Errorf("volume %s is %s: %w", v.GetName(), meta.VolumeStateName(v.GetState()), errdefs.ErrFailedPrecondition))
 	}
 	if hostID == "" {
-		return "", fmt.Errorf("grant access to volume %s: no host: %w", v.GetName(), errdefs.ErrInvalid)
+		return "", drivers.Access{}, fmt.Errorf("grant access to volume %s: no host: %w", v.GetName(), errdefs.ErrInvalid)
 	}
 	if _, err := s.db.Hosts().Get(ctx, hostID); err != nil {
-		return "", fmt.Errorf("grant host %s access to volume %s: host %s: %w", hostID, v.GetName(), hostID, err)
+		return "", drivers.Access{}, fmt.Errorf("grant host %s access to volume %s: host %s: %w", hostID, v.GetName(), hostID, err)
 	}
-	client := drivers.Client{HostID: hostID, Purpose: drivers.PurposeAttach}
+	client := drivers.Client{HostID: hostID, Purpose: drivers.PurposeAttach, TTL: ttl}
 	acc, err := d.GrantAccess(ctx, obj, client)
 	if err != nil {
-		return "", fmt.Errorf("grant host %s access to volume %s: %w", hostID, v.GetName(), err)
+		return "", drivers.Access{}, fmt.Errorf("grant host %s access to volume %s: %w", hostID, v.GetName(), err)
 	}
 	var old string
 	_, err = s.db.Volumes().Update(ctx, v.GetId(), 0, func(v *stowagev1.Volume) error {
@@ -63,14 +75,14 @@ func (s *Service) GrantAccess(ctx context.Context, idOrName, hostID string) (str
 		if acc.Revocable {
 			_ = d.RevokeAccess(context.WithoutCancel(ctx), obj, client, acc)
 		}
-		return "", err
+		return "", drivers.Access{}, err
 	}
 	if old != "" && old != string(acc.URI) {
 		if err := s.revokeExport(ctx, d, obj, client, old); err != nil {
 			s.log.Warn("could not end the previous export", "volume", v.GetId(), "err", err)
 		}
 	}
-	return string(acc.URI), nil
+	return string(acc.URI), acc, nil
 }
 
 // RevokeAccess withdraws a host's access; an export granted to it is

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"log/slog"
 	"testing"
+	"time"
 
 	"github.com/stowage/stowage/controller/meta"
 	"github.com/stowage/stowage/errdefs"
@@ -51,5 +52,13 @@ func TestBusyVolumeRefusesMutations(t *testing.T) {
 	}
 	if _, err := s.Resize(ctx, "v1", 2<<20, false); !errdefs.IsFailedPrecondition(err) {
 		t.Fatalf("resize a destroyed volume: %v", err)
+	}
+}
+
+// A negative grant TTL is refused before anything is looked up.
+func TestGrantAccessNegativeTTL(t *testing.T) {
+	s := &Service{log: slog.New(slog.DiscardHandler)}
+	if _, _, err := s.GrantAccess(context.Background(), "v1", "h1", -time.Second); !errdefs.IsInvalid(err) {
+		t.Fatalf("negative TTL: %v, want invalid", err)
 	}
 }

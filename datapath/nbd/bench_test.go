@@ -63,3 +63,32 @@ func BenchmarkNbdcopyWrite(b *testing.B) {
 		mustRun(b, "nbdcopy", "--flush", src, ts.uri(""))
 	}
 }
+
+// BenchmarkNbdcopyReadTCP and BenchmarkNbdcopyReadTLS: the same read over
+// 127.0.0.1, in plaintext and over TLS (nbds://, server certificate only),
+// to compare the cost of TLS with the plaintext TCP path in one run.
+func BenchmarkNbdcopyReadTCP(b *testing.B) { benchReadTCP(b, false) }
+
+func BenchmarkNbdcopyReadTLS(b *testing.B) { benchReadTCP(b, true) }
+
+func benchReadTCP(b *testing.B, withTLS bool) {
+	needBin(b, "nbdcopy")
+	opts := ServerOptions{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}
+	var pki *testPKI
+	if withTLS {
+		pki = newTestPKI(b)
+		opts.TLS, opts.TLSRequired = pki.serverConfig(false), true
+	}
+	ts := startServer(b, opts, true)
+	if err := ts.AddExport("d", benchImage(b, ts.dir), ExportOptions{ReadOnly: true}); err != nil {
+		b.Fatal(err)
+	}
+	uri := ts.tcpURI("d")
+	if withTLS {
+		uri = pki.libnbdURI(ts.tlsURI("d"))
+	}
+	b.SetBytes(256 * mib)
+	for b.Loop() {
+		mustRun(b, "nbdcopy", uri, "null:")
+	}
+}

@@ -3,6 +3,7 @@ package nbd
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -26,6 +27,14 @@ type ClientOptions struct {
 	Connections int
 	// Logger receives connection records (slog.Default() if nil).
 	Logger *slog.Logger
+	// TLS is the configuration nbds:// and nbds+unix:// URLs connect with
+	// (NBD_OPT_STARTTLS, then a TLS handshake on the same connection):
+	// its RootCAs to verify the server, Certificates or
+	// GetClientCertificate when the server asks for a client certificate.
+	// An empty ServerName is filled in from the URL's host (nbds+unix://
+	// has none: set ServerName, as libnbd's tls-hostname). Nil: nbds://
+	// verifies the server against the system roots. nbd:// never uses it.
+	TLS *tls.Config
 }
 
 // Client is a userspace NBD client for one export: several connections,
@@ -42,6 +51,7 @@ type Client struct {
 	minBlock   uint32
 	maxPayload uint32
 	log        *slog.Logger
+	tls        *tls.Config // nil: plaintext
 
 	conns  []*clientConn
 	next   atomic.Uint64
@@ -64,10 +74,12 @@ type negotiated struct {
 // endpoint is where a URL points.
 type endpoint struct {
 	network, addr, export string
+	tls                   bool   // nbds, nbds+unix: STARTTLS first
+	serverName            string // host name of the URL, for TLS
 }
 
-// parseURL reads nbd://host[:port]/export and nbd+unix:///export?socket=path
-// (the NBD URI format of libnbd and qemu).
+// parseURL reads nbd[s]://host[:port]/export and
+// nbd[s]+unix:///export?socket=path (the NBD URI format of libnbd and qemu).
 func parseURL(raw string) (*url.URL, endpoint, error) {
 	u, err := url.Parse(raw)
 	if err != nil {
@@ -79,7 +91,14 @@ func parseURL(raw string) (*url.URL, endpoint, error) {
 
 func endpointOf(u *url.URL) (endpoint, error) {
 	ep := endpoint{export: strings.TrimPrefix(u.Path, "/")}
-	switch strings.ToLower(u.Scheme) {
+	scheme := strings.ToLower(u.Scheme)
+	switch scheme {
+	case "nbds":
+		scheme, ep.tls = "nbd", true
+	case "nbds+unix":
+		scheme, ep.tls = "nbd+unix", true
+	}
+	switch scheme {
 	case "nbd":
 		ep.network = "tcp"
 		host := u.Host
@@ -90,16 +109,15 @@ func endpointOf(u *url.URL) (endpoint, error) {
 			host = net.JoinHostPort(u.Hostname(), "10809")
 		}
 		ep.addr = host
+		ep.serverName = u.Hostname()
 	case "nbd+unix":
 		ep.network = "unix"
 		ep.addr = u.Query().Get("socket")
 		if ep.addr == "" || u.Host != "" {
-			return ep, fmt.Errorf("NBD URL %s: want nbd+unix:///EXPORT?socket=PATH: %w", redact.URL(u.String()), errdefs.ErrInvalid)
+			return ep, fmt.Errorf("NBD URL %s: want %s:///EXPORT?socket=PATH: %w", redact.URL(u.String()), u.Scheme, errdefs.ErrInvalid)
 		}
-	case "nbds", "nbds+unix":
-		return ep, fmt.Errorf("NBD URL %s: TLS is not supported: %w", redact.URL(u.String()), errdefs.ErrNotImplemented)
 	default:
-		return ep, fmt.Errorf("URL %s: not an NBD URL (nbd:// or nbd+unix://): %w", redact.URL(u.String()), errdefs.ErrInvalid)
+		return ep, fmt.Errorf("URL %s: not an NBD URL (nbd://, nbds://, nbd+unix:// or nbds+unix://): %w", redact.URL(u.String()), errdefs.ErrInvalid)
 	}
 	return ep, nil
 }
@@ -119,6 +137,9 @@ func dial(ctx context.Context, u *url.URL, ep endpoint, opts ClientOptions) (*Cl
 		opts.Logger = slog.Default()
 	}
 	c := &Client{target: redact.URL(u.String()), export: ep.export, log: opts.Logger.With("nbd", redact.URL(u.String()))}
+	if ep.tls {
+		c.tls = tlsConfig(opts.TLS, ep.serverName)
+	}
 	first, n, err := c.connect(ctx, ep)
 	if err != nil {
 		return nil, err
@@ -175,7 +196,7 @@ func (c *Client) connect(ctx context.Context, ep endpoint) (*clientConn, negotia
 	}
 	stop := context.AfterFunc(ctx, func() { nc.SetDeadline(time.Unix(1, 0)) })
 	cc := &clientConn{cl: c, nc: nc, br: bufio.NewReaderSize(nc, 256<<10), pending: map[uint64]*call{}, abandoned: map[uint64]*call{}, done: make(chan struct{})}
-	n, err := cc.handshake(ep.export)
+	n, err := cc.handshake(ctx, ep.export)
 	if !stop() || ctx.Err() != nil {
 		nc.Close()
 		return nil, n, fmt.Errorf("nbd %s: handshake: %w", c.target, context.Cause(ctx))
@@ -186,6 +207,18 @@ func (c *Client) connect(ctx context.Context, ep endpoint) (*clientConn, negotia
 	}
 	nc.SetDeadline(time.Time{})
 	return cc, n, nil
+}
+
+// tlsConfig is the config a connection to serverName starts TLS with.
+func tlsConfig(cfg *tls.Config, serverName string) *tls.Config {
+	if cfg == nil {
+		cfg = &tls.Config{}
+	}
+	if cfg.ServerName == "" && serverName != "" {
+		cfg = cfg.Clone()
+		cfg.ServerName = serverName
+	}
+	return cfg
 }
 
 // Size is the export size in bytes.

@@ -1,6 +1,10 @@
 package nbd
 
 import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"errors"
 	"fmt"
 
 	"github.com/stowage/stowage/errdefs"
@@ -11,7 +15,7 @@ const maxOptReply = 1 << 20
 
 // handshake negotiates fixed newstyle: structured replies, base:allocation
 // and NBD_OPT_GO, falling back to NBD_OPT_EXPORT_NAME on old servers.
-func (cc *clientConn) handshake(export string) (negotiated, error) {
+func (cc *clientConn) handshake(ctx context.Context, export string) (negotiated, error) {
 	n := negotiated{minBlock: 1, maxPayload: MaxPayload}
 	var g [18]byte
 	if err := readFull(cc.br, g[:16]); err != nil {
@@ -41,13 +45,23 @@ func (cc *clientConn) handshake(export string) (negotiated, error) {
 	if _, err := cc.nc.Write(be.AppendUint32(nil, cflags)); err != nil {
 		return n, unavailable("client flags", err)
 	}
-	if hflags&flagFixedNewstyle == 0 {
+	if cfg := cc.cl.tls; cfg != nil {
+		if hflags&flagFixedNewstyle == 0 {
+			return n, fmt.Errorf("nbds: the server does not speak fixed newstyle, so it has no TLS: %w", errdefs.ErrFailedPrecondition)
+		}
+		if err := cc.startTLS(ctx, cfg); err != nil {
+			return n, err
+		}
+	} else if hflags&flagFixedNewstyle == 0 {
 		return cc.exportName(export, noZeroes, n)
 	}
 
-	typ, _, err := cc.option(optStructuredReply, nil, nil)
+	typ, msg, err := cc.option(optStructuredReply, nil, nil)
 	if err != nil {
 		return n, err
+	}
+	if typ == repErrTLSReqd {
+		return n, tlsRequired(export, msg)
 	}
 	n.structured = typ == repAck
 	if n.structured {
@@ -75,7 +89,7 @@ func (cc *clientConn) handshake(export string) (negotiated, error) {
 	q = be.AppendUint16(q, 1)
 	q = be.AppendUint16(q, infoBlockSize)
 	var gotExport bool
-	typ, msg, err := cc.option(optGo, q, func(rt uint32, d []byte) error {
+	typ, msg, err = cc.option(optGo, q, func(rt uint32, d []byte) error {
 		if rt != repInfo || len(d) < 2 {
 			return nil
 		}
@@ -109,12 +123,49 @@ func (cc *clientConn) handshake(export string) (negotiated, error) {
 		return cc.exportName(export, noZeroes, n)
 	case repErrUnknown:
 		return n, fmt.Errorf("export %q: %s: %w", export, msg, errdefs.ErrNotFound)
-	case repErrPolicy, repErrTLSReqd:
-		return n, fmt.Errorf("export %q: refused by policy (TLS is not supported): %s: %w", export, msg, errdefs.ErrPermissionDenied)
+	case repErrTLSReqd:
+		return n, tlsRequired(export, msg)
+	case repErrPolicy:
+		return n, fmt.Errorf("export %q: refused by policy: %s: %w", export, msg, errdefs.ErrPermissionDenied)
 	case repErrShutdown:
 		return n, fmt.Errorf("export %q: server shutting down: %s: %w", export, msg, errdefs.ErrUnavailable)
 	}
 	return n, fmt.Errorf("export %q: NBD_OPT_GO failed (%#x): %s: %w", export, typ, msg, errdefs.ErrInvalid)
+}
+
+// tlsRequired is the error for a server that answers NBD_REP_ERR_TLS_REQD.
+func tlsRequired(export, msg string) error {
+	return fmt.Errorf("export %q: the server requires TLS (connect with nbds:// and a TLS config): %s: %w", export, msg, errdefs.ErrPermissionDenied)
+}
+
+// startTLS sends NBD_OPT_STARTTLS and runs the TLS handshake on the
+// connection; negotiation then goes on inside TLS.
+func (cc *clientConn) startTLS(ctx context.Context, cfg *tls.Config) error {
+	typ, msg, err := cc.option(optStartTLS, nil, nil)
+	if err != nil {
+		return err
+	}
+	switch typ {
+	case repAck:
+	case repErrUnsup, repErrPolicy:
+		return fmt.Errorf("nbds: the server does not offer TLS (NBD_OPT_STARTTLS refused: %s): %w", msg, errdefs.ErrFailedPrecondition)
+	default:
+		return fmt.Errorf("nbds: NBD_OPT_STARTTLS failed (%#x): %s: %w", typ, msg, errdefs.ErrInvalid)
+	}
+	if cc.br.Buffered() != 0 {
+		return fmt.Errorf("nbds: %d bytes of plaintext after the STARTTLS reply: %w", cc.br.Buffered(), errdefs.ErrInvalid)
+	}
+	tc := tls.Client(cc.nc, cfg)
+	if err := tc.HandshakeContext(ctx); err != nil {
+		var verr *tls.CertificateVerificationError
+		if errors.As(err, &verr) {
+			return fmt.Errorf("nbds: TLS handshake: %w: %w", err, errdefs.ErrPermissionDenied)
+		}
+		return fmt.Errorf("nbds: TLS handshake: %w: %w", err, errdefs.ErrUnavailable)
+	}
+	cc.nc = tc
+	cc.br = bufio.NewReaderSize(tc, 256<<10)
+	return nil
 }
 
 // checkExport validates what the server said about the export. Without

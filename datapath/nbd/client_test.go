@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -181,8 +182,9 @@ func TestClientOwnServer(t *testing.T) {
 	if _, err := Dial(context.Background(), ts.uri("nope"), ClientOptions{}); !errdefs.IsNotFound(err) {
 		t.Fatalf("unknown export: %v", err)
 	}
-	if _, err := Dial(context.Background(), "nbds://x/y", ClientOptions{}); !errors.Is(err, errdefs.ErrNotImplemented) {
-		t.Fatalf("TLS URL: %v", err)
+	// nbds:// to a plaintext server: STARTTLS is refused, a clear error.
+	if _, err := Dial(context.Background(), "nbds+unix:///d?socket="+ts.sock, ClientOptions{}); !errdefs.IsFailedPrecondition(err) || !strings.Contains(err.Error(), "TLS") {
+		t.Fatalf("nbds to a server without TLS: %v", err)
 	}
 }
 

@@ -23,13 +23,15 @@ import (
 // whatever order they finish.
 type conn struct {
 	s   *Server
-	nc  net.Conn
+	raw net.Conn // the accepted connection
+	nc  net.Conn // raw, or the TLS connection over it after STARTTLS
 	log *slog.Logger
 	br  *bufio.Reader
 	hw  *bufio.Writer // handshake only
 
 	// negotiated in the handshake
 	noZeroes   bool
+	tls        bool // STARTTLS done
 	structured bool
 	metaExport *export // export base:allocation was selected for
 	exp        *export
@@ -59,6 +61,7 @@ type job struct {
 func (s *Server) handle(ctx context.Context, nc net.Conn) {
 	c := &conn{
 		s:   s,
+		raw: nc,
 		nc:  nc,
 		log: s.log.With("remote", remoteName(nc)),
 		br:  bufio.NewReaderSize(nc, 64<<10),
@@ -102,7 +105,7 @@ func (s *Server) handle(ctx context.Context, nc net.Conn) {
 	c.exp = e
 	c.blockStat = c.structured && c.metaExport == e
 	c.log = c.log.With("export", e.name)
-	c.log.Debug("nbd: transmission", "structured", c.structured, "block_status", c.blockStat)
+	c.log.Debug("nbd: transmission", "tls", c.tls, "structured", c.structured, "block_status", c.blockStat)
 	c.transmit()
 }
 
@@ -127,11 +130,13 @@ func remoteName(nc net.Conn) string {
 func (c *conn) shutdown() {
 	c.shutOnce.Do(func() {
 		c.cancel()
-		if cr, ok := c.nc.(interface{ CloseRead() error }); ok && cr.CloseRead() == nil {
-			time.AfterFunc(c.s.opts.ShutdownGrace, func() { c.nc.Close() })
+		// The raw connection: under TLS, closing its read side still lets
+		// the replies in flight be written.
+		if cr, ok := c.raw.(interface{ CloseRead() error }); ok && cr.CloseRead() == nil {
+			time.AfterFunc(c.s.opts.ShutdownGrace, func() { c.raw.Close() })
 			return
 		}
-		c.nc.Close()
+		c.raw.Close()
 	})
 }
 
@@ -542,6 +547,6 @@ func (c *conn) send(bufs net.Buffers) {
 			c.log.Debug("nbd: write reply", "err", err)
 		}
 		c.cancel()
-		c.nc.Close()
+		c.raw.Close()
 	}
 }

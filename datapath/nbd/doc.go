@@ -13,8 +13,8 @@
 //
 //   - Fixed newstyle handshake with NBD_OPT_EXPORT_NAME, GO, INFO, LIST,
 //     ABORT, STRUCTURED_REPLY, LIST_META_CONTEXT and SET_META_CONTEXT
-//     (base:allocation). STARTTLS is refused with NBD_REP_ERR_UNSUP: there
-//     is no TLS; serve on a unix socket or a trusted network.
+//     (base:allocation), and STARTTLS when ServerOptions.TLS is set (see
+//     TLS below); without it STARTTLS is refused with NBD_REP_ERR_UNSUP.
 //   - READ, WRITE, FLUSH, TRIM, WRITE_ZEROES (NO_HOLE, FAST_ZERO), CACHE,
 //     BLOCK_STATUS and DISC, the FUA flag (fdatasync before the reply) and
 //     DF. With structured replies, reads of holes are sent as
@@ -43,13 +43,32 @@
 // and over 64 MiB the connection is closed. A client that disconnects
 // mid-request just ends its connection; other connections keep serving.
 //
+// # TLS
+//
+// With ServerOptions.TLS a client may send NBD_OPT_STARTTLS (what nbds://
+// URIs of libnbd, qemu's tls-creds and nbdkit --tls do): the server ACKs,
+// both sides run a TLS handshake on the same connection, and option
+// negotiation starts again inside TLS, with what was negotiated before
+// forgotten. Plaintext bytes a client pipelines behind STARTTLS close the
+// connection (they could be an attacker's injection); a second STARTTLS is
+// NBD_REP_ERR_INVALID. With ServerOptions.TLSRequired every option other
+// than STARTTLS and ABORT gets NBD_REP_ERR_TLS_REQD before TLS is up, and
+// NBD_OPT_EXPORT_NAME (which has no error reply) closes the connection.
+// The tls.Config is used as given: certificates, client authentication
+// (ClientAuth, ClientCAs) and rotation (GetCertificate) are the caller's.
+// Under TLS replies are written through crypto/tls (one record per 16 KiB)
+// instead of writev on the socket; the plaintext path is unchanged.
+//
 // # Client
 //
 // Dial opens one or more connections to an export (nbd://host:port/name or
-// nbd+unix:///name?socket=path) and offers ReadAt, WriteAt, Zero, Trim,
+// nbd+unix:///name?socket=path; nbds:// and nbds+unix:// with
+// ClientOptions.TLS start TLS first, and a server that requires TLS
+// answering a plaintext client is errdefs.ErrPermissionDenied) and offers ReadAt, WriteAt, Zero, Trim,
 // Flush and BlockStatus, several requests in flight per connection.
 // OpenSource and OpenSink adapt it to datapath/stream, and Register wires
-// the nbd and nbd+unix URL schemes into stream.OpenSource/OpenSink.
+// the nbd and nbd+unix URL schemes into stream.OpenSource/OpenSink
+// (RegisterTLS nbds and nbds+unix, with the binary's TLS config).
 //
 // The package imports nothing of the control plane; errors carry errdefs
 // classes.

@@ -94,3 +94,47 @@ func FuzzConnection(f *testing.F) {
 		}
 	})
 }
+
+var (
+	fuzzTLSOnce sync.Once
+	fuzzTLSSrv  *Server
+)
+
+// FuzzHandshakeTLS feeds arbitrary client bytes to a server that requires
+// TLS: options before STARTTLS, STARTTLS followed by junk where the TLS
+// handshake should be. It must neither panic nor hang.
+func FuzzHandshakeTLS(f *testing.F) {
+	pki := newTestPKI(f)
+	opt := func(b []byte, o uint32, d []byte) []byte {
+		b = be.AppendUint64(b, magicOpt)
+		b = be.AppendUint32(b, o)
+		b = be.AppendUint32(b, uint32(len(d)))
+		return append(b, d...)
+	}
+	flags := be.AppendUint32(nil, flagCFixedNewstyle|flagCNoZeroes)
+	f.Add(opt(flags, optStartTLS, nil))
+	f.Add(append(opt(flags, optStartTLS, nil), 0x16, 0x03, 0x01, 0x00, 0x05, 1, 2, 3, 4, 5))
+	f.Add(opt(opt(flags, optStartTLS, nil), optList, nil))
+	f.Add(opt(opt(flags, optGo, goData("f")), optStartTLS, []byte("x")))
+	f.Add(opt(flags, optExportName, []byte("f")))
+	f.Fuzz(func(t *testing.T, in []byte) {
+		fuzzTLSOnce.Do(func() {
+			fuzzTLSSrv = NewServer(ServerOptions{Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), TLS: pki.serverConfig(false), TLSRequired: true, HandshakeTimeout: 5 * time.Second})
+		})
+		client, server := net.Pipe()
+		done := make(chan struct{})
+		go func() {
+			fuzzTLSSrv.ServeConn(context.Background(), server)
+			close(done)
+		}()
+		go io.Copy(io.Discard, client)
+		client.SetWriteDeadline(time.Now().Add(2 * time.Second))
+		client.Write(in)
+		client.Close()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			t.Fatal("server hangs on this input")
+		}
+	})
+}

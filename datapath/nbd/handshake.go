@@ -1,6 +1,8 @@
 package nbd
 
 import (
+	"bufio"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -13,12 +15,11 @@ var errAbort = errors.New("client aborted the handshake")
 // handshake runs the fixed newstyle negotiation and returns the export the
 // client chose with NBD_OPT_GO or NBD_OPT_EXPORT_NAME.
 func (c *conn) handshake() (*export, error) {
-	w := c.hw
 	b := be.AppendUint64(nil, magicInit)
 	b = be.AppendUint64(b, magicOpt)
 	b = be.AppendUint16(b, flagFixedNewstyle|flagNoZeroes)
-	w.Write(b)
-	if err := w.Flush(); err != nil {
+	c.hw.Write(b)
+	if err := c.hw.Flush(); err != nil {
 		return nil, err
 	}
 	var cf [4]byte
@@ -47,7 +48,7 @@ func (c *conn) handshake() (*export, error) {
 				return nil, err
 			}
 			c.optReply(opt, repErrTooBig, []byte("option too large"))
-			if err := w.Flush(); err != nil {
+			if err := c.hw.Flush(); err != nil {
 				return nil, err
 			}
 			continue
@@ -57,7 +58,7 @@ func (c *conn) handshake() (*export, error) {
 			return nil, err
 		}
 		e, err := c.option(opt, data)
-		if ferr := w.Flush(); err == nil && ferr != nil {
+		if ferr := c.hw.Flush(); err == nil && ferr != nil {
 			err = ferr
 		}
 		if err != nil || e != nil {
@@ -82,6 +83,17 @@ func (c *conn) optError(opt, typ uint32, format string, args ...any) {
 
 // option handles one option; a non-nil export ends the handshake.
 func (c *conn) option(opt uint32, data []byte) (*export, error) {
+	if c.s.opts.TLSRequired && !c.tls {
+		switch opt {
+		case optStartTLS, optAbort:
+		case optExportName:
+			// No way to send an error: close, as the specification asks.
+			return nil, fmt.Errorf("NBD_OPT_EXPORT_NAME before STARTTLS on a server that requires TLS")
+		default:
+			c.optError(opt, repErrTLSReqd, "this server requires TLS (NBD_OPT_STARTTLS, nbds://)")
+			return nil, nil
+		}
+	}
 	switch opt {
 	case optExportName:
 		e := c.s.lookup(string(data))
@@ -115,7 +127,7 @@ func (c *conn) option(opt uint32, data []byte) (*export, error) {
 		}
 		c.optReply(opt, repAck, nil)
 	case optStartTLS:
-		c.optError(opt, repErrUnsup, "TLS is not supported by this server")
+		return nil, c.startTLS(data)
 	case optInfo, optGo:
 		return c.infoGo(opt, data)
 	case optStructuredReply:
@@ -131,6 +143,42 @@ func (c *conn) option(opt uint32, data []byte) (*export, error) {
 		c.optError(opt, repErrUnsup, "option %d is not supported", opt)
 	}
 	return nil, nil
+}
+
+// startTLS handles NBD_OPT_STARTTLS: ACK, then the TLS handshake on the
+// same connection, after which negotiation starts again (what was
+// negotiated in plaintext is forgotten, as the specification asks).
+func (c *conn) startTLS(data []byte) error {
+	switch {
+	case c.s.opts.TLS == nil:
+		c.optError(optStartTLS, repErrUnsup, "TLS is not configured on this server")
+		return nil
+	case c.tls:
+		c.optError(optStartTLS, repErrInvalid, "TLS is already up")
+		return nil
+	case len(data) != 0:
+		c.optError(optStartTLS, repErrInvalid, "NBD_OPT_STARTTLS takes no data")
+		return nil
+	}
+	c.optReply(optStartTLS, repAck, nil)
+	if err := c.hw.Flush(); err != nil {
+		return err
+	}
+	// Bytes sent after STARTTLS but before the TLS handshake would be read
+	// as if they came over TLS (a man in the middle could inject options):
+	// refuse them.
+	if c.br.Buffered() != 0 {
+		return fmt.Errorf("%d bytes of plaintext after NBD_OPT_STARTTLS", c.br.Buffered())
+	}
+	tc := tls.Server(c.raw, c.s.opts.TLS)
+	if err := tc.Handshake(); err != nil { // bounded by the handshake deadline
+		return fmt.Errorf("TLS handshake: %w", err)
+	}
+	c.nc, c.tls = tc, true
+	c.br = bufio.NewReaderSize(tc, 64<<10)
+	c.hw = bufio.NewWriterSize(tc, 4<<10)
+	c.structured, c.metaExport = false, nil
+	return nil
 }
 
 // infoGo handles NBD_OPT_INFO and NBD_OPT_GO.

@@ -119,6 +119,13 @@ func metaData(name string, queries ...string) []byte {
 func (r *rawConn) open(name string, structured, meta bool) (uint64, uint16) {
 	r.t.Helper()
 	r.greet(flagCFixedNewstyle | flagCNoZeroes)
+	return r.negotiate(name, structured, meta)
+}
+
+// negotiate ends a handshake already greeted (or upgraded to TLS) in
+// export name.
+func (r *rawConn) negotiate(name string, structured, meta bool) (uint64, uint16) {
+	r.t.Helper()
 	if structured {
 		r.opt(optStructuredReply, nil)
 		if typ := r.finalReply(); typ != repAck {

@@ -2,6 +2,7 @@ package nbd
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -54,6 +55,16 @@ type ServerOptions struct {
 	// (0: unlimited); a connection past it is closed at once, before the
 	// handshake, and logged.
 	MaxConns int
+	// TLS, when set, lets clients upgrade with NBD_OPT_STARTTLS (nbds://
+	// URIs); the handshake runs on the same connection and option
+	// negotiation starts again inside it. The config is used as given, so
+	// a GetCertificate or GetConfigForClient that rotates certificates
+	// keeps working. Nil: STARTTLS is refused with NBD_REP_ERR_UNSUP.
+	TLS *tls.Config
+	// TLSRequired (with TLS) refuses every option but NBD_OPT_STARTTLS and
+	// NBD_OPT_ABORT with NBD_REP_ERR_TLS_REQD until TLS is up, and closes a
+	// connection that sends NBD_OPT_EXPORT_NAME in plaintext.
+	TLSRequired bool
 }
 
 // ExportOptions describe one export.
@@ -63,6 +74,10 @@ type ExportOptions struct {
 	ReadOnly bool
 	// Description is shown by NBD_OPT_LIST and NBD_INFO_DESCRIPTION.
 	Description string
+	// Expires, when set, is when the export stops opening: from then on
+	// a client asking for it is told there is no such export (connections
+	// already open go on until RemoveExport).
+	Expires time.Time
 }
 
 // Server serves named exports over NBD. Add exports, then call Serve for
@@ -82,6 +97,7 @@ type export struct {
 	name, desc string
 	be         Backend
 	ro         bool
+	expires    time.Time // zero: never
 	size       int64
 	zeroer     Zeroer
 	trimmer    Trimmer
@@ -114,6 +130,9 @@ func NewServer(opts ServerOptions) *Server {
 	if opts.ShutdownGrace <= 0 {
 		opts.ShutdownGrace = DefaultShutdownGrace
 	}
+	if opts.TLS == nil {
+		opts.TLSRequired = false
+	}
 	return &Server{
 		opts:    opts,
 		log:     opts.Logger,
@@ -141,7 +160,7 @@ func (s *Server) AddBackend(name string, b Backend, opts ExportOptions) error {
 	if len(name) > maxString || len(opts.Description) > maxString {
 		return fmt.Errorf("export %.40q: name and description are limited to %d bytes: %w", name, maxString, errdefs.ErrInvalid)
 	}
-	e := &export{name: name, desc: opts.Description, be: b, ro: opts.ReadOnly, size: b.Size(), conns: map[*conn]struct{}{}}
+	e := &export{name: name, desc: opts.Description, be: b, ro: opts.ReadOnly, expires: opts.Expires, size: b.Size(), conns: map[*conn]struct{}{}}
 	if e.size < 0 {
 		return fmt.Errorf("export %q: negative size: %w", name, errdefs.ErrInvalid)
 	}
@@ -242,7 +261,16 @@ func (e *export) flags(structured bool) uint16 {
 
 // lookup finds an export by the name a client sent. The empty name is the
 // default export: the one named "" if there is one, else the only export.
+// An expired export is not found.
 func (s *Server) lookup(name string) *export {
+	e := s.find(name)
+	if e != nil && !e.expires.IsZero() && !time.Now().Before(e.expires) {
+		return nil
+	}
+	return e
+}
+
+func (s *Server) find(name string) *export {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if e := s.exports[name]; e != nil || name != "" {
@@ -261,8 +289,11 @@ func (s *Server) list() []*export {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	out := make([]*export, 0, len(s.exports))
+	now := time.Now()
 	for _, e := range s.exports {
-		out = append(out, e)
+		if e.expires.IsZero() || now.Before(e.expires) {
+			out = append(out, e)
+		}
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].name < out[j].name })
 	return out

@@ -643,3 +643,27 @@ func TestMaxConns(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
+// TestExportExpires: an export past ExportOptions.Expires no longer opens
+// and is not listed; one not yet expired does.
+func TestExportExpires(t *testing.T) {
+	ts := startServer(t, ServerOptions{}, false)
+	path, _ := sparseImage(t, ts.dir, mib, 0, 4096)
+	if err := ts.AddExport("old", path, ExportOptions{Expires: time.Now().Add(-time.Second)}); err != nil {
+		t.Fatal(err)
+	}
+	if err := ts.AddExport("new", path, ExportOptions{Expires: time.Now().Add(time.Hour)}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Dial(context.Background(), ts.uri("old"), ClientOptions{}); !errdefs.IsNotFound(err) {
+		t.Fatalf("expired export: %v", err)
+	}
+	c, err := Dial(context.Background(), ts.uri("new"), ClientOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	if l := ts.list(); len(l) != 1 || l[0].name != "new" {
+		t.Fatalf("list: %v", l)
+	}
+}

@@ -130,29 +130,35 @@ func (s *Sink) Abort() error {
 	return s.c.Close()
 }
 
-// openStreamSource is the stream.SourceOpener of nbd:// and nbd+unix://.
-func openStreamSource(ctx context.Context, u *url.URL, o stream.SourceOptions) (stream.Source, error) {
-	if o.Format != "" && o.Format != "raw" {
-		return nil, fmt.Errorf("source %s: NBD exports are read as raw, not %s: %w", redact.URL(u.String()), o.Format, errdefs.ErrNotImplemented)
+// streamSource is the stream.SourceOpener of nbd[s]:// and nbd[s]+unix://
+// connecting with opts.
+func streamSource(opts ClientOptions) stream.SourceOpener {
+	return func(ctx context.Context, u *url.URL, o stream.SourceOptions) (stream.Source, error) {
+		if o.Format != "" && o.Format != "raw" {
+			return nil, fmt.Errorf("source %s: NBD exports are read as raw, not %s: %w", redact.URL(u.String()), o.Format, errdefs.ErrNotImplemented)
+		}
+		ep, err := endpointOf(u)
+		if err != nil {
+			return nil, err
+		}
+		c, err := dial(ctx, u, ep, streamOpts(opts))
+		if err != nil {
+			return nil, err
+		}
+		return &Source{c: c}, nil
 	}
-	ep, err := endpointOf(u)
-	if err != nil {
-		return nil, err
-	}
-	c, err := dial(ctx, u, ep, streamOpts(ClientOptions{}))
-	if err != nil {
-		return nil, err
-	}
-	return &Source{c: c}, nil
 }
 
-// openStreamSink is the stream.SinkOpener of nbd:// and nbd+unix://.
-func openStreamSink(ctx context.Context, u *url.URL, size int64, o stream.SinkOptions) (stream.Sink, error) {
-	if o.Format != "" && o.Format != "raw" {
-		return nil, fmt.Errorf("destination %s: NBD exports are written raw, not %s: %w", redact.URL(u.String()), o.Format, errdefs.ErrNotImplemented)
+// streamSink is the stream.SinkOpener of nbd[s]:// and nbd[s]+unix://
+// connecting with opts.
+func streamSink(opts ClientOptions) stream.SinkOpener {
+	return func(ctx context.Context, u *url.URL, size int64, o stream.SinkOptions) (stream.Sink, error) {
+		if o.Format != "" && o.Format != "raw" {
+			return nil, fmt.Errorf("destination %s: NBD exports are written raw, not %s: %w", redact.URL(u.String()), o.Format, errdefs.ErrNotImplemented)
+		}
+		if o.Resume {
+			return nil, fmt.Errorf("destination %s: resuming into an NBD export is not supported: %w", redact.URL(u.String()), errdefs.ErrNotImplemented)
+		}
+		return OpenSink(ctx, u.String(), size, opts)
 	}
-	if o.Resume {
-		return nil, fmt.Errorf("destination %s: resuming into an NBD export is not supported: %w", redact.URL(u.String()), errdefs.ErrNotImplemented)
-	}
-	return OpenSink(ctx, u.String(), size, ClientOptions{})
 }

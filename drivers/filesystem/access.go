@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"path"
 	"strings"
+	"time"
 
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
@@ -68,9 +69,9 @@ func (d *Driver) grantAccess(ctx context.Context, obj drivers.DataObject, client
 			if client.Transport == transportFile {
 				return refuse(outside + "; it cannot open the file")
 			}
-			return d.exportNBD(ctx, obj, ref, formatOf(ref.Key), readOnly)
+			return d.exportNBD(ctx, obj, ref, formatOf(ref.Key), readOnly, client.GrantTTL())
 		case transportNBD:
-			return d.exportNBD(ctx, obj, ref, formatOf(ref.Key), readOnly)
+			return d.exportNBD(ctx, obj, ref, formatOf(ref.Key), readOnly, client.GrantTTL())
 		}
 	case drivers.PurposeRead:
 		switch client.Transport {
@@ -81,13 +82,13 @@ func (d *Driver) grantAccess(ctx context.Context, obj drivers.DataObject, client
 			if client.Transport == transportStore {
 				return refuse(outside + "; it does not serve the store")
 			}
-			return d.exportHTTP(ctx, obj, ref)
+			return d.exportHTTP(ctx, obj, ref, client.GrantTTL())
 		case transportHTTP:
-			return d.exportHTTP(ctx, obj, ref)
+			return d.exportHTTP(ctx, obj, ref, client.GrantTTL())
 		case transportNBD:
 			// A reader reads the object's bytes as stored (a qcow2
 			// template stays qcow2 to the template mount), as over HTTP.
-			return d.exportNBD(ctx, obj, ref, drivers.FormatRaw, true)
+			return d.exportNBD(ctx, obj, ref, drivers.FormatRaw, true, client.GrantTTL())
 		}
 	case drivers.PurposeWrite:
 		switch client.Transport {
@@ -105,31 +106,44 @@ func (d *Driver) grantAccess(ctx context.Context, obj drivers.DataObject, client
 		client.Transport, client.Purpose))
 }
 
-// exportHTTP exports the object read-only over HTTP from an Up host in scope.
-func (d *Driver) exportHTTP(ctx context.Context, obj drivers.DataObject, ref hostops.Ref) (drivers.Access, error) {
+// exportHTTP exports the object read-only over HTTP from an Up host in
+// scope, for ttl (zero: until revoked).
+func (d *Driver) exportHTTP(ctx context.Context, obj drivers.DataObject, ref hostops.Ref, ttl time.Duration) (drivers.Access, error) {
 	h, err := d.host(ctx, obj.Store)
 	if err != nil {
 		return drivers.Access{}, err
 	}
-	uri, err := h.Export(ctx, ref)
+	expires := expiry(ttl)
+	uri, err := h.Export(ctx, ref, ttl)
 	if err != nil {
 		return drivers.Access{}, fmt.Errorf("host %s: %w", h.HostID(), err)
 	}
-	return drivers.Access{URI: uri, ReadOnly: true, Revocable: true, HostID: h.HostID()}, nil
+	return drivers.Access{URI: uri, ReadOnly: true, Expires: expires, Revocable: true, HostID: h.HostID()}, nil
+}
+
+// expiry is when an export asked for now with ttl ends (zero: never). It
+// is taken before the request goes out: the agent counts ttl from when it
+// makes the export, so the export lasts at least until then.
+func expiry(ttl time.Duration) time.Time {
+	if ttl <= 0 {
+		return time.Time{}
+	}
+	return time.Now().Add(ttl)
 }
 
 // exportNBD exports the object over NBD from an Up host in scope, served
 // as format (the image's own to attach it, raw for its bytes as stored).
-func (d *Driver) exportNBD(ctx context.Context, obj drivers.DataObject, ref hostops.Ref, format drivers.Format, readOnly bool) (drivers.Access, error) {
+func (d *Driver) exportNBD(ctx context.Context, obj drivers.DataObject, ref hostops.Ref, format drivers.Format, readOnly bool, ttl time.Duration) (drivers.Access, error) {
 	h, err := d.host(ctx, obj.Store)
 	if err != nil {
 		return drivers.Access{}, err
 	}
-	uri, err := h.ExportNBD(ctx, hostops.NBDExportRequest{Ref: ref, Format: format, ReadOnly: readOnly})
+	expires := expiry(ttl)
+	uri, err := h.ExportNBD(ctx, hostops.NBDExportRequest{Ref: ref, Format: format, ReadOnly: readOnly, TTL: ttl})
 	if err != nil {
 		return drivers.Access{}, fmt.Errorf("host %s: %w", h.HostID(), err)
 	}
-	return drivers.Access{URI: uri, ReadOnly: readOnly, Revocable: true, HostID: h.HostID()}, nil
+	return drivers.Access{URI: uri, ReadOnly: readOnly, Expires: expires, Revocable: true, HostID: h.HostID()}, nil
 }
 
 // RevokeAccess ends an export GrantAccess made, on the host that serves it
@@ -158,9 +172,9 @@ func (d *Driver) revokeAccess(ctx context.Context, access drivers.Access) error 
 	}
 	scheme, _, _ := strings.Cut(string(access.URI), "://")
 	switch strings.ToLower(scheme) {
-	case "http", "https", "nbd":
+	case "http", "https", "nbd", "nbds":
 	default:
-		return fmt.Errorf("URI scheme %q is not an export of this provider (http, https, nbd): %w", scheme, errdefs.ErrInvalid)
+		return fmt.Errorf("URI scheme %q is not an export of this provider (http, https, nbd, nbds): %w", scheme, errdefs.ErrInvalid)
 	}
 	h, err := d.hosts.ForHost(ctx, access.HostID)
 	if errdefs.IsNotFound(err) && ctx.Err() == nil {
@@ -169,7 +183,7 @@ func (d *Driver) revokeAccess(ctx context.Context, access drivers.Access) error 
 	if err != nil {
 		return err
 	}
-	if strings.EqualFold(scheme, "nbd") {
+	if strings.EqualFold(scheme, "nbd") || strings.EqualFold(scheme, "nbds") {
 		err = h.UnexportNBD(ctx, access.URI)
 	} else {
 		err = h.Unexport(ctx, access.URI)

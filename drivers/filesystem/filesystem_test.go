@@ -9,8 +9,10 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/stowage/stowage/agent/hostfs"
+	"github.com/stowage/stowage/datapath/nbd"
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/drivers/driverstest"
 	"github.com/stowage/stowage/errdefs"
@@ -466,14 +468,14 @@ func TestGrantAccess(t *testing.T) {
 		t.Errorf("write for h3 = %+v, %v; want store://s1/volumes/v1.raw", a, err)
 	}
 	a, err = grant("h2", drivers.PurposeAttach, "")
-	if err != nil || !prefix(a, "nbd://") || !a.Revocable || a.HostID != "h1" || a.ReadOnly {
-		t.Errorf("attach for h2 (outside) = %+v, %v; want a read-write nbd export from h1", a, err)
+	if err != nil || !prefix(a, "nbd://") || !a.Revocable || a.HostID != "h1" || a.ReadOnly || !a.Expires.IsZero() {
+		t.Errorf("attach for h2 (outside) = %+v, %v; want a read-write nbd export from h1 without expiry", a, err)
 	} else if err := drv.RevokeAccess(ctx, obj, drivers.Client{HostID: "h2"}, a); err != nil {
 		t.Errorf("RevokeAccess: %v", err)
 	}
 	a, err = grant("h2", drivers.PurposeRead, "")
-	if err != nil || !prefix(a, "http://") || !a.Revocable || a.HostID != "h1" {
-		t.Errorf("read for h2 = %+v, %v; want an http export from h1", a, err)
+	if left := time.Until(a.Expires); err != nil || !prefix(a, "http://") || !a.Revocable || a.HostID != "h1" || left > drivers.DefaultGrantTTL || left < drivers.DefaultGrantTTL-time.Minute {
+		t.Errorf("read for h2 = %+v, %v; want an http export from h1 expiring in %s", a, err, drivers.DefaultGrantTTL)
 	} else if err := drv.RevokeAccess(ctx, obj, drivers.Client{HostID: "h2"}, a); err != nil {
 		t.Errorf("RevokeAccess: %v", err)
 	}
@@ -482,6 +484,24 @@ func TestGrantAccess(t *testing.T) {
 		t.Errorf("read over nbd for h2 = %+v, %v; want a read-only nbd export from h1", a, err)
 	} else if err := drv.RevokeAccess(ctx, obj, drivers.Client{HostID: "h2"}, a); err != nil {
 		t.Errorf("RevokeAccess: %v", err)
+	}
+	// An attach asked with a TTL expires: the export stops opening.
+	a, err = drv.GrantAccess(ctx, obj, drivers.Client{HostID: "h2", Purpose: drivers.PurposeAttach, TTL: time.Second})
+	if left := time.Until(a.Expires); err != nil || !prefix(a, "nbd://") || left > time.Second || left <= 0 {
+		t.Errorf("attach for h2 with a TTL of 1s = %+v, %v", a, err)
+	} else {
+		if c, err := nbd.Dial(ctx, string(a.URI), nbd.ClientOptions{}); err != nil {
+			t.Errorf("open before expiry: %v", err)
+		} else {
+			c.Close()
+		}
+		time.Sleep(time.Until(a.Expires) + 50*time.Millisecond)
+		if _, err := nbd.Dial(ctx, string(a.URI), nbd.ClientOptions{}); !errdefs.IsNotFound(err) {
+			t.Errorf("open after expiry: %v, want not found", err)
+		}
+		if err := drv.RevokeAccess(ctx, obj, drivers.Client{HostID: "h2"}, a); err != nil {
+			t.Errorf("RevokeAccess of an expired export: %v", err)
+		}
 	}
 	// A step pinned to h3 exports from h3.
 	a, err = drv.GrantAccess(drivers.WithHost(ctx, "h3"), obj, drivers.Client{HostID: "h2", Purpose: drivers.PurposeRead})

@@ -2563,8 +2563,11 @@ func (x *DeleteBackupStep) GetManifest() string {
 
 // ExportStep serves an object read-only over HTTP from the agent.
 type ExportStep struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Ref           *ObjectRef             `protobuf:"bytes,1,opt,name=ref,proto3" json:"ref,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Ref   *ObjectRef             `protobuf:"bytes,1,opt,name=ref,proto3" json:"ref,omitempty"`
+	// ttl_seconds: the export ends this long after the agent makes it
+	// (0: no expiry). A duration, so a retried step keeps its task id.
+	TtlSeconds    int64 `protobuf:"varint,2,opt,name=ttl_seconds,json=ttlSeconds,proto3" json:"ttl_seconds,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2604,6 +2607,13 @@ func (x *ExportStep) GetRef() *ObjectRef {
 		return x.Ref
 	}
 	return nil
+}
+
+func (x *ExportStep) GetTtlSeconds() int64 {
+	if x != nil {
+		return x.TtlSeconds
+	}
+	return 0
 }
 
 // UnexportStep ends an export.
@@ -2653,12 +2663,15 @@ func (x *UnexportStep) GetUri() string {
 
 // ExportNbdStep serves an image over NBD from the agent under an
 // unguessable export name (hostops.NBDExportRequest); the result is its
-// nbd:// URI.
+// nbd:// (nbds:// with TLS) URI.
 type ExportNbdStep struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Ref           *ObjectRef             `protobuf:"bytes,1,opt,name=ref,proto3" json:"ref,omitempty"`
-	Format        ImageFormat            `protobuf:"varint,2,opt,name=format,proto3,enum=stowage.v1.ImageFormat" json:"format,omitempty"`
-	ReadOnly      bool                   `protobuf:"varint,3,opt,name=read_only,json=readOnly,proto3" json:"read_only,omitempty"`
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Ref      *ObjectRef             `protobuf:"bytes,1,opt,name=ref,proto3" json:"ref,omitempty"`
+	Format   ImageFormat            `protobuf:"varint,2,opt,name=format,proto3,enum=stowage.v1.ImageFormat" json:"format,omitempty"`
+	ReadOnly bool                   `protobuf:"varint,3,opt,name=read_only,json=readOnly,proto3" json:"read_only,omitempty"`
+	// ttl_seconds: the export ends this long after the agent makes it
+	// (0: no expiry).
+	TtlSeconds    int64 `protobuf:"varint,4,opt,name=ttl_seconds,json=ttlSeconds,proto3" json:"ttl_seconds,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2712,6 +2725,13 @@ func (x *ExportNbdStep) GetReadOnly() bool {
 		return x.ReadOnly
 	}
 	return false
+}
+
+func (x *ExportNbdStep) GetTtlSeconds() int64 {
+	if x != nil {
+		return x.TtlSeconds
+	}
+	return 0
 }
 
 // UnexportNbdStep removes an NBD export and closes its connections.
@@ -3648,16 +3668,20 @@ const file_stowage_v1_agent_proto_rawDesc = "" +
 	"\x06format\x18\x04 \x01(\x0e2\x17.stowage.v1.ImageFormatR\x06format\"a\n" +
 	"\x10DeleteBackupStep\x121\n" +
 	"\x06chunks\x18\x01 \x01(\v2\x19.stowage.v1.ChunkStoreRefR\x06chunks\x12\x1a\n" +
-	"\bmanifest\x18\x02 \x01(\tR\bmanifest\"5\n" +
+	"\bmanifest\x18\x02 \x01(\tR\bmanifest\"V\n" +
 	"\n" +
 	"ExportStep\x12'\n" +
-	"\x03ref\x18\x01 \x01(\v2\x15.stowage.v1.ObjectRefR\x03ref\" \n" +
+	"\x03ref\x18\x01 \x01(\v2\x15.stowage.v1.ObjectRefR\x03ref\x12\x1f\n" +
+	"\vttl_seconds\x18\x02 \x01(\x03R\n" +
+	"ttlSeconds\" \n" +
 	"\fUnexportStep\x12\x10\n" +
-	"\x03uri\x18\x01 \x01(\tR\x03uri\"\x86\x01\n" +
+	"\x03uri\x18\x01 \x01(\tR\x03uri\"\xa7\x01\n" +
 	"\rExportNbdStep\x12'\n" +
 	"\x03ref\x18\x01 \x01(\v2\x15.stowage.v1.ObjectRefR\x03ref\x12/\n" +
 	"\x06format\x18\x02 \x01(\x0e2\x17.stowage.v1.ImageFormatR\x06format\x12\x1b\n" +
-	"\tread_only\x18\x03 \x01(\bR\breadOnly\"#\n" +
+	"\tread_only\x18\x03 \x01(\bR\breadOnly\x12\x1f\n" +
+	"\vttl_seconds\x18\x04 \x01(\x03R\n" +
+	"ttlSeconds\"#\n" +
 	"\x0fUnexportNbdStep\x12\x10\n" +
 	"\x03uri\x18\x01 \x01(\tR\x03uri\"\xd4\x02\n" +
 	"\tImageInfo\x12\x10\n" +

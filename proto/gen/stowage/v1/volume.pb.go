@@ -9,6 +9,7 @@ package stowagev1
 import (
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
+	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
 	reflect "reflect"
 	sync "sync"
 	unsafe "unsafe"
@@ -601,9 +602,14 @@ func (x *ResizeVolumeResponse) GetPlan() *Plan {
 }
 
 type GrantAccessRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
-	HostId        string                 `protobuf:"bytes,2,opt,name=host_id,json=hostId,proto3" json:"host_id,omitempty"`
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Id     string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	HostId string                 `protobuf:"bytes,2,opt,name=host_id,json=hostId,proto3" json:"host_id,omitempty"`
+	// ttl_seconds bounds the grant: an export made for it ends this long
+	// after it is made. 0: the default, no expiry for attaching a volume (a
+	// running VM must not lose its disk). A file:// grant (the host reaches
+	// the store itself) cannot expire: its reply has no expires_at.
+	TtlSeconds    int64 `protobuf:"varint,3,opt,name=ttl_seconds,json=ttlSeconds,proto3" json:"ttl_seconds,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -652,9 +658,18 @@ func (x *GrantAccessRequest) GetHostId() string {
 	return ""
 }
 
+func (x *GrantAccessRequest) GetTtlSeconds() int64 {
+	if x != nil {
+		return x.TtlSeconds
+	}
+	return 0
+}
+
 type GrantAccessResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Uri           string                 `protobuf:"bytes,1,opt,name=uri,proto3" json:"uri,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Uri   string                 `protobuf:"bytes,1,opt,name=uri,proto3" json:"uri,omitempty"`
+	// expires_at is when the URI stops working; unset: never.
+	ExpiresAt     *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=expires_at,json=expiresAt,proto3" json:"expires_at,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -694,6 +709,13 @@ func (x *GrantAccessResponse) GetUri() string {
 		return x.Uri
 	}
 	return ""
+}
+
+func (x *GrantAccessResponse) GetExpiresAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ExpiresAt
+	}
+	return nil
 }
 
 type RevokeAccessRequest struct {
@@ -909,7 +931,7 @@ var File_stowage_v1_volume_proto protoreflect.FileDescriptor
 const file_stowage_v1_volume_proto_rawDesc = "" +
 	"\n" +
 	"\x17stowage/v1/volume.proto\x12\n" +
-	"stowage.v1\x1a\x16stowage/v1/types.proto\"\xbd\x02\n" +
+	"stowage.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16stowage/v1/types.proto\"\xbd\x02\n" +
 	"\x13CreateVolumeRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04size\x18\x02 \x01(\x03R\x04size\x12/\n" +
@@ -949,12 +971,16 @@ const file_stowage_v1_volume_proto_rawDesc = "" +
 	"\x14ResizeVolumeResponse\x12*\n" +
 	"\x06volume\x18\x01 \x01(\v2\x12.stowage.v1.VolumeR\x06volume\x12!\n" +
 	"\x03job\x18\x02 \x01(\v2\x0f.stowage.v1.JobR\x03job\x12$\n" +
-	"\x04plan\x18\x03 \x01(\v2\x10.stowage.v1.PlanR\x04plan\"=\n" +
+	"\x04plan\x18\x03 \x01(\v2\x10.stowage.v1.PlanR\x04plan\"^\n" +
 	"\x12GrantAccessRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x17\n" +
-	"\ahost_id\x18\x02 \x01(\tR\x06hostId\"'\n" +
+	"\ahost_id\x18\x02 \x01(\tR\x06hostId\x12\x1f\n" +
+	"\vttl_seconds\x18\x03 \x01(\x03R\n" +
+	"ttlSeconds\"b\n" +
 	"\x13GrantAccessResponse\x12\x10\n" +
-	"\x03uri\x18\x01 \x01(\tR\x03uri\">\n" +
+	"\x03uri\x18\x01 \x01(\tR\x03uri\x129\n" +
+	"\n" +
+	"expires_at\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\">\n" +
 	"\x13RevokeAccessRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x17\n" +
 	"\ahost_id\x18\x02 \x01(\tR\x06hostId\"\x16\n" +
@@ -1014,6 +1040,7 @@ var file_stowage_v1_volume_proto_goTypes = []any{
 	(*Volume)(nil),                // 17: stowage.v1.Volume
 	(*Job)(nil),                   // 18: stowage.v1.Job
 	(*Plan)(nil),                  // 19: stowage.v1.Plan
+	(*timestamppb.Timestamp)(nil), // 20: google.protobuf.Timestamp
 }
 var file_stowage_v1_volume_proto_depIdxs = []int32{
 	16, // 0: stowage.v1.CreateVolumeRequest.format:type_name -> stowage.v1.ImageFormat
@@ -1027,30 +1054,31 @@ var file_stowage_v1_volume_proto_depIdxs = []int32{
 	17, // 8: stowage.v1.ResizeVolumeResponse.volume:type_name -> stowage.v1.Volume
 	18, // 9: stowage.v1.ResizeVolumeResponse.job:type_name -> stowage.v1.Job
 	19, // 10: stowage.v1.ResizeVolumeResponse.plan:type_name -> stowage.v1.Plan
-	17, // 11: stowage.v1.MigrateVolumeResponse.volume:type_name -> stowage.v1.Volume
-	18, // 12: stowage.v1.MigrateVolumeResponse.job:type_name -> stowage.v1.Job
-	19, // 13: stowage.v1.MigrateVolumeResponse.plan:type_name -> stowage.v1.Plan
-	0,  // 14: stowage.v1.VolumeService.CreateVolume:input_type -> stowage.v1.CreateVolumeRequest
-	2,  // 15: stowage.v1.VolumeService.GetVolume:input_type -> stowage.v1.GetVolumeRequest
-	4,  // 16: stowage.v1.VolumeService.ListVolumes:input_type -> stowage.v1.ListVolumesRequest
-	6,  // 17: stowage.v1.VolumeService.DeleteVolume:input_type -> stowage.v1.DeleteVolumeRequest
-	8,  // 18: stowage.v1.VolumeService.ResizeVolume:input_type -> stowage.v1.ResizeVolumeRequest
-	10, // 19: stowage.v1.VolumeService.GrantAccess:input_type -> stowage.v1.GrantAccessRequest
-	12, // 20: stowage.v1.VolumeService.RevokeAccess:input_type -> stowage.v1.RevokeAccessRequest
-	14, // 21: stowage.v1.VolumeService.MigrateVolume:input_type -> stowage.v1.MigrateVolumeRequest
-	1,  // 22: stowage.v1.VolumeService.CreateVolume:output_type -> stowage.v1.CreateVolumeResponse
-	3,  // 23: stowage.v1.VolumeService.GetVolume:output_type -> stowage.v1.GetVolumeResponse
-	5,  // 24: stowage.v1.VolumeService.ListVolumes:output_type -> stowage.v1.ListVolumesResponse
-	7,  // 25: stowage.v1.VolumeService.DeleteVolume:output_type -> stowage.v1.DeleteVolumeResponse
-	9,  // 26: stowage.v1.VolumeService.ResizeVolume:output_type -> stowage.v1.ResizeVolumeResponse
-	11, // 27: stowage.v1.VolumeService.GrantAccess:output_type -> stowage.v1.GrantAccessResponse
-	13, // 28: stowage.v1.VolumeService.RevokeAccess:output_type -> stowage.v1.RevokeAccessResponse
-	15, // 29: stowage.v1.VolumeService.MigrateVolume:output_type -> stowage.v1.MigrateVolumeResponse
-	22, // [22:30] is the sub-list for method output_type
-	14, // [14:22] is the sub-list for method input_type
-	14, // [14:14] is the sub-list for extension type_name
-	14, // [14:14] is the sub-list for extension extendee
-	0,  // [0:14] is the sub-list for field type_name
+	20, // 11: stowage.v1.GrantAccessResponse.expires_at:type_name -> google.protobuf.Timestamp
+	17, // 12: stowage.v1.MigrateVolumeResponse.volume:type_name -> stowage.v1.Volume
+	18, // 13: stowage.v1.MigrateVolumeResponse.job:type_name -> stowage.v1.Job
+	19, // 14: stowage.v1.MigrateVolumeResponse.plan:type_name -> stowage.v1.Plan
+	0,  // 15: stowage.v1.VolumeService.CreateVolume:input_type -> stowage.v1.CreateVolumeRequest
+	2,  // 16: stowage.v1.VolumeService.GetVolume:input_type -> stowage.v1.GetVolumeRequest
+	4,  // 17: stowage.v1.VolumeService.ListVolumes:input_type -> stowage.v1.ListVolumesRequest
+	6,  // 18: stowage.v1.VolumeService.DeleteVolume:input_type -> stowage.v1.DeleteVolumeRequest
+	8,  // 19: stowage.v1.VolumeService.ResizeVolume:input_type -> stowage.v1.ResizeVolumeRequest
+	10, // 20: stowage.v1.VolumeService.GrantAccess:input_type -> stowage.v1.GrantAccessRequest
+	12, // 21: stowage.v1.VolumeService.RevokeAccess:input_type -> stowage.v1.RevokeAccessRequest
+	14, // 22: stowage.v1.VolumeService.MigrateVolume:input_type -> stowage.v1.MigrateVolumeRequest
+	1,  // 23: stowage.v1.VolumeService.CreateVolume:output_type -> stowage.v1.CreateVolumeResponse
+	3,  // 24: stowage.v1.VolumeService.GetVolume:output_type -> stowage.v1.GetVolumeResponse
+	5,  // 25: stowage.v1.VolumeService.ListVolumes:output_type -> stowage.v1.ListVolumesResponse
+	7,  // 26: stowage.v1.VolumeService.DeleteVolume:output_type -> stowage.v1.DeleteVolumeResponse
+	9,  // 27: stowage.v1.VolumeService.ResizeVolume:output_type -> stowage.v1.ResizeVolumeResponse
+	11, // 28: stowage.v1.VolumeService.GrantAccess:output_type -> stowage.v1.GrantAccessResponse
+	13, // 29: stowage.v1.VolumeService.RevokeAccess:output_type -> stowage.v1.RevokeAccessResponse
+	15, // 30: stowage.v1.VolumeService.MigrateVolume:output_type -> stowage.v1.MigrateVolumeResponse
+	23, // [23:31] is the sub-list for method output_type
+	15, // [15:23] is the sub-list for method input_type
+	15, // [15:15] is the sub-list for extension type_name
+	15, // [15:15] is the sub-list for extension extendee
+	0,  // [0:15] is the sub-list for field type_name
 }
 
 func init() { file_stowage_v1_volume_proto_init() }
