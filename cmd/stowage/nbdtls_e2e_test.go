@@ -26,7 +26,8 @@ func TestNBDTLSEndToEnd(t *testing.T) {
 	addr := freePort(t)
 	server := "https://" + addr
 	controllerProc(t, addr, filepath.Join(root, "ctl"))
-	agentProc(t, server, "h1", "z1", "c1", filepath.Join(root, "a1"), "--nbd-tls", "require")
+	nbdAddr := freePort(t)
+	h1 := agentProc(t, server, "h1", "z1", "c1", filepath.Join(root, "a1"), "--nbd-tls", "require", "--nbd-listen", nbdAddr)
 	agentProc(t, server, "h2", "z1", "c1", filepath.Join(root, "a2"))
 	waitFor(t, "h1 and h2 Up", 20*time.Second, func() bool {
 		return hostState(t, server, "h1") == "HOST_STATE_UP" && hostState(t, server, "h2") == "HOST_STATE_UP"
@@ -80,5 +81,22 @@ func TestNBDTLSEndToEnd(t *testing.T) {
 	plain := "nbd://" + strings.TrimPrefix(grant.URI, "nbds://")
 	if out, err := exec.Command("nbdinfo", "--size", plain).CombinedOutput(); err == nil {
 		t.Fatalf("plaintext NBD to a TLS-required export answered: %s", out)
+	}
+
+	// The grant survives an agent restart (kill -9): the same URI reads again.
+	h1.kill(9)
+	again := agentProc(t, server, "h1", "z1", "c1", filepath.Join(root, "a1"), "--nbd-tls", "require", "--nbd-listen", nbdAddr)
+	waitFor(t, "the restarted h1 serving NBD", 20*time.Second, func() bool { return strings.Contains(again.log.String(), "NBD server listening") })
+	out, err = exec.Command("nbdinfo", "--size", tlsURI).CombinedOutput()
+	if err != nil || strings.TrimSpace(string(out)) != "8388608" {
+		t.Fatalf("nbdinfo after the agent restarted: %v: %s", err, out)
+	}
+	waitFor(t, "h1 Up again", 20*time.Second, func() bool { return hostState(t, server, "h1") == "HOST_STATE_UP" })
+	// Revoked, it is gone.
+	if _, errOut, code := cli(t, server, "volume", "access", "v1", "--host", "h2", "--revoke"); code != 0 {
+		t.Fatalf("revoke: %s", errOut)
+	}
+	if out, err := exec.Command("nbdinfo", "--size", tlsURI).CombinedOutput(); err == nil {
+		t.Fatalf("a revoked grant still answers: %s", out)
 	}
 }
