@@ -54,6 +54,13 @@ func Execute(ctx context.Context, host hostops.Host, task *stowagev1.Task, progr
 		res.Result = &stowagev1.TaskResult_Uri{Uri: string(u)}
 		return res, nil
 	}
+	lun := func(l hostops.LUNInfo, err error) (*stowagev1.TaskResult, error) {
+		if err != nil {
+			return nil, err
+		}
+		res.Result = &stowagev1.TaskResult_Lun{Lun: hostops.LUNToProto(l)}
+		return res, nil
+	}
 	done := func(err error) (*stowagev1.TaskResult, error) {
 		if err != nil {
 			return nil, err
@@ -128,11 +135,40 @@ func Execute(ctx context.Context, host hostops.Host, task *stowagev1.Task, progr
 		return uri(host.ExportNBD(ctx, hostops.NBDExportRequest{Ref: ref(r.GetRef()), Format: format(r.GetFormat()), ReadOnly: r.GetReadOnly(), TTL: ttl(r.GetTtlSeconds())}))
 	case *stowagev1.Task_UnexportNbd:
 		return done(host.UnexportNBD(ctx, drivers.URI(s.UnexportNbd.GetUri())))
+	case *stowagev1.Task_EnsureIscsiTarget:
+		return done(host.EnsureTarget(ctx, hostops.ISCSITargetFromProto(s.EnsureIscsiTarget.GetTarget())))
+	case *stowagev1.Task_DeleteIscsiTarget:
+		return done(host.DeleteTarget(ctx, hostops.ISCSITargetFromProto(s.DeleteIscsiTarget.GetTarget())))
+	case *stowagev1.Task_CreateLun:
+		return lun(host.CreateLUN(ctx, lunRequest(s.CreateLun)))
+	case *stowagev1.Task_DeleteLun:
+		return done(host.DeleteLUN(ctx, lunRequest(s.DeleteLun)))
+	case *stowagev1.Task_ResizeLun:
+		return lun(host.ResizeLUN(ctx, lunRequest(s.ResizeLun)))
+	case *stowagev1.Task_ListLuns:
+		luns, err := host.ListLUNs(ctx, hostops.ISCSITargetFromProto(s.ListLuns.GetTarget()))
+		if err != nil {
+			return nil, err
+		}
+		list := &stowagev1.LunList{}
+		for _, l := range luns {
+			list.Luns = append(list.Luns, hostops.LUNToProto(l))
+		}
+		res.Result = &stowagev1.TaskResult_Luns{Luns: list}
+		return res, nil
+	case *stowagev1.Task_WriteLun:
+		r := s.WriteLun
+		return image(host.WriteLUN(ctx, hostops.WriteLUNRequest{Source: drivers.URI(r.GetSource()), SourceFormat: format(r.GetSourceFormat()),
+			Dest: drivers.URI(r.GetDest()), DestIsZero: r.GetDestIsZero()}, progress))
 	}
 	return nil, fmt.Errorf("task %s: unknown step %T: %w", task.GetId(), task.GetStep(), errdefs.ErrNotImplemented)
 }
 
 // The wire steps as hostops requests, shared by Execute and admit.
+
+func lunRequest(s *stowagev1.LunStep) hostops.LUNRequest {
+	return hostops.LUNRequest{Target: hostops.ISCSITargetFromProto(s.GetTarget()), Key: s.GetKey(), Size: s.GetSizeBytes()}
+}
 
 func prepareRoot(s *stowagev1.PrepareStoreStep) hostops.StoreRoot {
 	return hostops.StoreRoot{ID: s.GetStoreId(), Path: s.GetPath(), Subdirs: s.GetSubdirs()}
@@ -263,6 +299,22 @@ func (h *LocalHost) admit(task *stowagev1.Task) error {
 		_, err = h.object(ref(s.Export.GetRef()))
 	case *stowagev1.Task_ExportNbd:
 		_, err = h.object(ref(s.ExportNbd.GetRef()))
+	case *stowagev1.Task_EnsureIscsiTarget:
+		err = h.storeServed(hostops.ISCSITargetFromProto(s.EnsureIscsiTarget.GetTarget()))
+	case *stowagev1.Task_DeleteIscsiTarget:
+		err = h.storeServed(hostops.ISCSITargetFromProto(s.DeleteIscsiTarget.GetTarget()))
+	case *stowagev1.Task_ListLuns:
+		err = h.storeServed(hostops.ISCSITargetFromProto(s.ListLuns.GetTarget()))
+	case *stowagev1.Task_CreateLun:
+		_, err = h.lunPath(lunRequest(s.CreateLun))
+	case *stowagev1.Task_DeleteLun:
+		_, err = h.lunPath(lunRequest(s.DeleteLun))
+	case *stowagev1.Task_ResizeLun:
+		_, err = h.lunPath(lunRequest(s.ResizeLun))
+	case *stowagev1.Task_WriteLun:
+		if _, err = h.copySource(drivers.URI(s.WriteLun.GetSource())); err == nil {
+			err = checkISCSIURL(drivers.URI(s.WriteLun.GetDest()))
+		}
 	}
 	if err != nil && !errors.Is(err, errdefs.ErrPermissionDenied) {
 		// Only refusals are answered before the journal; any other problem

@@ -43,6 +43,10 @@ type LocalHost struct {
 	fs      *hostfs.Local
 	res     *Resolver
 	imports *ImportDir // never nil
+	// luns and lunWriter make it an iSCSI target host and a userspace
+	// initiator (WithLUNs); nil: LUN steps are not implemented here.
+	luns      LUNManager
+	lunWriter LUNWriter
 }
 
 var _ hostops.Host = (*LocalHost)(nil)

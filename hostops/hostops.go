@@ -132,6 +132,7 @@ type Host interface {
 	Images
 	Backups
 	Exports
+	LUNs
 }
 
 // Selector gives drivers and the data motion the hosts that can work on a

@@ -935,6 +935,13 @@ type Task struct {
 	//	*Task_Unexport
 	//	*Task_ExportNbd
 	//	*Task_UnexportNbd
+	//	*Task_EnsureIscsiTarget
+	//	*Task_DeleteIscsiTarget
+	//	*Task_CreateLun
+	//	*Task_DeleteLun
+	//	*Task_ResizeLun
+	//	*Task_ListLuns
+	//	*Task_WriteLun
 	Step          isTask_Step `protobuf_oneof:"step"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1182,6 +1189,69 @@ func (x *Task) GetUnexportNbd() *UnexportNbdStep {
 	return nil
 }
 
+func (x *Task) GetEnsureIscsiTarget() *IscsiTargetStep {
+	if x != nil {
+		if x, ok := x.Step.(*Task_EnsureIscsiTarget); ok {
+			return x.EnsureIscsiTarget
+		}
+	}
+	return nil
+}
+
+func (x *Task) GetDeleteIscsiTarget() *IscsiTargetStep {
+	if x != nil {
+		if x, ok := x.Step.(*Task_DeleteIscsiTarget); ok {
+			return x.DeleteIscsiTarget
+		}
+	}
+	return nil
+}
+
+func (x *Task) GetCreateLun() *LunStep {
+	if x != nil {
+		if x, ok := x.Step.(*Task_CreateLun); ok {
+			return x.CreateLun
+		}
+	}
+	return nil
+}
+
+func (x *Task) GetDeleteLun() *LunStep {
+	if x != nil {
+		if x, ok := x.Step.(*Task_DeleteLun); ok {
+			return x.DeleteLun
+		}
+	}
+	return nil
+}
+
+func (x *Task) GetResizeLun() *LunStep {
+	if x != nil {
+		if x, ok := x.Step.(*Task_ResizeLun); ok {
+			return x.ResizeLun
+		}
+	}
+	return nil
+}
+
+func (x *Task) GetListLuns() *IscsiTargetStep {
+	if x != nil {
+		if x, ok := x.Step.(*Task_ListLuns); ok {
+			return x.ListLuns
+		}
+	}
+	return nil
+}
+
+func (x *Task) GetWriteLun() *WriteLunStep {
+	if x != nil {
+		if x, ok := x.Step.(*Task_WriteLun); ok {
+			return x.WriteLun
+		}
+	}
+	return nil
+}
+
 type isTask_Step interface {
 	isTask_Step()
 }
@@ -1274,6 +1344,34 @@ type Task_UnexportNbd struct {
 	UnexportNbd *UnexportNbdStep `protobuf:"bytes,31,opt,name=unexport_nbd,json=unexportNbd,proto3,oneof"`
 }
 
+type Task_EnsureIscsiTarget struct {
+	EnsureIscsiTarget *IscsiTargetStep `protobuf:"bytes,32,opt,name=ensure_iscsi_target,json=ensureIscsiTarget,proto3,oneof"`
+}
+
+type Task_DeleteIscsiTarget struct {
+	DeleteIscsiTarget *IscsiTargetStep `protobuf:"bytes,33,opt,name=delete_iscsi_target,json=deleteIscsiTarget,proto3,oneof"`
+}
+
+type Task_CreateLun struct {
+	CreateLun *LunStep `protobuf:"bytes,34,opt,name=create_lun,json=createLun,proto3,oneof"`
+}
+
+type Task_DeleteLun struct {
+	DeleteLun *LunStep `protobuf:"bytes,35,opt,name=delete_lun,json=deleteLun,proto3,oneof"`
+}
+
+type Task_ResizeLun struct {
+	ResizeLun *LunStep `protobuf:"bytes,36,opt,name=resize_lun,json=resizeLun,proto3,oneof"`
+}
+
+type Task_ListLuns struct {
+	ListLuns *IscsiTargetStep `protobuf:"bytes,37,opt,name=list_luns,json=listLuns,proto3,oneof"`
+}
+
+type Task_WriteLun struct {
+	WriteLun *WriteLunStep `protobuf:"bytes,38,opt,name=write_lun,json=writeLun,proto3,oneof"`
+}
+
 func (*Task_PrepareStore) isTask_Step() {}
 
 func (*Task_ProbeStore) isTask_Step() {}
@@ -1318,6 +1416,433 @@ func (*Task_ExportNbd) isTask_Step() {}
 
 func (*Task_UnexportNbd) isTask_Step() {}
 
+func (*Task_EnsureIscsiTarget) isTask_Step() {}
+
+func (*Task_DeleteIscsiTarget) isTask_Step() {}
+
+func (*Task_CreateLun) isTask_Step() {}
+
+func (*Task_DeleteLun) isTask_Step() {}
+
+func (*Task_ResizeLun) isTask_Step() {}
+
+func (*Task_ListLuns) isTask_Step() {}
+
+func (*Task_WriteLun) isTask_Step() {}
+
+// IscsiTarget is a store's iSCSI target on its target host (the agent
+// running tgtd): its LUNs are backed by files of the store's directory.
+type IscsiTarget struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	StoreId string                 `protobuf:"bytes,1,opt,name=store_id,json=storeId,proto3" json:"store_id,omitempty"`
+	Iqn     string                 `protobuf:"bytes,2,opt,name=iqn,proto3" json:"iqn,omitempty"`
+	// The initiators allowed to log in (ACL by IQN), each with its CHAP
+	// account. The secrets travel to the target host only.
+	Initiators    []*IscsiInitiator `protobuf:"bytes,3,rep,name=initiators,proto3" json:"initiators,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *IscsiTarget) Reset() {
+	*x = IscsiTarget{}
+	mi := &file_stowage_v1_agent_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *IscsiTarget) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*IscsiTarget) ProtoMessage() {}
+
+func (x *IscsiTarget) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_agent_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use IscsiTarget.ProtoReflect.Descriptor instead.
+func (*IscsiTarget) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *IscsiTarget) GetStoreId() string {
+	if x != nil {
+		return x.StoreId
+	}
+	return ""
+}
+
+func (x *IscsiTarget) GetIqn() string {
+	if x != nil {
+		return x.Iqn
+	}
+	return ""
+}
+
+func (x *IscsiTarget) GetInitiators() []*IscsiInitiator {
+	if x != nil {
+		return x.Initiators
+	}
+	return nil
+}
+
+type IscsiInitiator struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Iqn           string                 `protobuf:"bytes,1,opt,name=iqn,proto3" json:"iqn,omitempty"`
+	ChapUser      string                 `protobuf:"bytes,2,opt,name=chap_user,json=chapUser,proto3" json:"chap_user,omitempty"`
+	ChapSecret    string                 `protobuf:"bytes,3,opt,name=chap_secret,json=chapSecret,proto3" json:"chap_secret,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *IscsiInitiator) Reset() {
+	*x = IscsiInitiator{}
+	mi := &file_stowage_v1_agent_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *IscsiInitiator) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*IscsiInitiator) ProtoMessage() {}
+
+func (x *IscsiInitiator) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_agent_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use IscsiInitiator.ProtoReflect.Descriptor instead.
+func (*IscsiInitiator) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *IscsiInitiator) GetIqn() string {
+	if x != nil {
+		return x.Iqn
+	}
+	return ""
+}
+
+func (x *IscsiInitiator) GetChapUser() string {
+	if x != nil {
+		return x.ChapUser
+	}
+	return ""
+}
+
+func (x *IscsiInitiator) GetChapSecret() string {
+	if x != nil {
+		return x.ChapSecret
+	}
+	return ""
+}
+
+type IscsiTargetStep struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Target        *IscsiTarget           `protobuf:"bytes,1,opt,name=target,proto3" json:"target,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *IscsiTargetStep) Reset() {
+	*x = IscsiTargetStep{}
+	mi := &file_stowage_v1_agent_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *IscsiTargetStep) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*IscsiTargetStep) ProtoMessage() {}
+
+func (x *IscsiTargetStep) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_agent_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use IscsiTargetStep.ProtoReflect.Descriptor instead.
+func (*IscsiTargetStep) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *IscsiTargetStep) GetTarget() *IscsiTarget {
+	if x != nil {
+		return x.Target
+	}
+	return nil
+}
+
+// LunStep creates, deletes or grows the LUN backed by key in the store.
+type LunStep struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Target        *IscsiTarget           `protobuf:"bytes,1,opt,name=target,proto3" json:"target,omitempty"`
+	Key           string                 `protobuf:"bytes,2,opt,name=key,proto3" json:"key,omitempty"`
+	SizeBytes     int64                  `protobuf:"varint,3,opt,name=size_bytes,json=sizeBytes,proto3" json:"size_bytes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LunStep) Reset() {
+	*x = LunStep{}
+	mi := &file_stowage_v1_agent_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LunStep) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LunStep) ProtoMessage() {}
+
+func (x *LunStep) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_agent_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LunStep.ProtoReflect.Descriptor instead.
+func (*LunStep) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *LunStep) GetTarget() *IscsiTarget {
+	if x != nil {
+		return x.Target
+	}
+	return nil
+}
+
+func (x *LunStep) GetKey() string {
+	if x != nil {
+		return x.Key
+	}
+	return ""
+}
+
+func (x *LunStep) GetSizeBytes() int64 {
+	if x != nil {
+		return x.SizeBytes
+	}
+	return 0
+}
+
+// WriteLunStep writes an image into a LUN through the userspace initiator
+// (libiscsi in qemu-img): the guest view of source, zero ranges skipped.
+type WriteLunStep struct {
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	Source       string                 `protobuf:"bytes,1,opt,name=source,proto3" json:"source,omitempty"`
+	SourceFormat ImageFormat            `protobuf:"varint,2,opt,name=source_format,json=sourceFormat,proto3,enum=stowage.v1.ImageFormat" json:"source_format,omitempty"`
+	// iscsi://user%secret@portal/iqn/lun (the secret is for this host).
+	Dest string `protobuf:"bytes,3,opt,name=dest,proto3" json:"dest,omitempty"`
+	// The LUN reads as zeros (freshly created): holes need no writing.
+	DestIsZero    bool `protobuf:"varint,4,opt,name=dest_is_zero,json=destIsZero,proto3" json:"dest_is_zero,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WriteLunStep) Reset() {
+	*x = WriteLunStep{}
+	mi := &file_stowage_v1_agent_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WriteLunStep) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WriteLunStep) ProtoMessage() {}
+
+func (x *WriteLunStep) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_agent_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WriteLunStep.ProtoReflect.Descriptor instead.
+func (*WriteLunStep) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *WriteLunStep) GetSource() string {
+	if x != nil {
+		return x.Source
+	}
+	return ""
+}
+
+func (x *WriteLunStep) GetSourceFormat() ImageFormat {
+	if x != nil {
+		return x.SourceFormat
+	}
+	return ImageFormat_IMAGE_FORMAT_UNSPECIFIED
+}
+
+func (x *WriteLunStep) GetDest() string {
+	if x != nil {
+		return x.Dest
+	}
+	return ""
+}
+
+func (x *WriteLunStep) GetDestIsZero() bool {
+	if x != nil {
+		return x.DestIsZero
+	}
+	return false
+}
+
+type LunInfo struct {
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	Number         int32                  `protobuf:"varint,1,opt,name=number,proto3" json:"number,omitempty"`
+	Key            string                 `protobuf:"bytes,2,opt,name=key,proto3" json:"key,omitempty"`
+	SizeBytes      int64                  `protobuf:"varint,3,opt,name=size_bytes,json=sizeBytes,proto3" json:"size_bytes,omitempty"`
+	AllocatedBytes int64                  `protobuf:"varint,4,opt,name=allocated_bytes,json=allocatedBytes,proto3" json:"allocated_bytes,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *LunInfo) Reset() {
+	*x = LunInfo{}
+	mi := &file_stowage_v1_agent_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LunInfo) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LunInfo) ProtoMessage() {}
+
+func (x *LunInfo) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_agent_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LunInfo.ProtoReflect.Descriptor instead.
+func (*LunInfo) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *LunInfo) GetNumber() int32 {
+	if x != nil {
+		return x.Number
+	}
+	return 0
+}
+
+func (x *LunInfo) GetKey() string {
+	if x != nil {
+		return x.Key
+	}
+	return ""
+}
+
+func (x *LunInfo) GetSizeBytes() int64 {
+	if x != nil {
+		return x.SizeBytes
+	}
+	return 0
+}
+
+func (x *LunInfo) GetAllocatedBytes() int64 {
+	if x != nil {
+		return x.AllocatedBytes
+	}
+	return 0
+}
+
+type LunList struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Luns          []*LunInfo             `protobuf:"bytes,1,rep,name=luns,proto3" json:"luns,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LunList) Reset() {
+	*x = LunList{}
+	mi := &file_stowage_v1_agent_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LunList) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LunList) ProtoMessage() {}
+
+func (x *LunList) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_agent_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LunList.ProtoReflect.Descriptor instead.
+func (*LunList) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *LunList) GetLuns() []*LunInfo {
+	if x != nil {
+		return x.Luns
+	}
+	return nil
+}
+
 // PrepareStoreStep creates a store's layout under path and writes its marker.
 type PrepareStoreStep struct {
 	state   protoimpl.MessageState `protogen:"open.v1"`
@@ -1332,7 +1857,7 @@ type PrepareStoreStep struct {
 
 func (x *PrepareStoreStep) Reset() {
 	*x = PrepareStoreStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[15]
+	mi := &file_stowage_v1_agent_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1344,7 +1869,7 @@ func (x *PrepareStoreStep) String() string {
 func (*PrepareStoreStep) ProtoMessage() {}
 
 func (x *PrepareStoreStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[15]
+	mi := &file_stowage_v1_agent_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1357,7 +1882,7 @@ func (x *PrepareStoreStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PrepareStoreStep.ProtoReflect.Descriptor instead.
 func (*PrepareStoreStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{15}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *PrepareStoreStep) GetPath() string {
@@ -1399,7 +1924,7 @@ type ProbeStoreStep struct {
 
 func (x *ProbeStoreStep) Reset() {
 	*x = ProbeStoreStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[16]
+	mi := &file_stowage_v1_agent_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1411,7 +1936,7 @@ func (x *ProbeStoreStep) String() string {
 func (*ProbeStoreStep) ProtoMessage() {}
 
 func (x *ProbeStoreStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[16]
+	mi := &file_stowage_v1_agent_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1424,7 +1949,7 @@ func (x *ProbeStoreStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProbeStoreStep.ProtoReflect.Descriptor instead.
 func (*ProbeStoreStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{16}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ProbeStoreStep) GetPath() string {
@@ -1453,7 +1978,7 @@ type ReleaseStoreStep struct {
 
 func (x *ReleaseStoreStep) Reset() {
 	*x = ReleaseStoreStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[17]
+	mi := &file_stowage_v1_agent_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1465,7 +1990,7 @@ func (x *ReleaseStoreStep) String() string {
 func (*ReleaseStoreStep) ProtoMessage() {}
 
 func (x *ReleaseStoreStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[17]
+	mi := &file_stowage_v1_agent_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1478,7 +2003,7 @@ func (x *ReleaseStoreStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReleaseStoreStep.ProtoReflect.Descriptor instead.
 func (*ReleaseStoreStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{17}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *ReleaseStoreStep) GetPath() string {
@@ -1516,7 +2041,7 @@ type ObjectRef struct {
 
 func (x *ObjectRef) Reset() {
 	*x = ObjectRef{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[18]
+	mi := &file_stowage_v1_agent_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1528,7 +2053,7 @@ func (x *ObjectRef) String() string {
 func (*ObjectRef) ProtoMessage() {}
 
 func (x *ObjectRef) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[18]
+	mi := &file_stowage_v1_agent_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1541,7 +2066,7 @@ func (x *ObjectRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ObjectRef.ProtoReflect.Descriptor instead.
 func (*ObjectRef) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{18}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *ObjectRef) GetStoreId() string {
@@ -1572,7 +2097,7 @@ type ChunkStoreRef struct {
 
 func (x *ChunkStoreRef) Reset() {
 	*x = ChunkStoreRef{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[19]
+	mi := &file_stowage_v1_agent_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1584,7 +2109,7 @@ func (x *ChunkStoreRef) String() string {
 func (*ChunkStoreRef) ProtoMessage() {}
 
 func (x *ChunkStoreRef) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[19]
+	mi := &file_stowage_v1_agent_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1597,7 +2122,7 @@ func (x *ChunkStoreRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChunkStoreRef.ProtoReflect.Descriptor instead.
 func (*ChunkStoreRef) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{19}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *ChunkStoreRef) GetUri() string {
@@ -1626,7 +2151,7 @@ type CreateImageStep struct {
 
 func (x *CreateImageStep) Reset() {
 	*x = CreateImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[20]
+	mi := &file_stowage_v1_agent_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1638,7 +2163,7 @@ func (x *CreateImageStep) String() string {
 func (*CreateImageStep) ProtoMessage() {}
 
 func (x *CreateImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[20]
+	mi := &file_stowage_v1_agent_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1651,7 +2176,7 @@ func (x *CreateImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateImageStep.ProtoReflect.Descriptor instead.
 func (*CreateImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{20}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *CreateImageStep) GetRef() *ObjectRef {
@@ -1684,7 +2209,7 @@ type DeleteObjectStep struct {
 
 func (x *DeleteObjectStep) Reset() {
 	*x = DeleteObjectStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[21]
+	mi := &file_stowage_v1_agent_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1696,7 +2221,7 @@ func (x *DeleteObjectStep) String() string {
 func (*DeleteObjectStep) ProtoMessage() {}
 
 func (x *DeleteObjectStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[21]
+	mi := &file_stowage_v1_agent_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1709,7 +2234,7 @@ func (x *DeleteObjectStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteObjectStep.ProtoReflect.Descriptor instead.
 func (*DeleteObjectStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{21}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *DeleteObjectStep) GetRef() *ObjectRef {
@@ -1729,7 +2254,7 @@ type ListObjectsStep struct {
 
 func (x *ListObjectsStep) Reset() {
 	*x = ListObjectsStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[22]
+	mi := &file_stowage_v1_agent_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1741,7 +2266,7 @@ func (x *ListObjectsStep) String() string {
 func (*ListObjectsStep) ProtoMessage() {}
 
 func (x *ListObjectsStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[22]
+	mi := &file_stowage_v1_agent_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1754,7 +2279,7 @@ func (x *ListObjectsStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListObjectsStep.ProtoReflect.Descriptor instead.
 func (*ListObjectsStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{22}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *ListObjectsStep) GetDir() *ObjectRef {
@@ -1773,7 +2298,7 @@ type StatObjectStep struct {
 
 func (x *StatObjectStep) Reset() {
 	*x = StatObjectStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[23]
+	mi := &file_stowage_v1_agent_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1785,7 +2310,7 @@ func (x *StatObjectStep) String() string {
 func (*StatObjectStep) ProtoMessage() {}
 
 func (x *StatObjectStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[23]
+	mi := &file_stowage_v1_agent_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1798,7 +2323,7 @@ func (x *StatObjectStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatObjectStep.ProtoReflect.Descriptor instead.
 func (*StatObjectStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{23}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *StatObjectStep) GetRef() *ObjectRef {
@@ -1823,7 +2348,7 @@ type FetchImageStep struct {
 
 func (x *FetchImageStep) Reset() {
 	*x = FetchImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[24]
+	mi := &file_stowage_v1_agent_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1835,7 +2360,7 @@ func (x *FetchImageStep) String() string {
 func (*FetchImageStep) ProtoMessage() {}
 
 func (x *FetchImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[24]
+	mi := &file_stowage_v1_agent_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1848,7 +2373,7 @@ func (x *FetchImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FetchImageStep.ProtoReflect.Descriptor instead.
 func (*FetchImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{24}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *FetchImageStep) GetSource() string {
@@ -1899,7 +2424,7 @@ type CopyImageStep struct {
 
 func (x *CopyImageStep) Reset() {
 	*x = CopyImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[25]
+	mi := &file_stowage_v1_agent_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1911,7 +2436,7 @@ func (x *CopyImageStep) String() string {
 func (*CopyImageStep) ProtoMessage() {}
 
 func (x *CopyImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[25]
+	mi := &file_stowage_v1_agent_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1924,7 +2449,7 @@ func (x *CopyImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CopyImageStep.ProtoReflect.Descriptor instead.
 func (*CopyImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{25}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *CopyImageStep) GetSource() string {
@@ -1979,7 +2504,7 @@ type CloneImageStep struct {
 
 func (x *CloneImageStep) Reset() {
 	*x = CloneImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[26]
+	mi := &file_stowage_v1_agent_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1991,7 +2516,7 @@ func (x *CloneImageStep) String() string {
 func (*CloneImageStep) ProtoMessage() {}
 
 func (x *CloneImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[26]
+	mi := &file_stowage_v1_agent_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2004,7 +2529,7 @@ func (x *CloneImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloneImageStep.ProtoReflect.Descriptor instead.
 func (*CloneImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{26}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *CloneImageStep) GetBase() *ObjectRef {
@@ -2061,7 +2586,7 @@ type InspectImageStep struct {
 
 func (x *InspectImageStep) Reset() {
 	*x = InspectImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[27]
+	mi := &file_stowage_v1_agent_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2073,7 +2598,7 @@ func (x *InspectImageStep) String() string {
 func (*InspectImageStep) ProtoMessage() {}
 
 func (x *InspectImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[27]
+	mi := &file_stowage_v1_agent_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2086,7 +2611,7 @@ func (x *InspectImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InspectImageStep.ProtoReflect.Descriptor instead.
 func (*InspectImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{27}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *InspectImageStep) GetRef() *ObjectRef {
@@ -2116,7 +2641,7 @@ type ResizeImageStep struct {
 
 func (x *ResizeImageStep) Reset() {
 	*x = ResizeImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[28]
+	mi := &file_stowage_v1_agent_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2128,7 +2653,7 @@ func (x *ResizeImageStep) String() string {
 func (*ResizeImageStep) ProtoMessage() {}
 
 func (x *ResizeImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[28]
+	mi := &file_stowage_v1_agent_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2141,7 +2666,7 @@ func (x *ResizeImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResizeImageStep.ProtoReflect.Descriptor instead.
 func (*ResizeImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{28}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *ResizeImageStep) GetRef() *ObjectRef {
@@ -2178,7 +2703,7 @@ type SnapshotImageStep struct {
 
 func (x *SnapshotImageStep) Reset() {
 	*x = SnapshotImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[29]
+	mi := &file_stowage_v1_agent_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2190,7 +2715,7 @@ func (x *SnapshotImageStep) String() string {
 func (*SnapshotImageStep) ProtoMessage() {}
 
 func (x *SnapshotImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[29]
+	mi := &file_stowage_v1_agent_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2203,7 +2728,7 @@ func (x *SnapshotImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotImageStep.ProtoReflect.Descriptor instead.
 func (*SnapshotImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{29}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *SnapshotImageStep) GetVolume() *ObjectRef {
@@ -2240,7 +2765,7 @@ type RevertImageStep struct {
 
 func (x *RevertImageStep) Reset() {
 	*x = RevertImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[30]
+	mi := &file_stowage_v1_agent_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2252,7 +2777,7 @@ func (x *RevertImageStep) String() string {
 func (*RevertImageStep) ProtoMessage() {}
 
 func (x *RevertImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[30]
+	mi := &file_stowage_v1_agent_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2265,7 +2790,7 @@ func (x *RevertImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevertImageStep.ProtoReflect.Descriptor instead.
 func (*RevertImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{30}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *RevertImageStep) GetVolume() *ObjectRef {
@@ -2303,7 +2828,7 @@ type RebaseImageStep struct {
 
 func (x *RebaseImageStep) Reset() {
 	*x = RebaseImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[31]
+	mi := &file_stowage_v1_agent_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2315,7 +2840,7 @@ func (x *RebaseImageStep) String() string {
 func (*RebaseImageStep) ProtoMessage() {}
 
 func (x *RebaseImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[31]
+	mi := &file_stowage_v1_agent_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2328,7 +2853,7 @@ func (x *RebaseImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RebaseImageStep.ProtoReflect.Descriptor instead.
 func (*RebaseImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{31}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *RebaseImageStep) GetRef() *ObjectRef {
@@ -2369,7 +2894,7 @@ type BackupImageStep struct {
 
 func (x *BackupImageStep) Reset() {
 	*x = BackupImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[32]
+	mi := &file_stowage_v1_agent_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2381,7 +2906,7 @@ func (x *BackupImageStep) String() string {
 func (*BackupImageStep) ProtoMessage() {}
 
 func (x *BackupImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[32]
+	mi := &file_stowage_v1_agent_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2394,7 +2919,7 @@ func (x *BackupImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BackupImageStep.ProtoReflect.Descriptor instead.
 func (*BackupImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{32}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *BackupImageStep) GetSource() *ObjectRef {
@@ -2452,7 +2977,7 @@ type RestoreImageStep struct {
 
 func (x *RestoreImageStep) Reset() {
 	*x = RestoreImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[33]
+	mi := &file_stowage_v1_agent_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2464,7 +2989,7 @@ func (x *RestoreImageStep) String() string {
 func (*RestoreImageStep) ProtoMessage() {}
 
 func (x *RestoreImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[33]
+	mi := &file_stowage_v1_agent_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2477,7 +3002,7 @@ func (x *RestoreImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RestoreImageStep.ProtoReflect.Descriptor instead.
 func (*RestoreImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{33}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *RestoreImageStep) GetChunks() *ChunkStoreRef {
@@ -2519,7 +3044,7 @@ type DeleteBackupStep struct {
 
 func (x *DeleteBackupStep) Reset() {
 	*x = DeleteBackupStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[34]
+	mi := &file_stowage_v1_agent_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2531,7 +3056,7 @@ func (x *DeleteBackupStep) String() string {
 func (*DeleteBackupStep) ProtoMessage() {}
 
 func (x *DeleteBackupStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[34]
+	mi := &file_stowage_v1_agent_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2544,7 +3069,7 @@ func (x *DeleteBackupStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteBackupStep.ProtoReflect.Descriptor instead.
 func (*DeleteBackupStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{34}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *DeleteBackupStep) GetChunks() *ChunkStoreRef {
@@ -2574,7 +3099,7 @@ type ExportStep struct {
 
 func (x *ExportStep) Reset() {
 	*x = ExportStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[35]
+	mi := &file_stowage_v1_agent_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2586,7 +3111,7 @@ func (x *ExportStep) String() string {
 func (*ExportStep) ProtoMessage() {}
 
 func (x *ExportStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[35]
+	mi := &file_stowage_v1_agent_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2599,7 +3124,7 @@ func (x *ExportStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExportStep.ProtoReflect.Descriptor instead.
 func (*ExportStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{35}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *ExportStep) GetRef() *ObjectRef {
@@ -2626,7 +3151,7 @@ type UnexportStep struct {
 
 func (x *UnexportStep) Reset() {
 	*x = UnexportStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[36]
+	mi := &file_stowage_v1_agent_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2638,7 +3163,7 @@ func (x *UnexportStep) String() string {
 func (*UnexportStep) ProtoMessage() {}
 
 func (x *UnexportStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[36]
+	mi := &file_stowage_v1_agent_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2651,7 +3176,7 @@ func (x *UnexportStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnexportStep.ProtoReflect.Descriptor instead.
 func (*UnexportStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{36}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *UnexportStep) GetUri() string {
@@ -2678,7 +3203,7 @@ type ExportNbdStep struct {
 
 func (x *ExportNbdStep) Reset() {
 	*x = ExportNbdStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[37]
+	mi := &file_stowage_v1_agent_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2690,7 +3215,7 @@ func (x *ExportNbdStep) String() string {
 func (*ExportNbdStep) ProtoMessage() {}
 
 func (x *ExportNbdStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[37]
+	mi := &file_stowage_v1_agent_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2703,7 +3228,7 @@ func (x *ExportNbdStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExportNbdStep.ProtoReflect.Descriptor instead.
 func (*ExportNbdStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{37}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *ExportNbdStep) GetRef() *ObjectRef {
@@ -2744,7 +3269,7 @@ type UnexportNbdStep struct {
 
 func (x *UnexportNbdStep) Reset() {
 	*x = UnexportNbdStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[38]
+	mi := &file_stowage_v1_agent_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2756,7 +3281,7 @@ func (x *UnexportNbdStep) String() string {
 func (*UnexportNbdStep) ProtoMessage() {}
 
 func (x *UnexportNbdStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[38]
+	mi := &file_stowage_v1_agent_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2769,7 +3294,7 @@ func (x *UnexportNbdStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnexportNbdStep.ProtoReflect.Descriptor instead.
 func (*UnexportNbdStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{38}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *UnexportNbdStep) GetUri() string {
@@ -2800,7 +3325,7 @@ type ImageInfo struct {
 
 func (x *ImageInfo) Reset() {
 	*x = ImageInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[39]
+	mi := &file_stowage_v1_agent_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2812,7 +3337,7 @@ func (x *ImageInfo) String() string {
 func (*ImageInfo) ProtoMessage() {}
 
 func (x *ImageInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[39]
+	mi := &file_stowage_v1_agent_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2825,7 +3350,7 @@ func (x *ImageInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImageInfo.ProtoReflect.Descriptor instead.
 func (*ImageInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{39}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *ImageInfo) GetKey() string {
@@ -2910,7 +3435,7 @@ type SnapshotInfo struct {
 
 func (x *SnapshotInfo) Reset() {
 	*x = SnapshotInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[40]
+	mi := &file_stowage_v1_agent_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2922,7 +3447,7 @@ func (x *SnapshotInfo) String() string {
 func (*SnapshotInfo) ProtoMessage() {}
 
 func (x *SnapshotInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[40]
+	mi := &file_stowage_v1_agent_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2935,7 +3460,7 @@ func (x *SnapshotInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotInfo.ProtoReflect.Descriptor instead.
 func (*SnapshotInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{40}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *SnapshotInfo) GetSnapshot() *ImageInfo {
@@ -2976,7 +3501,7 @@ type BackupInfo struct {
 
 func (x *BackupInfo) Reset() {
 	*x = BackupInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[41]
+	mi := &file_stowage_v1_agent_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2988,7 +3513,7 @@ func (x *BackupInfo) String() string {
 func (*BackupInfo) ProtoMessage() {}
 
 func (x *BackupInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[41]
+	mi := &file_stowage_v1_agent_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3001,7 +3526,7 @@ func (x *BackupInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BackupInfo.ProtoReflect.Descriptor instead.
 func (*BackupInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{41}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *BackupInfo) GetManifest() string {
@@ -3079,7 +3604,7 @@ type FileInfo struct {
 
 func (x *FileInfo) Reset() {
 	*x = FileInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[42]
+	mi := &file_stowage_v1_agent_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3091,7 +3616,7 @@ func (x *FileInfo) String() string {
 func (*FileInfo) ProtoMessage() {}
 
 func (x *FileInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[42]
+	mi := &file_stowage_v1_agent_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3104,7 +3629,7 @@ func (x *FileInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileInfo.ProtoReflect.Descriptor instead.
 func (*FileInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{42}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *FileInfo) GetKey() string {
@@ -3169,7 +3694,7 @@ type StoreProbe struct {
 
 func (x *StoreProbe) Reset() {
 	*x = StoreProbe{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[43]
+	mi := &file_stowage_v1_agent_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3181,7 +3706,7 @@ func (x *StoreProbe) String() string {
 func (*StoreProbe) ProtoMessage() {}
 
 func (x *StoreProbe) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[43]
+	mi := &file_stowage_v1_agent_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3194,7 +3719,7 @@ func (x *StoreProbe) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StoreProbe.ProtoReflect.Descriptor instead.
 func (*StoreProbe) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{43}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *StoreProbe) GetCapacityBytes() int64 {
@@ -3246,6 +3771,8 @@ type TaskResult struct {
 	//	*TaskResult_Snapshot
 	//	*TaskResult_Backup
 	//	*TaskResult_Uri
+	//	*TaskResult_Lun
+	//	*TaskResult_Luns
 	Result        isTaskResult_Result `protobuf_oneof:"result"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -3253,7 +3780,7 @@ type TaskResult struct {
 
 func (x *TaskResult) Reset() {
 	*x = TaskResult{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[44]
+	mi := &file_stowage_v1_agent_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3265,7 +3792,7 @@ func (x *TaskResult) String() string {
 func (*TaskResult) ProtoMessage() {}
 
 func (x *TaskResult) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[44]
+	mi := &file_stowage_v1_agent_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3278,7 +3805,7 @@ func (x *TaskResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TaskResult.ProtoReflect.Descriptor instead.
 func (*TaskResult) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{44}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *TaskResult) GetTaskId() string {
@@ -3393,6 +3920,24 @@ func (x *TaskResult) GetUri() string {
 	return ""
 }
 
+func (x *TaskResult) GetLun() *LunInfo {
+	if x != nil {
+		if x, ok := x.Result.(*TaskResult_Lun); ok {
+			return x.Lun
+		}
+	}
+	return nil
+}
+
+func (x *TaskResult) GetLuns() *LunList {
+	if x != nil {
+		if x, ok := x.Result.(*TaskResult_Luns); ok {
+			return x.Luns
+		}
+	}
+	return nil
+}
+
 type isTaskResult_Result interface {
 	isTaskResult_Result()
 }
@@ -3426,6 +3971,14 @@ type TaskResult_Uri struct {
 	Uri string `protobuf:"bytes,16,opt,name=uri,proto3,oneof"`
 }
 
+type TaskResult_Lun struct {
+	Lun *LunInfo `protobuf:"bytes,17,opt,name=lun,proto3,oneof"`
+}
+
+type TaskResult_Luns struct {
+	Luns *LunList `protobuf:"bytes,18,opt,name=luns,proto3,oneof"`
+}
+
 func (*TaskResult_Probe) isTaskResult_Result() {}
 
 func (*TaskResult_File) isTaskResult_Result() {}
@@ -3440,6 +3993,10 @@ func (*TaskResult_Backup) isTaskResult_Result() {}
 
 func (*TaskResult_Uri) isTaskResult_Result() {}
 
+func (*TaskResult_Lun) isTaskResult_Result() {}
+
+func (*TaskResult_Luns) isTaskResult_Result() {}
+
 type FileList struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Files         []*FileInfo            `protobuf:"bytes,1,rep,name=files,proto3" json:"files,omitempty"`
@@ -3449,7 +4006,7 @@ type FileList struct {
 
 func (x *FileList) Reset() {
 	*x = FileList{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[45]
+	mi := &file_stowage_v1_agent_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3461,7 +4018,7 @@ func (x *FileList) String() string {
 func (*FileList) ProtoMessage() {}
 
 func (x *FileList) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[45]
+	mi := &file_stowage_v1_agent_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3474,7 +4031,7 @@ func (x *FileList) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileList.ProtoReflect.Descriptor instead.
 func (*FileList) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{45}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *FileList) GetFiles() []*FileInfo {
@@ -3547,7 +4104,7 @@ const file_stowage_v1_agent_proto_rawDesc = "" +
 	"\x0eGetTaskRequest\x12\x17\n" +
 	"\atask_id\x18\x01 \x01(\tR\x06taskId\"A\n" +
 	"\x0fGetTaskResponse\x12.\n" +
-	"\x06result\x18\x01 \x01(\v2\x16.stowage.v1.TaskResultR\x06result\"\xb0\v\n" +
+	"\x06result\x18\x01 \x01(\v2\x16.stowage.v1.TaskResultR\x06result\"\xe5\x0e\n" +
 	"\x04Task\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12C\n" +
 	"\rprepare_store\x18\n" +
@@ -3578,8 +4135,50 @@ const file_stowage_v1_agent_proto_rawDesc = "" +
 	"\bunexport\x18\x1d \x01(\v2\x18.stowage.v1.UnexportStepH\x00R\bunexport\x12:\n" +
 	"\n" +
 	"export_nbd\x18\x1e \x01(\v2\x19.stowage.v1.ExportNbdStepH\x00R\texportNbd\x12@\n" +
-	"\funexport_nbd\x18\x1f \x01(\v2\x1b.stowage.v1.UnexportNbdStepH\x00R\vunexportNbdB\x06\n" +
-	"\x04step\"q\n" +
+	"\funexport_nbd\x18\x1f \x01(\v2\x1b.stowage.v1.UnexportNbdStepH\x00R\vunexportNbd\x12M\n" +
+	"\x13ensure_iscsi_target\x18  \x01(\v2\x1b.stowage.v1.IscsiTargetStepH\x00R\x11ensureIscsiTarget\x12M\n" +
+	"\x13delete_iscsi_target\x18! \x01(\v2\x1b.stowage.v1.IscsiTargetStepH\x00R\x11deleteIscsiTarget\x124\n" +
+	"\n" +
+	"create_lun\x18\" \x01(\v2\x13.stowage.v1.LunStepH\x00R\tcreateLun\x124\n" +
+	"\n" +
+	"delete_lun\x18# \x01(\v2\x13.stowage.v1.LunStepH\x00R\tdeleteLun\x124\n" +
+	"\n" +
+	"resize_lun\x18$ \x01(\v2\x13.stowage.v1.LunStepH\x00R\tresizeLun\x12:\n" +
+	"\tlist_luns\x18% \x01(\v2\x1b.stowage.v1.IscsiTargetStepH\x00R\blistLuns\x127\n" +
+	"\twrite_lun\x18& \x01(\v2\x18.stowage.v1.WriteLunStepH\x00R\bwriteLunB\x06\n" +
+	"\x04step\"v\n" +
+	"\vIscsiTarget\x12\x19\n" +
+	"\bstore_id\x18\x01 \x01(\tR\astoreId\x12\x10\n" +
+	"\x03iqn\x18\x02 \x01(\tR\x03iqn\x12:\n" +
+	"\n" +
+	"initiators\x18\x03 \x03(\v2\x1a.stowage.v1.IscsiInitiatorR\n" +
+	"initiators\"`\n" +
+	"\x0eIscsiInitiator\x12\x10\n" +
+	"\x03iqn\x18\x01 \x01(\tR\x03iqn\x12\x1b\n" +
+	"\tchap_user\x18\x02 \x01(\tR\bchapUser\x12\x1f\n" +
+	"\vchap_secret\x18\x03 \x01(\tR\n" +
+	"chapSecret\"B\n" +
+	"\x0fIscsiTargetStep\x12/\n" +
+	"\x06target\x18\x01 \x01(\v2\x17.stowage.v1.IscsiTargetR\x06target\"k\n" +
+	"\aLunStep\x12/\n" +
+	"\x06target\x18\x01 \x01(\v2\x17.stowage.v1.IscsiTargetR\x06target\x12\x10\n" +
+	"\x03key\x18\x02 \x01(\tR\x03key\x12\x1d\n" +
+	"\n" +
+	"size_bytes\x18\x03 \x01(\x03R\tsizeBytes\"\x9a\x01\n" +
+	"\fWriteLunStep\x12\x16\n" +
+	"\x06source\x18\x01 \x01(\tR\x06source\x12<\n" +
+	"\rsource_format\x18\x02 \x01(\x0e2\x17.stowage.v1.ImageFormatR\fsourceFormat\x12\x12\n" +
+	"\x04dest\x18\x03 \x01(\tR\x04dest\x12 \n" +
+	"\fdest_is_zero\x18\x04 \x01(\bR\n" +
+	"destIsZero\"{\n" +
+	"\aLunInfo\x12\x16\n" +
+	"\x06number\x18\x01 \x01(\x05R\x06number\x12\x10\n" +
+	"\x03key\x18\x02 \x01(\tR\x03key\x12\x1d\n" +
+	"\n" +
+	"size_bytes\x18\x03 \x01(\x03R\tsizeBytes\x12'\n" +
+	"\x0fallocated_bytes\x18\x04 \x01(\x03R\x0eallocatedBytes\"2\n" +
+	"\aLunList\x12'\n" +
+	"\x04luns\x18\x01 \x03(\v2\x13.stowage.v1.LunInfoR\x04luns\"q\n" +
 	"\x10PrepareStoreStep\x12\x12\n" +
 	"\x04path\x18\x01 \x01(\tR\x04path\x12\x19\n" +
 	"\bstore_id\x18\x02 \x01(\tR\astoreId\x12\x18\n" +
@@ -3728,7 +4327,7 @@ const file_stowage_v1_agent_proto_rawDesc = "" +
 	"\x0ecapacity_bytes\x18\x01 \x01(\x03R\rcapacityBytes\x12'\n" +
 	"\x0favailable_bytes\x18\x02 \x01(\x03R\x0eavailableBytes\x12\x18\n" +
 	"\areflink\x18\x03 \x01(\bR\areflink\x12\x17\n" +
-	"\afs_type\x18\x04 \x01(\tR\x06fsType\"\xf1\x03\n" +
+	"\afs_type\x18\x04 \x01(\tR\x06fsType\"\xc5\x04\n" +
 	"\n" +
 	"TaskResult\x12\x17\n" +
 	"\atask_id\x18\x01 \x01(\tR\x06taskId\x12\x12\n" +
@@ -3747,7 +4346,9 @@ const file_stowage_v1_agent_proto_rawDesc = "" +
 	"\x05image\x18\r \x01(\v2\x15.stowage.v1.ImageInfoH\x00R\x05image\x126\n" +
 	"\bsnapshot\x18\x0e \x01(\v2\x18.stowage.v1.SnapshotInfoH\x00R\bsnapshot\x120\n" +
 	"\x06backup\x18\x0f \x01(\v2\x16.stowage.v1.BackupInfoH\x00R\x06backup\x12\x12\n" +
-	"\x03uri\x18\x10 \x01(\tH\x00R\x03uriB\b\n" +
+	"\x03uri\x18\x10 \x01(\tH\x00R\x03uri\x12'\n" +
+	"\x03lun\x18\x11 \x01(\v2\x13.stowage.v1.LunInfoH\x00R\x03lun\x12)\n" +
+	"\x04luns\x18\x12 \x01(\v2\x13.stowage.v1.LunListH\x00R\x04lunsB\b\n" +
 	"\x06result\"6\n" +
 	"\bFileList\x12*\n" +
 	"\x05files\x18\x01 \x03(\v2\x14.stowage.v1.FileInfoR\x05files*k\n" +
@@ -3782,7 +4383,7 @@ func file_stowage_v1_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_stowage_v1_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_stowage_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 47)
+var file_stowage_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 54)
 var file_stowage_v1_agent_proto_goTypes = []any{
 	(CloneMode)(0),                // 0: stowage.v1.CloneMode
 	(*JoinRequest)(nil),           // 1: stowage.v1.JoinRequest
@@ -3800,147 +4401,168 @@ var file_stowage_v1_agent_proto_goTypes = []any{
 	(*GetTaskRequest)(nil),        // 13: stowage.v1.GetTaskRequest
 	(*GetTaskResponse)(nil),       // 14: stowage.v1.GetTaskResponse
 	(*Task)(nil),                  // 15: stowage.v1.Task
-	(*PrepareStoreStep)(nil),      // 16: stowage.v1.PrepareStoreStep
-	(*ProbeStoreStep)(nil),        // 17: stowage.v1.ProbeStoreStep
-	(*ReleaseStoreStep)(nil),      // 18: stowage.v1.ReleaseStoreStep
-	(*ObjectRef)(nil),             // 19: stowage.v1.ObjectRef
-	(*ChunkStoreRef)(nil),         // 20: stowage.v1.ChunkStoreRef
-	(*CreateImageStep)(nil),       // 21: stowage.v1.CreateImageStep
-	(*DeleteObjectStep)(nil),      // 22: stowage.v1.DeleteObjectStep
-	(*ListObjectsStep)(nil),       // 23: stowage.v1.ListObjectsStep
-	(*StatObjectStep)(nil),        // 24: stowage.v1.StatObjectStep
-	(*FetchImageStep)(nil),        // 25: stowage.v1.FetchImageStep
-	(*CopyImageStep)(nil),         // 26: stowage.v1.CopyImageStep
-	(*CloneImageStep)(nil),        // 27: stowage.v1.CloneImageStep
-	(*InspectImageStep)(nil),      // 28: stowage.v1.InspectImageStep
-	(*ResizeImageStep)(nil),       // 29: stowage.v1.ResizeImageStep
-	(*SnapshotImageStep)(nil),     // 30: stowage.v1.SnapshotImageStep
-	(*RevertImageStep)(nil),       // 31: stowage.v1.RevertImageStep
-	(*RebaseImageStep)(nil),       // 32: stowage.v1.RebaseImageStep
-	(*BackupImageStep)(nil),       // 33: stowage.v1.BackupImageStep
-	(*RestoreImageStep)(nil),      // 34: stowage.v1.RestoreImageStep
-	(*DeleteBackupStep)(nil),      // 35: stowage.v1.DeleteBackupStep
-	(*ExportStep)(nil),            // 36: stowage.v1.ExportStep
-	(*UnexportStep)(nil),          // 37: stowage.v1.UnexportStep
-	(*ExportNbdStep)(nil),         // 38: stowage.v1.ExportNbdStep
-	(*UnexportNbdStep)(nil),       // 39: stowage.v1.UnexportNbdStep
-	(*ImageInfo)(nil),             // 40: stowage.v1.ImageInfo
-	(*SnapshotInfo)(nil),          // 41: stowage.v1.SnapshotInfo
-	(*BackupInfo)(nil),            // 42: stowage.v1.BackupInfo
-	(*FileInfo)(nil),              // 43: stowage.v1.FileInfo
-	(*StoreProbe)(nil),            // 44: stowage.v1.StoreProbe
-	(*TaskResult)(nil),            // 45: stowage.v1.TaskResult
-	(*FileList)(nil),              // 46: stowage.v1.FileList
-	nil,                           // 47: stowage.v1.ChunkStoreRef.SecretEntry
-	(*HostCapabilities)(nil),      // 48: stowage.v1.HostCapabilities
-	(*Host)(nil),                  // 49: stowage.v1.Host
-	(HostState)(0),                // 50: stowage.v1.HostState
-	(*CacheSpec)(nil),             // 51: stowage.v1.CacheSpec
-	(ImageFormat)(0),              // 52: stowage.v1.ImageFormat
-	(*timestamppb.Timestamp)(nil), // 53: google.protobuf.Timestamp
+	(*IscsiTarget)(nil),           // 16: stowage.v1.IscsiTarget
+	(*IscsiInitiator)(nil),        // 17: stowage.v1.IscsiInitiator
+	(*IscsiTargetStep)(nil),       // 18: stowage.v1.IscsiTargetStep
+	(*LunStep)(nil),               // 19: stowage.v1.LunStep
+	(*WriteLunStep)(nil),          // 20: stowage.v1.WriteLunStep
+	(*LunInfo)(nil),               // 21: stowage.v1.LunInfo
+	(*LunList)(nil),               // 22: stowage.v1.LunList
+	(*PrepareStoreStep)(nil),      // 23: stowage.v1.PrepareStoreStep
+	(*ProbeStoreStep)(nil),        // 24: stowage.v1.ProbeStoreStep
+	(*ReleaseStoreStep)(nil),      // 25: stowage.v1.ReleaseStoreStep
+	(*ObjectRef)(nil),             // 26: stowage.v1.ObjectRef
+	(*ChunkStoreRef)(nil),         // 27: stowage.v1.ChunkStoreRef
+	(*CreateImageStep)(nil),       // 28: stowage.v1.CreateImageStep
+	(*DeleteObjectStep)(nil),      // 29: stowage.v1.DeleteObjectStep
+	(*ListObjectsStep)(nil),       // 30: stowage.v1.ListObjectsStep
+	(*StatObjectStep)(nil),        // 31: stowage.v1.StatObjectStep
+	(*FetchImageStep)(nil),        // 32: stowage.v1.FetchImageStep
+	(*CopyImageStep)(nil),         // 33: stowage.v1.CopyImageStep
+	(*CloneImageStep)(nil),        // 34: stowage.v1.CloneImageStep
+	(*InspectImageStep)(nil),      // 35: stowage.v1.InspectImageStep
+	(*ResizeImageStep)(nil),       // 36: stowage.v1.ResizeImageStep
+	(*SnapshotImageStep)(nil),     // 37: stowage.v1.SnapshotImageStep
+	(*RevertImageStep)(nil),       // 38: stowage.v1.RevertImageStep
+	(*RebaseImageStep)(nil),       // 39: stowage.v1.RebaseImageStep
+	(*BackupImageStep)(nil),       // 40: stowage.v1.BackupImageStep
+	(*RestoreImageStep)(nil),      // 41: stowage.v1.RestoreImageStep
+	(*DeleteBackupStep)(nil),      // 42: stowage.v1.DeleteBackupStep
+	(*ExportStep)(nil),            // 43: stowage.v1.ExportStep
+	(*UnexportStep)(nil),          // 44: stowage.v1.UnexportStep
+	(*ExportNbdStep)(nil),         // 45: stowage.v1.ExportNbdStep
+	(*UnexportNbdStep)(nil),       // 46: stowage.v1.UnexportNbdStep
+	(*ImageInfo)(nil),             // 47: stowage.v1.ImageInfo
+	(*SnapshotInfo)(nil),          // 48: stowage.v1.SnapshotInfo
+	(*BackupInfo)(nil),            // 49: stowage.v1.BackupInfo
+	(*FileInfo)(nil),              // 50: stowage.v1.FileInfo
+	(*StoreProbe)(nil),            // 51: stowage.v1.StoreProbe
+	(*TaskResult)(nil),            // 52: stowage.v1.TaskResult
+	(*FileList)(nil),              // 53: stowage.v1.FileList
+	nil,                           // 54: stowage.v1.ChunkStoreRef.SecretEntry
+	(*HostCapabilities)(nil),      // 55: stowage.v1.HostCapabilities
+	(*Host)(nil),                  // 56: stowage.v1.Host
+	(HostState)(0),                // 57: stowage.v1.HostState
+	(*CacheSpec)(nil),             // 58: stowage.v1.CacheSpec
+	(ImageFormat)(0),              // 59: stowage.v1.ImageFormat
+	(*timestamppb.Timestamp)(nil), // 60: google.protobuf.Timestamp
 }
 var file_stowage_v1_agent_proto_depIdxs = []int32{
-	48, // 0: stowage.v1.RegisterRequest.capabilities:type_name -> stowage.v1.HostCapabilities
-	49, // 1: stowage.v1.RegisterResponse.host:type_name -> stowage.v1.Host
-	7,  // 2: stowage.v1.RegisterResponse.stores:type_name -> stowage.v1.StoreAssignment
-	48, // 3: stowage.v1.HeartbeatRequest.capabilities:type_name -> stowage.v1.HostCapabilities
-	50, // 4: stowage.v1.HeartbeatResponse.state:type_name -> stowage.v1.HostState
-	7,  // 5: stowage.v1.HeartbeatResponse.stores:type_name -> stowage.v1.StoreAssignment
-	10, // 6: stowage.v1.HeartbeatResponse.template_cache:type_name -> stowage.v1.TemplateCacheSpec
-	51, // 7: stowage.v1.TemplateCacheSpec.templates:type_name -> stowage.v1.CacheSpec
-	15, // 8: stowage.v1.RunTaskRequest.task:type_name -> stowage.v1.Task
-	45, // 9: stowage.v1.RunTaskResponse.result:type_name -> stowage.v1.TaskResult
-	45, // 10: stowage.v1.GetTaskResponse.result:type_name -> stowage.v1.TaskResult
-	16, // 11: stowage.v1.Task.prepare_store:type_name -> stowage.v1.PrepareStoreStep
-	17, // 12: stowage.v1.Task.probe_store:type_name -> stowage.v1.ProbeStoreStep
-	18, // 13: stowage.v1.Task.release_store:type_name -> stowage.v1.ReleaseStoreStep
-	21, // 14: stowage.v1.Task.create_image:type_name -> stowage.v1.CreateImageStep
-	22, // 15: stowage.v1.Task.delete_object:type_name -> stowage.v1.DeleteObjectStep
-	23, // 16: stowage.v1.Task.list_objects:type_name -> stowage.v1.ListObjectsStep
-	24, // 17: stowage.v1.Task.stat_object:type_name -> stowage.v1.StatObjectStep
-	25, // 18: stowage.v1.Task.fetch_image:type_name -> stowage.v1.FetchImageStep
-	26, // 19: stowage.v1.Task.copy_image:type_name -> stowage.v1.CopyImageStep
-	27, // 20: stowage.v1.Task.clone_image:type_name -> stowage.v1.CloneImageStep
-	28, // 21: stowage.v1.Task.inspect_image:type_name -> stowage.v1.InspectImageStep
-	29, // 22: stowage.v1.Task.resize_image:type_name -> stowage.v1.ResizeImageStep
-	30, // 23: stowage.v1.Task.snapshot_image:type_name -> stowage.v1.SnapshotImageStep
-	31, // 24: stowage.v1.Task.revert_image:type_name -> stowage.v1.RevertImageStep
-	32, // 25: stowage.v1.Task.rebase_image:type_name -> stowage.v1.RebaseImageStep
-	33, // 26: stowage.v1.Task.backup_image:type_name -> stowage.v1.BackupImageStep
-	34, // 27: stowage.v1.Task.restore_image:type_name -> stowage.v1.RestoreImageStep
-	35, // 28: stowage.v1.Task.delete_backup:type_name -> stowage.v1.DeleteBackupStep
-	36, // 29: stowage.v1.Task.export:type_name -> stowage.v1.ExportStep
-	37, // 30: stowage.v1.Task.unexport:type_name -> stowage.v1.UnexportStep
-	38, // 31: stowage.v1.Task.export_nbd:type_name -> stowage.v1.ExportNbdStep
-	39, // 32: stowage.v1.Task.unexport_nbd:type_name -> stowage.v1.UnexportNbdStep
-	47, // 33: stowage.v1.ChunkStoreRef.secret:type_name -> stowage.v1.ChunkStoreRef.SecretEntry
-	19, // 34: stowage.v1.CreateImageStep.ref:type_name -> stowage.v1.ObjectRef
-	52, // 35: stowage.v1.CreateImageStep.format:type_name -> stowage.v1.ImageFormat
-	19, // 36: stowage.v1.DeleteObjectStep.ref:type_name -> stowage.v1.ObjectRef
-	19, // 37: stowage.v1.ListObjectsStep.dir:type_name -> stowage.v1.ObjectRef
-	19, // 38: stowage.v1.StatObjectStep.ref:type_name -> stowage.v1.ObjectRef
-	19, // 39: stowage.v1.FetchImageStep.dest:type_name -> stowage.v1.ObjectRef
-	52, // 40: stowage.v1.FetchImageStep.format:type_name -> stowage.v1.ImageFormat
-	19, // 41: stowage.v1.CopyImageStep.dest:type_name -> stowage.v1.ObjectRef
-	52, // 42: stowage.v1.CopyImageStep.format:type_name -> stowage.v1.ImageFormat
-	52, // 43: stowage.v1.CopyImageStep.source_format:type_name -> stowage.v1.ImageFormat
-	19, // 44: stowage.v1.CloneImageStep.base:type_name -> stowage.v1.ObjectRef
-	19, // 45: stowage.v1.CloneImageStep.dest:type_name -> stowage.v1.ObjectRef
-	0,  // 46: stowage.v1.CloneImageStep.mode:type_name -> stowage.v1.CloneMode
-	52, // 47: stowage.v1.CloneImageStep.format:type_name -> stowage.v1.ImageFormat
-	52, // 48: stowage.v1.CloneImageStep.base_format:type_name -> stowage.v1.ImageFormat
-	19, // 49: stowage.v1.InspectImageStep.ref:type_name -> stowage.v1.ObjectRef
-	52, // 50: stowage.v1.InspectImageStep.format:type_name -> stowage.v1.ImageFormat
-	19, // 51: stowage.v1.ResizeImageStep.ref:type_name -> stowage.v1.ObjectRef
-	52, // 52: stowage.v1.ResizeImageStep.format:type_name -> stowage.v1.ImageFormat
-	19, // 53: stowage.v1.SnapshotImageStep.volume:type_name -> stowage.v1.ObjectRef
-	19, // 54: stowage.v1.SnapshotImageStep.snapshot:type_name -> stowage.v1.ObjectRef
-	52, // 55: stowage.v1.SnapshotImageStep.format:type_name -> stowage.v1.ImageFormat
-	19, // 56: stowage.v1.RevertImageStep.volume:type_name -> stowage.v1.ObjectRef
-	19, // 57: stowage.v1.RevertImageStep.snapshot:type_name -> stowage.v1.ObjectRef
-	52, // 58: stowage.v1.RevertImageStep.format:type_name -> stowage.v1.ImageFormat
-	19, // 59: stowage.v1.RebaseImageStep.ref:type_name -> stowage.v1.ObjectRef
-	19, // 60: stowage.v1.RebaseImageStep.new_backing:type_name -> stowage.v1.ObjectRef
-	52, // 61: stowage.v1.RebaseImageStep.backing_format:type_name -> stowage.v1.ImageFormat
-	19, // 62: stowage.v1.BackupImageStep.source:type_name -> stowage.v1.ObjectRef
-	20, // 63: stowage.v1.BackupImageStep.chunks:type_name -> stowage.v1.ChunkStoreRef
-	52, // 64: stowage.v1.BackupImageStep.source_format:type_name -> stowage.v1.ImageFormat
-	20, // 65: stowage.v1.RestoreImageStep.chunks:type_name -> stowage.v1.ChunkStoreRef
-	19, // 66: stowage.v1.RestoreImageStep.dest:type_name -> stowage.v1.ObjectRef
-	52, // 67: stowage.v1.RestoreImageStep.format:type_name -> stowage.v1.ImageFormat
-	20, // 68: stowage.v1.DeleteBackupStep.chunks:type_name -> stowage.v1.ChunkStoreRef
-	19, // 69: stowage.v1.ExportStep.ref:type_name -> stowage.v1.ObjectRef
-	19, // 70: stowage.v1.ExportNbdStep.ref:type_name -> stowage.v1.ObjectRef
-	52, // 71: stowage.v1.ExportNbdStep.format:type_name -> stowage.v1.ImageFormat
-	52, // 72: stowage.v1.ImageInfo.format:type_name -> stowage.v1.ImageFormat
-	40, // 73: stowage.v1.SnapshotInfo.snapshot:type_name -> stowage.v1.ImageInfo
-	40, // 74: stowage.v1.SnapshotInfo.volume:type_name -> stowage.v1.ImageInfo
-	53, // 75: stowage.v1.FileInfo.modified_at:type_name -> google.protobuf.Timestamp
-	52, // 76: stowage.v1.FileInfo.format:type_name -> stowage.v1.ImageFormat
-	44, // 77: stowage.v1.TaskResult.probe:type_name -> stowage.v1.StoreProbe
-	43, // 78: stowage.v1.TaskResult.file:type_name -> stowage.v1.FileInfo
-	46, // 79: stowage.v1.TaskResult.files:type_name -> stowage.v1.FileList
-	40, // 80: stowage.v1.TaskResult.image:type_name -> stowage.v1.ImageInfo
-	41, // 81: stowage.v1.TaskResult.snapshot:type_name -> stowage.v1.SnapshotInfo
-	42, // 82: stowage.v1.TaskResult.backup:type_name -> stowage.v1.BackupInfo
-	43, // 83: stowage.v1.FileList.files:type_name -> stowage.v1.FileInfo
-	1,  // 84: stowage.v1.AgentControlService.Join:input_type -> stowage.v1.JoinRequest
-	5,  // 85: stowage.v1.AgentControlService.Register:input_type -> stowage.v1.RegisterRequest
-	8,  // 86: stowage.v1.AgentControlService.Heartbeat:input_type -> stowage.v1.HeartbeatRequest
-	3,  // 87: stowage.v1.AgentControlService.Renew:input_type -> stowage.v1.RenewRequest
-	11, // 88: stowage.v1.AgentService.RunTask:input_type -> stowage.v1.RunTaskRequest
-	13, // 89: stowage.v1.AgentService.GetTask:input_type -> stowage.v1.GetTaskRequest
-	2,  // 90: stowage.v1.AgentControlService.Join:output_type -> stowage.v1.JoinResponse
-	6,  // 91: stowage.v1.AgentControlService.Register:output_type -> stowage.v1.RegisterResponse
-	9,  // 92: stowage.v1.AgentControlService.Heartbeat:output_type -> stowage.v1.HeartbeatResponse
-	4,  // 93: stowage.v1.AgentControlService.Renew:output_type -> stowage.v1.RenewResponse
-	12, // 94: stowage.v1.AgentService.RunTask:output_type -> stowage.v1.RunTaskResponse
-	14, // 95: stowage.v1.AgentService.GetTask:output_type -> stowage.v1.GetTaskResponse
-	90, // [90:96] is the sub-list for method output_type
-	84, // [84:90] is the sub-list for method input_type
-	84, // [84:84] is the sub-list for extension type_name
-	84, // [84:84] is the sub-list for extension extendee
-	0,  // [0:84] is the sub-list for field type_name
+	55,  // 0: stowage.v1.RegisterRequest.capabilities:type_name -> stowage.v1.HostCapabilities
+	56,  // 1: stowage.v1.RegisterResponse.host:type_name -> stowage.v1.Host
+	7,   // 2: stowage.v1.RegisterResponse.stores:type_name -> stowage.v1.StoreAssignment
+	55,  // 3: stowage.v1.HeartbeatRequest.capabilities:type_name -> stowage.v1.HostCapabilities
+	57,  // 4: stowage.v1.HeartbeatResponse.state:type_name -> stowage.v1.HostState
+	7,   // 5: stowage.v1.HeartbeatResponse.stores:type_name -> stowage.v1.StoreAssignment
+	10,  // 6: stowage.v1.HeartbeatResponse.template_cache:type_name -> stowage.v1.TemplateCacheSpec
+	58,  // 7: stowage.v1.TemplateCacheSpec.templates:type_name -> stowage.v1.CacheSpec
+	15,  // 8: stowage.v1.RunTaskRequest.task:type_name -> stowage.v1.Task
+	52,  // 9: stowage.v1.RunTaskResponse.result:type_name -> stowage.v1.TaskResult
+	52,  // 10: stowage.v1.GetTaskResponse.result:type_name -> stowage.v1.TaskResult
+	23,  // 11: stowage.v1.Task.prepare_store:type_name -> stowage.v1.PrepareStoreStep
+	24,  // 12: stowage.v1.Task.probe_store:type_name -> stowage.v1.ProbeStoreStep
+	25,  // 13: stowage.v1.Task.release_store:type_name -> stowage.v1.ReleaseStoreStep
+	28,  // 14: stowage.v1.Task.create_image:type_name -> stowage.v1.CreateImageStep
+	29,  // 15: stowage.v1.Task.delete_object:type_name -> stowage.v1.DeleteObjectStep
+	30,  // 16: stowage.v1.Task.list_objects:type_name -> stowage.v1.ListObjectsStep
+	31,  // 17: stowage.v1.Task.stat_object:type_name -> stowage.v1.StatObjectStep
+	32,  // 18: stowage.v1.Task.fetch_image:type_name -> stowage.v1.FetchImageStep
+	33,  // 19: stowage.v1.Task.copy_image:type_name -> stowage.v1.CopyImageStep
+	34,  // 20: stowage.v1.Task.clone_image:type_name -> stowage.v1.CloneImageStep
+	35,  // 21: stowage.v1.Task.inspect_image:type_name -> stowage.v1.InspectImageStep
+	36,  // 22: stowage.v1.Task.resize_image:type_name -> stowage.v1.ResizeImageStep
+	37,  // 23: stowage.v1.Task.snapshot_image:type_name -> stowage.v1.SnapshotImageStep
+	38,  // 24: stowage.v1.Task.revert_image:type_name -> stowage.v1.RevertImageStep
+	39,  // 25: stowage.v1.Task.rebase_image:type_name -> stowage.v1.RebaseImageStep
+	40,  // 26: stowage.v1.Task.backup_image:type_name -> stowage.v1.BackupImageStep
+	41,  // 27: stowage.v1.Task.restore_image:type_name -> stowage.v1.RestoreImageStep
+	42,  // 28: stowage.v1.Task.delete_backup:type_name -> stowage.v1.DeleteBackupStep
+	43,  // 29: stowage.v1.Task.export:type_name -> stowage.v1.ExportStep
+	44,  // 30: stowage.v1.Task.unexport:type_name -> stowage.v1.UnexportStep
+	45,  // 31: stowage.v1.Task.export_nbd:type_name -> stowage.v1.ExportNbdStep
+	46,  // 32: stowage.v1.Task.unexport_nbd:type_name -> stowage.v1.UnexportNbdStep
+	18,  // 33: stowage.v1.Task.ensure_iscsi_target:type_name -> stowage.v1.IscsiTargetStep
+	18,  // 34: stowage.v1.Task.delete_iscsi_target:type_name -> stowage.v1.IscsiTargetStep
+	19,  // 35: stowage.v1.Task.create_lun:type_name -> stowage.v1.LunStep
+	19,  // 36: stowage.v1.Task.delete_lun:type_name -> stowage.v1.LunStep
+	19,  // 37: stowage.v1.Task.resize_lun:type_name -> stowage.v1.LunStep
+	18,  // 38: stowage.v1.Task.list_luns:type_name -> stowage.v1.IscsiTargetStep
+	20,  // 39: stowage.v1.Task.write_lun:type_name -> stowage.v1.WriteLunStep
+	17,  // 40: stowage.v1.IscsiTarget.initiators:type_name -> stowage.v1.IscsiInitiator
+	16,  // 41: stowage.v1.IscsiTargetStep.target:type_name -> stowage.v1.IscsiTarget
+	16,  // 42: stowage.v1.LunStep.target:type_name -> stowage.v1.IscsiTarget
+	59,  // 43: stowage.v1.WriteLunStep.source_format:type_name -> stowage.v1.ImageFormat
+	21,  // 44: stowage.v1.LunList.luns:type_name -> stowage.v1.LunInfo
+	54,  // 45: stowage.v1.ChunkStoreRef.secret:type_name -> stowage.v1.ChunkStoreRef.SecretEntry
+	26,  // 46: stowage.v1.CreateImageStep.ref:type_name -> stowage.v1.ObjectRef
+	59,  // 47: stowage.v1.CreateImageStep.format:type_name -> stowage.v1.ImageFormat
+	26,  // 48: stowage.v1.DeleteObjectStep.ref:type_name -> stowage.v1.ObjectRef
+	26,  // 49: stowage.v1.ListObjectsStep.dir:type_name -> stowage.v1.ObjectRef
+	26,  // 50: stowage.v1.StatObjectStep.ref:type_name -> stowage.v1.ObjectRef
+	26,  // 51: stowage.v1.FetchImageStep.dest:type_name -> stowage.v1.ObjectRef
+	59,  // 52: stowage.v1.FetchImageStep.format:type_name -> stowage.v1.ImageFormat
+	26,  // 53: stowage.v1.CopyImageStep.dest:type_name -> stowage.v1.ObjectRef
+	59,  // 54: stowage.v1.CopyImageStep.format:type_name -> stowage.v1.ImageFormat
+	59,  // 55: stowage.v1.CopyImageStep.source_format:type_name -> stowage.v1.ImageFormat
+	26,  // 56: stowage.v1.CloneImageStep.base:type_name -> stowage.v1.ObjectRef
+	26,  // 57: stowage.v1.CloneImageStep.dest:type_name -> stowage.v1.ObjectRef
+	0,   // 58: stowage.v1.CloneImageStep.mode:type_name -> stowage.v1.CloneMode
+	59,  // 59: stowage.v1.CloneImageStep.format:type_name -> stowage.v1.ImageFormat
+	59,  // 60: stowage.v1.CloneImageStep.base_format:type_name -> stowage.v1.ImageFormat
+	26,  // 61: stowage.v1.InspectImageStep.ref:type_name -> stowage.v1.ObjectRef
+	59,  // 62: stowage.v1.InspectImageStep.format:type_name -> stowage.v1.ImageFormat
+	26,  // 63: stowage.v1.ResizeImageStep.ref:type_name -> stowage.v1.ObjectRef
+	59,  // 64: stowage.v1.ResizeImageStep.format:type_name -> stowage.v1.ImageFormat
+	26,  // 65: stowage.v1.SnapshotImageStep.volume:type_name -> stowage.v1.ObjectRef
+	26,  // 66: stowage.v1.SnapshotImageStep.snapshot:type_name -> stowage.v1.ObjectRef
+	59,  // 67: stowage.v1.SnapshotImageStep.format:type_name -> stowage.v1.ImageFormat
+	26,  // 68: stowage.v1.RevertImageStep.volume:type_name -> stowage.v1.ObjectRef
+	26,  // 69: stowage.v1.RevertImageStep.snapshot:type_name -> stowage.v1.ObjectRef
+	59,  // 70: stowage.v1.RevertImageStep.format:type_name -> stowage.v1.ImageFormat
+	26,  // 71: stowage.v1.RebaseImageStep.ref:type_name -> stowage.v1.ObjectRef
+	26,  // 72: stowage.v1.RebaseImageStep.new_backing:type_name -> stowage.v1.ObjectRef
+	59,  // 73: stowage.v1.RebaseImageStep.backing_format:type_name -> stowage.v1.ImageFormat
+	26,  // 74: stowage.v1.BackupImageStep.source:type_name -> stowage.v1.ObjectRef
+	27,  // 75: stowage.v1.BackupImageStep.chunks:type_name -> stowage.v1.ChunkStoreRef
+	59,  // 76: stowage.v1.BackupImageStep.source_format:type_name -> stowage.v1.ImageFormat
+	27,  // 77: stowage.v1.RestoreImageStep.chunks:type_name -> stowage.v1.ChunkStoreRef
+	26,  // 78: stowage.v1.RestoreImageStep.dest:type_name -> stowage.v1.ObjectRef
+	59,  // 79: stowage.v1.RestoreImageStep.format:type_name -> stowage.v1.ImageFormat
+	27,  // 80: stowage.v1.DeleteBackupStep.chunks:type_name -> stowage.v1.ChunkStoreRef
+	26,  // 81: stowage.v1.ExportStep.ref:type_name -> stowage.v1.ObjectRef
+	26,  // 82: stowage.v1.ExportNbdStep.ref:type_name -> stowage.v1.ObjectRef
+	59,  // 83: stowage.v1.ExportNbdStep.format:type_name -> stowage.v1.ImageFormat
+	59,  // 84: stowage.v1.ImageInfo.format:type_name -> stowage.v1.ImageFormat
+	47,  // 85: stowage.v1.SnapshotInfo.snapshot:type_name -> stowage.v1.ImageInfo
+	47,  // 86: stowage.v1.SnapshotInfo.volume:type_name -> stowage.v1.ImageInfo
+	60,  // 87: stowage.v1.FileInfo.modified_at:type_name -> google.protobuf.Timestamp
+	59,  // 88: stowage.v1.FileInfo.format:type_name -> stowage.v1.ImageFormat
+	51,  // 89: stowage.v1.TaskResult.probe:type_name -> stowage.v1.StoreProbe
+	50,  // 90: stowage.v1.TaskResult.file:type_name -> stowage.v1.FileInfo
+	53,  // 91: stowage.v1.TaskResult.files:type_name -> stowage.v1.FileList
+	47,  // 92: stowage.v1.TaskResult.image:type_name -> stowage.v1.ImageInfo
+	48,  // 93: stowage.v1.TaskResult.snapshot:type_name -> stowage.v1.SnapshotInfo
+	49,  // 94: stowage.v1.TaskResult.backup:type_name -> stowage.v1.BackupInfo
+	21,  // 95: stowage.v1.TaskResult.lun:type_name -> stowage.v1.LunInfo
+	22,  // 96: stowage.v1.TaskResult.luns:type_name -> stowage.v1.LunList
+	50,  // 97: stowage.v1.FileList.files:type_name -> stowage.v1.FileInfo
+	1,   // 98: stowage.v1.AgentControlService.Join:input_type -> stowage.v1.JoinRequest
+	5,   // 99: stowage.v1.AgentControlService.Register:input_type -> stowage.v1.RegisterRequest
+	8,   // 100: stowage.v1.AgentControlService.Heartbeat:input_type -> stowage.v1.HeartbeatRequest
+	3,   // 101: stowage.v1.AgentControlService.Renew:input_type -> stowage.v1.RenewRequest
+	11,  // 102: stowage.v1.AgentService.RunTask:input_type -> stowage.v1.RunTaskRequest
+	13,  // 103: stowage.v1.AgentService.GetTask:input_type -> stowage.v1.GetTaskRequest
+	2,   // 104: stowage.v1.AgentControlService.Join:output_type -> stowage.v1.JoinResponse
+	6,   // 105: stowage.v1.AgentControlService.Register:output_type -> stowage.v1.RegisterResponse
+	9,   // 106: stowage.v1.AgentControlService.Heartbeat:output_type -> stowage.v1.HeartbeatResponse
+	4,   // 107: stowage.v1.AgentControlService.Renew:output_type -> stowage.v1.RenewResponse
+	12,  // 108: stowage.v1.AgentService.RunTask:output_type -> stowage.v1.RunTaskResponse
+	14,  // 109: stowage.v1.AgentService.GetTask:output_type -> stowage.v1.GetTaskResponse
+	104, // [104:110] is the sub-list for method output_type
+	98,  // [98:104] is the sub-list for method input_type
+	98,  // [98:98] is the sub-list for extension type_name
+	98,  // [98:98] is the sub-list for extension extendee
+	0,   // [0:98] is the sub-list for field type_name
 }
 
 func init() { file_stowage_v1_agent_proto_init() }
@@ -3973,8 +4595,15 @@ func file_stowage_v1_agent_proto_init() {
 		(*Task_Unexport)(nil),
 		(*Task_ExportNbd)(nil),
 		(*Task_UnexportNbd)(nil),
+		(*Task_EnsureIscsiTarget)(nil),
+		(*Task_DeleteIscsiTarget)(nil),
+		(*Task_CreateLun)(nil),
+		(*Task_DeleteLun)(nil),
+		(*Task_ResizeLun)(nil),
+		(*Task_ListLuns)(nil),
+		(*Task_WriteLun)(nil),
 	}
-	file_stowage_v1_agent_proto_msgTypes[44].OneofWrappers = []any{
+	file_stowage_v1_agent_proto_msgTypes[51].OneofWrappers = []any{
 		(*TaskResult_Probe)(nil),
 		(*TaskResult_File)(nil),
 		(*TaskResult_Files)(nil),
@@ -3982,6 +4611,8 @@ func file_stowage_v1_agent_proto_init() {
 		(*TaskResult_Snapshot)(nil),
 		(*TaskResult_Backup)(nil),
 		(*TaskResult_Uri)(nil),
+		(*TaskResult_Lun)(nil),
+		(*TaskResult_Luns)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -3989,7 +4620,7 @@ func file_stowage_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_stowage_v1_agent_proto_rawDesc), len(file_stowage_v1_agent_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   47,
+			NumMessages:   54,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

@@ -1,0 +1,160 @@
+package hostops
+
+import (
+	"context"
+
+	"github.com/stowage/stowage/drivers"
+	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
+)
+
+// ISCSITarget is a store's iSCSI target on its target host (an agent
+// running a LUN manager, tgtd): its LUNs are files of the store's
+// directory, which that agent serves.
+type ISCSITarget struct {
+	Store string
+	IQN   string
+	// Initiators are the hosts allowed to log in, each with its CHAP
+	// account (the secrets go to the target host only).
+	Initiators []ISCSIInitiator
+}
+
+// ISCSIInitiator is one host's initiator and CHAP account.
+type ISCSIInitiator struct {
+	IQN, CHAPUser, CHAPSecret string
+}
+
+// LUNRequest names the LUN backed by Key in the target's store.
+type LUNRequest struct {
+	Target ISCSITarget
+	Key    string
+	// Size is the LUN's size (create, resize).
+	Size int64
+}
+
+// LUNInfo describes a LUN.
+type LUNInfo struct {
+	Number         int
+	Key            string
+	Size           int64
+	AllocatedBytes int64
+}
+
+// WriteLUNRequest asks a host with the userspace initiator to write the
+// guest view of Source into the LUN at Dest (iscsi://user%secret@portal/iqn/lun).
+type WriteLUNRequest struct {
+	Source       drivers.URI
+	SourceFormat drivers.Format
+	Dest         drivers.URI
+	// DestIsZero says the LUN reads as zeros (freshly created): holes of
+	// the source need no writing.
+	DestIsZero bool
+}
+
+// LUNs manage a store's iSCSI target and LUNs on its target host, and
+// write images into LUNs through the userspace initiator.
+type LUNs interface {
+	// EnsureTarget makes the target, its ACL and CHAP accounts what t
+	// says (idempotent).
+	EnsureTarget(ctx context.Context, t ISCSITarget) error
+	// DeleteTarget removes the target (its LUNs' files stay).
+	DeleteTarget(ctx context.Context, t ISCSITarget) error
+	// CreateLUN creates the sparse backing file (if missing) and its LUN.
+	CreateLUN(ctx context.Context, req LUNRequest) (LUNInfo, error)
+	// DeleteLUN removes the LUN and its backing file; a missing one is
+	// not an error.
+	DeleteLUN(ctx context.Context, req LUNRequest) error
+	// ResizeLUN grows the backing file and makes the target see the size.
+	ResizeLUN(ctx context.Context, req LUNRequest) (LUNInfo, error)
+	// ListLUNs lists the target's LUNs.
+	ListLUNs(ctx context.Context, t ISCSITarget) ([]LUNInfo, error)
+	// WriteLUN writes an image into a LUN (see WriteLUNRequest).
+	WriteLUN(ctx context.Context, req WriteLUNRequest, progress drivers.Progress) (ImageInfo, error)
+}
+
+// ISCSITargetToProto is the wire form of t.
+func ISCSITargetToProto(t ISCSITarget) *stowagev1.IscsiTarget {
+	p := &stowagev1.IscsiTarget{StoreId: t.Store, Iqn: t.IQN}
+	for _, i := range t.Initiators {
+		p.Initiators = append(p.Initiators, &stowagev1.IscsiInitiator{Iqn: i.IQN, ChapUser: i.CHAPUser, ChapSecret: i.CHAPSecret})
+	}
+	return p
+}
+
+// ISCSITargetFromProto is t from the wire.
+func ISCSITargetFromProto(p *stowagev1.IscsiTarget) ISCSITarget {
+	t := ISCSITarget{Store: p.GetStoreId(), IQN: p.GetIqn()}
+	for _, i := range p.GetInitiators() {
+		t.Initiators = append(t.Initiators, ISCSIInitiator{IQN: i.GetIqn(), CHAPUser: i.GetChapUser(), CHAPSecret: i.GetChapSecret()})
+	}
+	return t
+}
+
+// LUNToProto is the wire form of l.
+func LUNToProto(l LUNInfo) *stowagev1.LunInfo {
+	return &stowagev1.LunInfo{Number: int32(l.Number), Key: l.Key, SizeBytes: l.Size, AllocatedBytes: l.AllocatedBytes}
+}
+
+// LUNFromProto is l from the wire.
+func LUNFromProto(p *stowagev1.LunInfo) LUNInfo {
+	return LUNInfo{Number: int(p.GetNumber()), Key: p.GetKey(), Size: p.GetSizeBytes(), AllocatedBytes: p.GetAllocatedBytes()}
+}
+
+// EnsureTarget implements LUNs.
+func (e *Remote) EnsureTarget(ctx context.Context, t ISCSITarget) error {
+	_, err := e.run(ctx, &stowagev1.Task{Step: &stowagev1.Task_EnsureIscsiTarget{EnsureIscsiTarget: &stowagev1.IscsiTargetStep{Target: ISCSITargetToProto(t)}}}, nil)
+	return err
+}
+
+// DeleteTarget implements LUNs.
+func (e *Remote) DeleteTarget(ctx context.Context, t ISCSITarget) error {
+	_, err := e.run(ctx, &stowagev1.Task{Step: &stowagev1.Task_DeleteIscsiTarget{DeleteIscsiTarget: &stowagev1.IscsiTargetStep{Target: ISCSITargetToProto(t)}}}, nil)
+	return err
+}
+
+func lunStep(req LUNRequest) *stowagev1.LunStep {
+	return &stowagev1.LunStep{Target: ISCSITargetToProto(req.Target), Key: req.Key, SizeBytes: req.Size}
+}
+
+func (e *Remote) lun(ctx context.Context, task *stowagev1.Task) (LUNInfo, error) {
+	res, err := e.run(ctx, task, nil)
+	if err != nil {
+		return LUNInfo{}, err
+	}
+	return LUNFromProto(res.GetLun()), nil
+}
+
+// CreateLUN implements LUNs.
+func (e *Remote) CreateLUN(ctx context.Context, req LUNRequest) (LUNInfo, error) {
+	return e.lun(ctx, &stowagev1.Task{Step: &stowagev1.Task_CreateLun{CreateLun: lunStep(req)}})
+}
+
+// DeleteLUN implements LUNs.
+func (e *Remote) DeleteLUN(ctx context.Context, req LUNRequest) error {
+	_, err := e.run(ctx, &stowagev1.Task{Step: &stowagev1.Task_DeleteLun{DeleteLun: lunStep(req)}}, nil)
+	return err
+}
+
+// ResizeLUN implements LUNs.
+func (e *Remote) ResizeLUN(ctx context.Context, req LUNRequest) (LUNInfo, error) {
+	return e.lun(ctx, &stowagev1.Task{Step: &stowagev1.Task_ResizeLun{ResizeLun: lunStep(req)}})
+}
+
+// ListLUNs implements LUNs.
+func (e *Remote) ListLUNs(ctx context.Context, t ISCSITarget) ([]LUNInfo, error) {
+	res, err := e.run(ctx, &stowagev1.Task{Step: &stowagev1.Task_ListLuns{ListLuns: &stowagev1.IscsiTargetStep{Target: ISCSITargetToProto(t)}}}, nil)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]LUNInfo, 0, len(res.GetLuns().GetLuns()))
+	for _, l := range res.GetLuns().GetLuns() {
+		out = append(out, LUNFromProto(l))
+	}
+	return out, nil
+}
+
+// WriteLUN implements LUNs.
+func (e *Remote) WriteLUN(ctx context.Context, req WriteLUNRequest, progress drivers.Progress) (ImageInfo, error) {
+	return e.image(ctx, &stowagev1.Task{Step: &stowagev1.Task_WriteLun{WriteLun: &stowagev1.WriteLunStep{
+		Source: string(req.Source), SourceFormat: FormatToProto(req.SourceFormat), Dest: string(req.Dest), DestIsZero: req.DestIsZero,
+	}}}, progress)
+}
