@@ -156,10 +156,6 @@ func Execute(ctx context.Context, host hostops.Host, task *stowagev1.Task, progr
 		}
 		res.Result = &stowagev1.TaskResult_Luns{Luns: list}
 		return res, nil
-	case *stowagev1.Task_WriteLun:
-		r := s.WriteLun
-		return image(host.WriteLUN(ctx, hostops.WriteLUNRequest{Source: drivers.URI(r.GetSource()), SourceFormat: format(r.GetSourceFormat()),
-			Dest: drivers.URI(r.GetDest()), DestIsZero: r.GetDestIsZero()}, progress))
 	}
 	return nil, fmt.Errorf("task %s: unknown step %T: %w", task.GetId(), task.GetStep(), errdefs.ErrNotImplemented)
 }
@@ -189,7 +185,8 @@ func fetchRequest(r *stowagev1.FetchImageStep) hostops.FetchRequest {
 
 func copyRequest(r *stowagev1.CopyImageStep) hostops.CopyRequest {
 	return hostops.CopyRequest{Source: drivers.URI(r.GetSource()), SourceFormat: hostops.FormatFromProto(r.GetSourceFormat()),
-		Dest: hostops.RefFromProto(r.GetDest()), Format: hostops.FormatFromProto(r.GetFormat()), Flatten: r.GetFlatten()}
+		Dest: hostops.RefFromProto(r.GetDest()), Format: hostops.FormatFromProto(r.GetFormat()), Flatten: r.GetFlatten(),
+		DestURI: drivers.URI(r.GetDestUri()), DestIsZero: r.GetDestIsZero()}
 }
 
 func cloneRequest(r *stowagev1.CloneImageStep) hostops.CloneRequest {
@@ -259,7 +256,11 @@ func (h *LocalHost) admit(task *stowagev1.Task) error {
 	case *stowagev1.Task_CopyImage:
 		r := copyRequest(s.CopyImage)
 		if _, err = h.copySource(r.Source); err == nil {
-			_, err = h.object(r.Dest)
+			if r.DestURI != "" {
+				err = checkISCSIURL(r.DestURI)
+			} else {
+				_, err = h.object(r.Dest)
+			}
 		}
 	case *stowagev1.Task_CloneImage:
 		r := cloneRequest(s.CloneImage)
@@ -311,10 +312,6 @@ func (h *LocalHost) admit(task *stowagev1.Task) error {
 		_, err = h.lunPath(lunRequest(s.DeleteLun))
 	case *stowagev1.Task_ResizeLun:
 		_, err = h.lunPath(lunRequest(s.ResizeLun))
-	case *stowagev1.Task_WriteLun:
-		if _, err = h.copySource(drivers.URI(s.WriteLun.GetSource())); err == nil {
-			err = checkISCSIURL(drivers.URI(s.WriteLun.GetDest()))
-		}
 	}
 	if err != nil && !errors.Is(err, errdefs.ErrPermissionDenied) {
 		// Only refusals are answered before the journal; any other problem

@@ -45,8 +45,8 @@ type LocalHost struct {
 	imports *ImportDir // never nil
 	// luns and lunWriter make it an iSCSI target host and a userspace
 	// initiator (WithLUNs); nil: LUN steps are not implemented here.
-	luns      LUNManager
-	lunWriter LUNWriter
+	luns  LUNManager
+	lunIO LUNIO
 }
 
 var _ hostops.Host = (*LocalHost)(nil)
@@ -249,7 +249,7 @@ func (h *LocalHost) copySource(src drivers.URI) (string, error) {
 	u, err := url.Parse(string(src))
 	if err == nil && u.Host != "" {
 		switch strings.ToLower(u.Scheme) {
-		case "http", "https", "nbd", "nbds":
+		case "http", "https", "nbd", "nbds", "iscsi":
 			return string(src), nil
 		}
 	}
@@ -280,9 +280,15 @@ func (h *LocalHost) CopyImage(ctx context.Context, req hostops.CopyRequest, prog
 	if err != nil {
 		return hostops.ImageInfo{}, err
 	}
+	if req.DestURI != "" {
+		return h.copyISCSI(ctx, req, src, "", progress)
+	}
 	dest, err := h.object(req.Dest)
 	if err != nil {
 		return hostops.ImageInfo{}, err
+	}
+	if isISCSI(src) {
+		return h.copyISCSI(ctx, req, src, dest, progress)
 	}
 	info, err := h.fs.CopyImage(ctx, hostfs.CopyRequest{Source: src, SourceFormat: req.SourceFormat, Dest: dest, Format: req.Format, Flatten: req.Flatten}, progress)
 	return imageOf(req.Dest.Key, info, err)

@@ -27,18 +27,20 @@ type LUNManager interface {
 	LUNNumbers(ctx context.Context, iqn string) (map[string]int, error)
 }
 
-// LUNWriter writes images into LUNs and reads them out through the
-// userspace initiator (datapath/iscsi: libiscsi in qemu-img).
-type LUNWriter interface {
-	// Write writes the guest view of src (a file of this host or an
-	// http(s) URL) of format into the LUN at dest (iscsi://…).
-	Write(ctx context.Context, src, format, dest string, destIsZero bool, progress func(done, total int64)) error
+// LUNIO moves images into and out of LUNs through the userspace
+// initiator (datapath/iscsi: libiscsi in qemu-img).
+type LUNIO interface {
+	// Convert writes src (a file of this host or an iscsi:// LUN) of
+	// srcFormat into dst (a file or a LUN) as dstFormat; when the formats
+	// are equal the bytes are copied as they are. dstIsZero says dst reads
+	// as zeros, so holes are not written.
+	Convert(ctx context.Context, src, srcFormat, dst, dstFormat string, dstIsZero bool, progress func(done, total int64)) error
 }
 
-// WithLUNs makes this host an iSCSI target host (m) and, with w, a host
-// that writes LUNs from userspace.
-func WithLUNs(m LUNManager, w LUNWriter) Option {
-	return func(a *Agent) { a.host.luns, a.host.lunWriter = m, w }
+// WithLUNs makes this host an iSCSI target host (m, nil for none) and a
+// userspace initiator (io, nil for none).
+func WithLUNs(m LUNManager, io LUNIO) Option {
+	return func(a *Agent) { a.host.luns, a.host.lunIO = m, io }
 }
 
 func (h *LocalHost) lunManager() (LUNManager, error) {
@@ -206,27 +208,41 @@ func (h *LocalHost) ListLUNs(ctx context.Context, t hostops.ISCSITarget) ([]host
 	return out, nil
 }
 
-// WriteLUN implements hostops.LUNs.
-func (h *LocalHost) WriteLUN(ctx context.Context, req hostops.WriteLUNRequest, progress drivers.Progress) (hostops.ImageInfo, error) {
-	if h.lunWriter == nil {
+// copyISCSI runs a copy whose source or destination is a LUN (iscsi://)
+// through the userspace initiator: into a LUN (req.DestURI), or out of one
+// into the object at dest (a path of a store this host serves).
+func (h *LocalHost) copyISCSI(ctx context.Context, req hostops.CopyRequest, src, dest string, progress drivers.Progress) (hostops.ImageInfo, error) {
+	if h.lunIO == nil {
 		return hostops.ImageInfo{}, fmt.Errorf("host %s has no userspace iSCSI initiator (qemu-img with the iscsi block driver): %w", h.HostID(), errdefs.ErrNotImplemented)
 	}
-	src, err := h.copySource(req.Source)
-	if err != nil {
-		return hostops.ImageInfo{}, err
-	}
-	if err := checkISCSIURL(req.Dest); err != nil {
-		return hostops.ImageInfo{}, err
+	format := req.Format
+	if format == "" {
+		format = req.SourceFormat
 	}
 	var report func(done, total int64)
 	if progress != nil {
 		report = func(done, total int64) { progress(done, total) }
 	}
-	if err := h.lunWriter.Write(ctx, h.fs.OnHost(src), string(req.SourceFormat), string(req.Dest), req.DestIsZero, report); err != nil {
-		return hostops.ImageInfo{}, err
+	if req.DestURI != "" {
+		if err := checkISCSIURL(req.DestURI); err != nil {
+			return hostops.ImageInfo{}, err
+		}
+		if !isISCSI(src) {
+			src = h.fs.OnHost(src)
+		}
+		if err := h.lunIO.Convert(ctx, src, string(req.SourceFormat), string(req.DestURI), string(format), req.DestIsZero, report); err != nil {
+			return hostops.ImageInfo{}, err
+		}
+		return hostops.ImageInfo{Format: format, Method: "qemu-img convert (libiscsi)"}, nil
 	}
-	return hostops.ImageInfo{Format: drivers.FormatRaw, Method: "qemu-img convert (libiscsi)"}, nil
+	// Out of a LUN into a store object: staged, then published.
+	info, err := h.fs.Produce(ctx, dest, format, func(ctx context.Context, stage string) error {
+		return h.lunIO.Convert(ctx, src, string(req.SourceFormat), h.fs.OnHost(stage), string(format), true, report)
+	})
+	return imageOf(req.Dest.Key, info, err)
 }
+
+func isISCSI(s string) bool { return strings.HasPrefix(s, "iscsi://") }
 
 // checkISCSIURL admits an iscsi://portal/iqn/lun destination only.
 func checkISCSIURL(u drivers.URI) error {

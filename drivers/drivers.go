@@ -387,6 +387,14 @@ type ChunkTarget interface {
 	DeleteBackup(ctx context.Context, obj DataObject) (BackupStats, error)
 }
 
+// VolumeFormats is implemented by a driver whose stores hold volumes in
+// some formats only (a LUN is a raw disk): the controller plans a volume
+// on such a store in the first of them unless one of the others is asked
+// for, and refuses any other.
+type VolumeFormats interface {
+	VolumeFormats() []Format
+}
+
 // HostRooted is implemented by a Provider whose stores are directories the
 // hosts in scope see: HostRoot tells an agent the directory of a store it
 // should serve (its assignment at registration and in heartbeats).

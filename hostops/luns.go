@@ -3,7 +3,6 @@ package hostops
 import (
 	"context"
 
-	"github.com/stowage/stowage/drivers"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 )
 
@@ -39,19 +38,8 @@ type LUNInfo struct {
 	AllocatedBytes int64
 }
 
-// WriteLUNRequest asks a host with the userspace initiator to write the
-// guest view of Source into the LUN at Dest (iscsi://user%secret@portal/iqn/lun).
-type WriteLUNRequest struct {
-	Source       drivers.URI
-	SourceFormat drivers.Format
-	Dest         drivers.URI
-	// DestIsZero says the LUN reads as zeros (freshly created): holes of
-	// the source need no writing.
-	DestIsZero bool
-}
-
-// LUNs manage a store's iSCSI target and LUNs on its target host, and
-// write images into LUNs through the userspace initiator.
+// LUNs manage a store's iSCSI target and LUNs on its target host. Bytes
+// reach LUNs through CopyImage (an iscsi:// source or DestURI).
 type LUNs interface {
 	// EnsureTarget makes the target, its ACL and CHAP accounts what t
 	// says (idempotent).
@@ -67,8 +55,6 @@ type LUNs interface {
 	ResizeLUN(ctx context.Context, req LUNRequest) (LUNInfo, error)
 	// ListLUNs lists the target's LUNs.
 	ListLUNs(ctx context.Context, t ISCSITarget) ([]LUNInfo, error)
-	// WriteLUN writes an image into a LUN (see WriteLUNRequest).
-	WriteLUN(ctx context.Context, req WriteLUNRequest, progress drivers.Progress) (ImageInfo, error)
 }
 
 // ISCSITargetToProto is the wire form of t.
@@ -150,11 +136,4 @@ func (e *Remote) ListLUNs(ctx context.Context, t ISCSITarget) ([]LUNInfo, error)
 		out = append(out, LUNFromProto(l))
 	}
 	return out, nil
-}
-
-// WriteLUN implements LUNs.
-func (e *Remote) WriteLUN(ctx context.Context, req WriteLUNRequest, progress drivers.Progress) (ImageInfo, error) {
-	return e.image(ctx, &stowagev1.Task{Step: &stowagev1.Task_WriteLun{WriteLun: &stowagev1.WriteLunStep{
-		Source: string(req.Source), SourceFormat: FormatToProto(req.SourceFormat), Dest: string(req.Dest), DestIsZero: req.DestIsZero,
-	}}}, progress)
 }

@@ -22,8 +22,13 @@ type CopyRequest struct {
 	// SourceFormat is the format of Source as the records say (required).
 	SourceFormat drivers.Format
 	Dest         Ref
-	Format       drivers.Format // "" keeps the source's format
-	Flatten      bool
+	// DestURI, instead of Dest, is a writable URI a driver granted the
+	// host (iscsi://): written in Format, never probed.
+	DestURI drivers.URI
+	// DestIsZero says DestURI reads as zeros (a new LUN).
+	DestIsZero bool
+	Format     drivers.Format // "" keeps the source's format
+	Flatten    bool
 }
 
 // CloneRequest asks an agent to create a volume from a base image of the

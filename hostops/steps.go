@@ -117,7 +117,7 @@ func (e *Remote) FetchImage(ctx context.Context, req FetchRequest, progress driv
 func (e *Remote) CopyImage(ctx context.Context, req CopyRequest, progress drivers.Progress) (ImageInfo, error) {
 	return e.image(ctx, &stowagev1.Task{Step: &stowagev1.Task_CopyImage{CopyImage: &stowagev1.CopyImageStep{
 		Source: string(req.Source), SourceFormat: FormatToProto(req.SourceFormat), Dest: RefToProto(req.Dest),
-		Format: FormatToProto(req.Format), Flatten: req.Flatten,
+		Format: FormatToProto(req.Format), Flatten: req.Flatten, DestUri: string(req.DestURI), DestIsZero: req.DestIsZero,
 	}}}, progress)
 }
 

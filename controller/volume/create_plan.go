@@ -116,13 +116,41 @@ func (p *planner) primary(ctx context.Context, storeID, zone string, need int64)
 	return st, err
 }
 
-func (p *planner) blank(ctx context.Context, req *stowagev1.CreateVolumeRequest, vol *stowagev1.Volume, want drivers.Format) error {
-	if want == "" {
-		want = drivers.FormatQCOW2
+// volumeFormat is the format of a volume on st: want, or the store's
+// first format when its driver holds some formats only
+// (drivers.VolumeFormats), refusing one it does not hold.
+func (p *planner) volumeFormat(st *stowagev1.DataStore, want drivers.Format) (drivers.Format, error) {
+	d, err := p.s.stores.Driver(st)
+	if err != nil {
+		return "", err
 	}
+	vf, ok := d.(drivers.VolumeFormats)
+	if !ok || len(vf.VolumeFormats()) == 0 {
+		return want, nil
+	}
+	formats := vf.VolumeFormats()
+	if want == "" {
+		p.plan.Reasons = append(p.plan.Reasons, fmt.Sprintf("store %s holds %v volumes: %s", st.GetName(), formats, formats[0]))
+		return formats[0], nil
+	}
+	for _, f := range formats {
+		if f == want {
+			return want, nil
+		}
+	}
+	return "", fmt.Errorf("store %s (provider %s) holds %v volumes, not %s: %w", st.GetName(), st.GetProvider(), formats, want, errdefs.ErrInvalid)
+}
+
+func (p *planner) blank(ctx context.Context, req *stowagev1.CreateVolumeRequest, vol *stowagev1.Volume, want drivers.Format) error {
 	st, err := p.primary(ctx, req.GetStoreId(), req.GetZone(), 0)
 	if err != nil {
 		return err
+	}
+	if want, err = p.volumeFormat(st, want); err != nil {
+		return err
+	}
+	if want == "" {
+		want = drivers.FormatQCOW2
 	}
 	ch, err := p.s.sel.Select(ctx, "", datastore.Scope(st))
 	if err != nil {
@@ -157,6 +185,9 @@ func (p *planner) fromTemplate(ctx context.Context, req *stowagev1.CreateVolumeR
 	}
 	st, err := p.primary(ctx, req.GetStoreId(), req.GetZone(), tmpl.GetVirtualSize())
 	if err != nil {
+		return err
+	}
+	if want, err = p.volumeFormat(st, want); err != nil {
 		return err
 	}
 	vol.StoreId = st.GetId()
@@ -306,6 +337,9 @@ func (p *planner) fromSnapshot(ctx context.Context, req *stowagev1.CreateVolumeR
 	vol.StoreId, vol.SnapshotId = st.GetId(), snap.GetId()
 	if vol.Size == 0 {
 		vol.Size = snap.GetSize()
+	}
+	if want, err = p.volumeFormat(st, want); err != nil {
+		return err
 	}
 	if want == "" {
 		want = drivers.FormatQCOW2
