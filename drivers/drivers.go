@@ -212,6 +212,9 @@ type Access struct {
 	// HostID is the host that serves the URI when it is an export made on
 	// an agent (for RevokeAccess and for callers that record who serves).
 	HostID string
+	// Zeroed says a write grant's object reads as zeros (made empty for
+	// this grant): a copy need not write the source's holes.
+	Zeroed bool
 }
 
 // SnapshotObject is a snapshot of a volume on a primary store.

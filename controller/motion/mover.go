@@ -102,17 +102,19 @@ func (m *Mover) Copy(ctx context.Context, mv Move, progress drivers.Progress) (d
 			_ = dd.RevokeAccess(context.WithoutCancel(ctx), mv.Dst, writer, dst)
 		}
 	}()
+	req := hostops.CopyRequest{Source: src.URI, SourceFormat: mv.Src.Format, Format: mv.Dst.Format, Flatten: mv.Flatten}
 	ref, ok, err := hostops.ParseRef(dst.URI)
-	if err != nil {
+	switch {
+	case err != nil:
 		return drivers.ObjectInfo{}, err
+	case ok:
+		req.Dest = ref
+	default:
+		// A writable URI the driver granted this host (a LUN): the host
+		// writes into it.
+		req.DestURI, req.DestIsZero = dst.URI, dst.Zeroed
 	}
-	if !ok {
-		return drivers.ObjectInfo{}, fmt.Errorf("store %s (provider %s) takes no stream from a host (its write access is not a store object): %w",
-			mv.Dst.Store.Name, mv.Dst.Store.Provider, errdefs.ErrNotImplemented)
-	}
-	info, err := ch.Endpoint.CopyImage(ctx, hostops.CopyRequest{
-		Source: src.URI, SourceFormat: mv.Src.Format, Dest: ref, Format: mv.Dst.Format, Flatten: mv.Flatten,
-	}, progress)
+	info, err := ch.Endpoint.CopyImage(ctx, req, progress)
 	if err != nil {
 		return drivers.ObjectInfo{}, err
 	}
