@@ -7,6 +7,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -31,6 +32,8 @@ func (a *Agent) capabilities(ctx context.Context) *stowagev1.HostCapabilities {
 		FusePassthrough: staticCaps.FusePassthrough,
 		NbdKernel:       staticCaps.NbdKernel,
 		IscsiInitiator:  staticCaps.IscsiInitiator,
+		IscsiUserspace:  staticCaps.IscsiUserspace,
+		IscsiTarget:     a.host.luns != nil,
 		Kernel:          staticCaps.Kernel,
 		AgentVersion:    a.cfg.Version,
 		TemplateCache:   a.cacheStatus(ctx),
@@ -84,6 +87,7 @@ func probeStatic(ctx context.Context) *stowagev1.HostCapabilities {
 	_, errTCP := os.Stat("/sys/module/iscsi_tcp")
 	_, errAdm := exec.LookPath("iscsiadm")
 	caps.IscsiInitiator = errTCP == nil && errAdm == nil
+	caps.IscsiUserspace = qemuHasISCSI(ctx)
 	return caps
 }
 
@@ -113,4 +117,22 @@ func ReadIQN() string {
 		}
 	}
 	return ""
+}
+
+// qemuHasISCSI says whether qemu-img has its iscsi block driver (libiscsi;
+// Debian's qemu-block-extra).
+func qemuHasISCSI(ctx context.Context) bool {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, "qemu-img", "--help").Output()
+	if err != nil {
+		return false
+	}
+	_, formats, _ := strings.Cut(string(out), "Supported formats:")
+	for _, f := range strings.Fields(formats) {
+		if f == "iscsi" {
+			return true
+		}
+	}
+	return false
 }

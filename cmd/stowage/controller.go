@@ -120,7 +120,11 @@ func runController(ctx context.Context, cfg controllerConfig, log *slog.Logger, 
 	if err != nil {
 		return fmt.Errorf("--fetch-allow-cidrs: %w", err)
 	}
-	providers := builtinProviders(selector, guard.Client(nil), tr.peerClient())
+	chap, err := chapKey(cfg.dataDir)
+	if err != nil {
+		return err
+	}
+	providers := builtinProviders(selector, guard.Client(nil), tr.peerClient(), chap)
 	mover := motion.NewMover(providers, selector)
 	storeSvc := datastore.New(db, providers, log)
 	hostSvc.SetStoreWatcher(storeSvc)

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/rand"
 	"crypto/tls"
 	"errors"
 	"fmt"
@@ -15,6 +16,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/stowage/stowage/datapath/durable"
+	"github.com/stowage/stowage/errdefs"
 	"github.com/stowage/stowage/trust"
 )
 
@@ -158,4 +161,28 @@ func advertised(listen string) string {
 		host = "127.0.0.1"
 	}
 	return net.JoinHostPort(host, port)
+}
+
+// chapKey is the key iSCSI stores' CHAP secrets are derived from
+// (DATA/pki/chap.key, 32 random bytes made on the first start, 0600).
+func chapKey(dataDir string) ([]byte, error) {
+	path := filepath.Join(pkiDir(dataDir), "chap.key")
+	key, err := os.ReadFile(path)
+	if err == nil && len(key) == 32 {
+		return key, nil
+	}
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("CHAP key: %w", err)
+	}
+	if err == nil {
+		return nil, fmt.Errorf("CHAP key %s: %d bytes, want 32: %w", path, len(key), errdefs.ErrFailedPrecondition)
+	}
+	key = make([]byte, 32)
+	if _, err := rand.Read(key); err != nil {
+		return nil, err
+	}
+	if err := durable.WriteNew(path, key, 0o600); err != nil {
+		return nil, fmt.Errorf("CHAP key: %w", err)
+	}
+	return key, nil
 }

@@ -934,6 +934,11 @@ type HostCapabilities struct {
 	// The host's FUSE template mount (stowage cache serve), when it has one
 	// and the agent can reach it; lazy volumes are placed only on such hosts.
 	TemplateCache *CacheStatus `protobuf:"bytes,9,opt,name=template_cache,json=templateCache,proto3" json:"template_cache,omitempty"`
+	// The host reaches LUNs from userspace (libiscsi in qemu-img: the
+	// iscsi block driver is installed), with or without iscsi_tcp.
+	IscsiUserspace bool `protobuf:"varint,10,opt,name=iscsi_userspace,json=iscsiUserspace,proto3" json:"iscsi_userspace,omitempty"`
+	// The host runs an iSCSI target for stores (stowage agent --iscsi-target).
+	IscsiTarget   bool `protobuf:"varint,11,opt,name=iscsi_target,json=iscsiTarget,proto3" json:"iscsi_target,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1029,6 +1034,20 @@ func (x *HostCapabilities) GetTemplateCache() *CacheStatus {
 		return x.TemplateCache
 	}
 	return nil
+}
+
+func (x *HostCapabilities) GetIscsiUserspace() bool {
+	if x != nil {
+		return x.IscsiUserspace
+	}
+	return false
+}
+
+func (x *HostCapabilities) GetIscsiTarget() bool {
+	if x != nil {
+		return x.IscsiTarget
+	}
+	return false
 }
 
 // Host is a hypervisor host running a Stowage agent.
@@ -3194,7 +3213,7 @@ const file_stowage_v1_types_proto_rawDesc = "" +
 	"\x0ecapacity_bytes\x18\x04 \x01(\x03R\rcapacityBytes\x12'\n" +
 	"\x0favailable_bytes\x18\x05 \x01(\x03R\x0eavailableBytes\x12\x17\n" +
 	"\afs_type\x18\x06 \x01(\tR\x06fsType\x12\x14\n" +
-	"\x05error\x18\a \x01(\tR\x05error\"\xf1\x02\n" +
+	"\x05error\x18\a \x01(\tR\x05error\"\xbd\x03\n" +
 	"\x10HostCapabilities\x12(\n" +
 	"\x10qemu_img_version\x18\x01 \x01(\tR\x0eqemuImgVersion\x12\x12\n" +
 	"\x04fuse\x18\x02 \x01(\bR\x04fuse\x12)\n" +
@@ -3205,7 +3224,10 @@ const file_stowage_v1_types_proto_rawDesc = "" +
 	"\x06kernel\x18\x06 \x01(\tR\x06kernel\x12#\n" +
 	"\ragent_version\x18\a \x01(\tR\fagentVersion\x12/\n" +
 	"\x06stores\x18\b \x03(\v2\x17.stowage.v1.StoreOnHostR\x06stores\x12>\n" +
-	"\x0etemplate_cache\x18\t \x01(\v2\x17.stowage.v1.CacheStatusR\rtemplateCache\"\xa9\x04\n" +
+	"\x0etemplate_cache\x18\t \x01(\v2\x17.stowage.v1.CacheStatusR\rtemplateCache\x12'\n" +
+	"\x0fiscsi_userspace\x18\n" +
+	" \x01(\bR\x0eiscsiUserspace\x12!\n" +
+	"\fiscsi_target\x18\v \x01(\bR\viscsiTarget\"\xa9\x04\n" +
 	"\x04Host\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1a\n" +
 	"\bhostname\x18\x02 \x01(\tR\bhostname\x12\x1b\n" +
