@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"os"
 	"os/exec"
@@ -35,7 +36,7 @@ func setup(t *testing.T) (newLUN func(dense bool) (iscsi.Target, string)) {
 	tgttest.Require(t, "qemu-img", "qemu-io")
 	portal, ctl := tgttest.Start(t)
 	ctx := t.Context()
-	m := tgt.New(tgt.WithControlPort(ctl))
+	m := tgt.New(tgt.WithControlPort(ctl), tgt.WithLogger(slog.New(slog.NewTextHandler(t.Output(), nil))))
 	if err := m.EnsureTarget(ctx, targetIQN); err != nil {
 		t.Fatal(err)
 	}
@@ -207,6 +208,14 @@ func TestErrors(t *testing.T) {
 	src := qcow2(t, "write -P 0xab 0 1M")
 	if err := iscsi.Write(ctx, src, "qcow2", wrong, nil); !errors.Is(err, errdefs.ErrUnauthenticated) || strings.Contains(err.Error(), wrong.Secret) {
 		t.Fatalf("Write with a wrong secret: %v", err)
+	}
+
+	big := filepath.Join(t.TempDir(), "big.qcow2")
+	if out, err := exec.Command("qemu-img", "create", "-q", "-f", "qcow2", big, fmt.Sprint(2*lunSize)).CombinedOutput(); err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	if err := iscsi.Write(ctx, big, "qcow2", dst, nil); !errdefs.IsFailedPrecondition(err) {
+		t.Fatalf("Write of an image larger than the LUN: %v; want failed precondition", err)
 	}
 
 	other := dst

@@ -7,8 +7,10 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"net"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
@@ -213,6 +215,15 @@ func (m *Manager) AddLUN(ctx context.Context, iqn, backing string) (int, error) 
 	t, err := m.target(ctx, iqn)
 	if err != nil {
 		return 0, err
+	}
+	// tgtd answers a missing backing with "invalid request" only; tgtd
+	// runs on this host, so say what is wrong before asking it.
+	if _, err := os.Stat(backing); err != nil {
+		class := errdefs.ErrInvalid
+		if errors.Is(err, fs.ErrNotExist) {
+			class = errdefs.ErrNotFound
+		}
+		return 0, fmt.Errorf("iscsi target %s: backing: %v: %w", iqn, err, class)
 	}
 	used := map[int]bool{}
 	for _, l := range t.LUNs {

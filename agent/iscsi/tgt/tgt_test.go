@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -61,7 +62,7 @@ func TestManager(t *testing.T) {
 	tgttest.Require(t, "iscsi-readcapacity16")
 	portal, ctl := tgttest.Start(t)
 	ctx := t.Context()
-	m := tgt.New(tgt.WithControlPort(ctl))
+	m := tgt.New(tgt.WithControlPort(ctl), tgt.WithLogger(slog.New(slog.NewTextHandler(t.Output(), nil))))
 
 	if _, err := m.LUNs(ctx, iqn); !errdefs.IsNotFound(err) {
 		t.Fatalf("LUNs of a missing target: %v, want not found", err)
@@ -98,8 +99,8 @@ func TestManager(t *testing.T) {
 	if again, err := m.AddLUN(ctx, iqn, a); err != nil || again != na {
 		t.Fatalf("AddLUN a again = %d, %v; want %d", again, err, na)
 	}
-	if _, err := m.AddLUN(ctx, iqn, filepath.Join(t.TempDir(), "missing")); !errdefs.IsInvalid(err) {
-		t.Fatalf("AddLUN of a missing backing: %v, want invalid", err)
+	if _, err := m.AddLUN(ctx, iqn, filepath.Join(t.TempDir(), "missing")); !errdefs.IsNotFound(err) {
+		t.Fatalf("AddLUN of a missing backing: %v, want not found", err)
 	}
 	luns, err := m.LUNs(ctx, iqn)
 	if err != nil || len(luns) != 2 || luns[0].Backing != a || luns[1].Backing != b || luns[0].Size != 67_000_000 || !luns[0].Thin {
@@ -200,6 +201,16 @@ func TestManager(t *testing.T) {
 	if _, err := readCapacity(ctx, portal, iqn, na, initiator, "", ""); err == nil {
 		t.Fatal("login succeeded after Disallow")
 	}
+	// By address: anyone from 127.0.0.1.
+	if err := m.Allow(ctx, iqn, "127.0.0.1"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := readCapacity(ctx, portal, iqn, na, "iqn.2026-12.io.stowage:other", "", ""); err != nil {
+		t.Fatalf("address ACL: %v", err)
+	}
+	if ts, _ := m.Targets(ctx); len(ts[0].ACLs) != 1 || ts[0].ACLs[0] != "127.0.0.1" {
+		t.Fatalf("ACLs = %q", ts[0].ACLs)
+	}
 	for range 2 {
 		if err := m.DeleteTarget(ctx, iqn); err != nil {
 			t.Fatal(err)
@@ -216,7 +227,7 @@ func TestManager(t *testing.T) {
 func TestSecretNotInErrors(t *testing.T) {
 	_, ctl := tgttest.Start(t)
 	ctx := t.Context()
-	m := tgt.New(tgt.WithControlPort(ctl))
+	m := tgt.New(tgt.WithControlPort(ctl), tgt.WithLogger(slog.New(slog.NewTextHandler(t.Output(), nil))))
 	const secret = "do-not-print-me-1"
 	// A user name tgtadm rejects would echo argv in some versions; the
 	// target is missing, so SetCHAP fails before or at tgtadm.
