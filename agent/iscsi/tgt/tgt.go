@@ -1,0 +1,610 @@
+package tgt
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/stowage/stowage/errdefs"
+)
+
+// LUNManager makes and exposes LUNs on one iSCSI target system. Targets
+// are named by IQN, LUNs by their backing (a path on the target host, or
+// whatever names a volume to a vendor array). Every method is idempotent:
+// creating what exists succeeds and returns it, removing what is missing
+// succeeds. Methods that name a target that does not exist return
+// errdefs.ErrNotFound, except the removals.
+type LUNManager interface {
+	// EnsureTarget creates the target iqn unless it exists.
+	EnsureTarget(ctx context.Context, iqn string) error
+	// DeleteTarget removes the target, its LUNs and its ACLs, logging out
+	// any initiator still logged in. The backings are left alone.
+	DeleteTarget(ctx context.Context, iqn string) error
+	// LUNs lists the target's LUNs (LUN 0, the controller, left out).
+	LUNs(ctx context.Context, iqn string) ([]LUN, error)
+	// AddLUN exposes backing as a LUN of the target and returns its
+	// number: the existing one if backing is already exposed, else the
+	// lowest free number from 1.
+	AddLUN(ctx context.Context, iqn, backing string) (int, error)
+	// RemoveLUN removes the LUN backed by backing.
+	RemoveLUN(ctx context.Context, iqn, backing string) error
+	// Refresh makes the target serve the backing's current size after it
+	// grew; initiators then rescan. The LUN keeps its number.
+	Refresh(ctx context.Context, iqn, backing string) error
+	// Allow lets initiator (an initiator IQN or an IP address; "ALL" for
+	// anyone, only when the caller means it) log in to the target.
+	Allow(ctx context.Context, iqn, initiator string) error
+	// Disallow removes what Allow added.
+	Disallow(ctx context.Context, iqn, initiator string) error
+	// SetCHAP requires initiators of the target to authenticate as user
+	// with secret (one-way CHAP). It creates the account or replaces its
+	// secret, and binds it to the target.
+	SetCHAP(ctx context.Context, iqn, user, secret string) error
+	// RemoveCHAP unbinds user from the target.
+	RemoveCHAP(ctx context.Context, iqn, user string) error
+}
+
+var _ LUNManager = (*Manager)(nil)
+
+// Manager is the LUNManager of a local tgtd, driven with tgtadm. It is
+// safe for concurrent use; its changes are serialised among its callers
+// (not with other processes running tgtadm against the same tgtd).
+type Manager struct {
+	bin  string
+	ctl  int
+	thin bool
+	log  *slog.Logger
+	mu   chan struct{} // a lock whose acquire takes a ctx
+}
+
+// Option configures a Manager.
+type Option func(*Manager)
+
+// WithBinary sets the tgtadm binary (default "tgtadm" on PATH).
+func WithBinary(path string) Option { return func(m *Manager) { m.bin = path } }
+
+// WithControlPort talks to the tgtd started with -C n (0..32767; default
+// 0, tgtd's default): its control socket is /var/run/tgtd/socket.<n>.
+func WithControlPort(n int) Option { return func(m *Manager) { m.ctl = n } }
+
+// WithLogger sets the logger (default slog.Default()).
+func WithLogger(l *slog.Logger) Option { return func(m *Manager) { m.log = l } }
+
+// WithThinProvisioning sets whether new LUNs advertise thin provisioning
+// (default true): tgt then answers UNMAP and WRITE SAME with UNMAP by
+// punching holes in the backing file, so an initiator writing zeros with
+// unmap allowed (qemu-img convert does) leaves the backing sparse. Without
+// it those zeros are written out and allocate.
+func WithThinProvisioning(on bool) Option { return func(m *Manager) { m.thin = on } }
+
+// New returns a Manager of the local tgtd.
+func New(opts ...Option) *Manager {
+	m := &Manager{bin: "tgtadm", thin: true, log: slog.Default(), mu: make(chan struct{}, 1)}
+	for _, o := range opts {
+		o(m)
+	}
+	return m
+}
+
+func (m *Manager) lock(ctx context.Context) (unlock func(), err error) {
+	select {
+	case m.mu <- struct{}{}:
+		return func() { <-m.mu }, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+// Targets lists the targets of the tgtd.
+func (m *Manager) Targets(ctx context.Context) ([]Target, error) {
+	out, err := m.run(ctx, "show targets", "--op", "show", "--mode", "target")
+	if err != nil {
+		return nil, err
+	}
+	return parseShow(out)
+}
+
+// target returns the target named iqn, or ErrNotFound.
+func (m *Manager) target(ctx context.Context, iqn string) (Target, error) {
+	ts, err := m.Targets(ctx)
+	if err != nil {
+		return Target{}, err
+	}
+	for _, t := range ts {
+		if t.IQN == iqn {
+			return t, nil
+		}
+	}
+	return Target{}, fmt.Errorf("iscsi target %s: %w", iqn, errdefs.ErrNotFound)
+}
+
+// EnsureTarget implements LUNManager.
+func (m *Manager) EnsureTarget(ctx context.Context, iqn string) error {
+	if err := checkName("target", iqn); err != nil {
+		return err
+	}
+	unlock, err := m.lock(ctx)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	// Another process may take the tid we picked between show and new:
+	// then look again.
+	for attempt := 0; ; attempt++ {
+		ts, err := m.Targets(ctx)
+		if err != nil {
+			return err
+		}
+		used := map[int]bool{}
+		for _, t := range ts {
+			if t.IQN == iqn {
+				return nil
+			}
+			used[t.TID] = true
+		}
+		tid := 1
+		for used[tid] {
+			tid++
+		}
+		_, err = m.run(ctx, "new target "+iqn, "--op", "new", "--mode", "target", "--tid", strconv.Itoa(tid), "-T", iqn)
+		if err == nil {
+			m.log.InfoContext(ctx, "iscsi target created", "iqn", iqn, "tid", tid)
+			return nil
+		}
+		if !errdefs.IsAlreadyExists(err) || attempt == 3 {
+			return err
+		}
+	}
+}
+
+// DeleteTarget implements LUNManager.
+func (m *Manager) DeleteTarget(ctx context.Context, iqn string) error {
+	unlock, err := m.lock(ctx)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	t, err := m.target(ctx, iqn)
+	if errdefs.IsNotFound(err) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	_, err = m.run(ctx, "delete target "+iqn, "--op", "delete", "--mode", "target", "--tid", strconv.Itoa(t.TID), "--force")
+	if err != nil && !errdefs.IsNotFound(err) {
+		return err
+	}
+	m.log.InfoContext(ctx, "iscsi target deleted", "iqn", iqn, "tid", t.TID, "sessions", t.Sessions)
+	return nil
+}
+
+// LUNs implements LUNManager.
+func (m *Manager) LUNs(ctx context.Context, iqn string) ([]LUN, error) {
+	t, err := m.target(ctx, iqn)
+	if err != nil {
+		return nil, err
+	}
+	return t.LUNs, nil
+}
+
+// AddLUN implements LUNManager. backing must be an absolute path on this
+// host (a file or a block device).
+func (m *Manager) AddLUN(ctx context.Context, iqn, backing string) (int, error) {
+	if !filepath.IsAbs(backing) || strings.ContainsAny(backing, "\n") {
+		return 0, fmt.Errorf("iscsi target %s: backing %q is not an absolute path: %w", iqn, backing, errdefs.ErrInvalid)
+	}
+	unlock, err := m.lock(ctx)
+	if err != nil {
+		return 0, err
+	}
+	defer unlock()
+	t, err := m.target(ctx, iqn)
+	if err != nil {
+		return 0, err
+	}
+	// tgtd answers a missing backing with "invalid request" only; tgtd
+	// runs on this host, so say what is wrong before asking it.
+	if _, err := os.Stat(backing); err != nil {
+		class := errdefs.ErrInvalid
+		if errors.Is(err, fs.ErrNotExist) {
+			class = errdefs.ErrNotFound
+		}
+		return 0, fmt.Errorf("iscsi target %s: backing: %v: %w", iqn, err, class)
+	}
+	used := map[int]bool{}
+	for _, l := range t.LUNs {
+		if l.Backing == backing {
+			return l.Number, nil
+		}
+		used[l.Number] = true
+	}
+	n := 1
+	for used[n] {
+		n++
+	}
+	if err := m.newLUN(ctx, t, n, backing); err != nil {
+		return 0, err
+	}
+	m.log.InfoContext(ctx, "iscsi lun added", "iqn", iqn, "lun", n, "backing", backing)
+	return n, nil
+}
+
+func (m *Manager) newLUN(ctx context.Context, t Target, n int, backing string) error {
+	what := fmt.Sprintf("new lun %d of %s backed by %s", n, t.IQN, backing)
+	tid, lun := strconv.Itoa(t.TID), strconv.Itoa(n)
+	if _, err := m.run(ctx, what, "--op", "new", "--mode", "logicalunit", "--tid", tid, "--lun", lun, "-b", backing); err != nil {
+		if errdefs.IsInvalid(err) {
+			// tgtd says only "invalid request"; its log says why.
+			return fmt.Errorf("%w (is the backing missing or unreadable? tgtd's log has the reason)", err)
+		}
+		return err
+	}
+	if !m.thin {
+		return nil
+	}
+	if _, err := m.run(ctx, "thin provisioning of "+what, "--op", "update", "--mode", "logicalunit", "--tid", tid, "--lun", lun, "--params", "thin_provisioning=1"); err != nil {
+		// Do not leave a LUN that allocates zeros behind a success.
+		if _, derr := m.run(context.WithoutCancel(ctx), "undo "+what, "--op", "delete", "--mode", "logicalunit", "--tid", tid, "--lun", lun); derr != nil {
+			err = errors.Join(err, derr)
+		}
+		return err
+	}
+	return nil
+}
+
+// RemoveLUN implements LUNManager.
+func (m *Manager) RemoveLUN(ctx context.Context, iqn, backing string) error {
+	unlock, err := m.lock(ctx)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	t, err := m.target(ctx, iqn)
+	if errdefs.IsNotFound(err) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	for _, l := range t.LUNs {
+		if l.Backing != backing {
+			continue
+		}
+		_, err := m.run(ctx, fmt.Sprintf("delete lun %d of %s", l.Number, iqn), "--op", "delete", "--mode", "logicalunit", "--tid", strconv.Itoa(t.TID), "--lun", strconv.Itoa(l.Number))
+		if err != nil && !errdefs.IsNotFound(err) {
+			return err
+		}
+		m.log.InfoContext(ctx, "iscsi lun removed", "iqn", iqn, "lun", l.Number, "backing", backing)
+	}
+	return nil
+}
+
+// Refresh implements LUNManager. tgt reads a backing's size once, when the
+// LUN is created, and `--op update --mode logicalunit` changes parameters
+// only, not the size; so Refresh deletes the LUN and creates it again with
+// the same number, backing and SCSI serial (tgt derives it from tid and
+// number). Logged-in initiators keep their sessions; I/O in the moment
+// between the two gets "logical unit not supported" and is retried by
+// initiators, which then see the new capacity on rescan.
+func (m *Manager) Refresh(ctx context.Context, iqn, backing string) error {
+	unlock, err := m.lock(ctx)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	t, err := m.target(ctx, iqn)
+	if err != nil {
+		return err
+	}
+	i := slices.IndexFunc(t.LUNs, func(l LUN) bool { return l.Backing == backing })
+	if i < 0 {
+		return fmt.Errorf("iscsi target %s: no lun backed by %s: %w", iqn, backing, errdefs.ErrNotFound)
+	}
+	n := t.LUNs[i].Number
+	if _, err := m.run(ctx, fmt.Sprintf("delete lun %d of %s for refresh", n, iqn), "--op", "delete", "--mode", "logicalunit", "--tid", strconv.Itoa(t.TID), "--lun", strconv.Itoa(n)); err != nil {
+		return err
+	}
+	// Once deleted, re-create even if the caller gives up: a LUN missing
+	// is worse than a refresh that took a little longer.
+	if err := m.newLUN(context.WithoutCancel(ctx), t, n, backing); err != nil {
+		return fmt.Errorf("iscsi target %s: lun %d was removed for refresh and could not be re-added: %w", iqn, n, err)
+	}
+	m.log.InfoContext(ctx, "iscsi lun refreshed", "iqn", iqn, "lun", n, "backing", backing)
+	return nil
+}
+
+// Allow implements LUNManager.
+func (m *Manager) Allow(ctx context.Context, iqn, initiator string) error {
+	return m.acl(ctx, "bind", iqn, initiator)
+}
+
+// Disallow implements LUNManager.
+func (m *Manager) Disallow(ctx context.Context, iqn, initiator string) error {
+	return m.acl(ctx, "unbind", iqn, initiator)
+}
+
+func (m *Manager) acl(ctx context.Context, op, iqn, initiator string) error {
+	if err := checkName("initiator", initiator); err != nil {
+		return err
+	}
+	unlock, err := m.lock(ctx)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	t, err := m.target(ctx, iqn)
+	if op == "unbind" && errdefs.IsNotFound(err) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if slices.Contains(t.ACLs, initiator) == (op == "bind") {
+		return nil
+	}
+	_, err = m.run(ctx, op+" initiator "+initiator+" to "+iqn, "--op", op, "--mode", "target", "--tid", strconv.Itoa(t.TID), aclFlag(initiator), initiator)
+	switch {
+	case op == "bind" && errdefs.IsAlreadyExists(err), op == "unbind" && errdefs.IsNotFound(err):
+		return nil
+	case err != nil:
+		return err
+	}
+	m.log.InfoContext(ctx, "iscsi acl changed", "op", op, "iqn", iqn, "initiator", initiator)
+	return nil
+}
+
+// SetCHAP implements LUNManager. tgt keeps accounts per daemon, bound to
+// targets; an account of the same user already bound elsewhere is shared
+// (one CHAP user per host, bound to every target the host may reach). tgt
+// cannot show or check a secret, so an existing account is replaced: bound
+// to a placeholder account with a random secret first, so that no target
+// is left without CHAP while it is replaced, then re-created and re-bound
+// where it was. The secret is in tgtadm's argv while it runs (see the
+// package doc); it never reaches a log or an error.
+func (m *Manager) SetCHAP(ctx context.Context, iqn, user, secret string) error {
+	if err := checkName("chap user", user); err != nil {
+		return err
+	}
+	if secret == "" || strings.ContainsAny(secret, "\x00\n") {
+		return fmt.Errorf("iscsi chap user %s: the secret is empty or has a NUL or newline: %w", user, errdefs.ErrInvalid)
+	}
+	unlock, err := m.lock(ctx)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	ts, err := m.Targets(ctx)
+	if err != nil {
+		return err
+	}
+	var target *Target
+	var boundTo []Target
+	for i, t := range ts {
+		if t.IQN == iqn {
+			target = &ts[i]
+		}
+		if slices.Contains(t.Accounts, user) {
+			boundTo = append(boundTo, t)
+		}
+	}
+	if target == nil {
+		return fmt.Errorf("iscsi target %s: %w", iqn, errdefs.ErrNotFound)
+	}
+	exists, err := m.accountExists(ctx, user)
+	if err != nil {
+		return err
+	}
+	// The rest must not stop half-way: a cancelled ctx would leave
+	// targets bound to the placeholder only.
+	ctx = context.WithoutCancel(ctx)
+	if exists {
+		if err := m.replaceAccount(ctx, user, secret, boundTo); err != nil {
+			return err
+		}
+	} else if err := m.newAccount(ctx, user, secret); err != nil {
+		return err
+	}
+	if !slices.ContainsFunc(boundTo, func(t Target) bool { return t.IQN == iqn }) {
+		if err := m.bindAccount(ctx, *target, user); err != nil {
+			return err
+		}
+	}
+	m.log.InfoContext(ctx, "iscsi chap set", "iqn", iqn, "user", user, "replaced", exists)
+	return nil
+}
+
+func (m *Manager) replaceAccount(ctx context.Context, user, secret string, boundTo []Target) error {
+	var b [12]byte
+	rand.Read(b[:])
+	hold := "stowage-hold-" + hex.EncodeToString(b[:4])
+	if err := m.newAccount(ctx, hold, hex.EncodeToString(b[4:])); err != nil {
+		return err
+	}
+	defer func() {
+		if _, err := m.run(ctx, "delete placeholder account", "--op", "delete", "--mode", "account", "--user", hold); err != nil {
+			m.log.WarnContext(ctx, "iscsi placeholder account left behind", "user", hold, "err", err)
+		}
+	}()
+	for _, t := range boundTo {
+		if err := m.bindAccount(ctx, t, hold); err != nil {
+			return err
+		}
+	}
+	// Deleting an account unbinds it from every target.
+	if _, err := m.run(ctx, "delete account "+user, "--op", "delete", "--mode", "account", "--user", user); err != nil && !errdefs.IsNotFound(err) {
+		return err
+	}
+	if err := m.newAccount(ctx, user, secret); err != nil {
+		return err
+	}
+	for _, t := range boundTo {
+		if err := m.bindAccount(ctx, t, user); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (m *Manager) newAccount(ctx context.Context, user, secret string) error {
+	_, err := m.runSecret(ctx, "new account "+user, secret, "--op", "new", "--mode", "account", "--user", user, "--password", secret)
+	return err
+}
+
+func (m *Manager) bindAccount(ctx context.Context, t Target, user string) error {
+	_, err := m.run(ctx, "bind account "+user+" to "+t.IQN, "--op", "bind", "--mode", "account", "--tid", strconv.Itoa(t.TID), "--user", user)
+	if errdefs.IsAlreadyExists(err) {
+		return nil
+	}
+	return err
+}
+
+func (m *Manager) accountExists(ctx context.Context, user string) (bool, error) {
+	out, err := m.run(ctx, "show accounts", "--op", "show", "--mode", "account")
+	if err != nil {
+		return false, err
+	}
+	// "Account list:\n    u1\n    u2 (outgoing)\n"
+	for _, l := range strings.Split(out, "\n") {
+		if strings.HasPrefix(l, " ") && strings.TrimSuffix(strings.TrimSpace(l), " (outgoing)") == user {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
+// RemoveCHAP implements LUNManager. The account is deleted once no target
+// has it bound.
+func (m *Manager) RemoveCHAP(ctx context.Context, iqn, user string) error {
+	unlock, err := m.lock(ctx)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	ts, err := m.Targets(ctx)
+	if err != nil {
+		return err
+	}
+	stillBound := false
+	for _, t := range ts {
+		if !slices.Contains(t.Accounts, user) {
+			continue
+		}
+		if t.IQN != iqn {
+			stillBound = true
+			continue
+		}
+		_, err := m.run(ctx, "unbind account "+user+" from "+iqn, "--op", "unbind", "--mode", "account", "--tid", strconv.Itoa(t.TID), "--user", user)
+		if err != nil && !errdefs.IsNotFound(err) {
+			return err
+		}
+	}
+	if !stillBound {
+		_, err := m.run(ctx, "delete account "+user, "--op", "delete", "--mode", "account", "--user", user)
+		if err != nil && !errdefs.IsNotFound(err) {
+			return err
+		}
+	}
+	m.log.InfoContext(ctx, "iscsi chap removed", "iqn", iqn, "user", user, "account_deleted", !stillBound)
+	return nil
+}
+
+func (m *Manager) run(ctx context.Context, what string, args ...string) (string, error) {
+	return m.runSecret(ctx, what, "", args...)
+}
+
+// runSecret runs tgtadm -C <ctl> --lld iscsi args. what names the
+// operation in errors; secret, when set, is replaced in anything tgtadm
+// prints before it reaches an error.
+func (m *Manager) runSecret(ctx context.Context, what, secret string, args ...string) (string, error) {
+	argv := append([]string{"-C", strconv.Itoa(m.ctl), "--lld", "iscsi"}, args...)
+	cmd := exec.CommandContext(ctx, m.bin, argv...)
+	cmd.WaitDelay = 5 * time.Second
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err := cmd.Run()
+	if err == nil {
+		return stdout.String(), nil
+	}
+	if ctx.Err() != nil {
+		return "", fmt.Errorf("tgtadm %s: %w", what, ctx.Err())
+	}
+	msg := strings.TrimSpace(stderr.String() + " " + stdout.String())
+	if secret != "" {
+		msg = strings.ReplaceAll(msg, secret, "<redacted>")
+	}
+	msg = strings.TrimPrefix(msg, "tgtadm: ")
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) {
+		// Not started: missing or not executable.
+		return "", fmt.Errorf("tgtadm %s: %v: %w", what, err, errdefs.ErrUnavailable)
+	}
+	if msg == "" {
+		msg = err.Error()
+	}
+	class := classify(msg)
+	if class == errdefs.ErrUnavailable {
+		msg += fmt.Sprintf(" (no tgtd answers on control port %d: not running, or started with another -C)", m.ctl)
+	}
+	return "", fmt.Errorf("tgtadm %s: %s: %w", what, msg, class)
+}
+
+// aclFlag is tgtadm's option for an ACL entry: -I (--initiator-address)
+// for an address, a CIDR prefix or ALL; --initiator-name for an IQN (or
+// any other initiator name). `-I <iqn>` is accepted by tgtadm but makes an
+// address rule that never matches.
+func aclFlag(initiator string) string {
+	if initiator == "ALL" || net.ParseIP(initiator) != nil {
+		return "-I"
+	}
+	if _, _, err := net.ParseCIDR(initiator); err == nil {
+		return "-I"
+	}
+	return "--initiator-name"
+}
+
+// classify maps a tgtadm message to an error class.
+func classify(msg string) error {
+	switch {
+	case strings.Contains(msg, "can't find"), strings.Contains(msg, "does not exist"):
+		return errdefs.ErrNotFound
+	case strings.Contains(msg, "already exists"):
+		return errdefs.ErrAlreadyExists
+	case strings.Contains(msg, "failed to send request"), strings.Contains(msg, "can't connect"),
+		strings.Contains(msg, "Connection refused"), strings.Contains(msg, "not connected"):
+		// No tgtd behind the control socket (not running, or another -C).
+		return errdefs.ErrUnavailable
+	case strings.Contains(msg, "still active"):
+		return errdefs.ErrFailedPrecondition
+	case strings.Contains(msg, "invalid request"), strings.Contains(msg, "not allowed"),
+		strings.Contains(msg, "invalid parameter"), strings.Contains(msg, "unknown"):
+		return errdefs.ErrInvalid
+	case strings.Contains(msg, "out of range"):
+		return errdefs.ErrInvalid
+	case strings.Contains(msg, "out of memory"):
+		return errdefs.ErrResourceExhausted
+	}
+	return errdefs.ErrInternal
+}
+
+// checkName refuses names tgtadm would misread: empty, or with blanks,
+// commas or control characters.
+func checkName(kind, name string) error {
+	if name == "" || strings.ContainsFunc(name, func(r rune) bool { return r <= ' ' || r == ',' || r == 0x7f }) {
+		return fmt.Errorf("iscsi %s %q: empty or has blanks, commas or control characters: %w", kind, name, errdefs.ErrInvalid)
+	}
+	return nil
+}
