@@ -49,6 +49,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"path/filepath"
 	"sync"
 	"time"
 
@@ -76,6 +77,10 @@ type Config struct {
 	AdvertiseURL  string // how the controller reaches AgentService; derived from Listen if empty
 	// NBDListen is the address of the NBD server ("" serves no NBD).
 	NBDListen string
+	// ISCSITarget makes this host a target host of iSCSI stores (its tgtd
+	// is managed with tgtadm -C TGTControlPort).
+	ISCSITarget    bool
+	TGTControlPort int
 	// NBDTLS is "auto" (TLS offered; required unless NBDListen is a
 	// loopback address) or "require"; cmd/stowage wires it.
 	NBDTLS string
@@ -197,6 +202,7 @@ func New(cfg Config, fs *hostfs.Local, log *slog.Logger, opts ...Option) (*Agent
 		return nil, fmt.Errorf("agent: --store-roots: %w", err)
 	}
 	host := NewLocalHost(fs, policy)
+	host.scratch = filepath.Join(cfg.StateDir, "scratch")
 	imports, err := NewImportDir(cfg.ImportDir, policy)
 	if err != nil {
 		return nil, fmt.Errorf("agent: --import-dir: %w", err)

@@ -209,7 +209,8 @@ func newBacking(r *stowagev1.RebaseImageStep) hostops.Ref {
 
 func backupRequest(r *stowagev1.BackupImageStep) hostops.BackupRequest {
 	return hostops.BackupRequest{Source: hostops.RefFromProto(r.GetSource()), SourceFormat: hostops.FormatFromProto(r.GetSourceFormat()),
-		Chunks: hostops.ChunkStoreFromProto(r.GetChunks()), Manifest: r.GetManifest(), ParentManifest: r.GetParentManifest(), ChunkSize: r.GetChunkSize()}
+		Chunks: hostops.ChunkStoreFromProto(r.GetChunks()), Manifest: r.GetManifest(), ParentManifest: r.GetParentManifest(), ChunkSize: r.GetChunkSize(),
+		SourceURI: drivers.URI(r.GetSourceUri())}
 }
 
 func restoreRequest(r *stowagev1.RestoreImageStep) hostops.RestoreRequest {
@@ -281,7 +282,12 @@ func (h *LocalHost) admit(task *stowagev1.Task) error {
 		_, _, err = h.rebasePair(ref(s.RebaseImage.GetRef()), newBacking(s.RebaseImage))
 	case *stowagev1.Task_BackupImage:
 		r := backupRequest(s.BackupImage)
-		if _, err = h.object(r.Source); err == nil {
+		if r.SourceURI != "" {
+			err = checkISCSIURL(r.SourceURI)
+		} else {
+			_, err = h.object(r.Source)
+		}
+		if err == nil {
 			names := []string{r.Manifest}
 			if r.ParentManifest != "" {
 				names = append(names, r.ParentManifest)

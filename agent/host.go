@@ -47,6 +47,9 @@ type LocalHost struct {
 	// initiator (WithLUNs); nil: LUN steps are not implemented here.
 	luns  LUNManager
 	lunIO LUNIO
+	// scratch is a private directory for copies of LUNs being backed up
+	// (the agent's state dir/scratch).
+	scratch string
 }
 
 var _ hostops.Host = (*LocalHost)(nil)
@@ -482,8 +485,17 @@ func (h *LocalHost) backupPaths(cs hostops.ChunkStore, names ...string) (chunkPa
 
 // BackupImage implements hostops.Backups.
 func (h *LocalHost) BackupImage(ctx context.Context, req hostops.BackupRequest, progress drivers.Progress) (hostops.BackupInfo, error) {
-	src, err := h.object(req.Source)
-	if err != nil {
+	var src string
+	var err error
+	if req.SourceURI != "" {
+		// A LUN: read through the userspace initiator into a private
+		// scratch file, backed up from there and removed.
+		var done func()
+		if src, done, err = h.scratchCopy(ctx, req.SourceURI, req.SourceFormat); err != nil {
+			return hostops.BackupInfo{}, err
+		}
+		defer done()
+	} else if src, err = h.object(req.Source); err != nil {
 		return hostops.BackupInfo{}, err
 	}
 	names := []string{req.Manifest}

@@ -7,6 +7,7 @@ import (
 	"os"
 	"strings"
 
+	"github.com/stowage/stowage/agent/iscsi/tgt"
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
 	"github.com/stowage/stowage/hostops"
@@ -24,7 +25,20 @@ type LUNManager interface {
 	Refresh(ctx context.Context, iqn, backing string) error
 	Allow(ctx context.Context, iqn, initiator string) error
 	SetCHAP(ctx context.Context, iqn, user, secret string) error
-	LUNNumbers(ctx context.Context, iqn string) (map[string]int, error)
+	LUNs(ctx context.Context, iqn string) ([]tgt.LUN, error)
+}
+
+// lunNumbers maps the backing files of iqn's LUNs to their numbers.
+func lunNumbers(ctx context.Context, m LUNManager, iqn string) (map[string]int, error) {
+	luns, err := m.LUNs(ctx, iqn)
+	if err != nil {
+		return nil, err
+	}
+	out := make(map[string]int, len(luns))
+	for _, l := range luns {
+		out[l.Backing] = l.Number
+	}
+	return out, nil
 }
 
 // LUNIO moves images into and out of LUNs through the userspace
@@ -108,7 +122,7 @@ func (h *LocalHost) lunPath(req hostops.LUNRequest) (string, error) {
 
 // lunInfo describes the LUN backed by path.
 func (h *LocalHost) lunInfo(ctx context.Context, m LUNManager, req hostops.LUNRequest, path string) (hostops.LUNInfo, error) {
-	nums, err := m.LUNNumbers(ctx, req.Target.IQN)
+	nums, err := lunNumbers(ctx, m, req.Target.IQN)
 	if err != nil {
 		return hostops.LUNInfo{}, err
 	}
@@ -189,7 +203,7 @@ func (h *LocalHost) ListLUNs(ctx context.Context, t hostops.ISCSITarget) ([]host
 		return nil, err
 	}
 	root := h.res.Stores()[t.Store]
-	nums, err := m.LUNNumbers(ctx, t.IQN)
+	nums, err := lunNumbers(ctx, m, t.IQN)
 	if err != nil {
 		return nil, err
 	}
@@ -251,4 +265,33 @@ func checkISCSIURL(u drivers.URI) error {
 		return fmt.Errorf("LUN %q is not an iscsi://portal/iqn/lun URL: %w", redact.URL(string(u)), errdefs.ErrPermissionDenied)
 	}
 	return nil
+}
+
+// scratchCopy reads the LUN at uri into a new private file of the agent's
+// scratch directory (WithScratch) and returns it with its removal.
+func (h *LocalHost) scratchCopy(ctx context.Context, uri drivers.URI, format drivers.Format) (string, func(), error) {
+	if err := checkISCSIURL(uri); err != nil {
+		return "", nil, err
+	}
+	if h.lunIO == nil {
+		return "", nil, fmt.Errorf("host %s has no userspace iSCSI initiator (qemu-img with the iscsi block driver): %w", h.HostID(), errdefs.ErrNotImplemented)
+	}
+	if h.scratch == "" {
+		return "", nil, fmt.Errorf("host %s has no scratch directory: %w", h.HostID(), errdefs.ErrFailedPrecondition)
+	}
+	if err := os.MkdirAll(h.scratch, 0o700); err != nil {
+		return "", nil, fmt.Errorf("scratch: %w", err)
+	}
+	f, err := os.CreateTemp(h.scratch, "lun-*.img")
+	if err != nil {
+		return "", nil, fmt.Errorf("scratch: %w", err)
+	}
+	path := f.Name()
+	f.Close()
+	done := func() { _ = os.Remove(path) }
+	if err := h.lunIO.Convert(ctx, string(uri), string(format), path, string(format), false, nil); err != nil {
+		done()
+		return "", nil, err
+	}
+	return path, done, nil
 }

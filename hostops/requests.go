@@ -59,7 +59,10 @@ type ChunkStore struct {
 
 // BackupRequest asks an agent to back an image up into a chunk store.
 type BackupRequest struct {
-	Source         Ref
+	Source Ref
+	// SourceURI, instead of Source, is a URI a driver granted the host
+	// (an iscsi:// LUN): read into a private scratch file, then backed up.
+	SourceURI      drivers.URI
 	SourceFormat   drivers.Format
 	Chunks         ChunkStore
 	Manifest       string

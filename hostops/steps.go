@@ -174,7 +174,7 @@ func (e *Remote) RebaseImage(ctx context.Context, ref, newBacking Ref, backingFo
 func (e *Remote) BackupImage(ctx context.Context, req BackupRequest, progress drivers.Progress) (BackupInfo, error) {
 	return e.backup(ctx, &stowagev1.Task{Step: &stowagev1.Task_BackupImage{BackupImage: &stowagev1.BackupImageStep{
 		Source: RefToProto(req.Source), SourceFormat: FormatToProto(req.SourceFormat), Chunks: ChunkStoreToProto(req.Chunks),
-		Manifest: req.Manifest, ParentManifest: req.ParentManifest, ChunkSize: req.ChunkSize,
+		Manifest: req.Manifest, ParentManifest: req.ParentManifest, ChunkSize: req.ChunkSize, SourceUri: string(req.SourceURI),
 	}}}, progress)
 }
 

@@ -63,6 +63,8 @@ func agentFlags(cmd *cobra.Command, cfg *agent.Config, limits *rpclimit.Limits, 
 	f.StringVar(&cfg.Listen, "listen", ":8471", "address of the agent's RPC service")
 	f.StringVar(&cfg.AdvertiseURL, "advertise-url", "", "URL the controller uses to reach this agent (default: derived from --listen)")
 	f.StringVar(&cfg.NBDListen, "nbd-listen", ":10809", `address of the agent's NBD server for volumes granted to hosts outside their store's scope ("" serves no NBD)`)
+	f.BoolVar(&cfg.ISCSITarget, "iscsi-target", false, "this host runs the iSCSI target (tgtd, managed with tgtadm) of the iSCSI stores whose target_host it is")
+	f.IntVar(&cfg.TGTControlPort, "tgt-control-port", 0, "tgtd's control port (tgtadm -C; 0: tgtd's default)")
 	f.StringVar(&cfg.NBDTLS, "nbd-tls", "auto", "NBD over TLS (STARTTLS, the agent's certificate): auto (offered; required unless --nbd-listen is a loopback address) or require (grants are nbds:// URIs)")
 	f.StringVar(&cfg.NBDAddress, "nbd-address", "", "host:port other hosts reach the NBD server at, reported to the controller (default: the advertise URL's host and --nbd-listen's port)")
 	f.StringVar(&cfg.Zone, "zone", "default", "zone of this host")
@@ -152,7 +154,7 @@ func newAgent(cfg agent.Config, creds *agent.Credentials, limits rpclimit.Limits
 			return nil, fmt.Errorf("agent: restore exports: %w", err)
 		}
 	}
-	opts := []agent.Option{agent.WithExports(x), agent.WithNBD(n), agent.WithLimits(limits), agent.WithCredentials(creds)}
+	opts := []agent.Option{agent.WithExports(x), agent.WithNBD(n), agent.WithLimits(limits), agent.WithCredentials(creds), iscsiOption(cfg, log)}
 	if cfg.ImageCacheSocket != "" {
 		// The template mount is its own process (stowage cache serve); the
 		// agent serves its templates read-only (hostops.TemplateMount) and

@@ -1,6 +1,9 @@
 package api
 
 import (
+	"net/url"
+	"strings"
+
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protoreflect"
 
@@ -67,6 +70,11 @@ func redactMessage(m protoreflect.Message, apply bool) bool {
 			}
 		case textFields[fd.Name()]:
 			changed = redactString(m, fd, v, redact.Text, apply) || changed
+		case !fd.IsList() && !fd.IsMap():
+			// Any URI with a password (a LUN's CHAP secret in an access
+			// grant): the password never leaves the controller in a reply;
+			// hosts get it from their tasks.
+			changed = redactString(m, fd, v, withoutPassword, apply) || changed
 		}
 		return true
 	})
@@ -83,4 +91,21 @@ func redactString(m protoreflect.Message, fd protoreflect.FieldDescriptor, v pro
 		m.Set(fd, protoreflect.ValueOfString(r))
 	}
 	return true
+}
+
+// withoutPassword replaces the password of a URL's user information with
+// redact.Marker; any other string is returned as it is.
+func withoutPassword(s string) string {
+	if !strings.Contains(s, "://") || !strings.Contains(s, "@") {
+		return s
+	}
+	u, err := url.Parse(s)
+	if err != nil || u.User == nil {
+		return s
+	}
+	if _, ok := u.User.Password(); !ok {
+		return s
+	}
+	u.User = url.UserPassword(u.User.Username(), redact.Marker)
+	return u.String()
 }

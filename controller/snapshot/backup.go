@@ -142,8 +142,12 @@ func (s *Service) backup(ctx context.Context, prefer string, primary *stowagev1.
 		defer func() { _ = pd.RevokeAccess(context.WithoutCancel(ctx), snap, reader, acc) }()
 	}
 	srcRef, ok, err := hostops.ParseRef(acc.URI)
-	if err != nil || !ok {
-		return hostops.BackupInfo{}, "", fmt.Errorf("store %s gives host %s no store object to back up from (%v): %w", primary.GetName(), ch.HostID, err, errdefs.ErrNotImplemented)
+	if err != nil {
+		return hostops.BackupInfo{}, "", err
+	}
+	var srcURI drivers.URI
+	if !ok {
+		srcURI = acc.URI // a granted URI (a LUN) the host reads from
 	}
 	writer := drivers.Client{HostID: ch.HostID, Purpose: drivers.PurposeWrite}
 	obj, err := s.volumes.SnapshotObject(ctx, img, ref)
@@ -169,7 +173,7 @@ func (s *Service) backup(ctx context.Context, prefer string, primary *stowagev1.
 		}
 	}
 	info, err := ch.Endpoint.BackupImage(ctx, hostops.BackupRequest{
-		Source: srcRef, SourceFormat: snap.Format, Chunks: hostops.ChunkStore{URI: ba.Chunks, Secret: ba.Secret},
+		Source: srcRef, SourceURI: srcURI, SourceFormat: snap.Format, Chunks: hostops.ChunkStore{URI: ba.Chunks, Secret: ba.Secret},
 		Manifest: ba.Manifest, ParentManifest: parentManifest, ChunkSize: ChunkSize,
 	}, progress)
 	return info, parentManifest, err

@@ -22,13 +22,23 @@ func VolumeObject(st *stowagev1.DataStore, v *stowagev1.Volume) (drivers.DataObj
 	return datastore.Object(st, drivers.ObjectVolume, v.GetId(), f, v.GetSize(), v.GetInstallPath()), nil
 }
 
-// templateObject is the copy ref of template id on store st.
+// templateObject is the copy ref of template id on store st, of the
+// copy's size once known, else the template's virtual size (a store that
+// allocates per object, such as a LUN, sizes a new copy by it).
 func (s *Service) templateObject(ctx context.Context, st *stowagev1.DataStore, ref *stowagev1.TemplateOnStore) (drivers.DataObject, error) {
-	f, err := s.templateFormat(ctx, ref.GetTemplateId())
+	t, err := s.db.Templates().Get(ctx, ref.GetTemplateId())
 	if err != nil {
 		return drivers.DataObject{}, err
 	}
-	return datastore.Object(st, drivers.ObjectTemplate, ref.GetTemplateId(), f, ref.GetSize(), ref.GetInstallPath()), nil
+	f, err := image.FormatFromProto(t.GetFormat())
+	if err != nil {
+		return drivers.DataObject{}, err
+	}
+	size := ref.GetSize()
+	if size == 0 {
+		size = t.GetVirtualSize()
+	}
+	return datastore.Object(st, drivers.ObjectTemplate, ref.GetTemplateId(), f, size, ref.GetInstallPath()), nil
 }
 
 // SnapshotObject is the copy ref of a snapshot on store st, in its

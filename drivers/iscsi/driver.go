@@ -285,7 +285,11 @@ func (d *Driver) Clone(ctx context.Context, spec drivers.CloneSpec, progress dri
 	if spec.Dst.Format != drivers.FormatRaw {
 		return drivers.ObjectInfo{}, fmt.Errorf("iSCSI store %s holds raw volumes, not %s: %w", spec.Dst.Store.Name, spec.Dst.Format, errdefs.ErrInvalid)
 	}
-	return d.copyLUN(ctx, spec.Base, spec.Dst, true, progress)
+	dst := spec.Dst
+	if dst.Size == 0 {
+		dst.Size = spec.Base.Size // the template's size
+	}
+	return d.copyLUN(ctx, spec.Base, dst, true, progress)
 }
 
 // TakeSnapshot implements drivers.PrimaryDriver: tgt has no snapshots, so

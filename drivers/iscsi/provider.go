@@ -126,15 +126,20 @@ func InitiatorName(hostID string) string {
 	return "iqn.2026-12.org.stowage:host." + b.String()
 }
 
+// CHAP is host hostID's CHAP account on store storeID: a user name from
+// the host id and a 16-character secret, HMAC-SHA256(key, store, host).
+func CHAP(key []byte, storeID, hostID string) (user, secret string) {
+	m := hmac.New(sha256.New, key)
+	m.Write([]byte(storeID + "\x00" + hostID))
+	return "stw-" + strconv.FormatUint(uint64(fnv32(hostID)), 36), base64.RawURLEncoding.EncodeToString(m.Sum(nil))[:16]
+}
+
 // initiator is host hostID's initiator and CHAP account on store s.
 func (d *Driver) initiator(s store, hostID string) (hostops.ISCSIInitiator, error) {
 	if len(d.chapKey) < 16 {
 		return hostops.ISCSIInitiator{}, fmt.Errorf("iSCSI store %s: the controller has no CHAP key: %w", s.id, errdefs.ErrFailedPrecondition)
 	}
-	m := hmac.New(sha256.New, d.chapKey)
-	m.Write([]byte(s.id + "\x00" + hostID))
-	secret := base64.RawURLEncoding.EncodeToString(m.Sum(nil))[:16]
-	user := "stw-" + strconv.FormatUint(uint64(fnv32(hostID)), 36)
+	user, secret := CHAP(d.chapKey, s.id, hostID)
 	return hostops.ISCSIInitiator{IQN: InitiatorName(hostID), CHAPUser: user, CHAPSecret: secret}, nil
 }
 

@@ -13,7 +13,7 @@ import (
 	"testing"
 
 	"github.com/stowage/stowage/agent/iscsi/tgt"
-	"github.com/stowage/stowage/agent/iscsi/tgt/tgttest"
+	"github.com/stowage/stowage/datapath/iscsi/tgttest"
 	"github.com/stowage/stowage/errdefs"
 )
 

@@ -2819,7 +2819,9 @@ type BackupImageStep struct {
 	ParentManifest string `protobuf:"bytes,4,opt,name=parent_manifest,json=parentManifest,proto3" json:"parent_manifest,omitempty"`
 	ChunkSize      int64  `protobuf:"varint,5,opt,name=chunk_size,json=chunkSize,proto3" json:"chunk_size,omitempty"`
 	// The source's format as the records say (required, never probed).
-	SourceFormat  ImageFormat `protobuf:"varint,6,opt,name=source_format,json=sourceFormat,proto3,enum=stowage.v1.ImageFormat" json:"source_format,omitempty"`
+	SourceFormat ImageFormat `protobuf:"varint,6,opt,name=source_format,json=sourceFormat,proto3,enum=stowage.v1.ImageFormat" json:"source_format,omitempty"`
+	// Instead of source: a URI a driver granted this host (an iscsi:// LUN).
+	SourceUri     string `protobuf:"bytes,7,opt,name=source_uri,json=sourceUri,proto3" json:"source_uri,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2894,6 +2896,13 @@ func (x *BackupImageStep) GetSourceFormat() ImageFormat {
 		return x.SourceFormat
 	}
 	return ImageFormat_IMAGE_FORMAT_UNSPECIFIED
+}
+
+func (x *BackupImageStep) GetSourceUri() string {
+	if x != nil {
+		return x.SourceUri
+	}
+	return ""
 }
 
 // RestoreImageStep rebuilds an image from a backup (hostops.RestoreRequest).
@@ -4179,7 +4188,7 @@ const file_stowage_v1_agent_proto_rawDesc = "" +
 	"\x03ref\x18\x01 \x01(\v2\x15.stowage.v1.ObjectRefR\x03ref\x126\n" +
 	"\vnew_backing\x18\x02 \x01(\v2\x15.stowage.v1.ObjectRefR\n" +
 	"newBacking\x12>\n" +
-	"\x0ebacking_format\x18\x03 \x01(\x0e2\x17.stowage.v1.ImageFormatR\rbackingFormat\"\x95\x02\n" +
+	"\x0ebacking_format\x18\x03 \x01(\x0e2\x17.stowage.v1.ImageFormatR\rbackingFormat\"\xb4\x02\n" +
 	"\x0fBackupImageStep\x12-\n" +
 	"\x06source\x18\x01 \x01(\v2\x15.stowage.v1.ObjectRefR\x06source\x121\n" +
 	"\x06chunks\x18\x02 \x01(\v2\x19.stowage.v1.ChunkStoreRefR\x06chunks\x12\x1a\n" +
@@ -4187,7 +4196,9 @@ const file_stowage_v1_agent_proto_rawDesc = "" +
 	"\x0fparent_manifest\x18\x04 \x01(\tR\x0eparentManifest\x12\x1d\n" +
 	"\n" +
 	"chunk_size\x18\x05 \x01(\x03R\tchunkSize\x12<\n" +
-	"\rsource_format\x18\x06 \x01(\x0e2\x17.stowage.v1.ImageFormatR\fsourceFormat\"\xbd\x01\n" +
+	"\rsource_format\x18\x06 \x01(\x0e2\x17.stowage.v1.ImageFormatR\fsourceFormat\x12\x1d\n" +
+	"\n" +
+	"source_uri\x18\a \x01(\tR\tsourceUri\"\xbd\x01\n" +
 	"\x10RestoreImageStep\x121\n" +
 	"\x06chunks\x18\x01 \x01(\v2\x19.stowage.v1.ChunkStoreRefR\x06chunks\x12\x1a\n" +
 	"\bmanifest\x18\x02 \x01(\tR\bmanifest\x12)\n" +
