@@ -15,8 +15,8 @@ import (
 	"testing"
 
 	"github.com/stowage/stowage/agent/iscsi/tgt"
-	"github.com/stowage/stowage/datapath/iscsi/tgttest"
 	"github.com/stowage/stowage/datapath/iscsi"
+	"github.com/stowage/stowage/datapath/iscsi/tgttest"
 	"github.com/stowage/stowage/errdefs"
 )
 
