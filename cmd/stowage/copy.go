@@ -21,6 +21,10 @@ import (
 
 // copyFlags are the flags of `stowage copy`.
 type copyFlags struct {
+	// iscsi:// destinations (copy_lun.go).
+	chapSecretFile string
+	lunIsZero      bool
+
 	sparse       bool
 	direct       bool
 	workers      int
@@ -49,7 +53,8 @@ func newCopyCmd() *cobra.Command {
 		Use:   "copy SRC DST",
 		Short: "Copy a disk image: sparse, parallel, verified and resumable",
 		Long: `Copy SRC to DST. SRC is a path (file, block device, qcow2 image) or an
-http(s):// URL; DST is a path (file or block device). Holes are never read and
+http(s):// URL; DST is a path (file or block device) or a LUN, iscsi://user@portal/iqn/lun
+(written through libiscsi in qemu-img; --chap-secret-file). Holes are never read and
 all-zero blocks are not written, so DST keeps exactly the allocation of the
 data. DST appears only when the copy is complete and synced: it is written
 under a hidden temporary name and renamed. An interrupted copy (killed,
@@ -82,6 +87,8 @@ Output formats: --format qcow2 has qemu-img write a qcow2 image.`,
 	fl.DurationVar(&f.stall, "stall-timeout", 30*time.Second, "give up an HTTP transfer attempt that received nothing for this long")
 	fl.BoolVar(&f.noResumeVrfy, "no-resume-verify", false, "trust the checkpoint without re-hashing the chunks it lists")
 	fl.BoolVar(&f.ignoreSrcSum, "ignore-source-checksum", false, "do not check the SHA-256 an HTTP server announces")
+	fl.StringVar(&f.chapSecretFile, "chap-secret-file", "", "for an iscsi:// DST (iscsi://user@portal/iqn/lun?initiator=iqn): the file holding the CHAP secret")
+	fl.BoolVar(&f.lunIsZero, "lun-is-zero", false, "for an iscsi:// DST: the LUN reads as zeros (new), so holes are not written at all")
 	return cmd
 }
 
@@ -96,6 +103,9 @@ func runCopy(cmd *cobra.Command, f copyFlags, srcArg, dstArg string) error {
 	asJSON, err := outputJSON(cmd)
 	if err != nil {
 		return err
+	}
+	if strings.HasPrefix(dstArg, "iscsi://") {
+		return copyToLUN(cmd, f, srcArg, dstArg, asJSON)
 	}
 	chunk, err := parseCopySize(f.chunkSize)
 	if err != nil {

@@ -133,6 +133,10 @@ func scenarios() []scenario {
 			trim: trimSuffix(", cold"), target: "direct (no FUSE)", min: 0.8},
 		{title: "FUSE cache: warm read of a complete template (dd bs=1M)", sec: "e", match: suffix(", warm"),
 			trim: trimSuffix(", warm"), target: "direct (no FUSE)", min: 0.9},
+		{title: "dense image into an iSCSI LUN (bench/iscsi.sh)", sec: "i", match: func(n string) bool { return strings.HasPrefix(n, "dense into a LUN") },
+			trim: func(n string) string { _, t, _ := strings.Cut(n, "): "); return t }, target: "qemu-img convert -n", min: 1.0},
+		{title: "sparse image (10% data) into an iSCSI LUN (bench/iscsi.sh)", sec: "i", match: func(n string) bool { return strings.HasPrefix(n, "sparse into a LUN") },
+			trim: func(n string) string { _, t, _ := strings.Cut(n, "): "); return t }, target: "qemu-img convert -n", min: 1.0},
 	}
 }
 
