@@ -45,3 +45,18 @@ func TestRedactReply(t *testing.T) {
 		t.Errorf("a granted URI was redacted: %s", protojson.Format(got))
 	}
 }
+
+func TestReplyNeverCarriesAPassword(t *testing.T) {
+	grant := &stowagev1.GrantAccessResponse{Uri: "iscsi://stw-1:s3cretCHAPsecret@10.0.0.5:3260/iqn.2026-12.org.x:s1/3?initiator=iqn.2026-12.org.stowage%3Ahost.h1"}
+	got := redactReply(grant).GetUri()
+	if strings.Contains(got, "s3cretCHAPsecret") || !strings.Contains(got, "stw-1:") || !strings.Contains(got, "/iqn.2026-12.org.x:s1/3") {
+		t.Fatalf("redacted grant: %q", got)
+	}
+	if grant.GetUri() == got {
+		t.Fatal("the record was changed in place or not redacted")
+	}
+	nbd := &stowagev1.GrantAccessResponse{Uri: "nbds://10.0.0.5:10809/3f2a9c"}
+	if redactReply(nbd).GetUri() != nbd.GetUri() {
+		t.Fatalf("an NBD grant (no password) was changed: %q", redactReply(nbd).GetUri())
+	}
+}

@@ -53,12 +53,19 @@ func (s *Selector) sel(ctx context.Context, prefer string, need *Need, scopes []
 		if ok {
 			inAll++
 		}
-		if ok && (need == nil || need.OK(h)) {
+		if ok && (need == nil || need.OK(h)) && len(missing(ctx, h)) == 0 {
 			fit = append(fit, h)
 		}
 	}
 	if len(fit) == 0 && inAll > 0 {
-		return Choice{}, fmt.Errorf("none of the %d Up agents in scope %s %s: %w", inAll, scopeNames(scopes), need.What, errdefs.ErrUnavailable)
+		what := needsText(ctx)
+		if need != nil {
+			what = need.What
+			if len(drivers.NeedsFrom(ctx)) > 0 {
+				what += " and " + needsText(ctx)
+			}
+		}
+		return Choice{}, fmt.Errorf("none of the %d Up agents in scope %s %s: %w", inAll, scopeNames(scopes), what, errdefs.ErrUnavailable)
 	}
 	if len(fit) == 0 {
 		names := make([]string, len(scopes))

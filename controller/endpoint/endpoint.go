@@ -91,10 +91,19 @@ func (s *Selector) AllInScope(ctx context.Context, sc drivers.Scope) ([]hostops.
 		return nil, err
 	}
 	var out []hostops.Host
+	lacking := 0
 	for _, h := range up {
-		if inScope(h, sc) {
-			out = append(out, s.endpoint(h))
+		if !inScope(h, sc) {
+			continue
 		}
+		if len(missing(ctx, h)) > 0 {
+			lacking++
+			continue
+		}
+		out = append(out, s.endpoint(h))
+	}
+	if len(out) == 0 && lacking > 0 {
+		return nil, fmt.Errorf("none of the %d Up agents in scope %s %s: %w", lacking, sc, needsText(ctx), errdefs.ErrUnavailable)
 	}
 	if len(out) == 0 {
 		return nil, s.noneInScope(ctx, sc)

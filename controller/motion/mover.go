@@ -67,6 +67,9 @@ func (m *Mover) Copy(ctx context.Context, mv Move, progress drivers.Progress) (d
 	if !mv.Flatten && dd.CanCopy(mv.Src, mv.Dst) {
 		return dd.Copy(drivers.WithHost(ctx, mv.Prefer), mv.Src, mv.Dst, progress)
 	}
+	// Only a host that reaches both stores' objects (capabilities their
+	// drivers need, such as a LUN's userspace initiator) moves the bytes.
+	ctx = drivers.WithNeeds(ctx, drivers.NeedsOf(sd, dd)...)
 	ch, err := m.hosts.Select(ctx, mv.Prefer, mv.Src.Store.Scope, mv.Dst.Store.Scope)
 	if err != nil {
 		if ch, err = m.hosts.Select(ctx, mv.Prefer, mv.Dst.Store.Scope); err != nil {

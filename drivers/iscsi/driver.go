@@ -24,6 +24,12 @@ var (
 	_ drivers.VolumeFormats = (*Driver)(nil)
 )
 
+// HostNeeds implements drivers.HostNeeds: hosts reach LUNs through the
+// userspace initiator.
+func (d *Driver) HostNeeds() []drivers.Capability {
+	return []drivers.Capability{drivers.CapISCSIUserspace}
+}
+
 // VolumeFormats implements drivers.VolumeFormats: a LUN is a raw disk.
 func (d *Driver) VolumeFormats() []drivers.Format { return []drivers.Format{drivers.FormatRaw} }
 
@@ -250,7 +256,7 @@ func (d *Driver) Resize(ctx context.Context, obj drivers.DataObject, newSize int
 // format) into dst's LUN as raw, through the userspace initiator of a host
 // in the store's scope.
 func (d *Driver) copyLUN(ctx context.Context, src, dst drivers.DataObject, dstIsZero bool, progress drivers.Progress) (drivers.ObjectInfo, error) {
-	h, err := d.hosts.ForScope(ctx, dst.Store.Scope)
+	h, err := d.hosts.ForScope(drivers.WithNeeds(ctx, d.HostNeeds()...), dst.Store.Scope)
 	if err != nil {
 		return drivers.ObjectInfo{}, err
 	}

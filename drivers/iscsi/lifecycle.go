@@ -33,7 +33,7 @@ func (lc *LifeCycle) Initialize(ctx context.Context, spec drivers.StoreSpec) (dr
 	if err != nil {
 		return drivers.StoreInfo{}, fmt.Errorf("initialize iSCSI store %s on host %s: %w", spec.ID, s.targetHost, err)
 	}
-	hosts, _ := d.hosts.AllInScope(ctx, spec.Scope)
+	hosts, _ := d.hosts.AllInScope(drivers.WithNeeds(ctx, d.HostNeeds()...), spec.Scope)
 	t, err := d.target(s, hostIDs(hosts)...)
 	if err != nil {
 		return drivers.StoreInfo{}, err
@@ -58,7 +58,8 @@ func (lc *LifeCycle) Attach(ctx context.Context, store drivers.StoreInfo, scope 
 		return nil, err
 	}
 	d := lc.drv
-	hosts, err := d.hosts.AllInScope(ctx, scope)
+	// Only hosts with the userspace initiator reach LUNs.
+	hosts, err := d.hosts.AllInScope(drivers.WithNeeds(ctx, d.HostNeeds()...), scope)
 	if err != nil {
 		return nil, err
 	}
