@@ -58,7 +58,7 @@ func Write(ctx context.Context, srcPath, srcFormat string, dst Target, progress 
 		if total, err = fileSize(ctx, srcPath, srcFormat); err != nil {
 			return err
 		}
-		cmd.Stdout = &percentWriter{fn: func(p float64) { progress(int64(p/100*float64(total)), total) }}
+		cmd.Stdout = qemuimg.PercentWriter(func(p float64) { progress(int64(p/100*float64(total)), total) })
 	}
 	if err := run(ctx, cmd, "write "+srcPath+" to", dst); err != nil {
 		return err
@@ -283,28 +283,4 @@ func fileArg(path string) string {
 		return path
 	}
 	return "./" + path
-}
-
-// percentWriter parses qemu-img's -p output, "    (12.34/100%)\r".
-type percentWriter struct {
-	fn   func(float64)
-	line []byte
-}
-
-func (w *percentWriter) Write(p []byte) (int, error) {
-	for _, b := range p {
-		if b != '\r' && b != '\n' {
-			if len(w.line) < 64 {
-				w.line = append(w.line, b)
-			}
-			continue
-		}
-		s := strings.TrimSpace(string(w.line))
-		w.line = w.line[:0]
-		s = strings.TrimSuffix(strings.TrimPrefix(s, "("), "/100%)")
-		if v, err := strconv.ParseFloat(s, 64); err == nil {
-			w.fn(v)
-		}
-	}
-	return len(p), nil
 }

@@ -3,6 +3,7 @@ package qemuimg
 import (
 	"context"
 	"fmt"
+	"io"
 	"strconv"
 	"strings"
 
@@ -103,6 +104,10 @@ func (t *Tool) Convert(ctx context.Context, src, dst, format string, opts ...Con
 	}
 	return t.runTo(ctx, "convert", src, &percentWriter{fn: c.progress}, nil, args...)
 }
+
+// PercentWriter parses qemu-img's -p output, "    (12.34/100%)\r", and
+// calls fn with each percentage.
+func PercentWriter(fn func(float64)) io.Writer { return &percentWriter{fn: fn} }
 
 // percentWriter parses qemu-img's -p output, "    (12.34/100%)\r".
 type percentWriter struct {
