@@ -81,6 +81,9 @@ type Config struct {
 	// is managed with tgtadm -C TGTControlPort).
 	ISCSITarget    bool
 	TGTControlPort int
+	// ISCSIUserspace lets this host reach LUNs through libiscsi in
+	// qemu-img (off: it gets LUNs over NBD from their target host).
+	ISCSIUserspace bool
 	// NBDTLS is "auto" (TLS offered; required unless NBDListen is a
 	// loopback address) or "require"; cmd/stowage wires it.
 	NBDTLS string

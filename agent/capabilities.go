@@ -32,7 +32,7 @@ func (a *Agent) capabilities(ctx context.Context) *stowagev1.HostCapabilities {
 		FusePassthrough: staticCaps.FusePassthrough,
 		NbdKernel:       staticCaps.NbdKernel,
 		IscsiInitiator:  staticCaps.IscsiInitiator,
-		IscsiUserspace:  staticCaps.IscsiUserspace,
+		IscsiUserspace:  staticCaps.IscsiUserspace && a.host.lunIO != nil,
 		IscsiTarget:     a.host.luns != nil,
 		Kernel:          staticCaps.Kernel,
 		AgentVersion:    a.cfg.Version,

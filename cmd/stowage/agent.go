@@ -65,6 +65,7 @@ func agentFlags(cmd *cobra.Command, cfg *agent.Config, limits *rpclimit.Limits, 
 	f.StringVar(&cfg.NBDListen, "nbd-listen", ":10809", `address of the agent's NBD server for volumes granted to hosts outside their store's scope ("" serves no NBD)`)
 	f.BoolVar(&cfg.ISCSITarget, "iscsi-target", false, "this host runs the iSCSI target (tgtd, managed with tgtadm) of the iSCSI stores whose target_host it is")
 	f.IntVar(&cfg.TGTControlPort, "tgt-control-port", 0, "tgtd's control port (tgtadm -C; 0: tgtd's default)")
+	f.BoolVar(&cfg.ISCSIUserspace, "iscsi-userspace", true, "reach LUNs of iSCSI stores through libiscsi in qemu-img (when qemu-block-extra is installed); false: this host gets them over NBD from their target host")
 	f.StringVar(&cfg.NBDTLS, "nbd-tls", "auto", "NBD over TLS (STARTTLS, the agent's certificate): auto (offered; required unless --nbd-listen is a loopback address) or require (grants are nbds:// URIs)")
 	f.StringVar(&cfg.NBDAddress, "nbd-address", "", "host:port other hosts reach the NBD server at, reported to the controller (default: the advertise URL's host and --nbd-listen's port)")
 	f.StringVar(&cfg.Zone, "zone", "default", "zone of this host")

@@ -198,6 +198,9 @@ Stop with Ctrl-C.
 	cmd.Flags().StringVar(&ag.Listen, "agent-listen", "127.0.0.1:8471", "address of the agent's RPC service")
 	cmd.Flags().StringVar(&ag.NBDListen, "nbd-listen", "127.0.0.1:10809", `address of the agent's NBD server ("" serves no NBD)`)
 	cmd.Flags().StringVar(&ag.NBDTLS, "nbd-tls", "auto", "NBD over TLS: auto (required unless --nbd-listen is loopback) or require")
+	cmd.Flags().BoolVar(&ag.ISCSITarget, "iscsi-target", false, "the dev host runs the iSCSI target of iSCSI stores (tgtd must be running; see docs/operations.md)")
+	cmd.Flags().IntVar(&ag.TGTControlPort, "tgt-control-port", 0, "tgtd's control port (tgtadm -C)")
+	ag.ISCSIUserspace = true
 	cmd.Flags().StringVar(&ag.HostID, "host-id", "dev-host", "the agent's host id")
 	cmd.Flags().StringVar(&ag.Zone, "zone", "default", "zone of the host and the stores")
 	cmd.Flags().StringVar(&ag.Cluster, "cluster", "default", "cluster of the host")

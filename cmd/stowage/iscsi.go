@@ -18,11 +18,16 @@ func (lunIO) Convert(ctx context.Context, src, srcFormat, dst, dstFormat string,
 }
 
 // iscsiOption gives the agent its iSCSI parts: the LUN manager of tgtd
-// when it is a target host (--iscsi-target), and the userspace initiator.
+// when it is a target host (--iscsi-target), and the userspace initiator
+// (--iscsi-userspace).
 func iscsiOption(cfg agent.Config, log *slog.Logger) agent.Option {
 	var m agent.LUNManager
 	if cfg.ISCSITarget {
 		m = tgt.New(tgt.WithControlPort(cfg.TGTControlPort), tgt.WithLogger(log.With("component", "tgt")))
 	}
-	return agent.WithLUNs(m, lunIO{})
+	var io agent.LUNIO
+	if cfg.ISCSIUserspace {
+		io = lunIO{}
+	}
+	return agent.WithLUNs(m, io)
 }

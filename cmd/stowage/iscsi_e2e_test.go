@@ -85,7 +85,14 @@ func TestISCSIStoreEndToEnd(t *testing.T) {
 	controllerProc(t, addr, filepath.Join(root, "ctl"))
 	agentProc(t, server, "h1", "z1", "c1", filepath.Join(root, "a1"), "--store-roots", root,
 		"--iscsi-target", "--tgt-control-port", strconv.Itoa(ctl))
-	waitFor(t, "h1 Up", 20*time.Second, func() bool { return hostState(t, server, "h1") == "HOST_STATE_UP" })
+	// h2 cannot log in to targets (no userspace initiator): it gets LUNs over NBD.
+	agentProc(t, server, "h2", "z1", "c1", filepath.Join(root, "a2"), "--store-roots", root, "--iscsi-userspace=false")
+	waitFor(t, "h1 and h2 Up", 20*time.Second, func() bool {
+		return hostState(t, server, "h1") == "HOST_STATE_UP" && hostState(t, server, "h2") == "HOST_STATE_UP"
+	})
+	if hostCaps(t, server, "h2").GetIscsiUserspace() || !hostCaps(t, server, "h1").GetIscsiUserspace() || !hostCaps(t, server, "h1").GetIscsiTarget() {
+		t.Fatalf("capabilities: h1 %v, h2 %v", hostCaps(t, server, "h1"), hostCaps(t, server, "h2"))
+	}
 	a := newAPI(server)
 	img := addStore(t, a, "img", stowagev1.StoreRole_STORE_ROLE_IMAGE, filepath.Join(root, "img"), &stowagev1.Scope{Zone: "z1"})
 	dir := addStore(t, a, "dir", stowagev1.StoreRole_STORE_ROLE_PRIMARY, filepath.Join(root, "dir"), &stowagev1.Scope{Zone: "z1"})
@@ -155,6 +162,23 @@ func TestISCSIStoreEndToEnd(t *testing.T) {
 	}
 	if u := g.Msg.GetUri(); !strings.HasPrefix(u, "iscsi://") || !strings.Contains(u, iqn+"/"+strconv.Itoa(n)) || strings.Contains(u, secret) {
 		t.Fatalf("grant: %q", u)
+	}
+
+	// h2, without the userspace initiator, is given an NBD export of the
+	// LUN by the target host; it reads the same guest view.
+	g2, err := a.volumes.GrantAccess(ctx, connect.NewRequest(&stowagev1.GrantAccessRequest{Id: vol.GetId(), HostId: "h2"}))
+	if err != nil {
+		t.Fatalf("grant to h2: %v", err)
+	}
+	if !strings.HasPrefix(g2.Msg.GetUri(), "nbd://") {
+		t.Fatalf("grant to a host that cannot log in: %q, want nbd://", g2.Msg.GetUri())
+	}
+	run(t, "qemu-img", "compare", "-f", "qcow2", "-F", "raw", qcow, g2.Msg.GetUri())
+	if _, err := a.volumes.RevokeAccess(ctx, connect.NewRequest(&stowagev1.RevokeAccessRequest{Id: vol.GetId(), HostId: "h2"})); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("qemu-img", "info", "-f", "raw", g2.Msg.GetUri()).CombinedOutput(); err == nil {
+		t.Fatalf("the NBD export of the LUN outlived its revocation: %s", out)
 	}
 
 	// Wrong CHAP secret: authentication fails, nothing opened.

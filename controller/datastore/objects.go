@@ -1,6 +1,7 @@
 package datastore
 
 import (
+	"context"
 	"fmt"
 
 	"github.com/stowage/stowage/drivers"
@@ -60,4 +61,15 @@ func Capability[C any](s *Service, st *stowagev1.DataStore, what string) (C, err
 // Primary returns store st's driver as a drivers.PrimaryDriver.
 func (s *Service) Primary(st *stowagev1.DataStore) (drivers.PrimaryDriver, error) {
 	return Capability[drivers.PrimaryDriver](s, st, "take or revert snapshots")
+}
+
+// WithNeeds is ctx asking host selection for what the stores' drivers need
+// of a host (drivers.HostNeeds: a LUN's userspace initiator).
+func (s *Service) WithNeeds(ctx context.Context, stores ...*stowagev1.DataStore) context.Context {
+	for _, st := range stores {
+		if d, err := s.Driver(st); err == nil {
+			ctx = drivers.WithNeeds(ctx, drivers.NeedsOf(d)...)
+		}
+	}
+	return ctx
 }

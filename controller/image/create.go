@@ -172,7 +172,7 @@ func (s *Service) Create(ctx context.Context, req *stowagev1.CreateTemplateReque
 		}
 		plan.Reasons = append(plan.Reasons, reasons...)
 	}
-	ch, err := s.sel.Select(ctx, "", datastore.Scope(src), datastore.Scope(dst))
+	ch, err := s.sel.Select(s.stores.WithNeeds(ctx, src, dst), "", datastore.Scope(src), datastore.Scope(dst))
 	if err != nil {
 		return nil, fmt.Errorf("making a template needs a host that reaches primary store %s and image store %s: %w", src.GetName(), dst.GetName(), err)
 	}

@@ -122,6 +122,7 @@ func (s *Service) backup(ctx context.Context, prefer string, primary *stowagev1.
 	if err != nil {
 		return hostops.BackupInfo{}, "", err
 	}
+	ctx = s.stores.WithNeeds(ctx, primary, img)
 	ch, err := s.sel.Select(ctx, prefer, datastore.Scope(primary), datastore.Scope(img))
 	if err != nil {
 		if ch, err = s.sel.Select(ctx, prefer, datastore.Scope(primary)); err != nil {
@@ -232,7 +233,7 @@ func (s *Service) Backup(ctx context.Context, req *stowagev1.BackupSnapshotReque
 	} else {
 		plan.Reasons = append(plan.Reasons, "full: no earlier backup of this volume on that store")
 	}
-	ch, err := s.sel.Select(ctx, "", datastore.Scope(primary), datastore.Scope(img))
+	ch, err := s.sel.Select(s.stores.WithNeeds(ctx, primary, img), "", datastore.Scope(primary), datastore.Scope(img))
 	if err != nil {
 		return nil, fmt.Errorf("a backup needs a host that reaches primary store %s and image store %s: %w", primary.GetName(), img.GetName(), err)
 	}

@@ -83,7 +83,7 @@ func (s *Service) Revert(ctx context.Context, id string, dryRun bool) (*stowagev
 	if err != nil {
 		return nil, err
 	}
-	ch, err := s.sel.Select(ctx, "", datastore.Scope(st))
+	ch, err := s.sel.Select(s.stores.WithNeeds(ctx, st), "", datastore.Scope(st))
 	if err != nil {
 		return nil, err
 	}

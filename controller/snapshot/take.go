@@ -151,7 +151,7 @@ func (s *Service) Take(ctx context.Context, req *stowagev1.TakeSnapshotRequest) 
 	if err != nil {
 		return nil, err
 	}
-	ch, err := s.sel.Select(ctx, "", datastore.Scope(st))
+	ch, err := s.sel.Select(s.stores.WithNeeds(ctx, st), "", datastore.Scope(st))
 	if err != nil {
 		return nil, err
 	}

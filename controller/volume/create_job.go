@@ -167,6 +167,7 @@ func (s *Service) restore(ctx context.Context, prefer string, src *stowagev1.Dat
 	if err != nil {
 		return drivers.ObjectInfo{}, err
 	}
+	ctx = s.stores.WithNeeds(ctx, src, st)
 	ch, err := s.sel.Select(ctx, prefer, datastore.Scope(src), datastore.Scope(st))
 	if err != nil {
 		if ch, err = s.sel.Select(ctx, prefer, datastore.Scope(st)); err != nil {

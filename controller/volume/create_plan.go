@@ -116,17 +116,6 @@ func (p *planner) primary(ctx context.Context, storeID, zone string, need int64)
 	return st, err
 }
 
-// needs is ctx asking host selection for what the stores' drivers need of
-// a host (drivers.HostNeeds: a LUN's userspace initiator).
-func (s *Service) needs(ctx context.Context, stores ...*stowagev1.DataStore) context.Context {
-	for _, st := range stores {
-		if d, err := s.stores.Driver(st); err == nil {
-			ctx = drivers.WithNeeds(ctx, drivers.NeedsOf(d)...)
-		}
-	}
-	return ctx
-}
-
 // volumeFormat is the format of a volume on st: want, or the store's
 // first format when its driver holds some formats only
 // (drivers.VolumeFormats), refusing one it does not hold.
@@ -163,7 +152,7 @@ func (p *planner) blank(ctx context.Context, req *stowagev1.CreateVolumeRequest,
 	if want == "" {
 		want = drivers.FormatQCOW2
 	}
-	ch, err := p.s.sel.Select(p.s.needs(ctx, st), "", datastore.Scope(st))
+	ch, err := p.s.sel.Select(p.s.stores.WithNeeds(ctx, st), "", datastore.Scope(st))
 	if err != nil {
 		return err
 	}
@@ -258,7 +247,7 @@ func (p *planner) fromTemplate(ctx context.Context, req *stowagev1.CreateVolumeR
 		return err
 	}
 	p.plan.Reasons = append(p.plan.Reasons, d.Reasons...)
-	ch, err := p.s.sel.Select(p.s.needs(ctx, st), "", datastore.Scope(st))
+	ch, err := p.s.sel.Select(p.s.stores.WithNeeds(ctx, st), "", datastore.Scope(st))
 	if err != nil {
 		return err
 	}
@@ -298,7 +287,7 @@ type copied struct {
 // copyPlan asks the data motion strategies how bytes go from store a to
 // store b, and returns the winner's reasons and the host that writes.
 func (s *Service) copyPlan(ctx context.Context, a, b *stowagev1.DataStore, obj *copied, standalone bool) (reasons []string, host string, err error) {
-	ctx = s.needs(ctx, a, b)
+	ctx = s.stores.WithNeeds(ctx, a, b)
 	native := false
 	if d, err := s.stores.Driver(b); err == nil && obj != nil {
 		src := datastore.Object(a, obj.typ, obj.id, obj.format, 0, "")
@@ -378,7 +367,7 @@ func (p *planner) fromSnapshot(ctx context.Context, req *stowagev1.CreateVolumeR
 	if err != nil {
 		return err
 	}
-	ch, err := p.s.sel.Select(ctx, "", datastore.Scope(img), datastore.Scope(st))
+	ch, err := p.s.sel.Select(p.s.stores.WithNeeds(ctx, img, st), "", datastore.Scope(img), datastore.Scope(st))
 	if err != nil {
 		return fmt.Errorf("restore from backup needs a host that reaches image store %s and primary store %s: %w", img.GetName(), st.GetName(), err)
 	}

@@ -145,7 +145,7 @@ func (s *Service) Delete(ctx context.Context, idOrName string, dryRun bool) (*st
 		return nil, err
 	}
 	plan := &stowagev1.Plan{Strategy: "expunge", Priority: motion.Default.String()}
-	ch, err := s.sel.Select(ctx, "", datastore.Scope(st))
+	ch, err := s.sel.Select(s.stores.WithNeeds(ctx, st), "", datastore.Scope(st))
 	if err != nil {
 		return nil, err
 	}

@@ -89,7 +89,7 @@ func (s *Service) Resize(ctx context.Context, idOrName string, size int64, dryRu
 	if err != nil {
 		return nil, err
 	}
-	ch, err := s.sel.Select(ctx, "", datastore.Scope(st))
+	ch, err := s.sel.Select(s.stores.WithNeeds(ctx, st), "", datastore.Scope(st))
 	if err != nil {
 		return nil, err
 	}

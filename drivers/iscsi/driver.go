@@ -4,7 +4,9 @@ import (
 	"context"
 	"fmt"
 	"path"
+	"slices"
 	"strings"
+	"time"
 
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
@@ -202,6 +204,23 @@ func (d *Driver) GrantAccess(ctx context.Context, obj drivers.DataObject, c driv
 	if err != nil {
 		return drivers.Access{}, err
 	}
+	if c.Purpose == drivers.PurposeAttach && !d.logsIn(ctx, obj.Store.Scope, c.HostID) {
+		// A host without the userspace initiator: its target host serves
+		// the LUN's file over NBD (with the same TLS as every NBD grant).
+		key, err := d.key(obj)
+		if err != nil {
+			return drivers.Access{}, err
+		}
+		uri, err := h.ExportNBD(ctx, hostops.NBDExportRequest{Ref: hostops.Ref{Store: s.id, Key: key}, Format: drivers.FormatRaw, TTL: c.GrantTTL()})
+		if err != nil {
+			return drivers.Access{}, fmt.Errorf("host %s cannot log in to iSCSI targets; NBD export of %s %s: %w", c.HostID, obj.Type, obj.ID, err)
+		}
+		a := drivers.Access{URI: uri, HostID: c.HostID, Revocable: true}
+		if ttl := c.GrantTTL(); ttl > 0 {
+			a.Expires = time.Now().Add(ttl)
+		}
+		return a, nil
+	}
 	t, err := d.target(s, c.HostID)
 	if err != nil {
 		return drivers.Access{}, err
@@ -216,10 +235,34 @@ func (d *Driver) GrantAccess(ctx context.Context, obj drivers.DataObject, c driv
 	return drivers.Access{URI: uri, ReadOnly: c.Purpose == drivers.PurposeRead, HostID: c.HostID, Zeroed: zeroed}, nil
 }
 
-// RevokeAccess implements drivers.Driver: a host keeps its login rights to
-// the store (its ACL entry and CHAP account); nothing per grant to undo.
+// RevokeAccess implements drivers.Driver: an NBD export (a host that cannot
+// log in) ends; an iSCSI grant has nothing to undo (a host keeps its login
+// rights to the store: its ACL entry and CHAP account).
 func (d *Driver) RevokeAccess(ctx context.Context, obj drivers.DataObject, c drivers.Client, a drivers.Access) error {
-	return ctx.Err()
+	if !strings.HasPrefix(string(a.URI), "nbd") {
+		return ctx.Err()
+	}
+	s, err := storeOf(obj.Store)
+	if err != nil {
+		return err
+	}
+	h, err := d.hosts.ForHost(ctx, s.targetHost)
+	if err != nil {
+		return err
+	}
+	return h.UnexportNBD(ctx, a.URI)
+}
+
+// logsIn says whether host hostID can log in to targets (it has the
+// userspace initiator). A host not Up in the store's scope is given the
+// benefit of the doubt: its grant is the iscsi:// URI.
+func (d *Driver) logsIn(ctx context.Context, scope drivers.Scope, hostID string) bool {
+	up, err := d.hosts.AllInScope(ctx, scope)
+	if err != nil || !slices.ContainsFunc(up, func(h hostops.Host) bool { return h.HostID() == hostID }) {
+		return true
+	}
+	able, _ := d.hosts.AllInScope(drivers.WithNeeds(ctx, d.HostNeeds()...), scope)
+	return slices.ContainsFunc(able, func(h hostops.Host) bool { return h.HostID() == hostID })
 }
 
 // CanCopy implements drivers.Driver: tgt copies nothing itself.
