@@ -31,7 +31,7 @@ func (a *Agent) capabilities(ctx context.Context) *stowagev1.HostCapabilities {
 		Fuse:            staticCaps.Fuse,
 		FusePassthrough: staticCaps.FusePassthrough,
 		NbdKernel:       staticCaps.NbdKernel,
-		IscsiInitiator:  staticCaps.IscsiInitiator,
+		IscsiInitiator:  staticCaps.IscsiInitiator && a.host.connector != nil,
 		IscsiUserspace:  staticCaps.IscsiUserspace && a.host.lunIO != nil,
 		IscsiTarget:     a.host.luns != nil,
 		Kernel:          staticCaps.Kernel,

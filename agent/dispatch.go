@@ -145,6 +145,10 @@ func Execute(ctx context.Context, host hostops.Host, task *stowagev1.Task, progr
 		return done(host.DeleteLUN(ctx, lunRequest(s.DeleteLun)))
 	case *stowagev1.Task_ResizeLun:
 		return lun(host.ResizeLUN(ctx, lunRequest(s.ResizeLun)))
+	case *stowagev1.Task_ConnectLun:
+		return uri(host.ConnectLUN(ctx, drivers.URI(s.ConnectLun.GetUri())))
+	case *stowagev1.Task_DisconnectLun:
+		return done(host.DisconnectLUN(ctx, drivers.URI(s.DisconnectLun.GetUri())))
 	case *stowagev1.Task_ListLuns:
 		luns, err := host.ListLUNs(ctx, hostops.ISCSITargetFromProto(s.ListLuns.GetTarget()))
 		if err != nil {
@@ -310,6 +314,10 @@ func (h *LocalHost) admit(task *stowagev1.Task) error {
 		err = h.storeServed(hostops.ISCSITargetFromProto(s.EnsureIscsiTarget.GetTarget()))
 	case *stowagev1.Task_DeleteIscsiTarget:
 		err = h.storeServed(hostops.ISCSITargetFromProto(s.DeleteIscsiTarget.GetTarget()))
+	case *stowagev1.Task_ConnectLun:
+		err = checkISCSIURL(drivers.URI(s.ConnectLun.GetUri()))
+	case *stowagev1.Task_DisconnectLun:
+		err = checkISCSIURL(drivers.URI(s.DisconnectLun.GetUri()))
 	case *stowagev1.Task_ListLuns:
 		err = h.storeServed(hostops.ISCSITargetFromProto(s.ListLuns.GetTarget()))
 	case *stowagev1.Task_CreateLun:

@@ -45,8 +45,9 @@ type LocalHost struct {
 	imports *ImportDir // never nil
 	// luns and lunWriter make it an iSCSI target host and a userspace
 	// initiator (WithLUNs); nil: LUN steps are not implemented here.
-	luns  LUNManager
-	lunIO LUNIO
+	luns      LUNManager
+	lunIO     LUNIO
+	connector Connector
 	// scratch is a private directory for copies of LUNs being backed up
 	// (the agent's state dir/scratch).
 	scratch string

@@ -51,6 +51,43 @@ type LUNIO interface {
 	Convert(ctx context.Context, src, srcFormat, dst, dstFormat string, dstIsZero bool, progress func(done, total int64)) error
 }
 
+// Connector logs this host's kernel initiator in to LUNs and out again
+// (agent/iscsi/connector: the os-brick sequence over iscsiadm). grant is
+// an iscsi:// grant URI; device is the LUN's block device.
+type Connector interface {
+	Connect(ctx context.Context, grant string) (device string, err error)
+	Disconnect(ctx context.Context, grant string) error
+}
+
+// WithConnector gives the agent its kernel initiator (nil: none).
+func WithConnector(c Connector) Option { return func(a *Agent) { a.host.connector = c } }
+
+// ConnectLUN implements hostops.LUNs.
+func (h *LocalHost) ConnectLUN(ctx context.Context, uri drivers.URI) (drivers.URI, error) {
+	if err := checkISCSIURL(uri); err != nil {
+		return "", err
+	}
+	if h.connector == nil {
+		return "", fmt.Errorf("host %s has no kernel iSCSI initiator (open-iscsi and iscsi_tcp): %w", h.HostID(), errdefs.ErrNotImplemented)
+	}
+	dev, err := h.connector.Connect(ctx, string(uri))
+	if err != nil {
+		return "", err
+	}
+	return drivers.URI((&url.URL{Scheme: "file", Path: dev}).String()), nil
+}
+
+// DisconnectLUN implements hostops.LUNs.
+func (h *LocalHost) DisconnectLUN(ctx context.Context, uri drivers.URI) error {
+	if err := checkISCSIURL(uri); err != nil {
+		return err
+	}
+	if h.connector == nil {
+		return nil // nothing was connected here
+	}
+	return h.connector.Disconnect(ctx, string(uri))
+}
+
 // WithLUNs makes this host an iSCSI target host (m, nil for none) and a
 // userspace initiator (io, nil for none).
 func WithLUNs(m LUNManager, io LUNIO) Option {

@@ -3,6 +3,8 @@ package hostops
 import (
 	"context"
 
+	"github.com/stowage/stowage/drivers"
+
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 )
 
@@ -55,6 +57,24 @@ type LUNs interface {
 	ResizeLUN(ctx context.Context, req LUNRequest) (LUNInfo, error)
 	// ListLUNs lists the target's LUNs.
 	ListLUNs(ctx context.Context, t ISCSITarget) ([]LUNInfo, error)
+	// ConnectLUN logs the host's kernel initiator in to the LUN at uri (a
+	// grant: iscsi://user:secret@portal/iqn/lun?initiator=iqn) and returns
+	// its block device as file:///dev/…; safe to repeat.
+	ConnectLUN(ctx context.Context, uri drivers.URI) (drivers.URI, error)
+	// DisconnectLUN removes the device and logs out when no other LUN of
+	// the target is in use on the host; safe to repeat.
+	DisconnectLUN(ctx context.Context, uri drivers.URI) error
+}
+
+// ConnectLUN implements LUNs.
+func (e *Remote) ConnectLUN(ctx context.Context, uri drivers.URI) (drivers.URI, error) {
+	return e.uri(ctx, &stowagev1.Task{Step: &stowagev1.Task_ConnectLun{ConnectLun: &stowagev1.ConnectLunStep{Uri: string(uri)}}})
+}
+
+// DisconnectLUN implements LUNs.
+func (e *Remote) DisconnectLUN(ctx context.Context, uri drivers.URI) error {
+	_, err := e.run(ctx, &stowagev1.Task{Step: &stowagev1.Task_DisconnectLun{DisconnectLun: &stowagev1.ConnectLunStep{Uri: string(uri)}}}, nil)
+	return err
 }
 
 // ISCSITargetToProto is the wire form of t.
