@@ -12,6 +12,9 @@ const (
 	// CapISCSIUserspace: the host reaches LUNs through libiscsi (qemu-img's
 	// iscsi block driver), with or without the iscsi_tcp kernel module.
 	CapISCSIUserspace Capability = "iscsi_userspace"
+	// CapISCSIKernel: the host logs in with its kernel initiator
+	// (open-iscsi, iscsi_tcp) and sees LUNs as block devices.
+	CapISCSIKernel Capability = "iscsi_initiator"
 )
 
 // HostNeeds is implemented by a driver whose objects only hosts with some

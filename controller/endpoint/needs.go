@@ -15,6 +15,8 @@ func has(h *stowagev1.Host, c drivers.Capability) bool {
 	switch c {
 	case drivers.CapISCSIUserspace:
 		return caps.GetIscsiUserspace()
+	case drivers.CapISCSIKernel:
+		return caps.GetIscsiInitiator()
 	}
 	return false
 }

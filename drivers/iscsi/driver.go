@@ -204,7 +204,8 @@ func (d *Driver) GrantAccess(ctx context.Context, obj drivers.DataObject, c driv
 	if err != nil {
 		return drivers.Access{}, err
 	}
-	if c.Purpose == drivers.PurposeAttach && !d.logsIn(ctx, obj.Store.Scope, c.HostID) {
+	attachKernel := c.Purpose == drivers.PurposeAttach && d.hostHas(ctx, obj.Store.Scope, c.HostID, drivers.CapISCSIKernel, false)
+	if c.Purpose == drivers.PurposeAttach && !attachKernel && !d.hostHas(ctx, obj.Store.Scope, c.HostID, drivers.CapISCSIUserspace, true) {
 		// A host without the userspace initiator: its target host serves
 		// the LUN's file over NBD (with the same TLS as every NBD grant).
 		key, err := d.key(obj)
@@ -232,6 +233,19 @@ func (d *Driver) GrantAccess(ctx context.Context, obj drivers.DataObject, c driv
 	if err != nil {
 		return drivers.Access{}, err
 	}
+	if attachKernel {
+		// The host's kernel initiator logs in (the os-brick sequence) and
+		// the hypervisor gets the block device.
+		ch, err := d.hosts.ForHost(ctx, c.HostID)
+		if err != nil {
+			return drivers.Access{}, err
+		}
+		dev, err := ch.ConnectLUN(ctx, uri)
+		if err != nil {
+			return drivers.Access{}, fmt.Errorf("host %s: log in to LUN %d of %s: %w", c.HostID, l.Number, s.iqn, err)
+		}
+		return drivers.Access{URI: dev, HostID: c.HostID, Revocable: true}, nil
+	}
 	return drivers.Access{URI: uri, ReadOnly: c.Purpose == drivers.PurposeRead, HostID: c.HostID, Zeroed: zeroed}, nil
 }
 
@@ -239,6 +253,11 @@ func (d *Driver) GrantAccess(ctx context.Context, obj drivers.DataObject, c driv
 // log in) ends; an iSCSI grant has nothing to undo (a host keeps its login
 // rights to the store: its ACL entry and CHAP account).
 func (d *Driver) RevokeAccess(ctx context.Context, obj drivers.DataObject, c drivers.Client, a drivers.Access) error {
+	if strings.HasPrefix(string(a.URI), "file://") {
+		// A kernel login: the host logs out (when no other LUN of the
+		// target is in use there) with the grant's target and LUN.
+		return d.disconnect(ctx, obj, c)
+	}
 	if !strings.HasPrefix(string(a.URI), "nbd") {
 		return ctx.Err()
 	}
@@ -253,16 +272,40 @@ func (d *Driver) RevokeAccess(ctx context.Context, obj drivers.DataObject, c dri
 	return h.UnexportNBD(ctx, a.URI)
 }
 
-// logsIn says whether host hostID can log in to targets (it has the
-// userspace initiator). A host not Up in the store's scope is given the
-// benefit of the doubt: its grant is the iscsi:// URI.
-func (d *Driver) logsIn(ctx context.Context, scope drivers.Scope, hostID string) bool {
+// hostHas says whether host hostID, Up in scope, reported capability c;
+// for a host not Up in scope it answers unknown.
+func (d *Driver) hostHas(ctx context.Context, scope drivers.Scope, hostID string, c drivers.Capability, unknown bool) bool {
 	up, err := d.hosts.AllInScope(ctx, scope)
 	if err != nil || !slices.ContainsFunc(up, func(h hostops.Host) bool { return h.HostID() == hostID }) {
-		return true
+		return unknown
 	}
-	able, _ := d.hosts.AllInScope(drivers.WithNeeds(ctx, d.HostNeeds()...), scope)
+	able, _ := d.hosts.AllInScope(drivers.WithNeeds(ctx, c), scope)
 	return slices.ContainsFunc(able, func(h hostops.Host) bool { return h.HostID() == hostID })
+}
+
+// disconnect has host c log out of obj's LUN.
+func (d *Driver) disconnect(ctx context.Context, obj drivers.DataObject, c drivers.Client) error {
+	s, err := storeOf(obj.Store)
+	if err != nil {
+		return err
+	}
+	h, err := d.targetHost(ctx, s)
+	if err != nil {
+		return err
+	}
+	l, err := d.lun(ctx, h, s, obj)
+	if err != nil {
+		return err
+	}
+	uri, err := d.lunURI(s, c.HostID, l.Number)
+	if err != nil {
+		return err
+	}
+	ch, err := d.hosts.ForHost(ctx, c.HostID)
+	if err != nil {
+		return err
+	}
+	return ch.DisconnectLUN(ctx, uri)
 }
 
 // CanCopy implements drivers.Driver: tgt copies nothing itself.
