@@ -155,7 +155,8 @@ func newAgent(cfg agent.Config, creds *agent.Credentials, limits rpclimit.Limits
 			return nil, fmt.Errorf("agent: restore exports: %w", err)
 		}
 	}
-	opts := []agent.Option{agent.WithExports(x), agent.WithNBD(n), agent.WithLimits(limits), agent.WithCredentials(creds), iscsiOption(cfg, log)}
+	opts := []agent.Option{agent.WithExports(x), agent.WithNBD(n), agent.WithLimits(limits), agent.WithCredentials(creds)}
+	opts = append(opts, iscsiOptions(cfg, log)...)
 	if cfg.ImageCacheSocket != "" {
 		// The template mount is its own process (stowage cache serve); the
 		// agent serves its templates read-only (hostops.TemplateMount) and

@@ -5,6 +5,7 @@ import (
 	"log/slog"
 
 	"github.com/stowage/stowage/agent"
+	"github.com/stowage/stowage/agent/iscsi/connector"
 	"github.com/stowage/stowage/agent/iscsi/tgt"
 	"github.com/stowage/stowage/datapath/iscsi"
 )
@@ -17,10 +18,26 @@ func (lunIO) Convert(ctx context.Context, src, srcFormat, dst, dstFormat string,
 	return iscsi.Convert(ctx, src, srcFormat, dst, dstFormat, dstIsZero, progress)
 }
 
-// iscsiOption gives the agent its iSCSI parts: the LUN manager of tgtd
-// when it is a target host (--iscsi-target), and the userspace initiator
-// (--iscsi-userspace).
-func iscsiOption(cfg agent.Config, log *slog.Logger) agent.Option {
+// kernelInitiator is the host's open-iscsi connector when the kernel path
+// works here (iscsiadm, iscsi_tcp, iscsid), with the sessions it finds
+// adopted: Connect reuses them instead of logging in twice. Else nil, and
+// the reason is logged.
+func kernelInitiator(ctx context.Context, log *slog.Logger) agent.Connector {
+	c := connector.New(connector.WithLogger(log.With("component", "iscsi-connector")))
+	if ok, why := c.Available(ctx); !ok {
+		log.Info("kernel iSCSI initiator unavailable; LUNs are reached from userspace or over NBD", "reason", why)
+		return nil
+	}
+	if ss, err := c.Sessions(ctx); err == nil && len(ss) > 0 {
+		log.Info("adopted iSCSI sessions found at start", "sessions", len(ss))
+	}
+	return c
+}
+
+// iscsiOptions give the agent its iSCSI parts: the LUN manager of tgtd
+// when it is a target host (--iscsi-target), the userspace initiator
+// (--iscsi-userspace) and the kernel initiator where it works.
+func iscsiOptions(cfg agent.Config, log *slog.Logger) []agent.Option {
 	var m agent.LUNManager
 	if cfg.ISCSITarget {
 		m = tgt.New(tgt.WithControlPort(cfg.TGTControlPort), tgt.WithLogger(log.With("component", "tgt")))
@@ -29,5 +46,5 @@ func iscsiOption(cfg agent.Config, log *slog.Logger) agent.Option {
 	if cfg.ISCSIUserspace {
 		io = lunIO{}
 	}
-	return agent.WithLUNs(m, io)
+	return []agent.Option{agent.WithLUNs(m, io), agent.WithConnector(kernelInitiator(context.Background(), log))}
 }
