@@ -155,6 +155,30 @@ func TestISCSIStoreEndToEnd(t *testing.T) {
 	obj, lun := lunOpts(t, root, portal, iqn, n, "h1", user, secret)
 	compareLUN(t, qcow, obj, lun)
 
+	// A blank volume: a raw LUN of its size; qcow2 is refused on a LUN.
+	bv, err := a.volumes.CreateVolume(ctx, connect.NewRequest(&stowagev1.CreateVolumeRequest{Name: "blank", Size: 16 << 20, StoreId: san.GetId()}))
+	if err != nil {
+		t.Fatalf("blank volume on iSCSI: %v", err)
+	}
+	mustSucceed(t, a, bv.Msg.GetJob())
+	blankLUN := 0
+	for n, b := range tgtLUNs(t, ctl, iqn) {
+		if strings.Contains(b, bv.Msg.GetVolume().GetId()) {
+			blankLUN = n
+		}
+	}
+	if blankLUN == 0 {
+		t.Fatal("the blank volume has no LUN")
+	}
+	obj, lun = lunOpts(t, root, portal, iqn, blankLUN, "h1", user, secret)
+	if info := run(t, "qemu-img", "info", "--output", "json", "--object", obj, "--image-opts", lun); !strings.Contains(info, `"virtual-size": 16777216`) {
+		t.Fatalf("blank LUN: %s", info)
+	}
+	if _, err := a.volumes.CreateVolume(ctx, connect.NewRequest(&stowagev1.CreateVolumeRequest{Name: "q", Size: 16 << 20, StoreId: san.GetId(),
+		Format: stowagev1.ImageFormat_IMAGE_FORMAT_QCOW2})); connect.CodeOf(err) != connect.CodeInvalidArgument {
+		t.Fatalf("a qcow2 volume on iSCSI: %v, want invalid_argument", err)
+	}
+
 	// The grant a hypervisor gets: iscsi:// to that LUN, the secret redacted in the reply.
 	g, err := a.volumes.GrantAccess(ctx, connect.NewRequest(&stowagev1.GrantAccessRequest{Id: vol.GetId(), HostId: "h1"}))
 	if err != nil {
@@ -227,13 +251,15 @@ func TestISCSIStoreEndToEnd(t *testing.T) {
 	}
 	mustSucceed(t, a, bs.Msg.GetJob())
 
-	// Delete: the LUN is gone from the target.
-	if _, err := a.volumes.DeleteVolume(ctx, connect.NewRequest(&stowagev1.DeleteVolumeRequest{Id: vol.GetId()})); err != nil {
-		t.Fatal(err)
+	// Delete: the LUNs are gone from the target.
+	for _, id := range []string{vol.GetId(), bv.Msg.GetVolume().GetId()} {
+		if _, err := a.volumes.DeleteVolume(ctx, connect.NewRequest(&stowagev1.DeleteVolumeRequest{Id: id})); err != nil {
+			t.Fatal(err)
+		}
 	}
 	waitFor(t, "the volume's and snapshot's LUNs gone from tgtadm", 30*time.Second, func() bool {
 		for _, b := range tgtLUNs(t, ctl, iqn) {
-			if strings.Contains(b, vol.GetId()) || strings.Contains(b, ts.Msg.GetSnapshot().GetId()) {
+			if strings.Contains(b, vol.GetId()) || strings.Contains(b, ts.Msg.GetSnapshot().GetId()) || strings.Contains(b, bv.Msg.GetVolume().GetId()) {
 				return false
 			}
 		}
