@@ -11,6 +11,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/stowage/stowage/failpoint"
+
 	"google.golang.org/protobuf/proto"
 
 	"github.com/stowage/stowage/drivers"
@@ -201,10 +203,17 @@ func (j *journal) leave(t *task) {
 
 // execute runs fn for t and journals its outcome.
 func (j *journal) execute(ctx context.Context, id string, t *task, fn func(context.Context, drivers.Progress) (*stowagev1.TaskResult, error)) {
-	res, err := fn(ctx, func(done, total int64) {
-		t.bytesDone.Store(done)
-		t.bytesTotal.Store(total)
-	})
+	var res *stowagev1.TaskResult
+	err := failpoint.Hit(failpoint.AgentTaskStart)
+	if err == nil {
+		res, err = fn(ctx, func(done, total int64) {
+			t.bytesDone.Store(done)
+			t.bytesTotal.Store(total)
+		})
+	}
+	if err == nil {
+		err = failpoint.Hit(failpoint.AgentTaskFinish)
+	}
 	if err != nil {
 		if errdefs.IsUnavailable(err) || ctx.Err() != nil {
 			res = nil

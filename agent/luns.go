@@ -7,6 +7,8 @@ import (
 	"os"
 	"strings"
 
+	"github.com/stowage/stowage/failpoint"
+
 	"github.com/stowage/stowage/agent/iscsi/tgt"
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
@@ -190,6 +192,9 @@ func (h *LocalHost) CreateLUN(ctx context.Context, req hostops.LUNRequest) (host
 		}
 	}
 	if _, err := m.AddLUN(ctx, req.Target.IQN, p); err != nil {
+		return hostops.LUNInfo{}, err
+	}
+	if err := failpoint.Hit(failpoint.LUNAfterCreate); err != nil {
 		return hostops.LUNInfo{}, err
 	}
 	return h.lunInfo(ctx, m, req, p)

@@ -8,6 +8,8 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/stowage/stowage/failpoint"
+
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
 )
@@ -41,6 +43,9 @@ func (l *Local) Export(ctx context.Context, path string, expires time.Time) (dri
 		return "", fmt.Errorf("export %s on host %s: %w", path, l.hostID, err)
 	}
 	u, err := l.exporter.Export(host, expires)
+	if err == nil {
+		err = failpoint.Hit(failpoint.ExportAfterGrant)
+	}
 	if err != nil {
 		return "", fmt.Errorf("export %s on host %s: %w", path, l.hostID, err)
 	}

@@ -11,6 +11,8 @@ import (
 	"path/filepath"
 	"strings"
 
+	"github.com/stowage/stowage/failpoint"
+
 	"github.com/stowage/stowage/datapath/durable"
 	"github.com/stowage/stowage/datapath/qemuimg"
 	"github.com/stowage/stowage/errdefs"
@@ -177,13 +179,19 @@ func publish(tmp, final string) error {
 	if err := durable.SyncFile(tmp); err != nil {
 		return classed(err)
 	}
+	if err := failpoint.Hit(failpoint.AgentBeforePublish); err != nil {
+		return err
+	}
 	if err := durable.RenameNoReplace(tmp, final); err != nil {
 		if errors.Is(err, fs.ErrExist) {
 			return fmt.Errorf("%s appeared meanwhile: %w", final, errors.Join(err, errdefs.ErrAlreadyExists))
 		}
 		return classed(err)
 	}
-	return classed(durable.SyncDir(filepath.Dir(final)))
+	if err := classed(durable.SyncDir(filepath.Dir(final))); err != nil {
+		return err
+	}
+	return failpoint.Hit(failpoint.AgentAfterPublish)
 }
 
 // lockDest prepares the destination of an image step: it makes sure the

@@ -41,7 +41,9 @@ func TestMain(m *testing.M) {
 	stowageBin = filepath.Join(dir, "stowage")
 	// stowage dev writes the CLI's configuration: here, never the user's.
 	os.Setenv("STOWAGE_CONFIG", filepath.Join(dir, "config.json"))
-	out, err := exec.Command("go", "build", "-o", stowageBin, ".").CombinedOutput()
+	// Failpoints compiled in (tests enable them per process; they do
+	// nothing otherwise).
+	out, err := exec.Command("go", "build", "-tags", "failpoints", "-o", stowageBin, ".").CombinedOutput()
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "build stowage: %v\n%s", err, out)
 		os.Exit(1)
@@ -89,8 +91,15 @@ func (b *syncBuffer) String() string {
 
 func startProc(t *testing.T, name string, args ...string) *proc {
 	t.Helper()
+	return startProcEnv(t, name, nil, args...)
+}
+
+// startProcEnv is startProc with extra environment variables.
+func startProcEnv(t *testing.T, name string, env []string, args ...string) *proc {
+	t.Helper()
 	p := &proc{name: name, log: &syncBuffer{}, done: make(chan struct{})}
 	p.cmd = exec.Command(stowageBin, args...)
+	p.cmd.Env = append(os.Environ(), env...)
 	p.cmd.Stdout = p.log
 	p.cmd.Stderr = p.log
 	if err := p.cmd.Start(); err != nil {
@@ -309,9 +318,14 @@ func hostState(t *testing.T, server, id string) string {
 // controllerProc starts the controller on addr with dataDir; it serves
 // https://addr.
 func controllerProc(t *testing.T, addr, dataDir string, extra ...string) *proc {
+	return controllerProcEnv(t, nil, addr, dataDir, extra...)
+}
+
+// controllerProcEnv is controllerProc with extra environment variables.
+func controllerProcEnv(t *testing.T, env []string, addr, dataDir string, extra ...string) *proc {
 	server := "https://" + addr
 	controllers.Store(server, dataDir)
-	p := startProc(t, "controller", append([]string{"controller", "--listen", addr, "--data-dir", dataDir,
+	p := startProcEnv(t, "controller", env, append([]string{"controller", "--listen", addr, "--data-dir", dataDir,
 		"--heartbeat-interval", "200ms", "--host-timeout", "1500ms", "--log-level", "info", "--fetch-allow-cidrs", "127.0.0.0/8"}, extra...)...)
 	waitFor(t, "controller /healthz", 20*time.Second, func() bool {
 		if _, err := os.Stat(caFile(server)); err != nil {
@@ -350,8 +364,13 @@ func joinToken(t *testing.T, server, id string, ttl time.Duration) (token, pin s
 // test's directory, stateDir's parent. It joins with a token made for id
 // (an agent whose state holds its certificate already ignores it).
 func agentProc(t *testing.T, server, id, zone, cluster, stateDir string, extra ...string) *proc {
+	return agentProcEnv(t, nil, server, id, zone, cluster, stateDir, extra...)
+}
+
+// agentProcEnv is agentProc with extra environment variables.
+func agentProcEnv(t *testing.T, env []string, server, id, zone, cluster, stateDir string, extra ...string) *proc {
 	token, pin := joinToken(t, server, id, 10*time.Minute)
-	p := startProc(t, "agent "+id, append([]string{"agent", "--controller", server, "--host-id", id,
+	p := startProcEnv(t, "agent "+id, env, append([]string{"agent", "--controller", server, "--host-id", id,
 		"--join-token", token, "--ca-pin", pin,
 		"--listen", freePort(t), "--nbd-listen", "127.0.0.1:0", "--zone", zone, "--cluster", cluster, "--state-dir", stateDir,
 		"--store-roots", filepath.Dir(stateDir), "--log-level", "info", "--fetch-allow-cidrs", "127.0.0.0/8"}, extra...)...)

@@ -18,6 +18,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/stowage/stowage/failpoint"
+
 	"google.golang.org/protobuf/proto"
 
 	"github.com/stowage/stowage/controller/apiauth"
@@ -508,7 +510,13 @@ func (rep *Reporter) flush(ctx context.Context) {
 func RunStep(ctx context.Context, job *stowagev1.Job, rep *Reporter, name string, fn func(ctx context.Context) error) error {
 	rep.Step(name, stowagev1.JobState_JOB_STATE_RUNNING, nil)
 	rep.Phase(name)
-	err := fn(StepContext(ctx, job, name))
+	err := failpoint.Hit(failpoint.JobBeforeStep)
+	if err == nil {
+		err = fn(StepContext(ctx, job, name))
+	}
+	if err == nil {
+		err = failpoint.Hit(failpoint.JobAfterStep)
+	}
 	if err != nil {
 		rep.Step(name, stowagev1.JobState_JOB_STATE_FAILED, err)
 		return fmt.Errorf("%s: %w", name, err)

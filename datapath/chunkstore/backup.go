@@ -11,6 +11,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/stowage/stowage/failpoint"
+
 	"golang.org/x/sync/errgroup"
 
 	"github.com/stowage/stowage/datapath/stream"
@@ -129,6 +131,9 @@ func (s *Store) Backup(ctx context.Context, src Source, name string, opts Backup
 	enc, err := encodeManifest(name, m)
 	if err != nil {
 		return nil, st, err
+	}
+	if err := failpoint.Hit(failpoint.ChunksBeforeManifest); err != nil {
+		return nil, Stats{}, err
 	}
 	if err := s.b.CreateManifest(ctx, name, enc); err != nil {
 		return nil, st, err

@@ -1,0 +1,353 @@
+package main
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/binary"
+	"fmt"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"connectrpc.com/connect"
+
+	"github.com/stowage/stowage/failpoint"
+	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
+)
+
+// crashCell is one (workflow, failpoint, process) cell of the crash matrix.
+type crashCell struct{ workflow, point, process string }
+
+// crashWorld is a controller, two agents and three stores whose processes
+// the matrix kills and restarts.
+type crashWorld struct {
+	t                  *testing.T
+	root, addr, server string
+	ctl, h1, h2        *proc
+	ctlHTTP, h1HTTP    string // gofail's HTTP endpoints
+	a                  *clientAPI
+	img, p1, p2        *stowagev1.DataStore
+	tmpl               string
+	n                  int
+}
+
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+func (w *crashWorld) startController() {
+	w.ctl = controllerProcEnv(w.t, []string{"GOFAIL_HTTP=" + w.ctlHTTP}, w.addr, filepath.Join(w.root, "ctl"))
+}
+
+func (w *crashWorld) startAgent() {
+	w.h1 = agentProcEnv(w.t, []string{"GOFAIL_HTTP=" + w.h1HTTP}, w.server, "h1", "z1", "c1", filepath.Join(w.root, "a1"))
+	waitFor(w.t, "h1 Up", 30*time.Second, func() bool { return hostState(w.t, w.server, "h1") == "HOST_STATE_UP" })
+}
+
+// arm sets a failpoint of a process to kill it the first time it is hit.
+func arm(t *testing.T, endpoint, point string) {
+	t.Helper()
+	req, _ := http.NewRequest(http.MethodPut, "http://"+endpoint+"/"+point, strings.NewReader(`1*return("kill")`))
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("arm %s at %s: %v", point, endpoint, err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode/100 != 2 {
+		t.Fatalf("arm %s at %s: HTTP %d", point, endpoint, resp.StatusCode)
+	}
+}
+
+func disarm(endpoint, point string) {
+	req, _ := http.NewRequest(http.MethodDelete, "http://"+endpoint+"/"+point, nil)
+	if resp, err := http.DefaultClient.Do(req); err == nil {
+		resp.Body.Close()
+	}
+}
+
+// workflows prepare what each needs and return the function that starts
+// its job (the failpoint is armed in between).
+func (w *crashWorld) workflows() map[string]func() func() *stowagev1.Job {
+	ctx := context.Background()
+	a := w.a
+	vol := func(name string, f stowagev1.ImageFormat, strategy string, st *stowagev1.DataStore) *stowagev1.Volume {
+		cv, err := a.volumes.CreateVolume(ctx, connect.NewRequest(&stowagev1.CreateVolumeRequest{Name: name, TemplateId: w.tmpl, StoreId: st.GetId(), Format: f, Strategy: strategy}))
+		if err != nil {
+			w.t.Fatalf("volume %s: %v", name, err)
+		}
+		mustSucceed(w.t, a, cv.Msg.GetJob())
+		return cv.Msg.GetVolume()
+	}
+	name := func(p string) string { w.n++; return fmt.Sprintf("%s-%d", p, w.n) }
+	return map[string]func() func() *stowagev1.Job{
+		"volume create (full)": func() func() *stowagev1.Job {
+			return func() *stowagev1.Job {
+				cv, err := a.volumes.CreateVolume(ctx, connect.NewRequest(&stowagev1.CreateVolumeRequest{Name: name("full"), TemplateId: w.tmpl, StoreId: w.p1.GetId(), Strategy: "full"}))
+				if err != nil {
+					w.t.Fatal(err)
+				}
+				return cv.Msg.GetJob()
+			}
+		},
+		"volume create (linked)": func() func() *stowagev1.Job {
+			return func() *stowagev1.Job {
+				cv, err := a.volumes.CreateVolume(ctx, connect.NewRequest(&stowagev1.CreateVolumeRequest{Name: name("linked"), TemplateId: w.tmpl, StoreId: w.p1.GetId(), Strategy: "linked"}))
+				if err != nil {
+					w.t.Fatal(err)
+				}
+				return cv.Msg.GetJob()
+			}
+		},
+		"snapshot take": func() func() *stowagev1.Job {
+			v := vol(name("snapv"), stowagev1.ImageFormat_IMAGE_FORMAT_QCOW2, "linked", w.p1)
+			return func() *stowagev1.Job {
+				ts, err := a.snapshots.TakeSnapshot(ctx, connect.NewRequest(&stowagev1.TakeSnapshotRequest{VolumeId: v.GetId(), Name: "s"}))
+				if err != nil {
+					w.t.Fatal(err)
+				}
+				return ts.Msg.GetJob()
+			}
+		},
+		"snapshot backup": func() func() *stowagev1.Job {
+			v := vol(name("bkv"), stowagev1.ImageFormat_IMAGE_FORMAT_QCOW2, "linked", w.p1)
+			ts, err := a.snapshots.TakeSnapshot(ctx, connect.NewRequest(&stowagev1.TakeSnapshotRequest{VolumeId: v.GetId(), Name: "s"}))
+			if err != nil {
+				w.t.Fatal(err)
+			}
+			mustSucceed(w.t, a, ts.Msg.GetJob())
+			return func() *stowagev1.Job {
+				bs, err := a.snapshots.BackupSnapshot(ctx, connect.NewRequest(&stowagev1.BackupSnapshotRequest{Id: ts.Msg.GetSnapshot().GetId()}))
+				if err != nil {
+					w.t.Fatal(err)
+				}
+				return bs.Msg.GetJob()
+			}
+		},
+		"volume migrate": func() func() *stowagev1.Job {
+			v := vol(name("migv"), stowagev1.ImageFormat_IMAGE_FORMAT_RAW, "full", w.p1)
+			return func() *stowagev1.Job {
+				mg, err := a.volumes.MigrateVolume(ctx, connect.NewRequest(&stowagev1.MigrateVolumeRequest{Id: v.GetId(), StoreId: w.p2.GetId()}))
+				if err != nil {
+					w.t.Fatal(err)
+				}
+				return mg.Msg.GetJob()
+			}
+		},
+		"volume resize": func() func() *stowagev1.Job {
+			v := vol(name("rsv"), stowagev1.ImageFormat_IMAGE_FORMAT_RAW, "full", w.p1)
+			return func() *stowagev1.Job {
+				rs, err := a.volumes.ResizeVolume(ctx, connect.NewRequest(&stowagev1.ResizeVolumeRequest{Id: v.GetId(), Size: 96 << 20}))
+				if err != nil {
+					w.t.Fatal(err)
+				}
+				return rs.Msg.GetJob()
+			}
+		},
+		"volume delete": func() func() *stowagev1.Job {
+			v := vol(name("delv"), stowagev1.ImageFormat_IMAGE_FORMAT_QCOW2, "linked", w.p1)
+			return func() *stowagev1.Job {
+				dv, err := a.volumes.DeleteVolume(ctx, connect.NewRequest(&stowagev1.DeleteVolumeRequest{Id: v.GetId()}))
+				if err != nil {
+					w.t.Fatal(err)
+				}
+				return dv.Msg.GetJob()
+			}
+		},
+	}
+}
+
+// settle waits for job to end and checks the invariants after a crash:
+// the job is not stuck (Succeeded, or Failed with a reason), no volume or
+// snapshot is left in a transitional state, no temporary file is left in
+// a store, and every Ready volume's image is whole (qemu-img check).
+func (w *crashWorld) settle(job *stowagev1.Job) (string, error) {
+	ctx := context.Background()
+	var last *stowagev1.Job
+	deadline := time.Now().Add(90 * time.Second)
+	for time.Now().Before(deadline) {
+		g, err := w.a.jobs.GetJob(ctx, connect.NewRequest(&stowagev1.GetJobRequest{Id: job.GetId()}))
+		if err == nil {
+			last = g.Msg.GetJob()
+			if s := last.GetState(); s == stowagev1.JobState_JOB_STATE_SUCCEEDED || s == stowagev1.JobState_JOB_STATE_FAILED || s == stowagev1.JobState_JOB_STATE_CANCELLED {
+				break
+			}
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if last == nil || (last.GetState() != stowagev1.JobState_JOB_STATE_SUCCEEDED && last.GetState() != stowagev1.JobState_JOB_STATE_FAILED) {
+		return "", fmt.Errorf("job %s stuck: %v", job.GetId(), last)
+	}
+	if last.GetState() == stowagev1.JobState_JOB_STATE_FAILED && last.GetError() == "" {
+		return "", fmt.Errorf("job %s failed without a reason", job.GetId())
+	}
+	outcome := strings.ToLower(strings.TrimPrefix(last.GetState().String(), "JOB_STATE_"))
+	// Transitional states settle (a failed step's object goes to Error or
+	// is removed), give them a moment.
+	var bad []string
+	for i := 0; i < 50; i++ {
+		bad = bad[:0]
+		vs, err := w.a.volumes.ListVolumes(ctx, connect.NewRequest(&stowagev1.ListVolumesRequest{}))
+		if err != nil {
+			return "", err
+		}
+		for _, v := range vs.Msg.GetVolumes() {
+			switch v.GetState() {
+			case stowagev1.VolumeState_VOLUME_STATE_READY, stowagev1.VolumeState_VOLUME_STATE_ALLOCATED, stowagev1.VolumeState_VOLUME_STATE_EXPUNGED,
+				stowagev1.VolumeState_VOLUME_STATE_DESTROY, stowagev1.VolumeState_VOLUME_STATE_FAILED:
+			default:
+				bad = append(bad, fmt.Sprintf("volume %s %s", v.GetName(), v.GetState()))
+			}
+		}
+		if len(bad) == 0 {
+			break
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if len(bad) > 0 {
+		return outcome, fmt.Errorf("left in a transitional state: %v", bad)
+	}
+	var temps []string
+	for _, st := range []*stowagev1.DataStore{w.img, w.p1, w.p2} {
+		_ = filepath.WalkDir(st.GetDetails()["path"], func(p string, d os.DirEntry, err error) error {
+			if err == nil && strings.HasPrefix(strings.TrimPrefix(d.Name(), "."), ".stowage-tmp-"[1:]) {
+				temps = append(temps, p)
+			}
+			return nil
+		})
+	}
+	if len(temps) > 0 {
+		return outcome, fmt.Errorf("temporary files left: %v", temps)
+	}
+	vs, _ := w.a.volumes.ListVolumes(ctx, connect.NewRequest(&stowagev1.ListVolumesRequest{}))
+	for _, v := range vs.Msg.GetVolumes() {
+		if v.GetState() != stowagev1.VolumeState_VOLUME_STATE_READY || v.GetFormat() != stowagev1.ImageFormat_IMAGE_FORMAT_QCOW2 {
+			continue
+		}
+		st := w.p1
+		if v.GetStoreId() == w.p2.GetId() {
+			st = w.p2
+		}
+		if out, err := exec.Command("qemu-img", "check", "-U", "-q", filepath.Join(st.GetDetails()["path"], v.GetInstallPath())).CombinedOutput(); err != nil {
+			return outcome, fmt.Errorf("Ready volume %s fails qemu-img check: %s", v.GetName(), out)
+		}
+	}
+	return outcome, nil
+}
+
+// TestCrashMatrix walks workflows × failpoints on their path × {controller,
+// agent}: the process is killed with SIGKILL at the failpoint (gofail's
+// return("kill")), restarted, and the invariants checked (settle). CI runs
+// a sample chosen from the commit (STOWAGE_CRASH_SAMPLE cells, default 6);
+// STOWAGE_CRASH_MATRIX=all runs every cell and prints the table.
+func TestCrashMatrix(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts processes")
+	}
+	needTools(t, "qemu-img", "qemu-io")
+	root := t.TempDir()
+	web, qcow := patternedQcow2(t, root, "write -P 0x44 8M 2M")
+	origin := httptest.NewServer(http.StripPrefix("/t/", http.FileServer(http.Dir(web))))
+	defer origin.Close()
+	w := &crashWorld{t: t, root: root, addr: freePort(t), ctlHTTP: freeAddr(t), h1HTTP: freeAddr(t)}
+	w.server = "https://" + w.addr
+	w.startController()
+	w.startAgent()
+	w.h2 = agentProc(t, w.server, "h2", "z1", "c1", filepath.Join(root, "a2"))
+	waitFor(t, "h2 Up", 30*time.Second, func() bool { return hostState(t, w.server, "h2") == "HOST_STATE_UP" })
+	w.a = newAPI(w.server)
+	w.img = addStore(t, w.a, "img", stowagev1.StoreRole_STORE_ROLE_IMAGE, filepath.Join(root, "img"), &stowagev1.Scope{Zone: "z1", Cluster: "c1", HostId: "h1"})
+	w.p1 = addStore(t, w.a, "p1", stowagev1.StoreRole_STORE_ROLE_PRIMARY, filepath.Join(root, "p1"), &stowagev1.Scope{Zone: "z1", Cluster: "c1", HostId: "h1"})
+	w.p2 = addStore(t, w.a, "p2", stowagev1.StoreRole_STORE_ROLE_PRIMARY, filepath.Join(root, "p2"), &stowagev1.Scope{Zone: "z1", Cluster: "c1", HostId: "h2"})
+	r, err := w.a.images.RegisterTemplate(context.Background(), connect.NewRequest(&stowagev1.RegisterTemplateRequest{Name: "t", Url: origin.URL + "/t/base.qcow2",
+		Format: stowagev1.ImageFormat_IMAGE_FORMAT_QCOW2, Checksum: "sha256:" + sha256File(t, qcow)}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustSucceed(t, w.a, r.Msg.GetJob())
+	w.tmpl = r.Msg.GetTemplate().GetId()
+
+	flows := w.workflows()
+	var cells []crashCell
+	for wf := range flows {
+		for _, p := range failpoint.Controller {
+			cells = append(cells, crashCell{wf, p, "controller"})
+		}
+		for _, p := range failpoint.Agent {
+			cells = append(cells, crashCell{wf, p, "agent h1"})
+		}
+	}
+	sort.Slice(cells, func(i, j int) bool {
+		a, b := cells[i], cells[j]
+		return a.workflow+a.point+a.process < b.workflow+b.point+b.process
+	})
+	if os.Getenv("STOWAGE_CRASH_MATRIX") != "all" {
+		n := 6
+		fmt.Sscan(os.Getenv("STOWAGE_CRASH_SAMPLE"), &n)
+		head, _ := exec.Command("git", "rev-parse", "HEAD").Output()
+		sum := sha256.Sum256(head)
+		start := int(binary.BigEndian.Uint32(sum[:4]) % uint32(len(cells)))
+		var sample []crashCell
+		for i := 0; i < n && i < len(cells); i++ {
+			sample = append(sample, cells[(start+i*(len(cells)/n+1))%len(cells)])
+		}
+		cells = sample
+	}
+	var table []string
+	failed := 0
+	for _, c := range cells {
+		endpoint, p := w.ctlHTTP, &w.ctl
+		if c.process != "controller" {
+			endpoint, p = w.h1HTTP, &w.h1
+		}
+		start := flows[c.workflow]()
+		arm(t, endpoint, c.point)
+		job := start()
+		killed := false
+		select {
+		case <-(*p).done:
+			killed = true
+		case <-time.After(20 * time.Second):
+		}
+		if !killed {
+			// Not on this workflow's path (or not reached in time).
+			disarm(endpoint, c.point)
+			table = append(table, fmt.Sprintf("| %s | %s | %s | not on the path | - |", c.workflow, c.point, c.process))
+			_, _ = w.settle(job)
+			continue
+		}
+		if ws, ok := (*p).cmd.ProcessState.Sys().(syscall.WaitStatus); !ok || ws.Signal() != syscall.SIGKILL {
+			t.Errorf("%v: the process ended but not by SIGKILL: %v", c, (*p).cmd.ProcessState)
+		}
+		restarted := time.Now()
+		if c.process == "controller" {
+			w.startController()
+		} else {
+			w.startAgent()
+		}
+		outcome, err := w.settle(job)
+		took := time.Since(restarted).Round(100 * time.Millisecond)
+		if err != nil {
+			failed++
+			t.Errorf("%s × %s × %s: %v", c.workflow, c.point, c.process, err)
+			table = append(table, fmt.Sprintf("| %s | %s | %s | **FAILED**: %v | %s |", c.workflow, c.point, c.process, err, took))
+			continue
+		}
+		table = append(table, fmt.Sprintf("| %s | %s | %s | killed; recovered, job %s | %s |", c.workflow, c.point, c.process, outcome, took))
+	}
+	t.Logf("crash matrix (%d cells, %d failed):\n| workflow | failpoint | process killed | outcome | recovery |\n|---|---|---|---|---|\n%s",
+		len(cells), failed, strings.Join(table, "\n"))
+}

@@ -1,0 +1,32 @@
+package failpoint
+
+// The failpoints. Each names one moment where durable state changes.
+const (
+	// JobBeforeStep: the controller is about to run a job's step (its
+	// record says the step is next).
+	JobBeforeStep = "jobBeforeStep"
+	// JobAfterStep: a step ran; its result is not recorded yet.
+	JobAfterStep = "jobAfterStep"
+	// AgentTaskStart: the agent journalled a task and is about to run it.
+	AgentTaskStart = "agentTaskStart"
+	// AgentTaskFinish: the agent ran a task; its result is not journalled.
+	AgentTaskFinish = "agentTaskFinish"
+	// AgentBeforePublish: an object's staging file is complete and about
+	// to be renamed into place.
+	AgentBeforePublish = "agentBeforePublish"
+	// AgentAfterPublish: the object was renamed into place.
+	AgentAfterPublish = "agentAfterPublish"
+	// ChunksBeforeManifest: a backup's chunks are stored, its manifest not.
+	ChunksBeforeManifest = "chunksBeforeManifest"
+	// LUNAfterCreate: a LUN was added to its target, its create step has
+	// not answered yet.
+	LUNAfterCreate = "lunAfterCreate"
+	// ExportAfterGrant: an export was made, its grant not answered yet.
+	ExportAfterGrant = "exportAfterGrant"
+)
+
+// Controller and Agent list the failpoints of each process.
+var (
+	Controller = []string{JobBeforeStep, JobAfterStep}
+	Agent      = []string{AgentTaskStart, AgentTaskFinish, AgentBeforePublish, AgentAfterPublish, ChunksBeforeManifest, LUNAfterCreate, ExportAfterGrant}
+)
