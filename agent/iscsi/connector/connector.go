@@ -444,8 +444,15 @@ func (c *Connector) Disconnect(ctx context.Context, t Target, inUse InUse) error
 
 // removeDisk flushes the disk's buffers and deletes the SCSI device, as
 // os-brick's remove_scsi_device does (blockdev --flushbufs; echo 1 >
-// /sys/block/sdX/device/delete). A dm map holding it is multipathd's.
+// /sys/block/sdX/device/delete). A dm map holding the disk is flushed
+// first (multipath -f); when that fails the disk stays, since deleting a
+// path under a live map can leave its I/O queued forever.
 func (c *Connector) removeDisk(ctx context.Context, dev Device) error {
+	if dev.Multipath {
+		if err := c.flushMap(ctx, filepath.Base(dev.Path)); err != nil {
+			return err
+		}
+	}
 	if f, err := os.OpenFile(dev.Disk, os.O_RDONLY, 0); err == nil {
 		serr := f.Sync()
 		f.Close()
@@ -458,6 +465,23 @@ func (c *Connector) removeDisk(ctx context.Context, dev Device) error {
 		return fmt.Errorf("remove %s: %w", dev.Disk, errors.Join(err, errdefs.ErrInternal))
 	}
 	return nil
+}
+
+// flushMap removes the multipath map name (multipath -f).
+func (c *Connector) flushMap(ctx context.Context, name string) error {
+	cctx, cancel := context.WithTimeout(ctx, c.run.timeout)
+	defer cancel()
+	cmd := exec.CommandContext(cctx, "multipath", "-f", name)
+	cmd.Env = append(os.Environ(), "LC_ALL=C")
+	out, err := cmd.CombinedOutput()
+	if err == nil {
+		return nil
+	}
+	if ctx.Err() != nil {
+		return fmt.Errorf("multipath -f %s: %w", name, ctx.Err())
+	}
+	return fmt.Errorf("multipath -f %s: %v: %s: the map is in use or cannot be flushed, its paths stay: %w",
+		name, err, strings.TrimSpace(string(out)), errdefs.ErrFailedPrecondition)
 }
 
 // otherLUNs lists the LUNs of t's target other than t.LUN still in use.

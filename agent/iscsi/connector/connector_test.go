@@ -347,6 +347,19 @@ func TestMultipathHolder(t *testing.T) {
 	if dev.Path != filepath.Join(s.dev, "mapper", "mpatha") || !dev.Multipath || dev.Disk != filepath.Join(s.dir, "dev", "sdb") {
 		t.Fatalf("multipath device %+v", dev)
 	}
+	// Disconnect flushes the map first; where that fails (no multipath
+	// tool here, or the map is busy) the disk and the session stay.
+	if _, err := exec.LookPath("multipath"); err != nil {
+		s.calls()
+		err := s.connector(WithMultipath(true)).Disconnect(context.Background(), chapTarget(1), nil)
+		if !errdefs.IsFailedPrecondition(err) || !strings.Contains(err.Error(), "multipath -f mpatha") {
+			t.Fatalf("disconnect under an unflushable map: %v", err)
+		}
+		if b, _ := os.ReadFile(filepath.Join(s.sys, "block", "sdb", "device", "delete")); len(b) != 0 {
+			t.Fatalf("sdb deleted under a live map")
+		}
+		assertCalls(t, s.calls())
+	}
 	// Without multipathd the disk itself.
 	dev, err = s.connector(WithMultipath(false)).Connect(context.Background(), chapTarget(1))
 	if err != nil || dev.Multipath || dev.Path != dev.Disk {
