@@ -373,7 +373,8 @@ func (c *Connector) Rescan(ctx context.Context, t Target) (int64, error) {
 	name := filepath.Base(dev.Disk)
 	// The session rescan finds new LUNs; a grown LUN's capacity is
 	// re-read through the SCSI device's rescan attribute (os-brick's
-	// extend_volume). Multipath maps are resized by multipathd.
+	// extend_volume). A multipath map over the disk still needs
+	// multipathd resize map NAME, which this package does not run yet.
 	if err := os.WriteFile(filepath.Join(c.sysfs, "block", name, "device", "rescan"), []byte("1"), 0); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return 0, fmt.Errorf("iSCSI rescan %s: %s: %w", t, name, errors.Join(err, errdefs.ErrInternal))
 	}
