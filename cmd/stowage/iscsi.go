@@ -28,10 +28,38 @@ func kernelInitiator(ctx context.Context, log *slog.Logger) agent.Connector {
 		log.Info("kernel iSCSI initiator unavailable; LUNs are reached from userspace or over NBD", "reason", why)
 		return nil
 	}
-	if ss, err := c.Sessions(ctx); err == nil && len(ss) > 0 {
+	if ss, err := c.Adopt(ctx); err == nil && len(ss) > 0 {
 		log.Info("adopted iSCSI sessions found at start", "sessions", len(ss))
 	}
-	return c
+	return grantConnector{c}
+}
+
+// grantConnector is the connector addressed by LUN grants (iscsi://…).
+type grantConnector struct{ c *connector.Connector }
+
+func targetOf(grant string) (connector.Target, error) {
+	t, err := iscsi.ParseGrant(grant)
+	if err != nil {
+		return connector.Target{}, err
+	}
+	return connector.Target{Portal: t.Portal, IQN: t.IQN, LUN: t.LUN, CHAPUser: t.User, CHAPSecret: t.Secret, Initiator: t.Initiator}, nil
+}
+
+func (g grantConnector) Connect(ctx context.Context, grant string) (string, error) {
+	t, err := targetOf(grant)
+	if err != nil {
+		return "", err
+	}
+	d, err := g.c.Connect(ctx, t)
+	return d.Path, err
+}
+
+func (g grantConnector) Disconnect(ctx context.Context, grant string) error {
+	t, err := targetOf(grant)
+	if err != nil {
+		return err
+	}
+	return g.c.Disconnect(ctx, t, nil)
 }
 
 // iscsiOptions give the agent its iSCSI parts: the LUN manager of tgtd

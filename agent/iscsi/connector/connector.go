@@ -25,6 +25,10 @@ type Target struct {
 	LUN        int
 	CHAPUser   string
 	CHAPSecret string
+	// Initiator, when set, is the initiator name the node logs in with
+	// (iface.initiatorname): the one the target's ACL names for this
+	// host, instead of /etc/iscsi/initiatorname.iscsi's.
+	Initiator string
 }
 
 // String names the LUN without its credentials.
@@ -195,6 +199,9 @@ func (c *Connector) Connect(ctx context.Context, t Target) (Device, error) {
 			[2]string{"node.session.auth.authmethod", "CHAP"},
 			[2]string{"node.session.auth.username", t.CHAPUser},
 			[2]string{"node.session.auth.password", t.CHAPSecret})
+	}
+	if t.Initiator != "" {
+		updates = append(updates, [2]string{"iface.initiatorname", t.Initiator})
 	}
 	// manual: iscsid must not log in at boot behind the agent's back;
 	// the agent adopts or re-creates sessions itself.

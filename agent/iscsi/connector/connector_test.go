@@ -505,3 +505,19 @@ func TestRealIscsiadm(t *testing.T) {
 		t.Fatalf("closed port: %v, want unavailable", err)
 	}
 }
+
+// The node logs in with the initiator name the target's ACL names for the
+// host (iface.initiatorname), when the grant gives one.
+func TestConnectSetsTheACLsInitiatorName(t *testing.T) {
+	s := newStandin(t)
+	s.lun(portal, iqn, 1, "sdb", 1<<30)
+	s.write("chap", "host1 "+secret+"\n")
+	tg := chapTarget(1)
+	tg.Initiator = "iqn.2026-12.org.stowage:host.h1"
+	if _, err := s.connector().Connect(context.Background(), tg); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Contains(s.calls(), node("--op update -n iface.initiatorname -v iqn.2026-12.org.stowage:host.h1")) {
+		t.Fatalf("no iface.initiatorname update: %q", s.calls())
+	}
+}
