@@ -86,6 +86,9 @@ func WithPollInterval(d time.Duration) Option {
 	}
 }
 
+// maxBackoff caps the wait between attempts to reach an agent.
+const maxBackoff = 5 * time.Second
+
 // NewRemote returns a Remote for the agent of hostID serving at baseURL.
 func NewRemote(hostID, baseURL string, hc connect.HTTPClient, opts ...Option) *Remote {
 	if hc == nil {
@@ -94,8 +97,10 @@ func NewRemote(hostID, baseURL string, hc connect.HTTPClient, opts ...Option) *R
 	e := &Remote{
 		hostID:   hostID,
 		client:   stowagev1connect.NewAgentServiceClient(hc, baseURL),
-		attempts: 3,
-		backoff:  200 * time.Millisecond,
+		// An agent restarting (its host rebooting, a crash, an upgrade) is
+		// waited for about 13 s: 0.25+0.5+1+2+4+5 s between attempts.
+		attempts: 7,
+		backoff:  250 * time.Millisecond,
 		poll:     500 * time.Millisecond,
 	}
 	for _, o := range opts {
@@ -148,7 +153,7 @@ func (e *Remote) run(ctx context.Context, task *stowagev1.Task, progress drivers
 				return nil, fmt.Errorf("host %s: %w", e.hostID, ctx.Err())
 			case <-time.After(wait):
 			}
-			wait *= 2
+			wait = min(wait*2, maxBackoff)
 		}
 		res, err := e.runOnce(ctx, task, progress)
 		if err != nil {

@@ -98,7 +98,7 @@ func (w *crashWorld) workflows() map[string]func() func() *stowagev1.Job {
 			return func() *stowagev1.Job {
 				cv, err := a.volumes.CreateVolume(ctx, connect.NewRequest(&stowagev1.CreateVolumeRequest{Name: name("full"), TemplateId: w.tmpl, StoreId: w.p1.GetId(), Strategy: "full"}))
 				if err != nil {
-					w.t.Fatal(err)
+					return nil // the process died answering: the job is found afterwards
 				}
 				return cv.Msg.GetJob()
 			}
@@ -107,7 +107,7 @@ func (w *crashWorld) workflows() map[string]func() func() *stowagev1.Job {
 			return func() *stowagev1.Job {
 				cv, err := a.volumes.CreateVolume(ctx, connect.NewRequest(&stowagev1.CreateVolumeRequest{Name: name("linked"), TemplateId: w.tmpl, StoreId: w.p1.GetId(), Strategy: "linked"}))
 				if err != nil {
-					w.t.Fatal(err)
+					return nil // the process died answering: the job is found afterwards
 				}
 				return cv.Msg.GetJob()
 			}
@@ -117,7 +117,7 @@ func (w *crashWorld) workflows() map[string]func() func() *stowagev1.Job {
 			return func() *stowagev1.Job {
 				ts, err := a.snapshots.TakeSnapshot(ctx, connect.NewRequest(&stowagev1.TakeSnapshotRequest{VolumeId: v.GetId(), Name: "s"}))
 				if err != nil {
-					w.t.Fatal(err)
+					return nil // the process died answering: the job is found afterwards
 				}
 				return ts.Msg.GetJob()
 			}
@@ -132,7 +132,7 @@ func (w *crashWorld) workflows() map[string]func() func() *stowagev1.Job {
 			return func() *stowagev1.Job {
 				bs, err := a.snapshots.BackupSnapshot(ctx, connect.NewRequest(&stowagev1.BackupSnapshotRequest{Id: ts.Msg.GetSnapshot().GetId()}))
 				if err != nil {
-					w.t.Fatal(err)
+					return nil // the process died answering: the job is found afterwards
 				}
 				return bs.Msg.GetJob()
 			}
@@ -142,7 +142,7 @@ func (w *crashWorld) workflows() map[string]func() func() *stowagev1.Job {
 			return func() *stowagev1.Job {
 				mg, err := a.volumes.MigrateVolume(ctx, connect.NewRequest(&stowagev1.MigrateVolumeRequest{Id: v.GetId(), StoreId: w.p2.GetId()}))
 				if err != nil {
-					w.t.Fatal(err)
+					return nil // the process died answering: the job is found afterwards
 				}
 				return mg.Msg.GetJob()
 			}
@@ -152,7 +152,7 @@ func (w *crashWorld) workflows() map[string]func() func() *stowagev1.Job {
 			return func() *stowagev1.Job {
 				rs, err := a.volumes.ResizeVolume(ctx, connect.NewRequest(&stowagev1.ResizeVolumeRequest{Id: v.GetId(), Size: 96 << 20}))
 				if err != nil {
-					w.t.Fatal(err)
+					return nil // the process died answering: the job is found afterwards
 				}
 				return rs.Msg.GetJob()
 			}
@@ -162,12 +162,40 @@ func (w *crashWorld) workflows() map[string]func() func() *stowagev1.Job {
 			return func() *stowagev1.Job {
 				dv, err := a.volumes.DeleteVolume(ctx, connect.NewRequest(&stowagev1.DeleteVolumeRequest{Id: v.GetId()}))
 				if err != nil {
-					w.t.Fatal(err)
+					return nil // the process died answering: the job is found afterwards
 				}
 				return dv.Msg.GetJob()
 			}
 		},
 	}
+}
+
+// ended says whether job has ended (as far as a live controller says).
+func (w *crashWorld) ended(job *stowagev1.Job) bool {
+	g, err := w.a.jobs.GetJob(context.Background(), connect.NewRequest(&stowagev1.GetJobRequest{Id: job.GetId()}))
+	if err != nil {
+		return false
+	}
+	switch g.Msg.GetJob().GetState() {
+	case stowagev1.JobState_JOB_STATE_SUCCEEDED, stowagev1.JobState_JOB_STATE_FAILED, stowagev1.JobState_JOB_STATE_CANCELLED:
+		return true
+	}
+	return false
+}
+
+// latestJob is the newest job (ids are time-ordered), or nil.
+func (w *crashWorld) latestJob() *stowagev1.Job {
+	js, err := w.a.jobs.ListJobs(context.Background(), connect.NewRequest(&stowagev1.ListJobsRequest{}))
+	if err != nil || len(js.Msg.GetJobs()) == 0 {
+		return nil
+	}
+	var newest *stowagev1.Job
+	for _, j := range js.Msg.GetJobs() {
+		if newest == nil || j.GetId() > newest.GetId() {
+			newest = j
+		}
+	}
+	return newest
 }
 
 // settle waits for job to end and checks the invariants after a crash:
@@ -314,13 +342,30 @@ func TestCrashMatrix(t *testing.T) {
 			endpoint, p = w.h1HTTP, &w.h1
 		}
 		start := flows[c.workflow]()
+		before := w.latestJob()
 		arm(t, endpoint, c.point)
 		job := start()
+		// Until the process dies at the failpoint, or the job ends without
+		// passing it.
 		killed := false
-		select {
-		case <-(*p).done:
-			killed = true
-		case <-time.After(20 * time.Second):
+		for deadline := time.Now().Add(60 * time.Second); !killed && time.Now().Before(deadline); {
+			select {
+			case <-(*p).done:
+				killed = true
+				continue
+			case <-time.After(100 * time.Millisecond):
+			}
+			if job != nil && w.ended(job) {
+				select {
+				case <-(*p).done:
+					killed = true
+				case <-time.After(300 * time.Millisecond):
+				}
+				break
+			}
+		}
+		if job == nil && !killed {
+			t.Fatalf("%v: starting the workflow failed and no process died", c)
 		}
 		if !killed {
 			// Not on this workflow's path (or not reached in time).
@@ -337,6 +382,14 @@ func TestCrashMatrix(t *testing.T) {
 			w.startController()
 		} else {
 			w.startAgent()
+		}
+		if job == nil {
+			// Killed while answering the call that started the job: it is
+			// the newest job, if the controller recorded it at all.
+			if job = w.latestJob(); job == nil || job.GetId() == before.GetId() {
+				table = append(table, fmt.Sprintf("| %s | %s | %s | killed before the job was recorded: nothing to recover | %s |", c.workflow, c.point, c.process, time.Since(restarted).Round(100*time.Millisecond)))
+				continue
+			}
 		}
 		outcome, err := w.settle(job)
 		took := time.Since(restarted).Round(100 * time.Millisecond)
