@@ -260,6 +260,46 @@ func TestSnapMergeEndToEnd(t *testing.T) {
 	s5, _ := take("s5")
 	same("a volume from s5", vwant, fromSnapshot("from-s5", s5, "copy-from-primary-snapshot"))
 
+	// A merge resumed after a crash between the rebase and the records:
+	// the child is already on the new backing (done here by hand), the
+	// records still say s5; deleting s5 finishes the merge.
+	s5path := backingOf(t, v0path)
+	write("write -P 0xf1 8M 1M")
+	s6, s6path := take("s6")
+	write("write -P 0xf2 9M 1M")
+	vwant = rawOf("v0-3", v0path)
+	run(t, "qemu-img", "rebase", "-f", "qcow2", "-F", "qcow2", "-b", s3path, s6path)
+	del(s5)
+	if _, err := os.Stat(s5path); !os.IsNotExist(err) {
+		t.Errorf("s5's file remains after the resumed merge: %v", err)
+	}
+	same("the volume after the resumed merge", vwant, v0path)
+	if gs, err := a.snapshots.GetSnapshot(ctx, connect.NewRequest(&stowagev1.GetSnapshotRequest{Id: s6.GetId()})); err != nil || gs.Msg.GetSnapshot().GetParentId() != s3.GetId() {
+		t.Errorf("s6 after s5's merge: %v %v, want parent s3", gs, err)
+	}
+
+	// Two files on one snapshot (s6 and, reverted, the volume): merging
+	// would store its data twice, so it is hidden and keeps its file.
+	rv, err = a.snapshots.RevertSnapshot(ctx, connect.NewRequest(&stowagev1.RevertSnapshotRequest{Id: s3.GetId()}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustSucceed(t, a, rv.Msg.GetJob())
+	ds, err := a.snapshots.DeleteSnapshot(ctx, connect.NewRequest(&stowagev1.DeleteSnapshotRequest{Id: s3.GetId()}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st := ds.Msg.GetPlan().GetStrategy(); st != "chain-aware-delete" {
+		t.Errorf("delete s3 with two files on it: plan %q, want chain-aware-delete", st)
+	}
+	if hj := mustSucceed(t, a, ds.Msg.GetJob()); !strings.Contains(hj.GetResult(), "hidden") {
+		t.Errorf("delete s3 with two files on it: %q, want hidden", hj.GetResult())
+	}
+	if _, err := os.Stat(s3path); err != nil {
+		t.Errorf("hidden s3's file: %v", err)
+	}
+	same("the volume reverted to the hidden s3", s3want, v0path)
+
 	// s3's backup, taken after the merge, restores byte-equal once the
 	// volume and its files on primary are gone.
 	dv, err := a.volumes.DeleteVolume(ctx, connect.NewRequest(&stowagev1.DeleteVolumeRequest{Id: v0.GetId()}))

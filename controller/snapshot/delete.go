@@ -75,7 +75,10 @@ func (s *Service) release(ctx context.Context, job *stowagev1.Job, rep *jobs.Rep
 			return true, by + " still reads through it and is in use or busy", nil
 		}
 	}
-	return false, "", s.destroy(ctx, job, rep, sn, refs)
+	if err := s.destroy(ctx, job, rep, sn, refs); err != nil {
+		return false, "", err
+	}
+	return false, "", s.letGo(ctx, job, sn.GetVolumeId())
 }
 
 // collectHidden deletes hidden snapshots of a volume nothing needs any more

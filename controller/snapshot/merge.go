@@ -55,7 +55,8 @@ import (
 // (a child copy or the volume) moves onto parent (nil: standalone).
 type mergeTarget struct {
 	kid    *stowagev1.SnapshotOnStore
-	vol    *stowagev1.Volume
+	vol    *stowagev1.Volume // the dependent, when it is the volume
+	owner  *stowagev1.Volume // the snapshot's volume, held busy
 	parent *stowagev1.SnapshotOnStore
 	st     *stowagev1.DataStore
 	rb     drivers.Rebaser
@@ -118,12 +119,26 @@ func (s *Service) mergeTargetOf(ctx context.Context, job *stowagev1.Job, sn *sto
 		}
 	} else {
 		t.vol = vols[0]
-		if t.vol.GetState() != stowagev1.VolumeState_VOLUME_STATE_READY && (job == nil || t.vol.GetBusyJobId() != job.GetId()) {
-			return nil, fmt.Sprintf("volume %s is %s", t.vol.GetName(), meta.VolumeStateName(t.vol.GetState())), nil
-		}
 		if t.vol.GetStoreId() != r.GetStoreId() {
 			return nil, "the volume moved to another store", nil
 		}
+		// The volume's own file is rewritten: not while a host uses it
+		// (an NBD export is not held off by qemu's lock).
+		if t.vol.GetAttachedHostId() != "" || t.vol.GetNbdExportUri() != "" {
+			return nil, fmt.Sprintf("volume %s is attached to host %s", t.vol.GetName(), t.vol.GetAttachedHostId()), nil
+		}
+	}
+	// The snapshot's volume is held busy from the rebase until the file is
+	// gone: no revert onto the snapshot, no take, no other merge of this
+	// chain runs meanwhile.
+	if t.owner, err = s.db.Volumes().Get(ctx, sn.GetVolumeId()); err != nil {
+		if errdefs.IsNotFound(err) {
+			return nil, "its volume is gone", nil
+		}
+		return nil, "", err
+	}
+	if t.owner.GetState() != stowagev1.VolumeState_VOLUME_STATE_READY && (job == nil || t.owner.GetBusyJobId() != job.GetId()) {
+		return nil, fmt.Sprintf("volume %s is %s", t.owner.GetName(), meta.VolumeStateName(t.owner.GetState())), nil
 	}
 	if r.GetParentRefId() != "" {
 		p, err := s.db.SnapshotsOnStore().Get(ctx, r.GetParentRefId())
@@ -135,11 +150,7 @@ func (s *Service) mergeTargetOf(ctx context.Context, job *stowagev1.Job, sn *sto
 		}
 		t.parent = p
 	} else {
-		v, err := s.db.Volumes().Get(ctx, sn.GetVolumeId())
-		if err != nil {
-			return nil, "", err
-		}
-		if v.GetBaseRefId() != "" || v.GetInstallMethod() == image.LazyMethod {
+		if v := t.owner; v.GetBaseRefId() != "" || v.GetInstallMethod() == image.LazyMethod {
 			return nil, "it is the bottom of a chain on a template", nil
 		}
 	}
@@ -159,26 +170,27 @@ func (s *Service) mergeTargetOf(ctx context.Context, job *stowagev1.Job, sn *sto
 }
 
 // merge moves t's dependent of primary copy r of sn onto r's parent (the
-// files first, then the records), after which r is needed no more. It
-// reports false, with the volume left as it was, when the host refuses
-// because the file is in use (a running VM): the snapshot is hidden then.
+// files first, then the records), after which r is needed no more; the
+// snapshot's volume stays busy with job until release lets it go. It
+// reports false, with the volume Ready again, when the volume is taken by
+// another job or the host refuses because the file is in use (a running
+// VM): the snapshot is hidden then.
 func (s *Service) merge(ctx context.Context, job *stowagev1.Job, rep *jobs.Reporter, sn *stowagev1.Snapshot, r *stowagev1.SnapshotOnStore, t *mergeTarget) (bool, error) {
-	var obj drivers.DataObject
 	var err error
-	if t.vol != nil {
-		if t.vol.GetState() == stowagev1.VolumeState_VOLUME_STATE_READY {
-			// The volume's own file is rewritten: no other workflow may touch it.
-			if t.vol, err = s.db.Volumes().Transition(ctx, t.vol.GetId(), meta.VolumeSnapshotRequested, func(v *stowagev1.Volume) error {
-				v.BusyJobId = job.GetId()
-				return nil
-			}); err != nil {
-				if errdefs.IsFailedPrecondition(err) || errdefs.IsConflict(err) {
-					return false, nil
-				}
-				return false, err
+	if t.owner.GetState() == stowagev1.VolumeState_VOLUME_STATE_READY {
+		if t.owner, err = s.db.Volumes().Transition(ctx, t.owner.GetId(), meta.VolumeSnapshotRequested, func(v *stowagev1.Volume) error {
+			v.BusyJobId = job.GetId()
+			return nil
+		}); err != nil {
+			if errdefs.IsFailedPrecondition(err) || errdefs.IsConflict(err) {
+				return false, nil
 			}
+			return false, err
 		}
-		obj, err = volume.VolumeObject(t.st, t.vol)
+	}
+	var obj drivers.DataObject
+	if t.vol != nil {
+		obj, err = volume.VolumeObject(t.st, t.owner)
 	} else {
 		obj, err = s.volumes.SnapshotObject(ctx, t.st, t.kid)
 	}
@@ -201,10 +213,7 @@ func (s *Service) merge(ctx context.Context, job *stowagev1.Job, rep *jobs.Repor
 	if err != nil {
 		if errdefs.IsFailedPrecondition(err) {
 			s.log.InfoContext(ctx, "snapshot merge refused, hiding it instead", "snapshot", sn.GetId(), "err", err)
-			if t.vol != nil {
-				return false, volume.BackToReady(ctx, s.db, t.vol.GetId(), err)
-			}
-			return false, nil
+			return false, volume.BackToReady(ctx, s.db, t.owner.GetId(), err)
 		}
 		return false, err
 	}
@@ -214,8 +223,8 @@ func (s *Service) merge(ctx context.Context, job *stowagev1.Job, rep *jobs.Repor
 	}
 	err = s.db.Txn(ctx, func(tx *meta.Tx) error {
 		if t.vol != nil {
-			_, err := meta.Volumes.TransitionTx(tx, t.vol.GetId(), 0, meta.VolumeOperationSucceeded, func(v *stowagev1.Volume) error {
-				v.HeadSnapshotRefId, v.BusyJobId, v.Error = parentRef, "", ""
+			_, err := meta.Volumes.UpdateTx(tx, t.vol.GetId(), 0, func(v *stowagev1.Volume) error {
+				v.HeadSnapshotRefId = parentRef
 				return nil
 			})
 			return err
@@ -242,4 +251,17 @@ func (s *Service) merge(ctx context.Context, job *stowagev1.Job, rep *jobs.Repor
 	}
 	rep.Result("snapshot %s merged: %s", sn.GetId(), t)
 	return true, nil
+}
+
+// letGo puts volume id back to Ready after job's merges, if job holds it.
+func (s *Service) letGo(ctx context.Context, job *stowagev1.Job, id string) error {
+	v, err := s.db.Volumes().Get(ctx, id)
+	if err != nil || v.GetBusyJobId() != job.GetId() {
+		return err
+	}
+	_, err = s.db.Volumes().Transition(ctx, id, meta.VolumeOperationSucceeded, func(v *stowagev1.Volume) error {
+		v.BusyJobId, v.Error = "", ""
+		return nil
+	})
+	return err
 }
