@@ -40,15 +40,20 @@ func (h deleteHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 		rep.Result("snapshot %s hidden: %s", sn.GetId(), why)
 		return nil
 	}
-	rep.Result("snapshot %s deleted", sn.GetId())
+	if why != "" {
+		rep.Result("snapshot %s deleted, merged out of its chain: %s", sn.GetId(), why)
+	} else {
+		rep.Result("snapshot %s deleted", sn.GetId())
+	}
 	return s.collectHidden(ctx, job, rep, sn.GetVolumeId())
 }
 
 // release merges snapshot sn out of its chain where another file reads
 // through its primary copy and that can be merged (see merge.go), then
 // destroys it; it reports hidden, with the reason, when the primary copy is
-// still needed and stays.
+// still needed and stays, and otherwise how it was merged ("" if it was not).
 func (s *Service) release(ctx context.Context, job *stowagev1.Job, rep *jobs.Reporter, sn *stowagev1.Snapshot, refs []*stowagev1.SnapshotOnStore) (bool, string, error) {
+	how := ""
 	for _, r := range refs {
 		if r.GetRole() != stowagev1.StoreRole_STORE_ROLE_PRIMARY {
 			continue
@@ -74,11 +79,12 @@ func (s *Service) release(ctx context.Context, job *stowagev1.Job, rep *jobs.Rep
 		if !merged {
 			return true, by + " still reads through it and is in use or busy", nil
 		}
+		how = t.String()
 	}
 	if err := s.destroy(ctx, job, rep, sn, refs); err != nil {
 		return false, "", err
 	}
-	return false, "", s.letGo(ctx, job, sn.GetVolumeId())
+	return false, how, s.letGo(ctx, job, sn.GetVolumeId())
 }
 
 // collectHidden deletes hidden snapshots of a volume nothing needs any more
