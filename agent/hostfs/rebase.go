@@ -3,6 +3,7 @@ package hostfs
 import (
 	"context"
 	"fmt"
+	"os"
 
 	"github.com/stowage/stowage/datapath/durable"
 	"github.com/stowage/stowage/datapath/qemuimg"
@@ -52,6 +53,14 @@ func (l *Local) rebaseImage(ctx context.Context, path, newBacking string, backin
 	old := backingOf(qi)
 	method := "unchanged"
 	if old != nb {
+		// A snapshot's file is read-only (0440); merging a snapshot out of
+		// the chain rebases its child, so the owner may write it while the
+		// rebase runs (its mode is put back after).
+		restore, err := ownerWritable(host)
+		if err != nil {
+			return ImageInfo{}, err
+		}
+		defer restore()
 		var opts []qemuimg.RebaseOption
 		method = "rebase"
 		if nb != "" {
@@ -90,4 +99,21 @@ func (l *Local) absoluteBacking(ctx context.Context, host string, qi qemuimg.Inf
 		return fmt.Errorf("backing file %s of %s is recorded without its format: %w", qi.BackingFilename, l.callerPath(host), errdefs.ErrInvalid)
 	}
 	return l.qemu.Rebase(ctx, host, backingOf(qi), qi.BackingFormat, qemuimg.UnsafeRebase())
+}
+
+// ownerWritable lets the owner write the file at host until restore puts
+// its mode back (nothing to do when it already may).
+func ownerWritable(host string) (restore func(), err error) {
+	fi, err := os.Stat(host)
+	if err != nil {
+		return nil, classed(err)
+	}
+	mode := fi.Mode().Perm()
+	if mode&0o200 != 0 {
+		return func() {}, nil
+	}
+	if err := os.Chmod(host, mode|0o200); err != nil {
+		return nil, classed(err)
+	}
+	return func() { _ = os.Chmod(host, mode) }, nil
 }

@@ -8,6 +8,7 @@ import (
 	"github.com/stowage/stowage/controller/jobs"
 	"github.com/stowage/stowage/controller/meta"
 	"github.com/stowage/stowage/controller/motion"
+	"github.com/stowage/stowage/controller/volume"
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
@@ -24,17 +25,11 @@ func (h deleteHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 		}
 		return err
 	}
-	hide := false
-	for _, r := range refs {
-		if r.GetRole() == stowagev1.StoreRole_STORE_ROLE_PRIMARY {
-			needed, _, err := s.needed(ctx, r)
-			if err != nil {
-				return err
-			}
-			hide = hide || needed
-		}
+	hidden, why, err := s.release(ctx, job, rep, sn, refs)
+	if err != nil {
+		return err
 	}
-	if hide {
+	if hidden {
 		// Keep every copy: the primary one is read through, and a backup of
 		// a hidden snapshot still restores.
 		if sn.GetState() != stowagev1.SnapshotState_SNAPSHOT_STATE_HIDDEN {
@@ -42,14 +37,54 @@ func (h deleteHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 				return err
 			}
 		}
-		rep.Result("snapshot %s hidden: a later snapshot or the volume still reads through it", sn.GetId())
+		rep.Result("snapshot %s hidden: %s", sn.GetId(), why)
 		return nil
 	}
-	if err := s.destroy(ctx, job, rep, sn, refs); err != nil {
-		return err
+	if why != "" {
+		rep.Result("snapshot %s deleted, merged out of its chain: %s", sn.GetId(), why)
+	} else {
+		rep.Result("snapshot %s deleted", sn.GetId())
 	}
-	rep.Result("snapshot %s deleted", sn.GetId())
 	return s.collectHidden(ctx, job, rep, sn.GetVolumeId())
+}
+
+// release merges snapshot sn out of its chain where another file reads
+// through its primary copy and that can be merged (see merge.go), then
+// destroys it; it reports hidden, with the reason, when the primary copy is
+// still needed and stays, and otherwise how it was merged ("" if it was not).
+func (s *Service) release(ctx context.Context, job *stowagev1.Job, rep *jobs.Reporter, sn *stowagev1.Snapshot, refs []*stowagev1.SnapshotOnStore) (bool, string, error) {
+	how := ""
+	for _, r := range refs {
+		if r.GetRole() != stowagev1.StoreRole_STORE_ROLE_PRIMARY {
+			continue
+		}
+		needed, by, err := s.needed(ctx, r)
+		if err != nil || !needed {
+			if err != nil {
+				return false, "", err
+			}
+			continue
+		}
+		t, why, err := s.mergeTargetOf(ctx, job, sn, r)
+		if err != nil {
+			return false, "", err
+		}
+		if t == nil {
+			return true, fmt.Sprintf("%s still reads through it and it cannot be merged: %s", by, why), nil
+		}
+		merged, err := s.merge(ctx, job, rep, sn, r, t)
+		if err != nil {
+			return false, "", err
+		}
+		if !merged {
+			return true, by + " still reads through it and is in use or busy", nil
+		}
+		how = t.String()
+	}
+	if err := s.destroy(ctx, job, rep, sn, refs); err != nil {
+		return false, "", err
+	}
+	return false, how, s.letGo(ctx, job, sn.GetVolumeId())
 }
 
 // collectHidden deletes hidden snapshots of a volume nothing needs any more
@@ -69,21 +104,11 @@ func (s *Service) collectHidden(ctx context.Context, job *stowagev1.Job, rep *jo
 			if err != nil {
 				return err
 			}
-			still := false
-			for _, r := range refs {
-				if n, _, err := s.needed(ctx, r); err != nil {
-					return err
-				} else if n {
-					still = true
-				}
-			}
-			if still {
-				continue
-			}
-			if err := s.destroy(ctx, job, rep, sib, refs); err != nil {
+			hidden, _, err := s.release(ctx, job, rep, sib, refs)
+			if err != nil {
 				return err
 			}
-			progress = true
+			progress = progress || !hidden
 		}
 	}
 	return nil
@@ -156,8 +181,22 @@ func (s *Service) deleteRef(ctx context.Context, job *stowagev1.Job, rep *jobs.R
 	return nil
 }
 
-func (h deleteHandler) Fail(context.Context, *stowagev1.Job, error) error {
-	// Copies not yet removed keep their records; deleting again retries.
+func (h deleteHandler) Fail(ctx context.Context, job *stowagev1.Job, cause error) error {
+	// Copies not yet removed keep their records; deleting again retries. A
+	// volume this job took to merge a snapshot into is Ready again (its
+	// file reads as before: a rebase that did not finish left it on its
+	// old backing).
+	vols, err := h.s.db.Volumes().List(ctx, meta.Filter[*stowagev1.Volume]{Where: func(v *stowagev1.Volume) bool {
+		return v.GetBusyJobId() == job.GetId()
+	}})
+	if err != nil {
+		return err
+	}
+	for _, v := range vols {
+		if err := volume.BackToReady(ctx, h.s.db, v.GetId(), cause); err != nil {
+			return err
+		}
+	}
 	return nil
 }
 
@@ -176,8 +215,17 @@ func (s *Service) Delete(ctx context.Context, id string, dryRun bool) (*stowagev
 			if needed, by, err := s.needed(ctx, r); err != nil {
 				return nil, err
 			} else if needed {
-				plan.Reasons = append(plan.Reasons, fmt.Sprintf("the copy on primary is read through by %s: it is hidden, and removed when nothing needs it", by))
-				continue
+				t, why, err := s.mergeTargetOf(ctx, nil, sn, r)
+				if err != nil {
+					return nil, err
+				}
+				if t == nil {
+					plan.Reasons = append(plan.Reasons, fmt.Sprintf("the copy on primary is read through by %s and cannot be merged (%s): it is hidden, and removed when nothing needs it", by, why))
+					continue
+				}
+				plan.Strategy = "chain-merge-delete"
+				plan.Reasons = append(plan.Reasons, fmt.Sprintf("the copy on primary is read through by %s only: merged out of the chain, its space comes back", by))
+				plan.Steps = append(plan.Steps, &stowagev1.PlanStep{Name: "merge-" + r.GetId(), Reason: t.String()})
 			}
 		}
 		plan.Steps = append(plan.Steps, &stowagev1.PlanStep{Name: "delete-" + r.GetId(), Reason: "remove " + r.GetInstallPath() + " from store " + r.GetStoreId()})
@@ -195,20 +243,12 @@ func (s *Service) Delete(ctx context.Context, id string, dryRun bool) (*stowagev
 // needed reports whether another file reads through the primary copy r
 // (a later snapshot in the qcow2 chain, or the volume's overlay).
 func (s *Service) needed(ctx context.Context, r *stowagev1.SnapshotOnStore) (bool, string, error) {
-	kids, err := s.db.SnapshotsOnStore().List(ctx, meta.Filter[*stowagev1.SnapshotOnStore]{Where: func(o *stowagev1.SnapshotOnStore) bool {
-		return o.GetParentRefId() == r.GetId() && o.GetRole() == stowagev1.StoreRole_STORE_ROLE_PRIMARY && o.GetState() != stowagev1.ObjectState_OBJECT_STATE_DESTROYED
-	}})
+	kids, vols, err := s.dependents(ctx, r)
 	if err != nil {
 		return false, "", err
 	}
 	if len(kids) > 0 {
 		return true, "snapshot " + kids[0].GetSnapshotId(), nil
-	}
-	vols, err := s.db.Volumes().List(ctx, meta.Filter[*stowagev1.Volume]{Where: func(v *stowagev1.Volume) bool {
-		return v.GetHeadSnapshotRefId() == r.GetId()
-	}})
-	if err != nil {
-		return false, "", err
 	}
 	if len(vols) > 0 {
 		return true, "volume " + vols[0].GetName(), nil

@@ -1,8 +1,11 @@
 // Package snapshot is the controller's SnapshotService: take a snapshot on
 // primary through the host (O(1) qcow2 external snapshot or reflink where
 // the store allows), revert a volume to any of its snapshots, delete
-// chain-aware (a snapshot whose file a later snapshot or the volume still
-// reads through is hidden, not lost, and removed once nothing needs it), and
+// chain-aware (a snapshot whose file exactly one later snapshot or the
+// volume reads through is merged out of the qcow2 chain, its child rebased
+// onto its parent, so its space comes back (merge.go); one that several
+// files read through, or that cannot be merged, is hidden, not lost, and
+// removed or merged once it can be), and
 // back snapshots up into an image store as content-addressed chunks with a
 // manifest per backup: the first backup stores everything, later ones only
 // the chunks that changed, zero chunks cost nothing.
