@@ -201,7 +201,9 @@ func streamCopy(ctx context.Context, target string, srcOpts stream.SourceOptions
 }
 
 // streamCopyFrom copies src into the staging file stage as streamCopy
-// does, and closes src.
+// does, and closes src. A copy that filled the store leaves nothing: the
+// partial stage would keep the store full (the engine aborts such a copy;
+// this also covers a Commit that ran out of space).
 func streamCopyFrom(ctx context.Context, src stream.Source, stage string, opts stream.Options) (stream.Result, error) {
 	defer src.Close()
 	sink, err := stream.OpenSink(ctx, stage, src.Size(), stream.SinkOptions{Resume: true})
@@ -209,5 +211,9 @@ func streamCopyFrom(ctx context.Context, src stream.Source, stage string, opts s
 		return stream.Result{}, err
 	}
 	opts.Resume = true
-	return stream.Copy(ctx, src, sink, opts)
+	res, err := stream.Copy(ctx, src, sink, opts)
+	if errors.Is(err, errdefs.ErrResourceExhausted) {
+		removeStage(stage)
+	}
+	return res, err
 }
