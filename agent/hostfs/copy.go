@@ -201,9 +201,13 @@ func streamCopy(ctx context.Context, target string, srcOpts stream.SourceOptions
 }
 
 // streamCopyFrom copies src into the staging file stage as streamCopy
-// does, and closes src. A copy that filled the store leaves nothing: the
-// partial stage would keep the store full (the engine aborts such a copy;
-// this also covers a Commit that ran out of space).
+// does, and closes src. Two failures leave nothing: a copy that filled the
+// store (the partial stage would keep it full; the engine aborts such a
+// copy, and this also covers a Commit that ran out of space), and one
+// whose source stayed away for its whole retry window
+// (stream.ErrRetriesExhausted: the step fails for good, and nothing would
+// resume the stage). A cancelled or killed copy keeps its stage, and the
+// same step run again resumes it.
 func streamCopyFrom(ctx context.Context, src stream.Source, stage string, opts stream.Options) (stream.Result, error) {
 	defer src.Close()
 	sink, err := stream.OpenSink(ctx, stage, src.Size(), stream.SinkOptions{Resume: true})
@@ -212,7 +216,7 @@ func streamCopyFrom(ctx context.Context, src stream.Source, stage string, opts s
 	}
 	opts.Resume = true
 	res, err := stream.Copy(ctx, src, sink, opts)
-	if errors.Is(err, errdefs.ErrResourceExhausted) {
+	if errors.Is(err, errdefs.ErrResourceExhausted) || (errors.Is(err, stream.ErrRetriesExhausted) && ctx.Err() == nil) {
 		removeStage(stage)
 	}
 	return res, err
