@@ -654,7 +654,7 @@ func (h *LocalHost) storeFull(store string, err error) error {
 	if root, ok := h.res.Stores()[store]; ok {
 		var st unix.Statfs_t
 		if unix.Statfs(h.fs.OnHost(root), &st) == nil {
-			free = fmt.Sprintf(", %d of %d bytes free", int64(st.Bavail)*st.Bsize, int64(st.Blocks)*st.Bsize)
+			free = fmt.Sprintf("; %d of %d bytes free after removing the partial copy", int64(st.Bavail)*st.Bsize, int64(st.Blocks)*st.Bsize)
 		}
 	}
 	return fmt.Errorf("store %s is full (resource exhausted%s): %w", store, free, err)
