@@ -107,6 +107,10 @@ type Config struct {
 	// private, link-local) template downloads may connect to
 	// (--fetch-allow-cidrs, comma list).
 	FetchAllowCIDRs string
+	// FetchRetryWindow is how long a template download keeps retrying a
+	// source that went away before its step fails as unavailable
+	// (--fetch-retry-window; hostfs.WithFetchRetryWindow).
+	FetchRetryWindow time.Duration
 	// ImportDir is the directory file:// template and ISO URLs are read
 	// from (--import-dir; "": file:// tasks are refused). It must pass the
 	// store roots' policy (StoreRoots).

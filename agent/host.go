@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/url"
 	"os"
@@ -9,6 +10,8 @@ import (
 	"path/filepath"
 	"strings"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/stowage/stowage/agent/hostfs"
 	"github.com/stowage/stowage/datapath/chunkstore"
@@ -275,7 +278,7 @@ func (h *LocalHost) FetchImage(ctx context.Context, req hostops.FetchRequest, pr
 		return hostops.ImageInfo{}, err
 	}
 	info, err := h.fs.FetchImage(ctx, hostfs.FetchRequest{Source: req.Source, SourceFile: file, Dest: dest, Format: req.Format, Checksum: req.Checksum}, progress)
-	return imageOf(req.Dest.Key, info, err)
+	return h.imageOf(req.Dest, info, err)
 }
 
 // CopyImage implements hostops.Images.
@@ -295,7 +298,7 @@ func (h *LocalHost) CopyImage(ctx context.Context, req hostops.CopyRequest, prog
 		return h.copyISCSI(ctx, req, src, dest, progress)
 	}
 	info, err := h.fs.CopyImage(ctx, hostfs.CopyRequest{Source: src, SourceFormat: req.SourceFormat, Dest: dest, Format: req.Format, Flatten: req.Flatten}, progress)
-	return imageOf(req.Dest.Key, info, err)
+	return h.imageOf(req.Dest, info, err)
 }
 
 // cloneBase resolves the base of a clone: an object of dest's store, or a
@@ -324,7 +327,7 @@ func (h *LocalHost) CloneImage(ctx context.Context, req hostops.CloneRequest, pr
 		return hostops.ImageInfo{}, err
 	}
 	info, err := h.fs.CloneImage(ctx, hostfs.CloneRequest{Base: base, BaseFormat: req.BaseFormat, Dest: dest, Mode: req.Mode, Format: req.Format, Size: req.Size}, progress)
-	return imageOf(req.Dest.Key, info, err)
+	return h.imageOf(req.Dest, info, err)
 }
 
 // InspectImage implements hostops.Images.
@@ -334,7 +337,7 @@ func (h *LocalHost) InspectImage(ctx context.Context, ref hostops.Ref, format dr
 		return hostops.ImageInfo{}, err
 	}
 	info, err := h.fs.InspectImage(ctx, p, format)
-	return imageOf(ref.Key, info, err)
+	return h.imageOf(ref, info, err)
 }
 
 // ResizeImage implements hostops.Images.
@@ -344,7 +347,7 @@ func (h *LocalHost) ResizeImage(ctx context.Context, ref hostops.Ref, format dri
 		return hostops.ImageInfo{}, err
 	}
 	info, err := h.fs.ResizeImage(ctx, p, format, size)
-	return imageOf(ref.Key, info, err)
+	return h.imageOf(ref, info, err)
 }
 
 // snapshotPair resolves a volume and its snapshot, of one store.
@@ -371,8 +374,8 @@ func (h *LocalHost) SnapshotImage(ctx context.Context, req hostops.SnapshotReque
 	if err != nil {
 		return hostops.SnapshotInfo{}, err
 	}
-	s, _ := imageOf(req.Snapshot.Key, si.Snapshot, nil)
-	v, _ := imageOf(req.Volume.Key, si.Volume, nil)
+	s, _ := h.imageOf(req.Snapshot, si.Snapshot, nil)
+	v, _ := h.imageOf(req.Volume, si.Volume, nil)
 	return hostops.SnapshotInfo{Snapshot: s, Volume: v, Method: si.Method}, nil
 }
 
@@ -383,7 +386,7 @@ func (h *LocalHost) RevertImage(ctx context.Context, req hostops.SnapshotRequest
 		return hostops.ImageInfo{}, err
 	}
 	info, err := h.fs.RevertImage(ctx, hostfs.SnapshotRequest{Volume: vol, Snapshot: snap, Format: req.Format})
-	return imageOf(req.Volume.Key, info, err)
+	return h.imageOf(req.Volume, info, err)
 }
 
 // rebasePair resolves an image and its new backing image (of its store;
@@ -411,7 +414,7 @@ func (h *LocalHost) RebaseImage(ctx context.Context, ref, newBacking hostops.Ref
 		return hostops.ImageInfo{}, err
 	}
 	info, err := h.fs.RebaseImage(ctx, p, backing, backingFormat)
-	return imageOf(ref.Key, info, err)
+	return h.imageOf(ref, info, err)
 }
 
 // chunkPaths are a chunk store's directories on this host, or (s3 set)
@@ -546,10 +549,10 @@ func (h *LocalHost) RestoreImage(ctx context.Context, req hostops.RestoreRequest
 			return hostops.ImageInfo{}, err
 		}
 		info, err := h.fs.RestoreFrom(ctx, hostfs.ChunkTarget{Store: store, Manifest: req.Manifest}, dest, req.Format, progress)
-		return imageOf(req.Dest.Key, info, err)
+		return h.imageOf(req.Dest, info, err)
 	}
 	info, err := h.fs.RestoreImage(ctx, hostfs.RestoreRequest{Manifest: manifests[0], ChunkDir: cp.chunks, Dest: dest, Format: req.Format}, progress)
-	return imageOf(req.Dest.Key, info, err)
+	return h.imageOf(req.Dest, info, err)
 }
 
 // DeleteBackup implements hostops.Backups.
@@ -623,15 +626,36 @@ func fileOf(key string, f hostfs.FileInfo) hostops.FileInfo {
 		Format: f.Format, VirtualSize: f.VirtualSize}
 }
 
-func imageOf(key string, i hostfs.ImageInfo, err error) (hostops.ImageInfo, error) {
+// imageOf is the result of an image step that wrote (or read) dest: every
+// such step's error passes here, so a store that filled up is named once,
+// with its free space, in the message the job shows.
+func (h *LocalHost) imageOf(dest hostops.Ref, i hostfs.ImageInfo, err error) (hostops.ImageInfo, error) {
 	if err != nil {
-		return hostops.ImageInfo{}, err
+		return hostops.ImageInfo{}, h.storeFull(dest.Store, err)
 	}
-	return hostops.ImageInfo{Key: key, Format: i.Format, VirtualSize: i.VirtualSize, PhysicalSize: i.PhysicalSize,
+	return hostops.ImageInfo{Key: dest.Key, Format: i.Format, VirtualSize: i.VirtualSize, PhysicalSize: i.PhysicalSize,
 		HasBacking: i.BackingFile != "", SHA256: i.SHA256, BytesWritten: i.BytesWritten, BytesSkipped: i.BytesSkipped, Method: i.Method}, nil
 }
 
 func backupOf(manifest string, b hostfs.BackupInfo) hostops.BackupInfo {
 	return hostops.BackupInfo{Manifest: manifest, Size: b.Size, Chunks: b.Chunks, ZeroChunks: b.ZeroChunks, NewChunks: b.NewChunks,
 		NewBytes: b.NewBytes, ReusedBytes: b.ReusedBytes, ReadBytes: b.ReadBytes}
+}
+
+// storeFull says which store is full when err is errdefs.ErrResourceExhausted
+// (ENOSPC or EDQUOT wherever hostfs, the copy engine or qemu-img wrote),
+// with the free and total bytes of its filesystem as statfs sees them now
+// (after the failed step removed its partial object).
+func (h *LocalHost) storeFull(store string, err error) error {
+	if !errors.Is(err, errdefs.ErrResourceExhausted) || store == "" {
+		return err
+	}
+	free := ""
+	if root, ok := h.res.Stores()[store]; ok {
+		var st unix.Statfs_t
+		if unix.Statfs(h.fs.OnHost(root), &st) == nil {
+			free = fmt.Sprintf("; %d of %d bytes free after removing the partial copy", int64(st.Bavail)*st.Bsize, int64(st.Blocks)*st.Bsize)
+		}
+	}
+	return fmt.Errorf("store %s is full (resource exhausted%s): %w", store, free, err)
 }

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -15,6 +16,7 @@ import (
 
 	"google.golang.org/protobuf/proto"
 
+	"github.com/stowage/stowage/datapath/stream"
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
@@ -33,7 +35,11 @@ import (
 // goes on, and the same id sent again waits for it. A task nobody waits for
 // or asks about (GetTask) for grace is cancelled, so an abandoned job does
 // not run forever; cancelled and unavailable outcomes are not journalled,
-// so the next attempt runs the task again (and a download resumes).
+// so the next attempt runs the task again (and a download resumes). A
+// source that stayed away for the copy engine's retry window
+// (stream.ErrRetriesExhausted) is answered as the task's failure, so the
+// controller does not retry it as if the agent were unreachable; it is not
+// journalled either.
 type journal struct {
 	dir    string
 	retain time.Duration
@@ -214,6 +220,15 @@ func (j *journal) execute(ctx context.Context, id string, t *task, fn func(conte
 	if err == nil {
 		err = failpoint.Hit(failpoint.AgentTaskFinish)
 	}
+	journal := true
+	if err != nil && ctx.Err() == nil && errors.Is(err, stream.ErrRetriesExhausted) {
+		// The source stayed away for the copy engine's whole retry window:
+		// a final answer for this call (the controller must not run the
+		// window again and call the host unreachable), but not journalled,
+		// so a later attempt at the step tries the source afresh.
+		res = &stowagev1.TaskResult{ErrorClass: errdefs.ClassName(err), Error: redact.Text(err.Error())}
+		err, journal = nil, false
+	}
 	if err != nil {
 		if errdefs.IsUnavailable(err) || ctx.Err() != nil {
 			res = nil
@@ -230,8 +245,10 @@ func (j *journal) execute(ctx context.Context, id string, t *task, fn func(conte
 	if res != nil {
 		res.TaskId, res.Done = id, true
 		res.BytesDone, res.BytesTotal = t.bytesDone.Load(), t.bytesTotal.Load()
-		if perr := j.put(res); perr != nil {
-			res, err = nil, perr
+		if journal {
+			if perr := j.put(res); perr != nil {
+				res, err = nil, perr
+			}
 		}
 	}
 	t.res, t.err = res, err

@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stowage/stowage/datapath/stream"
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
@@ -100,6 +101,26 @@ func TestJournalErrors(t *testing.T) {
 	}
 	if res, err := j.run(ctx, "t-flaky", flaky); err != nil || !res.GetDone() || runs != 2 {
 		t.Fatalf("second flaky run: %v %v runs=%d", res, err, runs)
+	}
+	// A source gone for its whole retry window is the task's answer (so the
+	// controller does not retry it as an unreachable agent), unavailable,
+	// and not journalled: the step run again tries the source afresh.
+	runs = 0
+	gone := func(context.Context, drivers.Progress) (*stowagev1.TaskResult, error) {
+		runs++
+		if runs == 1 {
+			return nil, fmt.Errorf("read http://t/x at 0: %w", errors.Join(stream.ErrRetriesExhausted, errdefs.ErrUnavailable))
+		}
+		return &stowagev1.TaskResult{}, nil
+	}
+	if res, err := j.run(ctx, "t-gone", gone); err != nil || res.GetErrorClass() != errdefs.ErrUnavailable.Error() || !res.GetDone() {
+		t.Fatalf("source gone: %v %v", res, err)
+	}
+	if _, err := j.get("t-gone"); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Fatalf("a source-gone result was journalled: %v", err)
+	}
+	if res, err := j.run(ctx, "t-gone", gone); err != nil || res.GetErrorClass() != "" || runs != 2 {
+		t.Fatalf("second run of a source-gone task: %v %v runs=%d", res, err, runs)
 	}
 	// Bad ids are refused before anything runs.
 	for _, id := range []string{"", "../x", "a/b", string(make([]byte, 200))} {

@@ -295,7 +295,7 @@ func (h *LocalHost) copyISCSI(ctx context.Context, req hostops.CopyRequest, src,
 	info, err := h.fs.Produce(ctx, dest, format, func(ctx context.Context, stage string) error {
 		return h.lunIO.Convert(ctx, src, string(req.SourceFormat), h.fs.OnHost(stage), string(format), true, report)
 	})
-	return imageOf(req.Dest.Key, info, err)
+	return h.imageOf(req.Dest, info, err)
 }
 
 func isISCSI(s string) bool { return strings.HasPrefix(s, "iscsi://") }

@@ -201,7 +201,13 @@ func streamCopy(ctx context.Context, target string, srcOpts stream.SourceOptions
 }
 
 // streamCopyFrom copies src into the staging file stage as streamCopy
-// does, and closes src.
+// does, and closes src. Two failures leave nothing: a copy that filled the
+// store (the partial stage would keep it full; the engine aborts such a
+// copy, and this also covers a Commit that ran out of space), and one
+// whose source stayed away for its whole retry window
+// (stream.ErrRetriesExhausted: the step fails for good, and nothing would
+// resume the stage). A cancelled or killed copy keeps its stage, and the
+// same step run again resumes it.
 func streamCopyFrom(ctx context.Context, src stream.Source, stage string, opts stream.Options) (stream.Result, error) {
 	defer src.Close()
 	sink, err := stream.OpenSink(ctx, stage, src.Size(), stream.SinkOptions{Resume: true})
@@ -209,5 +215,9 @@ func streamCopyFrom(ctx context.Context, src stream.Source, stage string, opts s
 		return stream.Result{}, err
 	}
 	opts.Resume = true
-	return stream.Copy(ctx, src, sink, opts)
+	res, err := stream.Copy(ctx, src, sink, opts)
+	if errors.Is(err, errdefs.ErrResourceExhausted) || (errors.Is(err, stream.ErrRetriesExhausted) && ctx.Err() == nil) {
+		removeStage(stage)
+	}
+	return res, err
 }

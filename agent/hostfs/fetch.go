@@ -21,8 +21,10 @@ import (
 // sha512 or md5 checksum is checked by reading the downloaded file once
 // more before it is published. The result must then pass validateImage for
 // req.Format. On any failure nothing is left at req.Dest; a checksum or
-// format failure also removes the partial download, a transient one keeps
-// it (hidden) for the retry.
+// format failure also removes the partial download, and so do a full store
+// (errdefs.ErrResourceExhausted) and a source that stayed away for the
+// whole retry window (WithFetchRetryWindow; stream.ErrRetriesExhausted).
+// A cancelled or interrupted one keeps it (hidden) for the retry.
 func (l *Local) FetchImage(ctx context.Context, req FetchRequest, progress drivers.Progress) (ImageInfo, error) {
 	info, err := l.fetchImage(ctx, req, progress)
 	if err != nil {

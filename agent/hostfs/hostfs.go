@@ -99,6 +99,7 @@ type Local struct {
 	// fetchGuard checks every address a download of a user-supplied URL
 	// connects to (WithFetchGuard); nil: none.
 	fetchGuard *netguard.Guard
+	fetchRetry time.Duration // WithFetchRetryWindow
 	peerTLS    *tls.Config
 	webTLS     *tls.Config
 	nbd        NBDExporter

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -73,6 +74,7 @@ func agentFlags(cmd *cobra.Command, cfg *agent.Config, limits *rpclimit.Limits, 
 	f.StringVar(&cfg.StateDir, "state-dir", defaultStateDir, "directory for the agent's journal and state")
 	f.StringSliceVar(&cfg.StoreRoots, "store-roots", agent.DefaultStoreRoots, "comma list of directories store roots may be or lie beneath; the agent refuses any other (/, /etc, /proc, /sys, /dev, /boot, /usr, /bin, /sbin and /lib* always)")
 	f.StringVar(&cfg.FetchAllowCIDRs, "fetch-allow-cidrs", "", "comma list of CIDRs template downloads may reach although the address policy refuses them (loopback, private incl. 100.64.0.0/10 and fc00::/7, link-local, unspecified, reserved, multicast; also as embedded in ::ffff:, NAT64 and 6to4 addresses)")
+	f.DurationVar(&cfg.FetchRetryWindow, "fetch-retry-window", 30*time.Second, "how long a template download keeps retrying a server that went away (refused, dropped or stalled connections, 5xx) before the job fails as unavailable; a server back within it is resumed by Range where the download stopped")
 	f.StringVar(&cfg.ImportDir, "import-dir", "", "directory file:// template and ISO URLs are read from, opened without following symbolic links; it must lie beneath --store-roots like a store root (empty: file:// imports are refused)")
 	f.IntVar(&limits.MaxRequestBytes, "max-request-bytes", rpclimit.DefaultMaxRequestBytes, "largest request message the agent's RPC service accepts, after decompression (bigger ones: resource_exhausted)")
 	f.StringVar(&cfg.ImageCacheSocket, "image-cache-socket", "", "unix socket of the host's template mount (`stowage cache serve --socket`, e.g. "+defaultCacheSocket+"); empty: this host has no template mount and gets no lazy volumes")
@@ -147,7 +149,8 @@ func newAgent(cfg agent.Config, creds *agent.Credentials, limits rpclimit.Limits
 	if err != nil {
 		return nil, fmt.Errorf("--fetch-allow-cidrs: %w", err)
 	}
-	local := hostfs.New(cfg.HostID, hostfs.WithExporter(x), hostfs.WithNBDExporter(n), hostfs.WithFetchGuard(guard), hostfs.WithTLS(creds.PeerTLS(), creds.WebTLS()))
+	local := hostfs.New(cfg.HostID, hostfs.WithExporter(x), hostfs.WithNBDExporter(n), hostfs.WithFetchGuard(guard), hostfs.WithTLS(creds.PeerTLS(), creds.WebTLS()),
+		hostfs.WithFetchRetryWindow(cfg.FetchRetryWindow))
 	// Grants survive a restart: both serve again what their state files
 	// hold that is still a file of a store here.
 	if cfg.StateDir != "" {

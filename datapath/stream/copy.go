@@ -42,6 +42,7 @@ func Copy(ctx context.Context, src Source, dst Sink, opts Options) (res Result, 
 	}
 	e := &engine{src: src, dst: dst, o: o, log: o.Logger, start: start, size: src.Size()}
 	res, err = e.run(ctx)
+	err = spaceClass(err)
 	res.Seconds = time.Since(start).Seconds()
 	if res.Seconds > 0 {
 		res.MiBPerS = float64(res.Size) / (1 << 20) / res.Seconds
@@ -50,7 +51,7 @@ func Copy(ctx context.Context, src Source, dst Sink, opts Options) (res Result, 
 	switch {
 	case err == nil:
 		if cerr := dst.Commit(ctx); cerr != nil {
-			err = fmt.Errorf("commit destination: %w", cerr)
+			err = fmt.Errorf("commit destination: %w", spaceClass(cerr))
 			result = "error"
 		}
 	case errors.Is(err, errdefs.ErrDataLoss):
@@ -79,12 +80,31 @@ func Copy(ctx context.Context, src Source, dst Sink, opts Options) (res Result, 
 }
 
 // resumableFailure reports whether partial work should be kept for Resume.
+// A full destination is not: keeping the partial file would keep the
+// store full.
 func resumableFailure(err error) bool {
 	switch errdefs.Class(err) {
-	case errdefs.ErrInvalid, errdefs.ErrNotFound, errdefs.ErrDataLoss, errdefs.ErrAborted, errdefs.ErrNotImplemented:
+	case errdefs.ErrInvalid, errdefs.ErrNotFound, errdefs.ErrDataLoss, errdefs.ErrAborted, errdefs.ErrNotImplemented,
+		errdefs.ErrResourceExhausted:
 		return false
 	}
 	return true
+}
+
+// spaceClass is where the copy engine classes a full destination: an
+// error caused by ENOSPC or EDQUOT (a sink's write, zeroing, sync or
+// rename, or the checkpoint's) that carries no class yet gets
+// errdefs.ErrResourceExhausted. Sinks return plain OS errors; OpenSink
+// calls this for their creation, Copy once for the copy and once for
+// Commit.
+func spaceClass(err error) error {
+	if err == nil || errdefs.Class(err) != nil {
+		return err
+	}
+	if errors.Is(err, unix.ENOSPC) || errors.Is(err, unix.EDQUOT) {
+		return fmt.Errorf("%w: %w", err, errdefs.ErrResourceExhausted)
+	}
+	return err
 }
 
 func (o Options) normalize() (Options, error) {

@@ -31,8 +31,15 @@ type HTTPOptions struct {
 	// connection, a 5xx answer or a stall (default 5); negative: never.
 	MaxRetries int
 	// RetryBase and RetryMax bound the exponential backoff between retries
-	// (defaults 200ms and 5s).
+	// (defaults 200ms and 5s). The defaults give up on a source that stays
+	// away for about 6 s (0.2+0.4+0.8+1.6+3.2 s of pauses).
 	RetryBase, RetryMax time.Duration
+	// RetryFor keeps a failing read (and the opening probe) retrying at
+	// least this long after its first failure, RetryMax apart, even past
+	// MaxRetries: the window in which a source that went away (a template
+	// server restarting, a link flapping) may come back and the copy
+	// resumes where it stopped. 0: MaxRetries alone bounds the retries.
+	RetryFor time.Duration
 	// StallTimeout fails an attempt when no byte arrived for this long
 	// (default 30s).
 	StallTimeout time.Duration
@@ -46,7 +53,7 @@ func (o HTTPOptions) withDefaults() HTTPOptions {
 		o.MaxRetries = 5
 	}
 	if o.MaxRetries < 0 {
-		o.MaxRetries = 0
+		o.MaxRetries, o.RetryFor = 0, 0
 	}
 	if o.RetryBase <= 0 {
 		o.RetryBase = 200 * time.Millisecond
@@ -102,32 +109,20 @@ var (
 // the probe and later ReadAt calls; the engine uses ReadAtContext.
 func OpenHTTPSource(ctx context.Context, url string, o HTTPOptions) (*HTTPSource, error) {
 	s := &HTTPSource{url: url, o: o.withDefaults(), ctx: ctx}
-	var lastErr error
-	for attempt := 0; attempt <= s.o.MaxRetries; attempt++ {
-		if attempt > 0 {
-			s.retries.Add(1)
-			metricRetries.Inc()
-			if err := s.backoff(ctx, attempt); err != nil {
-				return nil, err
-			}
-		}
-		err := s.probe(ctx)
-		if err == nil {
-			return s, nil
-		}
-		if ctx.Err() != nil {
-			return nil, ctx.Err()
-		}
-		if !retryable(err) {
-			return nil, err
-		}
-		lastErr = err
+	if err := s.attempts(ctx, "open "+url, func() (int, error) { return 0, s.probe(ctx) }); err != nil {
+		return nil, err
 	}
-	return nil, fmt.Errorf("source %s: giving up after %d attempts: %w", url, s.o.MaxRetries+1, errors.Join(lastErr, errdefs.ErrUnavailable))
+	return s, nil
 }
 
 // errTransient marks an attempt that may succeed when repeated.
 var errTransient = errors.New("transient")
+
+// ErrRetriesExhausted is in the error of a read (or open) that failed
+// transiently until its retries and retry window (HTTPOptions.RetryFor)
+// were used up, with errdefs.ErrUnavailable: the source is gone for now,
+// and another attempt right away would only wait out the same window.
+var ErrRetriesExhausted = errors.New("retries exhausted")
 
 func retryable(err error) bool { return errors.Is(err, errTransient) }
 
@@ -333,8 +328,11 @@ const resetRetriesAfter = 1 << 20
 // attempts runs fn until it succeeds, fails permanently, or the retries are
 // used up; fn reports how many bytes it transferred, and an attempt that
 // moved at least resetRetriesAfter bytes resets the budget.
+// With RetryFor, retries go on until that long after the first failure of
+// the current run of failures, too.
 func (s *HTTPSource) attempts(ctx context.Context, what string, fn func() (progressed int, err error)) error {
 	failures := 0
+	var first time.Time
 	for {
 		progressed, err := fn()
 		if err == nil {
@@ -349,9 +347,12 @@ func (s *HTTPSource) attempts(ctx context.Context, what string, fn func() (progr
 		if progressed >= resetRetriesAfter {
 			failures = 0
 		}
+		if failures == 0 {
+			first = time.Now()
+		}
 		failures++
-		if failures > s.o.MaxRetries {
-			return fmt.Errorf("%s: giving up after %d failed attempts: %w", what, failures, errors.Join(err, errdefs.ErrUnavailable))
+		if failures > s.o.MaxRetries && time.Since(first) >= s.o.RetryFor {
+			return &gaveUp{what: what, attempts: failures, window: time.Since(first), last: err}
 		}
 		s.retries.Add(1)
 		metricRetries.Inc()
@@ -505,4 +506,23 @@ func (s *HTTPSource) seqOnce(ctx context.Context, p []byte, off int64, got *int)
 	err := s.readBody(ctx, rctx, s.seqBody, p, got, stall)
 	s.seqPos += int64(*got - before)
 	return err
+}
+
+// gaveUp is the error of a read whose retries ran out: unavailable, and
+// ErrRetriesExhausted, saying so first (before the last attempt's error).
+type gaveUp struct {
+	what     string
+	attempts int
+	window   time.Duration
+	last     error
+}
+
+func (e *gaveUp) Error() string {
+	last := strings.ReplaceAll(e.last.Error(), "\n"+errTransient.Error(), "")
+	return fmt.Sprintf("%s: source unavailable: gave up after %d failed attempts in %s: %s",
+		e.what, e.attempts, e.window.Round(time.Millisecond), last)
+}
+
+func (e *gaveUp) Unwrap() []error {
+	return []error{e.last, ErrRetriesExhausted, errdefs.ErrUnavailable}
 }

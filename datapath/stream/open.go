@@ -154,7 +154,8 @@ func OpenSink(ctx context.Context, target string, size int64, opts SinkOptions) 
 	if !ok {
 		return nil, fmt.Errorf("destination %s: scheme %q is not supported (have %s): %w", redact.URL(u.String()), u.Scheme, all, errdefs.ErrNotImplemented)
 	}
-	return fn(ctx, u, size, opts)
+	sink, err := fn(ctx, u, size, opts)
+	return sink, spaceClass(err)
 }
 
 func openPathSink(path string, size int64, o SinkOptions) (Sink, error) {
