@@ -5,7 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	"errors"
-	"os"
+	"net"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -30,8 +30,10 @@ func startNbdkit(t *testing.T, args ...string) string {
 		cmd.Process.Kill()
 		cmd.Wait()
 	})
+	// The socket file exists from bind(2) on; nbdkit serves once it listens.
 	for range 200 {
-		if _, err := os.Stat(sock); err == nil {
+		if c, err := net.Dial("unix", sock); err == nil {
+			c.Close()
 			return "nbd+unix:///?socket=" + sock
 		}
 		time.Sleep(10 * time.Millisecond)
