@@ -40,6 +40,13 @@ import (
 // (stream.ErrRetriesExhausted) is answered as the task's failure, so the
 // controller does not retry it as if the agent were unreachable; it is not
 // journalled either.
+//
+// A task cancelled on request (cancel: the controller's CancelTask, from
+// `stowage job cancel`) is different: its context ends with
+// drivers.ErrCancelledOnRequest, so its step removes what it staged
+// instead of keeping it to resume, and its result is journalled as
+// cancelled (error class "context canceled"): the job that sent it has
+// ended, and the same id sent again must not do the work.
 type journal struct {
 	dir    string
 	retain time.Duration
@@ -55,7 +62,7 @@ type task struct {
 	done   chan struct{} // closed when res and err are set
 	res    *stowagev1.TaskResult
 	err    error
-	cancel context.CancelFunc
+	cancel context.CancelCauseFunc
 
 	bytesDone, bytesTotal atomic.Int64
 
@@ -162,7 +169,7 @@ func (j *journal) run(ctx context.Context, id string, fn func(context.Context, d
 			j.mu.Unlock()
 			return res, nil
 		}
-		tctx, cancel := context.WithCancel(j.base) // the agent stops: the task is cancelled
+		tctx, cancel := context.WithCancelCause(j.base) // the agent stops: the task is cancelled
 		t = &task{done: make(chan struct{}), cancel: cancel}
 		j.running[id] = t
 		go j.execute(tctx, id, t, fn)
@@ -201,7 +208,7 @@ func (j *journal) leave(t *task) {
 			abandoned := t.waiters == 0
 			j.mu.Unlock()
 			if abandoned {
-				t.cancel()
+				t.cancel(nil)
 			}
 		})
 	}
@@ -230,9 +237,15 @@ func (j *journal) execute(ctx context.Context, id string, t *task, fn func(conte
 		err, journal = nil, false
 	}
 	if err != nil {
-		if errdefs.IsUnavailable(err) || ctx.Err() != nil {
+		switch {
+		case drivers.CancelledOnRequest(ctx):
+			// Journalled: a cancelled task's job has ended, and the same
+			// id sent again gets this result rather than a new run.
+			res = cancelledResult(id)
+			err = nil
+		case errdefs.IsUnavailable(err) || ctx.Err() != nil:
 			res = nil
-		} else {
+		default:
 			// The message is journalled and read by the controller: a URL
 			// in it (the task's source) loses its secrets.
 			res = &stowagev1.TaskResult{ErrorClass: errdefs.ClassName(err), Error: redact.Text(err.Error())}
@@ -259,8 +272,53 @@ func (j *journal) execute(ctx context.Context, id string, t *task, fn func(conte
 		t.orphan = nil
 	}
 	j.mu.Unlock()
-	t.cancel()
+	t.cancel(nil)
 	close(t.done)
+}
+
+// cancelledResult is the journalled result of a task cancelled on request.
+func cancelledResult(id string) *stowagev1.TaskResult {
+	return &stowagev1.TaskResult{
+		TaskId: id, Done: true,
+		ErrorClass: errdefs.ClassName(context.Canceled),
+		Error:      fmt.Sprintf("task %s: %v", id, drivers.ErrCancelledOnRequest),
+	}
+}
+
+// cancel stops task id on request and returns its journalled result once
+// it has ended (or ctx's error when ctx ends first). A running task's
+// context is cancelled with drivers.ErrCancelledOnRequest; an id that is
+// not running and has no result is journalled as cancelled, so a RunTask
+// for it arriving late (a call that crossed the cancel) does not start;
+// a finished task keeps its result.
+func (j *journal) cancel(ctx context.Context, id string) (*stowagev1.TaskResult, error) {
+	if !taskIDPattern.MatchString(id) {
+		return nil, fmt.Errorf("task id %q: must be 1-128 of [A-Za-z0-9._-]: %w", id, errdefs.ErrInvalid)
+	}
+	j.mu.Lock()
+	t := j.running[id]
+	if t == nil {
+		// Under the lock, like run: a task is journalled before it leaves
+		// running, and run checks the journal before it starts one.
+		res, err := j.get(id)
+		if errdefs.IsNotFound(err) {
+			res = cancelledResult(id)
+			err = j.put(res)
+		}
+		j.mu.Unlock()
+		return res, err
+	}
+	t.cancel(drivers.ErrCancelledOnRequest)
+	j.mu.Unlock()
+	select {
+	case <-t.done:
+	case <-ctx.Done():
+		return nil, fmt.Errorf("task %s: cancelled, not ended yet: %w", id, ctx.Err())
+	}
+	if t.err != nil {
+		return nil, t.err
+	}
+	return t.res, nil
 }
 
 func (j *journal) put(res *stowagev1.TaskResult) error {

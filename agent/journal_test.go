@@ -298,3 +298,103 @@ func TestJournalExpiresWhileRunning(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// TestJournalCancel: cancel stops a running task with
+// drivers.ErrCancelledOnRequest, waits for it and journals it as
+// cancelled, so the same id sent again does not run; an unknown id is
+// journalled as cancelled (a RunTask crossing the cancel never starts); a
+// finished task keeps its result; none of them is an error.
+func TestJournalCancel(t *testing.T) {
+	j, err := openJournal(t.TempDir(), time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := t.Context()
+	var runs atomic.Int32
+	started := make(chan struct{})
+	var cause error
+	blocking := func(ctx context.Context, _ drivers.Progress) (*stowagev1.TaskResult, error) {
+		runs.Add(1)
+		close(started)
+		<-ctx.Done()
+		cause = context.Cause(ctx)
+		return nil, fmt.Errorf("copy: %w", ctx.Err())
+	}
+	// The caller waiting in run gets the cancelled result.
+	done := make(chan error, 1)
+	var waited *stowagev1.TaskResult
+	go func() {
+		res, err := j.run(ctx, "t-run", blocking)
+		waited = res
+		done <- err
+	}()
+	<-started
+	res, err := j.cancel(ctx, "t-run")
+	if err != nil || !res.GetDone() || !errors.Is(errdefs.FromClassName(res.GetErrorClass()), context.Canceled) {
+		t.Fatalf("cancel of a running task: %v %v", res, err)
+	}
+	if !errors.Is(cause, drivers.ErrCancelledOnRequest) {
+		t.Fatalf("the task's context ended with %v, want ErrCancelledOnRequest", cause)
+	}
+	if err := <-done; err != nil || waited.GetErrorClass() != res.GetErrorClass() {
+		t.Fatalf("the waiting caller got %v %v", waited, err)
+	}
+	if n := j.inFlight(); n != 0 {
+		t.Fatalf("%d tasks still running after the cancel", n)
+	}
+	// The same id again: the journalled cancel, no second run.
+	if res, err := j.run(ctx, "t-run", blocking); err != nil || res.GetErrorClass() != "context canceled" || runs.Load() != 1 {
+		t.Fatalf("run after cancel: %v %v runs=%d", res, err, runs.Load())
+	}
+	if res, err := j.status("t-run"); err != nil || !res.GetDone() || res.GetErrorClass() != "context canceled" {
+		t.Fatalf("status after cancel: %v %v", res, err)
+	}
+
+	// An unknown id: not an error, and a RunTask arriving later never runs.
+	if res, err := j.cancel(ctx, "t-unknown"); err != nil || res.GetErrorClass() != "context canceled" {
+		t.Fatalf("cancel of an unknown task: %v %v", res, err)
+	}
+	ran := false
+	if res, err := j.run(ctx, "t-unknown", func(context.Context, drivers.Progress) (*stowagev1.TaskResult, error) {
+		ran = true
+		return &stowagev1.TaskResult{}, nil
+	}); err != nil || ran || res.GetErrorClass() != "context canceled" {
+		t.Fatalf("run after an early cancel: %v %v ran=%v", res, err, ran)
+	}
+
+	// A finished task keeps its result.
+	ok := func(context.Context, drivers.Progress) (*stowagev1.TaskResult, error) {
+		return &stowagev1.TaskResult{Result: &stowagev1.TaskResult_File{File: &stowagev1.FileInfo{Key: "k", Size: 7}}}, nil
+	}
+	if _, err := j.run(ctx, "t-done", ok); err != nil {
+		t.Fatal(err)
+	}
+	if res, err := j.cancel(ctx, "t-done"); err != nil || res.GetErrorClass() != "" || res.GetFile().GetSize() != 7 {
+		t.Fatalf("cancel of a finished task: %v %v", res, err)
+	}
+
+	// A bad id is refused; a cancel whose call ends before the task does
+	// says so.
+	if _, err := j.cancel(ctx, "../x"); !errors.Is(err, errdefs.ErrInvalid) {
+		t.Fatalf("cancel of a bad id: %v", err)
+	}
+	release := make(chan struct{})
+	stubborn := make(chan struct{})
+	go func() {
+		_, _ = j.run(context.Background(), "t-slow", func(context.Context, drivers.Progress) (*stowagev1.TaskResult, error) {
+			close(stubborn)
+			<-release // ignores its context for a while
+			return nil, context.Canceled
+		})
+	}()
+	<-stubborn
+	short, cancel := context.WithTimeout(ctx, 50*time.Millisecond)
+	defer cancel()
+	if _, err := j.cancel(short, "t-slow"); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("cancel that times out: %v", err)
+	}
+	close(release)
+	if res, err := j.cancel(ctx, "t-slow"); err != nil || res.GetErrorClass() != "context canceled" {
+		t.Fatalf("cancel once the task ended: %v %v", res, err)
+	}
+}

@@ -45,3 +45,15 @@ func (s *service) GetTask(ctx context.Context, req *connect.Request[stowagev1.Ge
 	}
 	return connect.NewResponse(&stowagev1.GetTaskResponse{Result: res}), nil
 }
+
+// CancelTask stops a running task on request (`stowage job cancel`) and
+// returns its journalled result once it has ended: cancelled, or the
+// result of a task that finished first. An unknown id is journalled as
+// cancelled and is not an error.
+func (s *service) CancelTask(ctx context.Context, req *connect.Request[stowagev1.CancelTaskRequest]) (*connect.Response[stowagev1.CancelTaskResponse], error) {
+	res, err := s.journal.cancel(ctx, req.Msg.GetTaskId())
+	if err != nil {
+		return nil, err
+	}
+	return connect.NewResponse(&stowagev1.CancelTaskResponse{Result: res}), nil
+}

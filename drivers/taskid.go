@@ -4,6 +4,8 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
+	"fmt"
 	"regexp"
 	"strconv"
 	"sync"
@@ -92,4 +94,17 @@ func WithHost(ctx context.Context, hostID string) context.Context {
 func HostFrom(ctx context.Context) (string, bool) {
 	h, ok := ctx.Value(hostKey{}).(string)
 	return h, ok && h != ""
+}
+
+// ErrCancelledOnRequest is the cause (context.Cause) given to the context of
+// work someone cancelled on purpose: `stowage job cancel` (the controller's
+// job runner) or the AgentService's CancelTask (the agent's journal). It
+// tells a cancel that must reach the host, and whose partial output must
+// go, from a process stopping, whose work resumes at the next start and
+// whose staged bytes are kept for that. It wraps context.Canceled.
+var ErrCancelledOnRequest = fmt.Errorf("cancelled on request: %w", context.Canceled)
+
+// CancelledOnRequest reports whether ctx ended with ErrCancelledOnRequest.
+func CancelledOnRequest(ctx context.Context) bool {
+	return ctx.Err() != nil && errors.Is(context.Cause(ctx), ErrCancelledOnRequest)
 }

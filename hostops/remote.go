@@ -14,6 +14,14 @@
 // drivers.Progress polls GetTask meanwhile (every 500 ms, WithPollInterval)
 // and reports the bytes done, then once more with the final count. The
 // callback is never called concurrently nor after the method returned.
+//
+// Cancel. A call whose context ends with drivers.ErrCancelledOnRequest
+// (`stowage job cancel`: the job runner cancels the job's context so) sends
+// CancelTask for its task before it returns, on a context of its own
+// (cancelTimeout), so the agent stops the task and removes what it staged
+// instead of finishing it after the job said Cancelled. A context that ends
+// otherwise (the controller stopping, a caller's deadline) leaves the task
+// running: a re-run with the same id waits for it or gets its result.
 package hostops
 
 import (
@@ -21,6 +29,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"log/slog"
 	"net/http"
 	"strings"
 	"sync"
@@ -57,6 +66,14 @@ import (
 // drivers.Progress polls GetTask meanwhile (every 500 ms, WithPollInterval)
 // and reports the bytes done, then once more with the final count. The
 // callback is never called concurrently nor after the method returned.
+//
+// Cancel. A call whose context ends with drivers.ErrCancelledOnRequest
+// (`stowage job cancel`: the job runner cancels the job's context so) sends
+// CancelTask for its task before it returns, on a context of its own
+// (cancelTimeout), so the agent stops the task and removes what it staged
+// instead of finishing it after the job said Cancelled. A context that ends
+// otherwise (the controller stopping, a caller's deadline) leaves the task
+// running: a re-run with the same id waits for it or gets its result.
 type Remote struct {
 	hostID   string
 	client   stowagev1connect.AgentServiceClient
@@ -109,6 +126,26 @@ func NewRemote(hostID, baseURL string, hc connect.HTTPClient, opts ...Option) *R
 	return e
 }
 
+// cancelTimeout bounds the CancelTask a cancelled call sends: long enough
+// for the agent to stop the task and remove its stage, short enough that a
+// lost agent does not hold up the job's end.
+const cancelTimeout = 10 * time.Second
+
+// cancelTask passes a cancel on request on to the agent running task id.
+// It is best effort: an agent that cannot be reached cancels the task
+// itself once nobody waits for it (its grace period).
+func (e *Remote) cancelTask(ctx context.Context, id string) {
+	if !drivers.CancelledOnRequest(ctx) {
+		return
+	}
+	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cancelTimeout)
+	defer cancel()
+	if _, err := e.client.CancelTask(cctx, connect.NewRequest(&stowagev1.CancelTaskRequest{TaskId: id})); err != nil {
+		slog.Default().Warn("task not cancelled on its host; it stops when its grace period ends",
+			"host", e.hostID, "task", id, "err", errconnect.FromConnect(err))
+	}
+}
+
 // HostID implements Host.
 func (e *Remote) HostID() string { return e.hostID }
 
@@ -150,7 +187,9 @@ func (e *Remote) run(ctx context.Context, task *stowagev1.Task, progress drivers
 		if attempt > 0 {
 			select {
 			case <-ctx.Done():
-				return nil, fmt.Errorf("host %s: %w", e.hostID, ctx.Err())
+				// The last attempt may have reached the agent.
+				e.cancelTask(ctx, task.Id)
+				return nil, fmt.Errorf("host %s: task %s: %w", e.hostID, task.Id, context.Cause(ctx))
 			case <-time.After(wait):
 			}
 			wait = min(wait*2, maxBackoff)
@@ -162,7 +201,8 @@ func (e *Remote) run(ctx context.Context, task *stowagev1.Task, progress drivers
 				continue
 			}
 			if ctx.Err() != nil {
-				return nil, fmt.Errorf("host %s: task %s: %w", e.hostID, task.Id, ctx.Err())
+				e.cancelTask(ctx, task.Id)
+				return nil, fmt.Errorf("host %s: task %s: %w", e.hostID, task.Id, context.Cause(ctx))
 			}
 			return nil, fmt.Errorf("host %s: %w", e.hostID, lastErr)
 		}

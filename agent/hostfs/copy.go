@@ -79,6 +79,7 @@ func (l *Local) copyImage(ctx context.Context, req CopyRequest, progress drivers
 	if !local || !needsConvert(req, srcFormat, src) {
 		res, err = streamCopy(ctx, target, l.peerSource(qemuimg.FormatRaw), stage, stream.Options{Progress: copyProgress(progress)})
 		if err != nil {
+			discardIfCancelled(ctx, stage)
 			return ImageInfo{}, err
 		}
 		defer removeStage(stage)

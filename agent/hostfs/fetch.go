@@ -86,6 +86,7 @@ func (l *Local) fetchImage(ctx context.Context, req FetchRequest, progress drive
 	}
 	res, err := streamCopyFrom(ctx, src, stage, opts)
 	if err != nil {
+		discardIfCancelled(ctx, stage)
 		return ImageInfo{}, err
 	}
 	// The download is complete at stage; from here a failure discards it.

@@ -15,6 +15,7 @@ import (
 
 	"github.com/stowage/stowage/datapath/durable"
 	"github.com/stowage/stowage/datapath/qemuimg"
+	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
 )
 
@@ -61,6 +62,17 @@ func (l *Local) removeStaged(final string) {
 	defer unlock()
 	for _, step := range stageSteps {
 		removeStage(stagePath(final, step))
+	}
+}
+
+// discardIfCancelled removes the staging file of a step that stopped
+// because it was cancelled on request (drivers.CancelledOnRequest: `stowage
+// job cancel`): its job has ended and nothing will resume it. A step
+// interrupted otherwise (the agent stopping, a dropped connection) keeps
+// its stage so the next attempt resumes from the checkpoint.
+func discardIfCancelled(ctx context.Context, stage string) {
+	if drivers.CancelledOnRequest(ctx) {
+		removeStage(stage)
 	}
 }
 
@@ -174,10 +186,15 @@ func exists(p string) (bool, error) {
 }
 
 // publish makes the staged file tmp visible as final: fsync, a rename that
-// never replaces, a directory fsync. An existing final is fs.ErrExist.
-func publish(tmp, final string) error {
+// never replaces, a directory fsync. An existing final is fs.ErrExist. A
+// ctx that ended by the time tmp is synced stops it before the rename.
+func publish(ctx context.Context, tmp, final string) error {
 	if err := durable.SyncFile(tmp); err != nil {
 		return classed(err)
+	}
+	if err := ctx.Err(); err != nil {
+		// Cancelled while the stage was synced: never put it in place.
+		return err
 	}
 	if err := failpoint.Hit(failpoint.AgentBeforePublish); err != nil {
 		return err
@@ -211,7 +228,7 @@ func (l *Local) publishImage(ctx context.Context, stage, final, dest, format str
 	if err := ctx.Err(); err != nil {
 		return ImageInfo{}, err
 	}
-	if err := publish(stage, final); err != nil {
+	if err := publish(ctx, stage, final); err != nil {
 		return ImageInfo{}, err
 	}
 	info, _, err := l.imageInfo(ctx, dest, final, format, opts...)

@@ -163,7 +163,7 @@ func (l *Local) snapshotImage(ctx context.Context, req SnapshotRequest) (Snapsho
 		if err := os.Chmod(stage, 0o440); err != nil {
 			return SnapshotInfo{}, classed(err)
 		}
-		if err := publish(stage, snap); err != nil {
+		if err := publish(ctx, stage, snap); err != nil {
 			return SnapshotInfo{}, err
 		}
 		method := "copy"

@@ -50,7 +50,7 @@ type Runner struct {
 
 	mu      sync.Mutex
 	base    context.Context
-	running map[string]context.CancelFunc
+	running map[string]context.CancelCauseFunc
 	latest  map[string]*stowagev1.Job // in-memory view with fresh progress
 	subs    map[string]map[chan *stowagev1.Job]struct{}
 	wg      sync.WaitGroup
@@ -69,7 +69,7 @@ const DefaultMaxJobsPerCaller = 64
 func New(db *meta.DB, log *slog.Logger) *Runner {
 	return &Runner{
 		db: db, log: log, handlers: map[string]Handler{},
-		running: map[string]context.CancelFunc{},
+		running: map[string]context.CancelCauseFunc{},
 		latest:  map[string]*stowagev1.Job{},
 		subs:    map[string]map[chan *stowagev1.Job]struct{}{},
 
@@ -175,7 +175,7 @@ func (r *Runner) launch(job *stowagev1.Job) {
 	if base == nil {
 		base = context.Background()
 	}
-	ctx, cancel := context.WithCancel(base)
+	ctx, cancel := context.WithCancelCause(base)
 	r.running[job.GetId()] = cancel
 	r.latest[job.GetId()] = proto.Clone(job).(*stowagev1.Job)
 	r.mu.Unlock()
@@ -183,7 +183,7 @@ func (r *Runner) launch(job *stowagev1.Job) {
 	go func() {
 		defer r.wg.Done()
 		defer func() {
-			cancel()
+			cancel(nil)
 			r.mu.Lock()
 			delete(r.running, job.GetId())
 			delete(r.latest, job.GetId())
@@ -322,7 +322,12 @@ func (r *Runner) List(ctx context.Context, state stowagev1.JobState, target stri
 }
 
 // Cancel asks a job to stop. A job that already ended is returned as is
-// with ErrFailedPrecondition.
+// with ErrFailedPrecondition. A job running in this process has its
+// context cancelled with drivers.ErrCancelledOnRequest: its step's host
+// calls pass the cancel on to the agents running them (hostops.Remote
+// sends CancelTask), which stop and discard what they staged. A runner
+// stopping (the Start context ending) cancels with a plain
+// context.Canceled instead, and the agents' tasks go on for the next start.
 func (r *Runner) Cancel(ctx context.Context, id string) (*stowagev1.Job, error) {
 	j, err := r.db.Jobs().Transition(ctx, id, meta.JobCancelRequested, nil)
 	if err != nil {
@@ -335,7 +340,7 @@ func (r *Runner) Cancel(ctx context.Context, id string) (*stowagev1.Job, error) 
 	cancel, running := r.running[id]
 	r.mu.Unlock()
 	if running {
-		cancel()
+		cancel(drivers.ErrCancelledOnRequest)
 	}
 	r.publish(j)
 	return j, nil

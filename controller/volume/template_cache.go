@@ -110,8 +110,11 @@ func (s *Service) copyTemplate(ctx context.Context, job *stowagev1.Job, rep *job
 		})
 	}
 	if err != nil {
+		// Failed and owned by no job (a cancelled or failed copy): the
+		// next job that needs it clears it and copies again, and the
+		// template can be deleted meanwhile.
 		_, terr := s.db.TemplatesOnStore().Transition(context.WithoutCancel(ctx), ref.GetId(), meta.ObjectOperationFailed, func(r *stowagev1.TemplateOnStore) error {
-			r.Error = redact.Text(err.Error())
+			r.Error, r.OwnerJobId = redact.Text(err.Error()), ""
 			return nil
 		})
 		return errors.Join(err, terr)

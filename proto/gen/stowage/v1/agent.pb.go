@@ -907,6 +907,96 @@ func (x *GetTaskResponse) GetResult() *TaskResult {
 	return nil
 }
 
+type CancelTaskRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	TaskId        string                 `protobuf:"bytes,1,opt,name=task_id,json=taskId,proto3" json:"task_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CancelTaskRequest) Reset() {
+	*x = CancelTaskRequest{}
+	mi := &file_stowage_v1_agent_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CancelTaskRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CancelTaskRequest) ProtoMessage() {}
+
+func (x *CancelTaskRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_agent_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CancelTaskRequest.ProtoReflect.Descriptor instead.
+func (*CancelTaskRequest) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *CancelTaskRequest) GetTaskId() string {
+	if x != nil {
+		return x.TaskId
+	}
+	return ""
+}
+
+type CancelTaskResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The task's journalled result after the cancel: cancelled, or the
+	// result of a task that had finished before.
+	Result        *TaskResult `protobuf:"bytes,1,opt,name=result,proto3" json:"result,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CancelTaskResponse) Reset() {
+	*x = CancelTaskResponse{}
+	mi := &file_stowage_v1_agent_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CancelTaskResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CancelTaskResponse) ProtoMessage() {}
+
+func (x *CancelTaskResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_agent_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CancelTaskResponse.ProtoReflect.Descriptor instead.
+func (*CancelTaskResponse) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *CancelTaskResponse) GetResult() *TaskResult {
+	if x != nil {
+		return x.Result
+	}
+	return nil
+}
+
 // Task is one host-side step.
 type Task struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -950,7 +1040,7 @@ type Task struct {
 
 func (x *Task) Reset() {
 	*x = Task{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[14]
+	mi := &file_stowage_v1_agent_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -962,7 +1052,7 @@ func (x *Task) String() string {
 func (*Task) ProtoMessage() {}
 
 func (x *Task) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[14]
+	mi := &file_stowage_v1_agent_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -975,7 +1065,7 @@ func (x *Task) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Task.ProtoReflect.Descriptor instead.
 func (*Task) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{14}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *Task) GetId() string {
@@ -1459,7 +1549,7 @@ type ConnectLunStep struct {
 
 func (x *ConnectLunStep) Reset() {
 	*x = ConnectLunStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[15]
+	mi := &file_stowage_v1_agent_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1471,7 +1561,7 @@ func (x *ConnectLunStep) String() string {
 func (*ConnectLunStep) ProtoMessage() {}
 
 func (x *ConnectLunStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[15]
+	mi := &file_stowage_v1_agent_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1484,7 +1574,7 @@ func (x *ConnectLunStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConnectLunStep.ProtoReflect.Descriptor instead.
 func (*ConnectLunStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{15}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *ConnectLunStep) GetUri() string {
@@ -1509,7 +1599,7 @@ type IscsiTarget struct {
 
 func (x *IscsiTarget) Reset() {
 	*x = IscsiTarget{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[16]
+	mi := &file_stowage_v1_agent_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1521,7 +1611,7 @@ func (x *IscsiTarget) String() string {
 func (*IscsiTarget) ProtoMessage() {}
 
 func (x *IscsiTarget) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[16]
+	mi := &file_stowage_v1_agent_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1534,7 +1624,7 @@ func (x *IscsiTarget) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IscsiTarget.ProtoReflect.Descriptor instead.
 func (*IscsiTarget) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{16}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *IscsiTarget) GetStoreId() string {
@@ -1569,7 +1659,7 @@ type IscsiInitiator struct {
 
 func (x *IscsiInitiator) Reset() {
 	*x = IscsiInitiator{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[17]
+	mi := &file_stowage_v1_agent_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1581,7 +1671,7 @@ func (x *IscsiInitiator) String() string {
 func (*IscsiInitiator) ProtoMessage() {}
 
 func (x *IscsiInitiator) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[17]
+	mi := &file_stowage_v1_agent_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1594,7 +1684,7 @@ func (x *IscsiInitiator) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IscsiInitiator.ProtoReflect.Descriptor instead.
 func (*IscsiInitiator) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{17}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *IscsiInitiator) GetIqn() string {
@@ -1627,7 +1717,7 @@ type IscsiTargetStep struct {
 
 func (x *IscsiTargetStep) Reset() {
 	*x = IscsiTargetStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[18]
+	mi := &file_stowage_v1_agent_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1639,7 +1729,7 @@ func (x *IscsiTargetStep) String() string {
 func (*IscsiTargetStep) ProtoMessage() {}
 
 func (x *IscsiTargetStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[18]
+	mi := &file_stowage_v1_agent_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1652,7 +1742,7 @@ func (x *IscsiTargetStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IscsiTargetStep.ProtoReflect.Descriptor instead.
 func (*IscsiTargetStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{18}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *IscsiTargetStep) GetTarget() *IscsiTarget {
@@ -1674,7 +1764,7 @@ type LunStep struct {
 
 func (x *LunStep) Reset() {
 	*x = LunStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[19]
+	mi := &file_stowage_v1_agent_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1686,7 +1776,7 @@ func (x *LunStep) String() string {
 func (*LunStep) ProtoMessage() {}
 
 func (x *LunStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[19]
+	mi := &file_stowage_v1_agent_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1699,7 +1789,7 @@ func (x *LunStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LunStep.ProtoReflect.Descriptor instead.
 func (*LunStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{19}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *LunStep) GetTarget() *IscsiTarget {
@@ -1735,7 +1825,7 @@ type LunInfo struct {
 
 func (x *LunInfo) Reset() {
 	*x = LunInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[20]
+	mi := &file_stowage_v1_agent_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1747,7 +1837,7 @@ func (x *LunInfo) String() string {
 func (*LunInfo) ProtoMessage() {}
 
 func (x *LunInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[20]
+	mi := &file_stowage_v1_agent_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1760,7 +1850,7 @@ func (x *LunInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LunInfo.ProtoReflect.Descriptor instead.
 func (*LunInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{20}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *LunInfo) GetNumber() int32 {
@@ -1800,7 +1890,7 @@ type LunList struct {
 
 func (x *LunList) Reset() {
 	*x = LunList{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[21]
+	mi := &file_stowage_v1_agent_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1812,7 +1902,7 @@ func (x *LunList) String() string {
 func (*LunList) ProtoMessage() {}
 
 func (x *LunList) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[21]
+	mi := &file_stowage_v1_agent_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1825,7 +1915,7 @@ func (x *LunList) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LunList.ProtoReflect.Descriptor instead.
 func (*LunList) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{21}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *LunList) GetLuns() []*LunInfo {
@@ -1849,7 +1939,7 @@ type PrepareStoreStep struct {
 
 func (x *PrepareStoreStep) Reset() {
 	*x = PrepareStoreStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[22]
+	mi := &file_stowage_v1_agent_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1861,7 +1951,7 @@ func (x *PrepareStoreStep) String() string {
 func (*PrepareStoreStep) ProtoMessage() {}
 
 func (x *PrepareStoreStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[22]
+	mi := &file_stowage_v1_agent_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1874,7 +1964,7 @@ func (x *PrepareStoreStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PrepareStoreStep.ProtoReflect.Descriptor instead.
 func (*PrepareStoreStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{22}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *PrepareStoreStep) GetPath() string {
@@ -1916,7 +2006,7 @@ type ProbeStoreStep struct {
 
 func (x *ProbeStoreStep) Reset() {
 	*x = ProbeStoreStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[23]
+	mi := &file_stowage_v1_agent_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1928,7 +2018,7 @@ func (x *ProbeStoreStep) String() string {
 func (*ProbeStoreStep) ProtoMessage() {}
 
 func (x *ProbeStoreStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[23]
+	mi := &file_stowage_v1_agent_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1941,7 +2031,7 @@ func (x *ProbeStoreStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProbeStoreStep.ProtoReflect.Descriptor instead.
 func (*ProbeStoreStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{23}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *ProbeStoreStep) GetPath() string {
@@ -1970,7 +2060,7 @@ type ReleaseStoreStep struct {
 
 func (x *ReleaseStoreStep) Reset() {
 	*x = ReleaseStoreStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[24]
+	mi := &file_stowage_v1_agent_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1982,7 +2072,7 @@ func (x *ReleaseStoreStep) String() string {
 func (*ReleaseStoreStep) ProtoMessage() {}
 
 func (x *ReleaseStoreStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[24]
+	mi := &file_stowage_v1_agent_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1995,7 +2085,7 @@ func (x *ReleaseStoreStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReleaseStoreStep.ProtoReflect.Descriptor instead.
 func (*ReleaseStoreStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{24}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *ReleaseStoreStep) GetPath() string {
@@ -2033,7 +2123,7 @@ type ObjectRef struct {
 
 func (x *ObjectRef) Reset() {
 	*x = ObjectRef{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[25]
+	mi := &file_stowage_v1_agent_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2045,7 +2135,7 @@ func (x *ObjectRef) String() string {
 func (*ObjectRef) ProtoMessage() {}
 
 func (x *ObjectRef) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[25]
+	mi := &file_stowage_v1_agent_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2058,7 +2148,7 @@ func (x *ObjectRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ObjectRef.ProtoReflect.Descriptor instead.
 func (*ObjectRef) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{25}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *ObjectRef) GetStoreId() string {
@@ -2089,7 +2179,7 @@ type ChunkStoreRef struct {
 
 func (x *ChunkStoreRef) Reset() {
 	*x = ChunkStoreRef{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[26]
+	mi := &file_stowage_v1_agent_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2101,7 +2191,7 @@ func (x *ChunkStoreRef) String() string {
 func (*ChunkStoreRef) ProtoMessage() {}
 
 func (x *ChunkStoreRef) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[26]
+	mi := &file_stowage_v1_agent_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2114,7 +2204,7 @@ func (x *ChunkStoreRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChunkStoreRef.ProtoReflect.Descriptor instead.
 func (*ChunkStoreRef) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{26}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *ChunkStoreRef) GetUri() string {
@@ -2143,7 +2233,7 @@ type CreateImageStep struct {
 
 func (x *CreateImageStep) Reset() {
 	*x = CreateImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[27]
+	mi := &file_stowage_v1_agent_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2155,7 +2245,7 @@ func (x *CreateImageStep) String() string {
 func (*CreateImageStep) ProtoMessage() {}
 
 func (x *CreateImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[27]
+	mi := &file_stowage_v1_agent_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2168,7 +2258,7 @@ func (x *CreateImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateImageStep.ProtoReflect.Descriptor instead.
 func (*CreateImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{27}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *CreateImageStep) GetRef() *ObjectRef {
@@ -2201,7 +2291,7 @@ type DeleteObjectStep struct {
 
 func (x *DeleteObjectStep) Reset() {
 	*x = DeleteObjectStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[28]
+	mi := &file_stowage_v1_agent_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2213,7 +2303,7 @@ func (x *DeleteObjectStep) String() string {
 func (*DeleteObjectStep) ProtoMessage() {}
 
 func (x *DeleteObjectStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[28]
+	mi := &file_stowage_v1_agent_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2226,7 +2316,7 @@ func (x *DeleteObjectStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteObjectStep.ProtoReflect.Descriptor instead.
 func (*DeleteObjectStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{28}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *DeleteObjectStep) GetRef() *ObjectRef {
@@ -2246,7 +2336,7 @@ type ListObjectsStep struct {
 
 func (x *ListObjectsStep) Reset() {
 	*x = ListObjectsStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[29]
+	mi := &file_stowage_v1_agent_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2258,7 +2348,7 @@ func (x *ListObjectsStep) String() string {
 func (*ListObjectsStep) ProtoMessage() {}
 
 func (x *ListObjectsStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[29]
+	mi := &file_stowage_v1_agent_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2271,7 +2361,7 @@ func (x *ListObjectsStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListObjectsStep.ProtoReflect.Descriptor instead.
 func (*ListObjectsStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{29}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *ListObjectsStep) GetDir() *ObjectRef {
@@ -2290,7 +2380,7 @@ type StatObjectStep struct {
 
 func (x *StatObjectStep) Reset() {
 	*x = StatObjectStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[30]
+	mi := &file_stowage_v1_agent_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2302,7 +2392,7 @@ func (x *StatObjectStep) String() string {
 func (*StatObjectStep) ProtoMessage() {}
 
 func (x *StatObjectStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[30]
+	mi := &file_stowage_v1_agent_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2315,7 +2405,7 @@ func (x *StatObjectStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatObjectStep.ProtoReflect.Descriptor instead.
 func (*StatObjectStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{30}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *StatObjectStep) GetRef() *ObjectRef {
@@ -2340,7 +2430,7 @@ type FetchImageStep struct {
 
 func (x *FetchImageStep) Reset() {
 	*x = FetchImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[31]
+	mi := &file_stowage_v1_agent_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2352,7 +2442,7 @@ func (x *FetchImageStep) String() string {
 func (*FetchImageStep) ProtoMessage() {}
 
 func (x *FetchImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[31]
+	mi := &file_stowage_v1_agent_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2365,7 +2455,7 @@ func (x *FetchImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FetchImageStep.ProtoReflect.Descriptor instead.
 func (*FetchImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{31}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *FetchImageStep) GetSource() string {
@@ -2422,7 +2512,7 @@ type CopyImageStep struct {
 
 func (x *CopyImageStep) Reset() {
 	*x = CopyImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[32]
+	mi := &file_stowage_v1_agent_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2434,7 +2524,7 @@ func (x *CopyImageStep) String() string {
 func (*CopyImageStep) ProtoMessage() {}
 
 func (x *CopyImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[32]
+	mi := &file_stowage_v1_agent_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2447,7 +2537,7 @@ func (x *CopyImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CopyImageStep.ProtoReflect.Descriptor instead.
 func (*CopyImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{32}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *CopyImageStep) GetSource() string {
@@ -2516,7 +2606,7 @@ type CloneImageStep struct {
 
 func (x *CloneImageStep) Reset() {
 	*x = CloneImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[33]
+	mi := &file_stowage_v1_agent_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2528,7 +2618,7 @@ func (x *CloneImageStep) String() string {
 func (*CloneImageStep) ProtoMessage() {}
 
 func (x *CloneImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[33]
+	mi := &file_stowage_v1_agent_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2541,7 +2631,7 @@ func (x *CloneImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloneImageStep.ProtoReflect.Descriptor instead.
 func (*CloneImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{33}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *CloneImageStep) GetBase() *ObjectRef {
@@ -2598,7 +2688,7 @@ type InspectImageStep struct {
 
 func (x *InspectImageStep) Reset() {
 	*x = InspectImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[34]
+	mi := &file_stowage_v1_agent_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2610,7 +2700,7 @@ func (x *InspectImageStep) String() string {
 func (*InspectImageStep) ProtoMessage() {}
 
 func (x *InspectImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[34]
+	mi := &file_stowage_v1_agent_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2623,7 +2713,7 @@ func (x *InspectImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InspectImageStep.ProtoReflect.Descriptor instead.
 func (*InspectImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{34}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *InspectImageStep) GetRef() *ObjectRef {
@@ -2653,7 +2743,7 @@ type ResizeImageStep struct {
 
 func (x *ResizeImageStep) Reset() {
 	*x = ResizeImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[35]
+	mi := &file_stowage_v1_agent_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2665,7 +2755,7 @@ func (x *ResizeImageStep) String() string {
 func (*ResizeImageStep) ProtoMessage() {}
 
 func (x *ResizeImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[35]
+	mi := &file_stowage_v1_agent_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2678,7 +2768,7 @@ func (x *ResizeImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResizeImageStep.ProtoReflect.Descriptor instead.
 func (*ResizeImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{35}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *ResizeImageStep) GetRef() *ObjectRef {
@@ -2715,7 +2805,7 @@ type SnapshotImageStep struct {
 
 func (x *SnapshotImageStep) Reset() {
 	*x = SnapshotImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[36]
+	mi := &file_stowage_v1_agent_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2727,7 +2817,7 @@ func (x *SnapshotImageStep) String() string {
 func (*SnapshotImageStep) ProtoMessage() {}
 
 func (x *SnapshotImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[36]
+	mi := &file_stowage_v1_agent_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2740,7 +2830,7 @@ func (x *SnapshotImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotImageStep.ProtoReflect.Descriptor instead.
 func (*SnapshotImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{36}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *SnapshotImageStep) GetVolume() *ObjectRef {
@@ -2777,7 +2867,7 @@ type RevertImageStep struct {
 
 func (x *RevertImageStep) Reset() {
 	*x = RevertImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[37]
+	mi := &file_stowage_v1_agent_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2789,7 +2879,7 @@ func (x *RevertImageStep) String() string {
 func (*RevertImageStep) ProtoMessage() {}
 
 func (x *RevertImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[37]
+	mi := &file_stowage_v1_agent_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2802,7 +2892,7 @@ func (x *RevertImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevertImageStep.ProtoReflect.Descriptor instead.
 func (*RevertImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{37}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *RevertImageStep) GetVolume() *ObjectRef {
@@ -2840,7 +2930,7 @@ type RebaseImageStep struct {
 
 func (x *RebaseImageStep) Reset() {
 	*x = RebaseImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[38]
+	mi := &file_stowage_v1_agent_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2852,7 +2942,7 @@ func (x *RebaseImageStep) String() string {
 func (*RebaseImageStep) ProtoMessage() {}
 
 func (x *RebaseImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[38]
+	mi := &file_stowage_v1_agent_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2865,7 +2955,7 @@ func (x *RebaseImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RebaseImageStep.ProtoReflect.Descriptor instead.
 func (*RebaseImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{38}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *RebaseImageStep) GetRef() *ObjectRef {
@@ -2908,7 +2998,7 @@ type BackupImageStep struct {
 
 func (x *BackupImageStep) Reset() {
 	*x = BackupImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[39]
+	mi := &file_stowage_v1_agent_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2920,7 +3010,7 @@ func (x *BackupImageStep) String() string {
 func (*BackupImageStep) ProtoMessage() {}
 
 func (x *BackupImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[39]
+	mi := &file_stowage_v1_agent_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2933,7 +3023,7 @@ func (x *BackupImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BackupImageStep.ProtoReflect.Descriptor instead.
 func (*BackupImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{39}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *BackupImageStep) GetSource() *ObjectRef {
@@ -2998,7 +3088,7 @@ type RestoreImageStep struct {
 
 func (x *RestoreImageStep) Reset() {
 	*x = RestoreImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[40]
+	mi := &file_stowage_v1_agent_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3010,7 +3100,7 @@ func (x *RestoreImageStep) String() string {
 func (*RestoreImageStep) ProtoMessage() {}
 
 func (x *RestoreImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[40]
+	mi := &file_stowage_v1_agent_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3023,7 +3113,7 @@ func (x *RestoreImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RestoreImageStep.ProtoReflect.Descriptor instead.
 func (*RestoreImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{40}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *RestoreImageStep) GetChunks() *ChunkStoreRef {
@@ -3065,7 +3155,7 @@ type DeleteBackupStep struct {
 
 func (x *DeleteBackupStep) Reset() {
 	*x = DeleteBackupStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[41]
+	mi := &file_stowage_v1_agent_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3077,7 +3167,7 @@ func (x *DeleteBackupStep) String() string {
 func (*DeleteBackupStep) ProtoMessage() {}
 
 func (x *DeleteBackupStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[41]
+	mi := &file_stowage_v1_agent_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3090,7 +3180,7 @@ func (x *DeleteBackupStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteBackupStep.ProtoReflect.Descriptor instead.
 func (*DeleteBackupStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{41}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *DeleteBackupStep) GetChunks() *ChunkStoreRef {
@@ -3120,7 +3210,7 @@ type ExportStep struct {
 
 func (x *ExportStep) Reset() {
 	*x = ExportStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[42]
+	mi := &file_stowage_v1_agent_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3132,7 +3222,7 @@ func (x *ExportStep) String() string {
 func (*ExportStep) ProtoMessage() {}
 
 func (x *ExportStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[42]
+	mi := &file_stowage_v1_agent_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3145,7 +3235,7 @@ func (x *ExportStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExportStep.ProtoReflect.Descriptor instead.
 func (*ExportStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{42}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *ExportStep) GetRef() *ObjectRef {
@@ -3172,7 +3262,7 @@ type UnexportStep struct {
 
 func (x *UnexportStep) Reset() {
 	*x = UnexportStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[43]
+	mi := &file_stowage_v1_agent_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3184,7 +3274,7 @@ func (x *UnexportStep) String() string {
 func (*UnexportStep) ProtoMessage() {}
 
 func (x *UnexportStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[43]
+	mi := &file_stowage_v1_agent_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3197,7 +3287,7 @@ func (x *UnexportStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnexportStep.ProtoReflect.Descriptor instead.
 func (*UnexportStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{43}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *UnexportStep) GetUri() string {
@@ -3224,7 +3314,7 @@ type ExportNbdStep struct {
 
 func (x *ExportNbdStep) Reset() {
 	*x = ExportNbdStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[44]
+	mi := &file_stowage_v1_agent_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3236,7 +3326,7 @@ func (x *ExportNbdStep) String() string {
 func (*ExportNbdStep) ProtoMessage() {}
 
 func (x *ExportNbdStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[44]
+	mi := &file_stowage_v1_agent_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3249,7 +3339,7 @@ func (x *ExportNbdStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExportNbdStep.ProtoReflect.Descriptor instead.
 func (*ExportNbdStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{44}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *ExportNbdStep) GetRef() *ObjectRef {
@@ -3290,7 +3380,7 @@ type UnexportNbdStep struct {
 
 func (x *UnexportNbdStep) Reset() {
 	*x = UnexportNbdStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[45]
+	mi := &file_stowage_v1_agent_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3302,7 +3392,7 @@ func (x *UnexportNbdStep) String() string {
 func (*UnexportNbdStep) ProtoMessage() {}
 
 func (x *UnexportNbdStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[45]
+	mi := &file_stowage_v1_agent_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3315,7 +3405,7 @@ func (x *UnexportNbdStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnexportNbdStep.ProtoReflect.Descriptor instead.
 func (*UnexportNbdStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{45}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *UnexportNbdStep) GetUri() string {
@@ -3346,7 +3436,7 @@ type ImageInfo struct {
 
 func (x *ImageInfo) Reset() {
 	*x = ImageInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[46]
+	mi := &file_stowage_v1_agent_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3358,7 +3448,7 @@ func (x *ImageInfo) String() string {
 func (*ImageInfo) ProtoMessage() {}
 
 func (x *ImageInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[46]
+	mi := &file_stowage_v1_agent_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3371,7 +3461,7 @@ func (x *ImageInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImageInfo.ProtoReflect.Descriptor instead.
 func (*ImageInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{46}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *ImageInfo) GetKey() string {
@@ -3456,7 +3546,7 @@ type SnapshotInfo struct {
 
 func (x *SnapshotInfo) Reset() {
 	*x = SnapshotInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[47]
+	mi := &file_stowage_v1_agent_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3468,7 +3558,7 @@ func (x *SnapshotInfo) String() string {
 func (*SnapshotInfo) ProtoMessage() {}
 
 func (x *SnapshotInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[47]
+	mi := &file_stowage_v1_agent_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3481,7 +3571,7 @@ func (x *SnapshotInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotInfo.ProtoReflect.Descriptor instead.
 func (*SnapshotInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{47}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *SnapshotInfo) GetSnapshot() *ImageInfo {
@@ -3522,7 +3612,7 @@ type BackupInfo struct {
 
 func (x *BackupInfo) Reset() {
 	*x = BackupInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[48]
+	mi := &file_stowage_v1_agent_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3534,7 +3624,7 @@ func (x *BackupInfo) String() string {
 func (*BackupInfo) ProtoMessage() {}
 
 func (x *BackupInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[48]
+	mi := &file_stowage_v1_agent_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3547,7 +3637,7 @@ func (x *BackupInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BackupInfo.ProtoReflect.Descriptor instead.
 func (*BackupInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{48}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *BackupInfo) GetManifest() string {
@@ -3625,7 +3715,7 @@ type FileInfo struct {
 
 func (x *FileInfo) Reset() {
 	*x = FileInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[49]
+	mi := &file_stowage_v1_agent_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3637,7 +3727,7 @@ func (x *FileInfo) String() string {
 func (*FileInfo) ProtoMessage() {}
 
 func (x *FileInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[49]
+	mi := &file_stowage_v1_agent_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3650,7 +3740,7 @@ func (x *FileInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileInfo.ProtoReflect.Descriptor instead.
 func (*FileInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{49}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *FileInfo) GetKey() string {
@@ -3715,7 +3805,7 @@ type StoreProbe struct {
 
 func (x *StoreProbe) Reset() {
 	*x = StoreProbe{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[50]
+	mi := &file_stowage_v1_agent_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3727,7 +3817,7 @@ func (x *StoreProbe) String() string {
 func (*StoreProbe) ProtoMessage() {}
 
 func (x *StoreProbe) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[50]
+	mi := &file_stowage_v1_agent_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3740,7 +3830,7 @@ func (x *StoreProbe) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StoreProbe.ProtoReflect.Descriptor instead.
 func (*StoreProbe) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{50}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *StoreProbe) GetCapacityBytes() int64 {
@@ -3801,7 +3891,7 @@ type TaskResult struct {
 
 func (x *TaskResult) Reset() {
 	*x = TaskResult{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[51]
+	mi := &file_stowage_v1_agent_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3813,7 +3903,7 @@ func (x *TaskResult) String() string {
 func (*TaskResult) ProtoMessage() {}
 
 func (x *TaskResult) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[51]
+	mi := &file_stowage_v1_agent_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3826,7 +3916,7 @@ func (x *TaskResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TaskResult.ProtoReflect.Descriptor instead.
 func (*TaskResult) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{51}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *TaskResult) GetTaskId() string {
@@ -4027,7 +4117,7 @@ type FileList struct {
 
 func (x *FileList) Reset() {
 	*x = FileList{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[52]
+	mi := &file_stowage_v1_agent_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4039,7 +4129,7 @@ func (x *FileList) String() string {
 func (*FileList) ProtoMessage() {}
 
 func (x *FileList) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[52]
+	mi := &file_stowage_v1_agent_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4052,7 +4142,7 @@ func (x *FileList) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileList.ProtoReflect.Descriptor instead.
 func (*FileList) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{52}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *FileList) GetFiles() []*FileInfo {
@@ -4125,6 +4215,10 @@ const file_stowage_v1_agent_proto_rawDesc = "" +
 	"\x0eGetTaskRequest\x12\x17\n" +
 	"\atask_id\x18\x01 \x01(\tR\x06taskId\"A\n" +
 	"\x0fGetTaskResponse\x12.\n" +
+	"\x06result\x18\x01 \x01(\v2\x16.stowage.v1.TaskResultR\x06result\",\n" +
+	"\x11CancelTaskRequest\x12\x17\n" +
+	"\atask_id\x18\x01 \x01(\tR\x06taskId\"D\n" +
+	"\x12CancelTaskResponse\x12.\n" +
 	"\x06result\x18\x01 \x01(\v2\x16.stowage.v1.TaskResultR\x06result\"\xb0\x0f\n" +
 	"\x04Task\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12C\n" +
@@ -4385,10 +4479,12 @@ const file_stowage_v1_agent_proto_rawDesc = "" +
 	"\x04Join\x12\x17.stowage.v1.JoinRequest\x1a\x18.stowage.v1.JoinResponse\x12E\n" +
 	"\bRegister\x12\x1b.stowage.v1.RegisterRequest\x1a\x1c.stowage.v1.RegisterResponse\x12H\n" +
 	"\tHeartbeat\x12\x1c.stowage.v1.HeartbeatRequest\x1a\x1d.stowage.v1.HeartbeatResponse\x12<\n" +
-	"\x05Renew\x12\x18.stowage.v1.RenewRequest\x1a\x19.stowage.v1.RenewResponse2\x96\x01\n" +
+	"\x05Renew\x12\x18.stowage.v1.RenewRequest\x1a\x19.stowage.v1.RenewResponse2\xe3\x01\n" +
 	"\fAgentService\x12B\n" +
 	"\aRunTask\x12\x1a.stowage.v1.RunTaskRequest\x1a\x1b.stowage.v1.RunTaskResponse\x12B\n" +
-	"\aGetTask\x12\x1a.stowage.v1.GetTaskRequest\x1a\x1b.stowage.v1.GetTaskResponseB\xa0\x01\n" +
+	"\aGetTask\x12\x1a.stowage.v1.GetTaskRequest\x1a\x1b.stowage.v1.GetTaskResponse\x12K\n" +
+	"\n" +
+	"CancelTask\x12\x1d.stowage.v1.CancelTaskRequest\x1a\x1e.stowage.v1.CancelTaskResponseB\xa0\x01\n" +
 	"\x0ecom.stowage.v1B\n" +
 	"AgentProtoP\x01Z9github.com/stowage/stowage/proto/gen/stowage/v1;stowagev1\xa2\x02\x03SXX\xaa\x02\n" +
 	"Stowage.V1\xca\x02\n" +
@@ -4407,7 +4503,7 @@ func file_stowage_v1_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_stowage_v1_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_stowage_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 54)
+var file_stowage_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 56)
 var file_stowage_v1_agent_proto_goTypes = []any{
 	(CloneMode)(0),                // 0: stowage.v1.CloneMode
 	(*JoinRequest)(nil),           // 1: stowage.v1.JoinRequest
@@ -4424,169 +4520,174 @@ var file_stowage_v1_agent_proto_goTypes = []any{
 	(*RunTaskResponse)(nil),       // 12: stowage.v1.RunTaskResponse
 	(*GetTaskRequest)(nil),        // 13: stowage.v1.GetTaskRequest
 	(*GetTaskResponse)(nil),       // 14: stowage.v1.GetTaskResponse
-	(*Task)(nil),                  // 15: stowage.v1.Task
-	(*ConnectLunStep)(nil),        // 16: stowage.v1.ConnectLunStep
-	(*IscsiTarget)(nil),           // 17: stowage.v1.IscsiTarget
-	(*IscsiInitiator)(nil),        // 18: stowage.v1.IscsiInitiator
-	(*IscsiTargetStep)(nil),       // 19: stowage.v1.IscsiTargetStep
-	(*LunStep)(nil),               // 20: stowage.v1.LunStep
-	(*LunInfo)(nil),               // 21: stowage.v1.LunInfo
-	(*LunList)(nil),               // 22: stowage.v1.LunList
-	(*PrepareStoreStep)(nil),      // 23: stowage.v1.PrepareStoreStep
-	(*ProbeStoreStep)(nil),        // 24: stowage.v1.ProbeStoreStep
-	(*ReleaseStoreStep)(nil),      // 25: stowage.v1.ReleaseStoreStep
-	(*ObjectRef)(nil),             // 26: stowage.v1.ObjectRef
-	(*ChunkStoreRef)(nil),         // 27: stowage.v1.ChunkStoreRef
-	(*CreateImageStep)(nil),       // 28: stowage.v1.CreateImageStep
-	(*DeleteObjectStep)(nil),      // 29: stowage.v1.DeleteObjectStep
-	(*ListObjectsStep)(nil),       // 30: stowage.v1.ListObjectsStep
-	(*StatObjectStep)(nil),        // 31: stowage.v1.StatObjectStep
-	(*FetchImageStep)(nil),        // 32: stowage.v1.FetchImageStep
-	(*CopyImageStep)(nil),         // 33: stowage.v1.CopyImageStep
-	(*CloneImageStep)(nil),        // 34: stowage.v1.CloneImageStep
-	(*InspectImageStep)(nil),      // 35: stowage.v1.InspectImageStep
-	(*ResizeImageStep)(nil),       // 36: stowage.v1.ResizeImageStep
-	(*SnapshotImageStep)(nil),     // 37: stowage.v1.SnapshotImageStep
-	(*RevertImageStep)(nil),       // 38: stowage.v1.RevertImageStep
-	(*RebaseImageStep)(nil),       // 39: stowage.v1.RebaseImageStep
-	(*BackupImageStep)(nil),       // 40: stowage.v1.BackupImageStep
-	(*RestoreImageStep)(nil),      // 41: stowage.v1.RestoreImageStep
-	(*DeleteBackupStep)(nil),      // 42: stowage.v1.DeleteBackupStep
-	(*ExportStep)(nil),            // 43: stowage.v1.ExportStep
-	(*UnexportStep)(nil),          // 44: stowage.v1.UnexportStep
-	(*ExportNbdStep)(nil),         // 45: stowage.v1.ExportNbdStep
-	(*UnexportNbdStep)(nil),       // 46: stowage.v1.UnexportNbdStep
-	(*ImageInfo)(nil),             // 47: stowage.v1.ImageInfo
-	(*SnapshotInfo)(nil),          // 48: stowage.v1.SnapshotInfo
-	(*BackupInfo)(nil),            // 49: stowage.v1.BackupInfo
-	(*FileInfo)(nil),              // 50: stowage.v1.FileInfo
-	(*StoreProbe)(nil),            // 51: stowage.v1.StoreProbe
-	(*TaskResult)(nil),            // 52: stowage.v1.TaskResult
-	(*FileList)(nil),              // 53: stowage.v1.FileList
-	nil,                           // 54: stowage.v1.ChunkStoreRef.SecretEntry
-	(*HostCapabilities)(nil),      // 55: stowage.v1.HostCapabilities
-	(*Host)(nil),                  // 56: stowage.v1.Host
-	(HostState)(0),                // 57: stowage.v1.HostState
-	(*CacheSpec)(nil),             // 58: stowage.v1.CacheSpec
-	(ImageFormat)(0),              // 59: stowage.v1.ImageFormat
-	(*timestamppb.Timestamp)(nil), // 60: google.protobuf.Timestamp
+	(*CancelTaskRequest)(nil),     // 15: stowage.v1.CancelTaskRequest
+	(*CancelTaskResponse)(nil),    // 16: stowage.v1.CancelTaskResponse
+	(*Task)(nil),                  // 17: stowage.v1.Task
+	(*ConnectLunStep)(nil),        // 18: stowage.v1.ConnectLunStep
+	(*IscsiTarget)(nil),           // 19: stowage.v1.IscsiTarget
+	(*IscsiInitiator)(nil),        // 20: stowage.v1.IscsiInitiator
+	(*IscsiTargetStep)(nil),       // 21: stowage.v1.IscsiTargetStep
+	(*LunStep)(nil),               // 22: stowage.v1.LunStep
+	(*LunInfo)(nil),               // 23: stowage.v1.LunInfo
+	(*LunList)(nil),               // 24: stowage.v1.LunList
+	(*PrepareStoreStep)(nil),      // 25: stowage.v1.PrepareStoreStep
+	(*ProbeStoreStep)(nil),        // 26: stowage.v1.ProbeStoreStep
+	(*ReleaseStoreStep)(nil),      // 27: stowage.v1.ReleaseStoreStep
+	(*ObjectRef)(nil),             // 28: stowage.v1.ObjectRef
+	(*ChunkStoreRef)(nil),         // 29: stowage.v1.ChunkStoreRef
+	(*CreateImageStep)(nil),       // 30: stowage.v1.CreateImageStep
+	(*DeleteObjectStep)(nil),      // 31: stowage.v1.DeleteObjectStep
+	(*ListObjectsStep)(nil),       // 32: stowage.v1.ListObjectsStep
+	(*StatObjectStep)(nil),        // 33: stowage.v1.StatObjectStep
+	(*FetchImageStep)(nil),        // 34: stowage.v1.FetchImageStep
+	(*CopyImageStep)(nil),         // 35: stowage.v1.CopyImageStep
+	(*CloneImageStep)(nil),        // 36: stowage.v1.CloneImageStep
+	(*InspectImageStep)(nil),      // 37: stowage.v1.InspectImageStep
+	(*ResizeImageStep)(nil),       // 38: stowage.v1.ResizeImageStep
+	(*SnapshotImageStep)(nil),     // 39: stowage.v1.SnapshotImageStep
+	(*RevertImageStep)(nil),       // 40: stowage.v1.RevertImageStep
+	(*RebaseImageStep)(nil),       // 41: stowage.v1.RebaseImageStep
+	(*BackupImageStep)(nil),       // 42: stowage.v1.BackupImageStep
+	(*RestoreImageStep)(nil),      // 43: stowage.v1.RestoreImageStep
+	(*DeleteBackupStep)(nil),      // 44: stowage.v1.DeleteBackupStep
+	(*ExportStep)(nil),            // 45: stowage.v1.ExportStep
+	(*UnexportStep)(nil),          // 46: stowage.v1.UnexportStep
+	(*ExportNbdStep)(nil),         // 47: stowage.v1.ExportNbdStep
+	(*UnexportNbdStep)(nil),       // 48: stowage.v1.UnexportNbdStep
+	(*ImageInfo)(nil),             // 49: stowage.v1.ImageInfo
+	(*SnapshotInfo)(nil),          // 50: stowage.v1.SnapshotInfo
+	(*BackupInfo)(nil),            // 51: stowage.v1.BackupInfo
+	(*FileInfo)(nil),              // 52: stowage.v1.FileInfo
+	(*StoreProbe)(nil),            // 53: stowage.v1.StoreProbe
+	(*TaskResult)(nil),            // 54: stowage.v1.TaskResult
+	(*FileList)(nil),              // 55: stowage.v1.FileList
+	nil,                           // 56: stowage.v1.ChunkStoreRef.SecretEntry
+	(*HostCapabilities)(nil),      // 57: stowage.v1.HostCapabilities
+	(*Host)(nil),                  // 58: stowage.v1.Host
+	(HostState)(0),                // 59: stowage.v1.HostState
+	(*CacheSpec)(nil),             // 60: stowage.v1.CacheSpec
+	(ImageFormat)(0),              // 61: stowage.v1.ImageFormat
+	(*timestamppb.Timestamp)(nil), // 62: google.protobuf.Timestamp
 }
 var file_stowage_v1_agent_proto_depIdxs = []int32{
-	55,  // 0: stowage.v1.RegisterRequest.capabilities:type_name -> stowage.v1.HostCapabilities
-	56,  // 1: stowage.v1.RegisterResponse.host:type_name -> stowage.v1.Host
+	57,  // 0: stowage.v1.RegisterRequest.capabilities:type_name -> stowage.v1.HostCapabilities
+	58,  // 1: stowage.v1.RegisterResponse.host:type_name -> stowage.v1.Host
 	7,   // 2: stowage.v1.RegisterResponse.stores:type_name -> stowage.v1.StoreAssignment
-	55,  // 3: stowage.v1.HeartbeatRequest.capabilities:type_name -> stowage.v1.HostCapabilities
-	57,  // 4: stowage.v1.HeartbeatResponse.state:type_name -> stowage.v1.HostState
+	57,  // 3: stowage.v1.HeartbeatRequest.capabilities:type_name -> stowage.v1.HostCapabilities
+	59,  // 4: stowage.v1.HeartbeatResponse.state:type_name -> stowage.v1.HostState
 	7,   // 5: stowage.v1.HeartbeatResponse.stores:type_name -> stowage.v1.StoreAssignment
 	10,  // 6: stowage.v1.HeartbeatResponse.template_cache:type_name -> stowage.v1.TemplateCacheSpec
-	58,  // 7: stowage.v1.TemplateCacheSpec.templates:type_name -> stowage.v1.CacheSpec
-	15,  // 8: stowage.v1.RunTaskRequest.task:type_name -> stowage.v1.Task
-	52,  // 9: stowage.v1.RunTaskResponse.result:type_name -> stowage.v1.TaskResult
-	52,  // 10: stowage.v1.GetTaskResponse.result:type_name -> stowage.v1.TaskResult
-	23,  // 11: stowage.v1.Task.prepare_store:type_name -> stowage.v1.PrepareStoreStep
-	24,  // 12: stowage.v1.Task.probe_store:type_name -> stowage.v1.ProbeStoreStep
-	25,  // 13: stowage.v1.Task.release_store:type_name -> stowage.v1.ReleaseStoreStep
-	28,  // 14: stowage.v1.Task.create_image:type_name -> stowage.v1.CreateImageStep
-	29,  // 15: stowage.v1.Task.delete_object:type_name -> stowage.v1.DeleteObjectStep
-	30,  // 16: stowage.v1.Task.list_objects:type_name -> stowage.v1.ListObjectsStep
-	31,  // 17: stowage.v1.Task.stat_object:type_name -> stowage.v1.StatObjectStep
-	32,  // 18: stowage.v1.Task.fetch_image:type_name -> stowage.v1.FetchImageStep
-	33,  // 19: stowage.v1.Task.copy_image:type_name -> stowage.v1.CopyImageStep
-	34,  // 20: stowage.v1.Task.clone_image:type_name -> stowage.v1.CloneImageStep
-	35,  // 21: stowage.v1.Task.inspect_image:type_name -> stowage.v1.InspectImageStep
-	36,  // 22: stowage.v1.Task.resize_image:type_name -> stowage.v1.ResizeImageStep
-	37,  // 23: stowage.v1.Task.snapshot_image:type_name -> stowage.v1.SnapshotImageStep
-	38,  // 24: stowage.v1.Task.revert_image:type_name -> stowage.v1.RevertImageStep
-	39,  // 25: stowage.v1.Task.rebase_image:type_name -> stowage.v1.RebaseImageStep
-	40,  // 26: stowage.v1.Task.backup_image:type_name -> stowage.v1.BackupImageStep
-	41,  // 27: stowage.v1.Task.restore_image:type_name -> stowage.v1.RestoreImageStep
-	42,  // 28: stowage.v1.Task.delete_backup:type_name -> stowage.v1.DeleteBackupStep
-	43,  // 29: stowage.v1.Task.export:type_name -> stowage.v1.ExportStep
-	44,  // 30: stowage.v1.Task.unexport:type_name -> stowage.v1.UnexportStep
-	45,  // 31: stowage.v1.Task.export_nbd:type_name -> stowage.v1.ExportNbdStep
-	46,  // 32: stowage.v1.Task.unexport_nbd:type_name -> stowage.v1.UnexportNbdStep
-	19,  // 33: stowage.v1.Task.ensure_iscsi_target:type_name -> stowage.v1.IscsiTargetStep
-	19,  // 34: stowage.v1.Task.delete_iscsi_target:type_name -> stowage.v1.IscsiTargetStep
-	20,  // 35: stowage.v1.Task.create_lun:type_name -> stowage.v1.LunStep
-	20,  // 36: stowage.v1.Task.delete_lun:type_name -> stowage.v1.LunStep
-	20,  // 37: stowage.v1.Task.resize_lun:type_name -> stowage.v1.LunStep
-	19,  // 38: stowage.v1.Task.list_luns:type_name -> stowage.v1.IscsiTargetStep
-	16,  // 39: stowage.v1.Task.connect_lun:type_name -> stowage.v1.ConnectLunStep
-	16,  // 40: stowage.v1.Task.disconnect_lun:type_name -> stowage.v1.ConnectLunStep
-	18,  // 41: stowage.v1.IscsiTarget.initiators:type_name -> stowage.v1.IscsiInitiator
-	17,  // 42: stowage.v1.IscsiTargetStep.target:type_name -> stowage.v1.IscsiTarget
-	17,  // 43: stowage.v1.LunStep.target:type_name -> stowage.v1.IscsiTarget
-	21,  // 44: stowage.v1.LunList.luns:type_name -> stowage.v1.LunInfo
-	54,  // 45: stowage.v1.ChunkStoreRef.secret:type_name -> stowage.v1.ChunkStoreRef.SecretEntry
-	26,  // 46: stowage.v1.CreateImageStep.ref:type_name -> stowage.v1.ObjectRef
-	59,  // 47: stowage.v1.CreateImageStep.format:type_name -> stowage.v1.ImageFormat
-	26,  // 48: stowage.v1.DeleteObjectStep.ref:type_name -> stowage.v1.ObjectRef
-	26,  // 49: stowage.v1.ListObjectsStep.dir:type_name -> stowage.v1.ObjectRef
-	26,  // 50: stowage.v1.StatObjectStep.ref:type_name -> stowage.v1.ObjectRef
-	26,  // 51: stowage.v1.FetchImageStep.dest:type_name -> stowage.v1.ObjectRef
-	59,  // 52: stowage.v1.FetchImageStep.format:type_name -> stowage.v1.ImageFormat
-	26,  // 53: stowage.v1.CopyImageStep.dest:type_name -> stowage.v1.ObjectRef
-	59,  // 54: stowage.v1.CopyImageStep.format:type_name -> stowage.v1.ImageFormat
-	59,  // 55: stowage.v1.CopyImageStep.source_format:type_name -> stowage.v1.ImageFormat
-	26,  // 56: stowage.v1.CloneImageStep.base:type_name -> stowage.v1.ObjectRef
-	26,  // 57: stowage.v1.CloneImageStep.dest:type_name -> stowage.v1.ObjectRef
-	0,   // 58: stowage.v1.CloneImageStep.mode:type_name -> stowage.v1.CloneMode
-	59,  // 59: stowage.v1.CloneImageStep.format:type_name -> stowage.v1.ImageFormat
-	59,  // 60: stowage.v1.CloneImageStep.base_format:type_name -> stowage.v1.ImageFormat
-	26,  // 61: stowage.v1.InspectImageStep.ref:type_name -> stowage.v1.ObjectRef
-	59,  // 62: stowage.v1.InspectImageStep.format:type_name -> stowage.v1.ImageFormat
-	26,  // 63: stowage.v1.ResizeImageStep.ref:type_name -> stowage.v1.ObjectRef
-	59,  // 64: stowage.v1.ResizeImageStep.format:type_name -> stowage.v1.ImageFormat
-	26,  // 65: stowage.v1.SnapshotImageStep.volume:type_name -> stowage.v1.ObjectRef
-	26,  // 66: stowage.v1.SnapshotImageStep.snapshot:type_name -> stowage.v1.ObjectRef
-	59,  // 67: stowage.v1.SnapshotImageStep.format:type_name -> stowage.v1.ImageFormat
-	26,  // 68: stowage.v1.RevertImageStep.volume:type_name -> stowage.v1.ObjectRef
-	26,  // 69: stowage.v1.RevertImageStep.snapshot:type_name -> stowage.v1.ObjectRef
-	59,  // 70: stowage.v1.RevertImageStep.format:type_name -> stowage.v1.ImageFormat
-	26,  // 71: stowage.v1.RebaseImageStep.ref:type_name -> stowage.v1.ObjectRef
-	26,  // 72: stowage.v1.RebaseImageStep.new_backing:type_name -> stowage.v1.ObjectRef
-	59,  // 73: stowage.v1.RebaseImageStep.backing_format:type_name -> stowage.v1.ImageFormat
-	26,  // 74: stowage.v1.BackupImageStep.source:type_name -> stowage.v1.ObjectRef
-	27,  // 75: stowage.v1.BackupImageStep.chunks:type_name -> stowage.v1.ChunkStoreRef
-	59,  // 76: stowage.v1.BackupImageStep.source_format:type_name -> stowage.v1.ImageFormat
-	27,  // 77: stowage.v1.RestoreImageStep.chunks:type_name -> stowage.v1.ChunkStoreRef
-	26,  // 78: stowage.v1.RestoreImageStep.dest:type_name -> stowage.v1.ObjectRef
-	59,  // 79: stowage.v1.RestoreImageStep.format:type_name -> stowage.v1.ImageFormat
-	27,  // 80: stowage.v1.DeleteBackupStep.chunks:type_name -> stowage.v1.ChunkStoreRef
-	26,  // 81: stowage.v1.ExportStep.ref:type_name -> stowage.v1.ObjectRef
-	26,  // 82: stowage.v1.ExportNbdStep.ref:type_name -> stowage.v1.ObjectRef
-	59,  // 83: stowage.v1.ExportNbdStep.format:type_name -> stowage.v1.ImageFormat
-	59,  // 84: stowage.v1.ImageInfo.format:type_name -> stowage.v1.ImageFormat
-	47,  // 85: stowage.v1.SnapshotInfo.snapshot:type_name -> stowage.v1.ImageInfo
-	47,  // 86: stowage.v1.SnapshotInfo.volume:type_name -> stowage.v1.ImageInfo
-	60,  // 87: stowage.v1.FileInfo.modified_at:type_name -> google.protobuf.Timestamp
-	59,  // 88: stowage.v1.FileInfo.format:type_name -> stowage.v1.ImageFormat
-	51,  // 89: stowage.v1.TaskResult.probe:type_name -> stowage.v1.StoreProbe
-	50,  // 90: stowage.v1.TaskResult.file:type_name -> stowage.v1.FileInfo
-	53,  // 91: stowage.v1.TaskResult.files:type_name -> stowage.v1.FileList
-	47,  // 92: stowage.v1.TaskResult.image:type_name -> stowage.v1.ImageInfo
-	48,  // 93: stowage.v1.TaskResult.snapshot:type_name -> stowage.v1.SnapshotInfo
-	49,  // 94: stowage.v1.TaskResult.backup:type_name -> stowage.v1.BackupInfo
-	21,  // 95: stowage.v1.TaskResult.lun:type_name -> stowage.v1.LunInfo
-	22,  // 96: stowage.v1.TaskResult.luns:type_name -> stowage.v1.LunList
-	50,  // 97: stowage.v1.FileList.files:type_name -> stowage.v1.FileInfo
-	1,   // 98: stowage.v1.AgentControlService.Join:input_type -> stowage.v1.JoinRequest
-	5,   // 99: stowage.v1.AgentControlService.Register:input_type -> stowage.v1.RegisterRequest
-	8,   // 100: stowage.v1.AgentControlService.Heartbeat:input_type -> stowage.v1.HeartbeatRequest
-	3,   // 101: stowage.v1.AgentControlService.Renew:input_type -> stowage.v1.RenewRequest
-	11,  // 102: stowage.v1.AgentService.RunTask:input_type -> stowage.v1.RunTaskRequest
-	13,  // 103: stowage.v1.AgentService.GetTask:input_type -> stowage.v1.GetTaskRequest
-	2,   // 104: stowage.v1.AgentControlService.Join:output_type -> stowage.v1.JoinResponse
-	6,   // 105: stowage.v1.AgentControlService.Register:output_type -> stowage.v1.RegisterResponse
-	9,   // 106: stowage.v1.AgentControlService.Heartbeat:output_type -> stowage.v1.HeartbeatResponse
-	4,   // 107: stowage.v1.AgentControlService.Renew:output_type -> stowage.v1.RenewResponse
-	12,  // 108: stowage.v1.AgentService.RunTask:output_type -> stowage.v1.RunTaskResponse
-	14,  // 109: stowage.v1.AgentService.GetTask:output_type -> stowage.v1.GetTaskResponse
-	104, // [104:110] is the sub-list for method output_type
-	98,  // [98:104] is the sub-list for method input_type
-	98,  // [98:98] is the sub-list for extension type_name
-	98,  // [98:98] is the sub-list for extension extendee
-	0,   // [0:98] is the sub-list for field type_name
+	60,  // 7: stowage.v1.TemplateCacheSpec.templates:type_name -> stowage.v1.CacheSpec
+	17,  // 8: stowage.v1.RunTaskRequest.task:type_name -> stowage.v1.Task
+	54,  // 9: stowage.v1.RunTaskResponse.result:type_name -> stowage.v1.TaskResult
+	54,  // 10: stowage.v1.GetTaskResponse.result:type_name -> stowage.v1.TaskResult
+	54,  // 11: stowage.v1.CancelTaskResponse.result:type_name -> stowage.v1.TaskResult
+	25,  // 12: stowage.v1.Task.prepare_store:type_name -> stowage.v1.PrepareStoreStep
+	26,  // 13: stowage.v1.Task.probe_store:type_name -> stowage.v1.ProbeStoreStep
+	27,  // 14: stowage.v1.Task.release_store:type_name -> stowage.v1.ReleaseStoreStep
+	30,  // 15: stowage.v1.Task.create_image:type_name -> stowage.v1.CreateImageStep
+	31,  // 16: stowage.v1.Task.delete_object:type_name -> stowage.v1.DeleteObjectStep
+	32,  // 17: stowage.v1.Task.list_objects:type_name -> stowage.v1.ListObjectsStep
+	33,  // 18: stowage.v1.Task.stat_object:type_name -> stowage.v1.StatObjectStep
+	34,  // 19: stowage.v1.Task.fetch_image:type_name -> stowage.v1.FetchImageStep
+	35,  // 20: stowage.v1.Task.copy_image:type_name -> stowage.v1.CopyImageStep
+	36,  // 21: stowage.v1.Task.clone_image:type_name -> stowage.v1.CloneImageStep
+	37,  // 22: stowage.v1.Task.inspect_image:type_name -> stowage.v1.InspectImageStep
+	38,  // 23: stowage.v1.Task.resize_image:type_name -> stowage.v1.ResizeImageStep
+	39,  // 24: stowage.v1.Task.snapshot_image:type_name -> stowage.v1.SnapshotImageStep
+	40,  // 25: stowage.v1.Task.revert_image:type_name -> stowage.v1.RevertImageStep
+	41,  // 26: stowage.v1.Task.rebase_image:type_name -> stowage.v1.RebaseImageStep
+	42,  // 27: stowage.v1.Task.backup_image:type_name -> stowage.v1.BackupImageStep
+	43,  // 28: stowage.v1.Task.restore_image:type_name -> stowage.v1.RestoreImageStep
+	44,  // 29: stowage.v1.Task.delete_backup:type_name -> stowage.v1.DeleteBackupStep
+	45,  // 30: stowage.v1.Task.export:type_name -> stowage.v1.ExportStep
+	46,  // 31: stowage.v1.Task.unexport:type_name -> stowage.v1.UnexportStep
+	47,  // 32: stowage.v1.Task.export_nbd:type_name -> stowage.v1.ExportNbdStep
+	48,  // 33: stowage.v1.Task.unexport_nbd:type_name -> stowage.v1.UnexportNbdStep
+	21,  // 34: stowage.v1.Task.ensure_iscsi_target:type_name -> stowage.v1.IscsiTargetStep
+	21,  // 35: stowage.v1.Task.delete_iscsi_target:type_name -> stowage.v1.IscsiTargetStep
+	22,  // 36: stowage.v1.Task.create_lun:type_name -> stowage.v1.LunStep
+	22,  // 37: stowage.v1.Task.delete_lun:type_name -> stowage.v1.LunStep
+	22,  // 38: stowage.v1.Task.resize_lun:type_name -> stowage.v1.LunStep
+	21,  // 39: stowage.v1.Task.list_luns:type_name -> stowage.v1.IscsiTargetStep
+	18,  // 40: stowage.v1.Task.connect_lun:type_name -> stowage.v1.ConnectLunStep
+	18,  // 41: stowage.v1.Task.disconnect_lun:type_name -> stowage.v1.ConnectLunStep
+	20,  // 42: stowage.v1.IscsiTarget.initiators:type_name -> stowage.v1.IscsiInitiator
+	19,  // 43: stowage.v1.IscsiTargetStep.target:type_name -> stowage.v1.IscsiTarget
+	19,  // 44: stowage.v1.LunStep.target:type_name -> stowage.v1.IscsiTarget
+	23,  // 45: stowage.v1.LunList.luns:type_name -> stowage.v1.LunInfo
+	56,  // 46: stowage.v1.ChunkStoreRef.secret:type_name -> stowage.v1.ChunkStoreRef.SecretEntry
+	28,  // 47: stowage.v1.CreateImageStep.ref:type_name -> stowage.v1.ObjectRef
+	61,  // 48: stowage.v1.CreateImageStep.format:type_name -> stowage.v1.ImageFormat
+	28,  // 49: stowage.v1.DeleteObjectStep.ref:type_name -> stowage.v1.ObjectRef
+	28,  // 50: stowage.v1.ListObjectsStep.dir:type_name -> stowage.v1.ObjectRef
+	28,  // 51: stowage.v1.StatObjectStep.ref:type_name -> stowage.v1.ObjectRef
+	28,  // 52: stowage.v1.FetchImageStep.dest:type_name -> stowage.v1.ObjectRef
+	61,  // 53: stowage.v1.FetchImageStep.format:type_name -> stowage.v1.ImageFormat
+	28,  // 54: stowage.v1.CopyImageStep.dest:type_name -> stowage.v1.ObjectRef
+	61,  // 55: stowage.v1.CopyImageStep.format:type_name -> stowage.v1.ImageFormat
+	61,  // 56: stowage.v1.CopyImageStep.source_format:type_name -> stowage.v1.ImageFormat
+	28,  // 57: stowage.v1.CloneImageStep.base:type_name -> stowage.v1.ObjectRef
+	28,  // 58: stowage.v1.CloneImageStep.dest:type_name -> stowage.v1.ObjectRef
+	0,   // 59: stowage.v1.CloneImageStep.mode:type_name -> stowage.v1.CloneMode
+	61,  // 60: stowage.v1.CloneImageStep.format:type_name -> stowage.v1.ImageFormat
+	61,  // 61: stowage.v1.CloneImageStep.base_format:type_name -> stowage.v1.ImageFormat
+	28,  // 62: stowage.v1.InspectImageStep.ref:type_name -> stowage.v1.ObjectRef
+	61,  // 63: stowage.v1.InspectImageStep.format:type_name -> stowage.v1.ImageFormat
+	28,  // 64: stowage.v1.ResizeImageStep.ref:type_name -> stowage.v1.ObjectRef
+	61,  // 65: stowage.v1.ResizeImageStep.format:type_name -> stowage.v1.ImageFormat
+	28,  // 66: stowage.v1.SnapshotImageStep.volume:type_name -> stowage.v1.ObjectRef
+	28,  // 67: stowage.v1.SnapshotImageStep.snapshot:type_name -> stowage.v1.ObjectRef
+	61,  // 68: stowage.v1.SnapshotImageStep.format:type_name -> stowage.v1.ImageFormat
+	28,  // 69: stowage.v1.RevertImageStep.volume:type_name -> stowage.v1.ObjectRef
+	28,  // 70: stowage.v1.RevertImageStep.snapshot:type_name -> stowage.v1.ObjectRef
+	61,  // 71: stowage.v1.RevertImageStep.format:type_name -> stowage.v1.ImageFormat
+	28,  // 72: stowage.v1.RebaseImageStep.ref:type_name -> stowage.v1.ObjectRef
+	28,  // 73: stowage.v1.RebaseImageStep.new_backing:type_name -> stowage.v1.ObjectRef
+	61,  // 74: stowage.v1.RebaseImageStep.backing_format:type_name -> stowage.v1.ImageFormat
+	28,  // 75: stowage.v1.BackupImageStep.source:type_name -> stowage.v1.ObjectRef
+	29,  // 76: stowage.v1.BackupImageStep.chunks:type_name -> stowage.v1.ChunkStoreRef
+	61,  // 77: stowage.v1.BackupImageStep.source_format:type_name -> stowage.v1.ImageFormat
+	29,  // 78: stowage.v1.RestoreImageStep.chunks:type_name -> stowage.v1.ChunkStoreRef
+	28,  // 79: stowage.v1.RestoreImageStep.dest:type_name -> stowage.v1.ObjectRef
+	61,  // 80: stowage.v1.RestoreImageStep.format:type_name -> stowage.v1.ImageFormat
+	29,  // 81: stowage.v1.DeleteBackupStep.chunks:type_name -> stowage.v1.ChunkStoreRef
+	28,  // 82: stowage.v1.ExportStep.ref:type_name -> stowage.v1.ObjectRef
+	28,  // 83: stowage.v1.ExportNbdStep.ref:type_name -> stowage.v1.ObjectRef
+	61,  // 84: stowage.v1.ExportNbdStep.format:type_name -> stowage.v1.ImageFormat
+	61,  // 85: stowage.v1.ImageInfo.format:type_name -> stowage.v1.ImageFormat
+	49,  // 86: stowage.v1.SnapshotInfo.snapshot:type_name -> stowage.v1.ImageInfo
+	49,  // 87: stowage.v1.SnapshotInfo.volume:type_name -> stowage.v1.ImageInfo
+	62,  // 88: stowage.v1.FileInfo.modified_at:type_name -> google.protobuf.Timestamp
+	61,  // 89: stowage.v1.FileInfo.format:type_name -> stowage.v1.ImageFormat
+	53,  // 90: stowage.v1.TaskResult.probe:type_name -> stowage.v1.StoreProbe
+	52,  // 91: stowage.v1.TaskResult.file:type_name -> stowage.v1.FileInfo
+	55,  // 92: stowage.v1.TaskResult.files:type_name -> stowage.v1.FileList
+	49,  // 93: stowage.v1.TaskResult.image:type_name -> stowage.v1.ImageInfo
+	50,  // 94: stowage.v1.TaskResult.snapshot:type_name -> stowage.v1.SnapshotInfo
+	51,  // 95: stowage.v1.TaskResult.backup:type_name -> stowage.v1.BackupInfo
+	23,  // 96: stowage.v1.TaskResult.lun:type_name -> stowage.v1.LunInfo
+	24,  // 97: stowage.v1.TaskResult.luns:type_name -> stowage.v1.LunList
+	52,  // 98: stowage.v1.FileList.files:type_name -> stowage.v1.FileInfo
+	1,   // 99: stowage.v1.AgentControlService.Join:input_type -> stowage.v1.JoinRequest
+	5,   // 100: stowage.v1.AgentControlService.Register:input_type -> stowage.v1.RegisterRequest
+	8,   // 101: stowage.v1.AgentControlService.Heartbeat:input_type -> stowage.v1.HeartbeatRequest
+	3,   // 102: stowage.v1.AgentControlService.Renew:input_type -> stowage.v1.RenewRequest
+	11,  // 103: stowage.v1.AgentService.RunTask:input_type -> stowage.v1.RunTaskRequest
+	13,  // 104: stowage.v1.AgentService.GetTask:input_type -> stowage.v1.GetTaskRequest
+	15,  // 105: stowage.v1.AgentService.CancelTask:input_type -> stowage.v1.CancelTaskRequest
+	2,   // 106: stowage.v1.AgentControlService.Join:output_type -> stowage.v1.JoinResponse
+	6,   // 107: stowage.v1.AgentControlService.Register:output_type -> stowage.v1.RegisterResponse
+	9,   // 108: stowage.v1.AgentControlService.Heartbeat:output_type -> stowage.v1.HeartbeatResponse
+	4,   // 109: stowage.v1.AgentControlService.Renew:output_type -> stowage.v1.RenewResponse
+	12,  // 110: stowage.v1.AgentService.RunTask:output_type -> stowage.v1.RunTaskResponse
+	14,  // 111: stowage.v1.AgentService.GetTask:output_type -> stowage.v1.GetTaskResponse
+	16,  // 112: stowage.v1.AgentService.CancelTask:output_type -> stowage.v1.CancelTaskResponse
+	106, // [106:113] is the sub-list for method output_type
+	99,  // [99:106] is the sub-list for method input_type
+	99,  // [99:99] is the sub-list for extension type_name
+	99,  // [99:99] is the sub-list for extension extendee
+	0,   // [0:99] is the sub-list for field type_name
 }
 
 func init() { file_stowage_v1_agent_proto_init() }
@@ -4596,7 +4697,7 @@ func file_stowage_v1_agent_proto_init() {
 	}
 	file_stowage_v1_imagecache_proto_init()
 	file_stowage_v1_types_proto_init()
-	file_stowage_v1_agent_proto_msgTypes[14].OneofWrappers = []any{
+	file_stowage_v1_agent_proto_msgTypes[16].OneofWrappers = []any{
 		(*Task_PrepareStore)(nil),
 		(*Task_ProbeStore)(nil),
 		(*Task_ReleaseStore)(nil),
@@ -4628,7 +4729,7 @@ func file_stowage_v1_agent_proto_init() {
 		(*Task_ConnectLun)(nil),
 		(*Task_DisconnectLun)(nil),
 	}
-	file_stowage_v1_agent_proto_msgTypes[51].OneofWrappers = []any{
+	file_stowage_v1_agent_proto_msgTypes[53].OneofWrappers = []any{
 		(*TaskResult_Probe)(nil),
 		(*TaskResult_File)(nil),
 		(*TaskResult_Files)(nil),
@@ -4645,7 +4746,7 @@ func file_stowage_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_stowage_v1_agent_proto_rawDesc), len(file_stowage_v1_agent_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   54,
+			NumMessages:   56,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

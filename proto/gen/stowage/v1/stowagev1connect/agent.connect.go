@@ -51,6 +51,8 @@ const (
 	AgentServiceRunTaskProcedure = "/stowage.v1.AgentService/RunTask"
 	// AgentServiceGetTaskProcedure is the fully-qualified name of the AgentService's GetTask RPC.
 	AgentServiceGetTaskProcedure = "/stowage.v1.AgentService/GetTask"
+	// AgentServiceCancelTaskProcedure is the fully-qualified name of the AgentService's CancelTask RPC.
+	AgentServiceCancelTaskProcedure = "/stowage.v1.AgentService/CancelTask"
 )
 
 // AgentControlServiceClient is a client for the stowage.v1.AgentControlService service.
@@ -212,6 +214,15 @@ type AgentServiceClient interface {
 	// GetTask returns the journalled result of a finished task, the progress
 	// of a running one (done false, bytes_done, bytes_total), or NotFound.
 	GetTask(context.Context, *connect.Request[v1.GetTaskRequest]) (*connect.Response[v1.GetTaskResponse], error)
+	// CancelTask stops a running task (`stowage job cancel` reaching the
+	// host): its context is cancelled, its step stops and removes its staged
+	// output (it never publishes it), and its journalled result is
+	// error_class "context canceled". It returns once the task has ended, or
+	// when the call's deadline passes. An id the agent does not run is
+	// journalled as cancelled, so a RunTask with it that arrives later does
+	// not start; a task already finished keeps its result. Neither is an
+	// error.
+	CancelTask(context.Context, *connect.Request[v1.CancelTaskRequest]) (*connect.Response[v1.CancelTaskResponse], error)
 }
 
 // NewAgentServiceClient constructs a client for the stowage.v1.AgentService service. By default, it
@@ -237,13 +248,20 @@ func NewAgentServiceClient(httpClient connect.HTTPClient, baseURL string, opts .
 			connect.WithSchema(agentServiceMethods.ByName("GetTask")),
 			connect.WithClientOptions(opts...),
 		),
+		cancelTask: connect.NewClient[v1.CancelTaskRequest, v1.CancelTaskResponse](
+			httpClient,
+			baseURL+AgentServiceCancelTaskProcedure,
+			connect.WithSchema(agentServiceMethods.ByName("CancelTask")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
 // agentServiceClient implements AgentServiceClient.
 type agentServiceClient struct {
-	runTask *connect.Client[v1.RunTaskRequest, v1.RunTaskResponse]
-	getTask *connect.Client[v1.GetTaskRequest, v1.GetTaskResponse]
+	runTask    *connect.Client[v1.RunTaskRequest, v1.RunTaskResponse]
+	getTask    *connect.Client[v1.GetTaskRequest, v1.GetTaskResponse]
+	cancelTask *connect.Client[v1.CancelTaskRequest, v1.CancelTaskResponse]
 }
 
 // RunTask calls stowage.v1.AgentService.RunTask.
@@ -254,6 +272,11 @@ func (c *agentServiceClient) RunTask(ctx context.Context, req *connect.Request[v
 // GetTask calls stowage.v1.AgentService.GetTask.
 func (c *agentServiceClient) GetTask(ctx context.Context, req *connect.Request[v1.GetTaskRequest]) (*connect.Response[v1.GetTaskResponse], error) {
 	return c.getTask.CallUnary(ctx, req)
+}
+
+// CancelTask calls stowage.v1.AgentService.CancelTask.
+func (c *agentServiceClient) CancelTask(ctx context.Context, req *connect.Request[v1.CancelTaskRequest]) (*connect.Response[v1.CancelTaskResponse], error) {
+	return c.cancelTask.CallUnary(ctx, req)
 }
 
 // AgentServiceHandler is an implementation of the stowage.v1.AgentService service.
@@ -267,6 +290,15 @@ type AgentServiceHandler interface {
 	// GetTask returns the journalled result of a finished task, the progress
 	// of a running one (done false, bytes_done, bytes_total), or NotFound.
 	GetTask(context.Context, *connect.Request[v1.GetTaskRequest]) (*connect.Response[v1.GetTaskResponse], error)
+	// CancelTask stops a running task (`stowage job cancel` reaching the
+	// host): its context is cancelled, its step stops and removes its staged
+	// output (it never publishes it), and its journalled result is
+	// error_class "context canceled". It returns once the task has ended, or
+	// when the call's deadline passes. An id the agent does not run is
+	// journalled as cancelled, so a RunTask with it that arrives later does
+	// not start; a task already finished keeps its result. Neither is an
+	// error.
+	CancelTask(context.Context, *connect.Request[v1.CancelTaskRequest]) (*connect.Response[v1.CancelTaskResponse], error)
 }
 
 // NewAgentServiceHandler builds an HTTP handler from the service implementation. It returns the
@@ -288,12 +320,20 @@ func NewAgentServiceHandler(svc AgentServiceHandler, opts ...connect.HandlerOpti
 		connect.WithSchema(agentServiceMethods.ByName("GetTask")),
 		connect.WithHandlerOptions(opts...),
 	)
+	agentServiceCancelTaskHandler := connect.NewUnaryHandler(
+		AgentServiceCancelTaskProcedure,
+		svc.CancelTask,
+		connect.WithSchema(agentServiceMethods.ByName("CancelTask")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/stowage.v1.AgentService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case AgentServiceRunTaskProcedure:
 			agentServiceRunTaskHandler.ServeHTTP(w, r)
 		case AgentServiceGetTaskProcedure:
 			agentServiceGetTaskHandler.ServeHTTP(w, r)
+		case AgentServiceCancelTaskProcedure:
+			agentServiceCancelTaskHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -309,4 +349,8 @@ func (UnimplementedAgentServiceHandler) RunTask(context.Context, *connect.Reques
 
 func (UnimplementedAgentServiceHandler) GetTask(context.Context, *connect.Request[v1.GetTaskRequest]) (*connect.Response[v1.GetTaskResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("stowage.v1.AgentService.GetTask is not implemented"))
+}
+
+func (UnimplementedAgentServiceHandler) CancelTask(context.Context, *connect.Request[v1.CancelTaskRequest]) (*connect.Response[v1.CancelTaskResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("stowage.v1.AgentService.CancelTask is not implemented"))
 }
