@@ -4,11 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/url"
 	"os"
 	"path"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -51,6 +53,7 @@ type LocalHost struct {
 	luns      LUNManager
 	lunIO     LUNIO
 	connector Connector
+	swept     sync.Map // store id + root -> swept at start (sweepOnce)
 	// scratch is a private directory for copies of LUNs being backed up
 	// (the agent's state dir/scratch).
 	scratch string
@@ -124,7 +127,19 @@ func (h *LocalHost) ProbeStore(ctx context.Context, root hostops.StoreRoot) (hos
 		return hostops.StoreProbe{}, err
 	}
 	h.res.Serve(root.ID, root.Path)
+	h.sweepOnce(ctx, root)
 	return probeOf(p), nil
+}
+
+// sweepOnce removes, the first time this agent serves a store, the stages a
+// crash of an earlier run left in it (hostfs.SweepStages).
+func (h *LocalHost) sweepOnce(ctx context.Context, root hostops.StoreRoot) {
+	if _, done := h.swept.LoadOrStore(root.ID+"\x00"+root.Path, true); done {
+		return
+	}
+	if removed := h.fs.SweepStages(ctx, root.Path); len(removed) > 0 {
+		slog.Info("removed what interrupted steps left in a store", "store", root.ID, "files", len(removed))
+	}
 }
 
 // ReleaseStore implements hostops.Stores.
