@@ -33,6 +33,7 @@ type crashWorld struct {
 	root, addr, server string
 	ctl, h1, h2        *proc
 	ctlHTTP, h1HTTP    string // gofail's HTTP endpoints
+	h1Listen           string // the agent's address, the same across restarts
 	a                  *clientAPI
 	img, p1, p2        *stowagev1.DataStore
 	tmpl               string
@@ -54,7 +55,7 @@ func (w *crashWorld) startController() {
 }
 
 func (w *crashWorld) startAgent() {
-	w.h1 = agentProcEnv(w.t, []string{"GOFAIL_HTTP=" + w.h1HTTP}, w.server, "h1", "z1", "c1", filepath.Join(w.root, "a1"))
+	w.h1 = agentProcEnv(w.t, []string{"GOFAIL_HTTP=" + w.h1HTTP}, w.server, "h1", "z1", "c1", filepath.Join(w.root, "a1"), "--listen", w.h1Listen)
 	waitFor(w.t, "h1 Up", 30*time.Second, func() bool { return hostState(w.t, w.server, "h1") == "HOST_STATE_UP" })
 }
 
@@ -290,7 +291,7 @@ func TestCrashMatrix(t *testing.T) {
 	web, qcow := patternedQcow2(t, root, "write -P 0x44 8M 2M")
 	origin := httptest.NewServer(http.StripPrefix("/t/", http.FileServer(http.Dir(web))))
 	defer origin.Close()
-	w := &crashWorld{t: t, root: root, addr: freePort(t), ctlHTTP: freeAddr(t), h1HTTP: freeAddr(t)}
+	w := &crashWorld{t: t, root: root, addr: freePort(t), ctlHTTP: freeAddr(t), h1HTTP: freeAddr(t), h1Listen: freeAddr(t)}
 	w.server = "https://" + w.addr
 	w.startController()
 	w.startAgent()
