@@ -112,8 +112,8 @@ func NewRemote(hostID, baseURL string, hc connect.HTTPClient, opts ...Option) *R
 		hc = http.DefaultClient
 	}
 	e := &Remote{
-		hostID:   hostID,
-		client:   stowagev1connect.NewAgentServiceClient(hc, baseURL),
+		hostID: hostID,
+		client: stowagev1connect.NewAgentServiceClient(hc, baseURL),
 		// An agent restarting (its host rebooting, a crash, an upgrade) is
 		// waited for about 13 s: 0.25+0.5+1+2+4+5 s between attempts.
 		attempts: 7,
