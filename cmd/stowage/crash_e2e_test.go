@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"syscall"
@@ -33,7 +34,8 @@ type crashWorld struct {
 	root, addr, server string
 	ctl, h1, h2        *proc
 	ctlHTTP, h1HTTP    string // gofail's HTTP endpoints
-	h1Listen           string // the agent's address, the same across restarts
+	h2HTTP             string
+	h1Listen, h2Listen string // the agents' addresses, the same across restarts
 	a                  *clientAPI
 	img, p1, p2        *stowagev1.DataStore
 	tmpl               string
@@ -57,6 +59,11 @@ func (w *crashWorld) startController() {
 func (w *crashWorld) startAgent() {
 	w.h1 = agentProcEnv(w.t, []string{"GOFAIL_HTTP=" + w.h1HTTP}, w.server, "h1", "z1", "c1", filepath.Join(w.root, "a1"), "--listen", w.h1Listen)
 	waitFor(w.t, "h1 Up", 30*time.Second, func() bool { return hostState(w.t, w.server, "h1") == "HOST_STATE_UP" })
+}
+
+func (w *crashWorld) startAgent2() {
+	w.h2 = agentProcEnv(w.t, []string{"GOFAIL_HTTP=" + w.h2HTTP}, w.server, "h2", "z1", "c1", filepath.Join(w.root, "a2"), "--listen", w.h2Listen)
+	waitFor(w.t, "h2 Up", 30*time.Second, func() bool { return hostState(w.t, w.server, "h2") == "HOST_STATE_UP" })
 }
 
 // arm sets a failpoint of a process to kill it the first time it is hit.
@@ -99,6 +106,7 @@ func (w *crashWorld) workflows() map[string]func() func() *stowagev1.Job {
 			return func() *stowagev1.Job {
 				cv, err := a.volumes.CreateVolume(ctx, connect.NewRequest(&stowagev1.CreateVolumeRequest{Name: name("full"), TemplateId: w.tmpl, StoreId: w.p1.GetId(), Strategy: "full"}))
 				if err != nil {
+					w.t.Logf("starting the workflow: %v", err)
 					return nil // the process died answering: the job is found afterwards
 				}
 				return cv.Msg.GetJob()
@@ -108,6 +116,7 @@ func (w *crashWorld) workflows() map[string]func() func() *stowagev1.Job {
 			return func() *stowagev1.Job {
 				cv, err := a.volumes.CreateVolume(ctx, connect.NewRequest(&stowagev1.CreateVolumeRequest{Name: name("linked"), TemplateId: w.tmpl, StoreId: w.p1.GetId(), Strategy: "linked"}))
 				if err != nil {
+					w.t.Logf("starting the workflow: %v", err)
 					return nil // the process died answering: the job is found afterwards
 				}
 				return cv.Msg.GetJob()
@@ -118,6 +127,7 @@ func (w *crashWorld) workflows() map[string]func() func() *stowagev1.Job {
 			return func() *stowagev1.Job {
 				ts, err := a.snapshots.TakeSnapshot(ctx, connect.NewRequest(&stowagev1.TakeSnapshotRequest{VolumeId: v.GetId(), Name: "s"}))
 				if err != nil {
+					w.t.Logf("starting the workflow: %v", err)
 					return nil // the process died answering: the job is found afterwards
 				}
 				return ts.Msg.GetJob()
@@ -133,6 +143,7 @@ func (w *crashWorld) workflows() map[string]func() func() *stowagev1.Job {
 			return func() *stowagev1.Job {
 				bs, err := a.snapshots.BackupSnapshot(ctx, connect.NewRequest(&stowagev1.BackupSnapshotRequest{Id: ts.Msg.GetSnapshot().GetId()}))
 				if err != nil {
+					w.t.Logf("starting the workflow: %v", err)
 					return nil // the process died answering: the job is found afterwards
 				}
 				return bs.Msg.GetJob()
@@ -143,6 +154,7 @@ func (w *crashWorld) workflows() map[string]func() func() *stowagev1.Job {
 			return func() *stowagev1.Job {
 				mg, err := a.volumes.MigrateVolume(ctx, connect.NewRequest(&stowagev1.MigrateVolumeRequest{Id: v.GetId(), StoreId: w.p2.GetId()}))
 				if err != nil {
+					w.t.Logf("starting the workflow: %v", err)
 					return nil // the process died answering: the job is found afterwards
 				}
 				return mg.Msg.GetJob()
@@ -153,9 +165,64 @@ func (w *crashWorld) workflows() map[string]func() func() *stowagev1.Job {
 			return func() *stowagev1.Job {
 				rs, err := a.volumes.ResizeVolume(ctx, connect.NewRequest(&stowagev1.ResizeVolumeRequest{Id: v.GetId(), Size: 96 << 20}))
 				if err != nil {
+					w.t.Logf("starting the workflow: %v", err)
 					return nil // the process died answering: the job is found afterwards
 				}
 				return rs.Msg.GetJob()
+			}
+		},
+		"snapshot revert": func() func() *stowagev1.Job {
+			v := vol(name("revv"), stowagev1.ImageFormat_IMAGE_FORMAT_QCOW2, "linked", w.p1)
+			ts, err := a.snapshots.TakeSnapshot(ctx, connect.NewRequest(&stowagev1.TakeSnapshotRequest{VolumeId: v.GetId(), Name: "s"}))
+			if err != nil {
+				w.t.Fatal(err)
+			}
+			mustSucceed(w.t, a, ts.Msg.GetJob())
+			return func() *stowagev1.Job {
+				rv, err := a.snapshots.RevertSnapshot(ctx, connect.NewRequest(&stowagev1.RevertSnapshotRequest{Id: ts.Msg.GetSnapshot().GetId()}))
+				if err != nil {
+					w.t.Logf("starting the workflow: %v", err)
+					return nil // the process died answering: the job is found afterwards
+				}
+				return rv.Msg.GetJob()
+			}
+		},
+		"template from volume": func() func() *stowagev1.Job {
+			v := vol(name("tplv"), stowagev1.ImageFormat_IMAGE_FORMAT_QCOW2, "linked", w.p1)
+			return func() *stowagev1.Job {
+				ct, err := a.images.CreateTemplate(ctx, connect.NewRequest(&stowagev1.CreateTemplateRequest{Name: name("tpl"),
+					Source: &stowagev1.CreateTemplateRequest_VolumeId{VolumeId: v.GetId()}}))
+				if err != nil {
+					w.t.Logf("starting the workflow: %v", err)
+					return nil // the process died answering: the job is found afterwards
+				}
+				return ct.Msg.GetJob()
+			}
+		},
+		"volume from backup": func() func() *stowagev1.Job {
+			v := vol(name("rstv"), stowagev1.ImageFormat_IMAGE_FORMAT_QCOW2, "linked", w.p1)
+			ts, err := a.snapshots.TakeSnapshot(ctx, connect.NewRequest(&stowagev1.TakeSnapshotRequest{VolumeId: v.GetId(), Name: "s"}))
+			if err != nil {
+				w.t.Fatal(err)
+			}
+			mustSucceed(w.t, a, ts.Msg.GetJob())
+			bs, err := a.snapshots.BackupSnapshot(ctx, connect.NewRequest(&stowagev1.BackupSnapshotRequest{Id: ts.Msg.GetSnapshot().GetId()}))
+			if err != nil {
+				w.t.Fatal(err)
+			}
+			mustSucceed(w.t, a, bs.Msg.GetJob())
+			dv, err := a.volumes.DeleteVolume(ctx, connect.NewRequest(&stowagev1.DeleteVolumeRequest{Id: v.GetId()}))
+			if err != nil {
+				w.t.Fatal(err)
+			}
+			mustSucceed(w.t, a, dv.Msg.GetJob())
+			return func() *stowagev1.Job {
+				cv, err := a.volumes.CreateVolume(ctx, connect.NewRequest(&stowagev1.CreateVolumeRequest{Name: name("restored"), SnapshotId: ts.Msg.GetSnapshot().GetId(), StoreId: w.p1.GetId()}))
+				if err != nil {
+					w.t.Logf("starting the workflow: %v", err)
+					return nil // the process died answering: the job is found afterwards
+				}
+				return cv.Msg.GetJob()
 			}
 		},
 		"volume delete": func() func() *stowagev1.Job {
@@ -163,6 +230,7 @@ func (w *crashWorld) workflows() map[string]func() func() *stowagev1.Job {
 			return func() *stowagev1.Job {
 				dv, err := a.volumes.DeleteVolume(ctx, connect.NewRequest(&stowagev1.DeleteVolumeRequest{Id: v.GetId()}))
 				if err != nil {
+					w.t.Logf("starting the workflow: %v", err)
 					return nil // the process died answering: the job is found afterwards
 				}
 				return dv.Msg.GetJob()
@@ -291,12 +359,11 @@ func TestCrashMatrix(t *testing.T) {
 	web, qcow := patternedQcow2(t, root, "write -P 0x44 8M 2M")
 	origin := httptest.NewServer(http.StripPrefix("/t/", http.FileServer(http.Dir(web))))
 	defer origin.Close()
-	w := &crashWorld{t: t, root: root, addr: freePort(t), ctlHTTP: freeAddr(t), h1HTTP: freeAddr(t), h1Listen: freeAddr(t)}
+	w := &crashWorld{t: t, root: root, addr: freePort(t), ctlHTTP: freeAddr(t), h1HTTP: freeAddr(t), h2HTTP: freeAddr(t), h1Listen: freeAddr(t), h2Listen: freeAddr(t)}
 	w.server = "https://" + w.addr
 	w.startController()
 	w.startAgent()
-	w.h2 = agentProc(t, w.server, "h2", "z1", "c1", filepath.Join(root, "a2"))
-	waitFor(t, "h2 Up", 30*time.Second, func() bool { return hostState(t, w.server, "h2") == "HOST_STATE_UP" })
+	w.startAgent2()
 	w.a = newAPI(w.server)
 	w.img = addStore(t, w.a, "img", stowagev1.StoreRole_STORE_ROLE_IMAGE, filepath.Join(root, "img"), &stowagev1.Scope{Zone: "z1", Cluster: "c1", HostId: "h1"})
 	w.p1 = addStore(t, w.a, "p1", stowagev1.StoreRole_STORE_ROLE_PRIMARY, filepath.Join(root, "p1"), &stowagev1.Scope{Zone: "z1", Cluster: "c1", HostId: "h1"})
@@ -316,14 +383,16 @@ func TestCrashMatrix(t *testing.T) {
 			cells = append(cells, crashCell{wf, p, "controller"})
 		}
 		for _, p := range failpoint.Agent {
-			cells = append(cells, crashCell{wf, p, "agent h1"})
+			cells = append(cells, crashCell{wf, p, "agent h1"}, crashCell{wf, p, "agent h2"})
 		}
 	}
 	sort.Slice(cells, func(i, j int) bool {
 		a, b := cells[i], cells[j]
 		return a.workflow+a.point+a.process < b.workflow+b.point+b.process
 	})
-	if os.Getenv("STOWAGE_CRASH_MATRIX") != "all" {
+	if only := os.Getenv("STOWAGE_CRASH_ONLY"); only != "" {
+		cells = slices.DeleteFunc(cells, func(c crashCell) bool { return !strings.Contains(c.workflow+" "+c.point+" "+c.process, only) })
+	} else if os.Getenv("STOWAGE_CRASH_MATRIX") != "all" {
 		n := 6
 		fmt.Sscan(os.Getenv("STOWAGE_CRASH_SAMPLE"), &n)
 		head, _ := exec.Command("git", "rev-parse", "HEAD").Output()
@@ -339,8 +408,11 @@ func TestCrashMatrix(t *testing.T) {
 	failed := 0
 	for _, c := range cells {
 		endpoint, p := w.ctlHTTP, &w.ctl
-		if c.process != "controller" {
+		switch c.process {
+		case "agent h1":
 			endpoint, p = w.h1HTTP, &w.h1
+		case "agent h2":
+			endpoint, p = w.h2HTTP, &w.h2
 		}
 		start := flows[c.workflow]()
 		before := w.latestJob()
@@ -379,10 +451,13 @@ func TestCrashMatrix(t *testing.T) {
 			t.Errorf("%v: the process ended but not by SIGKILL: %v", c, (*p).cmd.ProcessState)
 		}
 		restarted := time.Now()
-		if c.process == "controller" {
+		switch c.process {
+		case "controller":
 			w.startController()
-		} else {
+		case "agent h1":
 			w.startAgent()
+		default:
+			w.startAgent2()
 		}
 		if job == nil {
 			// Killed while answering the call that started the job: it is
