@@ -218,14 +218,7 @@ func (s *Server) save() error {
 	}
 	s.mu.Unlock()
 	sort.Slice(st.Exports, func(i, j int) bool { return st.Exports[i].Token < st.Exports[j].Token })
-	b, err := json.MarshalIndent(st, "", "  ")
-	if err != nil {
-		return err
-	}
-	if err := os.MkdirAll(filepath.Dir(s.state), 0o700); err != nil {
-		return fmt.Errorf("exports: state file %s: %w", s.state, errors.Join(err, errdefs.ErrUnavailable))
-	}
-	if err := durable.WriteFile(s.state, b, 0o600); err != nil {
+	if err := durable.WriteJSON(s.state, st); err != nil {
 		return fmt.Errorf("exports: state file %s: %w", s.state, errors.Join(err, errdefs.ErrUnavailable))
 	}
 	return nil

@@ -206,14 +206,7 @@ func (s *Server) save() error {
 	}
 	s.mu.Unlock()
 	sort.Slice(st.Exports, func(i, j int) bool { return st.Exports[i].Name < st.Exports[j].Name })
-	b, err := json.MarshalIndent(st, "", "  ")
-	if err != nil {
-		return err
-	}
-	if err := os.MkdirAll(filepath.Dir(s.state), 0o700); err != nil {
-		return fmt.Errorf("nbd exports: state file %s: %w", s.state, errors.Join(err, errdefs.ErrUnavailable))
-	}
-	if err := durable.WriteFile(s.state, b, 0o600); err != nil {
+	if err := durable.WriteJSON(s.state, st); err != nil {
 		return fmt.Errorf("nbd exports: state file %s: %w", s.state, errors.Join(err, errdefs.ErrUnavailable))
 	}
 	return nil

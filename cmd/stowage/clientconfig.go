@@ -66,14 +66,7 @@ func readClientConfig(path string) (clientConfig, error) {
 
 // writeClientConfig writes c to path, 0600, replacing it atomically.
 func writeClientConfig(path string, c clientConfig) error {
-	b, err := json.MarshalIndent(c, "", "  ")
-	if err != nil {
-		return err
-	}
-	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
-		return fmt.Errorf("client configuration: %w", err)
-	}
-	if err := durable.WriteFile(path, append(b, '\n'), 0o600); err != nil {
+	if err := durable.WriteJSON(path, c); err != nil {
 		return fmt.Errorf("client configuration: %w", err)
 	}
 	return nil
