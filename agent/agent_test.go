@@ -26,6 +26,7 @@ import (
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
 	"github.com/stowage/stowage/hostops"
+	"github.com/stowage/stowage/internal/testenv"
 )
 
 // rig is an agent serving on loopback, a hostops.Remote talking to it,
@@ -39,7 +40,7 @@ type rig struct {
 func newRig(t *testing.T, opts ...agent.Option) rig {
 	t.Helper()
 	if _, err := exec.LookPath("qemu-img"); err != nil {
-		t.Skipf("qemu-img is not installed: %v", err)
+		testenv.Skipf(t, "qemu-img is not installed: %v", err)
 	}
 	x := exports.New()
 	base := t.TempDir()

@@ -15,16 +15,17 @@ import (
 
 	"github.com/stowage/stowage/datapath/imagecache"
 	"github.com/stowage/stowage/errdefs"
+	"github.com/stowage/stowage/internal/testenv"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 )
 
 func needRoot(t *testing.T) {
 	t.Helper()
 	if os.Geteuid() != 0 {
-		t.Skip("FUSE mounts need root")
+		testenv.Skip(t, "FUSE mounts need root")
 	}
 	if _, err := os.Stat("/dev/fuse"); err != nil {
-		t.Skip("no /dev/fuse")
+		testenv.Skip(t, "no /dev/fuse")
 	}
 }
 

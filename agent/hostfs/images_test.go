@@ -25,13 +25,14 @@ import (
 	"github.com/stowage/stowage/datapath/qemuimg"
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
+	"github.com/stowage/stowage/internal/testenv"
 )
 
 func needQemuIO(t *testing.T) {
 	t.Helper()
 	needQemuImg(t)
 	if _, err := exec.LookPath("qemu-io"); err != nil {
-		t.Skipf("qemu-io is not installed (apt-get install qemu-utils): %v", err)
+		testenv.Skipf(t, "qemu-io is not installed (apt-get install qemu-utils): %v", err)
 	}
 }
 

@@ -23,6 +23,7 @@ import (
 
 	"github.com/stowage/stowage/datapath/nbd"
 	"github.com/stowage/stowage/errdefs"
+	"github.com/stowage/stowage/internal/testenv"
 )
 
 func quiet() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
@@ -71,7 +72,7 @@ func image(t *testing.T, dir, name, content string) string {
 func needBin(t *testing.T, name string) {
 	t.Helper()
 	if _, err := exec.LookPath(name); err != nil {
-		t.Skipf("%s not installed", name)
+		testenv.Skipf(t, "%s not installed", name)
 	}
 }
 

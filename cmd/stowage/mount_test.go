@@ -23,6 +23,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/stowage/stowage/agent/cachemount"
+	"github.com/stowage/stowage/internal/testenv"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 	"github.com/stowage/stowage/proto/gen/stowage/v1/stowagev1connect"
 )
@@ -34,10 +35,10 @@ func needFUSE(t *testing.T) {
 		t.Skip("starts processes")
 	}
 	if os.Geteuid() != 0 {
-		t.Skip("FUSE mounts need root")
+		testenv.Skip(t, "FUSE mounts need root")
 	}
 	if _, err := os.Stat("/dev/fuse"); err != nil {
-		t.Skip("no /dev/fuse")
+		testenv.Skip(t, "no /dev/fuse")
 	}
 }
 

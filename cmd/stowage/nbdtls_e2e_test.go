@@ -7,6 +7,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/stowage/stowage/internal/testenv"
 )
 
 // TestNBDTLSEndToEnd grants a volume over NBD from an agent that requires
@@ -19,7 +21,7 @@ func TestNBDTLSEndToEnd(t *testing.T) {
 	}
 	for _, bin := range []string{"nbdinfo", "nbdcopy"} {
 		if _, err := exec.LookPath(bin); err != nil {
-			t.Skipf("%s not installed (libnbd-bin)", bin)
+			testenv.Skipf(t, "%s not installed (libnbd-bin)", bin)
 		}
 	}
 	root := t.TempDir()

@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stowage/stowage/internal/testenv"
 	"golang.org/x/sys/unix"
 )
 
@@ -21,17 +22,17 @@ import (
 func requireFUSE(t *testing.T) {
 	t.Helper()
 	if os.Geteuid() != 0 {
-		t.Skip("needs root for FUSE mounts")
+		testenv.Skip(t, "needs root for FUSE mounts")
 	}
 	if _, err := os.Stat("/dev/fuse"); err != nil {
-		t.Skip("no /dev/fuse")
+		testenv.Skip(t, "no /dev/fuse")
 	}
 }
 
 func requireTool(t *testing.T, name string) {
 	t.Helper()
 	if _, err := exec.LookPath(name); err != nil {
-		t.Skipf("%s not installed", name)
+		testenv.Skipf(t, "%s not installed", name)
 	}
 }
 

@@ -4,6 +4,8 @@ import (
 	"os/exec"
 	"strings"
 	"testing"
+
+	"github.com/stowage/stowage/internal/testenv"
 )
 
 // TestFioNBDEngine drives the server with fio's nbd engine (libnbd): random
@@ -12,7 +14,7 @@ import (
 func TestFioNBDEngine(t *testing.T) {
 	fio, err := exec.LookPath("fio")
 	if err != nil {
-		t.Skip("fio not installed")
+		testenv.Skip(t, "fio not installed")
 	}
 	if out, _ := exec.Command(fio, "--enghelp").CombinedOutput(); !strings.Contains(string(out), "nbd") {
 		t.Skip("this fio has no nbd engine")

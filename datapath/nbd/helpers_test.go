@@ -12,6 +12,8 @@ import (
 	"path/filepath"
 	"testing"
 	"time"
+
+	"github.com/stowage/stowage/internal/testenv"
 )
 
 // testLogger logs to the test log at debug level.
@@ -129,7 +131,7 @@ func needBin(t testing.TB, names ...string) {
 	t.Helper()
 	for _, n := range names {
 		if _, err := exec.LookPath(n); err != nil {
-			t.Skipf("%s not installed", n)
+			testenv.Skipf(t, "%s not installed", n)
 		}
 	}
 }

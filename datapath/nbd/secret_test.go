@@ -8,13 +8,15 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/stowage/stowage/internal/testenv"
 )
 
 // With SecretNames, a client must know an export's name: listing is refused
 // and the empty name does not fall back to the only export.
 func TestSecretNames(t *testing.T) {
 	if _, err := exec.LookPath("nbdinfo"); err != nil {
-		t.Skip("nbdinfo not installed")
+		testenv.Skip(t, "nbdinfo not installed")
 	}
 	dir := t.TempDir()
 	f := filepath.Join(dir, "disk.raw")

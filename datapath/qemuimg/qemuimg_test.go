@@ -13,13 +13,14 @@ import (
 	"time"
 
 	"github.com/stowage/stowage/errdefs"
+	"github.com/stowage/stowage/internal/testenv"
 )
 
 // needQemuImg skips the test when qemu-img is not installed.
 func needQemuImg(t *testing.T) *Tool {
 	t.Helper()
 	if _, err := exec.LookPath(DefaultBinary); err != nil {
-		t.Skipf("qemu-img is not installed (apt-get install qemu-utils): %v", err)
+		testenv.Skipf(t, "qemu-img is not installed (apt-get install qemu-utils): %v", err)
 	}
 	return New()
 }
@@ -255,7 +256,7 @@ func TestClassify(t *testing.T) {
 // installed, and still answers.
 func TestInfoRunsLimited(t *testing.T) {
 	if prlimit() == "" {
-		t.Skip("prlimit (util-linux) is not installed")
+		testenv.Skip(t, "prlimit (util-linux) is not installed")
 	}
 	tool := New()
 	cmd := tool.command(t.Context(), "info", []string{"info", "x"})

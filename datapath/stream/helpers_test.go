@@ -11,6 +11,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/stowage/stowage/internal/testenv"
 )
 
 // testChunk keeps test files small while still crossing many chunks.
@@ -154,14 +156,14 @@ func onlyFiles(t testing.TB, dir string) []string {
 func needRoot(t testing.TB) {
 	t.Helper()
 	if os.Geteuid() != 0 {
-		t.Skip("needs root")
+		testenv.Skip(t, "needs root")
 	}
 }
 
 func needTool(t testing.TB, name string) {
 	t.Helper()
 	if _, err := exec.LookPath(name); err != nil {
-		t.Skipf("%s not installed", name)
+		testenv.Skipf(t, "%s not installed", name)
 	}
 }
 
@@ -181,7 +183,7 @@ func loopDevice(t testing.TB, path string) string {
 	needTool(t, "losetup")
 	out, err := exec.Command("losetup", "-f", "--show", path).CombinedOutput()
 	if err != nil {
-		t.Skipf("no loop device: %v: %s", err, out)
+		testenv.Skipf(t, "no loop device: %v: %s", err, out)
 	}
 	dev := strings.TrimSpace(string(out))
 	t.Cleanup(func() { _ = exec.Command("losetup", "-d", dev).Run() })

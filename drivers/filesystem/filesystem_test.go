@@ -17,6 +17,7 @@ import (
 	"github.com/stowage/stowage/drivers/driverstest"
 	"github.com/stowage/stowage/errdefs"
 	"github.com/stowage/stowage/hostops"
+	"github.com/stowage/stowage/internal/testenv"
 )
 
 var zone1 = drivers.Scope{Zone: "z1"}
@@ -24,7 +25,7 @@ var zone1 = drivers.Scope{Zone: "z1"}
 func needQemuImg(t *testing.T) {
 	t.Helper()
 	if _, err := exec.LookPath("qemu-img"); err != nil {
-		t.Skipf("qemu-img is not installed (apt-get install qemu-utils): %v", err)
+		testenv.Skipf(t, "qemu-img is not installed (apt-get install qemu-utils): %v", err)
 	}
 }
 
@@ -728,11 +729,11 @@ func TestConformanceReflink(t *testing.T) {
 func mountXFS(t *testing.T) string {
 	t.Helper()
 	if os.Geteuid() != 0 {
-		t.Skip("needs root for losetup and mount")
+		testenv.Skip(t, "needs root for losetup and mount")
 	}
 	for _, tool := range []string{"losetup", "mkfs.xfs", "mount", "umount"} {
 		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("%s is not installed: %v", tool, err)
+			testenv.Skipf(t, "%s is not installed: %v", tool, err)
 		}
 	}
 	dir := t.TempDir()
@@ -746,7 +747,7 @@ func mountXFS(t *testing.T) string {
 	}
 	out, err := exec.Command("losetup", "--find", "--show", img).CombinedOutput()
 	if err != nil {
-		t.Skipf("cannot attach a loop device here: %v: %s", err, out)
+		testenv.Skipf(t, "cannot attach a loop device here: %v: %s", err, out)
 	}
 	loop := strings.TrimSpace(string(out))
 	t.Cleanup(func() {
