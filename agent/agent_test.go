@@ -26,7 +26,7 @@ import (
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
 	"github.com/stowage/stowage/hostops"
-	"github.com/stowage/stowage/internal/testenv"
+	"github.com/stowage/stowage/internal/envtest"
 )
 
 // rig is an agent serving on loopback, a hostops.Remote talking to it,
@@ -40,7 +40,7 @@ type rig struct {
 func newRig(t *testing.T, opts ...agent.Option) rig {
 	t.Helper()
 	if _, err := exec.LookPath("qemu-img"); err != nil {
-		testenv.Skipf(t, "qemu-img is not installed: %v", err)
+		envtest.Skipf(t, "qemu-img is not installed: %v", err)
 	}
 	x := exports.New()
 	base := t.TempDir()

@@ -21,7 +21,7 @@ import (
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
 	"github.com/stowage/stowage/hostops"
-	"github.com/stowage/stowage/internal/testenv"
+	"github.com/stowage/stowage/internal/envtest"
 )
 
 // nbdRig runs an agent (Run, so its NBD listener is the real one) and a
@@ -31,7 +31,7 @@ func nbdRig(t *testing.T) (*hostops.Remote, string) {
 	t.Helper()
 	for _, tool := range []string{"nbdinfo", "nbdcopy", "qemu-io"} {
 		if _, err := exec.LookPath(tool); err != nil {
-			testenv.Skipf(t, "%s is not installed: %v", tool, err)
+			envtest.Skipf(t, "%s is not installed: %v", tool, err)
 		}
 	}
 	n := nbdexports.New(slog.New(slog.NewTextHandler(io.Discard, nil)))

@@ -15,17 +15,17 @@ import (
 
 	"github.com/stowage/stowage/datapath/imagecache"
 	"github.com/stowage/stowage/errdefs"
-	"github.com/stowage/stowage/internal/testenv"
+	"github.com/stowage/stowage/internal/envtest"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 )
 
 func needRoot(t *testing.T) {
 	t.Helper()
 	if os.Geteuid() != 0 {
-		testenv.Skip(t, "FUSE mounts need root")
+		envtest.Skip(t, "FUSE mounts need root")
 	}
 	if _, err := os.Stat("/dev/fuse"); err != nil {
-		testenv.Skip(t, "no /dev/fuse")
+		envtest.Skip(t, "no /dev/fuse")
 	}
 }
 

@@ -18,7 +18,7 @@ import (
 	"github.com/stowage/stowage/datapath/qemuimg"
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
-	"github.com/stowage/stowage/internal/testenv"
+	"github.com/stowage/stowage/internal/envtest"
 )
 
 var layout = []string{"volumes", "snapshots", "templates", "tmp"}
@@ -26,7 +26,7 @@ var layout = []string{"volumes", "snapshots", "templates", "tmp"}
 func needQemuImg(t *testing.T) {
 	t.Helper()
 	if _, err := exec.LookPath(qemuimg.DefaultBinary); err != nil {
-		testenv.Skipf(t, "qemu-img is not installed (apt-get install qemu-utils): %v", err)
+		envtest.Skipf(t, "qemu-img is not installed (apt-get install qemu-utils): %v", err)
 	}
 }
 
@@ -298,11 +298,11 @@ func TestReflinkTrueOnXFS(t *testing.T) {
 func mountXFS(t *testing.T) string {
 	t.Helper()
 	if os.Geteuid() != 0 {
-		testenv.Skip(t, "needs root for losetup and mount")
+		envtest.Skip(t, "needs root for losetup and mount")
 	}
 	for _, tool := range []string{"losetup", "mkfs.xfs", "mount", "umount"} {
 		if _, err := exec.LookPath(tool); err != nil {
-			testenv.Skipf(t, "%s is not installed: %v", tool, err)
+			envtest.Skipf(t, "%s is not installed: %v", tool, err)
 		}
 	}
 	dir := t.TempDir()
@@ -318,7 +318,7 @@ func mountXFS(t *testing.T) string {
 	f.Close()
 	out, err := exec.Command("losetup", "--find", "--show", img).CombinedOutput()
 	if err != nil {
-		testenv.Skipf(t, "cannot attach a loop device here: %v: %s", err, out)
+		envtest.Skipf(t, "cannot attach a loop device here: %v: %s", err, out)
 	}
 	loop := strings.TrimSpace(string(out))
 	t.Cleanup(func() {

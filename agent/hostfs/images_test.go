@@ -25,14 +25,14 @@ import (
 	"github.com/stowage/stowage/datapath/qemuimg"
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
-	"github.com/stowage/stowage/internal/testenv"
+	"github.com/stowage/stowage/internal/envtest"
 )
 
 func needQemuIO(t *testing.T) {
 	t.Helper()
 	needQemuImg(t)
 	if _, err := exec.LookPath("qemu-io"); err != nil {
-		testenv.Skipf(t, "qemu-io is not installed (apt-get install qemu-utils): %v", err)
+		envtest.Skipf(t, "qemu-io is not installed (apt-get install qemu-utils): %v", err)
 	}
 }
 

@@ -23,7 +23,7 @@ import (
 
 	"github.com/stowage/stowage/datapath/nbd"
 	"github.com/stowage/stowage/errdefs"
-	"github.com/stowage/stowage/internal/testenv"
+	"github.com/stowage/stowage/internal/envtest"
 )
 
 func quiet() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
@@ -72,7 +72,7 @@ func image(t *testing.T, dir, name, content string) string {
 func needBin(t *testing.T, name string) {
 	t.Helper()
 	if _, err := exec.LookPath(name); err != nil {
-		testenv.Skipf(t, "%s not installed", name)
+		envtest.Skipf(t, "%s not installed", name)
 	}
 }
 

@@ -21,7 +21,7 @@ import (
 	"connectrpc.com/connect"
 	"golang.org/x/sys/unix"
 
-	"github.com/stowage/stowage/internal/testenv"
+	"github.com/stowage/stowage/internal/envtest"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 )
 
@@ -34,7 +34,7 @@ func loopFS(t *testing.T, dir string, size int64) {
 		if os.Getenv("CI") != "" {
 			t.Fatal("a loop-mounted filesystem needs root")
 		}
-		testenv.Skip(t, "a loop-mounted filesystem needs root")
+		envtest.Skip(t, "a loop-mounted filesystem needs root")
 	}
 	needTools(t, "mkfs.ext4", "losetup", "mount", "umount")
 	img := dir + ".img"

@@ -13,7 +13,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/stowage/stowage/hostops"
-	"github.com/stowage/stowage/internal/testenv"
+	"github.com/stowage/stowage/internal/envtest"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 )
 
@@ -29,7 +29,7 @@ func TestImportDirEndToEnd(t *testing.T) {
 		t.Skip("starts processes")
 	}
 	if _, err := exec.LookPath("qemu-img"); err != nil {
-		testenv.Skip(t, "no qemu-img")
+		envtest.Skip(t, "no qemu-img")
 	}
 	root := t.TempDir()
 	importDir := filepath.Join(root, "import")

@@ -23,7 +23,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/stowage/stowage/agent/cachemount"
-	"github.com/stowage/stowage/internal/testenv"
+	"github.com/stowage/stowage/internal/envtest"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 	"github.com/stowage/stowage/proto/gen/stowage/v1/stowagev1connect"
 )
@@ -35,10 +35,10 @@ func needFUSE(t *testing.T) {
 		t.Skip("starts processes")
 	}
 	if os.Geteuid() != 0 {
-		testenv.Skip(t, "FUSE mounts need root")
+		envtest.Skip(t, "FUSE mounts need root")
 	}
 	if _, err := os.Stat("/dev/fuse"); err != nil {
-		testenv.Skip(t, "no /dev/fuse")
+		envtest.Skip(t, "no /dev/fuse")
 	}
 }
 

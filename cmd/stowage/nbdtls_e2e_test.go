@@ -8,7 +8,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/stowage/stowage/internal/testenv"
+	"github.com/stowage/stowage/internal/envtest"
 )
 
 // TestNBDTLSEndToEnd grants a volume over NBD from an agent that requires
@@ -21,7 +21,7 @@ func TestNBDTLSEndToEnd(t *testing.T) {
 	}
 	for _, bin := range []string{"nbdinfo", "nbdcopy"} {
 		if _, err := exec.LookPath(bin); err != nil {
-			testenv.Skipf(t, "%s not installed (libnbd-bin)", bin)
+			envtest.Skipf(t, "%s not installed (libnbd-bin)", bin)
 		}
 	}
 	root := t.TempDir()

@@ -14,7 +14,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/stowage/stowage/internal/testenv"
+	"github.com/stowage/stowage/internal/envtest"
 	"golang.org/x/sys/unix"
 )
 
@@ -22,17 +22,17 @@ import (
 func requireFUSE(t *testing.T) {
 	t.Helper()
 	if os.Geteuid() != 0 {
-		testenv.Skip(t, "needs root for FUSE mounts")
+		envtest.Skip(t, "needs root for FUSE mounts")
 	}
 	if _, err := os.Stat("/dev/fuse"); err != nil {
-		testenv.Skip(t, "no /dev/fuse")
+		envtest.Skip(t, "no /dev/fuse")
 	}
 }
 
 func requireTool(t *testing.T, name string) {
 	t.Helper()
 	if _, err := exec.LookPath(name); err != nil {
-		testenv.Skipf(t, "%s not installed", name)
+		envtest.Skipf(t, "%s not installed", name)
 	}
 }
 

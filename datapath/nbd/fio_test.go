@@ -5,7 +5,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/stowage/stowage/internal/testenv"
+	"github.com/stowage/stowage/internal/envtest"
 )
 
 // TestFioNBDEngine drives the server with fio's nbd engine (libnbd): random
@@ -14,7 +14,7 @@ import (
 func TestFioNBDEngine(t *testing.T) {
 	fio, err := exec.LookPath("fio")
 	if err != nil {
-		testenv.Skip(t, "fio not installed")
+		envtest.Skip(t, "fio not installed")
 	}
 	if out, _ := exec.Command(fio, "--enghelp").CombinedOutput(); !strings.Contains(string(out), "nbd") {
 		t.Skip("this fio has no nbd engine")

@@ -13,7 +13,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/stowage/stowage/internal/testenv"
+	"github.com/stowage/stowage/internal/envtest"
 )
 
 // testLogger logs to the test log at debug level.
@@ -131,7 +131,7 @@ func needBin(t testing.TB, names ...string) {
 	t.Helper()
 	for _, n := range names {
 		if _, err := exec.LookPath(n); err != nil {
-			testenv.Skipf(t, "%s not installed", n)
+			envtest.Skipf(t, "%s not installed", n)
 		}
 	}
 }

@@ -9,14 +9,14 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/stowage/stowage/internal/testenv"
+	"github.com/stowage/stowage/internal/envtest"
 )
 
 // With SecretNames, a client must know an export's name: listing is refused
 // and the empty name does not fall back to the only export.
 func TestSecretNames(t *testing.T) {
 	if _, err := exec.LookPath("nbdinfo"); err != nil {
-		testenv.Skip(t, "nbdinfo not installed")
+		envtest.Skip(t, "nbdinfo not installed")
 	}
 	dir := t.TempDir()
 	f := filepath.Join(dir, "disk.raw")

@@ -9,14 +9,14 @@ import (
 	"testing"
 
 	"github.com/stowage/stowage/errdefs"
-	"github.com/stowage/stowage/internal/testenv"
+	"github.com/stowage/stowage/internal/envtest"
 )
 
 // qemuIO writes into an image with qemu-io, skipping when it is missing.
 func qemuIO(t *testing.T, path, format, cmd string) {
 	t.Helper()
 	if _, err := exec.LookPath("qemu-io"); err != nil {
-		testenv.Skipf(t, "qemu-io is not installed: %v", err)
+		envtest.Skipf(t, "qemu-io is not installed: %v", err)
 	}
 	if out, err := exec.Command("qemu-io", "-f", format, "-c", cmd, path).CombinedOutput(); err != nil {
 		t.Fatalf("qemu-io %s %q: %v: %s", path, cmd, err, out)

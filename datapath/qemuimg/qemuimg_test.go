@@ -13,14 +13,14 @@ import (
 	"time"
 
 	"github.com/stowage/stowage/errdefs"
-	"github.com/stowage/stowage/internal/testenv"
+	"github.com/stowage/stowage/internal/envtest"
 )
 
 // needQemuImg skips the test when qemu-img is not installed.
 func needQemuImg(t *testing.T) *Tool {
 	t.Helper()
 	if _, err := exec.LookPath(DefaultBinary); err != nil {
-		testenv.Skipf(t, "qemu-img is not installed (apt-get install qemu-utils): %v", err)
+		envtest.Skipf(t, "qemu-img is not installed (apt-get install qemu-utils): %v", err)
 	}
 	return New()
 }
@@ -256,7 +256,7 @@ func TestClassify(t *testing.T) {
 // installed, and still answers.
 func TestInfoRunsLimited(t *testing.T) {
 	if prlimit() == "" {
-		testenv.Skip(t, "prlimit (util-linux) is not installed")
+		envtest.Skip(t, "prlimit (util-linux) is not installed")
 	}
 	tool := New()
 	cmd := tool.command(t.Context(), "info", []string{"info", "x"})

@@ -12,7 +12,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/stowage/stowage/internal/testenv"
+	"github.com/stowage/stowage/internal/envtest"
 )
 
 // testChunk keeps test files small while still crossing many chunks.
@@ -156,14 +156,14 @@ func onlyFiles(t testing.TB, dir string) []string {
 func needRoot(t testing.TB) {
 	t.Helper()
 	if os.Geteuid() != 0 {
-		testenv.Skip(t, "needs root")
+		envtest.Skip(t, "needs root")
 	}
 }
 
 func needTool(t testing.TB, name string) {
 	t.Helper()
 	if _, err := exec.LookPath(name); err != nil {
-		testenv.Skipf(t, "%s not installed", name)
+		envtest.Skipf(t, "%s not installed", name)
 	}
 }
 
@@ -183,7 +183,7 @@ func loopDevice(t testing.TB, path string) string {
 	needTool(t, "losetup")
 	out, err := exec.Command("losetup", "-f", "--show", path).CombinedOutput()
 	if err != nil {
-		testenv.Skipf(t, "no loop device: %v: %s", err, out)
+		envtest.Skipf(t, "no loop device: %v: %s", err, out)
 	}
 	dev := strings.TrimSpace(string(out))
 	t.Cleanup(func() { _ = exec.Command("losetup", "-d", dev).Run() })

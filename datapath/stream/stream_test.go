@@ -20,7 +20,7 @@ import (
 
 	"github.com/stowage/stowage/datapath/qemuimg"
 	"github.com/stowage/stowage/errdefs"
-	"github.com/stowage/stowage/internal/testenv"
+	"github.com/stowage/stowage/internal/envtest"
 )
 
 // rangeServer serves content with Range support. Before a request is
@@ -150,7 +150,7 @@ func TestCopyMatrix(t *testing.T) {
 		}},
 		{"qcow2", func(t *testing.T, path string, content []byte) Source {
 			if !haveQemu {
-				testenv.Skip(t, "qemu-img not installed")
+				envtest.Skip(t, "qemu-img not installed")
 			}
 			if len(content)%512 != 0 {
 				t.Skip("qcow2 sizes are multiples of 512")

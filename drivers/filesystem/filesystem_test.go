@@ -17,7 +17,7 @@ import (
 	"github.com/stowage/stowage/drivers/driverstest"
 	"github.com/stowage/stowage/errdefs"
 	"github.com/stowage/stowage/hostops"
-	"github.com/stowage/stowage/internal/testenv"
+	"github.com/stowage/stowage/internal/envtest"
 )
 
 var zone1 = drivers.Scope{Zone: "z1"}
@@ -25,7 +25,7 @@ var zone1 = drivers.Scope{Zone: "z1"}
 func needQemuImg(t *testing.T) {
 	t.Helper()
 	if _, err := exec.LookPath("qemu-img"); err != nil {
-		testenv.Skipf(t, "qemu-img is not installed (apt-get install qemu-utils): %v", err)
+		envtest.Skipf(t, "qemu-img is not installed (apt-get install qemu-utils): %v", err)
 	}
 }
 
@@ -729,11 +729,11 @@ func TestConformanceReflink(t *testing.T) {
 func mountXFS(t *testing.T) string {
 	t.Helper()
 	if os.Geteuid() != 0 {
-		testenv.Skip(t, "needs root for losetup and mount")
+		envtest.Skip(t, "needs root for losetup and mount")
 	}
 	for _, tool := range []string{"losetup", "mkfs.xfs", "mount", "umount"} {
 		if _, err := exec.LookPath(tool); err != nil {
-			testenv.Skipf(t, "%s is not installed: %v", tool, err)
+			envtest.Skipf(t, "%s is not installed: %v", tool, err)
 		}
 	}
 	dir := t.TempDir()
@@ -747,7 +747,7 @@ func mountXFS(t *testing.T) string {
 	}
 	out, err := exec.Command("losetup", "--find", "--show", img).CombinedOutput()
 	if err != nil {
-		testenv.Skipf(t, "cannot attach a loop device here: %v: %s", err, out)
+		envtest.Skipf(t, "cannot attach a loop device here: %v: %s", err, out)
 	}
 	loop := strings.TrimSpace(string(out))
 	t.Cleanup(func() {

@@ -1,9 +1,9 @@
-// Package testenv decides what a test does when the machine lacks what it
+// Package envtest decides what a test does when the machine lacks what it
 // needs (a tool, root, FUSE, a loop device): on a developer's machine it
 // skips with the reason; under CI (CI set in the environment, as .ci/run
 // does, where scripts/test.sh installs everything) it fails, so a test
 // cannot pass by not running.
-package testenv
+package envtest
 
 import (
 	"fmt"
