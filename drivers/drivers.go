@@ -404,3 +404,30 @@ type VolumeFormats interface {
 type HostRooted interface {
 	HostRoot(store StoreInfo) string
 }
+
+// ChunkCollector is a ChunkTarget that can remove the chunks of a store
+// that no manifest refers to: what a backup that died before writing its
+// manifest left behind. It holds the chunk store's exclusive lock while it
+// works, so no backup is writing meanwhile.
+type ChunkCollector interface {
+	CollectChunks(ctx context.Context, store StoreInfo) (BackupStats, error)
+}
+
+// Grant is an access a driver made on a host and that is still live: an
+// export of one object of a store.
+type Grant struct {
+	Access Access
+	// Key is the object's key on the store.
+	Key string
+	// TaskID is the task id the grant was made under (drivers.TaskIDFrom
+	// of the GrantAccess call's context, "" if none): which job made it.
+	TaskID  string
+	Created time.Time
+}
+
+// GrantLister is a driver whose grants live on hosts (exports): the
+// orphan reconciler lists them and revokes those no record and no running
+// job accounts for (Driver.RevokeAccess with Grant.Access).
+type GrantLister interface {
+	ListGrants(ctx context.Context, store StoreInfo) ([]Grant, error)
+}
