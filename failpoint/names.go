@@ -2,6 +2,13 @@ package failpoint
 
 // The failpoints. Each names one moment where durable state changes.
 const (
+	// MetaBeforeCommit: a metadata transaction that creates, deletes,
+	// transitions or updates a workflow's record (a job's only by an event)
+	// is about to commit.
+	MetaBeforeCommit = "metaBeforeCommit"
+	// MetaAfterCommit: such a transaction has committed; its caller has not
+	// seen the result yet.
+	MetaAfterCommit = "metaAfterCommit"
 	// JobBeforeStep: the controller is about to run a job's step (its
 	// record says the step is next).
 	JobBeforeStep = "jobBeforeStep"
@@ -27,6 +34,6 @@ const (
 
 // Controller and Agent list the failpoints of each process.
 var (
-	Controller = []string{JobBeforeStep, JobAfterStep}
+	Controller = []string{JobBeforeStep, JobAfterStep, MetaBeforeCommit, MetaAfterCommit}
 	Agent      = []string{AgentTaskStart, AgentTaskFinish, AgentBeforePublish, AgentAfterPublish, ChunksBeforeManifest, LUNAfterCreate, ExportAfterGrant}
 )

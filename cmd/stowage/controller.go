@@ -25,6 +25,7 @@ import (
 	"github.com/stowage/stowage/controller/jobs"
 	"github.com/stowage/stowage/controller/meta"
 	"github.com/stowage/stowage/controller/motion"
+	"github.com/stowage/stowage/controller/orphans"
 	"github.com/stowage/stowage/controller/snapshot"
 	"github.com/stowage/stowage/controller/volume"
 	"github.com/stowage/stowage/datapath/netguard"
@@ -47,6 +48,8 @@ type controllerConfig struct {
 	maxJobsPerCaller  int
 	metricsPublic     bool
 	importDir         string
+	orphanGrace       time.Duration
+	orphanInterval    time.Duration
 }
 
 func (c *controllerConfig) flags(cmd *cobra.Command, defaultDataDir string) {
@@ -63,6 +66,8 @@ func (c *controllerConfig) flags(cmd *cobra.Command, defaultDataDir string) {
 	f.IntVar(&c.maxJobsPerCaller, "max-jobs-per-caller", jobs.DefaultMaxJobsPerCaller, "unfinished jobs one API token may have at once (more: resource_exhausted); 0: no limit")
 	f.BoolVar(&c.metricsPublic, "metrics-public", false, "serve /metrics without a token (by default it needs a reader token, as Prometheus' bearer_token sends)")
 	f.StringSliceVar(&c.tlsSANs, "tls-san", nil, "extra DNS names or IP addresses for the controller's certificate (besides localhost, the hostname, loopback and the --listen host)")
+	f.DurationVar(&c.orphanGrace, "orphan-grace", orphans.DefaultGrace, "how long an object, backup chunk or export no record accounts for must have been seen so (and unmodified) before the orphan reconciler removes it")
+	f.DurationVar(&c.orphanInterval, "orphan-interval", 10*time.Minute, "how often the orphan reconciler sweeps the Up stores (it also sweeps at start); 0: never")
 	f.StringVar(&c.mountTransport, "template-mount-transport", image.MountTransportHTTP, "how hosts' template mounts read a template from an agent holding its image store: http (read-only HTTP export) or nbd (read-only NBD export)")
 }
 
@@ -154,6 +159,8 @@ func runController(ctx context.Context, cfg controllerConfig, log *slog.Logger, 
 		return fmt.Errorf("--template-mount-transport: %w", errors.Join(err, errdefs.ErrInvalid))
 	}
 	hostSvc.SetMountSpecs(mounts)
+	orphanSweeper := orphans.New(db, storeSvc, cfg.orphanGrace, log.With("component", "orphans"), mounts)
+	reg.MustRegister(orphanSweeper.Collectors()...)
 	snapshotSvc := snapshot.New(db, storeSvc, volumeSvc, selector, runner, log)
 
 	handler := api.NewHandler(api.Services{
@@ -202,6 +209,17 @@ func runController(ctx context.Context, cfg controllerConfig, log *slog.Logger, 
 	go mounts.Run(ctx)
 	go runner.ExpireEvery(ctx, cfg.jobRetention, 10*time.Minute)
 	go storeSvc.Reconcile(ctx, 10*time.Second)
+	if cfg.orphanInterval > 0 {
+		// After the jobs resume, so that their objects are accounted for.
+		go func() {
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(cfg.heartbeatInterval * 3):
+			}
+			orphanSweeper.Run(ctx, cfg.orphanInterval)
+		}()
+	}
 	go watchdog(ctx)
 
 	log.Info("controller serving", "addr", "https://"+ln.Addr().String(), "data", cfg.dataDir, "ca_pin", tr.ca.Pin())

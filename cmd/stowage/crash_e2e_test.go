@@ -25,7 +25,25 @@ import (
 )
 
 // crashCell is one (workflow, failpoint, process) cell of the crash matrix.
-type crashCell struct{ workflow, point, process string }
+// A metadata failpoint fires at every workflow transaction: skip says how
+// many pass before the one that kills (the cell's point is shown as
+// metaAfterCommit#skip).
+type crashCell struct {
+	workflow, point, process string
+	skip                     int
+}
+
+func (c crashCell) pointName() string {
+	if c.point == failpoint.MetaBeforeCommit || c.point == failpoint.MetaAfterCommit {
+		return fmt.Sprintf("%s#%d", c.point, c.skip)
+	}
+	return c.point
+}
+
+// metaDepth is how many workflow transactions the matrix kills at, per
+// workflow and metadata failpoint (cells past a workflow's last
+// transaction are skipped when seen).
+const metaDepth = 12
 
 // crashWorld is a controller, two agents and three stores whose processes
 // the matrix kills and restarts.
@@ -39,6 +57,7 @@ type crashWorld struct {
 	a                  *clientAPI
 	img, p1, p2        *stowagev1.DataStore
 	tmpl               string
+	base               string // the template's bytes (qcow2) every object here must read as
 	n                  int
 }
 
@@ -52,8 +71,12 @@ func freeAddr(t *testing.T) string {
 	return l.Addr().String()
 }
 
+// startController starts the controller with an orphan reconciler that
+// removes what it finds at once (no grace) every second: the matrix also
+// proves it never takes what a recovering workflow still needs.
 func (w *crashWorld) startController() {
-	w.ctl = controllerProcEnv(w.t, []string{"GOFAIL_HTTP=" + w.ctlHTTP}, w.addr, filepath.Join(w.root, "ctl"))
+	w.ctl = controllerProcEnv(w.t, []string{"GOFAIL_HTTP=" + w.ctlHTTP}, w.addr, filepath.Join(w.root, "ctl"),
+		"--orphan-grace", "0s", "--orphan-interval", "1s")
 }
 
 func (w *crashWorld) startAgent() {
@@ -66,10 +89,15 @@ func (w *crashWorld) startAgent2() {
 	waitFor(w.t, "h2 Up", 30*time.Second, func() bool { return hostState(w.t, w.server, "h2") == "HOST_STATE_UP" })
 }
 
-// arm sets a failpoint of a process to kill it the first time it is hit.
-func arm(t *testing.T, endpoint, point string) {
+// arm sets a failpoint of a process to kill it the first time it is hit
+// after skip passes.
+func arm(t *testing.T, endpoint, point string, skip int) {
 	t.Helper()
-	req, _ := http.NewRequest(http.MethodPut, "http://"+endpoint+"/"+point, strings.NewReader(`1*return("kill")`))
+	terms := `1*return("kill")`
+	if skip > 0 {
+		terms = fmt.Sprintf("%d*off->%s", skip, terms)
+	}
+	req, _ := http.NewRequest(http.MethodPut, "http://"+endpoint+"/"+point, strings.NewReader(terms))
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		t.Fatalf("arm %s at %s: %v", point, endpoint, err)
@@ -329,18 +357,17 @@ func (w *crashWorld) settle(job *stowagev1.Job) (string, error) {
 	if len(temps) > 0 {
 		return outcome, fmt.Errorf("temporary files left: %v", temps)
 	}
-	vs, _ := w.a.volumes.ListVolumes(ctx, connect.NewRequest(&stowagev1.ListVolumesRequest{}))
-	for _, v := range vs.Msg.GetVolumes() {
-		if v.GetState() != stowagev1.VolumeState_VOLUME_STATE_READY || v.GetFormat() != stowagev1.ImageFormat_IMAGE_FORMAT_QCOW2 {
-			continue
+	// What the stores hold and what the records say agree once the orphan
+	// reconciler (every second, no grace here) has had a few passes.
+	var problems []string
+	for i := 0; i < 40; i++ {
+		if problems = w.storeInvariants(); len(problems) == 0 {
+			break
 		}
-		st := w.p1
-		if v.GetStoreId() == w.p2.GetId() {
-			st = w.p2
-		}
-		if out, err := exec.Command("qemu-img", "check", "-U", "-q", filepath.Join(st.GetDetails()["path"], v.GetInstallPath())).CombinedOutput(); err != nil {
-			return outcome, fmt.Errorf("Ready volume %s fails qemu-img check: %s", v.GetName(), out)
-		}
+		time.Sleep(250 * time.Millisecond)
+	}
+	if len(problems) > 0 {
+		return outcome, fmt.Errorf("stores and records disagree: %s", strings.Join(problems, "; "))
 	}
 	return outcome, nil
 }
@@ -375,23 +402,33 @@ func TestCrashMatrix(t *testing.T) {
 	}
 	mustSucceed(t, w.a, r.Msg.GetJob())
 	w.tmpl = r.Msg.GetTemplate().GetId()
+	w.base = qcow
 
 	flows := w.workflows()
 	var cells []crashCell
 	for wf := range flows {
 		for _, p := range failpoint.Controller {
-			cells = append(cells, crashCell{wf, p, "controller"})
+			if p == failpoint.MetaBeforeCommit || p == failpoint.MetaAfterCommit {
+				for k := 0; k < metaDepth; k++ {
+					cells = append(cells, crashCell{wf, p, "controller", k})
+				}
+				continue
+			}
+			cells = append(cells, crashCell{workflow: wf, point: p, process: "controller"})
 		}
 		for _, p := range failpoint.Agent {
-			cells = append(cells, crashCell{wf, p, "agent h1"}, crashCell{wf, p, "agent h2"})
+			cells = append(cells, crashCell{workflow: wf, point: p, process: "agent h1"}, crashCell{workflow: wf, point: p, process: "agent h2"})
 		}
 	}
 	sort.Slice(cells, func(i, j int) bool {
 		a, b := cells[i], cells[j]
-		return a.workflow+a.point+a.process < b.workflow+b.point+b.process
+		if x, y := a.workflow+a.point+a.process, b.workflow+b.point+b.process; x != y {
+			return x < y
+		}
+		return a.skip < b.skip
 	})
 	if only := os.Getenv("STOWAGE_CRASH_ONLY"); only != "" {
-		cells = slices.DeleteFunc(cells, func(c crashCell) bool { return !strings.Contains(c.workflow+" "+c.point+" "+c.process, only) })
+		cells = slices.DeleteFunc(cells, func(c crashCell) bool { return !strings.Contains(c.workflow+" "+c.pointName()+" "+c.process, only) })
 	} else if os.Getenv("STOWAGE_CRASH_MATRIX") != "all" {
 		n := 6
 		fmt.Sscan(os.Getenv("STOWAGE_CRASH_SAMPLE"), &n)
@@ -405,8 +442,13 @@ func TestCrashMatrix(t *testing.T) {
 		cells = sample
 	}
 	var table []string
-	failed := 0
+	failed, onPath := 0, 0
+	// A metadata failpoint not hit at skip k is not hit at any k' > k.
+	pastPath := map[string]bool{}
 	for _, c := range cells {
+		if c.skip > 0 && pastPath[c.workflow+"\x00"+c.point] {
+			continue
+		}
 		endpoint, p := w.ctlHTTP, &w.ctl
 		switch c.process {
 		case "agent h1":
@@ -416,7 +458,7 @@ func TestCrashMatrix(t *testing.T) {
 		}
 		start := flows[c.workflow]()
 		before := w.latestJob()
-		arm(t, endpoint, c.point)
+		arm(t, endpoint, c.point, c.skip)
 		job := start()
 		// Until the process dies at the failpoint, or the job ends without
 		// passing it.
@@ -443,10 +485,12 @@ func TestCrashMatrix(t *testing.T) {
 		if !killed {
 			// Not on this workflow's path (or not reached in time).
 			disarm(endpoint, c.point)
-			table = append(table, fmt.Sprintf("| %s | %s | %s | not on the path | - |", c.workflow, c.point, c.process))
+			pastPath[c.workflow+"\x00"+c.point] = true
+			table = append(table, fmt.Sprintf("| %s | %s | %s | not on the path | - |", c.workflow, c.pointName(), c.process))
 			_, _ = w.settle(job)
 			continue
 		}
+		onPath++
 		if ws, ok := (*p).cmd.ProcessState.Sys().(syscall.WaitStatus); !ok || ws.Signal() != syscall.SIGKILL {
 			t.Errorf("%v: the process ended but not by SIGKILL: %v", c, (*p).cmd.ProcessState)
 		}
@@ -463,7 +507,7 @@ func TestCrashMatrix(t *testing.T) {
 			// Killed while answering the call that started the job: it is
 			// the newest job, if the controller recorded it at all.
 			if job = w.latestJob(); job == nil || job.GetId() == before.GetId() {
-				table = append(table, fmt.Sprintf("| %s | %s | %s | killed before the job was recorded: nothing to recover | %s |", c.workflow, c.point, c.process, time.Since(restarted).Round(100*time.Millisecond)))
+				table = append(table, fmt.Sprintf("| %s | %s | %s | killed before the job was recorded: nothing to recover | %s |", c.workflow, c.pointName(), c.process, time.Since(restarted).Round(100*time.Millisecond)))
 				continue
 			}
 		}
@@ -471,12 +515,135 @@ func TestCrashMatrix(t *testing.T) {
 		took := time.Since(restarted).Round(100 * time.Millisecond)
 		if err != nil {
 			failed++
-			t.Errorf("%s × %s × %s: %v", c.workflow, c.point, c.process, err)
-			table = append(table, fmt.Sprintf("| %s | %s | %s | **FAILED**: %v | %s |", c.workflow, c.point, c.process, err, took))
+			t.Errorf("%s × %s × %s: %v", c.workflow, c.pointName(), c.process, err)
+			table = append(table, fmt.Sprintf("| %s | %s | %s | **FAILED**: %v | %s |", c.workflow, c.pointName(), c.process, err, took))
 			continue
 		}
-		table = append(table, fmt.Sprintf("| %s | %s | %s | killed; recovered, job %s | %s |", c.workflow, c.point, c.process, outcome, took))
+		table = append(table, fmt.Sprintf("| %s | %s | %s | killed; recovered, job %s | %s |", c.workflow, c.pointName(), c.process, outcome, took))
 	}
-	t.Logf("crash matrix (%d cells, %d failed):\n| workflow | failpoint | process killed | outcome | recovery |\n|---|---|---|---|---|\n%s",
-		len(cells), failed, strings.Join(table, "\n"))
+	t.Logf("crash matrix (%d cells run, %d on a workflow's path and killed, %d failed):\n| workflow | failpoint | process killed | outcome | recovery |\n|---|---|---|---|---|\n%s",
+		len(table), onPath, failed, strings.Join(table, "\n"))
+}
+
+// storeInvariants compares the stores with the records: every object file
+// of a store's layout has a record (no orphan), every Ready record's file
+// exists and reads as the template (qemu-img check and compare), and every
+// template copy's ref count is the number of volumes it backs.
+func (w *crashWorld) storeInvariants() []string {
+	ctx := context.Background()
+	var bad []string
+	roots := map[string]string{}
+	for _, st := range []*stowagev1.DataStore{w.img, w.p1, w.p2} {
+		roots[st.GetId()] = st.GetDetails()["path"]
+	}
+	type rec struct {
+		what, format string
+		ready        bool
+	}
+	want := map[string]rec{} // store root/key → record
+	add := func(store, key, what string, f stowagev1.ImageFormat, ready bool) {
+		if root, ok := roots[store]; ok && key != "" {
+			want[filepath.Join(root, key)] = rec{what, strings.ToLower(strings.TrimPrefix(f.String(), "IMAGE_FORMAT_")), ready}
+		}
+	}
+	vs, err := w.a.volumes.ListVolumes(ctx, connect.NewRequest(&stowagev1.ListVolumesRequest{}))
+	if err != nil {
+		return []string{err.Error()}
+	}
+	backs := map[string]int32{} // template copy → volumes it backs
+	for _, v := range vs.Msg.GetVolumes() {
+		switch v.GetState() {
+		case stowagev1.VolumeState_VOLUME_STATE_EXPUNGED:
+			continue
+		case stowagev1.VolumeState_VOLUME_STATE_ALLOCATED, stowagev1.VolumeState_VOLUME_STATE_CREATING, stowagev1.VolumeState_VOLUME_STATE_FAILED:
+		default:
+			if v.GetBaseRefId() != "" {
+				backs[v.GetBaseRefId()]++
+			}
+		}
+		add(v.GetStoreId(), v.GetInstallPath(), "volume "+v.GetName(), v.GetFormat(), v.GetState() == stowagev1.VolumeState_VOLUME_STATE_READY)
+	}
+	ts, err := w.a.images.ListTemplates(ctx, connect.NewRequest(&stowagev1.ListTemplatesRequest{}))
+	if err != nil {
+		return []string{err.Error()}
+	}
+	for _, t := range ts.Msg.GetTemplates() {
+		g, err := w.a.images.GetTemplate(ctx, connect.NewRequest(&stowagev1.GetTemplateRequest{Id: t.GetId()}))
+		if err != nil {
+			return []string{err.Error()}
+		}
+		for _, r := range g.Msg.GetStores() {
+			if r.GetState() == stowagev1.ObjectState_OBJECT_STATE_DESTROYED {
+				continue
+			}
+			add(r.GetStoreId(), r.GetInstallPath(), "template "+t.GetName()+" on "+r.GetStoreId(), t.GetFormat(), r.GetState() == stowagev1.ObjectState_OBJECT_STATE_READY)
+			if n := backs[r.GetId()]; r.GetRefCount() != n {
+				bad = append(bad, fmt.Sprintf("template %s on store %s: ref count %d, but %d volumes use it", t.GetName(), r.GetStoreId(), r.GetRefCount(), n))
+			}
+		}
+	}
+	ss, err := w.a.snapshots.ListSnapshots(ctx, connect.NewRequest(&stowagev1.ListSnapshotsRequest{}))
+	if err != nil {
+		return []string{err.Error()}
+	}
+	for _, sn := range ss.Msg.GetSnapshots() {
+		g, err := w.a.snapshots.GetSnapshot(ctx, connect.NewRequest(&stowagev1.GetSnapshotRequest{Id: sn.GetId()}))
+		if err != nil {
+			return []string{err.Error()}
+		}
+		for _, r := range g.Msg.GetStores() {
+			if r.GetState() == stowagev1.ObjectState_OBJECT_STATE_DESTROYED {
+				continue
+			}
+			// A backup is a manifest, not an image.
+			f := stowagev1.ImageFormat_IMAGE_FORMAT_UNSPECIFIED
+			if r.GetRole() == stowagev1.StoreRole_STORE_ROLE_PRIMARY {
+				f = stowagev1.ImageFormat_IMAGE_FORMAT_QCOW2
+			}
+			add(r.GetStoreId(), r.GetInstallPath(), "snapshot "+sn.GetName(), f, r.GetState() == stowagev1.ObjectState_OBJECT_STATE_READY && f != stowagev1.ImageFormat_IMAGE_FORMAT_UNSPECIFIED)
+		}
+	}
+	have := map[string]bool{}
+	for _, root := range roots {
+		for _, dir := range []string{"volumes", "templates", "snapshots"} {
+			_ = filepath.WalkDir(filepath.Join(root, dir), func(p string, d os.DirEntry, err error) error {
+				switch {
+				case err != nil:
+					return nil
+				case d.IsDir() && (d.Name() == "chunks" || strings.HasPrefix(d.Name(), ".")):
+					return filepath.SkipDir
+				case !d.IsDir() && !strings.HasPrefix(d.Name(), "."):
+					have[p] = true
+				}
+				return nil
+			})
+		}
+	}
+	for p := range have {
+		if _, ok := want[p]; !ok {
+			bad = append(bad, "orphan file "+p)
+		}
+	}
+	for p, r := range want {
+		if !r.ready {
+			continue
+		}
+		if !have[p] {
+			bad = append(bad, fmt.Sprintf("%s is Ready but %s is missing", r.what, p))
+			continue
+		}
+		if r.format == "qcow2" {
+			if out, err := exec.Command("qemu-img", "check", "-U", "-q", p).CombinedOutput(); err != nil {
+				bad = append(bad, fmt.Sprintf("%s fails qemu-img check: %s", r.what, out))
+				continue
+			}
+		}
+		if r.format == "qcow2" || r.format == "raw" {
+			if out, err := exec.Command("qemu-img", "compare", "-U", "-f", r.format, "-F", "qcow2", p, w.base).CombinedOutput(); err != nil {
+				bad = append(bad, fmt.Sprintf("%s does not read as the template: %s", r.what, strings.TrimSpace(string(out))))
+			}
+		}
+	}
+	sort.Strings(bad)
+	return bad
 }

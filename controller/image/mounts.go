@@ -364,3 +364,16 @@ func (m *Mounts) revoke(ctx context.Context, g grant) {
 		m.log.Warn("template mounts: ending an export failed", "host", g.access.HostID, "err", err)
 	}
 }
+
+// Holds reports whether uri is an export the template mounts use now (the
+// orphan reconciler keeps those).
+func (m *Mounts) Holds(uri drivers.URI) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for _, g := range m.grants {
+		if g.access.URI == uri {
+			return true
+		}
+	}
+	return false
+}

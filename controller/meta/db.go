@@ -12,6 +12,7 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/stowage/stowage/errdefs"
+	"github.com/stowage/stowage/failpoint"
 )
 
 // maxAttempts bounds how often Txn re-runs a transaction that lost a race.
@@ -174,6 +175,26 @@ type Tx struct {
 	now      time.Time
 	writable bool
 	done     bool
+	// workflow says the transaction changed a workflow's durable state
+	// (see wrote): the metadata failpoints fire only for those.
+	workflow bool
+}
+
+// workflowKinds are the kinds whose records workflows move: a write to one
+// is a step of a workflow (hosts' heartbeats, stores' capacity and tokens
+// are not).
+var workflowKinds = map[string]bool{
+	"template": true, "template_on_store": true, "volume": true,
+	"snapshot": true, "snapshot_on_store": true, "job": true,
+}
+
+// wrote notes a write to a record of kind. A job's plain update (progress,
+// its plan's bookkeeping) is not a workflow step of its own: the job
+// failpoints cover those.
+func (tx *Tx) wrote(kind string, event bool) {
+	if workflowKinds[kind] && (event || kind != "job") {
+		tx.workflow = true
+	}
 }
 
 // Context is the context the transaction was started with.
@@ -217,11 +238,21 @@ func (db *DB) Txn(ctx context.Context, fn func(tx *Tx) error) error {
 		return fmt.Errorf("meta: database is closed: %w", errdefs.ErrUnavailable)
 	}
 	for attempt := 1; ; attempt++ {
+		workflow := false
 		err := db.kv.update(func(kt kvTxn) error {
 			tx := &Tx{ctx: ctx, kv: kt, now: db.now(), writable: true}
 			defer func() { tx.done = true }()
-			return fn(tx)
+			if err := fn(tx); err != nil {
+				return err
+			}
+			if workflow = tx.workflow; workflow {
+				return failpoint.Hit(failpoint.MetaBeforeCommit)
+			}
+			return nil
 		})
+		if err == nil && workflow {
+			err = failpoint.Hit(failpoint.MetaAfterCommit)
+		}
 		if !errors.Is(err, errTxnConflict) {
 			return err
 		}

@@ -107,6 +107,7 @@ func (k *Kind[T]) CreateTx(tx *Tx, rec T) (T, error) {
 	if err := tx.check(true); err != nil {
 		return zero, err
 	}
+	tx.wrote(k.name, true)
 	if !rec.ProtoReflect().IsValid() {
 		return zero, fmt.Errorf("%s: nil record: %w", k.noun, errdefs.ErrInvalid)
 	}
@@ -269,6 +270,7 @@ func (k *Kind[T]) UpdateTx(tx *Tx, id string, expectRevision uint64, mutate func
 	if err := tx.check(true); err != nil {
 		return zero, err
 	}
+	tx.wrote(k.name, false)
 	old, err := k.load(tx.kv, id)
 	if err != nil {
 		return zero, err
@@ -296,6 +298,7 @@ func (k *Kind[T]) DeleteTx(tx *Tx, id string, expectRevision uint64) error {
 	if err := tx.check(true); err != nil {
 		return err
 	}
+	tx.wrote(k.name, true)
 	old, err := k.load(tx.kv, id)
 	if err != nil {
 		return err
@@ -641,6 +644,7 @@ func (k *StatefulKind[T, S, E]) TransitionTx(tx *Tx, id string, expectRevision u
 	if err := tx.check(true); err != nil {
 		return zero, err
 	}
+	tx.wrote(k.name, true)
 	old, err := k.load(tx.kv, id)
 	if err != nil {
 		return zero, err

@@ -1,0 +1,141 @@
+package main
+
+import (
+	"context"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"testing"
+	"time"
+
+	"connectrpc.com/connect"
+
+	"github.com/stowage/stowage/controller/meta"
+	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
+)
+
+// orphanMetric reads stowage_orphans_removed_total{kind} from /metrics.
+func orphanMetric(t *testing.T, server, kind string) int {
+	t.Helper()
+	resp, err := httpGet(t, server, server+"/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	m := regexp.MustCompile(`stowage_orphans_removed_total\{kind="` + kind + `"\} (\d+)`).FindSubmatch(b)
+	if m == nil {
+		return 0
+	}
+	n, _ := strconv.Atoi(string(m[1]))
+	return n
+}
+
+// TestOrphanReconciler: files of a store's layout that no record points to
+// are removed by the controller's reconciler once they have been orphaned
+// for the grace period, and nothing else is: not a volume's file, not a
+// dot file, not a file outside the layout, not an orphan younger than the
+// grace period.
+func TestOrphanReconciler(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts processes")
+	}
+	needTools(t, "qemu-img", "qemu-io")
+	root := t.TempDir()
+	web, qcow := patternedQcow2(t, root, "write -P 0x5a 1M 1M")
+	origin := httptest.NewServer(http.StripPrefix("/t/", http.FileServer(http.Dir(web))))
+	defer origin.Close()
+	addr := freePort(t)
+	server := "https://" + addr
+	const grace = 3 * time.Second
+	ctl := controllerProc(t, addr, filepath.Join(root, "ctl"), "--orphan-grace", grace.String(), "--orphan-interval", "300ms")
+	agentProc(t, server, "h1", "z1", "c1", filepath.Join(root, "a1"))
+	waitFor(t, "h1 Up", 30*time.Second, func() bool { return hostState(t, server, "h1") == "HOST_STATE_UP" })
+	a := newAPI(server)
+	img := addStore(t, a, "img", stowagev1.StoreRole_STORE_ROLE_IMAGE, filepath.Join(root, "img"), &stowagev1.Scope{Zone: "z1"})
+	p1 := addStore(t, a, "p1", stowagev1.StoreRole_STORE_ROLE_PRIMARY, filepath.Join(root, "p1"), &stowagev1.Scope{Zone: "z1"})
+	ctx := context.Background()
+	r, err := a.images.RegisterTemplate(ctx, connect.NewRequest(&stowagev1.RegisterTemplateRequest{Name: "t", Url: origin.URL + "/t/base.qcow2",
+		Format: stowagev1.ImageFormat_IMAGE_FORMAT_QCOW2, Checksum: "sha256:" + sha256File(t, qcow)}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustSucceed(t, a, r.Msg.GetJob())
+	cv, err := a.volumes.CreateVolume(ctx, connect.NewRequest(&stowagev1.CreateVolumeRequest{Name: "v", TemplateId: r.Msg.GetTemplate().GetId(), StoreId: p1.GetId(), Strategy: "linked"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustSucceed(t, a, cv.Msg.GetJob())
+	gv, err := a.volumes.GetVolume(ctx, connect.NewRequest(&stowagev1.GetVolumeRequest{Id: cv.Msg.GetVolume().GetId()}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pdir, idir := p1.GetDetails()["path"], img.GetDetails()["path"]
+	volFile := filepath.Join(pdir, gv.Msg.GetVolume().GetInstallPath())
+
+	// Orphans as a crash leaves them (objects of the layout, named as
+	// Stowage names them, with no record), made to look older than the
+	// grace period; then things that must stay.
+	old := time.Now().Add(-time.Hour)
+	var orphans []string
+	for _, f := range []string{
+		filepath.Join(pdir, "volumes", meta.NewID()+".qcow2"),
+		filepath.Join(pdir, "templates", meta.NewID()+".qcow2"),
+		filepath.Join(idir, "templates", meta.NewID()+".qcow2"),
+	} {
+		if out, err := exec.Command("qemu-img", "create", "-q", "-f", "qcow2", f, "1M").CombinedOutput(); err != nil {
+			t.Fatalf("qemu-img create: %v: %s", err, out)
+		}
+		if err := os.Chtimes(f, old, old); err != nil {
+			t.Fatal(err)
+		}
+		orphans = append(orphans, f)
+	}
+	young := filepath.Join(pdir, "volumes", meta.NewID()+".raw")
+	keep := []string{filepath.Join(pdir, "volumes", ".operator-note"), filepath.Join(pdir, "notes.txt")}
+	for _, f := range append([]string{young}, keep...) {
+		if err := os.WriteFile(f, []byte("x"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	made := time.Now()
+	before := orphanMetric(t, server, "object")
+
+	gone := func(f string) bool { _, err := os.Stat(f); return os.IsNotExist(err) }
+	waitFor(t, "the old orphans removed", 20*time.Second, func() bool {
+		for _, f := range orphans {
+			if !gone(f) {
+				return false
+			}
+		}
+		return true
+	})
+	// The young one is kept for the grace period from when it was made,
+	// then removed.
+	if gone(young) && time.Since(made) < grace {
+		t.Fatalf("an orphan %s old was removed; the grace period is %s", time.Since(made), grace)
+	}
+	waitFor(t, "the young orphan removed after the grace period", 20*time.Second, func() bool { return gone(young) })
+	if took := time.Since(made); took < grace {
+		t.Errorf("the young orphan went after %s, before the %s grace period", took, grace)
+	}
+	for _, f := range append(keep, volFile) {
+		if gone(f) {
+			t.Errorf("%s was removed: it is not an orphan", f)
+		}
+	}
+	if out, err := exec.Command("qemu-img", "compare", "-U", "-f", "qcow2", "-F", "qcow2", volFile, qcow).CombinedOutput(); err != nil {
+		t.Errorf("the volume does not read as its template after the sweeps: %s", out)
+	}
+	if n := orphanMetric(t, server, "object") - before; n != len(orphans)+1 {
+		t.Errorf("stowage_orphans_removed_total{kind=\"object\"} went up by %d, want %d", n, len(orphans)+1)
+	}
+	if !regexp.MustCompile(`removed an orphan object.*key=volumes/`).MatchString(ctl.log.String()) {
+		t.Errorf("the controller's log does not name the orphans it removed")
+	}
+}
