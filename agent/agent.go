@@ -234,6 +234,7 @@ func New(cfg Config, fs *hostfs.Local, log *slog.Logger, opts ...Option) (*Agent
 		ready:    make(chan struct{}),
 		limits:   rpclimit.Default(),
 	}
+	a.svc.ready = a.ready
 	for _, o := range opts {
 		o(a)
 	}
@@ -291,6 +292,9 @@ func (a *Agent) Run(ctx context.Context) error {
 	if a.cfg.AdvertiseURL == "" {
 		a.cfg.AdvertiseURL = advertiseURL(scheme, ln.Addr())
 	}
+	// An enrolled agent's controller knows it from before (a restart) and
+	// may call before the registration below: tasks wait for it.
+	a.svc.gated.Store(a.creds != nil)
 	if a.exports != nil {
 		a.exports.SetBaseURL(a.cfg.AdvertiseURL)
 		go a.exports.Run(ctx) // removes expired exports

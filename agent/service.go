@@ -2,10 +2,14 @@ package agent
 
 import (
 	"context"
+	"fmt"
+	"sync/atomic"
+	"time"
 
 	"connectrpc.com/connect"
 
 	"github.com/stowage/stowage/drivers"
+	"github.com/stowage/stowage/errdefs"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 	"github.com/stowage/stowage/proto/gen/stowage/v1/stowagev1connect"
 )
@@ -16,6 +20,40 @@ import (
 type service struct {
 	host    *LocalHost
 	journal *journal
+	// ready is closed once the agent has registered and serves the stores
+	// the controller assigned it; gated says tasks wait for it (set by
+	// Agent.Run: a handler used without the registration loop does not
+	// wait). A restarted agent's listener is up before its registration,
+	// and a task the controller resumes must not be refused for a store
+	// the agent has not been told of yet.
+	ready <-chan struct{}
+	gated atomic.Bool
+}
+
+// startWait bounds how long a task waits for the agent's registration
+// before it is refused as unavailable (the controller retries it).
+const startWait = 10 * time.Second
+
+// started waits for the agent's registration (see ready).
+func (s *service) started(ctx context.Context) error {
+	if !s.gated.Load() {
+		return nil
+	}
+	select {
+	case <-s.ready:
+		return nil
+	default:
+	}
+	t := time.NewTimer(startWait)
+	defer t.Stop()
+	select {
+	case <-s.ready:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("agent: waiting for its registration: %w", ctx.Err())
+	case <-t.C:
+		return fmt.Errorf("agent is starting and has not registered with the controller yet: %w", errdefs.ErrUnavailable)
+	}
 }
 
 var _ stowagev1connect.AgentServiceHandler = (*service)(nil)
@@ -25,6 +63,9 @@ var _ stowagev1connect.AgentServiceHandler = (*service)(nil)
 // serves is refused with permission_denied before it is journalled.
 func (s *service) RunTask(ctx context.Context, req *connect.Request[stowagev1.RunTaskRequest]) (*connect.Response[stowagev1.RunTaskResponse], error) {
 	task := req.Msg.GetTask()
+	if err := s.started(ctx); err != nil {
+		return nil, err
+	}
 	if err := s.host.admit(task); err != nil {
 		return nil, err
 	}

@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -20,6 +21,7 @@ import (
 
 	"connectrpc.com/connect"
 
+	"github.com/stowage/stowage/datapath/iscsi/tgttest"
 	"github.com/stowage/stowage/failpoint"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 )
@@ -56,6 +58,9 @@ type crashWorld struct {
 	h1Listen, h2Listen string // the agents' addresses, the same across restarts
 	a                  *clientAPI
 	img, p1, p2        *stowagev1.DataStore
+	san                *stowagev1.DataStore // an iSCSI store: LUNs on tgtd, target host h1
+	sanDir, iqn        string
+	tgtCtl             int
 	tmpl               string
 	base               string // the template's bytes (qcow2) every object here must read as
 	n                  int
@@ -80,7 +85,8 @@ func (w *crashWorld) startController() {
 }
 
 func (w *crashWorld) startAgent() {
-	w.h1 = agentProcEnv(w.t, []string{"GOFAIL_HTTP=" + w.h1HTTP}, w.server, "h1", "z1", "c1", filepath.Join(w.root, "a1"), "--listen", w.h1Listen)
+	w.h1 = agentProcEnv(w.t, []string{"GOFAIL_HTTP=" + w.h1HTTP}, w.server, "h1", "z1", "c1", filepath.Join(w.root, "a1"), "--listen", w.h1Listen,
+		"--iscsi-target", "--tgt-control-port", strconv.Itoa(w.tgtCtl))
 	waitFor(w.t, "h1 Up", 30*time.Second, func() bool { return hostState(w.t, w.server, "h1") == "HOST_STATE_UP" })
 }
 
@@ -253,6 +259,27 @@ func (w *crashWorld) workflows() map[string]func() func() *stowagev1.Job {
 				return cv.Msg.GetJob()
 			}
 		},
+		"volume create on a LUN": func() func() *stowagev1.Job {
+			return func() *stowagev1.Job {
+				cv, err := a.volumes.CreateVolume(ctx, connect.NewRequest(&stowagev1.CreateVolumeRequest{Name: name("lun"), TemplateId: w.tmpl, StoreId: w.san.GetId()}))
+				if err != nil {
+					w.t.Logf("starting the workflow: %v", err)
+					return nil // the process died answering: the job is found afterwards
+				}
+				return cv.Msg.GetJob()
+			}
+		},
+		"volume delete on a LUN": func() func() *stowagev1.Job {
+			v := vol(name("dellun"), stowagev1.ImageFormat_IMAGE_FORMAT_RAW, "", w.san)
+			return func() *stowagev1.Job {
+				dv, err := a.volumes.DeleteVolume(ctx, connect.NewRequest(&stowagev1.DeleteVolumeRequest{Id: v.GetId()}))
+				if err != nil {
+					w.t.Logf("starting the workflow: %v", err)
+					return nil // the process died answering: the job is found afterwards
+				}
+				return dv.Msg.GetJob()
+			}
+		},
 		"volume delete": func() func() *stowagev1.Job {
 			v := vol(name("delv"), stowagev1.ImageFormat_IMAGE_FORMAT_QCOW2, "linked", w.p1)
 			return func() *stowagev1.Job {
@@ -320,6 +347,9 @@ func (w *crashWorld) settle(job *stowagev1.Job) (string, error) {
 		return "", fmt.Errorf("job %s failed without a reason", job.GetId())
 	}
 	outcome := strings.ToLower(strings.TrimPrefix(last.GetState().String(), "JOB_STATE_"))
+	if last.GetState() == stowagev1.JobState_JOB_STATE_FAILED {
+		outcome += " (" + strings.ReplaceAll(last.GetError(), "|", "/") + ")"
+	}
 	// Transitional states settle (a failed step's object goes to Error or
 	// is removed), give them a moment.
 	var bad []string
@@ -381,12 +411,13 @@ func TestCrashMatrix(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts processes")
 	}
-	needTools(t, "qemu-img", "qemu-io")
+	needTools(t, "qemu-img", "qemu-io", "tgtadm")
+	portal, tgtCtl := tgttest.Start(t)
 	root := t.TempDir()
 	web, qcow := patternedQcow2(t, root, "write -P 0x44 8M 2M")
 	origin := httptest.NewServer(http.StripPrefix("/t/", http.FileServer(http.Dir(web))))
 	defer origin.Close()
-	w := &crashWorld{t: t, root: root, addr: freePort(t), ctlHTTP: freeAddr(t), h1HTTP: freeAddr(t), h2HTTP: freeAddr(t), h1Listen: freeAddr(t), h2Listen: freeAddr(t)}
+	w := &crashWorld{t: t, root: root, addr: freePort(t), ctlHTTP: freeAddr(t), h1HTTP: freeAddr(t), h2HTTP: freeAddr(t), h1Listen: freeAddr(t), h2Listen: freeAddr(t), tgtCtl: tgtCtl}
 	w.server = "https://" + w.addr
 	w.startController()
 	w.startAgent()
@@ -395,6 +426,15 @@ func TestCrashMatrix(t *testing.T) {
 	w.img = addStore(t, w.a, "img", stowagev1.StoreRole_STORE_ROLE_IMAGE, filepath.Join(root, "img"), &stowagev1.Scope{Zone: "z1", Cluster: "c1", HostId: "h1"})
 	w.p1 = addStore(t, w.a, "p1", stowagev1.StoreRole_STORE_ROLE_PRIMARY, filepath.Join(root, "p1"), &stowagev1.Scope{Zone: "z1", Cluster: "c1", HostId: "h1"})
 	w.p2 = addStore(t, w.a, "p2", stowagev1.StoreRole_STORE_ROLE_PRIMARY, filepath.Join(root, "p2"), &stowagev1.Scope{Zone: "z1", Cluster: "c1", HostId: "h2"})
+	w.iqn, w.sanDir = "iqn.2026-12.org.stowage.test:crash", filepath.Join(root, "san")
+	san, err := w.a.stores.AddStore(context.Background(), connect.NewRequest(&stowagev1.AddStoreRequest{
+		Name: "san", Role: stowagev1.StoreRole_STORE_ROLE_PRIMARY, Provider: "iscsi", Url: "iscsi://" + portal + "/" + w.iqn,
+		Scope: &stowagev1.Scope{Zone: "z1", Cluster: "c1"}, Details: map[string]string{"target_host": "h1", "backing_dir": w.sanDir},
+	}))
+	if err != nil {
+		t.Fatalf("add the iSCSI store: %v", err)
+	}
+	w.san = san.Msg.GetStore()
 	r, err := w.a.images.RegisterTemplate(context.Background(), connect.NewRequest(&stowagev1.RegisterTemplateRequest{Name: "t", Url: origin.URL + "/t/base.qcow2",
 		Format: stowagev1.ImageFormat_IMAGE_FORMAT_QCOW2, Checksum: "sha256:" + sha256File(t, qcow)}))
 	if err != nil {
@@ -536,6 +576,7 @@ func (w *crashWorld) storeInvariants() []string {
 	for _, st := range []*stowagev1.DataStore{w.img, w.p1, w.p2} {
 		roots[st.GetId()] = st.GetDetails()["path"]
 	}
+	roots[w.san.GetId()] = w.sanDir
 	type rec struct {
 		what, format string
 		ready        bool
@@ -605,7 +646,7 @@ func (w *crashWorld) storeInvariants() []string {
 	}
 	have := map[string]bool{}
 	for _, root := range roots {
-		for _, dir := range []string{"volumes", "templates", "snapshots"} {
+		for _, dir := range []string{"volumes", "templates", "snapshots", "luns"} {
 			_ = filepath.WalkDir(filepath.Join(root, dir), func(p string, d os.DirEntry, err error) error {
 				switch {
 				case err != nil:
@@ -622,6 +663,12 @@ func (w *crashWorld) storeInvariants() []string {
 	for p := range have {
 		if _, ok := want[p]; !ok {
 			bad = append(bad, "orphan file "+p)
+		}
+	}
+	// The target exports exactly the LUNs the records have.
+	for n, p := range tgtLUNs(w.t, w.tgtCtl, w.iqn) {
+		if _, ok := want[p]; !ok {
+			bad = append(bad, fmt.Sprintf("orphan LUN %d (%s) on the target", n, p))
 		}
 	}
 	for p, r := range want {

@@ -22,6 +22,11 @@ func (h deleteHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 	if err != nil {
 		return err
 	}
+	if v.GetState() == stowagev1.VolumeState_VOLUME_STATE_EXPUNGED {
+		// Resumed after the transaction that ended the work committed (a
+		// crash before the job's own end was recorded): nothing is left.
+		return nil
+	}
 	if v.GetState() == stowagev1.VolumeState_VOLUME_STATE_DESTROY {
 		if v, err = s.db.Volumes().Transition(ctx, v.GetId(), meta.VolumeExpungeRequested, nil); err != nil {
 			return err
