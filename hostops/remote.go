@@ -151,7 +151,7 @@ func (e *Remote) HostID() string { return e.hostID }
 
 // taskID is the id of task: derived from the context's task id, else random.
 func taskID(ctx context.Context, task *stowagev1.Task) string {
-	if _, ok := drivers.TaskIDFrom(ctx); !ok {
+	if _, ok := drivers.TaskIDFrom(ctx); !ok || task.GetListExports() != nil {
 		return uuid.NewString()
 	}
 	kind := "step"
@@ -160,7 +160,7 @@ func taskID(ctx context.Context, task *stowagev1.Task) string {
 		kind = string(fd.Name())
 	}
 	step := proto.Clone(task).(*stowagev1.Task)
-	step.Id = ""
+	step.Id, step.ParentId = "", "" // the id names the step, not who runs it
 	if c := step.GetCopyImage(); c != nil {
 		// A presigned or export URL changes its query (signature, expiry)
 		// each time it is granted; the object it names does not. A step
@@ -181,6 +181,7 @@ func taskID(ctx context.Context, task *stowagev1.Task) string {
 // With progress, GetTask is polled while the task runs.
 func (e *Remote) run(ctx context.Context, task *stowagev1.Task, progress drivers.Progress) (*stowagev1.TaskResult, error) {
 	task.Id = taskID(ctx, task)
+	task.ParentId, _ = drivers.TaskIDFrom(ctx)
 	wait := e.backoff
 	var lastErr error
 	for attempt := 0; attempt < e.attempts; attempt++ {
