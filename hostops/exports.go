@@ -176,3 +176,33 @@ func (e *Remote) ListExports(ctx context.Context, store string) ([]ExportInfo, e
 	}
 	return out, nil
 }
+
+// GrantOf is the drivers.Grant of export x of host: its Access is what a
+// driver's RevokeAccess needs to end it (URI, HostID, Revocable), its
+// TaskID the step it was made under (StepOf for an export made before
+// tasks carried their step).
+func GrantOf(host string, x ExportInfo) drivers.Grant {
+	g := drivers.Grant{
+		Access:  drivers.Access{URI: x.URI, ReadOnly: x.ReadOnly, Expires: x.Expires, Revocable: true, HostID: host},
+		Key:     x.Ref.Key,
+		TaskID:  x.Owner.Step(),
+		Created: x.Created,
+	}
+	for _, o := range x.SharedWith {
+		if id := o.Step(); id != "" {
+			g.SharedWith = append(g.SharedWith, id)
+		}
+	}
+	return g
+}
+
+// Step is the step task id (drivers.TaskIDFrom of the caller) o's task ran
+// for: ParentID, or for a task that did not carry it, read off TaskID
+// (StepOf; "" when it cannot be).
+func (o Owner) Step() string {
+	if o.ParentID != "" {
+		return o.ParentID
+	}
+	id, _ := StepOf(o.TaskID)
+	return id
+}

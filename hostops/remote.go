@@ -31,6 +31,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"regexp"
 	"strings"
 	"sync"
 	"time"
@@ -174,6 +175,22 @@ func taskID(ctx context.Context, task *stowagev1.Task) string {
 	sum := sha256.Sum256(b)
 	id, _ := drivers.StepTaskID(ctx, kind+"-"+hex.EncodeToString(sum[:6]))
 	return id
+}
+
+// derivedID matches the ids taskID derives: "<step id>.<kind>-<digest>"
+// and ".<n>" for the n-th identical call.
+var derivedID = regexp.MustCompile(`^(.+)\.[a-z_]+-[0-9a-f]{12}(\.[0-9]+)?$`)
+
+// StepOf returns the step task id (drivers.TaskIDFrom of the caller) a
+// task id Remote derived comes from; false for a random id or one hashed
+// because it was too long (see drivers.StepTaskID). Owner.ParentID says it
+// for every task since tasks carry it; this reads older ones.
+func StepOf(taskID string) (string, bool) {
+	m := derivedID.FindStringSubmatch(taskID)
+	if m == nil {
+		return "", false
+	}
+	return m[1], true
 }
 
 // run sends task and returns its result, retrying unreachable agents with
