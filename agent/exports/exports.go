@@ -492,8 +492,10 @@ func (s *Server) Exported() []string {
 
 // Info describes one live export (List).
 type Info struct {
-	// URL is the export's URL as Export returned it (it carries the
-	// token: a capability, never to be logged).
+	// URL is the export's URL under the current base URL: what Export
+	// returned, unless SetBaseURL changed since (Unexport takes either:
+	// it goes by the token). It carries the token, a capability: never
+	// log it.
 	URL     string
 	Path    string
 	Owner   Owner

@@ -367,8 +367,10 @@ func (s *Server) Exported() []string {
 
 // Info describes one live export (List).
 type Info struct {
-	// URI is the export's URI as Export returned it (it carries the
-	// export name: a capability, never to be logged).
+	// URI is the export's URI under the current address: what Export
+	// returned, unless SetAddress changed since (Unexport takes either:
+	// it goes by the name). It carries the export name, a capability:
+	// never log it.
 	URI      string
 	Path     string
 	ReadOnly bool
