@@ -19,6 +19,7 @@ import (
 // receives the progress of long steps.
 func Execute(ctx context.Context, host hostops.Host, task *stowagev1.Task, progress drivers.Progress) (*stowagev1.TaskResult, error) {
 	res := &stowagev1.TaskResult{TaskId: task.GetId()}
+	ctx = hostops.WithOwner(ctx, hostops.Owner{TaskID: task.GetId(), ParentID: task.GetParentId()})
 	image := func(i hostops.ImageInfo, err error) (*stowagev1.TaskResult, error) {
 		if err != nil {
 			return nil, err
@@ -135,6 +136,17 @@ func Execute(ctx context.Context, host hostops.Host, task *stowagev1.Task, progr
 		return uri(host.ExportNBD(ctx, hostops.NBDExportRequest{Ref: ref(r.GetRef()), Format: format(r.GetFormat()), ReadOnly: r.GetReadOnly(), TTL: ttl(r.GetTtlSeconds())}))
 	case *stowagev1.Task_UnexportNbd:
 		return done(host.UnexportNBD(ctx, drivers.URI(s.UnexportNbd.GetUri())))
+	case *stowagev1.Task_ListExports:
+		list, err := host.ListExports(ctx, s.ListExports.GetStoreId())
+		if err != nil {
+			return nil, err
+		}
+		out := &stowagev1.ExportList{}
+		for _, x := range list {
+			out.Exports = append(out.Exports, hostops.ExportInfoToProto(x))
+		}
+		res.Result = &stowagev1.TaskResult_Exports{Exports: out}
+		return res, nil
 	case *stowagev1.Task_EnsureIscsiTarget:
 		return done(host.EnsureTarget(ctx, hostops.ISCSITargetFromProto(s.EnsureIscsiTarget.GetTarget())))
 	case *stowagev1.Task_DeleteIscsiTarget:

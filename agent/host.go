@@ -15,6 +15,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/stowage/stowage/agent/exports"
 	"github.com/stowage/stowage/agent/hostfs"
 	"github.com/stowage/stowage/datapath/chunkstore"
 	"github.com/stowage/stowage/datapath/netguard"
@@ -594,13 +595,20 @@ func (h *LocalHost) DeleteBackup(ctx context.Context, req hostops.DeleteBackupRe
 	return backupOf(req.Manifest, b), nil
 }
 
-// Export implements hostops.Exports.
+// Export implements hostops.Exports. The export records ref and the task
+// of ctx (hostops.OwnerFrom).
 func (h *LocalHost) Export(ctx context.Context, ref hostops.Ref, ttl time.Duration) (drivers.URI, error) {
 	p, err := h.object(ref)
 	if err != nil {
 		return "", err
 	}
-	return h.fs.Export(ctx, p, expiry(ttl))
+	return h.fs.Export(ctx, p, expiry(ttl), ownerOf(ctx, ref))
+}
+
+// ownerOf is what an export made for ref under ctx records.
+func ownerOf(ctx context.Context, ref hostops.Ref) exports.Owner {
+	o := hostops.OwnerFrom(ctx)
+	return exports.Owner{TaskID: o.TaskID, ParentID: o.ParentID, Store: ref.Store, Key: ref.Key}
 }
 
 // expiry is when an export made now with ttl ends (zero: never).
@@ -622,12 +630,77 @@ func (h *LocalHost) ExportNBD(ctx context.Context, req hostops.NBDExportRequest)
 	if err != nil {
 		return "", err
 	}
-	return h.fs.ExportNBD(ctx, hostfs.NBDExportRequest{Path: p, Format: req.Format, ReadOnly: req.ReadOnly, Expires: expiry(req.TTL)})
+	return h.fs.ExportNBD(ctx, hostfs.NBDExportRequest{Path: p, Format: req.Format, ReadOnly: req.ReadOnly, Expires: expiry(req.TTL),
+		Owner: ownerOf(ctx, req.Ref)})
 }
 
 // UnexportNBD implements hostops.Exports.
 func (h *LocalHost) UnexportNBD(ctx context.Context, uri drivers.URI) error {
 	return h.fs.UnexportNBD(ctx, uri)
+}
+
+// ListExports implements hostops.Exports: the live exports of the objects
+// of store ("": every store). An export made before exports recorded their
+// object is attributed to the served store its file lies in (none: it is
+// listed only for "").
+func (h *LocalHost) ListExports(ctx context.Context, store string) ([]hostops.ExportInfo, error) {
+	list, err := h.fs.ListExports(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("list exports: %w", err)
+	}
+	var roots map[string][]string // store id -> its root on this machine, as given and resolved
+	out := make([]hostops.ExportInfo, 0, len(list))
+	for _, x := range list {
+		ref := hostops.Ref{Store: x.Owner.Store, Key: x.Owner.Key}
+		if ref.IsZero() {
+			if roots == nil {
+				roots = h.storeRoots()
+			}
+			ref = refOfPath(roots, x.Path)
+		}
+		if store != "" && ref.Store != store {
+			continue
+		}
+		kind := hostops.ExportHTTP
+		if x.Kind == hostfs.ExportNBD {
+			kind = hostops.ExportNBD
+		}
+		i := hostops.ExportInfo{URI: x.URI, Kind: kind, Ref: ref, Owner: hostops.Owner{TaskID: x.Owner.TaskID, ParentID: x.Owner.ParentID},
+			ReadOnly: x.ReadOnly, Created: x.Created, Expires: x.Expires}
+		for _, o := range x.SharedWith {
+			i.SharedWith = append(i.SharedWith, hostops.Owner{TaskID: o.TaskID, ParentID: o.ParentID})
+		}
+		out = append(out, i)
+	}
+	return out, nil
+}
+
+// storeRoots returns the directories of the stores served on this machine,
+// as recorded and with symbolic links resolved (NBD exports hold resolved
+// paths).
+func (h *LocalHost) storeRoots() map[string][]string {
+	out := map[string][]string{}
+	for id, root := range h.res.Stores() {
+		p := h.fs.OnHost(root)
+		out[id] = append(out[id], p)
+		if r, err := filepath.EvalSymlinks(p); err == nil && r != p {
+			out[id] = append(out[id], r)
+		}
+	}
+	return out
+}
+
+// refOfPath names the object at path (on this machine) by the store whose
+// root holds it (zero: none does).
+func refOfPath(roots map[string][]string, path string) hostops.Ref {
+	for id, dirs := range roots {
+		for _, d := range dirs {
+			if rel, err := filepath.Rel(d, path); err == nil && rel != "." && !strings.HasPrefix(rel, "..") && filepath.IsLocal(rel) {
+				return hostops.Ref{Store: id, Key: filepath.ToSlash(rel)}
+			}
+		}
+	}
+	return hostops.Ref{}
 }
 
 // Conversions from hostfs's path-based results: keys, never host paths.

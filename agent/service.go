@@ -12,6 +12,7 @@ import (
 	"github.com/stowage/stowage/errdefs"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 	"github.com/stowage/stowage/proto/gen/stowage/v1/stowagev1connect"
+	"github.com/stowage/stowage/redact"
 )
 
 // service is the agent's AgentService: it admits the controller's tasks
@@ -68,6 +69,22 @@ func (s *service) RunTask(ctx context.Context, req *connect.Request[stowagev1.Ru
 	}
 	if err := s.host.admit(task); err != nil {
 		return nil, err
+	}
+	if task.GetListExports() != nil {
+		// A read that must be current and whose answer is capabilities
+		// (export URIs): run directly, never journalled.
+		res, err := Execute(ctx, s.host, task, nil)
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil, err
+			}
+			res = &stowagev1.TaskResult{TaskId: task.GetId(), ErrorClass: errdefs.ClassName(err), Error: redact.Text(err.Error())}
+			if res.ErrorClass == "" {
+				res.ErrorClass = errdefs.ErrInternal.Error()
+			}
+		}
+		res.Done = true
+		return connect.NewResponse(&stowagev1.RunTaskResponse{Result: res}), nil
 	}
 	res, err := s.journal.run(ctx, task.GetId(), func(ctx context.Context, progress drivers.Progress) (*stowagev1.TaskResult, error) {
 		return Execute(ctx, s.host, task, progress)

@@ -421,7 +421,17 @@ type Grant struct {
 	Key string
 	// TaskID is the task id the grant was made under (drivers.TaskIDFrom
 	// of the GrantAccess call's context, "" if none): which job made it.
-	TaskID  string
+	TaskID string
+	// SharedWith are the task ids (as TaskID) of later grants that share
+	// the same access: an HTTP export of one file is one export however
+	// many grants ask for it, and ends once each of them has been revoked
+	// (or when it expires). Revoking it ends one grant's share; a grant
+	// any of whose TaskID and SharedWith some job still accounts for must
+	// be kept. A driver cannot tell which share a revoke ended, so these
+	// stay listed until the access ends.
+	SharedWith []string
+	// Created is when the access was made (zero: unknown, an access made
+	// before the driver recorded it).
 	Created time.Time
 }
 

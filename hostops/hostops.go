@@ -121,6 +121,11 @@ type Exports interface {
 	ExportNBD(ctx context.Context, req NBDExportRequest) (drivers.URI, error)
 	// UnexportNBD removes the export and closes its connections.
 	UnexportNBD(ctx context.Context, uri drivers.URI) error
+	// ListExports returns the live exports (HTTP and NBD) of the objects
+	// of store ("": of every store), each with the task it was made under
+	// (OwnerFrom of the Export's context), so that the controller can end
+	// those no job accounts for with Unexport or UnexportNBD.
+	ListExports(ctx context.Context, store string) ([]ExportInfo, error)
 }
 
 // Host is one agent: every role.

@@ -31,6 +31,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"regexp"
 	"strings"
 	"sync"
 	"time"
@@ -151,7 +152,7 @@ func (e *Remote) HostID() string { return e.hostID }
 
 // taskID is the id of task: derived from the context's task id, else random.
 func taskID(ctx context.Context, task *stowagev1.Task) string {
-	if _, ok := drivers.TaskIDFrom(ctx); !ok {
+	if _, ok := drivers.TaskIDFrom(ctx); !ok || task.GetListExports() != nil {
 		return uuid.NewString()
 	}
 	kind := "step"
@@ -160,7 +161,7 @@ func taskID(ctx context.Context, task *stowagev1.Task) string {
 		kind = string(fd.Name())
 	}
 	step := proto.Clone(task).(*stowagev1.Task)
-	step.Id = ""
+	step.Id, step.ParentId = "", "" // the id names the step, not who runs it
 	if c := step.GetCopyImage(); c != nil {
 		// A presigned or export URL changes its query (signature, expiry)
 		// each time it is granted; the object it names does not. A step
@@ -176,11 +177,28 @@ func taskID(ctx context.Context, task *stowagev1.Task) string {
 	return id
 }
 
+// derivedID matches the ids taskID derives: "<step id>.<kind>-<digest>"
+// and ".<n>" for the n-th identical call.
+var derivedID = regexp.MustCompile(`^(.+)\.[a-z_]+-[0-9a-f]{12}(\.[0-9]+)?$`)
+
+// StepOf returns the step task id (drivers.TaskIDFrom of the caller) a
+// task id Remote derived comes from; false for a random id or one hashed
+// because it was too long (see drivers.StepTaskID). Owner.ParentID says it
+// for every task since tasks carry it; this reads older ones.
+func StepOf(taskID string) (string, bool) {
+	m := derivedID.FindStringSubmatch(taskID)
+	if m == nil {
+		return "", false
+	}
+	return m[1], true
+}
+
 // run sends task and returns its result, retrying unreachable agents with
 // the same task id; a task's own failure comes back as a classed error.
 // With progress, GetTask is polled while the task runs.
 func (e *Remote) run(ctx context.Context, task *stowagev1.Task, progress drivers.Progress) (*stowagev1.TaskResult, error) {
 	task.Id = taskID(ctx, task)
+	task.ParentId, _ = drivers.TaskIDFrom(ctx)
 	wait := e.backoff
 	var lastErr error
 	for attempt := 0; attempt < e.attempts; attempt++ {

@@ -23,6 +23,18 @@
 // before an agent restart keep working; the others are dropped. Without a
 // state file exports live in memory and a restart ends them.
 //
+// # Owners
+//
+// Every Export names its Owner: the task it runs for and the object it
+// serves. An export records its maker's Owner and when it was made, and the
+// Owners of the later Exports that joined it (SharedWith, the latest
+// MaxSharedWith distinct ones); List answers them, so that the controller
+// can tell which job each export was made for and end those no job accounts
+// for. An Unexport does not say whose Export it matches, so the Owners of
+// the joiners stay listed until the export ends: a listing errs on the side
+// of keeping an export. State files written before Owners were recorded
+// load with empty Owners and zero creation times.
+//
 // URLs are built from the base URL (WithBaseURL, SetBaseURL), so they are
 // https:// once the agent's listener is.
 //
@@ -30,7 +42,7 @@
 //	err := x.Load(local.InStore)
 //	go x.Run(ctx)
 //	mux.Handle(exports.Prefix, x)
-//	url, err := x.Export("/srv/primary/volumes/v1.qcow2", time.Time{}) // http://10.0.0.5:8471/exports/3f2a…
+//	url, err := x.Export("/srv/primary/volumes/v1.qcow2", time.Time{}, exports.Owner{TaskID: "j1.copy.export-3a9c01d2e4f5", Store: "p1", Key: "volumes/v1.qcow2"}) // http://10.0.0.5:8471/exports/3f2a…
 //	err = x.Unexport(url)
 package exports
 
@@ -88,6 +100,42 @@ type export struct {
 	gone  bool // unexported: close f when refs drops to 0
 	// expires is when the export ends (zero: never; under Server.mu).
 	expires time.Time
+	owner   Owner     // the Export that made it
+	created time.Time // when it was made (zero: before it was recorded)
+	shared  []Owner   // the Exports that joined it (under Server.mu)
+}
+
+// Owner says whom an export is for: the task that asked for it (the id
+// of the agent's task and the id of the controller's step it is part of;
+// "" when unknown) and the object it serves (store id and key, as the
+// caller named it; "" when unknown). An export only records it.
+type Owner struct {
+	TaskID   string `json:"task_id,omitempty"`
+	ParentID string `json:"parent_id,omitempty"`
+	Store    string `json:"store,omitempty"`
+	Key      string `json:"key,omitempty"`
+}
+
+// MaxSharedWith bounds the Owners of joiners an export records (the
+// latest distinct ones): a path exported again and again (a template mount
+// renewing its export) does not grow the state file without end.
+const MaxSharedWith = 16
+
+// join records o as joining x (under Server.mu).
+func (x *export) join(o Owner) {
+	if o == (Owner{}) || o == x.owner {
+		return
+	}
+	for i, s := range x.shared {
+		if s == o {
+			x.shared = append(x.shared[:i], x.shared[i+1:]...)
+			break
+		}
+	}
+	x.shared = append(x.shared, o)
+	if len(x.shared) > MaxSharedWith {
+		x.shared = x.shared[len(x.shared)-MaxSharedWith:]
+	}
 }
 
 func (x *export) expired(now time.Time) bool { return !x.expires.IsZero() && !now.Before(x.expires) }
@@ -100,6 +148,10 @@ type saved struct {
 	Ino     uint64    `json:"ino"`
 	Users   int       `json:"users"`
 	Expires time.Time `json:"expires,omitzero"`
+	// Since Owners were recorded; absent in older state files.
+	Owner      Owner     `json:"owner,omitzero"`
+	Created    time.Time `json:"created,omitzero"`
+	SharedWith []Owner   `json:"shared_with,omitempty"`
 }
 
 type stateFile struct {
@@ -161,7 +213,7 @@ func (s *Server) Load(check func(path string) error) error {
 			s.log.Warn("exports: malformed entry in the state file dropped", "state", s.state)
 			continue
 		}
-		x := &export{token: e.Token, path: e.Path, users: e.Users, expires: e.Expires}
+		x := &export{token: e.Token, path: e.Path, users: e.Users, expires: e.Expires, owner: e.Owner, created: e.Created, shared: e.SharedWith}
 		if x.expired(now) {
 			s.log.Info("exports: expired export dropped", "path", e.Path, "expired", e.Expires)
 			continue
@@ -209,7 +261,8 @@ func (s *Server) save() error {
 	st := stateFile{Version: stateVersion, Exports: []saved{}}
 	s.mu.Lock()
 	for _, x := range s.byTok {
-		d := saved{Token: x.token, Path: x.path, Users: x.users, Expires: x.expires}
+		d := saved{Token: x.token, Path: x.path, Users: x.users, Expires: x.expires, Owner: x.owner, Created: x.created,
+			SharedWith: append([]Owner(nil), x.shared...)}
 		if fi, err := x.f.Stat(); err == nil {
 			di := devIno(fi)
 			d.Dev, d.Ino = di[0], di[1]
@@ -320,17 +373,18 @@ func (s *Server) SetBaseURL(u string) {
 }
 
 // Export serves the regular file at path (a path on this machine) until
-// expires (zero: until Unexport) and returns its URL. Exporting a path that
+// expires (zero: until Unexport) for owner and returns its URL. Exporting a path that
 // is already exported returns the same URL while the path still names the
 // same file, with the later of the two expiries, and the export then lasts
 // until every Export of it is matched by an Unexport (a migration's
 // short-lived export of a template must not end the template mount's); once
 // the path names another file (the old one renamed or replaced), a new
 // export is made and the old one keeps serving the old file until it is
-// unexported. Before SetBaseURL it is errdefs.ErrUnavailable; an expiry
+// unexported. The export records owner (see Owners in the package doc).
+// Before SetBaseURL it is errdefs.ErrUnavailable; an expiry
 // already past is errdefs.ErrInvalid. With a state file the export is
 // recorded before Export returns.
-func (s *Server) Export(path string, expires time.Time) (string, error) {
+func (s *Server) Export(path string, expires time.Time, owner Owner) (string, error) {
 	if !expires.IsZero() && !time.Now().Before(expires) {
 		return "", fmt.Errorf("export %s: expiry %s is past: %w", path, expires.UTC().Format(time.RFC3339), errdefs.ErrInvalid)
 	}
@@ -343,6 +397,7 @@ func (s *Server) Export(path string, expires time.Time) (string, error) {
 		if !old.gone && !old.expired(time.Now()) {
 			old.users++
 			old.expires = later(old.expires, expires)
+			old.join(owner)
 			s.mu.Unlock()
 			return s.saved(base+Prefix+old.token, old)
 		}
@@ -357,11 +412,12 @@ func (s *Server) Export(path string, expires time.Time) (string, error) {
 	}
 	var b [16]byte
 	_, _ = rand.Read(b[:]) // never fails (crypto/rand)
-	x := &export{token: hex.EncodeToString(b[:]), path: path, f: f, users: 1, expires: expires}
+	x := &export{token: hex.EncodeToString(b[:]), path: path, f: f, users: 1, expires: expires, owner: owner, created: time.Now()}
 	s.mu.Lock()
 	if cur := s.byPath[path]; cur != nil && cur != old && !cur.gone && !cur.expired(time.Now()) && samePath(path, cur.f) { // a concurrent Export won
 		cur.users++
 		cur.expires = later(cur.expires, expires)
+		cur.join(owner)
 		s.mu.Unlock()
 		f.Close()
 		return s.saved(base+Prefix+cur.token, cur)
@@ -431,6 +487,41 @@ func (s *Server) Exported() []string {
 	for p := range s.byPath {
 		out = append(out, p)
 	}
+	return out
+}
+
+// Info describes one live export (List).
+type Info struct {
+	// URL is the export's URL under the current base URL: what Export
+	// returned, unless SetBaseURL changed since (Unexport takes either:
+	// it goes by the token). It carries the token, a capability: never
+	// log it.
+	URL     string
+	Path    string
+	Owner   Owner
+	Created time.Time // zero: made before it was recorded
+	Expires time.Time // zero: never
+	// SharedWith are the Owners of the Exports that joined this one
+	// (oldest first), and Users how many Exports of it are not yet matched
+	// by an Unexport.
+	SharedWith []Owner
+	Users      int
+}
+
+// List returns the live (not expired) exports, by token.
+func (s *Server) List() []Info {
+	now := time.Now()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]Info, 0, len(s.byTok))
+	for _, x := range s.byTok {
+		if x.expired(now) {
+			continue
+		}
+		out = append(out, Info{URL: s.base + Prefix + x.token, Path: x.path, Owner: x.owner, Created: x.created, Expires: x.expires,
+			SharedWith: append([]Owner(nil), x.shared...), Users: x.users})
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].URL < out[j].URL })
 	return out
 }
 

@@ -26,11 +26,11 @@ func TestExportServesRangesUntilUnexport(t *testing.T) {
 	data := bytes.Repeat([]byte("0123456789abcdef"), 4096)
 	os.WriteFile(p, data, 0o644)
 
-	if _, err := x.Export(p, time.Time{}); !errors.Is(err, errdefs.ErrUnavailable) {
+	if _, err := x.Export(p, time.Time{}, Owner{}); !errors.Is(err, errdefs.ErrUnavailable) {
 		t.Fatalf("export before the base URL is known: %v", err)
 	}
 	x.SetBaseURL(srv.URL + "/")
-	u, err := x.Export(p, time.Time{})
+	u, err := x.Export(p, time.Time{}, Owner{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -38,7 +38,7 @@ func TestExportServesRangesUntilUnexport(t *testing.T) {
 	if !strings.HasPrefix(u, srv.URL+Prefix) || len(tok) != 32 {
 		t.Fatalf("export URL %q", u)
 	}
-	if again, _ := x.Export(p, time.Time{}); again != u {
+	if again, _ := x.Export(p, time.Time{}, Owner{}); again != u {
 		t.Fatalf("second export of the same path: %q, want %q", again, u)
 	}
 
@@ -67,7 +67,7 @@ func TestExportServesRangesUntilUnexport(t *testing.T) {
 	if !bytes.Equal(body, data) {
 		t.Fatalf("export followed the path instead of the file (%d bytes)", len(body))
 	}
-	u2, err := x.Export(p, time.Time{})
+	u2, err := x.Export(p, time.Time{}, Owner{})
 	if err != nil || u2 == u {
 		t.Fatalf("export of a replaced path: %q %v", u2, err)
 	}
@@ -111,10 +111,10 @@ func TestExportServesRangesUntilUnexport(t *testing.T) {
 	if err := x.Unexport("http://h/not-an-export"); !errors.Is(err, errdefs.ErrInvalid) {
 		t.Fatalf("unexport of a bad URL: %v", err)
 	}
-	if _, err := x.Export(filepath.Join(t.TempDir(), "missing"), time.Time{}); !errors.Is(err, errdefs.ErrNotFound) {
+	if _, err := x.Export(filepath.Join(t.TempDir(), "missing"), time.Time{}, Owner{}); !errors.Is(err, errdefs.ErrNotFound) {
 		t.Fatalf("export of a missing file: %v", err)
 	}
-	if _, err := x.Export(t.TempDir(), time.Time{}); !errors.Is(err, errdefs.ErrInvalid) {
+	if _, err := x.Export(t.TempDir(), time.Time{}, Owner{}); !errors.Is(err, errdefs.ErrInvalid) {
 		t.Fatalf("export of a directory: %v", err)
 	}
 }
@@ -143,10 +143,10 @@ func TestExportExpires(t *testing.T) {
 	p := filepath.Join(dir, "a.raw")
 	os.WriteFile(p, []byte("secret bytes"), 0o600)
 
-	if _, err := x.Export(p, time.Now().Add(-time.Second)); !errors.Is(err, errdefs.ErrInvalid) {
+	if _, err := x.Export(p, time.Now().Add(-time.Second), Owner{}); !errors.Is(err, errdefs.ErrInvalid) {
 		t.Fatalf("export with a past expiry: %v", err)
 	}
-	u, err := x.Export(p, time.Now().Add(200*time.Millisecond))
+	u, err := x.Export(p, time.Now().Add(200*time.Millisecond), Owner{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -169,8 +169,8 @@ func TestExportExpires(t *testing.T) {
 	}
 
 	soon := time.Now().Add(time.Minute)
-	u1, _ := x.Export(p, soon)
-	u2, _ := x.Export(p, time.Time{})
+	u1, _ := x.Export(p, soon, Owner{})
+	u2, _ := x.Export(p, time.Time{}, Owner{})
 	if u1 != u2 {
 		t.Fatalf("two exports of one path: %s %s", u1, u2)
 	}
@@ -196,14 +196,14 @@ func TestExportRestore(t *testing.T) {
 	keep, exp, gone, repl := mk("keep.raw", "KEEPDATA"), mk("exp.raw", "EXPDATA"), mk("gone.raw", "GONEDATA"), mk("repl.raw", "REPLDATA")
 
 	x1 := New(WithStateFile(state), WithBaseURL("http://agent:8471"))
-	uKeep, err := x1.Export(keep, time.Now().Add(time.Hour))
+	uKeep, err := x1.Export(keep, time.Now().Add(time.Hour), Owner{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	x1.Export(keep, time.Time{}) // two users
-	uExp, _ := x1.Export(exp, time.Now().Add(300*time.Millisecond))
-	x1.Export(gone, time.Time{})
-	x1.Export(repl, time.Time{})
+	x1.Export(keep, time.Time{}, Owner{}) // two users
+	uExp, _ := x1.Export(exp, time.Now().Add(300*time.Millisecond), Owner{})
+	x1.Export(gone, time.Time{}, Owner{})
+	x1.Export(repl, time.Time{}, Owner{})
 	b, _ := os.ReadFile(state)
 	for _, data := range []string{"KEEPDATA", "EXPDATA", "GONEDATA", "REPLDATA"} {
 		if strings.Contains(string(b), data) {
@@ -245,7 +245,7 @@ func TestExportRestore(t *testing.T) {
 	if err := x2.Unexport(uKeep); err != nil {
 		t.Fatal(err)
 	}
-	if again, _ := x2.Export(keep, time.Time{}); !strings.HasSuffix(again, Prefix+strings.TrimPrefix(uKeep, "http://agent:8471"+Prefix)) {
+	if again, _ := x2.Export(keep, time.Time{}, Owner{}); !strings.HasSuffix(again, Prefix+strings.TrimPrefix(uKeep, "http://agent:8471"+Prefix)) {
 		t.Fatalf("export after restore: %s, want the restored token", again)
 	}
 

@@ -8,6 +8,8 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/stowage/stowage/agent/exports"
+	"github.com/stowage/stowage/agent/nbdexports"
 	"github.com/stowage/stowage/failpoint"
 
 	"github.com/stowage/stowage/drivers"
@@ -18,10 +20,12 @@ import (
 // unguessable URLs; agent/exports.Server is the agent's.
 type Exporter interface {
 	// Export serves the file at path (on this machine) until expires
-	// (zero: never) and returns its URL.
-	Export(path string, expires time.Time) (string, error)
+	// (zero: never) for owner, and returns its URL.
+	Export(path string, expires time.Time, owner exports.Owner) (string, error)
 	// Unexport ends an export; an unknown one is not an error.
 	Unexport(url string) error
+	// List returns the live exports.
+	List() []exports.Info
 }
 
 // WithExporter makes Export and Unexport work through x; without it they
@@ -29,9 +33,9 @@ type Exporter interface {
 func WithExporter(x Exporter) Option { return func(l *Local) { l.exporter = x } }
 
 // Export serves the file at path read-only over HTTP (Range, HEAD) until
-// Unexport or expires (zero: never), and returns its URL. Exporting an
-// exported path again returns the same URL.
-func (l *Local) Export(ctx context.Context, path string, expires time.Time) (drivers.URI, error) {
+// Unexport or expires (zero: never), and returns its URL; the export
+// records owner. Exporting an exported path again returns the same URL.
+func (l *Local) Export(ctx context.Context, path string, expires time.Time, owner exports.Owner) (drivers.URI, error) {
 	if l.exporter == nil {
 		return "", fmt.Errorf("export %s on host %s: this endpoint serves no exports: %w", path, l.hostID, errdefs.ErrNotImplemented)
 	}
@@ -42,7 +46,7 @@ func (l *Local) Export(ctx context.Context, path string, expires time.Time) (dri
 	if err != nil {
 		return "", fmt.Errorf("export %s on host %s: %w", path, l.hostID, err)
 	}
-	u, err := l.exporter.Export(host, expires)
+	u, err := l.exporter.Export(host, expires, owner)
 	if err == nil {
 		err = failpoint.Hit(failpoint.ExportAfterGrant)
 	}
@@ -70,11 +74,14 @@ func (l *Local) Unexport(ctx context.Context, uri drivers.URI) error {
 // agent/nbdexports.Server is the agent's.
 type NBDExporter interface {
 	// Export serves the file at path (on this machine) under a new name
-	// until expires (zero: never) and returns its nbd:// or nbds:// URI.
-	Export(path string, readOnly bool, expires time.Time) (string, error)
+	// until expires (zero: never) for owner, and returns its nbd:// or
+	// nbds:// URI.
+	Export(path string, readOnly bool, expires time.Time, owner exports.Owner) (string, error)
 	// Unexport removes an export and closes its connections; an unknown one
 	// is not an error.
 	Unexport(uri string) error
+	// List returns the live exports.
+	List() []nbdexports.Info
 }
 
 // WithNBDExporter makes ExportNBD and UnexportNBD work through x; without
@@ -131,7 +138,7 @@ func (l *Local) ExportNBD(ctx context.Context, req NBDExportRequest) (drivers.UR
 	if !within(realPath, realStore) {
 		return fail(fmt.Errorf("resolves to %s, outside its store: %w", l.callerPath(realPath), errdefs.ErrInvalid))
 	}
-	u, err := l.nbd.Export(realPath, req.ReadOnly, req.Expires)
+	u, err := l.nbd.Export(realPath, req.ReadOnly, req.Expires, req.Owner)
 	if err != nil {
 		return fail(err)
 	}
@@ -151,6 +158,64 @@ func (l *Local) UnexportNBD(ctx context.Context, uri drivers.URI) error {
 		return fmt.Errorf("nbd unexport %s on host %s: %w", uri, l.hostID, err)
 	}
 	return nil
+}
+
+// ExportKind is how an export serves its file.
+type ExportKind int
+
+// The export kinds.
+const (
+	ExportHTTP ExportKind = iota + 1 // Export: http(s)://…/exports/<token>
+	ExportNBD                        // ExportNBD: nbd(s)://…/<name>
+)
+
+// String implements fmt.Stringer.
+func (k ExportKind) String() string {
+	switch k {
+	case ExportHTTP:
+		return "http"
+	case ExportNBD:
+		return "nbd"
+	}
+	return "unknown"
+}
+
+// ExportInfo is one live export of this host (ListExports).
+type ExportInfo struct {
+	Kind ExportKind
+	// URI as Export or ExportNBD returned it: what Unexport and
+	// UnexportNBD accept. It is the capability: never log it.
+	URI      drivers.URI
+	Path     string // on this machine
+	ReadOnly bool
+	Owner    exports.Owner
+	// SharedWith are the owners of the later Exports that joined an HTTP
+	// export (exports.Server shares one export per file).
+	SharedWith []exports.Owner
+	Created    time.Time // zero: made before exports recorded it
+	Expires    time.Time // zero: never
+}
+
+// ListExports returns the live exports of this host, HTTP then NBD (none
+// of a kind this endpoint does not serve).
+func (l *Local) ListExports(ctx context.Context) ([]ExportInfo, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	var out []ExportInfo
+	if l.exporter != nil {
+		for _, x := range l.exporter.List() {
+			out = append(out, ExportInfo{Kind: ExportHTTP, URI: drivers.URI(x.URL), Path: x.Path, ReadOnly: true, Owner: x.Owner,
+				SharedWith: x.SharedWith, Created: x.Created, Expires: x.Expires})
+		}
+	}
+	if l.nbd != nil {
+		for _, x := range l.nbd.List() {
+			out = append(out, ExportInfo{Kind: ExportNBD, URI: drivers.URI(x.URI), Path: x.Path, ReadOnly: x.ReadOnly, Owner: x.Owner,
+				Created: x.Created, Expires: x.Expires})
+		}
+	}
+	return out, nil
 }
 
 // InStore checks that path (a path on this machine, as the exporters hold

@@ -745,7 +745,7 @@ func TestExportCopiedByAnotherHost(t *testing.T) {
 		t.Fatal(err)
 	}
 	qio(t, h1.onHost(vol), "qcow2", "write -P 0x77 0 1M", "write -P 0x78 5M 64k")
-	uri, err := h1.Export(ctx, vol, time.Time{})
+	uri, err := h1.Export(ctx, vol, time.Time{}, exports.Owner{})
 	if err != nil || !strings.HasPrefix(string(uri), srv.URL+exports.Prefix) {
 		t.Fatalf("export: %q %v", uri, err)
 	}
@@ -776,7 +776,7 @@ func TestExportCopiedByAnotherHost(t *testing.T) {
 	if _, err := h2.CopyImage(ctx, CopyRequest{Source: string(uri), SourceFormat: drivers.FormatQCOW2, Dest: "/srv/primary/w.qcow2"}, nil); !errors.Is(err, errdefs.ErrNotFound) {
 		t.Fatalf("copy after unexport: %v", err)
 	}
-	if _, err := h2.Export(ctx, vol, time.Time{}); !errors.Is(err, errdefs.ErrNotImplemented) {
+	if _, err := h2.Export(ctx, vol, time.Time{}, exports.Owner{}); !errors.Is(err, errdefs.ErrNotImplemented) {
 		t.Fatalf("export without an exporter: %v", err)
 	}
 }
@@ -799,7 +799,7 @@ func TestImageOpsRefuseBadPaths(t *testing.T) {
 		_, errs["backup"] = l.BackupImage(ctx, BackupRequest{Source: p, SourceFormat: drivers.FormatRaw, ChunkDir: good, Manifest: good}, nil)
 		_, errs["restore"] = l.RestoreImage(ctx, RestoreRequest{Manifest: good, ChunkDir: good, Dest: p}, nil)
 		_, errs["delete-backup"] = l.DeleteBackup(ctx, DeleteBackupRequest{Manifest: p, ChunkDir: good})
-		_, errs["export"] = l.Export(ctx, p, time.Time{})
+		_, errs["export"] = l.Export(ctx, p, time.Time{}, exports.Owner{})
 		for op, err := range errs {
 			if !errors.Is(err, errdefs.ErrInvalid) {
 				t.Errorf("%s with path %q: err = %v, want ErrInvalid", op, p, err)

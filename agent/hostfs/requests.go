@@ -5,6 +5,7 @@ import (
 	"os"
 	"time"
 
+	"github.com/stowage/stowage/agent/exports"
 	"github.com/stowage/stowage/drivers"
 )
 
@@ -106,7 +107,7 @@ type imageOps interface {
 	// agent under an unguessable token, until Unexport or expires (zero:
 	// never); it returns the URL. Other agents copy from it directly
 	// (volume migration between hosts).
-	Export(ctx context.Context, path string, expires time.Time) (drivers.URI, error)
+	Export(ctx context.Context, path string, expires time.Time, owner exports.Owner) (drivers.URI, error)
 	// Unexport ends an export; an unknown one is not an error.
 	Unexport(ctx context.Context, uri drivers.URI) error
 	// ExportNBD serves the image at req.Path (a file of a store on this
@@ -119,6 +120,9 @@ type imageOps interface {
 	// UnexportNBD removes the export at uri and closes its connections; an
 	// unknown export is not an error.
 	UnexportNBD(ctx context.Context, uri drivers.URI) error
+	// ListExports returns the live exports of the host, HTTP and NBD, with
+	// the owners they were made for.
+	ListExports(ctx context.Context) ([]ExportInfo, error)
 }
 
 // NBDExportRequest asks an agent to serve an image over NBD.
@@ -132,6 +136,8 @@ type NBDExportRequest struct {
 	// Expires is when the export ends (zero: never); past it, the export
 	// does not open and the agent removes it.
 	Expires time.Time
+	// Owner is whom the export is for; it only records it.
+	Owner exports.Owner
 }
 
 // ImageInfo is what qemu-img says of an image, plus what the step measured.

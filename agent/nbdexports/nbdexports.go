@@ -18,6 +18,15 @@
 // then on it does not open, and the sweeper that runs while Serve runs
 // removes it within SweepInterval and closes its connections.
 //
+// # Owners
+//
+// Every Export names its exports.Owner (the task it runs for and the
+// object it serves); the export records it and when it was made, and List
+// answers them with the URIs, so that the controller can tell which job
+// made each export and end those no job accounts for. State files written
+// before Owners were recorded load with empty Owners and zero creation
+// times.
+//
 // # Persistence
 //
 // With WithStateFile every Export and Unexport rewrites a small JSON file
@@ -32,7 +41,7 @@
 //	err := x.Load(local.InStore)
 //	go x.Serve(ctx, ln)          // ln from --nbd-listen
 //	x.SetAddress("10.0.0.5:10809")
-//	uri, err := x.Export("/srv/p1/volumes/v1.raw", false, time.Time{}) // nbd://10.0.0.5:10809/3f2a…
+//	uri, err := x.Export("/srv/p1/volumes/v1.raw", false, time.Time{}, exports.Owner{Store: "p1", Key: "volumes/v1.raw"}) // nbd://10.0.0.5:10809/3f2a…
 //	err = x.Unexport(uri)
 package nbdexports
 
@@ -55,6 +64,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/stowage/stowage/agent/exports"
 	"github.com/stowage/stowage/datapath/durable"
 	"github.com/stowage/stowage/datapath/nbd"
 	"github.com/stowage/stowage/errdefs"
@@ -82,6 +92,9 @@ type export struct {
 	Path     string    `json:"path"`
 	ReadOnly bool      `json:"read_only,omitempty"`
 	Expires  time.Time `json:"expires,omitzero"`
+	// Since Owners were recorded; absent in older state files.
+	Owner   exports.Owner `json:"owner,omitzero"`
+	Created time.Time     `json:"created,omitzero"`
 }
 
 func (e *export) expired(now time.Time) bool { return !e.Expires.IsZero() && !now.Before(e.Expires) }
@@ -284,10 +297,10 @@ func (s *Server) Close() error {
 
 // Export serves the file at path (on this machine) under a new name until
 // expires (zero: until Unexport) and returns its nbd:// (nbds:// with TLS)
-// URI. Before SetAddress it is errdefs.ErrUnavailable; an expiry already
+// URI; the export records owner. Before SetAddress it is errdefs.ErrUnavailable; an expiry already
 // past is errdefs.ErrInvalid. With a state file, the export is recorded
 // before Export returns.
-func (s *Server) Export(path string, readOnly bool, expires time.Time) (string, error) {
+func (s *Server) Export(path string, readOnly bool, expires time.Time, owner exports.Owner) (string, error) {
 	addr := s.Address()
 	if addr == "" {
 		return "", fmt.Errorf("nbd export %s: this agent serves no NBD (--nbd-listen): %w", path, errdefs.ErrUnavailable)
@@ -302,7 +315,7 @@ func (s *Server) Export(path string, readOnly bool, expires time.Time) (string, 
 		return "", fmt.Errorf("nbd export %s: %w", path, err)
 	}
 	s.mu.Lock()
-	s.exports[name] = &export{Name: name, Path: path, ReadOnly: readOnly, Expires: expires}
+	s.exports[name] = &export{Name: name, Path: path, ReadOnly: readOnly, Expires: expires, Owner: owner, Created: time.Now()}
 	s.mu.Unlock()
 	if err := s.save(); err != nil {
 		s.mu.Lock()
@@ -349,6 +362,40 @@ func (s *Server) Exported() []string {
 	for _, e := range s.exports {
 		out = append(out, e.Path)
 	}
+	return out
+}
+
+// Info describes one live export (List).
+type Info struct {
+	// URI is the export's URI under the current address: what Export
+	// returned, unless SetAddress changed since (Unexport takes either:
+	// it goes by the name). It carries the export name, a capability:
+	// never log it.
+	URI      string
+	Path     string
+	ReadOnly bool
+	Owner    exports.Owner
+	Created  time.Time // zero: made before it was recorded
+	Expires  time.Time // zero: never
+}
+
+// List returns the live (not expired) exports, by URI. Before SetAddress
+// there are none to list (no URI can name them).
+func (s *Server) List() []Info {
+	now := time.Now()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.addr == "" {
+		return nil
+	}
+	out := make([]Info, 0, len(s.exports))
+	for _, e := range s.exports {
+		if e.expired(now) {
+			continue
+		}
+		out = append(out, Info{URI: s.uri(s.addr, e.Name), Path: e.Path, ReadOnly: e.ReadOnly, Owner: e.Owner, Created: e.Created, Expires: e.Expires})
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].URI < out[j].URI })
 	return out
 }
 

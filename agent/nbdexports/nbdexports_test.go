@@ -21,6 +21,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stowage/stowage/agent/exports"
 	"github.com/stowage/stowage/datapath/nbd"
 	"github.com/stowage/stowage/errdefs"
 	"github.com/stowage/stowage/internal/envtest"
@@ -106,10 +107,10 @@ func TestExpiry(t *testing.T) {
 	_, stop := serve(t, s, "127.0.0.1:0")
 	defer stop()
 	p := image(t, dir, "v.raw", "VOLUME")
-	if _, err := s.Export(p, true, time.Now().Add(-time.Minute)); !errors.Is(err, errdefs.ErrInvalid) {
+	if _, err := s.Export(p, true, time.Now().Add(-time.Minute), exports.Owner{}); !errors.Is(err, errdefs.ErrInvalid) {
 		t.Fatalf("past expiry: %v", err)
 	}
-	uri, err := s.Export(p, true, time.Now().Add(300*time.Millisecond))
+	uri, err := s.Export(p, true, time.Now().Add(300*time.Millisecond), exports.Owner{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -149,14 +150,14 @@ func TestRestore(t *testing.T) {
 		t.Fatal(err)
 	}
 	addr, stop1 := serve(t, s1, "127.0.0.1:0")
-	uKeep, err := s1.Export(keep, true, time.Now().Add(time.Hour))
+	uKeep, err := s1.Export(keep, true, time.Now().Add(time.Hour), exports.Owner{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	uRW, _ := s1.Export(keep, false, time.Time{})
-	uShort, _ := s1.Export(short, true, time.Now().Add(300*time.Millisecond))
-	uGone, _ := s1.Export(gone, true, time.Time{})
-	uDone, _ := s1.Export(keep, true, time.Time{})
+	uRW, _ := s1.Export(keep, false, time.Time{}, exports.Owner{})
+	uShort, _ := s1.Export(short, true, time.Now().Add(300*time.Millisecond), exports.Owner{})
+	uGone, _ := s1.Export(gone, true, time.Time{}, exports.Owner{})
+	uDone, _ := s1.Export(keep, true, time.Time{}, exports.Owner{})
 	if err := s1.Unexport(uDone); err != nil {
 		t.Fatal(err)
 	}
@@ -246,7 +247,7 @@ func TestTLS(t *testing.T) {
 	s := New(quiet(), WithTLS(cfg, true))
 	addr, stop := serve(t, s, "127.0.0.1:0")
 	defer stop()
-	uri, err := s.Export(image(t, dir, "v.raw", "TLSDATA"), true, time.Time{})
+	uri, err := s.Export(image(t, dir, "v.raw", "TLSDATA"), true, time.Time{}, exports.Owner{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -75,6 +75,58 @@ func (CloneMode) EnumDescriptor() ([]byte, []int) {
 	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{0}
 }
 
+// ExportKind is how an export serves its object.
+type ExportKind int32
+
+const (
+	ExportKind_EXPORT_KIND_UNSPECIFIED ExportKind = 0
+	// http(s)://agent/exports/<token> (ExportStep).
+	ExportKind_EXPORT_KIND_HTTP ExportKind = 1
+	// nbd(s)://agent:port/<name> (ExportNbdStep).
+	ExportKind_EXPORT_KIND_NBD ExportKind = 2
+)
+
+// Enum value maps for ExportKind.
+var (
+	ExportKind_name = map[int32]string{
+		0: "EXPORT_KIND_UNSPECIFIED",
+		1: "EXPORT_KIND_HTTP",
+		2: "EXPORT_KIND_NBD",
+	}
+	ExportKind_value = map[string]int32{
+		"EXPORT_KIND_UNSPECIFIED": 0,
+		"EXPORT_KIND_HTTP":        1,
+		"EXPORT_KIND_NBD":         2,
+	}
+)
+
+func (x ExportKind) Enum() *ExportKind {
+	p := new(ExportKind)
+	*p = x
+	return p
+}
+
+func (x ExportKind) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (ExportKind) Descriptor() protoreflect.EnumDescriptor {
+	return file_stowage_v1_agent_proto_enumTypes[1].Descriptor()
+}
+
+func (ExportKind) Type() protoreflect.EnumType {
+	return &file_stowage_v1_agent_proto_enumTypes[1]
+}
+
+func (x ExportKind) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use ExportKind.Descriptor instead.
+func (ExportKind) EnumDescriptor() ([]byte, []int) {
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{1}
+}
+
 type JoinRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// stj_<id>.<secret>, from `stowage host token create`.
@@ -1001,6 +1053,11 @@ func (x *CancelTaskResponse) GetResult() *TaskResult {
 type Task struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Id    string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// The task id of the controller's plan step this task is one call of
+	// (drivers.TaskIDFrom on the calling side; "" if none). Not part of the
+	// step: id is derived without it. An export records it, so that
+	// list_exports tells which job made each one.
+	ParentId string `protobuf:"bytes,2,opt,name=parent_id,json=parentId,proto3" json:"parent_id,omitempty"`
 	// Types that are valid to be assigned to Step:
 	//
 	//	*Task_PrepareStore
@@ -1033,6 +1090,7 @@ type Task struct {
 	//	*Task_ListLuns
 	//	*Task_ConnectLun
 	//	*Task_DisconnectLun
+	//	*Task_ListExports
 	Step          isTask_Step `protobuf_oneof:"step"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1071,6 +1129,13 @@ func (*Task) Descriptor() ([]byte, []int) {
 func (x *Task) GetId() string {
 	if x != nil {
 		return x.Id
+	}
+	return ""
+}
+
+func (x *Task) GetParentId() string {
+	if x != nil {
+		return x.ParentId
 	}
 	return ""
 }
@@ -1352,6 +1417,15 @@ func (x *Task) GetDisconnectLun() *ConnectLunStep {
 	return nil
 }
 
+func (x *Task) GetListExports() *ListExportsStep {
+	if x != nil {
+		if x, ok := x.Step.(*Task_ListExports); ok {
+			return x.ListExports
+		}
+	}
+	return nil
+}
+
 type isTask_Step interface {
 	isTask_Step()
 }
@@ -1476,6 +1550,10 @@ type Task_DisconnectLun struct {
 	DisconnectLun *ConnectLunStep `protobuf:"bytes,39,opt,name=disconnect_lun,json=disconnectLun,proto3,oneof"`
 }
 
+type Task_ListExports struct {
+	ListExports *ListExportsStep `protobuf:"bytes,40,opt,name=list_exports,json=listExports,proto3,oneof"`
+}
+
 func (*Task_PrepareStore) isTask_Step() {}
 
 func (*Task_ProbeStore) isTask_Step() {}
@@ -1535,6 +1613,8 @@ func (*Task_ListLuns) isTask_Step() {}
 func (*Task_ConnectLun) isTask_Step() {}
 
 func (*Task_DisconnectLun) isTask_Step() {}
+
+func (*Task_ListExports) isTask_Step() {}
 
 // ConnectLunStep logs this host's kernel initiator in to a LUN (the
 // os-brick sequence) and answers with its block device (file:///dev/...);
@@ -3415,6 +3495,263 @@ func (x *UnexportNbdStep) GetUri() string {
 	return ""
 }
 
+// ListExportsStep lists the agent's live exports, HTTP and NBD
+// (hostops.Exports.ListExports): of the objects of store_id, or of every
+// store when it is "". Each answer carries the export's URI, which is the
+// capability itself: it goes back to the controller only, over mutual TLS,
+// and is never journalled nor logged.
+type ListExportsStep struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	StoreId       string                 `protobuf:"bytes,1,opt,name=store_id,json=storeId,proto3" json:"store_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListExportsStep) Reset() {
+	*x = ListExportsStep{}
+	mi := &file_stowage_v1_agent_proto_msgTypes[48]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListExportsStep) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListExportsStep) ProtoMessage() {}
+
+func (x *ListExportsStep) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_agent_proto_msgTypes[48]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListExportsStep.ProtoReflect.Descriptor instead.
+func (*ListExportsStep) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{48}
+}
+
+func (x *ListExportsStep) GetStoreId() string {
+	if x != nil {
+		return x.StoreId
+	}
+	return ""
+}
+
+// ExportOwner is the task an export was made under.
+type ExportOwner struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The id of the agent task (ExportStep, ExportNbdStep) that made it.
+	TaskId string `protobuf:"bytes,1,opt,name=task_id,json=taskId,proto3" json:"task_id,omitempty"`
+	// The controller step's task id that task was part of (Task.parent_id).
+	ParentId      string `protobuf:"bytes,2,opt,name=parent_id,json=parentId,proto3" json:"parent_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExportOwner) Reset() {
+	*x = ExportOwner{}
+	mi := &file_stowage_v1_agent_proto_msgTypes[49]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExportOwner) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExportOwner) ProtoMessage() {}
+
+func (x *ExportOwner) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_agent_proto_msgTypes[49]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExportOwner.ProtoReflect.Descriptor instead.
+func (*ExportOwner) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{49}
+}
+
+func (x *ExportOwner) GetTaskId() string {
+	if x != nil {
+		return x.TaskId
+	}
+	return ""
+}
+
+func (x *ExportOwner) GetParentId() string {
+	if x != nil {
+		return x.ParentId
+	}
+	return ""
+}
+
+// ExportInfo is one live export.
+type ExportInfo struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// As the grant handed it out: what UnexportStep / UnexportNbdStep accept.
+	Uri  string     `protobuf:"bytes,1,opt,name=uri,proto3" json:"uri,omitempty"`
+	Kind ExportKind `protobuf:"varint,2,opt,name=kind,proto3,enum=stowage.v1.ExportKind" json:"kind,omitempty"`
+	// The object it serves (an export made before exports recorded it: unset).
+	Ref *ObjectRef `protobuf:"bytes,3,opt,name=ref,proto3" json:"ref,omitempty"`
+	// The task that made it (unset for an export made before exports
+	// recorded it).
+	Owner *ExportOwner `protobuf:"bytes,4,opt,name=owner,proto3" json:"owner,omitempty"`
+	// The other tasks whose Export of the same file joined this one (an HTTP
+	// export of one file is shared: it ends once each Export of it has been
+	// unexported, or when it expires).
+	SharedWith []*ExportOwner `protobuf:"bytes,5,rep,name=shared_with,json=sharedWith,proto3" json:"shared_with,omitempty"`
+	// When it was made (unset if unknown) and when it ends (unset: never).
+	Created       *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=created,proto3" json:"created,omitempty"`
+	Expires       *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=expires,proto3" json:"expires,omitempty"`
+	ReadOnly      bool                   `protobuf:"varint,8,opt,name=read_only,json=readOnly,proto3" json:"read_only,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExportInfo) Reset() {
+	*x = ExportInfo{}
+	mi := &file_stowage_v1_agent_proto_msgTypes[50]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExportInfo) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExportInfo) ProtoMessage() {}
+
+func (x *ExportInfo) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_agent_proto_msgTypes[50]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExportInfo.ProtoReflect.Descriptor instead.
+func (*ExportInfo) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{50}
+}
+
+func (x *ExportInfo) GetUri() string {
+	if x != nil {
+		return x.Uri
+	}
+	return ""
+}
+
+func (x *ExportInfo) GetKind() ExportKind {
+	if x != nil {
+		return x.Kind
+	}
+	return ExportKind_EXPORT_KIND_UNSPECIFIED
+}
+
+func (x *ExportInfo) GetRef() *ObjectRef {
+	if x != nil {
+		return x.Ref
+	}
+	return nil
+}
+
+func (x *ExportInfo) GetOwner() *ExportOwner {
+	if x != nil {
+		return x.Owner
+	}
+	return nil
+}
+
+func (x *ExportInfo) GetSharedWith() []*ExportOwner {
+	if x != nil {
+		return x.SharedWith
+	}
+	return nil
+}
+
+func (x *ExportInfo) GetCreated() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Created
+	}
+	return nil
+}
+
+func (x *ExportInfo) GetExpires() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Expires
+	}
+	return nil
+}
+
+func (x *ExportInfo) GetReadOnly() bool {
+	if x != nil {
+		return x.ReadOnly
+	}
+	return false
+}
+
+type ExportList struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Exports       []*ExportInfo          `protobuf:"bytes,1,rep,name=exports,proto3" json:"exports,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExportList) Reset() {
+	*x = ExportList{}
+	mi := &file_stowage_v1_agent_proto_msgTypes[51]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExportList) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExportList) ProtoMessage() {}
+
+func (x *ExportList) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_agent_proto_msgTypes[51]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExportList.ProtoReflect.Descriptor instead.
+func (*ExportList) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{51}
+}
+
+func (x *ExportList) GetExports() []*ExportInfo {
+	if x != nil {
+		return x.Exports
+	}
+	return nil
+}
+
 // ImageInfo describes an image and the work a step did on it (drivers.ImageInfo).
 type ImageInfo struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -3436,7 +3773,7 @@ type ImageInfo struct {
 
 func (x *ImageInfo) Reset() {
 	*x = ImageInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[48]
+	mi := &file_stowage_v1_agent_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3448,7 +3785,7 @@ func (x *ImageInfo) String() string {
 func (*ImageInfo) ProtoMessage() {}
 
 func (x *ImageInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[48]
+	mi := &file_stowage_v1_agent_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3461,7 +3798,7 @@ func (x *ImageInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImageInfo.ProtoReflect.Descriptor instead.
 func (*ImageInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{48}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *ImageInfo) GetKey() string {
@@ -3546,7 +3883,7 @@ type SnapshotInfo struct {
 
 func (x *SnapshotInfo) Reset() {
 	*x = SnapshotInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[49]
+	mi := &file_stowage_v1_agent_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3558,7 +3895,7 @@ func (x *SnapshotInfo) String() string {
 func (*SnapshotInfo) ProtoMessage() {}
 
 func (x *SnapshotInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[49]
+	mi := &file_stowage_v1_agent_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3571,7 +3908,7 @@ func (x *SnapshotInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotInfo.ProtoReflect.Descriptor instead.
 func (*SnapshotInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{49}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *SnapshotInfo) GetSnapshot() *ImageInfo {
@@ -3612,7 +3949,7 @@ type BackupInfo struct {
 
 func (x *BackupInfo) Reset() {
 	*x = BackupInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[50]
+	mi := &file_stowage_v1_agent_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3624,7 +3961,7 @@ func (x *BackupInfo) String() string {
 func (*BackupInfo) ProtoMessage() {}
 
 func (x *BackupInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[50]
+	mi := &file_stowage_v1_agent_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3637,7 +3974,7 @@ func (x *BackupInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BackupInfo.ProtoReflect.Descriptor instead.
 func (*BackupInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{50}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *BackupInfo) GetManifest() string {
@@ -3715,7 +4052,7 @@ type FileInfo struct {
 
 func (x *FileInfo) Reset() {
 	*x = FileInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[51]
+	mi := &file_stowage_v1_agent_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3727,7 +4064,7 @@ func (x *FileInfo) String() string {
 func (*FileInfo) ProtoMessage() {}
 
 func (x *FileInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[51]
+	mi := &file_stowage_v1_agent_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3740,7 +4077,7 @@ func (x *FileInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileInfo.ProtoReflect.Descriptor instead.
 func (*FileInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{51}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *FileInfo) GetKey() string {
@@ -3805,7 +4142,7 @@ type StoreProbe struct {
 
 func (x *StoreProbe) Reset() {
 	*x = StoreProbe{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[52]
+	mi := &file_stowage_v1_agent_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3817,7 +4154,7 @@ func (x *StoreProbe) String() string {
 func (*StoreProbe) ProtoMessage() {}
 
 func (x *StoreProbe) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[52]
+	mi := &file_stowage_v1_agent_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3830,7 +4167,7 @@ func (x *StoreProbe) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StoreProbe.ProtoReflect.Descriptor instead.
 func (*StoreProbe) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{52}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *StoreProbe) GetCapacityBytes() int64 {
@@ -3884,6 +4221,7 @@ type TaskResult struct {
 	//	*TaskResult_Uri
 	//	*TaskResult_Lun
 	//	*TaskResult_Luns
+	//	*TaskResult_Exports
 	Result        isTaskResult_Result `protobuf_oneof:"result"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -3891,7 +4229,7 @@ type TaskResult struct {
 
 func (x *TaskResult) Reset() {
 	*x = TaskResult{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[53]
+	mi := &file_stowage_v1_agent_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3903,7 +4241,7 @@ func (x *TaskResult) String() string {
 func (*TaskResult) ProtoMessage() {}
 
 func (x *TaskResult) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[53]
+	mi := &file_stowage_v1_agent_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3916,7 +4254,7 @@ func (x *TaskResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TaskResult.ProtoReflect.Descriptor instead.
 func (*TaskResult) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{53}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *TaskResult) GetTaskId() string {
@@ -4049,6 +4387,15 @@ func (x *TaskResult) GetLuns() *LunList {
 	return nil
 }
 
+func (x *TaskResult) GetExports() *ExportList {
+	if x != nil {
+		if x, ok := x.Result.(*TaskResult_Exports); ok {
+			return x.Exports
+		}
+	}
+	return nil
+}
+
 type isTaskResult_Result interface {
 	isTaskResult_Result()
 }
@@ -4090,6 +4437,10 @@ type TaskResult_Luns struct {
 	Luns *LunList `protobuf:"bytes,18,opt,name=luns,proto3,oneof"`
 }
 
+type TaskResult_Exports struct {
+	Exports *ExportList `protobuf:"bytes,19,opt,name=exports,proto3,oneof"`
+}
+
 func (*TaskResult_Probe) isTaskResult_Result() {}
 
 func (*TaskResult_File) isTaskResult_Result() {}
@@ -4108,6 +4459,8 @@ func (*TaskResult_Lun) isTaskResult_Result() {}
 
 func (*TaskResult_Luns) isTaskResult_Result() {}
 
+func (*TaskResult_Exports) isTaskResult_Result() {}
+
 type FileList struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Files         []*FileInfo            `protobuf:"bytes,1,rep,name=files,proto3" json:"files,omitempty"`
@@ -4117,7 +4470,7 @@ type FileList struct {
 
 func (x *FileList) Reset() {
 	*x = FileList{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[54]
+	mi := &file_stowage_v1_agent_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4129,7 +4482,7 @@ func (x *FileList) String() string {
 func (*FileList) ProtoMessage() {}
 
 func (x *FileList) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[54]
+	mi := &file_stowage_v1_agent_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4142,7 +4495,7 @@ func (x *FileList) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileList.ProtoReflect.Descriptor instead.
 func (*FileList) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{54}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{58}
 }
 
 func (x *FileList) GetFiles() []*FileInfo {
@@ -4219,9 +4572,10 @@ const file_stowage_v1_agent_proto_rawDesc = "" +
 	"\x11CancelTaskRequest\x12\x17\n" +
 	"\atask_id\x18\x01 \x01(\tR\x06taskId\"D\n" +
 	"\x12CancelTaskResponse\x12.\n" +
-	"\x06result\x18\x01 \x01(\v2\x16.stowage.v1.TaskResultR\x06result\"\xb0\x0f\n" +
+	"\x06result\x18\x01 \x01(\v2\x16.stowage.v1.TaskResultR\x06result\"\x8f\x10\n" +
 	"\x04Task\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\x12C\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1b\n" +
+	"\tparent_id\x18\x02 \x01(\tR\bparentId\x12C\n" +
 	"\rprepare_store\x18\n" +
 	" \x01(\v2\x1c.stowage.v1.PrepareStoreStepH\x00R\fprepareStore\x12=\n" +
 	"\vprobe_store\x18\v \x01(\v2\x1a.stowage.v1.ProbeStoreStepH\x00R\n" +
@@ -4262,7 +4616,8 @@ const file_stowage_v1_agent_proto_rawDesc = "" +
 	"\tlist_luns\x18% \x01(\v2\x1b.stowage.v1.IscsiTargetStepH\x00R\blistLuns\x12=\n" +
 	"\vconnect_lun\x18& \x01(\v2\x1a.stowage.v1.ConnectLunStepH\x00R\n" +
 	"connectLun\x12C\n" +
-	"\x0edisconnect_lun\x18' \x01(\v2\x1a.stowage.v1.ConnectLunStepH\x00R\rdisconnectLunB\x06\n" +
+	"\x0edisconnect_lun\x18' \x01(\v2\x1a.stowage.v1.ConnectLunStepH\x00R\rdisconnectLun\x12@\n" +
+	"\flist_exports\x18( \x01(\v2\x1b.stowage.v1.ListExportsStepH\x00R\vlistExportsB\x06\n" +
 	"\x04step\"\"\n" +
 	"\x0eConnectLunStep\x12\x10\n" +
 	"\x03uri\x18\x01 \x01(\tR\x03uri\"v\n" +
@@ -4400,7 +4755,26 @@ const file_stowage_v1_agent_proto_rawDesc = "" +
 	"\vttl_seconds\x18\x04 \x01(\x03R\n" +
 	"ttlSeconds\"#\n" +
 	"\x0fUnexportNbdStep\x12\x10\n" +
-	"\x03uri\x18\x01 \x01(\tR\x03uri\"\xd4\x02\n" +
+	"\x03uri\x18\x01 \x01(\tR\x03uri\",\n" +
+	"\x0fListExportsStep\x12\x19\n" +
+	"\bstore_id\x18\x01 \x01(\tR\astoreId\"C\n" +
+	"\vExportOwner\x12\x17\n" +
+	"\atask_id\x18\x01 \x01(\tR\x06taskId\x12\x1b\n" +
+	"\tparent_id\x18\x02 \x01(\tR\bparentId\"\xe5\x02\n" +
+	"\n" +
+	"ExportInfo\x12\x10\n" +
+	"\x03uri\x18\x01 \x01(\tR\x03uri\x12*\n" +
+	"\x04kind\x18\x02 \x01(\x0e2\x16.stowage.v1.ExportKindR\x04kind\x12'\n" +
+	"\x03ref\x18\x03 \x01(\v2\x15.stowage.v1.ObjectRefR\x03ref\x12-\n" +
+	"\x05owner\x18\x04 \x01(\v2\x17.stowage.v1.ExportOwnerR\x05owner\x128\n" +
+	"\vshared_with\x18\x05 \x03(\v2\x17.stowage.v1.ExportOwnerR\n" +
+	"sharedWith\x124\n" +
+	"\acreated\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\acreated\x124\n" +
+	"\aexpires\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\aexpires\x12\x1b\n" +
+	"\tread_only\x18\b \x01(\bR\breadOnly\">\n" +
+	"\n" +
+	"ExportList\x120\n" +
+	"\aexports\x18\x01 \x03(\v2\x16.stowage.v1.ExportInfoR\aexports\"\xd4\x02\n" +
 	"\tImageInfo\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12/\n" +
 	"\x06format\x18\x02 \x01(\x0e2\x17.stowage.v1.ImageFormatR\x06format\x12!\n" +
@@ -4445,7 +4819,7 @@ const file_stowage_v1_agent_proto_rawDesc = "" +
 	"\x0ecapacity_bytes\x18\x01 \x01(\x03R\rcapacityBytes\x12'\n" +
 	"\x0favailable_bytes\x18\x02 \x01(\x03R\x0eavailableBytes\x12\x18\n" +
 	"\areflink\x18\x03 \x01(\bR\areflink\x12\x17\n" +
-	"\afs_type\x18\x04 \x01(\tR\x06fsType\"\xc5\x04\n" +
+	"\afs_type\x18\x04 \x01(\tR\x06fsType\"\xf9\x04\n" +
 	"\n" +
 	"TaskResult\x12\x17\n" +
 	"\atask_id\x18\x01 \x01(\tR\x06taskId\x12\x12\n" +
@@ -4466,7 +4840,8 @@ const file_stowage_v1_agent_proto_rawDesc = "" +
 	"\x06backup\x18\x0f \x01(\v2\x16.stowage.v1.BackupInfoH\x00R\x06backup\x12\x12\n" +
 	"\x03uri\x18\x10 \x01(\tH\x00R\x03uri\x12'\n" +
 	"\x03lun\x18\x11 \x01(\v2\x13.stowage.v1.LunInfoH\x00R\x03lun\x12)\n" +
-	"\x04luns\x18\x12 \x01(\v2\x13.stowage.v1.LunListH\x00R\x04lunsB\b\n" +
+	"\x04luns\x18\x12 \x01(\v2\x13.stowage.v1.LunListH\x00R\x04luns\x122\n" +
+	"\aexports\x18\x13 \x01(\v2\x16.stowage.v1.ExportListH\x00R\aexportsB\b\n" +
 	"\x06result\"6\n" +
 	"\bFileList\x12*\n" +
 	"\x05files\x18\x01 \x03(\v2\x14.stowage.v1.FileInfoR\x05files*k\n" +
@@ -4474,7 +4849,12 @@ const file_stowage_v1_agent_proto_rawDesc = "" +
 	"\x16CLONE_MODE_UNSPECIFIED\x10\x00\x12\x16\n" +
 	"\x12CLONE_MODE_REFLINK\x10\x01\x12\x15\n" +
 	"\x11CLONE_MODE_LINKED\x10\x02\x12\x13\n" +
-	"\x0fCLONE_MODE_FULL\x10\x032\x9f\x02\n" +
+	"\x0fCLONE_MODE_FULL\x10\x03*T\n" +
+	"\n" +
+	"ExportKind\x12\x1b\n" +
+	"\x17EXPORT_KIND_UNSPECIFIED\x10\x00\x12\x14\n" +
+	"\x10EXPORT_KIND_HTTP\x10\x01\x12\x13\n" +
+	"\x0fEXPORT_KIND_NBD\x10\x022\x9f\x02\n" +
 	"\x13AgentControlService\x129\n" +
 	"\x04Join\x12\x17.stowage.v1.JoinRequest\x1a\x18.stowage.v1.JoinResponse\x12E\n" +
 	"\bRegister\x12\x1b.stowage.v1.RegisterRequest\x1a\x1c.stowage.v1.RegisterResponse\x12H\n" +
@@ -4502,192 +4882,206 @@ func file_stowage_v1_agent_proto_rawDescGZIP() []byte {
 	return file_stowage_v1_agent_proto_rawDescData
 }
 
-var file_stowage_v1_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_stowage_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 56)
+var file_stowage_v1_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
+var file_stowage_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 60)
 var file_stowage_v1_agent_proto_goTypes = []any{
 	(CloneMode)(0),                // 0: stowage.v1.CloneMode
-	(*JoinRequest)(nil),           // 1: stowage.v1.JoinRequest
-	(*JoinResponse)(nil),          // 2: stowage.v1.JoinResponse
-	(*RenewRequest)(nil),          // 3: stowage.v1.RenewRequest
-	(*RenewResponse)(nil),         // 4: stowage.v1.RenewResponse
-	(*RegisterRequest)(nil),       // 5: stowage.v1.RegisterRequest
-	(*RegisterResponse)(nil),      // 6: stowage.v1.RegisterResponse
-	(*StoreAssignment)(nil),       // 7: stowage.v1.StoreAssignment
-	(*HeartbeatRequest)(nil),      // 8: stowage.v1.HeartbeatRequest
-	(*HeartbeatResponse)(nil),     // 9: stowage.v1.HeartbeatResponse
-	(*TemplateCacheSpec)(nil),     // 10: stowage.v1.TemplateCacheSpec
-	(*RunTaskRequest)(nil),        // 11: stowage.v1.RunTaskRequest
-	(*RunTaskResponse)(nil),       // 12: stowage.v1.RunTaskResponse
-	(*GetTaskRequest)(nil),        // 13: stowage.v1.GetTaskRequest
-	(*GetTaskResponse)(nil),       // 14: stowage.v1.GetTaskResponse
-	(*CancelTaskRequest)(nil),     // 15: stowage.v1.CancelTaskRequest
-	(*CancelTaskResponse)(nil),    // 16: stowage.v1.CancelTaskResponse
-	(*Task)(nil),                  // 17: stowage.v1.Task
-	(*ConnectLunStep)(nil),        // 18: stowage.v1.ConnectLunStep
-	(*IscsiTarget)(nil),           // 19: stowage.v1.IscsiTarget
-	(*IscsiInitiator)(nil),        // 20: stowage.v1.IscsiInitiator
-	(*IscsiTargetStep)(nil),       // 21: stowage.v1.IscsiTargetStep
-	(*LunStep)(nil),               // 22: stowage.v1.LunStep
-	(*LunInfo)(nil),               // 23: stowage.v1.LunInfo
-	(*LunList)(nil),               // 24: stowage.v1.LunList
-	(*PrepareStoreStep)(nil),      // 25: stowage.v1.PrepareStoreStep
-	(*ProbeStoreStep)(nil),        // 26: stowage.v1.ProbeStoreStep
-	(*ReleaseStoreStep)(nil),      // 27: stowage.v1.ReleaseStoreStep
-	(*ObjectRef)(nil),             // 28: stowage.v1.ObjectRef
-	(*ChunkStoreRef)(nil),         // 29: stowage.v1.ChunkStoreRef
-	(*CreateImageStep)(nil),       // 30: stowage.v1.CreateImageStep
-	(*DeleteObjectStep)(nil),      // 31: stowage.v1.DeleteObjectStep
-	(*ListObjectsStep)(nil),       // 32: stowage.v1.ListObjectsStep
-	(*StatObjectStep)(nil),        // 33: stowage.v1.StatObjectStep
-	(*FetchImageStep)(nil),        // 34: stowage.v1.FetchImageStep
-	(*CopyImageStep)(nil),         // 35: stowage.v1.CopyImageStep
-	(*CloneImageStep)(nil),        // 36: stowage.v1.CloneImageStep
-	(*InspectImageStep)(nil),      // 37: stowage.v1.InspectImageStep
-	(*ResizeImageStep)(nil),       // 38: stowage.v1.ResizeImageStep
-	(*SnapshotImageStep)(nil),     // 39: stowage.v1.SnapshotImageStep
-	(*RevertImageStep)(nil),       // 40: stowage.v1.RevertImageStep
-	(*RebaseImageStep)(nil),       // 41: stowage.v1.RebaseImageStep
-	(*BackupImageStep)(nil),       // 42: stowage.v1.BackupImageStep
-	(*RestoreImageStep)(nil),      // 43: stowage.v1.RestoreImageStep
-	(*DeleteBackupStep)(nil),      // 44: stowage.v1.DeleteBackupStep
-	(*ExportStep)(nil),            // 45: stowage.v1.ExportStep
-	(*UnexportStep)(nil),          // 46: stowage.v1.UnexportStep
-	(*ExportNbdStep)(nil),         // 47: stowage.v1.ExportNbdStep
-	(*UnexportNbdStep)(nil),       // 48: stowage.v1.UnexportNbdStep
-	(*ImageInfo)(nil),             // 49: stowage.v1.ImageInfo
-	(*SnapshotInfo)(nil),          // 50: stowage.v1.SnapshotInfo
-	(*BackupInfo)(nil),            // 51: stowage.v1.BackupInfo
-	(*FileInfo)(nil),              // 52: stowage.v1.FileInfo
-	(*StoreProbe)(nil),            // 53: stowage.v1.StoreProbe
-	(*TaskResult)(nil),            // 54: stowage.v1.TaskResult
-	(*FileList)(nil),              // 55: stowage.v1.FileList
-	nil,                           // 56: stowage.v1.ChunkStoreRef.SecretEntry
-	(*HostCapabilities)(nil),      // 57: stowage.v1.HostCapabilities
-	(*Host)(nil),                  // 58: stowage.v1.Host
-	(HostState)(0),                // 59: stowage.v1.HostState
-	(*CacheSpec)(nil),             // 60: stowage.v1.CacheSpec
-	(ImageFormat)(0),              // 61: stowage.v1.ImageFormat
-	(*timestamppb.Timestamp)(nil), // 62: google.protobuf.Timestamp
+	(ExportKind)(0),               // 1: stowage.v1.ExportKind
+	(*JoinRequest)(nil),           // 2: stowage.v1.JoinRequest
+	(*JoinResponse)(nil),          // 3: stowage.v1.JoinResponse
+	(*RenewRequest)(nil),          // 4: stowage.v1.RenewRequest
+	(*RenewResponse)(nil),         // 5: stowage.v1.RenewResponse
+	(*RegisterRequest)(nil),       // 6: stowage.v1.RegisterRequest
+	(*RegisterResponse)(nil),      // 7: stowage.v1.RegisterResponse
+	(*StoreAssignment)(nil),       // 8: stowage.v1.StoreAssignment
+	(*HeartbeatRequest)(nil),      // 9: stowage.v1.HeartbeatRequest
+	(*HeartbeatResponse)(nil),     // 10: stowage.v1.HeartbeatResponse
+	(*TemplateCacheSpec)(nil),     // 11: stowage.v1.TemplateCacheSpec
+	(*RunTaskRequest)(nil),        // 12: stowage.v1.RunTaskRequest
+	(*RunTaskResponse)(nil),       // 13: stowage.v1.RunTaskResponse
+	(*GetTaskRequest)(nil),        // 14: stowage.v1.GetTaskRequest
+	(*GetTaskResponse)(nil),       // 15: stowage.v1.GetTaskResponse
+	(*CancelTaskRequest)(nil),     // 16: stowage.v1.CancelTaskRequest
+	(*CancelTaskResponse)(nil),    // 17: stowage.v1.CancelTaskResponse
+	(*Task)(nil),                  // 18: stowage.v1.Task
+	(*ConnectLunStep)(nil),        // 19: stowage.v1.ConnectLunStep
+	(*IscsiTarget)(nil),           // 20: stowage.v1.IscsiTarget
+	(*IscsiInitiator)(nil),        // 21: stowage.v1.IscsiInitiator
+	(*IscsiTargetStep)(nil),       // 22: stowage.v1.IscsiTargetStep
+	(*LunStep)(nil),               // 23: stowage.v1.LunStep
+	(*LunInfo)(nil),               // 24: stowage.v1.LunInfo
+	(*LunList)(nil),               // 25: stowage.v1.LunList
+	(*PrepareStoreStep)(nil),      // 26: stowage.v1.PrepareStoreStep
+	(*ProbeStoreStep)(nil),        // 27: stowage.v1.ProbeStoreStep
+	(*ReleaseStoreStep)(nil),      // 28: stowage.v1.ReleaseStoreStep
+	(*ObjectRef)(nil),             // 29: stowage.v1.ObjectRef
+	(*ChunkStoreRef)(nil),         // 30: stowage.v1.ChunkStoreRef
+	(*CreateImageStep)(nil),       // 31: stowage.v1.CreateImageStep
+	(*DeleteObjectStep)(nil),      // 32: stowage.v1.DeleteObjectStep
+	(*ListObjectsStep)(nil),       // 33: stowage.v1.ListObjectsStep
+	(*StatObjectStep)(nil),        // 34: stowage.v1.StatObjectStep
+	(*FetchImageStep)(nil),        // 35: stowage.v1.FetchImageStep
+	(*CopyImageStep)(nil),         // 36: stowage.v1.CopyImageStep
+	(*CloneImageStep)(nil),        // 37: stowage.v1.CloneImageStep
+	(*InspectImageStep)(nil),      // 38: stowage.v1.InspectImageStep
+	(*ResizeImageStep)(nil),       // 39: stowage.v1.ResizeImageStep
+	(*SnapshotImageStep)(nil),     // 40: stowage.v1.SnapshotImageStep
+	(*RevertImageStep)(nil),       // 41: stowage.v1.RevertImageStep
+	(*RebaseImageStep)(nil),       // 42: stowage.v1.RebaseImageStep
+	(*BackupImageStep)(nil),       // 43: stowage.v1.BackupImageStep
+	(*RestoreImageStep)(nil),      // 44: stowage.v1.RestoreImageStep
+	(*DeleteBackupStep)(nil),      // 45: stowage.v1.DeleteBackupStep
+	(*ExportStep)(nil),            // 46: stowage.v1.ExportStep
+	(*UnexportStep)(nil),          // 47: stowage.v1.UnexportStep
+	(*ExportNbdStep)(nil),         // 48: stowage.v1.ExportNbdStep
+	(*UnexportNbdStep)(nil),       // 49: stowage.v1.UnexportNbdStep
+	(*ListExportsStep)(nil),       // 50: stowage.v1.ListExportsStep
+	(*ExportOwner)(nil),           // 51: stowage.v1.ExportOwner
+	(*ExportInfo)(nil),            // 52: stowage.v1.ExportInfo
+	(*ExportList)(nil),            // 53: stowage.v1.ExportList
+	(*ImageInfo)(nil),             // 54: stowage.v1.ImageInfo
+	(*SnapshotInfo)(nil),          // 55: stowage.v1.SnapshotInfo
+	(*BackupInfo)(nil),            // 56: stowage.v1.BackupInfo
+	(*FileInfo)(nil),              // 57: stowage.v1.FileInfo
+	(*StoreProbe)(nil),            // 58: stowage.v1.StoreProbe
+	(*TaskResult)(nil),            // 59: stowage.v1.TaskResult
+	(*FileList)(nil),              // 60: stowage.v1.FileList
+	nil,                           // 61: stowage.v1.ChunkStoreRef.SecretEntry
+	(*HostCapabilities)(nil),      // 62: stowage.v1.HostCapabilities
+	(*Host)(nil),                  // 63: stowage.v1.Host
+	(HostState)(0),                // 64: stowage.v1.HostState
+	(*CacheSpec)(nil),             // 65: stowage.v1.CacheSpec
+	(ImageFormat)(0),              // 66: stowage.v1.ImageFormat
+	(*timestamppb.Timestamp)(nil), // 67: google.protobuf.Timestamp
 }
 var file_stowage_v1_agent_proto_depIdxs = []int32{
-	57,  // 0: stowage.v1.RegisterRequest.capabilities:type_name -> stowage.v1.HostCapabilities
-	58,  // 1: stowage.v1.RegisterResponse.host:type_name -> stowage.v1.Host
-	7,   // 2: stowage.v1.RegisterResponse.stores:type_name -> stowage.v1.StoreAssignment
-	57,  // 3: stowage.v1.HeartbeatRequest.capabilities:type_name -> stowage.v1.HostCapabilities
-	59,  // 4: stowage.v1.HeartbeatResponse.state:type_name -> stowage.v1.HostState
-	7,   // 5: stowage.v1.HeartbeatResponse.stores:type_name -> stowage.v1.StoreAssignment
-	10,  // 6: stowage.v1.HeartbeatResponse.template_cache:type_name -> stowage.v1.TemplateCacheSpec
-	60,  // 7: stowage.v1.TemplateCacheSpec.templates:type_name -> stowage.v1.CacheSpec
-	17,  // 8: stowage.v1.RunTaskRequest.task:type_name -> stowage.v1.Task
-	54,  // 9: stowage.v1.RunTaskResponse.result:type_name -> stowage.v1.TaskResult
-	54,  // 10: stowage.v1.GetTaskResponse.result:type_name -> stowage.v1.TaskResult
-	54,  // 11: stowage.v1.CancelTaskResponse.result:type_name -> stowage.v1.TaskResult
-	25,  // 12: stowage.v1.Task.prepare_store:type_name -> stowage.v1.PrepareStoreStep
-	26,  // 13: stowage.v1.Task.probe_store:type_name -> stowage.v1.ProbeStoreStep
-	27,  // 14: stowage.v1.Task.release_store:type_name -> stowage.v1.ReleaseStoreStep
-	30,  // 15: stowage.v1.Task.create_image:type_name -> stowage.v1.CreateImageStep
-	31,  // 16: stowage.v1.Task.delete_object:type_name -> stowage.v1.DeleteObjectStep
-	32,  // 17: stowage.v1.Task.list_objects:type_name -> stowage.v1.ListObjectsStep
-	33,  // 18: stowage.v1.Task.stat_object:type_name -> stowage.v1.StatObjectStep
-	34,  // 19: stowage.v1.Task.fetch_image:type_name -> stowage.v1.FetchImageStep
-	35,  // 20: stowage.v1.Task.copy_image:type_name -> stowage.v1.CopyImageStep
-	36,  // 21: stowage.v1.Task.clone_image:type_name -> stowage.v1.CloneImageStep
-	37,  // 22: stowage.v1.Task.inspect_image:type_name -> stowage.v1.InspectImageStep
-	38,  // 23: stowage.v1.Task.resize_image:type_name -> stowage.v1.ResizeImageStep
-	39,  // 24: stowage.v1.Task.snapshot_image:type_name -> stowage.v1.SnapshotImageStep
-	40,  // 25: stowage.v1.Task.revert_image:type_name -> stowage.v1.RevertImageStep
-	41,  // 26: stowage.v1.Task.rebase_image:type_name -> stowage.v1.RebaseImageStep
-	42,  // 27: stowage.v1.Task.backup_image:type_name -> stowage.v1.BackupImageStep
-	43,  // 28: stowage.v1.Task.restore_image:type_name -> stowage.v1.RestoreImageStep
-	44,  // 29: stowage.v1.Task.delete_backup:type_name -> stowage.v1.DeleteBackupStep
-	45,  // 30: stowage.v1.Task.export:type_name -> stowage.v1.ExportStep
-	46,  // 31: stowage.v1.Task.unexport:type_name -> stowage.v1.UnexportStep
-	47,  // 32: stowage.v1.Task.export_nbd:type_name -> stowage.v1.ExportNbdStep
-	48,  // 33: stowage.v1.Task.unexport_nbd:type_name -> stowage.v1.UnexportNbdStep
-	21,  // 34: stowage.v1.Task.ensure_iscsi_target:type_name -> stowage.v1.IscsiTargetStep
-	21,  // 35: stowage.v1.Task.delete_iscsi_target:type_name -> stowage.v1.IscsiTargetStep
-	22,  // 36: stowage.v1.Task.create_lun:type_name -> stowage.v1.LunStep
-	22,  // 37: stowage.v1.Task.delete_lun:type_name -> stowage.v1.LunStep
-	22,  // 38: stowage.v1.Task.resize_lun:type_name -> stowage.v1.LunStep
-	21,  // 39: stowage.v1.Task.list_luns:type_name -> stowage.v1.IscsiTargetStep
-	18,  // 40: stowage.v1.Task.connect_lun:type_name -> stowage.v1.ConnectLunStep
-	18,  // 41: stowage.v1.Task.disconnect_lun:type_name -> stowage.v1.ConnectLunStep
-	20,  // 42: stowage.v1.IscsiTarget.initiators:type_name -> stowage.v1.IscsiInitiator
-	19,  // 43: stowage.v1.IscsiTargetStep.target:type_name -> stowage.v1.IscsiTarget
-	19,  // 44: stowage.v1.LunStep.target:type_name -> stowage.v1.IscsiTarget
-	23,  // 45: stowage.v1.LunList.luns:type_name -> stowage.v1.LunInfo
-	56,  // 46: stowage.v1.ChunkStoreRef.secret:type_name -> stowage.v1.ChunkStoreRef.SecretEntry
-	28,  // 47: stowage.v1.CreateImageStep.ref:type_name -> stowage.v1.ObjectRef
-	61,  // 48: stowage.v1.CreateImageStep.format:type_name -> stowage.v1.ImageFormat
-	28,  // 49: stowage.v1.DeleteObjectStep.ref:type_name -> stowage.v1.ObjectRef
-	28,  // 50: stowage.v1.ListObjectsStep.dir:type_name -> stowage.v1.ObjectRef
-	28,  // 51: stowage.v1.StatObjectStep.ref:type_name -> stowage.v1.ObjectRef
-	28,  // 52: stowage.v1.FetchImageStep.dest:type_name -> stowage.v1.ObjectRef
-	61,  // 53: stowage.v1.FetchImageStep.format:type_name -> stowage.v1.ImageFormat
-	28,  // 54: stowage.v1.CopyImageStep.dest:type_name -> stowage.v1.ObjectRef
-	61,  // 55: stowage.v1.CopyImageStep.format:type_name -> stowage.v1.ImageFormat
-	61,  // 56: stowage.v1.CopyImageStep.source_format:type_name -> stowage.v1.ImageFormat
-	28,  // 57: stowage.v1.CloneImageStep.base:type_name -> stowage.v1.ObjectRef
-	28,  // 58: stowage.v1.CloneImageStep.dest:type_name -> stowage.v1.ObjectRef
-	0,   // 59: stowage.v1.CloneImageStep.mode:type_name -> stowage.v1.CloneMode
-	61,  // 60: stowage.v1.CloneImageStep.format:type_name -> stowage.v1.ImageFormat
-	61,  // 61: stowage.v1.CloneImageStep.base_format:type_name -> stowage.v1.ImageFormat
-	28,  // 62: stowage.v1.InspectImageStep.ref:type_name -> stowage.v1.ObjectRef
-	61,  // 63: stowage.v1.InspectImageStep.format:type_name -> stowage.v1.ImageFormat
-	28,  // 64: stowage.v1.ResizeImageStep.ref:type_name -> stowage.v1.ObjectRef
-	61,  // 65: stowage.v1.ResizeImageStep.format:type_name -> stowage.v1.ImageFormat
-	28,  // 66: stowage.v1.SnapshotImageStep.volume:type_name -> stowage.v1.ObjectRef
-	28,  // 67: stowage.v1.SnapshotImageStep.snapshot:type_name -> stowage.v1.ObjectRef
-	61,  // 68: stowage.v1.SnapshotImageStep.format:type_name -> stowage.v1.ImageFormat
-	28,  // 69: stowage.v1.RevertImageStep.volume:type_name -> stowage.v1.ObjectRef
-	28,  // 70: stowage.v1.RevertImageStep.snapshot:type_name -> stowage.v1.ObjectRef
-	61,  // 71: stowage.v1.RevertImageStep.format:type_name -> stowage.v1.ImageFormat
-	28,  // 72: stowage.v1.RebaseImageStep.ref:type_name -> stowage.v1.ObjectRef
-	28,  // 73: stowage.v1.RebaseImageStep.new_backing:type_name -> stowage.v1.ObjectRef
-	61,  // 74: stowage.v1.RebaseImageStep.backing_format:type_name -> stowage.v1.ImageFormat
-	28,  // 75: stowage.v1.BackupImageStep.source:type_name -> stowage.v1.ObjectRef
-	29,  // 76: stowage.v1.BackupImageStep.chunks:type_name -> stowage.v1.ChunkStoreRef
-	61,  // 77: stowage.v1.BackupImageStep.source_format:type_name -> stowage.v1.ImageFormat
-	29,  // 78: stowage.v1.RestoreImageStep.chunks:type_name -> stowage.v1.ChunkStoreRef
-	28,  // 79: stowage.v1.RestoreImageStep.dest:type_name -> stowage.v1.ObjectRef
-	61,  // 80: stowage.v1.RestoreImageStep.format:type_name -> stowage.v1.ImageFormat
-	29,  // 81: stowage.v1.DeleteBackupStep.chunks:type_name -> stowage.v1.ChunkStoreRef
-	28,  // 82: stowage.v1.ExportStep.ref:type_name -> stowage.v1.ObjectRef
-	28,  // 83: stowage.v1.ExportNbdStep.ref:type_name -> stowage.v1.ObjectRef
-	61,  // 84: stowage.v1.ExportNbdStep.format:type_name -> stowage.v1.ImageFormat
-	61,  // 85: stowage.v1.ImageInfo.format:type_name -> stowage.v1.ImageFormat
-	49,  // 86: stowage.v1.SnapshotInfo.snapshot:type_name -> stowage.v1.ImageInfo
-	49,  // 87: stowage.v1.SnapshotInfo.volume:type_name -> stowage.v1.ImageInfo
-	62,  // 88: stowage.v1.FileInfo.modified_at:type_name -> google.protobuf.Timestamp
-	61,  // 89: stowage.v1.FileInfo.format:type_name -> stowage.v1.ImageFormat
-	53,  // 90: stowage.v1.TaskResult.probe:type_name -> stowage.v1.StoreProbe
-	52,  // 91: stowage.v1.TaskResult.file:type_name -> stowage.v1.FileInfo
-	55,  // 92: stowage.v1.TaskResult.files:type_name -> stowage.v1.FileList
-	49,  // 93: stowage.v1.TaskResult.image:type_name -> stowage.v1.ImageInfo
-	50,  // 94: stowage.v1.TaskResult.snapshot:type_name -> stowage.v1.SnapshotInfo
-	51,  // 95: stowage.v1.TaskResult.backup:type_name -> stowage.v1.BackupInfo
-	23,  // 96: stowage.v1.TaskResult.lun:type_name -> stowage.v1.LunInfo
-	24,  // 97: stowage.v1.TaskResult.luns:type_name -> stowage.v1.LunList
-	52,  // 98: stowage.v1.FileList.files:type_name -> stowage.v1.FileInfo
-	1,   // 99: stowage.v1.AgentControlService.Join:input_type -> stowage.v1.JoinRequest
-	5,   // 100: stowage.v1.AgentControlService.Register:input_type -> stowage.v1.RegisterRequest
-	8,   // 101: stowage.v1.AgentControlService.Heartbeat:input_type -> stowage.v1.HeartbeatRequest
-	3,   // 102: stowage.v1.AgentControlService.Renew:input_type -> stowage.v1.RenewRequest
-	11,  // 103: stowage.v1.AgentService.RunTask:input_type -> stowage.v1.RunTaskRequest
-	13,  // 104: stowage.v1.AgentService.GetTask:input_type -> stowage.v1.GetTaskRequest
-	15,  // 105: stowage.v1.AgentService.CancelTask:input_type -> stowage.v1.CancelTaskRequest
-	2,   // 106: stowage.v1.AgentControlService.Join:output_type -> stowage.v1.JoinResponse
-	6,   // 107: stowage.v1.AgentControlService.Register:output_type -> stowage.v1.RegisterResponse
-	9,   // 108: stowage.v1.AgentControlService.Heartbeat:output_type -> stowage.v1.HeartbeatResponse
-	4,   // 109: stowage.v1.AgentControlService.Renew:output_type -> stowage.v1.RenewResponse
-	12,  // 110: stowage.v1.AgentService.RunTask:output_type -> stowage.v1.RunTaskResponse
-	14,  // 111: stowage.v1.AgentService.GetTask:output_type -> stowage.v1.GetTaskResponse
-	16,  // 112: stowage.v1.AgentService.CancelTask:output_type -> stowage.v1.CancelTaskResponse
-	106, // [106:113] is the sub-list for method output_type
-	99,  // [99:106] is the sub-list for method input_type
-	99,  // [99:99] is the sub-list for extension type_name
-	99,  // [99:99] is the sub-list for extension extendee
-	0,   // [0:99] is the sub-list for field type_name
+	62,  // 0: stowage.v1.RegisterRequest.capabilities:type_name -> stowage.v1.HostCapabilities
+	63,  // 1: stowage.v1.RegisterResponse.host:type_name -> stowage.v1.Host
+	8,   // 2: stowage.v1.RegisterResponse.stores:type_name -> stowage.v1.StoreAssignment
+	62,  // 3: stowage.v1.HeartbeatRequest.capabilities:type_name -> stowage.v1.HostCapabilities
+	64,  // 4: stowage.v1.HeartbeatResponse.state:type_name -> stowage.v1.HostState
+	8,   // 5: stowage.v1.HeartbeatResponse.stores:type_name -> stowage.v1.StoreAssignment
+	11,  // 6: stowage.v1.HeartbeatResponse.template_cache:type_name -> stowage.v1.TemplateCacheSpec
+	65,  // 7: stowage.v1.TemplateCacheSpec.templates:type_name -> stowage.v1.CacheSpec
+	18,  // 8: stowage.v1.RunTaskRequest.task:type_name -> stowage.v1.Task
+	59,  // 9: stowage.v1.RunTaskResponse.result:type_name -> stowage.v1.TaskResult
+	59,  // 10: stowage.v1.GetTaskResponse.result:type_name -> stowage.v1.TaskResult
+	59,  // 11: stowage.v1.CancelTaskResponse.result:type_name -> stowage.v1.TaskResult
+	26,  // 12: stowage.v1.Task.prepare_store:type_name -> stowage.v1.PrepareStoreStep
+	27,  // 13: stowage.v1.Task.probe_store:type_name -> stowage.v1.ProbeStoreStep
+	28,  // 14: stowage.v1.Task.release_store:type_name -> stowage.v1.ReleaseStoreStep
+	31,  // 15: stowage.v1.Task.create_image:type_name -> stowage.v1.CreateImageStep
+	32,  // 16: stowage.v1.Task.delete_object:type_name -> stowage.v1.DeleteObjectStep
+	33,  // 17: stowage.v1.Task.list_objects:type_name -> stowage.v1.ListObjectsStep
+	34,  // 18: stowage.v1.Task.stat_object:type_name -> stowage.v1.StatObjectStep
+	35,  // 19: stowage.v1.Task.fetch_image:type_name -> stowage.v1.FetchImageStep
+	36,  // 20: stowage.v1.Task.copy_image:type_name -> stowage.v1.CopyImageStep
+	37,  // 21: stowage.v1.Task.clone_image:type_name -> stowage.v1.CloneImageStep
+	38,  // 22: stowage.v1.Task.inspect_image:type_name -> stowage.v1.InspectImageStep
+	39,  // 23: stowage.v1.Task.resize_image:type_name -> stowage.v1.ResizeImageStep
+	40,  // 24: stowage.v1.Task.snapshot_image:type_name -> stowage.v1.SnapshotImageStep
+	41,  // 25: stowage.v1.Task.revert_image:type_name -> stowage.v1.RevertImageStep
+	42,  // 26: stowage.v1.Task.rebase_image:type_name -> stowage.v1.RebaseImageStep
+	43,  // 27: stowage.v1.Task.backup_image:type_name -> stowage.v1.BackupImageStep
+	44,  // 28: stowage.v1.Task.restore_image:type_name -> stowage.v1.RestoreImageStep
+	45,  // 29: stowage.v1.Task.delete_backup:type_name -> stowage.v1.DeleteBackupStep
+	46,  // 30: stowage.v1.Task.export:type_name -> stowage.v1.ExportStep
+	47,  // 31: stowage.v1.Task.unexport:type_name -> stowage.v1.UnexportStep
+	48,  // 32: stowage.v1.Task.export_nbd:type_name -> stowage.v1.ExportNbdStep
+	49,  // 33: stowage.v1.Task.unexport_nbd:type_name -> stowage.v1.UnexportNbdStep
+	22,  // 34: stowage.v1.Task.ensure_iscsi_target:type_name -> stowage.v1.IscsiTargetStep
+	22,  // 35: stowage.v1.Task.delete_iscsi_target:type_name -> stowage.v1.IscsiTargetStep
+	23,  // 36: stowage.v1.Task.create_lun:type_name -> stowage.v1.LunStep
+	23,  // 37: stowage.v1.Task.delete_lun:type_name -> stowage.v1.LunStep
+	23,  // 38: stowage.v1.Task.resize_lun:type_name -> stowage.v1.LunStep
+	22,  // 39: stowage.v1.Task.list_luns:type_name -> stowage.v1.IscsiTargetStep
+	19,  // 40: stowage.v1.Task.connect_lun:type_name -> stowage.v1.ConnectLunStep
+	19,  // 41: stowage.v1.Task.disconnect_lun:type_name -> stowage.v1.ConnectLunStep
+	50,  // 42: stowage.v1.Task.list_exports:type_name -> stowage.v1.ListExportsStep
+	21,  // 43: stowage.v1.IscsiTarget.initiators:type_name -> stowage.v1.IscsiInitiator
+	20,  // 44: stowage.v1.IscsiTargetStep.target:type_name -> stowage.v1.IscsiTarget
+	20,  // 45: stowage.v1.LunStep.target:type_name -> stowage.v1.IscsiTarget
+	24,  // 46: stowage.v1.LunList.luns:type_name -> stowage.v1.LunInfo
+	61,  // 47: stowage.v1.ChunkStoreRef.secret:type_name -> stowage.v1.ChunkStoreRef.SecretEntry
+	29,  // 48: stowage.v1.CreateImageStep.ref:type_name -> stowage.v1.ObjectRef
+	66,  // 49: stowage.v1.CreateImageStep.format:type_name -> stowage.v1.ImageFormat
+	29,  // 50: stowage.v1.DeleteObjectStep.ref:type_name -> stowage.v1.ObjectRef
+	29,  // 51: stowage.v1.ListObjectsStep.dir:type_name -> stowage.v1.ObjectRef
+	29,  // 52: stowage.v1.StatObjectStep.ref:type_name -> stowage.v1.ObjectRef
+	29,  // 53: stowage.v1.FetchImageStep.dest:type_name -> stowage.v1.ObjectRef
+	66,  // 54: stowage.v1.FetchImageStep.format:type_name -> stowage.v1.ImageFormat
+	29,  // 55: stowage.v1.CopyImageStep.dest:type_name -> stowage.v1.ObjectRef
+	66,  // 56: stowage.v1.CopyImageStep.format:type_name -> stowage.v1.ImageFormat
+	66,  // 57: stowage.v1.CopyImageStep.source_format:type_name -> stowage.v1.ImageFormat
+	29,  // 58: stowage.v1.CloneImageStep.base:type_name -> stowage.v1.ObjectRef
+	29,  // 59: stowage.v1.CloneImageStep.dest:type_name -> stowage.v1.ObjectRef
+	0,   // 60: stowage.v1.CloneImageStep.mode:type_name -> stowage.v1.CloneMode
+	66,  // 61: stowage.v1.CloneImageStep.format:type_name -> stowage.v1.ImageFormat
+	66,  // 62: stowage.v1.CloneImageStep.base_format:type_name -> stowage.v1.ImageFormat
+	29,  // 63: stowage.v1.InspectImageStep.ref:type_name -> stowage.v1.ObjectRef
+	66,  // 64: stowage.v1.InspectImageStep.format:type_name -> stowage.v1.ImageFormat
+	29,  // 65: stowage.v1.ResizeImageStep.ref:type_name -> stowage.v1.ObjectRef
+	66,  // 66: stowage.v1.ResizeImageStep.format:type_name -> stowage.v1.ImageFormat
+	29,  // 67: stowage.v1.SnapshotImageStep.volume:type_name -> stowage.v1.ObjectRef
+	29,  // 68: stowage.v1.SnapshotImageStep.snapshot:type_name -> stowage.v1.ObjectRef
+	66,  // 69: stowage.v1.SnapshotImageStep.format:type_name -> stowage.v1.ImageFormat
+	29,  // 70: stowage.v1.RevertImageStep.volume:type_name -> stowage.v1.ObjectRef
+	29,  // 71: stowage.v1.RevertImageStep.snapshot:type_name -> stowage.v1.ObjectRef
+	66,  // 72: stowage.v1.RevertImageStep.format:type_name -> stowage.v1.ImageFormat
+	29,  // 73: stowage.v1.RebaseImageStep.ref:type_name -> stowage.v1.ObjectRef
+	29,  // 74: stowage.v1.RebaseImageStep.new_backing:type_name -> stowage.v1.ObjectRef
+	66,  // 75: stowage.v1.RebaseImageStep.backing_format:type_name -> stowage.v1.ImageFormat
+	29,  // 76: stowage.v1.BackupImageStep.source:type_name -> stowage.v1.ObjectRef
+	30,  // 77: stowage.v1.BackupImageStep.chunks:type_name -> stowage.v1.ChunkStoreRef
+	66,  // 78: stowage.v1.BackupImageStep.source_format:type_name -> stowage.v1.ImageFormat
+	30,  // 79: stowage.v1.RestoreImageStep.chunks:type_name -> stowage.v1.ChunkStoreRef
+	29,  // 80: stowage.v1.RestoreImageStep.dest:type_name -> stowage.v1.ObjectRef
+	66,  // 81: stowage.v1.RestoreImageStep.format:type_name -> stowage.v1.ImageFormat
+	30,  // 82: stowage.v1.DeleteBackupStep.chunks:type_name -> stowage.v1.ChunkStoreRef
+	29,  // 83: stowage.v1.ExportStep.ref:type_name -> stowage.v1.ObjectRef
+	29,  // 84: stowage.v1.ExportNbdStep.ref:type_name -> stowage.v1.ObjectRef
+	66,  // 85: stowage.v1.ExportNbdStep.format:type_name -> stowage.v1.ImageFormat
+	1,   // 86: stowage.v1.ExportInfo.kind:type_name -> stowage.v1.ExportKind
+	29,  // 87: stowage.v1.ExportInfo.ref:type_name -> stowage.v1.ObjectRef
+	51,  // 88: stowage.v1.ExportInfo.owner:type_name -> stowage.v1.ExportOwner
+	51,  // 89: stowage.v1.ExportInfo.shared_with:type_name -> stowage.v1.ExportOwner
+	67,  // 90: stowage.v1.ExportInfo.created:type_name -> google.protobuf.Timestamp
+	67,  // 91: stowage.v1.ExportInfo.expires:type_name -> google.protobuf.Timestamp
+	52,  // 92: stowage.v1.ExportList.exports:type_name -> stowage.v1.ExportInfo
+	66,  // 93: stowage.v1.ImageInfo.format:type_name -> stowage.v1.ImageFormat
+	54,  // 94: stowage.v1.SnapshotInfo.snapshot:type_name -> stowage.v1.ImageInfo
+	54,  // 95: stowage.v1.SnapshotInfo.volume:type_name -> stowage.v1.ImageInfo
+	67,  // 96: stowage.v1.FileInfo.modified_at:type_name -> google.protobuf.Timestamp
+	66,  // 97: stowage.v1.FileInfo.format:type_name -> stowage.v1.ImageFormat
+	58,  // 98: stowage.v1.TaskResult.probe:type_name -> stowage.v1.StoreProbe
+	57,  // 99: stowage.v1.TaskResult.file:type_name -> stowage.v1.FileInfo
+	60,  // 100: stowage.v1.TaskResult.files:type_name -> stowage.v1.FileList
+	54,  // 101: stowage.v1.TaskResult.image:type_name -> stowage.v1.ImageInfo
+	55,  // 102: stowage.v1.TaskResult.snapshot:type_name -> stowage.v1.SnapshotInfo
+	56,  // 103: stowage.v1.TaskResult.backup:type_name -> stowage.v1.BackupInfo
+	24,  // 104: stowage.v1.TaskResult.lun:type_name -> stowage.v1.LunInfo
+	25,  // 105: stowage.v1.TaskResult.luns:type_name -> stowage.v1.LunList
+	53,  // 106: stowage.v1.TaskResult.exports:type_name -> stowage.v1.ExportList
+	57,  // 107: stowage.v1.FileList.files:type_name -> stowage.v1.FileInfo
+	2,   // 108: stowage.v1.AgentControlService.Join:input_type -> stowage.v1.JoinRequest
+	6,   // 109: stowage.v1.AgentControlService.Register:input_type -> stowage.v1.RegisterRequest
+	9,   // 110: stowage.v1.AgentControlService.Heartbeat:input_type -> stowage.v1.HeartbeatRequest
+	4,   // 111: stowage.v1.AgentControlService.Renew:input_type -> stowage.v1.RenewRequest
+	12,  // 112: stowage.v1.AgentService.RunTask:input_type -> stowage.v1.RunTaskRequest
+	14,  // 113: stowage.v1.AgentService.GetTask:input_type -> stowage.v1.GetTaskRequest
+	16,  // 114: stowage.v1.AgentService.CancelTask:input_type -> stowage.v1.CancelTaskRequest
+	3,   // 115: stowage.v1.AgentControlService.Join:output_type -> stowage.v1.JoinResponse
+	7,   // 116: stowage.v1.AgentControlService.Register:output_type -> stowage.v1.RegisterResponse
+	10,  // 117: stowage.v1.AgentControlService.Heartbeat:output_type -> stowage.v1.HeartbeatResponse
+	5,   // 118: stowage.v1.AgentControlService.Renew:output_type -> stowage.v1.RenewResponse
+	13,  // 119: stowage.v1.AgentService.RunTask:output_type -> stowage.v1.RunTaskResponse
+	15,  // 120: stowage.v1.AgentService.GetTask:output_type -> stowage.v1.GetTaskResponse
+	17,  // 121: stowage.v1.AgentService.CancelTask:output_type -> stowage.v1.CancelTaskResponse
+	115, // [115:122] is the sub-list for method output_type
+	108, // [108:115] is the sub-list for method input_type
+	108, // [108:108] is the sub-list for extension type_name
+	108, // [108:108] is the sub-list for extension extendee
+	0,   // [0:108] is the sub-list for field type_name
 }
 
 func init() { file_stowage_v1_agent_proto_init() }
@@ -4728,8 +5122,9 @@ func file_stowage_v1_agent_proto_init() {
 		(*Task_ListLuns)(nil),
 		(*Task_ConnectLun)(nil),
 		(*Task_DisconnectLun)(nil),
+		(*Task_ListExports)(nil),
 	}
-	file_stowage_v1_agent_proto_msgTypes[53].OneofWrappers = []any{
+	file_stowage_v1_agent_proto_msgTypes[57].OneofWrappers = []any{
 		(*TaskResult_Probe)(nil),
 		(*TaskResult_File)(nil),
 		(*TaskResult_Files)(nil),
@@ -4739,14 +5134,15 @@ func file_stowage_v1_agent_proto_init() {
 		(*TaskResult_Uri)(nil),
 		(*TaskResult_Lun)(nil),
 		(*TaskResult_Luns)(nil),
+		(*TaskResult_Exports)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_stowage_v1_agent_proto_rawDesc), len(file_stowage_v1_agent_proto_rawDesc)),
-			NumEnums:      1,
-			NumMessages:   56,
+			NumEnums:      2,
+			NumMessages:   60,
 			NumExtensions: 0,
 			NumServices:   2,
 		},
