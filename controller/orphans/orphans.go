@@ -136,18 +136,21 @@ func (r *Reconciler) sweepStore(ctx context.Context, st *stowagev1.DataStore, re
 		return err
 	}
 	rep.ObjectsListed += len(objs)
-	var grants []drivers.Grant
-	gl, listsGrants := d.(drivers.GrantLister)
-	if listsGrants {
+	var (
+		grants []drivers.Grant
+		errs   []error
+	)
+	if gl, ok := d.(drivers.GrantLister); ok {
+		// A host that could not be asked is named in the error; what the
+		// others answered is still right to act on.
 		if grants, err = gl.ListGrants(ctx, info); err != nil {
-			return err
+			errs = append(errs, err)
 		}
 	}
 	live, err := r.accounted(ctx, st.GetId())
 	if err != nil {
 		return err
 	}
-	var errs []error
 	for _, o := range objs {
 		if live.keys[o.Key] || live.busy[o.ID] {
 			continue
@@ -229,7 +232,7 @@ func (r *Reconciler) removeObject(ctx context.Context, d drivers.Driver, info dr
 }
 
 // held says whether a grant is accounted for: recorded on a volume, used
-// by a template mount, or made by a job that has not ended.
+// by a template mount, or made (or shared) by a job that has not ended.
 func (r *Reconciler) held(g drivers.Grant, live accounted) bool {
 	if live.uris[string(g.Access.URI)] {
 		return true
@@ -239,8 +242,11 @@ func (r *Reconciler) held(g drivers.Grant, live accounted) bool {
 			return true
 		}
 	}
-	if job, _, ok := strings.Cut(g.TaskID, "."); ok && live.jobs[job] {
-		return true
+	for _, id := range append([]string{g.TaskID}, g.SharedWith...) {
+		// A step's task id is <job id>.<step> (jobs.StepTaskID).
+		if job, _, _ := strings.Cut(id, "."); job != "" && live.jobs[job] {
+			return true
+		}
 	}
-	return g.TaskID != "" && live.jobs[g.TaskID]
+	return false
 }
