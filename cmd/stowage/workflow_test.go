@@ -355,7 +355,11 @@ func workflows(t *testing.T, imageKind string) {
 			t.Fatalf("spool ref on pz: %v", r)
 		}
 	}
-	_ = copies
+	// One of the two jobs copied the template; the other found the copy
+	// it claimed and waited for it.
+	if copies != 1 {
+		t.Fatalf("the template was copied to the primary store by %d jobs' cache-template steps, want 1", copies)
+	}
 
 	// 3. Write, snapshot, write again, revert: the bytes are the snapshot's.
 	v0 := vols[0]
