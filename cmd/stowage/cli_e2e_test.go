@@ -27,7 +27,6 @@ import (
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 
-	"github.com/stowage/stowage/internal/envtest"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 )
 
@@ -129,7 +128,7 @@ func (s *cliSession) start(name string, args ...string) *proc {
 	return startProc(s.t, name, args...)
 }
 
-// leaves lists the command paths of the runnable leaves of c's tree, with
+// cliLeaves lists the command paths of the runnable leaves of c's tree, with
 // cobra's generated help and completion commands as the binary has them.
 func cliLeaves(c *cobra.Command) []string {
 	var out []string
@@ -443,6 +442,13 @@ func TestEveryCLICommand(t *testing.T) {
 	if _, errOut, code := s.run("job", "watch", slowJob); code != 130 || !strings.Contains(errOut, "cancelled") {
 		t.Errorf("job watch of a cancelled job: exit %d (want 130) %s", code, errOut)
 	}
+	var sg stowagev1.GetTemplateResponse
+	s.json(&sg, "template", "get", "slow")
+	for _, o := range sg.GetStores() {
+		if o.GetState() == stowagev1.ObjectState_OBJECT_STATE_READY {
+			t.Errorf("the cancelled download was published on %s: %v", o.GetStoreId(), o)
+		}
+	}
 	s.fails(5, "cannot be cancelled", "job", "cancel", regJob.GetId())
 	s.fails(3, "no such job", "job", "get", "no-such-job")
 	s.fails(2, "--state", "job", "list", "--state", "sideways")
@@ -536,12 +542,7 @@ func TestEveryCLICommand(t *testing.T) {
 	s.fails(6, "template mount", "cache", "status", "--socket", filepath.Join(dir, "none.sock"))
 	s.fails(3, "SRC", "cache", "mount", filepath.Join(dir, "missing"), filepath.Join(dir, "mnt"))
 	t.Run("cache", func(t *testing.T) {
-		if os.Geteuid() != 0 {
-			envtest.Skip(t, "FUSE mounts need root")
-		}
-		if _, err := os.Stat("/dev/fuse"); err != nil {
-			envtest.Skip(t, "no /dev/fuse")
-		}
+		needFUSE(t)
 		s := &cliSession{t: t, server: server, root: s.root, ran: s.ran}
 		mnt := filepath.Join(dir, "mnt")
 		if err := os.Mkdir(mnt, 0o755); err != nil {

@@ -258,8 +258,15 @@ func httpGet(t *testing.T, server, url string) (*http.Response, error) {
 // cli runs a client command against server and returns stdout, stderr and the exit code.
 func cli(t *testing.T, server string, args ...string) (string, string, int) {
 	t.Helper()
-	cmd := exec.Command(stowageBin, append(args, "--server", server)...)
-	cmd.Env = clientEnv(server)
+	return runStowage(t, clientEnv(server), append(args, "--server", server)...)
+}
+
+// runStowage runs the stowage binary to its end with env and returns
+// stdout, stderr and the exit code; a data race it reports fails t.
+func runStowage(t *testing.T, env []string, args ...string) (string, string, int) {
+	t.Helper()
+	cmd := exec.Command(stowageBin, args...)
+	cmd.Env = env
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	err := cmd.Run()
