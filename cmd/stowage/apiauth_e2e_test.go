@@ -14,18 +14,8 @@ import (
 // controller's CA), never the admin configuration.
 func cliAs(t *testing.T, server, token string, args ...string) (string, string, int) {
 	t.Helper()
-	cmd := exec.Command(stowageBin, append(args, "--server", server)...)
-	cmd.Env = append(os.Environ(), "STOWAGE_CONFIG=/nonexistent/stowage-test-config", "STOWAGE_CA_FILE="+caFile(server), "STOWAGE_TOKEN="+token)
-	var out, errOut strings.Builder
-	cmd.Stdout, cmd.Stderr = &out, &errOut
-	err := cmd.Run()
-	code := 0
-	if ee, ok := err.(*exec.ExitError); ok {
-		code = ee.ExitCode()
-	} else if err != nil {
-		t.Fatal(err)
-	}
-	return out.String(), errOut.String(), code
+	return runStowage(t, append(os.Environ(), "STOWAGE_CONFIG=/nonexistent/stowage-test-config", "STOWAGE_CA_FILE="+caFile(server), "STOWAGE_TOKEN="+token),
+		append(args, "--server", server)...)
 }
 
 // TestAPIAuthEndToEnd checks the API's tokens and roles between real

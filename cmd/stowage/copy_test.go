@@ -18,19 +18,14 @@ import (
 	"github.com/stowage/stowage/datapath/stream"
 )
 
-// buildStowage builds ./cmd/stowage into a temporary directory.
+// buildStowage is the stowage binary TestMain built (with -race when the
+// tests run with it).
 func buildStowage(t *testing.T) string {
 	t.Helper()
 	if testing.Short() {
-		t.Skip("builds the binary")
+		t.Skip("runs the binary")
 	}
-	bin := filepath.Join(t.TempDir(), "stowage")
-	cmd := exec.Command("go", "build", "-o", bin, "./cmd/stowage")
-	cmd.Dir = filepath.Join("..", "..")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("go build ./cmd/stowage: %v\n%s", err, out)
-	}
-	return bin
+	return stowageBin
 }
 
 // writeImage writes a file of size bytes: random data with a hole and a

@@ -42,8 +42,18 @@ func TestMain(m *testing.M) {
 	// stowage dev writes the CLI's configuration: here, never the user's.
 	os.Setenv("STOWAGE_CONFIG", filepath.Join(dir, "config.json"))
 	// Failpoints compiled in (tests enable them per process; they do
-	// nothing otherwise).
-	out, err := exec.Command("go", "build", "-tags", "failpoints", "-o", stowageBin, ".").CombinedOutput()
+	// nothing otherwise), and the race detector when this test binary has
+	// it: a data race in the controller, an agent or a CLI run then shows
+	// up in its log (checked by startProc and cli).
+	args := []string{"build", "-tags", "failpoints", "-o", stowageBin}
+	if raceEnabled {
+		args = append(args, "-race")
+		// A race-built process sleeps a second at a normal exit
+		// (atexit_sleep_ms=1000) for late reports; every CLI run would
+		// take a second longer. Reports are written as races happen.
+		os.Setenv("GORACE", strings.TrimSpace(os.Getenv("GORACE")+" atexit_sleep_ms=0"))
+	}
+	out, err := exec.Command("go", append(args, ".")...).CombinedOutput()
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "build stowage: %v\n%s", err, out)
 		os.Exit(1)
@@ -108,11 +118,24 @@ func startProcEnv(t *testing.T, name string, env []string, args ...string) *proc
 	go func() { _ = p.cmd.Wait(); close(p.done) }()
 	t.Cleanup(func() {
 		p.kill(syscall.SIGKILL)
+		checkRaces(t, name, p.log.String())
 		if t.Failed() {
 			t.Logf("--- log of %s:\n%s", name, p.log.String())
 		}
 	})
 	return p
+}
+
+// raceReport is what a binary built with -race prints when it sees a data race.
+const raceReport = "WARNING: DATA RACE"
+
+// checkRaces fails t when the output of a process it started reports a
+// data race (the binary is built with -race when the tests run with it).
+func checkRaces(t *testing.T, name, output string) {
+	t.Helper()
+	if i := strings.Index(output, raceReport); i >= 0 {
+		t.Errorf("%s: the race detector reported a data race:\n%s", name, output[i:])
+	}
 }
 
 func (p *proc) kill(sig syscall.Signal) {
@@ -235,8 +258,15 @@ func httpGet(t *testing.T, server, url string) (*http.Response, error) {
 // cli runs a client command against server and returns stdout, stderr and the exit code.
 func cli(t *testing.T, server string, args ...string) (string, string, int) {
 	t.Helper()
-	cmd := exec.Command(stowageBin, append(args, "--server", server)...)
-	cmd.Env = clientEnv(server)
+	return runStowage(t, clientEnv(server), append(args, "--server", server)...)
+}
+
+// runStowage runs the stowage binary to its end with env and returns
+// stdout, stderr and the exit code; a data race it reports fails t.
+func runStowage(t *testing.T, env []string, args ...string) (string, string, int) {
+	t.Helper()
+	cmd := exec.Command(stowageBin, args...)
+	cmd.Env = env
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	err := cmd.Run()
@@ -247,6 +277,7 @@ func cli(t *testing.T, server string, args ...string) (string, string, int) {
 	} else if err != nil {
 		t.Fatalf("run stowage %v: %v", args, err)
 	}
+	checkRaces(t, fmt.Sprintf("stowage %v", args), stderr.String())
 	return stdout.String(), stderr.String(), code
 }
 

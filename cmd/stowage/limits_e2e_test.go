@@ -190,8 +190,16 @@ func TestBoundedRequests(t *testing.T) {
 			rss1, hwm1 := memKiB(t, pid)
 			t.Logf("%s pid %d: bomb %d KiB on the wire -> %d MiB inflated; VmRSS %d -> %d KiB, VmHWM %d -> %d KiB (+%d KiB)",
 				target.name, pid, len(bomb)>>10, bombSize>>20, rss0, rss1, hwm0, hwm1, hwm1-hwm0)
-			if grew := hwm1 - hwm0; grew >= 64<<10 {
-				t.Errorf("%s peak RSS grew by %d MiB, want < 64 MiB", target.name, grew>>10)
+			// A race-built process (the tests run with -race) keeps shadow
+			// memory for all it touches: the same refusals cost it about
+			// 110-135 MiB (about 43 without). Both bounds are far below the
+			// 1 GiB an unbounded inflate would take.
+			bound := int64(64 << 10)
+			if raceEnabled {
+				bound = 256 << 10
+			}
+			if grew := hwm1 - hwm0; grew >= bound {
+				t.Errorf("%s peak RSS grew by %d MiB, want < %d MiB", target.name, grew>>10, bound>>10)
 			}
 		})
 	}

@@ -490,7 +490,12 @@ func (s *HTTPSource) seqOnce(ctx context.Context, p []byte, off int64, got *int)
 	}
 	rctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	stop := context.AfterFunc(rctx, func() { s.seqBody.Close() })
+	// The closure runs on its own goroutine when rctx ends, possibly after
+	// this read returned and closeSeq cleared s.seqBody: it closes the body
+	// it was made for, not whatever the field holds then (a data race, and
+	// a nil dereference, found by the race-built e2e binaries).
+	body := s.seqBody
+	stop := context.AfterFunc(rctx, func() { body.Close() })
 	defer stop()
 	stall := time.AfterFunc(s.o.StallTimeout, cancel)
 	defer stall.Stop()
