@@ -171,6 +171,30 @@ func (w *crashWorld) workflows() map[string]func() func() *stowagev1.Job {
 				return ts.Msg.GetJob()
 			}
 		},
+		"snapshot delete (merge)": func() func() *stowagev1.Job {
+			// s1 <- s2 <- volume, on the template's copy: deleting s2
+			// rebases the volume onto s1; the matrix's other run of it
+			// (s1) rebases s2 onto the template's copy.
+			v := vol(name("mergev"), stowagev1.ImageFormat_IMAGE_FORMAT_QCOW2, "linked", w.p1)
+			var snaps []*stowagev1.Snapshot
+			for _, n := range []string{"s1", "s2"} {
+				ts, err := a.snapshots.TakeSnapshot(ctx, connect.NewRequest(&stowagev1.TakeSnapshotRequest{VolumeId: v.GetId(), Name: n}))
+				if err != nil {
+					w.t.Fatal(err)
+				}
+				mustSucceed(w.t, a, ts.Msg.GetJob())
+				snaps = append(snaps, ts.Msg.GetSnapshot())
+			}
+			victim := snaps[w.n%2]
+			return func() *stowagev1.Job {
+				ds, err := a.snapshots.DeleteSnapshot(ctx, connect.NewRequest(&stowagev1.DeleteSnapshotRequest{Id: victim.GetId()}))
+				if err != nil {
+					w.t.Logf("starting the workflow: %v", err)
+					return nil // the process died answering: the job is found afterwards
+				}
+				return ds.Msg.GetJob()
+			}
+		},
 		"snapshot backup": func() func() *stowagev1.Job {
 			v := vol(name("bkv"), stowagev1.ImageFormat_IMAGE_FORMAT_QCOW2, "linked", w.p1)
 			ts, err := a.snapshots.TakeSnapshot(ctx, connect.NewRequest(&stowagev1.TakeSnapshotRequest{VolumeId: v.GetId(), Name: "s"}))

@@ -21,7 +21,10 @@ func (h deleteHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 	sn, refs, err := s.Get(ctx, job.GetTargetId())
 	if err != nil {
 		if errdefs.IsNotFound(err) {
-			return nil
+			// Resumed after the snapshot's record went (a crash before the
+			// job's end was recorded): a volume it merged into may still
+			// be held.
+			return s.letGoAll(ctx, job)
 		}
 		return err
 	}
@@ -45,7 +48,26 @@ func (h deleteHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 	} else {
 		rep.Result("snapshot %s deleted", sn.GetId())
 	}
-	return s.collectHidden(ctx, job, rep, sn.GetVolumeId())
+	if err := s.collectHidden(ctx, job, rep, sn.GetVolumeId()); err != nil {
+		return err
+	}
+	return s.letGoAll(ctx, job)
+}
+
+// letGoAll puts every volume job holds back to Ready.
+func (s *Service) letGoAll(ctx context.Context, job *stowagev1.Job) error {
+	vols, err := s.db.Volumes().List(ctx, meta.Filter[*stowagev1.Volume]{Where: func(v *stowagev1.Volume) bool {
+		return v.GetBusyJobId() == job.GetId()
+	}})
+	if err != nil {
+		return err
+	}
+	for _, v := range vols {
+		if err := s.letGo(ctx, job, v.GetId()); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // release merges snapshot sn out of its chain where another file reads
@@ -117,6 +139,13 @@ func (s *Service) collectHidden(ctx context.Context, job *stowagev1.Job, rep *jo
 // destroy moves a snapshot through Destroying to Destroyed, removing its
 // copies, then drops its record.
 func (s *Service) destroy(ctx context.Context, job *stowagev1.Job, rep *jobs.Reporter, sn *stowagev1.Snapshot, refs []*stowagev1.SnapshotOnStore) error {
+	if sn.GetState() == stowagev1.SnapshotState_SNAPSHOT_STATE_DESTROYED {
+		// Resumed after its copies went and before its record did.
+		if err := s.db.Snapshots().Delete(ctx, sn.GetId(), 0); err != nil && !errdefs.IsNotFound(err) {
+			return err
+		}
+		return nil
+	}
 	if sn.GetState() != stowagev1.SnapshotState_SNAPSHOT_STATE_DESTROYING {
 		var err error
 		if sn, err = s.db.Snapshots().Transition(ctx, sn.GetId(), meta.SnapshotDestroyRequested, nil); err != nil {
@@ -131,12 +160,22 @@ func (s *Service) destroy(ctx context.Context, job *stowagev1.Job, rep *jobs.Rep
 	if _, err := s.db.Snapshots().Transition(ctx, sn.GetId(), meta.SnapshotOperationSucceeded, nil); err != nil {
 		return err
 	}
-	return s.db.Snapshots().Delete(ctx, sn.GetId(), 0)
+	if err := s.db.Snapshots().Delete(ctx, sn.GetId(), 0); err != nil && !errdefs.IsNotFound(err) {
+		return err
+	}
+	return nil
 }
 
 // deleteRef removes one copy of a snapshot (a file on primary, or a backup
 // manifest and its unshared chunks) and its record.
 func (s *Service) deleteRef(ctx context.Context, job *stowagev1.Job, rep *jobs.Reporter, r *stowagev1.SnapshotOnStore) error {
+	if r.GetState() == stowagev1.ObjectState_OBJECT_STATE_DESTROYED {
+		// Resumed after the copy went and before its record did.
+		if err := s.db.SnapshotsOnStore().Delete(ctx, r.GetId(), 0); err != nil && !errdefs.IsNotFound(err) {
+			return err
+		}
+		return nil
+	}
 	if r.GetState() != stowagev1.ObjectState_OBJECT_STATE_DESTROYING {
 		var err error
 		if r, err = s.db.SnapshotsOnStore().Transition(ctx, r.GetId(), meta.ObjectDestroyRequested, nil); err != nil {

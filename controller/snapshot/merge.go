@@ -47,9 +47,11 @@ import (
 // A snapshot is merged only when exactly one file reads through it (the
 // child snapshot or the volume) and nothing else needs it separately: with
 // two children, pulling its data into both would store it twice, so it is
-// hidden instead, as is a snapshot at the bottom of a chain on a template
-// (a linked or lazy volume), one of a driver without Rebaser, or one whose
-// child is busy or in use (a running VM holds its disk: qemu's lock).
+// hidden instead, as is a snapshot at the bottom of a lazy volume's chain
+// (its backing is in the host's template mount, not on the store), one of
+// a driver without Rebaser, or one whose child is busy or in use (a running
+// VM holds its disk: qemu's lock). The bottom snapshot of a linked clone
+// merges onto the template's copy on the store it reads through.
 
 // mergeTarget is how snapshot copy r leaves its chain: its one dependent
 // (a child copy or the volume) moves onto parent (nil: standalone).
@@ -58,8 +60,11 @@ type mergeTarget struct {
 	vol    *stowagev1.Volume // the dependent, when it is the volume
 	owner  *stowagev1.Volume // the snapshot's volume, held busy
 	parent *stowagev1.SnapshotOnStore
-	st     *stowagev1.DataStore
-	rb     drivers.Rebaser
+	// tmpl is the template copy a linked clone's bottom snapshot reads
+	// through (parent nil): the dependent moves onto it.
+	tmpl *stowagev1.TemplateOnStore
+	st   *stowagev1.DataStore
+	rb   drivers.Rebaser
 }
 
 func (t *mergeTarget) String() string {
@@ -68,8 +73,11 @@ func (t *mergeTarget) String() string {
 		child = "snapshot " + t.kid.GetSnapshotId()
 	}
 	onto := "standalone (no backing file)"
-	if t.parent != nil {
+	switch {
+	case t.parent != nil:
 		onto = "snapshot " + t.parent.GetSnapshotId()
+	case t.tmpl != nil:
+		onto = "template " + t.tmpl.GetTemplateId() + "'s copy on the store"
 	}
 	return fmt.Sprintf("rebase %s onto %s, copying in the data only this snapshot holds that it still reads", child, onto)
 }
@@ -150,8 +158,22 @@ func (s *Service) mergeTargetOf(ctx context.Context, job *stowagev1.Job, sn *sto
 		}
 		t.parent = p
 	} else {
-		if v := t.owner; v.GetBaseRefId() != "" || v.GetInstallMethod() == image.LazyMethod {
-			return nil, "it is the bottom of a chain on a template", nil
+		switch v := t.owner; {
+		case v.GetInstallMethod() == image.LazyMethod:
+			// Its backing is the template in the host's template mount,
+			// not an object of the store a driver can rebase onto.
+			return nil, "it is the bottom of a lazy volume's chain (on the template mount)", nil
+		case v.GetBaseRefId() != "":
+			// A linked clone: the bottom snapshot reads through the
+			// template's copy on the store; its dependent moves onto it.
+			tos, err := s.db.TemplatesOnStore().Get(ctx, v.GetBaseRefId())
+			if err != nil {
+				return nil, "", err
+			}
+			if tos.GetState() != stowagev1.ObjectState_OBJECT_STATE_READY || tos.GetStoreId() != r.GetStoreId() {
+				return nil, "its template copy is not Ready on the same store", nil
+			}
+			t.tmpl = tos
 		}
 	}
 	if t.st, err = s.db.Stores().Get(ctx, r.GetStoreId()); err != nil {
@@ -198,8 +220,15 @@ func (s *Service) merge(ctx context.Context, job *stowagev1.Job, rep *jobs.Repor
 		return false, err
 	}
 	var base *drivers.DataObject
-	if t.parent != nil {
+	switch {
+	case t.parent != nil:
 		b, err := s.volumes.SnapshotObject(ctx, t.st, t.parent)
+		if err != nil {
+			return false, err
+		}
+		base = &b
+	case t.tmpl != nil:
+		b, err := s.volumes.TemplateObject(ctx, t.st, t.tmpl)
 		if err != nil {
 			return false, err
 		}

@@ -95,12 +95,25 @@ func TestMergeRefusals(t *testing.T) {
 	_, r4 := f.snap(r1.GetId())
 	f.refused(s1, r1, "2 files read through it")
 
-	// The bottom of a chain on a template (a linked volume): not merged.
+	// The bottom of a linked clone's chain merges onto the template's copy
+	// on the store, once that copy is Ready there.
 	if err := f.db.SnapshotsOnStore().Delete(f.ctx, r4.GetId(), 0); err != nil {
 		t.Fatal(err)
 	}
+	spool, err := f.db.TemplatesOnStore().Create(f.ctx, &stowagev1.TemplateOnStore{Id: "spool", TemplateId: "t", StoreId: "st"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.db.TemplatesOnStore().Transition(f.ctx, spool.GetId(), meta.ObjectCreateRequested, nil); err != nil {
+		t.Fatal(err)
+	}
 	f.volume(func(v *stowagev1.Volume) error { v.BaseRefId = "spool"; return nil })
-	f.refused(s1, r1, "bottom of a chain on a template")
+	f.refused(s1, r1, "template copy is not Ready")
+	// The bottom of a lazy volume's chain reads through the host's template
+	// mount, which no driver rebases onto.
+	f.volume(func(v *stowagev1.Volume) error { v.BaseRefId, v.InstallMethod = "", "lazy"; return nil })
+	f.refused(s1, r1, "lazy volume")
+	f.volume(func(v *stowagev1.Volume) error { v.BaseRefId, v.InstallMethod = "spool", "linked"; return nil })
 
 	// A volume busy with another job holds its chain.
 	if _, err := f.db.Volumes().Transition(f.ctx, f.vol.GetId(), meta.VolumeResizeRequested, func(v *stowagev1.Volume) error { v.BusyJobId = "other"; return nil }); err != nil {

@@ -67,7 +67,7 @@ func (h createHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 			return err
 		}
 		err = jobs.RunStep(ctx, job, rep, "install", func(ctx context.Context) error {
-			base, err := s.templateObject(ctx, st, spool)
+			base, err := s.TemplateObject(ctx, st, spool)
 			if err != nil {
 				return err
 			}

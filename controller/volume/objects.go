@@ -22,10 +22,10 @@ func VolumeObject(st *stowagev1.DataStore, v *stowagev1.Volume) (drivers.DataObj
 	return datastore.Object(st, drivers.ObjectVolume, v.GetId(), f, v.GetSize(), v.GetInstallPath()), nil
 }
 
-// templateObject is the copy ref of template id on store st, of the
+// TemplateObject is the copy ref of template id on store st, of the
 // copy's size once known, else the template's virtual size (a store that
 // allocates per object, such as a LUN, sizes a new copy by it).
-func (s *Service) templateObject(ctx context.Context, st *stowagev1.DataStore, ref *stowagev1.TemplateOnStore) (drivers.DataObject, error) {
+func (s *Service) TemplateObject(ctx context.Context, st *stowagev1.DataStore, ref *stowagev1.TemplateOnStore) (drivers.DataObject, error) {
 	t, err := s.db.Templates().Get(ctx, ref.GetTemplateId())
 	if err != nil {
 		return drivers.DataObject{}, err

@@ -97,11 +97,11 @@ func (s *Service) copyTemplate(ctx context.Context, job *stowagev1.Job, rep *job
 	var info drivers.ObjectInfo
 	if err == nil {
 		err = jobs.RunStep(ctx, job, rep, "cache-template", func(ctx context.Context) error {
-			src, err := s.templateObject(ctx, imgStore, imgRef)
+			src, err := s.TemplateObject(ctx, imgStore, imgRef)
 			if err != nil {
 				return err
 			}
-			dst, err := s.templateObject(ctx, st, ref)
+			dst, err := s.TemplateObject(ctx, st, ref)
 			if err != nil {
 				return err
 			}
