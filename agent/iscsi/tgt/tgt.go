@@ -585,6 +585,27 @@ func (m *Manager) run(ctx context.Context, what string, args ...string) (string,
 // operation in errors; secret, when set, is replaced in anything tgtadm
 // prints before it reaches an error.
 func (m *Manager) runSecret(ctx context.Context, what, secret string, args ...string) (string, error) {
+	// tgtd's control socket drops a request now and then while another
+	// process's tgtadm talks to it ("failed to send request hdr …
+	// Transport endpoint is not connected"): the request never reached
+	// tgtd, so it is sent again, a few times, before tgtd is called gone.
+	wait := 20 * time.Millisecond
+	for attempt := 1; ; attempt++ {
+		out, err := m.runOnce(ctx, what, secret, args...)
+		if err == nil || attempt == 5 || !strings.Contains(err.Error(), "failed to send request hdr") {
+			return out, err
+		}
+		select {
+		case <-ctx.Done():
+			return "", fmt.Errorf("tgtadm %s: %w", what, ctx.Err())
+		case <-time.After(wait):
+		}
+		wait *= 2
+	}
+}
+
+// runOnce is one tgtadm run of runSecret.
+func (m *Manager) runOnce(ctx context.Context, what, secret string, args ...string) (string, error) {
 	argv := append([]string{"-C", strconv.Itoa(m.ctl), "--lld", "iscsi"}, args...)
 	cmd := exec.CommandContext(ctx, m.bin, argv...)
 	cmd.WaitDelay = 5 * time.Second
