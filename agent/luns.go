@@ -132,11 +132,22 @@ func (h *LocalHost) EnsureTarget(ctx context.Context, t hostops.ISCSITarget) err
 	if err := m.EnsureTarget(ctx, t.IQN); err != nil {
 		return err
 	}
+	// A reconcile (Exact) leaves the accounts already bound alone: tgt
+	// cannot compare secrets, and replacing one fails that host's logins
+	// for a moment. A changed secret is set by the next grant or attach.
+	var bound []string
+	if t.Exact {
+		cur, err := m.Target(ctx, t.IQN)
+		if err != nil {
+			return err
+		}
+		bound = cur.Accounts
+	}
 	for _, i := range t.Initiators {
 		if err := m.Allow(ctx, t.IQN, i.IQN); err != nil {
 			return err
 		}
-		if i.CHAPUser != "" {
+		if i.CHAPUser != "" && !slices.Contains(bound, i.CHAPUser) {
 			if err := m.SetCHAP(ctx, t.IQN, i.CHAPUser, i.CHAPSecret); err != nil {
 				return err
 			}
