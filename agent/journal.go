@@ -169,6 +169,13 @@ func (j *journal) run(ctx context.Context, id string, fn func(context.Context, d
 			j.mu.Unlock()
 			return res, nil
 		}
+		if j.cancelledAncestor(id) {
+			// Its step was cancelled (a call that crossed the cancel).
+			res := cancelledResult(id)
+			err := j.put(res)
+			j.mu.Unlock()
+			return res, err
+		}
 		tctx, cancel := context.WithCancelCause(j.base) // the agent stops: the task is cancelled
 		t = &task{done: make(chan struct{}), cancel: cancel}
 		j.running[id] = t
@@ -291,11 +298,26 @@ func cancelledResult(id string) *stowagev1.TaskResult {
 // not running and has no result is journalled as cancelled, so a RunTask
 // for it arriving late (a call that crossed the cancel) does not start;
 // a finished task keeps its result.
+//
+// Ids are hierarchical: a plan step's id (jobs.StepTaskID) is the prefix
+// of the ids of every task the step sends ("<step id>.<call>",
+// drivers.StepTaskID). Cancelling id also cancels, and waits for, every
+// running task whose id starts with id + ".", and its cancelled journal
+// entry keeps such tasks arriving later from starting (run). That is how
+// a controller that knows only the job and the step (one resumed after a
+// crash, jobs.Runner) cancels the step's calls.
 func (j *journal) cancel(ctx context.Context, id string) (*stowagev1.TaskResult, error) {
 	if !taskIDPattern.MatchString(id) {
 		return nil, fmt.Errorf("task id %q: must be 1-128 of [A-Za-z0-9._-]: %w", id, errdefs.ErrInvalid)
 	}
 	j.mu.Lock()
+	var derived []*task
+	for rid, rt := range j.running {
+		if strings.HasPrefix(rid, id+".") {
+			rt.cancel(drivers.ErrCancelledOnRequest)
+			derived = append(derived, rt)
+		}
+	}
 	t := j.running[id]
 	if t == nil {
 		// Under the lock, like run: a task is journalled before it leaves
@@ -306,19 +328,47 @@ func (j *journal) cancel(ctx context.Context, id string) (*stowagev1.TaskResult,
 			err = j.put(res)
 		}
 		j.mu.Unlock()
+		if werr := waitTasks(ctx, id, derived); werr != nil {
+			return nil, werr
+		}
 		return res, err
 	}
 	t.cancel(drivers.ErrCancelledOnRequest)
 	j.mu.Unlock()
-	select {
-	case <-t.done:
-	case <-ctx.Done():
-		return nil, fmt.Errorf("task %s: cancelled, not ended yet: %w", id, ctx.Err())
+	if err := waitTasks(ctx, id, append(derived, t)); err != nil {
+		return nil, err
 	}
 	if t.err != nil {
 		return nil, t.err
 	}
 	return t.res, nil
+}
+
+// waitTasks waits until every task of ts (cancelled with id) has ended.
+func waitTasks(ctx context.Context, id string, ts []*task) error {
+	for _, t := range ts {
+		select {
+		case <-t.done:
+		case <-ctx.Done():
+			return fmt.Errorf("task %s: cancelled, not ended yet: %w", id, ctx.Err())
+		}
+	}
+	return nil
+}
+
+// cancelledAncestor reports whether a prefix of id ending before one of
+// its dots (the step it derives from) was cancelled (cancel).
+func (j *journal) cancelledAncestor(id string) bool {
+	for i := 0; i < len(id); i++ {
+		if id[i] != '.' {
+			continue
+		}
+		res, err := j.get(id[:i])
+		if err == nil && res.GetErrorClass() == errdefs.ClassName(context.Canceled) {
+			return true
+		}
+	}
+	return false
 }
 
 func (j *journal) put(res *stowagev1.TaskResult) error {

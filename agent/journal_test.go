@@ -398,3 +398,75 @@ func TestJournalCancel(t *testing.T) {
 		t.Fatalf("cancel once the task ended: %v %v", res, err)
 	}
 }
+
+// TestJournalCancelStep: cancelling a plan step's id (what a controller
+// resumed in Cancelling knows) cancels every running task derived from
+// it ("<step>.<call>"), waits for them, leaves other tasks alone, and a
+// task of the step arriving later does not start.
+func TestJournalCancelStep(t *testing.T) {
+	j, err := openJournal(t.TempDir(), time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := t.Context()
+	type ended struct {
+		id    string
+		cause error
+	}
+	endedCh := make(chan ended, 3)
+	start := func(id string) {
+		started := make(chan struct{})
+		go func() {
+			_, _ = j.run(context.Background(), id, func(ctx context.Context, _ drivers.Progress) (*stowagev1.TaskResult, error) {
+				close(started)
+				<-ctx.Done()
+				time.Sleep(20 * time.Millisecond) // removing a stage takes a while
+				endedCh <- ended{id, context.Cause(ctx)}
+				return nil, ctx.Err()
+			})
+		}()
+		<-started
+	}
+	start("job1.copy.copy_image-aa")
+	start("job1.copy.copy_image-aa.2")
+	start("job1.copyx.copy_image-bb") // another step, same prefix without the dot
+	res, err := j.cancel(ctx, "job1.copy")
+	if err != nil || res.GetErrorClass() != "context canceled" {
+		t.Fatalf("cancel of a step: %v %v", res, err)
+	}
+	// Both of the step's tasks ended before cancel returned.
+	got := map[string]error{}
+	for range 2 {
+		select {
+		case e := <-endedCh:
+			got[e.id] = e.cause
+		default:
+			t.Fatalf("cancel returned before the step's tasks ended (ended: %v)", got)
+		}
+	}
+	for _, id := range []string{"job1.copy.copy_image-aa", "job1.copy.copy_image-aa.2"} {
+		if !errors.Is(got[id], drivers.ErrCancelledOnRequest) {
+			t.Fatalf("task %s ended with %v, want ErrCancelledOnRequest (ended: %v)", id, got[id], got)
+		}
+		if r, err := j.status(id); err != nil || !r.GetDone() || r.GetErrorClass() != "context canceled" {
+			t.Fatalf("status of %s: %v %v", id, r, err)
+		}
+	}
+	if n := j.inFlight(); n != 1 {
+		t.Fatalf("%d tasks running after the step's cancel, want 1 (the other step's)", n)
+	}
+	// A call of the step that crossed the cancel does not start.
+	ran := false
+	if r, err := j.run(ctx, "job1.copy.grant-cc", func(context.Context, drivers.Progress) (*stowagev1.TaskResult, error) {
+		ran = true
+		return &stowagev1.TaskResult{}, nil
+	}); err != nil || ran || r.GetErrorClass() != "context canceled" {
+		t.Fatalf("run of a cancelled step's task: %v %v ran=%v", r, err, ran)
+	}
+	if _, err := j.cancel(ctx, "job1.copyx"); err != nil {
+		t.Fatal(err)
+	}
+	if e := <-endedCh; e.id != "job1.copyx.copy_image-bb" {
+		t.Fatalf("ended %v", e)
+	}
+}

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/url"
 	"os"
+	"slices"
 	"strings"
 
 	"github.com/stowage/stowage/failpoint"
@@ -26,8 +27,12 @@ type LUNManager interface {
 	RemoveLUN(ctx context.Context, iqn, backing string) error
 	Refresh(ctx context.Context, iqn, backing string) error
 	Allow(ctx context.Context, iqn, initiator string) error
+	Disallow(ctx context.Context, iqn, initiator string) error
 	SetCHAP(ctx context.Context, iqn, user, secret string) error
+	RemoveCHAP(ctx context.Context, iqn, user string) error
 	LUNs(ctx context.Context, iqn string) ([]tgt.LUN, error)
+	Target(ctx context.Context, iqn string) (tgt.Target, error)
+	Logout(ctx context.Context, iqn, initiator string) (int, error)
 }
 
 // lunNumbers maps the backing files of iqn's LUNs to their numbers.
@@ -127,14 +132,78 @@ func (h *LocalHost) EnsureTarget(ctx context.Context, t hostops.ISCSITarget) err
 	if err := m.EnsureTarget(ctx, t.IQN); err != nil {
 		return err
 	}
+	// A reconcile (Exact) leaves the accounts already bound alone: tgt
+	// cannot compare secrets, and replacing one fails that host's logins
+	// for a moment. A changed secret is set by the next grant or attach.
+	var bound []string
+	if t.Exact {
+		cur, err := m.Target(ctx, t.IQN)
+		if err != nil {
+			return err
+		}
+		bound = cur.Accounts
+	}
 	for _, i := range t.Initiators {
 		if err := m.Allow(ctx, t.IQN, i.IQN); err != nil {
 			return err
 		}
-		if i.CHAPUser != "" {
+		if i.CHAPUser != "" && !slices.Contains(bound, i.CHAPUser) {
 			if err := m.SetCHAP(ctx, t.IQN, i.CHAPUser, i.CHAPSecret); err != nil {
 				return err
 			}
+		}
+	}
+	if t.Exact {
+		return revokeOthers(ctx, m, t)
+	}
+	return nil
+}
+
+// revokeOthers leaves t's initiators the only ones admitted to t: every
+// other ACL entry and bound CHAP account goes, so those initiators cannot
+// log in again, then their sessions are logged out. A revoked host's
+// hypervisor loses the LUNs it had open: it has left the store's scope.
+func revokeOthers(ctx context.Context, m LUNManager, t hostops.ISCSITarget) error {
+	cur, err := m.Target(ctx, t.IQN)
+	if err != nil {
+		return err
+	}
+	keepIQN, keepUser := map[string]bool{}, map[string]bool{}
+	for _, i := range t.Initiators {
+		keepIQN[i.IQN] = true
+		if i.CHAPUser != "" {
+			keepUser[i.CHAPUser] = true
+		}
+	}
+	var gone []string
+	for _, acl := range cur.ACLs {
+		if keepIQN[acl] {
+			continue
+		}
+		if err := m.Disallow(ctx, t.IQN, acl); err != nil {
+			return fmt.Errorf("target %s: revoke initiator %s: %w", t.IQN, acl, err)
+		}
+		gone = append(gone, acl)
+	}
+	for _, user := range cur.Accounts {
+		if keepUser[user] {
+			continue
+		}
+		if err := m.RemoveCHAP(ctx, t.IQN, user); err != nil {
+			return fmt.Errorf("target %s: revoke CHAP account %s: %w", t.IQN, user, err)
+		}
+	}
+	// Sessions of initiators no longer admitted, whether their ACL entry
+	// went now or earlier (a revoke that stopped before its logouts).
+	for _, nx := range cur.Nexuses {
+		if keepIQN[nx.Initiator] || slices.Contains(gone, nx.Initiator) {
+			continue
+		}
+		gone = append(gone, nx.Initiator)
+	}
+	for _, i := range gone {
+		if _, err := m.Logout(ctx, t.IQN, i); err != nil {
+			return fmt.Errorf("target %s: log out initiator %s: %w", t.IQN, i, err)
 		}
 	}
 	return nil

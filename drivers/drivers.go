@@ -295,6 +295,19 @@ type PrimaryDriver interface {
 	RevertSnapshot(ctx context.Context, snap SnapshotObject) error
 }
 
+// ScopeReconciler is a LifeCycle whose stores admit hosts one by one (an
+// iSCSI target's ACL and CHAP accounts). The controller calls it for
+// every attached store when the hosts in its scope change (a host joins,
+// or re-registers in another zone or cluster) and once at start: the
+// store must then admit hostIDs and no other host, and end the sessions of
+// the hosts it stops admitting. hostIDs are every registered host in the
+// store's scope, whatever its state: a host only Disconnected from the
+// controller may still run guests on the store. A LifeCycle without it
+// admits by scope alone (a directory, a bucket) and has nothing to do.
+type ScopeReconciler interface {
+	ReconcileHosts(ctx context.Context, store StoreInfo, hostIDs []string) error
+}
+
 // The optional capabilities, one method each, found by type assertion; a
 // driver without one makes the workflow route around it or refuse with a
 // reason (errdefs.ErrNotImplemented).

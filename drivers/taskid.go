@@ -108,3 +108,26 @@ var ErrCancelledOnRequest = fmt.Errorf("cancelled on request: %w", context.Cance
 func CancelledOnRequest(ctx context.Context) bool {
 	return ctx.Err() != nil && errors.Is(context.Cause(ctx), ErrCancelledOnRequest)
 }
+
+// taskHostKey is the context key of a step's task-host recorder.
+type taskHostKey struct{}
+
+// WithTaskHostRecorder returns a context whose host calls report, through
+// NoteTaskHost, each host they are about to send a task to. The job runner
+// sets it per plan step and records the host durably before the task
+// leaves, so that a controller restarted while the job is cancelled knows
+// which agents to send CancelTask to.
+func WithTaskHostRecorder(ctx context.Context, record func(ctx context.Context, hostID string) error) context.Context {
+	return context.WithValue(ctx, taskHostKey{}, record)
+}
+
+// NoteTaskHost tells the recorder in ctx (WithTaskHostRecorder), if any,
+// that a task of the step is about to be sent to hostID. An error means
+// the host could not be recorded and the task must not be sent.
+func NoteTaskHost(ctx context.Context, hostID string) error {
+	record, ok := ctx.Value(taskHostKey{}).(func(context.Context, string) error)
+	if !ok || record == nil || hostID == "" {
+		return nil
+	}
+	return record(ctx, hostID)
+}

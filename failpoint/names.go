@@ -30,10 +30,16 @@ const (
 	LUNAfterCreate = "lunAfterCreate"
 	// ExportAfterGrant: an export was made, its grant not answered yet.
 	ExportAfterGrant = "exportAfterGrant"
+	// JobAfterCancelRequested: a job was moved to Cancelling; its
+	// running context (and so its agents' tasks) not cancelled yet.
+	JobAfterCancelRequested = "jobAfterCancelRequested"
 )
 
-// Controller and Agent list the failpoints of each process.
+// Controller and Agent list the failpoints of each process on the path of
+// the workflows (the crash matrix walks them); Requests lists those a
+// user's request passes rather than a workflow (their own tests arm them).
 var (
 	Controller = []string{JobBeforeStep, JobAfterStep, MetaBeforeCommit, MetaAfterCommit}
 	Agent      = []string{AgentTaskStart, AgentTaskFinish, AgentBeforePublish, AgentAfterPublish, ChunksBeforeManifest, LUNAfterCreate, ExportAfterGrant}
+	Requests   = []string{JobAfterCancelRequested}
 )

@@ -18,7 +18,7 @@ const Enabled = true
 var points = map[string]*runtime.Failpoint{}
 
 func init() {
-	for _, names := range [][]string{Controller, Agent} {
+	for _, names := range [][]string{Controller, Agent, Requests} {
 		for _, n := range names {
 			points[n] = runtime.NewFailpoint(n)
 		}

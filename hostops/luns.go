@@ -17,6 +17,10 @@ type ISCSITarget struct {
 	// Initiators are the hosts allowed to log in, each with its CHAP
 	// account (the secrets go to the target host only).
 	Initiators []ISCSIInitiator
+	// Exact makes Initiators the whole set EnsureTarget leaves admitted:
+	// any other initiator's ACL entry and CHAP binding are removed and its
+	// sessions logged out. Without it EnsureTarget only adds.
+	Exact bool
 }
 
 // ISCSIInitiator is one host's initiator and CHAP account.
@@ -44,7 +48,8 @@ type LUNInfo struct {
 // reach LUNs through CopyImage (an iscsi:// source or DestURI).
 type LUNs interface {
 	// EnsureTarget makes the target, its ACL and CHAP accounts what t
-	// says (idempotent).
+	// says (idempotent): t's initiators are admitted, and with t.Exact
+	// every other one is revoked and its sessions logged out.
 	EnsureTarget(ctx context.Context, t ISCSITarget) error
 	// DeleteTarget removes the target (its LUNs' files stay).
 	DeleteTarget(ctx context.Context, t ISCSITarget) error
@@ -79,7 +84,7 @@ func (e *Remote) DisconnectLUN(ctx context.Context, uri drivers.URI) error {
 
 // ISCSITargetToProto is the wire form of t.
 func ISCSITargetToProto(t ISCSITarget) *stowagev1.IscsiTarget {
-	p := &stowagev1.IscsiTarget{StoreId: t.Store, Iqn: t.IQN}
+	p := &stowagev1.IscsiTarget{StoreId: t.Store, Iqn: t.IQN, Exact: t.Exact}
 	for _, i := range t.Initiators {
 		p.Initiators = append(p.Initiators, &stowagev1.IscsiInitiator{Iqn: i.IQN, ChapUser: i.CHAPUser, ChapSecret: i.CHAPSecret})
 	}
@@ -88,7 +93,7 @@ func ISCSITargetToProto(t ISCSITarget) *stowagev1.IscsiTarget {
 
 // ISCSITargetFromProto is t from the wire.
 func ISCSITargetFromProto(p *stowagev1.IscsiTarget) ISCSITarget {
-	t := ISCSITarget{Store: p.GetStoreId(), IQN: p.GetIqn()}
+	t := ISCSITarget{Store: p.GetStoreId(), IQN: p.GetIqn(), Exact: p.GetExact()}
 	for _, i := range p.GetInitiators() {
 		t.Initiators = append(t.Initiators, ISCSIInitiator{IQN: i.GetIqn(), CHAPUser: i.GetChapUser(), CHAPSecret: i.GetChapSecret()})
 	}

@@ -147,6 +147,35 @@ func (e *Remote) cancelTask(ctx context.Context, id string) {
 	}
 }
 
+// CancelTask cancels task id on the agent and waits until it has ended
+// there (its stage removed): id may be a plan step's task id
+// (jobs.StepTaskID), which cancels every task derived from it and keeps
+// later ones from starting. An agent that cannot be reached is tried
+// again with the Remote's retry settings while ctx lasts.
+func (e *Remote) CancelTask(ctx context.Context, id string) (*stowagev1.TaskResult, error) {
+	wait := e.backoff
+	var lastErr error
+	for attempt := 0; attempt < e.attempts; attempt++ {
+		if attempt > 0 {
+			select {
+			case <-ctx.Done():
+				return nil, fmt.Errorf("host %s: cancel task %s: %w (last: %v)", e.hostID, id, ctx.Err(), lastErr)
+			case <-time.After(wait):
+			}
+			wait = min(wait*2, maxBackoff)
+		}
+		resp, err := e.client.CancelTask(ctx, connect.NewRequest(&stowagev1.CancelTaskRequest{TaskId: id}))
+		if err == nil {
+			return resp.Msg.GetResult(), nil
+		}
+		lastErr = errconnect.FromConnect(err)
+		if !errdefs.IsUnavailable(lastErr) || ctx.Err() != nil {
+			break
+		}
+	}
+	return nil, fmt.Errorf("host %s: cancel task %s: %w", e.hostID, id, lastErr)
+}
+
 // HostID implements Host.
 func (e *Remote) HostID() string { return e.hostID }
 
@@ -199,6 +228,11 @@ func StepOf(taskID string) (string, bool) {
 func (e *Remote) run(ctx context.Context, task *stowagev1.Task, progress drivers.Progress) (*stowagev1.TaskResult, error) {
 	task.Id = taskID(ctx, task)
 	task.ParentId, _ = drivers.TaskIDFrom(ctx)
+	// Recorded before the task leaves: a cancel that outlives this
+	// controller must know which agents ran the step's tasks.
+	if err := drivers.NoteTaskHost(ctx, e.hostID); err != nil {
+		return nil, fmt.Errorf("host %s: task %s: record the step's host: %w", e.hostID, task.Id, err)
+	}
 	wait := e.backoff
 	var lastErr error
 	for attempt := 0; attempt < e.attempts; attempt++ {

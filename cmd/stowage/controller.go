@@ -137,6 +137,8 @@ func runController(ctx context.Context, cfg controllerConfig, log *slog.Logger, 
 
 	runner := jobs.New(db, log.With("component", "jobs"))
 	runner.SetMaxJobsPerCaller(cfg.maxJobsPerCaller)
+	// A job resumed in Cancelling cancels its steps' tasks on their agents.
+	runner.SetTaskCanceller(selector)
 	// API tokens: the first start writes an admin token (DATA/admin.token)
 	// and a client configuration with it (DATA/admin.json), both 0600.
 	tokens := apiauth.NewTokens(db)

@@ -5,7 +5,10 @@
 // Disabled, Removed) and removes them only when nothing remains on them.
 //
 // It also keeps storage_pool_host_ref: which Up hosts reach which store, from
-// what agents report in their heartbeats.
+// what agents report in their heartbeats; and it tells every store whose
+// provider admits hosts one by one (drivers.ScopeReconciler: an iSCSI
+// target's ACL) which hosts are in its scope whenever that set may have
+// changed, so a host that left the scope can no longer log in.
 package datastore
 
 import (
@@ -32,11 +35,76 @@ type Service struct {
 	log       *slog.Logger
 	// DefaultZone is the zone of a store added without one.
 	DefaultZone string
+	// hostsChanged wakes Reconcile to re-apply the stores' host sets.
+	hostsChanged chan struct{}
 }
 
 // New returns the store service.
 func New(db *meta.DB, providers *drivers.Registry, log *slog.Logger) *Service {
-	return &Service{db: db, providers: providers, log: log, DefaultZone: "default"}
+	return &Service{db: db, providers: providers, log: log, DefaultZone: "default", hostsChanged: make(chan struct{}, 1)}
+}
+
+// HostsChanged says the set of registered hosts, or where one of them is
+// (zone, cluster), changed: Reconcile re-applies the host set of every
+// store that admits hosts one by one (ReconcileHosts). It does not block;
+// changes in a burst are applied together.
+func (s *Service) HostsChanged() {
+	select {
+	case s.hostsChanged <- struct{}{}:
+	default: // one is pending already: it will see this change too
+	}
+}
+
+// reconcileHostsTimeout bounds one store's ReconcileHosts.
+const reconcileHostsTimeout = time.Minute
+
+// ReconcileHosts gives every attached store whose LifeCycle is a
+// drivers.ScopeReconciler the hosts now registered in its scope (any
+// state: a Disconnected host may still run guests there). A store that
+// cannot be reached keeps its old set and is tried again at the next
+// change or start; the errors are joined.
+func (s *Service) ReconcileHosts(ctx context.Context) error {
+	hosts, err := s.db.Hosts().List(ctx, meta.Filter[*stowagev1.Host]{})
+	if err != nil {
+		return fmt.Errorf("reconcile store hosts: %w", err)
+	}
+	stores, err := s.db.Stores().List(ctx, meta.Filter[*stowagev1.DataStore]{})
+	if err != nil {
+		return fmt.Errorf("reconcile store hosts: %w", err)
+	}
+	var errs []error
+	for _, rec := range stores {
+		switch rec.GetState() {
+		case stowagev1.StoreState_STORE_STATE_INITIALIZED, stowagev1.StoreState_STORE_STATE_REMOVED:
+			continue // not attached (yet, or any more)
+		}
+		p, err := s.providers.Get(rec.GetProvider())
+		if err != nil {
+			continue
+		}
+		sr, ok := p.LifeCycle().(drivers.ScopeReconciler)
+		if !ok {
+			continue
+		}
+		info := InfoFromRecord(rec)
+		var in []string
+		for _, h := range hosts {
+			if info.Scope.Contains(h.GetZone(), h.GetCluster(), h.GetId()) {
+				in = append(in, h.GetId())
+			}
+		}
+		sort.Strings(in)
+		rctx, cancel := context.WithTimeout(ctx, reconcileHostsTimeout)
+		start := time.Now()
+		err = sr.ReconcileHosts(rctx, info, in)
+		cancel()
+		if err != nil {
+			errs = append(errs, fmt.Errorf("store %s: %w", rec.GetName(), err))
+			continue
+		}
+		s.log.Info("store admits the hosts in its scope", "store", rec.GetName(), "hosts", in, "took", time.Since(start).Round(time.Millisecond))
+	}
+	return errors.Join(errs...)
 }
 
 var namePattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`)
@@ -341,10 +409,13 @@ func (s *Service) RetryAttach(ctx context.Context) error {
 	return nil
 }
 
-// Reconcile retries attaching Initialized stores every interval until ctx ends.
+// Reconcile retries attaching Initialized stores every interval, and
+// re-applies the stores' host sets (ReconcileHosts) once at start and
+// after every HostsChanged, until ctx ends.
 func (s *Service) Reconcile(ctx context.Context, interval time.Duration) {
 	t := time.NewTicker(interval)
 	defer t.Stop()
+	s.HostsChanged() // a change a previous controller did not apply
 	for {
 		select {
 		case <-ctx.Done():
@@ -352,6 +423,10 @@ func (s *Service) Reconcile(ctx context.Context, interval time.Duration) {
 		case <-t.C:
 			if err := s.RetryAttach(ctx); err != nil && ctx.Err() == nil {
 				s.log.Warn("store reconcile", "err", err)
+			}
+		case <-s.hostsChanged:
+			if err := s.ReconcileHosts(ctx); err != nil && ctx.Err() == nil {
+				s.log.Warn("store host sets not all applied; retried at the next host change or start", "err", err)
 			}
 		}
 	}

@@ -13,6 +13,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/stowage/stowage/controller/jobs"
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
 	"github.com/stowage/stowage/hostops"
@@ -32,7 +33,10 @@ type Selector struct {
 	clientFor func(hostID string) *http.Client
 }
 
-var _ hostops.Selector = (*Selector)(nil)
+var (
+	_ hostops.Selector   = (*Selector)(nil)
+	_ jobs.TaskCanceller = (*Selector)(nil)
+)
 
 // New returns a selector; clientFor gives the client that carries the
 // calls to the agent of a host (one that checks the agent's certificate
@@ -142,4 +146,26 @@ func (s *Selector) ForHost(ctx context.Context, hostID string) (hostops.Host, er
 		}
 	}
 	return nil, fmt.Errorf("host %s is not Up (see `stowage host get %s`): %w", hostID, hostID, errdefs.ErrUnavailable)
+}
+
+// CancelTask implements jobs.TaskCanceller: it sends CancelTask(taskID) to
+// the agent of hostID, whatever state the registry has it in (a controller
+// that just started may not have heard from it yet), and waits for the
+// agent to stop the task. A host the registry does not know is an error.
+func (s *Selector) CancelTask(ctx context.Context, hostID, taskID string) error {
+	all, err := s.hosts.List(ctx, "", stowagev1.HostState_HOST_STATE_UNSPECIFIED)
+	if err != nil {
+		return fmt.Errorf("cancel task %s on host %s: %w", taskID, hostID, err)
+	}
+	for _, h := range all {
+		if h.GetId() != hostID {
+			continue
+		}
+		if h.GetAgentUrl() == "" {
+			return fmt.Errorf("cancel task %s: host %s has no agent address yet: %w", taskID, hostID, errdefs.ErrUnavailable)
+		}
+		_, err := hostops.NewRemote(h.GetId(), h.GetAgentUrl(), s.clientFor(h.GetId())).CancelTask(ctx, taskID)
+		return err
+	}
+	return fmt.Errorf("cancel task %s: host %s: %w", taskID, hostID, errdefs.ErrNotFound)
 }

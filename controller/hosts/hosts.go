@@ -31,6 +31,9 @@ import (
 type StoreWatcher interface {
 	Assignments(ctx context.Context, host *stowagev1.Host) ([]*stowagev1.StoreAssignment, error)
 	ObserveHost(ctx context.Context, host *stowagev1.Host, reports []*stowagev1.StoreOnHost) error
+	// HostsChanged says a host joined or moved to another zone or
+	// cluster: the stores' host sets are re-applied (without blocking).
+	HostsChanged()
 }
 
 // MountSpecs is what the host service needs from the template mount
@@ -171,6 +174,12 @@ func (s *Service) Register(ctx context.Context, req *stowagev1.RegisterRequest) 
 		return nil
 	}
 	host, err := s.db.Hosts().Get(ctx, req.GetHostId())
+	// A new host, or one in another zone or cluster, changes which stores
+	// have it in scope.
+	moved := errdefs.IsNotFound(err) || (err == nil && (host.GetZone() != zone || host.GetCluster() != cluster))
+	if moved && err == nil {
+		s.log.Info("host moved", "host", host.GetId(), "zone", host.GetZone()+" -> "+zone, "cluster", host.GetCluster()+" -> "+cluster)
+	}
 	switch {
 	case errdefs.IsNotFound(err):
 		rec := &stowagev1.Host{Id: req.GetHostId(), State: stowagev1.HostState_HOST_STATE_CONNECTING, RegisteredAt: timestamppb.New(now)}
@@ -202,6 +211,9 @@ func (s *Service) Register(ctx context.Context, req *stowagev1.RegisterRequest) 
 	s.mu.Unlock()
 
 	resp := &stowagev1.RegisterResponse{Host: host, HeartbeatIntervalMs: int32(s.cfg.HeartbeatInterval / time.Millisecond)}
+	if s.stores != nil && moved {
+		s.stores.HostsChanged()
+	}
 	if s.stores != nil {
 		if resp.Stores, err = s.stores.Assignments(ctx, host); err != nil {
 			return nil, err

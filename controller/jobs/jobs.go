@@ -15,6 +15,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sync"
 	"time"
 
@@ -60,6 +61,28 @@ type Runner struct {
 	// callerLocks serialise the count-and-insert of one caller's submits
 	// (a buffered channel of one per caller, so acquiring honours ctx).
 	callerLocks map[string]chan struct{}
+
+	// canceller reaches the agents of a job resumed in Cancelling.
+	canceller TaskCanceller
+}
+
+// TaskCanceller passes a cancel on to one host: the controller's endpoint
+// selector sends AgentService.CancelTask to the host's agent.
+type TaskCanceller interface {
+	// CancelTask cancels taskID (a plan step's StepTaskID: every task the
+	// step sent derives from it) on hostID and returns once the agent has
+	// stopped them and removed what they staged.
+	CancelTask(ctx context.Context, hostID, taskID string) error
+}
+
+// SetTaskCanceller sets how a job resumed in Cancelling reaches the hosts
+// of its unfinished steps. Without one such a job is finished without
+// telling them (their agents cancel the tasks after their grace period).
+// Call it before Resume.
+func (r *Runner) SetTaskCanceller(c TaskCanceller) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.canceller = c
 }
 
 // DefaultMaxJobsPerCaller is the default of SetMaxJobsPerCaller.
@@ -210,7 +233,17 @@ func (r *Runner) run(ctx context.Context, h Handler, job *stowagev1.Job) {
 			return
 		}
 	case stowagev1.JobState_JOB_STATE_CANCELLING:
-		r.finish(ctx, job, h, fmt.Errorf("job %s was cancelled: %w", job.GetId(), context.Canceled))
+		// Cancelled while a previous controller ran it, which may have
+		// died before the cancel reached the agents: their tasks would run
+		// on and could publish after the job says Cancelled. They are
+		// cancelled first, then the handler's Fail cleans up as for a
+		// live cancel.
+		r.cancelSteps(ctx, job)
+		if ctx.Err() != nil {
+			r.log.Info("job cancel interrupted by shutdown; it resumes at the next start", "job", job.GetId())
+			return
+		}
+		r.finish(ctx, job, h, fmt.Errorf("job %s was cancelled: %w", job.GetId(), drivers.ErrCancelledOnRequest))
 		return
 	}
 	r.publish(job)
@@ -225,6 +258,56 @@ func (r *Runner) run(ctx context.Context, h Handler, job *stowagev1.Job) {
 		return
 	}
 	r.finish(ctx, rep.snapshot(), h, runErr)
+}
+
+// stepCancelTimeout bounds how long a resumed cancel waits for one host's
+// agent: its retries cover an agent restarting (about 13 s).
+const stepCancelTimeout = 30 * time.Second
+
+// cancelSteps sends CancelTask for every step of job that did not
+// succeed, to each host the step sent tasks to (PlanStep.task_hosts, recorded
+// before each task left; the planned host for a running step of a job
+// recorded before that field), and waits for the agents to stop them. An
+// agent that cannot be reached is logged and left to its grace period.
+func (r *Runner) cancelSteps(ctx context.Context, job *stowagev1.Job) {
+	r.mu.Lock()
+	c := r.canceller
+	r.mu.Unlock()
+	var wg sync.WaitGroup
+	for _, s := range job.GetPlan().GetSteps() {
+		// A step that failed may have failed only because its controller
+		// stopped (RunStep records the interruption), while its tasks ran
+		// on: only a step that succeeded has nothing left on its hosts.
+		if s.GetState() == stowagev1.JobState_JOB_STATE_SUCCEEDED {
+			continue
+		}
+		hosts := slices.Clone(s.GetTaskHosts())
+		if len(hosts) == 0 && s.GetState() == stowagev1.JobState_JOB_STATE_RUNNING && s.GetHostId() != "" {
+			hosts = append(hosts, s.GetHostId())
+		}
+		id := StepTaskID(job, s.GetName())
+		for _, host := range hosts {
+			if c == nil {
+				r.log.Warn("no task canceller: the step's tasks stop when their agent's grace period ends", "job", job.GetId(), "host", host, "task", id)
+				continue
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				cctx, cancel := context.WithTimeout(ctx, stepCancelTimeout)
+				defer cancel()
+				start := time.Now()
+				if err := c.CancelTask(cctx, host, id); err != nil {
+					r.log.Warn("step of a cancelled job not cancelled on its host; its tasks stop when their grace period ends",
+						"job", job.GetId(), "step", s.GetName(), "host", host, "err", err)
+					return
+				}
+				r.log.Info("step of a job resumed in Cancelling cancelled on its host", "job", job.GetId(), "step", s.GetName(), "host", host,
+					"took", time.Since(start).Round(time.Millisecond))
+			}()
+		}
+	}
+	wg.Wait()
 }
 
 // finish records the end of a job: Succeeded, or (after the handler's Fail)
@@ -335,6 +418,11 @@ func (r *Runner) Cancel(ctx context.Context, id string) (*stowagev1.Job, error) 
 			return nil, fmt.Errorf("job %q: no such job: %w", id, errdefs.ErrNotFound)
 		}
 		return nil, fmt.Errorf("job %s cannot be cancelled: %w", id, err)
+	}
+	// A controller that dies here leaves the job Cancelling with its
+	// tasks running: the next start's Resume cancels them (cancelSteps).
+	if err := failpoint.Hit(failpoint.JobAfterCancelRequested); err != nil {
+		return nil, fmt.Errorf("job %s: %w", id, err)
 	}
 	r.mu.Lock()
 	cancel, running := r.running[id]
@@ -494,6 +582,13 @@ func (rep *Reporter) Result(format string, args ...any) {
 
 // flush persists progress and steps (not the state: that is the runner's).
 func (rep *Reporter) flush(ctx context.Context) {
+	if err := rep.save(ctx); err != nil && !errors.Is(err, context.Canceled) {
+		rep.runner.log.Debug("job progress not saved", "err", err)
+	}
+}
+
+// save is flush that returns the error.
+func (rep *Reporter) save(ctx context.Context) error {
 	rep.mu.Lock()
 	prog := proto.Clone(rep.job.GetProgress()).(*stowagev1.JobProgress)
 	plan := proto.Clone(rep.job.GetPlan()).(*stowagev1.Plan)
@@ -504,9 +599,29 @@ func (rep *Reporter) flush(ctx context.Context) {
 		j.Progress, j.Plan = prog, plan
 		return nil
 	})
-	if err != nil && !errors.Is(err, context.Canceled) {
-		rep.runner.log.Debug("job progress not saved", "job", id, "err", err)
+	if err != nil {
+		return fmt.Errorf("job %s: save progress: %w", id, err)
 	}
+	return nil
+}
+
+// taskHost records durably that step name sends tasks to host (the
+// step's task_hosts), before the first one leaves: a cancel resumed by
+// another controller reaches it. A host already recorded costs nothing.
+func (rep *Reporter) taskHost(ctx context.Context, name, host string) error {
+	rep.mu.Lock()
+	added := false
+	for _, s := range rep.job.GetPlan().GetSteps() {
+		if s.GetName() == name && !slices.Contains(s.GetTaskHosts(), host) {
+			s.TaskHosts = append(s.TaskHosts, host)
+			added = true
+		}
+	}
+	rep.mu.Unlock()
+	if !added {
+		return nil
+	}
+	return rep.save(ctx)
 }
 
 // RunStep runs fn as the plan step name: it marks the step Running, then
@@ -517,7 +632,10 @@ func RunStep(ctx context.Context, job *stowagev1.Job, rep *Reporter, name string
 	rep.Phase(name)
 	err := failpoint.Hit(failpoint.JobBeforeStep)
 	if err == nil {
-		err = fn(StepContext(ctx, job, name))
+		sctx := drivers.WithTaskHostRecorder(StepContext(ctx, job, name), func(ctx context.Context, host string) error {
+			return rep.taskHost(ctx, name, host)
+		})
+		err = fn(sctx)
 	}
 	if err == nil {
 		err = failpoint.Hit(failpoint.JobAfterStep)

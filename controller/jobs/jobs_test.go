@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -288,4 +289,114 @@ func TestExpireFinishedJobs(t *testing.T) {
 	}
 	close(release)
 	wait(t, r, running.GetId())
+}
+
+// cancelLog records the cancels a resumed job sends, and when its
+// handler's Fail ran relative to them.
+type cancelLog struct {
+	mu    sync.Mutex
+	calls []string
+}
+
+func (c *cancelLog) CancelTask(_ context.Context, host, task string) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.calls = append(c.calls, host+" "+task)
+	return nil
+}
+
+// TestResumeCancellingCancelsSteps: a controller that dies after the job
+// went Cancelling but before its cancel reached the hosts leaves the job
+// Cancelling; the next one sends the unfinished step's task id to every
+// host the step recorded (NoteTaskHost, before its tasks left), and only
+// then runs the handler's Fail and records Cancelled.
+func TestResumeCancellingCancelsSteps(t *testing.T) {
+	dir := t.TempDir()
+	db := openDB(t, dir)
+	r := newRunner(t, db)
+	base, stop := context.WithCancel(context.Background())
+	r.Start(base)
+	started := make(chan struct{})
+	run := func(ctx context.Context, job *stowagev1.Job, rep *Reporter) error {
+		if err := RunStep(ctx, job, rep, "prepare", func(ctx context.Context) error {
+			return drivers.NoteTaskHost(ctx, "h0")
+		}); err != nil {
+			return err
+		}
+		return RunStep(ctx, job, rep, "copy", func(ctx context.Context) error {
+			for _, h := range []string{"h1", "h2", "h1"} {
+				if err := drivers.NoteTaskHost(ctx, h); err != nil {
+					return err
+				}
+			}
+			close(started)
+			<-ctx.Done()
+			return ctx.Err()
+		})
+	}
+	r.Register("copy", &scripted{run: run})
+	plan := &stowagev1.Plan{Steps: []*stowagev1.PlanStep{{Name: "prepare"}, {Name: "copy", HostId: "h9"}}}
+	j, _, err := r.Submit(context.Background(), NewJob("copy", "t", "", plan, nil), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	<-started
+	// The cancel is recorded, and the controller goes away before it
+	// cancels the job's context (failpoint jobAfterCancelRequested).
+	if _, err := db.Jobs().Transition(context.Background(), j.GetId(), meta.JobCancelRequested, nil); err != nil {
+		t.Fatal(err)
+	}
+	stop()
+	r.Wait()
+	db.Close()
+
+	db = openDB(t, dir)
+	defer db.Close()
+	if got, err := db.Jobs().Get(context.Background(), j.GetId()); err != nil || got.GetState() != stowagev1.JobState_JOB_STATE_CANCELLING {
+		t.Fatalf("job after the first controller: %v %v", got, err)
+	}
+	r2 := newRunner(t, db)
+	r2.Start(context.Background())
+	log := &cancelLog{}
+	r2.SetTaskCanceller(log)
+	var atFail []string
+	r2.Register("copy", failHook{t: t, fn: func() {
+		log.mu.Lock()
+		atFail = append([]string(nil), log.calls...)
+		log.mu.Unlock()
+	}})
+	if err := r2.Resume(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	end := wait(t, r2, j.GetId())
+	if end.GetState() != stowagev1.JobState_JOB_STATE_CANCELLED || !strings.Contains(end.GetError(), "cancelled on request") {
+		t.Fatalf("resumed cancelled job: %v", end)
+	}
+	want := []string{"h1 " + StepTaskID(j, "copy"), "h2 " + StepTaskID(j, "copy")}
+	log.mu.Lock()
+	calls := append([]string(nil), log.calls...)
+	log.mu.Unlock()
+	slices.Sort(calls)
+	if !slices.Equal(calls, want) {
+		t.Fatalf("cancels sent: %q, want %q (the unfinished step's hosts, once each)", calls, want)
+	}
+	slices.Sort(atFail)
+	if !slices.Equal(atFail, want) {
+		t.Fatalf("the handler's Fail ran after only %q of the cancels", atFail)
+	}
+}
+
+// failHook is a handler whose Fail calls fn; it must not run.
+type failHook struct {
+	t  *testing.T
+	fn func()
+}
+
+func (h failHook) Run(context.Context, *stowagev1.Job, *Reporter) error {
+	h.t.Error("a job resumed in Cancelling must not run")
+	return nil
+}
+func (h failHook) Fail(context.Context, *stowagev1.Job, error) error {
+	h.fn()
+	return nil
 }

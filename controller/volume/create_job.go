@@ -2,6 +2,7 @@ package volume
 
 import (
 	"context"
+	"errors"
 	"fmt"
 
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -15,6 +16,7 @@ import (
 	"github.com/stowage/stowage/errdefs"
 	"github.com/stowage/stowage/hostops"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
+	"github.com/stowage/stowage/redact"
 )
 
 type createHandler struct{ s *Service }
@@ -197,7 +199,11 @@ func (s *Service) restore(ctx context.Context, prefer string, src *stowagev1.Dat
 	return ii.Object(dst), nil
 }
 
-// Fail marks a volume that could not be created Failed, with the reason.
+// Fail marks a volume that could not be created Failed, with the reason,
+// and releases the copy of its template to the store if this job was
+// making it (a job resumed in Cancelling never ran copyTemplate's own
+// release): Failed and owned by no job, so the next job clears and copies
+// it again and the template can be deleted meanwhile.
 func (h createHandler) Fail(ctx context.Context, job *stowagev1.Job, cause error) error {
 	v, err := h.s.db.Volumes().Get(ctx, job.GetTargetId())
 	if err != nil {
@@ -210,5 +216,31 @@ func (h createHandler) Fail(ctx context.Context, job *stowagev1.Job, cause error
 			return nil
 		})
 	}
-	return err
+	if v.GetTemplateId() == "" || v.GetInstallMethod() == image.LazyMethod {
+		return err
+	}
+	return errors.Join(err, h.s.releaseSpool(ctx, job, v, cause))
+}
+
+// releaseSpool fails the copy of v's template to v's store when job owns
+// it and it is still Creating.
+func (s *Service) releaseSpool(ctx context.Context, job *stowagev1.Job, v *stowagev1.Volume, cause error) error {
+	ref, err := s.SpoolRef(ctx, v.GetTemplateId(), v.GetStoreId())
+	if errdefs.IsNotFound(err) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("volume %s: the copy of its template: %w", v.GetId(), err)
+	}
+	if ref.GetState() != stowagev1.ObjectState_OBJECT_STATE_CREATING || ref.GetOwnerJobId() != job.GetId() {
+		return nil
+	}
+	_, err = s.db.TemplatesOnStore().TransitionIf(ctx, ref.GetId(), ref.GetRevision(), meta.ObjectOperationFailed, func(r *stowagev1.TemplateOnStore) error {
+		r.Error, r.OwnerJobId = redact.Text(cause.Error()), ""
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("release the copy %s of template %s on store %s: %w", ref.GetId(), v.GetTemplateId(), v.GetStoreId(), err)
+	}
+	return nil
 }

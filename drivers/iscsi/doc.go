@@ -22,6 +22,15 @@
 // iscsi://user%secret@portal/iqn/lun URI for that host (the API redacts
 // the secret in replies).
 //
+// Leaving the scope: the LifeCycle is a drivers.ScopeReconciler. The
+// controller hands it every registered host in the store's scope at start
+// and whenever a host joins or re-registers in another zone or cluster;
+// the target host's agent then makes the target admit exactly those
+// (EnsureTarget with Exact): any other initiator loses its ACL entry and
+// its CHAP account's binding, and its sessions are logged out (tgtadm
+// --op delete --mode conn). tgt answers a login from an initiator its ACL
+// does not admit with "Target not found" (status 0x0203).
+//
 // What a LUN manager cannot do is declared, not faked: volumes are raw
 // (VolumeFormats); clones and snapshots are full copies through the
 // userspace initiator (tgt has no snapshots); nothing is copied natively

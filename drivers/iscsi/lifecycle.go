@@ -14,7 +14,34 @@ type LifeCycle struct {
 	drv *Driver
 }
 
-var _ drivers.LifeCycle = (*LifeCycle)(nil)
+var (
+	_ drivers.LifeCycle       = (*LifeCycle)(nil)
+	_ drivers.ScopeReconciler = (*LifeCycle)(nil)
+)
+
+// ReconcileHosts implements drivers.ScopeReconciler: the target admits the
+// initiators and CHAP accounts of hostIDs and no others; a host that left
+// the store's scope loses its ACL entry and its account's binding, and its
+// sessions are logged out (EnsureTarget with Exact, on the target host).
+func (lc *LifeCycle) ReconcileHosts(ctx context.Context, store drivers.StoreInfo, hostIDs []string) error {
+	s, err := storeOf(store)
+	if err != nil {
+		return err
+	}
+	h, err := lc.drv.targetHost(ctx, s)
+	if err != nil {
+		return err
+	}
+	t, err := lc.drv.target(s, hostIDs...)
+	if err != nil {
+		return err
+	}
+	t.Exact = true
+	if err := h.EnsureTarget(ctx, t); err != nil {
+		return fmt.Errorf("iSCSI store %s: admit only %v: %w", s.id, hostIDs, err)
+	}
+	return nil
+}
 
 // Initialize prepares the backing directory on the target host, makes the
 // target with the ACL and CHAP accounts of the Up hosts in the store's

@@ -21,6 +21,16 @@ type Target struct {
 	ACLs []string
 	// Sessions counts the I_T nexuses: initiators logged in now.
 	Sessions int
+	// Nexuses are those sessions: who is logged in, over which
+	// connections.
+	Nexuses []Nexus
+}
+
+// Nexus is one I_T nexus (an iSCSI session) of a target.
+type Nexus struct {
+	SID       int    // tgt's session id ("I_T nexus: <sid>")
+	Initiator string // the initiator's name
+	CIDs      []int  // its connections
 }
 
 // LUN is one logical unit of a target.
@@ -130,8 +140,27 @@ func parseShow(out string) ([]Target, error) {
 				lun.Size = v * 1000 * 1000
 			}
 		case section == "I_T nexus information" && indent == 8:
-			if strings.HasPrefix(text, "I_T nexus:") {
+			if v, ok := strings.CutPrefix(text, "I_T nexus:"); ok {
+				sid, err := strconv.Atoi(strings.TrimSpace(v))
+				if err != nil || sid < 0 {
+					return nil, bad("expected \"I_T nexus: <sid>\"")
+				}
 				cur.Sessions++
+				cur.Nexuses = append(cur.Nexuses, Nexus{SID: sid})
+			}
+		case section == "I_T nexus information" && indent > 8 && len(cur.Nexuses) > 0:
+			nx := &cur.Nexuses[len(cur.Nexuses)-1]
+			switch {
+			case strings.HasPrefix(text, "Initiator:"):
+				// "Initiator: iqn.… alias: none"
+				name, _, _ := strings.Cut(strings.TrimSpace(strings.TrimPrefix(text, "Initiator:")), " ")
+				nx.Initiator = name
+			case strings.HasPrefix(text, "Connection:"):
+				cid, err := strconv.Atoi(strings.TrimSpace(strings.TrimPrefix(text, "Connection:")))
+				if err != nil || cid < 0 {
+					return nil, bad("expected \"Connection: <cid>\"")
+				}
+				nx.CIDs = append(nx.CIDs, cid)
 			}
 		case section == "Account information" && indent == 8:
 			// Outgoing accounts print as "<user> (outgoing)".

@@ -34,6 +34,7 @@ func TestParseShow(t *testing.T) {
 			Accounts: []string{"u1"},
 			ACLs:     []string{"iqn.2026-12.io.client:c1", "127.0.0.1"},
 			Sessions: 1,
+			Nexuses:  []Nexus{{SID: 10, Initiator: "iqn.2026-12.io.client:c1", CIDs: []int{0}}},
 		},
 		{TID: 2, IQN: "iqn.2026-12.io.stowage:t2", LUNs: []LUN{{Number: 1, Backing: "/tmp/tg/f.img", Size: 2_000_000}}},
 	}

@@ -55,6 +55,14 @@ type LUNManager interface {
 	SetCHAP(ctx context.Context, iqn, user, secret string) error
 	// RemoveCHAP unbinds user from the target.
 	RemoveCHAP(ctx context.Context, iqn, user string) error
+	// Target describes the target: its LUNs, ACL, CHAP accounts and
+	// sessions.
+	Target(ctx context.Context, iqn string) (Target, error)
+	// Logout ends the sessions of initiator on the target (a host no
+	// longer admitted: Disallow and RemoveCHAP keep it from logging in
+	// again) and returns how many connections it closed. An initiator
+	// with no session is not an error.
+	Logout(ctx context.Context, iqn, initiator string) (int, error)
 }
 
 var _ LUNManager = (*Manager)(nil)
@@ -115,6 +123,53 @@ func (m *Manager) Targets(ctx context.Context) ([]Target, error) {
 		return nil, err
 	}
 	return parseShow(out)
+}
+
+// Target implements LUNManager.
+func (m *Manager) Target(ctx context.Context, iqn string) (Target, error) {
+	return m.target(ctx, iqn)
+}
+
+// Logout implements LUNManager: tgtadm --op delete --mode conn for each
+// connection of each session of initiator. tgt drops the connection at
+// once; the session goes with its last connection.
+func (m *Manager) Logout(ctx context.Context, iqn, initiator string) (int, error) {
+	if err := checkName("initiator", initiator); err != nil {
+		return 0, err
+	}
+	unlock, err := m.lock(ctx)
+	if err != nil {
+		return 0, err
+	}
+	defer unlock()
+	t, err := m.target(ctx, iqn)
+	if errdefs.IsNotFound(err) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, err
+	}
+	closed := 0
+	for _, nx := range t.Nexuses {
+		if nx.Initiator != initiator {
+			continue
+		}
+		for _, cid := range nx.CIDs {
+			_, err := m.run(ctx, fmt.Sprintf("log out %s (session %d, connection %d) of %s", initiator, nx.SID, cid, iqn),
+				"--op", "delete", "--mode", "conn", "--tid", strconv.Itoa(t.TID), "--sid", strconv.Itoa(nx.SID), "--cid", strconv.Itoa(cid))
+			if errdefs.IsNotFound(err) {
+				continue // it went meanwhile
+			}
+			if err != nil {
+				return closed, err
+			}
+			closed++
+		}
+	}
+	if closed > 0 {
+		m.log.InfoContext(ctx, "iscsi initiator logged out", "iqn", iqn, "initiator", initiator, "connections", closed)
+	}
+	return closed, nil
 }
 
 // target returns the target named iqn, or ErrNotFound.
@@ -530,6 +585,27 @@ func (m *Manager) run(ctx context.Context, what string, args ...string) (string,
 // operation in errors; secret, when set, is replaced in anything tgtadm
 // prints before it reaches an error.
 func (m *Manager) runSecret(ctx context.Context, what, secret string, args ...string) (string, error) {
+	// tgtd's control socket drops a request now and then while another
+	// process's tgtadm talks to it ("failed to send request hdr …
+	// Transport endpoint is not connected"): the request never reached
+	// tgtd, so it is sent again, a few times, before tgtd is called gone.
+	wait := 20 * time.Millisecond
+	for attempt := 1; ; attempt++ {
+		out, err := m.runOnce(ctx, what, secret, args...)
+		if err == nil || attempt == 5 || !strings.Contains(err.Error(), "failed to send request hdr") {
+			return out, err
+		}
+		select {
+		case <-ctx.Done():
+			return "", fmt.Errorf("tgtadm %s: %w", what, ctx.Err())
+		case <-time.After(wait):
+		}
+		wait *= 2
+	}
+}
+
+// runOnce is one tgtadm run of runSecret.
+func (m *Manager) runOnce(ctx context.Context, what, secret string, args ...string) (string, error) {
 	argv := append([]string{"-C", strconv.Itoa(m.ctl), "--lld", "iscsi"}, args...)
 	cmd := exec.CommandContext(ctx, m.bin, argv...)
 	cmd.WaitDelay = 5 * time.Second

@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/stowage/stowage/agent/iscsi/tgt"
 	"github.com/stowage/stowage/datapath/iscsi/tgttest"
@@ -247,5 +248,102 @@ func TestUnavailable(t *testing.T) {
 	m = tgt.New(tgt.WithBinary(filepath.Join(t.TempDir(), "tgtadm")))
 	if err := m.EnsureTarget(t.Context(), iqn); !errors.Is(err, errdefs.ErrUnavailable) {
 		t.Fatalf("no tgtadm: %v, want unavailable", err)
+	}
+}
+
+// holdSession keeps a session of init open on LUN lun (qemu-nbd reading
+// it through libiscsi, on a unix socket nobody connects to) until the
+// test ends; the process is killed by its PID.
+func holdSession(t *testing.T, portal, target string, lun int, init string) *exec.Cmd {
+	t.Helper()
+	sock := filepath.Join(t.TempDir(), "nbd.sock")
+	cmd := exec.Command("qemu-nbd", "--persistent", "--read-only", "-k", sock, "--image-opts",
+		fmt.Sprintf("driver=raw,file.driver=iscsi,file.transport=tcp,file.portal=%s,file.target=%s,file.lun=%d,file.initiator-name=%s", portal, target, lun, init))
+	var out strings.Builder
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(done) }()
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		<-done
+		if t.Failed() {
+			t.Logf("qemu-nbd: %s", out.String())
+		}
+	})
+	return cmd
+}
+
+// sessionsOf counts the sessions of init on target.
+func sessionsOf(t *testing.T, ctx context.Context, m *tgt.Manager, target, init string) int {
+	t.Helper()
+	tg, err := m.Target(ctx, target)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, nx := range tg.Nexuses {
+		if nx.Initiator == init {
+			n++
+		}
+	}
+	return n
+}
+
+// TestLogout: a logged-in initiator whose ACL entry is removed keeps its
+// session until Logout closes it; it cannot log in again, another
+// initiator's session stays.
+func TestLogout(t *testing.T) {
+	tgttest.Require(t, "iscsi-readcapacity16", "qemu-nbd")
+	portal, ctl := tgttest.Start(t)
+	ctx := t.Context()
+	m := tgt.New(tgt.WithControlPort(ctl), tgt.WithLogger(slog.New(slog.NewTextHandler(t.Output(), nil))))
+	if err := m.EnsureTarget(ctx, iqn); err != nil {
+		t.Fatal(err)
+	}
+	n, err := m.AddLUN(ctx, iqn, sparseFile(t, "a.img", 8<<20))
+	if err != nil {
+		t.Fatal(err)
+	}
+	const other = "iqn.2026-12.io.stowage:host2"
+	for _, i := range []string{initiator, other} {
+		if err := m.Allow(ctx, iqn, i); err != nil {
+			t.Fatal(err)
+		}
+		holdSession(t, portal, iqn, n, i)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for sessionsOf(t, ctx, m, iqn, initiator) == 0 || sessionsOf(t, ctx, m, iqn, other) == 0 {
+		if time.Now().After(deadline) {
+			tg, _ := m.Target(ctx, iqn)
+			t.Fatalf("no sessions of both initiators after 10 s: %+v", tg.Nexuses)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if err := m.Disallow(ctx, iqn, initiator); err != nil {
+		t.Fatal(err)
+	}
+	if s := sessionsOf(t, ctx, m, iqn, initiator); s != 1 {
+		t.Fatalf("%d sessions of %s after Disallow alone, want the 1 it had (tgt keeps sessions)", s, initiator)
+	}
+	closed, err := m.Logout(ctx, iqn, initiator)
+	if err != nil || closed != 1 {
+		t.Fatalf("Logout: %d connections closed, %v; want 1", closed, err)
+	}
+	// libiscsi reconnects at once, and is refused: no session comes back.
+	time.Sleep(time.Second)
+	if s := sessionsOf(t, ctx, m, iqn, initiator); s != 0 {
+		t.Fatalf("%d sessions of %s after Logout", s, initiator)
+	}
+	if s := sessionsOf(t, ctx, m, iqn, other); s != 1 {
+		t.Fatalf("%d sessions of %s after the other's Logout, want 1", s, other)
+	}
+	if _, err := readCapacity(ctx, portal, iqn, n, initiator, "", ""); err == nil {
+		t.Fatal("the logged-out initiator logged in again")
+	}
+	if closed, err := m.Logout(ctx, iqn, initiator); err != nil || closed != 0 {
+		t.Fatalf("Logout again: %d, %v", closed, err)
 	}
 }

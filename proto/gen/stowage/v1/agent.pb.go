@@ -1672,7 +1672,12 @@ type IscsiTarget struct {
 	Iqn     string                 `protobuf:"bytes,2,opt,name=iqn,proto3" json:"iqn,omitempty"`
 	// The initiators allowed to log in (ACL by IQN), each with its CHAP
 	// account. The secrets travel to the target host only.
-	Initiators    []*IscsiInitiator `protobuf:"bytes,3,rep,name=initiators,proto3" json:"initiators,omitempty"`
+	Initiators []*IscsiInitiator `protobuf:"bytes,3,rep,name=initiators,proto3" json:"initiators,omitempty"`
+	// Exact: initiators is the whole set the target admits. Every other
+	// initiator loses its ACL entry and its CHAP account's binding, and its
+	// sessions are logged out (a host that left the store's scope). Without
+	// it the initiators are added to those already admitted.
+	Exact         bool `protobuf:"varint,4,opt,name=exact,proto3" json:"exact,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1726,6 +1731,13 @@ func (x *IscsiTarget) GetInitiators() []*IscsiInitiator {
 		return x.Initiators
 	}
 	return nil
+}
+
+func (x *IscsiTarget) GetExact() bool {
+	if x != nil {
+		return x.Exact
+	}
+	return false
 }
 
 type IscsiInitiator struct {
@@ -4620,13 +4632,14 @@ const file_stowage_v1_agent_proto_rawDesc = "" +
 	"\flist_exports\x18( \x01(\v2\x1b.stowage.v1.ListExportsStepH\x00R\vlistExportsB\x06\n" +
 	"\x04step\"\"\n" +
 	"\x0eConnectLunStep\x12\x10\n" +
-	"\x03uri\x18\x01 \x01(\tR\x03uri\"v\n" +
+	"\x03uri\x18\x01 \x01(\tR\x03uri\"\x8c\x01\n" +
 	"\vIscsiTarget\x12\x19\n" +
 	"\bstore_id\x18\x01 \x01(\tR\astoreId\x12\x10\n" +
 	"\x03iqn\x18\x02 \x01(\tR\x03iqn\x12:\n" +
 	"\n" +
 	"initiators\x18\x03 \x03(\v2\x1a.stowage.v1.IscsiInitiatorR\n" +
-	"initiators\"`\n" +
+	"initiators\x12\x14\n" +
+	"\x05exact\x18\x04 \x01(\bR\x05exact\"`\n" +
 	"\x0eIscsiInitiator\x12\x10\n" +
 	"\x03iqn\x18\x01 \x01(\tR\x03iqn\x12\x1b\n" +
 	"\tchap_user\x18\x02 \x01(\tR\bchapUser\x12\x1f\n" +

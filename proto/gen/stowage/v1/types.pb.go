@@ -2050,13 +2050,17 @@ func (x *SnapshotOnStore) GetError() string {
 
 // PlanStep is one step of a job's persisted plan.
 type PlanStep struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
-	HostId        string                 `protobuf:"bytes,2,opt,name=host_id,json=hostId,proto3" json:"host_id,omitempty"`
-	Reason        string                 `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
-	State         JobState               `protobuf:"varint,4,opt,name=state,proto3,enum=stowage.v1.JobState" json:"state,omitempty"`
-	TaskId        string                 `protobuf:"bytes,5,opt,name=task_id,json=taskId,proto3" json:"task_id,omitempty"`
-	Error         string                 `protobuf:"bytes,6,opt,name=error,proto3" json:"error,omitempty"`
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Name   string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	HostId string                 `protobuf:"bytes,2,opt,name=host_id,json=hostId,proto3" json:"host_id,omitempty"`
+	Reason string                 `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
+	State  JobState               `protobuf:"varint,4,opt,name=state,proto3,enum=stowage.v1.JobState" json:"state,omitempty"`
+	TaskId string                 `protobuf:"bytes,5,opt,name=task_id,json=taskId,proto3" json:"task_id,omitempty"`
+	Error  string                 `protobuf:"bytes,6,opt,name=error,proto3" json:"error,omitempty"`
+	// The hosts this step sent tasks to, each recorded before its first task
+	// was sent: a cancel that outlives the controller that ran the step (the
+	// job resumed in Cancelling) reaches them with CancelTask(task_id).
+	TaskHosts     []string `protobuf:"bytes,7,rep,name=task_hosts,json=taskHosts,proto3" json:"task_hosts,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2131,6 +2135,13 @@ func (x *PlanStep) GetError() string {
 		return x.Error
 	}
 	return ""
+}
+
+func (x *PlanStep) GetTaskHosts() []string {
+	if x != nil {
+		return x.TaskHosts
+	}
+	return nil
 }
 
 // Plan is what the controller decided for a request, and why.
@@ -3344,14 +3355,16 @@ const file_stowage_v1_types_proto_rawDesc = "" +
 	"\x06chunks\x18\r \x01(\x03R\x06chunks\x12\x1f\n" +
 	"\vzero_chunks\x18\x0e \x01(\x03R\n" +
 	"zeroChunks\x12\x14\n" +
-	"\x05error\x18\x0f \x01(\tR\x05error\"\xaa\x01\n" +
+	"\x05error\x18\x0f \x01(\tR\x05error\"\xc9\x01\n" +
 	"\bPlanStep\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x17\n" +
 	"\ahost_id\x18\x02 \x01(\tR\x06hostId\x12\x16\n" +
 	"\x06reason\x18\x03 \x01(\tR\x06reason\x12*\n" +
 	"\x05state\x18\x04 \x01(\x0e2\x14.stowage.v1.JobStateR\x05state\x12\x17\n" +
 	"\atask_id\x18\x05 \x01(\tR\x06taskId\x12\x14\n" +
-	"\x05error\x18\x06 \x01(\tR\x05error\"\x84\x01\n" +
+	"\x05error\x18\x06 \x01(\tR\x05error\x12\x1d\n" +
+	"\n" +
+	"task_hosts\x18\a \x03(\tR\ttaskHosts\"\x84\x01\n" +
 	"\x04Plan\x12\x1a\n" +
 	"\bstrategy\x18\x01 \x01(\tR\bstrategy\x12\x1a\n" +
 	"\bpriority\x18\x02 \x01(\tR\bpriority\x12*\n" +
