@@ -28,12 +28,16 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
+	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"regexp"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"connectrpc.com/connect"
@@ -249,6 +253,11 @@ func (e *Remote) run(ctx context.Context, task *stowagev1.Task, progress drivers
 		res, err := e.runOnce(ctx, task, progress)
 		if err != nil {
 			lastErr = errconnect.FromConnect(err)
+			if dropped(err) && ctx.Err() == nil {
+				// The agent went away mid-call (a restart): the task id
+				// makes the next attempt join or return the same task.
+				lastErr = fmt.Errorf("%w: %w", errdefs.ErrUnavailable, lastErr)
+			}
 			if errdefs.IsUnavailable(lastErr) && ctx.Err() == nil {
 				continue
 			}
@@ -321,4 +330,16 @@ func (e *Remote) pollProgress(ctx context.Context, id string, progress drivers.P
 			last = cur
 		}
 	}
+}
+
+// dropped says whether err is the connection to the agent failing (reset,
+// refused, cut short) rather than an answer from it.
+func dropped(err error) bool {
+	var ce *connect.Error
+	if errors.As(err, &ce) && ce.Code() != connect.CodeUnknown && ce.Code() != connect.CodeUnavailable && ce.Code() != connect.CodeInternal {
+		return false // the agent answered with a code
+	}
+	var op *net.OpError
+	return errors.As(err, &op) || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.ECONNREFUSED) ||
+		errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF)
 }

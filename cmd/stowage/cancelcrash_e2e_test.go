@@ -103,7 +103,7 @@ func TestCancelSurvivesControllerCrash(t *testing.T) {
 
 	// The cancel kills the controller between Cancelling and the cancel
 	// of the job's context: the CancelJob call gets no answer.
-	arm(t, ctlHTTP, failpoint.JobAfterCancelRequested)
+	arm(t, ctlHTTP, failpoint.JobAfterCancelRequested, 0)
 	cancelAt := time.Now()
 	_, cerr := a.jobs.CancelJob(ctx, connect.NewRequest(&stowagev1.CancelJobRequest{Id: job.GetId()}))
 	select {

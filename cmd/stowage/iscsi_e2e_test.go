@@ -44,7 +44,16 @@ func compareLUN(t *testing.T, want, object, lun string) {
 // tgtLUNs is what tgtadm shows of target iqn: LUN number -> backing file.
 func tgtLUNs(t *testing.T, ctl int, iqn string) map[int]string {
 	t.Helper()
-	out, err := exec.Command("tgtadm", "-C", strconv.Itoa(ctl), "--lld", "iscsi", "--op", "show", "--mode", "target").CombinedOutput()
+	var out []byte
+	var err error
+	// tgtd drops a request now and then while another process talks to it
+	// ("failed to send request hdr"): the request never reached it.
+	for try := 0; try < 5; try++ {
+		if out, err = exec.Command("tgtadm", "-C", strconv.Itoa(ctl), "--lld", "iscsi", "--op", "show", "--mode", "target").CombinedOutput(); err == nil {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 	if err != nil {
 		t.Fatalf("tgtadm show: %v: %s", err, out)
 	}

@@ -47,6 +47,12 @@ func (h backupHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 			parent = p
 		}
 	}
+	if ref.GetState() == stowagev1.ObjectState_OBJECT_STATE_READY {
+		// Resumed after the transaction that recorded the backup committed
+		// (a crash before the job's end was recorded): it is done.
+		rep.Result("backup of snapshot %s: stored (%d chunks, %d new bytes)", sn.GetId(), ref.GetChunks(), ref.GetNewBytes())
+		return nil
+	}
 	parentManifest := ""
 	if ref.GetState() == stowagev1.ObjectState_OBJECT_STATE_ALLOCATED {
 		if ref, err = s.db.SnapshotsOnStore().Transition(ctx, ref.GetId(), meta.ObjectCreateRequested, nil); err != nil {

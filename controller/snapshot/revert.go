@@ -30,6 +30,12 @@ func (h revertHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 	if err != nil {
 		return err
 	}
+	if v.GetBusyJobId() != job.GetId() && v.GetState() == stowagev1.VolumeState_VOLUME_STATE_READY {
+		// Resumed after the transaction that ended the revert committed (it
+		// let the volume go): it is done.
+		rep.Result("volume %s reverted to snapshot %s", v.GetName(), sn.GetId())
+		return nil
+	}
 	st, err := s.db.Stores().Get(ctx, v.GetStoreId())
 	if err != nil {
 		return err
