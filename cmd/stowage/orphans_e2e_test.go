@@ -17,6 +17,7 @@ import (
 
 	"github.com/stowage/stowage/controller/meta"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
+	"github.com/stowage/stowage/proto/gen/stowage/v1/stowagev1connect"
 )
 
 // orphanMetric reads stowage_orphans_removed_total{kind} from /metrics.
@@ -106,6 +107,40 @@ func TestOrphanReconciler(t *testing.T) {
 	made := time.Now()
 	before := orphanMetric(t, server, "object")
 
+	// An export as a controller that died mid-copy leaves it: made on the
+	// agent for a job step, and the job is no more.
+	hc, err := clientFor(server)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hosts := stowagev1connect.NewHostServiceClient(hc, server)
+	hl, err := hosts.ListHosts(ctx, connect.NewRequest(&stowagev1.ListHostsRequest{}))
+	if err != nil || len(hl.Msg.GetHosts()) != 1 {
+		t.Fatalf("hosts: %v %v", hl, err)
+	}
+	agent := stowagev1connect.NewAgentServiceClient(asController(t, server), hl.Msg.GetHosts()[0].GetAgentUrl())
+	deadJob := meta.NewID()
+	ex, err := agent.RunTask(ctx, connect.NewRequest(&stowagev1.RunTaskRequest{Task: &stowagev1.Task{
+		Id: deadJob + ".copy.export-1", ParentId: deadJob + ".copy",
+		Step: &stowagev1.Task_Export{Export: &stowagev1.ExportStep{Ref: &stowagev1.ObjectRef{StoreId: p1.GetId(), Key: gv.Msg.GetVolume().GetInstallPath()}, TtlSeconds: 3600}},
+	}}))
+	if err != nil || ex.Msg.GetResult().GetUri() == "" {
+		t.Fatalf("export: %v %v", ex, err)
+	}
+	exportURL := ex.Msg.GetResult().GetUri()
+	status := func() int {
+		resp, err := asController(t, server).Get(exportURL)
+		if err != nil {
+			t.Fatalf("GET the export: %v", err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	if code := status(); code != http.StatusOK {
+		t.Fatalf("the export answers %d before the sweep", code)
+	}
+	grantsBefore := orphanMetric(t, server, "grant")
+
 	gone := func(f string) bool { _, err := os.Stat(f); return os.IsNotExist(err) }
 	waitFor(t, "the old orphans removed", 20*time.Second, func() bool {
 		for _, f := range orphans {
@@ -134,6 +169,13 @@ func TestOrphanReconciler(t *testing.T) {
 	}
 	if n := orphanMetric(t, server, "object") - before; n != len(orphans)+1 {
 		t.Errorf("stowage_orphans_removed_total{kind=\"object\"} went up by %d, want %d", n, len(orphans)+1)
+	}
+	waitFor(t, "the orphan export revoked", 20*time.Second, func() bool { return status() == http.StatusNotFound })
+	if n := orphanMetric(t, server, "grant") - grantsBefore; n != 1 {
+		t.Errorf("stowage_orphans_removed_total{kind=\"grant\"} went up by %d, want 1", n)
+	}
+	if !regexp.MustCompile(`revoked an orphan export.*task=` + deadJob).MatchString(ctl.log.String()) {
+		t.Errorf("the controller's log does not name the export it revoked")
 	}
 	if !regexp.MustCompile(`removed an orphan object.*key=volumes/`).MatchString(ctl.log.String()) {
 		t.Errorf("the controller's log does not name the orphans it removed")
