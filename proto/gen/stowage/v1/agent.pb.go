@@ -1033,6 +1033,7 @@ type Task struct {
 	//	*Task_ListLuns
 	//	*Task_ConnectLun
 	//	*Task_DisconnectLun
+	//	*Task_CollectChunks
 	Step          isTask_Step `protobuf_oneof:"step"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1352,6 +1353,15 @@ func (x *Task) GetDisconnectLun() *ConnectLunStep {
 	return nil
 }
 
+func (x *Task) GetCollectChunks() *CollectChunksStep {
+	if x != nil {
+		if x, ok := x.Step.(*Task_CollectChunks); ok {
+			return x.CollectChunks
+		}
+	}
+	return nil
+}
+
 type isTask_Step interface {
 	isTask_Step()
 }
@@ -1476,6 +1486,10 @@ type Task_DisconnectLun struct {
 	DisconnectLun *ConnectLunStep `protobuf:"bytes,39,opt,name=disconnect_lun,json=disconnectLun,proto3,oneof"`
 }
 
+type Task_CollectChunks struct {
+	CollectChunks *CollectChunksStep `protobuf:"bytes,40,opt,name=collect_chunks,json=collectChunks,proto3,oneof"`
+}
+
 func (*Task_PrepareStore) isTask_Step() {}
 
 func (*Task_ProbeStore) isTask_Step() {}
@@ -1535,6 +1549,8 @@ func (*Task_ListLuns) isTask_Step() {}
 func (*Task_ConnectLun) isTask_Step() {}
 
 func (*Task_DisconnectLun) isTask_Step() {}
+
+func (*Task_CollectChunks) isTask_Step() {}
 
 // ConnectLunStep logs this host's kernel initiator in to a LUN (the
 // os-brick sequence) and answers with its block device (file:///dev/...);
@@ -3197,6 +3213,53 @@ func (x *DeleteBackupStep) GetManifest() string {
 	return ""
 }
 
+// CollectChunksStep removes the chunks of a chunk store that no manifest
+// refers to (hostops.CollectChunksRequest), under the store's exclusive
+// lock.
+type CollectChunksStep struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Chunks        *ChunkStoreRef         `protobuf:"bytes,1,opt,name=chunks,proto3" json:"chunks,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CollectChunksStep) Reset() {
+	*x = CollectChunksStep{}
+	mi := &file_stowage_v1_agent_proto_msgTypes[44]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CollectChunksStep) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CollectChunksStep) ProtoMessage() {}
+
+func (x *CollectChunksStep) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_agent_proto_msgTypes[44]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CollectChunksStep.ProtoReflect.Descriptor instead.
+func (*CollectChunksStep) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{44}
+}
+
+func (x *CollectChunksStep) GetChunks() *ChunkStoreRef {
+	if x != nil {
+		return x.Chunks
+	}
+	return nil
+}
+
 // ExportStep serves an object read-only over HTTP from the agent.
 type ExportStep struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -3210,7 +3273,7 @@ type ExportStep struct {
 
 func (x *ExportStep) Reset() {
 	*x = ExportStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[44]
+	mi := &file_stowage_v1_agent_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3222,7 +3285,7 @@ func (x *ExportStep) String() string {
 func (*ExportStep) ProtoMessage() {}
 
 func (x *ExportStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[44]
+	mi := &file_stowage_v1_agent_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3235,7 +3298,7 @@ func (x *ExportStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExportStep.ProtoReflect.Descriptor instead.
 func (*ExportStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{44}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *ExportStep) GetRef() *ObjectRef {
@@ -3262,7 +3325,7 @@ type UnexportStep struct {
 
 func (x *UnexportStep) Reset() {
 	*x = UnexportStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[45]
+	mi := &file_stowage_v1_agent_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3274,7 +3337,7 @@ func (x *UnexportStep) String() string {
 func (*UnexportStep) ProtoMessage() {}
 
 func (x *UnexportStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[45]
+	mi := &file_stowage_v1_agent_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3287,7 +3350,7 @@ func (x *UnexportStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnexportStep.ProtoReflect.Descriptor instead.
 func (*UnexportStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{45}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *UnexportStep) GetUri() string {
@@ -3314,7 +3377,7 @@ type ExportNbdStep struct {
 
 func (x *ExportNbdStep) Reset() {
 	*x = ExportNbdStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[46]
+	mi := &file_stowage_v1_agent_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3326,7 +3389,7 @@ func (x *ExportNbdStep) String() string {
 func (*ExportNbdStep) ProtoMessage() {}
 
 func (x *ExportNbdStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[46]
+	mi := &file_stowage_v1_agent_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3339,7 +3402,7 @@ func (x *ExportNbdStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExportNbdStep.ProtoReflect.Descriptor instead.
 func (*ExportNbdStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{46}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *ExportNbdStep) GetRef() *ObjectRef {
@@ -3380,7 +3443,7 @@ type UnexportNbdStep struct {
 
 func (x *UnexportNbdStep) Reset() {
 	*x = UnexportNbdStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[47]
+	mi := &file_stowage_v1_agent_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3392,7 +3455,7 @@ func (x *UnexportNbdStep) String() string {
 func (*UnexportNbdStep) ProtoMessage() {}
 
 func (x *UnexportNbdStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[47]
+	mi := &file_stowage_v1_agent_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3405,7 +3468,7 @@ func (x *UnexportNbdStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnexportNbdStep.ProtoReflect.Descriptor instead.
 func (*UnexportNbdStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{47}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *UnexportNbdStep) GetUri() string {
@@ -3436,7 +3499,7 @@ type ImageInfo struct {
 
 func (x *ImageInfo) Reset() {
 	*x = ImageInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[48]
+	mi := &file_stowage_v1_agent_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3448,7 +3511,7 @@ func (x *ImageInfo) String() string {
 func (*ImageInfo) ProtoMessage() {}
 
 func (x *ImageInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[48]
+	mi := &file_stowage_v1_agent_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3461,7 +3524,7 @@ func (x *ImageInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImageInfo.ProtoReflect.Descriptor instead.
 func (*ImageInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{48}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *ImageInfo) GetKey() string {
@@ -3546,7 +3609,7 @@ type SnapshotInfo struct {
 
 func (x *SnapshotInfo) Reset() {
 	*x = SnapshotInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[49]
+	mi := &file_stowage_v1_agent_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3558,7 +3621,7 @@ func (x *SnapshotInfo) String() string {
 func (*SnapshotInfo) ProtoMessage() {}
 
 func (x *SnapshotInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[49]
+	mi := &file_stowage_v1_agent_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3571,7 +3634,7 @@ func (x *SnapshotInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotInfo.ProtoReflect.Descriptor instead.
 func (*SnapshotInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{49}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *SnapshotInfo) GetSnapshot() *ImageInfo {
@@ -3612,7 +3675,7 @@ type BackupInfo struct {
 
 func (x *BackupInfo) Reset() {
 	*x = BackupInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[50]
+	mi := &file_stowage_v1_agent_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3624,7 +3687,7 @@ func (x *BackupInfo) String() string {
 func (*BackupInfo) ProtoMessage() {}
 
 func (x *BackupInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[50]
+	mi := &file_stowage_v1_agent_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3637,7 +3700,7 @@ func (x *BackupInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BackupInfo.ProtoReflect.Descriptor instead.
 func (*BackupInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{50}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *BackupInfo) GetManifest() string {
@@ -3696,6 +3759,84 @@ func (x *BackupInfo) GetReadBytes() int64 {
 	return 0
 }
 
+// CollectInfo reports what a collect_chunks step found and removed
+// (hostops.CollectInfo).
+type CollectInfo struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Manifests     int64                  `protobuf:"varint,1,opt,name=manifests,proto3" json:"manifests,omitempty"`
+	Chunks        int64                  `protobuf:"varint,2,opt,name=chunks,proto3" json:"chunks,omitempty"`
+	KeptChunks    int64                  `protobuf:"varint,3,opt,name=kept_chunks,json=keptChunks,proto3" json:"kept_chunks,omitempty"`
+	RemovedChunks int64                  `protobuf:"varint,4,opt,name=removed_chunks,json=removedChunks,proto3" json:"removed_chunks,omitempty"`
+	RemovedBytes  int64                  `protobuf:"varint,5,opt,name=removed_bytes,json=removedBytes,proto3" json:"removed_bytes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CollectInfo) Reset() {
+	*x = CollectInfo{}
+	mi := &file_stowage_v1_agent_proto_msgTypes[52]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CollectInfo) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CollectInfo) ProtoMessage() {}
+
+func (x *CollectInfo) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_agent_proto_msgTypes[52]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CollectInfo.ProtoReflect.Descriptor instead.
+func (*CollectInfo) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{52}
+}
+
+func (x *CollectInfo) GetManifests() int64 {
+	if x != nil {
+		return x.Manifests
+	}
+	return 0
+}
+
+func (x *CollectInfo) GetChunks() int64 {
+	if x != nil {
+		return x.Chunks
+	}
+	return 0
+}
+
+func (x *CollectInfo) GetKeptChunks() int64 {
+	if x != nil {
+		return x.KeptChunks
+	}
+	return 0
+}
+
+func (x *CollectInfo) GetRemovedChunks() int64 {
+	if x != nil {
+		return x.RemovedChunks
+	}
+	return 0
+}
+
+func (x *CollectInfo) GetRemovedBytes() int64 {
+	if x != nil {
+		return x.RemovedBytes
+	}
+	return 0
+}
+
 // FileInfo describes one file on a host.
 type FileInfo struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -3715,7 +3856,7 @@ type FileInfo struct {
 
 func (x *FileInfo) Reset() {
 	*x = FileInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[51]
+	mi := &file_stowage_v1_agent_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3727,7 +3868,7 @@ func (x *FileInfo) String() string {
 func (*FileInfo) ProtoMessage() {}
 
 func (x *FileInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[51]
+	mi := &file_stowage_v1_agent_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3740,7 +3881,7 @@ func (x *FileInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileInfo.ProtoReflect.Descriptor instead.
 func (*FileInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{51}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *FileInfo) GetKey() string {
@@ -3805,7 +3946,7 @@ type StoreProbe struct {
 
 func (x *StoreProbe) Reset() {
 	*x = StoreProbe{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[52]
+	mi := &file_stowage_v1_agent_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3817,7 +3958,7 @@ func (x *StoreProbe) String() string {
 func (*StoreProbe) ProtoMessage() {}
 
 func (x *StoreProbe) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[52]
+	mi := &file_stowage_v1_agent_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3830,7 +3971,7 @@ func (x *StoreProbe) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StoreProbe.ProtoReflect.Descriptor instead.
 func (*StoreProbe) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{52}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *StoreProbe) GetCapacityBytes() int64 {
@@ -3884,6 +4025,7 @@ type TaskResult struct {
 	//	*TaskResult_Uri
 	//	*TaskResult_Lun
 	//	*TaskResult_Luns
+	//	*TaskResult_Collect
 	Result        isTaskResult_Result `protobuf_oneof:"result"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -3891,7 +4033,7 @@ type TaskResult struct {
 
 func (x *TaskResult) Reset() {
 	*x = TaskResult{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[53]
+	mi := &file_stowage_v1_agent_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3903,7 +4045,7 @@ func (x *TaskResult) String() string {
 func (*TaskResult) ProtoMessage() {}
 
 func (x *TaskResult) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[53]
+	mi := &file_stowage_v1_agent_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3916,7 +4058,7 @@ func (x *TaskResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TaskResult.ProtoReflect.Descriptor instead.
 func (*TaskResult) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{53}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *TaskResult) GetTaskId() string {
@@ -4049,6 +4191,15 @@ func (x *TaskResult) GetLuns() *LunList {
 	return nil
 }
 
+func (x *TaskResult) GetCollect() *CollectInfo {
+	if x != nil {
+		if x, ok := x.Result.(*TaskResult_Collect); ok {
+			return x.Collect
+		}
+	}
+	return nil
+}
+
 type isTaskResult_Result interface {
 	isTaskResult_Result()
 }
@@ -4090,6 +4241,10 @@ type TaskResult_Luns struct {
 	Luns *LunList `protobuf:"bytes,18,opt,name=luns,proto3,oneof"`
 }
 
+type TaskResult_Collect struct {
+	Collect *CollectInfo `protobuf:"bytes,19,opt,name=collect,proto3,oneof"`
+}
+
 func (*TaskResult_Probe) isTaskResult_Result() {}
 
 func (*TaskResult_File) isTaskResult_Result() {}
@@ -4108,6 +4263,8 @@ func (*TaskResult_Lun) isTaskResult_Result() {}
 
 func (*TaskResult_Luns) isTaskResult_Result() {}
 
+func (*TaskResult_Collect) isTaskResult_Result() {}
+
 type FileList struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Files         []*FileInfo            `protobuf:"bytes,1,rep,name=files,proto3" json:"files,omitempty"`
@@ -4117,7 +4274,7 @@ type FileList struct {
 
 func (x *FileList) Reset() {
 	*x = FileList{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[54]
+	mi := &file_stowage_v1_agent_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4129,7 +4286,7 @@ func (x *FileList) String() string {
 func (*FileList) ProtoMessage() {}
 
 func (x *FileList) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[54]
+	mi := &file_stowage_v1_agent_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4142,7 +4299,7 @@ func (x *FileList) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileList.ProtoReflect.Descriptor instead.
 func (*FileList) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{54}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *FileList) GetFiles() []*FileInfo {
@@ -4219,7 +4376,7 @@ const file_stowage_v1_agent_proto_rawDesc = "" +
 	"\x11CancelTaskRequest\x12\x17\n" +
 	"\atask_id\x18\x01 \x01(\tR\x06taskId\"D\n" +
 	"\x12CancelTaskResponse\x12.\n" +
-	"\x06result\x18\x01 \x01(\v2\x16.stowage.v1.TaskResultR\x06result\"\xb0\x0f\n" +
+	"\x06result\x18\x01 \x01(\v2\x16.stowage.v1.TaskResultR\x06result\"\xf8\x0f\n" +
 	"\x04Task\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12C\n" +
 	"\rprepare_store\x18\n" +
@@ -4262,7 +4419,8 @@ const file_stowage_v1_agent_proto_rawDesc = "" +
 	"\tlist_luns\x18% \x01(\v2\x1b.stowage.v1.IscsiTargetStepH\x00R\blistLuns\x12=\n" +
 	"\vconnect_lun\x18& \x01(\v2\x1a.stowage.v1.ConnectLunStepH\x00R\n" +
 	"connectLun\x12C\n" +
-	"\x0edisconnect_lun\x18' \x01(\v2\x1a.stowage.v1.ConnectLunStepH\x00R\rdisconnectLunB\x06\n" +
+	"\x0edisconnect_lun\x18' \x01(\v2\x1a.stowage.v1.ConnectLunStepH\x00R\rdisconnectLun\x12F\n" +
+	"\x0ecollect_chunks\x18( \x01(\v2\x1d.stowage.v1.CollectChunksStepH\x00R\rcollectChunksB\x06\n" +
 	"\x04step\"\"\n" +
 	"\x0eConnectLunStep\x12\x10\n" +
 	"\x03uri\x18\x01 \x01(\tR\x03uri\"v\n" +
@@ -4385,7 +4543,9 @@ const file_stowage_v1_agent_proto_rawDesc = "" +
 	"\x06format\x18\x04 \x01(\x0e2\x17.stowage.v1.ImageFormatR\x06format\"a\n" +
 	"\x10DeleteBackupStep\x121\n" +
 	"\x06chunks\x18\x01 \x01(\v2\x19.stowage.v1.ChunkStoreRefR\x06chunks\x12\x1a\n" +
-	"\bmanifest\x18\x02 \x01(\tR\bmanifest\"V\n" +
+	"\bmanifest\x18\x02 \x01(\tR\bmanifest\"F\n" +
+	"\x11CollectChunksStep\x121\n" +
+	"\x06chunks\x18\x01 \x01(\v2\x19.stowage.v1.ChunkStoreRefR\x06chunks\"V\n" +
 	"\n" +
 	"ExportStep\x12'\n" +
 	"\x03ref\x18\x01 \x01(\v2\x15.stowage.v1.ObjectRefR\x03ref\x12\x1f\n" +
@@ -4430,7 +4590,14 @@ const file_stowage_v1_agent_proto_rawDesc = "" +
 	"\tnew_bytes\x18\x06 \x01(\x03R\bnewBytes\x12!\n" +
 	"\freused_bytes\x18\a \x01(\x03R\vreusedBytes\x12\x1d\n" +
 	"\n" +
-	"read_bytes\x18\b \x01(\x03R\treadBytes\"\x81\x02\n" +
+	"read_bytes\x18\b \x01(\x03R\treadBytes\"\xb0\x01\n" +
+	"\vCollectInfo\x12\x1c\n" +
+	"\tmanifests\x18\x01 \x01(\x03R\tmanifests\x12\x16\n" +
+	"\x06chunks\x18\x02 \x01(\x03R\x06chunks\x12\x1f\n" +
+	"\vkept_chunks\x18\x03 \x01(\x03R\n" +
+	"keptChunks\x12%\n" +
+	"\x0eremoved_chunks\x18\x04 \x01(\x03R\rremovedChunks\x12#\n" +
+	"\rremoved_bytes\x18\x05 \x01(\x03R\fremovedBytes\"\x81\x02\n" +
 	"\bFileInfo\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x12\n" +
 	"\x04size\x18\x02 \x01(\x03R\x04size\x12'\n" +
@@ -4445,7 +4612,7 @@ const file_stowage_v1_agent_proto_rawDesc = "" +
 	"\x0ecapacity_bytes\x18\x01 \x01(\x03R\rcapacityBytes\x12'\n" +
 	"\x0favailable_bytes\x18\x02 \x01(\x03R\x0eavailableBytes\x12\x18\n" +
 	"\areflink\x18\x03 \x01(\bR\areflink\x12\x17\n" +
-	"\afs_type\x18\x04 \x01(\tR\x06fsType\"\xc5\x04\n" +
+	"\afs_type\x18\x04 \x01(\tR\x06fsType\"\xfa\x04\n" +
 	"\n" +
 	"TaskResult\x12\x17\n" +
 	"\atask_id\x18\x01 \x01(\tR\x06taskId\x12\x12\n" +
@@ -4466,7 +4633,8 @@ const file_stowage_v1_agent_proto_rawDesc = "" +
 	"\x06backup\x18\x0f \x01(\v2\x16.stowage.v1.BackupInfoH\x00R\x06backup\x12\x12\n" +
 	"\x03uri\x18\x10 \x01(\tH\x00R\x03uri\x12'\n" +
 	"\x03lun\x18\x11 \x01(\v2\x13.stowage.v1.LunInfoH\x00R\x03lun\x12)\n" +
-	"\x04luns\x18\x12 \x01(\v2\x13.stowage.v1.LunListH\x00R\x04lunsB\b\n" +
+	"\x04luns\x18\x12 \x01(\v2\x13.stowage.v1.LunListH\x00R\x04luns\x123\n" +
+	"\acollect\x18\x13 \x01(\v2\x17.stowage.v1.CollectInfoH\x00R\acollectB\b\n" +
 	"\x06result\"6\n" +
 	"\bFileList\x12*\n" +
 	"\x05files\x18\x01 \x03(\v2\x14.stowage.v1.FileInfoR\x05files*k\n" +
@@ -4503,7 +4671,7 @@ func file_stowage_v1_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_stowage_v1_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_stowage_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 56)
+var file_stowage_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 58)
 var file_stowage_v1_agent_proto_goTypes = []any{
 	(CloneMode)(0),                // 0: stowage.v1.CloneMode
 	(*JoinRequest)(nil),           // 1: stowage.v1.JoinRequest
@@ -4550,38 +4718,40 @@ var file_stowage_v1_agent_proto_goTypes = []any{
 	(*BackupImageStep)(nil),       // 42: stowage.v1.BackupImageStep
 	(*RestoreImageStep)(nil),      // 43: stowage.v1.RestoreImageStep
 	(*DeleteBackupStep)(nil),      // 44: stowage.v1.DeleteBackupStep
-	(*ExportStep)(nil),            // 45: stowage.v1.ExportStep
-	(*UnexportStep)(nil),          // 46: stowage.v1.UnexportStep
-	(*ExportNbdStep)(nil),         // 47: stowage.v1.ExportNbdStep
-	(*UnexportNbdStep)(nil),       // 48: stowage.v1.UnexportNbdStep
-	(*ImageInfo)(nil),             // 49: stowage.v1.ImageInfo
-	(*SnapshotInfo)(nil),          // 50: stowage.v1.SnapshotInfo
-	(*BackupInfo)(nil),            // 51: stowage.v1.BackupInfo
-	(*FileInfo)(nil),              // 52: stowage.v1.FileInfo
-	(*StoreProbe)(nil),            // 53: stowage.v1.StoreProbe
-	(*TaskResult)(nil),            // 54: stowage.v1.TaskResult
-	(*FileList)(nil),              // 55: stowage.v1.FileList
-	nil,                           // 56: stowage.v1.ChunkStoreRef.SecretEntry
-	(*HostCapabilities)(nil),      // 57: stowage.v1.HostCapabilities
-	(*Host)(nil),                  // 58: stowage.v1.Host
-	(HostState)(0),                // 59: stowage.v1.HostState
-	(*CacheSpec)(nil),             // 60: stowage.v1.CacheSpec
-	(ImageFormat)(0),              // 61: stowage.v1.ImageFormat
-	(*timestamppb.Timestamp)(nil), // 62: google.protobuf.Timestamp
+	(*CollectChunksStep)(nil),     // 45: stowage.v1.CollectChunksStep
+	(*ExportStep)(nil),            // 46: stowage.v1.ExportStep
+	(*UnexportStep)(nil),          // 47: stowage.v1.UnexportStep
+	(*ExportNbdStep)(nil),         // 48: stowage.v1.ExportNbdStep
+	(*UnexportNbdStep)(nil),       // 49: stowage.v1.UnexportNbdStep
+	(*ImageInfo)(nil),             // 50: stowage.v1.ImageInfo
+	(*SnapshotInfo)(nil),          // 51: stowage.v1.SnapshotInfo
+	(*BackupInfo)(nil),            // 52: stowage.v1.BackupInfo
+	(*CollectInfo)(nil),           // 53: stowage.v1.CollectInfo
+	(*FileInfo)(nil),              // 54: stowage.v1.FileInfo
+	(*StoreProbe)(nil),            // 55: stowage.v1.StoreProbe
+	(*TaskResult)(nil),            // 56: stowage.v1.TaskResult
+	(*FileList)(nil),              // 57: stowage.v1.FileList
+	nil,                           // 58: stowage.v1.ChunkStoreRef.SecretEntry
+	(*HostCapabilities)(nil),      // 59: stowage.v1.HostCapabilities
+	(*Host)(nil),                  // 60: stowage.v1.Host
+	(HostState)(0),                // 61: stowage.v1.HostState
+	(*CacheSpec)(nil),             // 62: stowage.v1.CacheSpec
+	(ImageFormat)(0),              // 63: stowage.v1.ImageFormat
+	(*timestamppb.Timestamp)(nil), // 64: google.protobuf.Timestamp
 }
 var file_stowage_v1_agent_proto_depIdxs = []int32{
-	57,  // 0: stowage.v1.RegisterRequest.capabilities:type_name -> stowage.v1.HostCapabilities
-	58,  // 1: stowage.v1.RegisterResponse.host:type_name -> stowage.v1.Host
+	59,  // 0: stowage.v1.RegisterRequest.capabilities:type_name -> stowage.v1.HostCapabilities
+	60,  // 1: stowage.v1.RegisterResponse.host:type_name -> stowage.v1.Host
 	7,   // 2: stowage.v1.RegisterResponse.stores:type_name -> stowage.v1.StoreAssignment
-	57,  // 3: stowage.v1.HeartbeatRequest.capabilities:type_name -> stowage.v1.HostCapabilities
-	59,  // 4: stowage.v1.HeartbeatResponse.state:type_name -> stowage.v1.HostState
+	59,  // 3: stowage.v1.HeartbeatRequest.capabilities:type_name -> stowage.v1.HostCapabilities
+	61,  // 4: stowage.v1.HeartbeatResponse.state:type_name -> stowage.v1.HostState
 	7,   // 5: stowage.v1.HeartbeatResponse.stores:type_name -> stowage.v1.StoreAssignment
 	10,  // 6: stowage.v1.HeartbeatResponse.template_cache:type_name -> stowage.v1.TemplateCacheSpec
-	60,  // 7: stowage.v1.TemplateCacheSpec.templates:type_name -> stowage.v1.CacheSpec
+	62,  // 7: stowage.v1.TemplateCacheSpec.templates:type_name -> stowage.v1.CacheSpec
 	17,  // 8: stowage.v1.RunTaskRequest.task:type_name -> stowage.v1.Task
-	54,  // 9: stowage.v1.RunTaskResponse.result:type_name -> stowage.v1.TaskResult
-	54,  // 10: stowage.v1.GetTaskResponse.result:type_name -> stowage.v1.TaskResult
-	54,  // 11: stowage.v1.CancelTaskResponse.result:type_name -> stowage.v1.TaskResult
+	56,  // 9: stowage.v1.RunTaskResponse.result:type_name -> stowage.v1.TaskResult
+	56,  // 10: stowage.v1.GetTaskResponse.result:type_name -> stowage.v1.TaskResult
+	56,  // 11: stowage.v1.CancelTaskResponse.result:type_name -> stowage.v1.TaskResult
 	25,  // 12: stowage.v1.Task.prepare_store:type_name -> stowage.v1.PrepareStoreStep
 	26,  // 13: stowage.v1.Task.probe_store:type_name -> stowage.v1.ProbeStoreStep
 	27,  // 14: stowage.v1.Task.release_store:type_name -> stowage.v1.ReleaseStoreStep
@@ -4600,10 +4770,10 @@ var file_stowage_v1_agent_proto_depIdxs = []int32{
 	42,  // 27: stowage.v1.Task.backup_image:type_name -> stowage.v1.BackupImageStep
 	43,  // 28: stowage.v1.Task.restore_image:type_name -> stowage.v1.RestoreImageStep
 	44,  // 29: stowage.v1.Task.delete_backup:type_name -> stowage.v1.DeleteBackupStep
-	45,  // 30: stowage.v1.Task.export:type_name -> stowage.v1.ExportStep
-	46,  // 31: stowage.v1.Task.unexport:type_name -> stowage.v1.UnexportStep
-	47,  // 32: stowage.v1.Task.export_nbd:type_name -> stowage.v1.ExportNbdStep
-	48,  // 33: stowage.v1.Task.unexport_nbd:type_name -> stowage.v1.UnexportNbdStep
+	46,  // 30: stowage.v1.Task.export:type_name -> stowage.v1.ExportStep
+	47,  // 31: stowage.v1.Task.unexport:type_name -> stowage.v1.UnexportStep
+	48,  // 32: stowage.v1.Task.export_nbd:type_name -> stowage.v1.ExportNbdStep
+	49,  // 33: stowage.v1.Task.unexport_nbd:type_name -> stowage.v1.UnexportNbdStep
 	21,  // 34: stowage.v1.Task.ensure_iscsi_target:type_name -> stowage.v1.IscsiTargetStep
 	21,  // 35: stowage.v1.Task.delete_iscsi_target:type_name -> stowage.v1.IscsiTargetStep
 	22,  // 36: stowage.v1.Task.create_lun:type_name -> stowage.v1.LunStep
@@ -4612,82 +4782,85 @@ var file_stowage_v1_agent_proto_depIdxs = []int32{
 	21,  // 39: stowage.v1.Task.list_luns:type_name -> stowage.v1.IscsiTargetStep
 	18,  // 40: stowage.v1.Task.connect_lun:type_name -> stowage.v1.ConnectLunStep
 	18,  // 41: stowage.v1.Task.disconnect_lun:type_name -> stowage.v1.ConnectLunStep
-	20,  // 42: stowage.v1.IscsiTarget.initiators:type_name -> stowage.v1.IscsiInitiator
-	19,  // 43: stowage.v1.IscsiTargetStep.target:type_name -> stowage.v1.IscsiTarget
-	19,  // 44: stowage.v1.LunStep.target:type_name -> stowage.v1.IscsiTarget
-	23,  // 45: stowage.v1.LunList.luns:type_name -> stowage.v1.LunInfo
-	56,  // 46: stowage.v1.ChunkStoreRef.secret:type_name -> stowage.v1.ChunkStoreRef.SecretEntry
-	28,  // 47: stowage.v1.CreateImageStep.ref:type_name -> stowage.v1.ObjectRef
-	61,  // 48: stowage.v1.CreateImageStep.format:type_name -> stowage.v1.ImageFormat
-	28,  // 49: stowage.v1.DeleteObjectStep.ref:type_name -> stowage.v1.ObjectRef
-	28,  // 50: stowage.v1.ListObjectsStep.dir:type_name -> stowage.v1.ObjectRef
-	28,  // 51: stowage.v1.StatObjectStep.ref:type_name -> stowage.v1.ObjectRef
-	28,  // 52: stowage.v1.FetchImageStep.dest:type_name -> stowage.v1.ObjectRef
-	61,  // 53: stowage.v1.FetchImageStep.format:type_name -> stowage.v1.ImageFormat
-	28,  // 54: stowage.v1.CopyImageStep.dest:type_name -> stowage.v1.ObjectRef
-	61,  // 55: stowage.v1.CopyImageStep.format:type_name -> stowage.v1.ImageFormat
-	61,  // 56: stowage.v1.CopyImageStep.source_format:type_name -> stowage.v1.ImageFormat
-	28,  // 57: stowage.v1.CloneImageStep.base:type_name -> stowage.v1.ObjectRef
-	28,  // 58: stowage.v1.CloneImageStep.dest:type_name -> stowage.v1.ObjectRef
-	0,   // 59: stowage.v1.CloneImageStep.mode:type_name -> stowage.v1.CloneMode
-	61,  // 60: stowage.v1.CloneImageStep.format:type_name -> stowage.v1.ImageFormat
-	61,  // 61: stowage.v1.CloneImageStep.base_format:type_name -> stowage.v1.ImageFormat
-	28,  // 62: stowage.v1.InspectImageStep.ref:type_name -> stowage.v1.ObjectRef
-	61,  // 63: stowage.v1.InspectImageStep.format:type_name -> stowage.v1.ImageFormat
-	28,  // 64: stowage.v1.ResizeImageStep.ref:type_name -> stowage.v1.ObjectRef
-	61,  // 65: stowage.v1.ResizeImageStep.format:type_name -> stowage.v1.ImageFormat
-	28,  // 66: stowage.v1.SnapshotImageStep.volume:type_name -> stowage.v1.ObjectRef
-	28,  // 67: stowage.v1.SnapshotImageStep.snapshot:type_name -> stowage.v1.ObjectRef
-	61,  // 68: stowage.v1.SnapshotImageStep.format:type_name -> stowage.v1.ImageFormat
-	28,  // 69: stowage.v1.RevertImageStep.volume:type_name -> stowage.v1.ObjectRef
-	28,  // 70: stowage.v1.RevertImageStep.snapshot:type_name -> stowage.v1.ObjectRef
-	61,  // 71: stowage.v1.RevertImageStep.format:type_name -> stowage.v1.ImageFormat
-	28,  // 72: stowage.v1.RebaseImageStep.ref:type_name -> stowage.v1.ObjectRef
-	28,  // 73: stowage.v1.RebaseImageStep.new_backing:type_name -> stowage.v1.ObjectRef
-	61,  // 74: stowage.v1.RebaseImageStep.backing_format:type_name -> stowage.v1.ImageFormat
-	28,  // 75: stowage.v1.BackupImageStep.source:type_name -> stowage.v1.ObjectRef
-	29,  // 76: stowage.v1.BackupImageStep.chunks:type_name -> stowage.v1.ChunkStoreRef
-	61,  // 77: stowage.v1.BackupImageStep.source_format:type_name -> stowage.v1.ImageFormat
-	29,  // 78: stowage.v1.RestoreImageStep.chunks:type_name -> stowage.v1.ChunkStoreRef
-	28,  // 79: stowage.v1.RestoreImageStep.dest:type_name -> stowage.v1.ObjectRef
-	61,  // 80: stowage.v1.RestoreImageStep.format:type_name -> stowage.v1.ImageFormat
-	29,  // 81: stowage.v1.DeleteBackupStep.chunks:type_name -> stowage.v1.ChunkStoreRef
-	28,  // 82: stowage.v1.ExportStep.ref:type_name -> stowage.v1.ObjectRef
-	28,  // 83: stowage.v1.ExportNbdStep.ref:type_name -> stowage.v1.ObjectRef
-	61,  // 84: stowage.v1.ExportNbdStep.format:type_name -> stowage.v1.ImageFormat
-	61,  // 85: stowage.v1.ImageInfo.format:type_name -> stowage.v1.ImageFormat
-	49,  // 86: stowage.v1.SnapshotInfo.snapshot:type_name -> stowage.v1.ImageInfo
-	49,  // 87: stowage.v1.SnapshotInfo.volume:type_name -> stowage.v1.ImageInfo
-	62,  // 88: stowage.v1.FileInfo.modified_at:type_name -> google.protobuf.Timestamp
-	61,  // 89: stowage.v1.FileInfo.format:type_name -> stowage.v1.ImageFormat
-	53,  // 90: stowage.v1.TaskResult.probe:type_name -> stowage.v1.StoreProbe
-	52,  // 91: stowage.v1.TaskResult.file:type_name -> stowage.v1.FileInfo
-	55,  // 92: stowage.v1.TaskResult.files:type_name -> stowage.v1.FileList
-	49,  // 93: stowage.v1.TaskResult.image:type_name -> stowage.v1.ImageInfo
-	50,  // 94: stowage.v1.TaskResult.snapshot:type_name -> stowage.v1.SnapshotInfo
-	51,  // 95: stowage.v1.TaskResult.backup:type_name -> stowage.v1.BackupInfo
-	23,  // 96: stowage.v1.TaskResult.lun:type_name -> stowage.v1.LunInfo
-	24,  // 97: stowage.v1.TaskResult.luns:type_name -> stowage.v1.LunList
-	52,  // 98: stowage.v1.FileList.files:type_name -> stowage.v1.FileInfo
-	1,   // 99: stowage.v1.AgentControlService.Join:input_type -> stowage.v1.JoinRequest
-	5,   // 100: stowage.v1.AgentControlService.Register:input_type -> stowage.v1.RegisterRequest
-	8,   // 101: stowage.v1.AgentControlService.Heartbeat:input_type -> stowage.v1.HeartbeatRequest
-	3,   // 102: stowage.v1.AgentControlService.Renew:input_type -> stowage.v1.RenewRequest
-	11,  // 103: stowage.v1.AgentService.RunTask:input_type -> stowage.v1.RunTaskRequest
-	13,  // 104: stowage.v1.AgentService.GetTask:input_type -> stowage.v1.GetTaskRequest
-	15,  // 105: stowage.v1.AgentService.CancelTask:input_type -> stowage.v1.CancelTaskRequest
-	2,   // 106: stowage.v1.AgentControlService.Join:output_type -> stowage.v1.JoinResponse
-	6,   // 107: stowage.v1.AgentControlService.Register:output_type -> stowage.v1.RegisterResponse
-	9,   // 108: stowage.v1.AgentControlService.Heartbeat:output_type -> stowage.v1.HeartbeatResponse
-	4,   // 109: stowage.v1.AgentControlService.Renew:output_type -> stowage.v1.RenewResponse
-	12,  // 110: stowage.v1.AgentService.RunTask:output_type -> stowage.v1.RunTaskResponse
-	14,  // 111: stowage.v1.AgentService.GetTask:output_type -> stowage.v1.GetTaskResponse
-	16,  // 112: stowage.v1.AgentService.CancelTask:output_type -> stowage.v1.CancelTaskResponse
-	106, // [106:113] is the sub-list for method output_type
-	99,  // [99:106] is the sub-list for method input_type
-	99,  // [99:99] is the sub-list for extension type_name
-	99,  // [99:99] is the sub-list for extension extendee
-	0,   // [0:99] is the sub-list for field type_name
+	45,  // 42: stowage.v1.Task.collect_chunks:type_name -> stowage.v1.CollectChunksStep
+	20,  // 43: stowage.v1.IscsiTarget.initiators:type_name -> stowage.v1.IscsiInitiator
+	19,  // 44: stowage.v1.IscsiTargetStep.target:type_name -> stowage.v1.IscsiTarget
+	19,  // 45: stowage.v1.LunStep.target:type_name -> stowage.v1.IscsiTarget
+	23,  // 46: stowage.v1.LunList.luns:type_name -> stowage.v1.LunInfo
+	58,  // 47: stowage.v1.ChunkStoreRef.secret:type_name -> stowage.v1.ChunkStoreRef.SecretEntry
+	28,  // 48: stowage.v1.CreateImageStep.ref:type_name -> stowage.v1.ObjectRef
+	63,  // 49: stowage.v1.CreateImageStep.format:type_name -> stowage.v1.ImageFormat
+	28,  // 50: stowage.v1.DeleteObjectStep.ref:type_name -> stowage.v1.ObjectRef
+	28,  // 51: stowage.v1.ListObjectsStep.dir:type_name -> stowage.v1.ObjectRef
+	28,  // 52: stowage.v1.StatObjectStep.ref:type_name -> stowage.v1.ObjectRef
+	28,  // 53: stowage.v1.FetchImageStep.dest:type_name -> stowage.v1.ObjectRef
+	63,  // 54: stowage.v1.FetchImageStep.format:type_name -> stowage.v1.ImageFormat
+	28,  // 55: stowage.v1.CopyImageStep.dest:type_name -> stowage.v1.ObjectRef
+	63,  // 56: stowage.v1.CopyImageStep.format:type_name -> stowage.v1.ImageFormat
+	63,  // 57: stowage.v1.CopyImageStep.source_format:type_name -> stowage.v1.ImageFormat
+	28,  // 58: stowage.v1.CloneImageStep.base:type_name -> stowage.v1.ObjectRef
+	28,  // 59: stowage.v1.CloneImageStep.dest:type_name -> stowage.v1.ObjectRef
+	0,   // 60: stowage.v1.CloneImageStep.mode:type_name -> stowage.v1.CloneMode
+	63,  // 61: stowage.v1.CloneImageStep.format:type_name -> stowage.v1.ImageFormat
+	63,  // 62: stowage.v1.CloneImageStep.base_format:type_name -> stowage.v1.ImageFormat
+	28,  // 63: stowage.v1.InspectImageStep.ref:type_name -> stowage.v1.ObjectRef
+	63,  // 64: stowage.v1.InspectImageStep.format:type_name -> stowage.v1.ImageFormat
+	28,  // 65: stowage.v1.ResizeImageStep.ref:type_name -> stowage.v1.ObjectRef
+	63,  // 66: stowage.v1.ResizeImageStep.format:type_name -> stowage.v1.ImageFormat
+	28,  // 67: stowage.v1.SnapshotImageStep.volume:type_name -> stowage.v1.ObjectRef
+	28,  // 68: stowage.v1.SnapshotImageStep.snapshot:type_name -> stowage.v1.ObjectRef
+	63,  // 69: stowage.v1.SnapshotImageStep.format:type_name -> stowage.v1.ImageFormat
+	28,  // 70: stowage.v1.RevertImageStep.volume:type_name -> stowage.v1.ObjectRef
+	28,  // 71: stowage.v1.RevertImageStep.snapshot:type_name -> stowage.v1.ObjectRef
+	63,  // 72: stowage.v1.RevertImageStep.format:type_name -> stowage.v1.ImageFormat
+	28,  // 73: stowage.v1.RebaseImageStep.ref:type_name -> stowage.v1.ObjectRef
+	28,  // 74: stowage.v1.RebaseImageStep.new_backing:type_name -> stowage.v1.ObjectRef
+	63,  // 75: stowage.v1.RebaseImageStep.backing_format:type_name -> stowage.v1.ImageFormat
+	28,  // 76: stowage.v1.BackupImageStep.source:type_name -> stowage.v1.ObjectRef
+	29,  // 77: stowage.v1.BackupImageStep.chunks:type_name -> stowage.v1.ChunkStoreRef
+	63,  // 78: stowage.v1.BackupImageStep.source_format:type_name -> stowage.v1.ImageFormat
+	29,  // 79: stowage.v1.RestoreImageStep.chunks:type_name -> stowage.v1.ChunkStoreRef
+	28,  // 80: stowage.v1.RestoreImageStep.dest:type_name -> stowage.v1.ObjectRef
+	63,  // 81: stowage.v1.RestoreImageStep.format:type_name -> stowage.v1.ImageFormat
+	29,  // 82: stowage.v1.DeleteBackupStep.chunks:type_name -> stowage.v1.ChunkStoreRef
+	29,  // 83: stowage.v1.CollectChunksStep.chunks:type_name -> stowage.v1.ChunkStoreRef
+	28,  // 84: stowage.v1.ExportStep.ref:type_name -> stowage.v1.ObjectRef
+	28,  // 85: stowage.v1.ExportNbdStep.ref:type_name -> stowage.v1.ObjectRef
+	63,  // 86: stowage.v1.ExportNbdStep.format:type_name -> stowage.v1.ImageFormat
+	63,  // 87: stowage.v1.ImageInfo.format:type_name -> stowage.v1.ImageFormat
+	50,  // 88: stowage.v1.SnapshotInfo.snapshot:type_name -> stowage.v1.ImageInfo
+	50,  // 89: stowage.v1.SnapshotInfo.volume:type_name -> stowage.v1.ImageInfo
+	64,  // 90: stowage.v1.FileInfo.modified_at:type_name -> google.protobuf.Timestamp
+	63,  // 91: stowage.v1.FileInfo.format:type_name -> stowage.v1.ImageFormat
+	55,  // 92: stowage.v1.TaskResult.probe:type_name -> stowage.v1.StoreProbe
+	54,  // 93: stowage.v1.TaskResult.file:type_name -> stowage.v1.FileInfo
+	57,  // 94: stowage.v1.TaskResult.files:type_name -> stowage.v1.FileList
+	50,  // 95: stowage.v1.TaskResult.image:type_name -> stowage.v1.ImageInfo
+	51,  // 96: stowage.v1.TaskResult.snapshot:type_name -> stowage.v1.SnapshotInfo
+	52,  // 97: stowage.v1.TaskResult.backup:type_name -> stowage.v1.BackupInfo
+	23,  // 98: stowage.v1.TaskResult.lun:type_name -> stowage.v1.LunInfo
+	24,  // 99: stowage.v1.TaskResult.luns:type_name -> stowage.v1.LunList
+	53,  // 100: stowage.v1.TaskResult.collect:type_name -> stowage.v1.CollectInfo
+	54,  // 101: stowage.v1.FileList.files:type_name -> stowage.v1.FileInfo
+	1,   // 102: stowage.v1.AgentControlService.Join:input_type -> stowage.v1.JoinRequest
+	5,   // 103: stowage.v1.AgentControlService.Register:input_type -> stowage.v1.RegisterRequest
+	8,   // 104: stowage.v1.AgentControlService.Heartbeat:input_type -> stowage.v1.HeartbeatRequest
+	3,   // 105: stowage.v1.AgentControlService.Renew:input_type -> stowage.v1.RenewRequest
+	11,  // 106: stowage.v1.AgentService.RunTask:input_type -> stowage.v1.RunTaskRequest
+	13,  // 107: stowage.v1.AgentService.GetTask:input_type -> stowage.v1.GetTaskRequest
+	15,  // 108: stowage.v1.AgentService.CancelTask:input_type -> stowage.v1.CancelTaskRequest
+	2,   // 109: stowage.v1.AgentControlService.Join:output_type -> stowage.v1.JoinResponse
+	6,   // 110: stowage.v1.AgentControlService.Register:output_type -> stowage.v1.RegisterResponse
+	9,   // 111: stowage.v1.AgentControlService.Heartbeat:output_type -> stowage.v1.HeartbeatResponse
+	4,   // 112: stowage.v1.AgentControlService.Renew:output_type -> stowage.v1.RenewResponse
+	12,  // 113: stowage.v1.AgentService.RunTask:output_type -> stowage.v1.RunTaskResponse
+	14,  // 114: stowage.v1.AgentService.GetTask:output_type -> stowage.v1.GetTaskResponse
+	16,  // 115: stowage.v1.AgentService.CancelTask:output_type -> stowage.v1.CancelTaskResponse
+	109, // [109:116] is the sub-list for method output_type
+	102, // [102:109] is the sub-list for method input_type
+	102, // [102:102] is the sub-list for extension type_name
+	102, // [102:102] is the sub-list for extension extendee
+	0,   // [0:102] is the sub-list for field type_name
 }
 
 func init() { file_stowage_v1_agent_proto_init() }
@@ -4728,8 +4901,9 @@ func file_stowage_v1_agent_proto_init() {
 		(*Task_ListLuns)(nil),
 		(*Task_ConnectLun)(nil),
 		(*Task_DisconnectLun)(nil),
+		(*Task_CollectChunks)(nil),
 	}
-	file_stowage_v1_agent_proto_msgTypes[53].OneofWrappers = []any{
+	file_stowage_v1_agent_proto_msgTypes[55].OneofWrappers = []any{
 		(*TaskResult_Probe)(nil),
 		(*TaskResult_File)(nil),
 		(*TaskResult_Files)(nil),
@@ -4739,6 +4913,7 @@ func file_stowage_v1_agent_proto_init() {
 		(*TaskResult_Uri)(nil),
 		(*TaskResult_Lun)(nil),
 		(*TaskResult_Luns)(nil),
+		(*TaskResult_Collect)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -4746,7 +4921,7 @@ func file_stowage_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_stowage_v1_agent_proto_rawDesc), len(file_stowage_v1_agent_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   56,
+			NumMessages:   58,
 			NumExtensions: 0,
 			NumServices:   2,
 		},
