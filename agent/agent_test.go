@@ -24,7 +24,9 @@ import (
 	"github.com/stowage/stowage/agent/exports"
 	"github.com/stowage/stowage/agent/hostfs"
 	"github.com/stowage/stowage/datapath/chunkstore"
+	"github.com/stowage/stowage/datapath/s3conn"
 	"github.com/stowage/stowage/drivers"
+	"github.com/stowage/stowage/drivers/s3/s3test"
 	"github.com/stowage/stowage/errdefs"
 	"github.com/stowage/stowage/hostops"
 	"github.com/stowage/stowage/internal/envtest"
@@ -439,5 +441,49 @@ func TestCollectChunksThroughRemote(t *testing.T) {
 	// A chunk store outside the stores the agent serves is refused.
 	if _, err := r.ep.CollectChunks(ctx, hostops.CollectChunksRequest{Chunks: hostops.ChunkStore{URI: "store://s9/snapshots"}}); err == nil {
 		t.Fatal("CollectChunks of a store the agent does not serve succeeded")
+	}
+}
+
+// CollectChunks of an s3:// chunk store through the Remote, against a
+// real S3 server (versitygw): the agent opens the store with the task's
+// keys and removes exactly the orphans.
+func TestCollectChunksOfS3ThroughRemote(t *testing.T) {
+	r := newRig(t)
+	ctx := t.Context()
+	srv := s3test.Start(t)
+	cfg := s3conn.Config{Endpoint: srv.Endpoint, Region: srv.Region, Bucket: srv.Bucket, Prefix: "z1/backups",
+		AccessKey: srv.AccessKey, SecretKey: srv.SecretKey}
+	chunks := hostops.ChunkStore{URI: drivers.URI(cfg.URI()), Secret: cfg.Secret()}
+	const mib = 1 << 20
+	img := make([]byte, 2*mib)
+	rand.Read(img)
+	if err := os.WriteFile(filepath.Join(r.dir, "templates", "t.raw"), img, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.ep.BackupImage(ctx, hostops.BackupRequest{Source: ref("templates/t.raw"), SourceFormat: drivers.FormatRaw,
+		Chunks: chunks, Manifest: "b1", ChunkSize: mib}, nil); err != nil {
+		t.Fatal(err)
+	}
+	store, err := chunkstore.OpenS3(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 2 {
+		data := make([]byte, mib)
+		rand.Read(data)
+		sum := sha256.Sum256(data)
+		if err := store.Backend().PutChunk(ctx, hex.EncodeToString(sum[:]), data); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ci, err := r.ep.CollectChunks(ctx, hostops.CollectChunksRequest{Chunks: chunks})
+	if want := (hostops.CollectInfo{Manifests: 1, Chunks: 4, KeptChunks: 2, RemovedChunks: 2, RemovedBytes: 2 * mib}); err != nil || ci != want {
+		t.Fatalf("CollectChunks of an s3 chunk store = %+v, %v; want %+v", ci, err, want)
+	}
+	if _, err := r.ep.RestoreImage(ctx, hostops.RestoreRequest{Chunks: chunks, Manifest: "b1", Dest: ref("volumes/r.raw"), Format: drivers.FormatRaw}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := os.ReadFile(filepath.Join(r.dir, "volumes", "r.raw")); !bytes.Equal(got, img) {
+		t.Fatal("restored after CollectChunks differs")
 	}
 }
