@@ -23,7 +23,10 @@ import (
 	"github.com/stowage/stowage/agent"
 	"github.com/stowage/stowage/agent/exports"
 	"github.com/stowage/stowage/agent/hostfs"
+	"github.com/stowage/stowage/datapath/chunkstore"
+	"github.com/stowage/stowage/datapath/s3conn"
 	"github.com/stowage/stowage/drivers"
+	"github.com/stowage/stowage/drivers/s3/s3test"
 	"github.com/stowage/stowage/errdefs"
 	"github.com/stowage/stowage/hostops"
 	"github.com/stowage/stowage/internal/envtest"
@@ -359,4 +362,128 @@ func TestExportThroughRemote(t *testing.T) {
 		t.Fatalf("after unexport: %v %v", resp, err)
 	}
 	resp.Body.Close()
+}
+
+// CollectChunks through the Remote removes exactly the chunks no manifest
+// names (a backup killed before its manifest leaves them), keeps both
+// backups restorable, is journalled like every step, and refuses (classed
+// across the wire) next to a manifest it cannot read.
+func TestCollectChunksThroughRemote(t *testing.T) {
+	r := newRig(t)
+	ctx := t.Context()
+	const mib = 1 << 20
+	img := make([]byte, 3*mib)
+	rand.Read(img)
+	img2 := bytes.Clone(img)
+	rand.Read(img2[2*mib:]) // the last chunk differs
+	for name, data := range map[string][]byte{"t1.raw": img, "t2.raw": img2} {
+		if err := os.WriteFile(filepath.Join(r.dir, "templates", name), data, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	chunks := hostops.ChunkStore{URI: "store://s1/snapshots"}
+	for _, b := range []struct{ src, manifest string }{{"t1.raw", "b1.json"}, {"t2.raw", "b2.json"}} {
+		if _, err := r.ep.BackupImage(ctx, hostops.BackupRequest{Source: ref("templates/" + b.src), SourceFormat: drivers.FormatRaw,
+			Chunks: chunks, Manifest: b.manifest, ChunkSize: mib}, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	store, err := chunkstore.Open(filepath.Join(r.dir, "snapshots", "chunks"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	putOrphans := func(n int) {
+		for range n {
+			data := make([]byte, mib)
+			rand.Read(data)
+			sum := sha256.Sum256(data)
+			if err := store.Backend().PutChunk(ctx, hex.EncodeToString(sum[:]), data); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	putOrphans(3)
+
+	ci, err := r.ep.CollectChunks(drivers.WithTaskID(ctx, "gc-1.collect"), hostops.CollectChunksRequest{Chunks: chunks})
+	if want := (hostops.CollectInfo{Manifests: 2, Chunks: 7, KeptChunks: 4, RemovedChunks: 3, RemovedBytes: 3 * mib}); err != nil || ci != want {
+		t.Fatalf("CollectChunks = %+v, %v; want %+v", ci, err, want)
+	}
+	// The same step re-issued (after a controller restart: a new context
+	// with the same task id) gets the journalled result, not a second run.
+	putOrphans(1)
+	if again, err := r.ep.CollectChunks(drivers.WithTaskID(ctx, "gc-1.collect"), hostops.CollectChunksRequest{Chunks: chunks}); err != nil || again != ci {
+		t.Fatalf("re-issued CollectChunks = %+v, %v; want the journalled %+v", again, err, ci)
+	}
+	for i, b := range []struct {
+		manifest string
+		data     []byte
+	}{{"b1.json", img}, {"b2.json", img2}} {
+		out := ref("volumes/r" + string(rune('0'+i)) + ".raw")
+		if _, err := r.ep.RestoreImage(ctx, hostops.RestoreRequest{Chunks: chunks, Manifest: b.manifest, Dest: out, Format: drivers.FormatRaw}, nil); err != nil {
+			t.Fatalf("restore of %s after CollectChunks: %v", b.manifest, err)
+		}
+		if got, _ := os.ReadFile(filepath.Join(r.dir, out.Key)); !bytes.Equal(got, b.data) {
+			t.Fatalf("%s restored after CollectChunks differs", b.manifest)
+		}
+	}
+
+	// A manifest that cannot be read: refused, classed, nothing removed.
+	if err := os.WriteFile(filepath.Join(r.dir, "snapshots", "manifests", "b2.json"), []byte("{"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.ep.CollectChunks(ctx, hostops.CollectChunksRequest{Chunks: chunks}); !errors.Is(err, errdefs.ErrFailedPrecondition) {
+		t.Fatalf("CollectChunks next to a bad manifest: %v, want failed precondition", err)
+	}
+	n := 0
+	if err := store.Backend().ListChunks(ctx, func(string) error { n++; return nil }); err != nil || n != 5 {
+		t.Fatalf("after a refused collect the store holds %d chunks (%v), want 5 (4 live, 1 orphan)", n, err)
+	}
+	// A chunk store outside the stores the agent serves is refused.
+	if _, err := r.ep.CollectChunks(ctx, hostops.CollectChunksRequest{Chunks: hostops.ChunkStore{URI: "store://s9/snapshots"}}); err == nil {
+		t.Fatal("CollectChunks of a store the agent does not serve succeeded")
+	}
+}
+
+// CollectChunks of an s3:// chunk store through the Remote, against a
+// real S3 server (versitygw): the agent opens the store with the task's
+// keys and removes exactly the orphans.
+func TestCollectChunksOfS3ThroughRemote(t *testing.T) {
+	r := newRig(t)
+	ctx := t.Context()
+	srv := s3test.Start(t)
+	cfg := s3conn.Config{Endpoint: srv.Endpoint, Region: srv.Region, Bucket: srv.Bucket, Prefix: "z1/backups",
+		AccessKey: srv.AccessKey, SecretKey: srv.SecretKey}
+	chunks := hostops.ChunkStore{URI: drivers.URI(cfg.URI()), Secret: cfg.Secret()}
+	const mib = 1 << 20
+	img := make([]byte, 2*mib)
+	rand.Read(img)
+	if err := os.WriteFile(filepath.Join(r.dir, "templates", "t.raw"), img, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.ep.BackupImage(ctx, hostops.BackupRequest{Source: ref("templates/t.raw"), SourceFormat: drivers.FormatRaw,
+		Chunks: chunks, Manifest: "b1", ChunkSize: mib}, nil); err != nil {
+		t.Fatal(err)
+	}
+	store, err := chunkstore.OpenS3(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 2 {
+		data := make([]byte, mib)
+		rand.Read(data)
+		sum := sha256.Sum256(data)
+		if err := store.Backend().PutChunk(ctx, hex.EncodeToString(sum[:]), data); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ci, err := r.ep.CollectChunks(ctx, hostops.CollectChunksRequest{Chunks: chunks})
+	if want := (hostops.CollectInfo{Manifests: 1, Chunks: 4, KeptChunks: 2, RemovedChunks: 2, RemovedBytes: 2 * mib}); err != nil || ci != want {
+		t.Fatalf("CollectChunks of an s3 chunk store = %+v, %v; want %+v", ci, err, want)
+	}
+	if _, err := r.ep.RestoreImage(ctx, hostops.RestoreRequest{Chunks: chunks, Manifest: "b1", Dest: ref("volumes/r.raw"), Format: drivers.FormatRaw}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := os.ReadFile(filepath.Join(r.dir, "volumes", "r.raw")); !bytes.Equal(got, img) {
+		t.Fatal("restored after CollectChunks differs")
+	}
 }

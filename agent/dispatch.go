@@ -127,6 +127,13 @@ func Execute(ctx context.Context, host hostops.Host, task *stowagev1.Task, progr
 	case *stowagev1.Task_DeleteBackup:
 		r := s.DeleteBackup
 		return backup(host.DeleteBackup(ctx, hostops.DeleteBackupRequest{Chunks: hostops.ChunkStoreFromProto(r.GetChunks()), Manifest: r.GetManifest()}))
+	case *stowagev1.Task_CollectChunks:
+		ci, err := host.CollectChunks(ctx, hostops.CollectChunksRequest{Chunks: hostops.ChunkStoreFromProto(s.CollectChunks.GetChunks())})
+		if err != nil {
+			return nil, err
+		}
+		res.Result = &stowagev1.TaskResult_Collect{Collect: hostops.CollectInfoToProto(ci)}
+		return res, nil
 	case *stowagev1.Task_Export:
 		return uri(host.Export(ctx, ref(s.Export.GetRef()), ttl(s.Export.GetTtlSeconds())))
 	case *stowagev1.Task_Unexport:
@@ -318,6 +325,11 @@ func (h *LocalHost) admit(task *stowagev1.Task) error {
 	case *stowagev1.Task_DeleteBackup:
 		r := s.DeleteBackup
 		_, _, err = h.backupPaths(hostops.ChunkStoreFromProto(r.GetChunks()), r.GetManifest())
+	case *stowagev1.Task_CollectChunks:
+		var cp chunkPaths
+		if cp, err = h.chunkStore(hostops.ChunkStoreFromProto(s.CollectChunks.GetChunks())); err == nil && cp.s3 == nil {
+			_, err = h.object(cp.manifests)
+		}
 	case *stowagev1.Task_Export:
 		_, err = h.object(ref(s.Export.GetRef()))
 	case *stowagev1.Task_ExportNbd:

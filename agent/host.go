@@ -595,6 +595,34 @@ func (h *LocalHost) DeleteBackup(ctx context.Context, req hostops.DeleteBackupRe
 	return backupOf(req.Manifest, b), nil
 }
 
+// CollectChunks implements hostops.Backups.
+func (h *LocalHost) CollectChunks(ctx context.Context, req hostops.CollectChunksRequest) (hostops.CollectInfo, error) {
+	cp, err := h.chunkStore(req.Chunks)
+	if err != nil {
+		return hostops.CollectInfo{}, err
+	}
+	if cp.s3 != nil {
+		store, err := cp.openS3(ctx)
+		if err != nil {
+			return hostops.CollectInfo{}, err
+		}
+		st, err := store.Collect(ctx, "")
+		if err != nil {
+			return hostops.CollectInfo{}, fmt.Errorf("collect chunks of %s on host %s: %w", cp.s3, h.HostID(), err)
+		}
+		return hostops.CollectInfo(hostfs.CollectInfoOf(st)), nil
+	}
+	manifests, err := h.object(cp.manifests)
+	if err != nil {
+		return hostops.CollectInfo{}, err
+	}
+	ci, err := h.fs.CollectChunks(ctx, hostfs.CollectChunksRequest{ChunkDir: cp.chunks, ManifestDir: manifests})
+	if err != nil {
+		return hostops.CollectInfo{}, err
+	}
+	return hostops.CollectInfo(ci), nil
+}
+
 // Export implements hostops.Exports. The export records ref and the task
 // of ctx (hostops.OwnerFrom).
 func (h *LocalHost) Export(ctx context.Context, ref hostops.Ref, ttl time.Duration) (drivers.URI, error) {

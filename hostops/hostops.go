@@ -107,6 +107,11 @@ type Backups interface {
 	BackupImage(ctx context.Context, req BackupRequest, progress drivers.Progress) (BackupInfo, error)
 	RestoreImage(ctx context.Context, req RestoreRequest, progress drivers.Progress) (ImageInfo, error)
 	DeleteBackup(ctx context.Context, req DeleteBackupRequest) (BackupInfo, error)
+	// CollectChunks removes the chunks no manifest of the chunk store
+	// refers to, under the store's exclusive lock; a manifest it cannot
+	// read stops it (errdefs.ErrFailedPrecondition) before anything is
+	// removed.
+	CollectChunks(ctx context.Context, req CollectChunksRequest) (CollectInfo, error)
 }
 
 // Exports serve objects to other hosts.

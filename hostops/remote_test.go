@@ -65,6 +65,10 @@ func TestWireRoundTrip(t *testing.T) {
 	if out := BackupInfoFromProto(BackupInfoToProto(b)); out != b {
 		t.Errorf("backup info came back as %+v", out)
 	}
+	c := CollectInfo{Manifests: 1, Chunks: 2, KeptChunks: 3, RemovedChunks: 4, RemovedBytes: 5}
+	if out := CollectInfoFromProto(CollectInfoToProto(c)); out != c {
+		t.Errorf("collect info came back as %+v", out)
+	}
 	for _, m := range []drivers.CloneMode{drivers.CloneReflink, drivers.CloneLinked, drivers.CloneFull} {
 		if CloneModeFromProto(CloneModeToProto(m)) != m {
 			t.Errorf("clone mode %s", m)

@@ -85,6 +85,12 @@ type DeleteBackupRequest struct {
 	Manifest string
 }
 
+// CollectChunksRequest asks an agent to remove the chunks of a chunk store
+// that no manifest refers to.
+type CollectChunksRequest struct {
+	Chunks ChunkStore
+}
+
 // NBDExportRequest asks an agent to serve an image over NBD.
 type NBDExportRequest struct {
 	Ref      Ref
@@ -123,6 +129,16 @@ type SnapshotInfo struct {
 	Snapshot ImageInfo
 	Volume   ImageInfo
 	Method   string // "qcow2-external", "reflink" or "copy"
+}
+
+// CollectInfo reports what collecting a chunk store's unreferenced chunks
+// found and removed.
+type CollectInfo struct {
+	Manifests     int64 // manifests read
+	Chunks        int64 // chunks found in the store
+	KeptChunks    int64 // chunks some manifest refers to
+	RemovedChunks int64
+	RemovedBytes  int64
 }
 
 // BackupInfo reports what a backup stored (or a delete freed).

@@ -192,6 +192,17 @@ func (e *Remote) DeleteBackup(ctx context.Context, req DeleteBackupRequest) (Bac
 	}}}, nil)
 }
 
+// CollectChunks implements Backups.
+func (e *Remote) CollectChunks(ctx context.Context, req CollectChunksRequest) (CollectInfo, error) {
+	res, err := e.run(ctx, &stowagev1.Task{Step: &stowagev1.Task_CollectChunks{CollectChunks: &stowagev1.CollectChunksStep{
+		Chunks: ChunkStoreToProto(req.Chunks),
+	}}}, nil)
+	if err != nil {
+		return CollectInfo{}, err
+	}
+	return CollectInfoFromProto(res.GetCollect()), nil
+}
+
 // Export implements Exports.
 func (e *Remote) Export(ctx context.Context, ref Ref, ttl time.Duration) (drivers.URI, error) {
 	return e.uri(ctx, &stowagev1.Task{Step: &stowagev1.Task_Export{Export: &stowagev1.ExportStep{Ref: RefToProto(ref), TtlSeconds: TTLToProto(ttl)}}})

@@ -170,6 +170,18 @@ func BackupInfoFromProto(b *stowagev1.BackupInfo) BackupInfo {
 		NewChunks: b.GetNewChunks(), NewBytes: b.GetNewBytes(), ReusedBytes: b.GetReusedBytes(), ReadBytes: b.GetReadBytes()}
 }
 
+// CollectInfoToProto converts a collect result to the wire.
+func CollectInfoToProto(c CollectInfo) *stowagev1.CollectInfo {
+	return &stowagev1.CollectInfo{Manifests: c.Manifests, Chunks: c.Chunks, KeptChunks: c.KeptChunks,
+		RemovedChunks: c.RemovedChunks, RemovedBytes: c.RemovedBytes}
+}
+
+// CollectInfoFromProto converts a collect result from the wire.
+func CollectInfoFromProto(c *stowagev1.CollectInfo) CollectInfo {
+	return CollectInfo{Manifests: c.GetManifests(), Chunks: c.GetChunks(), KeptChunks: c.GetKeptChunks(),
+		RemovedChunks: c.GetRemovedChunks(), RemovedBytes: c.GetRemovedBytes()}
+}
+
 // TTLToProto converts an export's lifetime to whole seconds on the wire,
 // rounded up so that a short TTL does not become "no expiry".
 func TTLToProto(ttl time.Duration) int64 {

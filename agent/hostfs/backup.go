@@ -335,3 +335,53 @@ func (l *Local) deleteBackup(ctx context.Context, req DeleteBackupRequest) (Back
 	}
 	return BackupInfo{Manifest: req.Manifest, Size: st.Size, Chunks: st.Chunks, ZeroChunks: st.ZeroChunks}, nil
 }
+
+// CollectChunks removes the chunks of req.ChunkDir that no manifest in
+// req.ManifestDir refers to (what a backup killed before its manifest left
+// behind), holding the chunk store's exclusive lock so that no backup
+// writes meanwhile. A chunk directory that does not exist holds nothing to
+// collect. A manifest that cannot be read, or a manifest directory that
+// is missing while chunks may exist, is errdefs.ErrFailedPrecondition and
+// nothing is removed.
+func (l *Local) CollectChunks(ctx context.Context, req CollectChunksRequest) (CollectInfo, error) {
+	info, err := l.collectChunks(ctx, req)
+	if err != nil {
+		return CollectInfo{}, fmt.Errorf("collect chunks of %s on host %s: %w", req.ChunkDir, l.hostID, err)
+	}
+	return info, nil
+}
+
+func (l *Local) collectChunks(ctx context.Context, req CollectChunksRequest) (CollectInfo, error) {
+	chunks, err := l.existingPath(req.ChunkDir)
+	if err != nil {
+		return CollectInfo{}, err
+	}
+	manifests, err := l.existingPath(req.ManifestDir)
+	if err != nil {
+		return CollectInfo{}, err
+	}
+	if ok, err := exists(chunks); err != nil || !ok {
+		return CollectInfo{}, err
+	}
+	if ok, err := exists(manifests); err != nil {
+		return CollectInfo{}, err
+	} else if !ok {
+		return CollectInfo{}, fmt.Errorf("manifest directory %s is missing: every chunk would look unused; refusing to collect: %w", req.ManifestDir, errdefs.ErrFailedPrecondition)
+	}
+	store, err := chunkstore.Open(chunks)
+	if err != nil {
+		return CollectInfo{}, err
+	}
+	// Any name in the manifest directory: the store lists its siblings.
+	st, err := store.Collect(ctx, filepath.Join(manifests, "collect"))
+	if err != nil {
+		return CollectInfo{}, err
+	}
+	return CollectInfoOf(st), nil
+}
+
+// CollectInfoOf reads a chunk store's CollectStats.
+func CollectInfoOf(st chunkstore.CollectStats) CollectInfo {
+	return CollectInfo{Manifests: st.Manifests, Chunks: st.Chunks, KeptChunks: st.KeptChunks,
+		RemovedChunks: st.RemovedChunks, RemovedBytes: st.RemovedBytes}
+}

@@ -103,6 +103,9 @@ type imageOps interface {
 	// DeleteBackup removes a manifest and the chunks that no other manifest
 	// next to it (same directory) refers to.
 	DeleteBackup(ctx context.Context, req DeleteBackupRequest) (BackupInfo, error)
+	// CollectChunks removes the chunks of req.ChunkDir that no manifest
+	// of req.ManifestDir refers to, under the chunk store's exclusive lock.
+	CollectChunks(ctx context.Context, req CollectChunksRequest) (CollectInfo, error)
 	// Export serves the file at path read-only over HTTP (Range) from the
 	// agent under an unguessable token, until Unexport or expires (zero:
 	// never); it returns the URL. Other agents copy from it directly
@@ -244,6 +247,22 @@ type RestoreRequest struct {
 type DeleteBackupRequest struct {
 	Manifest string
 	ChunkDir string
+}
+
+// CollectChunksRequest asks an agent to remove the chunks of ChunkDir that
+// no manifest in ManifestDir (the manifests that share them) refers to.
+type CollectChunksRequest struct {
+	ChunkDir    string
+	ManifestDir string
+}
+
+// CollectInfo is what CollectChunks found and removed.
+type CollectInfo struct {
+	Manifests     int64 // manifests read
+	Chunks        int64 // chunks found
+	KeptChunks    int64 // chunks some manifest refers to
+	RemovedChunks int64
+	RemovedBytes  int64
 }
 
 // StoreProbe is what a host sees of a store directory.

@@ -18,6 +18,11 @@ type ChunkBackend interface {
 	// RemoveChunk removes chunk hash and returns the bytes it held;
 	// errdefs.ErrNotFound when there is none.
 	RemoveChunk(ctx context.Context, hash string) (int64, error)
+	// ListChunks calls fn with the hash of every stored chunk, in no
+	// particular order, and stops at the first error fn returns (returned
+	// as it is). What is not a chunk (a temporary file, a foreign name) is
+	// left out. fn may remove the chunk it is called with.
+	ListChunks(ctx context.Context, fn func(hash string) error) error
 }
 
 // ManifestBackend keeps manifests by name. What a name is belongs to the

@@ -508,21 +508,9 @@ func (s *Store) Delete(ctx context.Context, name string) (DeleteStats, error) {
 	if err != nil {
 		return DeleteStats{}, err
 	}
-	used := map[string]bool{}
-	for _, n := range names {
-		if n == name {
-			continue
-		}
-		o, err := s.Manifest(ctx, n)
-		if errors.Is(err, errdefs.ErrNotFound) {
-			continue // removed meanwhile
-		}
-		if err != nil {
-			return DeleteStats{}, fmt.Errorf("%v (every manifest that shares the chunks must be readable; refusing to delete chunks it may use): %w", err, errdefs.ErrFailedPrecondition)
-		}
-		for _, h := range o.Chunks {
-			used[h] = true
-		}
+	used := map[[32]byte]struct{}{}
+	if _, err := s.referenced(ctx, names, name, func(k [32]byte) { used[k] = struct{}{} }); err != nil {
+		return DeleteStats{}, err
 	}
 	st := DeleteStats{Size: m.Size, Chunks: int64(len(m.Chunks))}
 	seen := map[string]bool{}
@@ -535,7 +523,7 @@ func (s *Store) Delete(ctx context.Context, name string) (DeleteStats, error) {
 			continue
 		}
 		seen[h] = true
-		if used[h] {
+		if _, ok := used[hashKey(h)]; ok {
 			st.KeptChunks++
 			continue
 		}

@@ -105,6 +105,48 @@ func (d *dirBackend) RemoveChunk(_ context.Context, hash string) (int64, error) 
 	return fi.Size(), nil
 }
 
+// ListChunks reads the chunk directories <dir>/<hh> one at a time: only
+// regular files named by a hash that starts with their directory's name
+// are chunks.
+func (d *dirBackend) ListChunks(ctx context.Context, fn func(hash string) error) error {
+	top, err := os.ReadDir(d.dir)
+	if err != nil {
+		return fmt.Errorf("list chunks of %s: %w", d.dir, classOf(err))
+	}
+	for _, e := range top {
+		if !e.IsDir() || len(e.Name()) != 2 || !isHex(e.Name()) {
+			continue
+		}
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		sub := filepath.Join(d.dir, e.Name())
+		entries, err := os.ReadDir(sub)
+		if err != nil {
+			return fmt.Errorf("list chunks of %s: %w", sub, classOf(err))
+		}
+		for _, c := range entries {
+			if !c.Type().IsRegular() || !isHash(c.Name()) || c.Name()[:2] != e.Name() {
+				continue
+			}
+			if err := fn(c.Name()); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// isHex reports whether s is lower-case hex digits.
+func isHex(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; !(c >= '0' && c <= '9' || c >= 'a' && c <= 'f') {
+			return false
+		}
+	}
+	return true
+}
+
 // SyncChunks fsyncs the directories chunks were added to or removed from.
 func (d *dirBackend) SyncChunks(context.Context) error { return d.dirs.sync() }
 

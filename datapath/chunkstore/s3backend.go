@@ -138,6 +138,28 @@ func (b *s3Backend) RemoveChunk(ctx context.Context, hash string) (int64, error)
 	return n, nil
 }
 
+// ListChunks lists PREFIX/chunks/ page by page (the listing is not held
+// in memory): only keys <hh>/<hash> whose hash starts with hh are chunks.
+func (b *s3Backend) ListChunks(ctx context.Context, fn func(hash string) error) error {
+	dir := b.cfg.Key("chunks/")
+	ctx, cancel := context.WithCancel(ctx) // ends the listing when fn stops it
+	defer cancel()
+	for o := range b.c.ListObjects(ctx, b.cfg.Bucket, minio.ListObjectsOptions{Prefix: dir, Recursive: true}) {
+		if o.Err != nil {
+			return b.wrap("list chunks", o.Err)
+		}
+		hh, hash, ok := strings.Cut(strings.TrimPrefix(o.Key, dir), "/")
+		if !ok || !isHash(hash) || hash[:2] != hh {
+			continue
+		}
+		if err := fn(hash); err != nil {
+			return err
+		}
+	}
+	// A listing cut short by ctx may just end: not a full listing.
+	return ctx.Err()
+}
+
 // manifestKey checks name and returns its key.
 func (b *s3Backend) manifestKey(name string) (string, error) {
 	if err := checkManifestName(name); err != nil {

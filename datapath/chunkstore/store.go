@@ -23,6 +23,7 @@
 //     chunkstore.BackupOptions{Parent: snap1Manifest, ParentUnchanged: unchanged})
 //     err = s.Restore(ctx, m, dst, chunkstore.RestoreOptions{})
 //     stats, err := s.Delete(ctx, "/srv/image/backups/vol1/snap1.json")
+//     cstats, err := s.Collect(ctx, "/srv/image/backups/vol1/any.json")
 //
 //     s3s, err := chunkstore.OpenS3(ctx, chunkstore.S3Config{Endpoint: "http://127.0.0.1:9000",
 //     Bucket: "backups", Prefix: "zone1", AccessKey: ak, SecretKey: sk})
@@ -42,8 +43,11 @@
 //     share them refers to (ManifestBackend.ListManifests). Something among
 //     those manifests that is not a manifest stops Delete
 //     (errdefs.ErrFailedPrecondition) rather than risk data.
-//   - Backup and Restore hold a shared lock on the store, Delete an
-//     exclusive one, so a backup that found a chunk already present cannot
+//   - Collect removes the chunks no manifest refers to (what a backup that
+//     died before its manifest left behind), under the same rules: every
+//     manifest must be readable or nothing is removed.
+//   - Backup and Restore hold a shared lock on the store, Delete and
+//     Collect an exclusive one, so a backup that found a chunk already present cannot
 //     lose it to a concurrent delete before its own manifest is written.
 //     In a directory the lock is flock on <dir>/.lock (across processes
 //     and, with NFSv4 locks, across hosts). S3 has no locks: the S3 backend

@@ -20,7 +20,9 @@
 //     starts on loopback, serving raw and qcow2 images made with qemu-img;
 //     a wrong checksum is errdefs.ErrDataLoss and leaves no object),
 //     Rebaser and ChunkTarget (the shape of BackupAccess, a backup made on
-//     a host through it when Env.Hosts is set, DeleteBackup).
+//     a host through it when Env.Hosts is set, DeleteBackup) and
+//     ChunkCollector (nothing removed next to live backups, which restore
+//     byte-equal after it; what deleted manifests left removed once).
 //
 // A capability the provider lacks is skipped with t.Skip naming the
 // interface; the controller then routes around it or refuses with a reason.
@@ -109,6 +111,7 @@ func Run(t *testing.T, name string, setup func(t *testing.T) Env) {
 		{"Clone", testClone},
 		{"Rebase", testRebase},
 		{"ChunkTarget", testChunkTarget},
+		{"ChunkCollector", testChunkCollector},
 		{"DeleteEmptyStore", testDeleteEmptyStore},
 		{"BadURLs", testBadURLs},
 		{"Reinitialize", testReinitialize},
@@ -149,7 +152,8 @@ func testProvider(t *testing.T, e Env) {
 	d := p.Driver()
 	for name, ok := range map[string]bool{
 		"Resizer": is[drivers.Resizer](d), "Cloner": is[drivers.Cloner](d), "Importer": is[drivers.Importer](d),
-		"Rebaser": is[drivers.Rebaser](d), "ChunkTarget": is[drivers.ChunkTarget](d), "HostRooted": is[drivers.HostRooted](p),
+		"Rebaser": is[drivers.Rebaser](d), "ChunkTarget": is[drivers.ChunkTarget](d),
+		"ChunkCollector": is[drivers.ChunkCollector](d), "HostRooted": is[drivers.HostRooted](p),
 	} {
 		if ok {
 			has = append(has, name)

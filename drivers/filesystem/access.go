@@ -275,6 +275,39 @@ func (d *Driver) deleteBackup(ctx context.Context, obj drivers.DataObject) (driv
 	return backupStats(bi), nil
 }
 
+// CollectChunks has a host in scope remove the chunks of image store
+// store's chunk store (snapshots/chunks) that no manifest
+// (snapshots/manifests) refers to, under the chunk store's exclusive lock:
+// what a backup killed before its manifest left behind. Chunks is the
+// number removed, FreedBytes their bytes, KeptShared the chunks backups
+// still use. A manifest the host cannot read is
+// errdefs.ErrFailedPrecondition and nothing is removed.
+func (d *Driver) CollectChunks(ctx context.Context, store drivers.StoreInfo) (drivers.BackupStats, error) {
+	st, err := d.collectChunks(ctx, store)
+	if err != nil {
+		return drivers.BackupStats{}, fmt.Errorf("collect chunks on filesystem store %s: %w", store.ID, err)
+	}
+	return st, nil
+}
+
+func (d *Driver) collectChunks(ctx context.Context, store drivers.StoreInfo) (drivers.BackupStats, error) {
+	if store.Role != drivers.RoleImage {
+		return drivers.BackupStats{}, fmt.Errorf("backups live on image stores, and store %s is a %s store: %w", store.ID, store.Role, errdefs.ErrInvalid)
+	}
+	if err := checkStore(store); err != nil {
+		return drivers.BackupStats{}, err
+	}
+	h, err := d.host(ctx, store)
+	if err != nil {
+		return drivers.BackupStats{}, err
+	}
+	ci, err := h.CollectChunks(ctx, hostops.CollectChunksRequest{Chunks: chunkStore(store)})
+	if err != nil {
+		return drivers.BackupStats{}, fmt.Errorf("host %s: %w", h.HostID(), err)
+	}
+	return drivers.BackupStats{Chunks: ci.RemovedChunks, FreedBytes: ci.RemovedBytes, KeptShared: ci.KeptChunks}, nil
+}
+
 // backupStats reads a host's answer to DeleteBackup.
 func backupStats(bi hostops.BackupInfo) drivers.BackupStats {
 	kept := max(bi.Chunks-bi.ZeroChunks-bi.NewChunks, 0)

@@ -19,12 +19,13 @@ type Driver struct {
 }
 
 var (
-	_ drivers.PrimaryDriver = (*Driver)(nil)
-	_ drivers.Resizer       = (*Driver)(nil)
-	_ drivers.Cloner        = (*Driver)(nil)
-	_ drivers.Importer      = (*Driver)(nil)
-	_ drivers.Rebaser       = (*Driver)(nil)
-	_ drivers.ChunkTarget   = (*Driver)(nil)
+	_ drivers.PrimaryDriver  = (*Driver)(nil)
+	_ drivers.Resizer        = (*Driver)(nil)
+	_ drivers.Cloner         = (*Driver)(nil)
+	_ drivers.Importer       = (*Driver)(nil)
+	_ drivers.Rebaser        = (*Driver)(nil)
+	_ drivers.ChunkTarget    = (*Driver)(nil)
+	_ drivers.ChunkCollector = (*Driver)(nil)
 )
 
 // objectRef returns the hostops reference of obj: its store and key.

@@ -276,3 +276,33 @@ func (d *Driver) DeleteBackup(ctx context.Context, obj drivers.DataObject) (driv
 	}
 	return drivers.BackupStats{Chunks: ds.RemovedChunks, FreedBytes: ds.RemovedBytes, KeptShared: ds.KeptChunks, ManifestGone: ds.Chunks > 0 || ds.Size > 0}, nil
 }
+
+// CollectChunks removes the chunks of the store's chunk store (its
+// backups/ prefix) that no manifest refers to, from this process like
+// DeleteBackup (listings and deletes only), under the chunk store's
+// exclusive lease. Chunks is the number removed, FreedBytes their bytes,
+// KeptShared the chunks backups still use. A manifest that cannot be read
+// is errdefs.ErrFailedPrecondition and nothing is removed.
+func (d *Driver) CollectChunks(ctx context.Context, store drivers.StoreInfo) (drivers.BackupStats, error) {
+	st, err := d.collectChunks(ctx, store)
+	if err != nil {
+		return drivers.BackupStats{}, fmt.Errorf("collect chunks on s3 store %s: %w", store.Name, err)
+	}
+	return st, nil
+}
+
+func (d *Driver) collectChunks(ctx context.Context, store drivers.StoreInfo) (drivers.BackupStats, error) {
+	st, err := d.store(ctx, store)
+	if err != nil {
+		return drivers.BackupStats{}, err
+	}
+	cs, err := chunkstore.OpenS3(ctx, backupConfig(st.cfg))
+	if err != nil {
+		return drivers.BackupStats{}, err
+	}
+	cst, err := cs.Collect(ctx, "")
+	if err != nil {
+		return drivers.BackupStats{}, err
+	}
+	return drivers.BackupStats{Chunks: cst.RemovedChunks, FreedBytes: cst.RemovedBytes, KeptShared: cst.KeptChunks}, nil
+}

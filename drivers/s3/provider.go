@@ -33,11 +33,12 @@ type Provider struct {
 }
 
 var (
-	_ drivers.Provider    = (*Provider)(nil)
-	_ drivers.LifeCycle   = (*LifeCycle)(nil)
-	_ drivers.Driver      = (*Driver)(nil)
-	_ drivers.Importer    = (*Driver)(nil)
-	_ drivers.ChunkTarget = (*Driver)(nil)
+	_ drivers.Provider       = (*Provider)(nil)
+	_ drivers.LifeCycle      = (*LifeCycle)(nil)
+	_ drivers.Driver         = (*Driver)(nil)
+	_ drivers.Importer       = (*Driver)(nil)
+	_ drivers.ChunkTarget    = (*Driver)(nil)
+	_ drivers.ChunkCollector = (*Driver)(nil)
 )
 
 // Option configures a Provider.

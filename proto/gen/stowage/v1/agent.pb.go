@@ -1091,6 +1091,7 @@ type Task struct {
 	//	*Task_ConnectLun
 	//	*Task_DisconnectLun
 	//	*Task_ListExports
+	//	*Task_CollectChunks
 	Step          isTask_Step `protobuf_oneof:"step"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1426,6 +1427,15 @@ func (x *Task) GetListExports() *ListExportsStep {
 	return nil
 }
 
+func (x *Task) GetCollectChunks() *CollectChunksStep {
+	if x != nil {
+		if x, ok := x.Step.(*Task_CollectChunks); ok {
+			return x.CollectChunks
+		}
+	}
+	return nil
+}
+
 type isTask_Step interface {
 	isTask_Step()
 }
@@ -1554,6 +1564,10 @@ type Task_ListExports struct {
 	ListExports *ListExportsStep `protobuf:"bytes,40,opt,name=list_exports,json=listExports,proto3,oneof"`
 }
 
+type Task_CollectChunks struct {
+	CollectChunks *CollectChunksStep `protobuf:"bytes,41,opt,name=collect_chunks,json=collectChunks,proto3,oneof"`
+}
+
 func (*Task_PrepareStore) isTask_Step() {}
 
 func (*Task_ProbeStore) isTask_Step() {}
@@ -1615,6 +1629,8 @@ func (*Task_ConnectLun) isTask_Step() {}
 func (*Task_DisconnectLun) isTask_Step() {}
 
 func (*Task_ListExports) isTask_Step() {}
+
+func (*Task_CollectChunks) isTask_Step() {}
 
 // ConnectLunStep logs this host's kernel initiator in to a LUN (the
 // os-brick sequence) and answers with its block device (file:///dev/...);
@@ -3289,6 +3305,53 @@ func (x *DeleteBackupStep) GetManifest() string {
 	return ""
 }
 
+// CollectChunksStep removes the chunks of a chunk store that no manifest
+// refers to (hostops.CollectChunksRequest), under the store's exclusive
+// lock.
+type CollectChunksStep struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Chunks        *ChunkStoreRef         `protobuf:"bytes,1,opt,name=chunks,proto3" json:"chunks,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CollectChunksStep) Reset() {
+	*x = CollectChunksStep{}
+	mi := &file_stowage_v1_agent_proto_msgTypes[44]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CollectChunksStep) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CollectChunksStep) ProtoMessage() {}
+
+func (x *CollectChunksStep) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_agent_proto_msgTypes[44]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CollectChunksStep.ProtoReflect.Descriptor instead.
+func (*CollectChunksStep) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{44}
+}
+
+func (x *CollectChunksStep) GetChunks() *ChunkStoreRef {
+	if x != nil {
+		return x.Chunks
+	}
+	return nil
+}
+
 // ExportStep serves an object read-only over HTTP from the agent.
 type ExportStep struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -3302,7 +3365,7 @@ type ExportStep struct {
 
 func (x *ExportStep) Reset() {
 	*x = ExportStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[44]
+	mi := &file_stowage_v1_agent_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3314,7 +3377,7 @@ func (x *ExportStep) String() string {
 func (*ExportStep) ProtoMessage() {}
 
 func (x *ExportStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[44]
+	mi := &file_stowage_v1_agent_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3327,7 +3390,7 @@ func (x *ExportStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExportStep.ProtoReflect.Descriptor instead.
 func (*ExportStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{44}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *ExportStep) GetRef() *ObjectRef {
@@ -3354,7 +3417,7 @@ type UnexportStep struct {
 
 func (x *UnexportStep) Reset() {
 	*x = UnexportStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[45]
+	mi := &file_stowage_v1_agent_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3366,7 +3429,7 @@ func (x *UnexportStep) String() string {
 func (*UnexportStep) ProtoMessage() {}
 
 func (x *UnexportStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[45]
+	mi := &file_stowage_v1_agent_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3379,7 +3442,7 @@ func (x *UnexportStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnexportStep.ProtoReflect.Descriptor instead.
 func (*UnexportStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{45}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *UnexportStep) GetUri() string {
@@ -3406,7 +3469,7 @@ type ExportNbdStep struct {
 
 func (x *ExportNbdStep) Reset() {
 	*x = ExportNbdStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[46]
+	mi := &file_stowage_v1_agent_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3418,7 +3481,7 @@ func (x *ExportNbdStep) String() string {
 func (*ExportNbdStep) ProtoMessage() {}
 
 func (x *ExportNbdStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[46]
+	mi := &file_stowage_v1_agent_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3431,7 +3494,7 @@ func (x *ExportNbdStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExportNbdStep.ProtoReflect.Descriptor instead.
 func (*ExportNbdStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{46}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *ExportNbdStep) GetRef() *ObjectRef {
@@ -3472,7 +3535,7 @@ type UnexportNbdStep struct {
 
 func (x *UnexportNbdStep) Reset() {
 	*x = UnexportNbdStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[47]
+	mi := &file_stowage_v1_agent_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3484,7 +3547,7 @@ func (x *UnexportNbdStep) String() string {
 func (*UnexportNbdStep) ProtoMessage() {}
 
 func (x *UnexportNbdStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[47]
+	mi := &file_stowage_v1_agent_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3497,7 +3560,7 @@ func (x *UnexportNbdStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnexportNbdStep.ProtoReflect.Descriptor instead.
 func (*UnexportNbdStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{47}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *UnexportNbdStep) GetUri() string {
@@ -3521,7 +3584,7 @@ type ListExportsStep struct {
 
 func (x *ListExportsStep) Reset() {
 	*x = ListExportsStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[48]
+	mi := &file_stowage_v1_agent_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3533,7 +3596,7 @@ func (x *ListExportsStep) String() string {
 func (*ListExportsStep) ProtoMessage() {}
 
 func (x *ListExportsStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[48]
+	mi := &file_stowage_v1_agent_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3546,7 +3609,7 @@ func (x *ListExportsStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListExportsStep.ProtoReflect.Descriptor instead.
 func (*ListExportsStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{48}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *ListExportsStep) GetStoreId() string {
@@ -3569,7 +3632,7 @@ type ExportOwner struct {
 
 func (x *ExportOwner) Reset() {
 	*x = ExportOwner{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[49]
+	mi := &file_stowage_v1_agent_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3581,7 +3644,7 @@ func (x *ExportOwner) String() string {
 func (*ExportOwner) ProtoMessage() {}
 
 func (x *ExportOwner) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[49]
+	mi := &file_stowage_v1_agent_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3594,7 +3657,7 @@ func (x *ExportOwner) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExportOwner.ProtoReflect.Descriptor instead.
 func (*ExportOwner) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{49}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *ExportOwner) GetTaskId() string {
@@ -3636,7 +3699,7 @@ type ExportInfo struct {
 
 func (x *ExportInfo) Reset() {
 	*x = ExportInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[50]
+	mi := &file_stowage_v1_agent_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3648,7 +3711,7 @@ func (x *ExportInfo) String() string {
 func (*ExportInfo) ProtoMessage() {}
 
 func (x *ExportInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[50]
+	mi := &file_stowage_v1_agent_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3661,7 +3724,7 @@ func (x *ExportInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExportInfo.ProtoReflect.Descriptor instead.
 func (*ExportInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{50}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *ExportInfo) GetUri() string {
@@ -3729,7 +3792,7 @@ type ExportList struct {
 
 func (x *ExportList) Reset() {
 	*x = ExportList{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[51]
+	mi := &file_stowage_v1_agent_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3741,7 +3804,7 @@ func (x *ExportList) String() string {
 func (*ExportList) ProtoMessage() {}
 
 func (x *ExportList) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[51]
+	mi := &file_stowage_v1_agent_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3754,7 +3817,7 @@ func (x *ExportList) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExportList.ProtoReflect.Descriptor instead.
 func (*ExportList) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{51}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *ExportList) GetExports() []*ExportInfo {
@@ -3785,7 +3848,7 @@ type ImageInfo struct {
 
 func (x *ImageInfo) Reset() {
 	*x = ImageInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[52]
+	mi := &file_stowage_v1_agent_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3797,7 +3860,7 @@ func (x *ImageInfo) String() string {
 func (*ImageInfo) ProtoMessage() {}
 
 func (x *ImageInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[52]
+	mi := &file_stowage_v1_agent_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3810,7 +3873,7 @@ func (x *ImageInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImageInfo.ProtoReflect.Descriptor instead.
 func (*ImageInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{52}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *ImageInfo) GetKey() string {
@@ -3895,7 +3958,7 @@ type SnapshotInfo struct {
 
 func (x *SnapshotInfo) Reset() {
 	*x = SnapshotInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[53]
+	mi := &file_stowage_v1_agent_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3907,7 +3970,7 @@ func (x *SnapshotInfo) String() string {
 func (*SnapshotInfo) ProtoMessage() {}
 
 func (x *SnapshotInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[53]
+	mi := &file_stowage_v1_agent_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3920,7 +3983,7 @@ func (x *SnapshotInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotInfo.ProtoReflect.Descriptor instead.
 func (*SnapshotInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{53}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *SnapshotInfo) GetSnapshot() *ImageInfo {
@@ -3961,7 +4024,7 @@ type BackupInfo struct {
 
 func (x *BackupInfo) Reset() {
 	*x = BackupInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[54]
+	mi := &file_stowage_v1_agent_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3973,7 +4036,7 @@ func (x *BackupInfo) String() string {
 func (*BackupInfo) ProtoMessage() {}
 
 func (x *BackupInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[54]
+	mi := &file_stowage_v1_agent_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3986,7 +4049,7 @@ func (x *BackupInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BackupInfo.ProtoReflect.Descriptor instead.
 func (*BackupInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{54}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *BackupInfo) GetManifest() string {
@@ -4045,6 +4108,84 @@ func (x *BackupInfo) GetReadBytes() int64 {
 	return 0
 }
 
+// CollectInfo reports what a collect_chunks step found and removed
+// (hostops.CollectInfo).
+type CollectInfo struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Manifests     int64                  `protobuf:"varint,1,opt,name=manifests,proto3" json:"manifests,omitempty"`
+	Chunks        int64                  `protobuf:"varint,2,opt,name=chunks,proto3" json:"chunks,omitempty"`
+	KeptChunks    int64                  `protobuf:"varint,3,opt,name=kept_chunks,json=keptChunks,proto3" json:"kept_chunks,omitempty"`
+	RemovedChunks int64                  `protobuf:"varint,4,opt,name=removed_chunks,json=removedChunks,proto3" json:"removed_chunks,omitempty"`
+	RemovedBytes  int64                  `protobuf:"varint,5,opt,name=removed_bytes,json=removedBytes,proto3" json:"removed_bytes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CollectInfo) Reset() {
+	*x = CollectInfo{}
+	mi := &file_stowage_v1_agent_proto_msgTypes[56]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CollectInfo) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CollectInfo) ProtoMessage() {}
+
+func (x *CollectInfo) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_agent_proto_msgTypes[56]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CollectInfo.ProtoReflect.Descriptor instead.
+func (*CollectInfo) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{56}
+}
+
+func (x *CollectInfo) GetManifests() int64 {
+	if x != nil {
+		return x.Manifests
+	}
+	return 0
+}
+
+func (x *CollectInfo) GetChunks() int64 {
+	if x != nil {
+		return x.Chunks
+	}
+	return 0
+}
+
+func (x *CollectInfo) GetKeptChunks() int64 {
+	if x != nil {
+		return x.KeptChunks
+	}
+	return 0
+}
+
+func (x *CollectInfo) GetRemovedChunks() int64 {
+	if x != nil {
+		return x.RemovedChunks
+	}
+	return 0
+}
+
+func (x *CollectInfo) GetRemovedBytes() int64 {
+	if x != nil {
+		return x.RemovedBytes
+	}
+	return 0
+}
+
 // FileInfo describes one file on a host.
 type FileInfo struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -4064,7 +4205,7 @@ type FileInfo struct {
 
 func (x *FileInfo) Reset() {
 	*x = FileInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[55]
+	mi := &file_stowage_v1_agent_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4076,7 +4217,7 @@ func (x *FileInfo) String() string {
 func (*FileInfo) ProtoMessage() {}
 
 func (x *FileInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[55]
+	mi := &file_stowage_v1_agent_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4089,7 +4230,7 @@ func (x *FileInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileInfo.ProtoReflect.Descriptor instead.
 func (*FileInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{55}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *FileInfo) GetKey() string {
@@ -4154,7 +4295,7 @@ type StoreProbe struct {
 
 func (x *StoreProbe) Reset() {
 	*x = StoreProbe{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[56]
+	mi := &file_stowage_v1_agent_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4166,7 +4307,7 @@ func (x *StoreProbe) String() string {
 func (*StoreProbe) ProtoMessage() {}
 
 func (x *StoreProbe) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[56]
+	mi := &file_stowage_v1_agent_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4179,7 +4320,7 @@ func (x *StoreProbe) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StoreProbe.ProtoReflect.Descriptor instead.
 func (*StoreProbe) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{56}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{58}
 }
 
 func (x *StoreProbe) GetCapacityBytes() int64 {
@@ -4234,6 +4375,7 @@ type TaskResult struct {
 	//	*TaskResult_Lun
 	//	*TaskResult_Luns
 	//	*TaskResult_Exports
+	//	*TaskResult_Collect
 	Result        isTaskResult_Result `protobuf_oneof:"result"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -4241,7 +4383,7 @@ type TaskResult struct {
 
 func (x *TaskResult) Reset() {
 	*x = TaskResult{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[57]
+	mi := &file_stowage_v1_agent_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4253,7 +4395,7 @@ func (x *TaskResult) String() string {
 func (*TaskResult) ProtoMessage() {}
 
 func (x *TaskResult) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[57]
+	mi := &file_stowage_v1_agent_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4266,7 +4408,7 @@ func (x *TaskResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TaskResult.ProtoReflect.Descriptor instead.
 func (*TaskResult) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{57}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{59}
 }
 
 func (x *TaskResult) GetTaskId() string {
@@ -4408,6 +4550,15 @@ func (x *TaskResult) GetExports() *ExportList {
 	return nil
 }
 
+func (x *TaskResult) GetCollect() *CollectInfo {
+	if x != nil {
+		if x, ok := x.Result.(*TaskResult_Collect); ok {
+			return x.Collect
+		}
+	}
+	return nil
+}
+
 type isTaskResult_Result interface {
 	isTaskResult_Result()
 }
@@ -4453,6 +4604,10 @@ type TaskResult_Exports struct {
 	Exports *ExportList `protobuf:"bytes,19,opt,name=exports,proto3,oneof"`
 }
 
+type TaskResult_Collect struct {
+	Collect *CollectInfo `protobuf:"bytes,20,opt,name=collect,proto3,oneof"`
+}
+
 func (*TaskResult_Probe) isTaskResult_Result() {}
 
 func (*TaskResult_File) isTaskResult_Result() {}
@@ -4473,6 +4628,8 @@ func (*TaskResult_Luns) isTaskResult_Result() {}
 
 func (*TaskResult_Exports) isTaskResult_Result() {}
 
+func (*TaskResult_Collect) isTaskResult_Result() {}
+
 type FileList struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Files         []*FileInfo            `protobuf:"bytes,1,rep,name=files,proto3" json:"files,omitempty"`
@@ -4482,7 +4639,7 @@ type FileList struct {
 
 func (x *FileList) Reset() {
 	*x = FileList{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[58]
+	mi := &file_stowage_v1_agent_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4494,7 +4651,7 @@ func (x *FileList) String() string {
 func (*FileList) ProtoMessage() {}
 
 func (x *FileList) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[58]
+	mi := &file_stowage_v1_agent_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4507,7 +4664,7 @@ func (x *FileList) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileList.ProtoReflect.Descriptor instead.
 func (*FileList) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{58}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{60}
 }
 
 func (x *FileList) GetFiles() []*FileInfo {
@@ -4584,7 +4741,7 @@ const file_stowage_v1_agent_proto_rawDesc = "" +
 	"\x11CancelTaskRequest\x12\x17\n" +
 	"\atask_id\x18\x01 \x01(\tR\x06taskId\"D\n" +
 	"\x12CancelTaskResponse\x12.\n" +
-	"\x06result\x18\x01 \x01(\v2\x16.stowage.v1.TaskResultR\x06result\"\x8f\x10\n" +
+	"\x06result\x18\x01 \x01(\v2\x16.stowage.v1.TaskResultR\x06result\"\xd7\x10\n" +
 	"\x04Task\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1b\n" +
 	"\tparent_id\x18\x02 \x01(\tR\bparentId\x12C\n" +
@@ -4629,7 +4786,8 @@ const file_stowage_v1_agent_proto_rawDesc = "" +
 	"\vconnect_lun\x18& \x01(\v2\x1a.stowage.v1.ConnectLunStepH\x00R\n" +
 	"connectLun\x12C\n" +
 	"\x0edisconnect_lun\x18' \x01(\v2\x1a.stowage.v1.ConnectLunStepH\x00R\rdisconnectLun\x12@\n" +
-	"\flist_exports\x18( \x01(\v2\x1b.stowage.v1.ListExportsStepH\x00R\vlistExportsB\x06\n" +
+	"\flist_exports\x18( \x01(\v2\x1b.stowage.v1.ListExportsStepH\x00R\vlistExports\x12F\n" +
+	"\x0ecollect_chunks\x18) \x01(\v2\x1d.stowage.v1.CollectChunksStepH\x00R\rcollectChunksB\x06\n" +
 	"\x04step\"\"\n" +
 	"\x0eConnectLunStep\x12\x10\n" +
 	"\x03uri\x18\x01 \x01(\tR\x03uri\"\x8c\x01\n" +
@@ -4753,7 +4911,9 @@ const file_stowage_v1_agent_proto_rawDesc = "" +
 	"\x06format\x18\x04 \x01(\x0e2\x17.stowage.v1.ImageFormatR\x06format\"a\n" +
 	"\x10DeleteBackupStep\x121\n" +
 	"\x06chunks\x18\x01 \x01(\v2\x19.stowage.v1.ChunkStoreRefR\x06chunks\x12\x1a\n" +
-	"\bmanifest\x18\x02 \x01(\tR\bmanifest\"V\n" +
+	"\bmanifest\x18\x02 \x01(\tR\bmanifest\"F\n" +
+	"\x11CollectChunksStep\x121\n" +
+	"\x06chunks\x18\x01 \x01(\v2\x19.stowage.v1.ChunkStoreRefR\x06chunks\"V\n" +
 	"\n" +
 	"ExportStep\x12'\n" +
 	"\x03ref\x18\x01 \x01(\v2\x15.stowage.v1.ObjectRefR\x03ref\x12\x1f\n" +
@@ -4817,7 +4977,14 @@ const file_stowage_v1_agent_proto_rawDesc = "" +
 	"\tnew_bytes\x18\x06 \x01(\x03R\bnewBytes\x12!\n" +
 	"\freused_bytes\x18\a \x01(\x03R\vreusedBytes\x12\x1d\n" +
 	"\n" +
-	"read_bytes\x18\b \x01(\x03R\treadBytes\"\x81\x02\n" +
+	"read_bytes\x18\b \x01(\x03R\treadBytes\"\xb0\x01\n" +
+	"\vCollectInfo\x12\x1c\n" +
+	"\tmanifests\x18\x01 \x01(\x03R\tmanifests\x12\x16\n" +
+	"\x06chunks\x18\x02 \x01(\x03R\x06chunks\x12\x1f\n" +
+	"\vkept_chunks\x18\x03 \x01(\x03R\n" +
+	"keptChunks\x12%\n" +
+	"\x0eremoved_chunks\x18\x04 \x01(\x03R\rremovedChunks\x12#\n" +
+	"\rremoved_bytes\x18\x05 \x01(\x03R\fremovedBytes\"\x81\x02\n" +
 	"\bFileInfo\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x12\n" +
 	"\x04size\x18\x02 \x01(\x03R\x04size\x12'\n" +
@@ -4832,7 +4999,7 @@ const file_stowage_v1_agent_proto_rawDesc = "" +
 	"\x0ecapacity_bytes\x18\x01 \x01(\x03R\rcapacityBytes\x12'\n" +
 	"\x0favailable_bytes\x18\x02 \x01(\x03R\x0eavailableBytes\x12\x18\n" +
 	"\areflink\x18\x03 \x01(\bR\areflink\x12\x17\n" +
-	"\afs_type\x18\x04 \x01(\tR\x06fsType\"\xf9\x04\n" +
+	"\afs_type\x18\x04 \x01(\tR\x06fsType\"\xae\x05\n" +
 	"\n" +
 	"TaskResult\x12\x17\n" +
 	"\atask_id\x18\x01 \x01(\tR\x06taskId\x12\x12\n" +
@@ -4854,7 +5021,8 @@ const file_stowage_v1_agent_proto_rawDesc = "" +
 	"\x03uri\x18\x10 \x01(\tH\x00R\x03uri\x12'\n" +
 	"\x03lun\x18\x11 \x01(\v2\x13.stowage.v1.LunInfoH\x00R\x03lun\x12)\n" +
 	"\x04luns\x18\x12 \x01(\v2\x13.stowage.v1.LunListH\x00R\x04luns\x122\n" +
-	"\aexports\x18\x13 \x01(\v2\x16.stowage.v1.ExportListH\x00R\aexportsB\b\n" +
+	"\aexports\x18\x13 \x01(\v2\x16.stowage.v1.ExportListH\x00R\aexports\x123\n" +
+	"\acollect\x18\x14 \x01(\v2\x17.stowage.v1.CollectInfoH\x00R\acollectB\b\n" +
 	"\x06result\"6\n" +
 	"\bFileList\x12*\n" +
 	"\x05files\x18\x01 \x03(\v2\x14.stowage.v1.FileInfoR\x05files*k\n" +
@@ -4896,7 +5064,7 @@ func file_stowage_v1_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_stowage_v1_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_stowage_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 60)
+var file_stowage_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 62)
 var file_stowage_v1_agent_proto_goTypes = []any{
 	(CloneMode)(0),                // 0: stowage.v1.CloneMode
 	(ExportKind)(0),               // 1: stowage.v1.ExportKind
@@ -4944,42 +5112,44 @@ var file_stowage_v1_agent_proto_goTypes = []any{
 	(*BackupImageStep)(nil),       // 43: stowage.v1.BackupImageStep
 	(*RestoreImageStep)(nil),      // 44: stowage.v1.RestoreImageStep
 	(*DeleteBackupStep)(nil),      // 45: stowage.v1.DeleteBackupStep
-	(*ExportStep)(nil),            // 46: stowage.v1.ExportStep
-	(*UnexportStep)(nil),          // 47: stowage.v1.UnexportStep
-	(*ExportNbdStep)(nil),         // 48: stowage.v1.ExportNbdStep
-	(*UnexportNbdStep)(nil),       // 49: stowage.v1.UnexportNbdStep
-	(*ListExportsStep)(nil),       // 50: stowage.v1.ListExportsStep
-	(*ExportOwner)(nil),           // 51: stowage.v1.ExportOwner
-	(*ExportInfo)(nil),            // 52: stowage.v1.ExportInfo
-	(*ExportList)(nil),            // 53: stowage.v1.ExportList
-	(*ImageInfo)(nil),             // 54: stowage.v1.ImageInfo
-	(*SnapshotInfo)(nil),          // 55: stowage.v1.SnapshotInfo
-	(*BackupInfo)(nil),            // 56: stowage.v1.BackupInfo
-	(*FileInfo)(nil),              // 57: stowage.v1.FileInfo
-	(*StoreProbe)(nil),            // 58: stowage.v1.StoreProbe
-	(*TaskResult)(nil),            // 59: stowage.v1.TaskResult
-	(*FileList)(nil),              // 60: stowage.v1.FileList
-	nil,                           // 61: stowage.v1.ChunkStoreRef.SecretEntry
-	(*HostCapabilities)(nil),      // 62: stowage.v1.HostCapabilities
-	(*Host)(nil),                  // 63: stowage.v1.Host
-	(HostState)(0),                // 64: stowage.v1.HostState
-	(*CacheSpec)(nil),             // 65: stowage.v1.CacheSpec
-	(ImageFormat)(0),              // 66: stowage.v1.ImageFormat
-	(*timestamppb.Timestamp)(nil), // 67: google.protobuf.Timestamp
+	(*CollectChunksStep)(nil),     // 46: stowage.v1.CollectChunksStep
+	(*ExportStep)(nil),            // 47: stowage.v1.ExportStep
+	(*UnexportStep)(nil),          // 48: stowage.v1.UnexportStep
+	(*ExportNbdStep)(nil),         // 49: stowage.v1.ExportNbdStep
+	(*UnexportNbdStep)(nil),       // 50: stowage.v1.UnexportNbdStep
+	(*ListExportsStep)(nil),       // 51: stowage.v1.ListExportsStep
+	(*ExportOwner)(nil),           // 52: stowage.v1.ExportOwner
+	(*ExportInfo)(nil),            // 53: stowage.v1.ExportInfo
+	(*ExportList)(nil),            // 54: stowage.v1.ExportList
+	(*ImageInfo)(nil),             // 55: stowage.v1.ImageInfo
+	(*SnapshotInfo)(nil),          // 56: stowage.v1.SnapshotInfo
+	(*BackupInfo)(nil),            // 57: stowage.v1.BackupInfo
+	(*CollectInfo)(nil),           // 58: stowage.v1.CollectInfo
+	(*FileInfo)(nil),              // 59: stowage.v1.FileInfo
+	(*StoreProbe)(nil),            // 60: stowage.v1.StoreProbe
+	(*TaskResult)(nil),            // 61: stowage.v1.TaskResult
+	(*FileList)(nil),              // 62: stowage.v1.FileList
+	nil,                           // 63: stowage.v1.ChunkStoreRef.SecretEntry
+	(*HostCapabilities)(nil),      // 64: stowage.v1.HostCapabilities
+	(*Host)(nil),                  // 65: stowage.v1.Host
+	(HostState)(0),                // 66: stowage.v1.HostState
+	(*CacheSpec)(nil),             // 67: stowage.v1.CacheSpec
+	(ImageFormat)(0),              // 68: stowage.v1.ImageFormat
+	(*timestamppb.Timestamp)(nil), // 69: google.protobuf.Timestamp
 }
 var file_stowage_v1_agent_proto_depIdxs = []int32{
-	62,  // 0: stowage.v1.RegisterRequest.capabilities:type_name -> stowage.v1.HostCapabilities
-	63,  // 1: stowage.v1.RegisterResponse.host:type_name -> stowage.v1.Host
+	64,  // 0: stowage.v1.RegisterRequest.capabilities:type_name -> stowage.v1.HostCapabilities
+	65,  // 1: stowage.v1.RegisterResponse.host:type_name -> stowage.v1.Host
 	8,   // 2: stowage.v1.RegisterResponse.stores:type_name -> stowage.v1.StoreAssignment
-	62,  // 3: stowage.v1.HeartbeatRequest.capabilities:type_name -> stowage.v1.HostCapabilities
-	64,  // 4: stowage.v1.HeartbeatResponse.state:type_name -> stowage.v1.HostState
+	64,  // 3: stowage.v1.HeartbeatRequest.capabilities:type_name -> stowage.v1.HostCapabilities
+	66,  // 4: stowage.v1.HeartbeatResponse.state:type_name -> stowage.v1.HostState
 	8,   // 5: stowage.v1.HeartbeatResponse.stores:type_name -> stowage.v1.StoreAssignment
 	11,  // 6: stowage.v1.HeartbeatResponse.template_cache:type_name -> stowage.v1.TemplateCacheSpec
-	65,  // 7: stowage.v1.TemplateCacheSpec.templates:type_name -> stowage.v1.CacheSpec
+	67,  // 7: stowage.v1.TemplateCacheSpec.templates:type_name -> stowage.v1.CacheSpec
 	18,  // 8: stowage.v1.RunTaskRequest.task:type_name -> stowage.v1.Task
-	59,  // 9: stowage.v1.RunTaskResponse.result:type_name -> stowage.v1.TaskResult
-	59,  // 10: stowage.v1.GetTaskResponse.result:type_name -> stowage.v1.TaskResult
-	59,  // 11: stowage.v1.CancelTaskResponse.result:type_name -> stowage.v1.TaskResult
+	61,  // 9: stowage.v1.RunTaskResponse.result:type_name -> stowage.v1.TaskResult
+	61,  // 10: stowage.v1.GetTaskResponse.result:type_name -> stowage.v1.TaskResult
+	61,  // 11: stowage.v1.CancelTaskResponse.result:type_name -> stowage.v1.TaskResult
 	26,  // 12: stowage.v1.Task.prepare_store:type_name -> stowage.v1.PrepareStoreStep
 	27,  // 13: stowage.v1.Task.probe_store:type_name -> stowage.v1.ProbeStoreStep
 	28,  // 14: stowage.v1.Task.release_store:type_name -> stowage.v1.ReleaseStoreStep
@@ -4998,10 +5168,10 @@ var file_stowage_v1_agent_proto_depIdxs = []int32{
 	43,  // 27: stowage.v1.Task.backup_image:type_name -> stowage.v1.BackupImageStep
 	44,  // 28: stowage.v1.Task.restore_image:type_name -> stowage.v1.RestoreImageStep
 	45,  // 29: stowage.v1.Task.delete_backup:type_name -> stowage.v1.DeleteBackupStep
-	46,  // 30: stowage.v1.Task.export:type_name -> stowage.v1.ExportStep
-	47,  // 31: stowage.v1.Task.unexport:type_name -> stowage.v1.UnexportStep
-	48,  // 32: stowage.v1.Task.export_nbd:type_name -> stowage.v1.ExportNbdStep
-	49,  // 33: stowage.v1.Task.unexport_nbd:type_name -> stowage.v1.UnexportNbdStep
+	47,  // 30: stowage.v1.Task.export:type_name -> stowage.v1.ExportStep
+	48,  // 31: stowage.v1.Task.unexport:type_name -> stowage.v1.UnexportStep
+	49,  // 32: stowage.v1.Task.export_nbd:type_name -> stowage.v1.ExportNbdStep
+	50,  // 33: stowage.v1.Task.unexport_nbd:type_name -> stowage.v1.UnexportNbdStep
 	22,  // 34: stowage.v1.Task.ensure_iscsi_target:type_name -> stowage.v1.IscsiTargetStep
 	22,  // 35: stowage.v1.Task.delete_iscsi_target:type_name -> stowage.v1.IscsiTargetStep
 	23,  // 36: stowage.v1.Task.create_lun:type_name -> stowage.v1.LunStep
@@ -5010,91 +5180,94 @@ var file_stowage_v1_agent_proto_depIdxs = []int32{
 	22,  // 39: stowage.v1.Task.list_luns:type_name -> stowage.v1.IscsiTargetStep
 	19,  // 40: stowage.v1.Task.connect_lun:type_name -> stowage.v1.ConnectLunStep
 	19,  // 41: stowage.v1.Task.disconnect_lun:type_name -> stowage.v1.ConnectLunStep
-	50,  // 42: stowage.v1.Task.list_exports:type_name -> stowage.v1.ListExportsStep
-	21,  // 43: stowage.v1.IscsiTarget.initiators:type_name -> stowage.v1.IscsiInitiator
-	20,  // 44: stowage.v1.IscsiTargetStep.target:type_name -> stowage.v1.IscsiTarget
-	20,  // 45: stowage.v1.LunStep.target:type_name -> stowage.v1.IscsiTarget
-	24,  // 46: stowage.v1.LunList.luns:type_name -> stowage.v1.LunInfo
-	61,  // 47: stowage.v1.ChunkStoreRef.secret:type_name -> stowage.v1.ChunkStoreRef.SecretEntry
-	29,  // 48: stowage.v1.CreateImageStep.ref:type_name -> stowage.v1.ObjectRef
-	66,  // 49: stowage.v1.CreateImageStep.format:type_name -> stowage.v1.ImageFormat
-	29,  // 50: stowage.v1.DeleteObjectStep.ref:type_name -> stowage.v1.ObjectRef
-	29,  // 51: stowage.v1.ListObjectsStep.dir:type_name -> stowage.v1.ObjectRef
-	29,  // 52: stowage.v1.StatObjectStep.ref:type_name -> stowage.v1.ObjectRef
-	29,  // 53: stowage.v1.FetchImageStep.dest:type_name -> stowage.v1.ObjectRef
-	66,  // 54: stowage.v1.FetchImageStep.format:type_name -> stowage.v1.ImageFormat
-	29,  // 55: stowage.v1.CopyImageStep.dest:type_name -> stowage.v1.ObjectRef
-	66,  // 56: stowage.v1.CopyImageStep.format:type_name -> stowage.v1.ImageFormat
-	66,  // 57: stowage.v1.CopyImageStep.source_format:type_name -> stowage.v1.ImageFormat
-	29,  // 58: stowage.v1.CloneImageStep.base:type_name -> stowage.v1.ObjectRef
-	29,  // 59: stowage.v1.CloneImageStep.dest:type_name -> stowage.v1.ObjectRef
-	0,   // 60: stowage.v1.CloneImageStep.mode:type_name -> stowage.v1.CloneMode
-	66,  // 61: stowage.v1.CloneImageStep.format:type_name -> stowage.v1.ImageFormat
-	66,  // 62: stowage.v1.CloneImageStep.base_format:type_name -> stowage.v1.ImageFormat
-	29,  // 63: stowage.v1.InspectImageStep.ref:type_name -> stowage.v1.ObjectRef
-	66,  // 64: stowage.v1.InspectImageStep.format:type_name -> stowage.v1.ImageFormat
-	29,  // 65: stowage.v1.ResizeImageStep.ref:type_name -> stowage.v1.ObjectRef
-	66,  // 66: stowage.v1.ResizeImageStep.format:type_name -> stowage.v1.ImageFormat
-	29,  // 67: stowage.v1.SnapshotImageStep.volume:type_name -> stowage.v1.ObjectRef
-	29,  // 68: stowage.v1.SnapshotImageStep.snapshot:type_name -> stowage.v1.ObjectRef
-	66,  // 69: stowage.v1.SnapshotImageStep.format:type_name -> stowage.v1.ImageFormat
-	29,  // 70: stowage.v1.RevertImageStep.volume:type_name -> stowage.v1.ObjectRef
-	29,  // 71: stowage.v1.RevertImageStep.snapshot:type_name -> stowage.v1.ObjectRef
-	66,  // 72: stowage.v1.RevertImageStep.format:type_name -> stowage.v1.ImageFormat
-	29,  // 73: stowage.v1.RebaseImageStep.ref:type_name -> stowage.v1.ObjectRef
-	29,  // 74: stowage.v1.RebaseImageStep.new_backing:type_name -> stowage.v1.ObjectRef
-	66,  // 75: stowage.v1.RebaseImageStep.backing_format:type_name -> stowage.v1.ImageFormat
-	29,  // 76: stowage.v1.BackupImageStep.source:type_name -> stowage.v1.ObjectRef
-	30,  // 77: stowage.v1.BackupImageStep.chunks:type_name -> stowage.v1.ChunkStoreRef
-	66,  // 78: stowage.v1.BackupImageStep.source_format:type_name -> stowage.v1.ImageFormat
-	30,  // 79: stowage.v1.RestoreImageStep.chunks:type_name -> stowage.v1.ChunkStoreRef
-	29,  // 80: stowage.v1.RestoreImageStep.dest:type_name -> stowage.v1.ObjectRef
-	66,  // 81: stowage.v1.RestoreImageStep.format:type_name -> stowage.v1.ImageFormat
-	30,  // 82: stowage.v1.DeleteBackupStep.chunks:type_name -> stowage.v1.ChunkStoreRef
-	29,  // 83: stowage.v1.ExportStep.ref:type_name -> stowage.v1.ObjectRef
-	29,  // 84: stowage.v1.ExportNbdStep.ref:type_name -> stowage.v1.ObjectRef
-	66,  // 85: stowage.v1.ExportNbdStep.format:type_name -> stowage.v1.ImageFormat
-	1,   // 86: stowage.v1.ExportInfo.kind:type_name -> stowage.v1.ExportKind
-	29,  // 87: stowage.v1.ExportInfo.ref:type_name -> stowage.v1.ObjectRef
-	51,  // 88: stowage.v1.ExportInfo.owner:type_name -> stowage.v1.ExportOwner
-	51,  // 89: stowage.v1.ExportInfo.shared_with:type_name -> stowage.v1.ExportOwner
-	67,  // 90: stowage.v1.ExportInfo.created:type_name -> google.protobuf.Timestamp
-	67,  // 91: stowage.v1.ExportInfo.expires:type_name -> google.protobuf.Timestamp
-	52,  // 92: stowage.v1.ExportList.exports:type_name -> stowage.v1.ExportInfo
-	66,  // 93: stowage.v1.ImageInfo.format:type_name -> stowage.v1.ImageFormat
-	54,  // 94: stowage.v1.SnapshotInfo.snapshot:type_name -> stowage.v1.ImageInfo
-	54,  // 95: stowage.v1.SnapshotInfo.volume:type_name -> stowage.v1.ImageInfo
-	67,  // 96: stowage.v1.FileInfo.modified_at:type_name -> google.protobuf.Timestamp
-	66,  // 97: stowage.v1.FileInfo.format:type_name -> stowage.v1.ImageFormat
-	58,  // 98: stowage.v1.TaskResult.probe:type_name -> stowage.v1.StoreProbe
-	57,  // 99: stowage.v1.TaskResult.file:type_name -> stowage.v1.FileInfo
-	60,  // 100: stowage.v1.TaskResult.files:type_name -> stowage.v1.FileList
-	54,  // 101: stowage.v1.TaskResult.image:type_name -> stowage.v1.ImageInfo
-	55,  // 102: stowage.v1.TaskResult.snapshot:type_name -> stowage.v1.SnapshotInfo
-	56,  // 103: stowage.v1.TaskResult.backup:type_name -> stowage.v1.BackupInfo
-	24,  // 104: stowage.v1.TaskResult.lun:type_name -> stowage.v1.LunInfo
-	25,  // 105: stowage.v1.TaskResult.luns:type_name -> stowage.v1.LunList
-	53,  // 106: stowage.v1.TaskResult.exports:type_name -> stowage.v1.ExportList
-	57,  // 107: stowage.v1.FileList.files:type_name -> stowage.v1.FileInfo
-	2,   // 108: stowage.v1.AgentControlService.Join:input_type -> stowage.v1.JoinRequest
-	6,   // 109: stowage.v1.AgentControlService.Register:input_type -> stowage.v1.RegisterRequest
-	9,   // 110: stowage.v1.AgentControlService.Heartbeat:input_type -> stowage.v1.HeartbeatRequest
-	4,   // 111: stowage.v1.AgentControlService.Renew:input_type -> stowage.v1.RenewRequest
-	12,  // 112: stowage.v1.AgentService.RunTask:input_type -> stowage.v1.RunTaskRequest
-	14,  // 113: stowage.v1.AgentService.GetTask:input_type -> stowage.v1.GetTaskRequest
-	16,  // 114: stowage.v1.AgentService.CancelTask:input_type -> stowage.v1.CancelTaskRequest
-	3,   // 115: stowage.v1.AgentControlService.Join:output_type -> stowage.v1.JoinResponse
-	7,   // 116: stowage.v1.AgentControlService.Register:output_type -> stowage.v1.RegisterResponse
-	10,  // 117: stowage.v1.AgentControlService.Heartbeat:output_type -> stowage.v1.HeartbeatResponse
-	5,   // 118: stowage.v1.AgentControlService.Renew:output_type -> stowage.v1.RenewResponse
-	13,  // 119: stowage.v1.AgentService.RunTask:output_type -> stowage.v1.RunTaskResponse
-	15,  // 120: stowage.v1.AgentService.GetTask:output_type -> stowage.v1.GetTaskResponse
-	17,  // 121: stowage.v1.AgentService.CancelTask:output_type -> stowage.v1.CancelTaskResponse
-	115, // [115:122] is the sub-list for method output_type
-	108, // [108:115] is the sub-list for method input_type
-	108, // [108:108] is the sub-list for extension type_name
-	108, // [108:108] is the sub-list for extension extendee
-	0,   // [0:108] is the sub-list for field type_name
+	51,  // 42: stowage.v1.Task.list_exports:type_name -> stowage.v1.ListExportsStep
+	46,  // 43: stowage.v1.Task.collect_chunks:type_name -> stowage.v1.CollectChunksStep
+	21,  // 44: stowage.v1.IscsiTarget.initiators:type_name -> stowage.v1.IscsiInitiator
+	20,  // 45: stowage.v1.IscsiTargetStep.target:type_name -> stowage.v1.IscsiTarget
+	20,  // 46: stowage.v1.LunStep.target:type_name -> stowage.v1.IscsiTarget
+	24,  // 47: stowage.v1.LunList.luns:type_name -> stowage.v1.LunInfo
+	63,  // 48: stowage.v1.ChunkStoreRef.secret:type_name -> stowage.v1.ChunkStoreRef.SecretEntry
+	29,  // 49: stowage.v1.CreateImageStep.ref:type_name -> stowage.v1.ObjectRef
+	68,  // 50: stowage.v1.CreateImageStep.format:type_name -> stowage.v1.ImageFormat
+	29,  // 51: stowage.v1.DeleteObjectStep.ref:type_name -> stowage.v1.ObjectRef
+	29,  // 52: stowage.v1.ListObjectsStep.dir:type_name -> stowage.v1.ObjectRef
+	29,  // 53: stowage.v1.StatObjectStep.ref:type_name -> stowage.v1.ObjectRef
+	29,  // 54: stowage.v1.FetchImageStep.dest:type_name -> stowage.v1.ObjectRef
+	68,  // 55: stowage.v1.FetchImageStep.format:type_name -> stowage.v1.ImageFormat
+	29,  // 56: stowage.v1.CopyImageStep.dest:type_name -> stowage.v1.ObjectRef
+	68,  // 57: stowage.v1.CopyImageStep.format:type_name -> stowage.v1.ImageFormat
+	68,  // 58: stowage.v1.CopyImageStep.source_format:type_name -> stowage.v1.ImageFormat
+	29,  // 59: stowage.v1.CloneImageStep.base:type_name -> stowage.v1.ObjectRef
+	29,  // 60: stowage.v1.CloneImageStep.dest:type_name -> stowage.v1.ObjectRef
+	0,   // 61: stowage.v1.CloneImageStep.mode:type_name -> stowage.v1.CloneMode
+	68,  // 62: stowage.v1.CloneImageStep.format:type_name -> stowage.v1.ImageFormat
+	68,  // 63: stowage.v1.CloneImageStep.base_format:type_name -> stowage.v1.ImageFormat
+	29,  // 64: stowage.v1.InspectImageStep.ref:type_name -> stowage.v1.ObjectRef
+	68,  // 65: stowage.v1.InspectImageStep.format:type_name -> stowage.v1.ImageFormat
+	29,  // 66: stowage.v1.ResizeImageStep.ref:type_name -> stowage.v1.ObjectRef
+	68,  // 67: stowage.v1.ResizeImageStep.format:type_name -> stowage.v1.ImageFormat
+	29,  // 68: stowage.v1.SnapshotImageStep.volume:type_name -> stowage.v1.ObjectRef
+	29,  // 69: stowage.v1.SnapshotImageStep.snapshot:type_name -> stowage.v1.ObjectRef
+	68,  // 70: stowage.v1.SnapshotImageStep.format:type_name -> stowage.v1.ImageFormat
+	29,  // 71: stowage.v1.RevertImageStep.volume:type_name -> stowage.v1.ObjectRef
+	29,  // 72: stowage.v1.RevertImageStep.snapshot:type_name -> stowage.v1.ObjectRef
+	68,  // 73: stowage.v1.RevertImageStep.format:type_name -> stowage.v1.ImageFormat
+	29,  // 74: stowage.v1.RebaseImageStep.ref:type_name -> stowage.v1.ObjectRef
+	29,  // 75: stowage.v1.RebaseImageStep.new_backing:type_name -> stowage.v1.ObjectRef
+	68,  // 76: stowage.v1.RebaseImageStep.backing_format:type_name -> stowage.v1.ImageFormat
+	29,  // 77: stowage.v1.BackupImageStep.source:type_name -> stowage.v1.ObjectRef
+	30,  // 78: stowage.v1.BackupImageStep.chunks:type_name -> stowage.v1.ChunkStoreRef
+	68,  // 79: stowage.v1.BackupImageStep.source_format:type_name -> stowage.v1.ImageFormat
+	30,  // 80: stowage.v1.RestoreImageStep.chunks:type_name -> stowage.v1.ChunkStoreRef
+	29,  // 81: stowage.v1.RestoreImageStep.dest:type_name -> stowage.v1.ObjectRef
+	68,  // 82: stowage.v1.RestoreImageStep.format:type_name -> stowage.v1.ImageFormat
+	30,  // 83: stowage.v1.DeleteBackupStep.chunks:type_name -> stowage.v1.ChunkStoreRef
+	30,  // 84: stowage.v1.CollectChunksStep.chunks:type_name -> stowage.v1.ChunkStoreRef
+	29,  // 85: stowage.v1.ExportStep.ref:type_name -> stowage.v1.ObjectRef
+	29,  // 86: stowage.v1.ExportNbdStep.ref:type_name -> stowage.v1.ObjectRef
+	68,  // 87: stowage.v1.ExportNbdStep.format:type_name -> stowage.v1.ImageFormat
+	1,   // 88: stowage.v1.ExportInfo.kind:type_name -> stowage.v1.ExportKind
+	29,  // 89: stowage.v1.ExportInfo.ref:type_name -> stowage.v1.ObjectRef
+	52,  // 90: stowage.v1.ExportInfo.owner:type_name -> stowage.v1.ExportOwner
+	52,  // 91: stowage.v1.ExportInfo.shared_with:type_name -> stowage.v1.ExportOwner
+	69,  // 92: stowage.v1.ExportInfo.created:type_name -> google.protobuf.Timestamp
+	69,  // 93: stowage.v1.ExportInfo.expires:type_name -> google.protobuf.Timestamp
+	53,  // 94: stowage.v1.ExportList.exports:type_name -> stowage.v1.ExportInfo
+	68,  // 95: stowage.v1.ImageInfo.format:type_name -> stowage.v1.ImageFormat
+	55,  // 96: stowage.v1.SnapshotInfo.snapshot:type_name -> stowage.v1.ImageInfo
+	55,  // 97: stowage.v1.SnapshotInfo.volume:type_name -> stowage.v1.ImageInfo
+	69,  // 98: stowage.v1.FileInfo.modified_at:type_name -> google.protobuf.Timestamp
+	68,  // 99: stowage.v1.FileInfo.format:type_name -> stowage.v1.ImageFormat
+	60,  // 100: stowage.v1.TaskResult.probe:type_name -> stowage.v1.StoreProbe
+	59,  // 101: stowage.v1.TaskResult.file:type_name -> stowage.v1.FileInfo
+	62,  // 102: stowage.v1.TaskResult.files:type_name -> stowage.v1.FileList
+	55,  // 103: stowage.v1.TaskResult.image:type_name -> stowage.v1.ImageInfo
+	56,  // 104: stowage.v1.TaskResult.snapshot:type_name -> stowage.v1.SnapshotInfo
+	57,  // 105: stowage.v1.TaskResult.backup:type_name -> stowage.v1.BackupInfo
+	24,  // 106: stowage.v1.TaskResult.lun:type_name -> stowage.v1.LunInfo
+	25,  // 107: stowage.v1.TaskResult.luns:type_name -> stowage.v1.LunList
+	54,  // 108: stowage.v1.TaskResult.exports:type_name -> stowage.v1.ExportList
+	58,  // 109: stowage.v1.TaskResult.collect:type_name -> stowage.v1.CollectInfo
+	59,  // 110: stowage.v1.FileList.files:type_name -> stowage.v1.FileInfo
+	2,   // 111: stowage.v1.AgentControlService.Join:input_type -> stowage.v1.JoinRequest
+	6,   // 112: stowage.v1.AgentControlService.Register:input_type -> stowage.v1.RegisterRequest
+	9,   // 113: stowage.v1.AgentControlService.Heartbeat:input_type -> stowage.v1.HeartbeatRequest
+	4,   // 114: stowage.v1.AgentControlService.Renew:input_type -> stowage.v1.RenewRequest
+	12,  // 115: stowage.v1.AgentService.RunTask:input_type -> stowage.v1.RunTaskRequest
+	14,  // 116: stowage.v1.AgentService.GetTask:input_type -> stowage.v1.GetTaskRequest
+	16,  // 117: stowage.v1.AgentService.CancelTask:input_type -> stowage.v1.CancelTaskRequest
+	3,   // 118: stowage.v1.AgentControlService.Join:output_type -> stowage.v1.JoinResponse
+	7,   // 119: stowage.v1.AgentControlService.Register:output_type -> stowage.v1.RegisterResponse
+	10,  // 120: stowage.v1.AgentControlService.Heartbeat:output_type -> stowage.v1.HeartbeatResponse
+	5,   // 121: stowage.v1.AgentControlService.Renew:output_type -> stowage.v1.RenewResponse
+	13,  // 122: stowage.v1.AgentService.RunTask:output_type -> stowage.v1.RunTaskResponse
+	15,  // 123: stowage.v1.AgentService.GetTask:output_type -> stowage.v1.GetTaskResponse
+	17,  // 124: stowage.v1.AgentService.CancelTask:output_type -> stowage.v1.CancelTaskResponse
+	118, // [118:125] is the sub-list for method output_type
+	111, // [111:118] is the sub-list for method input_type
+	111, // [111:111] is the sub-list for extension type_name
+	111, // [111:111] is the sub-list for extension extendee
+	0,   // [0:111] is the sub-list for field type_name
 }
 
 func init() { file_stowage_v1_agent_proto_init() }
@@ -5136,8 +5309,9 @@ func file_stowage_v1_agent_proto_init() {
 		(*Task_ConnectLun)(nil),
 		(*Task_DisconnectLun)(nil),
 		(*Task_ListExports)(nil),
+		(*Task_CollectChunks)(nil),
 	}
-	file_stowage_v1_agent_proto_msgTypes[57].OneofWrappers = []any{
+	file_stowage_v1_agent_proto_msgTypes[59].OneofWrappers = []any{
 		(*TaskResult_Probe)(nil),
 		(*TaskResult_File)(nil),
 		(*TaskResult_Files)(nil),
@@ -5148,6 +5322,7 @@ func file_stowage_v1_agent_proto_init() {
 		(*TaskResult_Lun)(nil),
 		(*TaskResult_Luns)(nil),
 		(*TaskResult_Exports)(nil),
+		(*TaskResult_Collect)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -5155,7 +5330,7 @@ func file_stowage_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_stowage_v1_agent_proto_rawDesc), len(file_stowage_v1_agent_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   60,
+			NumMessages:   62,
 			NumExtensions: 0,
 			NumServices:   2,
 		},
