@@ -336,8 +336,13 @@ func (e *Remote) pollProgress(ctx context.Context, id string, progress drivers.P
 // refused, cut short) rather than an answer from it.
 func dropped(err error) bool {
 	var ce *connect.Error
-	if errors.As(err, &ce) && ce.Code() != connect.CodeUnknown && ce.Code() != connect.CodeUnavailable && ce.Code() != connect.CodeInternal {
-		return false // the agent answered with a code
+	if errors.As(err, &ce) {
+		switch ce.Code() {
+		case connect.CodeUnknown, connect.CodeUnavailable, connect.CodeInternal,
+			connect.CodeCanceled: // connect's code for a reset connection
+		default:
+			return false // the agent answered with a code
+		}
 	}
 	var op *net.OpError
 	return errors.As(err, &op) || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.ECONNREFUSED) ||

@@ -30,7 +30,7 @@ func (h revertHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 	if err != nil {
 		return err
 	}
-	if v.GetBusyJobId() != job.GetId() && v.GetState() == stowagev1.VolumeState_VOLUME_STATE_READY {
+	if volume.Released(v, job) {
 		// Resumed after the transaction that ended the revert committed (it
 		// let the volume go): it is done.
 		rep.Result("volume %s reverted to snapshot %s", v.GetName(), sn.GetId())

@@ -22,6 +22,10 @@ func (h resizeHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 		return err
 	}
 	size := job.GetJobParams().GetVolumeResize().GetSizeBytes()
+	if Released(v, job) {
+		rep.Result("volume %s is now %d bytes", v.GetName(), v.GetSize())
+		return nil
+	}
 	st, err := s.db.Stores().Get(ctx, v.GetStoreId())
 	if err != nil {
 		return err
@@ -51,6 +55,14 @@ func (h resizeHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 
 func (h resizeHandler) Fail(ctx context.Context, job *stowagev1.Job, cause error) error {
 	return BackToReady(ctx, h.s.db, job.GetTargetId(), cause)
+}
+
+// Released says whether job's last transaction on v has committed: a
+// job that holds a volume (Resizing, Migrating, Snapshotting, Reverting)
+// lets it go, Ready, in the transaction that records its end, so a job
+// resumed after a crash that finds it so has nothing left to do.
+func Released(v *stowagev1.Volume, job *stowagev1.Job) bool {
+	return v.GetState() == stowagev1.VolumeState_VOLUME_STATE_READY && v.GetBusyJobId() != job.GetId()
 }
 
 // BackToReady ends a failed Resizing/Migrating/Snapshotting/Reverting:
