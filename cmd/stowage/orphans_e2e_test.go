@@ -2,6 +2,8 @@ package main
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -78,6 +80,45 @@ func TestOrphanReconciler(t *testing.T) {
 	}
 	pdir, idir := p1.GetDetails()["path"], img.GetDetails()["path"]
 	volFile := filepath.Join(pdir, gv.Msg.GetVolume().GetInstallPath())
+
+	// A backup on the image store: its chunks are live.
+	ts, err := a.snapshots.TakeSnapshot(ctx, connect.NewRequest(&stowagev1.TakeSnapshotRequest{VolumeId: gv.Msg.GetVolume().GetId(), Name: "s"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustSucceed(t, a, ts.Msg.GetJob())
+	bs, err := a.snapshots.BackupSnapshot(ctx, connect.NewRequest(&stowagev1.BackupSnapshotRequest{Id: ts.Msg.GetSnapshot().GetId()}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustSucceed(t, a, bs.Msg.GetJob())
+	chunkDir := filepath.Join(idir, "snapshots", "chunks")
+	chunks := func() map[string]bool {
+		got := map[string]bool{}
+		_ = filepath.WalkDir(chunkDir, func(p string, d os.DirEntry, err error) error {
+			if err == nil && d.Type().IsRegular() {
+				got[d.Name()] = true
+			}
+			return nil
+		})
+		return got
+	}
+	live := chunks()
+	if len(live) == 0 {
+		t.Fatal("the backup stored no chunk")
+	}
+	// A chunk a backup killed before its manifest leaves: named by its
+	// content, used by no manifest.
+	stray := []byte("a chunk no manifest uses")
+	sum := sha256.Sum256(stray)
+	strayHash := hex.EncodeToString(sum[:])
+	if err := os.MkdirAll(filepath.Join(chunkDir, strayHash[:2]), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(chunkDir, strayHash[:2], strayHash), stray, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	chunksBefore := orphanMetric(t, server, "chunk")
 
 	// Orphans as a crash leaves them (objects of the layout, named as
 	// Stowage names them, with no record), made to look older than the
@@ -169,6 +210,19 @@ func TestOrphanReconciler(t *testing.T) {
 	}
 	if n := orphanMetric(t, server, "object") - before; n != len(orphans)+1 {
 		t.Errorf("stowage_orphans_removed_total{kind=\"object\"} went up by %d, want %d", n, len(orphans)+1)
+	}
+	waitFor(t, "the orphan chunk collected", 20*time.Second, func() bool { return !chunks()[strayHash] })
+	if got := chunks(); len(got) != len(live) {
+		t.Errorf("chunks after the collection: %d, want the backup's %d", len(got), len(live))
+	} else {
+		for h := range live {
+			if !got[h] {
+				t.Errorf("the backup's chunk %s was collected", h)
+			}
+		}
+	}
+	if n := orphanMetric(t, server, "chunk") - chunksBefore; n != 1 {
+		t.Errorf("stowage_orphans_removed_total{kind=\"chunk\"} went up by %d, want 1", n)
 	}
 	waitFor(t, "the orphan export revoked", 20*time.Second, func() bool { return status() == http.StatusNotFound })
 	if n := orphanMetric(t, server, "grant") - grantsBefore; n != 1 {
