@@ -142,33 +142,18 @@ func (w *crashWorld) workflows() map[string]func() func() *stowagev1.Job {
 	return map[string]func() func() *stowagev1.Job{
 		"volume create (full)": func() func() *stowagev1.Job {
 			return func() *stowagev1.Job {
-				cv, err := a.volumes.CreateVolume(ctx, connect.NewRequest(&stowagev1.CreateVolumeRequest{Name: name("full"), TemplateId: w.tmpl, StoreId: w.p1.GetId(), Strategy: "full"}))
-				if err != nil {
-					w.t.Logf("starting the workflow: %v", err)
-					return nil // the process died answering: the job is found afterwards
-				}
-				return cv.Msg.GetJob()
+				return begun(a.volumes.CreateVolume(ctx, connect.NewRequest(&stowagev1.CreateVolumeRequest{Name: name("full"), TemplateId: w.tmpl, StoreId: w.p1.GetId(), Strategy: "full"})))
 			}
 		},
 		"volume create (linked)": func() func() *stowagev1.Job {
 			return func() *stowagev1.Job {
-				cv, err := a.volumes.CreateVolume(ctx, connect.NewRequest(&stowagev1.CreateVolumeRequest{Name: name("linked"), TemplateId: w.tmpl, StoreId: w.p1.GetId(), Strategy: "linked"}))
-				if err != nil {
-					w.t.Logf("starting the workflow: %v", err)
-					return nil // the process died answering: the job is found afterwards
-				}
-				return cv.Msg.GetJob()
+				return begun(a.volumes.CreateVolume(ctx, connect.NewRequest(&stowagev1.CreateVolumeRequest{Name: name("linked"), TemplateId: w.tmpl, StoreId: w.p1.GetId(), Strategy: "linked"})))
 			}
 		},
 		"snapshot take": func() func() *stowagev1.Job {
 			v := vol(name("snapv"), stowagev1.ImageFormat_IMAGE_FORMAT_QCOW2, "linked", w.p1)
 			return func() *stowagev1.Job {
-				ts, err := a.snapshots.TakeSnapshot(ctx, connect.NewRequest(&stowagev1.TakeSnapshotRequest{VolumeId: v.GetId(), Name: "s"}))
-				if err != nil {
-					w.t.Logf("starting the workflow: %v", err)
-					return nil // the process died answering: the job is found afterwards
-				}
-				return ts.Msg.GetJob()
+				return begun(a.snapshots.TakeSnapshot(ctx, connect.NewRequest(&stowagev1.TakeSnapshotRequest{VolumeId: v.GetId(), Name: "s"})))
 			}
 		},
 		"snapshot delete (merge)": func() func() *stowagev1.Job {
@@ -187,12 +172,7 @@ func (w *crashWorld) workflows() map[string]func() func() *stowagev1.Job {
 			}
 			victim := snaps[w.n%2]
 			return func() *stowagev1.Job {
-				ds, err := a.snapshots.DeleteSnapshot(ctx, connect.NewRequest(&stowagev1.DeleteSnapshotRequest{Id: victim.GetId()}))
-				if err != nil {
-					w.t.Logf("starting the workflow: %v", err)
-					return nil // the process died answering: the job is found afterwards
-				}
-				return ds.Msg.GetJob()
+				return begun(a.snapshots.DeleteSnapshot(ctx, connect.NewRequest(&stowagev1.DeleteSnapshotRequest{Id: victim.GetId()})))
 			}
 		},
 		"snapshot backup": func() func() *stowagev1.Job {
@@ -203,34 +183,19 @@ func (w *crashWorld) workflows() map[string]func() func() *stowagev1.Job {
 			}
 			mustSucceed(w.t, a, ts.Msg.GetJob())
 			return func() *stowagev1.Job {
-				bs, err := a.snapshots.BackupSnapshot(ctx, connect.NewRequest(&stowagev1.BackupSnapshotRequest{Id: ts.Msg.GetSnapshot().GetId()}))
-				if err != nil {
-					w.t.Logf("starting the workflow: %v", err)
-					return nil // the process died answering: the job is found afterwards
-				}
-				return bs.Msg.GetJob()
+				return begun(a.snapshots.BackupSnapshot(ctx, connect.NewRequest(&stowagev1.BackupSnapshotRequest{Id: ts.Msg.GetSnapshot().GetId()})))
 			}
 		},
 		"volume migrate": func() func() *stowagev1.Job {
 			v := vol(name("migv"), stowagev1.ImageFormat_IMAGE_FORMAT_RAW, "full", w.p1)
 			return func() *stowagev1.Job {
-				mg, err := a.volumes.MigrateVolume(ctx, connect.NewRequest(&stowagev1.MigrateVolumeRequest{Id: v.GetId(), StoreId: w.p2.GetId()}))
-				if err != nil {
-					w.t.Logf("starting the workflow: %v", err)
-					return nil // the process died answering: the job is found afterwards
-				}
-				return mg.Msg.GetJob()
+				return begun(a.volumes.MigrateVolume(ctx, connect.NewRequest(&stowagev1.MigrateVolumeRequest{Id: v.GetId(), StoreId: w.p2.GetId()})))
 			}
 		},
 		"volume resize": func() func() *stowagev1.Job {
 			v := vol(name("rsv"), stowagev1.ImageFormat_IMAGE_FORMAT_RAW, "full", w.p1)
 			return func() *stowagev1.Job {
-				rs, err := a.volumes.ResizeVolume(ctx, connect.NewRequest(&stowagev1.ResizeVolumeRequest{Id: v.GetId(), Size: 96 << 20}))
-				if err != nil {
-					w.t.Logf("starting the workflow: %v", err)
-					return nil // the process died answering: the job is found afterwards
-				}
-				return rs.Msg.GetJob()
+				return begun(a.volumes.ResizeVolume(ctx, connect.NewRequest(&stowagev1.ResizeVolumeRequest{Id: v.GetId(), Size: 96 << 20})))
 			}
 		},
 		"snapshot revert": func() func() *stowagev1.Job {
@@ -241,24 +206,14 @@ func (w *crashWorld) workflows() map[string]func() func() *stowagev1.Job {
 			}
 			mustSucceed(w.t, a, ts.Msg.GetJob())
 			return func() *stowagev1.Job {
-				rv, err := a.snapshots.RevertSnapshot(ctx, connect.NewRequest(&stowagev1.RevertSnapshotRequest{Id: ts.Msg.GetSnapshot().GetId()}))
-				if err != nil {
-					w.t.Logf("starting the workflow: %v", err)
-					return nil // the process died answering: the job is found afterwards
-				}
-				return rv.Msg.GetJob()
+				return begun(a.snapshots.RevertSnapshot(ctx, connect.NewRequest(&stowagev1.RevertSnapshotRequest{Id: ts.Msg.GetSnapshot().GetId()})))
 			}
 		},
 		"template from volume": func() func() *stowagev1.Job {
 			v := vol(name("tplv"), stowagev1.ImageFormat_IMAGE_FORMAT_QCOW2, "linked", w.p1)
 			return func() *stowagev1.Job {
-				ct, err := a.images.CreateTemplate(ctx, connect.NewRequest(&stowagev1.CreateTemplateRequest{Name: name("tpl"),
-					Source: &stowagev1.CreateTemplateRequest_VolumeId{VolumeId: v.GetId()}}))
-				if err != nil {
-					w.t.Logf("starting the workflow: %v", err)
-					return nil // the process died answering: the job is found afterwards
-				}
-				return ct.Msg.GetJob()
+				return begun(a.images.CreateTemplate(ctx, connect.NewRequest(&stowagev1.CreateTemplateRequest{Name: name("tpl"),
+					Source: &stowagev1.CreateTemplateRequest_VolumeId{VolumeId: v.GetId()}})))
 			}
 		},
 		"volume from backup": func() func() *stowagev1.Job {
@@ -279,47 +234,39 @@ func (w *crashWorld) workflows() map[string]func() func() *stowagev1.Job {
 			}
 			mustSucceed(w.t, a, dv.Msg.GetJob())
 			return func() *stowagev1.Job {
-				cv, err := a.volumes.CreateVolume(ctx, connect.NewRequest(&stowagev1.CreateVolumeRequest{Name: name("restored"), SnapshotId: ts.Msg.GetSnapshot().GetId(), StoreId: w.p1.GetId()}))
-				if err != nil {
-					w.t.Logf("starting the workflow: %v", err)
-					return nil // the process died answering: the job is found afterwards
-				}
-				return cv.Msg.GetJob()
+				return begun(a.volumes.CreateVolume(ctx, connect.NewRequest(&stowagev1.CreateVolumeRequest{Name: name("restored"), SnapshotId: ts.Msg.GetSnapshot().GetId(), StoreId: w.p1.GetId()})))
 			}
 		},
 		"volume create on a LUN": func() func() *stowagev1.Job {
 			return func() *stowagev1.Job {
-				cv, err := a.volumes.CreateVolume(ctx, connect.NewRequest(&stowagev1.CreateVolumeRequest{Name: name("lun"), TemplateId: w.tmpl, StoreId: w.san.GetId()}))
-				if err != nil {
-					w.t.Logf("starting the workflow: %v", err)
-					return nil // the process died answering: the job is found afterwards
-				}
-				return cv.Msg.GetJob()
+				return begun(a.volumes.CreateVolume(ctx, connect.NewRequest(&stowagev1.CreateVolumeRequest{Name: name("lun"), TemplateId: w.tmpl, StoreId: w.san.GetId()})))
 			}
 		},
 		"volume delete on a LUN": func() func() *stowagev1.Job {
 			v := vol(name("dellun"), stowagev1.ImageFormat_IMAGE_FORMAT_RAW, "", w.san)
 			return func() *stowagev1.Job {
-				dv, err := a.volumes.DeleteVolume(ctx, connect.NewRequest(&stowagev1.DeleteVolumeRequest{Id: v.GetId()}))
-				if err != nil {
-					w.t.Logf("starting the workflow: %v", err)
-					return nil // the process died answering: the job is found afterwards
-				}
-				return dv.Msg.GetJob()
+				return begun(a.volumes.DeleteVolume(ctx, connect.NewRequest(&stowagev1.DeleteVolumeRequest{Id: v.GetId()})))
 			}
 		},
 		"volume delete": func() func() *stowagev1.Job {
 			v := vol(name("delv"), stowagev1.ImageFormat_IMAGE_FORMAT_QCOW2, "linked", w.p1)
 			return func() *stowagev1.Job {
-				dv, err := a.volumes.DeleteVolume(ctx, connect.NewRequest(&stowagev1.DeleteVolumeRequest{Id: v.GetId()}))
-				if err != nil {
-					w.t.Logf("starting the workflow: %v", err)
-					return nil // the process died answering: the job is found afterwards
-				}
-				return dv.Msg.GetJob()
+				return begun(a.volumes.DeleteVolume(ctx, connect.NewRequest(&stowagev1.DeleteVolumeRequest{Id: v.GetId()})))
 			}
 		},
 	}
+}
+
+// begun is the job a workflow's call started, or nil when the process
+// died answering it (the job, if recorded, is found afterwards).
+func begun[M any, PM interface {
+	*M
+	GetJob() *stowagev1.Job
+}](r *connect.Response[M], err error) *stowagev1.Job {
+	if err != nil {
+		return nil
+	}
+	return PM(r.Msg).GetJob()
 }
 
 // ended says whether job has ended (as far as a live controller says).
