@@ -136,70 +136,8 @@ func TestCancelReachesTheHost(t *testing.T) {
 	}
 	root := t.TempDir()
 	ctx := context.Background()
-
-	// A 64 MiB raw template of data (no holes to skip), served fast for
-	// the registration.
-	web := filepath.Join(root, "web")
-	if err := os.MkdirAll(web, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	data := bytes.Repeat([]byte("stowage!"), 8<<20)
-	if err := os.WriteFile(filepath.Join(web, "big.raw"), data, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	sum := sha256.Sum256(data)
-	web0 := httptest.NewServer(http.FileServer(http.Dir(web)))
-	defer web0.Close()
-
-	// The image store is S3 behind the throttling proxy: the copy to the
-	// primary store streams from it (a presigned URL, read with ranges).
-	s3 := s3test.Start(t)
-	th := &throttle{rate: 4 << 20}
-	s3p := th.proxy(t, s3.Endpoint)
-	cred := filepath.Join(root, "s3.cred")
-	if err := os.WriteFile(cred, fmt.Appendf(nil, "access_key=%s\nsecret_key=%s\n", s3.AccessKey, s3.SecretKey), 0o600); err != nil {
-		t.Fatal(err)
-	}
-
-	addr := freePort(t)
-	server := "https://" + addr
-	controllerProc(t, addr, filepath.Join(root, "controller"))
-	agentProc(t, server, "h1", "z1", "c1", filepath.Join(root, "a1"))
-	waitFor(t, "h1 Up", 20*time.Second, func() bool { return hostState(t, server, "h1") == "HOST_STATE_UP" })
-	a := newAPI(server)
-	if _, err := a.stores.AddStore(ctx, connect.NewRequest(&stowagev1.AddStoreRequest{
-		Name: "img", Role: stowagev1.StoreRole_STORE_ROLE_IMAGE, Provider: "s3", Url: "s3://" + s3.Bucket + "/img",
-		Scope:   &stowagev1.Scope{Zone: "z1"},
-		Details: map[string]string{"endpoint": s3p.URL, "region": s3.Region, "credentials_file": cred}})); err != nil {
-		t.Fatalf("add the s3 image store: %v", err)
-	}
-	pz := addStore(t, a, "pz", stowagev1.StoreRole_STORE_ROLE_PRIMARY, filepath.Join(root, "pz"), &stowagev1.Scope{Zone: "z1"})
-	pzDir := pz.GetDetails()["path"]
-
-	reg, err := a.images.RegisterTemplate(ctx, connect.NewRequest(&stowagev1.RegisterTemplateRequest{
-		Name: "big", Url: web0.URL + "/big.raw", Format: stowagev1.ImageFormat_IMAGE_FORMAT_RAW, Checksum: "sha256:" + hex.EncodeToString(sum[:])}))
-	if err != nil {
-		t.Fatalf("register: %v", err)
-	}
-	mustSucceed(t, a, reg.Msg.GetJob())
-	tmpl := reg.Msg.GetTemplate()
-
-	// From here the template's bytes come at 4 MiB/s: the copy would take 16 s.
-	th.slow.Store(true)
-	cv, err := a.volumes.CreateVolume(ctx, connect.NewRequest(&stowagev1.CreateVolumeRequest{
-		Name: "doomed", TemplateId: tmpl.GetId(), StoreId: pz.GetId(), Strategy: "full"}))
-	if err != nil {
-		t.Fatalf("create volume: %v", err)
-	}
-	vol, job := cv.Msg.GetVolume(), cv.Msg.GetJob()
-	var seen *stowagev1.Job
-	waitFor(t, "the agent copying the template (4 MiB through the proxy)", 30*time.Second, func() bool {
-		g, err := a.jobs.GetJob(ctx, connect.NewRequest(&stowagev1.GetJobRequest{Id: job.GetId()}))
-		if err == nil {
-			seen = g.Msg.GetJob()
-		}
-		return th.bytes.Load() >= 4<<20 && th.open.Load() > 0
-	})
+	r := startSlowCopy(t, root, func(addr, dir string) { controllerProc(t, addr, dir) })
+	a, th, pz, pzDir, tmpl, vol, job, seen, data := r.a, r.th, r.pz, r.pzDir, r.tmpl, r.vol, r.job, r.seen, r.data
 	if files := storeFiles(t, pzDir); len(files) == 0 {
 		t.Fatalf("no staging file on pz while the agent copies (job %v)", seen)
 	} else {
@@ -270,4 +208,87 @@ func TestCancelReachesTheHost(t *testing.T) {
 	if files := storeFiles(t, pzDir); len(files) != 0 {
 		t.Fatalf("pz after the template's delete holds %q", files)
 	}
+}
+
+// slowCopy is a volume create caught copying: a controller (started by
+// the caller's function) and agent h1; a 64 MiB raw template of data (no
+// holes to skip), registered into an S3 image store behind a throttling
+// proxy; a primary store pz; and a full volume create from the template
+// whose copy now crawls at 4 MiB/s (16 s), with 4 MiB through and the
+// agent's download open.
+type slowCopy struct {
+	a      *clientAPI
+	server string
+	th     *throttle
+	data   []byte
+	pz     *stowagev1.DataStore
+	pzDir  string
+	tmpl   *stowagev1.Template
+	vol    *stowagev1.Volume
+	job    *stowagev1.Job
+	seen   *stowagev1.Job // the job as last seen while waiting for the copy
+}
+
+func startSlowCopy(t *testing.T, root string, controller func(addr, dataDir string)) slowCopy {
+	t.Helper()
+	ctx := context.Background()
+	web := filepath.Join(root, "web")
+	if err := os.MkdirAll(web, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	r := slowCopy{data: bytes.Repeat([]byte("stowage!"), 8<<20), th: &throttle{rate: 4 << 20}}
+	if err := os.WriteFile(filepath.Join(web, "big.raw"), r.data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	sum := sha256.Sum256(r.data)
+	web0 := httptest.NewServer(http.FileServer(http.Dir(web)))
+	t.Cleanup(web0.Close)
+
+	// The copy to the primary store streams from S3 (a presigned URL,
+	// read with ranges) through the proxy.
+	s3 := s3test.Start(t)
+	s3p := r.th.proxy(t, s3.Endpoint)
+	cred := filepath.Join(root, "s3.cred")
+	if err := os.WriteFile(cred, fmt.Appendf(nil, "access_key=%s\nsecret_key=%s\n", s3.AccessKey, s3.SecretKey), 0o600); err != nil {
+		t.Fatal(err)
+	}
+
+	addr := freePort(t)
+	r.server = "https://" + addr
+	controller(addr, filepath.Join(root, "controller"))
+	agentProc(t, r.server, "h1", "z1", "c1", filepath.Join(root, "a1"))
+	waitFor(t, "h1 Up", 20*time.Second, func() bool { return hostState(t, r.server, "h1") == "HOST_STATE_UP" })
+	r.a = newAPI(r.server)
+	if _, err := r.a.stores.AddStore(ctx, connect.NewRequest(&stowagev1.AddStoreRequest{
+		Name: "img", Role: stowagev1.StoreRole_STORE_ROLE_IMAGE, Provider: "s3", Url: "s3://" + s3.Bucket + "/img",
+		Scope:   &stowagev1.Scope{Zone: "z1"},
+		Details: map[string]string{"endpoint": s3p.URL, "region": s3.Region, "credentials_file": cred}})); err != nil {
+		t.Fatalf("add the s3 image store: %v", err)
+	}
+	r.pz = addStore(t, r.a, "pz", stowagev1.StoreRole_STORE_ROLE_PRIMARY, filepath.Join(root, "pz"), &stowagev1.Scope{Zone: "z1"})
+	r.pzDir = r.pz.GetDetails()["path"]
+	reg, err := r.a.images.RegisterTemplate(ctx, connect.NewRequest(&stowagev1.RegisterTemplateRequest{
+		Name: "big", Url: web0.URL + "/big.raw", Format: stowagev1.ImageFormat_IMAGE_FORMAT_RAW, Checksum: "sha256:" + hex.EncodeToString(sum[:])}))
+	if err != nil {
+		t.Fatalf("register: %v", err)
+	}
+	mustSucceed(t, r.a, reg.Msg.GetJob())
+	r.tmpl = reg.Msg.GetTemplate()
+
+	// From here the template's bytes come at 4 MiB/s: the copy would take 16 s.
+	r.th.slow.Store(true)
+	cv, err := r.a.volumes.CreateVolume(ctx, connect.NewRequest(&stowagev1.CreateVolumeRequest{
+		Name: "doomed", TemplateId: r.tmpl.GetId(), StoreId: r.pz.GetId(), Strategy: "full"}))
+	if err != nil {
+		t.Fatalf("create volume: %v", err)
+	}
+	r.vol, r.job = cv.Msg.GetVolume(), cv.Msg.GetJob()
+	waitFor(t, "the agent copying the template (4 MiB through the proxy)", 30*time.Second, func() bool {
+		g, err := r.a.jobs.GetJob(ctx, connect.NewRequest(&stowagev1.GetJobRequest{Id: r.job.GetId()}))
+		if err == nil {
+			r.seen = g.Msg.GetJob()
+		}
+		return r.th.bytes.Load() >= 4<<20 && r.th.open.Load() > 0
+	})
+	return r
 }

@@ -11,13 +11,7 @@ package main
 // released.
 
 import (
-	"bytes"
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
-	"fmt"
-	"net/http"
-	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
@@ -28,7 +22,6 @@ import (
 	"connectrpc.com/connect"
 	"google.golang.org/protobuf/proto"
 
-	"github.com/stowage/stowage/drivers/s3/s3test"
 	"github.com/stowage/stowage/failpoint"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 )
@@ -39,64 +32,15 @@ func TestCancelSurvivesControllerCrash(t *testing.T) {
 	}
 	root := t.TempDir()
 	ctx := context.Background()
-
-	// A 64 MiB raw template of data, served fast for the registration.
-	web := filepath.Join(root, "web")
-	if err := os.MkdirAll(web, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	data := bytes.Repeat([]byte("stowage!"), 8<<20)
-	if err := os.WriteFile(filepath.Join(web, "big.raw"), data, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	sum := sha256.Sum256(data)
-	web0 := httptest.NewServer(http.FileServer(http.Dir(web)))
-	defer web0.Close()
-
-	// The image store is S3 behind the throttling proxy (cancel_e2e_test.go).
-	s3 := s3test.Start(t)
-	th := &throttle{rate: 4 << 20}
-	s3p := th.proxy(t, s3.Endpoint)
-	cred := filepath.Join(root, "s3.cred")
-	if err := os.WriteFile(cred, fmt.Appendf(nil, "access_key=%s\nsecret_key=%s\n", s3.AccessKey, s3.SecretKey), 0o600); err != nil {
-		t.Fatal(err)
-	}
-
-	addr, ctlHTTP := freePort(t), freeAddr(t)
-	server := "https://" + addr
-	ctlDir := filepath.Join(root, "controller")
-	ctl := controllerProcEnv(t, []string{"GOFAIL_HTTP=" + ctlHTTP}, addr, ctlDir)
-	agentDir := filepath.Join(root, "a1")
-	agentProc(t, server, "h1", "z1", "c1", agentDir)
-	waitFor(t, "h1 Up", 20*time.Second, func() bool { return hostState(t, server, "h1") == "HOST_STATE_UP" })
-	a := newAPI(server)
-	if _, err := a.stores.AddStore(ctx, connect.NewRequest(&stowagev1.AddStoreRequest{
-		Name: "img", Role: stowagev1.StoreRole_STORE_ROLE_IMAGE, Provider: "s3", Url: "s3://" + s3.Bucket + "/img",
-		Scope:   &stowagev1.Scope{Zone: "z1"},
-		Details: map[string]string{"endpoint": s3p.URL, "region": s3.Region, "credentials_file": cred}})); err != nil {
-		t.Fatalf("add the s3 image store: %v", err)
-	}
-	pz := addStore(t, a, "pz", stowagev1.StoreRole_STORE_ROLE_PRIMARY, filepath.Join(root, "pz"), &stowagev1.Scope{Zone: "z1"})
-	pzDir := pz.GetDetails()["path"]
-	reg, err := a.images.RegisterTemplate(ctx, connect.NewRequest(&stowagev1.RegisterTemplateRequest{
-		Name: "big", Url: web0.URL + "/big.raw", Format: stowagev1.ImageFormat_IMAGE_FORMAT_RAW, Checksum: "sha256:" + hex.EncodeToString(sum[:])}))
-	if err != nil {
-		t.Fatalf("register: %v", err)
-	}
-	mustSucceed(t, a, reg.Msg.GetJob())
-	tmpl := reg.Msg.GetTemplate()
-
-	// From here the template comes at 4 MiB/s: the copy would take 16 s.
-	th.slow.Store(true)
-	cv, err := a.volumes.CreateVolume(ctx, connect.NewRequest(&stowagev1.CreateVolumeRequest{
-		Name: "doomed", TemplateId: tmpl.GetId(), StoreId: pz.GetId(), Strategy: "full"}))
-	if err != nil {
-		t.Fatalf("create volume: %v", err)
-	}
-	vol, job := cv.Msg.GetVolume(), cv.Msg.GetJob()
-	waitFor(t, "the agent copying the template (4 MiB through the proxy)", 30*time.Second, func() bool {
-		return th.bytes.Load() >= 4<<20 && th.open.Load() > 0
+	ctlHTTP := freeAddr(t)
+	var ctl *proc
+	var addr, ctlDir string
+	r := startSlowCopy(t, root, func(a, dir string) {
+		addr, ctlDir = a, dir
+		ctl = controllerProcEnv(t, []string{"GOFAIL_HTTP=" + ctlHTTP}, addr, ctlDir)
 	})
+	a, th, pz, pzDir, tmpl, vol, job, data, server := r.a, r.th, r.pz, r.pzDir, r.tmpl, r.vol, r.job, r.data, r.server
+	agentDir := filepath.Join(root, "a1")
 	if files := storeFiles(t, pzDir); len(files) == 0 {
 		t.Fatal("no staging file on pz while the agent copies")
 	}
