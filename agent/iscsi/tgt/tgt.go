@@ -589,10 +589,29 @@ func (m *Manager) runSecret(ctx context.Context, what, secret string, args ...st
 	// process's tgtadm talks to it ("failed to send request hdr …
 	// Transport endpoint is not connected"): the request never reached
 	// tgtd, so it is sent again, a few times, before tgtd is called gone.
+	//
+	// tgtd may also reset the connection before it answers ("can't get
+	// the response"): the request may or may not have been applied, so it
+	// is sent again, and a new thing that now already exists, or a deleted
+	// one now missing, is what the first request did.
 	wait := 20 * time.Millisecond
+	ambiguous := false
 	for attempt := 1; ; attempt++ {
 		out, err := m.runOnce(ctx, what, secret, args...)
-		if err == nil || attempt == 5 || !strings.Contains(err.Error(), "failed to send request hdr") {
+		// (Not for a new target: its tid may be another's; EnsureTarget
+		// looks again.)
+		if ambiguous && err != nil && (flag(args, "--op") == "new" && flag(args, "--mode") != "target" && errdefs.IsAlreadyExists(err) ||
+			flag(args, "--op") == "delete" && errdefs.IsNotFound(err)) {
+			return "", nil
+		}
+		if err == nil || attempt == 5 {
+			return out, err
+		}
+		switch {
+		case strings.Contains(err.Error(), "failed to send request hdr"):
+		case strings.Contains(err.Error(), "can't get the response"):
+			ambiguous = true
+		default:
 			return out, err
 		}
 		select {
@@ -602,6 +621,16 @@ func (m *Manager) runSecret(ctx context.Context, what, secret string, args ...st
 		}
 		wait *= 2
 	}
+}
+
+// flag is the value of option name in tgtadm args ("" if none).
+func flag(args []string, name string) string {
+	for i := 0; i+1 < len(args); i++ {
+		if args[i] == name {
+			return args[i+1]
+		}
+	}
+	return ""
 }
 
 // runOnce is one tgtadm run of runSecret.
