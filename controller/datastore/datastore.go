@@ -578,6 +578,13 @@ func (s *Service) PickStore(ctx context.Context, role stowagev1.StoreRole, zone 
 		}
 	}
 	if best == nil {
+		if len(all) == 0 {
+			where := ""
+			if zone != "" {
+				where = " in zone " + zone
+			}
+			return nil, nil, fmt.Errorf("no %s store is added%s (stowage store add --role %s): %w", strings.ToLower(meta.StoreRoleName(role)), where, strings.ToLower(meta.StoreRoleName(role)), errdefs.ErrFailedPrecondition)
+		}
 		return nil, reasons, fmt.Errorf("no Up %s store can take it (%s): %w", meta.StoreRoleName(role), strings.Join(reasons, "; "), errdefs.ErrFailedPrecondition)
 	}
 	reasons = append([]string{fmt.Sprintf("store %s: Up, most free space (%d bytes) of %d %s stores", best.GetName(), best.GetAvailableBytes(), len(all), meta.StoreRoleName(role))}, reasons...)
