@@ -127,11 +127,15 @@ func InitiatorName(hostID string) string {
 }
 
 // CHAP is host hostID's CHAP account on store storeID: a user name from
-// the host id and a 16-character secret, HMAC-SHA256(key, store, host).
+// the store and host ids and a 16-character secret, HMAC-SHA256(key,
+// store, host).
 func CHAP(key []byte, storeID, hostID string) (user, secret string) {
 	m := hmac.New(sha256.New, key)
 	m.Write([]byte(storeID + "\x00" + hostID))
-	return "stw-" + strconv.FormatUint(uint64(fnv32(hostID)), 36), base64.RawURLEncoding.EncodeToString(m.Sum(nil))[:16]
+	// tgtd's accounts are global, not per target: the user is per store
+	// and host too, or a second store on the same tgtd would replace the
+	// first store's secret for the host.
+	return "stw-" + strconv.FormatUint(uint64(fnv32(storeID+"\x00"+hostID)), 36), base64.RawURLEncoding.EncodeToString(m.Sum(nil))[:16]
 }
 
 // initiator is host hostID's initiator and CHAP account on store s.
@@ -143,7 +147,7 @@ func (d *Driver) initiator(s store, hostID string) (hostops.ISCSIInitiator, erro
 	return hostops.ISCSIInitiator{IQN: InitiatorName(hostID), CHAPUser: user, CHAPSecret: secret}, nil
 }
 
-// fnv32 is FNV-1a: a short, stable CHAP user name per host.
+// fnv32 is FNV-1a: a short, stable CHAP user name per store and host.
 func fnv32(s string) uint32 {
 	h := uint32(2166136261)
 	for i := 0; i < len(s); i++ {
