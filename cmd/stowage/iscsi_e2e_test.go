@@ -47,8 +47,9 @@ func tgtLUNs(t *testing.T, ctl int, iqn string) map[int]string {
 	var out []byte
 	var err error
 	// tgtd drops a request now and then while another process talks to it
-	// ("failed to send request hdr"): the request never reached it.
-	for try := 0; try < 5; try++ {
+	// ("failed to send request hdr"), for a second or two while it is busy:
+	// the request never reached it.
+	for try := 0; try < 50; try++ {
 		if out, err = exec.Command("tgtadm", "-C", strconv.Itoa(ctl), "--lld", "iscsi", "--op", "show", "--mode", "target").CombinedOutput(); err == nil {
 			break
 		}
