@@ -604,7 +604,7 @@ func (m *Manager) runSecret(ctx context.Context, what, secret string, args ...st
 			flag(args, "--op") == "delete" && errdefs.IsNotFound(err)) {
 			return "", nil
 		}
-		if err == nil || attempt == 5 {
+		if err == nil || attempt == 8 { // about 5 s of tries
 			return out, err
 		}
 		switch {
