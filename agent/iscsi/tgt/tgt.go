@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"crypto/sha256"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -76,6 +77,12 @@ type Manager struct {
 	thin bool
 	log  *slog.Logger
 	mu   chan struct{} // a lock whose acquire takes a ctx
+	// set is the SHA-256 of the secret this Manager last gave each CHAP
+	// user (under mu): tgt cannot show a secret, and replacing an account
+	// that already has it churns tgtd (a delete of an account in use by
+	// live sessions, over and over, made tgtd 1.0 crash in the crash
+	// matrix). A Manager that has not set a user yet replaces it once.
+	set map[string][sha256.Size]byte
 }
 
 // Option configures a Manager.
@@ -100,7 +107,7 @@ func WithThinProvisioning(on bool) Option { return func(m *Manager) { m.thin = o
 
 // New returns a Manager of the local tgtd.
 func New(opts ...Option) *Manager {
-	m := &Manager{bin: "tgtadm", thin: true, log: slog.Default(), mu: make(chan struct{}, 1)}
+	m := &Manager{bin: "tgtadm", thin: true, log: slog.Default(), mu: make(chan struct{}, 1), set: map[string][sha256.Size]byte{}}
 	for _, o := range opts {
 		o(m)
 	}
@@ -463,9 +470,14 @@ func (m *Manager) SetCHAP(ctx context.Context, iqn, user, secret string) error {
 	if err != nil {
 		return err
 	}
+	sum := sha256.Sum256([]byte(secret))
+	if exists && m.set[user] == sum && slices.ContainsFunc(boundTo, func(t Target) bool { return t.IQN == iqn }) {
+		return nil // this secret, set here, and bound: nothing to change
+	}
 	// The rest must not stop half-way: a cancelled ctx would leave
 	// targets bound to the placeholder only.
 	ctx = context.WithoutCancel(ctx)
+	delete(m.set, user) // until it is set again below
 	if exists {
 		if err := m.replaceAccount(ctx, user, secret, boundTo); err != nil {
 			return err
@@ -478,6 +490,7 @@ func (m *Manager) SetCHAP(ctx context.Context, iqn, user, secret string) error {
 			return err
 		}
 	}
+	m.set[user] = sum
 	m.log.InfoContext(ctx, "iscsi chap set", "iqn", iqn, "user", user, "replaced", exists)
 	return nil
 }
@@ -568,6 +581,7 @@ func (m *Manager) RemoveCHAP(ctx context.Context, iqn, user string) error {
 		}
 	}
 	if !stillBound {
+		delete(m.set, user)
 		_, err := m.run(ctx, "delete account "+user, "--op", "delete", "--mode", "account", "--user", user)
 		if err != nil && !errdefs.IsNotFound(err) {
 			return err

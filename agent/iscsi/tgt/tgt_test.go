@@ -1,9 +1,11 @@
 package tgt_test
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"os/exec"
@@ -63,7 +65,8 @@ func TestManager(t *testing.T) {
 	tgttest.Require(t, "iscsi-readcapacity16")
 	portal, ctl := tgttest.Start(t)
 	ctx := t.Context()
-	m := tgt.New(tgt.WithControlPort(ctl), tgt.WithLogger(slog.New(slog.NewTextHandler(t.Output(), nil))))
+	var logs bytes.Buffer // the Manager logs from the test's goroutine only
+	m := tgt.New(tgt.WithControlPort(ctl), tgt.WithLogger(slog.New(slog.NewTextHandler(io.MultiWriter(t.Output(), &logs), nil))))
 
 	if _, err := m.LUNs(ctx, iqn); !errdefs.IsNotFound(err) {
 		t.Fatalf("LUNs of a missing target: %v, want not found", err)
@@ -160,6 +163,10 @@ func TestManager(t *testing.T) {
 		if err := m.SetCHAP(ctx, iqn, user, secret); err != nil {
 			t.Fatal(err)
 		}
+	}
+	// The second call, with the secret it set, changes nothing in tgtd.
+	if n := strings.Count(logs.String(), `msg="iscsi chap set"`); n != 1 {
+		t.Errorf("the same secret set twice changed the account %d times, want once:\n%s", n, logs.String())
 	}
 	if _, err := readCapacity(ctx, portal, iqn, na, initiator, "", ""); err == nil {
 		t.Fatal("login without CHAP succeeded on a target with an account")

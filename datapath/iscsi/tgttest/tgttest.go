@@ -135,6 +135,14 @@ func start(t testing.TB) (string, int, error) {
 		}
 	}
 	t.Cleanup(func() {
+		select {
+		case err := <-exited:
+			// tgtd ended before the test did: a crash of tgtd, not of
+			// what the test drives.
+			exited <- err
+			t.Errorf("tgtd -C %d exited during the test: %v", ctl, err)
+		default:
+		}
 		stop()
 		if t.Failed() {
 			t.Logf("tgtd -C %d log:\n%s", ctl, logs.String())
