@@ -23,6 +23,9 @@ const (
 	AgentBeforePublish = "agentBeforePublish"
 	// AgentAfterPublish: the object was renamed into place.
 	AgentAfterPublish = "agentAfterPublish"
+	// ChunkAfterPut: one of a backup's chunks was stored (its upload is
+	// under way: others are not yet).
+	ChunkAfterPut = "chunkAfterPut"
 	// ChunksBeforeManifest: a backup's chunks are stored, its manifest not.
 	ChunksBeforeManifest = "chunksBeforeManifest"
 	// LUNAfterCreate: a LUN was added to its target, its create step has
@@ -40,6 +43,6 @@ const (
 // user's request passes rather than a workflow (their own tests arm them).
 var (
 	Controller = []string{JobBeforeStep, JobAfterStep, MetaBeforeCommit, MetaAfterCommit}
-	Agent      = []string{AgentTaskStart, AgentTaskFinish, AgentBeforePublish, AgentAfterPublish, ChunksBeforeManifest, LUNAfterCreate, ExportAfterGrant}
+	Agent      = []string{AgentTaskStart, AgentTaskFinish, AgentBeforePublish, AgentAfterPublish, ChunkAfterPut, ChunksBeforeManifest, LUNAfterCreate, ExportAfterGrant}
 	Requests   = []string{JobAfterCancelRequested}
 )

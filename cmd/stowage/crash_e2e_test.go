@@ -22,6 +22,7 @@ import (
 
 	"connectrpc.com/connect"
 
+	"github.com/stowage/stowage/datapath/chunkstore"
 	"github.com/stowage/stowage/datapath/iscsi/tgttest"
 	"github.com/stowage/stowage/failpoint"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
@@ -667,6 +668,9 @@ func (w *crashWorld) storeInvariants() []string {
 			}
 		}
 	}
+	// Every backup chunk on the image store is used by a manifest (the
+	// reconciler collects what a backup killed before its manifest left).
+	bad = append(bad, w.orphanChunks()...)
 	// The target exports exactly the LUNs the records have.
 	for n, p := range tgtLUNs(w.t, w.tgtCtl, w.iqn) {
 		if _, ok := want[p]; !ok {
@@ -705,5 +709,37 @@ func (w *crashWorld) storeInvariants() []string {
 		w.checked[p] = stamp
 	}
 	sort.Strings(bad)
+	return bad
+}
+
+// orphanChunks lists the chunks of the image store that no manifest uses.
+func (w *crashWorld) orphanChunks() []string {
+	dir := filepath.Join(w.img.GetDetails()["path"], "snapshots")
+	cs, err := chunkstore.Open(filepath.Join(dir, "chunks"))
+	if err != nil {
+		return []string{err.Error()}
+	}
+	ctx := context.Background()
+	names, err := cs.ListManifests(ctx, filepath.Join(dir, "manifests", "any"))
+	if err != nil {
+		return []string{err.Error()}
+	}
+	used := map[string]bool{}
+	for _, n := range names {
+		m, err := cs.Manifest(ctx, n)
+		if err != nil {
+			return []string{err.Error()}
+		}
+		for _, h := range m.Chunks {
+			used[h] = true
+		}
+	}
+	var bad []string
+	_ = filepath.WalkDir(filepath.Join(dir, "chunks"), func(p string, d os.DirEntry, err error) error {
+		if err == nil && d.Type().IsRegular() && len(d.Name()) == 64 && !used[d.Name()] {
+			bad = append(bad, "orphan chunk "+d.Name())
+		}
+		return nil
+	})
 	return bad
 }

@@ -85,7 +85,8 @@ func waitJob(t *testing.T, a *clientAPI, job *stowagev1.Job) *stowagev1.Job {
 		last = stream.Msg().GetJob()
 	}
 	if err := stream.Err(); err != nil {
-		t.Fatalf("watch job %s: %v", job.GetId(), err)
+		// On a timeout, say where the job stood.
+		t.Fatalf("watch job %s: %v; last seen: %v", job.GetId(), err, last)
 	}
 	if last == nil {
 		t.Fatalf("watch job %s: no update", job.GetId())

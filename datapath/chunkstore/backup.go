@@ -289,6 +289,9 @@ func (b *backup) chunk(ctx context.Context, i int, buf []byte) error {
 	if err := b.s.b.PutChunk(ctx, h, data); err != nil {
 		return err
 	}
+	if err := failpoint.Hit(failpoint.ChunkAfterPut); err != nil {
+		return err
+	}
 	b.newChunks.Add(1)
 	b.newBytes.Add(n)
 	return nil
