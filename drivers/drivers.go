@@ -411,11 +411,14 @@ type VolumeFormats interface {
 	VolumeFormats() []Format
 }
 
-// HostRooted is implemented by a Provider whose stores are directories the
-// hosts in scope see: HostRoot tells an agent the directory of a store it
-// should serve (its assignment at registration and in heartbeats).
+// HostRooted is implemented by a Provider whose stores are directories
+// hosts see: HostRoot tells the agent of host hostID the directory of a
+// store it should serve ("" for none), in its assignment at registration
+// and in heartbeats, so that a restarted agent serves it again before any
+// step asks. A filesystem store is one directory on every host in scope;
+// an iSCSI store's LUN files are a directory on its target host only.
 type HostRooted interface {
-	HostRoot(store StoreInfo) string
+	HostRoot(store StoreInfo, hostID string) string
 }
 
 // ChunkCollector is a ChunkTarget that can remove the chunks of a store

@@ -447,7 +447,7 @@ func (s *Service) Assignments(ctx context.Context, host *stowagev1.Host) ([]*sto
 		a := &stowagev1.StoreAssignment{StoreId: r.GetId(), Provider: r.GetProvider(), Url: r.GetUrl()}
 		if p, err := s.providers.Get(r.GetProvider()); err == nil {
 			if hr, ok := p.(drivers.HostRooted); ok {
-				a.Path = hr.HostRoot(InfoFromRecord(r))
+				a.Path = hr.HostRoot(InfoFromRecord(r), host.GetId())
 			}
 		}
 		out = append(out, a)

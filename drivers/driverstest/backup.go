@@ -49,7 +49,7 @@ func testChunkTarget(t *testing.T, e Env) {
 	}
 
 	hr, rooted := e.Provider.(drivers.HostRooted)
-	if e.Hosts == nil || !rooted || hr.HostRoot(info) == "" {
+	if e.Hosts == nil || !rooted || hr.HostRoot(info, "") == "" {
 		t.Logf("no hosts or not a host-rooted store: the backup round trip is not run")
 		return
 	}

@@ -30,7 +30,7 @@ func testChunkCollector(t *testing.T, e Env) {
 	}
 
 	hr, rooted := e.Provider.(drivers.HostRooted)
-	if e.Hosts == nil || !rooted || hr.HostRoot(info) == "" {
+	if e.Hosts == nil || !rooted || hr.HostRoot(info, "") == "" {
 		t.Logf("no hosts or not a host-rooted store: CollectChunks next to backups is not run")
 		return
 	}

@@ -37,7 +37,7 @@ func TestCollectChunks(t *testing.T) {
 		t.Fatal(err)
 	}
 	d := p.drv
-	root := p.HostRoot(info)
+	root := p.HostRoot(info, "h1")
 
 	// Nothing stored yet: nothing to do.
 	if st, err := d.CollectChunks(ctx, info); err != nil || st != (drivers.BackupStats{}) {

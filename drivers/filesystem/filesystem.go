@@ -83,8 +83,9 @@ func (p *Provider) LifeCycle() drivers.LifeCycle { return p.lc }
 func (p *Provider) Driver() drivers.Driver { return p.drv }
 
 // HostRoot returns the store's directory on the hosts of its scope
-// (Details["path"], else the path of its URL); "" when neither names one.
-func (p *Provider) HostRoot(store drivers.StoreInfo) string {
+// (Details["path"], else the path of its URL; the same on every host); ""
+// when neither names one.
+func (p *Provider) HostRoot(store drivers.StoreInfo, _ string) string {
 	dir, err := storeDir(store)
 	if err != nil {
 		return ""

@@ -138,8 +138,8 @@ func TestInitialize(t *testing.T) {
 	if info.Details["path"] != dir || info.Details["fs_type"] == "" || info.Details["reflink"] == "" {
 		t.Errorf("Details = %v, want path %s, fs_type and reflink", info.Details, dir)
 	}
-	if p.HostRoot(info) != dir {
-		t.Errorf("HostRoot = %q, want %q", p.HostRoot(info), dir)
+	if p.HostRoot(info, "h1") != dir {
+		t.Errorf("HostRoot = %q, want %q", p.HostRoot(info, "h1"), dir)
 	}
 	if got, want := names(t, dir), []string{hostfs.MarkerFile, "snapshots", "templates", "tmp", "volumes"}; !slices.Equal(got, want) {
 		t.Errorf("primary layout = %q, want %q", got, want)

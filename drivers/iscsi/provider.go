@@ -56,6 +56,17 @@ func (p *Provider) LifeCycle() drivers.LifeCycle { return p.lc }
 // Driver implements drivers.Provider.
 func (p *Provider) Driver() drivers.Driver { return p.drv }
 
+// HostRoot implements drivers.HostRooted: the backing directory on the
+// store's target host, which creates, lists and deletes the LUNs' files
+// there; no directory on the other hosts (they reach LUNs over iSCSI).
+func (p *Provider) HostRoot(info drivers.StoreInfo, hostID string) string {
+	s, err := storeOf(info)
+	if err != nil || hostID != s.targetHost {
+		return ""
+	}
+	return s.dir
+}
+
 // The store's details.
 const (
 	DetailTargetHost = "target_host"
