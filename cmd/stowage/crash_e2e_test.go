@@ -403,14 +403,7 @@ func TestCrashMatrix(t *testing.T) {
 	w.p1 = addStore(t, w.a, "p1", stowagev1.StoreRole_STORE_ROLE_PRIMARY, filepath.Join(root, "p1"), &stowagev1.Scope{Zone: "z1", Cluster: "c1", HostId: "h1"})
 	w.p2 = addStore(t, w.a, "p2", stowagev1.StoreRole_STORE_ROLE_PRIMARY, filepath.Join(root, "p2"), &stowagev1.Scope{Zone: "z1", Cluster: "c1", HostId: "h2"})
 	w.iqn, w.sanDir = "iqn.2026-12.org.stowage.test:crash", filepath.Join(root, "san")
-	san, err := w.a.stores.AddStore(context.Background(), connect.NewRequest(&stowagev1.AddStoreRequest{
-		Name: "san", Role: stowagev1.StoreRole_STORE_ROLE_PRIMARY, Provider: "iscsi", Url: "iscsi://" + portal + "/" + w.iqn,
-		Scope: &stowagev1.Scope{Zone: "z1", Cluster: "c1"}, Details: map[string]string{"target_host": "h1", "backing_dir": w.sanDir},
-	}))
-	if err != nil {
-		t.Fatalf("add the iSCSI store: %v", err)
-	}
-	w.san = san.Msg.GetStore()
+	w.san = addISCSIStore(t, w.a, "san", portal, w.iqn, "h1", w.sanDir, &stowagev1.Scope{Zone: "z1", Cluster: "c1"})
 	r, err := w.a.images.RegisterTemplate(context.Background(), connect.NewRequest(&stowagev1.RegisterTemplateRequest{Name: "t", Url: origin.URL + "/t/base.qcow2",
 		Format: stowagev1.ImageFormat_IMAGE_FORMAT_QCOW2, Checksum: "sha256:" + sha256File(t, qcow)}))
 	if err != nil {

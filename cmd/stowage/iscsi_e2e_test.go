@@ -41,6 +41,24 @@ func compareLUN(t *testing.T, want, object, lun string) {
 	run(t, "qemu-img", "compare", "--object", object, "--image-opts", "driver=qcow2,file.driver=file,file.filename="+want, lun)
 }
 
+// addISCSIStore adds primary store name: target iqn at portal, run by
+// targetHost's agent with the LUNs' files in dir; it must come Up.
+func addISCSIStore(t *testing.T, a *clientAPI, name, portal, iqn, targetHost, dir string, scope *stowagev1.Scope) *stowagev1.DataStore {
+	t.Helper()
+	resp, err := a.stores.AddStore(context.Background(), connect.NewRequest(&stowagev1.AddStoreRequest{
+		Name: name, Role: stowagev1.StoreRole_STORE_ROLE_PRIMARY, Provider: "iscsi", Url: "iscsi://" + portal + "/" + iqn,
+		Scope: scope, Details: map[string]string{"target_host": targetHost, "backing_dir": dir},
+	}))
+	if err != nil {
+		t.Fatalf("add the iSCSI store %s: %v", name, err)
+	}
+	st := resp.Msg.GetStore()
+	if st.GetState() != stowagev1.StoreState_STORE_STATE_UP {
+		t.Fatalf("iSCSI store %s: %v", name, st)
+	}
+	return st
+}
+
 // tgtLUNs is what tgtadm shows of target iqn: LUN number -> backing file.
 func tgtLUNs(t *testing.T, ctl int, iqn string) map[int]string {
 	t.Helper()
@@ -108,18 +126,7 @@ func TestISCSIStoreEndToEnd(t *testing.T) {
 	dir := addStore(t, a, "dir", stowagev1.StoreRole_STORE_ROLE_PRIMARY, filepath.Join(root, "dir"), &stowagev1.Scope{Zone: "z1"})
 
 	const iqn = "iqn.2026-12.org.stowage.test:san1"
-	resp, err := a.stores.AddStore(ctx, connect.NewRequest(&stowagev1.AddStoreRequest{
-		Name: "san1", Role: stowagev1.StoreRole_STORE_ROLE_PRIMARY, Provider: "iscsi", Url: "iscsi://" + portal + "/" + iqn,
-		Scope:   &stowagev1.Scope{Zone: "z1"},
-		Details: map[string]string{"target_host": "h1", "backing_dir": filepath.Join(root, "san1")},
-	}))
-	if err != nil {
-		t.Fatalf("add the iSCSI store: %v", err)
-	}
-	san := resp.Msg.GetStore()
-	if san.GetState() != stowagev1.StoreState_STORE_STATE_UP {
-		t.Fatalf("iSCSI store: %v", san)
-	}
+	san := addISCSIStore(t, a, "san1", portal, iqn, "h1", filepath.Join(root, "san1"), &stowagev1.Scope{Zone: "z1"})
 	key, err := os.ReadFile(filepath.Join(root, "ctl", "pki", "chap.key"))
 	if err != nil {
 		t.Fatal(err)

@@ -50,15 +50,7 @@ func TestISCSIHostLeavesScope(t *testing.T) {
 	})
 	a := newAPI(server)
 	const iqn = "iqn.2026-12.org.stowage.test:scope1"
-	resp, err := a.stores.AddStore(ctx, connect.NewRequest(&stowagev1.AddStoreRequest{
-		Name: "san1", Role: stowagev1.StoreRole_STORE_ROLE_PRIMARY, Provider: "iscsi", Url: "iscsi://" + portal + "/" + iqn,
-		Scope:   &stowagev1.Scope{Zone: "z1"},
-		Details: map[string]string{"target_host": "h1", "backing_dir": filepath.Join(root, "san1")},
-	}))
-	if err != nil {
-		t.Fatalf("add the iSCSI store: %v", err)
-	}
-	san := resp.Msg.GetStore()
+	san := addISCSIStore(t, a, "san1", portal, iqn, "h1", filepath.Join(root, "san1"), &stowagev1.Scope{Zone: "z1"})
 	key := readFile(t, filepath.Join(root, "ctl", "pki", "chap.key"))
 	cred := func(h string) (user, secret string) { return iscsi.CHAP(key, san.GetId(), h) }
 	// The test's tgtadm runs beside the agent's: a read that crosses a
