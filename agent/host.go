@@ -586,7 +586,7 @@ func (h *LocalHost) DeleteBackup(ctx context.Context, req hostops.DeleteBackupRe
 		if err != nil {
 			return hostops.BackupInfo{}, err
 		}
-		return hostops.BackupInfo{Manifest: req.Manifest, Size: st.Size, Chunks: st.Chunks, ZeroChunks: st.ZeroChunks}, nil
+		return hostops.BackupInfo{Manifest: req.Manifest, Size: st.Size, Chunks: st.Chunks, ZeroChunks: st.ZeroChunks, NewChunks: st.RemovedChunks, NewBytes: st.RemovedBytes}, nil
 	}
 	b, err := h.fs.DeleteBackup(ctx, hostfs.DeleteBackupRequest{Manifest: manifests[0], ChunkDir: cp.chunks})
 	if err != nil {

@@ -333,7 +333,8 @@ func (l *Local) deleteBackup(ctx context.Context, req DeleteBackupRequest) (Back
 	if err != nil {
 		return BackupInfo{}, err
 	}
-	return BackupInfo{Manifest: req.Manifest, Size: st.Size, Chunks: st.Chunks, ZeroChunks: st.ZeroChunks}, nil
+	// NewChunks and NewBytes say what the delete freed (hostops.DeleteBackupRequest).
+	return BackupInfo{Manifest: req.Manifest, Size: st.Size, Chunks: st.Chunks, ZeroChunks: st.ZeroChunks, NewChunks: st.RemovedChunks, NewBytes: st.RemovedBytes}, nil
 }
 
 // CollectChunks removes the chunks of req.ChunkDir that no manifest in

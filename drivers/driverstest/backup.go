@@ -104,8 +104,8 @@ func testChunkTarget(t *testing.T, e Env) {
 		t.Errorf("deleting %s damaged %s: %v", b1.ID, b2.ID, err)
 	}
 	st, err = ct.DeleteBackup(ctx, b2)
-	if err != nil || !st.ManifestGone {
-		t.Errorf("DeleteBackup of %s = %+v, %v; want the manifest gone", b2.ID, st, err)
+	if err != nil || !st.ManifestGone || st.Chunks == 0 || st.FreedBytes == 0 {
+		t.Errorf("DeleteBackup of %s, the last backup = %+v, %v; want the manifest gone and its chunks removed (counted)", b2.ID, st, err)
 	}
 	wantGone(t, d, b2, "a deleted backup")
 	if st, err := ct.DeleteBackup(ctx, b2); err != nil || st.ManifestGone {
