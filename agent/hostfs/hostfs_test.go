@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"github.com/stowage/stowage/datapath/chunkstore"
 	"io/fs"
 	"os"
 	"os/exec"
@@ -376,6 +377,10 @@ func TestReleaseStore(t *testing.T) {
 	}
 
 	if err := os.Remove(data); err != nil {
+		t.Fatal(err)
+	}
+	// The lock a chunk collection or a backup leaves is not data.
+	if err := os.WriteFile(filepath.Join(store, "snapshots", chunkstore.LockFile), nil, 0o644); err != nil {
 		t.Fatal(err)
 	}
 	if err := l.ReleaseStore(ctx, store, "s1", layout); err != nil {

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/stowage/stowage/datapath/chunkstore"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -337,7 +338,8 @@ func (l *Local) releaseStore(ctx context.Context, path, storeID string, subdirs 
 			switch {
 			case layout[filepath.Join(sd, e.Name())]:
 				// a nested layout directory, released below
-			case isTemp(e.Name()) && e.Type().IsRegular():
+			case (isTemp(e.Name()) || e.Name() == chunkstore.LockFile) && e.Type().IsRegular():
+				// A step's leftover, or the chunk store's lock: no data.
 				if err := os.Remove(filepath.Join(dir, sd, e.Name())); err != nil && !errors.Is(err, fs.ErrNotExist) {
 					return classed(err)
 				}

@@ -19,6 +19,10 @@ import (
 	"github.com/stowage/stowage/errdefs"
 )
 
+// LockFile is the file in a chunk directory that backups lock shared and
+// deletes and collections exclusive: not data, and left behind by them.
+const LockFile = ".lock"
+
 // dirBackend keeps chunks as <dir>/<hh>/<hash> and manifests as files at
 // absolute paths anywhere (a manifest's siblings are the files of its
 // directory). Writes are temporary file, fsync, rename; directories are
@@ -239,7 +243,7 @@ func (d *dirBackend) ListManifests(_ context.Context, near string) ([]string, er
 // can end the wait. The lock works across processes and, with NFSv4
 // locks, across hosts; it is never lost while held.
 func (d *dirBackend) Lock(ctx context.Context, mode LockMode) (context.Context, func(), error) {
-	f, err := os.OpenFile(filepath.Join(d.dir, ".lock"), os.O_RDWR|os.O_CREATE|syscall.O_NOFOLLOW, 0o644)
+	f, err := os.OpenFile(filepath.Join(d.dir, LockFile), os.O_RDWR|os.O_CREATE|syscall.O_NOFOLLOW, 0o644)
 	if err != nil {
 		return nil, nil, fmt.Errorf("chunk store %s: lock: %w", d.dir, classOf(err))
 	}
