@@ -41,9 +41,10 @@ import (
 	"net"
 	"os"
 	"os/exec"
-	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -68,9 +69,11 @@ type Options struct {
 	Format string
 	// Socket is the NBD unix socket path the daemon listens on.
 	Socket string
-	// Name is the export name (qemu serves only this name; clients must
-	// ask for it).
+	// Name is the export name; empty is the default export, which
+	// nbd+unix:///?socket=SOCK reaches. qemu serves only this name.
 	Name string
+	// Description is shown by NBD_OPT_LIST and NBD_OPT_INFO.
+	Description string
 	// Writable exports read-write; otherwise the image is opened
 	// read-only and writes are refused.
 	Writable bool
@@ -83,6 +86,11 @@ type Options struct {
 	// StopTimeout bounds the wait for a clean quit before SIGKILL;
 	// default 5 s.
 	StopTimeout time.Duration
+	// KillWithParent has the kernel kill the daemon when the process that
+	// started it dies (PR_SET_PDEATHSIG), for a foreground command whose
+	// export must not outlive it. An agent, whose exports outlive its
+	// restarts, leaves it false.
+	KillWithParent bool
 }
 
 func (o *Options) fill() error {
@@ -95,9 +103,6 @@ func (o *Options) fill() error {
 	}
 	if o.File == "" || o.Socket == "" {
 		return errors.New("qsd: file and socket are required")
-	}
-	if o.Name == "" {
-		o.Name = strings.TrimSuffix(filepath.Base(o.File), filepath.Ext(o.File))
 	}
 	if o.Monitor == "" {
 		o.Monitor = o.Socket + ".qmp"
@@ -140,6 +145,9 @@ func Args(o Options) ([]string, error) {
 		"name":             o.Name,
 		"writable":         o.Writable,
 		"allocation-depth": true,
+	}
+	if o.Description != "" {
+		exp["description"] = o.Description
 	}
 	js := func(v any) string { b, _ := json.Marshal(v); return string(b) }
 	return []string{
@@ -191,20 +199,34 @@ func (d *Daemon) start(ctx context.Context) error {
 	stderr := &tailBuffer{max: 16 << 10}
 	cmd.Stderr = stderr
 	cmd.Stdout = stderr
-	if err := cmd.Start(); err != nil {
-		return fmt.Errorf("qsd: start %s: %w", o.Binary, err)
+	if o.KillWithParent {
+		cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	}
 	done := make(chan struct{})
-	d.mu.Lock()
-	d.cmd, d.stderr, d.done, d.err = cmd, stderr, done, nil
-	d.mu.Unlock()
+	started := make(chan error, 1)
 	go func() {
+		// The parent-death signal follows the thread that forks, not
+		// the process: that thread stays this goroutine's until the
+		// daemon has exited.
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		if err := cmd.Start(); err != nil {
+			started <- fmt.Errorf("qsd: start %s: %w", o.Binary, err)
+			return
+		}
+		d.mu.Lock()
+		d.cmd, d.stderr, d.done, d.err = cmd, stderr, done, nil
+		d.mu.Unlock()
+		started <- nil
 		err := cmd.Wait()
 		d.mu.Lock()
 		d.err = err
 		d.mu.Unlock()
 		close(done)
 	}()
+	if err := <-started; err != nil {
+		return err
+	}
 	if err := d.waitReady(ctx); err != nil {
 		d.kill()
 		return err
@@ -363,7 +385,7 @@ func (d *Daemon) exitError() error {
 	d.mu.Lock()
 	err := d.err
 	d.mu.Unlock()
-	return fmt.Errorf("qsd: export %s: %w (%v): %s", d.opts.Name, ErrExited, err, d.Stderr())
+	return fmt.Errorf("qsd: export %q of %s: %w (%v): %s", d.opts.Name, d.opts.File, ErrExited, err, d.Stderr())
 }
 
 // Stop asks the daemon to quit over QMP (it closes the export, flushes and
