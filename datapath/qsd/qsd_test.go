@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stowage/stowage/datapath/nbd"
 	"github.com/stowage/stowage/internal/envtest"
 )
 
@@ -165,7 +166,7 @@ func TestMapAndCopy(t *testing.T) {
 // TestWritable: qemu-io writes with FUA and write-zeroes through a
 // writable export land in the clone (and not in its base).
 func TestWritable(t *testing.T) {
-	need(t)
+	need(t, "nbdcopy")
 	dir := t.TempDir()
 	clone := linkedClone(t, dir)
 	base := filepath.Join(dir, "base.qcow2")
@@ -190,6 +191,23 @@ func TestWritable(t *testing.T) {
 		t.Errorf("the base changed:\n%s\n%s", baseBefore, after)
 	}
 	run(t, "qemu-img", "check", "-q", clone)
+
+	// nbdcopy into a writable export of a new overlay on the clone: the
+	// guest view afterwards is the raw source.
+	if _, err := exec.LookPath("nbdcopy"); err == nil {
+		src := filepath.Join(dir, "in.raw")
+		run(t, "qemu-img", "create", "-q", "-f", "raw", src, "8M")
+		run(t, "qemu-io", "-f", "raw", "-c", "write -P 0x5a 2M 3M", src)
+		top := filepath.Join(dir, "top.qcow2")
+		run(t, "qemu-img", "create", "-q", "-f", "qcow2", "-b", clone, "-F", "qcow2", top)
+		o2 := Options{File: top, Format: Qcow2, Socket: filepath.Join(dir, "top.sock"), Name: "top", Writable: true}
+		d2 := start(t, o2)
+		run(t, "nbdcopy", src, uri(o2))
+		if err := d2.Stop(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		run(t, "qemu-img", "compare", "-U", "-f", "raw", "-F", "qcow2", src, top)
+	}
 }
 
 // TestReadOnly: a read-only export refuses writes and leaves the file alone.
@@ -201,10 +219,25 @@ func TestReadOnly(t *testing.T) {
 	o := Options{File: clone, Format: Qcow2, Socket: filepath.Join(dir, "nbd.sock"), Name: "clone"}
 	start(t, o)
 	out, err := exec.Command("qemu-io", "-f", "raw", "-c", "write -P 0xee 0 64K", uri(o)).CombinedOutput()
+	t.Logf("qemu-io write to a read-only export: %v: %s", err, out)
 	if err == nil && !strings.Contains(string(out), "failed") {
 		t.Fatalf("write to a read-only export succeeded:\n%s", out)
 	}
 	run(t, "qemu-io", "-f", "raw", "-r", "-c", "read -P 0xaa 0 64K", uri(o))
+	// Stowage's client sends the write anyway: the server refuses it.
+	c, err := nbd.Dial(context.Background(), uri(o), nbd.ClientOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if !c.ReadOnly() {
+		t.Error("export not flagged read-only")
+	}
+	if _, err := c.WriteAt(make([]byte, 4096), 0); err == nil {
+		t.Error("the server accepted a write to a read-only export")
+	} else {
+		t.Logf("write refused: %v", err)
+	}
 	if got := run(t, "sha256sum", clone); got != sum {
 		t.Error("the image changed under a read-only export")
 	}
