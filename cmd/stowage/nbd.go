@@ -140,8 +140,10 @@ func runNBDServeQSD(cmd *cobra.Command, log *slog.Logger, f nbdServeFlags, file 
 		File: file, Format: f.format, Socket: f.unix, Name: f.name, Description: f.description,
 		Writable: !f.readOnly, Binary: f.qsdBinary, KillWithParent: true,
 	})
-	if err != nil {
+	if errors.Is(err, qsd.ErrExited) {
 		return fmt.Errorf("nbd: %w: %w", err, errdefs.ErrUnavailable)
+	} else if err != nil {
+		return fmt.Errorf("nbd: %w", err)
 	}
 	log.Info("nbd: serving", "file", file, "format", f.format, "export", f.name, "read_only", f.readOnly,
 		"addr", f.unix, "qemu_storage_daemon_pid", d.PID())

@@ -6,7 +6,9 @@
 // served by the tool the field trusts for the format. The format is always
 // declared by the caller and never probed from the image; the backing chain
 // is the one the image itself names (its backing file and backing format
-// header fields), opened read-only by qemu.
+// header fields), opened read-only by qemu. Before a qcow2 export starts,
+// CheckChain refuses a layer whose backing format is not recorded (qemu
+// would probe it), one with an external data file, or a corrupt one.
 //
 //	d, err := qsd.Start(ctx, qsd.Options{
 //		File: "/srv/primary/v1.qcow2", Format: qsd.Qcow2,
@@ -175,6 +177,11 @@ type Daemon struct {
 func Start(ctx context.Context, o Options) (*Daemon, error) {
 	if err := o.fill(); err != nil {
 		return nil, err
+	}
+	if o.Format == Qcow2 {
+		if _, err := CheckChain(ctx, o.File, o.Format); err != nil {
+			return nil, err
+		}
 	}
 	d := &Daemon{opts: o}
 	if err := d.start(ctx); err != nil {

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/stowage/stowage/datapath/nbd"
+	"github.com/stowage/stowage/errdefs"
 	"github.com/stowage/stowage/internal/envtest"
 )
 
@@ -277,7 +278,30 @@ func TestRestartAndKill(t *testing.T) {
 	run(t, "qemu-io", "-f", "raw", "-r", "-c", "read -P 0x51 0 1", uri(ro))
 
 	_, err := Start(context.Background(), Options{File: filepath.Join(dir, "missing.qcow2"), Format: Qcow2, Socket: filepath.Join(dir, "m.sock")})
-	if !errors.Is(err, ErrExited) || !strings.Contains(err.Error(), "missing.qcow2") {
+	if err == nil || !strings.Contains(err.Error(), "missing.qcow2") {
 		t.Fatalf("missing image: %v", err)
+	}
+	// qemu itself fails: its stderr is in the error.
+	_, err = Start(context.Background(), Options{File: filepath.Join(dir, "missing.raw"), Format: Raw, Socket: filepath.Join(dir, "m.sock")})
+	if !errors.Is(err, ErrExited) || !strings.Contains(err.Error(), "missing.raw") {
+		t.Fatalf("missing raw image: %v", err)
+	}
+}
+
+// TestChainRefused: an image with an external data file is refused before
+// any daemon starts.
+func TestChainRefused(t *testing.T) {
+	need(t)
+	dir := t.TempDir()
+	df := filepath.Join(dir, "df.qcow2")
+	run(t, "qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file="+filepath.Join(dir, "data.raw"), df, "1M")
+	_, err := Start(context.Background(), Options{File: df, Format: Qcow2, Socket: filepath.Join(dir, "s.sock")})
+	if !errors.Is(err, errdefs.ErrInvalid) || !strings.Contains(err.Error(), "external data file") {
+		t.Fatalf("external data file: %v", err)
+	}
+	clone := linkedClone(t, dir)
+	chain, err := CheckChain(context.Background(), clone, Qcow2)
+	if err != nil || len(chain) != 2 || chain[1] != filepath.Join(dir, "base.qcow2") {
+		t.Fatalf("chain %v, %v", chain, err)
 	}
 }
