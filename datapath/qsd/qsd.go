@@ -164,6 +164,7 @@ func Args(o Options) ([]string, error) {
 // Daemon is one running qemu-storage-daemon serving one export.
 type Daemon struct {
 	opts Options
+	life context.Context // the daemon is killed when it ends (Start's ctx)
 
 	mu     sync.Mutex
 	cmd    *exec.Cmd
@@ -183,13 +184,14 @@ func Start(ctx context.Context, o Options) (*Daemon, error) {
 			return nil, err
 		}
 	}
-	d := &Daemon{opts: o}
+	d := &Daemon{opts: o, life: ctx}
 	if err := d.start(ctx); err != nil {
 		return nil, err
 	}
 	return d, nil
 }
 
+// start runs the daemon for d.life and waits, within ctx, until it is ready.
 func (d *Daemon) start(ctx context.Context) error {
 	o := d.opts
 	args, err := Args(o)
@@ -201,7 +203,7 @@ func (d *Daemon) start(ctx context.Context) error {
 			return err
 		}
 	}
-	cmd := exec.CommandContext(ctx, o.Binary, args...)
+	cmd := exec.CommandContext(d.life, o.Binary, args...)
 	cmd.Cancel = func() error { return cmd.Process.Kill() }
 	stderr := &tailBuffer{max: 16 << 10}
 	cmd.Stderr = stderr
@@ -428,7 +430,8 @@ func (d *Daemon) Stop(ctx context.Context) error {
 }
 
 // Restart stops the daemon (if it runs) and starts a new one with the same
-// options; the export answers again when it returns.
+// options, for the life of Start's context; ctx bounds the stop and the
+// wait for readiness. The export answers again when it returns.
 func (d *Daemon) Restart(ctx context.Context) error {
 	if err := d.Stop(ctx); err != nil && !errors.Is(err, ErrExited) {
 		return err

@@ -263,9 +263,12 @@ func TestRestartAndKill(t *testing.T) {
 	if err := d.Wait(); !errors.Is(err, ErrExited) {
 		t.Fatalf("wait: %v", err)
 	}
-	if err := d.Restart(context.Background()); err != nil {
+	rctx, rcancel := context.WithTimeout(context.Background(), 10*time.Second)
+	if err := d.Restart(rctx); err != nil {
 		t.Fatal(err)
 	}
+	rcancel() // bounds the restart only: the daemon lives as long as Start's ctx
+	time.Sleep(50 * time.Millisecond)
 	if d.PID() == pid {
 		t.Fatal("same pid after restart")
 	}
