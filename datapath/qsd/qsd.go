@@ -48,6 +48,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/stowage/stowage/errdefs"
 )
 
 // Formats a caller can declare.
@@ -220,7 +222,7 @@ func (d *Daemon) start(ctx context.Context) error {
 		runtime.LockOSThread()
 		defer runtime.UnlockOSThread()
 		if err := cmd.Start(); err != nil {
-			started <- fmt.Errorf("qsd: start %s: %w", o.Binary, err)
+			started <- fmt.Errorf("qsd: start %s: %w: %w", o.Binary, err, errdefs.ErrUnavailable)
 			return
 		}
 		d.mu.Lock()

@@ -284,6 +284,11 @@ func TestRestartAndKill(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "missing.qcow2") {
 		t.Fatalf("missing image: %v", err)
 	}
+	// No daemon binary: unavailable.
+	_, err = Start(context.Background(), Options{File: clone, Format: Raw, Socket: filepath.Join(dir, "m.sock"), Binary: filepath.Join(dir, "no-such-qsd")})
+	if !errors.Is(err, errdefs.ErrUnavailable) {
+		t.Fatalf("missing binary: %v", err)
+	}
 	// qemu itself fails: its stderr is in the error.
 	_, err = Start(context.Background(), Options{File: filepath.Join(dir, "missing.raw"), Format: Raw, Socket: filepath.Join(dir, "m.sock")})
 	if !errors.Is(err, ErrExited) || !strings.Contains(err.Error(), "missing.raw") {
