@@ -1,8 +1,10 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"os"
 	"time"
@@ -10,6 +12,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/stowage/stowage/datapath/nbd"
+	"github.com/stowage/stowage/datapath/qsd"
 	"github.com/stowage/stowage/errdefs"
 )
 
@@ -21,6 +24,8 @@ type nbdServeFlags struct {
 	description string
 	readOnly    bool
 	workers     int
+	format      string
+	qsdBinary   string
 }
 
 // newNBDCmd is `stowage nbd ...`: the NBD export server.
@@ -36,8 +41,8 @@ func newNBDCmd() *cobra.Command {
 func newNBDServeCmd() *cobra.Command {
 	var f nbdServeFlags
 	cmd := &cobra.Command{
-		Use:   "serve [--unix SOCK | --listen ADDR] [--name EXPORT] [--read-only] FILE",
-		Short: "Serve a raw image file or block device over NBD until interrupted",
+		Use:   "serve [--unix SOCK | --listen ADDR] [--format raw|qcow2] [--name EXPORT] [--read-only] FILE",
+		Short: "Serve a raw or qcow2 image (with its backing chain) over NBD until interrupted",
 		Long: `Serve FILE (a raw image or a block device) as one NBD export, in the
 foreground, until SIGINT or SIGTERM. Clients: qemu, nbdcopy, nbdinfo,
 nbdfuse, qemu-img, or the kernel's nbd-client.
@@ -46,9 +51,18 @@ The export answers to --name and, being the only one, also to the empty
 (default) name, so nbd+unix:///?socket=SOCK and nbd://HOST:PORT work
 without naming it. Several connections may be used at once
 (can_multi_conn): they share one file descriptor, so a flush covers all.
-There is no TLS: listen on a unix socket or a trusted network.`,
+There is no TLS: listen on a unix socket or a trusted network.
+
+--format qcow2 serves the guest view of a qcow2 image and its backing
+chain (the backing files the image itself names) through a
+qemu-storage-daemon child process, on --unix only. The format is what
+the flag declares, never probed from the file. The export offers the
+base:allocation and qemu:allocation-depth meta contexts; writes land in
+FILE only (the backing files are opened read-only), and writes of zeroes
+are turned into unmapped clusters. --workers does not apply to it.`,
 		Example: `  stowage nbd serve --unix /run/stowage/v1.sock /srv/primary/v1.raw
   stowage nbd serve --listen 127.0.0.1:10809 --name v1 --read-only /srv/images/t.raw
+  stowage nbd serve --unix /run/stowage/c1.sock --format qcow2 /srv/primary/c1.qcow2
   nbdinfo --map 'nbd+unix:///?socket=/run/stowage/v1.sock'`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error { return runNBDServe(cmd, f, args[0]) },
@@ -60,6 +74,8 @@ There is no TLS: listen on a unix socket or a trusted network.`,
 	fl.StringVar(&f.description, "description", "", "export description shown by NBD_OPT_LIST")
 	fl.BoolVar(&f.readOnly, "read-only", false, "export read-only: writes, trims and zeroes fail with EPERM")
 	fl.IntVar(&f.workers, "workers", nbd.DefaultWorkers, "requests served at once per connection")
+	fl.StringVar(&f.format, "format", qsd.Raw, "declared format of FILE: raw (Stowage's server) or qcow2 (qemu-storage-daemon, with the backing chain)")
+	fl.StringVar(&f.qsdBinary, "qemu-storage-daemon", qsd.DefaultBinary, "the qemu-storage-daemon binary for --format qcow2")
 	return cmd
 }
 
@@ -73,6 +89,13 @@ func runNBDServe(cmd *cobra.Command, f nbdServeFlags, file string) error {
 	}
 	if f.workers < 1 {
 		return usageError{fmt.Errorf("--workers %d: want at least 1", f.workers)}
+	}
+	switch f.format {
+	case qsd.Raw:
+	case qsd.Qcow2:
+		return runNBDServeQSD(cmd, log, f, file)
+	default:
+		return usageError{fmt.Errorf("--format %q: want raw or qcow2", f.format)}
 	}
 	srv := nbd.NewServer(nbd.ServerOptions{Logger: log, Workers: f.workers})
 	if err := srv.AddExport(f.name, file, nbd.ExportOptions{ReadOnly: f.readOnly, Description: f.description}); err != nil {
@@ -97,6 +120,44 @@ func runNBDServe(cmd *cobra.Command, f nbdServeFlags, file string) error {
 	}
 	log.Info("nbd: serving", "file", file, "export", f.name, "read_only", f.readOnly, "addr", l.Addr().String())
 	return srv.Serve(cmd.Context(), l)
+}
+
+// runNBDServeQSD serves file, a qcow2 image, through a qemu-storage-daemon
+// until the command's context ends, then asks the daemon to quit (it
+// flushes and closes the image) and kills it by PID if it does not.
+func runNBDServeQSD(cmd *cobra.Command, log *slog.Logger, f nbdServeFlags, file string) error {
+	if f.unix == "" {
+		return usageError{errors.New("--format qcow2 serves on --unix only")}
+	}
+	if _, err := os.Stat(file); err != nil {
+		return fmt.Errorf("nbd: %w: %w", err, errdefs.ErrNotFound)
+	}
+	// The daemon's lifetime is ours to end (cleanly, with quit), not the
+	// command context's (which would kill it).
+	life, kill := context.WithCancel(context.WithoutCancel(cmd.Context()))
+	defer kill()
+	d, err := qsd.Start(life, qsd.Options{
+		File: file, Format: f.format, Socket: f.unix, Name: f.name, Description: f.description,
+		Writable: !f.readOnly, Binary: f.qsdBinary, KillWithParent: true,
+	})
+	if errors.Is(err, qsd.ErrExited) {
+		return fmt.Errorf("nbd: %w: %w", err, errdefs.ErrUnavailable)
+	} else if err != nil {
+		return fmt.Errorf("nbd: %w", err)
+	}
+	log.Info("nbd: serving", "file", file, "format", f.format, "export", f.name, "read_only", f.readOnly,
+		"addr", f.unix, "qemu_storage_daemon_pid", d.PID())
+	select {
+	case <-cmd.Context().Done():
+		stop, cancel := context.WithTimeout(context.WithoutCancel(cmd.Context()), 10*time.Second)
+		defer cancel()
+		return d.Stop(stop)
+	case <-d.Done():
+		if err := d.Wait(); err != nil {
+			return err
+		}
+		return fmt.Errorf("nbd: %w before it was stopped", qsd.ErrExited)
+	}
 }
 
 // listenUnix listens on path, replacing a socket left behind by a server
