@@ -356,7 +356,7 @@ func (t *Tool) Info(ctx context.Context, path string, opts ...InfoOption) (Info,
 		Info
 		FormatSpecific struct {
 			Data struct {
-				Corrupt  bool   `json:"corrupt"`
+				Corrupt    bool     `json:"corrupt"`
 				DataFile   string   `json:"data-file"`
 				CreateType string   `json:"create-type"`
 				Extents    []Extent `json:"extents"`
