@@ -79,8 +79,10 @@ func (l *Local) cloneImage(ctx context.Context, req CloneRequest, progress drive
 		return ImageInfo{}, fmt.Errorf("size %d is smaller than the base's %d: %w", size, bi.VirtualSize, errdefs.ErrInvalid)
 	}
 	format := req.Format
-	if foreign := formatOf(baseFormat); foreign.Foreign() && req.Mode != drivers.CloneFull {
-		return ImageInfo{}, fmt.Errorf("base %s is %s, which only qemu-img convert reads: a %s clone would keep it as a volume's base or format; make a full clone (raw or qcow2): %w", req.Base, foreign, req.Mode, errdefs.ErrInvalid)
+	if foreign := formatOf(baseFormat); foreign.Foreign() && req.Mode == drivers.CloneLinked {
+		// A reflink keeps the bytes and the format (a template's copy,
+		// never a volume: the planner makes a volume by a full clone).
+		return ImageInfo{}, fmt.Errorf("base %s is %s, which only qemu-img convert reads: no qcow2 overlay is backed by it; make a full clone (raw or qcow2): %w", req.Base, foreign, errdefs.ErrInvalid)
 	}
 	switch req.Mode {
 	case drivers.CloneLinked:
