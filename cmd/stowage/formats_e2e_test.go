@@ -69,11 +69,17 @@ func TestForeignTemplateFormats(t *testing.T) {
 	server := "https://" + addr
 	controllerProc(t, addr, filepath.Join(root, "ctl"))
 	agentProc(t, server, "h1", "z1", "c1", filepath.Join(root, "a1"))
-	waitFor(t, "h1 Up", 30e9, func() bool { return hostState(t, server, "h1") == "HOST_STATE_UP" })
+	agentProc(t, server, "h2", "z1", "c1", filepath.Join(root, "a2"))
+	waitFor(t, "h1, h2 Up", 30e9, func() bool {
+		return hostState(t, server, "h1") == "HOST_STATE_UP" && hostState(t, server, "h2") == "HOST_STATE_UP"
+	})
 	a := newAPI(server)
-	img := addStore(t, a, "img", stowagev1.StoreRole_STORE_ROLE_IMAGE, filepath.Join(root, "img"), &stowagev1.Scope{Zone: "z1"})
-	p1 := addStore(t, a, "p1", stowagev1.StoreRole_STORE_ROLE_PRIMARY, filepath.Join(root, "p1"), &stowagev1.Scope{Zone: "z1"})
-	idir, pdir := img.GetDetails()["path"], p1.GetDetails()["path"]
+	// The image store and p1 are h1's; p2 is h2's alone: its template
+	// cache is a copy across hosts (the file as it is, checked again there).
+	img := addStore(t, a, "img", stowagev1.StoreRole_STORE_ROLE_IMAGE, filepath.Join(root, "img"), &stowagev1.Scope{Zone: "z1", Cluster: "c1", HostId: "h1"})
+	p1 := addStore(t, a, "p1", stowagev1.StoreRole_STORE_ROLE_PRIMARY, filepath.Join(root, "p1"), &stowagev1.Scope{Zone: "z1", Cluster: "c1", HostId: "h1"})
+	p2 := addStore(t, a, "p2", stowagev1.StoreRole_STORE_ROLE_PRIMARY, filepath.Join(root, "p2"), &stowagev1.Scope{Zone: "z1", Cluster: "c1", HostId: "h2"})
+	idir := img.GetDetails()["path"]
 	ctx := context.Background()
 
 	for _, c := range []struct {
@@ -118,13 +124,20 @@ func TestForeignTemplateFormats(t *testing.T) {
 				t.Fatal("a linked clone of a foreign template was planned")
 			}
 
-			for _, vf := range []stowagev1.ImageFormat{stowagev1.ImageFormat_IMAGE_FORMAT_QCOW2, stowagev1.ImageFormat_IMAGE_FORMAT_RAW} {
-				name := "vol-" + c.qemu + "-" + strings.ToLower(strings.TrimPrefix(vf.String(), "IMAGE_FORMAT_"))
-				cv, err := a.volumes.CreateVolume(ctx, connect.NewRequest(&stowagev1.CreateVolumeRequest{Name: name, TemplateId: tid, StoreId: p1.GetId(), Format: vf}))
+			for _, vc := range []struct {
+				st *stowagev1.DataStore
+				vf stowagev1.ImageFormat
+			}{
+				{p1, stowagev1.ImageFormat_IMAGE_FORMAT_QCOW2}, {p1, stowagev1.ImageFormat_IMAGE_FORMAT_RAW}, {p2, stowagev1.ImageFormat_IMAGE_FORMAT_QCOW2},
+			} {
+				vf, pdir := vc.vf, vc.st.GetDetails()["path"]
+				name := "vol-" + c.qemu + "-" + vc.st.GetName() + "-" + strings.ToLower(strings.TrimPrefix(vf.String(), "IMAGE_FORMAT_"))
+				cv, err := a.volumes.CreateVolume(ctx, connect.NewRequest(&stowagev1.CreateVolumeRequest{Name: name, TemplateId: tid, StoreId: vc.st.GetId(), Format: vf}))
 				if err != nil {
 					t.Fatal(err)
 				}
 				mustSucceed(t, a, cv.Msg.GetJob())
+				t.Logf("%s: %s; steps %v", name, strings.Join(cv.Msg.GetPlan().GetReasons(), "; "), cv.Msg.GetPlan().GetSteps())
 				gv, err := a.volumes.GetVolume(ctx, connect.NewRequest(&stowagev1.GetVolumeRequest{Id: cv.Msg.GetVolume().GetId()}))
 				if err != nil {
 					t.Fatal(err)

@@ -136,7 +136,11 @@ func (fullInstall) CanHandle(r InstallRequest) (Priority, string, drivers.Format
 		if f == "" {
 			f = drivers.FormatQCOW2
 		}
-		return Default, fmt.Sprintf("a full sparse copy converted by qemu-img convert -f %s to %s (the template is %s, which the copy engine cannot read and no volume is in)", r.TemplateFormat, f, r.TemplateFormat), f
+		qf := string(r.TemplateFormat)
+		if r.TemplateFormat == drivers.FormatVHD {
+			qf = "vpc" // qemu's name for VHD
+		}
+		return Default, fmt.Sprintf("a full sparse copy converted by qemu-img convert -f %s -O %s (the template is %s, which the copy engine cannot read and no volume is in)", qf, f, r.TemplateFormat), f
 	}
 	if f == "" {
 		f = r.TemplateFormat
