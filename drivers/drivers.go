@@ -108,7 +108,20 @@ const (
 	FormatRaw   Format = "raw"
 	FormatQCOW2 Format = "qcow2"
 	FormatISO   Format = "iso"
+	// The foreign template formats: a template of one is kept as
+	// uploaded on an image store and converted (qemu-img convert, the
+	// format declared, never probed) to raw or qcow2 wherever it is
+	// installed; no volume is ever in one, and no overlay backs onto one.
+	FormatVHD  Format = "vhd" // qemu's "vpc"
+	FormatVHDX Format = "vhdx"
+	FormatVMDK Format = "vmdk" // monolithic sparse or streamOptimized only
 )
+
+// Foreign reports whether f is a template-only format (vhd, vhdx, vmdk)
+// that the copy engine cannot read and a volume cannot be in.
+func (f Format) Foreign() bool {
+	return f == FormatVHD || f == FormatVHDX || f == FormatVMDK
+}
 
 // DataObject is an object on a store: the entity and the store it lives on
 // (the same template is a different DataObject on an image and a primary store).

@@ -21,6 +21,9 @@ var formats = []struct {
 	{drivers.FormatRaw, stowagev1.ImageFormat_IMAGE_FORMAT_RAW},
 	{drivers.FormatQCOW2, stowagev1.ImageFormat_IMAGE_FORMAT_QCOW2},
 	{drivers.FormatISO, stowagev1.ImageFormat_IMAGE_FORMAT_ISO},
+	{drivers.FormatVHD, stowagev1.ImageFormat_IMAGE_FORMAT_VHD},
+	{drivers.FormatVHDX, stowagev1.ImageFormat_IMAGE_FORMAT_VHDX},
+	{drivers.FormatVMDK, stowagev1.ImageFormat_IMAGE_FORMAT_VMDK},
 }
 
 // FormatToProto converts an image format for the wire.

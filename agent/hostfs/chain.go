@@ -33,12 +33,12 @@ const maxChain = 256
 // agent never probes.
 func declared(what string, f drivers.Format) (string, error) {
 	switch f {
-	case drivers.FormatRaw, drivers.FormatQCOW2, drivers.FormatISO:
+	case drivers.FormatRaw, drivers.FormatQCOW2, drivers.FormatISO, drivers.FormatVHD, drivers.FormatVHDX, drivers.FormatVMDK:
 		return diskFormat(f), nil
 	case "":
 		return "", fmt.Errorf("%s: no format declared; the agent opens an existing image only as the format its records give, never probing it: %w", what, errdefs.ErrInvalid)
 	}
-	return "", fmt.Errorf("%s: declared format %q is not raw, qcow2 or iso: %w", what, f, errdefs.ErrInvalid)
+	return "", fmt.Errorf("%s: declared format %q is not raw, qcow2, iso, vhd, vhdx or vmdk: %w", what, f, errdefs.ErrInvalid)
 }
 
 // storeOf returns the store directory holding host (a path on this
@@ -184,12 +184,24 @@ func (l *Local) openDeclared(ctx context.Context, host, format string, exclusive
 	if !exclusive {
 		opts = append(opts, qemuimg.ForceShare())
 	}
+	if f := formatOf(format); f.Foreign() {
+		if err := foreignMagic(host, f); err != nil {
+			return qemuimg.Info{}, err
+		}
+	}
 	qi, err := l.qemu.Info(ctx, host, opts...)
 	if err != nil {
 		return qi, err
 	}
 	if format == qemuimg.FormatQCOW2 {
 		if err := l.checkChain(ctx, host, qi); err != nil {
+			return qi, err
+		}
+	}
+	if f := formatOf(format); f.Foreign() {
+		// Validated at import; checked again wherever it is opened (a
+		// downloaded copy is a new file).
+		if err := checkForeign(host, f, qi); err != nil {
 			return qi, err
 		}
 	}

@@ -79,6 +79,11 @@ func (l *Local) cloneImage(ctx context.Context, req CloneRequest, progress drive
 		return ImageInfo{}, fmt.Errorf("size %d is smaller than the base's %d: %w", size, bi.VirtualSize, errdefs.ErrInvalid)
 	}
 	format := req.Format
+	if foreign := formatOf(baseFormat); foreign.Foreign() && req.Mode == drivers.CloneLinked {
+		// A reflink keeps the bytes and the format (a template's copy,
+		// never a volume: the planner makes a volume by a full clone).
+		return ImageInfo{}, fmt.Errorf("base %s is %s, which only qemu-img convert reads: no qcow2 overlay is backed by it; make a full clone (raw or qcow2): %w", req.Base, foreign, errdefs.ErrInvalid)
+	}
 	switch req.Mode {
 	case drivers.CloneLinked:
 		if format != "" && format != drivers.FormatQCOW2 {
@@ -97,6 +102,10 @@ func (l *Local) cloneImage(ctx context.Context, req CloneRequest, progress drive
 	case drivers.CloneFull:
 		if format == "" {
 			format = formatOf(baseFormat)
+		}
+		if format.Foreign() {
+			// A volume is never in a foreign format: converted to qcow2.
+			format = drivers.FormatQCOW2
 		}
 	default:
 		return ImageInfo{}, fmt.Errorf("clone mode %q is not reflink, linked or full: %w", req.Mode, errdefs.ErrInvalid)
@@ -155,7 +164,9 @@ func (l *Local) cloneImage(ctx context.Context, req CloneRequest, progress drive
 // standalone image of format at stage. si is src's info, read with its
 // declared format asserted (si.Format is that format), its chain checked.
 func (l *Local) fullCopy(ctx context.Context, src string, si qemuimg.Info, stage string, format drivers.Format, progress drivers.Progress) (stream.Result, error) {
-	if format == drivers.FormatRaw {
+	if format == drivers.FormatRaw && (si.Format == qemuimg.FormatRaw || si.Format == qemuimg.FormatQCOW2) {
+		// The copy engine reads raw and qcow2 only; vhd, vhdx and vmdk
+		// go to qemu-img convert with their declared format below.
 		res, err := streamCopy(ctx, src, stream.SourceOptions{Format: si.Format}, stage, stream.Options{Progress: copyProgress(progress)})
 		if err == nil || !errors.Is(err, errdefs.ErrNotImplemented) {
 			return res, err

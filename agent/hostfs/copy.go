@@ -38,10 +38,15 @@ func (l *Local) copyImage(ctx context.Context, req CopyRequest, progress drivers
 	if err != nil {
 		return ImageInfo{}, err
 	}
-	switch req.Format {
-	case "", drivers.FormatRaw, drivers.FormatQCOW2, drivers.FormatISO:
+	switch {
+	case req.Format == "", req.Format == drivers.FormatRaw, req.Format == drivers.FormatQCOW2, req.Format == drivers.FormatISO:
+	case req.Format.Foreign() && req.Format == req.SourceFormat:
+		// A vhd, vhdx or vmdk template copied as it is (the template
+		// cache on a primary store); it is converted when installed.
+	case req.Format.Foreign():
+		return ImageInfo{}, fmt.Errorf("format %s is only kept as uploaded, never written from %q: convert to raw or qcow2: %w", req.Format, req.SourceFormat, errdefs.ErrInvalid)
 	default:
-		return ImageInfo{}, fmt.Errorf("format %q is not raw, qcow2 or iso: %w", req.Format, errdefs.ErrInvalid)
+		return ImageInfo{}, fmt.Errorf("format %q is not raw, qcow2, iso, vhd, vhdx or vmdk: %w", req.Format, errdefs.ErrInvalid)
 	}
 	srcFormat, err := declared("source", req.SourceFormat)
 	if err != nil {

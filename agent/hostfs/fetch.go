@@ -42,9 +42,9 @@ func (l *Local) fetchImage(ctx context.Context, req FetchRequest, progress drive
 		return ImageInfo{}, err
 	}
 	switch req.Format {
-	case drivers.FormatRaw, drivers.FormatQCOW2, drivers.FormatISO:
+	case drivers.FormatRaw, drivers.FormatQCOW2, drivers.FormatISO, drivers.FormatVHD, drivers.FormatVHDX, drivers.FormatVMDK:
 	default:
-		return ImageInfo{}, fmt.Errorf("format %q is not raw, qcow2 or iso: %w", req.Format, errdefs.ErrInvalid)
+		return ImageInfo{}, fmt.Errorf("format %q is not raw, qcow2, iso, vhd, vhdx or vmdk: %w", req.Format, errdefs.ErrInvalid)
 	}
 	sum, err := checksum.Parse(req.Checksum)
 	if err != nil {
@@ -149,6 +149,13 @@ const (
 // (no backing file, no external data file), unencrypted and pass qemu-img
 // check. Failures are errdefs.ErrInvalid.
 func (l *Local) validateImage(ctx context.Context, host string, format drivers.Format) (qemuimg.Info, error) {
+	if format.Foreign() {
+		// The signature first: probing a vmdk descriptor would open the
+		// extent files it names.
+		if err := foreignMagic(host, format); err != nil {
+			return qemuimg.Info{}, err
+		}
+	}
 	probed, err := l.qemu.Info(ctx, host)
 	if err != nil {
 		return probed, err
@@ -194,6 +201,8 @@ func (l *Local) validateImage(ctx context.Context, host string, format drivers.F
 			return qi, fmt.Errorf("qcow2 image fails qemu-img check (%d corruptions, %d errors): %w", r.Corruptions, r.CheckErrors, errdefs.ErrInvalid)
 		}
 		return qi, nil
+	case drivers.FormatVHD, drivers.FormatVHDX, drivers.FormatVMDK:
+		return l.validateForeign(ctx, host, format)
 	}
 	return probed, nil
 }

@@ -212,7 +212,7 @@ func TestFetchImage(t *testing.T) {
 		{"iso without signature", FetchRequest{Source: srv.URL + "/fake.iso", Format: drivers.FormatISO}, errdefs.ErrInvalid, "ISO 9660"},
 		{"qcow2 declared iso", FetchRequest{Source: srv.URL + "/t.qcow2", Format: drivers.FormatISO}, errdefs.ErrInvalid, "qcow2"},
 		{"bad checksum syntax", FetchRequest{Source: srv.URL + "/t.raw", Format: drivers.FormatRaw, Checksum: "crc32:1234"}, errdefs.ErrInvalid, "checksum"},
-		{"unknown format", FetchRequest{Source: srv.URL + "/t.raw", Format: "vmdk"}, errdefs.ErrInvalid, "format"},
+		{"unknown format", FetchRequest{Source: srv.URL + "/t.raw", Format: "vdi"}, errdefs.ErrInvalid, "format"},
 	} {
 		c.req.Dest = filepath.Join(bad, "x.img")
 		_, err := l.FetchImage(ctx, c.req, nil)

@@ -84,14 +84,19 @@ func formatOf(name string) drivers.Format {
 		return drivers.FormatRaw
 	case qemuimg.FormatQCOW2:
 		return drivers.FormatQCOW2
+	case qemuimg.FormatVPC:
+		return drivers.FormatVHD
 	}
 	return drivers.Format(name)
 }
 
 // diskFormat is the qemu-img format of an object format (an ISO is raw).
 func diskFormat(f drivers.Format) string {
-	if f == drivers.FormatISO {
+	switch f {
+	case drivers.FormatISO:
 		return qemuimg.FormatRaw
+	case drivers.FormatVHD:
+		return qemuimg.FormatVPC
 	}
 	return string(f)
 }

@@ -32,6 +32,9 @@ func (l *Local) resizeImage(ctx context.Context, path string, format drivers.For
 	if err != nil {
 		return ImageInfo{}, err
 	}
+	if format.Foreign() {
+		return ImageInfo{}, fmt.Errorf("a %s image is kept as uploaded and never resized: %w", format, errdefs.ErrInvalid)
+	}
 	if size <= 0 || size%qemuimg.SectorSize != 0 {
 		return ImageInfo{}, fmt.Errorf("size %d is not a positive multiple of %d bytes: %w", size, qemuimg.SectorSize, errdefs.ErrInvalid)
 	}

@@ -50,6 +50,14 @@ func TestEnumFlags(t *testing.T) {
 	if exitCode(err) != 2 || !strings.Contains(err.Error(), "want raw or qcow2") {
 		t.Errorf("parseFormat(iso) for a volume: %v", err)
 	}
+	for in, want := range map[string]stowagev1.ImageFormat{"vhd": stowagev1.ImageFormat_IMAGE_FORMAT_VHD, "VHDX": stowagev1.ImageFormat_IMAGE_FORMAT_VHDX, "vmdk": stowagev1.ImageFormat_IMAGE_FORMAT_VMDK} {
+		if f, err := parseFormat(in, "raw", "qcow2", "iso", "vhd", "vhdx", "vmdk"); err != nil || f != want {
+			t.Errorf("parseFormat(%s) for a template = %v, %v", in, f, err)
+		}
+		if _, err := parseFormat(in, "raw", "qcow2"); exitCode(err) != 2 {
+			t.Errorf("parseFormat(%s) for a volume: %v", in, err)
+		}
+	}
 	st, err := enumFlag[stowagev1.JobState]("--state", "Running", stowagev1.JobState_value, "JOB_STATE_", "running", "failed")
 	if err != nil || st != stowagev1.JobState_JOB_STATE_RUNNING {
 		t.Errorf("--state Running = %v, %v", st, err)

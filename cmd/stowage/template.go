@@ -30,13 +30,13 @@ func newTemplateRegisterCmd() *cobra.Command {
 	var name, url, format, checksum, zone string
 	var stores []string
 	cmd := &cobra.Command{
-		Use:   "register --name N --url URL --format raw|qcow2|iso [--checksum sha256:HEX]",
+		Use:   "register --name N --url URL --format raw|qcow2|iso|vhd|vhdx|vmdk [--checksum sha256:HEX]",
 		Short: "Download a template or ISO from a URL into image stores",
 		Example: `  stowage template register --name ubuntu-24.04 --format qcow2 \
     --url https://cloud-images.ubuntu.com/noble/current/noble-server-cloudimg-amd64.img --wait`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			fm, err := parseFormat(format, "raw", "qcow2", "iso")
+			fm, err := parseFormat(format, "raw", "qcow2", "iso", "vhd", "vhdx", "vmdk")
 			if err != nil {
 				return err
 			}
@@ -54,7 +54,7 @@ func newTemplateRegisterCmd() *cobra.Command {
 	fl := cmd.Flags()
 	fl.StringVar(&name, "name", "", "template name, unique")
 	fl.StringVar(&url, "url", "", "where to download it from: https://, http:// (with --checksum), or file:// beneath the controller's and the agent's --import-dir")
-	fl.StringVar(&format, "format", "", "raw, qcow2 or iso")
+	fl.StringVar(&format, "format", "", "raw, qcow2, iso, vhd (a VHD, qemu's vpc), vhdx or vmdk (monolithic sparse or streamOptimized); vhd, vhdx and vmdk are converted to the primary store's format on install")
 	fl.StringVar(&checksum, "checksum", "", "expected checksum: sha256:HEX, sha512:HEX or md5:HEX")
 	fl.StringSliceVar(&stores, "store", nil, "image store id or name to hold it (repeatable; default: the one with the most free space)")
 	fl.StringVar(&zone, "zone", "", "zone")

@@ -30,7 +30,7 @@ func FormatFromProto(f stowagev1.ImageFormat) (drivers.Format, error) {
 	if df := hostops.FormatFromProto(f); df != "" {
 		return df, nil
 	}
-	return "", fmt.Errorf("format is required: raw, qcow2 or iso: %w", errdefs.ErrInvalid)
+	return "", fmt.Errorf("format is required: raw, qcow2, iso, vhd, vhdx or vmdk: %w", errdefs.ErrInvalid)
 }
 
 // checkChecksum validates an operator's checksum and returns it as

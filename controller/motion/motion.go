@@ -76,6 +76,8 @@ func (reflinkInstall) CanHandle(r InstallRequest) (Priority, string, drivers.For
 	switch {
 	case !r.StoreReflink:
 		return CantHandle, "the store's filesystem cannot clone extents", ""
+	case r.TemplateFormat.Foreign():
+		return CantHandle, fmt.Sprintf("a reflink keeps the template's format (%s), which no volume is in", r.TemplateFormat), ""
 	case r.VolumeFormat != "" && r.VolumeFormat != r.TemplateFormat:
 		return CantHandle, fmt.Sprintf("a reflink keeps the template's format (%s), %s was asked", r.TemplateFormat, r.VolumeFormat), ""
 	}
@@ -92,6 +94,9 @@ func (linkedInstall) CanHandle(r InstallRequest) (Priority, string, drivers.Form
 	}
 	if r.TemplateFormat == drivers.FormatISO {
 		return CantHandle, "an ISO is not a disk", ""
+	}
+	if r.TemplateFormat.Foreign() {
+		return CantHandle, foreignNoOverlay(r.TemplateFormat), ""
 	}
 	return Hypervisor, "O(1) qcow2 overlay backed by the cached template (kept while referenced)", drivers.FormatQCOW2
 }
@@ -110,6 +115,8 @@ func (lazyInstall) CanHandle(r InstallRequest) (Priority, string, drivers.Format
 		return CantHandle, "a lazy volume is a qcow2 overlay, " + string(r.VolumeFormat) + " was asked", ""
 	case r.TemplateFormat == drivers.FormatISO:
 		return CantHandle, "an ISO is not a disk", ""
+	case r.TemplateFormat.Foreign():
+		return CantHandle, foreignNoOverlay(r.TemplateFormat), ""
 	case !r.Mounted:
 		return CantHandle, "no Up host reaching the store shows the template in its template mount (stowage cache serve)", ""
 	}
@@ -125,6 +132,16 @@ func (fullInstall) CanHandle(r InstallRequest) (Priority, string, drivers.Format
 		return CantHandle, "an ISO is not a disk", ""
 	}
 	f := r.VolumeFormat
+	if r.TemplateFormat.Foreign() {
+		if f == "" {
+			f = drivers.FormatQCOW2
+		}
+		qf := string(r.TemplateFormat)
+		if r.TemplateFormat == drivers.FormatVHD {
+			qf = "vpc" // qemu's name for VHD
+		}
+		return Default, fmt.Sprintf("a full sparse copy converted by qemu-img convert -f %s -O %s (the template is %s, which the copy engine cannot read and no volume is in)", qf, f, r.TemplateFormat), f
+	}
 	if f == "" {
 		f = r.TemplateFormat
 	}
@@ -163,4 +180,9 @@ func PickInstall(req InstallRequest, want string) (Decision, error) {
 		return d, fmt.Errorf("no install strategy can make this volume: %v: %w", d.Reasons, errdefs.ErrInvalid)
 	}
 	return d, nil
+}
+
+// foreignNoOverlay says why a vhd, vhdx or vmdk template cannot back an overlay.
+func foreignNoOverlay(f drivers.Format) string {
+	return fmt.Sprintf("the template is %s: a qcow2 overlay cannot be backed by it (only qemu-img convert reads it; a volume's base must be raw or qcow2), so it is copied in full", f)
 }

@@ -27,6 +27,11 @@ func TestPickInstall(t *testing.T) {
 		{"forced linked with raw refused", InstallRequest{TemplateFormat: drivers.FormatRaw, VolumeFormat: drivers.FormatRaw}, "linked", "", "", errdefs.ErrInvalid},
 		{"unknown strategy", InstallRequest{TemplateFormat: drivers.FormatRaw}, "magic", "", "", errdefs.ErrInvalid},
 		{"iso refused", InstallRequest{TemplateFormat: drivers.FormatISO}, "auto", "", "", errdefs.ErrInvalid},
+		{"vhd on reflink xfs is a full qcow2 copy", InstallRequest{TemplateFormat: drivers.FormatVHD, StoreReflink: true, Mounted: true}, "auto", "full", drivers.FormatQCOW2, nil},
+		{"vmdk to raw is full", InstallRequest{TemplateFormat: drivers.FormatVMDK, VolumeFormat: drivers.FormatRaw}, "", "full", drivers.FormatRaw, nil},
+		{"vhdx forced linked refused", InstallRequest{TemplateFormat: drivers.FormatVHDX}, "linked", "", "", errdefs.ErrInvalid},
+		{"vhd forced lazy refused", InstallRequest{TemplateFormat: drivers.FormatVHD, Mounted: true}, "lazy", "", "", errdefs.ErrInvalid},
+		{"vmdk forced reflink refused", InstallRequest{TemplateFormat: drivers.FormatVMDK, VolumeFormat: drivers.FormatVMDK, StoreReflink: true}, "reflink", "", "", errdefs.ErrInvalid},
 	} {
 		d, err := PickInstall(tc.req, tc.want)
 		if tc.err != nil {

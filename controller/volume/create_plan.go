@@ -31,8 +31,8 @@ func (s *Service) Create(ctx context.Context, req *stowagev1.CreateVolumeRequest
 	var want drivers.Format
 	if req.GetFormat() != stowagev1.ImageFormat_IMAGE_FORMAT_UNSPECIFIED {
 		f, err := image.FormatFromProto(req.GetFormat())
-		if err != nil || f == drivers.FormatISO {
-			return nil, fmt.Errorf("volume format must be raw or qcow2: %w", errdefs.ErrInvalid)
+		if err != nil || f == drivers.FormatISO || f.Foreign() {
+			return nil, fmt.Errorf("volume format must be raw or qcow2 (vhd, vhdx and vmdk are template formats, converted on install): %w", errdefs.ErrInvalid)
 		}
 		want = f
 	}

@@ -64,7 +64,7 @@ func (s *Service) locateTemplate(st *stowagev1.DataStore, t *stowagev1.Template)
 
 func formatOf(v *stowagev1.Volume) (drivers.Format, error) {
 	f, err := image.FormatFromProto(v.GetFormat())
-	if err != nil || f == drivers.FormatISO {
+	if err != nil || f == drivers.FormatISO || f.Foreign() {
 		return "", fmt.Errorf("volume %s has no disk format: %w", v.GetId(), errdefs.ErrInternal)
 	}
 	return f, nil

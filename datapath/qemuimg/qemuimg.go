@@ -57,6 +57,14 @@ const (
 	FormatQCOW2 = "qcow2"
 )
 
+// The foreign formats Stowage reads (Info, Check, Convert -f) but never
+// writes: templates as other clouds export them.
+const (
+	FormatVPC  = "vpc" // VHD
+	FormatVHDX = "vhdx"
+	FormatVMDK = "vmdk"
+)
+
 // SectorSize is the unit of a virtual disk size: qemu-img rounds sizes up to
 // a multiple of it, so Create accepts only multiples.
 const SectorSize = 512
@@ -287,6 +295,18 @@ type Info struct {
 	// data), "" when the image holds its own data. An image from an
 	// untrusted source must not have one: it can name any file or device.
 	DataFile string `json:"-"`
+	// CreateType is a vmdk's create type (format-specific data):
+	// "monolithicSparse", "streamOptimized", "monolithicFlat", ...
+	CreateType string `json:"-"`
+	// Extents are a vmdk's extent files (format-specific data): one naming
+	// the image itself for a monolithic sparse or streamOptimized image.
+	Extents []Extent `json:"-"`
+}
+
+// Extent is one extent file of a vmdk as qemu-img info reports it.
+type Extent struct {
+	Filename string `json:"filename"`
+	Format   string `json:"format"`
 }
 
 // InfoOption tunes Info.
@@ -336,8 +356,10 @@ func (t *Tool) Info(ctx context.Context, path string, opts ...InfoOption) (Info,
 		Info
 		FormatSpecific struct {
 			Data struct {
-				Corrupt  bool   `json:"corrupt"`
-				DataFile string `json:"data-file"`
+				Corrupt    bool     `json:"corrupt"`
+				DataFile   string   `json:"data-file"`
+				CreateType string   `json:"create-type"`
+				Extents    []Extent `json:"extents"`
 			} `json:"data"`
 		} `json:"format-specific"`
 	}
@@ -347,6 +369,8 @@ func (t *Tool) Info(ctx context.Context, path string, opts ...InfoOption) (Info,
 	info := raw.Info
 	info.Corrupt = raw.FormatSpecific.Data.Corrupt
 	info.DataFile = raw.FormatSpecific.Data.DataFile
+	info.CreateType = raw.FormatSpecific.Data.CreateType
+	info.Extents = raw.FormatSpecific.Data.Extents
 	return info, nil
 }
 

@@ -44,6 +44,9 @@ var extensions = map[drivers.Format]string{
 	drivers.FormatRaw:   ".raw",
 	drivers.FormatQCOW2: ".qcow2",
 	drivers.FormatISO:   ".iso",
+	drivers.FormatVHD:   ".vhd",
+	drivers.FormatVHDX:  ".vhdx",
+	drivers.FormatVMDK:  ".vmdk",
 }
 
 // formatOf returns the format a file name's extension says ("" if none).
@@ -94,7 +97,7 @@ func locate(obj drivers.DataObject) (string, error) {
 		return dirVolumes + "/" + obj.ID + ext, nil
 	case drivers.ObjectTemplate:
 		if !ok {
-			return "", fmt.Errorf("template %s has format %q, not raw, qcow2 or iso: %w", obj.ID, obj.Format, errdefs.ErrInvalid)
+			return "", fmt.Errorf("template %s has format %q, not raw, qcow2, iso, vhd, vhdx or vmdk: %w", obj.ID, obj.Format, errdefs.ErrInvalid)
 		}
 		return dirTemplates + "/" + obj.ID + ext, nil
 	case drivers.ObjectSnapshot:

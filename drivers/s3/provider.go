@@ -116,6 +116,9 @@ func ext(f drivers.Format) (string, error) {
 	case drivers.FormatRaw, drivers.FormatQCOW2, drivers.FormatISO:
 		return "." + string(f), nil
 	}
+	if f.Foreign() {
+		return "", fmt.Errorf("format %s: an S3 image store holds raw, qcow2 or iso; register a vhd, vhdx or vmdk template on a filesystem image store (its structure is validated by qemu-img on the stored file): %w", f, errdefs.ErrInvalid)
+	}
 	return "", fmt.Errorf("format %q: want raw, qcow2 or iso: %w", f, errdefs.ErrInvalid)
 }
 

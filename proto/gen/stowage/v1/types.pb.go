@@ -491,6 +491,12 @@ const (
 	ImageFormat_IMAGE_FORMAT_RAW         ImageFormat = 1
 	ImageFormat_IMAGE_FORMAT_QCOW2       ImageFormat = 2
 	ImageFormat_IMAGE_FORMAT_ISO         ImageFormat = 3
+	// VHD (qemu's vpc), VHDX and VMDK (monolithic sparse or streamOptimized)
+	// are template formats only: kept as uploaded on an image store,
+	// converted to raw or qcow2 on install to a primary store.
+	ImageFormat_IMAGE_FORMAT_VHD  ImageFormat = 4
+	ImageFormat_IMAGE_FORMAT_VHDX ImageFormat = 5
+	ImageFormat_IMAGE_FORMAT_VMDK ImageFormat = 6
 )
 
 // Enum value maps for ImageFormat.
@@ -500,12 +506,18 @@ var (
 		1: "IMAGE_FORMAT_RAW",
 		2: "IMAGE_FORMAT_QCOW2",
 		3: "IMAGE_FORMAT_ISO",
+		4: "IMAGE_FORMAT_VHD",
+		5: "IMAGE_FORMAT_VHDX",
+		6: "IMAGE_FORMAT_VMDK",
 	}
 	ImageFormat_value = map[string]int32{
 		"IMAGE_FORMAT_UNSPECIFIED": 0,
 		"IMAGE_FORMAT_RAW":         1,
 		"IMAGE_FORMAT_QCOW2":       2,
 		"IMAGE_FORMAT_ISO":         3,
+		"IMAGE_FORMAT_VHD":         4,
+		"IMAGE_FORMAT_VHDX":        5,
+		"IMAGE_FORMAT_VMDK":        6,
 	}
 )
 
@@ -3521,12 +3533,15 @@ const file_stowage_v1_types_proto_rawDesc = "" +
 	"\x14JOB_STATE_CANCELLING\x10\x03\x12\x17\n" +
 	"\x13JOB_STATE_SUCCEEDED\x10\x04\x12\x14\n" +
 	"\x10JOB_STATE_FAILED\x10\x05\x12\x17\n" +
-	"\x13JOB_STATE_CANCELLED\x10\x06*o\n" +
+	"\x13JOB_STATE_CANCELLED\x10\x06*\xb3\x01\n" +
 	"\vImageFormat\x12\x1c\n" +
 	"\x18IMAGE_FORMAT_UNSPECIFIED\x10\x00\x12\x14\n" +
 	"\x10IMAGE_FORMAT_RAW\x10\x01\x12\x16\n" +
 	"\x12IMAGE_FORMAT_QCOW2\x10\x02\x12\x14\n" +
-	"\x10IMAGE_FORMAT_ISO\x10\x03*d\n" +
+	"\x10IMAGE_FORMAT_ISO\x10\x03\x12\x14\n" +
+	"\x10IMAGE_FORMAT_VHD\x10\x04\x12\x15\n" +
+	"\x11IMAGE_FORMAT_VHDX\x10\x05\x12\x15\n" +
+	"\x11IMAGE_FORMAT_VMDK\x10\x06*d\n" +
 	"\fSnapshotKind\x12\x1d\n" +
 	"\x19SNAPSHOT_KIND_UNSPECIFIED\x10\x00\x12\x16\n" +
 	"\x12SNAPSHOT_KIND_FULL\x10\x01\x12\x1d\n" +
