@@ -133,6 +133,18 @@ func (s *Service) snapshotOf(ctx context.Context, st *stowagev1.DataStore, v *st
 
 // Take plans and starts a snapshot of a volume.
 func (s *Service) Take(ctx context.Context, req *stowagev1.TakeSnapshotRequest) (*stowagev1.TakeSnapshotResponse, error) {
+	// A retry with the key of an earlier request returns its job before
+	// any check: the volume that job made busy must not refuse it.
+	if job, ok, err := s.earlier(ctx, req.GetIdempotencyKey(), req.GetDryRun()); err != nil || ok {
+		if err != nil {
+			return nil, err
+		}
+		snap, err := s.db.Snapshots().Get(ctx, job.GetTargetId())
+		if err != nil && !errdefs.IsNotFound(err) {
+			return nil, err
+		}
+		return &stowagev1.TakeSnapshotResponse{Snapshot: snap, Job: job, Plan: job.GetPlan()}, nil
+	}
 	v, err := s.volumes.Get(ctx, req.GetVolumeId())
 	if err != nil {
 		return nil, err
