@@ -199,7 +199,9 @@ func TestRegisterValidation(t *testing.T) {
 		t.Errorf("refusals made %d jobs", len(js))
 	}
 	// The same http URL with a checksum is accepted.
-	if _, err := w.s.Register(w.ctx, good(func(r *stowagev1.RegisterTemplateRequest) { r.Url, r.Checksum, r.DryRun = "http://example.com/x.qcow2", sum, true })); err != nil {
+	if _, err := w.s.Register(w.ctx, good(func(r *stowagev1.RegisterTemplateRequest) {
+		r.Url, r.Checksum, r.DryRun = "http://example.com/x.qcow2", sum, true
+	})); err != nil {
 		t.Errorf("plain http with a checksum: %v", err)
 	}
 }
