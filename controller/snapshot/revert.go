@@ -68,6 +68,13 @@ func (s *Service) Revert(ctx context.Context, id string, dryRun bool) (*stowagev
 	if err != nil {
 		return nil, err
 	}
+	switch sn.GetState() {
+	case stowagev1.SnapshotState_SNAPSHOT_STATE_DESTROYING, stowagev1.SnapshotState_SNAPSHOT_STATE_DESTROYED:
+		// Its delete job removes the copies one by one: the primary one
+		// may still be Ready, but the volume must not come to read a file
+		// that is about to go.
+		return nil, fmt.Errorf("snapshot %s is %s: it is being deleted: %w", sn.GetId(), meta.SnapshotStateName(sn.GetState()), errdefs.ErrFailedPrecondition)
+	}
 	ref := refOn(refs, stowagev1.StoreRole_STORE_ROLE_PRIMARY)
 	if ref == nil {
 		return nil, fmt.Errorf("snapshot %s has no copy on primary to revert to; create a volume from its backup instead: %w", sn.GetId(), errdefs.ErrFailedPrecondition)

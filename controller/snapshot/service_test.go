@@ -288,6 +288,15 @@ func TestRevertRefusals(t *testing.T) {
 	_, err = w.s.Revert(w.ctx, moved.GetId(), false)
 	wantClass(t, "revert after the volume moved", err, errdefs.ErrFailedPrecondition, "moved to another store")
 
+	// A snapshot whose delete job runs: its primary copy is still Ready
+	// until the job reaches it, but the volume must not start reading it.
+	dying, _ := w.snap(v, p, primary, "", []meta.SnapshotEvent{meta.SnapshotCreateRequested, meta.SnapshotOperationSucceeded, meta.SnapshotDestroyRequested}, ready)
+	_, err = w.s.Revert(w.ctx, dying.GetId(), false)
+	wantClass(t, "revert to a snapshot being deleted", err, errdefs.ErrFailedPrecondition, "is Destroying: it is being deleted")
+	if got := w.vol(v.GetId()); got.GetState() != stowagev1.VolumeState_VOLUME_STATE_READY {
+		t.Errorf("a refused revert changed the volume: %s", meta.VolumeStateName(got.GetState()))
+	}
+
 	good, gr := w.snap(v, p, primary, "", onPrimary, ready)
 	if _, err := w.db.Volumes().Transition(w.ctx, v.GetId(), meta.VolumeResizeRequested, func(v *stowagev1.Volume) error { v.BusyJobId = "resize-1"; return nil }); err != nil {
 		t.Fatal(err)
