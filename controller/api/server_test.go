@@ -294,6 +294,35 @@ func TestRepliesAreRedactedOnTheWire(t *testing.T) {
 	if len(jobs.Msg.GetJobs()) != 2 || job.Msg.GetJob().GetError() == "" {
 		t.Errorf("ListJobs for the template: %d jobs, GetJob error %q", len(jobs.Msg.GetJobs()), job.Msg.GetJob().GetError())
 	}
+	// WatchJob streams the same redacted record, and ends on a finished job.
+	stream, err := e.jobs.WatchJob(e.ctx, connect.NewRequest(&stowagev1.WatchJobRequest{Id: failed.GetId()}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var seen int
+	for stream.Receive() {
+		seen++
+		if s := stream.Msg().String(); strings.Contains(s, "Hunter2pw") || strings.Contains(s, "SIGSECRET") || !strings.Contains(s, "connection reset") {
+			t.Errorf("WatchJob sends %s", s)
+		}
+	}
+	if err := stream.Err(); err != nil || seen != 1 {
+		t.Errorf("WatchJob of a failed job: %d messages, %v; want one, then the end", seen, err)
+	}
+	stream.Close()
+	// A watch of an unknown job is not_found, through the streaming path.
+	stream, err = e.jobs.WatchJob(e.ctx, connect.NewRequest(&stowagev1.WatchJobRequest{Id: "01NOPE"}))
+	if err == nil {
+		for stream.Receive() {
+			t.Error("WatchJob of an unknown job sent a message")
+		}
+		err = stream.Err()
+		stream.Close()
+	}
+	if connect.CodeOf(err) != connect.CodeNotFound {
+		t.Errorf("WatchJob of an unknown job: %v, want not_found", err)
+	}
+
 	rec, err := e.db.Templates().Get(e.ctx, tmplID)
 	if err != nil || rec.GetUrl() != url {
 		t.Errorf("the record's URL: %q %v, want it whole", rec.GetUrl(), err)
