@@ -15,9 +15,11 @@ import (
 	"time"
 
 	"github.com/stowage/stowage/controller/meta"
+	"github.com/stowage/stowage/datapath/netguard"
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/drivers/s3"
 	"github.com/stowage/stowage/drivers/s3/s3test"
+	"github.com/stowage/stowage/errdefs"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 )
 
@@ -29,16 +31,7 @@ import (
 // mount planner does all its work in-process.
 func (w *world) s3Image(srv *s3test.Server, t *stowagev1.Template, raw []byte) (*stowagev1.DataStore, *stowagev1.TemplateOnStore) {
 	w.t.Helper()
-	cred := filepath.Join(w.t.TempDir(), "s3.cred")
-	if err := os.WriteFile(cred, fmt.Appendf(nil, "access_key=%s\nsecret_key=%s\n", srv.AccessKey, srv.SecretKey), 0o600); err != nil {
-		w.t.Fatal(err)
-	}
-	st, err := w.stores.Add(w.ctx, &stowagev1.AddStoreRequest{Name: "s3img", Role: imageRole, Provider: s3.Name, Url: "s3://" + srv.Bucket + "/mounts",
-		Scope:   &stowagev1.Scope{Zone: "z1"},
-		Details: map[string]string{s3.DetailEndpoint: srv.Endpoint, s3.DetailRegion: srv.Region, s3.DetailCredentialsFile: cred}})
-	if err != nil {
-		w.t.Fatal(err)
-	}
+	st := w.addS3(srv)
 	web := httptest.NewServer(http.HandlerFunc(func(rw http.ResponseWriter, _ *http.Request) { rw.Write(raw) }))
 	defer web.Close()
 	key, err := w.s.Locate(st, t)
@@ -65,6 +58,29 @@ func (w *world) s3Image(srv *s3test.Server, t *stowagev1.Template, raw []byte) (
 	return st, r
 }
 
+// addS3 registers the s3 provider (its imports may fetch from loopback,
+// where the tests' web servers are) and adds store s3img in zone z1 on srv
+// through the store service.
+func (w *world) addS3(srv *s3test.Server) *stowagev1.DataStore {
+	w.t.Helper()
+	guard, err := netguard.Parse("127.0.0.0/8")
+	if err != nil {
+		w.t.Fatal(err)
+	}
+	w.reg.Register(s3.New(w.s.sel, s3.WithFetchClient(guard.Client(nil))))
+	cred := filepath.Join(w.t.TempDir(), "s3.cred")
+	if err := os.WriteFile(cred, fmt.Appendf(nil, "access_key=%s\nsecret_key=%s\n", srv.AccessKey, srv.SecretKey), 0o600); err != nil {
+		w.t.Fatal(err)
+	}
+	st, err := w.stores.Add(w.ctx, &stowagev1.AddStoreRequest{Name: "s3img", Role: imageRole, Provider: s3.Name, Url: "s3://" + srv.Bucket + "/stowage",
+		Scope:   &stowagev1.Scope{Zone: "z1"},
+		Details: map[string]string{s3.DetailEndpoint: srv.Endpoint, s3.DetailRegion: srv.Region, s3.DetailCredentialsFile: cred}})
+	if err != nil {
+		w.t.Fatal(err)
+	}
+	return st
+}
+
 func storeInfo(st *stowagev1.DataStore) drivers.StoreInfo {
 	return drivers.StoreInfo{ID: st.GetId(), Name: st.GetName(), Provider: st.GetProvider(), URL: st.GetUrl(), Details: st.GetDetails(),
 		Scope: drivers.Scope{Zone: st.GetScope().GetZone()}, Role: drivers.RoleImage}
@@ -78,7 +94,6 @@ func storeInfo(st *stowagev1.DataStore) drivers.StoreInfo {
 func TestMountsReconcile(t *testing.T) {
 	srv := s3test.Start(t)
 	w := newWorld(t)
-	w.reg.Register(s3.New(w.s.sel))
 	mount := &stowagev1.HostCapabilities{TemplateCache: &stowagev1.CacheStatus{Mount: "/run/stowage/templates"}}
 	w.host("m1", "z1", mount)
 	w.host("m2", "z2", mount)
@@ -183,5 +198,93 @@ func TestMountsReconcile(t *testing.T) {
 	}
 	if got := m.Spec("m1"); got != nil {
 		t.Errorf("m1 Disconnected: %v, want no set", got)
+	}
+}
+
+// waitJob polls job id until it ends (20 s at most).
+func (w *world) waitJob(id string) *stowagev1.Job {
+	w.t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		j, err := w.runner.Get(w.ctx, id)
+		if err != nil {
+			w.t.Fatal(err)
+		}
+		switch j.GetState() {
+		case stowagev1.JobState_JOB_STATE_SUCCEEDED, stowagev1.JobState_JOB_STATE_FAILED, stowagev1.JobState_JOB_STATE_CANCELLED:
+			return j
+		}
+		if time.Now().After(deadline) {
+			w.t.Fatalf("job %s still %s", id, meta.JobStateName(j.GetState()))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// A register job runs end to end on an s3 image store (its import runs in
+// the controller): the copy goes Allocated -> Creating -> Ready with its
+// sizes, the template learns its size and sha256. A download whose bytes
+// do not match the checksum fails the job, marks the copy Failed with the
+// reason, and leaves no object in the bucket.
+func TestRegisterJobOnS3(t *testing.T) {
+	srv := s3test.Start(t)
+	w := newLiveWorld(t)
+	st := w.addS3(srv)
+	raw := bytes.Repeat([]byte{0xab, 0, 0, 0x17}, 64<<10)
+	web := httptest.NewServer(http.HandlerFunc(func(rw http.ResponseWriter, _ *http.Request) { rw.Write(raw) }))
+	defer web.Close()
+	sum := sha256.Sum256(raw)
+	good := hex.EncodeToString(sum[:])
+
+	resp, err := w.s.Register(w.ctx, &stowagev1.RegisterTemplateRequest{Name: "blob", Url: web.URL + "/blob.raw", Checksum: "sha256:" + good,
+		Format: stowagev1.ImageFormat_IMAGE_FORMAT_RAW, StoreIds: []string{"s3img"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if j := w.waitJob(resp.GetJob().GetId()); j.GetState() != stowagev1.JobState_JOB_STATE_SUCCEEDED || !strings.Contains(j.GetResult(), "template blob on store s3img") {
+		t.Fatalf("register job: %s %q %q", meta.JobStateName(j.GetState()), j.GetError(), j.GetResult())
+	}
+	tm, refs, err := w.s.Get(w.ctx, "blob")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(refs) != 1 || refs[0].GetState() != stowagev1.ObjectState_OBJECT_STATE_READY || refs[0].GetSize() != int64(len(raw)) ||
+		refs[0].GetBytesDone() != int64(len(raw)) || refs[0].GetLastUsed() == nil {
+		t.Errorf("copy after the download: %v", refs)
+	}
+	if tm.GetVirtualSize() != int64(len(raw)) || tm.GetSha256() != good {
+		t.Errorf("template after the download: size %d sha256 %q; want %d %s", tm.GetVirtualSize(), tm.GetSha256(), len(raw), good)
+	}
+	if r, _, err := w.s.ReadyOn(w.ctx, tm.GetId(), imageRole); err != nil || r.GetId() != refs[0].GetId() {
+		t.Errorf("ReadyOn after the download: %v %v", r, err)
+	}
+
+	bad := strings.Repeat("0", 64)
+	resp, err = w.s.Register(w.ctx, &stowagev1.RegisterTemplateRequest{Name: "corrupt", Url: web.URL + "/corrupt.raw", Checksum: "sha256:" + bad,
+		Format: stowagev1.ImageFormat_IMAGE_FORMAT_RAW, StoreIds: []string{st.GetId()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	j := w.waitJob(resp.GetJob().GetId())
+	if j.GetState() != stowagev1.JobState_JOB_STATE_FAILED || !strings.Contains(j.GetError(), "checksum") {
+		t.Errorf("register with a wrong checksum: %s %q", meta.JobStateName(j.GetState()), j.GetError())
+	}
+	ctm, crefs, err := w.s.Get(w.ctx, "corrupt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(crefs) != 1 || crefs[0].GetState() != stowagev1.ObjectState_OBJECT_STATE_FAILED || !strings.Contains(crefs[0].GetError(), "checksum") {
+		t.Fatalf("copy after a bad download: %v", crefs)
+	}
+	d, err := w.stores.Driver(st)
+	if err != nil {
+		t.Fatal(err)
+	}
+	obj := drivers.DataObject{ID: ctm.GetId(), Type: drivers.ObjectTemplate, Store: storeInfo(st), Format: drivers.FormatRaw, Key: crefs[0].GetInstallPath()}
+	if _, err := d.Stat(w.ctx, obj); !errdefs.IsNotFound(err) {
+		t.Errorf("the bad download left an object (or Stat failed otherwise): %v", err)
+	}
+	if _, _, err := w.s.ReadyOn(w.ctx, ctm.GetId(), imageRole); !errdefs.IsFailedPrecondition(err) {
+		t.Errorf("ReadyOn of the failed template: %v", err)
 	}
 }

@@ -35,7 +35,12 @@ type world struct {
 	reg    *drivers.Registry
 }
 
-func newWorld(t *testing.T, opts ...Option) *world {
+func newWorld(t *testing.T, opts ...Option) *world { return newWorldWith(t, false, opts...) }
+
+// newLiveWorld is newWorld whose jobs run, until the test ends.
+func newLiveWorld(t *testing.T, opts ...Option) *world { return newWorldWith(t, true, opts...) }
+
+func newWorldWith(t *testing.T, live bool, opts ...Option) *world {
 	t.Helper()
 	log := slog.New(slog.DiscardHandler)
 	db, err := meta.Open(t.TempDir())
@@ -48,10 +53,12 @@ func newWorld(t *testing.T, opts ...Option) *world {
 	reg.Register(filesystem.New(sel))
 	stores := datastore.New(db, reg, log)
 	runner := jobs.New(db, log)
-	held, cancel := context.WithCancel(context.Background())
-	cancel()
-	runner.Start(held)
-	t.Cleanup(func() { runner.Wait(); db.Close() })
+	base, cancel := context.WithCancel(context.Background())
+	if !live {
+		cancel()
+	}
+	runner.Start(base)
+	t.Cleanup(func() { cancel(); runner.Wait(); db.Close() })
 	w := &world{t: t, ctx: context.Background(), db: db, stores: stores, hosts: hs, runner: runner, reg: reg,
 		s: New(db, stores, sel, motion.NewMover(reg, sel), runner, log, opts...)}
 	w.host("h1", "z1", nil)
