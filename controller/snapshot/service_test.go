@@ -17,6 +17,7 @@ import (
 	"github.com/stowage/stowage/controller/volume"
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/drivers/filesystem"
+	"github.com/stowage/stowage/drivers/s3"
 	"github.com/stowage/stowage/errdefs"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 )
@@ -34,9 +35,12 @@ type world struct {
 	s      *Service
 	runner *jobs.Runner
 	hosts  *hosts.Service
+	stores *datastore.Service
 }
 
-func newWorld(t *testing.T) *world {
+func newWorld(t *testing.T) *world { return newWorldWith(t, false) }
+
+func newWorldWith(t *testing.T, live bool) *world {
 	t.Helper()
 	log := slog.New(slog.DiscardHandler)
 	db, err := meta.Open(t.TempDir())
@@ -47,16 +51,19 @@ func newWorld(t *testing.T) *world {
 	sel := endpoint.New(hs, nil)
 	reg := drivers.NewRegistry()
 	reg.Register(filesystem.New(sel))
+	reg.Register(s3.New(sel))
 	stores := datastore.New(db, reg, log)
 	runner := jobs.New(db, log)
-	held, cancel := context.WithCancel(context.Background())
-	cancel()
-	runner.Start(held)
-	t.Cleanup(func() { runner.Wait(); db.Close() })
+	base, cancel := context.WithCancel(context.Background())
+	if !live {
+		cancel()
+	}
+	runner.Start(base)
+	t.Cleanup(func() { cancel(); runner.Wait(); db.Close() })
 	mover := motion.NewMover(reg, sel)
 	images := image.New(db, stores, sel, mover, runner, log)
 	vols := volume.New(db, stores, images, sel, mover, runner, reg, log)
-	w := &world{t: t, ctx: context.Background(), db: db, runner: runner, hosts: hs,
+	w := &world{t: t, ctx: context.Background(), db: db, runner: runner, hosts: hs, stores: stores,
 		s: New(db, stores, vols, sel, runner, log)}
 	w.host("h1", "z1")
 	return w
