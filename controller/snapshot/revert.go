@@ -8,7 +8,6 @@ import (
 	"github.com/stowage/stowage/controller/jobs"
 	"github.com/stowage/stowage/controller/meta"
 	"github.com/stowage/stowage/controller/motion"
-	"github.com/stowage/stowage/controller/volume"
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
@@ -59,7 +58,7 @@ func (h revertHandler) Fail(ctx context.Context, job *stowagev1.Job, cause error
 	if err != nil {
 		return err
 	}
-	return volume.BackToReady(ctx, h.s.db, sn.GetVolumeId(), cause)
+	return releaseVolume(ctx, h.s.db, sn.GetVolumeId(), job, cause)
 }
 
 // Revert plans and starts reverting a volume to a snapshot on primary.

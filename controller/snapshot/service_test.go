@@ -3,6 +3,7 @@ package snapshot
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"strings"
 	"testing"
@@ -575,5 +576,108 @@ func TestFailureHandlersRollBack(t *testing.T) {
 		} else if len(imgCopies) != want {
 			t.Errorf("%s failed: image copies %v, want none", c.name, imgCopies)
 		}
+	}
+}
+
+// A failed revert puts the volume back to Ready with the cause; a failed
+// delete frees only the volumes it held (for a merge), not another job's.
+func TestRevertAndDeleteFailRelease(t *testing.T) {
+	w := newWorld(t)
+	p := w.store("p1", primary, "z1", nil)
+	v := w.volume("v", p, stowagev1.ImageFormat_IMAGE_FORMAT_QCOW2)
+	sn, _ := w.snap(v, p, primary, "", onPrimary, ready)
+	resp, err := w.s.Revert(w.ctx, sn.GetId(), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := (revertHandler{w.s}).Fail(w.ctx, resp.GetJob(), errors.New("agent gone")); err != nil {
+		t.Fatal(err)
+	}
+	if got := w.vol(v.GetId()); got.GetState() != stowagev1.VolumeState_VOLUME_STATE_READY || got.GetBusyJobId() != "" || !strings.Contains(got.GetError(), "agent gone") {
+		t.Errorf("volume after a failed revert: %v", got)
+	}
+
+	held := w.volume("held", p, stowagev1.ImageFormat_IMAGE_FORMAT_QCOW2)
+	theirs := w.volume("theirs", p, stowagev1.ImageFormat_IMAGE_FORMAT_QCOW2)
+	for id, job := range map[string]string{held.GetId(): "delete-job", theirs.GetId(): "other-job"} {
+		if _, err := w.db.Volumes().Transition(w.ctx, id, meta.VolumeSnapshotRequested, func(v *stowagev1.Volume) error { v.BusyJobId = job; return nil }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := (deleteHandler{w.s}).Fail(w.ctx, &stowagev1.Job{Id: "delete-job"}, errors.New("rebase refused")); err != nil {
+		t.Fatal(err)
+	}
+	if got := w.vol(held.GetId()); got.GetState() != stowagev1.VolumeState_VOLUME_STATE_READY || got.GetBusyJobId() != "" {
+		t.Errorf("the volume the delete job held: %s busy with %q", meta.VolumeStateName(got.GetState()), got.GetBusyJobId())
+	}
+	if got := w.vol(theirs.GetId()); got.GetState() != stowagev1.VolumeState_VOLUME_STATE_SNAPSHOTTING || got.GetBusyJobId() != "other-job" {
+		t.Errorf("another job's volume: %s busy with %q", meta.VolumeStateName(got.GetState()), got.GetBusyJobId())
+	}
+}
+
+// A take or revert job whose work committed, then cancelled before its end
+// was recorded (a restarted controller resumes a Cancelling job by failing
+// it), leaves the finished snapshot, its copy and the volume's head alone,
+// and does not release a volume another job holds by then.
+func TestFailAfterTheWorkCommitted(t *testing.T) {
+	w := newWorld(t)
+	p := w.store("p1", primary, "z1", nil)
+	v := w.volume("v", p, stowagev1.ImageFormat_IMAGE_FORMAT_QCOW2)
+	resp, err := w.s.Take(w.ctx, &stowagev1.TakeSnapshotRequest{VolumeId: v.GetId()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sn, refs, err := w.s.Get(w.ctx, resp.GetSnapshot().GetId())
+	if err != nil || len(refs) != 1 {
+		t.Fatalf("%v %v", refs, err)
+	}
+	ref := refs[0]
+	// What takeHandler.Run's last transaction writes.
+	if _, err := w.db.Snapshots().Transition(w.ctx, sn.GetId(), meta.SnapshotCreateRequested, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := w.db.Snapshots().Transition(w.ctx, sn.GetId(), meta.SnapshotOperationSucceeded, nil); err != nil {
+		t.Fatal(err)
+	}
+	for _, ev := range ready {
+		if _, err := w.db.SnapshotsOnStore().Transition(w.ctx, ref.GetId(), ev, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := w.db.Volumes().Transition(w.ctx, v.GetId(), meta.VolumeOperationSucceeded, func(v *stowagev1.Volume) error {
+		v.BusyJobId, v.HeadSnapshotRefId = "", ref.GetId()
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	// Another job takes the volume.
+	if _, err := w.db.Volumes().Transition(w.ctx, v.GetId(), meta.VolumeResizeRequested, func(v *stowagev1.Volume) error { v.BusyJobId = "resize-1"; return nil }); err != nil {
+		t.Fatal(err)
+	}
+
+	cancelled := fmt.Errorf("job %s was cancelled: %w", resp.GetJob().GetId(), context.Canceled)
+	if err := (takeHandler{w.s}).Fail(w.ctx, resp.GetJob(), cancelled); err != nil {
+		t.Fatal(err)
+	}
+	got, gotRefs, err := w.s.Get(w.ctx, sn.GetId())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.GetState() != stowagev1.SnapshotState_SNAPSHOT_STATE_CREATED_ON_PRIMARY || len(gotRefs) != 1 || gotRefs[0].GetState() != stowagev1.ObjectState_OBJECT_STATE_READY {
+		t.Errorf("the finished snapshot after a late failure: %s with copies %v", meta.SnapshotStateName(got.GetState()), gotRefs)
+	}
+	gv := w.vol(v.GetId())
+	if gv.GetHeadSnapshotRefId() != ref.GetId() || gv.GetState() != stowagev1.VolumeState_VOLUME_STATE_RESIZING || gv.GetBusyJobId() != "resize-1" {
+		t.Errorf("volume after a late take failure: %s busy %q head %q; want Resizing for resize-1 on head %s",
+			meta.VolumeStateName(gv.GetState()), gv.GetBusyJobId(), gv.GetHeadSnapshotRefId(), ref.GetId())
+	}
+
+	// The same for a revert whose work committed.
+	rv := &stowagev1.Job{Id: "revert-1", Kind: KindRevert, TargetId: sn.GetId()}
+	if err := (revertHandler{w.s}).Fail(w.ctx, rv, cancelled); err != nil {
+		t.Fatal(err)
+	}
+	if gv := w.vol(v.GetId()); gv.GetState() != stowagev1.VolumeState_VOLUME_STATE_RESIZING || gv.GetBusyJobId() != "resize-1" {
+		t.Errorf("volume after a late revert failure: %s busy %q", meta.VolumeStateName(gv.GetState()), gv.GetBusyJobId())
 	}
 }
