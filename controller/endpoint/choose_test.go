@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"net/http"
 	"strings"
 	"testing"
 
@@ -276,5 +277,24 @@ func TestKernelInitiatorNeed(t *testing.T) {
 	}
 	if _, err := f.sel.AllInScope(both, z("z1")); !errors.Is(err, errdefs.ErrUnavailable) || !strings.Contains(err.Error(), "none of the 2 Up agents") {
 		t.Errorf("AllInScope, no host has both: %v", err)
+	}
+}
+
+// The endpoint of a picked host carries the client made for that host (the
+// one whose TLS check names it), never another host's.
+func TestEndpointUsesThePickedHostsClient(t *testing.T) {
+	f := newFleet(t)
+	f.add("a", "z1", "c1", 0, nil)
+	f.add("b", "z1", "c1", 3, nil)
+	var asked []string
+	f.sel = New(f.hs, func(id string) *http.Client { asked = append(asked, id); return &http.Client{} })
+	if c := f.pick(f.ctx, "b", z("z1")); c.HostID != "b" {
+		t.Fatalf("picked %s", c.HostID)
+	}
+	if h, err := f.sel.ForHost(f.ctx, "a"); err != nil || h.HostID() != "a" {
+		t.Fatalf("ForHost(a): %v %v", h, err)
+	}
+	if got := strings.Join(asked, ","); got != "b,a" {
+		t.Errorf("clients made for %s, want b then a", got)
 	}
 }
