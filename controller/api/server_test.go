@@ -9,6 +9,7 @@ import (
 	"net/http/httptest"
 	"strings"
 	"testing"
+	"time"
 
 	"connectrpc.com/connect"
 	"github.com/prometheus/client_golang/prometheus"
@@ -16,6 +17,7 @@ import (
 	"github.com/stowage/stowage/controller/apiauth"
 	"github.com/stowage/stowage/controller/datastore"
 	"github.com/stowage/stowage/controller/endpoint"
+	"github.com/stowage/stowage/controller/enrol"
 	"github.com/stowage/stowage/controller/hosts"
 	"github.com/stowage/stowage/controller/image"
 	"github.com/stowage/stowage/controller/jobs"
@@ -30,6 +32,7 @@ import (
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 	"github.com/stowage/stowage/proto/gen/stowage/v1/stowagev1connect"
 	"github.com/stowage/stowage/rpclimit"
+	"github.com/stowage/stowage/trust"
 )
 
 // edge is the controller's API as cmd/stowage assembles it (the real
@@ -57,6 +60,12 @@ type edge struct {
 }
 
 func newEdge(t *testing.T, auth bool, lim rpclimit.Limits) *edge {
+	return newEdgeWith(t, auth, lim, false)
+}
+
+// newEdgeWith is newEdge, with the controller enrolling agents (a CA in a
+// temporary directory) when enrolling is set.
+func newEdgeWith(t *testing.T, auth bool, lim rpclimit.Limits, enrolling bool) *edge {
 	t.Helper()
 	log := slog.New(slog.DiscardHandler)
 	db, err := meta.Open(t.TempDir())
@@ -81,6 +90,13 @@ func newEdge(t *testing.T, auth bool, lim rpclimit.Limits) *edge {
 		Jobs: runner, Tokens: e.tokens, Health: func(context.Context) error { return e.healthy }}
 	if auth {
 		svc.Auth = apiauth.NewGuard(e.tokens, log)
+	}
+	if enrolling {
+		ca, err := trust.LoadOrCreateCA(t.TempDir())
+		if err != nil {
+			t.Fatal(err)
+		}
+		svc.Enrol = enrol.New(db, ca, time.Hour, log)
 	}
 	e.srv = httptest.NewServer(NewHandler(svc, prometheus.NewRegistry(), lim))
 	t.Cleanup(func() { e.srv.Close(); runner.Wait(); db.Close() })
@@ -477,5 +493,33 @@ func TestAuthAtTheEdge(t *testing.T) {
 		if s == "" || strings.Contains(resp.Msg.String(), s) {
 			t.Errorf("ListTokens shows a secret (or the secret has no id.secret form: %q)", secret)
 		}
+	}
+}
+
+// A controller that enrols agents takes Register, Heartbeat and Renew only
+// from the host's own certificate: over a connection without one they are
+// unauthenticated, whatever host id the message names; join tokens can
+// then be made.
+func TestAgentCallsNeedTheirCertificate(t *testing.T) {
+	e := newEdgeWith(t, false, rpclimit.Limits{}, true)
+	_, err := e.agents.Register(e.ctx, connect.NewRequest(&stowagev1.RegisterRequest{HostId: "h1", AgentUrl: "https://127.0.0.1:2", SessionId: "evil"}))
+	if connect.CodeOf(err) != connect.CodeUnauthenticated || !strings.Contains(err.Error(), "agents must call with the certificate") {
+		t.Errorf("Register without a certificate: %v, want unauthenticated", err)
+	}
+	_, err = e.agents.Heartbeat(e.ctx, connect.NewRequest(&stowagev1.HeartbeatRequest{HostId: "h1", SessionId: "s1"}))
+	if connect.CodeOf(err) != connect.CodeUnauthenticated {
+		t.Errorf("Heartbeat without a certificate: %v, want unauthenticated", err)
+	}
+	_, err = e.agents.Renew(e.ctx, connect.NewRequest(&stowagev1.RenewRequest{}))
+	if connect.CodeOf(err) != connect.CodeUnauthenticated {
+		t.Errorf("Renew without a certificate: %v, want unauthenticated", err)
+	}
+	h, err := e.db.Hosts().Get(e.ctx, "h1")
+	if err != nil || h.GetAgentUrl() != "https://127.0.0.1:1" || h.GetSessionId() != "s1" {
+		t.Errorf("a refused Register changed the host: %v %v", h, err)
+	}
+	tok, err := e.hosts.CreateJoinToken(e.ctx, connect.NewRequest(&stowagev1.CreateJoinTokenRequest{HostId: "h2", TtlSeconds: 60}))
+	if err != nil || !strings.HasPrefix(tok.Msg.GetToken(), "stj_") || tok.Msg.GetCaPin() == "" {
+		t.Errorf("CreateJoinToken with enrolment on: %v %v", tok, err)
 	}
 }
