@@ -106,6 +106,17 @@ func (s *Service) sourceFormat(ctx context.Context, t *stowagev1.Template) (driv
 // Create plans and starts making a template from a volume or a snapshot on
 // primary, flattened into a standalone image on an image store.
 func (s *Service) Create(ctx context.Context, req *stowagev1.CreateTemplateRequest) (*stowagev1.CreateTemplateResponse, error) {
+	// A retry with an earlier request's key returns its job (see Register).
+	if job, ok, err := s.earlier(ctx, req.GetIdempotencyKey(), req.GetDryRun()); err != nil || ok {
+		if err != nil {
+			return nil, err
+		}
+		t, err := s.db.Templates().Get(ctx, job.GetTargetId())
+		if err != nil && !errdefs.IsNotFound(err) {
+			return nil, err
+		}
+		return &stowagev1.CreateTemplateResponse{Template: t, Job: job, Plan: job.GetPlan()}, nil
+	}
 	if err := CheckName("template", req.GetName()); err != nil {
 		return nil, err
 	}

@@ -122,3 +122,17 @@ func (s *Service) ReadyOn(ctx context.Context, templateID string, role stowagev1
 	}
 	return nil, nil, fmt.Errorf("template %s has no Ready copy on an Up %s store: %w", templateID, meta.StoreRoleName(role), errdefs.ErrFailedPrecondition)
 }
+
+// earlier returns the job an earlier request with idempotency key made
+// (false when key is "", unused, or the request is a dry run, which
+// writes nothing and so never returns a job).
+func (s *Service) earlier(ctx context.Context, key string, dryRun bool) (*stowagev1.Job, bool, error) {
+	if key == "" || dryRun {
+		return nil, false, nil
+	}
+	job, err := s.jobs.ByIdempotencyKey(ctx, key)
+	if errdefs.IsNotFound(err) {
+		return nil, false, nil
+	}
+	return job, err == nil, err
+}

@@ -119,6 +119,18 @@ func failRefs(ctx context.Context, db *meta.DB, templateID string, cause error) 
 // Register validates req, plans the download and, unless it is a dry run,
 // records the template and its per-store rows and starts the job.
 func (s *Service) Register(ctx context.Context, req *stowagev1.RegisterTemplateRequest) (*stowagev1.RegisterTemplateResponse, error) {
+	// A retry with an earlier request's key returns its job, before the
+	// name check that template it recorded would now fail.
+	if job, ok, err := s.earlier(ctx, req.GetIdempotencyKey(), req.GetDryRun()); err != nil || ok {
+		if err != nil {
+			return nil, err
+		}
+		t, err := s.db.Templates().Get(ctx, job.GetTargetId())
+		if err != nil && !errdefs.IsNotFound(err) {
+			return nil, err
+		}
+		return &stowagev1.RegisterTemplateResponse{Template: t, Job: job, Plan: job.GetPlan()}, nil
+	}
 	if err := CheckName("template", req.GetName()); err != nil {
 		return nil, err
 	}

@@ -191,6 +191,14 @@ const ChunkSize = 4 << 20
 
 // Backup plans and starts backing a snapshot up into an image store.
 func (s *Service) Backup(ctx context.Context, req *stowagev1.BackupSnapshotRequest) (*stowagev1.BackupSnapshotResponse, error) {
+	// A retry with an earlier request's key returns its job, although the
+	// snapshot that job backs up is BackingUp now.
+	if job, ok, err := s.earlier(ctx, req.GetIdempotencyKey(), req.GetDryRun()); err != nil || ok {
+		if err != nil {
+			return nil, err
+		}
+		return &stowagev1.BackupSnapshotResponse{Job: job, Plan: job.GetPlan()}, nil
+	}
 	sn, refs, err := s.Get(ctx, req.GetId())
 	if err != nil {
 		return nil, err

@@ -43,15 +43,20 @@ func (h deleteHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 		rep.Result("snapshot %s hidden: %s", sn.GetId(), why)
 		return nil
 	}
+	// The job's result is about the snapshot asked for, set last: removing
+	// the hidden ones it let go reports its own steps' results first.
+	if err := s.collectHidden(ctx, job, rep, sn.GetVolumeId()); err != nil {
+		return err
+	}
 	if why != "" {
 		rep.Result("snapshot %s deleted, merged out of its chain: %s", sn.GetId(), why)
 	} else {
 		rep.Result("snapshot %s deleted", sn.GetId())
 	}
-	if err := s.collectHidden(ctx, job, rep, sn.GetVolumeId()); err != nil {
+	if err := s.letGoAll(ctx, job); err != nil {
 		return err
 	}
-	return s.letGoAll(ctx, job)
+	return nil
 }
 
 // letGoAll puts every volume job holds back to Ready.

@@ -65,7 +65,7 @@ func (h revertHandler) Fail(ctx context.Context, job *stowagev1.Job, cause error
 	if err != nil {
 		return err
 	}
-	return volume.BackToReady(ctx, h.s.db, sn.GetVolumeId(), cause)
+	return releaseVolume(ctx, h.s.db, sn.GetVolumeId(), job, cause)
 }
 
 // Revert plans and starts reverting a volume to a snapshot on primary.
@@ -73,6 +73,13 @@ func (s *Service) Revert(ctx context.Context, id string, dryRun bool) (*stowagev
 	sn, refs, err := s.Get(ctx, id)
 	if err != nil {
 		return nil, err
+	}
+	switch sn.GetState() {
+	case stowagev1.SnapshotState_SNAPSHOT_STATE_DESTROYING, stowagev1.SnapshotState_SNAPSHOT_STATE_DESTROYED:
+		// Its delete job removes the copies one by one: the primary one
+		// may still be Ready, but the volume must not come to read a file
+		// that is about to go.
+		return nil, fmt.Errorf("snapshot %s is %s: it is being deleted: %w", sn.GetId(), meta.SnapshotStateName(sn.GetState()), errdefs.ErrFailedPrecondition)
 	}
 	ref := refOn(refs, stowagev1.StoreRole_STORE_ROLE_PRIMARY)
 	if ref == nil {

@@ -87,6 +87,20 @@ func refOn(refs []*stowagev1.SnapshotOnStore, role stowagev1.StoreRole) *stowage
 	return nil
 }
 
+// earlier returns the job an earlier request with idempotency key made
+// (false when key is "", unused, or the request is a dry run, which
+// writes nothing and so never returns a job).
+func (s *Service) earlier(ctx context.Context, key string, dryRun bool) (*stowagev1.Job, bool, error) {
+	if key == "" || dryRun {
+		return nil, false, nil
+	}
+	job, err := s.jobs.ByIdempotencyKey(ctx, key)
+	if errdefs.IsNotFound(err) {
+		return nil, false, nil
+	}
+	return job, err == nil, err
+}
+
 func busy(v *stowagev1.Volume, err error) error {
 	if err != nil && (errdefs.IsFailedPrecondition(err) || errdefs.IsConflict(err)) && v.GetState() != stowagev1.VolumeState_VOLUME_STATE_READY {
 		return fmt.Errorf("volume %s is busy (%s, job %s); retry when it is Ready: %w", v.GetName(), meta.VolumeStateName(v.GetState()), v.GetBusyJobId(), errdefs.ErrAborted)

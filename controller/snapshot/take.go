@@ -92,24 +92,44 @@ func (h takeHandler) Fail(ctx context.Context, job *stowagev1.Job, cause error) 
 	if err != nil {
 		return err
 	}
+	switch sn.GetState() {
+	case stowagev1.SnapshotState_SNAPSHOT_STATE_ALLOCATED, stowagev1.SnapshotState_SNAPSHOT_STATE_CREATING:
+	default:
+		// The take finished (its last transaction committed) and the job
+		// was cancelled or failed only after that, e.g. cancelled while a
+		// restarted controller had not resumed it yet: the snapshot, its
+		// copy and the volume's head stay as they are.
+		return releaseVolume(ctx, s.db, sn.GetVolumeId(), job, cause)
+	}
 	var errs []error
 	for _, r := range refs {
 		errs = append(errs, s.db.SnapshotsOnStore().Delete(ctx, r.GetId(), 0))
 	}
-	switch sn.GetState() {
-	case stowagev1.SnapshotState_SNAPSHOT_STATE_ALLOCATED, stowagev1.SnapshotState_SNAPSHOT_STATE_CREATING:
-		if sn.GetState() == stowagev1.SnapshotState_SNAPSHOT_STATE_ALLOCATED {
-			_, err = s.db.Snapshots().Transition(ctx, sn.GetId(), meta.SnapshotCreateRequested, nil)
-			errs = append(errs, err)
-		}
-		_, err = s.db.Snapshots().Transition(ctx, sn.GetId(), meta.SnapshotOperationFailed, func(s *stowagev1.Snapshot) error {
-			s.Error = cause.Error()
-			return nil
-		})
+	if sn.GetState() == stowagev1.SnapshotState_SNAPSHOT_STATE_ALLOCATED {
+		_, err = s.db.Snapshots().Transition(ctx, sn.GetId(), meta.SnapshotCreateRequested, nil)
 		errs = append(errs, err)
 	}
-	errs = append(errs, volume.BackToReady(ctx, s.db, sn.GetVolumeId(), cause))
+	_, err = s.db.Snapshots().Transition(ctx, sn.GetId(), meta.SnapshotOperationFailed, func(s *stowagev1.Snapshot) error {
+		s.Error = cause.Error()
+		return nil
+	})
+	errs = append(errs, err)
+	errs = append(errs, releaseVolume(ctx, s.db, sn.GetVolumeId(), job, cause))
 	return errors.Join(errs...)
+}
+
+// releaseVolume puts volume id back to Ready after job failed, unless
+// another job holds it now (the volume was released by job's own last
+// step and taken since): that job's work must not be cut short.
+func releaseVolume(ctx context.Context, db *meta.DB, id string, job *stowagev1.Job, cause error) error {
+	v, err := db.Volumes().Get(ctx, id)
+	if err != nil {
+		return err
+	}
+	if v.GetBusyJobId() != "" && v.GetBusyJobId() != job.GetId() {
+		return nil
+	}
+	return volume.BackToReady(ctx, db, id, cause)
 }
 
 // snapshotOf returns snapshot copy ref of volume v (on primary store st)
@@ -133,6 +153,18 @@ func (s *Service) snapshotOf(ctx context.Context, st *stowagev1.DataStore, v *st
 
 // Take plans and starts a snapshot of a volume.
 func (s *Service) Take(ctx context.Context, req *stowagev1.TakeSnapshotRequest) (*stowagev1.TakeSnapshotResponse, error) {
+	// A retry with the key of an earlier request returns its job before
+	// any check: the volume that job made busy must not refuse it.
+	if job, ok, err := s.earlier(ctx, req.GetIdempotencyKey(), req.GetDryRun()); err != nil || ok {
+		if err != nil {
+			return nil, err
+		}
+		snap, err := s.db.Snapshots().Get(ctx, job.GetTargetId())
+		if err != nil && !errdefs.IsNotFound(err) {
+			return nil, err
+		}
+		return &stowagev1.TakeSnapshotResponse{Snapshot: snap, Job: job, Plan: job.GetPlan()}, nil
+	}
 	v, err := s.volumes.Get(ctx, req.GetVolumeId())
 	if err != nil {
 		return nil, err
