@@ -322,8 +322,23 @@ func (s *Service) Delete(ctx context.Context, idOrName string) error {
 	if err := p.LifeCycle().Delete(ctx, InfoFromRecord(rec)); err != nil {
 		return fmt.Errorf("delete store %s: %w", idOrName, err)
 	}
-	if _, err := s.db.Stores().TransitionIf(ctx, rec.GetId(), rec.GetRevision(), meta.StoreRemoveRequested, nil); err != nil {
-		return fmt.Errorf("delete store %s: %w", idOrName, err)
+	// The record's revision guards against an object placed meanwhile; a
+	// heartbeat's capacity update also bumps it, so a conflict is looked
+	// at again (still empty?) rather than failed.
+	for attempt := 0; ; attempt++ {
+		_, err := s.db.Stores().TransitionIf(ctx, rec.GetId(), rec.GetRevision(), meta.StoreRemoveRequested, nil)
+		if err == nil {
+			break
+		}
+		if !errdefs.IsConflict(err) || attempt == 4 {
+			return fmt.Errorf("delete store %s: %w", idOrName, err)
+		}
+		if rec, err = s.db.Stores().Get(ctx, rec.GetId()); err != nil {
+			return fmt.Errorf("delete store %s: %w", idOrName, err)
+		}
+		if err := s.checkEmpty(ctx, rec); err != nil {
+			return err
+		}
 	}
 	if err := s.db.Stores().Delete(ctx, rec.GetId(), 0); err != nil {
 		return fmt.Errorf("delete store %s: %w", idOrName, err)
