@@ -137,6 +137,7 @@ type Agent struct {
 	creds  *Credentials
 
 	mu          sync.Mutex
+	cacheSync   sync.Mutex                   // one sync with the cache process at a time (heartbeat, show_template)
 	cacheSpec   *stowagev1.TemplateCacheSpec // last desired set sent to the cache
 	cacheSynced time.Time
 	cacheWarned time.Time
@@ -237,6 +238,9 @@ func New(cfg Config, fs *hostfs.Local, log *slog.Logger, opts ...Option) (*Agent
 	a.svc.ready = a.ready
 	for _, o := range opts {
 		o(a)
+	}
+	if a.cache != nil {
+		a.svc.showTemplate = a.showTemplate
 	}
 	if a.creds != nil {
 		a.control = stowagev1connect.NewAgentControlServiceClient(a.creds.HTTPClient(), cfg.ControllerURL)

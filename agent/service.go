@@ -29,6 +29,9 @@ type service struct {
 	// the agent has not been told of yet.
 	ready <-chan struct{}
 	gated atomic.Bool
+	// showTemplate applies a show_template step to the host's template
+	// mount (Agent.showTemplate; nil without a mount).
+	showTemplate func(ctx context.Context, spec *stowagev1.CacheSpec) error
 }
 
 // startWait bounds how long a task waits for the agent's registration
@@ -87,6 +90,17 @@ func (s *service) RunTask(ctx context.Context, req *connect.Request[stowagev1.Ru
 		return connect.NewResponse(&stowagev1.RunTaskResponse{Result: res}), nil
 	}
 	res, err := s.journal.run(ctx, task.GetId(), func(ctx context.Context, progress drivers.Progress) (*stowagev1.TaskResult, error) {
+		if st := task.GetShowTemplate(); st != nil {
+			// The mount belongs to the agent (its cache process), not to
+			// the LocalHost the other steps run on.
+			if s.showTemplate == nil {
+				return nil, fmt.Errorf("this host has no template mount: %w", errdefs.ErrUnavailable)
+			}
+			if err := s.showTemplate(ctx, st.GetTemplate()); err != nil {
+				return nil, err
+			}
+			return &stowagev1.TaskResult{TaskId: task.GetId()}, nil
+		}
 		return Execute(ctx, s.host, task, progress)
 	})
 	if err != nil {

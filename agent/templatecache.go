@@ -2,11 +2,14 @@ package agent
 
 import (
 	"context"
+	"fmt"
+	"slices"
 	"time"
 
 	"google.golang.org/protobuf/proto"
 
 	"github.com/stowage/stowage/drivers"
+	"github.com/stowage/stowage/errdefs"
 	"github.com/stowage/stowage/hostops"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 )
@@ -75,6 +78,8 @@ func (a *Agent) syncCache(ctx context.Context, spec *stowagev1.TemplateCacheSpec
 	if a.cache == nil || spec == nil {
 		return
 	}
+	a.cacheSync.Lock()
+	defer a.cacheSync.Unlock()
 	a.mu.Lock()
 	same := proto.Equal(spec, a.cacheSpec) && time.Since(a.cacheSynced) < resyncEvery
 	a.mu.Unlock()
@@ -121,4 +126,68 @@ func (a *Agent) localSources(specs []*stowagev1.CacheSpec) []*stowagev1.CacheSpe
 		out = append(out, c)
 	}
 	return out
+}
+
+// showTemplate makes the mount show sp now (a show_template step): the last
+// desired set applied, with sp added or replacing the template of the same
+// id, is sent to the cache process synchronously, and the step succeeds
+// once the cache's status lists the template without an error. The merged
+// set becomes the last applied one, so the next heartbeat's set (which
+// has the template once the controller's mount planner does) changes
+// nothing the mount shows.
+func (a *Agent) showTemplate(ctx context.Context, sp *stowagev1.CacheSpec) error {
+	if sp.GetId() == "" {
+		return fmt.Errorf("show_template: no template: %w", errdefs.ErrInvalid)
+	}
+	a.cacheSync.Lock()
+	defer a.cacheSync.Unlock()
+	a.mu.Lock()
+	merged := &stowagev1.TemplateCacheSpec{}
+	if a.cacheSpec != nil {
+		merged = proto.Clone(a.cacheSpec).(*stowagev1.TemplateCacheSpec)
+	}
+	a.mu.Unlock()
+	replaced := false
+	for i, t := range merged.Templates {
+		if t.GetId() == sp.GetId() {
+			if proto.Equal(t, sp) {
+				// Shown already, as wanted: ask the mount whether it is.
+				if st, err := a.cache.GetCache(ctx); err == nil && shows(st, sp.GetId()) == nil {
+					return nil
+				}
+			}
+			merged.Templates[i], replaced = sp, true
+		}
+	}
+	if !replaced {
+		merged.Templates = append(merged.Templates, sp)
+	}
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	local := a.localSources(merged.GetTemplates())
+	if !slices.ContainsFunc(local, func(c *stowagev1.CacheSpec) bool { return c.GetId() == sp.GetId() }) {
+		return fmt.Errorf("template %s: its source does not resolve on this host: %w", sp.GetId(), errdefs.ErrFailedPrecondition)
+	}
+	st, err := a.cache.SyncCache(ctx, local)
+	if err != nil {
+		return fmt.Errorf("template mount: %w", err)
+	}
+	a.learnMount(st)
+	a.mu.Lock()
+	a.cacheSpec, a.cacheSynced = merged, time.Now()
+	a.mu.Unlock()
+	return shows(st, sp.GetId())
+}
+
+// shows reports whether st lists template id without an error.
+func shows(st *stowagev1.CacheStatus, id string) error {
+	for _, t := range st.GetTemplates() {
+		if t.GetId() == id {
+			if t.GetError() != "" {
+				return fmt.Errorf("template mount cannot show template %s: %s: %w", id, t.GetError(), errdefs.ErrUnavailable)
+			}
+			return nil
+		}
+	}
+	return fmt.Errorf("template mount does not list template %s after the sync: %w", id, errdefs.ErrUnavailable)
 }

@@ -226,3 +226,22 @@ func (e *Remote) UnexportNBD(ctx context.Context, uri drivers.URI) error {
 	_, err := e.run(ctx, &stowagev1.Task{Step: &stowagev1.Task_UnexportNbd{UnexportNbd: &stowagev1.UnexportNbdStep{Uri: string(uri)}}}, nil)
 	return err
 }
+
+// TemplateShower is the optional role of a host whose template mount can be
+// told to show one template at once (Remote implements it): a lazy volume's
+// create uses it so as not to wait for the next heartbeat to carry the
+// mount's new desired set.
+type TemplateShower interface {
+	// ShowTemplate returns once the host's template mount lists spec's
+	// template (ErrUnavailable when the host has no mount, the cache
+	// process's error when it cannot add the template).
+	ShowTemplate(ctx context.Context, spec *stowagev1.CacheSpec) error
+}
+
+var _ TemplateShower = (*Remote)(nil)
+
+// ShowTemplate implements TemplateShower.
+func (e *Remote) ShowTemplate(ctx context.Context, spec *stowagev1.CacheSpec) error {
+	_, err := e.run(ctx, &stowagev1.Task{Step: &stowagev1.Task_ShowTemplate{ShowTemplate: &stowagev1.ShowTemplateStep{Template: spec}}}, nil)
+	return err
+}

@@ -161,6 +161,7 @@ func runController(ctx context.Context, cfg controllerConfig, log *slog.Logger, 
 		return fmt.Errorf("--template-mount-transport: %w", errors.Join(err, errdefs.ErrInvalid))
 	}
 	hostSvc.SetMountSpecs(mounts)
+	volumeSvc.SetMounts(mounts)
 	orphanSweeper := orphans.New(db, storeSvc, cfg.orphanGrace, log.With("component", "orphans"), mounts)
 	reg.MustRegister(orphanSweeper.Collectors()...)
 	snapshotSvc := snapshot.New(db, storeSvc, volumeSvc, selector, runner, log)

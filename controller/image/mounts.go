@@ -60,6 +60,8 @@ type Mounts struct {
 	every     time.Duration
 	log       *slog.Logger
 
+	reconciling sync.Mutex // one Reconcile at a time (Run, Show)
+
 	mu      sync.Mutex
 	desired map[string]*stowagev1.TemplateCacheSpec // by host id
 	grants  map[grantKey]grant                      // live read grants
@@ -112,8 +114,41 @@ type mountable struct {
 	store *stowagev1.DataStore
 }
 
+// Show returns the entry of template templateID in host hostID's desired
+// set, recomputing the sets first when it is not there yet (a template
+// registered since the last pass): what a lazy volume's create pushes to
+// the host (hostops.TemplateShower) before its clone, instead of waiting
+// for the next pass and heartbeat. ErrFailedPrecondition when the host's
+// mount cannot show the template (no Ready copy on an Up image store of
+// its zone, no source for it, or the host reports no mount).
+func (m *Mounts) Show(ctx context.Context, hostID, templateID string) (*stowagev1.CacheSpec, error) {
+	if sp := m.entry(hostID, templateID); sp != nil {
+		return sp, nil
+	}
+	if err := m.Reconcile(ctx); err != nil {
+		return nil, err
+	}
+	if sp := m.entry(hostID, templateID); sp != nil {
+		return sp, nil
+	}
+	return nil, fmt.Errorf("the template mount of host %s cannot show template %s (no Ready copy on an Up image store of its zone, or no source for it): %w", hostID, templateID, errdefs.ErrFailedPrecondition)
+}
+
+func (m *Mounts) entry(hostID, templateID string) *stowagev1.CacheSpec {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for _, t := range m.desired[hostID].GetTemplates() {
+		if t.GetId() == templateID {
+			return t
+		}
+	}
+	return nil
+}
+
 // Reconcile recomputes every host's desired set once.
 func (m *Mounts) Reconcile(ctx context.Context) error {
+	m.reconciling.Lock()
+	defer m.reconciling.Unlock()
 	up, err := m.hosts.UpHosts(ctx)
 	if err != nil {
 		return err

@@ -47,8 +47,15 @@ func (h createHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 	switch {
 	case v.GetTemplateId() != "" && v.GetInstallMethod() == image.LazyMethod:
 		err = jobs.RunStep(ctx, job, rep, "install", func(ctx context.Context) error {
-			ch, err := s.sel.SelectWhere(ctx, jobs.PlanHost(job, "install"), MountShows(v.GetTemplateId()), datastore.Scope(st))
+			zone := ""
+			if is, err := s.db.Stores().Get(ctx, params.GetImageStoreId()); err == nil {
+				zone = datastore.Scope(is).Zone
+			}
+			ch, err := s.sel.SelectWhere(ctx, jobs.PlanHost(job, "install"), s.mountNeed(v.GetTemplateId(), zone), datastore.Scope(st))
 			if err != nil {
+				return err
+			}
+			if err := s.showOnHost(ctx, ch.Host, v.GetTemplateId()); err != nil {
 				return err
 			}
 			baseFormat, err := s.templateFormat(ctx, v.GetTemplateId())
@@ -243,4 +250,30 @@ func (s *Service) releaseSpool(ctx context.Context, job *stowagev1.Job, v *stowa
 		return fmt.Errorf("release the copy %s of template %s on store %s: %w", ref.GetId(), v.GetTemplateId(), v.GetStoreId(), err)
 	}
 	return nil
+}
+
+// showOnHost makes host h's template mount show template templateID before
+// a lazy volume's overlay is made on it: nothing to do when h's heartbeat
+// reports it shown already; else the mount planner's entry for h (computed
+// now if the template is newer than its last pass) is pushed to h's agent
+// as a show_template step, which returns once the mount lists it. This is
+// what lets a lazy volume be created a moment after its template's
+// registration, without waiting up to two heartbeats.
+func (s *Service) showOnHost(ctx context.Context, h *stowagev1.Host, templateID string) error {
+	if s.mounts == nil || MountShows(templateID).OK(h) {
+		return nil
+	}
+	sp, err := s.mounts.Show(ctx, h.GetId(), templateID)
+	if err != nil {
+		return err
+	}
+	hh, err := s.sel.ForHost(ctx, h.GetId())
+	if err != nil {
+		return err
+	}
+	ts, ok := hh.(hostops.TemplateShower)
+	if !ok {
+		return fmt.Errorf("host %s: cannot be told to show a template: %w", h.GetId(), errdefs.ErrNotImplemented)
+	}
+	return ts.ShowTemplate(ctx, sp)
 }

@@ -191,7 +191,7 @@ func (p *planner) fromTemplate(ctx context.Context, req *stowagev1.CreateVolumeR
 		return err
 	}
 	vol.StoreId = st.GetId()
-	need := MountShows(tmpl.GetId())
+	need := p.s.mountNeed(tmpl.GetId(), datastore.Scope(imgStore).Zone)
 	_, mountErr := p.s.sel.SelectWhere(ctx, "", need, datastore.Scope(st))
 	d, err := motion.PickInstall(motion.InstallRequest{
 		TemplateFormat: tfmt, VolumeFormat: want, StoreReflink: st.GetDetails()["reflink"] == "true",
@@ -273,6 +273,39 @@ func MountShows(templateID string) endpoint.Need {
 			return false
 		},
 	}
+}
+
+// MountCanShow is the need of a lazy volume's host when the create pushes
+// the template to the host's mount itself (Service.showOnHost): the host
+// has a mount that shows the template, or does not list it yet (a template
+// registered since the host's last heartbeat) and is of zone, the zone of
+// the template's image store copy ("" any). A mount that lists the
+// template with an error is passed over.
+func MountCanShow(templateID, zone string) endpoint.Need {
+	return endpoint.Need{
+		What: "has a template mount that shows, or can show, template " + templateID,
+		OK: func(h *stowagev1.Host) bool {
+			tc := h.GetCapabilities().GetTemplateCache()
+			if tc.GetMount() == "" {
+				return false
+			}
+			for _, t := range tc.GetTemplates() {
+				if t.GetId() == templateID {
+					return t.GetError() == ""
+				}
+			}
+			return zone == "" || h.GetZone() == zone
+		},
+	}
+}
+
+// mountNeed is MountCanShow when the service can push a template to a
+// host's mount, else MountShows (wait for the heartbeats).
+func (s *Service) mountNeed(templateID, zone string) endpoint.Need {
+	if s.mounts != nil {
+		return MountCanShow(templateID, zone)
+	}
+	return MountShows(templateID)
 }
 
 // copied names what a planned copy moves, for the destination driver's

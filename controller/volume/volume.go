@@ -46,11 +46,26 @@ type Service struct {
 	jobs      *jobs.Runner
 	providers *drivers.Registry
 	log       *slog.Logger
+	// mounts is what hosts' template mounts show (SetMounts); a lazy
+	// create pushes its template to the chosen host's mount through it.
+	mounts MountShower
 	// CacheLowWater is the fraction of a primary store's capacity that must
 	// stay free; unreferenced cached templates are evicted (least recently
 	// used first) to keep it.
 	CacheLowWater float64
 }
+
+// MountShower is the template mount planner as a lazy create needs it
+// (image.Mounts).
+type MountShower interface {
+	Show(ctx context.Context, hostID, templateID string) (*stowagev1.CacheSpec, error)
+}
+
+var _ MountShower = (*image.Mounts)(nil)
+
+// SetMounts wires the template mount planner (nil: a lazy create waits for
+// the heartbeats to show its template, as before).
+func (s *Service) SetMounts(m MountShower) { s.mounts = m }
 
 // New returns the volume service and registers its job handlers.
 func New(db *meta.DB, stores *datastore.Service, images *image.Service, sel *endpoint.Selector, mover *motion.Mover, runner *jobs.Runner, providers *drivers.Registry, log *slog.Logger) *Service {

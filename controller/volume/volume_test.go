@@ -62,3 +62,40 @@ func TestGrantAccessNegativeTTL(t *testing.T) {
 		t.Fatalf("negative TTL: %v, want invalid", err)
 	}
 }
+
+// A lazy create's host: one whose mount shows the template, or does not
+// list it yet and is of the template's zone; never one without a mount or
+// whose mount lists the template with an error. Without a mount planner
+// the create waits for the heartbeats to show it (MountShows).
+func TestLazyHostNeed(t *testing.T) {
+	host := func(zone string, templates ...*stowagev1.CachedTemplate) *stowagev1.Host {
+		return &stowagev1.Host{Zone: zone, Capabilities: &stowagev1.HostCapabilities{
+			TemplateCache: &stowagev1.CacheStatus{Mount: "/run/stowage/templates", Templates: templates}}}
+	}
+	shown := &stowagev1.CachedTemplate{Id: "t1"}
+	broken := &stowagev1.CachedTemplate{Id: "t1", Error: "source unreachable"}
+	cases := []struct {
+		name      string
+		h         *stowagev1.Host
+		can, show bool
+	}{
+		{"no mount", &stowagev1.Host{Zone: "z1"}, false, false},
+		{"shown", host("z1", shown), true, true},
+		{"shown, other zone", host("z2", shown), true, true},
+		{"not listed yet", host("z1"), true, false},
+		{"not listed, other zone", host("z2"), false, false},
+		{"listed with an error", host("z1", broken), false, false},
+	}
+	for _, c := range cases {
+		if got := MountCanShow("t1", "z1").OK(c.h); got != c.can {
+			t.Errorf("%s: MountCanShow = %v, want %v", c.name, got, c.can)
+		}
+		if got := MountShows("t1").OK(c.h); got != c.show {
+			t.Errorf("%s: MountShows = %v, want %v", c.name, got, c.show)
+		}
+	}
+	s := &Service{}
+	if got := s.mountNeed("t1", "z1").OK(host("z1")); got {
+		t.Error("without a mount planner, a host that does not show the template was accepted")
+	}
+}

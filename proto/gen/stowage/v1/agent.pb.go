@@ -1092,6 +1092,7 @@ type Task struct {
 	//	*Task_DisconnectLun
 	//	*Task_ListExports
 	//	*Task_CollectChunks
+	//	*Task_ShowTemplate
 	Step          isTask_Step `protobuf_oneof:"step"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1436,6 +1437,15 @@ func (x *Task) GetCollectChunks() *CollectChunksStep {
 	return nil
 }
 
+func (x *Task) GetShowTemplate() *ShowTemplateStep {
+	if x != nil {
+		if x, ok := x.Step.(*Task_ShowTemplate); ok {
+			return x.ShowTemplate
+		}
+	}
+	return nil
+}
+
 type isTask_Step interface {
 	isTask_Step()
 }
@@ -1568,6 +1578,10 @@ type Task_CollectChunks struct {
 	CollectChunks *CollectChunksStep `protobuf:"bytes,41,opt,name=collect_chunks,json=collectChunks,proto3,oneof"`
 }
 
+type Task_ShowTemplate struct {
+	ShowTemplate *ShowTemplateStep `protobuf:"bytes,42,opt,name=show_template,json=showTemplate,proto3,oneof"`
+}
+
 func (*Task_PrepareStore) isTask_Step() {}
 
 func (*Task_ProbeStore) isTask_Step() {}
@@ -1632,6 +1646,58 @@ func (*Task_ListExports) isTask_Step() {}
 
 func (*Task_CollectChunks) isTask_Step() {}
 
+func (*Task_ShowTemplate) isTask_Step() {}
+
+// ShowTemplateStep makes the host's template mount show one template at
+// once: the agent adds it to the desired set it last applied (the
+// heartbeat's), applies that set to the cache process synchronously, and
+// answers once the mount lists the template without an error. A lazy
+// volume's create sends it before the clone, so a template registered a
+// moment ago need not wait for the next heartbeat. Idempotent.
+type ShowTemplateStep struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Template      *CacheSpec             `protobuf:"bytes,1,opt,name=template,proto3" json:"template,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ShowTemplateStep) Reset() {
+	*x = ShowTemplateStep{}
+	mi := &file_stowage_v1_agent_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ShowTemplateStep) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ShowTemplateStep) ProtoMessage() {}
+
+func (x *ShowTemplateStep) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_agent_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ShowTemplateStep.ProtoReflect.Descriptor instead.
+func (*ShowTemplateStep) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *ShowTemplateStep) GetTemplate() *CacheSpec {
+	if x != nil {
+		return x.Template
+	}
+	return nil
+}
+
 // ConnectLunStep logs this host's kernel initiator in to a LUN (the
 // os-brick sequence) and answers with its block device (file:///dev/...);
 // disconnect_lun logs out when no other LUN of the target is in use.
@@ -1645,7 +1711,7 @@ type ConnectLunStep struct {
 
 func (x *ConnectLunStep) Reset() {
 	*x = ConnectLunStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[17]
+	mi := &file_stowage_v1_agent_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1657,7 +1723,7 @@ func (x *ConnectLunStep) String() string {
 func (*ConnectLunStep) ProtoMessage() {}
 
 func (x *ConnectLunStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[17]
+	mi := &file_stowage_v1_agent_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1670,7 +1736,7 @@ func (x *ConnectLunStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConnectLunStep.ProtoReflect.Descriptor instead.
 func (*ConnectLunStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{17}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ConnectLunStep) GetUri() string {
@@ -1700,7 +1766,7 @@ type IscsiTarget struct {
 
 func (x *IscsiTarget) Reset() {
 	*x = IscsiTarget{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[18]
+	mi := &file_stowage_v1_agent_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1712,7 +1778,7 @@ func (x *IscsiTarget) String() string {
 func (*IscsiTarget) ProtoMessage() {}
 
 func (x *IscsiTarget) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[18]
+	mi := &file_stowage_v1_agent_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1725,7 +1791,7 @@ func (x *IscsiTarget) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IscsiTarget.ProtoReflect.Descriptor instead.
 func (*IscsiTarget) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{18}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *IscsiTarget) GetStoreId() string {
@@ -1767,7 +1833,7 @@ type IscsiInitiator struct {
 
 func (x *IscsiInitiator) Reset() {
 	*x = IscsiInitiator{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[19]
+	mi := &file_stowage_v1_agent_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1779,7 +1845,7 @@ func (x *IscsiInitiator) String() string {
 func (*IscsiInitiator) ProtoMessage() {}
 
 func (x *IscsiInitiator) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[19]
+	mi := &file_stowage_v1_agent_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1792,7 +1858,7 @@ func (x *IscsiInitiator) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IscsiInitiator.ProtoReflect.Descriptor instead.
 func (*IscsiInitiator) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{19}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *IscsiInitiator) GetIqn() string {
@@ -1825,7 +1891,7 @@ type IscsiTargetStep struct {
 
 func (x *IscsiTargetStep) Reset() {
 	*x = IscsiTargetStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[20]
+	mi := &file_stowage_v1_agent_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1837,7 +1903,7 @@ func (x *IscsiTargetStep) String() string {
 func (*IscsiTargetStep) ProtoMessage() {}
 
 func (x *IscsiTargetStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[20]
+	mi := &file_stowage_v1_agent_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1850,7 +1916,7 @@ func (x *IscsiTargetStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IscsiTargetStep.ProtoReflect.Descriptor instead.
 func (*IscsiTargetStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{20}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *IscsiTargetStep) GetTarget() *IscsiTarget {
@@ -1872,7 +1938,7 @@ type LunStep struct {
 
 func (x *LunStep) Reset() {
 	*x = LunStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[21]
+	mi := &file_stowage_v1_agent_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1884,7 +1950,7 @@ func (x *LunStep) String() string {
 func (*LunStep) ProtoMessage() {}
 
 func (x *LunStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[21]
+	mi := &file_stowage_v1_agent_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1897,7 +1963,7 @@ func (x *LunStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LunStep.ProtoReflect.Descriptor instead.
 func (*LunStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{21}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *LunStep) GetTarget() *IscsiTarget {
@@ -1933,7 +1999,7 @@ type LunInfo struct {
 
 func (x *LunInfo) Reset() {
 	*x = LunInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[22]
+	mi := &file_stowage_v1_agent_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1945,7 +2011,7 @@ func (x *LunInfo) String() string {
 func (*LunInfo) ProtoMessage() {}
 
 func (x *LunInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[22]
+	mi := &file_stowage_v1_agent_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1958,7 +2024,7 @@ func (x *LunInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LunInfo.ProtoReflect.Descriptor instead.
 func (*LunInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{22}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *LunInfo) GetNumber() int32 {
@@ -1998,7 +2064,7 @@ type LunList struct {
 
 func (x *LunList) Reset() {
 	*x = LunList{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[23]
+	mi := &file_stowage_v1_agent_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2010,7 +2076,7 @@ func (x *LunList) String() string {
 func (*LunList) ProtoMessage() {}
 
 func (x *LunList) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[23]
+	mi := &file_stowage_v1_agent_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2023,7 +2089,7 @@ func (x *LunList) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LunList.ProtoReflect.Descriptor instead.
 func (*LunList) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{23}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *LunList) GetLuns() []*LunInfo {
@@ -2047,7 +2113,7 @@ type PrepareStoreStep struct {
 
 func (x *PrepareStoreStep) Reset() {
 	*x = PrepareStoreStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[24]
+	mi := &file_stowage_v1_agent_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2059,7 +2125,7 @@ func (x *PrepareStoreStep) String() string {
 func (*PrepareStoreStep) ProtoMessage() {}
 
 func (x *PrepareStoreStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[24]
+	mi := &file_stowage_v1_agent_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2072,7 +2138,7 @@ func (x *PrepareStoreStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PrepareStoreStep.ProtoReflect.Descriptor instead.
 func (*PrepareStoreStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{24}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *PrepareStoreStep) GetPath() string {
@@ -2114,7 +2180,7 @@ type ProbeStoreStep struct {
 
 func (x *ProbeStoreStep) Reset() {
 	*x = ProbeStoreStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[25]
+	mi := &file_stowage_v1_agent_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2126,7 +2192,7 @@ func (x *ProbeStoreStep) String() string {
 func (*ProbeStoreStep) ProtoMessage() {}
 
 func (x *ProbeStoreStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[25]
+	mi := &file_stowage_v1_agent_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2139,7 +2205,7 @@ func (x *ProbeStoreStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProbeStoreStep.ProtoReflect.Descriptor instead.
 func (*ProbeStoreStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{25}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *ProbeStoreStep) GetPath() string {
@@ -2168,7 +2234,7 @@ type ReleaseStoreStep struct {
 
 func (x *ReleaseStoreStep) Reset() {
 	*x = ReleaseStoreStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[26]
+	mi := &file_stowage_v1_agent_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2180,7 +2246,7 @@ func (x *ReleaseStoreStep) String() string {
 func (*ReleaseStoreStep) ProtoMessage() {}
 
 func (x *ReleaseStoreStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[26]
+	mi := &file_stowage_v1_agent_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2193,7 +2259,7 @@ func (x *ReleaseStoreStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReleaseStoreStep.ProtoReflect.Descriptor instead.
 func (*ReleaseStoreStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{26}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *ReleaseStoreStep) GetPath() string {
@@ -2231,7 +2297,7 @@ type ObjectRef struct {
 
 func (x *ObjectRef) Reset() {
 	*x = ObjectRef{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[27]
+	mi := &file_stowage_v1_agent_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2243,7 +2309,7 @@ func (x *ObjectRef) String() string {
 func (*ObjectRef) ProtoMessage() {}
 
 func (x *ObjectRef) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[27]
+	mi := &file_stowage_v1_agent_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2256,7 +2322,7 @@ func (x *ObjectRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ObjectRef.ProtoReflect.Descriptor instead.
 func (*ObjectRef) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{27}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *ObjectRef) GetStoreId() string {
@@ -2287,7 +2353,7 @@ type ChunkStoreRef struct {
 
 func (x *ChunkStoreRef) Reset() {
 	*x = ChunkStoreRef{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[28]
+	mi := &file_stowage_v1_agent_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2299,7 +2365,7 @@ func (x *ChunkStoreRef) String() string {
 func (*ChunkStoreRef) ProtoMessage() {}
 
 func (x *ChunkStoreRef) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[28]
+	mi := &file_stowage_v1_agent_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2312,7 +2378,7 @@ func (x *ChunkStoreRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChunkStoreRef.ProtoReflect.Descriptor instead.
 func (*ChunkStoreRef) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{28}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *ChunkStoreRef) GetUri() string {
@@ -2341,7 +2407,7 @@ type CreateImageStep struct {
 
 func (x *CreateImageStep) Reset() {
 	*x = CreateImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[29]
+	mi := &file_stowage_v1_agent_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2353,7 +2419,7 @@ func (x *CreateImageStep) String() string {
 func (*CreateImageStep) ProtoMessage() {}
 
 func (x *CreateImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[29]
+	mi := &file_stowage_v1_agent_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2366,7 +2432,7 @@ func (x *CreateImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateImageStep.ProtoReflect.Descriptor instead.
 func (*CreateImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{29}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *CreateImageStep) GetRef() *ObjectRef {
@@ -2399,7 +2465,7 @@ type DeleteObjectStep struct {
 
 func (x *DeleteObjectStep) Reset() {
 	*x = DeleteObjectStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[30]
+	mi := &file_stowage_v1_agent_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2411,7 +2477,7 @@ func (x *DeleteObjectStep) String() string {
 func (*DeleteObjectStep) ProtoMessage() {}
 
 func (x *DeleteObjectStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[30]
+	mi := &file_stowage_v1_agent_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2424,7 +2490,7 @@ func (x *DeleteObjectStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteObjectStep.ProtoReflect.Descriptor instead.
 func (*DeleteObjectStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{30}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *DeleteObjectStep) GetRef() *ObjectRef {
@@ -2444,7 +2510,7 @@ type ListObjectsStep struct {
 
 func (x *ListObjectsStep) Reset() {
 	*x = ListObjectsStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[31]
+	mi := &file_stowage_v1_agent_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2456,7 +2522,7 @@ func (x *ListObjectsStep) String() string {
 func (*ListObjectsStep) ProtoMessage() {}
 
 func (x *ListObjectsStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[31]
+	mi := &file_stowage_v1_agent_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2469,7 +2535,7 @@ func (x *ListObjectsStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListObjectsStep.ProtoReflect.Descriptor instead.
 func (*ListObjectsStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{31}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *ListObjectsStep) GetDir() *ObjectRef {
@@ -2488,7 +2554,7 @@ type StatObjectStep struct {
 
 func (x *StatObjectStep) Reset() {
 	*x = StatObjectStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[32]
+	mi := &file_stowage_v1_agent_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2500,7 +2566,7 @@ func (x *StatObjectStep) String() string {
 func (*StatObjectStep) ProtoMessage() {}
 
 func (x *StatObjectStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[32]
+	mi := &file_stowage_v1_agent_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2513,7 +2579,7 @@ func (x *StatObjectStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatObjectStep.ProtoReflect.Descriptor instead.
 func (*StatObjectStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{32}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *StatObjectStep) GetRef() *ObjectRef {
@@ -2538,7 +2604,7 @@ type FetchImageStep struct {
 
 func (x *FetchImageStep) Reset() {
 	*x = FetchImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[33]
+	mi := &file_stowage_v1_agent_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2550,7 +2616,7 @@ func (x *FetchImageStep) String() string {
 func (*FetchImageStep) ProtoMessage() {}
 
 func (x *FetchImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[33]
+	mi := &file_stowage_v1_agent_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2563,7 +2629,7 @@ func (x *FetchImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FetchImageStep.ProtoReflect.Descriptor instead.
 func (*FetchImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{33}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *FetchImageStep) GetSource() string {
@@ -2620,7 +2686,7 @@ type CopyImageStep struct {
 
 func (x *CopyImageStep) Reset() {
 	*x = CopyImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[34]
+	mi := &file_stowage_v1_agent_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2632,7 +2698,7 @@ func (x *CopyImageStep) String() string {
 func (*CopyImageStep) ProtoMessage() {}
 
 func (x *CopyImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[34]
+	mi := &file_stowage_v1_agent_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2645,7 +2711,7 @@ func (x *CopyImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CopyImageStep.ProtoReflect.Descriptor instead.
 func (*CopyImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{34}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *CopyImageStep) GetSource() string {
@@ -2714,7 +2780,7 @@ type CloneImageStep struct {
 
 func (x *CloneImageStep) Reset() {
 	*x = CloneImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[35]
+	mi := &file_stowage_v1_agent_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2726,7 +2792,7 @@ func (x *CloneImageStep) String() string {
 func (*CloneImageStep) ProtoMessage() {}
 
 func (x *CloneImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[35]
+	mi := &file_stowage_v1_agent_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2739,7 +2805,7 @@ func (x *CloneImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloneImageStep.ProtoReflect.Descriptor instead.
 func (*CloneImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{35}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *CloneImageStep) GetBase() *ObjectRef {
@@ -2796,7 +2862,7 @@ type InspectImageStep struct {
 
 func (x *InspectImageStep) Reset() {
 	*x = InspectImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[36]
+	mi := &file_stowage_v1_agent_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2808,7 +2874,7 @@ func (x *InspectImageStep) String() string {
 func (*InspectImageStep) ProtoMessage() {}
 
 func (x *InspectImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[36]
+	mi := &file_stowage_v1_agent_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2821,7 +2887,7 @@ func (x *InspectImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InspectImageStep.ProtoReflect.Descriptor instead.
 func (*InspectImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{36}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *InspectImageStep) GetRef() *ObjectRef {
@@ -2851,7 +2917,7 @@ type ResizeImageStep struct {
 
 func (x *ResizeImageStep) Reset() {
 	*x = ResizeImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[37]
+	mi := &file_stowage_v1_agent_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2863,7 +2929,7 @@ func (x *ResizeImageStep) String() string {
 func (*ResizeImageStep) ProtoMessage() {}
 
 func (x *ResizeImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[37]
+	mi := &file_stowage_v1_agent_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2876,7 +2942,7 @@ func (x *ResizeImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResizeImageStep.ProtoReflect.Descriptor instead.
 func (*ResizeImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{37}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *ResizeImageStep) GetRef() *ObjectRef {
@@ -2913,7 +2979,7 @@ type SnapshotImageStep struct {
 
 func (x *SnapshotImageStep) Reset() {
 	*x = SnapshotImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[38]
+	mi := &file_stowage_v1_agent_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2925,7 +2991,7 @@ func (x *SnapshotImageStep) String() string {
 func (*SnapshotImageStep) ProtoMessage() {}
 
 func (x *SnapshotImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[38]
+	mi := &file_stowage_v1_agent_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2938,7 +3004,7 @@ func (x *SnapshotImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotImageStep.ProtoReflect.Descriptor instead.
 func (*SnapshotImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{38}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *SnapshotImageStep) GetVolume() *ObjectRef {
@@ -2975,7 +3041,7 @@ type RevertImageStep struct {
 
 func (x *RevertImageStep) Reset() {
 	*x = RevertImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[39]
+	mi := &file_stowage_v1_agent_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2987,7 +3053,7 @@ func (x *RevertImageStep) String() string {
 func (*RevertImageStep) ProtoMessage() {}
 
 func (x *RevertImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[39]
+	mi := &file_stowage_v1_agent_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3000,7 +3066,7 @@ func (x *RevertImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevertImageStep.ProtoReflect.Descriptor instead.
 func (*RevertImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{39}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *RevertImageStep) GetVolume() *ObjectRef {
@@ -3038,7 +3104,7 @@ type RebaseImageStep struct {
 
 func (x *RebaseImageStep) Reset() {
 	*x = RebaseImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[40]
+	mi := &file_stowage_v1_agent_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3050,7 +3116,7 @@ func (x *RebaseImageStep) String() string {
 func (*RebaseImageStep) ProtoMessage() {}
 
 func (x *RebaseImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[40]
+	mi := &file_stowage_v1_agent_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3063,7 +3129,7 @@ func (x *RebaseImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RebaseImageStep.ProtoReflect.Descriptor instead.
 func (*RebaseImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{40}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *RebaseImageStep) GetRef() *ObjectRef {
@@ -3106,7 +3172,7 @@ type BackupImageStep struct {
 
 func (x *BackupImageStep) Reset() {
 	*x = BackupImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[41]
+	mi := &file_stowage_v1_agent_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3118,7 +3184,7 @@ func (x *BackupImageStep) String() string {
 func (*BackupImageStep) ProtoMessage() {}
 
 func (x *BackupImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[41]
+	mi := &file_stowage_v1_agent_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3131,7 +3197,7 @@ func (x *BackupImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BackupImageStep.ProtoReflect.Descriptor instead.
 func (*BackupImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{41}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *BackupImageStep) GetSource() *ObjectRef {
@@ -3196,7 +3262,7 @@ type RestoreImageStep struct {
 
 func (x *RestoreImageStep) Reset() {
 	*x = RestoreImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[42]
+	mi := &file_stowage_v1_agent_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3208,7 +3274,7 @@ func (x *RestoreImageStep) String() string {
 func (*RestoreImageStep) ProtoMessage() {}
 
 func (x *RestoreImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[42]
+	mi := &file_stowage_v1_agent_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3221,7 +3287,7 @@ func (x *RestoreImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RestoreImageStep.ProtoReflect.Descriptor instead.
 func (*RestoreImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{42}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *RestoreImageStep) GetChunks() *ChunkStoreRef {
@@ -3263,7 +3329,7 @@ type DeleteBackupStep struct {
 
 func (x *DeleteBackupStep) Reset() {
 	*x = DeleteBackupStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[43]
+	mi := &file_stowage_v1_agent_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3275,7 +3341,7 @@ func (x *DeleteBackupStep) String() string {
 func (*DeleteBackupStep) ProtoMessage() {}
 
 func (x *DeleteBackupStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[43]
+	mi := &file_stowage_v1_agent_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3288,7 +3354,7 @@ func (x *DeleteBackupStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteBackupStep.ProtoReflect.Descriptor instead.
 func (*DeleteBackupStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{43}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *DeleteBackupStep) GetChunks() *ChunkStoreRef {
@@ -3317,7 +3383,7 @@ type CollectChunksStep struct {
 
 func (x *CollectChunksStep) Reset() {
 	*x = CollectChunksStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[44]
+	mi := &file_stowage_v1_agent_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3329,7 +3395,7 @@ func (x *CollectChunksStep) String() string {
 func (*CollectChunksStep) ProtoMessage() {}
 
 func (x *CollectChunksStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[44]
+	mi := &file_stowage_v1_agent_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3342,7 +3408,7 @@ func (x *CollectChunksStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CollectChunksStep.ProtoReflect.Descriptor instead.
 func (*CollectChunksStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{44}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *CollectChunksStep) GetChunks() *ChunkStoreRef {
@@ -3365,7 +3431,7 @@ type ExportStep struct {
 
 func (x *ExportStep) Reset() {
 	*x = ExportStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[45]
+	mi := &file_stowage_v1_agent_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3377,7 +3443,7 @@ func (x *ExportStep) String() string {
 func (*ExportStep) ProtoMessage() {}
 
 func (x *ExportStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[45]
+	mi := &file_stowage_v1_agent_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3390,7 +3456,7 @@ func (x *ExportStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExportStep.ProtoReflect.Descriptor instead.
 func (*ExportStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{45}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *ExportStep) GetRef() *ObjectRef {
@@ -3417,7 +3483,7 @@ type UnexportStep struct {
 
 func (x *UnexportStep) Reset() {
 	*x = UnexportStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[46]
+	mi := &file_stowage_v1_agent_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3429,7 +3495,7 @@ func (x *UnexportStep) String() string {
 func (*UnexportStep) ProtoMessage() {}
 
 func (x *UnexportStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[46]
+	mi := &file_stowage_v1_agent_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3442,7 +3508,7 @@ func (x *UnexportStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnexportStep.ProtoReflect.Descriptor instead.
 func (*UnexportStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{46}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *UnexportStep) GetUri() string {
@@ -3469,7 +3535,7 @@ type ExportNbdStep struct {
 
 func (x *ExportNbdStep) Reset() {
 	*x = ExportNbdStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[47]
+	mi := &file_stowage_v1_agent_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3481,7 +3547,7 @@ func (x *ExportNbdStep) String() string {
 func (*ExportNbdStep) ProtoMessage() {}
 
 func (x *ExportNbdStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[47]
+	mi := &file_stowage_v1_agent_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3494,7 +3560,7 @@ func (x *ExportNbdStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExportNbdStep.ProtoReflect.Descriptor instead.
 func (*ExportNbdStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{47}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *ExportNbdStep) GetRef() *ObjectRef {
@@ -3535,7 +3601,7 @@ type UnexportNbdStep struct {
 
 func (x *UnexportNbdStep) Reset() {
 	*x = UnexportNbdStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[48]
+	mi := &file_stowage_v1_agent_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3547,7 +3613,7 @@ func (x *UnexportNbdStep) String() string {
 func (*UnexportNbdStep) ProtoMessage() {}
 
 func (x *UnexportNbdStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[48]
+	mi := &file_stowage_v1_agent_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3560,7 +3626,7 @@ func (x *UnexportNbdStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnexportNbdStep.ProtoReflect.Descriptor instead.
 func (*UnexportNbdStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{48}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *UnexportNbdStep) GetUri() string {
@@ -3584,7 +3650,7 @@ type ListExportsStep struct {
 
 func (x *ListExportsStep) Reset() {
 	*x = ListExportsStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[49]
+	mi := &file_stowage_v1_agent_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3596,7 +3662,7 @@ func (x *ListExportsStep) String() string {
 func (*ListExportsStep) ProtoMessage() {}
 
 func (x *ListExportsStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[49]
+	mi := &file_stowage_v1_agent_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3609,7 +3675,7 @@ func (x *ListExportsStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListExportsStep.ProtoReflect.Descriptor instead.
 func (*ListExportsStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{49}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *ListExportsStep) GetStoreId() string {
@@ -3632,7 +3698,7 @@ type ExportOwner struct {
 
 func (x *ExportOwner) Reset() {
 	*x = ExportOwner{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[50]
+	mi := &file_stowage_v1_agent_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3644,7 +3710,7 @@ func (x *ExportOwner) String() string {
 func (*ExportOwner) ProtoMessage() {}
 
 func (x *ExportOwner) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[50]
+	mi := &file_stowage_v1_agent_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3657,7 +3723,7 @@ func (x *ExportOwner) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExportOwner.ProtoReflect.Descriptor instead.
 func (*ExportOwner) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{50}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *ExportOwner) GetTaskId() string {
@@ -3699,7 +3765,7 @@ type ExportInfo struct {
 
 func (x *ExportInfo) Reset() {
 	*x = ExportInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[51]
+	mi := &file_stowage_v1_agent_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3711,7 +3777,7 @@ func (x *ExportInfo) String() string {
 func (*ExportInfo) ProtoMessage() {}
 
 func (x *ExportInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[51]
+	mi := &file_stowage_v1_agent_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3724,7 +3790,7 @@ func (x *ExportInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExportInfo.ProtoReflect.Descriptor instead.
 func (*ExportInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{51}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *ExportInfo) GetUri() string {
@@ -3792,7 +3858,7 @@ type ExportList struct {
 
 func (x *ExportList) Reset() {
 	*x = ExportList{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[52]
+	mi := &file_stowage_v1_agent_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3804,7 +3870,7 @@ func (x *ExportList) String() string {
 func (*ExportList) ProtoMessage() {}
 
 func (x *ExportList) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[52]
+	mi := &file_stowage_v1_agent_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3817,7 +3883,7 @@ func (x *ExportList) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExportList.ProtoReflect.Descriptor instead.
 func (*ExportList) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{52}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *ExportList) GetExports() []*ExportInfo {
@@ -3848,7 +3914,7 @@ type ImageInfo struct {
 
 func (x *ImageInfo) Reset() {
 	*x = ImageInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[53]
+	mi := &file_stowage_v1_agent_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3860,7 +3926,7 @@ func (x *ImageInfo) String() string {
 func (*ImageInfo) ProtoMessage() {}
 
 func (x *ImageInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[53]
+	mi := &file_stowage_v1_agent_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3873,7 +3939,7 @@ func (x *ImageInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImageInfo.ProtoReflect.Descriptor instead.
 func (*ImageInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{53}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *ImageInfo) GetKey() string {
@@ -3958,7 +4024,7 @@ type SnapshotInfo struct {
 
 func (x *SnapshotInfo) Reset() {
 	*x = SnapshotInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[54]
+	mi := &file_stowage_v1_agent_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3970,7 +4036,7 @@ func (x *SnapshotInfo) String() string {
 func (*SnapshotInfo) ProtoMessage() {}
 
 func (x *SnapshotInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[54]
+	mi := &file_stowage_v1_agent_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3983,7 +4049,7 @@ func (x *SnapshotInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotInfo.ProtoReflect.Descriptor instead.
 func (*SnapshotInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{54}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *SnapshotInfo) GetSnapshot() *ImageInfo {
@@ -4024,7 +4090,7 @@ type BackupInfo struct {
 
 func (x *BackupInfo) Reset() {
 	*x = BackupInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[55]
+	mi := &file_stowage_v1_agent_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4036,7 +4102,7 @@ func (x *BackupInfo) String() string {
 func (*BackupInfo) ProtoMessage() {}
 
 func (x *BackupInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[55]
+	mi := &file_stowage_v1_agent_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4049,7 +4115,7 @@ func (x *BackupInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BackupInfo.ProtoReflect.Descriptor instead.
 func (*BackupInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{55}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *BackupInfo) GetManifest() string {
@@ -4123,7 +4189,7 @@ type CollectInfo struct {
 
 func (x *CollectInfo) Reset() {
 	*x = CollectInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[56]
+	mi := &file_stowage_v1_agent_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4135,7 +4201,7 @@ func (x *CollectInfo) String() string {
 func (*CollectInfo) ProtoMessage() {}
 
 func (x *CollectInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[56]
+	mi := &file_stowage_v1_agent_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4148,7 +4214,7 @@ func (x *CollectInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CollectInfo.ProtoReflect.Descriptor instead.
 func (*CollectInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{56}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *CollectInfo) GetManifests() int64 {
@@ -4205,7 +4271,7 @@ type FileInfo struct {
 
 func (x *FileInfo) Reset() {
 	*x = FileInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[57]
+	mi := &file_stowage_v1_agent_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4217,7 +4283,7 @@ func (x *FileInfo) String() string {
 func (*FileInfo) ProtoMessage() {}
 
 func (x *FileInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[57]
+	mi := &file_stowage_v1_agent_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4230,7 +4296,7 @@ func (x *FileInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileInfo.ProtoReflect.Descriptor instead.
 func (*FileInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{57}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{58}
 }
 
 func (x *FileInfo) GetKey() string {
@@ -4295,7 +4361,7 @@ type StoreProbe struct {
 
 func (x *StoreProbe) Reset() {
 	*x = StoreProbe{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[58]
+	mi := &file_stowage_v1_agent_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4307,7 +4373,7 @@ func (x *StoreProbe) String() string {
 func (*StoreProbe) ProtoMessage() {}
 
 func (x *StoreProbe) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[58]
+	mi := &file_stowage_v1_agent_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4320,7 +4386,7 @@ func (x *StoreProbe) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StoreProbe.ProtoReflect.Descriptor instead.
 func (*StoreProbe) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{58}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{59}
 }
 
 func (x *StoreProbe) GetCapacityBytes() int64 {
@@ -4383,7 +4449,7 @@ type TaskResult struct {
 
 func (x *TaskResult) Reset() {
 	*x = TaskResult{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[59]
+	mi := &file_stowage_v1_agent_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4395,7 +4461,7 @@ func (x *TaskResult) String() string {
 func (*TaskResult) ProtoMessage() {}
 
 func (x *TaskResult) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[59]
+	mi := &file_stowage_v1_agent_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4408,7 +4474,7 @@ func (x *TaskResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TaskResult.ProtoReflect.Descriptor instead.
 func (*TaskResult) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{59}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{60}
 }
 
 func (x *TaskResult) GetTaskId() string {
@@ -4639,7 +4705,7 @@ type FileList struct {
 
 func (x *FileList) Reset() {
 	*x = FileList{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[60]
+	mi := &file_stowage_v1_agent_proto_msgTypes[61]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4651,7 +4717,7 @@ func (x *FileList) String() string {
 func (*FileList) ProtoMessage() {}
 
 func (x *FileList) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[60]
+	mi := &file_stowage_v1_agent_proto_msgTypes[61]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4664,7 +4730,7 @@ func (x *FileList) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileList.ProtoReflect.Descriptor instead.
 func (*FileList) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{60}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{61}
 }
 
 func (x *FileList) GetFiles() []*FileInfo {
@@ -4741,7 +4807,7 @@ const file_stowage_v1_agent_proto_rawDesc = "" +
 	"\x11CancelTaskRequest\x12\x17\n" +
 	"\atask_id\x18\x01 \x01(\tR\x06taskId\"D\n" +
 	"\x12CancelTaskResponse\x12.\n" +
-	"\x06result\x18\x01 \x01(\v2\x16.stowage.v1.TaskResultR\x06result\"\xd7\x10\n" +
+	"\x06result\x18\x01 \x01(\v2\x16.stowage.v1.TaskResultR\x06result\"\x9c\x11\n" +
 	"\x04Task\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1b\n" +
 	"\tparent_id\x18\x02 \x01(\tR\bparentId\x12C\n" +
@@ -4787,8 +4853,11 @@ const file_stowage_v1_agent_proto_rawDesc = "" +
 	"connectLun\x12C\n" +
 	"\x0edisconnect_lun\x18' \x01(\v2\x1a.stowage.v1.ConnectLunStepH\x00R\rdisconnectLun\x12@\n" +
 	"\flist_exports\x18( \x01(\v2\x1b.stowage.v1.ListExportsStepH\x00R\vlistExports\x12F\n" +
-	"\x0ecollect_chunks\x18) \x01(\v2\x1d.stowage.v1.CollectChunksStepH\x00R\rcollectChunksB\x06\n" +
-	"\x04step\"\"\n" +
+	"\x0ecollect_chunks\x18) \x01(\v2\x1d.stowage.v1.CollectChunksStepH\x00R\rcollectChunks\x12C\n" +
+	"\rshow_template\x18* \x01(\v2\x1c.stowage.v1.ShowTemplateStepH\x00R\fshowTemplateB\x06\n" +
+	"\x04step\"E\n" +
+	"\x10ShowTemplateStep\x121\n" +
+	"\btemplate\x18\x01 \x01(\v2\x15.stowage.v1.CacheSpecR\btemplate\"\"\n" +
 	"\x0eConnectLunStep\x12\x10\n" +
 	"\x03uri\x18\x01 \x01(\tR\x03uri\"\x8c\x01\n" +
 	"\vIscsiTarget\x12\x19\n" +
@@ -5064,7 +5133,7 @@ func file_stowage_v1_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_stowage_v1_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_stowage_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 62)
+var file_stowage_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 63)
 var file_stowage_v1_agent_proto_goTypes = []any{
 	(CloneMode)(0),                // 0: stowage.v1.CloneMode
 	(ExportKind)(0),               // 1: stowage.v1.ExportKind
@@ -5085,189 +5154,192 @@ var file_stowage_v1_agent_proto_goTypes = []any{
 	(*CancelTaskRequest)(nil),     // 16: stowage.v1.CancelTaskRequest
 	(*CancelTaskResponse)(nil),    // 17: stowage.v1.CancelTaskResponse
 	(*Task)(nil),                  // 18: stowage.v1.Task
-	(*ConnectLunStep)(nil),        // 19: stowage.v1.ConnectLunStep
-	(*IscsiTarget)(nil),           // 20: stowage.v1.IscsiTarget
-	(*IscsiInitiator)(nil),        // 21: stowage.v1.IscsiInitiator
-	(*IscsiTargetStep)(nil),       // 22: stowage.v1.IscsiTargetStep
-	(*LunStep)(nil),               // 23: stowage.v1.LunStep
-	(*LunInfo)(nil),               // 24: stowage.v1.LunInfo
-	(*LunList)(nil),               // 25: stowage.v1.LunList
-	(*PrepareStoreStep)(nil),      // 26: stowage.v1.PrepareStoreStep
-	(*ProbeStoreStep)(nil),        // 27: stowage.v1.ProbeStoreStep
-	(*ReleaseStoreStep)(nil),      // 28: stowage.v1.ReleaseStoreStep
-	(*ObjectRef)(nil),             // 29: stowage.v1.ObjectRef
-	(*ChunkStoreRef)(nil),         // 30: stowage.v1.ChunkStoreRef
-	(*CreateImageStep)(nil),       // 31: stowage.v1.CreateImageStep
-	(*DeleteObjectStep)(nil),      // 32: stowage.v1.DeleteObjectStep
-	(*ListObjectsStep)(nil),       // 33: stowage.v1.ListObjectsStep
-	(*StatObjectStep)(nil),        // 34: stowage.v1.StatObjectStep
-	(*FetchImageStep)(nil),        // 35: stowage.v1.FetchImageStep
-	(*CopyImageStep)(nil),         // 36: stowage.v1.CopyImageStep
-	(*CloneImageStep)(nil),        // 37: stowage.v1.CloneImageStep
-	(*InspectImageStep)(nil),      // 38: stowage.v1.InspectImageStep
-	(*ResizeImageStep)(nil),       // 39: stowage.v1.ResizeImageStep
-	(*SnapshotImageStep)(nil),     // 40: stowage.v1.SnapshotImageStep
-	(*RevertImageStep)(nil),       // 41: stowage.v1.RevertImageStep
-	(*RebaseImageStep)(nil),       // 42: stowage.v1.RebaseImageStep
-	(*BackupImageStep)(nil),       // 43: stowage.v1.BackupImageStep
-	(*RestoreImageStep)(nil),      // 44: stowage.v1.RestoreImageStep
-	(*DeleteBackupStep)(nil),      // 45: stowage.v1.DeleteBackupStep
-	(*CollectChunksStep)(nil),     // 46: stowage.v1.CollectChunksStep
-	(*ExportStep)(nil),            // 47: stowage.v1.ExportStep
-	(*UnexportStep)(nil),          // 48: stowage.v1.UnexportStep
-	(*ExportNbdStep)(nil),         // 49: stowage.v1.ExportNbdStep
-	(*UnexportNbdStep)(nil),       // 50: stowage.v1.UnexportNbdStep
-	(*ListExportsStep)(nil),       // 51: stowage.v1.ListExportsStep
-	(*ExportOwner)(nil),           // 52: stowage.v1.ExportOwner
-	(*ExportInfo)(nil),            // 53: stowage.v1.ExportInfo
-	(*ExportList)(nil),            // 54: stowage.v1.ExportList
-	(*ImageInfo)(nil),             // 55: stowage.v1.ImageInfo
-	(*SnapshotInfo)(nil),          // 56: stowage.v1.SnapshotInfo
-	(*BackupInfo)(nil),            // 57: stowage.v1.BackupInfo
-	(*CollectInfo)(nil),           // 58: stowage.v1.CollectInfo
-	(*FileInfo)(nil),              // 59: stowage.v1.FileInfo
-	(*StoreProbe)(nil),            // 60: stowage.v1.StoreProbe
-	(*TaskResult)(nil),            // 61: stowage.v1.TaskResult
-	(*FileList)(nil),              // 62: stowage.v1.FileList
-	nil,                           // 63: stowage.v1.ChunkStoreRef.SecretEntry
-	(*HostCapabilities)(nil),      // 64: stowage.v1.HostCapabilities
-	(*Host)(nil),                  // 65: stowage.v1.Host
-	(HostState)(0),                // 66: stowage.v1.HostState
-	(*CacheSpec)(nil),             // 67: stowage.v1.CacheSpec
-	(ImageFormat)(0),              // 68: stowage.v1.ImageFormat
-	(*timestamppb.Timestamp)(nil), // 69: google.protobuf.Timestamp
+	(*ShowTemplateStep)(nil),      // 19: stowage.v1.ShowTemplateStep
+	(*ConnectLunStep)(nil),        // 20: stowage.v1.ConnectLunStep
+	(*IscsiTarget)(nil),           // 21: stowage.v1.IscsiTarget
+	(*IscsiInitiator)(nil),        // 22: stowage.v1.IscsiInitiator
+	(*IscsiTargetStep)(nil),       // 23: stowage.v1.IscsiTargetStep
+	(*LunStep)(nil),               // 24: stowage.v1.LunStep
+	(*LunInfo)(nil),               // 25: stowage.v1.LunInfo
+	(*LunList)(nil),               // 26: stowage.v1.LunList
+	(*PrepareStoreStep)(nil),      // 27: stowage.v1.PrepareStoreStep
+	(*ProbeStoreStep)(nil),        // 28: stowage.v1.ProbeStoreStep
+	(*ReleaseStoreStep)(nil),      // 29: stowage.v1.ReleaseStoreStep
+	(*ObjectRef)(nil),             // 30: stowage.v1.ObjectRef
+	(*ChunkStoreRef)(nil),         // 31: stowage.v1.ChunkStoreRef
+	(*CreateImageStep)(nil),       // 32: stowage.v1.CreateImageStep
+	(*DeleteObjectStep)(nil),      // 33: stowage.v1.DeleteObjectStep
+	(*ListObjectsStep)(nil),       // 34: stowage.v1.ListObjectsStep
+	(*StatObjectStep)(nil),        // 35: stowage.v1.StatObjectStep
+	(*FetchImageStep)(nil),        // 36: stowage.v1.FetchImageStep
+	(*CopyImageStep)(nil),         // 37: stowage.v1.CopyImageStep
+	(*CloneImageStep)(nil),        // 38: stowage.v1.CloneImageStep
+	(*InspectImageStep)(nil),      // 39: stowage.v1.InspectImageStep
+	(*ResizeImageStep)(nil),       // 40: stowage.v1.ResizeImageStep
+	(*SnapshotImageStep)(nil),     // 41: stowage.v1.SnapshotImageStep
+	(*RevertImageStep)(nil),       // 42: stowage.v1.RevertImageStep
+	(*RebaseImageStep)(nil),       // 43: stowage.v1.RebaseImageStep
+	(*BackupImageStep)(nil),       // 44: stowage.v1.BackupImageStep
+	(*RestoreImageStep)(nil),      // 45: stowage.v1.RestoreImageStep
+	(*DeleteBackupStep)(nil),      // 46: stowage.v1.DeleteBackupStep
+	(*CollectChunksStep)(nil),     // 47: stowage.v1.CollectChunksStep
+	(*ExportStep)(nil),            // 48: stowage.v1.ExportStep
+	(*UnexportStep)(nil),          // 49: stowage.v1.UnexportStep
+	(*ExportNbdStep)(nil),         // 50: stowage.v1.ExportNbdStep
+	(*UnexportNbdStep)(nil),       // 51: stowage.v1.UnexportNbdStep
+	(*ListExportsStep)(nil),       // 52: stowage.v1.ListExportsStep
+	(*ExportOwner)(nil),           // 53: stowage.v1.ExportOwner
+	(*ExportInfo)(nil),            // 54: stowage.v1.ExportInfo
+	(*ExportList)(nil),            // 55: stowage.v1.ExportList
+	(*ImageInfo)(nil),             // 56: stowage.v1.ImageInfo
+	(*SnapshotInfo)(nil),          // 57: stowage.v1.SnapshotInfo
+	(*BackupInfo)(nil),            // 58: stowage.v1.BackupInfo
+	(*CollectInfo)(nil),           // 59: stowage.v1.CollectInfo
+	(*FileInfo)(nil),              // 60: stowage.v1.FileInfo
+	(*StoreProbe)(nil),            // 61: stowage.v1.StoreProbe
+	(*TaskResult)(nil),            // 62: stowage.v1.TaskResult
+	(*FileList)(nil),              // 63: stowage.v1.FileList
+	nil,                           // 64: stowage.v1.ChunkStoreRef.SecretEntry
+	(*HostCapabilities)(nil),      // 65: stowage.v1.HostCapabilities
+	(*Host)(nil),                  // 66: stowage.v1.Host
+	(HostState)(0),                // 67: stowage.v1.HostState
+	(*CacheSpec)(nil),             // 68: stowage.v1.CacheSpec
+	(ImageFormat)(0),              // 69: stowage.v1.ImageFormat
+	(*timestamppb.Timestamp)(nil), // 70: google.protobuf.Timestamp
 }
 var file_stowage_v1_agent_proto_depIdxs = []int32{
-	64,  // 0: stowage.v1.RegisterRequest.capabilities:type_name -> stowage.v1.HostCapabilities
-	65,  // 1: stowage.v1.RegisterResponse.host:type_name -> stowage.v1.Host
+	65,  // 0: stowage.v1.RegisterRequest.capabilities:type_name -> stowage.v1.HostCapabilities
+	66,  // 1: stowage.v1.RegisterResponse.host:type_name -> stowage.v1.Host
 	8,   // 2: stowage.v1.RegisterResponse.stores:type_name -> stowage.v1.StoreAssignment
-	64,  // 3: stowage.v1.HeartbeatRequest.capabilities:type_name -> stowage.v1.HostCapabilities
-	66,  // 4: stowage.v1.HeartbeatResponse.state:type_name -> stowage.v1.HostState
+	65,  // 3: stowage.v1.HeartbeatRequest.capabilities:type_name -> stowage.v1.HostCapabilities
+	67,  // 4: stowage.v1.HeartbeatResponse.state:type_name -> stowage.v1.HostState
 	8,   // 5: stowage.v1.HeartbeatResponse.stores:type_name -> stowage.v1.StoreAssignment
 	11,  // 6: stowage.v1.HeartbeatResponse.template_cache:type_name -> stowage.v1.TemplateCacheSpec
-	67,  // 7: stowage.v1.TemplateCacheSpec.templates:type_name -> stowage.v1.CacheSpec
+	68,  // 7: stowage.v1.TemplateCacheSpec.templates:type_name -> stowage.v1.CacheSpec
 	18,  // 8: stowage.v1.RunTaskRequest.task:type_name -> stowage.v1.Task
-	61,  // 9: stowage.v1.RunTaskResponse.result:type_name -> stowage.v1.TaskResult
-	61,  // 10: stowage.v1.GetTaskResponse.result:type_name -> stowage.v1.TaskResult
-	61,  // 11: stowage.v1.CancelTaskResponse.result:type_name -> stowage.v1.TaskResult
-	26,  // 12: stowage.v1.Task.prepare_store:type_name -> stowage.v1.PrepareStoreStep
-	27,  // 13: stowage.v1.Task.probe_store:type_name -> stowage.v1.ProbeStoreStep
-	28,  // 14: stowage.v1.Task.release_store:type_name -> stowage.v1.ReleaseStoreStep
-	31,  // 15: stowage.v1.Task.create_image:type_name -> stowage.v1.CreateImageStep
-	32,  // 16: stowage.v1.Task.delete_object:type_name -> stowage.v1.DeleteObjectStep
-	33,  // 17: stowage.v1.Task.list_objects:type_name -> stowage.v1.ListObjectsStep
-	34,  // 18: stowage.v1.Task.stat_object:type_name -> stowage.v1.StatObjectStep
-	35,  // 19: stowage.v1.Task.fetch_image:type_name -> stowage.v1.FetchImageStep
-	36,  // 20: stowage.v1.Task.copy_image:type_name -> stowage.v1.CopyImageStep
-	37,  // 21: stowage.v1.Task.clone_image:type_name -> stowage.v1.CloneImageStep
-	38,  // 22: stowage.v1.Task.inspect_image:type_name -> stowage.v1.InspectImageStep
-	39,  // 23: stowage.v1.Task.resize_image:type_name -> stowage.v1.ResizeImageStep
-	40,  // 24: stowage.v1.Task.snapshot_image:type_name -> stowage.v1.SnapshotImageStep
-	41,  // 25: stowage.v1.Task.revert_image:type_name -> stowage.v1.RevertImageStep
-	42,  // 26: stowage.v1.Task.rebase_image:type_name -> stowage.v1.RebaseImageStep
-	43,  // 27: stowage.v1.Task.backup_image:type_name -> stowage.v1.BackupImageStep
-	44,  // 28: stowage.v1.Task.restore_image:type_name -> stowage.v1.RestoreImageStep
-	45,  // 29: stowage.v1.Task.delete_backup:type_name -> stowage.v1.DeleteBackupStep
-	47,  // 30: stowage.v1.Task.export:type_name -> stowage.v1.ExportStep
-	48,  // 31: stowage.v1.Task.unexport:type_name -> stowage.v1.UnexportStep
-	49,  // 32: stowage.v1.Task.export_nbd:type_name -> stowage.v1.ExportNbdStep
-	50,  // 33: stowage.v1.Task.unexport_nbd:type_name -> stowage.v1.UnexportNbdStep
-	22,  // 34: stowage.v1.Task.ensure_iscsi_target:type_name -> stowage.v1.IscsiTargetStep
-	22,  // 35: stowage.v1.Task.delete_iscsi_target:type_name -> stowage.v1.IscsiTargetStep
-	23,  // 36: stowage.v1.Task.create_lun:type_name -> stowage.v1.LunStep
-	23,  // 37: stowage.v1.Task.delete_lun:type_name -> stowage.v1.LunStep
-	23,  // 38: stowage.v1.Task.resize_lun:type_name -> stowage.v1.LunStep
-	22,  // 39: stowage.v1.Task.list_luns:type_name -> stowage.v1.IscsiTargetStep
-	19,  // 40: stowage.v1.Task.connect_lun:type_name -> stowage.v1.ConnectLunStep
-	19,  // 41: stowage.v1.Task.disconnect_lun:type_name -> stowage.v1.ConnectLunStep
-	51,  // 42: stowage.v1.Task.list_exports:type_name -> stowage.v1.ListExportsStep
-	46,  // 43: stowage.v1.Task.collect_chunks:type_name -> stowage.v1.CollectChunksStep
-	21,  // 44: stowage.v1.IscsiTarget.initiators:type_name -> stowage.v1.IscsiInitiator
-	20,  // 45: stowage.v1.IscsiTargetStep.target:type_name -> stowage.v1.IscsiTarget
-	20,  // 46: stowage.v1.LunStep.target:type_name -> stowage.v1.IscsiTarget
-	24,  // 47: stowage.v1.LunList.luns:type_name -> stowage.v1.LunInfo
-	63,  // 48: stowage.v1.ChunkStoreRef.secret:type_name -> stowage.v1.ChunkStoreRef.SecretEntry
-	29,  // 49: stowage.v1.CreateImageStep.ref:type_name -> stowage.v1.ObjectRef
-	68,  // 50: stowage.v1.CreateImageStep.format:type_name -> stowage.v1.ImageFormat
-	29,  // 51: stowage.v1.DeleteObjectStep.ref:type_name -> stowage.v1.ObjectRef
-	29,  // 52: stowage.v1.ListObjectsStep.dir:type_name -> stowage.v1.ObjectRef
-	29,  // 53: stowage.v1.StatObjectStep.ref:type_name -> stowage.v1.ObjectRef
-	29,  // 54: stowage.v1.FetchImageStep.dest:type_name -> stowage.v1.ObjectRef
-	68,  // 55: stowage.v1.FetchImageStep.format:type_name -> stowage.v1.ImageFormat
-	29,  // 56: stowage.v1.CopyImageStep.dest:type_name -> stowage.v1.ObjectRef
-	68,  // 57: stowage.v1.CopyImageStep.format:type_name -> stowage.v1.ImageFormat
-	68,  // 58: stowage.v1.CopyImageStep.source_format:type_name -> stowage.v1.ImageFormat
-	29,  // 59: stowage.v1.CloneImageStep.base:type_name -> stowage.v1.ObjectRef
-	29,  // 60: stowage.v1.CloneImageStep.dest:type_name -> stowage.v1.ObjectRef
-	0,   // 61: stowage.v1.CloneImageStep.mode:type_name -> stowage.v1.CloneMode
-	68,  // 62: stowage.v1.CloneImageStep.format:type_name -> stowage.v1.ImageFormat
-	68,  // 63: stowage.v1.CloneImageStep.base_format:type_name -> stowage.v1.ImageFormat
-	29,  // 64: stowage.v1.InspectImageStep.ref:type_name -> stowage.v1.ObjectRef
-	68,  // 65: stowage.v1.InspectImageStep.format:type_name -> stowage.v1.ImageFormat
-	29,  // 66: stowage.v1.ResizeImageStep.ref:type_name -> stowage.v1.ObjectRef
-	68,  // 67: stowage.v1.ResizeImageStep.format:type_name -> stowage.v1.ImageFormat
-	29,  // 68: stowage.v1.SnapshotImageStep.volume:type_name -> stowage.v1.ObjectRef
-	29,  // 69: stowage.v1.SnapshotImageStep.snapshot:type_name -> stowage.v1.ObjectRef
-	68,  // 70: stowage.v1.SnapshotImageStep.format:type_name -> stowage.v1.ImageFormat
-	29,  // 71: stowage.v1.RevertImageStep.volume:type_name -> stowage.v1.ObjectRef
-	29,  // 72: stowage.v1.RevertImageStep.snapshot:type_name -> stowage.v1.ObjectRef
-	68,  // 73: stowage.v1.RevertImageStep.format:type_name -> stowage.v1.ImageFormat
-	29,  // 74: stowage.v1.RebaseImageStep.ref:type_name -> stowage.v1.ObjectRef
-	29,  // 75: stowage.v1.RebaseImageStep.new_backing:type_name -> stowage.v1.ObjectRef
-	68,  // 76: stowage.v1.RebaseImageStep.backing_format:type_name -> stowage.v1.ImageFormat
-	29,  // 77: stowage.v1.BackupImageStep.source:type_name -> stowage.v1.ObjectRef
-	30,  // 78: stowage.v1.BackupImageStep.chunks:type_name -> stowage.v1.ChunkStoreRef
-	68,  // 79: stowage.v1.BackupImageStep.source_format:type_name -> stowage.v1.ImageFormat
-	30,  // 80: stowage.v1.RestoreImageStep.chunks:type_name -> stowage.v1.ChunkStoreRef
-	29,  // 81: stowage.v1.RestoreImageStep.dest:type_name -> stowage.v1.ObjectRef
-	68,  // 82: stowage.v1.RestoreImageStep.format:type_name -> stowage.v1.ImageFormat
-	30,  // 83: stowage.v1.DeleteBackupStep.chunks:type_name -> stowage.v1.ChunkStoreRef
-	30,  // 84: stowage.v1.CollectChunksStep.chunks:type_name -> stowage.v1.ChunkStoreRef
-	29,  // 85: stowage.v1.ExportStep.ref:type_name -> stowage.v1.ObjectRef
-	29,  // 86: stowage.v1.ExportNbdStep.ref:type_name -> stowage.v1.ObjectRef
-	68,  // 87: stowage.v1.ExportNbdStep.format:type_name -> stowage.v1.ImageFormat
-	1,   // 88: stowage.v1.ExportInfo.kind:type_name -> stowage.v1.ExportKind
-	29,  // 89: stowage.v1.ExportInfo.ref:type_name -> stowage.v1.ObjectRef
-	52,  // 90: stowage.v1.ExportInfo.owner:type_name -> stowage.v1.ExportOwner
-	52,  // 91: stowage.v1.ExportInfo.shared_with:type_name -> stowage.v1.ExportOwner
-	69,  // 92: stowage.v1.ExportInfo.created:type_name -> google.protobuf.Timestamp
-	69,  // 93: stowage.v1.ExportInfo.expires:type_name -> google.protobuf.Timestamp
-	53,  // 94: stowage.v1.ExportList.exports:type_name -> stowage.v1.ExportInfo
-	68,  // 95: stowage.v1.ImageInfo.format:type_name -> stowage.v1.ImageFormat
-	55,  // 96: stowage.v1.SnapshotInfo.snapshot:type_name -> stowage.v1.ImageInfo
-	55,  // 97: stowage.v1.SnapshotInfo.volume:type_name -> stowage.v1.ImageInfo
-	69,  // 98: stowage.v1.FileInfo.modified_at:type_name -> google.protobuf.Timestamp
-	68,  // 99: stowage.v1.FileInfo.format:type_name -> stowage.v1.ImageFormat
-	60,  // 100: stowage.v1.TaskResult.probe:type_name -> stowage.v1.StoreProbe
-	59,  // 101: stowage.v1.TaskResult.file:type_name -> stowage.v1.FileInfo
-	62,  // 102: stowage.v1.TaskResult.files:type_name -> stowage.v1.FileList
-	55,  // 103: stowage.v1.TaskResult.image:type_name -> stowage.v1.ImageInfo
-	56,  // 104: stowage.v1.TaskResult.snapshot:type_name -> stowage.v1.SnapshotInfo
-	57,  // 105: stowage.v1.TaskResult.backup:type_name -> stowage.v1.BackupInfo
-	24,  // 106: stowage.v1.TaskResult.lun:type_name -> stowage.v1.LunInfo
-	25,  // 107: stowage.v1.TaskResult.luns:type_name -> stowage.v1.LunList
-	54,  // 108: stowage.v1.TaskResult.exports:type_name -> stowage.v1.ExportList
-	58,  // 109: stowage.v1.TaskResult.collect:type_name -> stowage.v1.CollectInfo
-	59,  // 110: stowage.v1.FileList.files:type_name -> stowage.v1.FileInfo
-	2,   // 111: stowage.v1.AgentControlService.Join:input_type -> stowage.v1.JoinRequest
-	6,   // 112: stowage.v1.AgentControlService.Register:input_type -> stowage.v1.RegisterRequest
-	9,   // 113: stowage.v1.AgentControlService.Heartbeat:input_type -> stowage.v1.HeartbeatRequest
-	4,   // 114: stowage.v1.AgentControlService.Renew:input_type -> stowage.v1.RenewRequest
-	12,  // 115: stowage.v1.AgentService.RunTask:input_type -> stowage.v1.RunTaskRequest
-	14,  // 116: stowage.v1.AgentService.GetTask:input_type -> stowage.v1.GetTaskRequest
-	16,  // 117: stowage.v1.AgentService.CancelTask:input_type -> stowage.v1.CancelTaskRequest
-	3,   // 118: stowage.v1.AgentControlService.Join:output_type -> stowage.v1.JoinResponse
-	7,   // 119: stowage.v1.AgentControlService.Register:output_type -> stowage.v1.RegisterResponse
-	10,  // 120: stowage.v1.AgentControlService.Heartbeat:output_type -> stowage.v1.HeartbeatResponse
-	5,   // 121: stowage.v1.AgentControlService.Renew:output_type -> stowage.v1.RenewResponse
-	13,  // 122: stowage.v1.AgentService.RunTask:output_type -> stowage.v1.RunTaskResponse
-	15,  // 123: stowage.v1.AgentService.GetTask:output_type -> stowage.v1.GetTaskResponse
-	17,  // 124: stowage.v1.AgentService.CancelTask:output_type -> stowage.v1.CancelTaskResponse
-	118, // [118:125] is the sub-list for method output_type
-	111, // [111:118] is the sub-list for method input_type
-	111, // [111:111] is the sub-list for extension type_name
-	111, // [111:111] is the sub-list for extension extendee
-	0,   // [0:111] is the sub-list for field type_name
+	62,  // 9: stowage.v1.RunTaskResponse.result:type_name -> stowage.v1.TaskResult
+	62,  // 10: stowage.v1.GetTaskResponse.result:type_name -> stowage.v1.TaskResult
+	62,  // 11: stowage.v1.CancelTaskResponse.result:type_name -> stowage.v1.TaskResult
+	27,  // 12: stowage.v1.Task.prepare_store:type_name -> stowage.v1.PrepareStoreStep
+	28,  // 13: stowage.v1.Task.probe_store:type_name -> stowage.v1.ProbeStoreStep
+	29,  // 14: stowage.v1.Task.release_store:type_name -> stowage.v1.ReleaseStoreStep
+	32,  // 15: stowage.v1.Task.create_image:type_name -> stowage.v1.CreateImageStep
+	33,  // 16: stowage.v1.Task.delete_object:type_name -> stowage.v1.DeleteObjectStep
+	34,  // 17: stowage.v1.Task.list_objects:type_name -> stowage.v1.ListObjectsStep
+	35,  // 18: stowage.v1.Task.stat_object:type_name -> stowage.v1.StatObjectStep
+	36,  // 19: stowage.v1.Task.fetch_image:type_name -> stowage.v1.FetchImageStep
+	37,  // 20: stowage.v1.Task.copy_image:type_name -> stowage.v1.CopyImageStep
+	38,  // 21: stowage.v1.Task.clone_image:type_name -> stowage.v1.CloneImageStep
+	39,  // 22: stowage.v1.Task.inspect_image:type_name -> stowage.v1.InspectImageStep
+	40,  // 23: stowage.v1.Task.resize_image:type_name -> stowage.v1.ResizeImageStep
+	41,  // 24: stowage.v1.Task.snapshot_image:type_name -> stowage.v1.SnapshotImageStep
+	42,  // 25: stowage.v1.Task.revert_image:type_name -> stowage.v1.RevertImageStep
+	43,  // 26: stowage.v1.Task.rebase_image:type_name -> stowage.v1.RebaseImageStep
+	44,  // 27: stowage.v1.Task.backup_image:type_name -> stowage.v1.BackupImageStep
+	45,  // 28: stowage.v1.Task.restore_image:type_name -> stowage.v1.RestoreImageStep
+	46,  // 29: stowage.v1.Task.delete_backup:type_name -> stowage.v1.DeleteBackupStep
+	48,  // 30: stowage.v1.Task.export:type_name -> stowage.v1.ExportStep
+	49,  // 31: stowage.v1.Task.unexport:type_name -> stowage.v1.UnexportStep
+	50,  // 32: stowage.v1.Task.export_nbd:type_name -> stowage.v1.ExportNbdStep
+	51,  // 33: stowage.v1.Task.unexport_nbd:type_name -> stowage.v1.UnexportNbdStep
+	23,  // 34: stowage.v1.Task.ensure_iscsi_target:type_name -> stowage.v1.IscsiTargetStep
+	23,  // 35: stowage.v1.Task.delete_iscsi_target:type_name -> stowage.v1.IscsiTargetStep
+	24,  // 36: stowage.v1.Task.create_lun:type_name -> stowage.v1.LunStep
+	24,  // 37: stowage.v1.Task.delete_lun:type_name -> stowage.v1.LunStep
+	24,  // 38: stowage.v1.Task.resize_lun:type_name -> stowage.v1.LunStep
+	23,  // 39: stowage.v1.Task.list_luns:type_name -> stowage.v1.IscsiTargetStep
+	20,  // 40: stowage.v1.Task.connect_lun:type_name -> stowage.v1.ConnectLunStep
+	20,  // 41: stowage.v1.Task.disconnect_lun:type_name -> stowage.v1.ConnectLunStep
+	52,  // 42: stowage.v1.Task.list_exports:type_name -> stowage.v1.ListExportsStep
+	47,  // 43: stowage.v1.Task.collect_chunks:type_name -> stowage.v1.CollectChunksStep
+	19,  // 44: stowage.v1.Task.show_template:type_name -> stowage.v1.ShowTemplateStep
+	68,  // 45: stowage.v1.ShowTemplateStep.template:type_name -> stowage.v1.CacheSpec
+	22,  // 46: stowage.v1.IscsiTarget.initiators:type_name -> stowage.v1.IscsiInitiator
+	21,  // 47: stowage.v1.IscsiTargetStep.target:type_name -> stowage.v1.IscsiTarget
+	21,  // 48: stowage.v1.LunStep.target:type_name -> stowage.v1.IscsiTarget
+	25,  // 49: stowage.v1.LunList.luns:type_name -> stowage.v1.LunInfo
+	64,  // 50: stowage.v1.ChunkStoreRef.secret:type_name -> stowage.v1.ChunkStoreRef.SecretEntry
+	30,  // 51: stowage.v1.CreateImageStep.ref:type_name -> stowage.v1.ObjectRef
+	69,  // 52: stowage.v1.CreateImageStep.format:type_name -> stowage.v1.ImageFormat
+	30,  // 53: stowage.v1.DeleteObjectStep.ref:type_name -> stowage.v1.ObjectRef
+	30,  // 54: stowage.v1.ListObjectsStep.dir:type_name -> stowage.v1.ObjectRef
+	30,  // 55: stowage.v1.StatObjectStep.ref:type_name -> stowage.v1.ObjectRef
+	30,  // 56: stowage.v1.FetchImageStep.dest:type_name -> stowage.v1.ObjectRef
+	69,  // 57: stowage.v1.FetchImageStep.format:type_name -> stowage.v1.ImageFormat
+	30,  // 58: stowage.v1.CopyImageStep.dest:type_name -> stowage.v1.ObjectRef
+	69,  // 59: stowage.v1.CopyImageStep.format:type_name -> stowage.v1.ImageFormat
+	69,  // 60: stowage.v1.CopyImageStep.source_format:type_name -> stowage.v1.ImageFormat
+	30,  // 61: stowage.v1.CloneImageStep.base:type_name -> stowage.v1.ObjectRef
+	30,  // 62: stowage.v1.CloneImageStep.dest:type_name -> stowage.v1.ObjectRef
+	0,   // 63: stowage.v1.CloneImageStep.mode:type_name -> stowage.v1.CloneMode
+	69,  // 64: stowage.v1.CloneImageStep.format:type_name -> stowage.v1.ImageFormat
+	69,  // 65: stowage.v1.CloneImageStep.base_format:type_name -> stowage.v1.ImageFormat
+	30,  // 66: stowage.v1.InspectImageStep.ref:type_name -> stowage.v1.ObjectRef
+	69,  // 67: stowage.v1.InspectImageStep.format:type_name -> stowage.v1.ImageFormat
+	30,  // 68: stowage.v1.ResizeImageStep.ref:type_name -> stowage.v1.ObjectRef
+	69,  // 69: stowage.v1.ResizeImageStep.format:type_name -> stowage.v1.ImageFormat
+	30,  // 70: stowage.v1.SnapshotImageStep.volume:type_name -> stowage.v1.ObjectRef
+	30,  // 71: stowage.v1.SnapshotImageStep.snapshot:type_name -> stowage.v1.ObjectRef
+	69,  // 72: stowage.v1.SnapshotImageStep.format:type_name -> stowage.v1.ImageFormat
+	30,  // 73: stowage.v1.RevertImageStep.volume:type_name -> stowage.v1.ObjectRef
+	30,  // 74: stowage.v1.RevertImageStep.snapshot:type_name -> stowage.v1.ObjectRef
+	69,  // 75: stowage.v1.RevertImageStep.format:type_name -> stowage.v1.ImageFormat
+	30,  // 76: stowage.v1.RebaseImageStep.ref:type_name -> stowage.v1.ObjectRef
+	30,  // 77: stowage.v1.RebaseImageStep.new_backing:type_name -> stowage.v1.ObjectRef
+	69,  // 78: stowage.v1.RebaseImageStep.backing_format:type_name -> stowage.v1.ImageFormat
+	30,  // 79: stowage.v1.BackupImageStep.source:type_name -> stowage.v1.ObjectRef
+	31,  // 80: stowage.v1.BackupImageStep.chunks:type_name -> stowage.v1.ChunkStoreRef
+	69,  // 81: stowage.v1.BackupImageStep.source_format:type_name -> stowage.v1.ImageFormat
+	31,  // 82: stowage.v1.RestoreImageStep.chunks:type_name -> stowage.v1.ChunkStoreRef
+	30,  // 83: stowage.v1.RestoreImageStep.dest:type_name -> stowage.v1.ObjectRef
+	69,  // 84: stowage.v1.RestoreImageStep.format:type_name -> stowage.v1.ImageFormat
+	31,  // 85: stowage.v1.DeleteBackupStep.chunks:type_name -> stowage.v1.ChunkStoreRef
+	31,  // 86: stowage.v1.CollectChunksStep.chunks:type_name -> stowage.v1.ChunkStoreRef
+	30,  // 87: stowage.v1.ExportStep.ref:type_name -> stowage.v1.ObjectRef
+	30,  // 88: stowage.v1.ExportNbdStep.ref:type_name -> stowage.v1.ObjectRef
+	69,  // 89: stowage.v1.ExportNbdStep.format:type_name -> stowage.v1.ImageFormat
+	1,   // 90: stowage.v1.ExportInfo.kind:type_name -> stowage.v1.ExportKind
+	30,  // 91: stowage.v1.ExportInfo.ref:type_name -> stowage.v1.ObjectRef
+	53,  // 92: stowage.v1.ExportInfo.owner:type_name -> stowage.v1.ExportOwner
+	53,  // 93: stowage.v1.ExportInfo.shared_with:type_name -> stowage.v1.ExportOwner
+	70,  // 94: stowage.v1.ExportInfo.created:type_name -> google.protobuf.Timestamp
+	70,  // 95: stowage.v1.ExportInfo.expires:type_name -> google.protobuf.Timestamp
+	54,  // 96: stowage.v1.ExportList.exports:type_name -> stowage.v1.ExportInfo
+	69,  // 97: stowage.v1.ImageInfo.format:type_name -> stowage.v1.ImageFormat
+	56,  // 98: stowage.v1.SnapshotInfo.snapshot:type_name -> stowage.v1.ImageInfo
+	56,  // 99: stowage.v1.SnapshotInfo.volume:type_name -> stowage.v1.ImageInfo
+	70,  // 100: stowage.v1.FileInfo.modified_at:type_name -> google.protobuf.Timestamp
+	69,  // 101: stowage.v1.FileInfo.format:type_name -> stowage.v1.ImageFormat
+	61,  // 102: stowage.v1.TaskResult.probe:type_name -> stowage.v1.StoreProbe
+	60,  // 103: stowage.v1.TaskResult.file:type_name -> stowage.v1.FileInfo
+	63,  // 104: stowage.v1.TaskResult.files:type_name -> stowage.v1.FileList
+	56,  // 105: stowage.v1.TaskResult.image:type_name -> stowage.v1.ImageInfo
+	57,  // 106: stowage.v1.TaskResult.snapshot:type_name -> stowage.v1.SnapshotInfo
+	58,  // 107: stowage.v1.TaskResult.backup:type_name -> stowage.v1.BackupInfo
+	25,  // 108: stowage.v1.TaskResult.lun:type_name -> stowage.v1.LunInfo
+	26,  // 109: stowage.v1.TaskResult.luns:type_name -> stowage.v1.LunList
+	55,  // 110: stowage.v1.TaskResult.exports:type_name -> stowage.v1.ExportList
+	59,  // 111: stowage.v1.TaskResult.collect:type_name -> stowage.v1.CollectInfo
+	60,  // 112: stowage.v1.FileList.files:type_name -> stowage.v1.FileInfo
+	2,   // 113: stowage.v1.AgentControlService.Join:input_type -> stowage.v1.JoinRequest
+	6,   // 114: stowage.v1.AgentControlService.Register:input_type -> stowage.v1.RegisterRequest
+	9,   // 115: stowage.v1.AgentControlService.Heartbeat:input_type -> stowage.v1.HeartbeatRequest
+	4,   // 116: stowage.v1.AgentControlService.Renew:input_type -> stowage.v1.RenewRequest
+	12,  // 117: stowage.v1.AgentService.RunTask:input_type -> stowage.v1.RunTaskRequest
+	14,  // 118: stowage.v1.AgentService.GetTask:input_type -> stowage.v1.GetTaskRequest
+	16,  // 119: stowage.v1.AgentService.CancelTask:input_type -> stowage.v1.CancelTaskRequest
+	3,   // 120: stowage.v1.AgentControlService.Join:output_type -> stowage.v1.JoinResponse
+	7,   // 121: stowage.v1.AgentControlService.Register:output_type -> stowage.v1.RegisterResponse
+	10,  // 122: stowage.v1.AgentControlService.Heartbeat:output_type -> stowage.v1.HeartbeatResponse
+	5,   // 123: stowage.v1.AgentControlService.Renew:output_type -> stowage.v1.RenewResponse
+	13,  // 124: stowage.v1.AgentService.RunTask:output_type -> stowage.v1.RunTaskResponse
+	15,  // 125: stowage.v1.AgentService.GetTask:output_type -> stowage.v1.GetTaskResponse
+	17,  // 126: stowage.v1.AgentService.CancelTask:output_type -> stowage.v1.CancelTaskResponse
+	120, // [120:127] is the sub-list for method output_type
+	113, // [113:120] is the sub-list for method input_type
+	113, // [113:113] is the sub-list for extension type_name
+	113, // [113:113] is the sub-list for extension extendee
+	0,   // [0:113] is the sub-list for field type_name
 }
 
 func init() { file_stowage_v1_agent_proto_init() }
@@ -5310,8 +5382,9 @@ func file_stowage_v1_agent_proto_init() {
 		(*Task_DisconnectLun)(nil),
 		(*Task_ListExports)(nil),
 		(*Task_CollectChunks)(nil),
+		(*Task_ShowTemplate)(nil),
 	}
-	file_stowage_v1_agent_proto_msgTypes[59].OneofWrappers = []any{
+	file_stowage_v1_agent_proto_msgTypes[60].OneofWrappers = []any{
 		(*TaskResult_Probe)(nil),
 		(*TaskResult_File)(nil),
 		(*TaskResult_Files)(nil),
@@ -5330,7 +5403,7 @@ func file_stowage_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_stowage_v1_agent_proto_rawDesc), len(file_stowage_v1_agent_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   62,
+			NumMessages:   63,
 			NumExtensions: 0,
 			NumServices:   2,
 		},
