@@ -152,7 +152,15 @@ func (l *Local) cloneImage(ctx context.Context, req CloneRequest, progress drive
 			return ImageInfo{}, err
 		}
 	}
-	info, err := l.publishImage(ctx, stage, final, req.Dest, string(format))
+	var info ImageInfo
+	if req.Mode == drivers.CloneLinked {
+		// The overlay qemu-img just made from these arguments: describe it
+		// from them rather than run qemu-img info once more (~5 ms of a
+		// lazy volume's ~30 ms create step).
+		info, err = l.publishOverlay(ctx, stage, final, req.Dest, base, size)
+	} else {
+		info, err = l.publishImage(ctx, stage, final, req.Dest, string(format))
+	}
 	if err != nil {
 		return ImageInfo{}, err
 	}
@@ -205,4 +213,22 @@ func reflinkFile(src, dst string) error {
 		return fmt.Errorf("reflink %s: %w", src, classed(err))
 	}
 	return nil
+}
+
+// publishOverlay publishes stage, a qcow2 overlay of size bytes on backing
+// file base made by this step, as final, and describes it as made.
+func (l *Local) publishOverlay(ctx context.Context, stage, final, dest, base string, size int64) (ImageInfo, error) {
+	if err := ctx.Err(); err != nil {
+		return ImageInfo{}, err
+	}
+	if err := publish(ctx, stage, final); err != nil {
+		return ImageInfo{}, err
+	}
+	info := ImageInfo{Path: dest, Format: drivers.FormatQCOW2, VirtualSize: size, BackingFile: l.callerPath(base)}
+	var st unix.Stat_t
+	if err := unix.Stat(final, &st); err != nil {
+		return ImageInfo{}, classed(err)
+	}
+	info.PhysicalSize = st.Blocks * 512
+	return info, nil
 }

@@ -2,15 +2,13 @@ package main
 
 import (
 	"context"
-	"os"
+	"net/http"
+	"net/http/httptest"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
 	"time"
-
-	"net/http"
-	"net/http/httptest"
 
 	"connectrpc.com/connect"
 
@@ -109,7 +107,4 @@ func TestLazyVolumeRightAfterRegistration(t *testing.T) {
 	t.Logf("lazy create, API call to job Succeeded (%d creates): p50 %v p99 %v", n, pct(total, 0.5), pct(total, 0.99))
 	t.Logf("  of which CreateVolume call (plan + record): p50 %v p99 %v", pct(accept, 0.5), pct(accept, 0.99))
 	t.Logf("  of which job created_at to updated_at (controller side): p50 %v p99 %v", pct(server_, 0.5), pct(server_, 0.99))
-	if os.Getenv("STOWAGE_LAZY_LOG") != "" {
-		t.Logf("controller log:\n%s", c1.log.String())
-	}
 }

@@ -9,6 +9,8 @@ import (
 	"sync"
 	"time"
 
+	"google.golang.org/protobuf/proto"
+
 	"github.com/stowage/stowage/controller/datastore"
 	"github.com/stowage/stowage/controller/meta"
 	"github.com/stowage/stowage/drivers"
@@ -121,14 +123,23 @@ type mountable struct {
 // for the next pass and heartbeat. ErrFailedPrecondition when the host's
 // mount cannot show the template (no Ready copy on an Up image store of
 // its zone, no source for it, or the host reports no mount).
+//
+// The entry is returned pinned: the caller is making a lazy volume on it,
+// whose record (which the next pass finds) pins it from now on, and a
+// heartbeat answer computed before that pass must not remove the file
+// from under the new volume (the mount keeps a pinned template one more
+// sync).
 func (m *Mounts) Show(ctx context.Context, hostID, templateID string) (*stowagev1.CacheSpec, error) {
-	if sp := m.entry(hostID, templateID); sp != nil {
-		return sp, nil
+	sp := m.entry(hostID, templateID)
+	if sp == nil {
+		if err := m.Reconcile(ctx); err != nil {
+			return nil, err
+		}
+		sp = m.entry(hostID, templateID)
 	}
-	if err := m.Reconcile(ctx); err != nil {
-		return nil, err
-	}
-	if sp := m.entry(hostID, templateID); sp != nil {
+	if sp != nil {
+		sp = proto.Clone(sp).(*stowagev1.CacheSpec)
+		sp.Pinned = true
 		return sp, nil
 	}
 	return nil, fmt.Errorf("the template mount of host %s cannot show template %s (no Ready copy on an Up image store of its zone, or no source for it): %w", hostID, templateID, errdefs.ErrFailedPrecondition)
