@@ -183,12 +183,17 @@ func TestExportNBDRefuses(t *testing.T) {
 	if err := os.Symlink(outside, filepath.Join(store, "volumes", "link.raw")); err != nil {
 		t.Fatal(err)
 	}
+	if out, err := exec.Command("qemu-img", "create", "-q", "-f", "qcow2", "-b", outside, "-F", "raw", filepath.Join(store, "volumes", "escape.qcow2")).CombinedOutput(); err != nil {
+		t.Fatalf("qemu-img create: %v %s", err, out)
+	}
 	s1 := func(key string) hostops.Ref { return hostops.Ref{Store: "s1", Key: key} }
 	for _, c := range []struct {
 		req  hostops.NBDExportRequest
 		want error
 	}{
-		{hostops.NBDExportRequest{Ref: s1("volumes/v.raw"), Format: drivers.FormatQCOW2}, errdefs.ErrNotImplemented},
+		// A raw file declared qcow2, and a qcow2 whose backing file is outside the store.
+		{hostops.NBDExportRequest{Ref: s1("volumes/v.raw"), Format: drivers.FormatQCOW2}, errdefs.ErrInvalid},
+		{hostops.NBDExportRequest{Ref: s1("volumes/escape.qcow2"), Format: drivers.FormatQCOW2}, errdefs.ErrInvalid},
 		{hostops.NBDExportRequest{Ref: s1("volumes/v.raw")}, errdefs.ErrInvalid},
 		{hostops.NBDExportRequest{Ref: s1(vol), Format: drivers.FormatRaw}, errdefs.ErrPermissionDenied},
 		{hostops.NBDExportRequest{Ref: s1("../" + filepath.Base(filepath.Dir(outside)) + "/secret.raw"), Format: drivers.FormatRaw}, errdefs.ErrPermissionDenied},

@@ -10,10 +10,10 @@ import (
 
 	"github.com/stowage/stowage/agent/exports"
 	"github.com/stowage/stowage/agent/nbdexports"
-	"github.com/stowage/stowage/failpoint"
-
+	"github.com/stowage/stowage/datapath/qemuimg"
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
+	"github.com/stowage/stowage/failpoint"
 )
 
 // Exporter serves files of this host read-only over HTTP under
@@ -73,10 +73,11 @@ func (l *Local) Unexport(ctx context.Context, uri drivers.URI) error {
 // NBDExporter serves files of this host over NBD under unguessable names;
 // agent/nbdexports.Server is the agent's.
 type NBDExporter interface {
-	// Export serves the file at path (on this machine) under a new name
-	// until expires (zero: never) for owner, and returns its nbd:// or
-	// nbds:// URI.
-	Export(path string, readOnly bool, expires time.Time, owner exports.Owner) (string, error)
+	// ExportFormat serves the image at path (on this machine) of the
+	// declared format (nbdexports.FormatRaw: its bytes; FormatQcow2: its
+	// guest view) under a new name until expires (zero: never) for owner,
+	// and returns its nbd:// or nbds:// URI.
+	ExportFormat(path, format string, readOnly bool, expires time.Time, owner exports.Owner) (string, error)
 	// Unexport removes an export and closes its connections; an unknown one
 	// is not an error.
 	Unexport(uri string) error
@@ -88,10 +89,12 @@ type NBDExporter interface {
 // it they are errdefs.ErrNotImplemented.
 func WithNBDExporter(x NBDExporter) Option { return func(l *Local) { l.nbd = x } }
 
-// ExportNBD serves the raw image at req.Path over NBD until UnexportNBD and
-// returns its nbd:// URI. The path must be a regular file (not a symbolic
-// link) inside a store of this host, and not its marker; every call makes a
-// new export name.
+// ExportNBD serves the image at req.Path over NBD until UnexportNBD and
+// returns its nbd:// URI: a raw image's bytes, or a qcow2's guest view
+// through its backing chain, which must pass the chain check of every
+// declared qcow2 (a lazy volume's chain ends in the template mount). The
+// path must be a regular file (not a symbolic link) inside a store of this
+// host, and not its marker; every call makes a new export name.
 func (l *Local) ExportNBD(ctx context.Context, req NBDExportRequest) (drivers.URI, error) {
 	fail := func(err error) (drivers.URI, error) {
 		return "", fmt.Errorf("nbd export %s on host %s: %w", req.Path, l.hostID, err)
@@ -99,10 +102,11 @@ func (l *Local) ExportNBD(ctx context.Context, req NBDExportRequest) (drivers.UR
 	if l.nbd == nil {
 		return fail(fmt.Errorf("this agent serves no NBD exports: %w", errdefs.ErrNotImplemented))
 	}
+	format := nbdexports.FormatRaw
 	switch req.Format {
 	case drivers.FormatRaw:
 	case drivers.FormatQCOW2:
-		return fail(fmt.Errorf("qcow2 images are not served over NBD yet (needs the qcow2 backend): %w", errdefs.ErrNotImplemented))
+		format = nbdexports.FormatQcow2
 	case "":
 		return fail(fmt.Errorf("no declared format: %w", errdefs.ErrInvalid))
 	default:
@@ -138,7 +142,12 @@ func (l *Local) ExportNBD(ctx context.Context, req NBDExportRequest) (drivers.UR
 	if !within(realPath, realStore) {
 		return fail(fmt.Errorf("resolves to %s, outside its store: %w", l.callerPath(realPath), errdefs.ErrInvalid))
 	}
-	u, err := l.nbd.Export(realPath, req.ReadOnly, req.Expires, req.Owner)
+	if format == nbdexports.FormatQcow2 {
+		if _, err := l.openDeclared(ctx, realPath, qemuimg.FormatQCOW2, false); err != nil {
+			return fail(err)
+		}
+	}
+	u, err := l.nbd.ExportFormat(realPath, format, req.ReadOnly, req.Expires, req.Owner)
 	if err != nil {
 		return fail(err)
 	}

@@ -116,9 +116,11 @@ type imageOps interface {
 	// ExportNBD serves the image at req.Path (a file of a store on this
 	// host) over NBD from the agent under an unguessable export name (128
 	// random bits, hex) and returns its nbd://host:port/name URI (nbds://
-	// when the agent's NBD speaks TLS), until UnexportNBD or req.Expires. Only raw images are served for now; a qcow2 is
-	// errdefs.ErrNotImplemented (it needs a qcow2 backend). A hypervisor
-	// that cannot open the file directly attaches the volume through it.
+	// when the agent's NBD speaks TLS), until UnexportNBD or req.Expires. A
+	// raw image is served as its bytes, a qcow2 as its guest view through
+	// its backing chain (checked as every step checks a declared qcow2). A
+	// hypervisor that cannot open the file directly attaches the volume
+	// through it; another agent reads it for a copy.
 	ExportNBD(ctx context.Context, req NBDExportRequest) (drivers.URI, error)
 	// UnexportNBD removes the export at uri and closes its connections; an
 	// unknown export is not an error.
@@ -131,8 +133,8 @@ type imageOps interface {
 // NBDExportRequest asks an agent to serve an image over NBD.
 type NBDExportRequest struct {
 	Path string
-	// Format is the image's format as the records say (required; only
-	// FormatRaw is served for now).
+	// Format is the image's format as the records say (required): raw
+	// serves the file's bytes, qcow2 the guest view of its chain.
 	Format drivers.Format
 	// ReadOnly refuses writes, trims and zeroes.
 	ReadOnly bool

@@ -12,6 +12,21 @@
 // SecretNames, so NBD_OPT_LIST is refused and the empty (default) name
 // opens nothing; a client must be given a name to open an export.
 //
+// # qcow2 images
+//
+// A raw file is served by the agent's own server from its file descriptor.
+// A qcow2 image (a linked clone, a lazy volume on the template mount, a
+// snapshot: the guest view through its backing chain) is served by a
+// qemu-storage-daemon per export (datapath/qsd), started by ExportFormat
+// on a unix socket in the run directory (WithQcow2) and reached through an
+// nbd.UpstreamBackend: the client still connects to the agent's listener,
+// under the same secret export name, TLS, expiry and connection limit as a
+// raw file. The daemon is supervised (restarted when it dies, requests in
+// flight retried), stopped on Unexport, expiry and Close, and recorded
+// with its PID in the state file: after an agent crash Load adopts a
+// daemon that still runs (qsd.Adopt) instead of starting a second one, and
+// stops daemons of the run directory that no export accounts for.
+//
 // # Expiry
 //
 // An export may expire (the expires argument of Export; zero: never). From
@@ -67,6 +82,7 @@ import (
 	"github.com/stowage/stowage/agent/exports"
 	"github.com/stowage/stowage/datapath/durable"
 	"github.com/stowage/stowage/datapath/nbd"
+	"github.com/stowage/stowage/datapath/qsd"
 	"github.com/stowage/stowage/errdefs"
 )
 
@@ -80,10 +96,16 @@ type Server struct {
 	tlsOn bool // URIs are nbds://
 	reqd  bool
 
+	runDir string // qcow2 daemons' sockets ("": qcow2 not served)
+	qsdBin string
+	life   context.Context // the daemons' supervision
+	stop   context.CancelFunc
+
 	mu      sync.Mutex
-	addr    string             // host:port announced in URIs
-	exports map[string]*export // by name
-	saveMu  sync.Mutex         // orders state file writes
+	addr    string                 // host:port announced in URIs
+	exports map[string]*export     // by name
+	daemons map[string]*qsd.Daemon // qcow2 exports' daemons, by name
+	saveMu  sync.Mutex             // orders state file writes
 }
 
 // export is what the state file records of one export.
@@ -95,6 +117,10 @@ type export struct {
 	// Since Owners were recorded; absent in older state files.
 	Owner   exports.Owner `json:"owner,omitzero"`
 	Created time.Time     `json:"created,omitzero"`
+	// Since qcow2 exports: the declared format ("": raw) and the PID of
+	// the export's qemu-storage-daemon.
+	Format string `json:"format,omitempty"`
+	PID    int    `json:"qsd_pid,omitempty"`
 }
 
 func (e *export) expired(now time.Time) bool { return !e.Expires.IsZero() && !now.Before(e.Expires) }
@@ -127,6 +153,13 @@ func WithTLS(cfg *tls.Config, required bool) Option {
 	return func(s *Server) { s.tls, s.tlsOn, s.reqd = cfg, cfg != nil, required && cfg != nil }
 }
 
+// WithQcow2 serves qcow2 images (ExportFormat) through qemu-storage-daemon
+// (binary; "" is qsd.DefaultBinary), one per export, with their sockets in
+// runDir (created 0700: the socket names carry the export names).
+func WithQcow2(runDir, binary string) Option {
+	return func(s *Server) { s.runDir, s.qsdBin = runDir, binary }
+}
+
 // WithStateFile keeps the exports in the file at path so that Load
 // restores them after a restart.
 func WithStateFile(path string) Option { return func(s *Server) { s.state = path } }
@@ -137,10 +170,11 @@ func New(log *slog.Logger, opts ...Option) *Server {
 	if log == nil {
 		log = slog.Default()
 	}
-	s := &Server{log: log, exports: map[string]*export{}}
+	s := &Server{log: log, exports: map[string]*export{}, daemons: map[string]*qsd.Daemon{}}
 	for _, o := range opts {
 		o(s)
 	}
+	s.life, s.stop = context.WithCancel(context.Background())
 	s.srv = nbd.NewServer(nbd.ServerOptions{Logger: log, SecretNames: true, MaxConns: MaxConns, TLS: s.tls, TLSRequired: s.reqd})
 	return s
 }
@@ -168,7 +202,7 @@ func (s *Server) Load(check func(path string) error) error {
 		return fmt.Errorf("nbd exports: state file %s: not a version %d state (%v): %w", s.state, stateVersion, err, errdefs.ErrDataLoss)
 	}
 	now := time.Now()
-	kept := 0
+	kept, changed := 0, false
 	for _, e := range st.Exports {
 		if e == nil || validName(e.Name) != nil || !filepath.IsAbs(e.Path) {
 			s.log.Warn("nbd exports: malformed entry in the state file dropped", "state", s.state)
@@ -188,7 +222,8 @@ func (s *Server) Load(check func(path string) error) error {
 				continue
 			}
 		}
-		if err := s.srv.AddExport(e.Name, e.Path, nbd.ExportOptions{ReadOnly: e.ReadOnly, Expires: e.Expires}); err != nil {
+		pid := e.PID
+		if err := s.serve(context.Background(), e, true); err != nil {
 			s.log.Warn("nbd exports: export dropped: cannot serve it again", "path", e.Path, "err", err)
 			continue
 		}
@@ -196,9 +231,13 @@ func (s *Server) Load(check func(path string) error) error {
 		s.exports[e.Name] = e
 		s.mu.Unlock()
 		kept++
+		if e.PID != pid {
+			changed = true
+		}
 	}
+	s.sweepRunDir()
 	s.log.Info("nbd exports restored", "state", s.state, "kept", kept, "dropped", len(st.Exports)-kept)
-	if kept != len(st.Exports) {
+	if kept != len(st.Exports) || changed {
 		return s.save()
 	}
 	return nil
@@ -275,24 +314,33 @@ func (s *Server) Sweep(now time.Time) {
 	if len(gone) == 0 {
 		return
 	}
+	if err := s.save(); err != nil {
+		s.log.Error("nbd exports: save state after expiry", "err", err)
+	}
 	for _, e := range gone {
-		if err := s.srv.RemoveExport(e.Name); err != nil {
+		if err := s.drop(e.Name); err != nil {
 			s.log.Warn("nbd exports: remove expired export", "path", e.Path, "err", err)
 		}
 	}
 	s.log.Info("nbd exports expired", "count", len(gone))
-	if err := s.save(); err != nil {
-		s.log.Error("nbd exports: save state after expiry", "err", err)
-	}
 }
 
 // Close stops serving every export and closes its connections. The state
 // file is kept: the exports come back at the next Load.
+//
+// The qcow2 daemons are stopped (Load starts them again).
 func (s *Server) Close() error {
 	s.mu.Lock()
 	s.exports = map[string]*export{}
+	daemons := s.daemons
+	s.daemons = map[string]*qsd.Daemon{}
 	s.mu.Unlock()
-	return s.srv.Close()
+	err := s.srv.Close()
+	for _, d := range daemons {
+		err = errors.Join(err, s.stopDaemon(d))
+	}
+	s.stop()
+	return err
 }
 
 // Export serves the file at path (on this machine) under a new name until
@@ -301,6 +349,21 @@ func (s *Server) Close() error {
 // past is errdefs.ErrInvalid. With a state file, the export is recorded
 // before Export returns.
 func (s *Server) Export(path string, readOnly bool, expires time.Time, owner exports.Owner) (string, error) {
+	return s.ExportFormat(path, FormatRaw, readOnly, expires, owner)
+}
+
+// The formats ExportFormat serves.
+const (
+	FormatRaw   = "raw"   // the file's bytes, by the agent's own server
+	FormatQcow2 = "qcow2" // the guest view of the image and its backing chain (WithQcow2)
+)
+
+// ExportFormat is Export of an image of the declared format: FormatRaw
+// (the file's bytes) or FormatQcow2 (the guest view through its backing
+// chain, served by a qemu-storage-daemon; errdefs.ErrNotImplemented
+// without WithQcow2). The caller has checked the chain (every layer's
+// format recorded, no layer outside what it may serve).
+func (s *Server) ExportFormat(path, format string, readOnly bool, expires time.Time, owner exports.Owner) (string, error) {
 	addr := s.Address()
 	if addr == "" {
 		return "", fmt.Errorf("nbd export %s: this agent serves no NBD (--nbd-listen): %w", path, errdefs.ErrUnavailable)
@@ -308,20 +371,31 @@ func (s *Server) Export(path string, readOnly bool, expires time.Time, owner exp
 	if !expires.IsZero() && !time.Now().Before(expires) {
 		return "", fmt.Errorf("nbd export %s: expiry %s is past: %w", path, expires.UTC().Format(time.RFC3339), errdefs.ErrInvalid)
 	}
+	switch format {
+	case FormatRaw:
+		format = ""
+	case FormatQcow2:
+		if s.runDir == "" {
+			return "", fmt.Errorf("nbd export %s: this agent serves no qcow2 images over NBD: %w", path, errdefs.ErrNotImplemented)
+		}
+	default:
+		return "", fmt.Errorf("nbd export %s: format %q is neither raw nor qcow2: %w", path, format, errdefs.ErrInvalid)
+	}
 	var b [16]byte
 	_, _ = rand.Read(b[:]) // never fails (crypto/rand)
 	name := hex.EncodeToString(b[:])
-	if err := s.srv.AddExport(name, path, nbd.ExportOptions{ReadOnly: readOnly, Expires: expires}); err != nil {
+	e := &export{Name: name, Path: path, ReadOnly: readOnly, Expires: expires, Owner: owner, Created: time.Now(), Format: format}
+	if err := s.serve(context.Background(), e, false); err != nil {
 		return "", fmt.Errorf("nbd export %s: %w", path, err)
 	}
 	s.mu.Lock()
-	s.exports[name] = &export{Name: name, Path: path, ReadOnly: readOnly, Expires: expires, Owner: owner, Created: time.Now()}
+	s.exports[name] = e
 	s.mu.Unlock()
 	if err := s.save(); err != nil {
 		s.mu.Lock()
 		delete(s.exports, name)
 		s.mu.Unlock()
-		_ = s.srv.RemoveExport(name)
+		_ = s.drop(name)
 		return "", fmt.Errorf("nbd export %s: %w", path, err)
 	}
 	return s.uri(addr, name), nil
@@ -347,11 +421,10 @@ func (s *Server) Unexport(uri string) error {
 	_, ok := s.exports[name]
 	delete(s.exports, name)
 	s.mu.Unlock()
-	err = s.srv.RemoveExport(name)
 	if ok {
-		err = errors.Join(err, s.save())
+		err = s.save()
 	}
-	return err
+	return errors.Join(err, s.drop(name))
 }
 
 // Exported returns the paths currently exported, one per export.

@@ -141,8 +141,13 @@ func newAgent(cfg agent.Config, creds *agent.Credentials, limits rpclimit.Limits
 	if err != nil {
 		return nil, err
 	}
-	n := nbdexports.New(log.With("component", "nbd"), nbdexports.WithStateFile(filepath.Join(cfg.StateDir, "nbd-exports.json")),
-		nbdexports.WithTLS(creds.NBDServerTLS(), nbdTLS))
+	nopts := []nbdexports.Option{nbdexports.WithStateFile(filepath.Join(cfg.StateDir, "nbd-exports.json")), nbdexports.WithTLS(creds.NBDServerTLS(), nbdTLS)}
+	if cfg.StateDir != "" {
+		// qcow2 images are served through a qemu-storage-daemon per
+		// export, with its private sockets under the state directory.
+		nopts = append(nopts, nbdexports.WithQcow2(filepath.Join(cfg.StateDir, "qsd"), ""))
+	}
+	n := nbdexports.New(log.With("component", "nbd"), nopts...)
 	// Copies from other agents' nbds:// exports present this host's certificate.
 	nbd.RegisterTLS(creds.PeerTLS())
 	guard, err := netguard.Parse(cfg.FetchAllowCIDRs)

@@ -53,6 +53,20 @@ type Extenter interface {
 	Extents(ctx context.Context, off, n int64, max int) ([]stream.Extent, error)
 }
 
+// FUAWriter writes with forced unit access in one step (an upstream NBD
+// server takes the FUA flag itself); without it a FUA write is WriteAt and
+// then Sync.
+type FUAWriter interface {
+	WriteAtFUA(p []byte, off int64) (int, error)
+}
+
+// SkipHolesOnRead is a backend whose Extents costs a round trip (one NBD
+// server in front of another): when it says so, reads send data without
+// looking holes up first, and clients that want holes ask BLOCK_STATUS.
+type SkipHolesOnRead interface {
+	SkipHolesOnRead() bool
+}
+
 // Cacher prefetches a range (NBD_CMD_CACHE).
 type Cacher interface {
 	Cache(off, n int64) error

@@ -261,7 +261,9 @@ func (c *conn) serve(j *job) {
 		c.read(j)
 		return
 	case cmdWrite:
-		if _, err = e.be.WriteAt(*j.buf, int64(r.off)); err == nil && r.flags&cmdFlagFUA != 0 {
+		if r.flags&cmdFlagFUA != 0 && e.fuaWriter != nil {
+			_, err = e.fuaWriter.WriteAtFUA(*j.buf, int64(r.off))
+		} else if _, err = e.be.WriteAt(*j.buf, int64(r.off)); err == nil && r.flags&cmdFlagFUA != 0 {
 			err = e.be.Sync()
 		}
 	case cmdFlush:
@@ -397,7 +399,7 @@ func (c *conn) read(j *job) {
 		return
 	}
 	exts := []stream.Extent{{Off: off, Len: n}}
-	if c.structured && r.flags&cmdFlagDF == 0 && e.extenter != nil {
+	if c.structured && r.flags&cmdFlagDF == 0 && e.extenter != nil && !e.skipHoles {
 		if x, err := e.extenter.Extents(c.ctx, off, n, 1024); err == nil && len(x) > 0 && covers(x, off, n) {
 			exts = x
 		}

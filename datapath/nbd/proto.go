@@ -203,6 +203,10 @@ func cmdName(t uint16) string {
 
 // errnoOf maps a backend error to the NBD error a reply carries.
 func errnoOf(err error) uint32 {
+	var ne *errnoError // from an upstream server: passed on as it came
+	if errors.As(err, &ne) {
+		return ne.errno
+	}
 	var en syscall.Errno
 	if errors.As(err, &en) {
 		switch en {

@@ -103,6 +103,8 @@ type export struct {
 	trimmer    Trimmer
 	extenter   Extenter
 	cacher     Cacher
+	fuaWriter  FUAWriter
+	skipHoles  bool // reads do not look holes up (SkipHolesOnRead)
 
 	mu      sync.Mutex
 	conns   map[*conn]struct{}
@@ -168,6 +170,10 @@ func (s *Server) AddBackend(name string, b Backend, opts ExportOptions) error {
 	e.trimmer, _ = b.(Trimmer)
 	e.extenter, _ = b.(Extenter)
 	e.cacher, _ = b.(Cacher)
+	e.fuaWriter, _ = b.(FUAWriter)
+	if sh, ok := b.(SkipHolesOnRead); ok {
+		e.skipHoles = sh.SkipHolesOnRead()
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if _, dup := s.exports[name]; dup {

@@ -90,6 +90,11 @@ type Options struct {
 	// StopTimeout bounds the wait for a clean quit before SIGKILL;
 	// default 5 s.
 	StopTimeout time.Duration
+	// LogFile, when set, receives the daemon's stderr and stdout (appended)
+	// instead of a pipe to this process: a daemon that outlives this
+	// process (see Adopt) must not write into a pipe nobody reads. Its
+	// tail is what Stderr quotes.
+	LogFile string
 	// KillWithParent has the kernel kill the daemon when the process that
 	// started it dies (PR_SET_PDEATHSIG), for a foreground command whose
 	// export must not outlive it. An agent, whose exports outlive its
@@ -169,7 +174,8 @@ type Daemon struct {
 	life context.Context // the daemon is killed when it ends (Start's ctx)
 
 	mu     sync.Mutex
-	cmd    *exec.Cmd
+	cmd    *exec.Cmd // nil for an adopted daemon
+	pid    int
 	stderr *tailBuffer
 	done   chan struct{} // closed when the process has been waited for
 	err    error         // its exit status, once done
@@ -210,6 +216,15 @@ func (d *Daemon) start(ctx context.Context) error {
 	stderr := &tailBuffer{max: 16 << 10}
 	cmd.Stderr = stderr
 	cmd.Stdout = stderr
+	if o.LogFile != "" {
+		lf, err := os.OpenFile(o.LogFile, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+		if err != nil {
+			return fmt.Errorf("qsd: log file: %w", err)
+		}
+		defer lf.Close() // the child has its own descriptor once started
+		cmd.Stderr, cmd.Stdout = lf, lf
+		stderr = &tailBuffer{max: 1, file: o.LogFile}
+	}
 	if o.KillWithParent {
 		cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	}
@@ -226,7 +241,7 @@ func (d *Daemon) start(ctx context.Context) error {
 			return
 		}
 		d.mu.Lock()
-		d.cmd, d.stderr, d.done, d.err = cmd, stderr, done, nil
+		d.cmd, d.pid, d.stderr, d.done, d.err = cmd, cmd.Process.Pid, stderr, done, nil
 		d.mu.Unlock()
 		started <- nil
 		err := cmd.Wait()
@@ -293,7 +308,17 @@ func (d *Daemon) checkReady(ctx context.Context) error {
 // QMP runs one command on the daemon's monitor and decodes its return value
 // into out (when out is not nil).
 func (d *Daemon) QMP(ctx context.Context, command string, args, out any) error {
-	c, err := (&net.Dialer{}).DialContext(ctx, "unix", d.opts.Monitor)
+	return qmp(ctx, d.opts.Monitor, command, args, out)
+}
+
+// Quit asks the daemon whose QMP monitor listens at monitor to quit (a
+// daemon found without its Daemon, such as a leftover of a crashed parent).
+func Quit(ctx context.Context, monitor string) error {
+	return qmp(ctx, monitor, "quit", nil, nil)
+}
+
+func qmp(ctx context.Context, monitor, command string, args, out any) error {
+	c, err := (&net.Dialer{}).DialContext(ctx, "unix", monitor)
 	if err != nil {
 		return err
 	}
@@ -354,10 +379,7 @@ func qmpCall(c net.Conn, r *json.Decoder, command string, args any) (json.RawMes
 func (d *Daemon) PID() int {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if d.cmd == nil || d.cmd.Process == nil {
-		return 0
-	}
-	return d.cmd.Process.Pid
+	return d.pid
 }
 
 // Options are the options the daemon runs with (defaults filled in).
@@ -434,6 +456,8 @@ func (d *Daemon) Stop(ctx context.Context) error {
 // Restart stops the daemon (if it runs) and starts a new one with the same
 // options, for the life of Start's context; ctx bounds the stop and the
 // wait for readiness. The export answers again when it returns.
+//
+// An adopted daemon is restarted as a child of this process.
 func (d *Daemon) Restart(ctx context.Context) error {
 	if err := d.Stop(ctx); err != nil && !errors.Is(err, ErrExited) {
 		return err
@@ -441,12 +465,20 @@ func (d *Daemon) Restart(ctx context.Context) error {
 	return d.start(ctx)
 }
 
-// kill sends SIGKILL to the daemon's PID.
+// kill sends SIGKILL to the daemon's PID (unless it has exited: the PID
+// may be another process's by then).
 func (d *Daemon) kill() {
 	d.mu.Lock()
-	p := d.cmd.Process
+	pid, done := d.pid, d.done
 	d.mu.Unlock()
-	_ = p.Kill()
+	select {
+	case <-done:
+		return
+	default:
+	}
+	if pid > 0 {
+		_ = syscall.Kill(pid, syscall.SIGKILL)
+	}
 }
 
 func (d *Daemon) cleanup() {
@@ -473,9 +505,10 @@ func removeStaleSocket(path string) error {
 
 // tailBuffer keeps the last max bytes written to it.
 type tailBuffer struct {
-	mu  sync.Mutex
-	max int
-	b   []byte
+	mu   sync.Mutex
+	max  int
+	b    []byte
+	file string // String reads the tail of this file instead
 }
 
 func (t *tailBuffer) Write(p []byte) (int, error) {
@@ -489,7 +522,27 @@ func (t *tailBuffer) Write(p []byte) (int, error) {
 }
 
 func (t *tailBuffer) String() string {
+	if t.file != "" {
+		return fileTail(t.file, 4<<10)
+	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	return string(t.b)
+}
+
+// fileTail is the last n bytes of the file at path ("" if unreadable).
+func fileTail(path string, n int64) string {
+	f, err := os.Open(path)
+	if err != nil {
+		return ""
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return ""
+	}
+	off := max(st.Size()-n, 0)
+	b := make([]byte, st.Size()-off)
+	k, _ := f.ReadAt(b, off)
+	return string(b[:k])
 }
