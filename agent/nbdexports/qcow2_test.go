@@ -3,9 +3,9 @@ package nbdexports
 import (
 	"context"
 	"crypto/tls"
-	"net"
 	"encoding/json"
 	"errors"
+	"net"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -185,7 +185,6 @@ func TestQcow2Export(t *testing.T) {
 	if got, err := readHead(uri, 4, &tls.Config{RootCAs: caPool}); err != nil || got != "\x11\x11\x11\x11" {
 		t.Fatalf("read after the daemon's restart: %q %v", got, err)
 	}
-
 
 	// The agent crashes (its daemons outlive it); a new one adopts the
 	// daemon and serves the same URI.
