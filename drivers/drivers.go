@@ -183,6 +183,12 @@ type Client struct {
 	// Transport, when set, asks for one kind of URI ("nbd", "http") where
 	// the driver can give several for the purpose.
 	Transport string
+	// GuestView asks to read what a guest sees (a qcow2 chain read
+	// through, as raw bytes) rather than the object as stored, where the
+	// driver can serve that (an NBD export of the chain); Access.Format
+	// then says what the URI's bytes are. A driver that cannot ignores it
+	// and serves the object as stored.
+	GuestView bool
 	// TTL bounds the access: an export made for it ends this long after
 	// it is made (Access.Expires says when). Zero: the purpose's default
 	// (GrantTTL).
@@ -228,6 +234,10 @@ type Access struct {
 	// Zeroed says a write grant's object reads as zeros (made empty for
 	// this grant): a copy need not write the source's holes.
 	Zeroed bool
+	// Format, when set, is the format of the bytes the URI serves where it
+	// differs from the object's (FormatRaw for a chain's guest view,
+	// Client.GuestView); empty: the object's own format, as stored.
+	Format Format
 }
 
 // SnapshotObject is a snapshot of a volume on a primary store.

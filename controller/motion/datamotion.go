@@ -20,6 +20,9 @@ type MotionRequest struct {
 	// Standalone says the source is one self-contained file (no backing
 	// chain on its store), so it can travel as a plain file between hosts.
 	Standalone bool
+	// Flatten says the destination is a standalone image: a chain is read
+	// through, so it can travel between hosts as its guest view.
+	Flatten bool
 }
 
 // HostPicker is the EndPointSelector as strategies see it.
@@ -70,8 +73,8 @@ type agentToAgent struct{}
 
 func (agentToAgent) Name() string { return AgentToAgent }
 func (agentToAgent) CanHandle(ctx context.Context, req MotionRequest, hosts HostPicker) (Priority, string) {
-	if !req.Standalone {
-		return CantHandle, "the source reads through a backing chain, which a plain file export does not carry"
+	if !req.Standalone && !req.Flatten {
+		return CantHandle, "the source reads through a backing chain, and the copy keeps it: an export of one file does not carry the chain"
 	}
 	src, err := hosts.Select(ctx, "", req.From)
 	if err != nil {
@@ -81,7 +84,11 @@ func (agentToAgent) CanHandle(ctx context.Context, req MotionRequest, hosts Host
 	if err != nil {
 		return CantHandle, "no Up host reaches the destination: " + err.Error()
 	}
-	return Default, fmt.Sprintf("%s exports the source read-only over HTTP, %s pulls it (never through an image store)", src.HostID, dst.HostID)
+	what := "the source as stored"
+	if !req.Standalone {
+		what = "the source's guest view (its backing chain read through there: the copy is flattened)"
+	}
+	return Default, fmt.Sprintf("%s exports %s read-only over NBD, %s pulls it with block status (holes never sent; never through an image store)", src.HostID, what, dst.HostID)
 }
 
 // MotionDecision is the data motion strategy that won, with every answer.

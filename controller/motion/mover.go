@@ -22,7 +22,11 @@ import (
 //     access (store://, a presigned https:// URL, an http:// or nbd://
 //     export on an agent that reaches it), the destination's driver grants
 //     it write access (store://), and the host's stream engine copies URI
-//     to object. Granted exports are revoked when the copy ends.
+//     to object. A host that does not reach the source's store reads it
+//     over NBD from one that does (Transport "nbd": block status keeps
+//     holes off the wire), as its guest view when the copy flattens
+//     (Client.GuestView: a qcow2 chain read through on the source's host),
+//     else as stored. Granted exports are revoked when the copy ends.
 type Mover struct {
 	providers *drivers.Registry
 	hosts     HostPicker
@@ -71,14 +75,25 @@ func (m *Mover) Copy(ctx context.Context, mv Move, progress drivers.Progress) (d
 	// drivers need, such as a LUN's userspace initiator) moves the bytes.
 	ctx = drivers.WithNeeds(ctx, drivers.NeedsOf(sd, dd)...)
 	ch, err := m.hosts.Select(ctx, mv.Prefer, mv.Src.Store.Scope, mv.Dst.Store.Scope)
-	if err != nil {
+	both := err == nil
+	if !both {
 		if ch, err = m.hosts.Select(ctx, mv.Prefer, mv.Dst.Store.Scope); err != nil {
 			return drivers.ObjectInfo{}, err
 		}
 	}
 	ctx = drivers.WithHost(ctx, ch.HostID)
 	reader := drivers.Client{HostID: ch.HostID, Purpose: drivers.PurposeRead}
+	if !both {
+		// Agent to agent: the source over NBD, whose block status keeps
+		// holes off the wire; a flattening copy reads the guest view.
+		reader.Transport, reader.GuestView = "nbd", mv.Flatten
+	}
 	src, err := sd.GrantAccess(ctx, mv.Src, reader)
+	if err != nil && reader.Transport != "" && (errdefs.IsFailedPrecondition(err) || errors.Is(err, errdefs.ErrInvalid)) {
+		// A driver that reads no other way: what it gives by default.
+		reader.Transport, reader.GuestView = "", false
+		src, err = sd.GrantAccess(ctx, mv.Src, reader)
+	}
 	if err != nil {
 		return drivers.ObjectInfo{}, fmt.Errorf("read access to %s %s for host %s: %w", mv.Src.Type, mv.Src.ID, ch.HostID, err)
 	}
@@ -87,14 +102,29 @@ func (m *Mover) Copy(ctx context.Context, mv Move, progress drivers.Progress) (d
 			_ = sd.RevokeAccess(context.WithoutCancel(ctx), mv.Src, reader, src)
 		}
 	}()
-	if _, local, _ := hostops.ParseRef(src.URI); !local && !mv.Standalone {
+	srcFormat := mv.Src.Format
+	if src.Format != "" {
+		srcFormat = src.Format // the guest view: a chain already read through
+	}
+	if _, local, _ := hostops.ParseRef(src.URI); !local && !mv.Standalone && src.Format == "" {
 		return drivers.ObjectInfo{}, fmt.Errorf("%s %s reads through a backing chain and host %s reaches its store only through an export of one file; "+
 			"no host reaches both stores: %w", mv.Src.Type, mv.Src.ID, ch.HostID, errdefs.ErrFailedPrecondition)
 	}
 	writer := drivers.Client{HostID: ch.HostID, Purpose: drivers.PurposeWrite}
 	dst, err := dd.GrantAccess(ctx, mv.Dst, writer)
 	if _, isImporter := dd.(drivers.Importer); isImporter && (errdefs.IsFailedPrecondition(err) || errors.Is(err, errdefs.ErrNotImplemented)) {
-		// A store that takes objects only by import (an object store).
+		// A store that takes objects only by import (an object store),
+		// from a URL the driver's default read access gives.
+		if reader.Transport != "" {
+			if src.Revocable {
+				_ = sd.RevokeAccess(context.WithoutCancel(ctx), mv.Src, reader, src)
+			}
+			reader.Transport, reader.GuestView = "", false
+			if src, err = sd.GrantAccess(ctx, mv.Src, reader); err != nil {
+				src = drivers.Access{}
+				return drivers.ObjectInfo{}, fmt.Errorf("read access to %s %s for host %s: %w", mv.Src.Type, mv.Src.ID, ch.HostID, err)
+			}
+		}
 		return m.importInto(ctx, ch.HostID, ch.Endpoint, sd, dd.(drivers.Importer), mv, src, progress)
 	}
 	if err != nil {
@@ -105,7 +135,7 @@ func (m *Mover) Copy(ctx context.Context, mv Move, progress drivers.Progress) (d
 			_ = dd.RevokeAccess(context.WithoutCancel(ctx), mv.Dst, writer, dst)
 		}
 	}()
-	req := hostops.CopyRequest{Source: src.URI, SourceFormat: mv.Src.Format, Format: mv.Dst.Format, Flatten: mv.Flatten}
+	req := hostops.CopyRequest{Source: src.URI, SourceFormat: srcFormat, Format: mv.Dst.Format, Flatten: mv.Flatten}
 	ref, ok, err := hostops.ParseRef(dst.URI)
 	switch {
 	case err != nil:

@@ -237,7 +237,7 @@ func (p *planner) fromTemplate(ctx context.Context, req *stowagev1.CreateVolumeR
 		if err != nil {
 			return err
 		}
-		reasons, host, err := p.s.copyPlan(ctx, imgStore, st, &copied{drivers.ObjectTemplate, tmpl.GetId(), tf}, true)
+		reasons, host, err := p.s.copyPlan(ctx, imgStore, st, &copied{drivers.ObjectTemplate, tmpl.GetId(), tf}, true, false)
 		if err != nil {
 			return err
 		}
@@ -319,14 +319,17 @@ type copied struct {
 
 // copyPlan asks the data motion strategies how bytes go from store a to
 // store b, and returns the winner's reasons and the host that writes.
-func (s *Service) copyPlan(ctx context.Context, a, b *stowagev1.DataStore, obj *copied, standalone bool) (reasons []string, host string, err error) {
+//
+// standalone says the source has no backing chain; flatten that the copy
+// reads a chain through (so its guest view can travel between hosts).
+func (s *Service) copyPlan(ctx context.Context, a, b *stowagev1.DataStore, obj *copied, standalone, flatten bool) (reasons []string, host string, err error) {
 	ctx = s.stores.WithNeeds(ctx, a, b)
 	native := false
 	if d, err := s.stores.Driver(b); err == nil && obj != nil {
 		src := datastore.Object(a, obj.typ, obj.id, obj.format, 0, "")
 		native = d.CanCopy(src, datastore.Object(b, obj.typ, obj.id, obj.format, 0, ""))
 	}
-	d, err := motion.PickMotion(ctx, motion.MotionRequest{From: datastore.Scope(a), To: datastore.Scope(b), Native: native, Standalone: standalone}, s.sel)
+	d, err := motion.PickMotion(ctx, motion.MotionRequest{From: datastore.Scope(a), To: datastore.Scope(b), Native: native, Standalone: standalone, Flatten: flatten}, s.sel)
 	if err != nil {
 		return d.Reasons, "", err
 	}
@@ -384,7 +387,7 @@ func (p *planner) fromSnapshot(ctx context.Context, req *stowagev1.CreateVolumeR
 		if err != nil {
 			return err
 		}
-		reasons, host, err := p.s.copyPlan(ctx, src, st, nil, false)
+		reasons, host, err := p.s.copyPlan(ctx, src, st, nil, false, true)
 		if err != nil {
 			return err
 		}

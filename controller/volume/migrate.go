@@ -142,16 +142,16 @@ func (s *Service) Migrate(ctx context.Context, idOrName, storeID string, dryRun 
 		return nil, fmt.Errorf("volume %s has %d snapshots on primary store %s; back them up and delete them first (their backups stay usable): %w",
 			v.GetName(), len(snaps), src.GetName(), errdefs.ErrFailedPrecondition)
 	}
-	reasons, host, err := s.copyPlan(ctx, src, dst, nil, standalone(v))
+	reasons, host, err := s.copyPlan(ctx, src, dst, nil, standalone(v), true)
 	if err != nil {
-		if !standalone(v) {
-			return nil, fmt.Errorf("volume %s is a linked clone and no host reaches both stores; an HTTP export carries the overlay without its backing file (flattening across hosts needs the NBD export): %w",
-				v.GetName(), errdefs.ErrFailedPrecondition)
-		}
 		return nil, err
 	}
-	plan := &stowagev1.Plan{Strategy: "migrate", Priority: motion.Default.String(), Reasons: append([]string{
-		"a direct copy between primary stores, never through an image store"}, reasons...)}
+	flat := "a direct copy between primary stores, never through an image store"
+	if !standalone(v) {
+		flat += "; flattened: volume " + v.GetName() + " reads through its template (" + v.GetInstallMethod() + "), and the copy on store " +
+			dst.GetName() + " holds the whole guest view, so it depends on no template copy there"
+	}
+	plan := &stowagev1.Plan{Strategy: "migrate", Priority: motion.Default.String(), Reasons: append([]string{flat}, reasons...)}
 	switch {
 	case strings.Contains(reasons[0], motion.SameHost):
 		plan.Strategy, plan.Priority = "migrate-same-host", motion.Highest.String()

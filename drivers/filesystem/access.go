@@ -86,8 +86,18 @@ func (d *Driver) grantAccess(ctx context.Context, obj drivers.DataObject, client
 		case transportHTTP:
 			return d.exportHTTP(ctx, obj, ref, client.GrantTTL())
 		case transportNBD:
-			// A reader reads the object's bytes as stored (a qcow2
-			// template stays qcow2 to the template mount), as over HTTP.
+			if client.GuestView && formatOf(ref.Key) == drivers.FormatQCOW2 {
+				// The chain read through by the host that serves the
+				// store: a copy elsewhere needs no backing file.
+				a, err := d.exportNBD(ctx, obj, ref, drivers.FormatQCOW2, true, client.GrantTTL())
+				if err != nil {
+					return drivers.Access{}, err
+				}
+				a.Format = drivers.FormatRaw
+				return a, nil
+			}
+			// Otherwise the object's bytes as stored (a qcow2 template
+			// stays qcow2 to the template mount), as over HTTP.
 			return d.exportNBD(ctx, obj, ref, drivers.FormatRaw, true, client.GrantTTL())
 		}
 	case drivers.PurposeWrite:
