@@ -209,7 +209,8 @@ func fetchRequest(r *stowagev1.FetchImageStep) hostops.FetchRequest {
 func copyRequest(r *stowagev1.CopyImageStep) hostops.CopyRequest {
 	return hostops.CopyRequest{Source: drivers.URI(r.GetSource()), SourceFormat: hostops.FormatFromProto(r.GetSourceFormat()),
 		Dest: hostops.RefFromProto(r.GetDest()), Format: hostops.FormatFromProto(r.GetFormat()), Flatten: r.GetFlatten(),
-		DestURI: drivers.URI(r.GetDestUri()), DestIsZero: r.GetDestIsZero()}
+		DestURI: drivers.URI(r.GetDestUri()), DestIsZero: r.GetDestIsZero(),
+		Backing: hostops.RefFromProto(r.GetBacking()), BackingFormat: hostops.FormatFromProto(r.GetBackingFormat())}
 }
 
 func cloneRequest(r *stowagev1.CloneImageStep) hostops.CloneRequest {
@@ -285,6 +286,9 @@ func (h *LocalHost) admit(task *stowagev1.Task) error {
 			} else {
 				_, err = h.object(r.Dest)
 			}
+		}
+		if err == nil && r.Backing != (hostops.Ref{}) {
+			_, err = h.copyBacking(r)
 		}
 	case *stowagev1.Task_CloneImage:
 		r := cloneRequest(s.CloneImage)

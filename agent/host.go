@@ -313,8 +313,28 @@ func (h *LocalHost) CopyImage(ctx context.Context, req hostops.CopyRequest, prog
 	if isISCSI(src) {
 		return h.copyISCSI(ctx, req, src, dest, progress)
 	}
-	info, err := h.fs.CopyImage(ctx, hostfs.CopyRequest{Source: src, SourceFormat: req.SourceFormat, Dest: dest, Format: req.Format, Flatten: req.Flatten}, progress)
+	backing, err := h.copyBacking(req)
+	if err != nil {
+		return hostops.ImageInfo{}, err
+	}
+	info, err := h.fs.CopyImage(ctx, hostfs.CopyRequest{Source: src, SourceFormat: req.SourceFormat, Dest: dest, Format: req.Format, Flatten: req.Flatten,
+		Backing: backing, BackingFormat: req.BackingFormat}, progress)
 	return h.imageOf(req.Dest, info, err)
+}
+
+// copyBacking resolves the backing a copy is rebased onto: an existing
+// object of the destination's store ("" when the request names none).
+func (h *LocalHost) copyBacking(req hostops.CopyRequest) (string, error) {
+	if req.Backing == (hostops.Ref{}) {
+		return "", nil
+	}
+	if req.DestURI != "" || req.Flatten {
+		return "", fmt.Errorf("a copy onto a new backing file is a qcow2 overlay copied as stored to a store object, not flattened: %w", errdefs.ErrInvalid)
+	}
+	if err := sameStore("backing", req.Dest, req.Backing); err != nil {
+		return "", err
+	}
+	return h.source(req.Backing)
 }
 
 // cloneBase resolves the base of a clone: an object of dest's store, or a

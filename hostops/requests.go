@@ -29,6 +29,13 @@ type CopyRequest struct {
 	DestIsZero bool
 	Format     drivers.Format // "" keeps the source's format
 	Flatten    bool
+	// Backing, when set, is an object of Dest's store that the copy (a
+	// qcow2 overlay copied as stored) names as its backing file instead of
+	// the source's: a copy of the same template, which reads exactly as
+	// the old backing, so only the name is rewritten. BackingFormat is its
+	// format as the records say.
+	Backing       Ref
+	BackingFormat drivers.Format
 }
 
 // CloneRequest asks an agent to create a volume from a base image of the

@@ -118,6 +118,7 @@ func (e *Remote) CopyImage(ctx context.Context, req CopyRequest, progress driver
 	return e.image(ctx, &stowagev1.Task{Step: &stowagev1.Task_CopyImage{CopyImage: &stowagev1.CopyImageStep{
 		Source: string(req.Source), SourceFormat: FormatToProto(req.SourceFormat), Dest: RefToProto(req.Dest),
 		Format: FormatToProto(req.Format), Flatten: req.Flatten, DestUri: string(req.DestURI), DestIsZero: req.DestIsZero,
+		Backing: backingToProto(req.Backing), BackingFormat: FormatToProto(req.BackingFormat),
 	}}}, progress)
 }
 

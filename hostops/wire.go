@@ -193,3 +193,11 @@ func TTLToProto(ttl time.Duration) int64 {
 	}
 	return int64((ttl + time.Second - 1) / time.Second)
 }
+
+// backingToProto is a copy's backing Ref for the wire (nil when unset).
+func backingToProto(r Ref) *stowagev1.ObjectRef {
+	if r == (Ref{}) {
+		return nil
+	}
+	return RefToProto(r)
+}

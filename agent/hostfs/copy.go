@@ -61,6 +61,18 @@ func (l *Local) copyImage(ctx context.Context, req CopyRequest, progress drivers
 	if err != nil {
 		return ImageInfo{}, err
 	}
+	var backing, backingFormat string
+	if req.Backing != "" {
+		if req.Flatten || srcFormat != qemuimg.FormatQCOW2 || diskFormat(outFormat) != qemuimg.FormatQCOW2 {
+			return ImageInfo{}, fmt.Errorf("only a qcow2 overlay copied as qcow2, not flattened, takes a new backing file: %w", errdefs.ErrInvalid)
+		}
+		if backingFormat, err = declared("new backing file", req.BackingFormat); err != nil {
+			return ImageInfo{}, err
+		}
+		if backing, err = l.existingPath(req.Backing); err != nil {
+			return ImageInfo{}, err
+		}
+	}
 	unlock, err := l.lockDest(ctx, final, req.Dest)
 	if err != nil {
 		return ImageInfo{}, err
@@ -88,7 +100,19 @@ func (l *Local) copyImage(ctx context.Context, req CopyRequest, progress drivers
 			return ImageInfo{}, err
 		}
 		defer removeStage(stage)
-		if local && src.BackingFilename != "" && !filepath.IsAbs(src.BackingFilename) && filepath.Dir(target) != filepath.Dir(final) {
+		if backing != "" {
+			// The copy names the destination's copy of the same
+			// template; its chain is checked below (remote) or when
+			// it is published.
+			if err := l.qemu.Rebase(ctx, stage, backing, backingFormat, qemuimg.UnsafeRebase()); err != nil {
+				return ImageInfo{}, err
+			}
+			if local {
+				if src, err = l.openDeclared(ctx, stage, srcFormat, false); err != nil {
+					return ImageInfo{}, err
+				}
+			}
+		} else if local && src.BackingFilename != "" && !filepath.IsAbs(src.BackingFilename) && filepath.Dir(target) != filepath.Dir(final) {
 			// A relative backing file name would point elsewhere from the
 			// new directory: record the same file by its absolute name.
 			if err := l.absoluteBacking(ctx, stage, src); err != nil {

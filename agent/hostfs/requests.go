@@ -183,6 +183,13 @@ type CopyRequest struct {
 	Dest         string
 	Format       drivers.Format // "" keeps the source's format
 	Flatten      bool
+	// Backing, when set, is the image (of Dest's store) the copy, a qcow2
+	// overlay copied as stored, names as its backing file in place of the
+	// source's: one that reads exactly as the old (a copy of the same
+	// template), so only the name is rewritten (qemu-img rebase -u), and
+	// the chain is checked as every chain is. BackingFormat is its format.
+	Backing       string
+	BackingFormat drivers.Format
 }
 
 // CloneRequest asks an agent to create a volume from a base image.

@@ -217,4 +217,57 @@ func TestMigrationOverNBD(t *testing.T) {
 	if wire == 0 || wire > guest+guest/10 {
 		t.Fatalf("%d bytes on the wire for %d bytes of guest data", wire, guest)
 	}
+
+	// 3. Once the template is cached on p2 (a linked clone there caches it,
+	// agent to agent over NBD as stored), a linked clone migrates with its
+	// chain kept: only its overlay moves, renamed onto p2's template copy.
+	tmplID := resp.Msg.GetTemplate().GetId()
+	onP2, err := a.volumes.CreateVolume(ctx, connect.NewRequest(&stowagev1.CreateVolumeRequest{
+		Name: "on-p2", TemplateId: tmplID, StoreId: p2.GetId(), Strategy: "linked"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustSucceed(t, a, onP2.Msg.GetJob())
+	lc2, err := a.volumes.CreateVolume(ctx, connect.NewRequest(&stowagev1.CreateVolumeRequest{
+		Name: "clone2", TemplateId: tmplID, StoreId: p1.GetId(), Strategy: "linked"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustSucceed(t, a, lc2.Msg.GetJob())
+	cv2 := get(lc2.Msg.GetVolume().GetId())
+	cfile2 := file(p1, cv2)
+	run(t, "qemu-io", "-f", "qcow2", "-c", "write -P 0x67 40M 2M", cfile2)
+	cwant2 := filepath.Join(root, "clone2.want")
+	run(t, "qemu-img", "convert", "-f", "qcow2", "-O", "raw", cfile2, cwant2)
+	overlay := allocated(t, cfile2)
+	moved, plan, wire = migrate(cv2)
+	if !strings.Contains(strings.Join(plan.GetReasons(), " "), "chain kept") {
+		t.Fatalf("the plan does not keep the chain: %v", plan.GetReasons())
+	}
+	p2base := get(onP2.Msg.GetVolume().GetId()).GetBaseRefId()
+	if moved.GetBaseRefId() == "" || moved.GetBaseRefId() != p2base {
+		t.Fatalf("migrated clone names template copy %q, want p2's %q", moved.GetBaseRefId(), p2base)
+	}
+	dst = file(p2, moved)
+	info = run(t, "qemu-img", "info", "-f", "qcow2", "--output", "json", dst)
+	if !strings.Contains(info, `"backing-filename": "`+p2.GetDetails()["path"]) {
+		t.Fatalf("the migrated clone's backing file is not p2's template copy: %s", info)
+	}
+	run(t, "qemu-img", "check", "-f", "qcow2", dst)
+	run(t, "qemu-img", "compare", "-f", "raw", "-F", "qcow2", cwant2, dst)
+	t.Logf("linked clone with its chain kept: overlay %d KiB allocated, %d KiB on the wire", overlay>>10, wire>>10)
+	if wire == 0 || wire > overlay+overlay/10 {
+		t.Fatalf("%d bytes on the wire for an overlay of %d allocated bytes", wire, overlay)
+	}
+	tr, err := a.images.GetTemplate(ctx, connect.NewRequest(&stowagev1.GetTemplateRequest{Id: tmplID}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range tr.Msg.GetStores() {
+		// p1: "clone2" left it; p2: "on-p2" and the migrated "clone2".
+		want := map[string]int32{p1.GetId(): 0, p2.GetId(): 2}[r.GetStoreId()]
+		if r.GetRefCount() != want {
+			t.Errorf("template copy on %s: ref count %d, want %d", r.GetStoreId(), r.GetRefCount(), want)
+		}
+	}
 }

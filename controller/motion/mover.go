@@ -48,6 +48,11 @@ type Move struct {
 	Standalone bool
 	// Prefer is the host the plan chose, if any.
 	Prefer string
+	// Backing, when set, is an object of the destination's store that
+	// reads exactly as the source's backing (the same template's copy
+	// there): the source, a qcow2 overlay, travels as stored, and the copy
+	// names Backing as its backing file, its chain kept. Not with Flatten.
+	Backing *drivers.DataObject
 }
 
 func (m *Mover) driver(obj drivers.DataObject) (drivers.Driver, error) {
@@ -106,7 +111,7 @@ func (m *Mover) Copy(ctx context.Context, mv Move, progress drivers.Progress) (d
 	if src.Format != "" {
 		srcFormat = src.Format // the guest view: a chain already read through
 	}
-	if _, local, _ := hostops.ParseRef(src.URI); !local && !mv.Standalone && src.Format == "" {
+	if _, local, _ := hostops.ParseRef(src.URI); !local && !mv.Standalone && mv.Backing == nil && src.Format == "" {
 		return drivers.ObjectInfo{}, fmt.Errorf("%s %s reads through a backing chain and host %s reaches its store only through an export of one file; "+
 			"no host reaches both stores: %w", mv.Src.Type, mv.Src.ID, ch.HostID, errdefs.ErrFailedPrecondition)
 	}
@@ -147,11 +152,44 @@ func (m *Mover) Copy(ctx context.Context, mv Move, progress drivers.Progress) (d
 		// writes into it.
 		req.DestURI, req.DestIsZero = dst.URI, dst.Zeroed
 	}
+	if mv.Backing != nil {
+		release, err := m.rebaseOnto(ctx, dd, ch.HostID, *mv.Backing, &req)
+		if err != nil {
+			return drivers.ObjectInfo{}, err
+		}
+		defer release()
+	}
 	info, err := ch.Endpoint.CopyImage(ctx, req, progress)
 	if err != nil {
 		return drivers.ObjectInfo{}, err
 	}
 	return info.Object(mv.Dst), nil
+}
+
+// rebaseOnto makes req's copy name backing (an object of the destination
+// store, which host reads as a store object) as its backing file; release
+// ends the access it took.
+func (m *Mover) rebaseOnto(ctx context.Context, dd drivers.Driver, host string, backing drivers.DataObject, req *hostops.CopyRequest) (release func(), err error) {
+	if req.Flatten || req.Dest == (hostops.Ref{}) {
+		return nil, fmt.Errorf("a copy onto %s %s keeps its chain: it is neither flattened nor written to a granted URI: %w", backing.Type, backing.ID, errdefs.ErrInvalid)
+	}
+	c := drivers.Client{HostID: host, Purpose: drivers.PurposeRead, Transport: "store"}
+	a, err := dd.GrantAccess(ctx, backing, c)
+	if err != nil {
+		return nil, fmt.Errorf("backing %s %s for host %s: %w", backing.Type, backing.ID, host, err)
+	}
+	release = func() {
+		if a.Revocable {
+			_ = dd.RevokeAccess(context.WithoutCancel(ctx), backing, c, a)
+		}
+	}
+	ref, local, err := hostops.ParseRef(a.URI)
+	if err != nil || !local || ref.Store != req.Dest.Store {
+		release()
+		return nil, fmt.Errorf("backing %s %s is not an object host %s opens in store %s (%v): %w", backing.Type, backing.ID, host, req.Dest.Store, err, errdefs.ErrFailedPrecondition)
+	}
+	req.Backing, req.BackingFormat = ref, backing.Format
+	return release, nil
 }
 
 // importInto moves mv.Src into a destination whose driver takes objects

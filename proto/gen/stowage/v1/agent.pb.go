@@ -2679,7 +2679,13 @@ type CopyImageStep struct {
 	// written in format (a qcow2 kept as qcow2 bytes, or converted to raw).
 	DestUri string `protobuf:"bytes,6,opt,name=dest_uri,json=destUri,proto3" json:"dest_uri,omitempty"`
 	// dest_uri reads as zeros (a new LUN): holes need no writing.
-	DestIsZero    bool `protobuf:"varint,7,opt,name=dest_is_zero,json=destIsZero,proto3" json:"dest_is_zero,omitempty"`
+	DestIsZero bool `protobuf:"varint,7,opt,name=dest_is_zero,json=destIsZero,proto3" json:"dest_is_zero,omitempty"`
+	// When set, the copy (a qcow2 overlay copied as stored, not flattened)
+	// names this object of dest's store as its backing file instead of the
+	// one it named at the source: a copy of the same template, which reads
+	// exactly as the old backing (only the name is rewritten).
+	Backing       *ObjectRef  `protobuf:"bytes,8,opt,name=backing,proto3" json:"backing,omitempty"`
+	BackingFormat ImageFormat `protobuf:"varint,9,opt,name=backing_format,json=backingFormat,proto3,enum=stowage.v1.ImageFormat" json:"backing_format,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2761,6 +2767,20 @@ func (x *CopyImageStep) GetDestIsZero() bool {
 		return x.DestIsZero
 	}
 	return false
+}
+
+func (x *CopyImageStep) GetBacking() *ObjectRef {
+	if x != nil {
+		return x.Backing
+	}
+	return nil
+}
+
+func (x *CopyImageStep) GetBackingFormat() ImageFormat {
+	if x != nil {
+		return x.BackingFormat
+	}
+	return ImageFormat_IMAGE_FORMAT_UNSPECIFIED
 }
 
 // CloneImageStep creates a volume from a base image (hostops.CloneRequest).
@@ -4923,7 +4943,7 @@ const file_stowage_v1_agent_proto_rawDesc = "" +
 	"\x06source\x18\x01 \x01(\tR\x06source\x12)\n" +
 	"\x04dest\x18\x02 \x01(\v2\x15.stowage.v1.ObjectRefR\x04dest\x12/\n" +
 	"\x06format\x18\x03 \x01(\x0e2\x17.stowage.v1.ImageFormatR\x06format\x12\x1a\n" +
-	"\bchecksum\x18\x04 \x01(\tR\bchecksum\"\x98\x02\n" +
+	"\bchecksum\x18\x04 \x01(\tR\bchecksum\"\x89\x03\n" +
 	"\rCopyImageStep\x12\x16\n" +
 	"\x06source\x18\x01 \x01(\tR\x06source\x12)\n" +
 	"\x04dest\x18\x02 \x01(\v2\x15.stowage.v1.ObjectRefR\x04dest\x12/\n" +
@@ -4932,7 +4952,9 @@ const file_stowage_v1_agent_proto_rawDesc = "" +
 	"\rsource_format\x18\x05 \x01(\x0e2\x17.stowage.v1.ImageFormatR\fsourceFormat\x12\x19\n" +
 	"\bdest_uri\x18\x06 \x01(\tR\adestUri\x12 \n" +
 	"\fdest_is_zero\x18\a \x01(\bR\n" +
-	"destIsZero\"\x9b\x02\n" +
+	"destIsZero\x12/\n" +
+	"\abacking\x18\b \x01(\v2\x15.stowage.v1.ObjectRefR\abacking\x12>\n" +
+	"\x0ebacking_format\x18\t \x01(\x0e2\x17.stowage.v1.ImageFormatR\rbackingFormat\"\x9b\x02\n" +
 	"\x0eCloneImageStep\x12)\n" +
 	"\x04base\x18\x01 \x01(\v2\x15.stowage.v1.ObjectRefR\x04base\x12)\n" +
 	"\x04dest\x18\x02 \x01(\v2\x15.stowage.v1.ObjectRefR\x04dest\x12)\n" +
@@ -5269,77 +5291,79 @@ var file_stowage_v1_agent_proto_depIdxs = []int32{
 	30,  // 58: stowage.v1.CopyImageStep.dest:type_name -> stowage.v1.ObjectRef
 	69,  // 59: stowage.v1.CopyImageStep.format:type_name -> stowage.v1.ImageFormat
 	69,  // 60: stowage.v1.CopyImageStep.source_format:type_name -> stowage.v1.ImageFormat
-	30,  // 61: stowage.v1.CloneImageStep.base:type_name -> stowage.v1.ObjectRef
-	30,  // 62: stowage.v1.CloneImageStep.dest:type_name -> stowage.v1.ObjectRef
-	0,   // 63: stowage.v1.CloneImageStep.mode:type_name -> stowage.v1.CloneMode
-	69,  // 64: stowage.v1.CloneImageStep.format:type_name -> stowage.v1.ImageFormat
-	69,  // 65: stowage.v1.CloneImageStep.base_format:type_name -> stowage.v1.ImageFormat
-	30,  // 66: stowage.v1.InspectImageStep.ref:type_name -> stowage.v1.ObjectRef
-	69,  // 67: stowage.v1.InspectImageStep.format:type_name -> stowage.v1.ImageFormat
-	30,  // 68: stowage.v1.ResizeImageStep.ref:type_name -> stowage.v1.ObjectRef
-	69,  // 69: stowage.v1.ResizeImageStep.format:type_name -> stowage.v1.ImageFormat
-	30,  // 70: stowage.v1.SnapshotImageStep.volume:type_name -> stowage.v1.ObjectRef
-	30,  // 71: stowage.v1.SnapshotImageStep.snapshot:type_name -> stowage.v1.ObjectRef
-	69,  // 72: stowage.v1.SnapshotImageStep.format:type_name -> stowage.v1.ImageFormat
-	30,  // 73: stowage.v1.RevertImageStep.volume:type_name -> stowage.v1.ObjectRef
-	30,  // 74: stowage.v1.RevertImageStep.snapshot:type_name -> stowage.v1.ObjectRef
-	69,  // 75: stowage.v1.RevertImageStep.format:type_name -> stowage.v1.ImageFormat
-	30,  // 76: stowage.v1.RebaseImageStep.ref:type_name -> stowage.v1.ObjectRef
-	30,  // 77: stowage.v1.RebaseImageStep.new_backing:type_name -> stowage.v1.ObjectRef
-	69,  // 78: stowage.v1.RebaseImageStep.backing_format:type_name -> stowage.v1.ImageFormat
-	30,  // 79: stowage.v1.BackupImageStep.source:type_name -> stowage.v1.ObjectRef
-	31,  // 80: stowage.v1.BackupImageStep.chunks:type_name -> stowage.v1.ChunkStoreRef
-	69,  // 81: stowage.v1.BackupImageStep.source_format:type_name -> stowage.v1.ImageFormat
-	31,  // 82: stowage.v1.RestoreImageStep.chunks:type_name -> stowage.v1.ChunkStoreRef
-	30,  // 83: stowage.v1.RestoreImageStep.dest:type_name -> stowage.v1.ObjectRef
-	69,  // 84: stowage.v1.RestoreImageStep.format:type_name -> stowage.v1.ImageFormat
-	31,  // 85: stowage.v1.DeleteBackupStep.chunks:type_name -> stowage.v1.ChunkStoreRef
-	31,  // 86: stowage.v1.CollectChunksStep.chunks:type_name -> stowage.v1.ChunkStoreRef
-	30,  // 87: stowage.v1.ExportStep.ref:type_name -> stowage.v1.ObjectRef
-	30,  // 88: stowage.v1.ExportNbdStep.ref:type_name -> stowage.v1.ObjectRef
-	69,  // 89: stowage.v1.ExportNbdStep.format:type_name -> stowage.v1.ImageFormat
-	1,   // 90: stowage.v1.ExportInfo.kind:type_name -> stowage.v1.ExportKind
-	30,  // 91: stowage.v1.ExportInfo.ref:type_name -> stowage.v1.ObjectRef
-	53,  // 92: stowage.v1.ExportInfo.owner:type_name -> stowage.v1.ExportOwner
-	53,  // 93: stowage.v1.ExportInfo.shared_with:type_name -> stowage.v1.ExportOwner
-	70,  // 94: stowage.v1.ExportInfo.created:type_name -> google.protobuf.Timestamp
-	70,  // 95: stowage.v1.ExportInfo.expires:type_name -> google.protobuf.Timestamp
-	54,  // 96: stowage.v1.ExportList.exports:type_name -> stowage.v1.ExportInfo
-	69,  // 97: stowage.v1.ImageInfo.format:type_name -> stowage.v1.ImageFormat
-	56,  // 98: stowage.v1.SnapshotInfo.snapshot:type_name -> stowage.v1.ImageInfo
-	56,  // 99: stowage.v1.SnapshotInfo.volume:type_name -> stowage.v1.ImageInfo
-	70,  // 100: stowage.v1.FileInfo.modified_at:type_name -> google.protobuf.Timestamp
-	69,  // 101: stowage.v1.FileInfo.format:type_name -> stowage.v1.ImageFormat
-	61,  // 102: stowage.v1.TaskResult.probe:type_name -> stowage.v1.StoreProbe
-	60,  // 103: stowage.v1.TaskResult.file:type_name -> stowage.v1.FileInfo
-	63,  // 104: stowage.v1.TaskResult.files:type_name -> stowage.v1.FileList
-	56,  // 105: stowage.v1.TaskResult.image:type_name -> stowage.v1.ImageInfo
-	57,  // 106: stowage.v1.TaskResult.snapshot:type_name -> stowage.v1.SnapshotInfo
-	58,  // 107: stowage.v1.TaskResult.backup:type_name -> stowage.v1.BackupInfo
-	25,  // 108: stowage.v1.TaskResult.lun:type_name -> stowage.v1.LunInfo
-	26,  // 109: stowage.v1.TaskResult.luns:type_name -> stowage.v1.LunList
-	55,  // 110: stowage.v1.TaskResult.exports:type_name -> stowage.v1.ExportList
-	59,  // 111: stowage.v1.TaskResult.collect:type_name -> stowage.v1.CollectInfo
-	60,  // 112: stowage.v1.FileList.files:type_name -> stowage.v1.FileInfo
-	2,   // 113: stowage.v1.AgentControlService.Join:input_type -> stowage.v1.JoinRequest
-	6,   // 114: stowage.v1.AgentControlService.Register:input_type -> stowage.v1.RegisterRequest
-	9,   // 115: stowage.v1.AgentControlService.Heartbeat:input_type -> stowage.v1.HeartbeatRequest
-	4,   // 116: stowage.v1.AgentControlService.Renew:input_type -> stowage.v1.RenewRequest
-	12,  // 117: stowage.v1.AgentService.RunTask:input_type -> stowage.v1.RunTaskRequest
-	14,  // 118: stowage.v1.AgentService.GetTask:input_type -> stowage.v1.GetTaskRequest
-	16,  // 119: stowage.v1.AgentService.CancelTask:input_type -> stowage.v1.CancelTaskRequest
-	3,   // 120: stowage.v1.AgentControlService.Join:output_type -> stowage.v1.JoinResponse
-	7,   // 121: stowage.v1.AgentControlService.Register:output_type -> stowage.v1.RegisterResponse
-	10,  // 122: stowage.v1.AgentControlService.Heartbeat:output_type -> stowage.v1.HeartbeatResponse
-	5,   // 123: stowage.v1.AgentControlService.Renew:output_type -> stowage.v1.RenewResponse
-	13,  // 124: stowage.v1.AgentService.RunTask:output_type -> stowage.v1.RunTaskResponse
-	15,  // 125: stowage.v1.AgentService.GetTask:output_type -> stowage.v1.GetTaskResponse
-	17,  // 126: stowage.v1.AgentService.CancelTask:output_type -> stowage.v1.CancelTaskResponse
-	120, // [120:127] is the sub-list for method output_type
-	113, // [113:120] is the sub-list for method input_type
-	113, // [113:113] is the sub-list for extension type_name
-	113, // [113:113] is the sub-list for extension extendee
-	0,   // [0:113] is the sub-list for field type_name
+	30,  // 61: stowage.v1.CopyImageStep.backing:type_name -> stowage.v1.ObjectRef
+	69,  // 62: stowage.v1.CopyImageStep.backing_format:type_name -> stowage.v1.ImageFormat
+	30,  // 63: stowage.v1.CloneImageStep.base:type_name -> stowage.v1.ObjectRef
+	30,  // 64: stowage.v1.CloneImageStep.dest:type_name -> stowage.v1.ObjectRef
+	0,   // 65: stowage.v1.CloneImageStep.mode:type_name -> stowage.v1.CloneMode
+	69,  // 66: stowage.v1.CloneImageStep.format:type_name -> stowage.v1.ImageFormat
+	69,  // 67: stowage.v1.CloneImageStep.base_format:type_name -> stowage.v1.ImageFormat
+	30,  // 68: stowage.v1.InspectImageStep.ref:type_name -> stowage.v1.ObjectRef
+	69,  // 69: stowage.v1.InspectImageStep.format:type_name -> stowage.v1.ImageFormat
+	30,  // 70: stowage.v1.ResizeImageStep.ref:type_name -> stowage.v1.ObjectRef
+	69,  // 71: stowage.v1.ResizeImageStep.format:type_name -> stowage.v1.ImageFormat
+	30,  // 72: stowage.v1.SnapshotImageStep.volume:type_name -> stowage.v1.ObjectRef
+	30,  // 73: stowage.v1.SnapshotImageStep.snapshot:type_name -> stowage.v1.ObjectRef
+	69,  // 74: stowage.v1.SnapshotImageStep.format:type_name -> stowage.v1.ImageFormat
+	30,  // 75: stowage.v1.RevertImageStep.volume:type_name -> stowage.v1.ObjectRef
+	30,  // 76: stowage.v1.RevertImageStep.snapshot:type_name -> stowage.v1.ObjectRef
+	69,  // 77: stowage.v1.RevertImageStep.format:type_name -> stowage.v1.ImageFormat
+	30,  // 78: stowage.v1.RebaseImageStep.ref:type_name -> stowage.v1.ObjectRef
+	30,  // 79: stowage.v1.RebaseImageStep.new_backing:type_name -> stowage.v1.ObjectRef
+	69,  // 80: stowage.v1.RebaseImageStep.backing_format:type_name -> stowage.v1.ImageFormat
+	30,  // 81: stowage.v1.BackupImageStep.source:type_name -> stowage.v1.ObjectRef
+	31,  // 82: stowage.v1.BackupImageStep.chunks:type_name -> stowage.v1.ChunkStoreRef
+	69,  // 83: stowage.v1.BackupImageStep.source_format:type_name -> stowage.v1.ImageFormat
+	31,  // 84: stowage.v1.RestoreImageStep.chunks:type_name -> stowage.v1.ChunkStoreRef
+	30,  // 85: stowage.v1.RestoreImageStep.dest:type_name -> stowage.v1.ObjectRef
+	69,  // 86: stowage.v1.RestoreImageStep.format:type_name -> stowage.v1.ImageFormat
+	31,  // 87: stowage.v1.DeleteBackupStep.chunks:type_name -> stowage.v1.ChunkStoreRef
+	31,  // 88: stowage.v1.CollectChunksStep.chunks:type_name -> stowage.v1.ChunkStoreRef
+	30,  // 89: stowage.v1.ExportStep.ref:type_name -> stowage.v1.ObjectRef
+	30,  // 90: stowage.v1.ExportNbdStep.ref:type_name -> stowage.v1.ObjectRef
+	69,  // 91: stowage.v1.ExportNbdStep.format:type_name -> stowage.v1.ImageFormat
+	1,   // 92: stowage.v1.ExportInfo.kind:type_name -> stowage.v1.ExportKind
+	30,  // 93: stowage.v1.ExportInfo.ref:type_name -> stowage.v1.ObjectRef
+	53,  // 94: stowage.v1.ExportInfo.owner:type_name -> stowage.v1.ExportOwner
+	53,  // 95: stowage.v1.ExportInfo.shared_with:type_name -> stowage.v1.ExportOwner
+	70,  // 96: stowage.v1.ExportInfo.created:type_name -> google.protobuf.Timestamp
+	70,  // 97: stowage.v1.ExportInfo.expires:type_name -> google.protobuf.Timestamp
+	54,  // 98: stowage.v1.ExportList.exports:type_name -> stowage.v1.ExportInfo
+	69,  // 99: stowage.v1.ImageInfo.format:type_name -> stowage.v1.ImageFormat
+	56,  // 100: stowage.v1.SnapshotInfo.snapshot:type_name -> stowage.v1.ImageInfo
+	56,  // 101: stowage.v1.SnapshotInfo.volume:type_name -> stowage.v1.ImageInfo
+	70,  // 102: stowage.v1.FileInfo.modified_at:type_name -> google.protobuf.Timestamp
+	69,  // 103: stowage.v1.FileInfo.format:type_name -> stowage.v1.ImageFormat
+	61,  // 104: stowage.v1.TaskResult.probe:type_name -> stowage.v1.StoreProbe
+	60,  // 105: stowage.v1.TaskResult.file:type_name -> stowage.v1.FileInfo
+	63,  // 106: stowage.v1.TaskResult.files:type_name -> stowage.v1.FileList
+	56,  // 107: stowage.v1.TaskResult.image:type_name -> stowage.v1.ImageInfo
+	57,  // 108: stowage.v1.TaskResult.snapshot:type_name -> stowage.v1.SnapshotInfo
+	58,  // 109: stowage.v1.TaskResult.backup:type_name -> stowage.v1.BackupInfo
+	25,  // 110: stowage.v1.TaskResult.lun:type_name -> stowage.v1.LunInfo
+	26,  // 111: stowage.v1.TaskResult.luns:type_name -> stowage.v1.LunList
+	55,  // 112: stowage.v1.TaskResult.exports:type_name -> stowage.v1.ExportList
+	59,  // 113: stowage.v1.TaskResult.collect:type_name -> stowage.v1.CollectInfo
+	60,  // 114: stowage.v1.FileList.files:type_name -> stowage.v1.FileInfo
+	2,   // 115: stowage.v1.AgentControlService.Join:input_type -> stowage.v1.JoinRequest
+	6,   // 116: stowage.v1.AgentControlService.Register:input_type -> stowage.v1.RegisterRequest
+	9,   // 117: stowage.v1.AgentControlService.Heartbeat:input_type -> stowage.v1.HeartbeatRequest
+	4,   // 118: stowage.v1.AgentControlService.Renew:input_type -> stowage.v1.RenewRequest
+	12,  // 119: stowage.v1.AgentService.RunTask:input_type -> stowage.v1.RunTaskRequest
+	14,  // 120: stowage.v1.AgentService.GetTask:input_type -> stowage.v1.GetTaskRequest
+	16,  // 121: stowage.v1.AgentService.CancelTask:input_type -> stowage.v1.CancelTaskRequest
+	3,   // 122: stowage.v1.AgentControlService.Join:output_type -> stowage.v1.JoinResponse
+	7,   // 123: stowage.v1.AgentControlService.Register:output_type -> stowage.v1.RegisterResponse
+	10,  // 124: stowage.v1.AgentControlService.Heartbeat:output_type -> stowage.v1.HeartbeatResponse
+	5,   // 125: stowage.v1.AgentControlService.Renew:output_type -> stowage.v1.RenewResponse
+	13,  // 126: stowage.v1.AgentService.RunTask:output_type -> stowage.v1.RunTaskResponse
+	15,  // 127: stowage.v1.AgentService.GetTask:output_type -> stowage.v1.GetTaskResponse
+	17,  // 128: stowage.v1.AgentService.CancelTask:output_type -> stowage.v1.CancelTaskResponse
+	122, // [122:129] is the sub-list for method output_type
+	115, // [115:122] is the sub-list for method input_type
+	115, // [115:115] is the sub-list for extension type_name
+	115, // [115:115] is the sub-list for extension extendee
+	0,   // [0:115] is the sub-list for field type_name
 }
 
 func init() { file_stowage_v1_agent_proto_init() }

@@ -2746,7 +2746,11 @@ type VolumeMigrateParams struct {
 	SrcStoreId string                 `protobuf:"bytes,1,opt,name=src_store_id,json=srcStoreId,proto3" json:"src_store_id,omitempty"`
 	DstStoreId string                 `protobuf:"bytes,2,opt,name=dst_store_id,json=dstStoreId,proto3" json:"dst_store_id,omitempty"`
 	// The volume's key on the source store.
-	SrcKey        string `protobuf:"bytes,3,opt,name=src_key,json=srcKey,proto3" json:"src_key,omitempty"`
+	SrcKey string `protobuf:"bytes,3,opt,name=src_key,json=srcKey,proto3" json:"src_key,omitempty"`
+	// The template copy (TemplateOnStore id) on the destination store that
+	// the migrated linked clone is rebased onto, its chain kept; counted in
+	// that copy's ref_count from the job's submission. Empty: flattened.
+	DstBaseRefId  string `protobuf:"bytes,4,opt,name=dst_base_ref_id,json=dstBaseRefId,proto3" json:"dst_base_ref_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2798,6 +2802,13 @@ func (x *VolumeMigrateParams) GetDstStoreId() string {
 func (x *VolumeMigrateParams) GetSrcKey() string {
 	if x != nil {
 		return x.SrcKey
+	}
+	return ""
+}
+
+func (x *VolumeMigrateParams) GetDstBaseRefId() string {
+	if x != nil {
+		return x.DstBaseRefId
 	}
 	return ""
 }
@@ -3430,13 +3441,14 @@ const file_stowage_v1_types_proto_rawDesc = "" +
 	"\x0eimage_store_id\x18\x04 \x01(\tR\fimageStoreId\"3\n" +
 	"\x12VolumeResizeParams\x12\x1d\n" +
 	"\n" +
-	"size_bytes\x18\x01 \x01(\x03R\tsizeBytes\"r\n" +
+	"size_bytes\x18\x01 \x01(\x03R\tsizeBytes\"\x99\x01\n" +
 	"\x13VolumeMigrateParams\x12 \n" +
 	"\fsrc_store_id\x18\x01 \x01(\tR\n" +
 	"srcStoreId\x12 \n" +
 	"\fdst_store_id\x18\x02 \x01(\tR\n" +
 	"dstStoreId\x12\x17\n" +
-	"\asrc_key\x18\x03 \x01(\tR\x06srcKey\"\x9b\x01\n" +
+	"\asrc_key\x18\x03 \x01(\tR\x06srcKey\x12%\n" +
+	"\x0fdst_base_ref_id\x18\x04 \x01(\tR\fdstBaseRefId\"\x9b\x01\n" +
 	"\x14TemplateCreateParams\x12&\n" +
 	"\x0fsource_store_id\x18\x01 \x01(\tR\rsourceStoreId\x12\x1d\n" +
 	"\n" +
