@@ -193,6 +193,14 @@ func (w *crashWorld) workflows() map[string]func() func() *stowagev1.Job {
 				return begun(a.volumes.MigrateVolume(ctx, connect.NewRequest(&stowagev1.MigrateVolumeRequest{Id: v.GetId(), StoreId: w.p2.GetId()})))
 			}
 		},
+		"linked clone migrate": func() func() *stowagev1.Job {
+			// The template cached on p2 too: the clone keeps its chain.
+			vol(name("migbase"), stowagev1.ImageFormat_IMAGE_FORMAT_QCOW2, "linked", w.p2)
+			v := vol(name("miglc"), stowagev1.ImageFormat_IMAGE_FORMAT_QCOW2, "linked", w.p1)
+			return func() *stowagev1.Job {
+				return begun(a.volumes.MigrateVolume(ctx, connect.NewRequest(&stowagev1.MigrateVolumeRequest{Id: v.GetId(), StoreId: w.p2.GetId()})))
+			}
+		},
 		"volume resize": func() func() *stowagev1.Job {
 			v := vol(name("rsv"), stowagev1.ImageFormat_IMAGE_FORMAT_RAW, "full", w.p1)
 			return func() *stowagev1.Job {
