@@ -19,7 +19,8 @@
 // snapshot: the guest view through its backing chain) is served by a
 // qemu-storage-daemon per export (datapath/qsd), started by ExportFormat
 // on a unix socket in the run directory (WithQcow2) and reached through an
-// nbd.UpstreamBackend: the client still connects to the agent's listener,
+// nbd.UpstreamBackend (a read-only export is served by Stowage's own qcow2
+// reader instead, nbd.Qcow2Backend, when it can read the image): the client still connects to the agent's listener,
 // under the same secret export name, TLS, expiry and connection limit as a
 // raw file. The daemon is supervised (restarted when it dies, requests in
 // flight retried), stopped on Unexport, expiry and Close, and recorded

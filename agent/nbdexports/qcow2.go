@@ -49,6 +49,22 @@ func (s *Server) serve(ctx context.Context, e *export, load bool) error {
 	if err := os.MkdirAll(s.runDir, 0o700); err != nil {
 		return fmt.Errorf("qcow2 export run directory: %w", err)
 	}
+	if e.ReadOnly {
+		// Read-only: Stowage's own qcow2 reader, no daemon, when it can
+		// read the image.
+		be, err := nbd.OpenQcow2Backend(e.Path)
+		if err == nil {
+			if err = s.srv.AddBackend(e.Name, be, opts); err != nil {
+				be.Close()
+			}
+			e.PID = 0
+			return err
+		}
+		if !errors.Is(err, errdefs.ErrNotImplemented) {
+			return err
+		}
+		s.log.Info("nbd exports: qcow2 image served through qemu-storage-daemon: the Go reader cannot read it", "path", e.Path, "err", err)
+	}
 	o := s.daemonOptions(e)
 	if len(o.Monitor) > maxSocketPath {
 		return fmt.Errorf("qcow2 export socket %s is longer than a unix socket path may be (%d bytes): use a shorter --state-dir: %w", o.Monitor, maxSocketPath, errdefs.ErrInvalid)

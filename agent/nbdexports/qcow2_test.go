@@ -237,3 +237,72 @@ func serveUntil(t *testing.T, s *Server) (string, func()) {
 		s.srv.Close()
 	}
 }
+
+// TestQcow2ReadOnlyGoReader: a read-only qcow2 export is served by
+// Stowage's own qcow2 reader, no daemon: a chain with compressed clusters
+// in its base and zero clusters over base data in its top reads as qemu
+// reads it (nbdcopy, then qemu-img compare), and nbdinfo --map agrees with
+// qemu-img map on where the data is.
+func TestQcow2ReadOnlyGoReader(t *testing.T) {
+	needBin(t, "nbdinfo")
+	needBin(t, "nbdcopy")
+	dir := t.TempDir()
+	for _, tool := range []string{"qemu-img", "qemu-io"} {
+		needBin(t, tool)
+	}
+	raw, base, top := filepath.Join(dir, "seed.raw"), filepath.Join(dir, "base.qcow2"), filepath.Join(dir, "top.qcow2")
+	mustRun(t, "qemu-img", "create", "-q", "-f", "raw", raw, "16M")
+	mustRun(t, "qemu-io", "-f", "raw", "-c", "write -P 0x11 0 4M", "-c", "write -P 0x22 8M 2M", raw)
+	mustRun(t, "qemu-img", "convert", "-q", "-c", "-f", "raw", "-O", "qcow2", raw, base) // compressed clusters
+	mustRun(t, "qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top)
+	mustRun(t, "qemu-io", "-f", "qcow2", "-c", "write -z 1M 1M", "-c", "write -P 0x33 12M 1M", "-c", "write -P 0x44 3M 64k", top)
+
+	state, rd := filepath.Join(dir, "state", "nbd-exports.json"), runDir(t)
+	s := New(quiet(), WithStateFile(state), WithQcow2(rd, ""))
+	_, stop := serve(t, s, "127.0.0.1:0")
+	defer stop()
+	uri, err := s.ExportFormat(top, FormatQcow2, true, time.Time{}, exports.Owner{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	name, _ := NameOf(uri)
+	if pid := pidOf(t, state, name); pid != 0 {
+		t.Fatalf("a read-only export started daemon %d; the Go reader serves it", pid)
+	}
+	out := filepath.Join(dir, "out.raw")
+	mustRun(t, "nbdcopy", uri, out)
+	mustRun(t, "qemu-img", "compare", "-f", "raw", "-F", "qcow2", out, top)
+
+	// Data bytes: qemu-img map's (data and not zero) and nbdinfo's non-holes.
+	var entries []struct {
+		Length int64 `json:"length"`
+		Data   bool  `json:"data"`
+		Zero   bool  `json:"zero"`
+	}
+	if err := json.Unmarshal([]byte(mustRun(t, "qemu-img", "map", "-f", "qcow2", "--output", "json", top)), &entries); err != nil {
+		t.Fatal(err)
+	}
+	var want int64
+	for _, e := range entries {
+		if e.Data && !e.Zero {
+			want += e.Length
+		}
+	}
+	var got int64
+	for _, line := range strings.Split(strings.TrimSpace(mustRun(t, "nbdinfo", "--map", uri)), "\n") {
+		f := strings.Fields(line)
+		if len(f) >= 4 && f[3] == "data" {
+			n, _ := strconv.ParseInt(f[1], 10, 64)
+			got += n
+		}
+	}
+	if want == 0 || got != want {
+		t.Fatalf("nbdinfo --map says %d data bytes, qemu-img map %d", got, want)
+	}
+	if ents, _ := os.ReadDir(rd); len(ents) != 0 {
+		t.Fatalf("run directory holds %v: a daemon was started", ents)
+	}
+	if err := s.Unexport(uri); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -85,10 +85,26 @@ func TestNBDServeQcow2(t *testing.T) {
 		return err != nil || strings.Contains(string(b), ") Z ")
 	})
 
-	// The format is declared, on a unix socket only.
+	// On --listen: Stowage's server in front of the daemon (writable), or
+	// its own qcow2 reader (read-only), as the agent serves grants.
+	for _, extra := range [][]string{nil, {"--read-only"}, {"--read-only", "--qcow2-server", "qemu"}} {
+		addr := freePort(t)
+		args := append([]string{"nbd", "serve", "--listen", addr, "--format", "qcow2"}, extra...)
+		srv = startProc(t, "nbd serve qcow2 --listen", append(args, clone)...)
+		waitFor(t, "nbd serve listening", 20*time.Second, func() bool { return strings.Contains(srv.log.String(), "nbd: serving") })
+		if go_ := strings.Contains(srv.log.String(), "reader=go"); go_ != (len(extra) == 1) {
+			t.Errorf("%v: served by the Go reader: %v\n%s", extra, go_, srv.log.String())
+		}
+		out := filepath.Join(t.TempDir(), "out.raw")
+		run("nbdcopy", "nbd://"+addr, out)
+		run("qemu-img", "compare", "-U", "-f", "raw", "-F", "qcow2", out, clone)
+		srv.kill(syscall.SIGTERM)
+	}
+
+	// The format is declared.
 	for _, args := range [][]string{
-		{"nbd", "serve", "--listen", "127.0.0.1:0", "--format", "qcow2", clone},
 		{"nbd", "serve", "--unix", sock, "--format", "vmdk", clone},
+		{"nbd", "serve", "--unix", sock, "--format", "qcow2", "--qcow2-server", "nbdkit", clone},
 	} {
 		err := exec.Command(stowageBin, args...).Run()
 		var ee *exec.ExitError

@@ -129,9 +129,12 @@ func (s *Qcow2Source) Extents(ctx context.Context, off, length int64) ([]Extent,
 // Close closes the image and the file.
 func (s *Qcow2Source) Close() error {
 	if s.img != nil {
-		s.img.Close()
+		s.img.Close() // closes the file too
 	}
-	return s.f.Close()
+	if err := s.f.Close(); err != nil && !errors.Is(err, os.ErrClosed) {
+		return err
+	}
+	return nil
 }
 
 // Qcow2Sink produces a qcow2 image: the engine writes a sparse raw staging
