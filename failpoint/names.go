@@ -31,7 +31,8 @@ const (
 	// LUNAfterCreate: a LUN was added to its target, its create step has
 	// not answered yet.
 	LUNAfterCreate = "lunAfterCreate"
-	// ExportAfterGrant: an export was made, its grant not answered yet.
+	// ExportAfterGrant: an export (HTTP or NBD) was made, its grant not
+	// answered yet.
 	ExportAfterGrant = "exportAfterGrant"
 	// JobAfterCancelRequested: a job was moved to Cancelling; its
 	// running context (and so its agents' tasks) not cancelled yet.

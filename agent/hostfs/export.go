@@ -148,6 +148,9 @@ func (l *Local) ExportNBD(ctx context.Context, req NBDExportRequest) (drivers.UR
 		}
 	}
 	u, err := l.nbd.ExportFormat(realPath, format, req.ReadOnly, req.Expires, req.Owner)
+	if err == nil {
+		err = failpoint.Hit(failpoint.ExportAfterGrant)
+	}
 	if err != nil {
 		return fail(err)
 	}
