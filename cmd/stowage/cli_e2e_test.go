@@ -361,6 +361,16 @@ func TestEveryCLICommand(t *testing.T) {
 		t.Errorf("template create: %v", &t2)
 	}
 	s.fails(2, "exactly one source", "template", "create", "--name", "t3")
+	// Read access to the snapshot: its file for h1, which reaches p1; no
+	// snapshot of the volume is deleted while it is held.
+	var sacc stowagev1.GrantSnapshotAccessResponse
+	s.json(&sacc, "snapshot", "access", snap.GetId(), "--host", "h1")
+	if !strings.HasPrefix(sacc.GetUri(), "file://"+p1.GetDetails()["path"]) {
+		t.Errorf("snapshot access: %q, want a file of p1", sacc.GetUri())
+	}
+	s.fails(5, "revoke that first", "snapshot", "delete", snap.GetId())
+	var srev stowagev1.RevokeSnapshotAccessResponse
+	s.json(&srev, "snapshot", "access", snap.GetId(), "--host", "h1", "--revoke")
 	// The volume's overlay reads through the snapshot, which reads through
 	// the template's copy on p1 (a linked clone): deleting it merges it
 	// out of the chain onto that copy, and its file goes.

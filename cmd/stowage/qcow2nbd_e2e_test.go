@@ -170,5 +170,42 @@ func TestQcow2VolumesOverNBD(t *testing.T) {
 		// Stopped cleanly: the volume file holds the guest's writes.
 		run(t, "qemu-img", "check", "-f", "qcow2", volFile)
 		run(t, "qemu-img", "compare", "-f", "raw", "-F", "qcow2", copied, volFile)
+
+		if strategy != "linked" {
+			continue
+		}
+		// A snapshot granted to h2 reads, read-only over nbds://, as the
+		// volume read when it was taken (served by the Go qcow2 reader:
+		// no daemon), whatever the volume holds since.
+		run(t, "qemu-io", "-f", "qcow2", "-c", "write -P 0x5b 40M 1M", volFile)
+		want := filepath.Join(root, name+".snap.raw")
+		run(t, "qemu-img", "convert", "-f", "qcow2", "-O", "raw", volFile, want)
+		ts, err := a.snapshots.TakeSnapshot(ctx, connect.NewRequest(&stowagev1.TakeSnapshotRequest{VolumeId: v.Msg.GetVolume().GetId(), Name: "s1"}))
+		if err != nil {
+			t.Fatal(err)
+		}
+		mustSucceed(t, a, ts.Msg.GetJob())
+		v, _ = a.volumes.GetVolume(ctx, connect.NewRequest(&stowagev1.GetVolumeRequest{Id: cr.Msg.GetVolume().GetId()}))
+		run(t, "qemu-io", "-f", "qcow2", "-c", "write -P 0x5c 40M 1M", filepath.Join(p1.GetDetails()["path"], v.Msg.GetVolume().GetInstallPath()))
+		var sg struct {
+			URI string `json:"uri"`
+		}
+		snapID := ts.Msg.GetSnapshot().GetId()
+		cliJSON(t, server, &sg, "snapshot", "access", snapID, "--host", "h2")
+		if !strings.HasPrefix(sg.URI, "nbds://127.0.0.1:") {
+			t.Fatalf("snapshot grant to h2: %q, want nbds://", sg.URI)
+		}
+		snapRead := filepath.Join(root, name+".snap.read")
+		run(t, "nbdcopy", sg.URI+"?tls-certificates="+tlsDir, snapRead)
+		run(t, "cmp", want, snapRead)
+		if got := daemons(qsdDir); got != 0 {
+			t.Fatalf("a read-only snapshot grant started %d qemu-storage-daemons; the Go reader serves it", got)
+		}
+		if _, errOut, code := cli(t, server, "snapshot", "access", snapID, "--host", "h2", "--revoke"); code != 0 {
+			t.Fatalf("snapshot revoke: %s", errOut)
+		}
+		if out, err := exec.Command("nbdinfo", "--size", sg.URI+"?tls-certificates="+tlsDir).CombinedOutput(); err == nil {
+			t.Fatalf("a revoked snapshot grant still answers: %s", out)
+		}
 	}
 }

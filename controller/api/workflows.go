@@ -42,6 +42,9 @@ type SnapshotService interface {
 	Revert(ctx context.Context, id string, dryRun bool) (*stowagev1.RevertSnapshotResponse, error)
 	Delete(ctx context.Context, id string, dryRun bool) (*stowagev1.DeleteSnapshotResponse, error)
 	Backup(ctx context.Context, req *stowagev1.BackupSnapshotRequest) (*stowagev1.BackupSnapshotResponse, error)
+	// GrantAccess returns the URI and when it stops working (zero: never).
+	GrantAccess(ctx context.Context, id, hostID string, ttl time.Duration) (string, time.Time, error)
+	RevokeAccess(ctx context.Context, id, hostID string) error
 }
 
 // JobService is what the job handlers need from the job runner.
@@ -161,6 +164,19 @@ func (h *snapshotHandler) DeleteSnapshot(ctx context.Context, req *connect.Reque
 
 func (h *snapshotHandler) BackupSnapshot(ctx context.Context, req *connect.Request[stowagev1.BackupSnapshotRequest]) (*connect.Response[stowagev1.BackupSnapshotResponse], error) {
 	return reply(h.svc.Backup(ctx, req.Msg))
+}
+
+func (h *snapshotHandler) GrantSnapshotAccess(ctx context.Context, req *connect.Request[stowagev1.GrantSnapshotAccessRequest]) (*connect.Response[stowagev1.GrantSnapshotAccessResponse], error) {
+	uri, expires, err := h.svc.GrantAccess(ctx, req.Msg.GetId(), req.Msg.GetHostId(), time.Duration(req.Msg.GetTtlSeconds())*time.Second)
+	resp := &stowagev1.GrantSnapshotAccessResponse{Uri: uri}
+	if !expires.IsZero() {
+		resp.ExpiresAt = timestamppb.New(expires)
+	}
+	return reply(resp, err)
+}
+
+func (h *snapshotHandler) RevokeSnapshotAccess(ctx context.Context, req *connect.Request[stowagev1.RevokeSnapshotAccessRequest]) (*connect.Response[stowagev1.RevokeSnapshotAccessResponse], error) {
+	return reply(&stowagev1.RevokeSnapshotAccessResponse{}, h.svc.RevokeAccess(ctx, req.Msg.GetId(), req.Msg.GetHostId()))
 }
 
 type jobHandler struct{ svc JobService }

@@ -123,9 +123,11 @@ var procedureRoles = map[string]Role{
 	stowagev1connect.VolumeServiceResizeVolumeProcedure: RoleOperator,
 	// A grant hands out a read-write nbd:// URI to the volume's bytes:
 	// that is a change, not a read.
-	stowagev1connect.VolumeServiceGrantAccessProcedure:   RoleOperator,
-	stowagev1connect.VolumeServiceRevokeAccessProcedure:  RoleOperator,
-	stowagev1connect.VolumeServiceMigrateVolumeProcedure: RoleOperator,
+	stowagev1connect.VolumeServiceGrantAccessProcedure:            RoleOperator,
+	stowagev1connect.VolumeServiceRevokeAccessProcedure:           RoleOperator,
+	stowagev1connect.SnapshotServiceGrantSnapshotAccessProcedure:  RoleOperator,
+	stowagev1connect.SnapshotServiceRevokeSnapshotAccessProcedure: RoleOperator,
+	stowagev1connect.VolumeServiceMigrateVolumeProcedure:          RoleOperator,
 
 	stowagev1connect.SnapshotServiceTakeSnapshotProcedure:   RoleOperator,
 	stowagev1connect.SnapshotServiceGetSnapshotProcedure:    RoleReader,

@@ -52,6 +52,15 @@ func (r *Reconciler) accounted(ctx context.Context, storeID string) (accounted, 
 		if err != nil {
 			return err
 		}
+		all, err := meta.SnapshotsOnStore.ListTx(tx, meta.Filter[*stowagev1.SnapshotOnStore]{})
+		if err != nil {
+			return err
+		}
+		for _, s := range all {
+			if s.GetNbdExportUri() != "" {
+				a.uris[s.GetNbdExportUri()] = true
+			}
+		}
 		for _, s := range soss {
 			if s.GetState() != stowagev1.ObjectState_OBJECT_STATE_DESTROYED && s.GetInstallPath() != "" {
 				a.keys[s.GetInstallPath()] = true

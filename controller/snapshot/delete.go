@@ -253,6 +253,11 @@ func (s *Service) Delete(ctx context.Context, id string, dryRun bool) (*stowagev
 	if _, ok := s.db.Snapshots().Machine().Next(sn.GetState(), meta.SnapshotDestroyRequested); !ok && sn.GetState() != stowagev1.SnapshotState_SNAPSHOT_STATE_DESTROYING {
 		return nil, fmt.Errorf("snapshot %s is %s; wait for its job: %w", sn.GetId(), meta.SnapshotStateName(sn.GetState()), errdefs.ErrAborted)
 	}
+	if g, host, err := s.granted(ctx, sn.GetVolumeId()); err != nil {
+		return nil, err
+	} else if g != "" {
+		return nil, fmt.Errorf("snapshot %s of the same volume is granted to host %s (a merge could rewrite what it reads); revoke that first: %w", g, host, errdefs.ErrFailedPrecondition)
+	}
 	plan := &stowagev1.Plan{Strategy: "chain-aware-delete", Priority: motion.Default.String()}
 	for _, r := range refs {
 		if r.GetRole() == stowagev1.StoreRole_STORE_ROLE_PRIMARY {

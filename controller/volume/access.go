@@ -113,15 +113,19 @@ func (s *Service) RevokeAccess(ctx context.Context, idOrName, hostID string) err
 	return err
 }
 
-// revokeExport ends the recorded export at uri through the driver; the
-// serving host is the one whose nbd_address is the URI's host:port (no such
-// host: its exports ended with it).
 func (s *Service) revokeExport(ctx context.Context, d drivers.Driver, obj drivers.DataObject, client drivers.Client, uri string) error {
+	return RevokeRecordedExport(ctx, s.db, d, obj, client, uri)
+}
+
+// RevokeRecordedExport ends the export at uri, recorded on obj's record,
+// through the driver; the serving host is the one whose nbd_address is the
+// URI's host:port (no such host: its exports ended with it).
+func RevokeRecordedExport(ctx context.Context, db *meta.DB, d drivers.Driver, obj drivers.DataObject, client drivers.Client, uri string) error {
 	u, err := url.Parse(uri)
 	if err != nil || u.Host == "" {
 		return fmt.Errorf("%q is not an export URI: %w", uri, errdefs.ErrInvalid)
 	}
-	hosts, err := s.db.Hosts().List(ctx, meta.Filter[*stowagev1.Host]{})
+	hosts, err := db.Hosts().List(ctx, meta.Filter[*stowagev1.Host]{})
 	if err != nil {
 		return err
 	}

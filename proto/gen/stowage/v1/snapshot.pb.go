@@ -9,6 +9,7 @@ package stowagev1
 import (
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
+	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
 	reflect "reflect"
 	sync "sync"
 	unsafe "unsafe"
@@ -20,6 +21,209 @@ const (
 	// Verify that runtime/protoimpl is sufficiently up-to-date.
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
+
+type GrantSnapshotAccessRequest struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Id     string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	HostId string                 `protobuf:"bytes,2,opt,name=host_id,json=hostId,proto3" json:"host_id,omitempty"`
+	// ttl_seconds bounds the grant (an export ends this long after it is
+	// made); 0: no expiry.
+	TtlSeconds    int64 `protobuf:"varint,3,opt,name=ttl_seconds,json=ttlSeconds,proto3" json:"ttl_seconds,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GrantSnapshotAccessRequest) Reset() {
+	*x = GrantSnapshotAccessRequest{}
+	mi := &file_stowage_v1_snapshot_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GrantSnapshotAccessRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GrantSnapshotAccessRequest) ProtoMessage() {}
+
+func (x *GrantSnapshotAccessRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_snapshot_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GrantSnapshotAccessRequest.ProtoReflect.Descriptor instead.
+func (*GrantSnapshotAccessRequest) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_snapshot_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *GrantSnapshotAccessRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *GrantSnapshotAccessRequest) GetHostId() string {
+	if x != nil {
+		return x.HostId
+	}
+	return ""
+}
+
+func (x *GrantSnapshotAccessRequest) GetTtlSeconds() int64 {
+	if x != nil {
+		return x.TtlSeconds
+	}
+	return 0
+}
+
+type GrantSnapshotAccessResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Uri   string                 `protobuf:"bytes,1,opt,name=uri,proto3" json:"uri,omitempty"`
+	// expires_at is when the URI stops working; unset: never.
+	ExpiresAt     *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=expires_at,json=expiresAt,proto3" json:"expires_at,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GrantSnapshotAccessResponse) Reset() {
+	*x = GrantSnapshotAccessResponse{}
+	mi := &file_stowage_v1_snapshot_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GrantSnapshotAccessResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GrantSnapshotAccessResponse) ProtoMessage() {}
+
+func (x *GrantSnapshotAccessResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_snapshot_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GrantSnapshotAccessResponse.ProtoReflect.Descriptor instead.
+func (*GrantSnapshotAccessResponse) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_snapshot_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *GrantSnapshotAccessResponse) GetUri() string {
+	if x != nil {
+		return x.Uri
+	}
+	return ""
+}
+
+func (x *GrantSnapshotAccessResponse) GetExpiresAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ExpiresAt
+	}
+	return nil
+}
+
+type RevokeSnapshotAccessRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	HostId        string                 `protobuf:"bytes,2,opt,name=host_id,json=hostId,proto3" json:"host_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RevokeSnapshotAccessRequest) Reset() {
+	*x = RevokeSnapshotAccessRequest{}
+	mi := &file_stowage_v1_snapshot_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RevokeSnapshotAccessRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RevokeSnapshotAccessRequest) ProtoMessage() {}
+
+func (x *RevokeSnapshotAccessRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_snapshot_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RevokeSnapshotAccessRequest.ProtoReflect.Descriptor instead.
+func (*RevokeSnapshotAccessRequest) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_snapshot_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *RevokeSnapshotAccessRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *RevokeSnapshotAccessRequest) GetHostId() string {
+	if x != nil {
+		return x.HostId
+	}
+	return ""
+}
+
+type RevokeSnapshotAccessResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RevokeSnapshotAccessResponse) Reset() {
+	*x = RevokeSnapshotAccessResponse{}
+	mi := &file_stowage_v1_snapshot_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RevokeSnapshotAccessResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RevokeSnapshotAccessResponse) ProtoMessage() {}
+
+func (x *RevokeSnapshotAccessResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_snapshot_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RevokeSnapshotAccessResponse.ProtoReflect.Descriptor instead.
+func (*RevokeSnapshotAccessResponse) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_snapshot_proto_rawDescGZIP(), []int{3}
+}
 
 type TakeSnapshotRequest struct {
 	state          protoimpl.MessageState `protogen:"open.v1"`
@@ -33,7 +237,7 @@ type TakeSnapshotRequest struct {
 
 func (x *TakeSnapshotRequest) Reset() {
 	*x = TakeSnapshotRequest{}
-	mi := &file_stowage_v1_snapshot_proto_msgTypes[0]
+	mi := &file_stowage_v1_snapshot_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -45,7 +249,7 @@ func (x *TakeSnapshotRequest) String() string {
 func (*TakeSnapshotRequest) ProtoMessage() {}
 
 func (x *TakeSnapshotRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_snapshot_proto_msgTypes[0]
+	mi := &file_stowage_v1_snapshot_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -58,7 +262,7 @@ func (x *TakeSnapshotRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TakeSnapshotRequest.ProtoReflect.Descriptor instead.
 func (*TakeSnapshotRequest) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_snapshot_proto_rawDescGZIP(), []int{0}
+	return file_stowage_v1_snapshot_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *TakeSnapshotRequest) GetVolumeId() string {
@@ -100,7 +304,7 @@ type TakeSnapshotResponse struct {
 
 func (x *TakeSnapshotResponse) Reset() {
 	*x = TakeSnapshotResponse{}
-	mi := &file_stowage_v1_snapshot_proto_msgTypes[1]
+	mi := &file_stowage_v1_snapshot_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -112,7 +316,7 @@ func (x *TakeSnapshotResponse) String() string {
 func (*TakeSnapshotResponse) ProtoMessage() {}
 
 func (x *TakeSnapshotResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_snapshot_proto_msgTypes[1]
+	mi := &file_stowage_v1_snapshot_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -125,7 +329,7 @@ func (x *TakeSnapshotResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TakeSnapshotResponse.ProtoReflect.Descriptor instead.
 func (*TakeSnapshotResponse) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_snapshot_proto_rawDescGZIP(), []int{1}
+	return file_stowage_v1_snapshot_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *TakeSnapshotResponse) GetSnapshot() *Snapshot {
@@ -158,7 +362,7 @@ type GetSnapshotRequest struct {
 
 func (x *GetSnapshotRequest) Reset() {
 	*x = GetSnapshotRequest{}
-	mi := &file_stowage_v1_snapshot_proto_msgTypes[2]
+	mi := &file_stowage_v1_snapshot_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -170,7 +374,7 @@ func (x *GetSnapshotRequest) String() string {
 func (*GetSnapshotRequest) ProtoMessage() {}
 
 func (x *GetSnapshotRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_snapshot_proto_msgTypes[2]
+	mi := &file_stowage_v1_snapshot_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -183,7 +387,7 @@ func (x *GetSnapshotRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSnapshotRequest.ProtoReflect.Descriptor instead.
 func (*GetSnapshotRequest) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_snapshot_proto_rawDescGZIP(), []int{2}
+	return file_stowage_v1_snapshot_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *GetSnapshotRequest) GetId() string {
@@ -203,7 +407,7 @@ type GetSnapshotResponse struct {
 
 func (x *GetSnapshotResponse) Reset() {
 	*x = GetSnapshotResponse{}
-	mi := &file_stowage_v1_snapshot_proto_msgTypes[3]
+	mi := &file_stowage_v1_snapshot_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -215,7 +419,7 @@ func (x *GetSnapshotResponse) String() string {
 func (*GetSnapshotResponse) ProtoMessage() {}
 
 func (x *GetSnapshotResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_snapshot_proto_msgTypes[3]
+	mi := &file_stowage_v1_snapshot_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -228,7 +432,7 @@ func (x *GetSnapshotResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSnapshotResponse.ProtoReflect.Descriptor instead.
 func (*GetSnapshotResponse) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_snapshot_proto_rawDescGZIP(), []int{3}
+	return file_stowage_v1_snapshot_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *GetSnapshotResponse) GetSnapshot() *Snapshot {
@@ -254,7 +458,7 @@ type ListSnapshotsRequest struct {
 
 func (x *ListSnapshotsRequest) Reset() {
 	*x = ListSnapshotsRequest{}
-	mi := &file_stowage_v1_snapshot_proto_msgTypes[4]
+	mi := &file_stowage_v1_snapshot_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -266,7 +470,7 @@ func (x *ListSnapshotsRequest) String() string {
 func (*ListSnapshotsRequest) ProtoMessage() {}
 
 func (x *ListSnapshotsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_snapshot_proto_msgTypes[4]
+	mi := &file_stowage_v1_snapshot_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -279,7 +483,7 @@ func (x *ListSnapshotsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSnapshotsRequest.ProtoReflect.Descriptor instead.
 func (*ListSnapshotsRequest) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_snapshot_proto_rawDescGZIP(), []int{4}
+	return file_stowage_v1_snapshot_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *ListSnapshotsRequest) GetVolumeId() string {
@@ -298,7 +502,7 @@ type ListSnapshotsResponse struct {
 
 func (x *ListSnapshotsResponse) Reset() {
 	*x = ListSnapshotsResponse{}
-	mi := &file_stowage_v1_snapshot_proto_msgTypes[5]
+	mi := &file_stowage_v1_snapshot_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -310,7 +514,7 @@ func (x *ListSnapshotsResponse) String() string {
 func (*ListSnapshotsResponse) ProtoMessage() {}
 
 func (x *ListSnapshotsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_snapshot_proto_msgTypes[5]
+	mi := &file_stowage_v1_snapshot_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -323,7 +527,7 @@ func (x *ListSnapshotsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSnapshotsResponse.ProtoReflect.Descriptor instead.
 func (*ListSnapshotsResponse) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_snapshot_proto_rawDescGZIP(), []int{5}
+	return file_stowage_v1_snapshot_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *ListSnapshotsResponse) GetSnapshots() []*Snapshot {
@@ -343,7 +547,7 @@ type RevertSnapshotRequest struct {
 
 func (x *RevertSnapshotRequest) Reset() {
 	*x = RevertSnapshotRequest{}
-	mi := &file_stowage_v1_snapshot_proto_msgTypes[6]
+	mi := &file_stowage_v1_snapshot_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -355,7 +559,7 @@ func (x *RevertSnapshotRequest) String() string {
 func (*RevertSnapshotRequest) ProtoMessage() {}
 
 func (x *RevertSnapshotRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_snapshot_proto_msgTypes[6]
+	mi := &file_stowage_v1_snapshot_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -368,7 +572,7 @@ func (x *RevertSnapshotRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevertSnapshotRequest.ProtoReflect.Descriptor instead.
 func (*RevertSnapshotRequest) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_snapshot_proto_rawDescGZIP(), []int{6}
+	return file_stowage_v1_snapshot_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *RevertSnapshotRequest) GetId() string {
@@ -395,7 +599,7 @@ type RevertSnapshotResponse struct {
 
 func (x *RevertSnapshotResponse) Reset() {
 	*x = RevertSnapshotResponse{}
-	mi := &file_stowage_v1_snapshot_proto_msgTypes[7]
+	mi := &file_stowage_v1_snapshot_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -407,7 +611,7 @@ func (x *RevertSnapshotResponse) String() string {
 func (*RevertSnapshotResponse) ProtoMessage() {}
 
 func (x *RevertSnapshotResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_snapshot_proto_msgTypes[7]
+	mi := &file_stowage_v1_snapshot_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -420,7 +624,7 @@ func (x *RevertSnapshotResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevertSnapshotResponse.ProtoReflect.Descriptor instead.
 func (*RevertSnapshotResponse) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_snapshot_proto_rawDescGZIP(), []int{7}
+	return file_stowage_v1_snapshot_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *RevertSnapshotResponse) GetJob() *Job {
@@ -447,7 +651,7 @@ type DeleteSnapshotRequest struct {
 
 func (x *DeleteSnapshotRequest) Reset() {
 	*x = DeleteSnapshotRequest{}
-	mi := &file_stowage_v1_snapshot_proto_msgTypes[8]
+	mi := &file_stowage_v1_snapshot_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -459,7 +663,7 @@ func (x *DeleteSnapshotRequest) String() string {
 func (*DeleteSnapshotRequest) ProtoMessage() {}
 
 func (x *DeleteSnapshotRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_snapshot_proto_msgTypes[8]
+	mi := &file_stowage_v1_snapshot_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -472,7 +676,7 @@ func (x *DeleteSnapshotRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteSnapshotRequest.ProtoReflect.Descriptor instead.
 func (*DeleteSnapshotRequest) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_snapshot_proto_rawDescGZIP(), []int{8}
+	return file_stowage_v1_snapshot_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *DeleteSnapshotRequest) GetId() string {
@@ -499,7 +703,7 @@ type DeleteSnapshotResponse struct {
 
 func (x *DeleteSnapshotResponse) Reset() {
 	*x = DeleteSnapshotResponse{}
-	mi := &file_stowage_v1_snapshot_proto_msgTypes[9]
+	mi := &file_stowage_v1_snapshot_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -511,7 +715,7 @@ func (x *DeleteSnapshotResponse) String() string {
 func (*DeleteSnapshotResponse) ProtoMessage() {}
 
 func (x *DeleteSnapshotResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_snapshot_proto_msgTypes[9]
+	mi := &file_stowage_v1_snapshot_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -524,7 +728,7 @@ func (x *DeleteSnapshotResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteSnapshotResponse.ProtoReflect.Descriptor instead.
 func (*DeleteSnapshotResponse) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_snapshot_proto_rawDescGZIP(), []int{9}
+	return file_stowage_v1_snapshot_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *DeleteSnapshotResponse) GetJob() *Job {
@@ -555,7 +759,7 @@ type BackupSnapshotRequest struct {
 
 func (x *BackupSnapshotRequest) Reset() {
 	*x = BackupSnapshotRequest{}
-	mi := &file_stowage_v1_snapshot_proto_msgTypes[10]
+	mi := &file_stowage_v1_snapshot_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -567,7 +771,7 @@ func (x *BackupSnapshotRequest) String() string {
 func (*BackupSnapshotRequest) ProtoMessage() {}
 
 func (x *BackupSnapshotRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_snapshot_proto_msgTypes[10]
+	mi := &file_stowage_v1_snapshot_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -580,7 +784,7 @@ func (x *BackupSnapshotRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BackupSnapshotRequest.ProtoReflect.Descriptor instead.
 func (*BackupSnapshotRequest) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_snapshot_proto_rawDescGZIP(), []int{10}
+	return file_stowage_v1_snapshot_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *BackupSnapshotRequest) GetId() string {
@@ -621,7 +825,7 @@ type BackupSnapshotResponse struct {
 
 func (x *BackupSnapshotResponse) Reset() {
 	*x = BackupSnapshotResponse{}
-	mi := &file_stowage_v1_snapshot_proto_msgTypes[11]
+	mi := &file_stowage_v1_snapshot_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -633,7 +837,7 @@ func (x *BackupSnapshotResponse) String() string {
 func (*BackupSnapshotResponse) ProtoMessage() {}
 
 func (x *BackupSnapshotResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_snapshot_proto_msgTypes[11]
+	mi := &file_stowage_v1_snapshot_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -646,7 +850,7 @@ func (x *BackupSnapshotResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BackupSnapshotResponse.ProtoReflect.Descriptor instead.
 func (*BackupSnapshotResponse) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_snapshot_proto_rawDescGZIP(), []int{11}
+	return file_stowage_v1_snapshot_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *BackupSnapshotResponse) GetJob() *Job {
@@ -668,7 +872,20 @@ var File_stowage_v1_snapshot_proto protoreflect.FileDescriptor
 const file_stowage_v1_snapshot_proto_rawDesc = "" +
 	"\n" +
 	"\x19stowage/v1/snapshot.proto\x12\n" +
-	"stowage.v1\x1a\x16stowage/v1/types.proto\"\x88\x01\n" +
+	"stowage.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16stowage/v1/types.proto\"f\n" +
+	"\x1aGrantSnapshotAccessRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x17\n" +
+	"\ahost_id\x18\x02 \x01(\tR\x06hostId\x12\x1f\n" +
+	"\vttl_seconds\x18\x03 \x01(\x03R\n" +
+	"ttlSeconds\"j\n" +
+	"\x1bGrantSnapshotAccessResponse\x12\x10\n" +
+	"\x03uri\x18\x01 \x01(\tR\x03uri\x129\n" +
+	"\n" +
+	"expires_at\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\"F\n" +
+	"\x1bRevokeSnapshotAccessRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x17\n" +
+	"\ahost_id\x18\x02 \x01(\tR\x06hostId\"\x1e\n" +
+	"\x1cRevokeSnapshotAccessResponse\"\x88\x01\n" +
 	"\x13TakeSnapshotRequest\x12\x1b\n" +
 	"\tvolume_id\x18\x01 \x01(\tR\bvolumeId\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x17\n" +
@@ -706,14 +923,16 @@ const file_stowage_v1_snapshot_proto_rawDesc = "" +
 	"\x0fidempotency_key\x18\x04 \x01(\tR\x0eidempotencyKey\"a\n" +
 	"\x16BackupSnapshotResponse\x12!\n" +
 	"\x03job\x18\x01 \x01(\v2\x0f.stowage.v1.JobR\x03job\x12$\n" +
-	"\x04plan\x18\x02 \x01(\v2\x10.stowage.v1.PlanR\x04plan2\x95\x04\n" +
+	"\x04plan\x18\x02 \x01(\v2\x10.stowage.v1.PlanR\x04plan2\xe8\x05\n" +
 	"\x0fSnapshotService\x12Q\n" +
 	"\fTakeSnapshot\x12\x1f.stowage.v1.TakeSnapshotRequest\x1a .stowage.v1.TakeSnapshotResponse\x12N\n" +
 	"\vGetSnapshot\x12\x1e.stowage.v1.GetSnapshotRequest\x1a\x1f.stowage.v1.GetSnapshotResponse\x12T\n" +
 	"\rListSnapshots\x12 .stowage.v1.ListSnapshotsRequest\x1a!.stowage.v1.ListSnapshotsResponse\x12W\n" +
 	"\x0eRevertSnapshot\x12!.stowage.v1.RevertSnapshotRequest\x1a\".stowage.v1.RevertSnapshotResponse\x12W\n" +
 	"\x0eDeleteSnapshot\x12!.stowage.v1.DeleteSnapshotRequest\x1a\".stowage.v1.DeleteSnapshotResponse\x12W\n" +
-	"\x0eBackupSnapshot\x12!.stowage.v1.BackupSnapshotRequest\x1a\".stowage.v1.BackupSnapshotResponseB\xa3\x01\n" +
+	"\x0eBackupSnapshot\x12!.stowage.v1.BackupSnapshotRequest\x1a\".stowage.v1.BackupSnapshotResponse\x12f\n" +
+	"\x13GrantSnapshotAccess\x12&.stowage.v1.GrantSnapshotAccessRequest\x1a'.stowage.v1.GrantSnapshotAccessResponse\x12i\n" +
+	"\x14RevokeSnapshotAccess\x12'.stowage.v1.RevokeSnapshotAccessRequest\x1a(.stowage.v1.RevokeSnapshotAccessResponseB\xa3\x01\n" +
 	"\x0ecom.stowage.v1B\rSnapshotProtoP\x01Z9github.com/stowage/stowage/proto/gen/stowage/v1;stowagev1\xa2\x02\x03SXX\xaa\x02\n" +
 	"Stowage.V1\xca\x02\n" +
 	"Stowage\\V1\xe2\x02\x16Stowage\\V1\\GPBMetadata\xea\x02\vStowage::V1b\x06proto3"
@@ -730,55 +949,65 @@ func file_stowage_v1_snapshot_proto_rawDescGZIP() []byte {
 	return file_stowage_v1_snapshot_proto_rawDescData
 }
 
-var file_stowage_v1_snapshot_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
+var file_stowage_v1_snapshot_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
 var file_stowage_v1_snapshot_proto_goTypes = []any{
-	(*TakeSnapshotRequest)(nil),    // 0: stowage.v1.TakeSnapshotRequest
-	(*TakeSnapshotResponse)(nil),   // 1: stowage.v1.TakeSnapshotResponse
-	(*GetSnapshotRequest)(nil),     // 2: stowage.v1.GetSnapshotRequest
-	(*GetSnapshotResponse)(nil),    // 3: stowage.v1.GetSnapshotResponse
-	(*ListSnapshotsRequest)(nil),   // 4: stowage.v1.ListSnapshotsRequest
-	(*ListSnapshotsResponse)(nil),  // 5: stowage.v1.ListSnapshotsResponse
-	(*RevertSnapshotRequest)(nil),  // 6: stowage.v1.RevertSnapshotRequest
-	(*RevertSnapshotResponse)(nil), // 7: stowage.v1.RevertSnapshotResponse
-	(*DeleteSnapshotRequest)(nil),  // 8: stowage.v1.DeleteSnapshotRequest
-	(*DeleteSnapshotResponse)(nil), // 9: stowage.v1.DeleteSnapshotResponse
-	(*BackupSnapshotRequest)(nil),  // 10: stowage.v1.BackupSnapshotRequest
-	(*BackupSnapshotResponse)(nil), // 11: stowage.v1.BackupSnapshotResponse
-	(*Snapshot)(nil),               // 12: stowage.v1.Snapshot
-	(*Job)(nil),                    // 13: stowage.v1.Job
-	(*Plan)(nil),                   // 14: stowage.v1.Plan
-	(*SnapshotOnStore)(nil),        // 15: stowage.v1.SnapshotOnStore
+	(*GrantSnapshotAccessRequest)(nil),   // 0: stowage.v1.GrantSnapshotAccessRequest
+	(*GrantSnapshotAccessResponse)(nil),  // 1: stowage.v1.GrantSnapshotAccessResponse
+	(*RevokeSnapshotAccessRequest)(nil),  // 2: stowage.v1.RevokeSnapshotAccessRequest
+	(*RevokeSnapshotAccessResponse)(nil), // 3: stowage.v1.RevokeSnapshotAccessResponse
+	(*TakeSnapshotRequest)(nil),          // 4: stowage.v1.TakeSnapshotRequest
+	(*TakeSnapshotResponse)(nil),         // 5: stowage.v1.TakeSnapshotResponse
+	(*GetSnapshotRequest)(nil),           // 6: stowage.v1.GetSnapshotRequest
+	(*GetSnapshotResponse)(nil),          // 7: stowage.v1.GetSnapshotResponse
+	(*ListSnapshotsRequest)(nil),         // 8: stowage.v1.ListSnapshotsRequest
+	(*ListSnapshotsResponse)(nil),        // 9: stowage.v1.ListSnapshotsResponse
+	(*RevertSnapshotRequest)(nil),        // 10: stowage.v1.RevertSnapshotRequest
+	(*RevertSnapshotResponse)(nil),       // 11: stowage.v1.RevertSnapshotResponse
+	(*DeleteSnapshotRequest)(nil),        // 12: stowage.v1.DeleteSnapshotRequest
+	(*DeleteSnapshotResponse)(nil),       // 13: stowage.v1.DeleteSnapshotResponse
+	(*BackupSnapshotRequest)(nil),        // 14: stowage.v1.BackupSnapshotRequest
+	(*BackupSnapshotResponse)(nil),       // 15: stowage.v1.BackupSnapshotResponse
+	(*timestamppb.Timestamp)(nil),        // 16: google.protobuf.Timestamp
+	(*Snapshot)(nil),                     // 17: stowage.v1.Snapshot
+	(*Job)(nil),                          // 18: stowage.v1.Job
+	(*Plan)(nil),                         // 19: stowage.v1.Plan
+	(*SnapshotOnStore)(nil),              // 20: stowage.v1.SnapshotOnStore
 }
 var file_stowage_v1_snapshot_proto_depIdxs = []int32{
-	12, // 0: stowage.v1.TakeSnapshotResponse.snapshot:type_name -> stowage.v1.Snapshot
-	13, // 1: stowage.v1.TakeSnapshotResponse.job:type_name -> stowage.v1.Job
-	14, // 2: stowage.v1.TakeSnapshotResponse.plan:type_name -> stowage.v1.Plan
-	12, // 3: stowage.v1.GetSnapshotResponse.snapshot:type_name -> stowage.v1.Snapshot
-	15, // 4: stowage.v1.GetSnapshotResponse.stores:type_name -> stowage.v1.SnapshotOnStore
-	12, // 5: stowage.v1.ListSnapshotsResponse.snapshots:type_name -> stowage.v1.Snapshot
-	13, // 6: stowage.v1.RevertSnapshotResponse.job:type_name -> stowage.v1.Job
-	14, // 7: stowage.v1.RevertSnapshotResponse.plan:type_name -> stowage.v1.Plan
-	13, // 8: stowage.v1.DeleteSnapshotResponse.job:type_name -> stowage.v1.Job
-	14, // 9: stowage.v1.DeleteSnapshotResponse.plan:type_name -> stowage.v1.Plan
-	13, // 10: stowage.v1.BackupSnapshotResponse.job:type_name -> stowage.v1.Job
-	14, // 11: stowage.v1.BackupSnapshotResponse.plan:type_name -> stowage.v1.Plan
-	0,  // 12: stowage.v1.SnapshotService.TakeSnapshot:input_type -> stowage.v1.TakeSnapshotRequest
-	2,  // 13: stowage.v1.SnapshotService.GetSnapshot:input_type -> stowage.v1.GetSnapshotRequest
-	4,  // 14: stowage.v1.SnapshotService.ListSnapshots:input_type -> stowage.v1.ListSnapshotsRequest
-	6,  // 15: stowage.v1.SnapshotService.RevertSnapshot:input_type -> stowage.v1.RevertSnapshotRequest
-	8,  // 16: stowage.v1.SnapshotService.DeleteSnapshot:input_type -> stowage.v1.DeleteSnapshotRequest
-	10, // 17: stowage.v1.SnapshotService.BackupSnapshot:input_type -> stowage.v1.BackupSnapshotRequest
-	1,  // 18: stowage.v1.SnapshotService.TakeSnapshot:output_type -> stowage.v1.TakeSnapshotResponse
-	3,  // 19: stowage.v1.SnapshotService.GetSnapshot:output_type -> stowage.v1.GetSnapshotResponse
-	5,  // 20: stowage.v1.SnapshotService.ListSnapshots:output_type -> stowage.v1.ListSnapshotsResponse
-	7,  // 21: stowage.v1.SnapshotService.RevertSnapshot:output_type -> stowage.v1.RevertSnapshotResponse
-	9,  // 22: stowage.v1.SnapshotService.DeleteSnapshot:output_type -> stowage.v1.DeleteSnapshotResponse
-	11, // 23: stowage.v1.SnapshotService.BackupSnapshot:output_type -> stowage.v1.BackupSnapshotResponse
-	18, // [18:24] is the sub-list for method output_type
-	12, // [12:18] is the sub-list for method input_type
-	12, // [12:12] is the sub-list for extension type_name
-	12, // [12:12] is the sub-list for extension extendee
-	0,  // [0:12] is the sub-list for field type_name
+	16, // 0: stowage.v1.GrantSnapshotAccessResponse.expires_at:type_name -> google.protobuf.Timestamp
+	17, // 1: stowage.v1.TakeSnapshotResponse.snapshot:type_name -> stowage.v1.Snapshot
+	18, // 2: stowage.v1.TakeSnapshotResponse.job:type_name -> stowage.v1.Job
+	19, // 3: stowage.v1.TakeSnapshotResponse.plan:type_name -> stowage.v1.Plan
+	17, // 4: stowage.v1.GetSnapshotResponse.snapshot:type_name -> stowage.v1.Snapshot
+	20, // 5: stowage.v1.GetSnapshotResponse.stores:type_name -> stowage.v1.SnapshotOnStore
+	17, // 6: stowage.v1.ListSnapshotsResponse.snapshots:type_name -> stowage.v1.Snapshot
+	18, // 7: stowage.v1.RevertSnapshotResponse.job:type_name -> stowage.v1.Job
+	19, // 8: stowage.v1.RevertSnapshotResponse.plan:type_name -> stowage.v1.Plan
+	18, // 9: stowage.v1.DeleteSnapshotResponse.job:type_name -> stowage.v1.Job
+	19, // 10: stowage.v1.DeleteSnapshotResponse.plan:type_name -> stowage.v1.Plan
+	18, // 11: stowage.v1.BackupSnapshotResponse.job:type_name -> stowage.v1.Job
+	19, // 12: stowage.v1.BackupSnapshotResponse.plan:type_name -> stowage.v1.Plan
+	4,  // 13: stowage.v1.SnapshotService.TakeSnapshot:input_type -> stowage.v1.TakeSnapshotRequest
+	6,  // 14: stowage.v1.SnapshotService.GetSnapshot:input_type -> stowage.v1.GetSnapshotRequest
+	8,  // 15: stowage.v1.SnapshotService.ListSnapshots:input_type -> stowage.v1.ListSnapshotsRequest
+	10, // 16: stowage.v1.SnapshotService.RevertSnapshot:input_type -> stowage.v1.RevertSnapshotRequest
+	12, // 17: stowage.v1.SnapshotService.DeleteSnapshot:input_type -> stowage.v1.DeleteSnapshotRequest
+	14, // 18: stowage.v1.SnapshotService.BackupSnapshot:input_type -> stowage.v1.BackupSnapshotRequest
+	0,  // 19: stowage.v1.SnapshotService.GrantSnapshotAccess:input_type -> stowage.v1.GrantSnapshotAccessRequest
+	2,  // 20: stowage.v1.SnapshotService.RevokeSnapshotAccess:input_type -> stowage.v1.RevokeSnapshotAccessRequest
+	5,  // 21: stowage.v1.SnapshotService.TakeSnapshot:output_type -> stowage.v1.TakeSnapshotResponse
+	7,  // 22: stowage.v1.SnapshotService.GetSnapshot:output_type -> stowage.v1.GetSnapshotResponse
+	9,  // 23: stowage.v1.SnapshotService.ListSnapshots:output_type -> stowage.v1.ListSnapshotsResponse
+	11, // 24: stowage.v1.SnapshotService.RevertSnapshot:output_type -> stowage.v1.RevertSnapshotResponse
+	13, // 25: stowage.v1.SnapshotService.DeleteSnapshot:output_type -> stowage.v1.DeleteSnapshotResponse
+	15, // 26: stowage.v1.SnapshotService.BackupSnapshot:output_type -> stowage.v1.BackupSnapshotResponse
+	1,  // 27: stowage.v1.SnapshotService.GrantSnapshotAccess:output_type -> stowage.v1.GrantSnapshotAccessResponse
+	3,  // 28: stowage.v1.SnapshotService.RevokeSnapshotAccess:output_type -> stowage.v1.RevokeSnapshotAccessResponse
+	21, // [21:29] is the sub-list for method output_type
+	13, // [13:21] is the sub-list for method input_type
+	13, // [13:13] is the sub-list for extension type_name
+	13, // [13:13] is the sub-list for extension extendee
+	0,  // [0:13] is the sub-list for field type_name
 }
 
 func init() { file_stowage_v1_snapshot_proto_init() }
@@ -793,7 +1022,7 @@ func file_stowage_v1_snapshot_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_stowage_v1_snapshot_proto_rawDesc), len(file_stowage_v1_snapshot_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   12,
+			NumMessages:   16,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -1916,13 +1916,17 @@ type SnapshotOnStore struct {
 	PhysicalSize int64                  `protobuf:"varint,9,opt,name=physical_size,json=physicalSize,proto3" json:"physical_size,omitempty"`
 	Revision     uint64                 `protobuf:"varint,10,opt,name=revision,proto3" json:"revision,omitempty"`
 	// For a backup: what this backup stored and what it reused.
-	NewBytes      int64  `protobuf:"varint,11,opt,name=new_bytes,json=newBytes,proto3" json:"new_bytes,omitempty"`
-	ReusedBytes   int64  `protobuf:"varint,12,opt,name=reused_bytes,json=reusedBytes,proto3" json:"reused_bytes,omitempty"`
-	Chunks        int64  `protobuf:"varint,13,opt,name=chunks,proto3" json:"chunks,omitempty"`
-	ZeroChunks    int64  `protobuf:"varint,14,opt,name=zero_chunks,json=zeroChunks,proto3" json:"zero_chunks,omitempty"`
-	Error         string `protobuf:"bytes,15,opt,name=error,proto3" json:"error,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	NewBytes    int64  `protobuf:"varint,11,opt,name=new_bytes,json=newBytes,proto3" json:"new_bytes,omitempty"`
+	ReusedBytes int64  `protobuf:"varint,12,opt,name=reused_bytes,json=reusedBytes,proto3" json:"reused_bytes,omitempty"`
+	Chunks      int64  `protobuf:"varint,13,opt,name=chunks,proto3" json:"chunks,omitempty"`
+	ZeroChunks  int64  `protobuf:"varint,14,opt,name=zero_chunks,json=zeroChunks,proto3" json:"zero_chunks,omitempty"`
+	Error       string `protobuf:"bytes,15,opt,name=error,proto3" json:"error,omitempty"`
+	// A read-only export of a primary snapshot granted to attached_host_id
+	// (GrantSnapshotAccess); the snapshot is not deleted while it is held.
+	NbdExportUri   string `protobuf:"bytes,16,opt,name=nbd_export_uri,json=nbdExportUri,proto3" json:"nbd_export_uri,omitempty"`
+	AttachedHostId string `protobuf:"bytes,17,opt,name=attached_host_id,json=attachedHostId,proto3" json:"attached_host_id,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *SnapshotOnStore) Reset() {
@@ -2056,6 +2060,20 @@ func (x *SnapshotOnStore) GetZeroChunks() int64 {
 func (x *SnapshotOnStore) GetError() string {
 	if x != nil {
 		return x.Error
+	}
+	return ""
+}
+
+func (x *SnapshotOnStore) GetNbdExportUri() string {
+	if x != nil {
+		return x.NbdExportUri
+	}
+	return ""
+}
+
+func (x *SnapshotOnStore) GetAttachedHostId() string {
+	if x != nil {
+		return x.AttachedHostId
 	}
 	return ""
 }
@@ -3359,7 +3377,7 @@ const file_stowage_v1_types_proto_rawDesc = "" +
 	"\x04name\x18\t \x01(\tR\x04name\x12\x16\n" +
 	"\x06method\x18\n" +
 	" \x01(\tR\x06method\x12\x14\n" +
-	"\x05error\x18\v \x01(\tR\x05error\"\xe2\x03\n" +
+	"\x05error\x18\v \x01(\tR\x05error\"\xb2\x04\n" +
 	"\x0fSnapshotOnStore\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1f\n" +
 	"\vsnapshot_id\x18\x02 \x01(\tR\n" +
@@ -3378,7 +3396,9 @@ const file_stowage_v1_types_proto_rawDesc = "" +
 	"\x06chunks\x18\r \x01(\x03R\x06chunks\x12\x1f\n" +
 	"\vzero_chunks\x18\x0e \x01(\x03R\n" +
 	"zeroChunks\x12\x14\n" +
-	"\x05error\x18\x0f \x01(\tR\x05error\"\xc9\x01\n" +
+	"\x05error\x18\x0f \x01(\tR\x05error\x12$\n" +
+	"\x0enbd_export_uri\x18\x10 \x01(\tR\fnbdExportUri\x12(\n" +
+	"\x10attached_host_id\x18\x11 \x01(\tR\x0eattachedHostId\"\xc9\x01\n" +
 	"\bPlanStep\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x17\n" +
 	"\ahost_id\x18\x02 \x01(\tR\x06hostId\x12\x16\n" +

@@ -51,6 +51,12 @@ const (
 	// SnapshotServiceBackupSnapshotProcedure is the fully-qualified name of the SnapshotService's
 	// BackupSnapshot RPC.
 	SnapshotServiceBackupSnapshotProcedure = "/stowage.v1.SnapshotService/BackupSnapshot"
+	// SnapshotServiceGrantSnapshotAccessProcedure is the fully-qualified name of the SnapshotService's
+	// GrantSnapshotAccess RPC.
+	SnapshotServiceGrantSnapshotAccessProcedure = "/stowage.v1.SnapshotService/GrantSnapshotAccess"
+	// SnapshotServiceRevokeSnapshotAccessProcedure is the fully-qualified name of the SnapshotService's
+	// RevokeSnapshotAccess RPC.
+	SnapshotServiceRevokeSnapshotAccessProcedure = "/stowage.v1.SnapshotService/RevokeSnapshotAccess"
 )
 
 // SnapshotServiceClient is a client for the stowage.v1.SnapshotService service.
@@ -65,6 +71,12 @@ type SnapshotServiceClient interface {
 	// BackupSnapshot copies a snapshot into an image store as chunks,
 	// incremental against the volume's previous backup.
 	BackupSnapshot(context.Context, *connect.Request[v1.BackupSnapshotRequest]) (*connect.Response[v1.BackupSnapshotResponse], error)
+	// GrantSnapshotAccess returns a URI a host reads the snapshot's guest
+	// view with, read-only: its file for a host that reaches the primary
+	// store, an NBD export from an agent that does for one that does not
+	// (what a backup application reads).
+	GrantSnapshotAccess(context.Context, *connect.Request[v1.GrantSnapshotAccessRequest]) (*connect.Response[v1.GrantSnapshotAccessResponse], error)
+	RevokeSnapshotAccess(context.Context, *connect.Request[v1.RevokeSnapshotAccessRequest]) (*connect.Response[v1.RevokeSnapshotAccessResponse], error)
 }
 
 // NewSnapshotServiceClient constructs a client for the stowage.v1.SnapshotService service. By
@@ -114,17 +126,31 @@ func NewSnapshotServiceClient(httpClient connect.HTTPClient, baseURL string, opt
 			connect.WithSchema(snapshotServiceMethods.ByName("BackupSnapshot")),
 			connect.WithClientOptions(opts...),
 		),
+		grantSnapshotAccess: connect.NewClient[v1.GrantSnapshotAccessRequest, v1.GrantSnapshotAccessResponse](
+			httpClient,
+			baseURL+SnapshotServiceGrantSnapshotAccessProcedure,
+			connect.WithSchema(snapshotServiceMethods.ByName("GrantSnapshotAccess")),
+			connect.WithClientOptions(opts...),
+		),
+		revokeSnapshotAccess: connect.NewClient[v1.RevokeSnapshotAccessRequest, v1.RevokeSnapshotAccessResponse](
+			httpClient,
+			baseURL+SnapshotServiceRevokeSnapshotAccessProcedure,
+			connect.WithSchema(snapshotServiceMethods.ByName("RevokeSnapshotAccess")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
 // snapshotServiceClient implements SnapshotServiceClient.
 type snapshotServiceClient struct {
-	takeSnapshot   *connect.Client[v1.TakeSnapshotRequest, v1.TakeSnapshotResponse]
-	getSnapshot    *connect.Client[v1.GetSnapshotRequest, v1.GetSnapshotResponse]
-	listSnapshots  *connect.Client[v1.ListSnapshotsRequest, v1.ListSnapshotsResponse]
-	revertSnapshot *connect.Client[v1.RevertSnapshotRequest, v1.RevertSnapshotResponse]
-	deleteSnapshot *connect.Client[v1.DeleteSnapshotRequest, v1.DeleteSnapshotResponse]
-	backupSnapshot *connect.Client[v1.BackupSnapshotRequest, v1.BackupSnapshotResponse]
+	takeSnapshot         *connect.Client[v1.TakeSnapshotRequest, v1.TakeSnapshotResponse]
+	getSnapshot          *connect.Client[v1.GetSnapshotRequest, v1.GetSnapshotResponse]
+	listSnapshots        *connect.Client[v1.ListSnapshotsRequest, v1.ListSnapshotsResponse]
+	revertSnapshot       *connect.Client[v1.RevertSnapshotRequest, v1.RevertSnapshotResponse]
+	deleteSnapshot       *connect.Client[v1.DeleteSnapshotRequest, v1.DeleteSnapshotResponse]
+	backupSnapshot       *connect.Client[v1.BackupSnapshotRequest, v1.BackupSnapshotResponse]
+	grantSnapshotAccess  *connect.Client[v1.GrantSnapshotAccessRequest, v1.GrantSnapshotAccessResponse]
+	revokeSnapshotAccess *connect.Client[v1.RevokeSnapshotAccessRequest, v1.RevokeSnapshotAccessResponse]
 }
 
 // TakeSnapshot calls stowage.v1.SnapshotService.TakeSnapshot.
@@ -157,6 +183,16 @@ func (c *snapshotServiceClient) BackupSnapshot(ctx context.Context, req *connect
 	return c.backupSnapshot.CallUnary(ctx, req)
 }
 
+// GrantSnapshotAccess calls stowage.v1.SnapshotService.GrantSnapshotAccess.
+func (c *snapshotServiceClient) GrantSnapshotAccess(ctx context.Context, req *connect.Request[v1.GrantSnapshotAccessRequest]) (*connect.Response[v1.GrantSnapshotAccessResponse], error) {
+	return c.grantSnapshotAccess.CallUnary(ctx, req)
+}
+
+// RevokeSnapshotAccess calls stowage.v1.SnapshotService.RevokeSnapshotAccess.
+func (c *snapshotServiceClient) RevokeSnapshotAccess(ctx context.Context, req *connect.Request[v1.RevokeSnapshotAccessRequest]) (*connect.Response[v1.RevokeSnapshotAccessResponse], error) {
+	return c.revokeSnapshotAccess.CallUnary(ctx, req)
+}
+
 // SnapshotServiceHandler is an implementation of the stowage.v1.SnapshotService service.
 type SnapshotServiceHandler interface {
 	TakeSnapshot(context.Context, *connect.Request[v1.TakeSnapshotRequest]) (*connect.Response[v1.TakeSnapshotResponse], error)
@@ -169,6 +205,12 @@ type SnapshotServiceHandler interface {
 	// BackupSnapshot copies a snapshot into an image store as chunks,
 	// incremental against the volume's previous backup.
 	BackupSnapshot(context.Context, *connect.Request[v1.BackupSnapshotRequest]) (*connect.Response[v1.BackupSnapshotResponse], error)
+	// GrantSnapshotAccess returns a URI a host reads the snapshot's guest
+	// view with, read-only: its file for a host that reaches the primary
+	// store, an NBD export from an agent that does for one that does not
+	// (what a backup application reads).
+	GrantSnapshotAccess(context.Context, *connect.Request[v1.GrantSnapshotAccessRequest]) (*connect.Response[v1.GrantSnapshotAccessResponse], error)
+	RevokeSnapshotAccess(context.Context, *connect.Request[v1.RevokeSnapshotAccessRequest]) (*connect.Response[v1.RevokeSnapshotAccessResponse], error)
 }
 
 // NewSnapshotServiceHandler builds an HTTP handler from the service implementation. It returns the
@@ -214,6 +256,18 @@ func NewSnapshotServiceHandler(svc SnapshotServiceHandler, opts ...connect.Handl
 		connect.WithSchema(snapshotServiceMethods.ByName("BackupSnapshot")),
 		connect.WithHandlerOptions(opts...),
 	)
+	snapshotServiceGrantSnapshotAccessHandler := connect.NewUnaryHandler(
+		SnapshotServiceGrantSnapshotAccessProcedure,
+		svc.GrantSnapshotAccess,
+		connect.WithSchema(snapshotServiceMethods.ByName("GrantSnapshotAccess")),
+		connect.WithHandlerOptions(opts...),
+	)
+	snapshotServiceRevokeSnapshotAccessHandler := connect.NewUnaryHandler(
+		SnapshotServiceRevokeSnapshotAccessProcedure,
+		svc.RevokeSnapshotAccess,
+		connect.WithSchema(snapshotServiceMethods.ByName("RevokeSnapshotAccess")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/stowage.v1.SnapshotService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case SnapshotServiceTakeSnapshotProcedure:
@@ -228,6 +282,10 @@ func NewSnapshotServiceHandler(svc SnapshotServiceHandler, opts ...connect.Handl
 			snapshotServiceDeleteSnapshotHandler.ServeHTTP(w, r)
 		case SnapshotServiceBackupSnapshotProcedure:
 			snapshotServiceBackupSnapshotHandler.ServeHTTP(w, r)
+		case SnapshotServiceGrantSnapshotAccessProcedure:
+			snapshotServiceGrantSnapshotAccessHandler.ServeHTTP(w, r)
+		case SnapshotServiceRevokeSnapshotAccessProcedure:
+			snapshotServiceRevokeSnapshotAccessHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -259,4 +317,12 @@ func (UnimplementedSnapshotServiceHandler) DeleteSnapshot(context.Context, *conn
 
 func (UnimplementedSnapshotServiceHandler) BackupSnapshot(context.Context, *connect.Request[v1.BackupSnapshotRequest]) (*connect.Response[v1.BackupSnapshotResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("stowage.v1.SnapshotService.BackupSnapshot is not implemented"))
+}
+
+func (UnimplementedSnapshotServiceHandler) GrantSnapshotAccess(context.Context, *connect.Request[v1.GrantSnapshotAccessRequest]) (*connect.Response[v1.GrantSnapshotAccessResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("stowage.v1.SnapshotService.GrantSnapshotAccess is not implemented"))
+}
+
+func (UnimplementedSnapshotServiceHandler) RevokeSnapshotAccess(context.Context, *connect.Request[v1.RevokeSnapshotAccessRequest]) (*connect.Response[v1.RevokeSnapshotAccessResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("stowage.v1.SnapshotService.RevokeSnapshotAccess is not implemented"))
 }
