@@ -190,13 +190,18 @@ func TestMigrationOverNBD(t *testing.T) {
 		t.Fatal(err)
 	}
 	mustSucceed(t, a, resp.Msg.GetJob())
-	lc, err := a.volumes.CreateVolume(ctx, connect.NewRequest(&stowagev1.CreateVolumeRequest{
-		Name: "clone", TemplateId: resp.Msg.GetTemplate().GetId(), StoreId: p1.GetId(), Strategy: "linked"}))
-	if err != nil {
-		t.Fatal(err)
+	tmplID := resp.Msg.GetTemplate().GetId()
+	linked := func(name string, st *stowagev1.DataStore) *stowagev1.Volume {
+		t.Helper()
+		lc, err := a.volumes.CreateVolume(ctx, connect.NewRequest(&stowagev1.CreateVolumeRequest{
+			Name: name, TemplateId: tmplID, StoreId: st.GetId(), Strategy: "linked"}))
+		if err != nil {
+			t.Fatal(err)
+		}
+		mustSucceed(t, a, lc.Msg.GetJob())
+		return get(lc.Msg.GetVolume().GetId())
 	}
-	mustSucceed(t, a, lc.Msg.GetJob())
-	cv := get(lc.Msg.GetVolume().GetId())
+	cv := linked("clone", p1)
 	cfile := file(p1, cv)
 	run(t, "qemu-io", "-f", "qcow2", "-c", "write -P 0x66 30M 2M", cfile)
 	cwant := filepath.Join(root, "clone.want")
@@ -221,20 +226,8 @@ func TestMigrationOverNBD(t *testing.T) {
 	// 3. Once the template is cached on p2 (a linked clone there caches it,
 	// agent to agent over NBD as stored), a linked clone migrates with its
 	// chain kept: only its overlay moves, renamed onto p2's template copy.
-	tmplID := resp.Msg.GetTemplate().GetId()
-	onP2, err := a.volumes.CreateVolume(ctx, connect.NewRequest(&stowagev1.CreateVolumeRequest{
-		Name: "on-p2", TemplateId: tmplID, StoreId: p2.GetId(), Strategy: "linked"}))
-	if err != nil {
-		t.Fatal(err)
-	}
-	mustSucceed(t, a, onP2.Msg.GetJob())
-	lc2, err := a.volumes.CreateVolume(ctx, connect.NewRequest(&stowagev1.CreateVolumeRequest{
-		Name: "clone2", TemplateId: tmplID, StoreId: p1.GetId(), Strategy: "linked"}))
-	if err != nil {
-		t.Fatal(err)
-	}
-	mustSucceed(t, a, lc2.Msg.GetJob())
-	cv2 := get(lc2.Msg.GetVolume().GetId())
+	onP2 := linked("on-p2", p2)
+	cv2 := linked("clone2", p1)
 	cfile2 := file(p1, cv2)
 	run(t, "qemu-io", "-f", "qcow2", "-c", "write -P 0x67 40M 2M", cfile2)
 	cwant2 := filepath.Join(root, "clone2.want")
@@ -244,7 +237,7 @@ func TestMigrationOverNBD(t *testing.T) {
 	if !strings.Contains(strings.Join(plan.GetReasons(), " "), "chain kept") {
 		t.Fatalf("the plan does not keep the chain: %v", plan.GetReasons())
 	}
-	p2base := get(onP2.Msg.GetVolume().GetId()).GetBaseRefId()
+	p2base := get(onP2.GetId()).GetBaseRefId()
 	if moved.GetBaseRefId() == "" || moved.GetBaseRefId() != p2base {
 		t.Fatalf("migrated clone names template copy %q, want p2's %q", moved.GetBaseRefId(), p2base)
 	}

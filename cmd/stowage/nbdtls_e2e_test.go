@@ -50,24 +50,7 @@ func TestNBDTLSEndToEnd(t *testing.T) {
 		t.Fatalf("grant to h2 from an agent requiring TLS: %q, want nbds://", grant.URI)
 	}
 
-	// libnbd's certificate directory: the CA, and h2's certificate and key.
-	tlsDir := filepath.Join(root, "tls")
-	if err := os.Mkdir(tlsDir, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	for src, dst := range map[string]string{
-		caFile(server): "ca-cert.pem",
-		filepath.Join(root, "a2", "pki", "host.crt"): "client-cert.pem",
-		filepath.Join(root, "a2", "pki", "host.key"): "client-key.pem",
-	} {
-		b, err := os.ReadFile(src)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(filepath.Join(tlsDir, dst), b, 0o600); err != nil {
-			t.Fatal(err)
-		}
-	}
+	tlsDir := libnbdTLSDir(t, root, server, "a2")
 	tlsURI := grant.URI + "?tls-certificates=" + tlsDir
 	out, err := exec.Command("nbdinfo", "--size", tlsURI).CombinedOutput()
 	if err != nil || strings.TrimSpace(string(out)) != "8388608" {
@@ -101,4 +84,29 @@ func TestNBDTLSEndToEnd(t *testing.T) {
 	if out, err := exec.Command("nbdinfo", "--size", tlsURI).CombinedOutput(); err == nil {
 		t.Fatalf("a revoked grant still answers: %s", out)
 	}
+}
+
+// libnbdTLSDir writes root/tls, libnbd's certificate directory for the
+// host whose agent state is root/agentDir: the controller's CA, and the
+// host's certificate and key (nbds://…?tls-certificates=DIR).
+func libnbdTLSDir(t *testing.T, root, server, agentDir string) string {
+	t.Helper()
+	tlsDir := filepath.Join(root, "tls")
+	if err := os.Mkdir(tlsDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	for src, dst := range map[string]string{
+		caFile(server): "ca-cert.pem",
+		filepath.Join(root, agentDir, "pki", "host.crt"): "client-cert.pem",
+		filepath.Join(root, agentDir, "pki", "host.key"): "client-key.pem",
+	} {
+		b, err := os.ReadFile(src)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(tlsDir, dst), b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return tlsDir
 }

@@ -4,7 +4,6 @@ import (
 	"context"
 	"net/http"
 	"net/http/httptest"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -62,24 +61,7 @@ func TestQcow2VolumesOverNBD(t *testing.T) {
 	tmpl := resp.Msg.GetTemplate()
 	mustSucceed(t, a, resp.Msg.GetJob())
 
-	// libnbd's certificate directory for h2: the CA, h2's certificate and key.
-	tlsDir := filepath.Join(root, "tls")
-	if err := os.Mkdir(tlsDir, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	for src, dst := range map[string]string{
-		caFile(server): "ca-cert.pem",
-		filepath.Join(root, "a2", "pki", "host.crt"): "client-cert.pem",
-		filepath.Join(root, "a2", "pki", "host.key"): "client-key.pem",
-	} {
-		b, err := os.ReadFile(src)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(filepath.Join(tlsDir, dst), b, 0o600); err != nil {
-			t.Fatal(err)
-		}
-	}
+	tlsDir := libnbdTLSDir(t, root, server, "a2")
 	daemons := func(sockDir string) int {
 		out, _ := exec.Command("pgrep", "-c", "-f", "qemu-storage-daemon.*"+sockDir).Output()
 		n := 0

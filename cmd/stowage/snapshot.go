@@ -4,7 +4,8 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"time"
+
+	"google.golang.org/protobuf/proto"
 
 	"connectrpc.com/connect"
 	"github.com/spf13/cobra"
@@ -29,38 +30,21 @@ func newSnapshotCmd() *cobra.Command {
 }
 
 func newSnapshotAccessCmd() *cobra.Command {
-	var host string
-	var revoke bool
-	var ttl time.Duration
-	cmd := &cobra.Command{
-		Use:   "access ID --host H [--ttl D] [--revoke]",
-		Short: "Print the URI a host reads the snapshot with (read-only), or revoke the host's access",
-		Args:  exactArgs(1, "a snapshot id"),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			return withClients(cmd, func(c *clients, asJSON bool) error {
-				ctx := cmd.Context()
-				if revoke {
-					resp, err := c.snapshots.RevokeSnapshotAccess(ctx, connect.NewRequest(&stowagev1.RevokeSnapshotAccessRequest{Id: args[0], HostId: host}))
-					if err != nil {
-						return c.rpcErr(err)
-					}
-					return emit(cmd, asJSON, resp.Msg, func(w io.Writer) {
-						fmt.Fprintf(w, "access to snapshot %s revoked for host %s\n", args[0], host)
-					})
-				}
-				resp, err := c.snapshots.GrantSnapshotAccess(ctx, connect.NewRequest(&stowagev1.GrantSnapshotAccessRequest{Id: args[0], HostId: host, TtlSeconds: ttlSeconds(ttl)}))
-				if err != nil {
-					return c.rpcErr(err)
-				}
-				return emit(cmd, asJSON, resp.Msg, func(w io.Writer) { fmt.Fprintln(w, resp.Msg.GetUri()) })
-			})
+	return accessCmd("snapshot", "Print the URI a host reads the snapshot with (read-only), or revoke the host's access",
+		func(ctx context.Context, c *clients, id, host string, ttl int64) (proto.Message, string, error) {
+			resp, err := c.snapshots.GrantSnapshotAccess(ctx, connect.NewRequest(&stowagev1.GrantSnapshotAccessRequest{Id: id, HostId: host, TtlSeconds: ttl}))
+			if err != nil {
+				return nil, "", err
+			}
+			return resp.Msg, resp.Msg.GetUri(), nil
 		},
-	}
-	cmd.Flags().StringVar(&host, "host", "", "host id")
-	cmd.Flags().BoolVar(&revoke, "revoke", false, "revoke the host's access instead")
-	cmd.Flags().DurationVar(&ttl, "ttl", 0, "how long the access lasts, e.g. 1h (0: no expiry); an export made for it then ends")
-	_ = cmd.MarkFlagRequired("host")
-	return cmd
+		func(ctx context.Context, c *clients, id, host string) (proto.Message, error) {
+			resp, err := c.snapshots.RevokeSnapshotAccess(ctx, connect.NewRequest(&stowagev1.RevokeSnapshotAccessRequest{Id: id, HostId: host}))
+			if err != nil {
+				return nil, err
+			}
+			return resp.Msg, nil
+		})
 }
 
 var snapshotView = newView("snapshot", func(ctx context.Context, c *clients, id string) (*stowagev1.GetSnapshotResponse, error) {

@@ -11,6 +11,7 @@ import (
 
 	"connectrpc.com/connect"
 	"github.com/spf13/cobra"
+	"google.golang.org/protobuf/proto"
 
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 )
@@ -128,35 +129,57 @@ func newVolumeMigrateCmd() *cobra.Command {
 }
 
 func newVolumeAccessCmd() *cobra.Command {
+	return accessCmd("volume", "Print the URI a host opens the volume with, or revoke the host's access",
+		func(ctx context.Context, c *clients, id, host string, ttl int64) (proto.Message, string, error) {
+			resp, err := c.volumes.GrantAccess(ctx, connect.NewRequest(&stowagev1.GrantAccessRequest{Id: id, HostId: host, TtlSeconds: ttl}))
+			if err != nil {
+				return nil, "", err
+			}
+			return resp.Msg, resp.Msg.GetUri(), nil
+		},
+		func(ctx context.Context, c *clients, id, host string) (proto.Message, error) {
+			resp, err := c.volumes.RevokeAccess(ctx, connect.NewRequest(&stowagev1.RevokeAccessRequest{Id: id, HostId: host}))
+			if err != nil {
+				return nil, err
+			}
+			return resp.Msg, nil
+		})
+}
+
+// accessCmd is `KIND access ID --host H [--ttl D] [--revoke]`: grant prints
+// the URI the host uses, revoke withdraws the host's access.
+func accessCmd(kind, short string,
+	grant func(ctx context.Context, c *clients, id, host string, ttl int64) (proto.Message, string, error),
+	revoke func(ctx context.Context, c *clients, id, host string) (proto.Message, error)) *cobra.Command {
 	var host string
-	var revoke bool
+	var revoking bool
 	var ttl time.Duration
 	cmd := &cobra.Command{
 		Use:   "access ID --host H [--ttl D] [--revoke]",
-		Short: "Print the URI a host opens the volume with, or revoke the host's access",
-		Args:  exactArgs(1, "a volume id"),
+		Short: short,
+		Args:  exactArgs(1, "a "+kind+" id"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return withClients(cmd, func(c *clients, asJSON bool) error {
 				ctx := cmd.Context()
-				if revoke {
-					resp, err := c.volumes.RevokeAccess(ctx, connect.NewRequest(&stowagev1.RevokeAccessRequest{Id: args[0], HostId: host}))
+				if revoking {
+					msg, err := revoke(ctx, c, args[0], host)
 					if err != nil {
 						return c.rpcErr(err)
 					}
-					return emit(cmd, asJSON, resp.Msg, func(w io.Writer) {
-						fmt.Fprintf(w, "access to volume %s revoked for host %s\n", args[0], host)
+					return emit(cmd, asJSON, msg, func(w io.Writer) {
+						fmt.Fprintf(w, "access to %s %s revoked for host %s\n", kind, args[0], host)
 					})
 				}
-				resp, err := c.volumes.GrantAccess(ctx, connect.NewRequest(&stowagev1.GrantAccessRequest{Id: args[0], HostId: host, TtlSeconds: ttlSeconds(ttl)}))
+				msg, uri, err := grant(ctx, c, args[0], host, ttlSeconds(ttl))
 				if err != nil {
 					return c.rpcErr(err)
 				}
-				return emit(cmd, asJSON, resp.Msg, func(w io.Writer) { fmt.Fprintln(w, resp.Msg.GetUri()) })
+				return emit(cmd, asJSON, msg, func(w io.Writer) { fmt.Fprintln(w, uri) })
 			})
 		},
 	}
 	cmd.Flags().StringVar(&host, "host", "", "host id")
-	cmd.Flags().BoolVar(&revoke, "revoke", false, "revoke the host's access instead")
+	cmd.Flags().BoolVar(&revoking, "revoke", false, "revoke the host's access instead")
 	cmd.Flags().DurationVar(&ttl, "ttl", 0, "how long the access lasts, e.g. 1h (0: no expiry); an export made for it then ends")
 	_ = cmd.MarkFlagRequired("host")
 	return cmd
