@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/binary"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"net/http"
@@ -108,8 +109,16 @@ func arm(t *testing.T, endpoint, point string, skip int) {
 	if skip > 0 {
 		terms = fmt.Sprintf("%d*off->%s", skip, terms)
 	}
-	req, _ := http.NewRequest(http.MethodPut, "http://"+endpoint+"/"+point, strings.NewReader(terms))
-	resp, err := http.DefaultClient.Do(req)
+	// A process restarted by the previous cell may not serve its
+	// failpoints yet: retry a refused connection for a while.
+	var resp *http.Response
+	var err error
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		req, _ := http.NewRequest(http.MethodPut, "http://"+endpoint+"/"+point, strings.NewReader(terms))
+		if resp, err = http.DefaultClient.Do(req); err == nil || !errors.Is(err, syscall.ECONNREFUSED) || time.Now().After(deadline) {
+			break
+		}
+	}
 	if err != nil {
 		t.Fatalf("arm %s at %s: %v", point, endpoint, err)
 	}
