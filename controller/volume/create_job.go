@@ -103,7 +103,9 @@ func (h createHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 		return err
 	}
 	linked := drivers.CloneMode(params.GetCloneMode()) == drivers.CloneLinked
-	err = s.db.Txn(ctx, func(tx *meta.Tx) error {
+	// The volume turns Ready in the transaction that records the job's
+	// success.
+	rep.OnSuccess(func(tx *meta.Tx) error {
 		if linked && spool != nil {
 			if _, err := meta.TemplatesOnStore.UpdateTx(tx, spool.GetId(), 0, func(r *stowagev1.TemplateOnStore) error {
 				r.RefCount++
@@ -126,10 +128,8 @@ func (h createHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 		})
 		return err
 	})
-	if err == nil {
-		rep.Result("volume %s ready on store %s (%s, %d bytes, %s)", v.GetName(), st.GetName(), format, info.Size, orDefault(info.Method, v.GetInstallMethod()))
-	}
-	return err
+	rep.Result("volume %s ready on store %s (%s, %d bytes, %s)", v.GetName(), st.GetName(), format, info.Size, orDefault(info.Method, v.GetInstallMethod()))
+	return nil
 }
 
 func orDefault(a, b string) string {
