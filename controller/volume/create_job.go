@@ -21,6 +21,23 @@ import (
 
 type createHandler struct{ s *Service }
 
+var _ jobs.Starter = createHandler{}
+
+// Start moves the job's volume from Allocated to Creating in the
+// transaction that starts the job (Run does it for a job resumed with the
+// volume still Allocated).
+func (h createHandler) Start(tx *meta.Tx, job *stowagev1.Job) error {
+	v, err := meta.Volumes.GetTx(tx, job.GetTargetId())
+	if err != nil {
+		return err
+	}
+	if v.GetState() != stowagev1.VolumeState_VOLUME_STATE_ALLOCATED {
+		return nil
+	}
+	_, err = meta.Volumes.TransitionTx(tx, v.GetId(), 0, meta.VolumeCreateRequested, nil)
+	return err
+}
+
 func (h createHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Reporter) error {
 	s := h.s
 	v, err := s.db.Volumes().Get(ctx, job.GetTargetId())
