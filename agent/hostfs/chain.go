@@ -168,7 +168,8 @@ func (l *Local) checkChain(ctx context.Context, host string, qi qemuimg.Info) er
 			return fmt.Errorf("the backing chain of %s loops at %s: %w", l.callerPath(host), l.callerPath(b), errdefs.ErrInvalid)
 		}
 		seen[real] = true
-		if qi, err = l.qemu.Info(ctx, b, qemuimg.AssumeFormat(qemuimg.FormatQCOW2), qemuimg.ForceShare()); err != nil {
+		// A layer below the top is a base: read-only, its info cached.
+		if qi, err = l.baseInfo(ctx, b, qemuimg.FormatQCOW2); err != nil {
 			return fmt.Errorf("backing file %s of %s: %w", l.callerPath(b), l.callerPath(cur), err)
 		}
 		cur = b
@@ -184,12 +185,25 @@ func (l *Local) openDeclared(ctx context.Context, host, format string, exclusive
 	if !exclusive {
 		opts = append(opts, qemuimg.ForceShare())
 	}
+	return l.checkDeclared(ctx, host, format, func() (qemuimg.Info, error) { return l.qemu.Info(ctx, host, opts...) })
+}
+
+// openBase is openDeclared, shared, for a base image (a clone's base:
+// read-only by contract), whose qemu-img info may come from the cache
+// (baseInfo). Its chain and, for a foreign format, its structure are
+// checked every time.
+func (l *Local) openBase(ctx context.Context, host, format string) (qemuimg.Info, error) {
+	return l.checkDeclared(ctx, host, format, func() (qemuimg.Info, error) { return l.baseInfo(ctx, host, format) })
+}
+
+// checkDeclared is openDeclared with info reading host's qemu-img info.
+func (l *Local) checkDeclared(ctx context.Context, host, format string, info func() (qemuimg.Info, error)) (qemuimg.Info, error) {
 	if f := formatOf(format); f.Foreign() {
 		if err := foreignMagic(host, f); err != nil {
 			return qemuimg.Info{}, err
 		}
 	}
-	qi, err := l.qemu.Info(ctx, host, opts...)
+	qi, err := info()
 	if err != nil {
 		return qi, err
 	}

@@ -9,6 +9,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/stowage/stowage/datapath/qcow2"
 	"github.com/stowage/stowage/datapath/qemuimg"
 	"github.com/stowage/stowage/datapath/stream"
 	"github.com/stowage/stowage/drivers"
@@ -64,7 +65,7 @@ func (l *Local) cloneImage(ctx context.Context, req CloneRequest, progress drive
 	}
 	defer unlock()
 	// The base may be the backing file of running VMs: read it shared.
-	bi, err := l.openDeclared(ctx, base, baseFormat, false)
+	bi, err := l.openBase(ctx, base, baseFormat)
 	if err != nil {
 		return ImageInfo{}, err
 	}
@@ -134,12 +135,11 @@ func (l *Local) cloneImage(ctx context.Context, req CloneRequest, progress drive
 		}
 		res.Method = "reflink"
 	case drivers.CloneLinked:
-		sz := size
-		if sz == bi.VirtualSize {
-			sz = 0
-		}
-		if err := l.qemu.Create(ctx, stage, qemuimg.FormatQCOW2, sz, qemuimg.BackingFile(base, baseFormat)); err != nil {
-			return ImageInfo{}, err
+		// Written in Go (~0.5 ms with its fsync; qemu-img create took
+		// ~9 ms): the base was opened above as its declared format, which
+		// the overlay records.
+		if err := qcow2.Create(stage, qcow2.Overlay{Size: size, BackingFile: base, BackingFormat: baseFormat}, 0o644); err != nil {
+			return ImageInfo{}, classed(err)
 		}
 		res.Method = "linked"
 	case drivers.CloneFull:
@@ -154,9 +154,8 @@ func (l *Local) cloneImage(ctx context.Context, req CloneRequest, progress drive
 	}
 	var info ImageInfo
 	if req.Mode == drivers.CloneLinked {
-		// The overlay qemu-img just made from these arguments: describe it
-		// from them rather than run qemu-img info once more (~5 ms of a
-		// lazy volume's ~30 ms create step).
+		// The overlay just made from these arguments: describe it from
+		// them rather than run qemu-img info on it.
 		info, err = l.publishOverlay(ctx, stage, final, req.Dest, base, size)
 	} else {
 		info, err = l.publishImage(ctx, stage, final, req.Dest, string(format))
@@ -216,12 +215,14 @@ func reflinkFile(src, dst string) error {
 }
 
 // publishOverlay publishes stage, a qcow2 overlay of size bytes on backing
-// file base made by this step, as final, and describes it as made.
+// file base made (and synced) by this step, as final, and describes it as
+// made.
 func (l *Local) publishOverlay(ctx context.Context, stage, final, dest, base string, size int64) (ImageInfo, error) {
 	if err := ctx.Err(); err != nil {
 		return ImageInfo{}, err
 	}
-	if err := publish(ctx, stage, final); err != nil {
+	// qcow2.Create synced it: only the rename and the directory's sync.
+	if err := publishSynced(ctx, stage, final); err != nil {
 		return ImageInfo{}, err
 	}
 	info := ImageInfo{Path: dest, Format: drivers.FormatQCOW2, VirtualSize: size, BackingFile: l.callerPath(base)}

@@ -95,6 +95,7 @@ type Local struct {
 	reflink map[reflinkKey]bool // per store directory and filesystem, for the process
 
 	locks    keyedLocks // per object path, for the image steps
+	bases    baseInfos  // qemu-img info of base images (baseinfo.go)
 	exporter Exporter
 	// fetchGuard checks every address a download of a user-supplied URL
 	// connects to (WithFetchGuard); nil: none.

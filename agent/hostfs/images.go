@@ -192,6 +192,11 @@ func publish(ctx context.Context, tmp, final string) error {
 	if err := durable.SyncFile(tmp); err != nil {
 		return classed(err)
 	}
+	return publishSynced(ctx, tmp, final)
+}
+
+// publishSynced is publish for a staged file its step has fsynced itself.
+func publishSynced(ctx context.Context, tmp, final string) error {
 	if err := ctx.Err(); err != nil {
 		// Cancelled while the stage was synced: never put it in place.
 		return err

@@ -43,6 +43,15 @@ type Handler interface {
 	Fail(ctx context.Context, job *stowagev1.Job, cause error) error
 }
 
+// Starter is an optional role of a Handler: Start writes, in the
+// transaction that moves a job from Pending to Running, what starting the
+// job means for its objects (a volume Allocated -> Creating), one fsync'd
+// write instead of two. An error from Start is not the job's: the job
+// starts without it, and Run finds its objects as they were.
+type Starter interface {
+	Start(tx *meta.Tx, job *stowagev1.Job) error
+}
+
 // Runner runs jobs.
 type Runner struct {
 	db       *meta.DB
@@ -213,7 +222,7 @@ func (r *Runner) launch(job *stowagev1.Job) {
 			r.mu.Unlock()
 		}()
 		if !ok {
-			r.finish(ctx, job, nil, fmt.Errorf("no handler for job kind %q: %w", job.GetKind(), errdefs.ErrNotImplemented))
+			r.finish(ctx, job, nil, fmt.Errorf("no handler for job kind %q: %w", job.GetKind(), errdefs.ErrNotImplemented), nil)
 			return
 		}
 		r.run(ctx, h, job)
@@ -224,10 +233,7 @@ func (r *Runner) run(ctx context.Context, h Handler, job *stowagev1.Job) {
 	var err error
 	switch job.GetState() {
 	case stowagev1.JobState_JOB_STATE_PENDING:
-		job, err = r.db.Jobs().Transition(ctx, job.GetId(), meta.JobStart, func(j *stowagev1.Job) error {
-			j.Progress = &stowagev1.JobProgress{Phase: "running"}
-			return nil
-		})
+		job, err = r.start(ctx, h, job)
 		if err != nil {
 			r.log.Warn("job could not start", "job", job.GetId(), "err", err)
 			return
@@ -243,13 +249,18 @@ func (r *Runner) run(ctx context.Context, h Handler, job *stowagev1.Job) {
 			r.log.Info("job cancel interrupted by shutdown; it resumes at the next start", "job", job.GetId())
 			return
 		}
-		r.finish(ctx, job, h, fmt.Errorf("job %s was cancelled: %w", job.GetId(), drivers.ErrCancelledOnRequest))
+		r.finish(ctx, job, h, fmt.Errorf("job %s was cancelled: %w", job.GetId(), drivers.ErrCancelledOnRequest), nil)
 		return
 	}
 	r.publish(job)
 	rep := &Reporter{runner: r, job: proto.Clone(job).(*stowagev1.Job)}
 	runErr := h.Run(ctx, job, rep)
-	rep.flush(context.WithoutCancel(ctx))
+	if runErr != nil {
+		// A job that succeeded saves its progress and plan with its
+		// final state (finish); one interrupted by a shutdown returns
+		// before finish and keeps them for its resumption.
+		rep.flush(context.WithoutCancel(ctx))
+	}
 	r.mu.Lock()
 	base := r.base
 	r.mu.Unlock()
@@ -257,7 +268,33 @@ func (r *Runner) run(ctx context.Context, h Handler, job *stowagev1.Job) {
 		r.log.Info("job interrupted by shutdown; it resumes at the next start", "job", job.GetId())
 		return
 	}
-	r.finish(ctx, rep.snapshot(), h, runErr)
+	r.finish(ctx, rep.snapshot(), h, runErr, rep.onSuccess())
+}
+
+// start moves job from Pending to Running, with what h's Start writes
+// when h is a Starter.
+func (r *Runner) start(ctx context.Context, h Handler, job *stowagev1.Job) (*stowagev1.Job, error) {
+	running := func(j *stowagev1.Job) error {
+		j.Progress = &stowagev1.JobProgress{Phase: "running"}
+		return nil
+	}
+	if st, ok := h.(Starter); ok {
+		var started *stowagev1.Job
+		var startErr error
+		err := r.db.Txn(ctx, func(tx *meta.Tx) error {
+			if startErr = st.Start(tx, job); startErr != nil {
+				return startErr
+			}
+			var err error
+			started, err = meta.Jobs.TransitionTx(tx, job.GetId(), 0, meta.JobStart, running)
+			return err
+		})
+		if startErr == nil {
+			return started, err
+		}
+		r.log.Debug("job starts without its handler's start", "job", job.GetId(), "err", startErr)
+	}
+	return r.db.Jobs().Transition(ctx, job.GetId(), meta.JobStart, running)
 }
 
 // stepCancelTimeout bounds how long a resumed cancel waits for one host's
@@ -313,21 +350,41 @@ func (r *Runner) cancelSteps(ctx context.Context, job *stowagev1.Job) {
 // finish records the end of a job: Succeeded, or (after the handler's Fail)
 // Failed or Cancelled. The error is redacted (redact.Error) before anything
 // sees it: the handler's Fail (which records it on objects), the job record
-// and the log.
-func (r *Runner) finish(ctx context.Context, job *stowagev1.Job, h Handler, runErr error) {
+// and the log. commit (Reporter.OnSuccess), when not nil, writes in the
+// transaction that records the success; its error fails the job instead.
+func (r *Runner) finish(ctx context.Context, job *stowagev1.Job, h Handler, runErr error, commit func(*meta.Tx) error) {
 	ctx = context.WithoutCancel(ctx)
-	runErr = redact.Error(runErr)
 	var final *stowagev1.Job
 	var err error
 	if runErr == nil {
-		final, err = r.db.Jobs().Transition(ctx, job.GetId(), meta.JobSucceed, func(j *stowagev1.Job) error {
-			j.Progress = job.GetProgress()
-			j.Progress.Phase = "done"
-			j.Plan = job.GetPlan()
-			j.Result = job.GetResult()
-			return nil
+		var commitErr error
+		err = r.db.Txn(ctx, func(tx *meta.Tx) error {
+			if commit != nil {
+				if commitErr = commit(tx); commitErr != nil {
+					return commitErr
+				}
+			}
+			var err error
+			final, err = meta.Jobs.TransitionTx(tx, job.GetId(), 0, meta.JobSucceed, func(j *stowagev1.Job) error {
+				j.Progress = proto.Clone(job.GetProgress()).(*stowagev1.JobProgress)
+				if j.Progress == nil {
+					j.Progress = &stowagev1.JobProgress{}
+				}
+				j.Progress.Phase = "done"
+				j.Plan = job.GetPlan()
+				j.Result = job.GetResult()
+				return nil
+			})
+			return err
 		})
-	} else {
+		if commitErr != nil {
+			// What the handler left to write with the success could not
+			// be written: the job failed.
+			runErr, err = commitErr, nil
+		}
+	}
+	runErr = redact.Error(runErr)
+	if runErr != nil {
 		if h != nil {
 			fctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 			if ferr := h.Fail(fctx, job, runErr); ferr != nil {
@@ -507,12 +564,13 @@ func StepContext(ctx context.Context, job *stowagev1.Job, step string) context.C
 
 // Reporter is how a handler reports progress and step outcomes.
 type Reporter struct {
-	runner *Runner
-	mu     sync.Mutex
-	job    *stowagev1.Job
-	saved  time.Time
-	start  time.Time
-	doneAt int64
+	runner  *Runner
+	mu      sync.Mutex
+	job     *stowagev1.Job
+	commits []func(*meta.Tx) error // OnSuccess
+	saved   time.Time
+	start   time.Time
+	doneAt  int64
 }
 
 func (rep *Reporter) snapshot() *stowagev1.Job {
@@ -555,8 +613,16 @@ func (rep *Reporter) Bytes(done, total int64) {
 	}
 }
 
-// Step records the state of a plan step (by name) and its error, if any.
+// Step records the state of a plan step (by name) and its error, if any,
+// and saves it.
 func (rep *Reporter) Step(name string, state stowagev1.JobState, err error) {
+	rep.mark(name, state, err)
+	rep.flush(context.Background())
+}
+
+// mark is Step without the save: watchers see the new state at once, the
+// record gets it with the job's next save.
+func (rep *Reporter) mark(name string, state stowagev1.JobState, err error) {
 	rep.mu.Lock()
 	for _, s := range rep.job.GetPlan().GetSteps() {
 		if s.GetName() == name {
@@ -570,7 +636,37 @@ func (rep *Reporter) Step(name string, state stowagev1.JobState, err error) {
 	j := proto.Clone(rep.job).(*stowagev1.Job)
 	rep.mu.Unlock()
 	rep.runner.publish(j)
-	rep.flush(context.Background())
+}
+
+// OnSuccess has fn write, when the handler's Run returns nil, in the
+// transaction that records the job's success: the objects a job makes
+// Ready and the job's Succeeded state commit together (one fsync'd write
+// instead of two, and no window where one is recorded without the other).
+// An error from fn fails the job with it (the handler's Fail runs, as for
+// an error from Run). fn may run more than once (a transaction retried
+// after a conflict) and must read what it changes inside tx.
+func (rep *Reporter) OnSuccess(fn func(tx *meta.Tx) error) {
+	rep.mu.Lock()
+	rep.commits = append(rep.commits, fn)
+	rep.mu.Unlock()
+}
+
+// onSuccess is the OnSuccess functions as one, nil if none.
+func (rep *Reporter) onSuccess() func(*meta.Tx) error {
+	rep.mu.Lock()
+	fns := slices.Clone(rep.commits)
+	rep.mu.Unlock()
+	if len(fns) == 0 {
+		return nil
+	}
+	return func(tx *meta.Tx) error {
+		for _, fn := range fns {
+			if err := fn(tx); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
 }
 
 // Result sets the job's one-line result summary.
@@ -627,8 +723,18 @@ func (rep *Reporter) taskHost(ctx context.Context, name, host string) error {
 // RunStep runs fn as the plan step name: it marks the step Running, then
 // Succeeded or Failed with the error, and gives fn a context carrying the
 // step's task id.
+//
+// Only a failure is saved at once. Running is saved with the step's host
+// before its first task leaves (taskHost), which is all a cancel resumed
+// by another controller needs: a step that sent nothing has nothing to
+// cancel. Succeeded is saved with the job's next save (the next step's
+// host, progress, or the job's final state, in one write with it): a
+// controller that stops before then runs the step again when it resumes
+// the job, and its tasks, sent with the same ids, return their journalled
+// results on the agents. Each save is an fsync'd metadata commit (0.3-0.7
+// ms on the test machine, where a whole linked clone takes ~8 ms).
 func RunStep(ctx context.Context, job *stowagev1.Job, rep *Reporter, name string, fn func(ctx context.Context) error) error {
-	rep.Step(name, stowagev1.JobState_JOB_STATE_RUNNING, nil)
+	rep.mark(name, stowagev1.JobState_JOB_STATE_RUNNING, nil)
 	rep.Phase(name)
 	err := failpoint.Hit(failpoint.JobBeforeStep)
 	if err == nil {
@@ -644,7 +750,7 @@ func RunStep(ctx context.Context, job *stowagev1.Job, rep *Reporter, name string
 		rep.Step(name, stowagev1.JobState_JOB_STATE_FAILED, err)
 		return fmt.Errorf("%s: %w", name, err)
 	}
-	rep.Step(name, stowagev1.JobState_JOB_STATE_SUCCEEDED, nil)
+	rep.mark(name, stowagev1.JobState_JOB_STATE_SUCCEEDED, nil)
 	return nil
 }
 

@@ -400,3 +400,78 @@ func (h failHook) Fail(context.Context, *stowagev1.Job, error) error {
 	h.fn()
 	return nil
 }
+
+// starting is a scripted handler that is a Starter: Start creates a
+// template record named by the job's target in the start transaction.
+type starting struct {
+	scripted
+	startErr error
+}
+
+func (h *starting) Start(tx *meta.Tx, job *stowagev1.Job) error {
+	if h.startErr != nil {
+		return h.startErr
+	}
+	_, err := meta.Templates.CreateTx(tx, &stowagev1.Template{Id: job.GetTargetId(), Name: job.GetTargetId()})
+	return err
+}
+
+// TestStarterAndOnSuccess: a Starter's write commits with the job's start
+// (a failing Start does not keep the job from starting); OnSuccess writes
+// commit with the job's success, and an error from one fails the job
+// (its handler's Fail runs) with nothing of it written.
+func TestStarterAndOnSuccess(t *testing.T) {
+	ctx := context.Background()
+	db := openDB(t, t.TempDir())
+	defer db.Close()
+	r := newRunner(t, db)
+	r.Start(ctx)
+	var sawStarted atomic.Bool
+	onSuccess := func(fail bool) func(context.Context, *stowagev1.Job, *Reporter) error {
+		return func(ctx context.Context, job *stowagev1.Job, rep *Reporter) error {
+			if _, err := db.Templates().Get(ctx, job.GetTargetId()); err == nil {
+				sawStarted.Store(true)
+			}
+			rep.OnSuccess(func(tx *meta.Tx) error {
+				_, err := meta.Templates.UpdateTx(tx, job.GetTargetId(), 0, func(t *stowagev1.Template) error {
+					t.Name = "done"
+					return nil
+				})
+				if err == nil && fail {
+					err = fmt.Errorf("no room: %w", errdefs.ErrResourceExhausted)
+				}
+				return err
+			})
+			return nil
+		}
+	}
+	good := &starting{scripted: scripted{run: onSuccess(false)}}
+	bad := &starting{scripted: scripted{run: onSuccess(true)}}
+	broken := &starting{scripted: scripted{run: func(context.Context, *stowagev1.Job, *Reporter) error { return nil }}, startErr: errors.New("start broke")}
+	r.Register("good", good)
+	r.Register("bad", bad)
+	r.Register("broken", broken)
+	submit := func(kind, target string) *stowagev1.Job {
+		j, _, err := r.Submit(ctx, NewJob(kind, target, "", &stowagev1.Plan{}, nil), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return wait(t, r, j.GetId())
+	}
+	if j := submit("good", "t1"); j.GetState() != stowagev1.JobState_JOB_STATE_SUCCEEDED || !sawStarted.Load() {
+		t.Fatalf("good job: %v (Run saw Start's record: %v)", j, sawStarted.Load())
+	}
+	if tp, err := db.Templates().Get(ctx, "t1"); err != nil || tp.GetName() != "done" {
+		t.Fatalf("OnSuccess write: %v %v", tp, err)
+	}
+	j := submit("bad", "t2")
+	if j.GetState() != stowagev1.JobState_JOB_STATE_FAILED || !strings.Contains(j.GetError(), "no room") || bad.fails.Load() != 1 {
+		t.Fatalf("bad job: %v, Fail ran %d times", j, bad.fails.Load())
+	}
+	if tp, err := db.Templates().Get(ctx, "t2"); err != nil || tp.GetName() != "t2" {
+		t.Fatalf("a failed OnSuccess wrote: %v %v", tp, err)
+	}
+	if j := submit("broken", "t3"); j.GetState() != stowagev1.JobState_JOB_STATE_SUCCEEDED {
+		t.Fatalf("a job whose Start failed: %v", j)
+	}
+}

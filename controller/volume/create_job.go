@@ -21,6 +21,23 @@ import (
 
 type createHandler struct{ s *Service }
 
+var _ jobs.Starter = createHandler{}
+
+// Start moves the job's volume from Allocated to Creating in the
+// transaction that starts the job (Run does it for a job resumed with the
+// volume still Allocated).
+func (h createHandler) Start(tx *meta.Tx, job *stowagev1.Job) error {
+	v, err := meta.Volumes.GetTx(tx, job.GetTargetId())
+	if err != nil {
+		return err
+	}
+	if v.GetState() != stowagev1.VolumeState_VOLUME_STATE_ALLOCATED {
+		return nil
+	}
+	_, err = meta.Volumes.TransitionTx(tx, v.GetId(), 0, meta.VolumeCreateRequested, nil)
+	return err
+}
+
 func (h createHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Reporter) error {
 	s := h.s
 	v, err := s.db.Volumes().Get(ctx, job.GetTargetId())
@@ -103,7 +120,9 @@ func (h createHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 		return err
 	}
 	linked := drivers.CloneMode(params.GetCloneMode()) == drivers.CloneLinked
-	err = s.db.Txn(ctx, func(tx *meta.Tx) error {
+	// The volume turns Ready in the transaction that records the job's
+	// success.
+	rep.OnSuccess(func(tx *meta.Tx) error {
 		if linked && spool != nil {
 			if _, err := meta.TemplatesOnStore.UpdateTx(tx, spool.GetId(), 0, func(r *stowagev1.TemplateOnStore) error {
 				r.RefCount++
@@ -126,10 +145,8 @@ func (h createHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 		})
 		return err
 	})
-	if err == nil {
-		rep.Result("volume %s ready on store %s (%s, %d bytes, %s)", v.GetName(), st.GetName(), format, info.Size, orDefault(info.Method, v.GetInstallMethod()))
-	}
-	return err
+	rep.Result("volume %s ready on store %s (%s, %d bytes, %s)", v.GetName(), st.GetName(), format, info.Size, orDefault(info.Method, v.GetInstallMethod()))
+	return nil
 }
 
 func orDefault(a, b string) string {
