@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -72,14 +73,34 @@ type crashWorld struct {
 	checked map[string]string
 }
 
+// freeAddr is a free loopback address for a listener that must get the
+// same port back at every restart of its process: a port below the
+// kernel's ephemeral range, which no outgoing connection and no listener
+// on port 0 takes while the process is down (one in the range was taken
+// by an agent's outgoing NBD connection, and the restarted process could
+// not serve its failpoints).
 func freeAddr(t *testing.T) string {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	low := 32768
+	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
+		if f := strings.Fields(string(b)); len(f) == 2 {
+			if n, err := strconv.Atoi(f[0]); err == nil && n > 12000 {
+				low = n
+			}
+		}
 	}
-	defer l.Close()
-	return l.Addr().String()
+	for range 1000 {
+		port := 10000 + rand.IntN(low-10000)
+		l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", port))
+		if err != nil {
+			continue
+		}
+		addr := l.Addr().String()
+		l.Close()
+		return addr
+	}
+	t.Fatal("no free port below the ephemeral range")
+	return ""
 }
 
 // startController starts the controller with an orphan reconciler that
@@ -410,7 +431,7 @@ func TestCrashMatrix(t *testing.T) {
 	web, qcow := patternedQcow2(t, root, "write -P 0x44 8M 2M")
 	origin := httptest.NewServer(http.StripPrefix("/t/", http.FileServer(http.Dir(web))))
 	defer origin.Close()
-	w := &crashWorld{t: t, root: root, addr: freePort(t), ctlHTTP: freeAddr(t), h1HTTP: freeAddr(t), h2HTTP: freeAddr(t), h1Listen: freeAddr(t), h2Listen: freeAddr(t), tgtCtl: tgtCtl, checked: map[string]string{}}
+	w := &crashWorld{t: t, root: root, addr: freeAddr(t), ctlHTTP: freeAddr(t), h1HTTP: freeAddr(t), h2HTTP: freeAddr(t), h1Listen: freeAddr(t), h2Listen: freeAddr(t), tgtCtl: tgtCtl, checked: map[string]string{}}
 	w.server = "https://" + w.addr
 	w.startController()
 	w.startAgent()
