@@ -167,6 +167,17 @@ func TestMigrationOverNBD(t *testing.T) {
 	want := filepath.Join(root, "big.want")
 	run(t, "cp", "--sparse=always", src, want)
 	alloc := allocated(t, src)
+	// Attached (granted to h2), it does not move: a cold migration.
+	if _, err := a.volumes.GrantAccess(ctx, connect.NewRequest(&stowagev1.GrantAccessRequest{Id: v.GetId(), HostId: "h2"})); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.volumes.MigrateVolume(ctx, connect.NewRequest(&stowagev1.MigrateVolumeRequest{Id: v.GetId(), StoreId: p2.GetId()})); connect.CodeOf(err) != connect.CodeFailedPrecondition {
+		t.Fatalf("migrate an attached volume: %v, want failed_precondition", err)
+	}
+	if _, err := a.volumes.RevokeAccess(ctx, connect.NewRequest(&stowagev1.RevokeAccessRequest{Id: v.GetId(), HostId: "h2"})); err != nil {
+		t.Fatal(err)
+	}
+	v = get(v.GetId())
 	moved, plan, wire := migrate(v)
 	if plan.GetStrategy() != "migrate-agent-to-agent" || !strings.Contains(strings.Join(plan.GetReasons(), " "), "NBD") {
 		t.Fatalf("plan: %v", plan)

@@ -161,6 +161,12 @@ func (s *Service) Migrate(ctx context.Context, idOrName, storeID string, dryRun 
 	if dst.GetId() == src.GetId() {
 		return nil, fmt.Errorf("volume %s is already on store %s: %w", v.GetName(), dst.GetName(), errdefs.ErrInvalid)
 	}
+	if v.GetAttachedHostId() != "" || v.GetNbdExportUri() != "" {
+		// A cold migration: the copy would miss what the host writes
+		// meanwhile, and its grant would point at the removed source.
+		return nil, fmt.Errorf("volume %s is attached to host %s; revoke its access first (a migration moves a detached volume): %w",
+			v.GetName(), v.GetAttachedHostId(), errdefs.ErrFailedPrecondition)
+	}
 	snaps, err := s.primarySnapshots(ctx, v)
 	if err != nil {
 		return nil, err
