@@ -320,6 +320,9 @@ func (n *fileNode) Read(ctx context.Context, fh fs.FileHandle, dest []byte, off 
 	ra := &n.t.ra
 	if lf, ok := fh.(*lazyFile); ok {
 		ra = &lf.ra
+		if got, ok := n.t.readDirect(ctx, dest, off, ra); ok {
+			return fuse.ReadResultData(dest[:got]), 0
+		}
 	}
 	got, err := n.t.readAt(ctx, dest, off, ra)
 	if err != nil && got < len(dest) && !errors.Is(err, io.EOF) {
