@@ -510,3 +510,61 @@ func TestPrefetchFollowsTheReader(t *testing.T) {
 		t.Fatalf("whole template after prefetch: %v", err)
 	}
 }
+
+// TestReadDirectServesSmallColdReads: a small read of chunks nobody has
+// fetched is served from the source at once while the chunks are fetched
+// behind it; reads of cached or in-flight chunks, large reads and reads
+// from a failing source are left to the cache path.
+func TestReadDirectServesSmallColdReads(t *testing.T) {
+	ctx := context.Background()
+	o := newOrigin(t)
+	data := randBytes(1<<20+999, 21)
+	url := o.put("d.raw", data)
+	c, err := New(testOptions(t.TempDir())) // 64 KiB chunks, no prefetch
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	tm, err := c.Add(ctx, "d.raw", url, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := make([]byte, 4096)
+	off := int64(300 << 10)
+	n, ok := tm.readDirect(ctx, p, off, &readahead{})
+	if !ok || n != len(p) || !bytes.Equal(p, data[off:off+4096]) {
+		t.Fatalf("direct read: ok %v n %d equal %v", ok, n, bytes.Equal(p, data[off:off+4096]))
+	}
+	chunk := int(off / tm.cs)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		tm.mu.Lock()
+		present := tm.sums[chunk] != nil
+		tm.mu.Unlock()
+		if present {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the chunk behind a direct read was never fetched")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if _, ok := tm.readDirect(ctx, p, off, &readahead{}); ok {
+		t.Fatal("a cached chunk was read from the source")
+	}
+	if _, ok := tm.readDirect(ctx, make([]byte, directMax+1), 0, &readahead{}); ok {
+		t.Fatal("a large read was served directly")
+	}
+	o.fail.Store(true)
+	if _, ok := tm.readDirect(ctx, p, 900<<10, &readahead{}); ok {
+		t.Fatal("a failed source read was reported as served")
+	}
+	o.fail.Store(false)
+	got := make([]byte, len(data))
+	if _, err := tm.ReadAt(ctx, got, 0); err != nil && !errors.Is(err, io.EOF) {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, data) {
+		t.Fatal("template differs after direct reads")
+	}
+}

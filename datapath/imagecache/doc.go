@@ -13,7 +13,10 @@
 //	             every verified chunk (the bitmap), whole-file digest
 //
 // Reads are chunk-aligned (default 1 MiB). Present chunks are read from the
-// data file; missing ones are fetched with one ranged request per run of
+// data file; a small read through the mount (at most 256 KiB) whose chunks
+// are neither present nor being fetched is answered with its own ranged
+// request, its chunks fetched right after. Other missing chunks are
+// fetched with one ranged request per run of
 // adjacent missing chunks, each chunk fetched at most once however many
 // readers miss it at the same time (a per-chunk single flight), with the
 // number of concurrent fetches bounded by a semaphore. A fetched chunk is
@@ -37,7 +40,10 @@
 // (where a booting guest is likely to read next), wrapping around until
 // nothing is missing. A template whose chunks are all present is
 // complete: the FUSE layer then hands new opens to the kernel with FUSE
-// passthrough, so reads no longer reach this process at all.
+// passthrough, so reads no longer reach this process at all (except while
+// an open made before completion is still held: the kernel refuses
+// passthrough opens of that inode until it is closed, so this process
+// serves the new opens from the data file until then).
 //
 // With Options.CapacityBytes, the cache evicts whole templates, least
 // recently read first, when the data files' allocated blocks exceed it. A

@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -243,6 +244,17 @@ type fileNode struct {
 	fs.Inode
 	t *Template
 	m *Mount
+
+	// omu guards cached, the opens of this inode in the kernel's cached
+	// io mode (lazy opens, and complete opens served by this process).
+	// The kernel refuses a passthrough open (ETXTBSY, which open(2)
+	// returns as EIO) while any cached-mode open of the inode is held, so
+	// a complete template is opened with passthrough only when cached is
+	// 0: a VM that opened the template while it was being fetched keeps
+	// its file open for its lifetime, and every later open of the same
+	// template must not fail for it.
+	omu    sync.Mutex
+	cached int
 }
 
 var (
@@ -279,18 +291,25 @@ func (n *fileNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint3
 	n.t.touch()
 	// The bytes of a template never change, so the page cache stays valid
 	// across opens.
+	n.omu.Lock()
+	defer n.omu.Unlock()
 	if !n.t.Complete() {
+		n.cached++
 		n.m.log.Debug("image cache: open (lazy)", "template", n.t.id)
 		return &lazyFile{}, fuse.FOPEN_KEEP_CACHE, 0
 	}
-	n.m.log.Debug("image cache: open (complete)", "template", n.t.id, "passthrough", n.m.pt)
+	pt := n.m.pt && n.cached == 0
+	n.m.log.Debug("image cache: open (complete)", "template", n.t.id, "passthrough", pt)
 	f, err := os.Open(n.t.DataPath())
 	if err != nil {
 		n.t.opens.Add(-1)
 		n.m.log.Error("image cache: open cached template", "template", n.t.id, "err", err)
 		return nil, 0, syscall.EIO
 	}
-	return &completeFile{f: f, m: n.m}, fuse.FOPEN_KEEP_CACHE, 0
+	if !pt {
+		n.cached++
+	}
+	return &completeFile{f: f, m: n.m, pt: pt}, fuse.FOPEN_KEEP_CACHE, 0
 }
 
 func (n *fileNode) Read(ctx context.Context, fh fs.FileHandle, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
@@ -301,6 +320,9 @@ func (n *fileNode) Read(ctx context.Context, fh fs.FileHandle, dest []byte, off 
 	ra := &n.t.ra
 	if lf, ok := fh.(*lazyFile); ok {
 		ra = &lf.ra
+		if got, ok := n.t.readDirect(ctx, dest, off, ra); ok {
+			return fuse.ReadResultData(dest[:got]), 0
+		}
 	}
 	got, err := n.t.readAt(ctx, dest, off, ra)
 	if err != nil && got < len(dest) && !errors.Is(err, io.EOF) {
@@ -317,18 +339,46 @@ type lazyFile struct{ ra readahead }
 
 // Release ends an open (of either kind).
 func (n *fileNode) Release(ctx context.Context, fh fs.FileHandle) syscall.Errno {
+	cachedMode := true
 	if cf, ok := fh.(*completeFile); ok {
 		cf.f.Close()
+		cachedMode = !cf.pt
+	}
+	if cachedMode {
+		n.omu.Lock()
+		n.cached--
+		last := n.cached == 0
+		n.omu.Unlock()
+		if last && n.t.Complete() {
+			// The template completed while this open was reading: its
+			// reads after the invalidation at completion (a sequential
+			// reader's last chunks arrive, fetched ahead, before the
+			// reader does) put pages back into the FUSE file's page
+			// cache, which the next, passthrough, open would drop inside
+			// its reader's time. Drop them now, after this request (a
+			// notify from inside a handler may wait on the kernel).
+			go n.invalidateContent()
+		}
 	}
 	n.t.opens.Add(-1)
 	return 0
 }
 
+// invalidateContent drops the FUSE file's own page cache: once the template
+// is complete it duplicates the data file's pages.
+func (n *fileNode) invalidateContent() {
+	if errno := n.NotifyContent(0, 0); errno != 0 && errno != syscall.ENOENT {
+		n.m.log.Debug("image cache: page cache invalidation failed", "template", n.t.id, "errno", errno)
+	}
+}
+
 // completeFile is an open complete template: the kernel reads its data
-// file directly (passthrough), or this process does with splice.
+// file directly (passthrough), or this process does (no passthrough on
+// this kernel, or a cached-mode open of the inode is still held).
 type completeFile struct {
-	f *os.File
-	m *Mount
+	f  *os.File
+	m  *Mount
+	pt bool // opened with passthrough
 }
 
 var (
@@ -337,7 +387,7 @@ var (
 )
 
 func (f *completeFile) PassthroughFd() (int, bool) {
-	if !f.m.pt {
+	if !f.pt {
 		return -1, false
 	}
 	return int(f.f.Fd()), true

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"io"
 	"math/rand/v2"
 	"os"
 	"os/exec"
@@ -335,5 +336,64 @@ func TestMountRecoversStaleMount(t *testing.T) {
 	}
 	if out := run(t, "grep", "-c", " "+mnt+" ", "/proc/self/mountinfo"); out != "1\n" {
 		t.Fatalf("%s mounted %s times, want once", mnt, out)
+	}
+}
+
+// TestMountOpenWhileLazyOpenHeld: a file opened while its template was
+// being fetched (a VM booted from it) stays open after the template
+// completes. The kernel refuses passthrough opens of an inode while such
+// an open is held, so later opens must not ask for passthrough then (they
+// failed with EIO), and must again once it is closed.
+func TestMountOpenWhileLazyOpenHeld(t *testing.T) {
+	requireFUSE(t)
+	data := randBytes(3<<20+777, 7)
+	o := newOrigin(t)
+	url := o.put("a.raw", data)
+	c, err := New(testOptions(t.TempDir()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	m := mount(t, c)
+	tm, err := c.Add(context.Background(), "a.raw", url, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := filepath.Join(m.Dir(), "a.raw")
+	lazy, err := os.Open(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lazy.Close()
+	got := make([]byte, len(data))
+	if _, err := lazy.ReadAt(got, 0); err != nil && !errors.Is(err, io.EOF) {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, data) {
+		t.Fatal("lazy read differs")
+	}
+	waitComplete(t, tm)
+
+	readAll := func(what string) {
+		t.Helper()
+		b, err := os.ReadFile(p)
+		if err != nil {
+			t.Fatalf("%s: %v", what, err)
+		}
+		if !bytes.Equal(b, data) {
+			t.Fatalf("%s: bytes differ", what)
+		}
+	}
+	readAll("open of the complete template while a lazy open is held")
+	if err := lazy.Close(); err != nil {
+		t.Fatal(err)
+	}
+	before := m.Reads()
+	_ = os.WriteFile("/proc/sys/vm/drop_caches", []byte("1"), 0)
+	readAll("open after the lazy open was closed")
+	if m.Passthrough() {
+		if n := m.Reads() - before; n != 0 {
+			t.Fatalf("%d READ requests reached the daemon after the last lazy open closed: no passthrough", n)
+		}
 	}
 }
