@@ -51,8 +51,19 @@ func runDir(t *testing.T) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { os.RemoveAll(d) })
-	return filepath.Join(d, "run")
+	run := filepath.Join(d, "run")
+	t.Cleanup(func() {
+		// Daemons outlive their agent by design: a test that failed
+		// half-way quits those its run directory still holds.
+		qmps, _ := filepath.Glob(filepath.Join(run, "*.qmp"))
+		for _, m := range qmps {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			_ = qsd.Quit(ctx, m)
+			cancel()
+		}
+		os.RemoveAll(d)
+	})
+	return run
 }
 
 func mustRun(t *testing.T, name string, args ...string) string {

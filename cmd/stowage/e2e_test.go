@@ -25,6 +25,7 @@ import (
 
 	"connectrpc.com/connect"
 
+	"github.com/stowage/stowage/datapath/qsd"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 	"github.com/stowage/stowage/proto/gen/stowage/v1/stowagev1connect"
 	"github.com/stowage/stowage/trust"
@@ -401,6 +402,18 @@ func agentProc(t *testing.T, server, id, zone, cluster, stateDir string, extra .
 // agentProcEnv is agentProc with extra environment variables.
 func agentProcEnv(t *testing.T, env []string, server, id, zone, cluster, stateDir string, extra ...string) *proc {
 	token, pin := joinToken(t, server, id, 10*time.Minute)
+	// Registered before the process's own cleanup (SIGKILL), so it runs
+	// after it: the qemu-storage-daemons of qcow2 grants outlive a killed
+	// agent by design (a restarted one adopts them); the test's end quits
+	// them.
+	t.Cleanup(func() {
+		qmps, _ := filepath.Glob(filepath.Join(stateDir, "qsd", "*.qmp"))
+		for _, m := range qmps {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			_ = qsd.Quit(ctx, m)
+			cancel()
+		}
+	})
 	p := startProcEnv(t, "agent "+id, env, append([]string{"agent", "--controller", server, "--host-id", id,
 		"--join-token", token, "--ca-pin", pin,
 		"--listen", freePort(t), "--nbd-listen", "127.0.0.1:0", "--zone", zone, "--cluster", cluster, "--state-dir", stateDir,
