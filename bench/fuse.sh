@@ -38,6 +38,11 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 LOGTAG=fuse
 # shellcheck source=bench/lib.sh
 source "$REPO/bench/lib.sh"
+if [[ ! -c /dev/fuse ]]; then
+    printf 'e\tstowage FUSE\tMiB/s\t-\t-\t-\tSKIPPED: no /dev/fuse on this machine\n' >>"$OUT_TSV"
+    log "skipped: no /dev/fuse"
+    exit 0
+fi
 SIZE=$((SIZE_MIB << 20))
 SRC=$W/src MNT=$W/mnt
 LOGF=$W.log
