@@ -17,12 +17,14 @@
 # a file:// URL.
 # Migration between two agents needs a controller and two agents (separate
 # processes and stores): TODO, reported as a row that says so.
-# Run by bench/run.sh. Env: BIN, OUT_TSV, API_N=20,
+# Run by bench/run.sh. Env: BIN, OUT_TSV, API_N=100 (creates of each kind),
+#      API_SNAP_N=20 (snapshots of one volume, and reverts),
 #      WORKDIR=/tmp/stowage-bench/api (wiped)
 set -euo pipefail
 BIN=${BIN:?BIN must name the stowage binary}
 OUT_TSV=${OUT_TSV:?OUT_TSV is required}
-API_N=${API_N:-20}
+API_N=${API_N:-100}
+API_SNAP_N=${API_SNAP_N:-$((API_N < 20 ? API_N : 20))}
 W=${WORKDIR:-/tmp/stowage-bench/api}
 [[ $(id -u) -eq 0 ]] || { echo "api.sh: run as root (FUSE template mount)" >&2; exit 1; }
 [[ $W == /tmp/* ]] || { echo "api.sh: WORKDIR must be under /tmp" >&2; exit 1; }
@@ -127,9 +129,9 @@ op "create lazy volume" '"$BIN" volume create --name "v$(now_us)" --template bas
 op "create full copy" '"$BIN" volume create --name "v$(now_us)" --template base --strategy full' || true
 VOL=$(jq -r '.volume.id' <<<"${LAST:-{\}}" 2>/dev/null || true)
 if [[ -n $VOL && $VOL != null ]]; then
-    op "snapshot" '"$BIN" snapshot take "$VOL" --name "s$(now_us)"' || true
+    API_N=$API_SNAP_N op "snapshot" '"$BIN" snapshot take "$VOL" --name "s$(now_us)"' || true
     SNAP=$(jq -r '.snapshot.id' <<<"$LAST")
-    op "revert" '"$BIN" snapshot revert "$SNAP"' || true
+    API_N=$API_SNAP_N op "revert" '"$BIN" snapshot revert "$SNAP"' || true
 fi
 PD=$W/peer
 mkdir -p "$PD"

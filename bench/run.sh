@@ -29,7 +29,7 @@
 # never because of a ratio.
 #
 # Env: SIZE_MIB=1024 (256..4096; or SIZE_GIB=) RUNS=3 SETTLE=3 FIX_MIB=1024
-#      API_N=20 (creates per kind) SECTIONS="copy nbd qcow2 fuse real zero api"
+#      API_N=100 (creates per kind; snapshots and reverts: 20) SECTIONS="copy nbd qcow2 fuse real zero api"
 #      STOWAGE_BIN= (use this binary instead of building ./cmd/stowage)
 #      PEERS=bench/peers.sh WORKDIR=/tmp/stowage-bench OUTDIR=bench/results
 set -uo pipefail
@@ -41,7 +41,7 @@ if [[ $SMOKE == 1 ]]; then
 fi
 if [[ -n ${SIZE_GIB:-} && -z ${SIZE_MIB:-} ]]; then SIZE_MIB=$((SIZE_GIB * 1024)); fi
 export SIZE_MIB=${SIZE_MIB:-1024} RUNS=${RUNS:-3} SETTLE=${SETTLE:-3}
-export FIX_MIB=${FIX_MIB:-1024} API_N=${API_N:-20}
+export FIX_MIB=${FIX_MIB:-1024} API_N=${API_N:-100}
 SECTIONS=${SECTIONS:-"copy nbd qcow2 fuse real zero api"}
 PEERS=${PEERS:-$REPO/bench/peers.sh}
 W=${WORKDIR:-/tmp/stowage-bench}
