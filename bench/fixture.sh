@@ -14,9 +14,10 @@
 # path order, so the same machine gives the same image), then, when loop
 # mounts work (root), churn: delete every third file and write a second
 # batch, which fragments the free space (as a template that lived a while
-# has); the freed blocks are trimmed first (fstrim punches holes through the
-# loop device, as virt-sparsify would). Prints one "- fixture: ..." facts
-# line on stdout. Needs e2fsprogs and qemu-img; root for the churn.
+# has), then delete every fifth file of the result; freed blocks are
+# trimmed after each round of deletions (fstrim punches holes through the
+# loop device, as virt-sparsify would before capturing a template).
+# Prints one "- fixture: ..." facts line on stdout. Needs e2fsprogs and qemu-img; root for the churn.
 set -euo pipefail
 OUT=${1:?usage: fixture.sh OUTDIR}
 FIX_MIB=${FIX_MIB:-1024}
@@ -65,6 +66,10 @@ if [[ $(id -u) -eq 0 ]] && mkdir -p "$MNT" && mount -o loop,noinit_itable "$RAW"
         tar -C / -cf - --files-from="$OUT/.list" 2>/dev/null | tar -C "$MNT/batch2-$d" -xf -
     done
     rm -f "$OUT/.list"
+    # a second round of deletions, trimmed: the image as captured
+    find "$MNT" -type f | sort | awk 'NR % 5 == 0' | xargs -r -d '\n' rm -f
+    sync
+    fstrim "$MNT" 2>/dev/null || true
     umount "$MNT"
     churn=yes
 fi
@@ -74,4 +79,4 @@ qemu-img convert -q -f raw -O qcow2 "$RAW" "$QCOW"
 sync
 nfiles=$(debugfs -R 'stats' "$RAW" 2>/dev/null | awk -F: '/^Inode count/ { ic = $2 } /^Free inodes/ { fi = $2 } END { print ic - fi }')
 exts=$(qemu-img map -f raw --output=json "$RAW" | grep -c '"data": true')
-echo "- fixture: ext4 image of real files from $FIX_SRC, ${FIX_MIB} MiB virtual, $(du -m "$RAW" | cut -f1) MiB allocated in $exts data extents (qemu-img map), ${nfiles} inodes in use, churned (a third deleted, more written): $churn; qcow2: $(du -m "$QCOW" | cut -f1) MiB"
+echo "- fixture: ext4 image of real files from $FIX_SRC, ${FIX_MIB} MiB virtual, $(du -m "$RAW" | cut -f1) MiB allocated in $exts data extents (qemu-img map), ${nfiles} inodes in use, churned (a third deleted, more written, a fifth deleted): $churn; qcow2: $(du -m "$QCOW" | cut -f1) MiB"
