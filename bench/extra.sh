@@ -7,16 +7,19 @@
 #   m  stowage's write and read modes, and --sha256, cold and warm, with
 #      nbdcopy as the same-run anchor: how the default was chosen
 # Run by bench/run.sh; needs root (drop_caches).
-# Env: BIN (stowage binary, required), SIZE_GIB=2, RUNS=3, SETTLE=3,
+# Env: BIN (stowage binary, required), SIZE_GIB=2 (or SIZE_MIB), RUNS=3, SETTLE=3,
+#      XSECTIONS="x m" (which of the two to run),
 #      WORKDIR=/tmp/stowage-bench/extra (wiped), OUT_TSV (required)
 set -euo pipefail
 BIN=${BIN:?BIN must name the stowage binary}
 OUT_TSV=${OUT_TSV:?OUT_TSV is required}
 SIZE_GIB=${SIZE_GIB:-2}
+SIZE_MIB=${SIZE_MIB:-$((SIZE_GIB * 1024))}
+XSECTIONS=${XSECTIONS:-"x m"}
 RUNS=${RUNS:-3}
 SETTLE=${SETTLE:-3}
 W=${WORKDIR:-/tmp/stowage-bench/extra}
-SIZE=$((SIZE_GIB << 30))
+SIZE=$((SIZE_MIB << 20))
 [[ $(id -u) -eq 0 ]] || { echo "extra.sh: must run as root (drop_caches)" >&2; exit 1; }
 [[ $W == /tmp/* || -f $W/.stowage-extra ]] || { echo "extra.sh: refusing to wipe $W" >&2; exit 1; }
 rm -rf "$W"
@@ -53,7 +56,7 @@ bench() {
 }
 
 DENSE=$W/dense.raw ZERO=$W/zero.raw DST=$W/out.raw
-log "creating $SIZE_GIB GiB images (random, and allocated zeros)"
+log "creating $SIZE_MIB MiB images (random, and allocated zeros)"
 openssl enc -aes-256-ctr -pass pass:stowage -nosalt -pbkdf2 -in /dev/zero 2>/dev/null | head -c "$SIZE" >"$DENSE" || true
 head -c "$SIZE" /dev/zero >"$ZERO"
 sync
@@ -66,6 +69,7 @@ declare -a XT=(
     "zero-filled: nbdcopy file->file|nbdcopy --flush $ZERO $DST"
     "zero-filled: cp --sparse=always|cp --sparse=always $ZERO $DST"
 )
+[[ " $XSECTIONS " == *" x "* ]] || XT=()
 for t in "${XT[@]}"; do
     bench x "${t%%|*}" "rm -f $DST; drop" "${t#*|}" "echo \"dst allocated \$(alloc_mib $DST) MiB (src $(alloc_mib "$ZERO") MiB)\""
     cmp -s "$ZERO" "$DST" || printf 'x\t%s\t-\t-\t-\t-\tVERIFY FAILED\n' "${t%%|*}" >>"$OUT_TSV"
@@ -83,6 +87,7 @@ declare -a MT=(
     "stowage --workers 8|$BIN copy --workers 8 $DENSE $DST"
     "stowage --sha256 (in-stream SHA-256)|$BIN copy --sha256 $DENSE $DST"
 )
+[[ " $XSECTIONS " == *" m "* ]] || MT=()
 for cache in cold warm; do
     for t in "${MT[@]}"; do
         if [[ $cache == cold ]]; then prep="rm -f $DST; drop"; else prep="rm -f $DST; sync; cat $DENSE >/dev/null"; fi

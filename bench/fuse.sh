@@ -1,113 +1,139 @@
 #!/usr/bin/env bash
-# bench/fuse.sh — the FUSE template cache (and NBD export) against their
-# peers, same run, as root:
+# bench/fuse.sh — sections e and h: the FUSE template cache (`stowage cache
+# mount`) against a direct read of the source (e: local source) and against
+# curl from the same loopback HTTP server (h: HTTP source), same run. Run by
+# bench/run.sh; standalone: BIN=... OUT_TSV=... bash bench/fuse.sh.
 #
-#   bash bench/fuse.sh           # SIZE_GIB=2 INVOCATIONS=3, about 10 minutes
+# Every "cold" run of ours is a fresh mount with a fresh cache directory
+# (a never-fetched template) after drop_caches, so that each run is really
+# cold (peers.sh section e keeps one mount for all runs of a row). Rows:
+#   e  direct (no FUSE) cold/warm       dd bs=1M of the source file
+#   e  stowage FUSE local, cold         dd bs=1M through a fresh mount
+#   e  stowage FUSE local, warm (complete template)
+#                                       the same mount after a complete read,
+#                                       one untimed warm-up read before each
+#                                       (FUSE passthrough to the cache file);
+#                                       warm rows alternate, WARM_RUNS each
+#   e  first byte (ms)                  dd bs=4k count=1, direct vs a fresh
+#                                       mount of a never-read template (with
+#                                       --prefetch-rate off: nothing fetched)
+#   h  curl (HTTP, cold)                curl -o /dev/null from the server
+#   h  stowage FUSE HTTP, cold          dd bs=1M through a fresh mount of the URL
+#   h  first byte (ms)                  curl -r 0-4095 vs dd bs=4k count=1
+#                                       through a fresh mount of the URL
+# The HTTP server is bench/cmd/benchhttp (Go's file server: Range, sendfile)
+# on 127.0.0.1, serving the same file from the same disk, cold for each run.
 #
-# 1. builds stowage (or takes STOWAGE_BIN=),
-# 2. runs shared/bench/peers.sh INVOCATIONS times with RUNS=1 and
-#    SECTIONS="d e", OURS_NBD='stowage nbd serve --unix {sock} {file}' and
-#    OURS_FUSE='stowage cache mount {src} {mnt}', so that stowage is one
-#    more row next to nbdkit/qemu-nbd (d) and the go-fuse loopback and the
-#    direct read (e). RUNS=1 because peers.sh keeps one mount for all the
-#    runs of a row: only its first "cold" run reads a never-fetched template
-#    (later ones read the complete cache from disk), so each invocation is
-#    one truly cold sample. The go-fuse helper is built by peers.sh in a
-#    scratch module; GOFLAGS=-mod=mod lets that build record the go.sum
-#    entry of golang.org/x/sys (fetched through the module proxy) instead of
-#    failing on it,
-# 3. measures the first byte of a never-read template (dd bs=4k count=1
-#    through a fresh mount after drop_caches) against the same read of the
-#    source file, FIRST_RUNS times (rows e/"first byte" in ms),
-# 4. merges everything with bench/cmd/benchreport (-merge: median, min and
-#    max over the invocations) into bench/results/fuse-<stamp>.md and .png.
-#
-# Env: SIZE_GIB=2 INVOCATIONS=3 FIRST_RUNS=5 SETTLE=3 SECTIONS="d e"
-#      STOWAGE_BIN= PEERS=<repo>/../shared/bench/peers.sh
-#      WORKDIR=/tmp/stowage-fusebench OUTDIR=<repo>/bench/results
+# Env: BIN (stowage binary), HTTPBIN (benchhttp binary; built when unset),
+#      OUT_TSV, SIZE_MIB=1024, RUNS=3, WARM_RUNS=5*RUNS, SETTLE=3,
+#      WORKDIR=/tmp/stowage-bench/fuse (wiped)
 set -euo pipefail
+BIN=${BIN:?BIN must name the stowage binary}
+OUT_TSV=${OUT_TSV:?OUT_TSV is required}
+SIZE_MIB=${SIZE_MIB:-1024}
+RUNS=${RUNS:-3} SETTLE=${SETTLE:-3}
+WARM_RUNS=${WARM_RUNS:-$((RUNS * 5))}
+W=${WORKDIR:-/tmp/stowage-bench/fuse}
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-PEERS=${PEERS:-$REPO/../shared/bench/peers.sh}
-SIZE_GIB=${SIZE_GIB:-2}
-INVOCATIONS=${INVOCATIONS:-3}
-FIRST_RUNS=${FIRST_RUNS:-5}
-SETTLE=${SETTLE:-3}
-SECTIONS=${SECTIONS:-"d e"}
-W=${WORKDIR:-/tmp/stowage-fusebench}
-OUTDIR=${OUTDIR:-$REPO/bench/results}
-[[ $(id -u) -eq 0 ]] || { echo "bench/fuse.sh: run as root (drop_caches, mounts)" >&2; exit 1; }
-[[ -f $PEERS ]] || { echo "bench/fuse.sh: $PEERS not found (set PEERS=)" >&2; exit 1; }
-[[ $W == /tmp/* ]] || { echo "bench/fuse.sh: WORKDIR must be under /tmp" >&2; exit 1; }
-mkdir -p "$W" "$OUTDIR"
-STAMP=$(date -u +%Y%m%dT%H%MZ)
-BIN=$W/stowage
-if [[ -n ${STOWAGE_BIN:-} ]]; then
-    cp "$STOWAGE_BIN" "$BIN"
-else
-    echo "fuse.sh: building stowage" >&2
-    (cd "$REPO" && go build -o "$BIN" ./cmd/stowage)
+[[ $(id -u) -eq 0 ]] || { echo "fuse.sh: run as root (drop_caches, FUSE)" >&2; exit 1; }
+[[ $W == /tmp/* ]] || { echo "fuse.sh: WORKDIR must be under /tmp" >&2; exit 1; }
+LOGTAG=fuse
+# shellcheck source=bench/lib.sh
+source "$REPO/bench/lib.sh"
+if [[ ! -c /dev/fuse ]]; then
+    printf 'e\tstowage FUSE\tMiB/s\t-\t-\t-\tSKIPPED: no /dev/fuse on this machine\n' >>"$OUT_TSV"
+    log "skipped: no /dev/fuse"
+    exit 0
 fi
-log() { printf '[%s] fuse.sh: %s\n' "$(date +%T)" "$*" >&2; }
-
-TSVS=()
-for ((i = 1; i <= INVOCATIONS; i++)); do
-    tsv=$OUTDIR/fuse-$STAMP.peers$i.tsv
-    log "peers.sh invocation $i/$INVOCATIONS SECTIONS=\"$SECTIONS\" SIZE_GIB=$SIZE_GIB RUNS=1 (log: $W/peers$i.log)"
-    GOFLAGS="${GOFLAGS:+$GOFLAGS }-mod=mod" SIZE_GIB=$SIZE_GIB RUNS=1 SETTLE=$SETTLE SECTIONS=$SECTIONS \
-        OURS_NBD="$BIN nbd serve --unix {sock} {file}" OURS_FUSE="$BIN cache mount {src} {mnt}" \
-        OURS_NAME=stowage OUT_TSV=$tsv WORKDIR=$W/peers LOG=$W/peers$i.log \
-        bash "$PEERS" >"$OUTDIR/fuse-$STAMP.peers$i.md"
-    TSVS+=(-tsv "$tsv")
-done
-
-# ---- first byte of a never-read template, through a fresh mount each time
-log "first byte: $FIRST_RUNS fresh mounts"
-FB=$W/first
-MNT=$FB/mnt
-PID=
-cleanup() {
-    if [[ -n $PID ]]; then kill -TERM "$PID" 2>/dev/null; wait "$PID" 2>/dev/null || true; fi
-    mountpoint -q "$MNT" 2>/dev/null && umount "$MNT"
-    rm -rf "$FB"
+SIZE=$((SIZE_MIB << 20))
+SRC=$W/src MNT=$W/mnt
+LOGF=$W.log
+MPID=
+umount_ours() {
+    [[ -n $MPID ]] && stop "$MPID"
+    MPID=
+    local i
+    for ((i = 0; i < 100; i++)); do mountpoint -q "$MNT" || break; sleep 0.05; done
+    mountpoint -q "$MNT" && umount "$MNT" 2>/dev/null
+    rm -rf "$W/cache"
 }
+cleanup() { umount_ours; stop_all; rm -rf "$W"; }
+rm -rf "$W"
+mkdir -p "$SRC" "$MNT"
+: >"$LOGF"
 trap cleanup EXIT
-rm -rf "$FB"
-mkdir -p "$FB/src" "$MNT"
-head -c $((SIZE_GIB << 30)) /dev/urandom >"$FB/src/dense.raw"
-now_us() { local t=$EPOCHREALTIME; echo "${t/./}"; }
-drop() { sync; echo 3 >/proc/sys/vm/drop_caches; sleep "$SETTLE"; }
-fb_ours=() fb_direct=()
-for ((i = 0; i < FIRST_RUNS; i++)); do
-    "$BIN" cache mount "$FB/src" "$MNT" >"$FB/mount.out" 2>>"$W/first.log" &
-    PID=$!
-    for ((k = 0; k < 200; k++)); do [[ -e $MNT/dense.raw ]] && break; sleep 0.05; done
-    drop
-    t0=$(now_us)
-    dd if="$MNT/dense.raw" of=/dev/null bs=4k count=1 status=none
-    t1=$(now_us)
-    fb_ours+=("$(awk -v us=$((t1 - t0)) 'BEGIN { printf "%.3f", us / 1000 }')")
-    kill -TERM "$PID"
-    wait "$PID" || true
-    PID=
-    drop
-    t0=$(now_us)
-    dd if="$FB/src/dense.raw" of=/dev/null bs=4k count=1 status=none
-    t1=$(now_us)
-    fb_direct+=("$(awk -v us=$((t1 - t0)) 'BEGIN { printf "%.3f", us / 1000 }')")
-done
-stats() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { n = NR
-    med = (n % 2) ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2; printf "%.3f\t%.3f\t%.3f", med, v[1], v[n] }'; }
-FB_TSV=$OUTDIR/fuse-$STAMP.first.tsv
-{
-    printf 'e\tdirect (no FUSE), first byte (dd bs=4k count=1, cold)\tms\t%s\t%s\n' "$(stats "${fb_direct[@]}")" "$FIRST_RUNS runs, drop_caches before each"
-    printf 'e\tstowage FUSE, first byte (dd bs=4k count=1, cold)\tms\t%s\t%s\n' "$(stats "${fb_ours[@]}")" "open + 4 KiB read of a never-read template, fresh mount and cache each run, drop_caches before each"
-} >"$FB_TSV"
-TSVS+=(-tsv "$FB_TSV")
 
-awk '/^- /' "$OUTDIR/fuse-$STAMP.peers1.md" >"$W/facts.md" || true
-(cd "$REPO" && go run ./bench/cmd/benchreport -merge "${TSVS[@]}" -facts "$W/facts.md" \
-    -title "FUSE cache and NBD benchmark" \
-    -cmd "SIZE_GIB=$SIZE_GIB INVOCATIONS=$INVOCATIONS FIRST_RUNS=$FIRST_RUNS SECTIONS='$SECTIONS' bash bench/fuse.sh" \
-    -md "$OUTDIR/fuse-$STAMP.md" -png "$OUTDIR/fuse-$STAMP.png")
-cat "$OUTDIR/fuse-$STAMP.md"
-log "wrote $OUTDIR/fuse-$STAMP.md and .png"
+if [[ -z ${HTTPBIN:-} ]]; then
+    HTTPBIN=$W/benchhttp
+    (cd "$REPO" && go build -o "$HTTPBIN" ./bench/cmd/benchhttp)
+fi
+log "creating a $SIZE_MIB MiB random image"
+openssl enc -aes-256-ctr -pass pass:stowage-fuse -nosalt -pbkdf2 -in /dev/zero 2>/dev/null | head -c "$SIZE" >"$SRC/dense.raw" || true
+[[ $(stat -c %s "$SRC/dense.raw") -eq $SIZE ]] || { echo "fuse.sh: could not create the image" >&2; exit 1; }
+sync
+
+"$HTTPBIN" -root "$SRC" >"$W/http.out" 2>>"$LOGF" &
+HPID=$!
+BG_PIDS+=("$HPID")
+for ((i = 0; i < 100; i++)); do grep -q '^LISTEN' "$W/http.out" 2>/dev/null && break; sleep 0.05; done
+URL=$(awk '/^LISTEN/ { print $2 }' "$W/http.out")dense.raw
+[[ $URL == http://127.0.0.1:* ]] || { echo "fuse.sh: HTTP server did not start" >&2; exit 1; }
+
+# mount_ours SRC [FLAG...]: a fresh mount (new cache directory) of SRC at
+# MNT. Cold runs mount after drop_caches, just before the timed read, so
+# that the background prefetch (on, as shipped) has no head start.
+mount_ours() {
+    local i src=$1
+    shift
+    umount_ours
+    mkdir -p "$W/cache"
+    bg "$BIN" cache mount --cache-dir "$W/cache" "$@" "$src" "$MNT"
+    MPID=$BG
+    for ((i = 0; i < 400; i++)); do
+        [[ -e $MNT/dense.raw ]] && return 0
+        kill -0 "$MPID" 2>/dev/null || break
+        sleep 0.05
+    done
+    echo "mount of $1 did not appear" >&2
+    return 1
+}
+DD1M="dd if=$MNT/dense.raw of=/dev/null bs=1M status=none"
+DD4K="dd if=$MNT/dense.raw of=/dev/null bs=4k count=1 status=none"
+
+log "section e: local source"
+bench e "direct (no FUSE), cold" "$SIZE" "drop" "dd if=$SRC/dense.raw of=/dev/null bs=1M status=none"
+bench e "stowage FUSE local, cold" "$SIZE" "drop; mount_ours $SRC" "$DD1M" "fresh mount and cache directory each run"
+# the last cold run's mount now holds the complete template
+if mountpoint -q "$MNT" && cmp -s "$SRC/dense.raw" <(dd if="$MNT/dense.raw" bs=1M status=none); then
+    # A warm 1 GiB read takes ~0.1 s and consecutive identical reads differ
+    # by up to 3x here: WARM_RUNS (default 5 x RUNS) runs, alternating
+    # direct and mount, each after one untimed read of the same file.
+    wd=() wm=()
+    for ((k = 0; k < WARM_RUNS; k++)); do
+        RUNS=1 timed "$SIZE" "cat $SRC/dense.raw >/dev/null" "dd if=$SRC/dense.raw of=/dev/null bs=1M status=none" && wd+=("${VALS[@]}")
+        RUNS=1 timed "$SIZE" "$DD1M" "$DD1M" && wm+=("${VALS[@]}")
+    done
+    if ((${#wd[@]} == WARM_RUNS && ${#wm[@]} == WARM_RUNS)); then
+        emit e "direct (no FUSE), warm" MiB/s "$WARM_RUNS runs alternating with the mount's" "${wd[@]}"
+        emit e "stowage FUSE local, warm (complete template)" MiB/s "complete template (FUSE passthrough to the cache file), $WARM_RUNS runs alternating with direct" "${wm[@]}"
+    else
+        emit_fail e "stowage FUSE local, warm (complete template)" MiB/s "$ERR"
+    fi
+    grep -m1 '^MOUNTED' "$LOGF" | sed 's/^/mount: /' >&2 || true
+else
+    emit_fail e "stowage FUSE local, warm (complete template)" MiB/s "VERIFY FAILED or mount lost after the cold read"
+fi
+bench e "direct (no FUSE), first byte" 0 "drop" "dd if=$SRC/dense.raw of=/dev/null bs=4k count=1 status=none" "dd bs=4k count=1 after drop_caches"
+bench e "stowage FUSE local, first byte" 0 "drop; mount_ours $SRC --prefetch-rate off" "$DD4K" "dd bs=4k count=1 of a never-fetched template (fresh mount, no prefetch) after drop_caches"
+umount_ours
+
+log "section h: HTTP source ($URL)"
+bench h "curl (HTTP, cold)" "$SIZE" "drop" "curl -sSf -o /dev/null $URL" "same loopback server (Go net/http file server)"
+bench h "stowage FUSE HTTP, cold" "$SIZE" "drop; mount_ours $URL" "$DD1M" "fresh mount and cache directory each run"
+if mountpoint -q "$MNT" && ! cmp -s "$SRC/dense.raw" <(dd if="$MNT/dense.raw" bs=1M status=none); then
+    emit_fail h "stowage FUSE HTTP, verify" MiB/s "VERIFY FAILED: the mount's bytes differ from the source"
+fi
+bench h "curl (HTTP), first byte" 0 "drop" "curl -sSf -r 0-4095 -o /dev/null $URL" "curl -r 0-4095 after drop_caches"
+bench h "stowage FUSE HTTP, first byte" 0 "drop; mount_ours $URL --prefetch-rate off" "$DD4K" "dd bs=4k count=1 of a never-fetched template (fresh mount, no prefetch) after drop_caches"
+umount_ours
+log "done"

@@ -1,87 +1,73 @@
 #!/usr/bin/env bash
-# bench/qcow2-nbd.sh — read throughput of a qcow2 linked clone exported over
-# NBD: `stowage nbd serve --format qcow2` (qemu-storage-daemon under Stowage)
-# against `qemu-nbd -f qcow2` on the same file, in the same run. Both read-only
-# on a unix socket; the reader is `nbdcopy URI null:` (its default 4
-# connections when the server offers multi-conn, which both do read-only).
-# Image: a dense random base (SIZE_GIB) and an overlay with every 10th MiB
-# rewritten (-F qcow2). Page cache warm (one untimed read each first); runs
-# alternate between the servers; medians of RUNS.
-# Writes bench/results/qcow2-nbd-<time>.md.
-# Env: SIZE_GIB=1, RUNS=3, STOWAGE_BIN (default: built from this tree),
-#      WORKDIR=/tmp/stowage-bench/qcow2-nbd (wiped), OUTDIR=bench/results
+# bench/qcow2-nbd.sh — section q: read throughput of a qcow2 linked clone
+# exported over NBD: `stowage nbd serve --format qcow2` (qemu-storage-daemon
+# under Stowage) against `qemu-nbd -f qcow2` on the same file, same run. Both
+# read-only on a unix socket; the reader is `nbdcopy URI null:` (its default
+# 4 connections when the server offers multi-conn, which both do read-only).
+# Image: a dense random base (SIZE_MIB) and an overlay with every 10th MiB
+# rewritten (-F qcow2). Both servers' guest views are checked against the
+# image first (qemu-img compare). Rows: warm (page cache holds both files:
+# one untimed read first) and cold (drop_caches before each run), medians
+# of RUNS. Run by bench/run.sh; standalone: BIN=... OUT_TSV=... bash bench/qcow2-nbd.sh
+# Env: BIN (stowage binary), OUT_TSV, SIZE_MIB=1024, RUNS=3, SETTLE=3,
+#      WORKDIR=/tmp/stowage-bench/qcow2-nbd (wiped)
 set -euo pipefail
-cd "$(dirname "$0")/.."
-SIZE_GIB=${SIZE_GIB:-1}
-RUNS=${RUNS:-3}
+BIN=${BIN:?BIN must name the stowage binary}
+OUT_TSV=${OUT_TSV:?OUT_TSV is required}
+SIZE_MIB=${SIZE_MIB:-1024}
+RUNS=${RUNS:-3} SETTLE=${SETTLE:-3}
 W=${WORKDIR:-/tmp/stowage-bench/qcow2-nbd}
-OUTDIR=${OUTDIR:-bench/results}
-SIZE=$((SIZE_GIB << 30))
+SIZE=$((SIZE_MIB << 20))
+[[ $(id -u) -eq 0 ]] || { echo "qcow2-nbd.sh: run as root (drop_caches)" >&2; exit 1; }
+[[ $W == /tmp/* ]] || { echo "qcow2-nbd.sh: WORKDIR must be under /tmp" >&2; exit 1; }
+LOGTAG=qcow2-nbd
+# shellcheck source=bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 for b in qemu-img qemu-io qemu-nbd qemu-storage-daemon nbdcopy nbdinfo; do
-	command -v $b >/dev/null || { echo "qcow2-nbd.sh: needs $b (qemu-utils qemu-system-common libnbd-bin)" >&2; exit 1; }
+    command -v $b >/dev/null || { emit_fail q "qcow2 export" MiB/s "needs $b (qemu-utils qemu-system-common libnbd-bin)"; exit 0; }
 done
-[[ $W == /tmp/* ]] || { echo "qcow2-nbd.sh: refusing to wipe $W" >&2; exit 1; }
-rm -rf "$W"; mkdir -p "$W" "$OUTDIR"
-BIN=${STOWAGE_BIN:-$W/stowage}
-[[ -n ${STOWAGE_BIN:-} ]] || go build -o "$BIN" ./cmd/stowage
-log() { printf '[%s] qcow2-nbd: %s\n' "$(date +%T)" "$*" >&2; }
-now_us() { local t=$EPOCHREALTIME; echo "${t/./}"; }
+rm -rf "$W"
+mkdir -p "$W"
+LOGF=$W.log
+: >"$LOGF"
+trap 'stop_all; rm -rf "$W"' EXIT
 
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
-trap cleanup EXIT
-
-log "images: dense base ($SIZE_GIB GiB), overlay with every 10th MiB rewritten"
-head -c "$SIZE" /dev/urandom >"$W/base.raw"
+log "images: dense base ($SIZE_MIB MiB), overlay with every 10th MiB rewritten"
+openssl enc -aes-256-ctr -pass pass:stowage-q -nosalt -pbkdf2 -in /dev/zero 2>/dev/null | head -c "$SIZE" >"$W/base.raw" || true
 qemu-img convert -q -f raw -O qcow2 "$W/base.raw" "$W/base.qcow2"
 rm -f "$W/base.raw"
 qemu-img create -q -f qcow2 -b "$W/base.qcow2" -F qcow2 "$W/clone.qcow2"
 cmds=()
-for ((i = 0; i < SIZE >> 20; i += 10)); do cmds+=(-c "write -P $((i % 251)) ${i}M 1M"); done
+for ((i = 0; i < SIZE_MIB; i += 10)); do cmds+=(-c "write -P $((i % 251)) ${i}M 1M"); done
 qemu-io -f qcow2 "${cmds[@]}" "$W/clone.qcow2" >/dev/null
-
-wait_sock() { for _ in $(seq 200); do nbdinfo --size "$1" >/dev/null 2>&1 && return 0; sleep 0.05; done; echo "qcow2-nbd.sh: $1 never answered" >&2; exit 1; }
+sync
 
 QSD_SOCK=$W/qsd.sock QNBD_SOCK=$W/qnbd.sock
-"$BIN" nbd serve --unix "$QSD_SOCK" --format qcow2 --read-only "$W/clone.qcow2" 2>"$W/stowage.log" &
-PIDS+=($!)
-qemu-nbd -f qcow2 -r -k "$QNBD_SOCK" -e 16 -t --cache=writeback "$W/clone.qcow2" 2>"$W/qemu-nbd.log" &
-PIDS+=($!)
-declare -A URI=([stowage-qsd]="nbd+unix:///?socket=$QSD_SOCK" [qemu-nbd]="nbd+unix:///?socket=$QNBD_SOCK")
-wait_sock "${URI[stowage-qsd]}"; wait_sock "${URI[qemu-nbd]}"
-
-# Same guest view from both (and from the image).
-for s in stowage-qsd qemu-nbd; do
-	nbdcopy "${URI[$s]}" "$W/$s.raw"
-	qemu-img compare -q -U -f raw -F qcow2 "$W/$s.raw" "$W/clone.qcow2" || { echo "qcow2-nbd.sh: $s differs from the image" >&2; exit 1; }
-	rm -f "$W/$s.raw"
+bg "$BIN" nbd serve --unix "$QSD_SOCK" --format qcow2 --read-only "$W/clone.qcow2"
+P1=$BG
+bg qemu-nbd -f qcow2 -r -k "$QNBD_SOCK" -e 16 -t --cache=writeback "$W/clone.qcow2"
+P2=$BG
+declare -A URI=([stowage]="nbd+unix:///?socket=$QSD_SOCK" [qemu-nbd]="nbd+unix:///?socket=$QNBD_SOCK")
+declare -A PID=([stowage]=$P1 [qemu-nbd]=$P2)
+declare -A NAME=([stowage]="stowage nbd serve --format qcow2" [qemu-nbd]="qemu-nbd -f qcow2")
+for s in stowage qemu-nbd; do
+    if ! wait_nbd "${URI[$s]}" "${PID[$s]}"; then
+        emit_fail q "${NAME[$s]}: nbdcopy -> null: (warm)" MiB/s "server did not start"
+        unset "URI[$s]"
+        continue
+    fi
+    # same guest view from both (and from the image)
+    if ! nbdcopy "${URI[$s]}" "$W/$s.raw" >>"$LOGF" 2>&1 ||
+        ! qemu-img compare -q -U -f raw -F qcow2 "$W/$s.raw" "$W/clone.qcow2" >>"$LOGF" 2>&1; then
+        emit_fail q "${NAME[$s]}: nbdcopy -> null: (warm)" MiB/s "VERIFY FAILED: the export differs from the image"
+        unset "URI[$s]"
+    fi
+    rm -f "$W/$s.raw"
 done
-
-declare -A T
-for ((r = 1; r <= RUNS; r++)); do
-	for s in stowage-qsd qemu-nbd; do
-		t0=$(now_us); nbdcopy "${URI[$s]}" null:; t1=$(now_us)
-		T[$s]+="$(( (t1 - t0) )) "
-		log "run $r $s: $(( (t1 - t0) / 1000 )) ms"
-	done
+mc() { nbdinfo "$1" 2>/dev/null | awk '/can_multi_conn/ { print "multi_conn=" $2; exit }'; }
+for s in "${!URI[@]}"; do
+    bench q "${NAME[$s]}: nbdcopy -> null: (warm)" "$SIZE" "cat $W/base.qcow2 $W/clone.qcow2 >/dev/null" \
+        "nbdcopy '${URI[$s]}' null:" "$(mc "${URI[$s]}")"
+    bench q "${NAME[$s]}: nbdcopy -> null: (cold)" "$SIZE" "drop" "nbdcopy '${URI[$s]}' null:" "$(mc "${URI[$s]}")"
 done
-median() { tr ' ' '\n' | grep -v '^$' | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-mbps() { awk -v b="$SIZE" -v us="$1" 'BEGIN {printf "%.0f", b / us}'; } # bytes/us = MB/s
-MQ=$(echo "${T[stowage-qsd]}" | median) MN=$(echo "${T[qemu-nbd]}" | median)
-STAMP=$(date -u +%Y%m%dT%H%MZ)
-OUT=$OUTDIR/qcow2-nbd-$STAMP.md
-{
-	echo "# qcow2 linked clone over NBD: read throughput ($STAMP)"
-	echo
-	echo "$SIZE_GIB GiB virtual, dense base + overlay with every 10th MiB rewritten; page cache warm;"
-	echo "\`nbdcopy URI null:\`, $RUNS runs alternating, medians. $(qemu-storage-daemon --version | head -1)."
-	echo
-	echo "| server | runs (ms) | median (ms) | MB/s | vs qemu-nbd |"
-	echo "|---|---|---|---|---|"
-	for s in stowage-qsd qemu-nbd; do
-		m=$(echo "${T[$s]}" | median)
-		runs=$(for u in ${T[$s]}; do printf '%d ' $((u / 1000)); done)
-		echo "| $s | ${runs% } | $((m / 1000)) | $(mbps "$m") | $(awk -v a="$MN" -v b="$m" 'BEGIN {printf "%.2fx", a / b}') |"
-	done
-} >"$OUT"
-cat "$OUT"
+log "done"
