@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # bench/qcow2-nbd.sh — section q: read throughput of a qcow2 linked clone
-# exported over NBD: `stowage nbd serve --format qcow2` (qemu-storage-daemon
-# under Stowage) against `qemu-nbd -f qcow2` on the same file, same run. Both
+# exported over NBD: `stowage nbd serve --format qcow2 --read-only` (Stowage's
+# own qcow2 reader, as the agent serves read-only grants: templates, snapshots,
+# the source of a migration) against `qemu-nbd -f qcow2` on the same file,
+# same run. Both
 # read-only on a unix socket; the reader is `nbdcopy URI null:` (its default
 # 4 connections when the server offers multi-conn, which both do read-only).
 # Image: a dense random base (SIZE_MIB) and an overlay with every 10th MiB
@@ -49,7 +51,7 @@ bg qemu-nbd -f qcow2 -r -k "$QNBD_SOCK" -e 16 -t --cache=writeback "$W/clone.qco
 P2=$BG
 declare -A URI=([stowage]="nbd+unix:///?socket=$QSD_SOCK" [qemu-nbd]="nbd+unix:///?socket=$QNBD_SOCK")
 declare -A PID=([stowage]=$P1 [qemu-nbd]=$P2)
-declare -A NAME=([stowage]="stowage nbd serve --format qcow2" [qemu-nbd]="qemu-nbd -f qcow2")
+declare -A NAME=([stowage]="stowage nbd serve --format qcow2 (Go reader)" [qemu-nbd]="qemu-nbd -f qcow2")
 for s in stowage qemu-nbd; do
     if ! wait_nbd "${URI[$s]}" "${PID[$s]}"; then
         emit_fail q "${NAME[$s]}: nbdcopy -> null: (warm)" MiB/s "server did not start"

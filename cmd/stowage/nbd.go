@@ -57,17 +57,16 @@ There is no TLS: listen on a unix socket or a trusted network.
 
 --format qcow2 serves the guest view of a qcow2 image and its backing
 chain (the backing files the image itself names) through a
-qemu-storage-daemon child process. With --unix the daemon listens there
-itself and offers the base:allocation and qemu:allocation-depth meta
+qemu-storage-daemon child process (a read-only one by Stowage's own
+reader, below). With --unix the daemon listens there itself and offers the base:allocation and qemu:allocation-depth meta
 contexts; with --listen it listens on a private socket and Stowage's
 server forwards to it from the TCP address (base:allocation), as the
 agent serves qcow2 grants. The format is what the flag declares, never
 probed from the file. Writes land in FILE only (the backing files are
 opened read-only), and writes of zeroes are turned into unmapped
-clusters. A --read-only export on --listen is served by Stowage's own
-qcow2 reader (datapath/stream, no daemon) when it can read the image, as
-the agent serves read-only qcow2 grants; --qcow2-server qemu forces the
-daemon. --workers applies to Stowage's server only.`,
+clusters. A --read-only export is served by Stowage's own qcow2 reader
+(datapath/stream, no daemon) when it can read the image, as the agent
+serves read-only qcow2 grants; --qcow2-server qemu forces the daemon. --workers applies to Stowage's server only.`,
 		Example: `  stowage nbd serve --unix /run/stowage/v1.sock /srv/primary/v1.raw
   stowage nbd serve --listen 127.0.0.1:10809 --name v1 --read-only /srv/images/t.raw
   stowage nbd serve --unix /run/stowage/c1.sock --format qcow2 /srv/primary/c1.qcow2
@@ -85,7 +84,7 @@ daemon. --workers applies to Stowage's server only.`,
 	fl.IntVar(&f.workers, "workers", nbd.DefaultWorkers, "requests served at once per connection")
 	fl.StringVar(&f.format, "format", qsd.Raw, "declared format of FILE: raw (Stowage's server) or qcow2 (qemu-storage-daemon, with the backing chain)")
 	fl.StringVar(&f.qsdBinary, "qemu-storage-daemon", qsd.DefaultBinary, "the qemu-storage-daemon binary for --format qcow2")
-	fl.StringVar(&f.qcow2Server, "qcow2-server", "auto", "for --format qcow2: auto (a read-only export on --listen is served by Stowage's own qcow2 reader when it can read the image, anything else by qemu-storage-daemon) or qemu (always qemu-storage-daemon)")
+	fl.StringVar(&f.qcow2Server, "qcow2-server", "auto", "for --format qcow2: auto (a read-only export is served by Stowage's own qcow2 reader when it can read the image, anything else by qemu-storage-daemon) or qemu (always qemu-storage-daemon)")
 	return cmd
 }
 
@@ -144,7 +143,7 @@ func runNBDServeQSD(cmd *cobra.Command, log *slog.Logger, f nbdServeFlags, file 
 	default:
 		return usageError{fmt.Errorf("--qcow2-server %q: want auto or qemu", f.qcow2Server)}
 	}
-	if f.readOnly && f.unix == "" && f.qcow2Server == "auto" {
+	if f.readOnly && f.qcow2Server == "auto" {
 		if err := serveQcow2Go(cmd, log, f, file); !errors.Is(err, errdefs.ErrNotImplemented) {
 			return err
 		}
@@ -252,7 +251,7 @@ func forwardQSD(ctx context.Context, f nbdServeFlags, sock, name string) (*nbd.S
 	return srv, l, nil
 }
 
-// serveQcow2Go serves file, a qcow2 image, read-only on --listen with
+// serveQcow2Go serves file, a qcow2 image, read-only on --listen or --unix with
 // Stowage's own qcow2 reader (nbd.Qcow2Backend); errdefs.ErrNotImplemented
 // when the reader cannot read it.
 func serveQcow2Go(cmd *cobra.Command, log *slog.Logger, f nbdServeFlags, file string) error {
@@ -269,13 +268,21 @@ func serveQcow2Go(cmd *cobra.Command, log *slog.Logger, f nbdServeFlags, file st
 		return err
 	}
 	defer srv.Close()
-	addr := f.listen
-	if addr == "" {
-		addr = "127.0.0.1:10809"
+	var l net.Listener
+	if f.unix != "" {
+		l, err = listenUnix(f.unix)
+	} else {
+		addr := f.listen
+		if addr == "" {
+			addr = "127.0.0.1:10809"
+		}
+		l, err = net.Listen("tcp", addr)
+		if err != nil {
+			err = fmt.Errorf("nbd: listen on %s: %w: %w", addr, err, errdefs.ErrUnavailable)
+		}
 	}
-	l, err := net.Listen("tcp", addr)
 	if err != nil {
-		return fmt.Errorf("nbd: listen on %s: %w: %w", addr, err, errdefs.ErrUnavailable)
+		return err
 	}
 	log.Info("nbd: serving", "file", file, "format", f.format, "export", f.name, "read_only", true, "addr", l.Addr().String(), "reader", "go")
 	return srv.Serve(cmd.Context(), l)

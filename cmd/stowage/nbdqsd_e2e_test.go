@@ -70,7 +70,7 @@ func TestNBDServeQcow2(t *testing.T) {
 	run("qemu-img", "check", "-q", clone)
 
 	// A killed nbd serve takes its daemon with it (the parent-death signal).
-	srv = startProc(t, "nbd serve qcow2 (killed)", "nbd", "serve", "--unix", sock, "--read-only", "--format", "qcow2", clone)
+	srv = startProc(t, "nbd serve qcow2 (killed)", "nbd", "serve", "--unix", sock, "--read-only", "--format", "qcow2", "--qcow2-server", "qemu", clone)
 	var pid int
 	waitFor(t, "nbd serve's daemon pid", 20*time.Second, func() bool {
 		_, after, ok := strings.Cut(srv.log.String(), "qemu_storage_daemon_pid=")
