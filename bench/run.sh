@@ -14,7 +14,8 @@
 #   nbd    peers.sh d: `stowage nbd serve` (raw) vs nbdkit and qemu-nbd,
 #          read (warm, cold) and write + flush
 #   qcow2  bench/qcow2-nbd.sh (q): qcow2 linked clone export read, stowage
-#          (qemu-storage-daemon under stowage) vs qemu-nbd
+#          (its Go qcow2 reader, as the agent serves read-only grants) vs
+#          qemu-nbd
 #   fuse   bench/fuse.sh (e, h): template cache cold/warm from a local
 #          source vs a direct read, from an HTTP source vs curl, first byte
 #   real   bench/realimg.sh (r): an ext4 image of real files (bench/fixture.sh)
