@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(qemu-utils qemu-block-extra libnbd-bin nbdkit fuse3 xfsprogs btrfs-progs
-  e2fsprogs util-linux curl jq tgt libiscsi-bin fio qemu-system-x86 busybox-static linux-image-amd64)
+  e2fsprogs util-linux curl jq tgt libiscsi-bin fio qemu-system-x86 qemu-system-common busybox-static linux-image-amd64)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
