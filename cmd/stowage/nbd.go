@@ -111,19 +111,7 @@ func runNBDServe(cmd *cobra.Command, f nbdServeFlags, file string) error {
 		return err
 	}
 	defer srv.Close()
-	var l net.Listener
-	if f.unix != "" {
-		l, err = listenUnix(f.unix)
-	} else {
-		addr := f.listen
-		if addr == "" {
-			addr = "127.0.0.1:10809"
-		}
-		l, err = net.Listen("tcp", addr)
-		if err != nil {
-			err = fmt.Errorf("nbd: listen on %s: %w: %w", addr, err, errdefs.ErrUnavailable)
-		}
-	}
+	l, err := f.listener(false)
 	if err != nil {
 		return err
 	}
@@ -239,14 +227,10 @@ func forwardQSD(ctx context.Context, f nbdServeFlags, sock, name string) (*nbd.S
 		be.Close()
 		return nil, nil, err
 	}
-	addr := f.listen
-	if addr == "" {
-		addr = "127.0.0.1:10809"
-	}
-	l, err := net.Listen("tcp", addr)
+	l, err := f.listener(true)
 	if err != nil {
 		srv.Close()
-		return nil, nil, fmt.Errorf("nbd: listen on %s: %w: %w", addr, err, errdefs.ErrUnavailable)
+		return nil, nil, err
 	}
 	return srv, l, nil
 }
@@ -268,22 +252,27 @@ func serveQcow2Go(cmd *cobra.Command, log *slog.Logger, f nbdServeFlags, file st
 		return err
 	}
 	defer srv.Close()
-	var l net.Listener
-	if f.unix != "" {
-		l, err = listenUnix(f.unix)
-	} else {
-		addr := f.listen
-		if addr == "" {
-			addr = "127.0.0.1:10809"
-		}
-		l, err = net.Listen("tcp", addr)
-		if err != nil {
-			err = fmt.Errorf("nbd: listen on %s: %w: %w", addr, err, errdefs.ErrUnavailable)
-		}
-	}
+	l, err := f.listener(false)
 	if err != nil {
 		return err
 	}
 	log.Info("nbd: serving", "file", file, "format", f.format, "export", f.name, "read_only", true, "addr", l.Addr().String(), "reader", "go")
 	return srv.Serve(cmd.Context(), l)
+}
+
+// listener listens where the flags say: --unix (a stale socket replaced),
+// else --listen (default 127.0.0.1:10809); tcpOnly ignores --unix.
+func (f nbdServeFlags) listener(tcpOnly bool) (net.Listener, error) {
+	if f.unix != "" && !tcpOnly {
+		return listenUnix(f.unix)
+	}
+	addr := f.listen
+	if addr == "" {
+		addr = "127.0.0.1:10809"
+	}
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("nbd: listen on %s: %w: %w", addr, err, errdefs.ErrUnavailable)
+	}
+	return l, nil
 }
