@@ -1,6 +1,7 @@
 package meta
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"strconv"
@@ -51,7 +52,7 @@ func readSchemaVersion(kt kvTxn) (int, error) {
 
 // migrate brings kv to the last version in migs, one transaction per step.
 // It refuses a database whose version is newer than the last of migs.
-func migrate(kv kvStore, migs []migration) error {
+func migrate(ctx context.Context, kv kvStore, migs []migration) error {
 	for i, m := range migs {
 		if m.version != i+1 {
 			return fmt.Errorf("meta: migration %q has version %d, want %d: %w", m.name, m.version, i+1, errdefs.ErrInternal)
@@ -59,7 +60,7 @@ func migrate(kv kvStore, migs []migration) error {
 	}
 	latest := len(migs)
 	var current int
-	if err := kv.view(func(kt kvTxn) error {
+	if err := kv.view(ctx, func(kt kvTxn) error {
 		var err error
 		current, err = readSchemaVersion(kt)
 		return err
@@ -71,7 +72,7 @@ func migrate(kv kvStore, migs []migration) error {
 			"run a newer Stowage or restore a backup: %w", current, latest, errdefs.ErrFailedPrecondition)
 	}
 	for _, m := range migs[current:] {
-		err := kv.update(func(kt kvTxn) error {
+		err := kv.update(ctx, func(kt kvTxn) error {
 			// Re-read inside the transaction, so a step is applied once.
 			v, err := readSchemaVersion(kt)
 			if err != nil {
