@@ -102,5 +102,3 @@ func onlyBadger(t *testing.T) {
 
 // onEtcd reports whether this is the etcd pass.
 func onEtcd() bool { return etcdURL != "" }
-
-
