@@ -74,6 +74,10 @@ type Services struct {
 	// MetricsAuth, when set, wraps /metrics (e.g. an apiauth.Guard's
 	// RequireRole). /healthz stays open.
 	MetricsAuth func(http.Handler) http.Handler
+	// Leader, when set, refuses writes while this controller does not lead
+	// (several controllers on one etcd store). It runs after Auth, so
+	// only authenticated callers learn who leads.
+	Leader *LeaderGate
 	// Health returns nil when the controller can serve (metadata readable).
 	Health func(ctx context.Context) error
 }
@@ -93,6 +97,9 @@ func NewHandler(s Services, reg *prometheus.Registry, lim rpclimit.Limits) http.
 	interceptors := []connect.Interceptor{metrics, errconnect.Interceptor()}
 	if s.Auth != nil {
 		interceptors = append(interceptors, s.Auth)
+	}
+	if s.Leader != nil {
+		interceptors = append(interceptors, s.Leader)
 	}
 	opts := connect.WithHandlerOptions(lim.HandlerOptions(), connect.WithInterceptors(interceptors...))
 	mux := http.NewServeMux()

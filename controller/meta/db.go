@@ -130,6 +130,9 @@ func (db *DB) Close() error {
 	return nil
 }
 
+// Location names the store for logs: its directory, or its etcd URL.
+func (db *DB) Location() string { return db.dir }
+
 // Stores is the repository of data stores.
 func (db *DB) Stores() *StoreRepo { return db.stores }
 
