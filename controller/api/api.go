@@ -129,7 +129,16 @@ func NewHandler(s Services, reg *prometheus.Registry, lim rpclimit.Limits) http.
 				return
 			}
 		}
-		fmt.Fprintln(w, "ok")
+		switch {
+		case s.Leader == nil:
+			fmt.Fprintln(w, "ok")
+		case s.Leader.Leading():
+			fmt.Fprintln(w, "ok leader")
+		default:
+			// A follower serves reads: healthy, and says so for probes that
+			// route writes.
+			fmt.Fprintln(w, "ok follower")
+		}
 	})
 	return lim.Wrap(trust.WithPeer(mux))
 }
