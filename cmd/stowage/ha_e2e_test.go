@@ -308,6 +308,16 @@ func TestHAFailover(t *testing.T) {
 	if ready == 0 {
 		t.Error("no volume was created")
 	}
+
+	// A clean stop of the leader hands over at once, without waiting for
+	// the lease.
+	stopped := time.Now()
+	ctlA.kill(syscall.SIGTERM)
+	waitFor(t, "B leads after A stopped", 30*time.Second, func() bool { return role(t, srvB) == "leader" })
+	reportf(t, "takeover after a clean stop of the leader: %s", time.Since(stopped).Round(10*time.Millisecond))
+	if d := time.Since(stopped); d > 2*time.Second {
+		t.Errorf("a clean stop took %s to hand over (the lease is 3s)", d)
+	}
 }
 
 // settle polls a job until it ends (a watch would break at every
