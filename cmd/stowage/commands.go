@@ -5,6 +5,7 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"io"
 
 	"connectrpc.com/connect"
@@ -94,4 +95,39 @@ func listCmd[R proto.Message, T any](use, short string, header []string,
 			})
 		},
 	}
+}
+
+// maxPages bounds how many pages a list command follows (a million
+// records at the controller's default page size of 500).
+const maxPages = 2000
+
+// paged is a list response: one page of records and the next page's token.
+type paged interface {
+	proto.Message
+	GetNextPageToken() string
+}
+
+// allPages calls fetch with each next_page_token in turn, from "" until a
+// page has none, and returns the first response with the records of every
+// page appended (proto.Merge appends repeated fields) and no token.
+func allPages[R paged](ctx context.Context, fetch func(ctx context.Context, token string) (R, error)) (R, error) {
+	all, err := fetch(ctx, "")
+	if err != nil {
+		return all, err
+	}
+	token := all.GetNextPageToken()
+	for i := 0; token != ""; i++ {
+		if i == maxPages {
+			return all, fmt.Errorf("list: more than %d pages; narrow it with a filter", maxPages)
+		}
+		next, err := fetch(ctx, token)
+		if err != nil {
+			return all, err
+		}
+		proto.Merge(all, next)
+		token = next.GetNextPageToken()
+	}
+	m := all.ProtoReflect()
+	m.Clear(m.Descriptor().Fields().ByName("next_page_token"))
+	return all, nil
 }

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"strings"
 
@@ -26,15 +27,17 @@ func newHostCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			resp, err := c.hosts.ListHosts(cmd.Context(), connect.NewRequest(&stowagev1.ListHostsRequest{Zone: zone}))
+			resp, err := allPages(cmd.Context(), func(ctx context.Context, token string) (*stowagev1.ListHostsResponse, error) {
+				return msgOf(c.hosts.ListHosts(ctx, connect.NewRequest(&stowagev1.ListHostsRequest{Zone: zone, PageToken: token})))
+			})
 			if err != nil {
 				return c.rpcErr(err)
 			}
 			if asJSON {
-				return printProto(cmd.OutOrStdout(), resp.Msg)
+				return printProto(cmd.OutOrStdout(), resp)
 			}
 			rows := [][]string{}
-			for _, h := range resp.Msg.GetHosts() {
+			for _, h := range resp.GetHosts() {
 				rows = append(rows, []string{h.GetId(), h.GetHostname(), stateName(h.GetState()), h.GetZone() + "/" + h.GetCluster(),
 					h.GetAgentUrl(), ago(h.GetLastHeartbeat().AsTime()), fmt.Sprint(len(h.GetCapabilities().GetStores()))})
 			}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"slices"
 	"strings"
 
 	"connectrpc.com/connect"
@@ -29,7 +30,17 @@ func newJobListCmd() *cobra.Command {
 	cmd := listCmd("list [--state running] [--target ID] [--limit N]", "List jobs",
 		[]string{"ID", "KIND", "STATE", "PHASE", "PROGRESS", "TARGET", "AGE"},
 		func(ctx context.Context, c *clients) (*stowagev1.ListJobsResponse, error) {
-			return msgOf(c.jobs.ListJobs(ctx, connect.NewRequest(&stowagev1.ListJobsRequest{State: st, TargetId: target, Limit: limit})))
+			if limit > 0 { // the newest limit jobs, newest first
+				return msgOf(c.jobs.ListJobs(ctx, connect.NewRequest(&stowagev1.ListJobsRequest{State: st, TargetId: target, Limit: limit})))
+			}
+			all, err := allPages(ctx, func(ctx context.Context, token string) (*stowagev1.ListJobsResponse, error) {
+				return msgOf(c.jobs.ListJobs(ctx, connect.NewRequest(&stowagev1.ListJobsRequest{State: st, TargetId: target, PageToken: token})))
+			})
+			if err != nil {
+				return nil, err
+			}
+			slices.Reverse(all.Jobs) // pages come oldest first; list newest first, as before paging
+			return all, nil
 		}, (*stowagev1.ListJobsResponse).GetJobs,
 		func(j *stowagev1.Job) []string {
 			return []string{j.GetId(), j.GetKind(), enumName(j.GetState()), orDash(j.GetProgress().GetPhase()),

@@ -87,7 +87,9 @@ func newSnapshotListCmd() *cobra.Command {
 	var volume string
 	cmd := listCmd("list [--volume V]", "List snapshots", []string{"ID", "NAME", "VOLUME", "STATE", "KIND", "METHOD", "PARENT"},
 		func(ctx context.Context, c *clients) (*stowagev1.ListSnapshotsResponse, error) {
-			return msgOf(c.snapshots.ListSnapshots(ctx, connect.NewRequest(&stowagev1.ListSnapshotsRequest{VolumeId: volume})))
+			return allPages(ctx, func(ctx context.Context, token string) (*stowagev1.ListSnapshotsResponse, error) {
+				return msgOf(c.snapshots.ListSnapshots(ctx, connect.NewRequest(&stowagev1.ListSnapshotsRequest{VolumeId: volume, PageToken: token})))
+			})
 		}, (*stowagev1.ListSnapshotsResponse).GetSnapshots,
 		func(s *stowagev1.Snapshot) []string {
 			return []string{s.GetId(), orDash(s.GetName()), s.GetVolumeId(), enumName(s.GetState()),

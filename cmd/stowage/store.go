@@ -130,15 +130,17 @@ func newStoreListCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			resp, err := c.stores.ListStores(cmd.Context(), connect.NewRequest(&stowagev1.ListStoresRequest{Role: r, Zone: zone}))
+			resp, err := allPages(cmd.Context(), func(ctx context.Context, token string) (*stowagev1.ListStoresResponse, error) {
+				return msgOf(c.stores.ListStores(ctx, connect.NewRequest(&stowagev1.ListStoresRequest{Role: r, Zone: zone, PageToken: token})))
+			})
 			if err != nil {
 				return c.rpcErr(err)
 			}
 			if asJSON {
-				return printProto(cmd.OutOrStdout(), resp.Msg)
+				return printProto(cmd.OutOrStdout(), resp)
 			}
 			rows := [][]string{}
-			for _, s := range resp.Msg.GetStores() {
+			for _, s := range resp.GetStores() {
 				rows = append(rows, []string{s.GetId(), s.GetName(), stateName(s.GetRole()), s.GetProvider(), stateName(s.GetState()),
 					scopeString(s.GetScope()), humanBytes(s.GetAvailableBytes()) + " / " + humanBytes(s.GetCapacityBytes()), s.GetUrl()})
 			}

@@ -106,7 +106,9 @@ func newTemplateCreateCmd() *cobra.Command {
 func newTemplateListCmd() *cobra.Command {
 	return listCmd("list", "List templates and ISOs", []string{"ID", "NAME", "FORMAT", "VIRTUAL SIZE", "CHECKSUM"},
 		func(ctx context.Context, c *clients) (*stowagev1.ListTemplatesResponse, error) {
-			return msgOf(c.images.ListTemplates(ctx, connect.NewRequest(&stowagev1.ListTemplatesRequest{})))
+			return allPages(ctx, func(ctx context.Context, token string) (*stowagev1.ListTemplatesResponse, error) {
+				return msgOf(c.images.ListTemplates(ctx, connect.NewRequest(&stowagev1.ListTemplatesRequest{PageToken: token})))
+			})
 		}, (*stowagev1.ListTemplatesResponse).GetTemplates,
 		func(t *stowagev1.Template) []string {
 			return []string{t.GetId(), t.GetName(), enumName(t.GetFormat()), humanBytes(t.GetVirtualSize()), shortChecksum(t.GetChecksum())}

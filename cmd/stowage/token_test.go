@@ -20,7 +20,7 @@ import (
 
 type noStores struct{ api.StoreService }
 
-func (noStores) List(context.Context, stowagev1.StoreRole, string) ([]*stowagev1.DataStore, error) {
+func (noStores) List(context.Context, stowagev1.StoreRole, string, string, int) ([]*stowagev1.DataStore, error) {
 	return nil, nil
 }
 

@@ -81,7 +81,9 @@ func newVolumeListCmd() *cobra.Command {
 	var store string
 	cmd := listCmd("list [--store S]", "List volumes", []string{"ID", "NAME", "STATE", "SIZE", "FORMAT", "STORE", "METHOD"},
 		func(ctx context.Context, c *clients) (*stowagev1.ListVolumesResponse, error) {
-			return msgOf(c.volumes.ListVolumes(ctx, connect.NewRequest(&stowagev1.ListVolumesRequest{StoreId: store})))
+			return allPages(ctx, func(ctx context.Context, token string) (*stowagev1.ListVolumesResponse, error) {
+				return msgOf(c.volumes.ListVolumes(ctx, connect.NewRequest(&stowagev1.ListVolumesRequest{StoreId: store, PageToken: token})))
+			})
 		}, (*stowagev1.ListVolumesResponse).GetVolumes,
 		func(v *stowagev1.Volume) []string {
 			return []string{v.GetId(), v.GetName(), enumName(v.GetState()), humanBytes(v.GetSize()),

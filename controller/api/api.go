@@ -16,6 +16,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/stowage/stowage/controller/enrol"
+	"github.com/stowage/stowage/controller/paging"
 	"github.com/stowage/stowage/errdefs"
 	"github.com/stowage/stowage/errdefs/errconnect"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
@@ -28,7 +29,8 @@ import (
 type StoreService interface {
 	Add(ctx context.Context, req *stowagev1.AddStoreRequest) (*stowagev1.DataStore, error)
 	Get(ctx context.Context, idOrName string) (*stowagev1.DataStore, error)
-	List(ctx context.Context, role stowagev1.StoreRole, zone string) ([]*stowagev1.DataStore, error)
+	// List returns up to limit stores after the id after (paging).
+	List(ctx context.Context, role stowagev1.StoreRole, zone, after string, limit int) ([]*stowagev1.DataStore, error)
 	EnableMaintenance(ctx context.Context, idOrName string) (*stowagev1.DataStore, error)
 	CancelMaintenance(ctx context.Context, idOrName string) (*stowagev1.DataStore, error)
 	Delete(ctx context.Context, idOrName string) error
@@ -36,7 +38,8 @@ type StoreService interface {
 
 // HostService is what the host and agent-control handlers need.
 type HostService interface {
-	List(ctx context.Context, zone string, state stowagev1.HostState) ([]*stowagev1.Host, error)
+	// List returns up to limit hosts after the id after (paging).
+	List(ctx context.Context, zone string, state stowagev1.HostState, after string, limit int) ([]*stowagev1.Host, error)
 	Get(ctx context.Context, idOrName string) (*stowagev1.Host, error)
 	Register(ctx context.Context, req *stowagev1.RegisterRequest) (*stowagev1.RegisterResponse, error)
 	Heartbeat(ctx context.Context, req *stowagev1.HeartbeatRequest) (*stowagev1.HeartbeatResponse, error)
@@ -173,11 +176,16 @@ func (h *storeHandler) GetStore(ctx context.Context, req *connect.Request[stowag
 }
 
 func (h *storeHandler) ListStores(ctx context.Context, req *connect.Request[stowagev1.ListStoresRequest]) (*connect.Response[stowagev1.ListStoresResponse], error) {
-	ss, err := h.svc.List(ctx, req.Msg.GetRole(), req.Msg.GetZone())
+	p, err := paging.Parse(req.Msg)
 	if err != nil {
 		return nil, err
 	}
-	return connect.NewResponse(redactReply(&stowagev1.ListStoresResponse{Stores: ss})), nil
+	ss, err := h.svc.List(ctx, req.Msg.GetRole(), req.Msg.GetZone(), p.After, p.Limit())
+	if err != nil {
+		return nil, err
+	}
+	ss, next := paging.Cut(p, ss, (*stowagev1.DataStore).GetId)
+	return connect.NewResponse(redactReply(&stowagev1.ListStoresResponse{Stores: ss, NextPageToken: next})), nil
 }
 
 func (h *storeHandler) EnableMaintenance(ctx context.Context, req *connect.Request[stowagev1.EnableMaintenanceRequest]) (*connect.Response[stowagev1.EnableMaintenanceResponse], error) {
@@ -211,11 +219,16 @@ type hostHandler struct {
 var _ stowagev1connect.HostServiceHandler = (*hostHandler)(nil)
 
 func (h *hostHandler) ListHosts(ctx context.Context, req *connect.Request[stowagev1.ListHostsRequest]) (*connect.Response[stowagev1.ListHostsResponse], error) {
-	hs, err := h.svc.List(ctx, req.Msg.GetZone(), req.Msg.GetState())
+	p, err := paging.Parse(req.Msg)
 	if err != nil {
 		return nil, err
 	}
-	return connect.NewResponse(redactReply(&stowagev1.ListHostsResponse{Hosts: hs})), nil
+	hs, err := h.svc.List(ctx, req.Msg.GetZone(), req.Msg.GetState(), p.After, p.Limit())
+	if err != nil {
+		return nil, err
+	}
+	hs, next := paging.Cut(p, hs, (*stowagev1.Host).GetId)
+	return connect.NewResponse(redactReply(&stowagev1.ListHostsResponse{Hosts: hs, NextPageToken: next})), nil
 }
 
 func (h *hostHandler) GetHost(ctx context.Context, req *connect.Request[stowagev1.GetHostRequest]) (*connect.Response[stowagev1.GetHostResponse], error) {

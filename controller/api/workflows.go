@@ -2,12 +2,17 @@ package api
 
 import (
 	"context"
+	"fmt"
 	"time"
 
 	"connectrpc.com/connect"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/stowage/stowage/controller/jobs"
+	"github.com/stowage/stowage/controller/paging"
+	"github.com/stowage/stowage/controller/volume"
+	"github.com/stowage/stowage/errdefs"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 	"github.com/stowage/stowage/proto/gen/stowage/v1/stowagev1connect"
 )
@@ -17,7 +22,8 @@ type ImageService interface {
 	Register(ctx context.Context, req *stowagev1.RegisterTemplateRequest) (*stowagev1.RegisterTemplateResponse, error)
 	Create(ctx context.Context, req *stowagev1.CreateTemplateRequest) (*stowagev1.CreateTemplateResponse, error)
 	Get(ctx context.Context, idOrName string) (*stowagev1.Template, []*stowagev1.TemplateOnStore, error)
-	List(ctx context.Context) ([]*stowagev1.Template, error)
+	// List returns up to limit templates after the id after (paging).
+	List(ctx context.Context, name, after string, limit int) ([]*stowagev1.Template, error)
 	Delete(ctx context.Context, idOrName string, force, dryRun bool) (*stowagev1.DeleteTemplateResponse, error)
 }
 
@@ -25,7 +31,8 @@ type ImageService interface {
 type VolumeService interface {
 	Create(ctx context.Context, req *stowagev1.CreateVolumeRequest) (*stowagev1.CreateVolumeResponse, error)
 	Get(ctx context.Context, idOrName string) (*stowagev1.Volume, error)
-	List(ctx context.Context, storeID string) ([]*stowagev1.Volume, error)
+	// List returns up to limit volumes f selects after the id after (paging).
+	List(ctx context.Context, f volume.ListFilter, after string, limit int) ([]*stowagev1.Volume, error)
 	Delete(ctx context.Context, idOrName string, dryRun bool) (*stowagev1.DeleteVolumeResponse, error)
 	Resize(ctx context.Context, idOrName string, size int64, dryRun bool) (*stowagev1.ResizeVolumeResponse, error)
 	// GrantAccess returns the URI and when it stops working (zero: never).
@@ -38,7 +45,8 @@ type VolumeService interface {
 type SnapshotService interface {
 	Take(ctx context.Context, req *stowagev1.TakeSnapshotRequest) (*stowagev1.TakeSnapshotResponse, error)
 	Get(ctx context.Context, id string) (*stowagev1.Snapshot, []*stowagev1.SnapshotOnStore, error)
-	List(ctx context.Context, volumeID string) ([]*stowagev1.Snapshot, error)
+	// List returns up to limit snapshots after the id after (paging).
+	List(ctx context.Context, volumeID string, state stowagev1.SnapshotState, after string, limit int) ([]*stowagev1.Snapshot, error)
 	Revert(ctx context.Context, id string, dryRun bool) (*stowagev1.RevertSnapshotResponse, error)
 	Delete(ctx context.Context, id string, dryRun bool) (*stowagev1.DeleteSnapshotResponse, error)
 	Backup(ctx context.Context, req *stowagev1.BackupSnapshotRequest) (*stowagev1.BackupSnapshotResponse, error)
@@ -50,7 +58,10 @@ type SnapshotService interface {
 // JobService is what the job handlers need from the job runner.
 type JobService interface {
 	Get(ctx context.Context, id string) (*stowagev1.Job, error)
-	List(ctx context.Context, state stowagev1.JobState, target string, limit int) ([]*stowagev1.Job, error)
+	// List returns the newest limit jobs f selects, newest first.
+	List(ctx context.Context, f jobs.ListFilter, limit int) ([]*stowagev1.Job, error)
+	// Page returns up to limit jobs f selects after the id after, oldest first.
+	Page(ctx context.Context, f jobs.ListFilter, after string, limit int) ([]*stowagev1.Job, error)
 	Cancel(ctx context.Context, id string) (*stowagev1.Job, error)
 	Watch(ctx context.Context, id string, send func(*stowagev1.Job) error) error
 }
@@ -84,9 +95,14 @@ func (h *imageHandler) GetTemplate(ctx context.Context, req *connect.Request[sto
 	return reply(&stowagev1.GetTemplateResponse{Template: t, Stores: refs}, err)
 }
 
-func (h *imageHandler) ListTemplates(ctx context.Context, _ *connect.Request[stowagev1.ListTemplatesRequest]) (*connect.Response[stowagev1.ListTemplatesResponse], error) {
-	ts, err := h.svc.List(ctx)
-	return reply(&stowagev1.ListTemplatesResponse{Templates: ts}, err)
+func (h *imageHandler) ListTemplates(ctx context.Context, req *connect.Request[stowagev1.ListTemplatesRequest]) (*connect.Response[stowagev1.ListTemplatesResponse], error) {
+	p, err := paging.Parse(req.Msg)
+	if err != nil {
+		return nil, err
+	}
+	ts, err := h.svc.List(ctx, req.Msg.GetName(), p.After, p.Limit())
+	ts, next := paging.Cut(p, ts, (*stowagev1.Template).GetId)
+	return reply(&stowagev1.ListTemplatesResponse{Templates: ts, NextPageToken: next}, err)
 }
 
 func (h *imageHandler) DeleteTemplate(ctx context.Context, req *connect.Request[stowagev1.DeleteTemplateRequest]) (*connect.Response[stowagev1.DeleteTemplateResponse], error) {
@@ -107,8 +123,14 @@ func (h *volumeHandler) GetVolume(ctx context.Context, req *connect.Request[stow
 }
 
 func (h *volumeHandler) ListVolumes(ctx context.Context, req *connect.Request[stowagev1.ListVolumesRequest]) (*connect.Response[stowagev1.ListVolumesResponse], error) {
-	vs, err := h.svc.List(ctx, req.Msg.GetStoreId())
-	return reply(&stowagev1.ListVolumesResponse{Volumes: vs}, err)
+	p, err := paging.Parse(req.Msg)
+	if err != nil {
+		return nil, err
+	}
+	m := req.Msg
+	vs, err := h.svc.List(ctx, volume.ListFilter{StoreID: m.GetStoreId(), TemplateID: m.GetTemplateId(), Name: m.GetName(), State: m.GetState()}, p.After, p.Limit())
+	vs, next := paging.Cut(p, vs, (*stowagev1.Volume).GetId)
+	return reply(&stowagev1.ListVolumesResponse{Volumes: vs, NextPageToken: next}, err)
 }
 
 func (h *volumeHandler) DeleteVolume(ctx context.Context, req *connect.Request[stowagev1.DeleteVolumeRequest]) (*connect.Response[stowagev1.DeleteVolumeResponse], error) {
@@ -150,8 +172,13 @@ func (h *snapshotHandler) GetSnapshot(ctx context.Context, req *connect.Request[
 }
 
 func (h *snapshotHandler) ListSnapshots(ctx context.Context, req *connect.Request[stowagev1.ListSnapshotsRequest]) (*connect.Response[stowagev1.ListSnapshotsResponse], error) {
-	ss, err := h.svc.List(ctx, req.Msg.GetVolumeId())
-	return reply(&stowagev1.ListSnapshotsResponse{Snapshots: ss}, err)
+	p, err := paging.Parse(req.Msg)
+	if err != nil {
+		return nil, err
+	}
+	ss, err := h.svc.List(ctx, req.Msg.GetVolumeId(), req.Msg.GetState(), p.After, p.Limit())
+	ss, next := paging.Cut(p, ss, (*stowagev1.Snapshot).GetId)
+	return reply(&stowagev1.ListSnapshotsResponse{Snapshots: ss, NextPageToken: next}, err)
 }
 
 func (h *snapshotHandler) RevertSnapshot(ctx context.Context, req *connect.Request[stowagev1.RevertSnapshotRequest]) (*connect.Response[stowagev1.RevertSnapshotResponse], error) {
@@ -189,8 +216,23 @@ func (h *jobHandler) GetJob(ctx context.Context, req *connect.Request[stowagev1.
 }
 
 func (h *jobHandler) ListJobs(ctx context.Context, req *connect.Request[stowagev1.ListJobsRequest]) (*connect.Response[stowagev1.ListJobsResponse], error) {
-	js, err := h.svc.List(ctx, req.Msg.GetState(), req.Msg.GetTargetId(), int(req.Msg.GetLimit()))
-	return reply(&stowagev1.ListJobsResponse{Jobs: js}, err)
+	m := req.Msg
+	f := jobs.ListFilter{State: m.GetState(), Target: m.GetTargetId()}
+	if m.GetLimit() < 0 {
+		return nil, fmt.Errorf("limit %d: want 0 or more: %w", m.GetLimit(), errdefs.ErrInvalid)
+	}
+	if m.GetLimit() > 0 && m.GetPageSize() == 0 && m.GetPageToken() == "" {
+		// The form from before paging: the newest limit jobs.
+		js, err := h.svc.List(ctx, f, int(m.GetLimit()))
+		return reply(&stowagev1.ListJobsResponse{Jobs: js}, err)
+	}
+	p, err := paging.Parse(m)
+	if err != nil {
+		return nil, err
+	}
+	js, err := h.svc.Page(ctx, f, p.After, p.Limit())
+	js, next := paging.Cut(p, js, (*stowagev1.Job).GetId)
+	return reply(&stowagev1.ListJobsResponse{Jobs: js, NextPageToken: next}, err)
 }
 
 func (h *jobHandler) CancelJob(ctx context.Context, req *connect.Request[stowagev1.CancelJobRequest]) (*connect.Response[stowagev1.CancelJobResponse], error) {

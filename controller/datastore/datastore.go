@@ -240,11 +240,17 @@ func (s *Service) Get(ctx context.Context, idOrName string) (*stowagev1.DataStor
 	return rec, err
 }
 
-// List returns the stores, optionally of one role and one zone.
-func (s *Service) List(ctx context.Context, role stowagev1.StoreRole, zone string) ([]*stowagev1.DataStore, error) {
-	return s.db.Stores().List(ctx, meta.Filter[*stowagev1.DataStore]{Where: func(r *stowagev1.DataStore) bool {
-		return (role == stowagev1.StoreRole_STORE_ROLE_UNSPECIFIED || r.GetRole() == role) && (zone == "" || r.GetScope().GetZone() == zone)
-	}})
+// List returns up to limit stores (0: no limit) with ids after after, in
+// id order, optionally of one role and one zone.
+func (s *Service) List(ctx context.Context, role stowagev1.StoreRole, zone, after string, limit int) ([]*stowagev1.DataStore, error) {
+	f := meta.Filter[*stowagev1.DataStore]{After: after, Limit: limit}
+	if role != stowagev1.StoreRole_STORE_ROLE_UNSPECIFIED {
+		f.Index, f.Value = meta.IndexRole, meta.StoreRoleName(role)
+	}
+	if zone != "" {
+		f.Where = func(r *stowagev1.DataStore) bool { return r.GetScope().GetZone() == zone }
+	}
+	return s.db.Stores().List(ctx, f)
 }
 
 // EnableMaintenance moves an Up store to PrepareForMaintenance, runs the
@@ -574,7 +580,7 @@ func orNone(s string) string {
 // PickStore chooses the Up store of role in zone ("" = any) with the most
 // free space that can hold need bytes, and says why.
 func (s *Service) PickStore(ctx context.Context, role stowagev1.StoreRole, zone string, need int64) (*stowagev1.DataStore, []string, error) {
-	all, err := s.List(ctx, role, zone)
+	all, err := s.List(ctx, role, zone, "", 0)
 	if err != nil {
 		return nil, nil, err
 	}

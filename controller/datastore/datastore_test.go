@@ -60,7 +60,7 @@ func TestAddWithNoUpHostWritesNothing(t *testing.T) {
 	if _, err := s.Add(ctx, addReq("p1", dir)); !errors.Is(err, errdefs.ErrUnavailable) {
 		t.Fatalf("Add with no Up host: %v, want unavailable", err)
 	}
-	if stores, _ := s.List(ctx, 0, ""); len(stores) != 0 {
+	if stores, _ := s.List(ctx, 0, "", "", 0); len(stores) != 0 {
 		t.Fatalf("a failed add left %d records", len(stores))
 	}
 	if _, err := os.Stat(dir); !os.IsNotExist(err) {
@@ -100,7 +100,7 @@ func TestAddRollsBackWhenAttachFails(t *testing.T) {
 	if _, err := s.Add(ctx, addReq("p1", dir)); err == nil || !strings.Contains(err.Error(), "attach") {
 		t.Fatalf("Add whose attach fails: %v", err)
 	}
-	if stores, _ := s.List(ctx, 0, ""); len(stores) != 0 {
+	if stores, _ := s.List(ctx, 0, "", "", 0); len(stores) != 0 {
 		t.Fatalf("a failed attach left %d records", len(stores))
 	}
 	if _, err := os.Stat(filepath.Join(dir, ".stowage-store")); !os.IsNotExist(err) {

@@ -24,7 +24,10 @@ import (
 type Hosts interface {
 	// UpHosts returns the Up hosts, least busy first.
 	UpHosts(ctx context.Context) ([]*stowagev1.Host, error)
-	List(ctx context.Context, zone string, state stowagev1.HostState) ([]*stowagev1.Host, error)
+	// Get reads one host record (by id).
+	Get(ctx context.Context, id string) (*stowagev1.Host, error)
+	// List returns up to limit hosts (0: all) after the id after.
+	List(ctx context.Context, zone string, state stowagev1.HostState, after string, limit int) ([]*stowagev1.Host, error)
 }
 
 // Selector implements hostops.Selector over the host registry.
@@ -76,16 +79,11 @@ func (s *Selector) ForScope(ctx context.Context, sc drivers.Scope) (hostops.Host
 
 // InScope implements hostops.Selector.
 func (s *Selector) InScope(ctx context.Context, hostID string, sc drivers.Scope) (bool, error) {
-	all, err := s.hosts.List(ctx, "", stowagev1.HostState_HOST_STATE_UNSPECIFIED)
+	h, err := s.hosts.Get(ctx, hostID)
 	if err != nil {
 		return false, err
 	}
-	for _, h := range all {
-		if h.GetId() == hostID {
-			return inScope(h, sc), nil
-		}
-	}
-	return false, fmt.Errorf("host %s: %w", hostID, errdefs.ErrNotFound)
+	return inScope(h, sc), nil
 }
 
 // AllInScope implements hostops.Selector; the least busy host comes first.
@@ -117,7 +115,7 @@ func (s *Selector) AllInScope(ctx context.Context, sc drivers.Scope) ([]hostops.
 
 // noneInScope explains why no agent can serve scope sc.
 func (s *Selector) noneInScope(ctx context.Context, sc drivers.Scope) error {
-	all, err := s.hosts.List(ctx, "", stowagev1.HostState_HOST_STATE_UNSPECIFIED)
+	all, err := s.hosts.List(ctx, "", stowagev1.HostState_HOST_STATE_UNSPECIFIED, "", 0)
 	if err != nil {
 		return err
 	}
@@ -153,19 +151,13 @@ func (s *Selector) ForHost(ctx context.Context, hostID string) (hostops.Host, er
 // that just started may not have heard from it yet), and waits for the
 // agent to stop the task. A host the registry does not know is an error.
 func (s *Selector) CancelTask(ctx context.Context, hostID, taskID string) error {
-	all, err := s.hosts.List(ctx, "", stowagev1.HostState_HOST_STATE_UNSPECIFIED)
+	h, err := s.hosts.Get(ctx, hostID)
 	if err != nil {
 		return fmt.Errorf("cancel task %s on host %s: %w", taskID, hostID, err)
 	}
-	for _, h := range all {
-		if h.GetId() != hostID {
-			continue
-		}
-		if h.GetAgentUrl() == "" {
-			return fmt.Errorf("cancel task %s: host %s has no agent address yet: %w", taskID, hostID, errdefs.ErrUnavailable)
-		}
-		_, err := hostops.NewRemote(h.GetId(), h.GetAgentUrl(), s.clientFor(h.GetId())).CancelTask(ctx, taskID)
-		return err
+	if h.GetAgentUrl() == "" {
+		return fmt.Errorf("cancel task %s: host %s has no agent address yet: %w", taskID, hostID, errdefs.ErrUnavailable)
 	}
-	return fmt.Errorf("cancel task %s: host %s: %w", taskID, hostID, errdefs.ErrNotFound)
+	_, err = hostops.NewRemote(h.GetId(), h.GetAgentUrl(), s.clientFor(h.GetId())).CancelTask(ctx, taskID)
+	return err
 }

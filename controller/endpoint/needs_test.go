@@ -3,6 +3,7 @@ package endpoint
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 
@@ -15,8 +16,16 @@ import (
 type registry []*stowagev1.Host
 
 func (r registry) UpHosts(context.Context) ([]*stowagev1.Host, error) { return r, nil }
-func (r registry) List(context.Context, string, stowagev1.HostState) ([]*stowagev1.Host, error) {
+func (r registry) List(context.Context, string, stowagev1.HostState, string, int) ([]*stowagev1.Host, error) {
 	return r, nil
+}
+func (r registry) Get(_ context.Context, id string) (*stowagev1.Host, error) {
+	for _, h := range r {
+		if h.GetId() == id {
+			return h, nil
+		}
+	}
+	return nil, fmt.Errorf("host %s: %w", id, errdefs.ErrNotFound)
 }
 
 func host(id string, userspace bool) *stowagev1.Host {

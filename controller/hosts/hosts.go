@@ -122,11 +122,20 @@ func (s *Service) Get(ctx context.Context, idOrName string) (*stowagev1.Host, er
 	return s.decorate(h), nil
 }
 
-// List returns hosts, optionally only one zone's or one state's, by id.
-func (s *Service) List(ctx context.Context, zone string, state stowagev1.HostState) ([]*stowagev1.Host, error) {
-	hs, err := s.db.Hosts().List(ctx, meta.Filter[*stowagev1.Host]{Where: func(h *stowagev1.Host) bool {
+// List returns up to limit hosts (0: no limit) with ids after after, by
+// id, optionally only one zone's or one state's.
+func (s *Service) List(ctx context.Context, zone string, state stowagev1.HostState, after string, limit int) ([]*stowagev1.Host, error) {
+	f := meta.Filter[*stowagev1.Host]{After: after, Limit: limit}
+	switch {
+	case zone != "":
+		f.Index, f.Value = meta.IndexZone, zone
+	case state != stowagev1.HostState_HOST_STATE_UNSPECIFIED:
+		f.Index, f.Value = meta.IndexState, meta.HostStateName(state)
+	}
+	f.Where = func(h *stowagev1.Host) bool {
 		return (zone == "" || h.GetZone() == zone) && (state == stowagev1.HostState_HOST_STATE_UNSPECIFIED || h.GetState() == state)
-	}})
+	}
+	hs, err := s.db.Hosts().List(ctx, f)
 	if err != nil {
 		return nil, err
 	}
@@ -396,7 +405,7 @@ func (s *Service) checkLiveness(ctx context.Context) {
 
 // UpHosts returns the Up hosts, least busy first, for endpoint selection.
 func (s *Service) UpHosts(ctx context.Context) ([]*stowagev1.Host, error) {
-	hs, err := s.List(ctx, "", stowagev1.HostState_HOST_STATE_UP)
+	hs, err := s.List(ctx, "", stowagev1.HostState_HOST_STATE_UP, "", 0)
 	if err != nil {
 		return nil, err
 	}

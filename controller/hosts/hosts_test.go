@@ -141,7 +141,7 @@ func TestRegisterRejectsBadInput(t *testing.T) {
 			t.Errorf("Register(%v) = %v, want invalid", req, err)
 		}
 	}
-	if hs, _ := s.List(context.Background(), "", 0); len(hs) != 0 {
+	if hs, _ := s.List(context.Background(), "", 0, "", 0); len(hs) != 0 {
 		t.Fatalf("bad registrations wrote %d hosts", len(hs))
 	}
 	if _, err := s.Get(context.Background(), "nope"); !errors.Is(err, errdefs.ErrNotFound) {

@@ -98,9 +98,14 @@ func (s *Service) find(ctx context.Context, idOrName string) (*stowagev1.Templat
 	return nil, fmt.Errorf("template %q: no template has that id or name; see `stowage template list`: %w", idOrName, errdefs.ErrNotFound)
 }
 
-// List returns every template.
-func (s *Service) List(ctx context.Context) ([]*stowagev1.Template, error) {
-	return s.db.Templates().List(ctx, meta.Filter[*stowagev1.Template]{})
+// List returns up to limit templates (0: no limit) with ids after after,
+// in id order, only those named name when it is set.
+func (s *Service) List(ctx context.Context, name, after string, limit int) ([]*stowagev1.Template, error) {
+	f := meta.Filter[*stowagev1.Template]{After: after, Limit: limit}
+	if name != "" {
+		f.Index, f.Value = meta.IndexName, name
+	}
+	return s.db.Templates().List(ctx, f)
 }
 
 // ReadyOn returns the template's Ready copy on one of the stores of role,

@@ -199,10 +199,10 @@ func TestRegisterValidation(t *testing.T) {
 			t.Errorf("%s: the error quotes the URL's password: %v", c.name, err)
 		}
 	}
-	if ts, _ := w.s.List(w.ctx); len(ts) != 1 {
+	if ts, _ := w.s.List(w.ctx, "", "", 0); len(ts) != 1 {
 		t.Errorf("%d templates after the refusals, want the one taken", len(ts))
 	}
-	if js, _ := w.runner.List(w.ctx, stowagev1.JobState_JOB_STATE_UNSPECIFIED, "", 0); len(js) != 0 {
+	if js, _ := w.runner.List(w.ctx, jobs.ListFilter{}, 0); len(js) != 0 {
 		t.Errorf("refusals made %d jobs", len(js))
 	}
 	// The same http URL with a checksum is accepted.
@@ -230,7 +230,7 @@ func TestRegisterRecords(t *testing.T) {
 	if err != nil || resp.GetJob() != nil || len(resp.GetPlan().GetSteps()) != 2 {
 		t.Fatalf("dry run: %v %v", resp, err)
 	}
-	if ts, _ := w.s.List(w.ctx); len(ts) != 0 {
+	if ts, _ := w.s.List(w.ctx, "", "", 0); len(ts) != 0 {
 		t.Fatal("a dry run recorded a template")
 	}
 

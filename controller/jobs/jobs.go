@@ -436,13 +436,34 @@ func (r *Runner) Get(ctx context.Context, id string) (*stowagev1.Job, error) {
 	return j, err
 }
 
-// List returns jobs, newest first, optionally one state's or one target's.
-func (r *Runner) List(ctx context.Context, state stowagev1.JobState, target string, limit int) ([]*stowagev1.Job, error) {
-	js, err := r.db.Jobs().List(ctx, meta.Filter[*stowagev1.Job]{Where: func(j *stowagev1.Job) bool {
-		return (state == stowagev1.JobState_JOB_STATE_UNSPECIFIED || j.GetState() == state) && (target == "" || j.GetTargetId() == target)
-	}})
+// ListFilter selects jobs for List and Page: every field set must match.
+type ListFilter struct {
+	State  stowagev1.JobState
+	Target string
+}
+
+// filter is f as a metadata scan over the narrowest index f names.
+func (f ListFilter) filter(after string, limit int) meta.Filter[*stowagev1.Job] {
+	mf := meta.Filter[*stowagev1.Job]{After: after, Limit: limit}
+	switch {
+	case f.Target != "":
+		mf.Index, mf.Value = meta.IndexTargetID, f.Target
+	case f.State != stowagev1.JobState_JOB_STATE_UNSPECIFIED:
+		mf.Index, mf.Value = meta.IndexState, meta.JobStateName(f.State)
+	}
+	mf.Where = func(j *stowagev1.Job) bool {
+		return (f.State == stowagev1.JobState_JOB_STATE_UNSPECIFIED || j.GetState() == f.State) && (f.Target == "" || j.GetTargetId() == f.Target)
+	}
+	return mf
+}
+
+// List returns the newest limit jobs (all when limit is 0), newest first,
+// that f selects. It reads every job f selects (the store scans in id
+// order only); Page reads one page.
+func (r *Runner) List(ctx context.Context, f ListFilter, limit int) ([]*stowagev1.Job, error) {
+	js, err := r.db.Jobs().List(ctx, f.filter("", 0))
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("list jobs: %w", err)
 	}
 	// Ids are time-ordered: newest first is the reverse.
 	for i, k := 0, len(js)-1; i < k; i, k = i+1, k-1 {
@@ -451,6 +472,21 @@ func (r *Runner) List(ctx context.Context, state stowagev1.JobState, target stri
 	if limit > 0 && len(js) > limit {
 		js = js[:limit]
 	}
+	return r.live(js), nil
+}
+
+// Page returns up to limit jobs (0: no limit) that f selects with ids
+// after after, oldest first.
+func (r *Runner) Page(ctx context.Context, f ListFilter, after string, limit int) ([]*stowagev1.Job, error) {
+	js, err := r.db.Jobs().List(ctx, f.filter(after, limit))
+	if err != nil {
+		return nil, fmt.Errorf("list jobs: %w", err)
+	}
+	return r.live(js), nil
+}
+
+// live replaces the jobs running in this process by their latest progress.
+func (r *Runner) live(js []*stowagev1.Job) []*stowagev1.Job {
 	r.mu.Lock()
 	for i, j := range js {
 		if live, ok := r.latest[j.GetId()]; ok {
@@ -458,7 +494,7 @@ func (r *Runner) List(ctx context.Context, state stowagev1.JobState, target stri
 		}
 	}
 	r.mu.Unlock()
-	return js, nil
+	return js
 }
 
 // Cancel asks a job to stop. A job that already ended is returned as is

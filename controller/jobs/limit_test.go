@@ -73,7 +73,7 @@ func TestJobsInFlightPerCaller(t *testing.T) {
 		t.Fatalf("internal job: %v, created_by %q", err, internal.GetCreatedBy())
 	}
 	close(release)
-	js, err := r.List(context.Background(), stowagev1.JobState_JOB_STATE_UNSPECIFIED, "", 0)
+	js, err := r.List(context.Background(), ListFilter{}, 0)
 	if err != nil {
 		t.Fatal(err)
 	}

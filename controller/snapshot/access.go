@@ -145,7 +145,7 @@ func (s *Service) RevokeAccess(ctx context.Context, id, hostID string) error {
 // granted returns a snapshot of volume volumeID whose primary copy is
 // granted to a host ("" when none).
 func (s *Service) granted(ctx context.Context, volumeID string) (string, string, error) {
-	sns, err := s.List(ctx, volumeID)
+	sns, err := s.List(ctx, volumeID, stowagev1.SnapshotState_SNAPSHOT_STATE_UNSPECIFIED, "", 0)
 	if err != nil {
 		return "", "", err
 	}

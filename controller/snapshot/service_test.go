@@ -389,7 +389,7 @@ func TestDeleteRefusalsAndPlans(t *testing.T) {
 	if w.snapState(backing.GetId()) != stowagev1.SnapshotState_SNAPSHOT_STATE_BACKING_UP || w.snapState(taking.GetId()) != stowagev1.SnapshotState_SNAPSHOT_STATE_CREATING {
 		t.Error("a refused delete changed a snapshot")
 	}
-	if js, _ := w.runner.List(w.ctx, stowagev1.JobState_JOB_STATE_UNSPECIFIED, backing.GetId(), 0); len(js) != 1 {
+	if js, _ := w.runner.List(w.ctx, jobs.ListFilter{Target: backing.GetId()}, 0); len(js) != 1 {
 		t.Errorf("%d jobs on the snapshot being backed up, want only the backup's", len(js))
 	}
 

@@ -66,16 +66,30 @@ func (s *Service) Get(ctx context.Context, id string) (*stowagev1.Snapshot, []*s
 	return sn, refs, err
 }
 
-// List returns the snapshots of a volume (all when volumeID is ""), oldest first.
-func (s *Service) List(ctx context.Context, volumeID string) ([]*stowagev1.Snapshot, error) {
+// List returns up to limit snapshots (0: no limit) with ids after after,
+// oldest first: those of one volume (id or name; all when volumeID is "")
+// and, unless state is unspecified, in that state. It scans the volume's
+// or the state's index and stops at limit.
+func (s *Service) List(ctx context.Context, volumeID string, state stowagev1.SnapshotState, after string, limit int) ([]*stowagev1.Snapshot, error) {
+	f := meta.Filter[*stowagev1.Snapshot]{After: after, Limit: limit}
+	if state != stowagev1.SnapshotState_SNAPSHOT_STATE_UNSPECIFIED {
+		f.Index, f.Value = meta.IndexState, meta.SnapshotStateName(state)
+	}
 	if volumeID != "" {
 		v, err := s.volumes.Get(ctx, volumeID)
 		if err != nil {
 			return nil, err
 		}
-		return s.db.Snapshots().ListBy(ctx, meta.IndexVolumeID, v.GetId())
+		f.Index, f.Value = meta.IndexVolumeID, v.GetId()
+		if state != stowagev1.SnapshotState_SNAPSHOT_STATE_UNSPECIFIED {
+			f.Where = func(sn *stowagev1.Snapshot) bool { return sn.GetState() == state }
+		}
 	}
-	return s.db.Snapshots().List(ctx, meta.Filter[*stowagev1.Snapshot]{})
+	ss, err := s.db.Snapshots().List(ctx, f)
+	if err != nil {
+		return nil, fmt.Errorf("list snapshots: %w", err)
+	}
+	return ss, nil
 }
 
 func refOn(refs []*stowagev1.SnapshotOnStore, role stowagev1.StoreRole) *stowagev1.SnapshotOnStore {

@@ -103,11 +103,45 @@ func (s *Service) Get(ctx context.Context, idOrName string) (*stowagev1.Volume, 
 	return nil, fmt.Errorf("volume %q: no volume has that id or name; see `stowage volume list`: %w", idOrName, errdefs.ErrNotFound)
 }
 
-// List returns volumes, optionally of one store, without expunged ones.
-func (s *Service) List(ctx context.Context, storeID string) ([]*stowagev1.Volume, error) {
-	return s.db.Volumes().List(ctx, meta.Filter[*stowagev1.Volume]{Where: func(v *stowagev1.Volume) bool {
-		return v.GetState() != stowagev1.VolumeState_VOLUME_STATE_EXPUNGED && (storeID == "" || v.GetStoreId() == storeID)
-	}})
+// ListFilter selects volumes for List: every field set must match.
+// Expunged volumes are left out unless State asks for them.
+type ListFilter struct {
+	StoreID, TemplateID, Name string
+	State                     stowagev1.VolumeState
+}
+
+// List returns up to limit volumes (0: no limit) that f selects with ids
+// after after, in id order. It scans the narrowest secondary index f names
+// (store, template, name, then state) and stops at limit.
+func (s *Service) List(ctx context.Context, f ListFilter, after string, limit int) ([]*stowagev1.Volume, error) {
+	mf := meta.Filter[*stowagev1.Volume]{After: after, Limit: limit}
+	switch {
+	case f.StoreID != "":
+		mf.Index, mf.Value = meta.IndexStoreID, f.StoreID
+	case f.TemplateID != "":
+		mf.Index, mf.Value = meta.IndexTemplateID, f.TemplateID
+	case f.Name != "":
+		mf.Index, mf.Value = meta.IndexName, f.Name
+	case f.State != stowagev1.VolumeState_VOLUME_STATE_UNSPECIFIED:
+		mf.Index, mf.Value = meta.IndexState, meta.VolumeStateName(f.State)
+	}
+	mf.Where = func(v *stowagev1.Volume) bool {
+		if f.State == stowagev1.VolumeState_VOLUME_STATE_UNSPECIFIED {
+			if v.GetState() == stowagev1.VolumeState_VOLUME_STATE_EXPUNGED {
+				return false
+			}
+		} else if v.GetState() != f.State {
+			return false
+		}
+		return (f.StoreID == "" || v.GetStoreId() == f.StoreID) &&
+			(f.TemplateID == "" || v.GetTemplateId() == f.TemplateID) &&
+			(f.Name == "" || v.GetName() == f.Name)
+	}
+	vs, err := s.db.Volumes().List(ctx, mf)
+	if err != nil {
+		return nil, fmt.Errorf("list volumes: %w", err)
+	}
+	return vs, nil
 }
 
 // busy turns a refused volume transition into ErrAborted when the volume is

@@ -463,8 +463,18 @@ func (x *GetTemplateResponse) GetStores() []*TemplateOnStore {
 	return nil
 }
 
+// ListTemplatesRequest lists templates in id order, one page at a time.
 type ListTemplatesRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Exact template name.
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// Page size: 0 means 500; more than 1000 is clamped to 1000; negative is
+	// invalid_argument.
+	PageSize int32 `protobuf:"varint,2,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	// next_page_token of the previous page; "" for the first page. A token is
+	// opaque and bound to the request's filters: reused with other filters it
+	// is refused with invalid_argument.
+	PageToken     string `protobuf:"bytes,3,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -499,9 +509,33 @@ func (*ListTemplatesRequest) Descriptor() ([]byte, []int) {
 	return file_stowage_v1_image_proto_rawDescGZIP(), []int{6}
 }
 
+func (x *ListTemplatesRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *ListTemplatesRequest) GetPageSize() int32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *ListTemplatesRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
+}
+
 type ListTemplatesResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Templates     []*Template            `protobuf:"bytes,1,rep,name=templates,proto3" json:"templates,omitempty"`
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Templates []*Template            `protobuf:"bytes,1,rep,name=templates,proto3" json:"templates,omitempty"`
+	// Set when more records may follow: pass it as page_token with the same
+	// filters. Empty on the last page.
+	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -541,6 +575,13 @@ func (x *ListTemplatesResponse) GetTemplates() []*Template {
 		return x.Templates
 	}
 	return nil
+}
+
+func (x *ListTemplatesResponse) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
 }
 
 type DeleteTemplateRequest struct {
@@ -692,10 +733,15 @@ const file_stowage_v1_image_proto_rawDesc = "" +
 	"\x02id\x18\x01 \x01(\tR\x02id\"|\n" +
 	"\x13GetTemplateResponse\x120\n" +
 	"\btemplate\x18\x01 \x01(\v2\x14.stowage.v1.TemplateR\btemplate\x123\n" +
-	"\x06stores\x18\x02 \x03(\v2\x1b.stowage.v1.TemplateOnStoreR\x06stores\"\x16\n" +
-	"\x14ListTemplatesRequest\"K\n" +
+	"\x06stores\x18\x02 \x03(\v2\x1b.stowage.v1.TemplateOnStoreR\x06stores\"f\n" +
+	"\x14ListTemplatesRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1b\n" +
+	"\tpage_size\x18\x02 \x01(\x05R\bpageSize\x12\x1d\n" +
+	"\n" +
+	"page_token\x18\x03 \x01(\tR\tpageToken\"s\n" +
 	"\x15ListTemplatesResponse\x122\n" +
-	"\ttemplates\x18\x01 \x03(\v2\x14.stowage.v1.TemplateR\ttemplates\"V\n" +
+	"\ttemplates\x18\x01 \x03(\v2\x14.stowage.v1.TemplateR\ttemplates\x12&\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"V\n" +
 	"\x15DeleteTemplateRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x14\n" +
 	"\x05force\x18\x02 \x01(\bR\x05force\x12\x17\n" +

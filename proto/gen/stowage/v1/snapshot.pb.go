@@ -449,9 +449,20 @@ func (x *GetSnapshotResponse) GetStores() []*SnapshotOnStore {
 	return nil
 }
 
+// ListSnapshotsRequest lists snapshots in id (creation) order, one page at
+// a time, filtered on the controller.
 type ListSnapshotsRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	VolumeId      string                 `protobuf:"bytes,1,opt,name=volume_id,json=volumeId,proto3" json:"volume_id,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Volume id or name.
+	VolumeId string        `protobuf:"bytes,1,opt,name=volume_id,json=volumeId,proto3" json:"volume_id,omitempty"`
+	State    SnapshotState `protobuf:"varint,2,opt,name=state,proto3,enum=stowage.v1.SnapshotState" json:"state,omitempty"`
+	// Page size: 0 means 500; more than 1000 is clamped to 1000; negative is
+	// invalid_argument.
+	PageSize int32 `protobuf:"varint,3,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	// next_page_token of the previous page; "" for the first page. A token is
+	// opaque and bound to the request's filters: reused with other filters it
+	// is refused with invalid_argument.
+	PageToken     string `protobuf:"bytes,4,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -493,9 +504,33 @@ func (x *ListSnapshotsRequest) GetVolumeId() string {
 	return ""
 }
 
+func (x *ListSnapshotsRequest) GetState() SnapshotState {
+	if x != nil {
+		return x.State
+	}
+	return SnapshotState_SNAPSHOT_STATE_UNSPECIFIED
+}
+
+func (x *ListSnapshotsRequest) GetPageSize() int32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *ListSnapshotsRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
+}
+
 type ListSnapshotsResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Snapshots     []*Snapshot            `protobuf:"bytes,1,rep,name=snapshots,proto3" json:"snapshots,omitempty"`
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Snapshots []*Snapshot            `protobuf:"bytes,1,rep,name=snapshots,proto3" json:"snapshots,omitempty"`
+	// Set when more records may follow: pass it as page_token with the same
+	// filters. Empty on the last page.
+	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -535,6 +570,13 @@ func (x *ListSnapshotsResponse) GetSnapshots() []*Snapshot {
 		return x.Snapshots
 	}
 	return nil
+}
+
+func (x *ListSnapshotsResponse) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
 }
 
 type RevertSnapshotRequest struct {
@@ -899,11 +941,16 @@ const file_stowage_v1_snapshot_proto_rawDesc = "" +
 	"\x02id\x18\x01 \x01(\tR\x02id\"|\n" +
 	"\x13GetSnapshotResponse\x120\n" +
 	"\bsnapshot\x18\x01 \x01(\v2\x14.stowage.v1.SnapshotR\bsnapshot\x123\n" +
-	"\x06stores\x18\x02 \x03(\v2\x1b.stowage.v1.SnapshotOnStoreR\x06stores\"3\n" +
+	"\x06stores\x18\x02 \x03(\v2\x1b.stowage.v1.SnapshotOnStoreR\x06stores\"\xa0\x01\n" +
 	"\x14ListSnapshotsRequest\x12\x1b\n" +
-	"\tvolume_id\x18\x01 \x01(\tR\bvolumeId\"K\n" +
+	"\tvolume_id\x18\x01 \x01(\tR\bvolumeId\x12/\n" +
+	"\x05state\x18\x02 \x01(\x0e2\x19.stowage.v1.SnapshotStateR\x05state\x12\x1b\n" +
+	"\tpage_size\x18\x03 \x01(\x05R\bpageSize\x12\x1d\n" +
+	"\n" +
+	"page_token\x18\x04 \x01(\tR\tpageToken\"s\n" +
 	"\x15ListSnapshotsResponse\x122\n" +
-	"\tsnapshots\x18\x01 \x03(\v2\x14.stowage.v1.SnapshotR\tsnapshots\"@\n" +
+	"\tsnapshots\x18\x01 \x03(\v2\x14.stowage.v1.SnapshotR\tsnapshots\x12&\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"@\n" +
 	"\x15RevertSnapshotRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x17\n" +
 	"\adry_run\x18\x02 \x01(\bR\x06dryRun\"a\n" +
@@ -972,6 +1019,7 @@ var file_stowage_v1_snapshot_proto_goTypes = []any{
 	(*Job)(nil),                          // 18: stowage.v1.Job
 	(*Plan)(nil),                         // 19: stowage.v1.Plan
 	(*SnapshotOnStore)(nil),              // 20: stowage.v1.SnapshotOnStore
+	(SnapshotState)(0),                   // 21: stowage.v1.SnapshotState
 }
 var file_stowage_v1_snapshot_proto_depIdxs = []int32{
 	16, // 0: stowage.v1.GrantSnapshotAccessResponse.expires_at:type_name -> google.protobuf.Timestamp
@@ -980,34 +1028,35 @@ var file_stowage_v1_snapshot_proto_depIdxs = []int32{
 	19, // 3: stowage.v1.TakeSnapshotResponse.plan:type_name -> stowage.v1.Plan
 	17, // 4: stowage.v1.GetSnapshotResponse.snapshot:type_name -> stowage.v1.Snapshot
 	20, // 5: stowage.v1.GetSnapshotResponse.stores:type_name -> stowage.v1.SnapshotOnStore
-	17, // 6: stowage.v1.ListSnapshotsResponse.snapshots:type_name -> stowage.v1.Snapshot
-	18, // 7: stowage.v1.RevertSnapshotResponse.job:type_name -> stowage.v1.Job
-	19, // 8: stowage.v1.RevertSnapshotResponse.plan:type_name -> stowage.v1.Plan
-	18, // 9: stowage.v1.DeleteSnapshotResponse.job:type_name -> stowage.v1.Job
-	19, // 10: stowage.v1.DeleteSnapshotResponse.plan:type_name -> stowage.v1.Plan
-	18, // 11: stowage.v1.BackupSnapshotResponse.job:type_name -> stowage.v1.Job
-	19, // 12: stowage.v1.BackupSnapshotResponse.plan:type_name -> stowage.v1.Plan
-	4,  // 13: stowage.v1.SnapshotService.TakeSnapshot:input_type -> stowage.v1.TakeSnapshotRequest
-	6,  // 14: stowage.v1.SnapshotService.GetSnapshot:input_type -> stowage.v1.GetSnapshotRequest
-	8,  // 15: stowage.v1.SnapshotService.ListSnapshots:input_type -> stowage.v1.ListSnapshotsRequest
-	10, // 16: stowage.v1.SnapshotService.RevertSnapshot:input_type -> stowage.v1.RevertSnapshotRequest
-	12, // 17: stowage.v1.SnapshotService.DeleteSnapshot:input_type -> stowage.v1.DeleteSnapshotRequest
-	14, // 18: stowage.v1.SnapshotService.BackupSnapshot:input_type -> stowage.v1.BackupSnapshotRequest
-	0,  // 19: stowage.v1.SnapshotService.GrantSnapshotAccess:input_type -> stowage.v1.GrantSnapshotAccessRequest
-	2,  // 20: stowage.v1.SnapshotService.RevokeSnapshotAccess:input_type -> stowage.v1.RevokeSnapshotAccessRequest
-	5,  // 21: stowage.v1.SnapshotService.TakeSnapshot:output_type -> stowage.v1.TakeSnapshotResponse
-	7,  // 22: stowage.v1.SnapshotService.GetSnapshot:output_type -> stowage.v1.GetSnapshotResponse
-	9,  // 23: stowage.v1.SnapshotService.ListSnapshots:output_type -> stowage.v1.ListSnapshotsResponse
-	11, // 24: stowage.v1.SnapshotService.RevertSnapshot:output_type -> stowage.v1.RevertSnapshotResponse
-	13, // 25: stowage.v1.SnapshotService.DeleteSnapshot:output_type -> stowage.v1.DeleteSnapshotResponse
-	15, // 26: stowage.v1.SnapshotService.BackupSnapshot:output_type -> stowage.v1.BackupSnapshotResponse
-	1,  // 27: stowage.v1.SnapshotService.GrantSnapshotAccess:output_type -> stowage.v1.GrantSnapshotAccessResponse
-	3,  // 28: stowage.v1.SnapshotService.RevokeSnapshotAccess:output_type -> stowage.v1.RevokeSnapshotAccessResponse
-	21, // [21:29] is the sub-list for method output_type
-	13, // [13:21] is the sub-list for method input_type
-	13, // [13:13] is the sub-list for extension type_name
-	13, // [13:13] is the sub-list for extension extendee
-	0,  // [0:13] is the sub-list for field type_name
+	21, // 6: stowage.v1.ListSnapshotsRequest.state:type_name -> stowage.v1.SnapshotState
+	17, // 7: stowage.v1.ListSnapshotsResponse.snapshots:type_name -> stowage.v1.Snapshot
+	18, // 8: stowage.v1.RevertSnapshotResponse.job:type_name -> stowage.v1.Job
+	19, // 9: stowage.v1.RevertSnapshotResponse.plan:type_name -> stowage.v1.Plan
+	18, // 10: stowage.v1.DeleteSnapshotResponse.job:type_name -> stowage.v1.Job
+	19, // 11: stowage.v1.DeleteSnapshotResponse.plan:type_name -> stowage.v1.Plan
+	18, // 12: stowage.v1.BackupSnapshotResponse.job:type_name -> stowage.v1.Job
+	19, // 13: stowage.v1.BackupSnapshotResponse.plan:type_name -> stowage.v1.Plan
+	4,  // 14: stowage.v1.SnapshotService.TakeSnapshot:input_type -> stowage.v1.TakeSnapshotRequest
+	6,  // 15: stowage.v1.SnapshotService.GetSnapshot:input_type -> stowage.v1.GetSnapshotRequest
+	8,  // 16: stowage.v1.SnapshotService.ListSnapshots:input_type -> stowage.v1.ListSnapshotsRequest
+	10, // 17: stowage.v1.SnapshotService.RevertSnapshot:input_type -> stowage.v1.RevertSnapshotRequest
+	12, // 18: stowage.v1.SnapshotService.DeleteSnapshot:input_type -> stowage.v1.DeleteSnapshotRequest
+	14, // 19: stowage.v1.SnapshotService.BackupSnapshot:input_type -> stowage.v1.BackupSnapshotRequest
+	0,  // 20: stowage.v1.SnapshotService.GrantSnapshotAccess:input_type -> stowage.v1.GrantSnapshotAccessRequest
+	2,  // 21: stowage.v1.SnapshotService.RevokeSnapshotAccess:input_type -> stowage.v1.RevokeSnapshotAccessRequest
+	5,  // 22: stowage.v1.SnapshotService.TakeSnapshot:output_type -> stowage.v1.TakeSnapshotResponse
+	7,  // 23: stowage.v1.SnapshotService.GetSnapshot:output_type -> stowage.v1.GetSnapshotResponse
+	9,  // 24: stowage.v1.SnapshotService.ListSnapshots:output_type -> stowage.v1.ListSnapshotsResponse
+	11, // 25: stowage.v1.SnapshotService.RevertSnapshot:output_type -> stowage.v1.RevertSnapshotResponse
+	13, // 26: stowage.v1.SnapshotService.DeleteSnapshot:output_type -> stowage.v1.DeleteSnapshotResponse
+	15, // 27: stowage.v1.SnapshotService.BackupSnapshot:output_type -> stowage.v1.BackupSnapshotResponse
+	1,  // 28: stowage.v1.SnapshotService.GrantSnapshotAccess:output_type -> stowage.v1.GrantSnapshotAccessResponse
+	3,  // 29: stowage.v1.SnapshotService.RevokeSnapshotAccess:output_type -> stowage.v1.RevokeSnapshotAccessResponse
+	22, // [22:30] is the sub-list for method output_type
+	14, // [14:22] is the sub-list for method input_type
+	14, // [14:14] is the sub-list for extension type_name
+	14, // [14:14] is the sub-list for extension extendee
+	0,  // [0:14] is the sub-list for field type_name
 }
 
 func init() { file_stowage_v1_snapshot_proto_init() }

@@ -246,10 +246,18 @@ func (x *GetStoreResponse) GetStore() *DataStore {
 	return nil
 }
 
+// ListStoresRequest lists stores in id order, one page at a time.
 type ListStoresRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Role          StoreRole              `protobuf:"varint,1,opt,name=role,proto3,enum=stowage.v1.StoreRole" json:"role,omitempty"`
-	Zone          string                 `protobuf:"bytes,2,opt,name=zone,proto3" json:"zone,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Role  StoreRole              `protobuf:"varint,1,opt,name=role,proto3,enum=stowage.v1.StoreRole" json:"role,omitempty"`
+	Zone  string                 `protobuf:"bytes,2,opt,name=zone,proto3" json:"zone,omitempty"`
+	// Page size: 0 means 500; more than 1000 is clamped to 1000; negative is
+	// invalid_argument.
+	PageSize int32 `protobuf:"varint,3,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	// next_page_token of the previous page; "" for the first page. A token is
+	// opaque and bound to the request's filters: reused with other filters it
+	// is refused with invalid_argument.
+	PageToken     string `protobuf:"bytes,4,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -298,9 +306,26 @@ func (x *ListStoresRequest) GetZone() string {
 	return ""
 }
 
+func (x *ListStoresRequest) GetPageSize() int32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *ListStoresRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
+}
+
 type ListStoresResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Stores        []*DataStore           `protobuf:"bytes,1,rep,name=stores,proto3" json:"stores,omitempty"`
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Stores []*DataStore           `protobuf:"bytes,1,rep,name=stores,proto3" json:"stores,omitempty"`
+	// Set when more records may follow: pass it as page_token with the same
+	// filters. Empty on the last page.
+	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -340,6 +365,13 @@ func (x *ListStoresResponse) GetStores() []*DataStore {
 		return x.Stores
 	}
 	return nil
+}
+
+func (x *ListStoresResponse) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
 }
 
 type EnableMaintenanceRequest struct {
@@ -620,12 +652,16 @@ const file_stowage_v1_store_proto_rawDesc = "" +
 	"\x0fGetStoreRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\"?\n" +
 	"\x10GetStoreResponse\x12+\n" +
-	"\x05store\x18\x01 \x01(\v2\x15.stowage.v1.DataStoreR\x05store\"R\n" +
+	"\x05store\x18\x01 \x01(\v2\x15.stowage.v1.DataStoreR\x05store\"\x8e\x01\n" +
 	"\x11ListStoresRequest\x12)\n" +
 	"\x04role\x18\x01 \x01(\x0e2\x15.stowage.v1.StoreRoleR\x04role\x12\x12\n" +
-	"\x04zone\x18\x02 \x01(\tR\x04zone\"C\n" +
+	"\x04zone\x18\x02 \x01(\tR\x04zone\x12\x1b\n" +
+	"\tpage_size\x18\x03 \x01(\x05R\bpageSize\x12\x1d\n" +
+	"\n" +
+	"page_token\x18\x04 \x01(\tR\tpageToken\"k\n" +
 	"\x12ListStoresResponse\x12-\n" +
-	"\x06stores\x18\x01 \x03(\v2\x15.stowage.v1.DataStoreR\x06stores\"*\n" +
+	"\x06stores\x18\x01 \x03(\v2\x15.stowage.v1.DataStoreR\x06stores\x12&\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"*\n" +
 	"\x18EnableMaintenanceRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\"H\n" +
 	"\x19EnableMaintenanceResponse\x12+\n" +

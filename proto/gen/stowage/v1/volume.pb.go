@@ -289,9 +289,23 @@ func (x *GetVolumeResponse) GetVolume() *Volume {
 	return nil
 }
 
+// ListVolumesRequest lists volumes in id (creation) order, one page at a
+// time, filtered on the controller. Every filter set must match; Expunged
+// volumes are left out unless state asks for them.
 type ListVolumesRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	StoreId       string                 `protobuf:"bytes,1,opt,name=store_id,json=storeId,proto3" json:"store_id,omitempty"`
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	StoreId    string                 `protobuf:"bytes,1,opt,name=store_id,json=storeId,proto3" json:"store_id,omitempty"`
+	State      VolumeState            `protobuf:"varint,2,opt,name=state,proto3,enum=stowage.v1.VolumeState" json:"state,omitempty"`
+	TemplateId string                 `protobuf:"bytes,3,opt,name=template_id,json=templateId,proto3" json:"template_id,omitempty"`
+	// Exact volume name (names are not unique).
+	Name string `protobuf:"bytes,4,opt,name=name,proto3" json:"name,omitempty"`
+	// Page size: 0 means 500; more than 1000 is clamped to 1000; negative is
+	// invalid_argument.
+	PageSize int32 `protobuf:"varint,5,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	// next_page_token of the previous page; "" for the first page. A token is
+	// opaque and bound to the request's filters: reused with other filters it
+	// is refused with invalid_argument.
+	PageToken     string `protobuf:"bytes,6,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -333,9 +347,47 @@ func (x *ListVolumesRequest) GetStoreId() string {
 	return ""
 }
 
+func (x *ListVolumesRequest) GetState() VolumeState {
+	if x != nil {
+		return x.State
+	}
+	return VolumeState_VOLUME_STATE_UNSPECIFIED
+}
+
+func (x *ListVolumesRequest) GetTemplateId() string {
+	if x != nil {
+		return x.TemplateId
+	}
+	return ""
+}
+
+func (x *ListVolumesRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *ListVolumesRequest) GetPageSize() int32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *ListVolumesRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
+}
+
 type ListVolumesResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Volumes       []*Volume              `protobuf:"bytes,1,rep,name=volumes,proto3" json:"volumes,omitempty"`
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Volumes []*Volume              `protobuf:"bytes,1,rep,name=volumes,proto3" json:"volumes,omitempty"`
+	// Set when more records may follow: pass it as page_token with the same
+	// filters. Empty on the last page.
+	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -375,6 +427,13 @@ func (x *ListVolumesResponse) GetVolumes() []*Volume {
 		return x.Volumes
 	}
 	return nil
+}
+
+func (x *ListVolumesResponse) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
 }
 
 type DeleteVolumeRequest struct {
@@ -953,11 +1012,19 @@ const file_stowage_v1_volume_proto_rawDesc = "" +
 	"\x10GetVolumeRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\"?\n" +
 	"\x11GetVolumeResponse\x12*\n" +
-	"\x06volume\x18\x01 \x01(\v2\x12.stowage.v1.VolumeR\x06volume\"/\n" +
+	"\x06volume\x18\x01 \x01(\v2\x12.stowage.v1.VolumeR\x06volume\"\xcf\x01\n" +
 	"\x12ListVolumesRequest\x12\x19\n" +
-	"\bstore_id\x18\x01 \x01(\tR\astoreId\"C\n" +
+	"\bstore_id\x18\x01 \x01(\tR\astoreId\x12-\n" +
+	"\x05state\x18\x02 \x01(\x0e2\x17.stowage.v1.VolumeStateR\x05state\x12\x1f\n" +
+	"\vtemplate_id\x18\x03 \x01(\tR\n" +
+	"templateId\x12\x12\n" +
+	"\x04name\x18\x04 \x01(\tR\x04name\x12\x1b\n" +
+	"\tpage_size\x18\x05 \x01(\x05R\bpageSize\x12\x1d\n" +
+	"\n" +
+	"page_token\x18\x06 \x01(\tR\tpageToken\"k\n" +
 	"\x13ListVolumesResponse\x12,\n" +
-	"\avolumes\x18\x01 \x03(\v2\x12.stowage.v1.VolumeR\avolumes\">\n" +
+	"\avolumes\x18\x01 \x03(\v2\x12.stowage.v1.VolumeR\avolumes\x12&\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\">\n" +
 	"\x13DeleteVolumeRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x17\n" +
 	"\adry_run\x18\x02 \x01(\bR\x06dryRun\"_\n" +
@@ -1040,7 +1107,8 @@ var file_stowage_v1_volume_proto_goTypes = []any{
 	(*Volume)(nil),                // 17: stowage.v1.Volume
 	(*Job)(nil),                   // 18: stowage.v1.Job
 	(*Plan)(nil),                  // 19: stowage.v1.Plan
-	(*timestamppb.Timestamp)(nil), // 20: google.protobuf.Timestamp
+	(VolumeState)(0),              // 20: stowage.v1.VolumeState
+	(*timestamppb.Timestamp)(nil), // 21: google.protobuf.Timestamp
 }
 var file_stowage_v1_volume_proto_depIdxs = []int32{
 	16, // 0: stowage.v1.CreateVolumeRequest.format:type_name -> stowage.v1.ImageFormat
@@ -1048,37 +1116,38 @@ var file_stowage_v1_volume_proto_depIdxs = []int32{
 	18, // 2: stowage.v1.CreateVolumeResponse.job:type_name -> stowage.v1.Job
 	19, // 3: stowage.v1.CreateVolumeResponse.plan:type_name -> stowage.v1.Plan
 	17, // 4: stowage.v1.GetVolumeResponse.volume:type_name -> stowage.v1.Volume
-	17, // 5: stowage.v1.ListVolumesResponse.volumes:type_name -> stowage.v1.Volume
-	18, // 6: stowage.v1.DeleteVolumeResponse.job:type_name -> stowage.v1.Job
-	19, // 7: stowage.v1.DeleteVolumeResponse.plan:type_name -> stowage.v1.Plan
-	17, // 8: stowage.v1.ResizeVolumeResponse.volume:type_name -> stowage.v1.Volume
-	18, // 9: stowage.v1.ResizeVolumeResponse.job:type_name -> stowage.v1.Job
-	19, // 10: stowage.v1.ResizeVolumeResponse.plan:type_name -> stowage.v1.Plan
-	20, // 11: stowage.v1.GrantAccessResponse.expires_at:type_name -> google.protobuf.Timestamp
-	17, // 12: stowage.v1.MigrateVolumeResponse.volume:type_name -> stowage.v1.Volume
-	18, // 13: stowage.v1.MigrateVolumeResponse.job:type_name -> stowage.v1.Job
-	19, // 14: stowage.v1.MigrateVolumeResponse.plan:type_name -> stowage.v1.Plan
-	0,  // 15: stowage.v1.VolumeService.CreateVolume:input_type -> stowage.v1.CreateVolumeRequest
-	2,  // 16: stowage.v1.VolumeService.GetVolume:input_type -> stowage.v1.GetVolumeRequest
-	4,  // 17: stowage.v1.VolumeService.ListVolumes:input_type -> stowage.v1.ListVolumesRequest
-	6,  // 18: stowage.v1.VolumeService.DeleteVolume:input_type -> stowage.v1.DeleteVolumeRequest
-	8,  // 19: stowage.v1.VolumeService.ResizeVolume:input_type -> stowage.v1.ResizeVolumeRequest
-	10, // 20: stowage.v1.VolumeService.GrantAccess:input_type -> stowage.v1.GrantAccessRequest
-	12, // 21: stowage.v1.VolumeService.RevokeAccess:input_type -> stowage.v1.RevokeAccessRequest
-	14, // 22: stowage.v1.VolumeService.MigrateVolume:input_type -> stowage.v1.MigrateVolumeRequest
-	1,  // 23: stowage.v1.VolumeService.CreateVolume:output_type -> stowage.v1.CreateVolumeResponse
-	3,  // 24: stowage.v1.VolumeService.GetVolume:output_type -> stowage.v1.GetVolumeResponse
-	5,  // 25: stowage.v1.VolumeService.ListVolumes:output_type -> stowage.v1.ListVolumesResponse
-	7,  // 26: stowage.v1.VolumeService.DeleteVolume:output_type -> stowage.v1.DeleteVolumeResponse
-	9,  // 27: stowage.v1.VolumeService.ResizeVolume:output_type -> stowage.v1.ResizeVolumeResponse
-	11, // 28: stowage.v1.VolumeService.GrantAccess:output_type -> stowage.v1.GrantAccessResponse
-	13, // 29: stowage.v1.VolumeService.RevokeAccess:output_type -> stowage.v1.RevokeAccessResponse
-	15, // 30: stowage.v1.VolumeService.MigrateVolume:output_type -> stowage.v1.MigrateVolumeResponse
-	23, // [23:31] is the sub-list for method output_type
-	15, // [15:23] is the sub-list for method input_type
-	15, // [15:15] is the sub-list for extension type_name
-	15, // [15:15] is the sub-list for extension extendee
-	0,  // [0:15] is the sub-list for field type_name
+	20, // 5: stowage.v1.ListVolumesRequest.state:type_name -> stowage.v1.VolumeState
+	17, // 6: stowage.v1.ListVolumesResponse.volumes:type_name -> stowage.v1.Volume
+	18, // 7: stowage.v1.DeleteVolumeResponse.job:type_name -> stowage.v1.Job
+	19, // 8: stowage.v1.DeleteVolumeResponse.plan:type_name -> stowage.v1.Plan
+	17, // 9: stowage.v1.ResizeVolumeResponse.volume:type_name -> stowage.v1.Volume
+	18, // 10: stowage.v1.ResizeVolumeResponse.job:type_name -> stowage.v1.Job
+	19, // 11: stowage.v1.ResizeVolumeResponse.plan:type_name -> stowage.v1.Plan
+	21, // 12: stowage.v1.GrantAccessResponse.expires_at:type_name -> google.protobuf.Timestamp
+	17, // 13: stowage.v1.MigrateVolumeResponse.volume:type_name -> stowage.v1.Volume
+	18, // 14: stowage.v1.MigrateVolumeResponse.job:type_name -> stowage.v1.Job
+	19, // 15: stowage.v1.MigrateVolumeResponse.plan:type_name -> stowage.v1.Plan
+	0,  // 16: stowage.v1.VolumeService.CreateVolume:input_type -> stowage.v1.CreateVolumeRequest
+	2,  // 17: stowage.v1.VolumeService.GetVolume:input_type -> stowage.v1.GetVolumeRequest
+	4,  // 18: stowage.v1.VolumeService.ListVolumes:input_type -> stowage.v1.ListVolumesRequest
+	6,  // 19: stowage.v1.VolumeService.DeleteVolume:input_type -> stowage.v1.DeleteVolumeRequest
+	8,  // 20: stowage.v1.VolumeService.ResizeVolume:input_type -> stowage.v1.ResizeVolumeRequest
+	10, // 21: stowage.v1.VolumeService.GrantAccess:input_type -> stowage.v1.GrantAccessRequest
+	12, // 22: stowage.v1.VolumeService.RevokeAccess:input_type -> stowage.v1.RevokeAccessRequest
+	14, // 23: stowage.v1.VolumeService.MigrateVolume:input_type -> stowage.v1.MigrateVolumeRequest
+	1,  // 24: stowage.v1.VolumeService.CreateVolume:output_type -> stowage.v1.CreateVolumeResponse
+	3,  // 25: stowage.v1.VolumeService.GetVolume:output_type -> stowage.v1.GetVolumeResponse
+	5,  // 26: stowage.v1.VolumeService.ListVolumes:output_type -> stowage.v1.ListVolumesResponse
+	7,  // 27: stowage.v1.VolumeService.DeleteVolume:output_type -> stowage.v1.DeleteVolumeResponse
+	9,  // 28: stowage.v1.VolumeService.ResizeVolume:output_type -> stowage.v1.ResizeVolumeResponse
+	11, // 29: stowage.v1.VolumeService.GrantAccess:output_type -> stowage.v1.GrantAccessResponse
+	13, // 30: stowage.v1.VolumeService.RevokeAccess:output_type -> stowage.v1.RevokeAccessResponse
+	15, // 31: stowage.v1.VolumeService.MigrateVolume:output_type -> stowage.v1.MigrateVolumeResponse
+	24, // [24:32] is the sub-list for method output_type
+	16, // [16:24] is the sub-list for method input_type
+	16, // [16:16] is the sub-list for extension type_name
+	16, // [16:16] is the sub-list for extension extendee
+	0,  // [0:16] is the sub-list for field type_name
 }
 
 func init() { file_stowage_v1_volume_proto_init() }
