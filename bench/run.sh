@@ -24,6 +24,10 @@
 #   api    bench/api.sh (l): `stowage dev` and the CLI: p50/p99 of create
 #          linked / lazy / full, snapshot, revert
 #   modes  bench/extra.sh m: stowage's own write/read modes (not default)
+#   scale  bench/scale.sh (s): one controller, 1,000 simulated agents, 100,000
+#          volumes, on Badger and etcd: heartbeats, CPU/RSS, list and plan
+#          p99, transitions/s (not default: about 10 minutes a backend;
+#          with SMOKE=1 tiny, about 15 s a backend)
 # Output: bench/results/all-<stamp>.md (ratio table, then every row, with
 # the machine facts) and .png, plus the raw TSVs. Exit status: 1 when a
 # section broke (a script failed, or a row FAILED or failed its check),
@@ -108,6 +112,7 @@ if ((${#XS[@]})); then
         WORKDIR="$W/extra" bash "$REPO/bench/extra.sh"
 fi
 want api && section api "$BASE.api.tsv" env BIN="$BIN" OUT_TSV="$BASE.api.tsv" WORKDIR="$W/api" bash "$REPO/bench/api.sh"
+want scale && section scale "$BASE.scale.tsv" env BIN="$BIN" OUT_TSV="$BASE.scale.tsv" WORKDIR="$W/scale" SMOKE="$SMOKE" bash "$REPO/bench/scale.sh"
 
 if ! grep -q '^- kernel' "$FACTS"; then
     {

@@ -140,7 +140,7 @@ run_backend() {
         heartbeat_saturation)
             row "stowage: heartbeats, saturation [$b]" beats/s "$value" "$n beats; $note"
             row "stowage: heartbeat p99, saturation [$b]" ms "$p99" "p50 $p50 ms; $note" ;;
-        controller_cpu_steady) row "stowage: controller CPU, steady [$b]" "ms/s" "$(awk -v v="$value" 'BEGIN { printf "%.2f", v * 10 }')" "ms of CPU per second = $value% of one core; $note" ;;
+        controller_cpu_steady) row "stowage: controller CPU ms per s, steady [$b]" ms "$(awk -v v="$value" 'BEGIN { printf "%.2f", v * 10 }')" "ms of CPU per second = $value% of one core; $note" ;;
         controller_rss_steady) row "stowage: controller RSS, steady [$b]" MiB "$value" "$HOSTS hosts" ;;
         controller_rss_saturation) row "stowage: controller RSS, saturation [$b]" MiB "$value" "" ;;
         list_volumes_first_page | list_volumes_filtered | list_volumes_by_name | plan_create_dry_run)
@@ -180,5 +180,13 @@ if [[ $REPORT == 1 ]]; then
     [[ $SMOKE == 1 ]] && cmd="SMOKE=1 bash bench/scale.sh"
     (cd "$REPO" && go run ./bench/cmd/benchreport -title "Scale benchmark" -tsv "$OUT_TSV" -md "$md" \
         -png "${OUT_TSV%.tsv}.png" -cmd "$cmd" -facts "$W/facts.md")
+    {
+        echo
+        echo "## Every figure"
+        echo
+        echo "| figure | value | unit | note |"
+        echo "|---|---:|---|---|"
+        awk -F'\t' '{ printf "| %s | %s | %s | %s |\n", $2, $4, $3, $7 }' "$OUT_TSV"
+    } >>"$md"
     log "report: $md"
 fi

@@ -72,7 +72,7 @@ func newEdgeWith(t *testing.T, auth bool, lim rpclimit.Limits, enrolling bool) *
 	if err != nil {
 		t.Fatal(err)
 	}
-	hs := hosts.New(db, nil, hosts.Config{}, log)
+	hs := hosts.New(db, nil, hosts.Config{UpHostsMaxAge: -1 /* tests move hosts behind the Service */}, log)
 	sel := endpoint.New(hs, nil)
 	reg := drivers.NewRegistry()
 	reg.Register(filesystem.New(sel))

@@ -37,6 +37,8 @@ type Service struct {
 	DefaultZone string
 	// hostsChanged wakes Reconcile to re-apply the stores' host sets.
 	hostsChanged chan struct{}
+	// views is what the heartbeat path reads instead of the stores (view.go).
+	views viewCache
 }
 
 // New returns the store service.
@@ -113,6 +115,7 @@ var namePattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`)
 // and attaches it to every Up host in scope. On any failure nothing remains:
 // no record, no marker in the directory.
 func (s *Service) Add(ctx context.Context, req *stowagev1.AddStoreRequest) (*stowagev1.DataStore, error) {
+	defer s.dropView()
 	p, spec, err := s.validate(ctx, req)
 	if err != nil {
 		return nil, err
@@ -147,6 +150,7 @@ func (s *Service) Add(ctx context.Context, req *stowagev1.AddStoreRequest) (*sto
 // it Up. When undo is set, a failure removes the record and the marker;
 // otherwise (recovery) the store stays Initialized with the reason.
 func (s *Service) attach(ctx context.Context, lc drivers.LifeCycle, info drivers.StoreInfo, id string, undo bool) (*stowagev1.DataStore, error) {
+	defer s.dropView()
 	hostIDs, err := lc.Attach(ctx, info, info.Scope)
 	if err != nil {
 		if !undo {
@@ -257,6 +261,7 @@ func (s *Service) List(ctx context.Context, role stowagev1.StoreRole, zone, afte
 // provider's Maintain and ends in Maintenance, or ErrorInMaintenance with
 // the reason when the provider fails.
 func (s *Service) EnableMaintenance(ctx context.Context, idOrName string) (*stowagev1.DataStore, error) {
+	defer s.dropView()
 	rec, err := s.Get(ctx, idOrName)
 	if err != nil {
 		return nil, err
@@ -288,6 +293,7 @@ func (s *Service) EnableMaintenance(ctx context.Context, idOrName string) (*stow
 // CancelMaintenance brings a store in Maintenance (or ErrorInMaintenance)
 // back Up once the provider confirms it is reachable.
 func (s *Service) CancelMaintenance(ctx context.Context, idOrName string) (*stowagev1.DataStore, error) {
+	defer s.dropView()
 	rec, err := s.Get(ctx, idOrName)
 	if err != nil {
 		return nil, err
@@ -311,6 +317,7 @@ func (s *Service) CancelMaintenance(ctx context.Context, idOrName string) (*stow
 // Delete removes a store that holds no objects, in the records or on disk.
 // The directory and anything the operator put there stay.
 func (s *Service) Delete(ctx context.Context, idOrName string) error {
+	defer s.dropView()
 	rec, err := s.Get(ctx, idOrName)
 	if err != nil {
 		return err
@@ -391,6 +398,7 @@ func (s *Service) checkEmpty(ctx context.Context, rec *stowagev1.DataStore) erro
 // PrepareForMaintenance becomes ErrorInMaintenance (as in CloudStack), and an
 // Initialized store is attached again.
 func (s *Service) Recover(ctx context.Context) error {
+	defer s.dropView()
 	stuck, err := s.db.Stores().ListInState(ctx, stowagev1.StoreState_STORE_STATE_PREPARE_FOR_MAINTENANCE)
 	if err != nil {
 		return err
@@ -411,6 +419,7 @@ func (s *Service) Recover(ctx context.Context) error {
 // RetryAttach tries to bring Initialized stores Up (after a crash between
 // recording and attaching a store).
 func (s *Service) RetryAttach(ctx context.Context) error {
+	defer s.dropView()
 	inits, err := s.db.Stores().ListInState(ctx, stowagev1.StoreState_STORE_STATE_INITIALIZED)
 	if err != nil {
 		return err
@@ -456,15 +465,16 @@ func (s *Service) Reconcile(ctx context.Context, interval time.Duration) {
 // Assignments lists the stores host should reach: every store whose scope
 // contains it (in any state but Removed).
 func (s *Service) Assignments(ctx context.Context, host *stowagev1.Host) ([]*stowagev1.StoreAssignment, error) {
-	recs, err := s.db.Stores().List(ctx, meta.Filter[*stowagev1.DataStore]{Where: func(r *stowagev1.DataStore) bool {
-		return r.GetState() != stowagev1.StoreState_STORE_STATE_REMOVED &&
-			scopeFromProto(r.GetScope()).Contains(host.GetZone(), host.GetCluster(), host.GetId())
-	}})
+	v, err := s.view(ctx)
 	if err != nil {
 		return nil, err
 	}
-	out := make([]*stowagev1.StoreAssignment, 0, len(recs))
-	for _, r := range recs {
+	var out []*stowagev1.StoreAssignment
+	for _, r := range v.recs {
+		if r.GetState() == stowagev1.StoreState_STORE_STATE_REMOVED ||
+			!scopeFromProto(r.GetScope()).Contains(host.GetZone(), host.GetCluster(), host.GetId()) {
+			continue
+		}
 		a := &stowagev1.StoreAssignment{StoreId: r.GetId(), Provider: r.GetProvider(), Url: r.GetUrl()}
 		if p, err := s.providers.Get(r.GetProvider()); err == nil {
 			if hr, ok := p.(drivers.HostRooted); ok {
@@ -479,14 +489,14 @@ func (s *Service) Assignments(ctx context.Context, host *stowagev1.Host) ([]*sto
 // ObserveHost records what host reported of its stores: whether it reaches
 // them (host_ids) and their free space. It writes only on change.
 func (s *Service) ObserveHost(ctx context.Context, host *stowagev1.Host, reports []*stowagev1.StoreOnHost) error {
+	v, err := s.view(ctx)
+	if err != nil {
+		return err
+	}
 	var errs []error
 	for _, rep := range reports {
-		rec, err := s.db.Stores().Get(ctx, rep.GetStoreId())
-		if errdefs.IsNotFound(err) {
-			continue
-		}
-		if err != nil {
-			errs = append(errs, err)
+		rec, ok := v.byID[rep.GetStoreId()]
+		if !ok {
 			continue
 		}
 		reach := rep.GetError() == "" && host.GetState() == stowagev1.HostState_HOST_STATE_UP
@@ -509,6 +519,9 @@ func (s *Service) ObserveHost(ctx context.Context, host *stowagev1.Host, reports
 			}
 			return nil
 		})
+		// Written, or the view was behind (a conflict: the next beat
+		// decides again on a fresh view).
+		s.dropView()
 		if err != nil && !errdefs.IsConflict(err) {
 			errs = append(errs, err)
 		}

@@ -33,7 +33,7 @@ func newFleet(t *testing.T) *fleet {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { db.Close() })
-	hs := hosts.New(db, nil, hosts.Config{}, slog.New(slog.DiscardHandler))
+	hs := hosts.New(db, nil, hosts.Config{UpHostsMaxAge: -1} /* move() changes records behind the Service */, slog.New(slog.DiscardHandler))
 	return &fleet{t: t, ctx: context.Background(), db: db, hs: hs, sel: New(hs, nil)}
 }
 

@@ -14,7 +14,6 @@ import (
 	"log/slog"
 	"net/url"
 	"regexp"
-	"sort"
 	"sync"
 	"time"
 
@@ -52,6 +51,10 @@ type Config struct {
 	PersistEvery time.Duration
 	// DefaultZone and DefaultCluster are used when an agent names none.
 	DefaultZone, DefaultCluster string
+	// UpHostsMaxAge bounds how old the Up hosts UpHosts returns may be
+	// when they changed other than through this Service (upview.go); 0
+	// means DefaultUpHostsMaxAge, negative reads them on every call.
+	UpHostsMaxAge time.Duration
 }
 
 // Service is the host registry.
@@ -66,6 +69,8 @@ type Service struct {
 
 	mu   sync.Mutex
 	seen map[string]liveness
+	// up is what UpHosts reads instead of the host records (upview.go).
+	up upCache
 }
 
 type liveness struct {
@@ -88,6 +93,9 @@ func New(db *meta.DB, stores StoreWatcher, cfg Config, log *slog.Logger) *Servic
 	}
 	if cfg.DefaultZone == "" {
 		cfg.DefaultZone = "default"
+	}
+	if cfg.UpHostsMaxAge == 0 {
+		cfg.UpHostsMaxAge = DefaultUpHostsMaxAge
 	}
 	if cfg.DefaultCluster == "" {
 		cfg.DefaultCluster = "default"
@@ -162,6 +170,7 @@ func (s *Service) Register(ctx context.Context, req *stowagev1.RegisterRequest) 
 	if err := validateRegister(req); err != nil {
 		return nil, err
 	}
+	defer s.dropUp()
 	zone, cluster := req.GetZone(), req.GetCluster()
 	if zone == "" {
 		zone = s.cfg.DefaultZone
@@ -273,9 +282,13 @@ func (s *Service) Heartbeat(ctx context.Context, req *stowagev1.HeartbeatRequest
 	s.mu.Lock()
 	l := s.seen[host.GetId()]
 	l.at, l.session, l.inFlight = now, req.GetSessionId(), req.GetInFlightTasks()
-	persist := now.Sub(l.persisted) >= s.cfg.PersistEvery || !sameCaps(host.GetCapabilities(), req.GetCapabilities())
+	newCaps := !sameCaps(host.GetCapabilities(), req.GetCapabilities())
+	persist := now.Sub(l.persisted) >= s.cfg.PersistEvery || newCaps
 	s.seen[host.GetId()] = l
 	s.mu.Unlock()
+	if newCaps || host.GetState() != stowagev1.HostState_HOST_STATE_UP {
+		defer s.dropUp() // what endpoint selection reads changes
+	}
 
 	update := func(h *stowagev1.Host) error {
 		h.LastHeartbeat = timestamppb.New(now)
@@ -369,6 +382,7 @@ func (s *Service) Monitor(ctx context.Context) {
 }
 
 func (s *Service) checkLiveness(ctx context.Context) {
+	gen := s.up.gen.Load()
 	hosts, err := s.db.Hosts().List(ctx, meta.Filter[*stowagev1.Host]{Where: func(h *stowagev1.Host) bool {
 		return h.GetState() == stowagev1.HostState_HOST_STATE_UP || h.GetState() == stowagev1.HostState_HOST_STATE_CONNECTING
 	}})
@@ -377,7 +391,11 @@ func (s *Service) checkLiveness(ctx context.Context) {
 		return
 	}
 	now := s.now()
+	view := &upView{at: time.Now()}
 	for _, h := range hosts {
+		if h.GetState() == stowagev1.HostState_HOST_STATE_UP {
+			view.hosts = append(view.hosts, h)
+		}
 		s.mu.Lock()
 		l, ok := s.seen[h.GetId()]
 		last := s.start // a restarted controller gives every host one timeout
@@ -393,6 +411,7 @@ func (s *Service) checkLiveness(ctx context.Context) {
 			h.StateReason = reason
 			return nil
 		})
+		s.dropUp()
 		if err != nil {
 			if !errdefs.IsConflict(err) {
 				s.log.Warn("marking host disconnected failed", "host", h.GetId(), "err", err)
@@ -401,19 +420,6 @@ func (s *Service) checkLiveness(ctx context.Context) {
 		}
 		s.log.Warn("host disconnected", "host", h.GetId(), "reason", reason)
 	}
-}
-
-// UpHosts returns the Up hosts, least busy first, for endpoint selection.
-func (s *Service) UpHosts(ctx context.Context) ([]*stowagev1.Host, error) {
-	hs, err := s.List(ctx, "", stowagev1.HostState_HOST_STATE_UP, "", 0)
-	if err != nil {
-		return nil, err
-	}
-	sort.SliceStable(hs, func(i, j int) bool {
-		if hs[i].GetInFlightTasks() != hs[j].GetInFlightTasks() {
-			return hs[i].GetInFlightTasks() < hs[j].GetInFlightTasks()
-		}
-		return hs[i].GetId() < hs[j].GetId()
-	})
-	return hs, nil
+	// The Up hosts just read are UpHosts' view, unless one changed since.
+	s.keepUp(gen, view)
 }

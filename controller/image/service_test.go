@@ -47,7 +47,7 @@ func newWorldWith(t *testing.T, live bool, opts ...Option) *world {
 	if err != nil {
 		t.Fatal(err)
 	}
-	hs := hosts.New(db, nil, hosts.Config{}, log)
+	hs := hosts.New(db, nil, hosts.Config{UpHostsMaxAge: -1 /* tests move hosts behind the Service */}, log)
 	sel := endpoint.New(hs, nil)
 	reg := drivers.NewRegistry()
 	reg.Register(filesystem.New(sel))

@@ -158,7 +158,7 @@ func scenarios() []scenario {
 		return scenario{title: "real image (ext4 of real files), " + shape + ", cold", sec: "r", match: prefix(shape + ": "),
 			trim: trimPrefix(shape + ": "), targets: targets, min: 1.0}
 	}
-	return []scenario{
+	return append([]scenario{
 		{title: "dense copy, cold source", sec: "b", match: suffix(" (cold src)"), trim: trimSuffix(" (cold src)"), targets: nbdcopy, min: 1.0},
 		{title: "dense copy, warm source", sec: "b", match: suffix(" (warm src)"), trim: trimSuffix(" (warm src)"), targets: nbdcopy, min: 1.0},
 		{title: "sparse copy (10% data), cold", sec: "c", match: all, trim: same, targets: bestCopy, min: 1.0},
@@ -203,7 +203,31 @@ func scenarios() []scenario {
 			trim: func(n string) string { _, t, _ := strings.Cut(n, "): "); return t }, targets: []string{"qemu-img convert -n"}, min: 1.0},
 		{title: "sparse image (10% data) into an iSCSI LUN (bench/iscsi.sh)", sec: "i", match: prefix("sparse into a LUN"),
 			trim: func(n string) string { _, t, _ := strings.Cut(n, "): "); return t }, targets: []string{"qemu-img convert -n"}, min: 1.0},
+	}, scaleScenarios(oneOf, same)...)
+}
+
+// scaleScenarios are bench/scale.sh's targets (issue 16), one set per
+// metadata engine; its rows end in " [badger]" or " [etcd]".
+func scaleScenarios(oneOf func(...string) func(string) bool, same func(string) string) []scenario {
+	var out []scenario
+	for _, b := range []string{"badger", "etcd"} {
+		tag := " [" + b + "]"
+		ms := func(title, name string, maxMs float64) scenario {
+			return scenario{title: "scale" + tag + ": " + title, sec: "s", match: oneOf("stowage: " + name + tag), trim: same, unit: "ms", maxMs: maxMs}
+		}
+		out = append(out,
+			scenario{title: "scale" + tag + ": state transitions/s (meta, in process, 8 writers)", sec: "s",
+				match: oneOf("stowage: state transitions"+tag, "target: 5000 transitions/s"+tag), trim: same,
+				targets: []string{"target"}, min: 1.0, unit: "transitions/s"},
+			ms("ListVolumes first page (500), p99", "list volumes first page p99", 50),
+			ms("ListVolumes filtered (store + state, 100), p99", "list volumes filtered p99", 50),
+			ms("volume create plan (dry run, API), p99", "plan create dry run p99", 5),
+			ms("controller CPU, 1,000 hosts at 10 s (ms of CPU per s)", "controller CPU ms per s, steady", 100),
+			ms("heartbeat latency, steady, p99", "heartbeat p99, steady", 0),
+			ms("heartbeat latency, saturation, p99", "heartbeat p99, saturation", 0),
+		)
 	}
+	return out
 }
 
 // mergeRows folds rows of the same section, test and unit into one (in the
