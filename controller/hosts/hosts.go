@@ -53,7 +53,8 @@ type Config struct {
 	DefaultZone, DefaultCluster string
 	// UpHostsMaxAge bounds how old the Up hosts UpHosts returns may be
 	// when they changed other than through this Service (upview.go); 0
-	// means DefaultUpHostsMaxAge, negative reads them on every call.
+	// means HeartbeatInterval (the liveness monitor renews them twice an
+	// interval), negative reads them on every call.
 	UpHostsMaxAge time.Duration
 }
 
@@ -95,7 +96,7 @@ func New(db *meta.DB, stores StoreWatcher, cfg Config, log *slog.Logger) *Servic
 		cfg.DefaultZone = "default"
 	}
 	if cfg.UpHostsMaxAge == 0 {
-		cfg.UpHostsMaxAge = DefaultUpHostsMaxAge
+		cfg.UpHostsMaxAge = cfg.HeartbeatInterval
 	}
 	if cfg.DefaultCluster == "" {
 		cfg.DefaultCluster = "default"

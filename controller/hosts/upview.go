@@ -12,9 +12,6 @@ import (
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 )
 
-// DefaultUpHostsMaxAge is Config.UpHostsMaxAge's default.
-const DefaultUpHostsMaxAge = time.Second
-
 // upView is the Up host records as read at one moment. Every volume create
 // plan selects among the Up hosts (UpHosts): reading 1,000 host records
 // (with their capabilities) from metadata on each plan took ~12 ms. The
