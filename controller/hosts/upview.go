@@ -38,7 +38,12 @@ func (s *Service) UpHosts(ctx context.Context) ([]*stowagev1.Host, error) {
 	v := s.up.cur.Load()
 	if v == nil || s.cfg.UpHostsMaxAge < 0 || time.Since(v.at) >= s.cfg.UpHostsMaxAge {
 		gen := s.up.gen.Load()
-		hs, err := s.db.Hosts().List(ctx, meta.Filter[*stowagev1.Host]{Index: meta.IndexState, Value: meta.HostStateName(stowagev1.HostState_HOST_STATE_UP)})
+		// A scan of the host records, not of the state index: on etcd an
+		// index entry costs a read of its record each, the records come
+		// 512 to a range request.
+		hs, err := s.db.Hosts().List(ctx, meta.Filter[*stowagev1.Host]{Where: func(h *stowagev1.Host) bool {
+			return h.GetState() == stowagev1.HostState_HOST_STATE_UP
+		}})
 		if err != nil {
 			return nil, fmt.Errorf("read Up hosts: %w", err)
 		}
