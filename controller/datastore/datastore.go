@@ -247,14 +247,11 @@ func (s *Service) Get(ctx context.Context, idOrName string) (*stowagev1.DataStor
 // List returns up to limit stores (0: no limit) with ids after after, in
 // id order, optionally of one role and one zone.
 func (s *Service) List(ctx context.Context, role stowagev1.StoreRole, zone, after string, limit int) ([]*stowagev1.DataStore, error) {
-	f := meta.Filter[*stowagev1.DataStore]{After: after, Limit: limit}
-	if role != stowagev1.StoreRole_STORE_ROLE_UNSPECIFIED {
-		f.Index, f.Value = meta.IndexRole, meta.StoreRoleName(role)
-	}
-	if zone != "" {
-		f.Where = func(r *stowagev1.DataStore) bool { return r.GetScope().GetZone() == zone }
-	}
-	return s.db.Stores().List(ctx, f)
+	// Stores are few (hundreds): one scan of their records, not of the
+	// role index, which on etcd costs a read of each record.
+	return s.db.Stores().List(ctx, meta.Filter[*stowagev1.DataStore]{After: after, Limit: limit, Where: func(r *stowagev1.DataStore) bool {
+		return (role == stowagev1.StoreRole_STORE_ROLE_UNSPECIFIED || r.GetRole() == role) && (zone == "" || r.GetScope().GetZone() == zone)
+	}})
 }
 
 // EnableMaintenance moves an Up store to PrepareForMaintenance, runs the
