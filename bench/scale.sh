@@ -12,7 +12,8 @@
 #                     controller CPU (ms of CPU per s = % of one core x 10) and RSS;
 #                     saturation (64 senders back to back, bounded): beats/s, p99
 #   lists             ListVolumes first page (500) and a filtered page, p50/p99
-#   plan              dry-run CreateVolume (store and host choice), p50/p99
+#   plan              dry-run CreateVolume (store and host choice), p50/p99, through
+#                     the API under load, and in process after the run (scaleseed -plans)
 #   size              metadata on disk (Badger directory; etcd's db file)
 #
 #   bash bench/scale.sh                     # full: about 10 minutes per backend
@@ -156,6 +157,14 @@ run_backend() {
         esac
     done <"$sim"
     stop "$cpid"
+    # The same plans in process, among the hosts the run left registered.
+    local pl
+    if pl=$("$W/scaleseed" -metadata "$spec" -plans "$API_N" -zones "$ZONES" 2>>"$LOGF"); then
+        row "stowage: plan in process p50 [$b]" ms "$(cut -f4 <<<"$pl")" "$(cut -f3 <<<"$pl") dry-run creates among $(cut -f2 <<<"$pl") Up hosts, the controller's services in one process, no TLS/API, no other load"
+        row "stowage: plan in process p99 [$b]" ms "$(cut -f5 <<<"$pl")" "max $(cut -f6 <<<"$pl") ms; the same"
+    else
+        emit_fail s "stowage: plan in process [$b]" ms "$(tail -n 1 "$LOGF")"
+    fi
     if [[ $b == badger ]]; then
         size=$(du -sm "$spec" | cut -f1)
         row "stowage: metadata on disk [$b]" MiB "$size" "the Badger directory after the run"

@@ -222,6 +222,7 @@ func scaleScenarios(oneOf func(...string) func(string) bool, same func(string) s
 			ms("ListVolumes first page (500), p99", "list volumes first page p99", 50),
 			ms("ListVolumes filtered (store + state, 100), p99", "list volumes filtered p99", 50),
 			ms("volume create plan (dry run, API), p99", "plan create dry run p99", 5),
+			ms("volume create plan (dry run, in process), p99", "plan in process p99", 5),
 			ms("controller CPU, 1,000 hosts at 10 s (ms of CPU per s)", "controller CPU ms per s, steady", 100),
 			ms("heartbeat latency, steady, p99", "heartbeat p99, steady", 0),
 			ms("heartbeat latency, saturation, p99", "heartbeat p99, saturation", 0),

@@ -6,11 +6,14 @@
 //
 //	go run ./bench/cmd/scaleseed -metadata DIR|etcd://h:p/prefix -stores 200 -volumes 100000 -snapshots 20000 -hosts 1000 -zones 10
 //	go run ./bench/cmd/scaleseed -metadata SPEC -transitions 20000 -writers 8   # after seeding, controller stopped
+//	go run ./bench/cmd/scaleseed -metadata SPEC -plans 1000                   # after a controller run (hosts registered), controller stopped
 //
 // The transition run moves distinct Ready volumes Ready -> Resizing ->
 // Ready from -writers goroutines (each move is two transitions, each its
 // own transaction) and prints one TSV row: transitions, seconds, per
-// second.
+// second. The plan run (plan.go) times dry-run volume creates in process
+// over the same services as the controller, among the hosts a controller
+// run left registered: planning alone, without TLS, the API or load.
 package main
 
 import (
@@ -36,6 +39,7 @@ func main() {
 		batch                      = flag.Int("batch", 100, "records per transaction")
 		transitions                = flag.Int("transitions", 0, "measure this many volume state transitions instead of seeding")
 		writers                    = flag.Int("writers", 8, "concurrent writers of the transition run")
+		plans                      = flag.Int("plans", 0, "time this many dry-run volume creates in process instead of seeding")
 	)
 	flag.Parse()
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
@@ -50,9 +54,12 @@ func main() {
 	}
 	defer db.Close()
 	ctx := context.Background()
-	if *transitions > 0 {
+	switch {
+	case *plans > 0:
+		err = measurePlans(ctx, db, *plans, Zone(1, *zones))
+	case *transitions > 0:
 		err = measureTransitions(ctx, db, *transitions, *writers)
-	} else {
+	default:
 		err = seed(ctx, db, log, world{stores: *stores, volumes: *volumes, snapshots: *snapshots, hosts: *hosts, zones: *zones, batch: *batch})
 	}
 	if err != nil {
