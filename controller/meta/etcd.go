@@ -137,7 +137,7 @@ func openEtcd(ctx context.Context, spec string, o EtcdOptions) (*etcdStore, erro
 	}
 	cli, err := clientv3.New(cfg)
 	if err != nil {
-		return nil, fmt.Errorf("meta: etcd client: %w", err)
+		return nil, fmt.Errorf("meta: etcd client: %w", etcdErr(err))
 	}
 	s := &etcdStore{cli: cli, root: prefix, data: prefix + "/kv/", marker: prefix + "/commit", maxOps: o.MaxTxnOps}
 	if s.maxOps <= 0 {
@@ -184,8 +184,10 @@ func etcdErr(err error) error {
 	case err == nil:
 		return nil
 	case errors.Is(err, rpctypes.ErrAuthFailed), errors.Is(err, rpctypes.ErrInvalidAuthToken),
-		errors.Is(err, rpctypes.ErrUserEmpty), errors.Is(err, rpctypes.ErrPermissionDenied):
+		errors.Is(err, rpctypes.ErrUserEmpty):
 		return fmt.Errorf("%w: %w", errdefs.ErrUnauthenticated, err)
+	case errors.Is(err, rpctypes.ErrPermissionDenied):
+		return fmt.Errorf("%w: the etcd user may not use this prefix: %w", errdefs.ErrPermissionDenied, err)
 	case errors.Is(err, context.Canceled):
 		return err
 	default:
