@@ -2,16 +2,15 @@ package meta
 
 import (
 	"context"
-	"errors"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
+	"errors"
 	"math/big"
 	"net"
-	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
@@ -72,24 +71,10 @@ func TestEtcdTLSAndAuth(t *testing.T) {
 	writeCert(t, dir, "client", &x509.Certificate{Subject: pkix.Name{CommonName: "stowage"},
 		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}, ca, caKey)
 
-	cfg := embed.NewConfig()
-	cfg.Dir = filepath.Join(dir, "data")
-	cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
-	cfg.UnsafeNoFsync = true
-	var ports []string
-	for range 2 {
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		ports = append(ports, ln.Addr().String())
-		ln.Close()
+	cfg, client, err := embedConfig(filepath.Join(dir, "data"), "https")
+	if err != nil {
+		t.Fatal(err)
 	}
-	client, _ := url.Parse("https://" + ports[0])
-	peer, _ := url.Parse("http://" + ports[1])
-	cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{*client}, []url.URL{*client}
-	cfg.ListenPeerUrls, cfg.AdvertisePeerUrls = []url.URL{*peer}, []url.URL{*peer}
-	cfg.InitialCluster = cfg.Name + "=" + peer.String()
 	cfg.ClientTLSInfo.CertFile = filepath.Join(dir, "server.crt")
 	cfg.ClientTLSInfo.KeyFile = filepath.Join(dir, "server.key")
 	cfg.ClientTLSInfo.TrustedCAFile = filepath.Join(dir, "ca.crt")
@@ -135,7 +120,7 @@ func TestEtcdTLSAndAuth(t *testing.T) {
 		}
 	}
 	pwFile := filepath.Join(dir, "pw")
-	spec := "etcd://" + ports[0] + "/cloud"
+	spec := "etcd://" + client.Host + "/cloud"
 
 	// No client certificate: refused by the server.
 	if _, err := Open(spec, WithEtcd(EtcdOptions{CACert: good.CACert, DialTimeout: 2 * time.Second})); err == nil {
@@ -167,7 +152,7 @@ func TestEtcdTLSAndAuth(t *testing.T) {
 		t.Fatalf("schema %d %v", v, err)
 	}
 	// A prefix outside the user's permission: refused, nothing written.
-	if _, err := Open("etcd://"+ports[0]+"/other", WithEtcd(bad)); !errors.Is(err, errdefs.ErrPermissionDenied) || strings.Contains(err.Error(), "s3cret") {
+	if _, err := Open("etcd://"+client.Host+"/other", WithEtcd(bad)); !errors.Is(err, errdefs.ErrPermissionDenied) || strings.Contains(err.Error(), "s3cret") {
 		t.Fatalf("open outside the granted prefix: %v", err)
 	}
 	if n, err := admin.Get(ctx, "/other", clientv3.WithPrefix(), clientv3.WithCountOnly()); err == nil && n.Count != 0 {
