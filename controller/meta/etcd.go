@@ -282,10 +282,13 @@ func (t *etcdTxn) get(key []byte) ([]byte, error) {
 }
 
 // readErr maps a read failure: a compacted read revision means the
-// transaction ran too long and is retried on fresh data.
+// transaction ran too long; a read-write one is retried on fresh data.
 func (t *etcdTxn) readErr(err error) error {
 	if errors.Is(err, rpctypes.ErrCompacted) {
-		return errTxnConflict
+		if t.writable {
+			return errTxnConflict
+		}
+		return fmt.Errorf("meta: etcd compacted the revision this read started at; read again: %w: %w", errdefs.ErrAborted, err)
 	}
 	return fmt.Errorf("meta: etcd read: %w", etcdErr(err))
 }
