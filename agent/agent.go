@@ -220,6 +220,10 @@ func New(cfg Config, fs *hostfs.Local, log *slog.Logger, opts ...Option) (*Agent
 	if err != nil {
 		return nil, err
 	}
+	control, err := newControlClient(http.DefaultClient, cfg.ControllerURL)
+	if err != nil {
+		return nil, err
+	}
 	// Tasks outlive the RPC that started them, not the agent.
 	base, stop := context.WithCancel(context.Background())
 	j.base = base
@@ -228,7 +232,7 @@ func New(cfg Config, fs *hostfs.Local, log *slog.Logger, opts ...Option) (*Agent
 		log:      log.With("host", cfg.HostID),
 		host:     host,
 		svc:      &service{host: host, journal: j},
-		control:  stowagev1connect.NewAgentControlServiceClient(http.DefaultClient, cfg.ControllerURL),
+		control:  control,
 		session:  uuid.NewString(),
 		stop:     stop,
 		interval: 3 * time.Second,
@@ -243,7 +247,9 @@ func New(cfg Config, fs *hostfs.Local, log *slog.Logger, opts ...Option) (*Agent
 		a.svc.showTemplate = a.showTemplate
 	}
 	if a.creds != nil {
-		a.control = stowagev1connect.NewAgentControlServiceClient(a.creds.HTTPClient(), cfg.ControllerURL)
+		if a.control, err = newControlClient(a.creds.HTTPClient(), cfg.ControllerURL); err != nil {
+			return nil, err
+		}
 	}
 	if a.exports != nil && cfg.AdvertiseURL != "" {
 		a.exports.SetBaseURL(cfg.AdvertiseURL)

@@ -132,7 +132,10 @@ func Enrol(ctx context.Context, cfg EnrolConfig, log *slog.Logger) (*Credentials
 	if err != nil {
 		return nil, err
 	}
-	control := stowagev1connect.NewAgentControlServiceClient(&http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{TLSClientConfig: first}}, cfg.ControllerURL)
+	control, err := newControlClient(&http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{TLSClientConfig: first}}, cfg.ControllerURL)
+	if err != nil {
+		return nil, err
+	}
 	key, err := trust.NewKey()
 	if err != nil {
 		return nil, err

@@ -11,7 +11,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(qemu-utils qemu-block-extra libnbd-bin nbdkit fuse3 xfsprogs btrfs-progs
-  e2fsprogs util-linux curl jq tgt libiscsi-bin fio qemu-system-x86 qemu-system-common busybox-static linux-image-amd64)
+  e2fsprogs util-linux curl jq tgt libiscsi-bin fio qemu-system-x86 qemu-system-common busybox-static linux-image-amd64
+  etcd-server etcd-client)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -55,5 +56,14 @@ else
 fi
 
 echo "== go test" >&2
+# Figures the tests measure (e.g. the HA takeover time) are appended here
+# and printed at the end.
+export STOWAGE_TEST_REPORT
+STOWAGE_TEST_REPORT=$(mktemp /tmp/stowage-test-report.XXXXXX)
 go test -race -count=1 -timeout 20m "$@" ./...
+if [ -s "$STOWAGE_TEST_REPORT" ]; then
+  echo "== measured by the tests" >&2
+  cat "$STOWAGE_TEST_REPORT" >&2
+fi
+rm -f "$STOWAGE_TEST_REPORT"
 echo "all tests passed" >&2

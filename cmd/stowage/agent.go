@@ -59,7 +59,7 @@ func (j *joinFlags) config(cfg agent.Config) (agent.EnrolConfig, error) {
 func agentFlags(cmd *cobra.Command, cfg *agent.Config, limits *rpclimit.Limits, defaultStateDir string) {
 	hostname, _ := os.Hostname()
 	f := cmd.Flags()
-	f.StringVar(&cfg.ControllerURL, "controller", "https://127.0.0.1:8470", "controller URL")
+	f.StringVar(&cfg.ControllerURL, "controller", "https://127.0.0.1:8470", "controller URL; several comma-separated for controllers sharing etcd metadata (the agent follows the one that leads)")
 	f.StringVar(&cfg.HostID, "host-id", hostname, "this host's id (stable across restarts)")
 	f.StringVar(&cfg.Listen, "listen", ":8471", "address of the agent's RPC service")
 	f.StringVar(&cfg.AdvertiseURL, "advertise-url", "", "URL the controller uses to reach this agent (default: derived from --listen)")

@@ -18,7 +18,8 @@ import (
 
 // clients are the controller's API clients for one command invocation.
 type clients struct {
-	url       string
+	url       string // the first controller
+	all       string // every controller given, comma-separated
 	stores    stowagev1connect.StoreServiceClient
 	hosts     stowagev1connect.HostServiceClient
 	images    stowagev1connect.ImageServiceClient
@@ -39,6 +40,7 @@ func newClients(cmd *cobra.Command) (*clients, error) {
 	url, hc, cred := conn.url, conn.client, conn.credentials(cmd)
 	return &clients{
 		url:       url,
+		all:       conn.all,
 		stores:    stowagev1connect.NewStoreServiceClient(hc, url, cred),
 		hosts:     stowagev1connect.NewHostServiceClient(hc, url, cred),
 		images:    stowagev1connect.NewImageServiceClient(hc, url, cred),

@@ -16,6 +16,7 @@ import (
 
 	"github.com/stowage/stowage/datapath/durable"
 	"github.com/stowage/stowage/errdefs"
+	"github.com/stowage/stowage/failover"
 	"github.com/stowage/stowage/trust"
 )
 
@@ -75,14 +76,15 @@ func writeClientConfig(path string, c clientConfig) error {
 // clientFlags are the CLI's connection flags, shared by every command.
 func clientFlags(root *cobra.Command) {
 	f := root.PersistentFlags()
-	f.String("server", "", "controller URL (env STOWAGE_SERVER; default: the client configuration's, else "+defaultServer+")")
+	f.String("server", "", "controller URL, or several comma-separated (controllers sharing etcd metadata) (env STOWAGE_SERVER; default: the client configuration's, else "+defaultServer+")")
 	f.String("config", "", "client configuration file (env STOWAGE_CONFIG; default ~/.config/stowage/config.json, written by stowage dev)")
 	f.String("ca-file", "", "CA certificate the controller's certificate chains to (env STOWAGE_CA_FILE; default: the client configuration's; the controller's is DATA/pki/ca.crt)")
 }
 
 // connection is how one command reaches the controller.
 type connection struct {
-	url    string
+	url    string // the first controller
+	all    string // every controller, comma-separated
 	client *http.Client
 	config clientConfig
 }
@@ -103,8 +105,11 @@ func connectionOf(cmd *cobra.Command) (*connection, error) {
 			server = s
 		}
 	}
-	if !strings.HasPrefix(server, "http://") && !strings.HasPrefix(server, "https://") {
-		return nil, usageError{fmt.Errorf("--server %q: want an https:// URL, e.g. %s: %w", server, defaultServer, errdefs.ErrInvalid)}
+	servers := failover.Split(server)
+	for _, s := range servers {
+		if !strings.HasPrefix(s, "http://") && !strings.HasPrefix(s, "https://") {
+			return nil, usageError{fmt.Errorf("--server %q: want an https:// URL (or several, comma-separated), e.g. %s: %w", server, defaultServer, errdefs.ErrInvalid)}
+		}
 	}
 	caFile, _ := cmd.Flags().GetString("ca-file")
 	if caFile == "" {
@@ -127,9 +132,16 @@ func connectionOf(cmd *cobra.Command) (*connection, error) {
 		// whatever address it is reached.
 		tlsCfg = trust.ClientConfig(nil, pool, trust.Is(trust.Controller))
 	}
+	// Several controllers: requests go to the one that leads (package
+	// failover); reads are served by any.
+	tr, err := failover.New(&http.Transport{TLSClientConfig: tlsCfg, ForceAttemptHTTP2: true}, servers)
+	if err != nil {
+		return nil, usageError{fmt.Errorf("--server: %w: %w", err, errdefs.ErrInvalid)}
+	}
 	return &connection{
-		url:    strings.TrimRight(server, "/"),
+		url:    tr.BaseURL(),
+		all:    strings.Join(servers, ","),
 		config: cfg,
-		client: &http.Client{Timeout: 5 * time.Minute, Transport: &http.Transport{TLSClientConfig: tlsCfg, ForceAttemptHTTP2: true}},
+		client: &http.Client{Timeout: 5 * time.Minute, Transport: tr},
 	}, nil
 }

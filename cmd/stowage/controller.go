@@ -50,12 +50,25 @@ type controllerConfig struct {
 	importDir         string
 	orphanGrace       time.Duration
 	orphanInterval    time.Duration
+	metadata          string
+	etcd              meta.EtcdOptions
+	leaderLease       time.Duration
+	advertiseURL      string
 }
 
 func (c *controllerConfig) flags(cmd *cobra.Command, defaultDataDir string) {
 	f := cmd.Flags()
 	f.StringVar(&c.listen, "listen", "127.0.0.1:8470", "address of the API (Connect, gRPC, gRPC-Web over TLS; agents call it with mutual TLS), /metrics and /healthz")
-	f.StringVar(&c.dataDir, "data-dir", defaultDataDir, "directory of the metadata database")
+	f.StringVar(&c.dataDir, "data-dir", defaultDataDir, "directory of the controller's PKI (CA, CHAP key), bootstrap admin token, and of the metadata unless --metadata names another place")
+	f.StringVar(&c.metadata, "metadata", "", "where the metadata lives: a directory (embedded Badger: one controller) or etcd://host:port[,host:port...]/prefix (an etcd cluster several controllers share; one leads); default: the --data-dir")
+	f.StringVar(&c.etcd.CACert, "etcd-cacert", "", "CA bundle of the etcd members' certificates (enables TLS to etcd)")
+	f.StringVar(&c.etcd.Cert, "etcd-cert", "", "client certificate for etcd (mutual TLS)")
+	f.StringVar(&c.etcd.Key, "etcd-key", "", "client key for etcd")
+	f.StringVar(&c.etcd.Username, "etcd-user", "", "etcd user (when the cluster has auth enabled)")
+	f.StringVar(&c.etcd.PasswordFile, "etcd-password-file", "", "file holding the etcd user's password")
+	f.IntVar(&c.etcd.MaxTxnOps, "etcd-max-txn-ops", 128, "the etcd cluster's --max-txn-ops")
+	f.DurationVar(&c.leaderLease, "leader-lease", 10*time.Second, "with etcd metadata: the leader's lease; after a leader dies another controller takes over within it")
+	f.StringVar(&c.advertiseURL, "advertise-url", "", "URL agents and clients reach this controller at, given to them by the other controllers when this one leads (default: https:// and the --listen address)")
 	f.DurationVar(&c.heartbeatInterval, "heartbeat-interval", 3*time.Second, "how often agents heartbeat")
 	f.DurationVar(&c.hostTimeout, "host-timeout", 12*time.Second, "a host without a heartbeat for this long is Disconnected")
 	f.StringVar(&c.fetchAllowCIDRs, "fetch-allow-cidrs", "", "comma list of CIDRs template imports in the controller (S3 stores) may reach although the address policy refuses them (loopback, private incl. 100.64.0.0/10 and fc00::/7, link-local, unspecified, reserved, multicast; also as embedded in ::ffff:, NAT64 and 6to4 addresses)")
@@ -102,11 +115,19 @@ func runController(ctx context.Context, cfg controllerConfig, log *slog.Logger, 
 	if cfg.importDir != "" && (!filepath.IsAbs(cfg.importDir) || filepath.Clean(cfg.importDir) != cfg.importDir || cfg.importDir == "/") {
 		return usageError{fmt.Errorf("--import-dir %q: want an absolute clean directory other than /: %w", cfg.importDir, errdefs.ErrInvalid)}
 	}
-	db, err := meta.Open(cfg.dataDir, meta.WithLogger(log))
+	spec := cfg.metadata
+	if spec == "" {
+		spec = cfg.dataDir
+	}
+	db, err := meta.Open(spec, meta.WithLogger(log), meta.WithEtcd(cfg.etcd))
 	if err != nil {
 		return err
 	}
 	defer db.Close()
+	self := cfg.advertiseURL
+	if self == "" {
+		self = "https://" + advertised(cfg.listen)
+	}
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
@@ -166,7 +187,9 @@ func runController(ctx context.Context, cfg controllerConfig, log *slog.Logger, 
 	reg.MustRegister(orphanSweeper.Collectors()...)
 	snapshotSvc := snapshot.New(db, storeSvc, volumeSvc, selector, runner, log)
 
+	gate := api.NewLeaderGate(db.Leader)
 	handler := api.NewHandler(api.Services{
+		Leader:      gate,
 		Stores:      storeSvc,
 		Hosts:       hostSvc,
 		Enrol:       enrol.New(db, tr.ca, cfg.certTTL, log.With("component", "enrol")),
@@ -192,46 +215,91 @@ func runController(ctx context.Context, cfg controllerConfig, log *slog.Logger, 
 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	if err := storeSvc.Recover(ctx); err != nil {
-		log.Warn("recovery of stores left half done", "err", err)
-	}
-	runner.Start(ctx)
-	defer func() { cancel(); runner.Wait() }() // jobs stop where they are, they do not fail
-	// Unfinished jobs resume once agents have had a heartbeat to come back.
-	go func() {
-		select {
-		case <-ctx.Done():
-			return
-		case <-time.After(cfg.heartbeatInterval * 2):
+	// What only the leader does: run jobs, watch hosts' liveness, reconcile
+	// stores and orphans. With one controller (Badger) it leads at once.
+	lead := func(ctx context.Context) {
+		if err := storeSvc.Recover(ctx); err != nil {
+			log.Warn("recovery of stores left half done", "err", err)
 		}
-		if err := runner.Resume(ctx); err != nil {
-			log.Error("resuming jobs", "err", err)
-		}
-	}()
-	go hostSvc.Monitor(ctx)
-	go tr.renew(ctx, log.With("component", "pki"))
-	go mounts.Run(ctx)
-	go runner.ExpireEvery(ctx, cfg.jobRetention, 10*time.Minute)
-	go storeSvc.Reconcile(ctx, 10*time.Second)
-	if cfg.orphanInterval > 0 {
-		// After the jobs resume, so that their objects are accounted for.
+		runner.Start(ctx)
+		// Unfinished jobs resume once agents have had a heartbeat to come
+		// back (to this controller, if it just took over).
 		go func() {
 			select {
 			case <-ctx.Done():
 				return
-			case <-time.After(cfg.heartbeatInterval * 3):
+			case <-time.After(cfg.heartbeatInterval * 2):
 			}
-			orphanSweeper.Run(ctx, cfg.orphanInterval)
+			if err := runner.Resume(ctx); err != nil {
+				log.Error("resuming jobs", "err", err)
+			}
 		}()
+		go hostSvc.Monitor(ctx)
+		go mounts.Run(ctx)
+		go runner.ExpireEvery(ctx, cfg.jobRetention, 10*time.Minute)
+		go storeSvc.Reconcile(ctx, 10*time.Second)
+		if cfg.orphanInterval > 0 {
+			// After the jobs resume, so that their objects are accounted for.
+			go func() {
+				select {
+				case <-ctx.Done():
+					return
+				case <-time.After(cfg.heartbeatInterval * 3):
+				}
+				orphanSweeper.Run(ctx, cfg.orphanInterval)
+			}()
+		}
 	}
+	leaderLost := make(chan error, 1)
+	campaignDone := make(chan struct{})
+	go func() {
+		defer close(campaignDone)
+		term, err := db.Campaign(ctx, self, cfg.leaderLease)
+		if err != nil {
+			if ctx.Err() == nil {
+				leaderLost <- fmt.Errorf("leader election: %w", err)
+			}
+			return
+		}
+		gate.SetLeading(true)
+		if db.Replicated() {
+			log.Info("leading", "advertise", self)
+		}
+		lead(ctx)
+		select {
+		case <-ctx.Done():
+		case <-term.Done():
+			// Writes are fenced from now on; the work started above stops with
+			// the process, and a restart comes back as a follower.
+			gate.SetLeading(false)
+			leaderLost <- fmt.Errorf("lost the leadership (lease not renewed within %s): %w", cfg.leaderLease, errdefs.ErrUnavailable)
+			<-ctx.Done()
+			runner.Wait()
+			return
+		}
+		// A clean stop hands the leadership over at once, once the jobs
+		// have stopped where they are.
+		runner.Wait()
+		rctx, rcancel := context.WithTimeout(context.Background(), 3*time.Second)
+		defer rcancel()
+		if err := term.Resign(rctx); err != nil {
+			log.Warn("resigning the leadership", "err", err)
+		}
+	}()
+	defer func() {
+		cancel()
+		<-campaignDone // jobs stop where they are (they do not fail), then the leadership is handed over
+	}()
+	go tr.renew(ctx, log.With("component", "pki"))
 	go watchdog(ctx)
 
-	log.Info("controller serving", "addr", "https://"+ln.Addr().String(), "data", cfg.dataDir, "ca_pin", tr.ca.Pin())
+	log.Info("controller serving", "addr", "https://"+ln.Addr().String(), "data", cfg.dataDir, "metadata", db.Location(), "ca_pin", tr.ca.Pin())
 	if ready != nil {
 		ready(ln.Addr().String())
 	}
 	select {
 	case err = <-serveErr:
+	case err = <-leaderLost:
 	case <-ctx.Done():
 	}
 	shutdown, stop := context.WithTimeout(context.Background(), 10*time.Second)

@@ -108,8 +108,15 @@ func startProc(t *testing.T, name string, args ...string) *proc {
 // startProcEnv is startProc with extra environment variables.
 func startProcEnv(t *testing.T, name string, env []string, args ...string) *proc {
 	t.Helper()
+	return startBin(t, name, stowageBin, env, args...)
+}
+
+// startBin starts another program (a test server such as etcd) as startProc
+// starts stowage.
+func startBin(t *testing.T, name, bin string, env []string, args ...string) *proc {
+	t.Helper()
 	p := &proc{name: name, log: &syncBuffer{}, done: make(chan struct{})}
-	p.cmd = exec.Command(stowageBin, args...)
+	p.cmd = exec.Command(bin, args...)
 	p.cmd.Env = append(os.Environ(), env...)
 	p.cmd.Stdout = p.log
 	p.cmd.Stderr = p.log

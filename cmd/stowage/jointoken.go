@@ -42,7 +42,7 @@ func newHostTokenCmd() *cobra.Command {
 					host = hostID
 				}
 				fmt.Fprintf(cmd.OutOrStdout(), "\nOn the new host (the token is used once, then the agent keeps its certificate):\n  STOWAGE_JOIN_TOKEN=%s stowage agent --controller %s --host-id %s --ca-pin %s\n",
-					m.GetToken(), c.url, host, m.GetCaPin())
+					m.GetToken(), c.all, host, m.GetCaPin())
 				return nil
 			})
 		},

@@ -77,6 +77,10 @@ type Services struct {
 	// MetricsAuth, when set, wraps /metrics (e.g. an apiauth.Guard's
 	// RequireRole). /healthz stays open.
 	MetricsAuth func(http.Handler) http.Handler
+	// Leader, when set, refuses writes while this controller does not lead
+	// (several controllers on one etcd store). It runs after Auth, so
+	// only authenticated callers learn who leads.
+	Leader *LeaderGate
 	// Health returns nil when the controller can serve (metadata readable).
 	Health func(ctx context.Context) error
 }
@@ -96,6 +100,9 @@ func NewHandler(s Services, reg *prometheus.Registry, lim rpclimit.Limits) http.
 	interceptors := []connect.Interceptor{metrics, errconnect.Interceptor()}
 	if s.Auth != nil {
 		interceptors = append(interceptors, s.Auth)
+	}
+	if s.Leader != nil {
+		interceptors = append(interceptors, s.Leader)
 	}
 	opts := connect.WithHandlerOptions(lim.HandlerOptions(), connect.WithInterceptors(interceptors...))
 	mux := http.NewServeMux()
@@ -128,7 +135,16 @@ func NewHandler(s Services, reg *prometheus.Registry, lim rpclimit.Limits) http.
 				return
 			}
 		}
-		fmt.Fprintln(w, "ok")
+		switch {
+		case s.Leader == nil:
+			fmt.Fprintln(w, "ok")
+		case s.Leader.Leading():
+			fmt.Fprintln(w, "ok leader")
+		default:
+			// A follower serves reads: healthy, and says so for probes that
+			// route writes.
+			fmt.Fprintln(w, "ok follower")
+		}
 	})
 	return lim.Wrap(trust.WithPeer(mux))
 }

@@ -339,8 +339,14 @@ func sameCaps(a, b *stowagev1.HostCapabilities) bool {
 	return proto.Equal(strip(a), strip(b))
 }
 
-// Monitor marks hosts Disconnected when their heartbeats stop, until ctx ends.
+// Monitor marks hosts Disconnected when their heartbeats stop, until ctx
+// ends. It runs on the leading controller only; every host gets one full
+// timeout from the moment it starts (a controller that just took over has
+// seen no heartbeat yet).
 func (s *Service) Monitor(ctx context.Context) {
+	s.mu.Lock()
+	s.start = s.now()
+	s.mu.Unlock()
 	tick := time.NewTicker(max(s.cfg.HeartbeatInterval/2, 100*time.Millisecond))
 	defer tick.Stop()
 	for {
@@ -365,8 +371,8 @@ func (s *Service) checkLiveness(ctx context.Context) {
 	for _, h := range hosts {
 		s.mu.Lock()
 		l, ok := s.seen[h.GetId()]
-		s.mu.Unlock()
 		last := s.start // a restarted controller gives every host one timeout
+		s.mu.Unlock()
 		if ok && l.at.After(last) {
 			last = l.at
 		}

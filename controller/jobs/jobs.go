@@ -146,6 +146,12 @@ func (r *Runner) Resume(ctx context.Context) error {
 		return fmt.Errorf("resume jobs: %w", err)
 	}
 	for _, j := range unfinished {
+		r.mu.Lock()
+		_, mine := r.running[j.GetId()]
+		r.mu.Unlock()
+		if mine {
+			continue // submitted to this controller since it started
+		}
 		r.log.Info("resuming job left by a previous controller", "job", j.GetId(), "kind", j.GetKind(), "state", meta.JobStateName(j.GetState()))
 		r.launch(j)
 	}
@@ -492,7 +498,10 @@ func (r *Runner) Cancel(ctx context.Context, id string) (*stowagev1.Job, error) 
 }
 
 // Watch calls send with the job now and after every change until it ends
-// or ctx does.
+// or ctx does. Changes come from this process's runner (progress, which is
+// saved only now and then) and from the metadata store's watch of the job
+// record (every committed change, whichever controller made it: a follower
+// serves Watch too).
 func (r *Runner) Watch(ctx context.Context, id string, send func(*stowagev1.Job) error) error {
 	ch := make(chan *stowagev1.Job, 16)
 	r.mu.Lock()
@@ -509,6 +518,9 @@ func (r *Runner) Watch(ctx context.Context, id string, send func(*stowagev1.Job)
 		}
 		r.mu.Unlock()
 	}()
+	wctx, stop := context.WithCancel(ctx)
+	defer stop()
+	stored := r.db.Jobs().Watch(wctx, id)
 	j, err := r.Get(ctx, id)
 	if err != nil {
 		return err
@@ -516,15 +528,12 @@ func (r *Runner) Watch(ctx context.Context, id string, send func(*stowagev1.Job)
 	if err := send(j); err != nil || terminal(j.GetState()) {
 		return err
 	}
-	// Poll as a backstop: a job resumed by another path still ends the watch.
-	tick := time.NewTicker(2 * time.Second)
-	defer tick.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
 		case j = <-ch:
-		case <-tick.C:
+		case <-stored:
 			if j, err = r.Get(ctx, id); err != nil {
 				return err
 			}
@@ -547,7 +556,7 @@ func (r *Runner) publish(j *stowagev1.Job) {
 	for ch := range r.subs[j.GetId()] {
 		select {
 		case ch <- proto.Clone(j).(*stowagev1.Job):
-		default: // a slow watcher misses an update, never the end (polling)
+		default: // a slow watcher misses a progress update, never the end (the store's watch)
 		}
 	}
 }

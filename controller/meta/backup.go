@@ -438,7 +438,7 @@ func restoreInto(ctx context.Context, db *DB, src io.Reader, want BackupInfo) er
 		return fmt.Errorf("meta: restore: the backup changed between its two reads: %w", errdefs.ErrDataLoss)
 	}
 	db.mu.RLock()
-	err = applyMigrations(db.kv, migrations)
+	err = applyMigrations(ctx, db.kv, migrations)
 	db.mu.RUnlock()
 	if err != nil {
 		return fmt.Errorf("meta: restore: %w", err)
@@ -506,9 +506,9 @@ func (db *DB) raw(ctx context.Context, write bool, fn func(kvTxn) error) error {
 	}
 	var err error
 	if write {
-		err = db.kv.update(fn)
+		err = db.kv.update(ctx, fn)
 	} else {
-		err = db.kv.view(fn)
+		err = db.kv.view(ctx, fn)
 	}
 	if errors.Is(err, errTxnConflict) {
 		return fmt.Errorf("meta: restore raced another writer; stop every controller first: %w", errdefs.ErrAborted)

@@ -13,6 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 
 	badger "github.com/dgraph-io/badger/v4"
 )
@@ -21,6 +22,10 @@ import (
 // for metadata (thousands to millions of small records, not bulk data).
 type badgerStore struct {
 	db *badger.DB
+
+	mu       sync.Mutex
+	seq      uint64
+	watchers map[string]map[uint64]func() // key -> watch id -> notify
 }
 
 var _ kvStore = (*badgerStore)(nil)
@@ -80,10 +85,11 @@ func dropEmptyMemtables(dir string) error {
 	return nil
 }
 
-func (s *badgerStore) update(fn func(kvTxn) error) error {
+func (s *badgerStore) update(_ context.Context, fn func(kvTxn) error) error {
 	txn := s.db.NewTransaction(true)
 	defer txn.Discard()
-	if err := fn(badgerTxn{txn: txn}); err != nil {
+	bt := &badgerTxn{txn: txn}
+	if err := fn(bt); err != nil {
 		return err
 	}
 	if err := txn.Commit(); err != nil {
@@ -92,23 +98,65 @@ func (s *badgerStore) update(fn func(kvTxn) error) error {
 		}
 		return fmt.Errorf("meta: commit: %w", err)
 	}
+	s.notify(bt.wrote)
 	return nil
 }
 
-func (s *badgerStore) view(fn func(kvTxn) error) error {
+func (s *badgerStore) view(_ context.Context, fn func(kvTxn) error) error {
 	txn := s.db.NewTransaction(false)
 	defer txn.Discard()
-	return fn(badgerTxn{txn: txn})
+	return fn(&badgerTxn{txn: txn})
 }
 
 func (s *badgerStore) close() error { return s.db.Close() }
 
-// badgerTxn adapts *badger.Txn to kvTxn.
-type badgerTxn struct {
-	txn *badger.Txn
+// watch registers notify in process: this process is the store's only
+// writer (Badger holds the directory lock), so its commits are all the
+// changes there are.
+func (s *badgerStore) watch(ctx context.Context, key []byte, notify func()) {
+	k := string(key)
+	s.mu.Lock()
+	s.seq++
+	id := s.seq
+	if s.watchers == nil {
+		s.watchers = map[string]map[uint64]func(){}
+	}
+	if s.watchers[k] == nil {
+		s.watchers[k] = map[uint64]func(){}
+	}
+	s.watchers[k][id] = notify
+	s.mu.Unlock()
+	context.AfterFunc(ctx, func() {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		delete(s.watchers[k], id)
+		if len(s.watchers[k]) == 0 {
+			delete(s.watchers, k)
+		}
+	})
 }
 
-func (t badgerTxn) get(key []byte) ([]byte, error) {
+// notify tells the watchers of the keys a transaction wrote.
+func (s *badgerStore) notify(keys []string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if len(s.watchers) == 0 {
+		return
+	}
+	for _, k := range keys {
+		for _, fn := range s.watchers[k] {
+			fn()
+		}
+	}
+}
+
+// badgerTxn adapts *badger.Txn to kvTxn.
+type badgerTxn struct {
+	txn   *badger.Txn
+	wrote []string // keys set or deleted, for the watchers
+}
+
+func (t *badgerTxn) get(key []byte) ([]byte, error) {
 	item, err := t.txn.Get(key)
 	if errors.Is(err, badger.ErrKeyNotFound) {
 		return nil, errKeyNotFound
@@ -119,11 +167,17 @@ func (t badgerTxn) get(key []byte) ([]byte, error) {
 	return item.ValueCopy(nil)
 }
 
-func (t badgerTxn) set(key, val []byte) error { return t.txn.Set(key, val) }
+func (t *badgerTxn) set(key, val []byte) error {
+	t.wrote = append(t.wrote, string(key))
+	return t.txn.Set(key, val)
+}
 
-func (t badgerTxn) delete(key []byte) error { return t.txn.Delete(key) }
+func (t *badgerTxn) delete(key []byte) error {
+	t.wrote = append(t.wrote, string(key))
+	return t.txn.Delete(key)
+}
 
-func (t badgerTxn) scan(prefix, seek []byte, keysOnly bool, fn func(key, val []byte) error) error {
+func (t *badgerTxn) scan(prefix, seek []byte, keysOnly bool, fn func(key, val []byte) error) error {
 	o := badger.DefaultIteratorOptions
 	o.Prefix = prefix
 	o.PrefetchValues = !keysOnly

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"strings"
 	"sync"
 	"time"
 
@@ -45,8 +46,9 @@ type DB struct {
 type Option func(*options)
 
 type options struct {
-	log *slog.Logger
-	now func() time.Time
+	log  *slog.Logger
+	now  func() time.Time
+	etcd EtcdOptions
 }
 
 // WithLogger sends the storage engine's own log lines to log. Without it
@@ -62,22 +64,41 @@ func WithClock(now func() time.Time) Option {
 	}
 }
 
-// Open opens the metadata store in dir, creating it if needed, and brings
-// its schema up to date by running the pending migrations. It refuses a
-// store written by a newer Stowage (a schema version it does not know).
-func Open(dir string, opts ...Option) (*DB, error) {
-	if dir == "" {
+// Open opens the metadata store named by spec, creating it if needed, and
+// brings its schema up to date by running the pending migrations. It
+// refuses a store written by a newer Stowage (a schema version it does not
+// know).
+//
+// spec is a directory, for the embedded Badger store of one controller, or
+// etcd://host:port[,host:port...]/prefix for an etcd cluster several
+// controllers share (client settings: WithEtcd). Both hold the same keys
+// with the same compare-and-set semantics.
+func Open(spec string, opts ...Option) (*DB, error) {
+	if spec == "" {
 		return nil, fmt.Errorf("meta: open: empty directory: %w", errdefs.ErrInvalid)
 	}
 	o := options{now: time.Now}
 	for _, opt := range opts {
 		opt(&o)
 	}
-	kv, err := openBadger(dir, o.log)
-	if err != nil {
-		return nil, fmt.Errorf("meta: open %s: %w: %w", dir, errdefs.ErrUnavailable, err)
+	ctx := context.Background()
+	var kv kvStore
+	dir := spec
+	if strings.HasPrefix(spec, "etcd:") {
+		dir = redactSpec(spec)
+		es, err := openEtcd(ctx, spec, o.etcd)
+		if err != nil {
+			return nil, err
+		}
+		kv = es
+	} else {
+		bs, err := openBadger(spec, o.log)
+		if err != nil {
+			return nil, fmt.Errorf("meta: open %s: %w: %w", spec, errdefs.ErrUnavailable, err)
+		}
+		kv = bs
 	}
-	if err := migrate(kv, migrations); err != nil {
+	if err := migrate(ctx, kv, migrations); err != nil {
 		_ = kv.close()
 		return nil, fmt.Errorf("meta: open %s: %w", dir, err)
 	}
@@ -108,6 +129,9 @@ func (db *DB) Close() error {
 	}
 	return nil
 }
+
+// Location names the store for logs: its directory, or its etcd URL.
+func (db *DB) Location() string { return db.dir }
 
 // Stores is the repository of data stores.
 func (db *DB) Stores() *StoreRepo { return db.stores }
@@ -239,7 +263,7 @@ func (db *DB) Txn(ctx context.Context, fn func(tx *Tx) error) error {
 	}
 	for attempt := 1; ; attempt++ {
 		workflow := false
-		err := db.kv.update(func(kt kvTxn) error {
+		err := db.kv.update(ctx, func(kt kvTxn) error {
 			tx := &Tx{ctx: ctx, kv: kt, now: db.now(), writable: true}
 			defer func() { tx.done = true }()
 			if err := fn(tx); err != nil {
@@ -286,7 +310,7 @@ func (db *DB) view(ctx context.Context, fn func(tx *Tx) error) error {
 	if db.closed {
 		return fmt.Errorf("meta: database is closed: %w", errdefs.ErrUnavailable)
 	}
-	return db.kv.view(func(kt kvTxn) error {
+	return db.kv.view(ctx, func(kt kvTxn) error {
 		tx := &Tx{ctx: ctx, kv: kt, now: db.now()}
 		defer func() { tx.done = true }()
 		return fn(tx)

@@ -11,9 +11,18 @@ import (
 	"testing"
 )
 
+// etcdAllowed are the files that may import etcd: the backend, the
+// leader election on it, and the tests that start an etcd server.
+var etcdAllowed = map[string]bool{
+	filepath.Join("controller", "meta", "etcd.go"):          true,
+	filepath.Join("controller", "meta", "leader.go"):        true,
+	filepath.Join("controller", "meta", "main_test.go"):     true,
+	filepath.Join("controller", "meta", "etcdauth_test.go"): true,
+}
+
 // TestBadgerConfined enforces the storage seam: in the whole module only
-// controller/meta/badger.go imports Badger, so another engine (etcd) can
-// replace it by implementing kvStore.
+// controller/meta/badger.go imports Badger and only the etcd backend
+// imports etcd, so the engines stay interchangeable behind kvStore.
 func TestBadgerConfined(t *testing.T) {
 	root, err := filepath.Abs(filepath.Join("..", ".."))
 	if err != nil {
@@ -47,6 +56,9 @@ func TestBadgerConfined(t *testing.T) {
 			p, _ := strconv.Unquote(imp.Path.Value)
 			if strings.HasPrefix(p, "github.com/dgraph-io/badger") && rel != allowed {
 				t.Errorf("%s imports %s; only %s may", rel, p, allowed)
+			}
+			if strings.HasPrefix(p, "go.etcd.io/etcd/") && !etcdAllowed[rel] {
+				t.Errorf("%s imports %s; only the etcd backend of controller/meta may", rel, p)
 			}
 		}
 		return nil

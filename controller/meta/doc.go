@@ -103,12 +103,31 @@
 // store through the same kvStore seam, so it works on every engine, then
 // migrates and checks it. VerifyBackup checks a stream without a store.
 //
-// # Storage engine
+// # Storage engines
 //
-// Badger is confined to badger.go, behind the small kvStore interface of
-// kv.go (get, set, delete and prefix scan inside one serializable
-// transaction). Nothing outside this package imports Badger, and the keys
-// and compare-and-set rules are chosen so that an etcd backend can
-// implement the same interface (a software transactional memory over etcd
-// transactions) when several controllers share one store.
+// Badger is confined to badger.go, etcd to etcd.go and leader.go, behind the
+// small kvStore interface of kv.go (get, set, delete and prefix scan inside
+// one serializable transaction, and a watch of one key). Open takes a
+// directory (Badger, embedded: one controller) or
+// etcd://host:port[,...]/prefix (several controllers share it).
+//
+// On etcd every key above is stored under <prefix>/kv/. A transaction reads
+// at one revision and buffers its writes; its commit is one etcd
+// transaction guarded by every key it read still having the revision it
+// was read at (a deleted key fails that too), no key written after the read
+// revision inside a range it scanned, and the leader fence (below). When
+// those guards would exceed the cluster's --max-txn-ops, a coarser one
+// replaces them: <prefix>/commit, rewritten by every write, unchanged since
+// the read revision. A transaction writing more keys than --max-txn-ops is
+// refused (errdefs.ErrResourceExhausted). The test suite runs every test
+// on both engines (main_test.go).
+//
+// # Leadership
+//
+// Campaign elects one leader among the controllers sharing an etcd prefix
+// (an etcd lease under <prefix>/leader/, clientv3/concurrency); Leader says
+// who leads. Once a process leads, each of its commits also requires its
+// election key to exist with the revision it was created at, so a leader
+// whose lease expired cannot write over its successor. On Badger the one
+// process that holds the directory leads at once.
 package meta

@@ -14,7 +14,7 @@ import (
 // for index consistency) when the test ends.
 func openTest(t *testing.T, opts ...Option) *DB {
 	t.Helper()
-	db, err := Open(t.TempDir(), opts...)
+	db, err := Open(testSpec(t), opts...)
 	if err != nil {
 		t.Fatalf("Open: %v", err)
 	}
@@ -35,7 +35,7 @@ func openTest(t *testing.T, opts ...Option) *DB {
 func rawGet(t *testing.T, db *DB, key []byte) []byte {
 	t.Helper()
 	var out []byte
-	err := db.kv.view(func(kt kvTxn) error {
+	err := db.kv.view(context.Background(), func(kt kvTxn) error {
 		v, err := kt.get(key)
 		if err == errKeyNotFound {
 			return nil
@@ -54,7 +54,7 @@ func rawGet(t *testing.T, db *DB, key []byte) []byte {
 func keysMentioning(t *testing.T, db *DB, id string) []string {
 	t.Helper()
 	var out []string
-	err := db.kv.view(func(kt kvTxn) error {
+	err := db.kv.view(context.Background(), func(kt kvTxn) error {
 		return kt.scan(nil, nil, false, func(key, val []byte) error {
 			k := string(key)
 			if strings.HasSuffix(k, "/"+id) || (strings.HasPrefix(k, uniquePrefix) && string(val) == id) {

@@ -1,6 +1,9 @@
 package meta
 
-import "errors"
+import (
+	"context"
+	"errors"
+)
 
 // kvStore is the seam between the typed repository and the storage engine.
 // Badger implements it in badger.go; an etcd backend would implement it with
@@ -14,9 +17,15 @@ type kvStore interface {
 	// update runs fn in a read-write transaction and commits it when fn
 	// returns nil. It returns errTxnConflict when another transaction
 	// committed a write to a key this one read; the caller may retry.
-	update(fn func(kvTxn) error) error
+	update(ctx context.Context, fn func(kvTxn) error) error
 	// view runs fn in a read-only snapshot.
-	view(fn func(kvTxn) error) error
+	view(ctx context.Context, fn func(kvTxn) error) error
+	// watch calls notify after each committed change of key until ctx
+	// ends. It does not block: changes committed once it returns are
+	// notified, or (where the engine needs time to start watching, or the
+	// stream broke) notify is called once the watch is in place, so that
+	// the caller reads again. notify must not block.
+	watch(ctx context.Context, key []byte, notify func())
 	// close releases the store. It is called once.
 	close() error
 }

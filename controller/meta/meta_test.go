@@ -581,7 +581,7 @@ func TestTxnAtomic(t *testing.T) {
 }
 
 func TestContextAndClose(t *testing.T) {
-	db, err := Open(t.TempDir())
+	db, err := Open(testSpec(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -608,7 +608,7 @@ func TestContextAndClose(t *testing.T) {
 }
 
 func TestPersistence(t *testing.T) {
-	dir := t.TempDir()
+	dir := testSpec(t)
 	db, err := Open(dir)
 	if err != nil {
 		t.Fatal(err)
@@ -643,12 +643,12 @@ func TestPersistence(t *testing.T) {
 }
 
 func TestOpenRefusesNewerSchema(t *testing.T) {
-	dir := t.TempDir()
+	dir := testSpec(t)
 	db, err := Open(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := db.kv.update(func(kt kvTxn) error {
+	if err := db.kv.update(context.Background(), func(kt kvTxn) error {
 		return kt.set([]byte(schemaVersionKey), []byte("99"))
 	}); err != nil {
 		t.Fatal(err)
@@ -689,7 +689,7 @@ func TestCheckFindsCorruption(t *testing.T) {
 		t.Fatal(err)
 	}
 	dangling := indexKey("volume", IndexStoreID, "s9", "v2")
-	if err := db.kv.update(func(kt kvTxn) error { return kt.set(dangling, []byte{}) }); err != nil {
+	if err := db.kv.update(context.Background(), func(kt kvTxn) error { return kt.set(dangling, []byte{}) }); err != nil {
 		t.Fatal(err)
 	}
 	if err := db.Check(ctx); !errors.Is(err, errdefs.ErrDataLoss) || !strings.Contains(err.Error(), "dangling") {
@@ -698,7 +698,7 @@ func TestCheckFindsCorruption(t *testing.T) {
 	if _, err := db.Volumes().ListBy(ctx, IndexStoreID, "s9"); !errors.Is(err, errdefs.ErrDataLoss) {
 		t.Fatalf("listing through a dangling entry: %v", err)
 	}
-	if err := db.kv.update(func(kt kvTxn) error { return kt.delete(dangling) }); err != nil {
+	if err := db.kv.update(context.Background(), func(kt kvTxn) error { return kt.delete(dangling) }); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -748,6 +748,7 @@ func TestTxnRetriesLostRace(t *testing.T) {
 }
 
 func TestLoggerAdapter(t *testing.T) {
+	onlyBadger(t)
 	var buf strings.Builder
 	var mu sync.Mutex
 	log := slog.New(slog.NewTextHandler(writerFunc(func(p []byte) (int, error) {
@@ -773,6 +774,7 @@ func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
 // A zero-length memtable file (a process killed while Badger created it)
 // does not keep the database from opening again.
 func TestOpenAfterKillDuringMemtableCreation(t *testing.T) {
+	onlyBadger(t)
 	dir := t.TempDir()
 	db, err := Open(dir)
 	if err != nil {

@@ -1,6 +1,7 @@
 package meta
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"strconv"
@@ -52,8 +53,8 @@ func readSchemaVersion(kt kvTxn) (int, error) {
 // migrate brings kv to the last version in migs, one transaction per step.
 // It refuses a database whose version is newer than the last of migs, and
 // one a restore did not finish (backup.go).
-func migrate(kv kvStore, migs []migration) error {
-	if err := kv.view(func(kt kvTxn) error {
+func migrate(ctx context.Context, kv kvStore, migs []migration) error {
+	if err := kv.view(ctx, func(kt kvTxn) error {
 		started, err := kt.get([]byte(restoreMarkerKey))
 		if errors.Is(err, errKeyNotFound) {
 			return nil
@@ -66,12 +67,12 @@ func migrate(kv kvStore, migs []migration) error {
 	}); err != nil {
 		return err
 	}
-	return applyMigrations(kv, migs)
+	return applyMigrations(ctx, kv, migs)
 }
 
 // applyMigrations is migrate without the restore check (Restore runs it
 // while its marker is set).
-func applyMigrations(kv kvStore, migs []migration) error {
+func applyMigrations(ctx context.Context, kv kvStore, migs []migration) error {
 	for i, m := range migs {
 		if m.version != i+1 {
 			return fmt.Errorf("meta: migration %q has version %d, want %d: %w", m.name, m.version, i+1, errdefs.ErrInternal)
@@ -79,7 +80,7 @@ func applyMigrations(kv kvStore, migs []migration) error {
 	}
 	latest := len(migs)
 	var current int
-	if err := kv.view(func(kt kvTxn) error {
+	if err := kv.view(ctx, func(kt kvTxn) error {
 		var err error
 		current, err = readSchemaVersion(kt)
 		return err
@@ -91,7 +92,7 @@ func applyMigrations(kv kvStore, migs []migration) error {
 			"run a newer Stowage or restore a backup: %w", current, latest, errdefs.ErrFailedPrecondition)
 	}
 	for _, m := range migs[current:] {
-		err := kv.update(func(kt kvTxn) error {
+		err := kv.update(ctx, func(kt kvTxn) error {
 			// Re-read inside the transaction, so a step is applied once.
 			v, err := readSchemaVersion(kt)
 			if err != nil {

@@ -1,6 +1,7 @@
 package meta
 
 import (
+	"context"
 	"errors"
 	"slices"
 	"strconv"
@@ -23,7 +24,7 @@ func TestMigrationsAreOrdered(t *testing.T) {
 func TestMigration1InitialLayout(t *testing.T) {
 	db := openTest(t)
 	var keys []string
-	if err := db.kv.view(func(kt kvTxn) error {
+	if err := db.kv.view(context.Background(), func(kt kvTxn) error {
 		return kt.scan(nil, nil, true, func(key, _ []byte) error {
 			keys = append(keys, string(key))
 			return nil
@@ -46,7 +47,7 @@ func TestMigration2TemplateNames(t *testing.T) {
 		t.Fatal(err)
 	}
 	// Make it a version-1 database: no name index entry, version 1.
-	if err := db.kv.update(func(kt kvTxn) error {
+	if err := db.kv.update(context.Background(), func(kt kvTxn) error {
 		if err := kt.delete(indexKey("template", IndexName, "debian", "t1")); err != nil {
 			return err
 		}
@@ -57,7 +58,7 @@ func TestMigration2TemplateNames(t *testing.T) {
 	if got, _ := db.Templates().ListBy(ctx, IndexName, "debian"); len(got) != 0 {
 		t.Fatalf("setup: index entry still there")
 	}
-	if err := migrate(db.kv, migrations); err != nil {
+	if err := migrate(context.Background(), db.kv, migrations); err != nil {
 		t.Fatal(err)
 	}
 	got, err := db.Templates().ListBy(ctx, IndexName, "debian")
@@ -79,10 +80,10 @@ func TestMigration3TypedJobParams(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if err := db.kv.update(func(kt kvTxn) error { return kt.set([]byte(schemaVersionKey), []byte("2")) }); err != nil {
+	if err := db.kv.update(context.Background(), func(kt kvTxn) error { return kt.set([]byte(schemaVersionKey), []byte("2")) }); err != nil {
 		t.Fatal(err)
 	}
-	if err := migrate(db.kv, migrations); err != nil {
+	if err := migrate(context.Background(), db.kv, migrations); err != nil {
 		t.Fatal(err)
 	}
 	get := func(id string) *stowagev1.Job {
@@ -118,7 +119,7 @@ func TestMigratePendingSteps(t *testing.T) {
 	}
 	// Simulate a layout from before an index existed: drop the entry.
 	lost := indexKey("volume", IndexStoreID, "s1", "v1")
-	if err := db.kv.update(func(kt kvTxn) error { return kt.delete(lost) }); err != nil {
+	if err := db.kv.update(context.Background(), func(kt kvTxn) error { return kt.delete(lost) }); err != nil {
 		t.Fatal(err)
 	}
 	if err := db.Check(ctx); !errors.Is(err, errdefs.ErrDataLoss) {
@@ -134,7 +135,7 @@ func TestMigratePendingSteps(t *testing.T) {
 		}},
 		migration{version: n + 2, name: "broken", apply: func(kvTxn) error { return errdefs.ErrInternal }},
 	)
-	err := migrate(db.kv, steps)
+	err := migrate(context.Background(), db.kv, steps)
 	if !errors.Is(err, errdefs.ErrInternal) {
 		t.Fatalf("migrate with a broken step: %v", err)
 	}
@@ -145,19 +146,19 @@ func TestMigratePendingSteps(t *testing.T) {
 		t.Fatalf("Check after the reindex: %v", err)
 	}
 	// Applied steps are not applied again.
-	if err := migrate(db.kv, steps[:n+1]); err != nil || runs != 1 {
+	if err := migrate(context.Background(), db.kv, steps[:n+1]); err != nil || runs != 1 {
 		t.Fatalf("second migrate: %v, %d runs", err, runs)
 	}
 	// A database newer than the steps is refused.
-	if err := migrate(db.kv, steps[:n]); !errdefs.IsFailedPrecondition(err) {
+	if err := migrate(context.Background(), db.kv, steps[:n]); !errdefs.IsFailedPrecondition(err) {
 		t.Fatalf("migrate down: %v", err)
 	}
 	// Gaps in the list are a programming error.
-	if err := migrate(db.kv, []migration{{version: n + 1, name: "gap", apply: func(kvTxn) error { return nil }}}); !errors.Is(err, errdefs.ErrInternal) {
+	if err := migrate(context.Background(), db.kv, []migration{{version: n + 1, name: "gap", apply: func(kvTxn) error { return nil }}}); !errors.Is(err, errdefs.ErrInternal) {
 		t.Fatalf("gap: %v", err)
 	}
 	// Put the version back so the cleanup's Check sees this binary's layout.
-	if err := db.kv.update(func(kt kvTxn) error { return kt.set([]byte(schemaVersionKey), []byte(strconv.Itoa(n))) }); err != nil {
+	if err := db.kv.update(context.Background(), func(kt kvTxn) error { return kt.set([]byte(schemaVersionKey), []byte(strconv.Itoa(n))) }); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -169,7 +170,7 @@ func TestMigration4JobsByCreator(t *testing.T) {
 	if _, err := db.Jobs().Create(ctx, &stowagev1.Job{Id: "j1", Kind: "volume.create", CreatedBy: "ci (t1)"}); err != nil {
 		t.Fatal(err)
 	}
-	if err := db.kv.update(func(kt kvTxn) error {
+	if err := db.kv.update(context.Background(), func(kt kvTxn) error {
 		if err := kt.delete(indexKey("job", IndexCreatedBy, "ci (t1)", "j1")); err != nil {
 			return err
 		}
@@ -180,7 +181,7 @@ func TestMigration4JobsByCreator(t *testing.T) {
 	if got, _ := db.Jobs().ListBy(ctx, IndexCreatedBy, "ci (t1)"); len(got) != 0 {
 		t.Fatalf("setup: index entry still there")
 	}
-	if err := migrate(db.kv, migrations); err != nil {
+	if err := migrate(context.Background(), db.kv, migrations); err != nil {
 		t.Fatal(err)
 	}
 	got, err := db.Jobs().ListBy(ctx, IndexCreatedBy, "ci (t1)")

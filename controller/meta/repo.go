@@ -84,6 +84,22 @@ func (r *Repo[T]) Delete(ctx context.Context, id string, expectRevision uint64) 
 	})
 }
 
+// Watch returns a channel that receives after every committed change of
+// the record id (coalesced: one value may stand for several changes) until
+// ctx ends. Read the record after each receive. It also receives once the
+// watch is in place where the store needs time to start it, so a change
+// made between the caller's first read and the watch is not missed.
+func (r *Repo[T]) Watch(ctx context.Context, id string) <-chan struct{} {
+	ch := make(chan struct{}, 1)
+	r.db.kv.watch(ctx, recordKey(r.kind.name, id), func() {
+		select {
+		case ch <- struct{}{}:
+		default:
+		}
+	})
+	return ch
+}
+
 // StatefulRepo is a Repo whose records move through a state machine.
 type StatefulRepo[T Record, S ~int32, E comparable] struct {
 	Repo[T]

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"slices"
-	"time"
 
 	"google.golang.org/protobuf/types/known/timestamppb"
 
@@ -132,8 +131,15 @@ func (s *Service) SpoolRef(ctx context.Context, templateID, storeID string) (*st
 	return s.db.TemplatesOnStore().GetBy(ctx, meta.IndexTemplateStore, meta.TemplateStoreKey(templateID, storeID))
 }
 
-// waitReady polls until the spool ref is Ready, Failed, or gone.
+// waitRef waits until the spool ref is Ready, Failed, or gone, woken by
+// the metadata store's watches of the ref and of the job copying it (whose
+// end without finishing the copy fails it).
 func (s *Service) waitRef(ctx context.Context, id string) (*stowagev1.TemplateOnStore, error) {
+	wctx, stop := context.WithCancel(ctx)
+	defer stop()
+	changed := s.db.TemplatesOnStore().Watch(wctx, id)
+	var ownerChanged <-chan struct{}
+	owner := ""
 	for {
 		r, err := s.db.TemplatesOnStore().Get(ctx, id)
 		if err != nil {
@@ -143,6 +149,9 @@ func (s *Service) waitRef(ctx context.Context, id string) (*stowagev1.TemplateOn
 		case stowagev1.ObjectState_OBJECT_STATE_READY, stowagev1.ObjectState_OBJECT_STATE_FAILED:
 			return r, nil
 		case stowagev1.ObjectState_OBJECT_STATE_CREATING:
+			if o := r.GetOwnerJobId(); o != owner && o != "" {
+				owner, ownerChanged = o, s.db.Jobs().Watch(wctx, o)
+			}
 			if orphan, err := s.orphaned(ctx, r); err != nil {
 				return nil, err
 			} else if orphan {
@@ -157,7 +166,8 @@ func (s *Service) waitRef(ctx context.Context, id string) (*stowagev1.TemplateOn
 		select {
 		case <-ctx.Done():
 			return nil, ctx.Err()
-		case <-time.After(200 * time.Millisecond):
+		case <-changed:
+		case <-ownerChanged:
 		}
 	}
 }
