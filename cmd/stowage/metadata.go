@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"syscall"
 
 	"connectrpc.com/connect"
@@ -206,50 +207,71 @@ func newMetadataVerifyCmd() *cobra.Command {
 	}
 }
 
-// newMetadataRestoreCmd restores offline, into the data directory of a
-// stopped controller that holds no metadata yet.
+// newMetadataRestoreCmd restores offline: into the data directory of a
+// stopped controller that holds no metadata yet, or into an empty etcd
+// prefix no controller uses.
 func newMetadataRestoreCmd() *cobra.Command {
-	var dataDir string
+	var dataDir, spec string
+	var etcd meta.EtcdOptions
 	cmd := &cobra.Command{
-		Use:   "restore --data-dir DIR FILE",
-		Short: "Restore a backup into an empty metadata directory (controller stopped)",
-		Long: "Restore loads a backup into DIR, the data directory of a controller that is stopped and holds no\n" +
-			"metadata yet (a new directory, or one with only pki/ and the admin token copied in). It checks the\n" +
-			"whole file first, refuses a directory in use or with records, then writes, migrates an older\n" +
-			"schema and checks every index. A restore that fails is undone; one cut short by a crash leaves a\n" +
-			"store the controller refuses to open: remove DIR's database files and restore again.",
+		Use:   "restore (--data-dir DIR | --metadata etcd://HOST:PORT/PREFIX) FILE",
+		Short: "Restore a backup into an empty metadata store (controllers stopped)",
+		Long: "Restore loads a backup into an empty metadata store: the Badger database in --data-dir (or in the\n" +
+			"directory --metadata names) of a controller that is stopped and holds no metadata yet (a new\n" +
+			"directory, or one with only pki/ and admin.token copied in), or an etcd prefix that holds nothing.\n" +
+			"It checks the whole file first, refuses a store in use or with records, then writes, migrates an\n" +
+			"older schema and checks every index. A restore that fails is undone; one cut short by a crash\n" +
+			"leaves a store the controller refuses to open: empty it and restore again.",
 		Args: exactArgs(1, "a backup file (from `stowage metadata backup`)"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			asJSON, err := outputJSON(cmd)
 			if err != nil {
 				return err
 			}
-			if dataDir == "" {
-				return usageError{fmt.Errorf("--data-dir: the directory to restore into: %w", errdefs.ErrInvalid)}
+			target := spec
+			if target == "" {
+				target = dataDir
+			}
+			if target == "" {
+				return usageError{fmt.Errorf("--data-dir or --metadata: where to restore to: %w", errdefs.ErrInvalid)}
 			}
 			f, err := os.Open(args[0])
 			if err != nil {
 				return fmt.Errorf("restore: %w", err)
 			}
 			defer f.Close()
-			if err := os.MkdirAll(dataDir, 0o700); err != nil {
+			// A damaged or unknown file is refused before the store is
+			// created or touched.
+			if _, err := meta.VerifyBackup(cmd.Context(), f); err != nil {
+				return fmt.Errorf("restore: %s: %w", args[0], err)
+			}
+			if _, err := f.Seek(0, io.SeekStart); err != nil {
 				return fmt.Errorf("restore: %w", err)
 			}
-			db, err := meta.Open(dataDir)
+			if !strings.HasPrefix(target, "etcd:") {
+				if err := os.MkdirAll(target, 0o700); err != nil {
+					return fmt.Errorf("restore: %w", err)
+				}
+			}
+			db, err := meta.Open(target, meta.WithEtcd(etcd))
 			if err != nil {
-				return fmt.Errorf("restore: %w (is a controller running on %s? stop it first: it locks the database)", err, dataDir)
+				return fmt.Errorf("restore: %w (is a controller running on it? stop it first: it locks the database)", err)
 			}
 			info, err := meta.Restore(cmd.Context(), db, f)
+			where := db.Location()
 			if cerr := db.Close(); err == nil {
 				err = cerr
 			}
 			if err != nil {
-				return fmt.Errorf("restore into %s: %w", dataDir, err)
+				return fmt.Errorf("restore into %s: %w", where, err)
 			}
 			sum := backupSummary(info)
 			return emit(cmd, asJSON, sum, func(w io.Writer) {
-				fmt.Fprintf(w, "restored into %s\n", dataDir)
+				fmt.Fprintf(w, "restored into %s\n", where)
 				printBackupSummary(w, sum)
+				if dataDir == "" {
+					return
+				}
 				if _, err := os.Stat(filepath.Join(pkiDir(dataDir), trust.CAKeyFile)); errors.Is(err, fs.ErrNotExist) {
 					fmt.Fprintf(cmd.ErrOrStderr(), "warning: %s has no CA (%s): copy the old controller's pki/ directory in before starting it,\n"+
 						"or it makes a new CA and CHAP key, and every agent must join again and iSCSI secrets change\n",
@@ -258,6 +280,15 @@ func newMetadataRestoreCmd() *cobra.Command {
 			})
 		},
 	}
-	cmd.Flags().StringVar(&dataDir, "data-dir", "", "the stopped controller's data directory to restore into (required)")
+	f := cmd.Flags()
+	f.StringVar(&dataDir, "data-dir", "", "the stopped controller's data directory (its metadata unless --metadata is given)")
+	f.StringVar(&spec, "metadata", "", "the metadata store to restore into, as the controller's --metadata: a directory or etcd://host:port[,host:port...]/prefix")
+	// The controller's etcd flags (cmd/stowage/controller.go), for --metadata etcd://.
+	f.StringVar(&etcd.CACert, "etcd-cacert", "", "CA bundle of the etcd members' certificates (enables TLS to etcd)")
+	f.StringVar(&etcd.Cert, "etcd-cert", "", "client certificate for etcd (mutual TLS)")
+	f.StringVar(&etcd.Key, "etcd-key", "", "client key for etcd")
+	f.StringVar(&etcd.Username, "etcd-user", "", "etcd user (when the cluster has auth enabled)")
+	f.StringVar(&etcd.PasswordFile, "etcd-password-file", "", "file holding the etcd user's password")
+	f.IntVar(&etcd.MaxTxnOps, "etcd-max-txn-ops", 128, "the etcd cluster's --max-txn-ops")
 	return cmd
 }
