@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"crypto/sha256"
 	"errors"
+	"fmt"
 	"hash"
 	"io"
 	"os"
@@ -12,6 +13,7 @@ import (
 	"sort"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/stowage/stowage/errdefs"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
@@ -396,5 +398,56 @@ func TestBackupAcrossEngines(t *testing.T) {
 		if got[k] != v {
 			t.Errorf("key %s after Badger -> etcd -> Badger: %q, want %q", k, got[k], v)
 		}
+	}
+}
+
+// BenchmarkBackupRestore backs up and restores a store of 10,000 volumes
+// (each with its index entries); b.SetBytes makes it print the stream's
+// MB/s.
+func BenchmarkBackupRestore(b *testing.B) {
+	src, err := Open(b.TempDir())
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer src.Close()
+	for i := 0; i < 10000; i += 100 {
+		err := src.Txn(ctx, func(tx *Tx) error {
+			for j := i; j < i+100; j++ {
+				v := &stowagev1.Volume{Id: fmt.Sprintf("v%06d", j), Name: fmt.Sprintf("vm-%d-root", j), StoreId: "s1", TemplateId: "t1",
+					Size: 20 << 30, InstallPath: fmt.Sprintf("volumes/%06d.qcow2", j)}
+				if _, err := Volumes.CreateTx(tx, v); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			b.Fatal(err)
+		}
+	}
+	var buf bytes.Buffer
+	b.ResetTimer()
+	for range b.N {
+		buf.Reset()
+		t0 := time.Now()
+		info, err := src.Backup(ctx, &buf)
+		if err != nil {
+			b.Fatal(err)
+		}
+		took := time.Since(t0)
+		b.SetBytes(info.Bytes)
+		dst, err := Open(b.TempDir())
+		if err != nil {
+			b.Fatal(err)
+		}
+		t0 = time.Now()
+		if _, err := Restore(ctx, dst, bytes.NewReader(buf.Bytes())); err != nil {
+			b.Fatal(err)
+		}
+		b.ReportMetric(float64(info.Records), "keys")
+		b.ReportMetric(float64(info.Bytes)/1e6, "stream-MB")
+		b.ReportMetric(float64(took.Milliseconds()), "backup-ms")
+		b.ReportMetric(float64(time.Since(t0).Milliseconds()), "restore-ms")
+		dst.Close()
 	}
 }
