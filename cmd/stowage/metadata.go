@@ -254,8 +254,11 @@ func newMetadataRestoreCmd() *cobra.Command {
 				}
 			}
 			db, err := meta.Open(target, meta.WithEtcd(etcd))
-			if err != nil {
+			if errors.Is(err, errdefs.ErrUnavailable) && !strings.HasPrefix(target, "etcd:") {
 				return fmt.Errorf("restore: %w (is a controller running on it? stop it first: it locks the database)", err)
+			}
+			if err != nil {
+				return fmt.Errorf("restore: %w", err)
 			}
 			info, err := meta.Restore(cmd.Context(), db, f)
 			where := db.Location()
