@@ -147,6 +147,11 @@ func TestHAFailover(t *testing.T) {
 		t.Fatalf("write on the follower: %v (leader header %q)", err, ce.Meta().Get(failover.LeaderHeader))
 	}
 
+	// A follower also serves the metadata backup (one consistent read).
+	if _, errOut, code := runStowage(t, clientEnv(both), "metadata", "backup", filepath.Join(root, "meta.backup"), "--server", srvB); code != 0 {
+		t.Fatalf("metadata backup from the follower: exit %d: %s", code, errOut)
+	}
+
 	// The API client of the test, like the CLI, knows both controllers.
 	tr, err := failover.New(hcA.Transport, []string{srvA, srvB})
 	if err != nil {
