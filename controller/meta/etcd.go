@@ -281,6 +281,53 @@ func (t *etcdTxn) get(key []byte) ([]byte, error) {
 	return bytes.Clone(val), nil
 }
 
+// prefetch reads keys in as few etcd requests as the cluster allows (one
+// transaction of gets, at the read revision), into the cache get serves.
+func (t *etcdTxn) prefetch(keys [][]byte) error {
+	var todo []string
+	for _, key := range keys {
+		k := string(key)
+		if _, ok := t.writes[k]; ok {
+			continue
+		}
+		if _, ok := t.cache[k]; ok {
+			continue
+		}
+		todo = append(todo, k)
+	}
+	for len(todo) > 0 {
+		n := min(len(todo), t.s.maxOps)
+		ops := make([]clientv3.Op, n)
+		for i, k := range todo[:n] {
+			ops[i] = clientv3.OpGet(t.s.data+k, t.opts()...)
+		}
+		resp, err := t.s.cli.Txn(t.ctx).Then(ops...).Commit()
+		if err != nil {
+			return t.readErr(err)
+		}
+		t.pin(resp.Header.Revision)
+		if t.cache == nil {
+			t.cache = map[string][]byte{}
+		}
+		for i, k := range todo[:n] {
+			var val []byte
+			var mod int64
+			if kvs := resp.Responses[i].GetResponseRange().GetKvs(); len(kvs) == 1 {
+				val, mod = kvs[0].Value, kvs[0].ModRevision
+				if val == nil {
+					val = []byte{}
+				}
+			}
+			if t.writable {
+				t.reads[k] = mod
+			}
+			t.cache[k] = val
+		}
+		todo = todo[n:]
+	}
+	return nil
+}
+
 // readErr maps a read failure: a compacted read revision means the
 // transaction ran too long; a read-write one is retried on fresh data.
 func (t *etcdTxn) readErr(err error) error {
