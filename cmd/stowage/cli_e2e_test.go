@@ -38,6 +38,7 @@ var cliExempt = map[string]string{
 	"stowage dev":        "a server (controller and agent in one process): dev_test.go",
 	"stowage completion": "cobra's generated shell completion scripts",
 	"stowage help":       "cobra's generated help",
+	"stowage metadata":   "backup, verify and restore across a controller restart: metadata_e2e_test.go",
 }
 
 // cliSession runs CLI commands against one controller and records which

@@ -198,6 +198,7 @@ func runController(ctx context.Context, cfg controllerConfig, log *slog.Logger, 
 		Snapshots:   snapshotSvc,
 		Jobs:        runner,
 		Tokens:      tokens,
+		Metadata:    metadataService{db}, // backups (admin only): cmd/stowage/metadata.go
 		Auth:        authGuard,
 		MetricsAuth: metricsAuth,
 		Health:      func(ctx context.Context) error { _, err := db.SchemaVersion(ctx); return err },

@@ -147,6 +147,11 @@ func TestHAFailover(t *testing.T) {
 		t.Fatalf("write on the follower: %v (leader header %q)", err, ce.Meta().Get(failover.LeaderHeader))
 	}
 
+	// A follower also serves the metadata backup (one consistent read).
+	if _, errOut, code := runStowage(t, clientEnv(both), "metadata", "backup", filepath.Join(root, "meta.backup"), "--server", srvB); code != 0 {
+		t.Fatalf("metadata backup from the follower: exit %d: %s", code, errOut)
+	}
+
 	// The API client of the test, like the CLI, knows both controllers.
 	tr, err := failover.New(hcA.Transport, []string{srvA, srvB})
 	if err != nil {
@@ -236,6 +241,22 @@ func TestHAFailover(t *testing.T) {
 			running++
 		}
 	}
+	// And one through the CLI, which knows both controllers and waits for
+	// the job across the takeover.
+	cliCmd := exec.Command(stowageBin, "volume", "create", "--name", "cli1", "--template", tmplID, "--store", "p1", "--strategy", "full",
+		"--wait", "-o", "json", "--server", both)
+	cliCmd.Env = clientEnv(both)
+	var cliOut, cliErr strings.Builder
+	cliCmd.Stdout, cliCmd.Stderr = &cliOut, &cliErr
+	if err := cliCmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	cliDone := make(chan error, 1)
+	go func() { cliDone <- cliCmd.Wait() }()
+	waitFor(t, "the CLI's volume recorded", 30*time.Second, func() bool {
+		vs, err := a.volumes.ListVolumes(ctx, connect.NewRequest(&stowagev1.ListVolumesRequest{}))
+		return err == nil && slices.ContainsFunc(vs.Msg.GetVolumes(), func(v *stowagev1.Volume) bool { return v.GetName() == "cli1" })
+	})
 	reportf(t, "jobs unfinished when the leader was killed: %d of %d", running, len(jobIDs))
 	killed = time.Now()
 	ctlB.kill(syscall.SIGKILL)
@@ -243,6 +264,17 @@ func TestHAFailover(t *testing.T) {
 	reportf(t, "second takeover: %s", time.Since(killed).Round(10*time.Millisecond))
 	ctlB = controllerProc(t, addrB, dirB, ctlArgs(addrB)...)
 	_ = ctlB
+
+	select {
+	case err := <-cliDone:
+		if err != nil || !strings.Contains(cliOut.String(), "VOLUME_STATE_READY") {
+			t.Errorf("stowage volume create --wait across the takeover: %v\n%s\n%s", err, cliOut.String(), cliErr.String())
+		}
+	case <-time.After(2 * time.Minute):
+		_ = cliCmd.Process.Kill()
+		t.Fatalf("stowage volume create --wait did not end:\n%s", cliErr.String())
+	}
+	checkRaces(t, "stowage volume create", cliErr.String())
 
 	members[0].p.kill(syscall.SIGKILL)
 	for i := 6; i < 9; i++ {
@@ -304,7 +336,7 @@ func TestHAFailover(t *testing.T) {
 	if tmpl := len(have) - vols; tmpl != 1 {
 		t.Errorf("%d template files on the image store, want 1: %v", tmpl, have)
 	}
-	reportf(t, "%d volumes Ready of %d created; %d files on p1", ready, len(jobIDs), vols)
+	reportf(t, "%d volumes Ready of %d created (one by the CLI); %d files on p1", ready, len(jobIDs)+1, vols)
 	if ready == 0 {
 		t.Error("no volume was created")
 	}

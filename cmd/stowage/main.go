@@ -63,6 +63,7 @@ func newRootCmd() *cobra.Command {
 		newSnapshotCmd(),
 		newJobCmd(),
 		newTokenCmd(),
+		newMetadataCmd(),
 		newCopyCmd(),
 		newVerifyCmd(),
 		newNBDCmd(),

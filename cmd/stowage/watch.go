@@ -5,6 +5,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"time"
 
 	"connectrpc.com/connect"
 
@@ -20,34 +21,56 @@ func jobEnded(j *stowagev1.Job) bool {
 	return false
 }
 
+// rewatchFor is how long watchJob keeps following a job whose stream broke
+// (a controller that died; with several, the next one serves the watch once
+// it answers: a takeover takes up to the leader lease).
+const rewatchFor = 30 * time.Second
+
 // watchJob follows job id with WatchJob until it ends, reporting each update
-// to prog, and returns the job as it ended.
+// to prog, and returns the job as it ended. A stream that breaks is opened
+// again (through the failover transport: any controller serves it) for up
+// to rewatchFor.
 func watchJob(ctx context.Context, c *clients, id string, prog *jobProgress) (*stowagev1.Job, error) {
 	defer prog.close()
 	var last *stowagev1.Job
-	st, err := c.watch.WatchJob(ctx, connect.NewRequest(&stowagev1.WatchJobRequest{Id: id}))
-	if err == nil {
-		for st.Receive() {
-			last = st.Msg().GetJob()
-			prog.update(last)
+	var broke time.Time
+	for {
+		st, err := c.watch.WatchJob(ctx, connect.NewRequest(&stowagev1.WatchJobRequest{Id: id}))
+		if err == nil {
+			for st.Receive() {
+				last = st.Msg().GetJob()
+				prog.update(last)
+				broke = time.Time{}
+			}
+			err = st.Err()
+			st.Close()
 		}
-		err = st.Err()
-		st.Close()
+		if err == nil && jobEnded(last) {
+			return last, nil
+		}
+		if ctx.Err() != nil {
+			return nil, fmt.Errorf("stopped watching; job %s goes on (stowage job watch %s, stowage job cancel %s): %w", id, id, id, ctx.Err())
+		}
+		if err != nil && last == nil && connect.CodeOf(err) != connect.CodeUnavailable {
+			return nil, c.rpcErr(err)
+		}
+		// The stream broke or ended early: is the job over?
+		j, gerr := msgOf(c.jobs.GetJob(ctx, connect.NewRequest(&stowagev1.GetJobRequest{Id: id})))
+		if gerr == nil && jobEnded(j.GetJob()) {
+			prog.update(j.GetJob())
+			return j.GetJob(), nil
+		}
+		if broke.IsZero() {
+			broke = time.Now()
+		}
+		if time.Since(broke) > rewatchFor {
+			return nil, fmt.Errorf("lost the watch of job %s before it ended (stowage job watch %s follows it again): %w", id, id, errdefs.ErrUnavailable)
+		}
+		t := time.NewTimer(500 * time.Millisecond)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+		case <-t.C:
+		}
 	}
-	if err == nil && jobEnded(last) {
-		return last, nil
-	}
-	if ctx.Err() != nil {
-		return nil, fmt.Errorf("stopped watching; job %s goes on (stowage job watch %s, stowage job cancel %s): %w", id, id, id, ctx.Err())
-	}
-	if err != nil && last == nil {
-		return nil, c.rpcErr(err)
-	}
-	// The stream broke or ended early: ask once more.
-	j, gerr := msgOf(c.jobs.GetJob(ctx, connect.NewRequest(&stowagev1.GetJobRequest{Id: id})))
-	if gerr == nil && jobEnded(j.GetJob()) {
-		prog.update(j.GetJob())
-		return j.GetJob(), nil
-	}
-	return nil, fmt.Errorf("lost the watch of job %s before it ended (stowage job watch %s follows it again): %w", id, id, errdefs.ErrUnavailable)
 }

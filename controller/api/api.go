@@ -69,6 +69,9 @@ type Services struct {
 	// Tokens, when set, serves TokenService (API tokens; admin only by
 	// apiauth's role table).
 	Tokens TokenService
+	// Metadata, when set, serves MetadataService (backups of the
+	// metadata; admin only by apiauth's role table).
+	Metadata MetadataService
 	// Auth, when set, authenticates and authorizes every Connect call
 	// (apiauth.Guard). It runs inside the metrics and error-mapping
 	// interceptors, so refusals are counted and its errdefs classes become
@@ -117,6 +120,9 @@ func NewHandler(s Services, reg *prometheus.Registry, lim rpclimit.Limits) http.
 	}
 	if s.Tokens != nil {
 		mux.Handle(stowagev1connect.NewTokenServiceHandler(&tokenHandler{s.Tokens}, opts))
+	}
+	if s.Metadata != nil {
+		mux.Handle(stowagev1connect.NewMetadataServiceHandler(&metadataHandler{s.Metadata}, opts))
 	}
 	var metricsHandler http.Handler = promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg})
 	if s.MetricsAuth != nil {

@@ -9,13 +9,15 @@ import (
 	"connectrpc.com/connect"
 
 	"github.com/stowage/stowage/failover"
+	"github.com/stowage/stowage/proto/gen/stowage/v1/stowagev1connect"
 )
 
 // LeaderGate lets a controller that does not lead serve reads only: every
 // other call is refused with "unavailable", naming the leader's URL in the
 // failover.LeaderHeader response header (and the message), which agents and
-// the CLI follow. Reads are the methods named Get..., List... and Watch...;
-// a follower reads the shared metadata store as the leader does.
+// the CLI follow. Reads are the methods named Get..., List... and Watch...,
+// and MetadataService.Backup; a follower reads the shared metadata store
+// as the leader does.
 type LeaderGate struct {
 	leading atomic.Bool
 	leader  func(ctx context.Context) (string, error)
@@ -33,8 +35,16 @@ func (g *LeaderGate) SetLeading(on bool) { g.leading.Store(on) }
 // Leading reports whether this controller leads.
 func (g *LeaderGate) Leading() bool { return g.leading.Load() }
 
+// readProcedures are the reads not named Get, List or Watch.
+var readProcedures = map[string]bool{
+	stowagev1connect.MetadataServiceBackupProcedure: true, // one consistent read of the store
+}
+
 // readOnly reports whether procedure ("/pkg.Service/Method") only reads.
 func readOnly(procedure string) bool {
+	if readProcedures[procedure] {
+		return true
+	}
 	m := procedure[strings.LastIndexByte(procedure, '/')+1:]
 	for _, p := range []string{"Get", "List", "Watch"} {
 		if strings.HasPrefix(m, p) {

@@ -144,6 +144,10 @@ var procedureRoles = map[string]Role{
 	stowagev1connect.TokenServiceCreateTokenProcedure: RoleAdmin,
 	stowagev1connect.TokenServiceListTokensProcedure:  RoleAdmin,
 	stowagev1connect.TokenServiceRevokeTokenProcedure: RoleAdmin,
+
+	// A metadata backup holds every record, API token and join token
+	// hashes included.
+	stowagev1connect.MetadataServiceBackupProcedure: RoleAdmin,
 }
 
 // RequiredRole is the minimum role for procedure ("/stowage.v1.VolumeService/CreateVolume"):

@@ -146,6 +146,12 @@ func (r *Runner) Resume(ctx context.Context) error {
 		return fmt.Errorf("resume jobs: %w", err)
 	}
 	for _, j := range unfinished {
+		r.mu.Lock()
+		_, mine := r.running[j.GetId()]
+		r.mu.Unlock()
+		if mine {
+			continue // submitted to this controller since it started
+		}
 		r.log.Info("resuming job left by a previous controller", "job", j.GetId(), "kind", j.GetKind(), "state", meta.JobStateName(j.GetState()))
 		r.launch(j)
 	}

@@ -50,6 +50,7 @@
 // CloudStack-style names (EnumName: "Up", "PrepareForMaintenance").
 //
 //	meta/schema-version                          "4" (decimal): the layout version, see migrations.go
+//	meta/restore-incomplete                      only while Restore writes (backup.go): Open refuses the store
 //	<kind>/<id>                                  the record (protobuf)
 //	idx/<kind>/<field>/<value>/<id>              secondary index entry (empty value)
 //	uniq/<kind>/<field>/<value>                  unique index entry -> owner id
@@ -94,6 +95,13 @@
 // Listings come out ordered by id; ids from NewID are UUIDv7, so that is
 // also creation order. Changing the layout means a new entry in the
 // migrations slice (migrations.go), applied by Open, with its own test.
+//
+// # Backup and restore
+//
+// DB.Backup writes every key of one read snapshot in a versioned,
+// SHA-256-checksummed stream (backup.go); Restore loads one into an empty
+// store through the same kvStore seam, so it works on every engine, then
+// migrates and checks it. VerifyBackup checks a stream without a store.
 //
 // # Storage engines
 //

@@ -137,7 +137,7 @@ func openEtcd(ctx context.Context, spec string, o EtcdOptions) (*etcdStore, erro
 	}
 	cli, err := clientv3.New(cfg)
 	if err != nil {
-		return nil, fmt.Errorf("meta: etcd client: %w", err)
+		return nil, fmt.Errorf("meta: etcd client: %w", etcdErr(err))
 	}
 	s := &etcdStore{cli: cli, root: prefix, data: prefix + "/kv/", marker: prefix + "/commit", maxOps: o.MaxTxnOps}
 	if s.maxOps <= 0 {
@@ -184,8 +184,10 @@ func etcdErr(err error) error {
 	case err == nil:
 		return nil
 	case errors.Is(err, rpctypes.ErrAuthFailed), errors.Is(err, rpctypes.ErrInvalidAuthToken),
-		errors.Is(err, rpctypes.ErrUserEmpty), errors.Is(err, rpctypes.ErrPermissionDenied):
+		errors.Is(err, rpctypes.ErrUserEmpty):
 		return fmt.Errorf("%w: %w", errdefs.ErrUnauthenticated, err)
+	case errors.Is(err, rpctypes.ErrPermissionDenied):
+		return fmt.Errorf("%w: the etcd user may not use this prefix: %w", errdefs.ErrPermissionDenied, err)
 	case errors.Is(err, context.Canceled):
 		return err
 	default:
@@ -279,11 +281,61 @@ func (t *etcdTxn) get(key []byte) ([]byte, error) {
 	return bytes.Clone(val), nil
 }
 
+// prefetch reads keys in as few etcd requests as the cluster allows (one
+// transaction of gets, at the read revision), into the cache get serves.
+func (t *etcdTxn) prefetch(keys [][]byte) error {
+	var todo []string
+	for _, key := range keys {
+		k := string(key)
+		if _, ok := t.writes[k]; ok {
+			continue
+		}
+		if _, ok := t.cache[k]; ok {
+			continue
+		}
+		todo = append(todo, k)
+	}
+	for len(todo) > 0 {
+		n := min(len(todo), t.s.maxOps)
+		ops := make([]clientv3.Op, n)
+		for i, k := range todo[:n] {
+			ops[i] = clientv3.OpGet(t.s.data+k, t.opts()...)
+		}
+		resp, err := t.s.cli.Txn(t.ctx).Then(ops...).Commit()
+		if err != nil {
+			return t.readErr(err)
+		}
+		t.pin(resp.Header.Revision)
+		if t.cache == nil {
+			t.cache = map[string][]byte{}
+		}
+		for i, k := range todo[:n] {
+			var val []byte
+			var mod int64
+			if kvs := resp.Responses[i].GetResponseRange().GetKvs(); len(kvs) == 1 {
+				val, mod = kvs[0].Value, kvs[0].ModRevision
+				if val == nil {
+					val = []byte{}
+				}
+			}
+			if t.writable {
+				t.reads[k] = mod
+			}
+			t.cache[k] = val
+		}
+		todo = todo[n:]
+	}
+	return nil
+}
+
 // readErr maps a read failure: a compacted read revision means the
-// transaction ran too long and is retried on fresh data.
+// transaction ran too long; a read-write one is retried on fresh data.
 func (t *etcdTxn) readErr(err error) error {
 	if errors.Is(err, rpctypes.ErrCompacted) {
-		return errTxnConflict
+		if t.writable {
+			return errTxnConflict
+		}
+		return fmt.Errorf("meta: etcd compacted the revision this read started at; read again: %w: %w", errdefs.ErrAborted, err)
 	}
 	return fmt.Errorf("meta: etcd read: %w", etcdErr(err))
 }

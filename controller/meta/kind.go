@@ -235,21 +235,62 @@ func (k *Kind[T]) ListTx(tx *Tx, f Filter[T]) ([]T, error) {
 		return out, nil
 	}
 	prefix := indexValuePrefix(k.name, ix.field, f.Value)
+	// The records an index names are read in batches: an engine that reads
+	// over the network (etcd) fetches a batch in one request.
+	var batch []string
+	stopped := false
+	flush := func() error {
+		if p, ok := tx.kv.(prefetcher); ok && len(batch) > 1 {
+			keys := make([][]byte, len(batch))
+			for i, id := range batch {
+				keys[i] = recordKey(k.name, id)
+			}
+			if err := p.prefetch(keys); err != nil {
+				return err
+			}
+		}
+		for _, id := range batch {
+			rec, err := k.loadIndexed(tx.kv, ix, f.Value, id)
+			if err != nil {
+				return err
+			}
+			if !keep(rec) {
+				stopped = true
+				break
+			}
+		}
+		batch = batch[:0]
+		return nil
+	}
 	err = tx.kv.scan(prefix, seekAfter(prefix, f.After), true, func(key, _ []byte) error {
 		if err := tx.ctx.Err(); err != nil {
 			return fmt.Errorf("meta: %w", err)
 		}
-		rec, err := k.loadIndexed(tx.kv, ix, f.Value, string(key[len(prefix):]))
-		if err != nil {
+		batch = append(batch, string(key[len(prefix):]))
+		// Without a filter exactly the records still wanted are read.
+		want := listBatch
+		if f.Limit > 0 && f.Where == nil {
+			want = min(want, f.Limit-len(out))
+		}
+		if len(batch) < want {
+			return nil
+		}
+		if err := flush(); err != nil {
 			return err
 		}
-		if !keep(rec) {
+		if stopped {
 			return errStopScan
 		}
 		return nil
 	})
+	if err == nil && !stopped && len(batch) > 0 {
+		err = flush()
+	}
 	return out, err
 }
+
+// listBatch is how many records an indexed listing reads at once.
+const listBatch = 64
 
 // seekAfter is where a scan of prefix starts to skip ids <= after.
 func seekAfter(prefix []byte, after string) []byte {

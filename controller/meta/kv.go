@@ -45,6 +45,13 @@ type kvTxn interface {
 	scan(prefix, seek []byte, keysOnly bool, fn func(key, val []byte) error) error
 }
 
+// prefetcher is implemented by a transaction that can read many keys in
+// one request (etcd): after prefetch, get of those keys is served from the
+// transaction, with the same guards as if each had been read by get.
+type prefetcher interface {
+	prefetch(keys [][]byte) error
+}
+
 var (
 	errKeyNotFound = errors.New("meta: key not found")
 	errTxnConflict = errors.New("meta: transaction conflict")

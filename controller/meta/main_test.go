@@ -45,27 +45,10 @@ func startEmbeddedEtcd() (func(), error) {
 	if err != nil {
 		return nil, err
 	}
-	cfg := embed.NewConfig()
-	cfg.Dir = dir
-	cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
-	cfg.LogLevel = "error"
-	ports := make([]string, 2)
-	for i := range ports {
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			return nil, err
-		}
-		ports[i] = ln.Addr().String()
-		ln.Close()
+	cfg, client, err := embedConfig(dir, "http")
+	if err != nil {
+		return nil, err
 	}
-	client, _ := url.Parse("http://" + ports[0])
-	peer, _ := url.Parse("http://" + ports[1])
-	cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{*client}, []url.URL{*client}
-	cfg.ListenPeerUrls, cfg.AdvertisePeerUrls = []url.URL{*peer}, []url.URL{*peer}
-	cfg.InitialCluster = cfg.Name + "=" + peer.String()
-	// Tests write fast and often; fsync per commit would make the suite
-	// slow without testing anything more.
-	cfg.UnsafeNoFsync = true
 	e, err := embed.StartEtcd(cfg)
 	if err != nil {
 		os.RemoveAll(dir)
@@ -78,8 +61,35 @@ func startEmbeddedEtcd() (func(), error) {
 		os.RemoveAll(dir)
 		return nil, fmt.Errorf("not ready after 30s")
 	}
-	etcdURL = ports[0]
+	etcdURL = client.Host
 	return func() { e.Close(); os.RemoveAll(dir) }, nil
+}
+
+// embedConfig is a one-member etcd in dir on free loopback ports; clients
+// reach it with scheme (http, or https once the caller sets ClientTLSInfo).
+func embedConfig(dir, scheme string) (*embed.Config, *url.URL, error) {
+	cfg := embed.NewConfig()
+	cfg.Dir = dir
+	cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
+	cfg.LogLevel = "error"
+	ports := make([]string, 2)
+	for i := range ports {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return nil, nil, err
+		}
+		ports[i] = ln.Addr().String()
+		ln.Close()
+	}
+	client, _ := url.Parse(scheme + "://" + ports[0])
+	peer, _ := url.Parse("http://" + ports[1])
+	cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{*client}, []url.URL{*client}
+	cfg.ListenPeerUrls, cfg.AdvertisePeerUrls = []url.URL{*peer}, []url.URL{*peer}
+	cfg.InitialCluster = cfg.Name + "=" + peer.String()
+	// Tests write fast and often; fsync per commit would make the suite
+	// slow without testing anything more.
+	cfg.UnsafeNoFsync = true
+	return cfg, client, nil
 }
 
 // testSpec names a new, empty store for t: a directory in the Badger

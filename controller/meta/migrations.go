@@ -51,8 +51,28 @@ func readSchemaVersion(kt kvTxn) (int, error) {
 }
 
 // migrate brings kv to the last version in migs, one transaction per step.
-// It refuses a database whose version is newer than the last of migs.
+// It refuses a database whose version is newer than the last of migs, and
+// one a restore did not finish (backup.go).
 func migrate(ctx context.Context, kv kvStore, migs []migration) error {
+	if err := kv.view(ctx, func(kt kvTxn) error {
+		started, err := kt.get([]byte(restoreMarkerKey))
+		if errors.Is(err, errKeyNotFound) {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("meta: read the restore marker: %w", err)
+		}
+		return fmt.Errorf("meta: a restore into this store did not finish (backup sha256 %s); "+
+			"empty it (a new directory or etcd prefix) and restore again: %w", started, errdefs.ErrFailedPrecondition)
+	}); err != nil {
+		return err
+	}
+	return applyMigrations(ctx, kv, migs)
+}
+
+// applyMigrations is migrate without the restore check (Restore runs it
+// while its marker is set).
+func applyMigrations(ctx context.Context, kv kvStore, migs []migration) error {
 	for i, m := range migs {
 		if m.version != i+1 {
 			return fmt.Errorf("meta: migration %q has version %d, want %d: %w", m.name, m.version, i+1, errdefs.ErrInternal)
