@@ -257,6 +257,10 @@ func TestHAFailover(t *testing.T) {
 		vs, err := a.volumes.ListVolumes(ctx, connect.NewRequest(&stowagev1.ListVolumesRequest{}))
 		return err == nil && slices.ContainsFunc(vs.Msg.GetVolumes(), func(v *stowagev1.Volume) bool { return v.GetName() == "cli1" })
 	})
+	// The record is committed before the reply is sent: give the reply
+	// time to reach the CLI (a create whose reply is lost with its
+	// controller fails in the CLI; that is not what this step tests).
+	time.Sleep(300 * time.Millisecond)
 	reportf(t, "jobs unfinished when the leader was killed: %d of %d", running, len(jobIDs))
 	killed = time.Now()
 	ctlB.kill(syscall.SIGKILL)

@@ -51,7 +51,7 @@ func watchJob(ctx context.Context, c *clients, id string, prog *jobProgress) (*s
 		if ctx.Err() != nil {
 			return nil, fmt.Errorf("stopped watching; job %s goes on (stowage job watch %s, stowage job cancel %s): %w", id, id, id, ctx.Err())
 		}
-		if err != nil && last == nil && connect.CodeOf(err) != connect.CodeUnavailable {
+		if err != nil && last == nil && definite(err) {
 			return nil, c.rpcErr(err)
 		}
 		// The stream broke or ended early: is the job over?
@@ -73,4 +73,16 @@ func watchJob(ctx context.Context, c *clients, id string, prog *jobProgress) (*s
 		case <-t.C:
 		}
 	}
+}
+
+// definite reports an answer a controller gave about the job (it is not
+// there, or the caller may not see it), as opposed to a stream that broke:
+// a controller killed mid-message leaves "incomplete envelope" errors of
+// other codes.
+func definite(err error) bool {
+	switch connect.CodeOf(err) {
+	case connect.CodeNotFound, connect.CodePermissionDenied, connect.CodeUnauthenticated:
+		return true
+	}
+	return false
 }

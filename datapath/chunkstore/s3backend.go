@@ -358,5 +358,19 @@ func (b *s3Backend) blockingLease(ctx context.Context, dir, mine string, mode Lo
 func (b *s3Backend) dropLease(ctx context.Context, key string) {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 	defer cancel()
-	_ = b.c.RemoveObject(ctx, b.cfg.Bucket, key, minio.RemoveObjectOptions{})
+	// A lease left behind blocks the other lockers until it is stale
+	// (LeaseTTL), so a failed delete is tried twice more.
+	for attempt, pause := 1, 100*time.Millisecond; ; attempt, pause = attempt+1, pause*2 {
+		err := b.c.RemoveObject(ctx, b.cfg.Bucket, key, minio.RemoveObjectOptions{})
+		if err == nil || ctx.Err() != nil || attempt == 3 {
+			return
+		}
+		t := time.NewTimer(pause)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return
+		case <-t.C:
+		}
+	}
 }
