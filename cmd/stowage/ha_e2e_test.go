@@ -55,17 +55,23 @@ func startEtcdCluster(t *testing.T, root string, n int) []*etcdMember {
 			"--heartbeat-interval", "100", "--election-timeout", "1000")
 	}
 	for _, m := range ms {
-		waitFor(t, "etcd "+m.name+" healthy", 30*time.Second, func() bool {
-			resp, err := http.Get("http://" + m.client + "/health")
-			if err != nil {
-				return false
-			}
-			defer resp.Body.Close()
-			b, _ := io.ReadAll(resp.Body)
-			return resp.StatusCode == 200 && strings.Contains(string(b), `"true"`)
-		})
+		waitEtcdHealthy(t, m)
 	}
 	return ms
+}
+
+// waitEtcdHealthy waits until member m answers /health with true.
+func waitEtcdHealthy(t *testing.T, m *etcdMember) {
+	t.Helper()
+	waitFor(t, "etcd "+m.name+" healthy", 30*time.Second, func() bool {
+		resp, err := http.Get("http://" + m.client + "/health")
+		if err != nil {
+			return false
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode == 200 && strings.Contains(string(b), `"true"`)
+	})
 }
 
 // role is what a controller's /healthz says it is: "leader", "follower",

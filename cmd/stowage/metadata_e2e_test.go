@@ -9,7 +9,6 @@ package main
 // runs a new job.
 
 import (
-	"io"
 	"io/fs"
 	"net/http"
 	"net/http/httptest"
@@ -284,13 +283,5 @@ func startEtcdMember(t *testing.T, m *etcdMember) {
 	m.p = startBin(t, "etcd "+m.name, "etcd", nil, "--name", m.name, "--data-dir", m.dir,
 		"--listen-client-urls", "http://"+m.client, "--advertise-client-urls", "http://"+m.client,
 		"--listen-peer-urls", "http://"+m.peer, "--initial-advertise-peer-urls", "http://"+m.peer, "--log-level", "warn")
-	waitFor(t, "etcd "+m.name+" healthy", 30*time.Second, func() bool {
-		resp, err := http.Get("http://" + m.client + "/health")
-		if err != nil {
-			return false
-		}
-		defer resp.Body.Close()
-		b, _ := io.ReadAll(resp.Body)
-		return resp.StatusCode == 200 && strings.Contains(string(b), `"true"`)
-	})
+	waitEtcdHealthy(t, m)
 }

@@ -496,15 +496,11 @@ func (db *DB) undoRestore(ctx context.Context, version []byte) error {
 // raw runs fn in one engine transaction, below the typed repository (no
 // retries: backup and restore are the store's only user).
 func (db *DB) raw(ctx context.Context, write bool, fn func(kvTxn) error) error {
-	if err := ctx.Err(); err != nil {
-		return fmt.Errorf("meta: %w", err)
+	release, err := db.enter(ctx)
+	if err != nil {
+		return err
 	}
-	db.mu.RLock()
-	defer db.mu.RUnlock()
-	if db.closed {
-		return fmt.Errorf("meta: database is closed: %w", errdefs.ErrUnavailable)
-	}
-	var err error
+	defer release()
 	if write {
 		err = db.kv.update(ctx, fn)
 	} else {

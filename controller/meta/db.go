@@ -253,14 +253,11 @@ func (tx *Tx) check(write bool) error {
 // method writes nothing when it fails, so fn may handle an error (say
 // ErrAlreadyExists) and still commit the rest.
 func (db *DB) Txn(ctx context.Context, fn func(tx *Tx) error) error {
-	if err := ctx.Err(); err != nil {
-		return fmt.Errorf("meta: %w", err)
+	release, err := db.enter(ctx)
+	if err != nil {
+		return err
 	}
-	db.mu.RLock()
-	defer db.mu.RUnlock()
-	if db.closed {
-		return fmt.Errorf("meta: database is closed: %w", errdefs.ErrUnavailable)
-	}
+	defer release()
 	for attempt := 1; ; attempt++ {
 		workflow := false
 		err := db.kv.update(ctx, func(kt kvTxn) error {
@@ -302,19 +299,30 @@ func (db *DB) View(ctx context.Context, fn func(tx *Tx) error) error {
 }
 
 func (db *DB) view(ctx context.Context, fn func(tx *Tx) error) error {
-	if err := ctx.Err(); err != nil {
-		return fmt.Errorf("meta: %w", err)
+	release, err := db.enter(ctx)
+	if err != nil {
+		return err
 	}
-	db.mu.RLock()
-	defer db.mu.RUnlock()
-	if db.closed {
-		return fmt.Errorf("meta: database is closed: %w", errdefs.ErrUnavailable)
-	}
+	defer release()
 	return db.kv.view(ctx, func(kt kvTxn) error {
 		tx := &Tx{ctx: ctx, kv: kt, now: db.now()}
 		defer func() { tx.done = true }()
 		return fn(tx)
 	})
+}
+
+// enter starts a use of the store: it fails when ctx has ended or the
+// store is closed, and otherwise holds Close off until release.
+func (db *DB) enter(ctx context.Context) (release func(), err error) {
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("meta: %w", err)
+	}
+	db.mu.RLock()
+	if db.closed {
+		db.mu.RUnlock()
+		return nil, fmt.Errorf("meta: database is closed: %w", errdefs.ErrUnavailable)
+	}
+	return db.mu.RUnlock, nil
 }
 
 // NewID returns a new record id: a UUIDv7, whose text sorts by creation
