@@ -50,10 +50,13 @@ import (
 	"net/http"
 	"net/url"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
 	"connectrpc.com/connect"
+	"connectrpc.com/grpchealth"
+	"connectrpc.com/grpcreflect"
 	"github.com/coreos/go-systemd/v22/daemon"
 	"github.com/google/uuid"
 
@@ -257,7 +260,8 @@ func New(cfg Config, fs *hostfs.Local, log *slog.Logger, opts ...Option) (*Agent
 	return a, nil
 }
 
-// Handler serves AgentService, the exports (with WithExports) and /healthz,
+// Handler serves AgentService, gRPC reflection and health, the exports
+// (with WithExports) and /healthz,
 // every request bounded by the agent's limits (WithLimits); Run serves it
 // on the agent's listener, tests on their own.
 func (a *Agent) Handler() http.Handler {
@@ -266,7 +270,17 @@ func (a *Agent) Handler() http.Handler {
 	if a.creds != nil {
 		interceptors = append(interceptors, controllerOnly(a.log))
 	}
-	mux.Handle(stowagev1connect.NewAgentServiceHandler(a.svc, a.limits.HandlerOptions(), connect.WithInterceptors(interceptors...)))
+	path, h := stowagev1connect.NewAgentServiceHandler(a.svc, a.limits.HandlerOptions(), connect.WithInterceptors(interceptors...))
+	mux.Handle(path, h)
+	// gRPC reflection (the controller's only, as AgentService) and
+	// health (any enrolled peer: the listener's mutual TLS is the gate) for
+	// grpcurl and grpc_health_probe. The agent is SERVING while it serves.
+	service := strings.Trim(path, "/")
+	reflector := grpcreflect.NewStaticReflector(service)
+	ropts := connect.WithHandlerOptions(a.limits.HandlerOptions(), connect.WithInterceptors(interceptors...))
+	mux.Handle(grpcreflect.NewHandlerV1(reflector, ropts))
+	mux.Handle(grpcreflect.NewHandlerV1Alpha(reflector, ropts))
+	mux.Handle(grpchealth.NewHandler(grpchealth.NewStaticChecker(service), a.limits.HandlerOptions(), connect.WithInterceptors(errconnect.Interceptor())))
 	if a.exports != nil {
 		mux.Handle(exports.Prefix, a.exports)
 	}

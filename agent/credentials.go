@@ -239,23 +239,47 @@ func AddressesOf(urlsOrHostPorts ...string) []string {
 	return out
 }
 
-// controllerOnly refuses AgentService calls that do not come with the
-// controller's certificate.
-func controllerOnly(log *slog.Logger) connect.Interceptor {
-	return connect.UnaryInterceptorFunc(func(next connect.UnaryFunc) connect.UnaryFunc {
-		return func(ctx context.Context, req connect.AnyRequest) (connect.AnyResponse, error) {
-			peer, ok := trust.PeerFrom(ctx)
-			switch {
-			case !ok:
-				log.Warn("agent call refused: no client certificate", "procedure", req.Spec().Procedure, "peer", req.Peer().Addr)
-				return nil, fmt.Errorf("%s: only the controller may call the agent, with its certificate: %w", req.Spec().Procedure, errdefs.ErrUnauthenticated)
-			case !peer.IsController():
-				log.Warn("agent call refused: not the controller", "procedure", req.Spec().Procedure, "peer", req.Peer().Addr, "identity", peer.String())
-				return nil, fmt.Errorf("%s: the caller is %s; only the controller may call the agent: %w", req.Spec().Procedure, peer, errdefs.ErrPermissionDenied)
-			}
-			return next(ctx, req)
+// controllerOnly refuses AgentService (and reflection) calls that do not
+// come with the controller's certificate, unary and streaming alike.
+func controllerOnly(log *slog.Logger) connect.Interceptor { return controllerGate{log} }
+
+type controllerGate struct{ log *slog.Logger }
+
+var _ connect.Interceptor = controllerGate{}
+
+func (g controllerGate) check(ctx context.Context, procedure, addr string) error {
+	peer, ok := trust.PeerFrom(ctx)
+	switch {
+	case !ok:
+		g.log.Warn("agent call refused: no client certificate", "procedure", procedure, "peer", addr)
+		return fmt.Errorf("%s: only the controller may call the agent, with its certificate: %w", procedure, errdefs.ErrUnauthenticated)
+	case !peer.IsController():
+		g.log.Warn("agent call refused: not the controller", "procedure", procedure, "peer", addr, "identity", peer.String())
+		return fmt.Errorf("%s: the caller is %s; only the controller may call the agent: %w", procedure, peer, errdefs.ErrPermissionDenied)
+	}
+	return nil
+}
+
+func (g controllerGate) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc {
+	return func(ctx context.Context, req connect.AnyRequest) (connect.AnyResponse, error) {
+		if err := g.check(ctx, req.Spec().Procedure, req.Peer().Addr); err != nil {
+			return nil, err
 		}
-	})
+		return next(ctx, req)
+	}
+}
+
+func (g controllerGate) WrapStreamingClient(next connect.StreamingClientFunc) connect.StreamingClientFunc {
+	return next
+}
+
+func (g controllerGate) WrapStreamingHandler(next connect.StreamingHandlerFunc) connect.StreamingHandlerFunc {
+	return func(ctx context.Context, conn connect.StreamingHandlerConn) error {
+		if err := g.check(ctx, conn.Spec().Procedure, conn.Peer().Addr); err != nil {
+			return err
+		}
+		return next(ctx, conn)
+	}
 }
 
 // DefaultAddresses are the addresses an agent configured with cfg serves

@@ -2,13 +2,15 @@
 // protobuf requests into calls on the domain services and back. Errors are
 // mapped from their errdefs class to a Connect code in exactly one place, the
 // errconnect interceptor installed on every handler. The same port serves
-// Connect (curl with JSON works), gRPC and gRPC-Web, plus /metrics and /healthz.
+// Connect (curl with JSON works), gRPC and gRPC-Web, plus /metrics and /healthz,
+// gRPC server reflection and the gRPC health protocol (grpcstd.go).
 package api
 
 import (
 	"context"
 	"fmt"
 	"net/http"
+	"strings"
 	"time"
 
 	"connectrpc.com/connect"
@@ -96,7 +98,7 @@ type TokenService interface {
 }
 
 // NewHandler returns the controller's HTTP handler: every Connect service,
-// /metrics from reg and /healthz. Every request is bounded by lim (its
+// gRPC reflection and health over them, /metrics from reg and /healthz. Every request is bounded by lim (its
 // message size, decompressed, and the time and size of its body).
 func NewHandler(s Services, reg *prometheus.Registry, lim rpclimit.Limits) http.Handler {
 	metrics := newRPCMetrics(reg)
@@ -109,21 +111,27 @@ func NewHandler(s Services, reg *prometheus.Registry, lim rpclimit.Limits) http.
 	}
 	opts := connect.WithHandlerOptions(lim.HandlerOptions(), connect.WithInterceptors(interceptors...))
 	mux := http.NewServeMux()
-	mux.Handle(stowagev1connect.NewStoreServiceHandler(&storeHandler{s.Stores}, opts))
-	mux.Handle(stowagev1connect.NewHostServiceHandler(&hostHandler{s.Hosts, s.Enrol}, opts))
-	mux.Handle(stowagev1connect.NewAgentControlServiceHandler(&agentControlHandler{s.Hosts, s.Enrol}, opts))
+	var services []string // for reflection and health
+	handle := func(path string, h http.Handler) {
+		mux.Handle(path, h)
+		services = append(services, strings.Trim(path, "/"))
+	}
+	handle(stowagev1connect.NewStoreServiceHandler(&storeHandler{s.Stores}, opts))
+	handle(stowagev1connect.NewHostServiceHandler(&hostHandler{s.Hosts, s.Enrol}, opts))
+	handle(stowagev1connect.NewAgentControlServiceHandler(&agentControlHandler{s.Hosts, s.Enrol}, opts))
 	if s.Images != nil {
-		mux.Handle(stowagev1connect.NewImageServiceHandler(&imageHandler{s.Images}, opts))
-		mux.Handle(stowagev1connect.NewVolumeServiceHandler(&volumeHandler{s.Volumes}, opts))
-		mux.Handle(stowagev1connect.NewSnapshotServiceHandler(&snapshotHandler{s.Snapshots}, opts))
-		mux.Handle(stowagev1connect.NewJobServiceHandler(&jobHandler{s.Jobs}, opts))
+		handle(stowagev1connect.NewImageServiceHandler(&imageHandler{s.Images}, opts))
+		handle(stowagev1connect.NewVolumeServiceHandler(&volumeHandler{s.Volumes}, opts))
+		handle(stowagev1connect.NewSnapshotServiceHandler(&snapshotHandler{s.Snapshots}, opts))
+		handle(stowagev1connect.NewJobServiceHandler(&jobHandler{s.Jobs}, opts))
 	}
 	if s.Tokens != nil {
-		mux.Handle(stowagev1connect.NewTokenServiceHandler(&tokenHandler{s.Tokens}, opts))
+		handle(stowagev1connect.NewTokenServiceHandler(&tokenHandler{s.Tokens}, opts))
 	}
 	if s.Metadata != nil {
-		mux.Handle(stowagev1connect.NewMetadataServiceHandler(&metadataHandler{s.Metadata}, opts))
+		handle(stowagev1connect.NewMetadataServiceHandler(&metadataHandler{s.Metadata}, opts))
 	}
+	grpcStandard(mux, services, s.Health, opts)
 	var metricsHandler http.Handler = promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg})
 	if s.MetricsAuth != nil {
 		metricsHandler = s.MetricsAuth(metricsHandler)

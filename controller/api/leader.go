@@ -3,6 +3,7 @@ package api
 import (
 	"context"
 	"errors"
+	"slices"
 	"strings"
 	"sync/atomic"
 
@@ -42,7 +43,7 @@ var readProcedures = map[string]bool{
 
 // readOnly reports whether procedure ("/pkg.Service/Method") only reads.
 func readOnly(procedure string) bool {
-	if readProcedures[procedure] {
+	if readProcedures[procedure] || slices.Contains(ReflectionProcedures, procedure) || slices.Contains(HealthProcedures, procedure) {
 		return true
 	}
 	m := procedure[strings.LastIndexByte(procedure, '/')+1:]

@@ -4,6 +4,9 @@ import (
 	"fmt"
 	"strings"
 
+	"connectrpc.com/grpchealth"
+	"connectrpc.com/grpcreflect"
+
 	"github.com/stowage/stowage/errdefs"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 	"github.com/stowage/stowage/proto/gen/stowage/v1/stowagev1connect"
@@ -150,11 +153,28 @@ var procedureRoles = map[string]Role{
 	stowagev1connect.MetadataServiceBackupProcedure: RoleAdmin,
 }
 
+// protocolRoles are the gRPC ecosystem's standard procedures the
+// controller serves beside stowage.v1 (controller/api/grpcstd.go).
+var protocolRoles = map[string]Role{
+	// Reflection describes the whole API (every service, message and
+	// field): a read of the API, for readers, as its Get and List.
+	"/" + grpcreflect.ReflectV1ServiceName + "/ServerReflectionInfo":      RoleReader,
+	"/" + grpcreflect.ReflectV1AlphaServiceName + "/ServerReflectionInfo": RoleReader,
+	// Health is open like /healthz: probes (grpc_health_probe,
+	// Kubernetes' grpc probes) carry no token, and it says only
+	// SERVING or NOT_SERVING.
+	"/" + grpchealth.HealthV1ServiceName + "/Check": Exempt,
+	"/" + grpchealth.HealthV1ServiceName + "/Watch": Exempt,
+}
+
 // RequiredRole is the minimum role for procedure ("/stowage.v1.VolumeService/CreateVolume"):
 // its entry in the role table, Exempt for agent procedures, and RoleAdmin
 // for a procedure the table does not know (fail closed).
 func RequiredRole(procedure string) Role {
 	if r, ok := procedureRoles[procedure]; ok {
+		return r
+	}
+	if r, ok := protocolRoles[procedure]; ok {
 		return r
 	}
 	return RoleAdmin

@@ -76,3 +76,19 @@ func TestRoleOrder(t *testing.T) {
 		t.Error("ParseRole(root) must fail")
 	}
 }
+
+// TestProtocolRoles: reflection describes the API, so it asks for a
+// reader; health is open like /healthz (probes carry no token).
+func TestProtocolRoles(t *testing.T) {
+	for proc, want := range map[string]Role{
+		"/grpc.reflection.v1.ServerReflectionInfo/ServerReflectionInfo": RoleAdmin, // not a procedure: fail closed
+		"/grpc.reflection.v1.ServerReflection/ServerReflectionInfo":      RoleReader,
+		"/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": RoleReader,
+		"/grpc.health.v1.Health/Check":                                   Exempt,
+		"/grpc.health.v1.Health/Watch":                                   Exempt,
+	} {
+		if got := RequiredRole(proc); got != want {
+			t.Errorf("RequiredRole(%s) = %s, want %s", proc, got, want)
+		}
+	}
+}
