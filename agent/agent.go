@@ -276,7 +276,7 @@ func (a *Agent) Handler() http.Handler {
 	// health (any enrolled peer: the listener's mutual TLS is the gate) for
 	// grpcurl and grpc_health_probe. The agent is SERVING while it serves.
 	service := strings.Trim(path, "/")
-	reflector := grpcreflect.NewStaticReflector(service)
+	reflector := grpcreflect.NewStaticReflector(service, grpchealth.HealthV1ServiceName, grpcreflect.ReflectV1ServiceName)
 	ropts := connect.WithHandlerOptions(a.limits.HandlerOptions(), connect.WithInterceptors(interceptors...))
 	mux.Handle(grpcreflect.NewHandlerV1(reflector, ropts))
 	mux.Handle(grpcreflect.NewHandlerV1Alpha(reflector, ropts))

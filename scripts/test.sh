@@ -33,6 +33,17 @@ if ! go version -m "$gobin/versitygw" 2>/dev/null | grep -q "mod[[:space:]]*gith
   echo "installing github.com/versity/versitygw@$VERSITYGW_VERSION" >&2
   GOBIN="$gobin" go install "github.com/versity/versitygw/cmd/versitygw@$VERSITYGW_VERSION"
 fi
+# Real gRPC clients for reflection and health (cmd/stowage/grpc_e2e_test.go).
+GRPCURL_VERSION=v1.9.4
+GRPC_HEALTH_PROBE_VERSION=v0.4.63
+if ! go version -m "$gobin/grpcurl" 2>/dev/null | grep -q "mod[[:space:]]*github.com/fullstorydev/grpcurl[[:space:]]*$GRPCURL_VERSION"; then
+  echo "installing github.com/fullstorydev/grpcurl@$GRPCURL_VERSION" >&2
+  GOBIN="$gobin" go install "github.com/fullstorydev/grpcurl/cmd/grpcurl@$GRPCURL_VERSION"
+fi
+if ! go version -m "$gobin/grpc-health-probe" 2>/dev/null | grep -q "mod[[:space:]]*github.com/grpc-ecosystem/grpc-health-probe[[:space:]]*$GRPC_HEALTH_PROBE_VERSION"; then
+  echo "installing github.com/grpc-ecosystem/grpc-health-probe@$GRPC_HEALTH_PROBE_VERSION" >&2
+  GOBIN="$gobin" go install "github.com/grpc-ecosystem/grpc-health-probe@$GRPC_HEALTH_PROBE_VERSION"
+fi
 
 echo "== gofmt" >&2
 unformatted=$(gofmt -l $(git ls-files '*.go' | grep -v '^proto/gen/') 2>/dev/null || true)

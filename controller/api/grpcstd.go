@@ -42,7 +42,7 @@ var HealthProcedures = []string{
 // are the API's handler options (its interceptors: metrics, error
 // mapping, authentication).
 func grpcStandard(mux *http.ServeMux, services []string, health func(context.Context) error, opts connect.HandlerOption) {
-	reflector := grpcreflect.NewStaticReflector(services...)
+	reflector := grpcreflect.NewStaticReflector(append(services, grpchealth.HealthV1ServiceName, grpcreflect.ReflectV1ServiceName)...)
 	mux.Handle(grpcreflect.NewHandlerV1(reflector, opts))
 	mux.Handle(grpcreflect.NewHandlerV1Alpha(reflector, opts))
 	mux.Handle(grpchealth.NewHandler(NewHealthChecker(services, health), opts))

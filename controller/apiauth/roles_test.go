@@ -81,7 +81,7 @@ func TestRoleOrder(t *testing.T) {
 // reader; health is open like /healthz (probes carry no token).
 func TestProtocolRoles(t *testing.T) {
 	for proc, want := range map[string]Role{
-		"/grpc.reflection.v1.ServerReflectionInfo/ServerReflectionInfo": RoleAdmin, // not a procedure: fail closed
+		"/grpc.reflection.v1.ServerReflectionInfo/ServerReflectionInfo":  RoleAdmin, // not a procedure: fail closed
 		"/grpc.reflection.v1.ServerReflection/ServerReflectionInfo":      RoleReader,
 		"/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": RoleReader,
 		"/grpc.health.v1.Health/Check":                                   Exempt,
