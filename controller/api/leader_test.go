@@ -17,6 +17,9 @@ func TestReadOnlyProcedures(t *testing.T) {
 		stowagev1connect.AgentControlServiceHeartbeatProcedure: false,
 		stowagev1connect.HostServiceCreateJoinTokenProcedure:   false,
 		stowagev1connect.TokenServiceRevokeTokenProcedure:      false,
+		// A follower answers grpcurl and probes too.
+		"/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": true,
+		"/grpc.health.v1.Health/Check":                              true,
 	} {
 		if readOnly(p) != want {
 			t.Errorf("readOnly(%s) = %v", p, !want)
