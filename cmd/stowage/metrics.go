@@ -23,6 +23,7 @@ type stateCollector struct {
 	jobs          *prometheus.Desc
 	jobOldest     *prometheus.Desc
 	jobRate       *prometheus.Desc
+	jobDone       *prometheus.Desc
 	now           func() time.Time
 }
 
@@ -50,6 +51,8 @@ func newStateCollector(db *meta.DB) *stateCollector {
 			"Seconds since the least recently updated unfinished job in each state was last updated (absent when none): a job not updated for long is stuck.", []string{"state"}, nil),
 		jobRate: prometheus.NewDesc("stowage_jobs_running_bytes_per_second",
 			"Sum of the copy rates (bytes per second) that running jobs of each kind last reported in their progress: 0 while jobs run means no data moves.", []string{"kind"}, nil),
+		jobDone: prometheus.NewDesc("stowage_jobs_running_bytes_done",
+			"Sum of the bytes that running jobs of each kind have copied in their current phase, as last recorded: unchanged for long while copy jobs run means no data moves.", []string{"kind"}, nil),
 		now: time.Now,
 	}
 }
@@ -63,6 +66,7 @@ func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- c.jobs
 	ch <- c.jobOldest
 	ch <- c.jobRate
+	ch <- c.jobDone
 }
 
 func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
@@ -124,7 +128,7 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 // the running ones copy.
 func (c *stateCollector) collectJobs(ctx context.Context, ch chan<- prometheus.Metric) {
 	counts := map[[2]string]int{}
-	rates := map[string]float64{}
+	rates, done := map[string]float64{}, map[string]float64{}
 	for _, st := range unfinishedJobStates {
 		state := meta.JobStateName(st)
 		js, err := c.db.Jobs().ListBy(ctx, meta.IndexState, state)
@@ -139,6 +143,7 @@ func (c *stateCollector) collectJobs(ctx context.Context, ch chan<- prometheus.M
 			counts[[2]string{j.GetKind(), state}]++
 			if st == stowagev1.JobState_JOB_STATE_RUNNING {
 				rates[j.GetKind()] += j.GetProgress().GetBytesPerSecond()
+				done[j.GetKind()] += float64(j.GetProgress().GetBytesDone())
 			}
 			u := j.GetUpdatedAt().AsTime()
 			if j.GetUpdatedAt() == nil {
@@ -157,5 +162,6 @@ func (c *stateCollector) collectJobs(ctx context.Context, ch chan<- prometheus.M
 	}
 	for k, r := range rates {
 		ch <- prometheus.MustNewConstMetric(c.jobRate, prometheus.GaugeValue, r, k)
+		ch <- prometheus.MustNewConstMetric(c.jobDone, prometheus.GaugeValue, done[k], k)
 	}
 }

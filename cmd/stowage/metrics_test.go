@@ -37,7 +37,7 @@ func TestStateCollectorCapacityAndJobs(t *testing.T) {
 			t.Fatal(err)
 		}
 		if _, err := db.Jobs().Transition(ctx, j.id, meta.JobStart, func(r *stowagev1.Job) error {
-			r.Progress = &stowagev1.JobProgress{BytesPerSecond: j.rate}
+			r.Progress = &stowagev1.JobProgress{BytesPerSecond: j.rate, BytesDone: int64(j.rate) * 10}
 			return nil
 		}); err != nil {
 			t.Fatal(err)
@@ -73,10 +73,13 @@ stowage_jobs_unfinished_oldest_update_age_seconds{state="Running"} 2400
 # HELP stowage_jobs_running_bytes_per_second Sum of the copy rates (bytes per second) that running jobs of each kind last reported in their progress: 0 while jobs run means no data moves.
 # TYPE stowage_jobs_running_bytes_per_second gauge
 stowage_jobs_running_bytes_per_second{kind="volume.create"} 150
+# HELP stowage_jobs_running_bytes_done Sum of the bytes that running jobs of each kind have copied in their current phase, as last recorded: unchanged for long while copy jobs run means no data moves.
+# TYPE stowage_jobs_running_bytes_done gauge
+stowage_jobs_running_bytes_done{kind="volume.create"} 1500
 `
 	if err := testutil.GatherAndCompare(reg, strings.NewReader(want),
 		"stowage_store_capacity_bytes", "stowage_store_used_bytes", "stowage_jobs_unfinished",
-		"stowage_jobs_unfinished_oldest_update_age_seconds", "stowage_jobs_running_bytes_per_second"); err != nil {
+		"stowage_jobs_unfinished_oldest_update_age_seconds", "stowage_jobs_running_bytes_per_second", "stowage_jobs_running_bytes_done"); err != nil {
 		t.Fatal(err)
 	}
 	if problems, err := testutil.GatherAndLint(reg); err != nil || len(problems) > 0 {
