@@ -14,6 +14,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"go.yaml.in/yaml/v3"
 
+	"github.com/stowage/stowage/controller/jobs"
 	"github.com/stowage/stowage/controller/meta"
 	"github.com/stowage/stowage/controller/orphans"
 )
@@ -213,6 +214,7 @@ func describedMetrics(t *testing.T) map[string]bool {
 	defer db.Close()
 	cs := []prometheus.Collector{newStateCollector(db)}
 	cs = append(cs, orphans.New(db, nil, 0, slog.New(slog.DiscardHandler)).Collectors()...)
+	cs = append(cs, jobs.New(db, slog.New(slog.DiscardHandler)).Collectors()...)
 	names := map[string]bool{}
 	ch := make(chan *prometheus.Desc, 64)
 	go func() {
