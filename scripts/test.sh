@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(qemu-utils qemu-block-extra libnbd-bin nbdkit fuse3 xfsprogs btrfs-progs
   e2fsprogs util-linux curl jq tgt libiscsi-bin fio qemu-system-x86 qemu-system-common busybox-static linux-image-amd64
-  etcd-server etcd-client)
+  etcd-server etcd-client prometheus)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -65,6 +65,13 @@ if [ -x /usr/local/bin/stowage ]; then
 else
   echo "skipping systemd unit check: /usr/local/bin/stowage is not installed (run as root)" >&2
 fi
+
+echo "== prometheus rules and grafana dashboard" >&2
+# promtool (Debian package prometheus): the alert rules parse and their
+# unit tests pass; the dashboard's schema and metric names are checked by
+# go test (cmd/stowage/deploy_test.go).
+promtool check rules deploy/prometheus/stowage-alerts.yml
+(cd deploy/prometheus && promtool test rules stowage-alerts_test.yml)
 
 echo "== go test" >&2
 # Figures the tests measure (e.g. the HA takeover time) are appended here

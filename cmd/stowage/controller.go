@@ -157,6 +157,7 @@ func runController(ctx context.Context, cfg controllerConfig, log *slog.Logger, 
 	reg.MustRegister(newStateCollector(db))
 
 	runner := jobs.New(db, log.With("component", "jobs"))
+	reg.MustRegister(runner.Collectors()...)
 	runner.SetMaxJobsPerCaller(cfg.maxJobsPerCaller)
 	// A job resumed in Cancelling cancels its steps' tasks on their agents.
 	runner.SetTaskCanceller(selector)

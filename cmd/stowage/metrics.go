@@ -17,6 +17,22 @@ type stateCollector struct {
 	stores *prometheus.Desc
 	hosts  *prometheus.Desc
 	mounts *prometheus.Desc
+
+	storeCapacity *prometheus.Desc
+	storeUsed     *prometheus.Desc
+	jobs          *prometheus.Desc
+	jobOldest     *prometheus.Desc
+	jobRate       *prometheus.Desc
+	jobDone       *prometheus.Desc
+	now           func() time.Time
+}
+
+// unfinishedJobStates are the job states the collector reads at each
+// scrape: finished jobs are many and say nothing about what is stuck.
+var unfinishedJobStates = []stowagev1.JobState{
+	stowagev1.JobState_JOB_STATE_PENDING,
+	stowagev1.JobState_JOB_STATE_RUNNING,
+	stowagev1.JobState_JOB_STATE_CANCELLING,
 }
 
 func newStateCollector(db *meta.DB) *stateCollector {
@@ -25,6 +41,19 @@ func newStateCollector(db *meta.DB) *stateCollector {
 		stores: prometheus.NewDesc("stowage_stores", "Data stores by role and state.", []string{"role", "state"}, nil),
 		hosts:  prometheus.NewDesc("stowage_hosts", "Hosts by state.", []string{"state"}, nil),
 		mounts: prometheus.NewDesc("stowage_template_mount_templates", "Templates in each host's template mount, by state (complete, partial, pinned, error), as last persisted from heartbeats.", []string{"host", "state"}, nil),
+		storeCapacity: prometheus.NewDesc("stowage_store_capacity_bytes",
+			"Capacity of each data store in bytes, as last reported by its driver (0 when the driver does not know).", []string{"store", "role"}, nil),
+		storeUsed: prometheus.NewDesc("stowage_store_used_bytes",
+			"Bytes used on each data store, as last reported by its driver.", []string{"store", "role"}, nil),
+		jobs: prometheus.NewDesc("stowage_jobs_unfinished",
+			"Unfinished jobs (Pending, Running, Cancelling) by kind and state.", []string{"kind", "state"}, nil),
+		jobOldest: prometheus.NewDesc("stowage_jobs_unfinished_oldest_update_age_seconds",
+			"Seconds since the least recently updated unfinished job in each state was last updated (absent when none): a job not updated for long is stuck.", []string{"state"}, nil),
+		jobRate: prometheus.NewDesc("stowage_jobs_running_bytes_per_second",
+			"Sum of the copy rates (bytes per second) that running jobs of each kind last reported in their progress: 0 while jobs run means no data moves.", []string{"kind"}, nil),
+		jobDone: prometheus.NewDesc("stowage_jobs_running_bytes_done",
+			"Sum of the bytes that running jobs of each kind have copied in their current phase, as last recorded: unchanged for long while copy jobs run means no data moves.", []string{"kind"}, nil),
+		now: time.Now,
 	}
 }
 
@@ -32,6 +61,12 @@ func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- c.stores
 	ch <- c.hosts
 	ch <- c.mounts
+	ch <- c.storeCapacity
+	ch <- c.storeUsed
+	ch <- c.jobs
+	ch <- c.jobOldest
+	ch <- c.jobRate
+	ch <- c.jobDone
 }
 
 func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
@@ -46,7 +81,13 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 		for k, n := range counts {
 			ch <- prometheus.MustNewConstMetric(c.stores, prometheus.GaugeValue, float64(n), k[0], k[1])
 		}
+		for _, s := range stores {
+			role := meta.StoreRoleName(s.GetRole())
+			ch <- prometheus.MustNewConstMetric(c.storeCapacity, prometheus.GaugeValue, float64(s.GetCapacityBytes()), s.GetName(), role)
+			ch <- prometheus.MustNewConstMetric(c.storeUsed, prometheus.GaugeValue, float64(s.GetUsedBytes()), s.GetName(), role)
+		}
 	}
+	c.collectJobs(ctx, ch)
 	hosts, err := c.db.Hosts().List(ctx, meta.Filter[*stowagev1.Host]{})
 	if err == nil {
 		counts := map[string]int{}
@@ -79,5 +120,48 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 				ch <- prometheus.MustNewConstMetric(c.mounts, prometheus.GaugeValue, float64(v), h.GetId(), st)
 			}
 		}
+	}
+}
+
+// collectJobs exports the unfinished jobs: how many by kind and state, how
+// long the stalest of each state has gone without an update, and how fast
+// the running ones copy.
+func (c *stateCollector) collectJobs(ctx context.Context, ch chan<- prometheus.Metric) {
+	counts := map[[2]string]int{}
+	rates, done := map[string]float64{}, map[string]float64{}
+	for _, st := range unfinishedJobStates {
+		state := meta.JobStateName(st)
+		js, err := c.db.Jobs().ListBy(ctx, meta.IndexState, state)
+		if err != nil {
+			return
+		}
+		var oldest time.Time
+		for _, j := range js {
+			if j.GetState() != st {
+				continue
+			}
+			counts[[2]string{j.GetKind(), state}]++
+			if st == stowagev1.JobState_JOB_STATE_RUNNING {
+				rates[j.GetKind()] += j.GetProgress().GetBytesPerSecond()
+				done[j.GetKind()] += float64(j.GetProgress().GetBytesDone())
+			}
+			u := j.GetUpdatedAt().AsTime()
+			if j.GetUpdatedAt() == nil {
+				u = j.GetCreatedAt().AsTime()
+			}
+			if oldest.IsZero() || u.Before(oldest) {
+				oldest = u
+			}
+		}
+		if !oldest.IsZero() {
+			ch <- prometheus.MustNewConstMetric(c.jobOldest, prometheus.GaugeValue, max(0, c.now().Sub(oldest).Seconds()), state)
+		}
+	}
+	for k, n := range counts {
+		ch <- prometheus.MustNewConstMetric(c.jobs, prometheus.GaugeValue, float64(n), k[0], k[1])
+	}
+	for k, r := range rates {
+		ch <- prometheus.MustNewConstMetric(c.jobRate, prometheus.GaugeValue, r, k)
+		ch <- prometheus.MustNewConstMetric(c.jobDone, prometheus.GaugeValue, done[k], k)
 	}
 }

@@ -21,6 +21,7 @@ import (
 
 	"github.com/stowage/stowage/failpoint"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/stowage/stowage/controller/apiauth"
@@ -73,6 +74,8 @@ type Runner struct {
 
 	// canceller reaches the agents of a job resumed in Cancelling.
 	canceller TaskCanceller
+
+	finished *prometheus.CounterVec
 }
 
 // TaskCanceller passes a cancel on to one host: the controller's endpoint
@@ -107,8 +110,15 @@ func New(db *meta.DB, log *slog.Logger) *Runner {
 
 		maxPerCaller: DefaultMaxJobsPerCaller,
 		callerLocks:  map[string]chan struct{}{},
+		finished: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "stowage_jobs_finished_total",
+			Help: "Jobs this controller finished, by kind and result: succeeded, failed, cancelled, or data_loss (failed on a checksum mismatch or other lost or corrupt data).",
+		}, []string{"kind", "result"}),
 	}
 }
+
+// Collectors are the runner's metrics, for the controller's registry.
+func (r *Runner) Collectors() []prometheus.Collector { return []prometheus.Collector{r.finished} }
 
 // SetMaxJobsPerCaller caps the jobs one API caller (the token that asked,
 // apiauth.CallerFrom) may have unfinished at once: Submit refuses one more
@@ -421,7 +431,21 @@ func (r *Runner) finish(ctx context.Context, job *stowagev1.Job, h Handler, runE
 		r.log.Error("job end could not be recorded", "job", job.GetId(), "err", err)
 		return
 	}
+	r.finished.WithLabelValues(job.GetKind(), finishResult(final, runErr)).Inc()
 	r.publish(final)
+}
+
+// finishResult is the result label of stowage_jobs_finished_total.
+func finishResult(final *stowagev1.Job, runErr error) string {
+	switch {
+	case final.GetState() == stowagev1.JobState_JOB_STATE_SUCCEEDED:
+		return "succeeded"
+	case final.GetState() == stowagev1.JobState_JOB_STATE_CANCELLED:
+		return "cancelled"
+	case errors.Is(runErr, errdefs.ErrDataLoss):
+		return "data_loss"
+	}
+	return "failed"
 }
 
 // Get returns a job, with live progress while it runs.

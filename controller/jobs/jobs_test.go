@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
 	"github.com/stowage/stowage/controller/meta"
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
@@ -95,6 +97,16 @@ func TestSucceedFailIdempotency(t *testing.T) {
 	end = wait(t, r, jb.GetId())
 	if end.GetState() != stowagev1.JobState_JOB_STATE_FAILED || end.GetError() == "" || bad.fails.Load() != 1 {
 		t.Fatalf("bad job: %v (fail calls %d)", end, bad.fails.Load())
+	}
+	// A checksum mismatch (ErrDataLoss) counts as data_loss, a success as succeeded.
+	for _, c := range []struct{ kind, result string }{{"ok", "succeeded"}, {"bad", "data_loss"}, {"bad", "failed"}} {
+		want := 1.0
+		if c.result == "failed" {
+			want = 0
+		}
+		if got := testutil.ToFloat64(r.finished.WithLabelValues(c.kind, c.result)); got != want {
+			t.Errorf("stowage_jobs_finished_total{kind=%q,result=%q} = %v, want %v", c.kind, c.result, got, want)
+		}
 	}
 	// A create func that fails writes neither its objects nor the job.
 	_, _, err = r.Submit(context.Background(), NewJob("ok", "t3", "key-3", nil, nil), func(tx *meta.Tx) error {
