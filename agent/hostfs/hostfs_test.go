@@ -226,8 +226,9 @@ func TestProbeStore(t *testing.T) {
 	if want := FSTypeName(uint32(st.Type)); p.FSType != want {
 		t.Errorf("FSType = %q, want %q", p.FSType, want)
 	}
-	if want := int64(st.Blocks) * st.Frsize; p.CapacityBytes != want {
-		t.Errorf("CapacityBytes = %d, want %d", p.CapacityBytes, want)
+	// The root reserve (f_bfree - f_bavail) is not capacity.
+	if want := int64(st.Blocks-(st.Bfree-st.Bavail)) * st.Frsize; p.CapacityBytes != want {
+		t.Errorf("CapacityBytes = %d, want %d (blocks less the root reserve)", p.CapacityBytes, want)
 	}
 	if err := os.WriteFile(filepath.Join(store, MarkerFile), []byte("garbage"), 0o644); err != nil {
 		t.Fatal(err)

@@ -35,8 +35,16 @@ func (l *Local) probe(ctx context.Context, dir string) (StoreProbe, error) {
 		unit = st.Bsize
 	}
 	magic := uint32(st.Type)
+	// Capacity is what can be allocated: the blocks reserved for root
+	// (f_bfree - f_bavail) are left out, as df's Use% leaves them out, so
+	// capacity - available is the space in use and used/capacity is the
+	// figure operators know from df (and what capacity thresholds judge).
+	reserved := uint64(0)
+	if st.Bfree > st.Bavail {
+		reserved = st.Bfree - st.Bavail
+	}
 	p := StoreProbe{
-		CapacityBytes:  int64(st.Blocks) * unit,
+		CapacityBytes:  int64(st.Blocks-reserved) * unit,
 		AvailableBytes: int64(st.Bavail) * unit,
 		FSType:         FSTypeName(magic),
 	}

@@ -54,6 +54,7 @@ type controllerConfig struct {
 	etcd              meta.EtcdOptions
 	leaderLease       time.Duration
 	advertiseURL      string
+	capacity          datastore.Thresholds
 }
 
 func (c *controllerConfig) flags(cmd *cobra.Command, defaultDataDir string) {
@@ -67,6 +68,8 @@ func (c *controllerConfig) flags(cmd *cobra.Command, defaultDataDir string) {
 	f.StringVar(&c.etcd.Username, "etcd-user", "", "etcd user (when the cluster has auth enabled)")
 	f.StringVar(&c.etcd.PasswordFile, "etcd-password-file", "", "file holding the etcd user's password")
 	f.IntVar(&c.etcd.MaxTxnOps, "etcd-max-txn-ops", 128, "the etcd cluster's --max-txn-ops")
+	f.Float64Var(&c.capacity.Disable, "capacity-disable-threshold", datastore.DefaultThresholds.Disable, "fraction of a store's capacity in use at which no new object is placed on it, for stores without their own (stowage store update --disable-threshold)")
+	f.Float64Var(&c.capacity.Notify, "capacity-notify-threshold", datastore.DefaultThresholds.Notify, "fraction of a store's capacity in use above which the StowageStoreCapacityNotify alert fires, for stores without their own")
 	f.DurationVar(&c.leaderLease, "leader-lease", 10*time.Second, "with etcd metadata: the leader's lease; after a leader dies another controller takes over within it")
 	f.StringVar(&c.advertiseURL, "advertise-url", "", "URL agents and clients reach this controller at, given to them by the other controllers when this one leads (default: https:// and the --listen address)")
 	f.DurationVar(&c.heartbeatInterval, "heartbeat-interval", 3*time.Second, "how often agents heartbeat")
@@ -153,8 +156,11 @@ func runController(ctx context.Context, cfg controllerConfig, log *slog.Logger, 
 	providers := builtinProviders(selector, guard.Client(nil), tr.peerClient(), chap)
 	mover := motion.NewMover(providers, selector)
 	storeSvc := datastore.New(db, providers, log)
+	if err := storeSvc.SetDefaults(cfg.capacity); err != nil {
+		return fmt.Errorf("--capacity-*-threshold: %w", err)
+	}
 	hostSvc.SetStoreWatcher(storeSvc)
-	reg.MustRegister(newStateCollector(db))
+	reg.MustRegister(newStateCollector(db, storeSvc.Effective))
 
 	runner := jobs.New(db, log.With("component", "jobs"))
 	reg.MustRegister(runner.Collectors()...)

@@ -14,6 +14,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"go.yaml.in/yaml/v3"
 
+	"github.com/stowage/stowage/controller/datastore"
 	"github.com/stowage/stowage/controller/jobs"
 	"github.com/stowage/stowage/controller/meta"
 	"github.com/stowage/stowage/controller/orphans"
@@ -212,7 +213,7 @@ func describedMetrics(t *testing.T) map[string]bool {
 		t.Fatal(err)
 	}
 	defer db.Close()
-	cs := []prometheus.Collector{newStateCollector(db)}
+	cs := []prometheus.Collector{newStateCollector(db, datastore.New(db, nil, slog.New(slog.DiscardHandler)).Effective)}
 	cs = append(cs, orphans.New(db, nil, 0, slog.New(slog.DiscardHandler)).Collectors()...)
 	cs = append(cs, jobs.New(db, slog.New(slog.DiscardHandler)).Collectors()...)
 	names := map[string]bool{}

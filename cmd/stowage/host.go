@@ -12,7 +12,7 @@ import (
 )
 
 func newHostCmd() *cobra.Command {
-	cmd := &cobra.Command{Use: "host", Short: "Show the hypervisor hosts whose agents registered; make join tokens for new ones"}
+	cmd := &cobra.Command{Use: "host", Short: "Show the hypervisor hosts whose agents registered, put them in maintenance; make join tokens for new ones"}
 	var zone string
 	list := &cobra.Command{
 		Use:   "list",
@@ -110,6 +110,51 @@ func newHostCmd() *cobra.Command {
 			return nil
 		},
 	}
-	cmd.AddCommand(list, get, newHostTokenCmd())
+	cmd.AddCommand(list, get, newHostTokenCmd(), newHostMaintainCmd(), newHostCancelMaintainCmd())
 	return cmd
+}
+
+func newHostMaintainCmd() *cobra.Command {
+	return hostCmd("maintain ID|HOSTNAME", "Drain a host: no new task goes to it, running tasks finish, then it is in Maintenance",
+		func(ctx context.Context, c *clients, id string) (*stowagev1.Host, error) {
+			resp, err := c.hosts.EnableHostMaintenance(ctx, connect.NewRequest(&stowagev1.EnableHostMaintenanceRequest{Id: id}))
+			if err != nil {
+				return nil, err
+			}
+			return resp.Msg.GetHost(), nil
+		})
+}
+
+func newHostCancelMaintainCmd() *cobra.Command {
+	return hostCmd("cancel-maintain ID|HOSTNAME", "Bring a host in maintenance back (Up at its next heartbeat)",
+		func(ctx context.Context, c *clients, id string) (*stowagev1.Host, error) {
+			resp, err := c.hosts.CancelHostMaintenance(ctx, connect.NewRequest(&stowagev1.CancelHostMaintenanceRequest{Id: id}))
+			if err != nil {
+				return nil, err
+			}
+			return resp.Msg.GetHost(), nil
+		})
+}
+
+// hostCmd is a command that takes one host id or hostname, calls the
+// controller and prints the host's state as it returns it.
+func hostCmd(use, short string, call func(ctx context.Context, c *clients, id string) (*stowagev1.Host, error)) *cobra.Command {
+	return &cobra.Command{
+		Use:   use,
+		Short: short,
+		Args:  exactArgs(1, "a host id or hostname"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return withClients(cmd, func(c *clients, asJSON bool) error {
+				h, err := call(cmd.Context(), c, args[0])
+				if err != nil {
+					return c.rpcErr(err)
+				}
+				if asJSON {
+					return printProto(cmd.OutOrStdout(), h)
+				}
+				keyValues(cmd.OutOrStdout(), [][2]string{{"ID", h.GetId()}, {"State", stateName(h.GetState())}, {"Reason", orDash(h.GetStateReason())}})
+				return nil
+			})
+		},
+	}
 }

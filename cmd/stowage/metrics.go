@@ -6,6 +6,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/stowage/stowage/controller/datastore"
 	"github.com/stowage/stowage/controller/meta"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 )
@@ -20,11 +21,14 @@ type stateCollector struct {
 
 	storeCapacity *prometheus.Desc
 	storeUsed     *prometheus.Desc
-	jobs          *prometheus.Desc
-	jobOldest     *prometheus.Desc
-	jobRate       *prometheus.Desc
-	jobDone       *prometheus.Desc
-	now           func() time.Time
+	// storeThreshold and thresholds: the capacity thresholds in force.
+	storeThreshold *prometheus.Desc
+	thresholds     func(*stowagev1.DataStore) datastore.Thresholds
+	jobs           *prometheus.Desc
+	jobOldest      *prometheus.Desc
+	jobRate        *prometheus.Desc
+	jobDone        *prometheus.Desc
+	now            func() time.Time
 }
 
 // unfinishedJobStates are the job states the collector reads at each
@@ -35,9 +39,12 @@ var unfinishedJobStates = []stowagev1.JobState{
 	stowagev1.JobState_JOB_STATE_CANCELLING,
 }
 
-func newStateCollector(db *meta.DB) *stateCollector {
+func newStateCollector(db *meta.DB, thresholds func(*stowagev1.DataStore) datastore.Thresholds) *stateCollector {
 	return &stateCollector{
-		db:     db,
+		db:         db,
+		thresholds: thresholds,
+		storeThreshold: prometheus.NewDesc("stowage_store_capacity_threshold_ratio",
+			"Capacity thresholds in force on each data store, as fractions of its capacity: at threshold=\"disable\" allocation stops, above threshold=\"notify\" an alert fires.", []string{"store", "role", "threshold"}, nil),
 		stores: prometheus.NewDesc("stowage_stores", "Data stores by role and state.", []string{"role", "state"}, nil),
 		hosts:  prometheus.NewDesc("stowage_hosts", "Hosts by state.", []string{"state"}, nil),
 		mounts: prometheus.NewDesc("stowage_template_mount_templates", "Templates in each host's template mount, by state (complete, partial, pinned, error), as last persisted from heartbeats.", []string{"host", "state"}, nil),
@@ -63,6 +70,7 @@ func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- c.mounts
 	ch <- c.storeCapacity
 	ch <- c.storeUsed
+	ch <- c.storeThreshold
 	ch <- c.jobs
 	ch <- c.jobOldest
 	ch <- c.jobRate
@@ -85,6 +93,9 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 			role := meta.StoreRoleName(s.GetRole())
 			ch <- prometheus.MustNewConstMetric(c.storeCapacity, prometheus.GaugeValue, float64(s.GetCapacityBytes()), s.GetName(), role)
 			ch <- prometheus.MustNewConstMetric(c.storeUsed, prometheus.GaugeValue, float64(s.GetUsedBytes()), s.GetName(), role)
+			t := c.thresholds(s)
+			ch <- prometheus.MustNewConstMetric(c.storeThreshold, prometheus.GaugeValue, t.Disable, s.GetName(), role, "disable")
+			ch <- prometheus.MustNewConstMetric(c.storeThreshold, prometheus.GaugeValue, t.Notify, s.GetName(), role, "notify")
 		}
 	}
 	c.collectJobs(ctx, ch)

@@ -2,13 +2,16 @@ package main
 
 import (
 	"context"
+	"log/slog"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	"google.golang.org/protobuf/proto"
 
+	"github.com/stowage/stowage/controller/datastore"
 	"github.com/stowage/stowage/controller/meta"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 )
@@ -25,7 +28,7 @@ func TestStateCollectorCapacityAndJobs(t *testing.T) {
 	}
 	defer db.Close()
 	if _, err := db.Stores().Create(ctx, &stowagev1.DataStore{Id: "s1", Name: "primary", Role: stowagev1.StoreRole_STORE_ROLE_PRIMARY,
-		CapacityBytes: 1000, UsedBytes: 850}); err != nil {
+		CapacityBytes: 1000, UsedBytes: 850, CapacityNotifyThreshold: proto.Float64(0.8)}); err != nil {
 		t.Fatal(err)
 	}
 	for _, j := range []struct {
@@ -53,7 +56,7 @@ func TestStateCollectorCapacityAndJobs(t *testing.T) {
 		t.Fatal(err)
 	}
 	now := j1.GetUpdatedAt().AsTime().Add(40 * time.Minute)
-	c := newStateCollector(db)
+	c := newStateCollector(db, datastore.New(db, nil, slog.New(slog.DiscardHandler)).Effective)
 	c.now = func() time.Time { return now }
 	reg := prometheus.NewPedanticRegistry()
 	reg.MustRegister(c)
@@ -64,6 +67,10 @@ stowage_store_capacity_bytes{role="Primary",store="primary"} 1000
 # HELP stowage_store_used_bytes Bytes used on each data store, as last reported by its driver.
 # TYPE stowage_store_used_bytes gauge
 stowage_store_used_bytes{role="Primary",store="primary"} 850
+# HELP stowage_store_capacity_threshold_ratio Capacity thresholds in force on each data store, as fractions of its capacity: at threshold="disable" allocation stops, above threshold="notify" an alert fires.
+# TYPE stowage_store_capacity_threshold_ratio gauge
+stowage_store_capacity_threshold_ratio{role="Primary",store="primary",threshold="disable"} 0.85
+stowage_store_capacity_threshold_ratio{role="Primary",store="primary",threshold="notify"} 0.8
 # HELP stowage_jobs_unfinished Unfinished jobs (Pending, Running, Cancelling) by kind and state.
 # TYPE stowage_jobs_unfinished gauge
 stowage_jobs_unfinished{kind="volume.create",state="Running"} 2
@@ -78,7 +85,7 @@ stowage_jobs_running_bytes_per_second{kind="volume.create"} 150
 stowage_jobs_running_bytes_done{kind="volume.create"} 1500
 `
 	if err := testutil.GatherAndCompare(reg, strings.NewReader(want),
-		"stowage_store_capacity_bytes", "stowage_store_used_bytes", "stowage_jobs_unfinished",
+		"stowage_store_capacity_bytes", "stowage_store_used_bytes", "stowage_store_capacity_threshold_ratio", "stowage_jobs_unfinished",
 		"stowage_jobs_unfinished_oldest_update_age_seconds", "stowage_jobs_running_bytes_per_second", "stowage_jobs_running_bytes_done"); err != nil {
 		t.Fatal(err)
 	}

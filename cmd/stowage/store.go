@@ -18,7 +18,8 @@ func newStoreCmd() *cobra.Command {
 		Short: "Add, inspect, maintain and remove primary and image stores",
 	}
 	cmd.AddCommand(newStoreAddCmd(), newStoreListCmd(), newStoreGetCmd(),
-		newStoreMaintainCmd(), newStoreCancelMaintainCmd(), newStoreDeleteCmd())
+		newStoreMaintainCmd(), newStoreCancelMaintainCmd(), newStoreDisableCmd(), newStoreEnableCmd(),
+		newStoreUpdateCmd(), newStoreDeleteCmd())
 	return cmd
 }
 
@@ -66,6 +67,7 @@ func scopeString(s *stowagev1.Scope) string {
 func newStoreAddCmd() *cobra.Command {
 	var name, role, provider, url, scope string
 	var tags []string
+	var th thresholdFlags
 	cmd := &cobra.Command{
 		Use:   "add --name N --role primary|image --provider filesystem --url file:///path [--scope zone/cluster/host]",
 		Short: "Add a data store",
@@ -91,6 +93,7 @@ func newStoreAddCmd() *cobra.Command {
 			}
 			resp, err := c.stores.AddStore(cmd.Context(), connect.NewRequest(&stowagev1.AddStoreRequest{
 				Name: name, Role: r, Provider: provider, Url: url, Scope: sc, Tags: tags,
+				CapacityDisableThreshold: th.disable(cmd), CapacityNotifyThreshold: th.notify(cmd),
 			}))
 			if err != nil {
 				return c.rpcErr(err)
@@ -104,7 +107,8 @@ func newStoreAddCmd() *cobra.Command {
 	f.StringVar(&provider, "provider", "filesystem", "storage provider")
 	f.StringVar(&url, "url", "", "where the store is, e.g. file:///srv/stowage/primary1")
 	f.StringVar(&scope, "scope", "default", "zone, zone/cluster or zone/cluster/host-id")
-	f.StringSliceVar(&tags, "tag", nil, "tag (repeatable)")
+	f.StringSliceVar(&tags, "tag", nil, "storage tag (repeatable, or comma-separated): volumes asking for tags land only on stores carrying all of them")
+	th.register(cmd, "")
 	_ = cmd.MarkFlagRequired("name")
 	_ = cmd.MarkFlagRequired("role")
 	_ = cmd.MarkFlagRequired("url")
@@ -165,22 +169,97 @@ func newStoreGetCmd() *cobra.Command {
 
 func newStoreMaintainCmd() *cobra.Command {
 	return storeCmd("maintain ID|NAME", "Put an Up store into maintenance", func(ctx context.Context, c *clients, id string) (*stowagev1.DataStore, error) {
-		resp, err := c.stores.EnableMaintenance(ctx, connect.NewRequest(&stowagev1.EnableMaintenanceRequest{Id: id}))
-		if err != nil {
-			return nil, err
-		}
-		return resp.Msg.GetStore(), nil
+		return storeOf(msgOf(c.stores.EnableMaintenance(ctx, connect.NewRequest(&stowagev1.EnableMaintenanceRequest{Id: id}))))
 	})
 }
 
 func newStoreCancelMaintainCmd() *cobra.Command {
 	return storeCmd("cancel-maintain ID|NAME", "Bring a store in maintenance back Up", func(ctx context.Context, c *clients, id string) (*stowagev1.DataStore, error) {
-		resp, err := c.stores.CancelMaintenance(ctx, connect.NewRequest(&stowagev1.CancelMaintenanceRequest{Id: id}))
-		if err != nil {
-			return nil, err
-		}
-		return resp.Msg.GetStore(), nil
+		return storeOf(msgOf(c.stores.CancelMaintenance(ctx, connect.NewRequest(&stowagev1.CancelMaintenanceRequest{Id: id}))))
 	})
+}
+
+func newStoreDisableCmd() *cobra.Command {
+	return storeCmd("disable ID|NAME", "Stop placing new objects on an Up store (what it holds stays served)", func(ctx context.Context, c *clients, id string) (*stowagev1.DataStore, error) {
+		return storeOf(msgOf(c.stores.DisableStore(ctx, connect.NewRequest(&stowagev1.DisableStoreRequest{Id: id}))))
+	})
+}
+
+func newStoreEnableCmd() *cobra.Command {
+	return storeCmd("enable ID|NAME", "Bring a Disabled store back Up", func(ctx context.Context, c *clients, id string) (*stowagev1.DataStore, error) {
+		return storeOf(msgOf(c.stores.EnableStore(ctx, connect.NewRequest(&stowagev1.EnableStoreRequest{Id: id}))))
+	})
+}
+
+// storeOf returns the store of a reply that carries one.
+func storeOf[M interface{ GetStore() *stowagev1.DataStore }](m M, err error) (*stowagev1.DataStore, error) {
+	if err != nil {
+		return nil, err
+	}
+	return m.GetStore(), nil
+}
+
+// thresholdFlags are --disable-threshold and --notify-threshold.
+type thresholdFlags struct{ disableV, notifyV float64 }
+
+func (t *thresholdFlags) register(cmd *cobra.Command, clear string) {
+	cmd.Flags().Float64Var(&t.disableV, "disable-threshold", 0, "fraction of the capacity in use at which no new object is placed on the store, in (0, 1]; default: the controller's --capacity-disable-threshold"+clear)
+	cmd.Flags().Float64Var(&t.notifyV, "notify-threshold", 0, "fraction of the capacity in use above which the StowageStoreCapacityNotify alert fires, in (0, 1]; default: the controller's --capacity-notify-threshold"+clear)
+}
+
+func (t *thresholdFlags) disable(cmd *cobra.Command) *float64 {
+	return flagFloat(cmd, "disable-threshold", t.disableV)
+}
+
+func (t *thresholdFlags) notify(cmd *cobra.Command) *float64 {
+	return flagFloat(cmd, "notify-threshold", t.notifyV)
+}
+
+// flagFloat is v when the flag name was given, else nil.
+func flagFloat(cmd *cobra.Command, name string, v float64) *float64 {
+	if !cmd.Flags().Changed(name) {
+		return nil
+	}
+	return &v
+}
+
+func newStoreUpdateCmd() *cobra.Command {
+	var tags []string
+	var th thresholdFlags
+	cmd := &cobra.Command{
+		Use:   "update ID|NAME [--tag T]... [--disable-threshold F] [--notify-threshold F]",
+		Short: "Change a store's storage tags or capacity thresholds",
+		Example: `  stowage store update primary1 --tag ssd --tag rack1
+  stowage store update primary1 --tag ''            # no tags
+  stowage store update primary1 --disable-threshold 0.9 --notify-threshold 0.8
+  stowage store update primary1 --disable-threshold -1   # back to the controller's default`,
+		Args: exactArgs(1, "a store id or name"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			req := &stowagev1.UpdateStoreRequest{Id: args[0],
+				CapacityDisableThreshold: th.disable(cmd), CapacityNotifyThreshold: th.notify(cmd)}
+			if cmd.Flags().Changed("tag") {
+				req.Tags = &stowagev1.StoreTags{}
+				for _, t := range tags {
+					if t != "" {
+						req.Tags.Values = append(req.Tags.Values, t)
+					}
+				}
+			}
+			if req.Tags == nil && req.CapacityDisableThreshold == nil && req.CapacityNotifyThreshold == nil {
+				return usageError{fmt.Errorf("%s: nothing to change: give --tag, --disable-threshold or --notify-threshold", cmd.CommandPath())}
+			}
+			return withClients(cmd, func(c *clients, asJSON bool) error {
+				st, err := storeOf(msgOf(c.stores.UpdateStore(cmd.Context(), connect.NewRequest(req))))
+				if err != nil {
+					return c.rpcErr(err)
+				}
+				return printStore(cmd, asJSON, st)
+			})
+		},
+	}
+	cmd.Flags().StringSliceVar(&tags, "tag", nil, "the store's storage tags become these (repeatable, or comma-separated; --tag '' clears them)")
+	th.register(cmd, "; a negative value clears the store's own")
+	return cmd
 }
 
 // storeCmd is a command that takes one store id or name, calls the
@@ -245,6 +324,7 @@ func printStore(cmd *cobra.Command, asJSON bool, s *stowagev1.DataStore) error {
 		{"State", stateName(s.GetState())},
 		{"Capacity", humanBytes(s.GetCapacityBytes())},
 		{"Available", humanBytes(s.GetAvailableBytes())},
+		{"Thresholds", thresholdsText(s)},
 		{"Hosts", orDash(strings.Join(hosts, ", "))},
 	}
 	if s.GetStateReason() != "" {
@@ -255,6 +335,23 @@ func printStore(cmd *cobra.Command, asJSON bool, s *stowagev1.DataStore) error {
 	}
 	keyValues(cmd.OutOrStdout(), kv)
 	return nil
+}
+
+// thresholdsText shows the capacity thresholds in force and whose they are.
+func thresholdsText(s *stowagev1.DataStore) string {
+	whose := func(own *float64) string {
+		if own == nil {
+			return " (default)"
+		}
+		return ""
+	}
+	used := ""
+	if c := s.GetCapacityBytes(); c > 0 {
+		used = fmt.Sprintf("; %.1f%% used", float64(c-s.GetAvailableBytes())*100/float64(c))
+	}
+	return fmt.Sprintf("disable at %.0f%%%s, notify above %.0f%%%s%s",
+		s.GetEffectiveDisableThreshold()*100, whose(s.CapacityDisableThreshold),
+		s.GetEffectiveNotifyThreshold()*100, whose(s.CapacityNotifyThreshold), used)
 }
 
 // exactArgs is cobra.ExactArgs with a message that says what is missing.

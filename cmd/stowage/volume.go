@@ -31,14 +31,16 @@ var volumeView = newView("volume", func(ctx context.Context, c *clients, id stri
 func newVolumeCreateCmd() *cobra.Command {
 	var f jobFlags
 	var name, size, format, store, template, snapshot, strategy, zone string
+	var tags []string
 	cmd := &cobra.Command{
-		Use:   "create --name N [--size 10G] [--template ID | --snapshot ID]",
+		Use:   "create --name N [--size 10G] [--template ID | --snapshot ID] [--tag T]...",
 		Short: "Create a blank volume, or one from a template or a snapshot",
 		Example: `  stowage volume create --name data1 --size 10G
-  stowage volume create --name root1 --template ubuntu-24.04 --strategy linked --wait`,
+  stowage volume create --name root1 --template ubuntu-24.04 --strategy linked --wait
+  stowage volume create --name db1 --size 100G --tag ssd --dry-run   # where would it go, and why`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			req := &stowagev1.CreateVolumeRequest{Name: name, StoreId: store, TemplateId: template, SnapshotId: snapshot, Zone: zone}
+			req := &stowagev1.CreateVolumeRequest{Name: name, StoreId: store, TemplateId: template, SnapshotId: snapshot, Zone: zone, Tags: tags}
 			var err error
 			if req.Strategy, err = oneOf("--strategy", strategy, "auto", "reflink", "linked", "lazy", "full"); err != nil {
 				return err
@@ -72,6 +74,7 @@ func newVolumeCreateCmd() *cobra.Command {
 	fl.StringVar(&snapshot, "snapshot", "", "snapshot id to create the volume from")
 	fl.StringVar(&strategy, "strategy", "auto", "how to make a volume from a template: auto, reflink, linked, lazy (a qcow2 overlay on the template in the host's FUSE template mount, usable at once) or full")
 	fl.StringVar(&zone, "zone", "", "zone to place the volume in")
+	fl.StringSliceVar(&tags, "tag", nil, "storage tag (repeatable, or comma-separated): only a store carrying all of them qualifies")
 	f.register(cmd, true)
 	_ = cmd.MarkFlagRequired("name")
 	return cmd
@@ -211,7 +214,7 @@ func printVolume(w io.Writer, v *stowagev1.Volume) {
 		{"Attached to", orDash(v.GetAttachedHostId())},
 		{"Created", tsAgo(v.GetCreatedAt())},
 	}
-	for _, p := range [][2]string{{"Base ref", v.GetBaseRefId()}, {"Busy with job", v.GetBusyJobId()}, {"Error", v.GetError()}} {
+	for _, p := range [][2]string{{"Tags", strings.Join(v.GetTags(), ", ")}, {"Base ref", v.GetBaseRefId()}, {"Busy with job", v.GetBusyJobId()}, {"Error", v.GetError()}} {
 		if p[1] != "" {
 			kv = append(kv, p)
 		}

@@ -36,6 +36,9 @@ type StoreService interface {
 	EnableMaintenance(ctx context.Context, idOrName string) (*stowagev1.DataStore, error)
 	CancelMaintenance(ctx context.Context, idOrName string) (*stowagev1.DataStore, error)
 	Delete(ctx context.Context, idOrName string) error
+	Disable(ctx context.Context, idOrName string) (*stowagev1.DataStore, error)
+	Enable(ctx context.Context, idOrName string) (*stowagev1.DataStore, error)
+	Update(ctx context.Context, req *stowagev1.UpdateStoreRequest) (*stowagev1.DataStore, error)
 }
 
 // HostService is what the host and agent-control handlers need.
@@ -45,6 +48,8 @@ type HostService interface {
 	Get(ctx context.Context, idOrName string) (*stowagev1.Host, error)
 	Register(ctx context.Context, req *stowagev1.RegisterRequest) (*stowagev1.RegisterResponse, error)
 	Heartbeat(ctx context.Context, req *stowagev1.HeartbeatRequest) (*stowagev1.HeartbeatResponse, error)
+	EnableMaintenance(ctx context.Context, idOrName string) (*stowagev1.Host, error)
+	CancelMaintenance(ctx context.Context, idOrName string) (*stowagev1.Host, error)
 }
 
 // EnrolService admits agents (join tokens, certificates).
@@ -225,6 +230,30 @@ func (h *storeHandler) DeleteStore(ctx context.Context, req *connect.Request[sto
 	return connect.NewResponse(&stowagev1.DeleteStoreResponse{}), nil
 }
 
+func (h *storeHandler) DisableStore(ctx context.Context, req *connect.Request[stowagev1.DisableStoreRequest]) (*connect.Response[stowagev1.DisableStoreResponse], error) {
+	s, err := h.svc.Disable(ctx, req.Msg.GetId())
+	if err != nil {
+		return nil, err
+	}
+	return connect.NewResponse(redactReply(&stowagev1.DisableStoreResponse{Store: s})), nil
+}
+
+func (h *storeHandler) EnableStore(ctx context.Context, req *connect.Request[stowagev1.EnableStoreRequest]) (*connect.Response[stowagev1.EnableStoreResponse], error) {
+	s, err := h.svc.Enable(ctx, req.Msg.GetId())
+	if err != nil {
+		return nil, err
+	}
+	return connect.NewResponse(redactReply(&stowagev1.EnableStoreResponse{Store: s})), nil
+}
+
+func (h *storeHandler) UpdateStore(ctx context.Context, req *connect.Request[stowagev1.UpdateStoreRequest]) (*connect.Response[stowagev1.UpdateStoreResponse], error) {
+	s, err := h.svc.Update(ctx, req.Msg)
+	if err != nil {
+		return nil, err
+	}
+	return connect.NewResponse(redactReply(&stowagev1.UpdateStoreResponse{Store: s})), nil
+}
+
 type hostHandler struct {
 	svc   HostService
 	enrol EnrolService
@@ -251,6 +280,22 @@ func (h *hostHandler) GetHost(ctx context.Context, req *connect.Request[stowagev
 		return nil, err
 	}
 	return connect.NewResponse(redactReply(&stowagev1.GetHostResponse{Host: host})), nil
+}
+
+func (h *hostHandler) EnableHostMaintenance(ctx context.Context, req *connect.Request[stowagev1.EnableHostMaintenanceRequest]) (*connect.Response[stowagev1.EnableHostMaintenanceResponse], error) {
+	host, err := h.svc.EnableMaintenance(ctx, req.Msg.GetId())
+	if err != nil {
+		return nil, err
+	}
+	return connect.NewResponse(redactReply(&stowagev1.EnableHostMaintenanceResponse{Host: host})), nil
+}
+
+func (h *hostHandler) CancelHostMaintenance(ctx context.Context, req *connect.Request[stowagev1.CancelHostMaintenanceRequest]) (*connect.Response[stowagev1.CancelHostMaintenanceResponse], error) {
+	host, err := h.svc.CancelMaintenance(ctx, req.Msg.GetId())
+	if err != nil {
+		return nil, err
+	}
+	return connect.NewResponse(redactReply(&stowagev1.CancelHostMaintenanceResponse{Host: host})), nil
 }
 
 func (h *hostHandler) CreateJoinToken(ctx context.Context, req *connect.Request[stowagev1.CreateJoinTokenRequest]) (*connect.Response[stowagev1.CreateJoinTokenResponse], error) {

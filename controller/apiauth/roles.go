@@ -99,11 +99,17 @@ var procedureRoles = map[string]Role{
 	stowagev1connect.StoreServiceEnableMaintenanceProcedure: RoleAdmin,
 	stowagev1connect.StoreServiceCancelMaintenanceProcedure: RoleAdmin,
 	stowagev1connect.StoreServiceDeleteStoreProcedure:       RoleAdmin,
+	stowagev1connect.StoreServiceDisableStoreProcedure:      RoleAdmin,
+	stowagev1connect.StoreServiceEnableStoreProcedure:       RoleAdmin,
+	stowagev1connect.StoreServiceUpdateStoreProcedure:       RoleAdmin,
 
 	stowagev1connect.HostServiceListHostsProcedure: RoleReader,
 	stowagev1connect.HostServiceGetHostProcedure:   RoleReader,
 	// A join token admits a host into the cloud.
 	stowagev1connect.HostServiceCreateJoinTokenProcedure: RoleAdmin,
+	// Maintenance takes a host out of placement.
+	stowagev1connect.HostServiceEnableHostMaintenanceProcedure: RoleAdmin,
+	stowagev1connect.HostServiceCancelHostMaintenanceProcedure: RoleAdmin,
 
 	// Agents authenticate with their client certificate (mutual TLS;
 	// controller/enrol checks it names the host), or, to join, with a

@@ -39,11 +39,14 @@ type Service struct {
 	hostsChanged chan struct{}
 	// views is what the heartbeat path reads instead of the stores (view.go).
 	views viewCache
+	// defaults are the capacity thresholds of stores without their own
+	// (placement.go).
+	defaults Thresholds
 }
 
 // New returns the store service.
 func New(db *meta.DB, providers *drivers.Registry, log *slog.Logger) *Service {
-	return &Service{db: db, providers: providers, log: log, DefaultZone: "default", hostsChanged: make(chan struct{}, 1)}
+	return &Service{db: db, providers: providers, log: log, DefaultZone: "default", hostsChanged: make(chan struct{}, 1), defaults: DefaultThresholds}
 }
 
 // HostsChanged says the set of registered hosts, or where one of them is
@@ -120,6 +123,20 @@ func (s *Service) Add(ctx context.Context, req *stowagev1.AddStoreRequest) (*sto
 	if err != nil {
 		return nil, err
 	}
+	tags, err := NormalizeTags(req.GetTags())
+	if err != nil {
+		return nil, fmt.Errorf("store %q: %w", spec.Name, err)
+	}
+	for _, th := range []struct {
+		name string
+		v    *float64
+	}{{"disable", req.CapacityDisableThreshold}, {"notify", req.CapacityNotifyThreshold}} {
+		if th.v != nil {
+			if err := checkThreshold(th.name, *th.v); err != nil {
+				return nil, fmt.Errorf("store %q: %w", spec.Name, err)
+			}
+		}
+	}
 	lc := p.LifeCycle()
 	info, err := lc.Initialize(ctx, spec)
 	if err != nil {
@@ -136,8 +153,11 @@ func (s *Service) Add(ctx context.Context, req *stowagev1.AddStoreRequest) (*sto
 		CapacityBytes:  info.CapacityBytes,
 		AvailableBytes: info.AvailableBytes,
 		UsedBytes:      info.CapacityBytes - info.AvailableBytes,
-		Tags:           req.GetTags(),
+		Tags:           tags,
 		Details:        info.Details,
+
+		CapacityDisableThreshold: req.CapacityDisableThreshold,
+		CapacityNotifyThreshold:  req.CapacityNotifyThreshold,
 	}
 	if _, err := s.db.Stores().Create(ctx, rec); err != nil {
 		s.release(lc, info)
@@ -232,7 +252,7 @@ func (s *Service) Get(ctx context.Context, idOrName string) (*stowagev1.DataStor
 	}
 	rec, err := s.db.Stores().Get(ctx, idOrName)
 	if err == nil {
-		return rec, nil
+		return s.decorate(rec), nil
 	}
 	if !errdefs.IsNotFound(err) && !errdefs.IsInvalid(err) {
 		return nil, err
@@ -241,7 +261,7 @@ func (s *Service) Get(ctx context.Context, idOrName string) (*stowagev1.DataStor
 	if errdefs.IsNotFound(err) {
 		return nil, fmt.Errorf("store %q: no store has that id or name; see `stowage store list`: %w", idOrName, errdefs.ErrNotFound)
 	}
-	return rec, err
+	return s.decorate(rec), err
 }
 
 // List returns up to limit stores (0: no limit) with ids after after, in
@@ -249,9 +269,13 @@ func (s *Service) Get(ctx context.Context, idOrName string) (*stowagev1.DataStor
 func (s *Service) List(ctx context.Context, role stowagev1.StoreRole, zone, after string, limit int) ([]*stowagev1.DataStore, error) {
 	// Stores are few (hundreds): one scan of their records, not of the
 	// role index, which on etcd costs a read of each record.
-	return s.db.Stores().List(ctx, meta.Filter[*stowagev1.DataStore]{After: after, Limit: limit, Where: func(r *stowagev1.DataStore) bool {
+	all, err := s.db.Stores().List(ctx, meta.Filter[*stowagev1.DataStore]{After: after, Limit: limit, Where: func(r *stowagev1.DataStore) bool {
 		return (role == stowagev1.StoreRole_STORE_ROLE_UNSPECIFIED || r.GetRole() == role) && (zone == "" || r.GetScope().GetZone() == zone)
 	}})
+	for _, st := range all {
+		s.decorate(st)
+	}
+	return all, err
 }
 
 // EnableMaintenance moves an Up store to PrepareForMaintenance, runs the
@@ -565,7 +589,8 @@ func scopeToProto(s drivers.Scope) *stowagev1.Scope {
 	return &stowagev1.Scope{Zone: s.Zone, Cluster: s.Cluster, HostId: s.HostID}
 }
 
-// UpStore returns the store idOrName, which must hold role and be Up.
+// UpStore returns the store idOrName, which must hold role, be Up and be
+// below its disable threshold.
 func (s *Service) UpStore(ctx context.Context, idOrName string, role stowagev1.StoreRole) (*stowagev1.DataStore, error) {
 	st, err := s.Get(ctx, idOrName)
 	if err != nil {
@@ -577,6 +602,9 @@ func (s *Service) UpStore(ctx context.Context, idOrName string, role stowagev1.S
 	if st.GetState() != stowagev1.StoreState_STORE_STATE_UP {
 		return nil, fmt.Errorf("store %s is %s; only an Up store takes new objects (reason: %s): %w", st.GetName(), meta.StoreStateName(st.GetState()), orNone(st.GetStateReason()), errdefs.ErrFailedPrecondition)
 	}
+	if err := s.Admit(st, 0, nil); err != nil {
+		return nil, err
+	}
 	return st, nil
 }
 
@@ -585,41 +613,6 @@ func orNone(s string) string {
 		return "none given"
 	}
 	return s
-}
-
-// PickStore chooses the Up store of role in zone ("" = any) with the most
-// free space that can hold need bytes, and says why.
-func (s *Service) PickStore(ctx context.Context, role stowagev1.StoreRole, zone string, need int64) (*stowagev1.DataStore, []string, error) {
-	all, err := s.List(ctx, role, zone, "", 0)
-	if err != nil {
-		return nil, nil, err
-	}
-	var best *stowagev1.DataStore
-	var reasons []string
-	for _, st := range all {
-		switch {
-		case st.GetState() != stowagev1.StoreState_STORE_STATE_UP:
-			reasons = append(reasons, fmt.Sprintf("store %s skipped: %s", st.GetName(), meta.StoreStateName(st.GetState())))
-		case len(st.GetHostIds()) == 0:
-			reasons = append(reasons, fmt.Sprintf("store %s skipped: no Up host reaches it", st.GetName()))
-		case need > 0 && st.GetAvailableBytes() > 0 && st.GetAvailableBytes() < need:
-			reasons = append(reasons, fmt.Sprintf("store %s skipped: %d bytes free, %d needed", st.GetName(), st.GetAvailableBytes(), need))
-		case best == nil || st.GetAvailableBytes() > best.GetAvailableBytes():
-			best = st
-		}
-	}
-	if best == nil {
-		if len(all) == 0 {
-			where := ""
-			if zone != "" {
-				where = " in zone " + zone
-			}
-			return nil, nil, fmt.Errorf("no %s store is added%s (stowage store add --role %s): %w", strings.ToLower(meta.StoreRoleName(role)), where, strings.ToLower(meta.StoreRoleName(role)), errdefs.ErrFailedPrecondition)
-		}
-		return nil, reasons, fmt.Errorf("no Up %s store can take it (%s): %w", meta.StoreRoleName(role), strings.Join(reasons, "; "), errdefs.ErrFailedPrecondition)
-	}
-	reasons = append([]string{fmt.Sprintf("store %s: Up, most free space (%d bytes) of %d %s stores", best.GetName(), best.GetAvailableBytes(), len(all), meta.StoreRoleName(role))}, reasons...)
-	return best, reasons, nil
 }
 
 // Scope returns the scope of store st.

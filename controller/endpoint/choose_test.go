@@ -183,7 +183,7 @@ func TestSelectSkipsHostsNotUp(t *testing.T) {
 		"ForScope":   func() error { _, err := f.sel.ForScope(f.ctx, z("z1")); return err }(),
 		"AllInScope": func() error { _, err := f.sel.AllInScope(f.ctx, z("z1")); return err }(),
 	} {
-		if !errors.Is(err, errdefs.ErrUnavailable) || !strings.Contains(err.Error(), "no Up agent in scope z1 (gone is DISCONNECTED, maint is MAINTENANCE, up is DISCONNECTED)") {
+		if !errors.Is(err, errdefs.ErrUnavailable) || !strings.Contains(err.Error(), "no Up agent in scope z1 (gone is DISCONNECTED, maint is PREPARE_FOR_MAINTENANCE, up is DISCONNECTED)") {
 			t.Errorf("%s with no Up host: %v", name, err)
 		}
 	}

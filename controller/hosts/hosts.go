@@ -209,8 +209,9 @@ func (s *Service) Register(ctx context.Context, req *stowagev1.RegisterRequest) 
 		s.log.Info("new host registered", "host", host.GetId(), "agent", host.GetAgentUrl(), "zone", zone, "cluster", cluster)
 	case err != nil:
 		return nil, fmt.Errorf("register host %s: %w", req.GetHostId(), err)
-	case host.GetState() == stowagev1.HostState_HOST_STATE_MAINTENANCE:
-		// A host in maintenance stays there; it only refreshes its facts.
+	case host.GetState() == stowagev1.HostState_HOST_STATE_MAINTENANCE || host.GetState() == stowagev1.HostState_HOST_STATE_PREPARE_FOR_MAINTENANCE:
+		// A host in (or going into) maintenance stays there; it only
+		// refreshes its facts.
 		if host, err = s.db.Hosts().Update(ctx, host.GetId(), host.GetRevision(), fill); err != nil {
 			return nil, fmt.Errorf("register host %s: %w", req.GetHostId(), err)
 		}
@@ -295,7 +296,9 @@ func (s *Service) Heartbeat(ctx context.Context, req *stowagev1.HeartbeatRequest
 		h.LastHeartbeat = timestamppb.New(now)
 		h.Capabilities = req.GetCapabilities()
 		h.InFlightTasks = req.GetInFlightTasks()
-		h.StateReason = ""
+		if h.GetState() != stowagev1.HostState_HOST_STATE_MAINTENANCE {
+			h.StateReason = "" // a host in maintenance keeps why
+		}
 		return nil
 	}
 	switch host.GetState() {
@@ -306,6 +309,8 @@ func (s *Service) Heartbeat(ctx context.Context, req *stowagev1.HeartbeatRequest
 		}
 	case stowagev1.HostState_HOST_STATE_CONNECTING:
 		host, err = s.db.Hosts().Transition(ctx, host.GetId(), meta.HostConnected, update)
+	case stowagev1.HostState_HOST_STATE_PREPARE_FOR_MAINTENANCE:
+		host, err = s.drainBeat(ctx, host, req.GetInFlightTasks(), now, update)
 	default:
 		if persist {
 			host, err = s.db.Hosts().Update(ctx, host.GetId(), host.GetRevision(), update)

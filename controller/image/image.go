@@ -120,12 +120,12 @@ func (s *Service) ReadyOn(ctx context.Context, templateID string, role stowagev1
 			continue
 		}
 		st, err := s.db.Stores().Get(ctx, r.GetStoreId())
-		if err != nil || st.GetRole() != role || st.GetState() != stowagev1.StoreState_STORE_STATE_UP {
+		if err != nil || st.GetRole() != role || !datastore.Serves(st) {
 			continue
 		}
 		return r, st, nil
 	}
-	return nil, nil, fmt.Errorf("template %s has no Ready copy on an Up %s store: %w", templateID, meta.StoreRoleName(role), errdefs.ErrFailedPrecondition)
+	return nil, nil, fmt.Errorf("template %s has no Ready copy on an Up (or Disabled) %s store: %w", templateID, meta.StoreRoleName(role), errdefs.ErrFailedPrecondition)
 }
 
 // earlier returns the job an earlier request with idempotency key made

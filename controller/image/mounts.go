@@ -33,9 +33,11 @@ const LazyMethod = "lazy"
 // unresponsive agent does not hold up every host's mount.
 const stepTimeout = 15 * time.Second
 
-// UpHoster lists the Up hosts (controller/hosts).
+// UpHoster lists the Up hosts, and those in (or going into) maintenance
+// (controller/hosts).
 type UpHoster interface {
 	UpHosts(ctx context.Context) ([]*stowagev1.Host, error)
+	InMaintenance(ctx context.Context) ([]*stowagev1.Host, error)
 }
 
 // Mounts decides what each host's FUSE template mount shows: every Ready
@@ -164,8 +166,15 @@ func (m *Mounts) Reconcile(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	// A host in maintenance keeps its mount as planned (the templates its
+	// lazy volumes read stay pinned), but serves no export to others: the
+	// sources are chosen among the Up hosts only.
+	resting, err := m.hosts.InMaintenance(ctx)
+	if err != nil {
+		return err
+	}
 	var mounting []*stowagev1.Host
-	for _, h := range up {
+	for _, h := range slices.Concat(up, resting) {
 		if h.GetCapabilities().GetTemplateCache().GetMount() != "" {
 			mounting = append(mounting, h)
 		}
@@ -243,7 +252,7 @@ func (m *Mounts) mountables(ctx context.Context) ([]mountable, error) {
 			continue
 		}
 		st, err := m.db.Stores().Get(ctx, r.GetStoreId())
-		if err != nil || st.GetRole() != stowagev1.StoreRole_STORE_ROLE_IMAGE || st.GetState() != stowagev1.StoreState_STORE_STATE_UP {
+		if err != nil || st.GetRole() != stowagev1.StoreRole_STORE_ROLE_IMAGE || !datastore.Serves(st) {
 			continue
 		}
 		t, err := m.db.Templates().Get(ctx, r.GetTemplateId())

@@ -307,7 +307,7 @@ func TestCopyStatesAndReadyOn(t *testing.T) {
 		t.Errorf("ReadyOn(primary): %v %v", r, err)
 	}
 	_, _, err := w.s.ReadyOn(w.ctx, tm.GetId(), imageRole)
-	wantClass(t, "ReadyOn(image) with only the primary copy Ready", err, errdefs.ErrFailedPrecondition, "no Ready copy on an Up Image store")
+	wantClass(t, "ReadyOn(image) with only the primary copy Ready", err, errdefs.ErrFailedPrecondition, "no Ready copy on an Up (or Disabled) Image store")
 
 	cause := errors.New("checksum mismatch: want sha256:e3b0, got sha256:dead")
 	if err := (registerHandler{w.s}).Fail(w.ctx, &stowagev1.Job{TargetId: tm.GetId()}, cause); err != nil {

@@ -44,8 +44,11 @@ Connecting Reconnect Connecting
 Up HeartbeatMissed Disconnected
 Connecting HeartbeatMissed Disconnected
 Disconnected HeartbeatResumed Up
-Up MaintenanceRequested Maintenance
+Up MaintenanceRequested PrepareForMaintenance
+Connecting MaintenanceRequested PrepareForMaintenance
 Disconnected MaintenanceRequested Maintenance
+PrepareForMaintenance MaintenanceSucceeded Maintenance
+PrepareForMaintenance MaintenanceCancelled Connecting
 Maintenance MaintenanceCancelled Connecting
 `
 	wantObjectTable = `
@@ -158,7 +161,7 @@ func TestTransitionsEveryKind(t *testing.T) {
 		runFSMSuite(t, fsmSuite[*stowagev1.Host, stowagev1.HostState, HostEvent]{
 			kind: Hosts, repo: (*DB).Hosts, enum: stowagev1.HostState(0).Descriptor(), initial: "Connecting",
 			events: []HostEvent{HostConnected, HostReconnect, HostHeartbeatMissed, HostHeartbeatResumed,
-				HostMaintenanceRequested, HostMaintenanceCancelled},
+				HostMaintenanceRequested, HostMaintenanceSucceeded, HostMaintenanceCancelled},
 			newRec: func(id string) *stowagev1.Host {
 				return &stowagev1.Host{Id: id, Hostname: "kvm-" + id, Zone: "z1"}
 			},

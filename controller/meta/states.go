@@ -93,7 +93,13 @@ const (
 	HostReconnect            HostEvent = "Reconnect"
 	HostHeartbeatMissed      HostEvent = "HeartbeatMissed"
 	HostHeartbeatResumed     HostEvent = "HeartbeatResumed"
+	// HostMaintenanceRequested starts a drain (an Up or Connecting host:
+	// PrepareForMaintenance) or, for a Disconnected host that can take no
+	// task anyway, puts it in Maintenance at once.
 	HostMaintenanceRequested HostEvent = "MaintenanceRequested"
+	// HostMaintenanceSucceeded: a draining host's heartbeat reported no
+	// running task.
+	HostMaintenanceSucceeded HostEvent = "MaintenanceSucceeded"
 	HostMaintenanceCancelled HostEvent = "MaintenanceCancelled"
 )
 
@@ -210,6 +216,7 @@ var hostMachine = func() *Machine[stowagev1.HostState, HostEvent] {
 		up           = stowagev1.HostState_HOST_STATE_UP
 		disconnected = stowagev1.HostState_HOST_STATE_DISCONNECTED
 		maintenance  = stowagev1.HostState_HOST_STATE_MAINTENANCE
+		prepare      = stowagev1.HostState_HOST_STATE_PREPARE_FOR_MAINTENANCE
 	)
 	type S = stowagev1.HostState
 	return NewMachine(connecting, HostStateName,
@@ -217,8 +224,10 @@ var hostMachine = func() *Machine[stowagev1.HostState, HostEvent] {
 		hostEdge{From: []S{up, disconnected, connecting}, Event: HostReconnect, To: connecting},
 		hostEdge{From: []S{up, connecting}, Event: HostHeartbeatMissed, To: disconnected},
 		hostEdge{From: []S{disconnected}, Event: HostHeartbeatResumed, To: up},
-		hostEdge{From: []S{up, disconnected}, Event: HostMaintenanceRequested, To: maintenance},
-		hostEdge{From: []S{maintenance}, Event: HostMaintenanceCancelled, To: connecting},
+		hostEdge{From: []S{up, connecting}, Event: HostMaintenanceRequested, To: prepare},
+		hostEdge{From: []S{disconnected}, Event: HostMaintenanceRequested, To: maintenance},
+		hostEdge{From: []S{prepare}, Event: HostMaintenanceSucceeded, To: maintenance},
+		hostEdge{From: []S{prepare, maintenance}, Event: HostMaintenanceCancelled, To: connecting},
 	)
 }()
 

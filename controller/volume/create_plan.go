@@ -45,9 +45,12 @@ func (s *Service) Create(ctx context.Context, req *stowagev1.CreateVolumeRequest
 			return nil, err
 		}
 	}
-	p := &planner{s: s, plan: &stowagev1.Plan{}, params: &stowagev1.VolumeCreateParams{}}
-	vol := &stowagev1.Volume{Id: meta.NewID(), Name: req.GetName(), Size: req.GetSize(), TemplateId: req.GetTemplateId(), SnapshotId: req.GetSnapshotId()}
-	var err error
+	tags, err := datastore.NormalizeTags(req.GetTags())
+	if err != nil {
+		return nil, err
+	}
+	p := &planner{s: s, plan: &stowagev1.Plan{}, params: &stowagev1.VolumeCreateParams{}, tags: tags}
+	vol := &stowagev1.Volume{Id: meta.NewID(), Name: req.GetName(), Size: req.GetSize(), TemplateId: req.GetTemplateId(), SnapshotId: req.GetSnapshotId(), Tags: tags}
 	switch {
 	case req.GetTemplateId() != "":
 		err = p.fromTemplate(ctx, req, vol, want)
@@ -96,6 +99,8 @@ type planner struct {
 	plan   *stowagev1.Plan
 	params *stowagev1.VolumeCreateParams
 	newRef *stowagev1.TemplateOnStore
+	// tags are the storage tags the volume asked for (sorted, unique).
+	tags []string
 }
 
 func (p *planner) step(name, host, reason string) {
@@ -108,10 +113,13 @@ func (p *planner) primary(ctx context.Context, storeID, zone string, need int64)
 		if err != nil {
 			return nil, err
 		}
+		if err := p.s.stores.Admit(st, need, p.tags); err != nil {
+			return nil, err
+		}
 		p.plan.Reasons = append(p.plan.Reasons, fmt.Sprintf("store %s: asked for", st.GetName()))
 		return st, nil
 	}
-	st, reasons, err := p.s.stores.PickStore(ctx, stowagev1.StoreRole_STORE_ROLE_PRIMARY, zone, need)
+	st, reasons, err := p.s.stores.PickStore(ctx, stowagev1.StoreRole_STORE_ROLE_PRIMARY, zone, need, p.tags...)
 	p.plan.Reasons = append(p.plan.Reasons, reasons...)
 	return st, err
 }

@@ -161,6 +161,11 @@ func (s *Service) Migrate(ctx context.Context, idOrName, storeID string, dryRun 
 	if dst.GetId() == src.GetId() {
 		return nil, fmt.Errorf("volume %s is already on store %s: %w", v.GetName(), dst.GetName(), errdefs.ErrInvalid)
 	}
+	// The destination must carry the volume's storage tags and stay below
+	// its disable threshold with the volume's (virtual) size on it.
+	if err := s.stores.Admit(dst, v.GetSize(), v.GetTags()); err != nil {
+		return nil, fmt.Errorf("migrate volume %s: %w", v.GetName(), err)
+	}
 	if v.GetAttachedHostId() != "" || v.GetNbdExportUri() != "" {
 		// A cold migration: the copy would miss what the host writes
 		// meanwhile, and its grant would point at the removed source.

@@ -22,6 +22,184 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+type EnableHostMaintenanceRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Id or hostname.
+	Id            string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *EnableHostMaintenanceRequest) Reset() {
+	*x = EnableHostMaintenanceRequest{}
+	mi := &file_stowage_v1_host_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EnableHostMaintenanceRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EnableHostMaintenanceRequest) ProtoMessage() {}
+
+func (x *EnableHostMaintenanceRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_host_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EnableHostMaintenanceRequest.ProtoReflect.Descriptor instead.
+func (*EnableHostMaintenanceRequest) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_host_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *EnableHostMaintenanceRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+type EnableHostMaintenanceResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Host          *Host                  `protobuf:"bytes,1,opt,name=host,proto3" json:"host,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *EnableHostMaintenanceResponse) Reset() {
+	*x = EnableHostMaintenanceResponse{}
+	mi := &file_stowage_v1_host_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EnableHostMaintenanceResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EnableHostMaintenanceResponse) ProtoMessage() {}
+
+func (x *EnableHostMaintenanceResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_host_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EnableHostMaintenanceResponse.ProtoReflect.Descriptor instead.
+func (*EnableHostMaintenanceResponse) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_host_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *EnableHostMaintenanceResponse) GetHost() *Host {
+	if x != nil {
+		return x.Host
+	}
+	return nil
+}
+
+type CancelHostMaintenanceRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Id or hostname.
+	Id            string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CancelHostMaintenanceRequest) Reset() {
+	*x = CancelHostMaintenanceRequest{}
+	mi := &file_stowage_v1_host_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CancelHostMaintenanceRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CancelHostMaintenanceRequest) ProtoMessage() {}
+
+func (x *CancelHostMaintenanceRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_host_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CancelHostMaintenanceRequest.ProtoReflect.Descriptor instead.
+func (*CancelHostMaintenanceRequest) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_host_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *CancelHostMaintenanceRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+type CancelHostMaintenanceResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Host          *Host                  `protobuf:"bytes,1,opt,name=host,proto3" json:"host,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CancelHostMaintenanceResponse) Reset() {
+	*x = CancelHostMaintenanceResponse{}
+	mi := &file_stowage_v1_host_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CancelHostMaintenanceResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CancelHostMaintenanceResponse) ProtoMessage() {}
+
+func (x *CancelHostMaintenanceResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_host_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CancelHostMaintenanceResponse.ProtoReflect.Descriptor instead.
+func (*CancelHostMaintenanceResponse) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_host_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *CancelHostMaintenanceResponse) GetHost() *Host {
+	if x != nil {
+		return x.Host
+	}
+	return nil
+}
+
 type CreateJoinTokenRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// How long the token admits a join; 0: one hour.
@@ -36,7 +214,7 @@ type CreateJoinTokenRequest struct {
 
 func (x *CreateJoinTokenRequest) Reset() {
 	*x = CreateJoinTokenRequest{}
-	mi := &file_stowage_v1_host_proto_msgTypes[0]
+	mi := &file_stowage_v1_host_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -48,7 +226,7 @@ func (x *CreateJoinTokenRequest) String() string {
 func (*CreateJoinTokenRequest) ProtoMessage() {}
 
 func (x *CreateJoinTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_host_proto_msgTypes[0]
+	mi := &file_stowage_v1_host_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -61,7 +239,7 @@ func (x *CreateJoinTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateJoinTokenRequest.ProtoReflect.Descriptor instead.
 func (*CreateJoinTokenRequest) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_host_proto_rawDescGZIP(), []int{0}
+	return file_stowage_v1_host_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *CreateJoinTokenRequest) GetTtlSeconds() int64 {
@@ -91,7 +269,7 @@ type CreateJoinTokenResponse struct {
 
 func (x *CreateJoinTokenResponse) Reset() {
 	*x = CreateJoinTokenResponse{}
-	mi := &file_stowage_v1_host_proto_msgTypes[1]
+	mi := &file_stowage_v1_host_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -103,7 +281,7 @@ func (x *CreateJoinTokenResponse) String() string {
 func (*CreateJoinTokenResponse) ProtoMessage() {}
 
 func (x *CreateJoinTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_host_proto_msgTypes[1]
+	mi := &file_stowage_v1_host_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -116,7 +294,7 @@ func (x *CreateJoinTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateJoinTokenResponse.ProtoReflect.Descriptor instead.
 func (*CreateJoinTokenResponse) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_host_proto_rawDescGZIP(), []int{1}
+	return file_stowage_v1_host_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *CreateJoinTokenResponse) GetToken() string {
@@ -158,7 +336,7 @@ type ListHostsRequest struct {
 
 func (x *ListHostsRequest) Reset() {
 	*x = ListHostsRequest{}
-	mi := &file_stowage_v1_host_proto_msgTypes[2]
+	mi := &file_stowage_v1_host_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -170,7 +348,7 @@ func (x *ListHostsRequest) String() string {
 func (*ListHostsRequest) ProtoMessage() {}
 
 func (x *ListHostsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_host_proto_msgTypes[2]
+	mi := &file_stowage_v1_host_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -183,7 +361,7 @@ func (x *ListHostsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListHostsRequest.ProtoReflect.Descriptor instead.
 func (*ListHostsRequest) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_host_proto_rawDescGZIP(), []int{2}
+	return file_stowage_v1_host_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *ListHostsRequest) GetZone() string {
@@ -226,7 +404,7 @@ type ListHostsResponse struct {
 
 func (x *ListHostsResponse) Reset() {
 	*x = ListHostsResponse{}
-	mi := &file_stowage_v1_host_proto_msgTypes[3]
+	mi := &file_stowage_v1_host_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -238,7 +416,7 @@ func (x *ListHostsResponse) String() string {
 func (*ListHostsResponse) ProtoMessage() {}
 
 func (x *ListHostsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_host_proto_msgTypes[3]
+	mi := &file_stowage_v1_host_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -251,7 +429,7 @@ func (x *ListHostsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListHostsResponse.ProtoReflect.Descriptor instead.
 func (*ListHostsResponse) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_host_proto_rawDescGZIP(), []int{3}
+	return file_stowage_v1_host_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *ListHostsResponse) GetHosts() []*Host {
@@ -278,7 +456,7 @@ type GetHostRequest struct {
 
 func (x *GetHostRequest) Reset() {
 	*x = GetHostRequest{}
-	mi := &file_stowage_v1_host_proto_msgTypes[4]
+	mi := &file_stowage_v1_host_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -290,7 +468,7 @@ func (x *GetHostRequest) String() string {
 func (*GetHostRequest) ProtoMessage() {}
 
 func (x *GetHostRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_host_proto_msgTypes[4]
+	mi := &file_stowage_v1_host_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -303,7 +481,7 @@ func (x *GetHostRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetHostRequest.ProtoReflect.Descriptor instead.
 func (*GetHostRequest) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_host_proto_rawDescGZIP(), []int{4}
+	return file_stowage_v1_host_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *GetHostRequest) GetId() string {
@@ -322,7 +500,7 @@ type GetHostResponse struct {
 
 func (x *GetHostResponse) Reset() {
 	*x = GetHostResponse{}
-	mi := &file_stowage_v1_host_proto_msgTypes[5]
+	mi := &file_stowage_v1_host_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -334,7 +512,7 @@ func (x *GetHostResponse) String() string {
 func (*GetHostResponse) ProtoMessage() {}
 
 func (x *GetHostResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_host_proto_msgTypes[5]
+	mi := &file_stowage_v1_host_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -347,7 +525,7 @@ func (x *GetHostResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetHostResponse.ProtoReflect.Descriptor instead.
 func (*GetHostResponse) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_host_proto_rawDescGZIP(), []int{5}
+	return file_stowage_v1_host_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *GetHostResponse) GetHost() *Host {
@@ -362,7 +540,15 @@ var File_stowage_v1_host_proto protoreflect.FileDescriptor
 const file_stowage_v1_host_proto_rawDesc = "" +
 	"\n" +
 	"\x15stowage/v1/host.proto\x12\n" +
-	"stowage.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16stowage/v1/types.proto\"R\n" +
+	"stowage.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16stowage/v1/types.proto\".\n" +
+	"\x1cEnableHostMaintenanceRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"E\n" +
+	"\x1dEnableHostMaintenanceResponse\x12$\n" +
+	"\x04host\x18\x01 \x01(\v2\x10.stowage.v1.HostR\x04host\".\n" +
+	"\x1cCancelHostMaintenanceRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"E\n" +
+	"\x1dCancelHostMaintenanceResponse\x12$\n" +
+	"\x04host\x18\x01 \x01(\v2\x10.stowage.v1.HostR\x04host\"R\n" +
 	"\x16CreateJoinTokenRequest\x12\x1f\n" +
 	"\vttl_seconds\x18\x01 \x01(\x03R\n" +
 	"ttlSeconds\x12\x17\n" +
@@ -384,11 +570,13 @@ const file_stowage_v1_host_proto_rawDesc = "" +
 	"\x0eGetHostRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\"7\n" +
 	"\x0fGetHostResponse\x12$\n" +
-	"\x04host\x18\x01 \x01(\v2\x10.stowage.v1.HostR\x04host2\xf7\x01\n" +
+	"\x04host\x18\x01 \x01(\v2\x10.stowage.v1.HostR\x04host2\xd3\x03\n" +
 	"\vHostService\x12H\n" +
 	"\tListHosts\x12\x1c.stowage.v1.ListHostsRequest\x1a\x1d.stowage.v1.ListHostsResponse\x12B\n" +
 	"\aGetHost\x12\x1a.stowage.v1.GetHostRequest\x1a\x1b.stowage.v1.GetHostResponse\x12Z\n" +
-	"\x0fCreateJoinToken\x12\".stowage.v1.CreateJoinTokenRequest\x1a#.stowage.v1.CreateJoinTokenResponseB\x9f\x01\n" +
+	"\x0fCreateJoinToken\x12\".stowage.v1.CreateJoinTokenRequest\x1a#.stowage.v1.CreateJoinTokenResponse\x12l\n" +
+	"\x15EnableHostMaintenance\x12(.stowage.v1.EnableHostMaintenanceRequest\x1a).stowage.v1.EnableHostMaintenanceResponse\x12l\n" +
+	"\x15CancelHostMaintenance\x12(.stowage.v1.CancelHostMaintenanceRequest\x1a).stowage.v1.CancelHostMaintenanceResponseB\x9f\x01\n" +
 	"\x0ecom.stowage.v1B\tHostProtoP\x01Z9github.com/stowage/stowage/proto/gen/stowage/v1;stowagev1\xa2\x02\x03SXX\xaa\x02\n" +
 	"Stowage.V1\xca\x02\n" +
 	"Stowage\\V1\xe2\x02\x16Stowage\\V1\\GPBMetadata\xea\x02\vStowage::V1b\x06proto3"
@@ -405,34 +593,44 @@ func file_stowage_v1_host_proto_rawDescGZIP() []byte {
 	return file_stowage_v1_host_proto_rawDescData
 }
 
-var file_stowage_v1_host_proto_msgTypes = make([]protoimpl.MessageInfo, 6)
+var file_stowage_v1_host_proto_msgTypes = make([]protoimpl.MessageInfo, 10)
 var file_stowage_v1_host_proto_goTypes = []any{
-	(*CreateJoinTokenRequest)(nil),  // 0: stowage.v1.CreateJoinTokenRequest
-	(*CreateJoinTokenResponse)(nil), // 1: stowage.v1.CreateJoinTokenResponse
-	(*ListHostsRequest)(nil),        // 2: stowage.v1.ListHostsRequest
-	(*ListHostsResponse)(nil),       // 3: stowage.v1.ListHostsResponse
-	(*GetHostRequest)(nil),          // 4: stowage.v1.GetHostRequest
-	(*GetHostResponse)(nil),         // 5: stowage.v1.GetHostResponse
-	(*timestamppb.Timestamp)(nil),   // 6: google.protobuf.Timestamp
-	(HostState)(0),                  // 7: stowage.v1.HostState
-	(*Host)(nil),                    // 8: stowage.v1.Host
+	(*EnableHostMaintenanceRequest)(nil),  // 0: stowage.v1.EnableHostMaintenanceRequest
+	(*EnableHostMaintenanceResponse)(nil), // 1: stowage.v1.EnableHostMaintenanceResponse
+	(*CancelHostMaintenanceRequest)(nil),  // 2: stowage.v1.CancelHostMaintenanceRequest
+	(*CancelHostMaintenanceResponse)(nil), // 3: stowage.v1.CancelHostMaintenanceResponse
+	(*CreateJoinTokenRequest)(nil),        // 4: stowage.v1.CreateJoinTokenRequest
+	(*CreateJoinTokenResponse)(nil),       // 5: stowage.v1.CreateJoinTokenResponse
+	(*ListHostsRequest)(nil),              // 6: stowage.v1.ListHostsRequest
+	(*ListHostsResponse)(nil),             // 7: stowage.v1.ListHostsResponse
+	(*GetHostRequest)(nil),                // 8: stowage.v1.GetHostRequest
+	(*GetHostResponse)(nil),               // 9: stowage.v1.GetHostResponse
+	(*Host)(nil),                          // 10: stowage.v1.Host
+	(*timestamppb.Timestamp)(nil),         // 11: google.protobuf.Timestamp
+	(HostState)(0),                        // 12: stowage.v1.HostState
 }
 var file_stowage_v1_host_proto_depIdxs = []int32{
-	6, // 0: stowage.v1.CreateJoinTokenResponse.expires_at:type_name -> google.protobuf.Timestamp
-	7, // 1: stowage.v1.ListHostsRequest.state:type_name -> stowage.v1.HostState
-	8, // 2: stowage.v1.ListHostsResponse.hosts:type_name -> stowage.v1.Host
-	8, // 3: stowage.v1.GetHostResponse.host:type_name -> stowage.v1.Host
-	2, // 4: stowage.v1.HostService.ListHosts:input_type -> stowage.v1.ListHostsRequest
-	4, // 5: stowage.v1.HostService.GetHost:input_type -> stowage.v1.GetHostRequest
-	0, // 6: stowage.v1.HostService.CreateJoinToken:input_type -> stowage.v1.CreateJoinTokenRequest
-	3, // 7: stowage.v1.HostService.ListHosts:output_type -> stowage.v1.ListHostsResponse
-	5, // 8: stowage.v1.HostService.GetHost:output_type -> stowage.v1.GetHostResponse
-	1, // 9: stowage.v1.HostService.CreateJoinToken:output_type -> stowage.v1.CreateJoinTokenResponse
-	7, // [7:10] is the sub-list for method output_type
-	4, // [4:7] is the sub-list for method input_type
-	4, // [4:4] is the sub-list for extension type_name
-	4, // [4:4] is the sub-list for extension extendee
-	0, // [0:4] is the sub-list for field type_name
+	10, // 0: stowage.v1.EnableHostMaintenanceResponse.host:type_name -> stowage.v1.Host
+	10, // 1: stowage.v1.CancelHostMaintenanceResponse.host:type_name -> stowage.v1.Host
+	11, // 2: stowage.v1.CreateJoinTokenResponse.expires_at:type_name -> google.protobuf.Timestamp
+	12, // 3: stowage.v1.ListHostsRequest.state:type_name -> stowage.v1.HostState
+	10, // 4: stowage.v1.ListHostsResponse.hosts:type_name -> stowage.v1.Host
+	10, // 5: stowage.v1.GetHostResponse.host:type_name -> stowage.v1.Host
+	6,  // 6: stowage.v1.HostService.ListHosts:input_type -> stowage.v1.ListHostsRequest
+	8,  // 7: stowage.v1.HostService.GetHost:input_type -> stowage.v1.GetHostRequest
+	4,  // 8: stowage.v1.HostService.CreateJoinToken:input_type -> stowage.v1.CreateJoinTokenRequest
+	0,  // 9: stowage.v1.HostService.EnableHostMaintenance:input_type -> stowage.v1.EnableHostMaintenanceRequest
+	2,  // 10: stowage.v1.HostService.CancelHostMaintenance:input_type -> stowage.v1.CancelHostMaintenanceRequest
+	7,  // 11: stowage.v1.HostService.ListHosts:output_type -> stowage.v1.ListHostsResponse
+	9,  // 12: stowage.v1.HostService.GetHost:output_type -> stowage.v1.GetHostResponse
+	5,  // 13: stowage.v1.HostService.CreateJoinToken:output_type -> stowage.v1.CreateJoinTokenResponse
+	1,  // 14: stowage.v1.HostService.EnableHostMaintenance:output_type -> stowage.v1.EnableHostMaintenanceResponse
+	3,  // 15: stowage.v1.HostService.CancelHostMaintenance:output_type -> stowage.v1.CancelHostMaintenanceResponse
+	11, // [11:16] is the sub-list for method output_type
+	6,  // [6:11] is the sub-list for method input_type
+	6,  // [6:6] is the sub-list for extension type_name
+	6,  // [6:6] is the sub-list for extension extendee
+	0,  // [0:6] is the sub-list for field type_name
 }
 
 func init() { file_stowage_v1_host_proto_init() }
@@ -447,7 +645,7 @@ func file_stowage_v1_host_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_stowage_v1_host_proto_rawDesc), len(file_stowage_v1_host_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   6,
+			NumMessages:   10,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -22,16 +22,21 @@ const (
 )
 
 type AddStoreRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
-	Role          StoreRole              `protobuf:"varint,2,opt,name=role,proto3,enum=stowage.v1.StoreRole" json:"role,omitempty"`
-	Provider      string                 `protobuf:"bytes,3,opt,name=provider,proto3" json:"provider,omitempty"`
-	Url           string                 `protobuf:"bytes,4,opt,name=url,proto3" json:"url,omitempty"`
-	Scope         *Scope                 `protobuf:"bytes,5,opt,name=scope,proto3" json:"scope,omitempty"`
-	Tags          []string               `protobuf:"bytes,6,rep,name=tags,proto3" json:"tags,omitempty"`
-	Details       map[string]string      `protobuf:"bytes,7,rep,name=details,proto3" json:"details,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Name     string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Role     StoreRole              `protobuf:"varint,2,opt,name=role,proto3,enum=stowage.v1.StoreRole" json:"role,omitempty"`
+	Provider string                 `protobuf:"bytes,3,opt,name=provider,proto3" json:"provider,omitempty"`
+	Url      string                 `protobuf:"bytes,4,opt,name=url,proto3" json:"url,omitempty"`
+	Scope    *Scope                 `protobuf:"bytes,5,opt,name=scope,proto3" json:"scope,omitempty"`
+	Tags     []string               `protobuf:"bytes,6,rep,name=tags,proto3" json:"tags,omitempty"`
+	Details  map[string]string      `protobuf:"bytes,7,rep,name=details,proto3" json:"details,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// Capacity thresholds, fractions of the capacity in (0, 1]; unset: the
+	// controller's defaults (--capacity-disable-threshold,
+	// --capacity-notify-threshold).
+	CapacityDisableThreshold *float64 `protobuf:"fixed64,8,opt,name=capacity_disable_threshold,json=capacityDisableThreshold,proto3,oneof" json:"capacity_disable_threshold,omitempty"`
+	CapacityNotifyThreshold  *float64 `protobuf:"fixed64,9,opt,name=capacity_notify_threshold,json=capacityNotifyThreshold,proto3,oneof" json:"capacity_notify_threshold,omitempty"`
+	unknownFields            protoimpl.UnknownFields
+	sizeCache                protoimpl.SizeCache
 }
 
 func (x *AddStoreRequest) Reset() {
@@ -111,6 +116,20 @@ func (x *AddStoreRequest) GetDetails() map[string]string {
 		return x.Details
 	}
 	return nil
+}
+
+func (x *AddStoreRequest) GetCapacityDisableThreshold() float64 {
+	if x != nil && x.CapacityDisableThreshold != nil {
+		return *x.CapacityDisableThreshold
+	}
+	return 0
+}
+
+func (x *AddStoreRequest) GetCapacityNotifyThreshold() float64 {
+	if x != nil && x.CapacityNotifyThreshold != nil {
+		return *x.CapacityNotifyThreshold
+	}
+	return 0
 }
 
 type AddStoreResponse struct {
@@ -630,12 +649,350 @@ func (*DeleteStoreResponse) Descriptor() ([]byte, []int) {
 	return file_stowage_v1_store_proto_rawDescGZIP(), []int{11}
 }
 
+type DisableStoreRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DisableStoreRequest) Reset() {
+	*x = DisableStoreRequest{}
+	mi := &file_stowage_v1_store_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DisableStoreRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DisableStoreRequest) ProtoMessage() {}
+
+func (x *DisableStoreRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_store_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DisableStoreRequest.ProtoReflect.Descriptor instead.
+func (*DisableStoreRequest) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_store_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *DisableStoreRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+type DisableStoreResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Store         *DataStore             `protobuf:"bytes,1,opt,name=store,proto3" json:"store,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DisableStoreResponse) Reset() {
+	*x = DisableStoreResponse{}
+	mi := &file_stowage_v1_store_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DisableStoreResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DisableStoreResponse) ProtoMessage() {}
+
+func (x *DisableStoreResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_store_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DisableStoreResponse.ProtoReflect.Descriptor instead.
+func (*DisableStoreResponse) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_store_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *DisableStoreResponse) GetStore() *DataStore {
+	if x != nil {
+		return x.Store
+	}
+	return nil
+}
+
+type EnableStoreRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *EnableStoreRequest) Reset() {
+	*x = EnableStoreRequest{}
+	mi := &file_stowage_v1_store_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EnableStoreRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EnableStoreRequest) ProtoMessage() {}
+
+func (x *EnableStoreRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_store_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EnableStoreRequest.ProtoReflect.Descriptor instead.
+func (*EnableStoreRequest) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_store_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *EnableStoreRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+type EnableStoreResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Store         *DataStore             `protobuf:"bytes,1,opt,name=store,proto3" json:"store,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *EnableStoreResponse) Reset() {
+	*x = EnableStoreResponse{}
+	mi := &file_stowage_v1_store_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EnableStoreResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EnableStoreResponse) ProtoMessage() {}
+
+func (x *EnableStoreResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_store_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EnableStoreResponse.ProtoReflect.Descriptor instead.
+func (*EnableStoreResponse) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_store_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *EnableStoreResponse) GetStore() *DataStore {
+	if x != nil {
+		return x.Store
+	}
+	return nil
+}
+
+// StoreTags replaces a store's storage tags (an empty list clears them).
+type StoreTags struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Values        []string               `protobuf:"bytes,1,rep,name=values,proto3" json:"values,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StoreTags) Reset() {
+	*x = StoreTags{}
+	mi := &file_stowage_v1_store_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StoreTags) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StoreTags) ProtoMessage() {}
+
+func (x *StoreTags) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_store_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StoreTags.ProtoReflect.Descriptor instead.
+func (*StoreTags) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_store_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *StoreTags) GetValues() []string {
+	if x != nil {
+		return x.Values
+	}
+	return nil
+}
+
+// UpdateStoreRequest changes what is set in it and leaves the rest.
+type UpdateStoreRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Id or name.
+	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// Set: the store's tags become these.
+	Tags *StoreTags `protobuf:"bytes,2,opt,name=tags,proto3" json:"tags,omitempty"`
+	// Set: the store's own threshold; a negative value clears it (the
+	// controller's default applies again).
+	CapacityDisableThreshold *float64 `protobuf:"fixed64,3,opt,name=capacity_disable_threshold,json=capacityDisableThreshold,proto3,oneof" json:"capacity_disable_threshold,omitempty"`
+	CapacityNotifyThreshold  *float64 `protobuf:"fixed64,4,opt,name=capacity_notify_threshold,json=capacityNotifyThreshold,proto3,oneof" json:"capacity_notify_threshold,omitempty"`
+	unknownFields            protoimpl.UnknownFields
+	sizeCache                protoimpl.SizeCache
+}
+
+func (x *UpdateStoreRequest) Reset() {
+	*x = UpdateStoreRequest{}
+	mi := &file_stowage_v1_store_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpdateStoreRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpdateStoreRequest) ProtoMessage() {}
+
+func (x *UpdateStoreRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_store_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpdateStoreRequest.ProtoReflect.Descriptor instead.
+func (*UpdateStoreRequest) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_store_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *UpdateStoreRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *UpdateStoreRequest) GetTags() *StoreTags {
+	if x != nil {
+		return x.Tags
+	}
+	return nil
+}
+
+func (x *UpdateStoreRequest) GetCapacityDisableThreshold() float64 {
+	if x != nil && x.CapacityDisableThreshold != nil {
+		return *x.CapacityDisableThreshold
+	}
+	return 0
+}
+
+func (x *UpdateStoreRequest) GetCapacityNotifyThreshold() float64 {
+	if x != nil && x.CapacityNotifyThreshold != nil {
+		return *x.CapacityNotifyThreshold
+	}
+	return 0
+}
+
+type UpdateStoreResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Store         *DataStore             `protobuf:"bytes,1,opt,name=store,proto3" json:"store,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UpdateStoreResponse) Reset() {
+	*x = UpdateStoreResponse{}
+	mi := &file_stowage_v1_store_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpdateStoreResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpdateStoreResponse) ProtoMessage() {}
+
+func (x *UpdateStoreResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_store_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpdateStoreResponse.ProtoReflect.Descriptor instead.
+func (*UpdateStoreResponse) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_store_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *UpdateStoreResponse) GetStore() *DataStore {
+	if x != nil {
+		return x.Store
+	}
+	return nil
+}
+
 var File_stowage_v1_store_proto protoreflect.FileDescriptor
 
 const file_stowage_v1_store_proto_rawDesc = "" +
 	"\n" +
 	"\x16stowage/v1/store.proto\x12\n" +
-	"stowage.v1\x1a\x16stowage/v1/types.proto\"\xbb\x02\n" +
+	"stowage.v1\x1a\x16stowage/v1/types.proto\"\xfc\x03\n" +
 	"\x0fAddStoreRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12)\n" +
 	"\x04role\x18\x02 \x01(\x0e2\x15.stowage.v1.StoreRoleR\x04role\x12\x1a\n" +
@@ -643,10 +1000,14 @@ const file_stowage_v1_store_proto_rawDesc = "" +
 	"\x03url\x18\x04 \x01(\tR\x03url\x12'\n" +
 	"\x05scope\x18\x05 \x01(\v2\x11.stowage.v1.ScopeR\x05scope\x12\x12\n" +
 	"\x04tags\x18\x06 \x03(\tR\x04tags\x12B\n" +
-	"\adetails\x18\a \x03(\v2(.stowage.v1.AddStoreRequest.DetailsEntryR\adetails\x1a:\n" +
+	"\adetails\x18\a \x03(\v2(.stowage.v1.AddStoreRequest.DetailsEntryR\adetails\x12A\n" +
+	"\x1acapacity_disable_threshold\x18\b \x01(\x01H\x00R\x18capacityDisableThreshold\x88\x01\x01\x12?\n" +
+	"\x19capacity_notify_threshold\x18\t \x01(\x01H\x01R\x17capacityNotifyThreshold\x88\x01\x01\x1a:\n" +
 	"\fDetailsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"?\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01B\x1d\n" +
+	"\x1b_capacity_disable_thresholdB\x1c\n" +
+	"\x1a_capacity_notify_threshold\"?\n" +
 	"\x10AddStoreResponse\x12+\n" +
 	"\x05store\x18\x01 \x01(\v2\x15.stowage.v1.DataStoreR\x05store\"!\n" +
 	"\x0fGetStoreRequest\x12\x0e\n" +
@@ -672,7 +1033,26 @@ const file_stowage_v1_store_proto_rawDesc = "" +
 	"\x05store\x18\x01 \x01(\v2\x15.stowage.v1.DataStoreR\x05store\"$\n" +
 	"\x12DeleteStoreRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\"\x15\n" +
-	"\x13DeleteStoreResponse2\xfd\x03\n" +
+	"\x13DeleteStoreResponse\"%\n" +
+	"\x13DisableStoreRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"C\n" +
+	"\x14DisableStoreResponse\x12+\n" +
+	"\x05store\x18\x01 \x01(\v2\x15.stowage.v1.DataStoreR\x05store\"$\n" +
+	"\x12EnableStoreRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"B\n" +
+	"\x13EnableStoreResponse\x12+\n" +
+	"\x05store\x18\x01 \x01(\v2\x15.stowage.v1.DataStoreR\x05store\"#\n" +
+	"\tStoreTags\x12\x16\n" +
+	"\x06values\x18\x01 \x03(\tR\x06values\"\x90\x02\n" +
+	"\x12UpdateStoreRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12)\n" +
+	"\x04tags\x18\x02 \x01(\v2\x15.stowage.v1.StoreTagsR\x04tags\x12A\n" +
+	"\x1acapacity_disable_threshold\x18\x03 \x01(\x01H\x00R\x18capacityDisableThreshold\x88\x01\x01\x12?\n" +
+	"\x19capacity_notify_threshold\x18\x04 \x01(\x01H\x01R\x17capacityNotifyThreshold\x88\x01\x01B\x1d\n" +
+	"\x1b_capacity_disable_thresholdB\x1c\n" +
+	"\x1a_capacity_notify_threshold\"B\n" +
+	"\x13UpdateStoreResponse\x12+\n" +
+	"\x05store\x18\x01 \x01(\v2\x15.stowage.v1.DataStoreR\x05store2\xf0\x05\n" +
 	"\fStoreService\x12E\n" +
 	"\bAddStore\x12\x1b.stowage.v1.AddStoreRequest\x1a\x1c.stowage.v1.AddStoreResponse\x12E\n" +
 	"\bGetStore\x12\x1b.stowage.v1.GetStoreRequest\x1a\x1c.stowage.v1.GetStoreResponse\x12K\n" +
@@ -680,7 +1060,10 @@ const file_stowage_v1_store_proto_rawDesc = "" +
 	"ListStores\x12\x1d.stowage.v1.ListStoresRequest\x1a\x1e.stowage.v1.ListStoresResponse\x12`\n" +
 	"\x11EnableMaintenance\x12$.stowage.v1.EnableMaintenanceRequest\x1a%.stowage.v1.EnableMaintenanceResponse\x12`\n" +
 	"\x11CancelMaintenance\x12$.stowage.v1.CancelMaintenanceRequest\x1a%.stowage.v1.CancelMaintenanceResponse\x12N\n" +
-	"\vDeleteStore\x12\x1e.stowage.v1.DeleteStoreRequest\x1a\x1f.stowage.v1.DeleteStoreResponseB\xa0\x01\n" +
+	"\vDeleteStore\x12\x1e.stowage.v1.DeleteStoreRequest\x1a\x1f.stowage.v1.DeleteStoreResponse\x12Q\n" +
+	"\fDisableStore\x12\x1f.stowage.v1.DisableStoreRequest\x1a .stowage.v1.DisableStoreResponse\x12N\n" +
+	"\vEnableStore\x12\x1e.stowage.v1.EnableStoreRequest\x1a\x1f.stowage.v1.EnableStoreResponse\x12N\n" +
+	"\vUpdateStore\x12\x1e.stowage.v1.UpdateStoreRequest\x1a\x1f.stowage.v1.UpdateStoreResponseB\xa0\x01\n" +
 	"\x0ecom.stowage.v1B\n" +
 	"StoreProtoP\x01Z9github.com/stowage/stowage/proto/gen/stowage/v1;stowagev1\xa2\x02\x03SXX\xaa\x02\n" +
 	"Stowage.V1\xca\x02\n" +
@@ -698,7 +1081,7 @@ func file_stowage_v1_store_proto_rawDescGZIP() []byte {
 	return file_stowage_v1_store_proto_rawDescData
 }
 
-var file_stowage_v1_store_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
+var file_stowage_v1_store_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
 var file_stowage_v1_store_proto_goTypes = []any{
 	(*AddStoreRequest)(nil),           // 0: stowage.v1.AddStoreRequest
 	(*AddStoreResponse)(nil),          // 1: stowage.v1.AddStoreResponse
@@ -712,38 +1095,55 @@ var file_stowage_v1_store_proto_goTypes = []any{
 	(*CancelMaintenanceResponse)(nil), // 9: stowage.v1.CancelMaintenanceResponse
 	(*DeleteStoreRequest)(nil),        // 10: stowage.v1.DeleteStoreRequest
 	(*DeleteStoreResponse)(nil),       // 11: stowage.v1.DeleteStoreResponse
-	nil,                               // 12: stowage.v1.AddStoreRequest.DetailsEntry
-	(StoreRole)(0),                    // 13: stowage.v1.StoreRole
-	(*Scope)(nil),                     // 14: stowage.v1.Scope
-	(*DataStore)(nil),                 // 15: stowage.v1.DataStore
+	(*DisableStoreRequest)(nil),       // 12: stowage.v1.DisableStoreRequest
+	(*DisableStoreResponse)(nil),      // 13: stowage.v1.DisableStoreResponse
+	(*EnableStoreRequest)(nil),        // 14: stowage.v1.EnableStoreRequest
+	(*EnableStoreResponse)(nil),       // 15: stowage.v1.EnableStoreResponse
+	(*StoreTags)(nil),                 // 16: stowage.v1.StoreTags
+	(*UpdateStoreRequest)(nil),        // 17: stowage.v1.UpdateStoreRequest
+	(*UpdateStoreResponse)(nil),       // 18: stowage.v1.UpdateStoreResponse
+	nil,                               // 19: stowage.v1.AddStoreRequest.DetailsEntry
+	(StoreRole)(0),                    // 20: stowage.v1.StoreRole
+	(*Scope)(nil),                     // 21: stowage.v1.Scope
+	(*DataStore)(nil),                 // 22: stowage.v1.DataStore
 }
 var file_stowage_v1_store_proto_depIdxs = []int32{
-	13, // 0: stowage.v1.AddStoreRequest.role:type_name -> stowage.v1.StoreRole
-	14, // 1: stowage.v1.AddStoreRequest.scope:type_name -> stowage.v1.Scope
-	12, // 2: stowage.v1.AddStoreRequest.details:type_name -> stowage.v1.AddStoreRequest.DetailsEntry
-	15, // 3: stowage.v1.AddStoreResponse.store:type_name -> stowage.v1.DataStore
-	15, // 4: stowage.v1.GetStoreResponse.store:type_name -> stowage.v1.DataStore
-	13, // 5: stowage.v1.ListStoresRequest.role:type_name -> stowage.v1.StoreRole
-	15, // 6: stowage.v1.ListStoresResponse.stores:type_name -> stowage.v1.DataStore
-	15, // 7: stowage.v1.EnableMaintenanceResponse.store:type_name -> stowage.v1.DataStore
-	15, // 8: stowage.v1.CancelMaintenanceResponse.store:type_name -> stowage.v1.DataStore
-	0,  // 9: stowage.v1.StoreService.AddStore:input_type -> stowage.v1.AddStoreRequest
-	2,  // 10: stowage.v1.StoreService.GetStore:input_type -> stowage.v1.GetStoreRequest
-	4,  // 11: stowage.v1.StoreService.ListStores:input_type -> stowage.v1.ListStoresRequest
-	6,  // 12: stowage.v1.StoreService.EnableMaintenance:input_type -> stowage.v1.EnableMaintenanceRequest
-	8,  // 13: stowage.v1.StoreService.CancelMaintenance:input_type -> stowage.v1.CancelMaintenanceRequest
-	10, // 14: stowage.v1.StoreService.DeleteStore:input_type -> stowage.v1.DeleteStoreRequest
-	1,  // 15: stowage.v1.StoreService.AddStore:output_type -> stowage.v1.AddStoreResponse
-	3,  // 16: stowage.v1.StoreService.GetStore:output_type -> stowage.v1.GetStoreResponse
-	5,  // 17: stowage.v1.StoreService.ListStores:output_type -> stowage.v1.ListStoresResponse
-	7,  // 18: stowage.v1.StoreService.EnableMaintenance:output_type -> stowage.v1.EnableMaintenanceResponse
-	9,  // 19: stowage.v1.StoreService.CancelMaintenance:output_type -> stowage.v1.CancelMaintenanceResponse
-	11, // 20: stowage.v1.StoreService.DeleteStore:output_type -> stowage.v1.DeleteStoreResponse
-	15, // [15:21] is the sub-list for method output_type
-	9,  // [9:15] is the sub-list for method input_type
-	9,  // [9:9] is the sub-list for extension type_name
-	9,  // [9:9] is the sub-list for extension extendee
-	0,  // [0:9] is the sub-list for field type_name
+	20, // 0: stowage.v1.AddStoreRequest.role:type_name -> stowage.v1.StoreRole
+	21, // 1: stowage.v1.AddStoreRequest.scope:type_name -> stowage.v1.Scope
+	19, // 2: stowage.v1.AddStoreRequest.details:type_name -> stowage.v1.AddStoreRequest.DetailsEntry
+	22, // 3: stowage.v1.AddStoreResponse.store:type_name -> stowage.v1.DataStore
+	22, // 4: stowage.v1.GetStoreResponse.store:type_name -> stowage.v1.DataStore
+	20, // 5: stowage.v1.ListStoresRequest.role:type_name -> stowage.v1.StoreRole
+	22, // 6: stowage.v1.ListStoresResponse.stores:type_name -> stowage.v1.DataStore
+	22, // 7: stowage.v1.EnableMaintenanceResponse.store:type_name -> stowage.v1.DataStore
+	22, // 8: stowage.v1.CancelMaintenanceResponse.store:type_name -> stowage.v1.DataStore
+	22, // 9: stowage.v1.DisableStoreResponse.store:type_name -> stowage.v1.DataStore
+	22, // 10: stowage.v1.EnableStoreResponse.store:type_name -> stowage.v1.DataStore
+	16, // 11: stowage.v1.UpdateStoreRequest.tags:type_name -> stowage.v1.StoreTags
+	22, // 12: stowage.v1.UpdateStoreResponse.store:type_name -> stowage.v1.DataStore
+	0,  // 13: stowage.v1.StoreService.AddStore:input_type -> stowage.v1.AddStoreRequest
+	2,  // 14: stowage.v1.StoreService.GetStore:input_type -> stowage.v1.GetStoreRequest
+	4,  // 15: stowage.v1.StoreService.ListStores:input_type -> stowage.v1.ListStoresRequest
+	6,  // 16: stowage.v1.StoreService.EnableMaintenance:input_type -> stowage.v1.EnableMaintenanceRequest
+	8,  // 17: stowage.v1.StoreService.CancelMaintenance:input_type -> stowage.v1.CancelMaintenanceRequest
+	10, // 18: stowage.v1.StoreService.DeleteStore:input_type -> stowage.v1.DeleteStoreRequest
+	12, // 19: stowage.v1.StoreService.DisableStore:input_type -> stowage.v1.DisableStoreRequest
+	14, // 20: stowage.v1.StoreService.EnableStore:input_type -> stowage.v1.EnableStoreRequest
+	17, // 21: stowage.v1.StoreService.UpdateStore:input_type -> stowage.v1.UpdateStoreRequest
+	1,  // 22: stowage.v1.StoreService.AddStore:output_type -> stowage.v1.AddStoreResponse
+	3,  // 23: stowage.v1.StoreService.GetStore:output_type -> stowage.v1.GetStoreResponse
+	5,  // 24: stowage.v1.StoreService.ListStores:output_type -> stowage.v1.ListStoresResponse
+	7,  // 25: stowage.v1.StoreService.EnableMaintenance:output_type -> stowage.v1.EnableMaintenanceResponse
+	9,  // 26: stowage.v1.StoreService.CancelMaintenance:output_type -> stowage.v1.CancelMaintenanceResponse
+	11, // 27: stowage.v1.StoreService.DeleteStore:output_type -> stowage.v1.DeleteStoreResponse
+	13, // 28: stowage.v1.StoreService.DisableStore:output_type -> stowage.v1.DisableStoreResponse
+	15, // 29: stowage.v1.StoreService.EnableStore:output_type -> stowage.v1.EnableStoreResponse
+	18, // 30: stowage.v1.StoreService.UpdateStore:output_type -> stowage.v1.UpdateStoreResponse
+	22, // [22:31] is the sub-list for method output_type
+	13, // [13:22] is the sub-list for method input_type
+	13, // [13:13] is the sub-list for extension type_name
+	13, // [13:13] is the sub-list for extension extendee
+	0,  // [0:13] is the sub-list for field type_name
 }
 
 func init() { file_stowage_v1_store_proto_init() }
@@ -752,13 +1152,15 @@ func file_stowage_v1_store_proto_init() {
 		return
 	}
 	file_stowage_v1_types_proto_init()
+	file_stowage_v1_store_proto_msgTypes[0].OneofWrappers = []any{}
+	file_stowage_v1_store_proto_msgTypes[17].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_stowage_v1_store_proto_rawDesc), len(file_stowage_v1_store_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   13,
+			NumMessages:   20,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -152,6 +152,9 @@ const (
 	HostState_HOST_STATE_UP           HostState = 2
 	HostState_HOST_STATE_DISCONNECTED HostState = 3
 	HostState_HOST_STATE_MAINTENANCE  HostState = 4
+	// Draining: no new task is sent to it; the tasks it runs finish, then
+	// it is in Maintenance.
+	HostState_HOST_STATE_PREPARE_FOR_MAINTENANCE HostState = 5
 )
 
 // Enum value maps for HostState.
@@ -162,13 +165,15 @@ var (
 		2: "HOST_STATE_UP",
 		3: "HOST_STATE_DISCONNECTED",
 		4: "HOST_STATE_MAINTENANCE",
+		5: "HOST_STATE_PREPARE_FOR_MAINTENANCE",
 	}
 	HostState_value = map[string]int32{
-		"HOST_STATE_UNSPECIFIED":  0,
-		"HOST_STATE_CONNECTING":   1,
-		"HOST_STATE_UP":           2,
-		"HOST_STATE_DISCONNECTED": 3,
-		"HOST_STATE_MAINTENANCE":  4,
+		"HOST_STATE_UNSPECIFIED":             0,
+		"HOST_STATE_CONNECTING":              1,
+		"HOST_STATE_UP":                      2,
+		"HOST_STATE_DISCONNECTED":            3,
+		"HOST_STATE_MAINTENANCE":             4,
+		"HOST_STATE_PREPARE_FOR_MAINTENANCE": 5,
 	}
 )
 
@@ -684,9 +689,19 @@ type DataStore struct {
 	CreatedAt   *timestamppb.Timestamp `protobuf:"bytes,15,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
 	UpdatedAt   *timestamppb.Timestamp `protobuf:"bytes,16,opt,name=updated_at,json=updatedAt,proto3" json:"updated_at,omitempty"`
 	// Internal: compare-and-set revision, incremented on every write.
-	Revision      uint64 `protobuf:"varint,17,opt,name=revision,proto3" json:"revision,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Revision uint64 `protobuf:"varint,17,opt,name=revision,proto3" json:"revision,omitempty"`
+	// The store's own capacity thresholds (fractions in (0, 1]); unset: the
+	// controller's defaults apply. At the disable threshold allocation stops
+	// (CloudStack's pool.storage.capacity.disablethreshold); above the notify
+	// threshold the StoreCapacityNotify alert fires.
+	CapacityDisableThreshold *float64 `protobuf:"fixed64,18,opt,name=capacity_disable_threshold,json=capacityDisableThreshold,proto3,oneof" json:"capacity_disable_threshold,omitempty"`
+	CapacityNotifyThreshold  *float64 `protobuf:"fixed64,19,opt,name=capacity_notify_threshold,json=capacityNotifyThreshold,proto3,oneof" json:"capacity_notify_threshold,omitempty"`
+	// The thresholds in force (the store's own, else the defaults), filled in
+	// replies only.
+	EffectiveDisableThreshold float64 `protobuf:"fixed64,20,opt,name=effective_disable_threshold,json=effectiveDisableThreshold,proto3" json:"effective_disable_threshold,omitempty"`
+	EffectiveNotifyThreshold  float64 `protobuf:"fixed64,21,opt,name=effective_notify_threshold,json=effectiveNotifyThreshold,proto3" json:"effective_notify_threshold,omitempty"`
+	unknownFields             protoimpl.UnknownFields
+	sizeCache                 protoimpl.SizeCache
 }
 
 func (x *DataStore) Reset() {
@@ -834,6 +849,34 @@ func (x *DataStore) GetUpdatedAt() *timestamppb.Timestamp {
 func (x *DataStore) GetRevision() uint64 {
 	if x != nil {
 		return x.Revision
+	}
+	return 0
+}
+
+func (x *DataStore) GetCapacityDisableThreshold() float64 {
+	if x != nil && x.CapacityDisableThreshold != nil {
+		return *x.CapacityDisableThreshold
+	}
+	return 0
+}
+
+func (x *DataStore) GetCapacityNotifyThreshold() float64 {
+	if x != nil && x.CapacityNotifyThreshold != nil {
+		return *x.CapacityNotifyThreshold
+	}
+	return 0
+}
+
+func (x *DataStore) GetEffectiveDisableThreshold() float64 {
+	if x != nil {
+		return x.EffectiveDisableThreshold
+	}
+	return 0
+}
+
+func (x *DataStore) GetEffectiveNotifyThreshold() float64 {
+	if x != nil {
+		return x.EffectiveNotifyThreshold
 	}
 	return 0
 }
@@ -1080,10 +1123,13 @@ type Host struct {
 	InFlightTasks int32                  `protobuf:"varint,12,opt,name=in_flight_tasks,json=inFlightTasks,proto3" json:"in_flight_tasks,omitempty"`
 	StateReason   string                 `protobuf:"bytes,13,opt,name=state_reason,json=stateReason,proto3" json:"state_reason,omitempty"`
 	// Internal: random id of the agent process; changes when it restarts.
-	SessionId     string `protobuf:"bytes,14,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
-	Revision      uint64 `protobuf:"varint,15,opt,name=revision,proto3" json:"revision,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	SessionId string `protobuf:"bytes,14,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
+	Revision  uint64 `protobuf:"varint,15,opt,name=revision,proto3" json:"revision,omitempty"`
+	// When maintenance was asked for: a drain ends on a heartbeat sent
+	// after it that reports no running task.
+	MaintenanceRequestedAt *timestamppb.Timestamp `protobuf:"bytes,16,opt,name=maintenance_requested_at,json=maintenanceRequestedAt,proto3" json:"maintenance_requested_at,omitempty"`
+	unknownFields          protoimpl.UnknownFields
+	sizeCache              protoimpl.SizeCache
 }
 
 func (x *Host) Reset() {
@@ -1219,6 +1265,13 @@ func (x *Host) GetRevision() uint64 {
 		return x.Revision
 	}
 	return 0
+}
+
+func (x *Host) GetMaintenanceRequestedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.MaintenanceRequestedAt
+	}
+	return nil
 }
 
 // JoinToken is the controller's record of a join token: its id and the
@@ -1615,7 +1668,10 @@ type Volume struct {
 	// attached_host_id, when that host is outside the store's scope
 	// (GrantAccess); the exporting agent is the host whose nbd_address is
 	// host:port. Empty when the grant is a file:// URI or there is none.
-	NbdExportUri  string `protobuf:"bytes,18,opt,name=nbd_export_uri,json=nbdExportUri,proto3" json:"nbd_export_uri,omitempty"`
+	NbdExportUri string `protobuf:"bytes,18,opt,name=nbd_export_uri,json=nbdExportUri,proto3" json:"nbd_export_uri,omitempty"`
+	// Storage tags the volume asked for: only stores carrying all of them
+	// were candidates.
+	Tags          []string `protobuf:"bytes,19,rep,name=tags,proto3" json:"tags,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1774,6 +1830,13 @@ func (x *Volume) GetNbdExportUri() string {
 		return x.NbdExportUri
 	}
 	return ""
+}
+
+func (x *Volume) GetTags() []string {
+	if x != nil {
+		return x.Tags
+	}
+	return nil
 }
 
 // Snapshot is a point-in-time copy of a volume.
@@ -3232,7 +3295,7 @@ const file_stowage_v1_types_proto_rawDesc = "" +
 	"\x05Scope\x12\x12\n" +
 	"\x04zone\x18\x01 \x01(\tR\x04zone\x12\x18\n" +
 	"\acluster\x18\x02 \x01(\tR\acluster\x12\x17\n" +
-	"\ahost_id\x18\x03 \x01(\tR\x06hostId\"\xac\x05\n" +
+	"\ahost_id\x18\x03 \x01(\tR\x06hostId\"\xeb\a\n" +
 	"\tDataStore\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12)\n" +
@@ -3254,10 +3317,16 @@ const file_stowage_v1_types_proto_rawDesc = "" +
 	"created_at\x18\x0f \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x129\n" +
 	"\n" +
 	"updated_at\x18\x10 \x01(\v2\x1a.google.protobuf.TimestampR\tupdatedAt\x12\x1a\n" +
-	"\brevision\x18\x11 \x01(\x04R\brevision\x1a:\n" +
+	"\brevision\x18\x11 \x01(\x04R\brevision\x12A\n" +
+	"\x1acapacity_disable_threshold\x18\x12 \x01(\x01H\x00R\x18capacityDisableThreshold\x88\x01\x01\x12?\n" +
+	"\x19capacity_notify_threshold\x18\x13 \x01(\x01H\x01R\x17capacityNotifyThreshold\x88\x01\x01\x12>\n" +
+	"\x1beffective_disable_threshold\x18\x14 \x01(\x01R\x19effectiveDisableThreshold\x12<\n" +
+	"\x1aeffective_notify_threshold\x18\x15 \x01(\x01R\x18effectiveNotifyThreshold\x1a:\n" +
 	"\fDetailsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xd5\x01\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01B\x1d\n" +
+	"\x1b_capacity_disable_thresholdB\x1c\n" +
+	"\x1a_capacity_notify_threshold\"\xd5\x01\n" +
 	"\vStoreOnHost\x12\x19\n" +
 	"\bstore_id\x18\x01 \x01(\tR\astoreId\x12\x12\n" +
 	"\x04path\x18\x02 \x01(\tR\x04path\x12\x18\n" +
@@ -3279,7 +3348,7 @@ const file_stowage_v1_types_proto_rawDesc = "" +
 	"\x0etemplate_cache\x18\t \x01(\v2\x17.stowage.v1.CacheStatusR\rtemplateCache\x12'\n" +
 	"\x0fiscsi_userspace\x18\n" +
 	" \x01(\bR\x0eiscsiUserspace\x12!\n" +
-	"\fiscsi_target\x18\v \x01(\bR\viscsiTarget\"\xa9\x04\n" +
+	"\fiscsi_target\x18\v \x01(\bR\viscsiTarget\"\xff\x04\n" +
 	"\x04Host\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1a\n" +
 	"\bhostname\x18\x02 \x01(\tR\bhostname\x12\x1b\n" +
@@ -3298,7 +3367,8 @@ const file_stowage_v1_types_proto_rawDesc = "" +
 	"\fstate_reason\x18\r \x01(\tR\vstateReason\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x0e \x01(\tR\tsessionId\x12\x1a\n" +
-	"\brevision\x18\x0f \x01(\x04R\brevision\"\xeb\x01\n" +
+	"\brevision\x18\x0f \x01(\x04R\brevision\x12T\n" +
+	"\x18maintenance_requested_at\x18\x10 \x01(\v2\x1a.google.protobuf.TimestampR\x16maintenanceRequestedAt\"\xeb\x01\n" +
 	"\tJoinToken\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12#\n" +
 	"\rsecret_sha256\x18\x02 \x01(\tR\fsecretSha256\x12\x17\n" +
@@ -3340,7 +3410,7 @@ const file_stowage_v1_types_proto_rawDesc = "" +
 	"\tlast_used\x18\v \x01(\v2\x1a.google.protobuf.TimestampR\blastUsed\x12\x1a\n" +
 	"\brevision\x18\f \x01(\x04R\brevision\x12 \n" +
 	"\fowner_job_id\x18\r \x01(\tR\n" +
-	"ownerJobId\"\xf5\x04\n" +
+	"ownerJobId\"\x89\x05\n" +
 	"\x06Volume\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x12\n" +
@@ -3363,7 +3433,8 @@ const file_stowage_v1_types_proto_rawDesc = "" +
 	"\vbase_ref_id\x18\x0f \x01(\tR\tbaseRefId\x12\x1e\n" +
 	"\vbusy_job_id\x18\x10 \x01(\tR\tbusyJobId\x12/\n" +
 	"\x14head_snapshot_ref_id\x18\x11 \x01(\tR\x11headSnapshotRefId\x12$\n" +
-	"\x0enbd_export_uri\x18\x12 \x01(\tR\fnbdExportUri\"\xe0\x02\n" +
+	"\x0enbd_export_uri\x18\x12 \x01(\tR\fnbdExportUri\x12\x12\n" +
+	"\x04tags\x18\x13 \x03(\tR\x04tags\"\xe0\x02\n" +
 	"\bSnapshot\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1b\n" +
 	"\tvolume_id\x18\x02 \x01(\tR\bvolumeId\x12/\n" +
@@ -3513,13 +3584,14 @@ const file_stowage_v1_types_proto_rawDesc = "" +
 	"\x17STORE_STATE_MAINTENANCE\x10\x04\x12$\n" +
 	" STORE_STATE_ERROR_IN_MAINTENANCE\x10\x05\x12\x18\n" +
 	"\x14STORE_STATE_DISABLED\x10\x06\x12\x17\n" +
-	"\x13STORE_STATE_REMOVED\x10\a*\x8e\x01\n" +
+	"\x13STORE_STATE_REMOVED\x10\a*\xb6\x01\n" +
 	"\tHostState\x12\x1a\n" +
 	"\x16HOST_STATE_UNSPECIFIED\x10\x00\x12\x19\n" +
 	"\x15HOST_STATE_CONNECTING\x10\x01\x12\x11\n" +
 	"\rHOST_STATE_UP\x10\x02\x12\x1b\n" +
 	"\x17HOST_STATE_DISCONNECTED\x10\x03\x12\x1a\n" +
-	"\x16HOST_STATE_MAINTENANCE\x10\x04*\x82\x02\n" +
+	"\x16HOST_STATE_MAINTENANCE\x10\x04\x12&\n" +
+	"\"HOST_STATE_PREPARE_FOR_MAINTENANCE\x10\x05*\x82\x02\n" +
 	"\vObjectState\x12\x1c\n" +
 	"\x18OBJECT_STATE_UNSPECIFIED\x10\x00\x12\x1a\n" +
 	"\x16OBJECT_STATE_ALLOCATED\x10\x01\x12\x19\n" +
@@ -3649,45 +3721,46 @@ var file_stowage_v1_types_proto_depIdxs = []int32{
 	12, // 9: stowage.v1.Host.capabilities:type_name -> stowage.v1.HostCapabilities
 	36, // 10: stowage.v1.Host.last_heartbeat:type_name -> google.protobuf.Timestamp
 	36, // 11: stowage.v1.Host.registered_at:type_name -> google.protobuf.Timestamp
-	36, // 12: stowage.v1.JoinToken.created_at:type_name -> google.protobuf.Timestamp
-	36, // 13: stowage.v1.JoinToken.expires_at:type_name -> google.protobuf.Timestamp
-	7,  // 14: stowage.v1.Template.format:type_name -> stowage.v1.ImageFormat
-	36, // 15: stowage.v1.Template.created_at:type_name -> google.protobuf.Timestamp
-	3,  // 16: stowage.v1.TemplateOnStore.state:type_name -> stowage.v1.ObjectState
-	36, // 17: stowage.v1.TemplateOnStore.last_used:type_name -> google.protobuf.Timestamp
-	7,  // 18: stowage.v1.Volume.format:type_name -> stowage.v1.ImageFormat
-	4,  // 19: stowage.v1.Volume.state:type_name -> stowage.v1.VolumeState
-	36, // 20: stowage.v1.Volume.created_at:type_name -> google.protobuf.Timestamp
-	5,  // 21: stowage.v1.Snapshot.state:type_name -> stowage.v1.SnapshotState
-	8,  // 22: stowage.v1.Snapshot.kind:type_name -> stowage.v1.SnapshotKind
-	36, // 23: stowage.v1.Snapshot.created_at:type_name -> google.protobuf.Timestamp
-	0,  // 24: stowage.v1.SnapshotOnStore.role:type_name -> stowage.v1.StoreRole
-	3,  // 25: stowage.v1.SnapshotOnStore.state:type_name -> stowage.v1.ObjectState
-	6,  // 26: stowage.v1.PlanStep.state:type_name -> stowage.v1.JobState
-	20, // 27: stowage.v1.Plan.steps:type_name -> stowage.v1.PlanStep
-	6,  // 28: stowage.v1.Job.state:type_name -> stowage.v1.JobState
-	21, // 29: stowage.v1.Job.plan:type_name -> stowage.v1.Plan
-	22, // 30: stowage.v1.Job.progress:type_name -> stowage.v1.JobProgress
-	36, // 31: stowage.v1.Job.created_at:type_name -> google.protobuf.Timestamp
-	36, // 32: stowage.v1.Job.updated_at:type_name -> google.protobuf.Timestamp
-	35, // 33: stowage.v1.Job.params:type_name -> stowage.v1.Job.ParamsEntry
-	24, // 34: stowage.v1.Job.job_params:type_name -> stowage.v1.JobParams
-	25, // 35: stowage.v1.JobParams.volume_create:type_name -> stowage.v1.VolumeCreateParams
-	26, // 36: stowage.v1.JobParams.volume_resize:type_name -> stowage.v1.VolumeResizeParams
-	27, // 37: stowage.v1.JobParams.volume_migrate:type_name -> stowage.v1.VolumeMigrateParams
-	28, // 38: stowage.v1.JobParams.template_create:type_name -> stowage.v1.TemplateCreateParams
-	29, // 39: stowage.v1.JobParams.template_delete:type_name -> stowage.v1.TemplateDeleteParams
-	30, // 40: stowage.v1.JobParams.snapshot_revert:type_name -> stowage.v1.SnapshotRevertParams
-	31, // 41: stowage.v1.JobParams.snapshot_backup:type_name -> stowage.v1.SnapshotBackupParams
-	7,  // 42: stowage.v1.VolumeCreateParams.format:type_name -> stowage.v1.ImageFormat
-	8,  // 43: stowage.v1.SnapshotBackupParams.kind:type_name -> stowage.v1.SnapshotKind
-	33, // 44: stowage.v1.CacheStatus.templates:type_name -> stowage.v1.CachedTemplate
-	7,  // 45: stowage.v1.CachedTemplate.format:type_name -> stowage.v1.ImageFormat
-	46, // [46:46] is the sub-list for method output_type
-	46, // [46:46] is the sub-list for method input_type
-	46, // [46:46] is the sub-list for extension type_name
-	46, // [46:46] is the sub-list for extension extendee
-	0,  // [0:46] is the sub-list for field type_name
+	36, // 12: stowage.v1.Host.maintenance_requested_at:type_name -> google.protobuf.Timestamp
+	36, // 13: stowage.v1.JoinToken.created_at:type_name -> google.protobuf.Timestamp
+	36, // 14: stowage.v1.JoinToken.expires_at:type_name -> google.protobuf.Timestamp
+	7,  // 15: stowage.v1.Template.format:type_name -> stowage.v1.ImageFormat
+	36, // 16: stowage.v1.Template.created_at:type_name -> google.protobuf.Timestamp
+	3,  // 17: stowage.v1.TemplateOnStore.state:type_name -> stowage.v1.ObjectState
+	36, // 18: stowage.v1.TemplateOnStore.last_used:type_name -> google.protobuf.Timestamp
+	7,  // 19: stowage.v1.Volume.format:type_name -> stowage.v1.ImageFormat
+	4,  // 20: stowage.v1.Volume.state:type_name -> stowage.v1.VolumeState
+	36, // 21: stowage.v1.Volume.created_at:type_name -> google.protobuf.Timestamp
+	5,  // 22: stowage.v1.Snapshot.state:type_name -> stowage.v1.SnapshotState
+	8,  // 23: stowage.v1.Snapshot.kind:type_name -> stowage.v1.SnapshotKind
+	36, // 24: stowage.v1.Snapshot.created_at:type_name -> google.protobuf.Timestamp
+	0,  // 25: stowage.v1.SnapshotOnStore.role:type_name -> stowage.v1.StoreRole
+	3,  // 26: stowage.v1.SnapshotOnStore.state:type_name -> stowage.v1.ObjectState
+	6,  // 27: stowage.v1.PlanStep.state:type_name -> stowage.v1.JobState
+	20, // 28: stowage.v1.Plan.steps:type_name -> stowage.v1.PlanStep
+	6,  // 29: stowage.v1.Job.state:type_name -> stowage.v1.JobState
+	21, // 30: stowage.v1.Job.plan:type_name -> stowage.v1.Plan
+	22, // 31: stowage.v1.Job.progress:type_name -> stowage.v1.JobProgress
+	36, // 32: stowage.v1.Job.created_at:type_name -> google.protobuf.Timestamp
+	36, // 33: stowage.v1.Job.updated_at:type_name -> google.protobuf.Timestamp
+	35, // 34: stowage.v1.Job.params:type_name -> stowage.v1.Job.ParamsEntry
+	24, // 35: stowage.v1.Job.job_params:type_name -> stowage.v1.JobParams
+	25, // 36: stowage.v1.JobParams.volume_create:type_name -> stowage.v1.VolumeCreateParams
+	26, // 37: stowage.v1.JobParams.volume_resize:type_name -> stowage.v1.VolumeResizeParams
+	27, // 38: stowage.v1.JobParams.volume_migrate:type_name -> stowage.v1.VolumeMigrateParams
+	28, // 39: stowage.v1.JobParams.template_create:type_name -> stowage.v1.TemplateCreateParams
+	29, // 40: stowage.v1.JobParams.template_delete:type_name -> stowage.v1.TemplateDeleteParams
+	30, // 41: stowage.v1.JobParams.snapshot_revert:type_name -> stowage.v1.SnapshotRevertParams
+	31, // 42: stowage.v1.JobParams.snapshot_backup:type_name -> stowage.v1.SnapshotBackupParams
+	7,  // 43: stowage.v1.VolumeCreateParams.format:type_name -> stowage.v1.ImageFormat
+	8,  // 44: stowage.v1.SnapshotBackupParams.kind:type_name -> stowage.v1.SnapshotKind
+	33, // 45: stowage.v1.CacheStatus.templates:type_name -> stowage.v1.CachedTemplate
+	7,  // 46: stowage.v1.CachedTemplate.format:type_name -> stowage.v1.ImageFormat
+	47, // [47:47] is the sub-list for method output_type
+	47, // [47:47] is the sub-list for method input_type
+	47, // [47:47] is the sub-list for extension type_name
+	47, // [47:47] is the sub-list for extension extendee
+	0,  // [0:47] is the sub-list for field type_name
 }
 
 func init() { file_stowage_v1_types_proto_init() }
@@ -3695,6 +3768,7 @@ func file_stowage_v1_types_proto_init() {
 	if File_stowage_v1_types_proto != nil {
 		return
 	}
+	file_stowage_v1_types_proto_msgTypes[1].OneofWrappers = []any{}
 	file_stowage_v1_types_proto_msgTypes[15].OneofWrappers = []any{
 		(*JobParams_VolumeCreate)(nil),
 		(*JobParams_VolumeResize)(nil),

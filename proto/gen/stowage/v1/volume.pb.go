@@ -37,8 +37,11 @@ type CreateVolumeRequest struct {
 	DryRun         bool   `protobuf:"varint,8,opt,name=dry_run,json=dryRun,proto3" json:"dry_run,omitempty"`
 	IdempotencyKey string `protobuf:"bytes,9,opt,name=idempotency_key,json=idempotencyKey,proto3" json:"idempotency_key,omitempty"`
 	Zone           string `protobuf:"bytes,10,opt,name=zone,proto3" json:"zone,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// Storage tags: only a store carrying every one of them qualifies (the
+	// plan says why the others were skipped).
+	Tags          []string `protobuf:"bytes,11,rep,name=tags,proto3" json:"tags,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *CreateVolumeRequest) Reset() {
@@ -139,6 +142,13 @@ func (x *CreateVolumeRequest) GetZone() string {
 		return x.Zone
 	}
 	return ""
+}
+
+func (x *CreateVolumeRequest) GetTags() []string {
+	if x != nil {
+		return x.Tags
+	}
+	return nil
 }
 
 type CreateVolumeResponse struct {
@@ -990,7 +1000,7 @@ var File_stowage_v1_volume_proto protoreflect.FileDescriptor
 const file_stowage_v1_volume_proto_rawDesc = "" +
 	"\n" +
 	"\x17stowage/v1/volume.proto\x12\n" +
-	"stowage.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16stowage/v1/types.proto\"\xbd\x02\n" +
+	"stowage.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16stowage/v1/types.proto\"\xd1\x02\n" +
 	"\x13CreateVolumeRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04size\x18\x02 \x01(\x03R\x04size\x12/\n" +
@@ -1004,7 +1014,8 @@ const file_stowage_v1_volume_proto_rawDesc = "" +
 	"\adry_run\x18\b \x01(\bR\x06dryRun\x12'\n" +
 	"\x0fidempotency_key\x18\t \x01(\tR\x0eidempotencyKey\x12\x12\n" +
 	"\x04zone\x18\n" +
-	" \x01(\tR\x04zone\"\x8b\x01\n" +
+	" \x01(\tR\x04zone\x12\x12\n" +
+	"\x04tags\x18\v \x03(\tR\x04tags\"\x8b\x01\n" +
 	"\x14CreateVolumeResponse\x12*\n" +
 	"\x06volume\x18\x01 \x01(\v2\x12.stowage.v1.VolumeR\x06volume\x12!\n" +
 	"\x03job\x18\x02 \x01(\v2\x0f.stowage.v1.JobR\x03job\x12$\n" +

@@ -40,6 +40,12 @@ const (
 	// HostServiceCreateJoinTokenProcedure is the fully-qualified name of the HostService's
 	// CreateJoinToken RPC.
 	HostServiceCreateJoinTokenProcedure = "/stowage.v1.HostService/CreateJoinToken"
+	// HostServiceEnableHostMaintenanceProcedure is the fully-qualified name of the HostService's
+	// EnableHostMaintenance RPC.
+	HostServiceEnableHostMaintenanceProcedure = "/stowage.v1.HostService/EnableHostMaintenance"
+	// HostServiceCancelHostMaintenanceProcedure is the fully-qualified name of the HostService's
+	// CancelHostMaintenance RPC.
+	HostServiceCancelHostMaintenanceProcedure = "/stowage.v1.HostService/CancelHostMaintenance"
 )
 
 // HostServiceClient is a client for the stowage.v1.HostService service.
@@ -50,6 +56,13 @@ type HostServiceClient interface {
 	// (stowage agent --join-token). The token is in this reply only; the
 	// controller keeps its hash.
 	CreateJoinToken(context.Context, *connect.Request[v1.CreateJoinTokenRequest]) (*connect.Response[v1.CreateJoinTokenResponse], error)
+	// EnableHostMaintenance drains a host: no new task goes to it, the tasks
+	// it runs finish (PrepareForMaintenance), then it is in Maintenance. Its
+	// template mount keeps the templates lazy volumes need.
+	EnableHostMaintenance(context.Context, *connect.Request[v1.EnableHostMaintenanceRequest]) (*connect.Response[v1.EnableHostMaintenanceResponse], error)
+	// CancelHostMaintenance brings a host back: Connecting, then Up at its
+	// next heartbeat.
+	CancelHostMaintenance(context.Context, *connect.Request[v1.CancelHostMaintenanceRequest]) (*connect.Response[v1.CancelHostMaintenanceResponse], error)
 }
 
 // NewHostServiceClient constructs a client for the stowage.v1.HostService service. By default, it
@@ -81,14 +94,28 @@ func NewHostServiceClient(httpClient connect.HTTPClient, baseURL string, opts ..
 			connect.WithSchema(hostServiceMethods.ByName("CreateJoinToken")),
 			connect.WithClientOptions(opts...),
 		),
+		enableHostMaintenance: connect.NewClient[v1.EnableHostMaintenanceRequest, v1.EnableHostMaintenanceResponse](
+			httpClient,
+			baseURL+HostServiceEnableHostMaintenanceProcedure,
+			connect.WithSchema(hostServiceMethods.ByName("EnableHostMaintenance")),
+			connect.WithClientOptions(opts...),
+		),
+		cancelHostMaintenance: connect.NewClient[v1.CancelHostMaintenanceRequest, v1.CancelHostMaintenanceResponse](
+			httpClient,
+			baseURL+HostServiceCancelHostMaintenanceProcedure,
+			connect.WithSchema(hostServiceMethods.ByName("CancelHostMaintenance")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
 // hostServiceClient implements HostServiceClient.
 type hostServiceClient struct {
-	listHosts       *connect.Client[v1.ListHostsRequest, v1.ListHostsResponse]
-	getHost         *connect.Client[v1.GetHostRequest, v1.GetHostResponse]
-	createJoinToken *connect.Client[v1.CreateJoinTokenRequest, v1.CreateJoinTokenResponse]
+	listHosts             *connect.Client[v1.ListHostsRequest, v1.ListHostsResponse]
+	getHost               *connect.Client[v1.GetHostRequest, v1.GetHostResponse]
+	createJoinToken       *connect.Client[v1.CreateJoinTokenRequest, v1.CreateJoinTokenResponse]
+	enableHostMaintenance *connect.Client[v1.EnableHostMaintenanceRequest, v1.EnableHostMaintenanceResponse]
+	cancelHostMaintenance *connect.Client[v1.CancelHostMaintenanceRequest, v1.CancelHostMaintenanceResponse]
 }
 
 // ListHosts calls stowage.v1.HostService.ListHosts.
@@ -106,6 +133,16 @@ func (c *hostServiceClient) CreateJoinToken(ctx context.Context, req *connect.Re
 	return c.createJoinToken.CallUnary(ctx, req)
 }
 
+// EnableHostMaintenance calls stowage.v1.HostService.EnableHostMaintenance.
+func (c *hostServiceClient) EnableHostMaintenance(ctx context.Context, req *connect.Request[v1.EnableHostMaintenanceRequest]) (*connect.Response[v1.EnableHostMaintenanceResponse], error) {
+	return c.enableHostMaintenance.CallUnary(ctx, req)
+}
+
+// CancelHostMaintenance calls stowage.v1.HostService.CancelHostMaintenance.
+func (c *hostServiceClient) CancelHostMaintenance(ctx context.Context, req *connect.Request[v1.CancelHostMaintenanceRequest]) (*connect.Response[v1.CancelHostMaintenanceResponse], error) {
+	return c.cancelHostMaintenance.CallUnary(ctx, req)
+}
+
 // HostServiceHandler is an implementation of the stowage.v1.HostService service.
 type HostServiceHandler interface {
 	ListHosts(context.Context, *connect.Request[v1.ListHostsRequest]) (*connect.Response[v1.ListHostsResponse], error)
@@ -114,6 +151,13 @@ type HostServiceHandler interface {
 	// (stowage agent --join-token). The token is in this reply only; the
 	// controller keeps its hash.
 	CreateJoinToken(context.Context, *connect.Request[v1.CreateJoinTokenRequest]) (*connect.Response[v1.CreateJoinTokenResponse], error)
+	// EnableHostMaintenance drains a host: no new task goes to it, the tasks
+	// it runs finish (PrepareForMaintenance), then it is in Maintenance. Its
+	// template mount keeps the templates lazy volumes need.
+	EnableHostMaintenance(context.Context, *connect.Request[v1.EnableHostMaintenanceRequest]) (*connect.Response[v1.EnableHostMaintenanceResponse], error)
+	// CancelHostMaintenance brings a host back: Connecting, then Up at its
+	// next heartbeat.
+	CancelHostMaintenance(context.Context, *connect.Request[v1.CancelHostMaintenanceRequest]) (*connect.Response[v1.CancelHostMaintenanceResponse], error)
 }
 
 // NewHostServiceHandler builds an HTTP handler from the service implementation. It returns the path
@@ -141,6 +185,18 @@ func NewHostServiceHandler(svc HostServiceHandler, opts ...connect.HandlerOption
 		connect.WithSchema(hostServiceMethods.ByName("CreateJoinToken")),
 		connect.WithHandlerOptions(opts...),
 	)
+	hostServiceEnableHostMaintenanceHandler := connect.NewUnaryHandler(
+		HostServiceEnableHostMaintenanceProcedure,
+		svc.EnableHostMaintenance,
+		connect.WithSchema(hostServiceMethods.ByName("EnableHostMaintenance")),
+		connect.WithHandlerOptions(opts...),
+	)
+	hostServiceCancelHostMaintenanceHandler := connect.NewUnaryHandler(
+		HostServiceCancelHostMaintenanceProcedure,
+		svc.CancelHostMaintenance,
+		connect.WithSchema(hostServiceMethods.ByName("CancelHostMaintenance")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/stowage.v1.HostService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case HostServiceListHostsProcedure:
@@ -149,6 +205,10 @@ func NewHostServiceHandler(svc HostServiceHandler, opts ...connect.HandlerOption
 			hostServiceGetHostHandler.ServeHTTP(w, r)
 		case HostServiceCreateJoinTokenProcedure:
 			hostServiceCreateJoinTokenHandler.ServeHTTP(w, r)
+		case HostServiceEnableHostMaintenanceProcedure:
+			hostServiceEnableHostMaintenanceHandler.ServeHTTP(w, r)
+		case HostServiceCancelHostMaintenanceProcedure:
+			hostServiceCancelHostMaintenanceHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -168,4 +228,12 @@ func (UnimplementedHostServiceHandler) GetHost(context.Context, *connect.Request
 
 func (UnimplementedHostServiceHandler) CreateJoinToken(context.Context, *connect.Request[v1.CreateJoinTokenRequest]) (*connect.Response[v1.CreateJoinTokenResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("stowage.v1.HostService.CreateJoinToken is not implemented"))
+}
+
+func (UnimplementedHostServiceHandler) EnableHostMaintenance(context.Context, *connect.Request[v1.EnableHostMaintenanceRequest]) (*connect.Response[v1.EnableHostMaintenanceResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("stowage.v1.HostService.EnableHostMaintenance is not implemented"))
+}
+
+func (UnimplementedHostServiceHandler) CancelHostMaintenance(context.Context, *connect.Request[v1.CancelHostMaintenanceRequest]) (*connect.Response[v1.CancelHostMaintenanceResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("stowage.v1.HostService.CancelHostMaintenance is not implemented"))
 }

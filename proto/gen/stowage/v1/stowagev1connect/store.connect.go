@@ -48,6 +48,15 @@ const (
 	// StoreServiceDeleteStoreProcedure is the fully-qualified name of the StoreService's DeleteStore
 	// RPC.
 	StoreServiceDeleteStoreProcedure = "/stowage.v1.StoreService/DeleteStore"
+	// StoreServiceDisableStoreProcedure is the fully-qualified name of the StoreService's DisableStore
+	// RPC.
+	StoreServiceDisableStoreProcedure = "/stowage.v1.StoreService/DisableStore"
+	// StoreServiceEnableStoreProcedure is the fully-qualified name of the StoreService's EnableStore
+	// RPC.
+	StoreServiceEnableStoreProcedure = "/stowage.v1.StoreService/EnableStore"
+	// StoreServiceUpdateStoreProcedure is the fully-qualified name of the StoreService's UpdateStore
+	// RPC.
+	StoreServiceUpdateStoreProcedure = "/stowage.v1.StoreService/UpdateStore"
 )
 
 // StoreServiceClient is a client for the stowage.v1.StoreService service.
@@ -62,6 +71,14 @@ type StoreServiceClient interface {
 	CancelMaintenance(context.Context, *connect.Request[v1.CancelMaintenanceRequest]) (*connect.Response[v1.CancelMaintenanceResponse], error)
 	// DeleteStore removes a store that holds no objects.
 	DeleteStore(context.Context, *connect.Request[v1.DeleteStoreRequest]) (*connect.Response[v1.DeleteStoreResponse], error)
+	// DisableStore stops allocation on an Up store (event Disable): no new
+	// volume, template copy or snapshot backup is placed on it; what it holds
+	// stays served.
+	DisableStore(context.Context, *connect.Request[v1.DisableStoreRequest]) (*connect.Response[v1.DisableStoreResponse], error)
+	// EnableStore brings a Disabled store back Up (event Enable).
+	EnableStore(context.Context, *connect.Request[v1.EnableStoreRequest]) (*connect.Response[v1.EnableStoreResponse], error)
+	// UpdateStore changes a store's storage tags and capacity thresholds.
+	UpdateStore(context.Context, *connect.Request[v1.UpdateStoreRequest]) (*connect.Response[v1.UpdateStoreResponse], error)
 }
 
 // NewStoreServiceClient constructs a client for the stowage.v1.StoreService service. By default, it
@@ -111,6 +128,24 @@ func NewStoreServiceClient(httpClient connect.HTTPClient, baseURL string, opts .
 			connect.WithSchema(storeServiceMethods.ByName("DeleteStore")),
 			connect.WithClientOptions(opts...),
 		),
+		disableStore: connect.NewClient[v1.DisableStoreRequest, v1.DisableStoreResponse](
+			httpClient,
+			baseURL+StoreServiceDisableStoreProcedure,
+			connect.WithSchema(storeServiceMethods.ByName("DisableStore")),
+			connect.WithClientOptions(opts...),
+		),
+		enableStore: connect.NewClient[v1.EnableStoreRequest, v1.EnableStoreResponse](
+			httpClient,
+			baseURL+StoreServiceEnableStoreProcedure,
+			connect.WithSchema(storeServiceMethods.ByName("EnableStore")),
+			connect.WithClientOptions(opts...),
+		),
+		updateStore: connect.NewClient[v1.UpdateStoreRequest, v1.UpdateStoreResponse](
+			httpClient,
+			baseURL+StoreServiceUpdateStoreProcedure,
+			connect.WithSchema(storeServiceMethods.ByName("UpdateStore")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
@@ -122,6 +157,9 @@ type storeServiceClient struct {
 	enableMaintenance *connect.Client[v1.EnableMaintenanceRequest, v1.EnableMaintenanceResponse]
 	cancelMaintenance *connect.Client[v1.CancelMaintenanceRequest, v1.CancelMaintenanceResponse]
 	deleteStore       *connect.Client[v1.DeleteStoreRequest, v1.DeleteStoreResponse]
+	disableStore      *connect.Client[v1.DisableStoreRequest, v1.DisableStoreResponse]
+	enableStore       *connect.Client[v1.EnableStoreRequest, v1.EnableStoreResponse]
+	updateStore       *connect.Client[v1.UpdateStoreRequest, v1.UpdateStoreResponse]
 }
 
 // AddStore calls stowage.v1.StoreService.AddStore.
@@ -154,6 +192,21 @@ func (c *storeServiceClient) DeleteStore(ctx context.Context, req *connect.Reque
 	return c.deleteStore.CallUnary(ctx, req)
 }
 
+// DisableStore calls stowage.v1.StoreService.DisableStore.
+func (c *storeServiceClient) DisableStore(ctx context.Context, req *connect.Request[v1.DisableStoreRequest]) (*connect.Response[v1.DisableStoreResponse], error) {
+	return c.disableStore.CallUnary(ctx, req)
+}
+
+// EnableStore calls stowage.v1.StoreService.EnableStore.
+func (c *storeServiceClient) EnableStore(ctx context.Context, req *connect.Request[v1.EnableStoreRequest]) (*connect.Response[v1.EnableStoreResponse], error) {
+	return c.enableStore.CallUnary(ctx, req)
+}
+
+// UpdateStore calls stowage.v1.StoreService.UpdateStore.
+func (c *storeServiceClient) UpdateStore(ctx context.Context, req *connect.Request[v1.UpdateStoreRequest]) (*connect.Response[v1.UpdateStoreResponse], error) {
+	return c.updateStore.CallUnary(ctx, req)
+}
+
 // StoreServiceHandler is an implementation of the stowage.v1.StoreService service.
 type StoreServiceHandler interface {
 	// AddStore initialises a store through its provider on an agent in scope and attaches it.
@@ -166,6 +219,14 @@ type StoreServiceHandler interface {
 	CancelMaintenance(context.Context, *connect.Request[v1.CancelMaintenanceRequest]) (*connect.Response[v1.CancelMaintenanceResponse], error)
 	// DeleteStore removes a store that holds no objects.
 	DeleteStore(context.Context, *connect.Request[v1.DeleteStoreRequest]) (*connect.Response[v1.DeleteStoreResponse], error)
+	// DisableStore stops allocation on an Up store (event Disable): no new
+	// volume, template copy or snapshot backup is placed on it; what it holds
+	// stays served.
+	DisableStore(context.Context, *connect.Request[v1.DisableStoreRequest]) (*connect.Response[v1.DisableStoreResponse], error)
+	// EnableStore brings a Disabled store back Up (event Enable).
+	EnableStore(context.Context, *connect.Request[v1.EnableStoreRequest]) (*connect.Response[v1.EnableStoreResponse], error)
+	// UpdateStore changes a store's storage tags and capacity thresholds.
+	UpdateStore(context.Context, *connect.Request[v1.UpdateStoreRequest]) (*connect.Response[v1.UpdateStoreResponse], error)
 }
 
 // NewStoreServiceHandler builds an HTTP handler from the service implementation. It returns the
@@ -211,6 +272,24 @@ func NewStoreServiceHandler(svc StoreServiceHandler, opts ...connect.HandlerOpti
 		connect.WithSchema(storeServiceMethods.ByName("DeleteStore")),
 		connect.WithHandlerOptions(opts...),
 	)
+	storeServiceDisableStoreHandler := connect.NewUnaryHandler(
+		StoreServiceDisableStoreProcedure,
+		svc.DisableStore,
+		connect.WithSchema(storeServiceMethods.ByName("DisableStore")),
+		connect.WithHandlerOptions(opts...),
+	)
+	storeServiceEnableStoreHandler := connect.NewUnaryHandler(
+		StoreServiceEnableStoreProcedure,
+		svc.EnableStore,
+		connect.WithSchema(storeServiceMethods.ByName("EnableStore")),
+		connect.WithHandlerOptions(opts...),
+	)
+	storeServiceUpdateStoreHandler := connect.NewUnaryHandler(
+		StoreServiceUpdateStoreProcedure,
+		svc.UpdateStore,
+		connect.WithSchema(storeServiceMethods.ByName("UpdateStore")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/stowage.v1.StoreService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case StoreServiceAddStoreProcedure:
@@ -225,6 +304,12 @@ func NewStoreServiceHandler(svc StoreServiceHandler, opts ...connect.HandlerOpti
 			storeServiceCancelMaintenanceHandler.ServeHTTP(w, r)
 		case StoreServiceDeleteStoreProcedure:
 			storeServiceDeleteStoreHandler.ServeHTTP(w, r)
+		case StoreServiceDisableStoreProcedure:
+			storeServiceDisableStoreHandler.ServeHTTP(w, r)
+		case StoreServiceEnableStoreProcedure:
+			storeServiceEnableStoreHandler.ServeHTTP(w, r)
+		case StoreServiceUpdateStoreProcedure:
+			storeServiceUpdateStoreHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -256,4 +341,16 @@ func (UnimplementedStoreServiceHandler) CancelMaintenance(context.Context, *conn
 
 func (UnimplementedStoreServiceHandler) DeleteStore(context.Context, *connect.Request[v1.DeleteStoreRequest]) (*connect.Response[v1.DeleteStoreResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("stowage.v1.StoreService.DeleteStore is not implemented"))
+}
+
+func (UnimplementedStoreServiceHandler) DisableStore(context.Context, *connect.Request[v1.DisableStoreRequest]) (*connect.Response[v1.DisableStoreResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("stowage.v1.StoreService.DisableStore is not implemented"))
+}
+
+func (UnimplementedStoreServiceHandler) EnableStore(context.Context, *connect.Request[v1.EnableStoreRequest]) (*connect.Response[v1.EnableStoreResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("stowage.v1.StoreService.EnableStore is not implemented"))
+}
+
+func (UnimplementedStoreServiceHandler) UpdateStore(context.Context, *connect.Request[v1.UpdateStoreRequest]) (*connect.Response[v1.UpdateStoreResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("stowage.v1.StoreService.UpdateStore is not implemented"))
 }
