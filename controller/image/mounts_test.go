@@ -177,6 +177,42 @@ func TestMountsReconcile(t *testing.T) {
 		t.Errorf("with a lazy volume and a known sha256: %v, want pinned with the content identity", c2)
 	}
 
+	// A Disabled image store still serves what it holds: shown as before.
+	if _, err := w.stores.Disable(w.ctx, st.GetId()); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Reconcile(w.ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got := m.Spec("m1").GetTemplates(); len(got) != 1 || !got[0].GetPinned() {
+		t.Errorf("m1 with the image store Disabled: %v, want alpine pinned", got)
+	}
+	if _, err := w.stores.Enable(w.ctx, st.GetId()); err != nil {
+		t.Fatal(err)
+	}
+	// A host in maintenance keeps its set: the template its lazy volume
+	// reads stays pinned there.
+	if _, err := w.hosts.EnableMaintenance(w.ctx, "m1"); err != nil { // PrepareForMaintenance
+		t.Fatal(err)
+	}
+	for _, drained := range []bool{false, true} {
+		if drained {
+			if _, err := w.db.Hosts().Transition(w.ctx, "m1", meta.HostMaintenanceSucceeded, nil); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := m.Reconcile(w.ctx); err != nil {
+			t.Fatal(err)
+		}
+		if got := m.Spec("m1").GetTemplates(); len(got) != 1 || !got[0].GetPinned() {
+			t.Errorf("m1 in maintenance (drained %v): %v, want alpine pinned", drained, got)
+		}
+	}
+	if _, err := w.hosts.CancelMaintenance(w.ctx, "m1"); err != nil {
+		t.Fatal(err)
+	}
+	w.host("m1", "z1", mount) // back Up
+
 	// The store in maintenance: its templates leave every mount.
 	if _, err := w.db.Stores().Transition(w.ctx, st.GetId(), meta.StoreMaintenanceRequested, nil); err != nil {
 		t.Fatal(err)
