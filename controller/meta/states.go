@@ -90,9 +90,9 @@ const (
 	HostConnected HostEvent = "Connected"
 	// HostReconnect means the agent registered again (it restarted, or the
 	// controller asked it to).
-	HostReconnect            HostEvent = "Reconnect"
-	HostHeartbeatMissed      HostEvent = "HeartbeatMissed"
-	HostHeartbeatResumed     HostEvent = "HeartbeatResumed"
+	HostReconnect        HostEvent = "Reconnect"
+	HostHeartbeatMissed  HostEvent = "HeartbeatMissed"
+	HostHeartbeatResumed HostEvent = "HeartbeatResumed"
 	// HostMaintenanceRequested starts a drain (an Up or Connecting host:
 	// PrepareForMaintenance) or, for a Disconnected host that can take no
 	// task anyway, puts it in Maintenance at once.
