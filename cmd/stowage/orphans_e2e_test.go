@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
-	"io"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -25,13 +24,7 @@ import (
 // orphanMetric reads stowage_orphans_removed_total{kind} from /metrics.
 func orphanMetric(t *testing.T, server, kind string) int {
 	t.Helper()
-	resp, err := httpGet(t, server, server+"/metrics")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	m := regexp.MustCompile(`stowage_orphans_removed_total\{kind="` + kind + `"\} (\d+)`).FindSubmatch(b)
+	m := regexp.MustCompile(`stowage_orphans_removed_total\{kind="` + kind + `"\} (\d+)`).FindStringSubmatch(scrapeMetrics(t, server))
 	if m == nil {
 		return 0
 	}
