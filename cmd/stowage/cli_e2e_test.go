@@ -39,6 +39,12 @@ var cliExempt = map[string]string{
 	"stowage completion": "cobra's generated shell completion scripts",
 	"stowage help":       "cobra's generated help",
 	"stowage metadata":   "backup, verify and restore across a controller restart: metadata_e2e_test.go",
+	// Placement, with two agents and a slow task to drain: placement_e2e_test.go.
+	"stowage store disable":        "TestPlacementEndToEnd",
+	"stowage store enable":         "TestPlacementEndToEnd",
+	"stowage store update":         "TestPlacementEndToEnd",
+	"stowage host maintain":        "TestPlacementEndToEnd",
+	"stowage host cancel-maintain": "TestPlacementEndToEnd",
 }
 
 // cliSession runs CLI commands against one controller and records which

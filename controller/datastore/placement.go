@@ -136,9 +136,10 @@ func tagList(tags []string) string {
 	return strings.Join(tags, ", ")
 }
 
-// Admit checks that the Up store st, asked for by name, can take a new
-// object of need bytes carrying tags: it has every tag and stays below its
-// disable threshold.
+// Admit checks that the Up store st can take a new object of need bytes
+// asking for tags: it has every tag and stays below its disable threshold
+// with need more bytes. A store asked for by name is checked with need 0:
+// refused at its threshold, not for an upper bound of what a copy writes.
 func (s *Service) Admit(st *stowagev1.DataStore, need int64, tags []string) error {
 	if why := s.refusal(st, need, tags); why != "" {
 		return fmt.Errorf("store %s cannot take it: %s: %w", st.GetName(), why, errdefs.ErrFailedPrecondition)

@@ -107,13 +107,18 @@ func (p *planner) step(name, host, reason string) {
 	p.plan.Steps = append(p.plan.Steps, &stowagev1.PlanStep{Name: name, HostId: host, Reason: reason})
 }
 
+// primary returns the primary store storeID, or picks one in zone that
+// can take need more bytes.
 func (p *planner) primary(ctx context.Context, storeID, zone string, need int64) (*stowagev1.DataStore, error) {
 	if storeID != "" {
 		st, err := p.s.stores.UpStore(ctx, storeID, stowagev1.StoreRole_STORE_ROLE_PRIMARY)
 		if err != nil {
 			return nil, err
 		}
-		if err := p.s.stores.Admit(st, need, p.tags); err != nil {
+		// Asked for by name: refused when it lacks a tag or is at its
+		// disable threshold already. need is an upper bound (a sparse
+		// template writes less), which only automatic choice goes by.
+		if err := p.s.stores.Admit(st, 0, p.tags); err != nil {
 			return nil, err
 		}
 		p.plan.Reasons = append(p.plan.Reasons, fmt.Sprintf("store %s: asked for", st.GetName()))

@@ -161,9 +161,9 @@ func (s *Service) Migrate(ctx context.Context, idOrName, storeID string, dryRun 
 	if dst.GetId() == src.GetId() {
 		return nil, fmt.Errorf("volume %s is already on store %s: %w", v.GetName(), dst.GetName(), errdefs.ErrInvalid)
 	}
-	// The destination must carry the volume's storage tags and stay below
-	// its disable threshold with the volume's (virtual) size on it.
-	if err := s.stores.Admit(dst, v.GetSize(), v.GetTags()); err != nil {
+	// The destination must carry the volume's storage tags and be below
+	// its disable threshold (UpStore checked that).
+	if err := s.stores.Admit(dst, 0, v.GetTags()); err != nil {
 		return nil, fmt.Errorf("migrate volume %s: %w", v.GetName(), err)
 	}
 	if v.GetAttachedHostId() != "" || v.GetNbdExportUri() != "" {
