@@ -50,6 +50,7 @@ import (
 	"net/http"
 	"net/url"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -138,6 +139,9 @@ type Agent struct {
 	cache  ImageCache
 	limits rpclimit.Limits
 	creds  *Credentials
+	// first are the interceptors that run before the agent's own on
+	// AgentService (WithInterceptors).
+	first []connect.Interceptor
 
 	mu          sync.Mutex
 	cacheSync   sync.Mutex                   // one sync with the cache process at a time (heartbeat, show_template)
@@ -176,6 +180,12 @@ func WithCredentials(c *Credentials) Option { return func(a *Agent) { a.creds = 
 // WithLimits bounds every request the agent's listener reads (AgentService
 // and the exports) by l; without it, rpclimit.Default().
 func WithLimits(l rpclimit.Limits) Option { return func(a *Agent) { a.limits = l } }
+
+// WithInterceptors runs is first on every AgentService call (e.g. the
+// tracing interceptor, so a call refused later is traced too).
+func WithInterceptors(is ...connect.Interceptor) Option {
+	return func(a *Agent) { a.first = append(a.first, is...) }
+}
 
 // WithTaskGrace sets how long a task keeps running after its last caller
 // went away (default 2 minutes): long enough for a controller restart to
@@ -234,7 +244,7 @@ func New(cfg Config, fs *hostfs.Local, log *slog.Logger, opts ...Option) (*Agent
 		cfg:      cfg,
 		log:      log.With("host", cfg.HostID),
 		host:     host,
-		svc:      &service{host: host, journal: j},
+		svc:      &service{host: host, journal: j, log: log.With("host", cfg.HostID)},
 		control:  control,
 		session:  uuid.NewString(),
 		stop:     stop,
@@ -266,7 +276,7 @@ func New(cfg Config, fs *hostfs.Local, log *slog.Logger, opts ...Option) (*Agent
 // on the agent's listener, tests on their own.
 func (a *Agent) Handler() http.Handler {
 	mux := http.NewServeMux()
-	interceptors := []connect.Interceptor{errconnect.Interceptor()}
+	interceptors := append(slices.Clone(a.first), errconnect.Interceptor())
 	if a.creds != nil {
 		interceptors = append(interceptors, controllerOnly(a.log))
 	}

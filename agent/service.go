@@ -3,13 +3,16 @@ package agent
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"sync/atomic"
 	"time"
 
 	"connectrpc.com/connect"
+	"go.opentelemetry.io/otel/attribute"
 
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
+	"github.com/stowage/stowage/oteltrace"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 	"github.com/stowage/stowage/proto/gen/stowage/v1/stowagev1connect"
 	"github.com/stowage/stowage/redact"
@@ -21,6 +24,7 @@ import (
 type service struct {
 	host    *LocalHost
 	journal *journal
+	log     *slog.Logger
 	// ready is closed once the agent has registered and serves the stores
 	// the controller assigned it; gated says tasks wait for it (set by
 	// Agent.Run: a handler used without the registration loop does not
@@ -89,7 +93,15 @@ func (s *service) RunTask(ctx context.Context, req *connect.Request[stowagev1.Ru
 		res.Done = true
 		return connect.NewResponse(&stowagev1.RunTaskResponse{Result: res}), nil
 	}
-	res, err := s.journal.run(ctx, task.GetId(), func(ctx context.Context, progress drivers.Progress) (*stowagev1.TaskResult, error) {
+	caller := ctx // the task runs detached from the call, in its trace
+	res, err := s.journal.run(ctx, task.GetId(), func(ctx context.Context, progress drivers.Progress) (_ *stowagev1.TaskResult, err error) {
+		kind, start := taskKind(task), time.Now()
+		ctx, span := oteltrace.Start(oteltrace.Detach(ctx, caller), "agent task "+kind, attribute.String("stowage.task.id", task.GetId()))
+		defer func() {
+			oteltrace.End(span, err)
+			// With the trace id: the line joins the controller's span.
+			s.log.InfoContext(ctx, "task ended", "task", task.GetId(), "kind", kind, "took", time.Since(start).Round(time.Millisecond), "err", err)
+		}()
 		if st := task.GetShowTemplate(); st != nil {
 			// The mount belongs to the agent (its cache process), not to
 			// the LocalHost the other steps run on.
@@ -107,6 +119,15 @@ func (s *service) RunTask(ctx context.Context, req *connect.Request[stowagev1.Ru
 		return nil, err
 	}
 	return connect.NewResponse(&stowagev1.RunTaskResponse{Result: res}), nil
+}
+
+// taskKind names the step a task carries ("copy", "create_volume").
+func taskKind(t *stowagev1.Task) string {
+	m := t.ProtoReflect()
+	if f := m.WhichOneof(m.Descriptor().Oneofs().ByName("step")); f != nil {
+		return string(f.Name())
+	}
+	return "unknown"
 }
 
 // GetTask returns a finished task's result or a running task's progress.

@@ -85,6 +85,8 @@ type Remote struct {
 	attempts int
 	backoff  time.Duration
 	poll     time.Duration
+	// clientOpts are the options of the Connect client (NewRemote).
+	clientOpts []connect.ClientOption
 }
 
 var _ Host = (*Remote)(nil)
@@ -108,6 +110,12 @@ func WithPollInterval(d time.Duration) Option {
 	}
 }
 
+// WithClientOptions adds options to the Connect client that calls the
+// agent (e.g. the tracing interceptor).
+func WithClientOptions(opts ...connect.ClientOption) Option {
+	return func(e *Remote) { e.clientOpts = append(e.clientOpts, opts...) }
+}
+
 // maxBackoff caps the wait between attempts to reach an agent.
 const maxBackoff = 5 * time.Second
 
@@ -118,7 +126,6 @@ func NewRemote(hostID, baseURL string, hc connect.HTTPClient, opts ...Option) *R
 	}
 	e := &Remote{
 		hostID: hostID,
-		client: stowagev1connect.NewAgentServiceClient(hc, baseURL),
 		// An agent restarting (its host rebooting, a crash, an upgrade) is
 		// waited for about 13 s: 0.25+0.5+1+2+4+5 s between attempts.
 		attempts: 7,
@@ -128,6 +135,7 @@ func NewRemote(hostID, baseURL string, hc connect.HTTPClient, opts ...Option) *R
 	for _, o := range opts {
 		o(e)
 	}
+	e.client = stowagev1connect.NewAgentServiceClient(hc, baseURL, e.clientOpts...)
 	return e
 }
 

@@ -84,6 +84,7 @@ func newAgentCmd() *cobra.Command {
 	var cfg agent.Config
 	var limits rpclimit.Limits
 	var join joinFlags
+	var otlp tracingFlags
 	cmd := &cobra.Command{
 		Use:   "agent",
 		Short: "Run the per-host agent: registers with the controller and runs host-side work",
@@ -98,23 +99,29 @@ func newAgentCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			return runAgent(cmd.Context(), cfg, ec, limits, log)
+			traced, flushTraces, err := otlp.setup(cmd.Context(), "stowage-agent", cfg.HostID, log)
+			if err != nil {
+				return err
+			}
+			defer flushTraces()
+			return runAgent(cmd.Context(), cfg, ec, limits, log, agent.WithInterceptors(traced))
 		},
 	}
 	agentFlags(cmd, &cfg, &limits, "/var/lib/stowage/agent")
 	join.flags(cmd)
+	otlp.register(cmd)
 	return cmd
 }
 
 // runAgent enrols (or loads the agent's certificate), assembles an agent on
 // the local host and runs it until ctx ends.
-func runAgent(ctx context.Context, cfg agent.Config, ec agent.EnrolConfig, limits rpclimit.Limits, log *slog.Logger) error {
+func runAgent(ctx context.Context, cfg agent.Config, ec agent.EnrolConfig, limits rpclimit.Limits, log *slog.Logger, extra ...agent.Option) error {
 	privateFiles()
 	creds, err := agent.Enrol(ctx, ec, log)
 	if err != nil {
 		return err
 	}
-	a, err := newAgent(cfg, creds, limits, log)
+	a, err := newAgent(cfg, creds, limits, log, extra...)
 	if err != nil {
 		return err
 	}
@@ -122,8 +129,9 @@ func runAgent(ctx context.Context, cfg agent.Config, ec agent.EnrolConfig, limit
 }
 
 // newAgent assembles an agent with creds whose RPC listener (AgentService
-// and the HTTP exports) bounds every request by limits.
-func newAgent(cfg agent.Config, creds *agent.Credentials, limits rpclimit.Limits, log *slog.Logger) (*agent.Agent, error) {
+// and the HTTP exports) bounds every request by limits, with the options
+// extra added.
+func newAgent(cfg agent.Config, creds *agent.Credentials, limits rpclimit.Limits, log *slog.Logger, extra ...agent.Option) (*agent.Agent, error) {
 	if err := limits.Check(); err != nil {
 		return nil, usageError{fmt.Errorf("--max-request-bytes: %w", err)}
 	}
@@ -171,7 +179,7 @@ func newAgent(cfg agent.Config, creds *agent.Credentials, limits rpclimit.Limits
 		// lazy volumes' backing chains may end in it.
 		opts = append(opts, agent.WithImageCache(cachemount.NewClient(cfg.ImageCacheSocket)))
 	}
-	return agent.New(cfg, local, log, opts...)
+	return agent.New(cfg, local, log, append(opts, extra...)...)
 }
 
 // nbdTLSRequired says whether the NBD server refuses plaintext: always with

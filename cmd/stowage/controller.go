@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"connectrpc.com/connect"
 	"github.com/coreos/go-systemd/v22/daemon"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -30,6 +31,7 @@ import (
 	"github.com/stowage/stowage/controller/volume"
 	"github.com/stowage/stowage/datapath/netguard"
 	"github.com/stowage/stowage/errdefs"
+	"github.com/stowage/stowage/hostops"
 	"github.com/stowage/stowage/rpclimit"
 	"github.com/stowage/stowage/trust"
 )
@@ -55,6 +57,7 @@ type controllerConfig struct {
 	leaderLease       time.Duration
 	advertiseURL      string
 	capacity          datastore.Thresholds
+	otlp              tracingFlags
 }
 
 func (c *controllerConfig) flags(cmd *cobra.Command, defaultDataDir string) {
@@ -70,6 +73,7 @@ func (c *controllerConfig) flags(cmd *cobra.Command, defaultDataDir string) {
 	f.IntVar(&c.etcd.MaxTxnOps, "etcd-max-txn-ops", 128, "the etcd cluster's --max-txn-ops")
 	f.Float64Var(&c.capacity.Disable, "capacity-disable-threshold", datastore.DefaultThresholds.Disable, "fraction of a store's capacity in use at which no new object is placed on it, for stores without their own (stowage store update --disable-threshold)")
 	f.Float64Var(&c.capacity.Notify, "capacity-notify-threshold", datastore.DefaultThresholds.Notify, "fraction of a store's capacity in use above which the StowageStoreCapacityNotify alert fires, for stores without their own")
+	c.otlp.register(cmd)
 	f.DurationVar(&c.leaderLease, "leader-lease", 10*time.Second, "with etcd metadata: the leader's lease; after a leader dies another controller takes over within it")
 	f.StringVar(&c.advertiseURL, "advertise-url", "", "URL agents and clients reach this controller at, given to them by the other controllers when this one leads (default: https:// and the --listen address)")
 	f.DurationVar(&c.heartbeatInterval, "heartbeat-interval", 3*time.Second, "how often agents heartbeat")
@@ -134,6 +138,11 @@ func runController(ctx context.Context, cfg controllerConfig, log *slog.Logger, 
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	traced, flushTraces, err := cfg.otlp.setup(ctx, "stowage-controller", self, log)
+	if err != nil {
+		return err
+	}
+	defer flushTraces()
 
 	if cfg.certTTL < 5*time.Second {
 		return usageError{fmt.Errorf("--cert-ttl %s: at least 5s: %w", cfg.certTTL, errdefs.ErrInvalid)}
@@ -144,7 +153,8 @@ func runController(ctx context.Context, cfg controllerConfig, log *slog.Logger, 
 		return err
 	}
 	hostSvc := hosts.New(db, nil, hosts.Config{HeartbeatInterval: cfg.heartbeatInterval, Timeout: cfg.hostTimeout}, log)
-	selector := endpoint.New(hostSvc, tr.agentClient)
+	// Calls to agents carry the trace of the step that makes them.
+	selector := endpoint.New(hostSvc, tr.agentClient, hostops.WithClientOptions(connect.WithInterceptors(traced)))
 	guard, err := netguard.Parse(cfg.fetchAllowCIDRs)
 	if err != nil {
 		return fmt.Errorf("--fetch-allow-cidrs: %w", err)
@@ -197,6 +207,7 @@ func runController(ctx context.Context, cfg controllerConfig, log *slog.Logger, 
 	gate := api.NewLeaderGate(db.Leader)
 	handler := api.NewHandler(api.Services{
 		Leader:      gate,
+		Tracing:     traced,
 		Stores:      storeSvc,
 		Hosts:       hostSvc,
 		Enrol:       enrol.New(db, tr.ca, cfg.certTTL, log.With("component", "enrol")),

@@ -117,7 +117,13 @@ over loopback, a directory primary store and a directory image store, all under
 				}
 			}
 			// One process: the agent's listener has the API's bounds.
-			a, err := newAgent(ag, creds, rpclimit.Limits{MaxRequestBytes: ctl.maxRequestBytes}, log.With("component", "agent"))
+			// The controller set up this process's tracing; the agent's
+			// calls join the same traces.
+			traced, _, err := ctl.otlp.setup(ctx, "stowage-controller", ag.HostID, log)
+			if err != nil {
+				return err
+			}
+			a, err := newAgent(ag, creds, rpclimit.Limits{MaxRequestBytes: ctl.maxRequestBytes}, log.With("component", "agent"), agent.WithInterceptors(traced))
 			if err != nil {
 				return err
 			}

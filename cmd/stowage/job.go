@@ -116,7 +116,7 @@ func printJob(w io.Writer, j *stowagev1.Job) {
 		{"Phase", orDash(j.GetProgress().GetPhase())},
 		{"Progress", progressString(j.GetProgress(), true)},
 	}
-	for _, p := range [][2]string{{"Error", j.GetError()}, {"Result", j.GetResult()}, {"Idempotency key", j.GetIdempotencyKey()}, {"Created by", j.GetCreatedBy()}} {
+	for _, p := range [][2]string{{"Error", j.GetError()}, {"Result", j.GetResult()}, {"Idempotency key", j.GetIdempotencyKey()}, {"Created by", j.GetCreatedBy()}, {"Trace", j.GetTraceId()}} {
 		if p[1] != "" {
 			kv = append(kv, p)
 		}

@@ -16,6 +16,7 @@ import (
 	"google.golang.org/protobuf/reflect/protoreflect"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/stowage/stowage/oteltrace"
 	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 	"github.com/stowage/stowage/redact"
 )
@@ -114,7 +115,7 @@ func newLogger(cmd *cobra.Command) (*slog.Logger, error) {
 		h = slog.NewJSONHandler(os.Stderr, opts)
 	}
 	if h != nil {
-		log := slog.New(redact.Handler(h))
+		log := slog.New(oteltrace.LogHandler(redact.Handler(h)))
 		slog.SetDefault(log)
 		return log, nil
 	}

@@ -93,6 +93,9 @@ type Services struct {
 	Leader *LeaderGate
 	// Health returns nil when the controller can serve (metadata readable).
 	Health func(ctx context.Context) error
+	// Tracing, when set, runs first on every call (a span per RPC,
+	// oteltrace.Interceptor), so refusals are traced too.
+	Tracing connect.Interceptor
 }
 
 // TokenService is what the token handlers need (apiauth.Tokens).
@@ -107,7 +110,11 @@ type TokenService interface {
 // message size, decompressed, and the time and size of its body).
 func NewHandler(s Services, reg *prometheus.Registry, lim rpclimit.Limits) http.Handler {
 	metrics := newRPCMetrics(reg)
-	interceptors := []connect.Interceptor{metrics, errconnect.Interceptor()}
+	var interceptors []connect.Interceptor
+	if s.Tracing != nil {
+		interceptors = append(interceptors, s.Tracing)
+	}
+	interceptors = append(interceptors, metrics, errconnect.Interceptor())
 	if s.Auth != nil {
 		interceptors = append(interceptors, s.Auth)
 	}

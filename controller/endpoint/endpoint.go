@@ -34,6 +34,7 @@ type Hosts interface {
 type Selector struct {
 	hosts     Hosts
 	clientFor func(hostID string) *http.Client
+	remote    []hostops.Option
 }
 
 var (
@@ -43,13 +44,14 @@ var (
 
 // New returns a selector; clientFor gives the client that carries the
 // calls to the agent of a host (one that checks the agent's certificate
-// names that host); nil: one plain client for all.
-func New(hosts Hosts, clientFor func(hostID string) *http.Client) *Selector {
+// names that host); nil: one plain client for all. opts configure every
+// hostops.Remote it hands out.
+func New(hosts Hosts, clientFor func(hostID string) *http.Client, opts ...hostops.Option) *Selector {
 	if clientFor == nil {
 		hc := &http.Client{Timeout: 10 * time.Minute}
 		clientFor = func(string) *http.Client { return hc }
 	}
-	return &Selector{hosts: hosts, clientFor: clientFor}
+	return &Selector{hosts: hosts, clientFor: clientFor, remote: opts}
 }
 
 func inScope(h *stowagev1.Host, sc drivers.Scope) bool {
@@ -57,7 +59,7 @@ func inScope(h *stowagev1.Host, sc drivers.Scope) bool {
 }
 
 func (s *Selector) endpoint(h *stowagev1.Host) hostops.Host {
-	return hostops.NewRemote(h.GetId(), h.GetAgentUrl(), s.clientFor(h.GetId()))
+	return hostops.NewRemote(h.GetId(), h.GetAgentUrl(), s.clientFor(h.GetId()), s.remote...)
 }
 
 // ForScope implements hostops.Selector: the step's host (drivers.WithHost)
@@ -158,6 +160,6 @@ func (s *Selector) CancelTask(ctx context.Context, hostID, taskID string) error 
 	if h.GetAgentUrl() == "" {
 		return fmt.Errorf("cancel task %s: host %s has no agent address yet: %w", taskID, hostID, errdefs.ErrUnavailable)
 	}
-	_, err = hostops.NewRemote(h.GetId(), h.GetAgentUrl(), s.clientFor(h.GetId())).CancelTask(ctx, taskID)
+	_, err = hostops.NewRemote(h.GetId(), h.GetAgentUrl(), s.clientFor(h.GetId()), s.remote...).CancelTask(ctx, taskID)
 	return err
 }

@@ -2404,7 +2404,13 @@ type Job struct {
 	// Who submitted the job: "<token name> (<token id>)" of the API token
 	// that asked for it; empty for jobs the controller started itself. Jobs
 	// in flight are limited per created_by (controller/jobs).
-	CreatedBy     string `protobuf:"bytes,15,opt,name=created_by,json=createdBy,proto3" json:"created_by,omitempty"`
+	CreatedBy string `protobuf:"bytes,15,opt,name=created_by,json=createdBy,proto3" json:"created_by,omitempty"`
+	// The OpenTelemetry trace of the request that submitted the job: its
+	// steps and the agents' tasks are spans of it (docs/operations.md,
+	// "Traces"). trace_parent is the W3C traceparent the job's span
+	// continues, also after a controller restart.
+	TraceId       string `protobuf:"bytes,16,opt,name=trace_id,json=traceId,proto3" json:"trace_id,omitempty"`
+	TraceParent   string `protobuf:"bytes,17,opt,name=trace_parent,json=traceParent,proto3" json:"trace_parent,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2541,6 +2547,20 @@ func (x *Job) GetJobParams() *JobParams {
 func (x *Job) GetCreatedBy() string {
 	if x != nil {
 		return x.CreatedBy
+	}
+	return ""
+}
+
+func (x *Job) GetTraceId() string {
+	if x != nil {
+		return x.TraceId
+	}
+	return ""
+}
+
+func (x *Job) GetTraceParent() string {
+	if x != nil {
+		return x.TraceParent
 	}
 	return ""
 }
@@ -3490,7 +3510,7 @@ const file_stowage_v1_types_proto_rawDesc = "" +
 	"bytes_done\x18\x02 \x01(\x03R\tbytesDone\x12\x1f\n" +
 	"\vbytes_total\x18\x03 \x01(\x03R\n" +
 	"bytesTotal\x12(\n" +
-	"\x10bytes_per_second\x18\x04 \x01(\x01R\x0ebytesPerSecond\"\xff\x04\n" +
+	"\x10bytes_per_second\x18\x04 \x01(\x01R\x0ebytesPerSecond\"\xbd\x05\n" +
 	"\x03Job\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04kind\x18\x02 \x01(\tR\x04kind\x12\x1b\n" +
@@ -3511,7 +3531,9 @@ const file_stowage_v1_types_proto_rawDesc = "" +
 	"\n" +
 	"job_params\x18\x0e \x01(\v2\x15.stowage.v1.JobParamsR\tjobParams\x12\x1d\n" +
 	"\n" +
-	"created_by\x18\x0f \x01(\tR\tcreatedBy\x1a9\n" +
+	"created_by\x18\x0f \x01(\tR\tcreatedBy\x12\x19\n" +
+	"\btrace_id\x18\x10 \x01(\tR\atraceId\x12!\n" +
+	"\ftrace_parent\x18\x11 \x01(\tR\vtraceParent\x1a9\n" +
 	"\vParamsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x9f\x04\n" +
