@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(qemu-utils qemu-block-extra libnbd-bin nbdkit fuse3 xfsprogs btrfs-progs
   e2fsprogs util-linux curl jq tgt libiscsi-bin fio qemu-system-x86 qemu-system-common busybox-static linux-image-amd64
-  etcd-server etcd-client prometheus)
+  etcd-server etcd-client prometheus chromium)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -78,10 +78,14 @@ echo "== go test" >&2
 # and printed at the end.
 export STOWAGE_TEST_REPORT
 STOWAGE_TEST_REPORT=$(mktemp /tmp/stowage-test-report.XXXXXX)
+# What tests keep (the web dashboard's screenshot), kept after the run.
+export STOWAGE_TEST_ARTIFACTS="${STOWAGE_TEST_ARTIFACTS:-/tmp/stowage-test-artifacts}"
+mkdir -p "$STOWAGE_TEST_ARTIFACTS"
 go test -race -count=1 -timeout 20m "$@" ./...
 if [ -s "$STOWAGE_TEST_REPORT" ]; then
   echo "== measured by the tests" >&2
   cat "$STOWAGE_TEST_REPORT" >&2
 fi
 rm -f "$STOWAGE_TEST_REPORT"
+echo "test artifacts (screenshots): $STOWAGE_TEST_ARTIFACTS" >&2
 echo "all tests passed" >&2

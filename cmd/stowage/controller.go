@@ -29,6 +29,7 @@ import (
 	"github.com/stowage/stowage/controller/orphans"
 	"github.com/stowage/stowage/controller/snapshot"
 	"github.com/stowage/stowage/controller/volume"
+	"github.com/stowage/stowage/controller/web"
 	"github.com/stowage/stowage/datapath/netguard"
 	"github.com/stowage/stowage/errdefs"
 	"github.com/stowage/stowage/hostops"
@@ -208,6 +209,7 @@ func runController(ctx context.Context, cfg controllerConfig, log *slog.Logger, 
 	handler := api.NewHandler(api.Services{
 		Leader:      gate,
 		Tracing:     traced,
+		UI:          web.Handler(), // the dashboard, /ui/
 		Stores:      storeSvc,
 		Hosts:       hostSvc,
 		Enrol:       enrol.New(db, tr.ca, cfg.certTTL, log.With("component", "enrol")),

@@ -93,6 +93,10 @@ type Services struct {
 	Leader *LeaderGate
 	// Health returns nil when the controller can serve (metadata readable).
 	Health func(ctx context.Context) error
+	// UI, when set, is the web dashboard, served under /ui/ (its files are
+	// public; the data it shows comes through the API with the user's
+	// token).
+	UI http.Handler
 	// Tracing, when set, runs first on every call (a span per RPC,
 	// oteltrace.Interceptor), so refusals are traced too.
 	Tracing connect.Interceptor
@@ -149,6 +153,10 @@ func NewHandler(s Services, reg *prometheus.Registry, lim rpclimit.Limits) http.
 		metricsHandler = s.MetricsAuth(metricsHandler)
 	}
 	mux.Handle("/metrics", metricsHandler)
+	if s.UI != nil {
+		mux.Handle("/ui/", s.UI)
+		mux.Handle("/ui", s.UI)
+	}
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
 		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
 		defer cancel()
