@@ -128,9 +128,11 @@ func NewHandler(s Services, reg *prometheus.Registry, lim rpclimit.Limits) http.
 	opts := connect.WithHandlerOptions(lim.HandlerOptions(), connect.WithInterceptors(interceptors...))
 	mux := http.NewServeMux()
 	var services []string // for reflection and health
+	served := map[string]http.Handler{}
 	handle := func(path string, h http.Handler) {
 		mux.Handle(path, h)
 		services = append(services, strings.Trim(path, "/"))
+		served[path] = h
 	}
 	handle(stowagev1connect.NewStoreServiceHandler(&storeHandler{s.Stores}, opts))
 	handle(stowagev1connect.NewHostServiceHandler(&hostHandler{s.Hosts, s.Enrol}, opts))
@@ -148,6 +150,11 @@ func NewHandler(s Services, reg *prometheus.Registry, lim rpclimit.Limits) http.
 		handle(stowagev1connect.NewMetadataServiceHandler(&metadataHandler{s.Metadata}, opts))
 	}
 	grpcStandard(mux, services, s.Health, opts)
+	rest, err := restHandler(served)
+	if err != nil {
+		panic(err) // the rules are fixed at build time; TestREST* catch a bad one
+	}
+	mux.Handle(RESTPrefix, rest)
 	var metricsHandler http.Handler = promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg})
 	if s.MetricsAuth != nil {
 		metricsHandler = s.MetricsAuth(metricsHandler)
