@@ -125,6 +125,12 @@ func NewHandler(s Services, reg *prometheus.Registry, lim rpclimit.Limits) http.
 	if s.Leader != nil {
 		interceptors = append(interceptors, s.Leader)
 	}
+	// Last: only authenticated callers learn what a request lacks.
+	validator, err := newRequestValidator()
+	if err != nil {
+		panic(err) // no rule set to compile yet: a build-time fault, caught by every test
+	}
+	interceptors = append(interceptors, validator)
 	opts := connect.WithHandlerOptions(lim.HandlerOptions(), connect.WithInterceptors(interceptors...))
 	mux := http.NewServeMux()
 	var services []string // for reflection and health

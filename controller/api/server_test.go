@@ -180,7 +180,7 @@ func TestErrorClassesBecomeCodes(t *testing.T) {
 		{"get a volume without an id", func() error {
 			_, err := e.volumes.GetVolume(e.ctx, connect.NewRequest(&stowagev1.GetVolumeRequest{}))
 			return err
-		}, connect.CodeInvalidArgument, errdefs.ErrInvalid, "id or name is required"},
+		}, connect.CodeInvalidArgument, errdefs.ErrInvalid, "invalid GetVolumeRequest: id: value is required"},
 		{"register with a bad name", func() error {
 			_, err := e.images.RegisterTemplate(e.ctx, connect.NewRequest(&stowagev1.RegisterTemplateRequest{Name: "a b", Url: "https://example.com/x", Format: stowagev1.ImageFormat_IMAGE_FORMAT_RAW}))
 			return err

@@ -212,7 +212,7 @@ func TestRolesOverConnect(t *testing.T) {
 		return err
 	}
 	addStore := func(c clients) error {
-		_, err := c.stores.AddStore(ctx, connect.NewRequest(&stowagev1.AddStoreRequest{Name: "p1"}))
+		_, err := c.stores.AddStore(ctx, connect.NewRequest(&stowagev1.AddStoreRequest{Name: "p1", Role: stowagev1.StoreRole_STORE_ROLE_PRIMARY}))
 		return err
 	}
 	delStore := func(c clients) error {

@@ -22,12 +22,8 @@ func (s *Service) Create(ctx context.Context, req *stowagev1.CreateVolumeRequest
 	if err := image.CheckName("volume", req.GetName()); err != nil {
 		return nil, err
 	}
-	if req.GetSize() < 0 {
-		return nil, fmt.Errorf("volume size %d is negative: %w", req.GetSize(), errdefs.ErrInvalid)
-	}
-	if req.GetTemplateId() != "" && req.GetSnapshotId() != "" {
-		return nil, fmt.Errorf("a volume comes from a template or a snapshot, not both: %w", errdefs.ErrInvalid)
-	}
+	// A negative size and both a template and a snapshot are refused by
+	// the request's rules (buf.validate in volume.proto) before this runs.
 	var want drivers.Format
 	if req.GetFormat() != stowagev1.ImageFormat_IMAGE_FORMAT_UNSPECIFIED {
 		f, err := image.FormatFromProto(req.GetFormat())

@@ -7,6 +7,7 @@
 package stowagev1
 
 import (
+	_ "buf.build/gen/go/bufbuild/protovalidate/protocolbuffers/go/buf/validate"
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
 	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
@@ -540,35 +541,35 @@ var File_stowage_v1_host_proto protoreflect.FileDescriptor
 const file_stowage_v1_host_proto_rawDesc = "" +
 	"\n" +
 	"\x15stowage/v1/host.proto\x12\n" +
-	"stowage.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16stowage/v1/types.proto\".\n" +
-	"\x1cEnableHostMaintenanceRequest\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\"E\n" +
+	"stowage.v1\x1a\x1bbuf/validate/validate.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16stowage/v1/types.proto\"6\n" +
+	"\x1cEnableHostMaintenanceRequest\x12\x16\n" +
+	"\x02id\x18\x01 \x01(\tB\x06\xbaH\x03\xc8\x01\x01R\x02id\"E\n" +
 	"\x1dEnableHostMaintenanceResponse\x12$\n" +
-	"\x04host\x18\x01 \x01(\v2\x10.stowage.v1.HostR\x04host\".\n" +
-	"\x1cCancelHostMaintenanceRequest\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\"E\n" +
+	"\x04host\x18\x01 \x01(\v2\x10.stowage.v1.HostR\x04host\"6\n" +
+	"\x1cCancelHostMaintenanceRequest\x12\x16\n" +
+	"\x02id\x18\x01 \x01(\tB\x06\xbaH\x03\xc8\x01\x01R\x02id\"E\n" +
 	"\x1dCancelHostMaintenanceResponse\x12$\n" +
-	"\x04host\x18\x01 \x01(\v2\x10.stowage.v1.HostR\x04host\"R\n" +
-	"\x16CreateJoinTokenRequest\x12\x1f\n" +
-	"\vttl_seconds\x18\x01 \x01(\x03R\n" +
+	"\x04host\x18\x01 \x01(\v2\x10.stowage.v1.HostR\x04host\"[\n" +
+	"\x16CreateJoinTokenRequest\x12(\n" +
+	"\vttl_seconds\x18\x01 \x01(\x03B\a\xbaH\x04\"\x02(\x00R\n" +
 	"ttlSeconds\x12\x17\n" +
 	"\ahost_id\x18\x02 \x01(\tR\x06hostId\"\x81\x01\n" +
 	"\x17CreateJoinTokenResponse\x12\x14\n" +
 	"\x05token\x18\x01 \x01(\tR\x05token\x129\n" +
 	"\n" +
 	"expires_at\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\x12\x15\n" +
-	"\x06ca_pin\x18\x03 \x01(\tR\x05caPin\"\x8f\x01\n" +
+	"\x06ca_pin\x18\x03 \x01(\tR\x05caPin\"\xa2\x01\n" +
 	"\x10ListHostsRequest\x12\x12\n" +
-	"\x04zone\x18\x01 \x01(\tR\x04zone\x12+\n" +
-	"\x05state\x18\x02 \x01(\x0e2\x15.stowage.v1.HostStateR\x05state\x12\x1b\n" +
-	"\tpage_size\x18\x03 \x01(\x05R\bpageSize\x12\x1d\n" +
+	"\x04zone\x18\x01 \x01(\tR\x04zone\x125\n" +
+	"\x05state\x18\x02 \x01(\x0e2\x15.stowage.v1.HostStateB\b\xbaH\x05\x82\x01\x02\x10\x01R\x05state\x12$\n" +
+	"\tpage_size\x18\x03 \x01(\x05B\a\xbaH\x04\x1a\x02(\x00R\bpageSize\x12\x1d\n" +
 	"\n" +
 	"page_token\x18\x04 \x01(\tR\tpageToken\"c\n" +
 	"\x11ListHostsResponse\x12&\n" +
 	"\x05hosts\x18\x01 \x03(\v2\x10.stowage.v1.HostR\x05hosts\x12&\n" +
-	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\" \n" +
-	"\x0eGetHostRequest\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\"7\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"(\n" +
+	"\x0eGetHostRequest\x12\x16\n" +
+	"\x02id\x18\x01 \x01(\tB\x06\xbaH\x03\xc8\x01\x01R\x02id\"7\n" +
 	"\x0fGetHostResponse\x12$\n" +
 	"\x04host\x18\x01 \x01(\v2\x10.stowage.v1.HostR\x04host2\xd3\x03\n" +
 	"\vHostService\x12H\n" +

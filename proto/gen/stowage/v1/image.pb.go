@@ -7,6 +7,7 @@
 package stowagev1
 
 import (
+	_ "buf.build/gen/go/bufbuild/protovalidate/protocolbuffers/go/buf/validate"
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
 	reflect "reflect"
@@ -701,7 +702,7 @@ var File_stowage_v1_image_proto protoreflect.FileDescriptor
 const file_stowage_v1_image_proto_rawDesc = "" +
 	"\n" +
 	"\x16stowage/v1/image.proto\x12\n" +
-	"stowage.v1\x1a\x16stowage/v1/types.proto\"\xff\x01\n" +
+	"stowage.v1\x1a\x1bbuf/validate/validate.proto\x1a\x16stowage/v1/types.proto\"\xff\x01\n" +
 	"\x17RegisterTemplateRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x10\n" +
 	"\x03url\x18\x02 \x01(\tR\x03url\x12/\n" +
@@ -728,22 +729,22 @@ const file_stowage_v1_image_proto_rawDesc = "" +
 	"\x16CreateTemplateResponse\x120\n" +
 	"\btemplate\x18\x01 \x01(\v2\x14.stowage.v1.TemplateR\btemplate\x12!\n" +
 	"\x03job\x18\x02 \x01(\v2\x0f.stowage.v1.JobR\x03job\x12$\n" +
-	"\x04plan\x18\x03 \x01(\v2\x10.stowage.v1.PlanR\x04plan\"$\n" +
-	"\x12GetTemplateRequest\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\"|\n" +
+	"\x04plan\x18\x03 \x01(\v2\x10.stowage.v1.PlanR\x04plan\",\n" +
+	"\x12GetTemplateRequest\x12\x16\n" +
+	"\x02id\x18\x01 \x01(\tB\x06\xbaH\x03\xc8\x01\x01R\x02id\"|\n" +
 	"\x13GetTemplateResponse\x120\n" +
 	"\btemplate\x18\x01 \x01(\v2\x14.stowage.v1.TemplateR\btemplate\x123\n" +
-	"\x06stores\x18\x02 \x03(\v2\x1b.stowage.v1.TemplateOnStoreR\x06stores\"f\n" +
+	"\x06stores\x18\x02 \x03(\v2\x1b.stowage.v1.TemplateOnStoreR\x06stores\"o\n" +
 	"\x14ListTemplatesRequest\x12\x12\n" +
-	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1b\n" +
-	"\tpage_size\x18\x02 \x01(\x05R\bpageSize\x12\x1d\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12$\n" +
+	"\tpage_size\x18\x02 \x01(\x05B\a\xbaH\x04\x1a\x02(\x00R\bpageSize\x12\x1d\n" +
 	"\n" +
 	"page_token\x18\x03 \x01(\tR\tpageToken\"s\n" +
 	"\x15ListTemplatesResponse\x122\n" +
 	"\ttemplates\x18\x01 \x03(\v2\x14.stowage.v1.TemplateR\ttemplates\x12&\n" +
-	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"V\n" +
-	"\x15DeleteTemplateRequest\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\x12\x14\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"^\n" +
+	"\x15DeleteTemplateRequest\x12\x16\n" +
+	"\x02id\x18\x01 \x01(\tB\x06\xbaH\x03\xc8\x01\x01R\x02id\x12\x14\n" +
 	"\x05force\x18\x02 \x01(\bR\x05force\x12\x17\n" +
 	"\adry_run\x18\x03 \x01(\bR\x06dryRun\"a\n" +
 	"\x16DeleteTemplateResponse\x12!\n" +

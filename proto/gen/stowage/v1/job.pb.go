@@ -7,6 +7,7 @@
 package stowagev1
 
 import (
+	_ "buf.build/gen/go/bufbuild/protovalidate/protocolbuffers/go/buf/validate"
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
 	reflect "reflect"
@@ -430,27 +431,27 @@ var File_stowage_v1_job_proto protoreflect.FileDescriptor
 const file_stowage_v1_job_proto_rawDesc = "" +
 	"\n" +
 	"\x14stowage/v1/job.proto\x12\n" +
-	"stowage.v1\x1a\x16stowage/v1/types.proto\"\x1f\n" +
-	"\rGetJobRequest\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\"3\n" +
+	"stowage.v1\x1a\x1bbuf/validate/validate.proto\x1a\x16stowage/v1/types.proto\"'\n" +
+	"\rGetJobRequest\x12\x16\n" +
+	"\x02id\x18\x01 \x01(\tB\x06\xbaH\x03\xc8\x01\x01R\x02id\"3\n" +
 	"\x0eGetJobResponse\x12!\n" +
-	"\x03job\x18\x01 \x01(\v2\x0f.stowage.v1.JobR\x03job\"\xac\x01\n" +
-	"\x0fListJobsRequest\x12*\n" +
-	"\x05state\x18\x01 \x01(\x0e2\x14.stowage.v1.JobStateR\x05state\x12\x1b\n" +
-	"\ttarget_id\x18\x02 \x01(\tR\btargetId\x12\x14\n" +
-	"\x05limit\x18\x03 \x01(\x05R\x05limit\x12\x1b\n" +
-	"\tpage_size\x18\x04 \x01(\x05R\bpageSize\x12\x1d\n" +
+	"\x03job\x18\x01 \x01(\v2\x0f.stowage.v1.JobR\x03job\"\xc8\x01\n" +
+	"\x0fListJobsRequest\x124\n" +
+	"\x05state\x18\x01 \x01(\x0e2\x14.stowage.v1.JobStateB\b\xbaH\x05\x82\x01\x02\x10\x01R\x05state\x12\x1b\n" +
+	"\ttarget_id\x18\x02 \x01(\tR\btargetId\x12\x1d\n" +
+	"\x05limit\x18\x03 \x01(\x05B\a\xbaH\x04\x1a\x02(\x00R\x05limit\x12$\n" +
+	"\tpage_size\x18\x04 \x01(\x05B\a\xbaH\x04\x1a\x02(\x00R\bpageSize\x12\x1d\n" +
 	"\n" +
 	"page_token\x18\x05 \x01(\tR\tpageToken\"_\n" +
 	"\x10ListJobsResponse\x12#\n" +
 	"\x04jobs\x18\x01 \x03(\v2\x0f.stowage.v1.JobR\x04jobs\x12&\n" +
-	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\"\n" +
-	"\x10CancelJobRequest\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\"6\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"*\n" +
+	"\x10CancelJobRequest\x12\x16\n" +
+	"\x02id\x18\x01 \x01(\tB\x06\xbaH\x03\xc8\x01\x01R\x02id\"6\n" +
 	"\x11CancelJobResponse\x12!\n" +
-	"\x03job\x18\x01 \x01(\v2\x0f.stowage.v1.JobR\x03job\"!\n" +
-	"\x0fWatchJobRequest\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\"5\n" +
+	"\x03job\x18\x01 \x01(\v2\x0f.stowage.v1.JobR\x03job\")\n" +
+	"\x0fWatchJobRequest\x12\x16\n" +
+	"\x02id\x18\x01 \x01(\tB\x06\xbaH\x03\xc8\x01\x01R\x02id\"5\n" +
 	"\x10WatchJobResponse\x12!\n" +
 	"\x03job\x18\x01 \x01(\v2\x0f.stowage.v1.JobR\x03job2\xa7\x02\n" +
 	"\n" +

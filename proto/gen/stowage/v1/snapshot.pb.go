@@ -7,6 +7,7 @@
 package stowagev1
 
 import (
+	_ "buf.build/gen/go/bufbuild/protovalidate/protocolbuffers/go/buf/validate"
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
 	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
@@ -914,7 +915,7 @@ var File_stowage_v1_snapshot_proto protoreflect.FileDescriptor
 const file_stowage_v1_snapshot_proto_rawDesc = "" +
 	"\n" +
 	"\x19stowage/v1/snapshot.proto\x12\n" +
-	"stowage.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16stowage/v1/types.proto\"f\n" +
+	"stowage.v1\x1a\x1bbuf/validate/validate.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16stowage/v1/types.proto\"f\n" +
 	"\x1aGrantSnapshotAccessRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x17\n" +
 	"\ahost_id\x18\x02 \x01(\tR\x06hostId\x12\x1f\n" +
@@ -936,29 +937,29 @@ const file_stowage_v1_snapshot_proto_rawDesc = "" +
 	"\x14TakeSnapshotResponse\x120\n" +
 	"\bsnapshot\x18\x01 \x01(\v2\x14.stowage.v1.SnapshotR\bsnapshot\x12!\n" +
 	"\x03job\x18\x02 \x01(\v2\x0f.stowage.v1.JobR\x03job\x12$\n" +
-	"\x04plan\x18\x03 \x01(\v2\x10.stowage.v1.PlanR\x04plan\"$\n" +
-	"\x12GetSnapshotRequest\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\"|\n" +
+	"\x04plan\x18\x03 \x01(\v2\x10.stowage.v1.PlanR\x04plan\",\n" +
+	"\x12GetSnapshotRequest\x12\x16\n" +
+	"\x02id\x18\x01 \x01(\tB\x06\xbaH\x03\xc8\x01\x01R\x02id\"|\n" +
 	"\x13GetSnapshotResponse\x120\n" +
 	"\bsnapshot\x18\x01 \x01(\v2\x14.stowage.v1.SnapshotR\bsnapshot\x123\n" +
-	"\x06stores\x18\x02 \x03(\v2\x1b.stowage.v1.SnapshotOnStoreR\x06stores\"\xa0\x01\n" +
+	"\x06stores\x18\x02 \x03(\v2\x1b.stowage.v1.SnapshotOnStoreR\x06stores\"\xb3\x01\n" +
 	"\x14ListSnapshotsRequest\x12\x1b\n" +
-	"\tvolume_id\x18\x01 \x01(\tR\bvolumeId\x12/\n" +
-	"\x05state\x18\x02 \x01(\x0e2\x19.stowage.v1.SnapshotStateR\x05state\x12\x1b\n" +
-	"\tpage_size\x18\x03 \x01(\x05R\bpageSize\x12\x1d\n" +
+	"\tvolume_id\x18\x01 \x01(\tR\bvolumeId\x129\n" +
+	"\x05state\x18\x02 \x01(\x0e2\x19.stowage.v1.SnapshotStateB\b\xbaH\x05\x82\x01\x02\x10\x01R\x05state\x12$\n" +
+	"\tpage_size\x18\x03 \x01(\x05B\a\xbaH\x04\x1a\x02(\x00R\bpageSize\x12\x1d\n" +
 	"\n" +
 	"page_token\x18\x04 \x01(\tR\tpageToken\"s\n" +
 	"\x15ListSnapshotsResponse\x122\n" +
 	"\tsnapshots\x18\x01 \x03(\v2\x14.stowage.v1.SnapshotR\tsnapshots\x12&\n" +
-	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"@\n" +
-	"\x15RevertSnapshotRequest\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\x12\x17\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"H\n" +
+	"\x15RevertSnapshotRequest\x12\x16\n" +
+	"\x02id\x18\x01 \x01(\tB\x06\xbaH\x03\xc8\x01\x01R\x02id\x12\x17\n" +
 	"\adry_run\x18\x02 \x01(\bR\x06dryRun\"a\n" +
 	"\x16RevertSnapshotResponse\x12!\n" +
 	"\x03job\x18\x01 \x01(\v2\x0f.stowage.v1.JobR\x03job\x12$\n" +
-	"\x04plan\x18\x02 \x01(\v2\x10.stowage.v1.PlanR\x04plan\"@\n" +
-	"\x15DeleteSnapshotRequest\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\x12\x17\n" +
+	"\x04plan\x18\x02 \x01(\v2\x10.stowage.v1.PlanR\x04plan\"H\n" +
+	"\x15DeleteSnapshotRequest\x12\x16\n" +
+	"\x02id\x18\x01 \x01(\tB\x06\xbaH\x03\xc8\x01\x01R\x02id\x12\x17\n" +
 	"\adry_run\x18\x02 \x01(\bR\x06dryRun\"a\n" +
 	"\x16DeleteSnapshotResponse\x12!\n" +
 	"\x03job\x18\x01 \x01(\v2\x0f.stowage.v1.JobR\x03job\x12$\n" +

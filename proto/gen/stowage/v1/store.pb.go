@@ -7,6 +7,7 @@
 package stowagev1
 
 import (
+	_ "buf.build/gen/go/bufbuild/protovalidate/protocolbuffers/go/buf/validate"
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
 	reflect "reflect"
@@ -992,60 +993,61 @@ var File_stowage_v1_store_proto protoreflect.FileDescriptor
 const file_stowage_v1_store_proto_rawDesc = "" +
 	"\n" +
 	"\x16stowage/v1/store.proto\x12\n" +
-	"stowage.v1\x1a\x16stowage/v1/types.proto\"\xfc\x03\n" +
+	"stowage.v1\x1a\x1bbuf/validate/validate.proto\x1a\x16stowage/v1/types.proto\"\xea\x04\n" +
 	"\x0fAddStoreRequest\x12\x12\n" +
-	"\x04name\x18\x01 \x01(\tR\x04name\x12)\n" +
-	"\x04role\x18\x02 \x01(\x0e2\x15.stowage.v1.StoreRoleR\x04role\x12\x1a\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x125\n" +
+	"\x04role\x18\x02 \x01(\x0e2\x15.stowage.v1.StoreRoleB\n" +
+	"\xbaH\a\x82\x01\x04\x10\x01 \x00R\x04role\x12\x1a\n" +
 	"\bprovider\x18\x03 \x01(\tR\bprovider\x12\x10\n" +
 	"\x03url\x18\x04 \x01(\tR\x03url\x12'\n" +
-	"\x05scope\x18\x05 \x01(\v2\x11.stowage.v1.ScopeR\x05scope\x12\x12\n" +
-	"\x04tags\x18\x06 \x03(\tR\x04tags\x12B\n" +
-	"\adetails\x18\a \x03(\v2(.stowage.v1.AddStoreRequest.DetailsEntryR\adetails\x12A\n" +
-	"\x1acapacity_disable_threshold\x18\b \x01(\x01H\x00R\x18capacityDisableThreshold\x88\x01\x01\x12?\n" +
-	"\x19capacity_notify_threshold\x18\t \x01(\x01H\x01R\x17capacityNotifyThreshold\x88\x01\x01\x1a:\n" +
+	"\x05scope\x18\x05 \x01(\v2\x11.stowage.v1.ScopeR\x05scope\x12B\n" +
+	"\x04tags\x18\x06 \x03(\tB.\xbaH+\x92\x01(\"&r$2\"^[A-Za-z0-9][A-Za-z0-9._:-]{0,62}$R\x04tags\x12B\n" +
+	"\adetails\x18\a \x03(\v2(.stowage.v1.AddStoreRequest.DetailsEntryR\adetails\x12Z\n" +
+	"\x1acapacity_disable_threshold\x18\b \x01(\x01B\x17\xbaH\x14\x12\x12\x19\x00\x00\x00\x00\x00\x00\xf0?!\x00\x00\x00\x00\x00\x00\x00\x00H\x00R\x18capacityDisableThreshold\x88\x01\x01\x12X\n" +
+	"\x19capacity_notify_threshold\x18\t \x01(\x01B\x17\xbaH\x14\x12\x12\x19\x00\x00\x00\x00\x00\x00\xf0?!\x00\x00\x00\x00\x00\x00\x00\x00H\x01R\x17capacityNotifyThreshold\x88\x01\x01\x1a:\n" +
 	"\fDetailsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01B\x1d\n" +
 	"\x1b_capacity_disable_thresholdB\x1c\n" +
 	"\x1a_capacity_notify_threshold\"?\n" +
 	"\x10AddStoreResponse\x12+\n" +
-	"\x05store\x18\x01 \x01(\v2\x15.stowage.v1.DataStoreR\x05store\"!\n" +
-	"\x0fGetStoreRequest\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\"?\n" +
+	"\x05store\x18\x01 \x01(\v2\x15.stowage.v1.DataStoreR\x05store\")\n" +
+	"\x0fGetStoreRequest\x12\x16\n" +
+	"\x02id\x18\x01 \x01(\tB\x06\xbaH\x03\xc8\x01\x01R\x02id\"?\n" +
 	"\x10GetStoreResponse\x12+\n" +
-	"\x05store\x18\x01 \x01(\v2\x15.stowage.v1.DataStoreR\x05store\"\x8e\x01\n" +
-	"\x11ListStoresRequest\x12)\n" +
-	"\x04role\x18\x01 \x01(\x0e2\x15.stowage.v1.StoreRoleR\x04role\x12\x12\n" +
-	"\x04zone\x18\x02 \x01(\tR\x04zone\x12\x1b\n" +
-	"\tpage_size\x18\x03 \x01(\x05R\bpageSize\x12\x1d\n" +
+	"\x05store\x18\x01 \x01(\v2\x15.stowage.v1.DataStoreR\x05store\"\xa1\x01\n" +
+	"\x11ListStoresRequest\x123\n" +
+	"\x04role\x18\x01 \x01(\x0e2\x15.stowage.v1.StoreRoleB\b\xbaH\x05\x82\x01\x02\x10\x01R\x04role\x12\x12\n" +
+	"\x04zone\x18\x02 \x01(\tR\x04zone\x12$\n" +
+	"\tpage_size\x18\x03 \x01(\x05B\a\xbaH\x04\x1a\x02(\x00R\bpageSize\x12\x1d\n" +
 	"\n" +
 	"page_token\x18\x04 \x01(\tR\tpageToken\"k\n" +
 	"\x12ListStoresResponse\x12-\n" +
 	"\x06stores\x18\x01 \x03(\v2\x15.stowage.v1.DataStoreR\x06stores\x12&\n" +
-	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"*\n" +
-	"\x18EnableMaintenanceRequest\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\"H\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"2\n" +
+	"\x18EnableMaintenanceRequest\x12\x16\n" +
+	"\x02id\x18\x01 \x01(\tB\x06\xbaH\x03\xc8\x01\x01R\x02id\"H\n" +
 	"\x19EnableMaintenanceResponse\x12+\n" +
-	"\x05store\x18\x01 \x01(\v2\x15.stowage.v1.DataStoreR\x05store\"*\n" +
-	"\x18CancelMaintenanceRequest\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\"H\n" +
+	"\x05store\x18\x01 \x01(\v2\x15.stowage.v1.DataStoreR\x05store\"2\n" +
+	"\x18CancelMaintenanceRequest\x12\x16\n" +
+	"\x02id\x18\x01 \x01(\tB\x06\xbaH\x03\xc8\x01\x01R\x02id\"H\n" +
 	"\x19CancelMaintenanceResponse\x12+\n" +
-	"\x05store\x18\x01 \x01(\v2\x15.stowage.v1.DataStoreR\x05store\"$\n" +
-	"\x12DeleteStoreRequest\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\"\x15\n" +
-	"\x13DeleteStoreResponse\"%\n" +
-	"\x13DisableStoreRequest\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\"C\n" +
+	"\x05store\x18\x01 \x01(\v2\x15.stowage.v1.DataStoreR\x05store\",\n" +
+	"\x12DeleteStoreRequest\x12\x16\n" +
+	"\x02id\x18\x01 \x01(\tB\x06\xbaH\x03\xc8\x01\x01R\x02id\"\x15\n" +
+	"\x13DeleteStoreResponse\"-\n" +
+	"\x13DisableStoreRequest\x12\x16\n" +
+	"\x02id\x18\x01 \x01(\tB\x06\xbaH\x03\xc8\x01\x01R\x02id\"C\n" +
 	"\x14DisableStoreResponse\x12+\n" +
-	"\x05store\x18\x01 \x01(\v2\x15.stowage.v1.DataStoreR\x05store\"$\n" +
-	"\x12EnableStoreRequest\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\"B\n" +
+	"\x05store\x18\x01 \x01(\v2\x15.stowage.v1.DataStoreR\x05store\",\n" +
+	"\x12EnableStoreRequest\x12\x16\n" +
+	"\x02id\x18\x01 \x01(\tB\x06\xbaH\x03\xc8\x01\x01R\x02id\"B\n" +
 	"\x13EnableStoreResponse\x12+\n" +
 	"\x05store\x18\x01 \x01(\v2\x15.stowage.v1.DataStoreR\x05store\"#\n" +
 	"\tStoreTags\x12\x16\n" +
-	"\x06values\x18\x01 \x03(\tR\x06values\"\x90\x02\n" +
-	"\x12UpdateStoreRequest\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\x12)\n" +
+	"\x06values\x18\x01 \x03(\tR\x06values\"\x98\x02\n" +
+	"\x12UpdateStoreRequest\x12\x16\n" +
+	"\x02id\x18\x01 \x01(\tB\x06\xbaH\x03\xc8\x01\x01R\x02id\x12)\n" +
 	"\x04tags\x18\x02 \x01(\v2\x15.stowage.v1.StoreTagsR\x04tags\x12A\n" +
 	"\x1acapacity_disable_threshold\x18\x03 \x01(\x01H\x00R\x18capacityDisableThreshold\x88\x01\x01\x12?\n" +
 	"\x19capacity_notify_threshold\x18\x04 \x01(\x01H\x01R\x17capacityNotifyThreshold\x88\x01\x01B\x1d\n" +

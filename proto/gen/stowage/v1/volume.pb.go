@@ -7,6 +7,7 @@
 package stowagev1
 
 import (
+	_ "buf.build/gen/go/bufbuild/protovalidate/protocolbuffers/go/buf/validate"
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
 	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
@@ -1000,11 +1001,11 @@ var File_stowage_v1_volume_proto protoreflect.FileDescriptor
 const file_stowage_v1_volume_proto_rawDesc = "" +
 	"\n" +
 	"\x17stowage/v1/volume.proto\x12\n" +
-	"stowage.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16stowage/v1/types.proto\"\xd1\x02\n" +
+	"stowage.v1\x1a\x1bbuf/validate/validate.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16stowage/v1/types.proto\"\xb5\x03\n" +
 	"\x13CreateVolumeRequest\x12\x12\n" +
-	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
-	"\x04size\x18\x02 \x01(\x03R\x04size\x12/\n" +
-	"\x06format\x18\x03 \x01(\x0e2\x17.stowage.v1.ImageFormatR\x06format\x12\x19\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1b\n" +
+	"\x04size\x18\x02 \x01(\x03B\a\xbaH\x04\"\x02(\x00R\x04size\x129\n" +
+	"\x06format\x18\x03 \x01(\x0e2\x17.stowage.v1.ImageFormatB\b\xbaH\x05\x82\x01\x02\x10\x01R\x06format\x12\x19\n" +
 	"\bstore_id\x18\x04 \x01(\tR\astoreId\x12\x1f\n" +
 	"\vtemplate_id\x18\x05 \x01(\tR\n" +
 	"templateId\x12\x1f\n" +
@@ -1014,36 +1015,38 @@ const file_stowage_v1_volume_proto_rawDesc = "" +
 	"\adry_run\x18\b \x01(\bR\x06dryRun\x12'\n" +
 	"\x0fidempotency_key\x18\t \x01(\tR\x0eidempotencyKey\x12\x12\n" +
 	"\x04zone\x18\n" +
-	" \x01(\tR\x04zone\x12\x12\n" +
-	"\x04tags\x18\v \x03(\tR\x04tags\"\x8b\x01\n" +
+	" \x01(\tR\x04zone\x12B\n" +
+	"\x04tags\x18\v \x03(\tB.\xbaH+\x92\x01(\"&r$2\"^[A-Za-z0-9][A-Za-z0-9._:-]{0,62}$R\x04tags:\x1f\xbaH\x1c\"\x1a\n" +
+	"\vtemplate_id\n" +
+	"\vsnapshot_id\"\x8b\x01\n" +
 	"\x14CreateVolumeResponse\x12*\n" +
 	"\x06volume\x18\x01 \x01(\v2\x12.stowage.v1.VolumeR\x06volume\x12!\n" +
 	"\x03job\x18\x02 \x01(\v2\x0f.stowage.v1.JobR\x03job\x12$\n" +
-	"\x04plan\x18\x03 \x01(\v2\x10.stowage.v1.PlanR\x04plan\"\"\n" +
-	"\x10GetVolumeRequest\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\"?\n" +
+	"\x04plan\x18\x03 \x01(\v2\x10.stowage.v1.PlanR\x04plan\"*\n" +
+	"\x10GetVolumeRequest\x12\x16\n" +
+	"\x02id\x18\x01 \x01(\tB\x06\xbaH\x03\xc8\x01\x01R\x02id\"?\n" +
 	"\x11GetVolumeResponse\x12*\n" +
-	"\x06volume\x18\x01 \x01(\v2\x12.stowage.v1.VolumeR\x06volume\"\xcf\x01\n" +
+	"\x06volume\x18\x01 \x01(\v2\x12.stowage.v1.VolumeR\x06volume\"\xe2\x01\n" +
 	"\x12ListVolumesRequest\x12\x19\n" +
-	"\bstore_id\x18\x01 \x01(\tR\astoreId\x12-\n" +
-	"\x05state\x18\x02 \x01(\x0e2\x17.stowage.v1.VolumeStateR\x05state\x12\x1f\n" +
+	"\bstore_id\x18\x01 \x01(\tR\astoreId\x127\n" +
+	"\x05state\x18\x02 \x01(\x0e2\x17.stowage.v1.VolumeStateB\b\xbaH\x05\x82\x01\x02\x10\x01R\x05state\x12\x1f\n" +
 	"\vtemplate_id\x18\x03 \x01(\tR\n" +
 	"templateId\x12\x12\n" +
-	"\x04name\x18\x04 \x01(\tR\x04name\x12\x1b\n" +
-	"\tpage_size\x18\x05 \x01(\x05R\bpageSize\x12\x1d\n" +
+	"\x04name\x18\x04 \x01(\tR\x04name\x12$\n" +
+	"\tpage_size\x18\x05 \x01(\x05B\a\xbaH\x04\x1a\x02(\x00R\bpageSize\x12\x1d\n" +
 	"\n" +
 	"page_token\x18\x06 \x01(\tR\tpageToken\"k\n" +
 	"\x13ListVolumesResponse\x12,\n" +
 	"\avolumes\x18\x01 \x03(\v2\x12.stowage.v1.VolumeR\avolumes\x12&\n" +
-	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\">\n" +
-	"\x13DeleteVolumeRequest\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\x12\x17\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"F\n" +
+	"\x13DeleteVolumeRequest\x12\x16\n" +
+	"\x02id\x18\x01 \x01(\tB\x06\xbaH\x03\xc8\x01\x01R\x02id\x12\x17\n" +
 	"\adry_run\x18\x02 \x01(\bR\x06dryRun\"_\n" +
 	"\x14DeleteVolumeResponse\x12!\n" +
 	"\x03job\x18\x01 \x01(\v2\x0f.stowage.v1.JobR\x03job\x12$\n" +
-	"\x04plan\x18\x02 \x01(\v2\x10.stowage.v1.PlanR\x04plan\"R\n" +
-	"\x13ResizeVolumeRequest\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
+	"\x04plan\x18\x02 \x01(\v2\x10.stowage.v1.PlanR\x04plan\"Z\n" +
+	"\x13ResizeVolumeRequest\x12\x16\n" +
+	"\x02id\x18\x01 \x01(\tB\x06\xbaH\x03\xc8\x01\x01R\x02id\x12\x12\n" +
 	"\x04size\x18\x02 \x01(\x03R\x04size\x12\x17\n" +
 	"\adry_run\x18\x03 \x01(\bR\x06dryRun\"\x8b\x01\n" +
 	"\x14ResizeVolumeResponse\x12*\n" +
@@ -1062,9 +1065,9 @@ const file_stowage_v1_volume_proto_rawDesc = "" +
 	"\x13RevokeAccessRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x17\n" +
 	"\ahost_id\x18\x02 \x01(\tR\x06hostId\"\x16\n" +
-	"\x14RevokeAccessResponse\"Z\n" +
-	"\x14MigrateVolumeRequest\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\x12\x19\n" +
+	"\x14RevokeAccessResponse\"b\n" +
+	"\x14MigrateVolumeRequest\x12\x16\n" +
+	"\x02id\x18\x01 \x01(\tB\x06\xbaH\x03\xc8\x01\x01R\x02id\x12\x19\n" +
 	"\bstore_id\x18\x02 \x01(\tR\astoreId\x12\x17\n" +
 	"\adry_run\x18\x03 \x01(\bR\x06dryRun\"\x8c\x01\n" +
 	"\x15MigrateVolumeResponse\x12*\n" +
