@@ -162,6 +162,8 @@ over loopback, a directory primary store and a directory image store, all under
 			fmt.Fprintf(cmd.OutOrStdout(), `Stowage dev is running.
 
   API (Connect, gRPC, gRPC-Web)   %[1]s
+  web dashboard (paste a token)   %[1]s/ui/
+  REST (read side)                %[1]s/v1/volumes, /v1/jobs/ID, ...
   metrics, health                 %[1]s/metrics  %[1]s/healthz
   %-31[7]s %[3]s
   NBD exports (volume grants)     %[8]s
