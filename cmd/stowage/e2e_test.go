@@ -429,6 +429,20 @@ func agentProcEnv(t *testing.T, env []string, server, id, zone, cluster, stateDi
 	return p
 }
 
+// oneHost starts a controller (with ctlArgs) and one agent, h1 in zone z1
+// cluster c1 (with agentArgs), in a fresh directory, waits for h1 to be
+// Up, and returns the directory, the controller's URL and the agent.
+func oneHost(t *testing.T, ctlArgs, agentArgs []string) (root, server string, agent *proc) {
+	t.Helper()
+	root = t.TempDir()
+	addr := freePort(t)
+	server = "https://" + addr
+	controllerProc(t, addr, filepath.Join(root, "controller"), ctlArgs...)
+	agent = agentProc(t, server, "h1", "z1", "c1", filepath.Join(root, "a1"), agentArgs...)
+	waitFor(t, "h1 Up", 20*time.Second, func() bool { return hostState(t, server, "h1") == "HOST_STATE_UP" })
+	return root, server, agent
+}
+
 func curlJSON(t *testing.T, url, body string) (int, string) {
 	t.Helper()
 	args := []string{"-s", "-o", "-", "-w", "\n%{http_code}", "-H", "Content-Type: application/json", "-d", body}

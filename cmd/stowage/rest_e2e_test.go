@@ -8,7 +8,6 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
 	"connectrpc.com/connect"
 
@@ -44,12 +43,7 @@ func TestRESTReadPaths(t *testing.T) {
 	}
 	needTools(t, "curl")
 	ctx := context.Background()
-	root := t.TempDir()
-	addr := freePort(t)
-	server := "https://" + addr
-	controllerProc(t, addr, filepath.Join(root, "controller"))
-	agentProc(t, server, "h1", "z1", "c1", filepath.Join(root, "a1"))
-	waitFor(t, "h1 Up", 20*time.Second, func() bool { return hostState(t, server, "h1") == "HOST_STATE_UP" })
+	root, server, _ := oneHost(t, nil, nil)
 	a := newAPI(server)
 	addStore(t, a, "p1", stowagev1.StoreRole_STORE_ROLE_PRIMARY, filepath.Join(root, "p1"), &stowagev1.Scope{Zone: "z1"})
 	var jobID string

@@ -100,12 +100,8 @@ func TestTraceEndToEnd(t *testing.T) {
 	collector := httptest.NewServer(recv)
 	defer collector.Close()
 	ctx := context.Background()
-	root := t.TempDir()
-	addr := freePort(t)
-	server := "https://" + addr
-	controllerProc(t, addr, filepath.Join(root, "controller"), "--otlp-endpoint", collector.URL)
-	ag := agentProc(t, server, "h1", "z1", "c1", filepath.Join(root, "a1"), "--otlp-endpoint", collector.URL)
-	waitFor(t, "h1 Up", 20*time.Second, func() bool { return hostState(t, server, "h1") == "HOST_STATE_UP" })
+	otlp := []string{"--otlp-endpoint", collector.URL}
+	root, server, ag := oneHost(t, otlp, otlp)
 	a := newAPI(server)
 	p1 := addStore(t, a, "p1", stowagev1.StoreRole_STORE_ROLE_PRIMARY, filepath.Join(root, "p1"), &stowagev1.Scope{Zone: "z1"})
 	addStore(t, a, "img", stowagev1.StoreRole_STORE_ROLE_IMAGE, filepath.Join(root, "img"), &stowagev1.Scope{Zone: "z1"})

@@ -60,12 +60,7 @@ func TestWebDashboard(t *testing.T) {
 	}
 	chrome := chromiumPath(t)
 	ctx := context.Background()
-	root := t.TempDir()
-	addr := freePort(t)
-	server := "https://" + addr
-	controllerProc(t, addr, filepath.Join(root, "controller"))
-	agentProc(t, server, "h1", "z1", "c1", filepath.Join(root, "a1"))
-	waitFor(t, "h1 Up", 20*time.Second, func() bool { return hostState(t, server, "h1") == "HOST_STATE_UP" })
+	root, server, _ := oneHost(t, nil, nil)
 	a := newAPI(server)
 	addStore(t, a, "primary1", stowagev1.StoreRole_STORE_ROLE_PRIMARY, filepath.Join(root, "p1"), &stowagev1.Scope{Zone: "z1"})
 	addStore(t, a, "images", stowagev1.StoreRole_STORE_ROLE_IMAGE, filepath.Join(root, "img"), &stowagev1.Scope{Zone: "z1"})
@@ -96,7 +91,7 @@ func TestWebDashboard(t *testing.T) {
 	opts := append(chromedp.DefaultExecAllocatorOptions[:],
 		chromedp.ExecPath(chrome),
 		chromedp.NoSandbox, // root in a container; the page is ours
-		chromedp.Flag("ignore-certificate-errors-spki-list", spkiPin(t, addr)),
+		chromedp.Flag("ignore-certificate-errors-spki-list", spkiPin(t, strings.TrimPrefix(server, "https://"))),
 		chromedp.WindowSize(1400, 1300),
 		chromedp.Flag("user-data-dir", filepath.Join(root, "chromium")),
 	)
