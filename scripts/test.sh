@@ -12,7 +12,8 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(qemu-utils qemu-block-extra libnbd-bin nbdkit fuse3 xfsprogs btrfs-progs
   e2fsprogs util-linux curl jq tgt libiscsi-bin fio qemu-system-x86 qemu-system-common busybox-static linux-image-amd64
-  etcd-server etcd-client prometheus chromium)
+  etcd-server etcd-client prometheus chromium
+  ceph-mon ceph-mgr ceph-osd ceph-common rbd-nbd librbd-dev librados-dev uuid-runtime)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
