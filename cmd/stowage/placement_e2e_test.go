@@ -107,7 +107,7 @@ func TestPlacementEndToEnd(t *testing.T) {
 	if _, err := plan("nvme"); connect.CodeOf(err) != connect.CodeFailedPrecondition || !strings.Contains(err.Error(), "lacks storage tag nvme") {
 		t.Fatalf("plan nvme: %v, want failed_precondition naming the tag", err)
 	}
-	if out, errOut, code := cli(t, server, "volume", "create", "--name", "x", "--size", "1M", "--tag", "bad tag"); code != 2 || !strings.Contains(errOut, "storage tag") {
+	if out, errOut, code := cli(t, server, "volume", "create", "--name", "x", "--size", "1M", "--tag", "bad tag"); code != 2 || !strings.Contains(errOut, "tags[0]: does not match regex pattern") {
 		t.Errorf("volume create --tag 'bad tag': exit %d, %s%s", code, out, errOut)
 	}
 

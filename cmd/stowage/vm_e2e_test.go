@@ -91,7 +91,10 @@ func bootVM(t *testing.T, name, drive, format string) string {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	start := time.Now()
-	cmd := exec.CommandContext(ctx, "qemu-system-x86_64", "-accel", "tcg", "-m", "256", "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
+	// 768 MiB: the guest unpacks the host's initramfs, which grows with
+	// the packages installed (Debian's Ceph packages took it to 34 MB, and
+	// a 256 MiB guest ran out of memory unpacking it).
+	cmd := exec.CommandContext(ctx, "qemu-system-x86_64", "-accel", "tcg", "-m", "768", "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
 		"-kernel", kernel, "-initrd", initrd, "-append", "root=/dev/vda rw console=ttyS0 init=/init panic=-1 quiet stowage.token="+token,
 		"-drive", "file="+drive+",format="+format+",if=virtio,cache=none")
 	out, err := cmd.CombinedOutput()
