@@ -140,12 +140,23 @@ func (t *Tracing) Shutdown(ctx context.Context) error {
 // theirs, the agents by the controller.
 func (t *Tracing) Interceptor() (connect.Interceptor, error) {
 	i, err := otelconnect.NewInterceptor(otelconnect.WithTracerProvider(t.provider), otelconnect.WithPropagator(propagation.TraceContext{}),
-		otelconnect.WithTrustRemote(), otelconnect.WithoutMetrics())
+		otelconnect.WithTrustRemote(), otelconnect.WithoutMetrics(), otelconnect.WithFilter(traced))
 	if err != nil {
 		return nil, fmt.Errorf("otelconnect: %w", err)
 	}
 	return i, nil
 }
+
+// untraced are the calls too frequent and too routine to trace: every
+// agent's heartbeat (1,000 hosts beat 100 times a second) and the agents'
+// progress polls of running tasks.
+var untraced = map[string]bool{
+	"/stowage.v1.AgentControlService/Heartbeat": true,
+	"/stowage.v1.AgentService/GetTask":          true,
+}
+
+// traced reports whether the call of spec gets a span.
+func traced(_ context.Context, spec connect.Spec) bool { return !untraced[spec.Procedure] }
 
 // Tracer is Stowage's tracer from the global provider.
 func Tracer() trace.Tracer { return otel.Tracer("github.com/stowage/stowage") }

@@ -227,13 +227,19 @@ async function loadTemplates() {
   fill("templates", rows);
 }
 
+// VOLUME_PAGE bounds what the volumes view reads: one page of volumes (and
+// their snapshots), not the whole cloud, every few seconds.
+const VOLUME_PAGE = 200;
+
 async function loadVolumes() {
-  const [volumes, snapshots] = await Promise.all([
-    all("VolumeService", "ListVolumes", "volumes"),
-    all("SnapshotService", "ListSnapshots", "snapshots"),
+  const [page, snapshots] = await Promise.all([
+    call("VolumeService", "ListVolumes", { pageSize: VOLUME_PAGE }),
+    call("SnapshotService", "ListSnapshots", { pageSize: 1000 }),
   ]);
+  const volumes = page.volumes || [];
+  $("volumes-more").textContent = page.nextPageToken ? "Showing the first " + VOLUME_PAGE + " volumes (stowage volume list shows all)." : "";
   const snapsOf = {};
-  for (const s of snapshots) (snapsOf[s.volumeId] ||= []).push(s);
+  for (const s of snapshots.snapshots || []) (snapsOf[s.volumeId] ||= []).push(s);
   fill("volumes", volumes.filter((v) => v.state !== "VOLUME_STATE_EXPUNGED").map((v) => {
     const chain = [];
     if (v.templateId) chain.push("template " + (state.templates[v.templateId]?.name || v.templateId) + (v.installMethod ? " (" + v.installMethod + ")" : ""));
@@ -326,10 +332,15 @@ async function loadJobs() {
 
 function status(text) { $("status").textContent = text; }
 
+let rounds = 0;
+
 async function refresh() {
   try {
     await loadStores();
-    await Promise.all([loadHosts(), loadTemplates().then(loadVolumes), loadJobs()]);
+    // Templates (a GetTemplate each) and volumes change slowly: every
+    // fifth round (15 s); jobs, stores and hosts every round (3 s).
+    const slow = rounds++ % 5 === 0 ? loadTemplates().then(loadVolumes) : Promise.resolve();
+    await Promise.all([loadHosts(), slow, loadJobs()]);
     status("updated " + new Date().toLocaleTimeString());
   } catch (e) {
     if (e.code === "unauthenticated" || e.code === "permission_denied") {
@@ -348,6 +359,7 @@ function logout(why) {
   for (const ctl of state.watching.values()) ctl.abort();
   state.watching.clear();
   clearInterval(timer);
+  rounds = 0;
   $("dash").hidden = true;
   $("logout").hidden = true;
   $("login").hidden = false;
