@@ -1,0 +1,438 @@
+//go:build ceph
+
+package rbd
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"syscall"
+
+	"github.com/ceph/go-ceph/rados"
+	cephrbd "github.com/ceph/go-ceph/rbd"
+
+	"github.com/stowage/stowage/drivers"
+	"github.com/stowage/stowage/errdefs"
+)
+
+// baseSnapshot is the protected snapshot of a template image its clones
+// hang from.
+const baseSnapshot = "stowage-base"
+
+// Driver is the RBD driver: every object is an image of the store's pool.
+type Driver struct {
+	conns *connections
+}
+
+var (
+	_ drivers.PrimaryDriver = (*Driver)(nil)
+	_ drivers.Resizer       = (*Driver)(nil)
+	_ drivers.Cloner        = (*Driver)(nil)
+	_ drivers.VolumeFormats = (*Driver)(nil)
+)
+
+// withPool runs fn with an I/O context on store's pool. librados calls
+// take no context: ctx is checked before, and the connection's timeouts
+// bound each call.
+func (d *Driver) withPool(ctx context.Context, store drivers.StoreInfo, fn func(*cluster, *rados.IOContext) error) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	loc, err := parseLocation(store.URL, store.Details)
+	if err != nil {
+		return err
+	}
+	cl, err := d.conns.open(loc)
+	if err != nil {
+		return err
+	}
+	io, err := cl.conn.OpenIOContext(loc.pool)
+	if err != nil {
+		if errno(err) != syscall.ENOENT {
+			d.conns.drop(loc)
+		}
+		return fmt.Errorf("pool %s: %w", loc.pool, classify(err))
+	}
+	defer io.Destroy()
+	return fn(cl, io)
+}
+
+// VolumeFormats implements drivers.VolumeFormats: an image is raw.
+func (d *Driver) VolumeFormats() []drivers.Format { return []drivers.Format{drivers.FormatRaw} }
+
+// Locate implements drivers.Driver: "<type>-<id>", a snapshot's name for
+// a snapshot.
+func (d *Driver) Locate(obj drivers.DataObject) (string, error) {
+	switch obj.Type {
+	case drivers.ObjectVolume, drivers.ObjectTemplate:
+		return imageName(obj), nil
+	case drivers.ObjectSnapshot:
+		return "snap-" + obj.ID, nil
+	}
+	return "", fmt.Errorf("an rbd store holds no %s: %w", obj.Type, errdefs.ErrInvalid)
+}
+
+func checkRaw(obj drivers.DataObject) error {
+	if obj.Format != drivers.FormatRaw && obj.Format != "" {
+		return fmt.Errorf("an rbd image is raw, not %s: %w", obj.Format, errdefs.ErrInvalid)
+	}
+	return nil
+}
+
+// Create implements drivers.Driver: a thin image of obj.Size bytes (4 MiB
+// objects, layering). Creating it again with the same size is a no-op.
+func (d *Driver) Create(ctx context.Context, obj drivers.DataObject) (drivers.ObjectInfo, error) {
+	if err := checkRaw(obj); err != nil {
+		return drivers.ObjectInfo{}, err
+	}
+	if obj.Size <= 0 {
+		return drivers.ObjectInfo{}, fmt.Errorf("image size %d: %w", obj.Size, errdefs.ErrInvalid)
+	}
+	name, err := d.Locate(obj)
+	if err != nil {
+		return drivers.ObjectInfo{}, err
+	}
+	var info drivers.ObjectInfo
+	err = d.withPool(ctx, obj.Store, func(_ *cluster, io *rados.IOContext) error {
+		opts := cephrbd.NewRbdImageOptions()
+		defer opts.Destroy()
+		if err := opts.SetUint64(cephrbd.ImageOptionOrder, 22); err != nil {
+			return classify(err)
+		}
+		if err := opts.SetUint64(cephrbd.ImageOptionFeatures, cephrbd.FeatureLayering); err != nil {
+			return classify(err)
+		}
+		if err := cephrbd.CreateImage(io, name, uint64(obj.Size), opts); err != nil && errno(err) != syscall.EEXIST {
+			return fmt.Errorf("create image %s: %w", name, classify(err))
+		}
+		var serr error
+		info, serr = stat(io, obj, name)
+		if serr == nil && info.Size != obj.Size {
+			return fmt.Errorf("image %s exists with %d bytes, not %d: %w", name, info.Size, obj.Size, errdefs.ErrAlreadyExists)
+		}
+		return serr
+	})
+	return info, err
+}
+
+// stat describes image name of the pool as obj.
+func stat(io *rados.IOContext, obj drivers.DataObject, name string) (drivers.ObjectInfo, error) {
+	img, err := cephrbd.OpenImageReadOnly(io, name, cephrbd.NoSnapshot)
+	if err != nil {
+		return drivers.ObjectInfo{}, fmt.Errorf("image %s: %w", name, classify(err))
+	}
+	defer img.Close()
+	size, err := img.GetSize()
+	if err != nil {
+		return drivers.ObjectInfo{}, fmt.Errorf("image %s: %w", name, classify(err))
+	}
+	var used uint64
+	err = img.DiffIterate(cephrbd.DiffIterateConfig{Offset: 0, Length: size, Callback: func(_, length uint64, exists int, _ interface{}) int {
+		if exists != 0 {
+			used += length
+		}
+		return 0
+	}})
+	if err != nil {
+		return drivers.ObjectInfo{}, fmt.Errorf("image %s: allocated extents: %w", name, classify(err))
+	}
+	return drivers.ObjectInfo{ID: obj.ID, Type: obj.Type, Key: name, Format: drivers.FormatRaw, Size: int64(size),
+		PhysicalSize: int64(used), StoredSize: int64(size)}, nil
+}
+
+// Stat implements drivers.Driver.
+func (d *Driver) Stat(ctx context.Context, obj drivers.DataObject) (drivers.ObjectInfo, error) {
+	name, err := d.Locate(obj)
+	if err != nil {
+		return drivers.ObjectInfo{}, err
+	}
+	var info drivers.ObjectInfo
+	err = d.withPool(ctx, obj.Store, func(_ *cluster, io *rados.IOContext) error {
+		var err error
+		info, err = stat(io, obj, name)
+		return err
+	})
+	return info, err
+}
+
+// ListObjects implements drivers.Driver: the images Stowage made.
+func (d *Driver) ListObjects(ctx context.Context, store drivers.StoreInfo) ([]drivers.ObjectInfo, error) {
+	var out []drivers.ObjectInfo
+	err := d.withPool(ctx, store, func(_ *cluster, io *rados.IOContext) error {
+		names, err := cephrbd.GetImageNames(io)
+		if err != nil {
+			return fmt.Errorf("list images: %w", classify(err))
+		}
+		for _, n := range names {
+			typ, id, ok := strings.Cut(n, "-")
+			if !ok || !ours(n) {
+				continue
+			}
+			info, err := stat(io, drivers.DataObject{ID: id, Type: drivers.ObjectType(typ), Store: store}, n)
+			if errdefs.IsNotFound(err) {
+				continue // removed meanwhile
+			}
+			if err != nil {
+				return err
+			}
+			out = append(out, info)
+		}
+		return nil
+	})
+	return out, err
+}
+
+// Delete implements drivers.Driver: the image and its snapshots; a
+// template with clones is refused (their data hangs from it). A missing
+// image is not an error.
+func (d *Driver) Delete(ctx context.Context, obj drivers.DataObject) error {
+	name, err := d.Locate(obj)
+	if err != nil {
+		return err
+	}
+	return d.withPool(ctx, obj.Store, func(_ *cluster, io *rados.IOContext) error {
+		img, err := cephrbd.OpenImage(io, name, cephrbd.NoSnapshot)
+		if errno(err) == syscall.ENOENT {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("image %s: %w", name, classify(err))
+		}
+		snaps, err := img.GetSnapshotNames()
+		if err != nil {
+			img.Close()
+			return fmt.Errorf("image %s: snapshots: %w", name, classify(err))
+		}
+		for _, s := range snaps {
+			snap := img.GetSnapshot(s.Name)
+			if prot, _ := snap.IsProtected(); prot {
+				if err := snap.Unprotect(); err != nil {
+					img.Close()
+					if errno(err) == syscall.EBUSY {
+						return fmt.Errorf("image %s has clones hanging from snapshot %s: delete them first: %w", name, s.Name, errdefs.ErrFailedPrecondition)
+					}
+					return fmt.Errorf("image %s: unprotect %s: %w", name, s.Name, classify(err))
+				}
+			}
+			if err := snap.Remove(); err != nil {
+				img.Close()
+				return fmt.Errorf("image %s: remove snapshot %s: %w", name, s.Name, classify(err))
+			}
+		}
+		if err := img.Close(); err != nil {
+			return fmt.Errorf("image %s: %w", name, classify(err))
+		}
+		if err := cephrbd.RemoveImage(io, name); err != nil && errno(err) != syscall.ENOENT {
+			return fmt.Errorf("remove image %s: %w", name, classify(err))
+		}
+		return nil
+	})
+}
+
+// GrantAccess implements drivers.Driver. Attach: qemu's rbd driver opens
+// rbd:POOL/IMAGE as the store's cephx user, with the monitors of the
+// store's URL; the host needs that user's keyring in
+// /etc/ceph/ceph.client.USER.keyring (the key never travels in a grant).
+// Reading or writing an image's bytes from an agent is not done yet.
+func (d *Driver) GrantAccess(ctx context.Context, obj drivers.DataObject, client drivers.Client) (drivers.Access, error) {
+	name, err := d.Locate(obj)
+	if err != nil {
+		return drivers.Access{}, err
+	}
+	if client.Purpose != drivers.PurposeAttach {
+		return drivers.Access{}, fmt.Errorf("an rbd image is opened by hypervisors only so far (rbd:), not read or written by agents (%s): %w",
+			client.Purpose, errdefs.ErrFailedPrecondition)
+	}
+	loc, err := parseLocation(obj.Store.URL, obj.Store.Details)
+	if err != nil {
+		return drivers.Access{}, err
+	}
+	if _, err := d.Stat(ctx, obj); err != nil {
+		return drivers.Access{}, err
+	}
+	mons := strings.ReplaceAll(strings.ReplaceAll(loc.monHost, ":", `\:`), ",", ";")
+	return drivers.Access{URI: drivers.URI(fmt.Sprintf("rbd:%s/%s:id=%s:mon_host=%s", loc.pool, name, loc.user, mons)), Format: drivers.FormatRaw}, nil
+}
+
+// RevokeAccess implements drivers.Driver: an rbd: grant holds nothing.
+func (d *Driver) RevokeAccess(ctx context.Context, obj drivers.DataObject, client drivers.Client, access drivers.Access) error {
+	return nil
+}
+
+// CanCopy implements drivers.Driver: no native copy yet (a volume from a
+// template in the pool is a Clone).
+func (d *Driver) CanCopy(src, dst drivers.DataObject) bool { return false }
+
+// Copy implements drivers.Driver.
+func (d *Driver) Copy(ctx context.Context, src, dst drivers.DataObject, progress drivers.Progress) (drivers.ObjectInfo, error) {
+	return drivers.ObjectInfo{}, fmt.Errorf("rbd: no native copy: %w", errdefs.ErrNotImplemented)
+}
+
+// Resize implements drivers.Resizer: an image only grows.
+func (d *Driver) Resize(ctx context.Context, obj drivers.DataObject, newSize int64) (drivers.ObjectInfo, error) {
+	name, err := d.Locate(obj)
+	if err != nil {
+		return drivers.ObjectInfo{}, err
+	}
+	var info drivers.ObjectInfo
+	err = d.withPool(ctx, obj.Store, func(_ *cluster, io *rados.IOContext) error {
+		img, err := cephrbd.OpenImage(io, name, cephrbd.NoSnapshot)
+		if err != nil {
+			return fmt.Errorf("image %s: %w", name, classify(err))
+		}
+		size, err := img.GetSize()
+		if err == nil && int64(size) > newSize {
+			err = fmt.Errorf("image %s is %d bytes: shrinking to %d would lose data: %w", name, size, newSize, errdefs.ErrInvalid)
+		} else if err == nil && int64(size) < newSize {
+			err = img.Resize(uint64(newSize))
+			if err != nil {
+				err = fmt.Errorf("resize image %s: %w", name, classify(err))
+			}
+		}
+		if cerr := img.Close(); err == nil && cerr != nil {
+			err = classify(cerr)
+		}
+		if err != nil {
+			return err
+		}
+		info, err = stat(io, obj, name)
+		return err
+	})
+	return info, err
+}
+
+// TakeSnapshot implements drivers.PrimaryDriver: an RBD snapshot of the
+// volume's image (taking it again is a no-op).
+func (d *Driver) TakeSnapshot(ctx context.Context, snap drivers.SnapshotObject) (drivers.ObjectInfo, error) {
+	vol, err := d.Locate(snap.Volume)
+	if err != nil {
+		return drivers.ObjectInfo{}, err
+	}
+	sname, _ := d.Locate(snap.DataObject)
+	var info drivers.ObjectInfo
+	err = d.withPool(ctx, snap.Volume.Store, func(_ *cluster, io *rados.IOContext) error {
+		img, err := cephrbd.OpenImage(io, vol, cephrbd.NoSnapshot)
+		if err != nil {
+			return fmt.Errorf("image %s: %w", vol, classify(err))
+		}
+		defer img.Close()
+		if _, err := img.CreateSnapshot(sname); err != nil && errno(err) != syscall.EEXIST {
+			return fmt.Errorf("snapshot %s@%s: %w", vol, sname, classify(err))
+		}
+		size, err := img.GetSize()
+		if err != nil {
+			return classify(err)
+		}
+		info = drivers.ObjectInfo{ID: snap.ID, Type: drivers.ObjectSnapshot, Key: vol + "@" + sname, Format: drivers.FormatRaw,
+			Size: int64(size), StoredSize: int64(size), Method: "rbd-snapshot"}
+		return nil
+	})
+	return info, err
+}
+
+// RevertSnapshot implements drivers.PrimaryDriver: rollback of the image
+// to the snapshot.
+func (d *Driver) RevertSnapshot(ctx context.Context, snap drivers.SnapshotObject) error {
+	vol, err := d.Locate(snap.Volume)
+	if err != nil {
+		return err
+	}
+	sname, _ := d.Locate(snap.DataObject)
+	return d.withPool(ctx, snap.Volume.Store, func(_ *cluster, io *rados.IOContext) error {
+		img, err := cephrbd.OpenImage(io, vol, cephrbd.NoSnapshot)
+		if err != nil {
+			return fmt.Errorf("image %s: %w", vol, classify(err))
+		}
+		defer img.Close()
+		if err := img.GetSnapshot(sname).Rollback(); err != nil {
+			return fmt.Errorf("roll %s back to %s: %w", vol, sname, classify(err))
+		}
+		return nil
+	})
+}
+
+// Clone implements drivers.Cloner: the volume is an RBD clone of the
+// template's protected base snapshot (made the first time), O(1), no
+// byte copied; CloneFull flattens it (the cluster copies the parent's
+// data into it). A template in a host's mount cannot be cloned here.
+func (d *Driver) Clone(ctx context.Context, spec drivers.CloneSpec, progress drivers.Progress) (drivers.ObjectInfo, error) {
+	if spec.BaseInMount {
+		return drivers.ObjectInfo{}, fmt.Errorf("rbd: a lazy volume over a host's template mount is not an rbd image: %w", errdefs.ErrNotImplemented)
+	}
+	if err := checkRaw(spec.Dst); err != nil {
+		return drivers.ObjectInfo{}, err
+	}
+	base, err := d.Locate(spec.Base)
+	if err != nil {
+		return drivers.ObjectInfo{}, err
+	}
+	dst, err := d.Locate(spec.Dst)
+	if err != nil {
+		return drivers.ObjectInfo{}, err
+	}
+	var info drivers.ObjectInfo
+	err = d.withPool(ctx, spec.Dst.Store, func(_ *cluster, io *rados.IOContext) error {
+		if err := protectBase(io, base); err != nil {
+			return err
+		}
+		opts := cephrbd.NewRbdImageOptions()
+		defer opts.Destroy()
+		if err := opts.SetUint64(cephrbd.ImageOptionFeatures, cephrbd.FeatureLayering); err != nil {
+			return classify(err)
+		}
+		if err := cephrbd.CloneImage(io, base, baseSnapshot, io, dst, opts); err != nil && errno(err) != syscall.EEXIST {
+			return fmt.Errorf("clone %s@%s to %s: %w", base, baseSnapshot, dst, classify(err))
+		}
+		img, err := cephrbd.OpenImage(io, dst, cephrbd.NoSnapshot)
+		if err != nil {
+			return fmt.Errorf("image %s: %w", dst, classify(err))
+		}
+		method := "rbd-clone"
+		if spec.Dst.Size > 0 {
+			if size, err := img.GetSize(); err == nil && int64(size) < spec.Dst.Size {
+				if err := img.Resize(uint64(spec.Dst.Size)); err != nil {
+					img.Close()
+					return fmt.Errorf("grow clone %s: %w", dst, classify(err))
+				}
+			}
+		}
+		if spec.Mode == drivers.CloneFull {
+			method = "rbd-clone-flatten"
+			if err := img.Flatten(); err != nil {
+				img.Close()
+				return fmt.Errorf("flatten %s: %w", dst, classify(err))
+			}
+		}
+		if err := img.Close(); err != nil {
+			return classify(err)
+		}
+		info, err = stat(io, spec.Dst, dst)
+		info.Method = method
+		return err
+	})
+	return info, err
+}
+
+// protectBase makes the base snapshot of image base, protected, once.
+func protectBase(io *rados.IOContext, base string) error {
+	img, err := cephrbd.OpenImage(io, base, cephrbd.NoSnapshot)
+	if err != nil {
+		return fmt.Errorf("template image %s: %w", base, classify(err))
+	}
+	defer img.Close()
+	snap := img.GetSnapshot(baseSnapshot)
+	if _, err := img.CreateSnapshot(baseSnapshot); err != nil && errno(err) != syscall.EEXIST {
+		return fmt.Errorf("snapshot %s@%s: %w", base, baseSnapshot, classify(err))
+	}
+	prot, err := snap.IsProtected()
+	if err != nil {
+		return fmt.Errorf("snapshot %s@%s: %w", base, baseSnapshot, classify(err))
+	}
+	if !prot {
+		if err := snap.Protect(); err != nil && errno(err) != syscall.EBUSY {
+			return fmt.Errorf("protect %s@%s: %w", base, baseSnapshot, classify(err))
+		}
+	}
+	return nil
+}
+
