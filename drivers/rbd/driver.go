@@ -435,4 +435,3 @@ func protectBase(io *rados.IOContext, base string) error {
 	}
 	return nil
 }
-

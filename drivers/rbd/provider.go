@@ -39,8 +39,8 @@ func New(hosts hostops.Selector) *Provider {
 	return &Provider{lc: &LifeCycle{hosts: hosts, drv: d}, drv: d}
 }
 
-func (p *Provider) Name() string                { return Name }
-func (p *Provider) Roles() []drivers.Role       { return []drivers.Role{drivers.RolePrimary} }
+func (p *Provider) Name() string                 { return Name }
+func (p *Provider) Roles() []drivers.Role        { return []drivers.Role{drivers.RolePrimary} }
 func (p *Provider) LifeCycle() drivers.LifeCycle { return p.lc }
 func (p *Provider) Driver() drivers.Driver       { return p.drv }
 
