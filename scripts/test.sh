@@ -89,6 +89,9 @@ mkdir -p "$STOWAGE_TEST_ARTIFACTS"
 go test -race -count=1 -timeout 20m "$@" ./...
 # drivers/rbd against a one-node cluster it starts (deploy/ceph/bootstrap.sh).
 go test -race -count=1 -timeout 5m -tags "$CEPH_TAGS" "$@" ./drivers/rbd/...
+# An rbd store through a controller built with the provider (the test
+# binary builds stowage with the same tags).
+go test -race -count=1 -timeout 10m -tags "$CEPH_TAGS" -run 'TestRBD' "$@" ./cmd/stowage
 if [ -s "$STOWAGE_TEST_REPORT" ]; then
   echo "== measured by the tests" >&2
   cat "$STOWAGE_TEST_REPORT" >&2

@@ -33,6 +33,11 @@ import (
 
 var stowageBin string
 
+// buildTags are the build tags the stowage binary gets besides
+// failpoints: those of optional providers this test binary was built
+// with (rbd_e2e_test.go).
+var buildTags []string
+
 func TestMain(m *testing.M) {
 	dir, err := os.MkdirTemp("", "stowage-bin-")
 	if err != nil {
@@ -46,7 +51,7 @@ func TestMain(m *testing.M) {
 	// nothing otherwise), and the race detector when this test binary has
 	// it: a data race in the controller, an agent or a CLI run then shows
 	// up in its log (checked by startProc and cli).
-	args := []string{"build", "-tags", "failpoints", "-o", stowageBin}
+	args := []string{"build", "-tags", strings.Join(append([]string{"failpoints"}, buildTags...), ","), "-o", stowageBin}
 	if raceEnabled {
 		args = append(args, "-race")
 		// A race-built process sleeps a second at a normal exit

@@ -67,6 +67,7 @@ func scopeString(s *stowagev1.Scope) string {
 func newStoreAddCmd() *cobra.Command {
 	var name, role, provider, url, scope string
 	var tags []string
+	var details map[string]string
 	var th thresholdFlags
 	cmd := &cobra.Command{
 		Use:   "add --name N --role primary|image --provider filesystem --url file:///path [--scope zone/cluster/host]",
@@ -92,7 +93,7 @@ func newStoreAddCmd() *cobra.Command {
 				return err
 			}
 			resp, err := c.stores.AddStore(cmd.Context(), connect.NewRequest(&stowagev1.AddStoreRequest{
-				Name: name, Role: r, Provider: provider, Url: url, Scope: sc, Tags: tags,
+				Name: name, Role: r, Provider: provider, Url: url, Scope: sc, Tags: tags, Details: details,
 				CapacityDisableThreshold: th.disable(cmd), CapacityNotifyThreshold: th.notify(cmd),
 			}))
 			if err != nil {
@@ -108,6 +109,7 @@ func newStoreAddCmd() *cobra.Command {
 	f.StringVar(&url, "url", "", "where the store is, e.g. file:///srv/stowage/primary1")
 	f.StringVar(&scope, "scope", "default", "zone, zone/cluster or zone/cluster/host-id")
 	f.StringSliceVar(&tags, "tag", nil, "storage tag (repeatable, or comma-separated): volumes asking for tags land only on stores carrying all of them")
+	f.StringToStringVar(&details, "details", nil, "provider details, k=v[,k=v...] (s3: endpoint, region, credentials_file; iscsi: target_host, backing_dir; rbd: keyring)")
 	th.register(cmd, "")
 	_ = cmd.MarkFlagRequired("name")
 	_ = cmd.MarkFlagRequired("role")
