@@ -12,8 +12,10 @@ import (
 	"fmt"
 	"io"
 	"strings"
+	"time"
 
 	"connectrpc.com/connect"
+	"github.com/google/uuid"
 	"github.com/spf13/cobra"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
@@ -26,6 +28,8 @@ type jobFlags struct {
 	dryRun bool
 	wait   bool
 	key    string
+	// idempotent: the request takes an idempotency key (--idempotency-key).
+	idempotent bool
 }
 
 // register adds --dry-run and --wait, and --idempotency-key when the request
@@ -35,7 +39,36 @@ func (f *jobFlags) register(cmd *cobra.Command, idempotent bool) {
 	fl.BoolVar(&f.dryRun, "dry-run", false, "print what the controller would do (the plan) and change nothing")
 	fl.BoolVar(&f.wait, "wait", false, "follow the job to its end, then print the result")
 	if idempotent {
-		fl.StringVar(&f.key, "idempotency-key", "", "a key that makes a retried request return the first one's job")
+		f.idempotent = true
+		fl.StringVar(&f.key, "idempotency-key", "", "a key that makes a retried request return the first one's job (default: one of this run's own)")
+	}
+}
+
+// retryWindow is how long a job-starting call whose outcome is unknown
+// (its controller went away before replying: a leader killed mid-request)
+// is sent again, with the same idempotency key, to whichever controller
+// answers: the first one's job comes back if it was recorded.
+const retryWindow = 30 * time.Second
+
+// startJob calls call; when the request takes an idempotency key, it gets
+// one of this run's own (unless given or a dry run), and a call whose
+// outcome is unknown is sent again with it until retryWindow passes.
+func startJob(ctx context.Context, c *clients, f *jobFlags, call func(context.Context, *clients) (jobResponse, error)) (jobResponse, error) {
+	if f.idempotent && f.key == "" && !f.dryRun {
+		f.key = "cli-" + uuid.NewString()
+	}
+	deadline := time.Now().Add(retryWindow)
+	for pause := 250 * time.Millisecond; ; pause = min(2*pause, 2*time.Second) {
+		resp, err := call(ctx, c)
+		code := connect.CodeOf(err)
+		if err == nil || f.key == "" || (code != connect.CodeUnavailable && code != connect.CodeUnknown) || time.Now().After(deadline) {
+			return resp, err
+		}
+		select {
+		case <-ctx.Done():
+			return nil, err
+		case <-time.After(pause):
+		}
 	}
 }
 
@@ -83,7 +116,7 @@ func jobCmd(use, short string, v view, idempotent bool, call func(ctx context.Co
 func runJob(cmd *cobra.Command, f *jobFlags, v view, id string, call func(context.Context, *clients) (jobResponse, error)) error {
 	return withClients(cmd, func(c *clients, asJSON bool) error {
 		ctx, out := cmd.Context(), cmd.OutOrStdout()
-		resp, err := call(ctx, c)
+		resp, err := startJob(ctx, c, f, call)
 		if u := (usageError{}); errors.As(err, &u) {
 			return err
 		}
