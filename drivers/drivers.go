@@ -434,6 +434,15 @@ type VolumeFormats interface {
 	VolumeFormats() []Format
 }
 
+// ObjectFormats is implemented by a driver whose stores hold every object,
+// cached templates included, in some formats only (an RBD image is raw):
+// a template copied onto such a store is converted to the first of them
+// (VolumeFormats alone leaves a cached template in its own format, as a
+// LUN holds a qcow2 template's bytes).
+type ObjectFormats interface {
+	ObjectFormats() []Format
+}
+
 // HostRooted is implemented by a Provider whose stores are directories
 // hosts see: HostRoot tells the agent of host hostID the directory of a
 // store it should serve ("" for none), in its assignment at registration

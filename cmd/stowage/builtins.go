@@ -26,7 +26,7 @@ func builtinProviders(hosts hostops.Selector, fetch, peer *http.Client, chapKey 
 	reg.Register(filesystem.New(hosts))
 	reg.Register(s3.New(hosts, s3.WithFetchClient(fetch), s3.WithPeerClient(peer)))
 	reg.Register(iscsi.New(hosts, iscsi.WithCHAPKey(chapKey)))
-	for _, p := range optionalProviders(hosts) {
+	for _, p := range optionalProviders(hosts, fetch, peer) {
 		reg.Register(p)
 	}
 	return reg

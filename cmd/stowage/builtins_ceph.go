@@ -3,6 +3,8 @@
 package main
 
 import (
+	"net/http"
+
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/drivers/rbd"
 	"github.com/stowage/stowage/hostops"
@@ -10,6 +12,6 @@ import (
 
 // optionalProviders are the providers built only with their tags: the
 // Ceph RBD provider (librbd through cgo; -tags ceph,pacific on Debian 12).
-func optionalProviders(hosts hostops.Selector) []drivers.Provider {
-	return []drivers.Provider{rbd.New(hosts)}
+func optionalProviders(hosts hostops.Selector, fetch, peer *http.Client) []drivers.Provider {
+	return []drivers.Provider{rbd.New(hosts, rbd.WithFetchClient(fetch), rbd.WithPeerClient(peer))}
 }

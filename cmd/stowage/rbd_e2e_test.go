@@ -3,6 +3,8 @@
 package main
 
 import (
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -59,7 +61,7 @@ func TestRBDStoreEndToEnd(t *testing.T) {
 	}
 	url := "rbd://stowage?mon_host=" + mon + "&id=stowage-e2e"
 
-	_, server, _ := oneHost(t, nil, nil)
+	hostRoot, server, _ := oneHost(t, nil, nil)
 	bad := filepath.Join(t.TempDir(), "wrong.keyring")
 	if err := os.WriteFile(bad, []byte("[client.stowage-e2e]\n\tkey = AQDKcFNnAAAAABAAS2V5S2V5S2V5S2V5S2V5S2V5Sw==\n"), 0o600); err != nil {
 		t.Fatal(err)
@@ -138,6 +140,64 @@ func TestRBDStoreEndToEnd(t *testing.T) {
 	if got := sh("qemu-io", "-f", "raw", "-c", "read -P 0x5a 0 1M", drive); strings.Contains(got, "Pattern verification failed") {
 		t.Errorf("after the revert the volume does not read the snapshot's data:\n%s", got)
 	}
+	// A template: imported into the pool once (another store's host makes
+	// a raw staging copy and exports it; the controller writes it through
+	// librbd, zero blocks skipped), then each volume from it is an RBD
+	// clone of it: no byte of its own, its parent named, the template's
+	// content read back through rbd: by qemu-img compare.
+	raw := filepath.Join(t.TempDir(), "t.raw")
+	sh("qemu-img", "create", "-q", "-f", "raw", raw, "32M")
+	sh("qemu-io", "-f", "raw", "-c", "write -P 0x3c 0 3M", "-c", "write -P 0x7e 20M 1M", raw)
+	qcow := filepath.Join(filepath.Dir(raw), "t.qcow2") // the template is qcow2; the pool holds raw
+	sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, qcow)
+	webDir := filepath.Dir(raw)
+	web := httptest.NewServer(http.FileServer(http.Dir(webDir)))
+	defer web.Close()
+	if _, errOut, code := cli(t, server, "store", "add", "--name", "img", "--role", "image", "--url", "file://"+filepath.Join(hostRoot, "img"), "--scope", "z1"); code != 0 {
+		t.Fatalf("image store: %s", errOut)
+	}
+	if _, errOut, code := cli(t, server, "template", "register", "--name", "t", "--format", "qcow2", "--url", web.URL+"/t.qcow2",
+		"--checksum", "sha256:"+sha256File(t, qcow), "--wait"); code != 0 {
+		t.Fatalf("template register: exit %d %s", code, errOut)
+	}
+	var clones []string
+	for _, name := range []string{"c1", "c2"} {
+		if _, errOut, code := cli(t, server, "volume", "create", "--name", name, "--template", "t", "--store", "ceph1", "--wait"); code != 0 {
+			t.Fatalf("volume %s from the template: exit %d %s", name, code, errOut)
+		}
+		var g struct {
+			Volume struct {
+				InstallPath   string `json:"installPath"`
+				InstallMethod string `json:"installMethod"`
+			} `json:"volume"`
+		}
+		cliJSON(t, server, &g, "volume", "get", name)
+		img := "stowage/" + g.Volume.InstallPath
+		clones = append(clones, img)
+		if info := sh("rbd", "info", img); !strings.Contains(info, "parent: stowage/template-") || !strings.Contains(info, "@stowage-base") {
+			t.Errorf("volume %s (%s, method %s) is not a clone of the template image:\n%s", name, img, g.Volume.InstallMethod, info)
+		}
+		// rbd du counts an image's own objects (not its parent's).
+		if du := sh("rbd", "du", img); !strings.HasSuffix(strings.TrimSpace(du), " 0 B") {
+			t.Errorf("volume %s has bytes of its own right after its clone (none were to be copied):\n%s", name, du)
+		}
+		if out := sh("qemu-img", "compare", "-f", "raw", "-F", "raw", raw, "rbd:"+img+":id=stowage-e2e:keyring="+keyring); !strings.Contains(out, "Images are identical") {
+			t.Errorf("volume %s differs from the template:\n%s", name, out)
+		}
+	}
+	var tmplImages []string
+	for _, l := range strings.Split(sh("rbd", "ls", "stowage"), "\n") {
+		if strings.HasPrefix(l, "template-") {
+			tmplImages = append(tmplImages, l)
+		}
+	}
+	if len(tmplImages) != 1 {
+		t.Errorf("template images in the pool: %v, want one", tmplImages)
+	} else if d := sh("rbd", "diff", "stowage/"+tmplImages[0]); strings.Count(d, "data") == 0 || strings.Contains(d, "12582912") {
+		t.Errorf("the template image is not thin (4 MiB objects, 4 MiB of data written):\n%s", d)
+	}
+	t.Logf("two volumes cloned from one imported template: %v", clones)
+
 	if _, errOut, code := cli(t, server, "volume", "delete", vol.ID, "--wait"); code != 0 {
 		t.Fatalf("volume delete: exit %d %s", code, errOut)
 	}

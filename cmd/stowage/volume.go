@@ -42,7 +42,7 @@ func newVolumeCreateCmd() *cobra.Command {
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			req := &stowagev1.CreateVolumeRequest{Name: name, StoreId: store, TemplateId: template, SnapshotId: snapshot, Zone: zone, Tags: tags}
 			var err error
-			if req.Strategy, err = oneOf("--strategy", strategy, "auto", "reflink", "linked", "lazy", "full"); err != nil {
+			if req.Strategy, err = oneOf("--strategy", strategy, "auto", "clone", "reflink", "linked", "lazy", "full"); err != nil {
 				return err
 			}
 			if req.Format, err = parseFormat(format, "raw", "qcow2"); err != nil {
@@ -72,7 +72,7 @@ func newVolumeCreateCmd() *cobra.Command {
 	fl.StringVar(&store, "store", "", "primary store id or name (default: the controller picks)")
 	fl.StringVar(&template, "template", "", "template id or name to create the volume from")
 	fl.StringVar(&snapshot, "snapshot", "", "snapshot id to create the volume from")
-	fl.StringVar(&strategy, "strategy", "auto", "how to make a volume from a template: auto, reflink, linked, lazy (a qcow2 overlay on the template in the host's FUSE template mount, usable at once) or full")
+	fl.StringVar(&strategy, "strategy", "auto", "how to make a volume from a template: auto, clone (the store's own copy-on-write clone: rbd), reflink, linked, lazy (a qcow2 overlay on the template in the host's FUSE template mount, usable at once) or full")
 	fl.StringVar(&zone, "zone", "", "zone to place the volume in")
 	fl.StringSliceVar(&tags, "tag", nil, "storage tag (repeatable, or comma-separated): only a store carrying all of them qualifies")
 	f.register(cmd, true)

@@ -46,6 +46,9 @@ type InstallRequest struct {
 	VolumeFormat drivers.Format
 	// StoreReflink says the primary store's filesystem can clone extents.
 	StoreReflink bool
+	// StoreClones says the primary store's driver clones an image
+	// natively, copy-on-write (an RBD clone): store detail clone=native.
+	StoreClones bool
 	// Grow says the volume is larger than the template.
 	Grow bool
 	// Mounted says an Up host reaching the primary store shows the
@@ -66,7 +69,29 @@ type InstallStrategy interface {
 // InstallStrategies are the built-in strategies, best first on a tie.
 // Lazy ties with linked on priority and comes after it: it is chosen when
 // asked for (--strategy lazy), or when linked cannot handle the request.
-var InstallStrategies = []InstallStrategy{reflinkInstall{}, linkedInstall{}, lazyInstall{}, fullInstall{}}
+var InstallStrategies = []InstallStrategy{cloneInstall{}, reflinkInstall{}, linkedInstall{}, lazyInstall{}, fullInstall{}}
+
+// cloneInstall is the store's own copy-on-write clone of the template
+// cached on it (an RBD clone of its protected snapshot): O(1), the volume
+// in the store's format, kept referencing the cached template (a linked
+// clone as far as the records go).
+type cloneInstall struct{}
+
+func (cloneInstall) Name() string            { return "clone" }
+func (cloneInstall) Mode() drivers.CloneMode { return drivers.CloneLinked }
+func (cloneInstall) CanHandle(r InstallRequest) (Priority, string, drivers.Format) {
+	switch {
+	case !r.StoreClones:
+		return CantHandle, "the store has no native clone", ""
+	case r.TemplateFormat == drivers.FormatISO:
+		return CantHandle, "an ISO is not a disk", ""
+	}
+	f := r.VolumeFormat
+	if f == "" {
+		f = r.TemplateFormat
+	}
+	return Highest, "O(1) copy-on-write clone by the store of the template cached on it (kept while referenced)", f
+}
 
 type reflinkInstall struct{}
 
@@ -174,7 +199,7 @@ func PickInstall(req InstallRequest, want string) (Decision, error) {
 		}
 	}
 	if !known {
-		return d, fmt.Errorf("strategy %q: want auto, reflink, linked, lazy or full: %w", want, errdefs.ErrInvalid)
+		return d, fmt.Errorf("strategy %q: want auto, clone, reflink, linked, lazy or full: %w", want, errdefs.ErrInvalid)
 	}
 	if d.Strategy == nil {
 		return d, fmt.Errorf("no install strategy can make this volume: %v: %w", d.Reasons, errdefs.ErrInvalid)

@@ -203,7 +203,7 @@ func (p *planner) fromTemplate(ctx context.Context, req *stowagev1.CreateVolumeR
 	need := p.s.mountNeed(tmpl.GetId(), datastore.Scope(imgStore).Zone)
 	_, mountErr := p.s.sel.SelectWhere(ctx, "", need, datastore.Scope(st))
 	d, err := motion.PickInstall(motion.InstallRequest{
-		TemplateFormat: tfmt, VolumeFormat: want, StoreReflink: st.GetDetails()["reflink"] == "true",
+		TemplateFormat: tfmt, VolumeFormat: want, StoreReflink: st.GetDetails()["reflink"] == "true", StoreClones: st.GetDetails()["clone"] == "native",
 		Grow: req.GetSize() > tmpl.GetVirtualSize(), Mounted: mountErr == nil,
 	}, req.GetStrategy())
 	if mountErr != nil && req.GetStrategy() == image.LazyMethod {

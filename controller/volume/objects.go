@@ -3,6 +3,7 @@ package volume
 import (
 	"context"
 	"fmt"
+	"slices"
 
 	"github.com/stowage/stowage/controller/datastore"
 	"github.com/stowage/stowage/controller/image"
@@ -37,6 +38,13 @@ func (s *Service) TemplateObject(ctx context.Context, st *stowagev1.DataStore, r
 	size := ref.GetSize()
 	if size == 0 {
 		size = t.GetVirtualSize()
+	}
+	// A store that holds its objects in some formats only keeps its copy
+	// of the template in the first of them (drivers.ObjectFormats).
+	if d, err := s.stores.Driver(st); err == nil {
+		if of, ok := d.(drivers.ObjectFormats); ok && len(of.ObjectFormats()) > 0 && !slices.Contains(of.ObjectFormats(), f) {
+			f = of.ObjectFormats()[0]
+		}
 	}
 	return datastore.Object(st, drivers.ObjectTemplate, ref.GetTemplateId(), f, size, ref.GetInstallPath()), nil
 }

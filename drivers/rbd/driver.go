@@ -5,6 +5,7 @@ package rbd
 import (
 	"context"
 	"fmt"
+	"net/http"
 	"strings"
 	"syscall"
 
@@ -22,6 +23,10 @@ const baseSnapshot = "stowage-base"
 // Driver is the RBD driver: every object is an image of the store's pool.
 type Driver struct {
 	conns *connections
+	// fetch reads operators' URLs (the address policy), peer the URLs
+	// Stowage made (agents' exports, which answer the controller's
+	// certificate): Import.
+	fetch, peer *http.Client
 }
 
 var (
@@ -29,6 +34,7 @@ var (
 	_ drivers.Resizer       = (*Driver)(nil)
 	_ drivers.Cloner        = (*Driver)(nil)
 	_ drivers.VolumeFormats = (*Driver)(nil)
+	_ drivers.ObjectFormats = (*Driver)(nil)
 )
 
 // withPool runs fn with an I/O context on store's pool. librados calls
@@ -59,6 +65,10 @@ func (d *Driver) withPool(ctx context.Context, store drivers.StoreInfo, fn func(
 
 // VolumeFormats implements drivers.VolumeFormats: an image is raw.
 func (d *Driver) VolumeFormats() []drivers.Format { return []drivers.Format{drivers.FormatRaw} }
+
+// ObjectFormats implements drivers.ObjectFormats: a template cached in
+// the pool is a raw image too (the data motion converts it).
+func (d *Driver) ObjectFormats() []drivers.Format { return []drivers.Format{drivers.FormatRaw} }
 
 // Locate implements drivers.Driver: "<type>-<id>", a snapshot's name for
 // a snapshot.

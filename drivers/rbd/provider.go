@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/http"
 	"strings"
 
 	"github.com/ceph/go-ceph/rados"
@@ -32,10 +33,26 @@ type Provider struct {
 
 var _ drivers.Provider = (*Provider)(nil)
 
+// Option configures the provider.
+type Option func(*Driver)
+
+// WithFetchClient sets the HTTP client Import reads operators' URLs with
+// (one whose dialer refuses addresses a template URL may not reach);
+// default http.DefaultClient.
+func WithFetchClient(c *http.Client) Option { return func(d *Driver) { d.fetch = c } }
+
+// WithPeerClient sets the HTTP client Import reads URLs Stowage made with
+// (an agent's staging export, which answers the controller's certificate);
+// default http.DefaultClient.
+func WithPeerClient(c *http.Client) Option { return func(d *Driver) { d.peer = c } }
+
 // New returns the provider; hosts are the agents, of which the hosts in a
 // store's scope attach it (they open its volumes with qemu's rbd driver).
-func New(hosts hostops.Selector) *Provider {
-	d := &Driver{conns: &connections{}}
+func New(hosts hostops.Selector, opts ...Option) *Provider {
+	d := &Driver{conns: &connections{}, fetch: http.DefaultClient, peer: http.DefaultClient}
+	for _, o := range opts {
+		o(d)
+	}
 	return &Provider{lc: &LifeCycle{hosts: hosts, drv: d}, drv: d}
 }
 
@@ -63,7 +80,7 @@ func (l *LifeCycle) Initialize(ctx context.Context, spec drivers.StoreSpec) (dri
 		return drivers.StoreInfo{}, err
 	}
 	info := drivers.StoreInfo{ID: spec.ID, Name: spec.Name, Role: spec.Role, Provider: Name, URL: spec.URL, Scope: spec.Scope,
-		Details: map[string]string{"pool": loc.pool, "keyring": loc.keyring}}
+		Details: map[string]string{"pool": loc.pool, "keyring": loc.keyring, "clone": "native"}}
 	err = l.drv.withPool(ctx, info, func(cl *cluster, io *rados.IOContext) error {
 		owner, err := readMarker(io)
 		switch {
