@@ -34,6 +34,7 @@ func (a *Agent) capabilities(ctx context.Context) *stowagev1.HostCapabilities {
 		IscsiInitiator:  staticCaps.IscsiInitiator && a.host.connector != nil,
 		IscsiUserspace:  staticCaps.IscsiUserspace && a.host.lunIO != nil,
 		IscsiTarget:     a.host.luns != nil,
+		RbdExport:       staticCaps.RbdExport && a.cfg.NBDListen != "",
 		Kernel:          staticCaps.Kernel,
 		AgentVersion:    a.cfg.Version,
 		TemplateCache:   a.cacheStatus(ctx),
@@ -87,7 +88,9 @@ func probeStatic(ctx context.Context) *stowagev1.HostCapabilities {
 	_, errTCP := os.Stat("/sys/module/iscsi_tcp")
 	_, errAdm := exec.LookPath("iscsiadm")
 	caps.IscsiInitiator = errTCP == nil && errAdm == nil
-	caps.IscsiUserspace = qemuHasISCSI(ctx)
+	formats := qemuFormats(ctx)
+	caps.IscsiUserspace = formats["iscsi"]
+	caps.RbdExport = formats["rbd"]
 	return caps
 }
 
@@ -119,20 +122,19 @@ func ReadIQN() string {
 	return ""
 }
 
-// qemuHasISCSI says whether qemu-img has its iscsi block driver (libiscsi;
-// Debian's qemu-block-extra).
-func qemuHasISCSI(ctx context.Context) bool {
+// qemuFormats are the block drivers qemu-img lists as supported, modules
+// included (iscsi: libiscsi, rbd: librbd; Debian's qemu-block-extra).
+func qemuFormats(ctx context.Context) map[string]bool {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	out, err := exec.CommandContext(ctx, "qemu-img", "--help").Output()
 	if err != nil {
-		return false
+		return nil
 	}
 	_, formats, _ := strings.Cut(string(out), "Supported formats:")
+	have := map[string]bool{}
 	for _, f := range strings.Fields(formats) {
-		if f == "iscsi" {
-			return true
-		}
+		have[f] = true
 	}
-	return false
+	return have
 }

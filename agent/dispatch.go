@@ -140,7 +140,8 @@ func Execute(ctx context.Context, host hostops.Host, task *stowagev1.Task, progr
 		return done(host.Unexport(ctx, drivers.URI(s.Unexport.GetUri())))
 	case *stowagev1.Task_ExportNbd:
 		r := s.ExportNbd
-		return uri(host.ExportNBD(ctx, hostops.NBDExportRequest{Ref: ref(r.GetRef()), Format: format(r.GetFormat()), ReadOnly: r.GetReadOnly(), TTL: ttl(r.GetTtlSeconds())}))
+		return uri(host.ExportNBD(ctx, hostops.NBDExportRequest{Ref: ref(r.GetRef()), RBD: hostops.RBDFromProto(r.GetRbd()), Format: format(r.GetFormat()),
+			ReadOnly: r.GetReadOnly(), TTL: ttl(r.GetTtlSeconds())}))
 	case *stowagev1.Task_UnexportNbd:
 		return done(host.UnexportNBD(ctx, drivers.URI(s.UnexportNbd.GetUri())))
 	case *stowagev1.Task_ListExports:
@@ -337,7 +338,9 @@ func (h *LocalHost) admit(task *stowagev1.Task) error {
 	case *stowagev1.Task_Export:
 		_, err = h.object(ref(s.Export.GetRef()))
 	case *stowagev1.Task_ExportNbd:
-		_, err = h.object(ref(s.ExportNbd.GetRef()))
+		if s.ExportNbd.GetRbd() == nil {
+			_, err = h.object(ref(s.ExportNbd.GetRef()))
+		}
 	case *stowagev1.Task_EnsureIscsiTarget:
 		err = h.storeServed(hostops.ISCSITargetFromProto(s.EnsureIscsiTarget.GetTarget()))
 	case *stowagev1.Task_DeleteIscsiTarget:

@@ -17,6 +17,7 @@ import (
 
 	"github.com/stowage/stowage/agent/exports"
 	"github.com/stowage/stowage/agent/hostfs"
+	"github.com/stowage/stowage/agent/nbdexports"
 	"github.com/stowage/stowage/datapath/chunkstore"
 	"github.com/stowage/stowage/datapath/netguard"
 	"github.com/stowage/stowage/datapath/s3conn"
@@ -674,6 +675,10 @@ func (h *LocalHost) Unexport(ctx context.Context, uri drivers.URI) error {
 
 // ExportNBD implements hostops.Exports.
 func (h *LocalHost) ExportNBD(ctx context.Context, req hostops.NBDExportRequest) (drivers.URI, error) {
+	if r := req.RBD; r != nil {
+		img := nbdexports.RBDImage{Pool: r.Pool, Image: r.Image, Snapshot: r.Snapshot, User: r.User, Key: r.Key, Mons: r.Mons}
+		return h.fs.ExportRBD(ctx, img, req.ReadOnly, expiry(req.TTL), ownerOf(ctx, req.Ref))
+	}
 	p, err := h.object(req.Ref)
 	if err != nil {
 		return "", err

@@ -15,6 +15,9 @@ const (
 	// CapISCSIKernel: the host logs in with its kernel initiator
 	// (open-iscsi, iscsi_tcp) and sees LUNs as block devices.
 	CapISCSIKernel Capability = "iscsi_initiator"
+	// CapRBDExport: the host serves Ceph RBD images over NBD (its
+	// qemu-storage-daemon has qemu's rbd block driver, librbd).
+	CapRBDExport Capability = "rbd_export"
 )
 
 // HostNeeds is implemented by a driver whose objects only hosts with some

@@ -100,7 +100,12 @@ type CollectChunksRequest struct {
 
 // NBDExportRequest asks an agent to serve an image over NBD.
 type NBDExportRequest struct {
-	Ref      Ref
+	Ref Ref
+	// RBD, when set, is a Ceph RBD image the agent serves through
+	// qemu-storage-daemon's rbd driver; Ref then only names the object
+	// the export is for (its store and key), resolved to no path, and
+	// Format is raw.
+	RBD      *RBDImage
 	Format   drivers.Format
 	ReadOnly bool
 	// TTL is how long the export lasts from when the agent makes it
@@ -158,4 +163,13 @@ type BackupInfo struct {
 	NewBytes    int64
 	ReusedBytes int64
 	ReadBytes   int64
+}
+
+// RBDImage is a Ceph RBD image, or one of its snapshots, and how to reach
+// its cluster: monitors (host:port), a cephx user and its key (base64, as
+// in a keyring; never logged).
+type RBDImage struct {
+	Pool, Image, Snapshot string
+	User, Key             string
+	Mons                  []string
 }

@@ -218,8 +218,24 @@ func (e *Remote) Unexport(ctx context.Context, uri drivers.URI) error {
 // ExportNBD implements Exports.
 func (e *Remote) ExportNBD(ctx context.Context, req NBDExportRequest) (drivers.URI, error) {
 	return e.uri(ctx, &stowagev1.Task{Step: &stowagev1.Task_ExportNbd{ExportNbd: &stowagev1.ExportNbdStep{
-		Ref: RefToProto(req.Ref), Format: FormatToProto(req.Format), ReadOnly: req.ReadOnly, TtlSeconds: TTLToProto(req.TTL),
+		Ref: RefToProto(req.Ref), Format: FormatToProto(req.Format), ReadOnly: req.ReadOnly, TtlSeconds: TTLToProto(req.TTL), Rbd: RBDToProto(req.RBD),
 	}}})
+}
+
+// RBDToProto is the wire form of an RBD image (nil: none).
+func RBDToProto(r *RBDImage) *stowagev1.RbdImage {
+	if r == nil {
+		return nil
+	}
+	return &stowagev1.RbdImage{Pool: r.Pool, Image: r.Image, Snapshot: r.Snapshot, User: r.User, Mons: r.Mons, Key: r.Key}
+}
+
+// RBDFromProto is RBDToProto's inverse.
+func RBDFromProto(p *stowagev1.RbdImage) *RBDImage {
+	if p == nil {
+		return nil
+	}
+	return &RBDImage{Pool: p.GetPool(), Image: p.GetImage(), Snapshot: p.GetSnapshot(), User: p.GetUser(), Mons: p.GetMons(), Key: p.GetKey()}
 }
 
 // UnexportNBD implements Exports.

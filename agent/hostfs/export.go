@@ -78,6 +78,9 @@ type NBDExporter interface {
 	// guest view) under a new name until expires (zero: never) for owner,
 	// and returns its nbd:// or nbds:// URI.
 	ExportFormat(path, format string, readOnly bool, expires time.Time, owner exports.Owner) (string, error)
+	// ExportRBD serves a Ceph RBD image (through qemu's rbd driver) as
+	// ExportFormat serves a file.
+	ExportRBD(img nbdexports.RBDImage, readOnly bool, expires time.Time, owner exports.Owner) (string, error)
 	// Unexport removes an export and closes its connections; an unknown one
 	// is not an error.
 	Unexport(uri string) error
@@ -153,6 +156,28 @@ func (l *Local) ExportNBD(ctx context.Context, req NBDExportRequest) (drivers.UR
 	}
 	if err != nil {
 		return fail(err)
+	}
+	return drivers.URI(u), nil
+}
+
+// ExportRBD serves a Ceph RBD image over NBD (see NBDExporter.ExportRBD):
+// no file of this host is involved; the image's name and the cluster's
+// monitors come from the controller, which the agent trusts for what it
+// asks (over mutual TLS), and the key is kept private to the agent.
+func (l *Local) ExportRBD(ctx context.Context, img nbdexports.RBDImage, readOnly bool, expires time.Time, owner exports.Owner) (drivers.URI, error) {
+	what := "rbd:" + img.Pool + "/" + img.Image
+	if l.nbd == nil {
+		return "", fmt.Errorf("nbd export %s on host %s: this agent serves no NBD exports: %w", what, l.hostID, errdefs.ErrNotImplemented)
+	}
+	if err := ctx.Err(); err != nil {
+		return "", err
+	}
+	u, err := l.nbd.ExportRBD(img, readOnly, expires, owner)
+	if err == nil {
+		err = failpoint.Hit(failpoint.ExportAfterGrant)
+	}
+	if err != nil {
+		return "", fmt.Errorf("nbd export %s on host %s: %w", what, l.hostID, err)
 	}
 	return drivers.URI(u), nil
 }

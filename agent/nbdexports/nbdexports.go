@@ -122,6 +122,9 @@ type export struct {
 	// the export's qemu-storage-daemon.
 	Format string `json:"format,omitempty"`
 	PID    int    `json:"qsd_pid,omitempty"`
+	// Since rbd exports: the image (Format FormatRBD; Path is then
+	// rbd:POOL/IMAGE[@SNAP], not a file).
+	RBD *qsd.RBD `json:"rbd,omitempty"`
 }
 
 func (e *export) expired(now time.Time) bool { return !e.Expires.IsZero() && !now.Before(e.Expires) }
@@ -205,19 +208,23 @@ func (s *Server) Load(check func(path string) error) error {
 	now := time.Now()
 	kept, changed := 0, false
 	for _, e := range st.Exports {
-		if e == nil || validName(e.Name) != nil || !filepath.IsAbs(e.Path) {
+		if e == nil || validName(e.Name) != nil || (!filepath.IsAbs(e.Path) && e.RBD == nil) {
 			s.log.Warn("nbd exports: malformed entry in the state file dropped", "state", s.state)
 			continue
 		}
 		if e.expired(now) {
 			s.log.Info("nbd exports: expired export dropped", "path", e.Path, "expired", e.Expires)
+			s.removeKey(e.Name)
 			continue
 		}
-		if fi, err := os.Lstat(e.Path); err != nil || !fi.Mode().IsRegular() {
+		if e.RBD != nil {
+			// An image of a cluster, not a file of this host: served
+			// again with the key kept beside it.
+		} else if fi, err := os.Lstat(e.Path); err != nil || !fi.Mode().IsRegular() {
 			s.log.Warn("nbd exports: export dropped: its file is gone or not a regular file", "path", e.Path, "err", err)
 			continue
 		}
-		if check != nil {
+		if check != nil && e.RBD == nil {
 			if err := check(e.Path); err != nil {
 				s.log.Warn("nbd exports: export dropped: its file may no longer be served", "path", e.Path, "err", err)
 				continue
@@ -226,6 +233,7 @@ func (s *Server) Load(check func(path string) error) error {
 		pid := e.PID
 		if err := s.serve(context.Background(), e, true); err != nil {
 			s.log.Warn("nbd exports: export dropped: cannot serve it again", "path", e.Path, "err", err)
+			s.removeKey(e.Name)
 			continue
 		}
 		s.mu.Lock()
@@ -382,24 +390,34 @@ func (s *Server) ExportFormat(path, format string, readOnly bool, expires time.T
 	default:
 		return "", fmt.Errorf("nbd export %s: format %q is neither raw nor qcow2: %w", path, format, errdefs.ErrInvalid)
 	}
+	e := &export{Name: newName(), Path: path, ReadOnly: readOnly, Expires: expires, Owner: owner, Created: time.Now(), Format: format}
+	return s.add(addr, e)
+}
+
+// newName is a new unguessable export name.
+func newName() string {
 	var b [16]byte
 	_, _ = rand.Read(b[:]) // never fails (crypto/rand)
-	name := hex.EncodeToString(b[:])
-	e := &export{Name: name, Path: path, ReadOnly: readOnly, Expires: expires, Owner: owner, Created: time.Now(), Format: format}
+	return hex.EncodeToString(b[:])
+}
+
+// add serves e, records it and returns its URI.
+func (s *Server) add(addr string, e *export) (string, error) {
 	if err := s.serve(context.Background(), e, false); err != nil {
-		return "", fmt.Errorf("nbd export %s: %w", path, err)
+		s.removeKey(e.Name)
+		return "", fmt.Errorf("nbd export %s: %w", e.Path, err)
 	}
 	s.mu.Lock()
-	s.exports[name] = e
+	s.exports[e.Name] = e
 	s.mu.Unlock()
 	if err := s.save(); err != nil {
 		s.mu.Lock()
-		delete(s.exports, name)
+		delete(s.exports, e.Name)
 		s.mu.Unlock()
-		_ = s.drop(name)
-		return "", fmt.Errorf("nbd export %s: %w", path, err)
+		_ = s.drop(e.Name)
+		return "", fmt.Errorf("nbd export %s: %w", e.Path, err)
 	}
-	return s.uri(addr, name), nil
+	return s.uri(addr, e.Name), nil
 }
 
 func (s *Server) uri(addr, name string) string {

@@ -40,7 +40,7 @@ func (s *Server) serve(ctx context.Context, e *export, load bool) error {
 	if e.Format == "" {
 		return s.srv.AddExport(e.Name, e.Path, opts)
 	}
-	if e.Format != FormatQcow2 {
+	if e.Format != FormatQcow2 && e.Format != FormatRBD {
 		return fmt.Errorf("format %q is not served: %w", e.Format, errdefs.ErrInvalid)
 	}
 	if s.runDir == "" {
@@ -49,7 +49,7 @@ func (s *Server) serve(ctx context.Context, e *export, load bool) error {
 	if err := os.MkdirAll(s.runDir, 0o700); err != nil {
 		return fmt.Errorf("qcow2 export run directory: %w", err)
 	}
-	if e.ReadOnly {
+	if e.ReadOnly && e.Format == FormatQcow2 {
 		// Read-only: Stowage's own qcow2 reader, no daemon, when it can
 		// read the image.
 		be, err := nbd.OpenQcow2Backend(e.Path)
@@ -111,11 +111,15 @@ func (s *Server) serve(ctx context.Context, e *export, load bool) error {
 
 func (s *Server) daemonOptions(e *export) qsd.Options {
 	base := filepath.Join(s.runDir, e.Name)
-	return qsd.Options{
+	o := qsd.Options{
 		File: e.Path, Format: qsd.Qcow2, Writable: !e.ReadOnly,
 		Socket: base + ".nbd", Monitor: base + ".qmp", LogFile: base + ".log",
 		Name: upstreamName, Binary: s.qsdBin,
 	}
+	if e.RBD != nil {
+		o.File, o.RBD, o.Format = "", e.RBD, qsd.Raw
+	}
+	return o
 }
 
 // drop stops serving name and stops its daemon, if it has one.
@@ -128,6 +132,7 @@ func (s *Server) drop(name string) error {
 	if d != nil {
 		err = errors.Join(err, s.stopDaemon(d))
 	}
+	s.removeKey(name)
 	return err
 }
 

@@ -17,6 +17,8 @@ func has(h *stowagev1.Host, c drivers.Capability) bool {
 		return caps.GetIscsiUserspace()
 	case drivers.CapISCSIKernel:
 		return caps.GetIscsiInitiator()
+	case drivers.CapRBDExport:
+		return caps.GetRbdExport()
 	}
 	return false
 }

@@ -69,6 +69,9 @@ var ErrExited = errors.New("qemu-storage-daemon exited")
 type Options struct {
 	// File is the image (the top of its chain).
 	File string
+	// RBD, instead of File, is a Ceph RBD image (or one of its snapshots)
+	// opened through qemu's rbd block driver (librbd); Format is Raw.
+	RBD *RBD
 	// Format is the declared format of File: Qcow2 or Raw. Required.
 	Format string
 	// Socket is the NBD unix socket path the daemon listens on.
@@ -110,8 +113,16 @@ func (o *Options) fill() error {
 	default:
 		return fmt.Errorf("qsd: format %q: want qcow2 or raw", o.Format)
 	}
-	if o.File == "" || o.Socket == "" {
-		return errors.New("qsd: file and socket are required")
+	if (o.File == "") == (o.RBD == nil) || o.Socket == "" {
+		return errors.New("qsd: a file or an rbd image, and a socket, are required")
+	}
+	if o.RBD != nil {
+		if err := o.RBD.check(); err != nil {
+			return err
+		}
+		if o.Format != Raw {
+			return fmt.Errorf("qsd: an rbd image is raw, not %s", o.Format)
+		}
 	}
 	if o.Monitor == "" {
 		o.Monitor = o.Socket + ".qmp"
@@ -142,6 +153,11 @@ func Args(o Options) ([]string, error) {
 			"filename": o.File,
 		},
 	}
+	var pre []string
+	if o.RBD != nil {
+		bdev = o.RBD.blockdev(!o.Writable)
+		pre = o.RBD.secretArgs()
+	}
 	if o.Writable {
 		bdev["discard"] = "unmap"
 		bdev["detect-zeroes"] = "unmap"
@@ -159,13 +175,13 @@ func Args(o Options) ([]string, error) {
 		exp["description"] = o.Description
 	}
 	js := func(v any) string { b, _ := json.Marshal(v); return string(b) }
-	return []string{
-		"--chardev", "socket,id=qmp,path=" + strings.ReplaceAll(o.Monitor, ",", ",,") + ",server=on,wait=off",
+	return append(pre,
+		"--chardev", "socket,id=qmp,path="+strings.ReplaceAll(o.Monitor, ",", ",,")+",server=on,wait=off",
 		"--monitor", "chardev=qmp",
 		"--blockdev", js(bdev),
 		"--nbd-server", js(srv),
 		"--export", js(exp),
-	}, nil
+	), nil
 }
 
 // Daemon is one running qemu-storage-daemon serving one export.

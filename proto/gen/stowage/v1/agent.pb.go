@@ -3548,7 +3548,10 @@ type ExportNbdStep struct {
 	ReadOnly bool                   `protobuf:"varint,3,opt,name=read_only,json=readOnly,proto3" json:"read_only,omitempty"`
 	// ttl_seconds: the export ends this long after the agent makes it
 	// (0: no expiry).
-	TtlSeconds    int64 `protobuf:"varint,4,opt,name=ttl_seconds,json=ttlSeconds,proto3" json:"ttl_seconds,omitempty"`
+	TtlSeconds int64 `protobuf:"varint,4,opt,name=ttl_seconds,json=ttlSeconds,proto3" json:"ttl_seconds,omitempty"`
+	// rbd, instead of ref, is a Ceph RBD image the agent serves through
+	// qemu-storage-daemon's rbd driver (librbd); format is then raw.
+	Rbd           *RbdImage `protobuf:"bytes,5,opt,name=rbd,proto3" json:"rbd,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3611,6 +3614,105 @@ func (x *ExportNbdStep) GetTtlSeconds() int64 {
 	return 0
 }
 
+func (x *ExportNbdStep) GetRbd() *RbdImage {
+	if x != nil {
+		return x.Rbd
+	}
+	return nil
+}
+
+// RbdImage is a Ceph RBD image, or one of its snapshots, and how to reach
+// its cluster as a cephx user. The key travels to the agent only, over
+// mutual TLS; the agent keeps it in a private file for the export's life
+// and never journals nor logs it.
+type RbdImage struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Pool  string                 `protobuf:"bytes,1,opt,name=pool,proto3" json:"pool,omitempty"`
+	Image string                 `protobuf:"bytes,2,opt,name=image,proto3" json:"image,omitempty"`
+	// snapshot, when set, is served read-only.
+	Snapshot string `protobuf:"bytes,3,opt,name=snapshot,proto3" json:"snapshot,omitempty"`
+	// user is the cephx user, without "client.".
+	User string `protobuf:"bytes,4,opt,name=user,proto3" json:"user,omitempty"`
+	// mons are the monitors' host:port (msgr v1).
+	Mons []string `protobuf:"bytes,5,rep,name=mons,proto3" json:"mons,omitempty"`
+	// key is the user's secret, base64 as in a keyring.
+	Key           string `protobuf:"bytes,6,opt,name=key,proto3" json:"key,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RbdImage) Reset() {
+	*x = RbdImage{}
+	mi := &file_stowage_v1_agent_proto_msgTypes[49]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RbdImage) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RbdImage) ProtoMessage() {}
+
+func (x *RbdImage) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_agent_proto_msgTypes[49]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RbdImage.ProtoReflect.Descriptor instead.
+func (*RbdImage) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{49}
+}
+
+func (x *RbdImage) GetPool() string {
+	if x != nil {
+		return x.Pool
+	}
+	return ""
+}
+
+func (x *RbdImage) GetImage() string {
+	if x != nil {
+		return x.Image
+	}
+	return ""
+}
+
+func (x *RbdImage) GetSnapshot() string {
+	if x != nil {
+		return x.Snapshot
+	}
+	return ""
+}
+
+func (x *RbdImage) GetUser() string {
+	if x != nil {
+		return x.User
+	}
+	return ""
+}
+
+func (x *RbdImage) GetMons() []string {
+	if x != nil {
+		return x.Mons
+	}
+	return nil
+}
+
+func (x *RbdImage) GetKey() string {
+	if x != nil {
+		return x.Key
+	}
+	return ""
+}
+
 // UnexportNbdStep removes an NBD export and closes its connections.
 type UnexportNbdStep struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -3621,7 +3723,7 @@ type UnexportNbdStep struct {
 
 func (x *UnexportNbdStep) Reset() {
 	*x = UnexportNbdStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[49]
+	mi := &file_stowage_v1_agent_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3633,7 +3735,7 @@ func (x *UnexportNbdStep) String() string {
 func (*UnexportNbdStep) ProtoMessage() {}
 
 func (x *UnexportNbdStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[49]
+	mi := &file_stowage_v1_agent_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3646,7 +3748,7 @@ func (x *UnexportNbdStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnexportNbdStep.ProtoReflect.Descriptor instead.
 func (*UnexportNbdStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{49}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *UnexportNbdStep) GetUri() string {
@@ -3670,7 +3772,7 @@ type ListExportsStep struct {
 
 func (x *ListExportsStep) Reset() {
 	*x = ListExportsStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[50]
+	mi := &file_stowage_v1_agent_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3682,7 +3784,7 @@ func (x *ListExportsStep) String() string {
 func (*ListExportsStep) ProtoMessage() {}
 
 func (x *ListExportsStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[50]
+	mi := &file_stowage_v1_agent_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3695,7 +3797,7 @@ func (x *ListExportsStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListExportsStep.ProtoReflect.Descriptor instead.
 func (*ListExportsStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{50}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *ListExportsStep) GetStoreId() string {
@@ -3718,7 +3820,7 @@ type ExportOwner struct {
 
 func (x *ExportOwner) Reset() {
 	*x = ExportOwner{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[51]
+	mi := &file_stowage_v1_agent_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3730,7 +3832,7 @@ func (x *ExportOwner) String() string {
 func (*ExportOwner) ProtoMessage() {}
 
 func (x *ExportOwner) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[51]
+	mi := &file_stowage_v1_agent_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3743,7 +3845,7 @@ func (x *ExportOwner) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExportOwner.ProtoReflect.Descriptor instead.
 func (*ExportOwner) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{51}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *ExportOwner) GetTaskId() string {
@@ -3785,7 +3887,7 @@ type ExportInfo struct {
 
 func (x *ExportInfo) Reset() {
 	*x = ExportInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[52]
+	mi := &file_stowage_v1_agent_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3797,7 +3899,7 @@ func (x *ExportInfo) String() string {
 func (*ExportInfo) ProtoMessage() {}
 
 func (x *ExportInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[52]
+	mi := &file_stowage_v1_agent_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3810,7 +3912,7 @@ func (x *ExportInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExportInfo.ProtoReflect.Descriptor instead.
 func (*ExportInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{52}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *ExportInfo) GetUri() string {
@@ -3878,7 +3980,7 @@ type ExportList struct {
 
 func (x *ExportList) Reset() {
 	*x = ExportList{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[53]
+	mi := &file_stowage_v1_agent_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3890,7 +3992,7 @@ func (x *ExportList) String() string {
 func (*ExportList) ProtoMessage() {}
 
 func (x *ExportList) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[53]
+	mi := &file_stowage_v1_agent_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3903,7 +4005,7 @@ func (x *ExportList) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExportList.ProtoReflect.Descriptor instead.
 func (*ExportList) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{53}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *ExportList) GetExports() []*ExportInfo {
@@ -3934,7 +4036,7 @@ type ImageInfo struct {
 
 func (x *ImageInfo) Reset() {
 	*x = ImageInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[54]
+	mi := &file_stowage_v1_agent_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3946,7 +4048,7 @@ func (x *ImageInfo) String() string {
 func (*ImageInfo) ProtoMessage() {}
 
 func (x *ImageInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[54]
+	mi := &file_stowage_v1_agent_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3959,7 +4061,7 @@ func (x *ImageInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImageInfo.ProtoReflect.Descriptor instead.
 func (*ImageInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{54}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *ImageInfo) GetKey() string {
@@ -4044,7 +4146,7 @@ type SnapshotInfo struct {
 
 func (x *SnapshotInfo) Reset() {
 	*x = SnapshotInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[55]
+	mi := &file_stowage_v1_agent_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4056,7 +4158,7 @@ func (x *SnapshotInfo) String() string {
 func (*SnapshotInfo) ProtoMessage() {}
 
 func (x *SnapshotInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[55]
+	mi := &file_stowage_v1_agent_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4069,7 +4171,7 @@ func (x *SnapshotInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotInfo.ProtoReflect.Descriptor instead.
 func (*SnapshotInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{55}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *SnapshotInfo) GetSnapshot() *ImageInfo {
@@ -4110,7 +4212,7 @@ type BackupInfo struct {
 
 func (x *BackupInfo) Reset() {
 	*x = BackupInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[56]
+	mi := &file_stowage_v1_agent_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4122,7 +4224,7 @@ func (x *BackupInfo) String() string {
 func (*BackupInfo) ProtoMessage() {}
 
 func (x *BackupInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[56]
+	mi := &file_stowage_v1_agent_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4135,7 +4237,7 @@ func (x *BackupInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BackupInfo.ProtoReflect.Descriptor instead.
 func (*BackupInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{56}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *BackupInfo) GetManifest() string {
@@ -4209,7 +4311,7 @@ type CollectInfo struct {
 
 func (x *CollectInfo) Reset() {
 	*x = CollectInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[57]
+	mi := &file_stowage_v1_agent_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4221,7 +4323,7 @@ func (x *CollectInfo) String() string {
 func (*CollectInfo) ProtoMessage() {}
 
 func (x *CollectInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[57]
+	mi := &file_stowage_v1_agent_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4234,7 +4336,7 @@ func (x *CollectInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CollectInfo.ProtoReflect.Descriptor instead.
 func (*CollectInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{57}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{58}
 }
 
 func (x *CollectInfo) GetManifests() int64 {
@@ -4291,7 +4393,7 @@ type FileInfo struct {
 
 func (x *FileInfo) Reset() {
 	*x = FileInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[58]
+	mi := &file_stowage_v1_agent_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4303,7 +4405,7 @@ func (x *FileInfo) String() string {
 func (*FileInfo) ProtoMessage() {}
 
 func (x *FileInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[58]
+	mi := &file_stowage_v1_agent_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4316,7 +4418,7 @@ func (x *FileInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileInfo.ProtoReflect.Descriptor instead.
 func (*FileInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{58}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{59}
 }
 
 func (x *FileInfo) GetKey() string {
@@ -4381,7 +4483,7 @@ type StoreProbe struct {
 
 func (x *StoreProbe) Reset() {
 	*x = StoreProbe{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[59]
+	mi := &file_stowage_v1_agent_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4393,7 +4495,7 @@ func (x *StoreProbe) String() string {
 func (*StoreProbe) ProtoMessage() {}
 
 func (x *StoreProbe) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[59]
+	mi := &file_stowage_v1_agent_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4406,7 +4508,7 @@ func (x *StoreProbe) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StoreProbe.ProtoReflect.Descriptor instead.
 func (*StoreProbe) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{59}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{60}
 }
 
 func (x *StoreProbe) GetCapacityBytes() int64 {
@@ -4469,7 +4571,7 @@ type TaskResult struct {
 
 func (x *TaskResult) Reset() {
 	*x = TaskResult{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[60]
+	mi := &file_stowage_v1_agent_proto_msgTypes[61]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4481,7 +4583,7 @@ func (x *TaskResult) String() string {
 func (*TaskResult) ProtoMessage() {}
 
 func (x *TaskResult) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[60]
+	mi := &file_stowage_v1_agent_proto_msgTypes[61]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4494,7 +4596,7 @@ func (x *TaskResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TaskResult.ProtoReflect.Descriptor instead.
 func (*TaskResult) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{60}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{61}
 }
 
 func (x *TaskResult) GetTaskId() string {
@@ -4725,7 +4827,7 @@ type FileList struct {
 
 func (x *FileList) Reset() {
 	*x = FileList{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[61]
+	mi := &file_stowage_v1_agent_proto_msgTypes[62]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4737,7 +4839,7 @@ func (x *FileList) String() string {
 func (*FileList) ProtoMessage() {}
 
 func (x *FileList) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[61]
+	mi := &file_stowage_v1_agent_proto_msgTypes[62]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4750,7 +4852,7 @@ func (x *FileList) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileList.ProtoReflect.Descriptor instead.
 func (*FileList) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{61}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{62}
 }
 
 func (x *FileList) GetFiles() []*FileInfo {
@@ -5011,13 +5113,21 @@ const file_stowage_v1_agent_proto_rawDesc = "" +
 	"\vttl_seconds\x18\x02 \x01(\x03R\n" +
 	"ttlSeconds\" \n" +
 	"\fUnexportStep\x12\x10\n" +
-	"\x03uri\x18\x01 \x01(\tR\x03uri\"\xa7\x01\n" +
+	"\x03uri\x18\x01 \x01(\tR\x03uri\"\xcf\x01\n" +
 	"\rExportNbdStep\x12'\n" +
 	"\x03ref\x18\x01 \x01(\v2\x15.stowage.v1.ObjectRefR\x03ref\x12/\n" +
 	"\x06format\x18\x02 \x01(\x0e2\x17.stowage.v1.ImageFormatR\x06format\x12\x1b\n" +
 	"\tread_only\x18\x03 \x01(\bR\breadOnly\x12\x1f\n" +
 	"\vttl_seconds\x18\x04 \x01(\x03R\n" +
-	"ttlSeconds\"#\n" +
+	"ttlSeconds\x12&\n" +
+	"\x03rbd\x18\x05 \x01(\v2\x14.stowage.v1.RbdImageR\x03rbd\"\x8a\x01\n" +
+	"\bRbdImage\x12\x12\n" +
+	"\x04pool\x18\x01 \x01(\tR\x04pool\x12\x14\n" +
+	"\x05image\x18\x02 \x01(\tR\x05image\x12\x1a\n" +
+	"\bsnapshot\x18\x03 \x01(\tR\bsnapshot\x12\x12\n" +
+	"\x04user\x18\x04 \x01(\tR\x04user\x12\x12\n" +
+	"\x04mons\x18\x05 \x03(\tR\x04mons\x12\x10\n" +
+	"\x03key\x18\x06 \x01(\tR\x03key\"#\n" +
 	"\x0fUnexportNbdStep\x12\x10\n" +
 	"\x03uri\x18\x01 \x01(\tR\x03uri\",\n" +
 	"\x0fListExportsStep\x12\x19\n" +
@@ -5155,7 +5265,7 @@ func file_stowage_v1_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_stowage_v1_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_stowage_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 63)
+var file_stowage_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 64)
 var file_stowage_v1_agent_proto_goTypes = []any{
 	(CloneMode)(0),                // 0: stowage.v1.CloneMode
 	(ExportKind)(0),               // 1: stowage.v1.ExportKind
@@ -5208,40 +5318,41 @@ var file_stowage_v1_agent_proto_goTypes = []any{
 	(*ExportStep)(nil),            // 48: stowage.v1.ExportStep
 	(*UnexportStep)(nil),          // 49: stowage.v1.UnexportStep
 	(*ExportNbdStep)(nil),         // 50: stowage.v1.ExportNbdStep
-	(*UnexportNbdStep)(nil),       // 51: stowage.v1.UnexportNbdStep
-	(*ListExportsStep)(nil),       // 52: stowage.v1.ListExportsStep
-	(*ExportOwner)(nil),           // 53: stowage.v1.ExportOwner
-	(*ExportInfo)(nil),            // 54: stowage.v1.ExportInfo
-	(*ExportList)(nil),            // 55: stowage.v1.ExportList
-	(*ImageInfo)(nil),             // 56: stowage.v1.ImageInfo
-	(*SnapshotInfo)(nil),          // 57: stowage.v1.SnapshotInfo
-	(*BackupInfo)(nil),            // 58: stowage.v1.BackupInfo
-	(*CollectInfo)(nil),           // 59: stowage.v1.CollectInfo
-	(*FileInfo)(nil),              // 60: stowage.v1.FileInfo
-	(*StoreProbe)(nil),            // 61: stowage.v1.StoreProbe
-	(*TaskResult)(nil),            // 62: stowage.v1.TaskResult
-	(*FileList)(nil),              // 63: stowage.v1.FileList
-	nil,                           // 64: stowage.v1.ChunkStoreRef.SecretEntry
-	(*HostCapabilities)(nil),      // 65: stowage.v1.HostCapabilities
-	(*Host)(nil),                  // 66: stowage.v1.Host
-	(HostState)(0),                // 67: stowage.v1.HostState
-	(*CacheSpec)(nil),             // 68: stowage.v1.CacheSpec
-	(ImageFormat)(0),              // 69: stowage.v1.ImageFormat
-	(*timestamppb.Timestamp)(nil), // 70: google.protobuf.Timestamp
+	(*RbdImage)(nil),              // 51: stowage.v1.RbdImage
+	(*UnexportNbdStep)(nil),       // 52: stowage.v1.UnexportNbdStep
+	(*ListExportsStep)(nil),       // 53: stowage.v1.ListExportsStep
+	(*ExportOwner)(nil),           // 54: stowage.v1.ExportOwner
+	(*ExportInfo)(nil),            // 55: stowage.v1.ExportInfo
+	(*ExportList)(nil),            // 56: stowage.v1.ExportList
+	(*ImageInfo)(nil),             // 57: stowage.v1.ImageInfo
+	(*SnapshotInfo)(nil),          // 58: stowage.v1.SnapshotInfo
+	(*BackupInfo)(nil),            // 59: stowage.v1.BackupInfo
+	(*CollectInfo)(nil),           // 60: stowage.v1.CollectInfo
+	(*FileInfo)(nil),              // 61: stowage.v1.FileInfo
+	(*StoreProbe)(nil),            // 62: stowage.v1.StoreProbe
+	(*TaskResult)(nil),            // 63: stowage.v1.TaskResult
+	(*FileList)(nil),              // 64: stowage.v1.FileList
+	nil,                           // 65: stowage.v1.ChunkStoreRef.SecretEntry
+	(*HostCapabilities)(nil),      // 66: stowage.v1.HostCapabilities
+	(*Host)(nil),                  // 67: stowage.v1.Host
+	(HostState)(0),                // 68: stowage.v1.HostState
+	(*CacheSpec)(nil),             // 69: stowage.v1.CacheSpec
+	(ImageFormat)(0),              // 70: stowage.v1.ImageFormat
+	(*timestamppb.Timestamp)(nil), // 71: google.protobuf.Timestamp
 }
 var file_stowage_v1_agent_proto_depIdxs = []int32{
-	65,  // 0: stowage.v1.RegisterRequest.capabilities:type_name -> stowage.v1.HostCapabilities
-	66,  // 1: stowage.v1.RegisterResponse.host:type_name -> stowage.v1.Host
+	66,  // 0: stowage.v1.RegisterRequest.capabilities:type_name -> stowage.v1.HostCapabilities
+	67,  // 1: stowage.v1.RegisterResponse.host:type_name -> stowage.v1.Host
 	8,   // 2: stowage.v1.RegisterResponse.stores:type_name -> stowage.v1.StoreAssignment
-	65,  // 3: stowage.v1.HeartbeatRequest.capabilities:type_name -> stowage.v1.HostCapabilities
-	67,  // 4: stowage.v1.HeartbeatResponse.state:type_name -> stowage.v1.HostState
+	66,  // 3: stowage.v1.HeartbeatRequest.capabilities:type_name -> stowage.v1.HostCapabilities
+	68,  // 4: stowage.v1.HeartbeatResponse.state:type_name -> stowage.v1.HostState
 	8,   // 5: stowage.v1.HeartbeatResponse.stores:type_name -> stowage.v1.StoreAssignment
 	11,  // 6: stowage.v1.HeartbeatResponse.template_cache:type_name -> stowage.v1.TemplateCacheSpec
-	68,  // 7: stowage.v1.TemplateCacheSpec.templates:type_name -> stowage.v1.CacheSpec
+	69,  // 7: stowage.v1.TemplateCacheSpec.templates:type_name -> stowage.v1.CacheSpec
 	18,  // 8: stowage.v1.RunTaskRequest.task:type_name -> stowage.v1.Task
-	62,  // 9: stowage.v1.RunTaskResponse.result:type_name -> stowage.v1.TaskResult
-	62,  // 10: stowage.v1.GetTaskResponse.result:type_name -> stowage.v1.TaskResult
-	62,  // 11: stowage.v1.CancelTaskResponse.result:type_name -> stowage.v1.TaskResult
+	63,  // 9: stowage.v1.RunTaskResponse.result:type_name -> stowage.v1.TaskResult
+	63,  // 10: stowage.v1.GetTaskResponse.result:type_name -> stowage.v1.TaskResult
+	63,  // 11: stowage.v1.CancelTaskResponse.result:type_name -> stowage.v1.TaskResult
 	27,  // 12: stowage.v1.Task.prepare_store:type_name -> stowage.v1.PrepareStoreStep
 	28,  // 13: stowage.v1.Task.probe_store:type_name -> stowage.v1.ProbeStoreStep
 	29,  // 14: stowage.v1.Task.release_store:type_name -> stowage.v1.ReleaseStoreStep
@@ -5263,7 +5374,7 @@ var file_stowage_v1_agent_proto_depIdxs = []int32{
 	48,  // 30: stowage.v1.Task.export:type_name -> stowage.v1.ExportStep
 	49,  // 31: stowage.v1.Task.unexport:type_name -> stowage.v1.UnexportStep
 	50,  // 32: stowage.v1.Task.export_nbd:type_name -> stowage.v1.ExportNbdStep
-	51,  // 33: stowage.v1.Task.unexport_nbd:type_name -> stowage.v1.UnexportNbdStep
+	52,  // 33: stowage.v1.Task.unexport_nbd:type_name -> stowage.v1.UnexportNbdStep
 	23,  // 34: stowage.v1.Task.ensure_iscsi_target:type_name -> stowage.v1.IscsiTargetStep
 	23,  // 35: stowage.v1.Task.delete_iscsi_target:type_name -> stowage.v1.IscsiTargetStep
 	24,  // 36: stowage.v1.Task.create_lun:type_name -> stowage.v1.LunStep
@@ -5272,98 +5383,99 @@ var file_stowage_v1_agent_proto_depIdxs = []int32{
 	23,  // 39: stowage.v1.Task.list_luns:type_name -> stowage.v1.IscsiTargetStep
 	20,  // 40: stowage.v1.Task.connect_lun:type_name -> stowage.v1.ConnectLunStep
 	20,  // 41: stowage.v1.Task.disconnect_lun:type_name -> stowage.v1.ConnectLunStep
-	52,  // 42: stowage.v1.Task.list_exports:type_name -> stowage.v1.ListExportsStep
+	53,  // 42: stowage.v1.Task.list_exports:type_name -> stowage.v1.ListExportsStep
 	47,  // 43: stowage.v1.Task.collect_chunks:type_name -> stowage.v1.CollectChunksStep
 	19,  // 44: stowage.v1.Task.show_template:type_name -> stowage.v1.ShowTemplateStep
-	68,  // 45: stowage.v1.ShowTemplateStep.template:type_name -> stowage.v1.CacheSpec
+	69,  // 45: stowage.v1.ShowTemplateStep.template:type_name -> stowage.v1.CacheSpec
 	22,  // 46: stowage.v1.IscsiTarget.initiators:type_name -> stowage.v1.IscsiInitiator
 	21,  // 47: stowage.v1.IscsiTargetStep.target:type_name -> stowage.v1.IscsiTarget
 	21,  // 48: stowage.v1.LunStep.target:type_name -> stowage.v1.IscsiTarget
 	25,  // 49: stowage.v1.LunList.luns:type_name -> stowage.v1.LunInfo
-	64,  // 50: stowage.v1.ChunkStoreRef.secret:type_name -> stowage.v1.ChunkStoreRef.SecretEntry
+	65,  // 50: stowage.v1.ChunkStoreRef.secret:type_name -> stowage.v1.ChunkStoreRef.SecretEntry
 	30,  // 51: stowage.v1.CreateImageStep.ref:type_name -> stowage.v1.ObjectRef
-	69,  // 52: stowage.v1.CreateImageStep.format:type_name -> stowage.v1.ImageFormat
+	70,  // 52: stowage.v1.CreateImageStep.format:type_name -> stowage.v1.ImageFormat
 	30,  // 53: stowage.v1.DeleteObjectStep.ref:type_name -> stowage.v1.ObjectRef
 	30,  // 54: stowage.v1.ListObjectsStep.dir:type_name -> stowage.v1.ObjectRef
 	30,  // 55: stowage.v1.StatObjectStep.ref:type_name -> stowage.v1.ObjectRef
 	30,  // 56: stowage.v1.FetchImageStep.dest:type_name -> stowage.v1.ObjectRef
-	69,  // 57: stowage.v1.FetchImageStep.format:type_name -> stowage.v1.ImageFormat
+	70,  // 57: stowage.v1.FetchImageStep.format:type_name -> stowage.v1.ImageFormat
 	30,  // 58: stowage.v1.CopyImageStep.dest:type_name -> stowage.v1.ObjectRef
-	69,  // 59: stowage.v1.CopyImageStep.format:type_name -> stowage.v1.ImageFormat
-	69,  // 60: stowage.v1.CopyImageStep.source_format:type_name -> stowage.v1.ImageFormat
+	70,  // 59: stowage.v1.CopyImageStep.format:type_name -> stowage.v1.ImageFormat
+	70,  // 60: stowage.v1.CopyImageStep.source_format:type_name -> stowage.v1.ImageFormat
 	30,  // 61: stowage.v1.CopyImageStep.backing:type_name -> stowage.v1.ObjectRef
-	69,  // 62: stowage.v1.CopyImageStep.backing_format:type_name -> stowage.v1.ImageFormat
+	70,  // 62: stowage.v1.CopyImageStep.backing_format:type_name -> stowage.v1.ImageFormat
 	30,  // 63: stowage.v1.CloneImageStep.base:type_name -> stowage.v1.ObjectRef
 	30,  // 64: stowage.v1.CloneImageStep.dest:type_name -> stowage.v1.ObjectRef
 	0,   // 65: stowage.v1.CloneImageStep.mode:type_name -> stowage.v1.CloneMode
-	69,  // 66: stowage.v1.CloneImageStep.format:type_name -> stowage.v1.ImageFormat
-	69,  // 67: stowage.v1.CloneImageStep.base_format:type_name -> stowage.v1.ImageFormat
+	70,  // 66: stowage.v1.CloneImageStep.format:type_name -> stowage.v1.ImageFormat
+	70,  // 67: stowage.v1.CloneImageStep.base_format:type_name -> stowage.v1.ImageFormat
 	30,  // 68: stowage.v1.InspectImageStep.ref:type_name -> stowage.v1.ObjectRef
-	69,  // 69: stowage.v1.InspectImageStep.format:type_name -> stowage.v1.ImageFormat
+	70,  // 69: stowage.v1.InspectImageStep.format:type_name -> stowage.v1.ImageFormat
 	30,  // 70: stowage.v1.ResizeImageStep.ref:type_name -> stowage.v1.ObjectRef
-	69,  // 71: stowage.v1.ResizeImageStep.format:type_name -> stowage.v1.ImageFormat
+	70,  // 71: stowage.v1.ResizeImageStep.format:type_name -> stowage.v1.ImageFormat
 	30,  // 72: stowage.v1.SnapshotImageStep.volume:type_name -> stowage.v1.ObjectRef
 	30,  // 73: stowage.v1.SnapshotImageStep.snapshot:type_name -> stowage.v1.ObjectRef
-	69,  // 74: stowage.v1.SnapshotImageStep.format:type_name -> stowage.v1.ImageFormat
+	70,  // 74: stowage.v1.SnapshotImageStep.format:type_name -> stowage.v1.ImageFormat
 	30,  // 75: stowage.v1.RevertImageStep.volume:type_name -> stowage.v1.ObjectRef
 	30,  // 76: stowage.v1.RevertImageStep.snapshot:type_name -> stowage.v1.ObjectRef
-	69,  // 77: stowage.v1.RevertImageStep.format:type_name -> stowage.v1.ImageFormat
+	70,  // 77: stowage.v1.RevertImageStep.format:type_name -> stowage.v1.ImageFormat
 	30,  // 78: stowage.v1.RebaseImageStep.ref:type_name -> stowage.v1.ObjectRef
 	30,  // 79: stowage.v1.RebaseImageStep.new_backing:type_name -> stowage.v1.ObjectRef
-	69,  // 80: stowage.v1.RebaseImageStep.backing_format:type_name -> stowage.v1.ImageFormat
+	70,  // 80: stowage.v1.RebaseImageStep.backing_format:type_name -> stowage.v1.ImageFormat
 	30,  // 81: stowage.v1.BackupImageStep.source:type_name -> stowage.v1.ObjectRef
 	31,  // 82: stowage.v1.BackupImageStep.chunks:type_name -> stowage.v1.ChunkStoreRef
-	69,  // 83: stowage.v1.BackupImageStep.source_format:type_name -> stowage.v1.ImageFormat
+	70,  // 83: stowage.v1.BackupImageStep.source_format:type_name -> stowage.v1.ImageFormat
 	31,  // 84: stowage.v1.RestoreImageStep.chunks:type_name -> stowage.v1.ChunkStoreRef
 	30,  // 85: stowage.v1.RestoreImageStep.dest:type_name -> stowage.v1.ObjectRef
-	69,  // 86: stowage.v1.RestoreImageStep.format:type_name -> stowage.v1.ImageFormat
+	70,  // 86: stowage.v1.RestoreImageStep.format:type_name -> stowage.v1.ImageFormat
 	31,  // 87: stowage.v1.DeleteBackupStep.chunks:type_name -> stowage.v1.ChunkStoreRef
 	31,  // 88: stowage.v1.CollectChunksStep.chunks:type_name -> stowage.v1.ChunkStoreRef
 	30,  // 89: stowage.v1.ExportStep.ref:type_name -> stowage.v1.ObjectRef
 	30,  // 90: stowage.v1.ExportNbdStep.ref:type_name -> stowage.v1.ObjectRef
-	69,  // 91: stowage.v1.ExportNbdStep.format:type_name -> stowage.v1.ImageFormat
-	1,   // 92: stowage.v1.ExportInfo.kind:type_name -> stowage.v1.ExportKind
-	30,  // 93: stowage.v1.ExportInfo.ref:type_name -> stowage.v1.ObjectRef
-	53,  // 94: stowage.v1.ExportInfo.owner:type_name -> stowage.v1.ExportOwner
-	53,  // 95: stowage.v1.ExportInfo.shared_with:type_name -> stowage.v1.ExportOwner
-	70,  // 96: stowage.v1.ExportInfo.created:type_name -> google.protobuf.Timestamp
-	70,  // 97: stowage.v1.ExportInfo.expires:type_name -> google.protobuf.Timestamp
-	54,  // 98: stowage.v1.ExportList.exports:type_name -> stowage.v1.ExportInfo
-	69,  // 99: stowage.v1.ImageInfo.format:type_name -> stowage.v1.ImageFormat
-	56,  // 100: stowage.v1.SnapshotInfo.snapshot:type_name -> stowage.v1.ImageInfo
-	56,  // 101: stowage.v1.SnapshotInfo.volume:type_name -> stowage.v1.ImageInfo
-	70,  // 102: stowage.v1.FileInfo.modified_at:type_name -> google.protobuf.Timestamp
-	69,  // 103: stowage.v1.FileInfo.format:type_name -> stowage.v1.ImageFormat
-	61,  // 104: stowage.v1.TaskResult.probe:type_name -> stowage.v1.StoreProbe
-	60,  // 105: stowage.v1.TaskResult.file:type_name -> stowage.v1.FileInfo
-	63,  // 106: stowage.v1.TaskResult.files:type_name -> stowage.v1.FileList
-	56,  // 107: stowage.v1.TaskResult.image:type_name -> stowage.v1.ImageInfo
-	57,  // 108: stowage.v1.TaskResult.snapshot:type_name -> stowage.v1.SnapshotInfo
-	58,  // 109: stowage.v1.TaskResult.backup:type_name -> stowage.v1.BackupInfo
-	25,  // 110: stowage.v1.TaskResult.lun:type_name -> stowage.v1.LunInfo
-	26,  // 111: stowage.v1.TaskResult.luns:type_name -> stowage.v1.LunList
-	55,  // 112: stowage.v1.TaskResult.exports:type_name -> stowage.v1.ExportList
-	59,  // 113: stowage.v1.TaskResult.collect:type_name -> stowage.v1.CollectInfo
-	60,  // 114: stowage.v1.FileList.files:type_name -> stowage.v1.FileInfo
-	2,   // 115: stowage.v1.AgentControlService.Join:input_type -> stowage.v1.JoinRequest
-	6,   // 116: stowage.v1.AgentControlService.Register:input_type -> stowage.v1.RegisterRequest
-	9,   // 117: stowage.v1.AgentControlService.Heartbeat:input_type -> stowage.v1.HeartbeatRequest
-	4,   // 118: stowage.v1.AgentControlService.Renew:input_type -> stowage.v1.RenewRequest
-	12,  // 119: stowage.v1.AgentService.RunTask:input_type -> stowage.v1.RunTaskRequest
-	14,  // 120: stowage.v1.AgentService.GetTask:input_type -> stowage.v1.GetTaskRequest
-	16,  // 121: stowage.v1.AgentService.CancelTask:input_type -> stowage.v1.CancelTaskRequest
-	3,   // 122: stowage.v1.AgentControlService.Join:output_type -> stowage.v1.JoinResponse
-	7,   // 123: stowage.v1.AgentControlService.Register:output_type -> stowage.v1.RegisterResponse
-	10,  // 124: stowage.v1.AgentControlService.Heartbeat:output_type -> stowage.v1.HeartbeatResponse
-	5,   // 125: stowage.v1.AgentControlService.Renew:output_type -> stowage.v1.RenewResponse
-	13,  // 126: stowage.v1.AgentService.RunTask:output_type -> stowage.v1.RunTaskResponse
-	15,  // 127: stowage.v1.AgentService.GetTask:output_type -> stowage.v1.GetTaskResponse
-	17,  // 128: stowage.v1.AgentService.CancelTask:output_type -> stowage.v1.CancelTaskResponse
-	122, // [122:129] is the sub-list for method output_type
-	115, // [115:122] is the sub-list for method input_type
-	115, // [115:115] is the sub-list for extension type_name
-	115, // [115:115] is the sub-list for extension extendee
-	0,   // [0:115] is the sub-list for field type_name
+	70,  // 91: stowage.v1.ExportNbdStep.format:type_name -> stowage.v1.ImageFormat
+	51,  // 92: stowage.v1.ExportNbdStep.rbd:type_name -> stowage.v1.RbdImage
+	1,   // 93: stowage.v1.ExportInfo.kind:type_name -> stowage.v1.ExportKind
+	30,  // 94: stowage.v1.ExportInfo.ref:type_name -> stowage.v1.ObjectRef
+	54,  // 95: stowage.v1.ExportInfo.owner:type_name -> stowage.v1.ExportOwner
+	54,  // 96: stowage.v1.ExportInfo.shared_with:type_name -> stowage.v1.ExportOwner
+	71,  // 97: stowage.v1.ExportInfo.created:type_name -> google.protobuf.Timestamp
+	71,  // 98: stowage.v1.ExportInfo.expires:type_name -> google.protobuf.Timestamp
+	55,  // 99: stowage.v1.ExportList.exports:type_name -> stowage.v1.ExportInfo
+	70,  // 100: stowage.v1.ImageInfo.format:type_name -> stowage.v1.ImageFormat
+	57,  // 101: stowage.v1.SnapshotInfo.snapshot:type_name -> stowage.v1.ImageInfo
+	57,  // 102: stowage.v1.SnapshotInfo.volume:type_name -> stowage.v1.ImageInfo
+	71,  // 103: stowage.v1.FileInfo.modified_at:type_name -> google.protobuf.Timestamp
+	70,  // 104: stowage.v1.FileInfo.format:type_name -> stowage.v1.ImageFormat
+	62,  // 105: stowage.v1.TaskResult.probe:type_name -> stowage.v1.StoreProbe
+	61,  // 106: stowage.v1.TaskResult.file:type_name -> stowage.v1.FileInfo
+	64,  // 107: stowage.v1.TaskResult.files:type_name -> stowage.v1.FileList
+	57,  // 108: stowage.v1.TaskResult.image:type_name -> stowage.v1.ImageInfo
+	58,  // 109: stowage.v1.TaskResult.snapshot:type_name -> stowage.v1.SnapshotInfo
+	59,  // 110: stowage.v1.TaskResult.backup:type_name -> stowage.v1.BackupInfo
+	25,  // 111: stowage.v1.TaskResult.lun:type_name -> stowage.v1.LunInfo
+	26,  // 112: stowage.v1.TaskResult.luns:type_name -> stowage.v1.LunList
+	56,  // 113: stowage.v1.TaskResult.exports:type_name -> stowage.v1.ExportList
+	60,  // 114: stowage.v1.TaskResult.collect:type_name -> stowage.v1.CollectInfo
+	61,  // 115: stowage.v1.FileList.files:type_name -> stowage.v1.FileInfo
+	2,   // 116: stowage.v1.AgentControlService.Join:input_type -> stowage.v1.JoinRequest
+	6,   // 117: stowage.v1.AgentControlService.Register:input_type -> stowage.v1.RegisterRequest
+	9,   // 118: stowage.v1.AgentControlService.Heartbeat:input_type -> stowage.v1.HeartbeatRequest
+	4,   // 119: stowage.v1.AgentControlService.Renew:input_type -> stowage.v1.RenewRequest
+	12,  // 120: stowage.v1.AgentService.RunTask:input_type -> stowage.v1.RunTaskRequest
+	14,  // 121: stowage.v1.AgentService.GetTask:input_type -> stowage.v1.GetTaskRequest
+	16,  // 122: stowage.v1.AgentService.CancelTask:input_type -> stowage.v1.CancelTaskRequest
+	3,   // 123: stowage.v1.AgentControlService.Join:output_type -> stowage.v1.JoinResponse
+	7,   // 124: stowage.v1.AgentControlService.Register:output_type -> stowage.v1.RegisterResponse
+	10,  // 125: stowage.v1.AgentControlService.Heartbeat:output_type -> stowage.v1.HeartbeatResponse
+	5,   // 126: stowage.v1.AgentControlService.Renew:output_type -> stowage.v1.RenewResponse
+	13,  // 127: stowage.v1.AgentService.RunTask:output_type -> stowage.v1.RunTaskResponse
+	15,  // 128: stowage.v1.AgentService.GetTask:output_type -> stowage.v1.GetTaskResponse
+	17,  // 129: stowage.v1.AgentService.CancelTask:output_type -> stowage.v1.CancelTaskResponse
+	123, // [123:130] is the sub-list for method output_type
+	116, // [116:123] is the sub-list for method input_type
+	116, // [116:116] is the sub-list for extension type_name
+	116, // [116:116] is the sub-list for extension extendee
+	0,   // [0:116] is the sub-list for field type_name
 }
 
 func init() { file_stowage_v1_agent_proto_init() }
@@ -5408,7 +5520,7 @@ func file_stowage_v1_agent_proto_init() {
 		(*Task_CollectChunks)(nil),
 		(*Task_ShowTemplate)(nil),
 	}
-	file_stowage_v1_agent_proto_msgTypes[60].OneofWrappers = []any{
+	file_stowage_v1_agent_proto_msgTypes[61].OneofWrappers = []any{
 		(*TaskResult_Probe)(nil),
 		(*TaskResult_File)(nil),
 		(*TaskResult_Files)(nil),
@@ -5427,7 +5539,7 @@ func file_stowage_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_stowage_v1_agent_proto_rawDesc), len(file_stowage_v1_agent_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   63,
+			NumMessages:   64,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

@@ -993,7 +993,10 @@ type HostCapabilities struct {
 	// iscsi block driver is installed), with or without iscsi_tcp.
 	IscsiUserspace bool `protobuf:"varint,10,opt,name=iscsi_userspace,json=iscsiUserspace,proto3" json:"iscsi_userspace,omitempty"`
 	// The host runs an iSCSI target for stores (stowage agent --iscsi-target).
-	IscsiTarget   bool `protobuf:"varint,11,opt,name=iscsi_target,json=iscsiTarget,proto3" json:"iscsi_target,omitempty"`
+	IscsiTarget bool `protobuf:"varint,11,opt,name=iscsi_target,json=iscsiTarget,proto3" json:"iscsi_target,omitempty"`
+	// The host serves Ceph RBD images over NBD: it serves NBD and its
+	// qemu-storage-daemon has qemu's rbd block driver (qemu-block-extra).
+	RbdExport     bool `protobuf:"varint,12,opt,name=rbd_export,json=rbdExport,proto3" json:"rbd_export,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1101,6 +1104,13 @@ func (x *HostCapabilities) GetIscsiUserspace() bool {
 func (x *HostCapabilities) GetIscsiTarget() bool {
 	if x != nil {
 		return x.IscsiTarget
+	}
+	return false
+}
+
+func (x *HostCapabilities) GetRbdExport() bool {
+	if x != nil {
+		return x.RbdExport
 	}
 	return false
 }
@@ -3354,7 +3364,7 @@ const file_stowage_v1_types_proto_rawDesc = "" +
 	"\x0ecapacity_bytes\x18\x04 \x01(\x03R\rcapacityBytes\x12'\n" +
 	"\x0favailable_bytes\x18\x05 \x01(\x03R\x0eavailableBytes\x12\x17\n" +
 	"\afs_type\x18\x06 \x01(\tR\x06fsType\x12\x14\n" +
-	"\x05error\x18\a \x01(\tR\x05error\"\xbd\x03\n" +
+	"\x05error\x18\a \x01(\tR\x05error\"\xdc\x03\n" +
 	"\x10HostCapabilities\x12(\n" +
 	"\x10qemu_img_version\x18\x01 \x01(\tR\x0eqemuImgVersion\x12\x12\n" +
 	"\x04fuse\x18\x02 \x01(\bR\x04fuse\x12)\n" +
@@ -3368,7 +3378,9 @@ const file_stowage_v1_types_proto_rawDesc = "" +
 	"\x0etemplate_cache\x18\t \x01(\v2\x17.stowage.v1.CacheStatusR\rtemplateCache\x12'\n" +
 	"\x0fiscsi_userspace\x18\n" +
 	" \x01(\bR\x0eiscsiUserspace\x12!\n" +
-	"\fiscsi_target\x18\v \x01(\bR\viscsiTarget\"\xff\x04\n" +
+	"\fiscsi_target\x18\v \x01(\bR\viscsiTarget\x12\x1d\n" +
+	"\n" +
+	"rbd_export\x18\f \x01(\bR\trbdExport\"\xff\x04\n" +
 	"\x04Host\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1a\n" +
 	"\bhostname\x18\x02 \x01(\tR\bhostname\x12\x1b\n" +
