@@ -235,7 +235,7 @@ func newBacking(r *stowagev1.RebaseImageStep) hostops.Ref {
 func backupRequest(r *stowagev1.BackupImageStep) hostops.BackupRequest {
 	return hostops.BackupRequest{Source: hostops.RefFromProto(r.GetSource()), SourceFormat: hostops.FormatFromProto(r.GetSourceFormat()),
 		Chunks: hostops.ChunkStoreFromProto(r.GetChunks()), Manifest: r.GetManifest(), ParentManifest: r.GetParentManifest(), ChunkSize: r.GetChunkSize(),
-		SourceURI: drivers.URI(r.GetSourceUri())}
+		SourceURI: drivers.URI(r.GetSourceUri()), ChangedKnown: r.GetChangedKnown(), Changed: hostops.ExtentsFromProto(r.GetChanged())}
 }
 
 func restoreRequest(r *stowagev1.RestoreImageStep) hostops.RestoreRequest {
@@ -283,7 +283,7 @@ func (h *LocalHost) admit(task *stowagev1.Task) error {
 		r := copyRequest(s.CopyImage)
 		if _, err = h.copySource(r.Source); err == nil {
 			if r.DestURI != "" {
-				err = checkISCSIURL(r.DestURI)
+				err = checkGrantedURI(r.DestURI)
 			} else {
 				_, err = h.object(r.Dest)
 			}
@@ -311,7 +311,7 @@ func (h *LocalHost) admit(task *stowagev1.Task) error {
 	case *stowagev1.Task_BackupImage:
 		r := backupRequest(s.BackupImage)
 		if r.SourceURI != "" {
-			err = checkISCSIURL(r.SourceURI)
+			err = checkGrantedURI(r.SourceURI)
 		} else {
 			_, err = h.object(r.Source)
 		}

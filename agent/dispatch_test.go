@@ -105,7 +105,8 @@ func TestRequestsRoundTrip(t *testing.T) {
 		[]any{"revert", hostops.SnapshotRequest{Volume: s("v"), Snapshot: s("s"), Format: raw}},
 		[]any{"rebase", s("v"), s("s"), q},
 		[]any{"rebase", s("v"), hostops.Ref{}, drivers.Format("")},
-		hostops.BackupRequest{Source: s("s"), SourceFormat: q, Chunks: chunks, Manifest: "m", ParentManifest: "p", ChunkSize: 1 << 20},
+		hostops.BackupRequest{Source: s("s"), SourceFormat: q, Chunks: chunks, Manifest: "m", ParentManifest: "p", ChunkSize: 1 << 20,
+			ChangedKnown: true, Changed: []drivers.Extent{{Offset: 4096, Length: 8192}, {Offset: 1 << 30, Length: 512}}},
 		hostops.RestoreRequest{Chunks: chunks, Manifest: "m", Dest: s("r"), Format: q},
 	}
 	info, err := h.CopyImage(ctx, want[0].(hostops.CopyRequest), nil)

@@ -305,6 +305,13 @@ func (h *LocalHost) CopyImage(ctx context.Context, req hostops.CopyRequest, prog
 		return hostops.ImageInfo{}, err
 	}
 	if req.DestURI != "" {
+		if err := checkGrantedURI(req.DestURI); err != nil {
+			return hostops.ImageInfo{}, err
+		}
+		if isNBD(string(req.DestURI)) {
+			info, err := h.fs.CopyToURI(ctx, hostfs.CopyToURIRequest{Source: src, SourceFormat: req.SourceFormat, Dest: string(req.DestURI), DestIsZero: req.DestIsZero}, progress)
+			return h.imageOf(hostops.Ref{}, info, err)
+		}
 		return h.copyISCSI(ctx, req, src, "", progress)
 	}
 	dest, err := h.object(req.Dest)
@@ -528,7 +535,17 @@ func (h *LocalHost) backupPaths(cs hostops.ChunkStore, names ...string) (chunkPa
 func (h *LocalHost) BackupImage(ctx context.Context, req hostops.BackupRequest, progress drivers.Progress) (hostops.BackupInfo, error) {
 	var src string
 	var err error
-	if req.SourceURI != "" {
+	fromURI := req.SourceURI != "" && isNBD(string(req.SourceURI))
+	switch {
+	case fromURI:
+		// An export (an RBD snapshot's): read as it is chunked.
+		if err := checkGrantedURI(req.SourceURI); err != nil {
+			return hostops.BackupInfo{}, err
+		}
+		if req.SourceFormat != drivers.FormatRaw {
+			return hostops.BackupInfo{}, fmt.Errorf("an export backed up must serve raw bytes, not %s: %w", req.SourceFormat, errdefs.ErrInvalid)
+		}
+	case req.SourceURI != "":
 		// A LUN: read through the userspace initiator into a private
 		// scratch file, backed up from there and removed.
 		var done func()
@@ -536,8 +553,10 @@ func (h *LocalHost) BackupImage(ctx context.Context, req hostops.BackupRequest, 
 			return hostops.BackupInfo{}, err
 		}
 		defer done()
-	} else if src, err = h.object(req.Source); err != nil {
-		return hostops.BackupInfo{}, err
+	default:
+		if src, err = h.object(req.Source); err != nil {
+			return hostops.BackupInfo{}, err
+		}
 	}
 	names := []string{req.Manifest}
 	if req.ParentManifest != "" {
@@ -547,23 +566,31 @@ func (h *LocalHost) BackupImage(ctx context.Context, req hostops.BackupRequest, 
 	if err != nil {
 		return hostops.BackupInfo{}, err
 	}
+	var t hostfs.ChunkTarget
 	if cp.s3 != nil {
 		store, err := cp.openS3(ctx)
 		if err != nil {
 			return hostops.BackupInfo{}, err
 		}
-		t := hostfs.ChunkTarget{Store: store, Manifest: req.Manifest, Parent: req.ParentManifest}
-		b, err := h.fs.BackupInto(ctx, t, src, req.SourceFormat, req.ChunkSize, progress)
-		if err != nil {
+		t = hostfs.ChunkTarget{Store: store, Manifest: req.Manifest, Parent: req.ParentManifest}
+	} else if fromURI {
+		if t, err = h.fs.DirChunkTarget(cp.chunks, manifests[0], manifests[1:]...); err != nil {
 			return hostops.BackupInfo{}, err
 		}
-		return backupOf(req.Manifest, b), nil
 	}
-	r := hostfs.BackupRequest{Source: src, SourceFormat: req.SourceFormat, ChunkDir: cp.chunks, Manifest: manifests[0], ChunkSize: req.ChunkSize}
-	if len(manifests) > 1 {
-		r.ParentManifest = manifests[1]
+	var b hostfs.BackupInfo
+	switch {
+	case fromURI:
+		b, err = h.fs.BackupFromURI(ctx, t, string(req.SourceURI), req.ChunkSize, req.ChangedKnown, req.Changed, progress)
+	case cp.s3 != nil:
+		b, err = h.fs.BackupInto(ctx, t, src, req.SourceFormat, req.ChunkSize, progress)
+	default:
+		r := hostfs.BackupRequest{Source: src, SourceFormat: req.SourceFormat, ChunkDir: cp.chunks, Manifest: manifests[0], ChunkSize: req.ChunkSize}
+		if len(manifests) > 1 {
+			r.ParentManifest = manifests[1]
+		}
+		b, err = h.fs.BackupImage(ctx, r, progress)
 	}
-	b, err := h.fs.BackupImage(ctx, r, progress)
 	if err != nil {
 		return hostops.BackupInfo{}, err
 	}

@@ -369,6 +369,22 @@ func (h *LocalHost) copyISCSI(ctx context.Context, req hostops.CopyRequest, src,
 
 func isISCSI(s string) bool { return strings.HasPrefix(s, "iscsi://") }
 
+func isNBD(s string) bool { return strings.HasPrefix(s, "nbd://") || strings.HasPrefix(s, "nbds://") }
+
+// checkGrantedURI admits the URIs a driver grants a host to read or write
+// an object in place: a LUN (iscsi://portal/iqn/lun) or an NBD export of
+// another agent or this one (nbd(s)://host:port/name: an RBD image).
+func checkGrantedURI(u drivers.URI) error {
+	if isNBD(string(u)) {
+		p, err := url.Parse(string(u))
+		if err != nil || p.Host == "" || p.RawQuery != "" {
+			return fmt.Errorf("export %q is not an nbd(s)://host:port/name URL: %w", redact.URL(string(u)), errdefs.ErrPermissionDenied)
+		}
+		return nil
+	}
+	return checkISCSIURL(u)
+}
+
 // checkISCSIURL admits an iscsi://portal/iqn/lun destination only.
 func checkISCSIURL(u drivers.URI) error {
 	p, err := url.Parse(string(u))

@@ -426,6 +426,21 @@ type ChunkTarget interface {
 	DeleteBackup(ctx context.Context, obj DataObject) (BackupStats, error)
 }
 
+// Extent is Length bytes from Offset.
+type Extent struct {
+	Offset, Length int64
+}
+
+// ChangeTracker is implemented by a primary driver whose store knows which
+// parts of a volume changed between two of its snapshots (RBD's diff): an
+// incremental backup of snap reads only those.
+type ChangeTracker interface {
+	// Changed returns, sorted, every range in which snap may differ from
+	// since, an earlier snapshot of the same volume still on the store
+	// (errdefs.ErrNotFound when either is gone).
+	Changed(ctx context.Context, snap, since SnapshotObject) ([]Extent, error)
+}
+
 // VolumeFormats is implemented by a driver whose stores hold volumes in
 // some formats only (a LUN is a raw disk): the controller plans a volume
 // on such a store in the first of them unless one of the others is asked

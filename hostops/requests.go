@@ -67,14 +67,20 @@ type ChunkStore struct {
 // BackupRequest asks an agent to back an image up into a chunk store.
 type BackupRequest struct {
 	Source Ref
-	// SourceURI, instead of Source, is a URI a driver granted the host
-	// (an iscsi:// LUN): read into a private scratch file, then backed up.
+	// SourceURI, instead of Source, is a URI a driver granted the host:
+	// an iscsi:// LUN (read into a private scratch file, then backed up)
+	// or an nbd(s):// export (read as it is chunked).
 	SourceURI      drivers.URI
 	SourceFormat   drivers.Format
 	Chunks         ChunkStore
 	Manifest       string
 	ParentManifest string
 	ChunkSize      int64
+	// ChangedKnown says Changed holds every range in which the source may
+	// differ from the image ParentManifest backs up (drivers.ChangeTracker):
+	// the chunks outside them are the parent's, not read.
+	ChangedKnown bool
+	Changed      []drivers.Extent
 }
 
 // RestoreRequest asks an agent to rebuild an image from a backup.

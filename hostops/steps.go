@@ -176,7 +176,32 @@ func (e *Remote) BackupImage(ctx context.Context, req BackupRequest, progress dr
 	return e.backup(ctx, &stowagev1.Task{Step: &stowagev1.Task_BackupImage{BackupImage: &stowagev1.BackupImageStep{
 		Source: RefToProto(req.Source), SourceFormat: FormatToProto(req.SourceFormat), Chunks: ChunkStoreToProto(req.Chunks),
 		Manifest: req.Manifest, ParentManifest: req.ParentManifest, ChunkSize: req.ChunkSize, SourceUri: string(req.SourceURI),
+		ChangedKnown: req.ChangedKnown, Changed: ExtentsToProto(req.Changed),
 	}}}, progress)
+}
+
+// ExtentsToProto is the wire form of byte ranges.
+func ExtentsToProto(xs []drivers.Extent) []*stowagev1.ByteRange {
+	if len(xs) == 0 {
+		return nil
+	}
+	out := make([]*stowagev1.ByteRange, len(xs))
+	for i, x := range xs {
+		out[i] = &stowagev1.ByteRange{Offset: x.Offset, Length: x.Length}
+	}
+	return out
+}
+
+// ExtentsFromProto is ExtentsToProto's inverse.
+func ExtentsFromProto(ps []*stowagev1.ByteRange) []drivers.Extent {
+	if len(ps) == 0 {
+		return nil
+	}
+	out := make([]drivers.Extent, len(ps))
+	for i, p := range ps {
+		out[i] = drivers.Extent{Offset: p.GetOffset(), Length: p.GetLength()}
+	}
+	return out
 }
 
 // RestoreImage implements Backups.

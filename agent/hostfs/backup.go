@@ -12,6 +12,7 @@ import (
 	"github.com/stowage/stowage/datapath/stream"
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
+	"github.com/stowage/stowage/redact"
 )
 
 // BackupImage stores what the guest of the image at req.Source (opened as
@@ -46,34 +47,48 @@ func (l *Local) backupImage(ctx context.Context, req BackupRequest, progress dri
 	if _, err := declared("source", req.SourceFormat); err != nil {
 		return BackupInfo{}, err
 	}
-	chunks, err := l.existingPath(req.ChunkDir)
-	if err != nil {
-		return BackupInfo{}, err
-	}
-	manifest, err := l.objectPath(req.Manifest)
-	if err != nil {
-		return BackupInfo{}, err
-	}
-	parent := ""
+	var parents []string
 	if req.ParentManifest != "" {
-		if parent, err = l.existingPath(req.ParentManifest); err != nil {
-			return BackupInfo{}, err
+		parents = append(parents, req.ParentManifest)
+	}
+	t, err := l.DirChunkTarget(req.ChunkDir, req.Manifest, parents...)
+	if err != nil {
+		return BackupInfo{}, err
+	}
+	info, err := l.BackupInto(ctx, t, req.Source, req.SourceFormat, req.ChunkSize, progress)
+	info.Manifest = req.Manifest
+	return info, err
+}
+
+// DirChunkTarget opens the chunk directory chunkDir for backup manifest
+// (a path of this host, its directory made) with its parent's (optional,
+// existing).
+func (l *Local) DirChunkTarget(chunkDir, manifest string, parent ...string) (ChunkTarget, error) {
+	chunks, err := l.existingPath(chunkDir)
+	if err != nil {
+		return ChunkTarget{}, err
+	}
+	m, err := l.objectPath(manifest)
+	if err != nil {
+		return ChunkTarget{}, err
+	}
+	p := ""
+	if len(parent) > 0 && parent[0] != "" {
+		if p, err = l.existingPath(parent[0]); err != nil {
+			return ChunkTarget{}, err
 		}
 	}
-	if err := l.makeDir(manifest, req.Manifest); err != nil {
-		return BackupInfo{}, err
+	if err := l.makeDir(m, manifest); err != nil {
+		return ChunkTarget{}, err
 	}
-	if err := l.makeDir(filepath.Join(chunks, "x"), filepath.Join(req.ChunkDir, "x")); err != nil {
-		return BackupInfo{}, err
+	if err := l.makeDir(filepath.Join(chunks, "x"), filepath.Join(chunkDir, "x")); err != nil {
+		return ChunkTarget{}, err
 	}
 	store, err := chunkstore.Open(chunks)
 	if err != nil {
-		return BackupInfo{}, err
+		return ChunkTarget{}, err
 	}
-	info, err := l.BackupInto(ctx, ChunkTarget{Store: store, Manifest: manifest, Parent: parent, StageNear: manifest},
-		req.Source, req.SourceFormat, req.ChunkSize, progress)
-	info.Manifest = req.Manifest
-	return info, err
+	return ChunkTarget{Store: store, Manifest: m, Parent: p, StageNear: m}, nil
 }
 
 // ChunkTarget is where a backup goes or comes from: an open chunk store
@@ -160,6 +175,58 @@ func (l *Local) BackupInto(ctx context.Context, t ChunkTarget, source string, so
 	info := manifestInfo(t.Manifest, m)
 	info.NewChunks, info.NewBytes, info.ReusedBytes, info.ReadBytes = st.NewChunks, st.NewBytes, st.ReusedBytes, st.ReadBytes
 	return info, nil
+}
+
+// BackupFromURI backs up the raw bytes an export serves (uri: nbd(s)://,
+// an RBD snapshot's) into t, reading them as they are chunked. With a
+// parent and changedKnown, the chunks outside changed (sorted; every range
+// in which the source may differ from the parent's image) are the
+// parent's, not read. A manifest already at t.Manifest is returned as it
+// is (a retried step).
+func (l *Local) BackupFromURI(ctx context.Context, t ChunkTarget, uri string, chunkSize int64, changedKnown bool, changed []drivers.Extent, progress drivers.Progress) (BackupInfo, error) {
+	var parent *chunkstore.Manifest
+	var err error
+	if t.Parent != "" {
+		if parent, err = t.Store.Manifest(ctx, t.Parent); err != nil {
+			return BackupInfo{}, fmt.Errorf("parent: %w", err)
+		}
+	}
+	unlock, err := l.locks.lock(ctx, t.Manifest)
+	if err != nil {
+		return BackupInfo{}, err
+	}
+	defer unlock()
+	if m, err := t.Store.Manifest(ctx, t.Manifest); err == nil {
+		return manifestInfo(t.Manifest, m), nil
+	} else if !errors.Is(err, errdefs.ErrNotFound) {
+		return BackupInfo{}, fmt.Errorf("%s exists and is not a manifest (%v): %w", t.Manifest, err, errdefs.ErrAlreadyExists)
+	}
+	src, err := stream.OpenSource(ctx, uri, l.peerSource(qemuimg.FormatRaw))
+	if err != nil {
+		return BackupInfo{}, err
+	}
+	defer src.Close()
+	opts := chunkstore.BackupOptions{ChunkSize: chunkSize, Parent: parent, Progress: progress}
+	if parent != nil && changedKnown {
+		opts.ParentUnchanged = outside(changed)
+	}
+	m, st, err := t.Store.Backup(ctx, src, t.Manifest, opts)
+	if err != nil {
+		return BackupInfo{}, fmt.Errorf("back up %s to %s on host %s: %w", redact.URL(uri), t.Manifest, l.hostID, err)
+	}
+	info := manifestInfo(t.Manifest, m)
+	info.NewChunks, info.NewBytes, info.ReusedBytes, info.ReadBytes = st.NewChunks, st.NewBytes, st.ReusedBytes, st.ReadBytes
+	return info, nil
+}
+
+// outside returns a function telling whether [off, off+n) misses every
+// range of changed (sorted by offset, not overlapping).
+func outside(changed []drivers.Extent) func(off, n int64) bool {
+	return func(off, n int64) bool {
+		// the first range ending after off
+		i := sort.Search(len(changed), func(i int) bool { return changed[i].Offset+changed[i].Length > off })
+		return i == len(changed) || changed[i].Offset >= off+n
+	}
 }
 
 // unchangedSinceBacking returns a function telling whether a range of the

@@ -3184,8 +3184,15 @@ type BackupImageStep struct {
 	ChunkSize      int64  `protobuf:"varint,5,opt,name=chunk_size,json=chunkSize,proto3" json:"chunk_size,omitempty"`
 	// The source's format as the records say (required, never probed).
 	SourceFormat ImageFormat `protobuf:"varint,6,opt,name=source_format,json=sourceFormat,proto3,enum=stowage.v1.ImageFormat" json:"source_format,omitempty"`
-	// Instead of source: a URI a driver granted this host (an iscsi:// LUN).
-	SourceUri     string `protobuf:"bytes,7,opt,name=source_uri,json=sourceUri,proto3" json:"source_uri,omitempty"`
+	// Instead of source: a URI a driver granted this host (an iscsi:// LUN,
+	// or an nbd(s):// export such as an RBD snapshot's).
+	SourceUri string `protobuf:"bytes,7,opt,name=source_uri,json=sourceUri,proto3" json:"source_uri,omitempty"`
+	// changed_known: changed lists every byte range in which the source may
+	// differ from the image parent_manifest backs up (the store's own change
+	// tracking: RBD's diff between two snapshots); the chunks outside them
+	// are taken from the parent's manifest without being read.
+	ChangedKnown  bool         `protobuf:"varint,8,opt,name=changed_known,json=changedKnown,proto3" json:"changed_known,omitempty"`
+	Changed       []*ByteRange `protobuf:"bytes,9,rep,name=changed,proto3" json:"changed,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3269,6 +3276,73 @@ func (x *BackupImageStep) GetSourceUri() string {
 	return ""
 }
 
+func (x *BackupImageStep) GetChangedKnown() bool {
+	if x != nil {
+		return x.ChangedKnown
+	}
+	return false
+}
+
+func (x *BackupImageStep) GetChanged() []*ByteRange {
+	if x != nil {
+		return x.Changed
+	}
+	return nil
+}
+
+// ByteRange is length bytes from offset.
+type ByteRange struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Offset        int64                  `protobuf:"varint,1,opt,name=offset,proto3" json:"offset,omitempty"`
+	Length        int64                  `protobuf:"varint,2,opt,name=length,proto3" json:"length,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ByteRange) Reset() {
+	*x = ByteRange{}
+	mi := &file_stowage_v1_agent_proto_msgTypes[43]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ByteRange) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ByteRange) ProtoMessage() {}
+
+func (x *ByteRange) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_agent_proto_msgTypes[43]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ByteRange.ProtoReflect.Descriptor instead.
+func (*ByteRange) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{43}
+}
+
+func (x *ByteRange) GetOffset() int64 {
+	if x != nil {
+		return x.Offset
+	}
+	return 0
+}
+
+func (x *ByteRange) GetLength() int64 {
+	if x != nil {
+		return x.Length
+	}
+	return 0
+}
+
 // RestoreImageStep rebuilds an image from a backup (hostops.RestoreRequest).
 type RestoreImageStep struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -3282,7 +3356,7 @@ type RestoreImageStep struct {
 
 func (x *RestoreImageStep) Reset() {
 	*x = RestoreImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[43]
+	mi := &file_stowage_v1_agent_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3294,7 +3368,7 @@ func (x *RestoreImageStep) String() string {
 func (*RestoreImageStep) ProtoMessage() {}
 
 func (x *RestoreImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[43]
+	mi := &file_stowage_v1_agent_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3307,7 +3381,7 @@ func (x *RestoreImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RestoreImageStep.ProtoReflect.Descriptor instead.
 func (*RestoreImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{43}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *RestoreImageStep) GetChunks() *ChunkStoreRef {
@@ -3349,7 +3423,7 @@ type DeleteBackupStep struct {
 
 func (x *DeleteBackupStep) Reset() {
 	*x = DeleteBackupStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[44]
+	mi := &file_stowage_v1_agent_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3361,7 +3435,7 @@ func (x *DeleteBackupStep) String() string {
 func (*DeleteBackupStep) ProtoMessage() {}
 
 func (x *DeleteBackupStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[44]
+	mi := &file_stowage_v1_agent_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3374,7 +3448,7 @@ func (x *DeleteBackupStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteBackupStep.ProtoReflect.Descriptor instead.
 func (*DeleteBackupStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{44}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *DeleteBackupStep) GetChunks() *ChunkStoreRef {
@@ -3403,7 +3477,7 @@ type CollectChunksStep struct {
 
 func (x *CollectChunksStep) Reset() {
 	*x = CollectChunksStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[45]
+	mi := &file_stowage_v1_agent_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3415,7 +3489,7 @@ func (x *CollectChunksStep) String() string {
 func (*CollectChunksStep) ProtoMessage() {}
 
 func (x *CollectChunksStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[45]
+	mi := &file_stowage_v1_agent_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3428,7 +3502,7 @@ func (x *CollectChunksStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CollectChunksStep.ProtoReflect.Descriptor instead.
 func (*CollectChunksStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{45}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *CollectChunksStep) GetChunks() *ChunkStoreRef {
@@ -3451,7 +3525,7 @@ type ExportStep struct {
 
 func (x *ExportStep) Reset() {
 	*x = ExportStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[46]
+	mi := &file_stowage_v1_agent_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3463,7 +3537,7 @@ func (x *ExportStep) String() string {
 func (*ExportStep) ProtoMessage() {}
 
 func (x *ExportStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[46]
+	mi := &file_stowage_v1_agent_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3476,7 +3550,7 @@ func (x *ExportStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExportStep.ProtoReflect.Descriptor instead.
 func (*ExportStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{46}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *ExportStep) GetRef() *ObjectRef {
@@ -3503,7 +3577,7 @@ type UnexportStep struct {
 
 func (x *UnexportStep) Reset() {
 	*x = UnexportStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[47]
+	mi := &file_stowage_v1_agent_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3515,7 +3589,7 @@ func (x *UnexportStep) String() string {
 func (*UnexportStep) ProtoMessage() {}
 
 func (x *UnexportStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[47]
+	mi := &file_stowage_v1_agent_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3528,7 +3602,7 @@ func (x *UnexportStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnexportStep.ProtoReflect.Descriptor instead.
 func (*UnexportStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{47}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *UnexportStep) GetUri() string {
@@ -3558,7 +3632,7 @@ type ExportNbdStep struct {
 
 func (x *ExportNbdStep) Reset() {
 	*x = ExportNbdStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[48]
+	mi := &file_stowage_v1_agent_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3570,7 +3644,7 @@ func (x *ExportNbdStep) String() string {
 func (*ExportNbdStep) ProtoMessage() {}
 
 func (x *ExportNbdStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[48]
+	mi := &file_stowage_v1_agent_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3583,7 +3657,7 @@ func (x *ExportNbdStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExportNbdStep.ProtoReflect.Descriptor instead.
 func (*ExportNbdStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{48}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *ExportNbdStep) GetRef() *ObjectRef {
@@ -3643,7 +3717,7 @@ type RbdImage struct {
 
 func (x *RbdImage) Reset() {
 	*x = RbdImage{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[49]
+	mi := &file_stowage_v1_agent_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3655,7 +3729,7 @@ func (x *RbdImage) String() string {
 func (*RbdImage) ProtoMessage() {}
 
 func (x *RbdImage) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[49]
+	mi := &file_stowage_v1_agent_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3668,7 +3742,7 @@ func (x *RbdImage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RbdImage.ProtoReflect.Descriptor instead.
 func (*RbdImage) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{49}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *RbdImage) GetPool() string {
@@ -3723,7 +3797,7 @@ type UnexportNbdStep struct {
 
 func (x *UnexportNbdStep) Reset() {
 	*x = UnexportNbdStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[50]
+	mi := &file_stowage_v1_agent_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3735,7 +3809,7 @@ func (x *UnexportNbdStep) String() string {
 func (*UnexportNbdStep) ProtoMessage() {}
 
 func (x *UnexportNbdStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[50]
+	mi := &file_stowage_v1_agent_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3748,7 +3822,7 @@ func (x *UnexportNbdStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnexportNbdStep.ProtoReflect.Descriptor instead.
 func (*UnexportNbdStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{50}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *UnexportNbdStep) GetUri() string {
@@ -3772,7 +3846,7 @@ type ListExportsStep struct {
 
 func (x *ListExportsStep) Reset() {
 	*x = ListExportsStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[51]
+	mi := &file_stowage_v1_agent_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3784,7 +3858,7 @@ func (x *ListExportsStep) String() string {
 func (*ListExportsStep) ProtoMessage() {}
 
 func (x *ListExportsStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[51]
+	mi := &file_stowage_v1_agent_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3797,7 +3871,7 @@ func (x *ListExportsStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListExportsStep.ProtoReflect.Descriptor instead.
 func (*ListExportsStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{51}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *ListExportsStep) GetStoreId() string {
@@ -3820,7 +3894,7 @@ type ExportOwner struct {
 
 func (x *ExportOwner) Reset() {
 	*x = ExportOwner{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[52]
+	mi := &file_stowage_v1_agent_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3832,7 +3906,7 @@ func (x *ExportOwner) String() string {
 func (*ExportOwner) ProtoMessage() {}
 
 func (x *ExportOwner) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[52]
+	mi := &file_stowage_v1_agent_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3845,7 +3919,7 @@ func (x *ExportOwner) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExportOwner.ProtoReflect.Descriptor instead.
 func (*ExportOwner) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{52}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *ExportOwner) GetTaskId() string {
@@ -3887,7 +3961,7 @@ type ExportInfo struct {
 
 func (x *ExportInfo) Reset() {
 	*x = ExportInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[53]
+	mi := &file_stowage_v1_agent_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3899,7 +3973,7 @@ func (x *ExportInfo) String() string {
 func (*ExportInfo) ProtoMessage() {}
 
 func (x *ExportInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[53]
+	mi := &file_stowage_v1_agent_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3912,7 +3986,7 @@ func (x *ExportInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExportInfo.ProtoReflect.Descriptor instead.
 func (*ExportInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{53}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *ExportInfo) GetUri() string {
@@ -3980,7 +4054,7 @@ type ExportList struct {
 
 func (x *ExportList) Reset() {
 	*x = ExportList{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[54]
+	mi := &file_stowage_v1_agent_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3992,7 +4066,7 @@ func (x *ExportList) String() string {
 func (*ExportList) ProtoMessage() {}
 
 func (x *ExportList) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[54]
+	mi := &file_stowage_v1_agent_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4005,7 +4079,7 @@ func (x *ExportList) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExportList.ProtoReflect.Descriptor instead.
 func (*ExportList) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{54}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *ExportList) GetExports() []*ExportInfo {
@@ -4036,7 +4110,7 @@ type ImageInfo struct {
 
 func (x *ImageInfo) Reset() {
 	*x = ImageInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[55]
+	mi := &file_stowage_v1_agent_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4048,7 +4122,7 @@ func (x *ImageInfo) String() string {
 func (*ImageInfo) ProtoMessage() {}
 
 func (x *ImageInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[55]
+	mi := &file_stowage_v1_agent_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4061,7 +4135,7 @@ func (x *ImageInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImageInfo.ProtoReflect.Descriptor instead.
 func (*ImageInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{55}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *ImageInfo) GetKey() string {
@@ -4146,7 +4220,7 @@ type SnapshotInfo struct {
 
 func (x *SnapshotInfo) Reset() {
 	*x = SnapshotInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[56]
+	mi := &file_stowage_v1_agent_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4158,7 +4232,7 @@ func (x *SnapshotInfo) String() string {
 func (*SnapshotInfo) ProtoMessage() {}
 
 func (x *SnapshotInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[56]
+	mi := &file_stowage_v1_agent_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4171,7 +4245,7 @@ func (x *SnapshotInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotInfo.ProtoReflect.Descriptor instead.
 func (*SnapshotInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{56}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *SnapshotInfo) GetSnapshot() *ImageInfo {
@@ -4212,7 +4286,7 @@ type BackupInfo struct {
 
 func (x *BackupInfo) Reset() {
 	*x = BackupInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[57]
+	mi := &file_stowage_v1_agent_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4224,7 +4298,7 @@ func (x *BackupInfo) String() string {
 func (*BackupInfo) ProtoMessage() {}
 
 func (x *BackupInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[57]
+	mi := &file_stowage_v1_agent_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4237,7 +4311,7 @@ func (x *BackupInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BackupInfo.ProtoReflect.Descriptor instead.
 func (*BackupInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{57}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{58}
 }
 
 func (x *BackupInfo) GetManifest() string {
@@ -4311,7 +4385,7 @@ type CollectInfo struct {
 
 func (x *CollectInfo) Reset() {
 	*x = CollectInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[58]
+	mi := &file_stowage_v1_agent_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4323,7 +4397,7 @@ func (x *CollectInfo) String() string {
 func (*CollectInfo) ProtoMessage() {}
 
 func (x *CollectInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[58]
+	mi := &file_stowage_v1_agent_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4336,7 +4410,7 @@ func (x *CollectInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CollectInfo.ProtoReflect.Descriptor instead.
 func (*CollectInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{58}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{59}
 }
 
 func (x *CollectInfo) GetManifests() int64 {
@@ -4393,7 +4467,7 @@ type FileInfo struct {
 
 func (x *FileInfo) Reset() {
 	*x = FileInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[59]
+	mi := &file_stowage_v1_agent_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4405,7 +4479,7 @@ func (x *FileInfo) String() string {
 func (*FileInfo) ProtoMessage() {}
 
 func (x *FileInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[59]
+	mi := &file_stowage_v1_agent_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4418,7 +4492,7 @@ func (x *FileInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileInfo.ProtoReflect.Descriptor instead.
 func (*FileInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{59}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{60}
 }
 
 func (x *FileInfo) GetKey() string {
@@ -4483,7 +4557,7 @@ type StoreProbe struct {
 
 func (x *StoreProbe) Reset() {
 	*x = StoreProbe{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[60]
+	mi := &file_stowage_v1_agent_proto_msgTypes[61]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4495,7 +4569,7 @@ func (x *StoreProbe) String() string {
 func (*StoreProbe) ProtoMessage() {}
 
 func (x *StoreProbe) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[60]
+	mi := &file_stowage_v1_agent_proto_msgTypes[61]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4508,7 +4582,7 @@ func (x *StoreProbe) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StoreProbe.ProtoReflect.Descriptor instead.
 func (*StoreProbe) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{60}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{61}
 }
 
 func (x *StoreProbe) GetCapacityBytes() int64 {
@@ -4571,7 +4645,7 @@ type TaskResult struct {
 
 func (x *TaskResult) Reset() {
 	*x = TaskResult{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[61]
+	mi := &file_stowage_v1_agent_proto_msgTypes[62]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4583,7 +4657,7 @@ func (x *TaskResult) String() string {
 func (*TaskResult) ProtoMessage() {}
 
 func (x *TaskResult) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[61]
+	mi := &file_stowage_v1_agent_proto_msgTypes[62]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4596,7 +4670,7 @@ func (x *TaskResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TaskResult.ProtoReflect.Descriptor instead.
 func (*TaskResult) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{61}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{62}
 }
 
 func (x *TaskResult) GetTaskId() string {
@@ -4827,7 +4901,7 @@ type FileList struct {
 
 func (x *FileList) Reset() {
 	*x = FileList{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[62]
+	mi := &file_stowage_v1_agent_proto_msgTypes[63]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4839,7 +4913,7 @@ func (x *FileList) String() string {
 func (*FileList) ProtoMessage() {}
 
 func (x *FileList) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[62]
+	mi := &file_stowage_v1_agent_proto_msgTypes[63]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4852,7 +4926,7 @@ func (x *FileList) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileList.ProtoReflect.Descriptor instead.
 func (*FileList) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{62}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{63}
 }
 
 func (x *FileList) GetFiles() []*FileInfo {
@@ -5086,7 +5160,7 @@ const file_stowage_v1_agent_proto_rawDesc = "" +
 	"\x03ref\x18\x01 \x01(\v2\x15.stowage.v1.ObjectRefR\x03ref\x126\n" +
 	"\vnew_backing\x18\x02 \x01(\v2\x15.stowage.v1.ObjectRefR\n" +
 	"newBacking\x12>\n" +
-	"\x0ebacking_format\x18\x03 \x01(\x0e2\x17.stowage.v1.ImageFormatR\rbackingFormat\"\xb4\x02\n" +
+	"\x0ebacking_format\x18\x03 \x01(\x0e2\x17.stowage.v1.ImageFormatR\rbackingFormat\"\x8a\x03\n" +
 	"\x0fBackupImageStep\x12-\n" +
 	"\x06source\x18\x01 \x01(\v2\x15.stowage.v1.ObjectRefR\x06source\x121\n" +
 	"\x06chunks\x18\x02 \x01(\v2\x19.stowage.v1.ChunkStoreRefR\x06chunks\x12\x1a\n" +
@@ -5096,7 +5170,12 @@ const file_stowage_v1_agent_proto_rawDesc = "" +
 	"chunk_size\x18\x05 \x01(\x03R\tchunkSize\x12<\n" +
 	"\rsource_format\x18\x06 \x01(\x0e2\x17.stowage.v1.ImageFormatR\fsourceFormat\x12\x1d\n" +
 	"\n" +
-	"source_uri\x18\a \x01(\tR\tsourceUri\"\xbd\x01\n" +
+	"source_uri\x18\a \x01(\tR\tsourceUri\x12#\n" +
+	"\rchanged_known\x18\b \x01(\bR\fchangedKnown\x12/\n" +
+	"\achanged\x18\t \x03(\v2\x15.stowage.v1.ByteRangeR\achanged\";\n" +
+	"\tByteRange\x12\x16\n" +
+	"\x06offset\x18\x01 \x01(\x03R\x06offset\x12\x16\n" +
+	"\x06length\x18\x02 \x01(\x03R\x06length\"\xbd\x01\n" +
 	"\x10RestoreImageStep\x121\n" +
 	"\x06chunks\x18\x01 \x01(\v2\x19.stowage.v1.ChunkStoreRefR\x06chunks\x12\x1a\n" +
 	"\bmanifest\x18\x02 \x01(\tR\bmanifest\x12)\n" +
@@ -5265,7 +5344,7 @@ func file_stowage_v1_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_stowage_v1_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_stowage_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 64)
+var file_stowage_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 65)
 var file_stowage_v1_agent_proto_goTypes = []any{
 	(CloneMode)(0),                // 0: stowage.v1.CloneMode
 	(ExportKind)(0),               // 1: stowage.v1.ExportKind
@@ -5312,47 +5391,48 @@ var file_stowage_v1_agent_proto_goTypes = []any{
 	(*RevertImageStep)(nil),       // 42: stowage.v1.RevertImageStep
 	(*RebaseImageStep)(nil),       // 43: stowage.v1.RebaseImageStep
 	(*BackupImageStep)(nil),       // 44: stowage.v1.BackupImageStep
-	(*RestoreImageStep)(nil),      // 45: stowage.v1.RestoreImageStep
-	(*DeleteBackupStep)(nil),      // 46: stowage.v1.DeleteBackupStep
-	(*CollectChunksStep)(nil),     // 47: stowage.v1.CollectChunksStep
-	(*ExportStep)(nil),            // 48: stowage.v1.ExportStep
-	(*UnexportStep)(nil),          // 49: stowage.v1.UnexportStep
-	(*ExportNbdStep)(nil),         // 50: stowage.v1.ExportNbdStep
-	(*RbdImage)(nil),              // 51: stowage.v1.RbdImage
-	(*UnexportNbdStep)(nil),       // 52: stowage.v1.UnexportNbdStep
-	(*ListExportsStep)(nil),       // 53: stowage.v1.ListExportsStep
-	(*ExportOwner)(nil),           // 54: stowage.v1.ExportOwner
-	(*ExportInfo)(nil),            // 55: stowage.v1.ExportInfo
-	(*ExportList)(nil),            // 56: stowage.v1.ExportList
-	(*ImageInfo)(nil),             // 57: stowage.v1.ImageInfo
-	(*SnapshotInfo)(nil),          // 58: stowage.v1.SnapshotInfo
-	(*BackupInfo)(nil),            // 59: stowage.v1.BackupInfo
-	(*CollectInfo)(nil),           // 60: stowage.v1.CollectInfo
-	(*FileInfo)(nil),              // 61: stowage.v1.FileInfo
-	(*StoreProbe)(nil),            // 62: stowage.v1.StoreProbe
-	(*TaskResult)(nil),            // 63: stowage.v1.TaskResult
-	(*FileList)(nil),              // 64: stowage.v1.FileList
-	nil,                           // 65: stowage.v1.ChunkStoreRef.SecretEntry
-	(*HostCapabilities)(nil),      // 66: stowage.v1.HostCapabilities
-	(*Host)(nil),                  // 67: stowage.v1.Host
-	(HostState)(0),                // 68: stowage.v1.HostState
-	(*CacheSpec)(nil),             // 69: stowage.v1.CacheSpec
-	(ImageFormat)(0),              // 70: stowage.v1.ImageFormat
-	(*timestamppb.Timestamp)(nil), // 71: google.protobuf.Timestamp
+	(*ByteRange)(nil),             // 45: stowage.v1.ByteRange
+	(*RestoreImageStep)(nil),      // 46: stowage.v1.RestoreImageStep
+	(*DeleteBackupStep)(nil),      // 47: stowage.v1.DeleteBackupStep
+	(*CollectChunksStep)(nil),     // 48: stowage.v1.CollectChunksStep
+	(*ExportStep)(nil),            // 49: stowage.v1.ExportStep
+	(*UnexportStep)(nil),          // 50: stowage.v1.UnexportStep
+	(*ExportNbdStep)(nil),         // 51: stowage.v1.ExportNbdStep
+	(*RbdImage)(nil),              // 52: stowage.v1.RbdImage
+	(*UnexportNbdStep)(nil),       // 53: stowage.v1.UnexportNbdStep
+	(*ListExportsStep)(nil),       // 54: stowage.v1.ListExportsStep
+	(*ExportOwner)(nil),           // 55: stowage.v1.ExportOwner
+	(*ExportInfo)(nil),            // 56: stowage.v1.ExportInfo
+	(*ExportList)(nil),            // 57: stowage.v1.ExportList
+	(*ImageInfo)(nil),             // 58: stowage.v1.ImageInfo
+	(*SnapshotInfo)(nil),          // 59: stowage.v1.SnapshotInfo
+	(*BackupInfo)(nil),            // 60: stowage.v1.BackupInfo
+	(*CollectInfo)(nil),           // 61: stowage.v1.CollectInfo
+	(*FileInfo)(nil),              // 62: stowage.v1.FileInfo
+	(*StoreProbe)(nil),            // 63: stowage.v1.StoreProbe
+	(*TaskResult)(nil),            // 64: stowage.v1.TaskResult
+	(*FileList)(nil),              // 65: stowage.v1.FileList
+	nil,                           // 66: stowage.v1.ChunkStoreRef.SecretEntry
+	(*HostCapabilities)(nil),      // 67: stowage.v1.HostCapabilities
+	(*Host)(nil),                  // 68: stowage.v1.Host
+	(HostState)(0),                // 69: stowage.v1.HostState
+	(*CacheSpec)(nil),             // 70: stowage.v1.CacheSpec
+	(ImageFormat)(0),              // 71: stowage.v1.ImageFormat
+	(*timestamppb.Timestamp)(nil), // 72: google.protobuf.Timestamp
 }
 var file_stowage_v1_agent_proto_depIdxs = []int32{
-	66,  // 0: stowage.v1.RegisterRequest.capabilities:type_name -> stowage.v1.HostCapabilities
-	67,  // 1: stowage.v1.RegisterResponse.host:type_name -> stowage.v1.Host
+	67,  // 0: stowage.v1.RegisterRequest.capabilities:type_name -> stowage.v1.HostCapabilities
+	68,  // 1: stowage.v1.RegisterResponse.host:type_name -> stowage.v1.Host
 	8,   // 2: stowage.v1.RegisterResponse.stores:type_name -> stowage.v1.StoreAssignment
-	66,  // 3: stowage.v1.HeartbeatRequest.capabilities:type_name -> stowage.v1.HostCapabilities
-	68,  // 4: stowage.v1.HeartbeatResponse.state:type_name -> stowage.v1.HostState
+	67,  // 3: stowage.v1.HeartbeatRequest.capabilities:type_name -> stowage.v1.HostCapabilities
+	69,  // 4: stowage.v1.HeartbeatResponse.state:type_name -> stowage.v1.HostState
 	8,   // 5: stowage.v1.HeartbeatResponse.stores:type_name -> stowage.v1.StoreAssignment
 	11,  // 6: stowage.v1.HeartbeatResponse.template_cache:type_name -> stowage.v1.TemplateCacheSpec
-	69,  // 7: stowage.v1.TemplateCacheSpec.templates:type_name -> stowage.v1.CacheSpec
+	70,  // 7: stowage.v1.TemplateCacheSpec.templates:type_name -> stowage.v1.CacheSpec
 	18,  // 8: stowage.v1.RunTaskRequest.task:type_name -> stowage.v1.Task
-	63,  // 9: stowage.v1.RunTaskResponse.result:type_name -> stowage.v1.TaskResult
-	63,  // 10: stowage.v1.GetTaskResponse.result:type_name -> stowage.v1.TaskResult
-	63,  // 11: stowage.v1.CancelTaskResponse.result:type_name -> stowage.v1.TaskResult
+	64,  // 9: stowage.v1.RunTaskResponse.result:type_name -> stowage.v1.TaskResult
+	64,  // 10: stowage.v1.GetTaskResponse.result:type_name -> stowage.v1.TaskResult
+	64,  // 11: stowage.v1.CancelTaskResponse.result:type_name -> stowage.v1.TaskResult
 	27,  // 12: stowage.v1.Task.prepare_store:type_name -> stowage.v1.PrepareStoreStep
 	28,  // 13: stowage.v1.Task.probe_store:type_name -> stowage.v1.ProbeStoreStep
 	29,  // 14: stowage.v1.Task.release_store:type_name -> stowage.v1.ReleaseStoreStep
@@ -5369,12 +5449,12 @@ var file_stowage_v1_agent_proto_depIdxs = []int32{
 	42,  // 25: stowage.v1.Task.revert_image:type_name -> stowage.v1.RevertImageStep
 	43,  // 26: stowage.v1.Task.rebase_image:type_name -> stowage.v1.RebaseImageStep
 	44,  // 27: stowage.v1.Task.backup_image:type_name -> stowage.v1.BackupImageStep
-	45,  // 28: stowage.v1.Task.restore_image:type_name -> stowage.v1.RestoreImageStep
-	46,  // 29: stowage.v1.Task.delete_backup:type_name -> stowage.v1.DeleteBackupStep
-	48,  // 30: stowage.v1.Task.export:type_name -> stowage.v1.ExportStep
-	49,  // 31: stowage.v1.Task.unexport:type_name -> stowage.v1.UnexportStep
-	50,  // 32: stowage.v1.Task.export_nbd:type_name -> stowage.v1.ExportNbdStep
-	52,  // 33: stowage.v1.Task.unexport_nbd:type_name -> stowage.v1.UnexportNbdStep
+	46,  // 28: stowage.v1.Task.restore_image:type_name -> stowage.v1.RestoreImageStep
+	47,  // 29: stowage.v1.Task.delete_backup:type_name -> stowage.v1.DeleteBackupStep
+	49,  // 30: stowage.v1.Task.export:type_name -> stowage.v1.ExportStep
+	50,  // 31: stowage.v1.Task.unexport:type_name -> stowage.v1.UnexportStep
+	51,  // 32: stowage.v1.Task.export_nbd:type_name -> stowage.v1.ExportNbdStep
+	53,  // 33: stowage.v1.Task.unexport_nbd:type_name -> stowage.v1.UnexportNbdStep
 	23,  // 34: stowage.v1.Task.ensure_iscsi_target:type_name -> stowage.v1.IscsiTargetStep
 	23,  // 35: stowage.v1.Task.delete_iscsi_target:type_name -> stowage.v1.IscsiTargetStep
 	24,  // 36: stowage.v1.Task.create_lun:type_name -> stowage.v1.LunStep
@@ -5383,99 +5463,100 @@ var file_stowage_v1_agent_proto_depIdxs = []int32{
 	23,  // 39: stowage.v1.Task.list_luns:type_name -> stowage.v1.IscsiTargetStep
 	20,  // 40: stowage.v1.Task.connect_lun:type_name -> stowage.v1.ConnectLunStep
 	20,  // 41: stowage.v1.Task.disconnect_lun:type_name -> stowage.v1.ConnectLunStep
-	53,  // 42: stowage.v1.Task.list_exports:type_name -> stowage.v1.ListExportsStep
-	47,  // 43: stowage.v1.Task.collect_chunks:type_name -> stowage.v1.CollectChunksStep
+	54,  // 42: stowage.v1.Task.list_exports:type_name -> stowage.v1.ListExportsStep
+	48,  // 43: stowage.v1.Task.collect_chunks:type_name -> stowage.v1.CollectChunksStep
 	19,  // 44: stowage.v1.Task.show_template:type_name -> stowage.v1.ShowTemplateStep
-	69,  // 45: stowage.v1.ShowTemplateStep.template:type_name -> stowage.v1.CacheSpec
+	70,  // 45: stowage.v1.ShowTemplateStep.template:type_name -> stowage.v1.CacheSpec
 	22,  // 46: stowage.v1.IscsiTarget.initiators:type_name -> stowage.v1.IscsiInitiator
 	21,  // 47: stowage.v1.IscsiTargetStep.target:type_name -> stowage.v1.IscsiTarget
 	21,  // 48: stowage.v1.LunStep.target:type_name -> stowage.v1.IscsiTarget
 	25,  // 49: stowage.v1.LunList.luns:type_name -> stowage.v1.LunInfo
-	65,  // 50: stowage.v1.ChunkStoreRef.secret:type_name -> stowage.v1.ChunkStoreRef.SecretEntry
+	66,  // 50: stowage.v1.ChunkStoreRef.secret:type_name -> stowage.v1.ChunkStoreRef.SecretEntry
 	30,  // 51: stowage.v1.CreateImageStep.ref:type_name -> stowage.v1.ObjectRef
-	70,  // 52: stowage.v1.CreateImageStep.format:type_name -> stowage.v1.ImageFormat
+	71,  // 52: stowage.v1.CreateImageStep.format:type_name -> stowage.v1.ImageFormat
 	30,  // 53: stowage.v1.DeleteObjectStep.ref:type_name -> stowage.v1.ObjectRef
 	30,  // 54: stowage.v1.ListObjectsStep.dir:type_name -> stowage.v1.ObjectRef
 	30,  // 55: stowage.v1.StatObjectStep.ref:type_name -> stowage.v1.ObjectRef
 	30,  // 56: stowage.v1.FetchImageStep.dest:type_name -> stowage.v1.ObjectRef
-	70,  // 57: stowage.v1.FetchImageStep.format:type_name -> stowage.v1.ImageFormat
+	71,  // 57: stowage.v1.FetchImageStep.format:type_name -> stowage.v1.ImageFormat
 	30,  // 58: stowage.v1.CopyImageStep.dest:type_name -> stowage.v1.ObjectRef
-	70,  // 59: stowage.v1.CopyImageStep.format:type_name -> stowage.v1.ImageFormat
-	70,  // 60: stowage.v1.CopyImageStep.source_format:type_name -> stowage.v1.ImageFormat
+	71,  // 59: stowage.v1.CopyImageStep.format:type_name -> stowage.v1.ImageFormat
+	71,  // 60: stowage.v1.CopyImageStep.source_format:type_name -> stowage.v1.ImageFormat
 	30,  // 61: stowage.v1.CopyImageStep.backing:type_name -> stowage.v1.ObjectRef
-	70,  // 62: stowage.v1.CopyImageStep.backing_format:type_name -> stowage.v1.ImageFormat
+	71,  // 62: stowage.v1.CopyImageStep.backing_format:type_name -> stowage.v1.ImageFormat
 	30,  // 63: stowage.v1.CloneImageStep.base:type_name -> stowage.v1.ObjectRef
 	30,  // 64: stowage.v1.CloneImageStep.dest:type_name -> stowage.v1.ObjectRef
 	0,   // 65: stowage.v1.CloneImageStep.mode:type_name -> stowage.v1.CloneMode
-	70,  // 66: stowage.v1.CloneImageStep.format:type_name -> stowage.v1.ImageFormat
-	70,  // 67: stowage.v1.CloneImageStep.base_format:type_name -> stowage.v1.ImageFormat
+	71,  // 66: stowage.v1.CloneImageStep.format:type_name -> stowage.v1.ImageFormat
+	71,  // 67: stowage.v1.CloneImageStep.base_format:type_name -> stowage.v1.ImageFormat
 	30,  // 68: stowage.v1.InspectImageStep.ref:type_name -> stowage.v1.ObjectRef
-	70,  // 69: stowage.v1.InspectImageStep.format:type_name -> stowage.v1.ImageFormat
+	71,  // 69: stowage.v1.InspectImageStep.format:type_name -> stowage.v1.ImageFormat
 	30,  // 70: stowage.v1.ResizeImageStep.ref:type_name -> stowage.v1.ObjectRef
-	70,  // 71: stowage.v1.ResizeImageStep.format:type_name -> stowage.v1.ImageFormat
+	71,  // 71: stowage.v1.ResizeImageStep.format:type_name -> stowage.v1.ImageFormat
 	30,  // 72: stowage.v1.SnapshotImageStep.volume:type_name -> stowage.v1.ObjectRef
 	30,  // 73: stowage.v1.SnapshotImageStep.snapshot:type_name -> stowage.v1.ObjectRef
-	70,  // 74: stowage.v1.SnapshotImageStep.format:type_name -> stowage.v1.ImageFormat
+	71,  // 74: stowage.v1.SnapshotImageStep.format:type_name -> stowage.v1.ImageFormat
 	30,  // 75: stowage.v1.RevertImageStep.volume:type_name -> stowage.v1.ObjectRef
 	30,  // 76: stowage.v1.RevertImageStep.snapshot:type_name -> stowage.v1.ObjectRef
-	70,  // 77: stowage.v1.RevertImageStep.format:type_name -> stowage.v1.ImageFormat
+	71,  // 77: stowage.v1.RevertImageStep.format:type_name -> stowage.v1.ImageFormat
 	30,  // 78: stowage.v1.RebaseImageStep.ref:type_name -> stowage.v1.ObjectRef
 	30,  // 79: stowage.v1.RebaseImageStep.new_backing:type_name -> stowage.v1.ObjectRef
-	70,  // 80: stowage.v1.RebaseImageStep.backing_format:type_name -> stowage.v1.ImageFormat
+	71,  // 80: stowage.v1.RebaseImageStep.backing_format:type_name -> stowage.v1.ImageFormat
 	30,  // 81: stowage.v1.BackupImageStep.source:type_name -> stowage.v1.ObjectRef
 	31,  // 82: stowage.v1.BackupImageStep.chunks:type_name -> stowage.v1.ChunkStoreRef
-	70,  // 83: stowage.v1.BackupImageStep.source_format:type_name -> stowage.v1.ImageFormat
-	31,  // 84: stowage.v1.RestoreImageStep.chunks:type_name -> stowage.v1.ChunkStoreRef
-	30,  // 85: stowage.v1.RestoreImageStep.dest:type_name -> stowage.v1.ObjectRef
-	70,  // 86: stowage.v1.RestoreImageStep.format:type_name -> stowage.v1.ImageFormat
-	31,  // 87: stowage.v1.DeleteBackupStep.chunks:type_name -> stowage.v1.ChunkStoreRef
-	31,  // 88: stowage.v1.CollectChunksStep.chunks:type_name -> stowage.v1.ChunkStoreRef
-	30,  // 89: stowage.v1.ExportStep.ref:type_name -> stowage.v1.ObjectRef
-	30,  // 90: stowage.v1.ExportNbdStep.ref:type_name -> stowage.v1.ObjectRef
-	70,  // 91: stowage.v1.ExportNbdStep.format:type_name -> stowage.v1.ImageFormat
-	51,  // 92: stowage.v1.ExportNbdStep.rbd:type_name -> stowage.v1.RbdImage
-	1,   // 93: stowage.v1.ExportInfo.kind:type_name -> stowage.v1.ExportKind
-	30,  // 94: stowage.v1.ExportInfo.ref:type_name -> stowage.v1.ObjectRef
-	54,  // 95: stowage.v1.ExportInfo.owner:type_name -> stowage.v1.ExportOwner
-	54,  // 96: stowage.v1.ExportInfo.shared_with:type_name -> stowage.v1.ExportOwner
-	71,  // 97: stowage.v1.ExportInfo.created:type_name -> google.protobuf.Timestamp
-	71,  // 98: stowage.v1.ExportInfo.expires:type_name -> google.protobuf.Timestamp
-	55,  // 99: stowage.v1.ExportList.exports:type_name -> stowage.v1.ExportInfo
-	70,  // 100: stowage.v1.ImageInfo.format:type_name -> stowage.v1.ImageFormat
-	57,  // 101: stowage.v1.SnapshotInfo.snapshot:type_name -> stowage.v1.ImageInfo
-	57,  // 102: stowage.v1.SnapshotInfo.volume:type_name -> stowage.v1.ImageInfo
-	71,  // 103: stowage.v1.FileInfo.modified_at:type_name -> google.protobuf.Timestamp
-	70,  // 104: stowage.v1.FileInfo.format:type_name -> stowage.v1.ImageFormat
-	62,  // 105: stowage.v1.TaskResult.probe:type_name -> stowage.v1.StoreProbe
-	61,  // 106: stowage.v1.TaskResult.file:type_name -> stowage.v1.FileInfo
-	64,  // 107: stowage.v1.TaskResult.files:type_name -> stowage.v1.FileList
-	57,  // 108: stowage.v1.TaskResult.image:type_name -> stowage.v1.ImageInfo
-	58,  // 109: stowage.v1.TaskResult.snapshot:type_name -> stowage.v1.SnapshotInfo
-	59,  // 110: stowage.v1.TaskResult.backup:type_name -> stowage.v1.BackupInfo
-	25,  // 111: stowage.v1.TaskResult.lun:type_name -> stowage.v1.LunInfo
-	26,  // 112: stowage.v1.TaskResult.luns:type_name -> stowage.v1.LunList
-	56,  // 113: stowage.v1.TaskResult.exports:type_name -> stowage.v1.ExportList
-	60,  // 114: stowage.v1.TaskResult.collect:type_name -> stowage.v1.CollectInfo
-	61,  // 115: stowage.v1.FileList.files:type_name -> stowage.v1.FileInfo
-	2,   // 116: stowage.v1.AgentControlService.Join:input_type -> stowage.v1.JoinRequest
-	6,   // 117: stowage.v1.AgentControlService.Register:input_type -> stowage.v1.RegisterRequest
-	9,   // 118: stowage.v1.AgentControlService.Heartbeat:input_type -> stowage.v1.HeartbeatRequest
-	4,   // 119: stowage.v1.AgentControlService.Renew:input_type -> stowage.v1.RenewRequest
-	12,  // 120: stowage.v1.AgentService.RunTask:input_type -> stowage.v1.RunTaskRequest
-	14,  // 121: stowage.v1.AgentService.GetTask:input_type -> stowage.v1.GetTaskRequest
-	16,  // 122: stowage.v1.AgentService.CancelTask:input_type -> stowage.v1.CancelTaskRequest
-	3,   // 123: stowage.v1.AgentControlService.Join:output_type -> stowage.v1.JoinResponse
-	7,   // 124: stowage.v1.AgentControlService.Register:output_type -> stowage.v1.RegisterResponse
-	10,  // 125: stowage.v1.AgentControlService.Heartbeat:output_type -> stowage.v1.HeartbeatResponse
-	5,   // 126: stowage.v1.AgentControlService.Renew:output_type -> stowage.v1.RenewResponse
-	13,  // 127: stowage.v1.AgentService.RunTask:output_type -> stowage.v1.RunTaskResponse
-	15,  // 128: stowage.v1.AgentService.GetTask:output_type -> stowage.v1.GetTaskResponse
-	17,  // 129: stowage.v1.AgentService.CancelTask:output_type -> stowage.v1.CancelTaskResponse
-	123, // [123:130] is the sub-list for method output_type
-	116, // [116:123] is the sub-list for method input_type
-	116, // [116:116] is the sub-list for extension type_name
-	116, // [116:116] is the sub-list for extension extendee
-	0,   // [0:116] is the sub-list for field type_name
+	71,  // 83: stowage.v1.BackupImageStep.source_format:type_name -> stowage.v1.ImageFormat
+	45,  // 84: stowage.v1.BackupImageStep.changed:type_name -> stowage.v1.ByteRange
+	31,  // 85: stowage.v1.RestoreImageStep.chunks:type_name -> stowage.v1.ChunkStoreRef
+	30,  // 86: stowage.v1.RestoreImageStep.dest:type_name -> stowage.v1.ObjectRef
+	71,  // 87: stowage.v1.RestoreImageStep.format:type_name -> stowage.v1.ImageFormat
+	31,  // 88: stowage.v1.DeleteBackupStep.chunks:type_name -> stowage.v1.ChunkStoreRef
+	31,  // 89: stowage.v1.CollectChunksStep.chunks:type_name -> stowage.v1.ChunkStoreRef
+	30,  // 90: stowage.v1.ExportStep.ref:type_name -> stowage.v1.ObjectRef
+	30,  // 91: stowage.v1.ExportNbdStep.ref:type_name -> stowage.v1.ObjectRef
+	71,  // 92: stowage.v1.ExportNbdStep.format:type_name -> stowage.v1.ImageFormat
+	52,  // 93: stowage.v1.ExportNbdStep.rbd:type_name -> stowage.v1.RbdImage
+	1,   // 94: stowage.v1.ExportInfo.kind:type_name -> stowage.v1.ExportKind
+	30,  // 95: stowage.v1.ExportInfo.ref:type_name -> stowage.v1.ObjectRef
+	55,  // 96: stowage.v1.ExportInfo.owner:type_name -> stowage.v1.ExportOwner
+	55,  // 97: stowage.v1.ExportInfo.shared_with:type_name -> stowage.v1.ExportOwner
+	72,  // 98: stowage.v1.ExportInfo.created:type_name -> google.protobuf.Timestamp
+	72,  // 99: stowage.v1.ExportInfo.expires:type_name -> google.protobuf.Timestamp
+	56,  // 100: stowage.v1.ExportList.exports:type_name -> stowage.v1.ExportInfo
+	71,  // 101: stowage.v1.ImageInfo.format:type_name -> stowage.v1.ImageFormat
+	58,  // 102: stowage.v1.SnapshotInfo.snapshot:type_name -> stowage.v1.ImageInfo
+	58,  // 103: stowage.v1.SnapshotInfo.volume:type_name -> stowage.v1.ImageInfo
+	72,  // 104: stowage.v1.FileInfo.modified_at:type_name -> google.protobuf.Timestamp
+	71,  // 105: stowage.v1.FileInfo.format:type_name -> stowage.v1.ImageFormat
+	63,  // 106: stowage.v1.TaskResult.probe:type_name -> stowage.v1.StoreProbe
+	62,  // 107: stowage.v1.TaskResult.file:type_name -> stowage.v1.FileInfo
+	65,  // 108: stowage.v1.TaskResult.files:type_name -> stowage.v1.FileList
+	58,  // 109: stowage.v1.TaskResult.image:type_name -> stowage.v1.ImageInfo
+	59,  // 110: stowage.v1.TaskResult.snapshot:type_name -> stowage.v1.SnapshotInfo
+	60,  // 111: stowage.v1.TaskResult.backup:type_name -> stowage.v1.BackupInfo
+	25,  // 112: stowage.v1.TaskResult.lun:type_name -> stowage.v1.LunInfo
+	26,  // 113: stowage.v1.TaskResult.luns:type_name -> stowage.v1.LunList
+	57,  // 114: stowage.v1.TaskResult.exports:type_name -> stowage.v1.ExportList
+	61,  // 115: stowage.v1.TaskResult.collect:type_name -> stowage.v1.CollectInfo
+	62,  // 116: stowage.v1.FileList.files:type_name -> stowage.v1.FileInfo
+	2,   // 117: stowage.v1.AgentControlService.Join:input_type -> stowage.v1.JoinRequest
+	6,   // 118: stowage.v1.AgentControlService.Register:input_type -> stowage.v1.RegisterRequest
+	9,   // 119: stowage.v1.AgentControlService.Heartbeat:input_type -> stowage.v1.HeartbeatRequest
+	4,   // 120: stowage.v1.AgentControlService.Renew:input_type -> stowage.v1.RenewRequest
+	12,  // 121: stowage.v1.AgentService.RunTask:input_type -> stowage.v1.RunTaskRequest
+	14,  // 122: stowage.v1.AgentService.GetTask:input_type -> stowage.v1.GetTaskRequest
+	16,  // 123: stowage.v1.AgentService.CancelTask:input_type -> stowage.v1.CancelTaskRequest
+	3,   // 124: stowage.v1.AgentControlService.Join:output_type -> stowage.v1.JoinResponse
+	7,   // 125: stowage.v1.AgentControlService.Register:output_type -> stowage.v1.RegisterResponse
+	10,  // 126: stowage.v1.AgentControlService.Heartbeat:output_type -> stowage.v1.HeartbeatResponse
+	5,   // 127: stowage.v1.AgentControlService.Renew:output_type -> stowage.v1.RenewResponse
+	13,  // 128: stowage.v1.AgentService.RunTask:output_type -> stowage.v1.RunTaskResponse
+	15,  // 129: stowage.v1.AgentService.GetTask:output_type -> stowage.v1.GetTaskResponse
+	17,  // 130: stowage.v1.AgentService.CancelTask:output_type -> stowage.v1.CancelTaskResponse
+	124, // [124:131] is the sub-list for method output_type
+	117, // [117:124] is the sub-list for method input_type
+	117, // [117:117] is the sub-list for extension type_name
+	117, // [117:117] is the sub-list for extension extendee
+	0,   // [0:117] is the sub-list for field type_name
 }
 
 func init() { file_stowage_v1_agent_proto_init() }
@@ -5520,7 +5601,7 @@ func file_stowage_v1_agent_proto_init() {
 		(*Task_CollectChunks)(nil),
 		(*Task_ShowTemplate)(nil),
 	}
-	file_stowage_v1_agent_proto_msgTypes[61].OneofWrappers = []any{
+	file_stowage_v1_agent_proto_msgTypes[62].OneofWrappers = []any{
 		(*TaskResult_Probe)(nil),
 		(*TaskResult_File)(nil),
 		(*TaskResult_Files)(nil),
@@ -5539,7 +5620,7 @@ func file_stowage_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_stowage_v1_agent_proto_rawDesc), len(file_stowage_v1_agent_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   64,
+			NumMessages:   65,
 			NumExtensions: 0,
 			NumServices:   2,
 		},
