@@ -2,6 +2,7 @@ package driverstest
 
 import (
 	"errors"
+	"slices"
 	"testing"
 
 	"github.com/stowage/stowage/drivers"
@@ -192,7 +193,7 @@ func testSnapshot(t *testing.T, e Env) {
 	}
 	resizer, canResize := e.Provider.Driver().(drivers.Resizer)
 	info := attached(t, e)
-	for _, f := range []drivers.Format{drivers.FormatQCOW2, drivers.FormatRaw} {
+	for _, f := range volumeFormats(e, drivers.FormatQCOW2, drivers.FormatRaw) {
 		vol := blankVolume(info, "snapvol-"+string(f), OddSize)
 		vol.Format = f
 		vol = create(t, pd, vol)
@@ -238,7 +239,7 @@ func testResize(t *testing.T, e Env) {
 	r := capability[drivers.Resizer](t, e, "Resizer")
 	d := e.Provider.Driver()
 	info := attached(t, e)
-	for _, f := range []drivers.Format{drivers.FormatRaw, drivers.FormatQCOW2} {
+	for _, f := range volumeFormats(e, drivers.FormatRaw, drivers.FormatQCOW2) {
 		vol := blankVolume(info, "grow-"+string(f), OddSize)
 		vol.Format = f
 		vol = create(t, d, vol)
@@ -259,4 +260,32 @@ func testResize(t *testing.T, e Env) {
 		wantSize(t, d, vol, 3*OddSize, "after a refused shrink")
 		remove(t, d, vol)
 	}
+}
+
+// volumeFormats are those of want a volume of e's store can be in (all of
+// them unless its driver says otherwise: drivers.VolumeFormats).
+func volumeFormats(e Env, want ...drivers.Format) []drivers.Format {
+	if vf, ok := e.Provider.Driver().(drivers.VolumeFormats); ok {
+		return allowed(vf.VolumeFormats(), want)
+	}
+	return want
+}
+
+// objectFormats are those of want a template of e's store can be in (all
+// of them unless its driver says otherwise: drivers.ObjectFormats).
+func objectFormats(e Env, want ...drivers.Format) []drivers.Format {
+	if of, ok := e.Provider.Driver().(drivers.ObjectFormats); ok {
+		return allowed(of.ObjectFormats(), want)
+	}
+	return want
+}
+
+func allowed(have, want []drivers.Format) []drivers.Format {
+	var out []drivers.Format
+	for _, f := range want {
+		if slices.Contains(have, f) {
+			out = append(out, f)
+		}
+	}
+	return out
 }

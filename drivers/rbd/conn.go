@@ -78,7 +78,7 @@ func (c *connections) open(loc location) (*cluster, error) {
 		return nil, fmt.Errorf("ceph: %w", errors.Join(err, errdefs.ErrInternal))
 	}
 	for k, v := range map[string]string{
-		"mon_host": loc.monHost,
+		"mon_host": msgrV1(loc.monHost),
 		"keyring":  loc.keyring,
 		// librados calls take no context: every one is bounded here.
 		"client_mount_timeout": "10",
@@ -151,3 +151,21 @@ func classify(err error) error {
 
 // imageName is the RBD image of an object: "<type>-<id>".
 func imageName(obj drivers.DataObject) string { return string(obj.Type) + "-" + obj.ID }
+
+// msgrV1 marks the plain HOST:PORT addresses of a mon_host value whose port
+// is not the msgr v2 port (3300) as v1 ("v1:HOST:PORT"): librados would
+// try v2 on them first and log the refusal.
+func msgrV1(monHost string) string {
+	if strings.ContainsAny(monHost, "[]") {
+		return monHost
+	}
+	parts := strings.Split(monHost, ",")
+	for i, p := range parts {
+		p = strings.TrimSpace(p)
+		if !strings.HasPrefix(p, "v1:") && !strings.HasPrefix(p, "v2:") && strings.Contains(p, ":") && !strings.HasSuffix(p, ":3300") {
+			p = "v1:" + p
+		}
+		parts[i] = p
+	}
+	return strings.Join(parts, ",")
+}

@@ -6,6 +6,7 @@ import (
 	"context"
 	"fmt"
 	"net/http"
+	"regexp"
 	"strings"
 	"syscall"
 
@@ -14,6 +15,7 @@ import (
 
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
+	"github.com/stowage/stowage/hostops"
 )
 
 // baseSnapshot is the protected snapshot of a template image its clones
@@ -27,6 +29,8 @@ type Driver struct {
 	// Stowage made (agents' exports, which answer the controller's
 	// certificate): Import.
 	fetch, peer *http.Client
+	// hosts are the agents that serve images over NBD (GrantAccess).
+	hosts hostops.Selector
 }
 
 var (
@@ -35,6 +39,7 @@ var (
 	_ drivers.Cloner        = (*Driver)(nil)
 	_ drivers.VolumeFormats = (*Driver)(nil)
 	_ drivers.ObjectFormats = (*Driver)(nil)
+	_ drivers.GrantLister   = (*Driver)(nil)
 )
 
 // withPool runs fn with an I/O context on store's pool. librados calls
@@ -73,6 +78,9 @@ func (d *Driver) ObjectFormats() []drivers.Format { return []drivers.Format{driv
 // Locate implements drivers.Driver: "<type>-<id>", a snapshot's name for
 // a snapshot.
 func (d *Driver) Locate(obj drivers.DataObject) (string, error) {
+	if !objectID.MatchString(obj.ID) {
+		return "", fmt.Errorf("object id %q is not 1-100 letters, digits, '.', '_' or '-': %w", obj.ID, errdefs.ErrInvalid)
+	}
 	switch obj.Type {
 	case drivers.ObjectVolume, drivers.ObjectTemplate:
 		return imageName(obj), nil
@@ -81,6 +89,8 @@ func (d *Driver) Locate(obj drivers.DataObject) (string, error) {
 	}
 	return "", fmt.Errorf("an rbd store holds no %s: %w", obj.Type, errdefs.ErrInvalid)
 }
+
+var objectID = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$`)
 
 func checkRaw(obj drivers.DataObject) error {
 	if obj.Format != drivers.FormatRaw && obj.Format != "" {
@@ -127,7 +137,16 @@ func (d *Driver) Create(ctx context.Context, obj drivers.DataObject) (drivers.Ob
 
 // stat describes image name of the pool as obj.
 func stat(io *rados.IOContext, obj drivers.DataObject, name string) (drivers.ObjectInfo, error) {
-	img, err := cephrbd.OpenImageReadOnly(io, name, cephrbd.NoSnapshot)
+	return statTarget(io, obj, target{image: name})
+}
+
+// statTarget describes an image, or a snapshot of one, as obj.
+func statTarget(io *rados.IOContext, obj drivers.DataObject, t target) (drivers.ObjectInfo, error) {
+	snap, name, key := cephrbd.NoSnapshot, t.String(), t.image
+	if t.snap != "" {
+		snap, key = t.snap, t.snap
+	}
+	img, err := cephrbd.OpenImageReadOnly(io, t.image, snap)
 	if err != nil {
 		return drivers.ObjectInfo{}, fmt.Errorf("image %s: %w", name, classify(err))
 	}
@@ -146,20 +165,22 @@ func stat(io *rados.IOContext, obj drivers.DataObject, name string) (drivers.Obj
 	if err != nil {
 		return drivers.ObjectInfo{}, fmt.Errorf("image %s: allocated extents: %w", name, classify(err))
 	}
-	return drivers.ObjectInfo{ID: obj.ID, Type: obj.Type, Key: name, Format: drivers.FormatRaw, Size: int64(size),
+	return drivers.ObjectInfo{ID: obj.ID, Type: obj.Type, Key: key, Format: drivers.FormatRaw, Size: int64(size),
 		PhysicalSize: int64(used), StoredSize: int64(size)}, nil
 }
 
 // Stat implements drivers.Driver.
 func (d *Driver) Stat(ctx context.Context, obj drivers.DataObject) (drivers.ObjectInfo, error) {
-	name, err := d.Locate(obj)
-	if err != nil {
+	if _, err := d.Locate(obj); err != nil {
 		return drivers.ObjectInfo{}, err
 	}
 	var info drivers.ObjectInfo
-	err = d.withPool(ctx, obj.Store, func(_ *cluster, io *rados.IOContext) error {
-		var err error
-		info, err = stat(io, obj, name)
+	err := d.withPool(ctx, obj.Store, func(_ *cluster, io *rados.IOContext) error {
+		t, err := d.resolve(io, obj)
+		if err != nil {
+			return err
+		}
+		info, err = statTarget(io, obj, t)
 		return err
 	})
 	return info, err
@@ -201,6 +222,9 @@ func (d *Driver) Delete(ctx context.Context, obj drivers.DataObject) error {
 		return err
 	}
 	return d.withPool(ctx, obj.Store, func(_ *cluster, io *rados.IOContext) error {
+		if obj.Type == drivers.ObjectSnapshot {
+			return deleteSnapshot(io, name)
+		}
 		img, err := cephrbd.OpenImage(io, name, cephrbd.NoSnapshot)
 		if errno(err) == syscall.ENOENT {
 			return nil
@@ -228,6 +252,10 @@ func (d *Driver) Delete(ctx context.Context, obj drivers.DataObject) error {
 				img.Close()
 				return fmt.Errorf("image %s: remove snapshot %s: %w", name, s.Name, classify(err))
 			}
+			if err := unindexSnapshot(io, s.Name); err != nil {
+				img.Close()
+				return err
+			}
 		}
 		if err := img.Close(); err != nil {
 			return fmt.Errorf("image %s: %w", name, classify(err))
@@ -237,36 +265,6 @@ func (d *Driver) Delete(ctx context.Context, obj drivers.DataObject) error {
 		}
 		return nil
 	})
-}
-
-// GrantAccess implements drivers.Driver. Attach: qemu's rbd driver opens
-// rbd:POOL/IMAGE as the store's cephx user, with the monitors of the
-// store's URL; the host needs that user's keyring in
-// /etc/ceph/ceph.client.USER.keyring (the key never travels in a grant).
-// Reading or writing an image's bytes from an agent is not done yet.
-func (d *Driver) GrantAccess(ctx context.Context, obj drivers.DataObject, client drivers.Client) (drivers.Access, error) {
-	name, err := d.Locate(obj)
-	if err != nil {
-		return drivers.Access{}, err
-	}
-	if client.Purpose != drivers.PurposeAttach {
-		return drivers.Access{}, fmt.Errorf("an rbd image is opened by hypervisors only so far (rbd:), not read or written by agents (%s): %w",
-			client.Purpose, errdefs.ErrFailedPrecondition)
-	}
-	loc, err := parseLocation(obj.Store.URL, obj.Store.Details)
-	if err != nil {
-		return drivers.Access{}, err
-	}
-	if _, err := d.Stat(ctx, obj); err != nil {
-		return drivers.Access{}, err
-	}
-	mons := strings.ReplaceAll(strings.ReplaceAll(loc.monHost, ":", `\:`), ",", ";")
-	return drivers.Access{URI: drivers.URI(fmt.Sprintf("rbd:%s/%s:id=%s:mon_host=%s", loc.pool, name, loc.user, mons)), Format: drivers.FormatRaw}, nil
-}
-
-// RevokeAccess implements drivers.Driver: an rbd: grant holds nothing.
-func (d *Driver) RevokeAccess(ctx context.Context, obj drivers.DataObject, client drivers.Client, access drivers.Access) error {
-	return nil
 }
 
 // CanCopy implements drivers.Driver: no native copy yet (a volume from a
@@ -326,6 +324,9 @@ func (d *Driver) TakeSnapshot(ctx context.Context, snap drivers.SnapshotObject) 
 			return fmt.Errorf("image %s: %w", vol, classify(err))
 		}
 		defer img.Close()
+		if err := indexSnapshot(io, sname, vol); err != nil {
+			return err
+		}
 		if _, err := img.CreateSnapshot(sname); err != nil && errno(err) != syscall.EEXIST {
 			return fmt.Errorf("snapshot %s@%s: %w", vol, sname, classify(err))
 		}
@@ -333,7 +334,7 @@ func (d *Driver) TakeSnapshot(ctx context.Context, snap drivers.SnapshotObject) 
 		if err != nil {
 			return classify(err)
 		}
-		info = drivers.ObjectInfo{ID: snap.ID, Type: drivers.ObjectSnapshot, Key: vol + "@" + sname, Format: drivers.FormatRaw,
+		info = drivers.ObjectInfo{ID: snap.ID, Type: drivers.ObjectSnapshot, Key: sname, Format: drivers.FormatRaw,
 			Size: int64(size), StoredSize: int64(size), Method: "rbd-snapshot"}
 		return nil
 	})

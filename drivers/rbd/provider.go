@@ -49,7 +49,7 @@ func WithPeerClient(c *http.Client) Option { return func(d *Driver) { d.peer = c
 // New returns the provider; hosts are the agents, of which the hosts in a
 // store's scope attach it (they open its volumes with qemu's rbd driver).
 func New(hosts hostops.Selector, opts ...Option) *Provider {
-	d := &Driver{conns: &connections{}, fetch: http.DefaultClient, peer: http.DefaultClient}
+	d := &Driver{conns: &connections{}, fetch: http.DefaultClient, peer: http.DefaultClient, hosts: hosts}
 	for _, o := range opts {
 		o(d)
 	}
@@ -72,6 +72,9 @@ var _ drivers.LifeCycle = (*LifeCycle)(nil)
 // Initialize checks the URL and key, that the pool exists and no other
 // store owns it, claims it (the marker object) and reads its capacity.
 func (l *LifeCycle) Initialize(ctx context.Context, spec drivers.StoreSpec) (drivers.StoreInfo, error) {
+	if spec.ID == "" {
+		return drivers.StoreInfo{}, fmt.Errorf("rbd store %q: no store id: %w", spec.Name, errdefs.ErrInvalid)
+	}
 	if spec.Role != drivers.RolePrimary {
 		return drivers.StoreInfo{}, fmt.Errorf("an rbd store holds volumes (role primary), not %s: %w", spec.Role, errdefs.ErrInvalid)
 	}
@@ -186,6 +189,10 @@ func (d *Driver) capacity(ctx context.Context, store drivers.StoreInfo) (capacit
 		return 0, 0, fmt.Errorf("ceph df: %w", classify(err))
 	}
 	var df struct {
+		Stats struct {
+			TotalBytes int64 `json:"total_bytes"`
+			AvailBytes int64 `json:"total_avail_bytes"`
+		} `json:"stats"`
 		Pools []struct {
 			Name  string `json:"name"`
 			Stats struct {
@@ -202,5 +209,10 @@ func (d *Driver) capacity(ctx context.Context, store drivers.StoreInfo) (capacit
 			return p.Stats.BytesUsed + p.Stats.MaxAvail, p.Stats.MaxAvail, nil
 		}
 	}
-	return 0, 0, fmt.Errorf("ceph df lists no pool %s: %w", loc.pool, errdefs.ErrNotFound)
+	// A pool made moments ago is not in the statistics until the manager
+	// has seen its placement groups: the cluster's raw figures meanwhile.
+	if err := d.withPool(ctx, store, func(*cluster, *rados.IOContext) error { return nil }); err != nil {
+		return 0, 0, err
+	}
+	return df.Stats.TotalBytes, df.Stats.AvailBytes, nil
 }
