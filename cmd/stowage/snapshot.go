@@ -123,7 +123,7 @@ func printSnapshot(w io.Writer, r *stowagev1.GetSnapshotResponse) {
 	rows := [][]string{}
 	for _, o := range r.GetStores() {
 		rows = append(rows, []string{enumName(o.GetRole()), o.GetStoreId(), enumName(o.GetState()), orDash(o.GetInstallPath()),
-			humanBytes(o.GetSize()), humanBytes(o.GetNewBytes()), humanBytes(o.GetReusedBytes()), orDash(o.GetError())})
+			humanBytes(o.GetSize()), humanBytes(o.GetReadBytes()), humanBytes(o.GetNewBytes()), humanBytes(o.GetReusedBytes()), orDash(o.GetError())})
 	}
-	table(w, []string{"ROLE", "STORE", "STATE", "PATH", "SIZE", "NEW", "REUSED", "ERROR"}, rows)
+	table(w, []string{"ROLE", "STORE", "STATE", "PATH", "SIZE", "READ", "NEW", "REUSED", "ERROR"}, rows)
 }

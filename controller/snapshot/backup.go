@@ -10,6 +10,7 @@ import (
 	"github.com/stowage/stowage/controller/jobs"
 	"github.com/stowage/stowage/controller/meta"
 	"github.com/stowage/stowage/controller/motion"
+	"github.com/stowage/stowage/controller/volume"
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/errdefs"
 	"github.com/stowage/stowage/hostops"
@@ -73,6 +74,7 @@ func (h backupHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 	err = s.db.Txn(ctx, func(tx *meta.Tx) error {
 		if _, err := meta.SnapshotsOnStore.TransitionTx(tx, ref.GetId(), 0, meta.ObjectOperationSucceeded, func(r *stowagev1.SnapshotOnStore) error {
 			r.Size, r.PhysicalSize, r.NewBytes, r.ReusedBytes, r.Chunks, r.ZeroChunks = info.Size, info.NewBytes, info.NewBytes, info.ReusedBytes, info.Chunks, info.ZeroChunks
+			r.ReadBytes = info.ReadBytes
 			return nil
 		}); err != nil {
 			return err
@@ -83,7 +85,7 @@ func (h backupHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 		})
 		return err
 	})
-	rep.Result("backup of snapshot %s: %d chunks, %d new bytes stored, %d reused, %d zero chunks skipped", sn.GetId(), info.Chunks, info.NewBytes, info.ReusedBytes, info.ZeroChunks)
+	rep.Result("backup of snapshot %s: %d chunks, %d bytes read, %d new bytes stored, %d reused, %d zero chunks skipped", sn.GetId(), info.Chunks, info.ReadBytes, info.NewBytes, info.ReusedBytes, info.ZeroChunks)
 	return err
 }
 
@@ -179,11 +181,59 @@ func (s *Service) backup(ctx context.Context, prefer string, primary *stowagev1.
 			parentManifest = pa.Manifest
 		}
 	}
-	info, err := ch.Endpoint.BackupImage(ctx, hostops.BackupRequest{
+	req := hostops.BackupRequest{
 		Source: srcRef, SourceURI: srcURI, SourceFormat: snap.Format, Chunks: hostops.ChunkStore{URI: ba.Chunks, Secret: ba.Secret},
 		Manifest: ba.Manifest, ParentManifest: parentManifest, ChunkSize: ChunkSize,
-	}, progress)
+	}
+	if parentManifest != "" {
+		req.Changed, req.ChangedKnown = s.changedSince(ctx, pd, primary, src, parent)
+	}
+	info, err := ch.Endpoint.BackupImage(ctx, req, progress)
 	return info, parentManifest, err
+}
+
+// changedSince asks the primary store's driver, when it tracks changes
+// (drivers.ChangeTracker: RBD's diff), what changed in snapshot copy src
+// since the snapshot parent backs up, whose copy must still be on the same
+// primary store. known is false when the driver cannot say: the backup
+// then reads the whole snapshot (writing only the chunks the parent lacks).
+func (s *Service) changedSince(ctx context.Context, pd drivers.Driver, primary *stowagev1.DataStore, src, parent *stowagev1.SnapshotOnStore) ([]drivers.Extent, bool) {
+	ct, ok := pd.(drivers.ChangeTracker)
+	if !ok {
+		return nil, false
+	}
+	prefs, err := s.db.SnapshotsOnStore().ListBy(ctx, meta.IndexSnapshotID, parent.GetSnapshotId())
+	if err != nil {
+		return nil, false
+	}
+	var since *stowagev1.SnapshotOnStore
+	for _, r := range prefs {
+		if r.GetStoreId() == primary.GetId() && r.GetState() == stowagev1.ObjectState_OBJECT_STATE_READY {
+			since = r
+		}
+	}
+	sn, err := s.db.Snapshots().Get(ctx, src.GetSnapshotId())
+	if since == nil || err != nil {
+		return nil, false
+	}
+	v, err := s.db.Volumes().Get(ctx, sn.GetVolumeId())
+	if err != nil {
+		return nil, false
+	}
+	vol, err := volume.VolumeObject(primary, v)
+	if err != nil {
+		return nil, false
+	}
+	a, err1 := s.volumes.SnapshotObject(ctx, primary, src)
+	b, err2 := s.volumes.SnapshotObject(ctx, primary, since)
+	if err1 != nil || err2 != nil {
+		return nil, false
+	}
+	changed, err := ct.Changed(ctx, drivers.SnapshotObject{DataObject: a, Volume: vol}, drivers.SnapshotObject{DataObject: b, Volume: vol})
+	if err != nil {
+		return nil, false
+	}
+	return changed, true
 }
 
 // ChunkSize is the backup chunk size.

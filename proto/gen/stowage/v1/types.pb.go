@@ -1998,8 +1998,12 @@ type SnapshotOnStore struct {
 	// (GrantSnapshotAccess); the snapshot is not deleted while it is held.
 	NbdExportUri   string `protobuf:"bytes,16,opt,name=nbd_export_uri,json=nbdExportUri,proto3" json:"nbd_export_uri,omitempty"`
 	AttachedHostId string `protobuf:"bytes,17,opt,name=attached_host_id,json=attachedHostId,proto3" json:"attached_host_id,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// For a backup: the bytes it read from the snapshot (an incremental
+	// backup whose primary store tracks changes, such as RBD's diff, reads
+	// only the chunks that changed).
+	ReadBytes     int64 `protobuf:"varint,18,opt,name=read_bytes,json=readBytes,proto3" json:"read_bytes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *SnapshotOnStore) Reset() {
@@ -2149,6 +2153,13 @@ func (x *SnapshotOnStore) GetAttachedHostId() string {
 		return x.AttachedHostId
 	}
 	return ""
+}
+
+func (x *SnapshotOnStore) GetReadBytes() int64 {
+	if x != nil {
+		return x.ReadBytes
+	}
+	return 0
 }
 
 // PlanStep is one step of a job's persisted plan.
@@ -3480,7 +3491,7 @@ const file_stowage_v1_types_proto_rawDesc = "" +
 	"\x04name\x18\t \x01(\tR\x04name\x12\x16\n" +
 	"\x06method\x18\n" +
 	" \x01(\tR\x06method\x12\x14\n" +
-	"\x05error\x18\v \x01(\tR\x05error\"\xb2\x04\n" +
+	"\x05error\x18\v \x01(\tR\x05error\"\xd1\x04\n" +
 	"\x0fSnapshotOnStore\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1f\n" +
 	"\vsnapshot_id\x18\x02 \x01(\tR\n" +
@@ -3501,7 +3512,9 @@ const file_stowage_v1_types_proto_rawDesc = "" +
 	"zeroChunks\x12\x14\n" +
 	"\x05error\x18\x0f \x01(\tR\x05error\x12$\n" +
 	"\x0enbd_export_uri\x18\x10 \x01(\tR\fnbdExportUri\x12(\n" +
-	"\x10attached_host_id\x18\x11 \x01(\tR\x0eattachedHostId\"\xc9\x01\n" +
+	"\x10attached_host_id\x18\x11 \x01(\tR\x0eattachedHostId\x12\x1d\n" +
+	"\n" +
+	"read_bytes\x18\x12 \x01(\x03R\treadBytes\"\xc9\x01\n" +
 	"\bPlanStep\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x17\n" +
 	"\ahost_id\x18\x02 \x01(\tR\x06hostId\x12\x16\n" +
