@@ -3,6 +3,8 @@
 package main
 
 import (
+	"encoding/json"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -20,8 +22,10 @@ func init() { buildTags = append(buildTags, "ceph", "pacific") }
 // through the CLI. A wrong key is refused as unauthenticated and adds
 // nothing; with the right one the store is Up with the pool's capacity; a
 // blank volume is an RBD image; its grant is an rbd: URI qemu writes
-// through; a snapshot, a write and a revert bring the first data back;
-// deleting the volume removes the image and its snapshot.
+// through; a snapshot, a write and a revert bring the first data back; a
+// qcow2 template becomes two RBD clones; backups, restores and migrations
+// move bytes in and out of the pool (rbdBackupsAndMigration); deleting the
+// volume removes the image and its snapshot.
 func TestRBDStoreEndToEnd(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts a Ceph cluster and processes")
@@ -198,10 +202,179 @@ func TestRBDStoreEndToEnd(t *testing.T) {
 	}
 	t.Logf("two volumes cloned from one imported template: %v", clones)
 
+	rbdBackupsAndMigration(t, server, hostRoot, keyring, sh)
+
 	if _, errOut, code := cli(t, server, "volume", "delete", vol.ID, "--wait"); code != 0 {
 		t.Fatalf("volume delete: exit %d %s", code, errOut)
 	}
 	if images := sh("rbd", "ls", "stowage"); strings.Contains(images, vol.InstallPath) {
 		t.Errorf("the image is left after the delete:\n%s", images)
+	}
+}
+
+// rbdVolume is what the tests read of a volume.
+type rbdVolume struct {
+	ID            string `json:"id"`
+	StoreID       string `json:"storeId"`
+	State         string `json:"state"`
+	InstallPath   string `json:"installPath"`
+	InstallMethod string `json:"installMethod"`
+	Format        string `json:"format"`
+}
+
+func getVolume(t *testing.T, server, name string) rbdVolume {
+	t.Helper()
+	var g struct {
+		Volume rbdVolume `json:"volume"`
+	}
+	cliJSON(t, server, &g, "volume", "get", name)
+	return g.Volume
+}
+
+// rbdBackupsAndMigration: on rbd store ceph1 (pool stowage, user
+// stowage-e2e) and image store img of a running controller and agent h1,
+// with a new directory store dir1:
+//   - two backups of a volume: the first reads the volume's data, the
+//     second (64 KiB written since) reads only the 4 MiB chunk rbd diff
+//     names; a volume copied onto dir1 from the primary snapshot, and one
+//     restored onto dir1 from the backup after the RBD volume and its
+//     snapshots are gone, are both byte-equal to the snapshot;
+//   - a volume migrates dir1 -> ceph1 -> dir1, byte-equal at each step, its
+//     source removed each time. The agent serves the RBD images over NBD
+//     through qemu-storage-daemon's rbd driver (h1 has librbd; a host
+//     without it would read the same export over the network).
+func rbdBackupsAndMigration(t *testing.T, server, hostRoot, keyring string, sh func(string, ...string) string) {
+	t.Helper()
+	if _, errOut, code := cli(t, server, "store", "add", "--name", "dir1", "--role", "primary", "--url", "file://"+filepath.Join(hostRoot, "dir1"), "--scope", "z1"); code != 0 {
+		t.Fatalf("directory store: %s", errOut)
+	}
+	rbdDrive := func(image string) string { return "rbd:stowage/" + image + ":id=stowage-e2e:keyring=" + keyring }
+	dirFile := func(v rbdVolume) string { return filepath.Join(hostRoot, "dir1", v.InstallPath) }
+
+	if _, errOut, code := cli(t, server, "volume", "create", "--name", "b1", "--size", "64M", "--store", "ceph1", "--wait"); code != 0 {
+		t.Fatalf("volume b1: exit %d %s", code, errOut)
+	}
+	b1 := getVolume(t, server, "b1")
+	sh("qemu-io", "-f", "raw", "-c", "write -P 0x11 0 16M", rbdDrive(b1.InstallPath))
+	type ref struct {
+		Role      string `json:"role"`
+		State     string `json:"state"`
+		ReadBytes string `json:"readBytes"`
+		NewBytes  string `json:"newBytes"`
+	}
+	backup := func(name string) (id string, read, stored int64) {
+		t.Helper()
+		if _, errOut, code := cli(t, server, "snapshot", "take", b1.ID, "--name", name, "--wait"); code != 0 {
+			t.Fatalf("snapshot %s: exit %d %s", name, code, errOut)
+		}
+		var list struct {
+			Snapshots []struct {
+				ID   string `json:"id"`
+				Name string `json:"name"`
+			} `json:"snapshots"`
+		}
+		cliJSON(t, server, &list, "snapshot", "list", "--volume", b1.ID)
+		for _, s := range list.Snapshots {
+			if s.Name == name {
+				id = s.ID
+			}
+		}
+		if _, errOut, code := cli(t, server, "snapshot", "backup", id, "--store", "img", "--wait"); code != 0 {
+			t.Fatalf("backup of %s: exit %d %s", name, code, errOut)
+		}
+		var got struct {
+			Stores []ref `json:"stores"`
+		}
+		cliJSON(t, server, &got, "snapshot", "get", id)
+		for _, r := range got.Stores {
+			if r.Role == "STORE_ROLE_IMAGE" && r.State == "OBJECT_STATE_READY" {
+				fmt.Sscan(r.ReadBytes, &read)
+				fmt.Sscan(r.NewBytes, &stored)
+				return id, read, stored
+			}
+		}
+		t.Fatalf("snapshot %s has no Ready backup: %+v", name, got)
+		return
+	}
+	s1, read1, new1 := backup("bs1")
+	sh("qemu-io", "-f", "raw", "-c", "write -P 0x22 40M 64k", rbdDrive(b1.InstallPath))
+	s2, read2, new2 := backup("bs2")
+	t.Logf("backups of a 64 MiB RBD volume: full read %d bytes (stored %d), incremental read %d bytes (stored %d)", read1, new1, read2, new2)
+	if read1 < 16<<20 || read1 > 20<<20 {
+		t.Errorf("the full backup read %d bytes, want the volume's 16 MiB of data (its holes not read)", read1)
+	}
+	if read2 <= 0 || read2 > 4<<20 {
+		t.Errorf("the incremental backup read %d bytes, want one 4 MiB chunk at most (the 64 KiB changed since the first)", read2)
+	}
+
+	// From the primary snapshot (an NBD export of the RBD snapshot) onto dir1.
+	if _, errOut, code := cli(t, server, "volume", "create", "--name", "fromsnap", "--snapshot", s2, "--store", "dir1", "--format", "raw", "--wait"); code != 0 {
+		t.Fatalf("volume from the primary snapshot: exit %d %s", code, errOut)
+	}
+	fromSnap := getVolume(t, server, "fromsnap")
+	snapDrive := rbdDrive(b1.InstallPath + "@snap-" + s2)
+	if out := sh("qemu-img", "compare", "-f", "raw", "-F", "raw", dirFile(fromSnap), snapDrive); !strings.Contains(out, "Images are identical") {
+		t.Errorf("the volume copied from snapshot bs2 differs from it:\n%s", out)
+	}
+	// Once the RBD volume and its snapshots are gone, from the backup.
+	if _, errOut, code := cli(t, server, "volume", "delete", b1.ID, "--wait"); code != 0 {
+		t.Fatalf("delete b1: exit %d %s", code, errOut)
+	}
+	if images := sh("rbd", "ls", "stowage"); strings.Contains(images, b1.InstallPath) {
+		t.Errorf("b1's image is left after its delete:\n%s", images)
+	}
+	if _, errOut, code := cli(t, server, "volume", "create", "--name", "restored", "--snapshot", s2, "--store", "dir1", "--format", "raw", "--wait"); code != 0 {
+		t.Fatalf("restore from the backup: exit %d %s", code, errOut)
+	}
+	restored := getVolume(t, server, "restored")
+	if restored.InstallMethod != "restore" {
+		t.Errorf("volume restored: method %q, want restore (from the backup)", restored.InstallMethod)
+	}
+	if out := sh("qemu-img", "compare", "-f", "raw", "-F", "raw", dirFile(fromSnap), dirFile(restored)); !strings.Contains(out, "Images are identical") {
+		t.Errorf("the volume restored from the incremental backup differs from the snapshot:\n%s", out)
+	}
+	_ = s1
+
+	// Migration directory -> rbd -> directory.
+	if _, errOut, code := cli(t, server, "volume", "create", "--name", "m1", "--size", "32M", "--store", "dir1", "--format", "raw", "--wait"); code != 0 {
+		t.Fatalf("volume m1: exit %d %s", code, errOut)
+	}
+	m1 := getVolume(t, server, "m1")
+	sh("qemu-io", "-f", "raw", "-c", "write -P 0x33 0 8M", "-c", "write -P 0x44 20M 1M", dirFile(m1))
+	want := filepath.Join(t.TempDir(), "m1.raw")
+	sh("cp", "--sparse=always", dirFile(m1), want)
+	if _, errOut, code := cli(t, server, "volume", "migrate", m1.ID, "--store", "ceph1", "--wait"); code != 0 {
+		t.Fatalf("migrate m1 to rbd: exit %d %s", code, errOut)
+	}
+	onRBD := getVolume(t, server, "m1")
+	if onRBD.State != "VOLUME_STATE_READY" || !strings.HasPrefix(onRBD.InstallPath, "volume-") {
+		t.Fatalf("m1 after its migration to rbd: %+v", onRBD)
+	}
+	if out := sh("qemu-img", "compare", "-f", "raw", "-F", "raw", want, rbdDrive(onRBD.InstallPath)); !strings.Contains(out, "Images are identical") {
+		t.Errorf("m1 on rbd differs from what it was:\n%s", out)
+	}
+	var du struct {
+		Images []struct {
+			Used int64 `json:"used_size"`
+		} `json:"images"`
+	}
+	if err := json.Unmarshal([]byte(sh("rbd", "du", "--format", "json", "stowage/"+onRBD.InstallPath)), &du); err != nil || len(du.Images) != 1 {
+		t.Fatalf("rbd du: %v %+v", err, du)
+	}
+	if used := du.Images[0].Used; used > 12<<20 {
+		t.Errorf("m1 on rbd uses %d bytes, want the 4 MiB objects its 9 MiB of data fall in (12 MiB): its holes were written", used)
+	}
+	if _, err := os.Stat(dirFile(m1)); !os.IsNotExist(err) {
+		t.Errorf("m1's file on dir1 remains after its migration: %v", err)
+	}
+	if _, errOut, code := cli(t, server, "volume", "migrate", m1.ID, "--store", "dir1", "--wait"); code != 0 {
+		t.Fatalf("migrate m1 back to dir1: exit %d %s", code, errOut)
+	}
+	back := getVolume(t, server, "m1")
+	if out := sh("qemu-img", "compare", "-f", "raw", "-F", "raw", want, dirFile(back)); !strings.Contains(out, "Images are identical") {
+		t.Errorf("m1 back on dir1 differs from what it was:\n%s", out)
+	}
+	if images := sh("rbd", "ls", "stowage"); strings.Contains(images, onRBD.InstallPath) {
+		t.Errorf("m1's image is left on rbd after its migration back:\n%s", images)
 	}
 }

@@ -90,6 +90,13 @@ func (d *Driver) Locate(obj drivers.DataObject) (string, error) {
 	return "", fmt.Errorf("an rbd store holds no %s: %w", obj.Type, errdefs.ErrInvalid)
 }
 
+// imageFeatures are those of every image Stowage makes, Ceph's default
+// set: layering (clones); exclusive-lock, object-map and fast-diff, with
+// which a diff (rbd diff, DiffIterate, qemu's block status over an NBD
+// export) reads the object map instead of listing objects, so holes are
+// known without reading; deep-flatten.
+const imageFeatures = cephrbd.FeatureLayering | cephrbd.FeatureExclusiveLock | cephrbd.FeatureObjectMap | cephrbd.FeatureFastDiff | cephrbd.FeatureDeepFlatten
+
 var objectID = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$`)
 
 func checkRaw(obj drivers.DataObject) error {
@@ -119,7 +126,7 @@ func (d *Driver) Create(ctx context.Context, obj drivers.DataObject) (drivers.Ob
 		if err := opts.SetUint64(cephrbd.ImageOptionOrder, 22); err != nil {
 			return classify(err)
 		}
-		if err := opts.SetUint64(cephrbd.ImageOptionFeatures, cephrbd.FeatureLayering); err != nil {
+		if err := opts.SetUint64(cephrbd.ImageOptionFeatures, imageFeatures); err != nil {
 			return classify(err)
 		}
 		if err := cephrbd.CreateImage(io, name, uint64(obj.Size), opts); err != nil && errno(err) != syscall.EEXIST {
@@ -388,7 +395,7 @@ func (d *Driver) Clone(ctx context.Context, spec drivers.CloneSpec, progress dri
 		}
 		opts := cephrbd.NewRbdImageOptions()
 		defer opts.Destroy()
-		if err := opts.SetUint64(cephrbd.ImageOptionFeatures, cephrbd.FeatureLayering); err != nil {
+		if err := opts.SetUint64(cephrbd.ImageOptionFeatures, imageFeatures); err != nil {
 			return classify(err)
 		}
 		if err := cephrbd.CloneImage(io, base, baseSnapshot, io, dst, opts); err != nil && errno(err) != syscall.EEXIST {
