@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 // The stowage binary of this test run gets the rbd provider.
@@ -144,6 +145,29 @@ func TestRBDStoreEndToEnd(t *testing.T) {
 	if got := sh("qemu-io", "-f", "raw", "-c", "read -P 0x5a 0 1M", drive); strings.Contains(got, "Pattern verification failed") {
 		t.Errorf("after the revert the volume does not read the snapshot's data:\n%s", got)
 	}
+	// A host without librbd (h2 serves no NBD, so it reports no
+	// rbd_export) is granted an NBD export of the volume that h1 serves
+	// through its qemu-storage-daemon's rbd driver: qemu on h2 opens it.
+	agentProc(t, server, "h2", "z1", "c1", filepath.Join(hostRoot, "a2"), "--nbd-listen", "")
+	waitFor(t, "h2 Up", 20*time.Second, func() bool { return hostState(t, server, "h2") == "HOST_STATE_UP" })
+	out, errOut, code = cli(t, server, "volume", "access", vol.ID, "--host", "h2")
+	if nbdURI := strings.TrimSpace(out); code != 0 || !strings.HasPrefix(nbdURI, "nbd://") {
+		t.Errorf("attach grant for a host without librbd: exit %d %q %s, want an nbd:// export", code, nbdURI, errOut)
+	} else {
+		if got := sh("qemu-io", "-f", "raw", "-c", "read -P 0x5a 0 1M", "-c", "write -P 0x6b 2M 64k", nbdURI); strings.Contains(got, "Pattern verification failed") {
+			t.Errorf("the volume read over the nbd export:\n%s", got)
+		}
+		if got := sh("qemu-io", "-f", "raw", "-c", "read -P 0x6b 2M 64k", drive); strings.Contains(got, "Pattern verification failed") {
+			t.Errorf("a write through the nbd export is not in the image:\n%s", got)
+		}
+		if _, errOut, code := cli(t, server, "volume", "access", vol.ID, "--host", "h2", "--revoke"); code != 0 {
+			t.Fatalf("revoke h2's grant: %s", errOut)
+		}
+		if _, err := exec.Command("qemu-io", "-f", "raw", "-c", "read 0 4k", nbdURI).CombinedOutput(); err == nil {
+			t.Errorf("the nbd export still answers after its revoke")
+		}
+	}
+
 	// A template: imported into the pool once (another store's host makes
 	// a raw staging copy and exports it; the controller writes it through
 	// librbd, zero blocks skipped), then each volume from it is an RBD

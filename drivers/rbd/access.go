@@ -21,11 +21,13 @@ import (
 
 // GrantAccess implements drivers.Driver.
 //
-//   - Attach (Transport "" or "rbd"): qemu's rbd driver opens
-//     rbd:POOL/IMAGE:id=USER:mon_host=... as the store's cephx user; the
-//     hypervisor host needs that user's keyring
-//     (/etc/ceph/ceph.client.USER.keyring; the key is never in a grant).
-//   - Attach with Transport "nbd", read and write: an agent serves the
+//   - Attach (Transport "rbd", or "" for a host in the store's scope with
+//     qemu's rbd driver): qemu opens rbd:POOL/IMAGE:id=USER:mon_host=...
+//     as the store's cephx user; the hypervisor host needs that user's
+//     keyring (/etc/ceph/ceph.client.USER.keyring; the key is never in a
+//     grant).
+//   - Attach with Transport "nbd" or from any other host, read and
+//     write: an agent serves the
 //     image (a snapshot read-only) over NBD through its qemu-storage-daemon's
 //     rbd driver: the client host itself when it can (capability
 //     rbd_export), else another Up host of the store's scope that can, so
@@ -43,10 +45,17 @@ func (d *Driver) GrantAccess(ctx context.Context, obj drivers.DataObject, client
 	}
 	switch client.Purpose {
 	case drivers.PurposeAttach:
-		if client.Transport == "nbd" {
+		switch client.Transport {
+		case "nbd":
 			return d.export(ctx, loc, obj, client, false)
-		}
-		if client.Transport != "" && client.Transport != "rbd" {
+		case "rbd":
+		case "":
+			if !d.hasLibrbd(ctx, obj.Store.Scope, client.HostID) {
+				// A host without librbd, or outside the store's
+				// scope: an export from one that has it.
+				return d.export(ctx, loc, obj, client, false)
+			}
+		default:
 			return drivers.Access{}, fmt.Errorf("an rbd image is attached as rbd: or nbd, not %s: %w", client.Transport, errdefs.ErrFailedPrecondition)
 		}
 		info, err := d.Stat(ctx, obj)
@@ -141,6 +150,22 @@ func (d *Driver) exportHost(ctx context.Context, scope drivers.Scope, client str
 		return nil, fmt.Errorf("a host to serve the rbd image over nbd: %w", err)
 	}
 	return h, nil
+}
+
+// hasLibrbd says whether host opens rbd: itself: it is Up in scope and has
+// qemu's rbd driver (capability rbd_export). Without agents to ask, or
+// when no host of the scope has it, every host is taken to (the rbd:
+// grant of a store whose hosts were set up by hand).
+func (d *Driver) hasLibrbd(ctx context.Context, scope drivers.Scope, host string) bool {
+	if d.hosts == nil {
+		return true
+	}
+	h, err := d.exportHost(ctx, scope, host)
+	if err != nil {
+		in, ierr := d.hosts.InScope(ctx, host, scope)
+		return ierr == nil && in
+	}
+	return h.HostID() == host
 }
 
 // RevokeAccess implements drivers.Driver: an NBD export ends on the host
