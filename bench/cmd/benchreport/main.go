@@ -203,6 +203,14 @@ func scenarios() []scenario {
 			trim: func(n string) string { _, t, _ := strings.Cut(n, "): "); return t }, targets: []string{"qemu-img convert -n"}, min: 1.0},
 		{title: "sparse image (10% data) into an iSCSI LUN (bench/iscsi.sh)", sec: "i", match: prefix("sparse into a LUN"),
 			trim: func(n string) string { _, t, _ := strings.Cut(n, "): "); return t }, targets: []string{"qemu-img convert -n"}, min: 1.0},
+		// bench/rbd.sh: a Ceph RBD primary store
+		{title: "rbd: volume from a cached template, RBD clone vs directory qcow2 linked clone, p50", sec: "k", match: suffix(", p50"),
+			trim: trimSuffix(", p50"), targets: []string{"directory store linked clone"}, unit: "ms"},
+		{title: "rbd: volume from a cached template, RBD clone vs directory qcow2 linked clone, p99", sec: "k", match: suffix(", p99"),
+			trim: trimSuffix(", p99"), targets: []string{"directory store linked clone"}, unit: "ms"},
+		{title: "rbd: template import into the pool (+ first clone) vs qemu-img convert to rbd:", sec: "k",
+			match: func(n string) bool { return strings.Contains(n, "import") || strings.HasPrefix(n, "qemu-img convert") }, trim: same,
+			targets: []string{"qemu-img convert"}, unit: "ms"},
 	}, scaleScenarios(oneOf, same)...)
 }
 
