@@ -8,14 +8,17 @@
 // protected snapshot: no byte copied.
 //
 // The control operations (create, delete, resize, snapshot, clone, stat,
-// pool capacity) run where the provider runs, the controller, through
-// librbd and librados (github.com/ceph/go-ceph, cgo), as Cinder's RBD
-// driver does; the controller needs the monitors' addresses and a key.
-// Hypervisors open a volume as rbd:POOL/IMAGE (qemu's rbd driver).
+// diff, pool capacity) run where the provider runs, the controller,
+// through librbd and librados (github.com/ceph/go-ceph, cgo), as Cinder's
+// RBD driver does; the controller needs the monitors' addresses and a key.
+// Bytes move through agents: GrantAccess has an agent whose
+// qemu-storage-daemon has qemu's rbd driver (capability rbd_export) serve
+// the image, or a snapshot of it, over NBD, and the data motion reads and
+// writes that export as any other URI (copies to and from other stores,
+// templates cached in the pool, backups; Changed gives an incremental
+// backup the ranges rbd diff names). Hypervisors with librbd open a volume
+// as rbd:POOL/IMAGE; others get an NBD export.
 //
 // Built with -tags ceph (and pacific for Debian 12's Ceph 16.2 librbd):
-// a binary built without it has no rbd provider. Not done yet (Stowage
-// issue 18): moving bytes into and out of a pool (template import through
-// librbd, copies to and from other stores, NBD access for hosts without
-// librbd), backups by rbd diff.
+// a binary built without it has no rbd provider.
 package rbd
