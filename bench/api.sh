@@ -43,13 +43,6 @@ rm -rf "$W"
 mkdir -p "$W"
 trap cleanup EXIT
 
-freeport() {
-    local p
-    for p in $(shuf -i 20000-40000 -n 50); do
-        [[ -z $(ss -Hltn "sport = :$p" 2>/dev/null) ]] && { echo "$p"; return 0; }
-    done
-    return 1
-}
 P1=$(freeport) P2=$(freeport)
 export STOWAGE_CONFIG=$W/client.json
 "$BIN" dev --data "$W/data" --listen "127.0.0.1:$P1" --agent-listen "127.0.0.1:$P2" --nbd-listen "" \

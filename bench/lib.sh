@@ -95,3 +95,12 @@ wait_nbd() {
     done
     return 1
 }
+
+# freeport: a TCP port nothing listens on (a few tries among 20000-40000)
+freeport() {
+    local p
+    for p in $(shuf -i 20000-40000 -n 50); do
+        [[ -z $(ss -Hltn "sport = :$p" 2>/dev/null) ]] && { echo "$p"; return 0; }
+    done
+    return 1
+}

@@ -70,13 +70,6 @@ MON=$(sed -n 's/^mon host = .*v1:\([0-9.:]*\)\].*/\1/p' "$CEPH_CONF")
 [[ -n $MON ]] || { log "no v1 monitor address in $CEPH_CONF"; exit 1; }
 rbdc() { rbd --id stowage-bench --keyring "$KEYRING" "$@"; }
 
-freeport() {
-    local p
-    for p in $(shuf -i 20000-40000 -n 50); do
-        [[ -z $(ss -Hltn "sport = :$p" 2>/dev/null) ]] && { echo "$p"; return 0; }
-    done
-    return 1
-}
 P1=$(freeport) P2=$(freeport) P3=$(freeport)
 export STOWAGE_CONFIG=$W/client.json
 "$BIN" dev --data "$W/data" --listen "127.0.0.1:$P1" --agent-listen "127.0.0.1:$P2" --nbd-listen "127.0.0.1:$P3" \

@@ -56,13 +56,6 @@ rm -rf "$W"
 mkdir -p "$W"
 trap cleanup EXIT
 
-freeport() {
-    local p
-    for p in $(shuf -i 20000-40000 -n 50); do
-        [[ -z $(ss -Hltn "sport = :$p" 2>/dev/null) ]] && { echo "$p"; return 0; }
-    done
-    return 1
-}
 export GOFLAGS="${GOFLAGS:+$GOFLAGS }-buildvcs=false"
 if [[ -z ${BIN:-} ]]; then
     log "building stowage"

@@ -114,22 +114,11 @@ func (l *Local) BackupInto(ctx context.Context, t ChunkTarget, source string, so
 	if err != nil {
 		return BackupInfo{}, err
 	}
-	var parent *chunkstore.Manifest
-	if t.Parent != "" {
-		if parent, err = t.Store.Manifest(ctx, t.Parent); err != nil {
-			return BackupInfo{}, fmt.Errorf("parent: %w", err)
-		}
-	}
-	unlock, err := l.locks.lock(ctx, t.Manifest)
-	if err != nil {
-		return BackupInfo{}, err
+	parent, unlock, done, err := l.startBackup(ctx, t)
+	if err != nil || done != nil {
+		return deref(done), err
 	}
 	defer unlock()
-	if m, err := t.Store.Manifest(ctx, t.Manifest); err == nil {
-		return manifestInfo(t.Manifest, m), nil
-	} else if !errors.Is(err, errdefs.ErrNotFound) {
-		return BackupInfo{}, fmt.Errorf("%s exists and is not a manifest (%v): %w", t.Manifest, err, errdefs.ErrAlreadyExists)
-	}
 	si, err := l.openDeclared(ctx, src, srcFormat, false)
 	if err != nil {
 		return BackupInfo{}, err
@@ -184,23 +173,11 @@ func (l *Local) BackupInto(ctx context.Context, t ChunkTarget, source string, so
 // parent's, not read. A manifest already at t.Manifest is returned as it
 // is (a retried step).
 func (l *Local) BackupFromURI(ctx context.Context, t ChunkTarget, uri string, chunkSize int64, changedKnown bool, changed []drivers.Extent, progress drivers.Progress) (BackupInfo, error) {
-	var parent *chunkstore.Manifest
-	var err error
-	if t.Parent != "" {
-		if parent, err = t.Store.Manifest(ctx, t.Parent); err != nil {
-			return BackupInfo{}, fmt.Errorf("parent: %w", err)
-		}
-	}
-	unlock, err := l.locks.lock(ctx, t.Manifest)
-	if err != nil {
-		return BackupInfo{}, err
+	parent, unlock, done, err := l.startBackup(ctx, t)
+	if err != nil || done != nil {
+		return deref(done), err
 	}
 	defer unlock()
-	if m, err := t.Store.Manifest(ctx, t.Manifest); err == nil {
-		return manifestInfo(t.Manifest, m), nil
-	} else if !errors.Is(err, errdefs.ErrNotFound) {
-		return BackupInfo{}, fmt.Errorf("%s exists and is not a manifest (%v): %w", t.Manifest, err, errdefs.ErrAlreadyExists)
-	}
 	src, err := stream.OpenSource(ctx, uri, l.peerSource(qemuimg.FormatRaw))
 	if err != nil {
 		return BackupInfo{}, err
@@ -217,6 +194,38 @@ func (l *Local) BackupFromURI(ctx context.Context, t ChunkTarget, uri string, ch
 	info := manifestInfo(t.Manifest, m)
 	info.NewChunks, info.NewBytes, info.ReusedBytes, info.ReadBytes = st.NewChunks, st.NewBytes, st.ReusedBytes, st.ReadBytes
 	return info, nil
+}
+
+// startBackup reads t's parent manifest (if any) and takes t.Manifest's
+// lock (unlock releases it); done is the backup when its manifest already
+// exists (a retried step), and the lock is then released.
+func (l *Local) startBackup(ctx context.Context, t ChunkTarget) (parent *chunkstore.Manifest, unlock func(), done *BackupInfo, err error) {
+	if t.Parent != "" {
+		if parent, err = t.Store.Manifest(ctx, t.Parent); err != nil {
+			return nil, nil, nil, fmt.Errorf("parent: %w", err)
+		}
+	}
+	if unlock, err = l.locks.lock(ctx, t.Manifest); err != nil {
+		return nil, nil, nil, err
+	}
+	m, err := t.Store.Manifest(ctx, t.Manifest)
+	switch {
+	case err == nil:
+		unlock()
+		info := manifestInfo(t.Manifest, m)
+		return nil, nil, &info, nil
+	case !errors.Is(err, errdefs.ErrNotFound):
+		unlock()
+		return nil, nil, nil, fmt.Errorf("%s exists and is not a manifest (%v): %w", t.Manifest, err, errdefs.ErrAlreadyExists)
+	}
+	return parent, unlock, nil, nil
+}
+
+func deref(b *BackupInfo) BackupInfo {
+	if b == nil {
+		return BackupInfo{}
+	}
+	return *b
 }
 
 // outside returns a function telling whether [off, off+n) misses every

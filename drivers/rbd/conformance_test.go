@@ -3,54 +3,24 @@
 package rbd
 
 import (
-	"context"
 	"fmt"
-	"net"
-	"net/http/httptest"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"sync/atomic"
 	"testing"
 
 	"github.com/stowage/stowage/agent"
-	"github.com/stowage/stowage/agent/exports"
-	"github.com/stowage/stowage/agent/hostfs"
-	"github.com/stowage/stowage/agent/nbdexports"
+	"github.com/stowage/stowage/agent/agenttest"
 	"github.com/stowage/stowage/datapath/nbd"
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/drivers/driverstest"
 )
 
-// localHost is the agent's own hostops.Host on this machine with an HTTP
-// and an NBD export server on loopback, its NBD exports able to serve RBD
-// images through qemu-storage-daemon: the provider's grants are served by
-// real host work.
+// localHost is the agent's own host work on this machine, its NBD exports
+// able to serve RBD images through qemu-storage-daemon: the provider's
+// grants are served by real host work.
 func localHost(t *testing.T, id string) *agent.LocalHost {
-	t.Helper()
-	x := exports.New()
-	srv := httptest.NewServer(x)
-	t.Cleanup(srv.Close)
-	x.SetBaseURL(srv.URL)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	run, err := os.MkdirTemp("", "rbdqsd") // unix socket paths must stay short
-	if err != nil {
-		t.Fatal(err)
-	}
-	nx := nbdexports.New(nil, nbdexports.WithQcow2(run, ""))
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { defer close(done); _ = nx.Serve(ctx, ln) }()
-	nx.SetAddress(ln.Addr().String())
-	t.Cleanup(func() { cancel(); _ = nx.Close(); <-done; os.RemoveAll(run) })
-	policy, err := agent.NewRootPolicy([]string{os.TempDir()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return agent.NewLocalHost(hostfs.New(id, hostfs.WithExporter(x), hostfs.WithNBDExporter(nx)), policy)
+	return agenttest.LocalHost(t, id, agenttest.Config{QSD: true})
 }
 
 var pools atomic.Int64
