@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"regexp"
 	"strings"
+	"sync"
 	"syscall"
 
 	"github.com/ceph/go-ceph/rados"
@@ -31,6 +32,9 @@ type Driver struct {
 	fetch, peer *http.Client
 	// hosts are the agents that serve images over NBD (GrantAccess).
 	hosts hostops.Selector
+	// bases are the sizes of the protected base snapshots of templates
+	// already cloned, by store id/image (Clone).
+	bases sync.Map
 }
 
 var (
@@ -232,6 +236,7 @@ func (d *Driver) Delete(ctx context.Context, obj drivers.DataObject) error {
 		if obj.Type == drivers.ObjectSnapshot {
 			return deleteSnapshot(io, name)
 		}
+		d.bases.Delete(obj.Store.ID + "/" + name)
 		img, err := cephrbd.OpenImage(io, name, cephrbd.NoSnapshot)
 		if errno(err) == syscall.ENOENT {
 			return nil
@@ -390,16 +395,38 @@ func (d *Driver) Clone(ctx context.Context, spec drivers.CloneSpec, progress dri
 	}
 	var info drivers.ObjectInfo
 	err = d.withPool(ctx, spec.Dst.Store, func(_ *cluster, io *rados.IOContext) error {
-		if err := protectBase(io, base); err != nil {
-			return err
+		// The base snapshot, once protected, never changes: its size is
+		// remembered, and a clone is then one librbd call.
+		key := spec.Dst.Store.ID + "/" + base
+		v, known := d.bases.Load(key)
+		size, _ := v.(uint64)
+		if !known {
+			var err error
+			if size, err = protectBase(io, base); err != nil {
+				return err
+			}
+			d.bases.Store(key, size)
 		}
-		opts := cephrbd.NewRbdImageOptions()
-		defer opts.Destroy()
-		if err := opts.SetUint64(cephrbd.ImageOptionFeatures, imageFeatures); err != nil {
-			return classify(err)
+		err := cloneImage(io, base, dst)
+		if known && errno(err) == syscall.ENOENT {
+			// The base snapshot went (the template was removed and
+			// imported again): made anew.
+			d.bases.Delete(key)
+			if size, err = protectBase(io, base); err != nil {
+				return err
+			}
+			d.bases.Store(key, size)
+			err = cloneImage(io, base, dst)
 		}
-		if err := cephrbd.CloneImage(io, base, baseSnapshot, io, dst, opts); err != nil && errno(err) != syscall.EEXIST {
+		existed := errno(err) == syscall.EEXIST
+		if err != nil && !existed {
 			return fmt.Errorf("clone %s@%s to %s: %w", base, baseSnapshot, dst, classify(err))
+		}
+		if !existed && spec.Mode != drivers.CloneFull && spec.Dst.Size <= int64(size) {
+			// A new clone: nothing of its own yet.
+			info = drivers.ObjectInfo{ID: spec.Dst.ID, Type: spec.Dst.Type, Key: dst, Format: drivers.FormatRaw,
+				Size: int64(size), StoredSize: int64(size), Method: "rbd-clone"}
+			return nil
 		}
 		img, err := cephrbd.OpenImage(io, dst, cephrbd.NoSnapshot)
 		if err != nil {
@@ -431,25 +458,40 @@ func (d *Driver) Clone(ctx context.Context, spec drivers.CloneSpec, progress dri
 	return info, err
 }
 
-// protectBase makes the base snapshot of image base, protected, once.
-func protectBase(io *rados.IOContext, base string) error {
+// cloneImage clones base's base snapshot as dst, with Stowage's features.
+func cloneImage(io *rados.IOContext, base, dst string) error {
+	opts := cephrbd.NewRbdImageOptions()
+	defer opts.Destroy()
+	if err := opts.SetUint64(cephrbd.ImageOptionFeatures, imageFeatures); err != nil {
+		return classify(err)
+	}
+	return cephrbd.CloneImage(io, base, baseSnapshot, io, dst, opts)
+}
+
+// protectBase makes the base snapshot of image base, protected, once, and
+// returns its size.
+func protectBase(io *rados.IOContext, base string) (uint64, error) {
 	img, err := cephrbd.OpenImage(io, base, cephrbd.NoSnapshot)
 	if err != nil {
-		return fmt.Errorf("template image %s: %w", base, classify(err))
+		return 0, fmt.Errorf("template image %s: %w", base, classify(err))
 	}
 	defer img.Close()
+	size, err := img.GetSize()
+	if err != nil {
+		return 0, fmt.Errorf("template image %s: %w", base, classify(err))
+	}
 	snap := img.GetSnapshot(baseSnapshot)
 	if _, err := img.CreateSnapshot(baseSnapshot); err != nil && errno(err) != syscall.EEXIST {
-		return fmt.Errorf("snapshot %s@%s: %w", base, baseSnapshot, classify(err))
+		return 0, fmt.Errorf("snapshot %s@%s: %w", base, baseSnapshot, classify(err))
 	}
 	prot, err := snap.IsProtected()
 	if err != nil {
-		return fmt.Errorf("snapshot %s@%s: %w", base, baseSnapshot, classify(err))
+		return 0, fmt.Errorf("snapshot %s@%s: %w", base, baseSnapshot, classify(err))
 	}
 	if !prot {
 		if err := snap.Protect(); err != nil && errno(err) != syscall.EBUSY {
-			return fmt.Errorf("protect %s@%s: %w", base, baseSnapshot, classify(err))
+			return 0, fmt.Errorf("protect %s@%s: %w", base, baseSnapshot, classify(err))
 		}
 	}
-	return nil
+	return size, nil
 }
