@@ -251,14 +251,22 @@ func (d *Driver) Delete(ctx context.Context, obj drivers.DataObject) error {
 		}
 		for _, s := range snaps {
 			snap := img.GetSnapshot(s.Name)
-			if prot, _ := snap.IsProtected(); prot {
-				if err := snap.Unprotect(); err != nil {
-					img.Close()
-					if errno(err) == syscall.EBUSY {
-						return fmt.Errorf("image %s has clones hanging from snapshot %s: delete them first: %w", name, s.Name, errdefs.ErrFailedPrecondition)
+			if s.Name == baseSnapshot {
+				// A template's clones are the volumes made from it: they
+				// keep it (the controller deletes a template no volume
+				// uses).
+				if prot, _ := snap.IsProtected(); prot {
+					if err := snap.Unprotect(); err != nil {
+						img.Close()
+						if errno(err) == syscall.EBUSY {
+							return fmt.Errorf("image %s has clones hanging from snapshot %s: delete them first: %w", name, s.Name, errdefs.ErrFailedPrecondition)
+						}
+						return fmt.Errorf("image %s: unprotect %s: %w", name, s.Name, classify(err))
 					}
-					return fmt.Errorf("image %s: unprotect %s: %w", name, s.Name, classify(err))
 				}
+			} else if err := unprotect(io, name, s.Name, snap); err != nil {
+				img.Close()
+				return err
 			}
 			if err := snap.Remove(); err != nil {
 				img.Close()

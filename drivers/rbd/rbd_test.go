@@ -291,6 +291,46 @@ func TestObjects(t *testing.T) {
 		t.Errorf("delete a deleted snapshot: %v", err)
 	}
 
+	// A clone hanging from snapshot sn1 (made by hand: protected, cloned):
+	// deleting sn1 flattens that clone first, as it must; the clone keeps
+	// the data it read through the snapshot and has no parent after.
+	vimg, err := cephrbd.OpenImage(io, "volume-v1", cephrbd.NoSnapshot)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := vimg.GetSnapshot("snap-sn1").Protect(); err != nil {
+		t.Fatal(err)
+	}
+	vimg.Close()
+	copts := cephrbd.NewRbdImageOptions()
+	defer copts.Destroy()
+	if err := copts.SetUint64(cephrbd.ImageOptionFeatures, cephrbd.FeatureLayering); err != nil {
+		t.Fatal(err)
+	}
+	if err := cephrbd.CloneImage(io, "volume-v1", "snap-sn1", io, "volume-hang", copts); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Delete(ctx, snap.DataObject); err != nil {
+		t.Fatalf("delete a snapshot with a clone: %v", err)
+	}
+	himg, err := cephrbd.OpenImageReadOnly(io, "volume-hang", cephrbd.NoSnapshot)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p, err := himg.GetParent(); err == nil {
+		t.Errorf("the clone of a deleted snapshot still has parent %+v", p)
+	}
+	himg.Close()
+	if got := readAt(t, io, "volume-hang", 1<<20, 1<<20); !bytes.Equal(got, a) {
+		t.Errorf("the flattened clone reads %x..., want the snapshot's %x...", got[:4], a[:4])
+	}
+	if has, err := hasSnapshot(io, "volume-v1", "snap-sn1"); err != nil || has {
+		t.Errorf("snapshot sn1 after its delete: %v %v", has, err)
+	}
+	if err := cephrbd.RemoveImage(io, "volume-hang"); err != nil {
+		t.Fatal(err)
+	}
+
 	// Resize grows, never shrinks.
 	if st, err := d.Resize(ctx, vol, 8<<20); err != nil || st.Size != 8<<20 {
 		t.Errorf("grow: %+v %v", st, err)

@@ -137,18 +137,72 @@ func deleteSnapshot(io *rados.IOContext, sname string) error {
 	}
 	defer img.Close()
 	snap := img.GetSnapshot(sname)
-	if prot, _ := snap.IsProtected(); prot {
-		if err := snap.Unprotect(); err != nil {
-			if errno(err) == syscall.EBUSY {
-				return fmt.Errorf("snapshot %s@%s has clones: delete or flatten them first: %w", image, sname, errdefs.ErrFailedPrecondition)
-			}
-			return fmt.Errorf("unprotect %s@%s: %w", image, sname, classify(err))
-		}
+	if err := unprotect(io, image, sname, snap); err != nil {
+		return err
 	}
 	if err := snap.Remove(); err != nil && errno(err) != syscall.ENOENT {
 		return fmt.Errorf("remove snapshot %s@%s: %w", image, sname, classify(err))
 	}
 	return unindexSnapshot(io, sname)
+}
+
+// unprotect unprotects snapshot sname of image (one not protected is left
+// as it is). Clones hanging from it are flattened first, and only then:
+// each gets its own copy of the data it reads from the snapshot, so the
+// snapshot can go without them losing anything.
+func unprotect(io *rados.IOContext, image, sname string, snap *cephrbd.Snapshot) error {
+	prot, err := snap.IsProtected()
+	if err != nil {
+		return fmt.Errorf("snapshot %s@%s: %w", image, sname, classify(err))
+	}
+	if !prot {
+		return nil
+	}
+	err = snap.Unprotect()
+	if errno(err) == syscall.EBUSY {
+		if err := flattenChildren(io, image, sname); err != nil {
+			return err
+		}
+		err = snap.Unprotect()
+	}
+	if err != nil {
+		return fmt.Errorf("unprotect %s@%s: %w", image, sname, classify(err))
+	}
+	return nil
+}
+
+// flattenChildren flattens the clones of snapshot sname of image. A clone
+// in another pool is refused: this store's user may not write there.
+func flattenChildren(io *rados.IOContext, image, sname string) error {
+	img, err := cephrbd.OpenImageReadOnly(io, image, sname)
+	if err != nil {
+		return fmt.Errorf("image %s@%s: %w", image, sname, classify(err))
+	}
+	pools, children, err := img.ListChildren()
+	img.Close()
+	if err != nil {
+		return fmt.Errorf("clones of %s@%s: %w", image, sname, classify(err))
+	}
+	pool, err := io.GetPoolName()
+	if err != nil {
+		return classify(err)
+	}
+	for i, child := range children {
+		if pools[i] != pool {
+			return fmt.Errorf("snapshot %s@%s has a clone in another pool (%s/%s): flatten or delete it first: %w",
+				image, sname, pools[i], child, errdefs.ErrFailedPrecondition)
+		}
+		c, err := cephrbd.OpenImage(io, child, cephrbd.NoSnapshot)
+		if err != nil {
+			return fmt.Errorf("clone %s of %s@%s: %w", child, image, sname, classify(err))
+		}
+		err = c.Flatten()
+		c.Close()
+		if err != nil {
+			return fmt.Errorf("flatten clone %s of %s@%s: %w", child, image, sname, classify(err))
+		}
+	}
+	return nil
 }
 
 // Changed implements drivers.ChangeTracker with RBD's diff between two
