@@ -66,7 +66,9 @@ func TestRBDStoreEndToEnd(t *testing.T) {
 	}
 	url := "rbd://stowage?mon_host=" + mon + "&id=stowage-e2e"
 
-	hostRoot, server, _ := oneHost(t, nil, nil)
+	// h1's NBD listener keeps its port across the restart below.
+	h1NBD := freePort(t)
+	hostRoot, server, _ := oneHost(t, nil, []string{"--nbd-listen", h1NBD})
 	bad := filepath.Join(t.TempDir(), "wrong.keyring")
 	if err := os.WriteFile(bad, []byte("[client.stowage-e2e]\n\tkey = AQDKcFNnAAAAABAAS2V5S2V5S2V5S2V5S2V5S2V5Sw==\n"), 0o600); err != nil {
 		t.Fatal(err)
@@ -159,6 +161,19 @@ func TestRBDStoreEndToEnd(t *testing.T) {
 		}
 		if got := sh("qemu-io", "-f", "raw", "-c", "read -P 0x6b 2M 64k", drive); strings.Contains(got, "Pattern verification failed") {
 			t.Errorf("a write through the nbd export is not in the image:\n%s", got)
+		}
+		// h1 is killed and restarts: the export h2 holds comes back with
+		// it (its qemu-storage-daemon, which outlived the agent, adopted;
+		// the key kept beside it), at the same URI.
+		killAgent(t, "h1")
+		p := agentProc(t, server, "h1", "z1", "c1", filepath.Join(hostRoot, "a1"), "--nbd-listen", h1NBD)
+		agentProcs.Store("h1", p)
+		waitFor(t, "h1 serving NBD again", 30*time.Second, func() bool { return strings.Contains(p.log.String(), "NBD server listening") })
+		if got := sh("qemu-io", "-f", "raw", "-c", "read -P 0x6b 2M 64k", nbdURI); strings.Contains(got, "Pattern verification failed") {
+			t.Errorf("the nbd export after h1's restart:\n%s", got)
+		}
+		if !strings.Contains(p.log.String(), "adopted") {
+			t.Logf("h1's restart did not adopt the export's daemon (a new one serves it):\n%s", grepLines(p.log.String(), "nbd exports"))
 		}
 		if _, errOut, code := cli(t, server, "volume", "access", vol.ID, "--host", "h2", "--revoke"); code != 0 {
 			t.Fatalf("revoke h2's grant: %s", errOut)
