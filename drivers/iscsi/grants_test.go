@@ -1,15 +1,11 @@
 package iscsi
 
 import (
-	"context"
-	"net"
 	"os"
 	"path/filepath"
 	"testing"
 
-	"github.com/stowage/stowage/agent"
-	"github.com/stowage/stowage/agent/hostfs"
-	"github.com/stowage/stowage/agent/nbdexports"
+	"github.com/stowage/stowage/agent/agenttest"
 	"github.com/stowage/stowage/datapath/nbd"
 	"github.com/stowage/stowage/drivers"
 	"github.com/stowage/stowage/drivers/driverstest"
@@ -19,23 +15,10 @@ import (
 // TestListGrantsOfNBDFallback: the NBD export a target host makes for a
 // host that cannot log in (what GrantAccess falls back to) is listed with
 // its task, and RevokeAccess with the listed Access ends it. The target
-// host is the agent's own LocalHost with a real NBD server on loopback.
+// host is the agent's own LocalHost with a real NBD server on loopback
+// (agenttest).
 func TestListGrantsOfNBDFallback(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	nx := nbdexports.New(nil)
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { defer close(done); _ = nx.Serve(ctx, ln) }()
-	nx.SetAddress(ln.Addr().String())
-	t.Cleanup(func() { cancel(); _ = nx.Close(); <-done })
-	policy, err := agent.NewRootPolicy([]string{os.TempDir()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	target := agent.NewLocalHost(hostfs.New("t1", hostfs.WithNBDExporter(nx)), policy)
+	target := agenttest.LocalHost(t, "t1", agenttest.Config{})
 	hosts := driverstest.NewHosts(target)
 	hosts.Place("t1", "z1", "")
 

@@ -95,18 +95,6 @@ func (d *Driver) export(ctx context.Context, loc location, obj drivers.DataObjec
 	if err != nil {
 		return drivers.Access{}, err
 	}
-	zeroed := false
-	if write {
-		// Made here when missing: a copy's destination.
-		if _, serr := d.Stat(ctx, obj); errdefs.IsNotFound(serr) {
-			if _, err := d.Create(ctx, obj); err != nil {
-				return drivers.Access{}, err
-			}
-			zeroed = true
-		} else if serr != nil {
-			return drivers.Access{}, serr
-		}
-	}
 	var t target
 	err = d.withPool(ctx, obj.Store, func(_ *cluster, io *rados.IOContext) error {
 		if t, err = d.resolve(io, obj); err == nil {
@@ -114,6 +102,13 @@ func (d *Driver) export(ctx context.Context, loc location, obj drivers.DataObjec
 		}
 		return err
 	})
+	zeroed := false
+	if write && errdefs.IsNotFound(err) {
+		// Made here when missing: a copy's destination.
+		if _, err = d.Create(ctx, obj); err == nil {
+			zeroed = true
+		}
+	}
 	if err != nil {
 		return drivers.Access{}, err
 	}
