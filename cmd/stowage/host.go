@@ -83,7 +83,8 @@ func newHostCmd() *cobra.Command {
 				{"qemu-img", orDash(caps.GetQemuImgVersion())},
 				{"FUSE", fmt.Sprintf("%v (passthrough %v)", caps.GetFuse(), caps.GetFusePassthrough())},
 				{"NBD kernel module", fmt.Sprint(caps.GetNbdKernel())},
-				{"iSCSI initiator", fmt.Sprint(caps.GetIscsiInitiator())},
+				{"iSCSI initiator", fmt.Sprintf("%v (userspace %v, target %v)", caps.GetIscsiInitiator(), caps.GetIscsiUserspace(), caps.GetIscsiTarget())},
+				{"RBD export", fmt.Sprint(caps.GetRbdExport())},
 			}
 			kv = append(kv, [2]string{"Template mount", mountSummary(caps.GetTemplateCache())})
 			if h.GetStateReason() != "" {
