@@ -240,7 +240,8 @@ func backupRequest(r *stowagev1.BackupImageStep) hostops.BackupRequest {
 
 func restoreRequest(r *stowagev1.RestoreImageStep) hostops.RestoreRequest {
 	return hostops.RestoreRequest{Chunks: hostops.ChunkStoreFromProto(r.GetChunks()), Manifest: r.GetManifest(),
-		Dest: hostops.RefFromProto(r.GetDest()), Format: hostops.FormatFromProto(r.GetFormat())}
+		Dest: hostops.RefFromProto(r.GetDest()), Format: hostops.FormatFromProto(r.GetFormat()),
+		DestURI: drivers.URI(r.GetDestUri()), DestIsZero: r.GetDestIsZero()}
 }
 
 // admit checks everything task names, as the step itself will (store
@@ -325,7 +326,11 @@ func (h *LocalHost) admit(task *stowagev1.Task) error {
 	case *stowagev1.Task_RestoreImage:
 		r := restoreRequest(s.RestoreImage)
 		if _, _, err = h.backupPaths(r.Chunks, r.Manifest); err == nil {
-			_, err = h.object(r.Dest)
+			if r.DestURI != "" {
+				err = checkGrantedURI(r.DestURI)
+			} else {
+				_, err = h.object(r.Dest)
+			}
 		}
 	case *stowagev1.Task_DeleteBackup:
 		r := s.DeleteBackup

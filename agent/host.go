@@ -603,6 +603,25 @@ func (h *LocalHost) RestoreImage(ctx context.Context, req hostops.RestoreRequest
 	if err != nil {
 		return hostops.ImageInfo{}, err
 	}
+	if req.DestURI != "" {
+		// An export a driver granted (an RBD image's): raw, in place.
+		if err := checkGrantedURI(req.DestURI); err != nil || !isNBD(string(req.DestURI)) {
+			return hostops.ImageInfo{}, errors.Join(err, fmt.Errorf("restore into %s: only an nbd(s):// export: %w", redact.URL(string(req.DestURI)), errdefs.ErrPermissionDenied))
+		}
+		if req.Format != "" && req.Format != drivers.FormatRaw {
+			return hostops.ImageInfo{}, fmt.Errorf("restore into an export writes raw bytes, not %s: %w", req.Format, errdefs.ErrInvalid)
+		}
+		t := hostfs.ChunkTarget{Manifest: req.Manifest}
+		if cp.s3 != nil {
+			if t.Store, err = cp.openS3(ctx); err != nil {
+				return hostops.ImageInfo{}, err
+			}
+		} else if t, err = h.fs.DirChunkTarget(cp.chunks, manifests[0]); err != nil {
+			return hostops.ImageInfo{}, err
+		}
+		info, err := h.fs.RestoreToURI(ctx, t, string(req.DestURI), req.DestIsZero, progress)
+		return h.imageOf(hostops.Ref{}, info, err)
+	}
 	dest, err := h.object(req.Dest)
 	if err != nil {
 		return hostops.ImageInfo{}, err

@@ -89,6 +89,11 @@ type RestoreRequest struct {
 	Manifest string
 	Dest     Ref
 	Format   drivers.Format
+	// DestURI, instead of Dest, is a writable nbd(s):// URI a driver
+	// granted the host (an RBD image's export), written in place as raw
+	// bytes; DestIsZero says it reads as zeros.
+	DestURI    drivers.URI
+	DestIsZero bool
 }
 
 // DeleteBackupRequest asks an agent to drop a backup's manifest and the

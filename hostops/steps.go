@@ -208,6 +208,7 @@ func ExtentsFromProto(ps []*stowagev1.ByteRange) []drivers.Extent {
 func (e *Remote) RestoreImage(ctx context.Context, req RestoreRequest, progress drivers.Progress) (ImageInfo, error) {
 	return e.image(ctx, &stowagev1.Task{Step: &stowagev1.Task_RestoreImage{RestoreImage: &stowagev1.RestoreImageStep{
 		Chunks: ChunkStoreToProto(req.Chunks), Manifest: req.Manifest, Dest: RefToProto(req.Dest), Format: FormatToProto(req.Format),
+		DestUri: string(req.DestURI), DestIsZero: req.DestIsZero,
 	}}}, progress)
 }
 

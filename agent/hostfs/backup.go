@@ -371,6 +371,34 @@ func (l *Local) RestoreFrom(ctx context.Context, t ChunkTarget, dest string, for
 	return info, nil
 }
 
+// RestoreToURI writes the image of backup t.Manifest of t.Store into the
+// writable export uri (nbd:// or nbds://, an RBD image's), in place, as
+// raw bytes, every chunk verified (errdefs.ErrDataLoss for a bad one:
+// the export is then partly written, and its owner keeps it out of use).
+// With zeroed (the destination reads as zeros) zero chunks and blocks are
+// not written; otherwise they are zeroed.
+func (l *Local) RestoreToURI(ctx context.Context, t ChunkTarget, uri string, zeroed bool, progress drivers.Progress) (ImageInfo, error) {
+	m, err := t.Store.Manifest(ctx, t.Manifest)
+	if err != nil {
+		return ImageInfo{}, fmt.Errorf("restore %s on host %s: %w", t.Manifest, l.hostID, err)
+	}
+	sink, err := stream.OpenSink(ctx, uri, m.Size, stream.SinkOptions{})
+	if err != nil {
+		return ImageInfo{}, fmt.Errorf("restore %s to %s on host %s: %w", t.Manifest, redact.URL(uri), l.hostID, err)
+	}
+	if zeroed {
+		sink = zeroedSink{sink}
+	}
+	if err := t.Store.Restore(ctx, m, sink, chunkstore.RestoreOptions{Progress: progress}); err != nil {
+		sink.Abort()
+		return ImageInfo{}, fmt.Errorf("restore %s to %s on host %s: %w", t.Manifest, redact.URL(uri), l.hostID, err)
+	}
+	if err := sink.Commit(ctx); err != nil {
+		return ImageInfo{}, fmt.Errorf("restore %s to %s on host %s: %w", t.Manifest, redact.URL(uri), l.hostID, err)
+	}
+	return ImageInfo{Format: drivers.FormatRaw, VirtualSize: m.Size, Method: "chunks into an nbd export"}, nil
+}
+
 // DeleteBackup removes the manifest req.Manifest and the chunks of
 // req.ChunkDir that no other manifest in its directory uses. A missing
 // manifest is not an error. The result describes the deleted backup

@@ -275,9 +275,9 @@ func getVolume(t *testing.T, server, name string) rbdVolume {
 // with a new directory store dir1:
 //   - two backups of a volume: the first reads the volume's data, the
 //     second (64 KiB written since) reads only the 4 MiB chunk rbd diff
-//     names; a volume copied onto dir1 from the primary snapshot, and one
-//     restored onto dir1 from the backup after the RBD volume and its
-//     snapshots are gone, are both byte-equal to the snapshot;
+//     names; a volume copied onto dir1 from the primary snapshot, and ones
+//     restored from the backup onto dir1 and back into the pool after the
+//     RBD volume and its snapshots are gone, are byte-equal to the snapshot;
 //   - a volume migrates dir1 -> ceph1 -> dir1, byte-equal at each step, its
 //     source removed each time. The agent serves the RBD images over NBD
 //     through qemu-storage-daemon's rbd driver (h1 has librbd; a host
@@ -371,6 +371,18 @@ func rbdBackupsAndMigration(t *testing.T, server, hostRoot, keyring string, sh f
 	}
 	if out := sh("qemu-img", "compare", "-f", "raw", "-F", "raw", dirFile(fromSnap), dirFile(restored)); !strings.Contains(out, "Images are identical") {
 		t.Errorf("the volume restored from the incremental backup differs from the snapshot:\n%s", out)
+	}
+	// And from the backup into the pool: an NBD export of a new image,
+	// written in place.
+	if _, errOut, code := cli(t, server, "volume", "create", "--name", "restored-rbd", "--snapshot", s2, "--store", "ceph1", "--wait"); code != 0 {
+		t.Fatalf("restore from the backup onto rbd: exit %d %s", code, errOut)
+	}
+	onPool := getVolume(t, server, "restored-rbd")
+	if onPool.InstallMethod != "restore" {
+		t.Errorf("volume restored onto rbd: method %q, want restore (from the backup)", onPool.InstallMethod)
+	}
+	if out := sh("qemu-img", "compare", "-f", "raw", "-F", "raw", dirFile(fromSnap), rbdDrive(onPool.InstallPath)); !strings.Contains(out, "Images are identical") {
+		t.Errorf("the volume restored onto rbd differs from the snapshot:\n%s", out)
 	}
 	_ = s1
 

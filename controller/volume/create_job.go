@@ -210,13 +210,22 @@ func (s *Service) restore(ctx context.Context, prefer string, src *stowagev1.Dat
 	if err != nil {
 		return drivers.ObjectInfo{}, err
 	}
-	ref, ok, err := hostops.ParseRef(acc.URI)
-	if err != nil || !ok {
-		return drivers.ObjectInfo{}, fmt.Errorf("store %s gives host %s no store object to restore into (%v): %w", st.GetName(), ch.HostID, err, errdefs.ErrNotImplemented)
+	if acc.Revocable {
+		defer func() { _ = d.RevokeAccess(context.WithoutCancel(ctx), dst, writer, acc) }()
 	}
-	ii, err := ch.Endpoint.RestoreImage(ctx, hostops.RestoreRequest{
-		Chunks: hostops.ChunkStore{URI: ba.Chunks, Secret: ba.Secret}, Manifest: ba.Manifest, Dest: ref, Format: dst.Format,
-	}, progress)
+	req := hostops.RestoreRequest{Chunks: hostops.ChunkStore{URI: ba.Chunks, Secret: ba.Secret}, Manifest: ba.Manifest, Format: dst.Format}
+	ref, ok, err := hostops.ParseRef(acc.URI)
+	switch {
+	case err != nil:
+		return drivers.ObjectInfo{}, err
+	case ok:
+		req.Dest = ref
+	default:
+		// A writable URI the driver granted this host (an RBD image's
+		// export): written in place.
+		req.DestURI, req.DestIsZero = acc.URI, acc.Zeroed
+	}
+	ii, err := ch.Endpoint.RestoreImage(ctx, req, progress)
 	if err != nil {
 		return drivers.ObjectInfo{}, err
 	}

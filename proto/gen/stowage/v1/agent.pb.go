@@ -3345,11 +3345,16 @@ func (x *ByteRange) GetLength() int64 {
 
 // RestoreImageStep rebuilds an image from a backup (hostops.RestoreRequest).
 type RestoreImageStep struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Chunks        *ChunkStoreRef         `protobuf:"bytes,1,opt,name=chunks,proto3" json:"chunks,omitempty"`
-	Manifest      string                 `protobuf:"bytes,2,opt,name=manifest,proto3" json:"manifest,omitempty"`
-	Dest          *ObjectRef             `protobuf:"bytes,3,opt,name=dest,proto3" json:"dest,omitempty"`
-	Format        ImageFormat            `protobuf:"varint,4,opt,name=format,proto3,enum=stowage.v1.ImageFormat" json:"format,omitempty"`
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Chunks   *ChunkStoreRef         `protobuf:"bytes,1,opt,name=chunks,proto3" json:"chunks,omitempty"`
+	Manifest string                 `protobuf:"bytes,2,opt,name=manifest,proto3" json:"manifest,omitempty"`
+	Dest     *ObjectRef             `protobuf:"bytes,3,opt,name=dest,proto3" json:"dest,omitempty"`
+	Format   ImageFormat            `protobuf:"varint,4,opt,name=format,proto3,enum=stowage.v1.ImageFormat" json:"format,omitempty"`
+	// Instead of dest: a writable URI a driver granted this host (an
+	// nbd(s):// export of an RBD image), written in place as raw bytes;
+	// dest_is_zero says it reads as zeros (zero chunks are not written).
+	DestUri       string `protobuf:"bytes,5,opt,name=dest_uri,json=destUri,proto3" json:"dest_uri,omitempty"`
+	DestIsZero    bool   `protobuf:"varint,6,opt,name=dest_is_zero,json=destIsZero,proto3" json:"dest_is_zero,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3410,6 +3415,20 @@ func (x *RestoreImageStep) GetFormat() ImageFormat {
 		return x.Format
 	}
 	return ImageFormat_IMAGE_FORMAT_UNSPECIFIED
+}
+
+func (x *RestoreImageStep) GetDestUri() string {
+	if x != nil {
+		return x.DestUri
+	}
+	return ""
+}
+
+func (x *RestoreImageStep) GetDestIsZero() bool {
+	if x != nil {
+		return x.DestIsZero
+	}
+	return false
 }
 
 // DeleteBackupStep drops a backup and its unshared chunks.
@@ -5175,12 +5194,15 @@ const file_stowage_v1_agent_proto_rawDesc = "" +
 	"\achanged\x18\t \x03(\v2\x15.stowage.v1.ByteRangeR\achanged\";\n" +
 	"\tByteRange\x12\x16\n" +
 	"\x06offset\x18\x01 \x01(\x03R\x06offset\x12\x16\n" +
-	"\x06length\x18\x02 \x01(\x03R\x06length\"\xbd\x01\n" +
+	"\x06length\x18\x02 \x01(\x03R\x06length\"\xfa\x01\n" +
 	"\x10RestoreImageStep\x121\n" +
 	"\x06chunks\x18\x01 \x01(\v2\x19.stowage.v1.ChunkStoreRefR\x06chunks\x12\x1a\n" +
 	"\bmanifest\x18\x02 \x01(\tR\bmanifest\x12)\n" +
 	"\x04dest\x18\x03 \x01(\v2\x15.stowage.v1.ObjectRefR\x04dest\x12/\n" +
-	"\x06format\x18\x04 \x01(\x0e2\x17.stowage.v1.ImageFormatR\x06format\"a\n" +
+	"\x06format\x18\x04 \x01(\x0e2\x17.stowage.v1.ImageFormatR\x06format\x12\x19\n" +
+	"\bdest_uri\x18\x05 \x01(\tR\adestUri\x12 \n" +
+	"\fdest_is_zero\x18\x06 \x01(\bR\n" +
+	"destIsZero\"a\n" +
 	"\x10DeleteBackupStep\x121\n" +
 	"\x06chunks\x18\x01 \x01(\v2\x19.stowage.v1.ChunkStoreRefR\x06chunks\x12\x1a\n" +
 	"\bmanifest\x18\x02 \x01(\tR\bmanifest\"F\n" +
