@@ -270,9 +270,14 @@ func TestISCSIStoreEndToEnd(t *testing.T) {
 
 	// Delete: the LUNs are gone from the target.
 	for _, id := range []string{vol.GetId(), bv.Msg.GetVolume().GetId()} {
-		if _, err := a.volumes.DeleteVolume(ctx, connect.NewRequest(&stowagev1.DeleteVolumeRequest{Id: id})); err != nil {
+		dr, err := a.volumes.DeleteVolume(ctx, connect.NewRequest(&stowagev1.DeleteVolumeRequest{Id: id}))
+		if err != nil {
 			t.Fatal(err)
 		}
+		// Until the job ends the records still place the volume's
+		// snapshot on the store (its LUN may already be gone): the
+		// restore below must see it only in the backup.
+		mustSucceed(t, a, dr.Msg.GetJob())
 	}
 	waitFor(t, "the volume's and snapshot's LUNs gone from tgtadm", 30*time.Second, func() bool {
 		for _, b := range tgtLUNs(t, ctl, iqn) {

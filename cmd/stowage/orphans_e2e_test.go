@@ -201,6 +201,7 @@ func TestOrphanReconciler(t *testing.T) {
 	if out, err := exec.Command("qemu-img", "compare", "-U", "-f", "qcow2", "-F", "qcow2", volFile, qcow).CombinedOutput(); err != nil {
 		t.Errorf("the volume does not read as its template after the sweeps: %s", out)
 	}
+	waitFor(t, "the orphan objects counted", 10*time.Second, func() bool { return orphanMetric(t, server, "object")-before >= len(orphans)+1 })
 	if n := orphanMetric(t, server, "object") - before; n != len(orphans)+1 {
 		t.Errorf("stowage_orphans_removed_total{kind=\"object\"} went up by %d, want %d", n, len(orphans)+1)
 	}
@@ -214,10 +215,14 @@ func TestOrphanReconciler(t *testing.T) {
 			}
 		}
 	}
+	// The agent removes the chunk before the controller, on its reply,
+	// counts it: the count may lag the file by a moment.
+	waitFor(t, "the orphan chunk counted", 10*time.Second, func() bool { return orphanMetric(t, server, "chunk")-chunksBefore >= 1 })
 	if n := orphanMetric(t, server, "chunk") - chunksBefore; n != 1 {
 		t.Errorf("stowage_orphans_removed_total{kind=\"chunk\"} went up by %d, want 1", n)
 	}
 	waitFor(t, "the orphan export revoked", 20*time.Second, func() bool { return status() == http.StatusNotFound })
+	waitFor(t, "the orphan export counted", 10*time.Second, func() bool { return orphanMetric(t, server, "grant")-grantsBefore >= 1 })
 	if n := orphanMetric(t, server, "grant") - grantsBefore; n != 1 {
 		t.Errorf("stowage_orphans_removed_total{kind=\"grant\"} went up by %d, want 1", n)
 	}
