@@ -89,10 +89,10 @@ func LoadOrCreateCA(dir string) (*CA, error) {
 	// The key first: a crash between the two leaves a key without a
 	// certificate, which the next start refuses rather than silently
 	// making a second CA that enrolled hosts would not trust.
-	if err := durable.WriteNew(keyPath, keyPEM, 0o600); err != nil {
+	if err := durable.PublishNew(keyPath, keyPEM, 0o600); err != nil {
 		return nil, fmt.Errorf("trust: write CA key: %w", err)
 	}
-	if err := durable.WriteNew(certPath, certPEM, 0o644); err != nil {
+	if err := durable.PublishNew(certPath, certPEM, 0o644); err != nil {
 		return nil, fmt.Errorf("trust: write CA certificate: %w", err)
 	}
 	return ParseCA(certPEM, keyPEM)

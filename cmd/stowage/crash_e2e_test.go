@@ -7,8 +7,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"math/rand/v2"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -71,36 +69,6 @@ type crashWorld struct {
 	// checked maps a file found whole to its size and modification time
 	// then: unchanged files are not read again at every cell.
 	checked map[string]string
-}
-
-// freeAddr is a free loopback address for a listener that must get the
-// same port back at every restart of its process: a port below the
-// kernel's ephemeral range, which no outgoing connection and no listener
-// on port 0 takes while the process is down (one in the range was taken
-// by an agent's outgoing NBD connection, and the restarted process could
-// not serve its failpoints).
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	low := 32768
-	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
-		if f := strings.Fields(string(b)); len(f) == 2 {
-			if n, err := strconv.Atoi(f[0]); err == nil && n > 12000 {
-				low = n
-			}
-		}
-	}
-	for range 1000 {
-		port := 10000 + rand.IntN(low-10000)
-		l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", port))
-		if err != nil {
-			continue
-		}
-		addr := l.Addr().String()
-		l.Close()
-		return addr
-	}
-	t.Fatal("no free port below the ephemeral range")
-	return ""
 }
 
 // startController starts the controller with an orphan reconciler that

@@ -181,7 +181,7 @@ func chapKey(dataDir string) ([]byte, error) {
 	if _, err := rand.Read(key); err != nil {
 		return nil, err
 	}
-	if err := durable.WriteNew(path, key, 0o600); err != nil {
+	if err := durable.PublishNew(path, key, 0o600); err != nil {
 		return nil, fmt.Errorf("CHAP key: %w", err)
 	}
 	return key, nil

@@ -13,6 +13,10 @@
 //     data, fsynced; on failure it removes what it created. It is the first
 //     half of a no-replace publish: WriteNew a temporary name, then
 //     RenameNoReplace it to the final one, then SyncDir.
+//   - PublishNew: that whole no-replace publish in one call, for a file
+//     made once (a CA, a key) that readers may open while it is written:
+//     they see nothing or the whole file, and so does the next start after
+//     a crash.
 //   - RenameNoReplace: renames old to new unless new exists, atomically;
 //     an existing new is an error matching fs.ErrExist and leaves both names
 //     as they were. Where the filesystem or kernel lacks renameat2
@@ -104,6 +108,24 @@ func WriteNew(path string, data []byte, perm fs.FileMode) error {
 		os.Remove(path)
 	}
 	return err
+}
+
+// PublishNew creates path, which must not exist (fs.ErrExist), with data and
+// permissions perm (before the umask), crash-safely: the data is written
+// and fsynced under a temporary name in the same directory, which is then
+// renamed to path without replacing anything, and the directory is
+// fsynced. Readers of path see nothing or all of data, never a torn file.
+func PublishNew(path string, data []byte, perm fs.FileMode) error {
+	dir, base := filepath.Dir(path), filepath.Base(path)
+	tmp := filepath.Join(dir, ".tmp-"+base+"-"+randomHex(8))
+	if err := WriteNew(tmp, data, perm); err != nil {
+		return err
+	}
+	if err := RenameNoReplace(tmp, path); err != nil {
+		os.Remove(tmp)
+		return err
+	}
+	return SyncDir(dir)
 }
 
 // WriteFile replaces path with data, crash-safely: it writes a temporary

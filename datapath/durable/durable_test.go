@@ -107,6 +107,29 @@ func TestWriteNew(t *testing.T) {
 	}
 }
 
+// TestPublishNew: the file appears whole with its permissions, an existing
+// one is neither replaced nor changed, and no temporary name is left.
+func TestPublishNew(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "ca.key")
+	if err := PublishNew(p, []byte("first"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if fi, err := os.Stat(p); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("published file: %v, %v", fi, err)
+	}
+	err := PublishNew(p, []byte("second"), 0o600)
+	if !errors.Is(err, fs.ErrExist) {
+		t.Fatalf("PublishNew over an existing file: %v, want fs.ErrExist", err)
+	}
+	if got := readFile(t, p); got != "first" {
+		t.Errorf("existing file changed to %q", got)
+	}
+	if names := entries(t, dir); len(names) != 1 {
+		t.Errorf("directory holds %v, want only ca.key", names)
+	}
+}
+
 func TestRenameNoReplace(t *testing.T) {
 	testRenameNoReplace(t, RenameNoReplace)
 }

@@ -106,7 +106,38 @@ func (s *Server) handle(ctx context.Context, nc net.Conn) {
 	c.blockStat = c.structured && c.metaExport == e
 	c.log = c.log.With("export", e.name)
 	c.log.Debug("nbd: transmission", "tls", c.tls, "structured", c.structured, "block_status", c.blockStat)
-	c.transmit()
+	if c.transmit() {
+		c.closeGracefully()
+	}
+}
+
+// discDrain bounds how long closeGracefully waits for the client's end of
+// the stream after NBD_CMD_DISC.
+const discDrain = 2 * time.Second
+
+// closeGracefully ends a connection the client disconnected with
+// NBD_CMD_DISC: it says goodbye (a TLS close_notify, or a FIN) and reads
+// what the client still sends, up to its end of stream, before the socket
+// is closed. Closing at once would leave the client's own goodbye (libnbd
+// sends a TLS close_notify after DISC) unread, and the kernel answers
+// unread data with a reset, which a client polling at that moment reports
+// as "server closed socket unexpectedly".
+func (c *conn) closeGracefully() {
+	if c.ctx.Err() != nil {
+		return
+	}
+	var err error
+	if cw, ok := c.nc.(interface{ CloseWrite() error }); ok {
+		c.wmu.Lock()
+		c.nc.SetWriteDeadline(time.Now().Add(discDrain))
+		err = cw.CloseWrite()
+		c.wmu.Unlock()
+	}
+	if err != nil {
+		return
+	}
+	c.nc.SetReadDeadline(time.Now().Add(discDrain))
+	_, _ = io.Copy(io.Discard, io.LimitReader(c.br, 1<<20))
 }
 
 // clientGone reports errors that mean the client went away.
@@ -141,8 +172,9 @@ func (c *conn) shutdown() {
 }
 
 // transmit runs the transmission phase until the client disconnects, sends
-// something that cannot be parsed, or the connection is shut down.
-func (c *conn) transmit() {
+// something that cannot be parsed, or the connection is shut down. It
+// reports whether the client disconnected with NBD_CMD_DISC.
+func (c *conn) transmit() (disconnected bool) {
 	jobs := make(chan *job)
 	var wg sync.WaitGroup
 	for range c.s.opts.Workers {
@@ -160,6 +192,7 @@ func (c *conn) transmit() {
 	switch {
 	case err == nil:
 		c.log.Debug("nbd: client disconnected")
+		return true
 	case c.ctx.Err() != nil:
 		c.log.Debug("nbd: connection shut down", "err", err)
 	case clientGone(err):
@@ -167,6 +200,7 @@ func (c *conn) transmit() {
 	default:
 		c.log.Warn("nbd: closing connection", "err", err)
 	}
+	return false
 }
 
 // readLoop reads requests and dispatches them; it returns nil on

@@ -13,6 +13,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"io"
 	"math/big"
 	"net"
 	"os"
@@ -392,4 +393,59 @@ func TestStreamCopyThroughNBDS(t *testing.T) {
 	out := filepath.Join(ts.dir, "out.raw")
 	copyURL(ts.tlsURI("e"), out)
 	fileEqual(t, out, want)
+}
+
+// TestTLSDisconnectGoodbye: after NBD_CMD_DISC and the client's TLS
+// close_notify (what libnbd sends), the server answers with its own
+// close_notify and a FIN, not a TCP reset. A reset (the server closing
+// with the client's goodbye unread) made nbdcopy fail now and then with
+// "server closed socket unexpectedly" at nbd_shutdown.
+func TestTLSDisconnectGoodbye(t *testing.T) {
+	pki := newTestPKI(t)
+	ts := startServer(t, ServerOptions{TLS: pki.serverConfig(false), TLSRequired: true}, true)
+	path, _ := sparseImage(t, ts.dir, mib, 0, 8192)
+	if err := ts.AddExport("a", path, ExportOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 5 {
+		c, err := net.Dial("tcp", ts.tcp)
+		if err != nil {
+			t.Fatal(err)
+		}
+		r := &rawConn{t: t, c: c, br: bufio.NewReader(c)}
+		r.greet(flagCFixedNewstyle | flagCNoZeroes)
+		r.opt(optStartTLS, nil)
+		if typ := r.finalReply(); typ != repAck {
+			t.Fatalf("STARTTLS: %#x", typ)
+		}
+		tc := tls.Client(c, &tls.Config{RootCAs: pki.pool, ServerName: "localhost"})
+		if err := tc.Handshake(); err != nil {
+			t.Fatal(err)
+		}
+		rt := &rawConn{t: t, c: tc, br: bufio.NewReader(tc)}
+		rt.negotiate("a", true, false)
+		rt.req(cmdDisc, 0, 1, 0, 0, nil)
+		if err := tc.CloseWrite(); err != nil {
+			t.Fatal(err)
+		}
+		// What comes back, read beneath TLS: one record (the server's
+		// close_notify), then the end of the stream; no reset.
+		c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		var got []byte
+		buf := make([]byte, 4096)
+		for {
+			n, err := c.Read(buf)
+			got = append(got, buf[:n]...)
+			if err != nil {
+				if !errors.Is(err, io.EOF) {
+					t.Fatalf("connection %d: after DISC and close_notify: %v, want the end of the stream", i, err)
+				}
+				break
+			}
+		}
+		c.Close()
+		if len(got) < 5 || got[0] != 0x17 && got[0] != 0x15 {
+			t.Fatalf("connection %d: after DISC the server sent %x, want a TLS record (its close_notify)", i, got)
+		}
+	}
 }
