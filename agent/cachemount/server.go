@@ -255,6 +255,12 @@ func (s *Server) statusLocked() *stowagev1.CacheStatus {
 	st := &stowagev1.CacheStatus{Mount: s.cfg.Mount, CapacityBytes: s.cfg.Cache.CapacityBytes}
 	if s.mount != nil {
 		st.Passthrough = s.mount.Passthrough()
+		mc := s.mount.Counters()
+		st.ReadHitBytes, st.ReadMissBytes, st.PassthroughOpens = mc.HitBytes, mc.MissBytes, mc.PassthroughOpens
+	}
+	if s.cache != nil {
+		cc := s.cache.Counters()
+		st.FetchedBytes, st.CorruptChunks = cc.FetchedBytes, cc.CorruptChunks
 	}
 	ids := make([]string, 0, len(s.specs)+len(s.errs))
 	for id := range s.specs {

@@ -18,6 +18,8 @@ type stateCollector struct {
 	stores *prometheus.Desc
 	hosts  *prometheus.Desc
 	mounts *prometheus.Desc
+	// The template mounts' counters, as last persisted from heartbeats.
+	cacheRead, cachePassthrough, cacheFetched, cacheCorrupt *prometheus.Desc
 
 	storeCapacity *prometheus.Desc
 	storeUsed     *prometheus.Desc
@@ -48,6 +50,14 @@ func newStateCollector(db *meta.DB, thresholds func(*stowagev1.DataStore) datast
 		stores: prometheus.NewDesc("stowage_stores", "Data stores by role and state.", []string{"role", "state"}, nil),
 		hosts:  prometheus.NewDesc("stowage_hosts", "Hosts by state.", []string{"state"}, nil),
 		mounts: prometheus.NewDesc("stowage_template_mount_templates", "Templates in each host's template mount, by state (complete, partial, pinned, error), as last persisted from heartbeats.", []string{"host", "state"}, nil),
+		cacheRead: prometheus.NewDesc("stowage_template_cache_read_bytes_total",
+			"Bytes read through each host's template mount: result=\"hit\" served from cached chunks, \"miss\" waited for the origin. Reads through passthrough opens (stowage_template_cache_passthrough_opens_total) are all hits and not counted. Restarts from 0 with the mount's process; up to 30 s old (persisted from heartbeats).", []string{"host", "result"}, nil),
+		cachePassthrough: prometheus.NewDesc("stowage_template_cache_passthrough_opens_total",
+			"Opens of complete templates each host's mount handed to the kernel (FUSE passthrough): their reads are hits the mount never sees.", []string{"host"}, nil),
+		cacheFetched: prometheus.NewDesc("stowage_template_cache_fetched_bytes_total",
+			"Bytes each host's template mount read from the templates' origins (on demand, read-ahead and prefetch).", []string{"host"}, nil),
+		cacheCorrupt: prometheus.NewDesc("stowage_template_cache_corrupt_chunks_total",
+			"Cached template chunks each host's mount found not matching their checksum when read back (each dropped and fetched again): the host's cache disk returns bad data.", []string{"host"}, nil),
 		storeCapacity: prometheus.NewDesc("stowage_store_capacity_bytes",
 			"Capacity of each data store in bytes, as last reported by its driver (0 when the driver does not know).", []string{"store", "role"}, nil),
 		storeUsed: prometheus.NewDesc("stowage_store_used_bytes",
@@ -68,6 +78,10 @@ func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- c.stores
 	ch <- c.hosts
 	ch <- c.mounts
+	ch <- c.cacheRead
+	ch <- c.cachePassthrough
+	ch <- c.cacheFetched
+	ch <- c.cacheCorrupt
 	ch <- c.storeCapacity
 	ch <- c.storeUsed
 	ch <- c.storeThreshold
@@ -130,6 +144,11 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 			for st, v := range n {
 				ch <- prometheus.MustNewConstMetric(c.mounts, prometheus.GaugeValue, float64(v), h.GetId(), st)
 			}
+			ch <- prometheus.MustNewConstMetric(c.cacheRead, prometheus.CounterValue, float64(tc.GetReadHitBytes()), h.GetId(), "hit")
+			ch <- prometheus.MustNewConstMetric(c.cacheRead, prometheus.CounterValue, float64(tc.GetReadMissBytes()), h.GetId(), "miss")
+			ch <- prometheus.MustNewConstMetric(c.cachePassthrough, prometheus.CounterValue, float64(tc.GetPassthroughOpens()), h.GetId())
+			ch <- prometheus.MustNewConstMetric(c.cacheFetched, prometheus.CounterValue, float64(tc.GetFetchedBytes()), h.GetId())
+			ch <- prometheus.MustNewConstMetric(c.cacheCorrupt, prometheus.CounterValue, float64(tc.GetCorruptChunks()), h.GetId())
 		}
 	}
 }

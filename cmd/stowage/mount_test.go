@@ -344,6 +344,14 @@ func testTemplateMount(t *testing.T, transport string, full bool) {
 	if !strings.Contains(mb.String(), `stowage_template_mount_templates{host="h2",state="pinned"} 1`) {
 		t.Fatalf("metrics lack h2's pinned template:\n%s", mb.String())
 	}
+	// The mount's counters reach the controller's metrics (their values
+	// are tested in datapath/imagecache and controller/hosts).
+	for _, series := range []string{`stowage_template_cache_read_bytes_total{host="h2",result="hit"} `, `stowage_template_cache_read_bytes_total{host="h2",result="miss"} `,
+		`stowage_template_cache_fetched_bytes_total{host="h2"} `, `stowage_template_cache_corrupt_chunks_total{host="h2"} 0`, `stowage_template_cache_passthrough_opens_total{host="h2"} `} {
+		if !strings.Contains(mb.String(), series) {
+			t.Errorf("metrics lack %s", series)
+		}
+	}
 	t.Logf("done")
 }
 

@@ -354,7 +354,9 @@ func sameCaps(a, b *stowagev1.HostCapabilities) bool {
 			st.AvailableBytes = 0
 		}
 		if tc := c.GetTemplateCache(); tc != nil {
-			tc.CachedBytes = 0
+			// Gauges and counters that move with every read: persisted at
+			// the PersistEvery cadence, not at each change.
+			tc.CachedBytes, tc.ReadHitBytes, tc.ReadMissBytes, tc.PassthroughOpens, tc.FetchedBytes, tc.CorruptChunks = 0, 0, 0, 0, 0, 0
 			for _, t := range tc.GetTemplates() {
 				t.CachedBytes = 0
 			}

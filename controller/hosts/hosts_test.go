@@ -148,3 +148,42 @@ func TestRegisterRejectsBadInput(t *testing.T) {
 		t.Fatalf("Get(nope) = %v", err)
 	}
 }
+
+// TestHeartbeatCountersPersistedAtCadence: the template mount's counters
+// change with every read; a heartbeat carrying only new counters is not a
+// metadata write, and they reach the record at the PersistEvery cadence.
+func TestHeartbeatCountersPersistedAtCadence(t *testing.T) {
+	ctx := context.Background()
+	s, c := newTestService(t)
+	h := register(t, s, "s1")
+	beat := func(hits int64, mount string) {
+		t.Helper()
+		_, err := s.Heartbeat(ctx, &stowagev1.HeartbeatRequest{HostId: "h1", SessionId: "s1",
+			Capabilities: &stowagev1.HostCapabilities{QemuImgVersion: "7.2.22", TemplateCache: &stowagev1.CacheStatus{
+				Mount: mount, ReadHitBytes: hits, ReadMissBytes: hits / 2, FetchedBytes: hits, CorruptChunks: hits / 4096, PassthroughOpens: hits / 8192}}})
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	c.advance(time.Second)
+	beat(0, "/run/t") // a new mount: a change of capabilities, written
+	got, _ := s.Get(ctx, "h1")
+	rev := got.GetRevision()
+	if rev == h.GetRevision() {
+		t.Fatal("a new template mount was not written")
+	}
+	for i := range 3 {
+		c.advance(time.Second)
+		beat(int64(i+1)<<20, "/run/t")
+	}
+	got, _ = s.Get(ctx, "h1")
+	if got.GetRevision() != rev || got.GetCapabilities().GetTemplateCache().GetReadHitBytes() != 0 {
+		t.Fatalf("counters alone were written: revision %d (want %d), hits %d", got.GetRevision(), rev, got.GetCapabilities().GetTemplateCache().GetReadHitBytes())
+	}
+	c.advance(30 * time.Second)
+	beat(5<<20, "/run/t")
+	got, _ = s.Get(ctx, "h1")
+	if tc := got.GetCapabilities().GetTemplateCache(); tc.GetReadHitBytes() != 5<<20 || tc.GetCorruptChunks() != 5<<20/4096 {
+		t.Fatalf("after PersistEvery: %v, want the last counters", tc)
+	}
+}

@@ -107,6 +107,8 @@ type Cache struct {
 	wg     sync.WaitGroup
 
 	clock   atomic.Uint64 // LRU clock: bumped by every read
+	fetched atomic.Int64  // bytes read from origins, all templates
+	corrupt atomic.Int64  // cached chunks found not matching their checksum
 	evictMu sync.Mutex    // one eviction pass at a time
 
 	mu       sync.Mutex
@@ -141,6 +143,22 @@ func New(o Options) (*Cache, error) {
 	c.wg.Add(1)
 	go c.committer()
 	return c, nil
+}
+
+// Counters are the cache's cumulative counters since New, over every
+// template it held (removed ones included).
+type Counters struct {
+	// FetchedBytes were read from the templates' origins: demand reads,
+	// read-ahead, prefetch and direct reads alike.
+	FetchedBytes int64
+	// CorruptChunks were cached chunks whose bytes did not match their
+	// recorded checksum when read back; each was dropped and fetched again.
+	CorruptChunks int64
+}
+
+// Counters returns the cache's counters.
+func (c *Cache) Counters() Counters {
+	return Counters{FetchedBytes: c.fetched.Load(), CorruptChunks: c.corrupt.Load()}
 }
 
 // ChunkSize is the cache's chunk size in bytes.

@@ -301,6 +301,9 @@ func TestCacheCorruptChunkRefetchedAfterRestart(t *testing.T) {
 	if st := tm2.Stats(); st.CorruptChunks != 1 || st.Fetches != 1 {
 		t.Fatalf("stats %+v, want 1 corrupt chunk and 1 fetch", st)
 	}
+	if cn := c2.Counters(); cn.CorruptChunks != 1 || cn.FetchedBytes != tm2.Stats().FetchedBytes {
+		t.Fatalf("cache counters %+v, want 1 corrupt chunk and the template's %d fetched bytes", cn, tm2.Stats().FetchedBytes)
+	}
 	got, err := os.ReadFile(filepath.Join(dir, "v.raw", "data"))
 	if err != nil || !bytes.Equal(got, data) {
 		t.Fatalf("data file not repaired: %v", err)

@@ -25,12 +25,14 @@ type call struct {
 // ReadAt reads len(p) bytes at off, fetching missing chunks first. It
 // returns io.EOF at the end of the template like os.File.
 func (t *Template) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
-	return t.readAt(ctx, p, off, &t.ra)
+	n, _, err := t.readAt(ctx, p, off, &t.ra)
+	return n, err
 }
 
 // readAt is ReadAt with the read-ahead state of one reader (an open file
-// of the mount, or the template's own for ReadAt).
-func (t *Template) readAt(ctx context.Context, p []byte, off int64, ra *readahead) (int, error) {
+// of the mount, or the template's own for ReadAt). missed reports that the
+// read waited for bytes from the origin (a cache miss).
+func (t *Template) readAt(ctx context.Context, p []byte, off int64, ra *readahead) (got int, missed bool, err error) {
 	t.readMu.RLock()
 	defer t.readMu.RUnlock()
 	t.touch()
@@ -44,46 +46,55 @@ func (t *Template) readAt(ctx context.Context, p []byte, off int64, ra *readahea
 	if !t.complete.Load() {
 		t.readAhead(ra, off, int64(len(p)))
 	}
-	n, err := t.Ensure(ctx, off, int64(len(p)))
+	n, missed, err := t.ensure(ctx, off, int64(len(p)))
 	if err != nil {
-		return 0, err
+		return 0, missed, err
 	}
 	if !t.complete.Load() {
 		t.lastRead.Store((off + n + t.cs - 1) / t.cs)
 	}
-	got, err := t.data.ReadAt(p[:n], off)
+	got, err = t.data.ReadAt(p[:n], off)
 	if err != nil && !(errors.Is(err, io.EOF) && got == int(n)) {
-		return got, fmt.Errorf("template %s: read cache: %w", t.id, errors.Join(err, errdefs.ErrUnavailable))
+		return got, missed, fmt.Errorf("template %s: read cache: %w", t.id, errors.Join(err, errdefs.ErrUnavailable))
 	}
 	if got < len(p) {
-		return got, io.EOF
+		return got, missed, io.EOF
 	}
-	return got, nil
+	return got, missed, nil
 }
 
 // Ensure makes [off, off+n) present in the data file, fetching missing
 // chunks, and returns how many bytes of the range lie inside the template.
 func (t *Template) Ensure(ctx context.Context, off, n int64) (int64, error) {
+	n, _, err := t.ensure(ctx, off, n)
+	return n, err
+}
+
+// ensure is Ensure; missed reports that it fetched chunks or waited for
+// fetches in flight (chunks cached in an earlier life, only verified, are
+// not a miss).
+func (t *Template) ensure(ctx context.Context, off, n int64) (int64, bool, error) {
 	if off < 0 || n < 0 {
-		return 0, fmt.Errorf("template %s: read at %d: %w", t.id, off, errdefs.ErrInvalid)
+		return 0, false, fmt.Errorf("template %s: read at %d: %w", t.id, off, errdefs.ErrInvalid)
 	}
 	if off >= t.size {
-		return 0, nil
+		return 0, false, nil
 	}
 	n = min(n, t.size-off)
 	if n == 0 || t.complete.Load() {
-		return n, nil
+		return n, false, nil
 	}
 	first, last := int(off/t.cs), int((off+n-1)/t.cs)
+	missed := false
 	for {
 		t.mu.Lock()
 		if t.failed != nil {
 			t.mu.Unlock()
-			return 0, t.failed
+			return 0, missed, t.failed
 		}
 		if t.closed {
 			t.mu.Unlock()
-			return 0, fmt.Errorf("template %s: removed: %w", t.id, errdefs.ErrNotFound)
+			return 0, missed, fmt.Errorf("template %s: removed: %w", t.id, errdefs.ErrNotFound)
 		}
 		var waits []*call
 		type run struct {
@@ -119,8 +130,9 @@ func (t *Template) Ensure(ctx context.Context, off, n int64) (int64, error) {
 		}
 		t.mu.Unlock()
 		if len(runs) == 0 && len(waits) == 0 && len(checks) == 0 {
-			return n, nil
+			return n, missed, nil
 		}
+		missed = missed || len(runs) > 0 || len(waits) > 0
 		g := new(errgroup.Group)
 		for _, r := range runs {
 			g.Go(func() error { return t.fetch(ctx, r.first, r.count, r.cl) })
@@ -136,14 +148,14 @@ func (t *Template) Ensure(ctx context.Context, off, n int64) (int64, error) {
 					err = cl.err
 				}
 			case <-ctx.Done():
-				return 0, ctx.Err()
+				return 0, missed, ctx.Err()
 			}
 		}
 		if err != nil {
-			return 0, err
+			return 0, missed, err
 		}
 		if err := ctx.Err(); err != nil {
-			return 0, err
+			return 0, missed, err
 		}
 		// Loop: chunks another caller failed to fetch because its context
 		// ended are claimed again.
@@ -196,6 +208,7 @@ func (t *Template) check(i int, cl *call) (err error) {
 	ok = want != nil && bytes.Equal(s, want)
 	if !ok && want != nil {
 		t.corrupt.Add(1)
+		t.c.corrupt.Add(1)
 		t.c.log.Warn("image cache: cached chunk does not match its checksum; fetching it again",
 			"template", t.id, "chunk", i, "offset", off)
 	}
@@ -241,6 +254,7 @@ func (t *Template) fetch(ctx context.Context, first, count int, cl *call) (err e
 	t.fetches.Add(1)
 	got, rerr := t.src.ReadAtContext(ctx, buf, off)
 	t.fetched.Add(int64(max(got, 0)))
+	t.c.fetched.Add(int64(max(got, 0)))
 	if int64(got) < n || (rerr != nil && !errors.Is(rerr, io.EOF)) {
 		if rerr == nil || errors.Is(rerr, io.EOF) {
 			rerr = fmt.Errorf("short read (%d of %d bytes)", got, n)
@@ -335,6 +349,7 @@ func (t *Template) readDirect(ctx context.Context, p []byte, off int64, ra *read
 	t.fetches.Add(1)
 	got, err := t.src.ReadAtContext(ctx, p[:n], off)
 	t.fetched.Add(int64(max(got, 0)))
+	t.c.fetched.Add(int64(max(got, 0)))
 	if int64(got) < n || (err != nil && !errors.Is(err, io.EOF)) {
 		t.wg.Done()
 		return 0, false

@@ -56,6 +56,10 @@ type Mount struct {
 	log   *slog.Logger
 	pt    bool
 	reads atomic.Int64
+	// What the mount's readers got: bytes served from cached chunks (hit)
+	// or that waited for the origin (miss), and opens handed to the kernel
+	// (passthrough), whose reads this process never sees.
+	hitBytes, missBytes, ptOpens atomic.Int64
 	// owner and group own every file of the mount (MountOptions).
 	owner, group uint32
 }
@@ -179,6 +183,25 @@ func (m *Mount) Passthrough() bool { return m.pt }
 
 // Reads is the number of READ requests this process has served.
 func (m *Mount) Reads() int64 { return m.reads.Load() }
+
+// MountCounters are what a mount's readers got, cumulative since it was
+// mounted.
+type MountCounters struct {
+	// Reads is the number of READ requests this process served.
+	Reads int64
+	// HitBytes were served from cached chunks; MissBytes waited for bytes
+	// from the origin. Reads of a complete template opened with
+	// passthrough never reach this process and are in neither.
+	HitBytes, MissBytes int64
+	// PassthroughOpens are opens of complete templates handed to the
+	// kernel (FUSE passthrough): every read through them is a hit.
+	PassthroughOpens int64
+}
+
+// Counters returns the mount's counters.
+func (m *Mount) Counters() MountCounters {
+	return MountCounters{Reads: m.reads.Load(), HitBytes: m.hitBytes.Load(), MissBytes: m.missBytes.Load(), PassthroughOpens: m.ptOpens.Load()}
+}
 
 // Wait returns when the filesystem is unmounted.
 func (m *Mount) Wait() { m.srv.Wait() }
@@ -306,10 +329,12 @@ func (n *fileNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint3
 		n.m.log.Error("image cache: open cached template", "template", n.t.id, "err", err)
 		return nil, 0, syscall.EIO
 	}
-	if !pt {
+	if pt {
+		n.m.ptOpens.Add(1)
+	} else {
 		n.cached++
 	}
-	return &completeFile{f: f, m: n.m, pt: pt}, fuse.FOPEN_KEEP_CACHE, 0
+	return &completeFile{f: f, m: n.m, pt: pt, size: n.t.size}, fuse.FOPEN_KEEP_CACHE, 0
 }
 
 func (n *fileNode) Read(ctx context.Context, fh fs.FileHandle, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
@@ -321,13 +346,19 @@ func (n *fileNode) Read(ctx context.Context, fh fs.FileHandle, dest []byte, off 
 	if lf, ok := fh.(*lazyFile); ok {
 		ra = &lf.ra
 		if got, ok := n.t.readDirect(ctx, dest, off, ra); ok {
+			n.m.missBytes.Add(int64(got))
 			return fuse.ReadResultData(dest[:got]), 0
 		}
 	}
-	got, err := n.t.readAt(ctx, dest, off, ra)
+	got, missed, err := n.t.readAt(ctx, dest, off, ra)
 	if err != nil && got < len(dest) && !errors.Is(err, io.EOF) {
 		n.m.log.Error("image cache: read failed", "template", n.t.id, "offset", off, "length", len(dest), "err", err)
 		return nil, syscall.EIO
+	}
+	if missed {
+		n.m.missBytes.Add(int64(got))
+	} else {
+		n.m.hitBytes.Add(int64(got))
 	}
 	return fuse.ReadResultData(dest[:got]), 0
 }
@@ -376,9 +407,10 @@ func (n *fileNode) invalidateContent() {
 // file directly (passthrough), or this process does (no passthrough on
 // this kernel, or a cached-mode open of the inode is still held).
 type completeFile struct {
-	f  *os.File
-	m  *Mount
-	pt bool // opened with passthrough
+	f    *os.File
+	m    *Mount
+	pt   bool  // opened with passthrough
+	size int64 // the template's
 }
 
 var (
@@ -395,5 +427,6 @@ func (f *completeFile) PassthroughFd() (int, bool) {
 
 func (f *completeFile) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
 	f.m.reads.Add(1)
+	f.m.hitBytes.Add(max(0, min(int64(len(dest)), f.size-off)))
 	return fuse.ReadResultFd(f.f.Fd(), off, len(dest)), 0
 }

@@ -397,3 +397,88 @@ func TestMountOpenWhileLazyOpenHeld(t *testing.T) {
 		}
 	}
 }
+
+// TestMountCounters: a cold read is a miss, the same bytes read again once
+// cached are a hit, what came from the origin is counted, and an open of
+// the complete template handed to the kernel is counted as such. Reads go
+// through a file with kernel read-ahead off (FADV_RANDOM), so that each
+// read is exactly one READ of its own bytes.
+func TestMountCounters(t *testing.T) {
+	requireFUSE(t)
+	data := randBytes(2<<20, 7)
+	o := newOrigin(t)
+	url := o.put("t.raw", data)
+	c, err := New(testOptions(t.TempDir())) // no prefetch: chunks come on demand only
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	m := mount(t, c)
+	tm, err := c.Add(context.Background(), "t.raw", url, int64(len(data)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(filepath.Join(m.Dir(), "t.raw"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_RANDOM); err != nil {
+		t.Fatal(err)
+	}
+	read := func(off int64) {
+		t.Helper()
+		p := make([]byte, 4096)
+		if _, err := f.ReadAt(p, off); err != nil || !bytes.Equal(p, data[off:off+4096]) {
+			t.Fatalf("read at %d: %v (equal %v)", off, err, bytes.Equal(p, data[off:off+4096]))
+		}
+	}
+	const off = 1 << 20
+	read(off)
+	if got := m.Counters(); got.MissBytes != 4096 || got.HitBytes != 0 {
+		t.Fatalf("after a cold 4 KiB read: %+v, want 4096 missed, 0 hit", got)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for tm.Stats().CachedChunks == 0 { // the chunk is fetched behind the direct read
+		if time.Now().After(deadline) {
+			t.Fatal("the chunk behind a direct read was never cached")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if err := unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_DONTNEED); err != nil {
+		t.Fatal(err)
+	}
+	read(off)
+	if got := m.Counters(); got.MissBytes != 4096 || got.HitBytes != 4096 {
+		t.Fatalf("after the same read with its chunk cached: %+v, want 4096 missed, 4096 hit", got)
+	}
+	if got := c.Counters().FetchedBytes; got < 4096+64<<10 {
+		t.Fatalf("fetched %d bytes, want at least the direct read and its chunk (%d)", got, 4096+64<<10)
+	}
+
+	if _, err := tm.Ensure(context.Background(), 0, int64(len(data))); err != nil {
+		t.Fatal(err)
+	}
+	waitComplete(t, tm)
+	f.Close() // passthrough only once no open reads through this process
+	f2, err := os.Open(filepath.Join(m.Dir(), "t.raw"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f2.Close()
+	before := m.Counters()
+	if m.Passthrough() {
+		if before.PassthroughOpens != 1 {
+			t.Fatalf("complete template opened with passthrough: %+v, want 1 passthrough open", before)
+		}
+		return
+	}
+	p := make([]byte, 4096)
+	unix.Fadvise(int(f2.Fd()), 0, 0, unix.FADV_RANDOM)
+	if _, err := f2.ReadAt(p, 0); err != nil {
+		t.Fatal(err)
+	}
+	if got := m.Counters(); got.HitBytes-before.HitBytes != 4096 || got.MissBytes != before.MissBytes {
+		t.Fatalf("read of the complete template: %+v then %+v, want 4096 more hit bytes", before, got)
+	}
+}

@@ -3163,6 +3163,19 @@ type CacheStatus struct {
 	CapacityBytes int64             `protobuf:"varint,3,opt,name=capacity_bytes,json=capacityBytes,proto3" json:"capacity_bytes,omitempty"`
 	CachedBytes   int64             `protobuf:"varint,4,opt,name=cached_bytes,json=cachedBytes,proto3" json:"cached_bytes,omitempty"`
 	Templates     []*CachedTemplate `protobuf:"bytes,5,rep,name=templates,proto3" json:"templates,omitempty"`
+	// Counters since the mount's process started (they restart from 0 with
+	// it). Bytes read through the mount that were served from cached chunks
+	// (hit) or waited for the origin (miss); reads of a complete template
+	// opened with FUSE passthrough go to the kernel and are in neither, but
+	// each such open is counted in passthrough_opens.
+	ReadHitBytes     int64 `protobuf:"varint,6,opt,name=read_hit_bytes,json=readHitBytes,proto3" json:"read_hit_bytes,omitempty"`
+	ReadMissBytes    int64 `protobuf:"varint,7,opt,name=read_miss_bytes,json=readMissBytes,proto3" json:"read_miss_bytes,omitempty"`
+	PassthroughOpens int64 `protobuf:"varint,8,opt,name=passthrough_opens,json=passthroughOpens,proto3" json:"passthrough_opens,omitempty"`
+	// Bytes read from the templates' origins (on demand, read-ahead, prefetch).
+	FetchedBytes int64 `protobuf:"varint,9,opt,name=fetched_bytes,json=fetchedBytes,proto3" json:"fetched_bytes,omitempty"`
+	// Cached chunks that did not match their checksum when read back (each
+	// dropped and fetched again): the host's cache disk returns bad data.
+	CorruptChunks int64 `protobuf:"varint,10,opt,name=corrupt_chunks,json=corruptChunks,proto3" json:"corrupt_chunks,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3230,6 +3243,41 @@ func (x *CacheStatus) GetTemplates() []*CachedTemplate {
 		return x.Templates
 	}
 	return nil
+}
+
+func (x *CacheStatus) GetReadHitBytes() int64 {
+	if x != nil {
+		return x.ReadHitBytes
+	}
+	return 0
+}
+
+func (x *CacheStatus) GetReadMissBytes() int64 {
+	if x != nil {
+		return x.ReadMissBytes
+	}
+	return 0
+}
+
+func (x *CacheStatus) GetPassthroughOpens() int64 {
+	if x != nil {
+		return x.PassthroughOpens
+	}
+	return 0
+}
+
+func (x *CacheStatus) GetFetchedBytes() int64 {
+	if x != nil {
+		return x.FetchedBytes
+	}
+	return 0
+}
+
+func (x *CacheStatus) GetCorruptChunks() int64 {
+	if x != nil {
+		return x.CorruptChunks
+	}
+	return 0
 }
 
 // CachedTemplate is one file of the mount.
@@ -3602,13 +3650,19 @@ const file_stowage_v1_types_proto_rawDesc = "" +
 	"\x06ref_id\x18\x01 \x01(\tR\x05refId\x12\x1c\n" +
 	"\n" +
 	"src_ref_id\x18\x02 \x01(\tR\bsrcRefId\x12,\n" +
-	"\x04kind\x18\x03 \x01(\x0e2\x18.stowage.v1.SnapshotKindR\x04kind\"\xc9\x01\n" +
+	"\x04kind\x18\x03 \x01(\x0e2\x18.stowage.v1.SnapshotKindR\x04kind\"\x90\x03\n" +
 	"\vCacheStatus\x12\x14\n" +
 	"\x05mount\x18\x01 \x01(\tR\x05mount\x12 \n" +
 	"\vpassthrough\x18\x02 \x01(\bR\vpassthrough\x12%\n" +
 	"\x0ecapacity_bytes\x18\x03 \x01(\x03R\rcapacityBytes\x12!\n" +
 	"\fcached_bytes\x18\x04 \x01(\x03R\vcachedBytes\x128\n" +
-	"\ttemplates\x18\x05 \x03(\v2\x1a.stowage.v1.CachedTemplateR\ttemplates\"\xd2\x01\n" +
+	"\ttemplates\x18\x05 \x03(\v2\x1a.stowage.v1.CachedTemplateR\ttemplates\x12$\n" +
+	"\x0eread_hit_bytes\x18\x06 \x01(\x03R\freadHitBytes\x12&\n" +
+	"\x0fread_miss_bytes\x18\a \x01(\x03R\rreadMissBytes\x12+\n" +
+	"\x11passthrough_opens\x18\b \x01(\x03R\x10passthroughOpens\x12#\n" +
+	"\rfetched_bytes\x18\t \x01(\x03R\ffetchedBytes\x12%\n" +
+	"\x0ecorrupt_chunks\x18\n" +
+	" \x01(\x03R\rcorruptChunks\"\xd2\x01\n" +
 	"\x0eCachedTemplate\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04size\x18\x02 \x01(\x03R\x04size\x12/\n" +
