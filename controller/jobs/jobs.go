@@ -603,8 +603,17 @@ func (r *Runner) Watch(ctx context.Context, id string, send func(*stowagev1.Job)
 			return ctx.Err()
 		case j = <-ch:
 		case <-stored:
-			if j, err = r.Get(ctx, id); err != nil {
+			// The record changed. While the job still runs here, its live
+			// copy has fresher progress; but the record of a job that has
+			// ended is the truth, even before the runner lets go of the
+			// live copy (which would say Running).
+			if j, err = r.db.Jobs().Get(ctx, id); err != nil {
 				return err
+			}
+			if !terminal(j.GetState()) {
+				if j, err = r.Get(ctx, id); err != nil {
+					return err
+				}
 			}
 		}
 		if err := send(j); err != nil {
@@ -625,7 +634,17 @@ func (r *Runner) publish(j *stowagev1.Job) {
 	for ch := range r.subs[j.GetId()] {
 		select {
 		case ch <- proto.Clone(j).(*stowagev1.Job):
-		default: // a slow watcher misses a progress update, never the end (the store's watch)
+		default:
+			// A slow watcher misses a progress update, never the end: the
+			// oldest queued update makes room for it (only publish sends,
+			// under r.mu, so the room stays).
+			if terminal(j.GetState()) {
+				select {
+				case <-ch:
+				default:
+				}
+				ch <- proto.Clone(j).(*stowagev1.Job)
+			}
 		}
 	}
 }

@@ -487,3 +487,66 @@ func TestStarterAndOnSuccess(t *testing.T) {
 		t.Fatalf("a job whose Start failed: %v", j)
 	}
 }
+
+// TestWatchSeesTheEnd: a watcher always gets a job's end. The end reaches
+// a watcher whose queue is full of progress updates (the oldest is
+// dropped for it), and a record that has ended wins over the runner's
+// live copy, which still says Running until the runner lets go of it.
+func TestWatchSeesTheEnd(t *testing.T) {
+	db := openDB(t, t.TempDir())
+	defer db.Close()
+	r := newRunner(t, db)
+	ctx := context.Background()
+
+	// A full queue: the end displaces the oldest update.
+	ch := make(chan *stowagev1.Job, 16)
+	r.mu.Lock()
+	r.subs["j1"] = map[chan *stowagev1.Job]struct{}{ch: {}}
+	r.mu.Unlock()
+	for i := range 20 {
+		r.publish(&stowagev1.Job{Id: "j1", State: stowagev1.JobState_JOB_STATE_RUNNING, Progress: &stowagev1.JobProgress{BytesDone: int64(i)}})
+	}
+	r.publish(&stowagev1.Job{Id: "j1", State: stowagev1.JobState_JOB_STATE_SUCCEEDED})
+	var last *stowagev1.Job
+	for len(ch) > 0 {
+		last = <-ch
+	}
+	if last.GetState() != stowagev1.JobState_JOB_STATE_SUCCEEDED {
+		t.Fatalf("last update queued for a slow watcher: %v, want the end", last)
+	}
+
+	// The record ends while the live copy still says Running.
+	j, _, err := r.Submit(ctx, NewJob("k", "t1", "", nil, nil), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	running, err := db.Jobs().Transition(ctx, j.GetId(), meta.JobStart, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.mu.Lock()
+	r.latest[j.GetId()] = running
+	r.mu.Unlock()
+	wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	seen := make(chan *stowagev1.Job, 8)
+	done := make(chan error, 1)
+	go func() {
+		done <- r.Watch(wctx, j.GetId(), func(j *stowagev1.Job) error { seen <- j; return nil })
+	}()
+	if first := <-seen; first.GetState() != stowagev1.JobState_JOB_STATE_RUNNING {
+		t.Fatalf("first update %v, want the live Running copy", first)
+	}
+	if _, err := db.Jobs().Transition(ctx, j.GetId(), meta.JobSucceed, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; err != nil {
+		t.Fatalf("watch did not end with the job: %v", err)
+	}
+	for len(seen) > 0 {
+		last = <-seen
+	}
+	if last.GetState() != stowagev1.JobState_JOB_STATE_SUCCEEDED {
+		t.Fatalf("last update %v, want Succeeded", last)
+	}
+}
