@@ -105,13 +105,17 @@ func TestOrphanReconciler(t *testing.T) {
 	stray := []byte("a chunk no manifest uses")
 	sum := sha256.Sum256(stray)
 	strayHash := hex.EncodeToString(sum[:])
+	// Every count is read before its orphans are made: a sweep runs every
+	// 300 ms and may remove and count one at once.
+	chunksBefore := orphanMetric(t, server, "chunk")
+	before := orphanMetric(t, server, "object")
+	grantsBefore := orphanMetric(t, server, "grant")
 	if err := os.MkdirAll(filepath.Join(chunkDir, strayHash[:2]), 0o700); err != nil {
 		t.Fatal(err)
 	}
 	if err := os.WriteFile(filepath.Join(chunkDir, strayHash[:2], strayHash), stray, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	chunksBefore := orphanMetric(t, server, "chunk")
 
 	// Orphans as a crash leaves them (objects of the layout, named as
 	// Stowage names them, with no record), made to look older than the
@@ -139,7 +143,6 @@ func TestOrphanReconciler(t *testing.T) {
 		}
 	}
 	made := time.Now()
-	before := orphanMetric(t, server, "object")
 
 	// An export as a controller that died mid-copy leaves it: made on the
 	// agent for a job step, and the job is no more.
@@ -173,7 +176,6 @@ func TestOrphanReconciler(t *testing.T) {
 	if code := status(); code != http.StatusOK {
 		t.Fatalf("the export answers %d before the sweep", code)
 	}
-	grantsBefore := orphanMetric(t, server, "grant")
 
 	gone := func(f string) bool { _, err := os.Stat(f); return os.IsNotExist(err) }
 	waitFor(t, "the old orphans removed", 20*time.Second, func() bool {
