@@ -628,7 +628,11 @@ func (r *Runner) Watch(ctx context.Context, id string, send func(*stowagev1.Job)
 func (r *Runner) publish(j *stowagev1.Job) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if _, ok := r.latest[j.GetId()]; ok && !terminal(j.GetState()) {
+	// The live copy follows to the end: a watcher that arrives after the
+	// end was published, while the runner still holds the job, reads the
+	// end from it (it used to read the last Running copy and wait for an
+	// update that would never come).
+	if _, ok := r.latest[j.GetId()]; ok {
 		r.latest[j.GetId()] = proto.Clone(j).(*stowagev1.Job)
 	}
 	for ch := range r.subs[j.GetId()] {

@@ -515,8 +515,9 @@ func TestWatchSeesTheEnd(t *testing.T) {
 		t.Fatalf("last update queued for a slow watcher: %v, want the end", last)
 	}
 
-	// The record ends while the live copy still says Running.
-	j, _, err := r.Submit(ctx, NewJob("k", "t1", "", nil, nil), nil)
+	// The record ends while the live copy still says Running. (The job
+	// is written as a record only: the runner does not run it.)
+	j, err := db.Jobs().Create(ctx, NewJob("k", "t1", "", nil, nil))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -548,5 +549,31 @@ func TestWatchSeesTheEnd(t *testing.T) {
 	}
 	if last.GetState() != stowagev1.JobState_JOB_STATE_SUCCEEDED {
 		t.Fatalf("last update %v, want Succeeded", last)
+	}
+
+	// A watcher that arrives after the end was published, while the
+	// runner still holds the job: the live copy says how it ended.
+	j2, err := db.Jobs().Create(ctx, NewJob("k", "t2", "", nil, nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	running2, err := db.Jobs().Transition(ctx, j2.GetId(), meta.JobStart, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.mu.Lock()
+	r.latest[j2.GetId()] = running2
+	r.mu.Unlock()
+	ended, err := db.Jobs().Transition(ctx, j2.GetId(), meta.JobSucceed, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.publish(ended)
+	last = nil
+	if err := r.Watch(wctx, j2.GetId(), func(j *stowagev1.Job) error { last = j; return nil }); err != nil {
+		t.Fatalf("watch after the end: %v", err)
+	}
+	if last.GetState() != stowagev1.JobState_JOB_STATE_SUCCEEDED {
+		t.Fatalf("watch after the end: %v, want Succeeded", last)
 	}
 }
