@@ -55,7 +55,7 @@ func newCacheStatusCmd() *cobra.Command {
 				return err
 			}
 			return emit(cmd, asJSON, st, func(w io.Writer) {
-				keyValues(w, [][2]string{{"Template mount", mountSummary(st)}})
+				keyValues(w, [][2]string{{"Template mount", mountSummary(st)}, {"Template reads", mountCounters(st)}})
 				if len(st.GetTemplates()) > 0 {
 					fmt.Fprintln(w)
 					mountTable(w, st)
@@ -78,6 +78,18 @@ func mountSummary(tc *stowagev1.CacheStatus) string {
 	}
 	return fmt.Sprintf("%s (%d templates, %s cached, capacity %s, passthrough %v)",
 		tc.GetMount(), len(tc.GetTemplates()), humanBytes(tc.GetCachedBytes()), capacity, tc.GetPassthrough())
+}
+
+// mountCounters says what a template mount's readers got since its
+// process started: bytes from cached chunks and from the origin.
+func mountCounters(tc *stowagev1.CacheStatus) string {
+	hit, miss := tc.GetReadHitBytes(), tc.GetReadMissBytes()
+	ratio := "-"
+	if hit+miss > 0 {
+		ratio = fmt.Sprintf("%.1f%%", 100*float64(hit)/float64(hit+miss))
+	}
+	return fmt.Sprintf("%s hit, %s miss (%s hit), %d passthrough opens, %s fetched from origins, %d corrupt chunks",
+		humanBytes(hit), humanBytes(miss), ratio, tc.GetPassthroughOpens(), humanBytes(tc.GetFetchedBytes()), tc.GetCorruptChunks())
 }
 
 // mountTable lists a template mount's templates.

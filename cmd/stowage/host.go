@@ -87,6 +87,9 @@ func newHostCmd() *cobra.Command {
 				{"RBD export", fmt.Sprint(caps.GetRbdExport())},
 			}
 			kv = append(kv, [2]string{"Template mount", mountSummary(caps.GetTemplateCache())})
+			if tc := caps.GetTemplateCache(); tc != nil {
+				kv = append(kv, [2]string{"Template reads", mountCounters(tc)})
+			}
 			if h.GetStateReason() != "" {
 				kv = append(kv, [2]string{"Reason", h.GetStateReason()})
 			}

@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -238,8 +239,9 @@ func testTemplateMount(t *testing.T, transport string, full bool) {
 		ct := cachedTemplate(hostCaps(t, server, "h2"), tq.GetId())
 		return ct != nil && ct.GetPinned()
 	})
-	if out, _, rc := cli(t, server, "host", "get", "h2"); rc != 0 || !strings.Contains(out, "Template mount") || !strings.Contains(out, c2.mount) || !strings.Contains(out, tq.GetId()) {
-		t.Fatalf("stowage host get h2 does not show the mount and its template (exit %d):\n%s", rc, out)
+	if out, _, rc := cli(t, server, "host", "get", "h2"); rc != 0 || !strings.Contains(out, "Template mount") || !strings.Contains(out, c2.mount) || !strings.Contains(out, tq.GetId()) ||
+		!regexp.MustCompile(`Template reads:\s+\S+ \S+ hit, \S+ \S+ miss \(`).MatchString(out) {
+		t.Fatalf("stowage host get h2 does not show the mount, its reads and its template (exit %d):\n%s", rc, out)
 	}
 	if _, err := a.images.DeleteTemplate(ctx, connect.NewRequest(&stowagev1.DeleteTemplateRequest{Id: tq.GetId(), Force: true})); code(err) != connect.CodeFailedPrecondition || !strings.Contains(err.Error(), "lazy1") {
 		t.Fatalf("delete of a template backing a lazy volume: %v", err)

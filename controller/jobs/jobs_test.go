@@ -104,7 +104,14 @@ func TestSucceedFailIdempotency(t *testing.T) {
 		if c.result == "failed" {
 			want = 0
 		}
-		if got := testutil.ToFloat64(r.finished.WithLabelValues(c.kind, c.result)); got != want {
+		// A watcher may see the end recorded a moment before the runner
+		// counts it.
+		got := testutil.ToFloat64(r.finished.WithLabelValues(c.kind, c.result))
+		for deadline := time.Now().Add(5 * time.Second); got != want && time.Now().Before(deadline); {
+			time.Sleep(5 * time.Millisecond)
+			got = testutil.ToFloat64(r.finished.WithLabelValues(c.kind, c.result))
+		}
+		if got != want {
 			t.Errorf("stowage_jobs_finished_total{kind=%q,result=%q} = %v, want %v", c.kind, c.result, got, want)
 		}
 	}
