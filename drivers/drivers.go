@@ -301,7 +301,11 @@ type Driver interface {
 	// CanCopy reports whether Copy can copy src (on this provider's or any
 	// store) to dst (on this provider's store) natively, without the
 	// generic stream motion: reflink inside one filesystem, server-side
-	// copy inside one bucket, an array clone.
+	// copy inside one bucket, an array clone. For a snapshot src it
+	// promises more: dst becomes a volume that reads as the snapshot
+	// (its guest view, what a flattening copy makes) and that nothing the
+	// snapshot's life does later changes (an RBD clone, flattened before
+	// its snapshot goes).
 	CanCopy(src, dst DataObject) bool
 	// Copy copies src to dst natively (see CanCopy; otherwise
 	// errdefs.ErrNotImplemented); dst.Format is the wanted format.

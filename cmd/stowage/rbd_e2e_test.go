@@ -355,9 +355,35 @@ func rbdBackupsAndMigration(t *testing.T, server, hostRoot, keyring string, sh f
 	if out := sh("qemu-img", "compare", "-f", "raw", "-F", "raw", dirFile(fromSnap), snapDrive); !strings.Contains(out, "Images are identical") {
 		t.Errorf("the volume copied from snapshot bs2 differs from it:\n%s", out)
 	}
+	// From the primary snapshot onto its own store: the rbd driver copies
+	// it natively, an RBD clone of the snapshot (no byte copied).
+	if _, errOut, code := cli(t, server, "volume", "create", "--name", "snapclone", "--snapshot", s2, "--store", "ceph1", "--wait"); code != 0 {
+		t.Fatalf("volume from the primary snapshot on its own store: exit %d %s", code, errOut)
+	}
+	snapClone := getVolume(t, server, "snapclone")
+	if snapClone.InstallMethod != "native" {
+		t.Errorf("volume from a snapshot on its own rbd store: method %q, want native (the driver's clone)", snapClone.InstallMethod)
+	}
+	if info := sh("rbd", "info", "stowage/"+snapClone.InstallPath); !strings.Contains(info, "parent: stowage/"+b1.InstallPath+"@snap-"+s2) {
+		t.Errorf("the volume from snapshot bs2 is not an RBD clone of it:\n%s", info)
+	}
+	if du := sh("rbd", "du", "stowage/"+snapClone.InstallPath); !strings.HasSuffix(strings.TrimSpace(du), " 0 B") {
+		t.Errorf("the clone of snapshot bs2 has bytes of its own (none were to be copied):\n%s", du)
+	}
+	if out := sh("qemu-img", "compare", "-f", "raw", "-F", "raw", dirFile(fromSnap), rbdDrive(snapClone.InstallPath)); !strings.Contains(out, "Images are identical") {
+		t.Errorf("the clone of snapshot bs2 differs from it:\n%s", out)
+	}
 	// Once the RBD volume and its snapshots are gone, from the backup.
 	if _, errOut, code := cli(t, server, "volume", "delete", b1.ID, "--wait"); code != 0 {
 		t.Fatalf("delete b1: exit %d %s", code, errOut)
+	}
+	// The clone hung from one of them: it was flattened first, and reads
+	// as before, with no parent.
+	if info := sh("rbd", "info", "stowage/"+snapClone.InstallPath); strings.Contains(info, "parent:") {
+		t.Errorf("the clone of a deleted snapshot still has a parent:\n%s", info)
+	}
+	if out := sh("qemu-img", "compare", "-f", "raw", "-F", "raw", dirFile(fromSnap), rbdDrive(snapClone.InstallPath)); !strings.Contains(out, "Images are identical") {
+		t.Errorf("the clone of snapshot bs2, flattened when b1 went, differs from the snapshot:\n%s", out)
 	}
 	if images := sh("rbd", "ls", "stowage"); strings.Contains(images, b1.InstallPath) {
 		t.Errorf("b1's image is left after its delete:\n%s", images)

@@ -73,7 +73,9 @@ func (m *Mover) Copy(ctx context.Context, mv Move, progress drivers.Progress) (d
 	if err != nil {
 		return drivers.ObjectInfo{}, err
 	}
-	if !mv.Flatten && dd.CanCopy(mv.Src, mv.Dst) {
+	// A snapshot a driver copies natively comes out as its guest view
+	// (the CanCopy contract), so a flattening copy of one may be native.
+	if (!mv.Flatten || mv.Src.Type == drivers.ObjectSnapshot) && dd.CanCopy(mv.Src, mv.Dst) {
 		return dd.Copy(drivers.WithHost(ctx, mv.Prefer), mv.Src, mv.Dst, progress)
 	}
 	// Only a host that reaches both stores' objects (capabilities their

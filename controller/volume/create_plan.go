@@ -246,7 +246,7 @@ func (p *planner) fromTemplate(ctx context.Context, req *stowagev1.CreateVolumeR
 		if err != nil {
 			return err
 		}
-		reasons, host, err := p.s.copyPlan(ctx, imgStore, st, &copied{drivers.ObjectTemplate, tmpl.GetId(), tf}, true, false)
+		reasons, host, _, err := p.s.copyPlan(ctx, imgStore, st, &copied{typ: drivers.ObjectTemplate, id: tmpl.GetId(), format: tf}, true, false)
 		if err != nil {
 			return err
 		}
@@ -318,39 +318,51 @@ func (s *Service) mountNeed(templateID, zone string) endpoint.Need {
 }
 
 // copied names what a planned copy moves, for the destination driver's
-// CanCopy; nil for a copy that flattens (never a driver-native copy, as
-// motion.Mover runs it).
+// CanCopy; nil for a copy that flattens a chain (never a driver-native
+// copy, as motion.Mover runs it, unless it is of a snapshot).
 type copied struct {
 	typ    drivers.ObjectType
 	id     string
 	format drivers.Format
+	// into is the type of the copy when it differs from typ (a snapshot
+	// copied into a volume), with its format.
+	into       drivers.ObjectType
+	intoFormat drivers.Format
 }
 
 // copyPlan asks the data motion strategies how bytes go from store a to
-// store b, and returns the winner's reasons and the host that writes.
+// store b, and returns the winner's reasons and the host that writes (none
+// when the winner is the destination driver's own copy: native).
 //
 // standalone says the source has no backing chain; flatten that the copy
 // reads a chain through (so its guest view can travel between hosts).
-func (s *Service) copyPlan(ctx context.Context, a, b *stowagev1.DataStore, obj *copied, standalone, flatten bool) (reasons []string, host string, err error) {
+func (s *Service) copyPlan(ctx context.Context, a, b *stowagev1.DataStore, obj *copied, standalone, flatten bool) (reasons []string, host string, native bool, err error) {
 	ctx = s.stores.WithNeeds(ctx, a, b)
-	native := false
 	if d, err := s.stores.Driver(b); err == nil && obj != nil {
 		src := datastore.Object(a, obj.typ, obj.id, obj.format, 0, "")
-		native = d.CanCopy(src, datastore.Object(b, obj.typ, obj.id, obj.format, 0, ""))
+		typ, format := obj.typ, obj.format
+		if obj.into != "" {
+			typ, format = obj.into, obj.intoFormat
+		}
+		native = d.CanCopy(src, datastore.Object(b, typ, obj.id, format, 0, ""))
 	}
 	d, err := motion.PickMotion(ctx, motion.MotionRequest{From: datastore.Scope(a), To: datastore.Scope(b), Native: native, Standalone: standalone, Flatten: flatten}, s.sel)
 	if err != nil {
-		return d.Reasons, "", err
+		return d.Reasons, "", false, err
 	}
+	reasons = append([]string{fmt.Sprintf("data motion %s (%s) wins", d.Strategy.Name(), d.Priority)}, d.Reasons...)
+	native = d.Strategy.Name() == motion.DriverNative
 	scopes := []drivers.Scope{datastore.Scope(b)}
 	if d.Strategy.Name() == motion.SameHost {
 		scopes = append(scopes, datastore.Scope(a))
 	}
 	ch, err := s.sel.Select(ctx, "", scopes...)
-	if err != nil {
-		return d.Reasons, "", err
+	if err != nil && !native {
+		return d.Reasons, "", false, err
 	}
-	return append([]string{fmt.Sprintf("data motion %s (%s) wins", d.Strategy.Name(), d.Priority)}, d.Reasons...), ch.HostID, nil
+	// A native copy uses a host only if its driver wants one (a reflink
+	// runs on a host of the store): the one chosen here, when there is one.
+	return reasons, ch.HostID, native, nil
 }
 
 func (p *planner) fromSnapshot(ctx context.Context, req *stowagev1.CreateVolumeRequest, vol *stowagev1.Volume, want drivers.Format) error {
@@ -396,15 +408,28 @@ func (p *planner) fromSnapshot(ctx context.Context, req *stowagev1.CreateVolumeR
 		if err != nil {
 			return err
 		}
-		reasons, host, err := p.s.copyPlan(ctx, src, st, nil, false, true)
+		sf, err := p.s.snapshotFormat(ctx, snap.GetId())
+		if err != nil {
+			return err
+		}
+		what := &copied{typ: drivers.ObjectSnapshot, id: snap.GetId(), format: sf, into: drivers.ObjectVolume, intoFormat: want}
+		reasons, host, native, err := p.s.copyPlan(ctx, src, st, what, false, true)
 		if err != nil {
 			return err
 		}
 		p.plan.Reasons = append(p.plan.Reasons, reasons...)
-		p.plan.Strategy, p.plan.Priority = "copy-from-primary-snapshot", motion.Hypervisor.String()
 		p.params.SourceRefId = onPrimary.GetId()
-		vol.InstallMethod = "full"
 		p.plan.Reasons = append(p.plan.Reasons, "the snapshot is on primary store "+src.GetName()+": no need to read the backup")
+		if native {
+			// The store makes the volume from its snapshot itself (an RBD
+			// clone): what the driver says it made is the install method.
+			p.plan.Strategy, p.plan.Priority = "native-copy-of-primary-snapshot", motion.Highest.String()
+			vol.InstallMethod = "native"
+			p.step("copy", host, "store "+st.GetName()+"'s driver makes the volume from the snapshot itself; "+reasons[0])
+			return nil
+		}
+		p.plan.Strategy, p.plan.Priority = "copy-from-primary-snapshot", motion.Hypervisor.String()
+		vol.InstallMethod = "full"
 		p.step("copy", host, "flatten the snapshot's chain into a standalone volume; "+reasons[0])
 		return nil
 	}

@@ -181,7 +181,7 @@ func (s *Service) Migrate(ctx context.Context, idOrName, storeID string, dryRun 
 			v.GetName(), len(snaps), src.GetName(), errdefs.ErrFailedPrecondition)
 	}
 	keep, why := s.keepChain(ctx, v, dst)
-	reasons, host, err := s.copyPlan(ctx, src, dst, nil, standalone(v) || keep != nil, keep == nil)
+	reasons, host, _, err := s.copyPlan(ctx, src, dst, nil, standalone(v) || keep != nil, keep == nil)
 	if err != nil {
 		return nil, err
 	}

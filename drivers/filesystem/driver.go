@@ -274,9 +274,12 @@ func (d *Driver) listObjects(ctx context.Context, h hostops.Host, store drivers.
 
 // CanCopy reports whether Copy can copy src to dst natively: both on the
 // same filesystem store, whose filesystem shares extents
-// (Details["reflink"] == "true"), in the same format. It does no I/O.
+// (Details["reflink"] == "true"), in the same format. A snapshot is never
+// copied natively: its file is one link of a qcow2 chain, and a reflink
+// of it would not read as the snapshot. It does no I/O.
 func (d *Driver) CanCopy(src, dst drivers.DataObject) bool {
-	return src.Store.ID != "" && src.Store.ID == dst.Store.ID &&
+	return src.Type != drivers.ObjectSnapshot &&
+		src.Store.ID != "" && src.Store.ID == dst.Store.ID &&
 		src.Store.Provider == Name && dst.Store.Provider == Name &&
 		dst.Store.Details["reflink"] == "true" &&
 		src.Format != "" && src.Format == dst.Format

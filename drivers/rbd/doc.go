@@ -5,7 +5,9 @@
 // file the store's details name), its volumes and templates are RBD
 // images, snapshots are RBD snapshots (rollback to revert), and a volume
 // from a template cached in the pool is an RBD clone of the template's
-// protected snapshot: no byte copied.
+// protected snapshot: no byte copied. So is a volume made from a snapshot
+// of the pool (Copy, native: CanCopy); deleting a snapshot flattens its
+// clones first.
 //
 // The control operations (create, delete, resize, snapshot, clone, stat,
 // diff, pool capacity) run where the provider runs, the controller,

@@ -287,13 +287,102 @@ func (d *Driver) Delete(ctx context.Context, obj drivers.DataObject) error {
 	})
 }
 
-// CanCopy implements drivers.Driver: no native copy yet (a volume from a
-// template in the pool is a Clone).
-func (d *Driver) CanCopy(src, dst drivers.DataObject) bool { return false }
+// CanCopy implements drivers.Driver: a snapshot of a volume becomes a new
+// raw volume of the same store as an RBD clone of the snapshot, no byte
+// copied (a volume from a template in the pool is a Clone). Any other
+// pair goes through the generic data motion.
+func (d *Driver) CanCopy(src, dst drivers.DataObject) bool {
+	return src.Type == drivers.ObjectSnapshot && dst.Type == drivers.ObjectVolume &&
+		src.Store.ID != "" && src.Store.ID == dst.Store.ID &&
+		src.Store.Provider == Name && dst.Store.Provider == Name &&
+		(dst.Format == "" || dst.Format == drivers.FormatRaw)
+}
 
-// Copy implements drivers.Driver.
+// Copy implements drivers.Driver (see CanCopy): the snapshot is protected
+// (once) and cloned; the clone reads as the snapshot, grows to dst.Size
+// when that is larger, and stands alone whatever happens to the snapshot
+// later (deleting a snapshot flattens its clones first). A clone already
+// there (a retried copy) is kept.
 func (d *Driver) Copy(ctx context.Context, src, dst drivers.DataObject, progress drivers.Progress) (drivers.ObjectInfo, error) {
-	return drivers.ObjectInfo{}, fmt.Errorf("rbd: no native copy: %w", errdefs.ErrNotImplemented)
+	if !d.CanCopy(src, dst) {
+		return drivers.ObjectInfo{}, fmt.Errorf("rbd: only a snapshot to a raw volume of its own store is a native copy; use the generic data motion: %w",
+			errdefs.ErrNotImplemented)
+	}
+	dname, err := d.Locate(dst)
+	if err != nil {
+		return drivers.ObjectInfo{}, err
+	}
+	var info drivers.ObjectInfo
+	err = d.withPool(ctx, dst.Store, func(_ *cluster, io *rados.IOContext) error {
+		t, err := d.resolve(io, src)
+		if err != nil {
+			return err
+		}
+		size, err := protectSnapshot(io, t)
+		if err != nil {
+			return err
+		}
+		err = cloneImage(io, t.image, t.snap, dname)
+		existed := errno(err) == syscall.EEXIST
+		if err != nil && !existed {
+			return fmt.Errorf("clone %s to %s: %w", t, dname, classify(err))
+		}
+		if dst.Size > int64(size) {
+			img, err := cephrbd.OpenImage(io, dname, cephrbd.NoSnapshot)
+			if err != nil {
+				return fmt.Errorf("image %s: %w", dname, classify(err))
+			}
+			cur, err := img.GetSize()
+			if err == nil && int64(cur) < dst.Size {
+				err = img.Resize(uint64(dst.Size))
+			}
+			if cerr := img.Close(); err == nil {
+				err = cerr
+			}
+			if err != nil {
+				return fmt.Errorf("grow clone %s: %w", dname, classify(err))
+			}
+		}
+		if info, err = stat(io, dst, dname); err != nil {
+			return err
+		}
+		info.Method = "rbd-clone"
+		return nil
+	})
+	if err != nil {
+		return drivers.ObjectInfo{}, fmt.Errorf("copy snapshot %s to volume %s on rbd store %s: %w", src.ID, dst.ID, dst.Store.ID, err)
+	}
+	return info, nil
+}
+
+// protectSnapshot protects snapshot t (one protected already is left as
+// it is) and returns its size.
+func protectSnapshot(io *rados.IOContext, t target) (uint64, error) {
+	img, err := cephrbd.OpenImage(io, t.image, cephrbd.NoSnapshot)
+	if err != nil {
+		return 0, fmt.Errorf("image %s: %w", t.image, classify(err))
+	}
+	defer img.Close()
+	snap := img.GetSnapshot(t.snap)
+	prot, err := snap.IsProtected()
+	if err != nil {
+		return 0, fmt.Errorf("snapshot %s: %w", t, classify(err))
+	}
+	if !prot {
+		if err := snap.Protect(); err != nil && errno(err) != syscall.EBUSY {
+			return 0, fmt.Errorf("protect %s: %w", t, classify(err))
+		}
+	}
+	at, err := cephrbd.OpenImageReadOnly(io, t.image, t.snap)
+	if err != nil {
+		return 0, fmt.Errorf("snapshot %s: %w", t, classify(err))
+	}
+	defer at.Close()
+	size, err := at.GetSize()
+	if err != nil {
+		return 0, fmt.Errorf("snapshot %s: %w", t, classify(err))
+	}
+	return size, nil
 }
 
 // Resize implements drivers.Resizer: an image only grows.
@@ -415,7 +504,7 @@ func (d *Driver) Clone(ctx context.Context, spec drivers.CloneSpec, progress dri
 			}
 			d.bases.Store(key, size)
 		}
-		err := cloneImage(io, base, dst)
+		err := cloneImage(io, base, baseSnapshot, dst)
 		if known && errno(err) == syscall.ENOENT {
 			// The base snapshot went (the template was removed and
 			// imported again): made anew.
@@ -424,7 +513,7 @@ func (d *Driver) Clone(ctx context.Context, spec drivers.CloneSpec, progress dri
 				return err
 			}
 			d.bases.Store(key, size)
-			err = cloneImage(io, base, dst)
+			err = cloneImage(io, base, baseSnapshot, dst)
 		}
 		existed := errno(err) == syscall.EEXIST
 		if err != nil && !existed {
@@ -466,14 +555,15 @@ func (d *Driver) Clone(ctx context.Context, spec drivers.CloneSpec, progress dri
 	return info, err
 }
 
-// cloneImage clones base's base snapshot as dst, with Stowage's features.
-func cloneImage(io *rados.IOContext, base, dst string) error {
+// cloneImage clones snapshot snap of image base as dst, with Stowage's
+// features.
+func cloneImage(io *rados.IOContext, base, snap, dst string) error {
 	opts := cephrbd.NewRbdImageOptions()
 	defer opts.Destroy()
 	if err := opts.SetUint64(cephrbd.ImageOptionFeatures, imageFeatures); err != nil {
 		return classify(err)
 	}
-	return cephrbd.CloneImage(io, base, baseSnapshot, io, dst, opts)
+	return cephrbd.CloneImage(io, base, snap, io, dst, opts)
 }
 
 // protectBase makes the base snapshot of image base, protected, once, and

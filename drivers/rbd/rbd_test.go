@@ -291,29 +291,53 @@ func TestObjects(t *testing.T) {
 		t.Errorf("delete a deleted snapshot: %v", err)
 	}
 
-	// A clone hanging from snapshot sn1 (made by hand: protected, cloned):
-	// deleting sn1 flattens that clone first, as it must; the clone keeps
-	// the data it read through the snapshot and has no parent after.
-	vimg, err := cephrbd.OpenImage(io, "volume-v1", cephrbd.NoSnapshot)
+	// A volume made from snapshot sn1 by the driver's native copy is an
+	// RBD clone of it (protected first), no byte copied, grown to the size
+	// asked for; only a snapshot of this store copies natively. Deleting
+	// sn1 then flattens that clone first, as it must: the clone keeps the
+	// data it read through the snapshot and has no parent after.
+	hang := drivers.DataObject{ID: "hang", Type: drivers.ObjectVolume, Store: info, Format: drivers.FormatRaw, Size: 12 << 20}
+	other := info
+	other.ID = "elsewhere"
+	for _, c := range []struct {
+		name     string
+		src, dst drivers.DataObject
+		want     bool
+	}{
+		{"snapshot to volume", snap.DataObject, hang, true},
+		{"volume to volume", vol, hang, false},
+		{"snapshot to a volume of another store", snap.DataObject, drivers.DataObject{ID: "x", Type: drivers.ObjectVolume, Store: other, Format: drivers.FormatRaw}, false},
+		{"snapshot to qcow2", snap.DataObject, drivers.DataObject{ID: "x", Type: drivers.ObjectVolume, Store: info, Format: drivers.FormatQCOW2}, false},
+	} {
+		if got := d.CanCopy(c.src, c.dst); got != c.want {
+			t.Errorf("CanCopy %s = %v, want %v", c.name, got, c.want)
+		}
+	}
+	if _, err := d.Copy(ctx, vol, hang, nil); !errors.Is(err, errdefs.ErrNotImplemented) {
+		t.Errorf("Copy of a volume: %v, want ErrNotImplemented", err)
+	}
+	hi, err := d.Copy(ctx, snap.DataObject, hang, nil)
+	if err != nil || hi.Method != "rbd-clone" || hi.Key != "volume-hang" || hi.Size != 12<<20 || hi.PhysicalSize != 0 {
+		t.Fatalf("copy of snapshot sn1: %+v %v; want an rbd clone of 12 MiB with no byte of its own", hi, err)
+	}
+	if _, err := d.Copy(ctx, snap.DataObject, hang, nil); err != nil {
+		t.Errorf("the same copy again: %v", err)
+	}
+	himg, err := cephrbd.OpenImageReadOnly(io, "volume-hang", cephrbd.NoSnapshot)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := vimg.GetSnapshot("snap-sn1").Protect(); err != nil {
-		t.Fatal(err)
+	if p, err := himg.GetParent(); err != nil || p.Image.ImageName != "volume-v1" || p.Snap.SnapName != "snap-sn1" {
+		t.Errorf("the copy's parent: %+v %v, want volume-v1@snap-sn1", p, err)
 	}
-	vimg.Close()
-	copts := cephrbd.NewRbdImageOptions()
-	defer copts.Destroy()
-	if err := copts.SetUint64(cephrbd.ImageOptionFeatures, cephrbd.FeatureLayering); err != nil {
-		t.Fatal(err)
-	}
-	if err := cephrbd.CloneImage(io, "volume-v1", "snap-sn1", io, "volume-hang", copts); err != nil {
-		t.Fatal(err)
+	himg.Close()
+	if got := readAt(t, io, "volume-hang", 1<<20, 1<<20); !bytes.Equal(got, a) {
+		t.Errorf("the copy reads %x..., want the snapshot's %x...", got[:4], a[:4])
 	}
 	if err := d.Delete(ctx, snap.DataObject); err != nil {
 		t.Fatalf("delete a snapshot with a clone: %v", err)
 	}
-	himg, err := cephrbd.OpenImageReadOnly(io, "volume-hang", cephrbd.NoSnapshot)
+	himg, err = cephrbd.OpenImageReadOnly(io, "volume-hang", cephrbd.NoSnapshot)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -327,7 +351,7 @@ func TestObjects(t *testing.T) {
 	if has, err := hasSnapshot(io, "volume-v1", "snap-sn1"); err != nil || has {
 		t.Errorf("snapshot sn1 after its delete: %v %v", has, err)
 	}
-	if err := cephrbd.RemoveImage(io, "volume-hang"); err != nil {
+	if err := d.Delete(ctx, hang); err != nil {
 		t.Fatal(err)
 	}
 
