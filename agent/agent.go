@@ -536,6 +536,7 @@ func (a *Agent) heartbeat(ctx context.Context) (reregister bool, err error) {
 		SessionId:     a.session,
 		Capabilities:  caps,
 		InFlightTasks: a.svc.journal.inFlight(),
+		CopyEngine:    copyEngineCounters(),
 	}))
 	if err != nil {
 		return false, errconnect.FromConnect(err)

@@ -171,7 +171,7 @@ func runController(ctx context.Context, cfg controllerConfig, log *slog.Logger, 
 		return fmt.Errorf("--capacity-*-threshold: %w", err)
 	}
 	hostSvc.SetStoreWatcher(storeSvc)
-	reg.MustRegister(newStateCollector(db, storeSvc.Effective))
+	reg.MustRegister(newStateCollector(db, storeSvc.Effective), newCopyEngineCollector(hostSvc.CopyEngine))
 
 	runner := jobs.New(db, log.With("component", "jobs"))
 	reg.MustRegister(runner.Collectors()...)

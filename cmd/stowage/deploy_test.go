@@ -18,6 +18,7 @@ import (
 	"github.com/stowage/stowage/controller/jobs"
 	"github.com/stowage/stowage/controller/meta"
 	"github.com/stowage/stowage/controller/orphans"
+	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
 )
 
 // The monitoring files shipped in deploy/ (see docs/operations.md, "Health
@@ -213,7 +214,8 @@ func describedMetrics(t *testing.T) map[string]bool {
 		t.Fatal(err)
 	}
 	defer db.Close()
-	cs := []prometheus.Collector{newStateCollector(db, datastore.New(db, nil, slog.New(slog.DiscardHandler)).Effective)}
+	cs := []prometheus.Collector{newStateCollector(db, datastore.New(db, nil, slog.New(slog.DiscardHandler)).Effective),
+		newCopyEngineCollector(func() map[string]*stowagev1.CopyEngineCounters { return nil })}
 	cs = append(cs, orphans.New(db, nil, 0, slog.New(slog.DiscardHandler)).Collectors()...)
 	cs = append(cs, jobs.New(db, slog.New(slog.DiscardHandler)).Collectors()...)
 	names := map[string]bool{}

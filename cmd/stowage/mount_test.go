@@ -354,6 +354,12 @@ func testTemplateMount(t *testing.T, transport string, full bool) {
 			t.Errorf("metrics lack %s", series)
 		}
 	}
+	// The agents' copy engine counters too: the copies above were counted
+	// on the hosts that ran them.
+	if !regexp.MustCompile(`(?m)^stowage_stream_copies_total\{host="h[12]",method="[^"]+",result="ok"\} [1-9]`).MatchString(mb.String()) ||
+		!regexp.MustCompile(`(?m)^stowage_stream_bytes_total\{host="h[12]",kind="written"\} [1-9]`).MatchString(mb.String()) {
+		t.Errorf("metrics lack the hosts' copies:\n%s", grepLines(mb.String(), "stowage_stream_"))
+	}
 	t.Logf("done")
 }
 

@@ -79,6 +79,24 @@ type liveness struct {
 	session   string
 	persisted time.Time
 	inFlight  int32
+	// copies is the agent's copy engine counters, as its last heartbeat
+	// to this controller carried them (kept in memory only).
+	copies *stowagev1.CopyEngineCounters
+}
+
+// CopyEngine returns each host's copy engine counters, as its last
+// heartbeat to this controller carried them: a follower, which gets no
+// heartbeats, knows none; the counters restart from 0 with the agent.
+func (s *Service) CopyEngine() map[string]*stowagev1.CopyEngineCounters {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make(map[string]*stowagev1.CopyEngineCounters, len(s.seen))
+	for id, l := range s.seen {
+		if l.copies != nil {
+			out[id] = l.copies // never modified: each heartbeat brings a new one
+		}
+	}
+	return out
 }
 
 // New returns a host registry over db.
@@ -284,6 +302,9 @@ func (s *Service) Heartbeat(ctx context.Context, req *stowagev1.HeartbeatRequest
 	s.mu.Lock()
 	l := s.seen[host.GetId()]
 	l.at, l.session, l.inFlight = now, req.GetSessionId(), req.GetInFlightTasks()
+	if c := req.GetCopyEngine(); c != nil {
+		l.copies = c
+	}
 	newCaps := !sameCaps(host.GetCapabilities(), req.GetCapabilities())
 	persist := now.Sub(l.persisted) >= s.cfg.PersistEvery || newCaps
 	s.seen[host.GetId()] = l

@@ -187,3 +187,34 @@ func TestHeartbeatCountersPersistedAtCadence(t *testing.T) {
 		t.Fatalf("after PersistEvery: %v, want the last counters", tc)
 	}
 }
+
+// TestCopyEngineCounters: the copy engine counters a heartbeat carries are
+// kept in memory, per host, the last ones winning; a heartbeat without
+// them keeps the previous ones; nothing is written for them.
+func TestCopyEngineCounters(t *testing.T) {
+	ctx := context.Background()
+	s, c := newTestService(t)
+	h := register(t, s, "s1")
+	if got := s.CopyEngine(); len(got) != 0 {
+		t.Fatalf("before any heartbeat: %v", got)
+	}
+	beat := func(ce *stowagev1.CopyEngineCounters) {
+		t.Helper()
+		c.advance(time.Second)
+		if _, err := s.Heartbeat(ctx, &stowagev1.HeartbeatRequest{HostId: "h1", SessionId: "s1",
+			Capabilities: &stowagev1.HostCapabilities{QemuImgVersion: "7.2.22"}, CopyEngine: ce}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	beat(&stowagev1.CopyEngineCounters{Bytes: map[string]int64{"written": 10}})
+	beat(&stowagev1.CopyEngineCounters{Bytes: map[string]int64{"written": 20}, ReadRetries: 1,
+		Copies: []*stowagev1.CopyCount{{Method: "sparse", Result: "checksum_mismatch", Count: 1}}})
+	beat(nil)
+	got := s.CopyEngine()["h1"]
+	if got.GetBytes()["written"] != 20 || got.GetReadRetries() != 1 || len(got.GetCopies()) != 1 {
+		t.Fatalf("h1's copy engine counters: %v, want the last reported", got)
+	}
+	if rec, _ := s.Get(ctx, "h1"); rec.GetRevision() != h.GetRevision() {
+		t.Errorf("counters were written: revision %d, want %d", rec.GetRevision(), h.GetRevision())
+	}
+}

@@ -836,3 +836,49 @@ func TestAnnouncedSHA256(t *testing.T) {
 		}
 	}
 }
+
+// TestReadTotals: the counters an agent reports in its heartbeat follow
+// the copies (other tests of the package may copy at the same time, so
+// only lower bounds hold), and a checksum mismatch is counted as such.
+func TestReadTotals(t *testing.T) {
+	dir := t.TempDir()
+	path, _ := makeImage(t, dir, layouts[3], 11)
+	before := ReadTotals()
+	res := copyPath(t, path, filepath.Join(dir, "out"), testOptions())
+	after := ReadTotals()
+	if got := after.Bytes["read"] - before.Bytes["read"]; got < res.BytesRead || res.BytesRead == 0 {
+		t.Errorf("read bytes went up by %d, the copy read %d", got, res.BytesRead)
+	}
+	if got := after.Bytes["written"] - before.Bytes["written"]; got < res.BytesWritten || res.BytesWritten == 0 {
+		t.Errorf("written bytes went up by %d, the copy wrote %d", got, res.BytesWritten)
+	}
+	ok := CopyKey{Method: res.Method, Result: "ok"}
+	if after.Copies[ok]-before.Copies[ok] < 1 {
+		t.Errorf("copies %+v: %d before, %d after, want one more", ok, before.Copies[ok], after.Copies[ok])
+	}
+
+	ctx := context.Background()
+	src, err := OpenSource(ctx, path, SourceOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer src.Close()
+	dst, err := OpenSink(ctx, filepath.Join(dir, "bad"), src.Size(), SinkOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	o := testOptions()
+	o.ExpectSHA256 = "sha256:" + strings.Repeat("0", 64)
+	if _, err := Copy(ctx, src, dst, o); !errors.Is(err, errdefs.ErrDataLoss) {
+		t.Fatalf("a copy with the wrong checksum: %v", err)
+	}
+	mismatches := 0
+	for k, n := range ReadTotals().Copies {
+		if k.Result == "checksum_mismatch" {
+			mismatches += int(n)
+		}
+	}
+	if mismatches < 1 {
+		t.Errorf("no checksum_mismatch copy counted: %+v", ReadTotals().Copies)
+	}
+}

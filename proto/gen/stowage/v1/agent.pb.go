@@ -604,6 +604,10 @@ type HeartbeatRequest struct {
 	SessionId     string                 `protobuf:"bytes,2,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
 	Capabilities  *HostCapabilities      `protobuf:"bytes,3,opt,name=capabilities,proto3" json:"capabilities,omitempty"`
 	InFlightTasks int32                  `protobuf:"varint,4,opt,name=in_flight_tasks,json=inFlightTasks,proto3" json:"in_flight_tasks,omitempty"`
+	// The agent's copy engine counters since it started; the controller
+	// that receives the heartbeat exports them with the host's id (agents
+	// serve no metrics of their own).
+	CopyEngine    *CopyEngineCounters `protobuf:"bytes,5,opt,name=copy_engine,json=copyEngine,proto3" json:"copy_engine,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -666,6 +670,140 @@ func (x *HeartbeatRequest) GetInFlightTasks() int32 {
 	return 0
 }
 
+func (x *HeartbeatRequest) GetCopyEngine() *CopyEngineCounters {
+	if x != nil {
+		return x.CopyEngine
+	}
+	return nil
+}
+
+// CopyEngineCounters are the agent's stream engine counters, cumulative
+// since the agent process started.
+type CopyEngineCounters struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Bytes handled, by kind: read, written, hole (source holes skipped),
+	// zero (zero blocks detected), reflink, resumed.
+	Bytes map[string]int64 `protobuf:"bytes,1,rep,name=bytes,proto3" json:"bytes,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
+	// Copies finished, by method and result (ok, error, canceled,
+	// checksum_mismatch).
+	Copies []*CopyCount `protobuf:"bytes,2,rep,name=copies,proto3" json:"copies,omitempty"`
+	// Source reads retried after a dropped connection, an error or a stall.
+	ReadRetries   int64 `protobuf:"varint,3,opt,name=read_retries,json=readRetries,proto3" json:"read_retries,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CopyEngineCounters) Reset() {
+	*x = CopyEngineCounters{}
+	mi := &file_stowage_v1_agent_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CopyEngineCounters) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CopyEngineCounters) ProtoMessage() {}
+
+func (x *CopyEngineCounters) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_agent_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CopyEngineCounters.ProtoReflect.Descriptor instead.
+func (*CopyEngineCounters) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *CopyEngineCounters) GetBytes() map[string]int64 {
+	if x != nil {
+		return x.Bytes
+	}
+	return nil
+}
+
+func (x *CopyEngineCounters) GetCopies() []*CopyCount {
+	if x != nil {
+		return x.Copies
+	}
+	return nil
+}
+
+func (x *CopyEngineCounters) GetReadRetries() int64 {
+	if x != nil {
+		return x.ReadRetries
+	}
+	return 0
+}
+
+type CopyCount struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Method        string                 `protobuf:"bytes,1,opt,name=method,proto3" json:"method,omitempty"`
+	Result        string                 `protobuf:"bytes,2,opt,name=result,proto3" json:"result,omitempty"`
+	Count         int64                  `protobuf:"varint,3,opt,name=count,proto3" json:"count,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CopyCount) Reset() {
+	*x = CopyCount{}
+	mi := &file_stowage_v1_agent_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CopyCount) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CopyCount) ProtoMessage() {}
+
+func (x *CopyCount) ProtoReflect() protoreflect.Message {
+	mi := &file_stowage_v1_agent_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CopyCount.ProtoReflect.Descriptor instead.
+func (*CopyCount) Descriptor() ([]byte, []int) {
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *CopyCount) GetMethod() string {
+	if x != nil {
+		return x.Method
+	}
+	return ""
+}
+
+func (x *CopyCount) GetResult() string {
+	if x != nil {
+		return x.Result
+	}
+	return ""
+}
+
+func (x *CopyCount) GetCount() int64 {
+	if x != nil {
+		return x.Count
+	}
+	return 0
+}
+
 type HeartbeatResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	State HostState              `protobuf:"varint,1,opt,name=state,proto3,enum=stowage.v1.HostState" json:"state,omitempty"`
@@ -682,7 +820,7 @@ type HeartbeatResponse struct {
 
 func (x *HeartbeatResponse) Reset() {
 	*x = HeartbeatResponse{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[8]
+	mi := &file_stowage_v1_agent_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -694,7 +832,7 @@ func (x *HeartbeatResponse) String() string {
 func (*HeartbeatResponse) ProtoMessage() {}
 
 func (x *HeartbeatResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[8]
+	mi := &file_stowage_v1_agent_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -707,7 +845,7 @@ func (x *HeartbeatResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HeartbeatResponse.ProtoReflect.Descriptor instead.
 func (*HeartbeatResponse) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{8}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *HeartbeatResponse) GetState() HostState {
@@ -748,7 +886,7 @@ type TemplateCacheSpec struct {
 
 func (x *TemplateCacheSpec) Reset() {
 	*x = TemplateCacheSpec{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[9]
+	mi := &file_stowage_v1_agent_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -760,7 +898,7 @@ func (x *TemplateCacheSpec) String() string {
 func (*TemplateCacheSpec) ProtoMessage() {}
 
 func (x *TemplateCacheSpec) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[9]
+	mi := &file_stowage_v1_agent_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -773,7 +911,7 @@ func (x *TemplateCacheSpec) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TemplateCacheSpec.ProtoReflect.Descriptor instead.
 func (*TemplateCacheSpec) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{9}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *TemplateCacheSpec) GetTemplates() []*CacheSpec {
@@ -792,7 +930,7 @@ type RunTaskRequest struct {
 
 func (x *RunTaskRequest) Reset() {
 	*x = RunTaskRequest{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[10]
+	mi := &file_stowage_v1_agent_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -804,7 +942,7 @@ func (x *RunTaskRequest) String() string {
 func (*RunTaskRequest) ProtoMessage() {}
 
 func (x *RunTaskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[10]
+	mi := &file_stowage_v1_agent_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -817,7 +955,7 @@ func (x *RunTaskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RunTaskRequest.ProtoReflect.Descriptor instead.
 func (*RunTaskRequest) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{10}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *RunTaskRequest) GetTask() *Task {
@@ -836,7 +974,7 @@ type RunTaskResponse struct {
 
 func (x *RunTaskResponse) Reset() {
 	*x = RunTaskResponse{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[11]
+	mi := &file_stowage_v1_agent_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -848,7 +986,7 @@ func (x *RunTaskResponse) String() string {
 func (*RunTaskResponse) ProtoMessage() {}
 
 func (x *RunTaskResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[11]
+	mi := &file_stowage_v1_agent_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -861,7 +999,7 @@ func (x *RunTaskResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RunTaskResponse.ProtoReflect.Descriptor instead.
 func (*RunTaskResponse) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{11}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *RunTaskResponse) GetResult() *TaskResult {
@@ -880,7 +1018,7 @@ type GetTaskRequest struct {
 
 func (x *GetTaskRequest) Reset() {
 	*x = GetTaskRequest{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[12]
+	mi := &file_stowage_v1_agent_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -892,7 +1030,7 @@ func (x *GetTaskRequest) String() string {
 func (*GetTaskRequest) ProtoMessage() {}
 
 func (x *GetTaskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[12]
+	mi := &file_stowage_v1_agent_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -905,7 +1043,7 @@ func (x *GetTaskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetTaskRequest.ProtoReflect.Descriptor instead.
 func (*GetTaskRequest) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{12}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *GetTaskRequest) GetTaskId() string {
@@ -924,7 +1062,7 @@ type GetTaskResponse struct {
 
 func (x *GetTaskResponse) Reset() {
 	*x = GetTaskResponse{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[13]
+	mi := &file_stowage_v1_agent_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -936,7 +1074,7 @@ func (x *GetTaskResponse) String() string {
 func (*GetTaskResponse) ProtoMessage() {}
 
 func (x *GetTaskResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[13]
+	mi := &file_stowage_v1_agent_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -949,7 +1087,7 @@ func (x *GetTaskResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetTaskResponse.ProtoReflect.Descriptor instead.
 func (*GetTaskResponse) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{13}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *GetTaskResponse) GetResult() *TaskResult {
@@ -968,7 +1106,7 @@ type CancelTaskRequest struct {
 
 func (x *CancelTaskRequest) Reset() {
 	*x = CancelTaskRequest{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[14]
+	mi := &file_stowage_v1_agent_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -980,7 +1118,7 @@ func (x *CancelTaskRequest) String() string {
 func (*CancelTaskRequest) ProtoMessage() {}
 
 func (x *CancelTaskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[14]
+	mi := &file_stowage_v1_agent_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -993,7 +1131,7 @@ func (x *CancelTaskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelTaskRequest.ProtoReflect.Descriptor instead.
 func (*CancelTaskRequest) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{14}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *CancelTaskRequest) GetTaskId() string {
@@ -1014,7 +1152,7 @@ type CancelTaskResponse struct {
 
 func (x *CancelTaskResponse) Reset() {
 	*x = CancelTaskResponse{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[15]
+	mi := &file_stowage_v1_agent_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1026,7 +1164,7 @@ func (x *CancelTaskResponse) String() string {
 func (*CancelTaskResponse) ProtoMessage() {}
 
 func (x *CancelTaskResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[15]
+	mi := &file_stowage_v1_agent_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1039,7 +1177,7 @@ func (x *CancelTaskResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelTaskResponse.ProtoReflect.Descriptor instead.
 func (*CancelTaskResponse) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{15}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *CancelTaskResponse) GetResult() *TaskResult {
@@ -1100,7 +1238,7 @@ type Task struct {
 
 func (x *Task) Reset() {
 	*x = Task{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[16]
+	mi := &file_stowage_v1_agent_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1112,7 +1250,7 @@ func (x *Task) String() string {
 func (*Task) ProtoMessage() {}
 
 func (x *Task) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[16]
+	mi := &file_stowage_v1_agent_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1125,7 +1263,7 @@ func (x *Task) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Task.ProtoReflect.Descriptor instead.
 func (*Task) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{16}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *Task) GetId() string {
@@ -1663,7 +1801,7 @@ type ShowTemplateStep struct {
 
 func (x *ShowTemplateStep) Reset() {
 	*x = ShowTemplateStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[17]
+	mi := &file_stowage_v1_agent_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1675,7 +1813,7 @@ func (x *ShowTemplateStep) String() string {
 func (*ShowTemplateStep) ProtoMessage() {}
 
 func (x *ShowTemplateStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[17]
+	mi := &file_stowage_v1_agent_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1688,7 +1826,7 @@ func (x *ShowTemplateStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShowTemplateStep.ProtoReflect.Descriptor instead.
 func (*ShowTemplateStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{17}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ShowTemplateStep) GetTemplate() *CacheSpec {
@@ -1711,7 +1849,7 @@ type ConnectLunStep struct {
 
 func (x *ConnectLunStep) Reset() {
 	*x = ConnectLunStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[18]
+	mi := &file_stowage_v1_agent_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1723,7 +1861,7 @@ func (x *ConnectLunStep) String() string {
 func (*ConnectLunStep) ProtoMessage() {}
 
 func (x *ConnectLunStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[18]
+	mi := &file_stowage_v1_agent_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1736,7 +1874,7 @@ func (x *ConnectLunStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConnectLunStep.ProtoReflect.Descriptor instead.
 func (*ConnectLunStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{18}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ConnectLunStep) GetUri() string {
@@ -1766,7 +1904,7 @@ type IscsiTarget struct {
 
 func (x *IscsiTarget) Reset() {
 	*x = IscsiTarget{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[19]
+	mi := &file_stowage_v1_agent_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1778,7 +1916,7 @@ func (x *IscsiTarget) String() string {
 func (*IscsiTarget) ProtoMessage() {}
 
 func (x *IscsiTarget) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[19]
+	mi := &file_stowage_v1_agent_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1791,7 +1929,7 @@ func (x *IscsiTarget) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IscsiTarget.ProtoReflect.Descriptor instead.
 func (*IscsiTarget) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{19}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *IscsiTarget) GetStoreId() string {
@@ -1833,7 +1971,7 @@ type IscsiInitiator struct {
 
 func (x *IscsiInitiator) Reset() {
 	*x = IscsiInitiator{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[20]
+	mi := &file_stowage_v1_agent_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1845,7 +1983,7 @@ func (x *IscsiInitiator) String() string {
 func (*IscsiInitiator) ProtoMessage() {}
 
 func (x *IscsiInitiator) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[20]
+	mi := &file_stowage_v1_agent_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1858,7 +1996,7 @@ func (x *IscsiInitiator) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IscsiInitiator.ProtoReflect.Descriptor instead.
 func (*IscsiInitiator) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{20}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *IscsiInitiator) GetIqn() string {
@@ -1891,7 +2029,7 @@ type IscsiTargetStep struct {
 
 func (x *IscsiTargetStep) Reset() {
 	*x = IscsiTargetStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[21]
+	mi := &file_stowage_v1_agent_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1903,7 +2041,7 @@ func (x *IscsiTargetStep) String() string {
 func (*IscsiTargetStep) ProtoMessage() {}
 
 func (x *IscsiTargetStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[21]
+	mi := &file_stowage_v1_agent_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1916,7 +2054,7 @@ func (x *IscsiTargetStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IscsiTargetStep.ProtoReflect.Descriptor instead.
 func (*IscsiTargetStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{21}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *IscsiTargetStep) GetTarget() *IscsiTarget {
@@ -1938,7 +2076,7 @@ type LunStep struct {
 
 func (x *LunStep) Reset() {
 	*x = LunStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[22]
+	mi := &file_stowage_v1_agent_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1950,7 +2088,7 @@ func (x *LunStep) String() string {
 func (*LunStep) ProtoMessage() {}
 
 func (x *LunStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[22]
+	mi := &file_stowage_v1_agent_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1963,7 +2101,7 @@ func (x *LunStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LunStep.ProtoReflect.Descriptor instead.
 func (*LunStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{22}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *LunStep) GetTarget() *IscsiTarget {
@@ -1999,7 +2137,7 @@ type LunInfo struct {
 
 func (x *LunInfo) Reset() {
 	*x = LunInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[23]
+	mi := &file_stowage_v1_agent_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2011,7 +2149,7 @@ func (x *LunInfo) String() string {
 func (*LunInfo) ProtoMessage() {}
 
 func (x *LunInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[23]
+	mi := &file_stowage_v1_agent_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2024,7 +2162,7 @@ func (x *LunInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LunInfo.ProtoReflect.Descriptor instead.
 func (*LunInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{23}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *LunInfo) GetNumber() int32 {
@@ -2064,7 +2202,7 @@ type LunList struct {
 
 func (x *LunList) Reset() {
 	*x = LunList{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[24]
+	mi := &file_stowage_v1_agent_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2076,7 +2214,7 @@ func (x *LunList) String() string {
 func (*LunList) ProtoMessage() {}
 
 func (x *LunList) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[24]
+	mi := &file_stowage_v1_agent_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2089,7 +2227,7 @@ func (x *LunList) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LunList.ProtoReflect.Descriptor instead.
 func (*LunList) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{24}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *LunList) GetLuns() []*LunInfo {
@@ -2113,7 +2251,7 @@ type PrepareStoreStep struct {
 
 func (x *PrepareStoreStep) Reset() {
 	*x = PrepareStoreStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[25]
+	mi := &file_stowage_v1_agent_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2125,7 +2263,7 @@ func (x *PrepareStoreStep) String() string {
 func (*PrepareStoreStep) ProtoMessage() {}
 
 func (x *PrepareStoreStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[25]
+	mi := &file_stowage_v1_agent_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2138,7 +2276,7 @@ func (x *PrepareStoreStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PrepareStoreStep.ProtoReflect.Descriptor instead.
 func (*PrepareStoreStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{25}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *PrepareStoreStep) GetPath() string {
@@ -2180,7 +2318,7 @@ type ProbeStoreStep struct {
 
 func (x *ProbeStoreStep) Reset() {
 	*x = ProbeStoreStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[26]
+	mi := &file_stowage_v1_agent_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2192,7 +2330,7 @@ func (x *ProbeStoreStep) String() string {
 func (*ProbeStoreStep) ProtoMessage() {}
 
 func (x *ProbeStoreStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[26]
+	mi := &file_stowage_v1_agent_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2205,7 +2343,7 @@ func (x *ProbeStoreStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProbeStoreStep.ProtoReflect.Descriptor instead.
 func (*ProbeStoreStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{26}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *ProbeStoreStep) GetPath() string {
@@ -2234,7 +2372,7 @@ type ReleaseStoreStep struct {
 
 func (x *ReleaseStoreStep) Reset() {
 	*x = ReleaseStoreStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[27]
+	mi := &file_stowage_v1_agent_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2246,7 +2384,7 @@ func (x *ReleaseStoreStep) String() string {
 func (*ReleaseStoreStep) ProtoMessage() {}
 
 func (x *ReleaseStoreStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[27]
+	mi := &file_stowage_v1_agent_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2259,7 +2397,7 @@ func (x *ReleaseStoreStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReleaseStoreStep.ProtoReflect.Descriptor instead.
 func (*ReleaseStoreStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{27}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *ReleaseStoreStep) GetPath() string {
@@ -2297,7 +2435,7 @@ type ObjectRef struct {
 
 func (x *ObjectRef) Reset() {
 	*x = ObjectRef{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[28]
+	mi := &file_stowage_v1_agent_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2309,7 +2447,7 @@ func (x *ObjectRef) String() string {
 func (*ObjectRef) ProtoMessage() {}
 
 func (x *ObjectRef) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[28]
+	mi := &file_stowage_v1_agent_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2322,7 +2460,7 @@ func (x *ObjectRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ObjectRef.ProtoReflect.Descriptor instead.
 func (*ObjectRef) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{28}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *ObjectRef) GetStoreId() string {
@@ -2353,7 +2491,7 @@ type ChunkStoreRef struct {
 
 func (x *ChunkStoreRef) Reset() {
 	*x = ChunkStoreRef{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[29]
+	mi := &file_stowage_v1_agent_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2365,7 +2503,7 @@ func (x *ChunkStoreRef) String() string {
 func (*ChunkStoreRef) ProtoMessage() {}
 
 func (x *ChunkStoreRef) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[29]
+	mi := &file_stowage_v1_agent_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2378,7 +2516,7 @@ func (x *ChunkStoreRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChunkStoreRef.ProtoReflect.Descriptor instead.
 func (*ChunkStoreRef) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{29}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *ChunkStoreRef) GetUri() string {
@@ -2407,7 +2545,7 @@ type CreateImageStep struct {
 
 func (x *CreateImageStep) Reset() {
 	*x = CreateImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[30]
+	mi := &file_stowage_v1_agent_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2419,7 +2557,7 @@ func (x *CreateImageStep) String() string {
 func (*CreateImageStep) ProtoMessage() {}
 
 func (x *CreateImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[30]
+	mi := &file_stowage_v1_agent_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2432,7 +2570,7 @@ func (x *CreateImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateImageStep.ProtoReflect.Descriptor instead.
 func (*CreateImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{30}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *CreateImageStep) GetRef() *ObjectRef {
@@ -2465,7 +2603,7 @@ type DeleteObjectStep struct {
 
 func (x *DeleteObjectStep) Reset() {
 	*x = DeleteObjectStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[31]
+	mi := &file_stowage_v1_agent_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2477,7 +2615,7 @@ func (x *DeleteObjectStep) String() string {
 func (*DeleteObjectStep) ProtoMessage() {}
 
 func (x *DeleteObjectStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[31]
+	mi := &file_stowage_v1_agent_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2490,7 +2628,7 @@ func (x *DeleteObjectStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteObjectStep.ProtoReflect.Descriptor instead.
 func (*DeleteObjectStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{31}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *DeleteObjectStep) GetRef() *ObjectRef {
@@ -2510,7 +2648,7 @@ type ListObjectsStep struct {
 
 func (x *ListObjectsStep) Reset() {
 	*x = ListObjectsStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[32]
+	mi := &file_stowage_v1_agent_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2522,7 +2660,7 @@ func (x *ListObjectsStep) String() string {
 func (*ListObjectsStep) ProtoMessage() {}
 
 func (x *ListObjectsStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[32]
+	mi := &file_stowage_v1_agent_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2535,7 +2673,7 @@ func (x *ListObjectsStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListObjectsStep.ProtoReflect.Descriptor instead.
 func (*ListObjectsStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{32}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *ListObjectsStep) GetDir() *ObjectRef {
@@ -2554,7 +2692,7 @@ type StatObjectStep struct {
 
 func (x *StatObjectStep) Reset() {
 	*x = StatObjectStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[33]
+	mi := &file_stowage_v1_agent_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2566,7 +2704,7 @@ func (x *StatObjectStep) String() string {
 func (*StatObjectStep) ProtoMessage() {}
 
 func (x *StatObjectStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[33]
+	mi := &file_stowage_v1_agent_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2579,7 +2717,7 @@ func (x *StatObjectStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatObjectStep.ProtoReflect.Descriptor instead.
 func (*StatObjectStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{33}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *StatObjectStep) GetRef() *ObjectRef {
@@ -2604,7 +2742,7 @@ type FetchImageStep struct {
 
 func (x *FetchImageStep) Reset() {
 	*x = FetchImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[34]
+	mi := &file_stowage_v1_agent_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2616,7 +2754,7 @@ func (x *FetchImageStep) String() string {
 func (*FetchImageStep) ProtoMessage() {}
 
 func (x *FetchImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[34]
+	mi := &file_stowage_v1_agent_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2629,7 +2767,7 @@ func (x *FetchImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FetchImageStep.ProtoReflect.Descriptor instead.
 func (*FetchImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{34}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *FetchImageStep) GetSource() string {
@@ -2692,7 +2830,7 @@ type CopyImageStep struct {
 
 func (x *CopyImageStep) Reset() {
 	*x = CopyImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[35]
+	mi := &file_stowage_v1_agent_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2704,7 +2842,7 @@ func (x *CopyImageStep) String() string {
 func (*CopyImageStep) ProtoMessage() {}
 
 func (x *CopyImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[35]
+	mi := &file_stowage_v1_agent_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2717,7 +2855,7 @@ func (x *CopyImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CopyImageStep.ProtoReflect.Descriptor instead.
 func (*CopyImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{35}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *CopyImageStep) GetSource() string {
@@ -2800,7 +2938,7 @@ type CloneImageStep struct {
 
 func (x *CloneImageStep) Reset() {
 	*x = CloneImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[36]
+	mi := &file_stowage_v1_agent_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2812,7 +2950,7 @@ func (x *CloneImageStep) String() string {
 func (*CloneImageStep) ProtoMessage() {}
 
 func (x *CloneImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[36]
+	mi := &file_stowage_v1_agent_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2825,7 +2963,7 @@ func (x *CloneImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloneImageStep.ProtoReflect.Descriptor instead.
 func (*CloneImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{36}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *CloneImageStep) GetBase() *ObjectRef {
@@ -2882,7 +3020,7 @@ type InspectImageStep struct {
 
 func (x *InspectImageStep) Reset() {
 	*x = InspectImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[37]
+	mi := &file_stowage_v1_agent_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2894,7 +3032,7 @@ func (x *InspectImageStep) String() string {
 func (*InspectImageStep) ProtoMessage() {}
 
 func (x *InspectImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[37]
+	mi := &file_stowage_v1_agent_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2907,7 +3045,7 @@ func (x *InspectImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InspectImageStep.ProtoReflect.Descriptor instead.
 func (*InspectImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{37}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *InspectImageStep) GetRef() *ObjectRef {
@@ -2937,7 +3075,7 @@ type ResizeImageStep struct {
 
 func (x *ResizeImageStep) Reset() {
 	*x = ResizeImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[38]
+	mi := &file_stowage_v1_agent_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2949,7 +3087,7 @@ func (x *ResizeImageStep) String() string {
 func (*ResizeImageStep) ProtoMessage() {}
 
 func (x *ResizeImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[38]
+	mi := &file_stowage_v1_agent_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2962,7 +3100,7 @@ func (x *ResizeImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResizeImageStep.ProtoReflect.Descriptor instead.
 func (*ResizeImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{38}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *ResizeImageStep) GetRef() *ObjectRef {
@@ -2999,7 +3137,7 @@ type SnapshotImageStep struct {
 
 func (x *SnapshotImageStep) Reset() {
 	*x = SnapshotImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[39]
+	mi := &file_stowage_v1_agent_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3011,7 +3149,7 @@ func (x *SnapshotImageStep) String() string {
 func (*SnapshotImageStep) ProtoMessage() {}
 
 func (x *SnapshotImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[39]
+	mi := &file_stowage_v1_agent_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3024,7 +3162,7 @@ func (x *SnapshotImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotImageStep.ProtoReflect.Descriptor instead.
 func (*SnapshotImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{39}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *SnapshotImageStep) GetVolume() *ObjectRef {
@@ -3061,7 +3199,7 @@ type RevertImageStep struct {
 
 func (x *RevertImageStep) Reset() {
 	*x = RevertImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[40]
+	mi := &file_stowage_v1_agent_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3073,7 +3211,7 @@ func (x *RevertImageStep) String() string {
 func (*RevertImageStep) ProtoMessage() {}
 
 func (x *RevertImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[40]
+	mi := &file_stowage_v1_agent_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3086,7 +3224,7 @@ func (x *RevertImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevertImageStep.ProtoReflect.Descriptor instead.
 func (*RevertImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{40}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *RevertImageStep) GetVolume() *ObjectRef {
@@ -3124,7 +3262,7 @@ type RebaseImageStep struct {
 
 func (x *RebaseImageStep) Reset() {
 	*x = RebaseImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[41]
+	mi := &file_stowage_v1_agent_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3136,7 +3274,7 @@ func (x *RebaseImageStep) String() string {
 func (*RebaseImageStep) ProtoMessage() {}
 
 func (x *RebaseImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[41]
+	mi := &file_stowage_v1_agent_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3149,7 +3287,7 @@ func (x *RebaseImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RebaseImageStep.ProtoReflect.Descriptor instead.
 func (*RebaseImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{41}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *RebaseImageStep) GetRef() *ObjectRef {
@@ -3199,7 +3337,7 @@ type BackupImageStep struct {
 
 func (x *BackupImageStep) Reset() {
 	*x = BackupImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[42]
+	mi := &file_stowage_v1_agent_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3211,7 +3349,7 @@ func (x *BackupImageStep) String() string {
 func (*BackupImageStep) ProtoMessage() {}
 
 func (x *BackupImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[42]
+	mi := &file_stowage_v1_agent_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3224,7 +3362,7 @@ func (x *BackupImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BackupImageStep.ProtoReflect.Descriptor instead.
 func (*BackupImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{42}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *BackupImageStep) GetSource() *ObjectRef {
@@ -3301,7 +3439,7 @@ type ByteRange struct {
 
 func (x *ByteRange) Reset() {
 	*x = ByteRange{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[43]
+	mi := &file_stowage_v1_agent_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3313,7 +3451,7 @@ func (x *ByteRange) String() string {
 func (*ByteRange) ProtoMessage() {}
 
 func (x *ByteRange) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[43]
+	mi := &file_stowage_v1_agent_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3326,7 +3464,7 @@ func (x *ByteRange) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ByteRange.ProtoReflect.Descriptor instead.
 func (*ByteRange) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{43}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *ByteRange) GetOffset() int64 {
@@ -3361,7 +3499,7 @@ type RestoreImageStep struct {
 
 func (x *RestoreImageStep) Reset() {
 	*x = RestoreImageStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[44]
+	mi := &file_stowage_v1_agent_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3373,7 +3511,7 @@ func (x *RestoreImageStep) String() string {
 func (*RestoreImageStep) ProtoMessage() {}
 
 func (x *RestoreImageStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[44]
+	mi := &file_stowage_v1_agent_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3386,7 +3524,7 @@ func (x *RestoreImageStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RestoreImageStep.ProtoReflect.Descriptor instead.
 func (*RestoreImageStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{44}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *RestoreImageStep) GetChunks() *ChunkStoreRef {
@@ -3442,7 +3580,7 @@ type DeleteBackupStep struct {
 
 func (x *DeleteBackupStep) Reset() {
 	*x = DeleteBackupStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[45]
+	mi := &file_stowage_v1_agent_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3454,7 +3592,7 @@ func (x *DeleteBackupStep) String() string {
 func (*DeleteBackupStep) ProtoMessage() {}
 
 func (x *DeleteBackupStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[45]
+	mi := &file_stowage_v1_agent_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3467,7 +3605,7 @@ func (x *DeleteBackupStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteBackupStep.ProtoReflect.Descriptor instead.
 func (*DeleteBackupStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{45}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *DeleteBackupStep) GetChunks() *ChunkStoreRef {
@@ -3496,7 +3634,7 @@ type CollectChunksStep struct {
 
 func (x *CollectChunksStep) Reset() {
 	*x = CollectChunksStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[46]
+	mi := &file_stowage_v1_agent_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3508,7 +3646,7 @@ func (x *CollectChunksStep) String() string {
 func (*CollectChunksStep) ProtoMessage() {}
 
 func (x *CollectChunksStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[46]
+	mi := &file_stowage_v1_agent_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3521,7 +3659,7 @@ func (x *CollectChunksStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CollectChunksStep.ProtoReflect.Descriptor instead.
 func (*CollectChunksStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{46}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *CollectChunksStep) GetChunks() *ChunkStoreRef {
@@ -3544,7 +3682,7 @@ type ExportStep struct {
 
 func (x *ExportStep) Reset() {
 	*x = ExportStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[47]
+	mi := &file_stowage_v1_agent_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3556,7 +3694,7 @@ func (x *ExportStep) String() string {
 func (*ExportStep) ProtoMessage() {}
 
 func (x *ExportStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[47]
+	mi := &file_stowage_v1_agent_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3569,7 +3707,7 @@ func (x *ExportStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExportStep.ProtoReflect.Descriptor instead.
 func (*ExportStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{47}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *ExportStep) GetRef() *ObjectRef {
@@ -3596,7 +3734,7 @@ type UnexportStep struct {
 
 func (x *UnexportStep) Reset() {
 	*x = UnexportStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[48]
+	mi := &file_stowage_v1_agent_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3608,7 +3746,7 @@ func (x *UnexportStep) String() string {
 func (*UnexportStep) ProtoMessage() {}
 
 func (x *UnexportStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[48]
+	mi := &file_stowage_v1_agent_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3621,7 +3759,7 @@ func (x *UnexportStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnexportStep.ProtoReflect.Descriptor instead.
 func (*UnexportStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{48}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *UnexportStep) GetUri() string {
@@ -3651,7 +3789,7 @@ type ExportNbdStep struct {
 
 func (x *ExportNbdStep) Reset() {
 	*x = ExportNbdStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[49]
+	mi := &file_stowage_v1_agent_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3663,7 +3801,7 @@ func (x *ExportNbdStep) String() string {
 func (*ExportNbdStep) ProtoMessage() {}
 
 func (x *ExportNbdStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[49]
+	mi := &file_stowage_v1_agent_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3676,7 +3814,7 @@ func (x *ExportNbdStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExportNbdStep.ProtoReflect.Descriptor instead.
 func (*ExportNbdStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{49}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *ExportNbdStep) GetRef() *ObjectRef {
@@ -3736,7 +3874,7 @@ type RbdImage struct {
 
 func (x *RbdImage) Reset() {
 	*x = RbdImage{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[50]
+	mi := &file_stowage_v1_agent_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3748,7 +3886,7 @@ func (x *RbdImage) String() string {
 func (*RbdImage) ProtoMessage() {}
 
 func (x *RbdImage) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[50]
+	mi := &file_stowage_v1_agent_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3761,7 +3899,7 @@ func (x *RbdImage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RbdImage.ProtoReflect.Descriptor instead.
 func (*RbdImage) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{50}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *RbdImage) GetPool() string {
@@ -3816,7 +3954,7 @@ type UnexportNbdStep struct {
 
 func (x *UnexportNbdStep) Reset() {
 	*x = UnexportNbdStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[51]
+	mi := &file_stowage_v1_agent_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3828,7 +3966,7 @@ func (x *UnexportNbdStep) String() string {
 func (*UnexportNbdStep) ProtoMessage() {}
 
 func (x *UnexportNbdStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[51]
+	mi := &file_stowage_v1_agent_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3841,7 +3979,7 @@ func (x *UnexportNbdStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnexportNbdStep.ProtoReflect.Descriptor instead.
 func (*UnexportNbdStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{51}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *UnexportNbdStep) GetUri() string {
@@ -3865,7 +4003,7 @@ type ListExportsStep struct {
 
 func (x *ListExportsStep) Reset() {
 	*x = ListExportsStep{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[52]
+	mi := &file_stowage_v1_agent_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3877,7 +4015,7 @@ func (x *ListExportsStep) String() string {
 func (*ListExportsStep) ProtoMessage() {}
 
 func (x *ListExportsStep) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[52]
+	mi := &file_stowage_v1_agent_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3890,7 +4028,7 @@ func (x *ListExportsStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListExportsStep.ProtoReflect.Descriptor instead.
 func (*ListExportsStep) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{52}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *ListExportsStep) GetStoreId() string {
@@ -3913,7 +4051,7 @@ type ExportOwner struct {
 
 func (x *ExportOwner) Reset() {
 	*x = ExportOwner{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[53]
+	mi := &file_stowage_v1_agent_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3925,7 +4063,7 @@ func (x *ExportOwner) String() string {
 func (*ExportOwner) ProtoMessage() {}
 
 func (x *ExportOwner) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[53]
+	mi := &file_stowage_v1_agent_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3938,7 +4076,7 @@ func (x *ExportOwner) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExportOwner.ProtoReflect.Descriptor instead.
 func (*ExportOwner) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{53}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *ExportOwner) GetTaskId() string {
@@ -3980,7 +4118,7 @@ type ExportInfo struct {
 
 func (x *ExportInfo) Reset() {
 	*x = ExportInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[54]
+	mi := &file_stowage_v1_agent_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3992,7 +4130,7 @@ func (x *ExportInfo) String() string {
 func (*ExportInfo) ProtoMessage() {}
 
 func (x *ExportInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[54]
+	mi := &file_stowage_v1_agent_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4005,7 +4143,7 @@ func (x *ExportInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExportInfo.ProtoReflect.Descriptor instead.
 func (*ExportInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{54}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *ExportInfo) GetUri() string {
@@ -4073,7 +4211,7 @@ type ExportList struct {
 
 func (x *ExportList) Reset() {
 	*x = ExportList{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[55]
+	mi := &file_stowage_v1_agent_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4085,7 +4223,7 @@ func (x *ExportList) String() string {
 func (*ExportList) ProtoMessage() {}
 
 func (x *ExportList) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[55]
+	mi := &file_stowage_v1_agent_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4098,7 +4236,7 @@ func (x *ExportList) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExportList.ProtoReflect.Descriptor instead.
 func (*ExportList) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{55}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *ExportList) GetExports() []*ExportInfo {
@@ -4129,7 +4267,7 @@ type ImageInfo struct {
 
 func (x *ImageInfo) Reset() {
 	*x = ImageInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[56]
+	mi := &file_stowage_v1_agent_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4141,7 +4279,7 @@ func (x *ImageInfo) String() string {
 func (*ImageInfo) ProtoMessage() {}
 
 func (x *ImageInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[56]
+	mi := &file_stowage_v1_agent_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4154,7 +4292,7 @@ func (x *ImageInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImageInfo.ProtoReflect.Descriptor instead.
 func (*ImageInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{56}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{58}
 }
 
 func (x *ImageInfo) GetKey() string {
@@ -4239,7 +4377,7 @@ type SnapshotInfo struct {
 
 func (x *SnapshotInfo) Reset() {
 	*x = SnapshotInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[57]
+	mi := &file_stowage_v1_agent_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4251,7 +4389,7 @@ func (x *SnapshotInfo) String() string {
 func (*SnapshotInfo) ProtoMessage() {}
 
 func (x *SnapshotInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[57]
+	mi := &file_stowage_v1_agent_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4264,7 +4402,7 @@ func (x *SnapshotInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotInfo.ProtoReflect.Descriptor instead.
 func (*SnapshotInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{57}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{59}
 }
 
 func (x *SnapshotInfo) GetSnapshot() *ImageInfo {
@@ -4305,7 +4443,7 @@ type BackupInfo struct {
 
 func (x *BackupInfo) Reset() {
 	*x = BackupInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[58]
+	mi := &file_stowage_v1_agent_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4317,7 +4455,7 @@ func (x *BackupInfo) String() string {
 func (*BackupInfo) ProtoMessage() {}
 
 func (x *BackupInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[58]
+	mi := &file_stowage_v1_agent_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4330,7 +4468,7 @@ func (x *BackupInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BackupInfo.ProtoReflect.Descriptor instead.
 func (*BackupInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{58}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{60}
 }
 
 func (x *BackupInfo) GetManifest() string {
@@ -4404,7 +4542,7 @@ type CollectInfo struct {
 
 func (x *CollectInfo) Reset() {
 	*x = CollectInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[59]
+	mi := &file_stowage_v1_agent_proto_msgTypes[61]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4416,7 +4554,7 @@ func (x *CollectInfo) String() string {
 func (*CollectInfo) ProtoMessage() {}
 
 func (x *CollectInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[59]
+	mi := &file_stowage_v1_agent_proto_msgTypes[61]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4429,7 +4567,7 @@ func (x *CollectInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CollectInfo.ProtoReflect.Descriptor instead.
 func (*CollectInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{59}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{61}
 }
 
 func (x *CollectInfo) GetManifests() int64 {
@@ -4486,7 +4624,7 @@ type FileInfo struct {
 
 func (x *FileInfo) Reset() {
 	*x = FileInfo{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[60]
+	mi := &file_stowage_v1_agent_proto_msgTypes[62]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4498,7 +4636,7 @@ func (x *FileInfo) String() string {
 func (*FileInfo) ProtoMessage() {}
 
 func (x *FileInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[60]
+	mi := &file_stowage_v1_agent_proto_msgTypes[62]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4511,7 +4649,7 @@ func (x *FileInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileInfo.ProtoReflect.Descriptor instead.
 func (*FileInfo) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{60}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{62}
 }
 
 func (x *FileInfo) GetKey() string {
@@ -4576,7 +4714,7 @@ type StoreProbe struct {
 
 func (x *StoreProbe) Reset() {
 	*x = StoreProbe{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[61]
+	mi := &file_stowage_v1_agent_proto_msgTypes[63]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4588,7 +4726,7 @@ func (x *StoreProbe) String() string {
 func (*StoreProbe) ProtoMessage() {}
 
 func (x *StoreProbe) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[61]
+	mi := &file_stowage_v1_agent_proto_msgTypes[63]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4601,7 +4739,7 @@ func (x *StoreProbe) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StoreProbe.ProtoReflect.Descriptor instead.
 func (*StoreProbe) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{61}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{63}
 }
 
 func (x *StoreProbe) GetCapacityBytes() int64 {
@@ -4664,7 +4802,7 @@ type TaskResult struct {
 
 func (x *TaskResult) Reset() {
 	*x = TaskResult{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[62]
+	mi := &file_stowage_v1_agent_proto_msgTypes[64]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4676,7 +4814,7 @@ func (x *TaskResult) String() string {
 func (*TaskResult) ProtoMessage() {}
 
 func (x *TaskResult) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[62]
+	mi := &file_stowage_v1_agent_proto_msgTypes[64]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4689,7 +4827,7 @@ func (x *TaskResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TaskResult.ProtoReflect.Descriptor instead.
 func (*TaskResult) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{62}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{64}
 }
 
 func (x *TaskResult) GetTaskId() string {
@@ -4920,7 +5058,7 @@ type FileList struct {
 
 func (x *FileList) Reset() {
 	*x = FileList{}
-	mi := &file_stowage_v1_agent_proto_msgTypes[63]
+	mi := &file_stowage_v1_agent_proto_msgTypes[65]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4932,7 +5070,7 @@ func (x *FileList) String() string {
 func (*FileList) ProtoMessage() {}
 
 func (x *FileList) ProtoReflect() protoreflect.Message {
-	mi := &file_stowage_v1_agent_proto_msgTypes[63]
+	mi := &file_stowage_v1_agent_proto_msgTypes[65]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4945,7 +5083,7 @@ func (x *FileList) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileList.ProtoReflect.Descriptor instead.
 func (*FileList) Descriptor() ([]byte, []int) {
-	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{63}
+	return file_stowage_v1_agent_proto_rawDescGZIP(), []int{65}
 }
 
 func (x *FileList) GetFiles() []*FileInfo {
@@ -4995,13 +5133,27 @@ const file_stowage_v1_agent_proto_rawDesc = "" +
 	"\bstore_id\x18\x01 \x01(\tR\astoreId\x12\x1a\n" +
 	"\bprovider\x18\x02 \x01(\tR\bprovider\x12\x10\n" +
 	"\x03url\x18\x03 \x01(\tR\x03url\x12\x12\n" +
-	"\x04path\x18\x04 \x01(\tR\x04path\"\xb4\x01\n" +
+	"\x04path\x18\x04 \x01(\tR\x04path\"\xf5\x01\n" +
 	"\x10HeartbeatRequest\x12\x17\n" +
 	"\ahost_id\x18\x01 \x01(\tR\x06hostId\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x02 \x01(\tR\tsessionId\x12@\n" +
 	"\fcapabilities\x18\x03 \x01(\v2\x1c.stowage.v1.HostCapabilitiesR\fcapabilities\x12&\n" +
-	"\x0fin_flight_tasks\x18\x04 \x01(\x05R\rinFlightTasks\"\xdb\x01\n" +
+	"\x0fin_flight_tasks\x18\x04 \x01(\x05R\rinFlightTasks\x12?\n" +
+	"\vcopy_engine\x18\x05 \x01(\v2\x1e.stowage.v1.CopyEngineCountersR\n" +
+	"copyEngine\"\xe1\x01\n" +
+	"\x12CopyEngineCounters\x12?\n" +
+	"\x05bytes\x18\x01 \x03(\v2).stowage.v1.CopyEngineCounters.BytesEntryR\x05bytes\x12-\n" +
+	"\x06copies\x18\x02 \x03(\v2\x15.stowage.v1.CopyCountR\x06copies\x12!\n" +
+	"\fread_retries\x18\x03 \x01(\x03R\vreadRetries\x1a8\n" +
+	"\n" +
+	"BytesEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\"Q\n" +
+	"\tCopyCount\x12\x16\n" +
+	"\x06method\x18\x01 \x01(\tR\x06method\x12\x16\n" +
+	"\x06result\x18\x02 \x01(\tR\x06result\x12\x14\n" +
+	"\x05count\x18\x03 \x01(\x03R\x05count\"\xdb\x01\n" +
 	"\x11HeartbeatResponse\x12+\n" +
 	"\x05state\x18\x01 \x01(\x0e2\x15.stowage.v1.HostStateR\x05state\x12\x1e\n" +
 	"\n" +
@@ -5366,7 +5518,7 @@ func file_stowage_v1_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_stowage_v1_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_stowage_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 65)
+var file_stowage_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 68)
 var file_stowage_v1_agent_proto_goTypes = []any{
 	(CloneMode)(0),                // 0: stowage.v1.CloneMode
 	(ExportKind)(0),               // 1: stowage.v1.ExportKind
@@ -5378,207 +5530,213 @@ var file_stowage_v1_agent_proto_goTypes = []any{
 	(*RegisterResponse)(nil),      // 7: stowage.v1.RegisterResponse
 	(*StoreAssignment)(nil),       // 8: stowage.v1.StoreAssignment
 	(*HeartbeatRequest)(nil),      // 9: stowage.v1.HeartbeatRequest
-	(*HeartbeatResponse)(nil),     // 10: stowage.v1.HeartbeatResponse
-	(*TemplateCacheSpec)(nil),     // 11: stowage.v1.TemplateCacheSpec
-	(*RunTaskRequest)(nil),        // 12: stowage.v1.RunTaskRequest
-	(*RunTaskResponse)(nil),       // 13: stowage.v1.RunTaskResponse
-	(*GetTaskRequest)(nil),        // 14: stowage.v1.GetTaskRequest
-	(*GetTaskResponse)(nil),       // 15: stowage.v1.GetTaskResponse
-	(*CancelTaskRequest)(nil),     // 16: stowage.v1.CancelTaskRequest
-	(*CancelTaskResponse)(nil),    // 17: stowage.v1.CancelTaskResponse
-	(*Task)(nil),                  // 18: stowage.v1.Task
-	(*ShowTemplateStep)(nil),      // 19: stowage.v1.ShowTemplateStep
-	(*ConnectLunStep)(nil),        // 20: stowage.v1.ConnectLunStep
-	(*IscsiTarget)(nil),           // 21: stowage.v1.IscsiTarget
-	(*IscsiInitiator)(nil),        // 22: stowage.v1.IscsiInitiator
-	(*IscsiTargetStep)(nil),       // 23: stowage.v1.IscsiTargetStep
-	(*LunStep)(nil),               // 24: stowage.v1.LunStep
-	(*LunInfo)(nil),               // 25: stowage.v1.LunInfo
-	(*LunList)(nil),               // 26: stowage.v1.LunList
-	(*PrepareStoreStep)(nil),      // 27: stowage.v1.PrepareStoreStep
-	(*ProbeStoreStep)(nil),        // 28: stowage.v1.ProbeStoreStep
-	(*ReleaseStoreStep)(nil),      // 29: stowage.v1.ReleaseStoreStep
-	(*ObjectRef)(nil),             // 30: stowage.v1.ObjectRef
-	(*ChunkStoreRef)(nil),         // 31: stowage.v1.ChunkStoreRef
-	(*CreateImageStep)(nil),       // 32: stowage.v1.CreateImageStep
-	(*DeleteObjectStep)(nil),      // 33: stowage.v1.DeleteObjectStep
-	(*ListObjectsStep)(nil),       // 34: stowage.v1.ListObjectsStep
-	(*StatObjectStep)(nil),        // 35: stowage.v1.StatObjectStep
-	(*FetchImageStep)(nil),        // 36: stowage.v1.FetchImageStep
-	(*CopyImageStep)(nil),         // 37: stowage.v1.CopyImageStep
-	(*CloneImageStep)(nil),        // 38: stowage.v1.CloneImageStep
-	(*InspectImageStep)(nil),      // 39: stowage.v1.InspectImageStep
-	(*ResizeImageStep)(nil),       // 40: stowage.v1.ResizeImageStep
-	(*SnapshotImageStep)(nil),     // 41: stowage.v1.SnapshotImageStep
-	(*RevertImageStep)(nil),       // 42: stowage.v1.RevertImageStep
-	(*RebaseImageStep)(nil),       // 43: stowage.v1.RebaseImageStep
-	(*BackupImageStep)(nil),       // 44: stowage.v1.BackupImageStep
-	(*ByteRange)(nil),             // 45: stowage.v1.ByteRange
-	(*RestoreImageStep)(nil),      // 46: stowage.v1.RestoreImageStep
-	(*DeleteBackupStep)(nil),      // 47: stowage.v1.DeleteBackupStep
-	(*CollectChunksStep)(nil),     // 48: stowage.v1.CollectChunksStep
-	(*ExportStep)(nil),            // 49: stowage.v1.ExportStep
-	(*UnexportStep)(nil),          // 50: stowage.v1.UnexportStep
-	(*ExportNbdStep)(nil),         // 51: stowage.v1.ExportNbdStep
-	(*RbdImage)(nil),              // 52: stowage.v1.RbdImage
-	(*UnexportNbdStep)(nil),       // 53: stowage.v1.UnexportNbdStep
-	(*ListExportsStep)(nil),       // 54: stowage.v1.ListExportsStep
-	(*ExportOwner)(nil),           // 55: stowage.v1.ExportOwner
-	(*ExportInfo)(nil),            // 56: stowage.v1.ExportInfo
-	(*ExportList)(nil),            // 57: stowage.v1.ExportList
-	(*ImageInfo)(nil),             // 58: stowage.v1.ImageInfo
-	(*SnapshotInfo)(nil),          // 59: stowage.v1.SnapshotInfo
-	(*BackupInfo)(nil),            // 60: stowage.v1.BackupInfo
-	(*CollectInfo)(nil),           // 61: stowage.v1.CollectInfo
-	(*FileInfo)(nil),              // 62: stowage.v1.FileInfo
-	(*StoreProbe)(nil),            // 63: stowage.v1.StoreProbe
-	(*TaskResult)(nil),            // 64: stowage.v1.TaskResult
-	(*FileList)(nil),              // 65: stowage.v1.FileList
-	nil,                           // 66: stowage.v1.ChunkStoreRef.SecretEntry
-	(*HostCapabilities)(nil),      // 67: stowage.v1.HostCapabilities
-	(*Host)(nil),                  // 68: stowage.v1.Host
-	(HostState)(0),                // 69: stowage.v1.HostState
-	(*CacheSpec)(nil),             // 70: stowage.v1.CacheSpec
-	(ImageFormat)(0),              // 71: stowage.v1.ImageFormat
-	(*timestamppb.Timestamp)(nil), // 72: google.protobuf.Timestamp
+	(*CopyEngineCounters)(nil),    // 10: stowage.v1.CopyEngineCounters
+	(*CopyCount)(nil),             // 11: stowage.v1.CopyCount
+	(*HeartbeatResponse)(nil),     // 12: stowage.v1.HeartbeatResponse
+	(*TemplateCacheSpec)(nil),     // 13: stowage.v1.TemplateCacheSpec
+	(*RunTaskRequest)(nil),        // 14: stowage.v1.RunTaskRequest
+	(*RunTaskResponse)(nil),       // 15: stowage.v1.RunTaskResponse
+	(*GetTaskRequest)(nil),        // 16: stowage.v1.GetTaskRequest
+	(*GetTaskResponse)(nil),       // 17: stowage.v1.GetTaskResponse
+	(*CancelTaskRequest)(nil),     // 18: stowage.v1.CancelTaskRequest
+	(*CancelTaskResponse)(nil),    // 19: stowage.v1.CancelTaskResponse
+	(*Task)(nil),                  // 20: stowage.v1.Task
+	(*ShowTemplateStep)(nil),      // 21: stowage.v1.ShowTemplateStep
+	(*ConnectLunStep)(nil),        // 22: stowage.v1.ConnectLunStep
+	(*IscsiTarget)(nil),           // 23: stowage.v1.IscsiTarget
+	(*IscsiInitiator)(nil),        // 24: stowage.v1.IscsiInitiator
+	(*IscsiTargetStep)(nil),       // 25: stowage.v1.IscsiTargetStep
+	(*LunStep)(nil),               // 26: stowage.v1.LunStep
+	(*LunInfo)(nil),               // 27: stowage.v1.LunInfo
+	(*LunList)(nil),               // 28: stowage.v1.LunList
+	(*PrepareStoreStep)(nil),      // 29: stowage.v1.PrepareStoreStep
+	(*ProbeStoreStep)(nil),        // 30: stowage.v1.ProbeStoreStep
+	(*ReleaseStoreStep)(nil),      // 31: stowage.v1.ReleaseStoreStep
+	(*ObjectRef)(nil),             // 32: stowage.v1.ObjectRef
+	(*ChunkStoreRef)(nil),         // 33: stowage.v1.ChunkStoreRef
+	(*CreateImageStep)(nil),       // 34: stowage.v1.CreateImageStep
+	(*DeleteObjectStep)(nil),      // 35: stowage.v1.DeleteObjectStep
+	(*ListObjectsStep)(nil),       // 36: stowage.v1.ListObjectsStep
+	(*StatObjectStep)(nil),        // 37: stowage.v1.StatObjectStep
+	(*FetchImageStep)(nil),        // 38: stowage.v1.FetchImageStep
+	(*CopyImageStep)(nil),         // 39: stowage.v1.CopyImageStep
+	(*CloneImageStep)(nil),        // 40: stowage.v1.CloneImageStep
+	(*InspectImageStep)(nil),      // 41: stowage.v1.InspectImageStep
+	(*ResizeImageStep)(nil),       // 42: stowage.v1.ResizeImageStep
+	(*SnapshotImageStep)(nil),     // 43: stowage.v1.SnapshotImageStep
+	(*RevertImageStep)(nil),       // 44: stowage.v1.RevertImageStep
+	(*RebaseImageStep)(nil),       // 45: stowage.v1.RebaseImageStep
+	(*BackupImageStep)(nil),       // 46: stowage.v1.BackupImageStep
+	(*ByteRange)(nil),             // 47: stowage.v1.ByteRange
+	(*RestoreImageStep)(nil),      // 48: stowage.v1.RestoreImageStep
+	(*DeleteBackupStep)(nil),      // 49: stowage.v1.DeleteBackupStep
+	(*CollectChunksStep)(nil),     // 50: stowage.v1.CollectChunksStep
+	(*ExportStep)(nil),            // 51: stowage.v1.ExportStep
+	(*UnexportStep)(nil),          // 52: stowage.v1.UnexportStep
+	(*ExportNbdStep)(nil),         // 53: stowage.v1.ExportNbdStep
+	(*RbdImage)(nil),              // 54: stowage.v1.RbdImage
+	(*UnexportNbdStep)(nil),       // 55: stowage.v1.UnexportNbdStep
+	(*ListExportsStep)(nil),       // 56: stowage.v1.ListExportsStep
+	(*ExportOwner)(nil),           // 57: stowage.v1.ExportOwner
+	(*ExportInfo)(nil),            // 58: stowage.v1.ExportInfo
+	(*ExportList)(nil),            // 59: stowage.v1.ExportList
+	(*ImageInfo)(nil),             // 60: stowage.v1.ImageInfo
+	(*SnapshotInfo)(nil),          // 61: stowage.v1.SnapshotInfo
+	(*BackupInfo)(nil),            // 62: stowage.v1.BackupInfo
+	(*CollectInfo)(nil),           // 63: stowage.v1.CollectInfo
+	(*FileInfo)(nil),              // 64: stowage.v1.FileInfo
+	(*StoreProbe)(nil),            // 65: stowage.v1.StoreProbe
+	(*TaskResult)(nil),            // 66: stowage.v1.TaskResult
+	(*FileList)(nil),              // 67: stowage.v1.FileList
+	nil,                           // 68: stowage.v1.CopyEngineCounters.BytesEntry
+	nil,                           // 69: stowage.v1.ChunkStoreRef.SecretEntry
+	(*HostCapabilities)(nil),      // 70: stowage.v1.HostCapabilities
+	(*Host)(nil),                  // 71: stowage.v1.Host
+	(HostState)(0),                // 72: stowage.v1.HostState
+	(*CacheSpec)(nil),             // 73: stowage.v1.CacheSpec
+	(ImageFormat)(0),              // 74: stowage.v1.ImageFormat
+	(*timestamppb.Timestamp)(nil), // 75: google.protobuf.Timestamp
 }
 var file_stowage_v1_agent_proto_depIdxs = []int32{
-	67,  // 0: stowage.v1.RegisterRequest.capabilities:type_name -> stowage.v1.HostCapabilities
-	68,  // 1: stowage.v1.RegisterResponse.host:type_name -> stowage.v1.Host
+	70,  // 0: stowage.v1.RegisterRequest.capabilities:type_name -> stowage.v1.HostCapabilities
+	71,  // 1: stowage.v1.RegisterResponse.host:type_name -> stowage.v1.Host
 	8,   // 2: stowage.v1.RegisterResponse.stores:type_name -> stowage.v1.StoreAssignment
-	67,  // 3: stowage.v1.HeartbeatRequest.capabilities:type_name -> stowage.v1.HostCapabilities
-	69,  // 4: stowage.v1.HeartbeatResponse.state:type_name -> stowage.v1.HostState
-	8,   // 5: stowage.v1.HeartbeatResponse.stores:type_name -> stowage.v1.StoreAssignment
-	11,  // 6: stowage.v1.HeartbeatResponse.template_cache:type_name -> stowage.v1.TemplateCacheSpec
-	70,  // 7: stowage.v1.TemplateCacheSpec.templates:type_name -> stowage.v1.CacheSpec
-	18,  // 8: stowage.v1.RunTaskRequest.task:type_name -> stowage.v1.Task
-	64,  // 9: stowage.v1.RunTaskResponse.result:type_name -> stowage.v1.TaskResult
-	64,  // 10: stowage.v1.GetTaskResponse.result:type_name -> stowage.v1.TaskResult
-	64,  // 11: stowage.v1.CancelTaskResponse.result:type_name -> stowage.v1.TaskResult
-	27,  // 12: stowage.v1.Task.prepare_store:type_name -> stowage.v1.PrepareStoreStep
-	28,  // 13: stowage.v1.Task.probe_store:type_name -> stowage.v1.ProbeStoreStep
-	29,  // 14: stowage.v1.Task.release_store:type_name -> stowage.v1.ReleaseStoreStep
-	32,  // 15: stowage.v1.Task.create_image:type_name -> stowage.v1.CreateImageStep
-	33,  // 16: stowage.v1.Task.delete_object:type_name -> stowage.v1.DeleteObjectStep
-	34,  // 17: stowage.v1.Task.list_objects:type_name -> stowage.v1.ListObjectsStep
-	35,  // 18: stowage.v1.Task.stat_object:type_name -> stowage.v1.StatObjectStep
-	36,  // 19: stowage.v1.Task.fetch_image:type_name -> stowage.v1.FetchImageStep
-	37,  // 20: stowage.v1.Task.copy_image:type_name -> stowage.v1.CopyImageStep
-	38,  // 21: stowage.v1.Task.clone_image:type_name -> stowage.v1.CloneImageStep
-	39,  // 22: stowage.v1.Task.inspect_image:type_name -> stowage.v1.InspectImageStep
-	40,  // 23: stowage.v1.Task.resize_image:type_name -> stowage.v1.ResizeImageStep
-	41,  // 24: stowage.v1.Task.snapshot_image:type_name -> stowage.v1.SnapshotImageStep
-	42,  // 25: stowage.v1.Task.revert_image:type_name -> stowage.v1.RevertImageStep
-	43,  // 26: stowage.v1.Task.rebase_image:type_name -> stowage.v1.RebaseImageStep
-	44,  // 27: stowage.v1.Task.backup_image:type_name -> stowage.v1.BackupImageStep
-	46,  // 28: stowage.v1.Task.restore_image:type_name -> stowage.v1.RestoreImageStep
-	47,  // 29: stowage.v1.Task.delete_backup:type_name -> stowage.v1.DeleteBackupStep
-	49,  // 30: stowage.v1.Task.export:type_name -> stowage.v1.ExportStep
-	50,  // 31: stowage.v1.Task.unexport:type_name -> stowage.v1.UnexportStep
-	51,  // 32: stowage.v1.Task.export_nbd:type_name -> stowage.v1.ExportNbdStep
-	53,  // 33: stowage.v1.Task.unexport_nbd:type_name -> stowage.v1.UnexportNbdStep
-	23,  // 34: stowage.v1.Task.ensure_iscsi_target:type_name -> stowage.v1.IscsiTargetStep
-	23,  // 35: stowage.v1.Task.delete_iscsi_target:type_name -> stowage.v1.IscsiTargetStep
-	24,  // 36: stowage.v1.Task.create_lun:type_name -> stowage.v1.LunStep
-	24,  // 37: stowage.v1.Task.delete_lun:type_name -> stowage.v1.LunStep
-	24,  // 38: stowage.v1.Task.resize_lun:type_name -> stowage.v1.LunStep
-	23,  // 39: stowage.v1.Task.list_luns:type_name -> stowage.v1.IscsiTargetStep
-	20,  // 40: stowage.v1.Task.connect_lun:type_name -> stowage.v1.ConnectLunStep
-	20,  // 41: stowage.v1.Task.disconnect_lun:type_name -> stowage.v1.ConnectLunStep
-	54,  // 42: stowage.v1.Task.list_exports:type_name -> stowage.v1.ListExportsStep
-	48,  // 43: stowage.v1.Task.collect_chunks:type_name -> stowage.v1.CollectChunksStep
-	19,  // 44: stowage.v1.Task.show_template:type_name -> stowage.v1.ShowTemplateStep
-	70,  // 45: stowage.v1.ShowTemplateStep.template:type_name -> stowage.v1.CacheSpec
-	22,  // 46: stowage.v1.IscsiTarget.initiators:type_name -> stowage.v1.IscsiInitiator
-	21,  // 47: stowage.v1.IscsiTargetStep.target:type_name -> stowage.v1.IscsiTarget
-	21,  // 48: stowage.v1.LunStep.target:type_name -> stowage.v1.IscsiTarget
-	25,  // 49: stowage.v1.LunList.luns:type_name -> stowage.v1.LunInfo
-	66,  // 50: stowage.v1.ChunkStoreRef.secret:type_name -> stowage.v1.ChunkStoreRef.SecretEntry
-	30,  // 51: stowage.v1.CreateImageStep.ref:type_name -> stowage.v1.ObjectRef
-	71,  // 52: stowage.v1.CreateImageStep.format:type_name -> stowage.v1.ImageFormat
-	30,  // 53: stowage.v1.DeleteObjectStep.ref:type_name -> stowage.v1.ObjectRef
-	30,  // 54: stowage.v1.ListObjectsStep.dir:type_name -> stowage.v1.ObjectRef
-	30,  // 55: stowage.v1.StatObjectStep.ref:type_name -> stowage.v1.ObjectRef
-	30,  // 56: stowage.v1.FetchImageStep.dest:type_name -> stowage.v1.ObjectRef
-	71,  // 57: stowage.v1.FetchImageStep.format:type_name -> stowage.v1.ImageFormat
-	30,  // 58: stowage.v1.CopyImageStep.dest:type_name -> stowage.v1.ObjectRef
-	71,  // 59: stowage.v1.CopyImageStep.format:type_name -> stowage.v1.ImageFormat
-	71,  // 60: stowage.v1.CopyImageStep.source_format:type_name -> stowage.v1.ImageFormat
-	30,  // 61: stowage.v1.CopyImageStep.backing:type_name -> stowage.v1.ObjectRef
-	71,  // 62: stowage.v1.CopyImageStep.backing_format:type_name -> stowage.v1.ImageFormat
-	30,  // 63: stowage.v1.CloneImageStep.base:type_name -> stowage.v1.ObjectRef
-	30,  // 64: stowage.v1.CloneImageStep.dest:type_name -> stowage.v1.ObjectRef
-	0,   // 65: stowage.v1.CloneImageStep.mode:type_name -> stowage.v1.CloneMode
-	71,  // 66: stowage.v1.CloneImageStep.format:type_name -> stowage.v1.ImageFormat
-	71,  // 67: stowage.v1.CloneImageStep.base_format:type_name -> stowage.v1.ImageFormat
-	30,  // 68: stowage.v1.InspectImageStep.ref:type_name -> stowage.v1.ObjectRef
-	71,  // 69: stowage.v1.InspectImageStep.format:type_name -> stowage.v1.ImageFormat
-	30,  // 70: stowage.v1.ResizeImageStep.ref:type_name -> stowage.v1.ObjectRef
-	71,  // 71: stowage.v1.ResizeImageStep.format:type_name -> stowage.v1.ImageFormat
-	30,  // 72: stowage.v1.SnapshotImageStep.volume:type_name -> stowage.v1.ObjectRef
-	30,  // 73: stowage.v1.SnapshotImageStep.snapshot:type_name -> stowage.v1.ObjectRef
-	71,  // 74: stowage.v1.SnapshotImageStep.format:type_name -> stowage.v1.ImageFormat
-	30,  // 75: stowage.v1.RevertImageStep.volume:type_name -> stowage.v1.ObjectRef
-	30,  // 76: stowage.v1.RevertImageStep.snapshot:type_name -> stowage.v1.ObjectRef
-	71,  // 77: stowage.v1.RevertImageStep.format:type_name -> stowage.v1.ImageFormat
-	30,  // 78: stowage.v1.RebaseImageStep.ref:type_name -> stowage.v1.ObjectRef
-	30,  // 79: stowage.v1.RebaseImageStep.new_backing:type_name -> stowage.v1.ObjectRef
-	71,  // 80: stowage.v1.RebaseImageStep.backing_format:type_name -> stowage.v1.ImageFormat
-	30,  // 81: stowage.v1.BackupImageStep.source:type_name -> stowage.v1.ObjectRef
-	31,  // 82: stowage.v1.BackupImageStep.chunks:type_name -> stowage.v1.ChunkStoreRef
-	71,  // 83: stowage.v1.BackupImageStep.source_format:type_name -> stowage.v1.ImageFormat
-	45,  // 84: stowage.v1.BackupImageStep.changed:type_name -> stowage.v1.ByteRange
-	31,  // 85: stowage.v1.RestoreImageStep.chunks:type_name -> stowage.v1.ChunkStoreRef
-	30,  // 86: stowage.v1.RestoreImageStep.dest:type_name -> stowage.v1.ObjectRef
-	71,  // 87: stowage.v1.RestoreImageStep.format:type_name -> stowage.v1.ImageFormat
-	31,  // 88: stowage.v1.DeleteBackupStep.chunks:type_name -> stowage.v1.ChunkStoreRef
-	31,  // 89: stowage.v1.CollectChunksStep.chunks:type_name -> stowage.v1.ChunkStoreRef
-	30,  // 90: stowage.v1.ExportStep.ref:type_name -> stowage.v1.ObjectRef
-	30,  // 91: stowage.v1.ExportNbdStep.ref:type_name -> stowage.v1.ObjectRef
-	71,  // 92: stowage.v1.ExportNbdStep.format:type_name -> stowage.v1.ImageFormat
-	52,  // 93: stowage.v1.ExportNbdStep.rbd:type_name -> stowage.v1.RbdImage
-	1,   // 94: stowage.v1.ExportInfo.kind:type_name -> stowage.v1.ExportKind
-	30,  // 95: stowage.v1.ExportInfo.ref:type_name -> stowage.v1.ObjectRef
-	55,  // 96: stowage.v1.ExportInfo.owner:type_name -> stowage.v1.ExportOwner
-	55,  // 97: stowage.v1.ExportInfo.shared_with:type_name -> stowage.v1.ExportOwner
-	72,  // 98: stowage.v1.ExportInfo.created:type_name -> google.protobuf.Timestamp
-	72,  // 99: stowage.v1.ExportInfo.expires:type_name -> google.protobuf.Timestamp
-	56,  // 100: stowage.v1.ExportList.exports:type_name -> stowage.v1.ExportInfo
-	71,  // 101: stowage.v1.ImageInfo.format:type_name -> stowage.v1.ImageFormat
-	58,  // 102: stowage.v1.SnapshotInfo.snapshot:type_name -> stowage.v1.ImageInfo
-	58,  // 103: stowage.v1.SnapshotInfo.volume:type_name -> stowage.v1.ImageInfo
-	72,  // 104: stowage.v1.FileInfo.modified_at:type_name -> google.protobuf.Timestamp
-	71,  // 105: stowage.v1.FileInfo.format:type_name -> stowage.v1.ImageFormat
-	63,  // 106: stowage.v1.TaskResult.probe:type_name -> stowage.v1.StoreProbe
-	62,  // 107: stowage.v1.TaskResult.file:type_name -> stowage.v1.FileInfo
-	65,  // 108: stowage.v1.TaskResult.files:type_name -> stowage.v1.FileList
-	58,  // 109: stowage.v1.TaskResult.image:type_name -> stowage.v1.ImageInfo
-	59,  // 110: stowage.v1.TaskResult.snapshot:type_name -> stowage.v1.SnapshotInfo
-	60,  // 111: stowage.v1.TaskResult.backup:type_name -> stowage.v1.BackupInfo
-	25,  // 112: stowage.v1.TaskResult.lun:type_name -> stowage.v1.LunInfo
-	26,  // 113: stowage.v1.TaskResult.luns:type_name -> stowage.v1.LunList
-	57,  // 114: stowage.v1.TaskResult.exports:type_name -> stowage.v1.ExportList
-	61,  // 115: stowage.v1.TaskResult.collect:type_name -> stowage.v1.CollectInfo
-	62,  // 116: stowage.v1.FileList.files:type_name -> stowage.v1.FileInfo
-	2,   // 117: stowage.v1.AgentControlService.Join:input_type -> stowage.v1.JoinRequest
-	6,   // 118: stowage.v1.AgentControlService.Register:input_type -> stowage.v1.RegisterRequest
-	9,   // 119: stowage.v1.AgentControlService.Heartbeat:input_type -> stowage.v1.HeartbeatRequest
-	4,   // 120: stowage.v1.AgentControlService.Renew:input_type -> stowage.v1.RenewRequest
-	12,  // 121: stowage.v1.AgentService.RunTask:input_type -> stowage.v1.RunTaskRequest
-	14,  // 122: stowage.v1.AgentService.GetTask:input_type -> stowage.v1.GetTaskRequest
-	16,  // 123: stowage.v1.AgentService.CancelTask:input_type -> stowage.v1.CancelTaskRequest
-	3,   // 124: stowage.v1.AgentControlService.Join:output_type -> stowage.v1.JoinResponse
-	7,   // 125: stowage.v1.AgentControlService.Register:output_type -> stowage.v1.RegisterResponse
-	10,  // 126: stowage.v1.AgentControlService.Heartbeat:output_type -> stowage.v1.HeartbeatResponse
-	5,   // 127: stowage.v1.AgentControlService.Renew:output_type -> stowage.v1.RenewResponse
-	13,  // 128: stowage.v1.AgentService.RunTask:output_type -> stowage.v1.RunTaskResponse
-	15,  // 129: stowage.v1.AgentService.GetTask:output_type -> stowage.v1.GetTaskResponse
-	17,  // 130: stowage.v1.AgentService.CancelTask:output_type -> stowage.v1.CancelTaskResponse
-	124, // [124:131] is the sub-list for method output_type
-	117, // [117:124] is the sub-list for method input_type
-	117, // [117:117] is the sub-list for extension type_name
-	117, // [117:117] is the sub-list for extension extendee
-	0,   // [0:117] is the sub-list for field type_name
+	70,  // 3: stowage.v1.HeartbeatRequest.capabilities:type_name -> stowage.v1.HostCapabilities
+	10,  // 4: stowage.v1.HeartbeatRequest.copy_engine:type_name -> stowage.v1.CopyEngineCounters
+	68,  // 5: stowage.v1.CopyEngineCounters.bytes:type_name -> stowage.v1.CopyEngineCounters.BytesEntry
+	11,  // 6: stowage.v1.CopyEngineCounters.copies:type_name -> stowage.v1.CopyCount
+	72,  // 7: stowage.v1.HeartbeatResponse.state:type_name -> stowage.v1.HostState
+	8,   // 8: stowage.v1.HeartbeatResponse.stores:type_name -> stowage.v1.StoreAssignment
+	13,  // 9: stowage.v1.HeartbeatResponse.template_cache:type_name -> stowage.v1.TemplateCacheSpec
+	73,  // 10: stowage.v1.TemplateCacheSpec.templates:type_name -> stowage.v1.CacheSpec
+	20,  // 11: stowage.v1.RunTaskRequest.task:type_name -> stowage.v1.Task
+	66,  // 12: stowage.v1.RunTaskResponse.result:type_name -> stowage.v1.TaskResult
+	66,  // 13: stowage.v1.GetTaskResponse.result:type_name -> stowage.v1.TaskResult
+	66,  // 14: stowage.v1.CancelTaskResponse.result:type_name -> stowage.v1.TaskResult
+	29,  // 15: stowage.v1.Task.prepare_store:type_name -> stowage.v1.PrepareStoreStep
+	30,  // 16: stowage.v1.Task.probe_store:type_name -> stowage.v1.ProbeStoreStep
+	31,  // 17: stowage.v1.Task.release_store:type_name -> stowage.v1.ReleaseStoreStep
+	34,  // 18: stowage.v1.Task.create_image:type_name -> stowage.v1.CreateImageStep
+	35,  // 19: stowage.v1.Task.delete_object:type_name -> stowage.v1.DeleteObjectStep
+	36,  // 20: stowage.v1.Task.list_objects:type_name -> stowage.v1.ListObjectsStep
+	37,  // 21: stowage.v1.Task.stat_object:type_name -> stowage.v1.StatObjectStep
+	38,  // 22: stowage.v1.Task.fetch_image:type_name -> stowage.v1.FetchImageStep
+	39,  // 23: stowage.v1.Task.copy_image:type_name -> stowage.v1.CopyImageStep
+	40,  // 24: stowage.v1.Task.clone_image:type_name -> stowage.v1.CloneImageStep
+	41,  // 25: stowage.v1.Task.inspect_image:type_name -> stowage.v1.InspectImageStep
+	42,  // 26: stowage.v1.Task.resize_image:type_name -> stowage.v1.ResizeImageStep
+	43,  // 27: stowage.v1.Task.snapshot_image:type_name -> stowage.v1.SnapshotImageStep
+	44,  // 28: stowage.v1.Task.revert_image:type_name -> stowage.v1.RevertImageStep
+	45,  // 29: stowage.v1.Task.rebase_image:type_name -> stowage.v1.RebaseImageStep
+	46,  // 30: stowage.v1.Task.backup_image:type_name -> stowage.v1.BackupImageStep
+	48,  // 31: stowage.v1.Task.restore_image:type_name -> stowage.v1.RestoreImageStep
+	49,  // 32: stowage.v1.Task.delete_backup:type_name -> stowage.v1.DeleteBackupStep
+	51,  // 33: stowage.v1.Task.export:type_name -> stowage.v1.ExportStep
+	52,  // 34: stowage.v1.Task.unexport:type_name -> stowage.v1.UnexportStep
+	53,  // 35: stowage.v1.Task.export_nbd:type_name -> stowage.v1.ExportNbdStep
+	55,  // 36: stowage.v1.Task.unexport_nbd:type_name -> stowage.v1.UnexportNbdStep
+	25,  // 37: stowage.v1.Task.ensure_iscsi_target:type_name -> stowage.v1.IscsiTargetStep
+	25,  // 38: stowage.v1.Task.delete_iscsi_target:type_name -> stowage.v1.IscsiTargetStep
+	26,  // 39: stowage.v1.Task.create_lun:type_name -> stowage.v1.LunStep
+	26,  // 40: stowage.v1.Task.delete_lun:type_name -> stowage.v1.LunStep
+	26,  // 41: stowage.v1.Task.resize_lun:type_name -> stowage.v1.LunStep
+	25,  // 42: stowage.v1.Task.list_luns:type_name -> stowage.v1.IscsiTargetStep
+	22,  // 43: stowage.v1.Task.connect_lun:type_name -> stowage.v1.ConnectLunStep
+	22,  // 44: stowage.v1.Task.disconnect_lun:type_name -> stowage.v1.ConnectLunStep
+	56,  // 45: stowage.v1.Task.list_exports:type_name -> stowage.v1.ListExportsStep
+	50,  // 46: stowage.v1.Task.collect_chunks:type_name -> stowage.v1.CollectChunksStep
+	21,  // 47: stowage.v1.Task.show_template:type_name -> stowage.v1.ShowTemplateStep
+	73,  // 48: stowage.v1.ShowTemplateStep.template:type_name -> stowage.v1.CacheSpec
+	24,  // 49: stowage.v1.IscsiTarget.initiators:type_name -> stowage.v1.IscsiInitiator
+	23,  // 50: stowage.v1.IscsiTargetStep.target:type_name -> stowage.v1.IscsiTarget
+	23,  // 51: stowage.v1.LunStep.target:type_name -> stowage.v1.IscsiTarget
+	27,  // 52: stowage.v1.LunList.luns:type_name -> stowage.v1.LunInfo
+	69,  // 53: stowage.v1.ChunkStoreRef.secret:type_name -> stowage.v1.ChunkStoreRef.SecretEntry
+	32,  // 54: stowage.v1.CreateImageStep.ref:type_name -> stowage.v1.ObjectRef
+	74,  // 55: stowage.v1.CreateImageStep.format:type_name -> stowage.v1.ImageFormat
+	32,  // 56: stowage.v1.DeleteObjectStep.ref:type_name -> stowage.v1.ObjectRef
+	32,  // 57: stowage.v1.ListObjectsStep.dir:type_name -> stowage.v1.ObjectRef
+	32,  // 58: stowage.v1.StatObjectStep.ref:type_name -> stowage.v1.ObjectRef
+	32,  // 59: stowage.v1.FetchImageStep.dest:type_name -> stowage.v1.ObjectRef
+	74,  // 60: stowage.v1.FetchImageStep.format:type_name -> stowage.v1.ImageFormat
+	32,  // 61: stowage.v1.CopyImageStep.dest:type_name -> stowage.v1.ObjectRef
+	74,  // 62: stowage.v1.CopyImageStep.format:type_name -> stowage.v1.ImageFormat
+	74,  // 63: stowage.v1.CopyImageStep.source_format:type_name -> stowage.v1.ImageFormat
+	32,  // 64: stowage.v1.CopyImageStep.backing:type_name -> stowage.v1.ObjectRef
+	74,  // 65: stowage.v1.CopyImageStep.backing_format:type_name -> stowage.v1.ImageFormat
+	32,  // 66: stowage.v1.CloneImageStep.base:type_name -> stowage.v1.ObjectRef
+	32,  // 67: stowage.v1.CloneImageStep.dest:type_name -> stowage.v1.ObjectRef
+	0,   // 68: stowage.v1.CloneImageStep.mode:type_name -> stowage.v1.CloneMode
+	74,  // 69: stowage.v1.CloneImageStep.format:type_name -> stowage.v1.ImageFormat
+	74,  // 70: stowage.v1.CloneImageStep.base_format:type_name -> stowage.v1.ImageFormat
+	32,  // 71: stowage.v1.InspectImageStep.ref:type_name -> stowage.v1.ObjectRef
+	74,  // 72: stowage.v1.InspectImageStep.format:type_name -> stowage.v1.ImageFormat
+	32,  // 73: stowage.v1.ResizeImageStep.ref:type_name -> stowage.v1.ObjectRef
+	74,  // 74: stowage.v1.ResizeImageStep.format:type_name -> stowage.v1.ImageFormat
+	32,  // 75: stowage.v1.SnapshotImageStep.volume:type_name -> stowage.v1.ObjectRef
+	32,  // 76: stowage.v1.SnapshotImageStep.snapshot:type_name -> stowage.v1.ObjectRef
+	74,  // 77: stowage.v1.SnapshotImageStep.format:type_name -> stowage.v1.ImageFormat
+	32,  // 78: stowage.v1.RevertImageStep.volume:type_name -> stowage.v1.ObjectRef
+	32,  // 79: stowage.v1.RevertImageStep.snapshot:type_name -> stowage.v1.ObjectRef
+	74,  // 80: stowage.v1.RevertImageStep.format:type_name -> stowage.v1.ImageFormat
+	32,  // 81: stowage.v1.RebaseImageStep.ref:type_name -> stowage.v1.ObjectRef
+	32,  // 82: stowage.v1.RebaseImageStep.new_backing:type_name -> stowage.v1.ObjectRef
+	74,  // 83: stowage.v1.RebaseImageStep.backing_format:type_name -> stowage.v1.ImageFormat
+	32,  // 84: stowage.v1.BackupImageStep.source:type_name -> stowage.v1.ObjectRef
+	33,  // 85: stowage.v1.BackupImageStep.chunks:type_name -> stowage.v1.ChunkStoreRef
+	74,  // 86: stowage.v1.BackupImageStep.source_format:type_name -> stowage.v1.ImageFormat
+	47,  // 87: stowage.v1.BackupImageStep.changed:type_name -> stowage.v1.ByteRange
+	33,  // 88: stowage.v1.RestoreImageStep.chunks:type_name -> stowage.v1.ChunkStoreRef
+	32,  // 89: stowage.v1.RestoreImageStep.dest:type_name -> stowage.v1.ObjectRef
+	74,  // 90: stowage.v1.RestoreImageStep.format:type_name -> stowage.v1.ImageFormat
+	33,  // 91: stowage.v1.DeleteBackupStep.chunks:type_name -> stowage.v1.ChunkStoreRef
+	33,  // 92: stowage.v1.CollectChunksStep.chunks:type_name -> stowage.v1.ChunkStoreRef
+	32,  // 93: stowage.v1.ExportStep.ref:type_name -> stowage.v1.ObjectRef
+	32,  // 94: stowage.v1.ExportNbdStep.ref:type_name -> stowage.v1.ObjectRef
+	74,  // 95: stowage.v1.ExportNbdStep.format:type_name -> stowage.v1.ImageFormat
+	54,  // 96: stowage.v1.ExportNbdStep.rbd:type_name -> stowage.v1.RbdImage
+	1,   // 97: stowage.v1.ExportInfo.kind:type_name -> stowage.v1.ExportKind
+	32,  // 98: stowage.v1.ExportInfo.ref:type_name -> stowage.v1.ObjectRef
+	57,  // 99: stowage.v1.ExportInfo.owner:type_name -> stowage.v1.ExportOwner
+	57,  // 100: stowage.v1.ExportInfo.shared_with:type_name -> stowage.v1.ExportOwner
+	75,  // 101: stowage.v1.ExportInfo.created:type_name -> google.protobuf.Timestamp
+	75,  // 102: stowage.v1.ExportInfo.expires:type_name -> google.protobuf.Timestamp
+	58,  // 103: stowage.v1.ExportList.exports:type_name -> stowage.v1.ExportInfo
+	74,  // 104: stowage.v1.ImageInfo.format:type_name -> stowage.v1.ImageFormat
+	60,  // 105: stowage.v1.SnapshotInfo.snapshot:type_name -> stowage.v1.ImageInfo
+	60,  // 106: stowage.v1.SnapshotInfo.volume:type_name -> stowage.v1.ImageInfo
+	75,  // 107: stowage.v1.FileInfo.modified_at:type_name -> google.protobuf.Timestamp
+	74,  // 108: stowage.v1.FileInfo.format:type_name -> stowage.v1.ImageFormat
+	65,  // 109: stowage.v1.TaskResult.probe:type_name -> stowage.v1.StoreProbe
+	64,  // 110: stowage.v1.TaskResult.file:type_name -> stowage.v1.FileInfo
+	67,  // 111: stowage.v1.TaskResult.files:type_name -> stowage.v1.FileList
+	60,  // 112: stowage.v1.TaskResult.image:type_name -> stowage.v1.ImageInfo
+	61,  // 113: stowage.v1.TaskResult.snapshot:type_name -> stowage.v1.SnapshotInfo
+	62,  // 114: stowage.v1.TaskResult.backup:type_name -> stowage.v1.BackupInfo
+	27,  // 115: stowage.v1.TaskResult.lun:type_name -> stowage.v1.LunInfo
+	28,  // 116: stowage.v1.TaskResult.luns:type_name -> stowage.v1.LunList
+	59,  // 117: stowage.v1.TaskResult.exports:type_name -> stowage.v1.ExportList
+	63,  // 118: stowage.v1.TaskResult.collect:type_name -> stowage.v1.CollectInfo
+	64,  // 119: stowage.v1.FileList.files:type_name -> stowage.v1.FileInfo
+	2,   // 120: stowage.v1.AgentControlService.Join:input_type -> stowage.v1.JoinRequest
+	6,   // 121: stowage.v1.AgentControlService.Register:input_type -> stowage.v1.RegisterRequest
+	9,   // 122: stowage.v1.AgentControlService.Heartbeat:input_type -> stowage.v1.HeartbeatRequest
+	4,   // 123: stowage.v1.AgentControlService.Renew:input_type -> stowage.v1.RenewRequest
+	14,  // 124: stowage.v1.AgentService.RunTask:input_type -> stowage.v1.RunTaskRequest
+	16,  // 125: stowage.v1.AgentService.GetTask:input_type -> stowage.v1.GetTaskRequest
+	18,  // 126: stowage.v1.AgentService.CancelTask:input_type -> stowage.v1.CancelTaskRequest
+	3,   // 127: stowage.v1.AgentControlService.Join:output_type -> stowage.v1.JoinResponse
+	7,   // 128: stowage.v1.AgentControlService.Register:output_type -> stowage.v1.RegisterResponse
+	12,  // 129: stowage.v1.AgentControlService.Heartbeat:output_type -> stowage.v1.HeartbeatResponse
+	5,   // 130: stowage.v1.AgentControlService.Renew:output_type -> stowage.v1.RenewResponse
+	15,  // 131: stowage.v1.AgentService.RunTask:output_type -> stowage.v1.RunTaskResponse
+	17,  // 132: stowage.v1.AgentService.GetTask:output_type -> stowage.v1.GetTaskResponse
+	19,  // 133: stowage.v1.AgentService.CancelTask:output_type -> stowage.v1.CancelTaskResponse
+	127, // [127:134] is the sub-list for method output_type
+	120, // [120:127] is the sub-list for method input_type
+	120, // [120:120] is the sub-list for extension type_name
+	120, // [120:120] is the sub-list for extension extendee
+	0,   // [0:120] is the sub-list for field type_name
 }
 
 func init() { file_stowage_v1_agent_proto_init() }
@@ -5588,7 +5746,7 @@ func file_stowage_v1_agent_proto_init() {
 	}
 	file_stowage_v1_imagecache_proto_init()
 	file_stowage_v1_types_proto_init()
-	file_stowage_v1_agent_proto_msgTypes[16].OneofWrappers = []any{
+	file_stowage_v1_agent_proto_msgTypes[18].OneofWrappers = []any{
 		(*Task_PrepareStore)(nil),
 		(*Task_ProbeStore)(nil),
 		(*Task_ReleaseStore)(nil),
@@ -5623,7 +5781,7 @@ func file_stowage_v1_agent_proto_init() {
 		(*Task_CollectChunks)(nil),
 		(*Task_ShowTemplate)(nil),
 	}
-	file_stowage_v1_agent_proto_msgTypes[62].OneofWrappers = []any{
+	file_stowage_v1_agent_proto_msgTypes[64].OneofWrappers = []any{
 		(*TaskResult_Probe)(nil),
 		(*TaskResult_File)(nil),
 		(*TaskResult_Files)(nil),
@@ -5642,7 +5800,7 @@ func file_stowage_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_stowage_v1_agent_proto_rawDesc), len(file_stowage_v1_agent_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   65,
+			NumMessages:   68,
 			NumExtensions: 0,
 			NumServices:   2,
 		},
