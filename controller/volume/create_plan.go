@@ -331,8 +331,10 @@ type copied struct {
 }
 
 // copyPlan asks the data motion strategies how bytes go from store a to
-// store b, and returns the winner's reasons and the host that writes (none
-// when the winner is the destination driver's own copy: native).
+// store b, and returns the winner's reasons, the host that writes, and
+// whether the winner is the destination driver's own copy (native: then
+// the host is only a preference for a driver that runs its copy on one,
+// and may be "" when no host is Up).
 //
 // standalone says the source has no backing chain; flatten that the copy
 // reads a chain through (so its guest view can travel between hosts).
@@ -422,7 +424,8 @@ func (p *planner) fromSnapshot(ctx context.Context, req *stowagev1.CreateVolumeR
 		p.plan.Reasons = append(p.plan.Reasons, "the snapshot is on primary store "+src.GetName()+": no need to read the backup")
 		if native {
 			// The store makes the volume from its snapshot itself (an RBD
-			// clone): what the driver says it made is the install method.
+			// clone of the snapshot); the job's result names the driver's
+			// method.
 			p.plan.Strategy, p.plan.Priority = "native-copy-of-primary-snapshot", motion.Highest.String()
 			vol.InstallMethod = "native"
 			p.step("copy", host, "store "+st.GetName()+"'s driver makes the volume from the snapshot itself; "+reasons[0])
