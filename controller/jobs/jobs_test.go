@@ -495,6 +495,26 @@ func TestStarterAndOnSuccess(t *testing.T) {
 	}
 }
 
+// heldRunning writes a Running job as a record only (the runner does not
+// run it) and gives r its live copy, as the runner holds one while a job
+// runs.
+func heldRunning(t *testing.T, db *meta.DB, r *Runner, target string) *stowagev1.Job {
+	t.Helper()
+	ctx := context.Background()
+	j, err := db.Jobs().Create(ctx, NewJob("k", target, "", nil, nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	running, err := db.Jobs().Transition(ctx, j.GetId(), meta.JobStart, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.mu.Lock()
+	r.latest[j.GetId()] = running
+	r.mu.Unlock()
+	return running
+}
+
 // TestWatchSeesTheEnd: a watcher always gets a job's end. The end reaches
 // a watcher whose queue is full of progress updates (the oldest is
 // dropped for it), and a record that has ended wins over the runner's
@@ -522,19 +542,8 @@ func TestWatchSeesTheEnd(t *testing.T) {
 		t.Fatalf("last update queued for a slow watcher: %v, want the end", last)
 	}
 
-	// The record ends while the live copy still says Running. (The job
-	// is written as a record only: the runner does not run it.)
-	j, err := db.Jobs().Create(ctx, NewJob("k", "t1", "", nil, nil))
-	if err != nil {
-		t.Fatal(err)
-	}
-	running, err := db.Jobs().Transition(ctx, j.GetId(), meta.JobStart, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	r.mu.Lock()
-	r.latest[j.GetId()] = running
-	r.mu.Unlock()
+	// The record ends while the live copy still says Running.
+	j := heldRunning(t, db, r, "t1")
 	wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	seen := make(chan *stowagev1.Job, 8)
@@ -560,17 +569,7 @@ func TestWatchSeesTheEnd(t *testing.T) {
 
 	// A watcher that arrives after the end was published, while the
 	// runner still holds the job: the live copy says how it ended.
-	j2, err := db.Jobs().Create(ctx, NewJob("k", "t2", "", nil, nil))
-	if err != nil {
-		t.Fatal(err)
-	}
-	running2, err := db.Jobs().Transition(ctx, j2.GetId(), meta.JobStart, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	r.mu.Lock()
-	r.latest[j2.GetId()] = running2
-	r.mu.Unlock()
+	j2 := heldRunning(t, db, r, "t2")
 	ended, err := db.Jobs().Transition(ctx, j2.GetId(), meta.JobSucceed, nil)
 	if err != nil {
 		t.Fatal(err)
