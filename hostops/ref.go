@@ -48,3 +48,19 @@ func ParseRef(u drivers.URI) (Ref, bool, error) {
 	}
 	return Ref{Store: store, Key: key}, true, nil
 }
+
+// WriteGrant splits the URI of a write Access a driver granted a host into
+// what a copy or restore request names: an object of a store the host
+// serves (dest, for store:// URIs), or else a URI the host writes into in
+// place (destURI: an export of an RBD image, a LUN), all zeroes before
+// when the grant says so (isZero).
+func WriteGrant(acc drivers.Access) (dest Ref, destURI drivers.URI, isZero bool, err error) {
+	ref, ok, err := ParseRef(acc.URI)
+	switch {
+	case err != nil:
+		return Ref{}, "", false, err
+	case ok:
+		return ref, "", false, nil
+	}
+	return Ref{}, acc.URI, acc.Zeroed, nil
+}

@@ -143,16 +143,8 @@ func (m *Mover) Copy(ctx context.Context, mv Move, progress drivers.Progress) (d
 		}
 	}()
 	req := hostops.CopyRequest{Source: src.URI, SourceFormat: srcFormat, Format: mv.Dst.Format, Flatten: mv.Flatten}
-	ref, ok, err := hostops.ParseRef(dst.URI)
-	switch {
-	case err != nil:
+	if req.Dest, req.DestURI, req.DestIsZero, err = hostops.WriteGrant(dst); err != nil {
 		return drivers.ObjectInfo{}, err
-	case ok:
-		req.Dest = ref
-	default:
-		// A writable URI the driver granted this host (a LUN): the host
-		// writes into it.
-		req.DestURI, req.DestIsZero = dst.URI, dst.Zeroed
 	}
 	if mv.Backing != nil {
 		release, err := m.rebaseOnto(ctx, dd, ch.HostID, *mv.Backing, &req)

@@ -214,16 +214,8 @@ func (s *Service) restore(ctx context.Context, prefer string, src *stowagev1.Dat
 		defer func() { _ = d.RevokeAccess(context.WithoutCancel(ctx), dst, writer, acc) }()
 	}
 	req := hostops.RestoreRequest{Chunks: hostops.ChunkStore{URI: ba.Chunks, Secret: ba.Secret}, Manifest: ba.Manifest, Format: dst.Format}
-	ref, ok, err := hostops.ParseRef(acc.URI)
-	switch {
-	case err != nil:
+	if req.Dest, req.DestURI, req.DestIsZero, err = hostops.WriteGrant(acc); err != nil {
 		return drivers.ObjectInfo{}, err
-	case ok:
-		req.Dest = ref
-	default:
-		// A writable URI the driver granted this host (an RBD image's
-		// export): written in place.
-		req.DestURI, req.DestIsZero = acc.URI, acc.Zeroed
 	}
 	ii, err := ch.Endpoint.RestoreImage(ctx, req, progress)
 	if err != nil {
