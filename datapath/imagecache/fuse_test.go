@@ -388,6 +388,7 @@ func TestMountOpenWhileLazyOpenHeld(t *testing.T) {
 	if err := lazy.Close(); err != nil {
 		t.Fatal(err)
 	}
+	waitReleased(t, m, "a.raw")
 	before := m.Reads()
 	_ = os.WriteFile("/proc/sys/vm/drop_caches", []byte("1"), 0)
 	readAll("open after the lazy open was closed")
@@ -461,6 +462,7 @@ func TestMountCounters(t *testing.T) {
 	}
 	waitComplete(t, tm)
 	f.Close() // passthrough only once no open reads through this process
+	waitReleased(t, m, "t.raw")
 	f2, err := os.Open(filepath.Join(m.Dir(), "t.raw"))
 	if err != nil {
 		t.Fatal(err)
@@ -480,5 +482,31 @@ func TestMountCounters(t *testing.T) {
 	}
 	if got := m.Counters(); got.HitBytes-before.HitBytes != 4096 || got.MissBytes != before.MissBytes {
 		t.Fatalf("read of the complete template: %+v then %+v, want 4096 more hit bytes", before, got)
+	}
+}
+
+// waitReleased waits until the daemon has seen the RELEASE of every
+// cached-mode open of a template. close(2) returns before the kernel sends
+// RELEASE (it is asynchronous for a non-block FUSE mount), and an open
+// that arrives in between is, rightly, not a passthrough one.
+func waitReleased(t *testing.T, m *Mount, id string) {
+	t.Helper()
+	ch := m.root.GetChild(id)
+	if ch == nil {
+		t.Fatalf("no inode for %s", id)
+	}
+	n := ch.Operations().(*fileNode)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		n.omu.Lock()
+		cached := n.cached
+		n.omu.Unlock()
+		if cached == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: %d cached-mode opens still held 10 s after their close", id, cached)
+		}
+		time.Sleep(5 * time.Millisecond)
 	}
 }
