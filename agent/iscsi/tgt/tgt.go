@@ -3,9 +3,7 @@ package tgt
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
 	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -125,6 +123,16 @@ func (m *Manager) lock(ctx context.Context) (unlock func(), err error) {
 
 // Targets lists the targets of the tgtd.
 func (m *Manager) Targets(ctx context.Context) ([]Target, error) {
+	ts, err := m.targets(ctx)
+	for i := range ts {
+		ts[i].Accounts = slices.DeleteFunc(ts[i].Accounts, func(u string) bool { return u == guardUser })
+	}
+	return ts, err
+}
+
+// targets lists the targets as tgtd has them: bound accounts in tgt's
+// slot order, the guard account included.
+func (m *Manager) targets(ctx context.Context) ([]Target, error) {
 	out, err := m.run(ctx, "show targets", "--op", "show", "--mode", "target")
 	if err != nil {
 		return nil, err
@@ -134,7 +142,9 @@ func (m *Manager) Targets(ctx context.Context) ([]Target, error) {
 
 // Target implements LUNManager.
 func (m *Manager) Target(ctx context.Context, iqn string) (Target, error) {
-	return m.target(ctx, iqn)
+	t, err := m.target(ctx, iqn)
+	t.Accounts = slices.DeleteFunc(t.Accounts, func(u string) bool { return u == guardUser })
+	return t, err
 }
 
 // Logout implements LUNManager: tgtadm --op delete --mode conn for each
@@ -179,9 +189,10 @@ func (m *Manager) Logout(ctx context.Context, iqn, initiator string) (int, error
 	return closed, nil
 }
 
-// target returns the target named iqn, or ErrNotFound.
+// target returns the target named iqn as tgtd has it (see targets), or
+// ErrNotFound.
 func (m *Manager) target(ctx context.Context, iqn string) (Target, error) {
-	ts, err := m.Targets(ctx)
+	ts, err := m.targets(ctx)
 	if err != nil {
 		return Target{}, err
 	}
@@ -426,168 +437,6 @@ func (m *Manager) acl(ctx context.Context, op, iqn, initiator string) error {
 		return err
 	}
 	m.log.InfoContext(ctx, "iscsi acl changed", "op", op, "iqn", iqn, "initiator", initiator)
-	return nil
-}
-
-// SetCHAP implements LUNManager. tgt keeps accounts per daemon, bound to
-// targets; an account of the same user already bound elsewhere is shared
-// (one CHAP user per host, bound to every target the host may reach). tgt
-// cannot show or check a secret, so an existing account is replaced: bound
-// to a placeholder account with a random secret first, so that no target
-// is left without CHAP while it is replaced, then re-created and re-bound
-// where it was. The secret is in tgtadm's argv while it runs (see the
-// package doc); it never reaches a log or an error.
-func (m *Manager) SetCHAP(ctx context.Context, iqn, user, secret string) error {
-	if err := checkName("chap user", user); err != nil {
-		return err
-	}
-	if secret == "" || strings.ContainsAny(secret, "\x00\n") {
-		return fmt.Errorf("iscsi chap user %s: the secret is empty or has a NUL or newline: %w", user, errdefs.ErrInvalid)
-	}
-	unlock, err := m.lock(ctx)
-	if err != nil {
-		return err
-	}
-	defer unlock()
-	ts, err := m.Targets(ctx)
-	if err != nil {
-		return err
-	}
-	var target *Target
-	var boundTo []Target
-	for i, t := range ts {
-		if t.IQN == iqn {
-			target = &ts[i]
-		}
-		if slices.Contains(t.Accounts, user) {
-			boundTo = append(boundTo, t)
-		}
-	}
-	if target == nil {
-		return fmt.Errorf("iscsi target %s: %w", iqn, errdefs.ErrNotFound)
-	}
-	exists, err := m.accountExists(ctx, user)
-	if err != nil {
-		return err
-	}
-	sum := sha256.Sum256([]byte(secret))
-	if exists && m.set[user] == sum && slices.ContainsFunc(boundTo, func(t Target) bool { return t.IQN == iqn }) {
-		return nil // this secret, set here, and bound: nothing to change
-	}
-	// The rest must not stop half-way: a cancelled ctx would leave
-	// targets bound to the placeholder only.
-	ctx = context.WithoutCancel(ctx)
-	delete(m.set, user) // until it is set again below
-	if exists {
-		if err := m.replaceAccount(ctx, user, secret, boundTo); err != nil {
-			return err
-		}
-	} else if err := m.newAccount(ctx, user, secret); err != nil {
-		return err
-	}
-	if !slices.ContainsFunc(boundTo, func(t Target) bool { return t.IQN == iqn }) {
-		if err := m.bindAccount(ctx, *target, user); err != nil {
-			return err
-		}
-	}
-	m.set[user] = sum
-	m.log.InfoContext(ctx, "iscsi chap set", "iqn", iqn, "user", user, "replaced", exists)
-	return nil
-}
-
-func (m *Manager) replaceAccount(ctx context.Context, user, secret string, boundTo []Target) error {
-	var b [12]byte
-	rand.Read(b[:])
-	hold := "stowage-hold-" + hex.EncodeToString(b[:4])
-	if err := m.newAccount(ctx, hold, hex.EncodeToString(b[4:])); err != nil {
-		return err
-	}
-	defer func() {
-		if _, err := m.run(ctx, "delete placeholder account", "--op", "delete", "--mode", "account", "--user", hold); err != nil {
-			m.log.WarnContext(ctx, "iscsi placeholder account left behind", "user", hold, "err", err)
-		}
-	}()
-	for _, t := range boundTo {
-		if err := m.bindAccount(ctx, t, hold); err != nil {
-			return err
-		}
-	}
-	// Deleting an account unbinds it from every target.
-	if _, err := m.run(ctx, "delete account "+user, "--op", "delete", "--mode", "account", "--user", user); err != nil && !errdefs.IsNotFound(err) {
-		return err
-	}
-	if err := m.newAccount(ctx, user, secret); err != nil {
-		return err
-	}
-	for _, t := range boundTo {
-		if err := m.bindAccount(ctx, t, user); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
-func (m *Manager) newAccount(ctx context.Context, user, secret string) error {
-	_, err := m.runSecret(ctx, "new account "+user, secret, "--op", "new", "--mode", "account", "--user", user, "--password", secret)
-	return err
-}
-
-func (m *Manager) bindAccount(ctx context.Context, t Target, user string) error {
-	_, err := m.run(ctx, "bind account "+user+" to "+t.IQN, "--op", "bind", "--mode", "account", "--tid", strconv.Itoa(t.TID), "--user", user)
-	if errdefs.IsAlreadyExists(err) {
-		return nil
-	}
-	return err
-}
-
-func (m *Manager) accountExists(ctx context.Context, user string) (bool, error) {
-	out, err := m.run(ctx, "show accounts", "--op", "show", "--mode", "account")
-	if err != nil {
-		return false, err
-	}
-	// "Account list:\n    u1\n    u2 (outgoing)\n"
-	for _, l := range strings.Split(out, "\n") {
-		if strings.HasPrefix(l, " ") && strings.TrimSuffix(strings.TrimSpace(l), " (outgoing)") == user {
-			return true, nil
-		}
-	}
-	return false, nil
-}
-
-// RemoveCHAP implements LUNManager. The account is deleted once no target
-// has it bound.
-func (m *Manager) RemoveCHAP(ctx context.Context, iqn, user string) error {
-	unlock, err := m.lock(ctx)
-	if err != nil {
-		return err
-	}
-	defer unlock()
-	ts, err := m.Targets(ctx)
-	if err != nil {
-		return err
-	}
-	stillBound := false
-	for _, t := range ts {
-		if !slices.Contains(t.Accounts, user) {
-			continue
-		}
-		if t.IQN != iqn {
-			stillBound = true
-			continue
-		}
-		_, err := m.run(ctx, "unbind account "+user+" from "+iqn, "--op", "unbind", "--mode", "account", "--tid", strconv.Itoa(t.TID), "--user", user)
-		if err != nil && !errdefs.IsNotFound(err) {
-			return err
-		}
-	}
-	if !stillBound {
-		delete(m.set, user)
-		_, err := m.run(ctx, "delete account "+user, "--op", "delete", "--mode", "account", "--user", user)
-		if err != nil && !errdefs.IsNotFound(err) {
-			return err
-		}
-	}
-	m.log.InfoContext(ctx, "iscsi chap removed", "iqn", iqn, "user", user, "account_deleted", !stillBound)
 	return nil
 }
 

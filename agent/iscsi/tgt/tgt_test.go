@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -352,5 +353,172 @@ func TestLogout(t *testing.T) {
 	}
 	if closed, err := m.Logout(ctx, iqn, initiator); err != nil || closed != 0 {
 		t.Fatalf("Logout again: %d, %v", closed, err)
+	}
+}
+
+// TestCHAPChurnLeavesNoHole: tgt keeps a target's bound accounts in an
+// array it walks up to their count. Unbinding one that is not the last
+// (a host leaving a store's scope, a secret rotated: tgtadm's account
+// delete unbinds it everywhere) left a zero in the middle: the next
+// "show target" dereferenced it and tgtd died (segfault, seen in CI), and
+// the account past the end could no longer log in. Every change below is
+// followed by a show and by a login of every account still bound.
+func TestCHAPChurnLeavesNoHole(t *testing.T) {
+	tgttest.Require(t, "iscsi-readcapacity16")
+	portal, ctl := tgttest.Start(t)
+	ctx := t.Context()
+	m := tgt.New(tgt.WithControlPort(ctl), tgt.WithLogger(slog.New(slog.NewTextHandler(t.Output(), nil))))
+	const other = iqn + "2"
+	var n int
+	for _, target := range []string{iqn, other} {
+		if err := m.EnsureTarget(ctx, target); err != nil {
+			t.Fatal(err)
+		}
+		var err error
+		if n, err = m.AddLUN(ctx, target, sparseFile(t, "a.img", 4<<20)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	secrets := map[string]string{}
+	host := func(i int) (init, user string) {
+		return fmt.Sprintf("iqn.2026-12.io.stowage:host%d", i), fmt.Sprintf("user%d", i)
+	}
+	bind := func(target string, i int) {
+		t.Helper()
+		init, user := host(i)
+		if err := m.Allow(ctx, target, init); err != nil {
+			t.Fatal(err)
+		}
+		if _, ok := secrets[user]; !ok {
+			secrets[user] = fmt.Sprintf("secret-%d-0123456789", i)
+		}
+		if err := m.SetCHAP(ctx, target, user, secrets[user]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// check shows the targets (what crashed tgtd) and logs in with every
+	// host of want: each must get in with its secret, and no other.
+	check := func(step, target string, want ...int) {
+		t.Helper()
+		tg, err := m.Target(ctx, target)
+		if err != nil {
+			t.Fatalf("%s: %v", step, err)
+		}
+		var users []string
+		for _, i := range want {
+			_, u := host(i)
+			users = append(users, u)
+		}
+		if !slices.Equal(slices.Sorted(slices.Values(tg.Accounts)), users) {
+			t.Fatalf("%s: %s has accounts %q, want %q", step, target, tg.Accounts, users)
+		}
+		for _, i := range want {
+			init, user := host(i)
+			if _, err := readCapacity(ctx, portal, target, n, init, user, secrets[user]); err != nil {
+				t.Fatalf("%s: %s cannot log in to %s: %v", step, user, target, err)
+			}
+			if _, err := readCapacity(ctx, portal, target, n, init, "", ""); err == nil {
+				t.Fatalf("%s: %s logged in to %s without CHAP", step, init, target)
+			}
+		}
+	}
+	for i := 1; i <= 4; i++ {
+		bind(iqn, i)
+	}
+	bind(other, 2)
+	bind(other, 3)
+	check("four bound", iqn, 1, 2, 3, 4)
+
+	// A middle account leaves one target, stays on the other.
+	if err := m.RemoveCHAP(ctx, iqn, "user2"); err != nil {
+		t.Fatal(err)
+	}
+	check("user2 unbound", iqn, 1, 3, 4)
+	check("user2 unbound elsewhere", other, 2, 3)
+	// The first account goes (deleted: bound nowhere else).
+	if err := m.RemoveCHAP(ctx, iqn, "user1"); err != nil {
+		t.Fatal(err)
+	}
+	check("user1 removed", iqn, 3, 4)
+	// A secret bound to both targets is rotated (the account is replaced
+	// in tgt, which unbinds it everywhere).
+	secrets["user3"] = "secret-3-rotated-000"
+	if err := m.SetCHAP(ctx, iqn, "user3", secrets["user3"]); err != nil {
+		t.Fatal(err)
+	}
+	check("user3 rotated", iqn, 3, 4)
+	check("user3 rotated elsewhere", other, 2, 3)
+	if _, err := readCapacity(ctx, portal, iqn, n, "iqn.2026-12.io.stowage:host3", "user3", "secret-3-0123456789"); err == nil {
+		t.Fatal("the old secret of user3 still logs in")
+	}
+	bind(iqn, 5)
+	check("user5 added", iqn, 3, 4, 5)
+	for _, u := range []string{"user3", "user4", "user5"} {
+		if err := m.RemoveCHAP(ctx, iqn, u); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// No account left: the target asks for no CHAP again.
+	if tg, err := m.Target(ctx, iqn); err != nil || len(tg.Accounts) != 0 {
+		t.Fatalf("all removed: %+v, %v", tg.Accounts, err)
+	}
+	if _, err := readCapacity(ctx, portal, iqn, n, "iqn.2026-12.io.stowage:host3", "", ""); err != nil {
+		t.Fatalf("no account left, login without CHAP: %v", err)
+	}
+	check("the other target at the end", other, 2, 3)
+}
+
+// TestCHAPGuardAddedToOldTarget: a target whose accounts were bound
+// without the guard in front (by an older agent, or by hand) gets it
+// before its first account is pulled; the others still log in.
+func TestCHAPGuardAddedToOldTarget(t *testing.T) {
+	tgttest.Require(t, "iscsi-readcapacity16")
+	portal, ctl := tgttest.Start(t)
+	ctx := t.Context()
+	m := tgt.New(tgt.WithControlPort(ctl), tgt.WithLogger(slog.New(slog.NewTextHandler(t.Output(), nil))))
+	if err := m.EnsureTarget(ctx, iqn); err != nil {
+		t.Fatal(err)
+	}
+	n, err := m.AddLUN(ctx, iqn, sparseFile(t, "a.img", 4<<20))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tgtadm := func(args ...string) string {
+		t.Helper()
+		out, err := exec.CommandContext(ctx, "tgtadm", append([]string{"-C", strconv.Itoa(ctl), "--lld", "iscsi"}, args...)...).CombinedOutput()
+		if err != nil {
+			t.Fatalf("tgtadm %q: %v: %s", args, err, out)
+		}
+		return string(out)
+	}
+	for _, u := range []string{"old1", "old2", "old3"} {
+		tgtadm("--op", "new", "--mode", "account", "--user", u, "--password", u+"-secret-0123")
+		tgtadm("--op", "bind", "--mode", "account", "--tid", "1", "--user", u)
+	}
+	if err := m.Allow(ctx, iqn, initiator); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.RemoveCHAP(ctx, iqn, "old1"); err != nil {
+		t.Fatal(err)
+	}
+	out := tgtadm("--op", "show", "--mode", "target")
+	_, accounts, _ := strings.Cut(out, "Account information:\n")
+	accounts, _, _ = strings.Cut(accounts, "ACL information:")
+	if got := strings.Fields(accounts); !slices.Equal(got, []string{"stowage-guard", "old2", "old3"}) {
+		t.Fatalf("tgt's accounts in slot order: %q, want the guard first, then old2, old3", got)
+	}
+	if tg, err := m.Target(ctx, iqn); err != nil || !slices.Equal(tg.Accounts, []string{"old2", "old3"}) {
+		t.Fatalf("Target: %+v, %v; want old2, old3 (the guard left out)", tg.Accounts, err)
+	}
+	for _, u := range []string{"old2", "old3"} {
+		if _, err := readCapacity(ctx, portal, iqn, n, initiator, u, u+"-secret-0123"); err != nil {
+			t.Fatalf("%s after old1 was pulled: %v", u, err)
+		}
+	}
+	if _, err := readCapacity(ctx, portal, iqn, n, initiator, "old1", "old1-secret-0123"); err == nil {
+		t.Fatal("old1 still logs in")
+	}
+	if err := m.SetCHAP(ctx, iqn, "stowage-guard", "x-secret-0123456"); !errdefs.IsInvalid(err) {
+		t.Fatalf("SetCHAP of the guard's name: %v, want invalid", err)
 	}
 }
