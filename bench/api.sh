@@ -15,8 +15,7 @@
 # + sync for a linked clone, `qemu-img convert` + sync for a full copy.
 # The template: a 1 GiB-virtual qcow2 with 16 MiB of data, registered from
 # a file:// URL.
-# Migration between two agents needs a controller and two agents (separate
-# processes and stores): TODO, reported as a row that says so.
+# Migration between two agents is bench/migrate.sh (section g).
 # Run by bench/run.sh. Env: BIN, OUT_TSV, API_N=100 (creates of each kind),
 #      API_SNAP_N=20 (snapshots of one volume, and reverts),
 #      WORKDIR=/tmp/stowage-bench/api (wiped)
@@ -134,6 +133,4 @@ if [[ -n $TPATH ]]; then
     peer "qemu-img convert -O raw (+ sync): full copy" "rm -f $PD/f.raw" \
         "qemu-img convert -f qcow2 -O raw $TPATH $PD/f.raw && sync $PD/f.raw"
 fi
-printf 'l\t%s\tms\t-\t-\t-\t%s\n' "migration between two agents" \
-    "TODO: not measured here (needs a controller and two agents as separate processes); its bytes on the wire are counted by TestMigrationOverNBD (cmd/stowage)" >>"$OUT_TSV"
 log "done"

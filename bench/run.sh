@@ -23,6 +23,9 @@
 #   zero   bench/extra.sh x: a zero-filled (allocated) dense image
 #   api    bench/api.sh (l): `stowage dev` and the CLI: p50/p99 of create
 #          linked / lazy / full, snapshot, revert
+#   migrate bench/migrate.sh (g): a volume (10% data) migrated between two
+#          agents (separate processes, a store each) vs the same bytes over
+#          NBD by hand: qemu-nbd + nbdcopy, qemu-img convert -W -m 8
 #   modes  bench/extra.sh m: stowage's own write/read modes (not default)
 #   scale  bench/scale.sh (s): one controller, 1,000 simulated agents, 100,000
 #          volumes, on Badger and etcd: heartbeats, CPU/RSS, list and plan
@@ -34,7 +37,7 @@
 # never because of a ratio.
 #
 # Env: SIZE_MIB=1024 (256..4096; or SIZE_GIB=) RUNS=3 SETTLE=3 FIX_MIB=1024
-#      API_N=100 (creates per kind; snapshots and reverts: 20) SECTIONS="copy nbd qcow2 fuse real zero api"
+#      API_N=100 (creates per kind; snapshots and reverts: 20) SECTIONS="copy nbd qcow2 fuse real zero api migrate"
 #      STOWAGE_BIN= (use this binary instead of building ./cmd/stowage)
 #      PEERS=bench/peers.sh WORKDIR=/tmp/stowage-bench OUTDIR=bench/results
 set -uo pipefail
@@ -47,7 +50,7 @@ fi
 if [[ -n ${SIZE_GIB:-} && -z ${SIZE_MIB:-} ]]; then SIZE_MIB=$((SIZE_GIB * 1024)); fi
 export SIZE_MIB=${SIZE_MIB:-1024} RUNS=${RUNS:-3} SETTLE=${SETTLE:-3}
 export FIX_MIB=${FIX_MIB:-1024} API_N=${API_N:-100}
-SECTIONS=${SECTIONS:-"copy nbd qcow2 fuse real zero api"}
+SECTIONS=${SECTIONS:-"copy nbd qcow2 fuse real zero api migrate"}
 PEERS=${PEERS:-$REPO/bench/peers.sh}
 W=${WORKDIR:-/tmp/stowage-bench}
 OUTDIR=${OUTDIR:-$REPO/bench/results}
@@ -112,6 +115,7 @@ if ((${#XS[@]})); then
         WORKDIR="$W/extra" bash "$REPO/bench/extra.sh"
 fi
 want api && section api "$BASE.api.tsv" env BIN="$BIN" OUT_TSV="$BASE.api.tsv" WORKDIR="$W/api" bash "$REPO/bench/api.sh"
+want migrate && section migrate "$BASE.migrate.tsv" env BIN="$BIN" OUT_TSV="$BASE.migrate.tsv" WORKDIR="$W/migrate" bash "$REPO/bench/migrate.sh"
 want scale && section scale "$BASE.scale.tsv" env BIN="$BIN" OUT_TSV="$BASE.scale.tsv" WORKDIR="$W/scale" SMOKE="$SMOKE" bash "$REPO/bench/scale.sh"
 
 if ! grep -q '^- kernel' "$FACTS"; then

@@ -203,6 +203,9 @@ func scenarios() []scenario {
 			trim: func(n string) string { _, t, _ := strings.Cut(n, "): "); return t }, targets: []string{"qemu-img convert -n"}, min: 1.0},
 		{title: "sparse image (10% data) into an iSCSI LUN (bench/iscsi.sh)", sec: "i", match: prefix("sparse into a LUN"),
 			trim: func(n string) string { _, t, _ := strings.Cut(n, "): "); return t }, targets: []string{"qemu-img convert -n"}, min: 1.0},
+		// bench/migrate.sh: a volume migrated between two agents
+		{title: "volume migrated between two agents (10% data), cold source", sec: "g", match: all, trim: same,
+			targets: []string{"nbdcopy", "qemu-img convert -W -m 8"}, min: 1.0},
 		// bench/rbd.sh: a Ceph RBD primary store
 		{title: "rbd: volume from a cached template, RBD clone vs directory qcow2 linked clone, p50", sec: "k", match: suffix(", p50"),
 			trim: trimSuffix(", p50"), targets: []string{"directory store linked clone"}, unit: "ms"},
