@@ -171,13 +171,17 @@ func runController(ctx context.Context, cfg controllerConfig, log *slog.Logger, 
 		return fmt.Errorf("--capacity-*-threshold: %w", err)
 	}
 	hostSvc.SetStoreWatcher(storeSvc)
-	reg.MustRegister(newStateCollector(db, storeSvc.Effective), newCopyEngineCollector(hostSvc.CopyEngine))
+	reg.MustRegister(newStateCollector(db, storeSvc), newCopyEngineCollector(hostSvc.CopyEngine))
 
 	runner := jobs.New(db, log.With("component", "jobs"))
 	reg.MustRegister(runner.Collectors()...)
 	runner.SetMaxJobsPerCaller(cfg.maxJobsPerCaller)
 	// A job resumed in Cancelling cancels its steps' tasks on their agents.
 	runner.SetTaskCanceller(selector)
+	// A job's capacity reservation ends with the job, and still counts
+	// until a heartbeat sent after it has reported the store's free space.
+	runner.SetOnEnd(storeSvc.Release)
+	storeSvc.SetReservationGrace(2 * cfg.heartbeatInterval)
 	// API tokens: the first start writes an admin token (DATA/admin.token)
 	// and a client configuration with it (DATA/admin.json), both 0600.
 	tokens := apiauth.NewTokens(db)

@@ -214,7 +214,7 @@ func describedMetrics(t *testing.T) map[string]bool {
 		t.Fatal(err)
 	}
 	defer db.Close()
-	cs := []prometheus.Collector{newStateCollector(db, datastore.New(db, nil, slog.New(slog.DiscardHandler)).Effective),
+	cs := []prometheus.Collector{newStateCollector(db, datastore.New(db, nil, slog.New(slog.DiscardHandler))),
 		newCopyEngineCollector(func() map[string]*stowagev1.CopyEngineCounters { return nil })}
 	cs = append(cs, orphans.New(db, nil, 0, slog.New(slog.DiscardHandler)).Collectors()...)
 	cs = append(cs, jobs.New(db, slog.New(slog.DiscardHandler)).Collectors()...)

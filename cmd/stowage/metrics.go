@@ -23,9 +23,10 @@ type stateCollector struct {
 
 	storeCapacity *prometheus.Desc
 	storeUsed     *prometheus.Desc
-	// storeThreshold and thresholds: the capacity thresholds in force.
+	storeReserved *prometheus.Desc
+	// storeThreshold and policy: the capacity thresholds in force.
 	storeThreshold *prometheus.Desc
-	thresholds     func(*stowagev1.DataStore) datastore.Thresholds
+	policy         storePolicy
 	jobs           *prometheus.Desc
 	jobOldest      *prometheus.Desc
 	jobRate        *prometheus.Desc
@@ -41,10 +42,17 @@ var unfinishedJobStates = []stowagev1.JobState{
 	stowagev1.JobState_JOB_STATE_CANCELLING,
 }
 
-func newStateCollector(db *meta.DB, thresholds func(*stowagev1.DataStore) datastore.Thresholds) *stateCollector {
+// storePolicy is what the collector reads of placement: the thresholds in
+// force on a store and what jobs in flight reserved there.
+type storePolicy interface {
+	Effective(st *stowagev1.DataStore) datastore.Thresholds
+	Reserved(storeID string) int64
+}
+
+func newStateCollector(db *meta.DB, policy storePolicy) *stateCollector {
 	return &stateCollector{
-		db:         db,
-		thresholds: thresholds,
+		db:     db,
+		policy: policy,
 		storeThreshold: prometheus.NewDesc("stowage_store_capacity_threshold_ratio",
 			"Capacity thresholds in force on each data store, as fractions of its capacity: at threshold=\"disable\" allocation stops, above threshold=\"notify\" an alert fires.", []string{"store", "role", "threshold"}, nil),
 		stores: prometheus.NewDesc("stowage_stores", "Data stores by role and state.", []string{"role", "state"}, nil),
@@ -62,6 +70,8 @@ func newStateCollector(db *meta.DB, thresholds func(*stowagev1.DataStore) datast
 			"Capacity of each data store in bytes, as last reported by its driver (0 when the driver does not know).", []string{"store", "role"}, nil),
 		storeUsed: prometheus.NewDesc("stowage_store_used_bytes",
 			"Bytes used on each data store, as last reported by its driver.", []string{"store", "role"}, nil),
+		storeReserved: prometheus.NewDesc("stowage_store_reserved_bytes",
+			"Bytes jobs in flight may still write to each data store (and those that ended a few heartbeats ago), counted as used by placement; the leading controller's.", []string{"store", "role"}, nil),
 		jobs: prometheus.NewDesc("stowage_jobs_unfinished",
 			"Unfinished jobs (Pending, Running, Cancelling) by kind and state.", []string{"kind", "state"}, nil),
 		jobOldest: prometheus.NewDesc("stowage_jobs_unfinished_oldest_update_age_seconds",
@@ -84,6 +94,7 @@ func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- c.cacheCorrupt
 	ch <- c.storeCapacity
 	ch <- c.storeUsed
+	ch <- c.storeReserved
 	ch <- c.storeThreshold
 	ch <- c.jobs
 	ch <- c.jobOldest
@@ -107,7 +118,8 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 			role := meta.StoreRoleName(s.GetRole())
 			ch <- prometheus.MustNewConstMetric(c.storeCapacity, prometheus.GaugeValue, float64(s.GetCapacityBytes()), s.GetName(), role)
 			ch <- prometheus.MustNewConstMetric(c.storeUsed, prometheus.GaugeValue, float64(s.GetUsedBytes()), s.GetName(), role)
-			t := c.thresholds(s)
+			ch <- prometheus.MustNewConstMetric(c.storeReserved, prometheus.GaugeValue, float64(c.policy.Reserved(s.GetId())), s.GetName(), role)
+			t := c.policy.Effective(s)
 			ch <- prometheus.MustNewConstMetric(c.storeThreshold, prometheus.GaugeValue, t.Disable, s.GetName(), role, "disable")
 			ch <- prometheus.MustNewConstMetric(c.storeThreshold, prometheus.GaugeValue, t.Notify, s.GetName(), role, "notify")
 		}

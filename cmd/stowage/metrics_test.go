@@ -56,7 +56,7 @@ func TestStateCollectorCapacityAndJobs(t *testing.T) {
 		t.Fatal(err)
 	}
 	now := j1.GetUpdatedAt().AsTime().Add(40 * time.Minute)
-	c := newStateCollector(db, datastore.New(db, nil, slog.New(slog.DiscardHandler)).Effective)
+	c := newStateCollector(db, datastore.New(db, nil, slog.New(slog.DiscardHandler)))
 	c.now = func() time.Time { return now }
 	reg := prometheus.NewPedanticRegistry()
 	reg.MustRegister(c)

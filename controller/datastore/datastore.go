@@ -42,11 +42,13 @@ type Service struct {
 	// defaults are the capacity thresholds of stores without their own
 	// (placement.go).
 	defaults Thresholds
+	// ledger holds what jobs in flight reserved on stores (reserve.go).
+	ledger *ledger
 }
 
 // New returns the store service.
 func New(db *meta.DB, providers *drivers.Registry, log *slog.Logger) *Service {
-	return &Service{db: db, providers: providers, log: log, DefaultZone: "default", hostsChanged: make(chan struct{}, 1), defaults: DefaultThresholds}
+	return &Service{db: db, providers: providers, log: log, DefaultZone: "default", hostsChanged: make(chan struct{}, 1), defaults: DefaultThresholds, ledger: newLedger()}
 }
 
 // HostsChanged says the set of registered hosts, or where one of them is

@@ -105,8 +105,16 @@ func lacking(st *stowagev1.DataStore, want []string) []string {
 }
 
 // refusal says why st cannot take a new object of need bytes asking for
-// tags, or "" when it can. State is checked by the callers.
+// tags, or "" when it can. What jobs in flight reserved on st counts as
+// used (reserve.go). State is checked by the callers.
 func (s *Service) refusal(st *stowagev1.DataStore, need int64, tags []string) string {
+	s.ledger.mu.Lock()
+	defer s.ledger.mu.Unlock()
+	return s.refusalLocked(st, need, tags)
+}
+
+// refusalLocked is refusal with the ledger's lock held.
+func (s *Service) refusalLocked(st *stowagev1.DataStore, need int64, tags []string) string {
 	if miss := lacking(st, tags); len(miss) > 0 {
 		return fmt.Sprintf("lacks storage tag %s (has %s)", strings.Join(miss, ", "), tagList(st.GetTags()))
 	}
@@ -115,18 +123,28 @@ func (s *Service) refusal(st *stowagev1.DataStore, need int64, tags []string) st
 		return "" // a store that reports no capacity cannot be judged
 	}
 	t := s.Effective(st)
-	used := capacity - st.GetAvailableBytes()
+	reserved := s.ledger.reserved(st.GetId())
+	held := ""
+	if reserved > 0 {
+		held = fmt.Sprintf(" (%d bytes of it reserved by jobs in flight)", reserved)
+	}
+	used := capacity - st.GetAvailableBytes() + reserved
 	after := float64(used+max(need, 0)) / float64(capacity)
 	if after >= t.Disable {
 		if need > 0 {
-			return fmt.Sprintf("would be %.1f%% full with %d more bytes, at or above its disable threshold %.0f%%", after*100, need, t.Disable*100)
+			return fmt.Sprintf("would be %.1f%% full with %d more bytes%s, at or above its disable threshold %.0f%%", after*100, need, held, t.Disable*100)
 		}
-		return fmt.Sprintf("%.1f%% full, at or above its disable threshold %.0f%%", after*100, t.Disable*100)
+		return fmt.Sprintf("%.1f%% full%s, at or above its disable threshold %.0f%%", after*100, held, t.Disable*100)
 	}
-	if need > 0 && st.GetAvailableBytes() > 0 && st.GetAvailableBytes() < need {
-		return fmt.Sprintf("%d bytes free, %d needed", st.GetAvailableBytes(), need)
+	if free := st.GetAvailableBytes() - reserved; need > 0 && st.GetAvailableBytes() > 0 && free < need {
+		return fmt.Sprintf("%d bytes free%s, %d needed", free, held, need)
 	}
 	return ""
+}
+
+// free is st's free space less what jobs in flight reserved there.
+func (s *Service) free(st *stowagev1.DataStore) int64 {
+	return st.GetAvailableBytes() - s.Reserved(st.GetId())
 }
 
 func tagList(tags []string) string {
@@ -166,7 +184,7 @@ func (s *Service) PickStore(ctx context.Context, role stowagev1.StoreRole, zone 
 			reasons = append(reasons, fmt.Sprintf("store %s skipped: no Up host reaches it", st.GetName()))
 		case why != "":
 			reasons = append(reasons, fmt.Sprintf("store %s skipped: %s", st.GetName(), why))
-		case best == nil || st.GetAvailableBytes() > best.GetAvailableBytes():
+		case best == nil || s.free(st) > s.free(best):
 			best = st
 		}
 	}
@@ -185,7 +203,7 @@ func (s *Service) PickStore(ctx context.Context, role stowagev1.StoreRole, zone 
 	if len(tags) > 0 {
 		with = ", has tags " + strings.Join(tags, ", ")
 	}
-	reasons = append([]string{fmt.Sprintf("store %s: Up%s, below its disable threshold, most free space (%d bytes) of %d %s stores", best.GetName(), with, best.GetAvailableBytes(), len(all), meta.StoreRoleName(role))}, reasons...)
+	reasons = append([]string{fmt.Sprintf("store %s: Up%s, below its disable threshold, most free space (%d bytes, less what jobs in flight reserved) of %d %s stores", best.GetName(), with, s.free(best), len(all), meta.StoreRoleName(role))}, reasons...)
 	return best, reasons, nil
 }
 

@@ -75,8 +75,20 @@ type Runner struct {
 
 	// canceller reaches the agents of a job resumed in Cancelling.
 	canceller TaskCanceller
+	// onEnd is told each job this runner stops running (SetOnEnd).
+	onEnd func(jobID string)
 
 	finished *prometheus.CounterVec
+}
+
+// SetOnEnd sets what is told the id of each job this runner stops running,
+// whatever the reason: it ended, could not start, or the runner is shutting
+// down (a job resumed later runs again). The controller releases the
+// job's capacity reservations with it. Call it before Start.
+func (r *Runner) SetOnEnd(f func(jobID string)) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.onEnd = f
 }
 
 // TaskCanceller passes a cancel on to one host: the controller's endpoint
@@ -227,6 +239,7 @@ func (r *Runner) launch(job *stowagev1.Job) {
 	ctx, cancel := context.WithCancelCause(base)
 	r.running[job.GetId()] = cancel
 	r.latest[job.GetId()] = proto.Clone(job).(*stowagev1.Job)
+	onEnd := r.onEnd
 	r.mu.Unlock()
 	r.wg.Add(1)
 	go func() {
@@ -237,6 +250,9 @@ func (r *Runner) launch(job *stowagev1.Job) {
 			delete(r.running, job.GetId())
 			delete(r.latest, job.GetId())
 			r.mu.Unlock()
+			if onEnd != nil {
+				onEnd(job.GetId())
+			}
 		}()
 		ctx, span := oteltrace.Start(oteltrace.WithParent(ctx, job.GetTraceParent()), "job "+job.GetKind(),
 			attribute.String("stowage.job.id", job.GetId()), attribute.String("stowage.job.state", meta.JobStateName(job.GetState())))

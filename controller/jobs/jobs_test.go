@@ -583,3 +583,57 @@ func TestWatchSeesTheEnd(t *testing.T) {
 		t.Fatalf("watch after the end: %v, want Succeeded", last)
 	}
 }
+
+// TestOnEnd: the end-of-job hook hears of every job the runner stops
+// running, once, whether it succeeded or failed, and only after its
+// Run returned (what it releases was held by that Run).
+func TestOnEnd(t *testing.T) {
+	db := openDB(t, t.TempDir())
+	defer db.Close()
+	r := newRunner(t, db)
+	var mu sync.Mutex
+	ended := map[string]int{}
+	running := map[string]bool{}
+	r.SetOnEnd(func(id string) {
+		mu.Lock()
+		defer mu.Unlock()
+		if running[id] {
+			t.Errorf("job %s: end hook called while its Run runs", id)
+		}
+		ended[id]++
+	})
+	r.Start(context.Background())
+	h := func(err error) *scripted {
+		return &scripted{run: func(_ context.Context, job *stowagev1.Job, _ *Reporter) error {
+			mu.Lock()
+			running[job.GetId()] = true
+			mu.Unlock()
+			time.Sleep(20 * time.Millisecond)
+			mu.Lock()
+			running[job.GetId()] = false
+			mu.Unlock()
+			return err
+		}}
+	}
+	r.Register("ok", h(nil))
+	r.Register("bad", h(fmt.Errorf("no: %w", errdefs.ErrDataLoss)))
+	var ids []string
+	for _, kind := range []string{"ok", "bad", "ok"} {
+		j, _, err := r.Submit(context.Background(), NewJob(kind, "t-"+kind, "", nil, nil), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, j.GetId())
+	}
+	for _, id := range ids {
+		wait(t, r, id)
+	}
+	r.Wait()
+	mu.Lock()
+	defer mu.Unlock()
+	for _, id := range ids {
+		if ended[id] != 1 {
+			t.Errorf("job %s: end hook called %d times, want 1", id, ended[id])
+		}
+	}
+}

@@ -47,6 +47,9 @@ func (h createHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 	if v.GetState() == stowagev1.VolumeState_VOLUME_STATE_READY {
 		return nil
 	}
+	// Admitted when submitted; held again when resumed (the runner's
+	// end-of-job hook releases it).
+	s.stores.Hold(v.GetStoreId(), job.GetId(), job.GetJobParams().GetVolumeCreate().GetReservedBytes())
 	if v.GetState() == stowagev1.VolumeState_VOLUME_STATE_ALLOCATED {
 		if v, err = s.db.Volumes().Transition(ctx, v.GetId(), meta.VolumeCreateRequested, nil); err != nil {
 			return err

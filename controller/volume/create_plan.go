@@ -71,6 +71,12 @@ func (s *Service) Create(ctx context.Context, req *stowagev1.CreateVolumeRequest
 	}
 	job := jobs.NewJob(KindCreate, vol.GetId(), req.GetIdempotencyKey(), p.plan, &stowagev1.JobParams{Kind: &stowagev1.JobParams_VolumeCreate{VolumeCreate: p.params}})
 	vol.BusyJobId = job.GetId()
+	// Admitted and reserved in one step: a create planned meanwhile sees
+	// these bytes as used.
+	if err := s.stores.Reserve(st, job.GetId(), p.check, p.params.GetReservedBytes(), tags); err != nil {
+		return nil, fmt.Errorf("create volume %q: %w", req.GetName(), err)
+	}
+	submitted := job.GetId()
 	job, existing, err := s.jobs.Submit(ctx, job, func(tx *meta.Tx) error {
 		if p.newRef != nil {
 			if _, err := meta.TemplatesOnStore.CreateTx(tx, p.newRef); err != nil && !errdefs.IsAlreadyExists(err) {
@@ -81,9 +87,11 @@ func (s *Service) Create(ctx context.Context, req *stowagev1.CreateVolumeRequest
 		return err
 	})
 	if err != nil {
+		s.stores.Cancel(submitted)
 		return nil, fmt.Errorf("create volume %q: %w", req.GetName(), err)
 	}
 	if existing {
+		s.stores.Cancel(submitted) // the first request's job holds its own
 		vol, _ = s.db.Volumes().Get(ctx, job.GetTargetId())
 	}
 	return &stowagev1.CreateVolumeResponse{Volume: vol, Job: job, Plan: job.GetPlan()}, nil
@@ -97,6 +105,10 @@ type planner struct {
 	newRef *stowagev1.TemplateOnStore
 	// tags are the storage tags the volume asked for (sorted, unique).
 	tags []string
+	// check is what the volume's store was admitted for (see
+	// datastore.Service.Reserve); params.reserved_bytes what the job may
+	// write there.
+	check int64
 }
 
 func (p *planner) step(name, host, reason string) {
@@ -120,6 +132,7 @@ func (p *planner) primary(ctx context.Context, storeID, zone string, need int64)
 		p.plan.Reasons = append(p.plan.Reasons, fmt.Sprintf("store %s: asked for", st.GetName()))
 		return st, nil
 	}
+	p.check = need
 	st, reasons, err := p.s.stores.PickStore(ctx, stowagev1.StoreRole_STORE_ROLE_PRIMARY, zone, need, p.tags...)
 	p.plan.Reasons = append(p.plan.Reasons, reasons...)
 	return st, err
@@ -188,10 +201,13 @@ func (p *planner) fromTemplate(ctx context.Context, req *stowagev1.CreateVolumeR
 	if req.GetSize() != 0 && req.GetSize() < tmpl.GetVirtualSize() {
 		return fmt.Errorf("size %d is smaller than template %s (%d bytes): %w", req.GetSize(), tmpl.GetName(), tmpl.GetVirtualSize(), errdefs.ErrInvalid)
 	}
-	_, imgStore, err := p.s.images.ReadyOn(ctx, tmpl.GetId(), stowagev1.StoreRole_STORE_ROLE_IMAGE)
+	imgRef, imgStore, err := p.s.images.ReadyOn(ctx, tmpl.GetId(), stowagev1.StoreRole_STORE_ROLE_IMAGE)
 	if err != nil {
 		return err
 	}
+	// What a copy of the template writes: about its image file's size
+	// (holes are not written), the virtual size when that is unknown.
+	writes := writesOf(imgRef.GetPhysicalSize(), tmpl.GetVirtualSize())
 	st, err := p.primary(ctx, req.GetStoreId(), req.GetZone(), tmpl.GetVirtualSize())
 	if err != nil {
 		return err
@@ -218,6 +234,9 @@ func (p *planner) fromTemplate(ctx context.Context, req *stowagev1.CreateVolumeR
 	}
 	p.plan.Strategy, p.plan.Priority = d.Strategy.Name(), d.Priority.String()
 	p.params.Format, p.params.CloneMode, p.params.ImageStoreId = hostops.FormatToProto(d.Format), string(d.Strategy.Mode()), imgStore.GetId()
+	if d.Strategy.Mode() == drivers.CloneFull {
+		p.params.ReservedBytes += writes // the volume's own copy
+	}
 	vol.InstallMethod = d.Strategy.Name()
 	if d.Strategy.Name() == image.LazyMethod {
 		ch, err := p.s.sel.SelectWhere(ctx, "", need, datastore.Scope(st))
@@ -242,6 +261,7 @@ func (p *planner) fromTemplate(ctx context.Context, req *stowagev1.CreateVolumeR
 			return err
 		}
 		p.newRef = &stowagev1.TemplateOnStore{Id: meta.NewID(), TemplateId: tmpl.GetId(), StoreId: st.GetId(), InstallPath: key}
+		p.params.ReservedBytes += writes // the template's copy cached on the store
 		tf, err := image.FormatFromProto(tmpl.GetFormat())
 		if err != nil {
 			return err
@@ -262,6 +282,17 @@ func (p *planner) fromTemplate(ctx context.Context, req *stowagev1.CreateVolumeR
 	}
 	p.step("install", ch.HostID, fmt.Sprintf("%s clone of the cached template into a %s volume; %s", d.Strategy.Name(), d.Format, ch.Reason))
 	return nil
+}
+
+// writesOf is what copying an object writes, for its reservation: its
+// measured size (physical, or what its backup holds), else its virtual
+// size. A compressed qcow2 writes more than its file's size; the
+// admission's check still goes by the virtual size.
+func writesOf(measured, virtual int64) int64 {
+	if measured > 0 {
+		return measured
+	}
+	return virtual
 }
 
 // MountShows is the need of a lazy volume's host: its template mount shows
@@ -433,6 +464,7 @@ func (p *planner) fromSnapshot(ctx context.Context, req *stowagev1.CreateVolumeR
 		}
 		p.plan.Strategy, p.plan.Priority = "copy-from-primary-snapshot", motion.Hypervisor.String()
 		vol.InstallMethod = "full"
+		p.params.ReservedBytes = writesOf(onPrimary.GetPhysicalSize(), snap.GetSize())
 		p.step("copy", host, "flatten the snapshot's chain into a standalone volume; "+reasons[0])
 		return nil
 	}
@@ -446,6 +478,7 @@ func (p *planner) fromSnapshot(ctx context.Context, req *stowagev1.CreateVolumeR
 	}
 	p.plan.Strategy, p.plan.Priority = "restore-from-backup", motion.Default.String()
 	p.params.SourceRefId = backup.GetId()
+	p.params.ReservedBytes = writesOf(backup.GetNewBytes()+backup.GetReusedBytes(), snap.GetSize())
 	vol.InstallMethod = "restore"
 	p.step("restore", ch.HostID, fmt.Sprintf("rebuild the volume from backup manifest %s (chunks verified); %s", backup.GetInstallPath(), ch.Reason))
 	return nil

@@ -25,6 +25,7 @@ func (h migrateHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.R
 		return err
 	}
 	params := job.GetJobParams().GetVolumeMigrate()
+	s.stores.Hold(params.GetDstStoreId(), job.GetId(), params.GetReservedBytes()) // as in createHandler.Run
 	src, err := s.db.Stores().Get(ctx, params.GetSrcStoreId())
 	if err != nil {
 		return err
@@ -206,11 +207,17 @@ func (s *Service) Migrate(ctx context.Context, idOrName, storeID string, dryRun 
 	if dryRun {
 		return &stowagev1.MigrateVolumeResponse{Volume: v, Plan: plan}, nil
 	}
-	mp := &stowagev1.VolumeMigrateParams{SrcStoreId: src.GetId(), DstStoreId: dst.GetId(), SrcKey: v.GetInstallPath()}
+	// The copy writes at most the volume's size to dst (reserved until
+	// dst's report shows it).
+	mp := &stowagev1.VolumeMigrateParams{SrcStoreId: src.GetId(), DstStoreId: dst.GetId(), SrcKey: v.GetInstallPath(), ReservedBytes: v.GetSize()}
 	if keep != nil {
 		mp.DstBaseRefId = keep.GetId()
 	}
 	job := jobs.NewJob(KindMigrate, v.GetId(), "", plan, &stowagev1.JobParams{Kind: &stowagev1.JobParams_VolumeMigrate{VolumeMigrate: mp}})
+	if err := s.stores.Reserve(dst, job.GetId(), 0, mp.GetReservedBytes(), v.GetTags()); err != nil {
+		return nil, fmt.Errorf("migrate volume %s: %w", v.GetName(), err)
+	}
+	submitted := job.GetId()
 	job, _, err = s.jobs.Submit(ctx, job, func(tx *meta.Tx) error {
 		if keep != nil {
 			// Counted from now: the copy cannot be evicted or deleted
@@ -233,6 +240,7 @@ func (s *Service) Migrate(ctx context.Context, idOrName, storeID string, dryRun 
 		return busy(v, err)
 	})
 	if err != nil {
+		s.stores.Cancel(submitted)
 		return nil, err
 	}
 	v, _ = s.db.Volumes().Get(ctx, v.GetId())

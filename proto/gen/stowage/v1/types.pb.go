@@ -2755,8 +2755,12 @@ type VolumeCreateParams struct {
 	// The TemplateInstallStrategy's clone mode: reflink, linked or full.
 	CloneMode string `protobuf:"bytes,2,opt,name=clone_mode,json=cloneMode,proto3" json:"clone_mode,omitempty"`
 	// The snapshot copy (on primary, or a backup) a volume is made from.
-	SourceRefId   string `protobuf:"bytes,3,opt,name=source_ref_id,json=sourceRefId,proto3" json:"source_ref_id,omitempty"`
-	ImageStoreId  string `protobuf:"bytes,4,opt,name=image_store_id,json=imageStoreId,proto3" json:"image_store_id,omitempty"`
+	SourceRefId  string `protobuf:"bytes,3,opt,name=source_ref_id,json=sourceRefId,proto3" json:"source_ref_id,omitempty"`
+	ImageStoreId string `protobuf:"bytes,4,opt,name=image_store_id,json=imageStoreId,proto3" json:"image_store_id,omitempty"`
+	// What the job may write to the volume's store (the template's copy to
+	// cache there, a full copy), reserved from admission to a little after
+	// the job's end; held again when a new leader resumes the job.
+	ReservedBytes int64 `protobuf:"varint,5,opt,name=reserved_bytes,json=reservedBytes,proto3" json:"reserved_bytes,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2819,6 +2823,13 @@ func (x *VolumeCreateParams) GetImageStoreId() string {
 	return ""
 }
 
+func (x *VolumeCreateParams) GetReservedBytes() int64 {
+	if x != nil {
+		return x.ReservedBytes
+	}
+	return 0
+}
+
 type VolumeResizeParams struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	SizeBytes     int64                  `protobuf:"varint,1,opt,name=size_bytes,json=sizeBytes,proto3" json:"size_bytes,omitempty"`
@@ -2872,7 +2883,10 @@ type VolumeMigrateParams struct {
 	// The template copy (TemplateOnStore id) on the destination store that
 	// the migrated linked clone is rebased onto, its chain kept; counted in
 	// that copy's ref_count from the job's submission. Empty: flattened.
-	DstBaseRefId  string `protobuf:"bytes,4,opt,name=dst_base_ref_id,json=dstBaseRefId,proto3" json:"dst_base_ref_id,omitempty"`
+	DstBaseRefId string `protobuf:"bytes,4,opt,name=dst_base_ref_id,json=dstBaseRefId,proto3" json:"dst_base_ref_id,omitempty"`
+	// What the job may write to the destination store, reserved as in
+	// VolumeCreateParams.reserved_bytes.
+	ReservedBytes int64 `protobuf:"varint,5,opt,name=reserved_bytes,json=reservedBytes,proto3" json:"reserved_bytes,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2933,6 +2947,13 @@ func (x *VolumeMigrateParams) GetDstBaseRefId() string {
 		return x.DstBaseRefId
 	}
 	return ""
+}
+
+func (x *VolumeMigrateParams) GetReservedBytes() int64 {
+	if x != nil {
+		return x.ReservedBytes
+	}
+	return 0
 }
 
 type TemplateCreateParams struct {
@@ -3618,23 +3639,25 @@ const file_stowage_v1_types_proto_rawDesc = "" +
 	"\x0ftemplate_delete\x18\x05 \x01(\v2 .stowage.v1.TemplateDeleteParamsH\x00R\x0etemplateDelete\x12K\n" +
 	"\x0fsnapshot_revert\x18\x06 \x01(\v2 .stowage.v1.SnapshotRevertParamsH\x00R\x0esnapshotRevert\x12K\n" +
 	"\x0fsnapshot_backup\x18\a \x01(\v2 .stowage.v1.SnapshotBackupParamsH\x00R\x0esnapshotBackupB\x06\n" +
-	"\x04kind\"\xae\x01\n" +
+	"\x04kind\"\xd5\x01\n" +
 	"\x12VolumeCreateParams\x12/\n" +
 	"\x06format\x18\x01 \x01(\x0e2\x17.stowage.v1.ImageFormatR\x06format\x12\x1d\n" +
 	"\n" +
 	"clone_mode\x18\x02 \x01(\tR\tcloneMode\x12\"\n" +
 	"\rsource_ref_id\x18\x03 \x01(\tR\vsourceRefId\x12$\n" +
-	"\x0eimage_store_id\x18\x04 \x01(\tR\fimageStoreId\"3\n" +
+	"\x0eimage_store_id\x18\x04 \x01(\tR\fimageStoreId\x12%\n" +
+	"\x0ereserved_bytes\x18\x05 \x01(\x03R\rreservedBytes\"3\n" +
 	"\x12VolumeResizeParams\x12\x1d\n" +
 	"\n" +
-	"size_bytes\x18\x01 \x01(\x03R\tsizeBytes\"\x99\x01\n" +
+	"size_bytes\x18\x01 \x01(\x03R\tsizeBytes\"\xc0\x01\n" +
 	"\x13VolumeMigrateParams\x12 \n" +
 	"\fsrc_store_id\x18\x01 \x01(\tR\n" +
 	"srcStoreId\x12 \n" +
 	"\fdst_store_id\x18\x02 \x01(\tR\n" +
 	"dstStoreId\x12\x17\n" +
 	"\asrc_key\x18\x03 \x01(\tR\x06srcKey\x12%\n" +
-	"\x0fdst_base_ref_id\x18\x04 \x01(\tR\fdstBaseRefId\"\x9b\x01\n" +
+	"\x0fdst_base_ref_id\x18\x04 \x01(\tR\fdstBaseRefId\x12%\n" +
+	"\x0ereserved_bytes\x18\x05 \x01(\x03R\rreservedBytes\"\x9b\x01\n" +
 	"\x14TemplateCreateParams\x12&\n" +
 	"\x0fsource_store_id\x18\x01 \x01(\tR\rsourceStoreId\x12\x1d\n" +
 	"\n" +
