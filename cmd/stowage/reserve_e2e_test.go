@@ -1,0 +1,128 @@
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"connectrpc.com/connect"
+	"google.golang.org/protobuf/proto"
+
+	stowagev1 "github.com/stowage/stowage/proto/gen/stowage/v1"
+)
+
+// TestReservationEndToEnd: a create admitted to a store reserves what it
+// will write there until its job has ended and the store reported it, and
+// placement counts that as used. The store is a small ext4 on a loop
+// device (its use moves only with what this test writes), its disable
+// threshold set 40 MiB above its use: a full copy of a 32 MiB dense
+// template (32 MiB cached on the store + 32 MiB volume) is admitted, and a
+// second plan made while it runs is refused naming the reservation, which
+// it would not be by the store's use alone. Once the first job ended, the
+// reservation is gone from the metrics and the store's report shows the
+// bytes instead.
+func TestReservationEndToEnd(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts processes")
+	}
+	root := t.TempDir()
+	ctx := context.Background()
+	web := filepath.Join(root, "web")
+	if err := os.MkdirAll(web, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	const tsize = 32 << 20
+	buf := make([]byte, tsize)
+	rand.Read(buf)
+	rawT := filepath.Join(web, "dense.raw")
+	if err := os.WriteFile(rawT, buf, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	origin := httptest.NewServer(http.StripPrefix("/t/", http.FileServer(http.Dir(web))))
+	defer origin.Close()
+	mnt := filepath.Join(root, "small")
+	loopFS(t, mnt, 256<<20)
+
+	addr := freePort(t)
+	server := "https://" + addr
+	controllerProc(t, addr, filepath.Join(root, "controller"))
+	agentProc(t, server, "h1", "z1", "c1", filepath.Join(root, "a1"))
+	waitFor(t, "h1 Up", 20*time.Second, func() bool { return hostState(t, server, "h1") == "HOST_STATE_UP" })
+	a := newAPI(server)
+	addStore(t, a, "img", stowagev1.StoreRole_STORE_ROLE_IMAGE, filepath.Join(root, "img"), &stowagev1.Scope{Zone: "z1"})
+	small := addStore(t, a, "small", stowagev1.StoreRole_STORE_ROLE_PRIMARY, filepath.Join(mnt, "p"),
+		&stowagev1.Scope{Zone: "z1", Cluster: "c1", HostId: "h1"})
+	reg, err := a.images.RegisterTemplate(ctx, connect.NewRequest(&stowagev1.RegisterTemplateRequest{
+		Name: "dense", Url: origin.URL + "/t/dense.raw", Format: stowagev1.ImageFormat_IMAGE_FORMAT_RAW,
+		Checksum: "sha256:" + sha256File(t, rawT)}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustSucceed(t, a, reg.Msg.GetJob())
+	tmpl := reg.Msg.GetTemplate().GetId()
+
+	getStore := func() *stowagev1.DataStore {
+		t.Helper()
+		r, err := a.stores.GetStore(ctx, connect.NewRequest(&stowagev1.GetStoreRequest{Id: small.GetId()}))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return r.Msg.GetStore()
+	}
+	waitFor(t, "the store's capacity reported", 20*time.Second, func() bool { return getStore().GetCapacityBytes() > 0 })
+	st := getStore()
+	used, capacity := st.GetCapacityBytes()-st.GetAvailableBytes(), st.GetCapacityBytes()
+	threshold := float64(used+40<<20) / float64(capacity)
+	if _, err := a.stores.UpdateStore(ctx, connect.NewRequest(&stowagev1.UpdateStoreRequest{Id: small.GetId(), CapacityDisableThreshold: proto.Float64(threshold)})); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("store small: %d of %d bytes used, disable threshold %.4f (40 MiB above)", used, capacity, threshold)
+
+	create := func(name string, dry bool) (*stowagev1.CreateVolumeResponse, error) {
+		r, err := a.volumes.CreateVolume(ctx, connect.NewRequest(&stowagev1.CreateVolumeRequest{
+			Name: name, TemplateId: tmpl, Strategy: "full", Zone: "z1", DryRun: dry}))
+		if err != nil {
+			return nil, err
+		}
+		return r.Msg, nil
+	}
+	// Alone, the plan fits: 16 MiB of the 40 are left after the 32 of
+	// the template's virtual size.
+	if _, err := create("probe", true); err != nil {
+		t.Fatalf("dry run before any reservation: %v", err)
+	}
+	first, err := create("v1", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = create("v2", true)
+	want := regexp.MustCompile(`store small skipped: would be [0-9.]+% full with 33554432 more bytes \(67108864 bytes of it reserved by jobs in flight\)`)
+	if err == nil || !want.MatchString(err.Error()) {
+		t.Fatalf("a plan while v1's copy runs: %v; want small skipped for v1's reservation", err)
+	}
+	mustSucceed(t, a, first.GetJob())
+
+	// Ended: the reservation goes (after two heartbeat intervals) and the
+	// store's report carries the bytes.
+	var reserved string
+	waitFor(t, "the reservation released", 20*time.Second, func() bool {
+		reserved = grepLines(scrapeMetrics(t, server), `stowage_store_reserved_bytes{role="Primary",store="small"}`)
+		return strings.HasSuffix(reserved, " 0")
+	})
+	waitFor(t, "the store's use reported", 20*time.Second, func() bool {
+		s := getStore()
+		return s.GetCapacityBytes()-s.GetAvailableBytes() >= used+2*tsize
+	})
+	_, err = create("v2", true)
+	if err == nil || strings.Contains(err.Error(), "reserved by jobs in flight") || !strings.Contains(err.Error(), "store small skipped") {
+		t.Fatalf("a plan after v1 ended: %v; want small skipped for its use alone", err)
+	}
+	t.Logf("after v1: %s; %v", reserved, err)
+}
