@@ -31,6 +31,9 @@ var (
 	// leaseGiveUp is how long a holder goes on without a successful
 	// renewal before it cancels its own work (well before LeaseTTL).
 	leaseGiveUp = LeaseTTL / 2
+	// leaseWriteTimeout bounds one write of a lease by Lock, which a
+	// caller's ctx does not cut short.
+	leaseWriteTimeout = 30 * time.Second
 )
 
 // OpenS3 returns the store in cfg's bucket under cfg.Prefix, after
@@ -259,8 +262,18 @@ func (b *s3Backend) Lock(ctx context.Context, mode LockMode) (context.Context, f
 	key := dir + mode.String() + "-" + randomHex(8)
 	pause := 20 * time.Millisecond
 	for {
-		now, err := b.putLease(ctx, key)
+		// The lease is written whatever happens to ctx meanwhile: a PUT
+		// given up by the client may still land on the server after the
+		// delete that was to undo it, and a lease left behind holds
+		// exclusive lockers off for LeaseTTL. ctx is checked after.
+		wctx, wcancel := context.WithTimeout(context.WithoutCancel(ctx), leaseWriteTimeout)
+		now, err := b.putLease(wctx, key)
+		wcancel()
+		if err == nil && ctx.Err() != nil {
+			err = fmt.Errorf("%s: taking the %s lock: %w", b, mode, ctx.Err())
+		}
 		if err != nil {
+			b.dropLease(ctx, key)
 			return nil, nil, err
 		}
 		blocker, err := b.blockingLease(ctx, dir, key, mode, now)

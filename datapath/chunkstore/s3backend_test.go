@@ -400,3 +400,25 @@ func TestS3LostLeaseCancelsWork(t *testing.T) {
 		t.Fatal("the lock's context outlived a lease it could not renew")
 	}
 }
+
+// TestS3LockCancelledLeavesNoLease: a Lock whose ctx ends while it writes
+// its lease (the PUT reached the server, the reply or the stat did not)
+// must not leave the lease behind: an exclusive locker (a delete, the
+// collector) would wait LeaseTTL, ten minutes, for it. CI saw the
+// exclusive lock of TestS3Locks time out after its 300 ms shared probe.
+// Deadlines spread over the lease write's time hit it at every point.
+func TestS3LockCancelledLeavesNoLease(t *testing.T) {
+	s, srv := openS3(t)
+	l := s.Backend().(Locker)
+	for i := range 60 {
+		ctx, cancel := context.WithTimeout(t.Context(), time.Duration(i%30)*time.Millisecond/2)
+		_, unlock, err := l.Lock(ctx, LockShared)
+		cancel()
+		if err == nil {
+			unlock()
+		}
+		if left := keys(t, srv, testPrefix+"/locks/"); len(left) != 0 {
+			t.Fatalf("attempt %d (deadline %v, err %v): lock objects left: %v", i, time.Duration(i%30)*time.Millisecond/2, err, left)
+		}
+	}
+}
