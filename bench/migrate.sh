@@ -14,9 +14,10 @@
 #                                   its copy, the records, the source's
 #                                   delete. Runs alternate h1 -> h2 and
 #                                   h2 -> h1.
-# Peers: qemu-nbd exports the same file read-only (plain NBD, started
-# untimed), then the "other host" copies it: nbdcopy, and qemu-img convert
-# -W -m 8 (both sparse: they read the export's allocation map), + sync.
+# Peers: qemu-nbd exports the same file read-only (started untimed), then
+# the "other host" copies it: nbdcopy, and qemu-img convert -W -m 8 (both
+# sparse: they read the export's allocation map), + sync; once over plain
+# NBD, once over TLS with client certificates (like ours).
 # The rows are MiB/s of the virtual size. Both agents' NBD servers must
 # refuse a plaintext client (nbdinfo, the server's message in libnbd's
 # debug output) or the section FAILS. After the runs the volume's bytes
@@ -31,7 +32,7 @@ RUNS=${RUNS:-3}
 W=${WORKDIR:-/tmp/stowage-bench/migrate}
 [[ $(id -u) -eq 0 ]] || { echo "migrate.sh: run as root (drop_caches, the dev agent's FUSE mount)" >&2; exit 1; }
 [[ $W == /tmp/* ]] || { echo "migrate.sh: WORKDIR must be under /tmp" >&2; exit 1; }
-for b in qemu-nbd nbdcopy nbdinfo qemu-img jq cmp; do
+for b in qemu-nbd nbdcopy nbdinfo qemu-img jq cmp openssl; do
     command -v $b >/dev/null || { echo "migrate.sh: needs $b" >&2; exit 1; }
 done
 LOGTAG=migrate
@@ -143,4 +144,35 @@ cmp "$FIX" "$DST" >>"$LOGF" 2>&1 || emit_fail g "nbdcopy: bytes" MiB/s "the copy
 SYNC=1 bench g "qemu-img convert -W -m 8 (qemu-nbd export -> file)" "$SIZE" "rm -f $DST; drop" \
     "qemu-img convert -W -m 8 -f raw -O raw nbd://127.0.0.1:$PN $DST" "plain NBD on loopback, + sync"
 cmp "$FIX" "$DST" >>"$LOGF" 2>&1 || emit_fail g "qemu-img convert: bytes" MiB/s "the copy differs from the fixture"
+stop "$BG"
+
+# The same over TLS, like ours: qemu-nbd with an x509 server certificate
+# that requires a client certificate (as the agents do), from a CA made
+# here.
+T=$W/tls
+mkdir -p "$T"
+(
+    cd "$T"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca-key.pem -out ca-cert.pem -days 1 -subj /CN=bench-ca
+    for who in server client; do
+        openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout $who-key.pem -out $who.csr -subj /CN=$who
+        use=clientAuth
+        [[ $who == server ]] && use=serverAuth
+        printf 'subjectAltName=IP:127.0.0.1\nextendedKeyUsage=%s\n' "$use" >$who.ext
+        openssl x509 -req -in $who.csr -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial -out $who-cert.pem -days 1 -extfile $who.ext
+    done
+) >>"$LOGF" 2>&1
+PT=$(freeport)
+bg qemu-nbd -f raw --read-only -t -b 127.0.0.1 -p "$PT" --object "tls-creds-x509,id=tls0,endpoint=server,dir=$T" --tls-creds tls0 "$FIX"
+if ! wait_nbd "nbds://127.0.0.1:$PT/?tls-certificates=$T" "$BG"; then
+    emit_fail g "nbdcopy (qemu-nbd export over TLS -> file)" MiB/s "qemu-nbd with TLS did not come up"
+    exit 0
+fi
+SYNC=1 bench g "nbdcopy (qemu-nbd export over TLS -> file)" "$SIZE" "rm -f $DST; truncate -s $SIZE $DST; drop" \
+    "nbdcopy 'nbds://127.0.0.1:$PT/?tls-certificates=$T' $DST" "NBD over TLS (x509, client certificate), + sync"
+cmp "$FIX" "$DST" >>"$LOGF" 2>&1 || emit_fail g "nbdcopy over TLS: bytes" MiB/s "the copy differs from the fixture"
+SYNC=1 bench g "qemu-img convert -W -m 8 (qemu-nbd export over TLS -> file)" "$SIZE" "rm -f $DST; drop" \
+    "qemu-img convert -W -m 8 --object tls-creds-x509,id=tls0,endpoint=client,dir=$T --image-opts driver=raw,file.driver=nbd,file.host=127.0.0.1,file.port=$PT,file.tls-creds=tls0 -O raw $DST" \
+    "NBD over TLS (x509, client certificate), + sync"
+cmp "$FIX" "$DST" >>"$LOGF" 2>&1 || emit_fail g "qemu-img convert over TLS: bytes" MiB/s "the copy differs from the fixture"
 log "done"

@@ -24,8 +24,9 @@
 #   api    bench/api.sh (l): `stowage dev` and the CLI: p50/p99 of create
 #          linked / lazy / full, snapshot, revert
 #   migrate bench/migrate.sh (g): a volume (10% data) migrated between two
-#          agents (separate processes, a store each) vs the same bytes over
-#          NBD by hand: qemu-nbd + nbdcopy, qemu-img convert -W -m 8
+#          agents (separate processes, a store each, NBD over TLS) vs the
+#          same bytes by hand: qemu-nbd + nbdcopy, qemu-img convert -W -m 8,
+#          over TLS and over plain NBD
 #   modes  bench/extra.sh m: stowage's own write/read modes (not default)
 #   scale  bench/scale.sh (s): one controller, 1,000 simulated agents, 100,000
 #          volumes, on Badger and etcd: heartbeats, CPU/RSS, list and plan

@@ -204,8 +204,12 @@ func scenarios() []scenario {
 		{title: "sparse image (10% data) into an iSCSI LUN (bench/iscsi.sh)", sec: "i", match: prefix("sparse into a LUN"),
 			trim: func(n string) string { _, t, _ := strings.Cut(n, "): "); return t }, targets: []string{"qemu-img convert -n"}, min: 1.0},
 		// bench/migrate.sh: a volume migrated between two agents
-		{title: "volume migrated between two agents (10% data), cold source", sec: "g", match: all, trim: same,
-			targets: []string{"nbdcopy", "qemu-img convert -W -m 8"}, min: 1.0},
+		{title: "volume migrated between two agents (10% data, TLS), cold source, vs the peers over TLS", sec: "g",
+			match: func(n string) bool { return strings.HasPrefix(n, "stowage") || strings.Contains(n, "over TLS") }, trim: same,
+			targets: []string{"nbdcopy (qemu-nbd export over TLS", "qemu-img convert -W -m 8 (qemu-nbd export over TLS"}, min: 1.0},
+		{title: "volume migrated between two agents (10% data, TLS), cold source, vs the peers over plain NBD", sec: "g",
+			match: func(n string) bool { return !strings.Contains(n, "over TLS") }, trim: same,
+			targets: []string{"nbdcopy (qemu-nbd export -> file)", "qemu-img convert -W -m 8 (qemu-nbd export -> file)"}},
 		// bench/rbd.sh: a Ceph RBD primary store
 		{title: "rbd: volume from a cached template, RBD clone vs directory qcow2 linked clone, p50", sec: "k", match: suffix(", p50"),
 			trim: trimSuffix(", p50"), targets: []string{"directory store linked clone"}, unit: "ms"},
