@@ -35,6 +35,9 @@ func (h createHandler) Run(ctx context.Context, job *stowagev1.Job, rep *jobs.Re
 	if err != nil {
 		return err
 	}
+	// Reserved when submitted; held again when resumed (the runner's
+	// end-of-job hook releases it).
+	s.stores.Hold(dst.GetId(), job.GetId(), t.GetVirtualSize())
 	params := job.GetJobParams().GetTemplateCreate()
 	src, err := s.db.Stores().Get(ctx, params.GetSourceStoreId())
 	if err != nil {
@@ -172,6 +175,7 @@ func (s *Service) Create(ctx context.Context, req *stowagev1.CreateTemplateReque
 	}
 	plan := &stowagev1.Plan{Strategy: "flatten-copy", Priority: "DEFAULT"}
 	var dst *stowagev1.DataStore
+	var check int64 // what admission goes by (datastore.Service.Reserve)
 	if req.GetStoreId() != "" {
 		if dst, err = s.stores.UpStore(ctx, req.GetStoreId(), stowagev1.StoreRole_STORE_ROLE_IMAGE); err != nil {
 			return nil, err
@@ -181,6 +185,7 @@ func (s *Service) Create(ctx context.Context, req *stowagev1.CreateTemplateReque
 		if dst, reasons, err = s.stores.PickStore(ctx, stowagev1.StoreRole_STORE_ROLE_IMAGE, src.GetScope().GetZone(), tmpl.GetVirtualSize()); err != nil {
 			return nil, err
 		}
+		check = tmpl.GetVirtualSize()
 		plan.Reasons = append(plan.Reasons, reasons...)
 	}
 	ch, err := s.sel.Select(s.stores.WithNeeds(ctx, src, dst), "", datastore.Scope(src), datastore.Scope(dst))
@@ -199,6 +204,11 @@ func (s *Service) Create(ctx context.Context, req *stowagev1.CreateTemplateReque
 	}
 	job := jobs.NewJob(KindCreate, tmpl.GetId(), req.GetIdempotencyKey(), plan, &stowagev1.JobParams{Kind: &stowagev1.JobParams_TemplateCreate{TemplateCreate: &stowagev1.TemplateCreateParams{
 		SourceStoreId: src.GetId(), SourceKey: srcKey, SourceType: srcType, SourceId: srcID}}})
+	// The flattened copy writes at most the virtual size to dst.
+	if err := s.stores.Reserve(dst, job.GetId(), check, tmpl.GetVirtualSize(), nil); err != nil {
+		return nil, err
+	}
+	submitted := job.GetId()
 	job, existing, err := s.jobs.Submit(ctx, job, func(tx *meta.Tx) error {
 		if _, err := meta.Templates.CreateTx(tx, tmpl); err != nil {
 			return err
@@ -207,9 +217,11 @@ func (s *Service) Create(ctx context.Context, req *stowagev1.CreateTemplateReque
 		return err
 	})
 	if err != nil {
+		s.stores.Cancel(submitted)
 		return nil, err
 	}
 	if existing {
+		s.stores.Cancel(submitted) // the first request's job holds its own
 		tmpl, _ = s.db.Templates().Get(ctx, job.GetTargetId())
 	}
 	return &stowagev1.CreateTemplateResponse{Template: tmpl, Job: job, Plan: job.GetPlan()}, nil

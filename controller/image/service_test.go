@@ -448,8 +448,17 @@ func TestCreateFromVolume(t *testing.T) {
 		p2.GetSourceKey() != "volumes/web.qcow2" || p2.GetSourceStoreId() != p.GetId() || resp.GetPlan().GetSteps()[0].GetHostId() != "h1" {
 		t.Errorf("create: template %v, params %v", resp.GetTemplate(), p2)
 	}
+	// The copy's bytes are reserved on the image store until the job
+	// ends (datastore's ledger), once: a retry does not reserve again.
+	size := resp.GetTemplate().GetVirtualSize()
+	if got := w.stores.Reserved(img.GetId()); size <= 0 || got != size {
+		t.Errorf("reserved on img after the create: %d, want the template's virtual size %d", got, size)
+	}
 	again, err := w.s.Create(w.ctx, req)
 	if err != nil || again.GetJob().GetId() != resp.GetJob().GetId() || again.GetTemplate().GetId() != resp.GetTemplate().GetId() {
 		t.Errorf("retry with the idempotency key: %v %v, want job %s", again, err, resp.GetJob().GetId())
+	}
+	if got := w.stores.Reserved(img.GetId()); got != size {
+		t.Errorf("reserved on img after the retry: %d, want %d (once)", got, size)
 	}
 }
