@@ -74,6 +74,57 @@ func fsUsed(t *testing.T, dir string) int64 {
 	return int64(st.Blocks-st.Bfree) * st.Bsize
 }
 
+// smallStore is a controller and agent h1 with an image store "img", a
+// primary store "small" (scoped to h1) on a loop-mounted ext4 of its own,
+// and a dense raw template "dense" of random bytes (nothing to skip as
+// zeros) registered from an HTTP server on loopback.
+type smallStore struct {
+	a      *clientAPI
+	server string
+	store  *stowagev1.DataStore // "small"
+	mnt    string               // its filesystem's mount point
+	tmpl   *stowagev1.Template  // "dense"
+}
+
+// newSmallStore starts a smallStore under root with a template of tsize
+// bytes and a filesystem of fsSize bytes.
+func newSmallStore(t *testing.T, root string, tsize, fsSize int64) *smallStore {
+	t.Helper()
+	web := filepath.Join(root, "web")
+	if err := os.MkdirAll(web, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, tsize)
+	rand.Read(buf)
+	rawT := filepath.Join(web, "dense.raw")
+	if err := os.WriteFile(rawT, buf, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	origin := httptest.NewServer(http.StripPrefix("/t/", http.FileServer(http.Dir(web))))
+	t.Cleanup(origin.Close)
+	w := &smallStore{mnt: filepath.Join(root, "small")}
+	loopFS(t, w.mnt, fsSize)
+
+	addr := freePort(t)
+	w.server = "https://" + addr
+	controllerProc(t, addr, filepath.Join(root, "controller"))
+	agentProc(t, w.server, "h1", "z1", "c1", filepath.Join(root, "a1"))
+	waitFor(t, "h1 Up", 20*time.Second, func() bool { return hostState(t, w.server, "h1") == "HOST_STATE_UP" })
+	w.a = newAPI(w.server)
+	addStore(t, w.a, "img", stowagev1.StoreRole_STORE_ROLE_IMAGE, filepath.Join(root, "img"), &stowagev1.Scope{Zone: "z1"})
+	w.store = addStore(t, w.a, "small", stowagev1.StoreRole_STORE_ROLE_PRIMARY, filepath.Join(w.mnt, "pz"),
+		&stowagev1.Scope{Zone: "z1", Cluster: "c1", HostId: "h1"})
+	reg, err := w.a.images.RegisterTemplate(context.Background(), connect.NewRequest(&stowagev1.RegisterTemplateRequest{
+		Name: "dense", Url: origin.URL + "/t/dense.raw", Format: stowagev1.ImageFormat_IMAGE_FORMAT_RAW,
+		Checksum: "sha256:" + sha256File(t, rawT)}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustSucceed(t, w.a, reg.Msg.GetJob())
+	w.tmpl = reg.Msg.GetTemplate()
+	return w
+}
+
 // treeOf lists every path beneath dir (relative, sorted).
 func treeOf(t *testing.T, dir string) []string {
 	t.Helper()
@@ -103,41 +154,9 @@ func TestDiskFullEndToEnd(t *testing.T) {
 	root := t.TempDir()
 	ctx := context.Background()
 
-	// A 64 MiB dense raw template (random bytes: nothing to skip as zeros).
-	web := filepath.Join(root, "web")
-	if err := os.MkdirAll(web, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	buf := make([]byte, 64<<20)
-	rand.Read(buf)
-	rawT := filepath.Join(web, "dense.raw")
-	if err := os.WriteFile(rawT, buf, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	origin := httptest.NewServer(http.StripPrefix("/t/", http.FileServer(http.Dir(web))))
-	defer origin.Close()
-
-	// The primary store lives on a 48 MiB ext4 filesystem.
-	mnt := filepath.Join(root, "small")
-	loopFS(t, mnt, 48<<20)
-
-	addr := freePort(t)
-	server := "https://" + addr
-	controllerProc(t, addr, filepath.Join(root, "controller"))
-	agentProc(t, server, "h1", "z1", "c1", filepath.Join(root, "a1"))
-	waitFor(t, "h1 Up", 20*time.Second, func() bool { return hostState(t, server, "h1") == "HOST_STATE_UP" })
-	a := newAPI(server)
-	addStore(t, a, "img", stowagev1.StoreRole_STORE_ROLE_IMAGE, filepath.Join(root, "img"), &stowagev1.Scope{Zone: "z1"})
-	small := addStore(t, a, "small", stowagev1.StoreRole_STORE_ROLE_PRIMARY, filepath.Join(mnt, "pz"),
-		&stowagev1.Scope{Zone: "z1", Cluster: "c1", HostId: "h1"})
-
-	reg, err := a.images.RegisterTemplate(ctx, connect.NewRequest(&stowagev1.RegisterTemplateRequest{
-		Name: "dense", Url: origin.URL + "/t/dense.raw", Format: stowagev1.ImageFormat_IMAGE_FORMAT_RAW,
-		Checksum: "sha256:" + sha256File(t, rawT)}))
-	if err != nil {
-		t.Fatal(err)
-	}
-	mustSucceed(t, a, reg.Msg.GetJob())
+	// A 64 MiB dense raw template; the primary store on a 48 MiB ext4.
+	w := newSmallStore(t, root, 64<<20, 48<<20)
+	a, small, mnt := w.a, w.store, w.mnt
 
 	layout := treeOf(t, mnt)
 	before := fsUsed(t, mnt)
@@ -146,7 +165,7 @@ func TestDiskFullEndToEnd(t *testing.T) {
 	t.Logf("store %s: %d bytes used, %d free before the copy; layout %v", small.GetId(), before, int64(st.Bavail)*st.Bsize, layout)
 
 	cv, err := a.volumes.CreateVolume(ctx, connect.NewRequest(&stowagev1.CreateVolumeRequest{
-		Name: "too-big", TemplateId: reg.Msg.GetTemplate().GetId(), StoreId: small.GetId(), Strategy: "full"}))
+		Name: "too-big", TemplateId: w.tmpl.GetId(), StoreId: small.GetId(), Strategy: "full"}))
 	if err != nil {
 		t.Fatalf("create volume: %v", err)
 	}

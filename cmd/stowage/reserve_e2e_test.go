@@ -2,11 +2,6 @@ package main
 
 import (
 	"context"
-	"crypto/rand"
-	"net/http"
-	"net/http/httptest"
-	"os"
-	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
@@ -32,41 +27,9 @@ func TestReservationEndToEnd(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts processes")
 	}
-	root := t.TempDir()
-	ctx := context.Background()
-	web := filepath.Join(root, "web")
-	if err := os.MkdirAll(web, 0o755); err != nil {
-		t.Fatal(err)
-	}
 	const tsize = 32 << 20
-	buf := make([]byte, tsize)
-	rand.Read(buf)
-	rawT := filepath.Join(web, "dense.raw")
-	if err := os.WriteFile(rawT, buf, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	origin := httptest.NewServer(http.StripPrefix("/t/", http.FileServer(http.Dir(web))))
-	defer origin.Close()
-	mnt := filepath.Join(root, "small")
-	loopFS(t, mnt, 256<<20)
-
-	addr := freePort(t)
-	server := "https://" + addr
-	controllerProc(t, addr, filepath.Join(root, "controller"))
-	agentProc(t, server, "h1", "z1", "c1", filepath.Join(root, "a1"))
-	waitFor(t, "h1 Up", 20*time.Second, func() bool { return hostState(t, server, "h1") == "HOST_STATE_UP" })
-	a := newAPI(server)
-	addStore(t, a, "img", stowagev1.StoreRole_STORE_ROLE_IMAGE, filepath.Join(root, "img"), &stowagev1.Scope{Zone: "z1"})
-	small := addStore(t, a, "small", stowagev1.StoreRole_STORE_ROLE_PRIMARY, filepath.Join(mnt, "p"),
-		&stowagev1.Scope{Zone: "z1", Cluster: "c1", HostId: "h1"})
-	reg, err := a.images.RegisterTemplate(ctx, connect.NewRequest(&stowagev1.RegisterTemplateRequest{
-		Name: "dense", Url: origin.URL + "/t/dense.raw", Format: stowagev1.ImageFormat_IMAGE_FORMAT_RAW,
-		Checksum: "sha256:" + sha256File(t, rawT)}))
-	if err != nil {
-		t.Fatal(err)
-	}
-	mustSucceed(t, a, reg.Msg.GetJob())
-	tmpl := reg.Msg.GetTemplate().GetId()
+	w := newSmallStore(t, t.TempDir(), tsize, 256<<20)
+	ctx, a, small, server, tmpl := context.Background(), w.a, w.store, w.server, w.tmpl.GetId()
 
 	getStore := func() *stowagev1.DataStore {
 		t.Helper()
