@@ -50,7 +50,7 @@ func TestReservationEndToEnd(t *testing.T) {
 
 	create := func(name string, dry bool) (*stowagev1.CreateVolumeResponse, error) {
 		r, err := a.volumes.CreateVolume(ctx, connect.NewRequest(&stowagev1.CreateVolumeRequest{
-			Name: name, TemplateId: tmpl, Strategy: "full", Zone: "z1", DryRun: dry}))
+			Name: name, TemplateId: tmpl, Strategy: "full", Zone: "z1", DryRun: dry, IdempotencyKey: "key-" + name}))
 		if err != nil {
 			return nil, err
 		}
@@ -69,6 +69,11 @@ func TestReservationEndToEnd(t *testing.T) {
 	want := regexp.MustCompile(`store small skipped: would be [0-9.]+% full with 33554432 more bytes \(67108864 bytes of it reserved by jobs in flight\)`)
 	if err == nil || !want.MatchString(err.Error()) {
 		t.Fatalf("a plan while v1's copy runs: %v; want small skipped for v1's reservation", err)
+	}
+	// A retry of v1's request (a client that lost the reply) gets v1's
+	// job, not a refusal for v1's own reservation.
+	if again, err := create("v1", false); err != nil || again.GetJob().GetId() != first.GetJob().GetId() {
+		t.Fatalf("v1's request again: %v, %v; want job %s", again.GetJob().GetId(), err, first.GetJob().GetId())
 	}
 	mustSucceed(t, a, first.GetJob())
 

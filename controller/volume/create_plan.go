@@ -19,6 +19,22 @@ import (
 // Create validates and plans a new volume and, unless it is a dry run,
 // records it with its job.
 func (s *Service) Create(ctx context.Context, req *stowagev1.CreateVolumeRequest) (*stowagev1.CreateVolumeResponse, error) {
+	// A retry with an earlier request's key returns its job before any
+	// planning: planned again, it could be refused for what the first
+	// request reserved or wrote.
+	if key := req.GetIdempotencyKey(); key != "" && !req.GetDryRun() {
+		job, err := s.jobs.ByIdempotencyKey(ctx, key)
+		switch {
+		case err == nil:
+			vol, err := s.db.Volumes().Get(ctx, job.GetTargetId())
+			if err != nil && !errdefs.IsNotFound(err) {
+				return nil, err
+			}
+			return &stowagev1.CreateVolumeResponse{Volume: vol, Job: job, Plan: job.GetPlan()}, nil
+		case !errdefs.IsNotFound(err):
+			return nil, err
+		}
+	}
 	if err := image.CheckName("volume", req.GetName()); err != nil {
 		return nil, err
 	}
